@@ -1,1 +1,2 @@
-"""The load balancing processing unit (claim 4): algorithms, server configuration/state, service acceptance control."""
+"""The load balancing processing unit (claim 4): algorithms, server configuration/state, service
+acceptance control."""

@@ -1,0 +1,184 @@
+"""The packet analyzing unit (claims 1, 2, 10, 15): label inspection, L3-L7 analysis, label attachment.
+
+Theory of operation
+-------------------
+Claim 2 splits the unit in three:
+
+* the **session label inspecting unit** (:func:`has_session_label`) looks at the Ethernet type (one 802.1Q tag
+  tolerated): a labelled frame goes to the switching unit untouched, anything else to analysis. Only unlabelled
+  frames are analysed (claim 10).
+* the **packet contents analyzing unit** (:meth:`PacketAnalyzer.analyze`) reads layers 3 to 7: the IP header
+  (IPv4 with options and fragments recognised, IPv6 with its extension headers walked), TCP or UDP ports and TCP
+  flags, and, when the packet carries payload, an HTTP/1.x request line and Host header. ICMP and ICMPv6 errors are
+  read through to the datagram they quote, so an error about a session reaches that session's server. The result
+  is the session information (:class:`Analysis`), whose flow key the session table answers "new or existing" with.
+* the **session label attaching unit** (:func:`attach_label`) puts a real MPLS label stack entry (RFC 3032,
+  claim 15) between the Ethernet header and the IP packet, trimming any Ethernet padding.
+
+Non-first IP fragments carry no ports; they are dropped as ``ip_fragment`` (the session's first fragment would have
+to be reassembled to know it, which a label switch does not do).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from mplslb.balancing.algorithms import FlowKey
+from mplslb.wire.errors import WireError
+from mplslb.wire.ethernet import ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, parse_ethernet
+from mplslb.wire.http import HTTPError, HttpRequest, peek_request
+from mplslb.wire.icmp import parse_icmp
+from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ipv4 import IPv4, ipv4_is_fragment, parse_ipv4
+from mplslb.wire.ipv6 import IPv6, parse_ipv6
+from mplslb.wire.mpls import encode_entry
+from mplslb.wire.tcp import parse_tcp
+from mplslb.wire.udp import parse_udp
+
+_ETHERTYPE = struct.Struct("!H")
+_ENTRY = struct.Struct("!I")
+_MPLS_ETHERTYPE = _ETHERTYPE.pack(ETH_P_MPLS_UC)
+
+
+class AnalysisError(WireError):
+    """A frame that decodes but cannot belong to a session (no ports, unsupported protocol...)."""
+
+
+class Analysis(NamedTuple):
+    """Session information learned from an unlabelled frame's layers 3 to 7."""
+
+    key: FlowKey  # as sent: src is the sender
+    ip_version: int
+    ip_offset: int  # in the frame
+    ip_end: int
+    l4_offset: int  # in the frame, from the start of the IP header: see ``tcp_offset``
+    tcp_flags: int  # -1 when not TCP
+    tcp_seq: int
+    payload_len: int
+    ttl: int
+    tos: int
+    http: HttpRequest | None
+    icmp_error: bool  # True: ``key`` is the quoted datagram's, as its sender sent it
+
+    @property
+    def tcp_offset(self) -> int:
+        """Offset of the L4 header from the start of the IP header."""
+        return self.l4_offset - self.ip_offset
+
+
+def has_session_label(frame: bytes | memoryview) -> bool:
+    """The session label inspecting unit: does the frame carry an MPLS label stack?"""
+    if len(frame) < 14:
+        return False
+    ethertype = (frame[12] << 8) | frame[13]
+    if ethertype == ETH_P_8021Q and len(frame) >= 18:
+        ethertype = (frame[16] << 8) | frame[17]
+    return ethertype == ETH_P_MPLS_UC
+
+
+def attach_label(
+    rewrite: bytes, frame: bytes | memoryview, ip_offset: int, ip_end: int, label: int, *, ttl: int, tc: int = 0
+) -> bytes:
+    """The session label attaching unit: ``rewrite`` (destination + source MAC) + an MPLS header (claim 15)
+    carrying ``label`` with S=1 + the IP packet, without any Ethernet padding."""
+    entry = encode_entry(label, tc, True, ttl)
+    return b"".join((rewrite, _MPLS_ETHERTYPE, _ENTRY.pack(entry), frame[ip_offset:ip_end]))
+
+
+class PacketAnalyzer:
+    """The packet contents analyzing unit: layers 3 to 7 of an unlabelled frame."""
+
+    def __init__(self, *, l7: bool = True) -> None:
+        self.l7 = l7
+
+    def analyze(self, frame: bytes | memoryview) -> Analysis:
+        """Analyse an unlabelled Ethernet frame. Raises a :class:`WireError` naming why it cannot be used."""
+        eth = parse_ethernet(frame)
+        if eth.ethertype == ETH_P_IP:
+            return self._ip(frame, eth.payload_offset, 4)
+        if eth.ethertype == ETH_P_IPV6:
+            return self._ip(frame, eth.payload_offset, 6)
+        raise AnalysisError("unsupported_ethertype", f"ethertype {eth.ethertype:#06x}")
+
+    def analyze_ip(self, packet: bytes | memoryview, offset: int = 0) -> Analysis:
+        """Analyse an IP packet that starts at ``offset`` (the version nibble decides v4 or v6)."""
+        if len(packet) <= offset:
+            raise AnalysisError("ip_truncated", "no IP header")
+        version = packet[offset] >> 4
+        if version not in (4, 6):
+            raise AnalysisError("ip_bad_version", f"version {version}")
+        return self._ip(packet, offset, version)
+
+    def _ip(self, frame: bytes | memoryview, offset: int, version: int, quoted: bool = False) -> Analysis:
+        ip: IPv4 | IPv6
+        if version == 4:
+            ip = parse_ipv4(frame, offset, verify_checksum=not quoted)
+            if ipv4_is_fragment(ip) and ip.frag_offset:
+                raise AnalysisError("ip_fragment", "non-first fragment carries no ports")
+            ttl, tos, proto = ip.ttl, ip.tos, ip.proto
+        else:
+            ip = parse_ipv6(frame, offset)
+            if ip.fragment is not None and ip.fragment[0]:
+                raise AnalysisError("ip_fragment", "non-first fragment carries no ports")
+            ttl, tos, proto = ip.hop_limit, ip.traffic_class, ip.proto
+        start, end = ip.payload_offset, min(ip.end, len(frame))
+        if proto == IPPROTO_TCP:
+            tcp = parse_tcp(frame, start, end) if not quoted else None
+            if tcp is None:  # a quoted datagram may hold only the first 8 bytes of TCP: ports and seq
+                sport, dport, seq = _quoted_ports(frame, start, end)
+                return Analysis(
+                    FlowKey(proto, ip.src, sport, ip.dst, dport), version, offset, end, start, -1, seq, 0,
+                    ttl, tos, None, True,
+                )  # fmt: skip
+            payload = end - tcp.payload_offset
+            http = self._http(frame, tcp.payload_offset, end) if payload > 0 else None
+            key = FlowKey(proto, ip.src, tcp.sport, ip.dst, tcp.dport)
+            return Analysis(key, version, offset, end, start, tcp.flags, tcp.seq, payload, ttl, tos, http, False)
+        if proto == IPPROTO_UDP:
+            if quoted:
+                sport, dport, _ = _quoted_ports(frame, start, end)
+                key = FlowKey(proto, ip.src, sport, ip.dst, dport)
+                return Analysis(key, version, offset, end, start, -1, 0, 0, ttl, tos, None, True)
+            udp = parse_udp(frame, start, end)
+            payload = udp.end - udp.payload_offset
+            http = self._http(frame, udp.payload_offset, udp.end) if payload > 0 else None
+            key = FlowKey(proto, ip.src, udp.sport, ip.dst, udp.dport)
+            return Analysis(key, version, offset, end, start, -1, 0, payload, ttl, tos, http, False)
+        if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and not quoted:
+            icmp = parse_icmp(frame, start, end, v6=proto == IPPROTO_ICMPV6)
+            if not icmp.is_error:
+                raise AnalysisError("icmp_not_error", f"ICMP type {icmp.type} to a virtual IP")
+            inner = self.analyze_quoted(frame, icmp.payload_offset, end)
+            # Keep the outer packet's bounds: the whole error is forwarded, not just the quote.
+            return inner._replace(ip_offset=offset, ip_end=end, ttl=ttl, tos=tos)
+        raise AnalysisError("unsupported_protocol", f"IP protocol {proto}")
+
+    def analyze_quoted(self, frame: bytes | memoryview, offset: int, end: int) -> Analysis:
+        if end - offset < 1:
+            raise AnalysisError("icmp_quote_truncated", "empty quote")
+        version = frame[offset] >> 4
+        if version not in (4, 6):
+            raise AnalysisError("icmp_quote_truncated", f"quoted version {version}")
+        return self._ip(memoryview(frame)[:end], offset, version, quoted=True)
+
+    def _http(self, frame: bytes | memoryview, start: int, end: int) -> HttpRequest | None:
+        if not self.l7:
+            return None
+        try:
+            return peek_request(memoryview(frame)[start:end])
+        except HTTPError:
+            return None
+
+
+_PORTS_SEQ = struct.Struct("!HHI")
+_PORTS = struct.Struct("!HH")
+
+
+def _quoted_ports(frame: bytes | memoryview, start: int, end: int) -> tuple[int, int, int]:
+    if end - start >= _PORTS_SEQ.size:
+        return _PORTS_SEQ.unpack_from(frame, start)  # type: ignore[return-value]
+    if end - start >= _PORTS.size:
+        sport, dport = _PORTS.unpack_from(frame, start)
+        return sport, dport, 0
+    raise AnalysisError("icmp_quote_truncated", "quoted datagram too short for ports")

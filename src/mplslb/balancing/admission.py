@@ -1,0 +1,138 @@
+"""The service acceptance control unit (claims 4, 11): accept or refuse a new session.
+
+Theory of operation
+-------------------
+Only a packet without a session label (a would-be new session) ever reaches this unit (claim 11): frames of
+admitted sessions are switched on their labels and are never refused here. Refusing new work when the
+balancer or the servers are at their limits is what keeps the sessions already being served healthy
+(claim 4).
+
+A new session is checked in this order, the first failing check naming the :class:`Refusal`:
+
+1. the global session limit (``max_sessions``, 0 = none);
+2. free session labels (none left: ``labels_exhausted``);
+3. the new-session rate, a token bucket of ``max_new_per_second`` tokens per second holding at most
+   ``max(1, rate)`` tokens (0 = no limit). A session that passes takes a token.
+
+If all pass, the caller asks the algorithm for a server; when it gets none,
+:meth:`AdmissionControl.refusal_for_no_server` says whether that is because every server in service is at
+its own limit or overloaded (``server_session_limit``) or because none is in service at all
+(``no_server_available``). ``refuse_with`` tells the caller how to answer a refused client (TCP RST, ICMP
+unreachable, or silence). Deciding and counting are separate: the caller counts what it really refused with
+:meth:`AdmissionControl.count`.
+
+Time is passed in as ``now``; the bucket never reads a clock. A clock that steps back adds no tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mplslb.balancing.servers import ServerPool
+
+__all__ = ["AdmissionControl", "Refusal", "RefuseWith"]
+
+
+class Refusal(StrEnum):
+    """Why a new session was refused; the value is the counter name."""
+
+    GLOBAL_LIMIT = "global_session_limit"
+    SERVER_LIMIT = "server_session_limit"
+    NO_SERVER = "no_server_available"
+    LABELS_EXHAUSTED = "labels_exhausted"
+    RATE_LIMIT = "new_session_rate_limit"
+
+
+class RefuseWith(StrEnum):
+    """How a refused client is answered."""
+
+    RST = "rst"
+    ICMP = "icmp"
+    DROP = "drop"
+
+
+def _zero_counts() -> dict[Refusal, int]:
+    return dict.fromkeys(Refusal, 0)
+
+
+@dataclass
+class AdmissionControl:
+    """Limits on new sessions and counters of refusals. See the module docstring for the order of checks."""
+
+    max_sessions: int = 0
+    max_new_per_second: float = 0.0
+    refuse_with: RefuseWith = RefuseWith.RST
+    refused: dict[Refusal, int] = field(default_factory=_zero_counts)
+    _tokens: float = field(init=False, repr=False, default=0.0)
+    _last_refill: float | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        limit = self.max_sessions
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max_sessions must be an integer >= 0 (0 = no limit), got {limit!r}")
+        rate = self.max_new_per_second
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"max_new_per_second must be a finite number >= 0 (0 = no limit), got {rate!r}")
+        try:
+            # Accept the plain string from a config file ("rst", "icmp", "drop").
+            self.refuse_with = RefuseWith(self.refuse_with)
+        except ValueError:
+            valid = ", ".join(member.value for member in RefuseWith)
+            raise ValueError(f"refuse_with must be one of {valid}, got {self.refuse_with!r}") from None
+        for refusal in Refusal:
+            self.refused.setdefault(refusal, 0)
+        self._tokens = self.burst
+
+    @property
+    def burst(self) -> float:
+        """The token bucket's depth: how many new sessions may arrive at once after a quiet spell."""
+        return max(1.0, float(self.max_new_per_second))
+
+    @property
+    def tokens(self) -> float:
+        """Tokens in the bucket as of the last :meth:`admit` (refilled lazily there)."""
+        return self._tokens
+
+    @property
+    def refused_total(self) -> int:
+        """All refusals counted so far."""
+        return sum(self.refused.values())
+
+    def admit(self, *, active_sessions: int, labels_free: int, now: float) -> Refusal | None:
+        """Decide on a new session: ``None`` to go ahead, otherwise the reason to refuse it.
+
+        ``active_sessions`` is the balancer's live session count and ``labels_free`` the label manager's
+        free pairs. Passing takes a rate token; refusing does not, and nothing is counted here.
+        """
+        if self.max_sessions and active_sessions >= self.max_sessions:
+            return Refusal.GLOBAL_LIMIT
+        if labels_free <= 0:
+            return Refusal.LABELS_EXHAUSTED
+        rate = self.max_new_per_second
+        if rate > 0:
+            last = self._last_refill
+            if last is None:
+                self._last_refill = now
+            elif now > last:
+                self._tokens = min(self.burst, self._tokens + (now - last) * rate)
+                self._last_refill = now
+            if self._tokens < 1.0:
+                return Refusal.RATE_LIMIT
+            self._tokens -= 1.0
+        return None
+
+    def refusal_for_no_server(self, pool: ServerPool) -> Refusal:
+        """The reason to give when the algorithm found no eligible server in ``pool``.
+
+        ``SERVER_LIMIT`` if some server is in service (UP, weight > 0) but all of those are full or
+        overloaded, ``NO_SERVER`` if none is in service.
+        """
+        if any(server.in_service for server in pool):
+            return Refusal.SERVER_LIMIT
+        return Refusal.NO_SERVER
+
+    def count(self, refusal: Refusal) -> None:
+        """Count one refused session under ``refusal``."""
+        self.refused[refusal] += 1

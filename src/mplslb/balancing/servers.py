@@ -1,0 +1,316 @@
+"""The server configuration/state managing unit (claim 4): what servers exist and whether they take sessions.
+
+Theory of operation
+-------------------
+A :class:`ServerConfig` is the frozen, validated description of a server from the configuration. The pool
+wraps each in a mutable :class:`Server` that carries its live state: a status, a current weight, session
+counts, passive health and a response time estimate. Status moves as::
+
+    UP <--drain()/mark_up()--> DRAINING
+    UP, DRAINING --mark_down() or fail_threshold consecutive failures--> DOWN --mark_up()--> UP
+
+DRAINING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
+come back here); they only stop receiving new ones. A server takes a new session when it is *eligible*: UP,
+weight > 0, below its own session limit, and not overloaded (its response time estimate above the pool's
+``rt_limit``). Refusing new sessions to a slow server protects the sessions it is already serving (claim 4,
+service acceptance control).
+
+Response time is an exponentially weighted moving average of the samples fed in by whoever measures them
+(the session manager times SYN to SYN-ACK and request to first response byte; health probes can report
+theirs too). Probes matter for an overloaded server: with no new sessions it would otherwise never get a
+fresh sample. Coming back UP from DOWN forgets the old estimate, which described a server that failed.
+
+:attr:`ServerPool.version` grows on every change of membership, status or weight, so algorithms can rebuild
+derived structures (a Maglev table) lazily. Session counts and overload change per session and do not bump
+it: algorithms read eligibility live.
+
+The unit is sans-I/O: nothing here reads a clock or touches the network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["Server", "ServerConfig", "ServerPool", "ServerStatus"]
+
+
+class ServerStatus(StrEnum):
+    """Administrative/health status of a server."""
+
+    UP = "up"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """A server as configured.
+
+    ``address`` is the server's real IP address (4 or 16 bytes), used for health checks and display; packets
+    reach it by ``mac`` on the balancer port ``port_id``. ``max_sessions`` 0 means no per-server limit.
+    """
+
+    name: str
+    address: bytes
+    mac: bytes
+    port_id: int
+    weight: int = 1
+    max_sessions: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"server name must be a non-empty string, got {self.name!r}")
+        where = f"server {self.name!r}"
+        if not isinstance(self.address, bytes) or len(self.address) not in (4, 16):
+            raise ValueError(f"{where}: address must be 4 (IPv4) or 16 (IPv6) bytes, got {self.address!r}")
+        if not isinstance(self.mac, bytes) or len(self.mac) != 6:
+            raise ValueError(f"{where}: mac must be 6 bytes, got {self.mac!r}")
+        for field_name in ("port_id", "weight", "max_sessions"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {field_name} must be an integer >= 0, got {value!r}")
+
+
+class Server:
+    """The live state of one configured server. Created by :class:`ServerPool`, changed through it."""
+
+    __slots__ = (
+        "_rt_limit",
+        "active",
+        "config",
+        "down_reason",
+        "failures",
+        "index",
+        "refused",
+        "rt_ewma",
+        "rt_samples",
+        "status",
+        "total",
+        "weight",
+    )
+
+    def __init__(self, config: ServerConfig, index: int, *, rt_limit: float = 0.0) -> None:
+        self.config = config
+        self.index = index
+        self.status = ServerStatus.UP
+        self.weight = config.weight
+        self.active = 0
+        self.total = 0
+        self.refused = 0
+        self.failures = 0
+        self.rt_ewma: float | None = None
+        self.rt_samples = 0
+        self.down_reason = ""
+        self._rt_limit = rt_limit
+
+    @property
+    def name(self) -> str:
+        """The configured name."""
+        return self.config.name
+
+    @property
+    def overloaded(self) -> bool:
+        """True if the response time estimate exceeds the pool's ``rt_limit`` (when one is set)."""
+        rt = self.rt_ewma
+        return self._rt_limit > 0 and rt is not None and rt > self._rt_limit
+
+    @property
+    def full(self) -> bool:
+        """True if the server has reached its own session limit."""
+        limit = self.config.max_sessions
+        return limit != 0 and self.active >= limit
+
+    @property
+    def in_service(self) -> bool:
+        """UP with a weight > 0: meant to take sessions, even if momentarily full or overloaded."""
+        return self.status is ServerStatus.UP and self.weight > 0
+
+    @property
+    def eligible(self) -> bool:
+        """True if the server may take a new session now."""
+        return self.status is ServerStatus.UP and self.weight > 0 and not self.full and not self.overloaded
+
+    def __repr__(self) -> str:
+        return (
+            f"Server({self.config.name!r}, index={self.index}, status={self.status.value}, "
+            f"weight={self.weight}, active={self.active})"
+        )
+
+
+class ServerPool:
+    """The set of servers behind the balancer and their live state.
+
+    ``fail_threshold`` consecutive passive failures take a server DOWN. ``rt_alpha`` is the EWMA smoothing
+    factor in (0, 1]. ``rt_limit`` > 0 (seconds) stops new sessions to a server whose estimate exceeds it.
+    """
+
+    def __init__(
+        self,
+        configs: Iterable[ServerConfig] = (),
+        *,
+        fail_threshold: int = 3,
+        rt_alpha: float = 0.2,
+        rt_limit: float = 0.0,
+    ) -> None:
+        if isinstance(fail_threshold, bool) or not isinstance(fail_threshold, int) or fail_threshold < 1:
+            raise ValueError(f"fail_threshold must be an integer >= 1, got {fail_threshold!r}")
+        if not (0.0 < rt_alpha <= 1.0):
+            raise ValueError(f"rt_alpha must be in (0, 1], got {rt_alpha!r}")
+        if not (math.isfinite(rt_limit) and rt_limit >= 0):
+            raise ValueError(f"rt_limit must be a finite number of seconds >= 0 (0 = off), got {rt_limit!r}")
+        self.fail_threshold = fail_threshold
+        self.rt_alpha = rt_alpha
+        self._rt_limit = rt_limit
+        self.version = 0
+        # Kept in index order (indices only grow), which is the order algorithms rotate in.
+        self._servers: list[Server] = []
+        self._by_name: dict[str, Server] = {}
+        self._next_index = 0
+        for config in configs:
+            self.add(config)
+
+    @property
+    def rt_limit(self) -> float:
+        """Response time (seconds) above which a server takes no new sessions; 0 = no limit."""
+        return self._rt_limit
+
+    # -- membership ---------------------------------------------------------------------------------------
+
+    def add(self, config: ServerConfig) -> Server:
+        """Add a server (UP, with its configured weight). Raises ValueError if the name is taken."""
+        if config.name in self._by_name:
+            raise ValueError(f"duplicate server name {config.name!r}")
+        server = Server(config, self._next_index, rt_limit=self._rt_limit)
+        # Indices are never reused, so an index seen in a session record never names a different server.
+        self._next_index += 1
+        self._servers.append(server)
+        self._by_name[config.name] = server
+        self.version += 1
+        return server
+
+    def remove(self, name: str) -> Server:
+        """Remove a server from the pool; it is marked DOWN (its live sessions may still end on it)."""
+        server = self.get(name)
+        del self._by_name[name]
+        self._servers.remove(server)
+        if server.status is not ServerStatus.DOWN:
+            server.status = ServerStatus.DOWN
+            server.down_reason = "removed"
+        self.version += 1
+        return server
+
+    def get(self, name: str) -> Server:
+        """The server called ``name``. Raises KeyError naming it if there is none."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no server named {name!r}") from None
+
+    @property
+    def servers(self) -> list[Server]:
+        """All servers, in a stable order (the order they were added)."""
+        return list(self._servers)
+
+    def eligible(self) -> list[Server]:
+        """The servers that may take a new session now, in stable order."""
+        return [server for server in self._servers if server.eligible]
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    def __iter__(self) -> Iterator[Server]:
+        return iter(self._servers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    # -- administration -----------------------------------------------------------------------------------
+
+    def set_weight(self, name: str, weight: int) -> None:
+        """Set the current weight; 0 keeps the server's sessions but sends it no new ones."""
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ValueError(f"weight must be an integer >= 0, got {weight!r}")
+        server = self.get(name)
+        if server.weight != weight:
+            server.weight = weight
+            self.version += 1
+
+    def drain(self, name: str) -> bool:
+        """Stop new sessions to an UP server while its existing ones finish. True if the status changed."""
+        server = self.get(name)
+        if server.status is not ServerStatus.UP:
+            return False
+        server.status = ServerStatus.DRAINING
+        self.version += 1
+        return True
+
+    def mark_down(self, name: str, reason: str) -> bool:
+        """Take a server DOWN, recording why. True if the status changed."""
+        return self._take_down(self.get(name), reason)
+
+    def mark_up(self, name: str) -> bool:
+        """Bring a DRAINING or DOWN server back UP. True if the status changed."""
+        server = self.get(name)
+        if server.status is ServerStatus.UP:
+            return False
+        if server.status is ServerStatus.DOWN:
+            # The old estimate and failure streak describe the server that failed, not the one coming back.
+            server.rt_ewma = None
+            server.rt_samples = 0
+            server.failures = 0
+            server.down_reason = ""
+        server.status = ServerStatus.UP
+        self.version += 1
+        return True
+
+    def _take_down(self, server: Server, reason: str) -> bool:
+        if server.status is ServerStatus.DOWN:
+            return False
+        server.status = ServerStatus.DOWN
+        server.down_reason = reason
+        self.version += 1
+        return True
+
+    # -- sessions and measurements ------------------------------------------------------------------------
+
+    def session_started(self, server: Server) -> None:
+        """Count a new session assigned to ``server``."""
+        server.active += 1
+        server.total += 1
+
+    def session_ended(self, server: Server) -> None:
+        """Count the end of one of ``server``'s sessions. Raises ValueError if it has none."""
+        if server.active <= 0:
+            raise ValueError(f"server {server.name!r} has no active session to end")
+        server.active -= 1
+
+    def session_refused(self, server: Server) -> None:
+        """Count a new session refused because ``server`` (where it would have gone) was full."""
+        server.refused += 1
+
+    def record_response_time(self, server: Server, seconds: float) -> None:
+        """Feed one response time sample (seconds) into the server's EWMA; the first sample sets it."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"response time must be a finite number of seconds >= 0, got {seconds!r}")
+        if server.rt_ewma is None:
+            server.rt_ewma = float(seconds)
+        else:
+            server.rt_ewma += self.rt_alpha * (seconds - server.rt_ewma)
+        server.rt_samples += 1
+
+    def record_success(self, server: Server) -> None:
+        """A session or probe succeeded: the consecutive failure count starts over."""
+        server.failures = 0
+
+    def record_failure(self, server: Server, reason: str) -> bool:
+        """Passive health: count a failure (e.g. an unanswered SYN).
+
+        Returns True if this failure took the server DOWN (``fail_threshold`` consecutive failures).
+        """
+        server.failures += 1
+        if server.failures >= self.fail_threshold:
+            return self._take_down(server, reason)
+        return False

@@ -1,0 +1,305 @@
+"""The balancer's configuration: frozen dataclasses, and a TOML loader that rejects bad keys and values.
+
+A bad configuration raises :class:`ConfigError` naming the file, the key (as a dotted path) and the reason, before
+anything runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mplslb.balancing.admission import RefuseWith
+from mplslb.balancing.algorithms import algorithm_names
+from mplslb.balancing.servers import ServerConfig
+from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.sessions import Timeouts
+from mplslb.wire.ethernet import mac_from_str
+
+PORT_ROLES = ("client", "server")
+
+
+@dataclass(frozen=True)
+class PortConfig:
+    """One port of the balancer: a global ``port_id`` the driver uses, its line card and number on that card."""
+
+    port_id: int
+    line_card: int
+    number: int
+    mac: bytes
+    role: str
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in PORT_ROLES:
+            raise ValueError(f"role must be one of {PORT_ROLES}, got {self.role!r}")
+        if len(self.mac) != 6:
+            raise ValueError("mac must be 6 bytes")
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    """A virtual IP and the TCP and UDP ports it serves."""
+
+    address: bytes
+    tcp_ports: tuple[int, ...] = (80,)
+    udp_ports: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.address) not in (4, 16):
+            raise ValueError("address must be 4 or 16 bytes")
+        for port in (*self.tcp_ports, *self.udp_ports):
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} out of range")
+
+    def serves(self, proto: int, port: int) -> bool:
+        if proto == 6:
+            return port in self.tcp_ports
+        if proto == 17:
+            return port in self.udp_ports
+        return False
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    """Everything the sans-I/O balancer needs; built in code or by :func:`balancer_config_from_toml`."""
+
+    ports: tuple[PortConfig, ...]
+    vips: tuple[VirtualService, ...]
+    servers: tuple[ServerConfig, ...] = ()
+    algorithm: str = "round_robin"
+    algorithm_params: Mapping[str, Any] = field(default_factory=dict)
+    max_sessions: int = 0
+    max_new_per_second: float = 0.0
+    refuse_with: RefuseWith = RefuseWith.RST
+    label_quarantine: float = 30.0
+    c2s_min: int = C2S_MIN
+    c2s_max: int = C2S_MAX
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    fail_threshold: int = 3
+    rt_alpha: float = 0.2
+    rt_limit: float = 0.0
+    l7: bool = True
+
+    def __post_init__(self) -> None:
+        ids = [p.port_id for p in self.ports]
+        if len(set(ids)) != len(ids):
+            raise ValueError("port ids must be unique")
+        if not any(p.role == "client" for p in self.ports) or not any(p.role == "server" for p in self.ports):
+            raise ValueError("at least one client port and one server port are needed")
+        if not self.vips:
+            raise ValueError("at least one virtual IP is needed")
+        if self.algorithm not in algorithm_names():
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(algorithm_names())}")
+        server_ports = {p.port_id for p in self.ports if p.role == "server"}
+        for server in self.servers:
+            if server.port_id not in server_ports:
+                raise ValueError(f"server {server.name!r} is on port {server.port_id}, which is not a server port")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: says which file, which key and why."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}")
+        self.source = source
+        self.key = key
+        self.reason = reason
+
+
+T = TypeVar("T")
+
+
+class Section:
+    """A TOML table read key by key; unknown keys are an error naming them."""
+
+    def __init__(self, source: str, path: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(source, path or "(top)", "must be a table")
+        self.source, self.path, self.table = source, path, table
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), reason)
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self._seen.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(name, f"expected {_kind_names(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(name, f"expected {_kind_names(kinds)}, got {type(value).__name__} {value!r}")
+        return value  # type: ignore[return-value]
+
+    def require(self, name: str, kind: type[T]) -> T:
+        if name not in self.table:
+            self._seen.add(name)
+            raise self.error(name, "is required")
+        return self.get(name, kind, None)  # type: ignore[arg-type]
+
+    def convert(self, name: str, value: Any, fn: Callable[[Any], T]) -> T:
+        try:
+            return fn(value)
+        except (ValueError, TypeError) as exc:
+            raise self.error(name, str(exc)) from None
+
+    def section(self, name: str) -> Section:
+        self._seen.add(name)
+        return Section(self.source, self.key(name), self.table.get(name, {}))
+
+    def sections(self, name: str) -> list[Section]:
+        self._seen.add(name)
+        items = self.table.get(name, [])
+        if not isinstance(items, list):
+            raise self.error(name, "must be an array of tables ([[...]])")
+        return [Section(self.source, f"{self.key(name)}[{i}]", item) for i, item in enumerate(items)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self._seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def parse_ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def parse_mac(text: str) -> bytes:
+    return mac_from_str(text)
+
+
+def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            return source, tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(source, "(file)", exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(syntax)", str(exc)) from None
+
+
+def balancer_config_from_section(top: Section, *, default_ports: tuple[PortConfig, ...] = ()) -> BalancerConfig:
+    """Read the balancer's keys from ``top`` (the whole file, or a ``[balancer]`` table)."""
+    ports: list[PortConfig] = []
+    for sec in top.sections("ports"):
+        port_id = sec.require("id", int)
+        ports.append(
+            sec.convert(
+                "role",
+                None,
+                lambda _, sec=sec, port_id=port_id: PortConfig(
+                    port_id=port_id,
+                    line_card=sec.get("line_card", int, 0),
+                    number=sec.get("number", int, port_id),
+                    mac=sec.convert("mac", sec.require("mac", str), parse_mac),
+                    role=sec.require("role", str),
+                    name=sec.get("name", str, f"port{port_id}"),
+                ),
+            )
+        )
+        sec.done()
+    vips: list[VirtualService] = []
+    for sec in top.sections("vip"):
+        address = sec.convert("address", sec.require("address", str), parse_ip)
+        tcp = tuple(sec.get("tcp", list, [80]))
+        udp = tuple(sec.get("udp", list, []))
+        vips.append(sec.convert("tcp", None, lambda _, a=address, t=tcp, u=udp: VirtualService(a, t, u)))
+        sec.done()
+    port_ids = {p.port_id for p in ports or default_ports}
+    servers: list[ServerConfig] = []
+    for sec in top.sections("servers"):
+        name = sec.require("name", str)
+        port_id = sec.get("port", int, 0)
+        if port_id not in port_ids:
+            raise sec.error("port", f"no port with id {port_id}")
+        servers.append(
+            sec.convert(
+                "weight",
+                None,
+                lambda _, sec=sec, name=name, port_id=port_id: ServerConfig(
+                    name=name,
+                    address=sec.convert("address", sec.require("address", str), parse_ip),
+                    mac=sec.convert("mac", sec.require("mac", str), parse_mac),
+                    port_id=port_id,
+                    weight=sec.get("weight", int, 1),
+                    max_sessions=sec.get("max_sessions", int, 0),
+                ),
+            )
+        )
+        sec.done()
+    algorithm = top.get("algorithm", str, "round_robin")
+    if algorithm not in algorithm_names():
+        raise top.error("algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(algorithm_names())}")
+    params = top.get("algorithm_params", dict, {})
+    limits = top.section("limits")
+    refuse_text = limits.get("refuse_with", str, "rst")
+    refuse = limits.convert("refuse_with", refuse_text, RefuseWith)
+    max_sessions = limits.get("max_sessions", int, 0)
+    rate = limits.get("max_new_per_second", float, 0.0)
+    rt_limit = limits.get("max_response_time", float, 0.0)
+    for name, value in (("max_sessions", max_sessions), ("max_new_per_second", rate), ("max_response_time", rt_limit)):
+        if value < 0:
+            raise limits.error(name, "must be >= 0")
+    limits.done()
+    tsec = top.section("timeouts")
+    defaults = Timeouts()
+    tvalues = {name: tsec.get(name, float, getattr(defaults, name)) for name in vars(defaults)}
+    timeouts = tsec.convert("(values)", tvalues, lambda v: Timeouts(**v))
+    tsec.done()
+    lsec = top.section("labels")
+    quarantine = lsec.get("quarantine", float, 30.0)
+    c2s_min = lsec.get("c2s_min", int, C2S_MIN)
+    c2s_max = lsec.get("c2s_max", int, C2S_MAX)
+    if quarantine < 0:
+        raise lsec.error("quarantine", "must be >= 0")
+    if c2s_min % 2 == 0 or c2s_max % 2 == 0 or not C2S_MIN <= c2s_min <= c2s_max <= C2S_MAX:
+        raise lsec.error("c2s_min", f"labels must be odd with {C2S_MIN} <= c2s_min <= c2s_max <= {C2S_MAX}")
+    lsec.done()
+    health = top.section("health")
+    fail_threshold = health.get("fail_threshold", int, 3)
+    rt_alpha = health.get("rt_alpha", float, 0.2)
+    if fail_threshold < 1:
+        raise health.error("fail_threshold", "must be >= 1")
+    if not 0 < rt_alpha <= 1:
+        raise health.error("rt_alpha", "must be in (0, 1]")
+    health.done()
+    l7 = top.get("l7", bool, True)
+    return top.convert(
+        "(balancer)",
+        None,
+        lambda _: BalancerConfig(
+            ports=tuple(ports) or default_ports,
+            vips=tuple(vips),
+            servers=tuple(servers),
+            algorithm=algorithm,
+            algorithm_params=params,
+            max_sessions=max_sessions,
+            max_new_per_second=rate,
+            refuse_with=refuse,
+            label_quarantine=quarantine,
+            c2s_min=c2s_min,
+            c2s_max=c2s_max,
+            timeouts=timeouts,
+            fail_threshold=fail_threshold,
+            rt_alpha=rt_alpha,
+            rt_limit=rt_limit,
+            l7=l7,
+        ),
+    )

@@ -1,0 +1,231 @@
+"""The endpoints' part of the method (claims 8, 12, 13, 14): answer a session label with its pair, no signalling.
+
+Theory of operation
+-------------------
+Both sides keep one small table: flow key (as the local host sends it) -> the label to attach, learned from the
+labelled frames that arrive. Nothing is signalled (claim 14):
+
+* a **server** that receives C2S label ``L`` answers with S2C label ``L + 1`` (claim 8 step 3, claim 13). The
+  server owns the virtual IP and replies from it, so the balancer never maps the virtual IP to a real address
+  (claim 12); a reply not from a virtual IP is refused here (``not_from_vip``).
+* a **client** that receives S2C label ``M`` sends the rest of the session with C2S label ``M - 1`` (claim 8
+  steps 6-7). A session's first packet (and any TCP SYN, so a reused port starts afresh) goes unlabelled: the
+  balancer analyses it and picks the server.
+
+The endpoint objects are sans-I/O: ``from_wire(frame, now)`` gives the IP packet for the host (labels stripped)
+and ``from_host(packet, now)`` gives the Ethernet frame for the wire. Flows idle for ``flow_timeout`` are forgotten
+on :meth:`Endpoint.on_timer`. The agents put these objects between a TUN device and the wire.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterable
+
+from mplslb.analyzer import PacketAnalyzer
+from mplslb.balancing.algorithms import FlowKey
+from mplslb.labels import is_c2s, is_s2c
+from mplslb.wire.errors import WireError
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet, parse_ethernet
+from mplslb.wire.mpls import encode_entry, parse_stack
+from mplslb.wire.tcp import TCPFlag
+
+_ENTRY = struct.Struct("!I")
+_SYN_ONLY = int(TCPFlag.SYN)
+_SYN_MASK = int(TCPFlag.SYN | TCPFlag.ACK)
+
+
+def _reverse(key: FlowKey) -> FlowKey:
+    return FlowKey(key.proto, key.dst, key.dport, key.src, key.sport)
+
+
+class Flow:
+    """A learned flow: the label to attach, the MAC address to send to, when it was last used."""
+
+    __slots__ = ("label", "last", "peer")
+
+    def __init__(self, label: int, peer: bytes, last: float) -> None:
+        self.label, self.peer, self.last = label, peer, last
+
+
+class Endpoint:
+    """What both endpoint sides share: the flow -> label table, its expiry, and counters."""
+
+    def __init__(self, *, mac: bytes, flow_timeout: float = 300.0, ttl: int = 64) -> None:
+        if len(mac) != 6:
+            raise ValueError("mac must be 6 bytes")
+        self.mac = bytes(mac)
+        self.flow_timeout = flow_timeout
+        self.ttl = ttl
+        self.analyzer = PacketAnalyzer(l7=False)
+        self.flows: dict[FlowKey, Flow] = {}  # keyed as the local host sends the flow
+        self._expiry: deque[tuple[float, FlowKey]] = deque()
+        self.counters: dict[str, int] = {}
+        self.drops: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _learn(self, key: FlowKey, label: int, peer: bytes, now: float) -> None:
+        flow = self.flows.get(key)
+        if flow is None:
+            self.flows[key] = Flow(label, peer, now)
+            self._expiry.append((now + self.flow_timeout, key))
+        else:
+            flow.label, flow.peer, flow.last = label, peer, now
+
+    def label_for(self, key: FlowKey) -> int | None:
+        """The label this side attaches to ``key``'s packets, if learned."""
+        flow = self.flows.get(key)
+        return None if flow is None else flow.label
+
+    def _strip(self, frame: bytes | memoryview) -> tuple[int, bytes, bytes] | None:
+        """(top label, sender MAC, IP packet) of a labelled frame; None (counted) if it is not one."""
+        try:
+            eth = parse_ethernet(frame)
+            if eth.ethertype != ETH_P_MPLS_UC:
+                return None
+            entries, end = parse_stack(frame, eth.payload_offset)
+        except WireError as exc:
+            self._drop(exc.reason)
+            return (-1, b"", b"")
+        return entries[0].label, bytes(eth.src), bytes(frame[end:])
+
+    def _labelled(self, dst_mac: bytes, label: int, packet: bytes | memoryview) -> bytes:
+        header = build_ethernet(dst_mac, self.mac, ETH_P_MPLS_UC)
+        return header + _ENTRY.pack(encode_entry(label, 0, True, self.ttl)) + bytes(packet)
+
+    def next_deadline(self) -> float | None:
+        return self._expiry[0][0] if self._expiry else None
+
+    def on_timer(self, now: float) -> int:
+        """Forget flows idle for ``flow_timeout``; returns how many."""
+        forgotten = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = self._expiry.popleft()
+            flow = self.flows.get(key)
+            if flow is None:
+                continue
+            if flow.last + self.flow_timeout <= now:
+                del self.flows[key]
+                forgotten += 1
+            else:
+                self._expiry.append((flow.last + self.flow_timeout, key))
+        return forgotten
+
+
+class ServerEndpoint(Endpoint):
+    """A labelled server: C2S label L in, S2C label L + 1 out, replies from the virtual IP."""
+
+    def __init__(self, *, mac: bytes, vips: Iterable[bytes], flow_timeout: float = 300.0, ttl: int = 64) -> None:
+        super().__init__(mac=mac, flow_timeout=flow_timeout, ttl=ttl)
+        self.vips = frozenset(bytes(v) for v in vips)
+
+    def from_wire(self, frame: bytes | memoryview, now: float) -> bytes | None:
+        """A frame from the balancer: returns the IP packet for the host, or None (counted)."""
+        stripped = self._strip(frame)
+        if stripped is None:
+            self._drop("unlabelled")
+            return None
+        label, sender, packet = stripped
+        if label < 0:
+            return None
+        if not is_c2s(label):
+            self._drop("not_c2s_label")
+            return None
+        try:
+            a = self.analyzer.analyze_ip(packet)
+        except WireError as exc:
+            self._drop(exc.reason)
+            return None
+        if a.key.dst not in self.vips and not a.icmp_error:
+            self._drop("not_for_vip")
+            return None
+        # Claim 8 step 3 / claim 13: the opposite direction's label is this label + 1; nothing is signalled.
+        reply_key = a.key if a.icmp_error else _reverse(a.key)
+        self._learn(reply_key, label + 1, sender, now)
+        self._count("from_wire")
+        return packet
+
+    def from_host(self, packet: bytes | memoryview, now: float) -> bytes | None:
+        """An IP packet the host sends: returns the labelled frame for the wire, or None (counted)."""
+        try:
+            a = self.analyzer.analyze_ip(packet)
+        except WireError as exc:
+            self._drop(exc.reason)
+            return None
+        key = _reverse(a.key) if a.icmp_error else a.key
+        if key.src not in self.vips:
+            self._drop("not_from_vip")  # claim 12: replies leave from the virtual IP, never a real address
+            return None
+        flow = self.flows.get(key)
+        if flow is None:
+            self._drop("no_session_label")
+            return None
+        flow.last = now
+        self._count("from_host")
+        return self._labelled(flow.peer, flow.label, packet)
+
+
+class ClientEndpoint(Endpoint):
+    """A labelled client: first packet unlabelled, then C2S label M - 1 for S2C label M."""
+
+    def __init__(self, *, mac: bytes, gateway_mac: bytes, flow_timeout: float = 300.0, ttl: int = 64) -> None:
+        super().__init__(mac=mac, flow_timeout=flow_timeout, ttl=ttl)
+        if len(gateway_mac) != 6:
+            raise ValueError("gateway_mac must be 6 bytes")
+        self.gateway_mac = bytes(gateway_mac)
+
+    def from_wire(self, frame: bytes | memoryview, now: float) -> bytes | None:
+        """A frame from the network: returns the IP packet for the host, or None (counted)."""
+        stripped = self._strip(frame)
+        if stripped is None:  # unlabelled: a refusal (RST, ICMP) or ordinary traffic
+            try:
+                eth = parse_ethernet(frame)
+            except WireError as exc:
+                self._drop(exc.reason)
+                return None
+            if eth.ethertype not in (ETH_P_IP, ETH_P_IPV6):
+                self._drop("unsupported_ethertype")
+                return None
+            self._count("from_wire_unlabelled")
+            return bytes(frame[eth.payload_offset :])
+        label, _, packet = stripped
+        if label < 0:
+            return None
+        if not is_s2c(label):
+            self._drop("not_s2c_label")
+            return None
+        try:
+            a = self.analyzer.analyze_ip(packet)
+        except WireError as exc:
+            self._drop(exc.reason)
+            return None
+        # Claim 8 step 6 / claim 14: the opposite direction's label is this label - 1.
+        key = a.key if a.icmp_error else _reverse(a.key)
+        self._learn(key, label - 1, self.gateway_mac, now)
+        self._count("from_wire")
+        return packet
+
+    def from_host(self, packet: bytes | memoryview, now: float) -> bytes | None:
+        """An IP packet the host sends: returns the frame for the wire (labelled once the session has a label)."""
+        try:
+            a = self.analyzer.analyze_ip(packet)
+        except WireError as exc:
+            self._drop(exc.reason)
+            return None
+        key = a.key
+        if a.tcp_flags >= 0 and a.tcp_flags & _SYN_MASK == _SYN_ONLY:
+            self.flows.pop(key, None)  # a new connection, perhaps on a reused port: it starts unlabelled
+        flow = self.flows.get(key)
+        if flow is None:
+            self._count("from_host_unlabelled")
+            ethertype = ETH_P_IPV6 if a.ip_version == 6 else ETH_P_IP
+            return build_ethernet(self.gateway_mac, self.mac, ethertype) + bytes(packet)
+        flow.last = now
+        self._count("from_host")
+        return self._labelled(self.gateway_mac, flow.label, packet)

@@ -1,0 +1,341 @@
+"""The session label managing unit (claims 1, 7, 13): label pairs, withdrawal, quarantine before reuse.
+
+Theory of operation
+-------------------
+A session owns one *pair* of MPLS labels: an odd client-to-server (C2S) label and the even
+server-to-client (S2C) label C2S + 1, so either endpoint finds the opposite direction's label by adding
+or subtracting one (claim 14). Labels 0-15 are reserved by RFC 3032, so C2S labels are the odd numbers
+in [17, 1048573]: 524,279 pairs.
+
+Every pair is in exactly one of three states::
+
+    free --allocate()--> in use --withdraw()--> quarantined --(quarantine seconds later)--> free
+
+* ``free`` pairs wait in a FIFO ring. :meth:`LabelManager.allocate` takes the pair at the head and a pair
+  that becomes free again joins the tail, so the pair reused next is the one idle longest.
+* ``withdraw`` does not free a pair: it parks it in a second FIFO ring with the time it may be released.
+  Packets of an ended session may still be in flight (or be retransmitted by a peer that missed the FIN);
+  holding the labels back for ``quarantine`` seconds, then queueing them behind every other free pair,
+  means such a late packet finds no session rather than somebody else's.
+* The quarantine duration is constant, so release times enter the quarantine ring in non-decreasing
+  order and releasing is popping its head while the head has expired: no heap, no scan.
+
+Both rings and the per-pair state byte are preallocated to the capacity of the range, so every operation
+is O(1) (releasing is O(1) per released pair) and the memory is 17 bytes per pair whatever the load. The
+unit is sans-I/O: time is passed in as ``now``; expiry happens in :meth:`LabelManager.on_timer` (or lazily
+in ``allocate``), which the caller drives through :meth:`LabelManager.next_deadline`.
+
+Running out of labels is a load condition, not an error: ``allocate`` returns ``None`` and counts it, and
+the service acceptance control refuses the new session. Withdrawing a pair that is not in use is API
+misuse and raises.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "C2S_MAX",
+    "C2S_MIN",
+    "LABEL_SPACE",
+    "PAIRS",
+    "LabelManager",
+    "LabelStats",
+    "c2s_of",
+    "is_c2s",
+    "is_s2c",
+    "pair_of",
+    "s2c_of",
+]
+
+LABEL_SPACE: Final = 1 << 20
+"""Number of values of the 20-bit MPLS label field."""
+C2S_MIN: Final = 17
+"""Smallest C2S label: the first odd label above the reserved range 0-15 (RFC 3032)."""
+C2S_MAX: Final = 1048573
+"""Largest C2S label whose S2C partner (C2S + 1) is still below 2**20 - 1."""
+S2C_MIN: Final = C2S_MIN + 1
+S2C_MAX: Final = C2S_MAX + 1
+PAIRS: Final = (C2S_MAX - C2S_MIN) // 2 + 1
+"""Number of (C2S, S2C) pairs in one label space: 524,279."""
+
+# Per-pair state bytes.
+_FREE: Final = 0
+_IN_USE: Final = 1
+_QUARANTINED: Final = 2
+
+
+def s2c_of(c2s: int) -> int:
+    """The S2C label of the pair whose C2S label is ``c2s`` (claims 7, 13: C2S + 1)."""
+    return c2s + 1
+
+
+def c2s_of(s2c: int) -> int:
+    """The C2S label of the pair whose S2C label is ``s2c`` (S2C - 1)."""
+    return s2c - 1
+
+
+def is_c2s(label: int) -> bool:
+    """True if ``label`` is a client-to-server label: odd and within [C2S_MIN, C2S_MAX]."""
+    return C2S_MIN <= label <= C2S_MAX and label & 1 == 1
+
+
+def is_s2c(label: int) -> bool:
+    """True if ``label`` is a server-to-client label: even and within [C2S_MIN + 1, C2S_MAX + 1]."""
+    return S2C_MIN <= label <= S2C_MAX and label & 1 == 0
+
+
+def pair_of(label: int) -> int:
+    """The C2S label of the pair ``label`` belongs to (``label`` may be either member).
+
+    Raises ValueError for a label outside the session label range (a reserved label, or one beyond 2**20 - 2).
+    """
+    if is_c2s(label):
+        return label
+    if is_s2c(label):
+        return label - 1
+    raise ValueError(
+        f"label {label} is not a session label (C2S odd in [{C2S_MIN}, {C2S_MAX}], S2C = C2S + 1)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LabelStats:
+    """A snapshot of a :class:`LabelManager`'s counters, for display and metrics."""
+
+    capacity: int
+    in_use_count: int
+    quarantined_count: int
+    free_count: int
+    peak: int
+    allocated_total: int
+    withdrawn_total: int
+    exhausted: int
+
+
+class LabelManager:
+    """Allocates C2S/S2C label pairs FIFO and quarantines withdrawn pairs before reusing them.
+
+    ``quarantine`` is how long (seconds) a withdrawn pair waits before it may be allocated again.
+    ``c2s_min`` and ``c2s_max`` narrow the C2S range (both odd, inclusive), e.g. to split the label space
+    between balancers.
+    """
+
+    __slots__ = (
+        "_allocated_total",
+        "_base",
+        "_capacity",
+        "_exhausted",
+        "_free",
+        "_free_count",
+        "_free_head",
+        "_in_use_count",
+        "_last_release",
+        "_peak",
+        "_q_count",
+        "_q_head",
+        "_q_labels",
+        "_q_release",
+        "_quarantine",
+        "_state",
+        "_withdrawn_total",
+        "c2s_max",
+        "c2s_min",
+    )
+
+    def __init__(self, *, quarantine: float = 60.0, c2s_min: int = C2S_MIN, c2s_max: int = C2S_MAX) -> None:
+        if not (math.isfinite(quarantine) and quarantine >= 0):
+            raise ValueError(f"quarantine must be a finite number of seconds >= 0, got {quarantine!r}")
+        for what, bound in (("c2s_min", c2s_min), ("c2s_max", c2s_max)):
+            if not is_c2s(bound):
+                raise ValueError(f"{what} must be an odd label in [{C2S_MIN}, {C2S_MAX}], got {bound!r}")
+        if c2s_min > c2s_max:
+            raise ValueError(f"c2s_min ({c2s_min}) must not exceed c2s_max ({c2s_max})")
+        self.c2s_min: Final = c2s_min
+        self.c2s_max: Final = c2s_max
+        self._quarantine = float(quarantine)
+        self._base = c2s_min
+        capacity = (c2s_max - c2s_min) // 2 + 1
+        self._capacity = capacity
+        # Free ring: every pair starts free, in label order; C2S labels stored directly ('I' is >= 32 bits).
+        self._free = array("I", range(c2s_min, c2s_max + 1, 2))
+        self._free_head = 0
+        self._free_count = capacity
+        # Quarantine ring: at most every pair at once, so capacity slots never overflow.
+        self._q_labels = array("I", [0]) * capacity
+        self._q_release = array("d", [0.0]) * capacity
+        self._q_head = 0
+        self._q_count = 0
+        self._last_release = -math.inf
+        self._state = bytearray(capacity)
+        self._in_use_count = 0
+        self._peak = 0
+        self._allocated_total = 0
+        self._withdrawn_total = 0
+        self._exhausted = 0
+
+    # -- allocation ------------------------------------------------------------------------------
+
+    def allocate(self, now: float) -> int | None:
+        """Take the least recently used free pair and return its C2S label (the S2C label is C2S + 1).
+
+        Quarantined pairs whose time has come are released first. Returns ``None`` when every pair is in
+        use or quarantined; that is counted in :attr:`exhausted` and never raises.
+        """
+        if self._q_count and self._q_release[self._q_head] <= now:
+            self.on_timer(now)
+        if self._free_count == 0:
+            self._exhausted += 1
+            return None
+        head = self._free_head
+        label = self._free[head]
+        head += 1
+        self._free_head = 0 if head == self._capacity else head
+        self._free_count -= 1
+        self._state[(label - self._base) >> 1] = _IN_USE
+        self._in_use_count += 1
+        if self._in_use_count > self._peak:
+            self._peak = self._in_use_count
+        self._allocated_total += 1
+        return label
+
+    def withdraw(self, c2s: int, now: float) -> None:
+        """End the use of the pair ``c2s``: it is quarantined until ``now + quarantine``, then becomes free.
+
+        Raises ValueError if ``c2s`` is not the C2S label of a pair currently in use (a double withdraw,
+        an S2C label, or a label this manager never handed out).
+        """
+        if not (self.c2s_min <= c2s <= self.c2s_max and c2s & 1 == 1):
+            raise ValueError(
+                f"label {c2s} is not a C2S label of this manager (odd in [{self.c2s_min}, {self.c2s_max}])"
+            )
+        index = (c2s - self._base) >> 1
+        if self._state[index] != _IN_USE:
+            raise ValueError(f"label pair {c2s}/{c2s + 1} is not in use")
+        # Keep the ring sorted even if the caller's clock steps back: releasing late is safe, early is not.
+        release = max(now + self._quarantine, self._last_release)
+        self._last_release = release
+        tail = self._q_head + self._q_count
+        if tail >= self._capacity:
+            tail -= self._capacity
+        self._q_labels[tail] = c2s
+        self._q_release[tail] = release
+        self._q_count += 1
+        self._state[index] = _QUARANTINED
+        self._in_use_count -= 1
+        self._withdrawn_total += 1
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which a quarantined pair becomes free, or ``None`` if none is quarantined."""
+        return self._q_release[self._q_head] if self._q_count else None
+
+    def on_timer(self, now: float) -> int:
+        """Move every quarantined pair whose release time is <= ``now`` to the tail of the free ring.
+
+        Returns how many pairs were released.
+        """
+        capacity = self._capacity
+        q_labels, q_release, free, state = self._q_labels, self._q_release, self._free, self._state
+        head, count = self._q_head, self._q_count
+        free_tail = self._free_head + self._free_count
+        if free_tail >= capacity:
+            free_tail -= capacity
+        released = 0
+        while count and q_release[head] <= now:
+            label = q_labels[head]
+            free[free_tail] = label
+            state[(label - self._base) >> 1] = _FREE
+            free_tail += 1
+            if free_tail == capacity:
+                free_tail = 0
+            head += 1
+            if head == capacity:
+                head = 0
+            count -= 1
+            released += 1
+        self._q_head, self._q_count = head, count
+        self._free_count += released
+        return released
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def in_use(self, label: int) -> bool:
+        """True if ``label`` (either member of a pair) belongs to a pair allocated and not yet withdrawn."""
+        if not (self.c2s_min <= label <= self.c2s_max + 1):
+            return False
+        return self._state[((label - 1 if label & 1 == 0 else label) - self._base) >> 1] == _IN_USE
+
+    def is_quarantined(self, label: int) -> bool:
+        """True if ``label`` (either member) belongs to a withdrawn pair still waiting out its quarantine."""
+        if not (self.c2s_min <= label <= self.c2s_max + 1):
+            return False
+        return self._state[((label - 1 if label & 1 == 0 else label) - self._base) >> 1] == _QUARANTINED
+
+    @property
+    def quarantine(self) -> float:
+        """Seconds a withdrawn pair waits before reuse."""
+        return self._quarantine
+
+    @property
+    def capacity(self) -> int:
+        """Number of pairs in this manager's range."""
+        return self._capacity
+
+    @property
+    def in_use_count(self) -> int:
+        """Pairs allocated and not withdrawn."""
+        return self._in_use_count
+
+    @property
+    def quarantined_count(self) -> int:
+        """Pairs withdrawn and not yet released."""
+        return self._q_count
+
+    @property
+    def free_count(self) -> int:
+        """Pairs ready to allocate (quarantine already expired but not yet released is not counted)."""
+        return self._free_count
+
+    @property
+    def peak(self) -> int:
+        """Highest :attr:`in_use_count` seen."""
+        return self._peak
+
+    @property
+    def allocated_total(self) -> int:
+        """Pairs handed out since creation."""
+        return self._allocated_total
+
+    @property
+    def withdrawn_total(self) -> int:
+        """Pairs withdrawn since creation."""
+        return self._withdrawn_total
+
+    @property
+    def exhausted(self) -> int:
+        """Times :meth:`allocate` found no free pair and returned ``None``."""
+        return self._exhausted
+
+    def stats(self) -> LabelStats:
+        """A consistent snapshot of the counters."""
+        return LabelStats(
+            capacity=self._capacity,
+            in_use_count=self._in_use_count,
+            quarantined_count=self._q_count,
+            free_count=self._free_count,
+            peak=self._peak,
+            allocated_total=self._allocated_total,
+            withdrawn_total=self._withdrawn_total,
+            exhausted=self._exhausted,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LabelManager(c2s={self.c2s_min}..{self.c2s_max}, in_use={self._in_use_count}, "
+            f"quarantined={self._q_count}, free={self._free_count})"
+        )
