@@ -127,6 +127,7 @@ class Balancer:
         self.fast_path = 0
         self.slow_path = 0
         self.drops: dict[str, int] = {}
+        self.live = 0  # sessions not yet closed or interrupted (closed ones may still linger in the table)
         # Per-server totals of ended sessions' label counters (live sessions are read from the switching table).
         self._server_traffic: dict[str, list[int]] = {}
         self._watch_budget: dict[int, int] = {}
@@ -205,9 +206,7 @@ class Balancer:
         self._new_session(port, frame, a, now, out)
 
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
-        refusal = self.admission.admit(
-            active_sessions=len(self.sessions), labels_free=self.labels.free_count, now=now
-        )
+        refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_count, now=now)
         server: Server | None = None
         if refusal is None:
             server = self.algorithm.choose(self.pool, a.key, now)
@@ -231,6 +230,7 @@ class Balancer:
         if a.payload_len:
             self._request_seen(session, a, now)
         self.sessions.add(session, now)
+        self.live += 1
         self.pool.session_started(server)
         tcp = a.key.proto == IPPROTO_TCP
         v6 = IPV6_PAYLOAD if a.ip_version == 6 else 0
@@ -356,7 +356,7 @@ class Balancer:
             if session.proto != IPPROTO_TCP or (a is not None and a.tcp_flags & (SYN | ACK) == SYN | ACK):
                 self.pool.record_response_time(server, now - session.syn_at)
                 self.pool.record_success(server)
-                self.sessions.apply(session, SessionEvent.SERVER_REPLY, now)
+                self._apply(session, SessionEvent.SERVER_REPLY, now)
                 if session.proto != IPPROTO_TCP:
                     budget = 0  # a UDP flow's first reply times its request: done
         elif a is not None and a.payload_len:
@@ -372,11 +372,20 @@ class Balancer:
             session.rt_pending = False
             self._watch_budget.pop(session.c2s, None)
 
+    def _apply(self, session: Session, event: SessionEvent, now: float, reason: str = "") -> None:
+        """Drive the session's lifecycle; a session that reaches a final state stops counting as live (for
+        admission and for its server's connection count) at once, though its labels may linger a moment."""
+        was_live = session.state not in FINAL_STATES
+        self.sessions.apply(session, event, now, reason)
+        if was_live and session.state in FINAL_STATES:
+            self.live -= 1
+            self.pool.session_ended(session.server)
+
     def _tcp_end(self, session: Session, flags: int, *, from_client: bool, now: float) -> None:
         if session.state in FINAL_STATES:
             return
         if flags & RST:
-            self.sessions.apply(session, SessionEvent.RST, now, "rst")
+            self._apply(session, SessionEvent.RST, now, "rst")
             return
         if from_client:
             if session.fin_from_client:
@@ -387,7 +396,7 @@ class Balancer:
                 return
             session.fin_from_server = True
         both = session.fin_from_client and session.fin_from_server
-        self.sessions.apply(session, SessionEvent.FIN_OTHER_SIDE if both else SessionEvent.FIN, now, "fin")
+        self._apply(session, SessionEvent.FIN_OTHER_SIDE if both else SessionEvent.FIN, now, "fin")
 
     # -- timers --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -417,7 +426,7 @@ class Balancer:
                 self._server_failed(session.server, "no_reply", now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
-            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
+            self._apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
             self._finish(session, now)
         return []
 
@@ -434,7 +443,6 @@ class Balancer:
         sw.withdraw(s2c)
         self.labels.withdraw(c2s, now)
         self.sessions.remove(session)
-        self.pool.session_ended(session.server)
         self._watch_budget.pop(c2s, None)
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
@@ -446,7 +454,7 @@ class Balancer:
         """Claim 6: the sessions of a server that failed or left are interrupted and their labels withdrawn."""
         for session in [s for s in self.sessions.by_label.values() if s.server is server]:
             if session.state not in FINAL_STATES:
-                self.sessions.apply(session, SessionEvent.SERVER_DOWN, now, "server_down")
+                self._apply(session, SessionEvent.SERVER_DOWN, now, "server_down")
             self._finish(session, now)
 
     def add_server(self, config: ServerConfig) -> Server:
@@ -516,7 +524,7 @@ class Balancer:
             frames_out=self.frames_out,
             fast_path=self.fast_path,
             slow_path=self.slow_path,
-            sessions_active=len(self.sessions),
+            sessions_active=self.live,
             sessions_started=self.sessions.started,
             sessions_peak=self.sessions.peak,
             sessions_ended=dict(self.sessions.ended),

@@ -195,7 +195,12 @@ def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
         raise ConfigError(source, "(syntax)", str(exc)) from None
 
 
-def balancer_config_from_section(top: Section, *, default_ports: tuple[PortConfig, ...] = ()) -> BalancerConfig:
+def balancer_config_from_section(
+    top: Section,
+    *,
+    default_ports: tuple[PortConfig, ...] = (),
+    default_vips: tuple[VirtualService, ...] = (),
+) -> BalancerConfig:
     """Read the balancer's keys from ``top`` (the whole file, or a ``[balancer]`` table)."""
     ports: list[PortConfig] = []
     for sec in top.sections("ports"):
@@ -286,7 +291,7 @@ def balancer_config_from_section(top: Section, *, default_ports: tuple[PortConfi
         None,
         lambda _: BalancerConfig(
             ports=tuple(ports) or default_ports,
-            vips=tuple(vips),
+            vips=tuple(vips) or default_vips,
             servers=tuple(servers),
             algorithm=algorithm,
             algorithm_params=params,

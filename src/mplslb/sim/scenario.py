@@ -46,7 +46,7 @@ def _mac(kind: int, index: int) -> bytes:
 class ServerSpec:
     """A simulated server: its balancing settings and its capacity."""
 
-    name: str
+    name: str = "server"
     weight: int = 1
     max_sessions: int = 0
     workers: int = 8
