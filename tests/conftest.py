@@ -19,7 +19,7 @@ except ImportError:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``shared/data`` beside the checkout (CI clones with ``shared/`` next to the clone); skip when absent."""
+    """``shared/data`` beside the checkout (CI clones with ``shared/`` next to the clone); skip if absent."""
     path = _REPO.parent / "shared" / "data"
     if not path.is_dir():
         pytest.skip(f"shared test data not found at {path} (expected beside the checkout)")

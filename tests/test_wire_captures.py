@@ -3,10 +3,10 @@
 What we compare with tshark, per frame: the capture lengths and timestamp; the label stack; the IP addresses;
 the transport protocol and its ports. Where the two dissectors differ by design:
 
-* Pseudowires (an Ethernet frame carried under the labels, with a control word): tshark guesses and decodes the
-  inner frame; we do not guess, report the outer stack with ``ip_version == 0``, and only the outer labels are
-  compared (tshark's list must start with them). This covers the 32-deep nested pseudowire of the suricata
-  "too many layers" file, which therefore dissects (one label, non-IP) rather than failing.
+* Pseudowires (an Ethernet frame carried under the labels, with a control word): tshark guesses and decodes
+  the inner frame; we do not guess, report the outer stack with ``ip_version == 0``, and compare only the
+  outer labels (tshark's list must start with them). This covers the 32-deep nested pseudowire of the
+  suricata "too many layers" file, which therefore dissects (one label, non-IP) rather than failing.
 * ICMP errors quote the offending datagram; tshark lists the quoted addresses and ports after the outer ones.
   We compare the outer addresses and do not look inside the quote.
 * Frames tshark flags as malformed: those with a bad IPv4 header checksum (the anonymised captures) must raise
@@ -138,7 +138,9 @@ def _tshark_frames(tshark: str, path: Path) -> list[TsharkFrame]:
         for line in out.splitlines():
             values = line.split("|")
             assert len(values) == len(TSHARK_FIELDS), line
-            rows.append(TsharkFrame({k: (v.split(",") if v else []) for k, v in zip(TSHARK_FIELDS, values, strict=True)}))
+            rows.append(
+                TsharkFrame({k: (v.split(",") if v else []) for k, v in zip(TSHARK_FIELDS, values, strict=True)})
+            )
         _TSHARK_CACHE[path] = rows
     return _TSHARK_CACHE[path]
 
@@ -152,7 +154,9 @@ def _dissections(records: list[PcapRecord], name: str) -> Iterator[tuple[int, Pc
 
 
 def test_every_capture_is_listed(shared_data: Path) -> None:
-    found = {str(p.relative_to(shared_data / "pcap")) for d in CAPTURE_DIRS for p in (shared_data / "pcap" / d).iterdir()}
+    found = {
+        str(p.relative_to(shared_data / "pcap")) for d in CAPTURE_DIRS for p in (shared_data / "pcap" / d).iterdir()
+    }
     assert found == set(CAPTURES)
 
 

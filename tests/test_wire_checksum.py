@@ -59,7 +59,12 @@ def test_appending_the_checksum_gives_zero(data: bytes) -> None:
     assert internet_checksum(data + internet_checksum(data).to_bytes(2, "big")) == 0
 
 
-@given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4), st.integers(0, 255), st.integers(0, 0xFFFF))
+@given(
+    st.binary(min_size=4, max_size=4),
+    st.binary(min_size=4, max_size=4),
+    st.integers(0, 255),
+    st.integers(0, 0xFFFF),
+)
 def test_pseudo_header_v4(src: bytes, dst: bytes, proto: int, length: int) -> None:
     header = src + dst + bytes([0, proto]) + length.to_bytes(2, "big")
     assert pseudo_header_sum(src, dst, proto, length) % 0xFFFF == reference_sum(header) % 0xFFFF

@@ -73,7 +73,12 @@ def test_offset_and_memoryview() -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", bytes(13), DST + SRC + bytes.fromhex("8100 00"), DST + SRC + bytes.fromhex("8100 0001 8100 0002 08")],
+    [
+        b"",
+        bytes(13),
+        DST + SRC + bytes.fromhex("8100 00"),
+        DST + SRC + bytes.fromhex("8100 0001 8100 0002 08"),
+    ],
 )
 def test_truncated(frame: bytes) -> None:
     with pytest.raises(EthernetError) as info:
@@ -92,7 +97,18 @@ def test_mac_strings() -> None:
     assert mac_from_str("00-a0-c9-12-34-56") == bytes.fromhex("00a0c9123456")
 
 
-@pytest.mark.parametrize("text", ["", "00:11:22:33:44", "00:11:22:33:44:55:66", "0:11:22:33:44:55", "00:11:22:33:44:gg", "+1:11:22:33:44:55", " 1:11:22:33:44:55"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "00:11:22:33:44",
+        "00:11:22:33:44:55:66",
+        "0:11:22:33:44:55",
+        "00:11:22:33:44:gg",
+        "+1:11:22:33:44:55",
+        " 1:11:22:33:44:55",
+    ],
+)
 def test_mac_from_str_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         mac_from_str(text)
@@ -100,7 +116,12 @@ def test_mac_from_str_rejects(text: str) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [(bytes(5), SRC, ETH_P_IP, ()), (DST, SRC, 0x10000, ()), (DST, SRC, ETH_P_IP, (0x10000,)), (DST, SRC, 1, (1, 2, 3))],
+    [
+        (bytes(5), SRC, ETH_P_IP, ()),
+        (DST, SRC, 0x10000, ()),
+        (DST, SRC, ETH_P_IP, (0x10000,)),
+        (DST, SRC, 1, (1, 2, 3)),
+    ],
 )
 def test_build_rejects(args: tuple[bytes, bytes, int, tuple[int, ...]]) -> None:
     with pytest.raises(ValueError):
@@ -110,7 +131,12 @@ def test_build_rejects(args: tuple[bytes, bytes, int, tuple[int, ...]]) -> None:
 macs = st.binary(min_size=6, max_size=6)
 
 
-@given(macs, macs, st.integers(0x0600, 0xFFFF).filter(lambda t: t not in (0x8100, 0x88A8)), st.lists(st.integers(0, 0xFFFF), max_size=2))
+@given(
+    macs,
+    macs,
+    st.integers(0x0600, 0xFFFF).filter(lambda t: t not in (0x8100, 0x88A8)),
+    st.lists(st.integers(0, 0xFFFF), max_size=2),
+)
 def test_round_trip(dst: bytes, src: bytes, ethertype: int, vlans: list[int]) -> None:
     header = build_ethernet(dst, src, ethertype, vlans)
     assert parse_ethernet(header) == (dst, src, tuple(vlans), ethertype, len(header))

@@ -39,7 +39,12 @@ DST6 = bytes.fromhex("20010db8000000000000000000000002")
 def test_type_constants() -> None:
     assert (ICMP_ECHO_REPLY, ICMP_DEST_UNREACH, ICMP_ECHO, ICMP_TIME_EXCEEDED) == (0, 3, 8, 11)
     assert (ICMP6_DST_UNREACH, ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED) == (1, 2, 3)
-    assert (ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY, ICMP6_NEIGHBOR_SOLICIT, ICMP6_NEIGHBOR_ADVERT) == (128, 129, 135, 136)
+    assert (ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY, ICMP6_NEIGHBOR_SOLICIT, ICMP6_NEIGHBOR_ADVERT) == (
+        128,
+        129,
+        135,
+        136,
+    )
 
 
 def test_echo_v4() -> None:
@@ -62,7 +67,20 @@ def test_time_exceeded_is_an_error_with_the_quote_after_the_header() -> None:
     assert i.is_error and message[i.payload_offset - 20 :] == quoted
 
 
-@pytest.mark.parametrize(("icmp_type", "v6", "error"), [(3, False, True), (5, False, True), (0, False, False), (13, False, False), (1, True, True), (4, True, True), (127, True, True), (128, True, False), (136, True, False)])
+@pytest.mark.parametrize(
+    ("icmp_type", "v6", "error"),
+    [
+        (3, False, True),
+        (5, False, True),
+        (0, False, False),
+        (13, False, False),
+        (1, True, True),
+        (4, True, True),
+        (127, True, True),
+        (128, True, False),
+        (136, True, False),
+    ],
+)
 def test_is_error(icmp_type: int, v6: bool, error: bool) -> None:
     assert parse_icmp(bytes([icmp_type]) + bytes(7), v6=v6).is_error is error
 

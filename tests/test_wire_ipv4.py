@@ -30,16 +30,39 @@ def test_golden_parse() -> None:
 def test_against_scapy_with_options() -> None:
     payload = b"x" * 12
     oracle = bytes(
-        IP(src="10.1.2.3", dst="10.9.8.7", ttl=3, id=0x1234, tos=0xB8, flags="MF", frag=100,
-           proto=IPPROTO_TCP, options=[IPOption_Router_Alert()]) / payload
+        IP(
+            src="10.1.2.3",
+            dst="10.9.8.7",
+            ttl=3,
+            id=0x1234,
+            tos=0xB8,
+            flags="MF",
+            frag=100,
+            proto=IPPROTO_TCP,
+            options=[IPOption_Router_Alert()],
+        )
+        / payload
     )
     ours = build_ipv4(
-        bytes([10, 1, 2, 3]), bytes([10, 9, 8, 7]), IPPROTO_TCP, len(payload),
-        ttl=3, ident=0x1234, tos=0xB8, flags=IP_MF, frag_offset=100, options=bytes.fromhex("94040000"),
+        bytes([10, 1, 2, 3]),
+        bytes([10, 9, 8, 7]),
+        IPPROTO_TCP,
+        len(payload),
+        ttl=3,
+        ident=0x1234,
+        tos=0xB8,
+        flags=IP_MF,
+        frag_offset=100,
+        options=bytes.fromhex("94040000"),
     )
     assert ours + payload == oracle
     h = parse_ipv4(oracle)
-    assert (h.ihl, h.options, h.payload_offset, h.end) == (6, bytes.fromhex("94040000"), 24, 24 + len(payload))
+    assert (h.ihl, h.options, h.payload_offset, h.end) == (
+        6,
+        bytes.fromhex("94040000"),
+        24,
+        24 + len(payload),
+    )
     assert (h.flags, h.frag_offset, h.tos, h.ttl, h.ident) == (IP_MF, 100, 0xB8, 3, 0x1234)
     assert ipv4_is_fragment(h)
 
@@ -109,7 +132,14 @@ def test_checksum_not_verified_on_request() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"ttl": 256}, {"ident": 0x10000}, {"tos": -1}, {"flags": 8}, {"frag_offset": 0x2000}, {"options": bytes(41)}],
+    [
+        {"ttl": 256},
+        {"ident": 0x10000},
+        {"tos": -1},
+        {"flags": 8},
+        {"frag_offset": 0x2000},
+        {"options": bytes(41)},
+    ],
 )
 def test_build_rejects(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -127,21 +157,52 @@ addresses = st.binary(min_size=4, max_size=4)
 
 
 @given(
-    addresses, addresses, st.integers(0, 255), st.integers(0, 1000), st.integers(0, 255), st.integers(0, 0xFFFF),
-    st.integers(0, 255), st.integers(0, 7), st.integers(0, 0x1FFF), st.binary(max_size=40),
+    addresses,
+    addresses,
+    st.integers(0, 255),
+    st.integers(0, 1000),
+    st.integers(0, 255),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 255),
+    st.integers(0, 7),
+    st.integers(0, 0x1FFF),
+    st.binary(max_size=40),
 )
 def test_round_trip(
-    src: bytes, dst: bytes, proto: int, payload_len: int, ttl: int, ident: int, tos: int, flags: int,
-    frag_offset: int, options: bytes,
+    src: bytes,
+    dst: bytes,
+    proto: int,
+    payload_len: int,
+    ttl: int,
+    ident: int,
+    tos: int,
+    flags: int,
+    frag_offset: int,
+    options: bytes,
 ) -> None:
     header = build_ipv4(
-        src, dst, proto, payload_len, ttl=ttl, ident=ident, tos=tos, flags=flags, frag_offset=frag_offset,
+        src,
+        dst,
+        proto,
+        payload_len,
+        ttl=ttl,
+        ident=ident,
+        tos=tos,
+        flags=flags,
+        frag_offset=frag_offset,
         options=options,
     )
     h = parse_ipv4(header + bytes(payload_len))
     padded = options + bytes(-len(options) % 4)
     assert (h.src, h.dst, h.proto, h.ttl, h.ident, h.tos, h.flags, h.frag_offset) == (
-        src, dst, proto, ttl, ident, tos, flags, frag_offset
+        src,
+        dst,
+        proto,
+        ttl,
+        ident,
+        tos,
+        flags,
+        frag_offset,
     )
     assert (h.options, h.payload_offset, h.end) == (padded, len(header), len(header) + payload_len)
     assert bytes(IP(header + bytes(payload_len)))[: len(header)] == header

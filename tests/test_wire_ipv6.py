@@ -133,7 +133,10 @@ def _hop_by_hop(length_units: int, payload: int) -> bytes:
         (_hop_by_hop(0, 6), "ipv6_ext_truncated"),  # header of 8 bytes in a 6-byte payload
         (_hop_by_hop(1, 8), "ipv6_ext_truncated"),  # says 16 bytes, 8 there
         (build_ipv6(SRC, DST, IPPROTO_FRAGMENT, 4) + bytes(4), "ipv6_ext_truncated"),
-        (build_ipv6(SRC, DST, IPPROTO_AH, 8) + bytes([6, 1]) + bytes(6), "ipv6_ext_truncated"),  # AH of 12 bytes
+        (
+            build_ipv6(SRC, DST, IPPROTO_AH, 8) + bytes([6, 1]) + bytes(6),
+            "ipv6_ext_truncated",
+        ),  # AH of 12 bytes
     ],
 )
 def test_errors(packet: bytes, reason: str) -> None:
@@ -157,8 +160,13 @@ addresses = st.binary(min_size=16, max_size=16)
 
 
 @given(
-    addresses, addresses, st.integers(0, 255).filter(lambda p: p not in (0, 43, 44, 51, 60)), st.integers(0, 600),
-    st.integers(0, 255), st.integers(0, 255), st.integers(0, 0xFFFFF),
+    addresses,
+    addresses,
+    st.integers(0, 255).filter(lambda p: p not in (0, 43, 44, 51, 60)),
+    st.integers(0, 600),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 0xFFFFF),
 )
 def test_round_trip(src: bytes, dst: bytes, proto: int, payload_len: int, hop: int, tc: int, fl: int) -> None:
     header = build_ipv6(src, dst, proto, payload_len, hop_limit=hop, traffic_class=tc, flow_label=fl)

@@ -52,14 +52,14 @@ def test_entry_golden(label: int, tc: int, s: bool, ttl: int, hex_: str) -> None
 
 
 def test_stack_of_sets_s_on_last_only() -> None:
-    assert stack_of([100, 200]).hex() == "00064040" "000c8140"
+    assert stack_of([100, 200]).hex() == "00064040000c8140"
     assert stack_of([17], ttl=255, tc=1).hex() == "000113ff"
     assert stack_of([]) == b""
 
 
 def test_pack_stack_keeps_s_bits_as_given() -> None:
     entries = [LabelEntry(18, 0, True, 255), LabelEntry(16, 0, True, 255)]
-    assert pack_stack(entries).hex() == "000121ff" "000101ff"
+    assert pack_stack(entries).hex() == "000121ff000101ff"
 
 
 def test_parse_stack_golden_with_scapy() -> None:
@@ -105,7 +105,10 @@ def test_parse_entry_truncated() -> None:
         parse_entry(b"\x00\x01\x01ff", 2)
 
 
-@pytest.mark.parametrize("args", [(LABEL_MAX + 1, 0, True, 0), (-1, 0, True, 0), (16, 8, True, 0), (16, 0, True, 256), (16, 0, True, -1)])
+@pytest.mark.parametrize(
+    "args",
+    [(LABEL_MAX + 1, 0, True, 0), (-1, 0, True, 0), (16, 8, True, 0), (16, 0, True, 256), (16, 0, True, -1)],
+)
 def test_encode_rejects_out_of_range(args: tuple[int, int, bool, int]) -> None:
     with pytest.raises(ValueError):
         encode_entry(*args)
@@ -133,7 +136,11 @@ def test_entry_round_trip(entry: LabelEntry) -> None:
     assert parse_entry(pack_entry(*entry)) == entry
 
 
-@given(st.lists(st.integers(0, LABEL_MAX), min_size=1, max_size=MAX_STACK_DEPTH), st.integers(0, 255), st.integers(0, 7))
+@given(
+    st.lists(st.integers(0, LABEL_MAX), min_size=1, max_size=MAX_STACK_DEPTH),
+    st.integers(0, 255),
+    st.integers(0, 7),
+)
 def test_stack_round_trip(labels: list[int], ttl: int, tc: int) -> None:
     data = stack_of(labels, ttl=ttl, tc=tc)
     parsed, end = parse_stack(data + b"\x45rest")

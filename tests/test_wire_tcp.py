@@ -1,4 +1,4 @@
-"""TCP: a SYN with the usual options checked byte by byte and against scapy, checksums over v4 and v6, errors."""
+"""TCP: a SYN with the usual options, byte by byte and against scapy; checksums over v4 and v6; errors."""
 
 from __future__ import annotations
 
@@ -41,12 +41,24 @@ def test_syn_with_options_golden() -> None:
     assert segment[:20] == bytes.fromhex("9c40 0050 01020304 00000000 a0 02 faf0") + segment[16:18] + b"\x00\x00"
     assert segment[20:] == SYN_OPTIONS
     oracle = IP(src="10.0.0.1", dst="10.0.0.2") / TCP(
-        sport=40000, dport=80, seq=0x01020304, flags="S", window=64240,
+        sport=40000,
+        dport=80,
+        seq=0x01020304,
+        flags="S",
+        window=64240,
         options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123456, 0)), ("NOP", None), ("WScale", 7)],
     )
     assert bytes(oracle[TCP]) == segment  # same bytes, checksum included
     t = parse_tcp(segment)
-    assert (t.sport, t.dport, t.seq, t.ack, t.header_length, t.flags, t.window) == (40000, 80, 0x01020304, 0, 40, 2, 64240)
+    assert (t.sport, t.dport, t.seq, t.ack, t.header_length, t.flags, t.window) == (
+        40000,
+        80,
+        0x01020304,
+        0,
+        40,
+        2,
+        64240,
+    )
     assert t.options == (
         (TCPOPT_MSS, b"\x05\xb4"),
         (TCPOPT_SACK_PERMITTED, b""),
@@ -58,7 +70,11 @@ def test_syn_with_options_golden() -> None:
 
 def test_ipv6_checksum_matches_scapy() -> None:
     segment = build_tcp(SRC6, DST6, 443, 50000, seq=7, ack=9, flags=TCPFlag.ACK | TCPFlag.PSH, payload=b"hello")
-    oracle = IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(sport=443, dport=50000, seq=7, ack=9, flags="PA", window=65535) / b"hello"
+    oracle = (
+        IPv6(src="2001:db8::1", dst="2001:db8::2")
+        / TCP(sport=443, dport=50000, seq=7, ack=9, flags="PA", window=65535)
+        / b"hello"
+    )
     assert bytes(oracle[TCP]) == segment
     assert tcp_checksum_ok(SRC6, DST6, segment)
 
@@ -124,15 +140,39 @@ option = st.one_of(
 
 
 @given(
-    st.sampled_from([(SRC4, DST4), (SRC6, DST6)]), ports, ports, st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
-    st.integers(0, 255), st.integers(0, 0xFFFF), st.lists(option, max_size=4), st.binary(max_size=100),
+    st.sampled_from([(SRC4, DST4), (SRC6, DST6)]),
+    ports,
+    ports,
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 255),
+    st.integers(0, 0xFFFF),
+    st.lists(option, max_size=4),
+    st.binary(max_size=100),
 )
 def test_round_trip(
-    addrs: tuple[bytes, bytes], sport: int, dport: int, seq: int, ack: int, flags: int, window: int,
-    options: list[bytes], payload: bytes,
+    addrs: tuple[bytes, bytes],
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: list[bytes],
+    payload: bytes,
 ) -> None:
     raw_options = b"".join(options)
-    segment = build_tcp(*addrs, sport, dport, seq=seq, ack=ack, flags=flags, window=window, options=raw_options, payload=payload)
+    segment = build_tcp(
+        *addrs,
+        sport,
+        dport,
+        seq=seq,
+        ack=ack,
+        flags=flags,
+        window=window,
+        options=raw_options,
+        payload=payload,
+    )
     t = parse_tcp(segment)
     assert (t.sport, t.dport, t.seq, t.ack, t.flags, t.window) == (sport, dport, seq, ack, flags, window)
     assert t.options == tuple((o[0], o[2:]) for o in options if o != b"\x01")

@@ -26,7 +26,9 @@ def test_golden_v4() -> None:
 
 def test_golden_v6() -> None:
     datagram = build_udp(SRC6, DST6, 6635, 6635, bytes(20))
-    assert datagram == bytes((IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=6635, dport=6635) / bytes(20))[UDP])
+    assert datagram == bytes(
+        (IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=6635, dport=6635) / bytes(20))[UDP]
+    )
     assert udp_checksum_ok(SRC6, DST6, datagram)
 
 

@@ -177,7 +177,8 @@ _PORTS = struct.Struct("!HH")
 
 def _quoted_ports(frame: bytes | memoryview, start: int, end: int) -> tuple[int, int, int]:
     if end - start >= _PORTS_SEQ.size:
-        return _PORTS_SEQ.unpack_from(frame, start)  # type: ignore[return-value]
+        sport, dport, seq = _PORTS_SEQ.unpack_from(frame, start)
+        return sport, dport, seq
     if end - start >= _PORTS.size:
         sport, dport = _PORTS.unpack_from(frame, start)
         return sport, dport, 0

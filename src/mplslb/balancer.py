@@ -49,7 +49,7 @@ from mplslb.switching import (
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
 from mplslb.wire.icmp import build_icmp_unreachable
-from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ip import IPPROTO_TCP
 from mplslb.wire.ipv4 import build_ipv4
 from mplslb.wire.ipv6 import build_ipv6
 from mplslb.wire.tcp import TCPFlag, build_tcp
@@ -108,9 +108,7 @@ class Balancer:
         self.switching = LabelSwitchingTable(
             {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
         )
-        self.labels = LabelManager(
-            quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max
-        )
+        self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
         self.sessions = SessionTable(config.timeouts)
         self.pool = ServerPool(
             config.servers, fail_threshold=config.fail_threshold, rt_alpha=config.rt_alpha, rt_limit=config.rt_limit
@@ -224,9 +222,7 @@ class Balancer:
             self._refuse(port, frame, a, out)
             return
         client_mac = bytes(frame[6:12])
-        session = Session(
-            a.key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
-        )
+        session = Session(a.key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now)
         if a.payload_len:
             self._request_seen(session, a, now)
         self.sessions.add(session, now)

@@ -144,16 +144,28 @@ class Section:
         return value  # type: ignore[return-value]
 
     def require(self, name: str, kind: type[T]) -> T:
+        self._seen.add(name)
         if name not in self.table:
-            self._seen.add(name)
             raise self.error(name, "is required")
-        return self.get(name, kind, None)  # type: ignore[arg-type]
+        value = self.table[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)  # type: ignore[return-value]
+            raise self.error(name, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
 
     def convert(self, name: str, value: Any, fn: Callable[[Any], T]) -> T:
         try:
             return fn(value)
         except (ValueError, TypeError) as exc:
             raise self.error(name, str(exc)) from None
+
+    def build(self, key: str, factory: Callable[..., T], /, **kwargs: Any) -> T:
+        """``factory(**kwargs)``, its ValueError turned into a ConfigError naming ``key``."""
+        try:
+            return factory(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise self.error(key, str(exc)) from None
 
     def section(self, name: str) -> Section:
         self._seen.add(name)
@@ -206,17 +218,15 @@ def balancer_config_from_section(
     for sec in top.sections("ports"):
         port_id = sec.require("id", int)
         ports.append(
-            sec.convert(
+            sec.build(
                 "role",
-                None,
-                lambda _, sec=sec, port_id=port_id: PortConfig(
-                    port_id=port_id,
-                    line_card=sec.get("line_card", int, 0),
-                    number=sec.get("number", int, port_id),
-                    mac=sec.convert("mac", sec.require("mac", str), parse_mac),
-                    role=sec.require("role", str),
-                    name=sec.get("name", str, f"port{port_id}"),
-                ),
+                PortConfig,
+                port_id=port_id,
+                line_card=sec.get("line_card", int, 0),
+                number=sec.get("number", int, port_id),
+                mac=sec.convert("mac", sec.require("mac", str), parse_mac),
+                role=sec.require("role", str),
+                name=sec.get("name", str, f"port{port_id}"),
             )
         )
         sec.done()
@@ -225,7 +235,7 @@ def balancer_config_from_section(
         address = sec.convert("address", sec.require("address", str), parse_ip)
         tcp = tuple(sec.get("tcp", list, [80]))
         udp = tuple(sec.get("udp", list, []))
-        vips.append(sec.convert("tcp", None, lambda _, a=address, t=tcp, u=udp: VirtualService(a, t, u)))
+        vips.append(sec.build("tcp", VirtualService, address=address, tcp_ports=tcp, udp_ports=udp))
         sec.done()
     port_ids = {p.port_id for p in ports or default_ports}
     servers: list[ServerConfig] = []
@@ -235,17 +245,15 @@ def balancer_config_from_section(
         if port_id not in port_ids:
             raise sec.error("port", f"no port with id {port_id}")
         servers.append(
-            sec.convert(
+            sec.build(
                 "weight",
-                None,
-                lambda _, sec=sec, name=name, port_id=port_id: ServerConfig(
-                    name=name,
-                    address=sec.convert("address", sec.require("address", str), parse_ip),
-                    mac=sec.convert("mac", sec.require("mac", str), parse_mac),
-                    port_id=port_id,
-                    weight=sec.get("weight", int, 1),
-                    max_sessions=sec.get("max_sessions", int, 0),
-                ),
+                ServerConfig,
+                name=name,
+                address=sec.convert("address", sec.require("address", str), parse_ip),
+                mac=sec.convert("mac", sec.require("mac", str), parse_mac),
+                port_id=port_id,
+                weight=sec.get("weight", int, 1),
+                max_sessions=sec.get("max_sessions", int, 0),
             )
         )
         sec.done()
@@ -266,7 +274,7 @@ def balancer_config_from_section(
     tsec = top.section("timeouts")
     defaults = Timeouts()
     tvalues = {name: tsec.get(name, float, getattr(defaults, name)) for name in vars(defaults)}
-    timeouts = tsec.convert("(values)", tvalues, lambda v: Timeouts(**v))
+    timeouts = tsec.build("(values)", Timeouts, **tvalues)
     tsec.done()
     lsec = top.section("labels")
     quarantine = lsec.get("quarantine", float, 30.0)
@@ -286,25 +294,23 @@ def balancer_config_from_section(
         raise health.error("rt_alpha", "must be in (0, 1]")
     health.done()
     l7 = top.get("l7", bool, True)
-    return top.convert(
+    return top.build(
         "(balancer)",
-        None,
-        lambda _: BalancerConfig(
-            ports=tuple(ports) or default_ports,
-            vips=tuple(vips) or default_vips,
-            servers=tuple(servers),
-            algorithm=algorithm,
-            algorithm_params=params,
-            max_sessions=max_sessions,
-            max_new_per_second=rate,
-            refuse_with=refuse,
-            label_quarantine=quarantine,
-            c2s_min=c2s_min,
-            c2s_max=c2s_max,
-            timeouts=timeouts,
-            fail_threshold=fail_threshold,
-            rt_alpha=rt_alpha,
-            rt_limit=rt_limit,
-            l7=l7,
-        ),
+        BalancerConfig,
+        ports=tuple(ports) or default_ports,
+        vips=tuple(vips) or default_vips,
+        servers=tuple(servers),
+        algorithm=algorithm,
+        algorithm_params=params,
+        max_sessions=max_sessions,
+        max_new_per_second=rate,
+        refuse_with=refuse,
+        label_quarantine=quarantine,
+        c2s_min=c2s_min,
+        c2s_max=c2s_max,
+        timeouts=timeouts,
+        fail_threshold=fail_threshold,
+        rt_alpha=rt_alpha,
+        rt_limit=rt_limit,
+        l7=l7,
     )

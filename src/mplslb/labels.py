@@ -97,9 +97,7 @@ def pair_of(label: int) -> int:
         return label
     if is_s2c(label):
         return label - 1
-    raise ValueError(
-        f"label {label} is not a session label (C2S odd in [{C2S_MIN}, {C2S_MAX}], S2C = C2S + 1)"
-    )
+    raise ValueError(f"label {label} is not a session label (C2S odd in [{C2S_MIN}, {C2S_MAX}], S2C = C2S + 1)")
 
 
 @dataclass(frozen=True, slots=True)

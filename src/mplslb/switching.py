@@ -222,7 +222,7 @@ class LabelSwitchingTable:
                 return self._drop("label_wrong_ingress")
         if (entry & 0xFF) <= 1:
             return self._drop("mpls_ttl_expired")
-        out_port = self.out_port[label]
+        out_port: int = self.out_port[label]
         body = frame[ip:]
         out.append((out_port, b"".join((self.rewrite[label], _MPLS_ETHERTYPE, _ENTRY.pack(entry - 1), body))))
         self.packets[label] += 1

@@ -34,6 +34,8 @@ from mplslb.balancing.servers import ServerPool
 
 __all__ = ["AdmissionControl", "Refusal", "RefuseWith"]
 
+_TOKEN_EPSILON = 1e-9
+
 
 class Refusal(StrEnum):
     """Why a new session was refused; the value is the counter name."""
@@ -118,7 +120,8 @@ class AdmissionControl:
             elif now > last:
                 self._tokens = min(self.burst, self._tokens + (now - last) * rate)
                 self._last_refill = now
-            if self._tokens < 1.0:
+            # The tolerance absorbs float rounding of the refill, so a token due exactly now is not refused.
+            if self._tokens < 1.0 - _TOKEN_EPSILON:
                 return Refusal.RATE_LIMIT
             self._tokens -= 1.0
         return None

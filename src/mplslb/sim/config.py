@@ -23,7 +23,10 @@ from mplslb.sim.scenario import EVENT_ACTIONS, ServerSpec, SimConfig, SimEvent, 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
 # The simulation generates the balancer's ports and VIPs; this placeholder only lets the section be validated.
-_PLACEHOLDER_PORTS = (PortConfig(0, 0, 0, b"\x02\0\0\0\0\1", "client"), PortConfig(1, 1, 0, b"\x02\0\0\0\0\2", "server"))
+_PLACEHOLDER_PORTS = (
+    PortConfig(0, 0, 0, b"\x02\0\0\0\0\1", "client"),
+    PortConfig(1, 1, 0, b"\x02\0\0\0\0\2", "server"),
+)
 _PLACEHOLDER_VIP = (VirtualService(b"\x0a\0\0\x64"),)
 
 

@@ -51,7 +51,7 @@ def ip_packet(src: bytes, dst: bytes, proto: int, payload: bytes, ident: int = 0
 class Received:
     """The parts of a received IP packet the small stacks use."""
 
-    __slots__ = ("dport", "flags", "icmp", "payload", "proto", "seq", "sport", "src", "ack")
+    __slots__ = ("ack", "dport", "flags", "icmp", "payload", "proto", "seq", "sport", "src")
 
     def __init__(self, packet: bytes) -> None:
         ip = parse_ipv6(packet) if packet and packet[0] >> 4 == 6 else parse_ipv4(packet)
@@ -101,9 +101,11 @@ class SessionResult:
 
 class _ClientConn:
     __slots__ = (
+        "buffer",
         "done",
         "expect",
         "header_seen",
+        "host",
         "local",
         "port",
         "proto",
@@ -111,14 +113,29 @@ class _ClientConn:
         "request_at",
         "requests",
         "result",
+        "size",
         "snd_nxt",
         "state",
         "vip",
         "vport",
-        "host",
-        "size",
-        "buffer",
     )
+    done: bool
+    expect: int
+    header_seen: bool
+    local: bytes
+    port: int
+    proto: int
+    rcv_nxt: int
+    request_at: float
+    requests: int
+    result: SessionResult
+    snd_nxt: int
+    state: str
+    vip: bytes
+    vport: int
+    host: str
+    size: int
+    buffer: bytes
 
 
 class ClientHost:
@@ -208,9 +225,7 @@ class ClientHost:
 
     def _request_bytes(self, conn: _ClientConn) -> bytes:
         n = conn.result.requests_done
-        return (
-            f"GET /obj/{conn.size}?n={n} HTTP/1.1\r\nHost: {conn.host}\r\nUser-Agent: mplslb-sim\r\n\r\n"
-        ).encode()
+        return (f"GET /obj/{conn.size}?n={n} HTTP/1.1\r\nHost: {conn.host}\r\nUser-Agent: mplslb-sim\r\n\r\n").encode()
 
     def _udp_request(self, conn: _ClientConn) -> None:
         conn.request_at = self.loop.now
@@ -323,6 +338,15 @@ class ClientHost:
 
 class _ServerConn:
     __slots__ = ("buffer", "client", "cport", "proto", "rcv_nxt", "snd_nxt", "state", "vip", "vport")
+    buffer: bytes
+    client: bytes
+    cport: int
+    proto: int
+    rcv_nxt: int
+    snd_nxt: int
+    state: str
+    vip: bytes
+    vport: int
 
 
 class ServerHost:
@@ -385,7 +409,13 @@ class ServerHost:
         if rx.proto == IPPROTO_UDP:
             if conn is None:
                 conn = _ServerConn()
-                conn.proto, conn.client, conn.cport, conn.vip, conn.vport = IPPROTO_UDP, rx.src, rx.sport, ip.dst, rx.dport
+                conn.proto, conn.client, conn.cport, conn.vip, conn.vport = (
+                    IPPROTO_UDP,
+                    rx.src,
+                    rx.sport,
+                    ip.dst,
+                    rx.dport,
+                )
                 conn.state = "udp"
                 self.conns[key] = conn
             self._enqueue(conn, rx.payload)

@@ -22,10 +22,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
 from mplslb.balancer import Balancer, BalancerStats
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
-from mplslb.sim.engine import EventLoop, Segment
+from mplslb.sim.engine import EventLoop, Segment, Tap
 from mplslb.sim.hosts import ClientHost, ServerHost, SessionResult
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.pcap import PcapWriter
@@ -289,8 +290,7 @@ def run(config: SimConfig, *, capture: str | Path | None = None) -> SimReport:
         server_path = client_path.with_name(f"{client_path.stem}-servers{client_path.suffix}")
         writers = [PcapWriter(client_path), PcapWriter(server_path)]
         for port_id, segment in net.segments.items():
-            w = writers[0 if net.balancer.ports[port_id].role == "client" else 1]
-            segment.taps.append(lambda _port, frame, now, w=w: w.write(frame, CAPTURE_EPOCH + now))
+            segment.taps.append(_capture_tap(writers[0 if net.balancer.ports[port_id].role == "client" else 1]))
     applied: list[str] = []
     for event in config.events:
         loop.at(event.at, _apply_event, net, event, applied)
@@ -309,8 +309,9 @@ def run(config: SimConfig, *, capture: str | Path | None = None) -> SimReport:
     for w in writers:
         w.close()
     drops: dict[str, int] = {}
-    for host in [*net.clients, *net.servers.values()]:
-        for reason, count in host.endpoint.drops.items():
+    endpoints = [c.endpoint for c in net.clients] + [s.endpoint for s in net.servers.values()]
+    for endpoint in endpoints:
+        for reason, count in endpoint.drops.items():
             drops[reason] = drops.get(reason, 0) + count
     return SimReport(
         config=config,
@@ -324,6 +325,13 @@ def run(config: SimConfig, *, capture: str | Path | None = None) -> SimReport:
         endpoint_drops=drops,
         applied_events=applied,
     )
+
+
+def _capture_tap(writer: PcapWriter) -> Tap:
+    def tap(_port: int, frame: bytes, now: float) -> None:
+        writer.write(frame, CAPTURE_EPOCH + now)
+
+    return tap
 
 
 def _start_session(net: Network, workload: Workload, arrival: Arrival, rng: random.Random) -> None:
@@ -362,7 +370,9 @@ def _apply_event(net: Network, event: SimEvent, applied: list[str]) -> None:
         balancer.mark_down(event.server, now)
     elif event.action == "up":
         balancer.mark_up(event.server)
-    applied.append(f"t={now:.2f}s {event.action} {event.server}" + (f" {event.weight}" if event.action == "weight" else ""))
+    applied.append(
+        f"t={now:.2f}s {event.action} {event.server}" + (f" {event.weight}" if event.action == "weight" else "")
+    )
     net.node._arm()
 
 

@@ -109,8 +109,10 @@ def dissect(
         return Dissection(eth, labels, 0, None, NO_PROTO, None, b"", b"", 0, 0, pos, len(buf), False)
     outer = _dissect_ip(buf, pos, version, verify_checksum, truncated)
     udp = outer.l4
-    if isinstance(udp, UDP) and udp.dport == MPLS_UDP_PORT and not _is_later_fragment(outer.ip):
+    if isinstance(udp, UDP) and udp.dport == MPLS_UDP_PORT:
         inner_buf = memoryview(buf)[: udp.end]
+        # A first fragment or a cut capture holds only the start of the inner packet.
+        truncated = truncated or udp.offset + udp.length > udp.end
         labels, pos = parse_stack(inner_buf, udp.payload_offset)
         version = version_nibble(inner_buf, pos)
         if not version:
@@ -153,9 +155,7 @@ def _link_layer(buf: bytes | memoryview, linktype: int) -> tuple[Ethernet | None
     if linktype in (LINKTYPE_C_HDLC, LINKTYPE_LINUX_SLL):
         hlen = CHDLC_HLEN if linktype == LINKTYPE_C_HDLC else SLL_HLEN
         if len(buf) < hlen:
-            raise FrameError(
-                "chdlc_truncated" if linktype == LINKTYPE_C_HDLC else "sll_truncated", f"{len(buf)} bytes"
-            )
+            raise FrameError("chdlc_truncated" if linktype == LINKTYPE_C_HDLC else "sll_truncated", f"{len(buf)} bytes")
         (ethertype,) = _U16.unpack_from(buf, hlen - PPP_PROTOCOL_LEN)
         return None, ethertype, hlen
     if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6):
@@ -169,9 +169,7 @@ def _is_later_fragment(ip: IPv4 | IPv6) -> bool:
     return ip.fragment is not None and ip.fragment[0] > 0
 
 
-def _dissect_ip(
-    buf: bytes | memoryview, pos: int, version: int, verify_checksum: bool, truncated: bool
-) -> _IPView:
+def _dissect_ip(buf: bytes | memoryview, pos: int, version: int, verify_checksum: bool, truncated: bool) -> _IPView:
     ip: IPv4 | IPv6
     if version == IP_VERSION_4:
         ip = parse_ipv4(buf, pos, verify_checksum, allow_truncated=truncated)

@@ -68,9 +68,7 @@ def parse_ipv4(
     available = len(buf) - offset
     if offset < 0 or available < IPV4_HLEN:
         raise IPv4Error("ipv4_truncated", f"{available} bytes at offset {offset}")
-    vihl, tos, total_length, ident, flags_frag, ttl, proto, checksum, src, dst = _HEADER.unpack_from(
-        buf, offset
-    )
+    vihl, tos, total_length, ident, flags_frag, ttl, proto, checksum, src, dst = _HEADER.unpack_from(buf, offset)
     if vihl >> 4 != IP_VERSION_4:
         raise IPv4Error("ipv4_bad_version", f"version {vihl >> 4}")
     ihl = vihl & 0xF

@@ -79,9 +79,7 @@ def parse_ipv6(buf: bytes | memoryview, offset: int = 0, *, allow_truncated: boo
     end = offset + IPV6_HLEN + payload_length
     if end > len(buf):
         if not allow_truncated:
-            raise IPv6Error(
-                "ipv6_bad_payload_length", f"payload length {payload_length}, {available} available"
-            )
+            raise IPv6Error("ipv6_bad_payload_length", f"payload length {payload_length}, {available} available")
         end = len(buf)
     proto = next_header
     pos = offset + IPV6_HLEN

@@ -89,9 +89,7 @@ def stack_of(labels: Sequence[int], ttl: int = 64, tc: int = 0) -> bytes:
 
 
 def _decode(value: int) -> LabelEntry:
-    return LabelEntry(
-        value >> LABEL_SHIFT, (value >> TC_SHIFT) & TC_MASK, bool(value & S_BIT), value & TTL_MASK
-    )
+    return LabelEntry(value >> LABEL_SHIFT, (value >> TC_SHIFT) & TC_MASK, bool(value & S_BIT), value & TTL_MASK)
 
 
 def parse_entry(buf: bytes | memoryview, offset: int = 0) -> LabelEntry:

@@ -255,6 +255,7 @@ class PcapWriter:
         self._f.write(captured)
 
     def close(self) -> None:
+        """Close the file we opened, or flush the stream we were given."""
         if self._owned:
             self._f.close()
         else:

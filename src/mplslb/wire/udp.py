@@ -32,9 +32,7 @@ class UDP(NamedTuple):
     end: int
 
 
-def parse_udp(
-    buf: bytes | memoryview, offset: int = 0, end: int | None = None, *, partial: bool = False
-) -> UDP:
+def parse_udp(buf: bytes | memoryview, offset: int = 0, end: int | None = None, *, partial: bool = False) -> UDP:
     """Decode the UDP header at ``offset``; ``end`` bounds the datagram (default: the end of ``buf``).
 
     ``partial`` accepts a length beyond ``end`` (the first fragment of a fragmented datagram, or a capture cut

@@ -1,0 +1,121 @@
+"""Peeking at HTTP/1.x request lines and the Host header."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mplslb.wire.http import MAX_REQUEST_LINE, HTTPError, HttpRequest, peek_request
+
+
+def test_full_request() -> None:
+    payload = b"GET /index.html?q=1 HTTP/1.1\r\nUser-Agent: x\r\nHost: www.example.org\r\nAccept: */*\r\n\r\n"
+    assert peek_request(payload) == HttpRequest("GET", "/index.html?q=1", "HTTP/1.1", "www.example.org")
+
+
+def test_memoryview_and_latin1() -> None:
+    payload = b"POST /caf\xe9 HTTP/1.0\r\nHost: h\xe9\r\n\r\nbody"
+    assert peek_request(memoryview(payload)) == HttpRequest("POST", "/caf\xe9", "HTTP/1.0", "h\xe9")
+
+
+def test_host_is_case_insensitive_stripped_and_first_wins() -> None:
+    payload = b"GET / HTTP/1.1\r\nhOST: \t a.example:8080 \r\nHost: b.example\r\n\r\n"
+    assert peek_request(payload).host == "a.example:8080"
+
+
+def test_host_after_the_header_block_is_ignored() -> None:
+    assert peek_request(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\nHost: body\r\n").host is None
+
+
+def test_incomplete_headers_give_host_if_seen() -> None:
+    assert peek_request(b"GET / HTTP/1.1\r\nHost: a\r\nAcc").host == "a"
+    assert peek_request(b"GET / HTTP/1.1\r\nAccept: */*\r\nHo").host is None
+    assert peek_request(b"GET / HTTP/1.1\r\nHost: partial").host is None  # line not ended yet
+    assert peek_request(b"GET / HTTP/1.1\r\n") == HttpRequest("GET", "/", "HTTP/1.1", None)
+
+
+def test_bare_lf_line_ends_are_tolerated() -> None:
+    assert peek_request(b"GET / HTTP/1.1\nHost: a\n\n") == HttpRequest("GET", "/", "HTTP/1.1", "a")
+
+
+def test_authority_and_asterisk_forms() -> None:
+    assert peek_request(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n").target == "example.org:443"
+    assert peek_request(b"OPTIONS * HTTP/1.1\r\n\r\n").target == "*"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"G",
+        b"GET",
+        b"GET ",
+        b"GET /a",
+        b"GET /a ",
+        b"GET /a H",
+        b"GET /a HTTP/",
+        b"GET /a HTTP/1.1",
+        b"GET /a HTTP/1.1\r",
+    ],
+)
+def test_incomplete(payload: bytes) -> None:
+    with pytest.raises(HTTPError) as info:
+        peek_request(payload)
+    assert info.value.reason == "http_incomplete"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello
+        b"get / HTTP/1.1\r\n",
+        b"GET / HTTP/2.0\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # the HTTP/2 preface
+        b"GET /\r\n",  # HTTP/0.9
+        b"GET  / HTTP/1.1\r\n",
+        b"GET / HTTP/1.1 \r\n",
+        b"G3T / HTTP/1.1\r\n",
+        b"ABCDEFGHIJKLMNOPQ / HTTP/1.1\r\n",  # method longer than 16
+        b"ABCDEFGHIJKLMNOPQ",
+        b"\r\n",
+        b"GET /a HX",
+        b"GET /a HTTP/1.1x",
+        b"GET /\x00 HTTP/1.1\r\n",
+        b"GET /" + b"a" * MAX_REQUEST_LINE,  # no line end within 8 KiB: never a request line we accept
+    ],
+)
+def test_not_request(payload: bytes) -> None:
+    with pytest.raises(HTTPError) as info:
+        peek_request(payload)
+    assert info.value.reason == "http_not_request"
+
+
+def test_long_line_under_the_limit_is_accepted() -> None:
+    target = "/" + "a" * (MAX_REQUEST_LINE - 20)
+    assert peek_request(f"GET {target} HTTP/1.1\r\n".encode()).target == target
+
+
+methods = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=16)
+targets = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=100)
+hosts = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=60)
+
+
+@given(
+    methods,
+    targets,
+    st.sampled_from(["HTTP/1.0", "HTTP/1.1"]),
+    st.one_of(st.none(), hosts),
+    st.integers(0, 200),
+)
+def test_round_trip_and_every_prefix(method: str, target: str, version: str, host: str | None, cut: int) -> None:
+    head = f"{method} {target} {version}\r\n" + (f"Host: {host}\r\n" if host else "") + "\r\n"
+    payload = head.encode("latin-1")
+    assert peek_request(payload) == HttpRequest(method, target, version, host)
+    prefix = payload[: min(cut, len(payload))]
+    line_end = payload.index(b"\r\n") + 2
+    if len(prefix) < line_end:
+        with pytest.raises(HTTPError, match="http_incomplete"):
+            peek_request(prefix)
+    else:
+        assert peek_request(prefix)[:3] == (method, target, version)
