@@ -96,6 +96,7 @@ class BalancerStats:
     labels: LabelStats
     labels_installed: int
     servers: tuple[ServerRow, ...]
+    l7_hosts: dict[str, int]
 
 
 class Balancer:
@@ -125,6 +126,7 @@ class Balancer:
         self.fast_path = 0
         self.slow_path = 0
         self.drops: dict[str, int] = {}
+        self.l7_hosts: dict[str, int] = {}  # sessions by the Host of their first HTTP request (L7 analysis)
         self.live = 0  # sessions not yet closed or interrupted (closed ones may still linger in the table)
         # Per-server totals of ended sessions' label counters (live sessions are read from the switching table).
         self._server_traffic: dict[str, list[int]] = {}
@@ -218,7 +220,7 @@ class Balancer:
         if refusal is not None or server is None or c2s is None:
             self.admission.count(refusal or Refusal.NO_SERVER)
             if server is not None:
-                server.refused += 1
+                self.pool.session_refused(server)
             self._refuse(port, frame, a, out)
             return
         client_mac = bytes(frame[6:12])
@@ -260,6 +262,8 @@ class Balancer:
         session.request_at = now
         if a.http is not None:
             session.l7 = a.http
+            host = a.http.host or "(no host)"
+            self.l7_hosts[host] = self.l7_hosts.get(host, 0) + 1
 
     def _to_server(self, session: Session, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         cfg = session.server.config
@@ -529,6 +533,7 @@ class Balancer:
             labels=self.labels.stats(),
             labels_installed=self.switching.installed,
             servers=self.server_rows(),
+            l7_hosts=dict(self.l7_hosts),
         )
 
     def live_sessions(self) -> Sequence[Session]:

@@ -49,7 +49,7 @@ def demo(config_path: Path | None, capture: Path, no_capture: bool, seed: int | 
         config = replace(config, seed=seed)
     if sessions is not None:
         config = replace(config, workload=replace(config.workload, sessions=sessions))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(
         f"[bold]mplslb demo[/]: {config.workload.sessions} sessions from {config.workload.clients} clients, "
         f"{len(config.servers)} servers, algorithm [cyan]{config.balancer.algorithm if config.balancer else '-'}"
@@ -118,10 +118,16 @@ def print_report(report: SimReport, console: Console) -> None:
         ("withdrawn", labels.withdrawn_total),
         ("in quarantine", labels.quarantined_count),
         ("free", labels.free_count),
-        ("exhausted refusals", labels.exhausted),
+        ("sessions refused for want of labels", stats.refused.get("labels_exhausted", 0) + labels.exhausted),
     ):
         lt.add_row(name, str(value))
     console.print(lt)
+
+    if stats.l7_hosts:
+        hosts = _table("L7 analysis: Host of each session's first request", "Host", "sessions")
+        for host, count in sorted(stats.l7_hosts.items(), key=lambda kv: -kv[1]):
+            hosts.add_row(host, str(count))
+        console.print(hosts)
 
     drops = _table("Drops by reason", "where: reason", "frames")
     for reason, count in sorted(stats.drops.items()):
