@@ -16,7 +16,7 @@ from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.wire.checksum import internet_checksum
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
-from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.ipv4 import IP_DF, build_ipv4
 from mplslb.wire.ipv6 import build_ipv6
 from mplslb.wire.mpls import pack_entry
@@ -199,10 +199,14 @@ def client_udp(
 ) -> bytes:
     src = client6(client) if v6 else client4(client)
     dst = VIP6 if v6 else VIP4
-    return ether(PORT_MAC[port], client_mac(client), ip_packet(src, dst, IPPROTO_UDP, udp(src, dst, sport, dport, payload)))
+    return ether(
+        PORT_MAC[port], client_mac(client), ip_packet(src, dst, IPPROTO_UDP, udp(src, dst, sport, dport, payload))
+    )
 
 
-def reply_tcp_packet(flags: int, payload: bytes = b"", *, client: int = 0, v6: bool = False, sport: int = 40000) -> bytes:
+def reply_tcp_packet(
+    flags: int, payload: bytes = b"", *, client: int = 0, v6: bool = False, sport: int = 40000
+) -> bytes:
     """The IP packet a server sends back from the VIP to a client's TCP session."""
     src, dst = (VIP6, client6(client)) if v6 else (VIP4, client4(client))
     return ip_packet(src, dst, IPPROTO_TCP, tcp(src, dst, HTTP, sport, flags, payload, seq=5000))
@@ -211,4 +215,3 @@ def reply_tcp_packet(flags: int, payload: bytes = b"", *, client: int = 0, v6: b
 def reply_udp_packet(payload: bytes = b"answer", *, client: int = 0, v6: bool = False, sport: int = 40000) -> bytes:
     src, dst = (VIP6, client6(client)) if v6 else (VIP4, client4(client))
     return ip_packet(src, dst, IPPROTO_UDP, udp(src, dst, DNS, sport, payload))
-

@@ -415,8 +415,8 @@ class Balancer:
                 self._finish(session, now)
                 continue
             idle = timeouts.idle(session.proto, session.state)
-            if session.state is SessionState.START:
-                last = session.started
+            if session.state is SessionState.START and session.proto == IPPROTO_TCP:
+                last = session.started  # a SYN's retransmissions do not keep an unanswered session alive
             else:
                 last = max(last_seen[session.c2s], last_seen[session.s2c])
             if last + idle > now:

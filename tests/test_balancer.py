@@ -1,0 +1,125 @@
+"""The apparatus's behaviour beyond the claims' main path: ICMP errors, unlabelled replies, timers, passive health,
+label quarantine, response-time measurement."""
+
+from __future__ import annotations
+
+from claimnet import VIP, VIP6, Net, client_addr, make_config, tcp, udp
+from mplslb.sessions import SessionState, Timeouts
+from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
+from mplslb.wire.icmp import build_icmp_unreachable
+from mplslb.wire.tcp import TCPFlag
+from test_claims import handshake, label_of
+
+SYN, ACK, FIN, RST, PSH = (int(f) for f in (TCPFlag.SYN, TCPFlag.ACK, TCPFlag.FIN, TCPFlag.RST, TCPFlag.PSH))
+ROUTER = bytes.fromhex("02aa00000001")
+
+
+def test_icmp_error_about_a_session_reaches_its_server_with_the_session_label() -> None:
+    net = Net()
+    name, c2s = handshake(net)
+    src = client_addr(0)
+    # A router on the client side reports that a packet from the VIP to the client could not be delivered.
+    quoted = tcp(VIP, src, 80, 40000, ACK, seq=501, ack=101)
+    error = build_icmp_unreachable(bytes([10, 9, 9, 9]), VIP, quoted, code=4)
+    frame = build_ethernet(bytes.fromhex("02b000000000"), net.client(0).mac, ETH_P_IP) + error
+    out = net.balancer.receive(0, frame, net.now)
+    assert len(out) == 1 and label_of(out[0][1]) == c2s
+    assert net.deliver_to_servers(out)[0] == (name, error)
+    # An error about nobody's session is dropped and counted.
+    stray = build_icmp_unreachable(bytes([10, 9, 9, 9]), VIP, tcp(VIP, src, 80, 1, ACK), code=4)
+    assert net.balancer.receive(0, build_ethernet(bytes.fromhex("02b000000000"), ROUTER, ETH_P_IP) + stray, 0) == []
+    assert net.balancer.stats().drops["icmp_no_session"] == 1
+
+
+def test_unlabelled_reply_from_the_sessions_server_gets_the_s2c_label() -> None:
+    net = Net()
+    name, c2s = handshake(net)
+    server = net.balancer.pool.get(name).config
+    reply = tcp(VIP, client_addr(0), 80, 40000, ACK, seq=501, ack=101)
+    frame = build_ethernet(bytes.fromhex("02b000000002"), server.mac, ETH_P_IP) + reply
+    out = net.balancer.receive(server.port_id, frame, net.now)
+    assert out[0][0] == 0 and label_of(out[0][1]) == c2s + 1
+    # The same reply from another server's MAC is refused.
+    other = next(s.config for s in net.balancer.pool.servers if s.config.name != name)
+    forged = build_ethernet(bytes.fromhex("02b000000002"), other.mac, ETH_P_IP) + reply
+    assert net.balancer.receive(other.port_id, forged, net.now) == []
+    assert net.balancer.stats().drops["server_wrong_source"] == 1
+
+
+def test_udp_session_ends_on_idle_timeout_and_labels_wait_in_quarantine() -> None:
+    net = Net(make_config(timeouts=Timeouts(udp=5.0), label_quarantine=10.0))
+    b = net.balancer
+    out = net.from_client(0, udp(client_addr(0), VIP, 7000, 53))
+    c2s = label_of(out[0][1])
+    assert c2s is not None
+    net.now = 3.0
+    net.from_client(0, udp(client_addr(0), VIP, 7000, 53))  # activity re-arms the deadline lazily
+    assert b.next_deadline() == 5.0
+    b.on_timer(5.0)
+    assert b.sessions.by_c2s(c2s) is not None
+    b.on_timer(8.0)
+    assert b.sessions.by_c2s(c2s) is None and b.stats().sessions_ended == {"idle_timeout": 1}
+    assert b.labels.is_quarantined(c2s)
+    # During quarantine the pair is not handed out again; frames with it are dropped.
+    for i in range(5):
+        net.now = 9.0
+        other = label_of(net.from_client(1, udp(client_addr(1), VIP, 7100 + i, 53))[0][1])
+        assert other != c2s
+    late = net.client(0).from_host(udp(client_addr(0), VIP, 7000, 53), net.now)
+    assert late is not None and b.receive(0, late, net.now) != []  # unlabelled: a new session, new label
+
+
+def test_tcp_start_timeouts_take_a_silent_server_down_and_interrupt_its_sessions() -> None:
+    net = Net(make_config(n_servers=2, timeouts=Timeouts(tcp_start=1.0), fail_threshold=2))
+    b = net.balancer
+    # An established session on s1 (port 2).
+    _, live = handshake(net, 0, sport=100)
+    assert b.sessions.by_c2s(live).server.config.name == "s1"  # type: ignore[union-attr]
+    # Two SYNs to s1 go unanswered (s2 gets the others, round robin, and answers nothing either).
+    syn_labels = []
+    for i in range(4):
+        out = net.from_client(1, tcp(client_addr(1), VIP, 200 + i, 80, SYN))
+        syn_labels.append((net.deliver_to_servers(out)[0][0], label_of(out[0][1])))
+    b.on_timer(5.0)
+    statuses = {s.config.name: str(s.status) for s in b.pool.servers}
+    assert statuses == {"s1": "down", "s2": "down"}
+    # The established session on s1 was interrupted and its labels withdrawn.
+    assert b.sessions.by_c2s(live) is None and b.switching.entry(live) is None
+    # The two SYN sessions that timed out first ended idle; the live one and the two whose timeouts took their
+    # servers down were interrupted with them.
+    assert b.stats().sessions_ended == {"idle_timeout": 2, "server_down": 3}
+
+
+def test_server_rst_to_syn_counts_as_a_failure_and_closes_the_session() -> None:
+    net = Net()
+    src = client_addr(0)
+    out = net.from_client(0, tcp(src, VIP, 300, 80, SYN, seq=1))
+    ((name, _),) = net.deliver_to_servers(out)
+    c2s = label_of(out[0][1])
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 300, RST | ACK, seq=0, ack=2)))
+    session = net.balancer.sessions.by_c2s(c2s)  # type: ignore[arg-type]
+    assert session is not None and session.state is SessionState.CLOSED
+    assert net.balancer.pool.get(name).failures == 1
+
+
+def test_response_time_is_measured_from_syn_to_synack_and_request_to_first_byte() -> None:
+    net = Net()
+    src = client_addr(0, v6=True)
+    out = net.from_client(0, tcp(src, VIP6, 400, 80, SYN, seq=1))
+    ((name, _),) = net.deliver_to_servers(out)
+    net.now = 0.010
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP6, src, 80, 400, SYN | ACK, seq=9, ack=2)))
+    server = net.balancer.pool.get(name)
+    assert server.rt_ewma is not None and abs(server.rt_ewma - 0.010) < 1e-9
+    request = b"GET /index.html HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+    net.now = 0.011
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP6, 400, 80, PSH | ACK, seq=2, ack=10, payload=request)))
+    net.now = 0.061
+    net.from_server(name, tcp(VIP6, src, 80, 400, PSH | ACK, seq=10, ack=2 + len(request), payload=b"HTTP/1.1 200"))
+    # EWMA (alpha 0.2) of 10 ms then 50 ms.
+    assert server.rt_ewma is not None and abs(server.rt_ewma - (0.8 * 0.010 + 0.2 * 0.050)) < 1e-9
+    assert net.balancer.stats().l7_hosts == {"shop.example": 1}
+    session = net.balancer.live_sessions()[0]
+    assert session.l7 is not None and session.l7.target == "/index.html" and not session.rt_pending
+    # Measurement done: later frames are no longer reported to the session manager.
+    assert net.balancer.switching.watch[session.c2s] == net.balancer.switching.watch[session.s2c] == 1
