@@ -123,3 +123,17 @@ def test_response_time_is_measured_from_syn_to_synack_and_request_to_first_byte(
     assert session.l7 is not None and session.l7.target == "/index.html" and not session.rt_pending
     # Measurement done: later frames are no longer reported to the session manager.
     assert net.balancer.switching.watch[session.c2s] == net.balancer.switching.watch[session.s2c] == 1
+
+
+def test_a_syn_on_the_port_of_a_closed_lingering_session_starts_a_new_session() -> None:
+    net = Net(make_config(timeouts=Timeouts(closed_linger=5.0)))
+    b = net.balancer
+    name, c2s = handshake(net, sport=500)
+    src = client_addr(0)
+    net.from_client(0, tcp(src, VIP, 500, 80, RST, seq=101))
+    old = b.sessions.by_c2s(c2s)
+    assert old is not None and old.state is SessionState.CLOSED
+    out = net.from_client(0, tcp(src, VIP, 500, 80, SYN, seq=9000))
+    new_label = label_of(out[0][1])
+    assert new_label is not None and new_label != c2s
+    assert b.sessions.by_c2s(c2s) is None and b.sessions.started == 2 and b.live == 1

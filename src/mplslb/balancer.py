@@ -193,6 +193,10 @@ class Balancer:
             self._drop("no_service")
             return
         session = self.sessions.lookup(key)
+        pure_syn = key.proto == IPPROTO_TCP and (a.tcp_flags & (SYN | ACK | RST | FIN)) == SYN
+        if session is not None and pure_syn and session.state in FINAL_STATES:
+            self._finish(session, now)  # the client reuses the port of a closed session: a new session starts
+            session = None
         if session is not None:  # claim 2: an existing session's packet goes to its server
             if a.payload_len and not session.request_at:
                 self._request_seen(session, a, now)
@@ -200,7 +204,7 @@ class Balancer:
             if a.tcp_flags > 0 and a.tcp_flags & (FIN | RST):
                 self._tcp_end(session, a.tcp_flags, from_client=True, now=now)
             return
-        if key.proto == IPPROTO_TCP and (a.tcp_flags & (SYN | ACK | RST | FIN)) != SYN:
+        if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
             return
         self._new_session(port, frame, a, now, out)
