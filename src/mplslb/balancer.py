@@ -37,6 +37,7 @@ from mplslb.balancing.algorithms import FlowKey, make_algorithm
 from mplslb.balancing.servers import Server, ServerConfig, ServerPool, ServerStatus
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.labels import LabelManager, LabelStats, pair_of
+from mplslb.neighbors import answer
 from mplslb.sessions import FINAL_STATES, Session, SessionEvent, SessionState, SessionTable
 from mplslb.switching import (
     DROPPED,
@@ -127,6 +128,7 @@ class Balancer:
         self.slow_path = 0
         self.drops: dict[str, int] = {}
         self.l7_hosts: dict[str, int] = {}  # sessions by the Host of their first HTTP request (L7 analysis)
+        self.neighbor_replies = 0
         self.live = 0  # sessions not yet closed or interrupted (closed ones may still linger in the table)
         # Per-server totals of ended sessions' label counters (live sessions are read from the switching table).
         self._server_traffic: dict[str, list[int]] = {}
@@ -162,6 +164,13 @@ class Balancer:
                 self._handle_events(out)
         elif result != DROPPED:
             self.slow_path += 1
+            if role.role == "client":
+                reply = answer(frame, self.vips, role.mac)  # ARP / neighbour solicitation for a VIP
+                if reply is not None:
+                    self.neighbor_replies += 1
+                    out.append((port, reply))
+                    self.frames_out += 1
+                    return
             try:
                 analysis = self.analyzer.analyze(frame)
             except WireError as exc:
