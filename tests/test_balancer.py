@@ -128,7 +128,7 @@ def test_response_time_is_measured_from_syn_to_synack_and_request_to_first_byte(
 def test_a_syn_on_the_port_of_a_closed_lingering_session_starts_a_new_session() -> None:
     net = Net(make_config(timeouts=Timeouts(closed_linger=5.0)))
     b = net.balancer
-    name, c2s = handshake(net, sport=500)
+    _, c2s = handshake(net, sport=500)
     src = client_addr(0)
     net.from_client(0, tcp(src, VIP, 500, 80, RST, seq=101))
     old = b.sessions.by_c2s(c2s)

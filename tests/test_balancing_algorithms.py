@@ -120,12 +120,8 @@ server_states = st.fixed_dictionaries(
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    name=st.sampled_from(ALL_NAMES), states=st.lists(server_states, max_size=6), sport=st.integers(0, 65535)
-)
-def test_every_algorithm_chooses_only_eligible_servers(
-    name: str, states: list[dict[str, Any]], sport: int
-) -> None:
+@given(name=st.sampled_from(ALL_NAMES), states=st.lists(server_states, max_size=6), sport=st.integers(0, 65535))
+def test_every_algorithm_chooses_only_eligible_servers(name: str, states: list[dict[str, Any]], sport: int) -> None:
     pool = ServerPool(rt_limit=1.0)
     for i, state in enumerate(states):
         server = pool.add(config(f"s{i}", state["weight"], state["max_sessions"]))
@@ -194,9 +190,7 @@ def test_weighted_round_robin_is_smooth_like_nginx() -> None:
 
 
 @given(weights=st.lists(st.integers(1, 6), min_size=1, max_size=5), rounds=st.integers(1, 4))
-def test_weighted_round_robin_is_exact_over_any_multiple_of_the_total_weight(
-    weights: list[int], rounds: int
-) -> None:
+def test_weighted_round_robin_is_exact_over_any_multiple_of_the_total_weight(weights: list[int], rounds: int) -> None:
     pool = pool_of(*weights)
     algorithm = make_algorithm("weighted_round_robin")
     counts = Counter(pick(algorithm, pool).name for _ in range(rounds * sum(weights)))
@@ -305,9 +299,7 @@ def test_source_hash_is_sticky_per_client_across_ports_and_instances() -> None:
     first = make_algorithm("source_hash")
     second = make_algorithm("source_hash")
     for i in range(200):
-        chosen = {
-            pick(alg, pool, client_key(i, sport)).name for alg in (first, second) for sport in (1, 2, 3)
-        }
+        chosen = {pick(alg, pool, client_key(i, sport)).name for alg in (first, second) for sport in (1, 2, 3)}
         assert len(chosen) == 1
 
 

@@ -271,9 +271,7 @@ class LabelLifecycle(RuleBasedStateMachine):
         assert self.manager.stats() == before
 
     # Exact and near-miss steps, so that deadlines are hit exactly and just missed.
-    @rule(
-        dt=st.one_of(st.sampled_from([QUARANTINE, QUARANTINE - 1e-3, 1e-3]), st.floats(0.0, 2 * QUARANTINE))
-    )
+    @rule(dt=st.one_of(st.sampled_from([QUARANTINE, QUARANTINE - 1e-3, 1e-3]), st.floats(0.0, 2 * QUARANTINE)))
     def advance_time(self, dt: float) -> None:
         self.now += dt
 

@@ -531,11 +531,6 @@ def test_c2s_label_forged_into_another_clients_session(v6: bool) -> None:
     assert_dropped(live.b, CLIENT, live.c2s_frame(client=1), "label_wrong_ingress")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: switching.switch checks the IP source only when the top entry has S=1; a forged frame whose "
-    "top entry has S=0 (a second entry below) skips the check and is forwarded to the victim's server",
-)
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_c2s_label_forged_with_bottom_bit_clear(v6: bool) -> None:
     live = open_session(standard_balancer(), v6=v6)
@@ -611,12 +606,6 @@ def test_icmp_error_about_a_session_goes_to_its_server(v6: bool) -> None:
     assert out[0][1][18:] == packet
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: analyzer.analyze_quoted parses the quoted IP header with parse_ipv4/parse_ipv6 without "
-    "allow_truncated, so an ICMP error quoting only the start of a datagram (RFC 792: header + 8 bytes; "
-    "RFC 4443 Packet Too Big) is dropped as ipv4_bad_total_length / ipv6_bad_payload_length",
-)
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4_frag_needed", "ipv6_packet_too_big"])
 def test_icmp_error_quoting_part_of_a_large_datagram_goes_to_its_server(v6: bool) -> None:
     live = open_session(standard_balancer(), v6=v6, proto=IPPROTO_UDP)

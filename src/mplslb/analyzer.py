@@ -113,12 +113,12 @@ class PacketAnalyzer:
     def _ip(self, frame: bytes | memoryview, offset: int, version: int, quoted: bool = False) -> Analysis:
         ip: IPv4 | IPv6
         if version == 4:
-            ip = parse_ipv4(frame, offset, verify_checksum=not quoted)
+            ip = parse_ipv4(frame, offset, verify_checksum=not quoted, allow_truncated=quoted)
             if ipv4_is_fragment(ip) and ip.frag_offset:
                 raise AnalysisError("ip_fragment", "non-first fragment carries no ports")
             ttl, tos, proto = ip.ttl, ip.tos, ip.proto
         else:
-            ip = parse_ipv6(frame, offset)
+            ip = parse_ipv6(frame, offset, allow_truncated=quoted)
             if ip.fragment is not None and ip.fragment[0]:
                 raise AnalysisError("ip_fragment", "non-first fragment carries no ports")
             ttl, tos, proto = ip.hop_limit, ip.traffic_class, ip.proto

@@ -424,6 +424,8 @@ class Balancer:
         timeouts = self.sessions.timeouts
         last_seen = self.switching.last_seen
         for session in self.sessions.due(now):
+            if self.sessions.by_c2s(session.c2s) is not session:
+                continue  # finished earlier in this round (its server went down with another session's timeout)
             if session.state in FINAL_STATES:
                 self._finish(session, now)
                 continue

@@ -49,6 +49,8 @@ def demo(config_path: Path | None, capture: Path, no_capture: bool, seed: int | 
         config = replace(config, seed=seed)
     if sessions is not None:
         config = replace(config, workload=replace(config.workload, sessions=sessions))
+    if not no_capture and not capture.resolve().parent.is_dir():
+        raise click.BadParameter(f"directory {capture.resolve().parent} does not exist", param_hint="--capture")
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(
         f"[bold]mplslb demo[/]: {config.workload.sessions} sessions from {config.workload.clients} clients, "

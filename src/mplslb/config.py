@@ -7,6 +7,7 @@ anything runs.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mplslb.balancing.admission import RefuseWith
-from mplslb.balancing.algorithms import algorithm_names
+from mplslb.balancing.algorithms import algorithm_names, make_algorithm
 from mplslb.balancing.servers import ServerConfig
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.sessions import Timeouts
 from mplslb.wire.ethernet import mac_from_str
 
 PORT_ROLES = ("client", "server")
+PORT_KINDS = ("ethernet", "mpls_udp")
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,20 @@ class PortConfig:
     mac: bytes
     role: str
     name: str = ""
+    # For drivers only (the core ignores them): the Linux interface, and how frames cross it.
+    interface: str = ""
+    kind: str = "ethernet"  # "ethernet" (AF_PACKET) or "mpls_udp" (RFC 7510, UDP port 6635)
+    address: bytes = b""  # mpls_udp: the local address the UDP socket binds to
 
     def __post_init__(self) -> None:
         if self.role not in PORT_ROLES:
             raise ValueError(f"role must be one of {PORT_ROLES}, got {self.role!r}")
         if len(self.mac) != 6:
             raise ValueError("mac must be 6 bytes")
+        if self.kind not in PORT_KINDS:
+            raise ValueError(f"kind must be one of {PORT_KINDS}, got {self.kind!r}")
+        if self.kind == "mpls_udp" and len(self.address) not in (4, 16):
+            raise ValueError("an mpls_udp port needs the local address to bind to")
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,7 @@ class ConfigError(ValueError):
 
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 class Section:
@@ -141,7 +152,24 @@ class Section:
             raise self.error(name, f"expected {_kind_names(kinds)}, got a boolean")
         if not isinstance(value, kinds):
             raise self.error(name, f"expected {_kind_names(kinds)}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(name, f"must be a finite number, got {value!r}")
         return value  # type: ignore[return-value]
+
+    def number(self, name: str, kind: type[N], default: N, *, minimum: N | None = None) -> N:
+        """An int or float (finite) not below ``minimum``."""
+        value = self.get(name, kind, default)
+        if minimum is not None and value < minimum:
+            raise self.error(name, f"must be >= {minimum}, got {value!r}")
+        return value
+
+    def items(self, name: str, kind: type[T], default: list[T]) -> tuple[T, ...]:
+        """A list whose every element is a ``kind``."""
+        values = self.get(name, list, default)
+        for i, item in enumerate(values):
+            if isinstance(item, bool) or not isinstance(item, kind):
+                raise self.error(name, f"element {i} must be {kind.__name__}, got {type(item).__name__} {item!r}")
+        return tuple(values)
 
     def require(self, name: str, kind: type[T]) -> T:
         self._seen.add(name)
@@ -227,33 +255,47 @@ def balancer_config_from_section(
                 mac=sec.convert("mac", sec.require("mac", str), parse_mac),
                 role=sec.require("role", str),
                 name=sec.get("name", str, f"port{port_id}"),
+                interface=sec.get("interface", str, ""),
+                kind=sec.get("kind", str, "ethernet"),
+                address=sec.convert("address", sec.get("address", str, ""), lambda t: parse_ip(t) if t else b""),
             )
         )
         sec.done()
     vips: list[VirtualService] = []
     for sec in top.sections("vip"):
         address = sec.convert("address", sec.require("address", str), parse_ip)
-        tcp = tuple(sec.get("tcp", list, [80]))
-        udp = tuple(sec.get("udp", list, []))
-        vips.append(sec.build("tcp", VirtualService, address=address, tcp_ports=tcp, udp_ports=udp))
+        tcp = sec.items("tcp", int, [80])
+        udp = sec.items("udp", int, [])
+        for key, ports_ in (("tcp", tcp), ("udp", udp)):
+            if any(not 0 < p < 65536 for p in ports_):
+                raise sec.error(key, "ports must be within 1..65535")
+        if not tcp and not udp:
+            raise sec.error("tcp", "a virtual IP must serve at least one TCP or UDP port")
+        vips.append(sec.build("address", VirtualService, address=address, tcp_ports=tcp, udp_ports=udp))
         sec.done()
-    port_ids = {p.port_id for p in ports or default_ports}
+    roles = {p.port_id: p.role for p in ports or default_ports}
     servers: list[ServerConfig] = []
     for sec in top.sections("servers"):
         name = sec.require("name", str)
+        if not name:
+            raise sec.error("name", "must not be empty")
+        if name in {s.name for s in servers}:
+            raise sec.error("name", f"duplicate server name {name!r}")
         port_id = sec.get("port", int, 0)
-        if port_id not in port_ids:
+        if port_id not in roles:
             raise sec.error("port", f"no port with id {port_id}")
+        if roles[port_id] != "server":
+            raise sec.error("port", f"port {port_id} is a {roles[port_id]}-side port, not a server port")
         servers.append(
             sec.build(
-                "weight",
+                "name",
                 ServerConfig,
                 name=name,
                 address=sec.convert("address", sec.require("address", str), parse_ip),
                 mac=sec.convert("mac", sec.require("mac", str), parse_mac),
                 port_id=port_id,
-                weight=sec.get("weight", int, 1),
-                max_sessions=sec.get("max_sessions", int, 0),
+                weight=sec.number("weight", int, 1, minimum=0),
+                max_sessions=sec.number("max_sessions", int, 0, minimum=0),
             )
         )
         sec.done()
@@ -261,35 +303,35 @@ def balancer_config_from_section(
     if algorithm not in algorithm_names():
         raise top.error("algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(algorithm_names())}")
     params = top.get("algorithm_params", dict, {})
+    try:
+        make_algorithm(algorithm, **params)
+    except (ValueError, TypeError) as exc:
+        raise top.error("algorithm_params", str(exc)) from None
     limits = top.section("limits")
     refuse_text = limits.get("refuse_with", str, "rst")
     refuse = limits.convert("refuse_with", refuse_text, RefuseWith)
-    max_sessions = limits.get("max_sessions", int, 0)
-    rate = limits.get("max_new_per_second", float, 0.0)
-    rt_limit = limits.get("max_response_time", float, 0.0)
-    for name, value in (("max_sessions", max_sessions), ("max_new_per_second", rate), ("max_response_time", rt_limit)):
-        if value < 0:
-            raise limits.error(name, "must be >= 0")
+    max_sessions = limits.number("max_sessions", int, 0, minimum=0)
+    rate = limits.number("max_new_per_second", float, 0.0, minimum=0.0)
+    rt_limit = limits.number("max_response_time", float, 0.0, minimum=0.0)
     limits.done()
     tsec = top.section("timeouts")
     defaults = Timeouts()
-    tvalues = {name: tsec.get(name, float, getattr(defaults, name)) for name in vars(defaults)}
-    timeouts = tsec.build("(values)", Timeouts, **tvalues)
+    tvalues = {name: tsec.number(name, float, getattr(defaults, name), minimum=0.0) for name in vars(defaults)}
+    timeouts = Timeouts(**tvalues)
     tsec.done()
     lsec = top.section("labels")
-    quarantine = lsec.get("quarantine", float, 30.0)
+    quarantine = lsec.number("quarantine", float, 30.0, minimum=0.0)
     c2s_min = lsec.get("c2s_min", int, C2S_MIN)
     c2s_max = lsec.get("c2s_max", int, C2S_MAX)
-    if quarantine < 0:
-        raise lsec.error("quarantine", "must be >= 0")
-    if c2s_min % 2 == 0 or c2s_max % 2 == 0 or not C2S_MIN <= c2s_min <= c2s_max <= C2S_MAX:
-        raise lsec.error("c2s_min", f"labels must be odd with {C2S_MIN} <= c2s_min <= c2s_max <= {C2S_MAX}")
+    for key, value in (("c2s_min", c2s_min), ("c2s_max", c2s_max)):
+        if value % 2 == 0 or not C2S_MIN <= value <= C2S_MAX:
+            raise lsec.error(key, f"must be an odd label within {C2S_MIN}..{C2S_MAX}, got {value}")
+    if c2s_max < c2s_min:
+        raise lsec.error("c2s_min", f"must be <= c2s_max ({c2s_max}), got {c2s_min}")
     lsec.done()
     health = top.section("health")
-    fail_threshold = health.get("fail_threshold", int, 3)
+    fail_threshold = health.number("fail_threshold", int, 3, minimum=1)
     rt_alpha = health.get("rt_alpha", float, 0.2)
-    if fail_threshold < 1:
-        raise health.error("fail_threshold", "must be >= 1")
     if not 0 < rt_alpha <= 1:
         raise health.error("rt_alpha", "must be in (0, 1]")
     health.done()

@@ -19,8 +19,8 @@ on :meth:`Endpoint.on_timer`. The agents put these objects between a TUN device 
 
 from __future__ import annotations
 
+import heapq
 import struct
-from collections import deque
 from collections.abc import Iterable
 
 from mplslb.analyzer import PacketAnalyzer
@@ -43,10 +43,11 @@ def _reverse(key: FlowKey) -> FlowKey:
 class Flow:
     """A learned flow: the label to attach, the MAC address to send to, when it was last used."""
 
-    __slots__ = ("label", "last", "peer")
+    __slots__ = ("label", "last", "peer", "timer")
 
     def __init__(self, label: int, peer: bytes, last: float) -> None:
         self.label, self.peer, self.last = label, peer, last
+        self.timer = 0  # serial of this flow's live expiry entry
 
 
 class Endpoint:
@@ -60,7 +61,8 @@ class Endpoint:
         self.ttl = ttl
         self.analyzer = PacketAnalyzer(l7=False)
         self.flows: dict[FlowKey, Flow] = {}  # keyed as the local host sends the flow
-        self._expiry: deque[tuple[float, FlowKey]] = deque()
+        self._expiry: list[tuple[float, int, FlowKey]] = []  # heap of (deadline, serial, key)
+        self._serial = 0
         self.counters: dict[str, int] = {}
         self.drops: dict[str, int] = {}
 
@@ -73,10 +75,15 @@ class Endpoint:
     def _learn(self, key: FlowKey, label: int, peer: bytes, now: float) -> None:
         flow = self.flows.get(key)
         if flow is None:
-            self.flows[key] = Flow(label, peer, now)
-            self._expiry.append((now + self.flow_timeout, key))
+            flow = self.flows[key] = Flow(label, peer, now)
+            self._arm(now + self.flow_timeout, key, flow)
         else:
             flow.label, flow.peer, flow.last = label, peer, now
+
+    def _arm(self, deadline: float, key: FlowKey, flow: Flow) -> None:
+        self._serial += 1
+        flow.timer = self._serial
+        heapq.heappush(self._expiry, (deadline, self._serial, key))
 
     def label_for(self, key: FlowKey) -> int | None:
         """The label this side attaches to ``key``'s packets, if learned."""
@@ -106,15 +113,15 @@ class Endpoint:
         """Forget flows idle for ``flow_timeout``; returns how many."""
         forgotten = 0
         while self._expiry and self._expiry[0][0] <= now:
-            _, key = self._expiry.popleft()
+            _, serial, key = heapq.heappop(self._expiry)
             flow = self.flows.get(key)
-            if flow is None:
-                continue
+            if flow is None or flow.timer != serial:
+                continue  # forgotten, or replaced by a new flow with its own entry
             if flow.last + self.flow_timeout <= now:
                 del self.flows[key]
                 forgotten += 1
             else:
-                self._expiry.append((flow.last + self.flow_timeout, key))
+                self._arm(flow.last + self.flow_timeout, key, flow)
         return forgotten
 
 

@@ -11,9 +11,9 @@ and the top label stack entry (RFC 3032), then checks, in this order:
 
 * the label is installed (``label_unknown``), it is not a reserved label 0-15 (``mpls_reserved_label``);
 * the frame came in where the label is bound: the ingress port and the peer's MAC address recorded when the
-  session was set up, and, when the label is at the bottom of the stack, the IP source address of the session's
-  sender (``label_wrong_ingress``): a client can never steer frames into another client's session, even from
-  behind the same router;
+  session was set up, and the IP source address of the session's sender (``label_wrong_ingress``): a client can
+  never steer frames into another client's session, even from behind the same router. A session label is always
+  the only entry of its stack; one with entries below it is dropped (``label_not_bottom``);
 * the TTL of the entry is above 1 (``mpls_ttl_expired``), per RFC 3032 it is then decremented.
 
 The frame leaves with its Ethernet addresses rewritten to (next hop, our port) and its label entry's TTL lowered;
@@ -40,6 +40,7 @@ WATCH_TCP_END = 0x01  # report frames whose TCP flags carry FIN or RST
 WATCH_ALL = 0x02  # report every frame (response-time measurement in progress)
 #: Passed with ``watch`` to :meth:`LabelSwitchingTable.install`; kept in its own array.
 IPV6_PAYLOAD = 0x04  # the payload under the label is IPv6 (TCP header offset recorded, not derived from IHL)
+_BOTTOM_OF_STACK = 0x100
 _IPV4_SRC = 12
 _IPV6_SRC = 8
 
@@ -214,9 +215,11 @@ class LabelSwitchingTable:
             return self._drop("mpls_reserved_label" if label <= RESERVED_LABEL_MAX else "label_unknown")
         if self.in_port[label] != port or frame[6:12] != self.peer[label]:
             return self._drop("label_wrong_ingress")
+        if not entry & _BOTTOM_OF_STACK:
+            return self._drop("label_not_bottom")  # session labels are always the only entry
         ip = off + 4
         peer_ip = self.peer_ip[label]
-        if entry & 0x100 and peer_ip:
+        if peer_ip:
             at = ip + (_IPV6_SRC if self.v6[label] else _IPV4_SRC)
             if frame[at : at + len(peer_ip)] != peer_ip:
                 return self._drop("label_wrong_ingress")
@@ -245,7 +248,7 @@ class LabelSwitchingTable:
     ) -> None:
         """Peek at the TCP flags (one byte) of a watched label's frame and report it if asked to."""
         flags = 0
-        if entry & 0x100 and watch & WATCH_TCP_END:  # bottom of stack: the IP header follows
+        if watch & WATCH_TCP_END:
             if self.v6[label]:
                 at = ip + self.tcp_offset[label] + _TCP_FLAGS_OFFSET
             else:

@@ -39,7 +39,7 @@ def _dataclass_from(sec: Section, cls: type[Any], skip: tuple[str, ...] = ()) ->
             continue
         default = getattr(defaults, f.name)
         if isinstance(default, tuple):
-            values[f.name] = tuple(sec.get(f.name, list, list(default)))
+            values[f.name] = sec.items(f.name, type(default[0]) if default else str, list(default))
         else:
             values[f.name] = sec.get(f.name, type(default), default)
     return values
@@ -89,8 +89,9 @@ def sim_config_from_toml(path: str | Path) -> SimConfig:
             raise sec.error("workers", "must be >= 1")
         if values["service_time"] < 0:
             raise sec.error("service_time", "must be >= 0")
-        if values["weight"] < 0 or values["max_sessions"] < 0:
-            raise sec.error("weight", "weight and max_sessions must be >= 0")
+        for key in ("weight", "max_sessions"):
+            if values[key] < 0:
+                raise sec.error(key, "must be >= 0")
         if name in {s.name for s in servers}:
             raise sec.error("name", f"duplicate server name {name!r}")
         servers.append(ServerSpec(name=name, **values))
@@ -105,7 +106,7 @@ def sim_config_from_toml(path: str | Path) -> SimConfig:
         server = sec.require("server", str)
         if server not in {s.name for s in servers}:
             raise sec.error("server", f"no server named {server!r}")
-        weight = sec.get("weight", int, 0)
+        weight = sec.number("weight", int, 0, minimum=0)
         sec.done()
         events.append(SimEvent(at, action, server, weight))
     top.done()

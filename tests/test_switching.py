@@ -1,0 +1,348 @@
+"""The session label switching unit: the label switching table's rows, the fast path, counters and reports."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from framebuild import ACK, FIN, PSH, RST, SYN, ip, ipv4, ipv6, labelled, mac, tcp
+from mplslb.switching import (
+    DROPPED,
+    IPV6_PAYLOAD,
+    LABEL_SPACE,
+    NOT_LABELLED,
+    WATCH_ALL,
+    WATCH_TCP_END,
+    FastEvent,
+    LabelSwitchingTable,
+    SwitchEntry,
+)
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet
+from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.mpls import pack_entry
+
+PORT_MACS = {0: mac(0xB0, 0), 1: mac(0xB0, 1), 2: mac(0xB1, 0), 3: mac(0xB1, 1)}
+PLACES = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
+CLIENT_MAC, SERVER_MAC, OTHER_MAC = mac(0xC0, 1), mac(0x5E, 1), mac(0xC0, 2)
+CLIENT, VIP = ip("10.1.0.1"), ip("10.0.0.100")
+CLIENT6, VIP6 = ip("fd00:1::1"), ip("fd00::100")
+MPLS = struct.pack("!H", ETH_P_MPLS_UC)
+LABEL = 1001
+
+
+@pytest.fixture(scope="module")
+def shared_table() -> LabelSwitchingTable:
+    return LabelSwitchingTable(PORT_MACS, PLACES)
+
+
+@pytest.fixture
+def table(shared_table: LabelSwitchingTable) -> LabelSwitchingTable:
+    """The (large, preallocated) table, emptied between tests instead of rebuilt."""
+    t = shared_table
+    for label in range(LABEL_SPACE):
+        if t.valid[label]:
+            t.withdraw(label)
+    t.drops.clear()
+    return t
+
+
+def install_c2s(t: LabelSwitchingTable, label: int = LABEL, **kw: object) -> None:
+    values: dict[str, object] = {"out_port": 2, "next_hop": SERVER_MAC, "in_port": 0, "peer": CLIENT_MAC}
+    values.update(kw)
+    t.install(label, **values)  # type: ignore[arg-type]
+
+
+def switch(t: LabelSwitchingTable, port: int, frame: bytes, now: float = 5.0):  # type: ignore[no-untyped-def]
+    out: list[tuple[int, bytes]] = []
+    events: list[FastEvent] = []
+    result = t.switch(port, frame, now, out, events)
+    return result, out, events
+
+
+def c2s_frame(flags: int = ACK, payload: bytes = b"data", *, label: int = LABEL, ttl: int = 64, **kw: object) -> bytes:
+    packet = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp(CLIENT, VIP, 40000, 80, flags, payload))
+    return labelled(PORT_MACS[0], CLIENT_MAC, label, packet, ttl=ttl, **kw)  # type: ignore[arg-type]
+
+
+# -- the table's rows --------------------------------------------------------------------------------------------
+def test_install_gives_a_row_with_line_card_port_and_next_hop(table: LabelSwitchingTable) -> None:
+    assert table.entry(LABEL) is None
+    install_c2s(table, now=3.0)
+    assert table.entry(LABEL) == SwitchEntry(
+        label=LABEL,
+        line_card=1,
+        port=0,
+        port_id=2,
+        next_hop=SERVER_MAC,
+        in_port_id=0,
+        peer=CLIENT_MAC,
+        packets=0,
+        bytes=0,
+        last_seen=3.0,
+    )
+    table.install(LABEL + 1, out_port=1, next_hop=CLIENT_MAC, in_port=3, peer=SERVER_MAC)
+    row = table.entry(LABEL + 1)
+    assert row is not None
+    assert (row.line_card, row.port, row.port_id, row.next_hop, row.in_port_id) == (0, 1, 1, CLIENT_MAC, 3)
+    assert table.installed == 2
+    assert table.port_place(3) == (1, 1)
+
+
+def test_reinstalling_a_label_replaces_its_row_and_resets_counters(table: LabelSwitchingTable) -> None:
+    install_c2s(table)
+    assert switch(table, 0, c2s_frame())[0] == 2
+    assert table.entry(LABEL).packets == 1  # type: ignore[union-attr]
+    install_c2s(table, out_port=3, next_hop=OTHER_MAC, now=9.0)
+    row = table.entry(LABEL)
+    assert row is not None and (row.port_id, row.next_hop, row.packets, row.bytes, row.last_seen) == (
+        3,
+        OTHER_MAC,
+        0,
+        0,
+        9.0,
+    )
+    assert table.installed == 1
+    result, out, _ = switch(table, 0, c2s_frame())
+    assert result == 3 and out[0][1][:12] == OTHER_MAC + PORT_MACS[3]
+
+
+def test_withdraw_removes_the_row(table: LabelSwitchingTable) -> None:
+    install_c2s(table)
+    table.withdraw(LABEL)
+    assert table.entry(LABEL) is None
+    assert table.installed == 0
+    table.withdraw(LABEL)  # twice: nothing to undo
+    table.withdraw(LABEL + 2)  # never installed
+    assert table.installed == 0
+    result, out, _ = switch(table, 0, c2s_frame())
+    assert (result, out, table.drops) == (DROPPED, [], {"label_unknown": 1})
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"label": 0}, "outside the usable label space"),
+        ({"label": 15}, "outside the usable label space"),
+        ({"label": -1}, "outside the usable label space"),
+        ({"label": LABEL_SPACE}, "outside the usable label space"),
+        ({"out_port": 9}, "unknown port"),
+        ({"in_port": -1}, "unknown port"),
+        ({"next_hop": b"\x02" * 5}, "6-byte MAC"),
+        ({"peer": b"\x02" * 7}, "6-byte MAC"),
+        ({"next_hop": b""}, "6-byte MAC"),
+    ],
+)
+def test_install_rejects_bad_arguments(table: LabelSwitchingTable, kw: dict[str, object], match: str) -> None:
+    label = int(kw.pop("label", LABEL))  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match=match):
+        install_c2s(table, label, **kw)
+    assert table.installed == 0
+    if 0 <= label < LABEL_SPACE:
+        assert table.entry(label) is None
+
+
+def test_lowest_and_highest_usable_labels(table: LabelSwitchingTable) -> None:
+    for label in (16, LABEL_SPACE - 1):
+        install_c2s(table, label)
+        result, out, _ = switch(table, 0, c2s_frame(label=label))
+        assert result == 2 and out[0][1][14:18] == pack_entry(label, 0, True, 63)
+
+
+# -- the fast path -----------------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    label=st.integers(16, LABEL_SPACE - 1),
+    tc=st.integers(0, 7),
+    bottom=st.booleans(),
+    ttl=st.integers(2, 255),
+    body=st.binary(max_size=300),
+    vlan=st.none() | st.integers(0, 0xFFFF),
+)
+def test_switching_rewrites_addresses_and_ttl_only(
+    shared_table: LabelSwitchingTable, label: int, tc: int, bottom: bool, ttl: int, body: bytes, vlan: int | None
+) -> None:
+    t = shared_table
+    install_c2s(t, label)  # no peer IP: the body is not read
+    try:
+        frame = labelled(
+            PORT_MACS[0], CLIENT_MAC, label, body, ttl=ttl, tc=tc, s=bottom, vlans=() if vlan is None else [vlan]
+        )
+        result, out, events = switch(t, 0, frame)
+        if not bottom:  # a session label is always the only entry of its stack
+            assert result == DROPPED and out == [] and t.drops["label_not_bottom"] >= 1
+            return
+        assert result == 2 and events == []
+        assert out == [(2, SERVER_MAC + PORT_MACS[2] + MPLS + pack_entry(label, tc, bottom, ttl - 1) + body)]
+        assert len(out[0][1]) == len(frame) - (0 if vlan is None else 4)  # the tag is not sent on
+    finally:
+        t.withdraw(label)
+
+
+def test_memoryview_frames_switch_like_bytes(table: LabelSwitchingTable) -> None:
+    install_c2s(table, peer_ip=CLIENT, watch=WATCH_TCP_END)
+    frame = c2s_frame(FIN | ACK)
+    as_bytes = switch(table, 0, frame)
+    as_view = switch(table, 0, memoryview(frame))
+    assert as_bytes[:2] == as_view[:2]
+    assert [e.tcp_flags for e in as_view[2]] == [FIN | ACK]
+
+
+def test_vlan_tagged_frame_is_switched(table: LabelSwitchingTable) -> None:
+    install_c2s(table, peer_ip=CLIENT, watch=WATCH_TCP_END)
+    frame = c2s_frame(RST, b"", vlans=[100])
+    result, out, events = switch(table, 0, frame, now=7.0)
+    assert result == 2
+    assert out[0][1] == SERVER_MAC + PORT_MACS[2] + MPLS + pack_entry(LABEL, 0, True, 63) + frame[22:]
+    assert [(e.label, e.ip_offset, e.tcp_flags, e.now) for e in events] == [(LABEL, 22, RST, 7.0)]
+    assert table.bytes[LABEL] == len(frame)
+
+
+def test_unlabelled_frames_are_left_alone(table: LabelSwitchingTable) -> None:
+    install_c2s(table)
+    plain = build_ethernet(PORT_MACS[0], CLIENT_MAC, ETH_P_IP) + ipv4(CLIENT, VIP, IPPROTO_UDP, bytes(8))
+    tagged = build_ethernet(PORT_MACS[0], CLIENT_MAC, ETH_P_IP, [5]) + ipv4(CLIENT, VIP, IPPROTO_UDP, bytes(8))
+    for frame in (plain, tagged, b"", plain[:13], plain[:14], tagged[:17]):
+        assert switch(table, 0, frame) == (NOT_LABELLED, [], [])
+    assert table.drops == {}
+    assert table.packets[LABEL] == 0
+
+
+def test_counters_follow_switched_frames_only(table: LabelSwitchingTable) -> None:
+    install_c2s(table, now=1.0)
+    sizes = []
+    for i in range(3):
+        frame = c2s_frame(payload=b"x" * (10 * i))
+        sizes.append(len(frame))
+        switch(table, 0, frame, now=2.0 + i)
+    switch(table, 1, c2s_frame(), now=10.0)  # wrong port: dropped, not counted
+    switch(table, 0, c2s_frame(ttl=1), now=11.0)  # expired: dropped, not counted
+    row = table.entry(LABEL)
+    assert row is not None and (row.packets, row.bytes, row.last_seen) == (3, sum(sizes), 4.0)
+    table.account(LABEL, 100, 12.0)  # a slow-path frame of the session
+    row = table.entry(LABEL)
+    assert row is not None and (row.packets, row.bytes, row.last_seen) == (4, sum(sizes) + 100, 12.0)
+    assert table.drops == {"label_wrong_ingress": 1, "mpls_ttl_expired": 1}
+
+
+@pytest.mark.parametrize(
+    ("port", "frame_kw", "reason"),
+    [
+        (1, {}, "label_wrong_ingress"),  # another port
+        (0, {"src": OTHER_MAC}, "label_wrong_ingress"),  # another sender on the right port
+        (0, {"src_ip": ip("10.1.0.2")}, "label_wrong_ingress"),  # another client behind the same router
+        (0, {"ttl": 1}, "mpls_ttl_expired"),
+        (0, {"ttl": 0}, "mpls_ttl_expired"),
+        (0, {"label": LABEL + 2}, "label_unknown"),
+        (0, {"label": 3}, "mpls_reserved_label"),
+        (0, {"label": 0, "ttl": 0}, "mpls_reserved_label"),
+    ],
+)
+def test_drops(table: LabelSwitchingTable, port: int, frame_kw: dict[str, object], reason: str) -> None:
+    install_c2s(table, peer_ip=CLIENT)
+    src_ip = frame_kw.pop("src_ip", CLIENT)
+    src = frame_kw.pop("src", CLIENT_MAC)
+    packet = ipv4(src_ip, VIP, IPPROTO_TCP, tcp(src_ip, VIP, 40000, 80, ACK))  # type: ignore[arg-type]
+    frame = labelled(PORT_MACS[port], src, int(frame_kw.pop("label", LABEL)), packet, **frame_kw)  # type: ignore
+    assert switch(table, port, frame) == (DROPPED, [], [])
+    assert table.drops == {reason: 1}
+
+
+@pytest.mark.parametrize("n", [14, 15, 17])
+def test_truncated_label_entry(table: LabelSwitchingTable, n: int) -> None:
+    frame = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, b"")[:n]
+    assert switch(table, 0, frame) == (DROPPED, [], [])
+    tagged = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, b"", vlans=[1])[: n + 4]
+    assert switch(table, 0, tagged) == (DROPPED, [], [])
+    assert table.drops == {"mpls_truncated": 2}
+
+
+def test_ipv6_peer_address_is_checked(table: LabelSwitchingTable) -> None:
+    install_c2s(table, peer_ip=CLIENT6, watch=IPV6_PAYLOAD, tcp_offset=40)
+    good = ipv6(CLIENT6, VIP6, IPPROTO_TCP, tcp(CLIENT6, VIP6, 40000, 80, ACK))
+    other = ip("fd00:1::2")
+    forged = ipv6(other, VIP6, IPPROTO_TCP, tcp(other, VIP6, 40000, 80, ACK))
+    assert switch(table, 0, labelled(PORT_MACS[0], CLIENT_MAC, LABEL, good))[0] == 2
+    assert switch(table, 0, labelled(PORT_MACS[0], CLIENT_MAC, LABEL, forged))[0] == DROPPED
+    assert table.drops == {"label_wrong_ingress": 1}
+
+
+# -- reports to the session manager ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "reported"),
+    [
+        (FIN | ACK, True),
+        (RST, True),
+        (RST | ACK, True),
+        (FIN | PSH | ACK, True),
+        (ACK, False),
+        (SYN, False),
+        (PSH | ACK, False),
+    ],
+)
+def test_tcp_end_watch_reports_fin_and_rst(table: LabelSwitchingTable, flags: int, reported: bool) -> None:
+    install_c2s(table, watch=WATCH_TCP_END)
+    frame = c2s_frame(flags)
+    result, out, events = switch(table, 0, frame, now=6.0)
+    assert result == 2 and len(out) == 1
+    assert events == ([FastEvent(LABEL, frame, 18, flags, 6.0)] if reported else [])
+
+
+def test_ipv4_options_move_the_flags(table: LabelSwitchingTable) -> None:
+    """With IHL 8 the TCP flags are 12 bytes further on; a reader assuming 20 bytes would read
+    the source port's low byte, 0x01 here, as FIN."""
+    install_c2s(table, watch=WATCH_TCP_END)
+    nops = b"\x01" * 12
+    for flags, reported in ((ACK, False), (FIN | ACK, True), (RST, True)):
+        segment = tcp(CLIENT, VIP, 0x9C01, 80, flags, b"x")  # source port's low byte 0x01
+        packet = ipv4(CLIENT, VIP, IPPROTO_TCP, segment, options=nops)
+        assert packet[0] == 0x48 and packet[20 + 13] == 0x01
+        frame = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, packet)
+        _, out, events = switch(table, 0, frame)
+        assert len(out) == 1
+        assert [e.tcp_flags for e in events] == ([flags] if reported else [])
+
+
+@pytest.mark.parametrize(
+    "ext", [b"", b"\x06\x00" + bytes(6), b"\x06\x01" + bytes(14)], ids=["plain", "dstopts8", "dstopts16"]
+)
+def test_ipv6_flags_at_the_recorded_offset(table: LabelSwitchingTable, ext: bytes) -> None:
+    install_c2s(table, watch=WATCH_TCP_END | IPV6_PAYLOAD, tcp_offset=40 + len(ext))
+    proto = 60 if ext else IPPROTO_TCP
+    for flags, reported in ((ACK, False), (FIN | ACK, True), (RST | ACK, True)):
+        packet = ipv6(CLIENT6, VIP6, proto, tcp(CLIENT6, VIP6, 40000, 80, flags), ext=ext)
+        _, out, events = switch(table, 0, labelled(PORT_MACS[0], CLIENT_MAC, LABEL, packet))
+        assert len(out) == 1
+        assert [e.tcp_flags for e in events] == ([flags] if reported else [])
+
+
+def test_watch_all_reports_every_frame(table: LabelSwitchingTable) -> None:
+    install_c2s(table, watch=WATCH_ALL)
+    frames = [c2s_frame(ACK), c2s_frame(FIN | ACK), c2s_frame(PSH | ACK, b"GET /")]
+    reports = [switch(table, 0, f, now=float(i))[2] for i, f in enumerate(frames)]
+    # Without the TCP-end bit the flags are not read: every frame is reported with flags 0.
+    assert [[(e.label, e.frame, e.tcp_flags, e.now) for e in r] for r in reports] == [
+        [(LABEL, f, 0, float(i))] for i, f in enumerate(frames)
+    ]
+    table.set_watch(LABEL, WATCH_ALL | WATCH_TCP_END)
+    assert [e.tcp_flags for e in switch(table, 0, c2s_frame(ACK))[2]] == [ACK]
+    table.set_watch(LABEL, 0)
+    assert switch(table, 0, c2s_frame(FIN))[2] == []
+
+
+def test_a_session_label_above_other_entries_is_dropped(table: LabelSwitchingTable) -> None:
+    install_c2s(table, watch=WATCH_TCP_END)
+    frame = c2s_frame(FIN | ACK, s=False, below=[pack_entry(2002)])
+    result, out, events = switch(table, 0, frame)
+    assert result == DROPPED and out == [] and events == [] and table.drops == {"label_not_bottom": 1}
+
+
+def test_flags_beyond_the_frame_are_not_reported(table: LabelSwitchingTable) -> None:
+    install_c2s(table, watch=WATCH_TCP_END)
+    frame = c2s_frame(FIN | ACK)[: 18 + 20 + 10]  # the TCP header ends before its flags
+    result, out, events = switch(table, 0, frame)
+    assert result == 2 and len(out) == 1 and events == []
+    bare = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, b"")  # nothing at all under the label
+    assert switch(table, 0, bare)[0] == 2
