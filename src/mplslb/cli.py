@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -154,5 +155,219 @@ def print_report(report: SimReport, console: Console) -> None:
         )
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+# -- the real network: daemon, agents, status, lab ------------------------------------------------------------
+def _enter_netns(name: str | None) -> None:
+    """Move this (still single-threaded) process into network namespace ``name``."""
+    if not name:
+        return
+    import os
+
+    from mplslb.drivers.netns import NETNS_RUN_DIR, setns
+
+    fd = os.open(os.path.join(NETNS_RUN_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd)
+    finally:
+        os.close(fd)
+
+
+_NETNS = click.option("--netns", default=None, help="Run inside this network namespace (as 'ip netns' names it).")
+_READY = click.option("--ready-file", default="", help="Write this file once running (for scripts and tests).")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_NETNS
+@_READY
+def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
+    """The balancer daemon on real interfaces (root). Stops cleanly on SIGTERM/SIGINT."""
+    from mplslb.daemon import load_daemon_config, run_daemon
+
+    try:
+        load_daemon_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    _enter_netns(netns)
+    sys.exit(run_daemon(config_path, ready_file=ready_file))
+
+
+@main.group()
+def agent() -> None:
+    """Endpoint agents: let stock programs use session labels through a TUN device."""
+
+
+def _agent_options(fn: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--interface", required=True, help="The interface toward the balancer."),
+            click.option("--vip", "vips", multiple=True, required=True, help="A virtual IP (repeat for more)."),
+            click.option("--tun", default="", help="TUN device name (default: the kernel's choice)."),
+            click.option("--balancer", "balancer_addr", default="", help="Use MPLS-in-UDP to this balancer address."),
+            click.option("--udp-local", default="0.0.0.0", show_default=True, help="Local address for MPLS-in-UDP."),
+            click.option("--udp-port", default=6635, show_default=True, help="MPLS-in-UDP port (RFC 7510: 6635)."),
+            _NETNS,
+            _READY,
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
+    from mplslb.agents import AgentConfig, run_agent
+    from mplslb.wire.ethernet import mac_from_str
+
+    try:
+        config = AgentConfig(
+            role=role,
+            interface=kw["interface"],
+            vips=tuple(kw["vips"]),
+            tun=kw["tun"],
+            gateway_mac=mac_from_str(gateway_mac) if gateway_mac else b"",
+            balancer=kw["balancer_addr"],
+            udp_local=kw["udp_local"],
+            udp_port=kw["udp_port"],
+            ready_file=kw["ready_file"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    _enter_netns(kw["netns"])
+    sys.exit(run_agent(config))
+
+
+@agent.command("server")
+@_agent_options
+def agent_server(**kw: Any) -> None:
+    """A labelled server: VIP on the host, replies from it labelled L + 1."""
+    _run_agent("server", "", **kw)
+
+
+@agent.command("client")
+@_agent_options
+@click.option("--gateway-mac", default="", help="The balancer port's MAC (over Ethernet).")
+def agent_client(gateway_mac: str, **kw: Any) -> None:
+    """A labelled client: VIP routed through the agent; first packet unlabelled, then label M - 1."""
+    _run_agent("client", gateway_mac, **kw)
+
+
+@main.command()
+@click.option("--socket", "sock", default=None, help="The daemon's control socket.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
+def status(sock: str | None, as_json: bool) -> None:
+    """Live tables from a running balancer, like ipvsadm -Ln --stats --rate."""
+    import json
+
+    from mplslb.control.client import DEFAULT_SOCKET, ControlError, request
+    from mplslb.control.tables import status_tables
+
+    try:
+        reply = request(sock or DEFAULT_SOCKET, {"cmd": "status"})
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    if "error" in reply:
+        raise click.ClickException(str(reply["error"]))
+    if as_json:
+        click.echo(json.dumps(reply["status"], indent=2))
+        return
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for table in status_tables(reply["status"]):
+        console.print(table)
+
+
+@main.group()
+def lab() -> None:
+    """A real network of namespaces on this machine (root): clients, the balancer, servers running nginx."""
+
+
+def _lab_options(fn: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--name", default="mlb", show_default=True, help="Prefix of the lab's namespaces."),
+            click.option("--clients", default=3, show_default=True),
+            click.option("--servers", default=3, show_default=True),
+            click.option("--transport", type=click.Choice(["ethernet", "udp"]), default="ethernet", show_default=True),
+            click.option("--algorithm", default="round_robin", show_default=True),
+            click.option("--weights", default="", help="Comma-separated weights, one per server."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _lab(**kw: Any) -> Any:
+    from mplslb.lab import Lab, LabSpec
+
+    weights = tuple(int(w) for w in kw.pop("weights").split(",") if w.strip())
+    try:
+        return Lab(LabSpec(weights=weights, **kw))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@lab.command("up")
+@_lab_options
+def lab_up(**kw: Any) -> None:
+    """Build the lab and start everything; leave it running."""
+    from mplslb.lab import LabError
+
+    the_lab = _lab(**kw)
+    try:
+        the_lab.up()
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"lab {the_lab.spec.name} is up; status: mplslb status --socket {the_lab.control_socket}")
+
+
+@lab.command("down")
+@click.option("--name", default="mlb", show_default=True)
+def lab_down(name: str) -> None:
+    """Stop the lab's processes and delete its namespaces."""
+    from mplslb.lab import Lab, LabSpec
+
+    problems = Lab(LabSpec(name=name)).down()
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
+    click.echo(f"lab {name} is down")
+
+
+@lab.command("run")
+@_lab_options
+@click.option("--requests", default=300, show_default=True, help="Sequential curl requests (over all clients).")
+@click.option("--wrk-seconds", default=3, show_default=True)
+def lab_run(requests: int, wrk_seconds: int, **kw: Any) -> None:
+    """up, real traffic (a curl loop and wrk), the status tables and the per-server split, then down."""
+    from mplslb.control.tables import status_tables
+    from mplslb.lab import LabError, split
+
+    the_lab = _lab(**kw)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    try:
+        the_lab.up()
+        per_client = max(1, requests // the_lab.spec.clients)
+        bodies: list[str] = []
+        for client in range(the_lab.spec.clients):
+            bodies += the_lab.curl(client, per_client)
+        counts = split(bodies)
+        table = _table(f"curl: {len(bodies)} sequential requests, one connection each", "server", "responses")
+        for name, count in sorted(counts.items()):
+            table.add_row(name or "(failed)", str(count))
+        console.print(table)
+        figures = the_lab.wrk(0, seconds=wrk_seconds)
+        console.print(
+            "wrk (1 thread, 8 connections, {s} s): {rps:.0f} requests/s, p50 {p50} ms, p99 {p99} ms, "
+            "non-2xx {bad:.0f}, socket errors {err:.0f}".format(
+                s=wrk_seconds,
+                rps=figures.get("requests_per_s", 0.0),
+                p50=figures.get("p50_ms", "-"),
+                p99=figures.get("p99_ms", "-"),
+                bad=figures.get("non_2xx", 0.0),
+                err=figures.get("socket_errors", 0.0),
+            )
+        )
+        for status_table in status_tables(the_lab.status()["status"]):
+            console.print(status_table)
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        for problem in the_lab.down():
+            click.echo(f"warning: {problem}", err=True)

@@ -1,0 +1,183 @@
+"""Prometheus ``/metrics`` from the daemon's latest snapshot.
+
+The HTTP server runs in a thread of prometheus_client's; it never touches the balancer. The daemon loop builds a
+snapshot (:func:`mplslb.control.tables.snapshot`) every second and publishes it by swapping one reference, which
+``get_snapshot`` returns; a scrape reads that dict, so a published snapshot must never be mutated.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+__all__ = ["MetricsServer", "SnapshotCollector", "start_metrics_server"]
+
+SnapshotSource = Callable[[], Mapping[str, Any] | None]
+_SERVER_STATES = ("up", "draining", "down")
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _by_label(kind: str, name: str, doc: str, label: str, values: Mapping[str, float]) -> Metric:
+    family: GaugeMetricFamily | CounterMetricFamily
+    if kind == "counter":
+        family = CounterMetricFamily(name, doc, labels=[label])
+    else:
+        family = GaugeMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+class SnapshotCollector:
+    """A prometheus_client collector over the latest snapshot; exports nothing until there is one."""
+
+    def __init__(self, get_snapshot: SnapshotSource) -> None:
+        self.get_snapshot = get_snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.get_snapshot()
+        if not snap:
+            return
+        sessions = snap["sessions"]
+        frames = snap["frames"]
+        labels = snap["labels"]
+        yield _gauge("mplslb_sessions_active", "Sessions not yet closed or interrupted.", sessions["active"])
+        yield _gauge("mplslb_sessions_peak", "Most sessions in the table at once.", sessions["peak"])
+        yield _counter("mplslb_sessions_started_total", "Sessions started.", sessions["started"])
+        yield _by_label(
+            "counter", "mplslb_sessions_ended_total", "Sessions ended, by reason.", "reason", sessions["ended"]
+        )
+        yield _by_label(
+            "counter",
+            "mplslb_sessions_refused_total",
+            "New sessions refused, by reason.",
+            "reason",
+            sessions["refused"],
+        )
+        yield _by_label(
+            "counter",
+            "mplslb_frames_total",
+            "Frames handled: fast = switched on their label, slow = analysed.",
+            "path",
+            {"fast": frames["fast_path"], "slow": frames["slow_path"]},
+        )
+        yield _counter("mplslb_frames_received_total", "Frames received.", frames["in"])
+        yield _counter("mplslb_frames_sent_total", "Frames sent.", frames["out"])
+        yield _by_label("counter", "mplslb_drops_total", "Frames dropped, by reason.", "reason", snap["drops"])
+        yield _gauge("mplslb_labels_in_use", "Session label pairs in use.", labels["in_use"])
+        yield _gauge("mplslb_labels_free", "Session label pairs free.", labels["free"])
+        yield _gauge("mplslb_labels_quarantined", "Withdrawn label pairs waiting before reuse.", labels["quarantined"])
+        yield _gauge("mplslb_labels_capacity", "Session label pairs in the configured range.", labels["capacity"])
+        yield _counter("mplslb_labels_allocated_total", "Label pairs allocated.", labels["allocated_total"])
+        yield _counter(
+            "mplslb_labels_exhausted_total",
+            "Label pair allocations that failed for want of a pair.",
+            labels["exhausted"],
+        )
+
+        vip_active = GaugeMetricFamily(
+            "mplslb_vip_sessions_active", "Live sessions per virtual service.", labels=["vip", "proto", "port"]
+        )
+        for vip in snap["vips"]:
+            for service in vip["services"]:
+                if service.get("active") is not None:
+                    vip_active.add_metric([vip["address"], service["proto"], str(service["port"])], service["active"])
+        yield vip_active
+
+        yield from self._servers(snap["servers"])
+
+    @staticmethod
+    def _servers(rows: list[Mapping[str, Any]]) -> Iterator[Metric]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["server"])
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=["server"])
+
+        up = gauge("mplslb_server_up", "1 if the server takes new sessions (status up), else 0.")
+        state = GaugeMetricFamily(
+            "mplslb_server_state", "1 for the server's status (up, draining, down).", labels=["server", "state"]
+        )
+        weight = gauge("mplslb_server_weight", "Current weight.")
+        active = gauge("mplslb_server_active", "Live sessions on the server.")
+        total = counter("mplslb_server_sessions_total", "Sessions sent to the server.")
+        refused = counter("mplslb_server_sessions_refused_total", "Sessions refused because the server was full.")
+        pin = counter("mplslb_server_packets_in_total", "Packets switched toward the server.")
+        pout = counter("mplslb_server_packets_out_total", "Packets switched from the server.")
+        bin_ = counter("mplslb_server_bytes_in_total", "Bytes switched toward the server.")
+        bout = counter("mplslb_server_bytes_out_total", "Bytes switched from the server.")
+        rt = gauge("mplslb_server_response_time_seconds", "Smoothed response time (absent until measured).")
+        health = gauge("mplslb_server_health", "Active health check verdict: 1 up, 0 down (absent if unchecked).")
+        checks = counter("mplslb_server_health_checks_total", "Health probes finished.")
+        failed = counter("mplslb_server_health_checks_failed_total", "Health probes failed.")
+        for row in rows:
+            name = [row["name"]]
+            up.add_metric(name, 1.0 if row["status"] == "up" else 0.0)
+            for s in _SERVER_STATES:
+                state.add_metric([row["name"], s], 1.0 if row["status"] == s else 0.0)
+            weight.add_metric(name, row["weight"])
+            active.add_metric(name, row["active"])
+            total.add_metric(name, row["total"])
+            refused.add_metric(name, row.get("refused", 0))
+            pin.add_metric(name, row["packets_in"])
+            pout.add_metric(name, row["packets_out"])
+            bin_.add_metric(name, row["bytes_in"])
+            bout.add_metric(name, row["bytes_out"])
+            if row["rt_ms"] is not None:
+                rt.add_metric(name, row["rt_ms"] / 1000.0)
+            h = row.get("health")
+            if h is not None:
+                health.add_metric(name, 1.0 if h["up"] else 0.0)
+                checks.add_metric(name, h["checks"])
+                failed.add_metric(name, h["failed_checks"])
+        yield from (up, state, weight, active, total, refused, pin, pout, bin_, bout, rt, health, checks, failed)
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint; :meth:`close` stops it and waits for its thread."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread, registry: CollectorRegistry) -> None:
+        self.httpd = httpd
+        self.thread = thread
+        self.registry = registry
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful after asking for port 0)."""
+        return int(self.httpd.server_port)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5.0)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_metrics_server(port: int, addr: str, get_snapshot: SnapshotSource) -> MetricsServer:
+    """Serve ``/metrics`` on ``addr:port`` (port 0: any free port) from ``get_snapshot()``, with a registry of its
+    own (no process/GC collectors of the default registry)."""
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(get_snapshot))
+    httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    return MetricsServer(httpd, thread, registry)

@@ -1,0 +1,211 @@
+"""``mplslb balancer --config lb.toml``: the balancer on real Linux interfaces.
+
+Theory of operation
+-------------------
+One thread, one selector loop (:class:`~mplslb.drivers.loop.Loop`). The sans-I/O :class:`~mplslb.balancer.Balancer`
+sits behind a :class:`~mplslb.drivers.loop.BalancerDriver` that reads bursts of frames from every port (AF_PACKET on
+Ethernet interfaces, or MPLS-in-UDP), hands them to ``receive_batch`` and writes what comes back. Around it, in the
+same loop: active health checks (TCP connect or HTTP GET with interval, timeout, rise and fall, as keepalived and
+HAProxy do), the control socket that ``mplslb status`` talks to, and once a second a fresh snapshot of the figures
+that the Prometheus endpoint (its own thread) serves. SIGTERM and SIGINT stop the loop; every socket is closed and
+the control socket removed.
+
+The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_from_section`) plus two tables:
+``[health_check]`` (kind, port, path, expect_status, interval, timeout, rise, fall) and ``[control]`` (``socket``,
+``metrics`` as ``"addr:port"`` or ``""`` for none). Bad keys or values are rejected at load naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mplslb.balancer import Balancer
+from mplslb.config import BalancerConfig, ConfigError, PortConfig, Section, balancer_config_from_section, load_toml
+from mplslb.control.client import DEFAULT_SOCKET
+from mplslb.control.server import ControlServer, balancer_commands
+from mplslb.control.tables import RateTracker, snapshot
+from mplslb.drivers.afpacket import open_port
+from mplslb.drivers.loop import BalancerDriver, Loop, Port
+from mplslb.drivers.mplsudp import MplsUdpPort
+from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver, apply_result, reconcile
+from mplslb.hostsetup import HostChanges, setup_balancer
+from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
+
+#: What each side's packet sockets take in; the kernel keeps everything else (health-check replies, its own ARP).
+CLIENT_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP})
+SERVER_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC})
+SNAPSHOT_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    balancer: BalancerConfig
+    health: HealthCheckConfig | None
+    control_socket: str
+    metrics: tuple[str, int] | None
+    ring: bool
+
+
+def load_daemon_config(path: str | Path) -> DaemonConfig:
+    source, data = load_toml(path)
+    top = Section(source, "", data)
+    hsec = top.section("health_check")
+    health: HealthCheckConfig | None = None
+    if hsec.table:
+        expect = hsec.get("expect_status", (int, list), 200)
+        health = hsec.build(
+            "kind",
+            HealthCheckConfig,
+            kind=hsec.get("kind", str, "tcp"),
+            port=hsec.number("port", int, 80, minimum=1),
+            interval=hsec.number("interval", float, 2.0, minimum=0.0),
+            timeout=hsec.number("timeout", float, 1.0, minimum=0.0),
+            rise=hsec.number("rise", int, 2, minimum=1),
+            fall=hsec.number("fall", int, 3, minimum=1),
+            path=hsec.get("path", str, "/"),
+            expect_status=tuple(expect) if isinstance(expect, list) else expect,
+            host=hsec.get("host", str, "") or None,
+        )
+    hsec.done()
+    csec = top.section("control")
+    control_socket = csec.get("socket", str, DEFAULT_SOCKET)
+    metrics_text = csec.get("metrics", str, "")
+    metrics: tuple[str, int] | None = None
+    if metrics_text:
+        addr, _, port = metrics_text.rpartition(":")
+        if not addr or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise csec.error("metrics", f"expected 'address:port', got {metrics_text!r}")
+        metrics = (addr.strip("[]"), int(port))
+    csec.done()
+    ring = top.get("ring", bool, True)
+    balancer = balancer_config_from_section(top)
+    top.done()
+    for index, port_config in enumerate(balancer.ports):
+        if port_config.kind == "ethernet" and not port_config.interface:
+            raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
+        if port_config.kind == "mpls_udp" and port_config.role != "client":
+            # Servers sit on the balancer's own segments; MPLS-in-UDP is for clients across routed networks.
+            raise ConfigError(source, f"ports[{index}].kind", "mpls_udp is supported on client-side ports only")
+    return DaemonConfig(balancer, health, control_socket, metrics, ring)
+
+
+def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
+    ports: dict[int, Port] = {}
+    try:
+        for port in config.ports:
+            ports[port.port_id] = _open(port, ring=ring)
+    except BaseException:
+        for opened in ports.values():
+            opened.close()  # type: ignore[attr-defined]
+        raise
+    return ports
+
+
+def _open(port: PortConfig, *, ring: bool) -> Port:
+    if port.kind == "mpls_udp":
+        return MplsUdpPort(port.mac, address=str(ipaddress.ip_address(port.address)))
+    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else SERVER_SIDE_ETHERTYPES
+    return open_port(port.interface, ring=ring, accept=accept)
+
+
+class Daemon:
+    """The balancer daemon's parts, in one loop."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.loop = Loop()
+        clock = self.loop.clock
+        self.balancer = Balancer(config.balancer)
+        self.changes = HostChanges()
+        setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
+        self.ports = open_ports(config.balancer, ring=config.ring)
+        self.driver = BalancerDriver(self.balancer, self.ports, self.loop)
+        self.rates = RateTracker()
+        self.latest: dict[str, Any] | None = None
+        self.checker: HealthChecker | None = None
+        self.probes: HealthProbeDriver | None = None
+        if config.health is not None:
+            self.checker = HealthChecker(config.health, [s.config.name for s in self.balancer.pool.servers])
+            self.probes = HealthProbeDriver(
+                self.checker,
+                self._address_of,
+                on_result=lambda result: apply_result(self.balancer, result),
+                clock=clock,
+            )
+            self.loop.add_reader(self.probes.fileno(), self.probes.on_ready)
+            self._health_tick()
+        self.control = ControlServer(
+            config.control_socket,
+            self._snapshot,
+            balancer_commands(self.balancer, clock=clock, health=self.checker),
+        )
+        self.loop.add_reader(self.control.fileno(), self.control.on_readable)
+        self.metrics = None
+        if config.metrics is not None:
+            from mplslb.control.metrics import start_metrics_server
+
+            self.metrics = start_metrics_server(config.metrics[1], config.metrics[0], lambda: self.latest)
+        self._second_tick()
+
+    def _address_of(self, name: str) -> bytes | None:
+        return self.balancer.pool.get(name).config.address if name in self.balancer.pool else None
+
+    def _snapshot(self) -> dict[str, Any]:
+        return self.latest or snapshot(self.balancer, health=self.checker, rates=self.rates, now=self.loop.clock())
+
+    def _health_tick(self) -> None:
+        assert self.probes is not None
+        now = self.loop.clock()
+        self.probes.on_timer(now)
+        deadline = self.probes.next_deadline()
+        self.loop.call_at(max(now + 0.01, deadline if deadline is not None else now + 1.0), self._health_tick)
+
+    def _second_tick(self) -> None:
+        now = self.loop.clock()
+        if self.checker is not None:
+            reconcile(self.balancer, self.checker, now)
+        self.control.on_timer(now)
+        # Swap the reference, never mutate: the metrics thread reads the latest snapshot.
+        self.latest = snapshot(self.balancer, health=self.checker, rates=self.rates, now=now)
+        self.loop.call_at(now + SNAPSHOT_INTERVAL, self._second_tick)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        self.loop.run(stop)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.probes is not None:
+            self.probes.close()
+        self.control.close()
+        self.driver.close()
+        for port in self.ports.values():
+            port.close()  # type: ignore[attr-defined]
+        self.loop.close()
+        self.changes.undo()
+
+
+def run_daemon(config_path: str | Path, *, ready_file: str = "") -> int:
+    config = load_daemon_config(config_path)
+    daemon = Daemon(config)
+    stop = threading.Event()
+
+    def handle(_signum: int, _frame: object) -> None:
+        stop.set()
+        daemon.loop.stop()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if ready_file:
+            Path(ready_file).write_text("ready\n")
+        daemon.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        daemon.close()
+    return 0

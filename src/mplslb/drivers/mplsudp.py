@@ -1,0 +1,350 @@
+"""MPLS-in-UDP (RFC 7510): label stacks carried over routed IP to UDP port 6635, shown to the core as an Ethernet
+port.
+
+Theory of operation
+-------------------
+The core switches Ethernet frames and binds labels to (port, peer MAC). Here the peer is an outer IP address, so
+each peer gets a stable pseudo-MAC derived from its address (:func:`pseudo_mac`: 0x02, then 5 bytes of a hash), and
+a datagram becomes the frame ``port MAC | peer pseudo-MAC | 0x8847 | label stack + packet``. On the way back the
+frame's destination pseudo-MAC names the peer; the frame's label stack and packet are sent to ``(peer, 6635)``.
+
+A session's first packet carries no session label yet. Across routed IP it travels with a single IPv4 or IPv6
+Explicit NULL entry (label 0 or 2, S=1), and is shown to the core as the unlabelled IP frame it stands for; an
+unlabelled IP frame from the core is sent the same way.
+
+The UDP source port carries flow entropy (RFC 7510 section 3): frames leave from a pool of sockets bound to ports
+in 49152-65535, picked by a hash of the top label (of the IP addresses for Explicit NULL), so one direction of a
+session always keeps one source port and the network's ECMP keeps it on one path.
+
+Malformed datagrams and frames that cannot be sent are counted in ``drops`` under a named reason, never raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import ipaddress
+import random
+import socket
+import struct
+import zlib
+from collections.abc import Iterable
+from typing import Self
+
+from mplslb.drivers.netns import entered
+from mplslb.wire.errors import WireError
+from mplslb.wire.ethernet import ETH_ALEN, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, parse_ethernet
+from mplslb.wire.mpls import (
+    LABEL_SHIFT,
+    MPLS_ENTRY_LEN,
+    MPLS_UDP_PORT,
+    ReservedLabel,
+    pack_entry,
+    parse_stack,
+    payload_version,
+)
+
+ENTROPY_PORT_MIN = 49152  # RFC 7510 section 3: the dynamic/private range
+ENTROPY_PORT_MAX = 65535
+DEFAULT_POOL_SIZE = 16
+DEFAULT_TTL = 64
+DEFAULT_MAX_PEERS = 65536
+PSEUDO_MAC_FIRST = 0x02  # locally administered, unicast
+_PSEUDO_MAC_PERSON = b"mplslb-pseudomac"
+_BIND_ATTEMPTS = 64  # per pool socket
+_POOL_RCVBUF = 4096  # nothing is expected on the pool's sockets
+MAX_DATAGRAM = 1 << 16
+_U32 = struct.Struct("!I")
+_HASH_MULTIPLIER = 0x9E3779B1  # Fibonacci hashing spreads consecutive labels over the pool
+_ETHERTYPE = {4: ETH_P_IP.to_bytes(2, "big"), 6: ETH_P_IPV6.to_bytes(2, "big")}
+_MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
+_NULL_FOR_VERSION = {4: ReservedLabel.IPV4_EXPLICIT_NULL, 6: ReservedLabel.IPV6_EXPLICIT_NULL}
+_VERSION_FOR_NULL = {int(v): k for k, v in _NULL_FOR_VERSION.items()}
+_NULL_FOR_ETHERTYPE = {ETH_P_IP: ReservedLabel.IPV4_EXPLICIT_NULL, ETH_P_IPV6: ReservedLabel.IPV6_EXPLICIT_NULL}
+# Where the addresses sit in the IP header after an Explicit NULL entry: the flow entropy of an unlabelled packet.
+_ADDRESSES = {4: slice(MPLS_ENTRY_LEN + 12, MPLS_ENTRY_LEN + 20), 6: slice(MPLS_ENTRY_LEN + 8, MPLS_ENTRY_LEN + 40)}
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+@functools.lru_cache(maxsize=4096)
+def pseudo_mac(addr: bytes) -> bytes:
+    """The stable pseudo-MAC that stands for the peer at outer IP ``addr`` (4 or 16 bytes)."""
+    if len(addr) not in (4, 16):
+        raise ValueError(f"an IP address is 4 or 16 bytes, got {len(addr)}")
+    digest = hashlib.blake2b(addr, digest_size=ETH_ALEN - 1, person=_PSEUDO_MAC_PERSON).digest()
+    return bytes((PSEUDO_MAC_FIRST,)) + digest
+
+
+def encapsulate(frame: bytes | memoryview, ttl: int = DEFAULT_TTL) -> bytes | None:
+    """The UDP payload for an Ethernet frame from the core: the label stack and packet of an MPLS frame, or an
+    unlabelled IP packet under an Explicit NULL entry (S=1, ``ttl``). None for anything else."""
+    try:
+        eth = parse_ethernet(frame)
+    except WireError:
+        return None
+    payload = bytes(frame[eth.payload_offset :])
+    if eth.ethertype == ETH_P_MPLS_UC:
+        return payload if len(payload) >= MPLS_ENTRY_LEN else None
+    null = _NULL_FOR_ETHERTYPE.get(eth.ethertype)
+    if null is None or not payload:
+        return None
+    return pack_entry(null, 0, True, ttl) + payload
+
+
+def decapsulate(
+    payload: bytes | memoryview, peer_addr: bytes, port_mac: bytes, drops: dict[str, int] | None = None
+) -> bytes | None:
+    """The Ethernet frame for the core from a datagram ``payload`` sent by ``peer_addr`` to the port whose MAC is
+    ``port_mac``; None when the payload is malformed, with the reason counted in ``drops`` if given."""
+    return _decapsulate(payload, pseudo_mac(peer_addr), port_mac, drops)
+
+
+def _decapsulate(
+    payload: bytes | memoryview, peer_mac: bytes, port_mac: bytes, drops: dict[str, int] | None
+) -> bytes | None:
+    reason = None
+    if not payload:
+        reason = "udp_empty"
+    else:
+        try:
+            entries, end = parse_stack(payload)
+        except WireError as exc:
+            reason = exc.reason
+        else:
+            if len(entries) == 1 and entries[0].label in _VERSION_FOR_NULL:
+                version = _VERSION_FOR_NULL[entries[0].label]
+                if payload_version(payload, end) == version:
+                    return port_mac + peer_mac + _ETHERTYPE[version] + bytes(payload[end:])
+                reason = "udp_null_not_ip"
+            else:
+                return port_mac + peer_mac + _MPLS_ETHERTYPE + bytes(payload)
+    if drops is not None:
+        drops[reason] = drops.get(reason, 0) + 1
+    return None
+
+
+def entropy_index(payload: bytes | memoryview, pool_size: int) -> int:
+    """Which of ``pool_size`` source sockets carries ``payload``: by its top label, or by the IP addresses under an
+    Explicit NULL entry, so one flow direction keeps one UDP source port."""
+    label = _U32.unpack_from(payload)[0] >> LABEL_SHIFT
+    version = _VERSION_FOR_NULL.get(label)
+    key = zlib.crc32(payload[_ADDRESSES[version]]) if version is not None else label
+    return ((key * _HASH_MULTIPLIER) & 0xFFFFFFFF) * pool_size >> 32
+
+
+def _packed(addr: str | bytes) -> bytes:
+    """An address as 4 or 16 bytes; an IPv4-mapped IPv6 address becomes its IPv4 address."""
+    packed = addr if isinstance(addr, bytes) else ipaddress.ip_address(addr).packed
+    if len(packed) not in (4, 16):
+        raise ValueError(f"an IP address is 4 or 16 bytes, got {len(packed)}")
+    return packed[len(_V4_MAPPED) :] if len(packed) == 16 and packed.startswith(_V4_MAPPED) else packed
+
+
+class MplsUdpPort:
+    """An Ethernet port for the core whose wire is MPLS-in-UDP.
+
+    Datagrams are received on ``(address, port)``; ``address`` ``"::"`` takes IPv4 and IPv6 on one socket. Peers
+    are learned from the datagrams that arrive (at most ``max_peers``), or, with ``learn=False``, only the
+    configured ``peers`` are heard. Frames go to ``(peer, remote_port)`` from one of ``pool_size`` sockets bound to
+    source ports in ``entropy_ports``.
+    """
+
+    def __init__(
+        self,
+        mac: bytes,
+        *,
+        address: str = "0.0.0.0",
+        port: int = MPLS_UDP_PORT,
+        remote_port: int = MPLS_UDP_PORT,
+        peers: Iterable[str | bytes] = (),
+        learn: bool = True,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        entropy_ports: tuple[int, int] = (ENTROPY_PORT_MIN, ENTROPY_PORT_MAX),
+        ttl: int = DEFAULT_TTL,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        netns: str | None = None,
+    ) -> None:
+        if len(mac) != ETH_ALEN:
+            raise ValueError("mac must be 6 bytes")
+        low, high = entropy_ports
+        if not 0 < low <= high <= ENTROPY_PORT_MAX or high - low + 1 < pool_size or pool_size < 1:
+            raise ValueError(f"entropy_ports {entropy_ports} must hold pool_size ({pool_size}) ports")
+        self.mac = bytes(mac)
+        self.remote_port = remote_port
+        self.learn = learn
+        self.ttl = ttl
+        self.max_peers = max_peers
+        self.drops: dict[str, int] = {}
+        self._by_mac: dict[bytes, bytes] = {}  # pseudo-MAC -> peer address (4 or 16 bytes)
+        self._by_host: dict[str, tuple[bytes, bytes]] = {}  # address as recvfrom gives it -> (address, pseudo-MAC)
+        self._dest: dict[bytes, str | None] = {}  # pseudo-MAC -> host to sendto, None if our family cannot reach it
+        self._family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+        self._sockets: list[socket.socket] = []
+        for peer in peers:
+            self.add_peer(peer)
+        try:
+            with entered(netns):
+                self._sock = self._socket((address, port), dual_stack=address == "::")
+                self._pool = [self._pool_socket(address, low, high) for _ in range(pool_size)]
+        except BaseException:
+            self.close()
+            raise
+        self.port: int = self._sock.getsockname()[1]
+        self._buf = bytearray(MAX_DATAGRAM)
+        self._view = memoryview(self._buf)
+
+    def _socket(self, where: tuple[str, int], *, dual_stack: bool = False) -> socket.socket:
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        self._sockets.append(sock)
+        if self._family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        sock.bind(where)
+        sock.setblocking(False)
+        return sock
+
+    def _pool_socket(self, address: str, low: int, high: int) -> socket.socket:
+        rng = random.Random()
+        for _ in range(_BIND_ATTEMPTS):
+            try:
+                sock = self._socket((address, rng.randint(low, high)), dual_stack=address == "::")
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _POOL_RCVBUF)
+            return sock
+        raise OSError(errno.EADDRINUSE, f"no free UDP source port in {low}-{high} after {_BIND_ATTEMPTS} tries")
+
+    @property
+    def source_ports(self) -> list[int]:
+        """The UDP source ports of the sending pool, in pool order."""
+        return [s.getsockname()[1] for s in self._pool]
+
+    @property
+    def peers(self) -> dict[bytes, bytes]:
+        """Pseudo-MAC -> peer address (4 or 16 bytes), configured and learned."""
+        return dict(self._by_mac)
+
+    def add_peer(self, addr: str | bytes) -> bytes:
+        """Register the peer at outer address ``addr``; returns its pseudo-MAC (the MAC the core knows it by)."""
+        packed = _packed(addr)
+        mac = pseudo_mac(packed)
+        known = self._by_mac.get(mac)
+        if known is not None and known != packed:
+            raise ValueError(f"peers {known.hex()} and {packed.hex()} share the pseudo-MAC {mac.hex(':')}")
+        self._register(packed, mac)
+        return mac
+
+    def _register(self, packed: bytes, mac: bytes) -> None:
+        self._by_mac[mac] = packed
+        host = socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+        if self._family == socket.AF_INET6 and len(packed) == 4:
+            host = "::ffff:" + host  # the dual-stack socket reaches IPv4 peers by their mapped address
+        self._dest[mac] = None if self._family == socket.AF_INET and len(packed) == 16 else host
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv_burst(self, max_frames: int = 64) -> list[bytes]:
+        """Up to ``max_frames`` datagrams already queued, as Ethernet frames for the core; never blocks."""
+        frames: list[bytes] = []
+        recvfrom_into, view, drops = self._sock.recvfrom_into, self._view, self.drops
+        for _ in range(max_frames):
+            try:
+                n, source = recvfrom_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._drop(f"recv_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+                break
+            peer = self._by_host.get(source[0]) or self._learn(source[0])
+            if peer is None:
+                continue
+            frame = _decapsulate(view[:n], peer[1], self.mac, drops)
+            if frame is not None:
+                frames.append(frame)
+        return frames
+
+    def _learn(self, host: str) -> tuple[bytes, bytes] | None:
+        packed = _packed(host.partition("%")[0])
+        mac = pseudo_mac(packed)
+        known = self._by_mac.get(mac)
+        if known is None and not self.learn:
+            self._drop("udp_unknown_source")
+            return None
+        if known is not None and known != packed:
+            self._drop("udp_pseudo_mac_collision")
+            return None
+        if known is None and len(self._by_mac) >= self.max_peers:
+            self._drop("udp_too_many_peers")
+            return None
+        if known is None:
+            self._register(packed, mac)
+        if len(self._by_host) < self.max_peers:
+            self._by_host[host] = (packed, mac)
+        return packed, mac
+
+    def send(self, frame: bytes | memoryview) -> int:
+        """Send a frame from the core to the peer its destination pseudo-MAC names. Unknown peers and frames that
+        are neither MPLS nor IP are counted and dropped (0 is returned); OSError from the socket is the caller's."""
+        mac = bytes(frame[:ETH_ALEN])
+        if mac not in self._dest:
+            self._drop("udp_unknown_peer")
+            return 0
+        host = self._dest[mac]
+        if host is None:
+            self._drop("udp_family_mismatch")
+            return 0
+        payload = encapsulate(frame, self.ttl)
+        if payload is None:
+            self._drop("udp_unsupported_frame")
+            return 0
+        pool = self._pool
+        return pool[entropy_index(payload, len(pool))].sendto(payload, (host, self.remote_port))
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MplsUdpEndpointLink(MplsUdpPort):
+    """An endpoint agent's wire: MPLS-in-UDP to and from one balancer at ``balancer`` (``ip`` or ``(ip, port)``).
+
+    Only the balancer is heard. Give the endpoint :attr:`balancer_mac` as its gateway MAC: every frame the
+    endpoint sends goes to the balancer, and every frame it receives comes from that MAC.
+    """
+
+    def __init__(
+        self,
+        mac: bytes,
+        balancer: str | tuple[str, int],
+        *,
+        address: str = "0.0.0.0",
+        port: int = MPLS_UDP_PORT,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        ttl: int = DEFAULT_TTL,
+        netns: str | None = None,
+    ) -> None:
+        host, remote_port = (balancer, MPLS_UDP_PORT) if isinstance(balancer, str) else balancer
+        super().__init__(
+            mac,
+            address=address,
+            port=port,
+            remote_port=remote_port,
+            peers=[host],
+            learn=False,
+            pool_size=pool_size,
+            ttl=ttl,
+            netns=netns,
+        )
+        self.balancer_mac = pseudo_mac(_packed(host))

@@ -1,0 +1,180 @@
+"""What the endpoint agents change on their host, with pyroute2, and how they put it back.
+
+Server side (claims 8, 12): the virtual IP lives on ``lo`` (so the host's programs accept packets to it and answer
+from it), and a policy rule sends everything *from* the virtual IP to a table whose default route is the agent's TUN
+device: replies leave through the agent, which labels them L + 1. Packets the agent writes into the TUN reach the
+host as if they came from the client; the reverse-path check passes because the rule also answers "how would we
+reach the client from the VIP": through the TUN.
+
+Client side: a host route to each virtual IP through the TUN device, with the host's own address as the source, so
+ordinary programs (curl, wrk) send to the VIP through the agent. Refusals (a TCP RST or an ICMP error from the VIP)
+arrive unlabelled on the real interface, so that interface's reverse-path filter is set to loose.
+
+The balancer's own host gets blackhole routes for the virtual IPs (:func:`setup_balancer`): the frames to them are
+the daemon's, read from its packet sockets, and the host's stack must stay silent about them.
+
+Every change is recorded in a :class:`HostChanges` and undone in reverse order by :meth:`HostChanges.undo`, which
+never raises (an agent stopping on a signal must leave the host as it found it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+POLICY_TABLE = 100
+POLICY_PRIORITY = 100
+IFA_F_NODAD = 0x02
+_SYSCTL = Path("/proc/sys/net")
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def _host_len(address: str) -> int:
+    return 128 if ipaddress.ip_address(address).version == 6 else 32
+
+
+class HostChanges:
+    """A log of changes made to the host, undone in reverse order."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Callable[[], object]]] = []
+
+    def add(self, what: str, undo: Callable[[], object]) -> None:
+        self._undo.append((what, undo))
+
+    def undo(self) -> list[str]:
+        """Undo everything; returns what could not be undone (already gone is fine)."""
+        failed = []
+        while self._undo:
+            what, undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as exc:  # cleanup goes on whatever one step says
+                failed.append(f"{what}: {exc}")
+        return failed
+
+
+def set_sysctl(changes: HostChanges, path: str, value: str) -> None:
+    """Write ``net/<path>`` (e.g. ``ipv4/conf/eth0/rp_filter``), remembering the old value."""
+    target = _SYSCTL / path
+    old = target.read_text().strip()
+    if old == value:
+        return
+    target.write_text(value)
+    changes.add(f"sysctl {path}", lambda: target.write_text(old))
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise OSError(f"no interface named {ifname!r}")
+    return int(found[0])
+
+
+def interface_addresses(ifname: str) -> dict[int, str]:
+    """The first global address of each family on ``ifname``: {4: "...", 6: "..."}."""
+    out: dict[int, str] = {}
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        for msg in ipr.get_addr(index=index):
+            address = msg.get_attr("IFA_ADDRESS")
+            version = ipaddress.ip_address(address).version
+            if version == 6 and ipaddress.ip_address(address).is_link_local:
+                continue
+            out.setdefault(version, address)
+    return out
+
+
+def interface_mac(ifname: str) -> bytes:
+    with IPRoute() as ipr:
+        link = ipr.get_links(_index(ipr, ifname))[0]
+        return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+
+
+def setup_server(tun: str, vips: list[str], changes: HostChanges) -> None:
+    """VIPs on lo; replies from a VIP routed into ``tun``."""
+    with IPRoute() as ipr:
+        lo = _index(ipr, "lo")
+        tun_index = _index(ipr, tun)
+        for vip in vips:
+            family, plen = _family(vip), _host_len(vip)
+            flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
+            ipr.addr("add", index=lo, address=vip, prefixlen=plen, flags=flags)
+            changes.add(f"address {vip} on lo", _call(ipr_addr_del, lo, vip, plen))
+        for family in sorted({_family(v) for v in vips}):
+            default = "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"
+            ipr.route("add", dst=default, oif=tun_index, table=POLICY_TABLE, family=family)
+            changes.add(f"default route table {POLICY_TABLE}", _call(route_del, default, tun_index, family))
+        for vip in vips:
+            family, plen = _family(vip), _host_len(vip)
+            ipr.rule("add", family=family, src=vip, src_len=plen, table=POLICY_TABLE, priority=POLICY_PRIORITY)
+            changes.add(f"rule from {vip}", _call(rule_del, vip, plen, family))
+    set_sysctl(changes, f"ipv4/conf/{tun}/rp_filter", "0")
+
+
+def setup_client(tun: str, interface: str, vips: list[str], changes: HostChanges) -> None:
+    """A route to each VIP through ``tun``, sourced from ``interface``'s address; loose reverse-path filter."""
+    sources = interface_addresses(interface)
+    with IPRoute() as ipr:
+        tun_index = _index(ipr, tun)
+        for vip in vips:
+            version = ipaddress.ip_address(vip).version
+            family, plen = _family(vip), _host_len(vip)
+            source = sources.get(version)
+            if source is None:
+                raise OSError(f"{interface} has no IPv{version} address to send to {vip} from")
+            ipr.route("add", dst=f"{vip}/{plen}", oif=tun_index, prefsrc=source, family=family)
+            changes.add(f"route to {vip}", _call(route_del, f"{vip}/{plen}", tun_index, family, None))
+    set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
+    set_sysctl(changes, f"ipv4/conf/{tun}/rp_filter", "0")
+
+
+def setup_balancer(vips: list[str], changes: HostChanges) -> None:
+    """Blackhole routes for the VIPs on the balancer's own host: frames to a VIP are the daemon's to handle, and the
+    host's stack must neither forward them nor answer them (IPv6 would send "no route" unreachables that abort the
+    client's connection)."""
+    with IPRoute() as ipr:
+        for vip in vips:
+            family, plen = _family(vip), _host_len(vip)
+            try:
+                ipr.route("add", dst=f"{vip}/{plen}", type="blackhole", family=family)
+            except Exception as exc:  # an existing route: leave it, say nothing is ours to undo
+                if "exists" not in str(exc).lower() and getattr(exc, "code", None) != 17:
+                    raise
+                continue
+            changes.add(f"blackhole {vip}", _call(blackhole_del, f"{vip}/{plen}", family))
+
+
+def blackhole_del(dst: str, family: int) -> None:
+    with IPRoute() as ipr, suppress(Exception):
+        ipr.route("del", dst=dst, type="blackhole", family=family)
+
+
+def _call(fn: Callable[..., object], *args: object) -> Callable[[], object]:
+    return lambda: fn(*args)
+
+
+def ipr_addr_del(index: int, address: str, prefixlen: int) -> None:
+    with IPRoute() as ipr, suppress(Exception):
+        ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
+
+
+def route_del(dst: str, oif: int, family: int, table: int | None = POLICY_TABLE) -> None:
+    with IPRoute() as ipr, suppress(Exception):
+        if table is None:
+            ipr.route("del", dst=dst, oif=oif, family=family)
+        else:
+            ipr.route("del", dst=dst, oif=oif, family=family, table=table)
+
+
+def rule_del(src: str, src_len: int, family: int) -> None:
+    with IPRoute() as ipr, suppress(Exception):
+        ipr.rule("del", family=family, src=src, src_len=src_len, table=POLICY_TABLE, priority=POLICY_PRIORITY)

@@ -1,0 +1,512 @@
+"""``mplslb lab``: a real network on this machine, built from namespaces and veth pairs with pyroute2.
+
+Theory of operation
+-------------------
+The lab is a small data centre in network namespaces named ``<name>-<role>``::
+
+    clients c1..cN --+                          +-- lc1p0 -- bs0 -- s1, s3, ...
+                     brc -- lc0p0 [balancer]  --+
+    (udp: clients -- brc -- rt -- lc0p0)         +-- lc1p1 -- bs1 -- s2, s4, ...
+
+The switches (Linux bridges) live in ``<name>-sw``. Line card 0 of the balancer faces the clients, line card 1 the
+servers. Each server runs a stock nginx serving a page that names the server, and a server agent; each client runs
+a client agent, through which stock curl and wrk reach the virtual IPs. With ``transport = "udp"`` an IPv4 router
+namespace sits between the clients and the balancer and labelled traffic crosses it as MPLS-in-UDP (RFC 7510).
+
+``up`` records every namespace it creates and every process it starts in ``<root>/<name>/state.json`` before the
+next step, so ``down`` (also after a failure, or from another command) stops processes by pid and deletes
+namespaces by name, and nothing is cleaned up by pattern.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import NetNS, netns
+
+from mplslb.drivers.netns import entered
+
+LAB_ROOT = Path("/run/mplslb-lab")
+VIP4 = "10.0.0.100"
+VIP6 = "fd00::100"
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+
+
+def _mac(kind: int, index: int) -> str:
+    return f"02:{kind:02x}:00:00:00:{index:02x}"
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    name: str = "mlb"
+    clients: int = 3
+    servers: int = 3
+    transport: str = "ethernet"  # "ethernet" or "udp"
+    algorithm: str = "round_robin"
+    weights: tuple[int, ...] = ()
+    health_interval: float = 0.5
+    health_timeout: float = 0.5
+    rise: int = 2
+    fall: int = 2
+    max_sessions: int = 0
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", self.name):
+            raise ValueError("lab name: 1-10 lowercase letters and digits, starting with a letter")
+        if self.transport not in ("ethernet", "udp"):
+            raise ValueError("transport must be ethernet or udp")
+        if not 1 <= self.clients <= 50 or not 1 <= self.servers <= 50:
+            raise ValueError("clients and servers must be within 1..50")
+        if self.weights and len(self.weights) != self.servers:
+            raise ValueError("give one weight per server")
+
+
+@dataclass
+class LabState:
+    namespaces: list[str] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+class Lab:
+    """One lab: build it with :meth:`up`, use it, and always :meth:`down` it."""
+
+    def __init__(self, spec: LabSpec, root: Path = LAB_ROOT) -> None:
+        self.spec = spec
+        self.dir = root / spec.name
+        self.state = LabState()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- names and addresses ---------------------------------------------------------------------------------
+    def ns(self, role: str) -> str:
+        return f"{self.spec.name}-{role}"
+
+    @property
+    def lb(self) -> str:
+        return self.ns("lb")
+
+    def client_ns(self, i: int) -> str:
+        return self.ns(f"c{i + 1}")
+
+    def server_ns(self, j: int) -> str:
+        return self.ns(f"s{j + 1}")
+
+    def server_name(self, j: int) -> str:
+        return f"s{j + 1}"
+
+    def client_addr(self, i: int, v6: bool = False) -> str:
+        if self.spec.transport == "udp":
+            return f"fd79::{11 + i:x}" if v6 else f"10.79.0.{11 + i}"
+        return f"fd77::{11 + i:x}" if v6 else f"10.77.0.{11 + i}"
+
+    def server_addr(self, j: int) -> str:
+        return f"10.78.{j % 2}.{11 + j}"
+
+    @property
+    def control_socket(self) -> str:
+        return str(self.dir / "lb.sock")
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def up(self) -> None:
+        if (self.dir / "state.json").exists():
+            raise LabError(f"lab {self.spec.name!r} is already up ({self.dir}); run 'mplslb lab down' first")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        try:
+            self._build_network()
+            self._start_servers()
+            self._start_balancer()
+            self._start_clients()
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> list[str]:
+        """Stop every process and delete every namespace this lab recorded; returns what went wrong."""
+        state = self._load_state() or self.state
+        problems: list[str] = []
+        for key, pid in reversed(list(state.pids.items())):
+            problem = _stop_pid(pid, self.procs.get(key))
+            if problem:
+                problems.append(f"{key}: {problem}")
+        for name in reversed(state.namespaces):
+            try:
+                if name in netns.listnetns():
+                    netns.remove(name)
+            except OSError as exc:
+                problems.append(f"namespace {name}: {exc}")
+        self.state = LabState()
+        self.procs.clear()
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.dir)
+        return problems
+
+    def _save_state(self) -> None:
+        (self.dir / "state.json").write_text(json.dumps(asdict(self.state)))
+
+    def _load_state(self) -> LabState | None:
+        try:
+            data = json.loads((self.dir / "state.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return LabState(list(data.get("namespaces", [])), dict(data.get("pids", {})))
+
+    # -- network -----------------------------------------------------------------------------------------------
+    def _create_ns(self, name: str) -> None:
+        if name in netns.listnetns():
+            raise LabError(f"namespace {name} already exists: another lab named {self.spec.name!r}?")
+        netns.create(name)
+        self.state.namespaces.append(name)
+        self._save_state()
+        with NetNS(name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+    def _veth(self, sw: str, here: str, there_ns: str, there: str, mac: str) -> None:
+        """A veth pair: ``here`` stays in namespace ``sw``, ``there`` goes to ``there_ns`` with ``mac``."""
+        with NetNS(sw) as ns:
+            ns.link("add", ifname=here, kind="veth", peer={"ifname": there, "net_ns_fd": there_ns})
+            ns.link("set", index=ns.link_lookup(ifname=here)[0], state="up")
+        with NetNS(there_ns) as ns:
+            ns.link("set", index=ns.link_lookup(ifname=there)[0], address=mac, state="up")
+
+    def _addr(self, ns_name: str, ifname: str, *addresses: str) -> None:
+        with NetNS(ns_name) as ns:
+            index = ns.link_lookup(ifname=ifname)[0]
+            for address in addresses:
+                ip, plen = address.split("/")
+                flags = 0x02 if ":" in ip else 0  # IFA_F_NODAD: usable at once
+                ns.addr("add", index=index, address=ip, prefixlen=int(plen), flags=flags)
+
+    def _bridge(self, sw: str, bridge: str, ports: list[str]) -> None:
+        with NetNS(sw) as ns:
+            ns.link("add", ifname=bridge, kind="bridge")
+            index = ns.link_lookup(ifname=bridge)[0]
+            for port in ports:
+                ns.link("set", index=ns.link_lookup(ifname=port)[0], master=index)
+            ns.link("set", index=index, state="up")
+
+    def _sysctl(self, ns_name: str, path: str, value: str) -> None:
+        with entered(ns_name):
+            Path("/proc/sys/net", path).write_text(value)
+
+    def _build_network(self) -> None:
+        spec = self.spec
+        sw = self.ns("sw")
+        for name in (sw, self.lb, *(self.client_ns(i) for i in range(spec.clients))):
+            self._create_ns(name)
+        for j in range(spec.servers):
+            self._create_ns(self.server_ns(j))
+        client_ports: list[str] = []
+        if spec.transport == "udp":
+            rt = self.ns("rt")
+            self._create_ns(rt)
+            self._veth(sw, "rt0", rt, "eth0", _mac(0x72, 0))
+            self._addr(rt, "eth0", "10.79.0.1/24")
+            with NetNS(rt) as ns:
+                ns.link("add", ifname="eth1", kind="veth", peer={"ifname": "lc0p0", "net_ns_fd": self.lb})
+                ns.link("set", index=ns.link_lookup(ifname="eth1")[0], address=_mac(0x72, 1), state="up")
+            with NetNS(self.lb) as ns:
+                ns.link("set", index=ns.link_lookup(ifname="lc0p0")[0], address=_mac(0x4C, 0), state="up")
+            self._addr(rt, "eth1", "10.80.0.2/24")
+            self._addr(self.lb, "lc0p0", "10.80.0.1/24")
+            self._sysctl(rt, "ipv4/ip_forward", "1")
+            with NetNS(self.lb) as ns:
+                ns.route("add", dst="10.79.0.0/24", gateway="10.80.0.2")
+            client_ports.append("rt0")
+        else:
+            self._veth(sw, "lbc0", self.lb, "lc0p0", _mac(0x4C, 0))
+            self._addr(self.lb, "lc0p0", "10.77.0.1/24", "fd77::1/64")
+            client_ports.append("lbc0")
+        for i in range(spec.clients):
+            self._veth(sw, f"c{i + 1}", self.client_ns(i), "eth0", _mac(0xC1, i + 1))
+            self._addr(self.client_ns(i), "eth0", f"{self.client_addr(i)}/24", f"{self.client_addr(i, True)}/64")
+            if spec.transport == "udp":
+                with NetNS(self.client_ns(i)) as ns:
+                    ns.route("add", dst="10.80.0.0/24", gateway="10.79.0.1")
+            client_ports.append(f"c{i + 1}")
+        self._bridge(sw, "brc", client_ports)
+        server_ports: dict[int, list[str]] = {0: [], 1: []}
+        for card_port in (0, 1):
+            self._veth(sw, f"lbs{card_port}", self.lb, f"lc1p{card_port}", _mac(0x4C, 0x10 + card_port))
+            self._addr(self.lb, f"lc1p{card_port}", f"10.78.{card_port}.1/24")
+            server_ports[card_port].append(f"lbs{card_port}")
+        for j in range(spec.servers):
+            self._veth(sw, f"s{j + 1}", self.server_ns(j), "eth0", _mac(0x5E, j + 1))
+            self._addr(self.server_ns(j), "eth0", f"{self.server_addr(j)}/24")
+            server_ports[j % 2].append(f"s{j + 1}")
+        for card_port, ports in server_ports.items():
+            self._bridge(sw, f"bs{card_port}", ports)
+
+    # -- processes ---------------------------------------------------------------------------------------------
+    def _spawn(self, key: str, argv: list[str], *, ns: str | None = None) -> subprocess.Popen[bytes]:
+        if ns is not None:
+            argv = ["nsenter", f"--net=/var/run/netns/{ns}", "--", *argv]
+        log = open(self.dir / f"{key}.log", "wb")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs[key] = proc
+        self.state.pids[key] = proc.pid
+        self._save_state()
+        return proc
+
+    def _mplslb(self, key: str, ns: str, *args: str) -> subprocess.Popen[bytes]:
+        ready = self.dir / f"{key}.ready"
+        return self._spawn(
+            key, [sys.executable, "-m", "mplslb", *args[:1], *args[1:], "--netns", ns, "--ready-file", str(ready)]
+        )
+
+    def _wait_ready(self, keys: list[str]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        for key in keys:
+            ready = self.dir / f"{key}.ready"
+            while not ready.exists():
+                proc = self.procs[key]
+                if proc.poll() is not None:
+                    raise LabError(f"{key} exited with {proc.returncode}: {self.log(key)[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise LabError(f"{key} not ready after {READY_TIMEOUT} s: {self.log(key)[-2000:]}")
+                time.sleep(0.05)
+
+    def log(self, key: str) -> str:
+        try:
+            return (self.dir / f"{key}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _start_servers(self) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        keys = []
+        for j in range(self.spec.servers):
+            name = self.server_name(j)
+            home = self.dir / name
+            (home / "www").mkdir(parents=True)
+            (home / "www" / "index.html").write_text(f"server {name}\n")
+            (home / "nginx.conf").write_text(_nginx_conf(home))
+            self._spawn(f"nginx-{name}", [nginx, "-p", str(home), "-c", str(home / "nginx.conf")], ns=self.server_ns(j))
+            key = f"agent-{name}"
+            self._mplslb(key, self.server_ns(j), "agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6)
+            keys.append(key)
+        self._wait_ready(keys)
+
+    def _start_balancer(self) -> None:
+        (self.dir / "lb.toml").write_text(self.balancer_toml())
+        self._mplslb("balancer", self.lb, "balancer", "--config", str(self.dir / "lb.toml"))
+        self._wait_ready(["balancer"])
+
+    def _start_clients(self) -> None:
+        keys = []
+        for i in range(self.spec.clients):
+            key = f"agent-c{i + 1}"
+            args = ["agent", "client", "--interface", "eth0", "--vip", VIP4]
+            if self.spec.transport == "udp":
+                args += ["--balancer", "10.80.0.1", "--udp-local", self.client_addr(i)]
+            else:
+                args += ["--vip", VIP6, "--gateway-mac", _mac(0x4C, 0)]
+            self._mplslb(key, self.client_ns(i), *args)
+            keys.append(key)
+        self._wait_ready(keys)
+
+    def balancer_toml(self) -> str:
+        spec = self.spec
+        udp = spec.transport == "udp"
+        lines = [f'algorithm = "{spec.algorithm}"', ""]
+        lines += [
+            "[[ports]]",
+            "id = 0",
+            'name = "lc0p0"',
+            'interface = "lc0p0"',
+            "line_card = 0",
+            "number = 0",
+            'role = "client"',
+            f'mac = "{_mac(0x4C, 0)}"',
+        ]
+        if udp:
+            lines += ['kind = "mpls_udp"', 'address = "10.80.0.1"']
+        for card_port in (0, 1):
+            lines += [
+                "",
+                "[[ports]]",
+                f"id = {1 + card_port}",
+                f'name = "lc1p{card_port}"',
+                f'interface = "lc1p{card_port}"',
+                "line_card = 1",
+                f"number = {card_port}",
+                'role = "server"',
+                f'mac = "{_mac(0x4C, 0x10 + card_port)}"',
+            ]
+        for vip in (VIP4, VIP6):
+            lines += ["", "[[vip]]", f'address = "{vip}"', "tcp = [80]"]
+        for j in range(spec.servers):
+            weight = spec.weights[j] if spec.weights else 1
+            lines += [
+                "",
+                "[[servers]]",
+                f'name = "{self.server_name(j)}"',
+                f'address = "{self.server_addr(j)}"',
+                f'mac = "{_mac(0x5E, j + 1)}"',
+                f"port = {1 + j % 2}",
+                f"weight = {weight}",
+            ]
+        lines += [
+            "",
+            "[limits]",
+            f"max_sessions = {spec.max_sessions}",
+            "",
+            "[timeouts]",
+            "tcp_start = 2.0",
+            "closed_linger = 1.0",
+            "",
+            "[labels]",
+            "quarantine = 5.0",
+            "",
+            "[health_check]",
+            'kind = "http"',
+            "port = 80",
+            'path = "/"',
+            f"interval = {spec.health_interval}",
+            f"timeout = {spec.health_timeout}",
+            f"rise = {spec.rise}",
+            f"fall = {spec.fall}",
+            "",
+            "[control]",
+            f'socket = "{self.control_socket}"',
+            'metrics = "127.0.0.1:9108"',
+        ]
+        return "\n".join(lines) + "\n"
+
+    # -- using the lab -----------------------------------------------------------------------------------------
+    def run_in(
+        self, ns: str, argv: list[str], *, timeout: float = 60.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside namespace ``ns`` (bounded in time)."""
+        return subprocess.run(
+            ["nsenter", f"--net=/var/run/netns/{ns}", "--", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+    def curl(self, client: int, count: int, *, v6: bool = False, timeout: float = 120.0) -> list[str]:
+        """``count`` sequential HTTP requests from client ``client``, each on its own connection (one session
+        each); returns each response body's first line, or "" for a failed request."""
+        url = f"http://[{VIP6}]/" if v6 else f"http://{VIP4}/"
+        argv = ["curl", "-s", "-g", "--max-time", "5", "-H", "Connection: close", "-w", "##%{http_code}\\n"]
+        argv += [url] * count
+        done = self.run_in(self.client_ns(client), argv, timeout=timeout)
+        bodies = [
+            body.strip().splitlines()[0] if code == "200" and body.strip() else ""
+            for body, code in re.findall(r"(.*?)##(\d{3})\n", done.stdout, re.DOTALL)
+        ]
+        bodies += [""] * (count - len(bodies))
+        return bodies[:count]
+
+    def wrk(self, client: int, *, seconds: int = 3, connections: int = 8) -> dict[str, float]:
+        out = self.run_in(
+            self.client_ns(client),
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://{VIP4}/"],
+            timeout=seconds + 30,
+        ).stdout
+        figures: dict[str, float] = {}
+        match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if match:
+            figures["requests_per_s"] = float(match.group(1))
+        match = re.search(r"(\d+) requests in", out)
+        if match:
+            figures["requests"] = float(match.group(1))
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        figures["non_2xx"] = float(errors.group(1)) if errors else 0.0
+        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        figures["socket_errors"] = float(sum(int(g) for g in sock.groups())) if sock else 0.0
+        for pct in ("50", "99"):
+            match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.MULTILINE)
+            if match:
+                scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
+                figures[f"p{pct}_ms"] = float(match.group(1)) * scale
+        return figures
+
+    def status(self) -> dict[str, Any]:
+        from mplslb.control.client import request
+
+        return request(self.control_socket, {"cmd": "status"})
+
+    def kill_nginx(self, j: int) -> None:
+        key = f"nginx-{self.server_name(j)}"
+        _stop_pid(self.state.pids[key], self.procs.get(key))
+
+
+def _stop_pid(pid: int, proc: subprocess.Popen[bytes] | None) -> str:
+    """SIGTERM, wait, SIGKILL: the process we started with this pid, and nothing else."""
+    if proc is not None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+        return ""
+    try:  # a lab brought up by another command: we only have its pid
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return ""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return "did not stop on SIGTERM; killed"
+
+
+def _nginx_conf(home: Path) -> str:
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {home}/nginx.pid;
+error_log {home}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {home}/tmp_body;
+    proxy_temp_path {home}/tmp_proxy;
+    fastcgi_temp_path {home}/tmp_fastcgi;
+    uwsgi_temp_path {home}/tmp_uwsgi;
+    scgi_temp_path {home}/tmp_scgi;
+    keepalive_requests 100000;
+    server {{
+        listen 80 default_server;
+        listen [::]:80 default_server;
+        root {home}/www;
+        location / {{ default_type text/plain; }}
+    }}
+}}
+"""
+
+
+def split(bodies: list[str]) -> Counter[str]:
+    """Responses per server name ("" for failures)."""
+    return Counter(b.removeprefix("server ") for b in bodies)
+
+
+__all__ = ["VIP4", "VIP6", "Lab", "LabError", "LabSpec", "split"]

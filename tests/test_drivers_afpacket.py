@@ -1,0 +1,305 @@
+"""AF_PACKET ports (plain socket and TPACKET_V3 ring) on a veth pair in a throwaway namespace (root), and the BPF
+filter builder (no root)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import select
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute, netns
+
+from claimnet import VIP, client_addr, make_config, tcp
+from mplslb.balancer import Balancer
+from mplslb.drivers.afpacket import (
+    BPF_ACCEPT,
+    BPF_DROP,
+    BPF_RET_K,
+    PacketPort,
+    RingPort,
+    bpf_program,
+    open_port,
+)
+from mplslb.drivers.loop import BalancerDriver, Loop
+from mplslb.drivers.netns import entered
+from mplslb.wire.ethernet import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
+from mplslb.wire.mpls import stack_of
+
+ETH_P_LOCAL_EXP = 0x88B5  # IEEE 802 local experimental ethertype: nothing in the kernel answers it
+WAIT = 10.0  # seconds any exchange may take, at most
+CHUNK = 16  # frames sent between reads, well inside a socket's receive buffer
+_serial = itertools.count()
+
+root = pytest.mark.root
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates namespaces, veth pairs, packet sockets")
+PortClass = Callable[..., PacketPort | RingPort]
+KINDS = [pytest.param(PacketPort, id="plain"), pytest.param(RingPort, id="ring")]
+
+
+def ring_small(ifname: str, **kwargs: Any) -> RingPort:
+    """A ring of 16 x 256 KiB: enough for the bursts below, small enough for a test."""
+    return RingPort(ifname, block_size=1 << 18, block_nr=16, **kwargs)
+
+
+def opener(kind: PortClass) -> PortClass:
+    return ring_small if kind is RingPort else kind
+
+
+def wait_until_ready(ipr: IPRoute, names: tuple[str, ...]) -> None:
+    """Wait for the links to be usable. Until linkwatch has run (asynchronously, after the link comes up) a device
+    keeps the noop qdisc, which drops every frame sent while reporting success."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        links = [ipr.get_links(ipr.link_lookup(ifname=n)[0])[0] for n in names]
+        if all(link.get("IFLA_OPERSTATE") == "UP" and link.get("IFLA_QDISC") != "noop" for link in links):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"links {names} did not come up within {WAIT} s")
+
+
+@pytest.fixture
+def veth() -> Iterator[tuple[str, str, str]]:
+    """A namespace holding a veth pair (both ends up, IPv6 off so the kernel sends nothing): (netns, a, b)."""
+    pid = os.getpid()
+    name, a, b = f"mlbt{pid}a{next(_serial)}", f"mlbt{pid}a", f"mlbt{pid}b"
+    try:
+        netns.create(name)
+        with entered(name):
+            for conf in ("all", "default"):
+                with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+                    f.write("1")
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=a, kind="veth", peer=b)
+                for ifname in (a, b):
+                    ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
+                wait_until_ready(ipr, (a, b))
+        yield name, a, b
+    finally:
+        if name in netns.listnetns():
+            netns.remove(name)
+
+
+@pytest.fixture
+def ports(veth: tuple[str, str, str]) -> Iterator[Callable[..., PacketPort | RingPort]]:
+    """Opens ports in the veth namespace and closes every one of them after the test."""
+    name = veth[0]
+    opened: list[PacketPort | RingPort] = []
+
+    def open_in(kind: PortClass, ifname: str, **kwargs: Any) -> PacketPort | RingPort:
+        port = opener(kind)(ifname, netns=name, **kwargs)
+        opened.append(port)
+        return port
+
+    try:
+        yield open_in
+    finally:
+        for port in opened:
+            port.close()
+
+
+def frames_of(sizes: list[int], dst: bytes, src: bytes, ethertype: int = ETH_P_LOCAL_EXP) -> list[bytes]:
+    rng = random.Random(7)
+    header = build_ethernet(dst, src, ethertype)
+    return [header + i.to_bytes(4, "big") + rng.randbytes(size - len(header) - 4) for i, size in enumerate(sizes)]
+
+
+def read_until(port: PacketPort | RingPort, n: int, got: list[bytes], deadline: float) -> list[bytes]:
+    while len(got) < n and time.monotonic() < deadline:
+        select.select([port], [], [], 0.05)
+        got += port.recv_burst()
+    return got
+
+
+def carry(sender: PacketPort | RingPort, receiver: PacketPort | RingPort, frames: list[bytes]) -> list[bytes]:
+    """Send ``frames``, reading the other end between chunks; returns what arrived (bounded by time)."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + WAIT
+    for i, frame in enumerate(frames):
+        sender.send(frame)
+        if i % CHUNK == CHUNK - 1:
+            got += receiver.recv_burst(256)
+    return read_until(receiver, len(frames), got, deadline)
+
+
+# -- the filter program (no root) -----------------------------------------------------------------------------
+def test_bpf_program_without_accept_only_drops_outgoing():
+    prog = bpf_program(None)
+    assert len(prog) == 4 and prog[-2:] == [(BPF_RET_K, 0, 0, BPF_ACCEPT), (BPF_RET_K, 0, 0, BPF_DROP)]
+
+
+def test_bpf_program_jumps_land_inside_the_program():
+    for accept in ({ETH_P_MPLS_UC}, {ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6}, set(range(0x8800, 0x8820))):
+        prog = bpf_program(accept)
+        assert prog[-2:] == [(BPF_RET_K, 0, 0, BPF_DROP), (BPF_RET_K, 0, 0, BPF_ACCEPT)]
+        for at, (code, jt, jf, _) in enumerate(prog):
+            if code == 0x15:
+                assert at + 1 + max(jt, jf) < len(prog)
+
+
+def test_bpf_program_refuses_bad_sets():
+    for bad in (set(), {0x10000}, set(range(200))):
+        with pytest.raises(ValueError):
+            bpf_program(bad)
+
+
+# -- on a veth pair (root) ------------------------------------------------------------------------------------
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sizes", [[64] * 1000, [1500] * 1000, [60, 64, 1500, 1514] * 250], ids=["64", "1500", "mix"])
+def test_frames_cross_byte_for_byte_in_order(ports, veth, kind, sizes):
+    _, a, b = veth
+    left, right = ports(kind, a), ports(kind, b)
+    frames = frames_of(sizes, right.mac, left.mac)
+    got = carry(left, right, frames)
+    assert len(got) == len(frames)
+    assert got == frames
+    assert left.recv_burst() == []  # our own frames are not read back
+    assert right.stats() == (1000, 0)  # the kernel dropped none
+    assert not left.drops and not right.drops
+
+
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_directions_and_own_frames_ignored(ports, veth, kind):
+    _, a, b = veth
+    left, right = ports(kind, a), ports(kind, b)
+    there = frames_of([100] * 20, right.mac, left.mac)
+    back = frames_of([200] * 20, left.mac, right.mac)
+    assert carry(left, right, there) == there
+    assert carry(right, left, back) == back
+    time.sleep(0.01)
+    assert left.recv_burst() == [] and right.recv_burst() == []
+
+
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+def test_accept_filter_keeps_only_the_named_ethertypes(ports, veth, kind):
+    _, a, b = veth
+    left = ports(kind, a)
+    right = ports(kind, b, accept={ETH_P_MPLS_UC, ETH_P_IP})
+    dst, src = right.mac, left.mac
+    payload = stack_of([1001]) + bytes(40)
+    mixed = [
+        build_ethernet(dst, src, ETH_P_MPLS_UC) + payload,
+        build_ethernet(dst, src, ETH_P_LOCAL_EXP) + payload,
+        build_ethernet(dst, src, ETH_P_IP) + bytes(46),
+        build_ethernet(dst, src, ETH_P_IPV6) + bytes(46),
+        build_ethernet(dst, src, ETH_P_MPLS_UC, [7]) + payload,  # tagged: the tag is offloaded, then put back
+        build_ethernet(dst, src, ETH_P_LOCAL_EXP, [7]) + payload,
+        build_ethernet(dst, src, ETH_P_MPLS_UC, [7, 9]) + payload,  # Q-in-Q: the inner tag stays in the frame
+    ]
+    for frame in mixed:
+        left.send(frame)
+    expected = [mixed[0], mixed[2], mixed[4], mixed[6]]
+    got = read_until(right, len(expected), [], time.monotonic() + WAIT)
+    time.sleep(0.02)
+    got += right.recv_burst()
+    assert got == expected
+
+
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+def test_vlan_tags_are_put_back(ports, veth, kind):
+    _, a, b = veth
+    left, right = ports(kind, a), ports(kind, b)
+    tagged = [
+        build_ethernet(right.mac, left.mac, ETH_P_MPLS_UC, [0x2005]) + stack_of([1001]) + bytes(40),  # PCP 1
+        build_ethernet(right.mac, left.mac, ETH_P_MPLS_UC, [100, 200]) + stack_of([1003]) + bytes(40),
+        build_ethernet(right.mac, left.mac, ETH_P_8021Q) + (0).to_bytes(2, "big") + b"\x88\x47" + bytes(44),
+    ]
+    assert int.from_bytes(tagged[1][12:14], "big") == ETH_P_8021AD
+    assert carry(left, right, tagged) == tagged
+
+
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+def test_ring_or_socket_bursts_are_capped_and_resume(ports, veth, kind):
+    _, a, b = veth
+    left = ports(PacketPort, a)
+    right = ports(kind, b) if kind is RingPort else ports(kind, b, rcvbuf=4 << 20)
+    frames = frames_of([80] * 1000, right.mac, left.mac)
+    for frame in frames:
+        left.send(frame)
+    got: list[bytes] = []
+    deadline = time.monotonic() + WAIT
+    while len(got) < len(frames) and time.monotonic() < deadline:
+        select.select([right], [], [], 0.05)
+        burst = right.recv_burst(7)
+        assert len(burst) <= 7
+        got += burst
+    assert got == frames
+
+
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+def test_mac_is_the_interfaces_and_promisc_lasts_while_open(ports, veth, kind):
+    name, a, _ = veth
+
+    def link(ifname: str) -> Any:
+        with entered(name), IPRoute() as ipr:
+            return ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+
+    port = ports(kind, a, promisc=True)
+    info = link(a)
+    assert port.mac.hex(":") == info.get("IFLA_ADDRESS")
+    assert info.get("IFLA_PROMISCUITY") == 1  # a membership counts here; IFF_PROMISC shows only what users set
+    port.close()
+    assert link(a).get("IFLA_PROMISCUITY") == 0
+
+
+@root
+@needs_root
+def test_open_port_picks_the_kind(veth):
+    name, a, _ = veth
+    with open_port(a, netns=name) as plain, open_port(a, ring=True, accept={ETH_P_MPLS_UC}, netns=name) as ring:
+        assert type(plain) is PacketPort and type(ring) is RingPort
+        assert ring.accept == frozenset({ETH_P_MPLS_UC}) and plain.accept is None
+
+
+def test_ring_geometry_is_checked():
+    with pytest.raises(ValueError):
+        RingPort("lo", block_size=1000)
+    with pytest.raises(ValueError):
+        RingPort("lo", frame_size=100)
+
+
+@root
+@needs_root
+def test_balancer_driver_on_ring_ports(veth, ports):
+    """A client's SYN put on the wire of port 0 leaves port 2 labelled for the server (one veth pair: port 0 is one
+    end, port 2 the other, and the test reads what the balancer sends on a third socket)."""
+    _, a, b = veth
+    config = make_config(n_servers=1)
+    balancer = Balancer(config)
+    client_side, server_side = ports(RingPort, a), ports(RingPort, b)
+    wire = ports(PacketPort, a)  # sees what arrives on a: frames the balancer sent out of b
+    loop = Loop()
+    driver = BalancerDriver(balancer, {0: client_side, 2: server_side}, loop)
+    try:
+        syn = tcp(client_addr(0), VIP, 40000, 80, 0x02)
+        server_mac = config.servers[0].mac
+        frame = build_ethernet(config.ports[0].mac, bytes.fromhex("02c000000000"), ETH_P_IP) + syn
+        with open_port(b, netns=veth[0]) as injector:
+            injector.send(frame)  # leaves b, arrives on a: the balancer's client port reads it
+            got: list[bytes] = []
+            deadline = time.monotonic() + WAIT
+            while not got and time.monotonic() < deadline:
+                loop.run_once(0.05)
+                got = [f for f in wire.recv_burst() if f[0:6] == server_mac]
+        assert len(got) == 1
+        assert got[0][12:14] == b"\x88\x47" and got[0][18:] == syn
+        assert driver.frames_read[0] == 1 and driver.frames_written[2] == 1 and not driver.send_errors
+    finally:
+        driver.close()
+        loop.close()
