@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mplslb demo
 
-# Debian packages the tests read our packets with; installed only when missing.
+# Debian packages the tests use (tshark reads our packets; nginx, curl and wrk are the stock programs of the
+# lab); installed only when one is missing.
+DEBS := tshark nginx-light curl wrk
 debs:
-	@command -v tshark >/dev/null 2>&1 || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tshark >/dev/null; }
+	@missing=""; for tool in tshark nginx curl wrk nsenter; do command -v $$tool >/dev/null 2>&1 || \
+	  [ -x /usr/sbin/$$tool ] || missing=yes; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) util-linux >/dev/null; fi
 
 LINTED := src tests $(wildcard bench)
 

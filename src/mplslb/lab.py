@@ -289,16 +289,22 @@ class Lab:
         except FileNotFoundError:
             return ""
 
-    def _start_servers(self) -> None:
+    def start_nginx(self, j: int) -> None:
+        """Start (or restart) server ``j``'s nginx."""
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        keys = []
-        for j in range(self.spec.servers):
-            name = self.server_name(j)
-            home = self.dir / name
+        name = self.server_name(j)
+        home = self.dir / name
+        if not (home / "nginx.conf").exists():
             (home / "www").mkdir(parents=True)
             (home / "www" / "index.html").write_text(f"server {name}\n")
             (home / "nginx.conf").write_text(_nginx_conf(home))
-            self._spawn(f"nginx-{name}", [nginx, "-p", str(home), "-c", str(home / "nginx.conf")], ns=self.server_ns(j))
+        self._spawn(f"nginx-{name}", [nginx, "-p", str(home), "-c", str(home / "nginx.conf")], ns=self.server_ns(j))
+
+    def _start_servers(self) -> None:
+        keys = []
+        for j in range(self.spec.servers):
+            name = self.server_name(j)
+            self.start_nginx(j)
             key = f"agent-{name}"
             self._mplslb(key, self.server_ns(j), "agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6)
             keys.append(key)
@@ -445,6 +451,11 @@ class Lab:
         from mplslb.control.client import request
 
         return request(self.control_socket, {"cmd": "status"})
+
+    def command(self, **req: Any) -> dict[str, Any]:
+        from mplslb.control.client import request
+
+        return request(self.control_socket, req)
 
     def kill_nginx(self, j: int) -> None:
         key = f"nginx-{self.server_name(j)}"
