@@ -346,3 +346,13 @@ def test_flags_beyond_the_frame_are_not_reported(table: LabelSwitchingTable) -> 
     assert result == 2 and len(out) == 1 and events == []
     bare = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, b"")  # nothing at all under the label
     assert switch(table, 0, bare)[0] == 2
+
+
+def test_change_log_records_installs_and_withdrawals_for_offload(table: LabelSwitchingTable) -> None:
+    assert table.take_changes() == []  # off by default
+    table.changes = []
+    install_c2s(table)
+    table.withdraw(LABEL)
+    table.withdraw(LABEL)  # not installed any more: nothing to record
+    assert table.take_changes() == [LABEL, -LABEL]
+    assert table.take_changes() == []

@@ -105,6 +105,9 @@ class LabelSwitchingTable:
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
         self.installed = 0
         self.drops: dict[str, int] = {}
+        #: When a list, every install (+label) and withdrawal (-label) is appended, for a driver that mirrors the
+        #: table elsewhere (kernel offload) to drain with :meth:`take_changes`.
+        self.changes: list[int] | None = None
 
     # -- control plane -------------------------------------------------------------------------------------------
     def install(
@@ -142,11 +145,20 @@ class LabelSwitchingTable:
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
+        if self.changes is not None:
+            self.changes.append(label)
+
+    def take_changes(self) -> list[int]:
+        """Labels installed (positive) and withdrawn (negative) since the last call, in order."""
+        changes, self.changes = self.changes or [], [] if self.changes is not None else None
+        return changes
 
     def withdraw(self, label: int) -> None:
         """Remove ``label`` from the table: later frames with it are dropped as ``label_unknown``."""
         if self.valid[label]:
             self.installed -= 1
+            if self.changes is not None:
+                self.changes.append(-label)
         self.valid[label] = 0
         self.watch[label] = 0
         self.out_port[label] = -1
