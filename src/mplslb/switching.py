@@ -30,6 +30,8 @@ import struct
 from array import array
 from typing import NamedTuple
 
+import numpy as np
+
 from mplslb.wire.ethernet import ETH_P_8021Q, ETH_P_MPLS_UC
 
 LABEL_SPACE = 1 << 20
@@ -108,6 +110,7 @@ class LabelSwitchingTable:
         #: When a list, every install (+label) and withdrawal (-label) is appended, for a driver that mirrors the
         #: table elsewhere (kernel offload) to drain with :meth:`take_changes`.
         self.changes: list[int] | None = None
+        self._block: BlockTables | None = None  # numpy mirrors for the block fast path, made on first use
 
     # -- control plane -------------------------------------------------------------------------------------------
     def install(
@@ -142,6 +145,8 @@ class LabelSwitchingTable:
         self.rewrite[label] = bytes(next_hop) + self._port_macs[out_port]
         self.peer[label] = bytes(peer)
         self.peer_ip[label] = bytes(peer_ip)
+        if self._block is not None:
+            self._block.install(label, self.rewrite[label], self.peer[label], self.peer_ip[label])
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
@@ -166,6 +171,8 @@ class LabelSwitchingTable:
         self.rewrite[label] = b""
         self.peer[label] = b""
         self.peer_ip[label] = b""
+        if self._block is not None:
+            self._block.withdraw(label)
 
     def account(self, label: int, size: int, now: float) -> None:
         """Count a frame of ``label``'s session that went by the slow path (an unlabelled frame of it)."""
@@ -269,3 +276,286 @@ class LabelSwitchingTable:
                 flags = frame[at]
         if watch & WATCH_ALL or flags & (TCP_FIN | TCP_RST):
             events.append(FastEvent(label, frame, ip, flags, now))
+
+
+class BlockTables:
+    """Numpy mirrors of the per-label rows the block fast path needs, kept in step by install/withdraw.
+
+    The scalar path keeps bytes objects per label (cheapest to join one frame at a time); a block of frames
+    needs the same facts as fixed-width arrays to gather and scatter in bulk. The arrays cost about 110 bytes per
+    label over the whole label space (about 115 MB), allocated once, only when the block path is first used.
+    """
+
+    def __init__(self, table: LabelSwitchingTable) -> None:
+        self.rewrite = np.zeros((LABEL_SPACE, 12), dtype=np.uint8)
+        self.peer = np.zeros((LABEL_SPACE, 6), dtype=np.uint8)
+        self.peer_ip4 = np.zeros((LABEL_SPACE, 4), dtype=np.uint8)
+        self.peer_ip6 = np.zeros((LABEL_SPACE, 16), dtype=np.uint8)
+        self.has_peer_ip = np.zeros(LABEL_SPACE, dtype=np.bool_)
+        # The same rows as machine words, for blocks whose frames start 2 bytes past a 4-byte boundary (as in a
+        # TPACKET ring, where the IP header is 16-byte aligned): then every field sits on a word boundary and is
+        # read or written with one gather per word instead of one per byte.
+        self.rewrite_w = np.zeros((LABEL_SPACE, 3), dtype=np.uint32)  # bytes 2..13 of the frame: see _aligned
+        self.rewrite_h = np.zeros(LABEL_SPACE, dtype=np.uint16)  # bytes 0..1
+        self.peer_w = np.zeros(LABEL_SPACE, dtype=np.uint32)  # source MAC bytes 0..3 (frame bytes 6..9)
+        self.peer_h = np.zeros(LABEL_SPACE, dtype=np.uint16)  # source MAC bytes 4..5 (frame bytes 10..11)
+        self.peer_ip4_w = np.zeros(LABEL_SPACE, dtype=np.uint32)
+        self.peer_ip6_w = np.zeros((LABEL_SPACE, 4), dtype=np.uint32)
+        # Views over the scalar path's arrays: one table, two ways to read it.
+        self.valid = np.frombuffer(table.valid, dtype=np.uint8)
+        self.watch = np.frombuffer(table.watch, dtype=np.uint8)
+        self.v6 = np.frombuffer(table.v6, dtype=np.uint8)
+        self.out_port = np.frombuffer(table.out_port, dtype=np.int32)
+        self.in_port = np.frombuffer(table.in_port, dtype=np.int32)
+        self.tcp_offset = np.frombuffer(table.tcp_offset, dtype=np.uint16)
+        self.packets = np.frombuffer(table.packets, dtype=np.uint64)
+        self.bytes = np.frombuffer(table.bytes, dtype=np.uint64)
+        self.last_seen = np.frombuffer(table.last_seen, dtype=np.float64)
+        self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
+        for label in np.flatnonzero(self.valid):
+            self.install(int(label), table.rewrite[label], table.peer[label], table.peer_ip[label])
+
+    def install(self, label: int, rewrite: bytes, peer: bytes, peer_ip: bytes) -> None:
+        self.rewrite[label] = np.frombuffer(rewrite, dtype=np.uint8)
+        self.peer[label] = np.frombuffer(peer, dtype=np.uint8)
+        self.has_peer_ip[label] = bool(peer_ip)
+        # Frame bytes 0..13 are the rewrite (12 bytes) and the ethertype, unchanged, so the words we write are
+        # bytes 0..1 (a half word) and 2..13 (three words) with the ethertype carried in the last word.
+        words = rewrite + _MPLS_ETHERTYPE
+        self.rewrite_h[label] = np.frombuffer(words[0:2], dtype=np.uint16)[0]
+        self.rewrite_w[label] = np.frombuffer(words[2:14], dtype=np.uint32)
+        self.peer_w[label] = np.frombuffer(peer[0:4], dtype=np.uint32)[0]
+        self.peer_h[label] = np.frombuffer(peer[4:6], dtype=np.uint16)[0]
+        if len(peer_ip) == 4:
+            self.peer_ip4[label] = np.frombuffer(peer_ip, dtype=np.uint8)
+            self.peer_ip4_w[label] = np.frombuffer(peer_ip, dtype=np.uint32)[0]
+        elif len(peer_ip) == 16:
+            self.peer_ip6[label] = np.frombuffer(peer_ip, dtype=np.uint8)
+            self.peer_ip6_w[label] = np.frombuffer(peer_ip, dtype=np.uint32)
+
+    def withdraw(self, label: int) -> None:
+        self.has_peer_ip[label] = False
+
+
+_ETH_ADDRS_RANGE = np.arange(_ETH_ADDRS, dtype=np.int64)
+_SRC_MAC_RANGE = np.arange(6, 12, dtype=np.int64)
+_IP4_RANGE = np.arange(4, dtype=np.int64)
+_IP6_RANGE = np.arange(16, dtype=np.int64)
+_MPLS_AT = 14  # the block path takes untagged frames; tagged ones go one at a time
+_IP_AT = _MPLS_AT + 4
+
+
+class BlockVerdict(NamedTuple):
+    """What :meth:`LabelSwitchingTable.switch_block` did with each frame of a block."""
+
+    out_port: np.ndarray  # per frame: the output port, or -1 when not switched here
+    labels: np.ndarray  # per frame: the label read (0 when none)
+    switched: np.ndarray  # per frame: True when forwarded by the block path (rewritten in place)
+
+
+def _block_tables(table: LabelSwitchingTable) -> BlockTables:
+    if table._block is None:
+        table._block = BlockTables(table)
+    return table._block
+
+
+def switch_block(
+    table: LabelSwitchingTable,
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    ports: np.ndarray,
+    now: float,
+    events: list[FastEvent],
+) -> BlockVerdict:
+    """Switch every frame of a block that the fast path can take, in bulk, rewriting it in place in ``buf``.
+
+    ``buf`` is a uint8 array holding the frames; frame i is ``buf[starts[i] : starts[i] + lengths[i]]`` and arrived
+    on ``ports[i]``. A frame is taken when it is an untagged MPLS frame whose label is installed, bound to that
+    port, source MAC and IP source, at the bottom of its stack, with a TTL above 1: exactly the frames the scalar
+    :meth:`LabelSwitchingTable.switch` would forward. Those are rewritten (Ethernet addresses, TTL - 1) where they
+    lie and counted; the caller sends ``buf[start : start + length]`` to ``out_port``. Every other frame is left
+    untouched for the one-at-a-time path, which drops it under its reason or analyses it. Reports for the session
+    manager (FIN/RST, watched labels) are appended to ``events`` in frame order.
+    """
+    t = _block_tables(table)
+    n = len(starts)
+    starts = starts.astype(np.int64, copy=False)
+    lengths = lengths.astype(np.int64, copy=False)
+    if n and _word_aligned(buf, starts):
+        return _switch_aligned(t, buf, starts, lengths, ports, now, events)
+    long_enough = lengths >= _IP_AT
+    at = np.where(long_enough, starts, 0)
+    ethertype = (buf[at + 12].astype(np.uint32) << 8) | buf[at + 13]
+    mpls = long_enough & (ethertype == ETH_P_MPLS_UC)
+    entry = (
+        (buf[at + 14].astype(np.uint32) << 24)
+        | (buf[at + 15].astype(np.uint32) << 16)
+        | (buf[at + 16].astype(np.uint32) << 8)
+        | buf[at + 17]
+    )
+    labels = np.where(mpls, entry >> 12, 0).astype(np.int64)
+    ok = mpls & (t.valid[labels] != 0) & (labels > RESERVED_LABEL_MAX)
+    ok &= t.in_port[labels] == ports
+    ok &= (buf[at[:, None] + _SRC_MAC_RANGE] == t.peer[labels]).all(axis=1)
+    ok &= (entry & _BOTTOM_OF_STACK) != 0
+    ok &= (entry & 0xFF) > 1
+    v6 = t.v6[labels] != 0
+    check_ip = ok & t.has_peer_ip[labels]
+    if check_ip.any():
+        ip4 = check_ip & ~v6 & (lengths >= _IP_AT + _IPV4_SRC + 4)
+        ip6 = check_ip & v6 & (lengths >= _IP_AT + _IPV6_SRC + 16)
+        good = np.zeros(n, dtype=np.bool_)
+        if ip4.any():
+            rows = np.flatnonzero(ip4)
+            src = buf[(starts[rows] + _IP_AT + _IPV4_SRC)[:, None] + _IP4_RANGE]
+            good[rows] = (src == t.peer_ip4[labels[rows]]).all(axis=1)
+        if ip6.any():
+            rows = np.flatnonzero(ip6)
+            src = buf[(starts[rows] + _IP_AT + _IPV6_SRC)[:, None] + _IP6_RANGE]
+            good[rows] = (src == t.peer_ip6[labels[rows]]).all(axis=1)
+        ok &= ~check_ip | good
+    rows = np.flatnonzero(ok)
+    taken = labels[rows]
+    if len(rows):
+        begin = starts[rows]
+        buf[begin[:, None] + _ETH_ADDRS_RANGE] = t.rewrite[taken]
+        buf[begin + 17] -= 1  # the TTL byte of the label entry (checked > 1 above)
+        _count(t, taken, lengths[rows], now)
+        watch = t.watch[taken]
+        watched = np.flatnonzero(watch)
+        if len(watched):
+            _block_reports(t, buf, starts, lengths, rows[watched], taken[watched], watch[watched], now, events)
+    out_port = np.full(n, -1, dtype=np.int32)
+    out_port[rows] = t.out_port[taken]
+    return BlockVerdict(out_port, labels, ok)
+
+
+def _word_aligned(buf: np.ndarray, starts: np.ndarray) -> bool:
+    """Do all frames start 2 bytes past a 4-byte boundary of a word-viewable buffer?"""
+    return (
+        buf.dtype == np.uint8
+        and buf.ndim == 1
+        and buf.flags.c_contiguous
+        and buf.ctypes.data % 4 == 0
+        and len(buf) % 4 == 0
+        and bool(((starts & 3) == 2).all())
+    )
+
+
+def _switch_aligned(
+    t: BlockTables,
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    ports: np.ndarray,
+    now: float,
+    events: list[FastEvent],
+) -> BlockVerdict:
+    """:func:`switch_block` for word-aligned frames: the same checks and rewrite, one gather or scatter per word.
+
+    With a frame starting at s = 4k + 2: the ethertype is the half word at s + 12, the label entry the word at
+    s + 14, the source MAC the word at s + 6 and the half word at s + 10, the IPv4 source the word at s + 30,
+    the IPv6 source the four words from s + 26; the rewritten addresses are the half word at s and the three
+    words from s + 2 (the last one carries the unchanged ethertype).
+    """
+    n = len(starts)
+    half = buf.view(np.uint16)
+    word = buf.view(np.uint32)
+    big_half = buf.view(">u2")
+    big_word = buf.view(">u4")
+    long_enough = lengths >= _IP_AT
+    at = np.where(long_enough, starts, 2)
+    mpls = long_enough & (big_half[(at + 12) >> 1] == ETH_P_MPLS_UC)
+    entry = big_word[(at + 14) >> 2].astype(np.uint32)
+    labels = np.where(mpls, entry >> 12, 0).astype(np.int64)
+    ok = mpls & (t.valid[labels] != 0) & (labels > RESERVED_LABEL_MAX)
+    ok &= t.in_port[labels] == ports
+    ok &= word[(at + 6) >> 2] == t.peer_w[labels]
+    ok &= half[(at + 10) >> 1] == t.peer_h[labels]
+    ok &= (entry & _BOTTOM_OF_STACK) != 0
+    ok &= (entry & 0xFF) > 1
+    v6 = t.v6[labels] != 0
+    check_ip = ok & t.has_peer_ip[labels]
+    if check_ip.any():
+        ip4 = check_ip & ~v6 & (lengths >= _IP_AT + _IPV4_SRC + 4)
+        good = np.zeros(n, dtype=np.bool_)
+        good[ip4] = word[(starts[ip4] + _IP_AT + _IPV4_SRC) >> 2] == t.peer_ip4_w[labels[ip4]]
+        ip6 = check_ip & v6 & (lengths >= _IP_AT + _IPV6_SRC + 16)
+        if ip6.any():
+            rows6 = np.flatnonzero(ip6)
+            first = (starts[rows6] + _IP_AT + _IPV6_SRC) >> 2
+            src = word[first[:, None] + np.arange(4)]
+            good[rows6] = (src == t.peer_ip6_w[labels[rows6]]).all(axis=1)
+        ok &= ~check_ip | good
+    rows = np.flatnonzero(ok)
+    taken = labels[rows]
+    if len(rows):
+        begin = starts[rows]
+        half[begin >> 1] = t.rewrite_h[taken]
+        first_word = (begin + 2) >> 2
+        words = t.rewrite_w[taken]
+        word[first_word] = words[:, 0]
+        word[first_word + 1] = words[:, 1]
+        word[first_word + 2] = words[:, 2]
+        buf[begin + 17] -= 1  # the TTL byte of the label entry (checked > 1 above)
+        _count(t, taken, lengths[rows], now)
+        watch = t.watch[taken]
+        watched = np.flatnonzero(watch)
+        if len(watched):
+            _block_reports(t, buf, starts, lengths, rows[watched], taken[watched], watch[watched], now, events)
+    out_port = np.full(n, -1, dtype=np.int32)
+    out_port[rows] = t.out_port[taken]
+    return BlockVerdict(out_port, labels, ok)
+
+
+def _count(t: BlockTables, taken: np.ndarray, lengths: np.ndarray, now: float) -> None:
+    """Per-label packets, bytes and last-seen for the switched frames.
+
+    A fancy-index add counts a label that repeats within the block once, and ``np.add.at`` is slow (about 100 ns
+    an element), so: a stamp picks one occurrence of each label (whichever the scatter kept), those are added
+    with plain fancy indexing (their labels are distinct), and only the other occurrences go through ``add.at``.
+    """
+    stamp = t.stamp
+    order = np.arange(len(taken), dtype=np.int64)
+    stamp[taken] = order
+    first = stamp[taken] == order
+    sizes = lengths.astype(np.uint64)
+    if bool(first.all()):
+        t.packets[taken] += np.uint64(1)
+        t.bytes[taken] += sizes
+    else:
+        once = taken[first]
+        t.packets[once] += np.uint64(1)
+        t.bytes[once] += sizes[first]
+        again = ~first
+        np.add.at(t.packets, taken[again], np.uint64(1))
+        np.add.at(t.bytes, taken[again], sizes[again])
+    t.last_seen[taken] = now
+
+
+def _block_reports(
+    t: BlockTables,
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    watch: np.ndarray,
+    now: float,
+    events: list[FastEvent],
+) -> None:
+    """The scalar path's ``_report`` for the watched frames of a block: peek at the TCP flags, report FIN/RST and
+    every frame of labels whose response time is being measured."""
+    begin = starts[rows]
+    end = begin + lengths[rows]
+    ip = begin + _IP_AT
+    v4_offset = (buf[np.minimum(ip, end - 1)] & 0x0F).astype(np.int64) * 4
+    offset = np.where(t.v6[labels] != 0, t.tcp_offset[labels].astype(np.int64), v4_offset)
+    flag_at = ip + offset + _TCP_FLAGS_OFFSET
+    peek = ((watch & WATCH_TCP_END) != 0) & (flag_at < end) & (ip < end)
+    flags = np.where(peek, buf[np.where(peek, flag_at, 0)], 0)
+    report = ((watch & WATCH_ALL) != 0) | ((flags & (TCP_FIN | TCP_RST)) != 0)
+    for k in np.flatnonzero(report):
+        b, e = int(begin[k]), int(end[k])
+        events.append(FastEvent(int(labels[k]), buf[b:e].tobytes(), _IP_AT, int(flags[k]), now))
