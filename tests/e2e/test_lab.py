@@ -268,6 +268,35 @@ def test_bad_traffic_is_dropped_and_counted_and_forged_labels_reach_no_server(la
         sniffer.close()
 
 
+def test_wrk_through_the_agents_and_the_balancer(lab: Lab) -> None:
+    figures = lab.wrk(0, seconds=2, connections=8)
+    assert figures.get("requests", 0) > 100  # a stock load generator, unchanged, through labels
+    assert figures["non_2xx"] == 0 and figures["socket_errors"] == 0
+
+
+def test_drained_server_takes_no_new_sessions_and_its_sessions_finish(lab: Lab) -> None:
+    with entered(lab.client_ns(2)):
+        keep = socket.create_connection((VIP4, 80), timeout=5)
+    try:
+        keep.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+        first = keep.recv(4096)
+        server = first.split(b"\r\n\r\n", 1)[1].decode().split()[1]
+        assert lab.command(cmd="drain", server=server).get("ok")
+        bodies = lab.curl(0, 30)
+        assert all(bodies) and server not in split(bodies)
+        keep.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+        assert keep.recv(4096).endswith(f"server {server}\n".encode())  # the existing session goes on
+    finally:
+        keep.close()
+        lab.command(cmd="weight", server=server, weight=1)
+        lab.command(cmd="up", server=server)
+    wait_for(
+        lambda: {s["name"]: s for s in lab.status()["status"]["servers"]}[server]["status"] == "up",
+        10,
+        f"{server} back up",
+    )
+
+
 def test_prometheus_metrics_are_served(lab: Lab) -> None:
     out = lab.run_in(lab.lb, ["curl", "-s", "--max-time", "5", "http://127.0.0.1:9108/metrics"]).stdout
     for name in ("mplslb_sessions_started_total", "mplslb_labels_in_use", "mplslb_server_up", "mplslb_frames_total"):
