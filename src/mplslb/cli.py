@@ -191,6 +191,45 @@ def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
     sys.exit(run_daemon(config_path, ready_file=ready_file))
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("pcap_in", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("pcap_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--port", "port_map", multiple=True, help="MAC=PORT: frames from this source MAC arrive on PORT.")
+@click.option("--default-port", default=0, show_default=True, help="Ingress port of frames no --port names.")
+@click.option("--drain", default=0.0, show_default=True, help="Seconds of timers to run after the last frame.")
+def replay(
+    config_path: Path, pcap_in: Path, pcap_out: Path, port_map: tuple[str, ...], default_port: int, drain: float
+) -> None:
+    """Replay a capture through the balancer (no root, no interfaces) and write what it sends."""
+    from mplslb.balancer import Balancer
+    from mplslb.daemon import load_daemon_config
+    from mplslb.drivers.pcapdrv import replay as run_replay
+    from mplslb.wire.errors import WireError
+    from mplslb.wire.ethernet import mac_from_str
+
+    try:
+        config = load_daemon_config(config_path, need_interfaces=False).balancer
+        ports = {}
+        for item in port_map:
+            mac, _, port = item.partition("=")
+            ports[mac_from_str(mac)] = int(port)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--port") from None
+    balancer_ = Balancer(config)
+    try:
+        counts = run_replay(balancer_, pcap_in, pcap_out, port_map=ports, default_port=default_port, drain=drain)
+    except WireError as exc:
+        raise click.ClickException(f"{pcap_in}: {exc}") from None
+    stats = balancer_.stats()
+    click.echo(
+        f"{counts.fed} frames in, {counts.written} out; fast path {stats.fast_path}, slow path {stats.slow_path}, "
+        f"sessions {stats.sessions_started}, drops {sum(stats.drops.values())} {dict(sorted(stats.drops.items()))}"
+    )
+
+
 @main.group()
 def agent() -> None:
     """Endpoint agents: let stock programs use session labels through a TUN device."""

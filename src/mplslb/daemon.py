@@ -51,7 +51,7 @@ class DaemonConfig:
     ring: bool
 
 
-def load_daemon_config(path: str | Path) -> DaemonConfig:
+def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
     source, data = load_toml(path)
     top = Section(source, "", data)
     hsec = top.section("health_check")
@@ -86,7 +86,7 @@ def load_daemon_config(path: str | Path) -> DaemonConfig:
     balancer = balancer_config_from_section(top)
     top.done()
     for index, port_config in enumerate(balancer.ports):
-        if port_config.kind == "ethernet" and not port_config.interface:
+        if need_interfaces and port_config.kind == "ethernet" and not port_config.interface:
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
         if port_config.kind == "mpls_udp" and port_config.role != "client":
             # Servers sit on the balancer's own segments; MPLS-in-UDP is for clients across routed networks.
