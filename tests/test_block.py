@@ -129,3 +129,17 @@ def test_a_forged_or_expired_frame_is_left_to_the_one_frame_path() -> None:
     after = b.stats().drops
     assert after.get("label_wrong_ingress", 0) == before.get("label_wrong_ingress", 0) + 1
     assert after.get("mpls_ttl_expired", 0) == before.get("mpls_ttl_expired", 0) + 1
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_blocks_of_runts_go_to_the_one_frame_path(aligned: bool) -> None:
+    config, _ = recording()
+    one, block = Balancer(config), Balancer(config)
+    runts = [(0, b""), (1, b"\x01\x02"), (0, b"\xff" * 13), (2, b"\x00" * 17)]
+    buf, starts, lengths, ports = pack(runts, gap=0, aligned=aligned)
+    result = block.receive_block(buf, starts, lengths, ports, 1.0)
+    expected: Frames = []
+    for port, frame in runts:
+        expected += one.receive(port, frame, 1.0)
+    assert listed(result, buf, starts, lengths) == expected == []
+    assert one.stats().drops == block.stats().drops and block.stats().frames_in == len(runts)

@@ -252,6 +252,7 @@ def _compile_switch(
     valid, in_port, peer, peer_ip_of, v6 = table.valid, table.in_port, table.peer, table.peer_ip, table.v6
     out_port_of, rewrite, packets, octets = table.out_port, table.rewrite, table.packets, table.bytes
     last_seen, watch_of, drop, report = table.last_seen, table.watch, table._drop, table._report
+    tcp_offset = table.tcp_offset
     unpack_entry, pack_entry = _ENTRY.unpack_from, _ENTRY.pack
     mpls_ethertype, join = _MPLS_ETHERTYPE, b"".join
 
@@ -293,7 +294,12 @@ def _compile_switch(
         last_seen[label] = now
         watch = watch_of[label]
         if watch:
-            report(label, watch, frame, ip, entry, now, events)
+            if watch & WATCH_ALL:
+                report(label, watch, frame, ip, entry, now, events)
+            elif ip < n:  # TCP: only FIN and RST go to the session manager; peek at the flags byte here, inline
+                at = ip + (tcp_offset[label] if v6[label] else (frame[ip] & 0x0F) * 4) + _TCP_FLAGS_OFFSET
+                if at < n and frame[at] & (TCP_FIN | TCP_RST):
+                    report(label, watch, frame, ip, entry, now, events)
         return out_port
 
     return switch
@@ -403,10 +409,12 @@ def switch_block(
     n = len(starts)
     starts = starts.astype(np.int64, copy=False)
     lengths = lengths.astype(np.int64, copy=False)
-    if n and _word_aligned(buf, starts):
+    if not bool((lengths >= _IP_AT).any()):  # nothing long enough to carry a label: all for the one-frame path
+        return BlockVerdict(np.full(n, -1, dtype=np.int32), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.bool_))
+    if _word_aligned(buf, starts):
         return _switch_aligned(t, buf, starts, lengths, ports, now, events)
     long_enough = lengths >= _IP_AT
-    at = np.where(long_enough, starts, 0)
+    at = np.where(long_enough, starts, starts[np.argmax(long_enough)])  # short frames read a long one's bytes
     ethertype = (buf[at + 12].astype(np.uint32) << 8) | buf[at + 13]
     mpls = long_enough & (ethertype == ETH_P_MPLS_UC)
     entry = (
@@ -486,7 +494,7 @@ def _switch_aligned(
     big_half = buf.view(">u2")
     big_word = buf.view(">u4")
     long_enough = lengths >= _IP_AT
-    at = np.where(long_enough, starts, 2)
+    at = np.where(long_enough, starts, starts[np.argmax(long_enough)])  # short frames read a long one's bytes
     mpls = long_enough & (big_half[(at + 12) >> 1] == ETH_P_MPLS_UC)
     entry = big_word[(at + 14) >> 2].astype(np.uint32)
     labels = np.where(mpls, entry >> 12, 0).astype(np.int64)
