@@ -18,17 +18,37 @@ frame as it was on the wire.
 block is full or when its retire timer (``retire_ms``, rounded up to a jiffy) fires. Frames are copied out of the
 ring and each block goes back to the kernel (``block_status = TP_STATUS_KERNEL``) once all its frames are copied.
 Sending uses plain ``send()`` on the same socket for both ports.
+
+The zero-copy block path (issue: "TPACKET_V3 rings for receive and transmit, one system call per block")
+-------------------------------------------------------------------------------------------------------
+:meth:`RingPort.recv_block` hands out a block the kernel has filled as it lies in the ring: a uint8 numpy view of the
+block and the offsets and lengths of its frames, which ``Balancer.receive_block`` rewrites in place. TPACKET_V3
+places each frame's network header on a 16-byte boundary, so an Ethernet frame starts 2 bytes past a 4-byte
+boundary, which is what the core's word-aligned variant needs. The block stays the caller's until every view of it
+is released (``RxBlock.release``); meanwhile the kernel fills the other blocks, and when all are held it drops.
+
+:class:`TxRing` is the sending half: a PACKET_TX_RING (TPACKET_V2: TX rings with V3 need Linux 4.11 and gain nothing
+for fixed-size slots) on a second AF_PACKET socket bound to the same interface for no protocol, so it receives
+nothing. Frames are copied into free slots (``queue``; ``queue_block`` copies a whole block's frames with a few
+numpy operations) and one ``send()`` with ``MSG_DONTWAIT`` (``flush``) makes the kernel transmit every slot marked
+``TP_STATUS_SEND_REQUEST``. A port opened with ``tx_ring=True`` sends through it with :meth:`send_many`,
+:meth:`send_block` and :meth:`flush`; ``send()`` stays the plain socket's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
+import math
 import mmap
 import socket
 import struct
-from collections.abc import Iterable
-from typing import Self
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, Self
+
+import numpy as np
 
 from mplslb.drivers.netns import entered
 from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021AD, ETH_P_8021Q
@@ -41,17 +61,28 @@ PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
 PACKET_VERSION = 10
+PACKET_TX_RING = 13
+PACKET_LOSS = 14
+PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_PROMISC = 1
 PACKET_OUTGOING = 4
+TPACKET_V2 = 1
 TPACKET_V3 = 2
 SO_ATTACH_FILTER = 26
+SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+SIOCGIFMTU = 0x8921
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
+# TX ring slot states (tp_status of struct tpacket2_hdr)
+TP_STATUS_AVAILABLE = 0
+TP_STATUS_SEND_REQUEST = 1 << 0
+TP_STATUS_SENDING = 1 << 1
+TP_STATUS_WRONG_FORMAT = 1 << 2
 
 # Classic BPF opcodes and the ancillary offset that loads skb->pkt_type.
 BPF_LD_W_ABS = 0x20
@@ -86,6 +117,23 @@ PKT_VLAN_TPID = 36
 TPACKET3_HDRLEN = 48  # TPACKET_ALIGN(sizeof(struct tpacket3_hdr)); sockaddr_ll follows
 SLL_PKTTYPE = TPACKET3_HDRLEN + 10
 TPACKET_ALIGNMENT = 16
+# One unpack per frame for the block walk: next_offset, snaplen, len, status, mac, vlan_tci, vlan_tpid, and the
+# sockaddr_ll's pkttype (byte 58).
+_PKT_WALK = struct.Struct("=I8xIIIH6xIH20xB")
+assert _PKT_WALK.size == SLL_PKTTYPE + 1
+_RUN_MIN = 16  # frames at one stride read with numpy rather than one by one (see RingPort._walk)
+
+# TPACKET_V2 TX ring: struct tpacket_req, struct tpacket2_hdr (tp_status, tp_len, tp_snaplen at its start). Without
+# PACKET_TX_HAS_OFF the kernel reads the frame at TPACKET2_HDRLEN - sizeof(struct sockaddr_ll) = 32.
+_REQ = struct.Struct("=IIII")
+_TX_HDR = struct.Struct("=III")
+TPACKET2_DATA = 32
+ETH_HLEN = 14
+VLAN_HLEN = 4
+DEFAULT_TX_FRAMES = 4096
+DEFAULT_TX_FRAME_SIZE = 2048  # a 1500-byte MTU frame (and a VLAN tag) fits after the 32-byte header
+_TX_COPY_ROUND = 64  # frames of a block are copied in windows of their length rounded up to this
+_IFREQ_MTU = struct.Struct("16si12x")
 
 
 class _SockFilter(ctypes.Structure):
@@ -136,15 +184,271 @@ def with_vlan_tag(frame: bytes | memoryview, tci: int, tpid: int) -> bytes:
     return bytes(frame[: 2 * ETH_ALEN]) + _VLAN_TAG.pack(tpid, tci) + bytes(frame[2 * ETH_ALEN :])
 
 
+class RxBlock(NamedTuple):
+    """A block of a TPACKET_V3 receive ring, lent zero-copy by :meth:`RingPort.recv_block`.
+
+    Frame i is ``buf[starts[i] : starts[i] + lengths[i]]``; ``buf`` is a uint8 view of the block inside the ring
+    (4-byte aligned, its length a multiple of 4, frames starting 2 bytes past a 4-byte boundary), which the caller
+    may rewrite in place. ``tagged`` holds copies of the frames whose VLAN tag the kernel had taken into metadata,
+    with the tag put back (they cannot be restored in place); they are not in ``starts``, and come in arrival order
+    among themselves. Call ``release()`` once everything taken from the block is sent (copied out): the kernel may
+    then refill it, so neither ``buf`` nor anything sliced from it may be used afterwards. Releasing twice is
+    harmless.
+    """
+
+    buf: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    release: Callable[[], None]
+    tagged: list[bytes]
+
+
+def interface_mtu(sock: socket.socket, ifname: str) -> int:
+    """The MTU of ``ifname`` (in the namespace ``sock`` belongs to)."""
+    raw = fcntl.ioctl(sock.fileno(), SIOCGIFMTU, _IFREQ_MTU.pack(ifname.encode(), 0))
+    return int(_IFREQ_MTU.unpack(raw)[1])
+
+
+class TxRing:
+    """A PACKET_TX_RING (TPACKET_V2) on its own AF_PACKET socket bound to ``ifname``: queue, then flush.
+
+    ``frame_nr`` slots of ``frame_size`` bytes; a frame longer than ``frame_size - 32`` bytes or than the
+    interface's MTU plus its Ethernet header (4 more with a VLAN tag) cannot be queued (ValueError). ``queue``
+    copies a frame into the next slot and marks it ``TP_STATUS_SEND_REQUEST``; when that slot is still the
+    kernel's it returns False (the ring is full: flush, then queue again). ``flush`` is one ``send()`` with
+    ``MSG_DONTWAIT``: the kernel transmits every requested slot in order and returns; it gives a slot back
+    (``TP_STATUS_AVAILABLE``) once the frame's buffer is freed. A slot the kernel could not take then (socket send
+    buffer full) stays requested and goes with the next flush. ``PACKET_LOSS`` is set, so a frame the kernel finds
+    malformed is skipped rather than stopping the ring (the length checks above keep those out).
+
+    Counters: ``queued`` (frames copied in), ``sent`` (frames the kernel took, seen after each flush), ``flushes``,
+    ``full`` (queue refusals for want of a slot), ``errors`` (flush failures by errno name).
+    """
+
+    def __init__(
+        self,
+        ifname: str,
+        *,
+        netns: str | None = None,
+        frame_size: int = DEFAULT_TX_FRAME_SIZE,
+        frame_nr: int = DEFAULT_TX_FRAMES,
+        qdisc_bypass: bool = False,
+        sndbuf: int | None = None,
+    ) -> None:
+        if frame_size < TPACKET2_DATA + ETH_HLEN or frame_size % TPACKET_ALIGNMENT:
+            raise ValueError(f"frame_size must be a multiple of {TPACKET_ALIGNMENT} above {TPACKET2_DATA + ETH_HLEN}")
+        if frame_nr <= 0:
+            raise ValueError("frame_nr must be positive")
+        # Blocks of whole frames, a page multiple: one block of page size for small frames, else frame_size pages.
+        block_size = math.lcm(frame_size, mmap.PAGESIZE)
+        per_block = block_size // frame_size
+        frame_nr = -(-frame_nr // per_block) * per_block
+        self.ifname = ifname
+        self.frame_size, self.frame_nr = frame_size, frame_nr
+        self._ring: mmap.mmap | None = None
+        self._slots: np.ndarray | None = None  # (frame_nr, frame_size) uint8 view of the ring
+        self._words: np.ndarray | None = None  # the ring as uint32, for the slot headers
+        self._head = 0  # the next slot to fill
+        self._kernel = 0  # the first slot requested and not yet taken by the kernel
+        self.pending = 0  # slots requested and not yet taken
+        self.queued = self.sent = self.flushes = self.full = 0
+        self.errors: dict[str, int] = {}
+        with entered(netns):
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            try:
+                sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+                sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
+                if qdisc_bypass:
+                    sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+                room = sndbuf if sndbuf is not None else frame_nr * (frame_size + 512)
+                try:  # room for the whole ring in flight; root may go past net.core.wmem_max
+                    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, room)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, room)
+                sock.setsockopt(SOL_PACKET, PACKET_TX_RING, _REQ.pack(block_size, frame_nr // per_block, frame_size,
+                                                                      frame_nr))  # fmt: skip
+                ring = mmap.mmap(
+                    sock.fileno(), frame_size * frame_nr, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+                )
+                self._ring = ring
+                self._slots = np.frombuffer(ring, dtype=np.uint8).reshape(frame_nr, frame_size)
+                self._words = self._slots.reshape(-1).view(np.uint32)
+                sock.bind((ifname, 0))  # protocol 0: the socket receives nothing
+                self.mtu = interface_mtu(sock, ifname)
+            except BaseException:
+                self._unmap()
+                sock.close()
+                raise
+        self._sock = sock
+        self.max_frame = min(frame_size - TPACKET2_DATA, self.mtu + ETH_HLEN + VLAN_HLEN)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _live_words(self) -> np.ndarray:
+        if self._words is None:
+            raise ValueError("the TX ring is closed")
+        return self._words
+
+    def _fits(self, frame: bytes | memoryview | np.ndarray) -> int:
+        n = len(frame)
+        if n < ETH_HLEN or n > self.max_frame:
+            raise ValueError(f"a frame of {n} bytes cannot be sent on {self.ifname} (at most {self.max_frame})")
+        if n > self.mtu + ETH_HLEN and bytes(frame[12:14]) not in (b"\x81\x00", b"\x88\xa8"):
+            raise ValueError(f"a frame of {n} bytes exceeds the MTU of {self.ifname} ({self.mtu})")
+        return n
+
+    def queue(self, frame: bytes | memoryview | np.ndarray) -> bool:
+        """Copy ``frame`` (bytes, a byte memoryview or a contiguous uint8 array) into the next slot; False when that
+        slot is not free (flush, then try again). ValueError when the frame can never be sent here."""
+        ring = self._ring
+        if ring is None:
+            raise ValueError("the TX ring is closed")
+        n = self._fits(frame)
+        at = self._head * self.frame_size
+        if _U32.unpack_from(ring, at)[0] != TP_STATUS_AVAILABLE:
+            self.full += 1
+            return False
+        ring[at + TPACKET2_DATA : at + TPACKET2_DATA + n] = frame.data if isinstance(frame, np.ndarray) else frame
+        _TX_HDR.pack_into(ring, at, TP_STATUS_SEND_REQUEST, n, n)
+        self._head = (self._head + 1) % self.frame_nr
+        self.pending += 1
+        self.queued += 1
+        return True
+
+    def queue_block(self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> int:
+        """Queue frames ``buf[starts[i] : starts[i] + lengths[i]]`` in order, as many as there are free slots in a
+        row; returns how many (from the first). ``buf`` is a 1-D uint8 array; the copy is a few numpy operations
+        whatever the number of frames. ValueError (nothing queued) when a frame can never be sent here."""
+        slots, words = self._slots, self._words
+        if slots is None or words is None:
+            raise ValueError("the TX ring is closed")
+        n = len(starts)
+        if n == 0:
+            return 0
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.min()) < ETH_HLEN or int(lengths.max()) > self.mtu + ETH_HLEN:
+            for s, length in zip(starts.tolist(), lengths.tolist(), strict=True):  # the slow check, per frame
+                self._fits(buf[s : s + length])
+        nr, stride = self.frame_nr, self.frame_size // 4
+        n = min(n, nr)
+        index = np.arange(self._head, self._head + n, dtype=np.int64)
+        index[index >= nr] -= nr
+        free = words[index * stride] == TP_STATUS_AVAILABLE
+        if not free[0]:
+            self.full += 1
+            return 0
+        if not free.all():
+            n = int(np.argmin(free))
+            index, self.full = index[:n], self.full + 1
+        starts, lengths = starts[:n], lengths[:n]
+        self._copy(slots, buf, index, starts, lengths)
+        head = index * stride
+        words[head + 1] = lengths
+        words[head + 2] = lengths
+        words[head] = TP_STATUS_SEND_REQUEST
+        self._head = (self._head + n) % nr
+        self.pending += n
+        self.queued += n
+        return n
+
+    def _copy(
+        self, slots: np.ndarray, buf: np.ndarray, index: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> None:
+        """Copy each frame into its slot: frames are grouped by their length rounded up to 64 bytes and each group
+        is one gather (a window of that width at each start, row by row) and one scatter into the slots. Bytes past
+        a frame's end ride along harmlessly (the slot's tp_len says where the frame ends); a frame whose window
+        would run past the end of ``buf`` is copied alone."""
+        width = np.minimum((lengths + (_TX_COPY_ROUND - 1)) // _TX_COPY_ROUND * _TX_COPY_ROUND,
+                           self.frame_size - TPACKET2_DATA)  # fmt: skip
+        inside = starts + width <= len(buf)
+        if not inside.all():
+            for k in np.flatnonzero(~inside).tolist():
+                s, length = int(starts[k]), int(lengths[k])
+                slots[index[k], TPACKET2_DATA : TPACKET2_DATA + length] = buf[s : s + length]
+            index, starts, width = index[inside], starts[inside], width[inside]
+        if not len(index):
+            return
+        if not buf.flags.c_contiguous:
+            buf = np.ascontiguousarray(buf)
+        first = int(width[0])
+        groups = [first] if bool((width == first).all()) else np.unique(width).tolist()
+        for w in groups:
+            rows = slice(None) if len(groups) == 1 else width == w
+            # every window of w bytes of buf (what sliding_window_view gives, without its overhead), gathered by row
+            windows = np.ndarray((len(buf) - w + 1, w), dtype=np.uint8, buffer=buf, strides=(1, 1))
+            slots[index[rows], TPACKET2_DATA : TPACKET2_DATA + w] = windows[starts[rows]]
+
+    def flush(self, errors: dict[str, int] | None = None) -> int:
+        """Have the kernel send every queued frame (one ``send()``; a few more while a call takes some but not
+        all); returns how many it took. Failures are counted in ``self.errors`` (and ``errors`` when given) by
+        errno name, never raised."""
+        if self.pending == 0:
+            return 0
+        words = self._live_words()
+        stride, nr, taken = self.frame_size // 4, self.frame_nr, 0
+        for _ in range(4):
+            self.flushes += 1
+            try:
+                self._sock.send(b"", socket.MSG_DONTWAIT)
+            except OSError as exc:
+                name = errno.errorcode.get(exc.errno or 0, "error").lower()
+                self.errors[name] = self.errors.get(name, 0) + 1
+                _count_into(errors, name)
+            index = np.arange(self._kernel, self._kernel + self.pending, dtype=np.int64)
+            index[index >= nr] -= nr
+            still = words[index * stride] == TP_STATUS_SEND_REQUEST
+            now = int(np.argmax(still)) if still.any() else self.pending
+            self._kernel = (self._kernel + now) % nr
+            self.pending -= now
+            taken += now
+            if not self.pending or not now:
+                break
+        self.sent += taken
+        return taken
+
+    def _unmap(self) -> None:
+        self._slots = self._words = None
+        if self._ring is not None:
+            with contextlib.suppress(BufferError):  # a view of the ring is alive: unmapped when the last one goes
+                self._ring.close()
+            self._ring = None
+
+    def close(self) -> None:
+        """Close the socket (frames not yet flushed are lost) and unmap the ring."""
+        self._unmap()
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _count_into(errors: dict[str, int] | None, name: str, n: int = 1) -> None:
+    if errors is not None and n:
+        errors[name] = errors.get(name, 0) + n
+
+
 class _PacketSocket:
     """What both ports share: the configured socket, the interface MAC, sending, statistics and closing."""
 
     def __init__(
-        self, ifname: str, *, accept: Iterable[int] | None, promisc: bool, netns: str | None, ring: bool
+        self,
+        ifname: str,
+        *,
+        accept: Iterable[int] | None,
+        promisc: bool,
+        netns: str | None,
+        ring: bool,
+        tx_ring: bool = False,
     ) -> None:
         self.ifname = ifname
         self.accept = frozenset(accept) if accept is not None else None
         self.drops: dict[str, int] = {}
+        self.tx: TxRing | None = None  # the transmit ring when opened with tx_ring
         with entered(netns):  # the socket, the interface name and its index all belong to that namespace
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             try:
@@ -155,6 +459,12 @@ class _PacketSocket:
                 raise
         self._sock = sock
         self.mac: bytes = bytes(sock.getsockname()[4][:ETH_ALEN])
+        if tx_ring:
+            try:
+                self.tx = TxRing(ifname, netns=netns)
+            except BaseException:
+                self.close()
+                raise
 
     def _configure(self, sock: socket.socket, ifname: str, *, promisc: bool, ring: bool) -> None:
         """Filter, options and ring, then the bind; nothing is received before the filter is on."""
@@ -189,6 +499,90 @@ class _PacketSocket:
         """Send one whole Ethernet frame; OSError (EAGAIN, ENOBUFS, ENETDOWN, ...) is the caller's to count."""
         return self._sock.send(frame)
 
+    def send_many(
+        self,
+        frames: Iterable[bytes | memoryview | np.ndarray],
+        errors: dict[str, int] | None = None,
+        *,
+        flush: bool = True,
+    ) -> int:
+        """Send ``frames`` in order; returns how many went (with a TX ring: were queued). Failures are
+        counted into ``errors`` by name, never raised: an errno name for ``send()``; with the ring
+        ``tx_ring_full`` (no free slot even after a flush) and ``emsgsize`` (a frame that can never be sent).
+        With the TX ring, ``flush=False`` leaves the frames queued for a later :meth:`flush`; without it every
+        frame is one ``send()`` and ``flush`` does not matter."""
+        sent = 0
+        tx = self.tx
+        if tx is None:
+            send = self._sock.send
+            for frame in frames:
+                try:
+                    send(frame.data if isinstance(frame, np.ndarray) else frame)
+                except OSError as exc:
+                    _count_into(errors, errno.errorcode.get(exc.errno or 0, "error").lower())
+                else:
+                    sent += 1
+            return sent
+        queue = tx.queue
+        for frame in frames:
+            try:
+                if not queue(frame):
+                    tx.flush(errors)
+                    if not queue(frame):
+                        _count_into(errors, "tx_ring_full")
+                        continue
+            except ValueError:
+                _count_into(errors, "emsgsize")
+                continue
+            sent += 1
+        if flush:
+            tx.flush(errors)
+        return sent
+
+    def send_block(
+        self,
+        buf: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        errors: dict[str, int] | None = None,
+        *,
+        flush: bool = True,
+    ) -> int:
+        """Send frames ``buf[starts[i] : starts[i] + lengths[i]]`` of a 1-D uint8 array in order (as
+        :meth:`send_many`); with the TX ring they are copied in bulk (:meth:`TxRing.queue_block`)."""
+        tx = self.tx
+        if tx is None:
+            view = buf.data
+            return self.send_many(
+                (view[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)), errors
+            )
+        done, total = 0, len(starts)
+        for _ in range(total + 1):  # each turn queues some frames or ends
+            if done >= total:
+                break
+            try:
+                k = tx.queue_block(buf, starts[done:], lengths[done:])
+                if k == 0:
+                    tx.flush(errors)
+                    k = tx.queue_block(buf, starts[done:], lengths[done:])
+            except ValueError:  # some frame can never be sent: frame by frame, which counts it
+                rest = zip(starts[done:].tolist(), lengths[done:].tolist(), strict=True)
+                done += self.send_many((buf[s : s + n] for s, n in rest), errors, flush=False)
+                total = done
+                break
+            if k == 0:
+                _count_into(errors, "tx_ring_full", total - done)
+                total = done
+                break
+            done += k
+        if flush:
+            tx.flush(errors)
+        return done
+
+    def flush(self, errors: dict[str, int] | None = None) -> int:
+        """Have the kernel send what the TX ring holds (:meth:`TxRing.flush`); 0 without a TX ring."""
+        return 0 if self.tx is None else self.tx.flush(errors)
+
     def stats(self) -> tuple[int, int]:
         """(frames, drops) the kernel counted for this socket since the last call (reading resets them)."""
         raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS_V3_LEN)
@@ -199,6 +593,9 @@ class _PacketSocket:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
     def close(self) -> None:
+        if self.tx is not None:
+            self.tx.close()
+            self.tx = None
         self._teardown()
         self._sock.close()
 
@@ -225,8 +622,9 @@ class PacketPort(_PacketSocket):
         netns: str | None = None,
         bufsize: int = DEFAULT_BUFSIZE,
         rcvbuf: int | None = None,
+        tx_ring: bool = False,
     ) -> None:
-        super().__init__(ifname, accept=accept, promisc=promisc, netns=netns, ring=False)
+        super().__init__(ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring)
         if rcvbuf is not None:
             try:  # root may go past net.core.rmem_max
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
@@ -264,10 +662,16 @@ class PacketPort(_PacketSocket):
 
 
 class RingPort(_PacketSocket):
-    """One interface through a TPACKET_V3 receive ring (mmap); sends with plain ``send()``.
+    """One interface through a TPACKET_V3 receive ring (mmap); sends with plain ``send()``, or through a TX ring
+    with :meth:`send_many` / :meth:`send_block` when opened with ``tx_ring``.
 
     The ring holds ``block_nr`` blocks of ``block_size`` bytes (a multiple of the page size); a frame larger than a
     block is cut by the kernel and counted here as truncated.
+
+    Frames come out copied (:meth:`recv_burst`) or lent in place, a block at a time (:meth:`recv_block`). The two
+    may be mixed, even inside a block: a block goes back to the kernel once it has been walked to its end and every
+    :class:`RxBlock` lent from it is released. A block still lent when the ring comes round to it again is not
+    read (both methods return nothing) until it is released.
     """
 
     def __init__(
@@ -281,6 +685,7 @@ class RingPort(_PacketSocket):
         block_nr: int = 64,
         frame_size: int = 2048,
         retire_ms: int = 1,
+        tx_ring: bool = False,
     ) -> None:
         if block_size <= 0 or block_size % mmap.PAGESIZE:
             raise ValueError(f"block_size must be a positive multiple of the page size ({mmap.PAGESIZE})")
@@ -294,7 +699,11 @@ class RingPort(_PacketSocket):
         self._block = 0  # the next block to look at
         self._left = 0  # frames of the current block not yet copied out
         self._at = 0  # ring offset of the next frame's tpacket3_hdr
-        super().__init__(ifname, accept=accept, promisc=promisc, netns=netns, ring=True)
+        self._lent = [0] * block_nr  # per block: RxBlock views not yet released
+        self._walked = [False] * block_nr  # per block: walked to its end, waiting for its views' release
+        self._array: np.ndarray | None = None  # the whole ring as uint8, sliced into RxBlock views
+        self._u16 = self._u32 = self._ramp = np.zeros(0, dtype=np.int64)  # set with _array (see _map_arrays)
+        super().__init__(ifname, accept=accept, promisc=promisc, netns=netns, ring=True, tx_ring=tx_ring)
 
     def _setup(self, sock: socket.socket) -> None:
         block_size, block_nr, frame_size, retire_ms = self._geometry
@@ -303,8 +712,11 @@ class RingPort(_PacketSocket):
         self._ring = mmap.mmap(sock.fileno(), block_size * block_nr, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _teardown(self) -> None:
+        self._array = None
+        self._u16 = self._u32 = self._ramp = np.zeros(0, dtype=np.int64)
         if self._ring is not None:
-            self._ring.close()
+            with contextlib.suppress(BufferError):  # an RxBlock is still held: unmapped when the last view goes
+                self._ring.close()
             self._ring = None
 
     def recv_burst(self, max_frames: int = 64) -> list[bytes]:
@@ -321,7 +733,7 @@ class RingPort(_PacketSocket):
                 break
             base = self._block * block_size
             if self._left == 0:
-                if not unpack_u32(ring, base + BLOCK_STATUS)[0] & TP_STATUS_USER:
+                if self._lent[self._block] or not unpack_u32(ring, base + BLOCK_STATUS)[0] & TP_STATUS_USER:
                     break
                 self._left = unpack_u32(ring, base + BLOCK_NUM_PKTS)[0]
                 self._at = base + unpack_u32(ring, base + BLOCK_FIRST_PKT)[0]
@@ -346,10 +758,173 @@ class RingPort(_PacketSocket):
                 self._release(ring, base)
         return frames
 
+    def recv_block(self, max_frames: int | None = None) -> RxBlock | None:
+        """The frames of the next block the kernel has handed over, lent in place (see :class:`RxBlock`), or None
+        when there is none; never blocks.
+
+        At most ``max_frames`` frames (all of the block's when None): the rest of a block comes with the next calls,
+        each an :class:`RxBlock` of its own over the same block, each to be released. Frames the kernel cut short
+        or that are our own outgoing ones are skipped and counted in ``drops`` as :meth:`recv_burst` does; frames
+        whose VLAN tag was taken into metadata come as copies in ``RxBlock.tagged``. A block that yields nothing is
+        given back at once and the next one looked at."""
+        ring = self._ring
+        if ring is None:
+            raise ValueError("the port is closed")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError("max_frames must be at least 1")
+        limit = max_frames if max_frames is not None else 1 << 62
+        array = self._array
+        if array is None:
+            array = self._map_arrays(ring)
+        block_size, unpack_u32 = self._block_size, _U32.unpack_from
+        for _ in range(2 * self._block_nr + 2):  # each turn lends a view, or walks frames or an empty block away
+            index = self._block
+            base = index * block_size
+            if self._left == 0:
+                if self._lent[index] or not unpack_u32(ring, base + BLOCK_STATUS)[0] & TP_STATUS_USER:
+                    return None
+                self._left = unpack_u32(ring, base + BLOCK_NUM_PKTS)[0]
+                self._at = base + unpack_u32(ring, base + BLOCK_FIRST_PKT)[0]
+                if self._left == 0:
+                    self._release(ring, base)
+                    continue
+            take = min(self._left, limit)
+            starts, lengths, tagged = self._walk(ring, base, take)
+            self._left -= take
+            lent = bool(len(starts) or tagged)
+            if lent:
+                self._lent[index] += 1
+            if self._left == 0:
+                self._release(ring, base)
+            if lent:
+                return RxBlock(array[base : base + block_size], starts, lengths, _Lender(self, index), tagged)
+        return None
+
+    def _map_arrays(self, ring: mmap.mmap) -> np.ndarray:
+        """The numpy views of the ring the block walk uses: as bytes (lent to callers), half words and words."""
+        array = self._array = np.frombuffer(ring, dtype=np.uint8)
+        self._u16 = array.view(np.uint16)
+        self._u32 = array.view(np.uint32)
+        self._ramp = np.arange(self._block_size // TPACKET_ALIGNMENT + 1, dtype=np.int64)
+        return array
+
+    def _walk(self, ring: mmap.mmap, base: int, take: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+        """Walk ``take`` frames of the block at ``base`` from ``self._at``: the offsets (from ``base``) and lengths of
+        the frames to lend, and copies of the tagged ones.
+
+        The headers form a chain (each gives the offset of the next), so in general this is one unpack per frame.
+        But frames of about the same length lie at a fixed stride: a stretch of at least ``_RUN_MIN`` of them is
+        checked and read with a few numpy gathers (:meth:`_uniform_run`). Where that fails, a stretch of frames is
+        walked one by one, twice as long after each failure in a row, so mixed sizes cost few failed tries."""
+        at = self._at
+        end = base + self._block_size
+        starts_parts: list[np.ndarray] = []
+        lengths_parts: list[np.ndarray] = []
+        tagged: list[bytes] = []
+        walk = _PKT_WALK.unpack_from
+        left, stretch = take, 2 * _RUN_MIN
+        while left:
+            if left >= _RUN_MIN:
+                run = self._uniform_run(at, left, end, base)
+                if run is not None:
+                    n, run_starts, run_lengths, at = run
+                    starts_parts.append(run_starts)
+                    lengths_parts.append(run_lengths)
+                    left -= n
+                    stretch = 2 * _RUN_MIN
+                    continue
+            # One by one for a stretch that doubles while the frames keep differing, then try numpy again.
+            chunk = min(left, stretch)
+            left -= chunk
+            stretch *= 2
+            starts: list[int] = []
+            lengths: list[int] = []
+            add_start, add_length = starts.append, lengths.append
+            for _ in range(chunk):
+                next_offset, snaplen, length, status, mac, tci, tpid, pkttype = walk(ring, at)
+                if snaplen == length and pkttype != PACKET_OUTGOING and not status & TP_STATUS_VLAN_VALID:
+                    add_start(at + mac - base)
+                    add_length(snaplen)
+                elif snaplen < length:
+                    self._drop("truncated")
+                elif pkttype == PACKET_OUTGOING:
+                    self._drop("outgoing")
+                else:
+                    frame = ring[at + mac : at + mac + snaplen]
+                    tagged.append(
+                        with_vlan_tag(frame, tci, tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q)
+                    )
+                at += next_offset
+            starts_parts.append(np.array(starts, dtype=np.int64))
+            lengths_parts.append(np.array(lengths, dtype=np.int64))
+        self._at = at
+        if len(starts_parts) == 1:
+            return starts_parts[0], lengths_parts[0], tagged
+        return np.concatenate(starts_parts), np.concatenate(lengths_parts), tagged
+
+    def _uniform_run(self, at: int, left: int, end: int, base: int) -> tuple[int, np.ndarray, np.ndarray, int] | None:
+        """The frames from ``at`` that lie at the first one's stride, if at least ``_RUN_MIN`` do and all of them
+        are plain (whole, not outgoing, not tagged): (count, starts, lengths, offset of the next frame)."""
+        u32, u16, u8 = self._u32, self._u16, self._array
+        assert u8 is not None
+        step = int(u32[at >> 2])  # the first frame's tp_next_offset
+        if step < TPACKET3_HDRLEN:
+            return None
+        count = min(left, (end - at - _PKT_WALK.size) // step + 1)  # candidates whose header lies in the block
+        if count < _RUN_MIN:
+            return None
+        ramp = self._ramp
+        if bool((u32[(at + step * ramp[: _RUN_MIN - 1]) >> 2] != step).any()):  # a cheap look at the first ones
+            return None
+        offs = at + step * ramp[:count]
+        nexts = u32[offs >> 2]
+        off_stride = nexts[:-1] != step
+        if off_stride.any():  # frame j + 1 is not where the stride says: frames 0..j are
+            count = int(np.argmax(off_stride)) + 1
+            if count < _RUN_MIN:
+                return None
+            offs = offs[:count]
+        words = offs >> 2
+        snaplen = u32[words + 3]
+        plain = (snaplen == u32[words + 4]) & ((u32[words + 5] & TP_STATUS_VLAN_VALID) == 0)
+        plain &= u8[offs + SLL_PKTTYPE] != PACKET_OUTGOING
+        if not plain.all():
+            return None
+        starts = offs + u16[(offs + 24) >> 1] - base
+        return count, starts, snaplen.astype(np.int64), int(offs[-1]) + int(nexts[count - 1])
+
+    def _give_back(self, index: int) -> None:
+        """One view of block ``index`` is released: the block goes back once walked and no longer lent."""
+        self._lent[index] -= 1
+        ring = self._ring
+        if self._lent[index] == 0 and self._walked[index] and ring is not None:
+            self._walked[index] = False
+            _U32.pack_into(ring, index * self._block_size + BLOCK_STATUS, TP_STATUS_KERNEL)
+
     def _release(self, ring: mmap.mmap, base: int) -> None:
-        _U32.pack_into(ring, base + BLOCK_STATUS, TP_STATUS_KERNEL)
-        self._block = (self._block + 1) % self._block_nr
+        """The current block is walked to its end: give it back (or once its views are released), go to the next."""
+        index = self._block
+        if self._lent[index]:
+            self._walked[index] = True
+        else:
+            _U32.pack_into(ring, base + BLOCK_STATUS, TP_STATUS_KERNEL)
+        self._block = (index + 1) % self._block_nr
         self._left = 0
+
+
+class _Lender:
+    """``RxBlock.release``: gives one view of a block back to its port, once."""
+
+    __slots__ = ("index", "port")
+
+    def __init__(self, port: RingPort, index: int) -> None:
+        self.port: RingPort | None = port
+        self.index = index
+
+    def __call__(self) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            port._give_back(self.index)
 
 
 def open_port(
@@ -359,8 +934,10 @@ def open_port(
     accept: Iterable[int] | None = None,
     promisc: bool = False,
     netns: str | None = None,
+    tx_ring: bool = False,
 ) -> PacketPort | RingPort:
-    """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket."""
+    """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
+    adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`."""
     if ring:
-        return RingPort(ifname, accept=accept, promisc=promisc, netns=netns)
-    return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns)
+        return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring)
+    return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring)

@@ -10,6 +10,15 @@ so a signal handler or another thread may call it.
 :class:`BalancerDriver` and :class:`EndpointDriver` are the habit of STYLE.md in code: read a burst, hand it to the
 core, write everything the core returns, re-arm the timer from ``next_deadline()``. Send errors (ENOBUFS, EAGAIN,
 ENETDOWN, ...) are counted by errno name, never raised: a full queue drops a frame, as a switch would.
+
+Block mode (``BalancerDriver(..., block=True)``) is the zero-copy path for ports that lend whole receive-ring blocks
+(``recv_block``, as :class:`~mplslb.drivers.afpacket.RingPort` does) to a balancer with ``receive_block``: on each
+wake-up it takes up to ``max_blocks`` blocks from the port; for each, the balancer switches the labelled frames in
+place in the ring, the driver hands every output port its frames in one go (``send_block`` for frames still lying
+in the block, ``send_many`` for the frames the one-frame path produced, interleaved so that each port sends in the
+order :meth:`Balancer.receive` would have), one ``flush`` per output port (one system call with a TX ring), then
+gives the block back. Frames whose VLAN tag the kernel took off come as copies and go through ``receive_batch``
+after the block's other frames. Ports without ``recv_block`` are read as before.
 """
 
 from __future__ import annotations
@@ -24,13 +33,21 @@ import selectors
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from mplslb.balancer import BlockResult
+    from mplslb.drivers.afpacket import RxBlock
 
 Frames = list[tuple[int, bytes]]
 DEFAULT_MAX_WAIT = 1.0  # the longest the selector waits, whatever else is pending
 STOP_POLL = 0.05  # how often a threading.Event given to run() is looked at
 WAKEUP_READS = 64  # reads of the wake-up pipe per turn (a few bytes are all that is ever in it)
 STALLED_TIMER_GAP = 0.001  # a core whose deadline does not move after on_timer is asked again this much later
+DEFAULT_MAX_BLOCKS = 4  # receive-ring blocks taken from one port per wake-up in block mode
+_NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 class HasFileno(Protocol):
@@ -43,6 +60,29 @@ class Port(Protocol):
     def fileno(self) -> int: ...
     def recv_burst(self, max_frames: int = 64, /) -> list[bytes]: ...
     def send(self, frame: bytes, /) -> int: ...
+
+
+class BlockPort(Protocol):
+    """A port that lends receive-ring blocks (block mode's input)."""
+
+    def recv_block(self, max_frames: int | None = None, /) -> RxBlock | None: ...
+
+
+class BulkPort(Protocol):
+    """A port that sends many frames and a block's frames at once, with one flush (block mode's output)."""
+
+    def send_many(
+        self, frames: Iterable[bytes | memoryview | np.ndarray], errors: dict[str, int] | None = None, /, *,
+        flush: bool = True,
+    ) -> int: ...  # fmt: skip
+    def send_block(
+        self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, errors: dict[str, int] | None = None, /, *,
+        flush: bool = True,
+    ) -> int: ...  # fmt: skip
+    def flush(self, errors: dict[str, int] | None = None, /) -> int: ...
+
+
+BlockReceiver = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], "BlockResult"]
 
 
 class BalancerCore(Protocol):
@@ -228,19 +268,57 @@ class _Counted:
 
 
 class BalancerDriver(_Counted):
-    """Pumps frames between ports and the balancer: ``ports`` maps the balancer's port ids to port objects."""
+    """Pumps frames between ports and the balancer: ``ports`` maps the balancer's port ids to port objects.
 
-    def __init__(self, balancer: BalancerCore, ports: Mapping[int, Port], loop: Loop, *, burst: int = 64) -> None:
+    ``block``: read the ports that lend ring blocks with the zero-copy block path (see the module's notes), up to
+    ``max_blocks`` blocks per wake-up; it needs a balancer with ``receive_block``, and other ports are read in
+    bursts as usual. Ports with a TX ring (a ``tx`` attribute that is not None) are written with ``send_many``,
+    one flush per port per call of :meth:`write`, in either mode.
+    """
+
+    def __init__(
+        self,
+        balancer: BalancerCore,
+        ports: Mapping[int, Port],
+        loop: Loop,
+        *,
+        burst: int = 64,
+        block: bool = False,
+        max_blocks: int = DEFAULT_MAX_BLOCKS,
+    ) -> None:
         super().__init__(loop, balancer, burst)
+        if max_blocks < 1:
+            raise ValueError("max_blocks must be at least 1")
         self.balancer = balancer
         self.ports = dict(ports)
+        self.block, self.max_blocks = block, max_blocks
+        receive_block = getattr(balancer, "receive_block", None) if block else None
+        self._receive_block: BlockReceiver | None = receive_block if callable(receive_block) else None
+        #: The ports read block by block, and every port that can send a block's frames in bulk.
+        self.block_ports: dict[int, BlockPort] = {}
+        self._bulk: dict[int, BulkPort] = {}
+        self._tx_ring: set[int] = set()
+        self.blocks_read: dict[int, int] = {}  # per block port: ring blocks taken in block mode
+        for port_id, port in self.ports.items():
+            if self._receive_block is not None and callable(getattr(port, "recv_block", None)):
+                self.block_ports[port_id] = cast(BlockPort, port)
+                self.blocks_read[port_id] = 0
+            if all(callable(getattr(port, name, None)) for name in ("send_many", "send_block", "flush")):
+                self._bulk[port_id] = cast(BulkPort, port)
+                if getattr(port, "tx", None) is not None:
+                    self._tx_ring.add(port_id)
         for port_id, port in self.ports.items():
             self.frames_read[port_id] = self.frames_written[port_id] = 0
             loop.add_reader(port.fileno(), functools.partial(self.readable, port_id))
         self._rearm()
 
     def readable(self, port_id: int) -> None:
-        """Read one burst from ``port_id``, hand it to the balancer, send what it returns."""
+        """Read one burst (or, in block mode, up to ``max_blocks`` blocks) from ``port_id``, hand it to the
+        balancer, send what it returns."""
+        lender = self.block_ports.get(port_id)
+        if lender is not None:
+            self._read_blocks(port_id, lender)
+            return
         frames = self.ports[port_id].recv_burst(self.burst)
         if not frames:
             return
@@ -249,13 +327,95 @@ class BalancerDriver(_Counted):
         self._rearm()
 
     def write(self, out: Frames) -> None:
-        """Send each ``(port id, frame)`` on its port."""
+        """Send each ``(port id, frame)`` on its port (frames for a port with a TX ring: queued, then one flush)."""
+        rings: dict[int, list[bytes]] | None = None
         for port_id, frame in out:
             port = self.ports.get(port_id)
             if port is None:
                 self._drop("unknown_port")
+            elif port_id in self._tx_ring:
+                if rings is None:
+                    rings = {}
+                rings.setdefault(port_id, []).append(frame)
             else:
                 self._send(port, port_id, frame)
+        if rings:
+            for port_id, frames in rings.items():
+                self._count(self.frames_written, port_id, self._bulk[port_id].send_many(frames, self.send_errors))
+
+    # -- block mode ---------------------------------------------------------------------------------------------
+    def _read_blocks(self, port_id: int, lender: BlockPort) -> None:
+        receive_block = self._receive_block
+        assert receive_block is not None  # a port is in block_ports only when the balancer has receive_block
+        taken = False
+        for _ in range(self.max_blocks):
+            block = lender.recv_block()
+            if block is None:
+                break
+            taken = True
+            self.blocks_read[port_id] += 1
+            try:
+                n = len(block.starts)
+                self._count(self.frames_read, port_id, n + len(block.tagged))
+                now = self.loop.clock()
+                if n:
+                    ports = np.full(n, port_id, dtype=np.int32)
+                    result = receive_block(block.buf, block.starts, block.lengths, ports, now)
+                    self._write_block(block.buf, block.starts, block.lengths, result.out_port, result.extra)
+                if block.tagged:
+                    self.write(self.balancer.receive_batch([(port_id, frame) for frame in block.tagged], now))
+            finally:
+                block.release()  # everything from it is sent (copied into the TX rings or socket buffers)
+        if taken:
+            self._rearm()
+
+    def _write_block(
+        self,
+        buf: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        out_port: np.ndarray,
+        extra: list[tuple[int, int, bytes]],
+    ) -> None:
+        """Send a switched block: per output port, its frames of the block and its extra frames in frame order."""
+        rows = np.flatnonzero(out_port >= 0)
+        groups: dict[int, np.ndarray] = {}
+        if len(rows):
+            outs = out_port[rows]
+            first = int(outs[0])
+            if bool((outs == first).all()):
+                groups[first] = rows
+            else:
+                for port_id in np.unique(outs).tolist():
+                    groups[port_id] = rows[outs == port_id]
+        extras: dict[int, list[tuple[int, bytes]]] = {}
+        for i, port_id, frame in extra:
+            extras.setdefault(port_id, []).append((i, frame))
+        for port_id in dict.fromkeys([*groups, *extras]):
+            mine, theirs = groups.get(port_id, _NO_ROWS), extras.get(port_id, [])
+            port = self.ports.get(port_id)
+            if port is None:
+                for _ in range(len(mine) + len(theirs)):
+                    self._drop("unknown_port")
+                continue
+            bulk = self._bulk.get(port_id)
+            if bulk is None:  # a port without bulk sending (e.g. MPLS-in-UDP): frame by frame, in order
+                for frame in _in_order(buf, starts, lengths, mine, theirs):
+                    self._send(port, port_id, frame)
+                continue
+            errors, sent, at = self.send_errors, 0, 0
+            for i, frame in theirs:
+                cut = int(np.searchsorted(mine, i, side="right"))
+                if cut > at:
+                    take = mine[at:cut]
+                    sent += bulk.send_block(buf, starts[take], lengths[take], errors, flush=False)
+                    at = cut
+                sent += bulk.send_many([frame], errors, flush=False)
+            if at < len(mine):
+                take = mine[at:]
+                sent += bulk.send_block(buf, starts[take], lengths[take], errors, flush=False)
+            bulk.flush(errors)
+            self._count(self.frames_written, port_id, sent)
 
     def _fire(self, now: float) -> None:
         self.write(self.balancer.on_timer(now))
@@ -267,6 +427,19 @@ class BalancerDriver(_Counted):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _in_order(
+    buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray, extra: list[tuple[int, bytes]]
+) -> list[bytes]:
+    """One port's frames of a block (``rows``, copied out) and its extra frames, in frame order."""
+    frames: list[tuple[int, int, bytes]] = [
+        (i, 0, buf[s : s + n].tobytes())
+        for i, s, n in zip(rows.tolist(), starts[rows].tolist(), lengths[rows].tolist(), strict=True)
+    ]
+    frames += [(i, 1, frame) for i, frame in extra]
+    frames.sort(key=lambda item: (item[0], item[1]))
+    return [frame for _, _, frame in frames]
 
 
 class EndpointDriver(_Counted):
