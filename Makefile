@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit debs clean
+.PHONY: demo test lint typecheck unit debs bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,10 +16,11 @@ demo: $(STAMP)
 	$(BIN)/mplslb demo
 
 # Debian packages the tests use (tshark reads our packets; nginx, curl and wrk are the stock programs of the
-# lab); installed only when one is missing.
-DEBS := tshark nginx-light curl wrk
+# lab; clang builds the kernel offload's XDP program; netsniff-ng's trafgen and nftables serve the wire
+# benchmarks); installed only when one is missing.
+DEBS := tshark nginx-light curl wrk clang netsniff-ng nftables
 debs:
-	@missing=""; for tool in tshark nginx curl wrk nsenter; do command -v $$tool >/dev/null 2>&1 || \
+	@missing=""; for tool in tshark nginx curl wrk nsenter clang trafgen nft; do command -v $$tool >/dev/null 2>&1 || \
 	  [ -x /usr/sbin/$$tool ] || missing=yes; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) util-linux >/dev/null; fi
@@ -37,6 +38,16 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: $(STAMP) debs lint typecheck unit
+
+# The benchmarks (bench/run.py, one table; figures recorded in docs/benchmarks.md): the lab's packages (debs),
+# haproxy (the end-to-end reference) and py-spy (the profiles), each installed only when missing. About 4 minutes
+# on the 2-core reference machine; bench/run.py keeps itself under its --budget (540 s by default).
+BENCH_DEBS := haproxy
+bench: $(STAMP) debs
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_DEBS) >/dev/null; }
+	@[ -x $(BIN)/py-spy ] || $(BIN)/pip install --quiet py-spy
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

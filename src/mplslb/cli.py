@@ -188,7 +188,12 @@ def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _enter_netns(netns)
-    sys.exit(run_daemon(config_path, ready_file=ready_file))
+    from mplslb.offload.xdp import OffloadError
+
+    try:
+        sys.exit(run_daemon(config_path, ready_file=ready_file))
+    except OffloadError as exc:
+        raise click.ClickException(f"kernel offload: {exc}") from None
 
 
 @main.command()

@@ -23,6 +23,11 @@ from mplslb.wire.ethernet import mac_from_str
 
 PORT_ROLES = ("client", "server")
 PORT_KINDS = ("ethernet", "mpls_udp")
+# -- kernel offload (issue 4): the daemon's top-level ``offload`` key -------------------------------------------
+#: "none": every labelled frame is switched in userspace; "kernel": established sessions' labels are also
+#: installed in an XDP program (mplslb.offload) and their frames never reach Python.
+OFFLOAD_KINDS = ("none", "kernel")
+# -- end of kernel offload --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,16 @@ def parse_mac(text: str) -> bytes:
     return mac_from_str(text)
 
 
+# -- kernel offload (issue 4) -----------------------------------------------------------------------------------
+def read_offload(top: Section) -> str:
+    """The top-level ``offload`` key: one of :data:`OFFLOAD_KINDS`, ``"none"`` when absent."""
+    kind = top.get("offload", str, "none")
+    if kind not in OFFLOAD_KINDS:
+        raise top.error("offload", f"must be one of {', '.join(repr(k) for k in OFFLOAD_KINDS)}, got {kind!r}")
+    return kind
+
+
+# -- end of kernel offload --------------------------------------------------------------------------------------
 def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
     source = str(path)
     try:

@@ -13,6 +13,12 @@ the control socket removed.
 The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_from_section`) plus two tables:
 ``[health_check]`` (kind, port, path, expect_status, interval, timeout, rise, fall) and ``[control]`` (``socket``,
 ``metrics`` as ``"addr:port"`` or ``""`` for none). Bad keys or values are rejected at load naming the key.
+
+With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
+:class:`~mplslb.offload.driver.OffloadedBalancer`: established sessions' labels are installed in an XDP program on
+the Ethernet ports and their frames are switched by the kernel; see :mod:`mplslb.offload.xdp`. Nothing of it
+outlives the daemon: the program is held by BPF links that close with the process, and a leftover attached
+another way under the program's name is removed at start.
 """
 
 from __future__ import annotations
@@ -22,10 +28,18 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
-from mplslb.config import BalancerConfig, ConfigError, PortConfig, Section, balancer_config_from_section, load_toml
+from mplslb.config import (
+    BalancerConfig,
+    ConfigError,
+    PortConfig,
+    Section,
+    balancer_config_from_section,
+    load_toml,
+    read_offload,  # kernel offload (issue 4)
+)
 from mplslb.control.client import DEFAULT_SOCKET
 from mplslb.control.server import ControlServer, balancer_commands
 from mplslb.control.tables import RateTracker, snapshot
@@ -35,6 +49,9 @@ from mplslb.drivers.mplsudp import MplsUdpPort
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver, apply_result, reconcile
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
+
+if TYPE_CHECKING:
+    from mplslb.offload.driver import OffloadedBalancer  # kernel offload (issue 4)
 
 #: What each side's packet sockets take in; the kernel keeps everything else (health-check replies, its own ARP).
 CLIENT_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP})
@@ -49,6 +66,7 @@ class DaemonConfig:
     control_socket: str
     metrics: tuple[str, int] | None
     ring: bool
+    offload: str = "none"  # kernel offload (issue 4): "none" or "kernel"
 
 
 def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
@@ -83,6 +101,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
         metrics = (addr.strip("[]"), int(port))
     csec.done()
     ring = top.get("ring", bool, True)
+    offload = read_offload(top)  # kernel offload (issue 4)
     balancer = balancer_config_from_section(top)
     top.done()
     for index, port_config in enumerate(balancer.ports):
@@ -91,7 +110,9 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
         if port_config.kind == "mpls_udp" and port_config.role != "client":
             # Servers sit on the balancer's own segments; MPLS-in-UDP is for clients across routed networks.
             raise ConfigError(source, f"ports[{index}].kind", "mpls_udp is supported on client-side ports only")
-    return DaemonConfig(balancer, health, control_socket, metrics, ring)
+    if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):  # kernel offload (issue 4)
+        raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
+    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload)
 
 
 def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
@@ -110,7 +131,8 @@ def _open(port: PortConfig, *, ring: bool) -> Port:
     if port.kind == "mpls_udp":
         return MplsUdpPort(port.mac, address=str(ipaddress.ip_address(port.address)))
     accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else SERVER_SIDE_ETHERTYPES
-    return open_port(port.interface, ring=ring, accept=accept)
+    # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
+    return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring)
 
 
 class Daemon:
@@ -121,10 +143,19 @@ class Daemon:
         self.loop = Loop()
         clock = self.loop.clock
         self.balancer = Balancer(config.balancer)
+        # -- kernel offload (issue 4): the driver talks to the balancer through the offload, which mirrors its
+        # label switching table into the kernel after each batch and before its timers.
+        self.offloaded: OffloadedBalancer | None = None
+        if config.offload == "kernel":
+            from mplslb.offload.driver import OffloadedBalancer
+
+            self.offloaded = OffloadedBalancer(self.balancer, self.loop)
+        # -- end of kernel offload
         self.changes = HostChanges()
         setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
         self.ports = open_ports(config.balancer, ring=config.ring)
-        self.driver = BalancerDriver(self.balancer, self.ports, self.loop)
+        # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
+        self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
         self.rates = RateTracker()
         self.latest: dict[str, Any] | None = None
         self.checker: HealthChecker | None = None
@@ -156,7 +187,15 @@ class Daemon:
         return self.balancer.pool.get(name).config.address if name in self.balancer.pool else None
 
     def _snapshot(self) -> dict[str, Any]:
-        return self.latest or snapshot(self.balancer, health=self.checker, rates=self.rates, now=self.loop.clock())
+        return self.latest or self._with_offload(
+            snapshot(self.balancer, health=self.checker, rates=self.rates, now=self.loop.clock())
+        )
+
+    def _with_offload(self, snap: dict[str, Any]) -> dict[str, Any]:
+        """Kernel offload (issue 4): the offload's figures under ``"offload"`` when it is on."""
+        if self.offloaded is not None:
+            snap["offload"] = self.offloaded.offload.stats()
+        return snap
 
     def _health_tick(self) -> None:
         assert self.probes is not None
@@ -171,7 +210,7 @@ class Daemon:
             reconcile(self.balancer, self.checker, now)
         self.control.on_timer(now)
         # Swap the reference, never mutate: the metrics thread reads the latest snapshot.
-        self.latest = snapshot(self.balancer, health=self.checker, rates=self.rates, now=now)
+        self.latest = self._with_offload(snapshot(self.balancer, health=self.checker, rates=self.rates, now=now))
         self.loop.call_at(now + SNAPSHOT_INTERVAL, self._second_tick)
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -184,6 +223,8 @@ class Daemon:
             self.probes.close()
         self.control.close()
         self.driver.close()
+        if self.offloaded is not None:  # kernel offload (issue 4): detach from every port
+            self.offloaded.close()
         for port in self.ports.values():
             port.close()  # type: ignore[attr-defined]
         self.loop.close()

@@ -1,0 +1,365 @@
+"""The bpf(2) system call through ctypes, and a loader for the one small BPF object file mplslb builds.
+
+Theory of operation
+-------------------
+Only the commands the kernel offload needs are wrapped: creating a map, updating, deleting and looking up its
+elements one by one and in batches, loading a program, attaching it to an interface with a BPF link, reading an
+object's info, and running a program on a frame (``BPF_PROG_TEST_RUN``, for tests). Every ``union bpf_attr`` is
+packed with :mod:`struct` into a zeroed buffer whose size is passed to the kernel, so fields this module does not
+set are zero, as the kernel requires. Errors raise :class:`BpfError` (an ``OSError`` with the errno and, for a
+program the verifier refused, the verifier's log).
+
+The loader (:func:`load_program`) reads the ELF object clang writes for ``-target bpf``: the program's section, its
+relocations and the symbol table. Maps are not described in the object: the caller creates them and passes their
+file descriptors by symbol name; every ``ld_imm64`` the relocations name gets ``BPF_PSEUDO_MAP_FD`` and the fd.
+That is all a program without BTF, globals or subprograms needs, and it keeps libbpf out of the daemon.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import struct
+from collections.abc import Mapping
+from typing import NamedTuple
+
+# enum bpf_cmd (<linux/bpf.h>)
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_PROG_LOAD = 5
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
+BPF_LINK_CREATE = 28
+
+BPF_MAP_TYPE_HASH = 1
+BPF_PROG_TYPE_XDP = 6
+BPF_XDP = 37  # enum bpf_attach_type
+BPF_F_NO_PREALLOC = 1
+BPF_ANY = 0
+BPF_PSEUDO_MAP_FD = 1
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_PASS = 2
+XDP_REDIRECT = 4
+OBJ_NAME_LEN = 16
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351, "i686": 357}
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+ATTR_SIZE = 128  # large enough for every command used here; the kernel zero-checks the bytes it does not know
+LOG_SIZE = 1 << 20
+
+
+class BpfError(OSError):
+    """A failed bpf(2) command; ``log`` holds the verifier's output when a program was refused."""
+
+    def __init__(self, err: int, what: str, log: str = "") -> None:
+        super().__init__(err, f"{what}: {os.strerror(err)}" + (f"\n{log}" if log else ""))
+        self.log = log
+
+
+def available() -> bool:
+    """True when this machine's architecture has a known bpf(2) number."""
+    return platform.machine() in _SYS_BPF
+
+
+def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    """Run one bpf(2) command on a packed ``union bpf_attr``; returns the kernel's non-negative result."""
+    number = _SYS_BPF.get(platform.machine())
+    if number is None:
+        raise BpfError(38, f"{what}: bpf(2) on {platform.machine()}")  # ENOSYS
+    result = int(_libc.syscall(number, cmd, ctypes.byref(attr), len(attr)))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, what)
+    return result
+
+
+def _attr(fmt: str, *values: int | bytes, size: int = ATTR_SIZE) -> ctypes.Array[ctypes.c_char]:
+    buf = ctypes.create_string_buffer(size)
+    struct.pack_into(fmt, buf, 0, *values)
+    return buf
+
+
+def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
+    return 0 if buf is None else ctypes.addressof(buf)
+
+
+# -- maps ----------------------------------------------------------------------------------------------------------
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int = 0, name: str) -> int:
+    """A new map; returns its file descriptor (the caller closes it)."""
+    raw_name = name.encode()[: OBJ_NAME_LEN - 1]
+    attr = _attr("=IIIIIII16s", map_type, key_size, value_size, max_entries, flags, 0, 0, raw_name)
+    return bpf(BPF_MAP_CREATE, attr, f"creating map {name}")
+
+
+class Map:
+    """A map's file descriptor with fixed-size keys and values, and the element commands on it."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int, name: str) -> None:
+        self.fd, self.key_size, self.value_size, self.name = fd, key_size, value_size, name
+        self._key = ctypes.create_string_buffer(key_size)
+        self._value = ctypes.create_string_buffer(value_size)
+        # One attr buffer reused by update/delete/lookup: key and value pointers never change.
+        self._elem = _attr("=IIQQQ", fd, 0, ctypes.addressof(self._key), ctypes.addressof(self._value), 0)
+        self._del = _attr("=IIQ", fd, 0, ctypes.addressof(self._key))  # nothing may follow the key for a delete
+
+    @classmethod
+    def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int, name: str) -> Map:
+        return cls(map_create(map_type, key_size, value_size, max_entries, flags=flags, name=name), key_size,
+                   value_size, name)  # fmt: skip
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        ctypes.memmove(self._key, key, self.key_size)
+        ctypes.memmove(self._value, value, self.value_size)
+        struct.pack_into("=Q", self._elem, 24, flags)
+        bpf(BPF_MAP_UPDATE_ELEM, self._elem, f"updating {self.name}")
+
+    def delete(self, key: bytes) -> bool:
+        """Delete ``key``; False when it was not there."""
+        ctypes.memmove(self._key, key, self.key_size)
+        try:
+            bpf(BPF_MAP_DELETE_ELEM, self._del, f"deleting from {self.name}")
+        except BpfError as exc:
+            if exc.errno == 2:  # ENOENT
+                return False
+            raise
+        return True
+
+    def lookup(self, key: bytes) -> bytes | None:
+        ctypes.memmove(self._key, key, self.key_size)
+        try:
+            bpf(BPF_MAP_LOOKUP_ELEM, self._elem, f"looking up in {self.name}")
+        except BpfError as exc:
+            if exc.errno == 2:
+                return None
+            raise
+        return self._value.raw
+
+    def update_batch(self, keys: bytes, values: bytes, count: int) -> int:
+        """Update ``count`` elements (keys and values packed back to back) in one call; returns how many were
+        done (all of them, or an error is raised naming how far it got)."""
+        if count == 0:
+            return 0
+        kbuf = ctypes.create_string_buffer(keys, len(keys))
+        vbuf = ctypes.create_string_buffer(values, len(values))
+        attr = _attr("=QQQQII", 0, 0, _addr(kbuf), _addr(vbuf), count, self.fd)
+        try:
+            bpf(BPF_MAP_UPDATE_BATCH, attr, f"batch update of {self.name}")
+        except BpfError as exc:
+            done = struct.unpack_from("=I", attr, 32)[0]
+            raise BpfError(exc.errno or 0, f"batch update of {self.name} stopped after {done} of {count}") from None
+        return count
+
+    def delete_batch(self, keys: bytes, count: int) -> int:
+        """Delete ``count`` keys in one call; keys that are not there stop the batch (ENOENT), so the rest are then
+        deleted one by one. Returns how many were there."""
+        if count == 0:
+            return 0
+        kbuf = ctypes.create_string_buffer(keys, len(keys))
+        attr = _attr("=QQQQII", 0, 0, _addr(kbuf), 0, count, self.fd)
+        try:
+            bpf(BPF_MAP_DELETE_BATCH, attr, f"batch delete from {self.name}")
+        except BpfError as exc:
+            if exc.errno != 2:
+                raise
+            done = int(struct.unpack_from("=I", attr, 32)[0])
+            size = self.key_size
+            deleted = done
+            for i in range(done + 1, count):
+                deleted += self.delete(keys[i * size : (i + 1) * size])
+            return deleted
+        return count
+
+    def lookup_batch(self, chunk: int = 4096) -> tuple[bytes, bytes, int]:
+        """Every element: (keys, values, count), packed back to back, read ``chunk`` elements per call."""
+        keys_out: list[bytes] = []
+        values_out: list[bytes] = []
+        total = 0
+        kbuf = ctypes.create_string_buffer(self.key_size * chunk)
+        vbuf = ctypes.create_string_buffer(self.value_size * chunk)
+        in_batch = ctypes.create_string_buffer(8)
+        out_batch = ctypes.create_string_buffer(8)
+        first = True
+        while True:
+            attr = _attr("=QQQQII", 0 if first else _addr(in_batch), _addr(out_batch), _addr(kbuf), _addr(vbuf),
+                         chunk, self.fd)  # fmt: skip
+            done = False
+            try:
+                bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch lookup in {self.name}")
+            except BpfError as exc:
+                if exc.errno != 2:  # ENOENT: this was the last batch
+                    raise
+                done = True
+            count = struct.unpack_from("=I", attr, 32)[0]
+            if count:
+                keys_out.append(kbuf.raw[: count * self.key_size])
+                values_out.append(vbuf.raw[: count * self.value_size])
+                total += count
+            if done:
+                break
+            ctypes.memmove(in_batch, out_batch, 8)
+            first = False
+        return b"".join(keys_out), b"".join(values_out), total
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- programs ------------------------------------------------------------------------------------------------------
+class ElfProgram(NamedTuple):
+    """One program section of a BPF object: its instructions and the map symbol each ``ld_imm64`` refers to."""
+
+    section: str
+    insns: bytes
+    map_refs: tuple[tuple[int, str], ...]  # (instruction index, symbol name)
+    license: str
+
+
+def read_elf_program(data: bytes, section: str) -> ElfProgram:
+    """The program in ``section`` of the ELF64 little-endian relocatable object ``data``."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF object")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = []
+    for i in range(shnum):
+        name, kind, _, _, offset, size, link, info, _, entsize = struct.unpack_from(
+            "<IIQQQQIIQQ", data, shoff + i * shentsize
+        )
+        sections.append((name, kind, offset, size, link, info, entsize))
+    shstr_off = sections[shstrndx][2]
+
+    def cstr(base: int, at: int) -> str:
+        return data[base + at : data.index(b"\0", base + at)].decode()
+
+    names = [cstr(shstr_off, s[0]) for s in sections]
+    if section not in names:
+        raise ValueError(f"no section {section!r} in the object (sections: {', '.join(n for n in names if n)})")
+    index = names.index(section)
+    insns = data[sections[index][2] : sections[index][2] + sections[index][3]]
+    license_text = ""
+    if "license" in names:
+        lic = sections[names.index("license")]
+        license_text = data[lic[2] : lic[2] + lic[3]].split(b"\0")[0].decode()
+    refs: list[tuple[int, str]] = []
+    SHT_REL = 9
+    for i, (_, kind, offset, size, link, info, entsize) in enumerate(sections):
+        if kind != SHT_REL or info != index:
+            continue
+        symtab = sections[link]
+        strtab_off = sections[symtab[4]][2]
+        for r in range(size // (entsize or 16)):
+            r_offset, r_info = struct.unpack_from("<QQ", data, offset + r * (entsize or 16))
+            sym = r_info >> 32
+            st_name = struct.unpack_from("<I", data, symtab[2] + sym * (symtab[6] or 24))[0]
+            refs.append((r_offset // 8, cstr(strtab_off, st_name)))
+        del i
+    return ElfProgram(section, insns, tuple(refs), license_text)
+
+
+def prog_load(prog_type: int, insns: bytes, *, license_text: str, name: str, expected_attach_type: int = 0) -> int:
+    """Load a program; returns its fd. A refusal raises :class:`BpfError` with the verifier's log."""
+    ibuf = ctypes.create_string_buffer(insns, len(insns))
+    lbuf = ctypes.create_string_buffer(license_text.encode() + b"\0")
+    log = ctypes.create_string_buffer(LOG_SIZE)
+    raw_name = name.encode()[: OBJ_NAME_LEN - 1]
+    attr = _attr("=IIQQIIQII16sII", prog_type, len(insns) // 8, _addr(ibuf), _addr(lbuf), 0, 0, 0, 0, 0, raw_name,
+                 0, expected_attach_type)  # fmt: skip
+    try:
+        return bpf(BPF_PROG_LOAD, attr, f"loading program {name}")
+    except BpfError as exc:
+        # Load again with the verifier's log on: the first attempt without it is the fast path.
+        struct.pack_into("=IIQ", attr, 24, 1, LOG_SIZE, _addr(log))
+        try:
+            return bpf(BPF_PROG_LOAD, attr, f"loading program {name}")
+        except BpfError:
+            raise BpfError(exc.errno or 0, f"loading program {name}", log.value.decode(errors="replace")) from None
+
+
+def load_program(
+    obj: bytes, section: str, maps: Mapping[str, int], *, prog_type: int, name: str, expected_attach_type: int = 0
+) -> int:
+    """Load ``section`` of the object ``obj`` with each map symbol replaced by the fd in ``maps``."""
+    prog = read_elf_program(obj, section)
+    insns = bytearray(prog.insns)
+    for index, symbol in prog.map_refs:
+        if symbol not in maps:
+            raise ValueError(f"the program refers to map {symbol!r}, which was not created")
+        at = index * 8
+        if insns[at] != 0x18:  # BPF_LD | BPF_IMM | BPF_DW
+            raise ValueError(f"relocation at instruction {index} is not a 64-bit immediate load")
+        insns[at + 1] = (insns[at + 1] & 0x0F) | (BPF_PSEUDO_MAP_FD << 4)
+        struct.pack_into("<i", insns, at + 4, maps[symbol])
+    return prog_load(prog_type, bytes(insns), license_text=prog.license or "GPL", name=name,
+                     expected_attach_type=expected_attach_type)  # fmt: skip
+
+
+def link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0) -> int:
+    """Attach ``prog_fd`` to ``ifindex`` with a BPF link; the attachment lasts as long as the returned fd (and its
+    duplicates) stays open, so a process that dies leaves nothing attached."""
+    return bpf(BPF_LINK_CREATE, _attr("=IIII", prog_fd, ifindex, attach_type, flags), f"attaching to ifindex {ifindex}")
+
+
+class ProgInfo(NamedTuple):
+    prog_type: int
+    prog_id: int
+    name: str
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ctypes.create_string_buffer(256)
+    attr = _attr("=IIQ", fd, len(info), _addr(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "reading program info")
+    prog_type, prog_id = struct.unpack_from("=II", info, 0)
+    name = info.raw[64:80].split(b"\0")[0].decode(errors="replace")
+    return ProgInfo(prog_type, prog_id, name)
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return bpf(BPF_PROG_GET_FD_BY_ID, _attr("=III", prog_id, 0, 0), f"opening program id {prog_id}")
+
+
+class TestRun(NamedTuple):
+    retval: int
+    data: bytes
+
+
+def prog_test_run(prog_fd: int, frame: bytes, *, ingress_ifindex: int = 0) -> TestRun:
+    """Run an XDP program once on ``frame`` (``BPF_PROG_TEST_RUN``); returns its verdict and the frame after it.
+    ``ingress_ifindex`` (a device of the caller's namespace) is what the program reads as ``ingress_ifindex``."""
+    din = ctypes.create_string_buffer(frame, len(frame))
+    dout = ctypes.create_string_buffer(len(frame) + 256)
+    ctx = ctypes.create_string_buffer(struct.pack("=IIIIII", 0, len(frame), 0, ingress_ifindex, 0, 0), 24)
+    attr = _attr("=IIIIQQIIIIQQ", prog_fd, 0, len(frame), len(dout), _addr(din), _addr(dout), 1, 0,
+                 len(ctx) if ingress_ifindex else 0, 0, _addr(ctx) if ingress_ifindex else 0, 0)  # fmt: skip
+    bpf(BPF_PROG_TEST_RUN, attr, "running the program on a frame")
+    retval, _, size_out = struct.unpack_from("=III", attr, 4)
+    return TestRun(retval, dout.raw[:size_out])
+
+
+__all__ = [
+    "BpfError",
+    "ElfProgram",
+    "Map",
+    "ProgInfo",
+    "TestRun",
+    "link_create",
+    "load_program",
+    "map_create",
+    "prog_fd_by_id",
+    "prog_info",
+    "prog_load",
+    "prog_test_run",
+    "read_elf_program",
+]

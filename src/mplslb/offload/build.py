@@ -1,0 +1,85 @@
+"""Build the XDP program from its C source with clang, once per source and compiler, into a cache directory.
+
+The source (``mplslb_xdp.c`` beside this file) includes no header, so clang alone is needed (Debian: ``clang``);
+no kernel headers, no libbpf. The object is cached as ``mplslb_xdp-<digest>.o`` where the digest covers the source,
+the flags and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else ``$XDG_CACHE_HOME/mplslb``, else
+``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent daemons never read half a file.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("mplslb_xdp.c")
+CFLAGS = ("-O2", "-target", "bpf", "-mcpu=v2", "-Wall", "-Werror", "-c")
+COMPILE_TIMEOUT = 120.0
+
+
+class BuildError(RuntimeError):
+    """The program could not be built (no clang, or clang refused the source)."""
+
+
+def find_clang() -> str:
+    """The clang to use: ``$MPLSLB_CLANG``, ``clang`` on the PATH, or the newest versioned one Debian installs."""
+    explicit = os.environ.get("MPLSLB_CLANG")
+    if explicit:
+        return explicit
+    found = shutil.which("clang")
+    if found:
+        return found
+    versioned = sorted(glob.glob("/usr/bin/clang-[0-9]*") + glob.glob("/usr/lib/llvm-*/bin/clang"))
+    if versioned:
+        return versioned[-1]
+    raise BuildError("clang is needed to build the XDP program (Debian package: clang)")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("MPLSLB_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mplslb"
+
+
+def build_object(source: Path = SOURCE, *, clang: str | None = None, directory: Path | None = None) -> bytes:
+    """The compiled object of ``source``: from the cache, or compiled now and cached."""
+    try:
+        text = source.read_bytes()
+    except OSError as exc:
+        raise BuildError(f"cannot read the XDP program source {source}: {exc.strerror}") from None
+    compiler = clang or find_clang()
+    digest = hashlib.sha256(b"\0".join([text, " ".join(CFLAGS).encode(), compiler.encode()])).hexdigest()[:20]
+    where = directory or cache_dir()
+    target = where / f"{source.stem}-{digest}.o"
+    try:
+        return target.read_bytes()
+    except OSError:
+        pass
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        where = Path(tempfile.gettempdir())  # an unwritable cache only costs a compile per start
+        target = where / target.name
+    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp", dir=where)
+    os.close(fd)
+    try:
+        try:
+            done = subprocess.run(
+                [compiler, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BuildError(f"running {compiler}: {exc}") from None
+        if done.returncode != 0:
+            raise BuildError(f"{compiler} could not build {source.name}:\n{done.stderr.strip()}")
+        data = Path(tmp).read_bytes()
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return data

@@ -1,0 +1,106 @@
+"""The kernel offload inside the daemon's loop: what the :class:`~mplslb.drivers.loop.BalancerDriver` talks to.
+
+Theory of operation
+-------------------
+:class:`OffloadedBalancer` stands where the balancer stood for the driver (same three methods) and keeps an
+:class:`~mplslb.offload.xdp.XdpOffload` in step with it:
+
+* after every batch the balancer handled (``receive_batch``) and after its timers (``on_timer``), the installs and
+  withdrawals they made are applied to the kernel (:meth:`XdpOffload.sync`), so a new session's labels reach the
+  kernel before the next burst is read and an ended session's labels leave it at once;
+* before the balancer's timers run, the kernel's counters are folded into the table (:meth:`XdpOffload.poll`),
+  so an idle timeout never fires for a session whose frames the kernel has been forwarding. A poll reads the whole
+  map (about 1 ms per 4,000 entries), so timers firing close together share one: the counters may be
+  :data:`TIMER_POLL_MIN` old, or :data:`POLL_BUDGET` times the last poll's duration for a very large map (a poll
+  then costs at most 1/POLL_BUDGET of the loop's time); idle timeouts are seconds to minutes;
+* a timer of its own, every :data:`SYNC_INTERVAL`, applies changes made elsewhere in the loop (control commands,
+  health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status;
+* labels waiting for the balancer to stop watching every frame are looked at no more often than
+  :data:`PENDING_INTERVAL`, so a large pending list does not cost a scan per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from mplslb.balancer import Balancer, BlockResult
+from mplslb.config import PortConfig
+from mplslb.drivers.loop import Frames, Loop, Timer
+from mplslb.offload.xdp import XdpOffload
+
+SYNC_INTERVAL = 0.005
+POLL_INTERVAL = 1.0
+TIMER_POLL_MIN = 0.05
+POLL_BUDGET = 20.0
+PENDING_INTERVAL = 0.002
+
+
+def offload_interfaces(ports: Iterable[PortConfig]) -> dict[int, str]:
+    """Port id -> interface of the ports the kernel can switch between (Ethernet ports with an interface)."""
+    return {p.port_id: p.interface for p in ports if p.kind == "ethernet" and p.interface}
+
+
+class OffloadedBalancer:
+    """The balancer as the driver sees it, with its label switching table mirrored into the kernel."""
+
+    def __init__(self, balancer: Balancer, loop: Loop, *, mode: str = "auto") -> None:
+        self.balancer = balancer
+        self.loop = loop
+        self.offload = XdpOffload(
+            balancer.switching,
+            offload_interfaces(balancer.config.ports),
+            mode=mode,
+            clock=loop.clock,
+            pending_interval=PENDING_INTERVAL,
+        )
+        self.offload.open()
+        self._polled = loop.clock()
+        self._poll_cost = 0.0  # seconds the last poll took
+        self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
+
+    def receive_batch(self, frames: Iterable[tuple[int, bytes | memoryview]], now: float) -> Frames:
+        out = self.balancer.receive_batch(frames, now)
+        self.offload.sync()
+        return out
+
+    def receive_block(
+        self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, ports: np.ndarray, now: float
+    ) -> BlockResult:
+        """The balancer's block path (a driver in block mode), then the same sync as after a batch."""
+        result = self.balancer.receive_block(buf, starts, lengths, ports, now)
+        self.offload.sync()
+        return result
+
+    def next_deadline(self) -> float | None:
+        return self.balancer.next_deadline()
+
+    def on_timer(self, now: float) -> Frames:
+        if now - self._polled >= max(TIMER_POLL_MIN, POLL_BUDGET * self._poll_cost):
+            self._poll(now)
+        out = self.balancer.on_timer(now)
+        self.offload.sync()
+        return out
+
+    def _poll(self, now: float) -> None:
+        self._polled = now
+        started = time.perf_counter()
+        self.offload.poll()
+        self._poll_cost = time.perf_counter() - started
+
+    def _tick(self) -> None:
+        now = self.loop.clock()
+        if now - self._polled >= POLL_INTERVAL:
+            self._poll(now)
+        else:
+            self.offload.sync()
+        self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
+
+    def close(self) -> None:
+        """Stop the timer, fold the last counters in and detach everything from the kernel."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.offload.close()

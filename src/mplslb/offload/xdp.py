@@ -1,0 +1,443 @@
+"""The kernel offload: the label switching table mirrored into an XDP program's map, so labelled frames of
+established sessions are switched by the kernel and never reach Python.
+
+Theory of operation
+-------------------
+One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Ethernet port of the balancer, and one
+hash map (label -> :data:`ENTRY`) holds the labels it may switch. The program makes every check the userspace fast
+path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, TTL > 1); a frame that
+passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses of the label's row,
+its TTL decremented and an 802.1Q tag dropped, exactly as :meth:`LabelSwitchingTable.switch` builds it. Everything
+else is ``XDP_PASS``: the daemon's packet socket gets it and the userspace path forwards, reports, or drops and
+counts it as it does without the offload.
+
+What goes into the map (:meth:`XdpOffload.sync`): the table records each install (+label) and withdrawal (-label)
+in ``table.changes``; ``sync`` drains them and writes or deletes map entries (batched, ``BPF_MAP_UPDATE_BATCH`` /
+``BPF_MAP_DELETE_BATCH``). A label enters the map only while its ``watch`` bits do not ask for every frame
+(``WATCH_ALL``: the session manager is timing the server's first answers from the session's own frames and needs to
+see them); such labels wait in a pending list that each ``sync`` looks at (a vectorised look at the table's arrays)
+and enter the map once the balancer clears ``WATCH_ALL``. Labels bound to a port without XDP (an MPLS-in-UDP port)
+stay in userspace.
+
+Activity (:meth:`XdpOffload.poll`): the program counts packets and bytes per entry and stores the time of the last
+frame (``bpf_ktime_get_ns``, CLOCK_MONOTONIC, the clock of ``time.monotonic``). ``poll`` reads the whole map with
+``BPF_MAP_LOOKUP_BATCH`` and adds what the kernel forwarded since the last poll to ``table.packets`` and
+``table.bytes`` and moves ``table.last_seen`` forward, so idle timeouts, per-server figures and the status see the
+kernel's traffic. The daemon polls once a second and before the balancer's timers run.
+
+Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
+their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
+program. On :meth:`XdpOffload.open` an XDP program attached the old way (netlink) under our program's name is taken
+as a leftover and removed; any other XDP program on a port is an error naming it.
+
+Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
+``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
+program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
+silently. ``auto`` therefore chooses generic when a port is a veth, native otherwise (falling back to generic when
+a driver refuses native).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from mplslb.offload import bpf
+from mplslb.offload.build import BuildError, build_object
+from mplslb.switching import LABEL_SPACE, WATCH_ALL, WATCH_TCP_END, LabelSwitchingTable
+
+PROG_NAME = "mplslb_xdp"
+MAP_NAME = "mplslb_labels"
+MAP_SYMBOL = "labels"
+SECTION = "xdp"
+MODES = ("auto", "native", "generic")
+
+#: struct entry of mplslb_xdp.c: out ifindex, in ifindex, rewrite (12), peer MAC (6), flags, IP length, peer IP (16),
+#: TCP offset, pad, then the counters the program keeps: packets, bytes, last frame (CLOCK_MONOTONIC ns).
+ENTRY = struct.Struct("=II12s6sBB16sHHQQQ")
+COUNTERS = np.dtype(
+    {"names": ["packets", "bytes", "last_ns"], "formats": ["<u8", "<u8", "<u8"], "offsets": [48, 56, 64],
+     "itemsize": ENTRY.size}
+)  # fmt: skip
+F_V6 = 0x01
+F_TCP_END = 0x02
+_KEY = struct.Struct("=I")
+BATCH_MIN = 4  # fewer writes than this go one by one
+
+
+class OffloadError(RuntimeError):
+    """The kernel offload cannot be set up (no clang, no bpf(2), a port with another XDP program, ...)."""
+
+
+def xdp_state(ifindex: int) -> tuple[str, int]:
+    """(link kind, id of the attached XDP program or 0) of an interface in this namespace."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        link = ipr.get_links(ifindex)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+    xdp = link.get_attr("IFLA_XDP")
+    prog_id = (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None) or 0
+    return kind, int(prog_id)
+
+
+def _netlink_detach(ifindex: int, flags: int) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.link("set", index=ifindex, xdp={"attrs": [["IFLA_XDP_FD", -1], ["IFLA_XDP_FLAGS", flags]]})
+
+
+class XdpOffload:
+    """Keeps an XDP program's label map in step with ``table``, for the ports ``interfaces`` names
+    (port id -> interface name, in the calling thread's network namespace)."""
+
+    def __init__(
+        self,
+        table: LabelSwitchingTable,
+        interfaces: Mapping[int, str],
+        *,
+        mode: str = "auto",
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = LABEL_SPACE,
+        obj: bytes | None = None,
+        pending_interval: float = 0.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not interfaces:
+            raise ValueError("the kernel offload needs at least one Ethernet port")
+        self.table = table
+        self.interfaces = dict(interfaces)
+        self.mode = mode
+        self.clock = clock
+        self.max_entries = max_entries
+        self._obj = obj
+        #: Pending labels are looked at no more often than this (seconds; 0: on every sync).
+        self.pending_interval = pending_interval
+        self._scanned = float("-inf")
+        self.ifindex: dict[int, int] = {}  # port id -> ifindex
+        self.attached: dict[str, str] = {}  # interface -> "native" or "generic"
+        self._links: list[int] = []
+        self._prog = -1
+        self._map: bpf.Map | None = None
+        self._valid = np.frombuffer(table.valid, dtype=np.uint8)
+        self._watch = np.frombuffer(table.watch, dtype=np.uint8)
+        self._packets = np.frombuffer(table.packets, dtype=np.uint64)
+        self._bytes = np.frombuffer(table.bytes, dtype=np.uint64)
+        self._last_seen = np.frombuffer(table.last_seen, dtype=np.float64)
+        self._in_kernel = np.zeros(LABEL_SPACE, dtype=np.uint8)
+        self._kpackets = np.zeros(LABEL_SPACE, dtype=np.uint64)  # kernel counters already added to the table
+        self._kbytes = np.zeros(LABEL_SPACE, dtype=np.uint64)
+        self._pending = np.empty(0, dtype=np.uint32)  # installed, waiting for WATCH_ALL to clear
+        self._pending_new: list[int] = []
+        self.entries = 0
+        self.writes = 0
+        self.deletes = 0
+        self.polls = 0
+        self.kernel_packets = 0
+        self.kernel_bytes = 0
+        self.errors: dict[str, int] = {}  # refused map updates, by errno name
+
+    # -- setting up and tearing down ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Build and load the program, create the map, attach to every port, and mirror what is installed."""
+        try:
+            obj = self._obj if self._obj is not None else build_object()
+        except BuildError as exc:
+            raise OffloadError(str(exc)) from None
+        if not bpf.available():
+            raise OffloadError("bpf(2) is not known on this architecture")
+        try:
+            for port_id, ifname in self.interfaces.items():
+                self.ifindex[port_id] = socket.if_nametoindex(ifname)
+            self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, ENTRY.size, self.max_entries,
+                                       flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
+            self._prog = bpf.load_program(
+                obj, SECTION, {MAP_SYMBOL: self._map.fd}, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME
+            )
+            kinds = {port_id: self._clear_stale(ifindex) for port_id, ifindex in self.ifindex.items()}
+            native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
+            for port_id, ifindex in self.ifindex.items():
+                self._attach(self.interfaces[port_id], ifindex, native=native)
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise OffloadError(f"kernel offload: {exc}") from None
+        self.table.changes = []
+        self._mirror(int(label) for label in np.flatnonzero(self._valid))
+
+    def _clear_stale(self, ifindex: int) -> str:
+        """Remove a leftover of ours attached by netlink; refuse to share a port with another XDP program."""
+        kind, prog_id = xdp_state(ifindex)
+        if prog_id:
+            fd = bpf.prog_fd_by_id(prog_id)
+            try:
+                name = bpf.prog_info(fd).name
+            finally:
+                os.close(fd)
+            ifname = socket.if_indextoname(ifindex)
+            if name != PROG_NAME:
+                raise OffloadError(f"{ifname} already has an XDP program ({name!r}, id {prog_id})")
+            errors = []
+            for flags in (bpf.XDP_FLAGS_SKB_MODE, bpf.XDP_FLAGS_DRV_MODE):  # the mode it was attached in is unknown
+                try:
+                    _netlink_detach(ifindex, flags)
+                except Exception as exc:  # pyroute2's NetlinkError; EBUSY when a BPF link holds the program
+                    errors.append(exc)
+            if xdp_state(ifindex)[1]:
+                why = f" ({errors[-1]})" if errors else ""
+                raise OffloadError(
+                    f"{ifname}: {PROG_NAME} (id {prog_id}) is held by a live BPF link: is another mplslb balancer "
+                    f"running on this port?{why}"
+                )
+        return kind
+
+    def _attach(self, ifname: str, ifindex: int, *, native: bool) -> None:
+        if native:
+            try:
+                self._links.append(bpf.link_create(self._prog, ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_DRV_MODE))
+                self.attached[ifname] = "native"
+                return
+            except bpf.BpfError:
+                if self.mode == "native":
+                    raise
+        self._links.append(bpf.link_create(self._prog, ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE))
+        self.attached[ifname] = "generic"
+
+    def close(self) -> None:
+        """Fold the last counters in, detach from every port and free the map (idempotent)."""
+        if self._map is not None and self._links:
+            with contextlib.suppress(OSError):
+                self.poll()
+        for fd in self._links:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._links.clear()
+        self.attached.clear()
+        if self._prog >= 0:
+            os.close(self._prog)
+            self._prog = -1
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.table.changes is not None:
+            self.table.changes = None
+        self._in_kernel[:] = 0
+        self._pending = np.empty(0, dtype=np.uint32)
+        self._pending_new.clear()
+        self.entries = 0
+
+    def __enter__(self) -> XdpOffload:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- keeping the map in step -------------------------------------------------------------------------------
+    def sync(self) -> int:
+        """Apply the table's installs and withdrawals, and enter pending labels whose watch cleared; returns how
+        many map elements were written or deleted."""
+        if self._map is None:
+            return 0
+        changes = self.table.take_changes()
+        if not changes and not self._pending_due():
+            return 0
+        return self._mirror(dict.fromkeys(abs(c) for c in changes))
+
+    def _pending_due(self) -> bool:
+        return bool(self._pending.size or self._pending_new) and (
+            self.pending_interval <= 0 or self.clock() - self._scanned >= self.pending_interval
+        )
+
+    def _mirror(self, labels: Iterable[int]) -> int:
+        valid, watch, in_kernel = self.table.valid, self.table.watch, self._in_kernel
+        writes: list[int] = []
+        deletes: list[int] = []
+        for label in labels:
+            self._kpackets[label] = 0
+            self._kbytes[label] = 0
+            if valid[label] and self._offloadable(label):
+                if watch[label] & WATCH_ALL:
+                    if in_kernel[label]:
+                        deletes.append(label)
+                    self._pending_new.append(label)
+                else:
+                    writes.append(label)
+            elif in_kernel[label]:
+                deletes.append(label)
+        if self._pending_due():
+            writes += self._ready()
+        return self._delete(deletes) + self._write(writes)
+
+    def _offloadable(self, label: int) -> bool:
+        return self.table.in_port[label] in self.ifindex and self.table.out_port[label] in self.ifindex
+
+    def _ready(self) -> list[int]:
+        """Pending labels whose WATCH_ALL has cleared (and forget those withdrawn meanwhile)."""
+        self._scanned = self.clock()
+        pending = self._pending
+        if self._pending_new:
+            pending = np.concatenate((pending, np.array(self._pending_new, dtype=np.uint32)))
+            self._pending_new.clear()
+        if not pending.size:
+            return []
+        valid = self._valid[pending] != 0
+        watching = (self._watch[pending] & WATCH_ALL) != 0
+        absent = self._in_kernel[pending] == 0
+        self._pending = pending[valid & watching & absent]  # a label pending twice (reinstalled) is harmless
+        ready = np.unique(pending[valid & ~watching & absent])
+        return [int(label) for label in ready if self._offloadable(int(label))]
+
+    def _entry(self, label: int) -> bytes:
+        t = self.table
+        flags = (F_V6 if t.v6[label] else 0) | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+        peer_ip = t.peer_ip[label]
+        return ENTRY.pack(
+            self.ifindex[t.out_port[label]],
+            self.ifindex[t.in_port[label]],
+            t.rewrite[label],
+            t.peer[label],
+            flags,
+            len(peer_ip),
+            peer_ip,
+            t.tcp_offset[label],
+            0,
+            0,
+            0,
+            0,
+        )
+
+    def _error(self, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno or 0, "error").lower()
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    def _write(self, labels: list[int]) -> int:
+        """Write ``labels``' entries; one the kernel refuses (no memory) stays in userspace and is counted."""
+        assert self._map is not None
+        if not labels:
+            return 0
+        failed: set[int] = set()
+        if len(labels) >= BATCH_MIN:
+            keys = struct.pack(f"={len(labels)}I", *labels)
+            try:
+                self._map.update_batch(keys, b"".join(self._entry(label) for label in labels), len(labels))
+            except OSError:
+                failed = set(labels)  # how far the batch went is unknown: write each one again
+        if len(labels) < BATCH_MIN or failed:
+            failed = set()
+            for label in labels:
+                try:
+                    self._map.update(_KEY.pack(label), self._entry(label))
+                except OSError as exc:
+                    self._error(exc)
+                    failed.add(label)
+        if failed:
+            labels = [label for label in labels if label not in failed]
+            for label in failed:
+                if self._in_kernel[label]:  # its old entry would forward for a session that has changed
+                    with contextlib.suppress(OSError):
+                        self._map.delete(_KEY.pack(label))
+                    self._in_kernel[label] = 0
+                    self.entries -= 1
+        for label in labels:
+            if not self._in_kernel[label]:
+                self.entries += 1
+            self._in_kernel[label] = 1
+            self._kpackets[label] = 0
+            self._kbytes[label] = 0
+        self.writes += len(labels)
+        return len(labels)
+
+    def _delete(self, labels: list[int]) -> int:
+        assert self._map is not None
+        if not labels:
+            return 0
+        try:
+            if len(labels) < BATCH_MIN:
+                for label in labels:
+                    self._map.delete(_KEY.pack(label))
+            else:
+                self._map.delete_batch(struct.pack(f"={len(labels)}I", *labels), len(labels))
+        except OSError as exc:  # never seen; the entries are then taken as gone (the next open starts afresh)
+            self._error(exc)
+        for label in labels:
+            self._in_kernel[label] = 0
+        self.entries -= len(labels)
+        self.deletes += len(labels)
+        return len(labels)
+
+    # -- activity ------------------------------------------------------------------------------------------------
+    def poll(self) -> int:
+        """Add what the kernel forwarded since the last poll to the table's counters and last-seen times; returns
+        how many labels had new frames. Applies pending changes first, so no count lands on a label's next
+        session."""
+        if self._map is None:
+            return 0
+        self.sync()
+        keys, values, count = self._map.lookup_batch()
+        self.polls += 1
+        if not count:
+            return 0
+        labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
+        counters = np.frombuffer(values, dtype=COUNTERS)
+        packets, octets, last_ns = counters["packets"], counters["bytes"], counters["last_ns"]
+        live = self._in_kernel[labels] != 0  # an entry deleted since the read is not counted
+        moved = live & (packets > self._kpackets[labels])
+        if not moved.any():
+            return 0
+        labels, packets, octets, last_ns = labels[moved], packets[moved], octets[moved], last_ns[moved]
+        new_packets = packets - self._kpackets[labels]
+        new_bytes = octets - self._kbytes[labels]
+        self._packets[labels] += new_packets
+        self._bytes[labels] += new_bytes
+        self._kpackets[labels] = packets
+        self._kbytes[labels] = octets
+        offset = self.clock() - time.monotonic()  # the kernel's clock is CLOCK_MONOTONIC
+        seen = last_ns.astype(np.float64) * 1e-9 + offset
+        self._last_seen[labels] = np.maximum(self._last_seen[labels], seen)
+        self.kernel_packets += int(new_packets.sum())
+        self.kernel_bytes += int(new_bytes.sum())
+        return int(labels.size)
+
+    @property
+    def pending(self) -> int:
+        return int(self._pending.size) + len(self._pending_new)
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic."""
+        return {
+            "kind": "kernel",
+            "attached": dict(self.attached),
+            "entries": self.entries,
+            "pending": self.pending,
+            "writes": self.writes,
+            "deletes": self.deletes,
+            "polls": self.polls,
+            "kernel_packets": self.kernel_packets,
+            "kernel_bytes": self.kernel_bytes,
+            "errors": dict(self.errors),
+        }
+
+    def run(self, frame: bytes, port_id: int) -> bpf.TestRun:
+        """Run the program once on ``frame`` as if it came in on ``port_id`` (``BPF_PROG_TEST_RUN``; tests): the
+        verdict (``XDP_REDIRECT`` or ``XDP_PASS``) and the frame as the program left it. Counts like real traffic."""
+        if self._prog < 0:
+            raise ValueError("the offload is not open")
+        return bpf.prog_test_run(self._prog, frame, ingress_ifindex=self.ifindex[port_id])
+
+    def lookup(self, label: int) -> tuple[int, ...] | None:
+        """The map's entry for ``label`` as :data:`ENTRY` fields (tests, debugging), or None."""
+        if self._map is None:
+            return None
+        raw = self._map.lookup(_KEY.pack(label))
+        return None if raw is None else ENTRY.unpack(raw)

@@ -1,0 +1,569 @@
+"""The kernel offload (mplslb.offload): the XDP program forwards exactly what the userspace fast path forwards, with
+the same bytes, and leaves everything else to userspace; the map follows the table; the daemon's configuration key.
+
+The program is compared with the userspace path two ways: on each frame with ``BPF_PROG_TEST_RUN`` (verdict and
+bytes), and with real frames through veth pairs in throwaway namespaces (what leaves at the far end of each port,
+byte for byte, and what the balancer's own packet socket still sees). Root and clang are needed for all but the
+configuration tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import shutil
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from pyroute2 import IPRoute, netns
+
+from framebuild import (
+    ACK,
+    FIN,
+    PORT_MAC,
+    PSH,
+    RST,
+    SERVERS,
+    SYN,
+    VIP4,
+    VIP6,
+    client4,
+    client6,
+    client_mac,
+    client_udp,
+    ether,
+    ipv4,
+    ipv6,
+    labelled,
+    standard_balancer,
+    standard_config,
+    tcp,
+    udp,
+)
+from mplslb.balancer import Balancer
+from mplslb.config import ConfigError, Section, read_offload
+from mplslb.drivers.afpacket import PacketPort
+from mplslb.drivers.loop import Loop
+from mplslb.drivers.netns import entered
+from mplslb.offload import bpf
+from mplslb.offload.build import build_object
+from mplslb.offload.driver import OffloadedBalancer
+from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, xdp_state
+from mplslb.sessions import Timeouts
+from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END
+from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.mpls import pack_entry
+
+WAIT = 10.0  # seconds any exchange may take, at most
+_serial = itertools.count()
+PORTS = (0, 1, 2, 3)  # the standard layout: 0 and 1 face the clients, 2 and 3 the servers
+
+is_root = os.geteuid() == 0
+has_clang = shutil.which("clang") is not None or bool(os.environ.get("MPLSLB_CLANG"))
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def needs_kernel(test: F) -> F:
+    """Root (bpf(2), namespaces, veth pairs) and clang (the program is built from source)."""
+    test = pytest.mark.root(test)
+    test = pytest.mark.skipif(not is_root, reason="needs root: bpf(2), namespaces, veth pairs")(test)
+    return pytest.mark.skipif(not has_clang, reason="needs clang to build the XDP program (make debs installs it)")(
+        test
+    )
+
+
+S1, S2 = SERVERS[0], SERVERS[1]
+
+# Labels installed in both the kernel and the reference tables (label, install keywords).
+A, B, C, D, E, W = 101, 102, 201, 203, 301, 401
+INSTALLS: dict[int, dict[str, Any]] = {
+    A: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client4(0), watch=WATCH_TCP_END),
+    B: dict(out_port=0, next_hop=client_mac(0), in_port=2, peer=S1.mac, peer_ip=VIP4, watch=WATCH_TCP_END),
+    C: dict(out_port=3, next_hop=S2.mac, in_port=1, peer=client_mac(1), peer_ip=client6(1), watch=IPV6_PAYLOAD),
+    D: dict(
+        out_port=3,
+        next_hop=S2.mac,
+        in_port=1,
+        peer=client_mac(1),
+        peer_ip=client6(1),
+        watch=WATCH_TCP_END | IPV6_PAYLOAD,
+        tcp_offset=40,
+    ),
+    E: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(2)),
+    W: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client4(0), watch=WATCH_ALL),
+}
+
+
+def install_all(balancer: Balancer) -> None:
+    for label, kwargs in INSTALLS.items():
+        balancer.switching.install(label, **kwargs)
+
+
+def v4_tcp(flags: int, payload: bytes = b"", *, src: bytes | None = None, options: bytes = b"") -> bytes:
+    s = src or client4(0)
+    return ipv4(s, VIP4, IPPROTO_TCP, tcp(s, VIP4, 40000, 80, flags, payload), options=options)
+
+
+def v6_packet(proto: int, flags: int = ACK, *, src: bytes | None = None) -> bytes:
+    s = src or client6(1)
+    body = tcp(s, VIP6, 40001, 80, flags, b"GET") if proto == IPPROTO_TCP else udp(s, VIP6, 40001, 53, b"query")
+    return ipv6(s, VIP6, proto, body)
+
+
+def label_of(frame: bytes) -> int:
+    return int(struct.unpack_from("!I", frame, 18 if frame[12:14] == b"\x81\x00" else 14)[0] >> 12)
+
+
+def from_client(label: int, packet: bytes, *, port: int = 0, mac: bytes | None = None, **kw: Any) -> bytes:
+    return labelled(PORT_MAC[port], mac or client_mac(0), label, packet, **kw)
+
+
+#: (name, ingress port, frame, what the kernel does: "redirect" or "pass", userspace forwards it too when passed)
+CASES: list[tuple[str, int, bytes, str, bool]] = [
+    ("tcp4", 0, from_client(A, v4_tcp(ACK | PSH, b"GET / HTTP/1.1\r\n\r\n")), "redirect", True),
+    ("tcp4 syn", 0, from_client(A, v4_tcp(SYN)), "redirect", True),
+    ("ttl 2", 0, from_client(A, v4_tcp(ACK), ttl=2), "redirect", True),
+    ("ttl 1", 0, from_client(A, v4_tcp(ACK), ttl=1), "pass", False),
+    ("ttl 0", 0, from_client(A, v4_tcp(ACK), ttl=0), "pass", False),
+    ("fin", 0, from_client(A, v4_tcp(FIN | ACK)), "pass", True),
+    ("rst", 0, from_client(A, v4_tcp(RST)), "pass", True),
+    ("options ack", 0, from_client(A, v4_tcp(ACK, options=b"\x01\x01\x01\x00")), "redirect", True),
+    ("options fin", 0, from_client(A, v4_tcp(FIN, options=b"\x01\x01\x01\x00")), "pass", True),
+    ("wrong mac", 0, from_client(A, v4_tcp(ACK), mac=client_mac(5)), "pass", False),
+    ("wrong port", 1, from_client(A, v4_tcp(ACK), port=1), "pass", False),
+    ("wrong ip", 0, from_client(A, v4_tcp(ACK, src=client4(7))), "pass", False),
+    ("not bottom", 0, from_client(A, v4_tcp(ACK), s=False, below=[pack_entry(77, 0, True, 64)]), "pass", False),
+    ("vlan", 0, from_client(A, v4_tcp(ACK, b"x"), vlans=[5]), "redirect", True),
+    ("unknown", 0, from_client(999, v4_tcp(ACK)), "pass", False),
+    ("reserved", 0, from_client(3, v4_tcp(ACK)), "pass", False),
+    (
+        "server reply",
+        2,
+        labelled(
+            PORT_MAC[2],
+            S1.mac,
+            B,
+            ipv4(VIP4, client4(0), IPPROTO_TCP, tcp(VIP4, client4(0), 80, 40000, ACK, b"HTTP/1.1 200 OK\r\n")),
+        ),
+        "redirect",
+        True,
+    ),
+    ("udp6", 1, from_client(C, v6_packet(IPPROTO_UDP), port=1, mac=client_mac(1)), "redirect", True),
+    (
+        "udp6 wrong ip",
+        1,
+        from_client(C, v6_packet(IPPROTO_UDP, src=client6(9)), port=1, mac=client_mac(1)),
+        "pass",
+        False,
+    ),
+    ("tcp6", 1, from_client(D, v6_packet(IPPROTO_TCP), port=1, mac=client_mac(1)), "redirect", True),
+    ("tcp6 fin", 1, from_client(D, v6_packet(IPPROTO_TCP, FIN | ACK), port=1, mac=client_mac(1)), "pass", True),
+    ("no ip binding", 0, from_client(E, v4_tcp(ACK, src=client4(8)), mac=client_mac(2)), "redirect", True),
+    ("header only", 0, from_client(E, b"", mac=client_mac(2)), "redirect", True),
+    ("header only, ip bound", 0, from_client(A, b""), "pass", False),
+    ("watched", 0, from_client(W, v4_tcp(ACK)), "pass", True),
+    ("unlabelled", 0, ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN)), "pass", True),
+    ("truncated", 0, from_client(A, b"")[:16], "pass", False),
+]
+
+
+def test_offload_key_is_validated() -> None:
+    assert read_offload(Section("lb.toml", "", {})) == "none"
+    assert read_offload(Section("lb.toml", "", {"offload": "kernel"})) == "kernel"
+    for bad in ("xdp", 1, True):
+        with pytest.raises(ConfigError) as info:
+            read_offload(Section("lb.toml", "", {"offload": bad}))
+        assert info.value.key == "offload"
+
+
+def test_daemon_config_reads_offload(tmp_path: Path) -> None:
+    from mplslb.daemon import load_daemon_config
+
+    body = """
+[[ports]]
+id = 0
+role = "client"
+mac = "02:b0:00:00:00:00"
+interface = "lc0p0"
+
+[[ports]]
+id = 1
+role = "server"
+mac = "02:b0:00:00:00:01"
+interface = "lc1p0"
+
+[[vip]]
+address = "10.0.0.100"
+"""
+    path = tmp_path / "lb.toml"
+    path.write_text(body)
+    assert load_daemon_config(path).offload == "none"
+    path.write_text('offload = "kernel"\n' + body)
+    assert load_daemon_config(path).offload == "kernel"
+    path.write_text('offload = "fast"\n' + body)
+    with pytest.raises(ConfigError, match="offload"):
+        load_daemon_config(path)
+
+
+@pytest.mark.skipif(not has_clang, reason="needs clang")
+def test_object_builds_once_and_names_its_map(tmp_path: Path) -> None:
+    first = build_object(directory=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("mplslb_xdp-*.o")]
+    assert build_object(directory=tmp_path) == first
+    prog = bpf.read_elf_program(first, "xdp")
+    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels"}
+    assert "GPL" in prog.license
+
+
+# -- in throwaway namespaces ---------------------------------------------------------------------------------------
+def _wait_up(ipr: IPRoute, names: list[str]) -> None:
+    """Until linkwatch has run a device keeps the noop qdisc, which drops every frame sent while reporting success."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        links = [ipr.get_links(ipr.link_lookup(ifname=n)[0])[0] for n in names]
+        if all(link.get("IFLA_OPERSTATE") == "UP" and link.get("IFLA_QDISC") != "noop" for link in links):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"links {names} did not come up within {WAIT} s")
+
+
+def _quiet(name: str) -> None:
+    with entered(name):
+        for conf in ("all", "default"):
+            Path(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6").write_text("1")
+
+
+@pytest.fixture
+def topo() -> Iterator[tuple[str, str]]:
+    """Namespace ``lb`` with interfaces p0..p3 (the balancer's ports, with the standard layout's MACs), each a veth
+    whose peer e0..e3 is in namespace ``peer``. Yields (lb, peer)."""
+    tag = f"mlbo{os.getpid() % 100000}x{next(_serial)}"
+    lb, peer = f"{tag}l", f"{tag}e"
+    created: list[str] = []
+    try:
+        for name in (lb, peer):
+            netns.create(name)
+            created.append(name)
+            _quiet(name)
+        with entered(lb), IPRoute() as ipr:
+            for i in PORTS:
+                ipr.link("add", ifname=f"p{i}", kind="veth", peer={"ifname": f"e{i}", "net_ns_fd": peer})
+                ipr.link(
+                    "set",
+                    index=ipr.link_lookup(ifname=f"p{i}")[0],
+                    address=":".join(f"{b:02x}" for b in PORT_MAC[i]),
+                    state="up",
+                )
+        with entered(peer), IPRoute() as ipr:
+            for i in PORTS:
+                ipr.link("set", index=ipr.link_lookup(ifname=f"e{i}")[0], state="up")
+            _wait_up(ipr, [f"e{i}" for i in PORTS])
+        with entered(lb), IPRoute() as ipr:
+            _wait_up(ipr, [f"p{i}" for i in PORTS])
+        yield lb, peer
+    finally:
+        for name in reversed(created):
+            if name in netns.listnetns():
+                netns.remove(name)
+
+
+@pytest.fixture(scope="module")
+def obj(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    if not has_clang:
+        pytest.skip("needs clang")
+    return build_object(directory=tmp_path_factory.mktemp("xdp"))
+
+
+def offload_in(lb: str, balancer: Balancer, obj: bytes, **kw: Any) -> XdpOffload:
+    with entered(lb):
+        offload = XdpOffload(balancer.switching, {i: f"p{i}" for i in PORTS}, obj=obj, **kw)
+        offload.open()
+    return offload
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["generic", "native"])
+def test_program_agrees_with_userspace_frame_by_frame(topo: tuple[str, str], obj: bytes, mode: str) -> None:
+    """Each case through the program (BPF_PROG_TEST_RUN) and through the one-frame and batch userspace paths: the
+    program redirects exactly the frames userspace forwards (minus FIN/RST and watched labels), byte for byte, to
+    the same port, and leaves every other frame untouched."""
+    lb, _ = topo
+    kernel, one, batch = standard_balancer(), standard_balancer(), standard_balancer()
+    for b in (kernel, one, batch):
+        install_all(b)
+    offload = offload_in(lb, kernel, obj, mode=mode)
+    try:
+        assert set(offload.attached.values()) == {mode}
+        assert offload.lookup(W) is None and offload.pending == 1  # watched: stays in userspace
+        one_out: list[tuple[int, bytes]] = []
+        redirected: dict[int, int] = {}
+        with entered(lb):
+            for name, port, frame, verdict, userspace_forwards in CASES:
+                out = one.receive(port, frame, 1.0)
+                one_out += out
+                run = offload.run(frame, port)
+                if verdict == "redirect":
+                    assert run.retval == bpf.XDP_REDIRECT, name
+                    assert len(out) == 1, name
+                    out_port, sent = out[0]
+                    assert run.data == sent, name
+                    label = label_of(frame)
+                    entry = offload.lookup(label)
+                    assert entry is not None and entry[0] == offload.ifindex[out_port], name
+                    redirected[label] = redirected.get(label, 0) + 1
+                else:
+                    assert run.retval == bpf.XDP_PASS, name
+                    assert run.data == frame, name
+                    assert bool(out) == userspace_forwards, name
+        assert batch.receive_batch([(port, frame) for _, port, frame, _, _ in CASES], 1.0) == one_out
+        assert offload.poll() == len(redirected)
+        for label, count in redirected.items():
+            assert kernel.switching.packets[label] == count
+            assert kernel.switching.last_seen[label] > 0.0
+        assert offload.stats()["kernel_packets"] == sum(redirected.values())
+    finally:
+        offload.close()
+
+
+def _drain(port: PacketPort, until: float, want: int = 1 << 30) -> list[bytes]:
+    got: list[bytes] = []
+    while time.monotonic() < until and len(got) < want:
+        select.select([port], [], [], 0.02)
+        got += port.recv_burst()
+    return got
+
+
+@needs_kernel
+def test_kernel_forwards_on_the_wire_what_userspace_forwards(topo: tuple[str, str], obj: bytes) -> None:
+    """Real frames into p0/p1/p2: what comes out at e0..e3 is byte for byte what the userspace path sends on the
+    same ports; the balancer's own packet sockets only see the frames the kernel left to userspace; a withdrawn
+    label is no longer forwarded; the kernel's counters reach the table."""
+    lb, peer = topo
+    kernel, reference = standard_balancer(), standard_balancer()
+    install_all(kernel)
+    install_all(reference)
+    offload = offload_in(lb, kernel, obj)
+    senders = {i: PacketPort(f"e{i}", netns=peer) for i in PORTS}
+    captures = {i: PacketPort(f"e{i}", netns=peer) for i in PORTS}
+    daemon_side = {i: PacketPort(f"p{i}", netns=lb) for i in PORTS}
+    try:
+        assert offload.attached == {f"p{i}": "generic" for i in PORTS}  # veth: generic, see mplslb.offload.xdp
+        for port in captures.values():
+            _drain(port, time.monotonic() + 0.2)  # anything the kernel sent while links came up
+        for port in daemon_side.values():
+            _drain(port, time.monotonic() + 0.05)
+        expected: dict[int, list[bytes]] = {i: [] for i in PORTS}
+        passed: dict[int, list[bytes]] = {i: [] for i in PORTS}
+        for _, port, frame, verdict, _ in CASES:
+            if verdict == "redirect":
+                ((out_port, sent),) = reference.receive(port, frame, 1.0)
+                expected[out_port].append(sent)
+            else:
+                passed[port].append(frame)
+            senders[port].send(frame)
+        deadline = time.monotonic() + WAIT
+        for i in PORTS:
+            got = _drain(captures[i], deadline, len(expected[i]))
+            assert got == expected[i], f"e{i}"
+        for i in PORTS:
+            seen = _drain(daemon_side[i], deadline, len(passed[i]))
+            assert seen == passed[i], f"p{i}"
+        assert sum(map(len, expected.values())) == sum(v == "redirect" for _, _, _, v, _ in CASES) >= 10
+        # Nothing more trickles in: every frame went to exactly one place.
+        quiet = time.monotonic() + 0.3
+        assert all(_drain(p, quiet) == [] for p in (*captures.values(), *daemon_side.values()))
+
+        offload.poll()
+        forwarded_a = sum(1 for _, _, f, v, _ in CASES if v == "redirect" and label_of(f) == A)
+        assert kernel.switching.packets[A] == forwarded_a
+
+        # Withdrawn: the next frame of A goes up to userspace (which drops it as label_unknown).
+        kernel.switching.withdraw(A)
+        assert offload.sync() == 1 and offload.lookup(A) is None
+        frame = from_client(A, v4_tcp(ACK))
+        senders[0].send(frame)
+        assert _drain(daemon_side[0], time.monotonic() + WAIT, 1) == [frame]
+        assert _drain(captures[2], time.monotonic() + 0.3) == []
+    finally:
+        for port in (*senders.values(), *captures.values(), *daemon_side.values()):
+            port.close()
+        offload.close()
+
+
+@needs_kernel
+def test_map_follows_the_table(topo: tuple[str, str], obj: bytes) -> None:
+    """Installs, withdrawals, reinstalls and WATCH_ALL clearing reach the map; close leaves nothing attached."""
+    lb, _ = topo
+    balancer = standard_balancer()
+    sw = balancer.switching
+    sw.install(A, **INSTALLS[A])  # installed before the offload opens: mirrored at open
+    offload = offload_in(lb, balancer, obj)
+    try:
+        assert offload.lookup(A) is not None and offload.entries == 1
+        sw.install(W, **INSTALLS[W])
+        sw.install(B, **INSTALLS[B])
+        assert offload.sync() == 1
+        assert offload.lookup(W) is None and offload.lookup(B) is not None and offload.pending == 1
+        sw.set_watch(W, sw.watch[W] & ~WATCH_ALL)  # the balancer is done timing the server
+        assert offload.sync() == 1 and offload.lookup(W) is not None and offload.pending == 0
+        entry = offload.lookup(B)
+        assert entry is not None
+        assert entry[2] == client_mac(0) + PORT_MAC[0] and entry[3] == S1.mac and entry[6][:4] == VIP4
+        # Many at once (the batched path), then all withdrawn.
+        labels = range(1001, 1001 + 2 * 300, 2)
+        for label in labels:
+            sw.install(label, **INSTALLS[A])
+        assert offload.sync() == len(labels) and offload.entries == 3 + len(labels)
+        for label in labels:
+            sw.withdraw(label)
+        sw.withdraw(B)
+        sw.install(B, **INSTALLS[B] | {"peer": client_mac(4)})  # reused for another session in the same drain
+        assert offload.sync() == len(labels) + 1
+        assert offload.entries == 3
+        entry = offload.lookup(B)
+        assert entry is not None and entry[3] == client_mac(4)
+        assert all(xdp_state_in(lb, ifindex)[1] for ifindex in offload.ifindex.values())
+    finally:
+        offload.close()
+    assert sw.changes is None
+    assert all(xdp_state_in(lb, ifindex)[1] == 0 for ifindex in offload.ifindex.values())
+
+
+def xdp_state_in(ns: str, ifindex: int) -> tuple[str, int]:
+    with entered(ns):
+        return xdp_state(ifindex)
+
+
+@needs_kernel
+def test_ports_without_xdp_keep_their_labels_in_userspace(topo: tuple[str, str], obj: bytes) -> None:
+    lb, _ = topo
+    balancer = standard_balancer()
+    with entered(lb):
+        offload = XdpOffload(balancer.switching, {0: "p0", 2: "p2"}, obj=obj)  # ports 1 and 3: say, MPLS-in-UDP
+        offload.open()
+    try:
+        balancer.switching.install(A, **INSTALLS[A])
+        balancer.switching.install(C, **INSTALLS[C])  # port 1 -> port 3
+        offload.sync()
+        assert offload.lookup(A) is not None and offload.lookup(C) is None
+    finally:
+        offload.close()
+
+
+def _trivial_xdp(name: str) -> int:
+    """An XDP program that passes everything: r0 = XDP_PASS; exit."""
+    insns = struct.pack("<BBhi", 0xB7, 0, 0, bpf.XDP_PASS) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+    return bpf.prog_load(bpf.BPF_PROG_TYPE_XDP, insns, license_text="GPL", name=name)
+
+
+def _netlink_attach(ifname: str, fd: int) -> None:
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        ipr.link("set", index=index, xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", bpf.XDP_FLAGS_SKB_MODE]]})
+
+
+@needs_kernel
+def test_stale_program_is_removed_and_a_foreign_one_refused(topo: tuple[str, str], obj: bytes) -> None:
+    """A program of ours attached by netlink (a crashed older daemon) is removed at open; another XDP program on a
+    port is an error naming it; a second offload cannot take ports a live one holds."""
+    lb, _ = topo
+    with entered(lb):
+        stale = _trivial_xdp(PROG_NAME)
+        try:
+            _netlink_attach("p1", stale)
+        finally:
+            os.close(stale)  # the attachment holds the program
+        assert xdp_state(socket.if_nametoindex("p1"))[1]
+    first = offload_in(lb, standard_balancer(), obj)
+    try:
+        assert first.attached["p1"] == "generic"
+        with pytest.raises(OffloadError, match="another mplslb balancer"):
+            offload_in(lb, standard_balancer(), obj)
+    finally:
+        first.close()
+    with entered(lb):
+        foreign = _trivial_xdp("someone_else")
+        try:
+            _netlink_attach("p3", foreign)
+        finally:
+            os.close(foreign)
+    with pytest.raises(OffloadError, match="someone_else"):
+        offload_in(lb, standard_balancer(), obj)
+    with entered(lb):
+        assert all(xdp_state(socket.if_nametoindex(f"p{i}"))[1] == 0 for i in (0, 1, 2))  # nothing left behind
+
+
+@needs_kernel
+def test_a_full_map_leaves_the_rest_in_userspace(topo: tuple[str, str], obj: bytes) -> None:
+    """A refused map update never raises into the balancer's path: the label stays in userspace and is counted."""
+    lb, _ = topo
+    balancer = standard_balancer()
+    offload = offload_in(lb, balancer, obj, max_entries=4)
+    try:
+        for label in range(1001, 1001 + 2 * 10, 2):
+            balancer.switching.install(label, **INSTALLS[A])
+        offload.sync()
+        assert offload.entries == 4 and offload.errors == {"e2big": 6}
+        in_kernel = [label for label in range(1001, 1021, 2) if offload.lookup(label) is not None]
+        assert len(in_kernel) == 4
+        balancer.switching.withdraw(in_kernel[0])
+        balancer.switching.install(1101, **INSTALLS[A])
+        offload.sync()
+        assert offload.lookup(1101) is not None and offload.entries == 4
+        sw = balancer.switching
+        outside = next(lb for lb in range(1001, 1021, 2) if sw.valid[lb] and offload.lookup(lb) is None)
+        frame = from_client(outside, v4_tcp(ACK))
+        with entered(lb):
+            assert offload.run(frame, 0).retval == bpf.XDP_PASS  # left to userspace ...
+        assert len(balancer.receive(0, frame, 1.0)) == 1  # ... which forwards it
+    finally:
+        offload.close()
+
+
+@needs_kernel
+def test_kernel_traffic_keeps_a_session_from_its_idle_timeout(
+    topo: tuple[str, str], obj: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's wrapper polls the kernel's counters before the balancer's timers: a UDP session whose frames
+    only the kernel sees outlives its idle timeout while they flow, and expires (its label leaving the kernel)
+    once they stop."""
+    lb, _ = topo
+    monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
+    ports = tuple(replace(p, interface=f"p{p.port_id}") for p in standard_config().ports)
+    balancer = Balancer(standard_config(ports=ports, timeouts=Timeouts(udp=0.5)))
+    loop = Loop()
+    with entered(lb):
+        core = OffloadedBalancer(balancer, loop)
+    try:
+        ((_, first),) = core.receive_batch([(0, client_udp(sport=40000))], loop.clock())
+        c2s = label_of(first)
+        assert core.offload.lookup(c2s) is not None  # UDP: no response time to take from the C2S frames
+        frame = from_client(c2s, ipv4(client4(0), VIP4, IPPROTO_UDP, udp(client4(0), VIP4, 40000, 53, b"more")))
+
+        def run_timers(until: float, *, traffic: bool) -> None:
+            while loop.clock() < until:
+                if traffic:
+                    with entered(lb):
+                        assert core.offload.run(frame, 0).retval == bpf.XDP_REDIRECT
+                deadline = core.next_deadline()
+                if deadline is not None and deadline <= loop.clock():
+                    core.on_timer(loop.clock())
+                time.sleep(0.05)
+
+        run_timers(loop.clock() + 1.5, traffic=True)  # three idle timeouts long
+        assert balancer.live == 1 and core.offload.lookup(c2s) is not None
+        assert balancer.switching.packets[c2s] >= 10  # the kernel's frames, counted in the table
+        end = loop.clock() + 5.0
+        while balancer.live and loop.clock() < end:
+            run_timers(loop.clock() + 0.2, traffic=False)
+        assert balancer.live == 0 and core.offload.lookup(c2s) is None
+    finally:
+        core.close()
+    assert balancer.switching.changes is None

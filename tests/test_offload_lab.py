@@ -1,0 +1,98 @@
+"""The whole lab (namespaces, daemon, agents, nginx, curl, wrk) with ``offload = "kernel"``: everything works as
+without the offload, and established sessions' frames are switched by the kernel (root; slow).
+
+The lab is :class:`mplslb.lab.Lab` with one line added to the balancer's configuration (a subclass here; the lab
+itself has no offload option yet).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mplslb.lab import Lab, LabSpec, split
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, veth, TUN, packet sockets and bpf(2)"),
+    pytest.mark.skipif(
+        any(shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists() for t in ("nginx", "curl", "nsenter")),
+        reason="nginx, curl and nsenter are needed (make test installs them)",
+    ),
+    pytest.mark.skipif(shutil.which("clang") is None, reason="clang is needed to build the XDP program"),
+]
+
+ROOT = Path("/run/mplslb-test-labs")
+
+
+class OffloadLab(Lab):
+    """The lab, with the balancer's kernel offload on."""
+
+    def balancer_toml(self) -> str:
+        return 'offload = "kernel"\n' + super().balancer_toml()
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    the_lab = OffloadLab(LabSpec(name=f"o{os.getpid() % 100000}"), root=ROOT)
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        problems = the_lab.down()
+        assert problems == []
+        from pyroute2 import netns
+
+        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
+
+
+def status(lab: Lab) -> dict[str, Any]:
+    time.sleep(1.1)  # the daemon refreshes its snapshot every second
+    reply: dict[str, Any] = lab.status()["status"]
+    return reply
+
+
+def test_curl_through_the_offloaded_balancer(lab: Lab) -> None:
+    first = status(lab)
+    assert first["offload"]["kind"] == "kernel"
+    assert set(first["offload"]["attached"]) == {"lc0p0", "lc1p0", "lc1p1"}
+    bodies = lab.curl(0, 60) + lab.curl(1, 60, v6=True)
+    assert all(bodies), f"failed requests: {bodies.count('')}"
+    assert set(split(bodies)) == {"s1", "s2", "s3"}
+    # Every session ended on its FIN (which the kernel leaves to userspace) and its labels left the kernel.
+    wait_for(lambda: status(lab)["offload"]["entries"] == 0, 15, "the sessions' labels to leave the kernel")
+    after = status(lab)
+    assert after["sessions"]["active"] == 0
+    assert after["offload"]["deletes"] == after["offload"]["writes"] > 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_keep_alive_traffic_is_switched_by_the_kernel(lab: Lab) -> None:
+    """wrk keeps its connections open: after each session's first exchange (which the balancer times in
+    userspace) its frames go through the kernel and never reach the daemon."""
+    before = status(lab)
+    figures = lab.wrk(0, seconds=3, connections=4)
+    assert figures.get("requests", 0) > 100 and figures["non_2xx"] == 0 and figures["socket_errors"] == 0
+    after = status(lab)
+    kernel = after["offload"]["kernel_packets"] - before["offload"]["kernel_packets"]
+    userspace = after["frames"]["in"] - before["frames"]["in"]
+    # Each request is at least two frames (request, response); most of them went through the kernel.
+    assert kernel > figures["requests"], (kernel, userspace, figures)
+    assert kernel > 4 * userspace, (kernel, userspace, figures)
+    wait_for(lambda: status(lab)["offload"]["entries"] == 0, 15, "wrk's sessions to end")
