@@ -1,8 +1,7 @@
 """The whole lab (namespaces, daemon, agents, nginx, curl, wrk) with ``offload = "kernel"``: everything works as
 without the offload, and established sessions' frames are switched by the kernel (root; slow).
 
-The lab is :class:`mplslb.lab.Lab` with one line added to the balancer's configuration (a subclass here; the lab
-itself has no offload option yet).
+The lab is :class:`mplslb.lab.Lab` with ``LabSpec(offload="kernel")``.
 """
 
 from __future__ import annotations
@@ -32,13 +31,6 @@ pytestmark = [
 ROOT = Path("/run/mplslb-test-labs")
 
 
-class OffloadLab(Lab):
-    """The lab, with the balancer's kernel offload on."""
-
-    def balancer_toml(self) -> str:
-        return 'offload = "kernel"\n' + super().balancer_toml()
-
-
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,7 +42,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    the_lab = OffloadLab(LabSpec(name=f"o{os.getpid() % 100000}"), root=ROOT)
+    the_lab = Lab(LabSpec(name=f"o{os.getpid() % 100000}", offload="kernel"), root=ROOT)
     try:
         the_lab.up()
         yield the_lab

@@ -332,6 +332,7 @@ def _lab_options(fn: Any) -> Any:
             click.option("--transport", type=click.Choice(["ethernet", "udp"]), default="ethernet", show_default=True),
             click.option("--algorithm", default="round_robin", show_default=True),
             click.option("--weights", default="", help="Comma-separated weights, one per server."),
+            click.option("--offload", type=click.Choice(["none", "kernel"]), default="none", show_default=True),
         ]
     ):
         fn = option(fn)

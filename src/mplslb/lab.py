@@ -62,8 +62,11 @@ class LabSpec:
     rise: int = 2
     fall: int = 2
     max_sessions: int = 0
+    offload: str = "none"  # "kernel": established sessions' labels switched by the XDP offload
 
     def __post_init__(self) -> None:
+        if self.offload not in ("none", "kernel"):
+            raise ValueError("offload must be none or kernel")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", self.name):
             raise ValueError("lab name: 1-10 lowercase letters and digits, starting with a letter")
         if self.transport not in ("ethernet", "udp"):
@@ -331,7 +334,7 @@ class Lab:
     def balancer_toml(self) -> str:
         spec = self.spec
         udp = spec.transport == "udp"
-        lines = [f'algorithm = "{spec.algorithm}"', ""]
+        lines = [f'algorithm = "{spec.algorithm}"', f'offload = "{spec.offload}"', ""]
         lines += [
             "[[ports]]",
             "id = 0",
