@@ -6,7 +6,8 @@ client-side port; the figure is what arrives at the sink (``k0`` rx_packets) per
 offered rate is what left the generator (``g0`` tx_packets + tx_dropped). Measured in the same run:
 
 * ``kernel_ipv4``: the reference: plain IPv4/UDP frames through the kernel's own IPv4 forwarding in ``lb``;
-* ``daemon_none``: the balancer daemon (``mplslb balancer``, TPACKET_V3 ring) switching labelled frames of
+* ``daemon_none``: the balancer daemon (``mplslb balancer``, ``ring = true``: TPACKET_V3 rings and the block path)
+  switching labelled frames of
   ``--sessions`` UDP sessions in userspace; the sessions are opened by the daemon itself from real first frames;
 * ``daemon_kernel``: the same daemon with ``offload = "kernel"`` (XDP, mode ``auto``: generic on veth);
 * ``xdp_generic`` / ``xdp_native``: the offload alone (labels installed straight into a table), generic XDP, and
@@ -368,6 +369,7 @@ def run_nft(bed: Testbed, labels_n: int, args: argparse.Namespace, work: Path, c
 def start_daemon(bed: Testbed, offload: str, work: Path, commands: list[str]) -> subprocess.Popen[bytes]:
     config = work / f"lb-{offload}.toml"
     config.write_text(f"""offload = "{offload}"
+ring = true
 [[ports]]
 id = 0
 interface = "lc0p0"

@@ -44,6 +44,7 @@ WATCH_ALL = 0x02  # report every frame (response-time measurement in progress)
 #: Passed with ``watch`` to :meth:`LabelSwitchingTable.install`; kept in its own array.
 IPV6_PAYLOAD = 0x04  # the payload under the label is IPv6 (TCP header offset recorded, not derived from IHL)
 _BOTTOM_OF_STACK = 0x100
+INTERN_LIMIT = 1 << 16
 _IPV4_SRC = 12
 _IPV6_SRC = 8
 
@@ -111,6 +112,7 @@ class LabelSwitchingTable:
         #: When a list, every install (+label) and withdrawal (-label) is appended, for a driver that mirrors the
         #: table elsewhere (kernel offload) to drain with :meth:`take_changes`.
         self.changes: list[int] | None = None
+        self._interned: dict[bytes, bytes] = {}
         self._block: BlockTables | None = None  # numpy mirrors for the block fast path, made on first use
         #: Switch one frame on its label; see :func:`_compile_switch`.
         self.switch: Callable[[int, bytes | memoryview, float, list[tuple[int, bytes]], list[FastEvent]], int] = (
@@ -147,9 +149,11 @@ class LabelSwitchingTable:
         self.out_port[label] = out_port
         self.in_port[label] = in_port
         self.tcp_offset[label] = tcp_offset
-        self.rewrite[label] = bytes(next_hop) + self._port_macs[out_port]
-        self.peer[label] = bytes(peer)
-        self.peer_ip[label] = bytes(peer_ip)
+        # Many labels share these values (one rewrite per next hop and port, a router's MAC for all its clients,
+        # the VIP as every S2C label's source): keep one object of each, about 100 bytes less per session.
+        self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[out_port])
+        self.peer[label] = self._intern(bytes(peer))
+        self.peer_ip[label] = self._intern(bytes(peer_ip))
         if self._block is not None:
             self._block.install(label, self.rewrite[label], self.peer[label], self.peer_ip[label])
         self.packets[label] = 0
@@ -178,6 +182,14 @@ class LabelSwitchingTable:
         self.peer_ip[label] = b""
         if self._block is not None:
             self._block.withdraw(label)
+
+    def _intern(self, value: bytes) -> bytes:
+        """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
+        never a requirement)."""
+        pool = self._interned
+        if len(pool) >= INTERN_LIMIT:
+            pool.clear()
+        return pool.setdefault(value, value)
 
     def account(self, label: int, size: int, now: float) -> None:
         """Count a frame of ``label``'s session that went by the slow path (an unlabelled frame of it)."""
@@ -339,26 +351,46 @@ class BlockTables:
         self.bytes = np.frombuffer(table.bytes, dtype=np.uint64)
         self.last_seen = np.frombuffer(table.last_seen, dtype=np.float64)
         self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
+        self._views = tuple(
+            memoryview(a.data).cast("B")
+            for a in (
+                self.rewrite,
+                self.peer,
+                self.has_peer_ip,
+                self.rewrite_h,
+                self.rewrite_w,
+                self.peer_w,
+                self.peer_h,
+                self.peer_ip4,
+                self.peer_ip4_w,
+                self.peer_ip6,
+                self.peer_ip6_w,
+            )
+        )
         for label in np.flatnonzero(self.valid):
             self.install(int(label), table.rewrite[label], table.peer[label], table.peer_ip[label])
 
     def install(self, label: int, rewrite: bytes, peer: bytes, peer_ip: bytes) -> None:
-        self.rewrite[label] = np.frombuffer(rewrite, dtype=np.uint8)
-        self.peer[label] = np.frombuffer(peer, dtype=np.uint8)
-        self.has_peer_ip[label] = bool(peer_ip)
-        # Frame bytes 0..13 are the rewrite (12 bytes) and the ethertype, unchanged, so the words we write are
-        # bytes 0..1 (a half word) and 2..13 (three words) with the ethertype carried in the last word.
-        words = rewrite + _MPLS_ETHERTYPE
-        self.rewrite_h[label] = np.frombuffer(words[0:2], dtype=np.uint16)[0]
-        self.rewrite_w[label] = np.frombuffer(words[2:14], dtype=np.uint32)
-        self.peer_w[label] = np.frombuffer(peer[0:4], dtype=np.uint32)[0]
-        self.peer_h[label] = np.frombuffer(peer[4:6], dtype=np.uint16)[0]
+        """Write one label's rows through byte views of the arrays (numpy item assignment per field costs about
+        5 us a label; slice assignment on memoryviews about 1.5 us)."""
+        rw, pe, has, rh, rww, pw, ph, p4, p4w, p6, p6w = self._views
+        r = 12 * label
+        rw[r : r + 12] = rewrite
+        # Frame bytes 0..13 are the rewrite (12 bytes) and the ethertype, unchanged, so the words written are
+        # bytes 0..1 (a half word) and 2..13 (three words) with the ethertype carried in the last one.
+        rww[r : r + 10] = rewrite[2:12]
+        rww[r + 10 : r + 12] = _MPLS_ETHERTYPE
+        rh[2 * label : 2 * label + 2] = rewrite[0:2]
+        pe[6 * label : 6 * label + 6] = peer
+        pw[4 * label : 4 * label + 4] = peer[0:4]
+        ph[2 * label : 2 * label + 2] = peer[4:6]
+        has[label] = 1 if peer_ip else 0
         if len(peer_ip) == 4:
-            self.peer_ip4[label] = np.frombuffer(peer_ip, dtype=np.uint8)
-            self.peer_ip4_w[label] = np.frombuffer(peer_ip, dtype=np.uint32)[0]
+            p4[4 * label : 4 * label + 4] = peer_ip
+            p4w[4 * label : 4 * label + 4] = peer_ip
         elif len(peer_ip) == 16:
-            self.peer_ip6[label] = np.frombuffer(peer_ip, dtype=np.uint8)
-            self.peer_ip6_w[label] = np.frombuffer(peer_ip, dtype=np.uint32)
+            p6[16 * label : 16 * label + 16] = peer_ip
+            p6w[16 * label : 16 * label + 16] = peer_ip
 
     def withdraw(self, label: int) -> None:
         self.has_peer_ip[label] = False
