@@ -477,19 +477,10 @@ def switch_block(
             good[rows] = (src == t.peer_ip6[labels[rows]]).all(axis=1)
         ok &= ~check_ip | good
     rows = np.flatnonzero(ok)
-    taken = labels[rows]
     if len(rows):
         begin = starts[rows]
-        buf[begin[:, None] + _ETH_ADDRS_RANGE] = t.rewrite[taken]
-        buf[begin + 17] -= 1  # the TTL byte of the label entry (checked > 1 above)
-        _count(t, taken, lengths[rows], now)
-        watch = t.watch[taken]
-        watched = np.flatnonzero(watch)
-        if len(watched):
-            _block_reports(t, buf, starts, lengths, rows[watched], taken[watched], watch[watched], now, events)
-    out_port = np.full(n, -1, dtype=np.int32)
-    out_port[rows] = t.out_port[taken]
-    return BlockVerdict(out_port, labels, ok)
+        buf[begin[:, None] + _ETH_ADDRS_RANGE] = t.rewrite[labels[rows]]
+    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events)
 
 
 def _word_aligned(buf: np.ndarray, starts: np.ndarray) -> bool:
@@ -550,22 +541,40 @@ def _switch_aligned(
             good[rows6] = (src == t.peer_ip6_w[labels[rows6]]).all(axis=1)
         ok &= ~check_ip | good
     rows = np.flatnonzero(ok)
-    taken = labels[rows]
     if len(rows):
         begin = starts[rows]
+        taken = labels[rows]
         half[begin >> 1] = t.rewrite_h[taken]
         first_word = (begin + 2) >> 2
         words = t.rewrite_w[taken]
         word[first_word] = words[:, 0]
         word[first_word + 1] = words[:, 1]
         word[first_word + 2] = words[:, 2]
-        buf[begin + 17] -= 1  # the TTL byte of the label entry (checked > 1 above)
+    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events)
+
+
+def _switched(
+    t: BlockTables,
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    ok: np.ndarray,
+    now: float,
+    events: list[FastEvent],
+) -> BlockVerdict:
+    """What both block variants do once the switched frames (``rows``) have their addresses rewritten: the TTL,
+    the counters, the reports for watched labels, the verdict."""
+    taken = labels[rows]
+    if len(rows):
+        buf[starts[rows] + 17] -= 1  # the TTL byte of the label entry (checked > 1 above)
         _count(t, taken, lengths[rows], now)
         watch = t.watch[taken]
         watched = np.flatnonzero(watch)
         if len(watched):
             _block_reports(t, buf, starts, lengths, rows[watched], taken[watched], watch[watched], now, events)
-    out_port = np.full(n, -1, dtype=np.int32)
+    out_port = np.full(len(starts), -1, dtype=np.int32)
     out_port[rows] = t.out_port[taken]
     return BlockVerdict(out_port, labels, ok)
 
