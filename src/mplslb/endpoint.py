@@ -23,7 +23,7 @@ import heapq
 import struct
 from collections.abc import Iterable
 
-from mplslb.analyzer import PacketAnalyzer
+from mplslb.analyzer import Analysis, PacketAnalyzer
 from mplslb.balancing.algorithms import FlowKey
 from mplslb.labels import is_c2s, is_s2c
 from mplslb.wire.errors import WireError
@@ -102,6 +102,14 @@ class Endpoint:
             return (-1, b"", b"")
         return entries[0].label, bytes(eth.src), bytes(frame[end:])
 
+    def _analyze(self, packet: bytes | memoryview) -> Analysis | None:
+        """The packet's flow key and kind, or None (counted under the codec's reason)."""
+        try:
+            return self.analyzer.analyze_ip(packet)
+        except WireError as exc:
+            self._drop(exc.reason)
+            return None
+
     def _labelled(self, dst_mac: bytes, label: int, packet: bytes | memoryview) -> bytes:
         header = build_ethernet(dst_mac, self.mac, ETH_P_MPLS_UC)
         return header + _ENTRY.pack(encode_entry(label, 0, True, self.ttl)) + bytes(packet)
@@ -144,10 +152,8 @@ class ServerEndpoint(Endpoint):
         if not is_c2s(label):
             self._drop("not_c2s_label")
             return None
-        try:
-            a = self.analyzer.analyze_ip(packet)
-        except WireError as exc:
-            self._drop(exc.reason)
+        a = self._analyze(packet)
+        if a is None:
             return None
         if a.key.dst not in self.vips and not a.icmp_error:
             self._drop("not_for_vip")
@@ -160,10 +166,8 @@ class ServerEndpoint(Endpoint):
 
     def from_host(self, packet: bytes | memoryview, now: float) -> bytes | None:
         """An IP packet the host sends: returns the labelled frame for the wire, or None (counted)."""
-        try:
-            a = self.analyzer.analyze_ip(packet)
-        except WireError as exc:
-            self._drop(exc.reason)
+        a = self._analyze(packet)
+        if a is None:
             return None
         key = _reverse(a.key) if a.icmp_error else a.key
         if key.src not in self.vips:
@@ -207,10 +211,8 @@ class ClientEndpoint(Endpoint):
         if not is_s2c(label):
             self._drop("not_s2c_label")
             return None
-        try:
-            a = self.analyzer.analyze_ip(packet)
-        except WireError as exc:
-            self._drop(exc.reason)
+        a = self._analyze(packet)
+        if a is None:
             return None
         # Claim 8 step 6 / claim 14: the opposite direction's label is this label - 1.
         key = a.key if a.icmp_error else _reverse(a.key)
@@ -220,10 +222,8 @@ class ClientEndpoint(Endpoint):
 
     def from_host(self, packet: bytes | memoryview, now: float) -> bytes | None:
         """An IP packet the host sends: returns the frame for the wire (labelled once the session has a label)."""
-        try:
-            a = self.analyzer.analyze_ip(packet)
-        except WireError as exc:
-            self._drop(exc.reason)
+        a = self._analyze(packet)
+        if a is None:
             return None
         key = a.key
         if a.tcp_flags >= 0 and a.tcp_flags & _SYN_MASK == _SYN_ONLY:
