@@ -20,9 +20,11 @@ from mplslb.drivers.afpacket import (
     BPF_ACCEPT,
     BPF_DROP,
     BPF_RET_K,
+    PACKET_OTHERHOST,
     PacketPort,
     RingPort,
     bpf_program,
+    host_only,
     open_port,
 )
 from mplslb.drivers.loop import BalancerDriver, Loop
@@ -303,3 +305,31 @@ def test_balancer_driver_on_ring_ports(veth, ports):
     finally:
         driver.close()
         loop.close()
+
+
+def test_host_only_program_drops_other_hosts_frames_first():
+    prog = host_only(bpf_program({ETH_P_MPLS_UC}))
+    assert prog[2] == (prog[1][0], prog[2][1], 0, PACKET_OTHERHOST)
+    for i, (code, jt, jf, _) in enumerate(prog):  # every jump lands inside the program, on a return for drops
+        if code == prog[1][0]:
+            assert i + 1 + jt < len(prog) and i + 1 + jf < len(prog)
+    assert prog[2 + 1 + prog[2][1]] == prog[1 + 1 + prog[1][1]]  # both drop to the same instruction
+
+
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+def test_host_only_port_takes_frames_to_it_and_broadcasts_not_other_hosts(ports, veth, kind):
+    _, a, b = veth
+    left = ports(kind, a)
+    right = ports(kind, b, host_only=True)
+    payload = bytes(50)
+    to_it = build_ethernet(right.mac, left.mac, ETH_P_LOCAL_EXP) + b"\x01" + payload
+    to_other = build_ethernet(b"\x02\x77\x77\x77\x77\x77", left.mac, ETH_P_LOCAL_EXP) + b"\x02" + payload
+    broadcast = build_ethernet(b"\xff" * 6, left.mac, ETH_P_LOCAL_EXP) + b"\x03" + payload
+    for frame in (to_other, to_it, to_other, broadcast):
+        left.send(frame)
+    got = read_until(right, 2, [], time.monotonic() + WAIT)
+    time.sleep(0.05)
+    got += right.recv_burst()
+    assert got == [to_it, broadcast]

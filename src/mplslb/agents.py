@@ -74,7 +74,7 @@ class Agent:
                 self.wire = link
                 gateway = link.balancer_mac
             else:
-                self.wire = open_port(config.interface, accept={ETH_P_MPLS_UC})
+                self.wire = open_port(config.interface, accept={ETH_P_MPLS_UC}, host_only=True)
                 gateway = config.gateway_mac
             self.endpoint: Endpoint
             if config.role == "server":

@@ -135,7 +135,8 @@ def _open(port: PortConfig, *, ring: bool) -> Port:
         return MplsUdpPort(port.mac, address=str(ipaddress.ip_address(port.address)))
     accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else SERVER_SIDE_ETHERTYPES
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
-    return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring)
+    # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
+    return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True)
 
 
 class Daemon:

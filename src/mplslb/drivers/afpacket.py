@@ -66,6 +66,7 @@ PACKET_LOSS = 14
 PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_PROMISC = 1
+PACKET_OTHERHOST = 3
 PACKET_OUTGOING = 4
 TPACKET_V2 = 1
 TPACKET_V3 = 2
@@ -170,6 +171,15 @@ def bpf_program(accept: Iterable[int] | None) -> list[tuple[int, int, int, int]]
     prog += [jeq(vlan + 1 + i, t, keep, vlan + 2 + i) for i, t in enumerate(types)]
     prog += [(BPF_RET_K, 0, 0, BPF_DROP), (BPF_RET_K, 0, 0, BPF_ACCEPT)]
     return prog
+
+
+def host_only(program: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """``program`` (from :func:`bpf_program`) that also drops frames addressed to other hosts (PACKET_OTHERHOST:
+    flooded unicast a bridge or a promiscuous port lets through), so a port takes only what is sent to it."""
+    code, jt, jf, k = program[1]  # jeq PACKET_OUTGOING: jt is the drop, jf the next instruction
+    drop = 2 + jt  # absolute index of the drop before the insertion
+    check_other = (BPF_JEQ_K, (drop + 1) - 2 - 1, 0, PACKET_OTHERHOST)  # A still holds the packet type
+    return [program[0], (code, jt + 1, jf, k), check_other, *program[2:]]
 
 
 def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
@@ -444,9 +454,11 @@ class _PacketSocket:
         netns: str | None,
         ring: bool,
         tx_ring: bool = False,
+        host_only_: bool = False,
     ) -> None:
         self.ifname = ifname
         self.accept = frozenset(accept) if accept is not None else None
+        self.host_only = host_only_
         self.drops: dict[str, int] = {}
         self.tx: TxRing | None = None  # the transmit ring when opened with tx_ring
         with entered(netns):  # the socket, the interface name and its index all belong to that namespace
@@ -468,7 +480,8 @@ class _PacketSocket:
 
     def _configure(self, sock: socket.socket, ifname: str, *, promisc: bool, ring: bool) -> None:
         """Filter, options and ring, then the bind; nothing is received before the filter is on."""
-        attach_filter(sock, bpf_program(self.accept))
+        program = bpf_program(self.accept)
+        attach_filter(sock, host_only(program) if self.host_only else program)
         try:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError as exc:  # before Linux 4.20: the filter alone drops our own frames
@@ -623,8 +636,11 @@ class PacketPort(_PacketSocket):
         bufsize: int = DEFAULT_BUFSIZE,
         rcvbuf: int | None = None,
         tx_ring: bool = False,
+        host_only: bool = False,
     ) -> None:
-        super().__init__(ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring)
+        super().__init__(
+            ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring, host_only_=host_only
+        )
         if rcvbuf is not None:
             try:  # root may go past net.core.rmem_max
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
@@ -686,6 +702,7 @@ class RingPort(_PacketSocket):
         frame_size: int = 2048,
         retire_ms: int = 1,
         tx_ring: bool = False,
+        host_only: bool = False,
     ) -> None:
         if block_size <= 0 or block_size % mmap.PAGESIZE:
             raise ValueError(f"block_size must be a positive multiple of the page size ({mmap.PAGESIZE})")
@@ -703,7 +720,9 @@ class RingPort(_PacketSocket):
         self._walked = [False] * block_nr  # per block: walked to its end, waiting for its views' release
         self._array: np.ndarray | None = None  # the whole ring as uint8, sliced into RxBlock views
         self._u16 = self._u32 = self._ramp = np.zeros(0, dtype=np.int64)  # set with _array (see _map_arrays)
-        super().__init__(ifname, accept=accept, promisc=promisc, netns=netns, ring=True, tx_ring=tx_ring)
+        super().__init__(
+            ifname, accept=accept, promisc=promisc, netns=netns, ring=True, tx_ring=tx_ring, host_only_=host_only
+        )
 
     def _setup(self, sock: socket.socket) -> None:
         block_size, block_nr, frame_size, retire_ms = self._geometry
@@ -935,9 +954,11 @@ def open_port(
     promisc: bool = False,
     netns: str | None = None,
     tx_ring: bool = False,
+    host_only: bool = False,
 ) -> PacketPort | RingPort:
     """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
-    adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`."""
+    adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`; ``host_only`` leaves out frames
+    addressed to other hosts (see :func:`host_only`)."""
     if ring:
-        return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring)
-    return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring)
+        return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only)
+    return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only)
