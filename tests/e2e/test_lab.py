@@ -115,7 +115,7 @@ def _capture(lab: Lab, path: Path, interfaces: list[str]) -> subprocess.Popen[by
         argv += ["-i", interface]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: path.exists() and path.stat().st_size > 0, 15, "tshark to start")
-    time.sleep(0.5)
+    time.sleep(1.5)  # the file header is written before every interface captures: give them time
     return proc
 
 
