@@ -48,6 +48,42 @@ def ip_packet(src: bytes, dst: bytes, proto: int, payload: bytes, ident: int = 0
     return build_ipv4(src, dst, proto, len(payload), ident=ident & 0xFFFF) + payload
 
 
+class _Stack:
+    """What both simulated stacks share: an endpoint on a segment, IP packets out through it, TCP segments that
+    advance the connection's send sequence."""
+
+    loop: EventLoop
+    segment: Segment
+    endpoint: ClientEndpoint | ServerEndpoint
+    _ident: int
+
+    def _emit(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
+        self._ident += 1
+        packet = ip_packet(src, dst, proto, payload, self._ident)
+        frame = self.endpoint.from_host(packet, self.loop.now)
+        if frame is not None:
+            self.segment.send(frame)
+
+    def _segment(
+        self, conn: _ClientConn | _ServerConn, src: bytes, dst: bytes, ports: tuple[int, int], flags: int, ack: int,
+        payload: bytes, options: bytes,
+    ) -> None:  # fmt: skip
+        segment = build_tcp(
+            src,
+            dst,
+            ports[0],
+            ports[1],
+            seq=conn.snd_nxt,
+            ack=ack,
+            flags=flags,
+            window=65535,
+            options=options,
+            payload=payload,
+        )
+        conn.snd_nxt = (conn.snd_nxt + len(payload) + (1 if flags & (SYN | FIN) else 0)) & 0xFFFFFFFF
+        self._emit(src, dst, IPPROTO_TCP, segment)
+
+
 class Received:
     """The parts of a received IP packet the small stacks use."""
 
@@ -138,7 +174,7 @@ class _ClientConn:
     buffer: bytes
 
 
-class ClientHost:
+class ClientHost(_Stack):
     """A client machine: a ClientEndpoint on a segment, and small TCP/UDP client stacks."""
 
     def __init__(
@@ -173,19 +209,11 @@ class ClientHost:
         raise RuntimeError(f"{self.name}: out of ephemeral ports")
 
     def _send(self, conn: _ClientConn, payload: bytes) -> None:
-        self._ident += 1
-        packet = ip_packet(conn.local, conn.vip, conn.proto, payload, self._ident)
-        frame = self.endpoint.from_host(packet, self.loop.now)
-        if frame is not None:
-            self.segment.send(frame)
+        self._emit(conn.local, conn.vip, conn.proto, payload)
 
     def _tcp(self, conn: _ClientConn, flags: int, payload: bytes = b"", options: bytes = b"") -> None:
-        segment = build_tcp(
-            conn.local, conn.vip, conn.port, conn.vport, seq=conn.snd_nxt, ack=conn.rcv_nxt if flags & ACK else 0,
-            flags=flags, window=65535, options=options, payload=payload,
-        )  # fmt: skip
-        conn.snd_nxt = (conn.snd_nxt + len(payload) + (1 if flags & (SYN | FIN) else 0)) & 0xFFFFFFFF
-        self._send(conn, segment)
+        ack = conn.rcv_nxt if flags & ACK else 0
+        self._segment(conn, conn.local, conn.vip, (conn.port, conn.vport), flags, ack, payload, options)
 
     def open(
         self,
@@ -349,7 +377,7 @@ class _ServerConn:
     vport: int
 
 
-class ServerHost:
+class ServerHost(_Stack):
     """A server machine: the virtual IP on the host, a ServerEndpoint, workers and a queue."""
 
     def __init__(
@@ -379,19 +407,10 @@ class ServerHost:
         segment.attach(mac, self.on_frame)
 
     def _send(self, conn: _ServerConn, payload: bytes) -> None:
-        self._ident += 1
-        packet = ip_packet(conn.vip, conn.client, conn.proto, payload, self._ident)
-        frame = self.endpoint.from_host(packet, self.loop.now)
-        if frame is not None:
-            self.segment.send(frame)
+        self._emit(conn.vip, conn.client, conn.proto, payload)
 
     def _tcp(self, conn: _ServerConn, flags: int, payload: bytes = b"", options: bytes = b"") -> None:
-        segment = build_tcp(
-            conn.vip, conn.client, conn.vport, conn.cport, seq=conn.snd_nxt, ack=conn.rcv_nxt, flags=flags,
-            window=65535, options=options, payload=payload,
-        )  # fmt: skip
-        conn.snd_nxt = (conn.snd_nxt + len(payload) + (1 if flags & (SYN | FIN) else 0)) & 0xFFFFFFFF
-        self._send(conn, segment)
+        self._segment(conn, conn.vip, conn.client, (conn.vport, conn.cport), flags, conn.rcv_nxt, payload, options)
 
     def on_frame(self, frame: bytes, now: float) -> None:
         if self.failed:
