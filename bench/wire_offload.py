@@ -475,7 +475,6 @@ def timed(fn: Callable[[], object]) -> float:
 
 def run_install(bed: Testbed, obj: bytes, sessions: int, commands: list[str]) -> dict[str, Any]:
     from mplslb.drivers.netns import entered
-    from mplslb.offload.driver import PENDING_INTERVAL
     from mplslb.offload.xdp import XdpOffload
     from mplslb.switching import WATCH_ALL
 
@@ -506,8 +505,6 @@ def run_install(bed: Testbed, obj: bytes, sessions: int, commands: list[str]) ->
         t = timed(lambda: install(base, sessions, each=False))
         figures["batched_sessions_per_s"] = round(sessions / t)
         offload.poll()  # the first poll touches the bookkeeping arrays' pages
-        for label in range(base, base + 2 * sessions, 2):  # every entry seen moving, the worst case
-            sw.packets[label] = 0
         figures["poll_ms"] = round(min(timed(offload.poll) for _ in range(3)) * 1000, 2)
         figures["poll_entries"] = offload.entries
         t = timed(lambda: withdraw(base, sessions))
@@ -531,8 +528,7 @@ def run_install(bed: Testbed, obj: bytes, sessions: int, commands: list[str]) ->
         figures["balancer_udp_sessions_per_s_without_offload"] = round(sessions / timed(balancer_alone))
         balancer2 = lb_balancer()
         with entered(bed.lb):
-            offload2 = XdpOffload(balancer2.switching, {0: "lc0p0", 1: "lc1p0"}, mode="generic", obj=obj,
-                                  pending_interval=PENDING_INTERVAL)  # fmt: skip
+            offload2 = XdpOffload(balancer2.switching, {0: "lc0p0", 1: "lc1p0"}, mode="generic", obj=obj)
         offload.close()
         with entered(bed.lb):
             offload2.open()

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from mplslb.balancing.algorithms import (
     ALGORITHMS,
     Algorithm,
-    FlowKey,
     Maglev,
     algorithm_names,
     flow_hash,
@@ -21,6 +20,7 @@ from mplslb.balancing.algorithms import (
     register,
 )
 from mplslb.balancing.servers import Server, ServerConfig, ServerPool, ServerStatus
+from mplslb.flow import FlowKey
 
 MAC = bytes.fromhex("020000000001")
 VIP = bytes([192, 0, 2, 1])

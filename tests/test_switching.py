@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from mplslb.switching import (
     FastEvent,
     LabelSwitchingTable,
     SwitchEntry,
+    switch_frame,
 )
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -58,7 +60,7 @@ def install_c2s(t: LabelSwitchingTable, label: int = LABEL, **kw: object) -> Non
 def switch(t: LabelSwitchingTable, port: int, frame: bytes, now: float = 5.0):  # type: ignore[no-untyped-def]
     out: list[tuple[int, bytes]] = []
     events: list[FastEvent] = []
-    result = t.switch(port, frame, now, out, events)
+    result = switch_frame(t.hot, port, frame, now, out, events)
     return result, out, events
 
 
@@ -221,7 +223,7 @@ def test_counters_follow_switched_frames_only(table: LabelSwitchingTable) -> Non
     switch(table, 0, c2s_frame(ttl=1), now=11.0)  # expired: dropped, not counted
     row = table.entry(LABEL)
     assert row is not None and (row.packets, row.bytes, row.last_seen) == (3, sum(sizes), 4.0)
-    table.account(LABEL, 100, 12.0)  # a slow-path frame of the session
+    table.send(LABEL, bytes(100), 14, 100, 12.0, [], ttl=64)  # a slow-path frame of the session
     row = table.entry(LABEL)
     assert row is not None and (row.packets, row.bytes, row.last_seen) == (4, sum(sizes) + 100, 12.0)
     assert table.drops == {"label_wrong_ingress": 1, "mpls_ttl_expired": 1}
@@ -348,11 +350,53 @@ def test_flags_beyond_the_frame_are_not_reported(table: LabelSwitchingTable) -> 
     assert switch(table, 0, bare)[0] == 2
 
 
-def test_change_log_records_installs_and_withdrawals_for_offload(table: LabelSwitchingTable) -> None:
-    assert table.take_changes() == []  # off by default
-    table.changes = []
+class RecordingMirror:
+    """A mirror that writes down what the table tells it."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, int]] = []
+
+    def installed(self, label: int) -> None:
+        self.told.append(("installed", label))
+
+    def withdrawn(self, label: int) -> None:
+        self.told.append(("withdrawn", label))
+
+    def watch_changed(self, label: int) -> None:
+        self.told.append(("watch", label))
+
+
+def test_mirrors_are_told_every_install_withdrawal_and_watch_change_in_order(table: LabelSwitchingTable) -> None:
+    mirror = RecordingMirror()
+    table.add_mirror(mirror)
+    try:
+        install_c2s(table, watch=WATCH_ALL | WATCH_TCP_END)
+        table.set_watch(LABEL, WATCH_ALL | WATCH_TCP_END)  # no change: nothing told
+        table.clear_watch(LABEL, WATCH_ALL)
+        table.withdraw(LABEL)
+        table.withdraw(LABEL)  # not installed any more: nothing to tell
+        assert mirror.told == [("installed", LABEL), ("watch", LABEL), ("withdrawn", LABEL)]
+        assert table.watch[LABEL] == 0
+    finally:
+        table.remove_mirror(mirror)
     install_c2s(table)
-    table.withdraw(LABEL)
-    table.withdraw(LABEL)  # not installed any more: nothing to record
-    assert table.take_changes() == [LABEL, -LABEL]
-    assert table.take_changes() == []
+    assert len(mirror.told) == 3  # removed: told nothing more
+
+
+def test_send_attaches_the_label_addresses_the_next_hop_and_counts(table: LabelSwitchingTable) -> None:
+    install_c2s(table, now=1.0)
+    packet = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp(CLIENT, VIP, 40000, 80, SYN))
+    frame = build_ethernet(PORT_MACS[0], CLIENT_MAC, ETH_P_IP) + packet + bytes(6)  # Ethernet padding
+    out: list[tuple[int, bytes]] = []
+    table.send(LABEL, frame, 14, 14 + len(packet), 2.5, out, ttl=63, tc=5)
+    assert out == [(2, SERVER_MAC + PORT_MACS[2] + MPLS + pack_entry(LABEL, 5, True, 63) + packet)]
+    assert table.traffic(LABEL) == (1, len(frame)) and table.last_active(LABEL) == 2.5
+
+
+def test_folded_counters_add_up_and_last_seen_only_moves_forward(table: LabelSwitchingTable) -> None:
+    install_c2s(table, now=10.0)
+    install_c2s(table, LABEL + 2, now=10.0)
+    labels = np.array([LABEL, LABEL + 2])
+    table.fold_counters(labels, np.array([3, 1]), np.array([300, 64]), np.array([12.0, 9.0]))
+    assert table.traffic(LABEL) == (3, 300) and table.traffic(LABEL + 2) == (1, 64)
+    assert table.last_seen[LABEL] == 12.0 and table.last_seen[LABEL + 2] == 10.0

@@ -4,16 +4,19 @@ Theory of operation
 -------------------
 Claim 2 splits the unit in three:
 
-* the **session label inspecting unit** (:func:`has_session_label`) looks at the Ethernet type (one 802.1Q tag
-  tolerated): a labelled frame goes to the switching unit untouched, anything else to analysis. Only unlabelled
-  frames are analysed (claim 10).
-* the **packet contents analyzing unit** (:meth:`PacketAnalyzer.analyze`) reads layers 3 to 7: the IP header
-  (IPv4 with options and fragments recognised, IPv6 with its extension headers walked), TCP or UDP ports and TCP
-  flags, and, when the packet carries payload, an HTTP/1.x request line and Host header. ICMP and ICMPv6 errors are
-  read through to the datagram they quote, so an error about a session reaches that session's server. The result
-  is the session information (:class:`Analysis`), whose flow key the session table answers "new or existing" with.
-* the **session label attaching unit** (:func:`attach_label`) puts a real MPLS label stack entry (RFC 3032,
-  claim 15) between the Ethernet header and the IP packet, trimming any Ethernet padding.
+* the **session label inspecting unit** is the first test of the one-frame fast path
+  (:func:`mplslb.switching.scalar.switch_frame`): a frame whose Ethernet type (one 802.1Q tag tolerated) says
+  MPLS goes to the switching unit untouched, anything else comes here. Only unlabelled frames are analysed
+  (claim 10).
+* the **packet contents analyzing unit** (:meth:`PacketAnalyzer.analyze`, this module) reads layers 3 to 7: the IP
+  header (IPv4 with options and fragments recognised, IPv6 with its extension headers walked), TCP or UDP ports and
+  TCP flags, and, when the packet carries payload, an HTTP/1.x request line and Host header. ICMP and ICMPv6
+  errors are read through to the datagram they quote, so an error about a session reaches that session's server.
+  The result is the session information (:class:`Analysis`), whose flow key the session table answers "new or
+  existing" with.
+* the **session label attaching unit** is :meth:`mplslb.switching.table.LabelSwitchingTable.send`: the table that
+  knows a label's next hop puts a real MPLS label stack entry (RFC 3032, claim 15) between the Ethernet header and
+  the IP packet, trimming any Ethernet padding, and counts the frame for the label.
 
 Non-first IP fragments carry no ports; they are dropped as ``ip_fragment`` (the session's first fragment would have
 to be reassembled to know it, which a label switch does not do).
@@ -24,21 +27,16 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from mplslb.balancing.algorithms import FlowKey
+from mplslb.flow import FlowKey
 from mplslb.wire.errors import WireError
-from mplslb.wire.ethernet import ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, parse_ethernet
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, parse_ethernet
 from mplslb.wire.http import HTTPError, HttpRequest, peek_request
 from mplslb.wire.icmp import parse_icmp
 from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.ipv4 import IPv4, ipv4_is_fragment, parse_ipv4
 from mplslb.wire.ipv6 import IPv6, parse_ipv6
-from mplslb.wire.mpls import encode_entry
 from mplslb.wire.tcp import parse_tcp
 from mplslb.wire.udp import parse_udp
-
-_ETHERTYPE = struct.Struct("!H")
-_ENTRY = struct.Struct("!I")
-_MPLS_ETHERTYPE = _ETHERTYPE.pack(ETH_P_MPLS_UC)
 
 
 class AnalysisError(WireError):
@@ -65,25 +63,6 @@ class Analysis(NamedTuple):
     def tcp_offset(self) -> int:
         """Offset of the L4 header from the start of the IP header."""
         return self.l4_offset - self.ip_offset
-
-
-def has_session_label(frame: bytes | memoryview) -> bool:
-    """The session label inspecting unit: does the frame carry an MPLS label stack?"""
-    if len(frame) < 14:
-        return False
-    ethertype = (frame[12] << 8) | frame[13]
-    if ethertype == ETH_P_8021Q and len(frame) >= 18:
-        ethertype = (frame[16] << 8) | frame[17]
-    return ethertype == ETH_P_MPLS_UC
-
-
-def attach_label(
-    rewrite: bytes, frame: bytes | memoryview, ip_offset: int, ip_end: int, label: int, *, ttl: int, tc: int = 0
-) -> bytes:
-    """The session label attaching unit: ``rewrite`` (destination + source MAC) + an MPLS header (claim 15)
-    carrying ``label`` with S=1 + the IP packet, without any Ethernet padding."""
-    entry = encode_entry(label, tc, True, ttl)
-    return b"".join((rewrite, _MPLS_ETHERTYPE, _ENTRY.pack(entry), frame[ip_offset:ip_end]))
 
 
 class PacketAnalyzer:

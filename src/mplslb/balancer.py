@@ -34,12 +34,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mplslb.analyzer import Analysis, PacketAnalyzer, attach_label
-from mplslb.balancing.admission import AdmissionControl, Refusal, RefuseWith
-from mplslb.balancing.algorithms import FlowKey, make_algorithm
+from mplslb.analyzer import Analysis, PacketAnalyzer
+from mplslb.balancing.admission import AdmissionControl, Refusal
+from mplslb.balancing.algorithms import make_algorithm
 from mplslb.balancing.servers import Server, ServerConfig, ServerPool, ServerStatus
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
-from mplslb.labels import LabelManager, LabelStats, pair_of
+from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
 from mplslb.neighbors import answer
 from mplslb.sessions import FINAL_STATES, Session, SessionEvent, SessionState, SessionTable
 from mplslb.switching import (
@@ -50,22 +50,19 @@ from mplslb.switching import (
     FastEvent,
     LabelSwitchingTable,
     switch_block,
+    switch_frame,
 )
+from mplslb.switching.layout import ETH_SRC
 from mplslb.wire.errors import WireError
-from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
-from mplslb.wire.icmp import build_icmp_unreachable
+from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP
-from mplslb.wire.ipv4 import build_ipv4
-from mplslb.wire.ipv6 import build_ipv6
-from mplslb.wire.tcp import TCPFlag, build_tcp
+from mplslb.wire.tcp import TCPFlag
 
 Frames = list[tuple[int, bytes]]
 
 SYN, ACK, FIN, RST = int(TCPFlag.SYN), int(TCPFlag.ACK), int(TCPFlag.FIN), int(TCPFlag.RST)
-#: How many reported frames a session may spend on its response-time measurement before watching stops.
-WATCH_BUDGET = 16
-ICMP_PORT_UNREACHABLE_V4 = 3
-ICMP_PORT_UNREACHABLE_V6 = 4
+_SRC_MAC = slice(ETH_SRC, ETH_SRC + ETH_ALEN)
+_TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
 
 
 class BlockResult(NamedTuple):
@@ -74,6 +71,24 @@ class BlockResult(NamedTuple):
 
     out_port: np.ndarray
     extra: list[tuple[int, int, bytes]]
+
+
+@dataclass
+class Traffic:
+    """Frames and bytes switched for a server's sessions, client to server (in) and server to client (out)."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def add(self, table: LabelSwitchingTable, session: Session) -> None:
+        packets, octets = table.traffic(session.c2s)
+        self.packets_in += packets
+        self.bytes_in += octets
+        packets, octets = table.traffic(session.s2c)
+        self.packets_out += packets
+        self.bytes_out += octets
 
 
 @dataclass(frozen=True)
@@ -110,20 +125,18 @@ class BalancerStats:
     labels_installed: int
     servers: tuple[ServerRow, ...]
     l7_hosts: dict[str, int]
+    neighbor_replies: int
 
 
 class Balancer:
-    """The server load balancing apparatus (claim 1), sans I/O."""
+    """The server load balancing apparatus (claim 1), sans I/O: the five units and their timers, wired."""
 
     def __init__(self, config: BalancerConfig) -> None:
         self.config = config
         self.ports: dict[int, PortConfig] = {p.port_id: p for p in config.ports}
         self.vips: dict[bytes, VirtualService] = {v.address: v for v in config.vips}
-        self.switching = LabelSwitchingTable(
-            {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
-        )
-        self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
-        self.sessions = SessionTable(config.timeouts)
+        # The five units of claim 1.
+        self.analyzer = PacketAnalyzer(l7=config.l7)
         self.pool = ServerPool(
             config.servers, fail_threshold=config.fail_threshold, rt_alpha=config.rt_alpha, rt_limit=config.rt_limit
         )
@@ -133,7 +146,11 @@ class Balancer:
             max_new_per_second=config.max_new_per_second,
             refuse_with=config.refuse_with,
         )
-        self.analyzer = PacketAnalyzer(l7=config.l7)
+        self.switching = LabelSwitchingTable(
+            {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
+        )
+        self.sessions = SessionTable(config.timeouts, on_end=self._session_ended)
+        self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
         self.frames_in = 0
         self.frames_out = 0
         self.fast_path = 0
@@ -141,11 +158,14 @@ class Balancer:
         self.drops: dict[str, int] = {}
         self.l7_hosts: dict[str, int] = {}  # sessions by the Host of their first HTTP request (L7 analysis)
         self.neighbor_replies = 0
-        self.live = 0  # sessions not yet closed or interrupted (closed ones may still linger in the table)
-        # Per-server totals of ended sessions' label counters (live sessions are read from the switching table).
-        self._server_traffic: dict[str, list[int]] = {}
-        self._watch_budget: dict[int, int] = {}
+        # Per server: the traffic of its ended sessions (live sessions are read from the switching table).
+        self._ended_traffic: dict[str, Traffic] = {}
         self._events: list[FastEvent] = []
+
+    @property
+    def live(self) -> int:
+        """Sessions not yet closed or interrupted."""
+        return self.sessions.live
 
     # -- the data plane ------------------------------------------------------------------------------------------
     def receive(self, port: int, frame: bytes | memoryview, now: float) -> Frames:
@@ -174,17 +194,15 @@ class Balancer:
         ``result.extra`` as ``(i, port, frame)``. Listing, for each i in order, the block's frame and then the
         extras of i gives exactly what :meth:`receive` gives frame by frame.
         """
-        events: list[FastEvent] = []
-        verdict = switch_block(self.switching, buf, starts, lengths, ports, now, events)
+        verdict = switch_block(self.switching, buf, starts, lengths, ports, now, self._events)
         switched = int(verdict.switched.sum())
         n = len(starts)
         self.frames_in += switched
         self.frames_out += switched
         self.fast_path += switched
         extra: list[tuple[int, int, bytes]] = []
-        if events:
-            self._events = events
-            self._handle_events([])
+        if self._events:
+            self._handle_events()
         if switched < n:
             out: Frames = []
             for i in np.flatnonzero(~verdict.switched).tolist():
@@ -201,11 +219,12 @@ class Balancer:
         if role is None:
             self._drop("unknown_port")
             return
-        result = self.switching.switch(port, frame, now, out, self._events)
+        # The session label inspecting unit (claim 2): a labelled frame is switched on its label alone (claim 9).
+        result = switch_frame(self.switching.hot, port, frame, now, out, self._events)
         if result >= 0:
             self.fast_path += 1
             if self._events:
-                self._handle_events(out)
+                self._handle_events()
         elif result != DROPPED:
             self.slow_path += 1
             if role.role == "client":
@@ -232,7 +251,7 @@ class Balancer:
     def _from_client(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         key = a.key
         if a.icmp_error:  # an error about a datagram the virtual IP sent to a client: goes to that server
-            session = self.sessions.lookup(FlowKey(key.proto, key.dst, key.dport, key.src, key.sport))
+            session = self.sessions.lookup(key.reversed())
             if session is None:
                 self._drop("icmp_no_session")
                 return
@@ -251,11 +270,11 @@ class Balancer:
             self._finish(session, now)  # the client reuses the port of a closed session: a new session starts
             session = None
         if session is not None:  # claim 2: an existing session's packet goes to its server
-            if a.payload_len and not session.request_at:
-                self._request_seen(session, a, now)
+            if a.payload_len and self.sessions.request_seen(session, now):
+                self._learn_l7(session, a)
             self._to_server(session, frame, a, now, out)
-            if a.tcp_flags > 0 and a.tcp_flags & (FIN | RST):
-                self._tcp_end(session, a.tcp_flags, from_client=True, now=now)
+            if a.tcp_flags > 0:
+                self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
@@ -263,6 +282,7 @@ class Balancer:
         self._new_session(port, frame, a, now, out)
 
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
+        """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
         refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_count, now=now)
         server: Server | None = None
         if refusal is None:
@@ -278,14 +298,23 @@ class Balancer:
             self.admission.count(refusal or Refusal.NO_SERVER)
             if server is not None:
                 self.pool.session_refused(server)
-            self._refuse(port, frame, a, out)
+            refused = self.admission.answer(
+                a.key,
+                ip_version=a.ip_version,
+                tcp_seq=a.tcp_seq,
+                payload_len=a.payload_len,
+                datagram=bytes(frame[a.ip_offset : a.ip_end]),
+                client_mac=bytes(frame[_SRC_MAC]),
+                port_mac=self.ports[port].mac,
+            )
+            if refused is not None:
+                out.append((port, refused))
             return
-        client_mac = bytes(frame[6:12])
+        client_mac = bytes(frame[_SRC_MAC])
         session = Session(a.key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now)
-        if a.payload_len:
-            self._request_seen(session, a, now)
         self.sessions.add(session, now)
-        self.live += 1
+        if a.payload_len and self.sessions.request_seen(session, now):
+            self._learn_l7(session, a)
         self.pool.session_started(server)
         tcp = a.key.proto == IPPROTO_TCP
         v6 = IPV6_PAYLOAD if a.ip_version == 6 else 0
@@ -302,7 +331,7 @@ class Balancer:
             now=now,
         )
         self.switching.install(
-            c2s + 1,
+            s2c_of(c2s),
             out_port=port,
             next_hop=client_mac,
             in_port=server.config.port_id,
@@ -312,78 +341,32 @@ class Balancer:
             tcp_offset=a.tcp_offset,
             now=now,
         )
-        self._watch_budget[c2s] = WATCH_BUDGET
         self._to_server(session, frame, a, now, out)
 
-    def _request_seen(self, session: Session, a: Analysis, now: float) -> None:
-        session.request_at = now
+    def _learn_l7(self, session: Session, a: Analysis) -> None:
         if a.http is not None:
             session.l7 = a.http
             host = a.http.host or "(no host)"
             self.l7_hosts[host] = self.l7_hosts.get(host, 0) + 1
 
     def _to_server(self, session: Session, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
-        cfg = session.server.config
-        label = session.c2s
-        out.append(
-            (
-                cfg.port_id,
-                attach_label(
-                    self.switching.rewrite[label],
-                    frame,
-                    a.ip_offset,
-                    a.ip_end,
-                    label,
-                    ttl=a.ttl,
-                    tc=a.tos >> 5,
-                ),
-            )
-        )
-        self.switching.account(label, len(frame), now)
+        tc = a.tos >> _TOS_TO_TC
+        self.switching.send(session.c2s, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, tc=tc)
 
     def _from_server(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
-        key = a.key
         # A server's unlabelled reply (or its ICMP error about a client's datagram) still finds its session.
-        skey = key if a.icmp_error else FlowKey(key.proto, key.dst, key.dport, key.src, key.sport)
-        session = self.sessions.lookup(skey)
+        session = self.sessions.lookup(a.key if a.icmp_error else a.key.reversed())
         if session is None:
             self._drop("unlabelled_from_server")
             return
         cfg = session.server.config
-        if cfg.port_id != port or bytes(frame[6:12]) != cfg.mac:
+        if cfg.port_id != port or bytes(frame[_SRC_MAC]) != cfg.mac:
             self._drop("server_wrong_source")
             return
-        label = session.s2c
-        out.append(
-            (
-                session.client_port,
-                attach_label(self.switching.rewrite[label], frame, a.ip_offset, a.ip_end, label, ttl=a.ttl),
-            )
-        )
-        self.switching.account(label, len(frame), now)
-
-    def _refuse(self, port: int, frame: bytes | memoryview, a: Analysis, out: Frames) -> None:
-        """Service acceptance control's answer to a refused new session (claim 11)."""
-        mode = self.admission.refuse_with
-        if mode is RefuseWith.DROP:
-            return
-        key = a.key
-        v6 = a.ip_version == 6
-        if mode is RefuseWith.RST and key.proto == IPPROTO_TCP:
-            ack = (a.tcp_seq + 1 + a.payload_len) & 0xFFFFFFFF
-            segment = build_tcp(key.dst, key.src, key.dport, key.sport, seq=0, ack=ack, flags=RST | ACK, window=0)
-            header = build_ipv6 if v6 else build_ipv4
-            packet = header(key.dst, key.src, IPPROTO_TCP, len(segment)) + segment
-        else:
-            code = None
-            if mode is RefuseWith.RST:  # UDP has no RST: port unreachable is its equivalent
-                code = ICMP_PORT_UNREACHABLE_V6 if v6 else ICMP_PORT_UNREACHABLE_V4
-            packet = build_icmp_unreachable(key.dst, key.src, bytes(frame[a.ip_offset : a.ip_end]), code=code)
-        eth = build_ethernet(bytes(frame[6:12]), self.ports[port].mac, ETH_P_IPV6 if v6 else ETH_P_IP)
-        out.append((port, eth + packet))
+        self.switching.send(session.s2c, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl)
 
     # -- reports from the fast path ------------------------------------------------------------------------------
-    def _handle_events(self, out: Frames) -> None:
+    def _handle_events(self) -> None:
         events, self._events = self._events, []
         for event in events:
             session = self.sessions.by_c2s(pair_of(event.label))
@@ -393,67 +376,40 @@ class Balancer:
             if event.tcp_flags & RST:
                 if not from_client and session.state is SessionState.START:
                     self._server_failed(session.server, "refused", event.now)
-                self._tcp_end(session, event.tcp_flags, from_client=from_client, now=event.now)
             elif self.switching.watch[event.label] & WATCH_ALL:
                 self._measure(session, event, from_client)
-            if event.tcp_flags & FIN and session.state not in FINAL_STATES:
-                self._tcp_end(session, event.tcp_flags, from_client=from_client, now=event.now)
+            if session.state not in FINAL_STATES:
+                self.sessions.tcp_end(session, event.tcp_flags, from_client=from_client, now=event.now)
 
     def _measure(self, session: Session, event: FastEvent, from_client: bool) -> None:
-        """Time the server's responses from the session's own frames: SYN -> SYN-ACK, request -> first byte."""
-        budget = self._watch_budget.get(session.c2s, 0) - 1
-        self._watch_budget[session.c2s] = budget
+        """Time the server's responses from the session's own frames (the session table keeps the measurement)."""
         try:
-            a = self.analyzer.analyze_ip(event.frame, event.ip_offset)
+            a: Analysis | None = self.analyzer.analyze_ip(event.frame, event.ip_offset)
         except WireError:
             a = None
-        now = event.now
+        seen = self.sessions.observe(
+            session,
+            from_client=from_client,
+            tcp_flags=a.tcp_flags if a is not None else -1,
+            payload_len=a.payload_len if a is not None else 0,
+            now=event.now,
+        )
         server = session.server
-        if not from_client and session.state is SessionState.START:
-            if session.proto != IPPROTO_TCP or (a is not None and a.tcp_flags & (SYN | ACK) == SYN | ACK):
-                self.pool.record_response_time(server, now - session.syn_at)
-                self.pool.record_success(server)
-                self._apply(session, SessionEvent.SERVER_REPLY, now)
-                if session.proto != IPPROTO_TCP:
-                    budget = 0  # a UDP flow's first reply times its request: done
-        elif a is not None and a.payload_len:
-            if from_client and not session.request_at:
-                self._request_seen(session, a, now)
-                self.switching.set_watch(session.c2s, self.switching.watch[session.c2s] & ~WATCH_ALL)
-            elif not from_client and session.request_at:
-                self.pool.record_response_time(server, now - session.request_at)
-                budget = 0
-        if budget <= 0:
-            for label in (session.c2s, session.s2c):
-                self.switching.set_watch(label, self.switching.watch[label] & ~WATCH_ALL)
-            session.rt_pending = False
-            self._watch_budget.pop(session.c2s, None)
+        if seen.response_time is not None:
+            self.pool.record_response_time(server, seen.response_time)
+        if seen.server_replied:
+            self.pool.record_success(server)
+        if seen.request_seen:
+            if a is not None:
+                self._learn_l7(session, a)
+            self.switching.clear_watch(session.c2s, WATCH_ALL)
+        if seen.done:
+            self.switching.clear_watch(session.c2s, WATCH_ALL)
+            self.switching.clear_watch(session.s2c, WATCH_ALL)
 
-    def _apply(self, session: Session, event: SessionEvent, now: float, reason: str = "") -> None:
-        """Drive the session's lifecycle; a session that reaches a final state stops counting as live (for
-        admission and for its server's connection count) at once, though its labels may linger a moment."""
-        was_live = session.state not in FINAL_STATES
-        self.sessions.apply(session, event, now, reason)
-        if was_live and session.state in FINAL_STATES:
-            self.live -= 1
-            self.pool.session_ended(session.server)
-
-    def _tcp_end(self, session: Session, flags: int, *, from_client: bool, now: float) -> None:
-        if session.state in FINAL_STATES:
-            return
-        if flags & RST:
-            self._apply(session, SessionEvent.RST, now, "rst")
-            return
-        if from_client:
-            if session.fin_from_client:
-                return
-            session.fin_from_client = True
-        else:
-            if session.fin_from_server:
-                return
-            session.fin_from_server = True
-        both = session.fin_from_client and session.fin_from_server
-        self._apply(session, SessionEvent.FIN_OTHER_SIDE if both else SessionEvent.FIN, now, "fin")
+    def _session_ended(self, session: Session) -> None:
+        """A session reached a final state: it no longer counts for its server (its labels may linger)."""
+        self.pool.session_ended(session.server)
 
     # -- timers --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -466,7 +422,6 @@ class Balancer:
         today; the signature keeps drivers alike)."""
         self.labels.on_timer(now)
         timeouts = self.sessions.timeouts
-        last_seen = self.switching.last_seen
         for session in self.sessions.due(now):
             if self.sessions.by_c2s(session.c2s) is not session:
                 continue  # finished earlier in this round (its server went down with another session's timeout)
@@ -474,35 +429,27 @@ class Balancer:
                 self._finish(session, now)
                 continue
             idle = timeouts.idle(session.proto, session.state)
-            if session.state is SessionState.START and session.proto == IPPROTO_TCP:
-                last = session.started  # a SYN's retransmissions do not keep an unanswered session alive
-            else:
-                last = max(last_seen[session.c2s], last_seen[session.s2c])
+            unanswered = session.state is SessionState.START and session.proto == IPPROTO_TCP
+            # A SYN's retransmissions do not keep an unanswered session alive.
+            last = session.started if unanswered else self.switching.last_active(session.c2s, session.s2c)
             if last + idle > now:
                 self.sessions.arm(session, last + idle)
                 continue
-            if session.state is SessionState.START and session.proto == IPPROTO_TCP:
+            if unanswered:
                 self._server_failed(session.server, "no_reply", now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
-            self._apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
+            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
             self._finish(session, now)
         return []
 
     def _finish(self, session: Session, now: float) -> None:
         """Withdraw a final session's labels (they go to quarantine) and take it out of the table."""
-        c2s, s2c = session.c2s, session.s2c
-        sw = self.switching
-        traffic = self._server_traffic.setdefault(session.server.config.name, [0, 0, 0, 0])
-        traffic[0] += sw.packets[c2s]
-        traffic[1] += sw.packets[s2c]
-        traffic[2] += sw.bytes[c2s]
-        traffic[3] += sw.bytes[s2c]
-        sw.withdraw(c2s)
-        sw.withdraw(s2c)
-        self.labels.withdraw(c2s, now)
+        self._ended_traffic.setdefault(session.server.config.name, Traffic()).add(self.switching, session)
+        self.switching.withdraw(session.c2s)
+        self.switching.withdraw(session.s2c)
+        self.labels.withdraw(session.c2s, now)
         self.sessions.remove(session)
-        self._watch_budget.pop(c2s, None)
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
     def _server_failed(self, server: Server, reason: str, now: float) -> None:
@@ -513,7 +460,7 @@ class Balancer:
         """Claim 6: the sessions of a server that failed or left are interrupted and their labels withdrawn."""
         for session in [s for s in self.sessions.by_label.values() if s.server is server]:
             if session.state not in FINAL_STATES:
-                self._apply(session, SessionEvent.SERVER_DOWN, now, "server_down")
+                self.sessions.apply(session, SessionEvent.SERVER_DOWN, now, "server_down")
             self._finish(session, now)
 
     def add_server(self, config: ServerConfig) -> Server:
@@ -542,20 +489,15 @@ class Balancer:
 
     # -- figures -------------------------------------------------------------------------------------------------
     def server_rows(self) -> tuple[ServerRow, ...]:
-        sw = self.switching
-        live: dict[str, list[int]] = {}
+        live: dict[str, Traffic] = {}
         for session in self.sessions.by_label.values():
-            t = live.setdefault(session.server.config.name, [0, 0, 0, 0])
-            t[0] += sw.packets[session.c2s]
-            t[1] += sw.packets[session.s2c]
-            t[2] += sw.bytes[session.c2s]
-            t[3] += sw.bytes[session.s2c]
+            live.setdefault(session.server.config.name, Traffic()).add(self.switching, session)
         rows = []
         for server in self.pool.servers:
             name = server.config.name
-            done = self._server_traffic.get(name, [0, 0, 0, 0])
-            now_ = live.get(name, [0, 0, 0, 0])
-            line_card, number = sw.port_place(server.config.port_id)
+            done = self._ended_traffic.get(name, Traffic())
+            now = live.get(name, Traffic())
+            line_card, number = self.switching.port_place(server.config.port_id)
             rows.append(
                 ServerRow(
                     name,
@@ -564,10 +506,10 @@ class Balancer:
                     server.active,
                     server.total,
                     None if server.rt_ewma is None else server.rt_ewma * 1000.0,
-                    done[0] + now_[0],
-                    done[1] + now_[1],
-                    done[2] + now_[2],
-                    done[3] + now_[3],
+                    done.packets_in + now.packets_in,
+                    done.packets_out + now.packets_out,
+                    done.bytes_in + now.bytes_in,
+                    done.bytes_out + now.bytes_out,
                     line_card,
                     number,
                 )
@@ -593,6 +535,7 @@ class Balancer:
             labels_installed=self.switching.installed,
             servers=self.server_rows(),
             l7_hosts=dict(self.l7_hosts),
+            neighbor_replies=self.neighbor_replies,
         )
 
     def live_sessions(self) -> Sequence[Session]:

@@ -20,24 +20,18 @@ on :meth:`Endpoint.on_timer`. The agents put these objects between a TUN device 
 from __future__ import annotations
 
 import heapq
-import struct
 from collections.abc import Iterable
 
 from mplslb.analyzer import Analysis, PacketAnalyzer
-from mplslb.balancing.algorithms import FlowKey
-from mplslb.labels import is_c2s, is_s2c
+from mplslb.flow import FlowKey
+from mplslb.labels import c2s_of, is_c2s, is_s2c, s2c_of
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet, parse_ethernet
-from mplslb.wire.mpls import encode_entry, parse_stack
+from mplslb.wire.mpls import ENTRY, encode_entry, parse_stack
 from mplslb.wire.tcp import TCPFlag
 
-_ENTRY = struct.Struct("!I")
 _SYN_ONLY = int(TCPFlag.SYN)
 _SYN_MASK = int(TCPFlag.SYN | TCPFlag.ACK)
-
-
-def _reverse(key: FlowKey) -> FlowKey:
-    return FlowKey(key.proto, key.dst, key.dport, key.src, key.sport)
 
 
 class Flow:
@@ -112,7 +106,7 @@ class Endpoint:
 
     def _labelled(self, dst_mac: bytes, label: int, packet: bytes | memoryview) -> bytes:
         header = build_ethernet(dst_mac, self.mac, ETH_P_MPLS_UC)
-        return header + _ENTRY.pack(encode_entry(label, 0, True, self.ttl)) + bytes(packet)
+        return header + ENTRY.pack(encode_entry(label, 0, True, self.ttl)) + bytes(packet)
 
     def next_deadline(self) -> float | None:
         return self._expiry[0][0] if self._expiry else None
@@ -159,8 +153,8 @@ class ServerEndpoint(Endpoint):
             self._drop("not_for_vip")
             return None
         # Claim 8 step 3 / claim 13: the opposite direction's label is this label + 1; nothing is signalled.
-        reply_key = a.key if a.icmp_error else _reverse(a.key)
-        self._learn(reply_key, label + 1, sender, now)
+        reply_key = a.key if a.icmp_error else a.key.reversed()
+        self._learn(reply_key, s2c_of(label), sender, now)
         self._count("from_wire")
         return packet
 
@@ -169,7 +163,7 @@ class ServerEndpoint(Endpoint):
         a = self._analyze(packet)
         if a is None:
             return None
-        key = _reverse(a.key) if a.icmp_error else a.key
+        key = a.key.reversed() if a.icmp_error else a.key
         if key.src not in self.vips:
             self._drop("not_from_vip")  # claim 12: replies leave from the virtual IP, never a real address
             return None
@@ -215,8 +209,8 @@ class ClientEndpoint(Endpoint):
         if a is None:
             return None
         # Claim 8 step 6 / claim 14: the opposite direction's label is this label - 1.
-        key = a.key if a.icmp_error else _reverse(a.key)
-        self._learn(key, label - 1, self.gateway_mac, now)
+        key = a.key if a.icmp_error else a.key.reversed()
+        self._learn(key, c2s_of(label), self.gateway_mac, now)
         self._count("from_wire")
         return packet
 

@@ -17,9 +17,10 @@ A new session is checked in this order, the first failing check naming the :clas
 If all pass, the caller asks the algorithm for a server; when it gets none,
 :meth:`AdmissionControl.refusal_for_no_server` says whether that is because every server in service is at
 its own limit or overloaded (``server_session_limit``) or because none is in service at all
-(``no_server_available``). ``refuse_with`` tells the caller how to answer a refused client (TCP RST, ICMP
-unreachable, or silence). Deciding and counting are separate: the caller counts what it really refused with
-:meth:`AdmissionControl.count`.
+(``no_server_available``). ``refuse_with`` says how a refused client is answered, and
+:meth:`AdmissionControl.answer` builds that answer: a TCP RST, an ICMP (or ICMPv6) unreachable quoting the
+refused datagram, both from the virtual IP, or nothing. Deciding and counting are separate: the caller counts
+what it really refused with :meth:`AdmissionControl.count`.
 
 Time is passed in as ``now``; the bucket never reads a clock. A clock that steps back adds no tokens.
 """
@@ -31,10 +32,21 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from mplslb.balancing.servers import ServerPool
+from mplslb.flow import FlowKey
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
+from mplslb.wire.icmp import build_icmp_unreachable
+from mplslb.wire.ip import IPPROTO_TCP
+from mplslb.wire.ipv4 import build_ipv4
+from mplslb.wire.ipv6 import build_ipv6
+from mplslb.wire.tcp import TCPFlag, build_tcp
 
 __all__ = ["AdmissionControl", "Refusal", "RefuseWith"]
 
 _TOKEN_EPSILON = 1e-9
+ICMP_PORT_UNREACHABLE_V4 = 3
+ICMP_PORT_UNREACHABLE_V6 = 4
+_RST_ACK = int(TCPFlag.RST | TCPFlag.ACK)
+_SEQ_MASK = 0xFFFFFFFF
 
 
 class Refusal(StrEnum):
@@ -139,3 +151,36 @@ class AdmissionControl:
     def count(self, refusal: Refusal) -> None:
         """Count one refused session under ``refusal``."""
         self.refused[refusal] += 1
+
+    def answer(
+        self,
+        key: FlowKey,
+        *,
+        ip_version: int,
+        tcp_seq: int,
+        payload_len: int,
+        datagram: bytes,
+        client_mac: bytes,
+        port_mac: bytes,
+    ) -> bytes | None:
+        """The frame that tells a refused client so (claim 11), or None when ``refuse_with`` is ``drop``.
+
+        ``key`` is the refused packet's flow as the client sent it, ``datagram`` that IP packet (quoted by an
+        ICMP answer). A TCP client gets a RST from the virtual IP acknowledging its segment (``rst``), a UDP client
+        an ICMP port unreachable (``rst``: UDP has no RST) or, with ``icmp``, every client an ICMP unreachable.
+        """
+        mode = self.refuse_with
+        if mode is RefuseWith.DROP:
+            return None
+        v6 = ip_version == 6
+        if mode is RefuseWith.RST and key.proto == IPPROTO_TCP:
+            ack = (tcp_seq + 1 + payload_len) & _SEQ_MASK
+            segment = build_tcp(key.dst, key.src, key.dport, key.sport, seq=0, ack=ack, flags=_RST_ACK, window=0)
+            header = build_ipv6 if v6 else build_ipv4
+            packet = header(key.dst, key.src, IPPROTO_TCP, len(segment)) + segment
+        else:
+            code = None
+            if mode is RefuseWith.RST:
+                code = ICMP_PORT_UNREACHABLE_V6 if v6 else ICMP_PORT_UNREACHABLE_V4
+            packet = build_icmp_unreachable(key.dst, key.src, datagram, code=code)
+        return build_ethernet(client_mac, port_mac, ETH_P_IPV6 if v6 else ETH_P_IP) + packet

@@ -27,14 +27,14 @@ import struct
 from abc import ABC, abstractmethod
 from array import array
 from operator import attrgetter
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from mplslb.balancing.servers import Server, ServerPool
+from mplslb.flow import FlowKey
 
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
-    "FlowKey",
     "LeastConnections",
     "Maglev",
     "PowerOfTwo",
@@ -48,16 +48,6 @@ __all__ = [
     "make_algorithm",
     "register",
 ]
-
-
-class FlowKey(NamedTuple):
-    """The 5-tuple of a new session's first packet. Addresses are 4 or 16 bytes."""
-
-    proto: int
-    src: bytes
-    sport: int
-    dst: bytes
-    dport: int
 
 
 _FLOW_TAIL = struct.Struct("!BHHBB")

@@ -1,8 +1,10 @@
 """Build the XDP program from its C source with clang, once per source and compiler, into a cache directory.
 
-The source (``mplslb_xdp.c`` beside this file) includes no header, so clang alone is needed (Debian: ``clang``);
-no kernel headers, no libbpf. The object is cached as ``mplslb_xdp-<digest>.o`` where the digest covers the source,
-the flags and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else ``$XDG_CACHE_HOME/mplslb``, else
+The source (``mplslb_xdp.c`` beside this file) includes one header, ``mplslb_layout.h``, generated here from
+:mod:`mplslb.switching.layout` (every frame offset, bit and bound, and the kernel map's ``struct entry``), so the
+kernel program and the userspace fast paths read frames with the same numbers. clang alone is needed (Debian:
+``clang``); no kernel headers, no libbpf. The object is cached as ``mplslb_xdp-<digest>.o`` where the digest covers
+the source, the generated header, the flags and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else ``$XDG_CACHE_HOME/mplslb``, else
 ``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent daemons never read half a file.
 """
 
@@ -16,9 +18,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from mplslb.switching.layout import c_header
+
 SOURCE = Path(__file__).with_name("mplslb_xdp.c")
 CFLAGS = ("-O2", "-target", "bpf", "-mcpu=v2", "-Wall", "-Werror", "-c")
 COMPILE_TIMEOUT = 120.0
+LAYOUT_HEADER = "mplslb_layout.h"
 
 
 class BuildError(RuntimeError):
@@ -54,7 +59,8 @@ def build_object(source: Path = SOURCE, *, clang: str | None = None, directory: 
     except OSError as exc:
         raise BuildError(f"cannot read the XDP program source {source}: {exc.strerror}") from None
     compiler = clang or find_clang()
-    digest = hashlib.sha256(b"\0".join([text, " ".join(CFLAGS).encode(), compiler.encode()])).hexdigest()[:20]
+    header = c_header().encode()
+    digest = hashlib.sha256(b"\0".join([text, header, " ".join(CFLAGS).encode(), compiler.encode()])).hexdigest()[:20]
     where = directory or cache_dir()
     target = where / f"{source.stem}-{digest}.o"
     try:
@@ -69,12 +75,13 @@ def build_object(source: Path = SOURCE, *, clang: str | None = None, directory: 
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp", dir=where)
     os.close(fd)
     try:
-        try:
-            done = subprocess.run(
-                [compiler, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BuildError(f"running {compiler}: {exc}") from None
+        with tempfile.TemporaryDirectory(prefix="mplslb-layout") as include:
+            Path(include, LAYOUT_HEADER).write_bytes(header)
+            command = [compiler, *CFLAGS, "-I", include, str(source), "-o", tmp]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise BuildError(f"running {compiler}: {exc}") from None
         if done.returncode != 0:
             raise BuildError(f"{compiler} could not build {source.name}:\n{done.stderr.strip()}")
         data = Path(tmp).read_bytes()

@@ -14,9 +14,7 @@ Theory of operation
   :data:`TIMER_POLL_MIN` old, or :data:`POLL_BUDGET` times the last poll's duration for a very large map (a poll
   then costs at most 1/POLL_BUDGET of the loop's time); idle timeouts are seconds to minutes;
 * a timer of its own, every :data:`SYNC_INTERVAL`, applies changes made elsewhere in the loop (control commands,
-  health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status;
-* labels waiting for the balancer to stop watching every frame are looked at no more often than
-  :data:`PENDING_INTERVAL`, so a large pending list does not cost a scan per batch.
+  health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ SYNC_INTERVAL = 0.005
 POLL_INTERVAL = 1.0
 TIMER_POLL_MIN = 0.05
 POLL_BUDGET = 20.0
-PENDING_INTERVAL = 0.002
 
 
 def offload_interfaces(ports: Iterable[PortConfig]) -> dict[int, str]:
@@ -54,7 +51,6 @@ class OffloadedBalancer:
             offload_interfaces(balancer.config.ports),
             mode=mode,
             clock=loop.clock,
-            pending_interval=PENDING_INTERVAL,
         )
         self.offload.open()
         self._polled = loop.clock()

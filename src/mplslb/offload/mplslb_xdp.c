@@ -10,32 +10,18 @@
  * the entry and redirects it to the output port. Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload.
  *
- * Self-contained on purpose (no kernel or libbpf headers): built with `clang -O2 -target bpf -c`. The loader
- * (mplslb.offload.bpf) creates the map and patches each reference to it; the layout of struct entry is mirrored by
- * ENTRY in mplslb/offload/xdp.py.
+ * No kernel or libbpf headers: built with `clang -O2 -target bpf -c` and one generated header, mplslb_layout.h,
+ * which holds every frame offset, bit and bound and struct entry, made from mplslb.switching.layout (the layout the
+ * userspace paths read) by mplslb.offload.build. The loader (mplslb.offload.bpf) creates the map and patches each
+ * reference to it.
  */
 
-typedef unsigned char __u8;
-typedef unsigned short __u16;
-typedef unsigned int __u32;
-typedef unsigned long long __u64;
+#include "mplslb_layout.h" /* generated from mplslb.switching.layout: offsets, bits, struct entry */
 
 #define SEC(name) __attribute__((section(name), used))
 
 #define XDP_PASS 2
 #define XDP_REDIRECT 4
-
-#define ETH_P_8021Q 0x8100
-#define ETH_P_MPLS_UC 0x8847
-#define MPLS_BOS 0x100
-#define TCP_FIN 0x01
-#define TCP_RST 0x04
-#define TCP_FLAGS_OFFSET 13
-#define MAX_TCP_OFFSET 16384
-
-/* entry.flags */
-#define F_V6 0x01       /* the payload under the label is IPv6 (peer IP at +8, TCP header at tcp_offset) */
-#define F_TCP_END 0x02  /* TCP session: FIN and RST go up to the session manager */
 
 struct xdp_md {
 	__u32 data;
@@ -44,21 +30,6 @@ struct xdp_md {
 	__u32 ingress_ifindex;
 	__u32 rx_queue_index;
 	__u32 egress_ifindex;
-};
-
-struct entry {
-	__u32 out_ifindex;
-	__u32 in_ifindex;
-	__u8 rewrite[12]; /* next hop MAC, output port MAC */
-	__u8 peer[6];     /* the source MAC the label is bound to */
-	__u8 flags;
-	__u8 ip_len;      /* 0 (no IP binding), 4 or 16 */
-	__u8 peer_ip[16];
-	__u16 tcp_offset; /* IPv6: IP header start -> TCP header */
-	__u16 pad;
-	__u64 packets;    /* frames forwarded here, their bytes as received, CLOCK_MONOTONIC ns of the last one */
-	__u64 bytes;
-	__u64 last_ns;
 };
 
 /* The loader creates the map and patches every load of this symbol's address with the map's fd. */
@@ -78,52 +49,52 @@ int mplslb_xdp(struct xdp_md *ctx)
 	__u8 *data = (__u8 *)(long)ctx->data;
 	__u8 *end = (__u8 *)(long)ctx->data_end;
 	__u64 len = end - data;
-	__u32 off = 14;
+	__u32 off = LSE_AT;
 
-	if (data + 18 > end)
+	if (data + LABELLED_MIN > end)
 		return XDP_PASS;
-	__u16 ethertype = (data[12] << 8) | data[13];
+	__u16 ethertype = (data[ETH_TYPE] << 8) | data[ETH_TYPE + 1];
 	if (ethertype == ETH_P_8021Q) {
-		if (data + 22 > end)
+		if (data + LABELLED_MIN + VLAN_HLEN > end)
 			return XDP_PASS;
-		ethertype = (data[16] << 8) | data[17];
-		off = 18;
+		ethertype = (data[VLAN_TYPE] << 8) | data[VLAN_TYPE + 1];
+		off = LSE_AT + VLAN_HLEN;
 	}
 	if (ethertype != ETH_P_MPLS_UC)
 		return XDP_PASS;
 	__u8 *lse = data + off;
-	if (lse + 4 > end)
+	if (lse + LSE_LEN > end)
 		return XDP_PASS;
 	__u32 stack_entry = ((__u32)lse[0] << 24) | ((__u32)lse[1] << 16) | ((__u32)lse[2] << 8) | lse[3];
-	__u32 label = stack_entry >> 12;
+	__u32 label = stack_entry >> LABEL_SHIFT;
 	struct entry *e = bpf_map_lookup_elem(&labels, &label);
 	if (!e)
 		return XDP_PASS;
 	if (e->in_ifindex != ctx->ingress_ifindex)
 		return XDP_PASS;
-	for (int i = 0; i < 6; i++)
-		if (data[6 + i] != e->peer[i])
+	for (int i = 0; i < ETH_ALEN; i++)
+		if (data[ETH_SRC + i] != e->peer[i])
 			return XDP_PASS;
 	if (!(stack_entry & MPLS_BOS))
 		return XDP_PASS;
-	__u8 *ip = lse + 4;
+	__u8 *ip = lse + LSE_LEN;
 	if (e->ip_len) {
-		__u8 *at = ip + ((e->flags & F_V6) ? 8 : 12);
-		if (e->ip_len == 16) {
-			if (at + 16 > end)
+		__u8 *at = ip + ((e->flags & F_V6) ? IPV6_SRC : IPV4_SRC);
+		if (e->ip_len == IPV6_ADDR_LEN) {
+			if (at + IPV6_ADDR_LEN > end)
 				return XDP_PASS;
-			for (int i = 0; i < 16; i++)
+			for (int i = 0; i < IPV6_ADDR_LEN; i++)
 				if (at[i] != e->peer_ip[i])
 					return XDP_PASS;
 		} else {
-			if (at + 4 > end)
+			if (at + IPV4_ADDR_LEN > end)
 				return XDP_PASS;
-			for (int i = 0; i < 4; i++)
+			for (int i = 0; i < IPV4_ADDR_LEN; i++)
 				if (at[i] != e->peer_ip[i])
 					return XDP_PASS;
 		}
 	}
-	if ((stack_entry & 0xff) <= 1)
+	if ((stack_entry & MPLS_TTL_MASK) <= 1)
 		return XDP_PASS;
 	if (e->flags & F_TCP_END) {
 		__u32 tcp;
@@ -132,13 +103,13 @@ int mplslb_xdp(struct xdp_md *ctx)
 		} else {
 			if (ip + 1 > end)
 				goto forward;
-			tcp = (ip[0] & 0x0f) * 4;
+			tcp = (ip[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
 		}
 		/* past any frame XDP sees in one buffer: userspace would not find the flags in the frame either */
 		if (tcp > MAX_TCP_OFFSET)
 			goto forward;
-		__u8 *flags = ip + tcp + TCP_FLAGS_OFFSET;
-		if (flags + 1 <= end && (*flags & (TCP_FIN | TCP_RST)))
+		__u8 *flags = ip + tcp + TCP_FLAGS;
+		if (flags + 1 <= end && (*flags & TCP_END))
 			return XDP_PASS;
 	}
 forward:
@@ -146,19 +117,19 @@ forward:
 	__sync_fetch_and_add(&e->bytes, len);
 	e->last_ns = bpf_ktime_get_ns();
 	__u32 out = e->out_ifindex;
-	lse[3] -= 1; /* TTL > 1 here: the decrement stays in the TTL octet */
-	if (off == 18) {
-		/* userspace forwards a tagged frame untagged: drop the 4 tag octets in front of the MAC addresses */
-		if (bpf_xdp_adjust_head(ctx, 4))
+	lse[LSE_TTL] -= 1; /* TTL > 1 here: the decrement stays in the TTL octet */
+	if (off != LSE_AT) {
+		/* userspace forwards a tagged frame untagged: drop the tag's octets in front of the MAC addresses */
+		if (bpf_xdp_adjust_head(ctx, VLAN_HLEN))
 			return XDP_PASS;
 		data = (__u8 *)(long)ctx->data;
 		end = (__u8 *)(long)ctx->data_end;
-		if (data + 14 > end)
+		if (data + ETH_HLEN > end)
 			return XDP_PASS;
-		data[12] = ETH_P_MPLS_UC >> 8;
-		data[13] = ETH_P_MPLS_UC & 0xff;
+		data[ETH_TYPE] = ETH_P_MPLS_UC >> 8;
+		data[ETH_TYPE + 1] = ETH_P_MPLS_UC & 0xff;
 	}
-	__builtin_memcpy(data, e->rewrite, 12);
+	__builtin_memcpy(data + ETH_DST, e->rewrite, ETH_ADDRS);
 	return bpf_redirect(out, 0);
 }
 

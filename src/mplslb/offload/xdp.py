@@ -4,26 +4,28 @@ established sessions are switched by the kernel and never reach Python.
 Theory of operation
 -------------------
 One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Ethernet port of the balancer, and one
-hash map (label -> :data:`ENTRY`) holds the labels it may switch. The program makes every check the userspace fast
+hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace fast
 path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, TTL > 1); a frame that
 passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses of the label's row,
-its TTL decremented and an 802.1Q tag dropped, exactly as :meth:`LabelSwitchingTable.switch` builds it. Everything
+its TTL decremented and an 802.1Q tag dropped, exactly as :func:`~mplslb.switching.scalar.switch_frame` builds
+it. The program is built from the same layout as the userspace paths (:mod:`mplslb.switching.layout`). Everything
 else is ``XDP_PASS``: the daemon's packet socket gets it and the userspace path forwards, reports, or drops and
 counts it as it does without the offload.
 
-What goes into the map (:meth:`XdpOffload.sync`): the table records each install (+label) and withdrawal (-label)
-in ``table.changes``; ``sync`` drains them and writes or deletes map entries (batched, ``BPF_MAP_UPDATE_BATCH`` /
-``BPF_MAP_DELETE_BATCH``). A label enters the map only while its ``watch`` bits do not ask for every frame
+What goes into the map (:meth:`XdpOffload.sync`): the offload is a :class:`~mplslb.switching.table.Mirror` of
+the table, told of each install, withdrawal and watch change as it happens; it notes the label, and ``sync`` writes
+or deletes the noted labels' map entries (batched, ``BPF_MAP_UPDATE_BATCH`` / ``BPF_MAP_DELETE_BATCH``) from what
+the table then holds. A label enters the map only while its ``watch`` bits do not ask for every frame
 (``WATCH_ALL``: the session manager is timing the server's first answers from the session's own frames and needs to
-see them); such labels wait in a pending list that each ``sync`` looks at (a vectorised look at the table's arrays)
-and enter the map once the balancer clears ``WATCH_ALL``. Labels bound to a port without XDP (an MPLS-in-UDP port)
-stay in userspace.
+see them); such labels wait, and enter the map at the first ``sync`` after the balancer clears ``WATCH_ALL``.
+Labels bound to a port without XDP (an MPLS-in-UDP port) stay in userspace.
 
 Activity (:meth:`XdpOffload.poll`): the program counts packets and bytes per entry and stores the time of the last
 frame (``bpf_ktime_get_ns``, CLOCK_MONOTONIC, the clock of ``time.monotonic``). ``poll`` reads the whole map with
-``BPF_MAP_LOOKUP_BATCH`` and adds what the kernel forwarded since the last poll to ``table.packets`` and
-``table.bytes`` and moves ``table.last_seen`` forward, so idle timeouts, per-server figures and the status see the
-kernel's traffic. The daemon polls once a second and before the balancer's timers run.
+``BPF_MAP_LOOKUP_BATCH`` and folds what the kernel forwarded since the last poll into the table's counters and
+last-seen times (:meth:`~mplslb.switching.table.LabelSwitchingTable.fold_counters`), so idle timeouts,
+per-server figures and the status see the kernel's traffic. The daemon polls once a second and before the
+balancer's timers run.
 
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
@@ -52,7 +54,16 @@ import numpy as np
 
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
-from mplslb.switching import LABEL_SPACE, WATCH_ALL, WATCH_TCP_END, LabelSwitchingTable
+from mplslb.switching.layout import (
+    F_TCP_END,
+    F_V6,
+    KERNEL_ENTRY,
+    LABEL_SPACE,
+    WATCH_ALL,
+    WATCH_TCP_END,
+    kernel_entry_offsets,
+)
+from mplslb.switching.table import LabelSwitchingTable
 
 PROG_NAME = "mplslb_xdp"
 MAP_NAME = "mplslb_labels"
@@ -60,15 +71,12 @@ MAP_SYMBOL = "labels"
 SECTION = "xdp"
 MODES = ("auto", "native", "generic")
 
-#: struct entry of mplslb_xdp.c: out ifindex, in ifindex, rewrite (12), peer MAC (6), flags, IP length, peer IP (16),
-#: TCP offset, pad, then the counters the program keeps: packets, bytes, last frame (CLOCK_MONOTONIC ns).
-ENTRY = struct.Struct("=II12s6sBB16sHHQQQ")
+#: The counters of a map entry the program keeps, as numpy reads them from a batch of entries.
 COUNTERS = np.dtype(
-    {"names": ["packets", "bytes", "last_ns"], "formats": ["<u8", "<u8", "<u8"], "offsets": [48, 56, 64],
-     "itemsize": ENTRY.size}
+    {"names": ["packets", "bytes", "last_ns"], "formats": ["<u8", "<u8", "<u8"],
+     "offsets": [kernel_entry_offsets()[name] for name in ("packets", "bytes", "last_ns")],
+     "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
-F_V6 = 0x01
-F_TCP_END = 0x02
 _KEY = struct.Struct("=I")
 BATCH_MIN = 4  # fewer writes than this go one by one
 
@@ -110,7 +118,6 @@ class XdpOffload:
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = LABEL_SPACE,
         obj: bytes | None = None,
-        pending_interval: float = 0.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -122,24 +129,16 @@ class XdpOffload:
         self.clock = clock
         self.max_entries = max_entries
         self._obj = obj
-        #: Pending labels are looked at no more often than this (seconds; 0: on every sync).
-        self.pending_interval = pending_interval
-        self._scanned = float("-inf")
         self.ifindex: dict[int, int] = {}  # port id -> ifindex
         self.attached: dict[str, str] = {}  # interface -> "native" or "generic"
         self._links: list[int] = []
         self._prog = -1
         self._map: bpf.Map | None = None
-        self._valid = np.frombuffer(table.valid, dtype=np.uint8)
-        self._watch = np.frombuffer(table.watch, dtype=np.uint8)
-        self._packets = np.frombuffer(table.packets, dtype=np.uint64)
-        self._bytes = np.frombuffer(table.bytes, dtype=np.uint64)
-        self._last_seen = np.frombuffer(table.last_seen, dtype=np.float64)
         self._in_kernel = np.zeros(LABEL_SPACE, dtype=np.uint8)
         self._kpackets = np.zeros(LABEL_SPACE, dtype=np.uint64)  # kernel counters already added to the table
         self._kbytes = np.zeros(LABEL_SPACE, dtype=np.uint64)
-        self._pending = np.empty(0, dtype=np.uint32)  # installed, waiting for WATCH_ALL to clear
-        self._pending_new: list[int] = []
+        self._noted: list[int] = []  # labels changed in the table since the last sync, in order
+        self._waiting: set[int] = set()  # installed, waiting for WATCH_ALL to clear
         self.entries = 0
         self.writes = 0
         self.deletes = 0
@@ -160,7 +159,7 @@ class XdpOffload:
         try:
             for port_id, ifname in self.interfaces.items():
                 self.ifindex[port_id] = socket.if_nametoindex(ifname)
-            self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, ENTRY.size, self.max_entries,
+            self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries,
                                        flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
             self._prog = bpf.load_program(
                 obj, SECTION, {MAP_SYMBOL: self._map.fd}, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME
@@ -172,8 +171,8 @@ class XdpOffload:
         except (OSError, ValueError) as exc:
             self.close()
             raise OffloadError(f"kernel offload: {exc}") from None
-        self.table.changes = []
-        self._mirror(int(label) for label in np.flatnonzero(self._valid))
+        self.table.add_mirror(self)
+        self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
 
     def _clear_stale(self, ifindex: int) -> str:
         """Remove a leftover of ours attached by netlink; refuse to share a port with another XDP program."""
@@ -229,11 +228,10 @@ class XdpOffload:
         if self._map is not None:
             self._map.close()
             self._map = None
-        if self.table.changes is not None:
-            self.table.changes = None
+        self.table.remove_mirror(self)
         self._in_kernel[:] = 0
-        self._pending = np.empty(0, dtype=np.uint32)
-        self._pending_new.clear()
+        self._noted.clear()
+        self._waiting.clear()
         self.entries = 0
 
     def __enter__(self) -> XdpOffload:
@@ -244,23 +242,26 @@ class XdpOffload:
         self.close()
 
     # -- keeping the map in step -------------------------------------------------------------------------------
-    def sync(self) -> int:
-        """Apply the table's installs and withdrawals, and enter pending labels whose watch cleared; returns how
-        many map elements were written or deleted."""
-        if self._map is None:
-            return 0
-        changes = self.table.take_changes()
-        if not changes and not self._pending_due():
-            return 0
-        return self._mirror(dict.fromkeys(abs(c) for c in changes))
+    def installed(self, label: int) -> None:
+        self._noted.append(label)
 
-    def _pending_due(self) -> bool:
-        return bool(self._pending.size or self._pending_new) and (
-            self.pending_interval <= 0 or self.clock() - self._scanned >= self.pending_interval
-        )
+    def withdrawn(self, label: int) -> None:
+        self._noted.append(label)
+
+    def watch_changed(self, label: int) -> None:
+        self._noted.append(label)
+
+    def sync(self) -> int:
+        """Write or delete the map entries of the labels changed since the last sync; returns how many map
+        elements were written or deleted."""
+        if self._map is None or not self._noted:
+            return 0
+        noted, self._noted = self._noted, []
+        return self._mirror(dict.fromkeys(noted))
 
     def _mirror(self, labels: Iterable[int]) -> int:
-        valid, watch, in_kernel = self.table.valid, self.table.watch, self._in_kernel
+        """Make the map agree with the table for ``labels`` (distinct)."""
+        valid, watch, in_kernel, waiting = self.table.valid, self.table.watch, self._in_kernel, self._waiting
         writes: list[int] = []
         deletes: list[int] = []
         for label in labels:
@@ -270,39 +271,24 @@ class XdpOffload:
                 if watch[label] & WATCH_ALL:
                     if in_kernel[label]:
                         deletes.append(label)
-                    self._pending_new.append(label)
+                    waiting.add(label)
                 else:
                     writes.append(label)
-            elif in_kernel[label]:
-                deletes.append(label)
-        if self._pending_due():
-            writes += self._ready()
+                    waiting.discard(label)
+            else:
+                waiting.discard(label)
+                if in_kernel[label]:
+                    deletes.append(label)
         return self._delete(deletes) + self._write(writes)
 
     def _offloadable(self, label: int) -> bool:
         return self.table.in_port[label] in self.ifindex and self.table.out_port[label] in self.ifindex
 
-    def _ready(self) -> list[int]:
-        """Pending labels whose WATCH_ALL has cleared (and forget those withdrawn meanwhile)."""
-        self._scanned = self.clock()
-        pending = self._pending
-        if self._pending_new:
-            pending = np.concatenate((pending, np.array(self._pending_new, dtype=np.uint32)))
-            self._pending_new.clear()
-        if not pending.size:
-            return []
-        valid = self._valid[pending] != 0
-        watching = (self._watch[pending] & WATCH_ALL) != 0
-        absent = self._in_kernel[pending] == 0
-        self._pending = pending[valid & watching & absent]  # a label pending twice (reinstalled) is harmless
-        ready = np.unique(pending[valid & ~watching & absent])
-        return [int(label) for label in ready if self._offloadable(int(label))]
-
     def _entry(self, label: int) -> bytes:
         t = self.table
         flags = (F_V6 if t.v6[label] else 0) | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
         peer_ip = t.peer_ip[label]
-        return ENTRY.pack(
+        return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
             self.ifindex[t.in_port[label]],
             t.rewrite[label],
@@ -398,20 +384,18 @@ class XdpOffload:
         labels, packets, octets, last_ns = labels[moved], packets[moved], octets[moved], last_ns[moved]
         new_packets = packets - self._kpackets[labels]
         new_bytes = octets - self._kbytes[labels]
-        self._packets[labels] += new_packets
-        self._bytes[labels] += new_bytes
         self._kpackets[labels] = packets
         self._kbytes[labels] = octets
         offset = self.clock() - time.monotonic()  # the kernel's clock is CLOCK_MONOTONIC
-        seen = last_ns.astype(np.float64) * 1e-9 + offset
-        self._last_seen[labels] = np.maximum(self._last_seen[labels], seen)
+        self.table.fold_counters(labels, new_packets, new_bytes, last_ns.astype(np.float64) * 1e-9 + offset)
         self.kernel_packets += int(new_packets.sum())
         self.kernel_bytes += int(new_bytes.sum())
         return int(labels.size)
 
     @property
     def pending(self) -> int:
-        return int(self._pending.size) + len(self._pending_new)
+        """Labels installed in the table and waiting for their measurement to end before they enter the map."""
+        return len(self._waiting)
 
     def stats(self) -> dict[str, Any]:
         """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic."""
@@ -436,8 +420,9 @@ class XdpOffload:
         return bpf.prog_test_run(self._prog, frame, ingress_ifindex=self.ifindex[port_id])
 
     def lookup(self, label: int) -> tuple[int, ...] | None:
-        """The map's entry for ``label`` as :data:`ENTRY` fields (tests, debugging), or None."""
+        """The map's entry for ``label`` as :data:`~mplslb.switching.layout.KERNEL_ENTRY` fields (tests,
+        debugging), or None."""
         if self._map is None:
             return None
         raw = self._map.lookup(_KEY.pack(label))
-        return None if raw is None else ENTRY.unpack(raw)
+        return None if raw is None else KERNEL_ENTRY.unpack(raw)

@@ -18,7 +18,8 @@ MPLS_ENTRY_LEN = 4
 MAX_STACK_DEPTH = 16
 
 LABEL_BITS = 20
-LABEL_MAX = (1 << LABEL_BITS) - 1
+LABEL_SPACE = 1 << LABEL_BITS  # number of values of the label field
+LABEL_MAX = LABEL_SPACE - 1
 TC_MAX = 7
 TTL_MAX = 255
 RESERVED_LABEL_MAX = 15
@@ -29,7 +30,7 @@ S_BIT = 1 << 8
 TC_MASK = 0x7
 TTL_MASK = 0xFF
 
-_ENTRY = struct.Struct("!I")
+ENTRY = struct.Struct("!I")  # one label stack entry, big endian
 
 
 class MplsError(WireError):
@@ -74,7 +75,7 @@ def encode_entry(label: int, tc: int = 0, s: bool = True, ttl: int = 64) -> int:
 
 def pack_entry(label: int, tc: int = 0, s: bool = True, ttl: int = 64) -> bytes:
     """One label stack entry as 4 bytes, big endian."""
-    return _ENTRY.pack(encode_entry(label, tc, s, ttl))
+    return ENTRY.pack(encode_entry(label, tc, s, ttl))
 
 
 def pack_stack(entries: Sequence[LabelEntry]) -> bytes:
@@ -96,7 +97,7 @@ def parse_entry(buf: bytes | memoryview, offset: int = 0) -> LabelEntry:
     """Decode the label stack entry at ``offset``."""
     if offset < 0 or len(buf) - offset < MPLS_ENTRY_LEN:
         raise MplsError("mpls_truncated", f"no full label stack entry at offset {offset}")
-    (value,) = _ENTRY.unpack_from(buf, offset)
+    (value,) = ENTRY.unpack_from(buf, offset)
     return _decode(value)
 
 
@@ -121,7 +122,7 @@ def parse_stack(
             raise MplsError("mpls_no_bottom", f"frame ends after {len(entries)} entries without S=1")
         if remaining < MPLS_ENTRY_LEN:
             raise MplsError("mpls_truncated", f"label stack entry cut short at offset {pos}")
-        (value,) = _ENTRY.unpack_from(buf, pos)
+        (value,) = ENTRY.unpack_from(buf, pos)
         entry = _decode(value)
         entries.append(entry)
         pos += MPLS_ENTRY_LEN

@@ -1,0 +1,302 @@
+"""The label switching table of claim 5: label -> (line card, output port, next hop), in arrays indexed by label.
+
+Theory of operation
+-------------------
+The table lives in arrays preallocated over the whole 20-bit label space and indexed by the label, so a lookup is
+an index, never a hash of a header, and the memory a session adds is a few dozen bytes of array slots. It owns
+them: the fast paths in this package read and count through them, and everything outside reads them and changes
+them only through the table's methods:
+
+* the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
+  :meth:`~LabelSwitchingTable.set_watch`;
+* sending on a label from the slow path: :meth:`~LabelSwitchingTable.send` attaches the session label (claim 15)
+  to an unlabelled frame of the session, addresses it to the label's next hop and counts it;
+* activity that happened elsewhere: :meth:`~LabelSwitchingTable.fold_counters` adds what the kernel offload
+  forwarded.
+
+Copies of the rows kept elsewhere (the block path's fixed-width rows, the kernel offload's map, later other
+programs) are :class:`Mirror` objects: the table tells each one every install, withdrawal and watch change, in
+order, as they happen.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from mplslb.switching.layout import (
+    ENTRY,
+    ETH_ALEN,
+    ETH_P_MPLS_UC,
+    IPV6_PAYLOAD,
+    LABEL_SHIFT,
+    LABEL_SPACE,
+    MPLS_BOS,
+    RESERVED_LABEL_MAX,
+    WATCH_BITS,
+)
+from mplslb.wire.mpls import TC_SHIFT
+
+#: The ethertype of a labelled frame, as it lies on the wire.
+MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
+#: Distinct byte strings kept shared between labels (see :meth:`LabelSwitchingTable._intern`).
+INTERN_LIMIT = 1 << 16
+
+
+class SwitchEntry(NamedTuple):
+    """One row of the label switching table, for display and tests (the hot path reads the arrays)."""
+
+    label: int
+    line_card: int
+    port: int
+    port_id: int
+    next_hop: bytes
+    in_port_id: int
+    peer: bytes
+    packets: int
+    bytes: int
+    last_seen: float
+
+
+class FastEvent(NamedTuple):
+    """A report from a fast path to the session managing unit, made after the frame was forwarded."""
+
+    label: int
+    frame: bytes | memoryview
+    ip_offset: int
+    tcp_flags: int
+    now: float
+
+
+class Mirror(Protocol):
+    """A copy of the table's rows kept elsewhere, told of every change as it is made."""
+
+    def installed(self, label: int) -> None:
+        """``label`` was installed (or reinstalled with new values)."""
+
+    def withdrawn(self, label: int) -> None:
+        """``label`` was withdrawn."""
+
+    def watch_changed(self, label: int) -> None:
+        """``label``'s watch bits changed."""
+
+
+class Arrays(NamedTuple):
+    """Numpy views over the table's per-label arrays, for the block path and for readers (the kernel offload)."""
+
+    valid: np.ndarray
+    watch: np.ndarray
+    v6: np.ndarray
+    out_port: np.ndarray
+    in_port: np.ndarray
+    tcp_offset: np.ndarray
+    packets: np.ndarray
+    bytes: np.ndarray
+    last_seen: np.ndarray
+
+
+class LabelSwitchingTable:
+    """Label -> (line card, output port, next hop) in arrays indexed by label.
+
+    The arrays are public for reading; nothing outside :mod:`mplslb.switching` writes them.
+    """
+
+    def __init__(self, port_macs: dict[int, bytes], port_places: dict[int, tuple[int, int]]) -> None:
+        """``port_macs`` maps a port id to its MAC address; ``port_places`` to its (line card, port number)."""
+        self._port_macs = dict(port_macs)
+        self._port_places = dict(port_places)
+        self.valid = bytearray(LABEL_SPACE)
+        self.watch = bytearray(LABEL_SPACE)
+        self.v6 = bytearray(LABEL_SPACE)
+        self.out_port = array("i", [-1]) * LABEL_SPACE
+        self.in_port = array("i", [-1]) * LABEL_SPACE
+        self.tcp_offset = array("H", [0]) * LABEL_SPACE  # IPv6 only: IP header start -> TCP header
+        self.packets = array("Q", [0]) * LABEL_SPACE
+        self.bytes = array("Q", [0]) * LABEL_SPACE
+        self.last_seen = array("d", [0.0]) * LABEL_SPACE
+        # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
+        self.rewrite: list[bytes] = [b""] * LABEL_SPACE
+        self.peer: list[bytes] = [b""] * LABEL_SPACE
+        self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
+        self.installed = 0
+        self.drops: dict[str, int] = {}
+        self.mirrors: list[Mirror] = []
+        self._interned: dict[bytes, bytes] = {}
+        self._arrays: Arrays | None = None
+        #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
+        self.hot = (
+            self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
+            self.bytes, self.last_seen, self.watch, self.tcp_offset, self.drops,
+        )  # fmt: skip
+
+    # -- the control plane -----------------------------------------------------------------------------------------
+    def install(
+        self,
+        label: int,
+        *,
+        out_port: int,
+        next_hop: bytes,
+        in_port: int,
+        peer: bytes,
+        peer_ip: bytes = b"",
+        watch: int = 0,
+        tcp_offset: int = 0,
+        now: float = 0.0,
+    ) -> None:
+        """Install ``label``: frames arriving on ``in_port`` from ``peer`` (and, if given, IP source ``peer_ip``)
+        leave by ``out_port`` to ``next_hop``."""
+        if not RESERVED_LABEL_MAX < label < LABEL_SPACE:
+            raise ValueError(f"label {label} is outside the usable label space")
+        if out_port not in self._port_macs or in_port not in self._port_macs:
+            raise ValueError(f"unknown port in install: out {out_port}, in {in_port}")
+        if len(next_hop) != ETH_ALEN or len(peer) != ETH_ALEN:
+            raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+        if not self.valid[label]:
+            self.installed += 1
+        self.valid[label] = 1
+        self.watch[label] = watch & WATCH_BITS
+        self.v6[label] = 1 if watch & IPV6_PAYLOAD else 0
+        self.out_port[label] = out_port
+        self.in_port[label] = in_port
+        self.tcp_offset[label] = tcp_offset
+        # Many labels share these values (one rewrite per next hop and port, a router's MAC for all its clients,
+        # the VIP as every S2C label's source): keep one object of each, about 100 bytes less per session.
+        self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[out_port])
+        self.peer[label] = self._intern(bytes(peer))
+        self.peer_ip[label] = self._intern(bytes(peer_ip))
+        self.packets[label] = 0
+        self.bytes[label] = 0
+        self.last_seen[label] = now
+        for mirror in self.mirrors:
+            mirror.installed(label)
+
+    def withdraw(self, label: int) -> None:
+        """Remove ``label`` from the table: later frames with it are dropped as ``label_unknown``."""
+        was = self.valid[label]
+        if was:
+            self.installed -= 1
+        self.valid[label] = 0
+        self.watch[label] = 0
+        self.out_port[label] = -1
+        self.in_port[label] = -1
+        self.rewrite[label] = b""
+        self.peer[label] = b""
+        self.peer_ip[label] = b""
+        if was:
+            for mirror in self.mirrors:
+                mirror.withdrawn(label)
+
+    def set_watch(self, label: int, watch: int) -> None:
+        """Set ``label``'s watch bits (:data:`~mplslb.switching.layout.WATCH_TCP_END`, ``WATCH_ALL``)."""
+        watch &= WATCH_BITS
+        if self.watch[label] != watch:
+            self.watch[label] = watch
+            for mirror in self.mirrors:
+                mirror.watch_changed(label)
+
+    def clear_watch(self, label: int, bits: int) -> None:
+        """Clear ``bits`` of ``label``'s watch bits."""
+        self.set_watch(label, self.watch[label] & ~bits)
+
+    def add_mirror(self, mirror: Mirror) -> None:
+        """Tell ``mirror`` of every change from now on (it copies what is installed already itself)."""
+        self.mirrors.append(mirror)
+
+    def remove_mirror(self, mirror: Mirror) -> None:
+        if mirror in self.mirrors:
+            self.mirrors.remove(mirror)
+
+    def _intern(self, value: bytes) -> bytes:
+        """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
+        never a requirement)."""
+        pool = self._interned
+        if len(pool) >= INTERN_LIMIT:
+            pool.clear()
+        return pool.setdefault(value, value)
+
+    # -- sending and counting --------------------------------------------------------------------------------------
+    def send(
+        self,
+        label: int,
+        frame: bytes | memoryview,
+        ip_offset: int,
+        ip_end: int,
+        now: float,
+        out: list[tuple[int, bytes]],
+        *,
+        ttl: int,
+        tc: int = 0,
+    ) -> None:
+        """The session label attaching unit (claim 15): send the IP packet ``frame[ip_offset:ip_end]`` of
+        ``label``'s session by the label's port, to its next hop, under one label stack entry (bottom of stack,
+        ``ttl``, ``tc``), without any Ethernet padding; count it for the label."""
+        entry = (label << LABEL_SHIFT) | (tc << TC_SHIFT) | MPLS_BOS | ttl
+        labelled = b"".join((self.rewrite[label], MPLS_ETHERTYPE, ENTRY.pack(entry), frame[ip_offset:ip_end]))
+        out.append((self.out_port[label], labelled))
+        self.packets[label] += 1
+        self.bytes[label] += len(frame)
+        self.last_seen[label] = now
+
+    def fold_counters(self, labels: np.ndarray, packets: np.ndarray, octets: np.ndarray, seen: np.ndarray) -> None:
+        """Add frames forwarded elsewhere (the kernel): per label in ``labels`` (distinct), ``packets`` frames of
+        ``octets`` bytes, the last at ``seen`` (the table's clock); last-seen times only move forward."""
+        a = self.arrays()
+        a.packets[labels] += packets.astype(np.uint64, copy=False)
+        a.bytes[labels] += octets.astype(np.uint64, copy=False)
+        a.last_seen[labels] = np.maximum(a.last_seen[labels], seen)
+
+    def count_drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def arrays(self) -> Arrays:
+        """Numpy views over the per-label arrays (no copy; made once)."""
+        if self._arrays is None:
+            self._arrays = Arrays(
+                np.frombuffer(self.valid, dtype=np.uint8),
+                np.frombuffer(self.watch, dtype=np.uint8),
+                np.frombuffer(self.v6, dtype=np.uint8),
+                np.frombuffer(self.out_port, dtype=np.int32),
+                np.frombuffer(self.in_port, dtype=np.int32),
+                np.frombuffer(self.tcp_offset, dtype=np.uint16),
+                np.frombuffer(self.packets, dtype=np.uint64),
+                np.frombuffer(self.bytes, dtype=np.uint64),
+                np.frombuffer(self.last_seen, dtype=np.float64),
+            )
+        return self._arrays
+
+    def port_place(self, port_id: int) -> tuple[int, int]:
+        """(line card, port number) of a port id."""
+        return self._port_places[port_id]
+
+    def port_mac(self, port_id: int) -> bytes:
+        return self._port_macs[port_id]
+
+    def last_active(self, *labels: int) -> float:
+        """The latest time a frame of any of ``labels`` was switched or sent."""
+        return max(self.last_seen[label] for label in labels)
+
+    def traffic(self, label: int) -> tuple[int, int]:
+        """(packets, bytes) switched or sent on ``label`` since it was installed."""
+        return self.packets[label], self.bytes[label]
+
+    def entry(self, label: int) -> SwitchEntry | None:
+        """The table row for ``label``, or None when it is not installed."""
+        if not self.valid[label]:
+            return None
+        port_id = self.out_port[label]
+        line_card, number = self._port_places[port_id]
+        return SwitchEntry(
+            label,
+            line_card,
+            number,
+            port_id,
+            self.rewrite[label][:ETH_ALEN],
+            self.in_port[label],
+            self.peer[label],
+            self.packets[label],
+            self.bytes[label],
+            self.last_seen[label],
+        )
