@@ -37,7 +37,7 @@ import numpy as np
 from mplslb.analyzer import Analysis, PacketAnalyzer, attach_label
 from mplslb.balancing.admission import AdmissionControl, Refusal, RefuseWith
 from mplslb.balancing.algorithms import FlowKey, make_algorithm
-from mplslb.balancing.servers import Server, ServerConfig, ServerPool, ServerStatus
+from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.labels import LabelManager, LabelStats, pair_of
 from mplslb.neighbors import answer
@@ -392,7 +392,7 @@ class Balancer:
             from_client = event.label & 1 == 1
             if event.tcp_flags & RST:
                 if not from_client and session.state is SessionState.START:
-                    self._server_failed(session.server, "refused", event.now)
+                    self._server_failed(session.server, DownReason.REFUSED, event.now)
                 self._tcp_end(session, event.tcp_flags, from_client=from_client, now=event.now)
             elif self.switching.watch[event.label] & WATCH_ALL:
                 self._measure(session, event, from_client)
@@ -482,7 +482,7 @@ class Balancer:
                 self.sessions.arm(session, last + idle)
                 continue
             if session.state is SessionState.START and session.proto == IPPROTO_TCP:
-                self._server_failed(session.server, "no_reply", now)
+                self._server_failed(session.server, DownReason.NO_REPLY, now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
             self._apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
@@ -505,7 +505,7 @@ class Balancer:
         self._watch_budget.pop(c2s, None)
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
-    def _server_failed(self, server: Server, reason: str, now: float) -> None:
+    def _server_failed(self, server: Server, reason: DownReason, now: float) -> None:
         if self.pool.record_failure(server, reason):
             self._interrupt(server, now)
 
@@ -526,7 +526,7 @@ class Balancer:
         self._interrupt(server, now)
         self.pool.remove(name)
 
-    def mark_down(self, name: str, now: float, reason: str = "admin") -> None:
+    def mark_down(self, name: str, now: float, reason: DownReason = DownReason.ADMIN) -> None:
         server = self.pool.get(name)
         if self.pool.mark_down(name, reason):
             self._interrupt(server, now)
