@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mplslb.balancing.admission import AdmissionControl, Refusal, RefuseWith
-from mplslb.balancing.servers import ServerConfig, ServerPool
+from mplslb.balancing.servers import DownReason, ServerConfig, ServerPool
 
 MAC = bytes.fromhex("020000000001")
 
@@ -108,7 +108,7 @@ def test_refusal_for_no_server_tells_full_from_absent() -> None:
     assert control.refusal_for_no_server(ServerPool()) is Refusal.NO_SERVER
     pool = ServerPool([config("a", max_sessions=1), config("b")])
     pool.session_started(pool.get("a"))
-    pool.mark_down("b", "probe")
+    pool.mark_down("b", DownReason.HEALTH_CHECK)
     assert control.refusal_for_no_server(pool) is Refusal.SERVER_LIMIT
     pool.drain("a")
     assert control.refusal_for_no_server(pool) is Refusal.NO_SERVER

@@ -19,7 +19,7 @@ from mplslb.balancing.algorithms import (
     make_algorithm,
     register,
 )
-from mplslb.balancing.servers import Server, ServerConfig, ServerPool, ServerStatus
+from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
 from mplslb.flow import FlowKey
 
 MAC = bytes.fromhex("020000000001")
@@ -142,14 +142,14 @@ def test_every_algorithm_chooses_only_eligible_servers(name: str, states: list[d
 def test_every_algorithm_skips_down_draining_weight_zero_and_full_servers(name: str) -> None:
     pool = ServerPool([config("down"), config("draining"), config("zero"), config("full", max_sessions=1)])
     pool.add(config("ok"))
-    pool.mark_down("down", "test")
+    pool.mark_down("down", DownReason.ADMIN)
     pool.drain("draining")
     pool.set_weight("zero", 0)
     pool.session_started(pool.get("full"))
     algorithm = make_algorithm(name)
     for i in range(50):
         assert pick(algorithm, pool, client_key(i, 1000 + i), keep=False).name == "ok"
-    pool.mark_down("ok", "test")
+    pool.mark_down("ok", DownReason.ADMIN)
     assert algorithm.choose(pool, KEY, 0.0) is None
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mplslb.balancing.servers import Server, ServerConfig, ServerPool, ServerStatus
+from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
 
 MAC = bytes.fromhex("020000000001")
 
@@ -95,7 +95,7 @@ def test_get_unknown_raises_key_error_naming_it() -> None:
 def test_remove_marks_down_and_indices_are_not_reused() -> None:
     pool = pool_of("a", "b")
     removed = pool.remove("a")
-    assert removed.status is ServerStatus.DOWN and removed.down_reason == "removed"
+    assert removed.status is ServerStatus.DOWN and removed.down_reason is DownReason.REMOVED
     assert [s.name for s in pool.servers] == ["b"]
     assert pool.add(config("a")).index == 2
     assert [s.index for s in pool.servers] == [1, 2]
@@ -128,9 +128,9 @@ def test_version_bumps_on_membership_status_and_weight_changes_only() -> None:
     assert changed()
     assert not pool.drain("a")
     assert not changed()
-    assert pool.mark_down("a", "probe timeout")
+    assert pool.mark_down("a", DownReason.HEALTH_CHECK)
     assert changed()
-    assert not pool.mark_down("a", "again")
+    assert not pool.mark_down("a", DownReason.ADMIN)
     assert not changed()
     assert pool.mark_up("a")
     assert changed()
@@ -138,7 +138,7 @@ def test_version_bumps_on_membership_status_and_weight_changes_only() -> None:
     assert not changed()
     pool.session_started(a)
     pool.record_response_time(a, 0.1)
-    pool.record_failure(a, "x")
+    pool.record_failure(a, DownReason.NO_REPLY)
     pool.session_ended(a)
     assert not changed()  # per-session state is read live, not versioned
     pool.remove("a")
@@ -150,11 +150,11 @@ def test_drain_down_and_weight_zero_stop_new_sessions_only() -> None:
     a = pool.get("a")
     pool.session_started(a)
     pool.drain("a")
-    pool.mark_down("b", "link down")
+    pool.mark_down("b", DownReason.ADMIN)
     pool.set_weight("c", 0)
     assert [s.name for s in pool.eligible()] == ["d"]
     assert a.active == 1  # the drained server keeps its session
-    assert pool.get("b").down_reason == "link down"
+    assert pool.get("b").down_reason is DownReason.ADMIN
     pool.mark_up("a")
     pool.mark_up("b")
     pool.set_weight("c", 1)
@@ -196,24 +196,58 @@ def test_session_refused_is_counted_on_the_server() -> None:
 def test_fail_threshold_consecutive_failures_take_a_server_down() -> None:
     pool = pool_of("a", fail_threshold=3)
     a = pool.get("a")
-    assert not pool.record_failure(a, "syn timeout")
-    assert not pool.record_failure(a, "syn timeout")
+    assert not pool.record_failure(a, DownReason.NO_REPLY)
+    assert not pool.record_failure(a, DownReason.NO_REPLY)
     pool.record_success(a)  # the streak starts over
     assert a.failures == 0
-    assert not pool.record_failure(a, "syn timeout")
-    assert not pool.record_failure(a, "syn timeout")
-    assert pool.record_failure(a, "syn timeout")
-    assert (a.status, a.down_reason) == (ServerStatus.DOWN, "syn timeout")
-    assert not pool.record_failure(a, "syn timeout")  # already down: not "this failure took it down"
+    assert not pool.record_failure(a, DownReason.NO_REPLY)
+    assert not pool.record_failure(a, DownReason.NO_REPLY)
+    assert pool.record_failure(a, DownReason.NO_REPLY)
+    assert (a.status, a.down_reason) == (ServerStatus.DOWN, DownReason.NO_REPLY)
+    assert not pool.record_failure(a, DownReason.NO_REPLY)  # already down: not "this failure took it down"
     assert pool.mark_up("a")
-    assert (a.failures, a.down_reason) == (0, "")
+    assert (a.failures, a.down_reason) == (0, None)
 
 
 def test_a_draining_server_that_fails_goes_down() -> None:
     pool = pool_of("a", fail_threshold=1)
     pool.drain("a")
-    assert pool.record_failure(pool.get("a"), "rst")
+    assert pool.record_failure(pool.get("a"), DownReason.REFUSED)
     assert pool.get("a").status is ServerStatus.DOWN
+
+
+# -- down reasons -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "value", "passive", "lifted_by_check"),
+    [
+        (DownReason.ADMIN, "admin", False, False),
+        (DownReason.HEALTH_CHECK, "health_check", False, True),
+        (DownReason.NO_REPLY, "no_reply", True, True),
+        (DownReason.REFUSED, "refused", True, True),
+        (DownReason.REMOVED, "removed", False, False),
+    ],
+)
+def test_down_reasons_say_whether_a_passing_check_lifts_them(
+    reason: DownReason, value: str, passive: bool, lifted_by_check: bool
+) -> None:
+    assert str(reason) == value and f"{reason}" == value  # what snapshots and tables show
+    assert (reason.passive, reason.lifted_by_check) == (passive, lifted_by_check)
+
+
+def test_down_reasons_are_the_five_the_policy_knows() -> None:
+    assert {r.value for r in DownReason} == {"admin", "health_check", "no_reply", "refused", "removed"}
+
+
+def test_a_server_keeps_the_reason_it_first_went_down_for() -> None:
+    pool = pool_of("a", fail_threshold=1)
+    a = pool.get("a")
+    assert a.down_reason is None
+    pool.mark_down("a", DownReason.ADMIN)
+    assert not pool.record_failure(a, DownReason.NO_REPLY)  # already down: an operator's down stays an operator's
+    assert a.down_reason is DownReason.ADMIN
+    assert pool.remove("a").down_reason is DownReason.ADMIN
 
 
 # -- response time ------------------------------------------------------------------------------------------
@@ -278,7 +312,7 @@ def test_coming_back_up_from_down_forgets_the_old_estimate() -> None:
     pool = pool_of("a", rt_limit=0.5)
     a = pool.get("a")
     pool.record_response_time(a, 5.0)
-    pool.mark_down("a", "overloaded")
+    pool.mark_down("a", DownReason.ADMIN)
     pool.mark_up("a")
     assert a.rt_ewma is None and a.rt_samples == 0 and a.eligible
 

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from claimnet import Net, make_config
 from mplslb.balancer import Balancer
+from mplslb.balancing.servers import DownReason
 from mplslb.control import (
     ControlError,
     ControlServer,
@@ -212,7 +213,9 @@ def test_commands_change_the_balancer(served: ControlServer, daemon: Daemon) -> 
     assert request(served.path, {"cmd": "weight", "server": "s3", "weight": 3})["weight"] == 3
     assert b.pool.get("s3").weight == 3
     reply = request(served.path, {"cmd": "down", "server": name})
-    assert reply["status"] == "down" and b.pool.get(name).down_reason == "admin"
+    assert reply["status"] == "down" and b.pool.get(name).down_reason is DownReason.ADMIN
+    reasons = {row["name"]: row["down_reason"] for row in json.loads(json.dumps(daemon.snapshot()))["servers"]}
+    assert reasons == {s: "admin" if s == name else "" for s in ("s1", "s2", "s3")}  # the strings, as ever
     assert b.sessions.by_c2s(daemon.c2s) is None  # its session was interrupted
     assert request(served.path, {"cmd": "up", "server": name})["status"] == "up"
     assert request(served.path, {"cmd": "up", "server": "s2"})["status"] == "up"  # ends the drain
@@ -382,7 +385,7 @@ def test_metrics_endpoint_exports_the_snapshot(daemon: Daemon) -> None:
         ):
             assert line in text, line
         # Ended and refused sessions and drops appear under their reasons once there are any.
-        daemon.balancer.mark_down(name, 1.0, "admin")
+        daemon.balancer.mark_down(name, 1.0, DownReason.ADMIN)
         latest["snap"] = daemon.snapshot()
         text = scrape(server.port)
         assert 'mplslb_sessions_ended_total{reason="server_down"} 1.0' in text

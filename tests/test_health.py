@@ -16,16 +16,9 @@ import pytest
 
 from claimnet import VIP, Net, client_addr, make_config, tcp
 from mplslb.balancer import Balancer
-from mplslb.health import (
-    HealthCheckConfig,
-    HealthChecker,
-    HealthProbeDriver,
-    ProbeResult,
-    apply_result,
-    apply_transition,
-    feed_probe_rtt,
-    reconcile,
-)
+from mplslb.balancing.health_policy import apply_result, apply_transition, feed_probe_rtt, reconcile
+from mplslb.balancing.servers import DownReason
+from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver, ProbeResult
 from mplslb.wire.tcp import TCPFlag
 from test_claims import handshake
 
@@ -411,7 +404,7 @@ def test_health_down_interrupts_the_servers_sessions_and_up_brings_it_back() -> 
     assert [c.result(name, False, t) for t in (1.0, 2.0)] == [None, "down"]
     assert apply_transition(b, name, "down", 2.0)
     server = b.pool.get(name)
-    assert (str(server.status), server.down_reason) == ("down", "health_check")
+    assert (str(server.status), server.down_reason) == ("down", DownReason.HEALTH_CHECK)
     # Its session was interrupted and both labels withdrawn.
     assert b.sessions.by_c2s(c2s) is None and b.switching.entry(c2s) is None and b.switching.entry(c2s + 1) is None
     assert b.stats().sessions_ended == {"server_down": 1}
@@ -426,17 +419,53 @@ def test_health_down_interrupts_the_servers_sessions_and_up_brings_it_back() -> 
 
 def test_health_up_does_not_undo_an_operator_down() -> None:
     b = Balancer(make_config())
-    b.mark_down("s1", 0.0, "admin")
+    b.mark_down("s1", 0.0, DownReason.ADMIN)
     assert not apply_transition(b, "s1", "down", 1.0)
     assert not apply_transition(b, "s1", "up", 2.0)
-    assert b.pool.get("s1").down_reason == "admin"
+    assert b.pool.get("s1").down_reason is DownReason.ADMIN
     assert not apply_transition(b, "gone", "down", 2.0)  # a server removed meanwhile is ignored
+
+
+@pytest.mark.parametrize(
+    ("reason", "lifted"),
+    [
+        (DownReason.HEALTH_CHECK, True),
+        (DownReason.NO_REPLY, True),
+        (DownReason.REFUSED, True),
+        (DownReason.ADMIN, False),
+    ],
+)
+def test_a_passing_check_lifts_health_downs_but_not_an_operators(reason: DownReason, lifted: bool) -> None:
+    b = Balancer(make_config())
+    b.mark_down("s1", 0.0, reason)
+    assert apply_transition(b, "s1", "up", 1.0) is lifted
+    server = b.pool.get("s1")
+    assert (str(server.status), server.down_reason) == (("up", None) if lifted else ("down", reason))
+
+
+def test_a_removed_server_stays_removed_whatever_its_check_says() -> None:
+    b = Balancer(make_config())
+    c = health_for(b)
+    removed = b.pool.get("s1")
+    b.remove_server("s1", 0.0)
+    assert removed.down_reason is DownReason.REMOVED
+    assert not apply_transition(b, "s1", "up", 1.0) and not apply_transition(b, "s1", "down", 1.0)
+    assert reconcile(b, c, 1.0) == [] and c.is_up("s1")  # the checker is the caller's to prune
+    assert "s1" not in b.pool and str(removed.status) == "down"
+
+
+def test_reconcile_leaves_the_verdict_alone_for_an_operators_down() -> None:
+    b = Balancer(make_config())
+    c = health_for(b)
+    b.mark_down("s2", 1.0, DownReason.ADMIN)
+    assert reconcile(b, c, 1.0) == [] and c.is_up("s2")
+    assert b.pool.get("s2").down_reason is DownReason.ADMIN
 
 
 def test_reconcile_lets_probes_revive_a_passively_failed_server() -> None:
     b = Balancer(make_config())
     c = health_for(b)
-    b.mark_down("s2", 1.0, "no_reply")  # as the balancer does after unanswered SYNs
+    b.mark_down("s2", 1.0, DownReason.NO_REPLY)  # as the balancer does after unanswered SYNs
     assert reconcile(b, c, 1.0) == ["s2"] and not c.is_up("s2")
     assert reconcile(b, c, 1.5) == []
     transitions = [c.result("s2", True, t) for t in (2.0, 3.0)]
@@ -453,7 +482,7 @@ def test_reconcile_takes_down_a_server_marked_up_while_it_fails_its_check() -> N
     apply_transition(b, "s3", "down", 2.0)
     b.mark_up("s3")  # an operator insists
     assert reconcile(b, c, 3.0) == ["s3"]
-    assert b.pool.get("s3").down_reason == "health_check"
+    assert b.pool.get("s3").down_reason is DownReason.HEALTH_CHECK
 
 
 def test_probe_rtt_feeds_the_estimate_only_when_sessions_cannot() -> None:
@@ -466,7 +495,7 @@ def test_probe_rtt_feeds_the_estimate_only_when_sessions_cannot() -> None:
     # Overloaded: no new sessions, so no session samples; probes are how it can recover.
     while server.overloaded:
         assert feed_probe_rtt(b, "s1", 0.02)
-    b.mark_down("s1", 0.0, "admin")
+    b.mark_down("s1", 0.0, DownReason.ADMIN)
     assert not feed_probe_rtt(b, "s1", 0.02)
     assert not feed_probe_rtt(b, "nobody", 0.02)
 

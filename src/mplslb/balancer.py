@@ -37,7 +37,7 @@ import numpy as np
 from mplslb.analyzer import Analysis, PacketAnalyzer
 from mplslb.balancing.admission import AdmissionControl, Refusal
 from mplslb.balancing.algorithms import make_algorithm
-from mplslb.balancing.servers import Server, ServerConfig, ServerPool, ServerStatus
+from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
 from mplslb.neighbors import answer
@@ -375,7 +375,7 @@ class Balancer:
             from_client = event.label & 1 == 1
             if event.tcp_flags & RST:
                 if not from_client and session.state is SessionState.START:
-                    self._server_failed(session.server, "refused", event.now)
+                    self._server_failed(session.server, DownReason.REFUSED, event.now)
             elif self.switching.watch[event.label] & WATCH_ALL:
                 self._measure(session, event, from_client)
             if session.state not in FINAL_STATES:
@@ -436,7 +436,7 @@ class Balancer:
                 self.sessions.arm(session, last + idle)
                 continue
             if unanswered:
-                self._server_failed(session.server, "no_reply", now)
+                self._server_failed(session.server, DownReason.NO_REPLY, now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
             self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
@@ -452,7 +452,7 @@ class Balancer:
         self.sessions.remove(session)
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
-    def _server_failed(self, server: Server, reason: str, now: float) -> None:
+    def _server_failed(self, server: Server, reason: DownReason, now: float) -> None:
         if self.pool.record_failure(server, reason):
             self._interrupt(server, now)
 
@@ -473,7 +473,7 @@ class Balancer:
         self._interrupt(server, now)
         self.pool.remove(name)
 
-    def mark_down(self, name: str, now: float, reason: str = "admin") -> None:
+    def mark_down(self, name: str, now: float, reason: DownReason = DownReason.ADMIN) -> None:
         server = self.pool.get(name)
         if self.pool.mark_down(name, reason):
             self._interrupt(server, now)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
+from mplslb.balancing.health_policy import apply_result, reconcile
 from mplslb.config import (
     BalancerConfig,
     ConfigError,
@@ -46,7 +47,7 @@ from mplslb.control.tables import RateTracker, snapshot
 from mplslb.drivers.afpacket import open_port
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
-from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver, apply_result, reconcile
+from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 

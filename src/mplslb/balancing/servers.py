@@ -9,6 +9,11 @@ counts, passive health and a response time estimate. Status moves as::
     UP <--drain()/mark_up()--> DRAINING
     UP, DRAINING --mark_down() or fail_threshold consecutive failures--> DOWN --mark_up()--> UP
 
+A DOWN server carries a :class:`DownReason`, and the reason decides what may bring it back: an operator's
+``admin`` down stays until an operator acts, a ``removed`` server is gone, and a down for its health (the active
+check's ``health_check``, passive health's ``no_reply`` and ``refused``) is lifted when the active check passes
+(:attr:`DownReason.lifted_by_check`). Acting on health verdicts is :mod:`mplslb.balancing.health_policy`.
+
 DRAINING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
 come back here); they only stop receiving new ones. A server takes a new session when it is *eligible*: UP,
 weight > 0, below its own session limit, and not overloaded (its response time estimate above the pool's
@@ -34,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["Server", "ServerConfig", "ServerPool", "ServerStatus"]
+__all__ = ["DownReason", "Server", "ServerConfig", "ServerPool", "ServerStatus"]
 
 
 class ServerStatus(StrEnum):
@@ -43,6 +48,31 @@ class ServerStatus(StrEnum):
     UP = "up"
     DRAINING = "draining"
     DOWN = "down"
+
+
+class DownReason(StrEnum):
+    """Why a server is DOWN; the value is what snapshots, metrics and tables show.
+
+    ``ADMIN``: an operator took it down. ``HEALTH_CHECK``: its active health check failed. ``NO_REPLY`` and
+    ``REFUSED``: passive health, its SYNs went unanswered or were answered with RST. ``REMOVED``: it left the pool.
+    """
+
+    ADMIN = "admin"
+    HEALTH_CHECK = "health_check"
+    NO_REPLY = "no_reply"
+    REFUSED = "refused"
+    REMOVED = "removed"
+
+    @property
+    def passive(self) -> bool:
+        """The balancer's passive health took the server down, from what its sessions showed."""
+        return self is DownReason.NO_REPLY or self is DownReason.REFUSED
+
+    @property
+    def lifted_by_check(self) -> bool:
+        """A passing active health check brings the server back: it is down for its health (the check's own
+        verdict, or passive health), not by an operator's decision or a removal."""
+        return self is DownReason.HEALTH_CHECK or self.passive
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +133,7 @@ class Server:
         self.failures = 0
         self.rt_ewma: float | None = None
         self.rt_samples = 0
-        self.down_reason = ""
+        self.down_reason: DownReason | None = None
         self._rt_limit = rt_limit
 
     @property
@@ -172,11 +202,6 @@ class ServerPool:
         for config in configs:
             self.add(config)
 
-    @property
-    def rt_limit(self) -> float:
-        """Response time (seconds) above which a server takes no new sessions; 0 = no limit."""
-        return self._rt_limit
-
     # -- membership ---------------------------------------------------------------------------------------
 
     def add(self, config: ServerConfig) -> Server:
@@ -198,7 +223,7 @@ class ServerPool:
         self._servers.remove(server)
         if server.status is not ServerStatus.DOWN:
             server.status = ServerStatus.DOWN
-            server.down_reason = "removed"
+            server.down_reason = DownReason.REMOVED
         self.version += 1
         return server
 
@@ -247,7 +272,7 @@ class ServerPool:
         self.version += 1
         return True
 
-    def mark_down(self, name: str, reason: str) -> bool:
+    def mark_down(self, name: str, reason: DownReason) -> bool:
         """Take a server DOWN, recording why. True if the status changed."""
         return self._take_down(self.get(name), reason)
 
@@ -261,12 +286,12 @@ class ServerPool:
             server.rt_ewma = None
             server.rt_samples = 0
             server.failures = 0
-            server.down_reason = ""
+            server.down_reason = None
         server.status = ServerStatus.UP
         self.version += 1
         return True
 
-    def _take_down(self, server: Server, reason: str) -> bool:
+    def _take_down(self, server: Server, reason: DownReason) -> bool:
         if server.status is ServerStatus.DOWN:
             return False
         server.status = ServerStatus.DOWN
@@ -305,8 +330,8 @@ class ServerPool:
         """A session or probe succeeded: the consecutive failure count starts over."""
         server.failures = 0
 
-    def record_failure(self, server: Server, reason: str) -> bool:
-        """Passive health: count a failure (e.g. an unanswered SYN).
+    def record_failure(self, server: Server, reason: DownReason) -> bool:
+        """Passive health: count a failure (e.g. an unanswered SYN, reason ``NO_REPLY``).
 
         Returns True if this failure took the server DOWN (``fail_threshold`` consecutive failures).
         """

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mplslb.balancing.servers import ServerStatus
+from mplslb.balancing.servers import DownReason, ServerStatus
 
 if TYPE_CHECKING:
     from mplslb.balancer import Balancer
@@ -319,7 +319,7 @@ def balancer_commands(
                 return {"error": f'weight: "weight" must be an integer >= 0, got {weight!r}'}
             balancer.set_weight(name, weight)
         elif cmd == "down":
-            balancer.mark_down(name, clock(), "admin")
+            balancer.mark_down(name, clock(), DownReason.ADMIN)
         else:
             if health is not None and name in health and not health.is_up(name):
                 state = health.state(name)

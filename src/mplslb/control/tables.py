@@ -159,7 +159,7 @@ def snapshot(
                 "name": row.name,
                 "address": format_address(server.config.address),
                 "status": row.status,
-                "down_reason": server.down_reason,
+                "down_reason": "" if server.down_reason is None else str(server.down_reason),
                 "weight": row.weight,
                 "active": row.active,
                 "total": row.total,
