@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from claimnet import Net, make_config
+from helpers import Net, handshake, make_config
 from mplslb.balancer import Balancer
 from mplslb.control import (
     ControlError,
@@ -31,7 +31,6 @@ from mplslb.control import (
 )
 from mplslb.control.metrics import start_metrics_server
 from mplslb.health import HealthCheckConfig, HealthChecker
-from test_claims import handshake
 
 WALL_LIMIT = 10.0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from claimnet import VIP, Net, client_addr, make_config, tcp
+from helpers import VIP, Net, client_addr, handshake, make_config, tcp
 from mplslb.balancer import Balancer
 from mplslb.health import (
     HealthCheckConfig,
@@ -27,7 +27,6 @@ from mplslb.health import (
     reconcile,
 )
 from mplslb.wire.tcp import TCPFlag
-from test_claims import handshake
 
 SYN = int(TCPFlag.SYN)
 LOOPBACK = bytes([127, 0, 0, 1])
