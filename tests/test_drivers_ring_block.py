@@ -480,7 +480,7 @@ SPORT = 40000
 
 
 def wired_config(client_mac: bytes, server_port_mac: bytes, server_mac: bytes) -> BalancerConfig:
-    """claimnet's make_config on real interfaces: port 0 (client side) and port 2 (server side) with the veths' MACs,
+    """make_config (helpers) on real interfaces: port 0 (client side) and port 2 (server side) with the veths' MACs,
     one server behind port 2 at the MAC of the server-side peer."""
     ports = (PortConfig(0, 0, 0, client_mac, "client"), PortConfig(2, 1, 0, server_port_mac, "server"))
     servers = (ServerConfig(name="s1", address=bytes((10, 2, 0, 1)), mac=server_mac, port_id=2),)
