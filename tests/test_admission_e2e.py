@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from claimnet import VIP, VIP6, Net, client_addr, make_config, tcp, udp
+from helpers import VIP, VIP6, Net, client_addr, make_config, tcp, udp
 from mplslb.balancing.admission import RefuseWith
 from mplslb.sim.scenario import ServerSpec, SimConfig, Workload, run
 from mplslb.wire.icmp import parse_icmp

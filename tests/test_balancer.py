@@ -3,12 +3,11 @@ label quarantine, response-time measurement."""
 
 from __future__ import annotations
 
-from claimnet import VIP, VIP6, Net, client_addr, make_config, tcp, udp
+from helpers import VIP, VIP6, Net, client_addr, handshake, label_of, make_config, tcp, udp
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
 from mplslb.wire.icmp import build_icmp_unreachable
 from mplslb.wire.tcp import TCPFlag
-from test_claims import handshake, label_of
 
 SYN, ACK, FIN, RST, PSH = (int(f) for f in (TCPFlag.SYN, TCPFlag.ACK, TCPFlag.FIN, TCPFlag.RST, TCPFlag.PSH))
 ROUTER = bytes.fromhex("02aa00000001")

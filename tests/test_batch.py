@@ -9,62 +9,11 @@ frames are mixed in.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import SIM, frames_only, mutate, mutation, recording
 from mplslb.balancer import Balancer, Frames
-from mplslb.config import BalancerConfig
-from mplslb.sim.scenario import SimConfig, SimEvent, Workload, balancer_config_for, run
-
-
-@dataclass(frozen=True)
-class Call:
-    """One call the simulation made on the balancer: a frame received (port >= 0) or a timer (port -1)."""
-
-    port: int
-    frame: bytes
-    now: float
-    out: tuple[tuple[int, bytes], ...]
-
-
-SIM = SimConfig(
-    seed=11,
-    workload=Workload(clients=8, sessions=70, rate=120.0, size_mean=2500.0, session_timeout=2.0),
-    events=(SimEvent(0.15, "fail", "web3"), SimEvent(0.45, "recover", "web3")),
-)
-
-
-@functools.cache
-def recording() -> tuple[BalancerConfig, tuple[Call, ...]]:
-    calls: list[Call] = []
-    receive, on_timer = Balancer.receive, Balancer.on_timer
-
-    def recording_receive(self: Balancer, port: int, frame: bytes | memoryview, now: float) -> Frames:
-        out = receive(self, port, frame, now)
-        calls.append(Call(port, bytes(frame), now, tuple(out)))
-        return out
-
-    def recording_on_timer(self: Balancer, now: float) -> Frames:
-        out = on_timer(self, now)
-        calls.append(Call(-1, b"", now, tuple(out)))
-        return out
-
-    Balancer.receive = recording_receive  # type: ignore[method-assign]
-    Balancer.on_timer = recording_on_timer  # type: ignore[method-assign]
-    try:
-        report = run(SIM)
-    finally:
-        Balancer.receive = receive  # type: ignore[method-assign]
-        Balancer.on_timer = on_timer  # type: ignore[method-assign]
-    assert report.stats.frames_in == sum(1 for c in calls if c.port >= 0)
-    return balancer_config_for(SIM), tuple(calls)
-
-
-def frames_only() -> list[Call]:
-    return [c for c in recording()[1] if c.port >= 0]
 
 
 def test_the_recording_is_realistic() -> None:
@@ -115,23 +64,6 @@ def test_empty_batch() -> None:
     assert b.receive_batch([], 1.0) == []
     assert b.receive_batch(iter(()), 1.0) == []
     assert b.stats().frames_in == 0
-
-
-mutation = st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(0, 1600), st.integers(0, 255))
-
-
-def mutate(frame: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
-    buf = bytearray(frame)
-    for kind, at, value in mutations:
-        if not buf:
-            break
-        if kind == "cut":
-            del buf[at % (len(buf) + 1) :]
-        elif kind == "flip":
-            buf[at % len(buf)] ^= 1 << (value % 8)
-        else:
-            buf[at % len(buf)] = value
-    return bytes(buf)
 
 
 @st.composite

@@ -8,31 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import frames_only, mutate, mutation, pack, recording
 from mplslb.balancer import Balancer, BlockResult, Frames
 from mplslb.switching import _word_aligned
-from test_batch import frames_only, mutate, mutation, recording
-
-
-def pack(
-    frames: list[tuple[int, bytes]], gap: int = 3, *, aligned: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Lay frames in one buffer with a few bytes between them, as a ring block would; ``aligned`` puts each frame
-    2 bytes past a 16-byte boundary, as TPACKET does (the block path's word-aligned variant)."""
-    starts, lengths, ports, chunks, at = [], [], [], [], 0
-    for port, frame in frames:
-        if aligned:
-            pad = (2 - at) % 16
-            chunks.append(b"\xdd" * pad)
-            at += pad
-        starts.append(at)
-        lengths.append(len(frame))
-        ports.append(port)
-        chunks.append(frame + b"\xee" * gap)
-        at += len(frame) + gap
-    raw = b"".join(chunks) or b"\0"
-    raw += b"\0" * (-len(raw) % 4)
-    buf = np.frombuffer(bytearray(raw), dtype=np.uint8).copy()
-    return buf, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64), np.array(ports, dtype=np.int32)
 
 
 def listed(result: BlockResult, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Frames:

@@ -1,6 +1,6 @@
 """One test per claim of the specification, each tracing what the claim says through the system.
 
-Step-by-step traces use the hand-carried network of ``claimnet``; whole-run checks use the simulator.
+Step-by-step traces use the hand-carried network ``Net`` of ``helpers``; whole-run checks use the simulator.
 """
 
 from __future__ import annotations
@@ -11,38 +11,17 @@ from dataclasses import replace
 
 import pytest
 
-from claimnet import VIP, VIP6, Net, client_addr, make_config, tcp, udp
+from helpers import VIP, VIP6, Net, client_addr, handshake, label_of, make_config, tcp, udp
 from mplslb.analyzer import PacketAnalyzer
 from mplslb.balancing.admission import RefuseWith
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.sim.scenario import ServerSpec, SimConfig, SimEvent, Workload, run
-from mplslb.wire.ethernet import ETH_P_MPLS_UC, parse_ethernet
+from mplslb.wire.ethernet import ETH_P_MPLS_UC
 from mplslb.wire.mpls import parse_stack
 from mplslb.wire.tcp import TCPFlag, parse_tcp
 
 SYN, ACK, FIN, RST, PSH = (int(f) for f in (TCPFlag.SYN, TCPFlag.ACK, TCPFlag.FIN, TCPFlag.RST, TCPFlag.PSH))
-
-
-def label_of(frame: bytes) -> int | None:
-    eth = parse_ethernet(frame)
-    if eth.ethertype != ETH_P_MPLS_UC:
-        return None
-    entries, _ = parse_stack(frame, eth.payload_offset)
-    return entries[0].label
-
-
-def handshake(net: Net, i: int = 0, *, sport: int = 40000, v6: bool = False) -> tuple[str, int]:
-    """Open a TCP session from client ``i`` through the claim 8 steps; returns (server, C2S label)."""
-    vip = VIP6 if v6 else VIP
-    src = client_addr(i, v6)
-    out = net.from_client(i, tcp(src, vip, sport, 80, SYN, seq=100))
-    ((name, _),) = net.deliver_to_servers(out)
-    c2s = label_of(out[0][1])
-    assert c2s is not None
-    replies = net.from_server(name, tcp(vip, src, 80, sport, SYN | ACK, seq=500, ack=101))
-    assert len(net.deliver_to_client(i, replies)) == 1
-    return name, c2s
 
 
 def sim(**kw: object) -> SimConfig:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from claimnet import Net, make_config
+from helpers import Net, handshake, make_config
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import DownReason
 from mplslb.control import (
@@ -32,7 +32,6 @@ from mplslb.control import (
 )
 from mplslb.control.metrics import start_metrics_server
 from mplslb.health import HealthCheckConfig, HealthChecker
-from test_claims import handshake
 
 WALL_LIMIT = 10.0
 

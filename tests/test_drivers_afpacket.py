@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import select
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, netns
 
-from claimnet import VIP, client_addr, make_config, tcp
+from helpers import ETH_P_LOCAL_EXP, VIP, client_addr, frames_of, make_config, tcp, wait_until_ready
 from mplslb.balancer import Balancer
 from mplslb.drivers.afpacket import (
     BPF_ACCEPT,
@@ -32,7 +31,6 @@ from mplslb.drivers.netns import entered
 from mplslb.wire.ethernet import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.mpls import stack_of
 
-ETH_P_LOCAL_EXP = 0x88B5  # IEEE 802 local experimental ethertype: nothing in the kernel answers it
 WAIT = 10.0  # seconds any exchange may take, at most
 CHUNK = 16  # frames sent between reads, well inside a socket's receive buffer
 _serial = itertools.count()
@@ -50,18 +48,6 @@ def ring_small(ifname: str, **kwargs: Any) -> RingPort:
 
 def opener(kind: PortClass) -> PortClass:
     return ring_small if kind is RingPort else kind
-
-
-def wait_until_ready(ipr: IPRoute, names: tuple[str, ...]) -> None:
-    """Wait for the links to be usable. Until linkwatch has run (asynchronously, after the link comes up) a device
-    keeps the noop qdisc, which drops every frame sent while reporting success."""
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        links = [ipr.get_links(ipr.link_lookup(ifname=n)[0])[0] for n in names]
-        if all(link.get("IFLA_OPERSTATE") == "UP" and link.get("IFLA_QDISC") != "noop" for link in links):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"links {names} did not come up within {WAIT} s")
 
 
 @pytest.fixture
@@ -102,12 +88,6 @@ def ports(veth: tuple[str, str, str]) -> Iterator[Callable[..., PacketPort | Rin
     finally:
         for port in opened:
             port.close()
-
-
-def frames_of(sizes: list[int], dst: bytes, src: bytes, ethertype: int = ETH_P_LOCAL_EXP) -> list[bytes]:
-    rng = random.Random(7)
-    header = build_ethernet(dst, src, ethertype)
-    return [header + i.to_bytes(4, "big") + rng.randbytes(size - len(header) - 4) for i, size in enumerate(sizes)]
 
 
 def read_until(port: PacketPort | RingPort, n: int, got: list[bytes], deadline: float) -> list[bytes]:

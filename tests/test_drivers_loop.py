@@ -11,21 +11,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from framebuild import PORT_MAC, SERVER_BY_MAC, SYN, client_mac, client_tcp, client_udp, mac, standard_balancer
+from helpers import PORT_MAC, SERVER_BY_MAC, SYN, FakeClock, client_mac, client_tcp, client_udp, mac, standard_balancer
 from mplslb.drivers.loop import BalancerDriver, EndpointDriver, Loop
 from mplslb.endpoint import ClientEndpoint
 from mplslb.sessions import Timeouts
 from mplslb.wire.ethernet import ETH_P_MPLS_UC
 
 BOUND = 5.0  # no test here runs longer than this
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class DgramPort:

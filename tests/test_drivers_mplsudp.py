@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from framebuild import VIP4, VIP6, client4, client6, ether, ip_packet, labelled, udp
+from helpers import VIP, VIP6, client_addr, ether, ip_packet, labelled, udp_datagram
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
@@ -39,8 +39,8 @@ WAIT = 5.0  # seconds any loopback exchange may take, at most
 
 
 def query(v6: bool = False, payload: bytes = b"query") -> bytes:
-    src, dst = (client6(), VIP6) if v6 else (client4(), VIP4)
-    return ip_packet(src, dst, IPPROTO_UDP, udp(src, dst, 40000, 53, payload))
+    src, dst = (client_addr(v6=True), VIP6) if v6 else (client_addr(), VIP)
+    return ip_packet(src, dst, IPPROTO_UDP, udp_datagram(src, dst, 40000, 53, payload))
 
 
 def eth_type(frame: bytes) -> int:
@@ -294,7 +294,7 @@ def test_session_through_balancer_over_mpls_in_udp():
     server_mac = pseudo_mac(ipaddress.ip_address(server_ip).packed)
     config = BalancerConfig(
         ports=(PortConfig(0, 0, 0, pm_client, "client"), PortConfig(2, 1, 0, pm_server, "server")),
-        vips=(VirtualService(VIP4, (80,), (53,)),),
+        vips=(VirtualService(VIP, (80,), (53,)),),
         servers=(ServerConfig("s1", ipaddress.ip_address(server_ip).packed, server_mac, port_id=2),),
     )
     balancer = Balancer(config)
@@ -312,7 +312,7 @@ def test_session_through_balancer_over_mpls_in_udp():
         front.remote_port, back.remote_port = client_link.port, server_link.port
         driver = BalancerDriver(balancer, {0: front, 2: back}, loop)
         client = ClientEndpoint(mac=client_link.mac, gateway_mac=client_link.balancer_mac)
-        server = ServerEndpoint(mac=server_link.mac, vips=[VIP4])
+        server = ServerEndpoint(mac=server_link.mac, vips=[VIP])
 
         def exchange(sender: MplsUdpEndpointLink, frame: bytes | None, receiver: MplsUdpEndpointLink) -> bytes:
             assert frame is not None
@@ -329,7 +329,7 @@ def test_session_through_balancer_over_mpls_in_udp():
         at_server = exchange(client_link, client.from_host(ask, 0.0), server_link)
         assert eth_type(at_server) == ETH_P_MPLS_UC  # the balancer attached the session's C2S label
         assert server.from_wire(at_server, 0.0) == ask
-        reply = ip_packet(VIP4, client4(), IPPROTO_UDP, udp(VIP4, client4(), 53, 40000, b"answer"))
+        reply = ip_packet(VIP, client_addr(), IPPROTO_UDP, udp_datagram(VIP, client_addr(), 53, 40000, b"answer"))
         at_client = exchange(server_link, server.from_host(reply, 0.0), client_link)
         assert client.from_wire(at_client, 0.0) == reply
         again = query(payload=b"second")

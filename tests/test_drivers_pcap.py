@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from framebuild import (
+from helpers import (
     ACK,
     PORT_MAC,
     SERVER_BY_MAC,

@@ -15,7 +15,18 @@ import numpy as np
 import pytest
 from pyroute2 import IPRoute, netns
 
-from claimnet import VIP, client_addr, tcp
+from helpers import (
+    ETH_P_LOCAL_EXP,
+    VIP,
+    FakeClock,
+    client_addr,
+    frames_of,
+    frames_only,
+    pack,
+    recording,
+    tcp,
+    wait_until_ready,
+)
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
@@ -27,10 +38,6 @@ from mplslb.switching import _word_aligned
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.mpls import stack_of
 from mplslb.wire.tcp import TCPFlag
-from test_batch import frames_only, recording
-from test_block import pack
-from test_drivers_afpacket import ETH_P_LOCAL_EXP, frames_of, wait_until_ready
-from test_drivers_loop import FakeClock
 
 WAIT = 10.0  # seconds any exchange may take, at most
 _serial = itertools.count()
@@ -473,7 +480,7 @@ SPORT = 40000
 
 
 def wired_config(client_mac: bytes, server_port_mac: bytes, server_mac: bytes) -> BalancerConfig:
-    """claimnet's make_config on real interfaces: port 0 (client side) and port 2 (server side) with the veths' MACs,
+    """make_config (helpers) on real interfaces: port 0 (client side) and port 2 (server side) with the veths' MACs,
     one server behind port 2 at the MAC of the server-side peer."""
     ports = (PortConfig(0, 0, 0, client_mac, "client"), PortConfig(2, 1, 0, server_port_mac, "server"))
     servers = (ServerConfig(name="s1", address=bytes((10, 2, 0, 1)), mac=server_mac, port_id=2),)

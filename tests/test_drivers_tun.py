@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from pyroute2 import IPRoute, netns
 
-from framebuild import icmp4, ip_packet, udp
+from helpers import icmp4, ip_packet, udp_datagram
 from mplslb.drivers.netns import entered
 from mplslb.drivers.tun import TunDevice
 from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_UDP
@@ -121,7 +121,7 @@ def test_udp_datagram_written_in_reaches_a_socket_and_its_answer_comes_out(tun, 
     try:
         sock.bind(("10.99.0.1", 7777))
         sock.settimeout(WAIT)
-        datagram = udp(REMOTE, LOCAL, 5555, 7777, b"hello through the tun")
+        datagram = udp_datagram(REMOTE, LOCAL, 5555, 7777, b"hello through the tun")
         tun.send(ip_packet(REMOTE, LOCAL, IPPROTO_UDP, datagram))
         data, source = sock.recvfrom(2048)
         assert (data, source) == (b"hello through the tun", ("10.99.0.2", 5555))

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from framebuild import (
+from helpers import (
     ACK,
     DNS,
     FIN,
@@ -15,10 +15,9 @@ from framebuild import (
     PSH,
     SERVER_BY_MAC,
     SYN,
-    VIP4,
+    VIP,
     VIP6,
-    client4,
-    client6,
+    client_addr,
     client_mac,
     icmp4,
     icmp6,
@@ -27,8 +26,8 @@ from framebuild import (
     labelled,
     mac,
     standard_balancer,
-    tcp,
-    udp,
+    tcp_segment,
+    udp_datagram,
 )
 from mplslb.flow import FlowKey
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
@@ -46,7 +45,7 @@ VARIANT_IDS = ["ipv4-tcp", "ipv4-udp", "ipv6-tcp", "ipv6-udp"]
 
 
 def addresses(v6: bool, client: int = 0) -> tuple[bytes, bytes]:
-    return (client6(client), VIP6) if v6 else (client4(client), VIP4)
+    return client_addr(client, v6), VIP6 if v6 else VIP
 
 
 def request(
@@ -55,8 +54,8 @@ def request(
     """An IP packet from a client to the VIP."""
     src, dst = addresses(v6, client)
     if proto == IPPROTO_TCP:
-        return ip_packet(src, dst, proto, tcp(src, dst, sport, HTTP, flags, payload))
-    return ip_packet(src, dst, proto, udp(src, dst, sport, DNS, payload or b"query"))
+        return ip_packet(src, dst, proto, tcp_segment(src, dst, sport, HTTP, flags, payload))
+    return ip_packet(src, dst, proto, udp_datagram(src, dst, sport, DNS, payload or b"query"))
 
 
 def reply(v6: bool, proto: int, flags: int = SYN | ACK, payload: bytes = b"", *, src: bytes | None = None) -> bytes:
@@ -64,8 +63,8 @@ def reply(v6: bool, proto: int, flags: int = SYN | ACK, payload: bytes = b"", *,
     client, vip = addresses(v6)
     vip = src or vip
     if proto == IPPROTO_TCP:
-        return ip_packet(vip, client, proto, tcp(vip, client, HTTP, 40000, flags, payload))
-    return ip_packet(vip, client, proto, udp(vip, client, DNS, 40000, payload or b"answer"))
+        return ip_packet(vip, client, proto, tcp_segment(vip, client, HTTP, 40000, flags, payload))
+    return ip_packet(vip, client, proto, udp_datagram(vip, client, DNS, 40000, payload or b"answer"))
 
 
 def addresses_key(v6: bool, proto: int) -> FlowKey:
@@ -83,7 +82,7 @@ def stack_of(frame: bytes) -> tuple[bytes, bytes, int, int, bool, bytes]:
 
 
 def server() -> ServerEndpoint:
-    return ServerEndpoint(mac=SERVER_MAC, vips=[VIP4, VIP6], flow_timeout=10.0)
+    return ServerEndpoint(mac=SERVER_MAC, vips=[VIP, VIP6], flow_timeout=10.0)
 
 
 def client() -> ClientEndpoint:
@@ -109,8 +108,8 @@ def test_server_learns_each_session_separately() -> None:
     for i, label in enumerate((21, 523)):
         s.from_wire(labelled(SERVER_MAC, BALANCER_MAC, label, request(False, IPPROTO_TCP, sport=50000 + i)), 0.0)
     for i, label in enumerate((22, 524)):
-        src, dst = VIP4, client4()
-        frame = s.from_host(ip_packet(src, dst, IPPROTO_TCP, tcp(src, dst, HTTP, 50000 + i, ACK)), 1.0)
+        src, dst = VIP, client_addr()
+        frame = s.from_host(ip_packet(src, dst, IPPROTO_TCP, tcp_segment(src, dst, HTTP, 50000 + i, ACK)), 1.0)
         assert frame is not None and stack_of(frame)[2] == label
 
 
@@ -145,8 +144,8 @@ def test_labels_outside_the_c2s_range_to_a_server_are_dropped(label: int) -> Non
 
 def test_server_drops_what_is_not_for_a_vip_or_not_labelled_or_broken() -> None:
     s = server()
-    src, other = client4(), ip("10.0.0.200")
-    to_other = ip_packet(src, other, IPPROTO_TCP, tcp(src, other, 1, HTTP, SYN))
+    src, other = client_addr(), ip("10.0.0.200")
+    to_other = ip_packet(src, other, IPPROTO_TCP, tcp_segment(src, other, 1, HTTP, SYN))
     assert s.from_wire(labelled(SERVER_MAC, BALANCER_MAC, C2S, to_other), 0.0) is None
     plain = build_ethernet(SERVER_MAC, BALANCER_MAC, ETH_P_IP) + request(False, IPPROTO_TCP)
     assert s.from_wire(plain, 0.0) is None
@@ -250,7 +249,7 @@ def test_client_takes_unlabelled_refusals_and_drops_other_ethertypes() -> None:
 
 def test_endpoints_check_their_mac_addresses() -> None:
     with pytest.raises(ValueError, match="mac must be 6 bytes"):
-        ServerEndpoint(mac=b"\x02" * 5, vips=[VIP4])
+        ServerEndpoint(mac=b"\x02" * 5, vips=[VIP])
     with pytest.raises(ValueError, match="gateway_mac must be 6 bytes"):
         ClientEndpoint(mac=client_mac(0), gateway_mac=b"")
 
@@ -271,7 +270,7 @@ def test_idle_flows_are_forgotten_on_timer() -> None:
 def test_used_flows_are_kept_and_rearmed() -> None:
     c = client()
     c.from_wire(labelled(client_mac(0), GATEWAY, 2002, reply(False, IPPROTO_UDP)), 0.0)
-    key = FlowKey(IPPROTO_UDP, client4(), 40000, VIP4, DNS)  # the client keys flows as it sends them
+    key = FlowKey(IPPROTO_UDP, client_addr(), 40000, VIP, DNS)  # the client keys flows as it sends them
     assert c.label_for(key) == 2001
     c.from_host(request(False, IPPROTO_UDP), 6.0)  # used at 6: idle until 16
     assert c.on_timer(10.0) == 0 and c.label_for(key) == 2001
@@ -301,7 +300,7 @@ def test_a_session_through_the_balancer(v6: bool, proto: int) -> None:
     out = b.receive(0, c.from_host(request(v6, proto), 0.0) or b"", 0.0)
     [(server_port, to_server)] = out
     server_mac = to_server[:6]
-    s = ServerEndpoint(mac=server_mac, vips=[VIP4, VIP6])
+    s = ServerEndpoint(mac=server_mac, vips=[VIP, VIP6])
     label = stack_of(to_server)[2]
     assert label % 2 == 1 and SERVER_BY_MAC[server_mac].port_id == server_port
     assert s.from_wire(to_server, 0.01) == request(v6, proto)

@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 
-from claimnet import VIP, Net, client_addr, make_config, tcp
+from helpers import VIP, Net, client_addr, handshake, make_config, tcp
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, apply_transition, feed_probe_rtt, reconcile
 from mplslb.balancing.servers import DownReason
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver, ProbeResult
 from mplslb.wire.tcp import TCPFlag
-from test_claims import handshake
 
 SYN = int(TCPFlag.SYN)
 LOOPBACK = bytes([127, 0, 0, 1])

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from framebuild import (
+from helpers import (
     ACK,
     CLIENT_PORTS,
     DNS,
@@ -36,10 +36,9 @@ from framebuild import (
     SERVER_BY_MAC,
     SERVER_PORTS,
     SYN,
-    VIP4,
+    VIP,
     VIP6,
-    client4,
-    client6,
+    client_addr,
     client_mac,
     client_tcp,
     client_udp,
@@ -52,11 +51,12 @@ from framebuild import (
     ipv6,
     labelled,
     mac,
+    mutate,
     reply_tcp_packet,
     reply_udp_packet,
     standard_balancer,
-    tcp,
-    udp,
+    tcp_segment,
+    udp_datagram,
 )
 from mplslb.balancer import Balancer
 from mplslb.balancing.admission import RefuseWith
@@ -126,12 +126,12 @@ class Live:
         client = int(kw.pop("client", 0))  # type: ignore[call-overload]
         src_mac = kw.pop("src_mac", client_mac(0))
         in_port = int(kw.pop("in_port", CLIENT))  # type: ignore[call-overload]
-        src = client6(client) if self.v6 else client4(client)
-        dst = VIP6 if self.v6 else VIP4
+        src = client_addr(client, self.v6)
+        dst = VIP6 if self.v6 else VIP
         if self.proto == IPPROTO_TCP:
-            packet = ip_packet(src, dst, IPPROTO_TCP, tcp(src, dst, 40000, HTTP, flags, payload))
+            packet = ip_packet(src, dst, IPPROTO_TCP, tcp_segment(src, dst, 40000, HTTP, flags, payload))
         else:
-            packet = ip_packet(src, dst, IPPROTO_UDP, udp(src, dst, 40000, DNS, payload))
+            packet = ip_packet(src, dst, IPPROTO_UDP, udp_datagram(src, dst, 40000, DNS, payload))
         return labelled(PORT_MAC[in_port], src_mac, self.c2s, packet, **kw)  # type: ignore[arg-type]
 
     def s2c_frame(self, **kw: object) -> bytes:
@@ -176,11 +176,11 @@ def live() -> Live:
 
 # -- codec-level garbage, identical on client and server ports ---------------------------------------------------
 def _syn4() -> bytes:
-    return ipv4(client4(), VIP4, IPPROTO_TCP, tcp(client4(), VIP4, 40000, HTTP, SYN))
+    return ipv4(client_addr(), VIP, IPPROTO_TCP, tcp_segment(client_addr(), VIP, 40000, HTTP, SYN))
 
 
 def _syn6() -> bytes:
-    return ipv6(client6(), VIP6, IPPROTO_TCP, tcp(client6(), VIP6, 40000, HTTP, SYN))
+    return ipv6(client_addr(v6=True), VIP6, IPPROTO_TCP, tcp_segment(client_addr(v6=True), VIP6, 40000, HTTP, SYN))
 
 
 def _with(packet: bytes, offset: int, value: bytes, *, checksum: bool = True) -> bytes:
@@ -190,11 +190,11 @@ def _with(packet: bytes, offset: int, value: bytes, *, checksum: bool = True) ->
 
 
 def _v4(proto: int, l4: bytes, **kw: object) -> bytes:
-    return ipv4(client4(), VIP4, proto, l4, **kw)  # type: ignore[arg-type]
+    return ipv4(client_addr(), VIP, proto, l4, **kw)  # type: ignore[arg-type]
 
 
 def _v6(proto: int, l4: bytes, ext: bytes = b"") -> bytes:
-    return ipv6(client6(), VIP6, proto, l4, ext=ext)
+    return ipv6(client_addr(v6=True), VIP6, proto, l4, ext=ext)
 
 
 def _tcp_header(doff: int, options: bytes = b"", flags: int = SYN) -> bytes:
@@ -220,7 +220,7 @@ def _codec_cases() -> list[tuple[str, bytes, str]]:
     cases.append(("vlan_then_nothing", _eth(ETH_P_8021Q, struct.pack("!HH", 5, ETH_P_IP)), "ipv4_truncated"))
     syn4, syn6 = _syn4(), _syn6()
     cases += [(f"ipv4_header_{n}_bytes", _eth(ETH_P_IP, syn4[:n]), "ipv4_truncated") for n in (1, 10, 19)]
-    with_options = ipv4(client4(), VIP4, IPPROTO_TCP, b"", options=b"\x01\x01\x01\x01")  # IHL 6, no payload
+    with_options = ipv4(client_addr(), VIP, IPPROTO_TCP, b"", options=b"\x01\x01\x01\x01")  # IHL 6, no payload
     cases += [(f"ipv4_options_cut_{n}", _eth(ETH_P_IP, with_options[:n]), "ipv4_truncated") for n in (20, 21, 23)]
     cases += [(f"ipv6_header_{n}_bytes", _eth(ETH_P_IPV6, syn6[:n]), "ipv6_truncated") for n in (1, 20, 39)]
     cases += [
@@ -246,7 +246,7 @@ def _codec_cases() -> list[tuple[str, bytes, str]]:
             "ipv6_bad_payload_length",
         ),
     ]
-    segment = tcp(client6(), VIP6, 40000, HTTP, SYN)
+    segment = tcp_segment(client_addr(v6=True), VIP6, 40000, HTTP, SYN)
     cases += [
         (
             "ipv6_hopopts_under_8",
@@ -306,7 +306,7 @@ def _codec_cases() -> list[tuple[str, bytes, str]]:
             "tcp_bad_option",
         ),
     ]
-    good_udp = udp(client4(), VIP4, 40000, DNS, b"query")
+    good_udp = udp_datagram(client_addr(), VIP, 40000, DNS, b"query")
     cases += [(f"udp_{n}_bytes", _eth(ETH_P_IP, _v4(IPPROTO_UDP, good_udp[:n])), "udp_truncated") for n in (0, 4, 7)]
     cases += [
         (
@@ -322,7 +322,11 @@ def _codec_cases() -> list[tuple[str, bytes, str]]:
         (
             "udp6_length_beyond",
             _eth(
-                ETH_P_IPV6, _v6(IPPROTO_UDP, _with(udp(client6(), VIP6, 1, DNS, b"q"), 4, b"\x01\x00", checksum=False))
+                ETH_P_IPV6,
+                _v6(
+                    IPPROTO_UDP,
+                    _with(udp_datagram(client_addr(v6=True), VIP6, 1, DNS, b"q"), 4, b"\x01\x00", checksum=False),
+                ),
             ),
             "udp_bad_length",
         ),
@@ -342,7 +346,7 @@ def _codec_cases() -> list[tuple[str, bytes, str]]:
         ),
         (
             "icmp_error_quote_without_ports",
-            _eth(ETH_P_IP, _v4(IPPROTO_ICMP, icmp4(3, 3, body=ipv4(VIP4, client4(), IPPROTO_UDP, b"\x00\x35")))),
+            _eth(ETH_P_IP, _v4(IPPROTO_ICMP, icmp4(3, 3, body=ipv4(VIP, client_addr(), IPPROTO_UDP, b"\x00\x35")))),
             "icmp_quote_truncated",
         ),
         ("icmp_error_quote_ip_cut", _eth(ETH_P_IP, _v4(IPPROTO_ICMP, icmp4(3, 3, body=syn4[:12]))), "ipv4_truncated"),
@@ -392,7 +396,11 @@ CLIENT_CASES: list[tuple[str, Callable[[], bytes], str]] = [
     ("tcp6_to_non_vip", lambda: client_tcp(SYN, v6=True, vip=OTHER6), "not_a_vip"),
     (
         "udp_to_non_vip",
-        lambda: ether(PORT_MAC[0], client_mac(0), ipv4(client4(), OTHER4, IPPROTO_UDP, udp(client4(), OTHER4, 1, DNS))),
+        lambda: ether(
+            PORT_MAC[0],
+            client_mac(0),
+            ipv4(client_addr(), OTHER4, IPPROTO_UDP, udp_datagram(client_addr(), OTHER4, 1, DNS)),
+        ),
         "not_a_vip",
     ),
     ("tcp_to_unserved_port", lambda: client_tcp(SYN, dport=443), "no_service"),
@@ -404,7 +412,7 @@ CLIENT_CASES: list[tuple[str, Callable[[], bytes], str]] = [
         lambda: ether(
             PORT_MAC[0],
             client_mac(0),
-            ipv4(client4(), VIP4, IPPROTO_ICMP, icmp4(3, 3, body=reply_udp_packet(sport=1234))),
+            ipv4(client_addr(), VIP, IPPROTO_ICMP, icmp4(3, 3, body=reply_udp_packet(sport=1234))),
         ),
         "icmp_no_session",
     ),
@@ -413,7 +421,7 @@ CLIENT_CASES: list[tuple[str, Callable[[], bytes], str]] = [
         lambda: ether(
             PORT_MAC[0],
             client_mac(0),
-            ipv6(client6(), VIP6, IPPROTO_ICMPV6, icmp6(1, 4, body=reply_udp_packet(v6=True, sport=1234))),
+            ipv6(client_addr(v6=True), VIP6, IPPROTO_ICMPV6, icmp6(1, 4, body=reply_udp_packet(v6=True, sport=1234))),
         ),
         "icmp_no_session",
     ),
@@ -446,7 +454,7 @@ SERVER_CASES: list[tuple[str, Callable[[], bytes], str]] = [
         ("syn_to_vip", lambda: client_tcp(SYN, port=SERVER, src_mac=SERVERS_MAC)),
         (
             "tcp_to_elsewhere",
-            lambda: ether(PORT_MAC[SERVER], SERVERS_MAC, _v4(IPPROTO_TCP, tcp(OTHER4, OTHER4, 1, 2, ACK))),
+            lambda: ether(PORT_MAC[SERVER], SERVERS_MAC, _v4(IPPROTO_TCP, tcp_segment(OTHER4, OTHER4, 1, 2, ACK))),
         ),
     )
 ]
@@ -555,7 +563,7 @@ def test_s2c_label_from_another_servers_mac(live: Live) -> None:
 
 
 def test_s2c_label_not_from_the_vip(live: Live) -> None:
-    packet = ip_packet(OTHER4, client4(), IPPROTO_TCP, tcp(OTHER4, client4(), HTTP, 40000, ACK, b"x"))
+    packet = ip_packet(OTHER4, client_addr(), IPPROTO_TCP, tcp_segment(OTHER4, client_addr(), HTTP, 40000, ACK, b"x"))
     assert_dropped(live.b, live.server_port, live.s2c_frame(packet=packet), "label_wrong_ingress")
 
 
@@ -597,9 +605,9 @@ def test_icmp_error_about_a_session_goes_to_its_server(v6: bool) -> None:
     live = open_session(standard_balancer(), v6=v6, proto=IPPROTO_UDP)
     quoted = reply_udp_packet(b"answer", v6=v6)
     if v6:
-        packet = ipv6(client6(), VIP6, IPPROTO_ICMPV6, icmp6(1, 4, body=quoted))
+        packet = ipv6(client_addr(v6=True), VIP6, IPPROTO_ICMPV6, icmp6(1, 4, body=quoted))
     else:
-        packet = ipv4(client4(), VIP4, IPPROTO_ICMP, icmp4(3, 3, body=quoted))
+        packet = ipv4(client_addr(), VIP, IPPROTO_ICMP, icmp4(3, 3, body=quoted))
     out, moved = feed(live.b, CLIENT, ether(PORT_MAC[CLIENT], client_mac(0), packet))
     assert moved == {}
     assert [(p, top_label(f)[0]) for p, f in out] == [(live.server_port, live.c2s)]
@@ -611,9 +619,9 @@ def test_icmp_error_quoting_part_of_a_large_datagram_goes_to_its_server(v6: bool
     live = open_session(standard_balancer(), v6=v6, proto=IPPROTO_UDP)
     big = reply_udp_packet(b"x" * 1400, v6=v6)
     if v6:
-        packet = ipv6(client6(), VIP6, IPPROTO_ICMPV6, icmp6(2, 0, 1280, body=big[:1232]))
+        packet = ipv6(client_addr(v6=True), VIP6, IPPROTO_ICMPV6, icmp6(2, 0, 1280, body=big[:1232]))
     else:
-        packet = ipv4(client4(), VIP4, IPPROTO_ICMP, icmp4(3, 4, 1300, body=big[:28]))
+        packet = ipv4(client_addr(), VIP, IPPROTO_ICMP, icmp4(3, 4, 1300, body=big[:28]))
     out, moved = feed(live.b, CLIENT, ether(PORT_MAC[CLIENT], client_mac(0), packet))
     assert moved == {}
     assert [(p, top_label(f)[0]) for p, f in out] == [(live.server_port, live.c2s)]
@@ -683,7 +691,7 @@ def _base_frames(b: Balancer) -> list[tuple[int, bytes]]:
             ether(
                 PORT_MAC[CLIENT],
                 client_mac(0),
-                ipv4(client4(), VIP4, IPPROTO_ICMP, icmp4(3, 3, body=reply_udp_packet())),
+                ipv4(client_addr(), VIP, IPPROTO_ICMP, icmp4(3, 3, body=reply_udp_packet())),
             ),
         ),
     ]
@@ -695,21 +703,6 @@ mutation = st.one_of(
     st.tuples(st.just("cut"), st.integers(0, 2000), st.just(0)),
     st.tuples(st.just("set"), st.integers(0, 2000), st.integers(0, 255)),
 )
-
-
-def mutate(frame: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
-    buf = bytearray(frame)
-    for kind, at, value in mutations:
-        if not buf:
-            break
-        at %= len(buf) + (1 if kind == "cut" else 0)
-        if kind == "flip":
-            buf[at] ^= 1 << value
-        elif kind == "set":
-            buf[at] = value
-        else:
-            del buf[at:]
-    return bytes(buf)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pytest
 from pyroute2 import IPRoute, netns
 
-from framebuild import (
+from helpers import (
     ACK,
     FIN,
     PORT_MAC,
@@ -32,10 +32,9 @@ from framebuild import (
     RST,
     SERVERS,
     SYN,
-    VIP4,
+    VIP,
     VIP6,
-    client4,
-    client6,
+    client_addr,
     client_mac,
     client_udp,
     ether,
@@ -44,8 +43,8 @@ from framebuild import (
     labelled,
     standard_balancer,
     standard_config,
-    tcp,
-    udp,
+    tcp_segment,
+    udp_datagram,
 )
 from mplslb.balancer import Balancer
 from mplslb.config import ConfigError, Section, read_offload
@@ -84,20 +83,22 @@ S1, S2 = SERVERS[0], SERVERS[1]
 # Labels installed in both the kernel and the reference tables (label, install keywords).
 A, B, C, D, E, W = 101, 102, 201, 203, 301, 401
 INSTALLS: dict[int, dict[str, Any]] = {
-    A: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client4(0), watch=WATCH_TCP_END),
-    B: dict(out_port=0, next_hop=client_mac(0), in_port=2, peer=S1.mac, peer_ip=VIP4, watch=WATCH_TCP_END),
-    C: dict(out_port=3, next_hop=S2.mac, in_port=1, peer=client_mac(1), peer_ip=client6(1), watch=IPV6_PAYLOAD),
+    A: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client_addr(0), watch=WATCH_TCP_END),
+    B: dict(out_port=0, next_hop=client_mac(0), in_port=2, peer=S1.mac, peer_ip=VIP, watch=WATCH_TCP_END),
+    C: dict(
+        out_port=3, next_hop=S2.mac, in_port=1, peer=client_mac(1), peer_ip=client_addr(1, v6=True), watch=IPV6_PAYLOAD
+    ),
     D: dict(
         out_port=3,
         next_hop=S2.mac,
         in_port=1,
         peer=client_mac(1),
-        peer_ip=client6(1),
+        peer_ip=client_addr(1, v6=True),
         watch=WATCH_TCP_END | IPV6_PAYLOAD,
         tcp_offset=40,
     ),
     E: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(2)),
-    W: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client4(0), watch=WATCH_ALL),
+    W: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client_addr(0), watch=WATCH_ALL),
 }
 
 
@@ -107,13 +108,17 @@ def install_all(balancer: Balancer) -> None:
 
 
 def v4_tcp(flags: int, payload: bytes = b"", *, src: bytes | None = None, options: bytes = b"") -> bytes:
-    s = src or client4(0)
-    return ipv4(s, VIP4, IPPROTO_TCP, tcp(s, VIP4, 40000, 80, flags, payload), options=options)
+    s = src or client_addr(0)
+    return ipv4(s, VIP, IPPROTO_TCP, tcp_segment(s, VIP, 40000, 80, flags, payload), options=options)
 
 
 def v6_packet(proto: int, flags: int = ACK, *, src: bytes | None = None) -> bytes:
-    s = src or client6(1)
-    body = tcp(s, VIP6, 40001, 80, flags, b"GET") if proto == IPPROTO_TCP else udp(s, VIP6, 40001, 53, b"query")
+    s = src or client_addr(1, v6=True)
+    body = (
+        tcp_segment(s, VIP6, 40001, 80, flags, b"GET")
+        if proto == IPPROTO_TCP
+        else udp_datagram(s, VIP6, 40001, 53, b"query")
+    )
     return ipv6(s, VIP6, proto, body)
 
 
@@ -138,7 +143,7 @@ CASES: list[tuple[str, int, bytes, str, bool]] = [
     ("options fin", 0, from_client(A, v4_tcp(FIN, options=b"\x01\x01\x01\x00")), "pass", True),
     ("wrong mac", 0, from_client(A, v4_tcp(ACK), mac=client_mac(5)), "pass", False),
     ("wrong port", 1, from_client(A, v4_tcp(ACK), port=1), "pass", False),
-    ("wrong ip", 0, from_client(A, v4_tcp(ACK, src=client4(7))), "pass", False),
+    ("wrong ip", 0, from_client(A, v4_tcp(ACK, src=client_addr(7))), "pass", False),
     ("not bottom", 0, from_client(A, v4_tcp(ACK), s=False, below=[pack_entry(77, 0, True, 64)]), "pass", False),
     ("vlan", 0, from_client(A, v4_tcp(ACK, b"x"), vlans=[5]), "redirect", True),
     ("unknown", 0, from_client(999, v4_tcp(ACK)), "pass", False),
@@ -150,7 +155,12 @@ CASES: list[tuple[str, int, bytes, str, bool]] = [
             PORT_MAC[2],
             S1.mac,
             B,
-            ipv4(VIP4, client4(0), IPPROTO_TCP, tcp(VIP4, client4(0), 80, 40000, ACK, b"HTTP/1.1 200 OK\r\n")),
+            ipv4(
+                VIP,
+                client_addr(0),
+                IPPROTO_TCP,
+                tcp_segment(VIP, client_addr(0), 80, 40000, ACK, b"HTTP/1.1 200 OK\r\n"),
+            ),
         ),
         "redirect",
         True,
@@ -159,13 +169,13 @@ CASES: list[tuple[str, int, bytes, str, bool]] = [
     (
         "udp6 wrong ip",
         1,
-        from_client(C, v6_packet(IPPROTO_UDP, src=client6(9)), port=1, mac=client_mac(1)),
+        from_client(C, v6_packet(IPPROTO_UDP, src=client_addr(9, v6=True)), port=1, mac=client_mac(1)),
         "pass",
         False,
     ),
     ("tcp6", 1, from_client(D, v6_packet(IPPROTO_TCP), port=1, mac=client_mac(1)), "redirect", True),
     ("tcp6 fin", 1, from_client(D, v6_packet(IPPROTO_TCP, FIN | ACK), port=1, mac=client_mac(1)), "pass", True),
-    ("no ip binding", 0, from_client(E, v4_tcp(ACK, src=client4(8)), mac=client_mac(2)), "redirect", True),
+    ("no ip binding", 0, from_client(E, v4_tcp(ACK, src=client_addr(8)), mac=client_mac(2)), "redirect", True),
     ("header only", 0, from_client(E, b"", mac=client_mac(2)), "redirect", True),
     ("header only, ip bound", 0, from_client(A, b""), "pass", False),
     ("watched", 0, from_client(W, v4_tcp(ACK)), "pass", True),
@@ -415,7 +425,7 @@ def test_map_follows_the_table(topo: tuple[str, str], obj: bytes) -> None:
         assert offload.sync() == 1 and offload.lookup(W) is not None and offload.pending == 0
         entry = offload.lookup(B)
         assert entry is not None
-        assert entry[2] == client_mac(0) + PORT_MAC[0] and entry[3] == S1.mac and entry[6][:4] == VIP4
+        assert entry[2] == client_mac(0) + PORT_MAC[0] and entry[3] == S1.mac and entry[6][:4] == VIP
         # Many at once (the batched path), then all withdrawn.
         labels = range(1001, 1001 + 2 * 300, 2)
         for label in labels:
@@ -545,7 +555,9 @@ def test_kernel_traffic_keeps_a_session_from_its_idle_timeout(
         ((_, first),) = core.receive_batch([(0, client_udp(sport=40000))], loop.clock())
         c2s = label_of(first)
         assert core.offload.lookup(c2s) is not None  # UDP: no response time to take from the C2S frames
-        frame = from_client(c2s, ipv4(client4(0), VIP4, IPPROTO_UDP, udp(client4(0), VIP4, 40000, 53, b"more")))
+        frame = from_client(
+            c2s, ipv4(client_addr(0), VIP, IPPROTO_UDP, udp_datagram(client_addr(0), VIP, 40000, 53, b"more"))
+        )
 
         def run_timers(until: float, *, traffic: bool) -> None:
             while loop.clock() < until:

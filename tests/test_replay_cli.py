@@ -6,7 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from claimnet import VIP, client_addr, mac, port_mac, tcp, udp
+from helpers import PORT_MAC, VIP, client_addr, mac, tcp, udp
 from mplslb.cli import main
 from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
 from mplslb.wire.pcap import PcapWriter, read_pcap
@@ -42,9 +42,9 @@ def test_replay_writes_the_labelled_frames_the_balancer_sends(tmp_path: Path) ->
     client = mac(0xC0, 1)
     with PcapWriter(pcap_in) as writer:
         writer.write(
-            build_ethernet(port_mac(0), client, ETH_P_IP) + tcp(client_addr(0), VIP, 1000, 80, int(TCPFlag.SYN)), 1.0
+            build_ethernet(PORT_MAC[0], client, ETH_P_IP) + tcp(client_addr(0), VIP, 1000, 80, int(TCPFlag.SYN)), 1.0
         )
-        writer.write(build_ethernet(port_mac(0), client, ETH_P_IP) + udp(client_addr(0), VIP, 2000, 53), 1.5)
+        writer.write(build_ethernet(PORT_MAC[0], client, ETH_P_IP) + udp(client_addr(0), VIP, 2000, 53), 1.5)
         writer.write(b"\x00" * 20, 2.0)  # garbage: counted and dropped
     result = CliRunner().invoke(main, ["replay", "--config", str(config), str(pcap_in), str(pcap_out), "--drain", "1"])
     assert result.exit_code == 0, result.output

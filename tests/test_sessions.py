@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from framebuild import SERVERS, SYN, client_tcp, ip, standard_balancer
+from helpers import SERVERS, SYN, client_tcp, ip, standard_balancer
 from mplslb.flow import FlowKey
 from mplslb.balancing.servers import Server, ServerPool
 from mplslb.sessions import (

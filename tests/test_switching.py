@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from framebuild import ACK, FIN, PSH, RST, SYN, ip, ipv4, ipv6, labelled, mac, tcp
+from helpers import ACK, FIN, PSH, RST, SYN, ip, ipv4, ipv6, labelled, mac, tcp_segment
 from mplslb.switching import (
     DROPPED,
     IPV6_PAYLOAD,
@@ -65,7 +65,7 @@ def switch(t: LabelSwitchingTable, port: int, frame: bytes, now: float = 5.0):  
 
 
 def c2s_frame(flags: int = ACK, payload: bytes = b"data", *, label: int = LABEL, ttl: int = 64, **kw: object) -> bytes:
-    packet = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp(CLIENT, VIP, 40000, 80, flags, payload))
+    packet = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, flags, payload))
     return labelled(PORT_MACS[0], CLIENT_MAC, label, packet, ttl=ttl, **kw)  # type: ignore[arg-type]
 
 
@@ -246,7 +246,7 @@ def test_drops(table: LabelSwitchingTable, port: int, frame_kw: dict[str, object
     install_c2s(table, peer_ip=CLIENT)
     src_ip = frame_kw.pop("src_ip", CLIENT)
     src = frame_kw.pop("src", CLIENT_MAC)
-    packet = ipv4(src_ip, VIP, IPPROTO_TCP, tcp(src_ip, VIP, 40000, 80, ACK))  # type: ignore[arg-type]
+    packet = ipv4(src_ip, VIP, IPPROTO_TCP, tcp_segment(src_ip, VIP, 40000, 80, ACK))  # type: ignore[arg-type]
     frame = labelled(PORT_MACS[port], src, int(frame_kw.pop("label", LABEL)), packet, **frame_kw)  # type: ignore
     assert switch(table, port, frame) == (DROPPED, [], [])
     assert table.drops == {reason: 1}
@@ -263,9 +263,9 @@ def test_truncated_label_entry(table: LabelSwitchingTable, n: int) -> None:
 
 def test_ipv6_peer_address_is_checked(table: LabelSwitchingTable) -> None:
     install_c2s(table, peer_ip=CLIENT6, watch=IPV6_PAYLOAD, tcp_offset=40)
-    good = ipv6(CLIENT6, VIP6, IPPROTO_TCP, tcp(CLIENT6, VIP6, 40000, 80, ACK))
+    good = ipv6(CLIENT6, VIP6, IPPROTO_TCP, tcp_segment(CLIENT6, VIP6, 40000, 80, ACK))
     other = ip("fd00:1::2")
-    forged = ipv6(other, VIP6, IPPROTO_TCP, tcp(other, VIP6, 40000, 80, ACK))
+    forged = ipv6(other, VIP6, IPPROTO_TCP, tcp_segment(other, VIP6, 40000, 80, ACK))
     assert switch(table, 0, labelled(PORT_MACS[0], CLIENT_MAC, LABEL, good))[0] == 2
     assert switch(table, 0, labelled(PORT_MACS[0], CLIENT_MAC, LABEL, forged))[0] == DROPPED
     assert table.drops == {"label_wrong_ingress": 1}
@@ -298,7 +298,7 @@ def test_ipv4_options_move_the_flags(table: LabelSwitchingTable) -> None:
     install_c2s(table, watch=WATCH_TCP_END)
     nops = b"\x01" * 12
     for flags, reported in ((ACK, False), (FIN | ACK, True), (RST, True)):
-        segment = tcp(CLIENT, VIP, 0x9C01, 80, flags, b"x")  # source port's low byte 0x01
+        segment = tcp_segment(CLIENT, VIP, 0x9C01, 80, flags, b"x")  # source port's low byte 0x01
         packet = ipv4(CLIENT, VIP, IPPROTO_TCP, segment, options=nops)
         assert packet[0] == 0x48 and packet[20 + 13] == 0x01
         frame = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, packet)
@@ -314,7 +314,7 @@ def test_ipv6_flags_at_the_recorded_offset(table: LabelSwitchingTable, ext: byte
     install_c2s(table, watch=WATCH_TCP_END | IPV6_PAYLOAD, tcp_offset=40 + len(ext))
     proto = 60 if ext else IPPROTO_TCP
     for flags, reported in ((ACK, False), (FIN | ACK, True), (RST | ACK, True)):
-        packet = ipv6(CLIENT6, VIP6, proto, tcp(CLIENT6, VIP6, 40000, 80, flags), ext=ext)
+        packet = ipv6(CLIENT6, VIP6, proto, tcp_segment(CLIENT6, VIP6, 40000, 80, flags), ext=ext)
         _, out, events = switch(table, 0, labelled(PORT_MACS[0], CLIENT_MAC, LABEL, packet))
         assert len(out) == 1
         assert [e.tcp_flags for e in events] == ([flags] if reported else [])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from claimnet import tcp
+from helpers import tcp
 from mplslb.drivers.afpacket import PacketPort
 from mplslb.drivers.netns import entered
 from mplslb.lab import VIP4, Lab, LabSpec, split
