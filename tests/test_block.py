@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers import frames_only, mutate, mutation, pack, recording
 from mplslb.balancer import Balancer, BlockResult, Frames
-from mplslb.switching import _word_aligned
+from mplslb.switching.block import word_aligned
 
 
 def listed(result: BlockResult, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Frames:
@@ -39,7 +39,7 @@ def test_the_whole_recording_in_blocks_matches_frame_by_frame(aligned: bool) -> 
         for c in calls:
             expected += one.receive(c.port, c.frame, now)
         buf, starts, lengths, ports = pack([(c.port, c.frame) for c in calls], aligned=aligned)
-        assert _word_aligned(buf, starts) == aligned  # each variant of the block path is the one tested
+        assert word_aligned(buf, starts) == aligned  # each variant of the block path is the one tested
         result = block.receive_block(buf, starts, lengths, ports, now)
         switched += int((result.out_port >= 0).sum())
         assert listed(result, buf, starts, lengths) == expected

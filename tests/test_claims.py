@@ -160,7 +160,7 @@ def test_claim_6_session_start_end_and_interruption() -> None:
     assert session is not None and session.state is SessionState.ESTABLISHED  # start recognised, then established
     src = client_addr(0)
     net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101, ack=501)))
-    assert session.state is SessionState.CLOSING
+    assert session.state is SessionState.CLOSING_CLIENT  # the client closed its side
     net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, FIN | ACK, seq=501, ack=102)))
     assert session.state is SessionState.CLOSED  # end ("determination") recognised
     net.from_client(0, tcp(src, VIP, 40000, 80, ACK, seq=102, ack=502))  # the last ACK still passes

@@ -34,7 +34,7 @@ from mplslb.drivers.afpacket import PacketPort, RingPort, RxBlock, TxRing
 from mplslb.drivers.loop import BalancerDriver, Loop
 from mplslb.drivers.netns import entered
 from mplslb.sessions import Timeouts
-from mplslb.switching import _word_aligned
+from mplslb.switching.block import word_aligned
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.mpls import stack_of
 from mplslb.wire.tcp import TCPFlag
@@ -101,7 +101,7 @@ def check_aligned(block: RxBlock) -> None:
     assert block.buf.dtype == np.uint8 and block.buf.ctypes.data % 4 == 0 and len(block.buf) % 4 == 0
     assert block.starts.dtype == np.int64 and block.lengths.dtype == np.int64
     assert bool((block.starts % 4 == 2).all())
-    assert _word_aligned(block.buf, block.starts)
+    assert word_aligned(block.buf, block.starts)
 
 
 def drain_blocks(port: RingPort, n: int, got: list[bytes], deadline: float, max_frames: int | None = None) -> None:

@@ -29,8 +29,8 @@ from helpers import (
     tcp_segment,
     udp_datagram,
 )
-from mplslb.flow import FlowKey
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
+from mplslb.flow import FlowKey
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.mpls import pack_entry

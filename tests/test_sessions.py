@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import SERVERS, SYN, client_tcp, ip, standard_balancer
-from mplslb.flow import FlowKey
+from helpers import ACK, FIN, RST, SERVERS, SYN, client_tcp, ip, standard_balancer
 from mplslb.balancing.servers import Server, ServerPool
+from mplslb.flow import FlowKey
 from mplslb.sessions import (
     FINAL_STATES,
     TRANSITIONS,
+    WATCH_BUDGET,
     InvalidTransition,
     Session,
     SessionEvent,
@@ -29,21 +30,29 @@ TCP, UDP, ICMP = 6, 17, 1
 # Written out by hand from the module's documentation, not derived from TRANSITIONS.
 EXPECTED = {
     (S.START, E.SERVER_REPLY): S.ESTABLISHED,
-    (S.START, E.FIN): S.CLOSING,
+    (S.START, E.CLIENT_FIN): S.CLOSING_CLIENT,
+    (S.START, E.SERVER_FIN): S.CLOSING_SERVER,
     (S.START, E.RST): S.CLOSED,
     (S.START, E.IDLE_TIMEOUT): S.CLOSED,
     (S.START, E.SERVER_DOWN): S.INTERRUPTED,
     (S.ESTABLISHED, E.SERVER_REPLY): S.ESTABLISHED,
-    (S.ESTABLISHED, E.FIN): S.CLOSING,
+    (S.ESTABLISHED, E.CLIENT_FIN): S.CLOSING_CLIENT,
+    (S.ESTABLISHED, E.SERVER_FIN): S.CLOSING_SERVER,
     (S.ESTABLISHED, E.RST): S.CLOSED,
     (S.ESTABLISHED, E.IDLE_TIMEOUT): S.CLOSED,
     (S.ESTABLISHED, E.SERVER_DOWN): S.INTERRUPTED,
-    (S.CLOSING, E.SERVER_REPLY): S.CLOSING,
-    (S.CLOSING, E.FIN): S.CLOSING,
-    (S.CLOSING, E.FIN_OTHER_SIDE): S.CLOSED,
-    (S.CLOSING, E.RST): S.CLOSED,
-    (S.CLOSING, E.IDLE_TIMEOUT): S.CLOSED,
-    (S.CLOSING, E.SERVER_DOWN): S.INTERRUPTED,
+    (S.CLOSING_CLIENT, E.SERVER_REPLY): S.CLOSING_CLIENT,
+    (S.CLOSING_CLIENT, E.CLIENT_FIN): S.CLOSING_CLIENT,
+    (S.CLOSING_CLIENT, E.SERVER_FIN): S.CLOSED,
+    (S.CLOSING_CLIENT, E.RST): S.CLOSED,
+    (S.CLOSING_CLIENT, E.IDLE_TIMEOUT): S.CLOSED,
+    (S.CLOSING_CLIENT, E.SERVER_DOWN): S.INTERRUPTED,
+    (S.CLOSING_SERVER, E.SERVER_REPLY): S.CLOSING_SERVER,
+    (S.CLOSING_SERVER, E.SERVER_FIN): S.CLOSING_SERVER,
+    (S.CLOSING_SERVER, E.CLIENT_FIN): S.CLOSED,
+    (S.CLOSING_SERVER, E.RST): S.CLOSED,
+    (S.CLOSING_SERVER, E.IDLE_TIMEOUT): S.CLOSED,
+    (S.CLOSING_SERVER, E.SERVER_DOWN): S.INTERRUPTED,
 }
 ILLEGAL = [pair for pair in itertools.product(S, E) if pair not in EXPECTED]
 TIMEOUTS = Timeouts(tcp_start=10.0, tcp_established=900.0, tcp_closing=120.0, udp=300.0, other=60.0, closed_linger=2.0)
@@ -107,12 +116,12 @@ def test_a_full_tcp_close(server: Server) -> None:
     assert s.deadline == 10.0  # tcp_start
     assert table.apply(s, E.SERVER_REPLY, 0.1) is S.ESTABLISHED and s.deadline == 900.1
     assert table.apply(s, E.SERVER_REPLY, 0.2) is S.ESTABLISHED and s.deadline == 900.1  # a repeat: no re-arm
-    assert table.apply(s, E.FIN, 3.0) is S.CLOSING and s.deadline == 123.0  # tcp_closing
-    assert table.apply(s, E.FIN, 3.5) is S.CLOSING and s.deadline == 123.0
-    assert table.apply(s, E.FIN_OTHER_SIDE, 4.0) is S.CLOSED
-    assert (s.ended, s.end_reason, s.deadline) == (4.0, "fin_other_side", 6.0)  # lingers closed_linger
+    assert table.apply(s, E.SERVER_FIN, 3.0) is S.CLOSING_SERVER and s.deadline == 123.0  # tcp_closing
+    assert table.apply(s, E.SERVER_FIN, 3.5) is S.CLOSING_SERVER and s.deadline == 123.0  # a repeat
+    assert table.apply(s, E.CLIENT_FIN, 4.0) is S.CLOSED
+    assert (s.ended, s.end_reason, s.deadline) == (4.0, "client_fin", 6.0)  # lingers closed_linger
     table.remove(s)
-    assert table.ended == {"fin_other_side": 1}
+    assert table.ended == {"client_fin": 1}
     assert len(table) == 0 and table.lookup(s.key) is None and table.by_c2s(s.c2s) is None
 
 
@@ -136,10 +145,77 @@ def test_ending_records_time_reason_and_linger(server: Server, event: SessionEve
     assert s2.end_reason == str(event)  # no reason given: the event's name
 
 
+@pytest.mark.parametrize(("first", "second"), [(True, False), (False, True)], ids=["client-first", "server-first"])
+def test_tcp_end_closes_after_a_fin_from_each_side_whatever_the_order(
+    server: Server, first: bool, second: bool
+) -> None:
+    ended: list[Session] = []
+    table = SessionTable(TIMEOUTS, on_end=ended.append)
+    s = make(server)
+    table.add(s, 0.0)
+    assert table.live == 1
+    table.tcp_end(s, FIN, from_client=first, now=1.0)
+    table.tcp_end(s, FIN | ACK, from_client=first, now=1.5)  # the same side again: a retransmission
+    assert s.state is (S.CLOSING_CLIENT if first else S.CLOSING_SERVER) and ended == []
+    table.tcp_end(s, ACK, from_client=second, now=1.7)  # no FIN or RST: nothing
+    table.tcp_end(s, FIN | ACK, from_client=second, now=2.0)
+    assert s.state is S.CLOSED and s.end_reason == "fin" and ended == [s] and table.live == 0
+    table.tcp_end(s, RST, from_client=second, now=3.0)  # final: nothing more happens
+    assert ended == [s] and s.end_reason == "fin"
+
+
+def test_tcp_end_on_rst_closes_at_once(server: Server) -> None:
+    table, s = in_state(server, S.ESTABLISHED)
+    table.tcp_end(s, RST | ACK, from_client=False, now=2.0)
+    assert s.state is S.CLOSED and s.end_reason == "rst" and table.live == 0
+
+
+def test_observe_times_syn_to_syn_ack_then_request_to_first_response_byte(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    s = make(server, now=1.0)
+    table.add(s, 1.0)
+    seen = table.observe(s, from_client=False, tcp_flags=ACK, payload_len=0, now=1.01)  # not a SYN-ACK
+    assert seen == (None, False, False, False) and s.state is S.START
+    seen = table.observe(s, from_client=False, tcp_flags=SYN | ACK, payload_len=0, now=1.05)
+    assert seen.response_time == pytest.approx(0.05) and seen.server_replied and s.state is S.ESTABLISHED
+    seen = table.observe(s, from_client=True, tcp_flags=ACK, payload_len=100, now=1.2)
+    assert seen.request_seen and seen.response_time is None and not seen.done and s.request_at == 1.2
+    seen = table.observe(s, from_client=True, tcp_flags=ACK, payload_len=100, now=1.3)  # not the first request
+    assert not seen.request_seen
+    seen = table.observe(s, from_client=False, tcp_flags=ACK, payload_len=1000, now=1.5)
+    assert seen.response_time == pytest.approx(0.3) and seen.done and not s.rt_pending
+    assert table.observe(s, from_client=False, tcp_flags=ACK, payload_len=10, now=2.0).done
+
+
+def test_observe_ends_a_udp_measurement_at_the_first_reply(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    s = make(server, proto=UDP, now=0.0)
+    table.add(s, 0.0)
+    seen = table.observe(s, from_client=False, tcp_flags=-1, payload_len=40, now=0.02)
+    assert seen.response_time == pytest.approx(0.02) and seen.server_replied and seen.done
+
+
+def test_observe_gives_up_after_its_budget_of_frames(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    s = make(server)
+    table.add(s, 0.0)
+    seen = [table.observe(s, from_client=True, tcp_flags=ACK, payload_len=0, now=0.1) for _ in range(WATCH_BUDGET)]
+    assert not any(o.done for o in seen[:-1]) and seen[-1].done and not s.rt_pending
+
+
+def test_a_tcp_analysis_failure_is_never_taken_for_a_syn_ack(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    s = make(server)
+    table.add(s, 0.0)
+    seen = table.observe(s, from_client=False, tcp_flags=-1, payload_len=0, now=0.1)
+    assert not seen.server_replied and s.state is S.START
+
+
 # -- Timeouts --------------------------------------------------------------------------------------------------
 def test_idle_timeouts_per_protocol_and_state() -> None:
     t = TIMEOUTS
-    assert [t.idle(TCP, st_) for st_ in (S.START, S.ESTABLISHED, S.CLOSING)] == [10.0, 900.0, 120.0]
+    states = (S.START, S.ESTABLISHED, S.CLOSING_CLIENT, S.CLOSING_SERVER)
+    assert [t.idle(TCP, st_) for st_ in states] == [10.0, 900.0, 120.0, 120.0]
     assert {t.idle(UDP, st_) for st_ in S} == {300.0}
     assert {t.idle(ICMP, st_) for st_ in S} == {60.0}
     default = Timeouts()

@@ -385,7 +385,7 @@ def test_mirrors_are_told_every_install_withdrawal_and_watch_change_in_order(tab
 
 def test_send_attaches_the_label_addresses_the_next_hop_and_counts(table: LabelSwitchingTable) -> None:
     install_c2s(table, now=1.0)
-    packet = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp(CLIENT, VIP, 40000, 80, SYN))
+    packet = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, SYN))
     frame = build_ethernet(PORT_MACS[0], CLIENT_MAC, ETH_P_IP) + packet + bytes(6)  # Ethernet padding
     out: list[tuple[int, bytes]] = []
     table.send(LABEL, frame, 14, 14 + len(packet), 2.5, out, ttl=63, tc=5)
