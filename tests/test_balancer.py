@@ -3,7 +3,10 @@ label quarantine, response-time measurement."""
 
 from __future__ import annotations
 
-from helpers import VIP, VIP6, Net, client_addr, handshake, label_of, make_config, tcp, udp
+import pytest
+
+from helpers import SERVER_PORTS, VIP, VIP6, Net, client_addr, handshake, label_of, mac, make_config, tcp, udp
+from mplslb.balancing.servers import ServerConfig
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
 from mplslb.wire.icmp import build_icmp_unreachable
@@ -136,3 +139,16 @@ def test_a_syn_on_the_port_of_a_closed_lingering_session_starts_a_new_session() 
     new_label = label_of(out[0][1])
     assert new_label is not None and new_label != c2s
     assert b.sessions.by_c2s(c2s) is None and b.sessions.started == 2 and b.live == 1
+
+
+def test_a_server_added_at_run_time_takes_new_sessions_and_only_on_a_server_port() -> None:
+    net = Net(make_config(n_servers=1, algorithm="round_robin"))
+    b = net.balancer
+    with pytest.raises(ValueError, match="not a server port"):
+        b.add_server(ServerConfig("late", bytes([10, 2, 0, 9]), mac(0x5E, 9), port_id=0))
+    b.add_server(ServerConfig("late", bytes([10, 2, 0, 9]), mac(0x5E, 9), port_id=SERVER_PORTS[0]))
+    chosen = set()
+    for i in range(4):
+        out = net.from_client(0, tcp(client_addr(0), VIP, 41000 + i, 80, SYN))
+        chosen.add(next(s.config.name for s in b.pool.servers if s.config.mac == out[0][1][:6]))
+    assert chosen == {"s1", "late"}

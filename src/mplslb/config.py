@@ -20,14 +20,14 @@ from mplslb.balancing.servers import ServerConfig
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.sessions import Timeouts
 from mplslb.wire.ethernet import mac_from_str
+from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
 PORT_ROLES = ("client", "server")
 PORT_KINDS = ("ethernet", "mpls_udp")
-# -- kernel offload (issue 4): the daemon's top-level ``offload`` key -------------------------------------------
-#: "none": every labelled frame is switched in userspace; "kernel": established sessions' labels are also
-#: installed in an XDP program (mplslb.offload) and their frames never reach Python.
+#: The daemon's top-level ``offload`` key. "none": every labelled frame is switched in userspace; "kernel":
+#: established sessions' labels are also installed in an XDP program (mplslb.offload) and their frames never reach
+#: Python.
 OFFLOAD_KINDS = ("none", "kernel")
-# -- end of kernel offload --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,9 @@ class VirtualService:
                 raise ValueError(f"port {port} out of range")
 
     def serves(self, proto: int, port: int) -> bool:
-        if proto == 6:
+        if proto == IPPROTO_TCP:
             return port in self.tcp_ports
-        if proto == 17:
+        if proto == IPPROTO_UDP:
             return port in self.udp_ports
         return False
 
@@ -229,7 +229,7 @@ def parse_mac(text: str) -> bytes:
     return mac_from_str(text)
 
 
-# -- kernel offload (issue 4) -----------------------------------------------------------------------------------
+# -- the kernel offload ---------------------------------------------------------------------------------------
 def read_offload(top: Section) -> str:
     """The top-level ``offload`` key: one of :data:`OFFLOAD_KINDS`, ``"none"`` when absent."""
     kind = top.get("offload", str, "none")
@@ -238,7 +238,6 @@ def read_offload(top: Section) -> str:
     return kind
 
 
-# -- end of kernel offload --------------------------------------------------------------------------------------
 def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
     source = str(path)
     try:

@@ -39,7 +39,7 @@ from mplslb.config import (
     Section,
     balancer_config_from_section,
     load_toml,
-    read_offload,  # kernel offload (issue 4)
+    read_offload,
 )
 from mplslb.control.client import DEFAULT_SOCKET
 from mplslb.control.server import ControlServer, balancer_commands
@@ -52,7 +52,7 @@ from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
 if TYPE_CHECKING:
-    from mplslb.offload.driver import OffloadedBalancer  # kernel offload (issue 4)
+    from mplslb.offload.driver import OffloadedBalancer
 
 #: What each side's packet sockets take in; the kernel keeps everything else (health-check replies, its own ARP).
 CLIENT_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP})
@@ -67,7 +67,7 @@ class DaemonConfig:
     control_socket: str
     metrics: tuple[str, int] | None
     ring: bool
-    offload: str = "none"  # kernel offload (issue 4): "none" or "kernel"
+    offload: str = "none"  # "none" or "kernel"
 
 
 def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
@@ -105,7 +105,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     # a receive block is only handed over when full or when its retire timer fires (a jiffy, up to 4 ms): measured
     # end to end, request/response traffic ran about twice as fast on plain packet sockets. Plain is the default.
     ring = top.get("ring", bool, False)
-    offload = read_offload(top)  # kernel offload (issue 4)
+    offload = read_offload(top)
     balancer = balancer_config_from_section(top)
     top.done()
     for index, port_config in enumerate(balancer.ports):
@@ -114,7 +114,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
         if port_config.kind == "mpls_udp" and port_config.role != "client":
             # Servers sit on the balancer's own segments; MPLS-in-UDP is for clients across routed networks.
             raise ConfigError(source, f"ports[{index}].kind", "mpls_udp is supported on client-side ports only")
-    if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):  # kernel offload (issue 4)
+    if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
     return DaemonConfig(balancer, health, control_socket, metrics, ring, offload)
 
@@ -148,14 +148,13 @@ class Daemon:
         self.loop = Loop()
         clock = self.loop.clock
         self.balancer = Balancer(config.balancer)
-        # -- kernel offload (issue 4): the driver talks to the balancer through the offload, which mirrors its
+        # The kernel offload: the driver talks to the balancer through the offload, which mirrors its
         # label switching table into the kernel after each batch and before its timers.
         self.offloaded: OffloadedBalancer | None = None
         if config.offload == "kernel":
             from mplslb.offload.driver import OffloadedBalancer
 
             self.offloaded = OffloadedBalancer(self.balancer, self.loop)
-        # -- end of kernel offload
         self.changes = HostChanges()
         setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
         self.ports = open_ports(config.balancer, ring=config.ring)
@@ -197,7 +196,7 @@ class Daemon:
         )
 
     def _with_offload(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """Kernel offload (issue 4): the offload's figures under ``"offload"`` when it is on."""
+        """The kernel offload: the offload's figures under ``"offload"`` when it is on."""
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
         return snap
@@ -228,7 +227,7 @@ class Daemon:
             self.probes.close()
         self.control.close()
         self.driver.close()
-        if self.offloaded is not None:  # kernel offload (issue 4): detach from every port
+        if self.offloaded is not None:  # detach from every port
             self.offloaded.close()
         for port in self.ports.values():
             port.close()  # type: ignore[attr-defined]

@@ -37,6 +37,8 @@ from array import array
 from dataclasses import dataclass
 from typing import Final
 
+from mplslb.wire.mpls import LABEL_SPACE
+
 __all__ = [
     "C2S_MAX",
     "C2S_MIN",
@@ -51,8 +53,6 @@ __all__ = [
     "s2c_of",
 ]
 
-LABEL_SPACE: Final = 1 << 20
-"""Number of values of the 20-bit MPLS label field."""
 C2S_MIN: Final = 17
 """Smallest C2S label: the first odd label above the reserved range 0-15 (RFC 3032)."""
 C2S_MAX: Final = 1048573

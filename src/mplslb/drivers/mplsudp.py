@@ -27,7 +27,6 @@ import hashlib
 import ipaddress
 import random
 import socket
-import struct
 import zlib
 from collections.abc import Iterable
 from typing import Self
@@ -36,6 +35,7 @@ from mplslb.drivers.netns import entered
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, parse_ethernet
 from mplslb.wire.mpls import (
+    ENTRY,
     LABEL_SHIFT,
     MPLS_ENTRY_LEN,
     MPLS_UDP_PORT,
@@ -55,7 +55,6 @@ _PSEUDO_MAC_PERSON = b"mplslb-pseudomac"
 _BIND_ATTEMPTS = 64  # per pool socket
 _POOL_RCVBUF = 4096  # nothing is expected on the pool's sockets
 MAX_DATAGRAM = 1 << 16
-_U32 = struct.Struct("!I")
 _HASH_MULTIPLIER = 0x9E3779B1  # Fibonacci hashing spreads consecutive labels over the pool
 _ETHERTYPE = {4: ETH_P_IP.to_bytes(2, "big"), 6: ETH_P_IPV6.to_bytes(2, "big")}
 _MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
@@ -127,7 +126,7 @@ def _decapsulate(
 def entropy_index(payload: bytes | memoryview, pool_size: int) -> int:
     """Which of ``pool_size`` source sockets carries ``payload``: by its top label, or by the IP addresses under an
     Explicit NULL entry, so one flow direction keeps one UDP source port."""
-    label = _U32.unpack_from(payload)[0] >> LABEL_SHIFT
+    label = ENTRY.unpack_from(payload)[0] >> LABEL_SHIFT
     version = _VERSION_FOR_NULL.get(label)
     key = zlib.crc32(payload[_ADDRESSES[version]]) if version is not None else label
     return ((key * _HASH_MULTIPLIER) & 0xFFFFFFFF) * pool_size >> 32

@@ -4,8 +4,9 @@ The source (``mplslb_xdp.c`` beside this file) includes one header, ``mplslb_lay
 :mod:`mplslb.switching.layout` (every frame offset, bit and bound, and the kernel map's ``struct entry``), so the
 kernel program and the userspace fast paths read frames with the same numbers. clang alone is needed (Debian:
 ``clang``); no kernel headers, no libbpf. The object is cached as ``mplslb_xdp-<digest>.o`` where the digest covers
-the source, the generated header, the flags and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else ``$XDG_CACHE_HOME/mplslb``, else
-``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent daemons never read half a file.
+the source, the generated header, the flags and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else
+``$XDG_CACHE_HOME/mplslb``, else ``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent
+daemons never read half a file.
 """
 
 from __future__ import annotations

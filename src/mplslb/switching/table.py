@@ -247,9 +247,6 @@ class LabelSwitchingTable:
         a.bytes[labels] += octets.astype(np.uint64, copy=False)
         a.last_seen[labels] = np.maximum(a.last_seen[labels], seen)
 
-    def count_drop(self, reason: str) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
-
     # -- reading ---------------------------------------------------------------------------------------------------
     def arrays(self) -> Arrays:
         """Numpy views over the per-label arrays (no copy; made once)."""
