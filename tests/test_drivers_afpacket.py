@@ -15,19 +15,10 @@ from pyroute2 import IPRoute, netns
 
 from helpers import ETH_P_LOCAL_EXP, VIP, client_addr, frames_of, make_config, tcp, wait_until_ready
 from mplslb.balancer import Balancer
-from mplslb.drivers.afpacket import (
-    BPF_ACCEPT,
-    BPF_DROP,
-    BPF_RET_K,
-    PACKET_OTHERHOST,
-    PacketPort,
-    RingPort,
-    bpf_program,
-    host_only,
-    open_port,
-)
+from mplslb.drivers.afpacket import PacketPort, RingPort, open_port
 from mplslb.drivers.loop import BalancerDriver, Loop
 from mplslb.drivers.netns import entered
+from mplslb.drivers.socket_filter import BPF_ACCEPT, BPF_DROP, BPF_RET_K, PACKET_OTHERHOST, bpf_program, host_only
 from mplslb.wire.ethernet import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.mpls import stack_of
 

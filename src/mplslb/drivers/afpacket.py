@@ -5,43 +5,38 @@ Theory of operation
 -------------------
 The socket is created listening to nothing (protocol 0), configured (classic BPF filter, ignore-outgoing, auxiliary
 data, ring, promiscuous membership) and only then bound to the interface for ETH_P_ALL, so no frame slips in before
-the filter. The filter drops what the host itself sends on the interface (pkttype ``PACKET_OUTGOING``, which is how
-our own frames come back to a packet socket) and, when ``accept`` names ethertypes, every frame whose ethertype
-(looked at after one VLAN tag) is not one of them. ``PACKET_IGNORE_OUTGOING`` spares the kernel the clone of our own
-frames in the first place; the filter stays as the check for kernels without it.
+the filter. The filter (:mod:`mplslb.drivers.socket_filter`) drops what the host itself sends on the interface
+(pkttype ``PACKET_OUTGOING``, which is how our own frames come back to a packet socket) and, when ``accept`` names
+ethertypes, every frame whose ethertype (looked at after one VLAN tag) is not one of them. ``PACKET_IGNORE_OUTGOING``
+spares the kernel the clone of our own frames in the first place; the filter stays as the check for kernels without
+it.
 
 The kernel moves a received frame's outermost VLAN tag into metadata before the packet taps see it
-(``skb_vlan_untag`` in the receive path). Both ports put the tag back from the auxiliary data, so the core gets the
-frame as it was on the wire.
+(``skb_vlan_untag`` in the receive path). Both ports put the tag back (:func:`restore_vlan_tag`, from the auxiliary
+data or the ring's frame header), so the core gets the frame as it was on the wire.
 
 :class:`RingPort` trades latency for fewer system calls: with TPACKET_V3 the kernel hands over whole blocks, when a
 block is full or when its retire timer (``retire_ms``, rounded up to a jiffy) fires. Frames are copied out of the
 ring and each block goes back to the kernel (``block_status = TP_STATUS_KERNEL``) once all its frames are copied.
 Sending uses plain ``send()`` on the same socket for both ports.
 
-The zero-copy block path (issue: "TPACKET_V3 rings for receive and transmit, one system call per block")
--------------------------------------------------------------------------------------------------------
+The zero-copy block path
+------------------------
 :meth:`RingPort.recv_block` hands out a block the kernel has filled as it lies in the ring: a uint8 numpy view of the
 block and the offsets and lengths of its frames, which ``Balancer.receive_block`` rewrites in place. TPACKET_V3
 places each frame's network header on a 16-byte boundary, so an Ethernet frame starts 2 bytes past a 4-byte
 boundary, which is what the core's word-aligned variant needs. The block stays the caller's until every view of it
 is released (``RxBlock.release``); meanwhile the kernel fills the other blocks, and when all are held it drops.
 
-:class:`TxRing` is the sending half: a PACKET_TX_RING (TPACKET_V2: TX rings with V3 need Linux 4.11 and gain nothing
-for fixed-size slots) on a second AF_PACKET socket bound to the same interface for no protocol, so it receives
-nothing. Frames are copied into free slots (``queue``; ``queue_block`` copies a whole block's frames with a few
-numpy operations) and one ``send()`` with ``MSG_DONTWAIT`` (``flush``) makes the kernel transmit every slot marked
-``TP_STATUS_SEND_REQUEST``. A port opened with ``tx_ring=True`` sends through it with :meth:`send_many`,
-:meth:`send_block` and :meth:`flush`; ``send()`` stays the plain socket's.
+A port opened with ``tx_ring=True`` also has a :class:`~mplslb.drivers.txring.TxRing` on a second socket and sends
+through it with :meth:`send_many`, :meth:`send_block` and :meth:`flush`: frames are queued into the ring, and one
+``send()`` per flush has the kernel transmit them all. ``send()`` stays the plain socket's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
-import math
 import mmap
 import socket
 import struct
@@ -50,148 +45,70 @@ from typing import NamedTuple, Self
 
 import numpy as np
 
+from mplslb.drivers import socket_filter
 from mplslb.drivers.netns import entered
-from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021AD, ETH_P_8021Q
+from mplslb.drivers.socket_filter import PACKET_OUTGOING
+from mplslb.drivers.txring import PACKET_VERSION, SOL_PACKET, TPACKET_ALIGNMENT, TxRing
+from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021Q
 
-# <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>, <linux/filter.h>
+# <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>
 ETH_P_ALL = 0x0003
-SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
-PACKET_VERSION = 10
-PACKET_TX_RING = 13
-PACKET_LOSS = 14
-PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_PROMISC = 1
-PACKET_OTHERHOST = 3
-PACKET_OUTGOING = 4
-TPACKET_V2 = 1
 TPACKET_V3 = 2
-SO_ATTACH_FILTER = 26
-SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-SIOCGIFMTU = 0x8921
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
-# TX ring slot states (tp_status of struct tpacket2_hdr)
-TP_STATUS_AVAILABLE = 0
-TP_STATUS_SEND_REQUEST = 1 << 0
-TP_STATUS_SENDING = 1 << 1
-TP_STATUS_WRONG_FORMAT = 1 << 2
-
-# Classic BPF opcodes and the ancillary offset that loads skb->pkt_type.
-BPF_LD_W_ABS = 0x20
-BPF_LD_H_ABS = 0x28
-BPF_JEQ_K = 0x15
-BPF_RET_K = 0x06
-SKF_AD_OFF = -0x1000
-SKF_AD_PKTTYPE = 4
-BPF_ACCEPT = 0xFFFFFFFF  # keep the whole frame
-BPF_DROP = 0
-BPF_MAX_JUMP = 0xFF
-ETHERTYPE_OFFSET = 12
-INNER_ETHERTYPE_OFFSET = 16  # after one VLAN tag still in the frame
 
 DEFAULT_BUFSIZE = 1 << 16  # a whole GSO frame from veth fits; larger ones are counted as truncated
-_AUXDATA = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata
+_AUXDATA = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, vlan_tpid
 _AUX_SPACE = socket.CMSG_SPACE(_AUXDATA.size)
-_VLAN_TAG = struct.Struct("!HH")
+_VLAN_TAG = struct.Struct("!HH")  # TPID, TCI
+_VLAN_AT = 2 * ETH_ALEN  # a tag goes right after the MAC addresses
 _STATS = struct.Struct("=II")  # tp_packets, tp_drops (tpacket_stats_v3 adds tp_freeze_q_cnt)
 _STATS_V3_LEN = 12
 _PACKET_MREQ = struct.Struct("=iHH8s")
+_ADDR_PKTTYPE, _ADDR_MAC = 2, 4  # in a packet socket's address: (ifname, protocol, pkttype, hatype, MAC address)
 
 # TPACKET_V3 ring layout: struct tpacket_req3, struct tpacket_block_desc, struct tpacket3_hdr, struct sockaddr_ll.
+DEFAULT_BLOCK_SIZE = 1 << 18
+DEFAULT_BLOCK_NR = 64
+DEFAULT_FRAME_SIZE = 2048
+DEFAULT_RETIRE_MS = 1
 _REQ3 = struct.Struct("=IIIIIII")
 _U32 = struct.Struct("=I")
 BLOCK_STATUS = 8  # tpacket_block_desc: version, offset_to_priv, then hdr.bh1: block_status, num_pkts, ...
 BLOCK_NUM_PKTS = 12
 BLOCK_FIRST_PKT = 16
-_PKT_HDR = struct.Struct("=IIIIIIHHII")  # next_offset, sec, nsec, snaplen, len, status, mac, net, rxhash, vlan_tci
-_PKT_VLAN_TPID = struct.Struct("=H")
-PKT_VLAN_TPID = 36
+# struct tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac, net, then rxhash, vlan_tci, vlan_tpid
+TP_SNAPLEN = 12
+TP_LEN = 16
+TP_STATUS = 20
+TP_MAC = 24
+_SNAPLEN_WORD, _LEN_WORD, _STATUS_WORD = TP_SNAPLEN // _U32.size, TP_LEN // _U32.size, TP_STATUS // _U32.size
 TPACKET3_HDRLEN = 48  # TPACKET_ALIGN(sizeof(struct tpacket3_hdr)); sockaddr_ll follows
 SLL_PKTTYPE = TPACKET3_HDRLEN + 10
-TPACKET_ALIGNMENT = 16
-# One unpack per frame for the block walk: next_offset, snaplen, len, status, mac, vlan_tci, vlan_tpid, and the
-# sockaddr_ll's pkttype (byte 58).
+# One unpack per frame: next_offset, snaplen, len, status, mac, vlan_tci, vlan_tpid, and the sockaddr_ll's pkttype.
 _PKT_WALK = struct.Struct("=I8xIIIH6xIH20xB")
 assert _PKT_WALK.size == SLL_PKTTYPE + 1
 _RUN_MIN = 16  # frames at one stride read with numpy rather than one by one (see RingPort._walk)
-
-# TPACKET_V2 TX ring: struct tpacket_req, struct tpacket2_hdr (tp_status, tp_len, tp_snaplen at its start). Without
-# PACKET_TX_HAS_OFF the kernel reads the frame at TPACKET2_HDRLEN - sizeof(struct sockaddr_ll) = 32.
-_REQ = struct.Struct("=IIII")
-_TX_HDR = struct.Struct("=III")
-TPACKET2_DATA = 32
-ETH_HLEN = 14
-VLAN_HLEN = 4
-DEFAULT_TX_FRAMES = 4096
-DEFAULT_TX_FRAME_SIZE = 2048  # a 1500-byte MTU frame (and a VLAN tag) fits after the 32-byte header
-_TX_COPY_ROUND = 64  # frames of a block are copied in windows of their length rounded up to this
-_IFREQ_MTU = struct.Struct("16si12x")
+_NO_LIMIT = 1 << 62  # recv_block's max_frames when the caller sets none
 
 
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-def bpf_program(accept: Iterable[int] | None) -> list[tuple[int, int, int, int]]:
-    """A classic BPF program ``(code, jt, jf, k)``: drop outgoing frames, then keep those whose ethertype (at
-    offset 12, or at 16 after a VLAN tag still in the frame) is in ``accept``; ``None`` keeps every ethertype."""
-    types = sorted(set(accept)) if accept is not None else None
-    if types is not None and (not types or any(not 0 <= t <= 0xFFFF for t in types)):
-        raise ValueError("accept must name at least one ethertype, each in 0..0xFFFF")
-    if types is not None and 2 * len(types) + 8 > BPF_MAX_JUMP:
-        raise ValueError("too many ethertypes for one classic BPF filter")
-    pkttype = (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF
-    if types is None:
-        # 0: A = pkttype; 1: outgoing -> 3 (drop) else 2 (accept)
-        return [(BPF_LD_W_ABS, 0, 0, pkttype), (BPF_JEQ_K, 1, 0, PACKET_OUTGOING), (BPF_RET_K, 0, 0, BPF_ACCEPT),
-                (BPF_RET_K, 0, 0, BPF_DROP)]  # fmt: skip
-    n = len(types)
-    vlan, drop, keep = 5 + n, 6 + 2 * n, 7 + 2 * n  # absolute indexes of the targets
-
-    def jeq(at: int, k: int, true: int, false: int) -> tuple[int, int, int, int]:
-        return (BPF_JEQ_K, true - at - 1, false - at - 1, k)
-
-    prog = [(BPF_LD_W_ABS, 0, 0, pkttype), jeq(1, PACKET_OUTGOING, drop, 2), (BPF_LD_H_ABS, 0, 0, ETHERTYPE_OFFSET)]
-    prog += [jeq(3 + i, t, keep, 4 + i) for i, t in enumerate(types)]
-    prog += [jeq(3 + n, ETH_P_8021Q, vlan, 4 + n), jeq(4 + n, ETH_P_8021AD, vlan, drop)]
-    prog.append((BPF_LD_H_ABS, 0, 0, INNER_ETHERTYPE_OFFSET))
-    prog += [jeq(vlan + 1 + i, t, keep, vlan + 2 + i) for i, t in enumerate(types)]
-    prog += [(BPF_RET_K, 0, 0, BPF_DROP), (BPF_RET_K, 0, 0, BPF_ACCEPT)]
-    return prog
-
-
-def host_only(program: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """``program`` (from :func:`bpf_program`) that also drops frames addressed to other hosts (PACKET_OTHERHOST:
-    flooded unicast a bridge or a promiscuous port lets through), so a port takes only what is sent to it."""
-    code, jt, jf, k = program[1]  # jeq PACKET_OUTGOING: jt is the drop, jf the next instruction
-    drop = 2 + jt  # absolute index of the drop before the insertion
-    check_other = (BPF_JEQ_K, (drop + 1) - 2 - 1, 0, PACKET_OTHERHOST)  # A still holds the packet type
-    return [program[0], (code, jt + 1, jf, k), check_other, *program[2:]]
-
-
-def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
-    """Attach a classic BPF program to ``sock`` (SO_ATTACH_FILTER)."""
-    insns = (_SockFilter * len(program))(*(_SockFilter(*insn) for insn in program))
-    fprog = _SockFprog(len(program), ctypes.cast(insns, ctypes.POINTER(_SockFilter)))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))  # the kernel copies insns during the call
-
-
-def with_vlan_tag(frame: bytes | memoryview, tci: int, tpid: int) -> bytes:
-    """``frame`` with the tag the kernel took into metadata put back after the MAC addresses."""
-    return bytes(frame[: 2 * ETH_ALEN]) + _VLAN_TAG.pack(tpid, tci) + bytes(frame[2 * ETH_ALEN :])
+def restore_vlan_tag(frame: bytes | memoryview, status: int, tci: int, tpid: int) -> bytes:
+    """``frame`` as it was on the wire: the VLAN tag the kernel took into metadata (``status``, ``tci`` and ``tpid``
+    of the auxiliary data or of the ring's frame header, ``status`` having ``TP_STATUS_VLAN_VALID``) put back after
+    the MAC addresses. The TPID is 802.1Q when the kernel did not record one."""
+    if not status & TP_STATUS_VLAN_TPID_VALID:
+        tpid = ETH_P_8021Q
+    return bytes(frame[:_VLAN_AT]) + _VLAN_TAG.pack(tpid, tci) + bytes(frame[_VLAN_AT:])
 
 
 class RxBlock(NamedTuple):
@@ -213,230 +130,6 @@ class RxBlock(NamedTuple):
     tagged: list[bytes]
 
 
-def interface_mtu(sock: socket.socket, ifname: str) -> int:
-    """The MTU of ``ifname`` (in the namespace ``sock`` belongs to)."""
-    raw = fcntl.ioctl(sock.fileno(), SIOCGIFMTU, _IFREQ_MTU.pack(ifname.encode(), 0))
-    return int(_IFREQ_MTU.unpack(raw)[1])
-
-
-class TxRing:
-    """A PACKET_TX_RING (TPACKET_V2) on its own AF_PACKET socket bound to ``ifname``: queue, then flush.
-
-    ``frame_nr`` slots of ``frame_size`` bytes; a frame longer than ``frame_size - 32`` bytes or than the
-    interface's MTU plus its Ethernet header (4 more with a VLAN tag) cannot be queued (ValueError). ``queue``
-    copies a frame into the next slot and marks it ``TP_STATUS_SEND_REQUEST``; when that slot is still the
-    kernel's it returns False (the ring is full: flush, then queue again). ``flush`` is one ``send()`` with
-    ``MSG_DONTWAIT``: the kernel transmits every requested slot in order and returns; it gives a slot back
-    (``TP_STATUS_AVAILABLE``) once the frame's buffer is freed. A slot the kernel could not take then (socket send
-    buffer full) stays requested and goes with the next flush. ``PACKET_LOSS`` is set, so a frame the kernel finds
-    malformed is skipped rather than stopping the ring (the length checks above keep those out).
-
-    Counters: ``queued`` (frames copied in), ``sent`` (frames the kernel took, seen after each flush), ``flushes``,
-    ``full`` (queue refusals for want of a slot), ``errors`` (flush failures by errno name).
-    """
-
-    def __init__(
-        self,
-        ifname: str,
-        *,
-        netns: str | None = None,
-        frame_size: int = DEFAULT_TX_FRAME_SIZE,
-        frame_nr: int = DEFAULT_TX_FRAMES,
-        qdisc_bypass: bool = False,
-        sndbuf: int | None = None,
-    ) -> None:
-        if frame_size < TPACKET2_DATA + ETH_HLEN or frame_size % TPACKET_ALIGNMENT:
-            raise ValueError(f"frame_size must be a multiple of {TPACKET_ALIGNMENT} above {TPACKET2_DATA + ETH_HLEN}")
-        if frame_nr <= 0:
-            raise ValueError("frame_nr must be positive")
-        # Blocks of whole frames, a page multiple: one block of page size for small frames, else frame_size pages.
-        block_size = math.lcm(frame_size, mmap.PAGESIZE)
-        per_block = block_size // frame_size
-        frame_nr = -(-frame_nr // per_block) * per_block
-        self.ifname = ifname
-        self.frame_size, self.frame_nr = frame_size, frame_nr
-        self._ring: mmap.mmap | None = None
-        self._slots: np.ndarray | None = None  # (frame_nr, frame_size) uint8 view of the ring
-        self._words: np.ndarray | None = None  # the ring as uint32, for the slot headers
-        self._head = 0  # the next slot to fill
-        self._kernel = 0  # the first slot requested and not yet taken by the kernel
-        self.pending = 0  # slots requested and not yet taken
-        self.queued = self.sent = self.flushes = self.full = 0
-        self.errors: dict[str, int] = {}
-        with entered(netns):
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            try:
-                sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-                sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
-                if qdisc_bypass:
-                    sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
-                room = sndbuf if sndbuf is not None else frame_nr * (frame_size + 512)
-                try:  # room for the whole ring in flight; root may go past net.core.wmem_max
-                    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, room)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, room)
-                sock.setsockopt(SOL_PACKET, PACKET_TX_RING, _REQ.pack(block_size, frame_nr // per_block, frame_size,
-                                                                      frame_nr))  # fmt: skip
-                ring = mmap.mmap(
-                    sock.fileno(), frame_size * frame_nr, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
-                )
-                self._ring = ring
-                self._slots = np.frombuffer(ring, dtype=np.uint8).reshape(frame_nr, frame_size)
-                self._words = self._slots.reshape(-1).view(np.uint32)
-                sock.bind((ifname, 0))  # protocol 0: the socket receives nothing
-                self.mtu = interface_mtu(sock, ifname)
-            except BaseException:
-                self._unmap()
-                sock.close()
-                raise
-        self._sock = sock
-        self.max_frame = min(frame_size - TPACKET2_DATA, self.mtu + ETH_HLEN + VLAN_HLEN)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def _live_words(self) -> np.ndarray:
-        if self._words is None:
-            raise ValueError("the TX ring is closed")
-        return self._words
-
-    def _fits(self, frame: bytes | memoryview | np.ndarray) -> int:
-        n = len(frame)
-        if n < ETH_HLEN or n > self.max_frame:
-            raise ValueError(f"a frame of {n} bytes cannot be sent on {self.ifname} (at most {self.max_frame})")
-        if n > self.mtu + ETH_HLEN and bytes(frame[12:14]) not in (b"\x81\x00", b"\x88\xa8"):
-            raise ValueError(f"a frame of {n} bytes exceeds the MTU of {self.ifname} ({self.mtu})")
-        return n
-
-    def queue(self, frame: bytes | memoryview | np.ndarray) -> bool:
-        """Copy ``frame`` (bytes, a byte memoryview or a contiguous uint8 array) into the next slot; False when that
-        slot is not free (flush, then try again). ValueError when the frame can never be sent here."""
-        ring = self._ring
-        if ring is None:
-            raise ValueError("the TX ring is closed")
-        n = self._fits(frame)
-        at = self._head * self.frame_size
-        if _U32.unpack_from(ring, at)[0] != TP_STATUS_AVAILABLE:
-            self.full += 1
-            return False
-        ring[at + TPACKET2_DATA : at + TPACKET2_DATA + n] = frame.data if isinstance(frame, np.ndarray) else frame
-        _TX_HDR.pack_into(ring, at, TP_STATUS_SEND_REQUEST, n, n)
-        self._head = (self._head + 1) % self.frame_nr
-        self.pending += 1
-        self.queued += 1
-        return True
-
-    def queue_block(self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> int:
-        """Queue frames ``buf[starts[i] : starts[i] + lengths[i]]`` in order, as many as there are free slots in a
-        row; returns how many (from the first). ``buf`` is a 1-D uint8 array; the copy is a few numpy operations
-        whatever the number of frames. ValueError (nothing queued) when a frame can never be sent here."""
-        slots, words = self._slots, self._words
-        if slots is None or words is None:
-            raise ValueError("the TX ring is closed")
-        n = len(starts)
-        if n == 0:
-            return 0
-        starts = np.asarray(starts, dtype=np.int64)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if int(lengths.min()) < ETH_HLEN or int(lengths.max()) > self.mtu + ETH_HLEN:
-            for s, length in zip(starts.tolist(), lengths.tolist(), strict=True):  # the slow check, per frame
-                self._fits(buf[s : s + length])
-        nr, stride = self.frame_nr, self.frame_size // 4
-        n = min(n, nr)
-        index = np.arange(self._head, self._head + n, dtype=np.int64)
-        index[index >= nr] -= nr
-        free = words[index * stride] == TP_STATUS_AVAILABLE
-        if not free[0]:
-            self.full += 1
-            return 0
-        if not free.all():
-            n = int(np.argmin(free))
-            index, self.full = index[:n], self.full + 1
-        starts, lengths = starts[:n], lengths[:n]
-        self._copy(slots, buf, index, starts, lengths)
-        head = index * stride
-        words[head + 1] = lengths
-        words[head + 2] = lengths
-        words[head] = TP_STATUS_SEND_REQUEST
-        self._head = (self._head + n) % nr
-        self.pending += n
-        self.queued += n
-        return n
-
-    def _copy(
-        self, slots: np.ndarray, buf: np.ndarray, index: np.ndarray, starts: np.ndarray, lengths: np.ndarray
-    ) -> None:
-        """Copy each frame into its slot: frames are grouped by their length rounded up to 64 bytes and each group
-        is one gather (a window of that width at each start, row by row) and one scatter into the slots. Bytes past
-        a frame's end ride along harmlessly (the slot's tp_len says where the frame ends); a frame whose window
-        would run past the end of ``buf`` is copied alone."""
-        width = np.minimum((lengths + (_TX_COPY_ROUND - 1)) // _TX_COPY_ROUND * _TX_COPY_ROUND,
-                           self.frame_size - TPACKET2_DATA)  # fmt: skip
-        inside = starts + width <= len(buf)
-        if not inside.all():
-            for k in np.flatnonzero(~inside).tolist():
-                s, length = int(starts[k]), int(lengths[k])
-                slots[index[k], TPACKET2_DATA : TPACKET2_DATA + length] = buf[s : s + length]
-            index, starts, width = index[inside], starts[inside], width[inside]
-        if not len(index):
-            return
-        if not buf.flags.c_contiguous:
-            buf = np.ascontiguousarray(buf)
-        first = int(width[0])
-        groups = [first] if bool((width == first).all()) else np.unique(width).tolist()
-        for w in groups:
-            rows = slice(None) if len(groups) == 1 else width == w
-            # every window of w bytes of buf (what sliding_window_view gives, without its overhead), gathered by row
-            windows = np.ndarray((len(buf) - w + 1, w), dtype=np.uint8, buffer=buf, strides=(1, 1))
-            slots[index[rows], TPACKET2_DATA : TPACKET2_DATA + w] = windows[starts[rows]]
-
-    def flush(self, errors: dict[str, int] | None = None) -> int:
-        """Have the kernel send every queued frame (one ``send()``; a few more while a call takes some but not
-        all); returns how many it took. Failures are counted in ``self.errors`` (and ``errors`` when given) by
-        errno name, never raised."""
-        if self.pending == 0:
-            return 0
-        words = self._live_words()
-        stride, nr, taken = self.frame_size // 4, self.frame_nr, 0
-        for _ in range(4):
-            self.flushes += 1
-            try:
-                self._sock.send(b"", socket.MSG_DONTWAIT)
-            except OSError as exc:
-                name = errno.errorcode.get(exc.errno or 0, "error").lower()
-                self.errors[name] = self.errors.get(name, 0) + 1
-                _count_into(errors, name)
-            index = np.arange(self._kernel, self._kernel + self.pending, dtype=np.int64)
-            index[index >= nr] -= nr
-            still = words[index * stride] == TP_STATUS_SEND_REQUEST
-            now = int(np.argmax(still)) if still.any() else self.pending
-            self._kernel = (self._kernel + now) % nr
-            self.pending -= now
-            taken += now
-            if not self.pending or not now:
-                break
-        self.sent += taken
-        return taken
-
-    def _unmap(self) -> None:
-        self._slots = self._words = None
-        if self._ring is not None:
-            with contextlib.suppress(BufferError):  # a view of the ring is alive: unmapped when the last one goes
-                self._ring.close()
-            self._ring = None
-
-    def close(self) -> None:
-        """Close the socket (frames not yet flushed are lost) and unmap the ring."""
-        self._unmap()
-        self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def _count_into(errors: dict[str, int] | None, name: str, n: int = 1) -> None:
     if errors is not None and n:
         errors[name] = errors.get(name, 0) + n
@@ -454,11 +147,11 @@ class _PacketSocket:
         netns: str | None,
         ring: bool,
         tx_ring: bool = False,
-        host_only_: bool = False,
+        host_only: bool = False,
     ) -> None:
         self.ifname = ifname
         self.accept = frozenset(accept) if accept is not None else None
-        self.host_only = host_only_
+        self.host_only = host_only
         self.drops: dict[str, int] = {}
         self.tx: TxRing | None = None  # the transmit ring when opened with tx_ring
         with entered(netns):  # the socket, the interface name and its index all belong to that namespace
@@ -470,7 +163,7 @@ class _PacketSocket:
                 sock.close()
                 raise
         self._sock = sock
-        self.mac: bytes = bytes(sock.getsockname()[4][:ETH_ALEN])
+        self.mac: bytes = bytes(sock.getsockname()[_ADDR_MAC][:ETH_ALEN])
         if tx_ring:
             try:
                 self.tx = TxRing(ifname, netns=netns)
@@ -480,8 +173,8 @@ class _PacketSocket:
 
     def _configure(self, sock: socket.socket, ifname: str, *, promisc: bool, ring: bool) -> None:
         """Filter, options and ring, then the bind; nothing is received before the filter is on."""
-        program = bpf_program(self.accept)
-        attach_filter(sock, host_only(program) if self.host_only else program)
+        program = socket_filter.bpf_program(self.accept)
+        socket_filter.attach_filter(sock, socket_filter.host_only(program) if self.host_only else program)
         try:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError as exc:  # before Linux 4.20: the filter alone drops our own frames
@@ -639,7 +332,7 @@ class PacketPort(_PacketSocket):
         host_only: bool = False,
     ) -> None:
         super().__init__(
-            ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring, host_only_=host_only
+            ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring, host_only=host_only
         )
         if rcvbuf is not None:
             try:  # root may go past net.core.rmem_max
@@ -653,6 +346,7 @@ class PacketPort(_PacketSocket):
         """Up to ``max_frames`` frames already queued, oldest first; never blocks."""
         frames: list[bytes] = []
         recvmsg_into, view, buffers = self._sock.recvmsg_into, self._view, [self._buf]
+        restore = restore_vlan_tag
         for _ in range(max_frames):
             try:
                 n, ancdata, flags, address = recvmsg_into(buffers, _AUX_SPACE)
@@ -664,7 +358,7 @@ class PacketPort(_PacketSocket):
             if flags & socket.MSG_TRUNC:
                 self._drop("truncated")
                 continue
-            if address[2] == PACKET_OUTGOING:
+            if address[_ADDR_PKTTYPE] == PACKET_OUTGOING:
                 self._drop("outgoing")
                 continue
             frame = bytes(view[:n])
@@ -672,7 +366,7 @@ class PacketPort(_PacketSocket):
                 if level == SOL_PACKET and kind == PACKET_AUXDATA and len(data) >= _AUXDATA.size:
                     status, _, _, _, _, tci, tpid = _AUXDATA.unpack_from(data)
                     if status & TP_STATUS_VLAN_VALID:
-                        frame = with_vlan_tag(frame, tci, tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q)
+                        frame = restore(frame, status, tci, tpid)
             frames.append(frame)
         return frames
 
@@ -688,6 +382,9 @@ class RingPort(_PacketSocket):
     may be mixed, even inside a block: a block goes back to the kernel once it has been walked to its end and every
     :class:`RxBlock` lent from it is released. A block still lent when the ring comes round to it again is not
     read (both methods return nothing) until it is released.
+
+    Counters: ``drops`` (frames skipped, by reason) and ``bulk_frames`` (frames :meth:`recv_block` found lying at
+    one stride and read with numpy rather than one by one: how well the block walk suits the traffic).
     """
 
     def __init__(
@@ -697,10 +394,10 @@ class RingPort(_PacketSocket):
         accept: Iterable[int] | None = None,
         promisc: bool = False,
         netns: str | None = None,
-        block_size: int = 1 << 18,
-        block_nr: int = 64,
-        frame_size: int = 2048,
-        retire_ms: int = 1,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_nr: int = DEFAULT_BLOCK_NR,
+        frame_size: int = DEFAULT_FRAME_SIZE,
+        retire_ms: int = DEFAULT_RETIRE_MS,
         tx_ring: bool = False,
         host_only: bool = False,
     ) -> None:
@@ -720,13 +417,15 @@ class RingPort(_PacketSocket):
         self._walked = [False] * block_nr  # per block: walked to its end, waiting for its views' release
         self._array: np.ndarray | None = None  # the whole ring as uint8, sliced into RxBlock views
         self._u16 = self._u32 = self._ramp = np.zeros(0, dtype=np.int64)  # set with _array (see _map_arrays)
+        self.bulk_frames = 0
         super().__init__(
-            ifname, accept=accept, promisc=promisc, netns=netns, ring=True, tx_ring=tx_ring, host_only_=host_only
+            ifname, accept=accept, promisc=promisc, netns=netns, ring=True, tx_ring=tx_ring, host_only=host_only
         )
 
     def _setup(self, sock: socket.socket) -> None:
         block_size, block_nr, frame_size, retire_ms = self._geometry
-        req = _REQ3.pack(block_size, block_nr, frame_size, block_size // frame_size * block_nr, retire_ms, 0, 0)
+        frame_nr = block_size // frame_size * block_nr
+        req = _REQ3.pack(block_size, block_nr, frame_size, frame_nr, retire_ms, 0, 0)  # no private area, no features
         sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
         self._ring = mmap.mmap(sock.fileno(), block_size * block_nr, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
@@ -746,7 +445,8 @@ class RingPort(_PacketSocket):
         if ring is None:
             raise ValueError("the port is closed")
         frames: list[bytes] = []
-        block_size, unpack_u32, unpack_hdr = self._block_size, _U32.unpack_from, _PKT_HDR.unpack_from
+        block_size, unpack_u32, unpack_hdr = self._block_size, _U32.unpack_from, _PKT_WALK.unpack_from
+        restore = restore_vlan_tag
         for _ in range(max_frames + self._block_nr):  # each turn copies a frame or gives back an empty block
             if len(frames) >= max_frames:
                 break
@@ -760,16 +460,15 @@ class RingPort(_PacketSocket):
                     self._release(ring, base)
                     continue
             at = self._at
-            next_offset, _, _, snaplen, length, status, mac, _, _, tci = unpack_hdr(ring, at)
+            next_offset, snaplen, length, status, mac, tci, tpid, pkttype = unpack_hdr(ring, at)
             if snaplen < length:
                 self._drop("truncated")
-            elif ring[at + SLL_PKTTYPE] == PACKET_OUTGOING:
+            elif pkttype == PACKET_OUTGOING:
                 self._drop("outgoing")
             else:
                 frame = ring[at + mac : at + mac + snaplen]
                 if status & TP_STATUS_VLAN_VALID:
-                    tpid = _PKT_VLAN_TPID.unpack_from(ring, at + PKT_VLAN_TPID)[0]
-                    frame = with_vlan_tag(frame, tci, tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q)
+                    frame = restore(frame, status, tci, tpid)
                 frames.append(frame)
             self._left -= 1
             self._at = at + next_offset
@@ -791,7 +490,7 @@ class RingPort(_PacketSocket):
             raise ValueError("the port is closed")
         if max_frames is not None and max_frames < 1:
             raise ValueError("max_frames must be at least 1")
-        limit = max_frames if max_frames is not None else 1 << 62
+        limit = max_frames if max_frames is not None else _NO_LIMIT
         array = self._array
         if array is None:
             array = self._map_arrays(ring)
@@ -840,7 +539,7 @@ class RingPort(_PacketSocket):
         starts_parts: list[np.ndarray] = []
         lengths_parts: list[np.ndarray] = []
         tagged: list[bytes] = []
-        walk = _PKT_WALK.unpack_from
+        walk, restore = _PKT_WALK.unpack_from, restore_vlan_tag
         left, stretch = take, 2 * _RUN_MIN
         while left:
             if left >= _RUN_MIN:
@@ -850,6 +549,7 @@ class RingPort(_PacketSocket):
                     starts_parts.append(run_starts)
                     lengths_parts.append(run_lengths)
                     left -= n
+                    self.bulk_frames += n
                     stretch = 2 * _RUN_MIN
                     continue
             # One by one for a stretch that doubles while the frames keep differing, then try numpy again.
@@ -869,10 +569,7 @@ class RingPort(_PacketSocket):
                 elif pkttype == PACKET_OUTGOING:
                     self._drop("outgoing")
                 else:
-                    frame = ring[at + mac : at + mac + snaplen]
-                    tagged.append(
-                        with_vlan_tag(frame, tci, tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q)
-                    )
+                    tagged.append(restore(ring[at + mac : at + mac + snaplen], status, tci, tpid))
                 at += next_offset
             starts_parts.append(np.array(starts, dtype=np.int64))
             lengths_parts.append(np.array(lengths, dtype=np.int64))
@@ -904,12 +601,12 @@ class RingPort(_PacketSocket):
                 return None
             offs = offs[:count]
         words = offs >> 2
-        snaplen = u32[words + 3]
-        plain = (snaplen == u32[words + 4]) & ((u32[words + 5] & TP_STATUS_VLAN_VALID) == 0)
+        snaplen = u32[words + _SNAPLEN_WORD]
+        plain = (snaplen == u32[words + _LEN_WORD]) & ((u32[words + _STATUS_WORD] & TP_STATUS_VLAN_VALID) == 0)
         plain &= u8[offs + SLL_PKTTYPE] != PACKET_OUTGOING
         if not plain.all():
             return None
-        starts = offs + u16[(offs + 24) >> 1] - base
+        starts = offs + u16[(offs + TP_MAC) >> 1] - base
         return count, starts, snaplen.astype(np.int64), int(offs[-1]) + int(nexts[count - 1])
 
     def _give_back(self, index: int) -> None:
@@ -958,7 +655,7 @@ def open_port(
 ) -> PacketPort | RingPort:
     """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
     adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`; ``host_only`` leaves out frames
-    addressed to other hosts (see :func:`host_only`)."""
+    addressed to other hosts (see :func:`~mplslb.drivers.socket_filter.host_only`)."""
     if ring:
         return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only)
     return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only)
