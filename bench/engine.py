@@ -49,6 +49,8 @@ from frames import ACK, SYN, build, c2s_of_flow, client_ip, frame_block, make_co
 from mplslb.balancer import Balancer
 from mplslb.labels import PAIRS
 from mplslb.switching import LABEL_SPACE, WATCH_ALL
+from mplslb.switching.block import BlockTables
+from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
 Frames = list[tuple[int, bytes]]
@@ -154,10 +156,7 @@ class World:
 def minimal_switch(balancer: Balancer) -> Callable[[Frames], int]:
     """The floor for a one-frame label switch in pure Python: unpack the label entry, index the table (the
     balancer's own rewrite and out_port arrays), join the new frame. No checks, no counters."""
-    import struct
-
-    entry_struct = struct.Struct("!I")
-    unpack, pack, join = entry_struct.unpack_from, entry_struct.pack, b"".join
+    unpack, pack, join = ENTRY.unpack_from, ENTRY.pack, b"".join
     rewrite, out_port = balancer.switching.rewrite, balancer.switching.out_port
     mpls = b"\x88\x47"
 
@@ -165,9 +164,9 @@ def minimal_switch(balancer: Balancer) -> Callable[[Frames], int]:
         out: list[tuple[int, bytes]] = []
         append = out.append
         for _port, frame in frames:
-            (entry,) = unpack(frame, 14)
-            label = entry >> 12
-            append((out_port[label], join((rewrite[label], mpls, pack(entry - 1), frame[18:]))))
+            (entry,) = unpack(frame, LSE_AT)
+            label = entry >> LABEL_SHIFT
+            append((out_port[label], join((rewrite[label], mpls, pack(entry - 1), frame[IP_AT:]))))
         return len(frames)
 
     return run
@@ -446,7 +445,7 @@ def section_new(world: World) -> list[Row]:
     existing = build(world.live(world.tcp, kn), flags=ACK, payload=b"")
     floor_frames = build(range(PAIRS, PAIRS + kn), flags=SYN)
     rows: list[Row] = []
-    mirrors = b.switching._block is not None if hasattr(b.switching, "_block") else False
+    mirrors = any(isinstance(m, BlockTables) for m in b.switching.mirrors)
     for with_mirrors in (False, True):
         if with_mirrors and not mirrors and not ensure_block_tables(b):
             break
