@@ -273,7 +273,7 @@ class Balancer:
             if a.payload_len and self.sessions.request_seen(session, now):
                 self._learn_l7(session, a)
             self._to_server(session, frame, a, now, out)
-            if a.tcp_flags > 0:
+            if a.tcp_flags > 0 and a.tcp_flags & (FIN | RST):
                 self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
