@@ -49,7 +49,7 @@ SHORT_LOADS = (0.5, 0.8, 0.95)
 ADMISSION_LOADS = (0.8, 0.9, 0.95, 1.0, 1.1)
 ADMISSION_LIMIT = 6  # per-server live sessions: 2 workers busy and about 4 sessions waiting
 HEADLINE = ("heterogeneous", 0.8)
-NEW_ALGORITHM = "expected_delay"
+NEW_ALGORITHM = "shortest_expected_delay"
 SERIES_WINDOWS = 40
 
 
