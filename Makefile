@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit debs bench clean
+.PHONY: demo test lint typecheck unit debs bench study clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: $(STAMP) debs
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_DEBS) >/dev/null; }
 	@[ -x $(BIN)/py-spy ] || $(BIN)/pip install --quiet py-spy
 	$(BIN)/python bench/run.py
+
+# How well does it balance? Simulates every algorithm over a grid of scenarios (about 6 minutes on the 2-core
+# reference machine) and writes docs/study.md with its figures in docs/study/.
+study: $(STAMP)
+	$(BIN)/mplslb study --output docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

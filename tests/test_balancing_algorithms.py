@@ -32,6 +32,7 @@ ALL_NAMES = [
     "power_of_two",
     "response_time",
     "round_robin",
+    "shortest_expected_delay",
     "source_hash",
     "weighted_least_connections",
     "weighted_round_robin",
@@ -427,3 +428,27 @@ def test_power_of_two_takes_the_less_loaded_per_weight_of_two() -> None:
     a.active, b.active = 2, 4  # 2/1 against 4/4
     algorithm = make_algorithm("power_of_two", seed=123)
     assert all(pick(algorithm, pool, keep=False) is b for _ in range(20))
+
+
+def test_shortest_expected_delay_prefers_capacity_when_idle() -> None:
+    # Weights 1, 2, 4 and nobody busy: wlc would rotate from the first; sed goes to the weight-4 server.
+    pool = pool_of(1, 2, 4)
+    algorithm = make_algorithm("shortest_expected_delay")
+    assert pick(algorithm, pool).name == "s2"
+
+
+def test_shortest_expected_delay_counts_the_new_session() -> None:
+    # Weights 1, 2, 4; scores (active + 1) / weight, ties rotating from after the last choice:
+    # (1, 1/2, 1/4) s2; (1, 1/2, 1/2) tie, s1 comes first after s2; (1, 1, 1/2) s2; (1, 1, 3/4) s2;
+    # (1, 1, 1) tie, s0 first after s2; (2, 1, 1) tie, s1 first after s0; (2, 3/2, 1) s2.
+    pool = pool_of(1, 2, 4)
+    algorithm = make_algorithm("shortest_expected_delay")
+    assert [pick(algorithm, pool).name for _ in range(7)] == ["s2", "s1", "s2", "s2", "s0", "s1", "s2"]
+
+
+def test_shortest_expected_delay_matches_wlc_with_equal_weights() -> None:
+    pool_a, pool_b = pool_of(1, 1, 1), pool_of(1, 1, 1)
+    sed, wlc = make_algorithm("shortest_expected_delay"), make_algorithm("weighted_least_connections")
+    for i in range(30):
+        a, b = pick(sed, pool_a, keep=i % 3 != 0), pick(wlc, pool_b, keep=i % 3 != 0)
+        assert a.name == b.name

@@ -155,6 +155,34 @@ def print_report(report: SimReport, console: Console) -> None:
         )
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="A small study (seconds): fewer sessions, seeds and loads.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("docs"),
+    show_default=True,
+    help="Writes OUTPUT/study.md and the figures in OUTPUT/study/.",
+)
+@click.option("--jobs", type=click.IntRange(min=0), default=0, help="Processes (0: one per CPU).")
+@click.option(
+    "--trace",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The request log to replay (default: ../shared/data/traces/nasa_19950801.tsv beside the repository).",
+)
+def study(quick: bool, output: Path, jobs: int, trace: Path | None) -> None:
+    """How well does it balance? Simulate every algorithm over a grid of scenarios; write plots and a report."""
+    from mplslb.study.markdown import consistency_ok, write_study
+    from mplslb.study.report import DEFAULT_TRACE, StudyOptions
+
+    trace = trace or DEFAULT_TRACE
+    options = StudyOptions.quick_options(trace, jobs) if quick else StudyOptions(jobs=jobs, trace=trace)
+    results = write_study(options, output, click.echo)
+    if not consistency_ok(results):
+        raise click.ClickException("some sessions changed server through a pool change: see the report")
+
+
 # -- the real network: daemon, agents, status, lab ------------------------------------------------------------
 def _enter_netns(name: str | None) -> None:
     """Move this (still single-threaded) process into network namespace ``name``."""

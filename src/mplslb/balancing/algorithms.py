@@ -40,6 +40,7 @@ __all__ = [
     "PowerOfTwo",
     "ResponseTime",
     "RoundRobin",
+    "ShortestExpectedDelay",
     "SourceHash",
     "WeightedLeastConnections",
     "WeightedRoundRobin",
@@ -264,6 +265,34 @@ class ResponseTime(_Rotating):
                 if best is None or score < best_score:
                     best, best_score = server, score
         assert best is not None
+        return self._chosen(best)
+
+
+@register
+class ShortestExpectedDelay(_Rotating):
+    """IPVS ``sed``: the eligible server with the smallest ``(active + 1) / weight``; ties rotate.
+
+    The ``+ 1`` counts the new session itself: it is the delay the new session expects on a server whose
+    weight is its capacity. Compared with ``weighted_least_connections`` (``active / weight``) it differs when
+    servers are idle or nearly so: with 0 sessions everywhere wlc picks whichever comes next in rotation, even a
+    weight-1 server, while sed picks the largest weight, where the session is served fastest. The study measured
+    a lower p99 than wlc with unequal capacities, and the same choice with equal weights.
+    """
+
+    name = "shortest_expected_delay"
+
+    def choose(self, pool: ServerPool, key: FlowKey, now: float) -> Server | None:
+        servers = pool.eligible()
+        if not servers:
+            return None
+        n = len(servers)
+        start = _first_after(servers, self._last)
+        best = servers[start]
+        for i in range(1, n):
+            server = servers[(start + i) % n]
+            # (a + 1) / w < (b + 1) / v without division, as IPVS compares.
+            if (server.active + 1) * best.weight < (best.active + 1) * server.weight:
+                best = server
         return self._chosen(best)
 
 
