@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mplslb.balancing.algorithms import FlowKey, make_algorithm
+from mplslb.balancing.algorithms import make_algorithm
 from mplslb.balancing.servers import ServerConfig, ServerPool, ServerStatus
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
+from mplslb.flow import FlowKey
 from mplslb.sim.hosts import Received
 from mplslb.sim.scenario import CAPTURE_EPOCH, ServerSpec, SimConfig, SimEvent, Workload, run
 from mplslb.study.metrics import consistency_fraction

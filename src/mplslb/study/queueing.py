@@ -46,8 +46,9 @@ import numpy as np
 import numpy.typing as npt
 
 from mplslb.balancing.admission import AdmissionControl
-from mplslb.balancing.algorithms import FlowKey, algorithm_names, make_algorithm
+from mplslb.balancing.algorithms import algorithm_names, make_algorithm
 from mplslb.balancing.servers import Server, ServerConfig, ServerPool
+from mplslb.flow import FlowKey
 from mplslb.study.metrics import percentile
 
 __all__ = [
