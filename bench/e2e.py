@@ -58,11 +58,13 @@ def missing_requirements() -> str:
     return ""
 
 
-def run_wrk(lab: Any, client: int, url: str, *, seconds: int, connections: int) -> dict[str, float]:
+def run_wrk(
+    lab: Any, client: int, url: str, *, seconds: int, connections: int, header: tuple[str, ...] = ()
+) -> dict[str, float]:
     """wrk from a client namespace (one thread); the figures it prints, parsed as Lab.wrk does."""
     out = lab.run_in(
         lab.client_ns(client),
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *header, url],
         timeout=seconds + 30,
     ).stdout
     figures: dict[str, float] = {}
@@ -237,65 +239,163 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-#: The balancer's receive path in each lab: a TPACKET_V3 ring (``ring = true``: blocks handed over when full or when
-#: the retire timer fires, 1 ms rounded up to a jiffy, 4 ms at HZ=250; with the zero-copy block path and a TX ring)
-#: and the shipped default, a plain packet socket (``ring = false``), which hands over every frame at once.
-VARIANTS = (("ring", "TPACKET_V3 ring (ring = true)"), ("plain", "plain socket (default)"))
+#: wrk's two ways of using connections: keep-alive (every request on the 16 or 64 open connections) and one
+#: connection per request (``Connection: close``: a new session, a new pair of labels, for every request).
+MODES = (("keep-alive", ()), ("close", ("-H", "Connection: close")))
+#: Sysctls set in the client and balancer namespaces for every variant alike: without them one connection per
+#: request exhausts the client's ports within a second and every variant, the references too, collapses.
+CLOSE_SYSCTLS = (("ipv4/ip_local_port_range", "1024 65535"), ("ipv4/tcp_tw_reuse", "1"))
+BULK_FILE = "big"
+BULK_BYTES = 1 << 30
+BULK_STREAMS = 16
+
+
+def lab_variants() -> list[tuple[str, str, dict[str, Any]]]:
+    """The mplslb configurations measured: (key, description, LabSpec fields)."""
+    from mplslb.lab import LabSpec
+
+    fields = getattr(LabSpec, "__dataclass_fields__", {})
+    if "datapath" in fields:
+        return [
+            ("kernel", "kernel endpoints", {"datapath": "kernel"}),
+            ("kernel+xdp", "kernel endpoints, offload = kernel", {"datapath": "kernel", "offload": "kernel"}),
+            ("tun", "TUN agents", {"datapath": "tun"}),
+        ]
+    return [("tun", "TUN agents", {}), ("tun+xdp", "TUN agents, offload = kernel", {"offload": "kernel"})]
+
+
+def set_sysctls(lab: Any, namespaces: list[str]) -> None:
+    for ns in namespaces:
+        for path, value in CLOSE_SYSCTLS:
+            lab.run_in(ns, ["sh", "-c", f"echo '{value}' > /proc/sys/net/{path}"], check=True)
+
+
+def route_direct(lab: Any) -> str:
+    """Let client 1 reach server 1's own address through the balancer's namespace by kernel IP forwarding (no
+    balancer at all: the testbed's physical limit); returns that server's URL."""
+    from pyroute2 import NetNS
+
+    lab.run_in(lab.lb, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"], check=True)
+    with NetNS(lab.client_ns(0)) as ns:
+        ns.route("add", dst="10.78.0.0/16", gateway="10.77.0.1")
+    with NetNS(lab.server_ns(0)) as ns:
+        ns.route("add", dst="10.77.0.0/24", gateway="10.78.0.1")
+    return f"http://{lab.server_addr(0)}/"
+
+
+def make_bulk_files(lab: Any, servers: int) -> None:
+    """A sparse 1 GiB file on every server: nginx reads zeros from the page cache, the network moves the bytes."""
+    for j in range(servers):
+        path = lab.dir / lab.server_name(j) / "www" / BULK_FILE
+        with open(path, "wb") as fh:
+            fh.truncate(BULK_BYTES)
+
+
+def bulk(lab: Any, url: str, *, streams: int, seconds: float, procs: dict[str, list[int]]) -> dict[str, float]:
+    """``streams`` parallel downloads of the big file (each cut at ``seconds``): MB/s in all, bytes, CPU seconds."""
+    curl = f"curl -s -o /dev/null --max-time {seconds} -w '%{{size_download}}\\n' {url}{BULK_FILE}"
+    script = " & ".join([curl] * streams) + " & wait"
+    before, t0 = cpu_snapshot(procs), time.monotonic()
+    out = lab.run_in(lab.client_ns(0), ["sh", "-c", script], timeout=seconds + 30).stdout
+    elapsed = time.monotonic() - t0
+    after = cpu_snapshot(procs)
+    moved = sum(float(x) for x in out.split() if x.strip().replace(".", "", 1).isdigit())
+    hz = os.sysconf("SC_CLK_TCK")
+    cpu = {k: (after[k] - before.get(k, 0)) / hz for k in after}
+    return {"mb_per_s": moved / 1e6 / elapsed, "bytes": moved, "seconds": elapsed, "cpu_s": sum(cpu.values())} | {
+        f"cpu_s_{k}": v for k, v in cpu.items()
+    }
+
+
+Cell = tuple[dict[str, float], list[dict[str, float]], dict[str, float]]
+
+
+def measure_grid(
+    lab: Any, url: str, *, seconds: int, repeats: int, connections: tuple[int, ...], deadline: float,
+    extra_procs: dict[str, list[int]] | None = None,
+) -> dict[tuple[str, int], Cell]:  # fmt: skip
+    """wrk for every mode and connection count: the median figures, every run, the CPU seconds per request of
+    each process (lab processes, and ``extra_procs`` such as HAProxy)."""
+    grid: dict[tuple[str, int], Cell] = {}
+    procs = lab_processes(lab) | (extra_procs or {})
+    hz = os.sysconf("SC_CLK_TCK")
+    for mode, header in MODES:
+        for conns in connections:
+            if time.monotonic() + seconds * repeats + 5 > deadline:
+                return grid
+            run_wrk(lab, 0, url, seconds=1, connections=conns, header=header)  # warm-up
+            runs: list[dict[str, float]] = []
+            before = cpu_snapshot(procs)
+            for _ in range(repeats):
+                runs.append(run_wrk(lab, 0, url, seconds=seconds, connections=conns, header=header))
+            after = cpu_snapshot(procs)
+            served = sum(r.get("requests", 0.0) for r in runs) or 1.0
+            cpu = {k: (after[k] - before.get(k, 0)) / hz / served * 1e6 for k in after}  # us per request
+            grid[(mode, conns)] = (median_runs(runs), runs, cpu)
+    return grid
 
 
 def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list[Row]:
     cmd = command_for("e2e", quick)
     reason = missing_requirements()
+    variants = lab_variants()
     if reason:
-        return [
-            skipped("e2e", f"e2e {figure}, {what}", reason, command=cmd)
-            for _, what in VARIANTS
-            for figure in ("requests/s", "p99 latency", "p50 latency")
-        ]
+        return [skipped("e2e", f"e2e requests/s, {what}", reason, command=cmd) for _, what, _ in variants]
     from mplslb.lab import VIP4, Lab, LabSpec
 
-    class PlainSocketLab(Lab):
-        def balancer_toml(self) -> str:
-            return "ring = false\n" + super().balancer_toml()
-
-    class RingLab(Lab):
-        def balancer_toml(self) -> str:
-            return "ring = true\n" + super().balancer_toml()
-
-    seconds, repeats, connections = (2, 1, 16) if quick else (5, 3, 16)
-    deadline = time.monotonic() + (120.0 if quick else 300.0)
+    seconds, repeats, connections = (1, 1, (16,)) if quick else (3, 2, (16, 64))
+    bulk_seconds = 3.0 if quick else 8.0
+    deadline = time.monotonic() + (150.0 if quick else 420.0)
     servers = 3
     mplslb_url = f"http://{VIP4}/"
     haproxy_url = f"http://10.77.0.1:{HAPROXY_PORT}/"
-    ours: dict[str, tuple[dict[str, float], list[dict[str, float]], dict[str, float]]] = {}
-    theirs: tuple[dict[str, float], list[dict[str, float]], dict[str, float]] | None = None
-    extra: dict[str, Any] = {"seconds": seconds, "connections": connections}
+    ours: dict[str, dict[tuple[str, int], Cell]] = {}
+    refs: dict[str, dict[tuple[str, int], Cell]] = {}
+    bulks: dict[str, dict[int, dict[str, float]]] = {}
+    extra: dict[str, Any] = {"seconds": seconds, "repeats": repeats}
     failures: dict[str, str] = {}
-    for index, (key, what) in enumerate(VARIANTS):
-        last = index == len(VARIANTS) - 1
-        lab_class = PlainSocketLab if key == "plain" else RingLab
-        lab = lab_class(LabSpec(name=f"bn{os.getpid() % 10**5}{index}", clients=1, servers=servers), root=LAB_ROOT)
+    for index, (key, what, fields) in enumerate(variants):
+        first = index == 0
+        lab = Lab(LabSpec(name=f"bn{os.getpid() % 10**5}{index}", clients=1, servers=servers, **fields), root=LAB_ROOT)
         haproxy: subprocess.Popen[bytes] | None = None
         paused = False
         try:
             t0 = time.monotonic()
             lab.up()
+            set_sysctls(lab, [lab.client_ns(0), lab.lb])
+            make_bulk_files(lab, servers)
             wait_until(lambda lab=lab: http_ok(lab, 0, mplslb_url), 30, "the VIP to answer through the balancer")
             log(f"e2e: lab ({what}) up in {time.monotonic() - t0:.1f} s; wrk through mplslb ...")
-            ours[key] = measure(
-                lab, mplslb_url, seconds=seconds, connections=connections, repeats=repeats, deadline=deadline
+            ours[key] = measure_grid(
+                lab, mplslb_url, seconds=seconds, repeats=repeats, connections=connections, deadline=deadline
             )
-            if profile and last and time.monotonic() + 30 < deadline:
-                extra["profile"] = profile_lab(lab, mplslb_url, seconds=4, connections=connections)
-            if last:  # HAProxy once, on the same namespaces and nginx servers
-                log("e2e: wrk through HAProxy ...")
+            procs = lab_processes(lab)
+            bulks[key] = {n: bulk(lab, mplslb_url, streams=n, seconds=bulk_seconds, procs=procs)
+                          for n in (1, BULK_STREAMS)}  # fmt: skip
+            if profile and first and time.monotonic() + 30 < deadline:
+                extra["profile"] = profile_lab(lab, mplslb_url, seconds=4, connections=16)
+            if first:  # the references once, on the same namespaces and nginx servers, the balancer paused
                 os.kill(lab.state.pids["balancer"], signal.SIGSTOP)
                 paused = True
+                log("e2e: wrk through HAProxy ...")
                 haproxy = start_haproxy(lab, servers)
                 wait_until(lambda lab=lab: http_ok(lab, 0, haproxy_url), 15, "HAProxy to answer")
-                theirs = measure(
-                    lab, haproxy_url, seconds=seconds, connections=connections, repeats=repeats, deadline=deadline + 60
-                )
+                hp = {"haproxy": [haproxy.pid, *_children(haproxy.pid)]}
+                refs["haproxy"] = measure_grid(
+                    lab, haproxy_url, seconds=seconds, repeats=repeats, connections=connections,
+                    deadline=deadline + 60, extra_procs=hp,
+                )  # fmt: skip
+                bulks["haproxy"] = {n: bulk(lab, haproxy_url, streams=n, seconds=bulk_seconds, procs=procs | hp)
+                                    for n in (1, BULK_STREAMS)}  # fmt: skip
+                stop(haproxy)
+                haproxy = None
+                log("e2e: wrk straight to one nginx (no balancer) ...")
+                direct_url = route_direct(lab)
+                wait_until(lambda lab=lab, url=direct_url: http_ok(lab, 0, url), 15, "the server to answer")
+                refs["direct"] = measure_grid(lab, direct_url, seconds=seconds, repeats=repeats,
+                                              connections=connections, deadline=deadline + 120)  # fmt: skip
+                bulks["direct"] = {n: bulk(lab, direct_url, streams=n, seconds=bulk_seconds, procs=procs)
+                                   for n in (1, BULK_STREAMS)}  # fmt: skip
         except Exception as exc:
             log(f"e2e: {what}: failed: {exc!r}")
             failures[key] = f"lab run failed: {exc!r}"[:300]
@@ -307,51 +407,83 @@ def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list
             problems = lab.down()
             if problems:
                 log(f"e2e: lab down: {problems}")
+    return e2e_rows(variants, ours, refs, bulks, failures, extra, cmd)
+
+
+def _busy(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.5)
+
+
+def e2e_rows(
+    variants: list[tuple[str, str, dict[str, Any]]],
+    ours: dict[str, dict[tuple[str, int], Cell]],
+    refs: dict[str, dict[tuple[str, int], Cell]],
+    bulks: dict[str, dict[int, dict[str, float]]],
+    failures: dict[str, str],
+    extra: dict[str, Any],
+    cmd: str,
+) -> list[Row]:
+    """One row per variant, mode and connection count against HAProxy (and one against no balancer), the p99
+    against HAProxy's, and the bulk transfers."""
     rows: list[Row] = []
-    for key, what in VARIANTS:
-        names = [f"e2e {figure}, {what}" for figure in ("requests/s", "p99 latency", "p50 latency")]
-        if key not in ours or theirs is None:
-            why = failures.get(key) or failures.get(VARIANTS[-1][0]) or "not measured"
-            rows += [skipped("e2e", name, why, command=cmd) for name in names]
+    hp, direct = refs.get("haproxy", {}), refs.get("direct", {})
+    for (mode, conns), (ref, _, ref_cpu) in sorted(hp.items()):
+        d = direct.get((mode, conns))
+        row = Row("e2e", f"e2e {mode} -c{conns}: HAProxy requests/s", ref.get("requests_per_s"), "requests/s",
+                  "no balancer (client to one nginx)", d[0].get("requests_per_s") if d else None,
+                  note=f"p50 {ref.get('p50_ms', 0):.2f} ms, p99 {ref.get('p99_ms', 0):.2f} ms; CPU us/request: "
+                  f"{_busy(ref_cpu)}", command=cmd)  # fmt: skip
+        rows.append(row)
+    for key, what, _ in variants:
+        grid = ours.get(key)
+        if not grid or not hp:
+            why = failures.get(key) or failures.get(variants[0][0]) or "not measured"
+            rows.append(skipped("e2e", f"e2e requests/s, {what}", why, command=cmd))
             continue
-        mine, runs, cpu = ours[key]
-        ref, ref_runs, ref_cpu = theirs
-        errors = (
-            f"errors: mplslb {mine.get('non_2xx', 0) + mine.get('socket_errors', 0):.0f}, "
-            f"HAProxy {ref.get('non_2xx', 0) + ref.get('socket_errors', 0):.0f}"
-        )
-        busy = ", ".join(f"{k} {v:.0%}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.05)
-        note = (
-            f"wrk -t1 -c{connections} -d{seconds}s, median of {len(runs)}/{len(ref_runs)} runs; 1 client, "
-            f"{servers} nginx; HAProxy 1 thread, balancer paused meanwhile; {errors}; "
-            f"CPU (share of a core) during the mplslb runs: {busy}"
-        )
-        data = extra | {"mplslb_runs": runs, "haproxy_runs": ref_runs, "mplslb_cpu": cpu, "haproxy_run_cpu": ref_cpu}
-        row = Row(
-            "e2e",
-            names[0],
-            mine.get("requests_per_s"),
-            "requests/s",
-            "HAProxy (TCP mode), same nginx",
-            ref.get("requests_per_s"),
-            target="ratio >= 1.0",
-            note=note,
-            command=cmd,
-            extra=data,
-        )
-        rows.append(at_least(row, row.ratio, 1.0) if row.ratio is not None else row)
-        for pct, name in (("99", names[1]), ("50", names[2])):
-            row = Row(
-                "e2e",
-                name,
-                mine.get(f"p{pct}_ms"),
-                "ms",
-                "same through HAProxy",
-                ref.get(f"p{pct}_ms"),
-                target="ratio <= 1.0 (no worse)" if pct == "99" else "-",
-                command=cmd,
-            )
-            rows.append(at_most(row, row.ratio, 1.0) if pct == "99" and row.ratio is not None else row)
+        for (mode, conns), (mine, runs, cpu) in sorted(grid.items()):
+            ref_cell, d = hp.get((mode, conns)), direct.get((mode, conns))
+            if ref_cell is None:
+                continue
+            ref = ref_cell[0]
+            errors = mine.get("non_2xx", 0) + mine.get("socket_errors", 0)
+            note = (f"wrk -t1 -c{conns} -d{extra['seconds']}s, median of {len(runs)}; "
+                    f"p50 {mine.get('p50_ms', 0):.2f} ms (HAProxy {ref.get('p50_ms', 0):.2f}); errors {errors:.0f}; "
+                    f"CPU us/request: {_busy(cpu)}")  # fmt: skip
+            target = 1.5 if mode == "keep-alive" else 1.0
+            row = Row("e2e", f"e2e {mode} -c{conns} requests/s, {what}", mine.get("requests_per_s"), "requests/s",
+                      "HAProxy (TCP mode), same nginx", ref.get("requests_per_s"), target=f"ratio >= {target}",
+                      note=note, command=cmd, extra={"runs": runs, "cpu_us_per_request": cpu})  # fmt: skip
+            rows.append(at_least(row, row.ratio, target) if row.ratio is not None else row)
+            if d is not None:
+                row = Row("e2e", f"e2e {mode} -c{conns} requests/s vs no balancer, {what}",
+                          mine.get("requests_per_s"), "requests/s", "no balancer (client to one nginx)",
+                          d[0].get("requests_per_s"), target="ratio >= 0.7" if mode == "keep-alive" else "-",
+                          command=cmd)  # fmt: skip
+                rows.append(at_least(row, row.ratio, 0.7) if mode == "keep-alive" and row.ratio else row)
+            row = Row("e2e", f"e2e {mode} -c{conns} p99 latency, {what}", mine.get("p99_ms"), "ms",
+                      "same through HAProxy", ref.get("p99_ms"),
+                      target="ratio <= 1.0 (no worse)" if mode == "keep-alive" else "-", command=cmd)  # fmt: skip
+            rows.append(at_most(row, row.ratio, 1.0) if mode == "keep-alive" and row.ratio else row)
+    for key, what, _ in variants:
+        for streams in (1, BULK_STREAMS):
+            mine_b = bulks.get(key, {}).get(streams)
+            ref_b = bulks.get("haproxy", {}).get(streams)
+            if mine_b is None or ref_b is None:
+                continue
+            d_b = bulks.get("direct", {}).get(streams, {})
+
+            def per_gb(b: dict[str, float]) -> float:
+                return b["cpu_s"] / (b["bytes"] / 1e9) if b.get("bytes") else 0.0
+
+            note = (f"{streams} x GET of a 1 GiB file, cut at {mine_b['seconds']:.0f} s; CPU s per GB: mplslb "
+                    f"{per_gb(mine_b):.2f}, HAProxy {per_gb(ref_b):.2f}, no balancer {per_gb(d_b) if d_b else 0:.2f}; "
+                    f"no balancer {d_b.get('mb_per_s', 0):,.0f} MB/s")  # fmt: skip
+            row = Row("e2e", f"bulk {streams} stream{'s' if streams > 1 else ''} MB/s, {what}", mine_b["mb_per_s"],
+                      "MB/s", "HAProxy (TCP mode), same nginx", ref_b["mb_per_s"], target="ratio >= 1.0",
+                      note=note, command=cmd, extra={"mplslb": mine_b, "haproxy": ref_b, "direct": d_b})  # fmt: skip
+            rows.append(at_least(row, row.ratio, 1.0) if row.ratio is not None else row)
+    if extra.get("profile") and rows:
+        rows[0].extra["profile"] = extra["profile"]
     return rows
 
 
