@@ -639,10 +639,14 @@ def run_memory_child(kind: str, n: int, timeout: float) -> dict[str, Any]:
 
 
 def nominal_table_bytes() -> int:
-    """The preallocated arrays' nominal size: switching (per label) and label manager (per pair)."""
+    """The preallocated arrays' nominal size: switching (per label), label manager and session table (per pair),
+    and the session table's key index (two slots per pair, rounded up to a power of two)."""
     per_label = 3 * 1 + 4 + 4 + 2 + 8 + 8 + 8 + 3 * 8  # valid, watch, v6; in/out port; tcp_offset; counters; 3 lists
     per_pair = 4 + 4 + 8 + 1  # free ring, quarantine ring (label, release), state
-    return LABEL_SPACE * per_label + PAIRS * per_pair
+    # session rows: 6 one-byte fields, client port and server (4 each), 4 times, key index home, key (40), MAC (6)
+    per_session_row = 6 + 4 + 4 + 4 * 8 + 4 + 40 + 6
+    index_slots = 1 << (2 * PAIRS - 1).bit_length()
+    return LABEL_SPACE * per_label + PAIRS * (per_pair + per_session_row) + 4 * index_slots
 
 
 def section_memory(plan: Plan) -> list[Row]:

@@ -1,4 +1,4 @@
-"""The session managing unit: the lifecycle transition table, the session table and its idle-deadline heap."""
+"""The session managing unit: the lifecycle transition table, the session table, its key index and deadlines."""
 
 from __future__ import annotations
 
@@ -63,16 +63,32 @@ def server() -> Server:
     return ServerPool(SERVERS).get("s1")
 
 
-def make(server: Server, n: int = 0, *, proto: int = TCP, now: float = 0.0) -> Session:
-    key = FlowKey(proto, ip("10.1.0.1"), 40000 + n, ip("10.0.0.100"), 80)
-    return Session(key, 17 + 2 * n, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=now)
+def flow(n: int = 0, proto: int = TCP) -> FlowKey:
+    return FlowKey(proto, ip("10.1.0.1"), 40000 + n, ip("10.0.0.100"), 80)
+
+
+def make(table: SessionTable, server: Server, n: int = 0, *, proto: int = TCP, now: float = 0.0) -> Session:
+    """Session n of ``table``: label 17 + 2n, flow from source port 40000 + n."""
+    return table.open(flow(n, proto), 17 + 2 * n, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=now)
+
+
+#: The events that take a new session to each state.
+PATH = {
+    S.START: (),
+    S.ESTABLISHED: (E.SERVER_REPLY,),
+    S.CLOSING_CLIENT: (E.CLIENT_FIN,),
+    S.CLOSING_SERVER: (E.SERVER_FIN,),
+    S.CLOSED: (E.RST,),
+    S.INTERRUPTED: (E.SERVER_DOWN,),
+}
 
 
 def in_state(server: Server, state: SessionState, *, proto: int = TCP) -> tuple[SessionTable, Session]:
     table = SessionTable(TIMEOUTS)
-    session = make(server, proto=proto)
-    table.add(session, 0.0)
-    session.state = state
+    session = make(table, server, proto=proto)
+    for event in PATH[state]:
+        table.apply(session, event, 0.0)
+    assert session.state is state
     return table, session
 
 
@@ -93,26 +109,25 @@ def test_every_allowed_transition(server: Server, state: SessionState, event: Se
 @pytest.mark.parametrize(("state", "event"), ILLEGAL, ids=[f"{s}-{e}" for s, e in ILLEGAL])
 def test_illegal_transitions_raise_and_change_nothing(server: Server, state: SessionState, event: SessionEvent) -> None:
     table, session = in_state(server, state)
-    before = (session.state, session.ended, session.end_reason, session.deadline, session.timer)
+    before = (session.state, session.ended, session.end_reason, session.deadline)
     deadline = table.next_deadline()
     with pytest.raises(InvalidTransition, match=str(event)):
         table.apply(session, event, 5.0)
-    assert (session.state, session.ended, session.end_reason, session.deadline, session.timer) == before
+    assert (session.state, session.ended, session.end_reason, session.deadline) == before
     assert table.next_deadline() == deadline
 
 
 def test_final_states_accept_no_event(server: Server) -> None:
     for state in FINAL_STATES:
         for event in E:
-            _, session = in_state(server, state)
+            table, session = in_state(server, state)
             with pytest.raises(InvalidTransition):
-                SessionTable(TIMEOUTS).apply(session, event, 1.0)
+                table.apply(session, event, 1.0)
 
 
 def test_a_full_tcp_close(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    s = make(server)
-    table.add(s, 0.0)
+    s = make(table, server)
     assert s.deadline == 10.0  # tcp_start
     assert table.apply(s, E.SERVER_REPLY, 0.1) is S.ESTABLISHED and s.deadline == 900.1
     assert table.apply(s, E.SERVER_REPLY, 0.2) is S.ESTABLISHED and s.deadline == 900.1  # a repeat: no re-arm
@@ -131,17 +146,17 @@ def test_a_full_tcp_close(server: Server) -> None:
 )
 def test_ending_records_time_reason_and_linger(server: Server, event: SessionEvent, reason: str, linger: bool) -> None:
     table, s = in_state(server, S.ESTABLISHED)
-    timer = s.timer
+    idle = s.deadline
     table.apply(s, event, 50.0, reason)
     assert s.state in FINAL_STATES and (s.ended, s.end_reason) == (50.0, reason)
     if linger:  # a closed session keeps its labels a moment for the last ACK
-        assert s.deadline == 52.0 and s.timer != timer
+        assert s.deadline == 52.0
         assert table.due(52.0) == [s]
     else:
-        assert s.timer == timer
-        assert table.due(1e9) == [s]  # only the old idle entry is left
-    _, s2 = in_state(server, S.START)
-    SessionTable(TIMEOUTS).apply(s2, event, 1.0)
+        assert s.deadline == idle
+        assert table.due(1e9) == [s]  # only the old idle deadline is left
+    table2, s2 = in_state(server, S.START)
+    table2.apply(s2, event, 1.0)
     assert s2.end_reason == str(event)  # no reason given: the event's name
 
 
@@ -151,8 +166,7 @@ def test_tcp_end_closes_after_a_fin_from_each_side_whatever_the_order(
 ) -> None:
     ended: list[Session] = []
     table = SessionTable(TIMEOUTS, on_end=ended.append)
-    s = make(server)
-    table.add(s, 0.0)
+    s = make(table, server, now=0.0)
     assert table.live == 1
     table.tcp_end(s, FIN, from_client=first, now=1.0)
     table.tcp_end(s, FIN | ACK, from_client=first, now=1.5)  # the same side again: a retransmission
@@ -172,8 +186,7 @@ def test_tcp_end_on_rst_closes_at_once(server: Server) -> None:
 
 def test_observe_times_syn_to_syn_ack_then_request_to_first_response_byte(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    s = make(server, now=1.0)
-    table.add(s, 1.0)
+    s = make(table, server, now=1.0)
     seen = table.observe(s, from_client=False, tcp_flags=ACK, payload_len=0, now=1.01)  # not a SYN-ACK
     assert seen == (None, False, False, False) and s.state is S.START
     seen = table.observe(s, from_client=False, tcp_flags=SYN | ACK, payload_len=0, now=1.05)
@@ -189,24 +202,21 @@ def test_observe_times_syn_to_syn_ack_then_request_to_first_response_byte(server
 
 def test_observe_ends_a_udp_measurement_at_the_first_reply(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    s = make(server, proto=UDP, now=0.0)
-    table.add(s, 0.0)
+    s = make(table, server, proto=UDP, now=0.0)
     seen = table.observe(s, from_client=False, tcp_flags=-1, payload_len=40, now=0.02)
     assert seen.response_time == pytest.approx(0.02) and seen.server_replied and seen.done
 
 
 def test_observe_gives_up_after_its_budget_of_frames(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    s = make(server)
-    table.add(s, 0.0)
+    s = make(table, server, now=0.0)
     seen = [table.observe(s, from_client=True, tcp_flags=ACK, payload_len=0, now=0.1) for _ in range(WATCH_BUDGET)]
     assert not any(o.done for o in seen[:-1]) and seen[-1].done and not s.rt_pending
 
 
 def test_a_tcp_analysis_failure_is_never_taken_for_a_syn_ack(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    s = make(server)
-    table.add(s, 0.0)
+    s = make(table, server, now=0.0)
     seen = table.observe(s, from_client=False, tcp_flags=-1, payload_len=0, now=0.1)
     assert not seen.server_replied and s.state is S.START
 
@@ -235,123 +245,142 @@ def test_timeouts_accept_zero() -> None:
 
 
 # -- the session table -----------------------------------------------------------------------------------------
-def test_add_lookup_and_counts(server: Server) -> None:
+def test_open_lookup_and_counts(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    a, b = make(server, 0), make(server, 1, proto=UDP)
-    table.add(a, 0.0)
-    table.add(b, 1.0)
-    assert (len(table), table.started, table.peak) == (2, 2, 2)
-    assert table.lookup(a.key) is a and table.by_c2s(b.c2s) is b and b.s2c == b.c2s + 1
+    a, b = make(table, server, 0), make(table, server, 1, proto=UDP, now=1.0)
+    assert (len(table), table.started, table.peak, table.live) == (2, 2, 2, 2)
+    assert table.lookup(a.key) == a and table.by_c2s(b.c2s) == b and b.s2c == b.c2s + 1
+    assert a.key == flow(0) and b.key == flow(1, UDP) and a.server is server and a.client_mac == b"\x02" * 6
     assert table.lookup(FlowKey(TCP, ip("10.1.0.9"), 1, ip("10.0.0.100"), 80)) is None
+    assert table.by_c2s(21) is None and table.by_c2s(18) is None  # a free row; an S2C label
     assert b.deadline == 301.0  # udp
-    a.state = S.CLOSED
-    a.end_reason = "rst"
+    table.apply(a, E.RST, 1.5, "rst")
     table.remove(a)
-    table.add(make(server, 2), 2.0)
-    assert (len(table), table.started, table.peak) == (2, 3, 2)
+    assert table.lookup(a.key) is None and table.by_c2s(a.c2s) is None and a.state is S.CLOSED
+    make(table, server, 2, now=2.0)
+    assert (len(table), table.started, table.peak, table.ended) == (2, 3, 2, {"rst": 1})
 
 
-def test_add_refuses_duplicates(server: Server) -> None:
+def test_open_refuses_duplicates(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    a = make(server, 0)
-    table.add(a, 0.0)
-    same_key = Session(a.key, 99, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=0.0)
-    same_label = make(server, 0)
-    same_label.key = a.key._replace(sport=1)
-    for dup in (a, same_key, same_label):
-        with pytest.raises(ValueError, match="already in the table"):
-            table.add(dup, 1.0)
+    a = make(table, server, 0)
+    with pytest.raises(ValueError, match="already in the table"):
+        table.open(a.key, 99, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=0.0)
+    with pytest.raises(ValueError, match="already in the table"):
+        table.open(flow(7), a.c2s, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=0.0)
+    with pytest.raises(ValueError, match="not a C2S label"):
+        table.open(flow(8), 18, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=0.0)
     assert len(table) == 1 and table.started == 1
 
 
-# -- the idle-deadline heap ------------------------------------------------------------------------------------
+def test_addresses_of_both_families_round_trip(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    v6 = FlowKey(UDP, ip("fd00:1::7"), 5353, ip("fd00::100"), 53)
+    s = table.open(v6, 17, server, client_port=3, client_mac=bytes(range(6)), ip_version=6, now=0.0)
+    assert s.key == v6 and table.lookup(v6) == s and s.client_port == 3 and s.ip_version == 6
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=120))
+def test_the_key_index_matches_a_dict(server: Server, ops: list[tuple[bool, int]]) -> None:
+    """Opens and removals at random on a small table (so keys collide and wrap): every lookup agrees with a dict."""
+    table = SessionTable(TIMEOUTS, c2s_max=17 + 2 * 40)
+    model: dict[FlowKey, int] = {}
+    for add, n in ops:
+        key = flow(n)
+        if add and key not in model and table.by_c2s(17 + 2 * n) is None:
+            model[key] = make(table, server, n).c2s
+        elif not add and key in model:
+            s = table.lookup(key)
+            assert s is not None
+            table.apply(s, E.RST, 0.0)
+            table.remove(s)
+            del model[key]
+        for m in range(41):
+            found = table.lookup(flow(m))
+            assert (found.c2s if found else None) == model.get(flow(m))
+    assert len(table) == len(model)
+
+
+# -- idle deadlines ----------------------------------------------------------------------------------------------
 def test_due_returns_sessions_whose_deadline_came(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    sessions = [make(server, i) for i in range(3)]
-    for i, s in enumerate(sessions):
-        table.add(s, float(i))  # deadlines 10, 11, 12
+    sessions = [make(table, server, i, now=float(i)) for i in range(3)]  # deadlines 10, 11, 12
     assert table.next_deadline() == 10.0
     assert table.due(9.999) == []
     assert table.due(11.0) == sessions[:2]
-    assert [s.timer for s in sessions] == [0, 0, sessions[2].timer] and sessions[2].timer != 0
     assert table.due(11.5) == []
     assert table.next_deadline() == 12.0
-    assert table.due(100.0) == [sessions[2]]
+    assert table.due(100.0) == sessions  # nothing re-armed or removed them: still due
+    for s in sessions:
+        table.apply(s, E.RST, 100.0)
+        table.remove(s)
     assert table.next_deadline() is None and table.due(1e9) == []
 
 
-def test_rearming_later_leaves_a_stale_entry_that_is_skipped(server: Server) -> None:
+def test_rearming_later_is_found_after_the_earlier_deadline_passes(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    s = make(server)
-    table.add(s, 0.0)
+    s = make(table, server)
     table.arm(s, 25.0)
-    assert table.next_deadline() == 10.0  # lazy: the old entry stays in the heap until it surfaces
+    assert table.next_deadline() == 10.0  # a lower bound: the table looks again then
     assert table.due(10.0) == []
     assert table.next_deadline() == 25.0
     assert table.due(24.9) == [] and table.due(25.0) == [s]
 
 
-def test_rearming_earlier_fires_once(server: Server) -> None:
+def test_rearming_earlier_fires_then(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    s = make(server)
-    table.add(s, 0.0)
+    s = make(table, server)
     table.arm(s, 4.0)
     assert table.next_deadline() == 4.0
     assert table.due(4.0) == [s]
-    assert table.due(10.0) == []  # the original entry is stale
+    table.arm(s, 30.0)
+    assert table.due(10.0) == []  # the original deadline is gone
 
 
-def test_removed_sessions_are_skipped(server: Server) -> None:
+def test_removed_sessions_are_not_due(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    a, b = make(server, 0), make(server, 1)
-    table.add(a, 0.0)
-    table.add(b, 0.0)
-    a.end_reason = "rst"
+    a, b = make(table, server, 0), make(table, server, 1)
+    table.apply(a, E.RST, 0.0, "rst")
     table.remove(a)
     assert table.due(10.0) == [b]
 
 
-def test_ties_come_out_in_arming_order(server: Server) -> None:
+def test_ties_come_out_in_label_order(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
-    sessions = [make(server, i) for i in range(5)]
-    for s in sessions:
-        table.add(s, 0.0)
+    sessions = [make(table, server, i) for i in range(5)]
     for s in reversed(sessions):
         table.arm(s, 7.0)
-    assert table.due(7.0) == list(reversed(sessions))
+    assert table.due(7.0) == sessions
 
 
 @settings(max_examples=150, deadline=None)
 @given(ops=st.lists(st.tuples(st.integers(0, 5), st.floats(0, 100, allow_nan=False), st.booleans()), max_size=40))
-def test_heap_matches_a_model(server: Server, ops: list[tuple[int, float, bool]]) -> None:
-    """Arm (or advance the clock and collect) at random; each session comes out once, at its latest deadline."""
+def test_deadlines_match_a_model(server: Server, ops: list[tuple[int, float, bool]]) -> None:
+    """Arm (or advance the clock and collect) at random: due() gives every session whose latest deadline has come,
+    earliest first, and next_deadline() is never later than the earliest pending one."""
     table = SessionTable(TIMEOUTS)
-    sessions = [make(server, i) for i in range(6)]
-    armed: dict[int, tuple[float, int] | None] = {}  # session -> (deadline, arming order), None once collected
-    order = itertools.count()
-    for i, s in enumerate(sessions):
-        table.add(s, 0.0)
-        armed[i] = (10.0, next(order))
+    sessions = [make(table, server, i) for i in range(6)]
+    armed = dict.fromkeys(range(6), 10.0)
     clock = 0.0
     for index, value, collect in ops:
         if collect:
             clock = max(clock, value)
             due = table.due(clock)
-            expected = sorted((a, i) for i, a in armed.items() if a is not None and a[0] <= clock)
+            expected = sorted((when, i) for i, when in armed.items() if when <= clock)
             assert [sessions.index(s) for s in due] == [i for _, i in expected]
             for _, i in expected:
-                armed[i] = None
+                table.arm(sessions[i], math.inf)  # handled: as the balancer re-arms or removes what is due
+                armed[i] = math.inf
         else:
             when = max(clock, value)
             table.arm(sessions[index], when)
-            armed[index] = (when, next(order))
-    pending = [a[0] for a in armed.values() if a is not None]
+            armed[index] = when
+    pending = [when for when in armed.values() if when < math.inf]
     nxt = table.next_deadline()
     if pending:
         assert nxt is not None and nxt <= min(pending)
         assert table.due(min(pending)) != []
-    else:
-        assert table.due(math.inf) == []
 
 
 # -- expiry through the balancer -------------------------------------------------------------------------------

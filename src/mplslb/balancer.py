@@ -149,7 +149,9 @@ class Balancer:
         self.switching = LabelSwitchingTable(
             {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
         )
-        self.sessions = SessionTable(config.timeouts, on_end=self._session_ended)
+        self.sessions = SessionTable(
+            config.timeouts, on_end=self._session_ended, c2s_min=config.c2s_min, c2s_max=config.c2s_max
+        )
         self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
         self.frames_in = 0
         self.frames_out = 0
@@ -311,8 +313,9 @@ class Balancer:
                 out.append((port, refused))
             return
         client_mac = bytes(frame[_SRC_MAC])
-        session = Session(a.key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now)
-        self.sessions.add(session, now)
+        session = self.sessions.open(
+            a.key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
+        )
         if a.payload_len and self.sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
@@ -345,7 +348,6 @@ class Balancer:
 
     def _learn_l7(self, session: Session, a: Analysis) -> None:
         if a.http is not None:
-            session.l7 = a.http
             host = a.http.host or "(no host)"
             self.l7_hosts[host] = self.l7_hosts.get(host, 0) + 1
 
@@ -423,7 +425,7 @@ class Balancer:
         self.labels.on_timer(now)
         timeouts = self.sessions.timeouts
         for session in self.sessions.due(now):
-            if self.sessions.by_c2s(session.c2s) is not session:
+            if self.sessions.by_c2s(session.c2s) != session:
                 continue  # finished earlier in this round (its server went down with another session's timeout)
             if session.state in FINAL_STATES:
                 self._finish(session, now)
@@ -458,7 +460,7 @@ class Balancer:
 
     def _interrupt(self, server: Server, now: float) -> None:
         """Claim 6: the sessions of a server that failed or left are interrupted and their labels withdrawn."""
-        for session in [s for s in self.sessions.by_label.values() if s.server is server]:
+        for session in self.sessions.of_server(server):
             if session.state not in FINAL_STATES:
                 self.sessions.apply(session, SessionEvent.SERVER_DOWN, now, "server_down")
             self._finish(session, now)
@@ -489,14 +491,24 @@ class Balancer:
 
     # -- figures -------------------------------------------------------------------------------------------------
     def server_rows(self) -> tuple[ServerRow, ...]:
-        live: dict[str, Traffic] = {}
-        for session in self.sessions.by_label.values():
-            live.setdefault(session.server.config.name, Traffic()).add(self.switching, session)
+        pairs, servers = self.sessions.occupied()
+        c2s = self.sessions.c2s_min + 2 * pairs
+        arrays = self.switching.arrays()
+        live: dict[int, Traffic] = {}
+        if pairs.size:
+            size = int(servers.max()) + 1
+
+            def per_server(values: np.ndarray) -> list[int]:
+                return [int(x) for x in np.bincount(servers, weights=values.astype(np.float64), minlength=size)]
+
+            columns = [per_server(arrays.packets[c2s]), per_server(arrays.packets[c2s + 1]),
+                       per_server(arrays.bytes[c2s]), per_server(arrays.bytes[c2s + 1])]  # fmt: skip
+            live = {i: Traffic(*(column[i] for column in columns)) for i in range(size)}
         rows = []
         for server in self.pool.servers:
             name = server.config.name
             done = self._ended_traffic.get(name, Traffic())
-            now = live.get(name, Traffic())
+            now = live.get(server.index, Traffic())
             line_card, number = self.switching.port_place(server.config.port_id)
             rows.append(
                 ServerRow(
@@ -539,7 +551,7 @@ class Balancer:
         )
 
     def live_sessions(self) -> Sequence[Session]:
-        return list(self.sessions.by_label.values())
+        return self.sessions.sessions()
 
 
 __all__ = ["Balancer", "BalancerStats", "ServerRow", "ServerStatus"]

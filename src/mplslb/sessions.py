@@ -36,19 +36,24 @@ really been idle or is re-armed. The cost is O(log n) per session per timeout pe
 
 from __future__ import annotations
 
-import heapq
+import math
+import struct
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
+
 from mplslb.flow import FlowKey
+from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.tcp import TCPFlag
 
 if TYPE_CHECKING:
     from mplslb.balancing.servers import Server
-    from mplslb.wire.http import HttpRequest
 
 
 class SessionState(StrEnum):
@@ -131,67 +136,98 @@ class Timeouts:
 
 
 class Session:
-    """One session's relevant information and state (the session table's row)."""
+    """A view of one row of the session table (the session's relevant information and state).
 
-    __slots__ = (
-        "c2s",
-        "client_mac",
-        "client_port",
-        "deadline",
-        "end_reason",
-        "ended",
-        "ip_version",
-        "key",
-        "l7",
-        "request_at",
-        "rt_budget",
-        "server",
-        "started",
-        "state",
-        "syn_at",
-        "timer",
-    )
+    Views are made on demand and hold nothing but the table and the row: the session itself lives in the table's
+    fixed-size arrays, so a live session costs no Python object. Two views of the same row are equal.
+    """
 
-    def __init__(
-        self,
-        key: FlowKey,
-        c2s: int,
-        server: Server,
-        *,
-        client_port: int,
-        client_mac: bytes,
-        ip_version: int,
-        now: float,
-    ) -> None:
-        self.key = key
-        self.c2s = c2s
-        self.server = server
-        self.client_port = client_port
-        self.client_mac = client_mac
-        self.ip_version = ip_version
-        self.state = SessionState.START
-        self.started = now
-        self.ended = 0.0
-        self.deadline = 0.0
-        self.timer = 0
-        self.end_reason = ""
-        self.syn_at = now  # when the first frame went to the server: SYN -> SYN-ACK is the first response time
-        self.request_at = 0.0  # when the client's first request bytes went to the server
-        self.rt_budget = WATCH_BUDGET  # watched frames left for the response-time measurement; 0: over
-        self.l7: HttpRequest | None = None
+    __slots__ = ("pair", "table")
+
+    def __init__(self, table: SessionTable, pair: int) -> None:
+        self.table = table
+        self.pair = pair
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Session) and other.table is self.table and other.pair == self.pair
+
+    def __hash__(self) -> int:
+        return hash((id(self.table), self.pair))
+
+    @property
+    def c2s(self) -> int:
+        return self.table.c2s_min + 2 * self.pair
 
     @property
     def s2c(self) -> int:
-        return self.c2s + 1
+        return self.table.c2s_min + 2 * self.pair + 1
+
+    @property
+    def key(self) -> FlowKey:
+        return self.table.key_of(self.pair)
 
     @property
     def proto(self) -> int:
-        return self.key.proto
+        return self.table.proto[self.pair]
+
+    @property
+    def server(self) -> Server:
+        return self.table.server_of(self.table.server[self.pair])
+
+    @property
+    def state(self) -> SessionState:
+        """The state; a row taken out of the table keeps showing the final state its session ended in."""
+        code = self.table.state[self.pair]
+        return _STATES[code or self.table.final_state[self.pair]]
+
+    @property
+    def client_port(self) -> int:
+        return self.table.client_port[self.pair]
+
+    @property
+    def client_mac(self) -> bytes:
+        at = self.pair * ETH_ALEN
+        return bytes(self.table.client_mac[at : at + ETH_ALEN])
+
+    @property
+    def ip_version(self) -> int:
+        return self.table.ip_version[self.pair]
+
+    @property
+    def started(self) -> float:
+        """When the session's first frame went to the server (SYN -> SYN-ACK is its first response time)."""
+        return self.table.start_time[self.pair]
+
+    @property
+    def syn_at(self) -> float:
+        return self.table.start_time[self.pair]
+
+    @property
+    def request_at(self) -> float:
+        """When the client's first request bytes went to the server; 0 before."""
+        return self.table.request_at[self.pair]
+
+    @property
+    def ended(self) -> float:
+        return self.table.end_time[self.pair]
+
+    @property
+    def end_reason(self) -> str:
+        return self.table.reasons[self.table.end_reason[self.pair]]
+
+    @property
+    def deadline(self) -> float:
+        return self.table.deadline[self.pair]
+
+    @property
+    def rt_budget(self) -> int:
+        """Watched frames left for the response-time measurement; 0: over."""
+        return self.table.rt_budget[self.pair]
 
     @property
     def rt_pending(self) -> bool:
         """A response-time measurement is still under way."""
-        return self.rt_budget > 0
+        return self.table.rt_budget[self.pair] > 0
 
     def __repr__(self) -> str:
         return f"Session(c2s={self.c2s}, server={self.server.config.name}, state={self.state})"
@@ -206,72 +242,212 @@ class Observation(NamedTuple):
     done: bool  # the measurement is over: neither label need be watched any more
 
 
+_STATES: tuple[SessionState, ...] = (SessionState.START, *SessionState)  # code 0 is a free row (never read)
+_CODE = {state: code for code, state in enumerate(_STATES) if code}
+_FREE = 0
+_START, _ESTABLISHED = _CODE[SessionState.START], _CODE[SessionState.ESTABLISHED]
+_FINAL_CODES = frozenset(_CODE[state] for state in FINAL_STATES)
+#: A flow key as a row stores it: protocol, address length, ports, source and destination (IPv4 zero-padded).
+_KEY = struct.Struct("!BBHH16s16s")
+KEY_SIZE = 40
+_EMPTY = -1
+
+
 class SessionTable:
-    """The session table: by flow key, by C2S label, with the idle-deadline heap.
+    """The session table: fixed-size records indexed by label pair, found by flow key or by C2S label.
+
+    Theory of operation
+    -------------------
+    The row of a session is its label pair's index, ``(c2s - c2s_min) / 2``: finding a session by label is an index.
+    Every field is a preallocated array over all pairs (state, protocol, server, client port and MAC, times,
+    the measurement's budget, the flow key packed in 40 bytes), written once when the table is made, so a live
+    session adds no memory and no Python object. Finding a session by flow key (an unlabelled frame) is an
+    open-addressing hash table of row numbers with linear probing (twice as many slots as rows), whose deletions
+    shift the following entries back (no tombstones to clean). Idle deadlines are an array too: the table
+    remembers the earliest deadline armed, and :meth:`due` finds the rows whose time has come with one vectorised
+    pass, so arming costs nothing per frame and the driver decides how often to look.
 
     ``on_end`` is called once for each session that reaches a final state, at that moment (its labels may still
     linger a while): the load balancing unit counts it off its server there.
     """
 
-    def __init__(self, timeouts: Timeouts | None = None, on_end: Callable[[Session], None] | None = None) -> None:
+    def __init__(
+        self,
+        timeouts: Timeouts | None = None,
+        on_end: Callable[[Session], None] | None = None,
+        *,
+        c2s_min: int = C2S_MIN,
+        c2s_max: int = C2S_MAX,
+    ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.on_end = on_end
-        self.by_key: dict[FlowKey, Session] = {}
-        self.by_label: dict[int, Session] = {}
-        self._deadlines: list[tuple[float, int, Session]] = []  # (deadline, serial, session)
-        self._serial = 0
-        self.started = 0
-        self.ended: dict[str, int] = {}
+        self.c2s_min = c2s_min
+        rows = (c2s_max - c2s_min) // 2 + 1
+        self.rows = rows
+        self._servers: dict[int, Server] = {}  # every server a row has named, by its (never reused) index
+        self.state = bytearray(rows)
+        self.proto = bytearray(rows)
+        self.ip_version = bytearray(rows)
+        self.rt_budget = bytearray(rows)
+        self.end_reason = bytearray(rows)
+        self.final_state = bytearray(rows)  # the final state a session ended in (its row may be free again)
+        self.client_port = array("i", [0]) * rows
+        self.server = array("I", [0]) * rows
+        self.start_time = array("d", [0.0]) * rows
+        self.request_at = array("d", [0.0]) * rows
+        self.end_time = array("d", [0.0]) * rows
+        self.deadline = array("d", [0.0]) * rows
+        self.home = array("i", [0]) * rows  # the hash slot each row's key hashes to
+        self.keys = bytearray(KEY_SIZE * rows)
+        self.client_mac = bytearray(ETH_ALEN * rows)
+        slots = 1 << max(4, (2 * rows - 1).bit_length())
+        self._mask = slots - 1
+        self._slots = array("i", [_EMPTY]) * slots
+        self._keys = memoryview(self.keys)
+        self._np_state = np.frombuffer(self.state, dtype=np.uint8)
+        self._np_deadline = np.frombuffer(self.deadline, dtype=np.float64)
+        self._np_server = np.frombuffer(self.server, dtype=np.uint32)
+        self.reasons: list[str] = [""]
+        self._reason_code: dict[str, int] = {"": 0}
+        self._next = math.inf
+        self._count = 0
+        self.started = 0  # sessions ever opened
+        self.ended: dict[str, int] = {}  # sessions taken out of the table, by end reason
         self.peak = 0
         self.live = 0  # sessions not yet closed or interrupted (closed ones may still linger in the table)
 
+    # -- rows -------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.by_label)
+        return self._count
 
-    def add(self, session: Session, now: float) -> None:
-        if session.key in self.by_key or session.c2s in self.by_label:
-            raise ValueError(f"session {session.key} or label {session.c2s} already in the table")
-        self.by_key[session.key] = session
-        self.by_label[session.c2s] = session
+    def server_of(self, index: int) -> Server:
+        return self._servers[index]
+
+    def key_of(self, pair: int) -> FlowKey:
+        proto, alen, sport, dport, src, dst = _KEY.unpack_from(self.keys, pair * KEY_SIZE)
+        return FlowKey(proto, src[:alen], sport, dst[:alen], dport)
+
+    def _slot_of(self, packed: bytes) -> tuple[int, int]:
+        """(slot holding ``packed``'s row or the empty slot where it would go, that row or -1)."""
+        mask, slots, keys = self._mask, self._slots, self._keys
+        at = hash(packed) & mask
+        while True:
+            row = slots[at]
+            if row == _EMPTY:
+                return at, _EMPTY
+            if keys[row * KEY_SIZE : row * KEY_SIZE + _KEY.size] == packed:
+                return at, row
+            at = (at + 1) & mask
+
+    def open(
+        self,
+        key: FlowKey,
+        c2s: int,
+        server: Server,
+        *,
+        client_port: int,
+        client_mac: bytes,
+        ip_version: int,
+        now: float,
+    ) -> Session:
+        """Start a session: ``key`` (as the client sent it) on label pair ``c2s``, bound to ``server``."""
+        pair = (c2s - self.c2s_min) >> 1
+        if not 0 <= pair < self.rows or c2s & 1 != self.c2s_min & 1:
+            raise ValueError(f"label {c2s} is not a C2S label of this table")
+        if self.state[pair] != _FREE:
+            raise ValueError(f"label {c2s} already in the table")
+        packed = _KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
+        slot, found = self._slot_of(packed)
+        if found != _EMPTY:
+            raise ValueError(f"session {key} already in the table")
+        self._slots[slot] = pair
+        self.home[pair] = hash(packed) & self._mask
+        self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size] = packed
+        self.state[pair] = _START
+        self.proto[pair] = key.proto
+        self.ip_version[pair] = ip_version
+        self.rt_budget[pair] = WATCH_BUDGET
+        self.end_reason[pair] = 0
+        self.client_port[pair] = client_port
+        self.server[pair] = server.index
+        self._servers[server.index] = server
+        self.client_mac[pair * ETH_ALEN : pair * ETH_ALEN + ETH_ALEN] = client_mac
+        self.start_time[pair] = now
+        self.request_at[pair] = 0.0
+        self.end_time[pair] = 0.0
+        self._count += 1
         self.started += 1
         self.live += 1
-        self.peak = max(self.peak, len(self.by_label))
-        self.arm(session, now + self.timeouts.idle(session.proto, session.state))
+        self.peak = max(self.peak, self._count)
+        session = Session(self, pair)
+        self.arm(session, now + self.timeouts.idle(key.proto, SessionState.START))
+        return session
 
     def lookup(self, key: FlowKey) -> Session | None:
-        return self.by_key.get(key)
+        packed = _KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
+        row = self._slot_of(packed)[1]
+        return None if row == _EMPTY else Session(self, row)
 
     def by_c2s(self, c2s: int) -> Session | None:
-        return self.by_label.get(c2s)
+        pair = (c2s - self.c2s_min) >> 1
+        if not 0 <= pair < self.rows or self.state[pair] == _FREE or c2s & 1 != self.c2s_min & 1:
+            return None
+        return Session(self, pair)
+
+    def sessions(self) -> list[Session]:
+        """Every session in the table (live, or final and lingering), in label order."""
+        return [Session(self, int(pair)) for pair in np.flatnonzero(self._np_state)]
+
+    def occupied(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows in use and their servers' indices, as arrays (for figures over the whole table)."""
+        rows = np.flatnonzero(self._np_state)
+        return rows, self._np_server[rows]
+
+    def of_server(self, server: Server) -> list[Session]:
+        """The sessions of ``server`` in the table."""
+        rows = np.flatnonzero((self._np_state != _FREE) & (self._np_server == server.index))
+        return [Session(self, int(pair)) for pair in rows]
 
     def arm(self, session: Session, deadline: float) -> None:
-        self._serial += 1
-        session.deadline = deadline
-        session.timer = self._serial
-        heapq.heappush(self._deadlines, (deadline, self._serial, session))
+        self.deadline[session.pair] = deadline
+        if deadline < self._next:
+            self._next = deadline
 
+    # -- the lifecycle ----------------------------------------------------------------------------------------------
     def apply(self, session: Session, event: SessionEvent, now: float, reason: str = "") -> SessionState:
         """Apply ``event`` to ``session`` per the transition table; returns the new state."""
-        new = TRANSITIONS.get((session.state, event))
-        if new is None:
-            raise InvalidTransition(f"{event} not allowed in state {session.state} ({session!r})")
-        old, session.state = session.state, new
+        pair = session.pair
+        old = _STATES[self.state[pair]]
+        new = TRANSITIONS.get((old, event))
+        if new is None or self.state[pair] == _FREE:
+            raise InvalidTransition(f"{event} not allowed in state {old} ({session!r})")
+        self.state[pair] = _CODE[new]
         if new in FINAL_STATES:
-            session.ended = now
-            session.end_reason = reason or str(event)
-            session.rt_budget = 0
+            self.end_time[pair] = now
+            self.final_state[pair] = _CODE[new]
+            self.end_reason[pair] = self._reason(reason or str(event))
+            self.rt_budget[pair] = 0
             self.live -= 1
             if self.on_end is not None:
                 self.on_end(session)
             if new is SessionState.CLOSED and event is not SessionEvent.IDLE_TIMEOUT:
                 self.arm(session, now + self.timeouts.closed_linger)
         elif new is not old:
-            self.arm(session, now + self.timeouts.idle(session.proto, new))
+            self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
         return new
+
+    def _reason(self, reason: str) -> int:
+        code = self._reason_code.get(reason)
+        if code is None:
+            if len(self.reasons) > 255:
+                raise ValueError("too many distinct end reasons")
+            code = self._reason_code[reason] = len(self.reasons)
+            self.reasons.append(reason)
+        return code
 
     def tcp_end(self, session: Session, flags: int, *, from_client: bool, now: float) -> None:
         """A TCP segment of a live session carried RST or FIN (``flags``) from one side."""
-        if session.state in FINAL_STATES:
+        if self.state[session.pair] in _FINAL_CODES:
             return
         if flags & _RST:
             self.apply(session, SessionEvent.RST, now, "rst")
@@ -284,50 +460,81 @@ class SessionTable:
         """A watched frame of ``session`` (``tcp_flags`` -1 when not TCP): time the server's responses from the
         session's own frames, SYN -> SYN-ACK (or a UDP request -> its first reply) and request -> first response
         byte, within :data:`WATCH_BUDGET` frames. The server's first answer moves the session to ESTABLISHED."""
-        if session.rt_budget <= 0 or session.state in FINAL_STATES:
+        pair = session.pair
+        if self.rt_budget[pair] <= 0 or self.state[pair] in _FINAL_CODES:
             return Observation(None, False, False, True)
-        session.rt_budget -= 1
+        self.rt_budget[pair] -= 1
         sample: float | None = None
         replied = request = False
-        tcp = session.proto == IPPROTO_TCP
-        if not from_client and session.state is SessionState.START:
+        tcp = self.proto[pair] == IPPROTO_TCP
+        if not from_client and self.state[pair] == _START:
             if not tcp or (tcp_flags >= 0 and tcp_flags & _SYN_ACK == _SYN_ACK):
-                sample, replied = now - session.syn_at, True
+                sample, replied = now - self.start_time[pair], True
                 self.apply(session, SessionEvent.SERVER_REPLY, now)
                 if not tcp:
-                    session.rt_budget = 0  # a UDP flow's first reply times its request: done
+                    self.rt_budget[pair] = 0  # a UDP flow's first reply times its request: done
         elif payload_len:
             if from_client:
                 request = self.request_seen(session, now)
-            elif session.request_at:
-                sample = now - session.request_at
-                session.rt_budget = 0
-        return Observation(sample, replied, request, session.rt_budget <= 0)
+            elif self.request_at[pair]:
+                sample = now - self.request_at[pair]
+                self.rt_budget[pair] = 0
+        return Observation(sample, replied, request, self.rt_budget[pair] <= 0)
 
     def request_seen(self, session: Session, now: float) -> bool:
         """The client sent request bytes; True when they are the session's first (the request is timed from
         here)."""
-        if session.request_at:
+        pair = session.pair
+        if self.request_at[pair]:
             return False
-        session.request_at = now
+        self.request_at[pair] = now
         return True
 
     def remove(self, session: Session) -> None:
-        """Take a final session out of the table (its labels are withdrawn by the caller)."""
-        self.by_key.pop(session.key, None)
-        self.by_label.pop(session.c2s, None)
-        self.ended[session.end_reason] = self.ended.get(session.end_reason, 0) + 1
+        """Take a final session out of the table (its labels are withdrawn by the caller); its row is free."""
+        pair = session.pair
+        if self.state[pair] == _FREE:
+            return
+        reason = self.reasons[self.end_reason[pair]]
+        self.ended[reason] = self.ended.get(reason, 0) + 1
+        self.state[pair] = _FREE
+        self._count -= 1
+        self._unhash(pair)
 
+    def _unhash(self, pair: int) -> None:
+        """Take ``pair`` out of the key index, shifting the entries after it back (linear probing's deletion)."""
+        slots, mask, home = self._slots, self._mask, self.home
+        at = home[pair]
+        while slots[at] != pair:
+            at = (at + 1) & mask
+        hole = at
+        probe = hole
+        while True:
+            probe = (probe + 1) & mask
+            row = slots[probe]
+            if row == _EMPTY:
+                break
+            want = home[row]
+            # The entry at ``probe`` may move into the hole if its home does not lie cyclically in (hole, probe].
+            if (probe > hole and (want <= hole or want > probe)) or (probe < hole and want <= hole and want > probe):
+                slots[hole] = row
+                hole = probe
+        slots[hole] = _EMPTY
+
+    # -- deadlines --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        return self._deadlines[0][0] if self._deadlines else None
+        return None if self._count == 0 or self._next == math.inf else self._next
 
     def due(self, now: float) -> list[Session]:
-        """Sessions whose deadline has come (stale heap entries skipped)."""
-        out: list[Session] = []
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, serial, session = heapq.heappop(heap)
-            if session.timer == serial and self.by_label.get(session.c2s) is session:
-                session.timer = 0
-                out.append(session)
-        return out
+        """Sessions whose deadline has come, earliest first. The rest set the next deadline."""
+        if self._count == 0 or now < self._next:
+            return []
+        occupied = self._np_state != _FREE
+        deadline = self._np_deadline
+        due_mask = occupied & (deadline <= now)
+        rows = np.flatnonzero(due_mask)
+        later = deadline[occupied & ~due_mask]
+        self._next = float(later.min()) if later.size else math.inf
+        if rows.size > 1:
+            rows = rows[np.argsort(deadline[rows], kind="stable")]
+        return [Session(self, int(pair)) for pair in rows]

@@ -46,6 +46,9 @@ DEFAULT_MAX_WAIT = 1.0  # the longest the selector waits, whatever else is pendi
 STOP_POLL = 0.05  # how often a threading.Event given to run() is looked at
 WAKEUP_READS = 64  # reads of the wake-up pipe per turn (a few bytes are all that is ever in it)
 STALLED_TIMER_GAP = 0.001  # a core whose deadline does not move after on_timer is asked again this much later
+#: The balancer's timers run at most this often: each run looks at every session's deadline in one vectorised pass
+#: (idle timeouts are seconds to minutes, so firing up to this much late changes nothing a client sees).
+BALANCER_TIMER_GRANULARITY = 0.05
 DEFAULT_MAX_BLOCKS = 4  # receive-ring blocks taken from one port per wake-up in block mode
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 
@@ -229,6 +232,7 @@ class _Counted:
         self.drops: dict[str, int] = {}
         self._timer: Timer | None = None
         self._deadline: float | None = None
+        self.timer_granularity = 0.0  # after a timer fires, the next fires no sooner than this much later
 
     def _count(self, table: dict[int | str, int], key: int | str, n: int = 1) -> None:
         table[key] = table.get(key, 0) + n
@@ -250,6 +254,8 @@ class _Counted:
         if fired_at is not None and deadline is not None and deadline <= fired_at:
             self._drop("timer_stalled")
             deadline = fired_at + STALLED_TIMER_GAP
+        if fired_at is not None and deadline is not None:
+            deadline = max(deadline, fired_at + self.timer_granularity)
         if deadline == self._deadline and self._timer is not None:
             return
         if self._timer is not None:
@@ -287,6 +293,7 @@ class BalancerDriver(_Counted):
         max_blocks: int = DEFAULT_MAX_BLOCKS,
     ) -> None:
         super().__init__(loop, balancer, burst)
+        self.timer_granularity = BALANCER_TIMER_GRANULARITY
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1")
         self.balancer = balancer
