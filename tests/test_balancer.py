@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import SERVER_PORTS, VIP, VIP6, Net, client_addr, handshake, label_of, mac, make_config, tcp, udp
+from helpers import SERVER_PORTS, VIP, VIP6, Net, client_addr, handshake, ipv6, label_of, mac, make_config, tcp, udp
 from mplslb.balancing.servers import ServerConfig
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
@@ -152,3 +152,33 @@ def test_a_server_added_at_run_time_takes_new_sessions_and_only_on_a_server_port
         out = net.from_client(0, tcp(client_addr(0), VIP, 41000 + i, 80, SYN))
         chosen.add(next(s.config.name for s in b.pool.servers if s.config.mac == out[0][1][:6]))
     assert chosen == {"s1", "late"}
+
+
+def with_dstopts(packet: bytes) -> bytes:
+    """The same IPv6 TCP packet with an 8-byte destination options header in front of TCP."""
+    segment = packet[40:]
+    return ipv6(packet[8:24], packet[24:40], 60, segment, ext=b"\x06\x00" + bytes(6))
+
+
+def test_ipv6_sessions_end_on_fin_with_extension_headers_in_either_direction() -> None:
+    """The client's first packet carries an extension header and the server's do not (and then the other way):
+    the flags are found in each frame, never read at an offset learned from the other direction."""
+    net = Net(make_config(timeouts=Timeouts(closed_linger=1.0)))
+    b = net.balancer
+    src = client_addr(0, True)
+    out = net.from_client(0, with_dstopts(tcp(src, VIP6, 41000, 80, SYN, seq=100)))
+    ((name, _),) = net.deliver_to_servers(out)
+    c2s = label_of(out[0][1])
+    assert c2s is not None
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP6, src, 80, 41000, SYN | ACK, seq=500, ack=101)))
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ESTABLISHED
+    # Payload whose second byte has the FIN and RST bits: where a flag offset learned from the client's first
+    # packet (8 bytes further) would look on the server's plain frames.
+    data = tcp(VIP6, src, 80, 41000, PSH | ACK, seq=501, ack=101, payload=b"\x00\x05HTTP/1.1 200 OK\r\n")
+    net.deliver_to_client(0, net.from_server(name, data))
+    assert session.state is SessionState.ESTABLISHED
+    net.deliver_to_servers(net.from_client(0, with_dstopts(tcp(src, VIP6, 41000, 80, FIN | ACK, seq=101, ack=520))))
+    assert session.state is SessionState.CLOSING_CLIENT
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP6, src, 80, 41000, FIN | ACK, seq=520, ack=102)))
+    assert session.state is SessionState.CLOSED and session.end_reason == "fin"

@@ -95,7 +95,6 @@ INSTALLS: dict[int, dict[str, Any]] = {
         peer=client_mac(1),
         peer_ip=client_addr(1, v6=True),
         watch=WATCH_TCP_END | IPV6_PAYLOAD,
-        tcp_offset=40,
     ),
     E: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(2)),
     W: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client_addr(0), watch=WATCH_ALL),
@@ -120,6 +119,12 @@ def v6_packet(proto: int, flags: int = ACK, *, src: bytes | None = None) -> byte
         else udp_datagram(s, VIP6, 40001, 53, b"query")
     )
     return ipv6(s, VIP6, proto, body)
+
+
+def v6_ext(flags: int) -> bytes:
+    """TCP behind a destination options header: the fast paths cannot see the flags and hand the frame up."""
+    s = client_addr(1, v6=True)
+    return ipv6(s, VIP6, 60, tcp_segment(s, VIP6, 40001, 80, flags, b"GET"), ext=b"\x06\x00" + bytes(6))
 
 
 def label_of(frame: bytes) -> int:
@@ -175,6 +180,8 @@ CASES: list[tuple[str, int, bytes, str, bool]] = [
     ),
     ("tcp6", 1, from_client(D, v6_packet(IPPROTO_TCP), port=1, mac=client_mac(1)), "redirect", True),
     ("tcp6 fin", 1, from_client(D, v6_packet(IPPROTO_TCP, FIN | ACK), port=1, mac=client_mac(1)), "pass", True),
+    ("tcp6 ext ack", 1, from_client(D, v6_ext(ACK), port=1, mac=client_mac(1)), "pass", True),
+    ("tcp6 ext fin", 1, from_client(D, v6_ext(FIN | ACK), port=1, mac=client_mac(1)), "pass", True),
     ("no ip binding", 0, from_client(E, v4_tcp(ACK, src=client_addr(8)), mac=client_mac(2)), "redirect", True),
     ("header only", 0, from_client(E, b"", mac=client_mac(2)), "redirect", True),
     ("header only, ip bound", 0, from_client(A, b""), "pass", False),

@@ -50,7 +50,7 @@ class Analysis(NamedTuple):
     ip_version: int
     ip_offset: int  # in the frame
     ip_end: int
-    l4_offset: int  # in the frame, from the start of the IP header: see ``tcp_offset``
+    l4_offset: int  # in the frame
     tcp_flags: int  # -1 when not TCP
     tcp_seq: int
     payload_len: int
@@ -58,11 +58,6 @@ class Analysis(NamedTuple):
     tos: int
     http: HttpRequest | None
     icmp_error: bool  # True: ``key`` is the quoted datagram's, as its sender sent it
-
-    @property
-    def tcp_offset(self) -> int:
-        """Offset of the L4 header from the start of the IP header."""
-        return self.l4_offset - self.ip_offset
 
 
 class PacketAnalyzer:

@@ -52,7 +52,7 @@ from mplslb.switching import (
     switch_block,
     switch_frame,
 )
-from mplslb.switching.layout import ETH_SRC
+from mplslb.switching.layout import ETH_SRC, TCP_FLAGS_UNKNOWN
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP
@@ -330,7 +330,6 @@ class Balancer:
             peer=client_mac,
             peer_ip=a.key.src,
             watch=end_watch | v6 | (WATCH_ALL if tcp and not a.payload_len else 0),
-            tcp_offset=a.tcp_offset,
             now=now,
         )
         self.switching.install(
@@ -341,7 +340,6 @@ class Balancer:
             peer=server.config.mac,
             peer_ip=a.key.dst,
             watch=end_watch | v6 | WATCH_ALL,
-            tcp_offset=a.tcp_offset,
             now=now,
         )
         self._to_server(session, frame, a, now, out)
@@ -375,20 +373,26 @@ class Balancer:
             if session is None or session.state in FINAL_STATES:
                 continue
             from_client = event.label & 1 == 1
-            if event.tcp_flags & RST:
+            flags, a = event.tcp_flags, None
+            if flags & TCP_FLAGS_UNKNOWN:  # IPv6 extension headers hid them from the fast path: read the frame
+                a = self._analyze_report(event)
+                flags = a.tcp_flags if a is not None and a.tcp_flags > 0 else 0
+            if flags & RST:
                 if not from_client and session.state is SessionState.START:
                     self._server_failed(session.server, DownReason.REFUSED, event.now)
             elif self.switching.watch[event.label] & WATCH_ALL:
-                self._measure(session, event, from_client)
+                self._measure(session, event, from_client, a or self._analyze_report(event))
             if session.state not in FINAL_STATES:
-                self.sessions.tcp_end(session, event.tcp_flags, from_client=from_client, now=event.now)
+                self.sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
 
-    def _measure(self, session: Session, event: FastEvent, from_client: bool) -> None:
-        """Time the server's responses from the session's own frames (the session table keeps the measurement)."""
+    def _analyze_report(self, event: FastEvent) -> Analysis | None:
         try:
-            a: Analysis | None = self.analyzer.analyze_ip(event.frame, event.ip_offset)
+            return self.analyzer.analyze_ip(event.frame, event.ip_offset)
         except WireError:
-            a = None
+            return None
+
+    def _measure(self, session: Session, event: FastEvent, from_client: bool, a: Analysis | None) -> None:
+        """Time the server's responses from the session's own frames (the session table keeps the measurement)."""
         seen = self.sessions.observe(
             session,
             from_client=from_client,

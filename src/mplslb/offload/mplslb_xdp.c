@@ -99,7 +99,12 @@ int mplslb_xdp(struct xdp_md *ctx)
 	if (e->flags & F_TCP_END) {
 		__u32 tcp;
 		if (e->flags & F_V6) {
-			tcp = e->tcp_offset;
+			/* the flags only right after the fixed header; extension headers: userspace reads the frame */
+			if (ip + IPV6_NEXT_HEADER + 1 > end)
+				goto forward;
+			if (ip[IPV6_NEXT_HEADER] != IPPROTO_TCP)
+				return XDP_PASS;
+			tcp = IPV6_HLEN;
 		} else {
 			if (ip + 1 > end)
 				goto forward;

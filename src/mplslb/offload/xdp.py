@@ -296,7 +296,6 @@ class XdpOffload:
             flags,
             len(peer_ip),
             peer_ip,
-            t.tcp_offset[label],
             0,
             0,
             0,

@@ -30,11 +30,14 @@ from mplslb.switching.layout import (
     ETH_SRC,
     ETH_TYPE,
     IP_AT,
+    IPPROTO_TCP,
     IPV4_ADDR_LEN,
     IPV4_IHL_MASK,
     IPV4_IHL_UNIT,
     IPV4_SRC,
     IPV6_ADDR_LEN,
+    IPV6_HLEN,
+    IPV6_NEXT_HEADER,
     IPV6_SRC,
     LABEL_SHIFT,
     LABEL_SPACE,
@@ -45,6 +48,7 @@ from mplslb.switching.layout import (
     RESERVED_LABEL_MAX,
     TCP_END,
     TCP_FLAGS,
+    TCP_FLAGS_UNKNOWN,
     WATCH_ALL,
     WATCH_TCP_END,
 )
@@ -78,7 +82,7 @@ class BlockTables:
         self.table = table
         arrays = table.arrays()
         self.valid, self.watch, self.v6 = arrays.valid, arrays.watch, arrays.v6
-        self.out_port, self.in_port, self.tcp_offset = arrays.out_port, arrays.in_port, arrays.tcp_offset
+        self.out_port, self.in_port = arrays.out_port, arrays.in_port
         self.packets, self.bytes, self.last_seen = arrays.packets, arrays.bytes, arrays.last_seen
         self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
         self._views = tuple(
@@ -357,12 +361,16 @@ def _block_reports(
     begin = starts[rows]
     end = begin + lengths[rows]
     ip = begin + IP_AT
+    v6 = t.v6[labels] != 0
     v4_offset = (buf[np.minimum(ip, end - 1)] & IPV4_IHL_MASK).astype(np.int64) * IPV4_IHL_UNIT
-    offset = np.where(t.v6[labels] != 0, t.tcp_offset[labels].astype(np.int64), v4_offset)
-    flag_at = ip + offset + TCP_FLAGS
-    peek = ((watch & WATCH_TCP_END) != 0) & (flag_at < end) & (ip < end)
-    flags = np.where(peek, buf[np.where(peek, flag_at, 0)], 0)
-    report = ((watch & WATCH_ALL) != 0) | ((flags & TCP_END) != 0)
+    flag_at = ip + np.where(v6, IPV6_HLEN, v4_offset) + TCP_FLAGS
+    tcp_end = (watch & WATCH_TCP_END) != 0
+    next_at = ip + IPV6_NEXT_HEADER
+    unknown = tcp_end & v6 & (next_at < end) & (buf[np.minimum(next_at, end - 1)] != IPPROTO_TCP)
+    peek = tcp_end & ~unknown & (flag_at < end) & (ip < end)
+    flags = np.where(peek, buf[np.where(peek, flag_at, 0)], 0).astype(np.int64)
+    flags[unknown] = TCP_FLAGS_UNKNOWN
+    report = ((watch & WATCH_ALL) != 0) | ((flags & (TCP_END | TCP_FLAGS_UNKNOWN)) != 0)
     for k in np.flatnonzero(report):
         b, e = int(begin[k]), int(end[k])
         events.append(FastEvent(int(labels[k]), buf[b:e].tobytes(), IP_AT, int(flags[k]), now))

@@ -50,13 +50,18 @@ IPV4_IHL_UNIT: Final = IHL_UNIT
 IPV4_SRC: Final = 12
 IPV4_DST: Final = 16
 IPV4_ADDR_LEN: Final = 4
+IPV6_NEXT_HEADER: Final = 6
 IPV6_SRC: Final = 8
 IPV6_DST: Final = 24
 IPV6_ADDR_LEN: Final = 16
+IPV6_HLEN: Final = 40  # the fixed header: TCP right after it when the next header is TCP
 TCP_FLAGS: Final = 13  # the flags octet in the TCP header
 TCP_FIN: Final = int(TCPFlag.FIN)
 TCP_RST: Final = int(TCPFlag.RST)
 TCP_END: Final = TCP_FIN | TCP_RST  # the flags the session manager must see
+#: Reported instead of the flags when the fast path cannot find them (IPv6 extension headers before TCP): the
+#: session manager reads the frame itself. Above the 8 bits of real flags.
+TCP_FLAGS_UNKNOWN: Final = 0x100
 #: A TCP header further into the packet than this is past any frame one buffer holds: its flags are not read.
 MAX_TCP_OFFSET: Final = 16384
 
@@ -64,13 +69,14 @@ MAX_TCP_OFFSET: Final = 16384
 WATCH_TCP_END: Final = 0x01  # report frames whose TCP flags carry FIN or RST
 WATCH_ALL: Final = 0x02  # report every frame (a response-time measurement is under way)
 WATCH_BITS: Final = WATCH_TCP_END | WATCH_ALL
-#: Passed with ``watch`` to :meth:`LabelSwitchingTable.install`: the payload under the label is IPv6 (its TCP header
-#: offset is recorded at install, not derived from an IHL). Kept in its own array, not in ``watch``.
+#: Passed with ``watch`` to :meth:`LabelSwitchingTable.install`: the payload under the label is IPv6 (the IP
+#: source is at IPV6_SRC, and the TCP flags are read only when TCP follows the fixed header). Kept in its own
+#: array, not in ``watch``.
 IPV6_PAYLOAD: Final = 0x04
 
 # -- the kernel offload's map entry ----------------------------------------------------------------------------
 #: ``flags`` of a kernel entry.
-F_V6: Final = 0x01  # the payload under the label is IPv6 (peer IP at IPV6_SRC, TCP header at tcp_offset)
+F_V6: Final = 0x01  # the payload under the label is IPv6 (peer IP at IPV6_SRC; TCP flags only right after the header)
 F_TCP_END: Final = 0x02  # TCP session: FIN and RST go up to the session manager
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
@@ -84,8 +90,7 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("flags", "__u8", "B", 0),
     ("ip_len", "__u8", "B", 0),  # 0 (no IP binding), 4 or 16
     ("peer_ip", "__u8", "s", IPV6_ADDR_LEN),
-    ("tcp_offset", "__u16", "H", 0),  # IPv6: IP header start -> TCP header
-    ("pad", "__u16", "H", 0),
+    ("pad", "__u32", "I", 0),
     ("packets", "__u64", "Q", 0),
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
@@ -110,7 +115,7 @@ C_CONSTANTS: Final = (
     "LSE_LEN", "LSE_AT", "LSE_TTL", "LABEL_SHIFT", "MPLS_BOS", "MPLS_TTL_MASK", "LABELLED_MIN", "IP_AT",
     "LABEL_SPACE", "RESERVED_LABEL_MAX",
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
-    "IPV6_ADDR_LEN", "IPPROTO_TCP", "IPPROTO_UDP",
+    "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET",
     "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END",
 )  # fmt: skip
@@ -167,6 +172,8 @@ __all__ = [
     "IPV4_SRC",
     "IPV6_ADDR_LEN",
     "IPV6_DST",
+    "IPV6_HLEN",
+    "IPV6_NEXT_HEADER",
     "IPV6_PAYLOAD",
     "IPV6_SRC",
     "IP_AT",
@@ -187,6 +194,7 @@ __all__ = [
     "TCP_END",
     "TCP_FIN",
     "TCP_FLAGS",
+    "TCP_FLAGS_UNKNOWN",
     "TCP_RST",
     "TTL_MASK",
     "VLAN_HLEN",

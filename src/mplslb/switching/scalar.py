@@ -16,8 +16,10 @@ then checks, in this order:
 The frame leaves with its Ethernet addresses rewritten to (next hop, our port) and its label entry's TTL lowered;
 the rest of the frame is not read. Two things ride along without changing that decision: per-label packet and byte
 counters with the last time seen (idle timeouts and statistics), and, for labels whose ``watch`` bits ask for it, a
-report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags, or, while a
-response time is being measured, every frame. Reports are appended to ``events``; the caller hands them to the
+report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags (IPv4: after its
+IHL; IPv6: right after the fixed header when TCP follows it, else the frame is reported with
+``TCP_FLAGS_UNKNOWN`` and the session manager reads it), or, while a response time is being measured, every
+frame. Reports are appended to ``events``; the caller hands them to the
 session manager after forwarding.
 
 Every offset comes from :mod:`~mplslb.switching.layout`; the block path (:mod:`~mplslb.switching.block`) and the
@@ -32,9 +34,12 @@ from mplslb.switching.layout import (
     ETH_P_MPLS_UC,
     ETH_SRC,
     ETH_TYPE,
+    IPPROTO_TCP,
     IPV4_IHL_MASK,
     IPV4_IHL_UNIT,
     IPV4_SRC,
+    IPV6_HLEN,
+    IPV6_NEXT_HEADER,
     IPV6_SRC,
     LABEL_SHIFT,
     LABELLED_MIN,
@@ -45,6 +50,7 @@ from mplslb.switching.layout import (
     RESERVED_LABEL_MAX,
     TCP_END,
     TCP_FLAGS,
+    TCP_FLAGS_UNKNOWN,
     VLAN_HLEN,
     VLAN_TYPE,
     WATCH_ALL,
@@ -61,6 +67,7 @@ _pack_entry = ENTRY.pack
 _join = b"".join
 _VLAN_LSE_AT = LSE_AT + VLAN_HLEN
 _ETH_SRC_END = ETH_SRC + 6
+_REPORTED = TCP_END | TCP_FLAGS_UNKNOWN
 
 
 def _drop(drops: dict[str, int], reason: str) -> int:
@@ -81,7 +88,7 @@ def switch_frame(
     in the table's ``drops`` under a named reason). ``hot`` is the table's :attr:`~LabelSwitchingTable.hot`:
     the arrays unpacked into locals here, which spares a dozen attribute lookups per frame."""
     (valid, in_port, peer, peer_ip_of, v6, out_port_of, rewrite,
-     packets, octets, last_seen, watch_of, tcp_offset, drops) = hot  # fmt: skip
+     packets, octets, last_seen, watch_of, drops) = hot  # fmt: skip
     n = len(frame)
     if n < LABELLED_MIN:
         if n < LSE_AT or frame[ETH_TYPE : ETH_TYPE + 2] != MPLS_ETHERTYPE:
@@ -119,13 +126,19 @@ def switch_frame(
     last_seen[label] = now
     watch = watch_of[label]
     if watch:
-        # TCP flags: the only byte past the label ever read here (IPv4: after the IHL; IPv6: at the recorded offset).
+        # The TCP flags: IPv4 after the IHL, IPv6 right after the fixed header when TCP follows it; otherwise
+        # (extension headers) the session manager reads the frame itself.
         flags = 0
         if watch & WATCH_TCP_END and ip < n:
-            at = ip + (tcp_offset[label] if v6[label] else (frame[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT) + TCP_FLAGS
+            if v6[label]:
+                at = ip + IPV6_HLEN + TCP_FLAGS
+                if ip + IPV6_NEXT_HEADER < n and frame[ip + IPV6_NEXT_HEADER] != IPPROTO_TCP:
+                    at, flags = n, TCP_FLAGS_UNKNOWN
+            else:
+                at = ip + (frame[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT + TCP_FLAGS
             if at < n:
                 flags = frame[at]
-        if watch & WATCH_ALL or flags & TCP_END:
+        if watch & WATCH_ALL or flags & _REPORTED:
             events.append(FastEvent(label, frame, ip, flags, now))
     return out_port
 

@@ -91,7 +91,6 @@ class Arrays(NamedTuple):
     v6: np.ndarray
     out_port: np.ndarray
     in_port: np.ndarray
-    tcp_offset: np.ndarray
     packets: np.ndarray
     bytes: np.ndarray
     last_seen: np.ndarray
@@ -112,7 +111,6 @@ class LabelSwitchingTable:
         self.v6 = bytearray(LABEL_SPACE)
         self.out_port = array("i", [-1]) * LABEL_SPACE
         self.in_port = array("i", [-1]) * LABEL_SPACE
-        self.tcp_offset = array("H", [0]) * LABEL_SPACE  # IPv6 only: IP header start -> TCP header
         self.packets = array("Q", [0]) * LABEL_SPACE
         self.bytes = array("Q", [0]) * LABEL_SPACE
         self.last_seen = array("d", [0.0]) * LABEL_SPACE
@@ -128,7 +126,7 @@ class LabelSwitchingTable:
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
         self.hot = (
             self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
-            self.bytes, self.last_seen, self.watch, self.tcp_offset, self.drops,
+            self.bytes, self.last_seen, self.watch, self.drops,
         )  # fmt: skip
 
     # -- the control plane -----------------------------------------------------------------------------------------
@@ -142,7 +140,6 @@ class LabelSwitchingTable:
         peer: bytes,
         peer_ip: bytes = b"",
         watch: int = 0,
-        tcp_offset: int = 0,
         now: float = 0.0,
     ) -> None:
         """Install ``label``: frames arriving on ``in_port`` from ``peer`` (and, if given, IP source ``peer_ip``)
@@ -160,7 +157,6 @@ class LabelSwitchingTable:
         self.v6[label] = 1 if watch & IPV6_PAYLOAD else 0
         self.out_port[label] = out_port
         self.in_port[label] = in_port
-        self.tcp_offset[label] = tcp_offset
         # Many labels share these values (one rewrite per next hop and port, a router's MAC for all its clients,
         # the VIP as every S2C label's source): keep one object of each, about 100 bytes less per session.
         self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[out_port])
@@ -257,7 +253,6 @@ class LabelSwitchingTable:
                 np.frombuffer(self.v6, dtype=np.uint8),
                 np.frombuffer(self.out_port, dtype=np.int32),
                 np.frombuffer(self.in_port, dtype=np.int32),
-                np.frombuffer(self.tcp_offset, dtype=np.uint16),
                 np.frombuffer(self.packets, dtype=np.uint64),
                 np.frombuffer(self.bytes, dtype=np.uint64),
                 np.frombuffer(self.last_seen, dtype=np.float64),
