@@ -9,6 +9,7 @@ import pytest
 
 from helpers import VIP, VIP6, Net, client_addr, make_config, tcp, udp
 from mplslb.balancing.admission import RefuseWith
+from mplslb.sessions import Timeouts
 from mplslb.sim.scenario import ServerSpec, SimConfig, Workload, run
 from mplslb.wire.icmp import parse_icmp
 from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP
@@ -104,3 +105,30 @@ def test_refusal_leaves_existing_sessions_untouched() -> None:
         assert net.deliver_to_servers(out)[0][0] == name
     assert net.balancer.stats().refused == {"global_session_limit": 20}
     assert net.balancer.fast_path == 21 and IPPROTO_TCP == 6
+
+
+def test_admission_sees_pairs_whose_quarantine_ended_before_the_timer_ran() -> None:
+    net = Net(make_config(c2s_min=17, c2s_max=19, label_quarantine=5.0, timeouts=Timeouts(udp=1.0)))
+    b = net.balancer
+    for i in range(2):
+        assert net.from_client(0, udp(client_addr(0), VIP, 7000 + i, 53))[0][0] in (2, 3)
+    net.now = 2.0
+    b.on_timer(net.now)  # both idle: ended, their pairs quarantined until 7.0
+    assert b.labels.stats().quarantined_count == 2
+    net.now = 8.0  # the quarantine is over, and no timer has run since
+    assert net.from_client(0, udp(client_addr(0), VIP, 7100, 53))[0][0] in (2, 3)
+    assert b.stats().refused == {}
+
+
+def test_label_exhaustion_is_not_charged_to_a_server_and_a_full_server_is() -> None:
+    config = make_config(n_servers=1, c2s_min=17, c2s_max=17)
+    net = Net(replace(config, servers=tuple(replace(s, max_sessions=5) for s in config.servers)))
+    b = net.balancer
+    assert net.from_client(0, tcp(client_addr(0), VIP, 2000, 80, SYN))[0][0] in (2, 3)
+    net.from_client(0, tcp(client_addr(0), VIP, 2001, 80, SYN))  # no label left
+    assert b.stats().refused == {"labels_exhausted": 1} and b.pool.servers[0].refused == 0
+    net2 = Net(replace(config, c2s_max=99, servers=tuple(replace(s, max_sessions=1) for s in config.servers)))
+    net2.from_client(0, tcp(client_addr(0), VIP, 2000, 80, SYN))
+    net2.from_client(0, tcp(client_addr(0), VIP, 2001, 80, SYN))  # the server is at its limit
+    assert net2.balancer.stats().refused == {"server_session_limit": 1}
+    assert net2.balancer.pool.servers[0].refused == 1

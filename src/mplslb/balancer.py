@@ -285,7 +285,7 @@ class Balancer:
 
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
-        refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_count, now=now)
+        refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
         if refusal is None:
             server = self.algorithm.choose(self.pool, a.key, now)
@@ -298,8 +298,10 @@ class Balancer:
                 refusal = Refusal.LABELS_EXHAUSTED
         if refusal is not None or server is None or c2s is None:
             self.admission.count(refusal or Refusal.NO_SERVER)
-            if server is not None:
-                self.pool.session_refused(server)
+            if refusal is Refusal.SERVER_LIMIT:  # charged to the servers whose own limits refused it
+                for full in self.pool:
+                    if full.in_service and not full.eligible:
+                        self.pool.session_refused(full)
             refused = self.admission.answer(
                 a.key,
                 ip_version=a.ip_version,

@@ -294,6 +294,13 @@ class LabelManager:
         """Pairs withdrawn and not yet released."""
         return self._q_count
 
+    def free_at(self, now: float) -> int:
+        """Pairs ready to allocate at ``now``: quarantined pairs whose time has come are released first, so a
+        caller asking before the timer ran sees them."""
+        if self._q_count and self._q_release[self._q_head] <= now:
+            self.on_timer(now)
+        return self._free_count
+
     @property
     def free_count(self) -> int:
         """Pairs ready to allocate (quarantine already expired but not yet released is not counted)."""

@@ -313,7 +313,7 @@ class ServerPool:
         server.active -= 1
 
     def session_refused(self, server: Server) -> None:
-        """Count a new session refused because ``server`` (where it would have gone) was full."""
+        """Count a new session refused because ``server``, in service, was at its session limit or overloaded."""
         server.refused += 1
 
     def record_response_time(self, server: Server, seconds: float) -> None:
