@@ -354,6 +354,14 @@ def _replace(old: str, new: str) -> str:
     return BALANCER_FILE.replace(old, new, 1)
 
 
+SECOND = """
+[[servers]]
+name = "s2"
+address = "{addr}"
+mac = "{mac}"
+port = 1
+"""
+
 BALANCER_ERRORS: list[tuple[str, str, str]] = [
     ("unknown_port_key", _replace('role = "client"', 'role = "client"\nspeed = 10'), "ports[0].speed"),
     ("unknown_vip_key", _replace("udp = [53]", "udp = [53]\nsctp = [1]"), "vip[0].sctp"),
@@ -380,7 +388,33 @@ BALANCER_ERRORS: list[tuple[str, str, str]] = [
     ("server_weight_negative", _replace("weight = 3", "weight = -3"), "servers[0].weight"),
     ("server_weight_string", _replace("weight = 3", "weight = 'x'"), "servers[0].weight"),
     ("c2s_min_above_c2s_max", _replace("c2s_min = 101", "c2s_min = 2003"), "labels.c2s_min"),
+    (
+        "server_same_address",
+        _replace(
+            "max_sessions = 50\n", "max_sessions = 50\n" + SECOND.format(addr="10.2.0.11", mac="02:5e:00:00:00:02")
+        ),
+        "servers[1].address",
+    ),
+    (
+        "server_same_mac",
+        _replace(
+            "max_sessions = 50\n", "max_sessions = 50\n" + SECOND.format(addr="10.2.0.12", mac="02:5E:00:00:00:01")
+        ),
+        "servers[1].mac",
+    ),
 ]
+
+
+def test_a_duplicate_server_address_names_both_servers(tmp_path: Path) -> None:
+    text = _replace(
+        "max_sessions = 50\n", "max_sessions = 50\n" + SECOND.format(addr="10.2.0.11", mac="02:5e:00:00:00:09")
+    )
+    path = write(tmp_path, text, "lb.toml")
+    with pytest.raises(
+        ConfigError, match=r"servers\[1\]\.address: 10\.2\.0\.11 is already the address of servers\[0\]"
+    ):
+        load_balancer(path)
+
 
 BALANCER_REGRESSIONS: list[tuple[str, str, str, str]] = [
     (

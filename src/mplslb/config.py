@@ -225,6 +225,10 @@ def parse_ip(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
 
 
+def _address_text(address: bytes) -> str:
+    return str(ipaddress.ip_address(address))
+
+
 def parse_mac(text: str) -> bytes:
     return mac_from_str(text)
 
@@ -289,6 +293,7 @@ def balancer_config_from_section(
         sec.done()
     roles = {p.port_id: p.role for p in ports or default_ports}
     servers: list[ServerConfig] = []
+    server_keys: dict[str, str] = {}  # "address ..."/"mac ..." -> the key of the server that has it
     for sec in top.sections("servers"):
         name = sec.require("name", str)
         if not name:
@@ -312,6 +317,11 @@ def balancer_config_from_section(
                 max_sessions=sec.number("max_sessions", int, 0, minimum=0),
             )
         )
+        added = servers[-1]
+        for field_name, value in (("address", _address_text(added.address)), ("mac", added.mac.hex(":"))):
+            first = server_keys.setdefault(f"{field_name} {value}", sec.key(field_name))
+            if first != sec.key(field_name):
+                raise sec.error(field_name, f"{value} is already the {field_name} of {first.rsplit('.', 1)[0]}")
         sec.done()
     algorithm = top.get("algorithm", str, "round_robin")
     if algorithm not in algorithm_names():
