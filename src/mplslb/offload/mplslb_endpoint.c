@@ -52,6 +52,7 @@ static long (*bpf_map_update_elem)(void *map, const void *key, const void *value
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
 static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
+static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static long (*bpf_skb_adjust_room)(struct __sk_buff *skb, int len_diff, __u32 mode, __u64 flags) = (void *)50;
 
 INLINE void count(__u32 what)
@@ -324,6 +325,11 @@ INLINE int push(struct __sk_buff *skb, __u32 label, const __u8 *dst, const struc
 /* A packet the host sends: label it if it is the datapath's; server when serving, else client. */
 INLINE int from_host(struct __sk_buff *skb, int serving)
 {
+	/* The stack hands over TCP payload in page fragments: make the whole packet readable, as the codecs read it. */
+	if (skb->data_end - skb->data < skb->len && bpf_skb_pull_data(skb, skb->len)) {
+		count(EP_ROOM_FAILED);
+		return TC_ACT_SHOT;
+	}
 	__u8 *data = (__u8 *)(long)skb->data;
 	__u8 *end = (__u8 *)(long)skb->data_end;
 	if (data + ETH_HLEN > end)

@@ -21,23 +21,34 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from mplslb.labels import C2S_MAX, C2S_MIN, S2C_MAX, S2C_MIN
 from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 from mplslb.wire.ethernet import VLAN_TAG_LEN as VLAN_HLEN
 from mplslb.wire.ip import (
+    IPPROTO_AH,
+    IPPROTO_DSTOPTS,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_ROUTING,
     IPPROTO_TCP,
     IPPROTO_UDP,
 )
-from mplslb.wire.ipv4 import IHL_UNIT
+from mplslb.wire.ipv4 import FRAG_OFFSET_MASK, IHL_MIN, IHL_UNIT, IPV4_HLEN
+from mplslb.wire.ipv6 import AH_LEN_BIAS, AH_UNIT, EXT_MIN_LEN, EXT_UNIT, FRAGMENT_HLEN, IPV6_HLEN
 from mplslb.wire.mpls import (
     ENTRY,
     LABEL_SHIFT,
     LABEL_SPACE,
+    MAX_STACK_DEPTH,
     MPLS_ENTRY_LEN,
     RESERVED_LABEL_MAX,
     S_BIT,
     TTL_MASK,
 )
-from mplslb.wire.tcp import TCPFlag
+from mplslb.wire.tcp import DATA_OFFSET_MIN, DATA_OFFSET_SHIFT, DATA_OFFSET_UNIT, TCP_HLEN, TCPFlag
+from mplslb.wire.udp import UDP_HLEN
 
 # -- Ethernet --------------------------------------------------------------------------------------------------
 ETH_DST: Final = 0
@@ -303,8 +314,15 @@ def c_header() -> str:
 
 
 __all__ = [
+    "AH_LEN_BIAS",
+    "AH_UNIT",
+    "C2S_MAX",
+    "C2S_MIN",
     "C_CONSTANTS",
     "C_STRUCTS",
+    "DATA_OFFSET_MIN",
+    "DATA_OFFSET_SHIFT",
+    "DATA_OFFSET_UNIT",
     "ENDPOINT_CONFIG",
     "ENDPOINT_CONFIG_FIELDS",
     "ENDPOINT_COUNTERS",
@@ -319,22 +337,36 @@ __all__ = [
     "ETH_P_MPLS_UC",
     "ETH_SRC",
     "ETH_TYPE",
+    "EXT_MIN_LEN",
+    "EXT_UNIT",
     "FLOW",
     "FLOW_FIELDS",
     "FLOW_KEY",
     "FLOW_KEY_FIELDS",
+    "FRAGMENT_HLEN",
+    "FRAG_OFFSET_MASK",
     "F_TCP_END",
     "F_V6",
+    "IHL_MIN",
     "IHL_UNIT",
+    "IPPROTO_AH",
+    "IPPROTO_DSTOPTS",
+    "IPPROTO_FRAGMENT",
+    "IPPROTO_HOPOPTS",
+    "IPPROTO_ICMP",
+    "IPPROTO_ICMPV6",
+    "IPPROTO_ROUTING",
     "IPPROTO_TCP",
     "IPPROTO_UDP",
     "IPV4_ADDR_LEN",
     "IPV4_DST",
+    "IPV4_HLEN",
     "IPV4_IHL_MASK",
     "IPV4_IHL_UNIT",
     "IPV4_SRC",
     "IPV6_ADDR_LEN",
     "IPV6_DST",
+    "IPV6_HLEN",
     "IPV6_PAYLOAD",
     "IPV6_SRC",
     "IP_AT",
@@ -346,17 +378,22 @@ __all__ = [
     "LSE_AT",
     "LSE_LEN",
     "LSE_TTL",
+    "MAX_STACK_DEPTH",
     "MAX_TCP_OFFSET",
     "MPLS_BOS",
     "MPLS_ENTRY_LEN",
     "MPLS_TTL_MASK",
     "RESERVED_LABEL_MAX",
+    "S2C_MAX",
+    "S2C_MIN",
     "S_BIT",
     "TCP_END",
     "TCP_FIN",
     "TCP_FLAGS",
+    "TCP_HLEN",
     "TCP_RST",
     "TTL_MASK",
+    "UDP_HLEN",
     "VIP_KEY",
     "VIP_KEY_FIELDS",
     "VLAN_HLEN",
