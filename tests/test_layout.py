@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -29,11 +30,13 @@ def host_program(tmp_path: Path) -> str:
         pytest.skip("no host C compiler (gcc)")
     (tmp_path / LAYOUT_HEADER).write_text(layout.c_header())
     lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{LAYOUT_HEADER}"', "int main(void) {"]
-    for name in layout.C_CONSTANTS:
+    for name in layout.constants():
         lines.append(f'\tprintf("%s %lld\\n", "{name}", (long long)({name}));')
-    for name, *_ in layout.KERNEL_ENTRY_FIELDS:
-        lines.append(f'\tprintf("offsetof.%s %zu\\n", "{name}", offsetof(struct entry, {name}));')
-    lines += ['\tprintf("sizeof %zu\\n", sizeof(struct entry));', "\treturn 0;", "}"]
+    for cname, fields in layout.C_STRUCTS.items():
+        for name, *_ in fields:
+            lines.append(f'\tprintf("offsetof.{cname}.%s %zu\\n", "{name}", offsetof(struct {cname}, {name}));')
+        lines.append(f'\tprintf("sizeof.{cname} %zu\\n", sizeof(struct {cname}));')
+    lines += ["\treturn 0;", "}"]
     (tmp_path / "layout.c").write_text("\n".join(lines) + "\n")
     subprocess.run([HOST_CC, "-Wall", "-Werror", "-o", str(tmp_path / "layout"), str(tmp_path / "layout.c")],
                    check=True, capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -42,10 +45,14 @@ def host_program(tmp_path: Path) -> str:
 
 def test_the_c_header_gives_c_every_value_of_the_python_layout(tmp_path: Path) -> None:
     printed = dict(line.split(" ", 1) for line in host_program(tmp_path).splitlines())
-    assert {name: int(printed[name]) for name in layout.C_CONSTANTS} == layout.constants()
-    offsets = {name: int(printed[f"offsetof.{name}"]) for name, *_ in layout.KERNEL_ENTRY_FIELDS}
+    assert {name: int(printed[name]) for name in layout.constants()} == layout.constants()
+    offsets = {name: int(printed[f"offsetof.entry.{name}"]) for name, *_ in layout.KERNEL_ENTRY_FIELDS}
     assert offsets == layout.kernel_entry_offsets()
-    assert int(printed["sizeof"]) == layout.KERNEL_ENTRY.size
+    assert int(printed["sizeof.entry"]) == layout.KERNEL_ENTRY.size
+    for cname, fields in layout.C_STRUCTS.items():
+        offsets = {name: int(printed[f"offsetof.{cname}.{name}"]) for name, *_ in fields}
+        assert offsets == layout.struct_offsets(fields), cname
+        assert int(printed[f"sizeof.{cname}"]) == struct.calcsize(layout._struct_fmt(fields)), cname
 
 
 def test_the_layout_is_the_wire_codecs_layout() -> None:

@@ -9,6 +9,7 @@ AF_PACKET port on an Ethernet interface or MPLS-in-UDP to the balancer across ro
 from __future__ import annotations
 
 import ipaddress
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -20,8 +21,20 @@ from mplslb.drivers.loop import EndpointDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpEndpointLink
 from mplslb.drivers.tun import TunDevice
 from mplslb.endpoint import ClientEndpoint, Endpoint, ServerEndpoint
-from mplslb.hostsetup import HostChanges, interface_mac, setup_client, setup_server
+from mplslb.hostsetup import (
+    HostChanges,
+    interface_mac,
+    setup_client,
+    setup_client_kernel,
+    setup_server,
+    setup_server_kernel,
+)
 from mplslb.wire.ethernet import ETH_P_MPLS_UC
+
+log = logging.getLogger("mplslb.agent")
+DATAPATHS = ("auto", "kernel", "tun")
+#: How often the kernel datapath's agent looks for idle flows, at most (seconds).
+EXPIRY_INTERVAL = 5.0
 
 #: The wire carries a 4-byte label in front of each packet: the TUN's MTU leaves room for it.
 LABEL_OVERHEAD = 4
@@ -41,9 +54,12 @@ class AgentConfig:
     flow_timeout: float = 300.0
     mtu: int = WIRE_MTU - LABEL_OVERHEAD
     ready_file: str = ""
+    datapath: str = "auto"  # "kernel": BPF programs on the wire interface; "tun": packets through this process
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.datapath not in DATAPATHS:
+            raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}")
         if self.role not in ("server", "client"):
             raise ValueError("role must be server or client")
         if not self.vips:
@@ -54,8 +70,81 @@ class AgentConfig:
             raise ValueError("a client agent needs --gateway-mac (Ethernet) or --balancer (MPLS-in-UDP)")
 
 
+def choose_datapath(config: AgentConfig) -> str:
+    """The datapath the agent will run: ``kernel`` when asked for (or ``auto``) and possible, else ``tun``, with a
+    log line saying why. Asking for ``kernel`` where BPF or clang is missing is an error."""
+    if config.balancer:
+        if config.datapath == "kernel":
+            log.warning("datapath kernel refused: MPLS-in-UDP (--balancer) is not in the kernel datapath; using tun")
+        return "tun"
+    if config.datapath == "tun":
+        return "tun"
+    from mplslb.offload.endpoint import unavailable_reason
+
+    why = unavailable_reason()
+    if not why:
+        return "kernel"
+    if config.datapath == "kernel":
+        raise RuntimeError(f"datapath kernel is not available here: {why}")
+    log.warning("kernel datapath not available (%s): using tun", why)
+    return "tun"
+
+
+class KernelAgent:
+    """An agent whose labels are handled by BPF programs on the wire interface: this process only loads them,
+    changes the host, expires idle flows and keeps the counters. ``close()`` detaches and puts the host back."""
+
+    datapath = "kernel"
+
+    def __init__(self, config: AgentConfig) -> None:
+        from mplslb.offload.endpoint import KernelEndpoint
+
+        self.config = config
+        self.changes = HostChanges()
+        self.stop_event = threading.Event()
+        self.kernel: KernelEndpoint | None = None
+        try:
+            mac = interface_mac(config.interface)
+            self.kernel = KernelEndpoint(config.role, mac=mac, vips=config.vips, gateway_mac=config.gateway_mac,
+                                         flow_timeout=config.flow_timeout)  # fmt: skip
+            if config.role == "server":
+                setup_server_kernel(config.interface, list(config.vips), self.changes)
+            else:
+                setup_client_kernel(config.interface, list(config.vips), config.gateway_mac, self.changes)
+            self.kernel.attach(config.interface)
+            log.info("datapath kernel on %s (%s)", config.interface, config.role)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        if self.config.ready_file:
+            Path(self.config.ready_file).write_text(f"{self.config.interface}\ndatapath=kernel\n")
+        stop = stop or self.stop_event
+        interval = min(EXPIRY_INTERVAL, max(self.config.flow_timeout / 4, 0.1))
+        while not stop.wait(interval):
+            if self.kernel is not None:
+                self.kernel.expire()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def counts(self) -> dict[str, int]:
+        return self.kernel.counts() if self.kernel is not None else {}
+
+    def close(self) -> list[str]:
+        if self.kernel is not None:
+            counts = {k: v for k, v in self.kernel.counts().items() if v} if self.kernel.maps else {}
+            log.info("kernel datapath counters: %s", counts)
+            self.kernel.close()
+            self.kernel = None
+        return self.changes.undo()
+
+
 class Agent:
     """A running agent: its devices, host changes, loop and endpoint. ``close()`` puts the host back."""
+
+    datapath = "tun"
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -90,8 +179,14 @@ class Agent:
 
     def run(self, stop: threading.Event | None = None) -> None:
         if self.config.ready_file:
-            Path(self.config.ready_file).write_text(f"{self.tun.name}\n")
+            Path(self.config.ready_file).write_text(f"{self.tun.name}\ndatapath=tun\n")
         self.loop.run(stop)
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def counts(self) -> dict[str, int]:
+        return {**self.endpoint.counters, **self.endpoint.drops}
 
     def close(self) -> list[str]:
         failed = self.changes.undo()
@@ -103,14 +198,21 @@ class Agent:
         return failed
 
 
-def run_agent(config: AgentConfig, *, on_ready: Callable[[Agent], None] | None = None) -> int:
+def make_agent(config: AgentConfig) -> Agent | KernelAgent:
+    """The agent of the datapath :func:`choose_datapath` picks."""
+    if choose_datapath(config) == "kernel":
+        return KernelAgent(config)
+    return Agent(config)
+
+
+def run_agent(config: AgentConfig, *, on_ready: Callable[[Agent | KernelAgent], None] | None = None) -> int:
     """Run an agent until SIGTERM or SIGINT; returns a process exit status."""
-    agent = Agent(config)
+    agent = make_agent(config)
     stop = threading.Event()
 
     def handle(_signum: int, _frame: object) -> None:
         stop.set()
-        agent.loop.stop()
+        agent.stop()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -277,6 +277,14 @@ def _agent_options(fn: Any) -> Any:
             click.option("--balancer", "balancer_addr", default="", help="Use MPLS-in-UDP to this balancer address."),
             click.option("--udp-local", default="0.0.0.0", show_default=True, help="Local address for MPLS-in-UDP."),
             click.option("--udp-port", default=6635, show_default=True, help="MPLS-in-UDP port (RFC 7510: 6635)."),
+            click.option(
+                "--datapath",
+                type=click.Choice(["auto", "kernel", "tun"]),
+                default="auto",
+                show_default=True,
+                help="kernel: BPF programs on the interface; tun: packets through this process; "
+                "auto: kernel where BPF and clang allow it.",
+            ),
             _NETNS,
             _READY,
         ]
@@ -300,11 +308,18 @@ def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
             udp_local=kw["udp_local"],
             udp_port=kw["udp_port"],
             ready_file=kw["ready_file"],
+            datapath=kw["datapath"],
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     _enter_netns(kw["netns"])
-    sys.exit(run_agent(config))
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        sys.exit(run_agent(config))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @agent.command("server")
@@ -361,6 +376,13 @@ def _lab_options(fn: Any) -> Any:
             click.option("--algorithm", default="round_robin", show_default=True),
             click.option("--weights", default="", help="Comma-separated weights, one per server."),
             click.option("--offload", type=click.Choice(["none", "kernel"]), default="none", show_default=True),
+            click.option(
+                "--datapath",
+                type=click.Choice(["kernel", "tun", "auto"]),
+                default="kernel",
+                show_default=True,
+                help="The agents' label datapath.",
+            ),
         ]
     ):
         fn = option(fn)
@@ -416,6 +438,8 @@ def lab_run(requests: int, wrk_seconds: int, **kw: Any) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         the_lab.up()
+        paths = the_lab.datapaths()
+        console.print("agents' datapath: " + ", ".join(f"{name} {path}" for name, path in sorted(paths.items())))
         per_client = max(1, requests // the_lab.spec.clients)
         bodies: list[str] = []
         for client in range(the_lab.spec.clients):

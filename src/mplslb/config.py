@@ -318,10 +318,10 @@ def balancer_config_from_section(
             )
         )
         added = servers[-1]
-        for field_name, value in (("address", _address_text(added.address)), ("mac", added.mac.hex(":"))):
-            first = server_keys.setdefault(f"{field_name} {value}", sec.key(field_name))
+        for field_name, shown in (("address", _address_text(added.address)), ("mac", added.mac.hex(":"))):
+            first = server_keys.setdefault(f"{field_name} {shown}", sec.key(field_name))
             if first != sec.key(field_name):
-                raise sec.error(field_name, f"{value} is already the {field_name} of {first.rsplit('.', 1)[0]}")
+                raise sec.error(field_name, f"{shown} is already the {field_name} of {first.rsplit('.', 1)[0]}")
         sec.done()
     algorithm = top.get("algorithm", str, "round_robin")
     if algorithm not in algorithm_names():

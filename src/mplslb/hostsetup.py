@@ -178,3 +178,117 @@ def route_del(dst: str, oif: int, family: int, table: int | None = POLICY_TABLE)
 def rule_del(src: str, src_len: int, family: int) -> None:
     with IPRoute() as ipr, suppress(Exception):
         ipr.rule("del", family=family, src=src, src_len=src_len, table=POLICY_TABLE, priority=POLICY_PRIORITY)
+
+
+# -- the kernel datapath -----------------------------------------------------------------------------------------
+#: The gateway the kernel datapath routes virtual-IP traffic to: an address that exists nowhere, reachable "onlink"
+#: on the wire interface, with a permanent neighbour entry, so the host's stack hands such packets to the wire
+#: interface (where the egress program labels them) without ever resolving it.
+FAKE_GATEWAY = {4: "169.254.77.1", 6: "fe80::4d:1"}
+#: Route MTU of virtual-IP traffic in the kernel datapath: the label takes 4 bytes of the wire's 1500, and TCP's
+#: MSS follows the route MTU on both ends.
+KERNEL_ROUTE_MTU = 1496
+#: One segment per skb on the wire interface: the egress program pushes the label before the stack segments a
+#: GSO super-packet, and segmenting a labelled super-packet fails (the drop the veth counts as tx_dropped).
+GSO_MAX_SEGS = 1
+
+
+def _neigh_add(ipr: IPRoute, index: int, gateway: str, mac: str, changes: HostChanges) -> None:
+    family = _family(gateway)
+    ipr.neigh("replace", dst=gateway, lladdr=mac, ifindex=index, state=0x80, family=family)  # NUD_PERMANENT
+    changes.add(f"neighbour {gateway}", _call(neigh_del, index, gateway, family))
+
+
+def neigh_del(index: int, gateway: str, family: int) -> None:
+    with IPRoute() as ipr, suppress(Exception):
+        ipr.neigh("del", dst=gateway, ifindex=index, family=family)
+
+
+def set_gso_max_segs(changes: HostChanges, interface: str, segs: int) -> None:
+    """Cap the segments per skb the stack builds for ``interface``, remembering the old cap."""
+    with IPRoute() as ipr:
+        index = _index(ipr, interface)
+        old = ipr.get_links(index)[0].get_attr("IFLA_GSO_MAX_SEGS")
+        if old == segs:
+            return
+        ipr.link("set", index=index, gso_max_segs=segs)
+    changes.add(f"gso_max_segs of {interface}", _call(_set_gso_segs, index, old))
+
+
+def _set_gso_segs(index: int, segs: int) -> None:
+    with IPRoute() as ipr:
+        ipr.link("set", index=index, gso_max_segs=segs)
+
+
+def prepare_wire(interface: str, changes: HostChanges) -> None:
+    """What the wire interface needs under the kernel datapath: no GSO super-packets, no partial checksums (a frame
+    the balancer reads through a packet socket and sends on must carry its final checksum)."""
+    set_gso_max_segs(changes, interface, GSO_MAX_SEGS)
+    if set_tx_checksum(interface, False):
+        changes.add(f"tx checksumming of {interface}", lambda: set_tx_checksum(interface, True))
+
+
+def set_tx_checksum(interface: str, on: bool) -> bool:
+    """Turn TX checksum offload of ``interface`` on or off (ETHTOOL_STXCSUM); returns whether it changed."""
+    import array
+    import fcntl
+    import struct
+
+    SIOCETHTOOL, ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM = 0x8946, 0x16, 0x17
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        value = array.array("I", [ETHTOOL_GTXCSUM, 0])
+        addr, _ = value.buffer_info()
+        ifreq = struct.pack("16sP", interface.encode(), addr)
+        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+        if bool(value[1]) == on:
+            return False
+        value[0], value[1] = ETHTOOL_STXCSUM, int(on)
+        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+    return True
+
+
+def setup_server_kernel(interface: str, vips: list[str], changes: HostChanges) -> None:
+    """VIPs on lo; replies from a VIP routed out of ``interface`` (route MTU for the label) to a fake gateway whose
+    MAC the egress program replaces with the flow's balancer port."""
+    own_mac = interface_mac(interface).hex(":")
+    with IPRoute() as ipr:
+        lo, wire = _index(ipr, "lo"), _index(ipr, interface)
+        for vip in vips:
+            family, plen = _family(vip), _host_len(vip)
+            flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
+            ipr.addr("add", index=lo, address=vip, prefixlen=plen, flags=flags)
+            changes.add(f"address {vip} on lo", _call(ipr_addr_del, lo, vip, plen))
+        for version in sorted({ipaddress.ip_address(v).version for v in vips}):
+            gateway, family = FAKE_GATEWAY[version], socket.AF_INET6 if version == 6 else socket.AF_INET
+            _neigh_add(ipr, wire, gateway, own_mac, changes)
+            default = "::/0" if version == 6 else "0.0.0.0/0"
+            ipr.route("add", dst=default, gateway=gateway, oif=wire, table=POLICY_TABLE, family=family,
+                      flags=0x4, metrics={"mtu": KERNEL_ROUTE_MTU})  # fmt: skip  # RTNH_F_ONLINK
+            changes.add(f"default route table {POLICY_TABLE}", _call(route_del, default, wire, family))
+        for vip in vips:
+            family, plen = _family(vip), _host_len(vip)
+            ipr.rule("add", family=family, src=vip, src_len=plen, table=POLICY_TABLE, priority=POLICY_PRIORITY)
+            changes.add(f"rule from {vip}", _call(rule_del, vip, plen, family))
+    set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
+    prepare_wire(interface, changes)
+
+
+def setup_client_kernel(interface: str, vips: list[str], gateway_mac: bytes, changes: HostChanges) -> None:
+    """A route to each VIP out of ``interface`` to a fake gateway with the balancer's MAC, sourced from the
+    interface's address, with the route MTU that leaves room for the label."""
+    sources = interface_addresses(interface)
+    with IPRoute() as ipr:
+        wire = _index(ipr, interface)
+        for version in sorted({ipaddress.ip_address(v).version for v in vips}):
+            _neigh_add(ipr, wire, FAKE_GATEWAY[version], gateway_mac.hex(":"), changes)
+        for vip in vips:
+            version = ipaddress.ip_address(vip).version
+            family, plen = _family(vip), _host_len(vip)
+            source = sources.get(version)
+            if source is None:
+                raise OSError(f"{interface} has no IPv{version} address to send to {vip} from")
+            ipr.route("add", dst=f"{vip}/{plen}", gateway=FAKE_GATEWAY[version], oif=wire, prefsrc=source,
+                      family=family, flags=0x4, metrics={"mtu": KERNEL_ROUTE_MTU})  # fmt: skip
+            changes.add(f"route to {vip}", _call(route_del, f"{vip}/{plen}", wire, family, None))
+    set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
+    prepare_wire(interface, changes)

@@ -63,8 +63,11 @@ class LabSpec:
     fall: int = 2
     max_sessions: int = 0
     offload: str = "none"  # "kernel": established sessions' labels switched by the XDP offload
+    datapath: str = "kernel"  # the agents' datapath: "kernel" (BPF on eth0), "tun" (through Python), "auto"
 
     def __post_init__(self) -> None:
+        if self.datapath not in ("kernel", "tun", "auto"):
+            raise ValueError("datapath must be kernel, tun or auto")
         if self.offload not in ("none", "kernel"):
             raise ValueError("offload must be none or kernel")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", self.name):
@@ -286,6 +289,24 @@ class Lab:
                     raise LabError(f"{key} not ready after {READY_TIMEOUT} s: {self.log(key)[-2000:]}")
                 time.sleep(0.05)
 
+    def _datapath(self) -> str:
+        # MPLS-in-UDP is not in the kernel datapath: the agents would refuse it and fall back to tun anyway
+        return "tun" if self.spec.transport == "udp" and self.spec.datapath == "kernel" else self.spec.datapath
+
+    def datapaths(self) -> dict[str, str]:
+        """The datapath each agent runs, as its ready file says."""
+        out = {}
+        for key in self.state.pids or (self._load_state() or LabState()).pids:
+            if not key.startswith("agent-"):
+                continue
+            try:
+                text = (self.dir / f"{key}.ready").read_text()
+            except FileNotFoundError:
+                continue
+            found = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("datapath=")]
+            out[key[len("agent-") :]] = found[0] if found else "?"
+        return out
+
     def log(self, key: str) -> str:
         try:
             return (self.dir / f"{key}.log").read_text(errors="replace")
@@ -309,7 +330,8 @@ class Lab:
             name = self.server_name(j)
             self.start_nginx(j)
             key = f"agent-{name}"
-            self._mplslb(key, self.server_ns(j), "agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6)
+            self._mplslb(key, self.server_ns(j), "agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6,
+                         "--datapath", self._datapath())  # fmt: skip
             keys.append(key)
         self._wait_ready(keys)
 
@@ -322,7 +344,7 @@ class Lab:
         keys = []
         for i in range(self.spec.clients):
             key = f"agent-c{i + 1}"
-            args = ["agent", "client", "--interface", "eth0", "--vip", VIP4]
+            args = ["agent", "client", "--interface", "eth0", "--vip", VIP4, "--datapath", self._datapath()]
             if self.spec.transport == "udp":
                 args += ["--balancer", "10.80.0.1", "--udp-local", self.client_addr(i)]
             else:

@@ -353,3 +353,21 @@ def test_a_lab_that_fails_half_way_up_is_torn_down(monkeypatch: pytest.MonkeyPat
     with pytest.raises(RuntimeError, match="could not start"):
         the_lab.up()
     assert_nothing_left(the_lab)
+
+
+BULK = 32 * 1024 * 1024  # tens of megabytes per download: far past where a segmentation fault in the datapath shows
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_bulk_downloads_cross_the_datapath_intact(lab: Lab, v6: bool) -> None:
+    """Every server serves the same large file; each download (one per server, round robin) hashes the same."""
+    import hashlib
+
+    data = os.urandom(BULK)
+    for j in range(lab.spec.servers):
+        (lab.dir / lab.server_name(j) / "www" / "bulk.bin").write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    url = "http://[fd00::100]/bulk.bin" if v6 else f"http://{VIP4}/bulk.bin"
+    for _ in range(lab.spec.servers):
+        done = lab.run_in(lab.client_ns(0), ["sh", "-c", f"curl -sS -m 120 {url} | sha256sum"], timeout=150)
+        assert done.stdout.split()[:1] == [want], done.stderr

@@ -39,8 +39,15 @@ BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_CREATE = 28
 
 BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_XDP = 6
 BPF_XDP = 37  # enum bpf_attach_type
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
 BPF_F_NO_PREALLOC = 1
 BPF_ANY = 0
 BPF_PSEUDO_MAP_FD = 1
@@ -348,6 +355,17 @@ def prog_test_run(prog_fd: int, frame: bytes, *, ingress_ifindex: int = 0) -> Te
     return TestRun(retval, dout.raw[:size_out])
 
 
+def prog_test_run_skb(prog_fd: int, frame: bytes) -> TestRun:
+    """Run a SCHED_CLS program once on ``frame`` (an Ethernet frame the kernel wraps in an skb, as on a tc hook);
+    returns its verdict and the frame after it (grown or shrunk as the program made it)."""
+    din = ctypes.create_string_buffer(frame, len(frame))
+    dout = ctypes.create_string_buffer(len(frame) + 256)
+    attr = _attr("=IIIIQQII", prog_fd, 0, len(frame), len(dout), _addr(din), _addr(dout), 1, 0)
+    bpf(BPF_PROG_TEST_RUN, attr, "running the program on a frame")
+    retval, _, size_out = struct.unpack_from("=III", attr, 4)
+    return TestRun(retval, dout.raw[:size_out])
+
+
 __all__ = [
     "BpfError",
     "ElfProgram",
@@ -361,5 +379,6 @@ __all__ = [
     "prog_info",
     "prog_load",
     "prog_test_run",
+    "prog_test_run_skb",
     "read_elf_program",
 ]

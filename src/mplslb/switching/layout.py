@@ -21,12 +21,34 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from mplslb.labels import C2S_MAX, C2S_MIN, S2C_MAX, S2C_MIN
 from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 from mplslb.wire.ethernet import VLAN_TAG_LEN as VLAN_HLEN
-from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
-from mplslb.wire.ipv4 import IHL_UNIT
-from mplslb.wire.mpls import ENTRY, LABEL_SHIFT, LABEL_SPACE, MPLS_ENTRY_LEN, RESERVED_LABEL_MAX, S_BIT, TTL_MASK
-from mplslb.wire.tcp import TCPFlag
+from mplslb.wire.ip import (
+    IPPROTO_AH,
+    IPPROTO_DSTOPTS,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_ROUTING,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+)
+from mplslb.wire.ipv4 import FRAG_OFFSET_MASK, IHL_MIN, IHL_UNIT, IPV4_HLEN
+from mplslb.wire.ipv6 import AH_LEN_BIAS, AH_UNIT, EXT_MIN_LEN, EXT_UNIT, FRAGMENT_HLEN, IPV6_HLEN
+from mplslb.wire.mpls import (
+    ENTRY,
+    LABEL_SHIFT,
+    LABEL_SPACE,
+    MAX_STACK_DEPTH,
+    MPLS_ENTRY_LEN,
+    RESERVED_LABEL_MAX,
+    S_BIT,
+    TTL_MASK,
+)
+from mplslb.wire.tcp import DATA_OFFSET_MIN, DATA_OFFSET_SHIFT, DATA_OFFSET_UNIT, TCP_HLEN, TCPFlag
+from mplslb.wire.udp import UDP_HLEN
 
 # -- Ethernet --------------------------------------------------------------------------------------------------
 ETH_DST: Final = 0
@@ -54,7 +76,6 @@ IPV6_NEXT_HEADER: Final = 6
 IPV6_SRC: Final = 8
 IPV6_DST: Final = 24
 IPV6_ADDR_LEN: Final = 16
-IPV6_HLEN: Final = 40  # the fixed header: TCP right after it when the next header is TCP
 TCP_FLAGS: Final = 13  # the flags octet in the TCP header
 TCP_FIN: Final = int(TCPFlag.FIN)
 TCP_RST: Final = int(TCPFlag.RST)
@@ -108,6 +129,139 @@ def kernel_entry_offsets() -> dict[str, int]:
     return offsets
 
 
+# -- the endpoints' kernel datapath (mplslb_endpoint.c) -------------------------------------------------------
+IP_VERSION_SHIFT: Final = 4  # the version nibble of the first octet, IPv4 and IPv6 alike
+IPV4_FRAG_AT: Final = 6  # flags and fragment offset
+IPV4_PROTO: Final = 9
+IPV4_TOTAL_LEN: Final = 2
+IPV6_PAYLOAD_LEN: Final = 4
+IPV6_FRAG_OFFSET_SHIFT: Final = 3
+#: Extension headers the kernel walks before it gives up on a packet (``ipv6_ext_too_many``); the userspace
+#: endpoint walks any number.
+IPV6_EXT_MAX: Final = 6
+TCP_DOFF: Final = 12  # the data offset octet in the TCP header
+L4_SPORT: Final = 0
+L4_DPORT: Final = 2
+UDP_LEN: Final = 4
+SYN_ONLY: Final = int(TCPFlag.SYN)
+SYN_MASK: Final = int(TCPFlag.SYN | TCPFlag.ACK)
+FAMILY_V4: Final = 4
+FAMILY_V6: Final = 6
+ENDPOINT_TTL: Final = 64  # the TTL of the entry the endpoints push, as mplslb.endpoint.Endpoint's default
+
+#: ``struct flow_key`` of the endpoints' flow map: the 5-tuple as the local host sends the flow (ports in host order;
+#: an IPv4 address fills the first 4 octets and the rest stay zero).
+FLOW_KEY_FIELDS: Final = (
+    ("proto", "__u8", "B", 0),
+    ("family", "__u8", "B", 0),  # FAMILY_V4 or FAMILY_V6
+    ("sport", "__u16", "H", 0),
+    ("dport", "__u16", "H", 0),
+    ("kpad", "__u16", "H", 0),
+    ("src", "__u8", "s", IPV6_ADDR_LEN),
+    ("dst", "__u8", "s", IPV6_ADDR_LEN),
+)
+#: ``struct flow`` of the flow map: the label to push, the MAC address to send to, CLOCK_MONOTONIC ns of last use.
+FLOW_FIELDS: Final = (
+    ("last_ns", "__u64", "Q", 0),
+    ("label", "__u32", "I", 0),
+    ("peer", "__u8", "s", ETH_ALEN),
+    ("fpad", "__u16", "H", 0),
+    ("fpad2", "__u32", "I", 0),
+)
+#: ``struct vip_key`` of the virtual IP set.
+VIP_KEY_FIELDS: Final = (
+    ("addr", "__u8", "s", IPV6_ADDR_LEN),
+    ("vfamily", "__u32", "I", 0),
+)
+#: ``struct endpoint_config``, the one element of the config map.
+ENDPOINT_CONFIG_FIELDS: Final = (
+    ("mac", "__u8", "s", ETH_ALEN),  # this host's wire interface
+    ("gateway", "__u8", "s", ETH_ALEN),  # client: the balancer port's MAC
+    ("ttl", "__u32", "I", 0),
+)
+#: The fields of the kernel's ``struct __sk_buff`` the egress program reads (the BPF context ABI, not the frame).
+SKB_FIELDS: Final = (
+    ("len", "__u32", "I", 0),
+    ("skb_before_protocol", "__u32", "s", 3 * 4),
+    ("protocol", "__u32", "I", 0),
+    ("skb_before_data", "__u8", "s", 56),
+    ("data", "__u32", "I", 0),
+    ("data_end", "__u32", "I", 0),
+    ("skb_before_gso_segs", "__u8", "s", 80),
+    ("gso_segs", "__u32", "I", 0),
+)
+
+#: What the endpoint programs count, in this order (an index into the counters map). The reasons a frame is
+#: dropped have the names :class:`mplslb.endpoint.Endpoint` and the wire codecs give them; the first ones count
+#: frames that went through.
+ENDPOINT_COUNTERS: Final = (
+    "from_wire",  # a labelled frame popped and handed to the host
+    "from_host",  # a packet of a known flow labelled for the wire
+    "from_host_unlabelled",  # client: a flow's first packet, sent unlabelled
+    "passed",  # not the datapath's: ARP, ND, unlabelled frames, traffic not from or to a virtual IP
+    "not_c2s_label",
+    "not_s2c_label",
+    "not_for_vip",
+    "no_session_label",
+    "mpls_truncated",
+    "mpls_no_bottom",
+    "mpls_too_deep",
+    "ip_truncated",
+    "ip_bad_version",
+    "ipv4_truncated",
+    "ipv4_bad_ihl",
+    "ipv4_bad_total_length",
+    "ipv4_bad_checksum",
+    "ipv6_truncated",
+    "ipv6_bad_payload_length",
+    "ipv6_ext_truncated",
+    "ipv6_ext_too_many",
+    "ip_fragment",
+    "tcp_truncated",
+    "tcp_bad_data_offset",
+    "udp_truncated",
+    "udp_bad_length",
+    "icmp_not_in_kernel",
+    "unsupported_protocol",
+    "gso_packet",
+    "room_failed",
+)
+
+
+def _struct_fmt(fields: tuple[tuple[str, str, str, int], ...]) -> str:
+    return "=" + "".join(f"{n}{code}" if n else code for _, _, code, n in fields)
+
+
+FLOW_KEY: Final = struct.Struct(_struct_fmt(FLOW_KEY_FIELDS))
+FLOW: Final = struct.Struct(_struct_fmt(FLOW_FIELDS))
+VIP_KEY: Final = struct.Struct(_struct_fmt(VIP_KEY_FIELDS))
+ENDPOINT_CONFIG: Final = struct.Struct(_struct_fmt(ENDPOINT_CONFIG_FIELDS))
+#: Every struct of the generated header: C name -> fields.
+C_STRUCTS: Final = {
+    "entry": KERNEL_ENTRY_FIELDS,
+    "flow_key": FLOW_KEY_FIELDS,
+    "flow": FLOW_FIELDS,
+    "vip_key": VIP_KEY_FIELDS,
+    "endpoint_config": ENDPOINT_CONFIG_FIELDS,
+    "__sk_buff": SKB_FIELDS,
+}
+
+
+def struct_offsets(fields: tuple[tuple[str, str, str, int], ...]) -> dict[str, int]:
+    """Byte offset of each field of a packed struct made from ``fields``."""
+    offsets: dict[str, int] = {}
+    fmt = "="
+    for name, _, code, n in fields:
+        offsets[name] = struct.calcsize(fmt)
+        fmt += f"{n}{code}" if n else code
+    return offsets
+
+
+def counter_constant(name: str) -> str:
+    """The C name of an endpoint counter's index."""
+    return "EP_" + name.upper()
+
+
 #: The constants the C programs are built with, by the name they have in C and in this module.
 C_CONSTANTS: Final = (
     "ETH_DST", "ETH_SRC", "ETH_ALEN", "ETH_ADDRS", "ETH_TYPE", "ETH_HLEN", "VLAN_HLEN", "VLAN_TYPE",
@@ -118,13 +272,26 @@ C_CONSTANTS: Final = (
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET",
     "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END",
+    "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
+    "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
+    "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
+    "IPPROTO_HOPOPTS", "IPPROTO_ROUTING", "IPPROTO_FRAGMENT", "IPPROTO_DSTOPTS", "IPPROTO_AH", "IPPROTO_ICMP",
+    "IPPROTO_ICMPV6", "EXT_UNIT", "EXT_MIN_LEN", "AH_UNIT", "AH_LEN_BIAS", "FRAGMENT_HLEN",
+    "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
+    "TCP_DOFF", "L4_SPORT", "L4_DPORT", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6", "ENDPOINT_TTL",
 )  # fmt: skip
 
 
 def constants() -> dict[str, int]:
     """Every C constant's value, by name."""
     values = globals()
-    return {name: int(values[name]) for name in C_CONSTANTS}
+    out = {name: int(values[name]) for name in C_CONSTANTS}
+    out.update((counter_constant(name), i) for i, name in enumerate(ENDPOINT_COUNTERS))
+    out["EP_COUNTERS"] = len(ENDPOINT_COUNTERS)
+    return out
+
+
+_C_SIZES: Final = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}
 
 
 def c_header() -> str:
@@ -141,14 +308,27 @@ def c_header() -> str:
         "",
     ]
     lines += [f"#define {name} {value:#x}" for name, value in constants().items()]
-    lines += ["", "struct entry {"]
-    lines += [f"\t{ctype} {name}{f'[{n}]' if n else ''};" for name, ctype, _, n in KERNEL_ENTRY_FIELDS]
-    lines += ["};", "", "#endif", ""]
+    for cname, fields in C_STRUCTS.items():
+        lines += ["", f"struct {cname} {{"]
+        lines += [f"\t{ctype} {name}{f'[{n // _C_SIZES[ctype]}]' if n else ''};" for name, ctype, _, n in fields]
+        lines += ["};"]
+    lines += ["", "#endif", ""]
     return "\n".join(lines)
 
 
 __all__ = [
+    "AH_LEN_BIAS",
+    "AH_UNIT",
+    "C2S_MAX",
+    "C2S_MIN",
     "C_CONSTANTS",
+    "C_STRUCTS",
+    "DATA_OFFSET_MIN",
+    "DATA_OFFSET_SHIFT",
+    "DATA_OFFSET_UNIT",
+    "ENDPOINT_CONFIG",
+    "ENDPOINT_CONFIG_FIELDS",
+    "ENDPOINT_COUNTERS",
     "ENTRY",
     "ETH_ADDRS",
     "ETH_ALEN",
@@ -160,13 +340,30 @@ __all__ = [
     "ETH_P_MPLS_UC",
     "ETH_SRC",
     "ETH_TYPE",
+    "EXT_MIN_LEN",
+    "EXT_UNIT",
+    "FLOW",
+    "FLOW_FIELDS",
+    "FLOW_KEY",
+    "FLOW_KEY_FIELDS",
+    "FRAGMENT_HLEN",
+    "FRAG_OFFSET_MASK",
     "F_TCP_END",
     "F_V6",
+    "IHL_MIN",
     "IHL_UNIT",
+    "IPPROTO_AH",
+    "IPPROTO_DSTOPTS",
+    "IPPROTO_FRAGMENT",
+    "IPPROTO_HOPOPTS",
+    "IPPROTO_ICMP",
+    "IPPROTO_ICMPV6",
+    "IPPROTO_ROUTING",
     "IPPROTO_TCP",
     "IPPROTO_UDP",
     "IPV4_ADDR_LEN",
     "IPV4_DST",
+    "IPV4_HLEN",
     "IPV4_IHL_MASK",
     "IPV4_IHL_UNIT",
     "IPV4_SRC",
@@ -185,18 +382,25 @@ __all__ = [
     "LSE_AT",
     "LSE_LEN",
     "LSE_TTL",
+    "MAX_STACK_DEPTH",
     "MAX_TCP_OFFSET",
     "MPLS_BOS",
     "MPLS_ENTRY_LEN",
     "MPLS_TTL_MASK",
     "RESERVED_LABEL_MAX",
+    "S2C_MAX",
+    "S2C_MIN",
     "S_BIT",
     "TCP_END",
     "TCP_FIN",
     "TCP_FLAGS",
     "TCP_FLAGS_UNKNOWN",
+    "TCP_HLEN",
     "TCP_RST",
     "TTL_MASK",
+    "UDP_HLEN",
+    "VIP_KEY",
+    "VIP_KEY_FIELDS",
     "VLAN_HLEN",
     "VLAN_TYPE",
     "WATCH_ALL",
@@ -204,5 +408,7 @@ __all__ = [
     "WATCH_TCP_END",
     "c_header",
     "constants",
+    "counter_constant",
     "kernel_entry_offsets",
+    "struct_offsets",
 ]

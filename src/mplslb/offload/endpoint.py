@@ -1,0 +1,218 @@
+"""The endpoints' label datapath in the kernel: :mod:`mplslb.endpoint`'s behaviour as BPF programs on the wire
+interface, so the agents move no packets through Python.
+
+Theory of operation
+-------------------
+``mplslb_endpoint.c`` holds four programs; a :class:`KernelEndpoint` loads the two of its role and attaches them to
+the wire interface with BPF links: generic XDP on ingress (``xdp/server`` or ``xdp/client``: take the label stack
+off, remember the flow, hand the IP packet to the host's stack) and tcx egress (``tc/server`` or ``tc/client``: push
+the flow's label and address the frame to the balancer). The links, the programs and the maps live as long as this
+object's file descriptors: an agent that dies, even by SIGKILL, leaves nothing attached.
+
+The maps (created here, their fds patched into the programs):
+
+* ``flows``: LRU hash, ``struct flow_key`` (as the local host sends the flow) -> ``struct flow`` (label, peer MAC,
+  CLOCK_MONOTONIC ns of last use). The kernel bounds it (least recently used entries go first when it is full);
+  :meth:`expire` forgets flows idle for ``flow_timeout`` as :meth:`mplslb.endpoint.Endpoint.on_timer` does.
+* ``vips``: the virtual IPs (server: replies from them are labelled; client: packets to them are).
+* ``config``: this host's MAC, the balancer's MAC (client), the TTL of the pushed entry.
+* ``counters``: one ``__u64`` per name of :data:`~mplslb.switching.layout.ENDPOINT_COUNTERS`.
+
+What the kernel cannot do the way the Python endpoint does (ICMP errors, TCP option checks, more than
+:data:`~mplslb.switching.layout.IPV6_EXT_MAX` IPv6 extension headers, 802.1Q tags) is listed in
+docs/architecture.md and asserted by tests/test_endpoint_kernel.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from mplslb.flow import FlowKey
+from mplslb.offload import bpf
+from mplslb.offload.build import BuildError, build_object
+from mplslb.switching.layout import (
+    ENDPOINT_CONFIG,
+    ENDPOINT_COUNTERS,
+    ENDPOINT_TTL,
+    FAMILY_V4,
+    FAMILY_V6,
+    FLOW,
+    FLOW_KEY,
+    IPV4_ADDR_LEN,
+    IPV6_ADDR_LEN,
+    VIP_KEY,
+)
+
+SOURCE = Path(__file__).with_name("mplslb_endpoint.c")
+ROLES = ("server", "client")
+MAX_FLOWS = 65536
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+
+
+class KernelDatapathError(RuntimeError):
+    """The kernel datapath cannot be set up here (no clang, no bpf(2), a refused program...)."""
+
+
+def unavailable_reason() -> str:
+    """Why the kernel datapath cannot run on this host, or "" when it can (root, bpf(2), clang)."""
+    if not bpf.available():
+        return "bpf(2) is not known on this architecture"
+    if os.geteuid() != 0:
+        return "loading BPF programs needs root"
+    try:
+        build_object(SOURCE)
+    except BuildError as exc:
+        return str(exc).splitlines()[0]
+    return ""
+
+
+def flow_key_bytes(key: FlowKey) -> bytes:
+    family = FAMILY_V6 if len(key.src) == IPV6_ADDR_LEN else FAMILY_V4
+    pad = bytes(IPV6_ADDR_LEN - len(key.src))
+    return FLOW_KEY.pack(key.proto, family, key.sport, key.dport, 0, key.src + pad, key.dst + pad)
+
+
+def flow_key_of(raw: bytes) -> FlowKey:
+    proto, family, sport, dport, _, src, dst = FLOW_KEY.unpack(raw)
+    n = IPV4_ADDR_LEN if family == FAMILY_V4 else IPV6_ADDR_LEN
+    return FlowKey(proto, src[:n], sport, dst[:n], dport)
+
+
+class KernelEndpoint:
+    """The kernel datapath of one endpoint: programs, maps and (once :meth:`attach` ran) the links on the wire."""
+
+    def __init__(
+        self,
+        role: str,
+        *,
+        mac: bytes,
+        vips: Iterable[str | bytes],
+        gateway_mac: bytes = b"",
+        flow_timeout: float = 300.0,
+        ttl: int = ENDPOINT_TTL,
+        max_flows: int = MAX_FLOWS,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError("role must be server or client")
+        if len(mac) != 6 or (role == "client" and len(gateway_mac) != 6):
+            raise ValueError("MAC addresses are 6 bytes (a client needs the balancer's)")
+        self.role = role
+        self.flow_timeout = flow_timeout
+        self.links: list[int] = []
+        self.attached: str = ""
+        self.progs: dict[str, int] = {}
+        self.maps: list[bpf.Map] = []
+        try:
+            obj = build_object(SOURCE)
+        except BuildError as exc:
+            raise KernelDatapathError(str(exc)) from None
+        try:
+            self.flows = self._map(bpf.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY.size, FLOW.size, max_flows, "mplslb_flows")
+            self.vips = self._map(bpf.BPF_MAP_TYPE_HASH, VIP_KEY.size, _U32.size, 64, "mplslb_vips")
+            self.config = self._map(bpf.BPF_MAP_TYPE_ARRAY, _U32.size, ENDPOINT_CONFIG.size, 1, "mplslb_epcfg")
+            self.counters = self._map(bpf.BPF_MAP_TYPE_ARRAY, _U32.size, _U64.size, len(ENDPOINT_COUNTERS),
+                                      "mplslb_epcount")  # fmt: skip
+            for vip in vips:
+                packed = ipaddress.ip_address(vip).packed if isinstance(vip, str) else bytes(vip)
+                family = FAMILY_V6 if len(packed) == IPV6_ADDR_LEN else FAMILY_V4
+                self.vips.update(VIP_KEY.pack(packed.ljust(IPV6_ADDR_LEN, b"\0"), family), _U32.pack(1))
+            self.config.update(_U32.pack(0), ENDPOINT_CONFIG.pack(mac, gateway_mac or bytes(6), ttl))
+            fds = {"flows": self.flows.fd, "vips": self.vips.fd, "config": self.config.fd,
+                   "counters": self.counters.fd}  # fmt: skip
+            short = "srv" if role == "server" else "cli"
+            self.progs["xdp"] = bpf.load_program(obj, f"xdp/{role}", fds, prog_type=bpf.BPF_PROG_TYPE_XDP,
+                                                 name=f"mplslb_{short}_in")  # fmt: skip
+            self.progs["tc"] = bpf.load_program(obj, f"tc/{role}", fds, prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS,
+                                                name=f"mplslb_{short}_out")  # fmt: skip
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise KernelDatapathError(f"kernel datapath: {exc}") from None
+
+    def _map(self, kind: int, key_size: int, value_size: int, entries: int, name: str) -> bpf.Map:
+        m = bpf.Map.create(kind, key_size, value_size, entries, flags=0, name=name)
+        self.maps.append(m)
+        return m
+
+    def attach(self, interface: str) -> None:
+        """Attach both programs to ``interface`` (generic XDP ingress, tcx egress) with BPF links."""
+        try:
+            ifindex = socket.if_nametoindex(interface)
+            self.links.append(bpf.link_create(self.progs["xdp"], ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE))
+            self.links.append(bpf.link_create(self.progs["tc"], ifindex, bpf.BPF_TCX_EGRESS))
+        except OSError as exc:
+            self.detach()
+            raise KernelDatapathError(f"attaching the kernel datapath to {interface}: {exc}") from None
+        self.attached = interface
+
+    def detach(self) -> None:
+        for fd in self.links:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.links.clear()
+        self.attached = ""
+
+    def close(self) -> None:
+        """Detach, unload, free the maps (idempotent)."""
+        self.detach()
+        for fd in self.progs.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.progs.clear()
+        for m in self.maps:
+            m.close()
+        self.maps.clear()
+
+    def __enter__(self) -> KernelEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the control plane ---------------------------------------------------------------------------------------
+    def flow_table(self) -> dict[FlowKey, tuple[int, bytes, int]]:
+        """Every flow the kernel knows: key -> (label, peer MAC, last use in CLOCK_MONOTONIC ns)."""
+        keys, values, count = self.flows.lookup_batch()
+        out: dict[FlowKey, tuple[int, bytes, int]] = {}
+        for i in range(count):
+            last_ns, label, peer, _, _ = FLOW.unpack_from(values, i * FLOW.size)
+            out[flow_key_of(keys[i * FLOW_KEY.size : (i + 1) * FLOW_KEY.size])] = (label, peer, last_ns)
+        return out
+
+    def expire(self, now: float | None = None) -> int:
+        """Forget flows idle for ``flow_timeout`` (``now`` in ``time.monotonic`` seconds); returns how many."""
+        now_ns = int((time.monotonic() if now is None else now) * 1e9)
+        limit = int(self.flow_timeout * 1e9)
+        stale = [flow_key_bytes(k) for k, (_, _, last) in self.flow_table().items() if last + limit <= now_ns]
+        return sum(self.flows.delete(k) for k in stale)
+
+    def counts(self) -> dict[str, int]:
+        """Every counter by name (frames through and drops by reason)."""
+        out = {}
+        for i, name in enumerate(ENDPOINT_COUNTERS):
+            raw = self.counters.lookup(_U32.pack(i))
+            out[name] = _U64.unpack(raw)[0] if raw else 0
+        return out
+
+    def reset_counters(self) -> None:
+        for i in range(len(ENDPOINT_COUNTERS)):
+            self.counters.update(_U32.pack(i), _U64.pack(0))
+
+    def clear_flows(self) -> None:
+        for key in list(self.flow_table()):
+            self.flows.delete(flow_key_bytes(key))
+
+    def run_ingress(self, frame: bytes) -> bpf.TestRun:
+        """The ingress program on one frame (``BPF_PROG_TEST_RUN``), maps and counters as on the wire."""
+        return bpf.prog_test_run(self.progs["xdp"], frame)
+
+    def run_egress(self, frame: bytes) -> bpf.TestRun:
+        """The egress program on one frame (``BPF_PROG_TEST_RUN``)."""
+        return bpf.prog_test_run_skb(self.progs["tc"], frame)

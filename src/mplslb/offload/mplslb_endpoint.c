@@ -1,0 +1,413 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+/*
+ * mplslb endpoints' kernel datapath: the label handling of mplslb.endpoint (ServerEndpoint, ClientEndpoint) as
+ * an XDP program on the wire interface's ingress and a SCHED_CLS program on its egress.
+ *
+ * Ingress ("xdp/server", "xdp/client", generic XDP): a labelled frame's stack is taken off and the IP packet goes
+ * to the host's stack; the flow it belongs to is remembered, keyed as the host will send its replies, with the
+ * label to answer with (server: L + 1, client: M - 1) and the MAC address to send them to. Frames without a label
+ * (ARP, ND, health checks, a client's unlabelled refusals) pass untouched.
+ *
+ * Egress ("tc/server", "tc/client", direct action): a packet of a remembered flow gets the label pushed and leaves
+ * for the balancer's MAC address. Server: packets not from a virtual IP pass untouched, packets from one without a
+ * flow are dropped (no_session_label). Client: packets not to a virtual IP pass untouched, a flow's first packet
+ * goes unlabelled to the balancer, a pure SYN forgets the flow.
+ *
+ * What the programs drop is counted under the reason the Python endpoint gives it (counters map, indexes EP_*).
+ * The maps are created by the loader (mplslb.offload.endpoint), which patches every reference to them. No kernel
+ * or libbpf headers: built with clang and one generated header, mplslb_layout.h, from mplslb.switching.layout.
+ */
+
+#include "mplslb_layout.h" /* generated from mplslb.switching.layout: offsets, bits, structs */
+
+#define SEC(name) __attribute__((section(name), used))
+#define INLINE static inline __attribute__((always_inline))
+
+#define XDP_DROP 1
+#define XDP_PASS 2
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#define BPF_ADJ_ROOM_MAC 1
+#define OK EP_COUNTERS /* analyze(): no reason to drop */
+
+struct xdp_md {
+	__u32 data;
+	__u32 data_end;
+	__u32 data_meta;
+	__u32 ingress_ifindex;
+	__u32 rx_queue_index;
+	__u32 egress_ifindex;
+};
+
+struct map_ref {
+	__u32 unused;
+};
+struct map_ref flows SEC("maps");    /* LRU hash: struct flow_key -> struct flow */
+struct map_ref vips SEC("maps");     /* hash: struct vip_key -> __u32 */
+struct map_ref config SEC("maps");   /* array of one struct endpoint_config */
+struct map_ref counters SEC("maps"); /* array of EP_COUNTERS __u64 */
+
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
+static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
+static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
+static long (*bpf_skb_adjust_room)(struct __sk_buff *skb, int len_diff, __u32 mode, __u64 flags) = (void *)50;
+
+INLINE void count(__u32 what)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &what);
+	if (c)
+		__sync_fetch_and_add(c, 1);
+}
+
+INLINE __u32 be16(const __u8 *p)
+{
+	return ((__u32)p[0] << 8) | p[1];
+}
+
+INLINE int is_ext(__u32 proto)
+{
+	return proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING || proto == IPPROTO_DSTOPTS ||
+	       proto == IPPROTO_FRAGMENT || proto == IPPROTO_AH;
+}
+
+INLINE int is_vip(const __u8 *addr, __u32 family)
+{
+	struct vip_key k = {};
+	if (family == FAMILY_V4)
+		__builtin_memcpy(k.addr, addr, IPV4_ADDR_LEN);
+	else
+		__builtin_memcpy(k.addr, addr, IPV6_ADDR_LEN);
+	k.vfamily = family;
+	return bpf_map_lookup_elem(&vips, &k) != 0;
+}
+
+/* The flow key and TCP flags of the IP packet at ip, as mplslb.analyzer.PacketAnalyzer.analyze_ip reads them
+ * (without layer 7, without TCP options, without ICMP errors); returns OK or the reason to drop it. */
+INLINE __u32 analyze(__u8 *ip, __u8 *dend, struct flow_key *key, int *tcp_flags)
+{
+	if (ip + 1 > dend)
+		return EP_IP_TRUNCATED;
+	__u32 version = ip[0] >> IP_VERSION_SHIFT;
+	__u32 avail = dend - ip;
+	__u32 l4, end, proto;
+	if (version == FAMILY_V4) {
+		if (ip + IPV4_HLEN > dend)
+			return EP_IPV4_TRUNCATED;
+		__u32 hlen = (ip[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+		if (hlen < IHL_MIN * IPV4_IHL_UNIT)
+			return EP_IPV4_BAD_IHL;
+		if (hlen > avail)
+			return EP_IPV4_TRUNCATED;
+		end = be16(ip + IPV4_TOTAL_LEN);
+		if (end < hlen || end > avail)
+			return EP_IPV4_BAD_TOTAL_LENGTH;
+		__u32 sum = 0;
+		for (int i = 0; i < IPV4_IHL_MASK * IPV4_IHL_UNIT / 2; i++) {
+			if (i * 2 >= hlen)
+				break;
+			__u8 *w = ip + i * 2;
+			if (w + 2 > dend)
+				return EP_IPV4_TRUNCATED;
+			sum += be16(w);
+		}
+		sum = (sum & ((1 << 16) - 1)) + (sum >> 16);
+		sum = (sum & ((1 << 16) - 1)) + (sum >> 16);
+		if (sum != (1 << 16) - 1)
+			return EP_IPV4_BAD_CHECKSUM;
+		if (be16(ip + IPV4_FRAG_AT) & FRAG_OFFSET_MASK)
+			return EP_IP_FRAGMENT;
+		proto = ip[IPV4_PROTO];
+		l4 = hlen;
+		key->family = FAMILY_V4;
+		__builtin_memcpy(key->src, ip + IPV4_SRC, IPV4_ADDR_LEN);
+		__builtin_memcpy(key->dst, ip + IPV4_DST, IPV4_ADDR_LEN);
+	} else if (version == FAMILY_V6) {
+		if (ip + IPV6_HLEN > dend)
+			return EP_IPV6_TRUNCATED;
+		end = IPV6_HLEN + be16(ip + IPV6_PAYLOAD_LEN);
+		if (end > avail)
+			return EP_IPV6_BAD_PAYLOAD_LENGTH;
+		proto = ip[IPV6_NEXT_HEADER];
+		__u32 pos = IPV6_HLEN, frag = 0;
+		for (int i = 0; i < IPV6_EXT_MAX; i++) {
+			if (!is_ext(proto))
+				break;
+			if (pos > MAX_TCP_OFFSET || end - pos < EXT_MIN_LEN)
+				return EP_IPV6_EXT_TRUNCATED;
+			__u8 *h = ip + pos;
+			if (h + EXT_MIN_LEN > dend)
+				return EP_IPV6_EXT_TRUNCATED;
+			if (proto == IPPROTO_FRAGMENT) {
+				proto = h[0];
+				frag = be16(h + 2) >> IPV6_FRAG_OFFSET_SHIFT;
+				pos += FRAGMENT_HLEN;
+				if (frag)
+					break;
+				continue;
+			}
+			__u32 size = proto == IPPROTO_AH ? (h[1] + AH_LEN_BIAS) * AH_UNIT : (h[1] + 1) * EXT_UNIT;
+			if (end - pos < size)
+				return EP_IPV6_EXT_TRUNCATED;
+			proto = h[0];
+			pos += size;
+		}
+		if (frag)
+			return EP_IP_FRAGMENT;
+		if (is_ext(proto))
+			return EP_IPV6_EXT_TOO_MANY; /* the userspace endpoint walks on; the kernel's walk is bounded */
+		l4 = pos;
+		key->family = FAMILY_V6;
+		__builtin_memcpy(key->src, ip + IPV6_SRC, IPV6_ADDR_LEN);
+		__builtin_memcpy(key->dst, ip + IPV6_DST, IPV6_ADDR_LEN);
+	} else {
+		return EP_IP_BAD_VERSION;
+	}
+	key->proto = proto;
+	__u32 l4len = end - l4;
+	if (l4 > MAX_TCP_OFFSET)
+		return proto == IPPROTO_UDP ? EP_UDP_TRUNCATED : EP_TCP_TRUNCATED;
+	__u8 *t = ip + l4;
+	if (proto == IPPROTO_TCP) {
+		if (l4len < TCP_HLEN || t + TCP_HLEN > dend)
+			return EP_TCP_TRUNCATED;
+		__u32 doff = t[TCP_DOFF] >> DATA_OFFSET_SHIFT;
+		if (doff < DATA_OFFSET_MIN)
+			return EP_TCP_BAD_DATA_OFFSET;
+		if (doff * DATA_OFFSET_UNIT > l4len)
+			return EP_TCP_TRUNCATED;
+		*tcp_flags = t[TCP_FLAGS];
+	} else if (proto == IPPROTO_UDP) {
+		if (l4len < UDP_HLEN || t + UDP_HLEN > dend)
+			return EP_UDP_TRUNCATED;
+		__u32 length = be16(t + UDP_LEN);
+		if (length < UDP_HLEN || length > l4len)
+			return EP_UDP_BAD_LENGTH;
+		*tcp_flags = -1;
+	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+		return EP_ICMP_NOT_IN_KERNEL;
+	} else {
+		return EP_UNSUPPORTED_PROTOCOL;
+	}
+	key->sport = be16(t + L4_SPORT);
+	key->dport = be16(t + L4_DPORT);
+	return OK;
+}
+
+INLINE void reverse(const struct flow_key *k, struct flow_key *r)
+{
+	r->proto = k->proto;
+	r->family = k->family;
+	r->sport = k->dport;
+	r->dport = k->sport;
+	__builtin_memcpy(r->src, k->dst, IPV6_ADDR_LEN);
+	__builtin_memcpy(r->dst, k->src, IPV6_ADDR_LEN);
+}
+
+/* A labelled frame from the wire: pop its stack, learn its flow; server when serving, else client. */
+INLINE int from_wire(struct xdp_md *ctx, int serving)
+{
+	__u8 *data = (__u8 *)(long)ctx->data;
+	__u8 *end = (__u8 *)(long)ctx->data_end;
+	if (data + ETH_HLEN > end || be16(data + ETH_TYPE) != ETH_P_MPLS_UC) {
+		count(EP_PASSED);
+		return XDP_PASS;
+	}
+	__u8 *p = data + LSE_AT;
+	if (p + LSE_LEN > end) {
+		count(EP_MPLS_TRUNCATED);
+		return XDP_DROP;
+	}
+	__u32 label = ((__u32)p[0] << 16 | (__u32)p[1] << 8 | p[2]) >> (LABEL_SHIFT - 8);
+	int bottom = 0;
+	for (int i = 0; i < MAX_STACK_DEPTH; i++) {
+		if (p == end) {
+			count(EP_MPLS_NO_BOTTOM);
+			return XDP_DROP;
+		}
+		if (p + LSE_LEN > end) {
+			count(EP_MPLS_TRUNCATED);
+			return XDP_DROP;
+		}
+		bottom = p[LSE_LEN - 2] & (MPLS_BOS >> 8);
+		p += LSE_LEN;
+		if (bottom)
+			break;
+	}
+	if (!bottom) {
+		count(EP_MPLS_TOO_DEEP);
+		return XDP_DROP;
+	}
+	if (serving ? (label < C2S_MIN || label > C2S_MAX || !(label & 1))
+		    : (label < S2C_MIN || label > S2C_MAX || (label & 1))) {
+		count(serving ? EP_NOT_C2S_LABEL : EP_NOT_S2C_LABEL);
+		return XDP_DROP;
+	}
+	/* Take the stack off first: the packet then starts at one offset, whatever the depth of the stack was. */
+	__u8 macs[ETH_ADDRS];
+	__builtin_memcpy(macs, data, ETH_ADDRS);
+	if (bpf_xdp_adjust_head(ctx, p - data - ETH_HLEN)) {
+		count(EP_ROOM_FAILED);
+		return XDP_DROP;
+	}
+	data = (__u8 *)(long)ctx->data;
+	end = (__u8 *)(long)ctx->data_end;
+	if (data + ETH_HLEN > end)
+		return XDP_DROP;
+	struct flow_key key = {}, reply = {};
+	int tcp_flags = -1;
+	__u32 why = analyze(data + ETH_HLEN, end, &key, &tcp_flags);
+	if (why != OK) {
+		count(why);
+		return XDP_DROP;
+	}
+	struct flow f = {};
+	f.last_ns = bpf_ktime_get_ns();
+	if (serving) {
+		if (!is_vip(key.dst, key.family)) {
+			count(EP_NOT_FOR_VIP);
+			return XDP_DROP;
+		}
+		f.label = label + 1; /* the pair's S2C label: nothing is signalled */
+		__builtin_memcpy(f.peer, macs + ETH_SRC, ETH_ALEN);
+	} else {
+		__u32 zero = 0;
+		struct endpoint_config *cfg = bpf_map_lookup_elem(&config, &zero);
+		if (!cfg)
+			return XDP_DROP;
+		f.label = label - 1; /* the pair's C2S label */
+		__builtin_memcpy(f.peer, cfg->gateway, ETH_ALEN);
+	}
+	reverse(&key, &reply);
+	bpf_map_update_elem(&flows, &reply, &f, 0);
+	__builtin_memcpy(data, macs, ETH_ADDRS);
+	__u32 type = key.family == FAMILY_V4 ? ETH_P_IP : ETH_P_IPV6;
+	data[ETH_TYPE] = type >> 8;
+	data[ETH_TYPE + 1] = type & 0xff;
+	count(EP_FROM_WIRE);
+	return XDP_PASS;
+}
+
+/* Put the label in front of the packet and address the frame: dst, src, MPLS ethertype, one bottom entry. */
+INLINE int push(struct __sk_buff *skb, __u32 label, const __u8 *dst, const struct endpoint_config *cfg)
+{
+	__u8 to[ETH_ALEN];
+	__builtin_memcpy(to, dst, ETH_ALEN); /* dst may live in the frame's own flow entry: copy before the move */
+	if (skb->gso_segs > 1) {
+		/* a super-packet would be segmented after this program; the segmenter cannot split a labelled frame */
+		count(EP_GSO_PACKET);
+		return TC_ACT_SHOT;
+	}
+	if (bpf_skb_adjust_room(skb, LSE_LEN, BPF_ADJ_ROOM_MAC, 0)) {
+		count(EP_ROOM_FAILED);
+		return TC_ACT_SHOT;
+	}
+	__u8 *data = (__u8 *)(long)skb->data;
+	__u8 *end = (__u8 *)(long)skb->data_end;
+	if (data + IP_AT > end) {
+		count(EP_ROOM_FAILED);
+		return TC_ACT_SHOT;
+	}
+	__builtin_memcpy(data + ETH_DST, to, ETH_ALEN);
+	__builtin_memcpy(data + ETH_SRC, cfg->mac, ETH_ALEN);
+	data[ETH_TYPE] = ETH_P_MPLS_UC >> 8;
+	data[ETH_TYPE + 1] = ETH_P_MPLS_UC & 0xff;
+	__u32 entry = (label << LABEL_SHIFT) | MPLS_BOS | (cfg->ttl & MPLS_TTL_MASK);
+	data[LSE_AT] = entry >> 24;
+	data[LSE_AT + 1] = (entry >> 16) & 0xff;
+	data[LSE_AT + 2] = (entry >> 8) & 0xff;
+	data[LSE_AT + 3] = entry & 0xff;
+	return TC_ACT_OK;
+}
+
+/* A packet the host sends: label it if it is the datapath's; server when serving, else client. */
+INLINE int from_host(struct __sk_buff *skb, int serving)
+{
+	/* The stack hands over TCP payload in page fragments: make the whole packet readable, as the codecs read it. */
+	if (skb->data_end - skb->data < skb->len && bpf_skb_pull_data(skb, skb->len)) {
+		count(EP_ROOM_FAILED);
+		return TC_ACT_SHOT;
+	}
+	__u8 *data = (__u8 *)(long)skb->data;
+	__u8 *end = (__u8 *)(long)skb->data_end;
+	if (data + ETH_HLEN > end)
+		return TC_ACT_OK;
+	__u32 type = be16(data + ETH_TYPE);
+	__u8 *ip = data + ETH_HLEN;
+	if (!(type == ETH_P_IP || type == ETH_P_IPV6) || ip + IPV4_HLEN > end) {
+		count(EP_PASSED);
+		return TC_ACT_OK;
+	}
+	/* the address the datapath keys on: the source of a server's replies, the destination of a client's */
+	__u32 version = ip[0] >> IP_VERSION_SHIFT;
+	__u8 *addr;
+	if (version == FAMILY_V4) {
+		addr = ip + (serving ? IPV4_SRC : IPV4_DST);
+	} else if (version == FAMILY_V6 && ip + IPV6_HLEN <= end) {
+		addr = ip + (serving ? IPV6_SRC : IPV6_DST);
+	} else {
+		count(EP_PASSED);
+		return TC_ACT_OK;
+	}
+	if (!is_vip(addr, version)) {
+		count(EP_PASSED);
+		return TC_ACT_OK;
+	}
+	__u32 zero = 0;
+	struct endpoint_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return TC_ACT_SHOT;
+	struct flow_key key = {};
+	int tcp_flags = -1;
+	__u32 why = analyze(ip, end, &key, &tcp_flags);
+	if (why != OK) {
+		count(why);
+		return TC_ACT_SHOT;
+	}
+	if (!serving && tcp_flags >= 0 && (tcp_flags & SYN_MASK) == SYN_ONLY)
+		bpf_map_delete_elem(&flows, &key); /* a new connection, perhaps on a reused port: it starts unlabelled */
+	struct flow *f = bpf_map_lookup_elem(&flows, &key);
+	if (!f) {
+		if (serving) {
+			count(EP_NO_SESSION_LABEL);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(data + ETH_DST, cfg->gateway, ETH_ALEN);
+		__builtin_memcpy(data + ETH_SRC, cfg->mac, ETH_ALEN);
+		count(EP_FROM_HOST_UNLABELLED);
+		return TC_ACT_OK;
+	}
+	f->last_ns = bpf_ktime_get_ns();
+	int verdict = push(skb, f->label, f->peer, cfg);
+	if (verdict == TC_ACT_OK)
+		count(EP_FROM_HOST);
+	return verdict;
+}
+
+SEC("xdp/server")
+int mplslb_srv_in(struct xdp_md *ctx)
+{
+	return from_wire(ctx, 1);
+}
+
+SEC("xdp/client")
+int mplslb_cli_in(struct xdp_md *ctx)
+{
+	return from_wire(ctx, 0);
+}
+
+SEC("tc/server")
+int mplslb_srv_out(struct __sk_buff *skb)
+{
+	return from_host(skb, 1);
+}
+
+SEC("tc/client")
+int mplslb_cli_out(struct __sk_buff *skb)
+{
+	return from_host(skb, 0);
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,302 @@
+"""The endpoints' kernel datapath (mplslb_endpoint.c) gives the frames the Python endpoint (mplslb.endpoint) gives,
+byte for byte, frame by frame (``BPF_PROG_TEST_RUN`` on recorded and hypothesis-mutated frames), and learns the same
+flows. Where the kernel legitimately differs, the difference is asserted here and listed in docs/architecture.md:
+
+* frames that are not the datapath's pass untouched to the host's stack or the wire (unlabelled frames on ingress;
+  on egress, a server's packets not from a virtual IP and a client's not to one), where the Python agent, which
+  only sees what is routed into its TUN or labelled, counts them;
+* checks the kernel leaves to the host's stack: TCP options, ICMP errors (dropped as ``icmp_not_in_kernel``),
+  802.1Q tags (the frame passes to the stack, which drops it);
+* the IPv6 extension header walk stops after ``IPV6_EXT_MAX`` headers (``ipv6_ext_too_many``).
+
+Root and clang are needed; nothing here touches an interface.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import ACK, PSH, SYN, VIP, VIP6, client_addr, ether, ipv4, ipv6, labelled, mutate, mutation, tcp_segment
+from helpers import udp_datagram as udp
+from mplslb.endpoint import ClientEndpoint, ServerEndpoint
+from mplslb.offload import bpf
+from mplslb.switching.layout import IPV6_EXT_MAX
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
+from mplslb.wire.ip import IPPROTO_DSTOPTS, IPPROTO_TCP, IPPROTO_UDP
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: bpf(2)"),
+    pytest.mark.skipif(
+        shutil.which("clang") is None and not os.environ.get("MPLSLB_CLANG"),
+        reason="needs clang to build the endpoint programs",
+    ),
+]
+
+HOST = bytes.fromhex("020000000a01")
+LB = bytes.fromhex("02000000bb01")
+GW = bytes.fromhex("02000000ee01")  # the neighbour entry the host's stack addresses a frame to before the program
+NOW = 100.0
+#: Reasons the kernel does not give: the host's stack checks these, or the kernel drops under another name.
+NOT_IN_KERNEL = {"tcp_bad_option", "icmp_not_error", "icmp_quote_truncated", "ipv4_bad_version", "ipv6_bad_version"}
+
+
+def kernel(role: str) -> object:
+    from mplslb.offload.endpoint import KernelEndpoint
+
+    return KernelEndpoint(role, mac=HOST, gateway_mac=LB, vips=[VIP, VIP6])
+
+
+@pytest.fixture(scope="module")
+def server_pair() -> object:
+    k = kernel("server")
+    yield k
+    k.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def client_pair() -> object:
+    k = kernel("client")
+    yield k
+    k.close()  # type: ignore[attr-defined]
+
+
+def fresh(k: object) -> None:
+    k.clear_flows()  # type: ignore[attr-defined]
+    k.reset_counters()  # type: ignore[attr-defined]
+
+
+def c2s_packets() -> list[bytes]:
+    """Client-to-server packets of IPv4 and IPv6, TCP and UDP, one with IPv6 extension headers."""
+    c4, c6 = client_addr(0), client_addr(1, v6=True)
+    dst_opts = bytes([IPPROTO_TCP, 0]) + bytes(6)
+    return [
+        ipv4(c4, VIP, IPPROTO_TCP, tcp_segment(c4, VIP, 40000, 80, SYN)),
+        ipv4(c4, VIP, IPPROTO_TCP, tcp_segment(c4, VIP, 40000, 80, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n")),
+        ipv4(c4, VIP, IPPROTO_UDP, udp(c4, VIP, 40001, 53, b"query")),
+        ipv6(c6, VIP6, IPPROTO_TCP, tcp_segment(c6, VIP6, 40002, 80, ACK, b"x" * 100)),
+        ipv6(c6, VIP6, IPPROTO_UDP, udp(c6, VIP6, 40003, 53, b"q6")),
+        ipv6(c6, VIP6, IPPROTO_DSTOPTS, tcp_segment(c6, VIP6, 40004, 80, ACK), ext=dst_opts),
+    ]
+
+
+def reply_of(packet: bytes) -> bytes:
+    """The server's answer to a client packet: addresses and ports swapped."""
+    if packet[0] >> 4 == 4:
+        src, dst, proto = packet[12:16], packet[16:20], packet[9]
+        ports = struct.unpack_from("!HH", packet, (packet[0] & 0xF) * 4)
+        body = (tcp_segment(dst, src, ports[1], ports[0], ACK, b"ok") if proto == IPPROTO_TCP
+                else udp(dst, src, ports[1], ports[0], b"ok"))  # fmt: skip
+        return ipv4(dst, src, proto, body)
+    src, dst = packet[8:24], packet[24:40]
+    proto, l4 = packet[6], 40
+    if proto == IPPROTO_DSTOPTS:
+        proto, l4 = packet[40], 48
+    ports = struct.unpack_from("!HH", packet, l4)
+    body = (tcp_segment(dst, src, ports[1], ports[0], ACK, b"ok") if proto == IPPROTO_TCP
+            else udp(dst, src, ports[1], ports[0], b"ok"))  # fmt: skip
+    return ipv6(dst, src, proto, body)
+
+
+def host_frame(packet: bytes) -> bytes:
+    """A packet as the host's stack hands it to the wire interface (before the egress program)."""
+    return (
+        ether(GW, HOST, packet)[:14].replace(bytes(2), bytes(2))
+        if False
+        else (GW + HOST + (ETH_P_IPV6 if packet[0] >> 4 == 6 else ETH_P_IP).to_bytes(2, "big") + packet)
+    )
+
+
+def py_flows(ep: ServerEndpoint | ClientEndpoint) -> dict[object, tuple[int, bytes]]:
+    return {k: (f.label, f.peer) for k, f in ep.flows.items()}
+
+
+def k_flows(k: object) -> dict[object, tuple[int, bytes]]:
+    return {key: (label, peer) for key, (label, peer, _) in k.flow_table().items()}  # type: ignore[attr-defined]
+
+
+def new_drops(k: object) -> set[str]:
+    through = ("from_wire", "from_host", "from_host_unlabelled", "passed")
+    return {name for name, n in k.counts().items() if n and name not in through}  # type: ignore[attr-defined]
+
+
+# -- ingress ---------------------------------------------------------------------------------------------------------
+def check_ingress(k: object, ep: ServerEndpoint | ClientEndpoint, frame: bytes) -> None:
+    """One frame through both; the outcome must be the same, or one of the documented differences."""
+    k.reset_counters()  # type: ignore[attr-defined]
+    before = dict(ep.drops)
+    expected = ep.from_wire(frame, NOW)
+    if len(frame) < 14:
+        return  # no device hands the kernel a frame shorter than an Ethernet header (the test run refuses one)
+    got = k.run_ingress(frame)  # type: ignore[attr-defined]
+    reason = {r for r, n in ep.drops.items() if n != before.get(r, 0)}
+    labelled_frame = len(frame) >= 14 and int.from_bytes(frame[12:14], "big") == ETH_P_MPLS_UC
+    if not labelled_frame:
+        # The kernel leaves every unlabelled frame to the host's stack, untouched.
+        assert got.retval == bpf.XDP_PASS and got.data == frame
+        return
+    if expected is not None:
+        assert got.retval == bpf.XDP_PASS, k.counts()  # type: ignore[attr-defined]
+        version = expected[0] >> 4
+        assert got.data[:12] == frame[:12]
+        assert int.from_bytes(got.data[12:14], "big") == (ETH_P_IPV6 if version == 6 else ETH_P_IP)
+        assert got.data[14:] == expected
+        return
+    if reason & NOT_IN_KERNEL or _icmp(frame):
+        return  # left to the host's stack, or an ICMP error the kernel does not learn from
+    assert got.retval == 1, (reason, k.counts())  # type: ignore[attr-defined]  # XDP_DROP
+    assert new_drops(k) == reason or (new_drops(k) == {"ipv6_ext_too_many"})
+
+
+def _icmp(frame: bytes) -> bool:
+    return b"\x01" in frame[14 + 4 + 9 : 14 + 4 + 10] or b"\x3a" in frame[14 + 4 + 6 : 14 + 4 + 7]
+
+
+def test_server_ingress_pops_and_learns_as_the_python_endpoint(server_pair: object) -> None:
+    fresh(server_pair)
+    ep = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+    for i, packet in enumerate(c2s_packets()):
+        check_ingress(server_pair, ep, labelled(HOST, LB, 1001 + 2 * i, packet))
+    assert (
+        k_flows(server_pair) == py_flows(ep) and len(ep.flows) == len(c2s_packets()) - 1
+    )  # the first two are one flow
+
+
+def test_server_ingress_refusals(server_pair: object) -> None:
+    fresh(server_pair)
+    ep = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+    p = c2s_packets()[0]
+    c4 = client_addr(0)
+    other = ipv4(c4, c4, IPPROTO_TCP, tcp_segment(c4, c4, 1, 2, ACK))
+    for frame in (labelled(HOST, LB, 1002, p), labelled(HOST, LB, 1001, other), labelled(HOST, LB, 1001, p[:30]),
+                  labelled(HOST, LB, 1001, p, below=[struct.pack("!I", 5 << 12)], s=False)[:22],
+                  ether(HOST, LB, p)):  # fmt: skip
+        check_ingress(server_pair, ep, frame)
+    assert k_flows(server_pair) == py_flows(ep) == {}
+
+
+def test_the_kernel_walks_a_bounded_number_of_ipv6_extension_headers(server_pair: object) -> None:
+    fresh(server_pair)
+    c6 = client_addr(1, v6=True)
+    ext = b"".join(bytes([IPPROTO_DSTOPTS if i < IPV6_EXT_MAX else IPPROTO_TCP, 0]) + bytes(6)
+                   for i in range(IPV6_EXT_MAX + 1))  # fmt: skip
+    packet = ipv6(c6, VIP6, IPPROTO_DSTOPTS, tcp_segment(c6, VIP6, 1, 80, ACK), ext=ext)
+    ep = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+    assert ep.from_wire(labelled(HOST, LB, 1001, packet), NOW) == packet  # userspace walks on
+    got = server_pair.run_ingress(labelled(HOST, LB, 1001, packet))  # type: ignore[attr-defined]
+    assert got.retval == 1 and server_pair.counts()["ipv6_ext_too_many"] == 1  # type: ignore[attr-defined]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 5), st.lists(mutation, min_size=1, max_size=3), st.booleans())
+def test_server_ingress_on_mutated_frames(server_pair: object, which: int, mutations: list, serving: bool) -> None:
+    fresh(server_pair)
+    ep = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+    frame = mutate(labelled(HOST, LB, 1001, c2s_packets()[which]), mutations)
+    check_ingress(server_pair, ep, frame)
+    assert k_flows(server_pair) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL or _icmp(frame)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 5), st.lists(mutation, min_size=1, max_size=3))
+def test_client_ingress_on_mutated_frames(client_pair: object, which: int, mutations: list) -> None:
+    fresh(client_pair)
+    ep = ClientEndpoint(mac=HOST, gateway_mac=LB)
+    frame = mutate(labelled(HOST, LB, 1002, reply_of(c2s_packets()[which])), mutations)
+    check_ingress(client_pair, ep, frame)
+    assert k_flows(client_pair) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL or _icmp(frame)
+
+
+# -- egress ----------------------------------------------------------------------------------------------------------
+def check_egress(k: object, ep: ServerEndpoint | ClientEndpoint, packet: bytes) -> None:
+    before = dict(ep.drops)
+    expected = ep.from_host(packet, NOW)
+    frame = host_frame(packet)
+    reason = {r for r, n in ep.drops.items() if n != before.get(r, 0)}
+    version = packet[0] >> 4 if packet else 0
+    try:
+        got = k.run_egress(frame)  # type: ignore[attr-defined]
+    except bpf.BpfError:
+        # the test run itself refuses a frame shorter than its ethertype's IP header (no device would send one)
+        assert len(packet) < (40 if version == 6 else 20)
+        return
+    if not keyed_on_vip(packet, isinstance(ep, ServerEndpoint)):
+        # Not the datapath's: the host's own traffic, or a packet whose addresses the kernel cannot read (the
+        # host's stack never sends one); it passes.
+        assert got.retval == bpf.TC_ACT_OK and got.data == frame
+        return
+    if expected is not None:
+        assert got.retval == bpf.TC_ACT_OK and got.data == expected, k.counts()  # type: ignore[attr-defined]
+        return
+    if reason & NOT_IN_KERNEL:
+        return
+    assert got.retval == bpf.TC_ACT_SHOT and new_drops(k) == reason
+
+
+def keyed_on_vip(packet: bytes, serving: bool) -> bool:
+    """Whether the address the egress program keys on (server: source, client: destination) is a virtual IP."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        return (packet[12:16] if serving else packet[16:20]) == VIP
+    if version == 6 and len(packet) >= 40:
+        return (packet[8:24] if serving else packet[24:40]) == VIP6
+    return False
+
+
+def test_server_egress_labels_replies_of_known_flows(server_pair: object) -> None:
+    fresh(server_pair)
+    ep = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+    for i, packet in enumerate(c2s_packets()):
+        server_pair.reset_counters()  # type: ignore[attr-defined]
+        check_egress(server_pair, ep, reply_of(packet))  # no flow yet: no_session_label
+        frame = labelled(HOST, LB, 1001 + 2 * i, packet)
+        ep.from_wire(frame, NOW)
+        server_pair.run_ingress(frame)  # type: ignore[attr-defined]
+        server_pair.reset_counters()  # type: ignore[attr-defined]
+        check_egress(server_pair, ep, reply_of(packet))
+    c4 = client_addr(0)
+    health = ipv4(bytes([10, 78, 0, 11]), c4, IPPROTO_TCP, tcp_segment(bytes([10, 78, 0, 11]), c4, 80, 5, ACK))
+    check_egress(server_pair, ep, health)
+
+
+def test_client_egress_first_unlabelled_then_labelled_and_syn_forgets(client_pair: object) -> None:
+    fresh(client_pair)
+    ep = ClientEndpoint(mac=HOST, gateway_mac=LB)
+    for packet in c2s_packets():
+        client_pair.reset_counters()  # type: ignore[attr-defined]
+        check_egress(client_pair, ep, packet)  # unlabelled
+        answer = labelled(HOST, LB, 2002, reply_of(packet))
+        ep.from_wire(answer, NOW)
+        client_pair.run_ingress(answer)  # type: ignore[attr-defined]
+        check_egress(client_pair, ep, packet)  # labelled 2001 (a SYN starts afresh: unlabelled again)
+    assert k_flows(client_pair) == py_flows(ep)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 5), st.lists(mutation, min_size=1, max_size=3), st.booleans())
+def test_egress_on_mutated_packets(server_pair: object, client_pair: object, which: int, mutations: list,
+                                   serving: bool) -> None:  # fmt: skip
+    packet = c2s_packets()[which]
+    k, ep = (
+        (server_pair, ServerEndpoint(mac=HOST, vips=[VIP, VIP6]))
+        if serving
+        else (client_pair, ClientEndpoint(mac=HOST, gateway_mac=LB))
+    )
+    fresh(k)
+    learn = labelled(HOST, LB, 1001, packet) if serving else labelled(HOST, LB, 2002, reply_of(packet))
+    ep.from_wire(learn, NOW)
+    k.run_ingress(learn)  # type: ignore[attr-defined]
+    k.reset_counters()  # type: ignore[attr-defined]
+    out = reply_of(packet) if serving else packet
+    mutated = mutate(out, mutations)
+    if not mutated:
+        return
+    if not serving and not keyed_on_vip(mutated, False):
+        return  # a client's packets not to a VIP are never the datapath's (nor routed into the Python agent)
+    check_egress(k, ep, mutated)
