@@ -209,7 +209,7 @@ _READY = click.option("--ready-file", default="", help="Write this file once run
 @_READY
 def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
     """The balancer daemon on real interfaces (root). Stops cleanly on SIGTERM/SIGINT."""
-    from mplslb.daemon import load_daemon_config, run_daemon
+    from mplslb.daemon import StartError, load_daemon_config, run_daemon
 
     try:
         load_daemon_config(config_path)
@@ -222,6 +222,8 @@ def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
         sys.exit(run_daemon(config_path, ready_file=ready_file))
     except OffloadError as exc:
         raise click.ClickException(f"kernel offload: {exc}") from None
+    except StartError as exc:
+        raise click.ClickException(f"{config_path}: {exc}") from None
 
 
 @main.command()

@@ -119,11 +119,25 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     return DaemonConfig(balancer, health, control_socket, metrics, ring, offload)
 
 
+class StartError(RuntimeError):
+    """The daemon cannot start: says which port, interface or address and why."""
+
+
 def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
+    """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
-            ports[port.port_id] = _open(port, ring=ring)
+            try:
+                ports[port.port_id] = _open(port, ring=ring)
+            except OSError as exc:
+                if port.kind == "ethernet":
+                    where = f"interface {port.interface!r}"
+                else:
+                    where = f"address {ipaddress.ip_address(port.address)}"
+                name = f" ({port.name})" if port.name else ""
+                why = exc.strerror or str(exc)
+                raise StartError(f"port {port.port_id}{name}: cannot open {where}: {why}") from None
     except BaseException:
         for opened in ports.values():
             opened.close()  # type: ignore[attr-defined]
@@ -156,8 +170,14 @@ class Daemon:
 
             self.offloaded = OffloadedBalancer(self.balancer, self.loop)
         self.changes = HostChanges()
-        setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
-        self.ports = open_ports(config.balancer, ring=config.ring)
+        try:
+            setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
+            self.ports = open_ports(config.balancer, ring=config.ring)
+        except BaseException:  # nothing of a daemon that could not start stays behind
+            self.changes.undo()
+            if self.offloaded is not None:
+                self.offloaded.close()
+            raise
         # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
         self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
         self.rates = RateTracker()

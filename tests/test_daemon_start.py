@@ -1,0 +1,28 @@
+"""The daemon's start: a port it cannot open is a clear error naming the port and its interface, and nothing is left
+open."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import make_config
+from mplslb.config import PortConfig
+from mplslb.daemon import StartError, open_ports
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="packet sockets need root")
+
+
+@needs_root
+def test_a_missing_interface_is_named_in_one_line() -> None:
+    config = make_config()
+    missing = PortConfig(9, 0, 9, bytes.fromhex("02b000000009"), "client", name="uplink", interface="mlbnosuch0")
+    lo = PortConfig(8, 0, 8, bytes.fromhex("02b000000008"), "client", name="loop", interface="lo")
+    config = type(config)(**{**config.__dict__, "ports": (lo, missing, *config.ports[1:])})
+    with pytest.raises(StartError) as info:
+        open_ports(config, ring=False)
+    message = str(info.value)
+    assert message == "port 9 (uplink): cannot open interface 'mlbnosuch0': No such device" or (
+        message.startswith("port 9 (uplink): cannot open interface 'mlbnosuch0': ") and "\n" not in message
+    )
