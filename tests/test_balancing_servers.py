@@ -329,3 +329,21 @@ def test_undraining_keeps_the_estimate() -> None:
 def test_server_repr_is_readable() -> None:
     server = Server(config("a"), 7)
     assert "a" in repr(server) and "index=7" in repr(server)
+
+
+def test_every_status_change_is_told_once() -> None:
+    pool = pool_of("a", "b")
+    told: list[tuple[str, str, object]] = []
+    pool.on_status = lambda s: told.append((s.name, str(s.status), s.down_reason))
+    pool.drain("a")
+    pool.drain("a")  # no change
+    pool.mark_down("a", DownReason.ADMIN)
+    pool.mark_up("a")
+    pool.mark_up("a")  # no change
+    pool.remove("b")
+    assert told == [
+        ("a", "draining", None),
+        ("a", "down", DownReason.ADMIN),
+        ("a", "up", None),
+        ("b", "down", DownReason.REMOVED),
+    ]

@@ -199,6 +199,15 @@ def _enter_netns(name: str | None) -> None:
         os.close(fd)
 
 
+def _log_lines() -> None:
+    """One line per event on stderr, key=value (journald keeps stderr)."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s", stream=sys.stderr
+    )
+
+
 _NETNS = click.option("--netns", default=None, help="Run inside this network namespace (as 'ip netns' names it).")
 _READY = click.option("--ready-file", default="", help="Write this file once running (for scripts and tests).")
 
@@ -216,6 +225,7 @@ def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _enter_netns(netns)
+    _log_lines()
     from mplslb.offload.xdp import OffloadError
 
     try:
@@ -315,9 +325,7 @@ def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     _enter_netns(kw["netns"])
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    _log_lines()
     try:
         sys.exit(run_agent(config))
     except RuntimeError as exc:

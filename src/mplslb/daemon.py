@@ -24,6 +24,7 @@ another way under the program's name is removed at start.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import signal
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
+from mplslb.balancing.servers import Server
 from mplslb.config import (
     BalancerConfig,
     ConfigError,
@@ -50,6 +52,8 @@ from mplslb.drivers.mplsudp import MplsUdpPort
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
+
+log = logging.getLogger("mplslb.balancer")
 
 if TYPE_CHECKING:
     from mplslb.offload.driver import OffloadedBalancer
@@ -119,6 +123,12 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     return DaemonConfig(balancer, health, control_socket, metrics, ring, offload)
 
 
+def _log_server(server: Server) -> None:
+    """One line per change of a server's status."""
+    reason = f" reason={server.down_reason}" if server.down_reason is not None else ""
+    log.warning("event=server_%s server=%s%s", server.status, server.name, reason)
+
+
 class StartError(RuntimeError):
     """The daemon cannot start: says which port, interface or address and why."""
 
@@ -162,6 +172,12 @@ class Daemon:
         self.loop = Loop()
         clock = self.loop.clock
         self.balancer = Balancer(config.balancer)
+        self.balancer.pool.on_status = _log_server
+        bc = config.balancer
+        log.info(
+            "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s",
+            len(bc.ports), len(bc.vips), len(bc.servers), bc.algorithm, config.offload, config.ring,
+        )  # fmt: skip
         # The kernel offload: the driver talks to the balancer through the offload, which mirrors its
         # label switching table into the kernel after each batch and before its timers.
         self.offloaded: OffloadedBalancer | None = None

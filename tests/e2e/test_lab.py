@@ -206,6 +206,10 @@ def test_killing_one_nginx_others_take_over_and_other_sessions_survive(lab: Lab)
         15,
         f"{victim_name} to come back after rise successes",
     )
+    log = lab.log("balancer")
+    assert "event=config_loaded" in log
+    assert f"event=server_down server={victim_name} reason=health_check" in log
+    assert f"event=server_up server={victim_name}" in log
 
 
 def test_bad_traffic_is_dropped_and_counted_and_forged_labels_reach_no_server(lab: Lab) -> None:

@@ -35,7 +35,7 @@ The unit is sans-I/O: nothing here reads a clock or touches the network.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -199,6 +199,8 @@ class ServerPool:
         self._servers: list[Server] = []
         self._by_name: dict[str, Server] = {}
         self._next_index = 0
+        #: Told of every change of a server's status (the driver logs it); the core itself never logs.
+        self.on_status: Callable[[Server], None] | None = None
         for config in configs:
             self.add(config)
 
@@ -224,6 +226,7 @@ class ServerPool:
         if server.status is not ServerStatus.DOWN:
             server.status = ServerStatus.DOWN
             server.down_reason = DownReason.REMOVED
+            self._told(server)
         self.version += 1
         return server
 
@@ -270,6 +273,7 @@ class ServerPool:
             return False
         server.status = ServerStatus.DRAINING
         self.version += 1
+        self._told(server)
         return True
 
     def mark_down(self, name: str, reason: DownReason) -> bool:
@@ -289,6 +293,7 @@ class ServerPool:
             server.down_reason = None
         server.status = ServerStatus.UP
         self.version += 1
+        self._told(server)
         return True
 
     def _take_down(self, server: Server, reason: DownReason) -> bool:
@@ -297,7 +302,12 @@ class ServerPool:
         server.status = ServerStatus.DOWN
         server.down_reason = reason
         self.version += 1
+        self._told(server)
         return True
+
+    def _told(self, server: Server) -> None:
+        if self.on_status is not None:
+            self.on_status(server)
 
     # -- sessions and measurements ------------------------------------------------------------------------
 
