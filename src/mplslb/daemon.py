@@ -197,6 +197,7 @@ class Daemon:
         # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
         self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
         self.rates = RateTracker()
+        self.socket_counts: dict[str, dict[str, int]] = {}
         self.latest: dict[str, Any] | None = None
         self.checker: HealthChecker | None = None
         self.probes: HealthProbeDriver | None = None
@@ -232,10 +233,31 @@ class Daemon:
         )
 
     def _with_offload(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """The kernel offload: the offload's figures under ``"offload"`` when it is on."""
+        """The kernel offload's figures under ``"offload"`` when it is on, and each port's socket counters
+        under ``"ports"``."""
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
+        snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
         return snap
+
+    def _read_socket_counts(self) -> None:
+        """Fold each packet socket's kernel counters (PACKET_STATISTICS: frames queued to it, frames it lost
+        because its buffer or ring was full; reading resets them) into totals, and log new losses."""
+        for port_id, port in self.ports.items():
+            read = getattr(port, "stats", None)
+            if read is None:
+                continue
+            try:
+                received, dropped = read()
+            except OSError:
+                continue
+            cfg = self.balancer.ports[port_id]
+            name = cfg.name or cfg.interface or str(port_id)
+            counts = self.socket_counts.setdefault(name, {"kernel_received": 0, "kernel_dropped": 0})
+            counts["kernel_received"] += received
+            counts["kernel_dropped"] += dropped
+            if dropped:
+                log.warning("event=kernel_drops port=%s dropped=%d total=%d", name, dropped, counts["kernel_dropped"])
 
     def _health_tick(self) -> None:
         assert self.probes is not None
@@ -246,6 +268,7 @@ class Daemon:
 
     def _second_tick(self) -> None:
         now = self.loop.clock()
+        self._read_socket_counts()
         if self.checker is not None:
             reconcile(self.balancer, self.checker, now)
         self.control.on_timer(now)

@@ -306,6 +306,9 @@ def test_prometheus_metrics_are_served(lab: Lab) -> None:
     for name in ("mplslb_sessions_started_total", "mplslb_labels_in_use", "mplslb_server_up", "mplslb_frames_total"):
         assert name in out
     assert 'mplslb_server_up{server="s1"} 1.0' in out
+    assert 'mplslb_port_kernel_drops_total{port="lc0p0"}' in out  # lost before the daemon read them
+    ports = lab.status()["status"]["ports"]
+    assert set(ports) == {"lc0p0", "lc1p0", "lc1p1"} and ports["lc0p0"]["kernel_received"] > 0
 
 
 def test_status_command_prints_the_tables(lab: Lab) -> None:

@@ -76,6 +76,14 @@ class SnapshotCollector:
         yield _counter("mplslb_frames_received_total", "Frames received.", frames["in"])
         yield _counter("mplslb_frames_sent_total", "Frames sent.", frames["out"])
         yield _by_label("counter", "mplslb_drops_total", "Frames dropped, by reason.", "reason", snap["drops"])
+        ports = snap.get("ports") or {}
+        yield _by_label(
+            "counter",
+            "mplslb_port_kernel_drops_total",
+            "Frames the kernel dropped before the daemon read them (socket buffer or ring full), by port.",
+            "port",
+            {name: counts["kernel_dropped"] for name, counts in ports.items()},
+        )
         yield _gauge("mplslb_labels_in_use", "Session label pairs in use.", labels["in_use"])
         yield _gauge("mplslb_labels_free", "Session label pairs free.", labels["free"])
         yield _gauge("mplslb_labels_quarantined", "Withdrawn label pairs waiting before reuse.", labels["quarantined"])

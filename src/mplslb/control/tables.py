@@ -418,7 +418,10 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
     drops = _table("Drops by reason", "reason", "frames")
     for reason, count in snap["drops"].items():
         _add(drops, reason, str(count))
-    if not snap["drops"]:
+    for port, counts in (snap.get("ports") or {}).items():
+        if counts.get("kernel_dropped"):
+            _add(drops, f"kernel, before the daemon read them: {port}", str(counts["kernel_dropped"]))
+    if not snap["drops"] and not any(c.get("kernel_dropped") for c in (snap.get("ports") or {}).values()):
         _add(drops, "(none)", "0")
     tables.append(drops)
     return tables
