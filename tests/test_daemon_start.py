@@ -4,12 +4,13 @@ open."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from helpers import make_config
 from mplslb.config import PortConfig
-from mplslb.daemon import StartError, open_ports
+from mplslb.daemon import StartError, lock_interfaces, open_ports
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="packet sockets need root")
 
@@ -26,3 +27,22 @@ def test_a_missing_interface_is_named_in_one_line() -> None:
     assert message == "port 9 (uplink): cannot open interface 'mlbnosuch0': No such device" or (
         message.startswith("port 9 (uplink): cannot open interface 'mlbnosuch0': ") and "\n" not in message
     )
+
+
+@needs_root
+def test_a_second_daemon_on_the_same_interface_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    lo = PortConfig(8, 0, 8, bytes.fromhex("02b000000008"), "client", name="loop", interface="lo")
+    config = make_config()
+    config = type(config)(**{**config.__dict__, "ports": (lo, *config.ports[1:])})
+    first = lock_interfaces(config, tmp_path)
+    try:
+        with pytest.raises(
+            StartError, match=rf"interface 'lo' is already used by another mplslb balancer \(pid {os.getpid()};"
+        ):
+            lock_interfaces(config, tmp_path)
+    finally:
+        for fd in first:
+            os.close(fd)
+    again = lock_interfaces(config, tmp_path)  # released with the first holder's descriptors
+    for fd in again:
+        os.close(fd)

@@ -23,8 +23,10 @@ another way under the program's name is removed at start.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -133,6 +135,42 @@ class StartError(RuntimeError):
     """The daemon cannot start: says which port, interface or address and why."""
 
 
+#: Where the daemons' interface locks live (one file per network namespace and interface).
+LOCK_DIR = Path("/run/mplslb/locks")
+
+
+def lock_interfaces(config: BalancerConfig, lock_dir: Path = LOCK_DIR) -> list[int]:
+    """Take an exclusive lock on every Ethernet interface of ``config`` in this network namespace, so a second
+    daemon on the same interface is refused (naming the holder) instead of stealing half its frames. The locks
+    are ``flock``s on open files: they go with the process, also when it is killed. Returns the descriptors."""
+    namespace = os.stat("/proc/self/ns/net").st_ino
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fds: list[int] = []
+    try:
+        for port in config.ports:
+            if port.kind != "ethernet" or not port.interface:
+                continue
+            path = lock_dir / f"{namespace}-{port.interface}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise StartError(
+                    f"port {port.port_id}: interface {port.interface!r} is already used by another mplslb balancer "
+                    f"(pid {holder}; lock {path})"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            fds.append(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it."""
     ports: dict[int, Port] = {}
@@ -180,17 +218,23 @@ class Daemon:
         )  # fmt: skip
         # The kernel offload: the driver talks to the balancer through the offload, which mirrors its
         # label switching table into the kernel after each batch and before its timers.
+        self.locks = lock_interfaces(config.balancer)
         self.offloaded: OffloadedBalancer | None = None
         if config.offload == "kernel":
             from mplslb.offload.driver import OffloadedBalancer
 
-            self.offloaded = OffloadedBalancer(self.balancer, self.loop)
+            try:
+                self.offloaded = OffloadedBalancer(self.balancer, self.loop)
+            except BaseException:
+                self._unlock()
+                raise
         self.changes = HostChanges()
         try:
             setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
             self.ports = open_ports(config.balancer, ring=config.ring)
         except BaseException:  # nothing of a daemon that could not start stays behind
             self.changes.undo()
+            self._unlock()
             if self.offloaded is not None:
                 self.offloaded.close()
             raise
@@ -292,6 +336,12 @@ class Daemon:
             port.close()  # type: ignore[attr-defined]
         self.loop.close()
         self.changes.undo()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        for fd in self.locks:
+            os.close(fd)
+        self.locks = []
 
 
 def run_daemon(config_path: str | Path, *, ready_file: str = "") -> int:
