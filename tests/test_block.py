@@ -8,7 +8,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import frames_only, mutate, mutation, pack, recording
+from helpers import (
+    ACK,
+    PSH,
+    RST,
+    SYN,
+    VIP,
+    Net,
+    client_addr,
+    frames_only,
+    handshake,
+    label_of,
+    make_config,
+    mutate,
+    mutation,
+    pack,
+    recording,
+    tcp,
+)
 from mplslb.balancer import Balancer, BlockResult, Frames
 from mplslb.switching.block import word_aligned
 
@@ -121,3 +138,39 @@ def test_blocks_of_runts_go_to_the_one_frame_path(aligned: bool) -> None:
         expected += one.receive(port, frame, 1.0)
     assert listed(result, buf, starts, lengths) == expected == []
     assert one.stats().drops == block.stats().drops and block.stats().frames_in == len(runts)
+
+
+def test_a_block_that_withdraws_labels_it_later_carries_matches_frame_by_frame() -> None:
+    """A server's RST to an unanswered SYN takes it down (threshold 1) and withdraws its sessions' labels: a frame
+    later in the same block with one of those labels is dropped, exactly as frame by frame, not forwarded on the
+    bulk decision made before."""
+    config = make_config(n_servers=1, fail_threshold=1)
+    nets = [Net(config), Net(config)]
+    frames: list[tuple[int, bytes]] = []
+    for net in nets:
+        name, c2s = handshake(net, 0, sport=5001)  # session B, established
+        net.deliver_to_servers(net.from_client(0, tcp(client_addr(0), VIP, 5000, 80, SYN, seq=1)))  # A: no answer
+        server = net.servers[name]
+        rst = server.from_host(tcp(VIP, client_addr(0), 80, 5000, RST | ACK, seq=0, ack=2), net.now)
+        data = net.client(0).from_host(tcp(client_addr(0), VIP, 5001, 80, PSH | ACK, seq=101, ack=501), net.now)
+        assert rst is not None and data is not None and label_of(data) == c2s
+        frames = [(net.server_port[name], rst), (net.client_port(0), data), (net.client_port(0), data)]
+    one, block = nets[0].balancer, nets[1].balancer
+    expected: Frames = []
+    for port, frame in frames:
+        expected += one.receive(port, frame, 1.0)
+    buf, starts, lengths, ports = pack(frames, aligned=False)
+    result = block.receive_block(buf, starts, lengths, ports, 1.0)
+    # The RST itself is switched to the client; the two frames after it find their label withdrawn.
+    assert listed(result, buf, starts, lengths) == expected and len(expected) == 1
+    a, b = one.stats(), block.stats()
+    assert a.drops == b.drops and a.drops.get("label_unknown") == 2
+    assert (a.frames_in, a.frames_out, a.fast_path, a.slow_path) == (
+        b.frames_in,
+        b.frames_out,
+        b.fast_path,
+        b.slow_path,
+    )
+    assert [(r.name, r.status, r.packets_in, r.packets_out) for r in a.servers] == [
+        (r.name, r.status, r.packets_in, r.packets_out) for r in b.servers
+    ]

@@ -28,6 +28,7 @@ Malformed or unwanted frames are dropped and counted under a named reason; nothi
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -52,7 +53,8 @@ from mplslb.switching import (
     switch_block,
     switch_frame,
 )
-from mplslb.switching.layout import ETH_SRC, TCP_FLAGS_UNKNOWN
+from mplslb.switching.block import count_rows
+from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_FLAGS_UNKNOWN
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP
@@ -63,6 +65,7 @@ Frames = list[tuple[int, bytes]]
 SYN, ACK, FIN, RST = int(TCPFlag.SYN), int(TCPFlag.ACK), int(TCPFlag.FIN), int(TCPFlag.RST)
 _SRC_MAC = slice(ETH_SRC, ETH_SRC + ETH_ALEN)
 _TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
+_HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
 
 
 class BlockResult(NamedTuple):
@@ -194,25 +197,80 @@ class Balancer:
         ``buf``: send ``buf[start : start + length]`` to ``result.out_port[i]`` when it is not -1. Every other frame
         (unlabelled, tagged, or a labelled frame to drop) goes through the one-frame path; what it sends is in
         ``result.extra`` as ``(i, port, frame)``. Listing, for each i in order, the block's frame and then the
-        extras of i gives exactly what :meth:`receive` gives frame by frame.
+        extras of i gives exactly what :meth:`receive` gives frame by frame: the frames that touch session state
+        (the one-frame path's, and switched ones with reports) run in frame order with the switched frames
+        counted up to each, and a switched frame whose label an earlier frame withdrew or rebound is put back as
+        it came and taken frame by frame.
         """
-        verdict = switch_block(self.switching, buf, starts, lengths, ports, now, self._events)
-        switched = int(verdict.switched.sum())
         n = len(starts)
-        self.frames_in += switched
-        self.frames_out += switched
-        self.fast_path += switched
+        starts = starts.astype(np.int64, copy=False)
+        lengths = lengths.astype(np.int64, copy=False)
+        # What the bulk rewrite changes in a frame (addresses, TTL), kept to undo it for a frame whose label an
+        # earlier frame of the block withdrew or rebound (see below).
+        headers = np.flatnonzero(lengths >= IP_AT)
+        saved = buf[starts[headers, None] + _HEADER_RANGE] if headers.size else None
+        planned_at = self.switching.version
+        events: list[FastEvent] = []
+        report_rows: list[int] = []
+        verdict = switch_block(
+            self.switching, buf, starts, lengths, ports, now, events, count=False, report_rows=report_rows
+        )
+        switched = verdict.switched.copy()
+        out_port = verdict.out_port.copy()
+        labels = verdict.labels
+        generation = self.switching.arrays().generation
+        planned = generation[labels]
+        reports: dict[int, list[FastEvent]] = {}
+        for row, event in zip(report_rows, events, strict=True):
+            reports.setdefault(row, []).append(event)
+        # Frames that touch the session state, in frame order: the ones the block path left to the one-frame path
+        # and the switched ones with reports. Switched frames are counted up to each of them before it runs, so
+        # the table is always as frame-by-frame processing would have it.
+        actions = [int(i) for i in np.flatnonzero(~switched)]
+        actions = sorted(set(actions) | set(reports))
+        heapq.heapify(actions)
         extra: list[tuple[int, int, bytes]] = []
-        if self._events:
-            self._handle_events()
-        if switched < n:
-            out: Frames = []
-            for i in np.flatnonzero(~verdict.switched).tolist():
+        out: Frames = []
+        done = 0
+        while actions:
+            i = heapq.heappop(actions)
+            self._count_switched(switched, labels, lengths, done, i + 1, now)
+            done = i + 1
+            if switched[i]:
+                self._events = reports.pop(i, [])
+                if self._events:
+                    self._handle_events()
+            else:
                 start = int(starts[i])
                 self._receive(int(ports[i]), buf[start : start + int(lengths[i])].tobytes(), now, out)
                 extra.extend((i, port, frame) for port, frame in out)
                 out.clear()
-        return BlockResult(verdict.out_port, extra)
+            if self.switching.version != planned_at:
+                planned_at = self.switching.version
+                later = np.flatnonzero(switched[done:]) + done
+                stale = later[generation[labels[later]] != planned[later]]
+                for j in stale.tolist():  # its label changed under it: undo the switch, take it frame by frame
+                    assert saved is not None
+                    at = int(np.searchsorted(headers, j))
+                    buf[int(starts[j]) + _HEADER_RANGE] = saved[at]
+                    switched[j] = False
+                    out_port[j] = -1
+                    reports.pop(j, None)
+                    if j not in actions:
+                        heapq.heappush(actions, j)
+        self._count_switched(switched, labels, lengths, done, n, now)
+        taken = int(switched.sum())
+        self.frames_in += taken
+        self.frames_out += taken
+        self.fast_path += taken
+        return BlockResult(out_port, extra)
+
+    def _count_switched(
+        self, switched: np.ndarray, labels: np.ndarray, lengths: np.ndarray, begin: int, end: int, now: float
+    ) -> None:
+        rows = np.flatnonzero(switched[begin:end]) + begin
+        if rows.size:
+            count_rows(self.switching, labels[rows], lengths[rows], now)
 
     def _receive(self, port: int, frame: bytes | memoryview, now: float, out: Frames) -> None:
         self.frames_in += 1

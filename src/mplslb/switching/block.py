@@ -167,6 +167,9 @@ def switch_block(
     ports: np.ndarray,
     now: float,
     events: list[FastEvent],
+    *,
+    count: bool = True,
+    report_rows: list[int] | None = None,
 ) -> BlockVerdict:
     """Switch every frame of a block that the fast path can take, in bulk, rewriting it in place in ``buf``.
 
@@ -176,7 +179,9 @@ def switch_block(
     :func:`~mplslb.switching.scalar.switch_frame` would forward. Those are rewritten (Ethernet addresses, TTL - 1)
     where they lie and counted; the caller sends ``buf[start : start + length]`` to ``out_port``. Every other frame
     is left untouched for the one-at-a-time path, which drops it under its reason or analyses it. Reports for the
-    session manager (FIN/RST, watched labels) are appended to ``events`` in frame order.
+    session manager (FIN/RST, watched labels) are appended to ``events`` in frame order (and each one's frame
+    index to ``report_rows`` when given). ``count=False`` leaves the per-label counters to the caller
+    (:func:`count_rows`), which counts frames in order with what else it does to the table.
     """
     t = block_tables(table)
     n = len(starts)
@@ -185,7 +190,7 @@ def switch_block(
     if not bool((lengths >= IP_AT).any()):  # nothing long enough to carry a label: all for the one-frame path
         return BlockVerdict(np.full(n, -1, dtype=np.int32), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.bool_))
     if word_aligned(buf, starts):
-        return _switch_aligned_block(t, buf, starts, lengths, ports, now, events)
+        return _switch_aligned_block(t, buf, starts, lengths, ports, now, events, count, report_rows)
     long_enough = lengths >= IP_AT
     at = np.where(long_enough, starts, starts[np.argmax(long_enough)])  # short frames read a long one's bytes
     ethertype = (buf[at + ETH_TYPE].astype(np.uint32) << 8) | buf[at + ETH_TYPE + 1]
@@ -221,7 +226,7 @@ def switch_block(
     if len(rows):
         begin = starts[rows]
         buf[begin[:, None] + _ETH_ADDRS_RANGE] = t.rewrite[labels[rows]]
-    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events)
+    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
 
 
 def word_aligned(buf: np.ndarray, starts: np.ndarray) -> bool:
@@ -244,6 +249,8 @@ def _switch_aligned_block(
     ports: np.ndarray,
     now: float,
     events: list[FastEvent],
+    count: bool,
+    report_rows: list[int] | None,
 ) -> BlockVerdict:
     """:func:`switch_block` for word-aligned frames: the same checks and rewrite, one gather or scatter per word.
 
@@ -291,7 +298,7 @@ def _switch_aligned_block(
         word[first_word] = words[:, 0]
         word[first_word + 1] = words[:, 1]
         word[first_word + 2] = words[:, 2]
-    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events)
+    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
 
 
 def _switched(
@@ -304,17 +311,22 @@ def _switched(
     ok: np.ndarray,
     now: float,
     events: list[FastEvent],
+    count: bool,
+    report_rows: list[int] | None,
 ) -> BlockVerdict:
     """What both block variants do once the switched frames (``rows``) have their addresses rewritten: the TTL,
     the counters, the reports for watched labels, the verdict."""
     taken = labels[rows]
     if len(rows):
         buf[starts[rows] + LSE_AT + LSE_TTL] -= 1  # the TTL octet of the label entry (checked > 1 above)
-        _count(t, taken, lengths[rows], now)
+        if count:
+            _count(t, taken, lengths[rows], now)
         watch = t.watch[taken]
         watched = np.flatnonzero(watch)
         if len(watched):
-            _block_reports(t, buf, starts, lengths, rows[watched], taken[watched], watch[watched], now, events)
+            _block_reports(
+                t, buf, starts, lengths, rows[watched], taken[watched], watch[watched], now, events, report_rows
+            )
     out_port = np.full(len(starts), -1, dtype=np.int32)
     out_port[rows] = t.out_port[taken]
     return BlockVerdict(out_port, labels, ok)
@@ -355,6 +367,7 @@ def _block_reports(
     watch: np.ndarray,
     now: float,
     events: list[FastEvent],
+    report_rows: list[int] | None = None,
 ) -> None:
     """The one-frame path's reports for the watched frames of a block: peek at the TCP flags, report FIN/RST and
     every frame of labels whose response time is being measured."""
@@ -374,3 +387,11 @@ def _block_reports(
     for k in np.flatnonzero(report):
         b, e = int(begin[k]), int(end[k])
         events.append(FastEvent(int(labels[k]), buf[b:e].tobytes(), IP_AT, int(flags[k]), now))
+        if report_rows is not None:
+            report_rows.append(int(rows[k]))
+
+
+def count_rows(table: LabelSwitchingTable, labels: np.ndarray, lengths: np.ndarray, now: float) -> None:
+    """Count switched frames (their ``labels`` and ``lengths``) in the table: packets, bytes, last seen."""
+    if len(labels):
+        _count(block_tables(table), labels.astype(np.int64, copy=False), lengths.astype(np.int64, copy=False), now)

@@ -94,6 +94,7 @@ class Arrays(NamedTuple):
     packets: np.ndarray
     bytes: np.ndarray
     last_seen: np.ndarray
+    generation: np.ndarray
 
 
 class LabelSwitchingTable:
@@ -119,6 +120,10 @@ class LabelSwitchingTable:
         self.peer: list[bytes] = [b""] * LABEL_SPACE
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
         self.installed = 0
+        #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
+        #: table (the block path's) can tell whether it still stands.
+        self.generation = array("I", [0]) * LABEL_SPACE
+        self.version = 0
         self.drops: dict[str, int] = {}
         self.mirrors: list[Mirror] = []
         self._interned: dict[bytes, bytes] = {}
@@ -165,6 +170,8 @@ class LabelSwitchingTable:
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
+        self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+        self.version += 1
         for mirror in self.mirrors:
             mirror.installed(label)
 
@@ -181,6 +188,8 @@ class LabelSwitchingTable:
         self.peer[label] = b""
         self.peer_ip[label] = b""
         if was:
+            self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+            self.version += 1
             for mirror in self.mirrors:
                 mirror.withdrawn(label)
 
@@ -256,6 +265,7 @@ class LabelSwitchingTable:
                 np.frombuffer(self.packets, dtype=np.uint64),
                 np.frombuffer(self.bytes, dtype=np.uint64),
                 np.frombuffer(self.last_seen, dtype=np.float64),
+                np.frombuffer(self.generation, dtype=np.uint32),
             )
         return self._arrays
 
