@@ -482,3 +482,27 @@ def test_balancer_file_needs_both_port_roles_and_a_vip(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="virtual IP") as info:
         load_balancer(path)
     assert info.value.source == str(path)
+
+
+@pytest.mark.parametrize(("name", "text", "key"), BALANCER_ERRORS, ids=[c[0] for c in BALANCER_ERRORS])
+def test_check_config_names_file_key_and_reason(tmp_path: Path, name: str, text: str, key: str) -> None:
+    from click.testing import CliRunner
+
+    from mplslb.cli import main
+
+    path = write(tmp_path, text, "lb.toml")
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 1
+    assert f"Error: {path}: {key}: " in result.output
+
+
+def test_check_config_accepts_the_labs_file(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mplslb.cli import main
+    from mplslb.lab import Lab, LabSpec
+
+    path = write(tmp_path, Lab(LabSpec(), root=tmp_path).balancer_toml(), "lb.toml")
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{path}: valid: 3 ports, 2 virtual IPs, 3 servers")

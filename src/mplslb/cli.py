@@ -212,6 +212,24 @@ _NETNS = click.option("--netns", default=None, help="Run inside this network nam
 _READY = click.option("--ready-file", default="", help="Write this file once running (for scripts and tests).")
 
 
+@main.command("check-config")
+@click.argument("config_path", metavar="FILE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def check_config(config_path: Path) -> None:
+    """Validate a balancer configuration without starting anything (as ``haproxy -c``): exit 0 when it loads,
+    otherwise the file, the key and the reason, exit 1."""
+    from mplslb.daemon import load_daemon_config
+
+    try:
+        config = load_daemon_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    bc = config.balancer
+    click.echo(
+        f"{config_path}: valid: {len(bc.ports)} ports, {len(bc.vips)} virtual IPs, {len(bc.servers)} servers, "
+        f"algorithm {bc.algorithm}, offload {config.offload}"
+    )
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_NETNS
