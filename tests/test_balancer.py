@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 from helpers import SERVER_PORTS, VIP, VIP6, Net, client_addr, handshake, ipv6, label_of, mac, make_config, tcp, udp
+from mplslb.balancer import Balancer
 from mplslb.balancing.servers import ServerConfig
+from mplslb.endpoint import ClientEndpoint
+from mplslb.flow import FlowKey
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
 from mplslb.wire.icmp import build_icmp_unreachable
@@ -182,3 +185,25 @@ def test_ipv6_sessions_end_on_fin_with_extension_headers_in_either_direction() -
     assert session.state is SessionState.CLOSING_CLIENT
     net.deliver_to_client(0, net.from_server(name, tcp(VIP6, src, 80, 41000, FIN | ACK, seq=520, ack=102)))
     assert session.state is SessionState.CLOSED and session.end_reason == "fin"
+
+
+def test_a_udp_flow_whose_session_died_recovers_unlabelled_after_the_fallback() -> None:
+    """The balancer restarts (a new one, nothing remembered): the client's labelled datagrams are dropped as
+    label_unknown until its endpoint has heard nothing for ``fallback`` seconds; then one goes unlabelled, opens a
+    new session and reaches a server again."""
+    net = Net()
+    plain = net.client(0)
+    client = net.clients[0] = ClientEndpoint(mac=plain.mac, gateway_mac=plain.gateway_mac, fallback=2.0)
+    src = client_addr(0)
+    first = net.from_client(0, udp(src, VIP, 7000, 53))
+    ((name, _),) = net.deliver_to_servers(first)
+    net.deliver_to_client(0, net.from_server(name, udp(VIP, src, 53, 7000)))
+    assert client.label_for(FlowKey(17, src, 7000, VIP, 53)) is not None
+    net.balancer = Balancer(net.config)  # restarted: every label unknown
+    for t in (0.5, 1.0, 1.9):
+        net.now = t
+        assert net.from_client(0, udp(src, VIP, 7000, 53)) == []
+    assert net.balancer.stats().drops == {"label_unknown": 3}
+    net.now = 2.1
+    out = net.from_client(0, udp(src, VIP, 7000, 53))
+    assert len(net.deliver_to_servers(out)) == 1 and client.counters["fallback_unlabelled"] == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -300,3 +301,31 @@ def test_egress_on_mutated_packets(server_pair: object, client_pair: object, whi
     if not serving and not keyed_on_vip(mutated, False):
         return  # a client's packets not to a VIP are never the datapath's (nor routed into the Python agent)
     check_egress(k, ep, mutated)
+
+
+def test_a_client_flow_unheard_for_the_fallback_goes_unlabelled_again_in_both_endpoints() -> None:
+    """The balancer ended the session (its server down, an idle timeout, a restart) and the client keeps sending:
+    after ``fallback`` seconds with nothing heard back the next packet goes unlabelled (a new session for UDP, the
+    slow path for a live one) and the label is forgotten, in the kernel as in the Python endpoint."""
+    from mplslb.offload.endpoint import KernelEndpoint
+
+    k = KernelEndpoint("client", mac=HOST, gateway_mac=LB, vips=[VIP, VIP6], fallback=0.2)
+    try:
+        ep = ClientEndpoint(mac=HOST, gateway_mac=LB, fallback=0.2)
+        c4 = client_addr(0)
+        packet = ipv4(c4, VIP, IPPROTO_UDP, udp(c4, VIP, 40001, 53, b"query"))
+        answer = labelled(HOST, LB, 2002, reply_of(packet))
+        ep.from_wire(answer, NOW)
+        k.run_ingress(answer)
+        labelled_frame = ep.from_host(packet, NOW + 0.1)
+        assert labelled_frame is not None and labelled_frame[12:14] == b"\x88\x47"
+        assert k.run_egress(host_frame(packet)).data == labelled_frame
+        time.sleep(0.3)  # past the kernel's fallback (its clock is CLOCK_MONOTONIC, the test's NOW is simulated)
+        plain = ep.from_host(packet, NOW + 0.3)
+        assert plain is not None and plain[12:14] == b"\x08\x00" and plain[14:] == packet
+        got = k.run_egress(host_frame(packet))
+        assert got.retval == bpf.TC_ACT_OK and got.data == plain
+        assert ep.counters.get("fallback_unlabelled") == 1 and k.counts()["fallback_unlabelled"] == 1
+        assert ep.flows == {} and k_flows(k) == {}
+    finally:
+        k.close()

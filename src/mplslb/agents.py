@@ -52,6 +52,8 @@ class AgentConfig:
     udp_local: str = "0.0.0.0"
     udp_port: int = 6635
     flow_timeout: float = 300.0
+    #: Client: a flow that heard nothing back for this long sends unlabelled again (its label may have died).
+    fallback: float = 2.0
     mtu: int = WIRE_MTU - LABEL_OVERHEAD
     ready_file: str = ""
     datapath: str = "auto"  # "kernel": BPF programs on the wire interface; "tun": packets through this process
@@ -106,7 +108,8 @@ class KernelAgent:
         try:
             mac = interface_mac(config.interface)
             self.kernel = KernelEndpoint(config.role, mac=mac, vips=config.vips, gateway_mac=config.gateway_mac,
-                                         flow_timeout=config.flow_timeout)  # fmt: skip
+                                         flow_timeout=config.flow_timeout,
+                                         fallback=config.fallback if config.role == "client" else 0.0)  # fmt: skip
             if config.role == "server":
                 setup_server_kernel(config.interface, list(config.vips), self.changes)
             else:
@@ -170,7 +173,9 @@ class Agent:
                 self.endpoint = ServerEndpoint(mac=mac, vips=vip_bytes, flow_timeout=config.flow_timeout)
                 setup_server(self.tun.name, list(config.vips), self.changes)
             else:
-                self.endpoint = ClientEndpoint(mac=mac, gateway_mac=gateway, flow_timeout=config.flow_timeout)
+                self.endpoint = ClientEndpoint(
+                    mac=mac, gateway_mac=gateway, flow_timeout=config.flow_timeout, fallback=config.fallback
+                )
                 setup_client(self.tun.name, config.interface, list(config.vips), self.changes)
             self.driver = EndpointDriver(self.endpoint, self.tun, self.wire, self.loop)
         except BaseException:

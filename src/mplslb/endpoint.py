@@ -35,12 +35,13 @@ _SYN_MASK = int(TCPFlag.SYN | TCPFlag.ACK)
 
 
 class Flow:
-    """A learned flow: the label to attach, the MAC address to send to, when it was last used."""
+    """A learned flow: the label to attach, the MAC address to send to, when it was last used and last heard."""
 
-    __slots__ = ("label", "last", "peer", "timer")
+    __slots__ = ("heard", "label", "last", "peer", "timer")
 
     def __init__(self, label: int, peer: bytes, last: float) -> None:
         self.label, self.peer, self.last = label, peer, last
+        self.heard = last  # the last labelled frame of the flow from the wire
         self.timer = 0  # serial of this flow's live expiry entry
 
 
@@ -72,7 +73,7 @@ class Endpoint:
             flow = self.flows[key] = Flow(label, peer, now)
             self._arm(now + self.flow_timeout, key, flow)
         else:
-            flow.label, flow.peer, flow.last = label, peer, now
+            flow.label, flow.peer, flow.last, flow.heard = label, peer, now, now
 
     def _arm(self, deadline: float, key: FlowKey, flow: Flow) -> None:
         self._serial += 1
@@ -179,11 +180,20 @@ class ServerEndpoint(Endpoint):
 class ClientEndpoint(Endpoint):
     """A labelled client: first packet unlabelled, then C2S label M - 1 for S2C label M."""
 
-    def __init__(self, *, mac: bytes, gateway_mac: bytes, flow_timeout: float = 300.0, ttl: int = 64) -> None:
+    def __init__(
+        self, *, mac: bytes, gateway_mac: bytes, flow_timeout: float = 300.0, ttl: int = 64, fallback: float = 0.0
+    ) -> None:
+        """``fallback``: a flow that has heard nothing from the wire for this long (seconds; 0: never) sends its
+        next packet unlabelled and forgets its label, so a session the balancer ended (its server down, an idle
+        timeout, a restart) starts again instead of sending a dead label for ever; an unlabelled packet of a live
+        session still reaches its server (claim 2)."""
         super().__init__(mac=mac, flow_timeout=flow_timeout, ttl=ttl)
         if len(gateway_mac) != 6:
             raise ValueError("gateway_mac must be 6 bytes")
+        if not fallback >= 0:
+            raise ValueError("fallback must be >= 0 seconds")
         self.gateway_mac = bytes(gateway_mac)
+        self.fallback = fallback
 
     def from_wire(self, frame: bytes | memoryview, now: float) -> bytes | None:
         """A frame from the network: returns the IP packet for the host, or None (counted)."""
@@ -223,6 +233,12 @@ class ClientEndpoint(Endpoint):
         if a.tcp_flags >= 0 and a.tcp_flags & _SYN_MASK == _SYN_ONLY:
             self.flows.pop(key, None)  # a new connection, perhaps on a reused port: it starts unlabelled
         flow = self.flows.get(key)
+        if flow is not None and self.fallback and now - flow.heard > self.fallback:
+            del self.flows[key]  # nothing heard back for a while: the label may have died at the balancer
+            self._count("fallback_unlabelled")
+            return build_ethernet(self.gateway_mac, self.mac, ETH_P_IPV6 if a.ip_version == 6 else ETH_P_IP) + bytes(
+                packet
+            )
         if flow is None:
             self._count("from_host_unlabelled")
             ethertype = ETH_P_IPV6 if a.ip_version == 6 else ETH_P_IP

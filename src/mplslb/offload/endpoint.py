@@ -99,6 +99,7 @@ class KernelEndpoint:
         flow_timeout: float = 300.0,
         ttl: int = ENDPOINT_TTL,
         max_flows: int = MAX_FLOWS,
+        fallback: float = 0.0,
     ) -> None:
         if role not in ROLES:
             raise ValueError("role must be server or client")
@@ -124,7 +125,8 @@ class KernelEndpoint:
                 packed = ipaddress.ip_address(vip).packed if isinstance(vip, str) else bytes(vip)
                 family = FAMILY_V6 if len(packed) == IPV6_ADDR_LEN else FAMILY_V4
                 self.vips.update(VIP_KEY.pack(packed.ljust(IPV6_ADDR_LEN, b"\0"), family), _U32.pack(1))
-            self.config.update(_U32.pack(0), ENDPOINT_CONFIG.pack(mac, gateway_mac or bytes(6), ttl))
+            fallback_ms = round(fallback * 1000)
+            self.config.update(_U32.pack(0), ENDPOINT_CONFIG.pack(mac, gateway_mac or bytes(6), ttl, fallback_ms))
             fds = {"flows": self.flows.fd, "vips": self.vips.fd, "config": self.config.fd,
                    "counters": self.counters.fd}  # fmt: skip
             short = "srv" if role == "server" else "cli"
@@ -182,7 +184,7 @@ class KernelEndpoint:
         keys, values, count = self.flows.lookup_batch()
         out: dict[FlowKey, tuple[int, bytes, int]] = {}
         for i in range(count):
-            last_ns, label, peer, _, _ = FLOW.unpack_from(values, i * FLOW.size)
+            last_ns, label, peer, _, _, _ = FLOW.unpack_from(values, i * FLOW.size)
             out[flow_key_of(keys[i * FLOW_KEY.size : (i + 1) * FLOW_KEY.size])] = (label, peer, last_ns)
         return out
 

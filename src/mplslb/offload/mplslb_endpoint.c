@@ -265,6 +265,7 @@ INLINE int from_wire(struct xdp_md *ctx, int serving)
 	}
 	struct flow f = {};
 	f.last_ns = bpf_ktime_get_ns();
+	f.heard_ns = f.last_ns;
 	if (serving) {
 		if (!is_vip(key.dst, key.family)) {
 			count(EP_NOT_FOR_VIP);
@@ -379,7 +380,16 @@ INLINE int from_host(struct __sk_buff *skb, int serving)
 		count(EP_FROM_HOST_UNLABELLED);
 		return TC_ACT_OK;
 	}
-	f->last_ns = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_ns();
+	if (!serving && cfg->fallback_ms && now - f->heard_ns > (__u64)cfg->fallback_ms * NS_PER_MS) {
+		/* nothing heard back for a while: the label may have died at the balancer; start unlabelled again */
+		bpf_map_delete_elem(&flows, &key);
+		__builtin_memcpy(data + ETH_DST, cfg->gateway, ETH_ALEN);
+		__builtin_memcpy(data + ETH_SRC, cfg->mac, ETH_ALEN);
+		count(EP_FALLBACK_UNLABELLED);
+		return TC_ACT_OK;
+	}
+	f->last_ns = now;
 	int verdict = push(skb, f->label, f->peer, cfg);
 	if (verdict == TC_ACT_OK)
 		count(EP_FROM_HOST);

@@ -147,6 +147,7 @@ SYN_ONLY: Final = int(TCPFlag.SYN)
 SYN_MASK: Final = int(TCPFlag.SYN | TCPFlag.ACK)
 FAMILY_V4: Final = 4
 FAMILY_V6: Final = 6
+NS_PER_MS: Final = 1_000_000
 ENDPOINT_TTL: Final = 64  # the TTL of the entry the endpoints push, as mplslb.endpoint.Endpoint's default
 
 #: ``struct flow_key`` of the endpoints' flow map: the 5-tuple as the local host sends the flow (ports in host order;
@@ -167,6 +168,7 @@ FLOW_FIELDS: Final = (
     ("peer", "__u8", "s", ETH_ALEN),
     ("fpad", "__u16", "H", 0),
     ("fpad2", "__u32", "I", 0),
+    ("heard_ns", "__u64", "Q", 0),  # the last labelled frame of the flow from the wire (client: its fallback)
 )
 #: ``struct vip_key`` of the virtual IP set.
 VIP_KEY_FIELDS: Final = (
@@ -178,6 +180,7 @@ ENDPOINT_CONFIG_FIELDS: Final = (
     ("mac", "__u8", "s", ETH_ALEN),  # this host's wire interface
     ("gateway", "__u8", "s", ETH_ALEN),  # client: the balancer port's MAC
     ("ttl", "__u32", "I", 0),
+    ("fallback_ms", "__u32", "I", 0),  # client: a flow unheard for this long goes unlabelled again (0: never)
 )
 #: The fields of the kernel's ``struct __sk_buff`` the egress program reads (the BPF context ABI, not the frame).
 SKB_FIELDS: Final = (
@@ -225,6 +228,7 @@ ENDPOINT_COUNTERS: Final = (
     "unsupported_protocol",
     "gso_packet",
     "room_failed",
+    "fallback_unlabelled",  # client: a flow unheard for fallback_ms sent unlabelled again (the label died?)
 )
 
 
@@ -279,6 +283,7 @@ C_CONSTANTS: Final = (
     "IPPROTO_ICMPV6", "EXT_UNIT", "EXT_MIN_LEN", "AH_UNIT", "AH_LEN_BIAS", "FRAGMENT_HLEN",
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
     "TCP_DOFF", "L4_SPORT", "L4_DPORT", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6", "ENDPOINT_TTL",
+    "NS_PER_MS",
 )  # fmt: skip
 
 
@@ -387,6 +392,7 @@ __all__ = [
     "MPLS_BOS",
     "MPLS_ENTRY_LEN",
     "MPLS_TTL_MASK",
+    "NS_PER_MS",
     "RESERVED_LABEL_MAX",
     "S2C_MAX",
     "S2C_MIN",
