@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
+from mplslb.balancer import TIMER_GRANULARITY
+
 if TYPE_CHECKING:
     from mplslb.balancer import BlockResult
     from mplslb.drivers.afpacket import RxBlock
@@ -46,9 +48,6 @@ DEFAULT_MAX_WAIT = 1.0  # the longest the selector waits, whatever else is pendi
 STOP_POLL = 0.05  # how often a threading.Event given to run() is looked at
 WAKEUP_READS = 64  # reads of the wake-up pipe per turn (a few bytes are all that is ever in it)
 STALLED_TIMER_GAP = 0.001  # a core whose deadline does not move after on_timer is asked again this much later
-#: The balancer's timers run at most this often: each run looks at every session's deadline in one vectorised pass
-#: (idle timeouts are seconds to minutes, so firing up to this much late changes nothing a client sees).
-BALANCER_TIMER_GRANULARITY = 0.05
 DEFAULT_MAX_BLOCKS = 4  # receive-ring blocks taken from one port per wake-up in block mode
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 
@@ -293,7 +292,7 @@ class BalancerDriver(_Counted):
         max_blocks: int = DEFAULT_MAX_BLOCKS,
     ) -> None:
         super().__init__(loop, balancer, burst)
-        self.timer_granularity = BALANCER_TIMER_GRANULARITY
+        self.timer_granularity = TIMER_GRANULARITY
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1")
         self.balancer = balancer

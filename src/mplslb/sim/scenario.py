@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mplslb.balancer import Balancer, BalancerStats
+from mplslb.balancer import TIMER_GRANULARITY, Balancer, BalancerStats
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.sim.engine import EventLoop, Segment, Tap
@@ -133,6 +133,7 @@ class BalancerNode:
         self.balancer = balancer
         self.segments = segments
         self._timer: float | None = None
+        self._not_before = 0.0  # the balancer's timers run at most every TIMER_GRANULARITY, as in the daemon
         for port_id, segment in segments.items():
             segment.tap_id = port_id
             segment.attach(balancer.ports[port_id].mac, self._receiver(port_id))
@@ -150,6 +151,8 @@ class BalancerNode:
 
     def _arm(self) -> None:
         deadline = self.balancer.next_deadline()
+        if deadline is not None:
+            deadline = max(deadline, self._not_before)
         if deadline is not None and (self._timer is None or deadline < self._timer):
             self._timer = deadline
             self.loop.at(deadline, self._fire, deadline)
@@ -158,6 +161,7 @@ class BalancerNode:
         if self._timer != deadline:
             return
         self._timer = None
+        self._not_before = self.loop.now + TIMER_GRANULARITY
         self._send(self.balancer.on_timer(self.loop.now))
         self._arm()
 
