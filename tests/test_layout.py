@@ -47,12 +47,12 @@ def test_the_c_header_gives_c_every_value_of_the_python_layout(tmp_path: Path) -
     printed = dict(line.split(" ", 1) for line in host_program(tmp_path).splitlines())
     assert {name: int(printed[name]) for name in layout.constants()} == layout.constants()
     offsets = {name: int(printed[f"offsetof.entry.{name}"]) for name, *_ in layout.KERNEL_ENTRY_FIELDS}
-    assert offsets == layout.kernel_entry_offsets()
+    assert offsets == layout.struct_offsets(layout.KERNEL_ENTRY_FIELDS)
     assert int(printed["sizeof.entry"]) == layout.KERNEL_ENTRY.size
     for cname, fields in layout.C_STRUCTS.items():
         offsets = {name: int(printed[f"offsetof.{cname}.{name}"]) for name, *_ in fields}
         assert offsets == layout.struct_offsets(fields), cname
-        assert int(printed[f"sizeof.{cname}"]) == struct.calcsize(layout._struct_fmt(fields)), cname
+        assert int(printed[f"sizeof.{cname}"]) == struct.calcsize(layout.struct_format(fields)), cname
 
 
 def test_the_layout_is_the_wire_codecs_layout() -> None:

@@ -99,24 +99,34 @@ def interface_mac(ifname: str) -> bytes:
         return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
 
 
+def _vips_on_lo(ipr: IPRoute, lo: int, vips: list[str], changes: HostChanges) -> None:
+    """Each VIP on ``lo`` (index ``lo``): the host's programs accept packets to it and answer from it."""
+    for vip in vips:
+        family, plen = _family(vip), _host_len(vip)
+        flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
+        ipr.addr("add", index=lo, address=vip, prefixlen=plen, flags=flags)
+        changes.add(f"address {vip} on lo", _call(ipr_addr_del, lo, vip, plen))
+
+
+def _rules_from_vips(ipr: IPRoute, vips: list[str], changes: HostChanges) -> None:
+    """A rule sending everything from each VIP to the policy table, whose default route the caller sets."""
+    for vip in vips:
+        family, plen = _family(vip), _host_len(vip)
+        ipr.rule("add", family=family, src=vip, src_len=plen, table=POLICY_TABLE, priority=POLICY_PRIORITY)
+        changes.add(f"rule from {vip}", _call(rule_del, vip, plen, family))
+
+
 def setup_server(tun: str, vips: list[str], changes: HostChanges) -> None:
     """VIPs on lo; replies from a VIP routed into ``tun``."""
     with IPRoute() as ipr:
         lo = _index(ipr, "lo")
         tun_index = _index(ipr, tun)
-        for vip in vips:
-            family, plen = _family(vip), _host_len(vip)
-            flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
-            ipr.addr("add", index=lo, address=vip, prefixlen=plen, flags=flags)
-            changes.add(f"address {vip} on lo", _call(ipr_addr_del, lo, vip, plen))
+        _vips_on_lo(ipr, lo, vips, changes)
         for family in sorted({_family(v) for v in vips}):
             default = "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"
             ipr.route("add", dst=default, oif=tun_index, table=POLICY_TABLE, family=family)
             changes.add(f"default route table {POLICY_TABLE}", _call(route_del, default, tun_index, family))
-        for vip in vips:
-            family, plen = _family(vip), _host_len(vip)
-            ipr.rule("add", family=family, src=vip, src_len=plen, table=POLICY_TABLE, priority=POLICY_PRIORITY)
-            changes.add(f"rule from {vip}", _call(rule_del, vip, plen, family))
+        _rules_from_vips(ipr, vips, changes)
     set_sysctl(changes, f"ipv4/conf/{tun}/rp_filter", "0")
 
 
@@ -253,11 +263,7 @@ def setup_server_kernel(interface: str, vips: list[str], changes: HostChanges) -
     own_mac = interface_mac(interface).hex(":")
     with IPRoute() as ipr:
         lo, wire = _index(ipr, "lo"), _index(ipr, interface)
-        for vip in vips:
-            family, plen = _family(vip), _host_len(vip)
-            flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
-            ipr.addr("add", index=lo, address=vip, prefixlen=plen, flags=flags)
-            changes.add(f"address {vip} on lo", _call(ipr_addr_del, lo, vip, plen))
+        _vips_on_lo(ipr, lo, vips, changes)
         for version in sorted({ipaddress.ip_address(v).version for v in vips}):
             gateway, family = FAKE_GATEWAY[version], socket.AF_INET6 if version == 6 else socket.AF_INET
             _neigh_add(ipr, wire, gateway, own_mac, changes)
@@ -265,10 +271,7 @@ def setup_server_kernel(interface: str, vips: list[str], changes: HostChanges) -
             ipr.route("add", dst=default, gateway=gateway, oif=wire, table=POLICY_TABLE, family=family,
                       flags=0x4, metrics={"mtu": KERNEL_ROUTE_MTU})  # fmt: skip  # RTNH_F_ONLINK
             changes.add(f"default route table {POLICY_TABLE}", _call(route_del, default, wire, family))
-        for vip in vips:
-            family, plen = _family(vip), _host_len(vip)
-            ipr.rule("add", family=family, src=vip, src_len=plen, table=POLICY_TABLE, priority=POLICY_PRIORITY)
-            changes.add(f"rule from {vip}", _call(rule_del, vip, plen, family))
+        _rules_from_vips(ipr, vips, changes)
     set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
     prepare_wire(interface, changes)
 

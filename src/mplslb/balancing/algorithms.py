@@ -26,6 +26,7 @@ import random
 import struct
 from abc import ABC, abstractmethod
 from array import array
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, ClassVar, TypeVar
 
@@ -127,6 +128,20 @@ def make_algorithm(name: str, **params: Any) -> Algorithm:
         raise ValueError(f"bad parameters for algorithm {name!r}: {exc}") from None
 
 
+def _fewer_sessions(a: Server, b: Server) -> bool:
+    return a.active < b.active
+
+
+def _fewer_sessions_per_weight(a: Server, b: Server) -> bool:
+    """``a.active / a.weight < b.active / b.weight`` without division, as IPVS compares."""
+    return a.active * b.weight < b.active * a.weight
+
+
+def _shorter_expected_delay(a: Server, b: Server) -> bool:
+    """``(a.active + 1) / a.weight < (b.active + 1) / b.weight`` without division, as IPVS compares."""
+    return (a.active + 1) * b.weight < (b.active + 1) * a.weight
+
+
 class _Rotating(Algorithm):
     """Base for algorithms that rotate through servers by index, remembering the last one chosen."""
 
@@ -136,6 +151,21 @@ class _Rotating(Algorithm):
     def _chosen(self, server: Server) -> Server:
         self._last = server.index
         return server
+
+    def _least(self, pool: ServerPool, better: Callable[[Server, Server], bool]) -> Server | None:
+        """The eligible server no other beats (``better(a, b)``: ``a`` beats ``b``); ties go to the first in
+        rotation after the last one chosen."""
+        servers = pool.eligible()
+        if not servers:
+            return None
+        n = len(servers)
+        start = _first_after(servers, self._last)
+        best = servers[start]
+        for i in range(1, n):
+            server = servers[(start + i) % n]
+            if better(server, best):
+                best = server
+        return self._chosen(best)
 
 
 @register
@@ -196,17 +226,7 @@ class LeastConnections(_Rotating):
     name = "least_connections"
 
     def choose(self, pool: ServerPool, key: FlowKey, now: float) -> Server | None:
-        servers = pool.eligible()
-        if not servers:
-            return None
-        n = len(servers)
-        start = _first_after(servers, self._last)
-        best = servers[start]
-        for i in range(1, n):
-            server = servers[(start + i) % n]
-            if server.active < best.active:
-                best = server
-        return self._chosen(best)
+        return self._least(pool, _fewer_sessions)
 
 
 @register
@@ -220,17 +240,7 @@ class WeightedLeastConnections(_Rotating):
     name = "weighted_least_connections"
 
     def choose(self, pool: ServerPool, key: FlowKey, now: float) -> Server | None:
-        servers = pool.eligible()
-        if not servers:
-            return None
-        n = len(servers)
-        start = _first_after(servers, self._last)
-        best = servers[start]
-        for i in range(1, n):
-            server = servers[(start + i) % n]
-            if server.active * best.weight < best.active * server.weight:
-                best = server
-        return self._chosen(best)
+        return self._least(pool, _fewer_sessions_per_weight)
 
 
 @register
@@ -282,18 +292,7 @@ class ShortestExpectedDelay(_Rotating):
     name = "shortest_expected_delay"
 
     def choose(self, pool: ServerPool, key: FlowKey, now: float) -> Server | None:
-        servers = pool.eligible()
-        if not servers:
-            return None
-        n = len(servers)
-        start = _first_after(servers, self._last)
-        best = servers[start]
-        for i in range(1, n):
-            server = servers[(start + i) % n]
-            # (a + 1) / w < (b + 1) / v without division, as IPVS compares.
-            if (server.active + 1) * best.weight < (best.active + 1) * server.weight:
-                best = server
-        return self._chosen(best)
+        return self._least(pool, _shorter_expected_delay)
 
 
 class _ServiceList:

@@ -1,10 +1,11 @@
-"""Build the XDP program from its C source with clang, once per source and compiler, into a cache directory.
+"""Build the BPF programs from their C sources with clang, once per source and compiler, into a cache directory.
 
-The source (``mplslb_xdp.c`` beside this file) includes one header, ``mplslb_layout.h``, generated here from
-:mod:`mplslb.switching.layout` (every frame offset, bit and bound, and the kernel map's ``struct entry``), so the
-kernel program and the userspace fast paths read frames with the same numbers. clang alone is needed (Debian:
-``clang``); no kernel headers, no libbpf. The object is cached as ``mplslb_xdp-<digest>.o`` where the digest covers
-the source, the generated header, the flags and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else
+Each source (``mplslb_xdp.c``, ``mplslb_endpoint.c`` beside this file) includes ``mplslb_layout.h``, generated here
+from :mod:`mplslb.switching.layout` (every frame offset, bit and bound, and the structs the maps hold), so the
+kernel programs and the userspace fast paths read frames with the same numbers, and ``mplslb_bpf.h`` beside them
+(the BPF interface they share). clang alone is needed (Debian: ``clang``); no kernel headers, no libbpf. The
+object is cached as ``<source>-<digest>.o`` where the digest covers the source, the headers, the flags and the
+compiler's path, in ``$MPLSLB_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/mplslb``, else ``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent
 daemons never read half a file.
 """
@@ -61,7 +62,9 @@ def build_object(source: Path = SOURCE, *, clang: str | None = None, directory: 
         raise BuildError(f"cannot read the XDP program source {source}: {exc.strerror}") from None
     compiler = clang or find_clang()
     header = c_header().encode()
-    digest = hashlib.sha256(b"\0".join([text, header, " ".join(CFLAGS).encode(), compiler.encode()])).hexdigest()[:20]
+    shared = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))
+    parts = [text, header, shared, " ".join(CFLAGS).encode(), compiler.encode()]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
     where = directory or cache_dir()
     target = where / f"{source.stem}-{digest}.o"
     try:

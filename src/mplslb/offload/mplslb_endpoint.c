@@ -15,43 +15,28 @@
  *
  * What the programs drop is counted under the reason the Python endpoint gives it (counters map, indexes EP_*).
  * The maps are created by the loader (mplslb.offload.endpoint), which patches every reference to them. No kernel
- * or libbpf headers: built with clang and one generated header, mplslb_layout.h, from mplslb.switching.layout.
+ * or libbpf headers: built with clang, the header generated from mplslb.switching.layout (mplslb_layout.h) and
+ * mplslb_bpf.h (the BPF interface both programs share).
  */
 
 #include "mplslb_layout.h" /* generated from mplslb.switching.layout: offsets, bits, structs */
+#include "mplslb_bpf.h"    /* the BPF interface the programs share */
 
-#define SEC(name) __attribute__((section(name), used))
 #define INLINE static inline __attribute__((always_inline))
 
 #define XDP_DROP 1
-#define XDP_PASS 2
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define BPF_ADJ_ROOM_MAC 1
 #define OK EP_COUNTERS /* analyze(): no reason to drop */
 
-struct xdp_md {
-	__u32 data;
-	__u32 data_end;
-	__u32 data_meta;
-	__u32 ingress_ifindex;
-	__u32 rx_queue_index;
-	__u32 egress_ifindex;
-};
-
-struct map_ref {
-	__u32 unused;
-};
 struct map_ref flows SEC("maps");    /* LRU hash: struct flow_key -> struct flow */
 struct map_ref vips SEC("maps");     /* hash: struct vip_key -> __u32 */
 struct map_ref config SEC("maps");   /* array of one struct endpoint_config */
 struct map_ref counters SEC("maps"); /* array of EP_COUNTERS __u64 */
 
-static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
-static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
-static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
 static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static long (*bpf_skb_adjust_room)(struct __sk_buff *skb, int len_diff, __u32 mode, __u64 flags) = (void *)50;
 

@@ -10,38 +10,20 @@
  * the entry and redirects it to the output port. Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload.
  *
- * No kernel or libbpf headers: built with `clang -O2 -target bpf -c` and one generated header, mplslb_layout.h,
+ * No kernel or libbpf headers: built with `clang -O2 -target bpf -c`, a generated header, mplslb_layout.h,
  * which holds every frame offset, bit and bound and struct entry, made from mplslb.switching.layout (the layout the
- * userspace paths read) by mplslb.offload.build. The loader (mplslb.offload.bpf) creates the map and patches each
+ * userspace paths read) by mplslb.offload.build, and mplslb_bpf.h (the BPF interface both programs share). The loader (mplslb.offload.bpf) creates the map and patches each
  * reference to it.
  */
 
 #include "mplslb_layout.h" /* generated from mplslb.switching.layout: offsets, bits, struct entry */
+#include "mplslb_bpf.h"    /* the BPF interface the programs share */
 
-#define SEC(name) __attribute__((section(name), used))
-
-#define XDP_PASS 2
 #define XDP_REDIRECT 4
 
-struct xdp_md {
-	__u32 data;
-	__u32 data_end;
-	__u32 data_meta;
-	__u32 ingress_ifindex;
-	__u32 rx_queue_index;
-	__u32 egress_ifindex;
-};
-
-/* The loader creates the map and patches every load of this symbol's address with the map's fd. */
-struct map_ref {
-	__u32 unused;
-};
 struct map_ref labels SEC("maps");
 
-static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
-static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
-static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
 
 SEC("xdp")
 int mplslb_xdp(struct xdp_md *ctx)

@@ -58,10 +58,11 @@ from mplslb.switching.layout import (
     F_TCP_END,
     F_V6,
     KERNEL_ENTRY,
+    KERNEL_ENTRY_FIELDS,
     LABEL_SPACE,
     WATCH_ALL,
     WATCH_TCP_END,
-    kernel_entry_offsets,
+    struct_offsets,
 )
 from mplslb.switching.table import LabelSwitchingTable
 
@@ -74,7 +75,7 @@ MODES = ("auto", "native", "generic")
 #: The counters of a map entry the program keeps, as numpy reads them from a batch of entries.
 COUNTERS = np.dtype(
     {"names": ["packets", "bytes", "last_ns"], "formats": ["<u8", "<u8", "<u8"],
-     "offsets": [kernel_entry_offsets()[name] for name in ("packets", "bytes", "last_ns")],
+     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns")],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
 _KEY = struct.Struct("=I")

@@ -116,17 +116,25 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
 )
-KERNEL_ENTRY: Final = struct.Struct("=" + "".join(f"{n}{code}" if n else code for _, _, code, n in KERNEL_ENTRY_FIELDS))
+Fields = tuple[tuple[str, str, str, int], ...]
 
 
-def kernel_entry_offsets() -> dict[str, int]:
-    """Byte offset of each field of :data:`KERNEL_ENTRY`."""
+def struct_format(fields: Fields) -> str:
+    """The :mod:`struct` format of a packed struct made from ``fields`` (name, C type, code, array length)."""
+    return "=" + "".join(f"{n}{code}" if n else code for _, _, code, n in fields)
+
+
+def struct_offsets(fields: Fields) -> dict[str, int]:
+    """Byte offset of each field of a packed struct made from ``fields``."""
     offsets: dict[str, int] = {}
     fmt = "="
-    for name, _, code, n in KERNEL_ENTRY_FIELDS:
+    for name, _, code, n in fields:
         offsets[name] = struct.calcsize(fmt)
         fmt += f"{n}{code}" if n else code
     return offsets
+
+
+KERNEL_ENTRY: Final = struct.Struct(struct_format(KERNEL_ENTRY_FIELDS))
 
 
 # -- the endpoints' kernel datapath (mplslb_endpoint.c) -------------------------------------------------------
@@ -232,14 +240,10 @@ ENDPOINT_COUNTERS: Final = (
 )
 
 
-def _struct_fmt(fields: tuple[tuple[str, str, str, int], ...]) -> str:
-    return "=" + "".join(f"{n}{code}" if n else code for _, _, code, n in fields)
-
-
-FLOW_KEY: Final = struct.Struct(_struct_fmt(FLOW_KEY_FIELDS))
-FLOW: Final = struct.Struct(_struct_fmt(FLOW_FIELDS))
-VIP_KEY: Final = struct.Struct(_struct_fmt(VIP_KEY_FIELDS))
-ENDPOINT_CONFIG: Final = struct.Struct(_struct_fmt(ENDPOINT_CONFIG_FIELDS))
+FLOW_KEY: Final = struct.Struct(struct_format(FLOW_KEY_FIELDS))
+FLOW: Final = struct.Struct(struct_format(FLOW_FIELDS))
+VIP_KEY: Final = struct.Struct(struct_format(VIP_KEY_FIELDS))
+ENDPOINT_CONFIG: Final = struct.Struct(struct_format(ENDPOINT_CONFIG_FIELDS))
 #: Every struct of the generated header: C name -> fields.
 C_STRUCTS: Final = {
     "entry": KERNEL_ENTRY_FIELDS,
@@ -249,16 +253,6 @@ C_STRUCTS: Final = {
     "endpoint_config": ENDPOINT_CONFIG_FIELDS,
     "__sk_buff": SKB_FIELDS,
 }
-
-
-def struct_offsets(fields: tuple[tuple[str, str, str, int], ...]) -> dict[str, int]:
-    """Byte offset of each field of a packed struct made from ``fields``."""
-    offsets: dict[str, int] = {}
-    fmt = "="
-    for name, _, code, n in fields:
-        offsets[name] = struct.calcsize(fmt)
-        fmt += f"{n}{code}" if n else code
-    return offsets
 
 
 def counter_constant(name: str) -> str:
@@ -412,9 +406,10 @@ __all__ = [
     "WATCH_ALL",
     "WATCH_BITS",
     "WATCH_TCP_END",
+    "Fields",
     "c_header",
     "constants",
     "counter_constant",
-    "kernel_entry_offsets",
+    "struct_format",
     "struct_offsets",
 ]
