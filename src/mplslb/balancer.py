@@ -43,6 +43,7 @@ from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
 from mplslb.neighbors import answer
 from mplslb.sessions import FINAL_STATES, Session, SessionEvent, SessionState, SessionTable
+from mplslb.state import HEAP, Allocator
 from mplslb.switching import (
     DROPPED,
     IPV6_PAYLOAD,
@@ -138,7 +139,8 @@ class BalancerStats:
 class Balancer:
     """The server load balancing apparatus (claim 1), sans I/O: the five units and their timers, wired."""
 
-    def __init__(self, config: BalancerConfig) -> None:
+    def __init__(self, config: BalancerConfig, *, store: Allocator = HEAP) -> None:
+        """``store``: where the tables take their arrays (:mod:`mplslb.state`; by default the heap)."""
         self.config = config
         self.ports: dict[int, PortConfig] = {p.port_id: p for p in config.ports}
         self.vips: dict[bytes, VirtualService] = {v.address: v for v in config.vips}
@@ -154,12 +156,16 @@ class Balancer:
             refuse_with=config.refuse_with,
         )
         self.switching = LabelSwitchingTable(
-            {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
+            {p.port_id: p.mac for p in config.ports},
+            {p.port_id: (p.line_card, p.number) for p in config.ports},
+            store=store,
         )
         self.sessions = SessionTable(
-            config.timeouts, on_end=self._session_ended, c2s_min=config.c2s_min, c2s_max=config.c2s_max
+            config.timeouts, on_end=self._session_ended, c2s_min=config.c2s_min, c2s_max=config.c2s_max, store=store
         )
-        self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
+        self.labels = LabelManager(
+            quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max, store=store
+        )
         self.frames_in = 0
         self.frames_out = 0
         self.fast_path = 0

@@ -48,6 +48,7 @@ import numpy as np
 
 from mplslb.flow import FlowKey
 from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.state import HEAP, Allocator
 from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.tcp import TCPFlag
@@ -278,6 +279,7 @@ class SessionTable:
         *,
         c2s_min: int = C2S_MIN,
         c2s_max: int = C2S_MAX,
+        store: Allocator = HEAP,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.on_end = on_end
@@ -285,21 +287,25 @@ class SessionTable:
         rows = (c2s_max - c2s_min) // 2 + 1
         self.rows = rows
         self._servers: dict[int, Server] = {}  # every server a row has named, by its (never reused) index
-        self.state = bytearray(rows)
-        self.proto = bytearray(rows)
-        self.ip_version = bytearray(rows)
-        self.rt_budget = bytearray(rows)
-        self.end_reason = bytearray(rows)
-        self.final_state = bytearray(rows)  # the final state a session ended in (its row may be free again)
-        self.client_port = array("i", [0]) * rows
-        self.server = array("I", [0]) * rows
-        self.start_time = array("d", [0.0]) * rows
-        self.request_at = array("d", [0.0]) * rows
-        self.end_time = array("d", [0.0]) * rows
-        self.deadline = array("d", [0.0]) * rows
+        self._store = store
+        # The rows' fields: from ``store`` (see :mod:`mplslb.state`), so they may outlive the process.
+        self.state = store.array("sessions.state", "B", rows)
+        self.proto = store.array("sessions.proto", "B", rows)
+        self.ip_version = store.array("sessions.ip_version", "B", rows)
+        self.rt_budget = store.array("sessions.rt_budget", "B", rows)
+        self.end_reason = store.array("sessions.end_reason", "B", rows)
+        # The final state a session ended in (its row may be free again).
+        self.final_state = store.array("sessions.final_state", "B", rows)
+        self.client_port = store.array("sessions.client_port", "i", rows)
+        self.server = store.array("sessions.server", "I", rows)
+        self.start_time = store.array("sessions.start_time", "d", rows)
+        self.request_at = store.array("sessions.request_at", "d", rows)
+        self.end_time = store.array("sessions.end_time", "d", rows)
+        self.deadline = store.array("sessions.deadline", "d", rows)
+        self.keys = store.array("sessions.keys", "B", KEY_SIZE * rows)
+        self.client_mac = store.array("sessions.client_mac", "B", ETH_ALEN * rows)
+        # The key index is derived from the keys (and from the process's hash seed): never kept, rebuilt.
         self.home = array("i", [0]) * rows  # the hash slot each row's key hashes to
-        self.keys = bytearray(KEY_SIZE * rows)
-        self.client_mac = bytearray(ETH_ALEN * rows)
         slots = 1 << max(4, (2 * rows - 1).bit_length())
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
@@ -360,17 +366,19 @@ class SessionTable:
         slot, found = self._slot_of(packed)
         if found != _EMPTY:
             raise ValueError(f"session {key} already in the table")
+        if server.index not in self._servers:
+            self._store.remember(f"server.{server.index}", server.config.name)
+            self._servers[server.index] = server
         self._slots[slot] = pair
         self.home[pair] = hash(packed) & self._mask
+        # Every field first, the state byte last: a row is valid only once complete (see mplslb.state).
         self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size] = packed
-        self.state[pair] = _START
         self.proto[pair] = key.proto
         self.ip_version[pair] = ip_version
         self.rt_budget[pair] = WATCH_BUDGET
         self.end_reason[pair] = 0
         self.client_port[pair] = client_port
         self.server[pair] = server.index
-        self._servers[server.index] = server
         self.client_mac[pair * ETH_ALEN : pair * ETH_ALEN + ETH_ALEN] = client_mac
         self.start_time[pair] = now
         self.request_at[pair] = 0.0
@@ -381,6 +389,7 @@ class SessionTable:
         self.peak = max(self.peak, self._count)
         session = Session(self, pair)
         self.arm(session, now + self.timeouts.idle(key.proto, SessionState.START))
+        self.state[pair] = _START
         return session
 
     def lookup(self, key: FlowKey) -> Session | None:
@@ -520,6 +529,37 @@ class SessionTable:
                 slots[hole] = row
                 hole = probe
         slots[hole] = _EMPTY
+
+    # -- a table adopted from a previous process (mplslb.state) ---------------------------------------------------
+    def final_codes(self) -> frozenset[int]:
+        """The state bytes of final (closed, interrupted) rows."""
+        return _FINAL_CODES
+
+    def drop_row(self, pair: int) -> None:
+        """Free ``pair``'s row as it lies in the arrays, before :meth:`restore` (adoption's repairs)."""
+        self.state[pair] = _FREE
+
+    def restore(self, servers: dict[int, Server]) -> list[int]:
+        """Rebuild what is derived from the rows (the key index, the counts, the next deadline) after adopting
+        them; ``servers`` names the servers the rows' indices refer to. Returns the live rows."""
+        state = np.frombuffer(self.state, dtype=np.uint8)
+        rows = np.flatnonzero(state).tolist()
+        self._servers.update(servers)
+        slots, mask = self._slots, self._mask
+        for pair in rows:
+            packed = bytes(self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size])
+            slot, found = self._slot_of(packed)
+            if found != _EMPTY:
+                raise ValueError(f"rows {found} and {pair} hold the same flow key")
+            slots[slot] = pair
+            self.home[pair] = hash(packed) & mask
+        live = [pair for pair in rows if state[pair] not in _FINAL_CODES]
+        self._count = len(rows)
+        self.live = len(live)
+        self.peak = max(self.peak, self._count)
+        deadlines = self._np_deadline[np.asarray(rows, dtype=np.intp)]
+        self._next = float(deadlines.min()) if deadlines.size else math.inf
+        return live
 
     # -- deadlines --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:

@@ -21,11 +21,11 @@ order, as they happen.
 
 from __future__ import annotations
 
-from array import array
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from mplslb.state import HEAP, Allocator, Column
 from mplslb.switching.layout import (
     ENTRY,
     ETH_ALEN,
@@ -43,6 +43,8 @@ from mplslb.wire.mpls import TC_SHIFT
 MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 #: Distinct byte strings kept shared between labels (see :meth:`LabelSwitchingTable._intern`).
 INTERN_LIMIT = 1 << 16
+#: The longest peer IP (IPv6).
+PEER_IP_MAX = 16
 
 
 class SwitchEntry(NamedTuple):
@@ -103,26 +105,38 @@ class LabelSwitchingTable:
     The arrays are public for reading; nothing outside :mod:`mplslb.switching` writes them.
     """
 
-    def __init__(self, port_macs: dict[int, bytes], port_places: dict[int, tuple[int, int]]) -> None:
-        """``port_macs`` maps a port id to its MAC address; ``port_places`` to its (line card, port number)."""
+    def __init__(
+        self, port_macs: dict[int, bytes], port_places: dict[int, tuple[int, int]], *, store: Allocator = HEAP
+    ) -> None:
+        """``port_macs`` maps a port id to its MAC address; ``port_places`` to its (line card, port number). The
+        per-label arrays come from ``store`` (see :mod:`mplslb.state`)."""
         self._port_macs = dict(port_macs)
         self._port_places = dict(port_places)
-        self.valid = bytearray(LABEL_SPACE)
-        self.watch = bytearray(LABEL_SPACE)
-        self.v6 = bytearray(LABEL_SPACE)
-        self.out_port = array("i", [-1]) * LABEL_SPACE
-        self.in_port = array("i", [-1]) * LABEL_SPACE
-        self.packets = array("Q", [0]) * LABEL_SPACE
-        self.bytes = array("Q", [0]) * LABEL_SPACE
-        self.last_seen = array("d", [0.0]) * LABEL_SPACE
+        self.valid = store.array("switching.valid", "B", LABEL_SPACE)
+        self.watch = store.array("switching.watch", "B", LABEL_SPACE)
+        self.v6 = store.array("switching.v6", "B", LABEL_SPACE)
+        self.out_port = store.array("switching.out_port", "i", LABEL_SPACE, -1)
+        self.in_port = store.array("switching.in_port", "i", LABEL_SPACE, -1)
+        self.packets = store.array("switching.packets", "Q", LABEL_SPACE)
+        self.bytes = store.array("switching.bytes", "Q", LABEL_SPACE)
+        self.last_seen = store.array("switching.last_seen", "d", LABEL_SPACE)
         # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
+        # A persistent store also keeps the byte strings above in fixed-width columns, to rebuild them from.
+        self._kept: tuple[Column, Column, Column, Column] | None = None
+        if store.persistent:
+            self._kept = (
+                store.array("switching.next_hop", "B", ETH_ALEN * LABEL_SPACE),
+                store.array("switching.peer", "B", ETH_ALEN * LABEL_SPACE),
+                store.array("switching.peer_ip", "B", PEER_IP_MAX * LABEL_SPACE),
+                store.array("switching.peer_ip_len", "B", LABEL_SPACE),
+            )
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
         #: table (the block path's) can tell whether it still stands.
-        self.generation = array("I", [0]) * LABEL_SPACE
+        self.generation = store.array("switching.generation", "I", LABEL_SPACE)
         self.version = 0
         self.drops: dict[str, int] = {}
         self.mirrors: list[Mirror] = []
@@ -155,9 +169,12 @@ class LabelSwitchingTable:
             raise ValueError(f"unknown port in install: out {out_port}, in {in_port}")
         if len(next_hop) != ETH_ALEN or len(peer) != ETH_ALEN:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
-        if not self.valid[label]:
+        if len(peer_ip) > PEER_IP_MAX:
+            raise ValueError("peer_ip must be an IPv4 or IPv6 address")
+        if self.valid[label]:
+            self.valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
+        else:
             self.installed += 1
-        self.valid[label] = 1
         self.watch[label] = watch & WATCH_BITS
         self.v6[label] = 1 if watch & IPV6_PAYLOAD else 0
         self.out_port[label] = out_port
@@ -171,6 +188,13 @@ class LabelSwitchingTable:
         self.bytes[label] = 0
         self.last_seen[label] = now
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+        if self._kept is not None:
+            next_hops, peers, peer_ips, peer_ip_lens = self._kept
+            next_hops[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
+            peers[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
+            peer_ips[label * PEER_IP_MAX : label * PEER_IP_MAX + len(peer_ip)] = peer_ip
+            peer_ip_lens[label] = len(peer_ip)
+        self.valid[label] = 1  # last: the entry is complete
         self.version += 1
         for mirror in self.mirrors:
             mirror.installed(label)
@@ -192,6 +216,29 @@ class LabelSwitchingTable:
             self.version += 1
             for mirror in self.mirrors:
                 mirror.withdrawn(label)
+
+    def restore(self) -> None:
+        """Rebuild the byte strings and the count of the installed labels after adopting the arrays from a
+        persistent store (:mod:`mplslb.state`)."""
+        if self._kept is None:
+            raise ValueError("restore needs a persistent store")
+        next_hops, peers, peer_ips, peer_ip_lens = self._kept
+        labels = np.flatnonzero(self.arrays().valid)
+        for label in labels.tolist():
+            port = self.out_port[label]
+            if port not in self._port_macs or self.in_port[label] not in self._port_macs:
+                self.withdraw(label)  # bound to a port this table does not have: never forwarded
+                continue
+            at = label * ETH_ALEN
+            self.rewrite[label] = self._intern(bytes(next_hops[at : at + ETH_ALEN]) + self._port_macs[port])
+            self.peer[label] = self._intern(bytes(peers[at : at + ETH_ALEN]))
+            at = label * PEER_IP_MAX
+            self.peer_ip[label] = self._intern(bytes(peer_ips[at : at + peer_ip_lens[label]]))
+        self.installed = int(np.count_nonzero(self.arrays().valid))
+
+    def next_hop_of(self, label: int) -> bytes:
+        """The next hop MAC of an installed ``label``."""
+        return self.rewrite[label][:ETH_ALEN]
 
     def set_watch(self, label: int, watch: int) -> None:
         """Set ``label``'s watch bits (:data:`~mplslb.switching.layout.WATCH_TCP_END`, ``WATCH_ALL``)."""
