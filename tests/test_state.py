@@ -1,0 +1,412 @@
+"""The persistent state (mplslb.state): a balancer built over a state directory adopts the sessions, label pairs and
+label switching entries a previous one left there, refuses state it cannot trust (saying why), and never adopts an
+entry that disagrees with its session, whatever instant the previous one was killed at."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from helpers import PORT_MAC, SERVERS, client_tcp, labelled, reply_tcp_packet, standard_config
+from mplslb import labels as labels_module
+from mplslb import sessions as sessions_module
+from mplslb import state as state_module
+from mplslb.balancer import Balancer
+from mplslb.config import BalancerConfig
+from mplslb.state import STATE_FILE, StateStore, open_balancer
+from mplslb.switching import table as table_module
+from mplslb.wire.tcp import TCPFlag
+
+SYN, ACK, RST = int(TCPFlag.SYN), int(TCPFlag.ACK), int(TCPFlag.RST)
+C2S_MIN, C2S_MAX = 17, 17 + 2 * 31  # 32 pairs: small tables, fast tests
+CONFIG = standard_config(c2s_min=C2S_MIN, c2s_max=C2S_MAX, label_quarantine=30.0)
+SERVER_MAC = {s.name: s.mac for s in SERVERS}
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def build(state_dir: Path, config: BalancerConfig = CONFIG, *, now: float = 1.0, fresh: bool = False) -> Balancer:
+    balancer, store, _ = open_balancer(config, state_dir, now=now, fresh=fresh)
+    balancer.store = store  # type: ignore[attr-defined]  # kept for close()
+    return balancer
+
+
+def close(balancer: Balancer) -> None:
+    balancer.store.close()  # type: ignore[attr-defined]
+
+
+def open_session(balancer: Balancer, sport: int, now: float = 1.0) -> int:
+    """A TCP session from client 0's port ``sport``, answered by its server; returns its C2S label."""
+    out = balancer.receive(0, client_tcp(SYN, sport=sport), now)
+    assert len(out) == 1, balancer.drops
+    c2s = _label(out[0][1])
+    server = balancer.sessions.by_c2s(c2s)
+    assert server is not None
+    reply = labelled(PORT_MAC[server.server.config.port_id], server.server.config.mac, c2s + 1,
+                     reply_tcp_packet(SYN | ACK, sport=sport))  # fmt: skip
+    assert len(balancer.receive(server.server.config.port_id, reply, now)) == 1
+    return c2s
+
+
+def _label(frame: bytes) -> int:
+    return int.from_bytes(frame[14:17], "big") >> 4
+
+
+def forward_c2s(balancer: Balancer, c2s: int) -> tuple[int, bytes]:
+    """Where a labelled client frame of ``c2s`` goes: (port, next hop MAC); (-1, b"") when dropped."""
+    from helpers import client_addr, client_mac, ip_packet, tcp_segment
+    from mplslb.wire.ip import IPPROTO_TCP
+
+    src, dst = client_addr(0), CONFIG.vips[0].address
+    packet = ip_packet(src, dst, IPPROTO_TCP, tcp_segment(src, dst, 1, 80, ACK, b""))
+    out = balancer.receive(0, labelled(PORT_MAC[0], client_mac(0), c2s, packet), 5.0)
+    return (out[0][0], out[0][1][:6]) if out else (-1, b"")
+
+
+def test_without_a_store_the_tables_keep_their_heap_arrays() -> None:
+    balancer = Balancer(CONFIG)
+    assert isinstance(balancer.sessions.state, bytearray) and isinstance(balancer.sessions.deadline, array)
+    assert isinstance(balancer.switching.valid, bytearray) and isinstance(balancer.switching.out_port, array)
+    assert balancer.switching.out_port[20] == -1
+    assert balancer.switching._kept is None  # no extra columns off the persistent path
+
+
+def test_sessions_labels_and_entries_survive_a_restart(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = build(state_dir)
+    labels = [open_session(first, 40000 + i) for i in range(5)]
+    where = {c2s: forward_c2s(first, c2s) for c2s in labels}
+    servers = {c2s: first.sessions.by_c2s(c2s).server.config.name for c2s in labels}  # type: ignore[union-attr]
+    # One session ends: its pair goes to quarantine with its release time.
+    first.receive(0, client_tcp(RST | ACK, sport=40004), 2.0)
+    first.on_timer(4.5)  # after the closed session's linger
+    assert first.labels.is_quarantined(labels[4])
+    release = first.labels.next_deadline()
+    active = {s.name: s.active for s in first.pool}
+    close(first)
+    del first
+
+    caplog.set_level(logging.INFO, "mplslb.state")
+    second = build(state_dir, now=5.0)
+    assert "event=state_adopted sessions=4 live=4 quarantined=1" in caplog.text
+    assert len(second.sessions) == 4 and second.live == 4
+    assert {s.name: s.active for s in second.pool} == active
+    for c2s in labels[:4]:
+        session = second.sessions.by_c2s(c2s)
+        assert session is not None and session.server.config.name == servers[c2s]
+        assert forward_c2s(second, c2s) == where[c2s]
+    # The flow-key index was rebuilt: an unlabelled frame of an existing session finds it.
+    out = second.receive(0, client_tcp(ACK, b"GET / HTTP/1.1\r\n\r\n", sport=40001), 5.0)
+    assert len(out) == 1 and _label(out[0][1]) == labels[1]
+    # The quarantine was rebuilt from the release times: the ended pair is not handed out before its time.
+    assert second.labels.is_quarantined(labels[4]) and second.labels.next_deadline() == release
+    assert second.labels.in_use_count == 4
+    fresh_c2s = open_session(second, 41000, now=5.0)
+    assert fresh_c2s not in labels
+    # Ending an adopted session counts off its server.
+    server = second.sessions.by_c2s(labels[0]).server  # type: ignore[union-attr]
+    before = server.active
+    second.receive(0, client_tcp(RST | ACK, sport=40000), 4.0)
+    second.on_timer(6.5)
+    assert server.active == before - 1 and second.sessions.by_c2s(labels[0]) is None
+    close(second)
+
+
+def test_a_changed_configuration_is_refused_and_moved_aside(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = build(state_dir)
+    open_session(first, 40000)
+    close(first)
+    caplog.set_level(logging.INFO, "mplslb.state")
+    other = replace(CONFIG, c2s_max=C2S_MAX + 2)
+    second = build(state_dir, other)
+    assert "event=state_not_adopted reason=config_changed fields=labels" in caplog.text
+    assert len(second.sessions) == 0
+    assert (state_dir / (STATE_FILE + ".old")).exists()
+    close(second)
+    third = build(state_dir, other)  # the new state is adopted next time
+    assert "event=state_adopted sessions=0" in caplog.text
+    close(third)
+
+
+def test_fresh_starts_clean_on_purpose(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = build(state_dir)
+    open_session(first, 40000)
+    close(first)
+    caplog.set_level(logging.INFO, "mplslb.state")
+    second = build(state_dir, fresh=True)
+    assert "reason=fresh_requested" in caplog.text and len(second.sessions) == 0
+    close(second)
+
+
+def test_a_changed_layout_is_refused(state_dir: Path) -> None:
+    store = StateStore(state_dir, {"x": 1})
+    store.array("a", "B", 10)[3] = 7
+    assert not store.finish()
+    store.close()
+    store = StateStore(state_dir, {"x": 1})
+    assert store.array("a", "B", 10)[3] == 7 and store.finish()
+    store.close()
+    store = StateStore(state_dir, {"x": 1})
+    store.array("a", "I", 10)
+    assert store.reason == "reason=layout_changed field=a old=Bx10 new=Ix10"
+    store.close()
+    store = StateStore(state_dir, {"x": 1})
+    store.array("a", "B", 10)
+    store.array("b", "d", 4)
+    assert not store.finish() and store.reason == "reason=layout_changed field=b old=absent new=dx4"
+    store.close()
+    store = StateStore(state_dir, {"x": 2})
+    assert store.reason == "reason=config_changed fields=x"
+    store.close()
+
+
+def test_a_torn_header_is_refused(state_dir: Path) -> None:
+    build(state_dir).store.close()  # type: ignore[attr-defined]
+    with open(state_dir / STATE_FILE, "r+b") as f:
+        f.write(b"\0")
+    store = StateStore(state_dir, {})
+    assert store.reason == "reason=torn_header"
+    store.close()
+
+
+def test_the_state_directory_is_locked(state_dir: Path) -> None:
+    first = build(state_dir)
+    with pytest.raises(RuntimeError, match="in use by another mplslb balancer"):
+        StateStore(state_dir, {})
+    close(first)
+
+
+def test_servers_are_mapped_by_name(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = build(state_dir)
+    labels = [open_session(first, 40000 + i) for i in range(6)]
+    names = {c2s: first.sessions.by_c2s(c2s).server.config.name for c2s in labels}  # type: ignore[union-attr]
+    close(first)
+    assert set(names.values()) == {"s1", "s2", "s3"}
+    # s2 is gone, s3 and s1 swapped places in the list: indices change, names do not.
+    caplog.set_level(logging.INFO, "mplslb.state")
+    second = build(state_dir, replace(CONFIG, servers=(SERVERS[2], SERVERS[0])))
+    assert "repaired_server_gone=2" in caplog.text and "renumbered=4" in caplog.text
+    for c2s, name in names.items():
+        session = second.sessions.by_c2s(c2s)
+        if name == "s2":
+            assert session is None and second.labels.is_quarantined(c2s) and not second.switching.valid[c2s]
+        else:
+            assert session is not None and session.server.config.name == name
+            assert forward_c2s(second, c2s)[1] == SERVER_MAC[name]
+    assert {s.name: s.active for s in second.pool} == {"s3": 2, "s1": 2}
+    close(second)
+    third = build(state_dir, replace(CONFIG, servers=(SERVERS[2], SERVERS[0])))  # the new numbering was kept
+    assert len(third.sessions) == 4
+    assert all(third.sessions.by_c2s(c2s).server.config.name == n for c2s, n in names.items() if n != "s2")  # type: ignore[union-attr]
+    close(third)
+
+
+def test_a_server_moved_to_another_mac_loses_its_sessions(state_dir: Path) -> None:
+    first = build(state_dir)
+    labels = [open_session(first, 40000 + i) for i in range(3)]
+    close(first)
+    moved = replace(SERVERS[0], mac=b"\x02\x00\x00\x00\x00\x99")
+    second = build(state_dir, replace(CONFIG, servers=(moved, *SERVERS[1:])))
+    assert [second.sessions.by_c2s(c2s) is None for c2s in labels] == [True, False, False]
+    close(second)
+
+
+# -- crash safety --------------------------------------------------------------------------------------------------
+class Killed(BaseException):
+    """The daemon died here (a BaseException: no handler of the code under test takes it for an error)."""
+
+
+TRACED = {Path(m.__file__).resolve() for m in (sessions_module, labels_module, table_module)}  # type: ignore[arg-type]
+
+
+def run_until_killed(op: Callable[[], object], at: int | None, on_line: Callable[[], None]) -> int:
+    """Run ``op``; at every line executed in the tables' modules call ``on_line`` and, at the ``at``-th, raise
+    :class:`Killed`. Returns how many lines ran."""
+    count = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal count
+        if event == "line":
+            on_line()
+            if count == at:
+                raise Killed
+            count += 1
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if Path(frame.f_code.co_filename).resolve() in TRACED else None
+
+    sys.settrace(tracer)
+    try:
+        op()
+    except Killed:
+        pass
+    finally:
+        sys.settrace(None)
+    return count
+
+
+class Snapshots:
+    """The bytes of every persistent array for the pairs and labels of the test's label range, read from the file
+    (what a process mapping it after a kill would see)."""
+
+    def __init__(self, state_dir: Path, layout: list[tuple[str, str, int, int]]) -> None:
+        self.fd = os.open(state_dir / STATE_FILE, os.O_RDONLY)
+        self.slices: list[tuple[int, int]] = []
+        for name, typecode, count, offset in layout:
+            size = array(typecode).itemsize
+            if name.startswith("switching."):
+                per = count // table_module.LABEL_SPACE
+                first, last = C2S_MIN * per, (C2S_MAX + 2) * per
+            else:
+                first, last = 0, count
+            self.slices.append((offset + first * size, (last - first) * size))
+        self.states: list[bytes] = []
+
+    def take(self) -> None:
+        now = b"".join(os.pread(self.fd, size, at) for at, size in self.slices)
+        if not self.states or self.states[-1] != now:
+            self.states.append(now)
+
+    def write(self, path: Path, state: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            at = 0
+            for offset, size in self.slices:
+                os.pwrite(fd, state[at : at + size], offset)
+                at += size
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def check_consistent(balancer: Balancer) -> None:
+    """Every installed label belongs to a live session and is bound exactly as that session says; every live
+    session has both labels and its pair in use; the pool counts what the table holds."""
+    t, sessions = balancer.switching, balancer.sessions
+    for label in np.flatnonzero(t.arrays().valid).tolist():
+        c2s = label if label & 1 else label - 1
+        session = sessions.by_c2s(c2s)
+        assert session is not None, f"label {label} installed without its session"
+        server = session.server.config
+        if label == c2s:
+            expect = (server.port_id, server.mac, session.client_port, session.client_mac, session.key.src)
+        else:
+            expect = (session.client_port, session.client_mac, server.port_id, server.mac, session.key.dst)
+        got = (t.out_port[label], t.rewrite[label][:6], t.in_port[label], t.peer[label], t.peer_ip[label])
+        assert got == expect, f"label {label}: entry {got} disagrees with its session {expect}"
+    for session in sessions.sessions():
+        assert t.valid[session.c2s] and t.valid[session.s2c] and balancer.labels.in_use(session.c2s)
+    assert balancer.labels.in_use_count == len(sessions)
+    stats = balancer.labels.stats()
+    assert stats.in_use_count + stats.quarantined_count + stats.free_count == stats.capacity
+    counts = {s.name: 0 for s in balancer.pool}
+    for session in sessions.sessions():
+        counts[session.server.config.name] += 1
+    assert {s.name: s.active for s in balancer.pool} == counts
+
+
+def copy_dir(src: Path, dst: Path) -> None:
+    """A copy of a state directory, holes kept (the file is mostly holes)."""
+    dst.mkdir()
+    for entry in src.iterdir():
+        if entry.name == STATE_FILE:
+            with open(entry, "rb") as fin, open(dst / entry.name, "wb") as fout:
+                size = os.fstat(fin.fileno()).st_size
+                fout.truncate(size)
+                at = 0
+                while at < size:
+                    try:
+                        data = os.lseek(fin.fileno(), at, os.SEEK_DATA)
+                    except OSError:
+                        break
+                    hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+                    os.copy_file_range(fin.fileno(), fout.fileno(), hole - data, data, data)
+                    at = hole
+        elif entry.is_file():
+            shutil.copy(entry, dst / entry.name)
+
+
+def crash_states(base: Path, op: Callable[[Balancer], object]) -> Iterator[tuple[Path, int]]:
+    """Every distinct state the file goes through while ``op`` runs on a balancer over a copy of ``base``, each
+    written over another copy of ``base`` (the state a kill at that instant leaves)."""
+    work = base.parent / "work"
+    copy_dir(base, work)
+    balancer = build(work)
+    snaps = Snapshots(work, balancer.store.layout)  # type: ignore[attr-defined]
+    snaps.take()
+    lines = run_until_killed(lambda: op(balancer), None, snaps.take)
+    snaps.take()
+    close(balancer)
+    assert lines > 20 and len(snaps.states) > 5, (lines, len(snaps.states))
+    for k, state in enumerate(snaps.states):
+        crashed = base.parent / f"crash{k}"
+        copy_dir(base, crashed)
+        snaps.write(crashed / STATE_FILE, state)
+        yield crashed, k
+        shutil.rmtree(crashed)
+    snaps.close()
+    shutil.rmtree(work)
+
+
+def new_session(balancer: Balancer) -> None:
+    balancer.receive(1, client_tcp(SYN, sport=45000, port=1), 2.0)
+
+
+def end_session(balancer: Balancer) -> None:
+    balancer.receive(0, client_tcp(RST | ACK, sport=40001), 2.0)
+    balancer.on_timer(4.5)
+
+
+@pytest.mark.parametrize("op", [new_session, end_session])
+def test_a_kill_at_any_instant_never_leaves_an_entry_at_odds_with_its_session(
+    tmp_path: Path, op: Callable[[Balancer], None]
+) -> None:
+    base = tmp_path / "base"
+    first = build(base)
+    kept = [open_session(first, 40000 + i) for i in range(3)]
+    where = {c2s: forward_c2s(first, c2s) for c2s in kept}
+    close(first)
+    seen: dict[str, int] = {}
+    states = 0
+    for crashed, _k in crash_states(base, op):
+        states += 1
+        adopted, store, report = open_balancer(CONFIG, crashed, now=5.0)
+        assert report is not None
+        for what, n in report.repaired.items():
+            seen[what] = seen.get(what, 0) + n
+        check_consistent(adopted)
+        for c2s in kept:  # the sessions the operation did not touch are all there, forwarded as before
+            if adopted.sessions.by_c2s(c2s) is not None:
+                assert forward_c2s(adopted, c2s) == where[c2s]
+        assert sum(adopted.sessions.by_c2s(c2s) is not None for c2s in kept) >= len(kept) - 1
+        open_session(adopted, 47000, now=5.0)  # and it goes on working
+        check_consistent(adopted)
+        store.close()
+    print(f"{op.__name__}: {states} distinct crash states adopted, repaired {seen}")
+    assert seen, "no crash state needed a repair: the test does not cut where it should"
+
+
+def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
+    first = build(state_dir)
+    open_session(first, 40000)
+    names = json.loads((state_dir / state_module.SERVERS_FILE).read_text())
+    server = first.sessions.sessions()[0].server
+    assert names[f"server.{server.index}"] == server.config.name
+    close(first)
