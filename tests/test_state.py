@@ -185,7 +185,7 @@ def test_a_torn_header_is_refused(state_dir: Path) -> None:
 
 def test_the_state_directory_is_locked(state_dir: Path) -> None:
     first = build(state_dir)
-    with pytest.raises(RuntimeError, match="in use by another mplslb balancer"):
+    with pytest.raises(state_module.StateError, match="in use by another mplslb balancer"):
         StateStore(state_dir, {})
     close(first)
 

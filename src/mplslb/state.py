@@ -87,6 +87,10 @@ DEFAULT_ROOT: Final = Path("/run/mplslb/state")
 BOOT_ID: Final = Path("/proc/sys/kernel/random/boot_id")
 
 
+class StateError(RuntimeError):
+    """The state directory cannot be used (another daemon holds it, it cannot be created)."""
+
+
 class Allocator:
     """Where a table takes its arrays from (see the module's docstring). Typed as the heap's arrays; a persistent
     store's ``memoryview`` columns behave the same for every use the tables make of them."""
@@ -167,13 +171,16 @@ class StateStore(Allocator):
         self.config_fp = fingerprint(self.identity)
         self.boot_id = boot_id()
         self.path = directory / STATE_FILE
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(f"state directory {directory}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock)
-            raise RuntimeError(f"state directory {directory} is in use by another mplslb balancer") from None
+            raise StateError(f"state directory {directory} is in use by another mplslb balancer") from None
         self._maps: list[mmap.mmap] = []
         self._fields: list[tuple[str, str, int, int]] = []  # (name, typecode, count, offset) handed out
         self._old: dict[str, tuple[str, int, int]] = {}  # the adopted file's layout: name -> (typecode, count, offset)
@@ -514,6 +521,7 @@ __all__ = [
     "Allocator",
     "Column",
     "HeapArrays",
+    "StateError",
     "StateStore",
     "adopt",
     "config_identity",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +44,11 @@ def offload_interfaces(ports: Iterable[PortConfig]) -> dict[int, str]:
 class OffloadedBalancer:
     """The balancer as the driver sees it, with its label switching table mirrored into the kernel."""
 
-    def __init__(self, balancer: Balancer, loop: Loop, *, mode: str = "auto") -> None:
+    def __init__(
+        self, balancer: Balancer, loop: Loop, *, mode: str = "auto", pins: Path | None = None, fresh: bool = False
+    ) -> None:
+        """``pins``: keep the program, its map and its links pinned there (bpffs) so they outlive the daemon, and
+        adopt what a previous daemon pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`)."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -51,6 +56,8 @@ class OffloadedBalancer:
             offload_interfaces(balancer.config.ports),
             mode=mode,
             clock=loop.clock,
+            pins=pins,
+            fresh=fresh,
         )
         self.offload.open()
         self._polled = loop.clock()
@@ -94,9 +101,10 @@ class OffloadedBalancer:
             self.offload.sync()
         self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
 
-    def close(self) -> None:
-        """Stop the timer, fold the last counters in and detach everything from the kernel."""
+    def close(self, *, keep: bool = False) -> None:
+        """Stop the timer, fold the last counters in and detach everything from the kernel; with ``keep``, leave
+        the pinned program attached and switching for the next daemon."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.offload.close()
+        self.offload.close(keep=keep)

@@ -48,6 +48,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,8 @@ MAP_NAME = "mplslb_labels"
 MAP_SYMBOL = "labels"
 SECTION = "xdp"
 MODES = ("auto", "native", "generic")
+#: Where a daemon that keeps its state pins the program, its map and its links, one directory per instance.
+PIN_ROOT = Path("/sys/fs/bpf/mplslb")
 
 #: The counters of a map entry the program keeps, as numpy reads them from a batch of entries.
 COUNTERS = np.dtype(
@@ -119,6 +122,8 @@ class XdpOffload:
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = LABEL_SPACE,
         obj: bytes | None = None,
+        pins: Path | None = None,
+        fresh: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -130,6 +135,8 @@ class XdpOffload:
         self.clock = clock
         self.max_entries = max_entries
         self._obj = obj
+        self.pins = pins
+        self.fresh = fresh
         self.ifindex: dict[int, int] = {}  # port id -> ifindex
         self.attached: dict[str, str] = {}  # interface -> "native" or "generic"
         self._links: list[int] = []
@@ -213,8 +220,9 @@ class XdpOffload:
         self._links.append(bpf.link_create(self._prog, ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE))
         self.attached[ifname] = "generic"
 
-    def close(self) -> None:
-        """Fold the last counters in, detach from every port and free the map (idempotent)."""
+    def close(self, *, keep: bool = False) -> None:
+        """Fold the last counters in, detach from every port and free the map (idempotent). With ``keep`` (and
+        pins), leave the pinned program attached and its map switching for the next daemon."""
         if self._map is not None and self._links:
             with contextlib.suppress(OSError):
                 self.poll()
