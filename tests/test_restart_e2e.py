@@ -142,6 +142,8 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
         f"socket errors (connect, read, write, timeout) {socket_errors.groups() if socket_errors else 'none'}"
     )
     assert adopted is not None, log[-3000:]
+    if lab.spec.offload == "kernel":  # the program, its map and links were taken over, not loaded afresh
+        assert "event=offload_adopted" in log, log[-3000:]
     assert int(adopted.group(2)) >= 5, "the download's and wrk's sessions were live at the restart"
     assert (lab.dir / "curl.out").read_text().strip() == "200", (lab.dir / "curl.out").read_text()
     assert hashlib.sha256(target.read_bytes()).hexdigest() == lab.digest  # type: ignore[attr-defined]

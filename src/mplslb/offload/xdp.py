@@ -42,7 +42,9 @@ a driver refuses native).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import logging
 import os
 import socket
 import struct
@@ -72,8 +74,10 @@ MAP_NAME = "mplslb_labels"
 MAP_SYMBOL = "labels"
 SECTION = "xdp"
 MODES = ("auto", "native", "generic")
+BPFFS = Path("/sys/fs/bpf")
 #: Where a daemon that keeps its state pins the program, its map and its links, one directory per instance.
-PIN_ROOT = Path("/sys/fs/bpf/mplslb")
+PIN_ROOT = BPFFS / "mplslb"
+UNPIN_WAIT = 1.0  # seconds for unpinned links to let go of the ports, at most
 
 #: The counters of a map entry the program keeps, as numpy reads them from a batch of entries.
 COUNTERS = np.dtype(
@@ -81,8 +85,36 @@ COUNTERS = np.dtype(
      "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns")],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
+COUNTERS_SIZE = KERNEL_ENTRY.size - struct_offsets(KERNEL_ENTRY_FIELDS)["packets"]
 _KEY = struct.Struct("=I")
+log = logging.getLogger("mplslb.offload")
 BATCH_MIN = 4  # fewer writes than this go one by one
+
+
+def ensure_bpffs(pins: Path) -> None:
+    """Make ``pins`` (under /sys/fs/bpf) usable: mount the BPF filesystem there if nothing is mounted yet, as
+    systemd does at boot, and create the directory."""
+    mounted = any(
+        line.split()[1:3] == [str(BPFFS), "bpf"] for line in Path("/proc/self/mounts").read_text().splitlines()
+    )
+    if not mounted:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, b"mode=0700") != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mounting the BPF filesystem at {BPFFS}: {os.strerror(err)}")
+    pins.mkdir(parents=True, exist_ok=True)
+
+
+def xdp_mode(ifindex: int) -> str:
+    """How the XDP program on an interface is attached: "native", "generic" or "?"."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        link = ipr.get_links(ifindex)[0]
+    xdp = link.get_attr("IFLA_XDP")
+    attached = (xdp.get_attr("IFLA_XDP_ATTACHED") if xdp is not None else None) or 0
+    # pyroute2 names the XDP_ATTACHED_* values (or leaves the number)
+    return {1: "native", 2: "generic", "xdp": "native", "xdpdrv": "native", "xdpgeneric": "generic"}.get(attached, "?")
 
 
 class OffloadError(RuntimeError):
@@ -137,6 +169,8 @@ class XdpOffload:
         self._obj = obj
         self.pins = pins
         self.fresh = fresh
+        self.adopted = False  # the program, map and links were a previous daemon's
+        self.upgraded = False  # ... and the program was replaced by this build's
         self.ifindex: dict[int, int] = {}  # port id -> ifindex
         self.attached: dict[str, str] = {}  # interface -> "native" or "generic"
         self._links: list[int] = []
@@ -157,7 +191,8 @@ class XdpOffload:
 
     # -- setting up and tearing down ---------------------------------------------------------------------------
     def open(self) -> None:
-        """Build and load the program, create the map, attach to every port, and mirror what is installed."""
+        """Build and load the program, create the map, attach to every port, and mirror what is installed. With
+        pins: adopt what a previous daemon pinned there when it fits (else remove it first), and pin."""
         try:
             obj = self._obj if self._obj is not None else build_object()
         except BuildError as exc:
@@ -167,6 +202,26 @@ class XdpOffload:
         try:
             for port_id, ifname in self.interfaces.items():
                 self.ifindex[port_id] = socket.if_nametoindex(ifname)
+        except OSError as exc:
+            raise OffloadError(f"kernel offload: {exc}") from None
+        if self.pins is not None:
+            try:
+                ensure_bpffs(self.pins)
+            except OSError as exc:
+                raise OffloadError(f"kernel offload: cannot use bpffs at {self.pins}: {exc}") from None
+            if not self.fresh:
+                why = self._adopt(obj)
+                if not why:
+                    self.adopted = True
+                    self.table.add_mirror(self)
+                    self._reconcile()
+                    log.info("event=offload_adopted pins=%s entries=%d upgraded=%s", self.pins, self.entries,
+                             self.upgraded)  # fmt: skip
+                    return
+                if why != "reason=no_pins":
+                    log.warning("event=offload_not_adopted %s pins=%s", why, self.pins)
+            self._unpin()
+        try:
             self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries,
                                        flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
             self._prog = bpf.load_program(
@@ -176,11 +231,127 @@ class XdpOffload:
             native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
             for port_id, ifindex in self.ifindex.items():
                 self._attach(self.interfaces[port_id], ifindex, native=native)
+            if self.pins is not None:
+                self._pin()
         except (OSError, ValueError) as exc:
             self.close()
             raise OffloadError(f"kernel offload: {exc}") from None
         self.table.add_mirror(self)
         self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
+
+    # -- pins: what outlives the daemon ----------------------------------------------------------------------------
+    def _pin_path(self, what: str) -> str:
+        assert self.pins is not None
+        return str(self.pins / what)
+
+    def _pin(self) -> None:
+        """Pin the map, the program and each link (the link last: until then a killed daemon leaves nothing)."""
+        assert self._map is not None
+        bpf.obj_pin(self._map.fd, self._pin_path("map"))
+        bpf.obj_pin(self._prog, self._pin_path("prog"))
+        for ifname, fd in zip(self.interfaces.values(), self._links, strict=True):
+            bpf.obj_pin(fd, self._pin_path(f"link_{ifname}"))
+
+    def _unpin(self, *, wait: bool = True) -> None:
+        """Remove what is pinned: its program detaches from the ports once nothing holds it (``wait`` for it)."""
+        if self.pins is None or not self.pins.is_dir():
+            return
+        for entry in self.pins.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        deadline = time.monotonic() + (UNPIN_WAIT if wait else 0.0)
+        while time.monotonic() < deadline and any(xdp_state(i)[1] for i in self.ifindex.values()):
+            time.sleep(0.01)  # the links are freed as their last reference goes
+
+    def _adopt(self, obj: bytes) -> str:
+        """Take over the pinned map, program and links when they fit this daemon (``""``), else say why."""
+        fds: list[int] = []
+        try:
+            why = self._adopt_fds(obj, fds)
+        except OSError as exc:
+            why = f"reason=adopt_failed error={str(exc).replace(' ', '_')}"
+        if why:
+            for fd in fds:
+                os.close(fd)
+        return why
+
+    def _adopt_fds(self, obj: bytes, fds: list[int]) -> str:
+        try:
+            map_fd = bpf.obj_get(self._pin_path("map"))
+            fds.append(map_fd)
+            prog = bpf.obj_get(self._pin_path("prog"))
+            fds.append(prog)
+        except OSError:
+            return "reason=no_pins"
+        info = bpf.map_info(map_fd)
+        want = (bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries)
+        if (info.map_type, info.key_size, info.value_size, info.max_entries) != want:
+            return "reason=map_layout_changed"
+        old = bpf.prog_info(prog)
+        links: list[int] = []
+        for port_id, ifname in self.interfaces.items():
+            try:
+                fd = bpf.obj_get(self._pin_path(f"link_{ifname}"))
+            except OSError:
+                return f"reason=link_missing interface={ifname}"
+            fds.append(fd)
+            links.append(fd)
+            link = bpf.link_info(fd)
+            if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
+                return f"reason=link_detached interface={ifname}"
+        new = bpf.load_program(obj, SECTION, {MAP_SYMBOL: map_fd}, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
+        fds.append(new)
+        if bpf.prog_info(new).tag == old.tag:
+            fds.remove(new)
+            os.close(new)
+        else:  # another build of the program over the same map: swap it in on every port at once
+            for fd in links:
+                bpf.link_update(fd, new)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._pin_path("prog"))
+            bpf.obj_pin(new, self._pin_path("prog"))
+            fds.remove(prog)
+            os.close(prog)
+            prog = new
+            self.upgraded = True
+        self._map = bpf.Map(map_fd, _KEY.size, KERNEL_ENTRY.size, MAP_NAME)
+        self._prog = prog
+        self._links = links
+        for ifname, ifindex in zip(self.interfaces.values(), self.ifindex.values(), strict=True):
+            self.attached[ifname] = xdp_mode(ifindex)
+        return ""
+
+    def _reconcile(self) -> None:
+        """Make the adopted map agree with the (adopted) table: entries that match it stay, with their counters
+        taken as already counted and their last-seen times folded in; the others are written or deleted."""
+        assert self._map is not None
+        keys, values, count = self._map.lookup_batch()
+        table = self.table
+        labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
+        fixed = KERNEL_ENTRY.size - COUNTERS_SIZE
+        fix: set[int] = set()
+        kept: list[int] = []
+        for i, label in enumerate(labels.tolist()):
+            self._in_kernel[label] = 1
+            entry = values[i * KERNEL_ENTRY.size : i * KERNEL_ENTRY.size + fixed]
+            fits = table.valid[label] and self._offloadable(label) and not table.watch[label] & WATCH_ALL
+            if fits and entry == self._entry(label)[:fixed]:
+                kept.append(i)
+            else:
+                fix.add(label)
+        self.entries = count
+        if kept:
+            at = np.asarray(kept, dtype=np.intp)
+            counters = np.frombuffer(values, dtype=COUNTERS)[at]
+            kept_labels = labels[at]
+            self._kpackets[kept_labels] = counters["packets"]
+            self._kbytes[kept_labels] = counters["bytes"]
+            offset = self.clock() - time.monotonic()
+            zero = np.zeros(at.size, dtype=np.uint64)
+            table.fold_counters(kept_labels, zero, zero, counters["last_ns"].astype(np.float64) * 1e-9 + offset)
+        valid = np.flatnonzero(table.arrays().valid)
+        fix.update(valid[self._in_kernel[valid] == 0].tolist())
+        self._mirror(sorted(fix))
 
     def _clear_stale(self, ifindex: int) -> str:
         """Remove a leftover of ours attached by netlink; refuse to share a port with another XDP program."""
@@ -204,7 +375,7 @@ class XdpOffload:
                 why = f" ({errors[-1]})" if errors else ""
                 raise OffloadError(
                     f"{ifname}: {PROG_NAME} (id {prog_id}) is held by a live BPF link: is another mplslb balancer "
-                    f"running on this port?{why}"
+                    f"running on this port, or one that kept its state pinned under {PIN_ROOT}?{why}"
                 )
         return kind
 
@@ -237,6 +408,8 @@ class XdpOffload:
         if self._map is not None:
             self._map.close()
             self._map = None
+        if not keep:
+            self._unpin(wait=False)
         self.table.remove_mirror(self)
         self._in_kernel[:] = 0
         self._noted.clear()
