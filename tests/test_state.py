@@ -410,3 +410,83 @@ def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
     server = first.sessions.sessions()[0].server
     assert names[f"server.{server.index}"] == server.config.name
     close(first)
+
+
+# -- the kernel offload's pins -------------------------------------------------------------------------------------
+from mplslb.drivers.netns import entered  # noqa: E402
+from mplslb.offload.xdp import PIN_ROOT  # noqa: E402
+from test_offload import INSTALLS, A, B, C, E, needs_kernel, obj, offload_in, topo, xdp_state_in  # noqa: E402, F401
+
+
+@needs_kernel
+def test_pinned_offload_outlives_its_daemon_and_is_adopted(topo: tuple[str, str], obj: bytes) -> None:  # noqa: F811
+    lb, _ = topo
+    pins = PIN_ROOT / f"t{os.getpid() % 100000}"
+    first = Balancer(CONFIG)
+    for label in (A, B, E):
+        first.switching.install(label, **INSTALLS[label])
+    offload = offload_in(lb, first, obj, pins=pins)
+    try:
+        assert not offload.adopted and offload.entries == 3
+        prog_ids = {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()}
+        offload.close(keep=True)  # the daemon goes: its program stays attached, its map filled
+        assert {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} == prog_ids and 0 not in prog_ids
+        assert {p.name for p in pins.iterdir()} == {"map", "prog", *(f"link_p{i}" for i in range(4))}
+        # The next daemon's table (as adopted): A as it was, B rebound, C new, E gone.
+        second = Balancer(CONFIG)
+        second.switching.install(A, **INSTALLS[A])
+        second.switching.install(B, **INSTALLS[B] | {"peer": b"\x02\x00\x00\x00\x00\x77"})
+        second.switching.install(C, **INSTALLS[C])
+        offload = offload_in(lb, second, obj, pins=pins)
+        assert offload.adopted and not offload.upgraded
+        assert {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} == prog_ids  # the same program
+        assert offload.entries == 3 and offload.lookup(E) is None and offload.lookup(C) is not None
+        entry = offload.lookup(B)
+        assert entry is not None and entry[3] == b"\x02\x00\x00\x00\x00\x77"
+        offload.close(keep=True)
+        # --fresh: everything pinned is let go and the program loaded anew.
+        offload = offload_in(lb, second, obj, pins=pins, fresh=True)
+        assert not offload.adopted and offload.entries == 3
+        assert not {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} & prog_ids
+    finally:
+        with entered(lb):
+            offload.close()  # not kept: unpinned and detached
+    assert list(pins.iterdir()) == []
+    assert all(xdp_state_in(lb, i)[1] == 0 for i in offload.ifindex.values())
+    pins.rmdir()
+
+
+@needs_kernel
+def test_an_upgraded_program_is_swapped_in_over_the_pinned_map(
+    topo: tuple[str, str],  # noqa: F811
+    obj: bytes,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Another build of the program (here: one more instruction) replaces the pinned one on every port through its
+    links, keeping the map and its entries."""
+    from mplslb.offload.build import SOURCE, build_object
+
+    for source in (SOURCE, *SOURCE.parent.glob("*.h")):
+        shutil.copy(source, tmp_path / source.name)
+    text = (tmp_path / SOURCE.name).read_text()
+    marker = "int mplslb_xdp(struct xdp_md *ctx)\n{\n"
+    assert marker in text
+    (tmp_path / SOURCE.name).write_text(text.replace(marker, marker + '\tasm volatile("r0 = 0" ::: "r0");\n'))
+    upgraded = build_object(tmp_path / SOURCE.name, directory=tmp_path / "cache")
+    assert upgraded != obj
+    lb, _ = topo
+    pins = PIN_ROOT / f"u{os.getpid() % 100000}"
+    balancer = Balancer(CONFIG)
+    balancer.switching.install(A, **INSTALLS[A])
+    offload = offload_in(lb, balancer, obj, pins=pins)
+    try:
+        before = {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()}
+        offload.close(keep=True)
+        offload = offload_in(lb, balancer, upgraded, pins=pins)
+        assert offload.adopted and offload.upgraded and offload.entries == 1 and offload.lookup(A) is not None
+        after = {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()}
+        assert len(after) == 1 and not after & before and 0 not in after
+    finally:
+        with entered(lb):
+            offload.close()
+    pins.rmdir()

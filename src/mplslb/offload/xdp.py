@@ -409,7 +409,7 @@ class XdpOffload:
             self._map.close()
             self._map = None
         if not keep:
-            self._unpin(wait=False)
+            self._unpin()
         self.table.remove_mirror(self)
         self._in_kernel[:] = 0
         self._noted.clear()
