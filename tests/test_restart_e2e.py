@@ -37,7 +37,18 @@ pytestmark = [
 ROOT = Path("/run/mplslb-test-labs")
 SIZE = 20 * 1024 * 1024
 RATE = "2M"  # bytes per second: the download lasts about 10 s, across the restart
-WRK_SECONDS = 6
+WRK_AFTER = 3.0  # seconds wrk goes on after the new daemon is ready (then it is stopped with SIGINT and reports)
+WRK_MAX = 60  # its duration if never stopped
+#: wrk with one connection per thread: each thread reports when its connection last got a response (epoch seconds),
+#: so a connection the restart broke (it would hang: no error, only timeouts) shows as one that stopped before.
+WRK_SCRIPT = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body) last = os.time() end
+function done(summary, latency, requests)
+  for i, thread in ipairs(threads) do io.write(string.format("last_response %d %d\\n", i, thread:get("last") or 0)) end
+end
+"""
 RESTART_AFTER = 2.0  # seconds into the transfers
 NEW_CURL_TRIES = 20
 
@@ -99,6 +110,8 @@ def in_ns(lab: Lab, ns: str, argv: list[str], out: Path) -> subprocess.Popen[byt
 def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> None:
     target = lab.dir / "download.bin"
     target.unlink(missing_ok=True)
+    script = lab.dir / "last.lua"
+    script.write_text(WRK_SCRIPT)
     curl = in_ns(
         lab,
         lab.client_ns(0),
@@ -109,7 +122,7 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
     wrk = in_ns(
         lab,
         lab.client_ns(1),
-        ["wrk", "-t1", "-c4", f"-d{WRK_SECONDS}s", "--timeout", "5s", f"http://{VIP4}/"],
+        ["wrk", "-t4", "-c4", f"-d{WRK_MAX}s", "--timeout", "5s", "-s", str(script), f"http://{VIP4}/"],
         lab.dir / "wrk.out",
     )
     try:
@@ -117,14 +130,17 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
         assert curl.poll() is None and wrk.poll() is None, "the transfers ended before the restart"
         stopped = time.monotonic()
         ready = lab.restart_balancer(sig)
+        ready_wall = int(time.time())
         tries, first_ok = 0, None
         while tries < NEW_CURL_TRIES and first_ok is None:
             tries += 1
             if lab.curl(0, 1, timeout=10)[0]:
                 first_ok = time.monotonic()
         assert first_ok is not None, f"no new connection worked in {tries} tries: {lab.log('balancer')[-2000:]}"
+        time.sleep(max(0.0, ready + WRK_AFTER - time.monotonic()))
+        wrk.send_signal(signal.SIGINT)  # nsenter exec'd wrk: this is wrk, which stops and reports
+        wrk.wait(30)
         curl.wait(70)
-        wrk.wait(WRK_SECONDS + 40)
     finally:
         for proc in (curl, wrk):
             if proc.poll() is None:
@@ -148,6 +164,8 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
     assert (lab.dir / "curl.out").read_text().strip() == "200", (lab.dir / "curl.out").read_text()
     assert hashlib.sha256(target.read_bytes()).hexdigest() == lab.digest  # type: ignore[attr-defined]
     assert requests is not None and int(requests.group(1)) > 0, wrk_out
+    last = [int(t) for t in re.findall(r"^last_response \d+ (\d+)$", wrk_out, re.MULTILINE)]
+    assert len(last) == 4 and min(last) >= ready_wall, f"a connection stopped at the restart: {last}, {ready_wall}"
     if socket_errors is not None:
         connect, read, write, _timeouts = (int(g) for g in socket_errors.groups())
         assert (connect, read, write) == (0, 0, 0), wrk_out

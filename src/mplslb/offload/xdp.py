@@ -32,6 +32,16 @@ their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing atta
 program. On :meth:`XdpOffload.open` an XDP program attached the old way (netlink) under our program's name is taken
 as a leftover and removed; any other XDP program on a port is an error naming it.
 
+Pins (a daemon that keeps its state, :mod:`mplslb.state`): the map, the program and each link are pinned under
+``pins`` (``/sys/fs/bpf/mplslb/<instance>/``, bpffs mounted there if nothing is), the links last, so the program
+stays attached and switching while no daemon runs (``close(keep=True)``). The next :meth:`XdpOffload.open` adopts
+them when the map's type and sizes, each link's interface and program all fit; a program built differently is
+loaded over the kept map and swapped in on every port at once (``BPF_LINK_UPDATE``). The map is then reconciled
+with the table: an entry equal to what the table would write stays, its counters taken as counted and its last
+frame's time folded in; every other label is written or deleted. With ``fresh``, or pins that do not fit (logged
+as one ``key=value`` line), everything pinned is removed, which lets the old program go, and the program is
+loaded afresh.
+
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
 program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
