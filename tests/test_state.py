@@ -225,6 +225,44 @@ def test_a_server_moved_to_another_mac_loses_its_sessions(state_dir: Path) -> No
     close(second)
 
 
+LB_TOML = """
+[[ports]]
+id = 0
+role = "client"
+mac = "02:b0:00:00:00:00"
+interface = "lc0p0"
+
+[[ports]]
+id = 1
+role = "server"
+mac = "02:b0:00:00:00:01"
+interface = "lc1p0"
+
+[[vip]]
+address = "10.0.0.100"
+"""
+
+
+def test_the_daemon_keeps_state_when_asked(tmp_path: Path) -> None:
+    from mplslb.config import ConfigError
+    from mplslb.daemon import load_daemon_config
+
+    path = tmp_path / "edge-1.toml"
+    path.write_text(LB_TOML)
+    config = load_daemon_config(path)
+    assert config.state_dir == "" and config.instance == "edge-1"  # off by default
+    path.write_text(LB_TOML + "[state]\npersist = true\n")
+    assert load_daemon_config(path).state_dir == "/run/mplslb/state/edge-1"
+    path.write_text(LB_TOML + '[state]\npersist = true\ninstance = "a"\ndir = "/tmp/x"\n')
+    config = load_daemon_config(path)
+    assert (config.state_dir, config.instance) == ("/tmp/x", "a")
+    for bad, key in (('instance = "../x"', "state.instance"), ('persist = false\ndir = "/tmp/x"', "state.dir"),
+                     ("persist = 1", "state.persist"), ("keep = true", "state.keep")):  # fmt: skip
+        path.write_text(LB_TOML + f"[state]\n{bad}\n")
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_daemon_config(path)
+
+
 # -- crash safety --------------------------------------------------------------------------------------------------
 class Killed(BaseException):
     """The daemon died here (a BaseException: no handler of the code under test takes it for an error)."""
@@ -414,8 +452,18 @@ def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
 
 # -- the kernel offload's pins -------------------------------------------------------------------------------------
 from mplslb.drivers.netns import entered  # noqa: E402
-from mplslb.offload.xdp import PIN_ROOT  # noqa: E402
+from mplslb.offload.xdp import PIN_ROOT, XdpOffload  # noqa: E402
 from test_offload import INSTALLS, A, B, C, E, needs_kernel, obj, offload_in, topo, xdp_state_in  # noqa: E402, F401
+
+
+def remove_pins(pins: Path, lb: str, offload: XdpOffload) -> None:
+    """Whatever happened: nothing of the test stays pinned."""
+    with entered(lb):
+        offload.close()
+    if pins.is_dir():
+        for entry in pins.iterdir():
+            entry.unlink()
+        pins.rmdir()
 
 
 @needs_kernel
@@ -448,12 +496,12 @@ def test_pinned_offload_outlives_its_daemon_and_is_adopted(topo: tuple[str, str]
         offload = offload_in(lb, second, obj, pins=pins, fresh=True)
         assert not offload.adopted and offload.entries == 3
         assert not {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} & prog_ids
-    finally:
         with entered(lb):
             offload.close()  # not kept: unpinned and detached
-    assert list(pins.iterdir()) == []
-    assert all(xdp_state_in(lb, i)[1] == 0 for i in offload.ifindex.values())
-    pins.rmdir()
+        assert list(pins.iterdir()) == []
+        assert all(xdp_state_in(lb, i)[1] == 0 for i in offload.ifindex.values())
+    finally:
+        remove_pins(pins, lb, offload)
 
 
 @needs_kernel
@@ -487,6 +535,4 @@ def test_an_upgraded_program_is_swapped_in_over_the_pinned_map(
         after = {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()}
         assert len(after) == 1 and not after & before and 0 not in after
     finally:
-        with entered(lb):
-            offload.close()
-    pins.rmdir()
+        remove_pins(pins, lb, offload)
