@@ -273,9 +273,29 @@ class Lab:
 
     def _mplslb(self, key: str, ns: str, *args: str) -> subprocess.Popen[bytes]:
         ready = self.dir / f"{key}.ready"
+        if args[0] == "agent":
+            args = (*args, "--control", self.agent_socket(key[len("agent-") :]))
         return self._spawn(
             key, [sys.executable, "-m", "mplslb", *args[:1], *args[1:], "--netns", ns, "--ready-file", str(ready)]
         )
+
+    def agent_socket(self, name: str) -> str:
+        """The control socket of agent ``name`` (a server's name, or ``c1``, ``c2``... for the clients)."""
+        return str(self.dir / f"agent-{name}.sock")
+
+    def agent_status(self) -> dict[str, dict[str, Any]]:
+        """Each running agent's snapshot (its datapath, flows, traffic and drops), by agent name."""
+        from mplslb.control.client import ControlError, request
+
+        out = {}
+        for name in sorted(self.datapaths()):
+            try:
+                reply = request(self.agent_socket(name), {"cmd": "status"})
+            except ControlError:
+                continue
+            if "status" in reply:
+                out[name] = reply["status"]["agent"]
+        return out
 
     def _wait_ready(self, keys: list[str]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

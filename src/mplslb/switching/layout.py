@@ -205,11 +205,15 @@ SKB_FIELDS: Final = (
 #: What the endpoint programs count, in this order (an index into the counters map). The reasons a frame is
 #: dropped have the names :class:`mplslb.endpoint.Endpoint` and the wire codecs give them; the first ones count
 #: frames that went through.
-ENDPOINT_COUNTERS: Final = (
+#: The endpoint datapath's traffic counters; every other name of :data:`ENDPOINT_COUNTERS` is a drop reason.
+ENDPOINT_TRAFFIC: Final = (
     "from_wire",  # a labelled frame popped and handed to the host
     "from_host",  # a packet of a known flow labelled for the wire
     "from_host_unlabelled",  # client: a flow's first packet, sent unlabelled
     "passed",  # not the datapath's: ARP, ND, unlabelled frames, traffic not from or to a virtual IP
+)
+ENDPOINT_COUNTERS: Final = (
+    *ENDPOINT_TRAFFIC,
     "not_c2s_label",
     "not_s2c_label",
     "not_for_vip",
