@@ -39,6 +39,8 @@ from pyroute2 import NetNS, netns
 from mplslb.drivers.netns import entered
 
 LAB_ROOT = Path("/run/mplslb-lab")
+#: A UDP service of the VIPs nothing on the servers listens on: each server's host answers port unreachable.
+LAB_UDP_PORT = 53
 VIP4 = "10.0.0.100"
 VIP6 = "fd00::100"
 READY_TIMEOUT = 20.0
@@ -402,7 +404,7 @@ class Lab:
                 f'mac = "{_mac(0x4C, 0x10 + card_port)}"',
             ]
         for vip in (VIP4, VIP6):
-            lines += ["", "[[vip]]", f'address = "{vip}"', "tcp = [80]"]
+            lines += ["", "[[vip]]", f'address = "{vip}"', "tcp = [80]", f"udp = [{LAB_UDP_PORT}]"]
         for j in range(spec.servers):
             weight = spec.weights[j] if spec.weights else 1
             lines += [

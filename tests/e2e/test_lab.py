@@ -360,6 +360,29 @@ def test_agents_show_their_counters_in_status_and_count_bad_frames_by_reason(lab
         assert text in done.stdout
 
 
+def test_an_icmp_error_from_a_server_reaches_the_client_through_the_labels(lab: Lab) -> None:
+    """Nothing listens on the VIPs' UDP service on the servers: each server's host answers a datagram with an
+    ICMP port unreachable from the VIP, which its endpoint labels with the flow's S2C label; the client's endpoint
+    takes it off and the client's socket learns the port is closed (ECONNREFUSED) instead of waiting."""
+    from mplslb.lab import LAB_UDP_PORT
+
+    before = lab.agent_status()
+    with entered(lab.client_ns(0)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(5)
+        sock.connect((VIP4, LAB_UDP_PORT))
+        sock.send(b"anyone?")
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(100)
+    finally:
+        sock.close()
+    after = lab.agent_status()
+    labelled = sum(after[s]["traffic"].get("from_host", 0) - before[s]["traffic"].get("from_host", 0)
+                   for s in ("s1", "s2", "s3"))  # fmt: skip
+    assert labelled >= 1  # the error left a server labelled, not unlabelled or dropped
+
+
 @pytest.fixture(scope="module")
 def udp_lab() -> Iterator[Lab]:
     the_lab = Lab(LabSpec(name=lab_name("u"), transport="udp"), root=ROOT)
