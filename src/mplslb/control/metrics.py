@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-__all__ = ["MetricsServer", "SnapshotCollector", "start_metrics_server"]
+__all__ = ["AgentCollector", "MetricsServer", "SnapshotCollector", "start_metrics_server"]
 
 SnapshotSource = Callable[[], Mapping[str, Any] | None]
 _SERVER_STATES = ("up", "draining", "down")
@@ -182,10 +182,40 @@ class MetricsServer:
         self.close()
 
 
-def start_metrics_server(port: int, addr: str, get_snapshot: SnapshotSource) -> MetricsServer:
-    """Serve ``/metrics`` on ``addr:port`` (port 0: any free port) from ``get_snapshot()``, with a registry of its
-    own (no process/GC collectors of the default registry)."""
+class AgentCollector:
+    """An endpoint agent's figures (:func:`mplslb.agents.agent_snapshot`) as ``mplslb_agent_*`` metrics."""
+
+    def __init__(self, get_snapshot: SnapshotSource) -> None:
+        self.get_snapshot = get_snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.get_snapshot()
+        if not snap:
+            return
+        agent = snap["agent"]
+        yield _gauge("mplslb_agent_flows", "Flows whose label the agent remembers.", agent["flows"])
+        yield _by_label(
+            "counter",
+            "mplslb_agent_frames_total",
+            "Frames the agent's datapath handled, by what it did.",
+            "what",
+            agent["traffic"],
+        )
+        yield _by_label(
+            "counter", "mplslb_agent_drops_total", "Frames the agent dropped, by reason.", "reason", agent["drops"]
+        )
+
+
+def start_metrics_server(
+    port: int,
+    addr: str,
+    get_snapshot: SnapshotSource,
+    *,
+    collector: type[SnapshotCollector | AgentCollector] = SnapshotCollector,
+) -> MetricsServer:
+    """Serve ``/metrics`` on ``addr:port`` (port 0: any free port) from ``get_snapshot()`` through ``collector``
+    (the balancer's by default), with a registry of its own (no process/GC collectors of the default registry)."""
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(get_snapshot))
+    registry.register(collector(get_snapshot))
     httpd, thread = start_http_server(port, addr=addr, registry=registry)
     return MetricsServer(httpd, thread, registry)
