@@ -222,12 +222,17 @@ class XdpOffload:
             if not self.fresh:
                 why = self._adopt(obj)
                 if not why:
-                    self.adopted = True
                     self.table.add_mirror(self)
-                    self._reconcile()
-                    log.info("event=offload_adopted pins=%s entries=%d upgraded=%s", self.pins, self.entries,
-                             self.upgraded)  # fmt: skip
-                    return
+                    try:
+                        self._reconcile()
+                    except OSError as exc:
+                        why = f"reason=reconcile_failed error={str(exc).replace(' ', '_')}"
+                        self.close()  # lets the adopted objects go: loaded afresh below
+                    else:
+                        self.adopted = True
+                        log.info("event=offload_adopted pins=%s entries=%d upgraded=%s", self.pins, self.entries,
+                                 self.upgraded)  # fmt: skip
+                        return
                 if why != "reason=no_pins":
                     log.warning("event=offload_not_adopted %s pins=%s", why, self.pins)
             self._unpin()
