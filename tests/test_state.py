@@ -25,6 +25,7 @@ from mplslb import sessions as sessions_module
 from mplslb import state as state_module
 from mplslb.balancer import Balancer
 from mplslb.config import BalancerConfig
+from mplslb.sessions import SessionState
 from mplslb.state import STATE_FILE, StateStore, open_balancer
 from mplslb.switching import table as table_module
 from mplslb.wire.tcp import TCPFlag
@@ -123,6 +124,25 @@ def test_sessions_labels_and_entries_survive_a_restart(state_dir: Path, caplog: 
     second.receive(0, client_tcp(RST | ACK, sport=40000), 4.0)
     second.on_timer(6.5)
     assert server.active == before - 1 and second.sessions.by_c2s(labels[0]) is None
+    close(second)
+
+
+def test_an_unanswered_syn_waits_again_after_a_restart(state_dir: Path) -> None:
+    """The answer to a SYN may come while no daemon runs: the restart's gap is not the server's failure."""
+    first = build(state_dir)
+    out = first.receive(0, client_tcp(SYN, sport=40000), 1.0)
+    c2s = _label(out[0][1])
+    close(first)
+    second = build(state_dir, now=30.0)  # long after the SYN's deadline (tcp_start 10 s)
+    second.on_timer(30.5)
+    session = second.sessions.by_c2s(c2s)
+    assert session is not None and session.server.failures == 0
+    server = session.server.config
+    reply = labelled(PORT_MAC[server.port_id], server.mac, c2s + 1, reply_tcp_packet(SYN | ACK, sport=40000))
+    assert len(second.receive(server.port_id, reply, 31.0)) == 1
+    assert session.state is SessionState.ESTABLISHED
+    second.on_timer(45.0)  # the established session's idle timeout is minutes
+    assert second.sessions.by_c2s(c2s) == session and session.server.failures == 0
     close(second)
 
 

@@ -66,6 +66,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, overload
 
 import numpy as np
 
+from mplslb.wire.ip import IPPROTO_TCP
+
 if TYPE_CHECKING:
     from mplslb.balancer import Balancer
     from mplslb.config import BalancerConfig
@@ -419,6 +421,8 @@ def open_balancer(
 
 def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
     """Rebuild what is derived from the adopted rows, after checking every pair (see the module's docstring)."""
+    from mplslb.sessions import Session, SessionState
+
     report = AdoptReport()
     sessions, labels, switching, pool = balancer.sessions, balancer.labels, balancer.switching, balancer.pool
     switching.restore()
@@ -473,6 +477,12 @@ def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
     live = sessions.restore(servers)
     for pair in live:
         pool.session_started(servers[sessions.server[pair]])
+        session = Session(sessions, pair)
+        if session.state is SessionState.START and session.proto == IPPROTO_TCP:
+            # An unanswered SYN's answer may have come while no daemon ran: the wait starts again, so the
+            # restart's gap is never taken for the server's failure to answer.
+            sessions.start_time[pair] = now
+            sessions.arm(session, now + sessions.timeouts.idle(IPPROTO_TCP, SessionState.START))
     report.sessions = len(sessions)
     report.live = len(live)
     report.quarantined = labels.quarantined_count
