@@ -288,7 +288,10 @@ class Killed(BaseException):
     """The daemon died here (a BaseException: no handler of the code under test takes it for an error)."""
 
 
-TRACED = {Path(m.__file__).resolve() for m in (sessions_module, labels_module, table_module)}  # type: ignore[arg-type]
+TRACED = {
+    Path(m.__file__).resolve()  # type: ignore[arg-type]
+    for m in (sessions_module, labels_module, table_module, state_module)
+}
 
 
 def run_until_killed(op: Callable[[], object], at: int | None, on_line: Callable[[], None]) -> int:
@@ -324,7 +327,8 @@ class Snapshots:
 
     def __init__(self, state_dir: Path, layout: list[tuple[str, str, int, int]]) -> None:
         self.fd = os.open(state_dir / STATE_FILE, os.O_RDONLY)
-        self.slices: list[tuple[int, int]] = []
+        self.names = state_dir / state_module.SERVERS_FILE
+        self.slices: list[tuple[int, int]] = [(0, len(state_module.MAGIC))]  # the header's magic
         for name, typecode, count, offset in layout:
             size = array(typecode).itemsize
             if name.startswith("switching."):
@@ -333,22 +337,24 @@ class Snapshots:
             else:
                 first, last = 0, count
             self.slices.append((offset + first * size, (last - first) * size))
-        self.states: list[bytes] = []
+        self.states: list[tuple[bytes, bytes]] = []  # (the arrays' bytes, the server names file)
 
     def take(self) -> None:
-        now = b"".join(os.pread(self.fd, size, at) for at, size in self.slices)
+        now = (b"".join(os.pread(self.fd, size, at) for at, size in self.slices), self.names.read_bytes())
         if not self.states or self.states[-1] != now:
             self.states.append(now)
 
-    def write(self, path: Path, state: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY)
+    def write(self, state_dir: Path, state: tuple[bytes, bytes]) -> None:
+        arrays, names = state
+        fd = os.open(state_dir / STATE_FILE, os.O_WRONLY)
         try:
             at = 0
             for offset, size in self.slices:
-                os.pwrite(fd, state[at : at + size], offset)
+                os.pwrite(fd, arrays[at : at + size], offset)
                 at += size
         finally:
             os.close(fd)
+        (state_dir / state_module.SERVERS_FILE).write_bytes(names)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -408,15 +414,34 @@ def crash_states(base: Path, op: Callable[[Balancer], object]) -> Iterator[tuple
     copy_dir(base, work)
     balancer = build(work)
     snaps = Snapshots(work, balancer.store.layout)  # type: ignore[attr-defined]
+    yield from _crash_states(base, work, snaps, lambda: op(balancer), lambda: close(balancer))
+
+
+def adoption_crash_states(base: Path, config: BalancerConfig) -> Iterator[tuple[Path, int]]:
+    """The same for the adoption of ``base`` by a balancer with ``config``."""
+    work = base.parent / "work"
+    copy_dir(base, work)
+    header = (work / STATE_FILE).read_bytes()[: state_module.HEADER_SIZE]
+    length = int.from_bytes(header[12:16], sys.byteorder)
+    layout = [tuple(f) for f in json.loads(header[16 : 16 + length])["layout"]]
+    snaps = Snapshots(work, layout)  # type: ignore[arg-type]
+    built: list[Balancer] = []
+    yield from _crash_states(base, work, snaps, lambda: built.append(build(work, config, now=5.0)),
+                             lambda: [close(b) for b in built])  # fmt: skip
+
+
+def _crash_states(
+    base: Path, work: Path, snaps: Snapshots, op: Callable[[], object], done: Callable[[], object]
+) -> Iterator[tuple[Path, int]]:
     snaps.take()
-    lines = run_until_killed(lambda: op(balancer), None, snaps.take)
+    lines = run_until_killed(op, None, snaps.take)
     snaps.take()
-    close(balancer)
+    done()
     assert lines > 20 and len(snaps.states) > 5, (lines, len(snaps.states))
     for k, state in enumerate(snaps.states):
         crashed = base.parent / f"crash{k}"
         copy_dir(base, crashed)
-        snaps.write(crashed / STATE_FILE, state)
+        snaps.write(crashed, state)
         yield crashed, k
         shutil.rmtree(crashed)
     snaps.close()
@@ -459,6 +484,36 @@ def test_a_kill_at_any_instant_never_leaves_an_entry_at_odds_with_its_session(
         store.close()
     print(f"{op.__name__}: {states} distinct crash states adopted, repaired {seen}")
     assert seen, "no crash state needed a repair: the test does not cut where it should"
+
+
+def test_a_kill_during_adoption_leaves_state_that_adopts_or_is_refused(tmp_path: Path) -> None:
+    """Adoption writes too (repairs, renumbering): killed at any instant of it, the next adoption is consistent,
+    or refuses a file left invalid on purpose (renumbering), never misroutes."""
+    base = tmp_path / "base"
+    first = build(base)
+    kept = [open_session(first, 40000 + i) for i in range(6)]
+    names = {c2s: first.sessions.by_c2s(c2s).server.config.name for c2s in kept}  # type: ignore[union-attr]
+    stray = first.labels.allocate(1.0)  # a pair allocated and never used
+    assert stray is not None
+    orphan = stray + 2 * 3  # labels installed without their session
+    first.switching.install(orphan, out_port=2, next_hop=SERVER_MAC["s1"], in_port=0, peer=b"\x02\0\0\0\0\1")
+    close(first)
+    config = replace(CONFIG, servers=(SERVERS[2], SERVERS[0]))  # s2 gone, s3 and s1 renumbered
+    outcomes: dict[str, int] = {}
+    for crashed, _k in adoption_crash_states(base, config):
+        adopted, store, report = open_balancer(config, crashed, now=6.0)
+        outcome = "adopted" if report is not None else store.reason
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        assert outcome in ("adopted", "reason=torn_header"), outcome
+        check_consistent(adopted)
+        for c2s, name in names.items():
+            session = adopted.sessions.by_c2s(c2s)
+            if session is not None:
+                assert name != "s2" and session.server.config.name == name
+                assert forward_c2s(adopted, c2s)[1] == SERVER_MAC[name]
+        store.close()
+    print(f"adoption killed at each of its distinct states: {outcomes}")
+    assert outcomes.get("adopted", 0) > 5
 
 
 def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
