@@ -44,8 +44,8 @@ entry that disagrees with its session.
 Time: the tables hold CLOCK_MONOTONIC times (the daemon's loop clock is ``time.monotonic``, and the kernel offload's
 ``bpf_ktime_get_ns`` is the same clock). It is system-wide and keeps counting across processes, so a deadline or a
 release time written by one daemon means the same instant to the next, but it restarts at boot: the header keeps
-the boot id (``/proc/sys/kernel/random/boot_id``) and state from another boot is not adopted (``/run`` is a tmpfs
-cleared at boot anyway).
+the boot id (``/proc/sys/kernel/random/boot_id``) and state from another boot is not adopted (on most systems
+``/run`` is a tmpfs cleared at boot anyway; where it is not, the boot id still tells).
 """
 
 from __future__ import annotations
