@@ -51,6 +51,7 @@ end
 """
 RESTART_AFTER = 2.0  # seconds into the transfers
 NEW_CURL_TRIES = 20
+STOP_TIMEOUT = 20.0
 
 
 class PersistentLab(Lab):
@@ -65,7 +66,12 @@ class PersistentLab(Lab):
         """Stop the daemon with ``sig``, start a new one; returns when it is ready (monotonic time)."""
         proc = self.procs["balancer"]
         proc.send_signal(sig)
-        proc.wait(10)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the daemon did not stop on {sig.name}: {self.log('balancer')[-3000:]}") from None
         shutil.copy(self.dir / "balancer.log", self.dir / f"balancer-{proc.pid}.log")
         (self.dir / "balancer.ready").unlink(missing_ok=True)
         self._start_balancer()

@@ -34,6 +34,7 @@ import os
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -415,5 +416,8 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        log.info("event=stopping kept_state=%s", daemon.store is not None)
+        started = time.monotonic()
         daemon.close()
+        log.info("event=stopped seconds=%.3f", time.monotonic() - started)
     return 0
