@@ -73,6 +73,7 @@ class PersistentLab(Lab):
             proc.wait()
             raise AssertionError(f"the daemon did not stop on {sig.name}: {self.log('balancer')[-3000:]}") from None
         shutil.copy(self.dir / "balancer.log", self.dir / f"balancer-{proc.pid}.log")
+        self.previous_log = self.log("balancer")
         (self.dir / "balancer.ready").unlink(missing_ok=True)
         self._start_balancer()
         return time.monotonic()
@@ -153,12 +154,14 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
                 proc.kill()
                 proc.wait()
     log = lab.log("balancer")
+    stop = re.search(r"event=stopped seconds=([\d.]+)", lab.previous_log)  # SIGTERM: the old daemon's close
     adopted = re.search(r"event=state_adopted sessions=(\d+) live=(\d+)", log)
     wrk_out = (lab.dir / "wrk.out").read_text()
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", wrk_out)
     requests = re.search(r"(\d+) requests in", wrk_out)
     print(
-        f"\n{lab.spec.offload} {sig.name}: stopped -> ready {ready - stopped:.2f} s; new connection after "
+        f"\n{lab.spec.offload} {sig.name}: close took {stop.group(1) + ' s' if stop else '-'}, "
+        f"stopped -> ready {ready - stopped:.2f} s; new connection after "
         f"{tries} tries, {first_ok - ready:.2f} s after ready; adopted {adopted.group(0) if adopted else None}; "
         f"wrk {requests.group(1) if requests else '?'} requests, "
         f"socket errors (connect, read, write, timeout) {socket_errors.groups() if socket_errors else 'none'}"
