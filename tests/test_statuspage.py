@@ -67,12 +67,18 @@ def synthetic(t: float, started: int, frames: int, servers: dict[str, int]) -> d
     return {
         "time": t,
         "sessions": {"active": sum(servers.values()) % 7, "started": started},
-        "frames": {"in": frames, "out": frames // 2, "fast_path": frames - started, "slow_path": started},
+        "frames": {"in": frames, "out": frames // 2, "fast_path": frames, "slow_path": started},
         "servers": [
-            {"name": name, "status": "up", "active": total % 3, "total": total, "packets_in": 2 * total,
-             "packets_out": total}
+            {
+                "name": name,
+                "status": "up",
+                "active": total % 3,
+                "total": total,
+                "packets_in": 2 * total,
+                "packets_out": total,
+            }
             for name, total in servers.items()
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -429,7 +435,7 @@ STATE = 3  # the servers table's columns: name, address, card/port, state, weigh
 
 @needs_browser
 def test_the_page_shows_names_as_text_and_follows_changes_without_reload(source: Source) -> None:
-    hostile = '<img src=x onerror="document.title=\'pwned\'">&amp;<script>alert(1)</script>'
+    hostile = "<img src=x onerror=\"document.title='pwned'\">&amp;<script>alert(1)</script>"
     state: dict[str, Any] = {}
 
     def publish() -> None:
@@ -481,3 +487,85 @@ def test_the_page_shows_names_as_text_and_follows_changes_without_reload(source:
             assert driver.execute_script("return window.mplslbMarker") == 42
     finally:
         server.close()
+
+
+# -- the lab: the real daemon's page --------------------------------------------------------------------------------
+LAB_ROOT = Path("/run/mplslb-test-labs")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[tuple[Any, socket.socket]]:
+    """The lab, its balancer started as systemd would start a Type=notify service: with $NOTIFY_SOCKET naming a
+    datagram socket of ours (a path: abstract sockets belong to a network namespace). Yields the lab and that
+    socket; the balancer's STOPPING=1 is checked when the lab goes down."""
+    from pyroute2 import netns
+
+    from mplslb.lab import Lab, LabSpec
+
+    short = tempfile.mkdtemp(prefix="mplslb-notify-")
+    path = os.path.join(short, "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(WALL_LIMIT)
+    the_lab = Lab(LabSpec(name=f"p{os.getpid() % 100000}", clients=1, servers=2, datapath="auto"), root=LAB_ROOT)
+    saved = os.environ.get("NOTIFY_SOCKET")
+    os.environ["NOTIFY_SOCKET"] = path  # inherited by the processes the lab starts; only the balancer speaks
+    try:
+        try:
+            the_lab.up()
+        finally:
+            if saved is None:
+                del os.environ["NOTIFY_SOCKET"]
+            else:
+                os.environ["NOTIFY_SOCKET"] = saved
+        yield the_lab, listener
+        assert the_lab.down() == []
+        assert listener.recv(4096) == b"STOPPING=1"
+    finally:
+        the_lab.down()
+        listener.close()
+        os.unlink(path)
+        os.rmdir(short)
+        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
+
+
+@needs_browser
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, veth, TUN and packet sockets")
+@pytest.mark.skipif(
+    any(shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists() for t in ("nginx", "curl", "nsenter")),
+    reason="nginx, curl and nsenter are needed (make test installs them)",
+)
+def test_the_lab_balancers_page_shows_its_servers_and_a_drain_without_reload(lab: tuple[Any, socket.socket]) -> None:
+    from mplslb.drivers.netns import entered
+
+    the_lab, notifications = lab
+    # Ready for systemd once its ports, control socket and HTTP endpoint are open; the start line names the page.
+    assert notifications.recv(4096) == b"READY=1\nSTATUS=balancing; status page http://127.0.0.1:9108/"
+    started = [line for line in the_lab.log("balancer").splitlines() if "event=started" in line]
+    assert len(started) == 1 and " status_page=http://127.0.0.1:9108/ " in started[0], started
+    names = [the_lab.server_name(j) for j in range(the_lab.spec.servers)]
+    # The endpoint listens on 127.0.0.1 of the balancer's namespace: the browser runs there.
+    with entered(the_lab.lb), browser() as driver:
+        driver.get("http://127.0.0.1:9108/")
+        wait_dom(
+            driver,
+            lambda d: all(server_cells(d).get(n, [""] * 4)[STATE] == "up" for n in names),
+            "every server of the lab shown up",
+            timeout=30.0,
+        )
+        assert set(server_cells(driver)) == set(names)
+        driver.execute_script("window.mplslbMarker = 7;")
+        bodies = the_lab.curl(0, 6)
+        assert all(bodies), bodies
+        total = 6  # the servers' "sessions" column counts every session sent to them
+        wait_dom(driver, lambda d: sum(int(c[6]) for c in server_cells(d).values()) >= total, "the curl sessions")
+        drained = names[1]
+        assert the_lab.command(cmd="drain", server=drained)["status"] == "draining"
+        wait_dom(driver, lambda d: server_cells(d)[drained][STATE] == "draining", f"{drained} shown draining")
+        assert driver.execute_script("return window.mplslbMarker") == 7  # the same document: no reload
+        assert {n: c[STATE] for n, c in server_cells(driver).items() if n != drained} == {
+            n: "up" for n in names if n != drained
+        }
+        assert driver.execute_script("return document.querySelectorAll('#chart-servers polyline').length") > 0
