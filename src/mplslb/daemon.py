@@ -334,9 +334,17 @@ class Daemon:
         self.loop.call_at(now + SNAPSHOT_INTERVAL, self._second_tick)
 
     def run(self, stop: threading.Event | None = None) -> None:
+        """Say the daemon is up (the start line with its addresses; READY=1 to systemd) and run the loop."""
+        page = "none"
+        if self.metrics is not None and self.config.metrics is not None:
+            host = self.config.metrics[0]
+            page = f"http://{f'[{host}]' if ':' in host else host}:{self.metrics.port}/"
+        log.info("event=started pid=%d status_page=%s control=%s", os.getpid(), page, value(self.config.control_socket))
+        notify(f"READY=1\nSTATUS=balancing; status page {page}")
         self.loop.run(stop)
 
     def close(self) -> None:
+        notify("STOPPING=1")
         if self.metrics is not None:
             self.metrics.close()
         if self.probes is not None:
@@ -370,15 +378,8 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "") -> int:
     try:
         if ready_file:
             Path(ready_file).write_text("ready\n")
-        http = "none"
-        if daemon.metrics is not None:
-            host = config.metrics[0] if config.metrics is not None else ""
-            http = f"http://{f'[{host}]' if ':' in host else host}:{daemon.metrics.port}/"
-        log.info("event=started pid=%d status_page=%s control=%s", os.getpid(), http, value(config.control_socket))
-        notify(f"READY=1\nSTATUS=balancing; status page {http}")
         daemon.run(stop)
     finally:
-        notify("STOPPING=1")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         daemon.close()
