@@ -312,7 +312,9 @@ class Daemon:
             counts["kernel_received"] += received
             counts["kernel_dropped"] += dropped
             if dropped:
-                log.warning("event=kernel_drops port=%s dropped=%d total=%d", name, dropped, counts["kernel_dropped"])
+                log.warning(
+                    "event=kernel_drops port=%s dropped=%d total=%d", value(name), dropped, counts["kernel_dropped"]
+                )
 
     def _health_tick(self) -> None:
         assert self.probes is not None
