@@ -200,12 +200,10 @@ def _enter_netns(name: str | None) -> None:
 
 
 def _log_lines() -> None:
-    """One line per event on stderr, key=value (journald keeps stderr)."""
-    import logging
+    """One line per event on stderr, key=value (journald keeps stderr): see :mod:`mplslb.logfmt`."""
+    from mplslb import logfmt
 
-    logging.basicConfig(
-        level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s", stream=sys.stderr
-    )
+    logfmt.setup()
 
 
 _NETNS = click.option("--netns", default=None, help="Run inside this network namespace (as 'ip netns' names it).")
