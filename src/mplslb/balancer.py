@@ -42,7 +42,7 @@ from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPoo
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
 from mplslb.neighbors import answer
-from mplslb.sessions import FINAL_STATES, Session, SessionEvent, SessionState, SessionTable
+from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
 from mplslb.switching import (
     DROPPED,
     IPV6_PAYLOAD,
@@ -145,7 +145,11 @@ class Balancer:
         # The five units of claim 1.
         self.analyzer = PacketAnalyzer(l7=config.l7)
         self.pool = ServerPool(
-            config.servers, fail_threshold=config.fail_threshold, rt_alpha=config.rt_alpha, rt_limit=config.rt_limit
+            config.servers,
+            fail_threshold=config.fail_threshold,
+            rt_alpha=config.rt_alpha,
+            rt_limit=config.rt_limit,
+            passive_window=config.passive_window,
         )
         self.algorithm = make_algorithm(config.algorithm, **dict(config.algorithm_params))
         self.admission = AdmissionControl(
@@ -160,6 +164,11 @@ class Balancer:
             config.timeouts, on_end=self._session_ended, c2s_min=config.c2s_min, c2s_max=config.c2s_max
         )
         self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
+        #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
+        self.max_half_open = max(1, int(self.sessions.rows * config.half_open_share))
+        #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
+        #: :attr:`ServerPool.suspected`) and the checks' verdict decides.
+        self.confirm_passive = False
         self.frames_in = 0
         self.frames_out = 0
         self.fast_path = 0
@@ -330,15 +339,20 @@ class Balancer:
             return
         session = self.sessions.lookup(key)
         pure_syn = key.proto == IPPROTO_TCP and (a.tcp_flags & (SYN | ACK | RST | FIN)) == SYN
-        if session is not None and pure_syn and session.state in FINAL_STATES:
-            self._finish(session, now)  # the client reuses the port of a closed session: a new session starts
-            session = None
         if session is not None:  # claim 2: an existing session's packet goes to its server
+            # The binding its labels have: the client's port and MAC (a SYN reusing the flow of an ENDING session
+            # goes on it too, so nobody else's SYN can end it).
+            if port != session.client_port or frame[_SRC_MAC] != session.client_mac:
+                self._drop("session_wrong_source")
+                return
             if a.payload_len and self.sessions.request_seen(session, now):
                 self._learn_l7(session, a)
             self._to_server(session, frame, a, now, out)
-            if a.tcp_flags > 0 and a.tcp_flags & (FIN | RST):
-                self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
+            if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
+                if self.sessions.client_ack(session, a.tcp_flags, now):
+                    self._handshake_done(session)
+                if a.tcp_flags & (FIN | RST):
+                    self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
@@ -347,6 +361,12 @@ class Balancer:
 
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
+        tcp = a.key.proto == IPPROTO_TCP
+        if tcp and self.sessions.half_open >= self.max_half_open:
+            oldest = self.sessions.oldest_half_open()
+            if oldest is not None:  # their share is used up: the oldest half-open session makes room
+                self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
+                self._finish(oldest, now)
         refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
         if refusal is None:
@@ -383,7 +403,6 @@ class Balancer:
         if a.payload_len and self.sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
-        tcp = a.key.proto == IPPROTO_TCP
         v6 = IPV6_PAYLOAD if a.ip_version == 6 else 0
         end_watch = WATCH_TCP_END if tcp else 0
         self.switching.install(
@@ -393,7 +412,7 @@ class Balancer:
             in_port=port,
             peer=client_mac,
             peer_ip=a.key.src,
-            watch=end_watch | v6 | (WATCH_ALL if tcp and not a.payload_len else 0),
+            watch=end_watch | v6 | (WATCH_ALL if tcp else 0),  # until the client's ACK completes the handshake
             now=now,
         )
         self.switching.install(
@@ -446,7 +465,7 @@ class Balancer:
                     self._server_failed(session.server, DownReason.REFUSED, event.now)
             elif self.switching.watch[event.label] & WATCH_ALL:
                 self._measure(session, event, from_client, a or self._analyze_report(event))
-            if session.state not in FINAL_STATES:
+            if session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
                 self.sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
 
     def _analyze_report(self, event: FastEvent) -> Analysis | None:
@@ -468,14 +487,19 @@ class Balancer:
         if seen.response_time is not None:
             self.pool.record_response_time(server, seen.response_time)
         if seen.server_replied:
-            self.pool.record_success(server)
-        if seen.request_seen:
-            if a is not None:
-                self._learn_l7(session, a)
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
+            self.pool.record_success(server, event.now)
+        if seen.request_seen and a is not None:
+            self._learn_l7(session, a)
         if seen.done:
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
             self.switching.clear_watch(session.s2c, WATCH_ALL)
+        if seen.request_seen or seen.done or seen.handshake_done:
+            self._handshake_done(session)
+
+    def _handshake_done(self, session: Session) -> None:
+        """Stop watching the client's frames once nothing more is wanted of them: the handshake is complete and
+        the request seen (or the measurement over)."""
+        if session.state not in HALF_OPEN_STATES and (session.request_at or not session.rt_pending):
+            self.switching.clear_watch(session.c2s, WATCH_ALL)
 
     def _session_ended(self, session: Session) -> None:
         """A session reached a final state: it no longer counts for its server (its labels may linger)."""
@@ -495,21 +519,28 @@ class Balancer:
         for session in self.sessions.due(now):
             if self.sessions.by_c2s(session.c2s) != session:
                 continue  # finished earlier in this round (its server went down with another session's timeout)
-            if session.state in FINAL_STATES:
+            state = session.state
+            if state in FINAL_STATES:
                 self._finish(session, now)
                 continue
-            idle = timeouts.idle(session.proto, session.state)
-            unanswered = session.state is SessionState.START and session.proto == IPPROTO_TCP
-            # A SYN's retransmissions do not keep an unanswered session alive.
-            last = session.started if unanswered else self.switching.last_active(session.c2s, session.s2c)
+            last = self.switching.last_active(session.c2s, session.s2c)
+            if state is SessionState.ENDING:
+                if self.sessions.linger_over(session, last, now) in FINAL_STATES:
+                    self._finish(session, now)
+                continue
+            idle = timeouts.idle(session.proto, state)
+            half_open = state in HALF_OPEN_STATES and session.proto == IPPROTO_TCP
+            if half_open:
+                last = session.started  # no frame keeps a half-open session alive: it has tcp_start from its SYN
             if last + idle > now:
                 self.sessions.arm(session, last + idle)
                 continue
-            if unanswered:
+            if half_open and state is SessionState.START:
                 self._server_failed(session.server, DownReason.NO_REPLY, now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
-            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
+            reason = "half_open_timeout" if half_open else "idle_timeout"
+            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, reason)
             self._finish(session, now)
         return []
 
@@ -523,7 +554,7 @@ class Balancer:
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
     def _server_failed(self, server: Server, reason: DownReason, now: float) -> None:
-        if self.pool.record_failure(server, reason):
+        if self.pool.record_failure(server, reason, now, confirm=self.confirm_passive):
             self._interrupt(server, now)
 
     def _interrupt(self, server: Server, now: float) -> None:
