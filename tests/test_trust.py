@@ -1,0 +1,317 @@
+"""What a forger on a client's Ethernet segment cannot do to the sessions of others: end them, enter them, fill the
+table with half-open sessions, take a server down with unanswered SYNs, or get a late frame into a reused label's
+new session. The last part is a stateful property test over the balancer core, run through the one-frame, batch
+and block paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from helpers import (
+    ACK,
+    CLIENT_PORTS,
+    FIN,
+    PORT_MAC,
+    PSH,
+    RST,
+    SYN,
+    VIP,
+    Net,
+    client_addr,
+    client_mac,
+    ether,
+    handshake,
+    label_of,
+    labelled,
+    mac,
+    make_config,
+    pack,
+    tcp,
+)
+from mplslb.analyzer import PacketAnalyzer
+from mplslb.balancer import Balancer, BlockResult, Frames
+from mplslb.balancing.servers import ServerStatus
+from mplslb.config import BalancerConfig, ConfigError, balancer_config_from_section, Section
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint
+from mplslb.flow import FlowKey
+from mplslb.sessions import SessionState, Timeouts
+from mplslb.wire.mpls import ENTRY
+
+ATTACKER = mac(0xEE, 1)  # another host on client 0's segment (port 0)
+LINGER = 2.0
+TIMEOUTS = Timeouts(tcp_start=5.0, closed_linger=LINGER)
+
+
+def established(net: Net, sport: int = 40000) -> tuple[str, int]:
+    name, c2s = handshake(net, sport=sport)
+    session = net.balancer.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ESTABLISHED
+    return name, c2s
+
+
+def exchange(net: Net, name: str, sport: int = 40000) -> None:
+    """A request and its answer on client 0's session from ``sport``, through the endpoints (labelled)."""
+    src = client_addr(0)
+    out = net.from_client(0, tcp(src, VIP, sport, 80, PSH | ACK, seq=200, ack=501, payload=b"GET / HTTP/1.1\r\n\r\n"))
+    assert [n for n, _ in net.deliver_to_servers(out)] == [name]
+    back = net.from_server(name, tcp(VIP, src, 80, sport, PSH | ACK, seq=501, ack=218, payload=b"HTTP/1.1 200"))
+    assert len(net.deliver_to_client(0, back)) == 1
+
+
+def forged(src_mac: bytes, flags: int, *, sport: int = 40000, port: int = 0, label: int | None = None) -> bytes:
+    """A segment of client 0's flow from ``sport`` sent by ``src_mac`` on ``port``, unlabelled or under ``label``."""
+    packet = tcp(client_addr(0), VIP, sport, 80, flags, seq=101)
+    if label is None:
+        return ether(PORT_MAC[port], src_mac, packet)
+    return labelled(PORT_MAC[port], src_mac, label, packet)
+
+
+# -- 1a: unlabelled frames of a session pass the binding of its labels --------------------------------------------
+@pytest.mark.parametrize("flags", [RST, FIN | ACK, SYN, ACK], ids=["rst", "fin", "syn", "ack"])
+def test_unlabelled_frames_of_a_session_from_another_mac_or_port_are_dropped(flags: int) -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    _, c2s = established(net)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    assert b.receive(0, forged(ATTACKER, flags), net.now) == []  # another MAC on the client's segment
+    assert b.receive(1, forged(client_mac(0), flags, port=1), net.now) == []  # the client's MAC on another port
+    assert b.stats().drops["session_wrong_source"] == 2
+    assert session.state is SessionState.ESTABLISHED and b.sessions.started == 1  # not ended, not restarted
+
+
+def test_a_spoofed_syn_of_an_ending_sessions_flow_does_not_restart_it() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    net.deliver_to_servers(net.from_client(0, tcp(client_addr(0), VIP, 40000, 80, RST | ACK, seq=101, ack=501)))
+    assert b.receive(0, forged(ATTACKER, SYN), net.now) == []
+    assert b.stats().drops["session_wrong_source"] == 1 and b.sessions.started == 1
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING and session.server.name == name
+
+
+# -- 1b: no RST or FIN ends a session on its own word ------------------------------------------------------------
+@pytest.mark.parametrize("labelled_spoof", [False, True], ids=["unlabelled", "labelled"])
+def test_a_forged_rst_from_the_clients_mac_ends_nothing_while_traffic_continues(labelled_spoof: bool) -> None:
+    """The forger copies everything of the client's (port, MAC, address, even its label): the RST reaches the
+    server, the session goes ENDING, but the endpoints keep talking, so the linger revives it. Once the traffic
+    stops after another RST, the session closes."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    spoof = forged(client_mac(0), RST, label=c2s if labelled_spoof else None)
+    out = b.receive(0, spoof, net.now)
+    assert len(out) == 1 and label_of(out[0][1]) == c2s  # it is the client's own word, as far as anyone can tell
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING
+    net.now = 1.5  # past the grace (half the linger): the endpoints go on
+    exchange(net, name)
+    b.on_timer(LINGER)
+    assert session.state is SessionState.ESTABLISHED and b.sessions.revived == 1
+    assert b.switching.entry(c2s) is not None and b.switching.entry(c2s + 1) is not None
+    net.now = 3.0
+    exchange(net, name)  # still carried
+    b.receive(0, spoof, net.now)
+    b.on_timer(net.now + LINGER)  # nothing after this RST: believed
+    assert b.sessions.by_c2s(c2s) is None and b.switching.entry(c2s) is None and b.labels.is_quarantined(c2s)
+    assert b.stats().sessions_ended == {"closed": 1}
+
+
+def test_a_real_close_frees_the_labels_at_the_lingers_end() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    src = client_addr(0)
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101, ack=501)))
+    net.now = 0.01
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, FIN | ACK, seq=501, ack=102)))
+    net.now = 0.02
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, ACK, seq=102, ack=502)))  # the last ACK
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING
+    assert b.next_deadline() == pytest.approx(0.01 + LINGER)
+    b.on_timer(0.01 + LINGER)
+    assert b.sessions.by_c2s(c2s) is None and b.live == 0 and b.labels.is_quarantined(c2s)
+    assert b.switching.entry(c2s) is None and b.switching.entry(c2s + 1) is None
+    assert b.stats().sessions_ended == {"closed": 1} and b.sessions.revived == 0
+
+
+def test_a_forged_fin_pair_does_not_cut_a_session_whose_data_goes_on() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    b.receive(0, forged(client_mac(0), FIN | ACK, label=c2s), net.now)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.CLOSING_CLIENT
+    net.now = 30.0
+    exchange(net, name)  # a half-close is legal: the server's data flows on
+    net.now = 31.0
+    out = net.from_server(name, tcp(VIP, client_addr(0), 80, 40000, FIN | ACK, seq=600, ack=102))
+    assert session.state is SessionState.ENDING
+    net.deliver_to_client(0, out)
+    net.now = 33.0
+    exchange(net, name)  # the client never sent FIN: it goes on
+    b.on_timer(31.0 + LINGER)
+    assert session.state is SessionState.ESTABLISHED and b.sessions.revived == 1
+
+
+# -- 2: half-open sessions --------------------------------------------------------------------------------------
+def test_a_tcp_session_is_established_only_when_the_client_completes_the_handshake() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    src = client_addr(0)
+    out = net.from_client(0, tcp(src, VIP, 40000, 80, SYN, seq=100))
+    ((name, _),) = net.deliver_to_servers(out)
+    c2s = label_of(out[0][1])
+    assert c2s is not None
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and b.sessions.half_open == 1
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, SYN | ACK, seq=500, ack=101)))
+    assert session.state is SessionState.ANSWERED and b.sessions.half_open == 1
+    assert b.switching.watch[c2s] & 2  # the client's side is watched until its ACK is seen
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, ACK, seq=101, ack=501)))
+    assert session.state is SessionState.ESTABLISHED and b.sessions.half_open == 0
+    assert b.switching.watch[c2s] & 2  # the request is still to be timed
+    net.now = 1.0
+    exchange(net, name)
+    assert b.switching.watch[c2s] == 1  # FIN/RST only from now on
+
+
+def test_a_half_open_session_lives_tcp_start_from_its_syn_whatever_it_sends_and_is_no_server_failure() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS, fail_threshold=1))
+    b = net.balancer
+    src = client_addr(0)
+    out = net.from_client(0, tcp(src, VIP, 40000, 80, SYN, seq=100))
+    ((name, _),) = net.deliver_to_servers(out)
+    c2s = label_of(out[0][1])
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, SYN | ACK, seq=500, ack=101)))
+    for t in (1.0, 2.0, 3.0, 4.0):  # the server's retransmissions, a client that never ACKs
+        net.now = t
+        net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, SYN | ACK, seq=500, ack=101)))
+        net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, RST, seq=101)))  # ignored: half-open
+    b.on_timer(5.0)
+    assert b.sessions.by_c2s(c2s) is None and b.stats().sessions_ended == {"half_open_timeout": 1}  # type: ignore
+    assert b.pool.get(name).status is ServerStatus.UP and b.pool.get(name).failures == 0
+
+
+def test_half_open_sessions_are_bounded_and_the_oldest_is_evicted_first() -> None:
+    config = make_config(n_servers=1, timeouts=TIMEOUTS, c2s_min=17, c2s_max=17 + 2 * 99, half_open_share=0.1)
+    b = Balancer(config)
+    assert b.max_half_open == 10
+    live = Net(config)
+    live.balancer = b
+    name, c2s = established(live, sport=1000)  # an established session is never evicted
+    first_labels = []
+    for i in range(40):
+        flood = ether(PORT_MAC[0], ATTACKER, tcp(bytes([10, 9, i // 250, i % 250 + 1]), VIP, 2000 + i, 80, SYN))
+        out = b.receive(0, flood, 0.001 * i)
+        assert len(out) == 1 and b.sessions.half_open <= 10
+        first_labels.append(label_of(out[0][1]))
+    assert b.sessions.half_open == 10 and b.stats().sessions_ended == {"half_open_evicted": 30}
+    # The survivors are the last ten SYNs; the first thirty went, oldest first.
+    assert {s.c2s for s in b.live_sessions() if s.state is SessionState.START} == set(first_labels[30:])
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ESTABLISHED
+    server = b.pool.get(name)
+    assert server.failures == 0 and server.status is ServerStatus.UP  # evictions are nobody's failure
+
+
+def test_the_half_open_share_is_validated_at_load(tmp_path: object) -> None:
+    top = Section("lb.toml", "", {"limits": {"half_open_share": 0.0}})
+    with pytest.raises(ConfigError, match=r"lb.toml: limits.half_open_share: must be in \(0, 1\]"):
+        balancer_config_from_section(top, default_ports=make_config().ports, default_vips=make_config().vips)
+    with pytest.raises(ValueError, match="half_open_share"):
+        make_config(half_open_share=1.5)
+
+
+def spoofed_syn(i: int, port: int = 0) -> bytes:
+    """A SYN from a made-up source address: nobody will ever answer it."""
+    src = bytes([10, 200 + (i >> 16) % 50, (i >> 8) & 0xFF, i & 0xFF])
+    return ether(PORT_MAC[port], ATTACKER, tcp(src, VIP, 1024 + i % 60000, 80, SYN))
+
+
+def test_unanswered_spoofed_syns_among_answered_sessions_do_not_take_the_server_down() -> None:
+    """10,000 SYNs the server never sees answered (lost to a flood or an overloaded path) while it answers a new
+    session every 2 s: it is alive, and stays UP."""
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3))
+    b = net.balancer
+    server = b.pool.get("s1")
+    sent = 0
+    for step in range(100):  # 20 s in steps of 0.2 s
+        net.now = 0.2 * step
+        for _ in range(100):
+            b.receive(0, spoofed_syn(sent), net.now)
+            sent += 1
+        if step % 10 == 0:
+            net.client(0).flows.clear()
+            established(net, sport=30000 + step)
+        b.on_timer(net.now)
+    assert sent == 10_000
+    b.on_timer(net.now + TIMEOUTS.tcp_start)
+    assert server.status is ServerStatus.UP and server.failures >= 1000  # the unanswered SYNs were counted
+
+
+def test_a_server_that_answers_nothing_still_goes_down() -> None:
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3))
+    b = net.balancer
+    for i in range(3):
+        b.receive(0, spoofed_syn(i), 0.0)
+    b.on_timer(TIMEOUTS.tcp_start)
+    server = b.pool.get("s1")
+    assert server.status is ServerStatus.DOWN and str(server.down_reason) == "no_reply"
+
+
+def test_a_server_that_stopped_answering_goes_down_once_the_passive_window_passes() -> None:
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3, passive_window=10.0))
+    b = net.balancer
+    established(net)  # answered at 0 s
+    server = b.pool.get("s1")
+    for i in range(3):
+        b.receive(0, spoofed_syn(i), 1.0)
+    b.on_timer(6.0)
+    assert server.status is ServerStatus.UP  # answered 6 s ago: not judged yet
+    b.receive(0, spoofed_syn(3), 6.0)
+    b.on_timer(11.0)
+    assert server.status is ServerStatus.DOWN
+
+
+def test_with_active_checks_unanswered_syns_only_make_the_server_suspect() -> None:
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3))
+    b = net.balancer
+    b.confirm_passive = True  # as the daemon sets it when [health_check] is configured
+    for i in range(5):
+        b.receive(0, spoofed_syn(i), 0.0)
+    b.on_timer(TIMEOUTS.tcp_start)
+    server = b.pool.get("s1")
+    assert server.status is ServerStatus.UP and server.suspected == 3
+
+
+# -- 3: the label quarantine outlasts the endpoints' memory of a label ---------------------------------------------
+def test_a_quarantine_shorter_than_the_endpoints_flow_timeout_is_rejected_at_load() -> None:
+    base = make_config()
+    top = Section("lb.toml", "", {"labels": {"quarantine": 10.0, "endpoint_flow_timeout": 30.0}})
+    with pytest.raises(ConfigError) as info:
+        balancer_config_from_section(top, default_ports=base.ports, default_vips=base.vips)
+    assert (info.value.source, info.value.key) == ("lb.toml", "labels.quarantine")
+    assert "shorter than the endpoints' flow timeout 30" in info.value.reason
+    ok = Section("lb.toml", "", {"labels": {"quarantine": 30.0, "endpoint_flow_timeout": 30.0}})
+    assert balancer_config_from_section(ok, default_ports=base.ports, default_vips=base.vips).label_quarantine == 30
+    with pytest.raises(ValueError, match="shorter than the endpoints' flow timeout"):
+        replace(base, label_quarantine=1.0)
+
+
+def test_the_default_quarantine_covers_the_agents_default_flow_timeout() -> None:
+    from mplslb.agents import AgentConfig
+    from mplslb.endpoint import ServerEndpoint
+
+    assert BalancerConfig.label_quarantine >= BalancerConfig.endpoint_flow_timeout == ENDPOINT_FLOW_TIMEOUT
+    assert AgentConfig.flow_timeout == ENDPOINT_FLOW_TIMEOUT
+    assert ServerEndpoint(mac=mac(0x5E, 1), vips=[VIP]).flow_timeout == ENDPOINT_FLOW_TIMEOUT
+    assert ClientEndpoint(mac=client_mac(0), gateway_mac=PORT_MAC[0]).flow_timeout == ENDPOINT_FLOW_TIMEOUT
