@@ -146,7 +146,7 @@ def test_a_full_tcp_close(server: Server) -> None:
     assert table.apply(s, E.SERVER_FIN, 3.0) is S.CLOSING_SERVER and s.deadline == 123.0  # tcp_closing
     assert table.apply(s, E.SERVER_FIN, 3.5) is S.CLOSING_SERVER and s.deadline == 123.0  # a repeat
     assert table.apply(s, E.CLIENT_FIN, 4.0) is S.ENDING and s.deadline == 6.0  # lingers closed_linger
-    assert table.live == 1 and s.ended == 0.0
+    assert table.live == 0 and s.ended == 0.0  # counted off: most ending sessions are over
     assert table.linger_over(s, 4.1, 6.0) is S.CLOSED  # the last ACK came within the grace: believed
     assert (s.ended, s.end_reason) == (6.0, "closed")
     table.remove(s)
@@ -155,11 +155,18 @@ def test_a_full_tcp_close(server: Server) -> None:
 
 
 def test_a_close_followed_by_traffic_is_not_believed(server: Server) -> None:
-    table, s = in_state(server, S.ESTABLISHED)
+    ended: list[Session] = []
+    revived: list[Session] = []
+    table = SessionTable(TIMEOUTS, on_end=ended.append, on_revive=revived.append)
+    s = make(table, server)
+    for event in PATH[S.ESTABLISHED]:
+        table.apply(s, event, 0.0)
     table.tcp_end(s, RST, from_client=True, now=10.0)
-    assert s.state is S.ENDING and s.deadline == 12.0
+    assert s.state is S.ENDING and s.deadline == 12.0 and ended == [s] and table.live == 0
     assert table.linger_over(s, 11.5, 12.0) is S.ESTABLISHED  # a frame 1.5 s after the RST (grace: 1 s)
-    assert table.revived == 1 and table.live == 1 and s.deadline == 912.0
+    assert table.revived == 1 and table.live == 1 and s.deadline == 912.0 and revived == [s]
+    table.apply(s, E.IDLE_TIMEOUT, 913.0)
+    assert ended == [s, s] and table.live == 0  # counted on again when revived, off again at its end
 
 
 @pytest.mark.parametrize(
@@ -192,16 +199,16 @@ def test_tcp_end_ends_after_a_fin_from_each_side_whatever_the_order(
     assert s.state is (S.CLOSING_CLIENT if first else S.CLOSING_SERVER) and ended == []
     table.tcp_end(s, ACK, from_client=second, now=1.7)  # no FIN or RST: nothing
     table.tcp_end(s, FIN | ACK, from_client=second, now=2.0)
-    assert s.state is S.ENDING and ended == [] and table.live == 1  # not yet: the linger decides
+    assert s.state is S.ENDING and ended == [s] and table.live == 0  # counted off; the linger decides the rest
     table.tcp_end(s, RST, from_client=second, now=3.0)  # ending: the close event stays the first one
     assert s.deadline == 4.0
-    assert table.linger_over(s, 2.0, 4.0) is S.CLOSED and ended == [s] and table.live == 0
+    assert table.linger_over(s, 2.0, 4.0) is S.CLOSED and ended == [s] and table.live == 0  # counted off once
 
 
 def test_tcp_end_on_rst_ends_after_the_linger(server: Server) -> None:
     table, s = in_state(server, S.ESTABLISHED)
     table.tcp_end(s, RST | ACK, from_client=False, now=2.0)
-    assert s.state is S.ENDING and table.live == 1 and s.deadline == 4.0
+    assert s.state is S.ENDING and table.live == 0 and s.deadline == 4.0
 
 
 def test_rst_and_fin_change_nothing_in_a_half_open_session_but_the_servers_refusal(server: Server) -> None:

@@ -114,10 +114,12 @@ def test_a_forged_rst_from_the_clients_mac_ends_nothing_while_traffic_continues(
     assert len(out) == 1 and label_of(out[0][1]) == c2s  # it is the client's own word, as far as anyone can tell
     session = b.sessions.by_c2s(c2s)
     assert session is not None and session.state is SessionState.ENDING
+    assert b.pool.get(name).active == 0 and b.live == 0  # counted off meanwhile: most ending sessions are over
     net.now = 1.5  # past the grace (half the linger): the endpoints go on
     exchange(net, name)
     b.on_timer(LINGER)
     assert session.state is SessionState.ESTABLISHED and b.sessions.revived == 1
+    assert b.pool.get(name).active == 1 and b.live == 1
     assert b.switching.entry(c2s) is not None and b.switching.entry(c2s + 1) is not None
     net.now = 3.0
     exchange(net, name)  # still carried
@@ -325,7 +327,7 @@ QUARANTINE = 3.0  # = the endpoints' flow timeout: the shortest the configuratio
 TRUST_CONFIG = make_config(
     n_servers=2,
     c2s_min=17,
-    c2s_max=17 + 2 * 5,  # 6 label pairs: labels come back as soon as their quarantine is over
+    c2s_max=17 + 2 * 3,  # 4 label pairs: labels come back as soon as their quarantine is over
     label_quarantine=QUARANTINE,
     endpoint_flow_timeout=QUARANTINE,
     half_open_share=0.5,

@@ -161,7 +161,11 @@ class Balancer:
             {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
         )
         self.sessions = SessionTable(
-            config.timeouts, on_end=self._session_ended, c2s_min=config.c2s_min, c2s_max=config.c2s_max
+            config.timeouts,
+            on_end=self._session_ended,
+            on_revive=self._session_revived,
+            c2s_min=config.c2s_min,
+            c2s_max=config.c2s_max,
         )
         self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
         #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
@@ -182,7 +186,7 @@ class Balancer:
 
     @property
     def live(self) -> int:
-        """Sessions not yet closed or interrupted."""
+        """Sessions not yet closed, interrupted or ending."""
         return self.sessions.live
 
     # -- the data plane ------------------------------------------------------------------------------------------
@@ -502,8 +506,12 @@ class Balancer:
             self.switching.clear_watch(session.c2s, WATCH_ALL)
 
     def _session_ended(self, session: Session) -> None:
-        """A session reached a final state: it no longer counts for its server (its labels may linger)."""
+        """A session began to end (ENDING) or ended: it no longer counts for its server (its labels may linger)."""
         self.pool.session_ended(session.server)
+
+    def _session_revived(self, session: Session) -> None:
+        """An ENDING session's traffic went on: it counts for its server again."""
+        self.pool.session_resumed(session.server)
 
     # -- timers --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:

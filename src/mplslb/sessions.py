@@ -313,20 +313,24 @@ class SessionTable:
     remembers the earliest deadline armed, and :meth:`due` finds the rows whose time has come with one vectorised
     pass, so arming costs nothing per frame and the driver decides how often to look.
 
-    ``on_end`` is called once for each session that reaches a final state, at that moment: the load balancing unit
-    counts it off its server there.
+    ``on_end`` is called when a session stops counting as live: when it becomes ENDING (most ENDING sessions are
+    over: they count for neither the global limit nor their server's load) or reaches a final state from any
+    other state. The load balancing unit counts it off its server there, and back on in ``on_revive`` when an
+    ENDING session's traffic goes on.
     """
 
     def __init__(
         self,
         timeouts: Timeouts | None = None,
         on_end: Callable[[Session], None] | None = None,
+        on_revive: Callable[[Session], None] | None = None,
         *,
         c2s_min: int = C2S_MIN,
         c2s_max: int = C2S_MAX,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.on_end = on_end
+        self.on_revive = on_revive
         self.c2s_min = c2s_min
         rows = (c2s_max - c2s_min) // 2 + 1
         self.rows = rows
@@ -361,7 +365,7 @@ class SessionTable:
         self.started = 0  # sessions ever opened
         self.ended: dict[str, int] = {}  # sessions taken out of the table, by end reason
         self.peak = 0
-        self.live = 0  # sessions not yet closed or interrupted
+        self.live = 0  # sessions not yet closed, interrupted or ENDING
         self.half_open = 0  # live TCP sessions in START or ANSWERED
         self.revived = 0  # ENDING sessions whose traffic went on: the RST or FIN was not believed
         # (row, its SYN's time) of TCP sessions in the order they opened; entries of rows no longer half-open
@@ -501,18 +505,26 @@ class SessionTable:
             self.final_state[pair] = _CODE[new]
             self.end_reason[pair] = self._reason(reason or str(event))
             self.rt_budget[pair] = 0
-            self.live -= 1
-            if self.on_end is not None:
-                self.on_end(session)
+            if old is not SessionState.ENDING:  # an ENDING session was counted off when it began to end
+                self._counted_off(session)
         elif new is SessionState.ENDING:
             if old is not SessionState.ENDING:
                 self.ending_at[pair] = now
                 self.arm(session, now + self.timeouts.closed_linger)
+                self._counted_off(session)
         elif new is not old and new not in HALF_OPEN_STATES:  # a half-open session keeps its SYN's deadline
             if event is SessionEvent.REVIVE:
                 self.revived += 1
+                self.live += 1
+                if self.on_revive is not None:
+                    self.on_revive(session)
             self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
         return new
+
+    def _counted_off(self, session: Session) -> None:
+        self.live -= 1
+        if self.on_end is not None:
+            self.on_end(session)
 
     def _reason(self, reason: str) -> int:
         code = self._reason_code.get(reason)

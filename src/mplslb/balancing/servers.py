@@ -337,6 +337,10 @@ class ServerPool:
             raise ValueError(f"server {server.name!r} has no active session to end")
         server.active -= 1
 
+    def session_resumed(self, server: Server) -> None:
+        """Count again a session of ``server`` that was counted off as ending but went on."""
+        server.active += 1
+
     def session_refused(self, server: Server) -> None:
         """Count a new session refused because ``server``, in service, was at its session limit or overloaded."""
         server.refused += 1
