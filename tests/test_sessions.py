@@ -169,9 +169,7 @@ def test_a_close_followed_by_traffic_is_not_believed(server: Server) -> None:
     assert ended == [s, s] and table.live == 0  # counted on again when revived, off again at its end
 
 
-@pytest.mark.parametrize(
-    ("event", "reason"), [(E.IDLE_TIMEOUT, "idle_timeout"), (E.SERVER_DOWN, "server_down")]
-)
+@pytest.mark.parametrize(("event", "reason"), [(E.IDLE_TIMEOUT, "idle_timeout"), (E.SERVER_DOWN, "server_down")])
 def test_ending_records_time_and_reason(server: Server, event: SessionEvent, reason: str) -> None:
     table, s = in_state(server, S.ESTABLISHED)
     idle = s.deadline
@@ -185,9 +183,7 @@ def test_ending_records_time_and_reason(server: Server, event: SessionEvent, rea
 
 
 @pytest.mark.parametrize(("first", "second"), [(True, False), (False, True)], ids=["client-first", "server-first"])
-def test_tcp_end_ends_after_a_fin_from_each_side_whatever_the_order(
-    server: Server, first: bool, second: bool
-) -> None:
+def test_tcp_end_ends_after_a_fin_from_each_side_whatever_the_order(server: Server, first: bool, second: bool) -> None:
     ended: list[Session] = []
     table = SessionTable(TIMEOUTS, on_end=ended.append)
     s = make(table, server, now=0.0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -35,16 +34,15 @@ from helpers import (
     pack,
     tcp,
 )
-from test_block import listed
-
 from mplslb.analyzer import PacketAnalyzer
-from mplslb.balancer import Balancer, BlockResult, Frames
+from mplslb.balancer import Balancer, Frames
 from mplslb.balancing.servers import ServerStatus
-from mplslb.config import BalancerConfig, ConfigError, balancer_config_from_section, Section
+from mplslb.config import BalancerConfig, ConfigError, Section, balancer_config_from_section
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint
 from mplslb.flow import FlowKey
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.wire.mpls import ENTRY
+from test_block import listed
 
 ATTACKER = mac(0xEE, 1)  # another host on client 0's segment (port 0)
 LINGER = 2.0
@@ -427,7 +425,7 @@ class TrustMachine(RuleBasedStateMachine):
                     if (server.name, key) not in self.world.server_flows:
                         self.world.server_flows.append((server.name, key))
                 continue
-            for i, client in self.world.clients.items():
+            for client in self.world.clients.values():
                 if frame[:6] == client.mac:
                     client.from_wire(frame, now)
 
@@ -495,7 +493,11 @@ class TrustMachine(RuleBasedStateMachine):
         packet = tcp(key.src, key.dst, key.sport, 80, flags, seq=101)
         src_mac = client_mac(i) if kind in ("client_mac", "labelled") else ATTACKER
         label = self.world.clients[i].label_for(key) if kind == "labelled" else None
-        frame = ether(PORT_MAC[port], src_mac, packet) if label is None else labelled(PORT_MAC[port], src_mac, label, packet)
+        frame = (
+            ether(PORT_MAC[port], src_mac, packet)
+            if label is None
+            else labelled(PORT_MAC[port], src_mac, label, packet)
+        )
         self.send([(port, frame)])
 
     @precondition(lambda self: self.world.history)
@@ -550,3 +552,40 @@ TestNoFrameReachesAnotherSession = pytest.mark.xfail(
     reason="a server endpoint that keeps sending on a flow after the balancer withdrew its label keeps the label "
     "alive past the quarantine; only the fast path's inner-destination check on S2C frames stops it",
 )(TestNoFrameReachesAnotherSession)
+
+
+# -- 4: the clients of a server that went down are reset -----------------------------------------------------------
+@pytest.mark.parametrize("reset", [True, False], ids=["reset_on_down", "silent"])
+def test_a_client_of_a_server_gone_down_gets_an_exact_rst_once_its_endpoint_falls_back(reset: bool) -> None:
+    """The session is interrupted and its labels withdrawn; the client's endpoint, hearing nothing, sends unlabelled
+    after its fallback; that segment belongs to no session, and the balancer answers it as a host answers a
+    segment of no connection: an RST whose seq is the segment's ACK (the client's RCV.NXT, accepted exactly)."""
+    net = Net(make_config(timeouts=TIMEOUTS, reset_on_down=reset))
+    b = net.balancer
+    plain = net.client(0)
+    net.clients[0] = ClientEndpoint(mac=plain.mac, gateway_mac=plain.gateway_mac, fallback=2.0)
+    name, _ = established(net)
+    b.mark_down(name, net.now)
+    src = client_addr(0)
+    assert net.from_client(0, tcp(src, VIP, 40000, 80, PSH | ACK, seq=101, ack=501, payload=b"GET /")) == []
+    net.now = 2.5  # the endpoint falls back: unlabelled
+    out = net.from_client(0, tcp(src, VIP, 40000, 80, PSH | ACK, seq=101, ack=501, payload=b"GET /"))
+    assert b.stats().drops["tcp_no_session"] == 1
+    if not reset:
+        assert out == [] and b.resets_sent == 0
+        return
+    ((port, frame),) = out
+    assert port == 0 and frame[:6] == client_mac(0) and b.resets_sent == 1
+    seg = _ANALYZER.analyze(frame)
+    assert seg.key == FlowKey(6, VIP, 80, src, 40000) and seg.tcp_flags == RST and seg.tcp_seq == 501
+    # An RST of no session is never answered.
+    assert net.from_client(0, tcp(src, VIP, 40000, 80, RST, seq=101)) == [] and b.resets_sent == 1
+
+
+def test_reset_on_down_is_read_from_the_health_table() -> None:
+    base = make_config()
+    top = Section("lb.toml", "", {"health": {"reset_on_down": True}})
+    assert balancer_config_from_section(top, default_ports=base.ports, default_vips=base.vips).reset_on_down
+    bad = Section("lb.toml", "", {"health": {"reset_on_down": "yes"}})
+    with pytest.raises(ConfigError, match=r"lb\.toml: health\.reset_on_down: expected bool"):
+        balancer_config_from_section(bad, default_ports=base.ports, default_vips=base.vips)

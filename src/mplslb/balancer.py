@@ -29,6 +29,7 @@ Malformed or unwanted frames are dropped and counted under a named reason; nothi
 from __future__ import annotations
 
 import heapq
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mplslb.analyzer import Analysis, PacketAnalyzer
-from mplslb.balancing.admission import AdmissionControl, Refusal
+from mplslb.balancing.admission import AdmissionControl, Refusal, reset_frame, tcp_reset
 from mplslb.balancing.algorithms import make_algorithm
 from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
@@ -70,6 +71,7 @@ _SRC_MAC = slice(ETH_SRC, ETH_SRC + ETH_ALEN)
 TIMER_GRANULARITY = 0.05
 _TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
 _HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
+_ACK_FIELD = struct.Struct("!I")
 
 
 class BlockResult(NamedTuple):
@@ -173,6 +175,8 @@ class Balancer:
         #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
         #: :attr:`ServerPool.suspected`) and the checks' verdict decides.
         self.confirm_passive = False
+        #: TCP segments of no session answered with an RST from the VIP (``reset_on_down``).
+        self.resets_sent = 0
         self.frames_in = 0
         self.frames_out = 0
         self.fast_path = 0
@@ -360,6 +364,15 @@ class Balancer:
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
+            if self.config.reset_on_down and not a.tcp_flags & RST:  # the client of a session that died: reset it
+                ack = _ACK_FIELD.unpack_from(frame, a.l4_offset + 8)[0] if a.tcp_flags & ACK else None
+                packet = tcp_reset(key, ip_version=a.ip_version, seq=a.tcp_seq, ack=ack, syn=False,
+                                   payload_len=a.payload_len + (1 if a.tcp_flags & FIN else 0))  # fmt: skip
+                mac = bytes(frame[_SRC_MAC])
+                out.append(
+                    (port, reset_frame(packet, ip_version=a.ip_version, client_mac=mac, port_mac=self.ports[port].mac))
+                )
+                self.resets_sent += 1
             return
         self._new_session(port, frame, a, now, out)
 

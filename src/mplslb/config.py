@@ -104,6 +104,10 @@ class BalancerConfig:
     fail_threshold: int = 3
     #: Unanswered SYNs take a server down only when it answered no new session for this long (seconds).
     passive_window: float = 10.0
+    #: Answer a TCP segment of no session with an RST from the VIP (RFC 793's reset): the clients of a server that
+    #: went down or was removed learn it when their endpoint falls back to unlabelled frames (IPVS's
+    #: expire_nodest_conn).
+    reset_on_down: bool = False
     rt_alpha: float = 0.2
     rt_limit: float = 0.0
     l7: bool = True
@@ -381,6 +385,7 @@ def balancer_config_from_section(
     health = top.section("health")
     fail_threshold = health.number("fail_threshold", int, 3, minimum=1)
     passive_window = health.number("passive_window", float, BalancerConfig.passive_window, minimum=0.0)
+    reset_on_down = health.get("reset_on_down", bool, False)
     rt_alpha = health.get("rt_alpha", float, 0.2)
     if not 0 < rt_alpha <= 1:
         raise health.error("rt_alpha", "must be in (0, 1]")
@@ -401,6 +406,7 @@ def balancer_config_from_section(
         endpoint_flow_timeout=flow_timeout,
         half_open_share=half_open_share,
         passive_window=passive_window,
+        reset_on_down=reset_on_down,
         c2s_min=c2s_min,
         c2s_max=c2s_max,
         timeouts=timeouts,

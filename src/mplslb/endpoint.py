@@ -137,7 +137,9 @@ class Endpoint:
 class ServerEndpoint(Endpoint):
     """A labelled server: C2S label L in, S2C label L + 1 out, replies from the virtual IP."""
 
-    def __init__(self, *, mac: bytes, vips: Iterable[bytes], flow_timeout: float = ENDPOINT_FLOW_TIMEOUT, ttl: int = 64) -> None:
+    def __init__(
+        self, *, mac: bytes, vips: Iterable[bytes], flow_timeout: float = ENDPOINT_FLOW_TIMEOUT, ttl: int = 64
+    ) -> None:
         super().__init__(mac=mac, flow_timeout=flow_timeout, ttl=ttl)
         self.vips = frozenset(bytes(v) for v in vips)
 
@@ -187,7 +189,13 @@ class ClientEndpoint(Endpoint):
     """A labelled client: first packet unlabelled, then C2S label M - 1 for S2C label M."""
 
     def __init__(
-        self, *, mac: bytes, gateway_mac: bytes, flow_timeout: float = ENDPOINT_FLOW_TIMEOUT, ttl: int = 64, fallback: float = 0.0
+        self,
+        *,
+        mac: bytes,
+        gateway_mac: bytes,
+        flow_timeout: float = ENDPOINT_FLOW_TIMEOUT,
+        ttl: int = 64,
+        fallback: float = 0.0,
     ) -> None:
         """``fallback``: a flow that has heard nothing from the wire for this long (seconds; 0: never) sends its
         next packet unlabelled and forgets its label, so a session the balancer ended (its server down, an idle

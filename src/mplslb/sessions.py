@@ -112,7 +112,12 @@ TRANSITIONS: dict[tuple[SessionState, SessionEvent], SessionState] = {
     (S.START, E.SERVER_RST): S.ENDING,
     (S.ANSWERED, E.SYN_ACK): S.ANSWERED,
     (S.ANSWERED, E.CLIENT_ACK): S.ESTABLISHED,
-    **{(state, event): state for state in HALF_OPEN_STATES for event in _ENDS if (state, event) != (S.START, E.SERVER_RST)},
+    **{
+        (state, event): state
+        for state in HALF_OPEN_STATES
+        for event in _ENDS
+        if (state, event) != (S.START, E.SERVER_RST)
+    },
     **{(state, E.EVICTED): S.CLOSED for state in HALF_OPEN_STATES},
     (S.ESTABLISHED, E.SERVER_REPLY): S.ESTABLISHED,
     (S.ESTABLISHED, E.CLIENT_FIN): S.CLOSING_CLIENT,
