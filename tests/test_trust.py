@@ -320,6 +320,41 @@ def test_the_default_quarantine_covers_the_agents_default_flow_timeout() -> None
     assert ClientEndpoint(mac=client_mac(0), gateway_mac=PORT_MAC[0]).flow_timeout == ENDPOINT_FLOW_TIMEOUT
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="needs the fast path's inner-destination check on S2C frames: the label binding (server port, MAC, VIP) "
+    "cannot tell one of the server's sessions from another",
+)
+def test_a_server_that_keeps_sending_on_a_withdrawn_label_does_not_reach_the_labels_next_session() -> None:
+    """The server endpoint refreshes its flow with every frame it sends, so a server that goes on sending on a flow
+    whose session ended keeps its label past the quarantine; when the label comes back for client 1's session,
+    the stale frame (to client 0's address) must not be switched to client 1."""
+    from mplslb.endpoint import ServerEndpoint
+
+    config = make_config(n_servers=1, c2s_min=17, c2s_max=19, label_quarantine=3.0, endpoint_flow_timeout=3.0,
+                         timeouts=Timeouts(closed_linger=1.0))  # fmt: skip
+    net = Net(config)
+    net.servers["s1"] = ServerEndpoint(mac=config.servers[0].mac, vips=[VIP], flow_timeout=3.0)
+    b = net.balancer
+    _, old = established(net)
+    src = client_addr(0)
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, RST | ACK, seq=101, ack=501)))
+    b.on_timer(1.0)
+    assert b.sessions.by_c2s(old) is None  # closed; its labels in quarantine until 4 s
+    net.now = 1.0
+    handshake(net, 1, sport=40001)  # the other pair
+    stale = tcp(VIP, src, 80, 40000, PSH | ACK, seq=501, ack=102, payload=b"late")
+    for t in (2.5, 3.9):
+        net.now = t
+        assert net.from_server("s1", stale) == []  # label_unknown, but the endpoint's flow is refreshed
+    b.on_timer(4.0)
+    net.now = 4.1
+    _, reused = handshake(net, 1, sport=40002)
+    assert reused == old
+    net.now = 4.5
+    assert net.from_server("s1", stale) == []  # not switched to client 1
+
+
 # -- 5: no frame of one session ever reaches another's endpoint ---------------------------------------------------
 QUARANTINE = 3.0  # = the endpoints' flow timeout: the shortest the configuration accepts
 TRUST_CONFIG = make_config(
