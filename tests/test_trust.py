@@ -34,11 +34,12 @@ from helpers import (
     pack,
     tcp,
 )
+from mplslb.agents import AgentConfig
 from mplslb.analyzer import PacketAnalyzer
 from mplslb.balancer import Balancer, Frames
 from mplslb.balancing.servers import ServerStatus
 from mplslb.config import BalancerConfig, ConfigError, Section, balancer_config_from_section
-from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, ServerEndpoint
 from mplslb.flow import FlowKey
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.wire.mpls import ENTRY
@@ -226,7 +227,7 @@ def test_half_open_sessions_are_bounded_and_the_oldest_is_evicted_first() -> Non
     assert server.failures == 0 and server.status is ServerStatus.UP  # evictions are nobody's failure
 
 
-def test_the_half_open_share_is_validated_at_load(tmp_path: object) -> None:
+def test_the_half_open_share_is_validated_at_load() -> None:
     top = Section("lb.toml", "", {"limits": {"half_open_share": 0.0}})
     with pytest.raises(ConfigError, match=r"lb.toml: limits.half_open_share: must be in \(0, 1\]"):
         balancer_config_from_section(top, default_ports=make_config().ports, default_vips=make_config().vips)
@@ -311,9 +312,6 @@ def test_a_quarantine_shorter_than_the_endpoints_flow_timeout_is_rejected_at_loa
 
 
 def test_the_default_quarantine_covers_the_agents_default_flow_timeout() -> None:
-    from mplslb.agents import AgentConfig
-    from mplslb.endpoint import ServerEndpoint
-
     assert BalancerConfig.label_quarantine >= BalancerConfig.endpoint_flow_timeout == ENDPOINT_FLOW_TIMEOUT
     assert AgentConfig.flow_timeout == ENDPOINT_FLOW_TIMEOUT
     assert ServerEndpoint(mac=mac(0x5E, 1), vips=[VIP]).flow_timeout == ENDPOINT_FLOW_TIMEOUT
@@ -329,8 +327,6 @@ def test_a_server_that_keeps_sending_on_a_withdrawn_label_does_not_reach_the_lab
     """The server endpoint refreshes its flow with every frame it sends, so a server that goes on sending on a flow
     whose session ended keeps its label past the quarantine; when the label comes back for client 1's session,
     the stale frame (to client 0's address) must not be switched to client 1."""
-    from mplslb.endpoint import ServerEndpoint
-
     config = make_config(n_servers=1, c2s_min=17, c2s_max=19, label_quarantine=3.0, endpoint_flow_timeout=3.0,
                          timeouts=Timeouts(closed_linger=1.0))  # fmt: skip
     net = Net(config)
@@ -400,8 +396,6 @@ class TrustMachine(RuleBasedStateMachine):
 
     @initialize()
     def setup(self) -> None:
-        from mplslb.endpoint import ServerEndpoint
-
         self.one, self.batch, self.block = (Balancer(TRUST_CONFIG) for _ in range(3))
         self.world = World()
         for i in range(CLIENT_COUNT):
