@@ -37,6 +37,7 @@ from helpers import (
 from mplslb.agents import AgentConfig
 from mplslb.analyzer import PacketAnalyzer
 from mplslb.balancer import Balancer, Frames
+from mplslb.balancing.admission import Refusal
 from mplslb.balancing.servers import ServerStatus
 from mplslb.config import BalancerConfig, ConfigError, Section, balancer_config_from_section
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, ServerEndpoint
@@ -225,6 +226,20 @@ def test_half_open_sessions_are_bounded_and_the_oldest_is_evicted_first() -> Non
     assert session is not None and session.state is SessionState.ESTABLISHED
     server = b.pool.get(name)
     assert server.failures == 0 and server.status is ServerStatus.UP  # evictions are nobody's failure
+
+
+def test_a_refused_syn_evicts_no_half_open_session() -> None:
+    config = make_config(n_servers=1, timeouts=TIMEOUTS, c2s_min=17, c2s_max=17 + 2 * 19, half_open_share=0.1)
+    b = Balancer(replace(config, max_new_per_second=1.0))
+    assert b.max_half_open == 2
+    for i, t in enumerate((0.0, 1.0)):
+        b.receive(0, spoofed_syn(i), t)
+    assert b.sessions.half_open == 2
+    assert b.receive(0, spoofed_syn(2), 1.1) != []  # refused (RST): the rate's token is not there yet
+    assert b.admission.refused[Refusal.RATE_LIMIT] == 1
+    assert b.sessions.half_open == 2 and b.stats().sessions_ended == {}
+    b.receive(0, spoofed_syn(3), 2.1)  # admitted: now the oldest makes room
+    assert b.sessions.half_open == 2 and b.stats().sessions_ended == {"half_open_evicted": 1}
 
 
 def test_the_half_open_share_is_validated_at_load() -> None:

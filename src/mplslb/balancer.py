@@ -173,7 +173,7 @@ class Balancer:
         #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
         self.max_half_open = max(1, int(self.sessions.rows * config.half_open_share))
         #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
-        #: :attr:`ServerPool.suspected`) and the checks' verdict decides.
+        #: :attr:`Server.suspected`) and the checks' verdict decides.
         self.confirm_passive = False
         #: TCP segments of no session answered with an RST from the VIP (``reset_on_down``).
         self.resets_sent = 0
@@ -364,29 +364,34 @@ class Balancer:
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
-            if self.config.reset_on_down and not a.tcp_flags & RST:  # the client of a session that died: reset it
-                ack = _ACK_FIELD.unpack_from(frame, a.l4_offset + 8)[0] if a.tcp_flags & ACK else None
-                packet = tcp_reset(key, ip_version=a.ip_version, seq=a.tcp_seq, ack=ack, syn=False,
-                                   payload_len=a.payload_len + (1 if a.tcp_flags & FIN else 0))  # fmt: skip
-                mac = bytes(frame[_SRC_MAC])
-                out.append(
-                    (port, reset_frame(packet, ip_version=a.ip_version, client_mac=mac, port_mac=self.ports[port].mac))
-                )
-                self.resets_sent += 1
+            if self.config.reset_on_down and not a.tcp_flags & RST:
+                self._reset(port, frame, a, out)
             return
         self._new_session(port, frame, a, now, out)
+
+    def _reset(self, port: int, frame: bytes | memoryview, a: Analysis, out: Frames) -> None:
+        """Answer a client's TCP segment of no session (its server went down, or it was forgotten) as a host
+        answers a segment of no connection: an RST from the VIP, exact when the segment carries an ACK."""
+        ack = _ACK_FIELD.unpack_from(frame, a.l4_offset + 8)[0] if a.tcp_flags & ACK else None
+        occupied = a.payload_len + (1 if a.tcp_flags & FIN else 0)
+        packet = tcp_reset(a.key, ip_version=a.ip_version, seq=a.tcp_seq, ack=ack, syn=False, payload_len=occupied)
+        mac = bytes(frame[_SRC_MAC])
+        out.append((port, reset_frame(packet, ip_version=a.ip_version, client_mac=mac, port_mac=self.ports[port].mac)))
+        self.resets_sent += 1
 
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
         tcp = a.key.proto == IPPROTO_TCP
-        if tcp and self.sessions.half_open >= self.max_half_open:
-            oldest = self.sessions.oldest_half_open()
-            if oldest is not None:  # their share is used up: the oldest half-open session makes room
-                self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
-                self._finish(oldest, now)
-        refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_at(now), now=now)
+        # Half-open sessions' share used up: the oldest makes room, once this SYN is admitted (a refused SYN evicts
+        # nobody).
+        oldest = self.sessions.oldest_half_open() if tcp and self.sessions.half_open >= self.max_half_open else None
+        active = self.live - (oldest is not None)
+        refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
         if refusal is None:
+            if oldest is not None:
+                self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
+                self._finish(oldest, now)
             server = self.algorithm.choose(self.pool, a.key, now)
             if server is None:
                 refusal = self.admission.refusal_for_no_server(self.pool)
