@@ -345,6 +345,8 @@ def handshake(net: Net, i: int = 0, *, sport: int = 40000, v6: bool = False) -> 
     assert c2s is not None
     replies = net.from_server(name, tcp(vip, src, 80, sport, SYN | ACK, seq=500, ack=101))
     assert len(net.deliver_to_client(i, replies)) == 1
+    acked = net.from_client(i, tcp(src, vip, sport, 80, ACK, seq=101, ack=501))  # labelled now: completes it
+    assert [n for n, _ in net.deliver_to_servers(acked)] == [name] and label_of(acked[0][1]) == c2s
     return name, c2s
 
 

@@ -374,7 +374,7 @@ def test_metrics_endpoint_exports_the_snapshot(daemon: Daemon) -> None:
             f'mplslb_server_up{{server="{name}"}} 1.0',
             f'mplslb_server_active{{server="{name}"}} 1.0',
             f'mplslb_server_sessions_total{{server="{name}"}} 1.0',
-            f'mplslb_server_packets_in_total{{server="{name}"}} 1.0',
+            f'mplslb_server_packets_in_total{{server="{name}"}} 2.0',  # the SYN and the handshake's ACK
             f'mplslb_server_bytes_out_total{{server="{name}"}}',
             f'mplslb_server_response_time_seconds{{server="{name}"}} {rt}',
             'mplslb_server_weight{server="s2"} 1.0',

@@ -22,7 +22,7 @@ from mplslb.drivers.afpacket import open_port
 from mplslb.drivers.loop import EndpointDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpEndpointLink
 from mplslb.drivers.tun import TunDevice
-from mplslb.endpoint import ClientEndpoint, Endpoint, ServerEndpoint
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, Endpoint, ServerEndpoint
 from mplslb.hostsetup import (
     HostChanges,
     interface_mac,
@@ -58,7 +58,7 @@ class AgentConfig:
     balancer: str = ""  # over MPLS-in-UDP: the balancer's address (port 6635)
     udp_local: str = "0.0.0.0"
     udp_port: int = 6635
-    flow_timeout: float = 300.0
+    flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
     #: Client: a flow that heard nothing back for this long sends unlabelled again (its label may have died).
     fallback: float = 2.0
     mtu: int = WIRE_MTU - LABEL_OVERHEAD

@@ -29,6 +29,7 @@ Malformed or unwanted frames are dropped and counted under a named reason; nothi
 from __future__ import annotations
 
 import heapq
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,13 +37,13 @@ from typing import NamedTuple
 import numpy as np
 
 from mplslb.analyzer import Analysis, PacketAnalyzer
-from mplslb.balancing.admission import AdmissionControl, Refusal
+from mplslb.balancing.admission import AdmissionControl, Refusal, reset_frame, tcp_reset
 from mplslb.balancing.algorithms import make_algorithm
 from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
 from mplslb.neighbors import answer
-from mplslb.sessions import FINAL_STATES, Session, SessionEvent, SessionState, SessionTable
+from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
 from mplslb.switching import (
     DROPPED,
     IPV6_PAYLOAD,
@@ -70,6 +71,7 @@ _SRC_MAC = slice(ETH_SRC, ETH_SRC + ETH_ALEN)
 TIMER_GRANULARITY = 0.05
 _TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
 _HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
+_ACK_FIELD = struct.Struct("!I")
 
 
 class BlockResult(NamedTuple):
@@ -145,7 +147,11 @@ class Balancer:
         # The five units of claim 1.
         self.analyzer = PacketAnalyzer(l7=config.l7)
         self.pool = ServerPool(
-            config.servers, fail_threshold=config.fail_threshold, rt_alpha=config.rt_alpha, rt_limit=config.rt_limit
+            config.servers,
+            fail_threshold=config.fail_threshold,
+            rt_alpha=config.rt_alpha,
+            rt_limit=config.rt_limit,
+            passive_window=config.passive_window,
         )
         self.algorithm = make_algorithm(config.algorithm, **dict(config.algorithm_params))
         self.admission = AdmissionControl(
@@ -157,9 +163,20 @@ class Balancer:
             {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
         )
         self.sessions = SessionTable(
-            config.timeouts, on_end=self._session_ended, c2s_min=config.c2s_min, c2s_max=config.c2s_max
+            config.timeouts,
+            on_end=self._session_ended,
+            on_revive=self._session_revived,
+            c2s_min=config.c2s_min,
+            c2s_max=config.c2s_max,
         )
         self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
+        #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
+        self.max_half_open = max(1, int(self.sessions.rows * config.half_open_share))
+        #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
+        #: :attr:`Server.suspected`) and the checks' verdict decides.
+        self.confirm_passive = False
+        #: TCP segments of no session answered with an RST from the VIP (``reset_on_down``).
+        self.resets_sent = 0
         self.frames_in = 0
         self.frames_out = 0
         self.fast_path = 0
@@ -173,7 +190,7 @@ class Balancer:
 
     @property
     def live(self) -> int:
-        """Sessions not yet closed or interrupted."""
+        """Sessions not yet closed, interrupted or ending."""
         return self.sessions.live
 
     # -- the data plane ------------------------------------------------------------------------------------------
@@ -330,26 +347,51 @@ class Balancer:
             return
         session = self.sessions.lookup(key)
         pure_syn = key.proto == IPPROTO_TCP and (a.tcp_flags & (SYN | ACK | RST | FIN)) == SYN
-        if session is not None and pure_syn and session.state in FINAL_STATES:
-            self._finish(session, now)  # the client reuses the port of a closed session: a new session starts
-            session = None
         if session is not None:  # claim 2: an existing session's packet goes to its server
+            # The binding its labels have: the client's port and MAC (a SYN reusing the flow of an ENDING session
+            # goes on it too, so nobody else's SYN can end it).
+            if port != session.client_port or frame[_SRC_MAC] != session.client_mac:
+                self._drop("session_wrong_source")
+                return
             if a.payload_len and self.sessions.request_seen(session, now):
                 self._learn_l7(session, a)
             self._to_server(session, frame, a, now, out)
-            if a.tcp_flags > 0 and a.tcp_flags & (FIN | RST):
-                self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
+            if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
+                if self.sessions.client_ack(session, a.tcp_flags, now):
+                    self._handshake_done(session)
+                if a.tcp_flags & (FIN | RST):
+                    self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
+            if self.config.reset_on_down and not a.tcp_flags & RST:
+                self._reset(port, frame, a, out)
             return
         self._new_session(port, frame, a, now, out)
 
+    def _reset(self, port: int, frame: bytes | memoryview, a: Analysis, out: Frames) -> None:
+        """Answer a client's TCP segment of no session (its server went down, or it was forgotten) as a host
+        answers a segment of no connection: an RST from the VIP, exact when the segment carries an ACK."""
+        ack = _ACK_FIELD.unpack_from(frame, a.l4_offset + 8)[0] if a.tcp_flags & ACK else None
+        occupied = a.payload_len + (1 if a.tcp_flags & FIN else 0)
+        packet = tcp_reset(a.key, ip_version=a.ip_version, seq=a.tcp_seq, ack=ack, syn=False, payload_len=occupied)
+        mac = bytes(frame[_SRC_MAC])
+        out.append((port, reset_frame(packet, ip_version=a.ip_version, client_mac=mac, port_mac=self.ports[port].mac)))
+        self.resets_sent += 1
+
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
-        refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_at(now), now=now)
+        tcp = a.key.proto == IPPROTO_TCP
+        # Half-open sessions' share used up: the oldest makes room, once this SYN is admitted (a refused SYN evicts
+        # nobody).
+        oldest = self.sessions.oldest_half_open() if tcp and self.sessions.half_open >= self.max_half_open else None
+        active = self.live - (oldest is not None)
+        refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
         if refusal is None:
+            if oldest is not None:
+                self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
+                self._finish(oldest, now)
             server = self.algorithm.choose(self.pool, a.key, now)
             if server is None:
                 refusal = self.admission.refusal_for_no_server(self.pool)
@@ -383,7 +425,6 @@ class Balancer:
         if a.payload_len and self.sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
-        tcp = a.key.proto == IPPROTO_TCP
         v6 = IPV6_PAYLOAD if a.ip_version == 6 else 0
         end_watch = WATCH_TCP_END if tcp else 0
         self.switching.install(
@@ -393,7 +434,7 @@ class Balancer:
             in_port=port,
             peer=client_mac,
             peer_ip=a.key.src,
-            watch=end_watch | v6 | (WATCH_ALL if tcp and not a.payload_len else 0),
+            watch=end_watch | v6 | (WATCH_ALL if tcp else 0),  # until the client's ACK completes the handshake
             now=now,
         )
         self.switching.install(
@@ -446,7 +487,7 @@ class Balancer:
                     self._server_failed(session.server, DownReason.REFUSED, event.now)
             elif self.switching.watch[event.label] & WATCH_ALL:
                 self._measure(session, event, from_client, a or self._analyze_report(event))
-            if session.state not in FINAL_STATES:
+            if session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
                 self.sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
 
     def _analyze_report(self, event: FastEvent) -> Analysis | None:
@@ -468,18 +509,27 @@ class Balancer:
         if seen.response_time is not None:
             self.pool.record_response_time(server, seen.response_time)
         if seen.server_replied:
-            self.pool.record_success(server)
-        if seen.request_seen:
-            if a is not None:
-                self._learn_l7(session, a)
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
+            self.pool.record_success(server, event.now)
+        if seen.request_seen and a is not None:
+            self._learn_l7(session, a)
         if seen.done:
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
             self.switching.clear_watch(session.s2c, WATCH_ALL)
+        if seen.request_seen or seen.done or seen.handshake_done:
+            self._handshake_done(session)
+
+    def _handshake_done(self, session: Session) -> None:
+        """Stop watching the client's frames once nothing more is wanted of them: the handshake is complete and
+        the request seen (or the measurement over)."""
+        if session.state not in HALF_OPEN_STATES and (session.request_at or not session.rt_pending):
+            self.switching.clear_watch(session.c2s, WATCH_ALL)
 
     def _session_ended(self, session: Session) -> None:
-        """A session reached a final state: it no longer counts for its server (its labels may linger)."""
+        """A session began to end (ENDING) or ended: it no longer counts for its server (its labels may linger)."""
         self.pool.session_ended(session.server)
+
+    def _session_revived(self, session: Session) -> None:
+        """An ENDING session's traffic went on: it counts for its server again."""
+        self.pool.session_resumed(session.server)
 
     # -- timers --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -495,21 +545,28 @@ class Balancer:
         for session in self.sessions.due(now):
             if self.sessions.by_c2s(session.c2s) != session:
                 continue  # finished earlier in this round (its server went down with another session's timeout)
-            if session.state in FINAL_STATES:
+            state = session.state
+            if state in FINAL_STATES:
                 self._finish(session, now)
                 continue
-            idle = timeouts.idle(session.proto, session.state)
-            unanswered = session.state is SessionState.START and session.proto == IPPROTO_TCP
-            # A SYN's retransmissions do not keep an unanswered session alive.
-            last = session.started if unanswered else self.switching.last_active(session.c2s, session.s2c)
+            last = self.switching.last_active(session.c2s, session.s2c)
+            if state is SessionState.ENDING:
+                if self.sessions.linger_over(session, last, now) in FINAL_STATES:
+                    self._finish(session, now)
+                continue
+            idle = timeouts.idle(session.proto, state)
+            half_open = state in HALF_OPEN_STATES and session.proto == IPPROTO_TCP
+            if half_open:
+                last = session.started  # no frame keeps a half-open session alive: it has tcp_start from its SYN
             if last + idle > now:
                 self.sessions.arm(session, last + idle)
                 continue
-            if unanswered:
+            if half_open and state is SessionState.START:
                 self._server_failed(session.server, DownReason.NO_REPLY, now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
-            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
+            reason = "half_open_timeout" if half_open else "idle_timeout"
+            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, reason)
             self._finish(session, now)
         return []
 
@@ -523,7 +580,7 @@ class Balancer:
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
     def _server_failed(self, server: Server, reason: DownReason, now: float) -> None:
-        if self.pool.record_failure(server, reason):
+        if self.pool.record_failure(server, reason, now, confirm=self.confirm_passive):
             self._interrupt(server, now)
 
     def _interrupt(self, server: Server, now: float) -> None:

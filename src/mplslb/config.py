@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.algorithms import algorithm_names, make_algorithm
 from mplslb.balancing.servers import ServerConfig
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.sessions import Timeouts
 from mplslb.wire.ethernet import mac_from_str
@@ -91,11 +92,22 @@ class BalancerConfig:
     max_sessions: int = 0
     max_new_per_second: float = 0.0
     refuse_with: RefuseWith = RefuseWith.RST
-    label_quarantine: float = 30.0
+    label_quarantine: float = 60.0
+    #: The longest an endpoint agent may keep using a label after its last frame (the agents' ``flow_timeout``):
+    #: ``label_quarantine`` may not be shorter, or a late frame could reach the label's next session.
+    endpoint_flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
+    #: The share of the label pairs half-open TCP sessions may hold; a SYN beyond evicts the oldest.
+    half_open_share: float = 0.5
     c2s_min: int = C2S_MIN
     c2s_max: int = C2S_MAX
     timeouts: Timeouts = field(default_factory=Timeouts)
     fail_threshold: int = 3
+    #: Unanswered SYNs take a server down only when it answered no new session for this long (seconds).
+    passive_window: float = 10.0
+    #: Answer a TCP segment of no session with an RST from the VIP (RFC 793's reset): the clients of a server that
+    #: went down or was removed learn it when their endpoint falls back to unlabelled frames (IPVS's
+    #: expire_nodest_conn).
+    reset_on_down: bool = False
     rt_alpha: float = 0.2
     rt_limit: float = 0.0
     l7: bool = True
@@ -110,10 +122,21 @@ class BalancerConfig:
             raise ValueError("at least one virtual IP is needed")
         if self.algorithm not in algorithm_names():
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(algorithm_names())}")
+        if self.label_quarantine < self.endpoint_flow_timeout:
+            raise ValueError(quarantine_too_short(self.label_quarantine, self.endpoint_flow_timeout))
+        if not 0 < self.half_open_share <= 1:
+            raise ValueError(f"half_open_share must be in (0, 1], got {self.half_open_share!r}")
         server_ports = {p.port_id for p in self.ports if p.role == "server"}
         for server in self.servers:
             if server.port_id not in server_ports:
                 raise ValueError(f"server {server.name!r} is on port {server.port_id}, which is not a server port")
+
+
+def quarantine_too_short(quarantine: float, flow_timeout: float) -> str:
+    return (
+        f"label quarantine {quarantine:g} s is shorter than the endpoints' flow timeout {flow_timeout:g} s "
+        "(labels.endpoint_flow_timeout): an endpoint may still send a withdrawn label when it is reused"
+    )
 
 
 class ConfigError(ValueError):
@@ -337,6 +360,9 @@ def balancer_config_from_section(
     max_sessions = limits.number("max_sessions", int, 0, minimum=0)
     rate = limits.number("max_new_per_second", float, 0.0, minimum=0.0)
     rt_limit = limits.number("max_response_time", float, 0.0, minimum=0.0)
+    half_open_share = limits.number("half_open_share", float, BalancerConfig.half_open_share)
+    if not 0 < half_open_share <= 1:
+        raise limits.error("half_open_share", f"must be in (0, 1], got {half_open_share!r}")
     limits.done()
     tsec = top.section("timeouts")
     defaults = Timeouts()
@@ -344,7 +370,10 @@ def balancer_config_from_section(
     timeouts = Timeouts(**tvalues)
     tsec.done()
     lsec = top.section("labels")
-    quarantine = lsec.number("quarantine", float, 30.0, minimum=0.0)
+    quarantine = lsec.number("quarantine", float, BalancerConfig.label_quarantine, minimum=0.0)
+    flow_timeout = lsec.number("endpoint_flow_timeout", float, ENDPOINT_FLOW_TIMEOUT, minimum=0.0)
+    if quarantine < flow_timeout:
+        raise lsec.error("quarantine", quarantine_too_short(quarantine, flow_timeout))
     c2s_min = lsec.get("c2s_min", int, C2S_MIN)
     c2s_max = lsec.get("c2s_max", int, C2S_MAX)
     for key, value in (("c2s_min", c2s_min), ("c2s_max", c2s_max)):
@@ -355,6 +384,8 @@ def balancer_config_from_section(
     lsec.done()
     health = top.section("health")
     fail_threshold = health.number("fail_threshold", int, 3, minimum=1)
+    passive_window = health.number("passive_window", float, BalancerConfig.passive_window, minimum=0.0)
+    reset_on_down = health.get("reset_on_down", bool, False)
     rt_alpha = health.get("rt_alpha", float, 0.2)
     if not 0 < rt_alpha <= 1:
         raise health.error("rt_alpha", "must be in (0, 1]")
@@ -372,6 +403,10 @@ def balancer_config_from_section(
         max_new_per_second=rate,
         refuse_with=refuse,
         label_quarantine=quarantine,
+        endpoint_flow_timeout=flow_timeout,
+        half_open_share=half_open_share,
+        passive_window=passive_window,
+        reset_on_down=reset_on_down,
         c2s_min=c2s_min,
         c2s_max=c2s_max,
         timeouts=timeouts,

@@ -256,6 +256,7 @@ class Daemon:
         self.probes: HealthProbeDriver | None = None
         if config.health is not None:
             self.checker = HealthChecker(config.health, [s.config.name for s in self.balancer.pool.servers])
+            self.balancer.confirm_passive = True  # unanswered SYNs only make a server suspect: the checks decide
             self.probes = HealthProbeDriver(
                 self.checker,
                 self._address_of,

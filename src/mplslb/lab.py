@@ -426,7 +426,7 @@ class Lab:
             "closed_linger = 1.0",
             "",
             "[labels]",
-            "quarantine = 5.0",
+            "quarantine = 60.0",
             "",
             "[health_check]",
             'kind = "http"',

@@ -7,7 +7,12 @@ wraps each in a mutable :class:`Server` that carries its live state: a status, a
 counts, passive health and a response time estimate. Status moves as::
 
     UP <--drain()/mark_up()--> DRAINING
-    UP, DRAINING --mark_down() or fail_threshold consecutive failures--> DOWN --mark_up()--> UP
+    UP, DRAINING --mark_down() or passive health's verdict--> DOWN --mark_up()--> UP
+
+Passive health judges what the server answered, never what it did not see: ``fail_threshold`` consecutive
+failures are needed, and unanswered SYNs count only while the server has answered none of its new sessions for
+``passive_window`` seconds (a SYN flood or an overloaded path loses SYNs of a server that still answers the rest).
+When an active check runs, unanswered SYNs only make the server suspect and the check decides.
 
 A DOWN server carries a :class:`DownReason`, and the reason decides what may bring it back: an operator's
 ``admin`` down stays until an operator acts, a ``removed`` server is gone, and a down for its health (the active
@@ -110,6 +115,7 @@ class Server:
     __slots__ = (
         "_rt_limit",
         "active",
+        "answered_at",
         "config",
         "down_reason",
         "failures",
@@ -118,6 +124,7 @@ class Server:
         "rt_ewma",
         "rt_samples",
         "status",
+        "suspected",
         "total",
         "weight",
     )
@@ -131,6 +138,8 @@ class Server:
         self.total = 0
         self.refused = 0
         self.failures = 0
+        self.answered_at = -math.inf  # when passive health last saw the server answer a new session
+        self.suspected = 0  # passive failures left to the active health check to confirm
         self.rt_ewma: float | None = None
         self.rt_samples = 0
         self.down_reason: DownReason | None = None
@@ -173,8 +182,10 @@ class Server:
 class ServerPool:
     """The set of servers behind the balancer and their live state.
 
-    ``fail_threshold`` consecutive passive failures take a server DOWN. ``rt_alpha`` is the EWMA smoothing
-    factor in (0, 1]. ``rt_limit`` > 0 (seconds) stops new sessions to a server whose estimate exceeds it.
+    ``fail_threshold`` consecutive passive failures take a server DOWN, but unanswered SYNs (``NO_REPLY``) only
+    when the server has answered none of its new sessions for ``passive_window`` seconds. ``rt_alpha`` is the
+    EWMA smoothing factor in (0, 1]. ``rt_limit`` > 0 (seconds) stops new sessions to a server whose estimate
+    exceeds it.
     """
 
     def __init__(
@@ -184,7 +195,11 @@ class ServerPool:
         fail_threshold: int = 3,
         rt_alpha: float = 0.2,
         rt_limit: float = 0.0,
+        passive_window: float = 10.0,
     ) -> None:
+        if not (math.isfinite(passive_window) and passive_window >= 0):
+            raise ValueError(f"passive_window must be a finite number of seconds >= 0, got {passive_window!r}")
+        self.passive_window = passive_window
         if isinstance(fail_threshold, bool) or not isinstance(fail_threshold, int) or fail_threshold < 1:
             raise ValueError(f"fail_threshold must be an integer >= 1, got {fail_threshold!r}")
         if not (0.0 < rt_alpha <= 1.0):
@@ -322,6 +337,10 @@ class ServerPool:
             raise ValueError(f"server {server.name!r} has no active session to end")
         server.active -= 1
 
+    def session_resumed(self, server: Server) -> None:
+        """Count again a session of ``server`` that was counted off as ending but went on."""
+        server.active += 1
+
     def session_refused(self, server: Server) -> None:
         """Count a new session refused because ``server``, in service, was at its session limit or overloaded."""
         server.refused += 1
@@ -336,16 +355,31 @@ class ServerPool:
             server.rt_ewma += self.rt_alpha * (seconds - server.rt_ewma)
         server.rt_samples += 1
 
-    def record_success(self, server: Server) -> None:
-        """A session or probe succeeded: the consecutive failure count starts over."""
+    def record_success(self, server: Server, now: float | None = None) -> None:
+        """A session or probe succeeded (at ``now``: the server answered): the consecutive failure count starts
+        over."""
         server.failures = 0
+        if now is not None:
+            server.answered_at = max(server.answered_at, now)
 
-    def record_failure(self, server: Server, reason: DownReason) -> bool:
+    def record_failure(
+        self, server: Server, reason: DownReason, now: float | None = None, *, confirm: bool = False
+    ) -> bool:
         """Passive health: count a failure (e.g. an unanswered SYN, reason ``NO_REPLY``).
 
-        Returns True if this failure took the server DOWN (``fail_threshold`` consecutive failures).
+        Returns True if this failure took the server DOWN: ``fail_threshold`` consecutive failures and, for
+        ``NO_REPLY`` at ``now``, no answer to any new session for ``passive_window`` seconds (a server answering
+        some of its SYNs is alive: the rest were lost to a flood or an overloaded path, not to the server). With
+        ``confirm`` (an active health check runs) an unanswered SYN only makes the server suspect (counted in
+        :attr:`Server.suspected`) and the check's verdict decides.
         """
         server.failures += 1
-        if server.failures >= self.fail_threshold:
-            return self._take_down(server, reason)
-        return False
+        if server.failures < self.fail_threshold:
+            return False
+        if reason is DownReason.NO_REPLY:
+            if now is not None and now - server.answered_at < self.passive_window:
+                return False
+            if confirm:
+                server.suspected += 1
+                return False
+        return self._take_down(server, reason)
