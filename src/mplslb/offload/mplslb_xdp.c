@@ -5,7 +5,7 @@
  * One hash map, label -> entry, mirrors the rows of mplslb.switching.LabelSwitchingTable that may be switched
  * in the kernel. For a frame whose top label stack entry names an entry, and only when every check the userspace
  * fast path makes passes (ingress port, source MAC, IP source of the bottom-of-stack entry, bottom of stack,
- * TTL > 1) and the frame is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet
+ * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet
  * addresses (next hop, output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in
  * the entry and redirects it to the output port. Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload.
@@ -76,6 +76,43 @@ int mplslb_xdp(struct xdp_md *ctx)
 					return XDP_PASS;
 		}
 	}
+	if (e->l4) {
+		/* the session's flow, as mplslb.switching.scalar.in_flow: a failing frame goes up to be dropped there */
+		__u8 proto;
+		__u32 l4;
+		if (e->flags & F_V6) {
+			if (ip + IPV6_HLEN > end)
+				return XDP_PASS;
+			if (e->flags & F_DST)
+				for (int i = 0; i < IPV6_ADDR_LEN; i++)
+					if (ip[IPV6_DST + i] != e->dst_ip[i])
+						return XDP_PASS;
+			proto = ip[IPV6_NEXT_HEADER];
+			if (proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING || proto == IPPROTO_FRAGMENT ||
+			    proto == IPPROTO_DSTOPTS || proto == IPPROTO_AH)
+				return XDP_PASS; /* extension headers: userspace walks them */
+			l4 = IPV6_HLEN;
+		} else {
+			if (ip + IPV4_HLEN > end)
+				return XDP_PASS;
+			if (e->flags & F_DST)
+				for (int i = 0; i < IPV4_ADDR_LEN; i++)
+					if (ip[IPV4_DST + i] != e->dst_ip[i])
+						return XDP_PASS;
+			proto = ip[IPV4_PROTO];
+			if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK)
+				goto flow_done; /* a fragment past the first carries no ports */
+			l4 = (ip[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+		}
+		if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+			__u8 *port = ip + l4 + e->port_at;
+			if (proto != e->l4 || port + L4_PORT_LEN > end)
+				return XDP_PASS;
+			if (((port[0] << 8) | port[1]) != e->port)
+				return XDP_PASS;
+		}
+	}
+flow_done:
 	if ((stack_entry & MPLS_TTL_MASK) <= 1)
 		return XDP_PASS;
 	if (e->flags & F_TCP_END) {

@@ -5,7 +5,8 @@ Theory of operation
 -------------------
 One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Ethernet port of the balancer, and one
 hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace fast
-path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, TTL > 1); a frame that
+path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, the session's flow,
+TTL > 1; an IPv6 packet with extension headers under a flow-bound label goes up, the userspace path walks them); a frame that
 passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses of the label's row,
 its TTL decremented and an 802.1Q tag dropped, exactly as :func:`~mplslb.switching.scalar.switch_frame` builds
 it. The program is built from the same layout as the userspace paths (:mod:`mplslb.switching.layout`). Everything
@@ -55,6 +56,7 @@ import numpy as np
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
 from mplslb.switching.layout import (
+    F_DST,
     F_TCP_END,
     F_V6,
     KERNEL_ENTRY,
@@ -287,7 +289,12 @@ class XdpOffload:
 
     def _entry(self, label: int) -> bytes:
         t = self.table
-        flags = (F_V6 if t.v6[label] else 0) | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+        dst_ip = t.dst_ip[label]
+        flags = (
+            (F_V6 if t.v6[label] else 0)
+            | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+            | (F_DST if dst_ip else 0)
+        )
         peer_ip = t.peer_ip[label]
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
@@ -297,7 +304,10 @@ class XdpOffload:
             flags,
             len(peer_ip),
             peer_ip,
-            0,
+            dst_ip,
+            t.port[label],
+            t.l4[label],
+            t.port_at[label],
             0,
             0,
             0,

@@ -99,6 +99,7 @@ IPV6_PAYLOAD: Final = 0x04
 #: ``flags`` of a kernel entry.
 F_V6: Final = 0x01  # the payload under the label is IPv6 (peer IP at IPV6_SRC; TCP flags only right after the header)
 F_TCP_END: Final = 0x02  # TCP session: FIN and RST go up to the session manager
+F_DST: Final = 0x04  # the IP destination is bound too (``dst_ip``: the client's address, on S2C labels)
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
 #: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The last three fields are the
@@ -111,7 +112,10 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("flags", "__u8", "B", 0),
     ("ip_len", "__u8", "B", 0),  # 0 (no IP binding), 4 or 16
     ("peer_ip", "__u8", "s", IPV6_ADDR_LEN),
-    ("pad", "__u32", "I", 0),
+    ("dst_ip", "__u8", "s", IPV6_ADDR_LEN),  # with F_DST: the IP destination the label is bound to
+    ("port", "__u16", "H", 0),  # with l4: the client's port, at port_at in a TCP or UDP header
+    ("l4", "__u8", "B", 0),  # 0 (no flow binding) or the session's protocol, IPPROTO_TCP or IPPROTO_UDP
+    ("port_at", "__u8", "B", 0),  # L4_SPORT (C2S: the client's source port) or L4_DPORT (S2C: its destination)
     ("packets", "__u64", "Q", 0),
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
@@ -150,6 +154,7 @@ IPV6_EXT_MAX: Final = 6
 TCP_DOFF: Final = 12  # the data offset octet in the TCP header
 L4_SPORT: Final = 0
 L4_DPORT: Final = 2
+L4_PORT_LEN: Final = 2
 UDP_LEN: Final = 4
 SYN_ONLY: Final = int(TCPFlag.SYN)
 SYN_MASK: Final = int(TCPFlag.SYN | TCPFlag.ACK)
@@ -269,14 +274,14 @@ C_CONSTANTS: Final = (
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET",
-    "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END",
+    "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END", "F_DST",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
     "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
     "IPPROTO_HOPOPTS", "IPPROTO_ROUTING", "IPPROTO_FRAGMENT", "IPPROTO_DSTOPTS", "IPPROTO_AH", "IPPROTO_ICMP",
     "IPPROTO_ICMPV6", "EXT_UNIT", "EXT_MIN_LEN", "AH_UNIT", "AH_LEN_BIAS", "FRAGMENT_HLEN",
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
-    "TCP_DOFF", "L4_SPORT", "L4_DPORT", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6", "ENDPOINT_TTL",
+    "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORT_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6", "ENDPOINT_TTL",
     "NS_PER_MS",
 )  # fmt: skip
 
@@ -347,6 +352,7 @@ __all__ = [
     "FLOW_KEY_FIELDS",
     "FRAGMENT_HLEN",
     "FRAG_OFFSET_MASK",
+    "F_DST",
     "F_TCP_END",
     "F_V6",
     "IHL_MIN",
@@ -375,6 +381,9 @@ __all__ = [
     "IP_AT",
     "KERNEL_ENTRY",
     "KERNEL_ENTRY_FIELDS",
+    "L4_DPORT",
+    "L4_PORT_LEN",
+    "L4_SPORT",
     "LABELLED_MIN",
     "LABEL_SHIFT",
     "LABEL_SPACE",

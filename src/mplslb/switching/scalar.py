@@ -11,7 +11,25 @@ then checks, in this order:
   entries below it is dropped (``label_not_bottom``); and the IP source address of the session's sender
   (``label_wrong_ingress``): a client can never steer frames into another client's session, even from behind
   the same router;
+* the frame belongs to the label's session flow, for labels installed with one (see below): an S2C label's frame
+  goes to the session's client (``label_wrong_destination``), a C2S label's comes from the client's port
+  (``label_wrong_source_port``);
 * the TTL of the entry is above 1 (``mpls_ttl_expired``), per RFC 3032 it is then decremented.
+
+The flow check. A label pair is reused by later sessions, possibly to the same server, and a server agent may
+still send a late frame of the old flow under it: the ingress binding passes it (same port, MAC, and the VIP as
+source), so the frame's destination decides. For a label with a flow binding:
+
+* the packet under the label holds its whole fixed IP header (IPv4: 20 bytes, IPv6: 40), else it fails;
+* S2C: the IP destination is the client's address;
+* when the packet's protocol (IPv4: its protocol field; IPv6: the header after any extension headers) is TCP or
+  UDP, it is the session's protocol and the port at ``port_at`` of that header (IPv4: after the IHL) is the
+  client's: the destination port (S2C) or the source port (C2S); a packet too short to hold it fails;
+* any other packet carries no port: an ICMP error (or any other protocol), an IPv4 fragment with a non-zero
+  offset, an IPv6 one past its fragment header: it is checked by address only.
+
+IPv6 extension headers are walked here only (:func:`~mplslb.wire.ipv6.parse_ipv6`: a walk that fails, fails the
+check); the block path and the kernel leave such frames to this path, so the three agree.
 
 The frame leaves with its Ethernet addresses rewritten to (next hop, our port) and its label entry's TTL lowered;
 the rest of the frame is not read. Two things ride along without changing that decision: per-label packet and byte
@@ -30,14 +48,21 @@ from __future__ import annotations
 
 from mplslb.switching.layout import (
     ENTRY,
+    FRAG_OFFSET_MASK,
     ETH_P_8021Q,
     ETH_P_MPLS_UC,
     ETH_SRC,
     ETH_TYPE,
     IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4_DST,
+    IPV4_FRAG_AT,
+    IPV4_HLEN,
     IPV4_IHL_MASK,
     IPV4_IHL_UNIT,
+    IPV4_PROTO,
     IPV4_SRC,
+    IPV6_DST,
     IPV6_HLEN,
     IPV6_NEXT_HEADER,
     IPV6_SRC,
@@ -56,7 +81,9 @@ from mplslb.switching.layout import (
     WATCH_ALL,
     WATCH_TCP_END,
 )
-from mplslb.switching.table import MPLS_ETHERTYPE, FastEvent
+from mplslb.switching.table import MPLS_ETHERTYPE, FastEvent, Flow
+from mplslb.wire.errors import WireError
+from mplslb.wire.ipv6 import EXTENSION_HEADERS, parse_ipv6
 
 # Results of :func:`switch_frame`: a non-negative value is the output port.
 NOT_LABELLED = -1
@@ -68,11 +95,52 @@ _join = b"".join
 _VLAN_LSE_AT = LSE_AT + VLAN_HLEN
 _ETH_SRC_END = ETH_SRC + 6
 _REPORTED = TCP_END | TCP_FLAGS_UNKNOWN
+_FRAG_HI = FRAG_OFFSET_MASK >> 8  # the offset's bits in the first octet of flags + offset
+_FRAG_LO = FRAG_OFFSET_MASK & 0xFF
+_NO_PORT = -1
 
 
 def _drop(drops: dict[str, int], reason: str) -> int:
     drops[reason] = drops.get(reason, 0) + 1
     return DROPPED
+
+
+def _upper_layer(frame: bytes | memoryview, ip: int) -> tuple[int, int]:
+    """(protocol, offset) of the header after an IPv6 packet's extension headers; :data:`_NO_PORT` as the
+    protocol for a fragment past its first one, ``(-2, 0)`` when the walk fails."""
+    try:
+        packet = parse_ipv6(frame, ip, allow_truncated=True)
+    except WireError:
+        return -2, 0
+    if packet.fragment is not None and packet.fragment[0]:
+        return _NO_PORT, 0
+    return packet.proto, packet.payload_offset
+
+
+def in_flow(frame: bytes | memoryview, ip: int, v6: int, flow: Flow) -> bool:
+    """Does the packet at ``ip`` belong to the label's flow (the module docstring's rule)?"""
+    n = len(frame)
+    dst = flow.dst_ip
+    if v6:
+        if n < ip + IPV6_HLEN or (dst and frame[ip + IPV6_DST : ip + IPV6_DST + len(dst)] != dst):
+            return False
+        proto = frame[ip + IPV6_NEXT_HEADER]
+        at = ip + IPV6_HLEN
+        if proto in EXTENSION_HEADERS:
+            proto, at = _upper_layer(frame, ip)
+            if proto == -2:
+                return False
+    else:
+        if n < ip + IPV4_HLEN or (dst and frame[ip + IPV4_DST : ip + IPV4_DST + len(dst)] != dst):
+            return False
+        proto = frame[ip + IPV4_PROTO]
+        if frame[ip + IPV4_FRAG_AT] & _FRAG_HI or frame[ip + IPV4_FRAG_AT + 1] & _FRAG_LO:
+            return True  # a fragment past the first: no ports in it
+        at = ip + (frame[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT
+    if proto != IPPROTO_TCP and proto != IPPROTO_UDP:
+        return True
+    at += flow.port_at
+    return proto == flow.l4 and frame[at : at + 2] == flow.port
 
 
 def switch_frame(
@@ -88,7 +156,7 @@ def switch_frame(
     in the table's ``drops`` under a named reason). ``hot`` is the table's :attr:`~LabelSwitchingTable.hot`:
     the arrays unpacked into locals here, which spares a dozen attribute lookups per frame."""
     (valid, in_port, peer, peer_ip_of, v6, out_port_of, rewrite,
-     packets, octets, last_seen, watch_of, drops) = hot  # fmt: skip
+     packets, octets, last_seen, watch_of, drops, flow_of) = hot  # fmt: skip
     n = len(frame)
     if n < LABELLED_MIN:
         if n < LSE_AT or frame[ETH_TYPE : ETH_TYPE + 2] != MPLS_ETHERTYPE:
@@ -117,6 +185,9 @@ def switch_frame(
         at = ip + (IPV6_SRC if v6[label] else IPV4_SRC)
         if frame[at : at + len(peer_ip)] != peer_ip:
             return _drop(drops, "label_wrong_ingress")
+    flow = flow_of[label]
+    if flow is not None and not in_flow(frame, ip, v6[label], flow):
+        return _drop(drops, flow.reason)
     if (entry & MPLS_TTL_MASK) <= 1:
         return _drop(drops, "mpls_ttl_expired")
     out_port: int = out_port_of[label]
@@ -143,4 +214,4 @@ def switch_frame(
     return out_port
 
 
-__all__ = ["DROPPED", "NOT_LABELLED", "switch_frame"]
+__all__ = ["DROPPED", "NOT_LABELLED", "in_flow", "switch_frame"]
