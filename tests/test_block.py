@@ -24,6 +24,7 @@ from helpers import (
     mutation,
     pack,
     recording,
+    reused_label_pair,
     tcp,
 )
 from mplslb.balancer import Balancer, BlockResult, Frames
@@ -174,3 +175,26 @@ def test_a_block_that_withdraws_labels_it_later_carries_matches_frame_by_frame()
     assert [(r.name, r.status, r.packets_in, r.packets_out) for r in a.servers] == [
         (r.name, r.status, r.packets_in, r.packets_out) for r in b.servers
     ]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("same_client", [False, True], ids=["other-client", "same-client"])
+@pytest.mark.parametrize("way", ["receive", "receive_block-bytes", "receive_block-words"])
+def test_a_reused_label_pairs_late_s2c_frame_never_reaches_the_new_client(way: str, same_client: bool, v6: bool) -> None:
+    """A label pair reused by a new session to the same server: the server agent's late frame of the old flow
+    passes the label's ingress binding (same port, MAC, the VIP as source) but not its destination: dropped as
+    label_wrong_destination, while the new session's frames pass both ways."""
+    pair = reused_label_pair(same_client=same_client, v6=v6)
+    net, balancer = pair.net, pair.net.balancer
+    frames = [pair.late, pair.reply, pair.late, pair.request]
+    if way == "receive":
+        out = balancer.receive_batch(frames, net.now)
+    else:
+        buf, starts, lengths, ports = pack(frames, aligned=way.endswith("words"))
+        out = listed(balancer.receive_block(buf, starts, lengths, ports, net.now), buf, starts, lengths)
+    assert len(out) == 2
+    (reply, request) = out
+    delivered = net.deliver_to_client(pair.new_client, [reply])
+    assert len(delivered) == 1 and delivered[0].endswith(b"a2")
+    assert request[0] == net.server_port["s1"] and label_of(request[1]) == pair.c2s
+    assert balancer.stats().drops == {"label_wrong_destination": 2}

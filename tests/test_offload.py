@@ -38,9 +38,13 @@ from helpers import (
     client_mac,
     client_udp,
     ether,
+    icmp4,
+    icmp6,
     ipv4,
     ipv6,
     labelled,
+    pack,
+    reused_label_pair,
     standard_balancer,
     standard_config,
     tcp_segment,
@@ -57,7 +61,8 @@ from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, xdp_state
 from mplslb.sessions import Timeouts
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END
-from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ip import IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ipv4 import IP_MF
 from mplslb.wire.mpls import pack_entry
 
 WAIT = 10.0  # seconds any exchange may take, at most
@@ -99,6 +104,27 @@ INSTALLS: dict[int, dict[str, Any]] = {
     E: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(2)),
     W: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client_addr(0), watch=WATCH_ALL),
 }
+
+
+# Labels with a session's flow binding: a C2S label (client 0, port 40000) and S2C labels (to client 0 port 40000
+# over TCP, to client 1 port 40001 over UDP and IPv6), as the balancer installs them.
+F, G, H = 501, 502, 504
+FLOW_INSTALLS: dict[int, dict[str, Any]] = {
+    F: INSTALLS[A] | dict(proto=IPPROTO_TCP, src_port=40000),
+    G: INSTALLS[B] | dict(proto=IPPROTO_TCP, dst_ip=client_addr(0), dst_port=40000),
+    H: dict(
+        out_port=1,
+        next_hop=client_mac(1),
+        in_port=3,
+        peer=S2.mac,
+        peer_ip=VIP6,
+        watch=IPV6_PAYLOAD,
+        proto=IPPROTO_UDP,
+        dst_ip=client_addr(1, v6=True),
+        dst_port=40001,
+    ),
+}
+INSTALLS.update(FLOW_INSTALLS)
 
 
 def install_all(balancer: Balancer) -> None:
@@ -189,6 +215,82 @@ CASES: list[tuple[str, int, bytes, str, bool]] = [
     ("unlabelled", 0, ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN)), "pass", True),
     ("truncated", 0, from_client(A, b"")[:16], "pass", False),
 ]
+
+
+def from_server(label: int, packet: bytes, *, port: int = 2, mac: bytes = S1.mac) -> bytes:
+    return labelled(PORT_MAC[port], mac, label, packet)
+
+
+def to_client(dst: bytes, dport: int, *, proto: int = IPPROTO_TCP, **kw: Any) -> bytes:
+    """From the VIP (port 80) to ``dst``:``dport``, IPv4."""
+    if proto == IPPROTO_TCP:
+        return ipv4(VIP, dst, proto, tcp_segment(VIP, dst, 80, dport, ACK, b"answer"), **kw)
+    return ipv4(VIP, dst, proto, udp_datagram(VIP, dst, 80, dport, b"answer"), **kw)
+
+
+def to_client6(dst: bytes, dport: int, *, ext: bytes = b"", first: int = IPPROTO_UDP) -> bytes:
+    return ipv6(VIP6, dst, first, udp_datagram(VIP6, dst, 53, dport, b"answer"), ext=ext)
+
+
+C0, C1_6, C3 = client_addr(0), client_addr(1, v6=True), client_addr(3)
+QUOTED = ipv4(C0, VIP, IPPROTO_TCP, tcp_segment(C0, VIP, 40000, 80, ACK))[:28]
+DSTOPTS_UDP = bytes([IPPROTO_UDP, 0]) + bytes(6)
+LATER_FRAGMENT_UDP = bytes([IPPROTO_UDP, 0]) + struct.pack("!HI", 100 << 3, 7)
+#: (name, ingress port, frame, the kernel's verdict, the one-frame path's drop reason or None when it forwards)
+FLOW_CASES: list[tuple[str, int, bytes, str, str | None]] = [
+    ("c2s", 0, from_client(F, v4_tcp(ACK)), "redirect", None),
+    (
+        "c2s other source port",
+        0,
+        from_client(F, ipv4(C0, VIP, IPPROTO_TCP, tcp_segment(C0, VIP, 40001, 80, ACK))),
+        "pass",
+        "label_wrong_source_port",
+    ),
+    ("c2s udp, same port", 0, from_client(F, ipv4(C0, VIP, IPPROTO_UDP, udp_datagram(C0, VIP, 40000, 80))), "pass",
+     "label_wrong_source_port"),
+    ("s2c", 2, from_server(G, to_client(C0, 40000)), "redirect", None),
+    ("s2c other client", 2, from_server(G, to_client(C3, 40000)), "pass", "label_wrong_destination"),
+    ("s2c other port", 2, from_server(G, to_client(C0, 40002)), "pass", "label_wrong_destination"),
+    ("s2c udp, same port", 2, from_server(G, to_client(C0, 40000, proto=IPPROTO_UDP)), "pass",
+     "label_wrong_destination"),
+    ("s2c ip options", 2, from_server(G, to_client(C0, 40000, options=b"\x01\x01\x01\x00")), "redirect", None),
+    ("s2c ip options, other port", 2, from_server(G, to_client(C0, 40002, options=b"\x01\x01\x01\x00")), "pass",
+     "label_wrong_destination"),
+    ("s2c icmp error", 2, from_server(G, ipv4(VIP, C0, IPPROTO_ICMP, icmp4(3, 4, 1400, QUOTED))), "redirect", None),
+    ("s2c icmp error, other client", 2, from_server(G, ipv4(VIP, C3, IPPROTO_ICMP, icmp4(3, 4, 1400, QUOTED))),
+     "pass", "label_wrong_destination"),
+    ("s2c later fragment", 2, from_server(G, ipv4(VIP, C0, IPPROTO_TCP, b"\x10" * 24, flags=0, frag_offset=64)),
+     "redirect", None),
+    ("s2c later fragment, other client", 2,
+     from_server(G, ipv4(VIP, C3, IPPROTO_TCP, b"\x10" * 24, flags=0, frag_offset=64)), "pass",
+     "label_wrong_destination"),
+    ("s2c first fragment, other port", 2, from_server(G, to_client(C0, 40002, flags=IP_MF)), "pass",
+     "label_wrong_destination"),
+    ("s2c cut in the port", 2, from_server(G, to_client(C0, 40000)[:23]), "pass", "label_wrong_destination"),
+    ("s2c ip header cut", 2, from_server(G, to_client(C0, 40000)[:19]), "pass", "label_wrong_destination"),
+    ("s2c header only", 2, from_server(G, b""), "pass", "label_wrong_ingress"),  # no IP source
+    ("s2c6", 3, from_server(H, to_client6(C1_6, 40001), port=3, mac=S2.mac), "redirect", None),
+    ("s2c6 other client", 3, from_server(H, to_client6(client_addr(5, v6=True), 40001), port=3, mac=S2.mac), "pass",
+     "label_wrong_destination"),
+    ("s2c6 other port", 3, from_server(H, to_client6(C1_6, 40003), port=3, mac=S2.mac), "pass",
+     "label_wrong_destination"),
+    ("s2c6 icmp6 error", 3,
+     from_server(H, ipv6(VIP6, C1_6, IPPROTO_ICMPV6, icmp6(1, 4, 0, bytes(48))), port=3, mac=S2.mac), "redirect", None),
+    ("s2c6 extension header", 3,
+     from_server(H, to_client6(C1_6, 40001, ext=DSTOPTS_UDP, first=IPPROTO_DSTOPTS), port=3, mac=S2.mac), "pass",
+     None),
+    ("s2c6 extension header, other port", 3,
+     from_server(H, to_client6(C1_6, 40003, ext=DSTOPTS_UDP, first=IPPROTO_DSTOPTS), port=3, mac=S2.mac), "pass",
+     "label_wrong_destination"),
+    ("s2c6 later fragment", 3,
+     from_server(H, to_client6(C1_6, 40003, ext=LATER_FRAGMENT_UDP, first=IPPROTO_FRAGMENT), port=3, mac=S2.mac),
+     "pass", None),
+    ("s2c6 cut extension header", 3,
+     from_server(H, to_client6(C1_6, 40001, ext=b"\x11\x05" + bytes(6), first=IPPROTO_HOPOPTS), port=3, mac=S2.mac),
+     "pass", "label_wrong_destination"),
+    ("s2c6 header cut", 3, from_server(H, to_client6(C1_6, 40001)[:39], port=3, mac=S2.mac), "pass",
+     "label_wrong_destination"),
+]  # fmt: skip
 
 
 def test_offload_key_is_validated() -> None:
@@ -586,3 +688,79 @@ def test_kernel_traffic_keeps_a_session_from_its_idle_timeout(
     finally:
         core.close()
     assert balancer.switching.mirrors == []
+
+
+@needs_kernel
+def test_flow_binding_agrees_across_the_three_paths(topo: tuple[str, str], obj: bytes) -> None:
+    """Frames that differ from a session's own only in the inner destination address, the port or the protocol
+    (and the cases that carry no port: ICMP errors, later fragments, IPv6 extension headers): the one-frame path
+    forwards or drops them under the named reason, the block path switches exactly the ones it forwards (the
+    IPv6 extension headers excepted: left to the one-frame path) and the program redirects exactly the ones it
+    forwards with the same bytes (the IPv6 extension headers excepted: passed up)."""
+    lb, _ = topo
+    kernel, one, block = standard_balancer(), standard_balancer(), standard_balancer()
+    for b in (kernel, one, block):
+        for label, kwargs in FLOW_INSTALLS.items():
+            b.switching.install(label, **kwargs)
+    offload = offload_in(lb, kernel, obj)
+    try:
+        assert all(offload.lookup(label) is not None for label in FLOW_INSTALLS)
+        expected: list[tuple[int, bytes]] = []
+        with entered(lb):
+            for name, port, frame, verdict, reason in FLOW_CASES:
+                before = dict(one.switching.drops)
+                out = one.receive(port, frame, 1.0)
+                expected += out
+                dropped = {k: v - before.get(k, 0) for k, v in one.switching.drops.items() if v != before.get(k, 0)}
+                assert dropped == ({reason: 1} if reason else {}), name
+                assert bool(out) == (reason is None), name
+                run = offload.run(frame, port)
+                if verdict == "redirect":
+                    assert run.retval == bpf.XDP_REDIRECT and len(out) == 1 and run.data == out[0][1], name
+                    assert offload.lookup(label_of(frame))[0] == offload.ifindex[out[0][0]], name  # type: ignore[index]
+                else:
+                    assert run.retval == bpf.XDP_PASS and run.data == frame, name
+        for aligned in (False, True):
+            b = standard_balancer()
+            for label, kwargs in FLOW_INSTALLS.items():
+                b.switching.install(label, **kwargs)
+            buf, starts, lengths, ports = pack([(port, frame) for _, port, frame, _, _ in FLOW_CASES], aligned=aligned)
+            result = b.receive_block(buf, starts, lengths, ports, 1.0)
+            taken = [name for (name, *_), p in zip(FLOW_CASES, result.out_port, strict=True) if p >= 0]
+            assert taken == [name for name, _, _, verdict, _ in FLOW_CASES if verdict == "redirect"]
+            got = [(int(p), buf[s : s + n].tobytes()) for p, s, n in zip(result.out_port, starts, lengths) if p >= 0]
+            got += [(port, frame) for _, port, frame in result.extra]
+            assert sorted(got) == sorted(expected)
+            assert b.stats().drops == one.stats().drops
+    finally:
+        offload.close()
+
+
+@needs_kernel
+@pytest.mark.parametrize("same_client", [False, True], ids=["other-client", "same-client"])
+def test_a_reused_label_pairs_late_s2c_frame_goes_up_from_the_kernel(
+    topo: tuple[str, str], obj: bytes, same_client: bool
+) -> None:
+    """The late-frame scenario of tests/test_block.py through the program: once the new session's S2C label is in
+    the kernel, the old flow's late frame is passed up (and dropped there as label_wrong_destination), the new
+    session's frames are redirected as userspace forwards them."""
+    lb, _ = topo
+    pair = reused_label_pair(same_client=same_client)
+    balancer, now = pair.net.balancer, pair.net.now
+    offload = offload_in(lb, balancer, obj)
+    try:
+        (sent,) = balancer.receive(*pair.reply, now)  # the first answer ends the response-time measurement ...
+        offload.sync()
+        s2c = label_of(pair.reply[1])
+        assert offload.lookup(s2c) is not None and offload.lookup(pair.c2s) is not None  # ... so both are offloaded
+        with entered(lb):
+            late = offload.run(pair.late[1], pair.late[0])
+            assert late.retval == bpf.XDP_PASS and late.data == pair.late[1]
+            reply = offload.run(pair.reply[1], pair.reply[0])
+            assert reply.retval == bpf.XDP_REDIRECT and reply.data == sent[1]
+            request = offload.run(pair.request[1], pair.request[0])
+            assert request.retval == bpf.XDP_REDIRECT
+        assert balancer.receive(*pair.late, now) == []
+        assert balancer.stats().drops == {"label_wrong_destination": 1}
+    finally:
+        offload.close()
