@@ -391,7 +391,9 @@ def reused_label_pair(*, same_client: bool, v6: bool = False) -> ReusedPair:
     assert late is not None and reply is not None and label_of(late) == label_of(reply) == s2c_of(c2s)
     port = net.client_port(new_client)
     request = labelled(PORT_MAC[port], client_mac(new_client), c2s, udp(new, vip, 6000, DNS, b"q2"))
-    return ReusedPair(net, new_client, c2s, (net.server_port[name], late), (net.server_port[name], reply), (port, request))
+    return ReusedPair(
+        net, new_client, c2s, (net.server_port[name], late), (net.server_port[name], reply), (port, request)
+    )
 
 
 # == recordings and mutations ==========================================================================================
@@ -443,6 +445,11 @@ def frames_only() -> list[Call]:
 
 
 mutation = st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(0, 1600), st.integers(0, 255))
+#: Mutations aimed at what the fast paths read: the label entry, the IP header (options included) and the first
+#: bytes of TCP or UDP (ports, TCP flags).
+header_mutation = st.tuples(
+    st.sampled_from(["flip", "set", "cut"]), st.integers(14, 14 + 4 + 60 + 16), st.integers(0, 255)
+)
 
 
 def mutate(frame: bytes, mutations: list[tuple[str, int, int]]) -> bytes:

@@ -18,6 +18,7 @@ from helpers import (
     client_addr,
     frames_only,
     handshake,
+    header_mutation,
     label_of,
     make_config,
     mutate,
@@ -83,7 +84,10 @@ def test_the_whole_recording_in_blocks_matches_frame_by_frame(aligned: bool) -> 
 @given(
     cut=st.integers(100, 900),
     block_size=st.integers(1, 200),
-    mutations=st.lists(st.tuples(st.integers(0, 10_000), st.lists(mutation, min_size=1, max_size=3)), max_size=20),
+    mutations=st.lists(
+        st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
+        max_size=20,
+    ),
     aligned=st.booleans(),
 )
 def test_blocks_with_mutated_frames_match_frame_by_frame(
@@ -180,7 +184,9 @@ def test_a_block_that_withdraws_labels_it_later_carries_matches_frame_by_frame()
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("same_client", [False, True], ids=["other-client", "same-client"])
 @pytest.mark.parametrize("way", ["receive", "receive_block-bytes", "receive_block-words"])
-def test_a_reused_label_pairs_late_s2c_frame_never_reaches_the_new_client(way: str, same_client: bool, v6: bool) -> None:
+def test_a_reused_label_pairs_late_s2c_frame_never_reaches_the_new_client(
+    way: str, same_client: bool, v6: bool
+) -> None:
     """A label pair reused by a new session to the same server: the server agent's late frame of the old flow
     passes the label's ingress binding (same port, MAC, the VIP as source) but not its destination: dropped as
     label_wrong_destination, while the new session's frames pass both ways."""

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pyroute2 import IPRoute, netns
 
 from helpers import (
@@ -38,12 +40,15 @@ from helpers import (
     client_mac,
     client_udp,
     ether,
+    header_mutation,
     icmp4,
     icmp6,
     ipv4,
     ipv6,
     labelled,
+    mutate,
     pack,
+    recording,
     reused_label_pair,
     standard_balancer,
     standard_config,
@@ -60,9 +65,19 @@ from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, xdp_state
 from mplslb.sessions import Timeouts
-from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END
-from mplslb.wire.ip import IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
+from mplslb.switching.layout import IP_AT, IPV6_NEXT_HEADER, LSE_AT
+from mplslb.wire.ip import (
+    IPPROTO_DSTOPTS,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+)
 from mplslb.wire.ipv4 import IP_MF
+from mplslb.wire.ipv6 import EXTENSION_HEADERS
 from mplslb.wire.mpls import pack_entry
 
 WAIT = 10.0  # seconds any exchange may take, at most
@@ -728,7 +743,8 @@ def test_flow_binding_agrees_across_the_three_paths(topo: tuple[str, str], obj: 
             result = b.receive_block(buf, starts, lengths, ports, 1.0)
             taken = [name for (name, *_), p in zip(FLOW_CASES, result.out_port, strict=True) if p >= 0]
             assert taken == [name for name, _, _, verdict, _ in FLOW_CASES if verdict == "redirect"]
-            got = [(int(p), buf[s : s + n].tobytes()) for p, s, n in zip(result.out_port, starts, lengths) if p >= 0]
+            rows = zip(result.out_port, starts, lengths, strict=True)
+            got = [(int(p), buf[s : s + n].tobytes()) for p, s, n in rows if p >= 0]
             got += [(port, frame) for _, port, frame in result.extra]
             assert sorted(got) == sorted(expected)
             assert b.stats().drops == one.stats().drops
@@ -762,5 +778,78 @@ def test_a_reused_label_pairs_late_s2c_frame_goes_up_from_the_kernel(
             assert request.retval == bpf.XDP_REDIRECT
         assert balancer.receive(*pair.late, now) == []
         assert balancer.stats().drops == {"label_wrong_destination": 1}
+    finally:
+        offload.close()
+
+
+@needs_kernel
+def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[str, str], obj: bytes) -> None:
+    """A recorded run replayed with the kernel offload mirroring the table, each labelled frame tried on the three
+    paths before the balancer takes it; half-way, hypothesis' mutations of recorded frames' headers (inner
+    addresses, ports, protocol, IHL, label entry; frames of earlier sessions whose labels were since reused
+    among them). Every frame the program redirects or the block path switches, the one-frame path forwards to the
+    same port with the same bytes; every frame the one-frame path forwards, the block path switches and the
+    program redirects, but for the documented exceptions (an 802.1Q tag, IPv6 extension headers under a
+    flow-bound label, a label kept out of the kernel, a frame the session manager must see)."""
+    lb, _ = topo
+    config, calls = recording()
+    balancer = Balancer(config)
+    table = balancer.switching
+    offload = offload_in(lb, balancer, obj)
+    seen = {"redirect": 0, "drop": 0, "frames": 0}
+
+    def three_ways(port: int, frame: bytes, now: float) -> None:
+        out: list[tuple[int, bytes]] = []
+        events: list[FastEvent] = []
+        drops = dict(table.drops)
+        forwarded = switch_frame(table.hot, port, frame, now, out, events) >= 0
+        table.drops.clear()
+        table.drops.update(drops)  # the balancer's own figures stay as the recording had them
+        if len(frame) < LSE_AT:  # BPF_PROG_TEST_RUN takes whole Ethernet headers only (and such a runt is no label's)
+            assert not forwarded
+            return
+        with entered(lb):
+            run = offload.run(frame, port)
+        buf, starts, lengths, ports = pack([(port, frame)])
+        verdict = switch_block(table, buf, starts, lengths, ports, now, [], count=False)
+        label = label_of(frame) if len(frame) >= IP_AT else 0
+        seen["frames"] += 1
+        if run.retval == bpf.XDP_REDIRECT:
+            seen["redirect"] += 1
+            assert forwarded and run.data == out[0][1]
+            assert offload.lookup(label)[0] == offload.ifindex[out[0][0]]  # type: ignore[index]
+        else:
+            assert run.retval == bpf.XDP_PASS and run.data == frame
+            seen["drop"] += not forwarded
+        if verdict.switched[0]:
+            assert forwarded and buf[: len(frame)].tobytes() == out[0][1] and verdict.out_port[0] == out[0][0]
+        if forwarded:
+            tagged = frame[12:14] == b"\x81\x00"
+            extended = bool(table.v6[label]) and frame[IP_AT + IPV6_NEXT_HEADER] in EXTENSION_HEADERS
+            assert verdict.switched[0] or tagged or (extended and table.l4[label])
+            assert run.retval == bpf.XDP_REDIRECT or offload.lookup(label) is None or events or extended
+
+    recorded = [(c.port, c.frame) for c in calls if c.port >= 0 and c.frame[12:14] == b"\x88\x47"]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(which=st.integers(0, 1 << 16), muts=st.lists(header_mutation, min_size=1, max_size=3))
+    def mutated(now: float, which: int, muts: list[tuple[str, int, int]]) -> None:
+        port, frame = recorded[which % len(recorded)]
+        three_ways(port, mutate(frame, muts), now)
+
+    try:
+        for i, c in enumerate(calls):
+            if i == len(calls) // 2:
+                before = seen["frames"]
+                mutated(c.now)
+                assert seen["frames"] - before >= 100
+            if c.port < 0:
+                balancer.on_timer(c.now)
+            else:
+                if c.frame[12:14] == b"\x88\x47":
+                    three_ways(c.port, c.frame, c.now)
+                balancer.receive(c.port, c.frame, c.now)
+            offload.sync()
+        assert seen["redirect"] > len(recorded) // 4 and seen["drop"] > 0
     finally:
         offload.close()

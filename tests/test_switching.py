@@ -407,3 +407,46 @@ def test_folded_counters_add_up_and_last_seen_only_moves_forward(table: LabelSwi
     table.fold_counters(labels, np.array([3, 1]), np.array([300, 64]), np.array([12.0, 9.0]))
     assert table.traffic(LABEL) == (3, 300) and table.traffic(LABEL + 2) == (1, 64)
     assert table.last_seen[LABEL] == 12.0 and table.last_seen[LABEL + 2] == 10.0
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"proto": IPPROTO_TCP}, "needs the client's port"),
+        ({"dst_ip": CLIENT}, "needs the client's port"),
+        ({"src_port": 40000}, "proto TCP or UDP"),
+        ({"proto": 1, "src_port": 40000}, "proto TCP or UDP"),
+        ({"proto": IPPROTO_TCP, "src_port": 1, "dst_port": 2, "dst_ip": CLIENT}, "not both"),
+        ({"proto": IPPROTO_UDP, "src_port": 70000}, "outside 0-65535"),
+        ({"proto": IPPROTO_UDP, "dst_port": 53}, "client's address"),
+        ({"proto": IPPROTO_UDP, "dst_port": 53, "dst_ip": CLIENT6}, "client's address"),
+    ],
+)
+def test_install_rejects_a_bad_flow_binding(table: LabelSwitchingTable, kw: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        install_c2s(table, **kw)
+    assert table.installed == 0
+
+
+def test_a_c2s_label_bound_to_the_clients_port_takes_only_that_port(table: LabelSwitchingTable) -> None:
+    """The one-frame path's named reasons for the flow binding (the three paths are compared case by case in
+    tests/test_offload.py): a C2S frame from another source port of the same client is dropped; an S2C label
+    reinstalled for another client drops frames to the previous one."""
+    install_c2s(table, peer_ip=CLIENT, proto=IPPROTO_TCP, src_port=40000)
+    assert switch(table, 0, c2s_frame())[0] == 2
+    other = labelled(
+        PORT_MACS[0], CLIENT_MAC, LABEL, ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40001, 80, ACK))
+    )
+    assert switch(table, 0, other)[0] == DROPPED and table.drops == {"label_wrong_source_port": 1}
+    s2c = LABEL + 1
+    table.install(s2c, out_port=0, next_hop=CLIENT_MAC, in_port=2, peer=SERVER_MAC, peer_ip=VIP,
+                  proto=IPPROTO_TCP, dst_ip=CLIENT, dst_port=40000)  # fmt: skip
+    answer = labelled(
+        PORT_MACS[2], SERVER_MAC, s2c, ipv4(VIP, CLIENT, IPPROTO_TCP, tcp_segment(VIP, CLIENT, 80, 40000, ACK))
+    )
+    assert switch(table, 2, answer)[0] == 0
+    table.install(s2c, out_port=1, next_hop=OTHER_MAC, in_port=2, peer=SERVER_MAC, peer_ip=VIP,
+                  proto=IPPROTO_TCP, dst_ip=ip("10.1.0.2"), dst_port=40000)  # fmt: skip
+    assert switch(table, 2, answer)[0] == DROPPED and table.drops["label_wrong_destination"] == 1
+    table.withdraw(s2c)
+    assert table.flow[s2c] is None and table.l4[s2c] == 0

@@ -4,14 +4,14 @@ established sessions are switched by the kernel and never reach Python.
 Theory of operation
 -------------------
 One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Ethernet port of the balancer, and one
-hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace fast
-path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, the session's flow,
-TTL > 1; an IPv6 packet with extension headers under a flow-bound label goes up, the userspace path walks them); a frame that
-passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses of the label's row,
-its TTL decremented and an 802.1Q tag dropped, exactly as :func:`~mplslb.switching.scalar.switch_frame` builds
-it. The program is built from the same layout as the userspace paths (:mod:`mplslb.switching.layout`). Everything
-else is ``XDP_PASS``: the daemon's packet socket gets it and the userspace path forwards, reports, or drops and
-counts it as it does without the offload.
+hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace
+fast path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, the session's
+flow, TTL > 1; an IPv6 packet with extension headers under a flow-bound label goes up: the userspace path walks
+them); a frame that passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses
+of the label's row, its TTL decremented and an 802.1Q tag dropped, exactly as
+:func:`~mplslb.switching.scalar.switch_frame` builds it. The program is built from the same layout as the userspace
+paths (:mod:`mplslb.switching.layout`). Everything else is ``XDP_PASS``: the daemon's packet socket gets it and the
+userspace path forwards, reports, or drops and counts it as it does without the offload.
 
 What goes into the map (:meth:`XdpOffload.sync`): the offload is a :class:`~mplslb.switching.table.Mirror` of
 the table, told of each install, withdrawal and watch change as it happens; it notes the label, and ``sync`` writes

@@ -2,15 +2,15 @@
 
 Theory of operation
 -------------------
-:func:`switch_block` takes what a TPACKET_V3 ring block holds (many frames in one buffer, with their starts,
-lengths and ingress ports) and makes, for all of them at once, exactly the checks the one-frame path
-(:func:`~mplslb.switching.scalar.switch_frame`) makes: label installed and not reserved, bound to the ingress
-port, source MAC and IP source, bottom of stack, the session's flow (the client's port, and on S2C labels its
-address as the destination; see :mod:`~mplslb.switching.scalar`), TTL above 1. An IPv6 packet with extension
-headers under a flow-bound label is left to the one-frame path, which walks them. The frames that pass are rewritten where they lie
-(Ethernet addresses, TTL - 1) and counted; every other frame is left untouched for the one-frame path, which
-drops it under its reason or hands it to the packet analyzing unit. Reports for the session manager (FIN/RST,
-watched labels) are appended in frame order.
+:func:`switch_block` takes what a TPACKET_V3 ring block holds (many frames in one buffer, with their starts, lengths
+and ingress ports) and makes, for all of them at once, exactly the checks the one-frame path
+(:func:`~mplslb.switching.scalar.switch_frame`) makes: label installed and not reserved, bound to the ingress port,
+source MAC and IP source, bottom of stack, the session's flow (the client's port, and on S2C labels its address as
+the destination; see :mod:`~mplslb.switching.scalar`), TTL above 1. An IPv6 packet with extension headers under a
+flow-bound label is left to the one-frame path, which walks them. The frames that pass are rewritten where they lie
+(Ethernet addresses, TTL - 1) and counted; every other frame is left untouched for the one-frame path, which drops
+it under its reason or hands it to the packet analyzing unit. Reports for the session manager (FIN/RST, watched
+labels) are appended in frame order.
 
 The per-label facts the scalar path keeps as bytes objects (cheapest to join one frame at a time) are needed here
 as fixed-width rows to gather in bulk: :class:`BlockTables` keeps them, a :class:`~mplslb.switching.table.Mirror`
@@ -27,11 +27,11 @@ import numpy as np
 
 from mplslb.switching.layout import (
     ETH_ADDRS,
-    FRAG_OFFSET_MASK,
     ETH_ALEN,
     ETH_P_MPLS_UC,
     ETH_SRC,
     ETH_TYPE,
+    FRAG_OFFSET_MASK,
     IP_AT,
     IPPROTO_TCP,
     IPPROTO_UDP,

@@ -48,11 +48,11 @@ from __future__ import annotations
 
 from mplslb.switching.layout import (
     ENTRY,
-    FRAG_OFFSET_MASK,
     ETH_P_8021Q,
     ETH_P_MPLS_UC,
     ETH_SRC,
     ETH_TYPE,
+    FRAG_OFFSET_MASK,
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPV4_DST,

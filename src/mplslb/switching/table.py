@@ -265,9 +265,7 @@ class LabelSwitchingTable:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
 
-    def _flow(
-        self, watch: int, proto: int, src_port: int | None, dst_ip: bytes, dst_port: int | None
-    ) -> Flow | None:
+    def _flow(self, watch: int, proto: int, src_port: int | None, dst_ip: bytes, dst_port: int | None) -> Flow | None:
         """The flow binding :meth:`install` was given, checked."""
         if src_port is None and dst_port is None:
             if proto or dst_ip:
