@@ -188,8 +188,8 @@ def test_a_reused_label_pairs_late_s2c_frame_never_reaches_the_new_client(
     way: str, same_client: bool, v6: bool
 ) -> None:
     """A label pair reused by a new session to the same server: the server agent's late frame of the old flow
-    passes the label's ingress binding (same port, MAC, the VIP as source) but not its destination: dropped as
-    label_wrong_destination, while the new session's frames pass both ways."""
+    passes the label's ingress binding (same port, MAC, the VIP as source) but not its flow (another client, or
+    another port of the same client): dropped as label_wrong_flow, while the new session's frames pass both ways."""
     pair = reused_label_pair(same_client=same_client, v6=v6)
     net, balancer = pair.net, pair.net.balancer
     frames = [pair.late, pair.reply, pair.late, pair.request]
@@ -203,4 +203,4 @@ def test_a_reused_label_pairs_late_s2c_frame_never_reaches_the_new_client(
     delivered = net.deliver_to_client(pair.new_client, [reply])
     assert len(delivered) == 1 and delivered[0].endswith(b"a2")
     assert request[0] == net.server_port["s1"] and label_of(request[1]) == pair.c2s
-    assert balancer.stats().drops == {"label_wrong_destination": 2}
+    assert balancer.stats().drops == {"label_wrong_flow": 2}

@@ -395,8 +395,8 @@ class Balancer:
             peer_ip=a.key.src,
             watch=end_watch | v6 | (WATCH_ALL if tcp and not a.payload_len else 0),
             now=now,
-            proto=a.key.proto,
-            src_port=a.key.sport,
+            dst_ip=a.key.dst,
+            ports=(a.key.sport, a.key.dport),
         )
         self.switching.install(
             s2c_of(c2s),
@@ -407,9 +407,8 @@ class Balancer:
             peer_ip=a.key.dst,
             watch=end_watch | v6 | WATCH_ALL,
             now=now,
-            proto=a.key.proto,
             dst_ip=a.key.src,
-            dst_port=a.key.sport,
+            ports=(a.key.dport, a.key.sport),
         )
         self._to_server(session, frame, a, now, out)
 

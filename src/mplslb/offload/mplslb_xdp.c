@@ -76,17 +76,16 @@ int mplslb_xdp(struct xdp_md *ctx)
 					return XDP_PASS;
 		}
 	}
-	if (e->l4) {
+	if (e->flags & F_FLOW) {
 		/* the session's flow, as mplslb.switching.scalar.in_flow: a failing frame goes up to be dropped there */
 		__u8 proto;
 		__u32 l4;
 		if (e->flags & F_V6) {
 			if (ip + IPV6_HLEN > end)
 				return XDP_PASS;
-			if (e->flags & F_DST)
-				for (int i = 0; i < IPV6_ADDR_LEN; i++)
-					if (ip[IPV6_DST + i] != e->dst_ip[i])
-						return XDP_PASS;
+			for (int i = 0; i < IPV6_ADDR_LEN; i++)
+				if (ip[IPV6_DST + i] != e->dst_ip[i])
+					return XDP_PASS;
 			proto = ip[IPV6_NEXT_HEADER];
 			if (proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING || proto == IPPROTO_FRAGMENT ||
 			    proto == IPPROTO_DSTOPTS || proto == IPPROTO_AH)
@@ -95,21 +94,21 @@ int mplslb_xdp(struct xdp_md *ctx)
 		} else {
 			if (ip + IPV4_HLEN > end)
 				return XDP_PASS;
-			if (e->flags & F_DST)
-				for (int i = 0; i < IPV4_ADDR_LEN; i++)
-					if (ip[IPV4_DST + i] != e->dst_ip[i])
-						return XDP_PASS;
-			proto = ip[IPV4_PROTO];
+			for (int i = 0; i < IPV4_ADDR_LEN; i++)
+				if (ip[IPV4_DST + i] != e->dst_ip[i])
+					return XDP_PASS;
 			if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK)
 				goto flow_done; /* a fragment past the first carries no ports */
+			proto = ip[IPV4_PROTO];
 			l4 = (ip[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
 		}
 		if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
-			__u8 *port = ip + l4 + e->port_at;
-			if (proto != e->l4 || port + L4_PORT_LEN > end)
+			__u8 *ports = ip + l4;
+			if (ports + L4_PORTS_LEN > end)
 				return XDP_PASS;
-			if (((port[0] << 8) | port[1]) != e->port)
-				return XDP_PASS;
+			for (int i = 0; i < L4_PORTS_LEN; i++)
+				if (ports[i] != e->ports[i])
+					return XDP_PASS;
 		}
 	}
 flow_done:

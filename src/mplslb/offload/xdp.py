@@ -56,7 +56,7 @@ import numpy as np
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
 from mplslb.switching.layout import (
-    F_DST,
+    F_FLOW,
     F_TCP_END,
     F_V6,
     KERNEL_ENTRY,
@@ -289,11 +289,11 @@ class XdpOffload:
 
     def _entry(self, label: int) -> bytes:
         t = self.table
-        dst_ip = t.dst_ip[label]
+        flow = t.flow[label]
         flags = (
             (F_V6 if t.v6[label] else 0)
             | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
-            | (F_DST if dst_ip else 0)
+            | (F_FLOW if flow else 0)
         )
         peer_ip = t.peer_ip[label]
         return KERNEL_ENTRY.pack(
@@ -304,10 +304,8 @@ class XdpOffload:
             flags,
             len(peer_ip),
             peer_ip,
-            dst_ip,
-            t.port[label],
-            t.l4[label],
-            t.port_at[label],
+            flow.dst_ip if flow else b"",
+            flow.ports if flow else b"",
             0,
             0,
             0,

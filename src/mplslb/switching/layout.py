@@ -25,6 +25,7 @@ from mplslb.labels import C2S_MAX, C2S_MIN, S2C_MAX, S2C_MIN
 from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 from mplslb.wire.ethernet import VLAN_TAG_LEN as VLAN_HLEN
 from mplslb.wire.ip import (
+    IP_VERSION_4,
     IPPROTO_AH,
     IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT,
@@ -86,6 +87,8 @@ TCP_FLAGS_UNKNOWN: Final = 0x100
 #: A TCP header further into the packet than this is past any frame one buffer holds: its flags are not read.
 MAX_TCP_OFFSET: Final = 16384
 
+L4_PORTS_LEN: Final = 4  # the source and destination ports, the first octets of TCP and UDP alike
+
 # -- per-label bits --------------------------------------------------------------------------------------------
 WATCH_TCP_END: Final = 0x01  # report frames whose TCP flags carry FIN or RST
 WATCH_ALL: Final = 0x02  # report every frame (a response-time measurement is under way)
@@ -99,7 +102,7 @@ IPV6_PAYLOAD: Final = 0x04
 #: ``flags`` of a kernel entry.
 F_V6: Final = 0x01  # the payload under the label is IPv6 (peer IP at IPV6_SRC; TCP flags only right after the header)
 F_TCP_END: Final = 0x02  # TCP session: FIN and RST go up to the session manager
-F_DST: Final = 0x04  # the IP destination is bound too (``dst_ip``: the client's address, on S2C labels)
+F_FLOW: Final = 0x04  # the session's flow is bound: IP destination ``dst_ip`` and, in TCP and UDP, ``ports``
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
 #: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The last three fields are the
@@ -112,10 +115,8 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("flags", "__u8", "B", 0),
     ("ip_len", "__u8", "B", 0),  # 0 (no IP binding), 4 or 16
     ("peer_ip", "__u8", "s", IPV6_ADDR_LEN),
-    ("dst_ip", "__u8", "s", IPV6_ADDR_LEN),  # with F_DST: the IP destination the label is bound to
-    ("port", "__u16", "H", 0),  # with l4: the client's port, at port_at in a TCP or UDP header
-    ("l4", "__u8", "B", 0),  # 0 (no flow binding) or the session's protocol, IPPROTO_TCP or IPPROTO_UDP
-    ("port_at", "__u8", "B", 0),  # L4_SPORT (C2S: the client's source port) or L4_DPORT (S2C: its destination)
+    ("dst_ip", "__u8", "s", IPV6_ADDR_LEN),  # with F_FLOW: the IP destination (4 or 16 octets, as peer_ip)
+    ("ports", "__u8", "s", L4_PORTS_LEN),  # with F_FLOW: source and destination port as on the wire
     ("packets", "__u64", "Q", 0),
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
@@ -143,6 +144,8 @@ KERNEL_ENTRY: Final = struct.Struct(struct_format(KERNEL_ENTRY_FIELDS))
 
 # -- the endpoints' kernel datapath (mplslb_endpoint.c) -------------------------------------------------------
 IP_VERSION_SHIFT: Final = 4  # the version nibble of the first octet, IPv4 and IPv6 alike
+#: The first octet of an IPv4 header without options: what the one-compare flow check of the fast paths expects.
+IPV4_PLAIN: Final = (IP_VERSION_4 << IP_VERSION_SHIFT) | IHL_MIN
 IPV4_FRAG_AT: Final = 6  # flags and fragment offset
 IPV4_PROTO: Final = 9
 IPV4_TOTAL_LEN: Final = 2
@@ -154,7 +157,6 @@ IPV6_EXT_MAX: Final = 6
 TCP_DOFF: Final = 12  # the data offset octet in the TCP header
 L4_SPORT: Final = 0
 L4_DPORT: Final = 2
-L4_PORT_LEN: Final = 2
 UDP_LEN: Final = 4
 SYN_ONLY: Final = int(TCPFlag.SYN)
 SYN_MASK: Final = int(TCPFlag.SYN | TCPFlag.ACK)
@@ -274,15 +276,15 @@ C_CONSTANTS: Final = (
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET",
-    "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END", "F_DST",
+    "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END", "F_FLOW",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
     "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
     "IPPROTO_HOPOPTS", "IPPROTO_ROUTING", "IPPROTO_FRAGMENT", "IPPROTO_DSTOPTS", "IPPROTO_AH", "IPPROTO_ICMP",
     "IPPROTO_ICMPV6", "EXT_UNIT", "EXT_MIN_LEN", "AH_UNIT", "AH_LEN_BIAS", "FRAGMENT_HLEN",
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
-    "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORT_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6", "ENDPOINT_TTL",
-    "NS_PER_MS",
+    "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORTS_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6",
+    "ENDPOINT_TTL", "NS_PER_MS",
 )  # fmt: skip
 
 
@@ -352,7 +354,7 @@ __all__ = [
     "FLOW_KEY_FIELDS",
     "FRAGMENT_HLEN",
     "FRAG_OFFSET_MASK",
-    "F_DST",
+    "F_FLOW",
     "F_TCP_END",
     "F_V6",
     "IHL_MIN",
@@ -371,6 +373,7 @@ __all__ = [
     "IPV4_HLEN",
     "IPV4_IHL_MASK",
     "IPV4_IHL_UNIT",
+    "IPV4_PLAIN",
     "IPV4_SRC",
     "IPV6_ADDR_LEN",
     "IPV6_DST",
@@ -382,7 +385,7 @@ __all__ = [
     "KERNEL_ENTRY",
     "KERNEL_ENTRY_FIELDS",
     "L4_DPORT",
-    "L4_PORT_LEN",
+    "L4_PORTS_LEN",
     "L4_SPORT",
     "LABELLED_MIN",
     "LABEL_SHIFT",

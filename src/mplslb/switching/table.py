@@ -15,10 +15,10 @@ them only through the table's methods:
   forwarded.
 
 Each row binds the label to where its frames may come from (ingress port, peer MAC, IP source) and, for a session
-label, to the session's flow: the client's port (C2S: the TCP or UDP source port; S2C: the destination port) and,
-on S2C labels, the client's address as the IP destination. A label pair is reused by later sessions, possibly to
-the same server, whose agent may still send a late frame of the old flow: the flow binding keeps that frame from
-reaching the new session's client (see :mod:`~mplslb.switching.scalar` for the exact rule).
+label, to the session's flow as that direction carries it: the IP destination and the TCP or UDP ports. A label
+pair is reused by later sessions, possibly to the same server, whose agent may still send a late frame of the old
+flow: the flow binding keeps that frame from reaching the new session's client (see
+:mod:`~mplslb.switching.scalar` for the exact rule).
 
 Copies of the rows kept elsewhere (the block path's fixed-width rows, the kernel offload's map, later other
 programs) are :class:`Mirror` objects: the table tells each one every install, withdrawal and watch change, in
@@ -36,13 +36,9 @@ from mplslb.switching.layout import (
     ENTRY,
     ETH_ALEN,
     ETH_P_MPLS_UC,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
     IPV4_ADDR_LEN,
     IPV6_ADDR_LEN,
     IPV6_PAYLOAD,
-    L4_DPORT,
-    L4_SPORT,
     LABEL_SHIFT,
     LABEL_SPACE,
     MPLS_BOS,
@@ -55,20 +51,16 @@ from mplslb.wire.mpls import TC_SHIFT
 MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 #: Distinct byte strings kept shared between labels (see :meth:`LabelSwitchingTable._intern`).
 INTERN_LIMIT = 1 << 16
-#: The drop reasons of a frame outside its label's flow: an S2C label's (IP destination or destination port not
-#: the client's) and a C2S label's (source port not the client's).
-WRONG_DESTINATION = "label_wrong_destination"
-WRONG_SOURCE_PORT = "label_wrong_source_port"
+#: The drop reason of a frame outside its label's session flow.
+WRONG_FLOW = "label_wrong_flow"
 
 
 class Flow(NamedTuple):
     """A label's flow binding as the one-frame path reads it (one tuple per label, None when unbound)."""
 
-    dst_ip: bytes  # b"" or the IP destination (4 or 16 bytes, as the label's payload)
-    l4: int  # the session's protocol: IPPROTO_TCP or IPPROTO_UDP
-    port_at: int  # L4_SPORT or L4_DPORT
-    port: bytes  # the port, 2 bytes big-endian as on the wire
-    reason: str  # what a frame outside the flow is dropped as
+    key: bytes  # IP source, IP destination and the two ports, as they lie in a packet without options or extensions
+    dst_ip: bytes  # the IP destination (4 or 16 bytes, as the label's payload)
+    ports: bytes  # source and destination port, 4 bytes as on the wire
 
 
 class SwitchEntry(NamedTuple):
@@ -121,9 +113,7 @@ class Arrays(NamedTuple):
     bytes: np.ndarray
     last_seen: np.ndarray
     generation: np.ndarray
-    l4: np.ndarray
-    port_at: np.ndarray
-    port: np.ndarray
+    bound: np.ndarray
 
 
 class LabelSwitchingTable:
@@ -151,10 +141,8 @@ class LabelSwitchingTable:
         # The flow binding (see the module docstring): the same facts as a tuple for the one-frame path and as
         # arrays for the block path and the kernel offload.
         self.flow: list[Flow | None] = [None] * LABEL_SPACE
-        self.dst_ip: list[bytes] = [b""] * LABEL_SPACE
-        self.l4 = bytearray(LABEL_SPACE)
-        self.port_at = bytearray(LABEL_SPACE)
-        self.port = array("H", [0]) * LABEL_SPACE
+        self.flow_key: list[bytes] = [b""] * LABEL_SPACE
+        self.bound = bytearray(LABEL_SPACE)
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
         #: table (the block path's) can tell whether it still stands.
@@ -168,6 +156,7 @@ class LabelSwitchingTable:
         self.hot = (
             self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
             self.bytes, self.last_seen, self.watch, self.drops, self.flow,
+            self.flow_key,
         )  # fmt: skip
 
     # -- the control plane -----------------------------------------------------------------------------------------
@@ -182,23 +171,21 @@ class LabelSwitchingTable:
         peer_ip: bytes = b"",
         watch: int = 0,
         now: float = 0.0,
-        proto: int = 0,
-        src_port: int | None = None,
         dst_ip: bytes = b"",
-        dst_port: int | None = None,
+        ports: tuple[int, int] | None = None,
     ) -> None:
         """Install ``label``: frames arriving on ``in_port`` from ``peer`` (and, if given, IP source ``peer_ip``)
         leave by ``out_port`` to ``next_hop``.
 
-        The flow binding of a session label: ``proto`` (TCP or UDP) with the client's ``src_port`` (a C2S label),
-        or with the client's address and port as ``dst_ip`` and ``dst_port`` (an S2C label)."""
+        The flow binding of a session label: its packets go from ``peer_ip`` to ``dst_ip`` and, when TCP or UDP,
+        from port ``ports[0]`` to ``ports[1]`` (the session's flow as this direction carries it)."""
         if not RESERVED_LABEL_MAX < label < LABEL_SPACE:
             raise ValueError(f"label {label} is outside the usable label space")
         if out_port not in self._port_macs or in_port not in self._port_macs:
             raise ValueError(f"unknown port in install: out {out_port}, in {in_port}")
         if len(next_hop) != ETH_ALEN or len(peer) != ETH_ALEN:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
-        flow = self._flow(watch, proto, src_port, dst_ip, dst_port)
+        flow = self._flow(watch, peer_ip, dst_ip, ports)
         if not self.valid[label]:
             self.installed += 1
         self.valid[label] = 1
@@ -212,10 +199,8 @@ class LabelSwitchingTable:
         self.peer[label] = self._intern(bytes(peer))
         self.peer_ip[label] = self._intern(bytes(peer_ip))
         self.flow[label] = flow
-        self.dst_ip[label] = flow.dst_ip if flow else b""
-        self.l4[label] = flow.l4 if flow else 0
-        self.port_at[label] = flow.port_at if flow else 0
-        self.port[label] = int.from_bytes(flow.port, "big") if flow else 0
+        self.flow_key[label] = flow.key if flow else b""
+        self.bound[label] = 1 if flow else 0
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
@@ -237,8 +222,8 @@ class LabelSwitchingTable:
         self.peer[label] = b""
         self.peer_ip[label] = b""
         self.flow[label] = None
-        self.dst_ip[label] = b""
-        self.l4[label] = 0
+        self.flow_key[label] = b""
+        self.bound[label] = 0
         if was:
             self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
             self.version += 1
@@ -265,25 +250,19 @@ class LabelSwitchingTable:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
 
-    def _flow(self, watch: int, proto: int, src_port: int | None, dst_ip: bytes, dst_port: int | None) -> Flow | None:
+    def _flow(self, watch: int, peer_ip: bytes, dst_ip: bytes, ports: tuple[int, int] | None) -> Flow | None:
         """The flow binding :meth:`install` was given, checked."""
-        if src_port is None and dst_port is None:
-            if proto or dst_ip:
-                raise ValueError("a flow binding needs the client's port (src_port or dst_port)")
+        if ports is None:
+            if dst_ip:
+                raise ValueError("a flow binding needs the session's ports")
             return None
-        if proto not in (IPPROTO_TCP, IPPROTO_UDP):
-            raise ValueError(f"a flow binding needs proto TCP or UDP, got {proto}")
-        if src_port is not None and (dst_port is not None or dst_ip):
-            raise ValueError("a label binds the client's source port (C2S) or its destination (S2C), not both")
-        port = src_port if src_port is not None else dst_port
-        assert port is not None
-        if not 0 <= port <= 0xFFFF:
-            raise ValueError(f"port {port} is outside 0-65535")
-        if dst_port is not None and len(dst_ip) != (IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN):
-            raise ValueError("dst_ip must be the client's address, of the label's IP version")
-        if src_port is not None:
-            return Flow(b"", proto, L4_SPORT, port.to_bytes(2, "big"), WRONG_SOURCE_PORT)
-        return Flow(self._intern(bytes(dst_ip)), proto, L4_DPORT, port.to_bytes(2, "big"), WRONG_DESTINATION)
+        size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
+        if len(peer_ip) != size or len(dst_ip) != size:
+            raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
+        if not all(0 <= port <= 0xFFFF for port in ports) or len(ports) != 2:
+            raise ValueError(f"ports {ports} are not two ports of 0-65535")
+        wire = ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
+        return Flow(bytes(peer_ip) + bytes(dst_ip) + wire, self._intern(bytes(dst_ip)), wire)
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
@@ -338,9 +317,7 @@ class LabelSwitchingTable:
                 np.frombuffer(self.bytes, dtype=np.uint64),
                 np.frombuffer(self.last_seen, dtype=np.float64),
                 np.frombuffer(self.generation, dtype=np.uint32),
-                np.frombuffer(self.l4, dtype=np.uint8),
-                np.frombuffer(self.port_at, dtype=np.uint8),
-                np.frombuffer(self.port, dtype=np.uint16),
+                np.frombuffer(self.bound, dtype=np.uint8),
             )
         return self._arrays
 
