@@ -56,14 +56,14 @@ from helpers import (
     udp_datagram,
 )
 from mplslb.balancer import Balancer
-from mplslb.config import ConfigError, Section, read_offload
+from mplslb.config import ConfigError, Section, read_offload, read_offload_syn_rate
 from mplslb.drivers.afpacket import PacketPort
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
-from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, xdp_state
+from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, syn_share, xdp_state
 from mplslb.sessions import Timeouts
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
 from mplslb.switching.layout import IP_AT, IPV4_PLAIN, IPV6_NEXT_HEADER, LSE_AT
@@ -321,6 +321,21 @@ def test_offload_key_is_validated() -> None:
         assert info.value.key == "offload"
 
 
+def test_offload_syn_rate_is_validated() -> None:
+    assert read_offload_syn_rate(Section("lb.toml", "", {}), "kernel") == 0
+    assert read_offload_syn_rate(Section("lb.toml", "", {"offload_syn_rate": 5000}), "kernel") == 5000
+    for bad, offload, why in (
+        (-1, "kernel", ">= 0"),
+        (1.5, "kernel", "expected"),
+        (True, "kernel", "boolean"),
+        (10**10, "kernel", "<="),
+        (100, "none", "needs offload"),
+    ):
+        with pytest.raises(ConfigError, match=why) as info:
+            read_offload_syn_rate(Section("lb.toml", "", {"offload_syn_rate": bad}), offload)
+        assert info.value.key == "offload_syn_rate" and "lb.toml" in str(info.value)
+
+
 def test_daemon_config_reads_offload(tmp_path: Path) -> None:
     from mplslb.daemon import load_daemon_config
 
@@ -356,7 +371,7 @@ def test_object_builds_once_and_names_its_map(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("mplslb_xdp-*.o")]
     assert build_object(directory=tmp_path) == first
     prog = bpf.read_elf_program(first, "xdp")
-    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels"}
+    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels", "syn_buckets"}
     assert "GPL" in prog.license
 
 
@@ -863,3 +878,59 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
         assert seen["redirect"] > len(recorded) // 4 and seen["drop"] > 0
     finally:
         offload.close()
+
+
+@needs_kernel
+def test_unlabelled_syns_beyond_the_rate_are_shed_in_the_kernel(topo: tuple[str, str], obj: bytes) -> None:
+    """With offload_syn_rate set, the program lets this CPU's share of unlabelled TCP SYNs (IPv4, IPv6, tagged)
+    through, then drops the excess and counts it; labelled frames (SYNs among them) and unlabelled frames that are
+    not a SYN without ACK are never shed, even with the bucket empty; the shed SYNs reach the balancer's drops."""
+    lb, _ = topo
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})  # BPF_PROG_TEST_RUN runs on the calling CPU: one CPU, one bucket
+    balancer = standard_balancer()
+    install_all(balancer)
+    cpus = os.cpu_count() or 1
+    offload = offload_in(lb, balancer, obj, syn_rate=3 * cpus)
+    share = syn_share(3 * cpus, cpus)
+    syns = [
+        ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN)),
+        ether(PORT_MAC[1], client_mac(1), ipv6(client_addr(1, v6=True), VIP6, IPPROTO_TCP,
+                                               tcp_segment(client_addr(1, v6=True), VIP6, 40001, 80, SYN))),
+        ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN, options=b"\x01\x01\x01\x00"), vlans=[5]),
+    ]  # fmt: skip
+    never_shed = [(port, frame) for _, port, frame, _, _ in CASES if label_of_or_none(frame) is not None]
+    never_shed += [
+        (0, ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN | ACK))),
+        (0, ether(PORT_MAC[0], client_mac(0), v4_tcp(ACK, b"GET /"))),
+        (0, ether(PORT_MAC[0], client_mac(0), ipv4(client_addr(0), VIP, IPPROTO_UDP,
+                                                   udp_datagram(client_addr(0), VIP, 40000, 53, b"q")))),
+        (0, ether(PORT_MAC[0], client_mac(0), ipv4(client_addr(0), VIP, IPPROTO_TCP, bytes(40), flags=0,
+                                                   frag_offset=8))),  # a later fragment: no TCP header
+    ]  # fmt: skip
+    try:
+        with entered(lb):
+            started = time.monotonic()
+            verdicts = [offload.run(syns[i % len(syns)], 0).retval for i in range(share + 30)]
+            after = [offload.run(frame, port).retval for port, frame in never_shed]
+            elapsed = time.monotonic() - started
+        refilled = int(elapsed * share) + 1  # what the bucket may have regained while the test ran
+        passed, shed = verdicts.count(bpf.XDP_PASS), verdicts.count(bpf.XDP_DROP)
+        assert passed + shed == len(verdicts)
+        assert verdicts[:share] == [bpf.XDP_PASS] * share
+        assert share <= passed <= share + refilled and shed >= 30 - refilled
+        assert bpf.XDP_DROP not in after
+        stats = offload.stats()
+        assert (stats["syn_passed"], stats["syn_shed"]) == (passed, shed)
+        offload.poll()
+        offload.poll()  # counted once
+        assert balancer.stats().drops.get("syn_shed") == shed
+    finally:
+        offload.close()
+        os.sched_setaffinity(0, saved)
+
+
+def label_of_or_none(frame: bytes) -> int | None:
+    tagged = frame[12:14] == b"\x81\x00"
+    at = 16 if tagged else 12
+    return label_of(frame) if frame[at : at + 2] == b"\x88\x47" and len(frame) >= at + 6 else None

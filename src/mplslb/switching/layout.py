@@ -163,7 +163,20 @@ SYN_MASK: Final = int(TCPFlag.SYN | TCPFlag.ACK)
 FAMILY_V4: Final = 4
 FAMILY_V6: Final = 6
 NS_PER_MS: Final = 1_000_000
+NS_PER_S: Final = 1_000_000_000
 ENDPOINT_TTL: Final = 64  # the TTL of the entry the endpoints push, as mplslb.endpoint.Endpoint's default
+
+#: ``struct syn_bucket``, the one element of the balancer program's per-CPU SYN map: a token bucket for the
+#: unlabelled TCP SYNs (no ACK) this CPU hands to the slow path, and what it did with them.
+SYN_BUCKET_FIELDS: Final = (
+    ("rate", "__u64", "Q", 0),  # SYNs per second this CPU lets through, also its burst (0: no limit)
+    ("last_ns", "__u64", "Q", 0),  # CLOCK_MONOTONIC ns of the last SYN seen
+    ("credit", "__u64", "Q", 0),  # tokens, in units of 1/NS_PER_S of a SYN
+    ("passed", "__u64", "Q", 0),
+    ("shed", "__u64", "Q", 0),
+)
+#: The most SYNs per second a bucket may be configured with (``rate * NS_PER_S`` must fit 64 bits).
+SYN_RATE_MAX: Final = 1_000_000_000
 
 #: ``struct flow_key`` of the endpoints' flow map: the 5-tuple as the local host sends the flow (ports in host order;
 #: an IPv4 address fills the first 4 octets and the rest stay zero).
@@ -247,6 +260,7 @@ ENDPOINT_COUNTERS: Final = (
 )
 
 
+SYN_BUCKET: Final = struct.Struct(struct_format(SYN_BUCKET_FIELDS))
 FLOW_KEY: Final = struct.Struct(struct_format(FLOW_KEY_FIELDS))
 FLOW: Final = struct.Struct(struct_format(FLOW_FIELDS))
 VIP_KEY: Final = struct.Struct(struct_format(VIP_KEY_FIELDS))
@@ -254,6 +268,7 @@ ENDPOINT_CONFIG: Final = struct.Struct(struct_format(ENDPOINT_CONFIG_FIELDS))
 #: Every struct of the generated header: C name -> fields.
 C_STRUCTS: Final = {
     "entry": KERNEL_ENTRY_FIELDS,
+    "syn_bucket": SYN_BUCKET_FIELDS,
     "flow_key": FLOW_KEY_FIELDS,
     "flow": FLOW_FIELDS,
     "vip_key": VIP_KEY_FIELDS,
@@ -284,7 +299,7 @@ C_CONSTANTS: Final = (
     "IPPROTO_ICMPV6", "EXT_UNIT", "EXT_MIN_LEN", "AH_UNIT", "AH_LEN_BIAS", "FRAGMENT_HLEN",
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
     "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORTS_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6",
-    "ENDPOINT_TTL", "NS_PER_MS",
+    "ENDPOINT_TTL", "NS_PER_MS", "NS_PER_S",
 )  # fmt: skip
 
 
@@ -399,9 +414,13 @@ __all__ = [
     "MPLS_ENTRY_LEN",
     "MPLS_TTL_MASK",
     "NS_PER_MS",
+    "NS_PER_S",
     "RESERVED_LABEL_MAX",
     "S2C_MAX",
     "S2C_MIN",
+    "SYN_BUCKET",
+    "SYN_BUCKET_FIELDS",
+    "SYN_RATE_MAX",
     "S_BIT",
     "TCP_END",
     "TCP_FIN",
