@@ -79,7 +79,7 @@ from mplslb.switching.layout import (
     WATCH_TCP_END,
     struct_offsets,
 )
-from mplslb.switching.table import LabelSwitchingTable
+from mplslb.switching.table import LabelSwitchingTable, flow_parts
 
 PROG_NAME = "mplslb_xdp"
 MAP_NAME = "mplslb_labels"
@@ -346,6 +346,7 @@ class XdpOffload:
     def _entry(self, label: int) -> bytes:
         t = self.table
         flow = t.flow[label]
+        dst_ip, ports = flow_parts(flow)
         flags = (
             (F_V6 if t.v6[label] else 0)
             | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
@@ -360,8 +361,8 @@ class XdpOffload:
             flags,
             len(peer_ip),
             peer_ip,
-            flow.dst_ip if flow else b"",
-            flow.ports if flow else b"",
+            dst_ip,
+            ports,
             0,
             0,
             0,

@@ -126,7 +126,7 @@ class BlockTables:
         5 us a label; slice assignment on memoryviews about 1.5 us)."""
         rw, pe, has, rh, rww, pw, ph, p4, p4w, p6, p6w, f4, f6 = self._views
         rewrite, peer, peer_ip = self.table.rewrite[label], self.table.peer[label], self.table.peer_ip[label]
-        flow = self.table.flow[label]
+        key = self.table.flow[label]
         r = 12 * label
         rw[r : r + 12] = rewrite
         # Frame bytes 0..13 are the rewrite (12 bytes) and the ethertype, unchanged, so the words written are
@@ -144,11 +144,10 @@ class BlockTables:
         elif len(peer_ip) == 16:
             p6[16 * label : 16 * label + 16] = peer_ip
             p6w[16 * label : 16 * label + 16] = peer_ip
-        if flow is not None:
-            if len(flow.dst_ip) == IPV4_ADDR_LEN:
-                f4[_V4_FLOW_LEN * label : _V4_FLOW_LEN * (label + 1)] = flow.dst_ip + flow.ports
-            else:
-                f6[_V6_FLOW_LEN * label : _V6_FLOW_LEN * (label + 1)] = flow.dst_ip + flow.ports
+        if len(key) == IPV4_ADDR_LEN + _V4_FLOW_LEN:
+            f4[_V4_FLOW_LEN * label : _V4_FLOW_LEN * (label + 1)] = key[IPV4_ADDR_LEN:]
+        elif key:
+            f6[_V6_FLOW_LEN * label : _V6_FLOW_LEN * (label + 1)] = key[IPV6_ADDR_LEN:]
 
     def withdrawn(self, label: int) -> None:
         self.has_peer_ip[label] = False

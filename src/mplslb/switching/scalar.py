@@ -88,7 +88,7 @@ from mplslb.switching.layout import (
     WATCH_ALL,
     WATCH_TCP_END,
 )
-from mplslb.switching.table import MPLS_ETHERTYPE, WRONG_FLOW, FastEvent, Flow
+from mplslb.switching.table import MPLS_ETHERTYPE, WRONG_FLOW, FastEvent
 from mplslb.wire.errors import WireError
 from mplslb.wire.ipv6 import EXTENSION_HEADERS, parse_ipv6
 
@@ -109,6 +109,8 @@ _NO_PORT = -1
 _WALK_FAILED = -2
 _V4_KEY_END = IPV4_SRC + 2 * IPV4_ADDR_LEN + L4_PORTS_LEN  # IPV4_SRC .. the ports of a header without options
 _V6_KEY_END = IPV6_SRC + 2 * IPV6_ADDR_LEN + L4_PORTS_LEN
+_V4_DST_IN_KEY = slice(IPV4_ADDR_LEN, 2 * IPV4_ADDR_LEN)
+_V6_DST_IN_KEY = slice(IPV6_ADDR_LEN, 2 * IPV6_ADDR_LEN)
 
 
 def _drop(drops: dict[str, int], reason: str) -> int:
@@ -128,11 +130,12 @@ def _upper_layer(frame: bytes | memoryview, ip: int) -> tuple[int, int]:
     return packet.proto, packet.payload_offset
 
 
-def in_flow(frame: bytes | memoryview, ip: int, v6: int, flow: Flow) -> bool:
-    """Does the packet at ``ip`` belong to the label's flow (the module docstring's rule, the IP source aside)?"""
+def in_flow(frame: bytes | memoryview, ip: int, v6: int, key: bytes) -> bool:
+    """Does the packet at ``ip`` belong to the flow of ``key`` (:func:`~mplslb.switching.table.flow_parts`; the
+    module docstring's rule, the IP source aside)?"""
     n = len(frame)
     if v6:
-        if n < ip + IPV6_HLEN or frame[ip + IPV6_DST : ip + IPV6_DST + IPV6_ADDR_LEN] != flow.dst_ip:
+        if n < ip + IPV6_HLEN or frame[ip + IPV6_DST : ip + IPV6_DST + IPV6_ADDR_LEN] != key[_V6_DST_IN_KEY]:
             return False
         proto = frame[ip + IPV6_NEXT_HEADER]
         at = ip + IPV6_HLEN
@@ -141,7 +144,7 @@ def in_flow(frame: bytes | memoryview, ip: int, v6: int, flow: Flow) -> bool:
             if proto == _WALK_FAILED:
                 return False
     else:
-        if n < ip + IPV4_HLEN or frame[ip + IPV4_DST : ip + IPV4_DST + IPV4_ADDR_LEN] != flow.dst_ip:
+        if n < ip + IPV4_HLEN or frame[ip + IPV4_DST : ip + IPV4_DST + IPV4_ADDR_LEN] != key[_V4_DST_IN_KEY]:
             return False
         if frame[ip + IPV4_FRAG_AT] & _FRAG_HI or frame[ip + IPV4_FRAG_AT + 1] & _FRAG_LO:
             return True  # a fragment past the first: no ports in it
@@ -149,7 +152,7 @@ def in_flow(frame: bytes | memoryview, ip: int, v6: int, flow: Flow) -> bool:
         at = ip + (frame[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT
     if proto != IPPROTO_TCP and proto != IPPROTO_UDP:
         return True
-    return frame[at : at + L4_PORTS_LEN] == flow.ports
+    return frame[at : at + L4_PORTS_LEN] == key[-L4_PORTS_LEN:]
 
 
 def switch_frame(
@@ -165,7 +168,7 @@ def switch_frame(
     in the table's ``drops`` under a named reason). ``hot`` is the table's :attr:`~LabelSwitchingTable.hot`:
     the arrays unpacked into locals here, which spares a dozen attribute lookups per frame."""
     (valid, in_port, peer, peer_ip_of, v6, out_port_of, rewrite,
-     packets, octets, last_seen, watch_of, drops, flow_of, key_of) = hot  # fmt: skip
+     packets, octets, last_seen, watch_of, drops, flow_of) = hot  # fmt: skip
     n = len(frame)
     if n < LABELLED_MIN:
         if n < LSE_AT or frame[ETH_TYPE : ETH_TYPE + 2] != MPLS_ETHERTYPE:
@@ -189,7 +192,7 @@ def switch_frame(
     if not entry & MPLS_BOS:
         return _drop(drops, "label_not_bottom")  # session labels are always the only entry
     ip = lse + LSE_LEN
-    key = key_of[label]
+    key = flow_of[label]
     # A plain packet of the label's flow: IP source, destination and ports in one comparison (the docstring).
     if not key or (
         frame[ip + IPV6_SRC : ip + _V6_KEY_END] != key or frame[ip + IPV6_NEXT_HEADER] not in _PORTED
@@ -201,8 +204,7 @@ def switch_frame(
             at = ip + (IPV6_SRC if v6[label] else IPV4_SRC)
             if frame[at : at + len(peer_ip)] != peer_ip:
                 return _drop(drops, "label_wrong_ingress")
-        flow = flow_of[label]
-        if flow is not None and not in_flow(frame, ip, v6[label], flow):
+        if key and not in_flow(frame, ip, v6[label], key):
             return _drop(drops, WRONG_FLOW)
     if (entry & MPLS_TTL_MASK) <= 1:
         return _drop(drops, "mpls_ttl_expired")

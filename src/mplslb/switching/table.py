@@ -39,6 +39,7 @@ from mplslb.switching.layout import (
     IPV4_ADDR_LEN,
     IPV6_ADDR_LEN,
     IPV6_PAYLOAD,
+    L4_PORTS_LEN,
     LABEL_SHIFT,
     LABEL_SPACE,
     MPLS_BOS,
@@ -55,12 +56,13 @@ INTERN_LIMIT = 1 << 16
 WRONG_FLOW = "label_wrong_flow"
 
 
-class Flow(NamedTuple):
-    """A label's flow binding as the one-frame path reads it (one tuple per label, None when unbound)."""
-
-    key: bytes  # IP source, IP destination and the two ports, as they lie in a packet without options or extensions
-    dst_ip: bytes  # the IP destination (4 or 16 bytes, as the label's payload)
-    ports: bytes  # source and destination port, 4 bytes as on the wire
+def flow_parts(key: bytes) -> tuple[bytes, bytes]:
+    """(IP destination, ports) of a label's flow key: IP source, IP destination and the two ports, back to back as
+    they lie in a packet without IP options or IPv6 extension headers."""
+    if not key:
+        return b"", b""
+    size = (len(key) - L4_PORTS_LEN) // 2
+    return key[size : 2 * size], key[2 * size :]
 
 
 class SwitchEntry(NamedTuple):
@@ -140,8 +142,9 @@ class LabelSwitchingTable:
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
         # The flow binding (see the module docstring): the same facts as a tuple for the one-frame path and as
         # arrays for the block path and the kernel offload.
-        self.flow: list[Flow | None] = [None] * LABEL_SPACE
-        self.flow_key: list[bytes] = [b""] * LABEL_SPACE
+        # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
+        # unbound; ``bound`` says the same for the block path.
+        self.flow: list[bytes] = [b""] * LABEL_SPACE
         self.bound = bytearray(LABEL_SPACE)
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
@@ -156,7 +159,6 @@ class LabelSwitchingTable:
         self.hot = (
             self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
             self.bytes, self.last_seen, self.watch, self.drops, self.flow,
-            self.flow_key,
         )  # fmt: skip
 
     # -- the control plane -----------------------------------------------------------------------------------------
@@ -199,7 +201,6 @@ class LabelSwitchingTable:
         self.peer[label] = self._intern(bytes(peer))
         self.peer_ip[label] = self._intern(bytes(peer_ip))
         self.flow[label] = flow
-        self.flow_key[label] = flow.key if flow else b""
         self.bound[label] = 1 if flow else 0
         self.packets[label] = 0
         self.bytes[label] = 0
@@ -221,8 +222,7 @@ class LabelSwitchingTable:
         self.rewrite[label] = b""
         self.peer[label] = b""
         self.peer_ip[label] = b""
-        self.flow[label] = None
-        self.flow_key[label] = b""
+        self.flow[label] = b""
         self.bound[label] = 0
         if was:
             self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
@@ -250,19 +250,18 @@ class LabelSwitchingTable:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
 
-    def _flow(self, watch: int, peer_ip: bytes, dst_ip: bytes, ports: tuple[int, int] | None) -> Flow | None:
+    def _flow(self, watch: int, peer_ip: bytes, dst_ip: bytes, ports: tuple[int, int] | None) -> bytes:
         """The flow binding :meth:`install` was given, checked."""
         if ports is None:
             if dst_ip:
                 raise ValueError("a flow binding needs the session's ports")
-            return None
+            return b""
         size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
         if len(peer_ip) != size or len(dst_ip) != size:
             raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
         if not all(0 <= port <= 0xFFFF for port in ports) or len(ports) != 2:
             raise ValueError(f"ports {ports} are not two ports of 0-65535")
-        wire = ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
-        return Flow(bytes(peer_ip) + bytes(dst_ip) + wire, self._intern(bytes(dst_ip)), wire)
+        return bytes(peer_ip) + bytes(dst_ip) + ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
