@@ -35,7 +35,7 @@ headers are walked here only (:func:`~mplslb.wire.ipv6.parse_ipv6`: a walk that 
 path and the kernel leave such frames to this path, so the three agree.
 
 The frame leaves with its Ethernet addresses rewritten to (next hop, our port) and its label entry's TTL lowered;
-the rest of the frame is not read. Two things ride along without changing that decision: per-label packet and byte
+nothing past the IP and TCP/UDP headers is read. Two things ride along without changing that decision: per-label packet and byte
 counters with the last time seen (idle timeouts and statistics), and, for labels whose ``watch`` bits ask for it, a
 report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags (IPv4: after its
 IHL; IPv6: right after the fixed header when TCP follows it, else the frame is reported with
