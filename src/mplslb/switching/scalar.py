@@ -35,13 +35,12 @@ headers are walked here only (:func:`~mplslb.wire.ipv6.parse_ipv6`: a walk that 
 path and the kernel leave such frames to this path, so the three agree.
 
 The frame leaves with its Ethernet addresses rewritten to (next hop, our port) and its label entry's TTL lowered;
-nothing past the IP and TCP/UDP headers is read. Two things ride along without changing that decision: per-label packet and byte
-counters with the last time seen (idle timeouts and statistics), and, for labels whose ``watch`` bits ask for it, a
-report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags (IPv4: after its
-IHL; IPv6: right after the fixed header when TCP follows it, else the frame is reported with
-``TCP_FLAGS_UNKNOWN`` and the session manager reads it), or, while a response time is being measured, every
-frame. Reports are appended to ``events``; the caller hands them to the
-session manager after forwarding.
+nothing past the IP and TCP/UDP headers is read. Two things ride along without changing that decision: per-label
+packet and byte counters with the last time seen (idle timeouts and statistics), and, for labels whose ``watch``
+bits ask for it, a report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags
+(IPv4: after its IHL; IPv6: right after the fixed header when TCP follows it, else the frame is reported with
+``TCP_FLAGS_UNKNOWN`` and the session manager reads it), or, while a response time is being measured, every frame.
+Reports are appended to ``events``; the caller hands them to the session manager after forwarding.
 
 Every offset comes from :mod:`~mplslb.switching.layout`; the block path (:mod:`~mplslb.switching.block`) and the
 kernel program make the same checks in the same order, and tests compare the three frame for frame.
