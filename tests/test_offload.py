@@ -360,6 +360,12 @@ address = "10.0.0.100"
     assert load_daemon_config(path).offload == "none"
     path.write_text('offload = "kernel"\n' + body)
     assert load_daemon_config(path).offload == "kernel"
+    assert load_daemon_config(path).offload_syn_rate == 0
+    path.write_text('offload = "kernel"\noffload_syn_rate = 20000\n' + body)
+    assert load_daemon_config(path).offload_syn_rate == 20000
+    path.write_text("offload_syn_rate = 20000\n" + body)
+    with pytest.raises(ConfigError, match="offload_syn_rate"):
+        load_daemon_config(path)
     path.write_text('offload = "fast"\n' + body)
     with pytest.raises(ConfigError, match="offload"):
         load_daemon_config(path)
@@ -693,8 +699,9 @@ def test_kernel_traffic_keeps_a_session_from_its_idle_timeout(
     balancer = Balancer(standard_config(ports=ports, timeouts=Timeouts(udp=0.5)))
     loop = Loop()
     with entered(lb):
-        core = OffloadedBalancer(balancer, loop)
+        core = OffloadedBalancer(balancer, loop, syn_rate=1000)
     try:
+        assert core.offload.stats()["syn_rate"] == 1000  # the daemon's offload_syn_rate reaches the program
         ((_, first),) = core.receive_batch([(0, client_udp(sport=40000))], loop.clock())
         c2s = label_of(first)
         assert core.offload.lookup(c2s) is not None  # UDP: no response time to take from the C2S frames
