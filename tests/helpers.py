@@ -28,6 +28,8 @@ from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
+from mplslb.labels import C2S_MIN, s2c_of
+from mplslb.sessions import Timeouts
 from mplslb.sim.scenario import SimConfig, SimEvent, Workload, balancer_config_for, run
 from mplslb.wire.checksum import internet_checksum
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet, parse_ethernet
@@ -350,6 +352,52 @@ def handshake(net: Net, i: int = 0, *, sport: int = 40000, v6: bool = False) -> 
     return name, c2s
 
 
+@dataclass(frozen=True)
+class ReusedPair:
+    """Two UDP sessions to the same server on the same label pair, the first expired at the balancer while the
+    server agent still remembers its flow. Frames as ``(port, frame)``, not yet given to the balancer."""
+
+    net: Net
+    new_client: int
+    c2s: int
+    late: tuple[int, bytes]  # the server's late answer to the first session's client, under the S2C label
+    reply: tuple[int, bytes]  # its answer to the new session's client
+    request: tuple[int, bytes]  # the new client's next datagram, under the C2S label
+
+
+def reused_label_pair(*, same_client: bool, v6: bool = False) -> ReusedPair:
+    """The first session from client 0, port 5000; the second from client 1 (or client 0 again, ``same_client``),
+    port 6000; one label pair and one server, so the second session gets the first one's pair."""
+    config = make_config(
+        n_servers=1, label_quarantine=0.0, c2s_min=C2S_MIN, c2s_max=C2S_MIN, timeouts=Timeouts(udp=1.0)
+    )
+    net = Net(config)
+    vip = VIP6 if v6 else VIP
+    old = client_addr(0, v6)
+    first = net.from_client(0, udp(old, vip, 5000, DNS))
+    ((name, _),) = net.deliver_to_servers(first)
+    c2s = label_of(first[0][1])
+    assert c2s is not None
+    assert len(net.deliver_to_client(0, net.from_server(name, udp(vip, old, DNS, 5000, b"a1")))) == 1
+    net.now = 5.0
+    net.balancer.on_timer(net.now)  # the first session's idle timeout: its labels are free at once
+    assert net.balancer.live == 0
+    new_client = 0 if same_client else 1
+    new = client_addr(new_client, v6)
+    second = net.from_client(new_client, udp(new, vip, 6000, DNS))
+    assert label_of(second[0][1]) == c2s
+    assert len(net.deliver_to_servers(second)) == 1
+    server = net.servers[name]
+    late = server.from_host(udp(vip, old, DNS, 5000, b"late"), net.now)
+    reply = server.from_host(udp(vip, new, DNS, 6000, b"a2"), net.now)
+    assert late is not None and reply is not None and label_of(late) == label_of(reply) == s2c_of(c2s)
+    port = net.client_port(new_client)
+    request = labelled(PORT_MAC[port], client_mac(new_client), c2s, udp(new, vip, 6000, DNS, b"q2"))
+    return ReusedPair(
+        net, new_client, c2s, (net.server_port[name], late), (net.server_port[name], reply), (port, request)
+    )
+
+
 # == recordings and mutations ==========================================================================================
 @dataclass(frozen=True)
 class Call:
@@ -399,6 +447,11 @@ def frames_only() -> list[Call]:
 
 
 mutation = st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(0, 1600), st.integers(0, 255))
+#: Mutations aimed at what the fast paths read: the label entry, the IP header (options included) and the first
+#: bytes of TCP or UDP (ports, TCP flags).
+header_mutation = st.tuples(
+    st.sampled_from(["flip", "set", "cut"]), st.integers(14, 14 + 4 + 60 + 16), st.integers(0, 255)
+)
 
 
 def mutate(frame: bytes, mutations: list[tuple[str, int, int]]) -> bytes:

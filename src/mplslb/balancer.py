@@ -436,6 +436,8 @@ class Balancer:
             peer_ip=a.key.src,
             watch=end_watch | v6 | (WATCH_ALL if tcp else 0),  # until the client's ACK completes the handshake
             now=now,
+            dst_ip=a.key.dst,
+            ports=(a.key.sport, a.key.dport),
         )
         self.switching.install(
             s2c_of(c2s),
@@ -446,6 +448,8 @@ class Balancer:
             peer_ip=a.key.dst,
             watch=end_watch | v6 | WATCH_ALL,
             now=now,
+            dst_ip=a.key.src,
+            ports=(a.key.dport, a.key.sport),
         )
         self._to_server(session, frame, a, now, out)
 

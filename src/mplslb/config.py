@@ -20,6 +20,7 @@ from mplslb.balancing.servers import ServerConfig
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.sessions import Timeouts
+from mplslb.switching.layout import SYN_RATE_MAX
 from mplslb.wire.ethernet import mac_from_str
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
@@ -263,6 +264,17 @@ def read_offload(top: Section) -> str:
     if kind not in OFFLOAD_KINDS:
         raise top.error("offload", f"must be one of {', '.join(repr(k) for k in OFFLOAD_KINDS)}, got {kind!r}")
     return kind
+
+
+def read_offload_syn_rate(top: Section, offload: str) -> int:
+    """The top-level ``offload_syn_rate`` key: unlabelled TCP SYNs a second the kernel offload lets through to the
+    slow path, the rest shed (0, the default: no limit). Only with ``offload = "kernel"``."""
+    rate = top.number("offload_syn_rate", int, 0, minimum=0)
+    if rate > SYN_RATE_MAX:
+        raise top.error("offload_syn_rate", f"must be <= {SYN_RATE_MAX}, got {rate}")
+    if rate and offload != "kernel":
+        raise top.error("offload_syn_rate", 'sheds SYNs in the kernel offload: needs offload = "kernel"')
+    return rate
 
 
 def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:

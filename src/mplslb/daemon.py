@@ -47,6 +47,7 @@ from mplslb.config import (
     balancer_config_from_section,
     load_toml,
     read_offload,
+    read_offload_syn_rate,
 )
 from mplslb.control.client import DEFAULT_SOCKET
 from mplslb.control.history import StatusHistory
@@ -80,6 +81,7 @@ class DaemonConfig:
     metrics: tuple[str, int] | None
     ring: bool
     offload: str = "none"  # "none" or "kernel"
+    offload_syn_rate: int = 0  # unlabelled TCP SYNs a second the kernel offload passes up (0: all)
 
 
 def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
@@ -118,6 +120,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     # end to end, request/response traffic ran about twice as fast on plain packet sockets. Plain is the default.
     ring = top.get("ring", bool, False)
     offload = read_offload(top)
+    syn_rate = read_offload_syn_rate(top, offload)
     balancer = balancer_config_from_section(top)
     top.done()
     for index, port_config in enumerate(balancer.ports):
@@ -128,7 +131,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
             raise ConfigError(source, f"ports[{index}].kind", "mpls_udp is supported on client-side ports only")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
-    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload)
+    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, syn_rate)
 
 
 def _log_server(server: Server) -> None:
@@ -230,7 +233,7 @@ class Daemon:
             from mplslb.offload.driver import OffloadedBalancer
 
             try:
-                self.offloaded = OffloadedBalancer(self.balancer, self.loop)
+                self.offloaded = OffloadedBalancer(self.balancer, self.loop, syn_rate=config.offload_syn_rate)
             except BaseException:
                 self._unlock()
                 raise

@@ -43,7 +43,7 @@ def offload_interfaces(ports: Iterable[PortConfig]) -> dict[int, str]:
 class OffloadedBalancer:
     """The balancer as the driver sees it, with its label switching table mirrored into the kernel."""
 
-    def __init__(self, balancer: Balancer, loop: Loop, *, mode: str = "auto") -> None:
+    def __init__(self, balancer: Balancer, loop: Loop, *, mode: str = "auto", syn_rate: int = 0) -> None:
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -51,6 +51,7 @@ class OffloadedBalancer:
             offload_interfaces(balancer.config.ports),
             mode=mode,
             clock=loop.clock,
+            syn_rate=syn_rate,
         )
         self.offload.open()
         self._polled = loop.clock()

@@ -4,13 +4,14 @@ established sessions are switched by the kernel and never reach Python.
 Theory of operation
 -------------------
 One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Ethernet port of the balancer, and one
-hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace fast
-path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, TTL > 1); a frame that
-passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses of the label's row,
-its TTL decremented and an 802.1Q tag dropped, exactly as :func:`~mplslb.switching.scalar.switch_frame` builds
-it. The program is built from the same layout as the userspace paths (:mod:`mplslb.switching.layout`). Everything
-else is ``XDP_PASS``: the daemon's packet socket gets it and the userspace path forwards, reports, or drops and
-counts it as it does without the offload.
+hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace
+fast path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, the session's
+flow, TTL > 1; an IPv6 packet with extension headers under a flow-bound label goes up: the userspace path walks
+them); a frame that passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses
+of the label's row, its TTL decremented and an 802.1Q tag dropped, exactly as
+:func:`~mplslb.switching.scalar.switch_frame` builds it. The program is built from the same layout as the userspace
+paths (:mod:`mplslb.switching.layout`). Everything else is ``XDP_PASS``: the daemon's packet socket gets it and the
+userspace path forwards, reports, or drops and counts it as it does without the offload.
 
 What goes into the map (:meth:`XdpOffload.sync`): the offload is a :class:`~mplslb.switching.table.Mirror` of
 the table, told of each install, withdrawal and watch change as it happens; it notes the label, and ``sync`` writes
@@ -32,6 +33,16 @@ their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing atta
 program. On :meth:`XdpOffload.open` an XDP program attached the old way (netlink) under our program's name is taken
 as a leftover and removed; any other XDP program on a port is an error naming it.
 
+SYN shedding (``syn_rate``, the daemon's ``offload_syn_rate``): an unlabelled TCP SYN without ACK is a new
+session's first frame, the most the slow path pays for one frame, and the cheapest for a flood to send. With a rate
+set, the program lets at most that many a second through to userspace and drops the rest (``syn_shed``, folded
+into the table's drops at each poll). The bucket is per CPU (a ``PERCPU_ARRAY`` of one
+:data:`~mplslb.switching.layout.SYN_BUCKET` per CPU), each holding an even share of the rate, rounded up, and as
+much burst: a CPU updates only its own, with plain loads and stores, so the XDP path needs no atomic operation, no
+lock, and no cache line shared between CPUs in the middle of a flood; the total stays within the rate (plus the
+rounding). The cost: SYNs that all arrive on one CPU (one receive queue) get that CPU's share only. Labelled
+frames, SYNs with ACK and every other frame never meet the bucket.
+
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
 program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
@@ -48,6 +59,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,20 +67,26 @@ import numpy as np
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
 from mplslb.switching.layout import (
+    F_FLOW,
     F_TCP_END,
     F_V6,
     KERNEL_ENTRY,
     KERNEL_ENTRY_FIELDS,
     LABEL_SPACE,
+    SYN_BUCKET,
+    SYN_RATE_MAX,
     WATCH_ALL,
     WATCH_TCP_END,
     struct_offsets,
 )
-from mplslb.switching.table import LabelSwitchingTable
+from mplslb.switching.table import LabelSwitchingTable, flow_parts
 
 PROG_NAME = "mplslb_xdp"
 MAP_NAME = "mplslb_labels"
 MAP_SYMBOL = "labels"
+SYN_MAP_NAME = "mplslb_syn"
+SYN_MAP_SYMBOL = "syn_buckets"
+SHED = "syn_shed"  # the drop reason of a SYN shed by the kernel
 SECTION = "xdp"
 MODES = ("auto", "native", "generic")
 
@@ -84,6 +102,17 @@ BATCH_MIN = 4  # fewer writes than this go one by one
 
 class OffloadError(RuntimeError):
     """The kernel offload cannot be set up (no clang, no bpf(2), a port with another XDP program, ...)."""
+
+
+def possible_cpus() -> int:
+    """How many CPUs a per-CPU map has a value for (the kernel's possible CPUs)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+def syn_share(rate: int, cpus: int) -> int:
+    """Each CPU's share of ``rate`` SYNs a second (rounded up; 0: no limit)."""
+    return -(-rate // max(cpus, 1))
 
 
 def xdp_state(ifindex: int) -> tuple[str, int]:
@@ -119,9 +148,13 @@ class XdpOffload:
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = LABEL_SPACE,
         obj: bytes | None = None,
+        syn_rate: int = 0,
     ) -> None:
+        """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= syn_rate <= SYN_RATE_MAX:
+            raise ValueError(f"syn_rate must be 0-{SYN_RATE_MAX}, got {syn_rate}")
         if not interfaces:
             raise ValueError("the kernel offload needs at least one Ethernet port")
         self.table = table
@@ -135,6 +168,10 @@ class XdpOffload:
         self._links: list[int] = []
         self._prog = -1
         self._map: bpf.Map | None = None
+        self.syn_rate = syn_rate
+        self._syn: bpf.Map | None = None
+        self._cpus = 0
+        self._shed_folded = 0  # SYNs shed already added to the table's drops
         self._in_kernel = np.zeros(LABEL_SPACE, dtype=np.uint8)
         self._kpackets = np.zeros(LABEL_SPACE, dtype=np.uint64)  # kernel counters already added to the table
         self._kbytes = np.zeros(LABEL_SPACE, dtype=np.uint64)
@@ -162,9 +199,10 @@ class XdpOffload:
                 self.ifindex[port_id] = socket.if_nametoindex(ifname)
             self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries,
                                        flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
-            self._prog = bpf.load_program(
-                obj, SECTION, {MAP_SYMBOL: self._map.fd}, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME
-            )
+            self._open_syn_map()
+            assert self._syn is not None
+            maps = {MAP_SYMBOL: self._map.fd, SYN_MAP_SYMBOL: self._syn.fd}
+            self._prog = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
             kinds = {port_id: self._clear_stale(ifindex) for port_id, ifindex in self.ifindex.items()}
             native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
             for port_id, ifindex in self.ifindex.items():
@@ -174,6 +212,23 @@ class XdpOffload:
             raise OffloadError(f"kernel offload: {exc}") from None
         self.table.add_mirror(self)
         self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
+
+    def _open_syn_map(self) -> None:
+        """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
+        value for every possible CPU at once, each rounded up to 8 bytes."""
+        self._cpus = possible_cpus()
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, SYN_BUCKET.size, 1, name=SYN_MAP_NAME)
+        self._syn = bpf.Map(fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
+        share = syn_share(self.syn_rate, os.cpu_count() or 1)
+        self._syn.update(_KEY.pack(0), SYN_BUCKET.pack(share, 0, 0, 0, 0) * self._cpus)
+
+    def syn_counters(self) -> tuple[int, int]:
+        """(passed, shed): unlabelled TCP SYNs the program let through and dropped, over all CPUs."""
+        if self._syn is None:
+            return 0, 0
+        raw = self._syn.lookup(_KEY.pack(0)) or b""
+        buckets = [SYN_BUCKET.unpack_from(raw, i * SYN_BUCKET.size) for i in range(len(raw) // SYN_BUCKET.size)]
+        return sum(b[3] for b in buckets), sum(b[4] for b in buckets)
 
     def _clear_stale(self, ifindex: int) -> str:
         """Remove a leftover of ours attached by netlink; refuse to share a port with another XDP program."""
@@ -229,6 +284,9 @@ class XdpOffload:
         if self._map is not None:
             self._map.close()
             self._map = None
+        if self._syn is not None:
+            self._syn.close()
+            self._syn = None
         self.table.remove_mirror(self)
         self._in_kernel[:] = 0
         self._noted.clear()
@@ -287,7 +345,13 @@ class XdpOffload:
 
     def _entry(self, label: int) -> bytes:
         t = self.table
-        flags = (F_V6 if t.v6[label] else 0) | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+        flow = t.flow[label]
+        dst_ip, ports = flow_parts(flow)
+        flags = (
+            (F_V6 if t.v6[label] else 0)
+            | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+            | (F_FLOW if flow else 0)
+        )
         peer_ip = t.peer_ip[label]
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
@@ -297,7 +361,8 @@ class XdpOffload:
             flags,
             len(peer_ip),
             peer_ip,
-            0,
+            dst_ip,
+            ports,
             0,
             0,
             0,
@@ -370,6 +435,7 @@ class XdpOffload:
         if self._map is None:
             return 0
         self.sync()
+        self._fold_shed()
         keys, values, count = self._map.lookup_batch()
         self.polls += 1
         if not count:
@@ -392,13 +458,23 @@ class XdpOffload:
         self.kernel_bytes += int(new_bytes.sum())
         return int(labels.size)
 
+    def _fold_shed(self) -> None:
+        """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""
+        shed = self.syn_counters()[1]
+        if shed > self._shed_folded:
+            drops = self.table.drops
+            drops[SHED] = drops.get(SHED, 0) + shed - self._shed_folded
+            self._shed_folded = shed
+
     @property
     def pending(self) -> int:
         """Labels installed in the table and waiting for their measurement to end before they enter the map."""
         return len(self._waiting)
 
     def stats(self) -> dict[str, Any]:
-        """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic."""
+        """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic, SYNs
+        let through and shed."""
+        passed, shed = self.syn_counters()
         return {
             "kind": "kernel",
             "attached": dict(self.attached),
@@ -410,6 +486,9 @@ class XdpOffload:
             "kernel_packets": self.kernel_packets,
             "kernel_bytes": self.kernel_bytes,
             "errors": dict(self.errors),
+            "syn_rate": self.syn_rate,
+            "syn_passed": passed,
+            "syn_shed": shed,
         }
 
     def run(self, frame: bytes, port_id: int) -> bpf.TestRun:

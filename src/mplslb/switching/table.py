@@ -14,6 +14,12 @@ them only through the table's methods:
 * activity that happened elsewhere: :meth:`~LabelSwitchingTable.fold_counters` adds what the kernel offload
   forwarded.
 
+Each row binds the label to where its frames may come from (ingress port, peer MAC, IP source) and, for a session
+label, to the session's flow as that direction carries it: the IP destination and the TCP or UDP ports. A label
+pair is reused by later sessions, possibly to the same server, whose agent may still send a late frame of the old
+flow: the flow binding keeps that frame from reaching the new session's client (see
+:mod:`~mplslb.switching.scalar` for the exact rule).
+
 Copies of the rows kept elsewhere (the block path's fixed-width rows, the kernel offload's map, later other
 programs) are :class:`Mirror` objects: the table tells each one every install, withdrawal and watch change, in
 order, as they happen.
@@ -30,7 +36,10 @@ from mplslb.switching.layout import (
     ENTRY,
     ETH_ALEN,
     ETH_P_MPLS_UC,
+    IPV4_ADDR_LEN,
+    IPV6_ADDR_LEN,
     IPV6_PAYLOAD,
+    L4_PORTS_LEN,
     LABEL_SHIFT,
     LABEL_SPACE,
     MPLS_BOS,
@@ -43,6 +52,17 @@ from mplslb.wire.mpls import TC_SHIFT
 MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 #: Distinct byte strings kept shared between labels (see :meth:`LabelSwitchingTable._intern`).
 INTERN_LIMIT = 1 << 16
+#: The drop reason of a frame outside its label's session flow.
+WRONG_FLOW = "label_wrong_flow"
+
+
+def flow_parts(key: bytes) -> tuple[bytes, bytes]:
+    """(IP destination, ports) of a label's flow key: IP source, IP destination and the two ports, back to back as
+    they lie in a packet without IP options or IPv6 extension headers."""
+    if not key:
+        return b"", b""
+    size = (len(key) - L4_PORTS_LEN) // 2
+    return key[size : 2 * size], key[2 * size :]
 
 
 class SwitchEntry(NamedTuple):
@@ -95,6 +115,7 @@ class Arrays(NamedTuple):
     bytes: np.ndarray
     last_seen: np.ndarray
     generation: np.ndarray
+    bound: np.ndarray
 
 
 class LabelSwitchingTable:
@@ -119,6 +140,12 @@ class LabelSwitchingTable:
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
+        # The flow binding (see the module docstring): the same facts as a tuple for the one-frame path and as
+        # arrays for the block path and the kernel offload.
+        # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
+        # unbound; ``bound`` says the same for the block path.
+        self.flow: list[bytes] = [b""] * LABEL_SPACE
+        self.bound = bytearray(LABEL_SPACE)
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
         #: table (the block path's) can tell whether it still stands.
@@ -131,7 +158,7 @@ class LabelSwitchingTable:
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
         self.hot = (
             self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
-            self.bytes, self.last_seen, self.watch, self.drops,
+            self.bytes, self.last_seen, self.watch, self.drops, self.flow,
         )  # fmt: skip
 
     # -- the control plane -----------------------------------------------------------------------------------------
@@ -146,15 +173,21 @@ class LabelSwitchingTable:
         peer_ip: bytes = b"",
         watch: int = 0,
         now: float = 0.0,
+        dst_ip: bytes = b"",
+        ports: tuple[int, int] | None = None,
     ) -> None:
         """Install ``label``: frames arriving on ``in_port`` from ``peer`` (and, if given, IP source ``peer_ip``)
-        leave by ``out_port`` to ``next_hop``."""
+        leave by ``out_port`` to ``next_hop``.
+
+        The flow binding of a session label: its packets go from ``peer_ip`` to ``dst_ip`` and, when TCP or UDP,
+        from port ``ports[0]`` to ``ports[1]`` (the session's flow as this direction carries it)."""
         if not RESERVED_LABEL_MAX < label < LABEL_SPACE:
             raise ValueError(f"label {label} is outside the usable label space")
         if out_port not in self._port_macs or in_port not in self._port_macs:
             raise ValueError(f"unknown port in install: out {out_port}, in {in_port}")
         if len(next_hop) != ETH_ALEN or len(peer) != ETH_ALEN:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+        flow = self._flow(watch, peer_ip, dst_ip, ports)
         if not self.valid[label]:
             self.installed += 1
         self.valid[label] = 1
@@ -167,6 +200,8 @@ class LabelSwitchingTable:
         self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[out_port])
         self.peer[label] = self._intern(bytes(peer))
         self.peer_ip[label] = self._intern(bytes(peer_ip))
+        self.flow[label] = flow
+        self.bound[label] = 1 if flow else 0
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
@@ -187,6 +222,8 @@ class LabelSwitchingTable:
         self.rewrite[label] = b""
         self.peer[label] = b""
         self.peer_ip[label] = b""
+        self.flow[label] = b""
+        self.bound[label] = 0
         if was:
             self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
             self.version += 1
@@ -212,6 +249,19 @@ class LabelSwitchingTable:
     def remove_mirror(self, mirror: Mirror) -> None:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
+
+    def _flow(self, watch: int, peer_ip: bytes, dst_ip: bytes, ports: tuple[int, int] | None) -> bytes:
+        """The flow binding :meth:`install` was given, checked."""
+        if ports is None:
+            if dst_ip:
+                raise ValueError("a flow binding needs the session's ports")
+            return b""
+        size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
+        if len(peer_ip) != size or len(dst_ip) != size:
+            raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
+        if not all(0 <= port <= 0xFFFF for port in ports) or len(ports) != 2:
+            raise ValueError(f"ports {ports} are not two ports of 0-65535")
+        return bytes(peer_ip) + bytes(dst_ip) + ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
@@ -266,6 +316,7 @@ class LabelSwitchingTable:
                 np.frombuffer(self.bytes, dtype=np.uint64),
                 np.frombuffer(self.last_seen, dtype=np.float64),
                 np.frombuffer(self.generation, dtype=np.uint32),
+                np.frombuffer(self.bound, dtype=np.uint8),
             )
         return self._arrays
 
