@@ -8,13 +8,19 @@ counts, passive health and a response time estimate. Status moves as::
 
     UP <--drain()/mark_up()--> DRAINING
     UP, DRAINING --mark_down() or fail_threshold consecutive failures--> DOWN --mark_up()--> UP
+    UP, DRAINING, DOWN --retire()--> REMOVING --last session ends--> (out of the pool)
 
 A DOWN server carries a :class:`DownReason`, and the reason decides what may bring it back: an operator's
 ``admin`` down stays until an operator acts, a ``removed`` server is gone, and a down for its health (the active
 check's ``health_check``, passive health's ``no_reply`` and ``refused``) is lifted when the active check passes
 (:attr:`DownReason.lifted_by_check`). Acting on health verdicts is :mod:`mplslb.balancing.health_policy`.
 
-DRAINING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
+Removing a server the gentle way (:meth:`ServerPool.retire`) is a drain that ends in removal: the server is
+*leaving*, takes no new session, and leaves the pool when its last session ends (at once if it has none). Nothing
+brings a leaving server back: a passing health check does not, and a DOWN on the way out (its sessions then
+interrupted) only speeds its exit. :meth:`ServerPool.remove` takes a server out at once.
+
+DRAINING, REMOVING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
 come back here); they only stop receiving new ones. A server takes a new session when it is *eligible*: UP,
 weight > 0, below its own session limit, and not overloaded (its response time estimate above the pool's
 ``rt_limit``). Refusing new sessions to a slow server protects the sessions it is already serving (claim 4,
@@ -48,6 +54,7 @@ class ServerStatus(StrEnum):
     UP = "up"
     DRAINING = "draining"
     DOWN = "down"
+    REMOVING = "removing"  # draining, then out of the pool when its last session ends
 
 
 class DownReason(StrEnum):
@@ -114,6 +121,7 @@ class Server:
         "down_reason",
         "failures",
         "index",
+        "leaving",
         "refused",
         "rt_ewma",
         "rt_samples",
@@ -134,6 +142,7 @@ class Server:
         self.rt_ewma: float | None = None
         self.rt_samples = 0
         self.down_reason: DownReason | None = None
+        self.leaving = False  # retired: leaves the pool when its last session ends
         self._rt_limit = rt_limit
 
     @property
@@ -230,6 +239,33 @@ class ServerPool:
         self.version += 1
         return server
 
+    def retire(self, name: str) -> bool:
+        """Remove a server once its sessions are over: it takes no new session (status REMOVING, or DOWN if it is)
+        and leaves the pool when its last session ends. True if it left at once (it had no session)."""
+        server = self.get(name)
+        if server.active == 0:
+            self.remove(name)
+            return True
+        if not server.leaving:
+            server.leaving = True
+            if server.status is not ServerStatus.DOWN:
+                server.status = ServerStatus.REMOVING
+                self._told(server)
+            self.version += 1
+        return False
+
+    def update(self, config: ServerConfig) -> bool:
+        """Take a server's new weight and session limit (``config`` names a server in the pool and keeps its
+        address, MAC and port). True if anything changed."""
+        server = self.get(config.name)
+        old = server.config
+        if (old.address, old.mac, old.port_id) != (config.address, config.mac, config.port_id):
+            raise ValueError(f"server {config.name!r}: address, mac and port cannot change in place")
+        changed = old != config or server.weight != config.weight
+        server.config = config
+        self.set_weight(config.name, config.weight)
+        return changed
+
     def get(self, name: str) -> Server:
         """The server called ``name``. Raises KeyError naming it if there is none."""
         try:
@@ -281,9 +317,9 @@ class ServerPool:
         return self._take_down(self.get(name), reason)
 
     def mark_up(self, name: str) -> bool:
-        """Bring a DRAINING or DOWN server back UP. True if the status changed."""
+        """Bring a DRAINING or DOWN server back UP. True if the status changed. A leaving server stays out."""
         server = self.get(name)
-        if server.status is ServerStatus.UP:
+        if server.status is ServerStatus.UP or server.leaving:
             return False
         if server.status is ServerStatus.DOWN:
             # The old estimate and failure streak describe the server that failed, not the one coming back.
@@ -321,6 +357,8 @@ class ServerPool:
         if server.active <= 0:
             raise ValueError(f"server {server.name!r} has no active session to end")
         server.active -= 1
+        if server.leaving and server.active == 0 and self._by_name.get(server.name) is server:
+            self.remove(server.name)
 
     def session_refused(self, server: Server) -> None:
         """Count a new session refused because ``server``, in service, was at its session limit or overloaded."""
