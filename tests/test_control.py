@@ -208,6 +208,7 @@ def test_commands_change_the_balancer(served: ControlServer, daemon: Daemon) -> 
     name = daemon.session_server
     assert request(served.path, {"cmd": "drain", "server": "s2"}) == {
         "ok": True, "server": "s2", "status": "draining", "weight": 1, "changed": True,
+        "changes": ["servers.s2.status:up->draining"],
     }  # fmt: skip
     assert request(served.path, {"cmd": "weight", "server": "s3", "weight": 3})["weight"] == 3
     assert b.pool.get("s3").weight == 3

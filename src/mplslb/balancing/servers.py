@@ -302,6 +302,15 @@ class ServerPool:
             server.weight = weight
             self.version += 1
 
+    def set_health_settings(self, *, fail_threshold: int, rt_alpha: float, rt_limit: float) -> None:
+        """Change the passive-health threshold, the response-time smoothing and the overload limit (as the
+        constructor checks them); every server, present and future, uses the new values."""
+        probe = ServerPool(fail_threshold=fail_threshold, rt_alpha=rt_alpha, rt_limit=rt_limit)
+        self.fail_threshold, self.rt_alpha, self._rt_limit = probe.fail_threshold, probe.rt_alpha, probe._rt_limit
+        for server in self._servers:
+            server._rt_limit = rt_limit
+        self.version += 1
+
     def drain(self, name: str) -> bool:
         """Stop new sessions to an UP server while its existing ones finish. True if the status changed."""
         server = self.get(name)
