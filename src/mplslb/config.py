@@ -269,7 +269,7 @@ def claim_server(taken: dict[str, str], holder: str, server: ServerConfig) -> tu
     claims = server_claims(server)
     for key, claim, shown in claims:
         other = taken.get(claim)
-        if other is not None and other != holder:
+        if other is not None:
             if key == "name":
                 return key, f"duplicate server name {shown}"
             return key, f"{shown} is already the {key} of {other}"
