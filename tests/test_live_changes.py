@@ -294,6 +294,9 @@ def lab() -> Iterator[Lab]:
         for j in range(the_lab.spec.servers):
             name = the_lab.server_name(j)
             (the_lab.dir / name / "www" / "big").write_text(f"server {name}\n" + "x" * BIG)
+        # A small receive buffer on the downloading client, so a download's data crosses the balancer as curl reads
+        # it (1 MB/s) instead of landing in the client's buffer within a fraction of a second.
+        the_lab.run_in(the_lab.client_ns(2), ["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 32768 65536"], check=True)
         yield the_lab
     finally:
         problems = the_lab.down()
@@ -317,7 +320,7 @@ def pool(lab: Lab) -> dict[str, str]:
 
 def slow_download(lab: Lab) -> str:
     """``/big`` from client 2 at 1 MB/s: the serving server's name, or what went wrong."""
-    got = lab.run_in(lab.client_ns(2), ["curl", "-sS", "--max-time", "30", "--limit-rate", "1M", f"http://{VIP4}/big"])
+    got = lab.run_in(lab.client_ns(2), ["curl", "-sS", "--max-time", "15", "--limit-rate", "1M", f"http://{VIP4}/big"])
     body = got.stdout
     if got.returncode != 0 or len(body) != BIG + len("server sN\n"):
         return f"failed: curl exit {got.returncode}, {len(body)} bytes, {got.stderr.strip()}"
