@@ -260,9 +260,10 @@ def test_algorithm_and_limits_over_the_socket(served: ControlServer, daemon: Dae
     reply = request(served.path, {"cmd": "algorithm", "name": "maglev", "params": {"table_size": 251}})
     assert reply["changes"] == ["algorithm:round_robin->maglev", "algorithm_params:{}->{'table_size': 251}"]
     assert b.config.algorithm == "maglev" and daemon.snapshot()["algorithm"] == "maglev"
-    assert "table_size" in request(served.path, {"cmd": "algorithm", "name": "maglev", "params": {"table_size": 4}})[
-        "error"
-    ]
+    assert (
+        "table_size"
+        in request(served.path, {"cmd": "algorithm", "name": "maglev", "params": {"table_size": 4}})["error"]
+    )
     assert "unknown algorithm 'x'" in request(served.path, {"cmd": "algorithm", "name": "x"})["error"]
     assert b.config.algorithm == "maglev"
     reply = request(served.path, {"cmd": "limit", "name": "max_sessions", "value": 10})
