@@ -646,16 +646,16 @@ class Balancer:
             except ConfigError as exc:
                 raise ConfigError(source, f"servers[{index[server.name]}].{exc.key}", exc.reason) from None
         settings = diff.settings
+        algorithm = self.algorithm
         if "algorithm" in settings or "algorithm_params" in settings:
-            make_algorithm(new.algorithm, **dict(new.algorithm_params))  # checked before anything changes
+            algorithm = make_algorithm(new.algorithm, **dict(new.algorithm_params))  # before anything changes
         for name in diff.removed:
             self.pool.retire(name)
         for server in diff.updated:
             self.pool.update(server)
         for server in diff.added:
             self.pool.add(server)
-        if "algorithm" in settings or "algorithm_params" in settings:
-            self.algorithm = make_algorithm(new.algorithm, **dict(new.algorithm_params))
+        self.algorithm = algorithm
         if {"max_sessions", "max_new_per_second", "refuse_with"} & set(settings):
             self.set_limits(
                 max_sessions=new.max_sessions, max_new_per_second=new.max_new_per_second, refuse_with=new.refuse_with
