@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -274,7 +275,37 @@ lab_only = [
 ]
 LOAD_SECONDS = 4
 CURLS = 80  # sequential requests, one session each, during the change; the wall time is bounded by curl's --max-time
-BIG = 3 * 2**20  # a download per server, at 1 MB/s: in flight across the change
+BIG = 2**20  # a download held open across the change (HOLD)
+#: A download that stops reading after the first line of its body (which names the server) until told "go" on
+#: stdin, with a small receive buffer: most of the body is still to cross the balancer when it goes on, whatever
+#: the timing, so a session the change broke would fail it. Prints the server, then "done LENGTH" or the error.
+HOLD = r"""
+import socket, sys
+try:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    s.settimeout(30)
+    s.connect((sys.argv[1], 80))
+    s.sendall(b"GET /big HTTP/1.1\r\nHost: lab\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data or b"\n" not in data.split(b"\r\n\r\n", 1)[1]:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise EOFError("closed before the body")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")).split(b":")[1])
+    print(body.split(b"\n", 1)[0].decode().removeprefix("server "), flush=True)
+    sys.stdin.readline()
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    print("done", len(body) if len(body) == length else f"short {len(body)} of {length}", flush=True)
+except Exception as exc:
+    print("failed", type(exc).__name__, exc, flush=True)
+"""
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -294,9 +325,6 @@ def lab() -> Iterator[Lab]:
         for j in range(the_lab.spec.servers):
             name = the_lab.server_name(j)
             (the_lab.dir / name / "www" / "big").write_text(f"server {name}\n" + "x" * BIG)
-        # A small receive buffer on the downloading client, so a download's data crosses the balancer as curl reads
-        # it (1 MB/s) instead of landing in the client's buffer within a fraction of a second.
-        the_lab.run_in(the_lab.client_ns(2), ["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 32768 65536"], check=True)
         yield the_lab
     finally:
         problems = the_lab.down()
@@ -318,46 +346,54 @@ def pool(lab: Lab) -> dict[str, str]:
     return {row["name"]: row["status"] for row in lab.status()["status"]["servers"]}
 
 
-def slow_download(lab: Lab) -> str:
-    """``/big`` from client 2 at 1 MB/s: the serving server's name, or what went wrong."""
-    got = lab.run_in(lab.client_ns(2), ["curl", "-sS", "--max-time", "15", "--limit-rate", "1M", f"http://{VIP4}/big"])
-    body = got.stdout
-    if got.returncode != 0 or len(body) != BIG + len("server sN\n"):
-        return f"failed: curl exit {got.returncode}, {len(body)} bytes, {got.stderr.strip()}"
-    return body.split("\n", 1)[0].removeprefix("server ")
+def hold_download(lab: Lab) -> tuple[subprocess.Popen[str], str]:
+    """Start a HOLD download from client 2 and wait for its first line: its session is open and mid-body."""
+    argv = ["nsenter", f"--net=/var/run/netns/{lab.client_ns(2)}", "--", sys.executable, "-c", HOLD, VIP4]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    first = proc.stdout.readline().strip() if ready else "no answer in 30 s"
+    return proc, first
 
 
 def under_load(
     lab: Lab, change: Any, downloads_on: tuple[str, ...] = ("s1", "s2", "s3")
 ) -> tuple[list[str], dict[str, float]]:
     """Load, and ``change()`` in the middle of it; returns the bodies of the curl loop and wrk's figures, and
-    checks that the slow downloads completed, on the servers ``downloads_on``.
+    checks that the held downloads, on the servers ``downloads_on``, completed after the change.
 
-    The load: three slow downloads first (three new sessions in a row: round robin gives one to each server in
-    service), then a bounded sequential curl loop (client 0, a session per request) and wrk (client 1, 4 keep-alive
-    connections, LOAD_SECONDS). ``change()`` runs a second after the loop started, with every download in flight.
+    The load: three HOLD downloads first, one after the other (three new sessions in a row: round robin gives one
+    to each server in service), then a bounded sequential curl loop (client 0, a session per request) and wrk
+    (client 1, 4 keep-alive connections, LOAD_SECONDS). ``change()`` runs a second after the loop started; then
+    the downloads read the rest of their bodies.
     """
-    downloads: list[str] = []
     bodies: list[str] = []
     figures: dict[str, float] = {}
-    slow = [threading.Thread(target=lambda: downloads.append(slow_download(lab))) for _ in range(3)]
-    for thread in slow:
-        thread.start()
-        time.sleep(0.3)  # its SYN is through before the next one's
-    loops = [
-        threading.Thread(target=lambda: bodies.extend(lab.curl(0, CURLS))),
-        threading.Thread(target=lambda: figures.update(lab.wrk(1, seconds=LOAD_SECONDS, connections=4))),
-    ]
-    for loop in loops:
-        loop.start()
+    held = []
     try:
-        time.sleep(1.0)
-        change()
+        for _ in downloads_on:
+            held.append(hold_download(lab))
+        assert sorted(first for _, first in held) == sorted(downloads_on), held
+        loops = [
+            threading.Thread(target=lambda: bodies.extend(lab.curl(0, CURLS))),
+            threading.Thread(target=lambda: figures.update(lab.wrk(1, seconds=LOAD_SECONDS, connections=4))),
+        ]
+        for loop in loops:
+            loop.start()
+        try:
+            time.sleep(1.0)
+            change()
+        finally:
+            for loop in loops:
+                loop.join(timeout=LOAD_SECONDS + 150)
+        assert not any(loop.is_alive() for loop in loops)
+        done = [proc.communicate("go\n", timeout=60)[0].strip() for proc, _ in held]
+        assert done == [f"done {BIG + len('server sN') + 1}"] * len(held), done
     finally:
-        for thread in [*loops, *slow]:
-            thread.join(timeout=LOAD_SECONDS + 150)
-    assert not any(thread.is_alive() for thread in [*loops, *slow])
-    assert sorted(downloads) == sorted(downloads_on), downloads
+        for proc, _ in held:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return bodies, figures
 
 
