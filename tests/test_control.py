@@ -258,7 +258,7 @@ def test_add_and_remove_over_the_socket(served: ControlServer, daemon: Daemon) -
 def test_algorithm_and_limits_over_the_socket(served: ControlServer, daemon: Daemon) -> None:
     b = daemon.balancer
     reply = request(served.path, {"cmd": "algorithm", "name": "maglev", "params": {"table_size": 251}})
-    assert reply["changes"] == ["algorithm:round_robin->maglev", "algorithm_params:{}->{'table_size': 251}"]
+    assert reply["changes"] == ["algorithm:round_robin->maglev", "algorithm_params:{}->{table_size=251}"]
     assert b.config.algorithm == "maglev" and daemon.snapshot()["algorithm"] == "maglev"
     assert (
         "table_size"

@@ -469,13 +469,14 @@ class ConfigDiff:
     refused: tuple[tuple[str, str], ...] = ()
 
 
-def _shown(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A setting's value as the ``changes`` of a diff show it: no spaces (log lines are key=value)."""
     if isinstance(value, bytes):
         return _address_text(value) if len(value) in (4, 16) else value.hex(":")
     if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k}={_shown(v)}" for k, v in sorted(value.items())) + "}"
+        return "{" + ",".join(f"{k}={show_value(v)}" for k, v in sorted(value.items())) + "}"
     if isinstance(value, tuple):
-        return "[" + ",".join(_shown(v) for v in value) + "]"
+        return "[" + ",".join(show_value(v) for v in value) + "]"
     return str(value)
 
 
@@ -506,7 +507,7 @@ def diff_configs(old: BalancerConfig, new: BalancerConfig) -> ConfigDiff:
     fixed += [(key, getattr(old, name), getattr(new, name)) for name, key in FIXED_SETTINGS.items()
               if getattr(old, name) != getattr(new, name)]  # fmt: skip
     for key, a, b in fixed:
-        refused.append((key, f"{_shown(a)} -> {_shown(b)}: {FIXED_REASON}"))
+        refused.append((key, f"{show_value(a)} -> {show_value(b)}: {FIXED_REASON}"))
     running = {s.name: s for s in old.servers}
     wanted = {s.name for s in new.servers}
     added: list[ServerConfig] = []
@@ -519,7 +520,7 @@ def diff_configs(old: BalancerConfig, new: BalancerConfig) -> ConfigDiff:
             continue
         for key, a, b in _fields_diff(f"servers[{i}]", was, server, _SERVER_IDENTITY):
             why = "a server's address, mac and port cannot change under its name; give the new machine a new name"
-            refused.append((key, f"server {server.name!r}: {_shown(a)} -> {_shown(b)}: {why}"))
+            refused.append((key, f"server {server.name!r}: {show_value(a)} -> {show_value(b)}: {why}"))
         kept = _fields_diff(f"servers.{server.name}", was, server, {"weight": "weight", "max_sessions": "max_sessions"})
         if kept:
             updated.append(server)
@@ -531,10 +532,10 @@ def diff_configs(old: BalancerConfig, new: BalancerConfig) -> ConfigDiff:
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             settings[name] = b
-            changes.append(f"{key}:{_shown(a)}->{_shown(b)}")
+            changes.append(f"{key}:{show_value(a)}->{show_value(b)}")
     if old.timeouts != new.timeouts:
         settings["timeouts"] = new.timeouts
         names = {name: name for name in vars(old.timeouts)}
         for key, a, b in _fields_diff("timeouts", old.timeouts, new.timeouts, names):
-            changes.append(f"{key}:{_shown(a)}->{_shown(b)}")
+            changes.append(f"{key}:{show_value(a)}->{show_value(b)}")
     return ConfigDiff(tuple(added), removed, tuple(updated), settings, tuple(changes), tuple(refused))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from mplslb.balancing.algorithms import algorithm_names
 from mplslb.balancing.servers import DownReason, Server, ServerStatus
-from mplslb.config import ConfigError, Section, read_server
+from mplslb.config import ConfigError, Section, read_server, show_value
 
 if TYPE_CHECKING:
     from mplslb.balancer import Balancer
@@ -443,7 +443,7 @@ def balancer_commands(
         if before[0] != name:
             changes.append(f"algorithm:{before[0]}->{name}")
         if before[1] != params:
-            changes.append(f"algorithm_params:{before[1]}->{params}")
+            changes.append(f"algorithm_params:{show_value(before[1])}->{show_value(params)}")
         return {"ok": True, "algorithm": name, "params": params, "changes": changes}
 
     def set_limit(req: Request) -> Reply:
