@@ -274,7 +274,7 @@ lab_only = [
     pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed"),
 ]
 LOAD_SECONDS = 4
-CURLS = 80  # sequential requests, one session each, during the change; the wall time is bounded by curl's --max-time
+CURLS = 200  # sequential requests, one session each, around the change (about 2 s here); each bounded by --max-time
 BIG = 2**20  # a download held open across the change (HOLD)
 #: A download that stops reading after the first line of its body (which names the server) until told "go" on
 #: stdin, with a small receive buffer: most of the body is still to cross the balancer when it goes on, whatever
