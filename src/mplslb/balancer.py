@@ -30,17 +30,25 @@ from __future__ import annotations
 
 import heapq
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mplslb.analyzer import Analysis, PacketAnalyzer
-from mplslb.balancing.admission import AdmissionControl, Refusal, reset_frame, tcp_reset
+from mplslb.balancing.admission import AdmissionControl, Refusal, RefuseWith, reset_frame, tcp_reset
 from mplslb.balancing.algorithms import make_algorithm
 from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
-from mplslb.config import BalancerConfig, PortConfig, VirtualService
+from mplslb.config import (
+    BalancerConfig,
+    ConfigError,
+    PortConfig,
+    VirtualService,
+    check_server,
+    diff_configs,
+    server_claims,
+)
 from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
 from mplslb.neighbors import answer
 from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
@@ -594,15 +602,135 @@ class Balancer:
                 self.sessions.apply(session, SessionEvent.SERVER_DOWN, now, "server_down")
             self._finish(session, now)
 
+    # Live changes (what the control socket and a reload do) keep ``self.config`` the running configuration: the
+    # servers in the pool and not leaving, with their current weights, and the settings in force. A reload is the
+    # difference between it and the new file (config.diff_configs). Established sessions are never touched: a new
+    # algorithm, limit or weight applies to the next new session.
+    def _claims(self, releasing: Iterable[str] = ()) -> dict[str, str]:
+        """Every server's name, and the address and MAC of those staying (not leaving, not in ``releasing``), as
+        config.claim_server records them."""
+        taken: dict[str, str] = {}
+        releasing = set(releasing)
+        for server in self.pool:
+            for key, claim, _ in server_claims(server.config):
+                if key == "name" or not (server.leaving or server.name in releasing):
+                    taken[claim] = f"server {server.name!r}"
+        return taken
+
+    def _check_new_server(self, config: ServerConfig, taken: dict[str, str], source: str) -> None:
+        if config.name in self.pool and self.pool.get(config.name).leaving:
+            left = self.pool.get(config.name).active
+            raise ConfigError(
+                source, "name", f"server {config.name!r} is still being removed ({left} sessions left): add it "
+                "again once it has left, or remove it with --now first"
+            )  # fmt: skip
+        roles = {p.port_id: p.role for p in self.config.ports}
+        problem = check_server(config, roles, taken, f"server {config.name!r}")
+        if problem is not None:
+            raise ConfigError(source, *problem)
+
+    def _sync_config(self, config: BalancerConfig | None = None) -> None:
+        servers = tuple(
+            s.config if s.weight == s.config.weight else replace(s.config, weight=s.weight)
+            for s in self.pool
+            if not s.leaving
+        )
+        self.config = replace(config or self.config, servers=servers)
+
     def add_server(self, config: ServerConfig) -> Server:
-        if self.ports.get(config.port_id) is None or self.ports[config.port_id].role != "server":
-            raise ValueError(f"server {config.name!r}: port {config.port_id} is not a server port")
-        return self.pool.add(config)
+        """Add a server; it takes new sessions at once. It is checked as a configuration file's server is (its port
+        a server port, its name, address and MAC nobody else's): a ConfigError names the key and the reason."""
+        self._check_new_server(config, self._claims(), f"server {config.name!r}")
+        server = self.pool.add(config)
+        self._sync_config()
+        return server
 
     def remove_server(self, name: str, now: float) -> None:
+        """Remove a server now: its sessions are interrupted and their labels withdrawn (claim 6)."""
         server = self.pool.get(name)
         self._interrupt(server, now)
-        self.pool.remove(name)
+        if name in self.pool:  # a leaving server goes with its last session
+            self.pool.remove(name)
+        self._sync_config()
+
+    def retire_server(self, name: str) -> bool:
+        """Remove a server once its sessions end: no new session goes to it, and it leaves the pool with its last
+        session (status ``removing`` meanwhile). True if it had none and left at once."""
+        gone = self.pool.retire(name)
+        self._sync_config()
+        return gone
+
+    def set_algorithm(self, name: str, params: Mapping[str, Any] | None = None) -> None:
+        """Choose servers for new sessions with algorithm ``name`` (ValueError if unknown or its parameters are
+        wrong); established sessions keep their servers."""
+        params = dict(params or {})
+        self.algorithm = make_algorithm(name, **params)
+        self.config = replace(self.config, algorithm=name, algorithm_params=params)
+
+    def set_limits(
+        self,
+        *,
+        max_sessions: int | None = None,
+        max_new_per_second: float | None = None,
+        refuse_with: RefuseWith | str | None = None,
+    ) -> None:
+        """Change the admission limits for new sessions (None: unchanged; 0: no limit). The refusal counts carry on;
+        the rate bucket starts full."""
+        current = self.admission
+        admission = AdmissionControl(
+            max_sessions=current.max_sessions if max_sessions is None else max_sessions,
+            max_new_per_second=current.max_new_per_second if max_new_per_second is None else max_new_per_second,
+            refuse_with=current.refuse_with if refuse_with is None else RefuseWith(refuse_with),
+            refused=current.refused,
+        )
+        self.admission = admission
+        self.config = replace(
+            self.config,
+            max_sessions=admission.max_sessions,
+            max_new_per_second=admission.max_new_per_second,
+            refuse_with=admission.refuse_with,
+        )
+
+    def reconfigure(self, new: BalancerConfig, *, source: str = "(new configuration)") -> tuple[str, ...]:
+        """Make the running configuration ``new``, or raise ConfigError (``source``, key, reason) and change
+        nothing. Servers gone from ``new`` are retired (they drain out), new ones added, weights and limits taken;
+        the settings :data:`~mplslb.config.LIVE_SETTINGS` names apply to new sessions. Returns what changed, one
+        ``key:old->new`` per difference (see :func:`~mplslb.config.diff_configs`)."""
+        diff = diff_configs(self.config, new)
+        if diff.refused:
+            raise ConfigError(source, *diff.refused[0])
+        taken = self._claims(releasing=diff.removed)
+        index = {server.name: i for i, server in enumerate(new.servers)}
+        for server in diff.added:
+            try:
+                self._check_new_server(server, taken, source)
+            except ConfigError as exc:
+                raise ConfigError(source, f"servers[{index[server.name]}].{exc.key}", exc.reason) from None
+        settings = diff.settings
+        algorithm = self.algorithm
+        if "algorithm" in settings or "algorithm_params" in settings:
+            algorithm = make_algorithm(new.algorithm, **dict(new.algorithm_params))  # before anything changes
+        for name in diff.removed:
+            self.pool.retire(name)
+        for server in diff.updated:
+            self.pool.update(server)
+        for server in diff.added:
+            self.pool.add(server)
+        self.algorithm = algorithm
+        if {"max_sessions", "max_new_per_second", "refuse_with"} & set(settings):
+            self.set_limits(
+                max_sessions=new.max_sessions, max_new_per_second=new.max_new_per_second, refuse_with=new.refuse_with
+            )
+        if {"fail_threshold", "rt_alpha", "rt_limit"} & set(settings):
+            self.pool.set_health_settings(
+                fail_threshold=new.fail_threshold, rt_alpha=new.rt_alpha, rt_limit=new.rt_limit
+            )
+        if "timeouts" in settings:
+            self.sessions.timeouts = new.timeouts  # idle deadlines armed from now on
+        if "l7" in settings:
+            self.analyzer.l7 = new.l7
+        self._sync_config(new)
+        return diff.changes
 
     def mark_down(self, name: str, now: float, reason: DownReason = DownReason.ADMIN) -> None:
         server = self.pool.get(name)
@@ -617,6 +745,7 @@ class Balancer:
 
     def set_weight(self, name: str, weight: int) -> None:
         self.pool.set_weight(name, weight)
+        self._sync_config()
 
     # -- figures -------------------------------------------------------------------------------------------------
     def server_rows(self) -> tuple[ServerRow, ...]:

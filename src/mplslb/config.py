@@ -288,6 +288,79 @@ def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
         raise ConfigError(source, "(syntax)", str(exc)) from None
 
 
+# -- servers: one entry, checked against the others (at load and when added to a running balancer) -----------
+def server_claims(server: ServerConfig) -> tuple[tuple[str, str, str], ...]:
+    """What a server holds that no other may: ``(key, claim, shown)`` for its name, address and MAC."""
+    return (
+        ("name", f"name {server.name}", repr(server.name)),
+        ("address", f"address {_address_text(server.address)}", _address_text(server.address)),
+        ("mac", f"mac {server.mac.hex(':')}", server.mac.hex(":")),
+    )
+
+
+def claim_server(taken: dict[str, str], holder: str, server: ServerConfig) -> tuple[str, str] | None:
+    """Record in ``taken`` (claim -> holder, e.g. ``"servers[0]"``) that ``holder`` is ``server``'s name, address and
+    MAC; or, when another holder has one of them, record nothing and return ``(key, reason)``."""
+    claims = server_claims(server)
+    for key, claim, shown in claims:
+        other = taken.get(claim)
+        if other is not None:
+            if key == "name":
+                return key, f"duplicate server name {shown}"
+            return key, f"{shown} is already the {key} of {other}"
+    for _, claim, _ in claims:
+        taken[claim] = holder
+    return None
+
+
+def server_port_problem(roles: Mapping[int, str], port_id: int) -> str | None:
+    """Why a server cannot be on port ``port_id`` (``roles``: port id -> role), or None."""
+    if port_id not in roles:
+        return f"no port with id {port_id}"
+    if roles[port_id] != "server":
+        return f"port {port_id} is a {roles[port_id]}-side port, not a server port"
+    return None
+
+
+def check_server(
+    server: ServerConfig, roles: Mapping[int, str], taken: dict[str, str], holder: str
+) -> tuple[str, str] | None:
+    """A built server's checks, as for a configuration file's entry: its port (:func:`server_port_problem`) and
+    its claims (:func:`claim_server`, recorded when it passes). ``(key, reason)`` when it fails."""
+    problem = server_port_problem(roles, server.port_id)
+    if problem is not None:
+        return "port", problem
+    return claim_server(taken, holder, server)
+
+
+def read_server(sec: Section, roles: Mapping[int, str], taken: dict[str, str], holder: str = "") -> ServerConfig:
+    """One ``[[servers]]`` entry: its keys checked, its port a server port of ``roles`` (port id -> role), and its
+    name, address and MAC nobody else's in ``taken`` (see :func:`claim_server`; ``holder`` defaults to the
+    entry's key). The one check of a server, for a configuration file and for a server added at run time."""
+    name = sec.require("name", str)
+    if not name:
+        raise sec.error("name", "must not be empty")
+    port_id = sec.get("port", int, 0)
+    problem = server_port_problem(roles, port_id)
+    if problem is not None:
+        raise sec.error("port", problem)
+    server = sec.build(
+        "name",
+        ServerConfig,
+        name=name,
+        address=sec.convert("address", sec.require("address", str), parse_ip),
+        mac=sec.convert("mac", sec.require("mac", str), parse_mac),
+        port_id=port_id,
+        weight=sec.number("weight", int, 1, minimum=0),
+        max_sessions=sec.number("max_sessions", int, 0, minimum=0),
+    )
+    sec.done()
+    conflict = claim_server(taken, holder or sec.path, server)
+    if conflict is not None:
+        raise sec.error(*conflict)
+    return server
+
+
 def balancer_config_from_section(
     top: Section,
     *,
@@ -328,36 +401,9 @@ def balancer_config_from_section(
         sec.done()
     roles = {p.port_id: p.role for p in ports or default_ports}
     servers: list[ServerConfig] = []
-    server_keys: dict[str, str] = {}  # "address ..."/"mac ..." -> the key of the server that has it
+    taken: dict[str, str] = {}
     for sec in top.sections("servers"):
-        name = sec.require("name", str)
-        if not name:
-            raise sec.error("name", "must not be empty")
-        if name in {s.name for s in servers}:
-            raise sec.error("name", f"duplicate server name {name!r}")
-        port_id = sec.get("port", int, 0)
-        if port_id not in roles:
-            raise sec.error("port", f"no port with id {port_id}")
-        if roles[port_id] != "server":
-            raise sec.error("port", f"port {port_id} is a {roles[port_id]}-side port, not a server port")
-        servers.append(
-            sec.build(
-                "name",
-                ServerConfig,
-                name=name,
-                address=sec.convert("address", sec.require("address", str), parse_ip),
-                mac=sec.convert("mac", sec.require("mac", str), parse_mac),
-                port_id=port_id,
-                weight=sec.number("weight", int, 1, minimum=0),
-                max_sessions=sec.number("max_sessions", int, 0, minimum=0),
-            )
-        )
-        added = servers[-1]
-        for field_name, shown in (("address", _address_text(added.address)), ("mac", added.mac.hex(":"))):
-            first = server_keys.setdefault(f"{field_name} {shown}", sec.key(field_name))
-            if first != sec.key(field_name):
-                raise sec.error(field_name, f"{shown} is already the {field_name} of {first.rsplit('.', 1)[0]}")
-        sec.done()
+        servers.append(read_server(sec, roles, taken))
     algorithm = top.get("algorithm", str, "round_robin")
     if algorithm not in algorithm_names():
         raise top.error("algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(algorithm_names())}")
@@ -427,3 +473,116 @@ def balancer_config_from_section(
         rt_limit=rt_limit,
         l7=l7,
     )
+
+
+# -- reload: what differs between the running configuration and a new one --------------------------------------
+#: Settings a running balancer takes from a new configuration (:class:`BalancerConfig` field -> configuration key).
+LIVE_SETTINGS = {
+    "algorithm": "algorithm",
+    "algorithm_params": "algorithm_params",
+    "max_sessions": "limits.max_sessions",
+    "max_new_per_second": "limits.max_new_per_second",
+    "refuse_with": "limits.refuse_with",
+    "rt_limit": "limits.max_response_time",
+    "fail_threshold": "health.fail_threshold",
+    "rt_alpha": "health.rt_alpha",
+    "l7": "l7",
+}
+#: Settings that cannot change while the balancer runs (field -> key): the label space is carved up by live sessions,
+#: and the quarantine ring relies on one constant delay.
+FIXED_SETTINGS = {"c2s_min": "labels.c2s_min", "c2s_max": "labels.c2s_max", "label_quarantine": "labels.quarantine"}
+_PORT_KEYS = {"port_id": "id", "line_card": "line_card", "number": "number", "mac": "mac", "role": "role",
+              "name": "name", "interface": "interface", "kind": "kind", "address": "address"}  # fmt: skip
+_VIP_KEYS = {"address": "address", "tcp_ports": "tcp", "udp_ports": "udp"}
+_SERVER_IDENTITY = {"address": "address", "mac": "mac", "port_id": "port"}
+FIXED_REASON = "cannot change while the balancer runs (restart it to change this)"
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What :func:`diff_configs` found between a running configuration and a new one.
+
+    ``added``/``removed``/``updated``: servers new, gone, and kept with a new weight or session limit. ``settings``:
+    the live-changeable settings that differ (field -> new value). ``changes``: one ``key:old->new`` line per
+    difference, for replies and logs. ``refused``: ``(key, reason)`` for each difference that cannot be applied
+    while running; a diff with any is applied not at all.
+    """
+
+    added: tuple[ServerConfig, ...] = ()
+    removed: tuple[str, ...] = ()
+    updated: tuple[ServerConfig, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    changes: tuple[str, ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
+
+
+def show_value(value: Any) -> str:
+    """A setting's value as the ``changes`` of a diff show it: no spaces (log lines are key=value)."""
+    if isinstance(value, bytes):
+        return _address_text(value) if len(value) in (4, 16) else value.hex(":")
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}={show_value(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, tuple):
+        return "[" + ",".join(show_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _fields_diff(key: str, old: Any, new: Any, names: Mapping[str, str]) -> list[tuple[str, Any, Any]]:
+    return [
+        (f"{key}.{shown}", getattr(old, name), getattr(new, name))
+        for name, shown in names.items()
+        if getattr(old, name) != getattr(new, name)
+    ]
+
+
+def diff_configs(old: BalancerConfig, new: BalancerConfig) -> ConfigDiff:
+    """Compare the running configuration ``old`` with ``new`` (see :class:`ConfigDiff`).
+
+    Servers are matched by name. A server's address, MAC and port are what it is (where its frames go): a change of
+    any under the same name is refused, naming the key; a new machine takes a new name (the old one is removed,
+    draining, and the new one added). Ports, virtual IPs and the label range cannot change while running.
+    """
+    refused: list[tuple[str, str]] = []
+    changes: list[str] = []
+    fixed: list[tuple[str, Any, Any]] = []
+    for key, olds, news, names in (("ports", old.ports, new.ports, _PORT_KEYS), ("vip", old.vips, new.vips, _VIP_KEYS)):
+        if len(olds) != len(news):
+            fixed.append((key, len(olds), len(news)))
+            continue
+        for i, (a, b) in enumerate(zip(olds, news, strict=True)):
+            fixed += _fields_diff(f"{key}[{i}]", a, b, names)
+    fixed += [(key, getattr(old, name), getattr(new, name)) for name, key in FIXED_SETTINGS.items()
+              if getattr(old, name) != getattr(new, name)]  # fmt: skip
+    for key, a, b in fixed:
+        refused.append((key, f"{show_value(a)} -> {show_value(b)}: {FIXED_REASON}"))
+    running = {s.name: s for s in old.servers}
+    wanted = {s.name for s in new.servers}
+    added: list[ServerConfig] = []
+    updated: list[ServerConfig] = []
+    for i, server in enumerate(new.servers):
+        was = running.get(server.name)
+        if was is None:
+            added.append(server)
+            changes.append(f"servers.{server.name}:added")
+            continue
+        for key, a, b in _fields_diff(f"servers[{i}]", was, server, _SERVER_IDENTITY):
+            why = "a server's address, mac and port cannot change under its name; give the new machine a new name"
+            refused.append((key, f"server {server.name!r}: {show_value(a)} -> {show_value(b)}: {why}"))
+        kept = _fields_diff(f"servers.{server.name}", was, server, {"weight": "weight", "max_sessions": "max_sessions"})
+        if kept:
+            updated.append(server)
+            changes += [f"{key}:{a}->{b}" for key, a, b in kept]
+    removed = tuple(s.name for s in old.servers if s.name not in wanted)
+    changes += [f"servers.{name}:removed" for name in removed]
+    settings: dict[str, Any] = {}
+    for name, key in LIVE_SETTINGS.items():
+        a, b = getattr(old, name), getattr(new, name)
+        if a != b:
+            settings[name] = b
+            changes.append(f"{key}:{show_value(a)}->{show_value(b)}")
+    if old.timeouts != new.timeouts:
+        settings["timeouts"] = new.timeouts
+        names = {name: name for name in vars(old.timeouts)}
+        for key, a, b in _fields_diff("timeouts", old.timeouts, new.timeouts, names):
+            changes.append(f"{key}:{show_value(a)}->{show_value(b)}")
+    return ConfigDiff(tuple(added), removed, tuple(updated), settings, tuple(changes), tuple(refused))

@@ -10,7 +10,9 @@ HAProxy do), the control socket that ``mplslb status`` talks to, and once a seco
 that the HTTP endpoint (its own thread) serves: Prometheus ``/metrics`` and the status page (``/``, ``/status.json``
 with the last five minutes of :class:`~mplslb.control.history.StatusHistory`). Once running it tells systemd
 (``READY=1`` on ``$NOTIFY_SOCKET``, :mod:`mplslb.sdnotify`) and logs ``event=started`` with its addresses.
-SIGTERM and SIGINT stop the loop; every socket is closed and the control socket removed.
+SIGTERM and SIGINT stop the loop; every socket is closed and the control socket removed. SIGHUP (like
+``mplslb reload``) re-reads the configuration file at the loop's next turn and applies what changed, or refuses the
+file naming the key and keeps running as before (:meth:`Daemon.reload`).
 
 The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_from_section`) plus two tables:
 ``[health_check]`` (kind, port, path, expect_status, interval, timeout, rise, fall) and ``[control]`` (``socket``,
@@ -32,7 +34,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +42,7 @@ from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
 from mplslb.balancing.servers import Server
 from mplslb.config import (
+    FIXED_REASON,
     BalancerConfig,
     ConfigError,
     PortConfig,
@@ -51,7 +54,7 @@ from mplslb.config import (
 )
 from mplslb.control.client import DEFAULT_SOCKET
 from mplslb.control.history import StatusHistory
-from mplslb.control.server import ControlServer, balancer_commands
+from mplslb.control.server import ControlServer, balancer_commands, follow_pool
 from mplslb.control.tables import RateTracker, snapshot
 from mplslb.drivers.afpacket import open_port
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
@@ -271,7 +274,7 @@ class Daemon:
         self.control = ControlServer(
             config.control_socket,
             self._snapshot,
-            balancer_commands(self.balancer, clock=clock, health=self.checker),
+            balancer_commands(self.balancer, clock=clock, health=self.checker, reload=self.reload),
         )
         self.loop.add_reader(self.control.fileno(), self.control.on_readable)
         self.metrics = None
@@ -331,6 +334,7 @@ class Daemon:
         now = self.loop.clock()
         self._read_socket_counts()
         if self.checker is not None:
+            follow_pool(self.checker, self.balancer, now)  # servers added, and retired ones that have left
             reconcile(self.balancer, self.checker, now)
         self.control.on_timer(now)
         # Swap the reference, never mutate: the metrics thread reads the latest snapshot.
@@ -348,6 +352,40 @@ class Daemon:
         log.info("event=started pid=%d status_page=%s control=%s", os.getpid(), page, value(self.config.control_socket))
         notify(f"READY=1\nSTATUS=balancing; status page {page}")
         self.loop.run(stop)
+
+    #: The file the daemon was started from, which :meth:`reload` re-reads.
+    config_path: Path | None = None
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read :attr:`config_path` and apply what changed (:meth:`Balancer.reconfigure`); a file that does not
+        load, or changes what cannot change while running, is refused with its file, key and reason, and the
+        daemon keeps its configuration. Logs one line either way; returns the control reply."""
+        path = self.config_path
+        if path is None:
+            return {"error": "reload: the daemon was not started from a configuration file"}
+        try:
+            new = load_daemon_config(path)
+            running = self.config
+            for key, was, now in (
+                ("health_check", running.health, new.health),
+                ("control.socket", running.control_socket, new.control_socket),
+                ("control.metrics", running.metrics, new.metrics),
+                ("ring", running.ring, new.ring),
+                ("offload", running.offload, new.offload),
+            ):
+                if was != now:
+                    raise ConfigError(str(path), key, FIXED_REASON)
+            changes = self.balancer.reconfigure(new.balancer, source=str(path))
+        except ConfigError as exc:
+            log.warning(
+                "event=reload_refused file=%s key=%s reason=%s", value(exc.source), value(exc.key), value(exc.reason)
+            )
+            return {"error": f"reload refused: {exc}", "file": exc.source, "key": exc.key, "reason": exc.reason}
+        self.config = replace(self.config, balancer=self.balancer.config)
+        if self.checker is not None:
+            follow_pool(self.checker, self.balancer, self.loop.clock())
+        log.info("event=reload_ok file=%s changed=%s", value(path), value(",".join(changes) or "-"))
+        return {"ok": True, "file": str(path), "changes": list(changes)}
 
     def close(self) -> None:
         notify("STOPPING=1")
@@ -380,7 +418,12 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "") -> int:
         stop.set()
         daemon.loop.stop()
 
+    def hangup(_signum: int, _frame: object) -> None:  # reload at the loop's next turn, not inside a frame's work
+        daemon.loop.call_at(daemon.loop.clock(), daemon.reload)
+
+    daemon.config_path = Path(config_path)
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     try:
         if ready_file:
             Path(ready_file).write_text("ready\n")

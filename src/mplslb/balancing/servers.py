@@ -8,6 +8,7 @@ counts, passive health and a response time estimate. Status moves as::
 
     UP <--drain()/mark_up()--> DRAINING
     UP, DRAINING --mark_down() or passive health's verdict--> DOWN --mark_up()--> UP
+    UP, DRAINING, DOWN --retire()--> REMOVING --last session ends--> (out of the pool)
 
 Passive health judges what the server answered, never what it did not see: ``fail_threshold`` consecutive
 failures are needed, and unanswered SYNs count only while the server has answered none of its new sessions for
@@ -19,7 +20,12 @@ A DOWN server carries a :class:`DownReason`, and the reason decides what may bri
 check's ``health_check``, passive health's ``no_reply`` and ``refused``) is lifted when the active check passes
 (:attr:`DownReason.lifted_by_check`). Acting on health verdicts is :mod:`mplslb.balancing.health_policy`.
 
-DRAINING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
+Removing a server the gentle way (:meth:`ServerPool.retire`) is a drain that ends in removal: the server is
+*leaving*, takes no new session, and leaves the pool when its last session ends (at once if it has none). Nothing
+brings a leaving server back: a passing health check does not, and a DOWN on the way out (its sessions then
+interrupted) only speeds its exit. :meth:`ServerPool.remove` takes a server out at once.
+
+DRAINING, REMOVING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
 come back here); they only stop receiving new ones. A server takes a new session when it is *eligible*: UP,
 weight > 0, below its own session limit, and not overloaded (its response time estimate above the pool's
 ``rt_limit``). Refusing new sessions to a slow server protects the sessions it is already serving (claim 4,
@@ -53,6 +59,7 @@ class ServerStatus(StrEnum):
     UP = "up"
     DRAINING = "draining"
     DOWN = "down"
+    REMOVING = "removing"  # draining, then out of the pool when its last session ends
 
 
 class DownReason(StrEnum):
@@ -120,6 +127,7 @@ class Server:
         "down_reason",
         "failures",
         "index",
+        "leaving",
         "refused",
         "rt_ewma",
         "rt_samples",
@@ -143,6 +151,7 @@ class Server:
         self.rt_ewma: float | None = None
         self.rt_samples = 0
         self.down_reason: DownReason | None = None
+        self.leaving = False  # retired: leaves the pool when its last session ends
         self._rt_limit = rt_limit
 
     @property
@@ -245,6 +254,33 @@ class ServerPool:
         self.version += 1
         return server
 
+    def retire(self, name: str) -> bool:
+        """Remove a server once its sessions are over: it takes no new session (status REMOVING, or DOWN if it is)
+        and leaves the pool when its last session ends. True if it left at once (it had no session)."""
+        server = self.get(name)
+        if server.active == 0:
+            self.remove(name)
+            return True
+        if not server.leaving:
+            server.leaving = True
+            if server.status is not ServerStatus.DOWN:
+                server.status = ServerStatus.REMOVING
+                self._told(server)
+            self.version += 1
+        return False
+
+    def update(self, config: ServerConfig) -> bool:
+        """Take a server's new weight and session limit (``config`` names a server in the pool and keeps its
+        address, MAC and port). True if anything changed."""
+        server = self.get(config.name)
+        old = server.config
+        if (old.address, old.mac, old.port_id) != (config.address, config.mac, config.port_id):
+            raise ValueError(f"server {config.name!r}: address, mac and port cannot change in place")
+        changed = old != config or server.weight != config.weight
+        server.config = config
+        self.set_weight(config.name, config.weight)
+        return changed
+
     def get(self, name: str) -> Server:
         """The server called ``name``. Raises KeyError naming it if there is none."""
         try:
@@ -281,6 +317,15 @@ class ServerPool:
             server.weight = weight
             self.version += 1
 
+    def set_health_settings(self, *, fail_threshold: int, rt_alpha: float, rt_limit: float) -> None:
+        """Change the passive-health threshold, the response-time smoothing and the overload limit (as the
+        constructor checks them); every server, present and future, uses the new values."""
+        probe = ServerPool(fail_threshold=fail_threshold, rt_alpha=rt_alpha, rt_limit=rt_limit)
+        self.fail_threshold, self.rt_alpha, self._rt_limit = probe.fail_threshold, probe.rt_alpha, probe._rt_limit
+        for server in self._servers:
+            server._rt_limit = rt_limit
+        self.version += 1
+
     def drain(self, name: str) -> bool:
         """Stop new sessions to an UP server while its existing ones finish. True if the status changed."""
         server = self.get(name)
@@ -296,9 +341,9 @@ class ServerPool:
         return self._take_down(self.get(name), reason)
 
     def mark_up(self, name: str) -> bool:
-        """Bring a DRAINING or DOWN server back UP. True if the status changed."""
+        """Bring a DRAINING or DOWN server back UP. True if the status changed. A leaving server stays out."""
         server = self.get(name)
-        if server.status is ServerStatus.UP:
+        if server.status is ServerStatus.UP or server.leaving:
             return False
         if server.status is ServerStatus.DOWN:
             # The old estimate and failure streak describe the server that failed, not the one coming back.
@@ -336,6 +381,8 @@ class ServerPool:
         if server.active <= 0:
             raise ValueError(f"server {server.name!r} has no active session to end")
         server.active -= 1
+        if server.leaving and server.active == 0 and self._by_name.get(server.name) is server:
+            self.remove(server.name)
 
     def session_resumed(self, server: Server) -> None:
         """Count again a session of ``server`` that was counted off as ending but went on."""

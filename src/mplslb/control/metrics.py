@@ -16,12 +16,13 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from mplslb.balancing.servers import ServerStatus
 from mplslb.control.page import StatusSource, serve, status_app
 
 __all__ = ["AgentCollector", "MetricsServer", "SnapshotCollector", "start_metrics_server"]
 
 SnapshotSource = Callable[[], Mapping[str, Any] | None]
-_SERVER_STATES = ("up", "draining", "down")
+_SERVER_STATES = tuple(str(status) for status in ServerStatus)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -119,7 +120,9 @@ class SnapshotCollector:
 
         up = gauge("mplslb_server_up", "1 if the server takes new sessions (status up), else 0.")
         state = GaugeMetricFamily(
-            "mplslb_server_state", "1 for the server's status (up, draining, down).", labels=["server", "state"]
+            "mplslb_server_state",
+            "1 for the server's status (up, draining, down, removing).",
+            labels=["server", "state"],
         )
         weight = gauge("mplslb_server_weight", "Current weight.")
         active = gauge("mplslb_server_active", "Live sessions on the server.")
