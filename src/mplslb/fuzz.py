@@ -215,11 +215,11 @@ def _neighbour_solicitation(i: int) -> bytes:
     return build_ethernet(dst_mac, client_mac(i), ETH_P_IPV6) + _ip(src, group, 58, bytes(message), ttl=255)
 
 
-def _icmp_error(i: int, quoted: bytes) -> bytes:
-    """An ICMPv4 destination unreachable from client ``i`` quoting the head of a packet the virtual IP sent it."""
+def _icmp_error(src: bytes, quoted: bytes) -> bytes:
+    """An ICMPv4 destination unreachable from ``src`` quoting the head of a packet the virtual IP sent it."""
     message = bytearray(struct.pack("!BBHI", 3, 3, 0, 0) + quoted[:28])
     struct.pack_into("!H", message, 2, internet_checksum(message))
-    return _ip(client_addr(i, False), VIP4, 1, bytes(message))
+    return _ip(src, VIP4, 1, bytes(message))
 
 
 def capture_frames(root: Path = SHARED_DATA, limit: int = 20_000) -> tuple[list[bytes], str]:
@@ -260,7 +260,6 @@ def base_set(b: Balancer, rng: random.Random, *, sessions: int = 64, new: int = 
         port, cmac, c2s = s.client_port, s.client_mac, s.c2s
         smac, sport = server.mac, server.port_id
         v6 = len(key.src) == 16
-        ci = cmac[5]
         if key.proto == IPPROTO_TCP:
             request = b"GET /x HTTP/1.1\r\nHost: fuzz%d\r\n\r\n" % rng.randrange(9)
             up = _tcp(key.src, key.dst, key.sport, key.dport, ACK | PSH, request, seq=2)
@@ -286,7 +285,7 @@ def base_set(b: Balancer, rng: random.Random, *, sessions: int = 64, new: int = 
         base.frames.append((port, _ether(PORT_MAC[port], cmac, up)))
         base.frames.append((sport, _ether(PORT_MAC[sport], smac, down)))
         if not v6:
-            base.frames.append((port, _ether(PORT_MAC[port], cmac, _icmp_error(ci, down))))
+            base.frames.append((port, _ether(PORT_MAC[port], cmac, _icmp_error(key.src, down))))
         base.labels += [c2s, c2s + 1]
     for _ in range(new):
         i, v6 = rng.randrange(CLIENTS), rng.random() < 0.3
