@@ -12,8 +12,9 @@ The lab is a small data centre in network namespaces named ``<name>-<role>``::
 The switches (Linux bridges) live in ``<name>-sw``. Line card 0 of the balancer faces the clients, line card 1 the
 servers. Each server runs a stock nginx serving a page that names the server, and a server agent; each client runs
 a client agent, through which stock curl and wrk reach the virtual IPs. Attackers (``attackers = N``) sit on the
-clients' segment with an address and no agent: hosts that send whatever frames a test builds. With ``transport = "udp"`` an IPv4 router
-namespace sits between the clients and the balancer and labelled traffic crosses it as MPLS-in-UDP (RFC 7510).
+clients' segment with an address and no agent: hosts that send whatever frames a test builds. With
+``transport = "udp"`` an IPv4 router namespace sits between the clients and the balancer and labelled traffic
+crosses it as MPLS-in-UDP (RFC 7510).
 
 ``up`` records every namespace it creates and every process it starts in ``<root>/<name>/state.json`` before the
 next step, so ``down`` (also after a failure, or from another command) stops processes by pid and deletes
@@ -467,10 +468,13 @@ class Lab:
         bodies += [""] * (count - len(bodies))
         return bodies[:count]
 
-    def wrk(self, client: int, *, seconds: int = 3, connections: int = 8) -> dict[str, float]:
+    def wrk(
+        self, client: int, *, seconds: int = 3, connections: int = 8, headers: tuple[str, ...] = ()
+    ) -> dict[str, float]:
+        extra = [arg for header in headers for arg in ("-H", header)]
         out = self.run_in(
             self.client_ns(client),
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://{VIP4}/"],
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, f"http://{VIP4}/"],
             timeout=seconds + 30,
         ).stdout
         figures: dict[str, float] = {}
