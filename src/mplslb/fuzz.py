@@ -55,6 +55,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -81,6 +82,9 @@ CAPTURE_DIRS = ("mpls", "mpls-edge", "plain")
 MAX_FRAME = 1600  # what the XDP test run takes in one page, with room
 #: Where the shared test data lies: ``shared/data`` beside the checkout (as the tests' ``shared_data`` fixture).
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+if TYPE_CHECKING:
+    from mplslb.offload.xdp import XdpOffload
 
 SYN, ACK, FIN, RST, PSH = (int(f) for f in (TCPFlag.SYN, TCPFlag.ACK, TCPFlag.FIN, TCPFlag.RST, TCPFlag.PSH))
 
@@ -421,10 +425,10 @@ class Kernel:
     """The XDP path: a balancer whose table the program's map follows."""
 
     balancer: Balancer
-    offload: object  # XdpOffload (imported only when the kernel path runs)
+    offload: XdpOffload
     port_of: dict[int, int]  # ifindex -> port id
     redirected: int = 0
-    short: int = 0  # frames too short for a test run (no device delivers them): userspace only
+    short: int = 0  # frames not run in the kernel (shorter than an Ethernet header, or an unknown port)
     uncounted: int = 0  # redirected frames whose map counters were lost with their entry before a poll
 
 
@@ -512,7 +516,7 @@ class Paths:
         for b in self.balancers():
             b.on_timer(now)
         if self.kernel is not None:
-            self.kernel.offload.sync()  # type: ignore[attr-defined]
+            self.kernel.offload.sync()
         self._check(where)
         self.chunks += 1
 
@@ -524,18 +528,18 @@ class Paths:
         offload = k.offload
         b = k.balancer
         for i, (port, frame) in enumerate(frames):
-            offload.sync()  # type: ignore[attr-defined]
+            offload.sync()
             run = None
-            if port in offload.ifindex and len(frame) >= 14:  # type: ignore[attr-defined]
+            if port in offload.ifindex and len(frame) >= 14:
                 try:
-                    run = offload.run(frame, port)  # type: ignore[attr-defined]
+                    run = offload.run(frame, port)
                 except OSError as exc:
                     raise Mismatch(f"{where} frame {i}: the test run failed ({exc}): {frame.hex()}") from exc
             else:
                 k.short += 1
             if run is not None and run.retval == bpf.XDP_REDIRECT:
                 label = struct.unpack_from("!I", frame, 18 if frame[12:14] == b"\x81\x00" else 14)[0] >> 12
-                entry = offload.lookup(label)  # type: ignore[attr-defined]
+                entry = offload.lookup(label)
                 got = [(k.port_of.get(entry[0], -1) if entry else -1, run.data)]
                 k.redirected += 1
             elif run is not None and run.retval != bpf.XDP_PASS:
@@ -552,7 +556,7 @@ class Paths:
                     f"{where} frame {i} on port {port}: kernel path sent {got!r}, one-frame path {per_frame[i]!r}: "
                     f"{frame.hex()}"
                 )
-        offload.poll()  # type: ignore[attr-defined]
+        offload.poll()
 
     @staticmethod
     def _same(
@@ -594,7 +598,7 @@ class Paths:
             # The map's counters of a label are lost when its entry is deleted or rewritten before the next poll
             # (a session that ends between two polls): they may fall short of what the program redirected, never
             # exceed it; the per-server traffic likewise.
-            kernel_packets = int(k.offload.stats()["kernel_packets"])  # type: ignore[attr-defined]
+            kernel_packets = int(k.offload.stats()["kernel_packets"])
             if kernel_packets > k.redirected:
                 raise Mismatch(f"{where}: the map counted {kernel_packets} frames, the program {k.redirected}")
             k.uncounted = k.redirected - kernel_packets
@@ -620,6 +624,7 @@ class Report:
     kinds: dict[str, int]
     redirected: int
     uncounted: int
+    not_run: int
 
     @property
     def rate(self) -> float:
@@ -637,7 +642,9 @@ class Report:
             f"refused {sum(s.refused.values()):,}",
             f"fast path {s.fast_path:,} (XDP redirected {self.redirected:,}), slow path {s.slow_path:,}, "
             f"ARP/ND answers {s.neighbor_replies:,}",
-            f"XDP-redirected frames whose map counters went with their entry before a poll: {self.uncounted:,}",
+            f"XDP path: frames not run in the program (under 14 bytes, or an unknown port: userspace only) "
+            f"{self.not_run:,}; redirected frames whose map counters went with their entry before a poll "
+            f"{self.uncounted:,}",
             f"sessions started {s.sessions_started:,}, live {s.sessions_active:,}, ended "
             + ", ".join(f"{k} {v:,}" for k, v in sorted(s.sessions_ended.items())),
             "refused: " + (", ".join(f"{k} {v:,}" for k, v in sorted(s.refused.items())) or "none"),
@@ -702,6 +709,7 @@ def campaign(
             kinds=dict(mutator.kinds),
             redirected=k.redirected if isinstance(k, Kernel) else 0,
             uncounted=k.uncounted if isinstance(k, Kernel) else 0,
+            not_run=k.short if isinstance(k, Kernel) else 0,
         )
 
 
