@@ -671,11 +671,7 @@ def campaign(
     with contextlib.ExitStack() as stack:
         k: Kernel | str = "not asked for"
         if kernel:
-            k = stack.enter_context(kernel_path(config, lambda: clock[0]))
-            if isinstance(k, Kernel):
-                from mplslb.drivers.netns import entered
-
-                stack.enter_context(entered(f"mlbfz{os.getpid() % 100000}"))
+            k = stack.enter_context(kernel_path(config, lambda: clock[0]))  # the thread is in its namespace
         paths = Paths(config, k if isinstance(k, Kernel) else None)
         mutator = Mutator(rng, capture)
         base = Base()
