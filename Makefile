@@ -51,7 +51,7 @@ bench: $(STAMP) debs
 
 # The fuzz campaign (bench/fuzz.py): FRAMES hostile frames (10 million by default) through receive, receive_batch,
 # receive_block and the XDP program, each checked against the one-frame path, every frame accounted for; SEED
-# replays a run. About 25 minutes for 10 million on the 2-core reference machine; figures in docs/benchmarks.md.
+# replays a run. About 46 minutes for 10 million on the (busy) 2-core reference machine; figures in docs/benchmarks.md.
 FRAMES ?= 10000000
 SEED ?= 1
 fuzz: $(STAMP) debs
