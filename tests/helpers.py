@@ -4,7 +4,8 @@
   segments, IP packets and whole Ethernet frames, with correct checksums unless asked otherwise.
 - The claim network ``Net``: one balancer with client and server endpoints, frames carried by hand
   (``make_config``, ``handshake``, ``label_of``).
-- Recordings and mutations: the balancer's calls in a short simulated run (``recording``), ``mutate``, ``pack``.
+- Recordings and mutations: the balancer's calls in a short simulated run (``recording``), ``mutate``, ``pack``
+  and ``listed`` (from :mod:`mplslb.fuzz`, which the fuzz campaign shares).
 - Namespaces and sockets: ``wait_until_ready``, ``frames_of``.
 - Clocks: ``FakeClock``.
 """
@@ -20,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from hypothesis import strategies as st
 
 from mplslb.balancer import Balancer, Frames
@@ -28,6 +28,7 @@ from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
+from mplslb.fuzz import listed, mutate, pack  # noqa: F401 - the tests take them from here
 from mplslb.labels import C2S_MIN, s2c_of
 from mplslb.sessions import Timeouts
 from mplslb.sim.scenario import SimConfig, SimEvent, Workload, balancer_config_for, run
@@ -452,42 +453,6 @@ mutation = st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(0, 160
 header_mutation = st.tuples(
     st.sampled_from(["flip", "set", "cut"]), st.integers(14, 14 + 4 + 60 + 16), st.integers(0, 255)
 )
-
-
-def mutate(frame: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
-    buf = bytearray(frame)
-    for kind, at, value in mutations:
-        if not buf:
-            break
-        if kind == "cut":
-            del buf[at % (len(buf) + 1) :]
-        elif kind == "flip":
-            buf[at % len(buf)] ^= 1 << (value % 8)
-        else:
-            buf[at % len(buf)] = value
-    return bytes(buf)
-
-
-def pack(
-    frames: list[tuple[int, bytes]], gap: int = 3, *, aligned: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Lay frames in one buffer with a few bytes between them, as a ring block would; ``aligned`` puts each frame
-    2 bytes past a 16-byte boundary, as TPACKET does (the block path's word-aligned variant)."""
-    starts, lengths, ports, chunks, at = [], [], [], [], 0
-    for port, frame in frames:
-        if aligned:
-            pad = (2 - at) % 16
-            chunks.append(b"\xdd" * pad)
-            at += pad
-        starts.append(at)
-        lengths.append(len(frame))
-        ports.append(port)
-        chunks.append(frame + b"\xee" * gap)
-        at += len(frame) + gap
-    raw = b"".join(chunks) or b"\0"
-    raw += b"\0" * (-len(raw) % 4)
-    buf = np.frombuffer(bytearray(raw), dtype=np.uint8).copy()
-    return buf, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64), np.array(ports, dtype=np.int32)
 
 
 # == namespaces and sockets ============================================================================================

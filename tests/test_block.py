@@ -3,7 +3,6 @@ order, same counters; everything it cannot take goes through the one-frame path.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from helpers import (
     handshake,
     header_mutation,
     label_of,
+    listed,
     make_config,
     mutate,
     mutation,
@@ -28,21 +28,8 @@ from helpers import (
     reused_label_pair,
     tcp,
 )
-from mplslb.balancer import Balancer, BlockResult, Frames
+from mplslb.balancer import Balancer, Frames
 from mplslb.switching.block import word_aligned
-
-
-def listed(result: BlockResult, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Frames:
-    """The block's output in the one-frame path's order."""
-    extra: dict[int, list[tuple[int, bytes]]] = {}
-    for i, port, frame in result.extra:
-        extra.setdefault(i, []).append((port, frame))
-    out: Frames = []
-    for i in range(len(starts)):
-        if result.out_port[i] >= 0:
-            out.append((int(result.out_port[i]), buf[starts[i] : starts[i] + lengths[i]].tobytes()))
-        out += extra.get(i, [])
-    return out
 
 
 @pytest.mark.parametrize("aligned", [False, True], ids=["bytes", "words"])

@@ -6,12 +6,15 @@ The lab is a small data centre in network namespaces named ``<name>-<role>``::
 
     clients c1..cN --+                          +-- lc1p0 -- bs0 -- s1, s3, ...
                      brc -- lc0p0 [balancer]  --+
+    attackers a1.. --+                          |
     (udp: clients -- brc -- rt -- lc0p0)         +-- lc1p1 -- bs1 -- s2, s4, ...
 
 The switches (Linux bridges) live in ``<name>-sw``. Line card 0 of the balancer faces the clients, line card 1 the
 servers. Each server runs a stock nginx serving a page that names the server, and a server agent; each client runs
-a client agent, through which stock curl and wrk reach the virtual IPs. With ``transport = "udp"`` an IPv4 router
-namespace sits between the clients and the balancer and labelled traffic crosses it as MPLS-in-UDP (RFC 7510).
+a client agent, through which stock curl and wrk reach the virtual IPs. Attackers (``attackers = N``) sit on the
+clients' segment with an address and no agent: hosts that send whatever frames a test builds. With
+``transport = "udp"`` an IPv4 router namespace sits between the clients and the balancer and labelled traffic
+crosses it as MPLS-in-UDP (RFC 7510).
 
 ``up`` records every namespace it creates and every process it starts in ``<root>/<name>/state.json`` before the
 next step, so ``down`` (also after a failure, or from another command) stops processes by pid and deletes
@@ -66,6 +69,7 @@ class LabSpec:
     max_sessions: int = 0
     offload: str = "none"  # "kernel": established sessions' labels switched by the XDP offload
     datapath: str = "kernel"  # the agents' datapath: "kernel" (BPF on eth0), "tun" (through Python), "auto"
+    attackers: int = 0  # hosts on the clients' segment with an address and no agent (a1, a2, ...)
 
     def __post_init__(self) -> None:
         if self.datapath not in ("kernel", "tun", "auto"):
@@ -78,6 +82,8 @@ class LabSpec:
             raise ValueError("transport must be ethernet or udp")
         if not 1 <= self.clients <= 50 or not 1 <= self.servers <= 50:
             raise ValueError("clients and servers must be within 1..50")
+        if not 0 <= self.attackers <= 9 or (self.attackers and self.transport != "ethernet"):
+            raise ValueError("attackers must be within 0..9, on the ethernet transport")
         if self.weights and len(self.weights) != self.servers:
             raise ValueError("give one weight per server")
 
@@ -114,6 +120,15 @@ class Lab:
 
     def server_ns(self, j: int) -> str:
         return self.ns(f"s{j + 1}")
+
+    def attacker_ns(self, k: int) -> str:
+        return self.ns(f"a{k + 1}")
+
+    def attacker_addr(self, k: int) -> str:
+        return f"10.77.0.{201 + k}"
+
+    def attacker_mac(self, k: int) -> str:
+        return _mac(0xA7, k + 1)
 
     def server_name(self, j: int) -> str:
         return f"s{j + 1}"
@@ -248,6 +263,11 @@ class Lab:
                 with NetNS(self.client_ns(i)) as ns:
                     ns.route("add", dst="10.80.0.0/24", gateway="10.79.0.1")
             client_ports.append(f"c{i + 1}")
+        for k in range(spec.attackers):
+            self._create_ns(self.attacker_ns(k))
+            self._veth(sw, f"a{k + 1}", self.attacker_ns(k), "eth0", self.attacker_mac(k))
+            self._addr(self.attacker_ns(k), "eth0", f"{self.attacker_addr(k)}/24")
+            client_ports.append(f"a{k + 1}")
         self._bridge(sw, "brc", client_ports)
         server_ports: dict[int, list[str]] = {0: [], 1: []}
         for card_port in (0, 1):
@@ -470,10 +490,13 @@ class Lab:
         bodies += [""] * (count - len(bodies))
         return bodies[:count]
 
-    def wrk(self, client: int, *, seconds: int = 3, connections: int = 8) -> dict[str, float]:
+    def wrk(
+        self, client: int, *, seconds: int = 3, connections: int = 8, headers: tuple[str, ...] = ()
+    ) -> dict[str, float]:
+        extra = [arg for header in headers for arg in ("-H", header)]
         out = self.run_in(
             self.client_ns(client),
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://{VIP4}/"],
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, f"http://{VIP4}/"],
             timeout=seconds + 30,
         ).stdout
         figures: dict[str, float] = {}
