@@ -43,7 +43,9 @@ class PortConfig:
     # For drivers only (the core ignores them): the Linux interface, and how frames cross it.
     interface: str = ""
     kind: str = "ethernet"  # "ethernet" (AF_PACKET) or "mpls_udp" (RFC 7510, UDP port 6635)
-    address: bytes = b""  # mpls_udp: the local address the UDP socket binds to
+    # mpls_udp: the local address the UDP socket binds to. An ethernet server port: the IPv4 address its ARP
+    # probes come from (optional; 0.0.0.0 without it).
+    address: bytes = b""
 
     def __post_init__(self) -> None:
         if self.role not in PORT_ROLES:
@@ -292,6 +294,7 @@ def balancer_config_from_section(
         vips.append(sec.build("address", VirtualService, address=address, tcp_ports=tcp, udp_ports=udp))
         sec.done()
     roles = {p.port_id: p.role for p in ports or default_ports}
+    kinds = {p.port_id: p.kind for p in ports or default_ports}
     servers: list[ServerConfig] = []
     server_keys: dict[str, str] = {}  # "address ..."/"mac ..." -> the key of the server that has it
     for sec in top.sections("servers"):
@@ -305,13 +308,18 @@ def balancer_config_from_section(
             raise sec.error("port", f"no port with id {port_id}")
         if roles[port_id] != "server":
             raise sec.error("port", f"port {port_id} is a {roles[port_id]}-side port, not a server port")
+        # Without a mac the balancer resolves the address (ARP, neighbour discovery); across MPLS-in-UDP the
+        # address is all there is.
+        mac_text = sec.get("mac", str, "")
+        if mac_text and kinds[port_id] == "mpls_udp":
+            raise sec.error("mac", f"port {port_id} is an mpls_udp port: its servers are reached by address, not MAC")
         servers.append(
             sec.build(
                 "name",
                 ServerConfig,
                 name=name,
                 address=sec.convert("address", sec.require("address", str), parse_ip),
-                mac=sec.convert("mac", sec.require("mac", str), parse_mac),
+                mac=sec.convert("mac", mac_text, parse_mac) if mac_text else b"",
                 port_id=port_id,
                 weight=sec.number("weight", int, 1, minimum=0),
                 max_sessions=sec.number("max_sessions", int, 0, minimum=0),
@@ -319,6 +327,8 @@ def balancer_config_from_section(
         )
         added = servers[-1]
         for field_name, shown in (("address", _address_text(added.address)), ("mac", added.mac.hex(":"))):
+            if not shown:
+                continue  # no mac configured: nothing to compare
             first = server_keys.setdefault(f"{field_name} {shown}", sec.key(field_name))
             if first != sec.key(field_name):
                 raise sec.error(field_name, f"{shown} is already the {field_name} of {first.rsplit('.', 1)[0]}")

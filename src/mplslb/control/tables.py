@@ -158,6 +158,8 @@ def snapshot(
             {
                 "name": row.name,
                 "address": format_address(server.config.address),
+                "mac": row.mac,
+                "neighbor": row.neighbor,
                 "status": row.status,
                 "down_reason": "" if server.down_reason is None else str(server.down_reason),
                 "weight": row.weight,
@@ -316,6 +318,8 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
         state = row["status"] if not row.get("down_reason") else f"{row['status']} ({row['down_reason']})"
         if row.get("overloaded"):
             state += " overloaded"
+        if row.get("neighbor") in ("resolving", "unresolved"):
+            state += f" {row['neighbor']}"
         srate = server_rates.get(row["name"])
         _add(
             servers,
