@@ -10,6 +10,15 @@ HAProxy do), the control socket that ``mplslb status`` talks to, and once a seco
 that the Prometheus endpoint (its own thread) serves. SIGTERM and SIGINT stop the loop; every socket is closed and
 the control socket removed.
 
+At start the balancer announces each virtual IP on its Ethernet client ports (gratuitous ARP, unsolicited neighbour
+advertisement), so a router that learned another MAC for it (a balancer before this one) takes ours. Server ports
+take ARP frames, and IPv6 frames where an IPv6 server is resolved, for the neighbour resolver (servers configured
+without ``mac``); the probes it sends leave with the timer's frames.
+
+A server-side ``mpls_udp`` port reaches its servers across routed IP: each server's labelled frames go as
+MPLS-in-UDP to its address, port 6635, and only the servers configured on the port are heard (a server agent with
+``--balancer`` answers the same way).
+
 The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_from_section`) plus two tables:
 ``[health_check]`` (kind, port, path, expect_status, interval, timeout, rise, fall) and ``[control]`` (``socket``,
 ``metrics`` as ``"addr:port"`` or ``""`` for none). Bad keys or values are rejected at load naming the key.
@@ -35,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
-from mplslb.balancing.servers import Server
+from mplslb.balancing.servers import Server, ServerConfig
 from mplslb.config import (
     BalancerConfig,
     ConfigError,
@@ -117,9 +126,6 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     for index, port_config in enumerate(balancer.ports):
         if need_interfaces and port_config.kind == "ethernet" and not port_config.interface:
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
-        if port_config.kind == "mpls_udp" and port_config.role != "client":
-            # Servers sit on the balancer's own segments; MPLS-in-UDP is for clients across routed networks.
-            raise ConfigError(source, f"ports[{index}].kind", "mpls_udp is supported on client-side ports only")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
     return DaemonConfig(balancer, health, control_socket, metrics, ring, offload)
@@ -171,13 +177,20 @@ def lock_interfaces(config: BalancerConfig, lock_dir: Path = LOCK_DIR) -> list[i
     return fds
 
 
+def server_side_ethertypes(servers: list[ServerConfig]) -> frozenset[int]:
+    """What a server port's packet socket takes in: labelled frames, ARP for the resolver, and IPv6 (for
+    neighbour discovery) only when an IPv6 server on it is resolved."""
+    resolved6 = any(not server.mac and len(server.address) == 16 for server in servers)
+    return SERVER_SIDE_ETHERTYPES | {ETH_P_ARP} | ({ETH_P_IPV6} if resolved6 else set())
+
+
 def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
             try:
-                ports[port.port_id] = _open(port, ring=ring)
+                ports[port.port_id] = _open(port, config.servers, ring=ring)
             except OSError as exc:
                 if port.kind == "ethernet":
                     where = f"interface {port.interface!r}"
@@ -193,10 +206,14 @@ def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     return ports
 
 
-def _open(port: PortConfig, *, ring: bool) -> Port:
+def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool) -> Port:
+    here = [server for server in servers if server.port_id == port.port_id]
     if port.kind == "mpls_udp":
-        return MplsUdpPort(port.mac, address=str(ipaddress.ip_address(port.address)))
-    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else SERVER_SIDE_ETHERTYPES
+        address = str(ipaddress.ip_address(port.address))
+        if port.role == "client":
+            return MplsUdpPort(port.mac, address=address)
+        return MplsUdpPort(port.mac, address=address, peers=[server.address for server in here], learn=False)
+    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else server_side_ethertypes(here)
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
     return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True)
@@ -240,6 +257,7 @@ class Daemon:
             raise
         # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
         self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
+        self.announce()
         self.rates = RateTracker()
         self.socket_counts: dict[str, dict[str, int]] = {}
         self.latest: dict[str, Any] | None = None
@@ -267,6 +285,12 @@ class Daemon:
 
             self.metrics = start_metrics_server(config.metrics[1], config.metrics[0], lambda: self.latest)
         self._second_tick()
+
+    def announce(self) -> None:
+        """Tell the client side the VIPs are here (gratuitous ARP, unsolicited neighbour advertisements)."""
+        frames = self.balancer.announcements()
+        self.driver.write(frames)
+        log.info("event=vips_announced frames=%d", len(frames))
 
     def _address_of(self, name: str) -> bytes | None:
         return self.balancer.pool.get(name).config.address if name in self.balancer.pool else None

@@ -73,7 +73,7 @@ class ResolverTimers:
     retry_max: float = 30.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.retrans or not 0 < self.reachable or not 0 < self.retry_min <= self.retry_max:
+        if min(self.retrans, self.reachable, self.retry_min) <= 0 or self.retry_min > self.retry_max:
             raise ValueError("resolver times must be > 0, with retry_min <= retry_max")
         if self.probes < 1:
             raise ValueError("probes must be >= 1")
