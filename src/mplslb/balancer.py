@@ -181,7 +181,8 @@ class Balancer:
         self._events: list[FastEvent] = []
         self.resolver = Resolver(
             {p.port_id: (p.mac, p.address if len(p.address) == 4 else b"")
-             for p in config.ports if p.role == "server" and p.kind == "ethernet"}
+             for p in config.ports if p.role == "server" and p.kind == "ethernet"},
+            config.neighbors,
         )  # fmt: skip
         for server in self.pool.servers:
             self._find(server)

@@ -18,6 +18,7 @@ from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.algorithms import algorithm_names, make_algorithm
 from mplslb.balancing.servers import ServerConfig
 from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.resolver import ResolverTimers
 from mplslb.sessions import Timeouts
 from mplslb.wire.ethernet import mac_from_str
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -101,6 +102,7 @@ class BalancerConfig:
     rt_alpha: float = 0.2
     rt_limit: float = 0.0
     l7: bool = True
+    neighbors: ResolverTimers = field(default_factory=ResolverTimers)  # resolving servers configured without mac
 
     def __post_init__(self) -> None:
         ids = [p.port_id for p in self.ports]
@@ -370,6 +372,18 @@ def balancer_config_from_section(
         raise health.error("rt_alpha", "must be in (0, 1]")
     health.done()
     l7 = top.get("l7", bool, True)
+    nsec = top.section("neighbors")
+    ndefaults = ResolverTimers()
+    neighbors = nsec.build(
+        "retry_min",
+        ResolverTimers,
+        retrans=nsec.number("retrans", float, ndefaults.retrans, minimum=0.001),
+        probes=nsec.number("probes", int, ndefaults.probes, minimum=1),
+        reachable=nsec.number("reachable", float, ndefaults.reachable, minimum=0.001),
+        retry_min=nsec.number("retry_min", float, ndefaults.retry_min, minimum=0.001),
+        retry_max=nsec.number("retry_max", float, ndefaults.retry_max, minimum=0.001),
+    )
+    nsec.done()
     return top.build(
         "(balancer)",
         BalancerConfig,
@@ -389,4 +403,5 @@ def balancer_config_from_section(
         rt_alpha=rt_alpha,
         rt_limit=rt_limit,
         l7=l7,
+        neighbors=neighbors,
     )
