@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6
@@ -30,9 +32,12 @@ from helpers import (
 )
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import DownReason
-from mplslb.config import PortConfig
+from mplslb.config import ConfigError, PortConfig
+from mplslb.control.tables import snapshot, status_tables
+from mplslb.daemon import load_daemon_config, server_side_ethertypes
 from mplslb.neighbors import announcement, heard, link_local, neighbor_solicitation
 from mplslb.resolver import MacChange, NeighborState, Resolver, ResolverTimers
+from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IPV6, ETH_P_MPLS_UC
 
 PORT = 2
 PMAC = PORT_MAC[PORT]
@@ -252,6 +257,21 @@ def test_any_sequence_of_events_keeps_the_entry_consistent(script: list[tuple[st
         assert len(r._heap) <= 4 * 2 + 1
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([b"\x08\x06", b"\x86\xdd"]),
+    st.binary(max_size=120),
+    st.sampled_from([b"", b"\x60\x00\x00\x00\x00\x20\x3a\xff"]),
+)
+def test_malformed_neighbour_frames_never_raise(ethertype: bytes, body: bytes, ipv6_start: bytes) -> None:
+    frame = PMAC + SMAC + ethertype + ipv6_start + body
+    r = resolver()
+    r.add("s1", SERVER4, PORT, now=0.0)
+    changes = r.receive(PORT, frame, 0.0)
+    assert changes is None or all(len(c.new) == 6 for c in changes)
+    heard(frame)
+
+
 # -- in the balancer -----------------------------------------------------------------------------------------------
 def unresolved_net() -> Net:
     config = make_config(2)
@@ -345,3 +365,79 @@ def test_servers_on_mpls_udp_ports_are_known_by_pseudo_mac() -> None:
     assert s1.mac == pseudo_mac(s1.config.address) and "s1" not in balancer.resolver.neighbors
     assert "s2" in balancer.resolver.neighbors  # its port is Ethernet
     assert isinstance(ports[0], PortConfig)
+
+
+# -- configuration and status ------------------------------------------------------------------------------------
+BASE_TOML = """
+[[ports]]
+id = 0
+role = "client"
+mac = "02:00:00:00:00:01"
+interface = "c0"
+[[ports]]
+id = 1
+role = "server"
+mac = "02:00:00:00:00:02"
+interface = "s0"
+[[ports]]
+id = 2
+role = "server"
+mac = "02:00:00:00:00:03"
+kind = "mpls_udp"
+address = "10.81.0.1"
+[[vip]]
+address = "10.0.0.100"
+[[servers]]
+name = "byip"
+address = "10.2.0.1"
+port = 1
+[[servers]]
+name = "routed"
+address = "10.82.0.11"
+port = 2
+"""
+
+
+def test_servers_without_mac_load_and_a_mac_on_an_mpls_udp_port_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lb.toml"
+    path.write_text(BASE_TOML + "[neighbors]\nreachable = 5.0\nprobes = 2\n")
+    config = load_daemon_config(path)
+    assert [s.mac for s in config.balancer.servers] == [b"", b""]
+    assert config.balancer.neighbors == ResolverTimers(reachable=5.0, probes=2)
+    assert server_side_ethertypes(list(config.balancer.servers[:1])) == {ETH_P_MPLS_UC, ETH_P_ARP}
+    six = [replace(config.balancer.servers[0], address=SERVER6)]
+    assert server_side_ethertypes(six) == {ETH_P_MPLS_UC, ETH_P_ARP, ETH_P_IPV6}
+    path.write_text(BASE_TOML + 'mac = "02:5e:00:00:00:09"\n')
+    with pytest.raises(ConfigError, match=r"servers\[1\]\.mac: port 2 is an mpls_udp port"):
+        load_daemon_config(path)
+    path.write_text(BASE_TOML + "[neighbors]\nretry_min = 9.0\nretry_max = 2.0\n")
+    with pytest.raises(ConfigError, match=r"neighbors\.retry_min: .*retry_min <= retry_max"):
+        load_daemon_config(path)
+    path.write_text(BASE_TOML + "[neighbors]\nprobes = 0\n")
+    with pytest.raises(ConfigError, match=r"neighbors\.probes: must be >= 1"):
+        load_daemon_config(path)
+
+
+def test_status_shows_each_servers_mac_and_neighbour_state() -> None:
+    net = unresolved_net()
+    tables = status_tables(snapshot(net.balancer, now=0.0))
+    text = "\n".join(_render(t) for t in tables)
+    assert "- resolving" in text and "up resolving" in text
+    answer_probes(net, net.balancer.on_timer(0.0), {"s1": mac(0x5E, 1), "s2": mac(0x5E, 2)})
+    snap = snapshot(net.balancer, now=0.0)
+    row = {r["name"]: r for r in snap["servers"]}["s1"]
+    assert row["mac"] == "02:5e:00:00:00:01" and row["neighbor"] == "reachable"
+    assert "02:5e:00:00:00:01 reachable" in "\n".join(_render(t) for t in status_tables(snap))
+    for _ in range(8):  # nobody answers any more: the MAC is dropped
+        net.balancer.on_timer(net.balancer.next_deadline() or 0.0)
+    row = {r["name"]: r for r in snapshot(net.balancer, now=0.0)["servers"]}["s1"]
+    assert row["mac"] == "" and row["neighbor"] == "unresolved"
+    assert not net.balancer.pool.get("s1").eligible
+
+
+def _render(table: object) -> str:
+    from rich.console import Console
+
+    console = Console(width=250, record=True)
+    console.print(table)
+    return console.export_text()
