@@ -6,12 +6,16 @@ Sans-I/O: frames are carried by hand, checked against scapy, and time is passed 
 from __future__ import annotations
 
 import itertools
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyroute2 import IPRoute
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
@@ -29,12 +33,15 @@ from helpers import (
     mac,
     make_config,
     tcp,
+    wait_until_ready,
 )
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import DownReason
 from mplslb.config import ConfigError, PortConfig
 from mplslb.control.tables import snapshot, status_tables
 from mplslb.daemon import load_daemon_config, server_side_ethertypes
+from mplslb.drivers.afpacket import PacketPort
+from mplslb.drivers.netns import entered
 from mplslb.neighbors import announcement, heard, link_local, neighbor_solicitation
 from mplslb.resolver import MacChange, NeighborState, Resolver, ResolverTimers
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IPV6, ETH_P_MPLS_UC
@@ -406,7 +413,8 @@ def test_servers_without_mac_load_and_a_mac_on_an_mpls_udp_port_is_refused(tmp_p
     assert config.balancer.neighbors == ResolverTimers(reachable=5.0, probes=2)
     assert server_side_ethertypes(list(config.balancer.servers[:1])) == {ETH_P_MPLS_UC, ETH_P_ARP}
     six = [replace(config.balancer.servers[0], address=SERVER6)]
-    assert server_side_ethertypes(six) == {ETH_P_MPLS_UC, ETH_P_ARP, ETH_P_IPV6}
+    assert server_side_ethertypes(six) == {ETH_P_MPLS_UC, ETH_P_IPV6}
+    assert server_side_ethertypes([replace(six[0], mac=SMAC)]) == {ETH_P_MPLS_UC}  # nothing to resolve
     path.write_text(BASE_TOML + 'mac = "02:5e:00:00:00:09"\n')
     with pytest.raises(ConfigError, match=r"servers\[1\]\.mac: port 2 is an mpls_udp port"):
         load_daemon_config(path)
@@ -441,3 +449,73 @@ def _render(table: object) -> str:
     console = Console(width=250, record=True)
     console.print(table)
     return console.export_text()
+
+
+# -- against the Linux kernel's own ARP and neighbour discovery (root) ---------------------------------------------
+@pytest.fixture
+def server_link() -> Iterator[tuple[str, str]]:
+    """Two namespaces joined by a veth pair: ``lb0`` (ours, no address) and ``srv0`` holding 10.9.0.2/24 and
+    fd09::2/64, whose MAC is :data:`SMAC`. Yields the two namespace names."""
+    from pyroute2 import NetNS, netns
+
+    ours, theirs = f"rk{os.getpid() % 100000}a", f"rk{os.getpid() % 100000}b"
+    try:
+        for name in (ours, theirs):
+            netns.create(name)
+        with NetNS(ours) as ns:
+            ns.link("add", ifname="lb0", kind="veth", peer={"ifname": "srv0", "net_ns_fd": theirs})
+            ns.link("set", index=ns.link_lookup(ifname="lb0")[0], address=PMAC.hex(":"), state="up")
+        with NetNS(theirs) as ns:
+            index = ns.link_lookup(ifname="srv0")[0]
+            ns.link("set", index=index, address=SMAC.hex(":"), state="up")
+            ns.addr("add", index=index, address="10.9.0.2", prefixlen=24)
+            ns.addr("add", index=index, address="fd09::2", prefixlen=64, flags=0x02)  # IFA_F_NODAD
+        for name, link in ((ours, "lb0"), (theirs, "srv0")):
+            with entered(name), IPRoute() as ipr:
+                wait_until_ready(ipr, (link,))
+        yield ours, theirs
+    finally:
+        for name in (ours, theirs):
+            if name in netns.listnetns():
+                netns.remove(name)
+
+
+def _exchange(r: Resolver, port: PacketPort, now: float, wanted: list[MacChange]) -> list[MacChange]:
+    """Send the resolver's due probes and feed it what comes back until ``wanted`` were all reported (5 s at most)."""
+    for _, frame in r.on_timer(now)[0]:
+        port.send(frame)
+    changes: list[MacChange] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(change in changes for change in wanted):
+        for frame in port.recv_burst():
+            changes += r.receive(0, frame, now) or []
+        time.sleep(0.01)
+    return changes
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, veth, packet sockets")
+def test_the_kernel_answers_our_arp_probe_and_solicitation_and_its_gratuitous_arp_is_learned(
+    server_link: tuple[str, str],
+) -> None:
+    from pyroute2 import NetNS
+
+    ours, theirs = server_link
+    r = Resolver({0: (PMAC, b"")})
+    r.add("v4", ip("10.9.0.2"), 0, now=0.0)
+    r.add("v6", ip("fd09::2"), 0, now=0.0)
+    port = PacketPort("lb0", accept={ETH_P_ARP, ETH_P_IPV6}, netns=ours)
+    try:
+        wanted = [MacChange("v4", b"", SMAC), MacChange("v6", b"", SMAC)]
+        assert sorted(_exchange(r, port, 0.0, wanted)) == wanted
+        # The server's interface takes a new MAC and, with arp_notify, says so.
+        with entered(theirs):
+            Path("/proc/sys/net/ipv4/conf/srv0/arp_notify").write_text("1")
+        with NetNS(theirs) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="srv0")[0], address=NEW_MAC.hex(":"))
+        moved = MacChange("v4", SMAC, NEW_MAC)
+        assert moved in _exchange(r, port, 1.0, [moved])  # nothing was due: the announcement alone
+        r.suspect("v6", 2.0)  # and the next solicitation finds the IPv6 server at its new MAC too
+        moved = MacChange("v6", SMAC, NEW_MAC)
+        assert moved in _exchange(r, port, 2.0, [moved])
+    finally:
+        port.close()

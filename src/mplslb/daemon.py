@@ -12,8 +12,8 @@ the control socket removed.
 
 At start the balancer announces each virtual IP on its Ethernet client ports (gratuitous ARP, unsolicited neighbour
 advertisement), so a router that learned another MAC for it (a balancer before this one) takes ours. Server ports
-take ARP frames, and IPv6 frames where an IPv6 server is resolved, for the neighbour resolver (servers configured
-without ``mac``); the probes it sends leave with the timer's frames.
+take ARP frames where an IPv4 server is resolved (configured without ``mac``), and IPv6 frames where an IPv6 server
+is, for the neighbour resolver; the probes it sends leave with the timer's frames.
 
 A server-side ``mpls_udp`` port reaches its servers across routed IP: each server's labelled frames go as
 MPLS-in-UDP to its address, port 6635, and only the servers configured on the port are heard (a server agent with
@@ -178,10 +178,12 @@ def lock_interfaces(config: BalancerConfig, lock_dir: Path = LOCK_DIR) -> list[i
 
 
 def server_side_ethertypes(servers: list[ServerConfig]) -> frozenset[int]:
-    """What a server port's packet socket takes in: labelled frames, ARP for the resolver, and IPv6 (for
-    neighbour discovery) only when an IPv6 server on it is resolved."""
-    resolved6 = any(not server.mac and len(server.address) == 16 for server in servers)
-    return SERVER_SIDE_ETHERTYPES | {ETH_P_ARP} | ({ETH_P_IPV6} if resolved6 else set())
+    """What a server port's packet socket takes in: labelled frames, and for the resolver ARP (when an IPv4 server
+    on the port is configured without a MAC) and IPv6 (neighbour discovery, for such an IPv6 server)."""
+    resolved = {len(server.address) for server in servers if not server.mac}
+    return (
+        SERVER_SIDE_ETHERTYPES | ({ETH_P_ARP} if 4 in resolved else set()) | ({ETH_P_IPV6} if 16 in resolved else set())
+    )
 
 
 def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
