@@ -38,6 +38,7 @@ from helpers import (
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import DownReason
 from mplslb.config import ConfigError, PortConfig
+from mplslb.control.metrics import SnapshotCollector
 from mplslb.control.tables import snapshot, status_tables
 from mplslb.daemon import load_daemon_config, server_side_ethertypes
 from mplslb.drivers.afpacket import PacketPort
@@ -438,9 +439,17 @@ def test_status_shows_each_servers_mac_and_neighbour_state() -> None:
     assert "02:5e:00:00:00:01 reachable" in "\n".join(_render(t) for t in status_tables(snap))
     for _ in range(8):  # nobody answers any more: the MAC is dropped
         net.balancer.on_timer(net.balancer.next_deadline() or 0.0)
-    row = {r["name"]: r for r in snapshot(net.balancer, now=0.0)["servers"]}["s1"]
+    snap = snapshot(net.balancer, now=0.0)
+    row = {r["name"]: r for r in snap["servers"]}["s1"]
     assert row["mac"] == "" and row["neighbor"] == "unresolved"
     assert not net.balancer.pool.get("s1").eligible
+    known = {
+        sample.labels["server"]: sample.value
+        for metric in SnapshotCollector(lambda: snap).collect()
+        if metric.name == "mplslb_server_mac_known"
+        for sample in metric.samples
+    }
+    assert known == {"s1": 0.0, "s2": 0.0}
 
 
 def _render(table: object) -> str:
