@@ -30,8 +30,9 @@ its gratuitous ARP or unsolicited advertisement, its own requests. So a server w
 re-learned from its announcement at once, or from the next probe. Like ARP itself, this trusts the server segment:
 a host there that claims a server's address gets its sessions.
 
-Every ARP frame and neighbour discovery message reaching a server port is taken here (:meth:`receive` returns a
-list); anything else returns None and goes on to the rest of the balancer.
+A well-formed ARP frame or neighbour discovery message that binds the address of a server being resolved to a MAC
+is taken here (:meth:`receive` returns a list); anything else (about other hosts, malformed, not ARP or ND at all)
+returns None and goes on to the rest of the balancer, which drops it under its reason as it always did.
 """
 
 from __future__ import annotations
@@ -43,13 +44,8 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from mplslb.neighbors import arp_request, heard, neighbor_solicitation
-from mplslb.wire.ethernet import ETH_HLEN, ETH_P_ARP, ETH_P_IPV6
-from mplslb.wire.ip import IPPROTO_ICMPV6
 
 Frames = list[tuple[int, bytes]]
-_ND_TYPES = range(133, 138)  # router solicitation .. redirect (RFC 4861)
-_IPV6_NEXT = ETH_HLEN + 6
-_ICMP6_TYPE = ETH_HLEN + 40
 _UNSPECIFIED4 = bytes(4)
 _HEAP_SLACK = 4  # the timer heap is rebuilt when it holds this many entries per neighbour
 
@@ -126,8 +122,7 @@ class Resolver:
         self._by_place: dict[tuple[int, bytes], Neighbor] = {}
         self._heap: list[tuple[float, int, str]] = []
         self.probes_sent = 0
-        self.replies = 0  # frames that told a watched server's MAC
-        self.ignored = 0  # ARP/ND frames about nobody we resolve
+        self.replies = 0  # frames that told a resolved server's MAC
 
     # -- membership ----------------------------------------------------------------------------------------------
     def add(self, name: str, address: bytes, port_id: int, now: float) -> Neighbor:
@@ -172,14 +167,12 @@ class Resolver:
     # -- frames ----------------------------------------------------------------------------------------------------
     def receive(self, port_id: int, frame: bytes | memoryview, now: float) -> list[MacChange] | None:
         """Take an ARP or neighbour discovery frame that arrived on server port ``port_id``; returns the MAC
-        changes it caused (often none). None: not such a frame, the caller handles it."""
-        if not _is_neighbor_frame(frame):
-            return None
+        changes it caused (often none). None: not such a frame about a server being resolved, the caller handles
+        it."""
         binding = heard(frame)
         neighbor = self._by_place.get((port_id, binding[0])) if binding is not None else None
         if neighbor is None or binding is None:
-            self.ignored += 1
-            return []
+            return None
         self.replies += 1
         return self._learn(neighbor, binding[1], now)
 
@@ -258,21 +251,6 @@ class Resolver:
         if len(self._heap) > _HEAP_SLACK * (len(self.neighbors) + 1):  # stale entries pile up: keep the live ones
             self._heap = [(n.deadline, n.version, n.name) for n in self.neighbors.values()]
             heapq.heapify(self._heap)
-
-
-def _is_neighbor_frame(frame: bytes | memoryview) -> bool:
-    """An ARP frame, or an IPv6 frame carrying an ICMPv6 router or neighbour discovery message (RFC 4861)."""
-    if len(frame) < ETH_HLEN:
-        return False
-    ethertype = (frame[12] << 8) | frame[13]
-    if ethertype == ETH_P_ARP:
-        return True
-    return (
-        ethertype == ETH_P_IPV6
-        and len(frame) > _ICMP6_TYPE
-        and frame[_IPV6_NEXT] == IPPROTO_ICMPV6
-        and frame[_ICMP6_TYPE] in _ND_TYPES
-    )
 
 
 __all__ = ["MacChange", "Neighbor", "NeighborState", "Resolver", "ResolverTimers"]
