@@ -419,6 +419,9 @@ def test_servers_without_mac_load_and_a_mac_on_an_mpls_udp_port_is_refused(tmp_p
     path.write_text(BASE_TOML + 'mac = "02:5e:00:00:00:09"\n')
     with pytest.raises(ConfigError, match=r"servers\[1\]\.mac: port 2 is an mpls_udp port"):
         load_daemon_config(path)
+    path.write_text(BASE_TOML.replace('"10.82.0.11"', '"fd82::11"'))
+    with pytest.raises(ConfigError, match=r"servers\[1\]\.address: port 2 sends MPLS-in-UDP from 10\.81\.0\.1"):
+        load_daemon_config(path)
     path.write_text(BASE_TOML + "[neighbors]\nretry_min = 9.0\nretry_max = 2.0\n")
     with pytest.raises(ConfigError, match=r"neighbors\.retry_min: .*retry_min <= retry_max"):
         load_daemon_config(path)

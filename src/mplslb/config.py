@@ -297,6 +297,7 @@ def balancer_config_from_section(
         sec.done()
     roles = {p.port_id: p.role for p in ports or default_ports}
     kinds = {p.port_id: p.kind for p in ports or default_ports}
+    binds = {p.port_id: p.address for p in ports or default_ports}
     servers: list[ServerConfig] = []
     server_keys: dict[str, str] = {}  # "address ..."/"mac ..." -> the key of the server that has it
     for sec in top.sections("servers"):
@@ -328,6 +329,13 @@ def balancer_config_from_section(
             )
         )
         added = servers[-1]
+        bound = binds[port_id]
+        if kinds[port_id] == "mpls_udp" and len(bound) != len(added.address) and bound != bytes(16):
+            raise sec.error(
+                "address",
+                f"port {port_id} sends MPLS-in-UDP from {_address_text(bound)}, which cannot reach "
+                f"{_address_text(added.address)} (bind the port to '::' for both families)",
+            )
         for field_name, shown in (("address", _address_text(added.address)), ("mac", added.mac.hex(":"))):
             if not shown:
                 continue  # no mac configured: nothing to compare
