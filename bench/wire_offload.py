@@ -54,6 +54,11 @@ GEN_MAC, LB0_MAC, LB1_MAC, SINK_MAC = "02:c0:00:00:00:01", "02:b0:00:00:00:00", 
 CLIENT_IP, VIP, SINK_IP = "10.1.0.2", "10.0.0.100", "10.2.0.2"
 SPORT0 = 20000
 FRAME_SIZE = 64  # without the FCS
+#: Paced runs: trafgen on GEN_CPU; everything that forwards on FORWARD_CPU (RPS steers the balancer's ingress port
+#: there, so the kernel's own forwarding and generic XDP run there too, and the daemon is pinned there).
+GEN_CPU, FORWARD_CPU = 0, 1
+PACED_RATES = (100_000, 200_000, 300_000)
+PACED_RATES_QUICK = (100_000, 200_000)
 
 
 def mac(text: str) -> bytes:
@@ -198,9 +203,10 @@ def trafgen_config(frames: list[bytes], path: Path) -> Path:
     return path
 
 
-def trafgen_command(ns: str, config: Path) -> list[str]:
-    return ["ip", "netns", "exec", ns, "taskset", "-c", "0", TRAFGEN, "--dev", "g0", "--conf", str(config),
-            "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]  # fmt: skip
+def trafgen_command(ns: str, config: Path, rate: int | None = None) -> list[str]:
+    paced = ["--rate", f"{rate}pps"] if rate else []
+    return ["ip", "netns", "exec", ns, "taskset", "-c", str(GEN_CPU), TRAFGEN, "--dev", "g0", "--conf", str(config),
+            "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats", *paced]  # fmt: skip
 
 
 def stop_group(process: subprocess.Popen[bytes]) -> None:
@@ -224,22 +230,37 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: list[str]) -> dict[str, float]:
-    """trafgen at full speed; offered and forwarded frames per second over ``seconds`` after ``warmup``."""
-    command = trafgen_command(bed.gen, config)
+def cpu_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy, total) ticks from /proc/stat (busy: everything but idle and iowait)."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(v) for v in values[:8]]
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: list[str],
+          rate: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """trafgen at full speed (or paced at ``rate`` frames/s); offered and forwarded frames per second over
+    ``seconds`` after ``warmup``, and each CPU's busy share of the window."""
+    command = trafgen_command(bed.gen, config, rate)
     commands.append(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(warmup)
-        g0, k0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), time.monotonic()
+        g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
         time.sleep(seconds)
-        g1, k1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), time.monotonic()
+        g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
     finally:
         stop_group(process)
     dt = t1 - t0
     offered = (g1["tx_packets"] + g1["tx_dropped"] - g0["tx_packets"] - g0["tx_dropped"]) / dt
     forwarded = (k1["rx_packets"] - k0["rx_packets"]) / dt
-    return {"offered_pps": round(offered), "forwarded_pps": round(forwarded), "ratio": round(forwarded / offered, 4)}
+    busy = {cpu: (c1[cpu][0] - c0[cpu][0]) / max(1, c1[cpu][1] - c0[cpu][1]) for cpu in c1 if cpu in c0}
+    return {"offered_pps": round(offered), "forwarded_pps": round(forwarded), "ratio": round(forwarded / offered, 4),
+            "cpu_busy": {str(cpu): round(share, 4) for cpu, share in sorted(busy.items())}}  # fmt: skip
 
 
 # -- the modes -----------------------------------------------------------------------------------------------------
@@ -466,6 +487,76 @@ def run_daemon(bed: Testbed, offload: str, n: int, args: argparse.Namespace, wor
     return result
 
 
+# -- paced: equal offered loads, CPU per forwarded frame ------------------------------------------------------------
+def steer(ns: str, ifname: str, cpu: int | None) -> None:
+    """RPS: hand every frame ``ifname`` receives to ``cpu``'s backlog (None: back to the sender's CPU)."""
+    mask = "0" if cpu is None else f"{1 << cpu:x}"
+    path = f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus"  # sysfs as the namespace sees it: ip netns exec
+    subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f"echo {mask} > {path}"], check=True, timeout=WAIT)
+
+
+def sink_drops(bed: Testbed, on: bool) -> None:
+    """Drop everything at the sink's ingress (after its counters) so no path pays for the sink's own stack."""
+    script = ("add table netdev mlbsink\nadd chain netdev mlbsink in { type filter hook ingress device \"k0\" "
+              "priority 0; policy drop; }\n") if on else "delete table netdev mlbsink\n"  # fmt: skip
+    nft(bed.sink, script)
+
+
+def paced_rates(bed: Testbed, config: Path, rates: tuple[int, ...], args: argparse.Namespace,
+                commands: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The same path at each paced rate: offered, forwarded, loss, busy share per CPU."""
+    return {str(rate): blast(bed, config, args.seconds, args.warmup, commands, rate=rate) for rate in rates}
+
+
+def run_paced(bed: Testbed, n: int, rates: tuple[int, ...], args: argparse.Namespace, work: Path,
+              commands: list[str]) -> dict[str, Any]:  # fmt: skip
+    """Every path at the same paced offered loads, all forwarding on one CPU, and the generator alone (the
+    balancer's port down: trafgen's own cost) as the baseline; CPU time per forwarded frame is the busy time of
+    both CPUs above that baseline, per frame forwarded."""
+    from pyroute2 import IPRoute
+
+    from mplslb.drivers.netns import entered
+
+    out: dict[str, Any] = {"rates": list(rates), "gen_cpu": GEN_CPU, "forward_cpu": FORWARD_CPU}
+    steer(bed.lb, "lc0p0", FORWARD_CPU)
+    sink_drops(bed, True)
+    try:
+        ip_config = trafgen_config([ipv4_frame(SPORT0 + i) for i in range(n)], work / "ip.cfg")
+        with entered(bed.lb), IPRoute() as ipr:
+            index = ipr.link_lookup(ifname="lc0p0")[0]
+            ipr.link("set", index=index, state="down")
+            try:
+                out["generator_only"] = paced_rates(bed, ip_config, rates, args, commands)
+            finally:
+                ipr.link("set", index=index, state="up")
+        bed.wait_up(bed.lb, ["lc0p0"])
+        out["kernel_ipv4"] = paced_rates(bed, ip_config, rates, args, commands)
+        for offload in ("none", "kernel"):
+            process = start_daemon(bed, offload, work, commands)
+            try:
+                labels = open_sessions(bed, n)
+                frames = [labelled_frame(label, SPORT0 + i) for i, label in enumerate(labels)]
+                config = trafgen_config(frames, work / "mpls.cfg")
+                out[f"daemon_{offload}"] = paced_rates(bed, config, rates, args, commands)
+            finally:
+                stop_group(process)
+    finally:
+        sink_drops(bed, False)
+        steer(bed.lb, "lc0p0", None)
+    seconds = args.seconds
+    for path, by_rate in out.items():
+        if path == "generator_only" or not isinstance(by_rate, dict):
+            continue
+        for rate, figures in by_rate.items():
+            base = out["generator_only"][rate]["cpu_busy"]
+            above = sum(max(0.0, share - base.get(cpu, 0.0)) for cpu, share in figures["cpu_busy"].items())
+            frames = figures["forwarded_pps"]
+            figures["loss"] = round(1 - figures["ratio"], 4)
+            figures["cpu_us_per_frame"] = round(above * 1e6 / frames, 3) if frames else None
+            figures["seconds"] = seconds
+    return out
+
+
 # -- install rates -------------------------------------------------------------------------------------------------
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
@@ -579,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="seconds before each window (default 1, quick 0.5)")
     parser.add_argument("--sessions", type=int, default=None, help="sessions in the forwarding runs (default 1000)")
     parser.add_argument("--install-sessions", type=int, default=None, help="sessions in the install runs (10000)")
-    parser.add_argument("--skip", action="append", default=[], help="a section to skip (may repeat): "
-                        "kernel_ipv4, nft, xdp_generic, xdp_native, daemon_none, daemon_kernel, install")  # fmt: skip
+    parser.add_argument("--skip", action="append", default=[], help="a section to skip (may repeat): kernel_ipv4, "
+                        "nft, xdp_generic, xdp_native, daemon_none, daemon_kernel, paced, install")  # fmt: skip
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup or (0.5 if args.quick else 1.0)
@@ -629,6 +720,12 @@ def main(argv: list[str] | None = None) -> int:
             for figures in results.values():
                 if isinstance(figures, dict) and reference and "forwarded_pps" in figures:
                     figures["vs_kernel_ipv4"] = round(figures["forwarded_pps"] / reference, 4)
+            if "paced" not in args.skip:
+                try:
+                    rates = PACED_RATES_QUICK if args.quick else PACED_RATES
+                    results["paced"] = run_paced(bed, sessions, rates, args, work, commands)
+                except Exception as exc:
+                    results["paced"] = {"error": f"{type(exc).__name__}: {exc}"}
             if "install" not in args.skip:
                 try:
                     results["install"] = run_install(bed, obj, install_sessions, commands)

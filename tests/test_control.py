@@ -396,3 +396,47 @@ def test_metrics_endpoint_exports_the_snapshot(daemon: Daemon) -> None:
     finally:
         server.close()
     assert not server.thread.is_alive()
+
+
+class _Agent:
+    """An agent's figures as the endpoint datapath keeps them (a server that took two frames, dropped one)."""
+
+    datapath = "kernel"
+
+    def __init__(self) -> None:
+        from mplslb.agents import AgentConfig
+
+        self.config = AgentConfig(role="server", interface="eth0", vips=("10.0.0.100",))
+
+    def flows(self) -> int:
+        return 2
+
+    def traffic(self) -> dict[str, int]:
+        return {"from_wire": 2, "from_host": 2}
+
+    def drops(self) -> dict[str, int]:
+        return {"mpls_truncated": 1}
+
+
+def test_agent_metrics_and_status_tables_show_its_counters() -> None:
+    from mplslb.agents import agent_snapshot
+    from mplslb.control.metrics import AgentCollector
+    from mplslb.control.tables import agent_tables
+
+    snap = agent_snapshot(_Agent())
+    server = start_metrics_server(0, "127.0.0.1", lambda: snap, collector=AgentCollector)
+    try:
+        text = scrape(server.port)
+    finally:
+        server.close()
+    for line in (
+        "mplslb_agent_flows 2.0",
+        'mplslb_agent_frames_total{what="from_wire"} 2.0',
+        'mplslb_agent_drops_total{reason="mpls_truncated"} 1.0',
+    ):
+        assert line in text, line
+    console = Console(width=120, record=True)
+    for table in agent_tables(json.loads(json.dumps(snap))):
+        console.print(table)
+    out = console.export_text()
+    assert "Agent (server)" in out and "mpls_truncated" in out and "from_wire" in out

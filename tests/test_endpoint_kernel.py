@@ -5,8 +5,8 @@ flows. Where the kernel legitimately differs, the difference is asserted here an
 * frames that are not the datapath's pass untouched to the host's stack or the wire (unlabelled frames on ingress;
   on egress, a server's packets not from a virtual IP and a client's not to one), where the Python agent, which
   only sees what is routed into its TUN or labelled, counts them;
-* checks the kernel leaves to the host's stack: TCP options, ICMP errors (dropped as ``icmp_not_in_kernel``),
-  802.1Q tags (the frame passes to the stack, which drops it);
+* checks the kernel leaves to the host's stack: TCP options, 802.1Q tags (the frame passes to the stack, which
+  drops it);
 * the IPv6 extension header walk stops after ``IPV6_EXT_MAX`` headers (``ipv6_ext_too_many``).
 
 Root and clang are needed; nothing here touches an interface.
@@ -29,6 +29,7 @@ from mplslb.endpoint import ClientEndpoint, ServerEndpoint
 from mplslb.offload import bpf
 from mplslb.switching.layout import IPV6_EXT_MAX
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
+from mplslb.wire.icmp import build_icmp_unreachable
 from mplslb.wire.ip import IPPROTO_DSTOPTS, IPPROTO_TCP, IPPROTO_UDP
 
 pytestmark = [
@@ -45,7 +46,7 @@ LB = bytes.fromhex("02000000bb01")
 GW = bytes.fromhex("02000000ee01")  # the neighbour entry the host's stack addresses a frame to before the program
 NOW = 100.0
 #: Reasons the kernel does not give: the host's stack checks these, or the kernel drops under another name.
-NOT_IN_KERNEL = {"tcp_bad_option", "icmp_not_error", "icmp_quote_truncated", "ipv4_bad_version", "ipv6_bad_version"}
+NOT_IN_KERNEL = {"tcp_bad_option", "ipv4_bad_version", "ipv6_bad_version"}
 
 
 def kernel(role: str) -> object:
@@ -85,6 +86,22 @@ def c2s_packets() -> list[bytes]:
         ipv6(c6, VIP6, IPPROTO_UDP, udp(c6, VIP6, 40003, 53, b"q6")),
         ipv6(c6, VIP6, IPPROTO_DSTOPTS, tcp_segment(c6, VIP6, 40004, 80, ACK), ext=dst_opts),
     ]
+
+
+def icmp_errors(*, to_server: bool) -> list[bytes]:
+    """ICMP errors about a flow's datagrams, IPv4 and IPv6: to_server, errors from the client's side about the
+    server's replies (what the balancer forwards labelled to a server; a PMTU error of a router, a port
+    unreachable of the client's host); else errors the server's host sends about a client's datagram (or, seen
+    from a client, errors the server's side sends about the client's datagram)."""
+    out = []
+    for packet in (c2s_packets()[0], c2s_packets()[2], c2s_packets()[3], c2s_packets()[4]):
+        v6 = packet[0] >> 4 == 6
+        client, vip = (packet[8:24], packet[24:40]) if v6 else (packet[12:16], packet[16:20])
+        if to_server:
+            out.append(build_icmp_unreachable(client, vip, reply_of(packet), code=4 if not v6 else 0))
+        else:
+            out.append(build_icmp_unreachable(vip, client, packet, code=3 if not v6 else 4))
+    return out
 
 
 def reply_of(packet: bytes) -> bytes:
@@ -149,14 +166,10 @@ def check_ingress(k: object, ep: ServerEndpoint | ClientEndpoint, frame: bytes) 
         assert int.from_bytes(got.data[12:14], "big") == (ETH_P_IPV6 if version == 6 else ETH_P_IP)
         assert got.data[14:] == expected
         return
-    if reason & NOT_IN_KERNEL or _icmp(frame):
-        return  # left to the host's stack, or an ICMP error the kernel does not learn from
+    if reason & NOT_IN_KERNEL:
+        return  # left to the host's stack
     assert got.retval == 1, (reason, k.counts())  # type: ignore[attr-defined]  # XDP_DROP
     assert new_drops(k) == reason or (new_drops(k) == {"ipv6_ext_too_many"})
-
-
-def _icmp(frame: bytes) -> bool:
-    return b"\x01" in frame[14 + 4 + 9 : 14 + 4 + 10] or b"\x3a" in frame[14 + 4 + 6 : 14 + 4 + 7]
 
 
 def test_server_ingress_pops_and_learns_as_the_python_endpoint(server_pair: object) -> None:
@@ -201,7 +214,7 @@ def test_server_ingress_on_mutated_frames(server_pair: object, which: int, mutat
     ep = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
     frame = mutate(labelled(HOST, LB, 1001, c2s_packets()[which]), mutations)
     check_ingress(server_pair, ep, frame)
-    assert k_flows(server_pair) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL or _icmp(frame)
+    assert k_flows(server_pair) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
@@ -211,7 +224,59 @@ def test_client_ingress_on_mutated_frames(client_pair: object, which: int, mutat
     ep = ClientEndpoint(mac=HOST, gateway_mac=LB)
     frame = mutate(labelled(HOST, LB, 1002, reply_of(c2s_packets()[which])), mutations)
     check_ingress(client_pair, ep, frame)
-    assert k_flows(client_pair) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL or _icmp(frame)
+    assert k_flows(client_pair) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL
+
+
+def test_icmp_errors_are_learned_and_labelled_as_the_python_endpoint(server_pair: object, client_pair: object) -> None:
+    """An ICMP error belongs to the flow of the datagram it quotes: a server learns a flow from one that arrives
+    labelled (a client-side router's PMTU error, forwarded by the balancer) and labels the errors its host sends
+    about a client's datagram; a client learns from a labelled error about its own datagram. Both datapaths
+    alike, byte for byte."""
+    fresh(server_pair)
+    server = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+    for i, error in enumerate(icmp_errors(to_server=True)):
+        check_ingress(server_pair, server, labelled(HOST, LB, 1001 + 2 * i, error))
+    assert len(server.flows) == 4 and k_flows(server_pair) == py_flows(server)
+    fresh(server_pair)
+    server = ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+    for i, (packet, error) in enumerate(zip([c2s_packets()[j] for j in (0, 2, 3, 4)],
+                                            icmp_errors(to_server=False), strict=True)):  # fmt: skip
+        frame = labelled(HOST, LB, 1001 + 2 * i, packet)
+        server.from_wire(frame, NOW)
+        server_pair.run_ingress(frame)  # type: ignore[attr-defined]
+        server_pair.reset_counters()  # type: ignore[attr-defined]
+        expected = server.from_host(error, NOW)
+        assert expected is not None and int.from_bytes(expected[14:17], "big") >> 4 == 1002 + 2 * i
+        check_egress(server_pair, server, error)
+    fresh(client_pair)
+    client = ClientEndpoint(mac=HOST, gateway_mac=LB)
+    for error in icmp_errors(to_server=False):
+        check_ingress(client_pair, client, labelled(HOST, LB, 2002, error))
+        check_egress(client_pair, client, icmp_errors(to_server=True)[0])  # an error it sends goes unlabelled
+    assert len(client.flows) == 4 and k_flows(client_pair) == py_flows(client)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 3), st.lists(mutation, min_size=1, max_size=3), st.booleans())
+def test_icmp_errors_on_mutated_frames(server_pair: object, client_pair: object, which: int, mutations: list,
+                                       serving: bool) -> None:  # fmt: skip
+    k, ep = (
+        (server_pair, ServerEndpoint(mac=HOST, vips=[VIP, VIP6]))
+        if serving
+        else (client_pair, ClientEndpoint(mac=HOST, gateway_mac=LB))
+    )
+    fresh(k)
+    error = icmp_errors(to_server=serving)[which]
+    frame = mutate(labelled(HOST, LB, 1001 if serving else 1002, error), mutations)
+    check_ingress(k, ep, frame)
+    assert k_flows(k) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL
+    fresh(k)
+    k.run_ingress(labelled(HOST, LB, 1001 if serving else 1002, error))  # type: ignore[attr-defined]
+    ep.from_wire(labelled(HOST, LB, 1001 if serving else 1002, error), NOW)
+    k.reset_counters()  # type: ignore[attr-defined]
+    out = mutate(icmp_errors(to_server=not serving)[which], mutations)
+    if out and (serving or keyed_on_vip(out, False)):
+        check_egress(k, ep, out)
 
 
 # -- egress ----------------------------------------------------------------------------------------------------------

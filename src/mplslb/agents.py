@@ -17,7 +17,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
+from mplslb.control.server import ControlServer
 from mplslb.drivers.afpacket import open_port
 from mplslb.drivers.loop import EndpointDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpEndpointLink
@@ -31,12 +33,17 @@ from mplslb.hostsetup import (
     setup_server,
     setup_server_kernel,
 )
+from mplslb.logfmt import value
+from mplslb.switching.layout import ENDPOINT_TRAFFIC
 from mplslb.wire.ethernet import ETH_P_MPLS_UC
 
 log = logging.getLogger("mplslb.agent")
 DATAPATHS = ("auto", "kernel", "tun")
 #: How often the kernel datapath's agent looks for idle flows, at most (seconds).
 EXPIRY_INTERVAL = 5.0
+
+#: How often an agent closes control connections that outlived their timeout (seconds).
+CONTROL_TICK = 1.0
 
 #: The wire carries a 4-byte label in front of each packet: the TUN's MTU leaves room for it.
 LABEL_OVERHEAD = 4
@@ -58,6 +65,10 @@ class AgentConfig:
     fallback: float = 2.0
     mtu: int = WIRE_MTU - LABEL_OVERHEAD
     ready_file: str = ""
+    #: The agent's control socket (``mplslb status --socket`` reads its counters); "" for none.
+    control_socket: str = ""
+    #: Serve the agent's Prometheus ``/metrics`` on (address, port); None for none.
+    metrics: tuple[str, int] | None = None
     datapath: str = "auto"  # "kernel": BPF programs on the wire interface; "tun": packets through this process
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -79,7 +90,10 @@ def choose_datapath(config: AgentConfig) -> str:
     log line saying why. Asking for ``kernel`` where BPF or clang is missing is an error."""
     if config.balancer:
         if config.datapath == "kernel":
-            log.warning("datapath kernel refused: MPLS-in-UDP (--balancer) is not in the kernel datapath; using tun")
+            log.warning(
+                "event=datapath_refused datapath=kernel using=tun reason=%s",
+                value("MPLS-in-UDP (--balancer) is not in the kernel datapath"),
+            )
         return "tun"
     if config.datapath == "tun":
         return "tun"
@@ -90,7 +104,7 @@ def choose_datapath(config: AgentConfig) -> str:
         return "kernel"
     if config.datapath == "kernel":
         raise RuntimeError(f"datapath kernel is not available here: {why}")
-    log.warning("kernel datapath not available (%s): using tun", why)
+    log.warning("event=datapath_unavailable datapath=kernel using=tun reason=%s", value(why))
     return "tun"
 
 
@@ -105,8 +119,9 @@ class KernelAgent:
 
         self.config = config
         self.changes = HostChanges()
-        self.stop_event = threading.Event()
+        self.loop = Loop()
         self.kernel: KernelEndpoint | None = None
+        self.control: ControlServer | None = None
         try:
             mac = interface_mac(config.interface)
             self.kernel = KernelEndpoint(config.role, mac=mac, vips=config.vips, gateway_mac=config.gateway_mac,
@@ -117,7 +132,8 @@ class KernelAgent:
             else:
                 setup_client_kernel(config.interface, list(config.vips), config.gateway_mac, self.changes)
             self.kernel.attach(config.interface)
-            log.info("datapath kernel on %s (%s)", config.interface, config.role)
+            log.info("event=datapath datapath=kernel interface=%s role=%s", value(config.interface), config.role)
+            self.control = _serve_control(self, self.loop)
         except BaseException:
             self.close()
             raise
@@ -125,24 +141,40 @@ class KernelAgent:
     def run(self, stop: threading.Event | None = None) -> None:
         if self.config.ready_file:
             Path(self.config.ready_file).write_text(f"{self.config.interface}\ndatapath=kernel\n")
-        stop = stop or self.stop_event
         interval = min(EXPIRY_INTERVAL, max(self.config.flow_timeout / 4, 0.1))
-        while not stop.wait(interval):
+
+        def expire() -> None:
             if self.kernel is not None:
                 self.kernel.expire()
+            self.loop.call_later(interval, expire)
+
+        self.loop.call_later(interval, expire)
+        self.loop.run(stop)
 
     def stop(self) -> None:
-        self.stop_event.set()
+        self.loop.stop()
 
     def counts(self) -> dict[str, int]:
         return self.kernel.counts() if self.kernel is not None else {}
 
+    def traffic(self) -> dict[str, int]:
+        counts = self.counts()
+        return {name: counts[name] for name in ENDPOINT_TRAFFIC if name in counts}
+
+    def drops(self) -> dict[str, int]:
+        return {name: n for name, n in self.counts().items() if n and name not in ENDPOINT_TRAFFIC}
+
+    def flows(self) -> int:
+        return len(self.kernel.flow_table()) if self.kernel is not None else 0
+
     def close(self) -> list[str]:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if self.kernel is not None:
-            counts = {k: v for k, v in self.kernel.counts().items() if v} if self.kernel.maps else {}
-            log.info("kernel datapath counters: %s", counts)
             self.kernel.close()
             self.kernel = None
+        self.loop.close()
         return self.changes.undo()
 
 
@@ -157,6 +189,7 @@ class Agent:
         self.loop = Loop()
         self.tun = TunDevice(config.tun or None)
         self.wire: Port
+        self.control: ControlServer | None = None
         try:
             self.tun.configure(up=True, mtu=config.mtu)
             mac = interface_mac(config.interface)
@@ -180,6 +213,7 @@ class Agent:
                 )
                 setup_client(self.tun.name, config.interface, list(config.vips), self.changes)
             self.driver = EndpointDriver(self.endpoint, self.tun, self.wire, self.loop)
+            self.control = _serve_control(self, self.loop)
         except BaseException:
             self.close()
             raise
@@ -195,7 +229,19 @@ class Agent:
     def counts(self) -> dict[str, int]:
         return {**self.endpoint.counters, **self.endpoint.drops}
 
+    def traffic(self) -> dict[str, int]:
+        return dict(self.endpoint.counters)
+
+    def drops(self) -> dict[str, int]:
+        return dict(self.endpoint.drops)
+
+    def flows(self) -> int:
+        return len(self.endpoint.flows)
+
     def close(self) -> list[str]:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         failed = self.changes.undo()
         wire = getattr(self, "wire", None)
         if wire is not None:
@@ -203,6 +249,52 @@ class Agent:
         self.tun.close()
         self.loop.close()
         return failed
+
+
+class RunningAgent(Protocol):
+    """What the status of an agent is made of (both datapaths' agents are one)."""
+
+    config: AgentConfig
+    datapath: str
+
+    def flows(self) -> int: ...
+
+    def traffic(self) -> dict[str, int]: ...
+
+    def drops(self) -> dict[str, int]: ...
+
+
+def agent_snapshot(agent: RunningAgent) -> dict[str, Any]:
+    """What ``mplslb status`` and the agent's metrics show: its role, datapath, flows and every counter (the
+    kernel datapath's are read from its counter map), each drop under its reason."""
+    config = agent.config
+    return {
+        "agent": {
+            "role": config.role,
+            "interface": config.interface,
+            "datapath": agent.datapath,
+            "vips": list(config.vips),
+            "flows": agent.flows(),
+            "traffic": agent.traffic(),
+            "drops": agent.drops(),
+        }
+    }
+
+
+def _serve_control(agent: RunningAgent, loop: Loop) -> ControlServer | None:
+    path = agent.config.control_socket
+    if not path:
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    control = ControlServer(path, lambda: agent_snapshot(agent))
+    loop.add_reader(control.fileno(), control.on_readable)
+
+    def tick() -> None:  # close the connections of clients that went quiet
+        control.on_timer(loop.clock())
+        loop.call_later(CONTROL_TICK, tick)
+
+    loop.call_later(CONTROL_TICK, tick)
+    return control
 
 
 def make_agent(config: AgentConfig) -> Agent | KernelAgent:
@@ -222,12 +314,24 @@ def run_agent(config: AgentConfig, *, on_ready: Callable[[Agent | KernelAgent], 
         agent.stop()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    metrics = None
     try:
+        if config.metrics is not None:
+            from mplslb.control.metrics import AgentCollector, start_metrics_server
+
+            addr, port = config.metrics
+            metrics = start_metrics_server(port, addr, lambda: agent_snapshot(agent), collector=AgentCollector)
         if on_ready is not None:
             on_ready(agent)
+        log.info("event=started role=%s datapath=%s interface=%s control=%s", config.role, agent.datapath,
+                 value(config.interface), value(config.control_socket))  # fmt: skip
         agent.run(stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics is not None:
+            metrics.close()
+        figures = {**agent.traffic(), **agent.drops()}
+        log.info("event=stopped role=%s %s", config.role, " ".join(f"{k}={v}" for k, v in figures.items() if v))
         failed = agent.close()
     return 1 if failed else 0

@@ -200,12 +200,10 @@ def _enter_netns(name: str | None) -> None:
 
 
 def _log_lines() -> None:
-    """One line per event on stderr, key=value (journald keeps stderr)."""
-    import logging
+    """One line per event on stderr, key=value (journald keeps stderr): see :mod:`mplslb.logfmt`."""
+    from mplslb import logfmt
 
-    logging.basicConfig(
-        level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s", stream=sys.stderr
-    )
+    logfmt.setup()
 
 
 _NETNS = click.option("--netns", default=None, help="Run inside this network namespace (as 'ip netns' names it).")
@@ -315,12 +313,36 @@ def _agent_options(fn: Any) -> Any:
                 help="kernel: BPF programs on the interface; tun: packets through this process; "
                 "auto: kernel where BPF and clang allow it.",
             ),
+            click.option(
+                "--control",
+                "control_socket",
+                default=None,
+                help="The agent's control socket, for `mplslb status --socket` "
+                "(default: /run/mplslb/agent-ROLE[-NETNS]-INTERFACE.sock; '' for none).",
+            ),
+            click.option(
+                "--metrics", default="", help="Serve the agent's Prometheus /metrics on ADDRESS:PORT (default: none)."
+            ),
             _NETNS,
             _READY,
         ]
     ):
         fn = option(fn)
     return fn
+
+
+def _address_port(text: str) -> tuple[str, int]:
+    addr, _, port = text.rpartition(":")
+    if not addr or not port.isdigit():
+        raise ValueError(f"--metrics: expected ADDRESS:PORT, got {text!r}")
+    return addr.strip("[]"), int(port)
+
+
+def agent_socket(role: str, interface: str, netns: str | None) -> str:
+    """An agent's default control socket: one per role, namespace and interface, so agents never share one."""
+    from mplslb.control.client import RUN_DIR
+
+    return f"{RUN_DIR}/agent-{role}-{netns + '-' if netns else ''}{interface}.sock"
 
 
 def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
@@ -338,6 +360,12 @@ def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
             udp_local=kw["udp_local"],
             udp_port=kw["udp_port"],
             ready_file=kw["ready_file"],
+            control_socket=(
+                kw["control_socket"]
+                if kw["control_socket"] is not None
+                else agent_socket(role, kw["interface"], kw["netns"])
+            ),
+            metrics=_address_port(kw["metrics"]) if kw["metrics"] else None,
             datapath=kw["datapath"],
         )
     except ValueError as exc:
@@ -369,11 +397,11 @@ def agent_client(gateway_mac: str, **kw: Any) -> None:
 @click.option("--socket", "sock", default=None, help="The daemon's control socket.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
 def status(sock: str | None, as_json: bool) -> None:
-    """Live tables from a running balancer, like ipvsadm -Ln --stats --rate."""
+    """Live tables from a running balancer (like ipvsadm -Ln --stats --rate) or an agent (its counters)."""
     import json
 
     from mplslb.control.client import DEFAULT_SOCKET, ControlError, request
-    from mplslb.control.tables import status_tables
+    from mplslb.control.tables import agent_tables, status_tables
 
     try:
         reply = request(sock or DEFAULT_SOCKET, {"cmd": "status"})
@@ -385,7 +413,8 @@ def status(sock: str | None, as_json: bool) -> None:
         click.echo(json.dumps(reply["status"], indent=2))
         return
     console = Console(width=None if sys.stdout.isatty() else 160)
-    for table in status_tables(reply["status"]):
+    snap = reply["status"]
+    for table in agent_tables(snap) if "agent" in snap else status_tables(snap):
         console.print(table)
 
 
@@ -466,7 +495,8 @@ def lab_down(name: str) -> None:
 @click.option("--requests", default=300, show_default=True, help="Sequential curl requests (over all clients).")
 @click.option("--wrk-seconds", default=3, show_default=True)
 def lab_run(requests: int, wrk_seconds: int, **kw: Any) -> None:
-    """up, real traffic (a curl loop and wrk), the status tables and the per-server split, then down."""
+    """up, real traffic (a curl loop and wrk), the status tables, the per-server split and each agent's counters,
+    then down."""
     from mplslb.control.tables import status_tables
     from mplslb.lab import LabError, split
 
@@ -499,6 +529,18 @@ def lab_run(requests: int, wrk_seconds: int, **kw: Any) -> None:
         )
         for status_table in status_tables(the_lab.status()["status"]):
             console.print(status_table)
+        agents = _table("Agents", "agent", "datapath", "flows", "from wire", "from host", "drops")
+        for name, agent in the_lab.agent_status().items():
+            traffic, drops = agent["traffic"], agent["drops"]
+            agents.add_row(
+                name,
+                agent["datapath"],
+                str(agent["flows"]),
+                str(traffic.get("from_wire", 0)),
+                str(traffic.get("from_host", 0) + traffic.get("from_host_unlabelled", 0)),
+                ", ".join(f"{reason} {count}" for reason, count in drops.items()) or "0",
+            )
+        console.print(agents)
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

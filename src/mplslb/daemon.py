@@ -7,8 +7,10 @@ sits behind a :class:`~mplslb.drivers.loop.BalancerDriver` that reads bursts of 
 Ethernet interfaces, or MPLS-in-UDP), hands them to ``receive_batch`` and writes what comes back. Around it, in the
 same loop: active health checks (TCP connect or HTTP GET with interval, timeout, rise and fall, as keepalived and
 HAProxy do), the control socket that ``mplslb status`` talks to, and once a second a fresh snapshot of the figures
-that the Prometheus endpoint (its own thread) serves. SIGTERM and SIGINT stop the loop; every socket is closed and
-the control socket removed.
+that the HTTP endpoint (its own thread) serves: Prometheus ``/metrics`` and the status page (``/``, ``/status.json``
+with the last five minutes of :class:`~mplslb.control.history.StatusHistory`). Once running it tells systemd
+(``READY=1`` on ``$NOTIFY_SOCKET``, :mod:`mplslb.sdnotify`) and logs ``event=started`` with its addresses.
+SIGTERM and SIGINT stop the loop; every socket is closed and the control socket removed.
 
 At start the balancer announces each virtual IP on its Ethernet client ports (gratuitous ARP, unsolicited neighbour
 advertisement), so a router that learned another MAC for it (a balancer before this one) takes ours. Server ports
@@ -21,7 +23,8 @@ MPLS-in-UDP to its address, port 6635, and only the servers configured on the po
 
 The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_from_section`) plus two tables:
 ``[health_check]`` (kind, port, path, expect_status, interval, timeout, rise, fall) and ``[control]`` (``socket``,
-``metrics`` as ``"addr:port"`` or ``""`` for none). Bad keys or values are rejected at load naming the key.
+``metrics`` as ``"addr:port"`` or ``""`` for none: the HTTP endpoint of the metrics and the status page). Bad keys
+or values are rejected at load naming the key.
 
 With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
 :class:`~mplslb.offload.driver.OffloadedBalancer`: established sessions' labels are installed in an XDP program on
@@ -55,6 +58,7 @@ from mplslb.config import (
     read_offload,
 )
 from mplslb.control.client import DEFAULT_SOCKET
+from mplslb.control.history import StatusHistory
 from mplslb.control.server import ControlServer, balancer_commands
 from mplslb.control.tables import RateTracker, snapshot
 from mplslb.drivers.afpacket import open_port
@@ -62,6 +66,8 @@ from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
+from mplslb.logfmt import value
+from mplslb.sdnotify import notify
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
 log = logging.getLogger("mplslb.balancer")
@@ -134,7 +140,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
 def _log_server(server: Server) -> None:
     """One line per change of a server's status."""
     reason = f" reason={server.down_reason}" if server.down_reason is not None else ""
-    log.warning("event=server_%s server=%s%s", server.status, server.name, reason)
+    log.warning("event=server_%s server=%s%s", server.status, value(server.name), reason)
 
 
 class StartError(RuntimeError):
@@ -263,6 +269,9 @@ class Daemon:
         self.rates = RateTracker()
         self.socket_counts: dict[str, dict[str, int]] = {}
         self.latest: dict[str, Any] | None = None
+        # The status page's history; (snapshot, history points) published together for the HTTP thread.
+        self.history = StatusHistory()
+        self.published: tuple[dict[str, Any] | None, tuple[dict[str, Any], ...]] = (None, ())
         self.checker: HealthChecker | None = None
         self.probes: HealthProbeDriver | None = None
         if config.health is not None:
@@ -285,7 +294,9 @@ class Daemon:
         if config.metrics is not None:
             from mplslb.control.metrics import start_metrics_server
 
-            self.metrics = start_metrics_server(config.metrics[1], config.metrics[0], lambda: self.latest)
+            self.metrics = start_metrics_server(
+                config.metrics[1], config.metrics[0], lambda: self.latest, page=lambda: self.published
+            )
         self._second_tick()
 
     def announce(self) -> None:
@@ -327,7 +338,9 @@ class Daemon:
             counts["kernel_received"] += received
             counts["kernel_dropped"] += dropped
             if dropped:
-                log.warning("event=kernel_drops port=%s dropped=%d total=%d", name, dropped, counts["kernel_dropped"])
+                log.warning(
+                    "event=kernel_drops port=%s dropped=%d total=%d", value(name), dropped, counts["kernel_dropped"]
+                )
 
     def _health_tick(self) -> None:
         assert self.probes is not None
@@ -344,12 +357,22 @@ class Daemon:
         self.control.on_timer(now)
         # Swap the reference, never mutate: the metrics thread reads the latest snapshot.
         self.latest = self._with_offload(snapshot(self.balancer, health=self.checker, rates=self.rates, now=now))
+        self.history.record(self.latest)
+        self.published = (self.latest, self.history.points())
         self.loop.call_at(now + SNAPSHOT_INTERVAL, self._second_tick)
 
     def run(self, stop: threading.Event | None = None) -> None:
+        """Say the daemon is up (the start line with its addresses; READY=1 to systemd) and run the loop."""
+        page = "none"
+        if self.metrics is not None and self.config.metrics is not None:
+            host = self.config.metrics[0]
+            page = f"http://{f'[{host}]' if ':' in host else host}:{self.metrics.port}/"
+        log.info("event=started pid=%d status_page=%s control=%s", os.getpid(), page, value(self.config.control_socket))
+        notify(f"READY=1\nSTATUS=balancing; status page {page}")
         self.loop.run(stop)
 
     def close(self) -> None:
+        notify("STOPPING=1")
         if self.metrics is not None:
             self.metrics.close()
         if self.probes is not None:

@@ -46,6 +46,8 @@ from pyroute2 import NetNS, netns
 from mplslb.drivers.netns import entered
 
 LAB_ROOT = Path("/run/mplslb-lab")
+#: A UDP service of the VIPs nothing on the servers listens on: each server's host answers port unreachable.
+LAB_UDP_PORT = 53
 VIP4 = "10.0.0.100"
 VIP6 = "fd00::100"
 READY_TIMEOUT = 20.0
@@ -325,9 +327,29 @@ class Lab:
 
     def _mplslb(self, key: str, ns: str, *args: str) -> subprocess.Popen[bytes]:
         ready = self.dir / f"{key}.ready"
+        if args[0] == "agent":
+            args = (*args, "--control", self.agent_socket(key[len("agent-") :]))
         return self._spawn(
             key, [sys.executable, "-m", "mplslb", *args[:1], *args[1:], "--netns", ns, "--ready-file", str(ready)]
         )
+
+    def agent_socket(self, name: str) -> str:
+        """The control socket of agent ``name`` (a server's name, or ``c1``, ``c2``... for the clients)."""
+        return str(self.dir / f"agent-{name}.sock")
+
+    def agent_status(self) -> dict[str, dict[str, Any]]:
+        """Each running agent's snapshot (its datapath, flows, traffic and drops), by agent name."""
+        from mplslb.control.client import ControlError, request
+
+        out = {}
+        for name in sorted(self.datapaths()):
+            try:
+                reply = request(self.agent_socket(name), {"cmd": "status"})
+            except ControlError:
+                continue
+            if "status" in reply:
+                out[name] = reply["status"]["agent"]
+        return out
 
     def _wait_ready(self, keys: list[str]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -473,7 +495,7 @@ class Lab:
             if spec.server_transport == "udp":
                 lines += ['kind = "mpls_udp"', 'address = "10.81.0.1"']
         for vip in (VIP4, VIP6):
-            lines += ["", "[[vip]]", f'address = "{vip}"', "tcp = [80]"]
+            lines += ["", "[[vip]]", f'address = "{vip}"', "tcp = [80]", f"udp = [{LAB_UDP_PORT}]"]
         for j in range(spec.servers):
             weight = spec.weights[j] if spec.weights else 1
             lines += [

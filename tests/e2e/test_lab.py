@@ -325,6 +325,64 @@ def test_status_command_prints_the_tables(lab: Lab) -> None:
         assert heading in done.stdout
 
 
+def test_agents_show_their_counters_in_status_and_count_bad_frames_by_reason(lab: Lab) -> None:
+    import sys
+
+    assert all(lab.curl(0, 5))
+    before = lab.agent_status()
+    assert set(before) == {"c1", "c2", "c3", "s1", "s2", "s3"}
+    assert all(agent["datapath"] == "kernel" for agent in before.values())
+    assert sum(before[s]["traffic"].get("from_wire", 0) for s in ("s1", "s2", "s3")) >= 5
+    assert before["c1"]["traffic"].get("from_host_unlabelled", 0) >= 5  # each curl's first packet
+    # Bad frames for server s1, sent from the balancer's side of its segment: each counted under its reason.
+    with entered(lab.lb):
+        port = PacketPort("lc1p0")
+    try:
+        s1, lb = mac_from_str("02:5e:00:00:00:01"), mac_from_str("02:4c:00:00:00:10")
+        port.send(build_ethernet(s1, lb, ETH_P_MPLS_UC) + b"\x00\x01")  # a label stack entry cut short
+        syn = tcp(bytes([10, 77, 0, 11]), bytes(map(int, VIP4.split("."))), 40001, 80, int(TCPFlag.SYN))
+        port.send(build_ethernet(s1, lb, ETH_P_MPLS_UC) + pack_entry(1000) + syn)  # an S2C label toward a server
+    finally:
+        port.close()
+
+    def drops() -> Counter[str]:
+        return Counter(lab.agent_status()["s1"]["drops"]) - Counter(before["s1"]["drops"])
+
+    wait_for(lambda: drops()["mpls_truncated"] >= 1 and drops()["not_c2s_label"] >= 1, 5, "s1's drop counters")
+    done = subprocess.run(
+        [sys.executable, "-m", "mplslb", "status", "--socket", lab.agent_socket("s1")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for text in ("Agent (server)", "kernel", "from_wire", "mpls_truncated", "not_c2s_label"):
+        assert text in done.stdout
+
+
+def test_an_icmp_error_from_a_server_reaches_the_client_through_the_labels(lab: Lab) -> None:
+    """Nothing listens on the VIPs' UDP service on the servers: each server's host answers a datagram with an
+    ICMP port unreachable from the VIP, which its endpoint labels with the flow's S2C label; the client's endpoint
+    takes it off and the client's socket learns the port is closed (ECONNREFUSED) instead of waiting."""
+    from mplslb.lab import LAB_UDP_PORT
+
+    before = lab.agent_status()
+    with entered(lab.client_ns(0)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(5)
+        sock.connect((VIP4, LAB_UDP_PORT))
+        sock.send(b"anyone?")
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(100)
+    finally:
+        sock.close()
+    after = lab.agent_status()
+    labelled = sum(after[s]["traffic"].get("from_host", 0) - before[s]["traffic"].get("from_host", 0)
+                   for s in ("s1", "s2", "s3"))  # fmt: skip
+    assert labelled >= 1  # the error left a server labelled, not unlabelled or dropped
+
+
 @pytest.fixture(scope="module")
 def udp_lab() -> Iterator[Lab]:
     the_lab = Lab(LabSpec(name=lab_name("u"), transport="udp"), root=ROOT)
@@ -348,6 +406,9 @@ def test_curl_to_nginx_over_mpls_in_udp_across_a_router(udp_lab: Lab) -> None:
     assert all(abs(n - 100) <= 1 for n in counts.values()) and len(counts) == 3
     snap = status(udp_lab)  # the daemon refreshes its snapshot every second
     assert snap["frames"]["fast_path"] > snap["frames"]["slow_path"]
+    agents = udp_lab.agent_status()
+    assert {agent["datapath"] for agent in agents.values()} == {"tun"}
+    assert sum(agents[s]["traffic"].get("from_wire", 0) for s in ("s1", "s2", "s3")) >= 300
 
 
 def test_a_lab_that_fails_half_way_up_is_torn_down(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,9 +7,11 @@ import socket
 import time
 from typing import Any
 
-__all__ = ["DEFAULT_SOCKET", "MAX_REPLY", "ControlError", "request"]
+__all__ = ["DEFAULT_SOCKET", "MAX_REPLY", "RUN_DIR", "ControlError", "request"]
 
-DEFAULT_SOCKET = "/run/mplslb/control.sock"
+#: Where the daemon and the agents keep their sockets and locks.
+RUN_DIR = "/run/mplslb"
+DEFAULT_SOCKET = f"{RUN_DIR}/control.sock"
 #: The largest reply read (a status snapshot of thousands of servers fits well within it).
 MAX_REPLY = 64 * 1024 * 1024
 RECV_SIZE = 65536

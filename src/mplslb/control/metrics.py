@@ -1,6 +1,7 @@
-"""Prometheus ``/metrics`` from the daemon's latest snapshot.
+"""Prometheus ``/metrics`` from the daemon's latest snapshot (and, on the balancer's endpoint, the status page of
+:mod:`.page`).
 
-The HTTP server runs in a thread of prometheus_client's; it never touches the balancer. The daemon loop builds a
+The HTTP server runs in a thread of its own; it never touches the balancer. The daemon loop builds a
 snapshot (:func:`mplslb.control.tables.snapshot`) every second and publishes it by swapping one reference, which
 ``get_snapshot`` returns; a scrape reads that dict, so a published snapshot must never be mutated.
 """
@@ -12,10 +13,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-__all__ = ["MetricsServer", "SnapshotCollector", "start_metrics_server"]
+from mplslb.control.page import StatusSource, serve, status_app
+
+__all__ = ["AgentCollector", "MetricsServer", "SnapshotCollector", "start_metrics_server"]
 
 SnapshotSource = Callable[[], Mapping[str, Any] | None]
 _SERVER_STATES = ("up", "draining", "down")
@@ -201,10 +204,45 @@ class MetricsServer:
         self.close()
 
 
-def start_metrics_server(port: int, addr: str, get_snapshot: SnapshotSource) -> MetricsServer:
-    """Serve ``/metrics`` on ``addr:port`` (port 0: any free port) from ``get_snapshot()``, with a registry of its
-    own (no process/GC collectors of the default registry)."""
+class AgentCollector:
+    """An endpoint agent's figures (:func:`mplslb.agents.agent_snapshot`) as ``mplslb_agent_*`` metrics."""
+
+    def __init__(self, get_snapshot: SnapshotSource) -> None:
+        self.get_snapshot = get_snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.get_snapshot()
+        if not snap:
+            return
+        agent = snap["agent"]
+        yield _gauge("mplslb_agent_flows", "Flows whose label the agent remembers.", agent["flows"])
+        yield _by_label(
+            "counter",
+            "mplslb_agent_frames_total",
+            "Frames the agent's datapath handled, by what it did.",
+            "what",
+            agent["traffic"],
+        )
+        yield _by_label(
+            "counter", "mplslb_agent_drops_total", "Frames the agent dropped, by reason.", "reason", agent["drops"]
+        )
+
+
+def start_metrics_server(
+    port: int,
+    addr: str,
+    get_snapshot: SnapshotSource,
+    *,
+    collector: type[SnapshotCollector | AgentCollector] = SnapshotCollector,
+    page: StatusSource | None = None,
+) -> MetricsServer:
+    """Serve ``/metrics`` on ``addr:port`` (port 0: any free port) from ``get_snapshot()`` through ``collector``
+    (the balancer's by default), with a registry of its own (no process/GC collectors of the default registry).
+    With ``page``, the same endpoint serves the status page (``/``) and ``/status.json`` from ``page()``."""
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(get_snapshot))
-    httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    registry.register(collector(get_snapshot))
+    if page is None:
+        httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    else:
+        httpd, thread = serve(addr, port, status_app(page, make_wsgi_app(registry)))
     return MetricsServer(httpd, thread, registry)

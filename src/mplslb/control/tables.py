@@ -438,3 +438,22 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
         _add(drops, "(none)", "0")
     tables.append(drops)
     return tables
+
+
+def agent_tables(snap: Mapping[str, Any]) -> list[Table]:
+    """The status tables of an endpoint agent's snapshot (:func:`mplslb.agents.agent_snapshot`)."""
+    agent = snap["agent"]
+    about = _table(f"Agent ({agent['role']})", "what", "value")
+    _add(about, "interface", agent["interface"])
+    _add(about, "datapath", agent["datapath"])
+    _add(about, "virtual IPs", ", ".join(agent["vips"]))
+    _add(about, "flows", str(agent["flows"]))
+    traffic = _table("Traffic", "what", "frames")
+    for name, count in agent["traffic"].items():
+        _add(traffic, name, str(count))
+    drops = _table("Drops by reason", "reason", "frames")
+    for reason, count in agent["drops"].items():
+        _add(drops, reason, str(count))
+    if not agent["drops"]:
+        _add(drops, "(none)", "0")
+    return [about, traffic, drops]

@@ -121,6 +121,8 @@ class KernelEndpoint:
             self.config = self._map(bpf.BPF_MAP_TYPE_ARRAY, _U32.size, ENDPOINT_CONFIG.size, 1, "mplslb_epcfg")
             self.counters = self._map(bpf.BPF_MAP_TYPE_ARRAY, _U32.size, _U64.size, len(ENDPOINT_COUNTERS),
                                       "mplslb_epcount")  # fmt: skip
+            # where an ICMP error's quote lies, passed through memory the verifier cannot see into (see the C)
+            self.scratch = self._map(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _U32.size, _U64.size, 1, "mplslb_epscr")
             for vip in vips:
                 packed = ipaddress.ip_address(vip).packed if isinstance(vip, str) else bytes(vip)
                 family = FAMILY_V6 if len(packed) == IPV6_ADDR_LEN else FAMILY_V4
@@ -128,7 +130,7 @@ class KernelEndpoint:
             fallback_ms = round(fallback * 1000)
             self.config.update(_U32.pack(0), ENDPOINT_CONFIG.pack(mac, gateway_mac or bytes(6), ttl, fallback_ms))
             fds = {"flows": self.flows.fd, "vips": self.vips.fd, "config": self.config.fd,
-                   "counters": self.counters.fd}  # fmt: skip
+                   "counters": self.counters.fd, "scratch": self.scratch.fd}  # fmt: skip
             short = "srv" if role == "server" else "cli"
             self.progs["xdp"] = bpf.load_program(obj, f"xdp/{role}", fds, prog_type=bpf.BPF_PROG_TYPE_XDP,
                                                  name=f"mplslb_{short}_in")  # fmt: skip

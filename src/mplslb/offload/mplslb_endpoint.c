@@ -13,6 +13,8 @@
  * flow are dropped (no_session_label). Client: packets not to a virtual IP pass untouched, a flow's first packet
  * goes unlabelled to the balancer, a pure SYN forgets the flow.
  *
+ * ICMP errors go with the flow of the datagram they quote, as in the Python endpoint.
+ *
  * What the programs drop is counted under the reason the Python endpoint gives it (counters map, indexes EP_*).
  * The maps are created by the loader (mplslb.offload.endpoint), which patches every reference to them. No kernel
  * or libbpf headers: built with clang, the header generated from mplslb.switching.layout (mplslb_layout.h) and
@@ -34,6 +36,7 @@ struct map_ref flows SEC("maps");    /* LRU hash: struct flow_key -> struct flow
 struct map_ref vips SEC("maps");     /* hash: struct vip_key -> __u32 */
 struct map_ref config SEC("maps");   /* array of one struct endpoint_config */
 struct map_ref counters SEC("maps"); /* array of EP_COUNTERS __u64 */
+struct map_ref scratch SEC("maps");  /* per-CPU array of one __u64: where an ICMP error's quote lies */
 
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
@@ -69,9 +72,126 @@ INLINE int is_vip(const __u8 *addr, __u32 family)
 	return bpf_map_lookup_elem(&vips, &k) != 0;
 }
 
+/* Walk the IPv6 extension headers of the packet at ip (its fixed header readable) up to end (bytes from ip), as
+ * mplslb.wire.ipv6.parse_ipv6 does, at most IPV6_EXT_MAX of them; *proto and *pos (from ip): the upper layer. */
+INLINE __u32 walk_ext(__u8 *ip, __u8 *dend, __u32 end, __u32 *proto_out, __u32 *pos_out)
+{
+	__u32 proto = ip[IPV6_NEXT_HEADER];
+	__u32 pos = IPV6_HLEN, frag = 0;
+	for (int i = 0; i < IPV6_EXT_MAX; i++) {
+		if (!is_ext(proto))
+			break;
+		if (pos > MAX_TCP_OFFSET || end < pos + EXT_MIN_LEN)
+			return EP_IPV6_EXT_TRUNCATED;
+		__u8 *h = ip + pos;
+		if (h + EXT_MIN_LEN > dend)
+			return EP_IPV6_EXT_TRUNCATED;
+		if (proto == IPPROTO_FRAGMENT) {
+			proto = h[0];
+			frag = be16(h + 2) >> IPV6_FRAG_OFFSET_SHIFT;
+			pos += FRAGMENT_HLEN;
+			if (frag)
+				break;
+			continue;
+		}
+		__u32 size = proto == IPPROTO_AH ? (h[1] + AH_LEN_BIAS) * AH_UNIT : (h[1] + 1) * EXT_UNIT;
+		if (end - pos < size)
+			return EP_IPV6_EXT_TRUNCATED;
+		proto = h[0];
+		pos += size;
+	}
+	if (frag)
+		return EP_IP_FRAGMENT;
+	if (is_ext(proto))
+		return EP_IPV6_EXT_TOO_MANY; /* the userspace endpoint walks on; the kernel's walk is bounded */
+	*proto_out = proto;
+	*pos_out = pos;
+	return OK;
+}
+
+/* The datagram an ICMP error quotes, at q with qlen bytes of the message left: its flow key as its sender sent
+ * it, as mplslb.analyzer.PacketAnalyzer.analyze_quoted reads it (the quote may be cut short anywhere after the
+ * ports; its IPv4 header checksum is not checked). */
+INLINE __u32 analyze_quoted(__u8 *ip, __u8 *dend, __u32 at, __u32 qlen, struct flow_key *key)
+{
+	/* The offsets go through a per-CPU map and come back as numbers the verifier knows nothing of: every path
+	 * through analyze() then meets one state here, instead of multiplying this walk by their number. */
+	__u32 zero = 0;
+	volatile __u32 *slot = bpf_map_lookup_elem(&scratch, &zero); /* two __u32: the offset, the length */
+	if (!slot)
+		return EP_ICMP_QUOTE_TRUNCATED;
+	slot[0] = at;
+	slot[1] = qlen;
+	at = slot[0] & QUOTE_MASK;
+	qlen = slot[1];
+	if (qlen > QUOTE_MASK)
+		qlen = QUOTE_MASK; /* a quote is read within its first QUOTE_MASK bytes: past any frame's end */
+	__u8 *q = ip + at;
+	if (qlen < 1 || q + 1 > dend)
+		return EP_ICMP_QUOTE_TRUNCATED;
+	__u32 version = q[0] >> IP_VERSION_SHIFT;
+	__u32 l4, end, proto;
+	if (version == FAMILY_V4) {
+		if (qlen < IPV4_HLEN || q + IPV4_HLEN > dend)
+			return EP_IPV4_TRUNCATED;
+		__u32 hlen = (q[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+		if (hlen < IHL_MIN * IPV4_IHL_UNIT)
+			return EP_IPV4_BAD_IHL;
+		if (hlen > qlen)
+			return EP_IPV4_TRUNCATED;
+		end = be16(q + IPV4_TOTAL_LEN);
+		if (end < hlen)
+			return EP_IPV4_BAD_TOTAL_LENGTH;
+		if (end > qlen)
+			end = qlen;
+		if (be16(q + IPV4_FRAG_AT) & FRAG_OFFSET_MASK)
+			return EP_IP_FRAGMENT;
+		proto = q[IPV4_PROTO];
+		l4 = hlen;
+		key->family = FAMILY_V4;
+		__builtin_memcpy(key->src, q + IPV4_SRC, IPV4_ADDR_LEN);
+		__builtin_memcpy(key->dst, q + IPV4_DST, IPV4_ADDR_LEN);
+	} else if (version == FAMILY_V6) {
+		if (qlen < IPV6_HLEN || q + IPV6_HLEN > dend)
+			return EP_IPV6_TRUNCATED;
+		end = IPV6_HLEN + be16(q + IPV6_PAYLOAD_LEN);
+		if (end > qlen)
+			end = qlen;
+		__u32 why = walk_ext(q, dend, end, &proto, &l4);
+		if (why != OK)
+			return why;
+		key->family = FAMILY_V6;
+		__builtin_memcpy(key->src, q + IPV6_SRC, IPV6_ADDR_LEN);
+		__builtin_memcpy(key->dst, q + IPV6_DST, IPV6_ADDR_LEN);
+	} else {
+		return EP_ICMP_QUOTE_TRUNCATED;
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return EP_UNSUPPORTED_PROTOCOL;
+	if (l4 > MAX_TCP_OFFSET || end < l4 + QUOTED_PORTS_LEN)
+		return EP_ICMP_QUOTE_TRUNCATED;
+	__u8 *t = q + l4;
+	if (t + QUOTED_PORTS_LEN > dend)
+		return EP_ICMP_QUOTE_TRUNCATED;
+	key->proto = proto;
+	key->sport = be16(t + L4_SPORT);
+	key->dport = be16(t + L4_DPORT);
+	return OK;
+}
+
+INLINE int is_icmp_error(__u32 proto, __u32 type)
+{
+	if (proto == IPPROTO_ICMPV6)
+		return type < ICMP6_INFO_MIN;
+	return type == ICMP_DEST_UNREACH || type == ICMP_SOURCE_QUENCH || type == ICMP_REDIRECT ||
+	       type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETER_PROBLEM;
+}
+
 /* The flow key and TCP flags of the IP packet at ip, as mplslb.analyzer.PacketAnalyzer.analyze_ip reads them
- * (without layer 7, without TCP options, without ICMP errors); returns OK or the reason to drop it. */
-INLINE __u32 analyze(__u8 *ip, __u8 *dend, struct flow_key *key, int *tcp_flags)
+ * (without layer 7, without TCP options); returns OK or the reason to drop the packet. An ICMP error sets
+ * *quote (where its quote starts, from ip) and *quote_len: the caller reads the quote with analyze_quoted, from
+ * pointers taken afresh, so the verifier meets one state there instead of one per path through this function. */
+INLINE __u32 analyze(__u8 *ip, __u8 *dend, struct flow_key *key, int *tcp_flags, __u32 *quote, __u32 *quote_len)
 {
 	if (ip + 1 > dend)
 		return EP_IP_TRUNCATED;
@@ -115,35 +235,9 @@ INLINE __u32 analyze(__u8 *ip, __u8 *dend, struct flow_key *key, int *tcp_flags)
 		end = IPV6_HLEN + be16(ip + IPV6_PAYLOAD_LEN);
 		if (end > avail)
 			return EP_IPV6_BAD_PAYLOAD_LENGTH;
-		proto = ip[IPV6_NEXT_HEADER];
-		__u32 pos = IPV6_HLEN, frag = 0;
-		for (int i = 0; i < IPV6_EXT_MAX; i++) {
-			if (!is_ext(proto))
-				break;
-			if (pos > MAX_TCP_OFFSET || end - pos < EXT_MIN_LEN)
-				return EP_IPV6_EXT_TRUNCATED;
-			__u8 *h = ip + pos;
-			if (h + EXT_MIN_LEN > dend)
-				return EP_IPV6_EXT_TRUNCATED;
-			if (proto == IPPROTO_FRAGMENT) {
-				proto = h[0];
-				frag = be16(h + 2) >> IPV6_FRAG_OFFSET_SHIFT;
-				pos += FRAGMENT_HLEN;
-				if (frag)
-					break;
-				continue;
-			}
-			__u32 size = proto == IPPROTO_AH ? (h[1] + AH_LEN_BIAS) * AH_UNIT : (h[1] + 1) * EXT_UNIT;
-			if (end - pos < size)
-				return EP_IPV6_EXT_TRUNCATED;
-			proto = h[0];
-			pos += size;
-		}
-		if (frag)
-			return EP_IP_FRAGMENT;
-		if (is_ext(proto))
-			return EP_IPV6_EXT_TOO_MANY; /* the userspace endpoint walks on; the kernel's walk is bounded */
-		l4 = pos;
+		__u32 why = walk_ext(ip, dend, end, &proto, &l4);
+		if (why != OK)
+			return why;
 		key->family = FAMILY_V6;
 		__builtin_memcpy(key->src, ip + IPV6_SRC, IPV6_ADDR_LEN);
 		__builtin_memcpy(key->dst, ip + IPV6_DST, IPV6_ADDR_LEN);
@@ -172,7 +266,14 @@ INLINE __u32 analyze(__u8 *ip, __u8 *dend, struct flow_key *key, int *tcp_flags)
 			return EP_UDP_BAD_LENGTH;
 		*tcp_flags = -1;
 	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
-		return EP_ICMP_NOT_IN_KERNEL;
+		if (l4len < ICMP_HLEN || t + ICMP_HLEN > dend)
+			return EP_ICMP_TRUNCATED;
+		if (!is_icmp_error(proto, t[0]))
+			return EP_ICMP_NOT_ERROR;
+		*tcp_flags = -1;
+		*quote = l4 + ICMP_HLEN;
+		*quote_len = l4len - ICMP_HLEN;
+		return OK;
 	} else {
 		return EP_UNSUPPORTED_PROTOCOL;
 	}
@@ -243,7 +344,16 @@ INLINE int from_wire(struct xdp_md *ctx, int serving)
 		return XDP_DROP;
 	struct flow_key key = {}, reply = {};
 	int tcp_flags = -1;
-	__u32 why = analyze(data + ETH_HLEN, end, &key, &tcp_flags);
+	__u32 quote = 0, quote_len = 0;
+	__u32 why = analyze(data + ETH_HLEN, end, &key, &tcp_flags, &quote, &quote_len);
+	int icmp = quote != 0;
+	if (why == OK && icmp) {
+		data = (__u8 *)(long)ctx->data;
+		end = (__u8 *)(long)ctx->data_end;
+		why = analyze_quoted(data + ETH_HLEN, end, quote, quote_len, &key);
+		if (data + ETH_HLEN > end)
+			return XDP_DROP;
+	}
 	if (why != OK) {
 		count(why);
 		return XDP_DROP;
@@ -252,7 +362,7 @@ INLINE int from_wire(struct xdp_md *ctx, int serving)
 	f.last_ns = bpf_ktime_get_ns();
 	f.heard_ns = f.last_ns;
 	if (serving) {
-		if (!is_vip(key.dst, key.family)) {
+		if (!icmp && !is_vip(key.dst, key.family)) {
 			count(EP_NOT_FOR_VIP);
 			return XDP_DROP;
 		}
@@ -266,7 +376,11 @@ INLINE int from_wire(struct xdp_md *ctx, int serving)
 		f.label = label - 1; /* the pair's C2S label */
 		__builtin_memcpy(f.peer, cfg->gateway, ETH_ALEN);
 	}
-	reverse(&key, &reply);
+	/* keyed as this host sends the flow: a packet's key reversed; an error's quote is already one of ours */
+	if (icmp)
+		reply = key;
+	else
+		reverse(&key, &reply);
 	bpf_map_update_elem(&flows, &reply, &f, 0);
 	__builtin_memcpy(data, macs, ETH_ADDRS);
 	__u32 type = key.family == FAMILY_V4 ? ETH_P_IP : ETH_P_IPV6;
@@ -345,12 +459,30 @@ INLINE int from_host(struct __sk_buff *skb, int serving)
 	struct endpoint_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
 		return TC_ACT_SHOT;
-	struct flow_key key = {};
+	struct flow_key key = {}, quoted = {};
 	int tcp_flags = -1;
-	__u32 why = analyze(ip, end, &key, &tcp_flags);
+	__u32 quote = 0, quote_len = 0;
+	__u32 why = analyze(ip, end, &key, &tcp_flags, &quote, &quote_len);
+	int icmp = quote != 0;
+	if (why == OK && icmp) {
+		data = (__u8 *)(long)skb->data;
+		end = (__u8 *)(long)skb->data_end;
+		why = analyze_quoted(data + ETH_HLEN, end, quote, quote_len, &key);
+		if (data + ETH_HLEN > end)
+			return TC_ACT_SHOT;
+	}
 	if (why != OK) {
 		count(why);
 		return TC_ACT_SHOT;
+	}
+	if (icmp && serving) {
+		/* an error the server's host sends about a client's datagram belongs to that datagram's flow */
+		quoted = key;
+		reverse(&quoted, &key);
+		if (!is_vip(key.src, key.family)) {
+			count(EP_NOT_FROM_VIP);
+			return TC_ACT_SHOT;
+		}
 	}
 	if (!serving && tcp_flags >= 0 && (tcp_flags & SYN_MASK) == SYN_ONLY)
 		bpf_map_delete_elem(&flows, &key); /* a new connection, perhaps on a reused port: it starts unlabelled */

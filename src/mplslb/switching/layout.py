@@ -24,6 +24,15 @@ from typing import Final
 from mplslb.labels import C2S_MAX, C2S_MIN, S2C_MAX, S2C_MIN
 from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 from mplslb.wire.ethernet import VLAN_TAG_LEN as VLAN_HLEN
+from mplslb.wire.icmp import (
+    ICMP6_INFO_MIN,
+    ICMP_DEST_UNREACH,
+    ICMP_HLEN,
+    ICMP_PARAMETER_PROBLEM,
+    ICMP_REDIRECT,
+    ICMP_SOURCE_QUENCH,
+    ICMP_TIME_EXCEEDED,
+)
 from mplslb.wire.ip import (
     IPPROTO_AH,
     IPPROTO_DSTOPTS,
@@ -85,6 +94,9 @@ TCP_END: Final = TCP_FIN | TCP_RST  # the flags the session manager must see
 TCP_FLAGS_UNKNOWN: Final = 0x100
 #: A TCP header further into the packet than this is past any frame one buffer holds: its flags are not read.
 MAX_TCP_OFFSET: Final = 16384
+#: Covers where an ICMP error's quote may start (at most MAX_TCP_OFFSET + the ICMP header): the kernel datapath
+#: masks the offset with it (and bounds the quote's length by it), below the verifier's largest packet offset.
+QUOTE_MASK: Final = (1 << (MAX_TCP_OFFSET + ICMP_HLEN).bit_length()) - 1
 
 # -- per-label bits --------------------------------------------------------------------------------------------
 WATCH_TCP_END: Final = 0x01  # report frames whose TCP flags carry FIN or RST
@@ -150,6 +162,7 @@ IPV6_EXT_MAX: Final = 6
 TCP_DOFF: Final = 12  # the data offset octet in the TCP header
 L4_SPORT: Final = 0
 L4_DPORT: Final = 2
+QUOTED_PORTS_LEN: Final = L4_DPORT + 2  # the least of a datagram an ICMP error must quote: both ports
 UDP_LEN: Final = 4
 SYN_ONLY: Final = int(TCPFlag.SYN)
 SYN_MASK: Final = int(TCPFlag.SYN | TCPFlag.ACK)
@@ -205,11 +218,15 @@ SKB_FIELDS: Final = (
 #: What the endpoint programs count, in this order (an index into the counters map). The reasons a frame is
 #: dropped have the names :class:`mplslb.endpoint.Endpoint` and the wire codecs give them; the first ones count
 #: frames that went through.
-ENDPOINT_COUNTERS: Final = (
+#: The endpoint datapath's traffic counters; every other name of :data:`ENDPOINT_COUNTERS` is a drop reason.
+ENDPOINT_TRAFFIC: Final = (
     "from_wire",  # a labelled frame popped and handed to the host
     "from_host",  # a packet of a known flow labelled for the wire
     "from_host_unlabelled",  # client: a flow's first packet, sent unlabelled
     "passed",  # not the datapath's: ARP, ND, unlabelled frames, traffic not from or to a virtual IP
+)
+ENDPOINT_COUNTERS: Final = (
+    *ENDPOINT_TRAFFIC,
     "not_c2s_label",
     "not_s2c_label",
     "not_for_vip",
@@ -232,7 +249,10 @@ ENDPOINT_COUNTERS: Final = (
     "tcp_bad_data_offset",
     "udp_truncated",
     "udp_bad_length",
-    "icmp_not_in_kernel",
+    "icmp_truncated",
+    "icmp_not_error",
+    "icmp_quote_truncated",
+    "not_from_vip",
     "unsupported_protocol",
     "gso_packet",
     "room_failed",
@@ -277,7 +297,8 @@ C_CONSTANTS: Final = (
     "IPPROTO_ICMPV6", "EXT_UNIT", "EXT_MIN_LEN", "AH_UNIT", "AH_LEN_BIAS", "FRAGMENT_HLEN",
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
     "TCP_DOFF", "L4_SPORT", "L4_DPORT", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6", "ENDPOINT_TTL",
-    "NS_PER_MS",
+    "NS_PER_MS", "ICMP_HLEN", "ICMP_DEST_UNREACH", "ICMP_SOURCE_QUENCH", "ICMP_REDIRECT", "ICMP_TIME_EXCEEDED",
+    "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTED_PORTS_LEN", "QUOTE_MASK",
 )  # fmt: skip
 
 
@@ -349,6 +370,13 @@ __all__ = [
     "FRAG_OFFSET_MASK",
     "F_TCP_END",
     "F_V6",
+    "ICMP6_INFO_MIN",
+    "ICMP_DEST_UNREACH",
+    "ICMP_HLEN",
+    "ICMP_PARAMETER_PROBLEM",
+    "ICMP_REDIRECT",
+    "ICMP_SOURCE_QUENCH",
+    "ICMP_TIME_EXCEEDED",
     "IHL_MIN",
     "IHL_UNIT",
     "IPPROTO_AH",
@@ -387,6 +415,8 @@ __all__ = [
     "MPLS_ENTRY_LEN",
     "MPLS_TTL_MASK",
     "NS_PER_MS",
+    "QUOTED_PORTS_LEN",
+    "QUOTE_MASK",
     "RESERVED_LABEL_MAX",
     "S2C_MAX",
     "S2C_MIN",
