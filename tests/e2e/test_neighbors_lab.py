@@ -82,7 +82,7 @@ def bring_up(spec: LabSpec) -> Iterator[Lab]:
 def by_ip() -> Iterator[Lab]:
     # The agents run the tun datapath: a frame to a server's old MAC is then refused by its host, as a replaced
     # interface would refuse it.
-    yield from bring_up(LabSpec(name=lab_name("n"), clients=1, servers=2, servers_by_ip=True, datapath="tun"))
+    yield from bring_up(LabSpec(name=lab_name("nb"), clients=1, servers=2, servers_by_ip=True, datapath="tun"))
 
 
 def reachable_at(lab: Lab, name: str, mac: str) -> bool:
@@ -152,7 +152,7 @@ def test_a_server_moved_silently_is_relearned_by_resolution(by_ip: Lab) -> None:
 # -- MPLS-in-UDP to servers behind a router -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def routed() -> Iterator[Lab]:
-    yield from bring_up(LabSpec(name=lab_name("u"), clients=1, servers=2, server_transport="udp"))
+    yield from bring_up(LabSpec(name=lab_name("nr"), clients=1, servers=2, server_transport="udp"))
 
 
 def test_servers_behind_a_router_serve_through_labels_in_udp(routed: Lab) -> None:
