@@ -34,7 +34,7 @@ Malformed or unwanted frames are dropped and counted under a named reason; nothi
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -184,6 +184,8 @@ class Balancer:
              for p in config.ports if p.role == "server" and p.kind == "ethernet"},
             config.neighbors,
         )  # fmt: skip
+        #: Told of every change of a server's MAC (found, moved, lost); the driver logs it, the core never does.
+        self.on_mac: Callable[[MacChange], None] | None = None
         for server in self.pool.servers:
             self._find(server)
 
@@ -616,6 +618,8 @@ class Balancer:
                 continue
             server = self.pool.get(name)
             self.pool.set_mac(name, new)
+            if self.on_mac is not None:
+                self.on_mac(MacChange(name, old, new))
             if not (old and new):
                 continue
             for session in self.sessions.of_server(server):

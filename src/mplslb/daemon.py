@@ -67,6 +67,7 @@ from mplslb.drivers.mplsudp import MplsUdpPort
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
+from mplslb.resolver import MacChange
 from mplslb.sdnotify import notify
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
@@ -141,6 +142,13 @@ def _log_server(server: Server) -> None:
     """One line per change of a server's status."""
     reason = f" reason={server.down_reason}" if server.down_reason is not None else ""
     log.warning("event=server_%s server=%s%s", server.status, value(server.name), reason)
+
+
+def _log_mac(change: MacChange) -> None:
+    """One line per change of a resolved server's MAC: found, moved (its sessions follow), lost."""
+    event = "found" if not change.old else "lost" if not change.new else "moved"
+    old, new = change.old.hex(":") or "-", change.new.hex(":") or "-"
+    log.warning("event=server_mac_%s server=%s old=%s new=%s", event, value(change.name), old, new)
 
 
 class StartError(RuntimeError):
@@ -236,6 +244,7 @@ class Daemon:
         clock = self.loop.clock
         self.balancer = Balancer(config.balancer)
         self.balancer.pool.on_status = _log_server
+        self.balancer.on_mac = _log_mac
         bc = config.balancer
         log.info(
             "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s",

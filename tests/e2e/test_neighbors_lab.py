@@ -131,6 +131,8 @@ def test_a_server_on_a_new_mac_is_relearned_from_its_gratuitous_arp(by_ip: Lab) 
     new = "02:5e:00:00:01:01"
     by_ip.move_server(0, new, announce=True)
     wait_for(lambda: reachable_at(by_ip, "s1", new), 10, "s1 at its new MAC")
+    # Straight from the old MAC to the new one: the announcement, not a failed resolution.
+    assert f"event=server_mac_moved server=s1 old={by_ip.server_mac(0)} new={new}" in by_ip.log("balancer")
     bodies = by_ip.curl(0, 20)
     assert all(bodies) and split(bodies) == {"s1": 10, "s2": 10}
 
@@ -144,6 +146,7 @@ def test_a_server_moved_silently_is_relearned_by_resolution(by_ip: Lab) -> None:
     while not reachable_at(by_ip, "s2", new) and time.monotonic() < deadline:
         by_ip.curl(0, 2, timeout=30)  # sessions to s2's old MAC: unanswered SYNs
     assert reachable_at(by_ip, "s2", new)
+    assert f"server=s2 old={by_ip.server_mac(1)} new={new}" in by_ip.log("balancer")  # moved, by a probe's answer
     wait_for(lambda: servers(by_ip)["s2"]["status"] == "up", 15, "s2 up")
     bodies = by_ip.curl(0, 20)
     assert all(bodies) and set(split(bodies)) == {"s1", "s2"}
