@@ -531,3 +531,27 @@ def test_the_kernel_answers_our_arp_probe_and_solicitation_and_its_gratuitous_ar
         assert moved in _exchange(r, port, 2.0, [moved])
     finally:
         port.close()
+
+
+def test_the_block_path_follows_a_moved_server_too() -> None:
+    """The block path's copy of the table (a mirror) is told of the new next hop as of a reinstall."""
+    import numpy as np
+
+    net = unresolved_net()
+    answer_probes(net, net.balancer.on_timer(0.0), {"s1": mac(0x5E, 1), "s2": mac(0x5E, 2)})
+    name, c2s = handshake(net, 0)
+    index = int(name[1]) - 1
+
+    def through_block() -> bytes:
+        frame = net.client(0).from_host(tcp(client_addr(0), VIP, 40000, 80, 0x10, seq=101, ack=501), net.now)
+        assert frame is not None and label_of(frame) == c2s
+        buf = np.frombuffer(bytearray(frame), dtype=np.uint8).copy()
+        one = np.array([0], dtype=np.int64)
+        result = net.balancer.receive_block(buf, one, np.array([len(frame)]), np.array([0]), net.now)
+        assert int(result.out_port[0]) == net.server_port[name] and result.extra == []
+        return buf.tobytes()
+
+    assert through_block()[:6] == mac(0x5E, index + 1)
+    new = mac(0x5E, 0x40 + index)
+    net.balancer.receive(net.server_port[name], garp(new, net.config.servers[index].address), net.now)
+    assert through_block()[:6] == new
