@@ -555,3 +555,21 @@ def test_the_block_path_follows_a_moved_server_too() -> None:
     new = mac(0x5E, 0x40 + index)
     net.balancer.receive(net.server_port[name], garp(new, net.config.servers[index].address), net.now)
     assert through_block()[:6] == new
+
+
+def test_a_session_follows_its_server_found_again_at_another_mac_after_it_was_lost() -> None:
+    net = unresolved_net()
+    answer_probes(net, net.balancer.on_timer(0.0), {"s1": mac(0x5E, 1), "s2": mac(0x5E, 2)})
+    name, c2s = handshake(net, 0)
+    index = int(name[1]) - 1
+    neighbor = net.balancer.resolver.get(name)
+    assert neighbor is not None
+    while neighbor.mac:  # nobody answers: the MAC is lost, the session keeps the last one known
+        deadline = net.balancer.next_deadline()
+        assert deadline is not None
+        net.balancer.on_timer(deadline)
+    assert net.balancer.switching.entry(c2s).next_hop == mac(0x5E, index + 1)  # type: ignore[union-attr]
+    new = mac(0x5E, 0x50 + index)
+    net.balancer.receive(net.server_port[name], garp(new, net.config.servers[index].address), net.now)
+    assert net.balancer.switching.entry(c2s).next_hop == new  # type: ignore[union-attr]
+    assert net.balancer.switching.entry(c2s + 1).peer == new  # type: ignore[union-attr]

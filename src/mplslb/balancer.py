@@ -620,11 +620,13 @@ class Balancer:
             self.pool.set_mac(name, new)
             if self.on_mac is not None:
                 self.on_mac(MacChange(name, old, new))
-            if not (old and new):
-                continue
+            if not new:
+                continue  # lost: its sessions keep the last MAC known, a new one moves them
+            rewrite = self.switching.rewrite
             for session in self.sessions.of_server(server):
-                self.switching.repoint(session.c2s, next_hop=new)
-                self.switching.repoint(session.s2c, peer=new)
+                if rewrite[session.c2s][:ETH_ALEN] != new:
+                    self.switching.repoint(session.c2s, next_hop=new)
+                    self.switching.repoint(session.s2c, peer=new)
 
     def announcements(self) -> Frames:
         """A gratuitous ARP or unsolicited neighbour advertisement for every VIP on every Ethernet client port, so
