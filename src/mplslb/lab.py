@@ -409,18 +409,9 @@ class Lab:
     def _start_server_agent(self, j: int) -> str:
         key = f"agent-{self.server_name(j)}"
         udp = self.spec.server_transport == "udp"
-        args = [
-            "agent",
-            "server",
-            "--interface",
-            "eth0",
-            "--vip",
-            VIP4,
-            "--vip",
-            VIP6,
-            "--datapath",
-            self._datapath(udp),
-        ]
+        # A udp lab runs every agent on tun (the servers too, when only the clients' side is routed).
+        datapath = self._datapath(True if udp else None)
+        args = ["agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6, "--datapath", datapath]
         if udp:
             args += ["--balancer", "10.81.0.1", "--udp-local", self.server_addr(j)]
         (self.dir / f"{key}.ready").unlink(missing_ok=True)
