@@ -3,7 +3,9 @@
 ``mplslb agent server`` makes a host a labelled server and ``mplslb agent client`` a labelled client; ordinary
 programs (nginx, curl, wrk) talk through them unchanged. Each agent is the sans-I/O endpoint of
 :mod:`mplslb.endpoint` between two drivers: a :class:`~mplslb.drivers.tun.TunDevice` and the wire, either an
-AF_PACKET port on an Ethernet interface or MPLS-in-UDP to the balancer across routed IP.
+AF_PACKET port on an Ethernet interface or MPLS-in-UDP to the balancer across routed IP (``--balancer``; for a server
+agent, the balancer's server-side ``mpls_udp`` port). MPLS-in-UDP is not in the kernel datapath: an agent asked for
+``--datapath kernel`` with ``--balancer`` says so and runs the tun datapath.
 """
 
 from __future__ import annotations

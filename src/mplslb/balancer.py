@@ -23,6 +23,11 @@ IP to a real address. Frames from the fast path that the session manager asked t
 time a server's response) come back as reports after forwarding and drive the session lifecycle and the
 response-time measurement.
 
+A server configured by IP address alone gets its MAC from the neighbour resolver (:mod:`mplslb.resolver`): its
+probes leave with the timer's frames, the ARP and neighbour discovery frames arriving on server ports go to it, and
+until a server's MAC is known it takes no new session. When a server's MAC changes, the labels of its sessions are
+repointed to the new one. A server on an MPLS-in-UDP port is known by the pseudo-MAC of its address.
+
 Malformed or unwanted frames are dropped and counted under a named reason; nothing raises out of ``receive``.
 """
 
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -49,8 +54,10 @@ from mplslb.config import (
     diff_configs,
     server_claims,
 )
+from mplslb.drivers.mplsudp import pseudo_mac
 from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
-from mplslb.neighbors import answer
+from mplslb.neighbors import announcement, answer
+from mplslb.resolver import MacChange, Resolver
 from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
 from mplslb.switching import (
     DROPPED,
@@ -122,6 +129,8 @@ class ServerRow:
     bytes_out: int
     line_card: int
     port: int
+    mac: str = ""  # the MAC its frames go to now ("" while unknown)
+    neighbor: str = "static"  # configured or MPLS-in-UDP; else the resolver's state (resolving, reachable, ...)
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,15 @@ class Balancer:
         # Per server: the traffic of its ended sessions (live sessions are read from the switching table).
         self._ended_traffic: dict[str, Traffic] = {}
         self._events: list[FastEvent] = []
+        self.resolver = Resolver(
+            {p.port_id: (p.mac, p.address if len(p.address) == 4 else b"")
+             for p in config.ports if p.role == "server" and p.kind == "ethernet"},
+            config.neighbors,
+        )  # fmt: skip
+        #: Told of every change of a server's MAC (found, moved, lost); the driver logs it, the core never does.
+        self.on_mac: Callable[[MacChange], None] | None = None
+        for server in self.pool.servers:
+            self._find(server)
 
     @property
     def live(self) -> int:
@@ -323,6 +341,8 @@ class Balancer:
                     out.append((port, reply))
                     self.frames_out += 1
                     return
+            elif self._from_neighbor(port, frame, now):
+                return
             try:
                 analysis = self.analyzer.analyze(frame)
             except WireError as exc:
@@ -438,7 +458,7 @@ class Balancer:
         self.switching.install(
             c2s,
             out_port=server.config.port_id,
-            next_hop=server.config.mac,
+            next_hop=server.mac,
             in_port=port,
             peer=client_mac,
             peer_ip=a.key.src,
@@ -452,7 +472,7 @@ class Balancer:
             out_port=port,
             next_hop=client_mac,
             in_port=server.config.port_id,
-            peer=server.config.mac,
+            peer=server.mac,
             peer_ip=a.key.dst,
             watch=end_watch | v6 | WATCH_ALL,
             now=now,
@@ -476,8 +496,8 @@ class Balancer:
         if session is None:
             self._drop("unlabelled_from_server")
             return
-        cfg = session.server.config
-        if cfg.port_id != port or bytes(frame[_SRC_MAC]) != cfg.mac:
+        server = session.server
+        if server.config.port_id != port or bytes(frame[_SRC_MAC]) != server.mac:
             self._drop("server_wrong_source")
             return
         self.switching.send(session.s2c, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl)
@@ -546,12 +566,18 @@ class Balancer:
     # -- timers --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`on_timer` has work to do, or None."""
-        deadlines = [d for d in (self.sessions.next_deadline(), self.labels.next_deadline()) if d is not None]
+        deadlines = [
+            d
+            for d in (self.sessions.next_deadline(), self.labels.next_deadline(), self.resolver.next_deadline())
+            if d is not None
+        ]
         return min(deadlines) if deadlines else None
 
     def on_timer(self, now: float) -> Frames:
-        """Expire idle sessions, finish closed ones, release quarantined labels. Returns frames to send (none
-        today; the signature keeps drivers alike)."""
+        """Expire idle sessions, finish closed ones, release quarantined labels, probe the servers being resolved.
+        Returns frames to send (the probes)."""
+        probes, changes = self.resolver.on_timer(now)
+        self._macs_changed(changes)
         self.labels.on_timer(now)
         timeouts = self.sessions.timeouts
         for session in self.sessions.due(now):
@@ -580,7 +606,8 @@ class Balancer:
             reason = "half_open_timeout" if half_open else "idle_timeout"
             self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, reason)
             self._finish(session, now)
-        return []
+        self.frames_out += len(probes)
+        return probes
 
     def _finish(self, session: Session, now: float) -> None:
         """Withdraw a final session's labels (they go to quarantine) and take it out of the table."""
@@ -592,6 +619,7 @@ class Balancer:
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
     def _server_failed(self, server: Server, reason: DownReason, now: float) -> None:
+        self.resolver.suspect(server.config.name, now)  # it may have moved to another MAC
         if self.pool.record_failure(server, reason, now, confirm=self.confirm_passive):
             self._interrupt(server, now)
 
@@ -642,6 +670,7 @@ class Balancer:
         a server port, its name, address and MAC nobody else's): a ConfigError names the key and the reason."""
         self._check_new_server(config, self._claims(), f"server {config.name!r}")
         server = self.pool.add(config)
+        self._find(server)
         self._sync_config()
         return server
 
@@ -651,6 +680,7 @@ class Balancer:
         self._interrupt(server, now)
         if name in self.pool:  # a leaving server goes with its last session
             self.pool.remove(name)
+        self.resolver.remove(name)
         self._sync_config()
 
     def retire_server(self, name: str) -> bool:
@@ -715,7 +745,7 @@ class Balancer:
         for server in diff.updated:
             self.pool.update(server)
         for server in diff.added:
-            self.pool.add(server)
+            self._find(self.pool.add(server))
         self.algorithm = algorithm
         if {"max_sessions", "max_new_per_second", "refuse_with"} & set(settings):
             self.set_limits(
@@ -734,6 +764,8 @@ class Balancer:
 
     def mark_down(self, name: str, now: float, reason: DownReason = DownReason.ADMIN) -> None:
         server = self.pool.get(name)
+        if reason.lifted_by_check:
+            self.resolver.suspect(name, now)  # its health failed: it may have moved to another MAC
         if self.pool.mark_down(name, reason):
             self._interrupt(server, now)
 
@@ -746,6 +778,54 @@ class Balancer:
     def set_weight(self, name: str, weight: int) -> None:
         self.pool.set_weight(name, weight)
         self._sync_config()
+
+    # -- neighbours: the servers' MACs, the VIPs' announcements ----------------------------------------------------
+    def _find(self, server: Server) -> None:
+        """How a new server's frames find it: by its configured MAC, by the pseudo-MAC of its address on an
+        MPLS-in-UDP port, or by resolving its address (no new sessions until then)."""
+        config = server.config
+        if server.mac:
+            return
+        if self.ports[config.port_id].kind == "mpls_udp":
+            self.pool.set_mac(config.name, pseudo_mac(config.address))
+        else:
+            self.resolver.add(config.name, config.address, config.port_id, 0.0)  # the first probe is due at once
+
+    def _from_neighbor(self, port: int, frame: bytes | memoryview, now: float) -> bool:
+        """An ARP or neighbour discovery frame from a server port goes to the resolver; True if it was one."""
+        changes = self.resolver.receive(port, frame, now)
+        if changes is None:
+            return False
+        self._macs_changed(changes)
+        return True
+
+    def _macs_changed(self, changes: list[MacChange]) -> None:
+        """Servers' MACs found, changed or lost: new sessions go by the new MAC, and the labels of the sessions a
+        server already has follow it (C2S: the next hop; S2C: the peer its frames are taken from)."""
+        for name, old, new in changes:
+            if name not in self.pool:
+                continue
+            server = self.pool.get(name)
+            self.pool.set_mac(name, new)
+            if self.on_mac is not None:
+                self.on_mac(MacChange(name, old, new))
+            if not new:
+                continue  # lost: its sessions keep the last MAC known, a new one moves them
+            rewrite = self.switching.rewrite
+            for session in self.sessions.of_server(server):
+                if rewrite[session.c2s][:ETH_ALEN] != new:
+                    self.switching.repoint(session.c2s, next_hop=new)
+                    self.switching.repoint(session.s2c, peer=new)
+
+    def announcements(self) -> Frames:
+        """A gratuitous ARP or unsolicited neighbour advertisement for every VIP on every Ethernet client port, so
+        that clients and routers holding another MAC for a VIP take ours (at start and after a failover)."""
+        return [
+            (port.port_id, announcement(port.mac, vip.address))
+            for port in self.config.ports
+            if port.role == "client" and port.kind == "ethernet"
+            for vip in self.config.vips
+        ]
 
     # -- figures -------------------------------------------------------------------------------------------------
     def server_rows(self) -> tuple[ServerRow, ...]:
@@ -782,9 +862,15 @@ class Balancer:
                     done.bytes_out + now.bytes_out,
                     line_card,
                     number,
+                    server.mac.hex(":"),
+                    self._neighbor_state(server),
                 )
             )
         return tuple(rows)
+
+    def _neighbor_state(self, server: Server) -> str:
+        neighbor = self.resolver.get(server.config.name)
+        return "static" if neighbor is None else neighbor.status
 
     def stats(self) -> BalancerStats:
         drops = dict(self.drops)

@@ -19,6 +19,7 @@ from mplslb.balancing.algorithms import algorithm_names, make_algorithm
 from mplslb.balancing.servers import ServerConfig
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
 from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.resolver import ResolverTimers
 from mplslb.sessions import Timeouts
 from mplslb.switching.layout import SYN_RATE_MAX
 from mplslb.wire.ethernet import mac_from_str
@@ -45,7 +46,9 @@ class PortConfig:
     # For drivers only (the core ignores them): the Linux interface, and how frames cross it.
     interface: str = ""
     kind: str = "ethernet"  # "ethernet" (AF_PACKET) or "mpls_udp" (RFC 7510, UDP port 6635)
-    address: bytes = b""  # mpls_udp: the local address the UDP socket binds to
+    # mpls_udp: the local address the UDP socket binds to. An ethernet server port: the IPv4 address its ARP
+    # probes come from (optional; 0.0.0.0 without it).
+    address: bytes = b""
 
     def __post_init__(self) -> None:
         if self.role not in PORT_ROLES:
@@ -112,6 +115,7 @@ class BalancerConfig:
     rt_alpha: float = 0.2
     rt_limit: float = 0.0
     l7: bool = True
+    neighbors: ResolverTimers = field(default_factory=ResolverTimers)  # resolving servers configured without mac
 
     def __post_init__(self) -> None:
         ids = [p.port_id for p in self.ports]
@@ -291,11 +295,12 @@ def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
 # -- servers: one entry, checked against the others (at load and when added to a running balancer) -----------
 def server_claims(server: ServerConfig) -> tuple[tuple[str, str, str], ...]:
     """What a server holds that no other may: ``(key, claim, shown)`` for its name, address and MAC."""
-    return (
+    claims = (
         ("name", f"name {server.name}", repr(server.name)),
         ("address", f"address {_address_text(server.address)}", _address_text(server.address)),
         ("mac", f"mac {server.mac.hex(':')}", server.mac.hex(":")),
     )
+    return claims if server.mac else claims[:2]  # no mac configured: resolved, nothing to claim
 
 
 def claim_server(taken: dict[str, str], holder: str, server: ServerConfig) -> tuple[str, str] | None:
@@ -333,7 +338,15 @@ def check_server(
     return claim_server(taken, holder, server)
 
 
-def read_server(sec: Section, roles: Mapping[int, str], taken: dict[str, str], holder: str = "") -> ServerConfig:
+def read_server(
+    sec: Section,
+    roles: Mapping[int, str],
+    taken: dict[str, str],
+    holder: str = "",
+    *,
+    kinds: Mapping[int, str] | None = None,
+    binds: Mapping[int, bytes] | None = None,
+) -> ServerConfig:
     """One ``[[servers]]`` entry: its keys checked, its port a server port of ``roles`` (port id -> role), and its
     name, address and MAC nobody else's in ``taken`` (see :func:`claim_server`; ``holder`` defaults to the
     entry's key). The one check of a server, for a configuration file and for a server added at run time."""
@@ -344,16 +357,29 @@ def read_server(sec: Section, roles: Mapping[int, str], taken: dict[str, str], h
     problem = server_port_problem(roles, port_id)
     if problem is not None:
         raise sec.error("port", problem)
+    kind = (kinds or {}).get(port_id, "ethernet")
+    # Without a mac the balancer resolves the address (ARP, neighbour discovery); across MPLS-in-UDP the address
+    # is all there is.
+    mac_text = sec.get("mac", str, "")
+    if mac_text and kind == "mpls_udp":
+        raise sec.error("mac", f"port {port_id} is an mpls_udp port: its servers are reached by address, not MAC")
     server = sec.build(
         "name",
         ServerConfig,
         name=name,
         address=sec.convert("address", sec.require("address", str), parse_ip),
-        mac=sec.convert("mac", sec.require("mac", str), parse_mac),
+        mac=sec.convert("mac", mac_text, parse_mac) if mac_text else b"",
         port_id=port_id,
         weight=sec.number("weight", int, 1, minimum=0),
         max_sessions=sec.number("max_sessions", int, 0, minimum=0),
     )
+    bound = (binds or {}).get(port_id, b"")
+    if kind == "mpls_udp" and bound and len(bound) != len(server.address) and bound != bytes(16):
+        raise sec.error(
+            "address",
+            f"port {port_id} sends MPLS-in-UDP from {_address_text(bound)}, which cannot reach "
+            f"{_address_text(server.address)} (bind the port to '::' for both families)",
+        )
     sec.done()
     conflict = claim_server(taken, holder or sec.path, server)
     if conflict is not None:
@@ -400,10 +426,12 @@ def balancer_config_from_section(
         vips.append(sec.build("address", VirtualService, address=address, tcp_ports=tcp, udp_ports=udp))
         sec.done()
     roles = {p.port_id: p.role for p in ports or default_ports}
+    kinds = {p.port_id: p.kind for p in ports or default_ports}
+    binds = {p.port_id: p.address for p in ports or default_ports}
     servers: list[ServerConfig] = []
     taken: dict[str, str] = {}
     for sec in top.sections("servers"):
-        servers.append(read_server(sec, roles, taken))
+        servers.append(read_server(sec, roles, taken, kinds=kinds, binds=binds))
     algorithm = top.get("algorithm", str, "round_robin")
     if algorithm not in algorithm_names():
         raise top.error("algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(algorithm_names())}")
@@ -449,6 +477,18 @@ def balancer_config_from_section(
         raise health.error("rt_alpha", "must be in (0, 1]")
     health.done()
     l7 = top.get("l7", bool, True)
+    nsec = top.section("neighbors")
+    ndefaults = ResolverTimers()
+    neighbors = nsec.build(
+        "retry_min",
+        ResolverTimers,
+        retrans=nsec.number("retrans", float, ndefaults.retrans, minimum=0.001),
+        probes=nsec.number("probes", int, ndefaults.probes, minimum=1),
+        reachable=nsec.number("reachable", float, ndefaults.reachable, minimum=0.001),
+        retry_min=nsec.number("retry_min", float, ndefaults.retry_min, minimum=0.001),
+        retry_max=nsec.number("retry_max", float, ndefaults.retry_max, minimum=0.001),
+    )
+    nsec.done()
     return top.build(
         "(balancer)",
         BalancerConfig,
@@ -472,6 +512,7 @@ def balancer_config_from_section(
         rt_alpha=rt_alpha,
         rt_limit=rt_limit,
         l7=l7,
+        neighbors=neighbors,
     )
 
 

@@ -14,6 +14,15 @@ SIGTERM and SIGINT stop the loop; every socket is closed and the control socket 
 ``mplslb reload``) re-reads the configuration file at the loop's next turn and applies what changed, or refuses the
 file naming the key and keeps running as before (:meth:`Daemon.reload`).
 
+At start the balancer announces each virtual IP on its Ethernet client ports (gratuitous ARP, unsolicited neighbour
+advertisement), so a router that learned another MAC for it (a balancer before this one) takes ours. Server ports
+take ARP frames where an IPv4 server is resolved (configured without ``mac``), and IPv6 frames where an IPv6 server
+is, for the neighbour resolver; the probes it sends leave with the timer's frames.
+
+A server-side ``mpls_udp`` port reaches its servers across routed IP: each server's labelled frames go as
+MPLS-in-UDP to its address, port 6635, and only the servers configured on the port are heard (a server agent with
+``--balancer`` answers the same way).
+
 The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_from_section`) plus two tables:
 ``[health_check]`` (kind, port, path, expect_status, interval, timeout, rise, fall) and ``[control]`` (``socket``,
 ``metrics`` as ``"addr:port"`` or ``""`` for none: the HTTP endpoint of the metrics and the status page). Bad keys
@@ -40,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
-from mplslb.balancing.servers import Server
+from mplslb.balancing.servers import Server, ServerConfig
 from mplslb.config import (
     FIXED_REASON,
     BalancerConfig,
@@ -62,6 +71,7 @@ from mplslb.drivers.mplsudp import MplsUdpPort
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
+from mplslb.resolver import MacChange
 from mplslb.sdnotify import notify
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
@@ -129,9 +139,6 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     for index, port_config in enumerate(balancer.ports):
         if need_interfaces and port_config.kind == "ethernet" and not port_config.interface:
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
-        if port_config.kind == "mpls_udp" and port_config.role != "client":
-            # Servers sit on the balancer's own segments; MPLS-in-UDP is for clients across routed networks.
-            raise ConfigError(source, f"ports[{index}].kind", "mpls_udp is supported on client-side ports only")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
     return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, syn_rate)
@@ -141,6 +148,13 @@ def _log_server(server: Server) -> None:
     """One line per change of a server's status."""
     reason = f" reason={server.down_reason}" if server.down_reason is not None else ""
     log.warning("event=server_%s server=%s%s", server.status, value(server.name), reason)
+
+
+def _log_mac(change: MacChange) -> None:
+    """One line per change of a resolved server's MAC: found, moved (its sessions follow), lost."""
+    event = "found" if not change.old else "lost" if not change.new else "moved"
+    old, new = change.old.hex(":") or "-", change.new.hex(":") or "-"
+    log.warning("event=server_mac_%s server=%s old=%s new=%s", event, value(change.name), old, new)
 
 
 class StartError(RuntimeError):
@@ -183,13 +197,22 @@ def lock_interfaces(config: BalancerConfig, lock_dir: Path = LOCK_DIR) -> list[i
     return fds
 
 
+def server_side_ethertypes(servers: list[ServerConfig]) -> frozenset[int]:
+    """What a server port's packet socket takes in: labelled frames, and for the resolver ARP (when an IPv4 server
+    on the port is configured without a MAC) and IPv6 (neighbour discovery, for such an IPv6 server)."""
+    resolved = {len(server.address) for server in servers if not server.mac}
+    return (
+        SERVER_SIDE_ETHERTYPES | ({ETH_P_ARP} if 4 in resolved else set()) | ({ETH_P_IPV6} if 16 in resolved else set())
+    )
+
+
 def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
             try:
-                ports[port.port_id] = _open(port, ring=ring)
+                ports[port.port_id] = _open(port, config.servers, ring=ring)
             except OSError as exc:
                 if port.kind == "ethernet":
                     where = f"interface {port.interface!r}"
@@ -205,10 +228,14 @@ def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     return ports
 
 
-def _open(port: PortConfig, *, ring: bool) -> Port:
+def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool) -> Port:
+    here = [server for server in servers if server.port_id == port.port_id]
     if port.kind == "mpls_udp":
-        return MplsUdpPort(port.mac, address=str(ipaddress.ip_address(port.address)))
-    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else SERVER_SIDE_ETHERTYPES
+        address = str(ipaddress.ip_address(port.address))
+        if port.role == "client":
+            return MplsUdpPort(port.mac, address=address)
+        return MplsUdpPort(port.mac, address=address, peers=[server.address for server in here], learn=False)
+    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else server_side_ethertypes(here)
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
     return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True)
@@ -223,6 +250,7 @@ class Daemon:
         clock = self.loop.clock
         self.balancer = Balancer(config.balancer)
         self.balancer.pool.on_status = _log_server
+        self.balancer.on_mac = _log_mac
         bc = config.balancer
         log.info(
             "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s",
@@ -252,6 +280,7 @@ class Daemon:
             raise
         # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
         self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
+        self.announce()
         self.rates = RateTracker()
         self.socket_counts: dict[str, dict[str, int]] = {}
         self.latest: dict[str, Any] | None = None
@@ -285,6 +314,12 @@ class Daemon:
                 config.metrics[1], config.metrics[0], lambda: self.latest, page=lambda: self.published
             )
         self._second_tick()
+
+    def announce(self) -> None:
+        """Tell the client side the VIPs are here (gratuitous ARP, unsolicited neighbour advertisements)."""
+        frames = self.balancer.announcements()
+        self.driver.write(frames)
+        log.info("event=vips_announced frames=%d", len(frames))
 
     def _address_of(self, name: str) -> bytes | None:
         return self.balancer.pool.get(name).config.address if name in self.balancer.pool else None

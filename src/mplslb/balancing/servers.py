@@ -92,7 +92,8 @@ class ServerConfig:
     """A server as configured.
 
     ``address`` is the server's real IP address (4 or 16 bytes), used for health checks and display; packets
-    reach it by ``mac`` on the balancer port ``port_id``. ``max_sessions`` 0 means no per-server limit.
+    reach it by ``mac`` on the balancer port ``port_id``. An empty ``mac`` means the balancer resolves it from the
+    address (:mod:`mplslb.resolver`). ``max_sessions`` 0 means no per-server limit.
     """
 
     name: str
@@ -108,8 +109,8 @@ class ServerConfig:
         where = f"server {self.name!r}"
         if not isinstance(self.address, bytes) or len(self.address) not in (4, 16):
             raise ValueError(f"{where}: address must be 4 (IPv4) or 16 (IPv6) bytes, got {self.address!r}")
-        if not isinstance(self.mac, bytes) or len(self.mac) != 6:
-            raise ValueError(f"{where}: mac must be 6 bytes, got {self.mac!r}")
+        if not isinstance(self.mac, bytes) or len(self.mac) not in (0, 6):
+            raise ValueError(f"{where}: mac must be 6 bytes (or empty: resolved), got {self.mac!r}")
         for field_name in ("port_id", "weight", "max_sessions"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -128,6 +129,7 @@ class Server:
         "failures",
         "index",
         "leaving",
+        "mac",
         "refused",
         "rt_ewma",
         "rt_samples",
@@ -152,6 +154,8 @@ class Server:
         self.rt_samples = 0
         self.down_reason: DownReason | None = None
         self.leaving = False  # retired: leaves the pool when its last session ends
+        #: The MAC its frames go to now: the configured one, or as resolved (b"": not known, no new sessions).
+        self.mac = config.mac
         self._rt_limit = rt_limit
 
     @property
@@ -173,13 +177,16 @@ class Server:
 
     @property
     def in_service(self) -> bool:
-        """UP with a weight > 0: meant to take sessions, even if momentarily full or overloaded."""
-        return self.status is ServerStatus.UP and self.weight > 0
+        """UP with a weight > 0 and a known MAC: meant to take sessions, even if momentarily full or overloaded."""
+        return self.status is ServerStatus.UP and self.weight > 0 and bool(self.mac)
 
     @property
     def eligible(self) -> bool:
         """True if the server may take a new session now."""
-        return self.status is ServerStatus.UP and self.weight > 0 and not self.full and not self.overloaded
+        return (
+            self.status is ServerStatus.UP and self.weight > 0 and self.mac != b"" and not self.full
+            and not self.overloaded
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return (
@@ -325,6 +332,13 @@ class ServerPool:
         for server in self._servers:
             server._rt_limit = rt_limit
         self.version += 1
+
+    def set_mac(self, name: str, mac: bytes) -> None:
+        """The MAC a server's frames go to now (as resolved; b"": unknown, so it takes no new session)."""
+        server = self.get(name)
+        if bool(server.mac) != bool(mac):
+            self.version += 1  # in or out of service
+        server.mac = mac
 
     def drain(self, name: str) -> bool:
         """Stop new sessions to an UP server while its existing ones finish. True if the status changed."""

@@ -136,12 +136,15 @@ class SnapshotCollector:
         health = gauge("mplslb_server_health", "Active health check verdict: 1 up, 0 down (absent if unchecked).")
         checks = counter("mplslb_server_health_checks_total", "Health probes finished.")
         failed = counter("mplslb_server_health_checks_failed_total", "Health probes failed.")
+        resolved = gauge("mplslb_server_mac_known", "1 if the MAC the server's frames go to is known (configured or "
+                         "resolved), else 0: no new sessions.")  # fmt: skip
         for row in rows:
             name = [row["name"]]
             up.add_metric(name, 1.0 if row["status"] == "up" else 0.0)
             for s in _SERVER_STATES:
                 state.add_metric([row["name"], s], 1.0 if row["status"] == s else 0.0)
             weight.add_metric(name, row["weight"])
+            resolved.add_metric(name, 1.0 if row.get("mac") else 0.0)
             active.add_metric(name, row["active"])
             total.add_metric(name, row["total"])
             refused.add_metric(name, row.get("refused", 0))
@@ -156,7 +159,23 @@ class SnapshotCollector:
                 health.add_metric(name, 1.0 if h["up"] else 0.0)
                 checks.add_metric(name, h["checks"])
                 failed.add_metric(name, h["failed_checks"])
-        yield from (up, state, weight, active, total, refused, pin, pout, bin_, bout, rt, health, checks, failed)
+        yield from (
+            up,
+            state,
+            weight,
+            active,
+            total,
+            refused,
+            pin,
+            pout,
+            bin_,
+            bout,
+            rt,
+            health,
+            checks,
+            failed,
+            resolved,
+        )
 
 
 class MetricsServer:

@@ -8,7 +8,7 @@ them: the fast paths in this package read and count through them, and everything
 them only through the table's methods:
 
 * the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
-  :meth:`~LabelSwitchingTable.set_watch`;
+  :meth:`~LabelSwitchingTable.set_watch`, :meth:`~LabelSwitchingTable.repoint` (a neighbour's new MAC);
 * sending on a label from the slow path: :meth:`~LabelSwitchingTable.send` attaches the session label (claim 15)
   to an unlabelled frame of the session, addresses it to the label's next hop and counts it;
 * activity that happened elsewhere: :meth:`~LabelSwitchingTable.fold_counters` adds what the kernel offload
@@ -229,6 +229,23 @@ class LabelSwitchingTable:
             self.version += 1
             for mirror in self.mirrors:
                 mirror.withdrawn(label)
+
+    def repoint(self, label: int, *, next_hop: bytes | None = None, peer: bytes | None = None) -> None:
+        """An installed ``label``'s neighbour moved to another MAC: its frames now go to ``next_hop`` and/or are
+        taken from ``peer``. Port, watch bits and counters stay; mirrors are told as for a reinstall."""
+        if not self.valid[label]:
+            return
+        for mac in (next_hop, peer):
+            if mac is not None and len(mac) != ETH_ALEN:
+                raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+        if next_hop is not None:
+            self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[self.out_port[label]])
+        if peer is not None:
+            self.peer[label] = self._intern(bytes(peer))
+        self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+        self.version += 1
+        for mirror in self.mirrors:
+            mirror.installed(label)
 
     def set_watch(self, label: int, watch: int) -> None:
         """Set ``label``'s watch bits (:data:`~mplslb.switching.layout.WATCH_TCP_END`, ``WATCH_ALL``)."""
