@@ -369,8 +369,13 @@ class ReusedPair:
 def reused_label_pair(*, same_client: bool, v6: bool = False) -> ReusedPair:
     """The first session from client 0, port 5000; the second from client 1 (or client 0 again, ``same_client``),
     port 6000; one label pair and one server, so the second session gets the first one's pair."""
-    config = make_config(
-        n_servers=1, label_quarantine=0.0, c2s_min=C2S_MIN, c2s_max=C2S_MIN, timeouts=Timeouts(udp=1.0)
+    config = make_config(  # no quarantine (the pair is reused at once), so no endpoint flow timeout to cover
+        n_servers=1,
+        label_quarantine=0.0,
+        endpoint_flow_timeout=0.0,
+        c2s_min=C2S_MIN,
+        c2s_max=C2S_MIN,
+        timeouts=Timeouts(udp=1.0),
     )
     net = Net(config)
     vip = VIP6 if v6 else VIP

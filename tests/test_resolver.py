@@ -326,7 +326,7 @@ def test_a_session_follows_its_server_to_a_new_mac() -> None:
     port = net.server_port[name]
     assert net.balancer.receive(port, garp(new, net.config.servers[index].address), net.now) == []
     entry = net.balancer.switching.entry(c2s)
-    assert entry is not None and entry.next_hop == new and entry.packets == 1  # the SYN: counters kept
+    assert entry is not None and entry.next_hop == new and entry.packets == 2  # the SYN and the ACK: counters kept
     assert net.balancer.switching.entry(c2s + 1).peer == new  # type: ignore[union-attr]
     # The server's endpoint now has the new MAC: the session goes on, both ways, on its labels.
     net.servers[name].mac = new

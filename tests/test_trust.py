@@ -333,11 +333,6 @@ def test_the_default_quarantine_covers_the_agents_default_flow_timeout() -> None
     assert ClientEndpoint(mac=client_mac(0), gateway_mac=PORT_MAC[0]).flow_timeout == ENDPOINT_FLOW_TIMEOUT
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs the fast path's inner-destination check on S2C frames: the label binding (server port, MAC, VIP) "
-    "cannot tell one of the server's sessions from another",
-)
 def test_a_server_that_keeps_sending_on_a_withdrawn_label_does_not_reach_the_labels_next_session() -> None:
     """The server endpoint refreshes its flow with every frame it sends, so a server that goes on sending on a flow
     whose session ended keeps its label past the quarantine; when the label comes back for client 1's session,
@@ -585,17 +580,11 @@ TRUST_SETTINGS = settings(
 
 
 class S2CCrossDelivery(AssertionError):
-    """A server's frame reached the client of another session (see the xfail below)."""
+    """A server's frame reached the client of another session."""
 
 
 TestNoFrameReachesAnotherSession = TrustMachine.TestCase
 TestNoFrameReachesAnotherSession.settings = TRUST_SETTINGS
-TestNoFrameReachesAnotherSession = pytest.mark.xfail(
-    raises=S2CCrossDelivery,
-    strict=False,
-    reason="a server endpoint that keeps sending on a flow after the balancer withdrew its label keeps the label "
-    "alive past the quarantine; only the fast path's inner-destination check on S2C frames stops it",
-)(TestNoFrameReachesAnotherSession)
 
 
 # -- 4: the clients of a server that went down are reset -----------------------------------------------------------
