@@ -52,7 +52,7 @@ ROOT = Path("/run/mplslb-test-labs")
 ETH_P_ALL = 0x0003
 SYN, ACK, FIN, RST, PSH = (int(f) for f in (TCPFlag.SYN, TCPFlag.ACK, TCPFlag.FIN, TCPFlag.RST, TCPFlag.PSH))
 FILE_SIZE = 3 * 1024 * 1024
-RATE = "300k"  # curl --limit-rate: the download lasts about 10 s
+RATE = "150k"  # curl --limit-rate: the download lasts about 20 s, well past the attack
 HALF_OPEN = 2.0  # the lab's tcp_start timeout
 LINGER = 1.0  # the lab's closed_linger
 SNAPSHOT = 1.1  # the daemon refreshes the status snapshot every second
@@ -174,7 +174,7 @@ def label_and_port(frame: bytes) -> tuple[int, int] | None:
 
 
 def start_download(lab: Lab, client: int, port: int, out: Path) -> subprocess.Popen[bytes]:
-    argv = ["curl", "-s", "-g", "--max-time", "30", "--connect-timeout", "5", "--limit-rate", RATE,
+    argv = ["curl", "-s", "-g", "--max-time", "60", "--connect-timeout", "5", "--limit-rate", RATE,
             "--local-port", str(port), "-o", str(out), "-w", "%{http_code}", f"http://{VIP4}/big.bin"]  # fmt: skip
     return subprocess.Popen(
         ["nsenter", f"--net=/var/run/netns/{lab.client_ns(client)}", "--", *argv],
@@ -186,7 +186,7 @@ def start_download(lab: Lab, client: int, port: int, out: Path) -> subprocess.Po
 def wait_download(proc: subprocess.Popen[bytes], out: Path) -> tuple[str, str]:
     """("<curl's exit status> <HTTP status>", sha256 of what it wrote)."""
     try:
-        code = proc.communicate(timeout=60)[0].decode(errors="replace")
+        code = proc.communicate(timeout=90)[0].decode(errors="replace")
     finally:
         if proc.poll() is None:
             proc.kill()

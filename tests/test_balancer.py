@@ -136,7 +136,8 @@ def test_response_time_is_measured_from_syn_to_synack_and_request_to_first_byte(
 
 def test_a_syn_on_the_port_of_an_ending_session_goes_on_it_and_revives_it() -> None:
     """The client reuses the flow of a session it reset: the SYN goes to the same server on the same labels (nobody
-    can end a session by sending a SYN of its flow), and the traffic after the RST revives the session."""
+    can end a session by sending a SYN of its flow), and the traffic both ways after the RST (the SYN and the
+    server's answer) revives the session."""
     net = Net(make_config(timeouts=Timeouts(closed_linger=4.0)))
     b = net.balancer
     name, c2s = handshake(net, sport=500)
@@ -148,6 +149,7 @@ def test_a_syn_on_the_port_of_an_ending_session_goes_on_it_and_revives_it() -> N
     net.client(0).flows.clear()  # a new connection: the endpoint sends its SYN unlabelled
     out = net.from_client(0, tcp(src, VIP, 500, 80, SYN, seq=9000))
     assert label_of(out[0][1]) == c2s and [n for n, _ in net.deliver_to_servers(out)] == [name]
+    net.from_server(name, tcp(VIP, src, 80, 500, SYN | ACK, seq=7000, ack=9001))  # the server's answer
     b.on_timer(4.0)
     assert old.state is SessionState.ESTABLISHED and b.sessions.revived == 1
     assert b.sessions.started == 1 and b.live == 1

@@ -181,7 +181,7 @@ def test_diff_says_what_changed_and_what_cannot() -> None:
         ({"ports": "add"}, "ports"),
         ({"vips": "tcp"}, "vip[0].tcp"),
         ({"c2s_max": 1001}, "labels.c2s_max"),
-        ({"label_quarantine": 1.0}, "labels.quarantine"),
+        ({"label_quarantine": 90.0}, "labels.quarantine"),
     ],
 )
 def test_diff_refuses_what_cannot_change_live_naming_the_key(change: dict[str, Any], key: str) -> None:

@@ -589,7 +589,11 @@ class Balancer:
                 continue
             last = self.switching.last_active(session.c2s, session.s2c)
             if state is SessionState.ENDING:
-                if self.sessions.linger_over(session, last, now) in FINAL_STATES:
+                # Revived only if both directions went on after the close: a session whose RST or FIN was forged
+                # goes on both ways (data one way, ACKs the other); a real close's stragglers (a late last ACK, a
+                # retransmitted FIN) come from one side.
+                both = min(self.switching.last_active(session.c2s), self.switching.last_active(session.s2c))
+                if self.sessions.linger_over(session, both, now) in FINAL_STATES:
                     self._finish(session, now)
                 continue
             idle = timeouts.idle(session.proto, state)

@@ -63,7 +63,7 @@ from mplslb.balancer import Balancer, BalancerStats, BlockResult, Frames
 from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
-from mplslb.sessions import SessionState
+from mplslb.sessions import SessionState, Timeouts
 from mplslb.wire.checksum import internet_checksum
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -167,7 +167,15 @@ def campaign_config() -> BalancerConfig:
     )
     vips = (VirtualService(VIP4, (HTTP,), (DNS,)), VirtualService(VIP6, (HTTP,), (DNS,)))
     return BalancerConfig(
-        ports=ports, vips=vips, servers=servers, refuse_with=RefuseWith.DROP, max_sessions=3000, label_quarantine=2.0
+        ports=ports,
+        vips=vips,
+        servers=servers,
+        refuse_with=RefuseWith.DROP,
+        max_sessions=3000,
+        label_quarantine=2.0,
+        endpoint_flow_timeout=2.0,
+        # Short lives, so a short campaign also sees sessions end (a close lingers before it is believed).
+        timeouts=Timeouts(tcp_start=0.5, closed_linger=0.25),
     )
 
 
