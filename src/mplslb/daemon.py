@@ -43,6 +43,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,15 @@ if TYPE_CHECKING:
 CLIENT_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP})
 SERVER_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC})
 SNAPSHOT_INTERVAL = 1.0
+
+
+def refusal_line(logged: dict[str, int], refused: Mapping[Any, int]) -> tuple[str, dict[str, int]]:
+    """The log line for the sessions admission refused since ``logged`` (counts by reason), "" if none, and the
+    counts to remember."""
+    now = {str(reason): n for reason, n in refused.items() if n}
+    new = {reason: n - logged.get(reason, 0) for reason, n in now.items() if n > logged.get(reason, 0)}
+    line = "event=refusing " + " ".join(f"{reason}={n}" for reason, n in sorted(new.items())) if new else ""
+    return line, now
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,7 @@ class Daemon:
         self.announce()
         self.rates = RateTracker()
         self.socket_counts: dict[str, dict[str, int]] = {}
+        self._refused_logged: dict[str, int] = {}  # admission's refusals already logged, by reason
         self.latest: dict[str, Any] | None = None
         # The status page's history; (snapshot, history points) published together for the HTTP thread.
         self.history = StatusHistory()
@@ -365,9 +376,16 @@ class Daemon:
         deadline = self.probes.next_deadline()
         self.loop.call_at(max(now + 0.01, deadline if deadline is not None else now + 1.0), self._health_tick)
 
+    def _log_refusals(self) -> None:
+        """One line a second at most while admission refuses new sessions (see :func:`refusal_line`)."""
+        line, self._refused_logged = refusal_line(self._refused_logged, self.balancer.admission.refused)
+        if line:
+            log.warning("%s", line)
+
     def _second_tick(self) -> None:
         now = self.loop.clock()
         self._read_socket_counts()
+        self._log_refusals()
         if self.checker is not None:
             follow_pool(self.checker, self.balancer, now)  # servers added, and retired ones that have left
             reconcile(self.balancer, self.checker, now)
