@@ -210,15 +210,22 @@ def test_frames_about_others_or_on_other_ports_are_left_to_the_balancer() -> Non
     assert r.receive(PORT, bytes(Ether() / IPv6() / (b"x" * 60)), 0.0) is None  # not neighbour discovery
 
 
-def test_add_refuses_what_it_cannot_resolve() -> None:
+@pytest.mark.parametrize(
+    ("name", "address", "port", "why"),
+    [
+        ("s1", SERVER6, PORT, "already being resolved"),
+        ("x", SERVER4, PORT, "another server has the address"),
+        ("y", SERVER4, 9, "not a server port"),
+        ("z", b"\x01", PORT, "4 or 16 bytes"),
+    ],
+    ids=["name-taken", "address-taken", "not-a-server-port", "bad-address"],
+)
+def test_add_refuses_what_it_cannot_resolve(name: str, address: bytes, port: int, why: str) -> None:
     r = resolver()
     r.add("s1", SERVER4, PORT, now=0.0)
-    for name, address, port in (("s1", SERVER6, PORT), ("x", SERVER4, PORT), ("y", SERVER4, 9), ("z", b"\x01", PORT)):
-        try:
-            r.add(name, address, port, now=0.0)
-        except ValueError:
-            continue
-        raise AssertionError(f"{name} was accepted")
+    with pytest.raises(ValueError, match=why):
+        r.add(name, address, port, now=0.0)
+    assert set(r.neighbors) == {"s1"} and r.neighbors["s1"].address == SERVER4  # nothing changed
 
 
 events = st.lists(

@@ -52,8 +52,11 @@ class SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.get_snapshot()
-        if not snap:
-            return
+        if snap:
+            yield from self.metrics(snap)
+
+    def metrics(self, snap: Mapping[str, Any]) -> Iterator[Metric]:
+        """The metrics of one snapshot (the balancer's here; a subclass reads another kind)."""
         sessions = snap["sessions"]
         frames = snap["frames"]
         labels = snap["labels"]
@@ -207,16 +210,10 @@ class MetricsServer:
         self.close()
 
 
-class AgentCollector:
+class AgentCollector(SnapshotCollector):
     """An endpoint agent's figures (:func:`mplslb.agents.agent_snapshot`) as ``mplslb_agent_*`` metrics."""
 
-    def __init__(self, get_snapshot: SnapshotSource) -> None:
-        self.get_snapshot = get_snapshot
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self.get_snapshot()
-        if not snap:
-            return
+    def metrics(self, snap: Mapping[str, Any]) -> Iterator[Metric]:
         agent = snap["agent"]
         yield _gauge("mplslb_agent_flows", "Flows whose label the agent remembers.", agent["flows"])
         yield _by_label(
@@ -236,7 +233,7 @@ def start_metrics_server(
     addr: str,
     get_snapshot: SnapshotSource,
     *,
-    collector: type[SnapshotCollector | AgentCollector] = SnapshotCollector,
+    collector: type[SnapshotCollector] = SnapshotCollector,
     page: StatusSource | None = None,
 ) -> MetricsServer:
     """Serve ``/metrics`` on ``addr:port`` (port 0: any free port) from ``get_snapshot()`` through ``collector``
