@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit debs bench study clean
+.PHONY: demo test lint typecheck unit debs bench fuzz soak study clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,10 +17,10 @@ demo: $(STAMP)
 
 # Debian packages the tests use (tshark reads our packets; nginx, curl and wrk are the stock programs of the
 # lab; clang builds the kernel offload's XDP program; netsniff-ng's trafgen and nftables serve the wire
-# benchmarks); installed only when one is missing.
-DEBS := tshark nginx-light curl wrk clang netsniff-ng nftables
+# benchmarks; chromium and its driver run the status page's browser test); installed only when one is missing.
+DEBS := tshark nginx-light curl wrk clang netsniff-ng nftables chromium chromium-driver
 debs:
-	@missing=""; for tool in tshark nginx curl wrk nsenter clang trafgen nft; do command -v $$tool >/dev/null 2>&1 || \
+	@missing=""; for tool in tshark nginx curl wrk nsenter clang trafgen nft chromium chromedriver; do command -v $$tool >/dev/null 2>&1 || \
 	  [ -x /usr/sbin/$$tool ] || missing=yes; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) util-linux >/dev/null; fi
@@ -48,6 +48,20 @@ bench: $(STAMP) debs
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_DEBS) >/dev/null; }
 	@[ -x $(BIN)/py-spy ] || $(BIN)/pip install --quiet py-spy
 	$(BIN)/python bench/run.py
+
+# The fuzz campaign (bench/fuzz.py): FRAMES hostile frames (10 million by default) through receive, receive_batch,
+# receive_block and the XDP program, each checked against the one-frame path, every frame accounted for; SEED
+# replays a run. About 46 minutes for 10 million on the (busy) 2-core reference machine; figures in docs/benchmarks.md.
+FRAMES ?= 10000000
+SEED ?= 1
+fuzz: $(STAMP) debs
+	$(BIN)/python bench/fuzz.py --frames $(FRAMES) --seed $(SEED)
+
+# The soak (bench/soak.py): short sessions through the real lab for DURATION seconds (300 by default), the RSS of
+# the balancer and of every agent sampled; fails if any grew more than 5 % after the warm-up (the first 20 %).
+DURATION ?= 300
+soak: $(STAMP) debs
+	$(BIN)/python bench/soak.py --duration $(DURATION)
 
 # How well does it balance? Simulates every algorithm over a grid of scenarios (about 6 minutes on the 2-core
 # reference machine) and writes docs/study.md with its figures in docs/study/.

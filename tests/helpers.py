@@ -4,7 +4,8 @@
   segments, IP packets and whole Ethernet frames, with correct checksums unless asked otherwise.
 - The claim network ``Net``: one balancer with client and server endpoints, frames carried by hand
   (``make_config``, ``handshake``, ``label_of``).
-- Recordings and mutations: the balancer's calls in a short simulated run (``recording``), ``mutate``, ``pack``.
+- Recordings and mutations: the balancer's calls in a short simulated run (``recording``), ``mutate``, ``pack``
+  and ``listed`` (from :mod:`mplslb.fuzz`, which the fuzz campaign shares).
 - Namespaces and sockets: ``wait_until_ready``, ``frames_of``.
 - Clocks: ``FakeClock``.
 """
@@ -20,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from hypothesis import strategies as st
 
 from mplslb.balancer import Balancer, Frames
@@ -28,6 +28,9 @@ from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
+from mplslb.fuzz import listed, mutate, pack  # noqa: F401 - the tests take them from here
+from mplslb.labels import C2S_MIN, s2c_of
+from mplslb.sessions import Timeouts
 from mplslb.sim.scenario import SimConfig, SimEvent, Workload, balancer_config_for, run
 from mplslb.wire.checksum import internet_checksum
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet, parse_ethernet
@@ -345,7 +348,60 @@ def handshake(net: Net, i: int = 0, *, sport: int = 40000, v6: bool = False) -> 
     assert c2s is not None
     replies = net.from_server(name, tcp(vip, src, 80, sport, SYN | ACK, seq=500, ack=101))
     assert len(net.deliver_to_client(i, replies)) == 1
+    acked = net.from_client(i, tcp(src, vip, sport, 80, ACK, seq=101, ack=501))  # labelled now: completes it
+    assert [n for n, _ in net.deliver_to_servers(acked)] == [name] and label_of(acked[0][1]) == c2s
     return name, c2s
+
+
+@dataclass(frozen=True)
+class ReusedPair:
+    """Two UDP sessions to the same server on the same label pair, the first expired at the balancer while the
+    server agent still remembers its flow. Frames as ``(port, frame)``, not yet given to the balancer."""
+
+    net: Net
+    new_client: int
+    c2s: int
+    late: tuple[int, bytes]  # the server's late answer to the first session's client, under the S2C label
+    reply: tuple[int, bytes]  # its answer to the new session's client
+    request: tuple[int, bytes]  # the new client's next datagram, under the C2S label
+
+
+def reused_label_pair(*, same_client: bool, v6: bool = False) -> ReusedPair:
+    """The first session from client 0, port 5000; the second from client 1 (or client 0 again, ``same_client``),
+    port 6000; one label pair and one server, so the second session gets the first one's pair."""
+    config = make_config(  # no quarantine (the pair is reused at once), so no endpoint flow timeout to cover
+        n_servers=1,
+        label_quarantine=0.0,
+        endpoint_flow_timeout=0.0,
+        c2s_min=C2S_MIN,
+        c2s_max=C2S_MIN,
+        timeouts=Timeouts(udp=1.0),
+    )
+    net = Net(config)
+    vip = VIP6 if v6 else VIP
+    old = client_addr(0, v6)
+    first = net.from_client(0, udp(old, vip, 5000, DNS))
+    ((name, _),) = net.deliver_to_servers(first)
+    c2s = label_of(first[0][1])
+    assert c2s is not None
+    assert len(net.deliver_to_client(0, net.from_server(name, udp(vip, old, DNS, 5000, b"a1")))) == 1
+    net.now = 5.0
+    net.balancer.on_timer(net.now)  # the first session's idle timeout: its labels are free at once
+    assert net.balancer.live == 0
+    new_client = 0 if same_client else 1
+    new = client_addr(new_client, v6)
+    second = net.from_client(new_client, udp(new, vip, 6000, DNS))
+    assert label_of(second[0][1]) == c2s
+    assert len(net.deliver_to_servers(second)) == 1
+    server = net.servers[name]
+    late = server.from_host(udp(vip, old, DNS, 5000, b"late"), net.now)
+    reply = server.from_host(udp(vip, new, DNS, 6000, b"a2"), net.now)
+    assert late is not None and reply is not None and label_of(late) == label_of(reply) == s2c_of(c2s)
+    port = net.client_port(new_client)
+    request = labelled(PORT_MAC[port], client_mac(new_client), c2s, udp(new, vip, 6000, DNS, b"q2"))
+    return ReusedPair(
+        net, new_client, c2s, (net.server_port[name], late), (net.server_port[name], reply), (port, request)
+    )
 
 
 # == recordings and mutations ==========================================================================================
@@ -397,42 +453,11 @@ def frames_only() -> list[Call]:
 
 
 mutation = st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(0, 1600), st.integers(0, 255))
-
-
-def mutate(frame: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
-    buf = bytearray(frame)
-    for kind, at, value in mutations:
-        if not buf:
-            break
-        if kind == "cut":
-            del buf[at % (len(buf) + 1) :]
-        elif kind == "flip":
-            buf[at % len(buf)] ^= 1 << (value % 8)
-        else:
-            buf[at % len(buf)] = value
-    return bytes(buf)
-
-
-def pack(
-    frames: list[tuple[int, bytes]], gap: int = 3, *, aligned: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Lay frames in one buffer with a few bytes between them, as a ring block would; ``aligned`` puts each frame
-    2 bytes past a 16-byte boundary, as TPACKET does (the block path's word-aligned variant)."""
-    starts, lengths, ports, chunks, at = [], [], [], [], 0
-    for port, frame in frames:
-        if aligned:
-            pad = (2 - at) % 16
-            chunks.append(b"\xdd" * pad)
-            at += pad
-        starts.append(at)
-        lengths.append(len(frame))
-        ports.append(port)
-        chunks.append(frame + b"\xee" * gap)
-        at += len(frame) + gap
-    raw = b"".join(chunks) or b"\0"
-    raw += b"\0" * (-len(raw) % 4)
-    buf = np.frombuffer(bytearray(raw), dtype=np.uint8).copy()
-    return buf, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64), np.array(ports, dtype=np.int32)
+#: Mutations aimed at what the fast paths read: the label entry, the IP header (options included) and the first
+#: bytes of TCP or UDP (ports, TCP flags).
+header_mutation = st.tuples(
+    st.sampled_from(["flip", "set", "cut"]), st.integers(14, 14 + 4 + 60 + 16), st.integers(0, 255)
+)
 
 
 # == namespaces and sockets ============================================================================================

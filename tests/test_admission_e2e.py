@@ -108,7 +108,9 @@ def test_refusal_leaves_existing_sessions_untouched() -> None:
 
 
 def test_admission_sees_pairs_whose_quarantine_ended_before_the_timer_ran() -> None:
-    net = Net(make_config(c2s_min=17, c2s_max=19, label_quarantine=5.0, timeouts=Timeouts(udp=1.0)))
+    net = Net(
+        make_config(c2s_min=17, c2s_max=19, label_quarantine=5.0, endpoint_flow_timeout=5.0, timeouts=Timeouts(udp=1.0))
+    )
     b = net.balancer
     for i in range(2):
         assert net.from_client(0, udp(client_addr(0), VIP, 7000 + i, 53))[0][0] in (2, 3)

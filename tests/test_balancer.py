@@ -52,7 +52,7 @@ def test_unlabelled_reply_from_the_sessions_server_gets_the_s2c_label() -> None:
 
 
 def test_udp_session_ends_on_idle_timeout_and_labels_wait_in_quarantine() -> None:
-    net = Net(make_config(timeouts=Timeouts(udp=5.0), label_quarantine=10.0))
+    net = Net(make_config(timeouts=Timeouts(udp=5.0), label_quarantine=10.0, endpoint_flow_timeout=10.0))
     b = net.balancer
     out = net.from_client(0, udp(client_addr(0), VIP, 7000, 53))
     c2s = label_of(out[0][1])
@@ -75,7 +75,8 @@ def test_udp_session_ends_on_idle_timeout_and_labels_wait_in_quarantine() -> Non
 
 
 def test_tcp_start_timeouts_take_a_silent_server_down_and_interrupt_its_sessions() -> None:
-    net = Net(make_config(n_servers=2, timeouts=Timeouts(tcp_start=1.0), fail_threshold=2))
+    # s1 answered a session at 0 s: its unanswered SYNs count once it has answered nothing for passive_window.
+    net = Net(make_config(n_servers=2, timeouts=Timeouts(tcp_start=1.0), fail_threshold=2, passive_window=2.0))
     b = net.balancer
     # An established session on s1 (port 2).
     _, live = handshake(net, 0, sport=100)
@@ -90,12 +91,12 @@ def test_tcp_start_timeouts_take_a_silent_server_down_and_interrupt_its_sessions
     assert statuses == {"s1": "down", "s2": "down"}
     # The established session on s1 was interrupted and its labels withdrawn.
     assert b.sessions.by_c2s(live) is None and b.switching.entry(live) is None
-    # The two SYN sessions that timed out first ended idle; the live one and the two whose timeouts took their
+    # The two SYN sessions that timed out first ended half-open; the live one and the two whose timeouts took their
     # servers down were interrupted with them.
-    assert b.stats().sessions_ended == {"idle_timeout": 2, "server_down": 3}
+    assert b.stats().sessions_ended == {"half_open_timeout": 2, "server_down": 3}
 
 
-def test_server_rst_to_syn_counts_as_a_failure_and_closes_the_session() -> None:
+def test_server_rst_to_syn_counts_as_a_failure_and_closes_the_session_after_the_linger() -> None:
     net = Net()
     src = client_addr(0)
     out = net.from_client(0, tcp(src, VIP, 300, 80, SYN, seq=1))
@@ -103,8 +104,11 @@ def test_server_rst_to_syn_counts_as_a_failure_and_closes_the_session() -> None:
     c2s = label_of(out[0][1])
     net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 300, RST | ACK, seq=0, ack=2)))
     session = net.balancer.sessions.by_c2s(c2s)  # type: ignore[arg-type]
-    assert session is not None and session.state is SessionState.CLOSED
+    assert session is not None and session.state is SessionState.ENDING
     assert net.balancer.pool.get(name).failures == 1
+    net.balancer.on_timer(net.now + net.config.timeouts.closed_linger)  # nothing followed the RST: it closes
+    assert net.balancer.sessions.by_c2s(c2s) is None and net.balancer.stats().sessions_ended == {"closed": 1}
+    assert net.balancer.pool.get(name).failures == 1  # a refusal, not an unanswered SYN as well
 
 
 def test_response_time_is_measured_from_syn_to_synack_and_request_to_first_byte() -> None:
@@ -130,18 +134,25 @@ def test_response_time_is_measured_from_syn_to_synack_and_request_to_first_byte(
     assert net.balancer.switching.watch[session.c2s] == net.balancer.switching.watch[session.s2c] == 1
 
 
-def test_a_syn_on_the_port_of_a_closed_lingering_session_starts_a_new_session() -> None:
-    net = Net(make_config(timeouts=Timeouts(closed_linger=5.0)))
+def test_a_syn_on_the_port_of_an_ending_session_goes_on_it_and_revives_it() -> None:
+    """The client reuses the flow of a session it reset: the SYN goes to the same server on the same labels (nobody
+    can end a session by sending a SYN of its flow), and the traffic both ways after the RST (the SYN and the
+    server's answer) revives the session."""
+    net = Net(make_config(timeouts=Timeouts(closed_linger=4.0)))
     b = net.balancer
-    _, c2s = handshake(net, sport=500)
+    name, c2s = handshake(net, sport=500)
     src = client_addr(0)
-    net.from_client(0, tcp(src, VIP, 500, 80, RST, seq=101))
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 500, 80, RST, seq=101)))
     old = b.sessions.by_c2s(c2s)
-    assert old is not None and old.state is SessionState.CLOSED
+    assert old is not None and old.state is SessionState.ENDING
+    net.now = 3.0  # after the grace (half the linger)
+    net.client(0).flows.clear()  # a new connection: the endpoint sends its SYN unlabelled
     out = net.from_client(0, tcp(src, VIP, 500, 80, SYN, seq=9000))
-    new_label = label_of(out[0][1])
-    assert new_label is not None and new_label != c2s
-    assert b.sessions.by_c2s(c2s) is None and b.sessions.started == 2 and b.live == 1
+    assert label_of(out[0][1]) == c2s and [n for n, _ in net.deliver_to_servers(out)] == [name]
+    net.from_server(name, tcp(VIP, src, 80, 500, SYN | ACK, seq=7000, ack=9001))  # the server's answer
+    b.on_timer(4.0)
+    assert old.state is SessionState.ESTABLISHED and b.sessions.revived == 1
+    assert b.sessions.started == 1 and b.live == 1
 
 
 def test_a_server_added_at_run_time_takes_new_sessions_and_only_on_a_server_port() -> None:
@@ -175,16 +186,18 @@ def test_ipv6_sessions_end_on_fin_with_extension_headers_in_either_direction() -
     assert c2s is not None
     net.deliver_to_client(0, net.from_server(name, tcp(VIP6, src, 80, 41000, SYN | ACK, seq=500, ack=101)))
     session = b.sessions.by_c2s(c2s)
-    assert session is not None and session.state is SessionState.ESTABLISHED
+    assert session is not None and session.state is SessionState.ANSWERED  # the client's ACK is still to come
     # Payload whose second byte has the FIN and RST bits: where a flag offset learned from the client's first
     # packet (8 bytes further) would look on the server's plain frames.
     data = tcp(VIP6, src, 80, 41000, PSH | ACK, seq=501, ack=101, payload=b"\x00\x05HTTP/1.1 200 OK\r\n")
     net.deliver_to_client(0, net.from_server(name, data))
-    assert session.state is SessionState.ESTABLISHED
+    assert session.state is SessionState.ANSWERED  # no FIN or RST read at the wrong offset
     net.deliver_to_servers(net.from_client(0, with_dstopts(tcp(src, VIP6, 41000, 80, FIN | ACK, seq=101, ack=520))))
-    assert session.state is SessionState.CLOSING_CLIENT
+    assert session.state is SessionState.CLOSING_CLIENT  # its ACK completed the handshake, its FIN half-closed
     net.deliver_to_client(0, net.from_server(name, tcp(VIP6, src, 80, 41000, FIN | ACK, seq=520, ack=102)))
-    assert session.state is SessionState.CLOSED and session.end_reason == "fin"
+    assert session.state is SessionState.ENDING
+    b.on_timer(net.now + 1.0)
+    assert session.state is SessionState.CLOSED and session.end_reason == "closed"
 
 
 def test_a_udp_flow_whose_session_died_recovers_unlabelled_after_the_fallback() -> None:

@@ -3,7 +3,6 @@ order, same counters; everything it cannot take goes through the one-frame path.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,29 +17,19 @@ from helpers import (
     client_addr,
     frames_only,
     handshake,
+    header_mutation,
     label_of,
+    listed,
     make_config,
     mutate,
     mutation,
     pack,
     recording,
+    reused_label_pair,
     tcp,
 )
-from mplslb.balancer import Balancer, BlockResult, Frames
+from mplslb.balancer import Balancer, Frames
 from mplslb.switching.block import word_aligned
-
-
-def listed(result: BlockResult, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Frames:
-    """The block's output in the one-frame path's order."""
-    extra: dict[int, list[tuple[int, bytes]]] = {}
-    for i, port, frame in result.extra:
-        extra.setdefault(i, []).append((port, frame))
-    out: Frames = []
-    for i in range(len(starts)):
-        if result.out_port[i] >= 0:
-            out.append((int(result.out_port[i]), buf[starts[i] : starts[i] + lengths[i]].tobytes()))
-        out += extra.get(i, [])
-    return out
 
 
 @pytest.mark.parametrize("aligned", [False, True], ids=["bytes", "words"])
@@ -82,7 +71,10 @@ def test_the_whole_recording_in_blocks_matches_frame_by_frame(aligned: bool) -> 
 @given(
     cut=st.integers(100, 900),
     block_size=st.integers(1, 200),
-    mutations=st.lists(st.tuples(st.integers(0, 10_000), st.lists(mutation, min_size=1, max_size=3)), max_size=20),
+    mutations=st.lists(
+        st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
+        max_size=20,
+    ),
     aligned=st.booleans(),
 )
 def test_blocks_with_mutated_frames_match_frame_by_frame(
@@ -174,3 +166,28 @@ def test_a_block_that_withdraws_labels_it_later_carries_matches_frame_by_frame()
     assert [(r.name, r.status, r.packets_in, r.packets_out) for r in a.servers] == [
         (r.name, r.status, r.packets_in, r.packets_out) for r in b.servers
     ]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("same_client", [False, True], ids=["other-client", "same-client"])
+@pytest.mark.parametrize("way", ["receive", "receive_block-bytes", "receive_block-words"])
+def test_a_reused_label_pairs_late_s2c_frame_never_reaches_the_new_client(
+    way: str, same_client: bool, v6: bool
+) -> None:
+    """A label pair reused by a new session to the same server: the server agent's late frame of the old flow
+    passes the label's ingress binding (same port, MAC, the VIP as source) but not its flow (another client, or
+    another port of the same client): dropped as label_wrong_flow, while the new session's frames pass both ways."""
+    pair = reused_label_pair(same_client=same_client, v6=v6)
+    net, balancer = pair.net, pair.net.balancer
+    frames = [pair.late, pair.reply, pair.late, pair.request]
+    if way == "receive":
+        out = balancer.receive_batch(frames, net.now)
+    else:
+        buf, starts, lengths, ports = pack(frames, aligned=way.endswith("words"))
+        out = listed(balancer.receive_block(buf, starts, lengths, ports, net.now), buf, starts, lengths)
+    assert len(out) == 2
+    (reply, request) = out
+    delivered = net.deliver_to_client(pair.new_client, [reply])
+    assert len(delivered) == 1 and delivered[0].endswith(b"a2")
+    assert request[0] == net.server_port["s1"] and label_of(request[1]) == pair.c2s
+    assert balancer.stats().drops == {"label_wrong_flow": 2}

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from helpers import make_config
+from mplslb.balancer import Balancer
 from mplslb.cli import main
+from mplslb.control import ControlServer, balancer_commands
 from mplslb.wire.pcap import LINKTYPE_ETHERNET, PcapRecord, read_pcap
 
 MPLS = b"\x88\x47"
@@ -129,3 +136,82 @@ def test_demo_with_a_nan_limit_fails_cleanly(tmp_path: Path) -> None:
 def test_demo_capture_into_a_missing_directory_fails_cleanly(tmp_path: Path) -> None:
     result = invoke("demo", "--sessions", "5", "--capture", str(tmp_path / "no" / "such" / "d.pcap"))
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+
+
+# -- live changes through the control socket ------------------------------------------------------------------------
+@pytest.fixture
+def control() -> Iterator[tuple[str, Balancer]]:
+    """A balancer behind a real control socket served on a thread; yields the socket path and the balancer."""
+    short = tempfile.mkdtemp(prefix="mplslb-")  # AF_UNIX paths are short; tmp_path may not be
+    path = os.path.join(short, "c.sock")
+    balancer = Balancer(make_config())
+    reloads = iter([{"ok": True, "file": "/etc/lb.toml", "changes": ["servers.s1.weight:1->0"]}])
+    server = ControlServer(
+        path,
+        dict,
+        balancer_commands(
+            balancer,
+            clock=lambda: 0.0,
+            reload=lambda: next(reloads, {"error": "reload refused: /etc/lb.toml: ports[0].interface: no"}),
+        ),
+    )
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            server.run_once(0.02)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path, balancer
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.close()
+        os.rmdir(short)
+
+
+def test_server_subcommands_change_the_pool_and_say_what_changed(control: tuple[str, Balancer]) -> None:
+    sock, b = control
+    add = ["server", "add", "s4", "--ip", "10.2.0.4", "--mac", "02:5e:00:00:00:04", "--port", "2", "--weight", "3"]
+    result = invoke(*add, "--socket", sock)
+    assert result.exit_code == 0, result.output
+    assert result.output == "server s4: up, weight 3\nchanged servers.s4:added\n"
+    assert b.pool.get("s4").weight == 3
+    result = invoke(*add, "--socket", sock)  # the same again: refused, naming the key
+    assert result.exit_code == 1 and "name: duplicate server name 's4'" in result.output
+    assert invoke("server", "weight", "s4", "0", "--socket", sock).output == (
+        "server s4: up, weight 0\nchanged servers.s4.weight:3->0\n"
+    )
+    assert invoke("server", "drain", "s1", "--socket", sock).output.endswith("servers.s1.status:up->draining\n")
+    assert invoke("server", "up", "s1", "--socket", sock).output.startswith("server s1: up")
+    assert invoke("server", "down", "s2", "--socket", sock).output.startswith("server s2: down")
+    result = invoke("server", "remove", "s4", "--socket", sock)
+    assert result.output == "server s4: removed\nchanged servers.s4:removed\n"
+    result = invoke("server", "remove", "s9", "--now", "--socket", sock)
+    assert result.exit_code == 1 and "no server named 's9'" in result.output
+    assert [s.name for s in b.pool] == ["s1", "s2", "s3"]
+
+
+def test_set_and_reload_subcommands(control: tuple[str, Balancer]) -> None:
+    sock, b = control
+    result = invoke("set", "algorithm", "maglev", "--param", "table_size=251", "--socket", sock)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:2] == ["algorithm maglev", "changed algorithm:round_robin->maglev"]
+    assert b.config.algorithm_params == {"table_size": 251}
+    assert invoke("set", "algorithm", "bogus", "--socket", sock).exit_code == 1
+    result = invoke("set", "limit", "max-sessions", "100", "--socket", sock)
+    assert result.output == "max-sessions 100\nchanged limits.max_sessions:0->100\n"
+    assert invoke("set", "limit", "max-sessions", "100", "--socket", sock).output.endswith("no change\n")
+    assert invoke("set", "limit", "max-new-per-second", "2.5", "--socket", sock).exit_code == 0
+    assert (b.admission.max_sessions, b.admission.max_new_per_second) == (100, 2.5)
+    assert invoke("set", "limit", "max-sessions", "1.5", "--socket", sock).exit_code == 2
+    assert invoke("reload", "--socket", sock).output == "reloaded /etc/lb.toml\nchanged servers.s1.weight:1->0\n"
+    result = invoke("reload", "--socket", sock)
+    assert result.exit_code == 1 and "ports[0].interface" in result.output
+
+
+def test_live_subcommands_without_a_daemon(tmp_path: Path) -> None:
+    result = invoke("server", "drain", "s1", "--socket", str(tmp_path / "none.sock"))
+    assert result.exit_code == 1 and "no control socket" in result.output

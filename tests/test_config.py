@@ -55,7 +55,7 @@ def test_the_bundled_example_loads() -> None:
         RefuseWith.RST,
     )
     assert (b.timeouts.tcp_start, b.timeouts.udp, b.timeouts.closed_linger) == (1.0, 1.0, 0.5)
-    assert (b.label_quarantine, b.fail_threshold, b.rt_alpha) == (3.0, 3, 0.2)
+    assert (b.label_quarantine, b.fail_threshold, b.rt_alpha) == (120.0, 3, 0.2)
     assert [(s.name, s.weight, s.max_sessions, s.workers) for s in config.servers] == [
         ("web1", 1, 0, 4),
         ("web2", 2, 0, 8),

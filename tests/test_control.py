@@ -208,6 +208,7 @@ def test_commands_change_the_balancer(served: ControlServer, daemon: Daemon) -> 
     name = daemon.session_server
     assert request(served.path, {"cmd": "drain", "server": "s2"}) == {
         "ok": True, "server": "s2", "status": "draining", "weight": 1, "changed": True,
+        "changes": ["servers.s2.status:up->draining"],
     }  # fmt: skip
     assert request(served.path, {"cmd": "weight", "server": "s3", "weight": 3})["weight"] == 3
     assert b.pool.get("s3").weight == 3
@@ -220,6 +221,59 @@ def test_commands_change_the_balancer(served: ControlServer, daemon: Daemon) -> 
     assert request(served.path, {"cmd": "up", "server": "s2"})["status"] == "up"  # ends the drain
     # Unchanged state is reported as such.
     assert request(served.path, {"cmd": "up", "server": "s2"})["changed"] is False
+
+
+def test_add_and_remove_over_the_socket(served: ControlServer, daemon: Daemon) -> None:
+    b, health = daemon.balancer, daemon.health
+    entry = {"name": "s4", "address": "10.2.0.4", "mac": "02:5e:00:00:00:04", "port": 2, "weight": 2}
+    assert request(served.path, {"cmd": "add", "server": entry}) == {
+        "ok": True, "server": "s4", "status": "up", "weight": 2, "changed": True, "changes": ["servers.s4:added"],
+    }  # fmt: skip
+    assert b.pool.get("s4").config.max_sessions == 0 and "s4" in health  # health-checked from now on
+    # Checked as a [[servers]] entry of a configuration file is, naming the key.
+    for bad, message in (
+        ({**entry, "name": "s5"}, "server 's5': address: 10.2.0.4 is already the address of server 's4'"),
+        ({**entry, "name": "s5", "address": "10.2.0.5", "port": 0}, "port 0 is a client-side port"),
+        ({**entry, "name": "s5", "address": "10.2.0.5", "mac": "zz"}, "add: mac: "),
+        ({**entry, "name": "s5", "address": "10.2.0.5", "colour": "red"}, "add: colour: unknown key"),
+        ({"name": "s5", "port": 2}, "add: address: is required"),
+    ):
+        reply = request(served.path, {"cmd": "add", "server": bad})
+        assert message in reply.get("error", ""), (bad, reply)
+    assert "s5" not in b.pool
+    # The server with the session drains out; an idle one leaves at once.
+    name = daemon.session_server
+    reply = request(served.path, {"cmd": "remove", "server": name})
+    assert (reply["status"], reply["active"], reply["changes"]) == ("removing", 1, [f"servers.{name}:removing"])
+    rows = {row["name"]: row["status"] for row in daemon.snapshot()["servers"]}
+    assert rows[name] == "removing"
+    assert "being removed" in request(served.path, {"cmd": "up", "server": name})["error"]
+    assert request(served.path, {"cmd": "remove", "server": "s4"})["status"] == "removed"
+    assert "s4" not in b.pool and "s4" not in health
+    reply = request(served.path, {"cmd": "remove", "server": name, "now": True})
+    assert reply["status"] == "removed" and b.sessions.by_c2s(daemon.c2s) is None
+    assert [s.name for s in b.pool] == [s for s in ("s1", "s2", "s3") if s != name]
+
+
+def test_algorithm_and_limits_over_the_socket(served: ControlServer, daemon: Daemon) -> None:
+    b = daemon.balancer
+    reply = request(served.path, {"cmd": "algorithm", "name": "maglev", "params": {"table_size": 251}})
+    assert reply["changes"] == ["algorithm:round_robin->maglev", "algorithm_params:{}->{table_size=251}"]
+    assert b.config.algorithm == "maglev" and daemon.snapshot()["algorithm"] == "maglev"
+    assert (
+        "table_size"
+        in request(served.path, {"cmd": "algorithm", "name": "maglev", "params": {"table_size": 4}})["error"]
+    )
+    assert "unknown algorithm 'x'" in request(served.path, {"cmd": "algorithm", "name": "x"})["error"]
+    assert b.config.algorithm == "maglev"
+    reply = request(served.path, {"cmd": "limit", "name": "max_sessions", "value": 10})
+    assert reply == {"ok": True, "limit": "max_sessions", "value": 10, "changes": ["limits.max_sessions:0->10"]}
+    assert request(served.path, {"cmd": "limit", "name": "max_new_per_second", "value": 2.5})["value"] == 2.5
+    assert b.admission.max_sessions == 10 and b.admission.max_new_per_second == 2.5
+    for bad in ({"name": "max_sessions", "value": 1.5}, {"name": "max_sessions", "value": -1},
+                {"name": "max_new_per_second", "value": True}, {"name": "speed", "value": 1}):  # fmt: skip
+        assert "limit: " in request(served.path, {"cmd": "limit", **bad})["error"]
+    assert "no configuration file" in request(served.path, {"cmd": "reload"})["error"]
 
 
 def test_up_is_refused_while_the_health_check_fails(served: ControlServer, daemon: Daemon) -> None:
@@ -374,7 +428,7 @@ def test_metrics_endpoint_exports_the_snapshot(daemon: Daemon) -> None:
             f'mplslb_server_up{{server="{name}"}} 1.0',
             f'mplslb_server_active{{server="{name}"}} 1.0',
             f'mplslb_server_sessions_total{{server="{name}"}} 1.0',
-            f'mplslb_server_packets_in_total{{server="{name}"}} 1.0',
+            f'mplslb_server_packets_in_total{{server="{name}"}} 2.0',  # the SYN and the handshake's ACK
             f'mplslb_server_bytes_out_total{{server="{name}"}}',
             f'mplslb_server_response_time_seconds{{server="{name}"}} {rt}',
             'mplslb_server_weight{server="s2"} 1.0',

@@ -46,3 +46,15 @@ def test_a_second_daemon_on_the_same_interface_is_refused_naming_the_holder(tmp_
     again = lock_interfaces(config, tmp_path)  # released with the first holder's descriptors
     for fd in again:
         os.close(fd)
+
+
+def test_admission_refusals_are_logged_once_a_second_with_what_is_new_by_reason() -> None:
+    from mplslb.daemon import refusal_line
+
+    line, logged = refusal_line({}, {"max_sessions": 0})
+    assert line == "" and logged == {}
+    line, logged = refusal_line(logged, {"max_sessions": 3, "rate_limited": 1})
+    assert line == "event=refusing max_sessions=3 rate_limited=1"
+    line, logged = refusal_line(logged, {"max_sessions": 5, "rate_limited": 1})
+    assert line == "event=refusing max_sessions=2"
+    assert refusal_line(logged, {"max_sessions": 5, "rate_limited": 1})[0] == ""

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pyroute2 import IPRoute, netns
 
 from helpers import (
@@ -38,26 +40,44 @@ from helpers import (
     client_mac,
     client_udp,
     ether,
+    header_mutation,
+    icmp4,
+    icmp6,
     ipv4,
     ipv6,
     labelled,
+    mutate,
+    pack,
+    recording,
+    reused_label_pair,
     standard_balancer,
     standard_config,
     tcp_segment,
     udp_datagram,
 )
 from mplslb.balancer import Balancer
-from mplslb.config import ConfigError, Section, read_offload
+from mplslb.config import ConfigError, Section, read_offload, read_offload_syn_rate
 from mplslb.drivers.afpacket import PacketPort
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
-from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, xdp_state
+from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, syn_share, xdp_state
 from mplslb.sessions import Timeouts
-from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END
-from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
+from mplslb.switching.layout import IP_AT, IPV4_PLAIN, IPV6_NEXT_HEADER, LSE_AT
+from mplslb.wire.ip import (
+    IPPROTO_DSTOPTS,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+)
+from mplslb.wire.ipv4 import IP_MF
+from mplslb.wire.ipv6 import EXTENSION_HEADERS
 from mplslb.wire.mpls import pack_entry
 
 WAIT = 10.0  # seconds any exchange may take, at most
@@ -99,6 +119,26 @@ INSTALLS: dict[int, dict[str, Any]] = {
     E: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(2)),
     W: dict(out_port=2, next_hop=S1.mac, in_port=0, peer=client_mac(0), peer_ip=client_addr(0), watch=WATCH_ALL),
 }
+
+
+# Labels with a session's flow binding, as the balancer installs them: a C2S label (client 0 port 40000 to the VIP
+# port 80) and S2C labels (VIP port 80 to client 0 port 40000; over IPv6, VIP port 53 to client 1 port 40001).
+F, G, H = 501, 502, 504
+FLOW_INSTALLS: dict[int, dict[str, Any]] = {
+    F: INSTALLS[A] | dict(dst_ip=VIP, ports=(40000, 80)),
+    G: INSTALLS[B] | dict(dst_ip=client_addr(0), ports=(80, 40000)),
+    H: dict(
+        out_port=1,
+        next_hop=client_mac(1),
+        in_port=3,
+        peer=S2.mac,
+        peer_ip=VIP6,
+        watch=IPV6_PAYLOAD,
+        dst_ip=client_addr(1, v6=True),
+        ports=(53, 40001),
+    ),
+}
+INSTALLS.update(FLOW_INSTALLS)
 
 
 def install_all(balancer: Balancer) -> None:
@@ -191,6 +231,87 @@ CASES: list[tuple[str, int, bytes, str, bool]] = [
 ]
 
 
+def from_server(label: int, packet: bytes, *, port: int = 2, mac: bytes = S1.mac) -> bytes:
+    return labelled(PORT_MAC[port], mac, label, packet)
+
+
+def to_client(dst: bytes, dport: int, *, proto: int = IPPROTO_TCP, **kw: Any) -> bytes:
+    """From the VIP (port 80) to ``dst``:``dport``, IPv4."""
+    if proto == IPPROTO_TCP:
+        return ipv4(VIP, dst, proto, tcp_segment(VIP, dst, 80, dport, ACK, b"answer"), **kw)
+    return ipv4(VIP, dst, proto, udp_datagram(VIP, dst, 80, dport, b"answer"), **kw)
+
+
+def to_client6(dst: bytes, dport: int, *, ext: bytes = b"", first: int = IPPROTO_UDP) -> bytes:
+    return ipv6(VIP6, dst, first, udp_datagram(VIP6, dst, 53, dport, b"answer"), ext=ext)
+
+
+C0, C1_6, C3 = client_addr(0), client_addr(1, v6=True), client_addr(3)
+QUOTED = ipv4(C0, VIP, IPPROTO_TCP, tcp_segment(C0, VIP, 40000, 80, ACK))[:28]
+DSTOPTS_UDP = bytes([IPPROTO_UDP, 0]) + bytes(6)
+LATER_FRAGMENT_UDP = bytes([IPPROTO_UDP, 0]) + struct.pack("!HI", 100 << 3, 7)
+#: (name, ingress port, frame, the kernel's verdict, the one-frame path's drop reason or None when it forwards)
+FLOW_CASES: list[tuple[str, int, bytes, str, str | None]] = [
+    ("c2s", 0, from_client(F, v4_tcp(ACK)), "redirect", None),
+    (
+        "c2s other source port",
+        0,
+        from_client(F, ipv4(C0, VIP, IPPROTO_TCP, tcp_segment(C0, VIP, 40001, 80, ACK))),
+        "pass",
+        "label_wrong_flow",
+    ),
+    ("c2s other destination port", 0,
+     from_client(F, ipv4(C0, VIP, IPPROTO_TCP, tcp_segment(C0, VIP, 40000, 81, ACK))), "pass", "label_wrong_flow"),
+    ("c2s other destination", 0,
+     from_client(F, ipv4(C0, C3, IPPROTO_TCP, tcp_segment(C0, C3, 40000, 80, ACK))), "pass", "label_wrong_flow"),
+    ("c2s udp, same ports", 0, from_client(F, ipv4(C0, VIP, IPPROTO_UDP, udp_datagram(C0, VIP, 40000, 80))),
+     "redirect", None),
+    ("s2c", 2, from_server(G, to_client(C0, 40000)), "redirect", None),
+    ("s2c other client", 2, from_server(G, to_client(C3, 40000)), "pass", "label_wrong_flow"),
+    ("s2c other port", 2, from_server(G, to_client(C0, 40002)), "pass", "label_wrong_flow"),
+    ("s2c udp, same ports", 2, from_server(G, to_client(C0, 40000, proto=IPPROTO_UDP)), "redirect", None),
+    ("s2c other source port", 2, from_server(G, ipv4(VIP, C0, IPPROTO_TCP, tcp_segment(VIP, C0, 81, 40000, ACK))),
+     "pass", "label_wrong_flow"),
+    ("s2c ip options", 2, from_server(G, to_client(C0, 40000, options=b"\x01\x01\x01\x00")), "redirect", None),
+    ("s2c ip options, other port", 2, from_server(G, to_client(C0, 40002, options=b"\x01\x01\x01\x00")), "pass",
+     "label_wrong_flow"),
+    ("s2c icmp error", 2, from_server(G, ipv4(VIP, C0, IPPROTO_ICMP, icmp4(3, 4, 1400, QUOTED))), "redirect", None),
+    ("s2c icmp error, other client", 2, from_server(G, ipv4(VIP, C3, IPPROTO_ICMP, icmp4(3, 4, 1400, QUOTED))),
+     "pass", "label_wrong_flow"),
+    ("s2c later fragment", 2, from_server(G, ipv4(VIP, C0, IPPROTO_TCP, b"\x10" * 24, flags=0, frag_offset=64)),
+     "redirect", None),
+    ("s2c later fragment, other client", 2,
+     from_server(G, ipv4(VIP, C3, IPPROTO_TCP, b"\x10" * 24, flags=0, frag_offset=64)), "pass",
+     "label_wrong_flow"),
+    ("s2c first fragment, other port", 2, from_server(G, to_client(C0, 40002, flags=IP_MF)), "pass",
+     "label_wrong_flow"),
+    ("s2c cut in the port", 2, from_server(G, to_client(C0, 40000)[:23]), "pass", "label_wrong_flow"),
+    ("s2c ip header cut", 2, from_server(G, to_client(C0, 40000)[:19]), "pass", "label_wrong_flow"),
+    ("s2c header only", 2, from_server(G, b""), "pass", "label_wrong_ingress"),  # no IP source
+    ("s2c6", 3, from_server(H, to_client6(C1_6, 40001), port=3, mac=S2.mac), "redirect", None),
+    ("s2c6 other client", 3, from_server(H, to_client6(client_addr(5, v6=True), 40001), port=3, mac=S2.mac), "pass",
+     "label_wrong_flow"),
+    ("s2c6 other port", 3, from_server(H, to_client6(C1_6, 40003), port=3, mac=S2.mac), "pass",
+     "label_wrong_flow"),
+    ("s2c6 icmp6 error", 3,
+     from_server(H, ipv6(VIP6, C1_6, IPPROTO_ICMPV6, icmp6(1, 4, 0, bytes(48))), port=3, mac=S2.mac), "redirect", None),
+    ("s2c6 extension header", 3,
+     from_server(H, to_client6(C1_6, 40001, ext=DSTOPTS_UDP, first=IPPROTO_DSTOPTS), port=3, mac=S2.mac), "pass",
+     None),
+    ("s2c6 extension header, other port", 3,
+     from_server(H, to_client6(C1_6, 40003, ext=DSTOPTS_UDP, first=IPPROTO_DSTOPTS), port=3, mac=S2.mac), "pass",
+     "label_wrong_flow"),
+    ("s2c6 later fragment", 3,
+     from_server(H, to_client6(C1_6, 40003, ext=LATER_FRAGMENT_UDP, first=IPPROTO_FRAGMENT), port=3, mac=S2.mac),
+     "pass", None),
+    ("s2c6 cut extension header", 3,
+     from_server(H, to_client6(C1_6, 40001, ext=b"\x11\x05" + bytes(6), first=IPPROTO_HOPOPTS), port=3, mac=S2.mac),
+     "pass", "label_wrong_flow"),
+    ("s2c6 header cut", 3, from_server(H, to_client6(C1_6, 40001)[:39], port=3, mac=S2.mac), "pass",
+     "label_wrong_flow"),
+]  # fmt: skip
+
+
 def test_offload_key_is_validated() -> None:
     assert read_offload(Section("lb.toml", "", {})) == "none"
     assert read_offload(Section("lb.toml", "", {"offload": "kernel"})) == "kernel"
@@ -198,6 +319,21 @@ def test_offload_key_is_validated() -> None:
         with pytest.raises(ConfigError) as info:
             read_offload(Section("lb.toml", "", {"offload": bad}))
         assert info.value.key == "offload"
+
+
+def test_offload_syn_rate_is_validated() -> None:
+    assert read_offload_syn_rate(Section("lb.toml", "", {}), "kernel") == 0
+    assert read_offload_syn_rate(Section("lb.toml", "", {"offload_syn_rate": 5000}), "kernel") == 5000
+    for bad, offload, why in (
+        (-1, "kernel", ">= 0"),
+        (1.5, "kernel", "expected"),
+        (True, "kernel", "boolean"),
+        (10**10, "kernel", "<="),
+        (100, "none", "needs offload"),
+    ):
+        with pytest.raises(ConfigError, match=why) as info:
+            read_offload_syn_rate(Section("lb.toml", "", {"offload_syn_rate": bad}), offload)
+        assert info.value.key == "offload_syn_rate" and "lb.toml" in str(info.value)
 
 
 def test_daemon_config_reads_offload(tmp_path: Path) -> None:
@@ -224,6 +360,12 @@ address = "10.0.0.100"
     assert load_daemon_config(path).offload == "none"
     path.write_text('offload = "kernel"\n' + body)
     assert load_daemon_config(path).offload == "kernel"
+    assert load_daemon_config(path).offload_syn_rate == 0
+    path.write_text('offload = "kernel"\noffload_syn_rate = 20000\n' + body)
+    assert load_daemon_config(path).offload_syn_rate == 20000
+    path.write_text("offload_syn_rate = 20000\n" + body)
+    with pytest.raises(ConfigError, match="offload_syn_rate"):
+        load_daemon_config(path)
     path.write_text('offload = "fast"\n' + body)
     with pytest.raises(ConfigError, match="offload"):
         load_daemon_config(path)
@@ -235,7 +377,7 @@ def test_object_builds_once_and_names_its_map(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("mplslb_xdp-*.o")]
     assert build_object(directory=tmp_path) == first
     prog = bpf.read_elf_program(first, "xdp")
-    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels"}
+    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels", "syn_buckets"}
     assert "GPL" in prog.license
 
 
@@ -557,8 +699,9 @@ def test_kernel_traffic_keeps_a_session_from_its_idle_timeout(
     balancer = Balancer(standard_config(ports=ports, timeouts=Timeouts(udp=0.5)))
     loop = Loop()
     with entered(lb):
-        core = OffloadedBalancer(balancer, loop)
+        core = OffloadedBalancer(balancer, loop, syn_rate=1000)
     try:
+        assert core.offload.stats()["syn_rate"] == 1000  # the daemon's offload_syn_rate reaches the program
         ((_, first),) = core.receive_batch([(0, client_udp(sport=40000))], loop.clock())
         c2s = label_of(first)
         assert core.offload.lookup(c2s) is not None  # UDP: no response time to take from the C2S frames
@@ -586,3 +729,215 @@ def test_kernel_traffic_keeps_a_session_from_its_idle_timeout(
     finally:
         core.close()
     assert balancer.switching.mirrors == []
+
+
+@needs_kernel
+def test_flow_binding_agrees_across_the_three_paths(topo: tuple[str, str], obj: bytes) -> None:
+    """Frames that differ from a session's own only in the inner destination address or a port (and the cases
+    that carry no port: ICMP errors, later fragments; IP options, IPv6 extension headers): the one-frame path
+    forwards or drops them under the named reason, the block path switches the plain ones it forwards (and leaves
+    every other to it) and the program redirects exactly the ones it forwards with the same bytes (the IPv6
+    extension headers excepted: passed up)."""
+    lb, _ = topo
+    kernel, one, block = standard_balancer(), standard_balancer(), standard_balancer()
+    for b in (kernel, one, block):
+        for label, kwargs in FLOW_INSTALLS.items():
+            b.switching.install(label, **kwargs)
+    offload = offload_in(lb, kernel, obj)
+    try:
+        assert all(offload.lookup(label) is not None for label in FLOW_INSTALLS)
+        expected: list[tuple[int, bytes]] = []
+        with entered(lb):
+            for name, port, frame, verdict, reason in FLOW_CASES:
+                before = dict(one.switching.drops)
+                out = one.receive(port, frame, 1.0)
+                expected += out
+                dropped = {k: v - before.get(k, 0) for k, v in one.switching.drops.items() if v != before.get(k, 0)}
+                assert dropped == ({reason: 1} if reason else {}), name
+                assert bool(out) == (reason is None), name
+                run = offload.run(frame, port)
+                if verdict == "redirect":
+                    assert run.retval == bpf.XDP_REDIRECT and len(out) == 1 and run.data == out[0][1], name
+                    assert offload.lookup(label_of(frame))[0] == offload.ifindex[out[0][0]], name  # type: ignore[index]
+                else:
+                    assert run.retval == bpf.XDP_PASS and run.data == frame, name
+        for aligned in (False, True):
+            b = standard_balancer()
+            for label, kwargs in FLOW_INSTALLS.items():
+                b.switching.install(label, **kwargs)
+            buf, starts, lengths, ports = pack([(port, frame) for _, port, frame, _, _ in FLOW_CASES], aligned=aligned)
+            result = b.receive_block(buf, starts, lengths, ports, 1.0)
+            taken = {name for (name, *_), p in zip(FLOW_CASES, result.out_port, strict=True) if p >= 0}
+            assert taken == {"c2s", "c2s udp, same ports", "s2c", "s2c udp, same ports", "s2c6"}
+            rows = zip(result.out_port, starts, lengths, strict=True)
+            got = [(int(p), buf[s : s + n].tobytes()) for p, s, n in rows if p >= 0]
+            got += [(port, frame) for _, port, frame in result.extra]
+            assert sorted(got) == sorted(expected)
+            assert b.stats().drops == one.stats().drops
+    finally:
+        offload.close()
+
+
+@needs_kernel
+@pytest.mark.parametrize("same_client", [False, True], ids=["other-client", "same-client"])
+def test_a_reused_label_pairs_late_s2c_frame_goes_up_from_the_kernel(
+    topo: tuple[str, str], obj: bytes, same_client: bool
+) -> None:
+    """The late-frame scenario of tests/test_block.py through the program: once the new session's S2C label is in
+    the kernel, the old flow's late frame is passed up (and dropped there as label_wrong_flow), the new
+    session's frames are redirected as userspace forwards them."""
+    lb, _ = topo
+    pair = reused_label_pair(same_client=same_client)
+    balancer, now = pair.net.balancer, pair.net.now
+    offload = offload_in(lb, balancer, obj)
+    try:
+        (sent,) = balancer.receive(*pair.reply, now)  # the first answer ends the response-time measurement ...
+        offload.sync()
+        s2c = label_of(pair.reply[1])
+        assert offload.lookup(s2c) is not None and offload.lookup(pair.c2s) is not None  # ... so both are offloaded
+        with entered(lb):
+            late = offload.run(pair.late[1], pair.late[0])
+            assert late.retval == bpf.XDP_PASS and late.data == pair.late[1]
+            reply = offload.run(pair.reply[1], pair.reply[0])
+            assert reply.retval == bpf.XDP_REDIRECT and reply.data == sent[1]
+            request = offload.run(pair.request[1], pair.request[0])
+            assert request.retval == bpf.XDP_REDIRECT
+        assert balancer.receive(*pair.late, now) == []
+        assert balancer.stats().drops == {"label_wrong_flow": 1}
+    finally:
+        offload.close()
+
+
+@needs_kernel
+def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[str, str], obj: bytes) -> None:
+    """A recorded run replayed with the kernel offload mirroring the table, each labelled frame tried on the three
+    paths before the balancer takes it; half-way, hypothesis' mutations of recorded frames' headers (inner
+    addresses, ports, protocol, IHL, label entry; frames of earlier sessions whose labels were since reused
+    among them). Every frame the program redirects or the block path switches, the one-frame path forwards to the
+    same port with the same bytes; every frame the one-frame path forwards, the block path switches and the
+    program redirects, but for the documented exceptions (an 802.1Q tag, IPv6 extension headers under a
+    flow-bound label, a label kept out of the kernel, a frame the session manager must see)."""
+    lb, _ = topo
+    config, calls = recording()
+    balancer = Balancer(config)
+    table = balancer.switching
+    offload = offload_in(lb, balancer, obj)
+    seen = {"redirect": 0, "drop": 0, "frames": 0}
+
+    def three_ways(port: int, frame: bytes, now: float) -> None:
+        out: list[tuple[int, bytes]] = []
+        events: list[FastEvent] = []
+        drops = dict(table.drops)
+        forwarded = switch_frame(table.hot, port, frame, now, out, events) >= 0
+        table.drops.clear()
+        table.drops.update(drops)  # the balancer's own figures stay as the recording had them
+        if len(frame) < LSE_AT:  # BPF_PROG_TEST_RUN takes whole Ethernet headers only (and such a runt is no label's)
+            assert not forwarded
+            return
+        with entered(lb):
+            run = offload.run(frame, port)
+        buf, starts, lengths, ports = pack([(port, frame)])
+        verdict = switch_block(table, buf, starts, lengths, ports, now, [], count=False)
+        label = label_of(frame) if len(frame) >= IP_AT else 0
+        seen["frames"] += 1
+        if run.retval == bpf.XDP_REDIRECT:
+            seen["redirect"] += 1
+            assert forwarded and run.data == out[0][1]
+            assert offload.lookup(label)[0] == offload.ifindex[out[0][0]]  # type: ignore[index]
+        else:
+            assert run.retval == bpf.XDP_PASS and run.data == frame
+            seen["drop"] += not forwarded
+        if verdict.switched[0]:
+            assert forwarded and buf[: len(frame)].tobytes() == out[0][1] and verdict.out_port[0] == out[0][0]
+        if forwarded:
+            tagged = frame[12:14] == b"\x81\x00"
+            extended = bool(table.v6[label]) and frame[IP_AT + IPV6_NEXT_HEADER] in EXTENSION_HEADERS
+            if tagged or not table.bound[label]:
+                plain = True
+            elif table.v6[label]:
+                plain = frame[IP_AT + IPV6_NEXT_HEADER] in (IPPROTO_TCP, IPPROTO_UDP)
+            else:
+                plain = frame[IP_AT] == IPV4_PLAIN
+            assert verdict.switched[0] or tagged or not plain  # the block path takes plain packets of the flow
+            assert run.retval == bpf.XDP_REDIRECT or offload.lookup(label) is None or events or extended
+
+    recorded = [(c.port, c.frame) for c in calls if c.port >= 0 and c.frame[12:14] == b"\x88\x47"]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(which=st.integers(0, 1 << 16), muts=st.lists(header_mutation, min_size=1, max_size=3))
+    def mutated(now: float, which: int, muts: list[tuple[str, int, int]]) -> None:
+        port, frame = recorded[which % len(recorded)]
+        three_ways(port, mutate(frame, muts), now)
+
+    try:
+        for i, c in enumerate(calls):
+            if i == len(calls) // 2:
+                before = seen["frames"]
+                mutated(c.now)
+                assert seen["frames"] - before >= 100
+            if c.port < 0:
+                balancer.on_timer(c.now)
+            else:
+                if c.frame[12:14] == b"\x88\x47":
+                    three_ways(c.port, c.frame, c.now)
+                balancer.receive(c.port, c.frame, c.now)
+            offload.sync()
+        assert seen["redirect"] > len(recorded) // 4 and seen["drop"] > 0
+    finally:
+        offload.close()
+
+
+@needs_kernel
+def test_unlabelled_syns_beyond_the_rate_are_shed_in_the_kernel(topo: tuple[str, str], obj: bytes) -> None:
+    """With offload_syn_rate set, the program lets this CPU's share of unlabelled TCP SYNs (IPv4, IPv6, tagged)
+    through, then drops the excess and counts it; labelled frames (SYNs among them) and unlabelled frames that are
+    not a SYN without ACK are never shed, even with the bucket empty; the shed SYNs reach the balancer's drops."""
+    lb, _ = topo
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})  # BPF_PROG_TEST_RUN runs on the calling CPU: one CPU, one bucket
+    balancer = standard_balancer()
+    install_all(balancer)
+    cpus = os.cpu_count() or 1
+    offload = offload_in(lb, balancer, obj, syn_rate=3 * cpus)
+    share = syn_share(3 * cpus, cpus)
+    syns = [
+        ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN)),
+        ether(PORT_MAC[1], client_mac(1), ipv6(client_addr(1, v6=True), VIP6, IPPROTO_TCP,
+                                               tcp_segment(client_addr(1, v6=True), VIP6, 40001, 80, SYN))),
+        ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN, options=b"\x01\x01\x01\x00"), vlans=[5]),
+    ]  # fmt: skip
+    never_shed = [(port, frame) for _, port, frame, _, _ in CASES if label_of_or_none(frame) is not None]
+    never_shed += [
+        (0, ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN | ACK))),
+        (0, ether(PORT_MAC[0], client_mac(0), v4_tcp(ACK, b"GET /"))),
+        (0, ether(PORT_MAC[0], client_mac(0), ipv4(client_addr(0), VIP, IPPROTO_UDP,
+                                                   udp_datagram(client_addr(0), VIP, 40000, 53, b"q")))),
+        (0, ether(PORT_MAC[0], client_mac(0), ipv4(client_addr(0), VIP, IPPROTO_TCP, bytes(40), flags=0,
+                                                   frag_offset=8))),  # a later fragment: no TCP header
+    ]  # fmt: skip
+    try:
+        with entered(lb):
+            started = time.monotonic()
+            verdicts = [offload.run(syns[i % len(syns)], 0).retval for i in range(share + 30)]
+            after = [offload.run(frame, port).retval for port, frame in never_shed]
+            elapsed = time.monotonic() - started
+        refilled = int(elapsed * share) + 1  # what the bucket may have regained while the test ran
+        passed, shed = verdicts.count(bpf.XDP_PASS), verdicts.count(bpf.XDP_DROP)
+        assert passed + shed == len(verdicts)
+        assert verdicts[:share] == [bpf.XDP_PASS] * share
+        assert share <= passed <= share + refilled and shed >= 30 - refilled
+        assert bpf.XDP_DROP not in after
+        stats = offload.stats()
+        assert (stats["syn_passed"], stats["syn_shed"]) == (passed, shed)
+        offload.poll()
+        offload.poll()  # counted once
+        assert balancer.stats().drops.get("syn_shed") == shed
+    finally:
+        offload.close()
+        os.sched_setaffinity(0, saved)
+
+
+def label_of_or_none(frame: bytes) -> int | None:
+    tagged = frame[12:14] == b"\x81\x00"
+    at = 16 if tagged else 12
+    return label_of(frame) if frame[at : at + 2] == b"\x88\x47" and len(frame) >= at + 6 else None

@@ -28,31 +28,40 @@ S, E = SessionState, SessionEvent
 TCP, UDP, ICMP = 6, 17, 1
 
 # Written out by hand from the module's documentation, not derived from TRANSITIONS.
+HALF_OPEN = (S.START, S.ANSWERED)
+OPEN = (S.ESTABLISHED, S.CLOSING_CLIENT, S.CLOSING_SERVER)
+LIVE = (*HALF_OPEN, *OPEN, S.ENDING)
+ENDS = (E.CLIENT_FIN, E.SERVER_FIN, E.CLIENT_RST, E.SERVER_RST)
 EXPECTED = {
+    (S.START, E.SYN_ACK): S.ANSWERED,
     (S.START, E.SERVER_REPLY): S.ESTABLISHED,
-    (S.START, E.CLIENT_FIN): S.CLOSING_CLIENT,
-    (S.START, E.SERVER_FIN): S.CLOSING_SERVER,
-    (S.START, E.RST): S.CLOSED,
-    (S.START, E.IDLE_TIMEOUT): S.CLOSED,
-    (S.START, E.SERVER_DOWN): S.INTERRUPTED,
+    (S.START, E.CLIENT_FIN): S.START,  # half-open: an end changes nothing, the half-open timeout decides
+    (S.START, E.SERVER_FIN): S.START,
+    (S.START, E.CLIENT_RST): S.START,
+    (S.START, E.SERVER_RST): S.ENDING,  # the server refused the SYN
+    (S.ANSWERED, E.SYN_ACK): S.ANSWERED,
+    (S.ANSWERED, E.CLIENT_ACK): S.ESTABLISHED,
+    (S.ANSWERED, E.CLIENT_FIN): S.ANSWERED,
+    (S.ANSWERED, E.SERVER_FIN): S.ANSWERED,
+    (S.ANSWERED, E.CLIENT_RST): S.ANSWERED,
+    (S.ANSWERED, E.SERVER_RST): S.ANSWERED,
+    (S.START, E.EVICTED): S.CLOSED,
+    (S.ANSWERED, E.EVICTED): S.CLOSED,
     (S.ESTABLISHED, E.SERVER_REPLY): S.ESTABLISHED,
     (S.ESTABLISHED, E.CLIENT_FIN): S.CLOSING_CLIENT,
     (S.ESTABLISHED, E.SERVER_FIN): S.CLOSING_SERVER,
-    (S.ESTABLISHED, E.RST): S.CLOSED,
-    (S.ESTABLISHED, E.IDLE_TIMEOUT): S.CLOSED,
-    (S.ESTABLISHED, E.SERVER_DOWN): S.INTERRUPTED,
     (S.CLOSING_CLIENT, E.SERVER_REPLY): S.CLOSING_CLIENT,
     (S.CLOSING_CLIENT, E.CLIENT_FIN): S.CLOSING_CLIENT,
-    (S.CLOSING_CLIENT, E.SERVER_FIN): S.CLOSED,
-    (S.CLOSING_CLIENT, E.RST): S.CLOSED,
-    (S.CLOSING_CLIENT, E.IDLE_TIMEOUT): S.CLOSED,
-    (S.CLOSING_CLIENT, E.SERVER_DOWN): S.INTERRUPTED,
+    (S.CLOSING_CLIENT, E.SERVER_FIN): S.ENDING,
     (S.CLOSING_SERVER, E.SERVER_REPLY): S.CLOSING_SERVER,
     (S.CLOSING_SERVER, E.SERVER_FIN): S.CLOSING_SERVER,
-    (S.CLOSING_SERVER, E.CLIENT_FIN): S.CLOSED,
-    (S.CLOSING_SERVER, E.RST): S.CLOSED,
-    (S.CLOSING_SERVER, E.IDLE_TIMEOUT): S.CLOSED,
-    (S.CLOSING_SERVER, E.SERVER_DOWN): S.INTERRUPTED,
+    (S.CLOSING_SERVER, E.CLIENT_FIN): S.ENDING,
+    **{(state, rst): S.ENDING for state in OPEN for rst in (E.CLIENT_RST, E.SERVER_RST)},
+    **{(S.ENDING, event): S.ENDING for event in (*ENDS, E.SERVER_REPLY)},
+    (S.ENDING, E.QUIET): S.CLOSED,
+    (S.ENDING, E.REVIVE): S.ESTABLISHED,
+    **{(state, E.IDLE_TIMEOUT): S.CLOSED for state in LIVE},
+    **{(state, E.SERVER_DOWN): S.INTERRUPTED for state in LIVE},
 }
 ILLEGAL = [pair for pair in itertools.product(S, E) if pair not in EXPECTED]
 TIMEOUTS = Timeouts(tcp_start=10.0, tcp_established=900.0, tcp_closing=120.0, udp=300.0, other=60.0, closed_linger=2.0)
@@ -75,10 +84,12 @@ def make(table: SessionTable, server: Server, n: int = 0, *, proto: int = TCP, n
 #: The events that take a new session to each state.
 PATH = {
     S.START: (),
-    S.ESTABLISHED: (E.SERVER_REPLY,),
-    S.CLOSING_CLIENT: (E.CLIENT_FIN,),
-    S.CLOSING_SERVER: (E.SERVER_FIN,),
-    S.CLOSED: (E.RST,),
+    S.ANSWERED: (E.SYN_ACK,),
+    S.ESTABLISHED: (E.SYN_ACK, E.CLIENT_ACK),
+    S.CLOSING_CLIENT: (E.SYN_ACK, E.CLIENT_ACK, E.CLIENT_FIN),
+    S.CLOSING_SERVER: (E.SYN_ACK, E.CLIENT_ACK, E.SERVER_FIN),
+    S.ENDING: (E.SYN_ACK, E.CLIENT_ACK, E.CLIENT_RST),
+    S.CLOSED: (E.SYN_ACK, E.CLIENT_ACK, E.CLIENT_RST, E.QUIET),
     S.INTERRUPTED: (E.SERVER_DOWN,),
 }
 
@@ -128,69 +139,120 @@ def test_final_states_accept_no_event(server: Server) -> None:
 def test_a_full_tcp_close(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
     s = make(table, server)
-    assert s.deadline == 10.0  # tcp_start
-    assert table.apply(s, E.SERVER_REPLY, 0.1) is S.ESTABLISHED and s.deadline == 900.1
-    assert table.apply(s, E.SERVER_REPLY, 0.2) is S.ESTABLISHED and s.deadline == 900.1  # a repeat: no re-arm
+    assert s.deadline == 10.0 and table.half_open == 1  # tcp_start
+    assert table.apply(s, E.SYN_ACK, 0.1) is S.ANSWERED and s.deadline == 10.0  # half-open: still its SYN's deadline
+    assert table.apply(s, E.CLIENT_ACK, 0.15) is S.ESTABLISHED and s.deadline == 900.15 and table.half_open == 0
+    assert table.apply(s, E.SERVER_REPLY, 0.2) is S.ESTABLISHED and s.deadline == 900.15  # a repeat: no re-arm
     assert table.apply(s, E.SERVER_FIN, 3.0) is S.CLOSING_SERVER and s.deadline == 123.0  # tcp_closing
     assert table.apply(s, E.SERVER_FIN, 3.5) is S.CLOSING_SERVER and s.deadline == 123.0  # a repeat
-    assert table.apply(s, E.CLIENT_FIN, 4.0) is S.CLOSED
-    assert (s.ended, s.end_reason, s.deadline) == (4.0, "client_fin", 6.0)  # lingers closed_linger
+    assert table.apply(s, E.CLIENT_FIN, 4.0) is S.ENDING and s.deadline == 6.0  # lingers closed_linger
+    assert table.live == 0 and s.ended == 0.0  # counted off: most ending sessions are over
+    assert table.linger_over(s, 4.1, 6.0) is S.CLOSED  # the last ACK came within the grace: believed
+    assert (s.ended, s.end_reason) == (6.0, "closed")
     table.remove(s)
-    assert table.ended == {"client_fin": 1}
+    assert table.ended == {"closed": 1}
     assert len(table) == 0 and table.lookup(s.key) is None and table.by_c2s(s.c2s) is None
 
 
-@pytest.mark.parametrize(
-    ("event", "reason", "linger"),
-    [(E.RST, "rst", True), (E.IDLE_TIMEOUT, "idle_timeout", False), (E.SERVER_DOWN, "server_down", False)],
-)
-def test_ending_records_time_reason_and_linger(server: Server, event: SessionEvent, reason: str, linger: bool) -> None:
+def test_a_close_followed_by_traffic_is_not_believed(server: Server) -> None:
+    ended: list[Session] = []
+    revived: list[Session] = []
+    table = SessionTable(TIMEOUTS, on_end=ended.append, on_revive=revived.append)
+    s = make(table, server)
+    for event in PATH[S.ESTABLISHED]:
+        table.apply(s, event, 0.0)
+    table.tcp_end(s, RST, from_client=True, now=10.0)
+    assert s.state is S.ENDING and s.deadline == 12.0 and ended == [s] and table.live == 0
+    assert table.linger_over(s, 11.5, 12.0) is S.ESTABLISHED  # a frame 1.5 s after the RST (grace: 1 s)
+    assert table.revived == 1 and table.live == 1 and s.deadline == 912.0 and revived == [s]
+    table.apply(s, E.IDLE_TIMEOUT, 913.0)
+    assert ended == [s, s] and table.live == 0  # counted on again when revived, off again at its end
+
+
+@pytest.mark.parametrize(("event", "reason"), [(E.IDLE_TIMEOUT, "idle_timeout"), (E.SERVER_DOWN, "server_down")])
+def test_ending_records_time_and_reason(server: Server, event: SessionEvent, reason: str) -> None:
     table, s = in_state(server, S.ESTABLISHED)
     idle = s.deadline
     table.apply(s, event, 50.0, reason)
     assert s.state in FINAL_STATES and (s.ended, s.end_reason) == (50.0, reason)
-    if linger:  # a closed session keeps its labels a moment for the last ACK
-        assert s.deadline == 52.0
-        assert table.due(52.0) == [s]
-    else:
-        assert s.deadline == idle
-        assert table.due(1e9) == [s]  # only the old idle deadline is left
+    assert s.deadline == idle
+    assert table.due(1e9) == [s]  # only the old idle deadline is left
     table2, s2 = in_state(server, S.START)
     table2.apply(s2, event, 1.0)
     assert s2.end_reason == str(event)  # no reason given: the event's name
 
 
 @pytest.mark.parametrize(("first", "second"), [(True, False), (False, True)], ids=["client-first", "server-first"])
-def test_tcp_end_closes_after_a_fin_from_each_side_whatever_the_order(
-    server: Server, first: bool, second: bool
-) -> None:
+def test_tcp_end_ends_after_a_fin_from_each_side_whatever_the_order(server: Server, first: bool, second: bool) -> None:
     ended: list[Session] = []
     table = SessionTable(TIMEOUTS, on_end=ended.append)
     s = make(table, server, now=0.0)
+    table.apply(s, E.SYN_ACK, 0.0)
+    table.apply(s, E.CLIENT_ACK, 0.0)
     assert table.live == 1
     table.tcp_end(s, FIN, from_client=first, now=1.0)
     table.tcp_end(s, FIN | ACK, from_client=first, now=1.5)  # the same side again: a retransmission
     assert s.state is (S.CLOSING_CLIENT if first else S.CLOSING_SERVER) and ended == []
     table.tcp_end(s, ACK, from_client=second, now=1.7)  # no FIN or RST: nothing
     table.tcp_end(s, FIN | ACK, from_client=second, now=2.0)
-    assert s.state is S.CLOSED and s.end_reason == "fin" and ended == [s] and table.live == 0
-    table.tcp_end(s, RST, from_client=second, now=3.0)  # final: nothing more happens
-    assert ended == [s] and s.end_reason == "fin"
+    assert s.state is S.ENDING and ended == [s] and table.live == 0  # counted off; the linger decides the rest
+    table.tcp_end(s, RST, from_client=second, now=3.0)  # ending: the close event stays the first one
+    assert s.deadline == 4.0
+    assert table.linger_over(s, 2.0, 4.0) is S.CLOSED and ended == [s] and table.live == 0  # counted off once
 
 
-def test_tcp_end_on_rst_closes_at_once(server: Server) -> None:
+def test_tcp_end_on_rst_ends_after_the_linger(server: Server) -> None:
     table, s = in_state(server, S.ESTABLISHED)
     table.tcp_end(s, RST | ACK, from_client=False, now=2.0)
-    assert s.state is S.CLOSED and s.end_reason == "rst" and table.live == 0
+    assert s.state is S.ENDING and table.live == 0 and s.deadline == 4.0
+
+
+def test_rst_and_fin_change_nothing_in_a_half_open_session_but_the_servers_refusal(server: Server) -> None:
+    for state in (S.START, S.ANSWERED):
+        for flags, from_client in ((RST, True), (FIN, True), (FIN, False)):
+            table, s = in_state(server, state)
+            table.tcp_end(s, flags, from_client=from_client, now=1.0)
+            assert s.state is state and s.deadline == 10.0 and table.half_open == 1
+    table, s = in_state(server, S.START)
+    table.tcp_end(s, RST | ACK, from_client=False, now=1.0)
+    assert s.state is S.ENDING and table.half_open == 0
+
+
+def test_the_oldest_half_open_session_is_found_in_o1_skipping_the_rest(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    sessions = [make(table, server, n, now=float(n)) for n in range(4)]
+    assert table.half_open == 4 and table.oldest_half_open() == sessions[0]
+    table.apply(sessions[0], E.SYN_ACK, 5.0)  # answered: still half-open
+    assert table.oldest_half_open() == sessions[0]
+    table.apply(sessions[0], E.CLIENT_ACK, 5.0)
+    table.apply(sessions[1], E.EVICTED, 5.0)
+    table.remove(sessions[1])
+    assert table.half_open == 2 and table.oldest_half_open() == sessions[2]
+    udp = make(table, server, 9, proto=UDP, now=6.0)  # UDP flows are not half-open TCP sessions
+    assert table.half_open == 2 and udp.state is S.START
+
+
+def test_the_half_open_fifo_stays_bounded_when_nothing_is_evicted(server: Server) -> None:
+    table = SessionTable(TIMEOUTS, c2s_min=17, c2s_max=17 + 2 * 63)  # 64 rows, reused over and over
+    for n in range(2000):
+        s = make(table, server, n % 64, now=float(n))
+        table.apply(s, E.SYN_ACK, float(n))
+        table.apply(s, E.CLIENT_ACK, float(n))
+        table.apply(s, E.IDLE_TIMEOUT, float(n))
+        table.remove(s)
+    assert table.half_open == 0 and len(table._half_open_fifo) <= 2 * 0 + 65
+    assert table.oldest_half_open() is None
 
 
 def test_observe_times_syn_to_syn_ack_then_request_to_first_response_byte(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
     s = make(table, server, now=1.0)
     seen = table.observe(s, from_client=False, tcp_flags=ACK, payload_len=0, now=1.01)  # not a SYN-ACK
-    assert seen == (None, False, False, False) and s.state is S.START
+    assert seen == (None, False, False, False, False) and s.state is S.START
     seen = table.observe(s, from_client=False, tcp_flags=SYN | ACK, payload_len=0, now=1.05)
-    assert seen.response_time == pytest.approx(0.05) and seen.server_replied and s.state is S.ESTABLISHED
+    assert seen.response_time == pytest.approx(0.05) and seen.server_replied and s.state is S.ANSWERED
+    seen = table.observe(s, from_client=True, tcp_flags=ACK, payload_len=0, now=1.1)  # the handshake's last ACK
+    assert seen.handshake_done and not seen.request_seen and s.state is S.ESTABLISHED
     seen = table.observe(s, from_client=True, tcp_flags=ACK, payload_len=100, now=1.2)
     assert seen.request_seen and seen.response_time is None and not seen.done and s.request_at == 1.2
     seen = table.observe(s, from_client=True, tcp_flags=ACK, payload_len=100, now=1.3)  # not the first request
@@ -214,6 +276,18 @@ def test_observe_gives_up_after_its_budget_of_frames(server: Server) -> None:
     assert not any(o.done for o in seen[:-1]) and seen[-1].done and not s.rt_pending
 
 
+def test_the_clients_ack_is_looked_for_after_the_budget_is_spent(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    s = make(table, server, now=0.0)
+    table.observe(s, from_client=False, tcp_flags=SYN | ACK, payload_len=0, now=0.1)
+    for _ in range(WATCH_BUDGET):  # SYN-ACK retransmissions spend the measurement's budget
+        table.observe(s, from_client=False, tcp_flags=SYN | ACK, payload_len=0, now=0.2)
+    assert not s.rt_pending and s.state is S.ANSWERED
+    assert not table.observe(s, from_client=True, tcp_flags=SYN, payload_len=0, now=0.3).handshake_done
+    assert table.observe(s, from_client=True, tcp_flags=ACK, payload_len=0, now=0.3).handshake_done
+    assert s.state is S.ESTABLISHED
+
+
 def test_a_tcp_analysis_failure_is_never_taken_for_a_syn_ack(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
     s = make(table, server, now=0.0)
@@ -224,8 +298,8 @@ def test_a_tcp_analysis_failure_is_never_taken_for_a_syn_ack(server: Server) -> 
 # -- Timeouts --------------------------------------------------------------------------------------------------
 def test_idle_timeouts_per_protocol_and_state() -> None:
     t = TIMEOUTS
-    states = (S.START, S.ESTABLISHED, S.CLOSING_CLIENT, S.CLOSING_SERVER)
-    assert [t.idle(TCP, st_) for st_ in states] == [10.0, 900.0, 120.0, 120.0]
+    states = (S.START, S.ANSWERED, S.ESTABLISHED, S.CLOSING_CLIENT, S.CLOSING_SERVER, S.ENDING)
+    assert [t.idle(TCP, st_) for st_ in states] == [10.0, 10.0, 900.0, 120.0, 120.0, 2.0]
     assert {t.idle(UDP, st_) for st_ in S} == {300.0}
     assert {t.idle(ICMP, st_) for st_ in S} == {60.0}
     default = Timeouts()
@@ -254,11 +328,11 @@ def test_open_lookup_and_counts(server: Server) -> None:
     assert table.lookup(FlowKey(TCP, ip("10.1.0.9"), 1, ip("10.0.0.100"), 80)) is None
     assert table.by_c2s(21) is None and table.by_c2s(18) is None  # a free row; an S2C label
     assert b.deadline == 301.0  # udp
-    table.apply(a, E.RST, 1.5, "rst")
+    table.apply(a, E.EVICTED, 1.5, "evicted")
     table.remove(a)
     assert table.lookup(a.key) is None and table.by_c2s(a.c2s) is None and a.state is S.CLOSED
     make(table, server, 2, now=2.0)
-    assert (len(table), table.started, table.peak, table.ended) == (2, 3, 2, {"rst": 1})
+    assert (len(table), table.started, table.peak, table.ended) == (2, 3, 2, {"evicted": 1})
 
 
 def test_open_refuses_duplicates(server: Server) -> None:
@@ -293,7 +367,7 @@ def test_the_key_index_matches_a_dict(server: Server, ops: list[tuple[bool, int]
         elif not add and key in model:
             s = table.lookup(key)
             assert s is not None
-            table.apply(s, E.RST, 0.0)
+            table.apply(s, E.EVICTED, 0.0)
             table.remove(s)
             del model[key]
         for m in range(41):
@@ -313,7 +387,7 @@ def test_due_returns_sessions_whose_deadline_came(server: Server) -> None:
     assert table.next_deadline() == 12.0
     assert table.due(100.0) == sessions  # nothing re-armed or removed them: still due
     for s in sessions:
-        table.apply(s, E.RST, 100.0)
+        table.apply(s, E.EVICTED, 100.0)
         table.remove(s)
     assert table.next_deadline() is None and table.due(1e9) == []
 
@@ -341,7 +415,7 @@ def test_rearming_earlier_fires_then(server: Server) -> None:
 def test_removed_sessions_are_not_due(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
     a, b = make(table, server, 0), make(table, server, 1)
-    table.apply(a, E.RST, 0.0, "rst")
+    table.apply(a, E.EVICTED, 0.0)
     table.remove(a)
     assert table.due(10.0) == [b]
 
@@ -390,7 +464,7 @@ def test_idle_session_expires_through_the_balancer() -> None:
     assert b.next_deadline() == b.config.timeouts.tcp_start
     b.on_timer(b.config.timeouts.tcp_start)
     stats = b.stats()
-    assert stats.sessions_active == 0 and stats.sessions_ended == {"idle_timeout": 1}
+    assert stats.sessions_active == 0 and stats.sessions_ended == {"half_open_timeout": 1}
     assert stats.labels.in_use_count == 0 and stats.labels.quarantined_count == 1
 
 

@@ -25,14 +25,15 @@ from mplslb import sessions as sessions_module
 from mplslb import state as state_module
 from mplslb.balancer import Balancer
 from mplslb.config import BalancerConfig
-from mplslb.sessions import SessionState
+from mplslb.sessions import LIVE_STATES, SessionState
 from mplslb.state import STATE_FILE, StateStore, open_balancer
 from mplslb.switching import table as table_module
+from mplslb.switching.table import flow_key
 from mplslb.wire.tcp import TCPFlag
 
 SYN, ACK, RST = int(TCPFlag.SYN), int(TCPFlag.ACK), int(TCPFlag.RST)
 C2S_MIN, C2S_MAX = 17, 17 + 2 * 31  # 32 pairs: small tables, fast tests
-CONFIG = standard_config(c2s_min=C2S_MIN, c2s_max=C2S_MAX, label_quarantine=30.0)
+CONFIG = standard_config(c2s_min=C2S_MIN, c2s_max=C2S_MAX, label_quarantine=30.0, endpoint_flow_timeout=30.0)
 SERVER_MAC = {s.name: s.mac for s in SERVERS}
 
 
@@ -52,7 +53,7 @@ def close(balancer: Balancer) -> None:
 
 
 def open_session(balancer: Balancer, sport: int, now: float = 1.0) -> int:
-    """A TCP session from client 0's port ``sport``, answered by its server; returns its C2S label."""
+    """An established TCP session from client 0's port ``sport`` (SYN, SYN-ACK, ACK); returns its C2S label."""
     out = balancer.receive(0, client_tcp(SYN, sport=sport), now)
     assert len(out) == 1, balancer.drops
     c2s = _label(out[0][1])
@@ -61,6 +62,8 @@ def open_session(balancer: Balancer, sport: int, now: float = 1.0) -> int:
     reply = labelled(PORT_MAC[server.server.config.port_id], server.server.config.mac, c2s + 1,
                      reply_tcp_packet(SYN | ACK, sport=sport))  # fmt: skip
     assert len(balancer.receive(server.server.config.port_id, reply, now)) == 1
+    assert len(balancer.receive(0, client_tcp(ACK, sport=sport), now)) == 1  # the handshake completes
+    assert server.state is SessionState.ESTABLISHED
     return c2s
 
 
@@ -69,12 +72,14 @@ def _label(frame: bytes) -> int:
 
 
 def forward_c2s(balancer: Balancer, c2s: int) -> tuple[int, bytes]:
-    """Where a labelled client frame of ``c2s`` goes: (port, next hop MAC); (-1, b"") when dropped."""
+    """Where a labelled client frame of ``c2s``'s session goes: (port, next hop MAC); (-1, b"") when dropped."""
     from helpers import client_addr, client_mac, ip_packet, tcp_segment
     from mplslb.wire.ip import IPPROTO_TCP
 
+    session = balancer.sessions.by_c2s(c2s)
+    sport = session.key.sport if session is not None else 1
     src, dst = client_addr(0), CONFIG.vips[0].address
-    packet = ip_packet(src, dst, IPPROTO_TCP, tcp_segment(src, dst, 1, 80, ACK, b""))
+    packet = ip_packet(src, dst, IPPROTO_TCP, tcp_segment(src, dst, sport, 80, ACK, b""))
     out = balancer.receive(0, labelled(PORT_MAC[0], client_mac(0), c2s, packet), 5.0)
     return (out[0][0], out[0][1][:6]) if out else (-1, b"")
 
@@ -140,6 +145,8 @@ def test_an_unanswered_syn_waits_again_after_a_restart(state_dir: Path) -> None:
     server = session.server.config
     reply = labelled(PORT_MAC[server.port_id], server.mac, c2s + 1, reply_tcp_packet(SYN | ACK, sport=40000))
     assert len(second.receive(server.port_id, reply, 31.0)) == 1
+    assert session.state is SessionState.ANSWERED
+    assert len(second.receive(0, client_tcp(ACK, sport=40000), 31.0)) == 1
     assert session.state is SessionState.ESTABLISHED
     second.on_timer(45.0)  # the established session's idle timeout is minutes
     assert second.sessions.by_c2s(c2s) == session and session.server.failures == 0
@@ -368,12 +375,21 @@ def check_consistent(balancer: Balancer) -> None:
         c2s = label if label & 1 else label - 1
         session = sessions.by_c2s(c2s)
         assert session is not None, f"label {label} installed without its session"
-        server = session.server.config
+        server, key = session.server.config, session.key
         if label == c2s:
-            expect = (server.port_id, server.mac, session.client_port, session.client_mac, session.key.src)
+            flow = flow_key(key.src, key.dst, (key.sport, key.dport))
+            expect = (server.port_id, server.mac, session.client_port, session.client_mac, key.src, flow)
         else:
-            expect = (session.client_port, session.client_mac, server.port_id, server.mac, session.key.dst)
-        got = (t.out_port[label], t.rewrite[label][:6], t.in_port[label], t.peer[label], t.peer_ip[label])
+            flow = flow_key(key.dst, key.src, (key.dport, key.sport))
+            expect = (session.client_port, session.client_mac, server.port_id, server.mac, key.dst, flow)
+        got = (
+            t.out_port[label],
+            t.rewrite[label][:6],
+            t.in_port[label],
+            t.peer[label],
+            t.peer_ip[label],
+            t.flow[label],
+        )
         assert got == expect, f"label {label}: entry {got} disagrees with its session {expect}"
     for session in sessions.sessions():
         assert t.valid[session.c2s] and t.valid[session.s2c] and balancer.labels.in_use(session.c2s)
@@ -382,8 +398,9 @@ def check_consistent(balancer: Balancer) -> None:
     assert stats.in_use_count + stats.quarantined_count + stats.free_count == stats.capacity
     counts = {s.name: 0 for s in balancer.pool}
     for session in sessions.sessions():
-        counts[session.server.config.name] += 1
+        counts[session.server.config.name] += session.state in LIVE_STATES and session.state is not SessionState.ENDING
     assert {s.name: s.active for s in balancer.pool} == counts
+    assert sessions.live == sum(counts.values())
 
 
 def copy_dir(src: Path, dst: Path) -> None:
@@ -527,7 +544,7 @@ def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
 
 # -- the kernel offload's pins -------------------------------------------------------------------------------------
 from mplslb.drivers.netns import entered  # noqa: E402
-from mplslb.offload.xdp import PIN_ROOT, XdpOffload  # noqa: E402
+from mplslb.offload.xdp import MAP_PIN, PIN_ROOT, SYN_PIN, XdpOffload  # noqa: E402
 from test_offload import INSTALLS, A, B, C, E, needs_kernel, obj, offload_in, topo, xdp_state_in  # noqa: E402, F401
 
 
@@ -554,7 +571,7 @@ def test_pinned_offload_outlives_its_daemon_and_is_adopted(topo: tuple[str, str]
         prog_ids = {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()}
         offload.close(keep=True)  # the daemon goes: its program stays attached, its map filled
         assert {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} == prog_ids and 0 not in prog_ids
-        assert {p.name for p in pins.iterdir()} == {"map", "prog", *(f"link_p{i}" for i in range(4))}
+        assert {p.name for p in pins.iterdir()} == {MAP_PIN, SYN_PIN, "prog", *(f"link_p{i}" for i in range(4))}
         # The next daemon's table (as adopted): A as it was, B rebound, C new, E gone.
         second = Balancer(CONFIG)
         second.switching.install(A, **INSTALLS[A])

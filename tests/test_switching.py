@@ -407,3 +407,43 @@ def test_folded_counters_add_up_and_last_seen_only_moves_forward(table: LabelSwi
     table.fold_counters(labels, np.array([3, 1]), np.array([300, 64]), np.array([12.0, 9.0]))
     assert table.traffic(LABEL) == (3, 300) and table.traffic(LABEL + 2) == (1, 64)
     assert table.last_seen[LABEL] == 12.0 and table.last_seen[LABEL + 2] == 10.0
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"peer_ip": CLIENT, "dst_ip": VIP}, "needs the session's ports"),
+        ({"peer_ip": CLIENT, "ports": (40000, 80)}, "peer_ip and dst_ip"),
+        ({"dst_ip": VIP, "ports": (40000, 80)}, "peer_ip and dst_ip"),
+        ({"peer_ip": CLIENT, "dst_ip": VIP6, "ports": (40000, 80)}, "peer_ip and dst_ip"),
+        ({"peer_ip": CLIENT6, "dst_ip": VIP6, "ports": (40000, 80)}, "peer_ip and dst_ip"),  # not an IPv6 label
+        ({"peer_ip": CLIENT, "dst_ip": VIP, "ports": (70000, 80)}, "two ports"),
+        ({"peer_ip": CLIENT, "dst_ip": VIP, "ports": (1, 2, 3)}, "two ports"),
+    ],
+)
+def test_install_rejects_a_bad_flow_binding(table: LabelSwitchingTable, kw: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        install_c2s(table, **kw)
+    assert table.installed == 0
+
+
+def test_a_label_bound_to_a_flow_takes_only_that_flow(table: LabelSwitchingTable) -> None:
+    """The one-frame path's named reason for the flow binding (the three paths are compared case by case in
+    tests/test_offload.py): a C2S frame from another source port of the same client is dropped; an S2C label
+    reinstalled for another client drops the frames to the previous one."""
+    install_c2s(table, peer_ip=CLIENT, dst_ip=VIP, ports=(40000, 80))
+    assert switch(table, 0, c2s_frame())[0] == 2
+    segment = tcp_segment(CLIENT, VIP, 40001, 80, ACK)
+    other = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, ipv4(CLIENT, VIP, IPPROTO_TCP, segment))
+    assert switch(table, 0, other)[0] == DROPPED and table.drops == {"label_wrong_flow": 1}
+    s2c = LABEL + 1
+    table.install(s2c, out_port=0, next_hop=CLIENT_MAC, in_port=2, peer=SERVER_MAC, peer_ip=VIP,
+                  dst_ip=CLIENT, ports=(80, 40000))  # fmt: skip
+    segment = tcp_segment(VIP, CLIENT, 80, 40000, ACK)
+    answer = labelled(PORT_MACS[2], SERVER_MAC, s2c, ipv4(VIP, CLIENT, IPPROTO_TCP, segment))
+    assert switch(table, 2, answer)[0] == 0
+    table.install(s2c, out_port=1, next_hop=OTHER_MAC, in_port=2, peer=SERVER_MAC, peer_ip=VIP,
+                  dst_ip=ip("10.1.0.2"), ports=(80, 40000))  # fmt: skip
+    assert switch(table, 2, answer)[0] == DROPPED and table.drops["label_wrong_flow"] == 2
+    table.withdraw(s2c)
+    assert table.flow[s2c] == b"" and table.bound[s2c] == 0

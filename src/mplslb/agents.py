@@ -3,7 +3,9 @@
 ``mplslb agent server`` makes a host a labelled server and ``mplslb agent client`` a labelled client; ordinary
 programs (nginx, curl, wrk) talk through them unchanged. Each agent is the sans-I/O endpoint of
 :mod:`mplslb.endpoint` between two drivers: a :class:`~mplslb.drivers.tun.TunDevice` and the wire, either an
-AF_PACKET port on an Ethernet interface or MPLS-in-UDP to the balancer across routed IP.
+AF_PACKET port on an Ethernet interface or MPLS-in-UDP to the balancer across routed IP (``--balancer``; for a server
+agent, the balancer's server-side ``mpls_udp`` port). MPLS-in-UDP is not in the kernel datapath: an agent asked for
+``--datapath kernel`` with ``--balancer`` says so and runs the tun datapath.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mplslb.drivers.afpacket import open_port
 from mplslb.drivers.loop import EndpointDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpEndpointLink
 from mplslb.drivers.tun import TunDevice
-from mplslb.endpoint import ClientEndpoint, Endpoint, ServerEndpoint
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, Endpoint, ServerEndpoint
 from mplslb.hostsetup import (
     HostChanges,
     interface_mac,
@@ -31,6 +33,7 @@ from mplslb.hostsetup import (
     setup_server,
     setup_server_kernel,
 )
+from mplslb.logfmt import value
 from mplslb.switching.layout import ENDPOINT_TRAFFIC
 from mplslb.wire.ethernet import ETH_P_MPLS_UC
 
@@ -57,7 +60,7 @@ class AgentConfig:
     balancer: str = ""  # over MPLS-in-UDP: the balancer's address (port 6635)
     udp_local: str = "0.0.0.0"
     udp_port: int = 6635
-    flow_timeout: float = 300.0
+    flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
     #: Client: a flow that heard nothing back for this long sends unlabelled again (its label may have died).
     fallback: float = 2.0
     mtu: int = WIRE_MTU - LABEL_OVERHEAD
@@ -87,7 +90,10 @@ def choose_datapath(config: AgentConfig) -> str:
     log line saying why. Asking for ``kernel`` where BPF or clang is missing is an error."""
     if config.balancer:
         if config.datapath == "kernel":
-            log.warning("datapath kernel refused: MPLS-in-UDP (--balancer) is not in the kernel datapath; using tun")
+            log.warning(
+                "event=datapath_refused datapath=kernel using=tun reason=%s",
+                value("MPLS-in-UDP (--balancer) is not in the kernel datapath"),
+            )
         return "tun"
     if config.datapath == "tun":
         return "tun"
@@ -98,7 +104,7 @@ def choose_datapath(config: AgentConfig) -> str:
         return "kernel"
     if config.datapath == "kernel":
         raise RuntimeError(f"datapath kernel is not available here: {why}")
-    log.warning("kernel datapath not available (%s): using tun", why)
+    log.warning("event=datapath_unavailable datapath=kernel using=tun reason=%s", value(why))
     return "tun"
 
 
@@ -126,7 +132,7 @@ class KernelAgent:
             else:
                 setup_client_kernel(config.interface, list(config.vips), config.gateway_mac, self.changes)
             self.kernel.attach(config.interface)
-            log.info("datapath kernel on %s (%s)", config.interface, config.role)
+            log.info("event=datapath datapath=kernel interface=%s role=%s", value(config.interface), config.role)
             self.control = _serve_control(self, self.loop)
         except BaseException:
             self.close()
@@ -166,8 +172,6 @@ class KernelAgent:
             self.control.close()
             self.control = None
         if self.kernel is not None:
-            counts = {k: v for k, v in self.kernel.counts().items() if v} if self.kernel.maps else {}
-            log.info("kernel datapath counters: %s", counts)
             self.kernel.close()
             self.kernel = None
         self.loop.close()
@@ -319,11 +323,15 @@ def run_agent(config: AgentConfig, *, on_ready: Callable[[Agent | KernelAgent], 
             metrics = start_metrics_server(port, addr, lambda: agent_snapshot(agent), collector=AgentCollector)
         if on_ready is not None:
             on_ready(agent)
+        log.info("event=started role=%s datapath=%s interface=%s control=%s", config.role, agent.datapath,
+                 value(config.interface), value(config.control_socket))  # fmt: skip
         agent.run(stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if metrics is not None:
             metrics.close()
+        figures = {**agent.traffic(), **agent.drops()}
+        log.info("event=stopped role=%s %s", config.role, " ".join(f"{k}={v}" for k, v in figures.items() if v))
         failed = agent.close()
     return 1 if failed else 0

@@ -23,26 +23,42 @@ IP to a real address. Frames from the fast path that the session manager asked t
 time a server's response) come back as reports after forwarding and drive the session lifecycle and the
 response-time measurement.
 
+A server configured by IP address alone gets its MAC from the neighbour resolver (:mod:`mplslb.resolver`): its
+probes leave with the timer's frames, the ARP and neighbour discovery frames arriving on server ports go to it, and
+until a server's MAC is known it takes no new session. When a server's MAC changes, the labels of its sessions are
+repointed to the new one. A server on an MPLS-in-UDP port is known by the pseudo-MAC of its address.
+
 Malformed or unwanted frames are dropped and counted under a named reason; nothing raises out of ``receive``.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mplslb.analyzer import Analysis, PacketAnalyzer
-from mplslb.balancing.admission import AdmissionControl, Refusal
+from mplslb.balancing.admission import AdmissionControl, Refusal, RefuseWith, reset_frame, tcp_reset
 from mplslb.balancing.algorithms import make_algorithm
 from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
-from mplslb.config import BalancerConfig, PortConfig, VirtualService
+from mplslb.config import (
+    BalancerConfig,
+    ConfigError,
+    PortConfig,
+    VirtualService,
+    check_server,
+    diff_configs,
+    server_claims,
+)
+from mplslb.drivers.mplsudp import pseudo_mac
 from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
-from mplslb.neighbors import answer
-from mplslb.sessions import FINAL_STATES, Session, SessionEvent, SessionState, SessionTable
+from mplslb.neighbors import announcement, answer
+from mplslb.resolver import MacChange, Resolver
+from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
 from mplslb.state import HEAP, Allocator
 from mplslb.switching import (
     DROPPED,
@@ -71,6 +87,7 @@ _SRC_MAC = slice(ETH_SRC, ETH_SRC + ETH_ALEN)
 TIMER_GRANULARITY = 0.05
 _TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
 _HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
+_ACK_FIELD = struct.Struct("!I")
 
 
 class BlockResult(NamedTuple):
@@ -113,6 +130,8 @@ class ServerRow:
     bytes_out: int
     line_card: int
     port: int
+    mac: str = ""  # the MAC its frames go to now ("" while unknown)
+    neighbor: str = "static"  # configured or MPLS-in-UDP; else the resolver's state (resolving, reachable, ...)
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,11 @@ class Balancer:
         # The five units of claim 1.
         self.analyzer = PacketAnalyzer(l7=config.l7)
         self.pool = ServerPool(
-            config.servers, fail_threshold=config.fail_threshold, rt_alpha=config.rt_alpha, rt_limit=config.rt_limit
+            config.servers,
+            fail_threshold=config.fail_threshold,
+            rt_alpha=config.rt_alpha,
+            rt_limit=config.rt_limit,
+            passive_window=config.passive_window,
         )
         self.algorithm = make_algorithm(config.algorithm, **dict(config.algorithm_params))
         self.admission = AdmissionControl(
@@ -161,11 +184,23 @@ class Balancer:
             store=store,
         )
         self.sessions = SessionTable(
-            config.timeouts, on_end=self._session_ended, c2s_min=config.c2s_min, c2s_max=config.c2s_max, store=store
+            config.timeouts,
+            on_end=self._session_ended,
+            on_revive=self._session_revived,
+            c2s_min=config.c2s_min,
+            c2s_max=config.c2s_max,
+            store=store,
         )
         self.labels = LabelManager(
             quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max, store=store
         )
+        #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
+        self.max_half_open = max(1, int(self.sessions.rows * config.half_open_share))
+        #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
+        #: :attr:`Server.suspected`) and the checks' verdict decides.
+        self.confirm_passive = False
+        #: TCP segments of no session answered with an RST from the VIP (``reset_on_down``).
+        self.resets_sent = 0
         self.frames_in = 0
         self.frames_out = 0
         self.fast_path = 0
@@ -176,10 +211,19 @@ class Balancer:
         # Per server: the traffic of its ended sessions (live sessions are read from the switching table).
         self._ended_traffic: dict[str, Traffic] = {}
         self._events: list[FastEvent] = []
+        self.resolver = Resolver(
+            {p.port_id: (p.mac, p.address if len(p.address) == 4 else b"")
+             for p in config.ports if p.role == "server" and p.kind == "ethernet"},
+            config.neighbors,
+        )  # fmt: skip
+        #: Told of every change of a server's MAC (found, moved, lost); the driver logs it, the core never does.
+        self.on_mac: Callable[[MacChange], None] | None = None
+        for server in self.pool.servers:
+            self._find(server)
 
     @property
     def live(self) -> int:
-        """Sessions not yet closed or interrupted."""
+        """Sessions not yet closed, interrupted or ending."""
         return self.sessions.live
 
     # -- the data plane ------------------------------------------------------------------------------------------
@@ -304,6 +348,8 @@ class Balancer:
                     out.append((port, reply))
                     self.frames_out += 1
                     return
+            elif self._from_neighbor(port, frame, now):
+                return
             try:
                 analysis = self.analyzer.analyze(frame)
             except WireError as exc:
@@ -336,26 +382,51 @@ class Balancer:
             return
         session = self.sessions.lookup(key)
         pure_syn = key.proto == IPPROTO_TCP and (a.tcp_flags & (SYN | ACK | RST | FIN)) == SYN
-        if session is not None and pure_syn and session.state in FINAL_STATES:
-            self._finish(session, now)  # the client reuses the port of a closed session: a new session starts
-            session = None
         if session is not None:  # claim 2: an existing session's packet goes to its server
+            # The binding its labels have: the client's port and MAC (a SYN reusing the flow of an ENDING session
+            # goes on it too, so nobody else's SYN can end it).
+            if port != session.client_port or frame[_SRC_MAC] != session.client_mac:
+                self._drop("session_wrong_source")
+                return
             if a.payload_len and self.sessions.request_seen(session, now):
                 self._learn_l7(session, a)
             self._to_server(session, frame, a, now, out)
-            if a.tcp_flags > 0 and a.tcp_flags & (FIN | RST):
-                self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
+            if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
+                if self.sessions.client_ack(session, a.tcp_flags, now):
+                    self._handshake_done(session)
+                if a.tcp_flags & (FIN | RST):
+                    self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
+            if self.config.reset_on_down and not a.tcp_flags & RST:
+                self._reset(port, frame, a, out)
             return
         self._new_session(port, frame, a, now, out)
 
+    def _reset(self, port: int, frame: bytes | memoryview, a: Analysis, out: Frames) -> None:
+        """Answer a client's TCP segment of no session (its server went down, or it was forgotten) as a host
+        answers a segment of no connection: an RST from the VIP, exact when the segment carries an ACK."""
+        ack = _ACK_FIELD.unpack_from(frame, a.l4_offset + 8)[0] if a.tcp_flags & ACK else None
+        occupied = a.payload_len + (1 if a.tcp_flags & FIN else 0)
+        packet = tcp_reset(a.key, ip_version=a.ip_version, seq=a.tcp_seq, ack=ack, syn=False, payload_len=occupied)
+        mac = bytes(frame[_SRC_MAC])
+        out.append((port, reset_frame(packet, ip_version=a.ip_version, client_mac=mac, port_mac=self.ports[port].mac)))
+        self.resets_sent += 1
+
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
-        refusal = self.admission.admit(active_sessions=self.live, labels_free=self.labels.free_at(now), now=now)
+        tcp = a.key.proto == IPPROTO_TCP
+        # Half-open sessions' share used up: the oldest makes room, once this SYN is admitted (a refused SYN evicts
+        # nobody).
+        oldest = self.sessions.oldest_half_open() if tcp and self.sessions.half_open >= self.max_half_open else None
+        active = self.live - (oldest is not None)
+        refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
         if refusal is None:
+            if oldest is not None:
+                self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
+                self._finish(oldest, now)
             server = self.algorithm.choose(self.pool, a.key, now)
             if server is None:
                 refusal = self.admission.refusal_for_no_server(self.pool)
@@ -389,28 +460,31 @@ class Balancer:
         if a.payload_len and self.sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
-        tcp = a.key.proto == IPPROTO_TCP
         v6 = IPV6_PAYLOAD if a.ip_version == 6 else 0
         end_watch = WATCH_TCP_END if tcp else 0
         self.switching.install(
             c2s,
             out_port=server.config.port_id,
-            next_hop=server.config.mac,
+            next_hop=server.mac,
             in_port=port,
             peer=client_mac,
             peer_ip=a.key.src,
-            watch=end_watch | v6 | (WATCH_ALL if tcp and not a.payload_len else 0),
+            watch=end_watch | v6 | (WATCH_ALL if tcp else 0),  # until the client's ACK completes the handshake
             now=now,
+            dst_ip=a.key.dst,
+            ports=(a.key.sport, a.key.dport),
         )
         self.switching.install(
             s2c_of(c2s),
             out_port=port,
             next_hop=client_mac,
             in_port=server.config.port_id,
-            peer=server.config.mac,
+            peer=server.mac,
             peer_ip=a.key.dst,
             watch=end_watch | v6 | WATCH_ALL,
             now=now,
+            dst_ip=a.key.src,
+            ports=(a.key.dport, a.key.sport),
         )
         self._to_server(session, frame, a, now, out)
 
@@ -429,8 +503,8 @@ class Balancer:
         if session is None:
             self._drop("unlabelled_from_server")
             return
-        cfg = session.server.config
-        if cfg.port_id != port or bytes(frame[_SRC_MAC]) != cfg.mac:
+        server = session.server
+        if server.config.port_id != port or bytes(frame[_SRC_MAC]) != server.mac:
             self._drop("server_wrong_source")
             return
         self.switching.send(session.s2c, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl)
@@ -452,7 +526,7 @@ class Balancer:
                     self._server_failed(session.server, DownReason.REFUSED, event.now)
             elif self.switching.watch[event.label] & WATCH_ALL:
                 self._measure(session, event, from_client, a or self._analyze_report(event))
-            if session.state not in FINAL_STATES:
+            if session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
                 self.sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
 
     def _analyze_report(self, event: FastEvent) -> Analysis | None:
@@ -474,50 +548,77 @@ class Balancer:
         if seen.response_time is not None:
             self.pool.record_response_time(server, seen.response_time)
         if seen.server_replied:
-            self.pool.record_success(server)
-        if seen.request_seen:
-            if a is not None:
-                self._learn_l7(session, a)
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
+            self.pool.record_success(server, event.now)
+        if seen.request_seen and a is not None:
+            self._learn_l7(session, a)
         if seen.done:
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
             self.switching.clear_watch(session.s2c, WATCH_ALL)
+        if seen.request_seen or seen.done or seen.handshake_done:
+            self._handshake_done(session)
+
+    def _handshake_done(self, session: Session) -> None:
+        """Stop watching the client's frames once nothing more is wanted of them: the handshake is complete and
+        the request seen (or the measurement over)."""
+        if session.state not in HALF_OPEN_STATES and (session.request_at or not session.rt_pending):
+            self.switching.clear_watch(session.c2s, WATCH_ALL)
 
     def _session_ended(self, session: Session) -> None:
-        """A session reached a final state: it no longer counts for its server (its labels may linger)."""
+        """A session began to end (ENDING) or ended: it no longer counts for its server (its labels may linger)."""
         self.pool.session_ended(session.server)
+
+    def _session_revived(self, session: Session) -> None:
+        """An ENDING session's traffic went on: it counts for its server again."""
+        self.pool.session_resumed(session.server)
 
     # -- timers --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`on_timer` has work to do, or None."""
-        deadlines = [d for d in (self.sessions.next_deadline(), self.labels.next_deadline()) if d is not None]
+        deadlines = [
+            d
+            for d in (self.sessions.next_deadline(), self.labels.next_deadline(), self.resolver.next_deadline())
+            if d is not None
+        ]
         return min(deadlines) if deadlines else None
 
     def on_timer(self, now: float) -> Frames:
-        """Expire idle sessions, finish closed ones, release quarantined labels. Returns frames to send (none
-        today; the signature keeps drivers alike)."""
+        """Expire idle sessions, finish closed ones, release quarantined labels, probe the servers being resolved.
+        Returns frames to send (the probes)."""
+        probes, changes = self.resolver.on_timer(now)
+        self._macs_changed(changes)
         self.labels.on_timer(now)
         timeouts = self.sessions.timeouts
         for session in self.sessions.due(now):
             if self.sessions.by_c2s(session.c2s) != session:
                 continue  # finished earlier in this round (its server went down with another session's timeout)
-            if session.state in FINAL_STATES:
+            state = session.state
+            if state in FINAL_STATES:
                 self._finish(session, now)
                 continue
-            idle = timeouts.idle(session.proto, session.state)
-            unanswered = session.state is SessionState.START and session.proto == IPPROTO_TCP
-            # A SYN's retransmissions do not keep an unanswered session alive.
-            last = session.started if unanswered else self.switching.last_active(session.c2s, session.s2c)
+            last = self.switching.last_active(session.c2s, session.s2c)
+            if state is SessionState.ENDING:
+                # Revived only if both directions went on after the close: a session whose RST or FIN was forged
+                # goes on both ways (data one way, ACKs the other); a real close's stragglers (a late last ACK, a
+                # retransmitted FIN) come from one side.
+                both = min(self.switching.last_active(session.c2s), self.switching.last_active(session.s2c))
+                if self.sessions.linger_over(session, both, now) in FINAL_STATES:
+                    self._finish(session, now)
+                continue
+            idle = timeouts.idle(session.proto, state)
+            half_open = state in HALF_OPEN_STATES and session.proto == IPPROTO_TCP
+            if half_open:
+                last = session.started  # no frame keeps a half-open session alive: it has tcp_start from its SYN
             if last + idle > now:
                 self.sessions.arm(session, last + idle)
                 continue
-            if unanswered:
+            if half_open and state is SessionState.START:
                 self._server_failed(session.server, DownReason.NO_REPLY, now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
-            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, "idle_timeout")
+            reason = "half_open_timeout" if half_open else "idle_timeout"
+            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, reason)
             self._finish(session, now)
-        return []
+        self.frames_out += len(probes)
+        return probes
 
     def _finish(self, session: Session, now: float) -> None:
         """Withdraw a final session's labels (they go to quarantine) and take it out of the table."""
@@ -529,7 +630,8 @@ class Balancer:
 
     # -- server configuration and state (the control plane) ------------------------------------------------------
     def _server_failed(self, server: Server, reason: DownReason, now: float) -> None:
-        if self.pool.record_failure(server, reason):
+        self.resolver.suspect(server.config.name, now)  # it may have moved to another MAC
+        if self.pool.record_failure(server, reason, now, confirm=self.confirm_passive):
             self._interrupt(server, now)
 
     def _interrupt(self, server: Server, now: float) -> None:
@@ -539,18 +641,142 @@ class Balancer:
                 self.sessions.apply(session, SessionEvent.SERVER_DOWN, now, "server_down")
             self._finish(session, now)
 
+    # Live changes (what the control socket and a reload do) keep ``self.config`` the running configuration: the
+    # servers in the pool and not leaving, with their current weights, and the settings in force. A reload is the
+    # difference between it and the new file (config.diff_configs). Established sessions are never touched: a new
+    # algorithm, limit or weight applies to the next new session.
+    def _claims(self, releasing: Iterable[str] = ()) -> dict[str, str]:
+        """Every server's name, and the address and MAC of those staying (not leaving, not in ``releasing``), as
+        config.claim_server records them."""
+        taken: dict[str, str] = {}
+        releasing = set(releasing)
+        for server in self.pool:
+            for key, claim, _ in server_claims(server.config):
+                if key == "name" or not (server.leaving or server.name in releasing):
+                    taken[claim] = f"server {server.name!r}"
+        return taken
+
+    def _check_new_server(self, config: ServerConfig, taken: dict[str, str], source: str) -> None:
+        if config.name in self.pool and self.pool.get(config.name).leaving:
+            left = self.pool.get(config.name).active
+            raise ConfigError(
+                source, "name", f"server {config.name!r} is still being removed ({left} sessions left): add it "
+                "again once it has left, or remove it with --now first"
+            )  # fmt: skip
+        roles = {p.port_id: p.role for p in self.config.ports}
+        problem = check_server(config, roles, taken, f"server {config.name!r}")
+        if problem is not None:
+            raise ConfigError(source, *problem)
+
+    def _sync_config(self, config: BalancerConfig | None = None) -> None:
+        servers = tuple(
+            s.config if s.weight == s.config.weight else replace(s.config, weight=s.weight)
+            for s in self.pool
+            if not s.leaving
+        )
+        self.config = replace(config or self.config, servers=servers)
+
     def add_server(self, config: ServerConfig) -> Server:
-        if self.ports.get(config.port_id) is None or self.ports[config.port_id].role != "server":
-            raise ValueError(f"server {config.name!r}: port {config.port_id} is not a server port")
-        return self.pool.add(config)
+        """Add a server; it takes new sessions at once. It is checked as a configuration file's server is (its port
+        a server port, its name, address and MAC nobody else's): a ConfigError names the key and the reason."""
+        self._check_new_server(config, self._claims(), f"server {config.name!r}")
+        server = self.pool.add(config)
+        self._find(server)
+        self._sync_config()
+        return server
 
     def remove_server(self, name: str, now: float) -> None:
+        """Remove a server now: its sessions are interrupted and their labels withdrawn (claim 6)."""
         server = self.pool.get(name)
         self._interrupt(server, now)
-        self.pool.remove(name)
+        if name in self.pool:  # a leaving server goes with its last session
+            self.pool.remove(name)
+        self.resolver.remove(name)
+        self._sync_config()
+
+    def retire_server(self, name: str) -> bool:
+        """Remove a server once its sessions end: no new session goes to it, and it leaves the pool with its last
+        session (status ``removing`` meanwhile). True if it had none and left at once."""
+        gone = self.pool.retire(name)
+        self._sync_config()
+        return gone
+
+    def set_algorithm(self, name: str, params: Mapping[str, Any] | None = None) -> None:
+        """Choose servers for new sessions with algorithm ``name`` (ValueError if unknown or its parameters are
+        wrong); established sessions keep their servers."""
+        params = dict(params or {})
+        self.algorithm = make_algorithm(name, **params)
+        self.config = replace(self.config, algorithm=name, algorithm_params=params)
+
+    def set_limits(
+        self,
+        *,
+        max_sessions: int | None = None,
+        max_new_per_second: float | None = None,
+        refuse_with: RefuseWith | str | None = None,
+    ) -> None:
+        """Change the admission limits for new sessions (None: unchanged; 0: no limit). The refusal counts carry on;
+        the rate bucket starts full."""
+        current = self.admission
+        admission = AdmissionControl(
+            max_sessions=current.max_sessions if max_sessions is None else max_sessions,
+            max_new_per_second=current.max_new_per_second if max_new_per_second is None else max_new_per_second,
+            refuse_with=current.refuse_with if refuse_with is None else RefuseWith(refuse_with),
+            refused=current.refused,
+        )
+        self.admission = admission
+        self.config = replace(
+            self.config,
+            max_sessions=admission.max_sessions,
+            max_new_per_second=admission.max_new_per_second,
+            refuse_with=admission.refuse_with,
+        )
+
+    def reconfigure(self, new: BalancerConfig, *, source: str = "(new configuration)") -> tuple[str, ...]:
+        """Make the running configuration ``new``, or raise ConfigError (``source``, key, reason) and change
+        nothing. Servers gone from ``new`` are retired (they drain out), new ones added, weights and limits taken;
+        the settings :data:`~mplslb.config.LIVE_SETTINGS` names apply to new sessions. Returns what changed, one
+        ``key:old->new`` per difference (see :func:`~mplslb.config.diff_configs`)."""
+        diff = diff_configs(self.config, new)
+        if diff.refused:
+            raise ConfigError(source, *diff.refused[0])
+        taken = self._claims(releasing=diff.removed)
+        index = {server.name: i for i, server in enumerate(new.servers)}
+        for server in diff.added:
+            try:
+                self._check_new_server(server, taken, source)
+            except ConfigError as exc:
+                raise ConfigError(source, f"servers[{index[server.name]}].{exc.key}", exc.reason) from None
+        settings = diff.settings
+        algorithm = self.algorithm
+        if "algorithm" in settings or "algorithm_params" in settings:
+            algorithm = make_algorithm(new.algorithm, **dict(new.algorithm_params))  # before anything changes
+        for name in diff.removed:
+            self.pool.retire(name)
+        for server in diff.updated:
+            self.pool.update(server)
+        for server in diff.added:
+            self._find(self.pool.add(server))
+        self.algorithm = algorithm
+        if {"max_sessions", "max_new_per_second", "refuse_with"} & set(settings):
+            self.set_limits(
+                max_sessions=new.max_sessions, max_new_per_second=new.max_new_per_second, refuse_with=new.refuse_with
+            )
+        if {"fail_threshold", "rt_alpha", "rt_limit"} & set(settings):
+            self.pool.set_health_settings(
+                fail_threshold=new.fail_threshold, rt_alpha=new.rt_alpha, rt_limit=new.rt_limit
+            )
+        if "timeouts" in settings:
+            self.sessions.timeouts = new.timeouts  # idle deadlines armed from now on
+        if "l7" in settings:
+            self.analyzer.l7 = new.l7
+        self._sync_config(new)
+        return diff.changes
 
     def mark_down(self, name: str, now: float, reason: DownReason = DownReason.ADMIN) -> None:
         server = self.pool.get(name)
+        if reason.lifted_by_check:
+            self.resolver.suspect(name, now)  # its health failed: it may have moved to another MAC
         if self.pool.mark_down(name, reason):
             self._interrupt(server, now)
 
@@ -562,6 +788,55 @@ class Balancer:
 
     def set_weight(self, name: str, weight: int) -> None:
         self.pool.set_weight(name, weight)
+        self._sync_config()
+
+    # -- neighbours: the servers' MACs, the VIPs' announcements ----------------------------------------------------
+    def _find(self, server: Server) -> None:
+        """How a new server's frames find it: by its configured MAC, by the pseudo-MAC of its address on an
+        MPLS-in-UDP port, or by resolving its address (no new sessions until then)."""
+        config = server.config
+        if server.mac:
+            return
+        if self.ports[config.port_id].kind == "mpls_udp":
+            self.pool.set_mac(config.name, pseudo_mac(config.address))
+        else:
+            self.resolver.add(config.name, config.address, config.port_id, 0.0)  # the first probe is due at once
+
+    def _from_neighbor(self, port: int, frame: bytes | memoryview, now: float) -> bool:
+        """An ARP or neighbour discovery frame from a server port goes to the resolver; True if it was one."""
+        changes = self.resolver.receive(port, frame, now)
+        if changes is None:
+            return False
+        self._macs_changed(changes)
+        return True
+
+    def _macs_changed(self, changes: list[MacChange]) -> None:
+        """Servers' MACs found, changed or lost: new sessions go by the new MAC, and the labels of the sessions a
+        server already has follow it (C2S: the next hop; S2C: the peer its frames are taken from)."""
+        for name, old, new in changes:
+            if name not in self.pool:
+                continue
+            server = self.pool.get(name)
+            self.pool.set_mac(name, new)
+            if self.on_mac is not None:
+                self.on_mac(MacChange(name, old, new))
+            if not new:
+                continue  # lost: its sessions keep the last MAC known, a new one moves them
+            rewrite = self.switching.rewrite
+            for session in self.sessions.of_server(server):
+                if rewrite[session.c2s][:ETH_ALEN] != new:
+                    self.switching.repoint(session.c2s, next_hop=new)
+                    self.switching.repoint(session.s2c, peer=new)
+
+    def announcements(self) -> Frames:
+        """A gratuitous ARP or unsolicited neighbour advertisement for every VIP on every Ethernet client port, so
+        that clients and routers holding another MAC for a VIP take ours (at start and after a failover)."""
+        return [
+            (port.port_id, announcement(port.mac, vip.address))
+            for port in self.config.ports
+            if port.role == "client" and port.kind == "ethernet"
+            for vip in self.config.vips
+        ]
 
     # -- figures -------------------------------------------------------------------------------------------------
     def server_rows(self) -> tuple[ServerRow, ...]:
@@ -598,9 +873,15 @@ class Balancer:
                     done.bytes_out + now.bytes_out,
                     line_card,
                     number,
+                    server.mac.hex(":"),
+                    self._neighbor_state(server),
                 )
             )
         return tuple(rows)
+
+    def _neighbor_state(self, server: Server) -> str:
+        neighbor = self.resolver.get(server.config.name)
+        return "static" if neighbor is None else neighbor.status
 
     def stats(self) -> BalancerStats:
         drops = dict(self.drops)

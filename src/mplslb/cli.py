@@ -200,12 +200,10 @@ def _enter_netns(name: str | None) -> None:
 
 
 def _log_lines() -> None:
-    """One line per event on stderr, key=value (journald keeps stderr)."""
-    import logging
+    """One line per event on stderr, key=value (journald keeps stderr): see :mod:`mplslb.logfmt`."""
+    from mplslb import logfmt
 
-    logging.basicConfig(
-        level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s", stream=sys.stderr
-    )
+    logfmt.setup()
 
 
 _NETNS = click.option("--netns", default=None, help="Run inside this network namespace (as 'ip netns' names it).")
@@ -427,6 +425,144 @@ def status(sock: str | None, as_json: bool) -> None:
         console.print(table)
 
 
+# -- live changes through the control socket (as HAProxy's runtime API and ipvsadm) -------------------------------
+_SOCKET = click.option("--socket", "sock", default=None, help="The daemon's control socket.")
+
+
+def _ask(sock: str | None, req: dict[str, Any]) -> dict[str, Any]:
+    """Send one control request. A refusal is an error (exit 1) with the daemon's reason."""
+    from mplslb.control.client import DEFAULT_SOCKET, ControlError, request
+
+    try:
+        reply = request(sock or DEFAULT_SOCKET, req, timeout=10.0)
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    if "error" in reply:
+        raise click.ClickException(str(reply["error"]))
+    return reply
+
+
+def _say(summary: str, reply: dict[str, Any]) -> None:
+    """The new state, then one ``changed KEY:OLD->NEW`` line per change (or ``no change``)."""
+    click.echo(summary)
+    for change in reply.get("changes", []):
+        click.echo(f"changed {change}")
+    if not reply.get("changes"):
+        click.echo("no change")
+
+
+def _server_state(reply: dict[str, Any]) -> None:
+    _say(f"server {reply['server']}: {reply['status']}, weight {reply['weight']}", reply)
+
+
+@main.group("server")
+def server_group() -> None:
+    """Add, remove, drain, weigh, take down or up a server of a running balancer. New sessions follow at once;
+    established sessions keep their server."""
+
+
+@server_group.command("add")
+@click.argument("name")
+@click.option("--ip", "address", required=True, help="The server's address (health checks, display).")
+@click.option("--mac", required=True, help="The server's MAC, where its sessions' frames go.")
+@click.option("--port", "port_id", type=int, required=True, help="The balancer port (id) the server sits behind.")
+@click.option("--weight", type=int, default=None, help="Weight (default 1).")
+@click.option("--max-sessions", type=int, default=None, help="The server's own session limit (default 0: none).")
+@_SOCKET
+def server_add(
+    name: str, address: str, mac: str, port_id: int, weight: int | None, max_sessions: int | None, sock: str | None
+) -> None:
+    """Add server NAME, checked as a [[servers]] entry of the configuration; it takes new sessions at once."""
+    table: dict[str, Any] = {"name": name, "address": address, "mac": mac, "port": port_id}
+    if weight is not None:
+        table["weight"] = weight
+    if max_sessions is not None:
+        table["max_sessions"] = max_sessions
+    _server_state(_ask(sock, {"cmd": "add", "server": table}))
+
+
+@server_group.command("remove")
+@click.argument("name")
+@click.option("--now", is_flag=True, help="Interrupt its sessions and withdraw their labels instead of draining.")
+@_SOCKET
+def server_remove(name: str, now: bool, sock: str | None) -> None:
+    """Remove server NAME: no new sessions; it leaves the pool when its last session ends (status removing)."""
+    reply = _ask(sock, {"cmd": "remove", "server": name, "now": now})
+    left = "" if reply["status"] == "removed" else f" ({reply['active']} sessions left)"
+    _say(f"server {name}: {reply['status']}{left}", reply)
+
+
+def _server_command(cmd: str, doc: str) -> None:
+    @server_group.command(cmd, help=doc)
+    @click.argument("name")
+    @_SOCKET
+    def run(name: str, sock: str | None) -> None:
+        _server_state(_ask(sock, {"cmd": cmd, "server": name}))
+
+
+_server_command("drain", "Drain server NAME: no new sessions; its sessions finish.")
+_server_command("down", "Take server NAME down: its sessions are interrupted; health checks do not bring it back.")
+_server_command("up", "Bring server NAME up (a drain ends); refused while its health check fails.")
+
+
+@server_group.command("weight")
+@click.argument("name")
+@click.argument("weight", type=click.IntRange(min=0))
+@_SOCKET
+def server_weight(name: str, weight: int, sock: str | None) -> None:
+    """Set server NAME's weight (0: no new sessions, its sessions stay)."""
+    _server_state(_ask(sock, {"cmd": "weight", "server": name, "weight": weight}))
+
+
+@main.group("set")
+def set_group() -> None:
+    """Change a running balancer's algorithm or admission limits, for new sessions."""
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--param")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+@set_group.command("algorithm")
+@click.argument("name")
+@click.option("--param", "params", multiple=True, help="KEY=VALUE, an algorithm parameter (repeat for more).")
+@_SOCKET
+def set_algorithm(name: str, params: tuple[str, ...], sock: str | None) -> None:
+    """Choose servers for new sessions with algorithm NAME."""
+    reply = _ask(sock, {"cmd": "algorithm", "name": name, "params": dict(_param(p) for p in params)})
+    _say(f"algorithm {reply['algorithm']}", reply)
+
+
+@set_group.command("limit")
+@click.argument("name", type=click.Choice(["max-sessions", "max-new-per-second"]))
+@click.argument("value", type=click.FloatRange(min=0))
+@_SOCKET
+def set_limit(name: str, value: float, sock: str | None) -> None:
+    """Set an admission limit for new sessions (0: none)."""
+    key = name.replace("-", "_")
+    if key == "max_sessions" and not value.is_integer():
+        raise click.BadParameter(f"max-sessions is a whole number, got {value}", param_hint="VALUE")
+    reply = _ask(sock, {"cmd": "limit", "name": key, "value": int(value) if key == "max_sessions" else value})
+    _say(f"{name} {reply['value']}", reply)
+
+
+@main.command("reload")
+@_SOCKET
+def reload_config(sock: str | None) -> None:
+    """Re-read the configuration file the daemon was started with and apply what changed (as SIGHUP); a file that
+    does not load or changes what cannot change live is refused, naming the key, and nothing changes."""
+    reply = _ask(sock, {"cmd": "reload"})
+    _say(f"reloaded {reply['file']}", reply)
+
+
 @main.group()
 def lab() -> None:
     """A real network of namespaces on this machine (root): clients, the balancer, servers running nginx."""
@@ -439,6 +575,14 @@ def _lab_options(fn: Any) -> Any:
             click.option("--clients", default=3, show_default=True),
             click.option("--servers", default=3, show_default=True),
             click.option("--transport", type=click.Choice(["ethernet", "udp"]), default="ethernet", show_default=True),
+            click.option(
+                "--server-transport",
+                type=click.Choice(["ethernet", "udp"]),
+                default="ethernet",
+                show_default=True,
+                help="udp: the servers behind a router, reached as MPLS-in-UDP.",
+            ),
+            click.option("--servers-by-ip", is_flag=True, help="Name the servers by address only: MACs resolved."),
             click.option("--algorithm", default="round_robin", show_default=True),
             click.option("--weights", default="", help="Comma-separated weights, one per server."),
             click.option("--offload", type=click.Choice(["none", "kernel"]), default="none", show_default=True),

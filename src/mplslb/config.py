@@ -17,8 +17,11 @@ from typing import Any, TypeVar
 from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.algorithms import algorithm_names, make_algorithm
 from mplslb.balancing.servers import ServerConfig
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
 from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.resolver import ResolverTimers
 from mplslb.sessions import Timeouts
+from mplslb.switching.layout import SYN_RATE_MAX
 from mplslb.wire.ethernet import mac_from_str
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
@@ -43,7 +46,9 @@ class PortConfig:
     # For drivers only (the core ignores them): the Linux interface, and how frames cross it.
     interface: str = ""
     kind: str = "ethernet"  # "ethernet" (AF_PACKET) or "mpls_udp" (RFC 7510, UDP port 6635)
-    address: bytes = b""  # mpls_udp: the local address the UDP socket binds to
+    # mpls_udp: the local address the UDP socket binds to. An ethernet server port: the IPv4 address its ARP
+    # probes come from (optional; 0.0.0.0 without it).
+    address: bytes = b""
 
     def __post_init__(self) -> None:
         if self.role not in PORT_ROLES:
@@ -91,14 +96,26 @@ class BalancerConfig:
     max_sessions: int = 0
     max_new_per_second: float = 0.0
     refuse_with: RefuseWith = RefuseWith.RST
-    label_quarantine: float = 30.0
+    label_quarantine: float = 60.0
+    #: The longest an endpoint agent may keep using a label after its last frame (the agents' ``flow_timeout``):
+    #: ``label_quarantine`` may not be shorter, or a late frame could reach the label's next session.
+    endpoint_flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
+    #: The share of the label pairs half-open TCP sessions may hold; a SYN beyond evicts the oldest.
+    half_open_share: float = 0.5
     c2s_min: int = C2S_MIN
     c2s_max: int = C2S_MAX
     timeouts: Timeouts = field(default_factory=Timeouts)
     fail_threshold: int = 3
+    #: Unanswered SYNs take a server down only when it answered no new session for this long (seconds).
+    passive_window: float = 10.0
+    #: Answer a TCP segment of no session with an RST from the VIP (RFC 793's reset): the clients of a server that
+    #: went down or was removed learn it when their endpoint falls back to unlabelled frames (IPVS's
+    #: expire_nodest_conn).
+    reset_on_down: bool = False
     rt_alpha: float = 0.2
     rt_limit: float = 0.0
     l7: bool = True
+    neighbors: ResolverTimers = field(default_factory=ResolverTimers)  # resolving servers configured without mac
 
     def __post_init__(self) -> None:
         ids = [p.port_id for p in self.ports]
@@ -110,10 +127,21 @@ class BalancerConfig:
             raise ValueError("at least one virtual IP is needed")
         if self.algorithm not in algorithm_names():
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(algorithm_names())}")
+        if self.label_quarantine < self.endpoint_flow_timeout:
+            raise ValueError(quarantine_too_short(self.label_quarantine, self.endpoint_flow_timeout))
+        if not 0 < self.half_open_share <= 1:
+            raise ValueError(f"half_open_share must be in (0, 1], got {self.half_open_share!r}")
         server_ports = {p.port_id for p in self.ports if p.role == "server"}
         for server in self.servers:
             if server.port_id not in server_ports:
                 raise ValueError(f"server {server.name!r} is on port {server.port_id}, which is not a server port")
+
+
+def quarantine_too_short(quarantine: float, flow_timeout: float) -> str:
+    return (
+        f"label quarantine {quarantine:g} s is shorter than the endpoints' flow timeout {flow_timeout:g} s "
+        "(labels.endpoint_flow_timeout): an endpoint may still send a withdrawn label when it is reused"
+    )
 
 
 class ConfigError(ValueError):
@@ -242,6 +270,17 @@ def read_offload(top: Section) -> str:
     return kind
 
 
+def read_offload_syn_rate(top: Section, offload: str) -> int:
+    """The top-level ``offload_syn_rate`` key: unlabelled TCP SYNs a second the kernel offload lets through to the
+    slow path, the rest shed (0, the default: no limit). Only with ``offload = "kernel"``."""
+    rate = top.number("offload_syn_rate", int, 0, minimum=0)
+    if rate > SYN_RATE_MAX:
+        raise top.error("offload_syn_rate", f"must be <= {SYN_RATE_MAX}, got {rate}")
+    if rate and offload != "kernel":
+        raise top.error("offload_syn_rate", 'sheds SYNs in the kernel offload: needs offload = "kernel"')
+    return rate
+
+
 def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
     source = str(path)
     try:
@@ -251,6 +290,101 @@ def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
         raise ConfigError(source, "(file)", exc.strerror or str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "(syntax)", str(exc)) from None
+
+
+# -- servers: one entry, checked against the others (at load and when added to a running balancer) -----------
+def server_claims(server: ServerConfig) -> tuple[tuple[str, str, str], ...]:
+    """What a server holds that no other may: ``(key, claim, shown)`` for its name, address and MAC."""
+    claims = (
+        ("name", f"name {server.name}", repr(server.name)),
+        ("address", f"address {_address_text(server.address)}", _address_text(server.address)),
+        ("mac", f"mac {server.mac.hex(':')}", server.mac.hex(":")),
+    )
+    return claims if server.mac else claims[:2]  # no mac configured: resolved, nothing to claim
+
+
+def claim_server(taken: dict[str, str], holder: str, server: ServerConfig) -> tuple[str, str] | None:
+    """Record in ``taken`` (claim -> holder, e.g. ``"servers[0]"``) that ``holder`` is ``server``'s name, address and
+    MAC; or, when another holder has one of them, record nothing and return ``(key, reason)``."""
+    claims = server_claims(server)
+    for key, claim, shown in claims:
+        other = taken.get(claim)
+        if other is not None:
+            if key == "name":
+                return key, f"duplicate server name {shown}"
+            return key, f"{shown} is already the {key} of {other}"
+    for _, claim, _ in claims:
+        taken[claim] = holder
+    return None
+
+
+def server_port_problem(roles: Mapping[int, str], port_id: int) -> str | None:
+    """Why a server cannot be on port ``port_id`` (``roles``: port id -> role), or None."""
+    if port_id not in roles:
+        return f"no port with id {port_id}"
+    if roles[port_id] != "server":
+        return f"port {port_id} is a {roles[port_id]}-side port, not a server port"
+    return None
+
+
+def check_server(
+    server: ServerConfig, roles: Mapping[int, str], taken: dict[str, str], holder: str
+) -> tuple[str, str] | None:
+    """A built server's checks, as for a configuration file's entry: its port (:func:`server_port_problem`) and
+    its claims (:func:`claim_server`, recorded when it passes). ``(key, reason)`` when it fails."""
+    problem = server_port_problem(roles, server.port_id)
+    if problem is not None:
+        return "port", problem
+    return claim_server(taken, holder, server)
+
+
+def read_server(
+    sec: Section,
+    roles: Mapping[int, str],
+    taken: dict[str, str],
+    holder: str = "",
+    *,
+    kinds: Mapping[int, str] | None = None,
+    binds: Mapping[int, bytes] | None = None,
+) -> ServerConfig:
+    """One ``[[servers]]`` entry: its keys checked, its port a server port of ``roles`` (port id -> role), and its
+    name, address and MAC nobody else's in ``taken`` (see :func:`claim_server`; ``holder`` defaults to the
+    entry's key). The one check of a server, for a configuration file and for a server added at run time."""
+    name = sec.require("name", str)
+    if not name:
+        raise sec.error("name", "must not be empty")
+    port_id = sec.get("port", int, 0)
+    problem = server_port_problem(roles, port_id)
+    if problem is not None:
+        raise sec.error("port", problem)
+    kind = (kinds or {}).get(port_id, "ethernet")
+    # Without a mac the balancer resolves the address (ARP, neighbour discovery); across MPLS-in-UDP the address
+    # is all there is.
+    mac_text = sec.get("mac", str, "")
+    if mac_text and kind == "mpls_udp":
+        raise sec.error("mac", f"port {port_id} is an mpls_udp port: its servers are reached by address, not MAC")
+    server = sec.build(
+        "name",
+        ServerConfig,
+        name=name,
+        address=sec.convert("address", sec.require("address", str), parse_ip),
+        mac=sec.convert("mac", mac_text, parse_mac) if mac_text else b"",
+        port_id=port_id,
+        weight=sec.number("weight", int, 1, minimum=0),
+        max_sessions=sec.number("max_sessions", int, 0, minimum=0),
+    )
+    bound = (binds or {}).get(port_id, b"")
+    if kind == "mpls_udp" and bound and len(bound) != len(server.address) and bound != bytes(16):
+        raise sec.error(
+            "address",
+            f"port {port_id} sends MPLS-in-UDP from {_address_text(bound)}, which cannot reach "
+            f"{_address_text(server.address)} (bind the port to '::' for both families)",
+        )
+    sec.done()
+    conflict = claim_server(taken, holder or sec.path, server)
+    if conflict is not None:
+        raise sec.error(*conflict)
+    return server
 
 
 def balancer_config_from_section(
@@ -292,37 +426,12 @@ def balancer_config_from_section(
         vips.append(sec.build("address", VirtualService, address=address, tcp_ports=tcp, udp_ports=udp))
         sec.done()
     roles = {p.port_id: p.role for p in ports or default_ports}
+    kinds = {p.port_id: p.kind for p in ports or default_ports}
+    binds = {p.port_id: p.address for p in ports or default_ports}
     servers: list[ServerConfig] = []
-    server_keys: dict[str, str] = {}  # "address ..."/"mac ..." -> the key of the server that has it
+    taken: dict[str, str] = {}
     for sec in top.sections("servers"):
-        name = sec.require("name", str)
-        if not name:
-            raise sec.error("name", "must not be empty")
-        if name in {s.name for s in servers}:
-            raise sec.error("name", f"duplicate server name {name!r}")
-        port_id = sec.get("port", int, 0)
-        if port_id not in roles:
-            raise sec.error("port", f"no port with id {port_id}")
-        if roles[port_id] != "server":
-            raise sec.error("port", f"port {port_id} is a {roles[port_id]}-side port, not a server port")
-        servers.append(
-            sec.build(
-                "name",
-                ServerConfig,
-                name=name,
-                address=sec.convert("address", sec.require("address", str), parse_ip),
-                mac=sec.convert("mac", sec.require("mac", str), parse_mac),
-                port_id=port_id,
-                weight=sec.number("weight", int, 1, minimum=0),
-                max_sessions=sec.number("max_sessions", int, 0, minimum=0),
-            )
-        )
-        added = servers[-1]
-        for field_name, shown in (("address", _address_text(added.address)), ("mac", added.mac.hex(":"))):
-            first = server_keys.setdefault(f"{field_name} {shown}", sec.key(field_name))
-            if first != sec.key(field_name):
-                raise sec.error(field_name, f"{shown} is already the {field_name} of {first.rsplit('.', 1)[0]}")
-        sec.done()
+        servers.append(read_server(sec, roles, taken, kinds=kinds, binds=binds))
     algorithm = top.get("algorithm", str, "round_robin")
     if algorithm not in algorithm_names():
         raise top.error("algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(algorithm_names())}")
@@ -337,6 +446,9 @@ def balancer_config_from_section(
     max_sessions = limits.number("max_sessions", int, 0, minimum=0)
     rate = limits.number("max_new_per_second", float, 0.0, minimum=0.0)
     rt_limit = limits.number("max_response_time", float, 0.0, minimum=0.0)
+    half_open_share = limits.number("half_open_share", float, BalancerConfig.half_open_share)
+    if not 0 < half_open_share <= 1:
+        raise limits.error("half_open_share", f"must be in (0, 1], got {half_open_share!r}")
     limits.done()
     tsec = top.section("timeouts")
     defaults = Timeouts()
@@ -344,7 +456,10 @@ def balancer_config_from_section(
     timeouts = Timeouts(**tvalues)
     tsec.done()
     lsec = top.section("labels")
-    quarantine = lsec.number("quarantine", float, 30.0, minimum=0.0)
+    quarantine = lsec.number("quarantine", float, BalancerConfig.label_quarantine, minimum=0.0)
+    flow_timeout = lsec.number("endpoint_flow_timeout", float, ENDPOINT_FLOW_TIMEOUT, minimum=0.0)
+    if quarantine < flow_timeout:
+        raise lsec.error("quarantine", quarantine_too_short(quarantine, flow_timeout))
     c2s_min = lsec.get("c2s_min", int, C2S_MIN)
     c2s_max = lsec.get("c2s_max", int, C2S_MAX)
     for key, value in (("c2s_min", c2s_min), ("c2s_max", c2s_max)):
@@ -355,11 +470,25 @@ def balancer_config_from_section(
     lsec.done()
     health = top.section("health")
     fail_threshold = health.number("fail_threshold", int, 3, minimum=1)
+    passive_window = health.number("passive_window", float, BalancerConfig.passive_window, minimum=0.0)
+    reset_on_down = health.get("reset_on_down", bool, False)
     rt_alpha = health.get("rt_alpha", float, 0.2)
     if not 0 < rt_alpha <= 1:
         raise health.error("rt_alpha", "must be in (0, 1]")
     health.done()
     l7 = top.get("l7", bool, True)
+    nsec = top.section("neighbors")
+    ndefaults = ResolverTimers()
+    neighbors = nsec.build(
+        "retry_min",
+        ResolverTimers,
+        retrans=nsec.number("retrans", float, ndefaults.retrans, minimum=0.001),
+        probes=nsec.number("probes", int, ndefaults.probes, minimum=1),
+        reachable=nsec.number("reachable", float, ndefaults.reachable, minimum=0.001),
+        retry_min=nsec.number("retry_min", float, ndefaults.retry_min, minimum=0.001),
+        retry_max=nsec.number("retry_max", float, ndefaults.retry_max, minimum=0.001),
+    )
+    nsec.done()
     return top.build(
         "(balancer)",
         BalancerConfig,
@@ -372,6 +501,10 @@ def balancer_config_from_section(
         max_new_per_second=rate,
         refuse_with=refuse,
         label_quarantine=quarantine,
+        endpoint_flow_timeout=flow_timeout,
+        half_open_share=half_open_share,
+        passive_window=passive_window,
+        reset_on_down=reset_on_down,
         c2s_min=c2s_min,
         c2s_max=c2s_max,
         timeouts=timeouts,
@@ -379,4 +512,118 @@ def balancer_config_from_section(
         rt_alpha=rt_alpha,
         rt_limit=rt_limit,
         l7=l7,
+        neighbors=neighbors,
     )
+
+
+# -- reload: what differs between the running configuration and a new one --------------------------------------
+#: Settings a running balancer takes from a new configuration (:class:`BalancerConfig` field -> configuration key).
+LIVE_SETTINGS = {
+    "algorithm": "algorithm",
+    "algorithm_params": "algorithm_params",
+    "max_sessions": "limits.max_sessions",
+    "max_new_per_second": "limits.max_new_per_second",
+    "refuse_with": "limits.refuse_with",
+    "rt_limit": "limits.max_response_time",
+    "fail_threshold": "health.fail_threshold",
+    "rt_alpha": "health.rt_alpha",
+    "l7": "l7",
+}
+#: Settings that cannot change while the balancer runs (field -> key): the label space is carved up by live sessions,
+#: and the quarantine ring relies on one constant delay.
+FIXED_SETTINGS = {"c2s_min": "labels.c2s_min", "c2s_max": "labels.c2s_max", "label_quarantine": "labels.quarantine"}
+_PORT_KEYS = {"port_id": "id", "line_card": "line_card", "number": "number", "mac": "mac", "role": "role",
+              "name": "name", "interface": "interface", "kind": "kind", "address": "address"}  # fmt: skip
+_VIP_KEYS = {"address": "address", "tcp_ports": "tcp", "udp_ports": "udp"}
+_SERVER_IDENTITY = {"address": "address", "mac": "mac", "port_id": "port"}
+FIXED_REASON = "cannot change while the balancer runs (restart it to change this)"
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What :func:`diff_configs` found between a running configuration and a new one.
+
+    ``added``/``removed``/``updated``: servers new, gone, and kept with a new weight or session limit. ``settings``:
+    the live-changeable settings that differ (field -> new value). ``changes``: one ``key:old->new`` line per
+    difference, for replies and logs. ``refused``: ``(key, reason)`` for each difference that cannot be applied
+    while running; a diff with any is applied not at all.
+    """
+
+    added: tuple[ServerConfig, ...] = ()
+    removed: tuple[str, ...] = ()
+    updated: tuple[ServerConfig, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    changes: tuple[str, ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
+
+
+def show_value(value: Any) -> str:
+    """A setting's value as the ``changes`` of a diff show it: no spaces (log lines are key=value)."""
+    if isinstance(value, bytes):
+        return _address_text(value) if len(value) in (4, 16) else value.hex(":")
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}={show_value(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, tuple):
+        return "[" + ",".join(show_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _fields_diff(key: str, old: Any, new: Any, names: Mapping[str, str]) -> list[tuple[str, Any, Any]]:
+    return [
+        (f"{key}.{shown}", getattr(old, name), getattr(new, name))
+        for name, shown in names.items()
+        if getattr(old, name) != getattr(new, name)
+    ]
+
+
+def diff_configs(old: BalancerConfig, new: BalancerConfig) -> ConfigDiff:
+    """Compare the running configuration ``old`` with ``new`` (see :class:`ConfigDiff`).
+
+    Servers are matched by name. A server's address, MAC and port are what it is (where its frames go): a change of
+    any under the same name is refused, naming the key; a new machine takes a new name (the old one is removed,
+    draining, and the new one added). Ports, virtual IPs and the label range cannot change while running.
+    """
+    refused: list[tuple[str, str]] = []
+    changes: list[str] = []
+    fixed: list[tuple[str, Any, Any]] = []
+    for key, olds, news, names in (("ports", old.ports, new.ports, _PORT_KEYS), ("vip", old.vips, new.vips, _VIP_KEYS)):
+        if len(olds) != len(news):
+            fixed.append((key, len(olds), len(news)))
+            continue
+        for i, (a, b) in enumerate(zip(olds, news, strict=True)):
+            fixed += _fields_diff(f"{key}[{i}]", a, b, names)
+    fixed += [(key, getattr(old, name), getattr(new, name)) for name, key in FIXED_SETTINGS.items()
+              if getattr(old, name) != getattr(new, name)]  # fmt: skip
+    for key, a, b in fixed:
+        refused.append((key, f"{show_value(a)} -> {show_value(b)}: {FIXED_REASON}"))
+    running = {s.name: s for s in old.servers}
+    wanted = {s.name for s in new.servers}
+    added: list[ServerConfig] = []
+    updated: list[ServerConfig] = []
+    for i, server in enumerate(new.servers):
+        was = running.get(server.name)
+        if was is None:
+            added.append(server)
+            changes.append(f"servers.{server.name}:added")
+            continue
+        for key, a, b in _fields_diff(f"servers[{i}]", was, server, _SERVER_IDENTITY):
+            why = "a server's address, mac and port cannot change under its name; give the new machine a new name"
+            refused.append((key, f"server {server.name!r}: {show_value(a)} -> {show_value(b)}: {why}"))
+        kept = _fields_diff(f"servers.{server.name}", was, server, {"weight": "weight", "max_sessions": "max_sessions"})
+        if kept:
+            updated.append(server)
+            changes += [f"{key}:{a}->{b}" for key, a, b in kept]
+    removed = tuple(s.name for s in old.servers if s.name not in wanted)
+    changes += [f"servers.{name}:removed" for name in removed]
+    settings: dict[str, Any] = {}
+    for name, key in LIVE_SETTINGS.items():
+        a, b = getattr(old, name), getattr(new, name)
+        if a != b:
+            settings[name] = b
+            changes.append(f"{key}:{show_value(a)}->{show_value(b)}")
+    if old.timeouts != new.timeouts:
+        settings["timeouts"] = new.timeouts
+        names = {name: name for name in vars(old.timeouts)}
+        for key, a, b in _fields_diff("timeouts", old.timeouts, new.timeouts, names):
+            changes.append(f"{key}:{show_value(a)}->{show_value(b)}")
+    return ConfigDiff(tuple(added), removed, tuple(updated), settings, tuple(changes), tuple(refused))

@@ -7,12 +7,26 @@ sits behind a :class:`~mplslb.drivers.loop.BalancerDriver` that reads bursts of 
 Ethernet interfaces, or MPLS-in-UDP), hands them to ``receive_batch`` and writes what comes back. Around it, in the
 same loop: active health checks (TCP connect or HTTP GET with interval, timeout, rise and fall, as keepalived and
 HAProxy do), the control socket that ``mplslb status`` talks to, and once a second a fresh snapshot of the figures
-that the Prometheus endpoint (its own thread) serves. SIGTERM and SIGINT stop the loop; every socket is closed and
-the control socket removed.
+that the HTTP endpoint (its own thread) serves: Prometheus ``/metrics`` and the status page (``/``, ``/status.json``
+with the last five minutes of :class:`~mplslb.control.history.StatusHistory`). Once running it tells systemd
+(``READY=1`` on ``$NOTIFY_SOCKET``, :mod:`mplslb.sdnotify`) and logs ``event=started`` with its addresses.
+SIGTERM and SIGINT stop the loop; every socket is closed and the control socket removed. SIGHUP (like
+``mplslb reload``) re-reads the configuration file at the loop's next turn and applies what changed, or refuses the
+file naming the key and keeps running as before (:meth:`Daemon.reload`).
+
+At start the balancer announces each virtual IP on its Ethernet client ports (gratuitous ARP, unsolicited neighbour
+advertisement), so a router that learned another MAC for it (a balancer before this one) takes ours. Server ports
+take ARP frames where an IPv4 server is resolved (configured without ``mac``), and IPv6 frames where an IPv6 server
+is, for the neighbour resolver; the probes it sends leave with the timer's frames.
+
+A server-side ``mpls_udp`` port reaches its servers across routed IP: each server's labelled frames go as
+MPLS-in-UDP to its address, port 6635, and only the servers configured on the port are heard (a server agent with
+``--balancer`` answers the same way).
 
 The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_from_section`) plus two tables:
 ``[health_check]`` (kind, port, path, expect_status, interval, timeout, rise, fall) and ``[control]`` (``socket``,
-``metrics`` as ``"addr:port"`` or ``""`` for none). Bad keys or values are rejected at load naming the key.
+``metrics`` as ``"addr:port"`` or ``""`` for none: the HTTP endpoint of the metrics and the status page). Bad keys
+or values are rejected at load naming the key.
 
 With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
 :class:`~mplslb.offload.driver.OffloadedBalancer`: established sessions' labels are installed in an XDP program on
@@ -35,14 +49,16 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
-from mplslb.balancing.servers import Server
+from mplslb.balancing.servers import Server, ServerConfig
 from mplslb.config import (
+    FIXED_REASON,
     BalancerConfig,
     ConfigError,
     PortConfig,
@@ -50,15 +66,20 @@ from mplslb.config import (
     balancer_config_from_section,
     load_toml,
     read_offload,
+    read_offload_syn_rate,
 )
 from mplslb.control.client import DEFAULT_SOCKET
-from mplslb.control.server import ControlServer, balancer_commands
+from mplslb.control.history import StatusHistory
+from mplslb.control.server import ControlServer, balancer_commands, follow_pool
 from mplslb.control.tables import RateTracker, snapshot
 from mplslb.drivers.afpacket import open_port
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
+from mplslb.logfmt import value
+from mplslb.resolver import MacChange
+from mplslb.sdnotify import notify
 from mplslb.state import StateError, StateStore, default_dir, open_balancer
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
@@ -73,6 +94,15 @@ SERVER_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC})
 SNAPSHOT_INTERVAL = 1.0
 
 
+def refusal_line(logged: dict[str, int], refused: Mapping[Any, int]) -> tuple[str, dict[str, int]]:
+    """The log line for the sessions admission refused since ``logged`` (counts by reason), "" if none, and the
+    counts to remember."""
+    now = {str(reason): n for reason, n in refused.items() if n}
+    new = {reason: n - logged.get(reason, 0) for reason, n in now.items() if n > logged.get(reason, 0)}
+    line = "event=refusing " + " ".join(f"{reason}={n}" for reason, n in sorted(new.items())) if new else ""
+    return line, now
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     balancer: BalancerConfig
@@ -81,6 +111,7 @@ class DaemonConfig:
     metrics: tuple[str, int] | None
     ring: bool
     offload: str = "none"  # "none" or "kernel"
+    offload_syn_rate: int = 0  # unlabelled TCP SYNs a second the kernel offload passes up (0: all)
     state_dir: str = ""  # "": nothing outlives the daemon; else where its state does (mplslb.state)
     instance: str = ""  # names the state directory's and the kernel offload's pins by default
 
@@ -121,6 +152,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     # end to end, request/response traffic ran about twice as fast on plain packet sockets. Plain is the default.
     ring = top.get("ring", bool, False)
     offload = read_offload(top)
+    syn_rate = read_offload_syn_rate(top, offload)
     ssec = top.section("state")
     persist = ssec.get("persist", bool, False)
     instance = ssec.get("instance", str, Path(path).stem)
@@ -137,18 +169,22 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     for index, port_config in enumerate(balancer.ports):
         if need_interfaces and port_config.kind == "ethernet" and not port_config.interface:
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
-        if port_config.kind == "mpls_udp" and port_config.role != "client":
-            # Servers sit on the balancer's own segments; MPLS-in-UDP is for clients across routed networks.
-            raise ConfigError(source, f"ports[{index}].kind", "mpls_udp is supported on client-side ports only")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
-    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, state_dir, instance)
+    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance)
 
 
 def _log_server(server: Server) -> None:
     """One line per change of a server's status."""
     reason = f" reason={server.down_reason}" if server.down_reason is not None else ""
-    log.warning("event=server_%s server=%s%s", server.status, server.name, reason)
+    log.warning("event=server_%s server=%s%s", server.status, value(server.name), reason)
+
+
+def _log_mac(change: MacChange) -> None:
+    """One line per change of a resolved server's MAC: found, moved (its sessions follow), lost."""
+    event = "found" if not change.old else "lost" if not change.new else "moved"
+    old, new = change.old.hex(":") or "-", change.new.hex(":") or "-"
+    log.warning("event=server_mac_%s server=%s old=%s new=%s", event, value(change.name), old, new)
 
 
 class StartError(RuntimeError):
@@ -191,13 +227,22 @@ def lock_interfaces(config: BalancerConfig, lock_dir: Path = LOCK_DIR) -> list[i
     return fds
 
 
+def server_side_ethertypes(servers: list[ServerConfig]) -> frozenset[int]:
+    """What a server port's packet socket takes in: labelled frames, and for the resolver ARP (when an IPv4 server
+    on the port is configured without a MAC) and IPv6 (neighbour discovery, for such an IPv6 server)."""
+    resolved = {len(server.address) for server in servers if not server.mac}
+    return (
+        SERVER_SIDE_ETHERTYPES | ({ETH_P_ARP} if 4 in resolved else set()) | ({ETH_P_IPV6} if 16 in resolved else set())
+    )
+
+
 def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
             try:
-                ports[port.port_id] = _open(port, ring=ring)
+                ports[port.port_id] = _open(port, config.servers, ring=ring)
             except OSError as exc:
                 if port.kind == "ethernet":
                     where = f"interface {port.interface!r}"
@@ -213,10 +258,14 @@ def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     return ports
 
 
-def _open(port: PortConfig, *, ring: bool) -> Port:
+def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool) -> Port:
+    here = [server for server in servers if server.port_id == port.port_id]
     if port.kind == "mpls_udp":
-        return MplsUdpPort(port.mac, address=str(ipaddress.ip_address(port.address)))
-    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else SERVER_SIDE_ETHERTYPES
+        address = str(ipaddress.ip_address(port.address))
+        if port.role == "client":
+            return MplsUdpPort(port.mac, address=address)
+        return MplsUdpPort(port.mac, address=address, peers=[server.address for server in here], learn=False)
+    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else server_side_ethertypes(here)
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
     return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True)
@@ -241,6 +290,7 @@ class Daemon:
         else:
             self.balancer = Balancer(config.balancer)
         self.balancer.pool.on_status = _log_server
+        self.balancer.on_mac = _log_mac
         bc = config.balancer
         log.info(
             "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s",
@@ -258,7 +308,9 @@ class Daemon:
             from mplslb.offload.driver import OffloadedBalancer
 
             try:
-                self.offloaded = OffloadedBalancer(self.balancer, self.loop, pins=self._pins(), fresh=fresh)
+                self.offloaded = OffloadedBalancer(
+                    self.balancer, self.loop, syn_rate=config.offload_syn_rate, pins=self._pins(), fresh=fresh
+                )
             except BaseException:
                 self._unlock()
                 self._close_store()
@@ -276,13 +328,19 @@ class Daemon:
             raise
         # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
         self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
+        self.announce()
         self.rates = RateTracker()
         self.socket_counts: dict[str, dict[str, int]] = {}
+        self._refused_logged: dict[str, int] = {}  # admission's refusals already logged, by reason
         self.latest: dict[str, Any] | None = None
+        # The status page's history; (snapshot, history points) published together for the HTTP thread.
+        self.history = StatusHistory()
+        self.published: tuple[dict[str, Any] | None, tuple[dict[str, Any], ...]] = (None, ())
         self.checker: HealthChecker | None = None
         self.probes: HealthProbeDriver | None = None
         if config.health is not None:
             self.checker = HealthChecker(config.health, [s.config.name for s in self.balancer.pool.servers])
+            self.balancer.confirm_passive = True  # unanswered SYNs only make a server suspect: the checks decide
             self.probes = HealthProbeDriver(
                 self.checker,
                 self._address_of,
@@ -294,15 +352,23 @@ class Daemon:
         self.control = ControlServer(
             config.control_socket,
             self._snapshot,
-            balancer_commands(self.balancer, clock=clock, health=self.checker),
+            balancer_commands(self.balancer, clock=clock, health=self.checker, reload=self.reload),
         )
         self.loop.add_reader(self.control.fileno(), self.control.on_readable)
         self.metrics = None
         if config.metrics is not None:
             from mplslb.control.metrics import start_metrics_server
 
-            self.metrics = start_metrics_server(config.metrics[1], config.metrics[0], lambda: self.latest)
+            self.metrics = start_metrics_server(
+                config.metrics[1], config.metrics[0], lambda: self.latest, page=lambda: self.published
+            )
         self._second_tick()
+
+    def announce(self) -> None:
+        """Tell the client side the VIPs are here (gratuitous ARP, unsolicited neighbour advertisements)."""
+        frames = self.balancer.announcements()
+        self.driver.write(frames)
+        log.info("event=vips_announced frames=%d", len(frames))
 
     def _address_of(self, name: str) -> bytes | None:
         return self.balancer.pool.get(name).config.address if name in self.balancer.pool else None
@@ -337,7 +403,9 @@ class Daemon:
             counts["kernel_received"] += received
             counts["kernel_dropped"] += dropped
             if dropped:
-                log.warning("event=kernel_drops port=%s dropped=%d total=%d", name, dropped, counts["kernel_dropped"])
+                log.warning(
+                    "event=kernel_drops port=%s dropped=%d total=%d", value(name), dropped, counts["kernel_dropped"]
+                )
 
     def _health_tick(self) -> None:
         assert self.probes is not None
@@ -346,20 +414,72 @@ class Daemon:
         deadline = self.probes.next_deadline()
         self.loop.call_at(max(now + 0.01, deadline if deadline is not None else now + 1.0), self._health_tick)
 
+    def _log_refusals(self) -> None:
+        """One line a second at most while admission refuses new sessions (see :func:`refusal_line`)."""
+        line, self._refused_logged = refusal_line(self._refused_logged, self.balancer.admission.refused)
+        if line:
+            log.warning("%s", line)
+
     def _second_tick(self) -> None:
         now = self.loop.clock()
         self._read_socket_counts()
+        self._log_refusals()
         if self.checker is not None:
+            follow_pool(self.checker, self.balancer, now)  # servers added, and retired ones that have left
             reconcile(self.balancer, self.checker, now)
         self.control.on_timer(now)
         # Swap the reference, never mutate: the metrics thread reads the latest snapshot.
         self.latest = self._with_offload(snapshot(self.balancer, health=self.checker, rates=self.rates, now=now))
+        self.history.record(self.latest)
+        self.published = (self.latest, self.history.points())
         self.loop.call_at(now + SNAPSHOT_INTERVAL, self._second_tick)
 
     def run(self, stop: threading.Event | None = None) -> None:
+        """Say the daemon is up (the start line with its addresses; READY=1 to systemd) and run the loop."""
+        page = "none"
+        if self.metrics is not None and self.config.metrics is not None:
+            host = self.config.metrics[0]
+            page = f"http://{f'[{host}]' if ':' in host else host}:{self.metrics.port}/"
+        log.info("event=started pid=%d status_page=%s control=%s", os.getpid(), page, value(self.config.control_socket))
+        notify(f"READY=1\nSTATUS=balancing; status page {page}")
         self.loop.run(stop)
 
+    #: The file the daemon was started from, which :meth:`reload` re-reads.
+    config_path: Path | None = None
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read :attr:`config_path` and apply what changed (:meth:`Balancer.reconfigure`); a file that does not
+        load, or changes what cannot change while running, is refused with its file, key and reason, and the
+        daemon keeps its configuration. Logs one line either way; returns the control reply."""
+        path = self.config_path
+        if path is None:
+            return {"error": "reload: the daemon was not started from a configuration file"}
+        try:
+            new = load_daemon_config(path)
+            running = self.config
+            for key, was, now in (
+                ("health_check", running.health, new.health),
+                ("control.socket", running.control_socket, new.control_socket),
+                ("control.metrics", running.metrics, new.metrics),
+                ("ring", running.ring, new.ring),
+                ("offload", running.offload, new.offload),
+            ):
+                if was != now:
+                    raise ConfigError(str(path), key, FIXED_REASON)
+            changes = self.balancer.reconfigure(new.balancer, source=str(path))
+        except ConfigError as exc:
+            log.warning(
+                "event=reload_refused file=%s key=%s reason=%s", value(exc.source), value(exc.key), value(exc.reason)
+            )
+            return {"error": f"reload refused: {exc}", "file": exc.source, "key": exc.key, "reason": exc.reason}
+        self.config = replace(self.config, balancer=self.balancer.config)
+        if self.checker is not None:
+            follow_pool(self.checker, self.balancer, self.loop.clock())
+        log.info("event=reload_ok file=%s changed=%s", value(path), value(",".join(changes) or "-"))
+        return {"ok": True, "file": str(path), "changes": list(changes)}
+
     def close(self) -> None:
+        notify("STOPPING=1")
         if self.metrics is not None:
             self.metrics.close()
         if self.probes is not None:
@@ -408,7 +528,12 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
         stop.set()
         daemon.loop.stop()
 
+    def hangup(_signum: int, _frame: object) -> None:  # reload at the loop's next turn, not inside a frame's work
+        daemon.loop.call_at(daemon.loop.clock(), daemon.reload)
+
+    daemon.config_path = Path(config_path)
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     try:
         if ready_file:
             Path(ready_file).write_text("ready\n")

@@ -45,10 +45,16 @@ class Flow:
         self.timer = 0  # serial of this flow's live expiry entry
 
 
+#: How long an endpoint keeps an idle flow's label (the agents' default ``flow_timeout``). The balancer's label
+#: quarantine must be at least this long (``labels.endpoint_flow_timeout``), so a label an endpoint may still send
+#: is never reused for another session.
+ENDPOINT_FLOW_TIMEOUT = 60.0
+
+
 class Endpoint:
     """What both endpoint sides share: the flow -> label table, its expiry, and counters."""
 
-    def __init__(self, *, mac: bytes, flow_timeout: float = 300.0, ttl: int = 64) -> None:
+    def __init__(self, *, mac: bytes, flow_timeout: float = ENDPOINT_FLOW_TIMEOUT, ttl: int = 64) -> None:
         if len(mac) != 6:
             raise ValueError("mac must be 6 bytes")
         self.mac = bytes(mac)
@@ -131,7 +137,9 @@ class Endpoint:
 class ServerEndpoint(Endpoint):
     """A labelled server: C2S label L in, S2C label L + 1 out, replies from the virtual IP."""
 
-    def __init__(self, *, mac: bytes, vips: Iterable[bytes], flow_timeout: float = 300.0, ttl: int = 64) -> None:
+    def __init__(
+        self, *, mac: bytes, vips: Iterable[bytes], flow_timeout: float = ENDPOINT_FLOW_TIMEOUT, ttl: int = 64
+    ) -> None:
         super().__init__(mac=mac, flow_timeout=flow_timeout, ttl=ttl)
         self.vips = frozenset(bytes(v) for v in vips)
 
@@ -181,7 +189,13 @@ class ClientEndpoint(Endpoint):
     """A labelled client: first packet unlabelled, then C2S label M - 1 for S2C label M."""
 
     def __init__(
-        self, *, mac: bytes, gateway_mac: bytes, flow_timeout: float = 300.0, ttl: int = 64, fallback: float = 0.0
+        self,
+        *,
+        mac: bytes,
+        gateway_mac: bytes,
+        flow_timeout: float = ENDPOINT_FLOW_TIMEOUT,
+        ttl: int = 64,
+        fallback: float = 0.0,
     ) -> None:
         """``fallback``: a flow that has heard nothing from the wire for this long (seconds; 0: never) sends its
         next packet unlabelled and forgets its label, so a session the balancer ended (its server down, an idle

@@ -6,12 +6,22 @@ The lab is a small data centre in network namespaces named ``<name>-<role>``::
 
     clients c1..cN --+                          +-- lc1p0 -- bs0 -- s1, s3, ...
                      brc -- lc0p0 [balancer]  --+
+    attackers a1.. --+                          |
     (udp: clients -- brc -- rt -- lc0p0)         +-- lc1p1 -- bs1 -- s2, s4, ...
 
 The switches (Linux bridges) live in ``<name>-sw``. Line card 0 of the balancer faces the clients, line card 1 the
 servers. Each server runs a stock nginx serving a page that names the server, and a server agent; each client runs
-a client agent, through which stock curl and wrk reach the virtual IPs. With ``transport = "udp"`` an IPv4 router
-namespace sits between the clients and the balancer and labelled traffic crosses it as MPLS-in-UDP (RFC 7510).
+a client agent, through which stock curl and wrk reach the virtual IPs. Attackers (``attackers = N``) sit on the
+clients' segment with an address and no agent: hosts that send whatever frames a test builds. With
+``transport = "udp"`` an IPv4 router namespace sits between the clients and the balancer and labelled traffic
+crosses it as MPLS-in-UDP (RFC 7510).
+With ``server_transport = "udp"`` the servers sit behind a router namespace instead (``<name>-rs``), on a routed
+subnet of their own, and the balancer reaches them as MPLS-in-UDP through one server-side ``mpls_udp`` port::
+
+    [balancer] lc1p0 10.81.0.1 -- 10.81.0.2 rs 10.82.0.1 -- bs0 -- s1, s2, ... (10.82.0.11, ...)
+
+With ``servers_by_ip`` the balancer's configuration names the servers by IP address only and the balancer resolves
+their MACs (ARP); :meth:`Lab.move_server` gives a server a new MAC, as a replaced interface would.
 
 ``up`` records every namespace it creates and every process it starts in ``<root>/<name>/state.json`` before the
 next step, so ``down`` (also after a failure, or from another command) stops processes by pid and deletes
@@ -66,6 +76,9 @@ class LabSpec:
     max_sessions: int = 0
     offload: str = "none"  # "kernel": established sessions' labels switched by the XDP offload
     datapath: str = "kernel"  # the agents' datapath: "kernel" (BPF on eth0), "tun" (through Python), "auto"
+    attackers: int = 0  # hosts on the clients' segment with an address and no agent (a1, a2, ...)
+    servers_by_ip: bool = False  # the balancer is given the servers' addresses only and resolves their MACs
+    server_transport: str = "ethernet"  # "udp": servers behind a router, reached as MPLS-in-UDP
 
     def __post_init__(self) -> None:
         if self.datapath not in ("kernel", "tun", "auto"):
@@ -76,8 +89,14 @@ class LabSpec:
             raise ValueError("lab name: 1-10 lowercase letters and digits, starting with a letter")
         if self.transport not in ("ethernet", "udp"):
             raise ValueError("transport must be ethernet or udp")
+        if self.server_transport not in ("ethernet", "udp"):
+            raise ValueError("server_transport must be ethernet or udp")
+        if self.server_transport == "udp" and self.offload != "none":
+            raise ValueError("the kernel offload switches between ethernet ports: not with server_transport udp")
         if not 1 <= self.clients <= 50 or not 1 <= self.servers <= 50:
             raise ValueError("clients and servers must be within 1..50")
+        if not 0 <= self.attackers <= 9 or (self.attackers and self.transport != "ethernet"):
+            raise ValueError("attackers must be within 0..9, on the ethernet transport")
         if self.weights and len(self.weights) != self.servers:
             raise ValueError("give one weight per server")
 
@@ -115,6 +134,15 @@ class Lab:
     def server_ns(self, j: int) -> str:
         return self.ns(f"s{j + 1}")
 
+    def attacker_ns(self, k: int) -> str:
+        return self.ns(f"a{k + 1}")
+
+    def attacker_addr(self, k: int) -> str:
+        return f"10.77.0.{201 + k}"
+
+    def attacker_mac(self, k: int) -> str:
+        return _mac(0xA7, k + 1)
+
     def server_name(self, j: int) -> str:
         return f"s{j + 1}"
 
@@ -124,7 +152,18 @@ class Lab:
         return f"fd77::{11 + i:x}" if v6 else f"10.77.0.{11 + i}"
 
     def server_addr(self, j: int) -> str:
+        if self.spec.server_transport == "udp":
+            return f"10.82.0.{11 + j}"
         return f"10.78.{j % 2}.{11 + j}"
+
+    def server_mac(self, j: int) -> str:
+        """The MAC server ``j``'s interface was created with."""
+        return _mac(0x5E, j + 1)
+
+    @property
+    def server_port_count(self) -> int:
+        """The balancer's server-side ports: two Ethernet ports, or one MPLS-in-UDP port toward the router."""
+        return 1 if self.spec.server_transport == "udp" else 2
 
     @property
     def control_socket(self) -> str:
@@ -248,18 +287,51 @@ class Lab:
                 with NetNS(self.client_ns(i)) as ns:
                     ns.route("add", dst="10.80.0.0/24", gateway="10.79.0.1")
             client_ports.append(f"c{i + 1}")
+        for k in range(spec.attackers):
+            self._create_ns(self.attacker_ns(k))
+            self._veth(sw, f"a{k + 1}", self.attacker_ns(k), "eth0", self.attacker_mac(k))
+            self._addr(self.attacker_ns(k), "eth0", f"{self.attacker_addr(k)}/24")
+            client_ports.append(f"a{k + 1}")
         self._bridge(sw, "brc", client_ports)
+        if spec.server_transport == "udp":
+            self._build_routed_servers(sw)
+            return
         server_ports: dict[int, list[str]] = {0: [], 1: []}
         for card_port in (0, 1):
             self._veth(sw, f"lbs{card_port}", self.lb, f"lc1p{card_port}", _mac(0x4C, 0x10 + card_port))
             self._addr(self.lb, f"lc1p{card_port}", f"10.78.{card_port}.1/24")
             server_ports[card_port].append(f"lbs{card_port}")
         for j in range(spec.servers):
-            self._veth(sw, f"s{j + 1}", self.server_ns(j), "eth0", _mac(0x5E, j + 1))
+            self._veth(sw, f"s{j + 1}", self.server_ns(j), "eth0", self.server_mac(j))
             self._addr(self.server_ns(j), "eth0", f"{self.server_addr(j)}/24")
             server_ports[j % 2].append(f"s{j + 1}")
         for card_port, ports in server_ports.items():
             self._bridge(sw, f"bs{card_port}", ports)
+
+    def _build_routed_servers(self, sw: str) -> None:
+        """The servers on 10.82.0.0/24 behind router ``rs``, which the balancer reaches on 10.81.0.0/24."""
+        rs = self.ns("rs")
+        self._create_ns(rs)
+        with NetNS(rs) as ns:
+            ns.link("add", ifname="eth0", kind="veth", peer={"ifname": "lc1p0", "net_ns_fd": self.lb})
+            ns.link("set", index=ns.link_lookup(ifname="eth0")[0], address=_mac(0x73, 0), state="up")
+        with NetNS(self.lb) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lc1p0")[0], address=_mac(0x4C, 0x10), state="up")
+        self._addr(rs, "eth0", "10.81.0.2/24")
+        self._addr(self.lb, "lc1p0", "10.81.0.1/24")
+        self._veth(sw, "rs1", rs, "eth1", _mac(0x73, 1))
+        self._addr(rs, "eth1", "10.82.0.1/24")
+        self._sysctl(rs, "ipv4/ip_forward", "1")
+        with NetNS(self.lb) as ns:
+            ns.route("add", dst="10.82.0.0/24", gateway="10.81.0.2")
+        ports = ["rs1"]
+        for j in range(self.spec.servers):
+            self._veth(sw, f"s{j + 1}", self.server_ns(j), "eth0", self.server_mac(j))
+            self._addr(self.server_ns(j), "eth0", f"{self.server_addr(j)}/24")
+            with NetNS(self.server_ns(j)) as ns:
+                ns.route("add", dst="10.81.0.0/24", gateway="10.82.0.1")
+            ports.append(f"s{j + 1}")
+        self._bridge(sw, "bs0", ports)
 
     # -- processes ---------------------------------------------------------------------------------------------
     def _spawn(self, key: str, argv: list[str], *, ns: str | None = None) -> subprocess.Popen[bytes]:
@@ -311,9 +383,10 @@ class Lab:
                     raise LabError(f"{key} not ready after {READY_TIMEOUT} s: {self.log(key)[-2000:]}")
                 time.sleep(0.05)
 
-    def _datapath(self) -> str:
+    def _datapath(self, udp: bool | None = None) -> str:
         # MPLS-in-UDP is not in the kernel datapath: the agents would refuse it and fall back to tun anyway
-        return "tun" if self.spec.transport == "udp" and self.spec.datapath == "kernel" else self.spec.datapath
+        udp = self.spec.transport == "udp" if udp is None else udp
+        return "tun" if udp and self.spec.datapath == "kernel" else self.spec.datapath
 
     def datapaths(self) -> dict[str, str]:
         """The datapath each agent runs, as its ready file says."""
@@ -349,13 +422,40 @@ class Lab:
     def _start_servers(self) -> None:
         keys = []
         for j in range(self.spec.servers):
-            name = self.server_name(j)
             self.start_nginx(j)
-            key = f"agent-{name}"
-            self._mplslb(key, self.server_ns(j), "agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6,
-                         "--datapath", self._datapath())  # fmt: skip
-            keys.append(key)
+            keys.append(self._start_server_agent(j))
         self._wait_ready(keys)
+
+    def _start_server_agent(self, j: int) -> str:
+        key = f"agent-{self.server_name(j)}"
+        udp = self.spec.server_transport == "udp"
+        # A udp lab runs every agent on tun (the servers too, when only the clients' side is routed).
+        datapath = self._datapath(True if udp else None)
+        args = ["agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6, "--datapath", datapath]
+        if udp:
+            args += ["--balancer", "10.81.0.1", "--udp-local", self.server_addr(j)]
+        (self.dir / f"{key}.ready").unlink(missing_ok=True)
+        self._mplslb(key, self.server_ns(j), *args)
+        return key
+
+    def move_server(self, j: int, mac: str, *, announce: bool = True) -> None:
+        """Give server ``j``'s interface the MAC ``mac``, as a replaced interface would have, and restart its agent
+        (an agent learns its MAC when it starts). With ``announce`` the kernel sends a gratuitous ARP as the MAC
+        changes (``arp_notify``); without, the balancer only finds the server again by resolving it."""
+        key = f"agent-{self.server_name(j)}"
+        _stop_pid(self.state.pids[key], self.procs.get(key))
+        ns_name = self.server_ns(j)
+        self._sysctl(ns_name, "ipv4/conf/eth0/arp_notify", "1" if announce else "0")
+        with NetNS(ns_name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="eth0")[0], address=mac)
+        self._wait_ready([self._start_server_agent(j)])
+
+    def restart_balancer(self) -> None:
+        """Stop the balancer daemon and start it again with the same configuration."""
+        _stop_pid(self.state.pids["balancer"], self.procs.get("balancer"))
+        (self.dir / "balancer.ready").unlink(missing_ok=True)
+        self._mplslb("balancer", self.lb, "balancer", "--config", str(self.dir / "lb.toml"))
+        self._wait_ready(["balancer"])
 
     def _start_balancer(self) -> None:
         (self.dir / "lb.toml").write_text(self.balancer_toml())
@@ -391,7 +491,7 @@ class Lab:
         ]
         if udp:
             lines += ['kind = "mpls_udp"', 'address = "10.80.0.1"']
-        for card_port in (0, 1):
+        for card_port in range(self.server_port_count):
             lines += [
                 "",
                 "[[ports]]",
@@ -403,6 +503,8 @@ class Lab:
                 'role = "server"',
                 f'mac = "{_mac(0x4C, 0x10 + card_port)}"',
             ]
+            if spec.server_transport == "udp":
+                lines += ['kind = "mpls_udp"', 'address = "10.81.0.1"']
         for vip in (VIP4, VIP6):
             lines += ["", "[[vip]]", f'address = "{vip}"', "tcp = [80]", f"udp = [{LAB_UDP_PORT}]"]
         for j in range(spec.servers):
@@ -412,8 +514,8 @@ class Lab:
                 "[[servers]]",
                 f'name = "{self.server_name(j)}"',
                 f'address = "{self.server_addr(j)}"',
-                f'mac = "{_mac(0x5E, j + 1)}"',
-                f"port = {1 + j % 2}",
+                *([] if spec.servers_by_ip or spec.server_transport == "udp" else [f'mac = "{self.server_mac(j)}"']),
+                f"port = {1 + j % self.server_port_count}",
                 f"weight = {weight}",
             ]
         lines += [
@@ -426,7 +528,12 @@ class Lab:
             "closed_linger = 1.0",
             "",
             "[labels]",
-            "quarantine = 5.0",
+            "quarantine = 60.0",
+            "",
+            "[neighbors]",  # resolving servers named by address: quick, for a lab's tests
+            "retrans = 0.5",
+            "reachable = 10.0",
+            "retry_max = 4.0",
             "",
             "[health_check]",
             'kind = "http"',
@@ -470,10 +577,13 @@ class Lab:
         bodies += [""] * (count - len(bodies))
         return bodies[:count]
 
-    def wrk(self, client: int, *, seconds: int = 3, connections: int = 8) -> dict[str, float]:
+    def wrk(
+        self, client: int, *, seconds: int = 3, connections: int = 8, headers: tuple[str, ...] = ()
+    ) -> dict[str, float]:
+        extra = [arg for header in headers for arg in ("-H", header)]
         out = self.run_in(
             self.client_ns(client),
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://{VIP4}/"],
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, f"http://{VIP4}/"],
             timeout=seconds + 30,
         ).stdout
         figures: dict[str, float] = {}

@@ -7,27 +7,43 @@ of labels. The table finds a session by its flow key (for unlabelled frames, cla
 reports from the fast path). The lifecycle is a transition table, in the manner of h11's ``_state.py``:
 
     state           event           -> state
-    START           SERVER_REPLY    -> ESTABLISHED      the server answered (SYN-ACK, first UDP reply)
-    START           CLIENT_FIN      -> CLOSING_CLIENT
-    START           SERVER_FIN      -> CLOSING_SERVER
+    START           SYN_ACK         -> ANSWERED         the server answered a TCP SYN (half-open still)
+    ANSWERED        CLIENT_ACK      -> ESTABLISHED      the client completed the handshake
+    START           SERVER_REPLY    -> ESTABLISHED      a UDP (or other) flow's first reply
+    START           SERVER_RST      -> ENDING           the server refused the SYN
+    (half-open)     CLIENT_RST, FIN -> unchanged        the half-open timeout decides (see below)
     ESTABLISHED     CLIENT_FIN      -> CLOSING_CLIENT   the client sent FIN
     ESTABLISHED     SERVER_FIN      -> CLOSING_SERVER   the server sent FIN
-    CLOSING_CLIENT  SERVER_FIN      -> CLOSED           both sides sent FIN
-    CLOSING_SERVER  CLIENT_FIN      -> CLOSED
-    (live)          RST             -> CLOSED
+    CLOSING_CLIENT  SERVER_FIN      -> ENDING           both sides sent FIN
+    CLOSING_SERVER  CLIENT_FIN      -> ENDING
+    (open)          CLIENT_RST, SERVER_RST -> ENDING
+    ENDING          QUIET           -> CLOSED           the linger passed with no traffic after the close
+    ENDING          REVIVE          -> ESTABLISHED      traffic went on: the RST/FIN was not believed
+    (half-open)     EVICTED         -> CLOSED           the oldest half-open session made room for a new SYN
     (live)          IDLE_TIMEOUT    -> CLOSED           per protocol and per state
     (live)          SERVER_DOWN     -> INTERRUPTED      its server failed, was removed or set down
-    (live)          SERVER_REPLY, a repeated FIN        -> unchanged (retransmissions change nothing)
+    (live)          a retransmission (SYN_ACK, SERVER_REPLY, a repeated FIN or RST) -> unchanged
+
+(half-open) is START and ANSWERED, (open) is ESTABLISHED and the CLOSING states, (live) every non-final state.
 
 Everything that changes a session's state goes through the table (h11's rule): which side has sent FIN is the
 state itself, and the response-time measurement the balancer runs from the session's own frames (SYN -> SYN-ACK,
 request -> first response byte, within a budget of watched frames) is :meth:`SessionTable.observe`, which also
-makes the START -> ESTABLISHED transition.
+makes the START -> ANSWERED -> ESTABLISHED transitions.
 
-CLOSED and INTERRUPTED are final. A closed session lingers a short while (``closed_linger``) before its labels are
-withdrawn so the last ACK of a TCP close still reaches its peer; an interrupted one is withdrawn at once. An event
-the table does not list for a state raises :class:`InvalidTransition` and leaves the session unchanged: the
-balancer only feeds events it has decoded, so this is a programming error, not bad input.
+Trust: no frame ends a session on its own word. Anyone on a client's segment can forge a client's frame, labelled
+or not, so an RST or the second FIN only moves the session to ENDING, which keeps its labels and keeps forwarding.
+When the linger (``closed_linger``) expires, the session closes only if none of its frames passed more than half
+the linger after the close event (the labels' last-seen times, kept by the switching unit, say so at no cost per
+frame); otherwise it is revived (counted in :attr:`SessionTable.revived`). A real close is quiet within a round
+trip, so it ends at the linger's end; a forged one is followed by the endpoints' own traffic. Half-open sessions
+are cheap to shed instead: they live ``tcp_start`` seconds from their SYN whatever is sent, an RST or FIN changes
+nothing for them, and :meth:`SessionTable.oldest_half_open` finds the oldest for eviction when their share of the
+table is used up.
+
+CLOSED and INTERRUPTED are final, and a final session's labels are withdrawn at once (the linger happened in
+ENDING). An event the table does not list for a state raises :class:`InvalidTransition` and leaves the session
+unchanged: the balancer only feeds events it has decoded, so this is a programming error, not bad input.
 
 Idle timeouts are lazy (as IPVS does): each live session has one deadline in a heap; when it fires, the session's
 last activity (the later of its two labels' last-seen times, kept by the switching unit) decides whether it has
@@ -39,6 +55,7 @@ from __future__ import annotations
 import math
 import struct
 from array import array
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -59,40 +76,63 @@ if TYPE_CHECKING:
 
 class SessionState(StrEnum):
     START = "start"
+    ANSWERED = "answered"  # the server sent SYN-ACK, the client has not completed the handshake
     ESTABLISHED = "established"
     CLOSING_CLIENT = "closing_client"  # the client sent FIN
     CLOSING_SERVER = "closing_server"  # the server sent FIN
+    ENDING = "ending"  # an RST or the second FIN: closes at the linger's end unless traffic goes on
     CLOSED = "closed"
     INTERRUPTED = "interrupted"
 
 
 class SessionEvent(StrEnum):
     SERVER_REPLY = "server_reply"
+    SYN_ACK = "syn_ack"
+    CLIENT_ACK = "client_ack"
     CLIENT_FIN = "client_fin"
     SERVER_FIN = "server_fin"
-    RST = "rst"
+    CLIENT_RST = "client_rst"
+    SERVER_RST = "server_rst"
+    QUIET = "quiet"
+    REVIVE = "revive"
+    EVICTED = "evicted"
     IDLE_TIMEOUT = "idle_timeout"
     SERVER_DOWN = "server_down"
 
 
 S, E = SessionState, SessionEvent
-LIVE_STATES = (S.START, S.ESTABLISHED, S.CLOSING_CLIENT, S.CLOSING_SERVER)
+HALF_OPEN_STATES = frozenset({S.START, S.ANSWERED})
+OPEN_STATES = (S.ESTABLISHED, S.CLOSING_CLIENT, S.CLOSING_SERVER)
+LIVE_STATES = (S.START, S.ANSWERED, *OPEN_STATES, S.ENDING)
 CLOSING_STATES = frozenset({S.CLOSING_CLIENT, S.CLOSING_SERVER})
+_ENDS = (E.CLIENT_FIN, E.SERVER_FIN, E.CLIENT_RST, E.SERVER_RST)
 
 TRANSITIONS: dict[tuple[SessionState, SessionEvent], SessionState] = {
+    (S.START, E.SYN_ACK): S.ANSWERED,
     (S.START, E.SERVER_REPLY): S.ESTABLISHED,
-    (S.START, E.CLIENT_FIN): S.CLOSING_CLIENT,
-    (S.START, E.SERVER_FIN): S.CLOSING_SERVER,
+    (S.START, E.SERVER_RST): S.ENDING,
+    (S.ANSWERED, E.SYN_ACK): S.ANSWERED,
+    (S.ANSWERED, E.CLIENT_ACK): S.ESTABLISHED,
+    **{
+        (state, event): state
+        for state in HALF_OPEN_STATES
+        for event in _ENDS
+        if (state, event) != (S.START, E.SERVER_RST)
+    },
+    **{(state, E.EVICTED): S.CLOSED for state in HALF_OPEN_STATES},
     (S.ESTABLISHED, E.SERVER_REPLY): S.ESTABLISHED,
     (S.ESTABLISHED, E.CLIENT_FIN): S.CLOSING_CLIENT,
     (S.ESTABLISHED, E.SERVER_FIN): S.CLOSING_SERVER,
     (S.CLOSING_CLIENT, E.SERVER_REPLY): S.CLOSING_CLIENT,
     (S.CLOSING_CLIENT, E.CLIENT_FIN): S.CLOSING_CLIENT,
-    (S.CLOSING_CLIENT, E.SERVER_FIN): S.CLOSED,
+    (S.CLOSING_CLIENT, E.SERVER_FIN): S.ENDING,
     (S.CLOSING_SERVER, E.SERVER_REPLY): S.CLOSING_SERVER,
     (S.CLOSING_SERVER, E.SERVER_FIN): S.CLOSING_SERVER,
-    (S.CLOSING_SERVER, E.CLIENT_FIN): S.CLOSED,
-    **{(state, E.RST): S.CLOSED for state in LIVE_STATES},
+    (S.CLOSING_SERVER, E.CLIENT_FIN): S.ENDING,
+    **{(state, event): S.ENDING for state in OPEN_STATES for event in (E.CLIENT_RST, E.SERVER_RST)},
+    **{(S.ENDING, event): S.ENDING for event in (*_ENDS, E.SERVER_REPLY)},
+    (S.ENDING, E.QUIET): S.CLOSED,
+    (S.ENDING, E.REVIVE): S.ESTABLISHED,
     **{(state, E.IDLE_TIMEOUT): S.CLOSED for state in LIVE_STATES},
     **{(state, E.SERVER_DOWN): S.INTERRUPTED for state in LIVE_STATES},
 }
@@ -100,6 +140,8 @@ FINAL_STATES = frozenset({S.CLOSED, S.INTERRUPTED})
 del S, E
 
 _SYN_ACK = int(TCPFlag.SYN | TCPFlag.ACK)
+_SYN = int(TCPFlag.SYN)
+_ACK = int(TCPFlag.ACK)
 _RST = int(TCPFlag.RST)
 _FIN = int(TCPFlag.FIN)
 #: How many watched frames a session may spend on its response-time measurement before watching stops.
@@ -112,9 +154,13 @@ class InvalidTransition(RuntimeError):
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Idle timeouts in seconds, per protocol and state (IPVS's defaults are tcp 900, tcpfin 120, udp 300)."""
+    """Idle timeouts in seconds, per protocol and state (IPVS's defaults are tcp 900, tcpfin 120, udp 300).
 
-    tcp_start: float = 10.0
+    ``tcp_start`` is the life of a half-open TCP session (START or ANSWERED), counted from its SYN whatever it
+    sends; ``closed_linger`` how long an ENDING session keeps its labels before its close is believed (or not).
+    """
+
+    tcp_start: float = 5.0
     tcp_established: float = 900.0
     tcp_closing: float = 120.0
     udp: float = 300.0
@@ -128,8 +174,10 @@ class Timeouts:
 
     def idle(self, proto: int, state: SessionState) -> float:
         if proto == IPPROTO_TCP:
-            if state is SessionState.START:
+            if state in HALF_OPEN_STATES:
                 return self.tcp_start
+            if state is SessionState.ENDING:
+                return self.closed_linger
             if state in CLOSING_STATES:
                 return self.tcp_closing
             return self.tcp_established
@@ -241,13 +289,16 @@ class Observation(NamedTuple):
     server_replied: bool  # the server's first answer to the session (passive health: a success)
     request_seen: bool  # the client's first request bytes: the C2S label need not be watched any more
     done: bool  # the measurement is over: neither label need be watched any more
+    handshake_done: bool = False  # the client's ACK completed the TCP handshake (ANSWERED -> ESTABLISHED)
 
 
 _STATES: tuple[SessionState, ...] = (SessionState.START, *SessionState)  # code 0 is a free row (never read)
 _CODE = {state: code for code, state in enumerate(_STATES) if code}
 _FREE = 0
 _START, _ESTABLISHED = _CODE[SessionState.START], _CODE[SessionState.ESTABLISHED]
+_ANSWERED, _ENDING = _CODE[SessionState.ANSWERED], _CODE[SessionState.ENDING]
 _FINAL_CODES = frozenset(_CODE[state] for state in FINAL_STATES)
+_HALF_OPEN_CODES = frozenset(_CODE[state] for state in HALF_OPEN_STATES)
 #: A flow key as a row stores it: protocol, address length, ports, source and destination (IPv4 zero-padded).
 _KEY = struct.Struct("!BBHH16s16s")
 KEY_SIZE = 40
@@ -268,14 +319,17 @@ class SessionTable:
     remembers the earliest deadline armed, and :meth:`due` finds the rows whose time has come with one vectorised
     pass, so arming costs nothing per frame and the driver decides how often to look.
 
-    ``on_end`` is called once for each session that reaches a final state, at that moment (its labels may still
-    linger a while): the load balancing unit counts it off its server there.
+    ``on_end`` is called when a session stops counting as live: when it becomes ENDING (most ENDING sessions are
+    over: they count for neither the global limit nor their server's load) or reaches a final state from any
+    other state. The load balancing unit counts it off its server there, and back on in ``on_revive`` when an
+    ENDING session's traffic goes on.
     """
 
     def __init__(
         self,
         timeouts: Timeouts | None = None,
         on_end: Callable[[Session], None] | None = None,
+        on_revive: Callable[[Session], None] | None = None,
         *,
         c2s_min: int = C2S_MIN,
         c2s_max: int = C2S_MAX,
@@ -283,6 +337,7 @@ class SessionTable:
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.on_end = on_end
+        self.on_revive = on_revive
         self.c2s_min = c2s_min
         rows = (c2s_max - c2s_min) // 2 + 1
         self.rows = rows
@@ -301,6 +356,8 @@ class SessionTable:
         self.start_time = store.array("sessions.start_time", "d", rows)
         self.request_at = store.array("sessions.request_at", "d", rows)
         self.end_time = store.array("sessions.end_time", "d", rows)
+        # When the RST or second FIN that made the session ENDING came.
+        self.ending_at = store.array("sessions.ending_at", "d", rows)
         self.deadline = store.array("sessions.deadline", "d", rows)
         self.keys = store.array("sessions.keys", "B", KEY_SIZE * rows)
         self.client_mac = store.array("sessions.client_mac", "B", ETH_ALEN * rows)
@@ -320,7 +377,12 @@ class SessionTable:
         self.started = 0  # sessions ever opened
         self.ended: dict[str, int] = {}  # sessions taken out of the table, by end reason
         self.peak = 0
-        self.live = 0  # sessions not yet closed or interrupted (closed ones may still linger in the table)
+        self.live = 0  # sessions not yet closed, interrupted or ENDING
+        self.half_open = 0  # live TCP sessions in START or ANSWERED
+        self.revived = 0  # ENDING sessions whose traffic went on: the RST or FIN was not believed
+        # (row, its SYN's time) of TCP sessions in the order they opened; entries of rows no longer half-open
+        # are skipped when met (and swept when they outnumber the live ones).
+        self._half_open_fifo: deque[tuple[int, float]] = deque()
 
     # -- rows -------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -383,6 +445,7 @@ class SessionTable:
         self.start_time[pair] = now
         self.request_at[pair] = 0.0
         self.end_time[pair] = 0.0
+        self.ending_at[pair] = 0.0
         self._count += 1
         self.started += 1
         self.live += 1
@@ -390,7 +453,29 @@ class SessionTable:
         session = Session(self, pair)
         self.arm(session, now + self.timeouts.idle(key.proto, SessionState.START))
         self.state[pair] = _START
+        if key.proto == IPPROTO_TCP:
+            self.half_open += 1
+            self._queue_half_open(pair, now)
         return session
+
+    def _queue_half_open(self, pair: int, started: float) -> None:
+        fifo = self._half_open_fifo
+        fifo.append((pair, started))
+        if len(fifo) > 2 * self.half_open + 64:
+            self._half_open_fifo = deque(entry for entry in fifo if self._is_half_open(*entry))
+
+    def _is_half_open(self, pair: int, started: float) -> bool:
+        return self.state[pair] in _HALF_OPEN_CODES and self.start_time[pair] == started
+
+    def oldest_half_open(self) -> Session | None:
+        """The half-open TCP session that opened first, or None (amortised O(1): stale entries are dropped)."""
+        fifo = self._half_open_fifo
+        while fifo:
+            pair, started = fifo[0]
+            if self._is_half_open(pair, started):
+                return Session(self, pair)
+            fifo.popleft()
+        return None
 
     def lookup(self, key: FlowKey) -> Session | None:
         packed = _KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
@@ -430,20 +515,35 @@ class SessionTable:
         new = TRANSITIONS.get((old, event))
         if new is None or self.state[pair] == _FREE:
             raise InvalidTransition(f"{event} not allowed in state {old} ({session!r})")
+        if new is SessionState.ENDING and old is not SessionState.ENDING:
+            self.ending_at[pair] = now  # before the state byte: an ENDING row always has its close's time
         self.state[pair] = _CODE[new]
+        if old in HALF_OPEN_STATES and new not in HALF_OPEN_STATES and self.proto[pair] == IPPROTO_TCP:
+            self.half_open -= 1
         if new in FINAL_STATES:
             self.end_time[pair] = now
             self.final_state[pair] = _CODE[new]
             self.end_reason[pair] = self._reason(reason or str(event))
             self.rt_budget[pair] = 0
-            self.live -= 1
-            if self.on_end is not None:
-                self.on_end(session)
-            if new is SessionState.CLOSED and event is not SessionEvent.IDLE_TIMEOUT:
+            if old is not SessionState.ENDING:  # an ENDING session was counted off when it began to end
+                self._counted_off(session)
+        elif new is SessionState.ENDING:
+            if old is not SessionState.ENDING:
                 self.arm(session, now + self.timeouts.closed_linger)
-        elif new is not old:
+                self._counted_off(session)
+        elif new is not old and new not in HALF_OPEN_STATES:  # a half-open session keeps its SYN's deadline
+            if event is SessionEvent.REVIVE:
+                self.revived += 1
+                self.live += 1
+                if self.on_revive is not None:
+                    self.on_revive(session)
             self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
         return new
+
+    def _counted_off(self, session: Session) -> None:
+        self.live -= 1
+        if self.on_end is not None:
+            self.on_end(session)
 
     def _reason(self, reason: str) -> int:
         code = self._reason_code.get(reason)
@@ -459,19 +559,36 @@ class SessionTable:
         if self.state[session.pair] in _FINAL_CODES:
             return
         if flags & _RST:
-            self.apply(session, SessionEvent.RST, now, "rst")
+            self.apply(session, SessionEvent.CLIENT_RST if from_client else SessionEvent.SERVER_RST, now)
         elif flags & _FIN:
-            self.apply(session, SessionEvent.CLIENT_FIN if from_client else SessionEvent.SERVER_FIN, now, "fin")
+            self.apply(session, SessionEvent.CLIENT_FIN if from_client else SessionEvent.SERVER_FIN, now)
+
+    def client_ack(self, session: Session, flags: int, now: float) -> bool:
+        """A client's TCP segment (``flags``, -1 unknown): True when its ACK completed the handshake."""
+        if self.state[session.pair] != _ANSWERED or flags < 0 or flags & (_ACK | _SYN | _RST) != _ACK:
+            return False
+        self.apply(session, SessionEvent.CLIENT_ACK, now)
+        return True
+
+    def linger_over(self, session: Session, last_active: float, now: float) -> SessionState:
+        """An ENDING session's linger expired: CLOSED if nothing of it passed more than half the linger after the
+        close event (``last_active``: its labels' last-seen time), otherwise revived."""
+        grace = self.ending_at[session.pair] + self.timeouts.closed_linger / 2
+        if last_active > grace:
+            return self.apply(session, SessionEvent.REVIVE, now)
+        return self.apply(session, SessionEvent.QUIET, now, "closed")
 
     def observe(
         self, session: Session, *, from_client: bool, tcp_flags: int, payload_len: int, now: float
     ) -> Observation:
         """A watched frame of ``session`` (``tcp_flags`` -1 when not TCP): time the server's responses from the
         session's own frames, SYN -> SYN-ACK (or a UDP request -> its first reply) and request -> first response
-        byte, within :data:`WATCH_BUDGET` frames. The server's first answer moves the session to ESTABLISHED."""
+        byte, within :data:`WATCH_BUDGET` frames. The server's first answer moves a TCP session to ANSWERED (another to
+        ESTABLISHED); the client's ACK after it, which is looked for whatever the budget, completes the handshake."""
         pair = session.pair
+        handshake = from_client and self.client_ack(session, tcp_flags, now)
         if self.rt_budget[pair] <= 0 or self.state[pair] in _FINAL_CODES:
-            return Observation(None, False, False, True)
+            return Observation(None, False, False, True, handshake)
         self.rt_budget[pair] -= 1
         sample: float | None = None
         replied = request = False
@@ -479,7 +596,7 @@ class SessionTable:
         if not from_client and self.state[pair] == _START:
             if not tcp or (tcp_flags >= 0 and tcp_flags & _SYN_ACK == _SYN_ACK):
                 sample, replied = now - self.start_time[pair], True
-                self.apply(session, SessionEvent.SERVER_REPLY, now)
+                self.apply(session, SessionEvent.SYN_ACK if tcp else SessionEvent.SERVER_REPLY, now)
                 if not tcp:
                     self.rt_budget[pair] = 0  # a UDP flow's first reply times its request: done
         elif payload_len:
@@ -488,7 +605,7 @@ class SessionTable:
             elif self.request_at[pair]:
                 sample = now - self.request_at[pair]
                 self.rt_budget[pair] = 0
-        return Observation(sample, replied, request, self.rt_budget[pair] <= 0)
+        return Observation(sample, replied, request, self.rt_budget[pair] <= 0, handshake)
 
     def request_seen(self, session: Session, now: float) -> bool:
         """The client sent request bytes; True when they are the session's first (the request is timed from
@@ -539,9 +656,13 @@ class SessionTable:
         """Free ``pair``'s row as it lies in the arrays, before :meth:`restore` (adoption's repairs)."""
         self.state[pair] = _FREE
 
-    def restore(self, servers: dict[int, Server]) -> list[int]:
-        """Rebuild what is derived from the rows (the key index, the counts, the next deadline) after adopting
-        them; ``servers`` names the servers the rows' indices refer to. Returns the live rows."""
+    def restore(self, servers: dict[int, Server], now: float) -> list[int]:
+        """Rebuild what is derived from the rows after adopting them: the key index, the counts, the half-open
+        sessions' queue (oldest first) and the deadlines. ``servers`` names the servers the rows' indices refer to.
+
+        A half-open TCP session's wait starts again at ``now`` (its answer, or the client's ACK, may have passed
+        while no daemon watched); an ENDING session lingers until its close's time plus ``closed_linger``. Returns
+        the live rows (neither final nor ENDING)."""
         state = np.frombuffer(self.state, dtype=np.uint8)
         rows = np.flatnonzero(state).tolist()
         self._servers.update(servers)
@@ -553,12 +674,27 @@ class SessionTable:
                 raise ValueError(f"rows {found} and {pair} hold the same flow key")
             slots[slot] = pair
             self.home[pair] = hash(packed) & mask
-        live = [pair for pair in rows if state[pair] not in _FINAL_CODES]
+        live = [pair for pair in rows if state[pair] not in _FINAL_CODES and state[pair] != _ENDING]
+        half_open = [pair for pair in live if state[pair] in _HALF_OPEN_CODES and self.proto[pair] == IPPROTO_TCP]
+        half_open.sort(key=lambda pair: (self.start_time[pair], pair))  # the order they opened in
+        self._half_open_fifo = deque()
+        self.half_open = len(half_open)
         self._count = len(rows)
         self.live = len(live)
         self.peak = max(self.peak, self._count)
         deadlines = self._np_deadline[np.asarray(rows, dtype=np.intp)]
         self._next = float(deadlines.min()) if deadlines.size else math.inf
+        linger = self.timeouts.closed_linger
+        for pair in rows:
+            if state[pair] == _ENDING:
+                if not 0 < self.ending_at[pair] <= now:
+                    self.ending_at[pair] = now
+                self.arm(Session(self, pair), self.ending_at[pair] + linger)
+        wait = now + self.timeouts.tcp_start
+        for pair in half_open:
+            self.start_time[pair] = now
+            self.arm(Session(self, pair), wait)
+            self._queue_half_open(pair, now)
         return live
 
     # -- deadlines --------------------------------------------------------------------------------------------------

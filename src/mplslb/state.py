@@ -66,8 +66,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, overload
 
 import numpy as np
 
-from mplslb.wire.ip import IPPROTO_TCP
-
 if TYPE_CHECKING:
     from mplslb.balancer import Balancer
     from mplslb.config import BalancerConfig
@@ -79,7 +77,8 @@ log = logging.getLogger("mplslb.state")
 Column = Any
 
 MAGIC: Final = b"MPLSLBST"
-FORMAT_VERSION: Final = 1
+#: Changes whenever what a column's values mean changes (the session state codes, the switching entry's fields).
+FORMAT_VERSION: Final = 2
 HEADER_SIZE: Final = 1 << 16
 _HEADER = struct.Struct("=8sII")  # magic, format version, length of the JSON description after it
 STATE_FILE: Final = "state.bin"
@@ -421,8 +420,6 @@ def open_balancer(
 
 def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
     """Rebuild what is derived from the adopted rows, after checking every pair (see the module's docstring)."""
-    from mplslb.sessions import Session, SessionState
-
     report = AdoptReport()
     sessions, labels, switching, pool = balancer.sessions, balancer.labels, balancer.switching, balancer.pool
     switching.restore()
@@ -474,15 +471,12 @@ def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
     store.validate()
     labels.restore()
     servers = {s.index: s for s in pool.servers}
-    live = sessions.restore(servers)
+    # A half-open session's wait starts again (an unanswered SYN's answer, an answered one's ACK, may have come
+    # while no daemon ran: the restart's gap is never taken for the server's failure to answer); an ENDING one
+    # lingers until its close's time plus the linger, and counts for no server.
+    live = sessions.restore(servers, now)
     for pair in live:
         pool.session_started(servers[sessions.server[pair]])
-        session = Session(sessions, pair)
-        if session.state is SessionState.START and session.proto == IPPROTO_TCP:
-            # An unanswered SYN's answer may have come while no daemon ran: the wait starts again, so the
-            # restart's gap is never taken for the server's failure to answer.
-            sessions.start_time[pair] = now
-            sessions.arm(session, now + sessions.timeouts.idle(IPPROTO_TCP, SessionState.START))
     report.sessions = len(sessions)
     report.live = len(live)
     report.quarantined = labels.quarantined_count
@@ -490,7 +484,11 @@ def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
 
 
 def _bindings_agree(balancer: Balancer, pair: int, server: Any) -> bool:
-    """Both labels of ``pair`` are installed exactly as the session row and its server say."""
+    """Both labels of ``pair`` are installed exactly as the session row and its server say: ports, next hops, peers,
+    peer IPs and each direction's flow binding. A server whose MAC is not known yet (resolved from its address)
+    agrees with the one its labels hold, as long as both labels hold the same."""
+    from mplslb.switching.table import flow_key
+
     t, s = balancer.switching, balancer.sessions
     c2s = s.c2s_min + 2 * pair
     s2c = c2s + 1
@@ -498,15 +496,18 @@ def _bindings_agree(balancer: Balancer, pair: int, server: Any) -> bool:
         return False
     key = s.key_of(pair)
     client_port, client_mac = s.client_port[pair], bytes(s.client_mac[pair * 6 : pair * 6 + 6])
-    port, mac = server.config.port_id, server.config.mac
-    c2s_row = (t.out_port[c2s], t.next_hop_of(c2s), t.in_port[c2s], t.peer[c2s], t.peer_ip[c2s])
-    s2c_row = (t.out_port[s2c], t.next_hop_of(s2c), t.in_port[s2c], t.peer[s2c], t.peer_ip[s2c])
-    return c2s_row == (port, mac, client_port, client_mac, key.src) and s2c_row == (
+    port, mac = server.config.port_id, server.mac or t.next_hop_of(c2s)
+    c2s_row = (t.out_port[c2s], t.next_hop_of(c2s), t.in_port[c2s], t.peer[c2s], t.peer_ip[c2s], t.flow[c2s])
+    s2c_row = (t.out_port[s2c], t.next_hop_of(s2c), t.in_port[s2c], t.peer[s2c], t.peer_ip[s2c], t.flow[s2c])
+    c2s_flow = flow_key(key.src, key.dst, (key.sport, key.dport))
+    s2c_flow = flow_key(key.dst, key.src, (key.dport, key.sport))
+    return c2s_row == (port, mac, client_port, client_mac, key.src, c2s_flow) and s2c_row == (
         client_port,
         client_mac,
         port,
         mac,
         key.dst,
+        s2c_flow,
     )
 
 

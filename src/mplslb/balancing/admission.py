@@ -40,12 +40,13 @@ from mplslb.wire.ipv4 import build_ipv4
 from mplslb.wire.ipv6 import build_ipv6
 from mplslb.wire.tcp import TCPFlag, build_tcp
 
-__all__ = ["AdmissionControl", "Refusal", "RefuseWith"]
+__all__ = ["AdmissionControl", "Refusal", "RefuseWith", "reset_frame", "tcp_reset"]
 
 _TOKEN_EPSILON = 1e-9
 ICMP_PORT_UNREACHABLE_V4 = 3
 ICMP_PORT_UNREACHABLE_V6 = 4
 _RST_ACK = int(TCPFlag.RST | TCPFlag.ACK)
+_RST = int(TCPFlag.RST)
 _SEQ_MASK = 0xFFFFFFFF
 
 
@@ -65,6 +66,24 @@ class RefuseWith(StrEnum):
     RST = "rst"
     ICMP = "icmp"
     DROP = "drop"
+
+
+def tcp_reset(key: FlowKey, *, ip_version: int, seq: int, ack: int | None, syn: bool, payload_len: int) -> bytes:
+    """The RST (an IP packet from ``key.dst``) answering a TCP segment of ``key`` that has no connection, as RFC 793
+    generates it: a segment with an ACK (``ack``) gets seq = that ACK, which is the receiver's RCV.NXT and so
+    accepted exactly (RFC 5961); one without gets seq 0 and an ACK of everything it occupied."""
+    if ack is not None:
+        segment = build_tcp(key.dst, key.src, key.dport, key.sport, seq=ack, ack=0, flags=_RST, window=0)
+    else:
+        end = (seq + payload_len + (1 if syn else 0)) & _SEQ_MASK
+        segment = build_tcp(key.dst, key.src, key.dport, key.sport, seq=0, ack=end, flags=_RST_ACK, window=0)
+    header = build_ipv6 if ip_version == 6 else build_ipv4
+    return header(key.dst, key.src, IPPROTO_TCP, len(segment)) + segment
+
+
+def reset_frame(packet: bytes, *, ip_version: int, client_mac: bytes, port_mac: bytes) -> bytes:
+    """``packet`` (from the virtual IP) in an Ethernet frame to the client."""
+    return build_ethernet(client_mac, port_mac, ETH_P_IPV6 if ip_version == 6 else ETH_P_IP) + packet
 
 
 def _zero_counts() -> dict[Refusal, int]:
@@ -174,13 +193,10 @@ class AdmissionControl:
             return None
         v6 = ip_version == 6
         if mode is RefuseWith.RST and key.proto == IPPROTO_TCP:
-            ack = (tcp_seq + 1 + payload_len) & _SEQ_MASK
-            segment = build_tcp(key.dst, key.src, key.dport, key.sport, seq=0, ack=ack, flags=_RST_ACK, window=0)
-            header = build_ipv6 if v6 else build_ipv4
-            packet = header(key.dst, key.src, IPPROTO_TCP, len(segment)) + segment
+            packet = tcp_reset(key, ip_version=ip_version, seq=tcp_seq, ack=None, syn=True, payload_len=payload_len)
         else:
             code = None
             if mode is RefuseWith.RST:
                 code = ICMP_PORT_UNREACHABLE_V6 if v6 else ICMP_PORT_UNREACHABLE_V4
             packet = build_icmp_unreachable(key.dst, key.src, datagram, code=code)
-        return build_ethernet(client_mac, port_mac, ETH_P_IPV6 if v6 else ETH_P_IP) + packet
+        return reset_frame(packet, ip_version=ip_version, client_mac=client_mac, port_mac=port_mac)

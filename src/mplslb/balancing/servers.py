@@ -7,14 +7,25 @@ wraps each in a mutable :class:`Server` that carries its live state: a status, a
 counts, passive health and a response time estimate. Status moves as::
 
     UP <--drain()/mark_up()--> DRAINING
-    UP, DRAINING --mark_down() or fail_threshold consecutive failures--> DOWN --mark_up()--> UP
+    UP, DRAINING --mark_down() or passive health's verdict--> DOWN --mark_up()--> UP
+    UP, DRAINING, DOWN --retire()--> REMOVING --last session ends--> (out of the pool)
+
+Passive health judges what the server answered, never what it did not see: ``fail_threshold`` consecutive
+failures are needed, and unanswered SYNs count only while the server has answered none of its new sessions for
+``passive_window`` seconds (a SYN flood or an overloaded path loses SYNs of a server that still answers the rest).
+When an active check runs, unanswered SYNs only make the server suspect and the check decides.
 
 A DOWN server carries a :class:`DownReason`, and the reason decides what may bring it back: an operator's
 ``admin`` down stays until an operator acts, a ``removed`` server is gone, and a down for its health (the active
 check's ``health_check``, passive health's ``no_reply`` and ``refused``) is lifted when the active check passes
 (:attr:`DownReason.lifted_by_check`). Acting on health verdicts is :mod:`mplslb.balancing.health_policy`.
 
-DRAINING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
+Removing a server the gentle way (:meth:`ServerPool.retire`) is a drain that ends in removal: the server is
+*leaving*, takes no new session, and leaves the pool when its last session ends (at once if it has none). Nothing
+brings a leaving server back: a passing health check does not, and a DOWN on the way out (its sessions then
+interrupted) only speeds its exit. :meth:`ServerPool.remove` takes a server out at once.
+
+DRAINING, REMOVING and DOWN servers keep the sessions they already serve (those are switched on their labels and never
 come back here); they only stop receiving new ones. A server takes a new session when it is *eligible*: UP,
 weight > 0, below its own session limit, and not overloaded (its response time estimate above the pool's
 ``rt_limit``). Refusing new sessions to a slow server protects the sessions it is already serving (claim 4,
@@ -48,6 +59,7 @@ class ServerStatus(StrEnum):
     UP = "up"
     DRAINING = "draining"
     DOWN = "down"
+    REMOVING = "removing"  # draining, then out of the pool when its last session ends
 
 
 class DownReason(StrEnum):
@@ -80,7 +92,8 @@ class ServerConfig:
     """A server as configured.
 
     ``address`` is the server's real IP address (4 or 16 bytes), used for health checks and display; packets
-    reach it by ``mac`` on the balancer port ``port_id``. ``max_sessions`` 0 means no per-server limit.
+    reach it by ``mac`` on the balancer port ``port_id``. An empty ``mac`` means the balancer resolves it from the
+    address (:mod:`mplslb.resolver`). ``max_sessions`` 0 means no per-server limit.
     """
 
     name: str
@@ -96,8 +109,8 @@ class ServerConfig:
         where = f"server {self.name!r}"
         if not isinstance(self.address, bytes) or len(self.address) not in (4, 16):
             raise ValueError(f"{where}: address must be 4 (IPv4) or 16 (IPv6) bytes, got {self.address!r}")
-        if not isinstance(self.mac, bytes) or len(self.mac) != 6:
-            raise ValueError(f"{where}: mac must be 6 bytes, got {self.mac!r}")
+        if not isinstance(self.mac, bytes) or len(self.mac) not in (0, 6):
+            raise ValueError(f"{where}: mac must be 6 bytes (or empty: resolved), got {self.mac!r}")
         for field_name in ("port_id", "weight", "max_sessions"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -110,14 +123,18 @@ class Server:
     __slots__ = (
         "_rt_limit",
         "active",
+        "answered_at",
         "config",
         "down_reason",
         "failures",
         "index",
+        "leaving",
+        "mac",
         "refused",
         "rt_ewma",
         "rt_samples",
         "status",
+        "suspected",
         "total",
         "weight",
     )
@@ -131,9 +148,14 @@ class Server:
         self.total = 0
         self.refused = 0
         self.failures = 0
+        self.answered_at = -math.inf  # when passive health last saw the server answer a new session
+        self.suspected = 0  # passive failures left to the active health check to confirm
         self.rt_ewma: float | None = None
         self.rt_samples = 0
         self.down_reason: DownReason | None = None
+        self.leaving = False  # retired: leaves the pool when its last session ends
+        #: The MAC its frames go to now: the configured one, or as resolved (b"": not known, no new sessions).
+        self.mac = config.mac
         self._rt_limit = rt_limit
 
     @property
@@ -155,13 +177,16 @@ class Server:
 
     @property
     def in_service(self) -> bool:
-        """UP with a weight > 0: meant to take sessions, even if momentarily full or overloaded."""
-        return self.status is ServerStatus.UP and self.weight > 0
+        """UP with a weight > 0 and a known MAC: meant to take sessions, even if momentarily full or overloaded."""
+        return self.status is ServerStatus.UP and self.weight > 0 and bool(self.mac)
 
     @property
     def eligible(self) -> bool:
         """True if the server may take a new session now."""
-        return self.status is ServerStatus.UP and self.weight > 0 and not self.full and not self.overloaded
+        return (
+            self.status is ServerStatus.UP and self.weight > 0 and self.mac != b"" and not self.full
+            and not self.overloaded
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return (
@@ -173,8 +198,10 @@ class Server:
 class ServerPool:
     """The set of servers behind the balancer and their live state.
 
-    ``fail_threshold`` consecutive passive failures take a server DOWN. ``rt_alpha`` is the EWMA smoothing
-    factor in (0, 1]. ``rt_limit`` > 0 (seconds) stops new sessions to a server whose estimate exceeds it.
+    ``fail_threshold`` consecutive passive failures take a server DOWN, but unanswered SYNs (``NO_REPLY``) only
+    when the server has answered none of its new sessions for ``passive_window`` seconds. ``rt_alpha`` is the
+    EWMA smoothing factor in (0, 1]. ``rt_limit`` > 0 (seconds) stops new sessions to a server whose estimate
+    exceeds it.
     """
 
     def __init__(
@@ -184,7 +211,11 @@ class ServerPool:
         fail_threshold: int = 3,
         rt_alpha: float = 0.2,
         rt_limit: float = 0.0,
+        passive_window: float = 10.0,
     ) -> None:
+        if not (math.isfinite(passive_window) and passive_window >= 0):
+            raise ValueError(f"passive_window must be a finite number of seconds >= 0, got {passive_window!r}")
+        self.passive_window = passive_window
         if isinstance(fail_threshold, bool) or not isinstance(fail_threshold, int) or fail_threshold < 1:
             raise ValueError(f"fail_threshold must be an integer >= 1, got {fail_threshold!r}")
         if not (0.0 < rt_alpha <= 1.0):
@@ -230,6 +261,33 @@ class ServerPool:
         self.version += 1
         return server
 
+    def retire(self, name: str) -> bool:
+        """Remove a server once its sessions are over: it takes no new session (status REMOVING, or DOWN if it is)
+        and leaves the pool when its last session ends. True if it left at once (it had no session)."""
+        server = self.get(name)
+        if server.active == 0:
+            self.remove(name)
+            return True
+        if not server.leaving:
+            server.leaving = True
+            if server.status is not ServerStatus.DOWN:
+                server.status = ServerStatus.REMOVING
+                self._told(server)
+            self.version += 1
+        return False
+
+    def update(self, config: ServerConfig) -> bool:
+        """Take a server's new weight and session limit (``config`` names a server in the pool and keeps its
+        address, MAC and port). True if anything changed."""
+        server = self.get(config.name)
+        old = server.config
+        if (old.address, old.mac, old.port_id) != (config.address, config.mac, config.port_id):
+            raise ValueError(f"server {config.name!r}: address, mac and port cannot change in place")
+        changed = old != config or server.weight != config.weight
+        server.config = config
+        self.set_weight(config.name, config.weight)
+        return changed
+
     def get(self, name: str) -> Server:
         """The server called ``name``. Raises KeyError naming it if there is none."""
         try:
@@ -266,6 +324,22 @@ class ServerPool:
             server.weight = weight
             self.version += 1
 
+    def set_health_settings(self, *, fail_threshold: int, rt_alpha: float, rt_limit: float) -> None:
+        """Change the passive-health threshold, the response-time smoothing and the overload limit (as the
+        constructor checks them); every server, present and future, uses the new values."""
+        probe = ServerPool(fail_threshold=fail_threshold, rt_alpha=rt_alpha, rt_limit=rt_limit)
+        self.fail_threshold, self.rt_alpha, self._rt_limit = probe.fail_threshold, probe.rt_alpha, probe._rt_limit
+        for server in self._servers:
+            server._rt_limit = rt_limit
+        self.version += 1
+
+    def set_mac(self, name: str, mac: bytes) -> None:
+        """The MAC a server's frames go to now (as resolved; b"": unknown, so it takes no new session)."""
+        server = self.get(name)
+        if bool(server.mac) != bool(mac):
+            self.version += 1  # in or out of service
+        server.mac = mac
+
     def drain(self, name: str) -> bool:
         """Stop new sessions to an UP server while its existing ones finish. True if the status changed."""
         server = self.get(name)
@@ -281,9 +355,9 @@ class ServerPool:
         return self._take_down(self.get(name), reason)
 
     def mark_up(self, name: str) -> bool:
-        """Bring a DRAINING or DOWN server back UP. True if the status changed."""
+        """Bring a DRAINING or DOWN server back UP. True if the status changed. A leaving server stays out."""
         server = self.get(name)
-        if server.status is ServerStatus.UP:
+        if server.status is ServerStatus.UP or server.leaving:
             return False
         if server.status is ServerStatus.DOWN:
             # The old estimate and failure streak describe the server that failed, not the one coming back.
@@ -321,6 +395,12 @@ class ServerPool:
         if server.active <= 0:
             raise ValueError(f"server {server.name!r} has no active session to end")
         server.active -= 1
+        if server.leaving and server.active == 0 and self._by_name.get(server.name) is server:
+            self.remove(server.name)
+
+    def session_resumed(self, server: Server) -> None:
+        """Count again a session of ``server`` that was counted off as ending but went on."""
+        server.active += 1
 
     def session_refused(self, server: Server) -> None:
         """Count a new session refused because ``server``, in service, was at its session limit or overloaded."""
@@ -336,16 +416,31 @@ class ServerPool:
             server.rt_ewma += self.rt_alpha * (seconds - server.rt_ewma)
         server.rt_samples += 1
 
-    def record_success(self, server: Server) -> None:
-        """A session or probe succeeded: the consecutive failure count starts over."""
+    def record_success(self, server: Server, now: float | None = None) -> None:
+        """A session or probe succeeded (at ``now``: the server answered): the consecutive failure count starts
+        over."""
         server.failures = 0
+        if now is not None:
+            server.answered_at = max(server.answered_at, now)
 
-    def record_failure(self, server: Server, reason: DownReason) -> bool:
+    def record_failure(
+        self, server: Server, reason: DownReason, now: float | None = None, *, confirm: bool = False
+    ) -> bool:
         """Passive health: count a failure (e.g. an unanswered SYN, reason ``NO_REPLY``).
 
-        Returns True if this failure took the server DOWN (``fail_threshold`` consecutive failures).
+        Returns True if this failure took the server DOWN: ``fail_threshold`` consecutive failures and, for
+        ``NO_REPLY`` at ``now``, no answer to any new session for ``passive_window`` seconds (a server answering
+        some of its SYNs is alive: the rest were lost to a flood or an overloaded path, not to the server). With
+        ``confirm`` (an active health check runs) an unanswered SYN only makes the server suspect (counted in
+        :attr:`Server.suspected`) and the check's verdict decides.
         """
         server.failures += 1
-        if server.failures >= self.fail_threshold:
-            return self._take_down(server, reason)
-        return False
+        if server.failures < self.fail_threshold:
+            return False
+        if reason is DownReason.NO_REPLY:
+            if now is not None and now - server.answered_at < self.passive_window:
+                return False
+            if confirm:
+                server.suspected += 1
+                return False
+        return self._take_down(server, reason)

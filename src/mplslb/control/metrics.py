@@ -1,6 +1,7 @@
-"""Prometheus ``/metrics`` from the daemon's latest snapshot.
+"""Prometheus ``/metrics`` from the daemon's latest snapshot (and, on the balancer's endpoint, the status page of
+:mod:`.page`).
 
-The HTTP server runs in a thread of prometheus_client's; it never touches the balancer. The daemon loop builds a
+The HTTP server runs in a thread of its own; it never touches the balancer. The daemon loop builds a
 snapshot (:func:`mplslb.control.tables.snapshot`) every second and publishes it by swapping one reference, which
 ``get_snapshot`` returns; a scrape reads that dict, so a published snapshot must never be mutated.
 """
@@ -12,13 +13,16 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from mplslb.balancing.servers import ServerStatus
+from mplslb.control.page import StatusSource, serve, status_app
 
 __all__ = ["AgentCollector", "MetricsServer", "SnapshotCollector", "start_metrics_server"]
 
 SnapshotSource = Callable[[], Mapping[str, Any] | None]
-_SERVER_STATES = ("up", "draining", "down")
+_SERVER_STATES = tuple(str(status) for status in ServerStatus)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -48,8 +52,11 @@ class SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.get_snapshot()
-        if not snap:
-            return
+        if snap:
+            yield from self.metrics(snap)
+
+    def metrics(self, snap: Mapping[str, Any]) -> Iterator[Metric]:
+        """The metrics of one snapshot (the balancer's here; a subclass reads another kind)."""
         sessions = snap["sessions"]
         frames = snap["frames"]
         labels = snap["labels"]
@@ -116,7 +123,9 @@ class SnapshotCollector:
 
         up = gauge("mplslb_server_up", "1 if the server takes new sessions (status up), else 0.")
         state = GaugeMetricFamily(
-            "mplslb_server_state", "1 for the server's status (up, draining, down).", labels=["server", "state"]
+            "mplslb_server_state",
+            "1 for the server's status (up, draining, down, removing).",
+            labels=["server", "state"],
         )
         weight = gauge("mplslb_server_weight", "Current weight.")
         active = gauge("mplslb_server_active", "Live sessions on the server.")
@@ -130,12 +139,15 @@ class SnapshotCollector:
         health = gauge("mplslb_server_health", "Active health check verdict: 1 up, 0 down (absent if unchecked).")
         checks = counter("mplslb_server_health_checks_total", "Health probes finished.")
         failed = counter("mplslb_server_health_checks_failed_total", "Health probes failed.")
+        resolved = gauge("mplslb_server_mac_known", "1 if the MAC the server's frames go to is known (configured or "
+                         "resolved), else 0: no new sessions.")  # fmt: skip
         for row in rows:
             name = [row["name"]]
             up.add_metric(name, 1.0 if row["status"] == "up" else 0.0)
             for s in _SERVER_STATES:
                 state.add_metric([row["name"], s], 1.0 if row["status"] == s else 0.0)
             weight.add_metric(name, row["weight"])
+            resolved.add_metric(name, 1.0 if row.get("mac") else 0.0)
             active.add_metric(name, row["active"])
             total.add_metric(name, row["total"])
             refused.add_metric(name, row.get("refused", 0))
@@ -150,7 +162,23 @@ class SnapshotCollector:
                 health.add_metric(name, 1.0 if h["up"] else 0.0)
                 checks.add_metric(name, h["checks"])
                 failed.add_metric(name, h["failed_checks"])
-        yield from (up, state, weight, active, total, refused, pin, pout, bin_, bout, rt, health, checks, failed)
+        yield from (
+            up,
+            state,
+            weight,
+            active,
+            total,
+            refused,
+            pin,
+            pout,
+            bin_,
+            bout,
+            rt,
+            health,
+            checks,
+            failed,
+            resolved,
+        )
 
 
 class MetricsServer:
@@ -182,16 +210,10 @@ class MetricsServer:
         self.close()
 
 
-class AgentCollector:
+class AgentCollector(SnapshotCollector):
     """An endpoint agent's figures (:func:`mplslb.agents.agent_snapshot`) as ``mplslb_agent_*`` metrics."""
 
-    def __init__(self, get_snapshot: SnapshotSource) -> None:
-        self.get_snapshot = get_snapshot
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self.get_snapshot()
-        if not snap:
-            return
+    def metrics(self, snap: Mapping[str, Any]) -> Iterator[Metric]:
         agent = snap["agent"]
         yield _gauge("mplslb_agent_flows", "Flows whose label the agent remembers.", agent["flows"])
         yield _by_label(
@@ -211,11 +233,16 @@ def start_metrics_server(
     addr: str,
     get_snapshot: SnapshotSource,
     *,
-    collector: type[SnapshotCollector | AgentCollector] = SnapshotCollector,
+    collector: type[SnapshotCollector] = SnapshotCollector,
+    page: StatusSource | None = None,
 ) -> MetricsServer:
     """Serve ``/metrics`` on ``addr:port`` (port 0: any free port) from ``get_snapshot()`` through ``collector``
-    (the balancer's by default), with a registry of its own (no process/GC collectors of the default registry)."""
+    (the balancer's by default), with a registry of its own (no process/GC collectors of the default registry).
+    With ``page``, the same endpoint serves the status page (``/``) and ``/status.json`` from ``page()``."""
     registry = CollectorRegistry()
     registry.register(collector(get_snapshot))
-    httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    if page is None:
+        httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    else:
+        httpd, thread = serve(addr, port, status_app(page, make_wsgi_app(registry)))
     return MetricsServer(httpd, thread, registry)

@@ -2,7 +2,8 @@
 socket in spirit.
 
 Requests: ``{"cmd": "status"}`` answers ``{"ok": true, "status": <snapshot>}``; every other command goes to the
-``command`` callable (:func:`balancer_commands` gives the standard ones: ``drain``, ``weight``, ``down``, ``up``).
+``command`` callable (:func:`balancer_commands` gives the standard ones: servers added, removed, drained, weighted,
+taken down and up; the algorithm and admission limits set; the configuration file reloaded).
 A request the server cannot use gets ``{"error": "..."}``. One request per connection: the server closes the
 connection once the reply is written.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import selectors
 import socket
@@ -26,13 +28,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mplslb.balancing.servers import DownReason, ServerStatus
+from mplslb.balancing.algorithms import algorithm_names
+from mplslb.balancing.servers import DownReason, Server, ServerStatus
+from mplslb.config import ConfigError, Section, read_server, show_value
 
 if TYPE_CHECKING:
     from mplslb.balancer import Balancer
     from mplslb.health import HealthChecker
 
-__all__ = ["COMMANDS", "ControlServer", "balancer_commands"]
+__all__ = ["COMMANDS", "LIMITS", "ControlServer", "balancer_commands", "follow_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,9 @@ MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 16
 CLIENT_TIMEOUT = 5.0
 RECV_SIZE = 65536
-COMMANDS = ("status", "drain", "weight", "down", "up")
+COMMANDS = ("status", "add", "remove", "drain", "weight", "down", "up", "algorithm", "limit", "reload")
+#: The admission limits the ``limit`` command sets.
+LIMITS = ("max_sessions", "max_new_per_second")
 
 Request = dict[str, Any]
 Reply = dict[str, Any]
@@ -284,11 +290,51 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(f"{path}: another daemon answers on this control socket")
 
 
-def balancer_commands(
-    balancer: Balancer, *, clock: Callable[[], float], health: HealthChecker | None = None
-) -> Callable[[Request], Reply]:
-    """The standard ``command`` callable for :class:`ControlServer`, acting on ``balancer`` (in the loop thread):
+def follow_pool(health: HealthChecker, balancer: Balancer, now: float) -> None:
+    """Health-check exactly the servers in the pool: start checking added ones, stop checking those that left."""
+    names = {server.name for server in balancer.pool}
+    for name in health.names:
+        if name not in names:
+            health.remove(name)
+    for name in names - set(health.names):
+        health.add(name, now)
 
+
+def _server_reply(name: str, server: Server, before: tuple[ServerStatus, int], changes: list[str]) -> Reply:
+    status: ServerStatus = server.status
+    return {
+        "ok": True,
+        "server": name,
+        "status": str(status),
+        "weight": server.weight,
+        "changed": (status, server.weight) != before,
+        "changes": changes,
+    }
+
+
+def _limit_value(name: str, value: object) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"limit: {name} must be a number >= 0 (0: no limit), got {value!r}")
+    if name == "max_sessions" and not isinstance(value, int):
+        raise ValueError(f"limit: max_sessions must be an integer >= 0 (0: no limit), got {value!r}")
+    return value
+
+
+def balancer_commands(
+    balancer: Balancer,
+    *,
+    clock: Callable[[], float],
+    health: HealthChecker | None = None,
+    reload: Callable[[], Reply] | None = None,
+) -> Callable[[Request], Reply]:
+    """The standard ``command`` callable for :class:`ControlServer`, acting on ``balancer`` (in the loop thread).
+
+    Servers (``S`` a server's name):
+
+    * ``{"cmd": "add", "server": {"name": S, "address": A, "mac": M, "port": P, "weight": W, "max_sessions": N}}``:
+      the keys and checks of a configuration file's ``[[servers]]`` entry; S takes new sessions at once.
+    * ``{"cmd": "remove", "server": S}``: no new sessions to S; it leaves the pool when its last session ends
+      (status ``removing`` meanwhile). With ``"now": true`` its sessions are interrupted and labels withdrawn.
     * ``{"cmd": "drain", "server": S}``: no new sessions to S; its sessions finish.
     * ``{"cmd": "weight", "server": S, "weight": W}``: W >= 0 (0 keeps S's sessions, sends it no new ones).
     * ``{"cmd": "down", "server": S}``: S down (reason ``admin``): its sessions are interrupted, labels withdrawn;
@@ -296,13 +342,29 @@ def balancer_commands(
     * ``{"cmd": "up", "server": S}``: S up again, unless its health check says down (it then comes back by itself
       after ``rise`` passing probes).
 
-    Replies ``{"ok": true, "server": S, "status": ..., "weight": ..., "changed": bool}``.
+    They reply ``{"ok": true, "server": S, "status": ..., "weight": ..., "changed": bool, "changes": [...]}``.
+
+    Settings, for new sessions only (``changes`` lists ``key:old->new``):
+
+    * ``{"cmd": "algorithm", "name": A, "params": {...}}``: the load-balancing algorithm.
+    * ``{"cmd": "limit", "name": "max_sessions" | "max_new_per_second", "value": V}``: an admission limit (0: none).
+    * ``{"cmd": "reload"}``: re-read the daemon's configuration file and apply what changed (``reload``).
     """
 
     def command(req: Request) -> Reply:
         cmd = req.get("cmd")
         if cmd not in COMMANDS or cmd == "status":
             return {"error": f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}"}
+        if cmd == "reload":
+            if reload is None:
+                return {"error": "reload: this balancer has no configuration file to re-read"}
+            return reload()
+        if cmd == "algorithm":
+            return set_algorithm(req)
+        if cmd == "limit":
+            return set_limit(req)
+        if cmd == "add":
+            return add(req)
         name = req.get("server")
         if not isinstance(name, str) or not name:
             return {"error": f'{cmd}: needs a "server" name'}
@@ -311,6 +373,23 @@ def balancer_commands(
             return {"error": f"{cmd}: no server named {name!r} (servers: {known or 'none'})"}
         server = balancer.pool.get(name)
         before = (server.status, server.weight)
+        if cmd == "remove":
+            now = req.get("now", False)
+            if not isinstance(now, bool):
+                return {"error": f'remove: "now" must be true or false, got {now!r}'}
+            if now:
+                balancer.remove_server(name, clock())
+            else:
+                balancer.retire_server(name)
+            gone = name not in balancer.pool
+            if health is not None:
+                follow_pool(health, balancer, clock())
+            reply = _server_reply(name, server, before, [f"servers.{name}:{'removed' if gone else 'removing'}"])
+            reply["status"] = "removed" if gone else str(server.status)
+            reply["active"] = server.active
+            return reply
+        if server.leaving and cmd in ("drain", "up"):
+            return {"error": f"{cmd}: {name} is being removed ({server.active} sessions left)"}
         if cmd == "drain":
             balancer.drain(name)
         elif cmd == "weight":
@@ -328,13 +407,60 @@ def balancer_commands(
                     f"it comes back by itself after {state.rise} passing probes"
                 }
             balancer.mark_up(name)
-        status: ServerStatus = server.status
-        return {
-            "ok": True,
-            "server": name,
-            "status": str(status),
-            "weight": server.weight,
-            "changed": (status, server.weight) != before,
-        }
+        changes = []
+        if server.status is not before[0]:
+            changes.append(f"servers.{name}.status:{before[0]}->{server.status}")
+        if server.weight != before[1]:
+            changes.append(f"servers.{name}.weight:{before[1]}->{server.weight}")
+        return _server_reply(name, server, before, changes)
+
+    def add(req: Request) -> Reply:
+        table = req.get("server")
+        if not isinstance(table, dict):
+            return {"error": 'add: "server" must be an object with the keys of a [[servers]] entry'}
+        roles = {p.port_id: p.role for p in balancer.config.ports}
+        try:
+            config = read_server(Section("add", "", table), roles, {})
+            server = balancer.add_server(config)
+        except ConfigError as exc:
+            return {"error": str(exc)}
+        if health is not None:
+            follow_pool(health, balancer, clock())
+        return _server_reply(config.name, server, (ServerStatus.DOWN, 0), [f"servers.{config.name}:added"])
+
+    def set_algorithm(req: Request) -> Reply:
+        name, params = req.get("name"), req.get("params", {})
+        if not isinstance(name, str) or name not in algorithm_names():
+            return {"error": f"algorithm: unknown algorithm {name!r}; choose from {', '.join(algorithm_names())}"}
+        if not isinstance(params, dict):
+            return {"error": f'algorithm: "params" must be an object, got {params!r}'}
+        before = (balancer.config.algorithm, dict(balancer.config.algorithm_params))
+        try:
+            balancer.set_algorithm(name, params)
+        except (ValueError, TypeError) as exc:
+            return {"error": f"algorithm: {name}: {exc}"}
+        changes = []
+        if before[0] != name:
+            changes.append(f"algorithm:{before[0]}->{name}")
+        if before[1] != params:
+            changes.append(f"algorithm_params:{show_value(before[1])}->{show_value(params)}")
+        return {"ok": True, "algorithm": name, "params": params, "changes": changes}
+
+    def set_limit(req: Request) -> Reply:
+        name, value = req.get("name"), req.get("value")
+        if name not in LIMITS:
+            return {"error": f"limit: unknown limit {name!r}; limits: {', '.join(LIMITS)}"}
+        try:
+            value = _limit_value(name, value)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        before = getattr(balancer.admission, name)
+        if name == "max_sessions":
+            balancer.set_limits(max_sessions=int(value))
+        else:
+            balancer.set_limits(max_new_per_second=float(value))
+        after = getattr(balancer.admission, name)
+        changes = [f"limits.{name}:{before}->{after}"] if after != before else []
+        return {"ok": True, "limit": name, "value": after, "changes": changes}
 
     return command

@@ -158,6 +158,8 @@ def snapshot(
             {
                 "name": row.name,
                 "address": format_address(server.config.address),
+                "mac": row.mac,
+                "neighbor": row.neighbor,
                 "status": row.status,
                 "down_reason": "" if server.down_reason is None else str(server.down_reason),
                 "weight": row.weight,
@@ -278,6 +280,13 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _next_hop(row: Mapping[str, Any]) -> str:
+    """The server's MAC and, when the balancer resolves it, the neighbour state: ``02:5e:..:01 reachable``."""
+    mac = row.get("mac") or "-"
+    neighbor = row.get("neighbor", "static")
+    return mac if neighbor == "static" else f"{mac} {neighbor}"
+
+
 def status_tables(snap: Mapping[str, Any]) -> list[Table]:
     """The status tables for a snapshot (as built by :func:`snapshot`, possibly after a JSON round trip)."""
     tables: list[Table] = []
@@ -308,7 +317,8 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
     tables.append(totals)
 
     servers = _table(
-        f"Real servers (scheduler {snap.get('algorithm', '?')})", "server", "address", "card/port", "state", "health",
+        f"Real servers (scheduler {snap.get('algorithm', '?')})", "server", "address", "mac", "card/port", "state",
+        "health",
         "weight", "active", "sessions", "sess/s", "refused", "resp ms",
     )  # fmt: skip
     for row in snap["servers"]:
@@ -316,11 +326,14 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
         state = row["status"] if not row.get("down_reason") else f"{row['status']} ({row['down_reason']})"
         if row.get("overloaded"):
             state += " overloaded"
+        if row.get("neighbor") in ("resolving", "unresolved"):
+            state += f" {row['neighbor']}"
         srate = server_rates.get(row["name"])
         _add(
             servers,
             row["name"],
             row["address"],
+            _next_hop(row),
             f"{row['line_card']}/{row['port']}",
             state,
             "-" if health is None else health["label"],

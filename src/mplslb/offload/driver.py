@@ -45,10 +45,18 @@ class OffloadedBalancer:
     """The balancer as the driver sees it, with its label switching table mirrored into the kernel."""
 
     def __init__(
-        self, balancer: Balancer, loop: Loop, *, mode: str = "auto", pins: Path | None = None, fresh: bool = False
+        self,
+        balancer: Balancer,
+        loop: Loop,
+        *,
+        mode: str = "auto",
+        syn_rate: int = 0,
+        pins: Path | None = None,
+        fresh: bool = False,
     ) -> None:
-        """``pins``: keep the program, its map and its links pinned there (bpffs) so they outlive the daemon, and
-        adopt what a previous daemon pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`)."""
+        """``syn_rate``: unlabelled TCP SYNs a second the program passes up (0: all). ``pins``: keep the program,
+        its maps and its links pinned there (bpffs) so they outlive the daemon, and adopt what a previous daemon
+        pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`)."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -56,6 +64,7 @@ class OffloadedBalancer:
             offload_interfaces(balancer.config.ports),
             mode=mode,
             clock=loop.clock,
+            syn_rate=syn_rate,
             pins=pins,
             fresh=fresh,
         )

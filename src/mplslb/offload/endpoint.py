@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
 from mplslb.flow import FlowKey
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
@@ -96,7 +97,7 @@ class KernelEndpoint:
         mac: bytes,
         vips: Iterable[str | bytes],
         gateway_mac: bytes = b"",
-        flow_timeout: float = 300.0,
+        flow_timeout: float = ENDPOINT_FLOW_TIMEOUT,
         ttl: int = ENDPOINT_TTL,
         max_flows: int = MAX_FLOWS,
         fallback: float = 0.0,

@@ -9,6 +9,7 @@
 
 #define SEC(name) __attribute__((section(name), used))
 
+#define XDP_DROP 1
 #define XDP_PASS 2
 
 struct xdp_md {

@@ -168,10 +168,10 @@ INLINE __u32 analyze_quoted(__u8 *ip, __u8 *dend, __u32 at, __u32 qlen, struct f
 	}
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return EP_UNSUPPORTED_PROTOCOL;
-	if (l4 > MAX_TCP_OFFSET || end < l4 + QUOTED_PORTS_LEN)
+	if (l4 > MAX_TCP_OFFSET || end < l4 + L4_PORTS_LEN)
 		return EP_ICMP_QUOTE_TRUNCATED;
 	__u8 *t = q + l4;
-	if (t + QUOTED_PORTS_LEN > dend)
+	if (t + L4_PORTS_LEN > dend)
 		return EP_ICMP_QUOTE_TRUNCATED;
 	key->proto = proto;
 	key->sport = be16(t + L4_SPORT);

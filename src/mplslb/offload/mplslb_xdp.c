@@ -5,10 +5,11 @@
  * One hash map, label -> entry, mirrors the rows of mplslb.switching.LabelSwitchingTable that may be switched
  * in the kernel. For a frame whose top label stack entry names an entry, and only when every check the userspace
  * fast path makes passes (ingress port, source MAC, IP source of the bottom-of-stack entry, bottom of stack,
- * TTL > 1) and the frame is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet
+ * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet
  * addresses (next hop, output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in
  * the entry and redirects it to the output port. Everything else is XDP_PASS: the daemon's packet socket gets it
- * and the userspace path forwards, reports or drops and counts it exactly as without the offload.
+ * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
+ * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
  *
  * No kernel or libbpf headers: built with `clang -O2 -target bpf -c`, a generated header, mplslb_layout.h,
  * which holds every frame offset, bit and bound and struct entry, made from mplslb.switching.layout (the layout the
@@ -22,8 +23,54 @@
 #define XDP_REDIRECT 4
 
 struct map_ref labels SEC("maps");
+struct map_ref syn_buckets SEC("maps"); /* per CPU, one struct syn_bucket */
 
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
+
+/*
+ * An unlabelled TCP SYN (no ACK) costs the slow path a session's setup: this CPU's token bucket lets `rate` of
+ * them a second through (bursts of up to `rate`) and drops the rest, counted as shed. Everything else passes.
+ */
+static __attribute__((always_inline)) int syn_gate(__u8 *ip, __u8 *end, __u16 ethertype)
+{
+	__u8 *tcp;
+	if (ethertype == ETH_P_IP) {
+		if (ip + IPV4_HLEN > end || ip[IPV4_PROTO] != IPPROTO_TCP)
+			return XDP_PASS;
+		if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK)
+			return XDP_PASS;
+		tcp = ip + (ip[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+	} else if (ethertype == ETH_P_IPV6) {
+		if (ip + IPV6_HLEN > end || ip[IPV6_NEXT_HEADER] != IPPROTO_TCP)
+			return XDP_PASS;
+		tcp = ip + IPV6_HLEN;
+	} else {
+		return XDP_PASS;
+	}
+	if (tcp + TCP_FLAGS + 1 > end || (tcp[TCP_FLAGS] & SYN_MASK) != SYN_ONLY)
+		return XDP_PASS;
+	__u32 zero = 0;
+	struct syn_bucket *b = bpf_map_lookup_elem(&syn_buckets, &zero);
+	if (!b || !b->rate)
+		return XDP_PASS;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 full = b->rate * NS_PER_S;
+	__u64 elapsed = now - b->last_ns;
+	b->last_ns = now;
+	if (elapsed >= NS_PER_S)
+		b->credit = full; /* a second or more since the last SYN: the bucket is full (and no product overflows) */
+	else if (b->credit + elapsed * b->rate > full)
+		b->credit = full;
+	else
+		b->credit += elapsed * b->rate;
+	if (b->credit >= NS_PER_S) {
+		b->credit -= NS_PER_S;
+		b->passed += 1;
+		return XDP_PASS;
+	}
+	b->shed += 1;
+	return XDP_DROP;
+}
 
 SEC("xdp")
 int mplslb_xdp(struct xdp_md *ctx)
@@ -43,7 +90,7 @@ int mplslb_xdp(struct xdp_md *ctx)
 		off = LSE_AT + VLAN_HLEN;
 	}
 	if (ethertype != ETH_P_MPLS_UC)
-		return XDP_PASS;
+		return syn_gate(data + off, end, ethertype);
 	__u8 *lse = data + off;
 	if (lse + LSE_LEN > end)
 		return XDP_PASS;
@@ -76,6 +123,42 @@ int mplslb_xdp(struct xdp_md *ctx)
 					return XDP_PASS;
 		}
 	}
+	if (e->flags & F_FLOW) {
+		/* the session's flow, as mplslb.switching.scalar.in_flow: a failing frame goes up to be dropped there */
+		__u8 proto;
+		__u32 l4;
+		if (e->flags & F_V6) {
+			if (ip + IPV6_HLEN > end)
+				return XDP_PASS;
+			for (int i = 0; i < IPV6_ADDR_LEN; i++)
+				if (ip[IPV6_DST + i] != e->dst_ip[i])
+					return XDP_PASS;
+			proto = ip[IPV6_NEXT_HEADER];
+			if (proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING || proto == IPPROTO_FRAGMENT ||
+			    proto == IPPROTO_DSTOPTS || proto == IPPROTO_AH)
+				return XDP_PASS; /* extension headers: userspace walks them */
+			l4 = IPV6_HLEN;
+		} else {
+			if (ip + IPV4_HLEN > end)
+				return XDP_PASS;
+			for (int i = 0; i < IPV4_ADDR_LEN; i++)
+				if (ip[IPV4_DST + i] != e->dst_ip[i])
+					return XDP_PASS;
+			if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK)
+				goto flow_done; /* a fragment past the first carries no ports */
+			proto = ip[IPV4_PROTO];
+			l4 = (ip[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+		}
+		if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+			__u8 *ports = ip + l4;
+			if (ports + L4_PORTS_LEN > end)
+				return XDP_PASS;
+			for (int i = 0; i < L4_PORTS_LEN; i++)
+				if (ports[i] != e->ports[i])
+					return XDP_PASS;
+		}
+	}
+flow_done:
 	if ((stack_entry & MPLS_TTL_MASK) <= 1)
 		return XDP_PASS;
 	if (e->flags & F_TCP_END) {

@@ -4,13 +4,14 @@ established sessions are switched by the kernel and never reach Python.
 Theory of operation
 -------------------
 One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Ethernet port of the balancer, and one
-hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace fast
-path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, TTL > 1); a frame that
-passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses of the label's row,
-its TTL decremented and an 802.1Q tag dropped, exactly as :func:`~mplslb.switching.scalar.switch_frame` builds
-it. The program is built from the same layout as the userspace paths (:mod:`mplslb.switching.layout`). Everything
-else is ``XDP_PASS``: the daemon's packet socket gets it and the userspace path forwards, reports, or drops and
-counts it as it does without the offload.
+hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace
+fast path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, the session's
+flow, TTL > 1; an IPv6 packet with extension headers under a flow-bound label goes up: the userspace path walks
+them); a frame that passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses
+of the label's row, its TTL decremented and an 802.1Q tag dropped, exactly as
+:func:`~mplslb.switching.scalar.switch_frame` builds it. The program is built from the same layout as the userspace
+paths (:mod:`mplslb.switching.layout`). Everything else is ``XDP_PASS``: the daemon's packet socket gets it and the
+userspace path forwards, reports, or drops and counts it as it does without the offload.
 
 What goes into the map (:meth:`XdpOffload.sync`): the offload is a :class:`~mplslb.switching.table.Mirror` of
 the table, told of each install, withdrawal and watch change as it happens; it notes the label, and ``sync`` writes
@@ -32,10 +33,23 @@ their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing atta
 program. On :meth:`XdpOffload.open` an XDP program attached the old way (netlink) under our program's name is taken
 as a leftover and removed; any other XDP program on a port is an error naming it.
 
-Pins (a daemon that keeps its state, :mod:`mplslb.state`): the map, the program and each link are pinned under
-``pins`` (``/sys/fs/bpf/mplslb/<instance>/``, bpffs mounted there if nothing is), the links last, so the program
-stays attached and switching while no daemon runs (``close(keep=True)``). The next :meth:`XdpOffload.open` adopts
-them when the map's type and sizes, each link's interface and program all fit; a program built differently is
+SYN shedding (``syn_rate``, the daemon's ``offload_syn_rate``): an unlabelled TCP SYN without ACK is a new
+session's first frame, the most the slow path pays for one frame, and the cheapest for a flood to send. With a rate
+set, the program lets at most that many a second through to userspace and drops the rest (``syn_shed``, folded
+into the table's drops at each poll). The bucket is per CPU (a ``PERCPU_ARRAY`` of one
+:data:`~mplslb.switching.layout.SYN_BUCKET` per CPU), each holding an even share of the rate, rounded up, and as
+much burst: a CPU updates only its own, with plain loads and stores, so the XDP path needs no atomic operation, no
+lock, and no cache line shared between CPUs in the middle of a flood; the total stays within the rate (plus the
+rounding). The cost: SYNs that all arrive on one CPU (one receive queue) get that CPU's share only. Labelled
+frames, SYNs with ACK and every other frame never meet the bucket.
+
+Pins (a daemon that keeps its state, :mod:`mplslb.state`): the label map, the SYN map, the program and each link
+are pinned under ``pins`` (``/sys/fs/bpf/mplslb/<instance>/``, bpffs mounted there if nothing is), the links last,
+so the program stays attached and switching while no daemon runs (``close(keep=True)``). The maps' pins are named
+after :data:`LAYOUT_FP`, the fingerprint of their entries' layout and flags, so a map written by a build with
+another layout is never adopted. The next :meth:`XdpOffload.open` adopts them when the maps' layout, types and
+sizes, each link's interface and program all fit (the SYN buckets keep their tokens and counters and take this
+daemon's rate); a program built differently is
 loaded over the kept map and swapped in on every port at once (``BPF_LINK_UPDATE``). The map is then reconciled
 with the table: an entry equal to what the table would write stays, its counters taken as counted and its last
 frame's time folded in; every other label is written or deleted. With ``fresh``, or pins that do not fit (logged
@@ -61,27 +75,41 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
+from mplslb.state import fingerprint
 from mplslb.switching.layout import (
+    F_FLOW,
     F_TCP_END,
     F_V6,
     KERNEL_ENTRY,
     KERNEL_ENTRY_FIELDS,
     LABEL_SPACE,
+    NS_PER_S,
+    SYN_BUCKET,
+    SYN_BUCKET_FIELDS,
+    SYN_RATE_MAX,
     WATCH_ALL,
     WATCH_TCP_END,
     struct_offsets,
 )
-from mplslb.switching.table import LabelSwitchingTable
+from mplslb.switching.table import LabelSwitchingTable, flow_parts
 
+#: The fingerprint of the maps' entries (their fields and flags): the maps' pins carry it in their names, so a kept
+#: map is adopted only by a program that reads and writes its entries the same way.
+LAYOUT_FP: Final = fingerprint([KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, F_V6, F_TCP_END, F_FLOW])[:12]
+MAP_PIN: Final = f"map_{LAYOUT_FP}"
+SYN_PIN: Final = f"syn_{LAYOUT_FP}"
 PROG_NAME = "mplslb_xdp"
 MAP_NAME = "mplslb_labels"
 MAP_SYMBOL = "labels"
+SYN_MAP_NAME = "mplslb_syn"
+SYN_MAP_SYMBOL = "syn_buckets"
+SHED = "syn_shed"  # the drop reason of a SYN shed by the kernel
 SECTION = "xdp"
 MODES = ("auto", "native", "generic")
 BPFFS = Path("/sys/fs/bpf")
@@ -131,6 +159,17 @@ class OffloadError(RuntimeError):
     """The kernel offload cannot be set up (no clang, no bpf(2), a port with another XDP program, ...)."""
 
 
+def possible_cpus() -> int:
+    """How many CPUs a per-CPU map has a value for (the kernel's possible CPUs)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+def syn_share(rate: int, cpus: int) -> int:
+    """Each CPU's share of ``rate`` SYNs a second (rounded up; 0: no limit)."""
+    return -(-rate // max(cpus, 1))
+
+
 def xdp_state(ifindex: int) -> tuple[str, int]:
     """(link kind, id of the attached XDP program or 0) of an interface in this namespace."""
     from pyroute2 import IPRoute
@@ -166,9 +205,13 @@ class XdpOffload:
         obj: bytes | None = None,
         pins: Path | None = None,
         fresh: bool = False,
+        syn_rate: int = 0,
     ) -> None:
+        """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= syn_rate <= SYN_RATE_MAX:
+            raise ValueError(f"syn_rate must be 0-{SYN_RATE_MAX}, got {syn_rate}")
         if not interfaces:
             raise ValueError("the kernel offload needs at least one Ethernet port")
         self.table = table
@@ -186,6 +229,10 @@ class XdpOffload:
         self._links: list[int] = []
         self._prog = -1
         self._map: bpf.Map | None = None
+        self.syn_rate = syn_rate
+        self._syn: bpf.Map | None = None
+        self._cpus = 0
+        self._shed_folded = 0  # SYNs shed already added to the table's drops
         self._in_kernel = np.zeros(LABEL_SPACE, dtype=np.uint8)
         self._kpackets = np.zeros(LABEL_SPACE, dtype=np.uint64)  # kernel counters already added to the table
         self._kbytes = np.zeros(LABEL_SPACE, dtype=np.uint64)
@@ -239,9 +286,10 @@ class XdpOffload:
         try:
             self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries,
                                        flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
-            self._prog = bpf.load_program(
-                obj, SECTION, {MAP_SYMBOL: self._map.fd}, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME
-            )
+            self._open_syn_map()
+            assert self._syn is not None
+            maps = {MAP_SYMBOL: self._map.fd, SYN_MAP_SYMBOL: self._syn.fd}
+            self._prog = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
             kinds = {port_id: self._clear_stale(ifindex) for port_id, ifindex in self.ifindex.items()}
             native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
             for port_id, ifindex in self.ifindex.items():
@@ -260,9 +308,10 @@ class XdpOffload:
         return str(self.pins / what)
 
     def _pin(self) -> None:
-        """Pin the map, the program and each link (the link last: until then a killed daemon leaves nothing)."""
-        assert self._map is not None
-        bpf.obj_pin(self._map.fd, self._pin_path("map"))
+        """Pin the maps, the program and each link (the link last: until then a killed daemon leaves nothing)."""
+        assert self._map is not None and self._syn is not None
+        bpf.obj_pin(self._map.fd, self._pin_path(MAP_PIN))
+        bpf.obj_pin(self._syn.fd, self._pin_path(SYN_PIN))
         bpf.obj_pin(self._prog, self._pin_path("prog"))
         for ifname, fd in zip(self.interfaces.values(), self._links, strict=True):
             bpf.obj_pin(fd, self._pin_path(f"link_{ifname}"))
@@ -292,15 +341,28 @@ class XdpOffload:
 
     def _adopt_fds(self, obj: bytes, fds: list[int]) -> str:
         try:
-            map_fd = bpf.obj_get(self._pin_path("map"))
-            fds.append(map_fd)
             prog = bpf.obj_get(self._pin_path("prog"))
             fds.append(prog)
         except OSError:
             return "reason=no_pins"
+        try:
+            map_fd = bpf.obj_get(self._pin_path(MAP_PIN))
+            fds.append(map_fd)
+            syn_fd = bpf.obj_get(self._pin_path(SYN_PIN))
+            fds.append(syn_fd)
+        except OSError:
+            return "reason=map_layout_changed"  # pinned by a build whose maps' layout differs (or torn)
         info = bpf.map_info(map_fd)
         want = (bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries)
         if (info.map_type, info.key_size, info.value_size, info.max_entries) != want:
+            return "reason=map_layout_changed"
+        info = bpf.map_info(syn_fd)
+        if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
+            bpf.BPF_MAP_TYPE_PERCPU_ARRAY,
+            _KEY.size,
+            SYN_BUCKET.size,
+            1,
+        ):
             return "reason=map_layout_changed"
         old = bpf.prog_info(prog)
         links: list[int] = []
@@ -314,7 +376,8 @@ class XdpOffload:
             link = bpf.link_info(fd)
             if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
                 return f"reason=link_detached interface={ifname}"
-        new = bpf.load_program(obj, SECTION, {MAP_SYMBOL: map_fd}, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
+        maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd}
+        new = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
         fds.append(new)
         if bpf.prog_info(new).tag == old.tag:
             fds.remove(new)
@@ -330,6 +393,9 @@ class XdpOffload:
             prog = new
             self.upgraded = True
         self._map = bpf.Map(map_fd, _KEY.size, KERNEL_ENTRY.size, MAP_NAME)
+        self._cpus = possible_cpus()
+        self._syn = bpf.Map(syn_fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
+        self._set_syn_rate(keep=True)
         self._prog = prog
         self._links = links
         for ifname, ifindex in zip(self.interfaces.values(), self.ifindex.values(), strict=True):
@@ -367,6 +433,40 @@ class XdpOffload:
         valid = np.flatnonzero(table.arrays().valid)
         fix.update(valid[self._in_kernel[valid] == 0].tolist())
         self._mirror(sorted(fix))
+
+    def _open_syn_map(self) -> None:
+        """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
+        value for every possible CPU at once, each rounded up to 8 bytes."""
+        self._cpus = possible_cpus()
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, SYN_BUCKET.size, 1, name=SYN_MAP_NAME)
+        self._syn = bpf.Map(fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
+        self._set_syn_rate(keep=False)
+
+    def _set_syn_rate(self, *, keep: bool) -> None:
+        """Give every CPU's bucket its share of :attr:`syn_rate`. ``keep``: an adopted map's buckets keep their
+        tokens and counters (the SYNs they shed before are not this daemon's drops); a SYN the kernel counts while
+        this write is under way may go uncounted."""
+        assert self._syn is not None
+        share = syn_share(self.syn_rate, os.cpu_count() or 1)
+        key = _KEY.pack(0)
+        old = (self._syn.lookup(key) or b"") if keep else b""
+        buckets = []
+        for cpu in range(self._cpus):
+            if len(old) >= (cpu + 1) * SYN_BUCKET.size:
+                _, last_ns, credit, passed, shed = SYN_BUCKET.unpack_from(old, cpu * SYN_BUCKET.size)
+                buckets.append(SYN_BUCKET.pack(share, last_ns, min(credit, share * NS_PER_S), passed, shed))
+            else:
+                buckets.append(SYN_BUCKET.pack(share, 0, 0, 0, 0))
+        self._syn.update(key, b"".join(buckets))
+        self._shed_folded = self.syn_counters()[1]
+
+    def syn_counters(self) -> tuple[int, int]:
+        """(passed, shed): unlabelled TCP SYNs the program let through and dropped, over all CPUs."""
+        if self._syn is None:
+            return 0, 0
+        raw = self._syn.lookup(_KEY.pack(0)) or b""
+        buckets = [SYN_BUCKET.unpack_from(raw, i * SYN_BUCKET.size) for i in range(len(raw) // SYN_BUCKET.size)]
+        return sum(b[3] for b in buckets), sum(b[4] for b in buckets)
 
     def _clear_stale(self, ifindex: int) -> str:
         """Remove a leftover of ours attached by netlink; refuse to share a port with another XDP program."""
@@ -423,6 +523,9 @@ class XdpOffload:
         if self._map is not None:
             self._map.close()
             self._map = None
+        if self._syn is not None:
+            self._syn.close()
+            self._syn = None
         if not keep:
             self._unpin()
         self.table.remove_mirror(self)
@@ -483,7 +586,13 @@ class XdpOffload:
 
     def _entry(self, label: int) -> bytes:
         t = self.table
-        flags = (F_V6 if t.v6[label] else 0) | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+        flow = t.flow[label]
+        dst_ip, ports = flow_parts(flow)
+        flags = (
+            (F_V6 if t.v6[label] else 0)
+            | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+            | (F_FLOW if flow else 0)
+        )
         peer_ip = t.peer_ip[label]
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
@@ -493,7 +602,8 @@ class XdpOffload:
             flags,
             len(peer_ip),
             peer_ip,
-            0,
+            dst_ip,
+            ports,
             0,
             0,
             0,
@@ -566,6 +676,7 @@ class XdpOffload:
         if self._map is None:
             return 0
         self.sync()
+        self._fold_shed()
         keys, values, count = self._map.lookup_batch()
         self.polls += 1
         if not count:
@@ -588,13 +699,23 @@ class XdpOffload:
         self.kernel_bytes += int(new_bytes.sum())
         return int(labels.size)
 
+    def _fold_shed(self) -> None:
+        """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""
+        shed = self.syn_counters()[1]
+        if shed > self._shed_folded:
+            drops = self.table.drops
+            drops[SHED] = drops.get(SHED, 0) + shed - self._shed_folded
+            self._shed_folded = shed
+
     @property
     def pending(self) -> int:
         """Labels installed in the table and waiting for their measurement to end before they enter the map."""
         return len(self._waiting)
 
     def stats(self) -> dict[str, Any]:
-        """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic."""
+        """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic, SYNs
+        let through and shed."""
+        passed, shed = self.syn_counters()
         return {
             "kind": "kernel",
             "attached": dict(self.attached),
@@ -606,6 +727,9 @@ class XdpOffload:
             "kernel_packets": self.kernel_packets,
             "kernel_bytes": self.kernel_bytes,
             "errors": dict(self.errors),
+            "syn_rate": self.syn_rate,
+            "syn_passed": passed,
+            "syn_shed": shed,
         }
 
     def run(self, frame: bytes, port_id: int) -> bpf.TestRun:

@@ -2,13 +2,17 @@
 
 Theory of operation
 -------------------
-:func:`switch_block` takes what a TPACKET_V3 ring block holds (many frames in one buffer, with their starts,
-lengths and ingress ports) and makes, for all of them at once, exactly the checks the one-frame path
-(:func:`~mplslb.switching.scalar.switch_frame`) makes: label installed and not reserved, bound to the ingress
-port, source MAC and IP source, bottom of stack, TTL above 1. The frames that pass are rewritten where they lie
-(Ethernet addresses, TTL - 1) and counted; every other frame is left untouched for the one-frame path, which
-drops it under its reason or hands it to the packet analyzing unit. Reports for the session manager (FIN/RST,
-watched labels) are appended in frame order.
+:func:`switch_block` takes what a TPACKET_V3 ring block holds (many frames in one buffer, with their starts, lengths
+and ingress ports) and makes, for all of them at once, exactly the checks the one-frame path
+(:func:`~mplslb.switching.scalar.switch_frame`) makes: label installed and not reserved, bound to the ingress port,
+source MAC and IP source, bottom of stack, the session's flow (IP destination and ports, see
+:mod:`~mplslb.switching.scalar`), TTL above 1. The flow is checked here on plain packets only (IPv4 without options,
+IPv6 with TCP or UDP right after the fixed header: one comparison of the destination and the ports); any other
+packet under a flow-bound label (an ICMP error, a fragment, IP options, IPv6 extension headers) is left to the
+one-frame path, which applies the whole rule. The frames that pass are rewritten where they lie
+(Ethernet addresses, TTL - 1) and counted; every other frame is left untouched for the one-frame path, which drops
+it under its reason or hands it to the packet analyzing unit. Reports for the session manager (FIN/RST, watched
+labels) are appended in frame order.
 
 The per-label facts the scalar path keeps as bytes objects (cheapest to join one frame at a time) are needed here
 as fixed-width rows to gather in bulk: :class:`BlockTables` keeps them, a :class:`~mplslb.switching.table.Mirror`
@@ -31,14 +35,19 @@ from mplslb.switching.layout import (
     ETH_TYPE,
     IP_AT,
     IPPROTO_TCP,
+    IPPROTO_UDP,
     IPV4_ADDR_LEN,
+    IPV4_DST,
     IPV4_IHL_MASK,
     IPV4_IHL_UNIT,
+    IPV4_PLAIN,
     IPV4_SRC,
     IPV6_ADDR_LEN,
+    IPV6_DST,
     IPV6_HLEN,
     IPV6_NEXT_HEADER,
     IPV6_SRC,
+    L4_PORTS_LEN,
     LABEL_SHIFT,
     LABEL_SPACE,
     LSE_AT,
@@ -59,8 +68,9 @@ class BlockTables:
     """Numpy mirrors of the per-label rows the block fast path needs, kept in step by install/withdraw.
 
     The scalar path keeps bytes objects per label (cheapest to join one frame at a time); a block of frames
-    needs the same facts as fixed-width arrays to gather and scatter in bulk. The arrays cost about 110 bytes per
-    label over the whole label space (about 115 MB), allocated once, only when the block path is first used.
+    needs the same facts as fixed-width arrays to gather and scatter in bulk. The arrays cost about 115 bytes per
+    label over the whole label space (115 MiB; 28 bytes of it the flow rows), allocated once, only when the block
+    path is first used.
     """
 
     def __init__(self, table: LabelSwitchingTable) -> None:
@@ -69,6 +79,9 @@ class BlockTables:
         self.peer_ip4 = np.zeros((LABEL_SPACE, IPV4_ADDR_LEN), dtype=np.uint8)
         self.peer_ip6 = np.zeros((LABEL_SPACE, IPV6_ADDR_LEN), dtype=np.uint8)
         self.has_peer_ip = np.zeros(LABEL_SPACE, dtype=np.bool_)
+        # A flow-bound label's IP destination and ports, as they follow the IP source in a plain packet.
+        self.flow4 = np.zeros((LABEL_SPACE, _V4_FLOW_LEN), dtype=np.uint8)
+        self.flow6 = np.zeros((LABEL_SPACE, _V6_FLOW_LEN), dtype=np.uint8)
         # The same rows as machine words, for blocks whose frames start 2 bytes past a 4-byte boundary (as in a
         # TPACKET ring, where the IP header is 16-byte aligned): then every field sits on a word boundary and is
         # read or written with one gather per word instead of one per byte.
@@ -84,6 +97,7 @@ class BlockTables:
         self.valid, self.watch, self.v6 = arrays.valid, arrays.watch, arrays.v6
         self.out_port, self.in_port = arrays.out_port, arrays.in_port
         self.packets, self.bytes, self.last_seen = arrays.packets, arrays.bytes, arrays.last_seen
+        self.bound = arrays.bound
         self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
         self._views = tuple(
             memoryview(a.data).cast("B")
@@ -99,16 +113,21 @@ class BlockTables:
                 self.peer_ip4_w,
                 self.peer_ip6,
                 self.peer_ip6_w,
+                self.flow4,
+                self.flow6,
             )
         )
+        self.flow4_w = self.flow4.view(np.uint32)
+        self.flow6_w = self.flow6.view(np.uint32)
         for label in np.flatnonzero(self.valid):
             self.installed(int(label))
 
     def installed(self, label: int) -> None:
         """Write one label's rows through byte views of the arrays (numpy item assignment per field costs about
         5 us a label; slice assignment on memoryviews about 1.5 us)."""
-        rw, pe, has, rh, rww, pw, ph, p4, p4w, p6, p6w = self._views
+        rw, pe, has, rh, rww, pw, ph, p4, p4w, p6, p6w, f4, f6 = self._views
         rewrite, peer, peer_ip = self.table.rewrite[label], self.table.peer[label], self.table.peer_ip[label]
+        key = self.table.flow[label]
         r = 12 * label
         rw[r : r + 12] = rewrite
         # Frame bytes 0..13 are the rewrite (12 bytes) and the ethertype, unchanged, so the words written are
@@ -126,6 +145,10 @@ class BlockTables:
         elif len(peer_ip) == 16:
             p6[16 * label : 16 * label + 16] = peer_ip
             p6w[16 * label : 16 * label + 16] = peer_ip
+        if len(key) == IPV4_ADDR_LEN + _V4_FLOW_LEN:
+            f4[_V4_FLOW_LEN * label : _V4_FLOW_LEN * (label + 1)] = key[IPV4_ADDR_LEN:]
+        elif key:
+            f6[_V6_FLOW_LEN * label : _V6_FLOW_LEN * (label + 1)] = key[IPV6_ADDR_LEN:]
 
     def withdrawn(self, label: int) -> None:
         self.has_peer_ip[label] = False
@@ -138,6 +161,11 @@ _ETH_ADDRS_RANGE = np.arange(ETH_ADDRS, dtype=np.int64)
 _SRC_MAC_RANGE = np.arange(ETH_SRC, ETH_SRC + ETH_ALEN, dtype=np.int64)
 _IP4_RANGE = np.arange(IPV4_ADDR_LEN, dtype=np.int64)
 _IP6_RANGE = np.arange(IPV6_ADDR_LEN, dtype=np.int64)
+_V4_FLOW_LEN = IPV4_ADDR_LEN + L4_PORTS_LEN  # destination and ports, from IPV4_DST in a packet without options
+_V6_FLOW_LEN = IPV6_ADDR_LEN + L4_PORTS_LEN  # from IPV6_DST, TCP or UDP right after the fixed header
+_V4_FLOW_RANGE = np.arange(_V4_FLOW_LEN, dtype=np.int64)
+_V6_FLOW_RANGE = np.arange(_V6_FLOW_LEN, dtype=np.int64)
+_V6_FLOW_WORDS = np.arange(_V6_FLOW_LEN // 4, dtype=np.int64)
 # The block path takes untagged frames (label entry at LSE_AT, packet at IP_AT); tagged ones go one at a time.
 
 
@@ -222,6 +250,7 @@ def switch_block(
             src = buf[(starts[rows] + IP_AT + IPV6_SRC)[:, None] + _IP6_RANGE]
             good[rows] = (src == t.peer_ip6[labels[rows]]).all(axis=1)
         ok &= ~check_ip | good
+    _check_flow(t, buf, starts, lengths, labels, ok, None)
     rows = np.flatnonzero(ok)
     if len(rows):
         begin = starts[rows]
@@ -288,6 +317,7 @@ def _switch_aligned_block(
             src = word[first[:, None] + np.arange(4)]
             good[rows6] = (src == t.peer_ip6_w[labels[rows6]]).all(axis=1)
         ok &= ~check_ip | good
+    _check_flow(t, buf, starts, lengths, labels, ok, word)
     rows = np.flatnonzero(ok)
     if len(rows):
         begin = starts[rows]
@@ -299,6 +329,47 @@ def _switch_aligned_block(
         word[first_word + 1] = words[:, 1]
         word[first_word + 2] = words[:, 2]
     return _switched(t, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
+
+
+def _check_flow(
+    t: BlockTables,
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    labels: np.ndarray,
+    ok: np.ndarray,
+    word: np.ndarray | None,
+) -> None:
+    """Clear ``ok`` for the frames under a flow-bound label that are not plain packets of its flow (the IP source
+    is checked with the ingress binding): the one-frame path takes them. ``word``: the buffer's word view, when
+    the frames are word-aligned."""
+    rows = np.flatnonzero(ok & (t.bound[labels] != 0))
+    if not rows.size:
+        return
+    label = labels[rows]
+    ip = starts[rows] + IP_AT
+    end = starts[rows] + lengths[rows]
+    v6 = t.v6[label] != 0
+    good = np.zeros(rows.size, dtype=np.bool_)
+    four = np.flatnonzero(~v6 & (end >= ip + IPV4_DST + _V4_FLOW_LEN))
+    if four.size:
+        at, lab = ip[four], label[four]
+        if word is not None:
+            first = (at + IPV4_DST) >> 2
+            same = (word[first] == t.flow4_w[lab, 0]) & (word[first + 1] == t.flow4_w[lab, 1])
+        else:
+            same = (buf[(at + IPV4_DST)[:, None] + _V4_FLOW_RANGE] == t.flow4[lab]).all(axis=1)
+        good[four] = same & (buf[at] == IPV4_PLAIN)
+    six = np.flatnonzero(v6 & (end >= ip + IPV6_DST + _V6_FLOW_LEN))
+    if six.size:
+        at, lab = ip[six], label[six]
+        if word is not None:
+            same = (word[((at + IPV6_DST) >> 2)[:, None] + _V6_FLOW_WORDS] == t.flow6_w[lab]).all(axis=1)
+        else:
+            same = (buf[(at + IPV6_DST)[:, None] + _V6_FLOW_RANGE] == t.flow6[lab]).all(axis=1)
+        nh = buf[at + IPV6_NEXT_HEADER]
+        good[six] = same & ((nh == IPPROTO_TCP) | (nh == IPPROTO_UDP))
+    ok[rows] = good
 
 
 def _switched(

@@ -34,6 +34,7 @@ from mplslb.wire.icmp import (
     ICMP_TIME_EXCEEDED,
 )
 from mplslb.wire.ip import (
+    IP_VERSION_4,
     IPPROTO_AH,
     IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT,
@@ -98,6 +99,8 @@ MAX_TCP_OFFSET: Final = 16384
 #: masks the offset with it (and bounds the quote's length by it), below the verifier's largest packet offset.
 QUOTE_MASK: Final = (1 << (MAX_TCP_OFFSET + ICMP_HLEN).bit_length()) - 1
 
+L4_PORTS_LEN: Final = 4  # the source and destination ports, the first octets of TCP and UDP alike
+
 # -- per-label bits --------------------------------------------------------------------------------------------
 WATCH_TCP_END: Final = 0x01  # report frames whose TCP flags carry FIN or RST
 WATCH_ALL: Final = 0x02  # report every frame (a response-time measurement is under way)
@@ -111,6 +114,7 @@ IPV6_PAYLOAD: Final = 0x04
 #: ``flags`` of a kernel entry.
 F_V6: Final = 0x01  # the payload under the label is IPv6 (peer IP at IPV6_SRC; TCP flags only right after the header)
 F_TCP_END: Final = 0x02  # TCP session: FIN and RST go up to the session manager
+F_FLOW: Final = 0x04  # the session's flow is bound: IP destination ``dst_ip`` and, in TCP and UDP, ``ports``
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
 #: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The last three fields are the
@@ -123,7 +127,8 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("flags", "__u8", "B", 0),
     ("ip_len", "__u8", "B", 0),  # 0 (no IP binding), 4 or 16
     ("peer_ip", "__u8", "s", IPV6_ADDR_LEN),
-    ("pad", "__u32", "I", 0),
+    ("dst_ip", "__u8", "s", IPV6_ADDR_LEN),  # with F_FLOW: the IP destination (4 or 16 octets, as peer_ip)
+    ("ports", "__u8", "s", L4_PORTS_LEN),  # with F_FLOW: source and destination port as on the wire
     ("packets", "__u64", "Q", 0),
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
@@ -151,6 +156,8 @@ KERNEL_ENTRY: Final = struct.Struct(struct_format(KERNEL_ENTRY_FIELDS))
 
 # -- the endpoints' kernel datapath (mplslb_endpoint.c) -------------------------------------------------------
 IP_VERSION_SHIFT: Final = 4  # the version nibble of the first octet, IPv4 and IPv6 alike
+#: The first octet of an IPv4 header without options: what the one-compare flow check of the fast paths expects.
+IPV4_PLAIN: Final = (IP_VERSION_4 << IP_VERSION_SHIFT) | IHL_MIN
 IPV4_FRAG_AT: Final = 6  # flags and fragment offset
 IPV4_PROTO: Final = 9
 IPV4_TOTAL_LEN: Final = 2
@@ -162,14 +169,26 @@ IPV6_EXT_MAX: Final = 6
 TCP_DOFF: Final = 12  # the data offset octet in the TCP header
 L4_SPORT: Final = 0
 L4_DPORT: Final = 2
-QUOTED_PORTS_LEN: Final = L4_DPORT + 2  # the least of a datagram an ICMP error must quote: both ports
 UDP_LEN: Final = 4
 SYN_ONLY: Final = int(TCPFlag.SYN)
 SYN_MASK: Final = int(TCPFlag.SYN | TCPFlag.ACK)
 FAMILY_V4: Final = 4
 FAMILY_V6: Final = 6
 NS_PER_MS: Final = 1_000_000
+NS_PER_S: Final = 1_000_000_000
 ENDPOINT_TTL: Final = 64  # the TTL of the entry the endpoints push, as mplslb.endpoint.Endpoint's default
+
+#: ``struct syn_bucket``, the one element of the balancer program's per-CPU SYN map: a token bucket for the
+#: unlabelled TCP SYNs (no ACK) this CPU hands to the slow path, and what it did with them.
+SYN_BUCKET_FIELDS: Final = (
+    ("rate", "__u64", "Q", 0),  # SYNs per second this CPU lets through, also its burst (0: no limit)
+    ("last_ns", "__u64", "Q", 0),  # CLOCK_MONOTONIC ns of the last SYN seen
+    ("credit", "__u64", "Q", 0),  # tokens, in units of 1/NS_PER_S of a SYN
+    ("passed", "__u64", "Q", 0),
+    ("shed", "__u64", "Q", 0),
+)
+#: The most SYNs per second a bucket may be configured with (``rate * NS_PER_S`` must fit 64 bits).
+SYN_RATE_MAX: Final = 1_000_000_000
 
 #: ``struct flow_key`` of the endpoints' flow map: the 5-tuple as the local host sends the flow (ports in host order;
 #: an IPv4 address fills the first 4 octets and the rest stay zero).
@@ -260,6 +279,7 @@ ENDPOINT_COUNTERS: Final = (
 )
 
 
+SYN_BUCKET: Final = struct.Struct(struct_format(SYN_BUCKET_FIELDS))
 FLOW_KEY: Final = struct.Struct(struct_format(FLOW_KEY_FIELDS))
 FLOW: Final = struct.Struct(struct_format(FLOW_FIELDS))
 VIP_KEY: Final = struct.Struct(struct_format(VIP_KEY_FIELDS))
@@ -267,6 +287,7 @@ ENDPOINT_CONFIG: Final = struct.Struct(struct_format(ENDPOINT_CONFIG_FIELDS))
 #: Every struct of the generated header: C name -> fields.
 C_STRUCTS: Final = {
     "entry": KERNEL_ENTRY_FIELDS,
+    "syn_bucket": SYN_BUCKET_FIELDS,
     "flow_key": FLOW_KEY_FIELDS,
     "flow": FLOW_FIELDS,
     "vip_key": VIP_KEY_FIELDS,
@@ -289,16 +310,16 @@ C_CONSTANTS: Final = (
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET",
-    "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END",
+    "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END", "F_FLOW",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
     "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
     "IPPROTO_HOPOPTS", "IPPROTO_ROUTING", "IPPROTO_FRAGMENT", "IPPROTO_DSTOPTS", "IPPROTO_AH", "IPPROTO_ICMP",
     "IPPROTO_ICMPV6", "EXT_UNIT", "EXT_MIN_LEN", "AH_UNIT", "AH_LEN_BIAS", "FRAGMENT_HLEN",
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
-    "TCP_DOFF", "L4_SPORT", "L4_DPORT", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6", "ENDPOINT_TTL",
-    "NS_PER_MS", "ICMP_HLEN", "ICMP_DEST_UNREACH", "ICMP_SOURCE_QUENCH", "ICMP_REDIRECT", "ICMP_TIME_EXCEEDED",
-    "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTED_PORTS_LEN", "QUOTE_MASK",
+    "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORTS_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6",
+    "ENDPOINT_TTL", "NS_PER_MS", "NS_PER_S", "ICMP_HLEN", "ICMP_DEST_UNREACH", "ICMP_SOURCE_QUENCH", "ICMP_REDIRECT",
+    "ICMP_TIME_EXCEEDED", "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTE_MASK",
 )  # fmt: skip
 
 
@@ -368,6 +389,7 @@ __all__ = [
     "FLOW_KEY_FIELDS",
     "FRAGMENT_HLEN",
     "FRAG_OFFSET_MASK",
+    "F_FLOW",
     "F_TCP_END",
     "F_V6",
     "ICMP6_INFO_MIN",
@@ -393,6 +415,7 @@ __all__ = [
     "IPV4_HLEN",
     "IPV4_IHL_MASK",
     "IPV4_IHL_UNIT",
+    "IPV4_PLAIN",
     "IPV4_SRC",
     "IPV6_ADDR_LEN",
     "IPV6_DST",
@@ -403,6 +426,9 @@ __all__ = [
     "IP_AT",
     "KERNEL_ENTRY",
     "KERNEL_ENTRY_FIELDS",
+    "L4_DPORT",
+    "L4_PORTS_LEN",
+    "L4_SPORT",
     "LABELLED_MIN",
     "LABEL_SHIFT",
     "LABEL_SPACE",
@@ -415,11 +441,14 @@ __all__ = [
     "MPLS_ENTRY_LEN",
     "MPLS_TTL_MASK",
     "NS_PER_MS",
-    "QUOTED_PORTS_LEN",
+    "NS_PER_S",
     "QUOTE_MASK",
     "RESERVED_LABEL_MAX",
     "S2C_MAX",
     "S2C_MIN",
+    "SYN_BUCKET",
+    "SYN_BUCKET_FIELDS",
+    "SYN_RATE_MAX",
     "S_BIT",
     "TCP_END",
     "TCP_FIN",

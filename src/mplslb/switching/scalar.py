@@ -11,16 +11,36 @@ then checks, in this order:
   entries below it is dropped (``label_not_bottom``); and the IP source address of the session's sender
   (``label_wrong_ingress``): a client can never steer frames into another client's session, even from behind
   the same router;
+* the frame belongs to the label's session flow, for labels installed with one (``label_wrong_flow``, see below);
 * the TTL of the entry is above 1 (``mpls_ttl_expired``), per RFC 3032 it is then decremented.
 
+The flow check. A label pair is reused by later sessions, possibly to the same server, and a server agent may
+still send a late frame of the old flow under it: the ingress binding passes it (same port, MAC, and the VIP as
+source), so the rest of the flow decides. A session label is bound to its session's flow as its direction carries
+it (C2S: client to VIP, S2C: VIP to client; the addresses and the two ports), and a frame passes when:
+
+* the packet under the label holds its whole fixed IP header (IPv4: 20 bytes, IPv6: 40), and its IP destination
+  is the flow's (its source is the ingress binding's IP source, checked before);
+* when the packet's protocol (IPv4: its protocol field; IPv6: the header after any extension headers) is TCP or
+  UDP: its source and destination ports (after the IHL in IPv4) are the flow's; a packet too short to hold them
+  fails;
+* any other packet carries no ports, and is checked by its addresses only: an ICMP error (or any other protocol),
+  an IPv4 fragment with a non-zero offset, an IPv6 one past its fragment header.
+
+The protocol itself is not bound: a TCP segment and a UDP datagram with the session's addresses and ports are the
+session's client's either way. Nearly every frame is a plain one (IPv4 without options, or IPv6 with TCP or UDP
+right after the fixed header), and for it the whole check, IP source included, is one comparison of the octets from
+the IP source to the ports with the label's precomputed ``key``; the rule above decides the others. IPv6 extension
+headers are walked here only (:func:`~mplslb.wire.ipv6.parse_ipv6`: a walk that fails, fails the check); the block
+path and the kernel leave such frames to this path, so the three agree.
+
 The frame leaves with its Ethernet addresses rewritten to (next hop, our port) and its label entry's TTL lowered;
-the rest of the frame is not read. Two things ride along without changing that decision: per-label packet and byte
-counters with the last time seen (idle timeouts and statistics), and, for labels whose ``watch`` bits ask for it, a
-report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags (IPv4: after its
-IHL; IPv6: right after the fixed header when TCP follows it, else the frame is reported with
-``TCP_FLAGS_UNKNOWN`` and the session manager reads it), or, while a response time is being measured, every
-frame. Reports are appended to ``events``; the caller hands them to the
-session manager after forwarding.
+nothing past the IP and TCP/UDP headers is read. Two things ride along without changing that decision: per-label
+packet and byte counters with the last time seen (idle timeouts and statistics), and, for labels whose ``watch``
+bits ask for it, a report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags
+(IPv4: after its IHL; IPv6: right after the fixed header when TCP follows it, else the frame is reported with
+``TCP_FLAGS_UNKNOWN`` and the session manager reads it), or, while a response time is being measured, every frame.
+Reports are appended to ``events``; the caller hands them to the session manager after forwarding.
 
 Every offset comes from :mod:`~mplslb.switching.layout`; the block path (:mod:`~mplslb.switching.block`) and the
 kernel program make the same checks in the same order, and tests compare the three frame for frame.
@@ -34,13 +54,24 @@ from mplslb.switching.layout import (
     ETH_P_MPLS_UC,
     ETH_SRC,
     ETH_TYPE,
+    FRAG_OFFSET_MASK,
     IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4_ADDR_LEN,
+    IPV4_DST,
+    IPV4_FRAG_AT,
+    IPV4_HLEN,
     IPV4_IHL_MASK,
     IPV4_IHL_UNIT,
+    IPV4_PLAIN,
+    IPV4_PROTO,
     IPV4_SRC,
+    IPV6_ADDR_LEN,
+    IPV6_DST,
     IPV6_HLEN,
     IPV6_NEXT_HEADER,
     IPV6_SRC,
+    L4_PORTS_LEN,
     LABEL_SHIFT,
     LABELLED_MIN,
     LSE_AT,
@@ -56,7 +87,9 @@ from mplslb.switching.layout import (
     WATCH_ALL,
     WATCH_TCP_END,
 )
-from mplslb.switching.table import MPLS_ETHERTYPE, FastEvent
+from mplslb.switching.table import MPLS_ETHERTYPE, WRONG_FLOW, FastEvent
+from mplslb.wire.errors import WireError
+from mplslb.wire.ipv6 import EXTENSION_HEADERS, parse_ipv6
 
 # Results of :func:`switch_frame`: a non-negative value is the output port.
 NOT_LABELLED = -1
@@ -68,11 +101,57 @@ _join = b"".join
 _VLAN_LSE_AT = LSE_AT + VLAN_HLEN
 _ETH_SRC_END = ETH_SRC + 6
 _REPORTED = TCP_END | TCP_FLAGS_UNKNOWN
+_FRAG_HI = FRAG_OFFSET_MASK >> 8  # the offset's bits in the first octet of flags + offset
+_FRAG_LO = FRAG_OFFSET_MASK & 0xFF
+_PORTED = (IPPROTO_TCP, IPPROTO_UDP)
+_NO_PORT = -1
+_WALK_FAILED = -2
+_V4_KEY_END = IPV4_SRC + 2 * IPV4_ADDR_LEN + L4_PORTS_LEN  # IPV4_SRC .. the ports of a header without options
+_V6_KEY_END = IPV6_SRC + 2 * IPV6_ADDR_LEN + L4_PORTS_LEN
+_V4_DST_IN_KEY = slice(IPV4_ADDR_LEN, 2 * IPV4_ADDR_LEN)
+_V6_DST_IN_KEY = slice(IPV6_ADDR_LEN, 2 * IPV6_ADDR_LEN)
 
 
 def _drop(drops: dict[str, int], reason: str) -> int:
     drops[reason] = drops.get(reason, 0) + 1
     return DROPPED
+
+
+def _upper_layer(frame: bytes | memoryview, ip: int) -> tuple[int, int]:
+    """(protocol, offset) of the header after an IPv6 packet's extension headers; :data:`_NO_PORT` as the
+    protocol for a fragment past its first one, :data:`_WALK_FAILED` when the walk fails."""
+    try:
+        packet = parse_ipv6(frame, ip, allow_truncated=True)
+    except WireError:
+        return _WALK_FAILED, 0
+    if packet.fragment is not None and packet.fragment[0]:
+        return _NO_PORT, 0
+    return packet.proto, packet.payload_offset
+
+
+def in_flow(frame: bytes | memoryview, ip: int, v6: int, key: bytes) -> bool:
+    """Does the packet at ``ip`` belong to the flow of ``key`` (:func:`~mplslb.switching.table.flow_parts`; the
+    module docstring's rule, the IP source aside)?"""
+    n = len(frame)
+    if v6:
+        if n < ip + IPV6_HLEN or frame[ip + IPV6_DST : ip + IPV6_DST + IPV6_ADDR_LEN] != key[_V6_DST_IN_KEY]:
+            return False
+        proto = frame[ip + IPV6_NEXT_HEADER]
+        at = ip + IPV6_HLEN
+        if proto in EXTENSION_HEADERS:
+            proto, at = _upper_layer(frame, ip)
+            if proto == _WALK_FAILED:
+                return False
+    else:
+        if n < ip + IPV4_HLEN or frame[ip + IPV4_DST : ip + IPV4_DST + IPV4_ADDR_LEN] != key[_V4_DST_IN_KEY]:
+            return False
+        if frame[ip + IPV4_FRAG_AT] & _FRAG_HI or frame[ip + IPV4_FRAG_AT + 1] & _FRAG_LO:
+            return True  # a fragment past the first: no ports in it
+        proto = frame[ip + IPV4_PROTO]
+        at = ip + (frame[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT
+    if proto != IPPROTO_TCP and proto != IPPROTO_UDP:
+        return True
+    return frame[at : at + L4_PORTS_LEN] == key[-L4_PORTS_LEN:]
 
 
 def switch_frame(
@@ -88,7 +167,7 @@ def switch_frame(
     in the table's ``drops`` under a named reason). ``hot`` is the table's :attr:`~LabelSwitchingTable.hot`:
     the arrays unpacked into locals here, which spares a dozen attribute lookups per frame."""
     (valid, in_port, peer, peer_ip_of, v6, out_port_of, rewrite,
-     packets, octets, last_seen, watch_of, drops) = hot  # fmt: skip
+     packets, octets, last_seen, watch_of, drops, flow_of) = hot  # fmt: skip
     n = len(frame)
     if n < LABELLED_MIN:
         if n < LSE_AT or frame[ETH_TYPE : ETH_TYPE + 2] != MPLS_ETHERTYPE:
@@ -112,11 +191,20 @@ def switch_frame(
     if not entry & MPLS_BOS:
         return _drop(drops, "label_not_bottom")  # session labels are always the only entry
     ip = lse + LSE_LEN
-    peer_ip = peer_ip_of[label]
-    if peer_ip:
-        at = ip + (IPV6_SRC if v6[label] else IPV4_SRC)
-        if frame[at : at + len(peer_ip)] != peer_ip:
-            return _drop(drops, "label_wrong_ingress")
+    key = flow_of[label]
+    # A plain packet of the label's flow: IP source, destination and ports in one comparison (the docstring).
+    if not key or (
+        frame[ip + IPV6_SRC : ip + _V6_KEY_END] != key or frame[ip + IPV6_NEXT_HEADER] not in _PORTED
+        if v6[label]
+        else frame[ip + IPV4_SRC : ip + _V4_KEY_END] != key or frame[ip] != IPV4_PLAIN
+    ):
+        peer_ip = peer_ip_of[label]
+        if peer_ip:
+            at = ip + (IPV6_SRC if v6[label] else IPV4_SRC)
+            if frame[at : at + len(peer_ip)] != peer_ip:
+                return _drop(drops, "label_wrong_ingress")
+        if key and not in_flow(frame, ip, v6[label], key):
+            return _drop(drops, WRONG_FLOW)
     if (entry & MPLS_TTL_MASK) <= 1:
         return _drop(drops, "mpls_ttl_expired")
     out_port: int = out_port_of[label]
@@ -143,4 +231,4 @@ def switch_frame(
     return out_port
 
 
-__all__ = ["DROPPED", "NOT_LABELLED", "switch_frame"]
+__all__ = ["DROPPED", "NOT_LABELLED", "in_flow", "switch_frame"]

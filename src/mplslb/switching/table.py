@@ -8,11 +8,17 @@ them: the fast paths in this package read and count through them, and everything
 them only through the table's methods:
 
 * the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
-  :meth:`~LabelSwitchingTable.set_watch`;
+  :meth:`~LabelSwitchingTable.set_watch`, :meth:`~LabelSwitchingTable.repoint` (a neighbour's new MAC);
 * sending on a label from the slow path: :meth:`~LabelSwitchingTable.send` attaches the session label (claim 15)
   to an unlabelled frame of the session, addresses it to the label's next hop and counts it;
 * activity that happened elsewhere: :meth:`~LabelSwitchingTable.fold_counters` adds what the kernel offload
   forwarded.
+
+Each row binds the label to where its frames may come from (ingress port, peer MAC, IP source) and, for a session
+label, to the session's flow as that direction carries it: the IP destination and the TCP or UDP ports. A label
+pair is reused by later sessions, possibly to the same server, whose agent may still send a late frame of the old
+flow: the flow binding keeps that frame from reaching the new session's client (see
+:mod:`~mplslb.switching.scalar` for the exact rule).
 
 Copies of the rows kept elsewhere (the block path's fixed-width rows, the kernel offload's map, later other
 programs) are :class:`Mirror` objects: the table tells each one every install, withdrawal and watch change, in
@@ -30,7 +36,10 @@ from mplslb.switching.layout import (
     ENTRY,
     ETH_ALEN,
     ETH_P_MPLS_UC,
+    IPV4_ADDR_LEN,
+    IPV6_ADDR_LEN,
     IPV6_PAYLOAD,
+    L4_PORTS_LEN,
     LABEL_SHIFT,
     LABEL_SPACE,
     MPLS_BOS,
@@ -45,6 +54,34 @@ MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 INTERN_LIMIT = 1 << 16
 #: The longest peer IP (IPv6).
 PEER_IP_MAX = 16
+#: The drop reason of a frame outside its label's session flow.
+WRONG_FLOW = "label_wrong_flow"
+
+
+def flow_key(src: bytes, dst: bytes, ports: tuple[int, int]) -> bytes:
+    """A label's flow key (see :func:`flow_parts`): its packets' IP source and destination and their two ports."""
+    return bytes(src) + bytes(dst) + ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
+
+
+def flow_parts(key: bytes) -> tuple[bytes, bytes]:
+    """(IP destination, ports) of a label's flow key: IP source, IP destination and the two ports, back to back as
+    they lie in a packet without IP options or IPv6 extension headers."""
+    if not key:
+        return b"", b""
+    size = (len(key) - L4_PORTS_LEN) // 2
+    return key[size : 2 * size], key[2 * size :]
+
+
+class Kept(NamedTuple):
+    """The per-label byte strings in fixed-width columns of a persistent store (:mod:`mplslb.state`), what
+    :meth:`LabelSwitchingTable.restore` rebuilds them from; IP addresses are ``peer_ip_len`` octets long."""
+
+    next_hop: Column
+    peer: Column
+    peer_ip: Column
+    peer_ip_len: Column
+    dst_ip: Column  # of a bound label (``bound``), as long as its peer IP
+    ports: Column  # of a bound label: source and destination port as on the wire
 
 
 class SwitchEntry(NamedTuple):
@@ -97,6 +134,7 @@ class Arrays(NamedTuple):
     bytes: np.ndarray
     last_seen: np.ndarray
     generation: np.ndarray
+    bound: np.ndarray
 
 
 class LabelSwitchingTable:
@@ -124,14 +162,20 @@ class LabelSwitchingTable:
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
+        # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
+        # unbound; ``bound`` says the same for the block path.
+        self.flow: list[bytes] = [b""] * LABEL_SPACE
+        self.bound = store.array("switching.bound", "B", LABEL_SPACE)
         # A persistent store also keeps the byte strings above in fixed-width columns, to rebuild them from.
-        self._kept: tuple[Column, Column, Column, Column] | None = None
+        self._kept: Kept | None = None
         if store.persistent:
-            self._kept = (
+            self._kept = Kept(
                 store.array("switching.next_hop", "B", ETH_ALEN * LABEL_SPACE),
                 store.array("switching.peer", "B", ETH_ALEN * LABEL_SPACE),
                 store.array("switching.peer_ip", "B", PEER_IP_MAX * LABEL_SPACE),
                 store.array("switching.peer_ip_len", "B", LABEL_SPACE),
+                store.array("switching.dst_ip", "B", PEER_IP_MAX * LABEL_SPACE),
+                store.array("switching.ports", "B", L4_PORTS_LEN * LABEL_SPACE),
             )
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
@@ -145,7 +189,7 @@ class LabelSwitchingTable:
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
         self.hot = (
             self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
-            self.bytes, self.last_seen, self.watch, self.drops,
+            self.bytes, self.last_seen, self.watch, self.drops, self.flow,
         )  # fmt: skip
 
     # -- the control plane -----------------------------------------------------------------------------------------
@@ -160,9 +204,14 @@ class LabelSwitchingTable:
         peer_ip: bytes = b"",
         watch: int = 0,
         now: float = 0.0,
+        dst_ip: bytes = b"",
+        ports: tuple[int, int] | None = None,
     ) -> None:
         """Install ``label``: frames arriving on ``in_port`` from ``peer`` (and, if given, IP source ``peer_ip``)
-        leave by ``out_port`` to ``next_hop``."""
+        leave by ``out_port`` to ``next_hop``.
+
+        The flow binding of a session label: its packets go from ``peer_ip`` to ``dst_ip`` and, when TCP or UDP,
+        from port ``ports[0]`` to ``ports[1]`` (the session's flow as this direction carries it)."""
         if not RESERVED_LABEL_MAX < label < LABEL_SPACE:
             raise ValueError(f"label {label} is outside the usable label space")
         if out_port not in self._port_macs or in_port not in self._port_macs:
@@ -171,6 +220,7 @@ class LabelSwitchingTable:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
         if len(peer_ip) > PEER_IP_MAX:
             raise ValueError("peer_ip must be an IPv4 or IPv6 address")
+        flow = self._flow(watch, peer_ip, dst_ip, ports)
         if self.valid[label]:
             self.valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
         else:
@@ -184,16 +234,21 @@ class LabelSwitchingTable:
         self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[out_port])
         self.peer[label] = self._intern(bytes(peer))
         self.peer_ip[label] = self._intern(bytes(peer_ip))
+        self.flow[label] = flow
+        self.bound[label] = 1 if flow else 0
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
         if self._kept is not None:
-            next_hops, peers, peer_ips, peer_ip_lens = self._kept
-            next_hops[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
-            peers[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
-            peer_ips[label * PEER_IP_MAX : label * PEER_IP_MAX + len(peer_ip)] = peer_ip
-            peer_ip_lens[label] = len(peer_ip)
+            kept = self._kept
+            kept.next_hop[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
+            kept.peer[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
+            kept.peer_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(peer_ip)] = peer_ip
+            kept.peer_ip_len[label] = len(peer_ip)
+            if flow:
+                kept.dst_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(dst_ip)] = dst_ip
+                kept.ports[label * L4_PORTS_LEN : (label + 1) * L4_PORTS_LEN] = flow[-L4_PORTS_LEN:]
         self.valid[label] = 1  # last: the entry is complete
         self.version += 1
         for mirror in self.mirrors:
@@ -211,6 +266,8 @@ class LabelSwitchingTable:
         self.rewrite[label] = b""
         self.peer[label] = b""
         self.peer_ip[label] = b""
+        self.flow[label] = b""
+        self.bound[label] = 0
         if was:
             self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
             self.version += 1
@@ -218,11 +275,11 @@ class LabelSwitchingTable:
                 mirror.withdrawn(label)
 
     def restore(self) -> None:
-        """Rebuild the byte strings and the count of the installed labels after adopting the arrays from a
-        persistent store (:mod:`mplslb.state`)."""
+        """Rebuild the byte strings (rewrite, peer, peer IP, flow binding) and the count of the installed labels
+        after adopting the arrays from a persistent store (:mod:`mplslb.state`)."""
         if self._kept is None:
             raise ValueError("restore needs a persistent store")
-        next_hops, peers, peer_ips, peer_ip_lens = self._kept
+        kept = self._kept
         labels = np.flatnonzero(self.arrays().valid)
         for label in labels.tolist():
             port = self.out_port[label]
@@ -230,15 +287,47 @@ class LabelSwitchingTable:
                 self.withdraw(label)  # bound to a port this table does not have: never forwarded
                 continue
             at = label * ETH_ALEN
-            self.rewrite[label] = self._intern(bytes(next_hops[at : at + ETH_ALEN]) + self._port_macs[port])
-            self.peer[label] = self._intern(bytes(peers[at : at + ETH_ALEN]))
-            at = label * PEER_IP_MAX
-            self.peer_ip[label] = self._intern(bytes(peer_ips[at : at + peer_ip_lens[label]]))
+            self.rewrite[label] = self._intern(bytes(kept.next_hop[at : at + ETH_ALEN]) + self._port_macs[port])
+            self.peer[label] = self._intern(bytes(kept.peer[at : at + ETH_ALEN]))
+            at, size = label * PEER_IP_MAX, kept.peer_ip_len[label]
+            self.peer_ip[label] = self._intern(bytes(kept.peer_ip[at : at + size]))
+            if self.bound[label]:
+                at_ports = label * L4_PORTS_LEN
+                self.flow[label] = (
+                    self.peer_ip[label]
+                    + bytes(kept.dst_ip[at : at + size])
+                    + bytes(kept.ports[at_ports : at_ports + L4_PORTS_LEN])
+                )
         self.installed = int(np.count_nonzero(self.arrays().valid))
 
     def next_hop_of(self, label: int) -> bytes:
         """The next hop MAC of an installed ``label``."""
         return self.rewrite[label][:ETH_ALEN]
+
+    def repoint(self, label: int, *, next_hop: bytes | None = None, peer: bytes | None = None) -> None:
+        """An installed ``label``'s neighbour moved to another MAC: its frames now go to ``next_hop`` and/or are
+        taken from ``peer``. Port, watch bits and counters stay; mirrors are told as for a reinstall."""
+        if not self.valid[label]:
+            return
+        for mac in (next_hop, peer):
+            if mac is not None and len(mac) != ETH_ALEN:
+                raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+        kept = self._kept
+        if kept is not None:
+            self.valid[label] = 0  # invalid while its fields change (see mplslb.state)
+        if next_hop is not None:
+            self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[self.out_port[label]])
+            if kept is not None:
+                kept.next_hop[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
+        if peer is not None:
+            self.peer[label] = self._intern(bytes(peer))
+            if kept is not None:
+                kept.peer[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
+        self.valid[label] = 1
+        self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+        self.version += 1
+        for mirror in self.mirrors:
+            mirror.installed(label)
 
     def set_watch(self, label: int, watch: int) -> None:
         """Set ``label``'s watch bits (:data:`~mplslb.switching.layout.WATCH_TCP_END`, ``WATCH_ALL``)."""
@@ -259,6 +348,19 @@ class LabelSwitchingTable:
     def remove_mirror(self, mirror: Mirror) -> None:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
+
+    def _flow(self, watch: int, peer_ip: bytes, dst_ip: bytes, ports: tuple[int, int] | None) -> bytes:
+        """The flow binding :meth:`install` was given, checked."""
+        if ports is None:
+            if dst_ip:
+                raise ValueError("a flow binding needs the session's ports")
+            return b""
+        size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
+        if len(peer_ip) != size or len(dst_ip) != size:
+            raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
+        if not all(0 <= port <= 0xFFFF for port in ports) or len(ports) != 2:
+            raise ValueError(f"ports {ports} are not two ports of 0-65535")
+        return flow_key(peer_ip, dst_ip, ports)
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
@@ -313,6 +415,7 @@ class LabelSwitchingTable:
                 np.frombuffer(self.bytes, dtype=np.uint64),
                 np.frombuffer(self.last_seen, dtype=np.float64),
                 np.frombuffer(self.generation, dtype=np.uint32),
+                np.frombuffer(self.bound, dtype=np.uint8),
             )
         return self._arrays
 

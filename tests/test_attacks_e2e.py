@@ -1,0 +1,356 @@
+"""Attacks from a host on the clients' Ethernet segment, end to end: the real lab (daemon, agents, stock nginx and
+curl) with an attacker namespace on the bridge the clients share with the balancer's client port (root).
+
+* Spoofed RSTs and FINs (unlabelled, from the attacker's MAC or the client's; and a labelled RST with the client's
+  MAC, address, port and the session's own label, read off the wire) do not cut a client's download.
+* Frames with forged labels never reach a server.
+* A spoofed SYN flood does not take a server down, the client's requests still succeed, and the half-open
+  sessions it leaves (and their labels) are gone within the half-open timeout.
+
+Frames are built with :mod:`mplslb.wire` and sent from a packet socket opened in the attacker's namespace; what
+reaches the servers is read from packet sockets on the switch's ports towards them. Every loop is bounded in
+count and time; the lab is torn down after the module, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mplslb.drivers.netns import entered
+from mplslb.lab import VIP4, Lab, LabSpec
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet, mac_from_str
+from mplslb.wire.ip import IPPROTO_TCP
+from mplslb.wire.ipv4 import build_ipv4
+from mplslb.wire.mpls import pack_entry
+from mplslb.wire.tcp import TCPFlag, build_tcp
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, veth, packet sockets"),
+    pytest.mark.skipif(
+        any(shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists() for t in ("nginx", "curl", "nsenter")),
+        reason="nginx, curl and nsenter are needed (make test installs them)",
+    ),
+]
+
+ROOT = Path("/run/mplslb-test-labs")
+ETH_P_ALL = 0x0003
+SYN, ACK, FIN, RST, PSH = (int(f) for f in (TCPFlag.SYN, TCPFlag.ACK, TCPFlag.FIN, TCPFlag.RST, TCPFlag.PSH))
+FILE_SIZE = 3 * 1024 * 1024
+RATE = "150k"  # curl --limit-rate: the download lasts about 20 s, well past the attack
+HALF_OPEN = 2.0  # the lab's tcp_start timeout
+LINGER = 1.0  # the lab's closed_linger
+SNAPSHOT = 1.1  # the daemon refreshes the status snapshot every second
+FLOOD_SECONDS = 10.0
+FLOOD_RATE = 10_000  # SYNs per second the attacker aims at
+CONTENT = random.Random(5).randbytes(FILE_SIZE)  # big.bin on every server
+SHA256 = hashlib.sha256(CONTENT).hexdigest()
+
+
+def lab_name(tag: str) -> str:
+    return f"{tag}{os.getpid() % 100000}"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    from pyroute2 import netns
+
+    the_lab = Lab(LabSpec(name=lab_name("atk"), clients=2, servers=2, attackers=1), root=ROOT)
+    try:
+        the_lab.up()
+        for j in range(the_lab.spec.servers):
+            (the_lab.dir / the_lab.server_name(j) / "www" / "big.bin").write_bytes(CONTENT)
+        yield the_lab
+    finally:
+        pids = dict(the_lab.state.pids)
+        assert the_lab.down() == []
+        prefix = the_lab.spec.name + "-"
+        assert [ns for ns in netns.listnetns() if ns.startswith(prefix)] == []
+        for pid in pids.values():
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def status(lab: Lab) -> dict[str, Any]:
+    time.sleep(SNAPSHOT)
+    return lab.status()["status"]  # type: ignore[no-any-return]
+
+
+def all_up(lab: Lab, timeout: float = 20.0) -> None:
+    """Every server UP (brought back by the control plane if an earlier test took one down)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        servers = status(lab)["servers"]
+        if all(s["status"] == "up" for s in servers):
+            return
+        for s in servers:
+            if s["status"] != "up":
+                lab.command(cmd="up", server=s["name"])
+    raise AssertionError(f"servers not all up after {timeout} s: {status(lab)['servers']}")
+
+
+def ip4(text: str) -> bytes:
+    return ipaddress.IPv4Address(text).packed
+
+
+@contextlib.contextmanager
+def packet_socket(ns: str, ifname: str) -> Iterator[socket.socket]:
+    with entered(ns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    try:
+        sock.bind((ifname, 0))
+        yield sock
+    finally:
+        sock.close()
+
+
+class Sniffer:
+    """Frames seen on a switch port, read by a thread until :meth:`stop` (bounded in count)."""
+
+    def __init__(self, lab: Lab, ifname: str, keep: Callable[[bytes], bool], limit: int = 100_000) -> None:
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._cm = packet_socket(lab.ns("sw"), ifname)
+        self._sock = self._cm.__enter__()
+        self._keep, self._limit = keep, limit
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.frames) < self._limit:
+            ready, _, _ = select.select([self._sock], [], [], 0.05)
+            if ready:
+                frame = self._sock.recv(65536)
+                if self._keep(frame):
+                    self.frames.append(frame)
+
+    def stop(self) -> list[bytes]:
+        self._stop.set()
+        self._thread.join(5)
+        self._cm.__exit__(None, None, None)
+        return self.frames
+
+
+def delta(new: dict[str, int], old: dict[str, int]) -> dict[str, int]:
+    """What grew between two readings of a status counter dict."""
+    return {k: v - old.get(k, 0) for k, v in new.items() if v != old.get(k, 0)}
+
+
+def tcp_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, flags: int,
+              *, seq: int, label: int | None = None, payload: bytes = b"") -> bytes:  # fmt: skip
+    segment = build_tcp(src, dst, sport, dport, seq=seq, ack=0 if flags & ACK == 0 else 1, flags=flags,
+                        payload=payload)  # fmt: skip
+    packet = build_ipv4(src, dst, IPPROTO_TCP, len(segment)) + segment
+    if label is None:
+        return build_ethernet(dst_mac, src_mac, ETH_P_IP) + packet
+    return build_ethernet(dst_mac, src_mac, ETH_P_MPLS_UC) + pack_entry(label, 0, True, 64) + packet
+
+
+def label_and_port(frame: bytes) -> tuple[int, int] | None:
+    """(label, TCP source port) of a labelled IPv4 TCP frame, else None."""
+    if len(frame) < 14 + 4 + 20 + 20 or frame[12:14] != ETH_P_MPLS_UC.to_bytes(2, "big"):
+        return None
+    ip = 18
+    if frame[ip] >> 4 != 4 or frame[ip + 9] != IPPROTO_TCP:
+        return None
+    tcp = ip + (frame[ip] & 0x0F) * 4
+    return int.from_bytes(frame[14:17], "big") >> 4, int.from_bytes(frame[tcp : tcp + 2], "big")
+
+
+def start_download(lab: Lab, client: int, port: int, out: Path) -> subprocess.Popen[bytes]:
+    argv = ["curl", "-s", "-g", "--max-time", "60", "--connect-timeout", "5", "--limit-rate", RATE,
+            "--local-port", str(port), "-o", str(out), "-w", "%{http_code}", f"http://{VIP4}/big.bin"]  # fmt: skip
+    return subprocess.Popen(
+        ["nsenter", f"--net=/var/run/netns/{lab.client_ns(client)}", "--", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_download(proc: subprocess.Popen[bytes], out: Path) -> tuple[str, str]:
+    """("<curl's exit status> <HTTP status>", sha256 of what it wrote)."""
+    try:
+        code = proc.communicate(timeout=90)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else ""
+    return f"{proc.returncode} {code}", digest
+
+
+# -- a) spoofed RST and FIN ----------------------------------------------------------------------------------------
+def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab, tmp_path: Path) -> None:
+    all_up(lab)
+    rng = random.Random(11)
+    client, cport = 0, 45111
+    client_mac = mac_from_str(f"02:c1:00:00:00:{client + 1:02x}")
+    attacker_mac = mac_from_str(lab.attacker_mac(0))
+    lb_mac = mac_from_str("02:4c:00:00:00:00")
+    src, vip = ip4(lab.client_addr(client)), ip4(VIP4)
+    # The session's C2S label, read off the switch port of the client (as a host able to see the segment would).
+    sniffer = Sniffer(lab, f"c{client + 1}", lambda f: f[6:12] == client_mac and label_and_port(f) is not None)
+    out = tmp_path / "big.bin"
+    proc = start_download(lab, client, cport, out)
+    try:
+        deadline = time.monotonic() + 10
+        label = None
+        while label is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            label = next((lp[0] for f in list(sniffer.frames) if (lp := label_and_port(f)) and lp[1] == cport), None)
+    finally:
+        sniffer.stop()
+    assert label is not None, "no labelled frame of the download seen from the client"
+    before = status(lab)
+    forged = []
+    for flags in (RST, FIN | ACK):
+        for mac in (attacker_mac, client_mac):
+            forged.append(tcp_frame(lb_mac, mac, src, vip, cport, 80, flags, seq=rng.randrange(1 << 32)))
+    forged.append(tcp_frame(lb_mac, client_mac, src, vip, cport, 80, RST, seq=rng.randrange(1 << 32), label=label))
+    with packet_socket(lab.attacker_ns(0), "eth0") as sock:
+        for frame in forged:
+            sock.send(frame)
+            time.sleep(0.3)
+    assert proc.poll() is None, "the download ended before the attack did: the test proves nothing"
+    code, digest = wait_download(proc, out)
+    after = status(lab)
+    size = out.stat().st_size if out.exists() else 0
+    print(
+        f"label {label}; {len(forged)} forged frames sent; curl (exit, http): {code}; {size} of {FILE_SIZE} B; "
+        f"sessions ended meanwhile {delta(after['sessions']['ended'], before['sessions']['ended'])}, "
+        f"drops {delta(after['drops'], before['drops'])}"
+    )
+    assert code == "0 200" and digest == SHA256, "the download was cut by spoofed RST/FIN"
+
+
+# -- b) forged labels ----------------------------------------------------------------------------------------------
+def test_forged_labels_never_reach_a_server(lab: Lab, tmp_path: Path) -> None:
+    all_up(lab)
+    rng = random.Random(12)
+    marker = b"FORGED-LABEL-%d" % rng.randrange(1 << 30)
+    before = status(lab)
+    attacker_mac = mac_from_str(lab.attacker_mac(0))
+    lb_mac = mac_from_str("02:4c:00:00:00:00")
+    src, vip = ip4(lab.attacker_addr(0)), ip4(VIP4)
+    # A live session to aim at, and the servers' switch ports watched for the marker.
+    out = tmp_path / "big.bin"
+    proc = start_download(lab, 1, 45222, out)
+    sniffers = [Sniffer(lab, f"s{j + 1}", lambda f: marker in f) for j in range(lab.spec.servers)]
+    sent = 0
+    try:
+        time.sleep(1.0)
+        in_use = list(range(16, 16 + 2 * 64))  # the lowest C2S/S2C labels, where the live sessions' labels lie
+        with packet_socket(lab.attacker_ns(0), "eth0") as sock:
+            for i in range(3000):
+                label = rng.randrange(1 << 20) if i % 2 else rng.choice(in_use)
+                flags = rng.choice((ACK, ACK | PSH, SYN, RST, FIN | ACK))
+                sock.send(tcp_frame(lb_mac, attacker_mac, src, vip, rng.randrange(1024, 65536), 80, flags,
+                                    seq=rng.randrange(1 << 32), label=label, payload=marker))  # fmt: skip
+                sent += 1
+                if i % 50 == 49:
+                    time.sleep(0.05)  # about 1,000 frames/s: none lost to a full socket buffer on the way
+        time.sleep(1.0)
+    finally:
+        reached = [f for s in sniffers for f in s.stop()]
+    code, digest = wait_download(proc, out)
+    after = status(lab)
+    dropped = delta(after["drops"], before["drops"])
+    print(f"{sent} forged frames; reached a server: {len(reached)}; balancer drops meanwhile: {dropped}")
+    assert reached == [], f"{len(reached)} forged frames reached a server"
+    # They did reach the balancer: its drop counters grew by (about: a loaded machine may lose a few before) as many.
+    assert sum(dropped.values()) >= 0.9 * sent, "the forged frames did not reach the balancer"
+    assert code == "0 200" and digest == SHA256
+
+
+# -- c) spoofed SYN flood ------------------------------------------------------------------------------------------
+def test_spoofed_syn_flood_takes_no_server_down_and_its_half_open_sessions_go(lab: Lab) -> None:
+    all_up(lab)
+    rng = random.Random(13)
+    attacker_mac = mac_from_str(lab.attacker_mac(0))
+    lb_mac = mac_from_str("02:4c:00:00:00:00")
+    vip = ip4(VIP4)
+    # One frame per SYN, each from its own spoofed address and port: every one is a new session.
+    total = int(FLOOD_RATE * FLOOD_SECONDS)
+    pool = [
+        tcp_frame(
+            lb_mac,
+            attacker_mac,
+            bytes((10, 66, i >> 8 & 0xFF, i & 0xFF)),
+            vip,
+            rng.randrange(1024, 65536),
+            80,
+            SYN,
+            seq=rng.randrange(1 << 32),
+        )
+        for i in range(total)
+    ]
+    before = status(lab)
+    results: list[str] = []
+    stop = threading.Event()
+
+    def client_requests() -> None:
+        deadline = time.monotonic() + FLOOD_SECONDS + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            results.extend(lab.curl(0, 20, timeout=200))
+
+    worker = threading.Thread(target=client_requests, daemon=True)
+    worker.start()
+    sent = 0
+    try:
+        time.sleep(0.5)
+        with packet_socket(lab.attacker_ns(0), "eth0") as sock:
+            started = time.monotonic()
+            while (elapsed := time.monotonic() - started) < FLOOD_SECONDS and sent < total:
+                if sent < FLOOD_RATE * elapsed:
+                    for frame in pool[sent : sent + 64]:
+                        sock.send(frame)
+                        sent += 1
+                else:
+                    time.sleep(0.001)
+            flood_seconds = time.monotonic() - started
+        during = status(lab)
+    finally:
+        stop.set()
+        worker.join(FLOOD_SECONDS + 120)
+    # After the flood: the half-open sessions and their labels go within the half-open timeout (and the linger of
+    # a closed session, and a snapshot's age).
+    deadline = time.monotonic() + HALF_OPEN + LINGER + 3 * SNAPSHOT
+    after = status(lab)
+    while time.monotonic() < deadline and (after["sessions"]["active"] or after["labels"]["in_use"]):
+        after = status(lab)
+
+    ended = delta(after["sessions"]["ended"], before["sessions"]["ended"])
+
+    ok = sum(1 for r in results if r)
+    print(
+        f"flood: {sent} spoofed SYNs in {flood_seconds:.1f} s = {sent / flood_seconds:,.0f}/s offered; "
+        f"sessions started {during['sessions']['started'] - before['sessions']['started']}, "
+        f"peak {during['sessions']['peak']}, labels in use at the end of the flood {during['labels']['in_use']}; "
+        f"ended {ended}, refused {delta(after['sessions']['refused'], before['sessions']['refused'])}, "
+        f"drops {delta(after['drops'], before['drops'])}; "
+        f"client: {ok}/{len(results)} requests answered; after: {after['sessions']['active']} sessions, "
+        f"{after['labels']['in_use']} labels in use; "
+        f"servers {[(s['name'], s['status'], s['down_reason']) for s in after['servers']]}"
+    )
+    assert all(s["status"] == "up" for s in during["servers"] + after["servers"]), "a server was marked down"
+    assert ended.get("server_down", 0) == 0, "a server was marked down during the flood (its sessions interrupted)"
+    assert len(results) >= 20 and ok >= 0.99 * len(results), f"{len(results) - ok} of {len(results)} requests failed"
+    assert after["sessions"]["active"] == 0 and after["labels"]["in_use"] == 0, (
+        "half-open sessions or their labels outlived the half-open timeout"
+    )

@@ -1,0 +1,624 @@
+"""What a forger on a client's Ethernet segment cannot do to the sessions of others: end them, enter them, fill the
+table with half-open sessions, take a server down with unanswered SYNs, or get a late frame into a reused label's
+new session. The last part is a stateful property test over the balancer core, run through the one-frame, batch
+and block paths."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from helpers import (
+    ACK,
+    CLIENT_PORTS,
+    FIN,
+    PORT_MAC,
+    PSH,
+    RST,
+    SYN,
+    VIP,
+    Net,
+    client_addr,
+    client_mac,
+    ether,
+    handshake,
+    label_of,
+    labelled,
+    mac,
+    make_config,
+    pack,
+    tcp,
+)
+from mplslb.agents import AgentConfig
+from mplslb.analyzer import PacketAnalyzer
+from mplslb.balancer import Balancer, Frames
+from mplslb.balancing.admission import Refusal
+from mplslb.balancing.servers import ServerStatus
+from mplslb.config import BalancerConfig, ConfigError, Section, balancer_config_from_section
+from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, ServerEndpoint
+from mplslb.flow import FlowKey
+from mplslb.sessions import SessionState, Timeouts
+from mplslb.wire.mpls import ENTRY
+from test_block import listed
+
+ATTACKER = mac(0xEE, 1)  # another host on client 0's segment (port 0)
+LINGER = 2.0
+TIMEOUTS = Timeouts(tcp_start=5.0, closed_linger=LINGER)
+
+
+def established(net: Net, sport: int = 40000) -> tuple[str, int]:
+    name, c2s = handshake(net, sport=sport)
+    session = net.balancer.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ESTABLISHED
+    return name, c2s
+
+
+def exchange(net: Net, name: str, sport: int = 40000) -> None:
+    """A request and its answer on client 0's session from ``sport``, through the endpoints (labelled)."""
+    src = client_addr(0)
+    out = net.from_client(0, tcp(src, VIP, sport, 80, PSH | ACK, seq=200, ack=501, payload=b"GET / HTTP/1.1\r\n\r\n"))
+    assert [n for n, _ in net.deliver_to_servers(out)] == [name]
+    back = net.from_server(name, tcp(VIP, src, 80, sport, PSH | ACK, seq=501, ack=218, payload=b"HTTP/1.1 200"))
+    assert len(net.deliver_to_client(0, back)) == 1
+
+
+def forged(src_mac: bytes, flags: int, *, sport: int = 40000, port: int = 0, label: int | None = None) -> bytes:
+    """A segment of client 0's flow from ``sport`` sent by ``src_mac`` on ``port``, unlabelled or under ``label``."""
+    packet = tcp(client_addr(0), VIP, sport, 80, flags, seq=101)
+    if label is None:
+        return ether(PORT_MAC[port], src_mac, packet)
+    return labelled(PORT_MAC[port], src_mac, label, packet)
+
+
+# -- 1a: unlabelled frames of a session pass the binding of its labels --------------------------------------------
+@pytest.mark.parametrize("flags", [RST, FIN | ACK, SYN, ACK], ids=["rst", "fin", "syn", "ack"])
+def test_unlabelled_frames_of_a_session_from_another_mac_or_port_are_dropped(flags: int) -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    _, c2s = established(net)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    assert b.receive(0, forged(ATTACKER, flags), net.now) == []  # another MAC on the client's segment
+    assert b.receive(1, forged(client_mac(0), flags, port=1), net.now) == []  # the client's MAC on another port
+    assert b.stats().drops["session_wrong_source"] == 2
+    assert session.state is SessionState.ESTABLISHED and b.sessions.started == 1  # not ended, not restarted
+
+
+def test_a_spoofed_syn_of_an_ending_sessions_flow_does_not_restart_it() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    net.deliver_to_servers(net.from_client(0, tcp(client_addr(0), VIP, 40000, 80, RST | ACK, seq=101, ack=501)))
+    assert b.receive(0, forged(ATTACKER, SYN), net.now) == []
+    assert b.stats().drops["session_wrong_source"] == 1 and b.sessions.started == 1
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING and session.server.name == name
+
+
+# -- 1b: no RST or FIN ends a session on its own word ------------------------------------------------------------
+@pytest.mark.parametrize("labelled_spoof", [False, True], ids=["unlabelled", "labelled"])
+def test_a_forged_rst_from_the_clients_mac_ends_nothing_while_traffic_continues(labelled_spoof: bool) -> None:
+    """The forger copies everything of the client's (port, MAC, address, even its label): the RST reaches the
+    server, the session goes ENDING, but the endpoints keep talking, so the linger revives it. Once the traffic
+    stops after another RST, the session closes."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    spoof = forged(client_mac(0), RST, label=c2s if labelled_spoof else None)
+    out = b.receive(0, spoof, net.now)
+    assert len(out) == 1 and label_of(out[0][1]) == c2s  # it is the client's own word, as far as anyone can tell
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING
+    assert b.pool.get(name).active == 0 and b.live == 0  # counted off meanwhile: most ending sessions are over
+    net.now = 1.5  # past the grace (half the linger): the endpoints go on
+    exchange(net, name)
+    b.on_timer(LINGER)
+    assert session.state is SessionState.ESTABLISHED and b.sessions.revived == 1
+    assert b.pool.get(name).active == 1 and b.live == 1
+    assert b.switching.entry(c2s) is not None and b.switching.entry(c2s + 1) is not None
+    net.now = 3.0
+    exchange(net, name)  # still carried
+    b.receive(0, spoof, net.now)
+    b.on_timer(net.now + LINGER)  # nothing after this RST: believed
+    assert b.sessions.by_c2s(c2s) is None and b.switching.entry(c2s) is None and b.labels.is_quarantined(c2s)
+    assert b.stats().sessions_ended == {"closed": 1}
+
+
+def test_a_real_close_frees_the_labels_at_the_lingers_end() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    src = client_addr(0)
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101, ack=501)))
+    net.now = 0.01
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, FIN | ACK, seq=501, ack=102)))
+    net.now = 0.02
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, ACK, seq=102, ack=502)))  # the last ACK
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING
+    assert b.next_deadline() == pytest.approx(0.01 + LINGER)
+    b.on_timer(0.01 + LINGER)
+    assert b.sessions.by_c2s(c2s) is None and b.live == 0 and b.labels.is_quarantined(c2s)
+    assert b.switching.entry(c2s) is None and b.switching.entry(c2s + 1) is None
+    assert b.stats().sessions_ended == {"closed": 1} and b.sessions.revived == 0
+
+
+def test_a_forged_fin_pair_does_not_cut_a_session_whose_data_goes_on() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    b.receive(0, forged(client_mac(0), FIN | ACK, label=c2s), net.now)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.CLOSING_CLIENT
+    net.now = 30.0
+    exchange(net, name)  # a half-close is legal: the server's data flows on
+    net.now = 31.0
+    out = net.from_server(name, tcp(VIP, client_addr(0), 80, 40000, FIN | ACK, seq=600, ack=102))
+    assert session.state is SessionState.ENDING
+    net.deliver_to_client(0, out)
+    net.now = 33.0
+    exchange(net, name)  # the client never sent FIN: it goes on
+    b.on_timer(31.0 + LINGER)
+    assert session.state is SessionState.ESTABLISHED and b.sessions.revived == 1
+
+
+# -- 2: half-open sessions --------------------------------------------------------------------------------------
+def test_a_tcp_session_is_established_only_when_the_client_completes_the_handshake() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    src = client_addr(0)
+    out = net.from_client(0, tcp(src, VIP, 40000, 80, SYN, seq=100))
+    ((name, _),) = net.deliver_to_servers(out)
+    c2s = label_of(out[0][1])
+    assert c2s is not None
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and b.sessions.half_open == 1
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, SYN | ACK, seq=500, ack=101)))
+    assert session.state is SessionState.ANSWERED and b.sessions.half_open == 1
+    assert b.switching.watch[c2s] & 2  # the client's side is watched until its ACK is seen
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, ACK, seq=101, ack=501)))
+    assert session.state is SessionState.ESTABLISHED and b.sessions.half_open == 0
+    assert b.switching.watch[c2s] & 2  # the request is still to be timed
+    net.now = 1.0
+    exchange(net, name)
+    assert b.switching.watch[c2s] == 1  # FIN/RST only from now on
+
+
+def test_a_half_open_session_lives_tcp_start_from_its_syn_whatever_it_sends_and_is_no_server_failure() -> None:
+    net = Net(make_config(timeouts=TIMEOUTS, fail_threshold=1))
+    b = net.balancer
+    src = client_addr(0)
+    out = net.from_client(0, tcp(src, VIP, 40000, 80, SYN, seq=100))
+    ((name, _),) = net.deliver_to_servers(out)
+    c2s = label_of(out[0][1])
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, SYN | ACK, seq=500, ack=101)))
+    for t in (1.0, 2.0, 3.0, 4.0):  # the server's retransmissions, a client that never ACKs
+        net.now = t
+        net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, SYN | ACK, seq=500, ack=101)))
+        net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, RST, seq=101)))  # ignored: half-open
+    b.on_timer(5.0)
+    assert b.sessions.by_c2s(c2s) is None and b.stats().sessions_ended == {"half_open_timeout": 1}  # type: ignore
+    assert b.pool.get(name).status is ServerStatus.UP and b.pool.get(name).failures == 0
+
+
+def test_half_open_sessions_are_bounded_and_the_oldest_is_evicted_first() -> None:
+    config = make_config(n_servers=1, timeouts=TIMEOUTS, c2s_min=17, c2s_max=17 + 2 * 99, half_open_share=0.1)
+    b = Balancer(config)
+    assert b.max_half_open == 10
+    live = Net(config)
+    live.balancer = b
+    name, c2s = established(live, sport=1000)  # an established session is never evicted
+    first_labels = []
+    for i in range(40):
+        flood = ether(PORT_MAC[0], ATTACKER, tcp(bytes([10, 9, i // 250, i % 250 + 1]), VIP, 2000 + i, 80, SYN))
+        out = b.receive(0, flood, 0.001 * i)
+        assert len(out) == 1 and b.sessions.half_open <= 10
+        first_labels.append(label_of(out[0][1]))
+    assert b.sessions.half_open == 10 and b.stats().sessions_ended == {"half_open_evicted": 30}
+    # The survivors are the last ten SYNs; the first thirty went, oldest first.
+    assert {s.c2s for s in b.live_sessions() if s.state is SessionState.START} == set(first_labels[30:])
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ESTABLISHED
+    server = b.pool.get(name)
+    assert server.failures == 0 and server.status is ServerStatus.UP  # evictions are nobody's failure
+
+
+def test_a_refused_syn_evicts_no_half_open_session() -> None:
+    config = make_config(n_servers=1, timeouts=TIMEOUTS, c2s_min=17, c2s_max=17 + 2 * 19, half_open_share=0.1)
+    b = Balancer(replace(config, max_new_per_second=1.0))
+    assert b.max_half_open == 2
+    for i, t in enumerate((0.0, 1.0)):
+        b.receive(0, spoofed_syn(i), t)
+    assert b.sessions.half_open == 2
+    assert b.receive(0, spoofed_syn(2), 1.1) != []  # refused (RST): the rate's token is not there yet
+    assert b.admission.refused[Refusal.RATE_LIMIT] == 1
+    assert b.sessions.half_open == 2 and b.stats().sessions_ended == {}
+    b.receive(0, spoofed_syn(3), 2.1)  # admitted: now the oldest makes room
+    assert b.sessions.half_open == 2 and b.stats().sessions_ended == {"half_open_evicted": 1}
+
+
+def test_the_half_open_share_is_validated_at_load() -> None:
+    top = Section("lb.toml", "", {"limits": {"half_open_share": 0.0}})
+    with pytest.raises(ConfigError, match=r"lb.toml: limits.half_open_share: must be in \(0, 1\]"):
+        balancer_config_from_section(top, default_ports=make_config().ports, default_vips=make_config().vips)
+    with pytest.raises(ValueError, match="half_open_share"):
+        make_config(half_open_share=1.5)
+
+
+def spoofed_syn(i: int, port: int = 0) -> bytes:
+    """A SYN from a made-up source address: nobody will ever answer it."""
+    src = bytes([10, 200 + (i >> 16) % 50, (i >> 8) & 0xFF, i & 0xFF])
+    return ether(PORT_MAC[port], ATTACKER, tcp(src, VIP, 1024 + i % 60000, 80, SYN))
+
+
+def test_unanswered_spoofed_syns_among_answered_sessions_do_not_take_the_server_down() -> None:
+    """10,000 SYNs the server never sees answered (lost to a flood or an overloaded path) while it answers a new
+    session every 2 s: it is alive, and stays UP."""
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3))
+    b = net.balancer
+    server = b.pool.get("s1")
+    sent = 0
+    for step in range(100):  # 20 s in steps of 0.2 s
+        net.now = 0.2 * step
+        for _ in range(100):
+            b.receive(0, spoofed_syn(sent), net.now)
+            sent += 1
+        if step % 10 == 0:
+            net.client(0).flows.clear()
+            established(net, sport=30000 + step)
+        b.on_timer(net.now)
+    assert sent == 10_000
+    b.on_timer(net.now + TIMEOUTS.tcp_start)
+    assert server.status is ServerStatus.UP and server.failures >= 1000  # the unanswered SYNs were counted
+
+
+def test_a_server_that_answers_nothing_still_goes_down() -> None:
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3))
+    b = net.balancer
+    for i in range(3):
+        b.receive(0, spoofed_syn(i), 0.0)
+    b.on_timer(TIMEOUTS.tcp_start)
+    server = b.pool.get("s1")
+    assert server.status is ServerStatus.DOWN and str(server.down_reason) == "no_reply"
+
+
+def test_a_server_that_stopped_answering_goes_down_once_the_passive_window_passes() -> None:
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3, passive_window=10.0))
+    b = net.balancer
+    established(net)  # answered at 0 s
+    server = b.pool.get("s1")
+    for i in range(3):
+        b.receive(0, spoofed_syn(i), 1.0)
+    b.on_timer(6.0)
+    assert server.status is ServerStatus.UP  # answered 6 s ago: not judged yet
+    b.receive(0, spoofed_syn(3), 6.0)
+    b.on_timer(11.0)
+    assert server.status is ServerStatus.DOWN
+
+
+def test_with_active_checks_unanswered_syns_only_make_the_server_suspect() -> None:
+    net = Net(make_config(n_servers=1, timeouts=TIMEOUTS, fail_threshold=3))
+    b = net.balancer
+    b.confirm_passive = True  # as the daemon sets it when [health_check] is configured
+    for i in range(5):
+        b.receive(0, spoofed_syn(i), 0.0)
+    b.on_timer(TIMEOUTS.tcp_start)
+    server = b.pool.get("s1")
+    assert server.status is ServerStatus.UP and server.suspected == 3
+
+
+# -- 3: the label quarantine outlasts the endpoints' memory of a label ---------------------------------------------
+def test_a_quarantine_shorter_than_the_endpoints_flow_timeout_is_rejected_at_load() -> None:
+    base = make_config()
+    top = Section("lb.toml", "", {"labels": {"quarantine": 10.0, "endpoint_flow_timeout": 30.0}})
+    with pytest.raises(ConfigError) as info:
+        balancer_config_from_section(top, default_ports=base.ports, default_vips=base.vips)
+    assert (info.value.source, info.value.key) == ("lb.toml", "labels.quarantine")
+    assert "shorter than the endpoints' flow timeout 30" in info.value.reason
+    ok = Section("lb.toml", "", {"labels": {"quarantine": 30.0, "endpoint_flow_timeout": 30.0}})
+    assert balancer_config_from_section(ok, default_ports=base.ports, default_vips=base.vips).label_quarantine == 30
+    with pytest.raises(ValueError, match="shorter than the endpoints' flow timeout"):
+        replace(base, label_quarantine=1.0)
+
+
+def test_the_default_quarantine_covers_the_agents_default_flow_timeout() -> None:
+    assert BalancerConfig.label_quarantine >= BalancerConfig.endpoint_flow_timeout == ENDPOINT_FLOW_TIMEOUT
+    assert AgentConfig.flow_timeout == ENDPOINT_FLOW_TIMEOUT
+    assert ServerEndpoint(mac=mac(0x5E, 1), vips=[VIP]).flow_timeout == ENDPOINT_FLOW_TIMEOUT
+    assert ClientEndpoint(mac=client_mac(0), gateway_mac=PORT_MAC[0]).flow_timeout == ENDPOINT_FLOW_TIMEOUT
+
+
+def test_a_server_that_keeps_sending_on_a_withdrawn_label_does_not_reach_the_labels_next_session() -> None:
+    """The server endpoint refreshes its flow with every frame it sends, so a server that goes on sending on a flow
+    whose session ended keeps its label past the quarantine; when the label comes back for client 1's session,
+    the stale frame (to client 0's address) must not be switched to client 1."""
+    config = make_config(n_servers=1, c2s_min=17, c2s_max=19, label_quarantine=3.0, endpoint_flow_timeout=3.0,
+                         timeouts=Timeouts(closed_linger=1.0))  # fmt: skip
+    net = Net(config)
+    net.servers["s1"] = ServerEndpoint(mac=config.servers[0].mac, vips=[VIP], flow_timeout=3.0)
+    b = net.balancer
+    _, old = established(net)
+    src = client_addr(0)
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, RST | ACK, seq=101, ack=501)))
+    b.on_timer(1.0)
+    assert b.sessions.by_c2s(old) is None  # closed; its labels in quarantine until 4 s
+    net.now = 1.0
+    handshake(net, 1, sport=40001)  # the other pair
+    stale = tcp(VIP, src, 80, 40000, PSH | ACK, seq=501, ack=102, payload=b"late")
+    for t in (2.5, 3.9):
+        net.now = t
+        assert net.from_server("s1", stale) == []  # label_unknown, but the endpoint's flow is refreshed
+    b.on_timer(4.0)
+    net.now = 4.1
+    _, reused = handshake(net, 1, sport=40002)
+    assert reused == old
+    net.now = 4.5
+    assert net.from_server("s1", stale) == []  # not switched to client 1
+
+
+# -- 5: no frame of one session ever reaches another's endpoint ---------------------------------------------------
+QUARANTINE = 3.0  # = the endpoints' flow timeout: the shortest the configuration accepts
+TRUST_CONFIG = make_config(
+    n_servers=2,
+    c2s_min=17,
+    c2s_max=17 + 2 * 3,  # 4 label pairs: labels come back as soon as their quarantine is over
+    label_quarantine=QUARANTINE,
+    endpoint_flow_timeout=QUARANTINE,
+    half_open_share=0.5,
+    timeouts=Timeouts(tcp_start=2.0, tcp_established=30.0, tcp_closing=10.0, udp=5.0, closed_linger=1.0),
+    fail_threshold=1000,  # server health is not what this machine is about
+)
+CLIENT_COUNT = 3
+SPORTS = (40000, 40001, 40002)
+SERVER_FLAGS = (SYN | ACK, PSH | ACK, FIN | ACK, RST | ACK)
+CLIENT_FLAGS = (SYN, ACK, PSH | ACK, FIN | ACK, RST)
+_ANALYZER = PacketAnalyzer(l7=False)
+
+
+@dataclass
+class Sent:
+    port: int
+    frame: bytes
+    at: float
+
+
+@dataclass
+class World:
+    """The endpoints around the balancers (real endpoint agents' logic), and the flows their hosts know."""
+
+    now: float = 1.0
+    clients: dict[int, ClientEndpoint] = field(default_factory=dict)
+    servers: dict[str, object] = field(default_factory=dict)
+    client_flows: list[tuple[int, FlowKey]] = field(default_factory=list)  # (client, its flow to the VIP)
+    server_flows: list[tuple[str, FlowKey]] = field(default_factory=list)  # (server, the flow as the client sent it)
+    history: list[Sent] = field(default_factory=list)
+
+
+class TrustMachine(RuleBasedStateMachine):
+    """Sessions open, talk, close, reset (really and forged), time out and come back on reused labels, with late
+    frames replayed; three balancers take the same frames (one by one, as a batch, as a block) and must agree, and
+    every frame a balancer forwards must carry the flow of the session its label names."""
+
+    @initialize()
+    def setup(self) -> None:
+        self.one, self.batch, self.block = (Balancer(TRUST_CONFIG) for _ in range(3))
+        self.world = World()
+        for i in range(CLIENT_COUNT):
+            port = CLIENT_PORTS[i % 2]
+            self.world.clients[i] = ClientEndpoint(
+                mac=client_mac(i), gateway_mac=PORT_MAC[port], flow_timeout=QUARANTINE, fallback=2.0
+            )
+        for s in TRUST_CONFIG.servers:
+            self.world.servers[s.name] = ServerEndpoint(mac=s.mac, vips=[VIP], flow_timeout=QUARANTINE)
+        self.server_of_mac = {s.mac: s for s in TRUST_CONFIG.servers}
+
+    # -- sending ---------------------------------------------------------------------------------------------------
+    def sessions(self, b: Balancer) -> dict[int, tuple[FlowKey, int, bytes]]:
+        return {s.c2s: (s.key, s.client_port, s.client_mac) for s in b.live_sessions()}
+
+    def send(self, frames: list[tuple[int, bytes]]) -> None:
+        if not frames:
+            return
+        now = self.world.now
+        before = self.sessions(self.one)
+        expected: Frames = []
+        for port, frame in frames:
+            expected += self.one.receive(port, frame, now)
+        assert self.batch.receive_batch(frames, now) == expected
+        buf, starts, lengths, ports = pack(frames)
+        assert listed(self.block.receive_block(buf, starts, lengths, ports, now), buf, starts, lengths) == expected
+        after = self.sessions(self.one)
+        for port, frame in expected:
+            self.check_delivery(port, frame, before, after)
+        self.world.history += [Sent(port, frame, now) for port, frame in frames]
+        self.deliver(expected)
+
+    def check_delivery(self, port: int, frame: bytes, before: dict, after: dict) -> None:  # type: ignore[type-arg]
+        label = label_of(frame)
+        if label is None:
+            return  # a refusal to a client, from the virtual IP
+        a = _ANALYZER.analyze_ip(frame, 14 + ENTRY.size)
+        c2s = label if label & 1 else label - 1
+        owner = after.get(c2s) or before.get(c2s)
+        assert owner is not None, f"label {label} forwarded without a session"
+        key, client_port, client_mac_ = owner
+        if label & 1:
+            assert a.key == key, f"C2S label {label} carried {a.key} into the session of {key}"
+        elif a.key != key.reversed() or (port, frame[:6]) != (client_port, client_mac_):
+            raise S2CCrossDelivery(f"S2C label {label} carried {a.key} to the client of {key}")
+
+    def deliver(self, frames: Frames) -> None:
+        now = self.world.now
+        for port, frame in frames:
+            server = self.server_of_mac.get(frame[:6])
+            if server is not None:
+                assert port == server.port_id
+                packet = self.world.servers[server.name].from_wire(frame, now)  # type: ignore[attr-defined]
+                if packet is not None:
+                    key = _ANALYZER.analyze_ip(packet, 0).key
+                    if (server.name, key) not in self.world.server_flows:
+                        self.world.server_flows.append((server.name, key))
+                continue
+            for client in self.world.clients.values():
+                if frame[:6] == client.mac:
+                    client.from_wire(frame, now)
+
+    # -- rules -----------------------------------------------------------------------------------------------------
+    @rule(i=st.integers(0, CLIENT_COUNT - 1), sport=st.sampled_from(SPORTS))
+    def connect(self, i: int, sport: int) -> None:
+        key = FlowKey(6, client_addr(i), sport, VIP, 80)
+        if (i, key) not in self.world.client_flows:
+            self.world.client_flows.append((i, key))
+        self.client_sends(i, key, SYN)
+
+    def client_sends(self, i: int, key: FlowKey, flags: int) -> None:
+        payload = b"GET / HTTP/1.1\r\n\r\n" if flags & PSH else b""
+        packet = tcp(key.src, key.dst, key.sport, key.dport, flags, seq=100, ack=500, payload=payload)
+        frame = self.world.clients[i].from_host(packet, self.world.now)
+        assert frame is not None
+        self.send([(CLIENT_PORTS[i % 2], frame)])
+
+    @precondition(lambda self: self.world.client_flows)
+    @rule(k=st.integers(0, 50), flags=st.sampled_from(CLIENT_FLAGS))
+    def client_segment(self, k: int, flags: int) -> None:
+        i, key = self.world.client_flows[k % len(self.world.client_flows)]
+        self.client_sends(i, key, flags)
+
+    def server_frame(self, k: int, flags: int) -> tuple[int, bytes] | None:
+        name, key = self.world.server_flows[k % len(self.world.server_flows)]
+        payload = b"HTTP/1.1 200 OK\r\n" if flags & PSH else b""
+        packet = tcp(VIP, key.src, 80, key.sport, flags, seq=500, ack=101, payload=payload)
+        frame = self.world.servers[name].from_host(packet, self.world.now)  # type: ignore[attr-defined]
+        port = next(s.port_id for s in TRUST_CONFIG.servers if s.name == name)
+        return None if frame is None else (port, frame)
+
+    @precondition(lambda self: self.world.server_flows)
+    @rule(k=st.integers(0, 50), flags=st.sampled_from(SERVER_FLAGS))
+    def server_segment(self, k: int, flags: int) -> None:
+        sent = self.server_frame(k, flags)
+        if sent is not None:
+            self.send([sent])
+
+    @precondition(lambda self: self.world.client_flows and self.world.server_flows)
+    @rule(ks=st.lists(st.tuples(st.booleans(), st.integers(0, 50)), min_size=2, max_size=8))
+    def burst(self, ks: list[tuple[bool, int]]) -> None:
+        """Data both ways on several flows at once: one batch, one block."""
+        frames = []
+        for from_client, k in ks:
+            if from_client:
+                i, key = self.world.client_flows[k % len(self.world.client_flows)]
+                packet = tcp(key.src, key.dst, key.sport, 80, PSH | ACK, seq=101, ack=501, payload=b"more")
+                frame = self.world.clients[i].from_host(packet, self.world.now)
+                if frame is not None:
+                    frames.append((CLIENT_PORTS[i % 2], frame))
+            else:
+                sent = self.server_frame(k, PSH | ACK)
+                if sent is not None:
+                    frames.append(sent)
+        self.send(frames)
+
+    @precondition(lambda self: self.world.client_flows)
+    @rule(k=st.integers(0, 50), kind=st.sampled_from(["other_mac", "client_mac", "labelled", "syn_other_mac"]))
+    def forge(self, k: int, kind: str) -> None:
+        """Another host of client 0's segment forges a segment of a flow of any client."""
+        i, key = self.world.client_flows[k % len(self.world.client_flows)]
+        port = CLIENT_PORTS[i % 2]
+        flags = SYN if kind == "syn_other_mac" else RST
+        packet = tcp(key.src, key.dst, key.sport, 80, flags, seq=101)
+        src_mac = client_mac(i) if kind in ("client_mac", "labelled") else ATTACKER
+        label = self.world.clients[i].label_for(key) if kind == "labelled" else None
+        frame = (
+            ether(PORT_MAC[port], src_mac, packet)
+            if label is None
+            else labelled(PORT_MAC[port], src_mac, label, packet)
+        )
+        self.send([(port, frame)])
+
+    @precondition(lambda self: self.world.history)
+    @rule(k=st.integers(0, 200))
+    def replay(self, k: int) -> None:
+        """A late copy of a frame sent less than the quarantine ago (delayed on the way)."""
+        recent = [s for s in self.world.history if self.world.now - s.at < QUARANTINE]
+        if recent:
+            late = recent[k % len(recent)]
+            self.send([(late.port, late.frame)])
+
+    @rule(dt=st.sampled_from([0.3, 0.6, 1.1, 2.5, 4.0]))
+    def advance(self, dt: float) -> None:
+        now = self.world.now = self.world.now + dt
+        for b in (self.one, self.batch, self.block):
+            b.on_timer(now)
+        for endpoint in (*self.world.clients.values(), *self.world.servers.values()):
+            endpoint.on_timer(now)  # type: ignore[attr-defined]
+
+    @invariant()
+    def the_three_paths_agree(self) -> None:
+        if not hasattr(self, "one"):
+            return
+        a, b, c = (x.stats() for x in (self.one, self.batch, self.block))
+        for other in (b, c):
+            assert (a.sessions_active, a.sessions_ended, a.drops, a.labels) == (
+                other.sessions_active,
+                other.sessions_ended,
+                other.drops,
+                other.labels,
+            )
+        assert self.one.sessions.half_open <= self.one.max_half_open
+
+
+TRUST_SETTINGS = settings(
+    max_examples=int(os.environ.get("MPLSLB_TRUST_EXAMPLES", "8")),  # a campaign: MPLSLB_TRUST_EXAMPLES=500
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+class S2CCrossDelivery(AssertionError):
+    """A server's frame reached the client of another session."""
+
+
+TestNoFrameReachesAnotherSession = TrustMachine.TestCase
+TestNoFrameReachesAnotherSession.settings = TRUST_SETTINGS
+
+
+# -- 4: the clients of a server that went down are reset -----------------------------------------------------------
+@pytest.mark.parametrize("reset", [True, False], ids=["reset_on_down", "silent"])
+def test_a_client_of_a_server_gone_down_gets_an_exact_rst_once_its_endpoint_falls_back(reset: bool) -> None:
+    """The session is interrupted and its labels withdrawn; the client's endpoint, hearing nothing, sends unlabelled
+    after its fallback; that segment belongs to no session, and the balancer answers it as a host answers a
+    segment of no connection: an RST whose seq is the segment's ACK (the client's RCV.NXT, accepted exactly)."""
+    net = Net(make_config(timeouts=TIMEOUTS, reset_on_down=reset))
+    b = net.balancer
+    plain = net.client(0)
+    net.clients[0] = ClientEndpoint(mac=plain.mac, gateway_mac=plain.gateway_mac, fallback=2.0)
+    name, _ = established(net)
+    b.mark_down(name, net.now)
+    src = client_addr(0)
+    assert net.from_client(0, tcp(src, VIP, 40000, 80, PSH | ACK, seq=101, ack=501, payload=b"GET /")) == []
+    net.now = 2.5  # the endpoint falls back: unlabelled
+    out = net.from_client(0, tcp(src, VIP, 40000, 80, PSH | ACK, seq=101, ack=501, payload=b"GET /"))
+    assert b.stats().drops["tcp_no_session"] == 1
+    if not reset:
+        assert out == [] and b.resets_sent == 0
+        return
+    ((port, frame),) = out
+    assert port == 0 and frame[:6] == client_mac(0) and b.resets_sent == 1
+    seg = _ANALYZER.analyze(frame)
+    assert seg.key == FlowKey(6, VIP, 80, src, 40000) and seg.tcp_flags == RST and seg.tcp_seq == 501
+    # An RST of no session is never answered.
+    assert net.from_client(0, tcp(src, VIP, 40000, 80, RST, seq=101)) == [] and b.resets_sent == 1
+
+
+def test_reset_on_down_is_read_from_the_health_table() -> None:
+    base = make_config()
+    top = Section("lb.toml", "", {"health": {"reset_on_down": True}})
+    assert balancer_config_from_section(top, default_ports=base.ports, default_vips=base.vips).reset_on_down
+    bad = Section("lb.toml", "", {"health": {"reset_on_down": "yes"}})
+    with pytest.raises(ConfigError, match=r"lb\.toml: health\.reset_on_down: expected bool"):
+        balancer_config_from_section(bad, default_ports=base.ports, default_vips=base.vips)
