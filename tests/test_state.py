@@ -59,7 +59,7 @@ def open_session(balancer: Balancer, sport: int, now: float = 1.0) -> int:
     c2s = _label(out[0][1])
     server = balancer.sessions.by_c2s(c2s)
     assert server is not None
-    reply = labelled(PORT_MAC[server.server.config.port_id], server.server.config.mac, c2s + 1,
+    reply = labelled(PORT_MAC[server.server.config.port_id], server.server.mac, c2s + 1,
                      reply_tcp_packet(SYN | ACK, sport=sport))  # fmt: skip
     assert len(balancer.receive(server.server.config.port_id, reply, now)) == 1
     assert len(balancer.receive(0, client_tcp(ACK, sport=sport), now)) == 1  # the handshake completes
@@ -71,13 +71,14 @@ def _label(frame: bytes) -> int:
     return int.from_bytes(frame[14:17], "big") >> 4
 
 
-def forward_c2s(balancer: Balancer, c2s: int) -> tuple[int, bytes]:
-    """Where a labelled client frame of ``c2s``'s session goes: (port, next hop MAC); (-1, b"") when dropped."""
+def forward_c2s(balancer: Balancer, c2s: int, *, sport: int = 0) -> tuple[int, bytes]:
+    """Where a labelled client frame of ``c2s``'s session (from ``sport`` if given) goes: (port, next hop MAC);
+    (-1, b"") when dropped."""
     from helpers import client_addr, client_mac, ip_packet, tcp_segment
     from mplslb.wire.ip import IPPROTO_TCP
 
     session = balancer.sessions.by_c2s(c2s)
-    sport = session.key.sport if session is not None else 1
+    sport = sport or (session.key.sport if session is not None else 1)
     src, dst = client_addr(0), CONFIG.vips[0].address
     packet = ip_packet(src, dst, IPPROTO_TCP, tcp_segment(src, dst, sport, 80, ACK, b""))
     out = balancer.receive(0, labelled(PORT_MAC[0], client_mac(0), c2s, packet), 5.0)
@@ -150,6 +151,66 @@ def test_an_unanswered_syn_waits_again_after_a_restart(state_dir: Path) -> None:
     assert session.state is SessionState.ESTABLISHED
     second.on_timer(45.0)  # the established session's idle timeout is minutes
     assert second.sessions.by_c2s(c2s) == session and session.server.failures == 0
+    close(second)
+
+
+def test_flow_bindings_half_open_and_ending_sessions_survive_a_restart(state_dir: Path) -> None:
+    """What main derives from the rows comes back: each label's flow binding (a frame of another flow under a
+    session's label is still dropped as label_wrong_flow), an ENDING session (counted for no server, closed at its
+    close's time plus the linger when quiet), and the half-open sessions oldest first."""
+    first = build(state_dir)
+    bound, ending = open_session(first, 40000), open_session(first, 40001)
+    first.receive(0, client_tcp(RST | ACK, sport=40001), 2.0)  # the client resets: ENDING, lingering
+    assert first.sessions.by_c2s(ending).state is SessionState.ENDING  # type: ignore[union-attr]
+    half = [_label(first.receive(0, client_tcp(SYN, sport=42000 + i), 2.0 + i / 10)[0][1]) for i in range(3)]
+    flows = {label: first.switching.flow[label] for label in (bound, bound + 1, ending, ending + 1)}
+    active = {s.name: s.active for s in first.pool}
+    assert (first.live, first.sessions.half_open) == (4, 3)
+    close(first)
+    del first
+
+    second = build(state_dir, now=2.5)
+    assert {label: second.switching.flow[label] for label in flows} == flows
+    assert all(second.switching.bound[label] for label in flows)
+    assert forward_c2s(second, bound)[0] == 2  # its own flow goes to its server ...
+    wrong = second.drops.get("label_wrong_flow", 0) + second.switching.drops.get("label_wrong_flow", 0)
+    assert forward_c2s(second, bound, sport=40009) == (-1, b"")  # ... another flow under its label does not
+    assert second.drops.get("label_wrong_flow", 0) + second.switching.drops.get("label_wrong_flow", 0) == wrong + 1
+    # The ENDING session: kept, counted for no server, closing at its close's time plus the linger.
+    session = second.sessions.by_c2s(ending)
+    assert session is not None and session.state is SessionState.ENDING
+    assert second.sessions.ending_at[session.pair] == 2.0
+    assert session.deadline == 2.0 + CONFIG.timeouts.closed_linger
+    assert {s.name: s.active for s in second.pool} == active and second.live == 4
+    # The half-open sessions: counted, evicted oldest first, their wait started again at the adoption.
+    assert second.sessions.half_open == 3
+    oldest = second.sessions.oldest_half_open()
+    assert oldest is not None and oldest.c2s == half[0] and oldest.deadline == 2.5 + CONFIG.timeouts.tcp_start
+    second.on_timer(4.5)  # past the linger, nothing of the ENDING session passed since its close: closed
+    assert second.sessions.by_c2s(ending) is None and second.labels.is_quarantined(ending)
+    assert second.sessions.by_c2s(bound) is not None and second.sessions.half_open == 3
+    close(second)
+
+
+def test_servers_by_address_take_the_mac_their_sessions_hold(state_dir: Path) -> None:
+    """A server configured by its address alone is known by the MAC its adopted sessions' labels hold: it takes new
+    sessions at once, while the resolver confirms the MAC (STALE, probed from the adoption)."""
+    from mplslb.resolver import NeighborState
+    from test_resolver import arp_reply
+
+    config = replace(CONFIG, servers=tuple(replace(s, mac=b"") for s in SERVERS))
+    first = build(state_dir, config)
+    for server in SERVERS:
+        assert first.receive(server.port_id, arp_reply(server.mac, server.address, PORT_MAC[server.port_id]), 1.0) == []
+    assert all(s.mac == SERVER_MAC[s.name] for s in first.pool)
+    labels = [open_session(first, 40000 + i) for i in range(3)]
+    close(first)
+    second = build(state_dir, config, now=2.0)
+    assert all(second.sessions.by_c2s(c2s) is not None for c2s in labels)
+    assert {s.name: s.mac for s in second.pool} == {s.name: SERVER_MAC[s.name] for s in SERVERS}
+    assert all(n.state is NeighborState.STALE for n in second.resolver.neighbors.values())
+    assert second.resolver.next_deadline() == 2.0  # confirmed at once
+    open_session(second, 41000, now=2.0)  # a new session needs no ARP reply first
     close(second)
 
 
@@ -628,3 +689,50 @@ def test_an_upgraded_program_is_swapped_in_over_the_pinned_map(
         assert len(after) == 1 and not after & before and 0 not in after
     finally:
         remove_pins(pins, lb, offload)
+
+
+@needs_kernel
+def test_flow_bound_entries_and_the_syn_buckets_are_adopted_as_they_are(
+    topo: tuple[str, str],  # noqa: F811
+    obj: bytes,  # noqa: F811
+    state_dir: Path,
+) -> None:
+    """The kept map's entries carry the labels' flow binding: the adopted table rebuilds the same binding, so every
+    entry is kept as it is (nothing rewritten) and the kept program still refuses another flow under a label. The
+    SYN map is kept too, its buckets taking the new daemon's rate."""
+    from helpers import VIP, ipv4, tcp_segment
+    from mplslb.offload import bpf
+    from mplslb.offload.xdp import syn_share
+    from mplslb.switching.layout import F_FLOW, SYN_BUCKET
+    from mplslb.wire.ip import IPPROTO_TCP
+    from test_offload import C0, FLOW_INSTALLS, F, G, from_client, v4_tcp
+
+    lb, _ = topo
+    pins = PIN_ROOT / f"f{os.getpid() % 100000}"
+    first = build(state_dir)
+    for label, kwargs in FLOW_INSTALLS.items():
+        first.switching.install(label, **kwargs)
+    offload = offload_in(lb, first, obj, pins=pins, syn_rate=1000)
+    try:
+        assert offload.entries == len(FLOW_INSTALLS)
+        offload.close(keep=True)
+        close(first)
+        second = build(state_dir)
+        offload = offload_in(lb, second, obj, pins=pins, syn_rate=2000)
+        assert offload.adopted and offload.entries == len(FLOW_INSTALLS) and offload.writes == 0
+        for label in (F, G):
+            entry = offload.lookup(label)
+            assert entry is not None and entry[4] & F_FLOW
+        other_flow = from_client(F, ipv4(C0, VIP, IPPROTO_TCP, tcp_segment(C0, VIP, 40001, 80, ACK)))
+        with entered(lb):
+            assert offload.run(from_client(F, v4_tcp(ACK)), 0).retval == bpf.XDP_REDIRECT
+            assert offload.run(other_flow, 0).retval == bpf.XDP_PASS  # up to userspace, which drops it
+        assert second.receive(0, other_flow, 3.0) == [] and second.switching.drops["label_wrong_flow"] == 1
+        assert offload._syn is not None
+        raw = offload._syn.lookup(b"\0\0\0\0") or b""
+        assert {SYN_BUCKET.unpack_from(raw, at)[0] for at in range(0, len(raw), SYN_BUCKET.size)} == {
+            syn_share(2000, os.cpu_count() or 1)
+        }
+    finally:
+        remove_pins(pins, lb, offload)
+        close(second if "second" in locals() else first)

@@ -802,6 +802,16 @@ class Balancer:
         else:
             self.resolver.add(config.name, config.address, config.port_id, 0.0)  # the first probe is due at once
 
+    def recall_macs(self, macs: Mapping[str, bytes], now: float) -> None:
+        """Servers' MACs as a previous process knew them (adopted sessions' labels hold them): a server still being
+        resolved takes its MAC at once while the resolver confirms it (:meth:`Resolver.recall`)."""
+        changes = [
+            MacChange(name, b"", mac)
+            for name, mac in macs.items()
+            if name in self.pool and self.resolver.recall(name, mac, now)
+        ]
+        self._macs_changed(changes)
+
     def _from_neighbor(self, port: int, frame: bytes | memoryview, now: float) -> bool:
         """An ARP or neighbour discovery frame from a server port goes to the resolver; True if it was one."""
         changes = self.resolver.receive(port, frame, now)

@@ -348,7 +348,9 @@ class Daemon:
                 clock=clock,
             )
             self.loop.add_reader(self.probes.fileno(), self.probes.on_ready)
-            self._health_tick()
+            # The first probes go out once the loop runs to read their answers: a slow start (adopting a kept
+            # state under load) must not pass for servers that do not answer.
+            self.loop.call_at(clock(), self._health_tick)
         self.control = ControlServer(
             config.control_socket,
             self._snapshot,

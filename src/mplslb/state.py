@@ -26,9 +26,11 @@ interrupted at adoption.
 
 Adoption (:func:`open_balancer`): when the header, the layout and the configuration all agree, the balancer is built
 over the mapped arrays and :func:`adopt` rebuilds what is derived (the flow-key index, the free and quarantine rings
-of the label manager, the per-label byte strings of the switching table, the session counts and the earliest
-deadline, the pool's active-session counters). Otherwise the reason is logged as one ``key=value`` line, the old
-files are moved aside (``*.old``) and the daemon starts clean; ``--fresh`` starts clean on purpose.
+of the label manager, the per-label byte strings of the switching table with each label's flow binding, the session
+counts, the half-open sessions' queue, the deadlines, the pool's active-session counters; an ENDING session counts
+for no server and lingers until its close's time plus the linger). Otherwise the reason is logged as one
+``key=value`` line, the old files are moved aside (``*.old``) and the daemon starts clean; ``--fresh`` starts clean
+on purpose. :data:`FORMAT_VERSION` changes with what a column's values mean (the session state codes).
 
 Crash safety: the tables order their writes so a record becomes valid last and invalid first. A session row's
 state byte is written after all its fields and cleared first when the row is freed; a label's ``valid`` byte
@@ -36,9 +38,10 @@ likewise; a new session's labels are installed after its row, and withdrawn befo
 writes a pair's release time before marking it quarantined. So whatever instant the daemon is killed at, the
 arrays hold complete records and, at worst, a pair half-way through being set up or taken down. :func:`adopt`
 checks every pair: a session row is kept only if both its labels are installed with exactly the bindings the row
-and its server imply (ports, next hops, peers, peer IPs) and its pair is in use; anything else (a row without its
-labels, labels without their row, a pair allocated and never used) is cleaned: its labels withdrawn, the pair put
-in quarantine, the row freed. The counts are reported (``repaired``). A frame is therefore never forwarded by an
+and its server imply (ports, next hops, peers, peer IPs, flow bindings; a server whose MAC is still being resolved
+agrees with the one both its labels hold) and its pair is in use; anything else (a row without its labels, labels
+without their row, a pair allocated and never used) is cleaned: its labels withdrawn, the pair put in quarantine,
+the row freed. The counts are reported (``repaired``). A frame is therefore never forwarded by an
 entry that disagrees with its session.
 
 Time: the tables hold CLOCK_MONOTONIC times (the daemon's loop clock is ``time.monotonic``, and the kernel offload's
@@ -477,6 +480,14 @@ def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
     live = sessions.restore(servers, now)
     for pair in live:
         pool.session_started(servers[sessions.server[pair]])
+    # A server resolved by its address takes the MAC its sessions' labels hold while the resolver confirms it (the
+    # labels of any session holding another follow it).
+    held: dict[str, bytes] = {}
+    for pair in np.flatnonzero(np.frombuffer(sessions.state, dtype=np.uint8)).tolist():
+        server = servers[sessions.server[pair]]
+        if not server.mac:
+            held.setdefault(server.name, switching.next_hop_of(c2s_min + 2 * pair))
+    balancer.recall_macs(held, now)
     report.sessions = len(sessions)
     report.live = len(live)
     report.quarantined = labels.quarantined_count
