@@ -272,6 +272,7 @@ class XdpOffload:
                     self.table.add_mirror(self)
                     try:
                         self._reconcile()
+                        self._set_syn_rate(keep=True)
                     except OSError as exc:
                         why = f"reason=reconcile_failed error={str(exc).replace(' ', '_')}"
                         self.close()  # lets the adopted objects go: loaded afresh below
@@ -395,7 +396,6 @@ class XdpOffload:
         self._map = bpf.Map(map_fd, _KEY.size, KERNEL_ENTRY.size, MAP_NAME)
         self._cpus = possible_cpus()
         self._syn = bpf.Map(syn_fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
-        self._set_syn_rate(keep=True)
         self._prog = prog
         self._links = links
         for ifname, ifindex in zip(self.interfaces.values(), self.ifindex.values(), strict=True):
