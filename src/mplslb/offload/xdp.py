@@ -49,10 +49,10 @@ so the program stays attached and switching while no daemon runs (``close(keep=T
 after :data:`LAYOUT_FP`, the fingerprint of their entries' layout and flags, so a map written by a build with
 another layout is never adopted. The next :meth:`XdpOffload.open` adopts them when the maps' layout, types and
 sizes, each link's interface and program all fit (the SYN buckets keep their tokens and counters and take this
-daemon's rate); a program built differently is
-loaded over the kept map and swapped in on every port at once (``BPF_LINK_UPDATE``). The map is then reconciled
-with the table: an entry equal to what the table would write stays, its counters taken as counted and its last
-frame's time folded in; every other label is written or deleted. With ``fresh``, or pins that do not fit (logged
+daemon's rate); a program built differently is loaded over the kept maps and swapped in on every port at once
+(``BPF_LINK_UPDATE``). The map is then reconciled with the table: every entry's counters are taken as counted; an
+entry equal to what the table would write stays, its last frame's time folded in; every other label is written
+or deleted. With ``fresh``, or pins that do not fit (logged
 as one ``key=value`` line), everything pinned is removed, which lets the old program go, and the program is
 loaded afresh.
 
