@@ -241,6 +241,7 @@ SKB_FIELDS: Final = (
 ENDPOINT_TRAFFIC: Final = (
     "from_wire",  # a labelled frame popped and handed to the host
     "from_host",  # a packet of a known flow labelled for the wire
+    "from_host_gso",  # of from_host: a super-packet labelled whole, segmented by the stack after the push
     "from_host_unlabelled",  # client: a flow's first packet, sent unlabelled
     "passed",  # not the datapath's: ARP, ND, unlabelled frames, traffic not from or to a virtual IP
 )
@@ -273,7 +274,6 @@ ENDPOINT_COUNTERS: Final = (
     "icmp_quote_truncated",
     "not_from_vip",
     "unsupported_protocol",
-    "gso_packet",
     "room_failed",
     "fallback_unlabelled",  # client: a flow unheard for fallback_ms sent unlabelled again (the label died?)
 )
