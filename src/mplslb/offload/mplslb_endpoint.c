@@ -29,9 +29,6 @@
 #define XDP_DROP 1
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
-/* What a super-packet's header may span and must be readable (eth, IPv6 and its extension headers, TCP): the stack
- * keeps a super-packet's headers in the linear area, so pulling this much copies nothing there. */
-#define GSO_HEADERS 256
 #define OK EP_COUNTERS /* analyze(): no reason to drop */
 
 struct map_ref flows SEC("maps");    /* LRU hash: struct flow_key -> struct flow */
