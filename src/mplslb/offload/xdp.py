@@ -16,10 +16,21 @@ userspace path forwards, reports, or drops and counts it as it does without the 
 What goes into the map (:meth:`XdpOffload.sync`): the offload is a :class:`~mplslb.switching.table.Mirror` of
 the table, told of each install, withdrawal and watch change as it happens; it notes the label, and ``sync`` writes
 or deletes the noted labels' map entries (batched, ``BPF_MAP_UPDATE_BATCH`` / ``BPF_MAP_DELETE_BATCH``) from what
-the table then holds. A label enters the map only while its ``watch`` bits do not ask for every frame
-(``WATCH_ALL``: the session manager is timing the server's first answers from the session's own frames and needs to
-see them); such labels wait, and enter the map at the first ``sync`` after the balancer clears ``WATCH_ALL``.
-Labels bound to a port without XDP (an MPLS-in-UDP port) stay in userspace.
+the table then holds. Labels bound to a port without XDP (an MPLS-in-UDP port) stay in userspace. A label whose
+``watch`` bits ask for every frame (``WATCH_ALL``: the session manager is timing the server's first answers from
+the session's own frames) is handled one of two ways:
+
+* without a ``measured`` handler it waits in userspace, and enters the map at the first ``sync`` after the balancer
+  clears ``WATCH_ALL``: every frame of a new session's first round trips reaches the session manager;
+* with one (the daemon's :class:`~mplslb.offload.driver.OffloadedBalancer`), it enters the map at once, flagged
+  ``F_RT``, and the program records what the measurement wants in the session's C2S entry (the server's first
+  answer, the client's pure ACK, the request, the first response byte, the budget left; ``mplslb_xdp.c`` says
+  how, frame by frame as :meth:`~mplslb.sessions.SessionTable.observe`) instead of passing the frames up. The
+  records are read back with the counters at every :meth:`poll`, and for one session on demand (:meth:`fold`,
+  one map lookup), and handed to ``measured(c2s, record)`` with the kernel's times on the table's clock (again at
+  the next read while it answers False). The program clears ``F_RT`` itself once a direction has nothing more to
+  tell, so a watch cleared in the table needs no map write. With ``WATCH_REQUEST`` (L7 analysis) the C2S entry
+  passes the first request up too.
 
 Activity (:meth:`XdpOffload.poll`): the program counts packets and bytes per entry and stores the time of the last
 frame (``bpf_ktime_get_ns``, CLOCK_MONOTONIC, the clock of ``time.monotonic``). ``poll`` reads the whole map with
@@ -60,14 +71,18 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from mplslb.labels import C2S_MIN
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
+from mplslb.sessions import WATCH_BUDGET
 from mplslb.switching.layout import (
     F_FLOW,
+    F_L7,
+    F_RT,
     F_TCP_END,
     F_V6,
     KERNEL_ENTRY,
@@ -76,6 +91,7 @@ from mplslb.switching.layout import (
     SYN_BUCKET,
     SYN_RATE_MAX,
     WATCH_ALL,
+    WATCH_REQUEST,
     WATCH_TCP_END,
     struct_offsets,
 )
@@ -96,8 +112,31 @@ COUNTERS = np.dtype(
      "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns")],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
+#: A C2S entry's measurement record (F_RT), as numpy reads it from a batch of entries.
+_RECORD_FIELDS = ("rt_left", "answer_ns", "ack_ns", "request_ns", "response_ns")
+RECORD = np.dtype(
+    {"names": list(_RECORD_FIELDS), "formats": ["<u4", "<u8", "<u8", "<u8", "<u8"],
+     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in _RECORD_FIELDS],
+     "itemsize": KERNEL_ENTRY.size}
+)  # fmt: skip
 _KEY = struct.Struct("=I")
 BATCH_MIN = 4  # fewer writes than this go one by one
+
+
+class Record(NamedTuple):
+    """What the program recorded of a session's first frames (F_RT), its times on the table's clock (0.0: not
+    seen): the server's first answer, the client's latest pure ACK, the request, the first response byte, and
+    whether the measurement's budget is spent (or its last answer recorded)."""
+
+    answer: float
+    ack: float
+    request: float
+    response: float
+    over: bool
+
+
+def is_c2s(label: int) -> bool:
+    return label & 1 == C2S_MIN & 1
 
 
 class OffloadError(RuntimeError):
@@ -149,8 +188,11 @@ class XdpOffload:
         max_entries: int = LABEL_SPACE,
         obj: bytes | None = None,
         syn_rate: int = 0,
+        measured: Callable[[int, Record], bool] | None = None,
     ) -> None:
-        """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all)."""
+        """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
+        ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
+        module docstring)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
@@ -177,6 +219,10 @@ class XdpOffload:
         self._kbytes = np.zeros(LABEL_SPACE, dtype=np.uint64)
         self._noted: list[int] = []  # labels changed in the table since the last sync, in order
         self._waiting: set[int] = set()  # installed, waiting for WATCH_ALL to clear
+        self.measured = measured
+        # C2S labels whose session is measured in the kernel, and the last record ``measured`` took for each
+        self._measuring: dict[int, tuple[int, ...]] = {}
+        self.records = 0  # records handed to ``measured``
         self.entries = 0
         self.writes = 0
         self.deletes = 0
@@ -291,6 +337,7 @@ class XdpOffload:
         self._in_kernel[:] = 0
         self._noted.clear()
         self._waiting.clear()
+        self._measuring.clear()
         self.entries = 0
 
     def __enter__(self) -> XdpOffload:
@@ -305,9 +352,12 @@ class XdpOffload:
         self._noted.append(label)
 
     def withdrawn(self, label: int) -> None:
+        self._measuring.pop(label, None)  # the session is over: its record tells nothing more
         self._noted.append(label)
 
     def watch_changed(self, label: int) -> None:
+        if self.measured is not None and self._in_kernel[label]:
+            return  # measured in the kernel: the program drops F_RT itself (and a cleared WATCH_ALL needs no write)
         self._noted.append(label)
 
     def sync(self) -> int:
@@ -321,13 +371,20 @@ class XdpOffload:
     def _mirror(self, labels: Iterable[int]) -> int:
         """Make the map agree with the table for ``labels`` (distinct)."""
         valid, watch, in_kernel, waiting = self.table.valid, self.table.watch, self._in_kernel, self._waiting
+        measure = self.measured is not None
         writes: list[int] = []
         deletes: list[int] = []
         for label in labels:
+            if label in self._measuring and in_kernel[label]:
+                self.fold(label)  # rewritten (a neighbour's new MAC) mid-measurement: take its record first
             self._kpackets[label] = 0
             self._kbytes[label] = 0
             if valid[label] and self._offloadable(label):
-                if watch[label] & WATCH_ALL:
+                if measure and watch[label] & WATCH_ALL:
+                    writes.append(label)
+                    waiting.discard(label)
+                    self._measuring.setdefault(label if is_c2s(label) else label - 1, ())
+                elif watch[label] & WATCH_ALL:
                     if in_kernel[label]:
                         deletes.append(label)
                     waiting.add(label)
@@ -347,11 +404,16 @@ class XdpOffload:
         t = self.table
         flow = t.flow[label]
         dst_ip, ports = flow_parts(flow)
+        watch = t.watch[label]
+        measure = self.measured is not None
         flags = (
             (F_V6 if t.v6[label] else 0)
-            | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+            | (F_TCP_END if watch & WATCH_TCP_END else 0)
             | (F_FLOW if flow else 0)
+            | (F_RT if measure and watch & WATCH_ALL else 0)
+            | (F_L7 if measure and watch & WATCH_REQUEST else 0)
         )
+        budget = WATCH_BUDGET if measure and is_c2s(label) else 0
         peer_ip = t.peer_ip[label]
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
@@ -363,6 +425,12 @@ class XdpOffload:
             peer_ip,
             dst_ip,
             ports,
+            0,
+            0,
+            0,
+            budget,
+            0,
+            0,
             0,
             0,
             0,
@@ -441,6 +509,8 @@ class XdpOffload:
         if not count:
             return 0
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
+        if self._measuring:
+            self._fold_records(labels, values)
         counters = np.frombuffer(values, dtype=COUNTERS)
         packets, octets, last_ns = counters["packets"], counters["bytes"], counters["last_ns"]
         live = self._in_kernel[labels] != 0  # an entry deleted since the read is not counted
@@ -458,6 +528,44 @@ class XdpOffload:
         self.kernel_bytes += int(new_bytes.sum())
         return int(labels.size)
 
+    # -- measurements recorded in the kernel (F_RT) ------------------------------------------------------------
+    def fold(self, c2s: int) -> bool:
+        """Hand ``c2s``'s record to ``measured`` now, if its session is measured in the kernel and the record
+        changed (one map lookup); True if it was handed over."""
+        if self._map is None or c2s not in self._measuring or not self._in_kernel[c2s]:
+            return False
+        raw = self._map.lookup(_KEY.pack(c2s))
+        if raw is None:
+            return False
+        (record,) = np.frombuffer(raw, dtype=RECORD)
+        return self._hand_over(c2s, tuple(int(x) for x in record), self.clock() - time.monotonic())
+
+    def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
+        """The records of the measured C2S labels in a batch read of the map."""
+        measuring = self._measuring
+        wanted = [i for i, label in enumerate(labels.tolist()) if label in measuring]
+        if not wanted:
+            return
+        records = np.frombuffer(values, dtype=RECORD)[wanted]
+        offset = self.clock() - time.monotonic()
+        for i, record in zip(wanted, records.tolist(), strict=True):
+            self._hand_over(int(labels[i]), record, offset)
+
+    def _hand_over(self, c2s: int, record: tuple[int, ...], offset: float) -> bool:
+        """Give ``measured`` a record that changed; forget the label once its session's measurement is over."""
+        handed = False
+        if record != self._measuring.get(c2s) and (any(record[1:]) or not record[0]) and self.measured is not None:
+            rt_left, *times = record
+            answer, ack, request, response = (t * 1e-9 + offset if t else 0.0 for t in times)
+            self.records += 1
+            if self.measured(c2s, Record(answer, ack, request, response, rt_left == 0)):
+                self._measuring[c2s] = record  # taken: not handed over again unless it changes
+            handed = True
+        watch = self.table.watch
+        if not (watch[c2s] & WATCH_ALL or watch[c2s + 1] & WATCH_ALL):
+            self._measuring.pop(c2s, None)
+        return handed
+
     def _fold_shed(self) -> None:
         """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""
         shed = self.syn_counters()[1]
@@ -472,14 +580,16 @@ class XdpOffload:
         return len(self._waiting)
 
     def stats(self) -> dict[str, Any]:
-        """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic, SYNs
-        let through and shed."""
+        """Figures for the status: entries in the kernel, labels waiting, sessions measured in the kernel and
+        records read back, writes, deletes, kernel traffic, SYNs let through and shed."""
         passed, shed = self.syn_counters()
         return {
             "kind": "kernel",
             "attached": dict(self.attached),
             "entries": self.entries,
             "pending": self.pending,
+            "measuring": len(self._measuring),
+            "records": self.records,
             "writes": self.writes,
             "deletes": self.deletes,
             "polls": self.polls,
