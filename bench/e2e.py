@@ -16,6 +16,11 @@ The share of a core that each lab process (balancer, agents, nginx) used during 
 
 ``python bench/e2e.py [--quick] [--json] [--profile]`` (``--profile``: py-spy samples the balancer daemon, the
 client agent and a server agent during one extra wrk run; summaries in bench/profiles/e2e-*.txt).
+
+``python bench/e2e.py --close [--variant KEY] [--rounds N]`` measures only the ``Connection: close`` rows, of one
+variant (default ``kernel+xdp``), without the references: N rounds of wrk at -c16 and -c64, each with the frames
+that reached the balancer daemon (its ``frames.in``) per session started in it, read from its status. Run it with
+another checkout's ``src`` on PYTHONPATH to compare two versions of the balancer on the same machine.
 """
 
 from __future__ import annotations
@@ -490,12 +495,57 @@ def e2e_rows(
     return rows
 
 
+def close_only(key: str, *, rounds: int, seconds: int, log: Any = print) -> list[dict[str, float]]:
+    """wrk ``Connection: close`` at -c16 and -c64 through one lab variant, ``rounds`` times each (interleaved):
+    requests/s, p99, and the frames the balancer daemon handled per session started during the run."""
+    from mplslb.lab import VIP4, Lab, LabSpec
+
+    fields = next(f for k, _, f in lab_variants() if k == key)
+    lab = Lab(LabSpec(name=f"bc{os.getpid() % 10**5}", clients=1, servers=3, **fields), root=LAB_ROOT)
+    url = f"http://{VIP4}/"
+    header = dict(MODES)["close"]
+    found: list[dict[str, float]] = []
+    try:
+        lab.up()
+        set_sysctls(lab, [lab.client_ns(0), lab.lb])
+        wait_until(lambda: http_ok(lab, 0, url), 30, "the VIP to answer through the balancer")
+        run_wrk(lab, 0, url, seconds=1, connections=16, header=header)  # warm-up
+        for round_ in range(rounds):
+            for conns in (16, 64):
+                before = lab.status()["status"]
+                figures = run_wrk(lab, 0, url, seconds=seconds, connections=conns, header=header)
+                after = lab.status()["status"]
+                started = after["sessions"]["started"] - before["sessions"]["started"]
+                frames = after["frames"]["in"] - before["frames"]["in"]
+                figures |= {"round": round_, "connections": conns, "sessions": started,
+                            "frames_per_session": frames / started if started else 0.0}  # fmt: skip
+                log(f"e2e close {key} -c{conns} round {round_}: {figures.get('requests_per_s', 0):,.0f} requests/s, "
+                    f"{figures['frames_per_session']:.2f} frames to the daemon per session")  # fmt: skip
+                found.append(figures)
+    finally:
+        problems = lab.down()
+        if problems:
+            log(f"e2e: lab down: {problems}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wrk via the mplslb agents and balancer vs HAProxy")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the balancer daemon during one extra run")
+    parser.add_argument("--close", action="store_true", help="only the Connection: close rows of one variant")
+    parser.add_argument("--variant", default="kernel+xdp", help="with --close: the lab variant (default kernel+xdp)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --close: wrk runs per connection count")
     args = parser.parse_args(argv)
+    if args.close:
+        reason = missing_requirements()
+        if reason:
+            print(f"skipped: {reason}", file=sys.stderr)
+            return 1
+        runs = close_only(args.variant, rounds=args.rounds, seconds=3, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(runs, indent=1) if args.json else "\n".join(map(str, runs)))
+        return 0
     rows = run(args.quick, profile=args.profile, log=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
