@@ -19,7 +19,8 @@ client agent and a server agent during one extra wrk run; summaries in bench/pro
 
 ``python bench/e2e.py --close [--variant KEY] [--rounds N]`` measures only the ``Connection: close`` rows, of one
 variant (default ``kernel+xdp``), without the references: N rounds of wrk at -c16 and -c64, each with the frames
-that reached the balancer daemon (its ``frames.in``) per session started in it, read from its status. Run it with
+that reached the balancer daemon (its ``frames.in``) per session started in it, read from its status, and the
+daemon's CPU time per session. Run it with
 another checkout's ``src`` on PYTHONPATH to compare two versions of the balancer on the same machine.
 """
 
@@ -510,17 +511,20 @@ def close_only(key: str, *, rounds: int, seconds: int, log: Any = print) -> list
         set_sysctls(lab, [lab.client_ns(0), lab.lb])
         wait_until(lambda: http_ok(lab, 0, url), 30, "the VIP to answer through the balancer")
         run_wrk(lab, 0, url, seconds=1, connections=16, header=header)  # warm-up
+        procs = lab_processes(lab)
         for round_ in range(rounds):
             for conns in (16, 64):
-                before = lab.status()["status"]
+                before, ticks = lab.status()["status"], cpu_snapshot(procs)
                 figures = run_wrk(lab, 0, url, seconds=seconds, connections=conns, header=header)
-                after = lab.status()["status"]
-                started = after["sessions"]["started"] - before["sessions"]["started"]
+                after, spent = lab.status()["status"], cpu_snapshot(procs)
+                started = after["sessions"]["started"] - before["sessions"]["started"] or 1
                 frames = after["frames"]["in"] - before["frames"]["in"]
+                cpu = (spent["balancer"] - ticks["balancer"]) / os.sysconf("SC_CLK_TCK") / started * 1e6
                 figures |= {"round": round_, "connections": conns, "sessions": started,
-                            "frames_per_session": frames / started if started else 0.0}  # fmt: skip
+                            "frames_per_session": frames / started, "balancer_cpu_us_per_session": cpu}  # fmt: skip
                 log(f"e2e close {key} -c{conns} round {round_}: {figures.get('requests_per_s', 0):,.0f} requests/s, "
-                    f"{figures['frames_per_session']:.2f} frames to the daemon per session")  # fmt: skip
+                    f"p99 {figures.get('p99_ms', 0):.1f} ms, {figures['frames_per_session']:.2f} frames to the daemon "
+                    f"and {cpu:.0f} us of its CPU per session")  # fmt: skip
                 found.append(figures)
     finally:
         problems = lab.down()

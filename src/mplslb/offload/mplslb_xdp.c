@@ -5,9 +5,11 @@
  * One hash map, label -> entry, mirrors the rows of mplslb.switching.LabelSwitchingTable that may be switched
  * in the kernel. For a frame whose top label stack entry names an entry, and only when every check the userspace
  * fast path makes passes (ingress port, source MAC, IP source of the bottom-of-stack entry, bottom of stack,
- * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet
- * addresses (next hop, output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in
- * the entry and redirects it to the output port. Everything else is XDP_PASS: the daemon's packet socket gets it
+ * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame
+ * is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet addresses (next hop,
+ * output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in the entry and
+ * redirects it to the output port. While a session's response time is measured (F_RT), the frames that tell it
+ * are recorded in its C2S entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
  *

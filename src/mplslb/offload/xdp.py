@@ -576,7 +576,8 @@ class XdpOffload:
 
     @property
     def pending(self) -> int:
-        """Labels installed in the table and waiting for their measurement to end before they enter the map."""
+        """Labels installed in the table and waiting for their measurement to end before they enter the map
+        (without a ``measured`` handler; with one they enter at once)."""
         return len(self._waiting)
 
     def stats(self) -> dict[str, Any]:
