@@ -119,6 +119,8 @@ RECORD = np.dtype(
      "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in _RECORD_FIELDS],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
+_RECORD = struct.Struct("=I4xQQQQ")  # the same fields, from one entry
+_RECORD_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["rt_left"]
 _KEY = struct.Struct("=I")
 BATCH_MIN = 4  # fewer writes than this go one by one
 
@@ -537,8 +539,7 @@ class XdpOffload:
         raw = self._map.lookup(_KEY.pack(c2s))
         if raw is None:
             return False
-        (record,) = np.frombuffer(raw, dtype=RECORD)
-        return self._hand_over(c2s, tuple(int(x) for x in record), self.clock() - time.monotonic())
+        return self._hand_over(c2s, _RECORD.unpack_from(raw, _RECORD_AT), self.clock() - time.monotonic())
 
     def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
         """The records of the measured C2S labels in a batch read of the map."""
