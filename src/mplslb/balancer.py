@@ -147,6 +147,7 @@ class BalancerStats:
     sessions_started: int
     sessions_peak: int
     sessions_ended: dict[str, int]
+    sessions_by_state: dict[str, int]
     refused: dict[str, int]
     drops: dict[str, int]
     labels: LabelStats
@@ -617,7 +618,7 @@ class Balancer:
         """Stop watching the client's frames once nothing more is wanted of them: the handshake is complete and
         the request seen (or the measurement over)."""
         if session.state not in HALF_OPEN_STATES and (session.request_at or not session.rt_pending):
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
+            self.switching.clear_watch(session.c2s, WATCH_ALL | WATCH_REQUEST)
 
     def _session_ended(self, session: Session) -> None:
         """A session began to end (ENDING) or ended: it no longer counts for its server (its labels may linger)."""
@@ -954,6 +955,7 @@ class Balancer:
             sessions_started=self.sessions.started,
             sessions_peak=self.sessions.peak,
             sessions_ended=dict(self.sessions.ended),
+            sessions_by_state=self.sessions.state_counts(),
             refused={str(k): v for k, v in self.admission.refused.items() if v},
             drops=drops,
             labels=self.labels.stats(),
