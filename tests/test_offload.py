@@ -1093,3 +1093,82 @@ def test_a_half_open_deadline_sees_the_answer_the_kernel_recorded(
         assert len(unanswered) == 1 and answered.server.config.name not in unanswered
     finally:
         core.close()
+
+
+@needs_kernel
+def test_a_udp_flows_first_reply_is_timed_in_the_kernel_and_folded_at_the_poll(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UDP session's reply is forwarded and timed by the program; the daemon's poll (no frame of the session
+    reaches the balancer) makes of it what the userspace path makes of the reply: ESTABLISHED, a response time,
+    a passive-health success, nothing more watched."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch)
+    kernel = core.balancer
+    try:
+        now = loop.clock()
+        query = client_udp(sport=40000)
+        ((_, first),) = core.receive_batch([(0, query)], now)
+        assert reference.receive(0, query, now) == [(_, first)]
+        c2s = label_of(first)
+        session = kernel.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        c0 = client_addr(0)
+        answer = from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_UDP, udp_datagram(VIP, c0, 53, 40000, b"answer")),
+                             port=port, mac=mac)  # fmt: skip
+        time.sleep(0.002)
+        ((_, sent),) = reference.receive(port, answer, loop.clock())
+        with entered(lb):
+            run = core.offload.run(answer, port)
+        assert run.retval == bpf.XDP_REDIRECT and run.data == sent
+        assert session.state is SessionState.START and kernel.frames_in == 1  # not yet folded
+        core.offload.poll()
+        theirs = reference.sessions.by_c2s(c2s)
+        assert theirs is not None
+        assert session.state is theirs.state is SessionState.ESTABLISHED and not session.rt_pending
+        assert session.server.rt_ewma is not None and session.server.answered_at > 0
+        assert kernel.switching.watch[c2s + 1] == reference.switching.watch[c2s + 1] == 0
+        assert kernel.frames_in == 1 and core.offload.stats()["measuring"] == 0
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_an_established_session_the_kernel_saw_is_not_evicted_as_half_open(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for one half-open session: a session whose handshake only the kernel saw complete is not the oldest
+    half-open one when the next SYN comes (its record is read first), as in userspace; an unanswered one is."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, half_open_share=1e-9)
+    kernel = core.balancer
+    c0 = client_addr(0)
+    try:
+
+        def syn(sport: int) -> int:
+            now = loop.clock()
+            frame = ether(PORT_MAC[0], client_mac(0),
+                          ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, SYN)))  # fmt: skip
+            ((_, sent),) = core.receive_batch([(0, frame)], now)
+            assert reference.receive(0, frame, now) == [(_, sent)]
+            return label_of(sent)
+
+        c2s = syn(40000)
+        session = kernel.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        synack = from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, SYN | ACK)),
+                             port=port, mac=mac)  # fmt: skip
+        time.sleep(0.002)
+        for p, frame in ((port, synack), (0, from_client(c2s, v4_tcp(ACK)))):
+            reference.receive(p, frame, loop.clock())
+            with entered(lb):
+                assert core.offload.run(frame, p).retval == bpf.XDP_REDIRECT
+        syn(40001)  # the first session is established: nobody to evict
+        syn(40002)  # the second never was: evicted
+        for b in (kernel, reference):
+            assert b.sessions.ended == {"half_open_evicted": 1} and b.live == 2
+        assert session.state is SessionState.ESTABLISHED
+    finally:
+        core.close()
