@@ -224,6 +224,7 @@ class XdpOffload:
         self.measured = measured
         # C2S labels whose session is measured in the kernel, and the last record ``measured`` took for each
         self._measuring: dict[int, tuple[int, ...]] = {}
+        self._measured = np.zeros(LABEL_SPACE, dtype=np.bool_)  # the same labels, for a batch read's rows
         self.records = 0  # records handed to ``measured``
         self.entries = 0
         self.writes = 0
@@ -340,6 +341,7 @@ class XdpOffload:
         self._noted.clear()
         self._waiting.clear()
         self._measuring.clear()
+        self._measured[:] = False
         self.entries = 0
 
     def __enter__(self) -> XdpOffload:
@@ -354,7 +356,7 @@ class XdpOffload:
         self._noted.append(label)
 
     def withdrawn(self, label: int) -> None:
-        self._measuring.pop(label, None)  # the session is over: its record tells nothing more
+        self._forget(label)  # the session is over: its record tells nothing more
         self._noted.append(label)
 
     def watch_changed(self, label: int) -> None:
@@ -387,7 +389,9 @@ class XdpOffload:
                 if measure and watch[label] & WATCH_ALL:
                     writes.append(label)
                     waiting.discard(label)
-                    self._measuring.setdefault(label if is_c2s(label) else label - 1, ())
+                    c2s = label if is_c2s(label) else label - 1
+                    self._measuring.setdefault(c2s, ())
+                    self._measured[c2s] = True
                 elif watch[label] & WATCH_ALL:
                     if in_kernel[label]:
                         deletes.append(label)
@@ -567,14 +571,13 @@ class XdpOffload:
 
     def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
         """The records of the measured C2S labels in a batch read of the map."""
-        measuring = self._measuring
-        wanted = [i for i, label in enumerate(labels.tolist()) if label in measuring]
-        if not wanted:
+        wanted = np.flatnonzero(self._measured[labels])
+        if not wanted.size:
             return
         records = np.frombuffer(values, dtype=RECORD)[wanted]
         offset = self.clock() - time.monotonic()
-        for i, record in zip(wanted, records.tolist(), strict=True):
-            self._hand_over(int(labels[i]), record, offset)
+        for label, record in zip(labels[wanted].tolist(), records.tolist(), strict=True):
+            self._hand_over(label, record, offset)
 
     def _hand_over(self, c2s: int, record: tuple[int, ...], offset: float) -> bool:
         """Give ``measured`` a record that changed; forget the label once its session's measurement is over."""
@@ -588,8 +591,12 @@ class XdpOffload:
             handed = True
         watch = self.table.watch
         if not (watch[c2s] & WATCH_ALL or watch[c2s + 1] & WATCH_ALL):
-            self._measuring.pop(c2s, None)
+            self._forget(c2s)
         return handed
+
+    def _forget(self, c2s: int) -> None:
+        if self._measuring.pop(c2s, None) is not None:
+            self._measured[c2s] = False
 
     def _fold_shed(self) -> None:
         """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""
