@@ -567,8 +567,9 @@ class Balancer:
         times on the balancer's clock (0: not seen): the server's first answer, the client's latest pure ACK, the
         first request, the first response byte after it, and whether the measurement's budget is spent. Each is
         observed as the frame that carried it would have been (:meth:`SessionTable.observe`), in the order they
-        came; what the table already had (from frames that reached this path) is not observed twice, nor
-        anything older than the session (a record of its label pair's previous session).
+        came; what the table already had (from frames that reached this path) is not observed twice. An answer
+        timed before the session's start (a start set again after the answer, as a daemon adopting its sessions
+        does) moves the session on without a sample.
 
         Under ``WATCH_REQUEST`` the request itself comes up to this path (L7 analysis reads it): until it has,
         the request and the response are left for later, and False says the record should be handed over
@@ -578,11 +579,15 @@ class Balancer:
             return True
         started = session.started
         flags = ACK if session.proto == IPPROTO_TCP else -1
-        if answer > started and session.state is SessionState.START:
-            self._observe(session, False, SYN | ACK if flags > 0 else -1, 0, answer, None)
-        if flags > 0 and ack > max(answer, started) and session.state is SessionState.ANSWERED:
+        if answer and session.state is SessionState.START:
+            if answer > started:
+                self._observe(session, False, SYN | ACK if flags > 0 else -1, 0, answer, None)
+            else:
+                self.sessions.apply(session, SessionEvent.SYN_ACK if flags > 0 else SessionEvent.SERVER_REPLY, started)
+                self.pool.record_success(session.server, started)
+        if flags > 0 and ack > answer and session.state is SessionState.ANSWERED:
             self._observe(session, True, ACK, 0, ack, None)
-        if request > started and not session.request_at:
+        if request and not session.request_at:
             if self.switching.watch[c2s] & WATCH_REQUEST and session.rt_pending:
                 return False  # its frame is on its way here
             self._observe(session, True, flags, 1, request, None)
