@@ -985,9 +985,9 @@ def _measured_pair(
 
 
 @needs_kernel
-@pytest.mark.parametrize("l7", [True, False])
+@pytest.mark.parametrize(("l7", "v6"), [(True, False), (False, False), (True, True)])
 def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
-    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, l7: bool
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, l7: bool, v6: bool
 ) -> None:
     """With the daemon's wrapper, a new TCP session's labels enter the kernel with its SYN: the SYN-ACK, the
     client's ACK and the first response byte are forwarded by the program (the request too without L7 analysis)
@@ -1015,7 +1015,16 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
             else:
                 assert run.data == frame and core.receive_batch([(port, frame)], now) == expected
 
-        ((_, syn),) = to_both(0, ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN)))
+        client, vip = client_addr(0, v6=v6), VIP6 if v6 else VIP
+
+        def segment(src: bytes, dst: bytes, sport: int, dport: int, flags: int, payload: bytes = b"") -> bytes:
+            made = ipv6 if v6 else ipv4
+            return made(src, dst, IPPROTO_TCP, tcp_segment(src, dst, sport, dport, flags, payload))
+
+        def to_vip(flags: int, payload: bytes = b"") -> bytes:
+            return segment(client, vip, 40000, 80, flags, payload)
+
+        ((_, syn),) = to_both(0, ether(PORT_MAC[0], client_mac(0), to_vip(SYN)))
         c2s = label_of(syn)
         s2c = c2s + 1
         assert core.offload.lookup(c2s) is not None and core.offload.lookup(s2c) is not None
@@ -1024,14 +1033,12 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         port, mac = server.server.config.port_id, server.server.mac
 
         def reply(flags: int, payload: bytes = b"") -> bytes:
-            c0 = client_addr(0)
-            return from_server(s2c, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, flags, payload)),
-                               port=port, mac=mac)  # fmt: skip
+            return from_server(s2c, segment(vip, client, 80, 40000, flags, payload), port=port, mac=mac)
 
         time.sleep(0.002)  # the kernel's clock moves past the SYN's
         in_kernel(port, reply(SYN | ACK), bpf.XDP_REDIRECT)
-        in_kernel(0, from_client(c2s, v4_tcp(ACK)), bpf.XDP_REDIRECT)
-        request = from_client(c2s, v4_tcp(ACK | PSH, b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n"))
+        in_kernel(0, from_client(c2s, to_vip(ACK)), bpf.XDP_REDIRECT)
+        request = from_client(c2s, to_vip(ACK | PSH, b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n"))
         in_kernel(0, request, bpf.XDP_PASS if l7 else bpf.XDP_REDIRECT)
         in_kernel(port, reply(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n"), bpf.XDP_REDIRECT)
         assert kernel.frames_in == 1 + l7  # the SYN (and the request, for its Host)
