@@ -211,6 +211,7 @@ def snapshot(
             "peak": stats.sessions_peak,
             "ended": dict(sorted(stats.sessions_ended.items())),
             "refused": dict(sorted(stats.refused.items())),
+            "not_believed": dict(sorted(stats.not_believed.items())),
         },
         "drops": dict(sorted(stats.drops.items())),
         "labels": {

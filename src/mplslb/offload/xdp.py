@@ -28,6 +28,12 @@ last-seen times (:meth:`~mplslb.switching.table.LabelSwitchingTable.fold_counter
 per-server figures and the status see the kernel's traffic. The daemon polls once a second and before the
 balancer's timers run.
 
+Acknowledgment numbers: the program records each TCP segment's acknowledgment number in its entry, as the
+userspace paths record it in the table's ``acks``. ``poll`` folds the later of the two into the table, and the
+offload is one of the table's ``ack_feeds``: when the session manager judges an RST or FIN, it reads the entry of
+the label whose acknowledgments it needs at that moment (one map lookup; FIN and RST frames always come up to
+userspace). An entry written again (a neighbour's new MAC) carries the latest acknowledgment number known.
+
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
 program. On :meth:`XdpOffload.open` an XDP program attached the old way (netlink) under our program's name is taken
@@ -90,12 +96,17 @@ SHED = "syn_shed"  # the drop reason of a SYN shed by the kernel
 SECTION = "xdp"
 MODES = ("auto", "native", "generic")
 
-#: The counters of a map entry the program keeps, as numpy reads them from a batch of entries.
+#: What the program keeps in a map entry (counters, last acknowledgment number), as numpy reads them from a batch
+#: of entries.
 COUNTERS = np.dtype(
-    {"names": ["packets", "bytes", "last_ns"], "formats": ["<u8", "<u8", "<u8"],
-     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns")],
+    {"names": ["packets", "bytes", "last_ns", "ack"], "formats": ["<u8", "<u8", "<u8", "<u8"],
+     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns", "ack")],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
+_ACK_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["ack"]
+_NATIVE_U64 = struct.Struct("=Q")
+_SEQ_MASK = np.uint64(0xFFFFFFFF)
+_HALF_SEQ = np.uint64(1 << 31)
 _KEY = struct.Struct("=I")
 BATCH_MIN = 4  # fewer writes than this go one by one
 
@@ -211,6 +222,7 @@ class XdpOffload:
             self.close()
             raise OffloadError(f"kernel offload: {exc}") from None
         self.table.add_mirror(self)
+        self.table.ack_feeds.append(self.kernel_ack)
         self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
 
     def _open_syn_map(self) -> None:
@@ -288,6 +300,8 @@ class XdpOffload:
             self._syn.close()
             self._syn = None
         self.table.remove_mirror(self)
+        if self.kernel_ack in self.table.ack_feeds:
+            self.table.ack_feeds.remove(self.kernel_ack)
         self._in_kernel[:] = 0
         self._noted.clear()
         self._waiting.clear()
@@ -353,6 +367,7 @@ class XdpOffload:
             | (F_FLOW if flow else 0)
         )
         peer_ip = t.peer_ip[label]
+        ack = t.last_ack(label) if self._in_kernel[label] else t.acks[label]  # the kernel's may be the latest
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
             self.ifindex[t.in_port[label]],
@@ -366,6 +381,7 @@ class XdpOffload:
             0,
             0,
             0,
+            ack,
         )
 
     def _error(self, exc: OSError) -> None:
@@ -444,6 +460,7 @@ class XdpOffload:
         counters = np.frombuffer(values, dtype=COUNTERS)
         packets, octets, last_ns = counters["packets"], counters["bytes"], counters["last_ns"]
         live = self._in_kernel[labels] != 0  # an entry deleted since the read is not counted
+        self._fold_acks(labels[live], counters["ack"][live])
         moved = live & (packets > self._kpackets[labels])
         if not moved.any():
             return 0
@@ -457,6 +474,23 @@ class XdpOffload:
         self.kernel_packets += int(new_packets.sum())
         self.kernel_bytes += int(new_bytes.sum())
         return int(labels.size)
+
+    def _fold_acks(self, labels: np.ndarray, kernel: np.ndarray) -> None:
+        """Take the kernel's acknowledgment numbers into the table where they are later than the table's (as
+        :func:`~mplslb.switching.table.later_ack`, over arrays)."""
+        acks = self.table.arrays().acks
+        ours = acks[labels]
+        ahead = (kernel - ours) & _SEQ_MASK
+        take = (kernel != 0) & ((ours == 0) | ((ahead != 0) & (ahead < _HALF_SEQ)))
+        acks[labels[take]] = kernel[take]
+
+    def kernel_ack(self, label: int) -> int:
+        """``ACK_KNOWN | `` the last acknowledgment number the program recorded for ``label``, or 0 (the table's
+        ack feed)."""
+        if self._map is None or not self._in_kernel[label]:
+            return 0
+        raw = self._map.lookup(_KEY.pack(label))
+        return 0 if raw is None else int(_NATIVE_U64.unpack_from(raw, _ACK_AT)[0])
 
     def _fold_shed(self) -> None:
         """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""

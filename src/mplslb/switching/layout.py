@@ -90,6 +90,11 @@ TCP_FLAGS: Final = 13  # the flags octet in the TCP header
 TCP_FIN: Final = int(TCPFlag.FIN)
 TCP_RST: Final = int(TCPFlag.RST)
 TCP_END: Final = TCP_FIN | TCP_RST  # the flags the session manager must see
+TCP_ACK: Final = int(TCPFlag.ACK)
+TCP_ACK_AT: Final = 8  # the acknowledgment number in the TCP header (4 octets, network order)
+#: A label's last acknowledgment number as the fast paths record it (``LabelSwitchingTable.acks``, the kernel
+#: entry's ``ack``): this bit over the 32-bit number says one is known; 0 is "none seen yet".
+ACK_KNOWN: Final = 1 << 32
 #: Reported instead of the flags when the fast path cannot find them (IPv6 extension headers before TCP): the
 #: session manager reads the frame itself. Above the 8 bits of real flags.
 TCP_FLAGS_UNKNOWN: Final = 0x100
@@ -117,8 +122,9 @@ F_TCP_END: Final = 0x02  # TCP session: FIN and RST go up to the session manager
 F_FLOW: Final = 0x04  # the session's flow is bound: IP destination ``dst_ip`` and, in TCP and UDP, ``ports``
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
-#: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The last three fields are the
-#: counters the kernel keeps: frames forwarded, their bytes as received, CLOCK_MONOTONIC ns of the last one.
+#: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The last four fields are what the
+#: kernel keeps: frames forwarded, their bytes as received, CLOCK_MONOTONIC ns of the last one, and the last
+#: acknowledgment number of a TCP session's label (as ``LabelSwitchingTable.acks``).
 KERNEL_ENTRY_FIELDS: Final = (
     ("out_ifindex", "__u32", "I", 0),
     ("in_ifindex", "__u32", "I", 0),
@@ -132,6 +138,7 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("packets", "__u64", "Q", 0),
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
+    ("ack", "__u64", "Q", 0),  # ACK_KNOWN | the last acknowledgment number forwarded (0: none yet)
 )
 Fields = tuple[tuple[str, str, str, int], ...]
 
@@ -309,7 +316,7 @@ C_CONSTANTS: Final = (
     "LABEL_SPACE", "RESERVED_LABEL_MAX",
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
-    "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET",
+    "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "TCP_ACK", "TCP_ACK_AT", "ACK_KNOWN", "MAX_TCP_OFFSET",
     "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END", "F_FLOW",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
@@ -358,6 +365,7 @@ def c_header() -> str:
 
 
 __all__ = [
+    "ACK_KNOWN",
     "AH_LEN_BIAS",
     "AH_UNIT",
     "C2S_MAX",
@@ -450,6 +458,8 @@ __all__ = [
     "SYN_BUCKET_FIELDS",
     "SYN_RATE_MAX",
     "S_BIT",
+    "TCP_ACK",
+    "TCP_ACK_AT",
     "TCP_END",
     "TCP_FIN",
     "TCP_FLAGS",

@@ -12,7 +12,16 @@ them only through the table's methods:
 * sending on a label from the slow path: :meth:`~LabelSwitchingTable.send` attaches the session label (claim 15)
   to an unlabelled frame of the session, addresses it to the label's next hop and counts it;
 * activity that happened elsewhere: :meth:`~LabelSwitchingTable.fold_counters` adds what the kernel offload
-  forwarded.
+  forwarded, and :meth:`~LabelSwitchingTable.last_ack` asks the ``ack_feeds`` (the kernel offload) for the latest
+  acknowledgment number they saw.
+
+The last acknowledgment number per label. For a TCP session's labels (watched for FIN and RST) every path that
+forwards a TCP segment with ACK set and RST clear records its acknowledgment number in ``acks`` (with
+:data:`~mplslb.switching.layout.ACK_KNOWN` set): one word written per frame, next to the counters. It tells how far
+the receiving end had got when it last spoke, so the session manager can judge whether an RST or FIN travelling
+the other way carries a sequence number the endpoint could have sent (:meth:`~LabelSwitchingTable.in_window`; see
+:mod:`mplslb.sessions`). Only TCP segments count: an IPv4 packet of another protocol or a fragment past the first
+writes nothing, nor does an IPv6 packet whose TCP header does not follow the fixed header.
 
 Each row binds the label to where its frames may come from (ingress port, peer MAC, IP source) and, for a session
 label, to the session's flow as that direction carries it: the IP destination and the TCP or UDP ports. A label
@@ -28,11 +37,13 @@ order, as they happen.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from mplslb.switching.layout import (
+    ACK_KNOWN,
     ENTRY,
     ETH_ALEN,
     ETH_P_MPLS_UC,
@@ -45,6 +56,7 @@ from mplslb.switching.layout import (
     MPLS_BOS,
     RESERVED_LABEL_MAX,
     WATCH_BITS,
+    WATCH_TCP_END,
 )
 from mplslb.wire.mpls import TC_SHIFT
 
@@ -54,6 +66,22 @@ MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 INTERN_LIMIT = 1 << 16
 #: The drop reason of a frame outside its label's session flow.
 WRONG_FLOW = "label_wrong_flow"
+_SEQ_SPACE = 1 << 32
+_SEQ_MASK = _SEQ_SPACE - 1
+_HALF_SEQ = 1 << 31
+
+
+def seq_after(a: int, b: int) -> bool:
+    """Is 32-bit sequence number ``a`` later than ``b`` (RFC 1982 arithmetic, as TCP compares them)?"""
+    return 0 < ((a - b) & _SEQ_MASK) < _HALF_SEQ
+
+
+def later_ack(a: int, b: int) -> int:
+    """The later of two recorded acknowledgment numbers (``ACK_KNOWN | ack``, 0 for none): an acknowledgment
+    number only grows, so the later one is the newer."""
+    if not a or not b:
+        return a or b
+    return a if seq_after(a & _SEQ_MASK, b & _SEQ_MASK) else b
 
 
 def flow_parts(key: bytes) -> tuple[bytes, bytes]:
@@ -116,6 +144,7 @@ class Arrays(NamedTuple):
     last_seen: np.ndarray
     generation: np.ndarray
     bound: np.ndarray
+    acks: np.ndarray
 
 
 class LabelSwitchingTable:
@@ -136,12 +165,15 @@ class LabelSwitchingTable:
         self.packets = array("Q", [0]) * LABEL_SPACE
         self.bytes = array("Q", [0]) * LABEL_SPACE
         self.last_seen = array("d", [0.0]) * LABEL_SPACE
+        #: ACK_KNOWN | the last acknowledgment number of the label's TCP segments, 0 before any (module docstring).
+        self.acks = array("Q", [0]) * LABEL_SPACE
+        #: Where else a label's frames are switched (the kernel offload): each returns ``ACK_KNOWN | ack`` of
+        #: the last one it forwarded on a label, or 0 (:meth:`last_ack`).
+        self.ack_feeds: list[Callable[[int], int]] = []
         # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
-        # The flow binding (see the module docstring): the same facts as a tuple for the one-frame path and as
-        # arrays for the block path and the kernel offload.
         # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
         # unbound; ``bound`` says the same for the block path.
         self.flow: list[bytes] = [b""] * LABEL_SPACE
@@ -158,7 +190,7 @@ class LabelSwitchingTable:
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
         self.hot = (
             self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
-            self.bytes, self.last_seen, self.watch, self.drops, self.flow,
+            self.bytes, self.last_seen, self.watch, self.drops, self.flow, self.acks,
         )  # fmt: skip
 
     # -- the control plane -----------------------------------------------------------------------------------------
@@ -205,6 +237,7 @@ class LabelSwitchingTable:
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
+        self.acks[label] = 0
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
         self.version += 1
         for mirror in self.mirrors:
@@ -300,16 +333,20 @@ class LabelSwitchingTable:
         *,
         ttl: int,
         tc: int = 0,
+        ack: int = -1,
     ) -> None:
         """The session label attaching unit (claim 15): send the IP packet ``frame[ip_offset:ip_end]`` of
         ``label``'s session by the label's port, to its next hop, under one label stack entry (bottom of stack,
-        ``ttl``, ``tc``), without any Ethernet padding; count it for the label."""
+        ``ttl``, ``tc``), without any Ethernet padding; count it for the label, and record ``ack`` (a TCP
+        segment's acknowledgment number, ACK set and RST clear; -1: none) for a TCP session's label."""
         entry = (label << LABEL_SHIFT) | (tc << TC_SHIFT) | MPLS_BOS | ttl
         labelled = b"".join((self.rewrite[label], MPLS_ETHERTYPE, ENTRY.pack(entry), frame[ip_offset:ip_end]))
         out.append((self.out_port[label], labelled))
         self.packets[label] += 1
         self.bytes[label] += len(frame)
         self.last_seen[label] = now
+        if ack >= 0 and self.watch[label] & WATCH_TCP_END:
+            self.acks[label] = ACK_KNOWN | ack
 
     def fold_counters(self, labels: np.ndarray, packets: np.ndarray, octets: np.ndarray, seen: np.ndarray) -> None:
         """Add frames forwarded elsewhere (the kernel): per label in ``labels`` (distinct), ``packets`` frames of
@@ -318,6 +355,26 @@ class LabelSwitchingTable:
         a.packets[labels] += packets.astype(np.uint64, copy=False)
         a.bytes[labels] += octets.astype(np.uint64, copy=False)
         a.last_seen[labels] = np.maximum(a.last_seen[labels], seen)
+
+    def last_ack(self, label: int) -> int:
+        """``ACK_KNOWN | `` the latest acknowledgment number forwarded on ``label`` by any path (the later of ours
+        and each feed's), or 0 when none is known."""
+        ack = self.acks[label]
+        for feed in self.ack_feeds:
+            ack = later_ack(ack, feed(label))
+        self.acks[label] = ack
+        return ack
+
+    def in_window(self, label: int, seq: int | None, window: int) -> bool:
+        """Could a TCP segment with sequence number ``seq`` (None: unreadable) have been sent to the end whose
+        acknowledgments travel on ``label``: is it within ``window`` of the last one, either way? True when no
+        acknowledgment is known yet (nothing to judge by)."""
+        ack = self.last_ack(label)
+        if not ack:
+            return True
+        if seq is None:
+            return False
+        return ((seq - ack + window) & _SEQ_MASK) <= 2 * window
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def arrays(self) -> Arrays:
@@ -334,6 +391,7 @@ class LabelSwitchingTable:
                 np.frombuffer(self.last_seen, dtype=np.float64),
                 np.frombuffer(self.generation, dtype=np.uint32),
                 np.frombuffer(self.bound, dtype=np.uint8),
+                np.frombuffer(self.acks, dtype=np.uint64),
             )
         return self._arrays
 
