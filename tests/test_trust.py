@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -581,6 +582,9 @@ CLIENT_COUNT = 3
 SPORTS = (40000, 40001, 40002)
 SERVER_FLAGS = (SYN | ACK, PSH | ACK, FIN | ACK, RST | ACK)
 CLIENT_FLAGS = (SYN, ACK, PSH | ACK, FIN | ACK, RST)
+#: Acknowledgment numbers the endpoints send, and sequence numbers forgers pick: near the other end's and far.
+ACKS = (101, 501, 0x8000_0101)
+FORGED_SEQS = (101, 500, 0x8000_0100, 0xFFFF_0000)
 _ANALYZER = PacketAnalyzer(l7=False)
 
 
@@ -680,31 +684,47 @@ class TrustMachine(RuleBasedStateMachine):
             self.world.client_flows.append((i, key))
         self.client_sends(i, key, SYN)
 
-    def client_sends(self, i: int, key: FlowKey, flags: int) -> None:
+    @rule(i=st.integers(0, CLIENT_COUNT - 1), sport=st.sampled_from(SPORTS), ack=st.sampled_from(ACKS))
+    def establish(self, i: int, sport: int, ack: int) -> None:
+        """A whole handshake, and the server's first answer acknowledging ``ack``: an open session to judge RSTs
+        and FINs on."""
+        self.connect(i, sport)
+        key = FlowKey(6, client_addr(i), sport, VIP, 80)
+        k = next((k for k, (_, flow) in enumerate(self.world.server_flows) if flow == key), None)
+        if k is None:
+            return  # refused, or its labels still in quarantine
+        for flags in (SYN | ACK, PSH | ACK):
+            sent = self.server_frame(k, flags, ack if flags & PSH else 101)
+            if sent is not None:
+                self.send([sent])
+            if flags & SYN:
+                self.client_sends(i, key, ACK, 501)
+
+    def client_sends(self, i: int, key: FlowKey, flags: int, ack: int = 500) -> None:
         payload = b"GET / HTTP/1.1\r\n\r\n" if flags & PSH else b""
-        packet = tcp(key.src, key.dst, key.sport, key.dport, flags, seq=100, ack=500, payload=payload)
+        packet = tcp(key.src, key.dst, key.sport, key.dport, flags, seq=100, ack=ack, payload=payload)
         frame = self.world.clients[i].from_host(packet, self.world.now)
         assert frame is not None
         self.send([(CLIENT_PORTS[i % 2], frame)])
 
     @precondition(lambda self: self.world.client_flows)
-    @rule(k=st.integers(0, 50), flags=st.sampled_from(CLIENT_FLAGS))
-    def client_segment(self, k: int, flags: int) -> None:
+    @rule(k=st.integers(0, 50), flags=st.sampled_from(CLIENT_FLAGS), ack=st.sampled_from(ACKS))
+    def client_segment(self, k: int, flags: int, ack: int) -> None:
         i, key = self.world.client_flows[k % len(self.world.client_flows)]
-        self.client_sends(i, key, flags)
+        self.client_sends(i, key, flags, ack)
 
-    def server_frame(self, k: int, flags: int) -> tuple[int, bytes] | None:
+    def server_frame(self, k: int, flags: int, ack: int = 101) -> tuple[int, bytes] | None:
         name, key = self.world.server_flows[k % len(self.world.server_flows)]
         payload = b"HTTP/1.1 200 OK\r\n" if flags & PSH else b""
-        packet = tcp(VIP, key.src, 80, key.sport, flags, seq=500, ack=101, payload=payload)
+        packet = tcp(VIP, key.src, 80, key.sport, flags, seq=500, ack=ack, payload=payload)
         frame = self.world.servers[name].from_host(packet, self.world.now)  # type: ignore[attr-defined]
         port = next(s.port_id for s in TRUST_CONFIG.servers if s.name == name)
         return None if frame is None else (port, frame)
 
     @precondition(lambda self: self.world.server_flows)
-    @rule(k=st.integers(0, 50), flags=st.sampled_from(SERVER_FLAGS))
-    def server_segment(self, k: int, flags: int) -> None:
-        sent = self.server_frame(k, flags)
+    @rule(k=st.integers(0, 50), flags=st.sampled_from(SERVER_FLAGS), ack=st.sampled_from(ACKS))
+    def server_segment(self, k: int, flags: int, ack: int) -> None:
+        sent = self.server_frame(k, flags, ack)
         if sent is not None:
             self.send([sent])
 
@@ -727,15 +747,20 @@ class TrustMachine(RuleBasedStateMachine):
         self.send(frames)
 
     @precondition(lambda self: self.world.client_flows)
-    @rule(k=st.integers(0, 50), kind=st.sampled_from(["other_mac", "client_mac", "labelled", "syn_other_mac"]))
-    def forge(self, k: int, kind: str) -> None:
-        """Another host of client 0's segment forges a segment of a flow of any client."""
+    @rule(
+        k=st.integers(0, 50),
+        kind=st.sampled_from(["other_mac", "client_mac", "labelled", "syn_other_mac", "labelled_fin"]),
+        seq=st.sampled_from(FORGED_SEQS),
+    )
+    def forge(self, k: int, kind: str, seq: int) -> None:
+        """Another host of client 0's segment forges a segment of a flow of any client, at a sequence number near
+        the server's acknowledgments or far from them."""
         i, key = self.world.client_flows[k % len(self.world.client_flows)]
         port = CLIENT_PORTS[i % 2]
-        flags = SYN if kind == "syn_other_mac" else RST
-        packet = tcp(key.src, key.dst, key.sport, 80, flags, seq=101)
-        src_mac = client_mac(i) if kind in ("client_mac", "labelled") else ATTACKER
-        label = self.world.clients[i].label_for(key) if kind == "labelled" else None
+        flags = SYN if kind == "syn_other_mac" else FIN | ACK if kind == "labelled_fin" else RST
+        packet = tcp(key.src, key.dst, key.sport, 80, flags, seq=seq)
+        src_mac = client_mac(i) if kind in ("client_mac", "labelled", "labelled_fin") else ATTACKER
+        label = self.world.clients[i].label_for(key) if kind in ("labelled", "labelled_fin") else None
         frame = (
             ether(PORT_MAC[port], src_mac, packet)
             if label is None
@@ -766,12 +791,17 @@ class TrustMachine(RuleBasedStateMachine):
             return
         a, b, c = (x.stats() for x in (self.one, self.batch, self.block))
         for other in (b, c):
-            assert (a.sessions_active, a.sessions_ended, a.drops, a.labels) == (
+            assert (a.sessions_active, a.sessions_ended, a.drops, a.labels, a.not_believed) == (
                 other.sessions_active,
                 other.sessions_ended,
                 other.drops,
                 other.labels,
+                other.not_believed,
             )
+        acks = self.one.switching.arrays().acks
+        assert all(np.array_equal(acks, x.switching.arrays().acks) for x in (self.batch, self.block))
+        states = [[(s.c2s, s.state) for s in x.live_sessions()] for x in (self.one, self.batch, self.block)]
+        assert states[0] == states[1] == states[2]
         assert self.one.sessions.half_open <= self.one.max_half_open
 
 
