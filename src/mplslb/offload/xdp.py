@@ -369,7 +369,7 @@ class XdpOffload:
             | (F_FLOW if flow else 0)
         )
         peer_ip = t.peer_ip[label]
-        ack = t.last_ack(label) if self._in_kernel[label] else t.acks[label]  # the kernel's may be the latest
+        ack = t.acks[label]  # with the kernel's folded in (_fold_entries) when the entry is written again
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
             self.ifindex[t.in_port[label]],
