@@ -44,7 +44,7 @@ from mplslb.config import BalancerConfig, ConfigError, Section, balancer_config_
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, ServerEndpoint
 from mplslb.flow import FlowKey
 from mplslb.sessions import SessionState, Timeouts
-from mplslb.switching import LabelSwitchingTable
+from mplslb.switching import WATCH_ALL, LabelSwitchingTable
 from mplslb.switching.layout import ACK_KNOWN
 from mplslb.wire.mpls import ENTRY
 from test_block import listed
@@ -310,6 +310,34 @@ def test_a_closing_fin_with_a_wrong_seq_changes_nothing_and_a_first_fin_is_not_j
     real = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101, ack=502))
     take(b, path, [(0, real)], net2.now)
     assert session.state is SessionState.ENDING
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rst_at", [1, 2], ids=["between", "after"])
+def test_an_rst_is_judged_by_the_acknowledgment_numbers_that_went_before_it(path: str, rst_at: int) -> None:
+    """Two server segments acknowledging 1000 and then far beyond, and the client's RST at 1000 between or after
+    them, in one batch or block: judged by the ACK before it, as frame by frame; the label keeps the last ACK.
+    The response time is measured first, so the server's segments are switched without reports (in a block, both
+    counted at once before the RST that comes after them)."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    net.now = 1.0
+    exchange(net, name)
+    assert not b.switching.watch[c2s + 1] & WATCH_ALL
+    src = client_addr(0)
+    far = 1000 + 10 * WINDOW
+    server = [
+        (net.server_port[name], net.servers[name].from_host(tcp(VIP, src, 80, 40000, ACK, seq=501, ack=ack), 0.0))
+        for ack in (1000, far)
+    ]
+    rst = (0, labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=1000)))
+    frames = [*server[:rst_at], rst, *server[rst_at:]]
+    assert len(take(b, path, frames, net.now)) == 3  # type: ignore[arg-type]
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    assert session.state is (SessionState.ENDING if rst_at == 1 else SessionState.ESTABLISHED)
+    assert b.switching.acks[c2s + 1] == ACK_KNOWN | far
 
 
 def test_before_the_other_end_acknowledged_anything_an_rst_is_taken_as_it_comes() -> None:
