@@ -931,15 +931,15 @@ ACK_LABELS = [
 @needs_kernel
 def test_program_records_acknowledgment_numbers_as_userspace(topo: tuple[str, str], obj: bytes) -> None:
     """Frames of every TCP flag combination and acknowledgment number, as TCP, UDP or ICMP, later fragments, with
-    IP options, tagged, cut short: the acknowledgment number the program stores in the label's entry when it
-    redirects a frame is the one the one-frame path records for it (none: the entry keeps its last), the block path
-    reports the same for the frames it switches, and a frame the program passes up changes nothing in its entry."""
+    IP options, tagged, cut short: the acknowledgment number the program stores in the label's entry is the one the
+    one-frame path records for it (none: the entry keeps its last), whether the program redirects the frame or
+    passes it up (a FIN), and the block path reports the same for the frames it switches."""
     lb, _ = topo
     kernel, one = standard_balancer(), standard_balancer()
     for b in (kernel, one):
         install_all(b)
     offload = offload_in(lb, kernel, obj)
-    seen = {"recorded": 0, "kept": 0, "passed": 0}
+    seen = {"recorded": 0, "kept": 0, "passed": 0, "passed, recorded": 0}
 
     @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
@@ -973,23 +973,22 @@ def test_program_records_acknowledgment_numbers_as_userspace(topo: tuple[str, st
         recorded = table.acks[label]
         table.acks[label] = kept
         assert recorded == 0 or forwarded
-        before = offload.kernel_ack(label)
+        before = offload.ack(label)
         with entered(lb):
             run = offload.run(frame, port)
-        after = offload.kernel_ack(label)
+        after = offload.ack(label)
+        assert before is not None and after == (recorded or before)  # the entry holds what the table would
         if run.retval == bpf.XDP_REDIRECT:
-            assert after == (recorded or before)
             seen["recorded" if recorded else "kept"] += 1
         else:
-            assert after == before
-            seen["passed"] += 1
+            seen["passed, recorded" if recorded else "passed"] += 1  # a FIN: recorded before it goes up
         buf, starts, lengths, ports = pack([(port, frame)])
         verdict = switch_block(table, buf, starts, lengths, ports, 1.0, [], count=False)
         assert int(verdict.acks[0]) == (recorded if verdict.switched[0] else 0)
 
     try:
         one_frame()
-        assert min(seen.values()) >= 20, seen
+        assert min(seen.values()) >= 10, seen
     finally:
         offload.close()
 
@@ -1031,7 +1030,15 @@ def test_an_rst_is_judged_by_the_acknowledgment_number_the_kernel_saw(topo: tupl
             assert len(b.receive(0, rst, net.now)) == 1
             assert session.state is state, seq
         assert b.sessions.not_believed == {"rst_out_of_window": 1}
-        assert b.switching.acks[c2s + 1] == ACK_KNOWN | far  # folded in when read
+        assert b.switching.acks[c2s + 1] == ACK_KNOWN | far  # copied when read
+        # The client's endpoint fell back to unlabelled frames: the slow path's frame on the C2S label (in the
+        # kernel) writes its acknowledgment number through to the entry, which judges the server's RST.
+        fallback = ether(PORT_MAC[0], client_mac(0), tcp(src, VIP, 40000, 80, ACK, seq=far, ack=99_999))
+        assert len(b.receive(0, fallback, net.now)) == 1
+        assert offload.ack(c2s) == ACK_KNOWN | 99_999
+        server_rst = net.servers[name].from_host(tcp(VIP, src, 80, 40000, RST, seq=99_999), net.now)
+        assert server_rst is not None and len(b.receive(port, server_rst, net.now)) == 1
+        assert b.sessions.not_believed == {"rst_out_of_window": 1}  # believed (already ENDING: the linger again)
     finally:
         offload.close()
 

@@ -550,6 +550,10 @@ class Paths:
                 entry = offload.lookup(label)
                 got = [(k.port_of.get(entry[0], -1) if entry else -1, run.data)]
                 k.redirected += 1
+                # Its last-seen time comes from the kernel's clock, converted to the campaign's at the poll: poll
+                # now, so the conversion is off by this frame's test run only, not by the rest of the chunk (tens
+                # of milliseconds on a loaded machine, more than a step of the campaign's clock).
+                offload.poll()
             elif run is not None and run.retval != bpf.XDP_PASS:
                 raise Mismatch(f"{where} frame {i}: XDP verdict {run.retval}, neither redirect nor pass: {frame.hex()}")
             else:

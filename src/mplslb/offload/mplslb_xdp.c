@@ -7,8 +7,8 @@
  * fast path makes passes (ingress port, source MAC, IP source of the bottom-of-stack entry, bottom of stack,
  * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet
  * addresses (next hop, output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in
- * the entry (with a TCP segment's acknowledgment number, as userspace records it) and redirects it to the output
- * port. Everything else is XDP_PASS: the daemon's packet socket gets it
+ * the entry (with a TCP segment's acknowledgment number, as userspace records it; a FIN's too, which goes up) and
+ * redirects it to the output port. Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
  *
@@ -183,8 +183,6 @@ flow_done:
 		__u8 *th = ip + tcp;
 		if (th + TCP_FLAGS + 1 <= end) {
 			__u8 f = th[TCP_FLAGS];
-			if (f & TCP_END)
-				return XDP_PASS;
 			/* the segment's acknowledgment number, as mplslb.switching.scalar records it: ACK set, RST clear,
 			 * and in IPv4 only TCP, no fragment past the first */
 			if ((f & (TCP_ACK | TCP_RST)) == TCP_ACK &&
@@ -193,6 +191,13 @@ flow_done:
 			      !(((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK))))
 				ack = ACK_KNOWN | ((__u64)th[TCP_ACK_AT] << 24) | ((__u64)th[TCP_ACK_AT + 1] << 16) |
 				      ((__u64)th[TCP_ACK_AT + 2] << 8) | th[TCP_ACK_AT + 3];
+			if (f & TCP_END) {
+				/* userspace forwards it (every check passed) and records the same number: the entry
+				 * keeps the label's last one either way */
+				if (ack)
+					e->ack = ack;
+				return XDP_PASS;
+			}
 		}
 	}
 forward:

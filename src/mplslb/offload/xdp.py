@@ -28,11 +28,16 @@ last-seen times (:meth:`~mplslb.switching.table.LabelSwitchingTable.fold_counter
 per-server figures and the status see the kernel's traffic. The daemon polls once a second and before the
 balancer's timers run.
 
-Acknowledgment numbers: the program records each TCP segment's acknowledgment number in its entry, as the
-userspace paths record it in the table's ``acks``. ``poll`` folds the later of the two into the table, and the
-offload is one of the table's ``ack_feeds``: when the session manager judges an RST or FIN, it reads the entry of
-the label whose acknowledgments it needs at that moment (one map lookup; FIN and RST frames always come up to
-userspace). An entry written again (a neighbour's new MAC) carries the latest acknowledgment number known.
+Acknowledgment numbers: the program records each TCP segment's acknowledgment number in its entry (a FIN's too,
+before passing it up), as the userspace paths record it in the table's ``acks``. An entry starts with the table's
+number, and what the slow path sends on a label in the kernel is written through to its entry
+(:meth:`XdpOffload.record_ack`; a lookup and an update, racing only with the kernel's own frames of that label,
+whose counts could be lost then: the slow path sends on a session's label only when an endpoint fell back to
+unlabelled frames after a silence). So while a label is in the kernel its entry holds the last frame's number,
+whichever path forwarded it: the offload is the table's :class:`~mplslb.switching.table.AckStore`, and when the
+session manager judges an RST or FIN it reads the entry of the label it needs (:meth:`XdpOffload.ack`, one map
+lookup; FIN and RST frames always come up to userspace). ``poll``, and the fold before an entry is written again
+or deleted, copy the entries' numbers into the table.
 
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
@@ -105,8 +110,6 @@ COUNTERS = np.dtype(
 )  # fmt: skip
 _ACK_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["ack"]
 _NATIVE_U64 = struct.Struct("=Q")
-_SEQ_MASK = np.uint64(0xFFFFFFFF)
-_HALF_SEQ = np.uint64(1 << 31)
 _KEY = struct.Struct("=I")
 BATCH_MIN = 4  # fewer writes than this go one by one
 
@@ -222,7 +225,7 @@ class XdpOffload:
             self.close()
             raise OffloadError(f"kernel offload: {exc}") from None
         self.table.add_mirror(self)
-        self.table.ack_feeds.append(self.kernel_ack)
+        self.table.ack_stores.append(self)
         self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
 
     def _open_syn_map(self) -> None:
@@ -300,8 +303,8 @@ class XdpOffload:
             self._syn.close()
             self._syn = None
         self.table.remove_mirror(self)
-        if self.kernel_ack in self.table.ack_feeds:
-            self.table.ack_feeds.remove(self.kernel_ack)
+        if self in self.table.ack_stores:
+            self.table.ack_stores.remove(self)
         self._in_kernel[:] = 0
         self._noted.clear()
         self._waiting.clear()
@@ -499,21 +502,29 @@ class XdpOffload:
         return int(labels.size)
 
     def _fold_acks(self, labels: np.ndarray, kernel: np.ndarray) -> None:
-        """Take the kernel's acknowledgment numbers into the table where they are later than the table's (as
-        :func:`~mplslb.switching.table.later_ack`, over arrays)."""
-        acks = self.table.arrays().acks
-        ours = acks[labels]
-        ahead = (kernel - ours) & _SEQ_MASK
-        take = (kernel != 0) & ((ours == 0) | ((ahead != 0) & (ahead < _HALF_SEQ)))
-        acks[labels[take]] = kernel[take]
+        """Copy the entries' acknowledgment numbers into the table (an entry's is its label's last one)."""
+        self.table.arrays().acks[labels] = kernel
 
-    def kernel_ack(self, label: int) -> int:
-        """``ACK_KNOWN | `` the last acknowledgment number the program recorded for ``label``, or 0 (the table's
-        ack feed)."""
+    def ack(self, label: int) -> int | None:
+        """``ACK_KNOWN | `` the last acknowledgment number of ``label`` (0: none) if it is in the kernel, else None
+        (the table's :class:`~mplslb.switching.table.AckStore`)."""
         if self._map is None or not self._in_kernel[label]:
-            return 0
+            return None
         raw = self._map.lookup(_KEY.pack(label))
-        return 0 if raw is None else int(_NATIVE_U64.unpack_from(raw, _ACK_AT)[0])
+        return None if raw is None else int(_NATIVE_U64.unpack_from(raw, _ACK_AT)[0])
+
+    def record_ack(self, label: int, ack: int) -> None:
+        """The slow path sent a frame on ``label`` carrying ``ack``: write it into the label's entry, if it is in
+        the kernel (see the module docstring)."""
+        if self._map is None or not self._in_kernel[label]:
+            return
+        key = _KEY.pack(label)
+        raw = self._map.lookup(key)
+        if raw is not None:
+            try:
+                self._map.update(key, raw[:_ACK_AT] + _NATIVE_U64.pack(ack) + raw[_ACK_AT + 8 :], bpf.BPF_EXIST)
+            except OSError as exc:  # the entry went meanwhile
+                self._error(exc)
 
     def _fold_shed(self) -> None:
         """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""

@@ -12,8 +12,8 @@ them only through the table's methods:
 * sending on a label from the slow path: :meth:`~LabelSwitchingTable.send` attaches the session label (claim 15)
   to an unlabelled frame of the session, addresses it to the label's next hop and counts it;
 * activity that happened elsewhere: :meth:`~LabelSwitchingTable.fold_counters` adds what the kernel offload
-  forwarded, and :meth:`~LabelSwitchingTable.last_ack` asks the ``ack_feeds`` (the kernel offload) for the latest
-  acknowledgment number they saw.
+  forwarded; the ``ack_stores`` (the kernel offload) hold the last acknowledgment number of the labels switched
+  there (:meth:`~LabelSwitchingTable.last_ack`).
 
 The last acknowledgment number per label. For a TCP session's labels (watched for FIN and RST) every path that
 forwards a TCP segment with ACK set and RST clear records its acknowledgment number in ``acks`` (with
@@ -21,7 +21,10 @@ forwards a TCP segment with ACK set and RST clear records its acknowledgment num
 the receiving end had got when it last spoke, so the session manager can judge whether an RST or FIN travelling
 the other way carries a sequence number the endpoint could have sent (:meth:`~LabelSwitchingTable.in_window`; see
 :mod:`mplslb.sessions`). Only TCP segments count: an IPv4 packet of another protocol or a fragment past the first
-writes nothing, nor does an IPv6 packet whose TCP header does not follow the fixed header.
+writes nothing, nor does an IPv6 packet whose TCP header does not follow the fixed header. A label switched
+elsewhere (in the kernel) has its number kept there, in the same way: that store is the one to read while the
+label is in it, and what the slow path sends on such a label is written through to it (:class:`AckStore`), so
+the number read is always the last frame's, whichever path forwarded it.
 
 Each row binds the label to where its frames may come from (ingress port, peer MAC, IP source) and, for a session
 label, to the session's flow as that direction carries it: the IP destination and the TCP or UDP ports. A label
@@ -37,7 +40,6 @@ order, as they happen.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -66,22 +68,7 @@ MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 INTERN_LIMIT = 1 << 16
 #: The drop reason of a frame outside its label's session flow.
 WRONG_FLOW = "label_wrong_flow"
-_SEQ_SPACE = 1 << 32
-_SEQ_MASK = _SEQ_SPACE - 1
-_HALF_SEQ = 1 << 31
-
-
-def seq_after(a: int, b: int) -> bool:
-    """Is 32-bit sequence number ``a`` later than ``b`` (RFC 1982 arithmetic, as TCP compares them)?"""
-    return 0 < ((a - b) & _SEQ_MASK) < _HALF_SEQ
-
-
-def later_ack(a: int, b: int) -> int:
-    """The later of two recorded acknowledgment numbers (``ACK_KNOWN | ack``, 0 for none): an acknowledgment
-    number only grows, so the later one is the newer."""
-    if not a or not b:
-        return a or b
-    return a if seq_after(a & _SEQ_MASK, b & _SEQ_MASK) else b
+_SEQ_MASK = (1 << 32) - 1
 
 
 def flow_parts(key: bytes) -> tuple[bytes, bytes]:
@@ -131,6 +118,18 @@ class Mirror(Protocol):
         """``label``'s watch bits changed."""
 
 
+class AckStore(Protocol):
+    """Where else labels' acknowledgment numbers are kept (the kernel offload's map), for the labels switched there."""
+
+    def ack(self, label: int) -> int | None:
+        """``ACK_KNOWN | `` the last acknowledgment number of ``label`` (0: none yet) if it is kept here, else
+        None."""
+
+    def record_ack(self, label: int, ack: int) -> None:
+        """The slow path sent a frame on ``label`` that carried ``ack`` (``ACK_KNOWN | ``): keep it if ``label``
+        is kept here."""
+
+
 class Arrays(NamedTuple):
     """Numpy views over the table's per-label arrays, for the block path and for readers (the kernel offload)."""
 
@@ -167,9 +166,8 @@ class LabelSwitchingTable:
         self.last_seen = array("d", [0.0]) * LABEL_SPACE
         #: ACK_KNOWN | the last acknowledgment number of the label's TCP segments, 0 before any (module docstring).
         self.acks = array("Q", [0]) * LABEL_SPACE
-        #: Where else a label's frames are switched (the kernel offload): each returns ``ACK_KNOWN | ack`` of
-        #: the last one it forwarded on a label, or 0 (:meth:`last_ack`).
-        self.ack_feeds: list[Callable[[int], int]] = []
+        #: Where else labels' frames are switched and their acknowledgment numbers kept (the kernel offload).
+        self.ack_stores: list[AckStore] = []
         # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
@@ -347,6 +345,8 @@ class LabelSwitchingTable:
         self.last_seen[label] = now
         if ack >= 0 and self.watch[label] & WATCH_TCP_END:
             self.acks[label] = ACK_KNOWN | ack
+            for store in self.ack_stores:
+                store.record_ack(label, ACK_KNOWN | ack)
 
     def fold_counters(self, labels: np.ndarray, packets: np.ndarray, octets: np.ndarray, seen: np.ndarray) -> None:
         """Add frames forwarded elsewhere (the kernel): per label in ``labels`` (distinct), ``packets`` frames of
@@ -357,13 +357,14 @@ class LabelSwitchingTable:
         a.last_seen[labels] = np.maximum(a.last_seen[labels], seen)
 
     def last_ack(self, label: int) -> int:
-        """``ACK_KNOWN | `` the latest acknowledgment number forwarded on ``label`` by any path (the later of ours
-        and each feed's), or 0 when none is known."""
-        ack = self.acks[label]
-        for feed in self.ack_feeds:
-            ack = later_ack(ack, feed(label))
-        self.acks[label] = ack
-        return ack
+        """``ACK_KNOWN | `` the acknowledgment number of the last frame forwarded on ``label`` by any path (from the
+        store that keeps the label, if one does), or 0 when none is known."""
+        for store in self.ack_stores:
+            ack = store.ack(label)
+            if ack is not None:
+                self.acks[label] = ack
+                return ack
+        return self.acks[label]
 
     def in_window(self, label: int, seq: int | None, window: int) -> bool:
         """Could a TCP segment with sequence number ``seq`` (None: unreadable) have been sent to the end whose
