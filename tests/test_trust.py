@@ -340,6 +340,25 @@ def test_an_rst_is_judged_by_the_acknowledgment_numbers_that_went_before_it(path
     assert b.switching.acks[c2s + 1] == ACK_KNOWN | far
 
 
+def test_a_forged_rst_with_a_wrong_seq_does_not_start_an_ending_sessions_linger_again() -> None:
+    """A close repeated while ENDING starts the linger again; a forged one far from the server's last ACK does not
+    (it would keep a closed session's labels as long as the forger likes), and is counted."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    _, c2s = idle_session(net, 1000)
+    src = client_addr(0)
+    b.receive(0, labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=1000)), net.now)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING
+    net.now = 1.5
+    b.receive(
+        0, labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=1000 + 9 * WINDOW)), net.now
+    )
+    assert b.sessions.ending_at[session.pair] == 0.0 and b.sessions.not_believed == {"rst_out_of_window": 1}
+    b.on_timer(LINGER)  # the first RST's linger: nothing of the endpoints' after it
+    assert b.sessions.by_c2s(c2s) is None and b.stats().sessions_ended == {"closed": 1}
+
+
 def test_before_the_other_end_acknowledged_anything_an_rst_is_taken_as_it_comes() -> None:
     """A session whose server has not acknowledged anything yet (no ACK on the S2C label): nothing to judge by."""
     net = Net(make_config(timeouts=TIMEOUTS))

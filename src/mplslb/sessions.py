@@ -33,9 +33,9 @@ makes the START -> ANSWERED -> ESTABLISHED transitions.
 
 Trust: no frame ends a session on its own word. Anyone on a client's segment can forge a client's frame, labelled
 or not, but cannot see the server's, so does not know where the sequence numbers are. An RST, or the FIN that
-would end an open session, is first judged by its sequence number (:meth:`SessionTable.closes` says which
-segments are; the balancer judges them with the switching table's record of each label's last acknowledgment
-number): one further than ``rst_window`` from the last acknowledgment number the other end sent is not believed,
+would end an open session (and any RST or FIN that would start an ENDING one's linger again), is first judged by
+its sequence number (:meth:`SessionTable.closes` says which segments are; the balancer judges them with the
+switching table's record of each label's last acknowledgment number): one further than ``rst_window`` from the last acknowledgment number the other end sent is not believed,
 is counted in :attr:`SessionTable.not_believed` (``rst_out_of_window``, ``fin_out_of_window``) and changes nothing.
 Before the other end has acknowledged anything there is nothing to judge by, and the segment is taken as it comes.
 A believed RST or second FIN only moves the session to ENDING, which keeps its labels and keeps forwarding.
@@ -589,9 +589,12 @@ class SessionTable:
             self.apply(session, SessionEvent.CLIENT_FIN if from_client else SessionEvent.SERVER_FIN, now)
 
     def closes(self, session: Session, flags: int, *, from_client: bool) -> bool:
-        """Would a TCP segment with ``flags`` from one side make the open ``session`` ENDING: an RST, or the FIN of
-        one side when the other has sent its own? These are the segments judged by their sequence number."""
+        """Would a TCP segment with ``flags`` from one side make the open ``session`` ENDING (an RST, or the FIN of
+        one side when the other has sent its own), or start an ENDING session's linger again (any RST or FIN)?
+        These are the segments judged by their sequence number."""
         state = self.state[session.pair]
+        if state == _ENDING:
+            return bool(flags & (_RST | _FIN))
         if state not in _OPEN_CODES:
             return False
         if flags & _RST:
