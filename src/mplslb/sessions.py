@@ -31,13 +31,14 @@ state itself, and the response-time measurement the balancer runs from the sessi
 request -> first response byte, within a budget of watched frames) is :meth:`SessionTable.observe`, which also
 makes the START -> ANSWERED -> ESTABLISHED transitions.
 
-Trust: no frame ends a session on its own word. Anyone on a client's segment can forge a client's frame, labelled
-or not, but cannot see the server's, so does not know where the sequence numbers are. An RST, or the FIN that
-would end an open session (and any RST or FIN that would start an ENDING one's linger again), is first judged by
-its sequence number (:meth:`SessionTable.closes` says which segments are; the balancer judges them with the
-switching table's record of each label's last acknowledgment number): one further than ``rst_window`` from the
-last acknowledgment number the other end sent is not believed, is counted in :attr:`SessionTable.not_believed` (``rst_out_of_window``, ``fin_out_of_window``) and changes nothing.
-Before the other end has acknowledged anything there is nothing to judge by, and the segment is taken as it comes.
+Trust: no frame ends a session on its own word. Anyone on a client's segment can forge a client's frame, labelled or
+not, but cannot see the server's, so does not know where the sequence numbers are. An RST, or the FIN that would end
+an open session (and any RST or FIN that would start an ENDING one's linger again), is first judged by its sequence
+number (:meth:`SessionTable.closes` says which segments are; the balancer judges them with the switching table's
+record of each label's last acknowledgment number): one further than ``rst_window`` from the last acknowledgment
+number the other end sent is not believed, is counted in :attr:`SessionTable.not_believed` (``rst_out_of_window``,
+``fin_out_of_window``) and changes nothing. Before the other end has acknowledged anything there is nothing to judge
+by, and the segment is taken as it comes.
 A believed RST or second FIN only moves the session to ENDING, which keeps its labels and keeps forwarding.
 When the linger (``closed_linger``) expires, the session closes only if none of its frames passed more than half
 the linger after the close event (the labels' last-seen times, kept by the switching unit, say so at no cost per
