@@ -535,6 +535,7 @@ class Paths:
         assert k is not None
         offload = k.offload
         b = k.balancer
+        redirected: list[int] = []
         for i, (port, frame) in enumerate(frames):
             offload.sync()
             run = None
@@ -550,10 +551,7 @@ class Paths:
                 entry = offload.lookup(label)
                 got = [(k.port_of.get(entry[0], -1) if entry else -1, run.data)]
                 k.redirected += 1
-                # Its last-seen time comes from the kernel's clock, converted to the campaign's at the poll: poll
-                # now, so the conversion is off by this frame's test run only, not by the rest of the chunk (tens
-                # of milliseconds on a loaded machine, more than a step of the campaign's clock).
-                offload.poll()
+                redirected.append(label)
             elif run is not None and run.retval != bpf.XDP_PASS:
                 raise Mismatch(f"{where} frame {i}: XDP verdict {run.retval}, neither redirect nor pass: {frame.hex()}")
             else:
@@ -569,6 +567,13 @@ class Paths:
                     f"{frame.hex()}"
                 )
         offload.poll()
+        # The program stamps frames with the kernel's real clock, mapped to the table's clock at the poll; the
+        # campaign's clock stands still through a chunk, so every frame of it was seen at ``now``, which the
+        # other paths recorded (a slow chunk would otherwise age the kernel's frames by its real duration).
+        if redirected:
+            last_seen = b.switching.arrays().last_seen
+            labels = np.array(redirected, dtype=np.intp)
+            last_seen[labels] = np.maximum(last_seen[labels], now)
 
     @staticmethod
     def _same(
