@@ -3,6 +3,10 @@ curl) with an attacker namespace on the bridge the clients share with the balanc
 
 * Spoofed RSTs and FINs (unlabelled, from the attacker's MAC or the client's; and a labelled RST with the client's
   MAC, address, port and the session's own label, read off the wire) do not cut a client's download.
+* Forged RSTs with a wrong sequence number (unlabelled and labelled) do not close an idle keep-alive connection,
+  idle well past the linger, which then carries a request; a forged RST with the right sequence number (read off
+  the wire, as only a host able to see the server's frames could) does close it. With and without the kernel
+  offload.
 * Frames with forged labels never reach a server.
 * A spoofed SYN flood does not take a server down, the client's requests still succeed, and the half-open
   sessions it leaves (and their labels) are gone within the half-open timeout.
@@ -23,6 +27,7 @@ import random
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -240,6 +245,134 @@ def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab, tmp_path: Path) -> 
         f"drops {delta(after['drops'], before['drops'])}"
     )
     assert code == "0 200" and digest == SHA256, "the download was cut by spoofed RST/FIN"
+
+
+# -- a2) forged RSTs on an idle keep-alive connection -------------------------------------------------------------
+def tcp_fields(frame: bytes) -> tuple[int, int, int, int, int] | None:
+    """(label, source port, destination port, seq, ack) of a labelled IPv4 TCP frame, else None."""
+    if label_and_port(frame) is None:
+        return None
+    ip = 18
+    tcp = ip + (frame[ip] & 0x0F) * 4
+    if len(frame) < tcp + 16:
+        return None
+    sport, dport, seq, ack = struct.unpack_from("!HHII", frame, tcp)
+    return int.from_bytes(frame[14:17], "big") >> 4, sport, dport, seq, ack
+
+
+def http_get(sock: socket.socket) -> bytes:
+    """One keep-alive request on ``sock``; its answer's body (bounded by the socket's timeout)."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the connection: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection mid-answer"
+        body += chunk
+    return body
+
+
+def forged_rsts_on_an_idle_keep_alive_connection(lab: Lab, cport: int) -> None:
+    all_up(lab)
+    client = 0
+    client_mac = mac_from_str(f"02:c1:00:00:00:{client + 1:02x}")
+    lb_mac = mac_from_str("02:4c:00:00:00:00")
+    src, vip = ip4(lab.client_addr(client)), ip4(VIP4)
+    # What a host seeing the client's segment reads off the wire: the session's label (the client's frames) and
+    # the server's last acknowledgment number (its frames to the client): the sequence number the server expects.
+    sniffer = Sniffer(lab, f"c{client + 1}", lambda f: client_mac in (f[:6], f[6:12]) and tcp_fields(f) is not None)
+
+    def wire() -> tuple[int, int]:
+        """(the C2S label, the server's last acknowledgment number), once the client's last ACK has passed."""
+        time.sleep(0.5)
+        fields = [t for f in list(sniffer.frames) if (t := tcp_fields(f))]
+        label = next(t[0] for t in fields if t[1] == cport)
+        server_ack = [t[4] for t in fields if t[2] == cport][-1]
+        return label, server_ack
+
+    def send(frames: list[bytes]) -> None:
+        with packet_socket(lab.attacker_ns(0), "eth0") as raw:
+            for frame in frames:
+                raw.send(frame)
+                time.sleep(0.2)
+
+    with entered(lab.client_ns(client)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(10.0)
+        sock.bind((lab.client_addr(client), cport))
+        sock.connect((VIP4, 80))
+        assert http_get(sock).startswith(b"server ")
+        label, server_ack = wire()
+        before = status(lab)
+        wrong = [(server_ack + (1 << 31)) % (1 << 32), (server_ack + 16 * 65536) % (1 << 32)]
+        send([
+            tcp_frame(lb_mac, client_mac, src, vip, cport, 80, RST, seq=wrong[0]),
+            tcp_frame(lb_mac, client_mac, src, vip, cport, 80, RST, seq=wrong[1], label=label),
+        ])  # fmt: skip
+        time.sleep(3 * LINGER)  # idle well past the linger
+        after = status(lab)
+        not_believed = delta(after["sessions"]["not_believed"], before["sessions"]["not_believed"])
+        print(f"label {label}, server's last ack {server_ack}: forged seqs {wrong}; not believed {not_believed}")
+        assert not_believed == {"rst_out_of_window": 2}, "the forged RSTs did not reach the balancer, or were believed"
+        assert delta(after["sessions"]["ended"], before["sessions"]["ended"]) == {}
+        assert http_get(sock).startswith(b"server "), "the idle connection did not survive the forged RSTs"
+        # The right sequence number: believed (and accepted by the server's stack); nothing follows, so the
+        # session closes at the linger's end.
+        label, server_ack = wire()
+        before = status(lab)
+        send([tcp_frame(lb_mac, client_mac, src, vip, cport, 80, RST, seq=server_ack, label=label)])
+        deadline = time.monotonic() + 10 * LINGER + 3 * SNAPSHOT
+        after = status(lab)
+        while time.monotonic() < deadline and after["sessions"]["ended"] == before["sessions"]["ended"]:
+            after = status(lab)  # ENDING (no longer active) until the linger's end, then closed
+        ended = delta(after["sessions"]["ended"], before["sessions"]["ended"])
+        print(
+            f"right seq {server_ack}: ended {ended}, not believed "
+            f"{delta(after['sessions']['not_believed'], before['sessions']['not_believed'])}"
+        )
+        assert ended == {"closed": 1} and after["sessions"]["active"] == 0, (
+            "the RST with the right seq was not believed"
+        )
+        assert delta(after["sessions"]["not_believed"], before["sessions"]["not_believed"]) == {}
+    finally:
+        sock.close()
+        sniffer.stop()
+
+
+def test_forged_rsts_with_a_wrong_seq_do_not_close_an_idle_keep_alive_connection(lab: Lab) -> None:
+    forged_rsts_on_an_idle_keep_alive_connection(lab, 45333)
+
+
+@pytest.fixture(scope="module")
+def kernel_lab() -> Iterator[Lab]:
+    if shutil.which("clang") is None:
+        pytest.skip("clang is needed to build the XDP program")
+    from pyroute2 import netns
+
+    the_lab = Lab(LabSpec(name=lab_name("atx"), clients=1, servers=1, attackers=1, offload="kernel"), root=ROOT)
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        assert the_lab.down() == []
+        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
+
+
+def test_forged_rsts_with_a_wrong_seq_do_not_close_an_idle_keep_alive_connection_in_the_kernel(kernel_lab: Lab) -> None:
+    """The same with the kernel offload: the idle session's labels are in the kernel, which keeps the server's
+    last acknowledgment number; the RSTs come up to userspace and are judged against it."""
+    assert status(kernel_lab)["offload"]["kind"] == "kernel"
+    forged_rsts_on_an_idle_keep_alive_connection(kernel_lab, 45334)
 
 
 # -- b) forged labels ----------------------------------------------------------------------------------------------

@@ -36,22 +36,26 @@ from helpers import (
     SYN,
     VIP,
     VIP6,
+    Net,
     client_addr,
     client_mac,
     client_udp,
     ether,
+    handshake,
     header_mutation,
     icmp4,
     icmp6,
     ipv4,
     ipv6,
     labelled,
+    make_config,
     mutate,
     pack,
     recording,
     reused_label_pair,
     standard_balancer,
     standard_config,
+    tcp,
     tcp_segment,
     udp_datagram,
 )
@@ -66,7 +70,15 @@ from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, syn_share, xdp_state
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
-from mplslb.switching.layout import FRAG_OFFSET_MASK, IP_AT, IPV4_FRAG_AT, IPV4_PLAIN, IPV6_NEXT_HEADER, LSE_AT
+from mplslb.switching.layout import (
+    ACK_KNOWN,
+    FRAG_OFFSET_MASK,
+    IP_AT,
+    IPV4_FRAG_AT,
+    IPV4_PLAIN,
+    IPV6_NEXT_HEADER,
+    LSE_AT,
+)
 from mplslb.wire.ip import (
     IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT,
@@ -910,6 +922,132 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
                 balancer.receive(c.port, c.frame, c.now)
             offload.sync()
         assert seen["redirect"] > len(recorded) // 4 and seen["drop"] > 0
+    finally:
+        offload.close()
+
+
+#: Labels whose frames carry TCP of a session (and E, which is no TCP session's): (label, ingress port, source
+#: MAC, IP source, IP destination, source port, destination port).
+ACK_LABELS = [
+    (A, 0, client_mac(0), client_addr(0), VIP, 40000, 80),
+    (F, 0, client_mac(0), client_addr(0), VIP, 40000, 80),
+    (G, 2, S1.mac, VIP, client_addr(0), 80, 40000),
+    (D, 1, client_mac(1), client_addr(1, v6=True), VIP6, 40001, 80),
+    (E, 0, client_mac(2), client_addr(0), VIP, 40000, 80),
+]
+
+
+@needs_kernel
+def test_program_records_acknowledgment_numbers_as_userspace(topo: tuple[str, str], obj: bytes) -> None:
+    """Frames of every TCP flag combination and acknowledgment number, as TCP, UDP or ICMP, later fragments, with
+    IP options, tagged, cut short: the acknowledgment number the program stores in the label's entry is the one the
+    one-frame path records for it (none: the entry keeps its last), whether the program redirects the frame or
+    passes it up (a FIN), and the block path reports the same for the frames it switches."""
+    lb, _ = topo
+    kernel, one = standard_balancer(), standard_balancer()
+    for b in (kernel, one):
+        install_all(b)
+    offload = offload_in(lb, kernel, obj)
+    seen = {"recorded": 0, "kept": 0, "passed": 0, "passed, recorded": 0}
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        which=st.integers(0, len(ACK_LABELS) - 1),
+        flags=st.one_of(st.sampled_from([ACK, ACK | PSH, SYN | ACK, FIN | ACK]), st.integers(0, 255)),
+        ack=st.integers(0, (1 << 32) - 1),
+        proto=st.sampled_from([IPPROTO_TCP, IPPROTO_TCP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP]),
+        later_fragment=st.sampled_from([False, False, False, True]),
+        options=st.booleans(),
+        tagged=st.sampled_from([False, False, False, True]),
+        cut=st.sampled_from([0, 0, 0, 1, 5, 20, 41, 60]),
+    )
+    def one_frame(
+        which: int, flags: int, ack: int, proto: int, later_fragment: bool, options: bool, tagged: bool, cut: int
+    ) -> None:
+        label, port, mac, src, dst, sport, dport = ACK_LABELS[which]
+        segment = tcp_segment(src, dst, sport, dport, flags, b"data", seq=7, ack=ack)
+        if len(src) == 16:
+            packet = ipv6(src, dst, IPPROTO_TCP if proto == IPPROTO_ICMP else proto, segment)
+        else:
+            packet = ipv4(src, dst, proto, segment, options=b"\x01\x01\x01\x00" if options else b"",
+                          **(dict(flags=0, frag_offset=64) if later_fragment else {}))  # fmt: skip
+        frame = labelled(PORT_MAC[port], mac, label, packet, vlans=[5] if tagged else [])
+        if cut:
+            frame = frame[: max(IP_AT, len(frame) - cut)]
+        table = one.switching
+        kept = table.acks[label]
+        table.acks[label] = 0
+        out: list[tuple[int, bytes]] = []
+        forwarded = switch_frame(table.hot, port, frame, 1.0, out, []) >= 0
+        recorded = table.acks[label]
+        table.acks[label] = kept
+        assert recorded == 0 or forwarded
+        before = offload.ack(label)
+        with entered(lb):
+            run = offload.run(frame, port)
+        after = offload.ack(label)
+        assert before is not None and after == (recorded or before)  # the entry holds what the table would
+        if run.retval == bpf.XDP_REDIRECT:
+            seen["recorded" if recorded else "kept"] += 1
+        else:
+            seen["passed, recorded" if recorded else "passed"] += 1  # a FIN: recorded before it goes up
+        buf, starts, lengths, ports = pack([(port, frame)])
+        verdict = switch_block(table, buf, starts, lengths, ports, 1.0, [], count=False)
+        assert int(verdict.acks[0]) == (recorded if verdict.switched[0] else 0)
+
+    try:
+        one_frame()
+        assert min(seen.values()) >= 10, seen
+    finally:
+        offload.close()
+
+
+@needs_kernel
+def test_an_rst_is_judged_by_the_acknowledgment_number_the_kernel_saw(topo: tuple[str, str], obj: bytes) -> None:
+    """A session whose labels are in the kernel: the server's acknowledgments advance there only, and the client's
+    RST (which the program passes up) is judged against the latest of them, read from the map when it comes;
+    an RST at the last acknowledgment number userspace itself saw is by then far behind and not believed."""
+    lb, _ = topo
+    net = Net(make_config(timeouts=Timeouts(closed_linger=2.0)))
+    b = net.balancer
+    name, c2s = handshake(net)
+    src = client_addr(0)
+    net.now = 1.0  # the request's time (0.0 would read as "no request seen")
+    request = net.from_client(
+        0, tcp(src, VIP, 40000, 80, PSH | ACK, seq=101, ack=501, payload=b"GET / HTTP/1.1\r\n\r\n")
+    )
+    net.deliver_to_servers(request)
+    answer = net.from_server(name, tcp(VIP, src, 80, 40000, PSH | ACK, seq=501, ack=119, payload=b"HTTP/1.1 200"))
+    assert len(net.deliver_to_client(0, answer)) == 1  # the measurement is over: both labels may enter the kernel
+    offload = offload_in(lb, b, obj)
+    try:
+        assert offload.lookup(c2s) is not None and offload.lookup(c2s + 1) is not None
+        assert b.switching.acks[c2s + 1] == ACK_KNOWN | 119
+        far = 119 + 10 * 65535  # the client sent that much more, acknowledged in the kernel only
+        port = net.server_port[name]
+        with entered(lb):
+            for ack in (119 + 65535, far):
+                frame = net.servers[name].from_host(tcp(VIP, src, 80, 40000, ACK, seq=513, ack=ack), net.now)
+                assert frame is not None and offload.run(frame, port).retval == bpf.XDP_REDIRECT
+        assert b.switching.acks[c2s + 1] == ACK_KNOWN | 119  # userspace has not seen them
+        session = b.sessions.by_c2s(c2s)
+        assert session is not None
+        for seq, state in ((119, SessionState.ESTABLISHED), (far, SessionState.ENDING)):
+            rst = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=seq))
+            with entered(lb):
+                assert offload.run(rst, 0).retval == bpf.XDP_PASS  # the session manager must see it
+            assert len(b.receive(0, rst, net.now)) == 1
+            assert session.state is state, seq
+        assert b.sessions.not_believed == {"rst_out_of_window": 1}
+        assert b.switching.acks[c2s + 1] == ACK_KNOWN | far  # copied when read
+        # The client's endpoint fell back to unlabelled frames: the slow path's frame on the C2S label (in the
+        # kernel) writes its acknowledgment number through to the entry, which judges the server's RST.
+        fallback = ether(PORT_MAC[0], client_mac(0), tcp(src, VIP, 40000, 80, ACK, seq=far, ack=99_999))
+        assert len(b.receive(0, fallback, net.now)) == 1
+        assert offload.ack(c2s) == ACK_KNOWN | 99_999
+        server_rst = net.servers[name].from_host(tcp(VIP, src, 80, 40000, RST, seq=99_999), net.now)
+        assert server_rst is not None and len(b.receive(port, server_rst, net.now)) == 1
+        assert b.sessions.not_believed == {"rst_out_of_window": 1}  # believed (already ENDING: the linger again)
     finally:
         offload.close()
 

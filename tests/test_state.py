@@ -134,6 +134,27 @@ def test_sessions_labels_and_entries_survive_a_restart(state_dir: Path, caplog: 
     close(second)
 
 
+def test_the_labels_last_acks_survive_a_restart(state_dir: Path) -> None:
+    """An RST after a restart is judged by the server's last ACK from before it: a wrong sequence number is not
+    believed, the right one is."""
+    first = build(state_dir)
+    c2s = open_session(first, 40000)
+    ack = first.switching.acks[c2s + 1]
+    assert ack  # the server's SYN-ACK acknowledged the SYN
+    close(first)
+    del first
+    second = build(state_dir, now=2.0)
+    assert second.switching.acks[c2s + 1] == ack
+    session = second.sessions.by_c2s(c2s)
+    assert session is not None
+    wrong = (ack + (1 << 31)) & 0xFFFF_FFFF
+    for seq, state in ((wrong, SessionState.ESTABLISHED), (ack & 0xFFFF_FFFF, SessionState.ENDING)):
+        assert len(second.receive(0, client_tcp(RST, sport=40000, seq=seq), 2.0)) == 1
+        assert session.state is state
+    assert second.sessions.not_believed == {"rst_out_of_window": 1}
+    close(second)
+
+
 def test_an_unanswered_syn_waits_again_after_a_restart(state_dir: Path) -> None:
     """The answer to a SYN may come while no daemon runs: the restart's gap is not the server's failure."""
     first = build(state_dir)

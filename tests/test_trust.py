@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -43,6 +44,8 @@ from mplslb.config import BalancerConfig, ConfigError, Section, balancer_config_
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, ServerEndpoint
 from mplslb.flow import FlowKey
 from mplslb.sessions import SessionState, Timeouts
+from mplslb.switching import WATCH_ALL, LabelSwitchingTable
+from mplslb.switching.layout import ACK_KNOWN
 from mplslb.wire.mpls import ENTRY
 from test_block import listed
 
@@ -165,6 +168,255 @@ def test_a_forged_fin_pair_does_not_cut_a_session_whose_data_goes_on() -> None:
     exchange(net, name)  # the client never sent FIN: it goes on
     b.on_timer(31.0 + LINGER)
     assert session.state is SessionState.ESTABLISHED and b.sessions.revived == 1
+
+
+# -- 1c: an RST or closing FIN must carry a sequence number the other end could expect -----------------------------
+SERVER_ACK = 0xFFFF_FF00  # the server's acknowledgment number in these tests: near the wrap of the sequence space
+WINDOW = 65535  # limits.rst_window's default
+PATHS = ("one", "batch", "block")
+
+
+def take(b: Balancer, path: str, frames: list[tuple[int, bytes]], now: float) -> Frames:
+    """``frames`` through one of the balancer's three paths."""
+    if path == "one":
+        return [sent for port, frame in frames for sent in b.receive(port, frame, now)]
+    if path == "batch":
+        return b.receive_batch(frames, now)
+    buf, starts, lengths, ports = pack(frames)
+    return listed(b.receive_block(buf, starts, lengths, ports, now), buf, starts, lengths)
+
+
+def idle_session(net: Net, server_ack: int = SERVER_ACK) -> tuple[str, int]:
+    """An established session whose last exchange was the server's segment acknowledging ``server_ack``."""
+    name, c2s = established(net)
+    src = client_addr(0)
+    back = net.from_server(name, tcp(VIP, src, 80, 40000, PSH | ACK, seq=501, ack=server_ack, payload=b"HTTP/1.1"))
+    assert len(net.deliver_to_client(0, back)) == 1
+    return name, c2s
+
+
+def in_window(seq: int, ack: int, window: int = WINDOW) -> bool:
+    return ((seq - ack + window) % (1 << 32)) <= 2 * window
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("labelled_spoof", [False, True], ids=["unlabelled", "labelled"])
+def test_a_forged_rst_with_a_wrong_seq_on_an_idle_session_changes_nothing(labelled_spoof: bool, path: str) -> None:
+    """The forger copies the client's port, MAC, address, ports and label, but not the sequence number it cannot
+    see: the RST is forwarded (the server's stack judges it too) and counted, and the session, idle for the whole
+    linger and beyond, stays ESTABLISHED. The same RST with the sequence number the server expects is believed and
+    closes the session at the linger's end."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = idle_session(net)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    label = c2s if labelled_spoof else None
+    wrong = tcp(client_addr(0), VIP, 40000, 80, RST, seq=(SERVER_ACK + 3 * WINDOW) % (1 << 32))
+    wrong_frame = (
+        labelled(PORT_MAC[0], client_mac(0), c2s, wrong) if label else ether(PORT_MAC[0], client_mac(0), wrong)
+    )
+    out = take(b, path, [(0, wrong_frame)], net.now)
+    assert len(out) == 1 and label_of(out[0][1]) == c2s  # forwarded as the client's own
+    assert session.state is SessionState.ESTABLISHED and b.live == 1
+    assert b.stats().not_believed == {"rst_out_of_window": 1, "revived": 0}
+    net.now = 10 * LINGER  # idle all along
+    b.on_timer(net.now)
+    assert session.state is SessionState.ESTABLISHED and b.switching.entry(c2s) is not None
+    exchange(net, name)  # and it carries a request
+    # The right sequence number (the server's last ACK, or anything within the window of it) is believed.
+    right = tcp(client_addr(0), VIP, 40000, 80, RST, seq=218)  # the server's last ACK now (exchange's answer)
+    right_frame = (
+        labelled(PORT_MAC[0], client_mac(0), c2s, right) if label else ether(PORT_MAC[0], client_mac(0), right)
+    )
+    take(b, path, [(0, right_frame)], net.now)
+    assert session.state is SessionState.ENDING
+    b.on_timer(net.now + LINGER)
+    assert b.sessions.by_c2s(c2s) is None and b.stats().sessions_ended == {"closed": 1}
+    assert b.stats().not_believed == {"rst_out_of_window": 1, "revived": 0}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    server_ack=st.integers(0, (1 << 32) - 1),
+    offset=st.one_of(st.integers(-2 * WINDOW, 2 * WINDOW), st.integers(0, (1 << 32) - 1)),
+    labelled_spoof=st.booleans(),
+    path=st.sampled_from(PATHS),
+)
+def test_an_rst_is_believed_exactly_when_its_seq_is_within_the_window_of_the_servers_last_ack(
+    server_ack: int, offset: int, labelled_spoof: bool, path: str
+) -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    _, c2s = idle_session(net, server_ack)
+    seq = (server_ack + offset) % (1 << 32)
+    packet = tcp(client_addr(0), VIP, 40000, 80, RST | ACK, seq=seq, ack=501)
+    frame = (
+        labelled(PORT_MAC[0], client_mac(0), c2s, packet)
+        if labelled_spoof
+        else ether(PORT_MAC[0], client_mac(0), packet)
+    )
+    assert len(take(b, path, [(0, frame)], net.now)) == 1
+    believed = in_window(seq, server_ack)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    assert session.state is (SessionState.ENDING if believed else SessionState.ESTABLISHED)
+    assert b.sessions.not_believed == ({} if believed else {"rst_out_of_window": 1})
+    b.on_timer(net.now + LINGER)
+    assert (b.sessions.by_c2s(c2s) is None) == believed
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_servers_rst_is_judged_by_the_clients_last_ack(path: str) -> None:
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)  # the client's last ACK: 501
+    src = client_addr(0)
+    far = net.server_port[name], net.servers[name].from_host(tcp(VIP, src, 80, 40000, RST, seq=501 + 2 * WINDOW), 0.0)
+    near = net.server_port[name], net.servers[name].from_host(tcp(VIP, src, 80, 40000, RST, seq=501), 0.0)
+    assert far[1] is not None and near[1] is not None
+    take(b, path, [far], net.now)  # type: ignore[list-item]
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ESTABLISHED
+    take(b, path, [near], net.now)  # type: ignore[list-item]
+    assert session.state is SessionState.ENDING and b.sessions.not_believed == {"rst_out_of_window": 1}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_closing_fin_with_a_wrong_seq_changes_nothing_and_a_first_fin_is_not_judged(path: str) -> None:
+    """After the server's FIN (CLOSING_SERVER), the client's FIN would end the session: a forged one far from the
+    server's last ACK is counted and changes nothing; the real one closes. A first FIN ends nothing and is taken
+    as it comes (a half-close)."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    src = client_addr(0)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    first = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, FIN | ACK, seq=1 << 31, ack=501))
+    take(b, path, [(0, first)], net.now)
+    assert session.state is SessionState.CLOSING_CLIENT and b.sessions.not_believed == {}
+    net2 = Net(make_config(timeouts=TIMEOUTS))
+    b = net2.balancer
+    name, c2s = established(net2)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    fin = net2.from_server(name, tcp(VIP, src, 80, 40000, FIN | ACK, seq=501, ack=101))
+    net2.deliver_to_client(0, fin)
+    assert session.state is SessionState.CLOSING_SERVER
+    forged_fin = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101 + 5 * WINDOW))
+    take(b, path, [(0, forged_fin)], net2.now)
+    assert session.state is SessionState.CLOSING_SERVER and b.sessions.not_believed == {"fin_out_of_window": 1}
+    real = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101, ack=502))
+    take(b, path, [(0, real)], net2.now)
+    assert session.state is SessionState.ENDING
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rst_at", [1, 2], ids=["between", "after"])
+def test_an_rst_is_judged_by_the_acknowledgment_numbers_that_went_before_it(path: str, rst_at: int) -> None:
+    """Two server segments acknowledging 1000 and then far beyond, and the client's RST at 1000 between or after
+    them, in one batch or block: judged by the ACK before it, as frame by frame; the label keeps the last ACK.
+    The response time is measured first, so the server's segments are switched without reports (in a block, both
+    counted at once before the RST that comes after them)."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    name, c2s = established(net)
+    net.now = 1.0
+    exchange(net, name)
+    assert not b.switching.watch[c2s + 1] & WATCH_ALL
+    src = client_addr(0)
+    far = 1000 + 10 * WINDOW
+    server = [
+        (net.server_port[name], net.servers[name].from_host(tcp(VIP, src, 80, 40000, ACK, seq=501, ack=ack), 0.0))
+        for ack in (1000, far)
+    ]
+    rst = (0, labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=1000)))
+    frames = [*server[:rst_at], rst, *server[rst_at:]]
+    assert len(take(b, path, frames, net.now)) == 3  # type: ignore[arg-type]
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None
+    assert session.state is (SessionState.ENDING if rst_at == 1 else SessionState.ESTABLISHED)
+    assert b.switching.acks[c2s + 1] == ACK_KNOWN | far
+
+
+def test_a_forged_rst_with_a_wrong_seq_does_not_start_an_ending_sessions_linger_again() -> None:
+    """A close repeated while ENDING starts the linger again; a forged one far from the server's last ACK does not
+    (it would keep a closed session's labels as long as the forger likes), and is counted."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    _, c2s = idle_session(net, 1000)
+    src = client_addr(0)
+    b.receive(0, labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=1000)), net.now)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING
+    net.now = 1.5
+    b.receive(
+        0, labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=1000 + 9 * WINDOW)), net.now
+    )
+    assert b.sessions.ending_at[session.pair] == 0.0 and b.sessions.not_believed == {"rst_out_of_window": 1}
+    b.on_timer(LINGER)  # the first RST's linger: nothing of the endpoints' after it
+    assert b.sessions.by_c2s(c2s) is None and b.stats().sessions_ended == {"closed": 1}
+
+
+def test_before_the_other_end_acknowledged_anything_an_rst_is_taken_as_it_comes() -> None:
+    """A session whose server has not acknowledged anything yet (no ACK on the S2C label): nothing to judge by."""
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    _, c2s = established(net)
+    b.switching.acks[c2s + 1] = 0  # as if the server's SYN-ACK had gone by unseen
+    rst = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(client_addr(0), VIP, 40000, 80, RST, seq=12345))
+    b.receive(0, rst, net.now)
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ENDING and b.sessions.not_believed == {}
+
+
+def test_the_window_is_the_configured_one_and_wraps_around_the_sequence_space() -> None:
+    table = make_balancer_table()
+    label = 1001
+    for ack, seq, window, believed in [
+        (0xFFFF_FFF0, 0x10, 0x20, True),  # across the wrap, within the window
+        (0xFFFF_FFF0, 0x11, 0x20, False),
+        (0x10, 0xFFFF_FFF0, 0x20, True),
+        (0x10, 0xFFFF_FFEF, 0x20, False),
+        (5000, 5000, 0, True),  # a window of 0: only the exact sequence number
+        (5000, 5001, 0, False),
+        (5000, None, WINDOW, False),  # a segment whose sequence number cannot be read
+    ]:
+        table.acks[label] = ACK_KNOWN | ack
+        assert table.in_window(label, seq, window) is believed, (ack, seq, window)
+    table.acks[label] = 0
+    assert table.in_window(label, None, WINDOW) and table.in_window(label, 7, 0)
+
+
+def make_balancer_table() -> LabelSwitchingTable:
+    return Balancer(make_config()).switching
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 31, "wide"], ids=["negative", "beyond-half-the-space", "not-a-number"])
+def test_the_rst_window_is_validated_at_load(value: object) -> None:
+    top = Section("lb.toml", "", {"limits": {"rst_window": value}})
+    with pytest.raises(ConfigError, match=r"lb.toml: limits.rst_window: "):
+        balancer_config_from_section(top, default_ports=make_config().ports, default_vips=make_config().vips)
+    with pytest.raises(ValueError, match="rst_window"):
+        make_config(rst_window=-1)
+
+
+def test_the_rst_window_is_read_and_applies_on_reload() -> None:
+    top = Section("lb.toml", "", {"limits": {"rst_window": 0}})
+    config = balancer_config_from_section(top, default_ports=make_config().ports, default_vips=make_config().vips)
+    assert config.rst_window == 0
+    net = Net(make_config(timeouts=TIMEOUTS))
+    b = net.balancer
+    _, c2s = idle_session(net, 1000)
+    assert b.reconfigure(replace(b.config, rst_window=0)) == ("limits.rst_window:65535->0",)
+    near = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(client_addr(0), VIP, 40000, 80, RST, seq=1001))
+    b.receive(0, near, net.now)  # one off: not the exact sequence number the server expects
+    session = b.sessions.by_c2s(c2s)
+    assert session is not None and session.state is SessionState.ESTABLISHED
+    exact = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(client_addr(0), VIP, 40000, 80, RST, seq=1000))
+    b.receive(0, exact, net.now)
+    assert session.state is SessionState.ENDING
 
 
 # -- 2: half-open sessions --------------------------------------------------------------------------------------
@@ -377,6 +629,9 @@ CLIENT_COUNT = 3
 SPORTS = (40000, 40001, 40002)
 SERVER_FLAGS = (SYN | ACK, PSH | ACK, FIN | ACK, RST | ACK)
 CLIENT_FLAGS = (SYN, ACK, PSH | ACK, FIN | ACK, RST)
+#: Acknowledgment numbers the endpoints send, and sequence numbers forgers pick: near the other end's and far.
+ACKS = (101, 501, 0x8000_0101)
+FORGED_SEQS = (101, 500, 0x8000_0100, 0xFFFF_0000)
 _ANALYZER = PacketAnalyzer(l7=False)
 
 
@@ -476,31 +731,47 @@ class TrustMachine(RuleBasedStateMachine):
             self.world.client_flows.append((i, key))
         self.client_sends(i, key, SYN)
 
-    def client_sends(self, i: int, key: FlowKey, flags: int) -> None:
+    @rule(i=st.integers(0, CLIENT_COUNT - 1), sport=st.sampled_from(SPORTS), ack=st.sampled_from(ACKS))
+    def establish(self, i: int, sport: int, ack: int) -> None:
+        """A whole handshake, and the server's first answer acknowledging ``ack``: an open session to judge RSTs
+        and FINs on."""
+        self.connect(i, sport)
+        key = FlowKey(6, client_addr(i), sport, VIP, 80)
+        k = next((k for k, (_, flow) in enumerate(self.world.server_flows) if flow == key), None)
+        if k is None:
+            return  # refused, or its labels still in quarantine
+        for flags in (SYN | ACK, PSH | ACK):
+            sent = self.server_frame(k, flags, ack if flags & PSH else 101)
+            if sent is not None:
+                self.send([sent])
+            if flags & SYN:
+                self.client_sends(i, key, ACK, 501)
+
+    def client_sends(self, i: int, key: FlowKey, flags: int, ack: int = 500) -> None:
         payload = b"GET / HTTP/1.1\r\n\r\n" if flags & PSH else b""
-        packet = tcp(key.src, key.dst, key.sport, key.dport, flags, seq=100, ack=500, payload=payload)
+        packet = tcp(key.src, key.dst, key.sport, key.dport, flags, seq=100, ack=ack, payload=payload)
         frame = self.world.clients[i].from_host(packet, self.world.now)
         assert frame is not None
         self.send([(CLIENT_PORTS[i % 2], frame)])
 
     @precondition(lambda self: self.world.client_flows)
-    @rule(k=st.integers(0, 50), flags=st.sampled_from(CLIENT_FLAGS))
-    def client_segment(self, k: int, flags: int) -> None:
+    @rule(k=st.integers(0, 50), flags=st.sampled_from(CLIENT_FLAGS), ack=st.sampled_from(ACKS))
+    def client_segment(self, k: int, flags: int, ack: int) -> None:
         i, key = self.world.client_flows[k % len(self.world.client_flows)]
-        self.client_sends(i, key, flags)
+        self.client_sends(i, key, flags, ack)
 
-    def server_frame(self, k: int, flags: int) -> tuple[int, bytes] | None:
+    def server_frame(self, k: int, flags: int, ack: int = 101) -> tuple[int, bytes] | None:
         name, key = self.world.server_flows[k % len(self.world.server_flows)]
         payload = b"HTTP/1.1 200 OK\r\n" if flags & PSH else b""
-        packet = tcp(VIP, key.src, 80, key.sport, flags, seq=500, ack=101, payload=payload)
+        packet = tcp(VIP, key.src, 80, key.sport, flags, seq=500, ack=ack, payload=payload)
         frame = self.world.servers[name].from_host(packet, self.world.now)  # type: ignore[attr-defined]
         port = next(s.port_id for s in TRUST_CONFIG.servers if s.name == name)
         return None if frame is None else (port, frame)
 
     @precondition(lambda self: self.world.server_flows)
-    @rule(k=st.integers(0, 50), flags=st.sampled_from(SERVER_FLAGS))
-    def server_segment(self, k: int, flags: int) -> None:
-        sent = self.server_frame(k, flags)
+    @rule(k=st.integers(0, 50), flags=st.sampled_from(SERVER_FLAGS), ack=st.sampled_from(ACKS))
+    def server_segment(self, k: int, flags: int, ack: int) -> None:
+        sent = self.server_frame(k, flags, ack)
         if sent is not None:
             self.send([sent])
 
@@ -523,15 +794,20 @@ class TrustMachine(RuleBasedStateMachine):
         self.send(frames)
 
     @precondition(lambda self: self.world.client_flows)
-    @rule(k=st.integers(0, 50), kind=st.sampled_from(["other_mac", "client_mac", "labelled", "syn_other_mac"]))
-    def forge(self, k: int, kind: str) -> None:
-        """Another host of client 0's segment forges a segment of a flow of any client."""
+    @rule(
+        k=st.integers(0, 50),
+        kind=st.sampled_from(["other_mac", "client_mac", "labelled", "syn_other_mac", "labelled_fin"]),
+        seq=st.sampled_from(FORGED_SEQS),
+    )
+    def forge(self, k: int, kind: str, seq: int) -> None:
+        """Another host of client 0's segment forges a segment of a flow of any client, at a sequence number near
+        the server's acknowledgments or far from them."""
         i, key = self.world.client_flows[k % len(self.world.client_flows)]
         port = CLIENT_PORTS[i % 2]
-        flags = SYN if kind == "syn_other_mac" else RST
-        packet = tcp(key.src, key.dst, key.sport, 80, flags, seq=101)
-        src_mac = client_mac(i) if kind in ("client_mac", "labelled") else ATTACKER
-        label = self.world.clients[i].label_for(key) if kind == "labelled" else None
+        flags = SYN if kind == "syn_other_mac" else FIN | ACK if kind == "labelled_fin" else RST
+        packet = tcp(key.src, key.dst, key.sport, 80, flags, seq=seq)
+        src_mac = client_mac(i) if kind in ("client_mac", "labelled", "labelled_fin") else ATTACKER
+        label = self.world.clients[i].label_for(key) if kind in ("labelled", "labelled_fin") else None
         frame = (
             ether(PORT_MAC[port], src_mac, packet)
             if label is None
@@ -562,12 +838,17 @@ class TrustMachine(RuleBasedStateMachine):
             return
         a, b, c = (x.stats() for x in (self.one, self.batch, self.block))
         for other in (b, c):
-            assert (a.sessions_active, a.sessions_ended, a.drops, a.labels) == (
+            assert (a.sessions_active, a.sessions_ended, a.drops, a.labels, a.not_believed) == (
                 other.sessions_active,
                 other.sessions_ended,
                 other.drops,
                 other.labels,
+                other.not_believed,
             )
+        acks = self.one.switching.arrays().acks
+        assert all(np.array_equal(acks, x.switching.arrays().acks) for x in (self.batch, self.block))
+        states = [[(s.c2s, s.state) for s in x.live_sessions()] for x in (self.one, self.batch, self.block)]
+        assert states[0] == states[1] == states[2]
         assert self.one.sessions.half_open <= self.one.max_half_open
 
 

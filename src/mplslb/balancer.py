@@ -21,7 +21,11 @@ session information from layers 3 to 7 and asks the session managing unit whethe
 Servers answer with label + 1 from the virtual IP (claims 8 step 3-4, 12, 13): the balancer never maps the virtual
 IP to a real address. Frames from the fast path that the session manager asked to see (FIN/RST, the frames that
 time a server's response) come back as reports after forwarding and drive the session lifecycle and the
-response-time measurement.
+response-time measurement. Every path records each TCP label's last acknowledgment number, and an RST or closing
+FIN is believed only when its sequence number lies within ``limits.rst_window`` of the last one the other end sent
+(:meth:`Balancer._believed`, the same judge for the frames of every path, since they all come here as reports or
+unlabelled frames); one that is not is still forwarded (the endpoint's stack judges it by its own exact state) and
+counted, and changes nothing.
 
 A server configured by IP address alone gets its MAC from the neighbour resolver (:mod:`mplslb.resolver`): its
 probes leave with the timer's frames, the ARP and neighbour discovery frames arriving on server ports go to it, and
@@ -36,7 +40,7 @@ from __future__ import annotations
 import heapq
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -71,7 +75,7 @@ from mplslb.switching import (
     switch_frame,
 )
 from mplslb.switching.block import count_rows
-from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
+from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_ACK_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP
@@ -90,6 +94,14 @@ _HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
 _ACK_FIELD = struct.Struct("!I")
 #: Half-open sessions whose kernel record is read before one is evicted, at most per new session.
 _EVICTION_CHECKS = 64
+
+
+def _ack(frame: bytes | memoryview, a: Analysis) -> int:
+    """The acknowledgment number of a TCP segment with ACK set and RST clear (what the switching table records for
+    its label), or -1."""
+    if a.tcp_flags < 0 or a.tcp_flags & (ACK | RST) != ACK:
+        return -1
+    return int(_ACK_FIELD.unpack_from(frame, a.l4_offset + TCP_ACK_AT)[0])
 
 
 class BlockResult(NamedTuple):
@@ -156,6 +168,8 @@ class BalancerStats:
     servers: tuple[ServerRow, ...]
     l7_hosts: dict[str, int]
     neighbor_replies: int
+    #: Closes not believed: RSTs and closing FINs out of window, ENDING sessions revived (sessions' trust).
+    not_believed: dict[str, int] = field(default_factory=dict)
 
 
 class Balancer:
@@ -278,7 +292,7 @@ class Balancer:
         )
         switched = verdict.switched.copy()
         out_port = verdict.out_port.copy()
-        labels = verdict.labels
+        labels, acks = verdict.labels, verdict.acks
         generation = self.switching.arrays().generation
         planned = generation[labels]
         reports: dict[int, list[FastEvent]] = {}
@@ -295,7 +309,7 @@ class Balancer:
         done = 0
         while actions:
             i = heapq.heappop(actions)
-            self._count_switched(switched, labels, lengths, done, i + 1, now)
+            self._count_switched(switched, labels, lengths, acks, done, i + 1, now)
             done = i + 1
             if switched[i]:
                 self._events = reports.pop(i, [])
@@ -319,7 +333,7 @@ class Balancer:
                     reports.pop(j, None)
                     if j not in actions:
                         heapq.heappush(actions, j)
-        self._count_switched(switched, labels, lengths, done, n, now)
+        self._count_switched(switched, labels, lengths, acks, done, n, now)
         taken = int(switched.sum())
         self.frames_in += taken
         self.frames_out += taken
@@ -327,11 +341,18 @@ class Balancer:
         return BlockResult(out_port, extra)
 
     def _count_switched(
-        self, switched: np.ndarray, labels: np.ndarray, lengths: np.ndarray, begin: int, end: int, now: float
+        self,
+        switched: np.ndarray,
+        labels: np.ndarray,
+        lengths: np.ndarray,
+        acks: np.ndarray,
+        begin: int,
+        end: int,
+        now: float,
     ) -> None:
         rows = np.flatnonzero(switched[begin:end]) + begin
         if rows.size:
-            count_rows(self.switching, labels[rows], lengths[rows], now)
+            count_rows(self.switching, labels[rows], lengths[rows], now, acks[rows])
 
     def _receive(self, port: int, frame: bytes | memoryview, now: float, out: Frames) -> None:
         self.frames_in += 1
@@ -402,7 +423,7 @@ class Balancer:
             if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
                 if self.sessions.client_ack(session, a.tcp_flags, now):
                     self._handshake_done(session)
-                if a.tcp_flags & (FIN | RST):
+                if a.tcp_flags & (FIN | RST) and self._believed(session, a.tcp_flags, True, a.tcp_seq):
                     self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
@@ -504,7 +525,7 @@ class Balancer:
 
     def _to_server(self, session: Session, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         tc = a.tos >> _TOS_TO_TC
-        self.switching.send(session.c2s, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, tc=tc)
+        self.switching.send(session.c2s, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, tc=tc, ack=_ack(frame, a))
 
     def _from_server(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         # A server's unlabelled reply (or its ICMP error about a client's datagram) still finds its session.
@@ -517,7 +538,7 @@ class Balancer:
         if server.config.port_id != port or bytes(frame[_SRC_MAC]) != server.mac:
             self._drop("server_wrong_source")
             return
-        self.switching.send(session.s2c, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl)
+        self.switching.send(session.s2c, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, ack=_ack(frame, a))
 
     # -- reports from the fast path ------------------------------------------------------------------------------
     def _handle_events(self) -> None:
@@ -538,7 +559,24 @@ class Balancer:
             elif self.switching.watch[event.label] & WATCH_ALL:
                 self._measure(session, event, from_client, a or self._analyze_report(event))
             if session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
+                if self.sessions.closes(session, flags, from_client=from_client):
+                    a = a or self._analyze_report(event)
+                    seq = a.tcp_seq if a is not None and a.tcp_flags >= 0 else None
+                    if not self._believed(session, flags, from_client, seq):
+                        continue
                 self.sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
+
+    def _believed(self, session: Session, flags: int, from_client: bool, seq: int | None) -> bool:
+        """May this RST or FIN (``flags``, sequence number ``seq``, None when unreadable) change the session's state?
+        Only one that would not end it, or one within ``rst_window`` of the last acknowledgment number the other
+        end sent, or any before the other end has acknowledged anything; any other is counted and changes nothing."""
+        if not self.sessions.closes(session, flags, from_client=from_client):
+            return True
+        acks = session.s2c if from_client else session.c2s
+        if self.switching.in_window(acks, seq, self.config.rst_window):
+            return True
+        self.sessions.disbelieve(flags)
+        return False
 
     def _analyze_report(self, event: FastEvent) -> Analysis | None:
         try:
@@ -985,6 +1023,7 @@ class Balancer:
             servers=self.server_rows(),
             l7_hosts=dict(self.l7_hosts),
             neighbor_replies=self.neighbor_replies,
+            not_believed={**self.sessions.not_believed, "revived": self.sessions.revived},
         )
 
     def live_sessions(self) -> Sequence[Session]:

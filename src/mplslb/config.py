@@ -20,7 +20,7 @@ from mplslb.balancing.servers import ServerConfig
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.resolver import ResolverTimers
-from mplslb.sessions import Timeouts
+from mplslb.sessions import RST_WINDOW, RST_WINDOW_MAX, Timeouts
 from mplslb.switching.layout import SYN_RATE_MAX
 from mplslb.wire.ethernet import mac_from_str
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -102,6 +102,9 @@ class BalancerConfig:
     endpoint_flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
     #: The share of the label pairs half-open TCP sessions may hold; a SYN beyond evicts the oldest.
     half_open_share: float = 0.5
+    #: An RST, or the FIN that would end a session, is believed only when its sequence number lies within this
+    #: many of the last acknowledgment number the other end sent (either way; see the sessions' trust).
+    rst_window: int = RST_WINDOW
     c2s_min: int = C2S_MIN
     c2s_max: int = C2S_MAX
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -131,6 +134,8 @@ class BalancerConfig:
             raise ValueError(quarantine_too_short(self.label_quarantine, self.endpoint_flow_timeout))
         if not 0 < self.half_open_share <= 1:
             raise ValueError(f"half_open_share must be in (0, 1], got {self.half_open_share!r}")
+        if not 0 <= self.rst_window <= RST_WINDOW_MAX:
+            raise ValueError(f"rst_window must be in 0..{RST_WINDOW_MAX}, got {self.rst_window!r}")
         server_ports = {p.port_id for p in self.ports if p.role == "server"}
         for server in self.servers:
             if server.port_id not in server_ports:
@@ -449,6 +454,11 @@ def balancer_config_from_section(
     half_open_share = limits.number("half_open_share", float, BalancerConfig.half_open_share)
     if not 0 < half_open_share <= 1:
         raise limits.error("half_open_share", f"must be in (0, 1], got {half_open_share!r}")
+    rst_window = limits.number("rst_window", int, RST_WINDOW, minimum=0)
+    if rst_window > RST_WINDOW_MAX:
+        raise limits.error(
+            "rst_window", f"must be at most {RST_WINDOW_MAX} (half the sequence space), got {rst_window}"
+        )
     limits.done()
     tsec = top.section("timeouts")
     defaults = Timeouts()
@@ -503,6 +513,7 @@ def balancer_config_from_section(
         label_quarantine=quarantine,
         endpoint_flow_timeout=flow_timeout,
         half_open_share=half_open_share,
+        rst_window=rst_window,
         passive_window=passive_window,
         reset_on_down=reset_on_down,
         c2s_min=c2s_min,
@@ -525,6 +536,7 @@ LIVE_SETTINGS = {
     "max_new_per_second": "limits.max_new_per_second",
     "refuse_with": "limits.refuse_with",
     "rt_limit": "limits.max_response_time",
+    "rst_window": "limits.rst_window",
     "fail_threshold": "health.fail_threshold",
     "rt_alpha": "health.rt_alpha",
     "l7": "l7",

@@ -31,8 +31,15 @@ state itself, and the response-time measurement the balancer runs from the sessi
 request -> first response byte, within a budget of watched frames) is :meth:`SessionTable.observe`, which also
 makes the START -> ANSWERED -> ESTABLISHED transitions.
 
-Trust: no frame ends a session on its own word. Anyone on a client's segment can forge a client's frame, labelled
-or not, so an RST or the second FIN only moves the session to ENDING, which keeps its labels and keeps forwarding.
+Trust: no frame ends a session on its own word. Anyone on a client's segment can forge a client's frame, labelled or
+not, but cannot see the server's, so does not know where the sequence numbers are. An RST, or the FIN that would end
+an open session (and any RST or FIN that would start an ENDING one's linger again), is first judged by its sequence
+number (:meth:`SessionTable.closes` says which segments are; the balancer judges them with the switching table's
+record of each label's last acknowledgment number): one further than ``rst_window`` from the last acknowledgment
+number the other end sent is not believed, is counted in :attr:`SessionTable.not_believed` (``rst_out_of_window``,
+``fin_out_of_window``) and changes nothing. Before the other end has acknowledged anything there is nothing to judge
+by, and the segment is taken as it comes.
+A believed RST or second FIN only moves the session to ENDING, which keeps its labels and keeps forwarding.
 When the linger (``closed_linger``) expires, the session closes only if none of its frames passed more than half
 the linger after the close event (the labels' last-seen times, kept by the switching unit, say so at no cost per
 frame); otherwise it is revived (counted in :attr:`SessionTable.revived`). A real close is quiet within a round
@@ -144,6 +151,10 @@ _SYN = int(TCPFlag.SYN)
 _ACK = int(TCPFlag.ACK)
 _RST = int(TCPFlag.RST)
 _FIN = int(TCPFlag.FIN)
+#: How far (either way) an RST's or closing FIN's sequence number may lie from the last acknowledgment number the
+#: other end sent and still be believed: a window without scaling. The most: half the sequence space.
+RST_WINDOW = 65535
+RST_WINDOW_MAX = (1 << 31) - 1
 #: How many watched frames a session may spend on its response-time measurement before watching stops.
 WATCH_BUDGET = 16
 
@@ -297,6 +308,8 @@ _CODE = {state: code for code, state in enumerate(_STATES) if code}
 _FREE = 0
 _START, _ESTABLISHED = _CODE[SessionState.START], _CODE[SessionState.ESTABLISHED]
 _ANSWERED, _ENDING = _CODE[SessionState.ANSWERED], _CODE[SessionState.ENDING]
+_CLOSING_CLIENT, _CLOSING_SERVER = _CODE[SessionState.CLOSING_CLIENT], _CODE[SessionState.CLOSING_SERVER]
+_OPEN_CODES = frozenset(_CODE[state] for state in OPEN_STATES)
 _FINAL_CODES = frozenset(_CODE[state] for state in FINAL_STATES)
 _HALF_OPEN_CODES = frozenset(_CODE[state] for state in HALF_OPEN_STATES)
 #: A flow key as a row stores it: protocol, address length, ports, source and destination (IPv4 zero-padded).
@@ -380,6 +393,8 @@ class SessionTable:
         self.live = 0  # sessions not yet closed, interrupted or ENDING
         self.half_open = 0  # live TCP sessions in START or ANSWERED
         self.revived = 0  # ENDING sessions whose traffic went on: the RST or FIN was not believed
+        #: RSTs and closing FINs whose sequence number was not believed, by reason (the module docstring).
+        self.not_believed: dict[str, int] = {}
         # (row, its SYN's time) of TCP sessions in the order they opened; entries of rows no longer half-open
         # are skipped when met (and swept when they outnumber the live ones).
         self._half_open_fifo: deque[tuple[int, float]] = deque()
@@ -573,6 +588,24 @@ class SessionTable:
             self.apply(session, SessionEvent.CLIENT_RST if from_client else SessionEvent.SERVER_RST, now)
         elif flags & _FIN:
             self.apply(session, SessionEvent.CLIENT_FIN if from_client else SessionEvent.SERVER_FIN, now)
+
+    def closes(self, session: Session, flags: int, *, from_client: bool) -> bool:
+        """Would a TCP segment with ``flags`` from one side make the open ``session`` ENDING (an RST, or the FIN of
+        one side when the other has sent its own), or start an ENDING session's linger again (any RST or FIN)?
+        These are the segments judged by their sequence number."""
+        state = self.state[session.pair]
+        if state == _ENDING:
+            return bool(flags & (_RST | _FIN))
+        if state not in _OPEN_CODES:
+            return False
+        if flags & _RST:
+            return True
+        return bool(flags & _FIN) and state == (_CLOSING_SERVER if from_client else _CLOSING_CLIENT)
+
+    def disbelieve(self, flags: int) -> None:
+        """Count an RST or closing FIN (``flags``) whose sequence number was not believed; nothing else changes."""
+        reason = "rst_out_of_window" if flags & _RST else "fin_out_of_window"
+        self.not_believed[reason] = self.not_believed.get(reason, 0) + 1
 
     def client_ack(self, session: Session, flags: int, now: float) -> bool:
         """A client's TCP segment (``flags``, -1 unknown): True when its ACK completed the handshake."""

@@ -212,6 +212,7 @@ def snapshot(
             "ended": dict(sorted(stats.sessions_ended.items())),
             "by_state": stats.sessions_by_state,
             "refused": dict(sorted(stats.refused.items())),
+            "not_believed": dict(sorted(stats.not_believed.items())),
         },
         "drops": dict(sorted(stats.drops.items())),
         "labels": {

@@ -54,6 +54,7 @@ TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 BPF_F_NO_PREALLOC = 1
 BPF_ANY = 0
+BPF_EXIST = 2  # update only an element that exists
 BPF_PSEUDO_MAP_FD = 1
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -148,6 +149,7 @@ class Map:
 
     def lookup(self, key: bytes) -> bytes | None:
         ctypes.memmove(self._key, key, self.key_size)
+        struct.pack_into("=Q", self._elem, 24, 0)  # no flags (an update may have left its own)
         try:
             bpf(BPF_MAP_LOOKUP_ELEM, self._elem, f"looking up in {self.name}")
         except BpfError as exc:

@@ -7,9 +7,10 @@
  * fast path makes passes (ingress port, source MAC, IP source of the bottom-of-stack entry, bottom of stack,
  * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame
  * is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet addresses (next hop,
- * output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in the entry and
- * redirects it to the output port. While a session's response time is measured (F_RT), the frames that tell it
- * are recorded in its C2S entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
+ * output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in the entry (with a
+ * TCP segment's acknowledgment number, as userspace records it; a FIN's too, which goes up) and redirects it to the
+ * output port. While a session's response time is measured (F_RT), the frames that tell it are recorded in its C2S
+ * entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
  *
@@ -255,6 +256,7 @@ int mplslb_xdp(struct xdp_md *ctx)
 flow_done:
 	if ((stack_entry & MPLS_TTL_MASK) <= 1)
 		return XDP_PASS;
+	__u64 ack = 0;
 	if (e->flags & F_TCP_END) {
 		__u32 tcp;
 		if (e->flags & F_V6) {
@@ -272,9 +274,25 @@ flow_done:
 		/* past any frame XDP sees in one buffer: userspace would not find the flags in the frame either */
 		if (tcp > MAX_TCP_OFFSET)
 			goto forward;
-		__u8 *flags = ip + tcp + TCP_FLAGS;
-		if (flags + 1 <= end && (*flags & TCP_END))
-			return XDP_PASS;
+		__u8 *th = ip + tcp;
+		if (th + TCP_FLAGS + 1 <= end) {
+			__u8 f = th[TCP_FLAGS];
+			/* the segment's acknowledgment number, as mplslb.switching.scalar records it: ACK set, RST clear,
+			 * and in IPv4 only TCP, no fragment past the first */
+			if ((f & (TCP_ACK | TCP_RST)) == TCP_ACK &&
+			    ((e->flags & F_V6) ||
+			     (ip + IPV4_PROTO + 1 <= end && ip[IPV4_PROTO] == IPPROTO_TCP &&
+			      !(((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK))))
+				ack = ACK_KNOWN | ((__u64)th[TCP_ACK_AT] << 24) | ((__u64)th[TCP_ACK_AT + 1] << 16) |
+				      ((__u64)th[TCP_ACK_AT + 2] << 8) | th[TCP_ACK_AT + 3];
+			if (f & TCP_END) {
+				/* userspace forwards it (every check passed) and records the same number: the entry
+				 * keeps the label's last one either way */
+				if (ack)
+					e->ack = ack;
+				return XDP_PASS;
+			}
+		}
 	}
 forward:
 	if ((e->flags & F_RT) && measure(e, label, ip, end) != XDP_REDIRECT)
@@ -282,6 +300,8 @@ forward:
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
 	e->last_ns = bpf_ktime_get_ns();
+	if (ack)
+		e->ack = ack;
 	__u32 out = e->out_ifindex;
 	lse[LSE_TTL] -= 1; /* TTL > 1 here: the decrement stays in the TTL octet */
 	if (off != LSE_AT) {

@@ -39,6 +39,17 @@ last-seen times (:meth:`~mplslb.switching.table.LabelSwitchingTable.fold_counter
 per-server figures and the status see the kernel's traffic. The daemon polls once a second and before the
 balancer's timers run.
 
+Acknowledgment numbers: the program records each TCP segment's acknowledgment number in its entry (a FIN's too,
+before passing it up), as the userspace paths record it in the table's ``acks``. An entry starts with the table's
+number, and what the slow path sends on a label in the kernel is written through to its entry
+(:meth:`XdpOffload.record_ack`; a lookup and an update, racing only with the kernel's own frames of that label,
+whose counts could be lost then: the slow path sends on a session's label only when an endpoint fell back to
+unlabelled frames after a silence). So while a label is in the kernel its entry holds the last frame's number,
+whichever path forwarded it: the offload is the table's :class:`~mplslb.switching.table.AckStore`, and when the
+session manager judges an RST or FIN it reads the entry of the label it needs (:meth:`XdpOffload.ack`, one map
+lookup; FIN and RST frames always come up to userspace). ``poll``, and the fold before an entry is written again
+or deleted, copy the entries' numbers into the table.
+
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
 program. On :meth:`XdpOffload.open` an XDP program attached the old way (netlink) under our program's name is taken
@@ -133,10 +144,11 @@ BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "mplslb"
 UNPIN_WAIT = 1.0  # seconds for unpinned links to let go of the ports, at most
 
-#: The counters of a map entry the program keeps, as numpy reads them from a batch of entries.
+#: What the program keeps in a map entry (counters, last acknowledgment number), as numpy reads them from a batch
+#: of entries.
 COUNTERS = np.dtype(
-    {"names": ["packets", "bytes", "last_ns"], "formats": ["<u8", "<u8", "<u8"],
-     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns")],
+    {"names": ["packets", "bytes", "last_ns", "ack"], "formats": ["<u8", "<u8", "<u8", "<u8"],
+     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns", "ack")],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
 #: A C2S entry's measurement record (F_RT), as numpy reads it from a batch of entries.
@@ -149,6 +161,8 @@ RECORD = np.dtype(
 _RECORD = struct.Struct("=I4xQQQQ")  # the same fields, from one entry
 _RECORD_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["rt_left"]
 _FLAGS_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["flags"]
+_ACK_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["ack"]
+_NATIVE_U64 = struct.Struct("=Q")
 COUNTERS_SIZE = KERNEL_ENTRY.size - struct_offsets(KERNEL_ENTRY_FIELDS)["packets"]
 _KEY = struct.Struct("=I")
 log = logging.getLogger("mplslb.offload")
@@ -357,6 +371,7 @@ class XdpOffload:
             self.close()
             raise OffloadError(f"kernel offload: {exc}") from None
         self.table.add_mirror(self)
+        self.table.ack_stores.append(self)
         self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
 
     # -- pins: what outlives the daemon ----------------------------------------------------------------------------
@@ -497,7 +512,7 @@ class XdpOffload:
             table.fold_counters(kept_labels, zero, zero, counters["last_ns"].astype(np.float64) * 1e-9 + offset)
         valid = np.flatnonzero(table.arrays().valid)
         fix.update(valid[self._in_kernel[valid] == 0].tolist())
-        self._mirror(sorted(fix))
+        self._mirror(sorted(fix), fold=False)  # a stale entry's counters and ACK are no adopted binding's
 
     def _open_syn_map(self) -> None:
         """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
@@ -594,6 +609,8 @@ class XdpOffload:
         if not keep:
             self._unpin()
         self.table.remove_mirror(self)
+        if self in self.table.ack_stores:
+            self.table.ack_stores.remove(self)
         self._in_kernel[:] = 0
         self._noted.clear()
         self._waiting.clear()
@@ -629,10 +646,12 @@ class XdpOffload:
         noted, self._noted = self._noted, []
         return self._mirror(dict.fromkeys(noted))
 
-    def _mirror(self, labels: Iterable[int]) -> int:
-        """Make the map agree with the table for ``labels`` (distinct)."""
+    def _mirror(self, labels: Iterable[int], *, fold: bool = True) -> int:
+        """Make the map agree with the table for ``labels`` (distinct); ``fold``: what their entries hold first
+        (not for entries that belong to no adopted binding)."""
         labels = list(labels)
-        self._fold_entries(labels)
+        if fold:
+            self._fold_entries(labels)
         valid, watch, in_kernel, waiting = self.table.valid, self.table.watch, self._in_kernel, self._waiting
         measure = self.measured is not None
         writes: list[int] = []
@@ -680,6 +699,7 @@ class XdpOffload:
         )
         budget = WATCH_BUDGET if measure and is_c2s(label) else 0
         peer_ip = t.peer_ip[label]
+        ack = t.acks[label]  # with the kernel's folded in (_fold_entries) when the entry is written again
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
             self.ifindex[t.in_port[label]],
@@ -693,6 +713,7 @@ class XdpOffload:
             0,
             0,
             0,
+            ack,
             budget,
             0,
             0,
@@ -801,6 +822,7 @@ class XdpOffload:
         had new frames."""
         packets, octets, last_ns = counters["packets"], counters["bytes"], counters["last_ns"]
         live = self._in_kernel[labels] != 0  # an entry deleted since the read is not counted
+        self._fold_acks(labels[live], counters["ack"][live])
         moved = live & (packets > self._kpackets[labels])
         if not moved.any():
             return 0
@@ -854,6 +876,32 @@ class XdpOffload:
     def _forget(self, c2s: int) -> None:
         if self._measuring.pop(c2s, None) is not None:
             self._measured[c2s] = False
+
+    # -- acknowledgment numbers kept in the kernel ------------------------------------------------------------
+    def _fold_acks(self, labels: np.ndarray, kernel: np.ndarray) -> None:
+        """Copy the entries' acknowledgment numbers into the table (an entry's is its label's last one)."""
+        self.table.arrays().acks[labels] = kernel
+
+    def ack(self, label: int) -> int | None:
+        """``ACK_KNOWN | `` the last acknowledgment number of ``label`` (0: none) if it is in the kernel, else None
+        (the table's :class:`~mplslb.switching.table.AckStore`)."""
+        if self._map is None or not self._in_kernel[label]:
+            return None
+        raw = self._map.lookup(_KEY.pack(label))
+        return None if raw is None else int(_NATIVE_U64.unpack_from(raw, _ACK_AT)[0])
+
+    def record_ack(self, label: int, ack: int) -> None:
+        """The slow path sent a frame on ``label`` carrying ``ack``: write it into the label's entry, if it is in
+        the kernel (see the module docstring)."""
+        if self._map is None or not self._in_kernel[label]:
+            return
+        key = _KEY.pack(label)
+        raw = self._map.lookup(key)
+        if raw is not None:
+            try:
+                self._map.update(key, raw[:_ACK_AT] + _NATIVE_U64.pack(ack) + raw[_ACK_AT + 8 :], bpf.BPF_EXIST)
+            except OSError as exc:  # the entry went meanwhile
+                self._error(exc)
 
     def _fold_shed(self) -> None:
         """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""

@@ -12,7 +12,8 @@ packet under a flow-bound label (an ICMP error, a fragment, IP options, IPv6 ext
 one-frame path, which applies the whole rule. The frames that pass are rewritten where they lie
 (Ethernet addresses, TTL - 1) and counted; every other frame is left untouched for the one-frame path, which drops
 it under its reason or hands it to the packet analyzing unit. Reports for the session manager (FIN/RST, watched
-labels) are appended in frame order.
+labels) are appended in frame order, and the acknowledgment numbers of a TCP session's segments are recorded as the
+one-frame path records them (the last of each label in the block wins, as frame order would have it).
 
 The per-label facts the scalar path keeps as bytes objects (cheapest to join one frame at a time) are needed here
 as fixed-width rows to gather in bulk: :class:`BlockTables` keeps them, a :class:`~mplslb.switching.table.Mirror`
@@ -28,19 +29,23 @@ from typing import NamedTuple
 import numpy as np
 
 from mplslb.switching.layout import (
+    ACK_KNOWN,
     ETH_ADDRS,
     ETH_ALEN,
     ETH_P_MPLS_UC,
     ETH_SRC,
     ETH_TYPE,
+    FRAG_OFFSET_MASK,
     IP_AT,
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPV4_ADDR_LEN,
     IPV4_DST,
+    IPV4_FRAG_AT,
     IPV4_IHL_MASK,
     IPV4_IHL_UNIT,
     IPV4_PLAIN,
+    IPV4_PROTO,
     IPV4_SRC,
     IPV6_ADDR_LEN,
     IPV6_DST,
@@ -55,9 +60,12 @@ from mplslb.switching.layout import (
     MPLS_BOS,
     MPLS_TTL_MASK,
     RESERVED_LABEL_MAX,
+    TCP_ACK,
+    TCP_ACK_AT,
     TCP_END,
     TCP_FLAGS,
     TCP_FLAGS_UNKNOWN,
+    TCP_RST,
     WATCH_ALL,
     WATCH_TCP_END,
 )
@@ -97,7 +105,7 @@ class BlockTables:
         self.valid, self.watch, self.v6 = arrays.valid, arrays.watch, arrays.v6
         self.out_port, self.in_port = arrays.out_port, arrays.in_port
         self.packets, self.bytes, self.last_seen = arrays.packets, arrays.bytes, arrays.last_seen
-        self.bound = arrays.bound
+        self.bound, self.acks = arrays.bound, arrays.acks
         self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
         self._views = tuple(
             memoryview(a.data).cast("B")
@@ -175,6 +183,7 @@ class BlockVerdict(NamedTuple):
     out_port: np.ndarray  # per frame: the output port, or -1 when not switched here
     labels: np.ndarray  # per frame: the label read (0 when none)
     switched: np.ndarray  # per frame: True when forwarded by the block path (rewritten in place)
+    acks: np.ndarray  # per frame: ACK_KNOWN | the acknowledgment number to record for its label, or 0
 
 
 def block_tables(table: LabelSwitchingTable) -> BlockTables:
@@ -216,7 +225,12 @@ def switch_block(
     starts = starts.astype(np.int64, copy=False)
     lengths = lengths.astype(np.int64, copy=False)
     if not bool((lengths >= IP_AT).any()):  # nothing long enough to carry a label: all for the one-frame path
-        return BlockVerdict(np.full(n, -1, dtype=np.int32), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.bool_))
+        return BlockVerdict(
+            np.full(n, -1, dtype=np.int32),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n, dtype=np.bool_),
+            np.zeros(n, dtype=np.uint64),
+        )
     if word_aligned(buf, starts):
         return _switch_aligned_block(t, buf, starts, lengths, ports, now, events, count, report_rows)
     long_enough = lengths >= IP_AT
@@ -386,12 +400,14 @@ def _switched(
     report_rows: list[int] | None,
 ) -> BlockVerdict:
     """What both block variants do once the switched frames (``rows``) have their addresses rewritten: the TTL,
-    the counters, the reports for watched labels, the verdict."""
+    the acknowledgment numbers, the counters, the reports for watched labels, the verdict."""
     taken = labels[rows]
+    acks = np.zeros(len(starts), dtype=np.uint64)
     if len(rows):
         buf[starts[rows] + LSE_AT + LSE_TTL] -= 1  # the TTL octet of the label entry (checked > 1 above)
+        acks[rows] = _block_acks(t, buf, starts[rows], lengths[rows], taken)
         if count:
-            _count(t, taken, lengths[rows], now)
+            _count(t, taken, lengths[rows], now, acks[rows])
         watch = t.watch[taken]
         watched = np.flatnonzero(watch)
         if len(watched):
@@ -400,11 +416,52 @@ def _switched(
             )
     out_port = np.full(len(starts), -1, dtype=np.int32)
     out_port[rows] = t.out_port[taken]
-    return BlockVerdict(out_port, labels, ok)
+    return BlockVerdict(out_port, labels, ok, acks)
 
 
-def _count(t: BlockTables, taken: np.ndarray, lengths: np.ndarray, now: float) -> None:
-    """Per-label packets, bytes and last-seen for the switched frames.
+def _block_acks(
+    t: BlockTables, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Per switched frame, ``ACK_KNOWN | `` the acknowledgment number the one-frame path records for it, or 0: a
+    TCP session's label, the TCP flags found where that path peeks (IPv4: protocol TCP, no fragment past the
+    first), ACK set and RST clear."""
+    end = starts + lengths
+    ip = starts + IP_AT
+    last = end - 1
+    v6 = t.v6[labels] != 0
+    v4_offset = (buf[np.minimum(ip, last)] & IPV4_IHL_MASK).astype(np.int64) * IPV4_IHL_UNIT
+    flag_at = ip + np.where(v6, IPV6_HLEN, v4_offset) + TCP_FLAGS
+    tcp = ((t.watch[labels] & WATCH_TCP_END) != 0) & (ip < end) & (flag_at < end)
+    flags = buf[np.minimum(flag_at, last)]
+    tcp &= (flags & (TCP_ACK | TCP_RST)) == TCP_ACK
+    next_header = buf[np.minimum(ip + IPV6_NEXT_HEADER, last)]
+    frag = (buf[np.minimum(ip + IPV4_FRAG_AT, last)].astype(np.int64) << 8) | buf[
+        np.minimum(ip + IPV4_FRAG_AT + 1, last)
+    ]
+    proto = buf[np.minimum(ip + IPV4_PROTO, last)]
+    tcp &= np.where(v6, next_header == IPPROTO_TCP, (proto == IPPROTO_TCP) & ((frag & FRAG_OFFSET_MASK) == 0))
+    out = np.zeros(len(starts), dtype=np.uint64)
+    rows = np.flatnonzero(tcp)
+    if rows.size:
+        at = flag_at[rows] - (TCP_FLAGS - TCP_ACK_AT)
+        ack = np.zeros(rows.size, dtype=np.uint64)
+        for k in range(4):
+            ack = (ack << np.uint64(8)) | buf[at + k].astype(np.uint64)
+        out[rows] = ack | np.uint64(ACK_KNOWN)
+    return out
+
+
+def _record_acks(t: BlockTables, taken: np.ndarray, acks: np.ndarray) -> None:
+    """Record the switched frames' acknowledgment numbers (0: none), the last of each label winning."""
+    has = np.flatnonzero(acks)
+    if has.size:
+        labels = taken[has][::-1]
+        unique, first = np.unique(labels, return_index=True)
+        t.acks[unique] = acks[has][::-1][first]
+
+
+def _count(t: BlockTables, taken: np.ndarray, lengths: np.ndarray, now: float, acks: np.ndarray | None = None) -> None:
+    """Per-label packets, bytes and last-seen for the switched frames, and their acknowledgment numbers.
 
     A fancy-index add counts a label that repeats within the block once, and ``np.add.at`` is slow (about 100 ns
     an element), so: a stamp picks one occurrence of each label (whichever the scatter kept), those are added
@@ -426,6 +483,8 @@ def _count(t: BlockTables, taken: np.ndarray, lengths: np.ndarray, now: float) -
         np.add.at(t.packets, taken[again], np.uint64(1))
         np.add.at(t.bytes, taken[again], sizes[again])
     t.last_seen[taken] = now
+    if acks is not None:
+        _record_acks(t, taken, acks)
 
 
 def _block_reports(
@@ -462,7 +521,11 @@ def _block_reports(
             report_rows.append(int(rows[k]))
 
 
-def count_rows(table: LabelSwitchingTable, labels: np.ndarray, lengths: np.ndarray, now: float) -> None:
-    """Count switched frames (their ``labels`` and ``lengths``) in the table: packets, bytes, last seen."""
+def count_rows(
+    table: LabelSwitchingTable, labels: np.ndarray, lengths: np.ndarray, now: float, acks: np.ndarray | None = None
+) -> None:
+    """Count switched frames (their ``labels`` and ``lengths``) in the table: packets, bytes, last seen, and record
+    their acknowledgment numbers (``acks``, :attr:`BlockVerdict.acks`)."""
     if len(labels):
-        _count(block_tables(table), labels.astype(np.int64, copy=False), lengths.astype(np.int64, copy=False), now)
+        labels = labels.astype(np.int64, copy=False)
+        _count(block_tables(table), labels, lengths.astype(np.int64, copy=False), now, acks)

@@ -95,6 +95,10 @@ TCP_ACK: Final = int(TCPFlag.ACK)
 TCP_SYN_ACK: Final = TCP_SYN | TCP_ACK  # a server's answer to a SYN
 #: A client's segment completes the handshake when these flags read TCP_ACK alone (no SYN, no RST).
 TCP_PURE_ACK_MASK: Final = TCP_ACK | TCP_SYN | TCP_RST
+TCP_ACK_AT: Final = 8  # the acknowledgment number in the TCP header (4 octets, network order)
+#: A label's last acknowledgment number as the fast paths record it (``LabelSwitchingTable.acks``, the kernel
+#: entry's ``ack``): this bit over the 32-bit number says one is known; 0 is "none seen yet".
+ACK_KNOWN: Final = 1 << 32
 #: Reported instead of the flags when the fast path cannot find them (IPv6 extension headers before TCP): the
 #: session manager reads the frame itself. Above the 8 bits of real flags.
 TCP_FLAGS_UNKNOWN: Final = 0x100
@@ -134,9 +138,10 @@ F_RT: Final = 0x08
 F_L7: Final = 0x10  # C2S: the session's first request goes up to the session manager (WATCH_REQUEST)
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
-#: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The last three fields are the
-#: counters the kernel keeps: frames forwarded, their bytes as received, CLOCK_MONOTONIC ns of the last one. The
-#: fields after them are a C2S entry's measurement record (F_RT), written by the program and read by the daemon.
+#: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The four fields after the
+#: addresses are what the kernel keeps: frames forwarded, their bytes as received, CLOCK_MONOTONIC ns of the last
+#: one, and the last acknowledgment number of a TCP session's label (as ``LabelSwitchingTable.acks``). The fields
+#: after them are a C2S entry's measurement record (F_RT), written by the program and read by the daemon.
 KERNEL_ENTRY_FIELDS: Final = (
     ("out_ifindex", "__u32", "I", 0),
     ("in_ifindex", "__u32", "I", 0),
@@ -150,6 +155,7 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("packets", "__u64", "Q", 0),
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
+    ("ack", "__u64", "Q", 0),  # ACK_KNOWN | the last acknowledgment number forwarded (0: none yet)
     ("rt_left", "__u32", "I", 0),  # watched frames the measurement may still take (WATCH_BUDGET at install)
     ("rt_pad", "__u32", "I", 0),
     ("answer_ns", "__u64", "Q", 0),  # the server's first answer (TCP: its SYN-ACK), CLOCK_MONOTONIC ns
@@ -334,7 +340,8 @@ C_CONSTANTS: Final = (
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET", "TCP_SYN", "TCP_ACK", "TCP_SYN_ACK",
-    "TCP_PURE_ACK_MASK", "WATCH_TCP_END", "WATCH_ALL", "WATCH_REQUEST", "F_V6", "F_TCP_END", "F_FLOW", "F_RT", "F_L7",
+    "TCP_PURE_ACK_MASK", "TCP_ACK_AT", "ACK_KNOWN", "WATCH_TCP_END", "WATCH_ALL", "WATCH_REQUEST", "F_V6", "F_TCP_END",
+    "F_FLOW", "F_RT", "F_L7",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
     "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
@@ -382,6 +389,7 @@ def c_header() -> str:
 
 
 __all__ = [
+    "ACK_KNOWN",
     "AH_LEN_BIAS",
     "AH_UNIT",
     "C2S_MAX",
@@ -477,6 +485,7 @@ __all__ = [
     "SYN_RATE_MAX",
     "S_BIT",
     "TCP_ACK",
+    "TCP_ACK_AT",
     "TCP_END",
     "TCP_FIN",
     "TCP_FLAGS",

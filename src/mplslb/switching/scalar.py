@@ -40,7 +40,9 @@ packet and byte counters with the last time seen (idle timeouts and statistics),
 bits ask for it, a report to the session managing unit: for TCP sessions a FIN or RST in the one byte of TCP flags
 (IPv4: after its IHL; IPv6: right after the fixed header when TCP follows it, else the frame is reported with
 ``TCP_FLAGS_UNKNOWN`` and the session manager reads it), or, while a response time is being measured, every frame.
-Reports are appended to ``events``; the caller hands them to the session manager after forwarding.
+Reports are appended to ``events``; the caller hands them to the session manager after forwarding. The same
+peek records a TCP segment's acknowledgment number in the label's ``acks`` (ACK set, RST clear; IPv4 only when
+its protocol is TCP and it is no fragment past the first, see :mod:`~mplslb.switching.table`).
 
 Every offset comes from :mod:`~mplslb.switching.layout`; the block path (:mod:`~mplslb.switching.block`) and the
 kernel program make the same checks in the same order, and tests compare the three frame for frame.
@@ -48,7 +50,10 @@ kernel program make the same checks in the same order, and tests compare the thr
 
 from __future__ import annotations
 
+import struct
+
 from mplslb.switching.layout import (
+    ACK_KNOWN,
     ENTRY,
     ETH_P_8021Q,
     ETH_P_MPLS_UC,
@@ -79,9 +84,12 @@ from mplslb.switching.layout import (
     MPLS_BOS,
     MPLS_TTL_MASK,
     RESERVED_LABEL_MAX,
+    TCP_ACK,
+    TCP_ACK_AT,
     TCP_END,
     TCP_FLAGS,
     TCP_FLAGS_UNKNOWN,
+    TCP_RST,
     VLAN_HLEN,
     VLAN_TYPE,
     WATCH_ALL,
@@ -110,6 +118,9 @@ _V4_KEY_END = IPV4_SRC + 2 * IPV4_ADDR_LEN + L4_PORTS_LEN  # IPV4_SRC .. the por
 _V6_KEY_END = IPV6_SRC + 2 * IPV6_ADDR_LEN + L4_PORTS_LEN
 _V4_DST_IN_KEY = slice(IPV4_ADDR_LEN, 2 * IPV4_ADDR_LEN)
 _V6_DST_IN_KEY = slice(IPV6_ADDR_LEN, 2 * IPV6_ADDR_LEN)
+_ACK_RST = TCP_ACK | TCP_RST
+_ACK_BEFORE_FLAGS = TCP_FLAGS - TCP_ACK_AT
+_unpack_ack = struct.Struct("!I").unpack_from
 
 
 def _drop(drops: dict[str, int], reason: str) -> int:
@@ -167,7 +178,7 @@ def switch_frame(
     in the table's ``drops`` under a named reason). ``hot`` is the table's :attr:`~LabelSwitchingTable.hot`:
     the arrays unpacked into locals here, which spares a dozen attribute lookups per frame."""
     (valid, in_port, peer, peer_ip_of, v6, out_port_of, rewrite,
-     packets, octets, last_seen, watch_of, drops, flow_of) = hot  # fmt: skip
+     packets, octets, last_seen, watch_of, drops, flow_of, acks) = hot  # fmt: skip
     n = len(frame)
     if n < LABELLED_MIN:
         if n < LSE_AT or frame[ETH_TYPE : ETH_TYPE + 2] != MPLS_ETHERTYPE:
@@ -226,6 +237,16 @@ def switch_frame(
                 at = ip + (frame[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT + TCP_FLAGS
             if at < n:
                 flags = frame[at]
+                # A TCP segment's acknowledgment number (the table's docstring): not an RST's, nor another
+                # protocol's octets in an IPv4 packet under a TCP session's label.
+                if flags & _ACK_RST == TCP_ACK and (
+                    v6[label]
+                    or (
+                        frame[ip + IPV4_PROTO] == IPPROTO_TCP
+                        and not (frame[ip + IPV4_FRAG_AT] & _FRAG_HI or frame[ip + IPV4_FRAG_AT + 1] & _FRAG_LO)
+                    )
+                ):
+                    acks[label] = ACK_KNOWN | _unpack_ack(frame, at - _ACK_BEFORE_FLAGS)[0]
         if watch & WATCH_ALL or flags & _REPORTED:
             events.append(FastEvent(label, frame, ip, flags, now))
     return out_port

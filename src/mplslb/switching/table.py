@@ -12,7 +12,19 @@ them only through the table's methods:
 * sending on a label from the slow path: :meth:`~LabelSwitchingTable.send` attaches the session label (claim 15)
   to an unlabelled frame of the session, addresses it to the label's next hop and counts it;
 * activity that happened elsewhere: :meth:`~LabelSwitchingTable.fold_counters` adds what the kernel offload
-  forwarded.
+  forwarded; the ``ack_stores`` (the kernel offload) hold the last acknowledgment number of the labels switched
+  there (:meth:`~LabelSwitchingTable.last_ack`).
+
+The last acknowledgment number per label. For a TCP session's labels (watched for FIN and RST) every path that
+forwards a TCP segment with ACK set and RST clear records its acknowledgment number in ``acks`` (with
+:data:`~mplslb.switching.layout.ACK_KNOWN` set): one word written per frame, next to the counters. It tells how far
+the receiving end had got when it last spoke, so the session manager can judge whether an RST or FIN travelling
+the other way carries a sequence number the endpoint could have sent (:meth:`~LabelSwitchingTable.in_window`; see
+:mod:`mplslb.sessions`). Only TCP segments count: an IPv4 packet of another protocol or a fragment past the first
+writes nothing, nor does an IPv6 packet whose TCP header does not follow the fixed header. A label switched
+elsewhere (in the kernel) has its number kept there, in the same way: that store is the one to read while the
+label is in it, and what the slow path sends on such a label is written through to it (:class:`AckStore`), so
+the number read is always the last frame's, whichever path forwarded it.
 
 Each row binds the label to where its frames may come from (ingress port, peer MAC, IP source) and, for a session
 label, to the session's flow as that direction carries it: the IP destination and the TCP or UDP ports. A label
@@ -33,6 +45,7 @@ import numpy as np
 
 from mplslb.state import HEAP, Allocator, Column
 from mplslb.switching.layout import (
+    ACK_KNOWN,
     ENTRY,
     ETH_ALEN,
     ETH_P_MPLS_UC,
@@ -45,6 +58,7 @@ from mplslb.switching.layout import (
     MPLS_BOS,
     RESERVED_LABEL_MAX,
     WATCH_BITS,
+    WATCH_TCP_END,
 )
 from mplslb.wire.mpls import TC_SHIFT
 
@@ -56,6 +70,7 @@ INTERN_LIMIT = 1 << 16
 PEER_IP_MAX = 16
 #: The drop reason of a frame outside its label's session flow.
 WRONG_FLOW = "label_wrong_flow"
+_SEQ_MASK = (1 << 32) - 1
 
 
 def flow_key(src: bytes, dst: bytes, ports: tuple[int, int]) -> bytes:
@@ -122,6 +137,18 @@ class Mirror(Protocol):
         """``label``'s watch bits changed."""
 
 
+class AckStore(Protocol):
+    """Where else labels' acknowledgment numbers are kept (the kernel offload's map), for the labels switched there."""
+
+    def ack(self, label: int) -> int | None:
+        """``ACK_KNOWN | `` the last acknowledgment number of ``label`` (0: none yet) if it is kept here, else
+        None."""
+
+    def record_ack(self, label: int, ack: int) -> None:
+        """The slow path sent a frame on ``label`` that carried ``ack`` (``ACK_KNOWN | ``): keep it if ``label``
+        is kept here."""
+
+
 class Arrays(NamedTuple):
     """Numpy views over the table's per-label arrays, for the block path and for readers (the kernel offload)."""
 
@@ -135,6 +162,7 @@ class Arrays(NamedTuple):
     last_seen: np.ndarray
     generation: np.ndarray
     bound: np.ndarray
+    acks: np.ndarray
 
 
 class LabelSwitchingTable:
@@ -158,6 +186,10 @@ class LabelSwitchingTable:
         self.packets = store.array("switching.packets", "Q", LABEL_SPACE)
         self.bytes = store.array("switching.bytes", "Q", LABEL_SPACE)
         self.last_seen = store.array("switching.last_seen", "d", LABEL_SPACE)
+        #: ACK_KNOWN | the last acknowledgment number of the label's TCP segments, 0 before any (module docstring).
+        self.acks = store.array("switching.acks", "Q", LABEL_SPACE)
+        #: Where else labels' frames are switched and their acknowledgment numbers kept (the kernel offload).
+        self.ack_stores: list[AckStore] = []
         # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
@@ -189,7 +221,7 @@ class LabelSwitchingTable:
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
         self.hot = (
             self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
-            self.bytes, self.last_seen, self.watch, self.drops, self.flow,
+            self.bytes, self.last_seen, self.watch, self.drops, self.flow, self.acks,
         )  # fmt: skip
 
     # -- the control plane -----------------------------------------------------------------------------------------
@@ -239,6 +271,7 @@ class LabelSwitchingTable:
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
+        self.acks[label] = 0
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
         if self._kept is not None:
             kept = self._kept
@@ -382,16 +415,22 @@ class LabelSwitchingTable:
         *,
         ttl: int,
         tc: int = 0,
+        ack: int = -1,
     ) -> None:
         """The session label attaching unit (claim 15): send the IP packet ``frame[ip_offset:ip_end]`` of
         ``label``'s session by the label's port, to its next hop, under one label stack entry (bottom of stack,
-        ``ttl``, ``tc``), without any Ethernet padding; count it for the label."""
+        ``ttl``, ``tc``), without any Ethernet padding; count it for the label, and record ``ack`` (a TCP
+        segment's acknowledgment number, ACK set and RST clear; -1: none) for a TCP session's label."""
         entry = (label << LABEL_SHIFT) | (tc << TC_SHIFT) | MPLS_BOS | ttl
         labelled = b"".join((self.rewrite[label], MPLS_ETHERTYPE, ENTRY.pack(entry), frame[ip_offset:ip_end]))
         out.append((self.out_port[label], labelled))
         self.packets[label] += 1
         self.bytes[label] += len(frame)
         self.last_seen[label] = now
+        if ack >= 0 and self.watch[label] & WATCH_TCP_END:
+            self.acks[label] = ACK_KNOWN | ack
+            for store in self.ack_stores:
+                store.record_ack(label, ACK_KNOWN | ack)
 
     def fold_counters(self, labels: np.ndarray, packets: np.ndarray, octets: np.ndarray, seen: np.ndarray) -> None:
         """Add frames forwarded elsewhere (the kernel): per label in ``labels`` (distinct), ``packets`` frames of
@@ -400,6 +439,27 @@ class LabelSwitchingTable:
         a.packets[labels] += packets.astype(np.uint64, copy=False)
         a.bytes[labels] += octets.astype(np.uint64, copy=False)
         a.last_seen[labels] = np.maximum(a.last_seen[labels], seen)
+
+    def last_ack(self, label: int) -> int:
+        """``ACK_KNOWN | `` the acknowledgment number of the last frame forwarded on ``label`` by any path (from the
+        store that keeps the label, if one does), or 0 when none is known."""
+        for store in self.ack_stores:
+            ack = store.ack(label)
+            if ack is not None:
+                self.acks[label] = ack
+                return ack
+        return self.acks[label]
+
+    def in_window(self, label: int, seq: int | None, window: int) -> bool:
+        """Could a TCP segment with sequence number ``seq`` (None: unreadable) have been sent to the end whose
+        acknowledgments travel on ``label``: is it within ``window`` of the last one, either way? True when no
+        acknowledgment is known yet (nothing to judge by)."""
+        ack = self.last_ack(label)
+        if not ack:
+            return True
+        if seq is None:
+            return False
+        return ((seq - ack + window) & _SEQ_MASK) <= 2 * window
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def arrays(self) -> Arrays:
@@ -416,6 +476,7 @@ class LabelSwitchingTable:
                 np.frombuffer(self.last_seen, dtype=np.float64),
                 np.frombuffer(self.generation, dtype=np.uint32),
                 np.frombuffer(self.bound, dtype=np.uint8),
+                np.frombuffer(self.acks, dtype=np.uint64),
             )
         return self._arrays
 
