@@ -45,13 +45,17 @@ from common import (
     skipped,
     time_interleaved,
 )
-from frames import ACK, SYN, build, c2s_of_flow, client_ip, frame_block, make_config, sport_of
+from frames import ACK, SYN, VIP, build, c2s_of_flow, client_ip, frame_block, make_config, port_mac, sport_of
 from mplslb.balancer import Balancer
 from mplslb.labels import PAIRS
 from mplslb.switching import LABEL_SPACE, WATCH_ALL
 from mplslb.switching.block import BlockTables
 from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT
+from mplslb.wire.ethernet import ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ipv4 import build_ipv4
+from mplslb.wire.mpls import pack_entry
+from mplslb.wire.tcp import build_tcp
 
 Frames = list[tuple[int, bytes]]
 NOW = 2.0
@@ -106,10 +110,32 @@ def open_sessions(balancer: Balancer, flows: range, *, proto: int = IPPROTO_TCP,
         part = range(start, min(start + chunk, flows.stop))
         if proto == IPPROTO_TCP:
             feed(balancer, build(part, flags=SYN), now)
+            feed(balancer, syn_acks(balancer, part), now)
             feed(balancer, build(part, labelled=True), now)
         else:
             feed(balancer, build(part, proto=IPPROTO_UDP), now)
     check_sessions(balancer, flows)
+
+
+def syn_acks(balancer: Balancer, flows: range) -> Frames:
+    """Each flow's server answering its SYN: a SYN-ACK under the session's S2C label, from the server's MAC on its
+    port (the client's ACK after it, with the request, completes the handshake)."""
+    frames: Frames = []
+    for flow in flows:
+        session = balancer.sessions.by_c2s(c2s_of_flow(flow))
+        if session is None:
+            raise RuntimeError(f"flow {flow}: no session after its SYN")
+        server = session.server.config
+        client, sport = client_ip(flow), sport_of(flow)
+        segment = build_tcp(VIP, client, 80, sport, seq=5000, ack=1001, flags=SYN | ACK)
+        frame = (
+            build_ethernet(port_mac(server.port_id), server.mac, ETH_P_MPLS_UC)
+            + pack_entry(session.s2c, 0, True, 64)
+            + build_ipv4(VIP, client, IPPROTO_TCP, len(segment))
+            + segment
+        )
+        frames.append((server.port_id, frame))
+    return frames
 
 
 def check_sessions(balancer: Balancer, flows: range) -> None:
