@@ -1,0 +1,26 @@
+"""The engine benchmark's world is what its rows assume: a SYN, the server's SYN-ACK and the client's request
+leave every TCP session established with its C2S label out of the watch (the steady state the fast-path rows
+time), and UDP sessions open on their first datagram. Run on a few hundred flows, not timed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+from engine import open_sessions  # noqa: E402
+from frames import c2s_of_flow, make_config  # noqa: E402
+from mplslb.balancer import Balancer  # noqa: E402
+from mplslb.sessions import SessionState  # noqa: E402
+from mplslb.wire.ip import IPPROTO_UDP  # noqa: E402
+
+
+def test_the_benchmarks_sessions_reach_the_steady_state() -> None:
+    balancer = Balancer(make_config())
+    open_sessions(balancer, range(300))  # checks the watch itself and raises otherwise
+    states = {balancer.sessions.by_c2s(c2s_of_flow(f)).state for f in range(300)}  # type: ignore[union-attr]
+    assert states == {SessionState.ESTABLISHED}
+    open_sessions(balancer, range(300, 400), proto=IPPROTO_UDP)
+    assert balancer.stats().sessions_active == 400
