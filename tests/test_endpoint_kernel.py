@@ -20,7 +20,7 @@ import struct
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import ACK, PSH, SYN, VIP, VIP6, client_addr, ether, ipv4, ipv6, labelled, mutate, mutation, tcp_segment
@@ -258,18 +258,21 @@ def test_icmp_errors_are_learned_and_labelled_as_the_python_endpoint(server_pair
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.integers(0, 3), st.lists(mutation, min_size=1, max_size=3), st.booleans())
+@example(1, [("flip", 294, 0)], True)  # the mutated error taught a flow, which both endpoints must forget
 def test_icmp_errors_on_mutated_frames(server_pair: object, client_pair: object, which: int, mutations: list,
                                        serving: bool) -> None:  # fmt: skip
-    k, ep = (
-        (server_pair, ServerEndpoint(mac=HOST, vips=[VIP, VIP6]))
-        if serving
-        else (client_pair, ClientEndpoint(mac=HOST, gateway_mac=LB))
-    )
+    def endpoints() -> tuple[object, ServerEndpoint | ClientEndpoint]:
+        if serving:
+            return server_pair, ServerEndpoint(mac=HOST, vips=[VIP, VIP6])
+        return client_pair, ClientEndpoint(mac=HOST, gateway_mac=LB)
+
+    k, ep = endpoints()
     fresh(k)
     error = icmp_errors(to_server=serving)[which]
     frame = mutate(labelled(HOST, LB, 1001 if serving else 1002, error), mutations)
     check_ingress(k, ep, frame)
     assert k_flows(k) == py_flows(ep) or ep.drops.keys() & NOT_IN_KERNEL
+    k, ep = endpoints()  # both forget what the mutated frame taught them
     fresh(k)
     k.run_ingress(labelled(HOST, LB, 1001 if serving else 1002, error))  # type: ignore[attr-defined]
     ep.from_wire(labelled(HOST, LB, 1001 if serving else 1002, error), NOW)
