@@ -376,6 +376,9 @@ class SessionTable:
         # (row, its SYN's time) of TCP sessions in the order they opened; entries of rows no longer half-open
         # are skipped when met (and swept when they outnumber the live ones).
         self._half_open_fifo: deque[tuple[int, float]] = deque()
+        #: Told of every session opened and every change of state (not of the row's removal): a cluster node
+        #: sends these to its peers (:mod:`mplslb.cluster`).
+        self.on_change: Callable[[Session], None] | None = None
 
     # -- rows -------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -449,6 +452,8 @@ class SessionTable:
         self.peak = max(self.peak, self._count)
         session = Session(self, pair)
         self.arm(session, now + self.timeouts.idle(key.proto, SessionState.START))
+        if self.on_change is not None:
+            self.on_change(session)
         return session
 
     def _is_half_open(self, pair: int, started: float) -> bool:
@@ -524,7 +529,36 @@ class SessionTable:
                 if self.on_revive is not None:
                     self.on_revive(session)
             self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
+        if new is not old and self.on_change is not None:
+            self.on_change(session)
         return new
+
+    def assume(self, session: Session, new: SessionState, now: float) -> bool:
+        """Put a live session in the live state ``new`` as a peer reports it (a replica follows the transitions
+        seen where its frames pass, which may skip states): the counts, the ENDING linger and the revival are kept
+        as :meth:`apply` keeps them. A report that would take a session back to a half-open state is stale and
+        ignored. Returns whether the state changed; :attr:`on_change` is not told."""
+        pair = session.pair
+        old = _STATES[self.state[pair]]
+        if new is old or self.state[pair] in _FINAL_CODES or new in FINAL_STATES:
+            return False
+        if new in HALF_OPEN_STATES and (old not in HALF_OPEN_STATES or new is SessionState.START):
+            return False
+        self.state[pair] = _CODE[new]
+        if old in HALF_OPEN_STATES and new not in HALF_OPEN_STATES and self.proto[pair] == IPPROTO_TCP:
+            self.half_open -= 1
+        if new is SessionState.ENDING:
+            self.ending_at[pair] = now
+            self.arm(session, now + self.timeouts.closed_linger)
+            self._counted_off(session)
+            return True
+        if old is SessionState.ENDING:
+            self.live += 1
+            if self.on_revive is not None:
+                self.on_revive(session)
+        if new not in HALF_OPEN_STATES:
+            self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
+        return True
 
     def _counted_off(self, session: Session) -> None:
         self.live -= 1
