@@ -583,9 +583,7 @@ def _peer(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected 'address:port', got {text!r}")
-    host = host.strip("[]")
-    ipaddress.ip_address(host)
-    return host, int(port)
+    return str(ipaddress.ip_address(host.strip("[]"))), int(port)
 
 
 def read_cluster(sec: Section, c2s_min: int, c2s_max: int) -> ClusterConfig | None:
