@@ -222,7 +222,7 @@ def test_records_round_trip(batch: list[SessionRecord], key: bytes, seq: int) ->
         assert abs(got.age - sent.age) < 0.0011 and abs(got.idle_c2s - sent.idle_c2s) < 0.0011
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(st.lists(records(), min_size=1, max_size=4), st.data())
 def test_damaged_datagrams_are_refused_by_name(batch: list[SessionRecord], data: st.DataObject) -> None:
     key = data.draw(st.sampled_from([b"", KEY]))
@@ -412,3 +412,45 @@ def test_bad_datagrams_are_counted_and_change_nothing() -> None:
     unknown = decode(encode(KIND_RECORDS, 1, 0, 0, [record])).records[0]._replace(server="nobody")
     b.apply([unknown], 1, 1.0)
     assert b.drops["unknown_server"] == 1
+
+
+# -- the simulated cluster -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "change"), [(2, "remove"), (3, "remove"), (2, "add")])
+def test_a_node_change_breaks_no_session_with_sync_and_every_moved_one_without(n: int, change: str) -> None:
+    from mplslb.sim.cluster import node_change
+
+    with_sync = node_change(n, change, sync=True, sessions=120)
+    without = node_change(n, change, sync=False, sessions=120)
+    assert with_sync.sessions == without.sessions == 120
+    assert 0 < with_sync.moved == without.moved < 120  # hash-threshold: many flows move, not all
+    assert with_sync.broken == 0
+    assert without.broken == without.moved  # a node that did not open a session cannot switch it
+
+
+def test_ecmp_is_hash_threshold() -> None:
+    from mplslb.sim.cluster import HASH_RANGE, ecmp, flow_hash
+
+    flows = range(4000)
+    shares = {node: sum(1 for f in flows if ecmp(f, [1, 2, 3, 4]) == node) for node in (1, 2, 3, 4)}
+    assert all(800 < share < 1200 for share in shares.values()), shares
+    for flow in flows[:200]:  # the lowest quarter of the hash range is the first next hop's
+        assert (ecmp(flow, [1, 2, 3, 4]) == 1) == (flow_hash(flow) < HASH_RANGE // 4)
+
+
+def test_capacity_is_capped_by_one_nodes_install_rate() -> None:
+    from mplslb.sim.cluster import Costs, capacity
+
+    costs = Costs(new_alone=100e-6, new_sync=110e-6, send=1e-6, install=40e-6, frame_owner=2e-6,
+                  frame_replica=2e-6, records_per_session=2, sessions=1)  # fmt: skip
+    totals = [capacity(costs, n).new_total for n in range(1, 65)]
+    assert totals == sorted(totals) and totals[-1] < 1 / costs.install
+    assert capacity(costs, 16).frames_total == pytest.approx(16 * capacity(costs, 1).frames_total)
+    assert capacity(costs, 16).new_total_alone == pytest.approx(16 / costs.new_alone)
+
+
+def test_the_costs_are_measured_through_the_real_paths() -> None:
+    from mplslb.sim.cluster import measure_costs
+
+    costs = measure_costs(sessions=64, frames=256, repeats=1)  # raises unless every session reached the peer
+    assert costs.records_per_session == 2  # its opening and its establishment, one poll apart
+    assert min(costs.new_alone, costs.new_sync, costs.install, costs.frame_owner, costs.frame_replica) > 0
