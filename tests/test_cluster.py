@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import (
@@ -149,6 +149,7 @@ nodes = 4
     assert balancer.sessions.rows == (C2S_MAX - C2S_MIN) // 2 + 1  # the table spans every slice
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(nodes=st.integers(1, 64), c2s_min=st.integers(8, 1000), span=st.integers(0, 5000), data=st.data())
 def test_slices_partition_the_label_range(nodes: int, c2s_min: int, span: int, data: st.DataObject) -> None:
     c2s_min = 2 * c2s_min + 1
@@ -167,6 +168,7 @@ def test_slices_partition_the_label_range(nodes: int, c2s_min: int, span: int, d
 
 
 # -- label claims -------------------------------------------------------------------------------------------------
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(0, 63), max_size=40), st.integers(0, 20))
 def test_claimed_pairs_are_never_allocated(claims: list[int], allocated_first: int) -> None:
     labels = LabelManager(quarantine=0.0, c2s_min=C2S_MIN, c2s_max=C2S_MIN + 2 * 63)
@@ -211,6 +213,7 @@ def records(draw: st.DrawFn) -> SessionRecord:
     )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(records(), max_size=8), st.sampled_from([b"", KEY]), st.integers(0, 2**32 - 1))
 def test_records_round_trip(batch: list[SessionRecord], key: bytes, seq: int) -> None:
     data = encode(KIND_RECORDS, 3, 77, seq, [encode_record(r) for r in batch], key=key)
@@ -222,7 +225,7 @@ def test_records_round_trip(batch: list[SessionRecord], key: bytes, seq: int) ->
         assert abs(got.age - sent.age) < 0.0011 and abs(got.idle_c2s - sent.idle_c2s) < 0.0011
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(records(), min_size=1, max_size=4), st.data())
 def test_damaged_datagrams_are_refused_by_name(batch: list[SessionRecord], data: st.DataObject) -> None:
     key = data.draw(st.sampled_from([b"", KEY]))
@@ -243,6 +246,7 @@ def test_damaged_datagrams_are_refused_by_name(batch: list[SessionRecord], data:
             assert exc.reason
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_random_bytes_never_raise_anything_else(data: bytes) -> None:
     for key in (b"", KEY):
