@@ -15,6 +15,7 @@ from helpers import (
     ACK,
     FIN,
     PORT_MAC,
+    RST,
     SYN,
     VIP,
     Net,
@@ -458,3 +459,51 @@ def test_the_costs_are_measured_through_the_real_paths() -> None:
     costs = measure_costs(sessions=64, frames=256, repeats=1)  # raises unless every session reached the peer
     assert costs.records_per_session == 2  # its opening and its establishment, one poll apart
     assert min(costs.new_alone, costs.new_sync, costs.install, costs.frame_owner, costs.frame_replica) > 0
+
+
+def _through_second_node() -> tuple[Net, dict[int, Balancer], dict[int, ClusterSync], str, int]:
+    net, nodes, syncs = two_nodes()
+    name, c2s = open_session(net)
+    exchange(syncs, net.now)
+    net.balancer = nodes[2]
+    return net, nodes, syncs, name, c2s
+
+
+def test_a_close_seen_on_one_node_ends_the_session_on_both() -> None:
+    net, nodes, syncs, name, c2s = _through_second_node()
+    src = client_addr(0)
+    net.now = 1.0
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101, ack=501)))
+    net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, FIN | ACK, seq=501, ack=102)))
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, ACK, seq=102, ack=502)))
+    exchange(syncs, net.now)
+    for balancer in nodes.values():
+        assert balancer.sessions.by_c2s(c2s).state is SessionState.ENDING  # type: ignore[union-attr]
+    linger = make_config().timeouts.closed_linger
+    for step in range(1, 5):  # quiet after the close: both nodes close it at the linger's end
+        net.now = 1.0 + step * linger
+        exchange(syncs, net.now)
+        for balancer in nodes.values():
+            balancer.on_timer(net.now)
+    assert all(b.sessions.by_c2s(c2s) is None for b in nodes.values())
+    assert nodes[1].labels.quarantined_count == 1 and nodes[2].labels.quarantined_count == 0
+
+
+def test_a_forged_reset_on_one_node_is_outlived_on_both() -> None:
+    net, nodes, syncs, name, c2s = _through_second_node()
+    src = client_addr(0)
+    net.now = 1.0
+    forged = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, RST, seq=101))
+    nodes[2].receive(0, forged, net.now)
+    exchange(syncs, net.now)
+    assert nodes[1].sessions.by_c2s(c2s).state is SessionState.ENDING  # type: ignore[union-attr]
+    for step in range(1, 41):  # the session goes on both ways through node 2
+        net.now = 1.0 + step * 0.1
+        net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, ACK, seq=101, ack=501, payload=b"x")))
+        net.deliver_to_client(0, net.from_server(name, tcp(VIP, src, 80, 40000, ACK, seq=501, ack=102, payload=b"y")))
+        if step % 5 == 0:
+            exchange(syncs, net.now)
+        for balancer in nodes.values():
+            balancer.on_timer(net.now)
+    for balancer in nodes.values():
+        assert balancer.sessions.by_c2s(c2s).state is SessionState.ESTABLISHED  # type: ignore[union-attr]

@@ -22,7 +22,9 @@ ago each direction was last seen and the session started, in milliseconds: ages,
 its own monotonic clock. Records are idempotent upserts, so the same record serves a new session, a change, a
 keep-alive and a full dump. Only live states travel. A session's end is each node's own decision from the same
 facts: FIN and RST (the ENDING state) are synced like any change, and every node closes the session when its linger
-or idle timeout expires with no activity, activity being what its own frames show plus what the keep-alives tell.
+or idle timeout expires with no activity, activity being what its own frames show plus what the keep-alives tell;
+an ENDING session revived by its traffic is each node's own reading of that activity too, so a revival is not sent
+(a node that closed a session its peer revived gets it back from the next keep-alive).
 
 **Keep-alives**: every ``keepalive`` seconds a node sends a record of each session whose labels carried frames
 here since it last told its peers (it keeps, per label, the last-seen time its peers know of, so a refresh it
@@ -294,8 +296,9 @@ class ClusterSync:
         balancer.sessions.on_change = self._changed
 
     # -- changes here --------------------------------------------------------------------------------------------
-    def _changed(self, session: Session) -> None:
-        if not self._applying:
+    def _changed(self, session: Session, event: SessionEvent | None) -> None:
+        # A revival is each node's own reading of the activity it knows (see the module docstring), as a close is.
+        if not self._applying and event is not SessionEvent.REVIVE:
             self.pending[session.c2s] = None
 
     def record_of(self, session: Session, now: float) -> SessionRecord:

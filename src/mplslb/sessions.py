@@ -376,9 +376,9 @@ class SessionTable:
         # (row, its SYN's time) of TCP sessions in the order they opened; entries of rows no longer half-open
         # are skipped when met (and swept when they outnumber the live ones).
         self._half_open_fifo: deque[tuple[int, float]] = deque()
-        #: Told of every session opened and every change of state (not of the row's removal): a cluster node
-        #: sends these to its peers (:mod:`mplslb.cluster`).
-        self.on_change: Callable[[Session], None] | None = None
+        #: Told of every session opened (event None) and every change of state, with the event (not of the row's
+        #: removal): a cluster node sends these to its peers (:mod:`mplslb.cluster`).
+        self.on_change: Callable[[Session, SessionEvent | None], None] | None = None
 
     # -- rows -------------------------------------------------------------------------------------------------------
     def state_counts(self) -> dict[str, int]:
@@ -458,7 +458,7 @@ class SessionTable:
         session = Session(self, pair)
         self.arm(session, now + self.timeouts.idle(key.proto, SessionState.START))
         if self.on_change is not None:
-            self.on_change(session)
+            self.on_change(session, None)
         return session
 
     def _is_half_open(self, pair: int, started: float) -> bool:
@@ -541,7 +541,7 @@ class SessionTable:
                     self.on_revive(session)
             self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
         if new is not old and self.on_change is not None:
-            self.on_change(session)
+            self.on_change(session, event)
         return new
 
     def assume(self, session: Session, new: SessionState, now: float) -> bool:
