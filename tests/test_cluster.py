@@ -507,3 +507,18 @@ def test_a_forged_reset_on_one_node_is_outlived_on_both() -> None:
             balancer.on_timer(net.now)
     for balancer in nodes.values():
         assert balancer.sessions.by_c2s(c2s).state is SessionState.ESTABLISHED  # type: ignore[union-attr]
+
+
+def test_status_tables_show_the_node_and_its_peers() -> None:
+    from rich.console import Console
+
+    from mplslb.control.tables import cluster_tables
+
+    _, _, syncs = two_nodes()
+    console = Console(width=160, record=True)
+    for table in cluster_tables(syncs[1].status(0.5)):
+        console.print(table)
+    text = console.export_text()
+    assert "Cluster: node 1 of 2" in text and "synced" in text and "10.9.0.2:6640" in text and "alive" in text
+    assert "received datagrams" in text
+    assert cluster_tables(None) == []

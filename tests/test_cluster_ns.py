@@ -93,16 +93,25 @@ class Node:
         self.config = tmp / f"n{n}.toml"
         self.config.write_text(node_toml(n, tmp))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = tmp / f"n{n}.ready"
 
-    def start(self) -> None:
-        ready = self.tmp / f"n{self.n}.ready"
-        ready.unlink(missing_ok=True)
+    def spawn(self) -> None:
+        self.ready = self.tmp / f"n{self.n}.ready"
+        self.ready.unlink(missing_ok=True)
         log = open(self.tmp / f"n{self.n}.log", "ab")  # noqa: SIM115 - the child keeps it
         argv = [sys.executable, "-m", "mplslb", "balancer", "--config", str(self.config), "--netns", ns_name(self.n)]
-        self.proc = subprocess.Popen([*argv, "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*argv, "--ready-file", str(self.ready)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_for(lambda: ready.exists() or self.proc.poll() is not None, 20, f"node {self.n} ready")  # type: ignore[union-attr]
-        assert self.proc.poll() is None, self.log()
+
+    def wait_ready(self) -> None:
+        proc = self.proc
+        assert proc is not None
+        wait_for(lambda: self.ready.exists() or proc.poll() is not None, 30, f"node {self.n} ready")
+        assert proc.poll() is None, self.log()
+
+    def start(self) -> None:
+        self.spawn()
+        self.wait_ready()
 
     def log(self) -> str:
         return (self.tmp / f"n{self.n}.log").read_text(errors="replace")
@@ -170,8 +179,10 @@ def udp_socket(ns: str, address: str, port: int) -> socket.socket:
 
 
 def test_two_daemons_carry_each_others_sessions(nodes: dict[int, Node]) -> None:
+    for node in nodes.values():  # both at once
+        node.spawn()
     for node in nodes.values():
-        node.start()
+        node.wait_ready()
     for node in nodes.values():
         wait_for(lambda node=node: node.status().get("cluster", {}).get("synced"), 10, f"node {node.n} synced")
         cluster = wait_for(

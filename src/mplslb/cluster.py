@@ -264,6 +264,7 @@ class Peer:
     dump_done: bool = False  # it finished the dump this node asked for
     dump_queue: list[int] = field(default_factory=list)  # labels still to send it (it asked for a dump)
     dumping: bool = False
+    dumped_at: float | None = None  # when this node last finished a dump to it
     restarts: int = 0
     lost: int = 0  # datagrams of its sequence that never came
 
@@ -371,7 +372,7 @@ class ClusterSync:
                 part, peer.dump_queue = peer.dump_queue[:DUMP_BUDGET], peer.dump_queue[DUMP_BUDGET:]
                 out += [(peer.address, d) for d in self._datagrams(KIND_RECORDS, self._encoded(part, now))]
                 if not peer.dump_queue:
-                    peer.dumping = False
+                    peer.dumping, peer.dumped_at = False, now
                     out += [(peer.address, d) for d in self._datagrams(KIND_DUMP_DONE, [])]
         if not self.synced:
             late = now >= self.started + self.config.join_timeout
@@ -423,14 +424,15 @@ class ClusterSync:
             peer.lost += ((message.seq - peer.seq) & 0xFFFFFFFF) - 1
         elif peer.epoch != -1:
             peer.restarts += 1
-            peer.synced = False
+            peer.synced, peer.dumped_at = False, None
         peer.node, peer.epoch, peer.seq, peer.last_heard = message.node, message.epoch, message.seq, now
         if message.kind == KIND_HELLO:
             peer.synced = bool(message.flags & FLAG_SYNCED)
-            if message.flags & FLAG_WANT_DUMP and not peer.dumping:
+            recent = peer.dumped_at is not None and now - peer.dumped_at < 2 * self.config.keepalive
+            if message.flags & FLAG_WANT_DUMP and not peer.dumping and not recent:  # (a hello sent before it was done)
                 rows, _ = self.balancer.sessions.occupied()
                 peer.dump_queue = [int(c2s) for c2s in self.balancer.sessions.c2s_min + 2 * rows]
-                peer.dumping = True
+                peer.dumping, peer.dumped_at = True, None
         elif message.kind == KIND_DUMP_DONE:
             peer.dump_done = True
         else:
