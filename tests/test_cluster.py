@@ -101,7 +101,8 @@ def test_cluster_table_read(tmp_path: Path) -> None:
     ("text", "key", "reason"),
     [
         ("node = 3\nnodes = 2", "cluster.node", "within 1..nodes"),
-        ("node = 1\nnodes = 0", "cluster.node", "nodes must be within"),
+        ("node = 1\nnodes = 0", "cluster.nodes", "must be within 1..64"),
+        ("node = 0\nnodes = 2", "cluster.node", "within 1..nodes"),
         ("nodes = 2", "cluster.node", "is required"),
         ('node = 1\nnodes = 2\npeers = ["10.9.0.2"]', "cluster.peers", "address:port"),
         ('node = 1\nnodes = 2\npeers = ["10.9.0.2:1", "10.9.0.2:1"]', "cluster.peers", "twice"),
@@ -522,3 +523,12 @@ def test_status_tables_show_the_node_and_its_peers() -> None:
     assert "Cluster: node 1 of 2" in text and "synced" in text and "10.9.0.2:6640" in text and "alive" in text
     assert "received datagrams" in text
     assert cluster_tables(None) == []
+
+
+def test_the_cluster_table_cannot_change_while_running() -> None:
+    from mplslb.config import diff_configs
+
+    running = make_config(cluster=cluster(1))
+    diff = diff_configs(running, make_config(cluster=cluster(1, nodes=3)))
+    assert [key for key, _ in diff.refused] == ["cluster"]
+    assert not diff_configs(running, make_config(cluster=cluster(1))).refused

@@ -592,6 +592,12 @@ def read_cluster(sec: Section, c2s_min: int, c2s_max: int) -> ClusterConfig | No
         return None
     node = sec.require("node", int)
     nodes = sec.require("nodes", int)
+    if not 1 <= nodes <= MAX_NODES:
+        raise sec.error("nodes", f"must be within 1..{MAX_NODES}, got {nodes}")
+    if not 1 <= node <= nodes:
+        raise sec.error("node", f"must be within 1..nodes ({nodes}), got {node}")
+    if ((c2s_max - c2s_min) // 2 + 1) // nodes < 1:
+        raise sec.error("nodes", f"labels.c2s_min..c2s_max holds fewer label pairs than {nodes} nodes")
     peers = tuple(sec.convert("peers", text, _peer) for text in sec.items("peers", str, []))
     if len(set(peers)) != len(peers):
         raise sec.error("peers", "a peer is listed twice")
