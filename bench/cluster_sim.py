@@ -108,6 +108,9 @@ def markdown(quick: bool) -> str:
             for p in PEERS
         ),
         f"| installing a replicated session at a peer (receive, check, install) | {costs.install * 1e6:.1f} |",
+        f"| keep-alive of an active session (every `refresh`, 10 s): encoding its record | "
+        f"{costs.refresh_send * 1e6:.1f} |",
+        f"| keep-alive of an active session: applying it at a peer | {costs.refresh_apply * 1e6:.1f} |",
         f"| label-switched frame on the owner | {costs.frame_owner * 1e6:.2f} |",
         f"| label-switched frame on a replica | {costs.frame_replica * 1e6:.2f} |",
         "",

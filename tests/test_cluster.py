@@ -446,8 +446,8 @@ def test_ecmp_is_hash_threshold() -> None:
 def test_capacity_is_capped_by_one_nodes_install_rate() -> None:
     from mplslb.sim.cluster import Costs, capacity
 
-    costs = Costs(new_alone=100e-6, new_sync=110e-6, send=1e-6, install=40e-6, frame_owner=2e-6,
-                  frame_replica=2e-6, records_per_session=2, sessions=1)  # fmt: skip
+    costs = Costs(new_alone=100e-6, new_sync=110e-6, send=1e-6, install=40e-6, refresh_send=5e-6, refresh_apply=10e-6,
+                  frame_owner=2e-6, frame_replica=2e-6, records_per_session=2, sessions=1)  # fmt: skip
     totals = [capacity(costs, n).new_total for n in range(1, 65)]
     assert totals == sorted(totals) and totals[-1] < 1 / costs.install
     assert capacity(costs, 16).frames_total == pytest.approx(16 * capacity(costs, 1).frames_total)
@@ -460,6 +460,7 @@ def test_the_costs_are_measured_through_the_real_paths() -> None:
     costs = measure_costs(sessions=64, frames=256, repeats=1)  # raises unless every session reached the peer
     assert costs.records_per_session == 2  # its opening and its establishment, one poll apart
     assert min(costs.new_alone, costs.new_sync, costs.install, costs.frame_owner, costs.frame_replica) > 0
+    assert costs.refresh_apply > 0
 
 
 def _through_second_node() -> tuple[Net, dict[int, Balancer], dict[int, ClusterSync], str, int]:

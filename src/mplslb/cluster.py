@@ -27,9 +27,11 @@ an ENDING session revived by its traffic is each node's own reading of that acti
 (a node that closed a session its peer revived gets it back from the next keep-alive).
 
 **Keep-alives**: every ``keepalive`` seconds a node sends a record of each session whose labels carried frames
-here since it last told its peers (it keeps, per label, the last-seen time its peers know of, so a refresh it
-received is not echoed back). A replica whose frames pass elsewhere is therefore kept alive while they do, and
-times out by the usual idle timeouts when the node carrying them goes silent.
+here since its peers last heard of them, if that was more than ``refresh`` seconds ago (at every round for an
+ENDING session, whose linger is short). It keeps, per label, the last-seen time its peers know of, so a refresh it
+received is not echoed back. A replica whose frames pass elsewhere is therefore kept alive while they do (idle
+timeouts are minutes, ``refresh`` seconds), and times out by the usual idle timeouts when the node carrying them
+goes silent. The keep-alives cost one record per active session per ``refresh`` at every peer.
 
 **Joining**: a node with peers starts unsynced and says so in its hellos (``want dump``); each peer that hears it
 sends every live session it holds, then a ``dump done`` message. The node is synced when every peer has finished
@@ -74,7 +76,7 @@ import numpy as np
 
 from mplslb.config import ClusterConfig
 from mplslb.flow import FlowKey
-from mplslb.sessions import FINAL_STATES, Session, SessionEvent, SessionState
+from mplslb.sessions import FINAL_STATES, STATE_CODES, Session, SessionEvent, SessionState
 from mplslb.wire.ethernet import ETH_ALEN
 
 if TYPE_CHECKING:
@@ -384,7 +386,8 @@ class ClusterSync:
         return out
 
     def active_labels(self) -> list[int]:
-        """C2S labels of the live sessions whose frames passed here since this node last told its peers."""
+        """C2S labels of the live sessions whose frames passed here since this node's peers last heard of them,
+        more than ``refresh`` seconds later (any later for an ENDING session)."""
         table = self.balancer.sessions
         rows, _ = table.occupied()
         if not rows.size:
@@ -392,7 +395,9 @@ class ClusterSync:
         c2s = table.c2s_min + 2 * rows
         seen = self.balancer.switching.arrays().last_seen
         told = self._told
-        fresh = (seen[c2s] > told[c2s]) | (seen[c2s + 1] > told[c2s + 1])
+        ending = np.frombuffer(table.state, dtype=np.uint8)[rows] == STATE_CODES[SessionState.ENDING]
+        margin = np.where(ending, 0.0, self.config.refresh)
+        fresh = (seen[c2s] > told[c2s] + margin) | (seen[c2s + 1] > told[c2s + 1] + margin)
         return [int(label) for label in c2s[fresh]]
 
     def next_deadline(self) -> float:

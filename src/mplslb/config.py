@@ -536,7 +536,8 @@ class ClusterConfig:
     (:meth:`owner_of`). ``peers`` are the other nodes' sync addresses; ``sync_address``/``sync_port`` where this
     node listens. ``key`` (read from ``key_file``) authenticates every sync datagram (HMAC-SHA256); without it,
     only the peers' source addresses are checked. ``flush`` is how long a session change may wait to be batched,
-    ``keepalive`` how often the sessions this node carries are refreshed at its peers (and a hello sent),
+    ``keepalive`` how often this node sends a hello and refreshes at its peers the sessions whose frames pass here
+    (an ENDING session at every round, any other when its peers' word is older than ``refresh``),
     ``peer_timeout`` when a silent peer counts as down, ``join_timeout`` how long a starting node waits for its
     peers' dumps before it calls itself synced without the silent ones."""
 
@@ -549,6 +550,7 @@ class ClusterConfig:
     key: bytes = field(default=b"", repr=False, compare=False)
     flush: float = 0.005
     keepalive: float = 1.0
+    refresh: float = 10.0
     peer_timeout: float = 3.0
     join_timeout: float = 3.0
     c2s_min: int = C2S_MIN
@@ -616,7 +618,7 @@ def read_cluster(sec: Section, c2s_min: int, c2s_max: int) -> ClusterConfig | No
         if len(key) < KEY_MIN:
             raise sec.error("key_file", f"{key_file!r} holds {len(key)} bytes; a key has at least {KEY_MIN}")
     timers = {name: sec.number(name, float, getattr(ClusterConfig, name), minimum=0.001)
-              for name in ("flush", "keepalive", "peer_timeout", "join_timeout")}  # fmt: skip
+              for name in ("flush", "keepalive", "refresh", "peer_timeout", "join_timeout")}  # fmt: skip
     cluster = sec.build(
         "node", ClusterConfig, node=node, nodes=nodes, peers=peers, sync_address=address, sync_port=port,
         key_file=key_file, key=key, c2s_min=c2s_min, c2s_max=c2s_max, **timers,

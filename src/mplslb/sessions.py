@@ -293,6 +293,8 @@ class Observation(NamedTuple):
 
 _STATES: tuple[SessionState, ...] = (SessionState.START, *SessionState)  # code 0 is a free row (never read)
 _CODE = {state: code for code, state in enumerate(_STATES) if code}
+#: Each state's code in :attr:`SessionTable.state` (0 is a free row), for readers of the arrays.
+STATE_CODES: dict[SessionState, int] = dict(_CODE)
 _FREE = 0
 _START, _ESTABLISHED = _CODE[SessionState.START], _CODE[SessionState.ESTABLISHED]
 _ANSWERED, _ENDING = _CODE[SessionState.ANSWERED], _CODE[SessionState.ENDING]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import ServerConfig
-from mplslb.cluster import ClusterSync
+from mplslb.cluster import KIND_RECORDS, ClusterSync
 from mplslb.config import BalancerConfig, ClusterConfig, PortConfig, VirtualService
 from mplslb.flow import FlowKey
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet
@@ -275,6 +275,8 @@ class Costs:
     new_sync: float  # the same on a node with peers: its records encoded too (not yet sent)
     send: float  # sending a new session's records to one peer (their share of the datagrams)
     install: float  # at one peer: receiving and installing a new session's records
+    refresh_send: float  # a keep-alive record of an active session, encoded (sent like the others)
+    refresh_apply: float  # the same applied at a peer
     frame_owner: float  # a label-switched frame on the node that opened the session
     frame_replica: float  # the same frame on a peer holding the replica
     records_per_session: float  # records a new session sends (its opening and its establishment)
@@ -335,7 +337,8 @@ def measure_costs(sessions: int = 2000, frames: int = 20000, repeats: int = 3) -
     """Time each operation over ``sessions`` sessions (and ``frames`` frames), ``repeats`` times: the median of
     each (see the module docstring)."""
     runs = [_measure_once(sessions, frames) for _ in range(repeats)]
-    fields = ("new_alone", "new_sync", "send", "install", "frame_owner", "frame_replica", "records_per_session")
+    fields = ("new_alone", "new_sync", "send", "install", "refresh_send", "refresh_apply", "frame_owner",
+              "frame_replica", "records_per_session")  # fmt: skip
     return Costs(**{name: statistics.median(getattr(r, name) for r in runs) for name in fields}, sessions=sessions)
 
 
@@ -371,15 +374,25 @@ def _measure_once(sessions: int, frames: int) -> Costs:
             received += time.process_time() - t0
     if taken != len(outgoing) or peer.applied["installed"] != sessions:
         raise RuntimeError(f"the peer installed {peer.applied['installed']} of {sessions} sessions")
+    records = sync.sent["records"] / sessions
+    labels = [int(c2s) for c2s in cluster.nodes[1].sessions.c2s_min + 2 * cluster.nodes[1].sessions.occupied()[0]]
+    keepalives: list[bytes] = []
+    refresh_send = _timed(lambda: keepalives.extend(sync._datagrams(KIND_RECORDS, sync._encoded(labels, cluster.now))))
+    before = peer.applied["refreshed"]
+    refresh_apply = _timed(functools.partial(_receive_all, peer, keepalives, cluster.now))
+    if peer.applied["refreshed"] - before != len(labels):
+        raise RuntimeError("the peer did not take every keep-alive")
     frame_owner, frame_replica = _frame_costs(cluster, flows, frames)
     return Costs(
         new_alone,
         new_sync,
         sent / sessions,
         received / sessions,
+        refresh_send / len(labels),
+        refresh_apply / len(labels),
         frame_owner,
         frame_replica,
-        sync.sent["records"] / sessions,
+        records,
         sessions,
     )
 
@@ -415,6 +428,11 @@ def _frame_costs(cluster: Cluster, flows: range, frames: int) -> tuple[float, fl
 def _send_all(sock: socket.socket, datagrams: list[bytes], target: tuple[str, int]) -> None:
     for datagram in datagrams:
         sock.sendto(datagram, target)
+
+
+def _receive_all(sync: ClusterSync, datagrams: list[bytes], now: float) -> None:
+    for datagram in datagrams:
+        sync.receive(datagram, ("10.77.0.1", 6640), now)
 
 
 def _feed(receive: Callable[[int, bytes, float], object], frames: list[bytes], now: float) -> None:
