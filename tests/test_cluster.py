@@ -533,3 +533,9 @@ def test_the_cluster_table_cannot_change_while_running() -> None:
     diff = diff_configs(running, make_config(cluster=cluster(1, nodes=3)))
     assert [key for key, _ in diff.refused] == ["cluster"]
     assert not diff_configs(running, make_config(cluster=cluster(1))).refused
+
+
+def test_a_peers_list_naming_this_node_too_is_taken_without_it() -> None:
+    config = ClusterConfig(node=1, nodes=2, peers=(ADDRESSES[1], ADDRESSES[2]), sync_address=ADDRESSES[1][0])
+    sync = ClusterSync(Balancer(make_config(cluster=config)), config, 0.0)
+    assert list(sync.peers) == [ADDRESSES[2]]

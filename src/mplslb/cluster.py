@@ -284,7 +284,8 @@ class ClusterSync:
         self.node = config.node
         self.epoch = int.from_bytes(os.urandom(4), "big") if epoch is None else epoch
         self.seq = 0
-        self.peers = {address: Peer(address) for address in config.peers}
+        own = (config.sync_address, config.sync_port)  # a peers list shared by every node may name this one too
+        self.peers = {address: Peer(address) for address in config.peers if address != own}
         self.pending: dict[int, None] = {}  # labels of sessions opened or changed since the last poll
         self.drops: dict[str, int] = {}
         self.sent = {"datagrams": 0, "records": 0, "bytes": 0}
