@@ -539,3 +539,60 @@ def test_a_peers_list_naming_this_node_too_is_taken_without_it() -> None:
     config = ClusterConfig(node=1, nodes=2, peers=(ADDRESSES[1], ADDRESSES[2]), sync_address=ADDRESSES[1][0])
     sync = ClusterSync(Balancer(make_config(cluster=config)), config, 0.0)
     assert list(sync.peers) == [ADDRESSES[2]]
+
+
+@st.composite
+def peer_records(draw: st.DrawFn) -> SessionRecord:
+    """A record node 2 might send: a label of its slice, any live state, a TCP or UDP flow, a known server."""
+    first, last = cluster(2).slice()
+    src, size = draw(addresses)
+    dst = draw(st.binary(min_size=size, max_size=size))
+    return SessionRecord(
+        c2s=draw(st.integers(first, last).map(lambda x: x | 1)),
+        state=draw(st.sampled_from(WIRE_STATES)),
+        key=FlowKey(draw(st.sampled_from([6, 17])), src, draw(st.integers(1, 65535)), dst, draw(st.integers(1, 65535))),
+        client_port=draw(st.integers(0, 9)),
+        client_mac=draw(st.binary(min_size=6, max_size=6)),
+        server=draw(st.sampled_from(["s1", "s2", "s3"])),
+        idle_c2s=draw(st.floats(0, 100)),
+        idle_s2c=draw(st.floats(0, 100)),
+        age=draw(st.floats(0, 100)),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(peer_records(), min_size=1, max_size=6, unique_by=(lambda r: r.c2s, lambda r: r.key)))
+def test_replicas_are_installed_bound_to_this_node_and_idempotently(batch: list[SessionRecord]) -> None:
+    balancer, sync = node(1)
+    now = 1000.0
+    sync.receive(encode(KIND_RECORDS, 2, 9, 1, [encode_record(r) for r in batch], key=KEY), ADDRESSES[2], now)
+    assert sync.applied["installed"] == len(batch) and not sync.drops
+    client_ports = {p.port_id for p in balancer.config.ports if p.role == "client"}
+    for record in batch:
+        session = balancer.sessions.by_c2s(record.c2s)
+        assert session is not None and session.key == record.key and session.server.name == record.server
+        assert session.state is record.state and balancer.sessions.lookup(record.key) == session
+        c2s_entry, s2c_entry = balancer.switching.entry(record.c2s), balancer.switching.entry(record.c2s + 1)
+        assert c2s_entry is not None and s2c_entry is not None
+        assert c2s_entry.in_port_id in client_ports and c2s_entry.peer == record.client_mac  # this node's port
+        assert s2c_entry.in_port_id == session.server.config.port_id and s2c_entry.peer == session.server.mac
+        assert c2s_entry.next_hop == session.server.mac and s2c_entry.next_hop == record.client_mac
+        assert balancer.switching.last_seen[record.c2s] == pytest.approx(now - record.idle_c2s, abs=0.002)
+    assert balancer.labels.in_use_count == 0  # a peer's labels are not this node's to allocate or free
+    sync.receive(encode(KIND_RECORDS, 2, 9, 2, [encode_record(r) for r in batch], key=KEY), ADDRESSES[2], now + 1)
+    assert len(balancer.sessions) == len(batch) and sync.applied["installed"] == len(batch)  # the same: no change
+    assert sync.applied["refreshed"] == len(batch)
+
+
+def test_a_label_reused_by_its_owner_replaces_the_replica_and_nobody_else_can() -> None:
+    balancer, sync = node(1, nodes=3)
+    first, _ = cluster(2, nodes=3).slice()
+    old = SessionRecord(first, SessionState.ESTABLISHED, FlowKey(6, client_addr(0), 1000, VIP, 80), 0, client_mac(0),
+                        "s1", 0, 0, 0)  # fmt: skip
+    new = old._replace(key=FlowKey(6, client_addr(1), 2000, VIP, 80), client_mac=client_mac(1))
+    sync.apply([old], 2, 1.0)
+    sync.apply([new], 3, 1.0)  # node 3 does not own the label: its word does not replace node 2's session
+    assert sync.drops == {"label_conflict": 1} and balancer.sessions.by_c2s(first).key == old.key  # type: ignore[union-attr]
+    sync.apply([new], 2, 2.0)  # the owner handed the pair out again
+    assert balancer.sessions.by_c2s(first).key == new.key and sync.applied["replaced"] == 1  # type: ignore[union-attr]
+    assert balancer.sessions.lookup(old.key) is None and balancer.switching.entry(first).peer == client_mac(1)  # type: ignore[union-attr]
