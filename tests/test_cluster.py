@@ -596,3 +596,17 @@ def test_a_label_reused_by_its_owner_replaces_the_replica_and_nobody_else_can() 
     sync.apply([new], 2, 2.0)  # the owner handed the pair out again
     assert balancer.sessions.by_c2s(first).key == new.key and sync.applied["replaced"] == 1  # type: ignore[union-attr]
     assert balancer.sessions.lookup(old.key) is None and balancer.switching.entry(first).peer == client_mac(1)  # type: ignore[union-attr]
+
+
+def test_the_sync_is_in_the_prometheus_metrics() -> None:
+    from mplslb.control.metrics import SnapshotCollector
+    from mplslb.control.tables import snapshot
+
+    net, nodes, syncs = two_nodes()
+    open_session(net)
+    exchange(syncs, 0.5)
+    snap = snapshot(nodes[2], now=0.5) | {"cluster": syncs[2].status(0.5)}
+    metrics = {m.name: m for m in SnapshotCollector(lambda: snap).collect()}
+    assert metrics["mplslb_cluster_synced"].samples[0].value == 1
+    assert metrics["mplslb_cluster_replicas"].samples[0].value == 1
+    assert [s.labels["peer"] for s in metrics["mplslb_cluster_peer_alive"].samples] == ["10.9.0.1:6640"]
