@@ -268,7 +268,6 @@ class Peer:
     dumping: bool = False
     dumped_at: float | None = None  # when this node last finished a dump to it
     restarts: int = 0
-    lost: int = 0  # datagrams of its sequence that never came
 
     def alive(self, now: float, timeout: float) -> bool:
         return self.last_heard is not None and now - self.last_heard <= timeout
@@ -427,7 +426,6 @@ class ClusterSync:
             if (message.seq - peer.seq) & 0xFFFFFFFF >= 0x80000000 or message.seq == peer.seq:
                 self._drop("replayed")
                 return
-            peer.lost += ((message.seq - peer.seq) & 0xFFFFFFFF) - 1
         elif peer.epoch != -1:
             peer.restarts += 1
             peer.synced, peer.dumped_at = False, None
@@ -553,7 +551,6 @@ class ClusterSync:
                     "synced": p.synced,
                     "dump_done": p.dump_done,
                     "restarts": p.restarts,
-                    "lost": p.lost,
                 }
                 for p in self.peers.values()
             ],

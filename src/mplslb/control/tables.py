@@ -263,7 +263,7 @@ def cluster_tables(cluster: Mapping[str, Any] | None) -> list[Table]:
         f"Cluster: node {cluster['node']} of {cluster['nodes']}, labels {first}..{end}, "
         f"{'synced' if cluster['synced'] else 'NOT SYNCED'}, {cluster['replicas']} replicas"
     )
-    peers = _table(title, "peer", "node", "state", "last heard s", "synced", "restarts", "lost")
+    peers = _table(title, "peer", "node", "state", "last heard s", "synced", "restarts")
     for peer in cluster["peers"]:
         heard = peer["last_heard"]
         _add(
@@ -274,7 +274,6 @@ def cluster_tables(cluster: Mapping[str, Any] | None) -> list[Table]:
             "-" if heard is None else f"{heard:.1f}",
             "yes" if peer["synced"] else "no",
             str(peer["restarts"]),
-            str(peer["lost"]),
         )
     sync = _table("Session sync", "what", "count")
     for group in ("sent", "received", "applied", "drops"):
