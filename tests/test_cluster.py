@@ -610,3 +610,37 @@ def test_the_sync_is_in_the_prometheus_metrics() -> None:
     assert metrics["mplslb_cluster_synced"].samples[0].value == 1
     assert metrics["mplslb_cluster_replicas"].samples[0].value == 1
     assert [s.labels["peer"] for s in metrics["mplslb_cluster_peer_alive"].samples] == ["10.9.0.1:6640"]
+
+
+def test_a_cluster_node_keeps_its_sessions_and_its_replicas_across_a_restart(tmp_path: Path) -> None:
+    from mplslb.state import open_balancer
+
+    config = make_config(cluster=cluster(1))
+    balancer, store, _ = open_balancer(config, tmp_path, now=1.0)
+    net = Net(config)
+    net.balancer = balancer
+    _, own = open_session(net)
+    peer_label = cluster(2).slice()[0]
+    sync = ClusterSync(balancer, config.cluster, 1.0)  # type: ignore[arg-type]
+    replica = SessionRecord(peer_label, SessionState.ESTABLISHED, FlowKey(6, client_addr(3), 3000, VIP, 80), 0,
+                            client_mac(3), "s2", 0, 0, 0)  # fmt: skip
+    sync.apply([replica], 2, 1.0)
+    store.close()  # the daemon killed: the next one adopts the file
+    again, store, report = open_balancer(config, tmp_path, now=5.0)
+    try:
+        assert report is not None and report.sessions == 2, report
+        assert {s.c2s for s in again.live_sessions()} == {own, peer_label}
+        assert again.labels.in_use_count == 1 and again.labels.in_use(own)  # its own pair, not the peer's
+        assert again.switching.entry(peer_label) is not None
+    finally:
+        store.close()
+
+
+def test_a_state_file_of_another_node_is_not_adopted(tmp_path: Path) -> None:
+    from mplslb.state import open_balancer
+
+    _, store, _ = open_balancer(make_config(cluster=cluster(1)), tmp_path, now=1.0)
+    store.close()
+    _, store, report = open_balancer(make_config(cluster=cluster(2)), tmp_path, now=2.0)
+    store.close()
+    assert report is None
