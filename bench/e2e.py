@@ -16,6 +16,13 @@ The share of a core that each lab process (balancer, agents, nginx) used during 
 
 ``python bench/e2e.py [--quick] [--json] [--profile]`` (``--profile``: py-spy samples the balancer daemon, the
 client agent and a server agent during one extra wrk run; summaries in bench/profiles/e2e-*.txt).
+
+``python bench/e2e.py --close [--variant KEY] [--rounds N] [--profile]`` measures only the ``Connection: close``
+rows, of one variant (default ``kernel+xdp``), without the references: N rounds of wrk at -c16 and -c64, each
+with the frames that reached the balancer daemon (its ``frames.in``) per session started in it, read from its
+status, and the daemon's CPU time per session (all of it, and its user time alone: its system time includes the
+kernel's delivery of the frames it sends into the lab's namespaces). Run it with another checkout's ``src`` on
+PYTHONPATH to compare two versions of the balancer on the same machine.
 """
 
 from __future__ import annotations
@@ -123,12 +130,12 @@ backend nginx
 """
 
 
-def _ticks(pid: int) -> int:
+def _ticks(pid: int, *, user_only: bool = False) -> int:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+    return int(fields[11]) + (0 if user_only else int(fields[12]))  # utime + stime (fields 14 and 15 of stat)
 
 
 def _children(pid: int) -> list[int]:
@@ -174,7 +181,9 @@ def measure(
     return median_runs(runs), runs, cpu
 
 
-def profile_lab(lab: Any, url: str, *, seconds: int, connections: int) -> dict[str, str]:
+def profile_lab(
+    lab: Any, url: str, *, seconds: int, connections: int, header: tuple[str, ...] = (), tag: str = ""
+) -> dict[str, str]:
     """py-spy samples the balancer daemon, the client agent and one server agent during one extra wrk run; returns
     where each summary went (or why not)."""
     py_spy = Path(sys.executable).parent / "py-spy"
@@ -194,7 +203,7 @@ def profile_lab(lab: Any, url: str, *, seconds: int, connections: int) -> dict[s
             subprocess.Popen([*argv, "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
         )
     time.sleep(0.5)
-    run_wrk(lab, 0, url, seconds=seconds, connections=connections)
+    run_wrk(lab, 0, url, seconds=seconds, connections=connections, header=header)
     found: dict[str, str] = {}
     for key, (raw, spy) in spies.items():
         try:
@@ -207,8 +216,9 @@ def profile_lab(lab: Any, url: str, *, seconds: int, connections: int) -> dict[s
         if spy.returncode != 0 or not raw.exists():
             found[key] = f"py-spy failed: {err.decode(errors='replace')[-200:]}"
             continue
-        title = f"{key} under wrk -c{connections} through mplslb (py-spy record --pid, 200 Hz, {seconds} s)"
-        path = out / f"e2e-{key}.txt"
+        wrk = " ".join(("wrk", f"-c{connections}", *header))
+        title = f"{key} under {wrk} through mplslb (py-spy record --pid, 200 Hz, {seconds} s)"
+        path = out / f"e2e{tag}-{key}.txt"
         path.write_text(summarize(raw.read_text(), title=title, idle=True))
         shutil.rmtree(raw.parent, ignore_errors=True)
         found[key] = str(path.relative_to(BENCH.parent))
@@ -258,7 +268,7 @@ def lab_variants() -> list[tuple[str, str, dict[str, Any]]]:
     fields = getattr(LabSpec, "__dataclass_fields__", {})
     if "datapath" in fields:
         # The TUN lab first: the references are measured in the first lab, and the kernel datapath changes the
-        # servers' interfaces (one segment per packet, no checksum offload), which would handicap them.
+        # servers' interfaces (no checksum offload, so no segmentation offload), which would handicap them.
         return [
             ("tun", "TUN agents", {"datapath": "tun"}),
             ("kernel", "kernel endpoints", {"datapath": "kernel"}),
@@ -490,12 +500,69 @@ def e2e_rows(
     return rows
 
 
+def close_only(
+    key: str, *, rounds: int, seconds: int, profile: bool = False, log: Any = print
+) -> list[dict[str, float]]:
+    """wrk ``Connection: close`` at -c16 and -c64 through one lab variant, ``rounds`` times each (interleaved):
+    requests/s, p99, and the frames the balancer daemon handled per session started during the run."""
+    from mplslb.lab import VIP4, Lab, LabSpec
+
+    fields = next(f for k, _, f in lab_variants() if k == key)
+    lab = Lab(LabSpec(name=f"bc{os.getpid() % 10**5}", clients=1, servers=3, **fields), root=LAB_ROOT)
+    url = f"http://{VIP4}/"
+    header = dict(MODES)["close"]
+    found: list[dict[str, float]] = []
+    try:
+        lab.up()
+        set_sysctls(lab, [lab.client_ns(0), lab.lb])
+        wait_until(lambda: http_ok(lab, 0, url), 30, "the VIP to answer through the balancer")
+        run_wrk(lab, 0, url, seconds=1, connections=16, header=header)  # warm-up
+        daemon = lab.state.pids["balancer"]
+        for round_ in range(rounds):
+            for conns in (16, 64):
+                before, ticks, user = lab.status()["status"], _ticks(daemon), _ticks(daemon, user_only=True)
+                figures = run_wrk(lab, 0, url, seconds=seconds, connections=conns, header=header)
+                after = lab.status()["status"]
+                ticks, user = _ticks(daemon) - ticks, _ticks(daemon, user_only=True) - user
+                started = after["sessions"]["started"] - before["sessions"]["started"] or 1
+                frames = after["frames"]["in"] - before["frames"]["in"]
+                per_session = 1e6 / os.sysconf("SC_CLK_TCK") / started
+                figures |= {"round": round_, "connections": conns, "sessions": started,
+                            "frames_per_session": frames / started, "balancer_cpu_us_per_session": ticks * per_session,
+                            "balancer_user_us_per_session": user * per_session}  # fmt: skip
+                log(f"e2e close {key} -c{conns} round {round_}: {figures.get('requests_per_s', 0):,.0f} requests/s, "
+                    f"p99 {figures.get('p99_ms', 0):.1f} ms, {figures['frames_per_session']:.2f} frames to the daemon "
+                    f"and {ticks * per_session:.0f} us of its CPU ({user * per_session:.0f} us in user space) per "
+                    "session")  # fmt: skip
+                found.append(figures)
+        if profile:
+            where = profile_lab(lab, url, seconds=4, connections=64, header=header, tag=f"-close-{key}")
+            log(f"e2e: profiles: {where}")
+    finally:
+        problems = lab.down()
+        if problems:
+            log(f"e2e: lab down: {problems}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wrk via the mplslb agents and balancer vs HAProxy")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the balancer daemon during one extra run")
+    parser.add_argument("--close", action="store_true", help="only the Connection: close rows of one variant")
+    parser.add_argument("--variant", default="kernel+xdp", help="with --close: the lab variant (default kernel+xdp)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --close: wrk runs per connection count")
     args = parser.parse_args(argv)
+    if args.close:
+        reason = missing_requirements()
+        if reason:
+            print(f"skipped: {reason}", file=sys.stderr)
+            return 1
+        runs = close_only(args.variant, rounds=args.rounds, seconds=3, profile=args.profile,
+                          log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+        print(json.dumps(runs, indent=1) if args.json else "\n".join(map(str, runs)))
+        return 0
     rows = run(args.quick, profile=args.profile, log=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))

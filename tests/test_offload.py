@@ -64,9 +64,9 @@ from mplslb.offload import bpf
 from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, syn_share, xdp_state
-from mplslb.sessions import Timeouts
+from mplslb.sessions import SessionState, Timeouts
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
-from mplslb.switching.layout import IP_AT, IPV4_PLAIN, IPV6_NEXT_HEADER, LSE_AT
+from mplslb.switching.layout import FRAG_OFFSET_MASK, IP_AT, IPV4_FRAG_AT, IPV4_PLAIN, IPV6_NEXT_HEADER, LSE_AT
 from mplslb.wire.ip import (
     IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT,
@@ -882,8 +882,9 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
                 plain = True
             elif table.v6[label]:
                 plain = frame[IP_AT + IPV6_NEXT_HEADER] in (IPPROTO_TCP, IPPROTO_UDP)
-            else:
-                plain = frame[IP_AT] == IPV4_PLAIN
+            else:  # a later fragment carries no ports: the block path leaves it to the one-frame path
+                later = int.from_bytes(frame[IP_AT + IPV4_FRAG_AT : IP_AT + IPV4_FRAG_AT + 2]) & FRAG_OFFSET_MASK
+                plain = frame[IP_AT] == IPV4_PLAIN and not later
             assert verdict.switched[0] or tagged or not plain  # the block path takes plain packets of the flow
             assert run.retval == bpf.XDP_REDIRECT or offload.lookup(label) is None or events or extended
 
@@ -967,3 +968,214 @@ def label_of_or_none(frame: bytes) -> int | None:
     tagged = frame[12:14] == b"\x81\x00"
     at = 16 if tagged else 12
     return label_of(frame) if frame[at : at + 2] == b"\x88\x47" and len(frame) >= at + 6 else None
+
+
+def _measured_pair(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> tuple[OffloadedBalancer, Balancer, Loop]:
+    """The daemon's wrapper over a balancer on p0..p3 (the kernel measures new sessions) and a reference balancer
+    of the same configuration without it."""
+    monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
+    ports = tuple(replace(p, interface=f"p{p.port_id}") for p in standard_config().ports)
+    config = standard_config(ports=ports, **overrides)
+    loop = Loop()
+    with entered(lb):
+        core = OffloadedBalancer(Balancer(config), loop)
+    return core, Balancer(config), loop
+
+
+@needs_kernel
+@pytest.mark.parametrize(("l7", "v6"), [(True, False), (False, False), (True, True)])
+def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, l7: bool, v6: bool
+) -> None:
+    """With the daemon's wrapper, a new TCP session's labels enter the kernel with its SYN: the SYN-ACK, the
+    client's ACK and the first response byte are forwarded by the program (the request too without L7 analysis)
+    and never reach the balancer, yet once a FIN reaches it the session, its server's response time and passive
+    health, the L7 figures and the watches are what the userspace path makes of the same frames."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=l7)
+    kernel = core.balancer
+    try:
+
+        def to_both(port: int, frame: bytes) -> list[tuple[int, bytes]]:
+            now = loop.clock()
+            out = core.receive_batch([(port, frame)], now)
+            assert out == reference.receive(port, frame, now)
+            return out
+
+        def in_kernel(port: int, frame: bytes, verdict: int) -> None:
+            now = loop.clock()
+            expected = reference.receive(port, frame, now)
+            with entered(lb):
+                run = core.offload.run(frame, port)
+            assert run.retval == verdict
+            if verdict == bpf.XDP_REDIRECT:
+                assert [run.data] == [sent for _, sent in expected]
+            else:
+                assert run.data == frame and core.receive_batch([(port, frame)], now) == expected
+
+        client, vip = client_addr(0, v6=v6), VIP6 if v6 else VIP
+
+        def segment(src: bytes, dst: bytes, sport: int, dport: int, flags: int, payload: bytes = b"") -> bytes:
+            made = ipv6 if v6 else ipv4
+            return made(src, dst, IPPROTO_TCP, tcp_segment(src, dst, sport, dport, flags, payload))
+
+        def to_vip(flags: int, payload: bytes = b"") -> bytes:
+            return segment(client, vip, 40000, 80, flags, payload)
+
+        ((_, syn),) = to_both(0, ether(PORT_MAC[0], client_mac(0), to_vip(SYN)))
+        c2s = label_of(syn)
+        s2c = c2s + 1
+        assert core.offload.lookup(c2s) is not None and core.offload.lookup(s2c) is not None
+        server = kernel.sessions.by_c2s(c2s)
+        assert server is not None
+        port, mac = server.server.config.port_id, server.server.mac
+
+        def reply(flags: int, payload: bytes = b"") -> bytes:
+            return from_server(s2c, segment(vip, client, 80, 40000, flags, payload), port=port, mac=mac)
+
+        time.sleep(0.002)  # the kernel's clock moves past the SYN's
+        in_kernel(port, reply(SYN | ACK), bpf.XDP_REDIRECT)
+        in_kernel(0, from_client(c2s, to_vip(ACK)), bpf.XDP_REDIRECT)
+        request = from_client(c2s, to_vip(ACK | PSH, b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n"))
+        in_kernel(0, request, bpf.XDP_PASS if l7 else bpf.XDP_REDIRECT)
+        in_kernel(port, reply(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n"), bpf.XDP_REDIRECT)
+        assert kernel.frames_in == 1 + l7  # the SYN (and the request, for its Host)
+        in_kernel(port, reply(FIN | ACK), bpf.XDP_PASS)  # goes up: the record is folded before it is handled
+        ours, theirs = kernel.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+        assert ours is not None and theirs is not None
+        assert (ours.state, ours.rt_pending, bool(ours.request_at)) == (theirs.state, theirs.rt_pending, True)
+        assert ours.state is SessionState.CLOSING_SERVER
+        assert ours.server.rt_ewma is not None and theirs.server.rt_ewma is not None
+        assert ours.server.answered_at > 0 and theirs.server.answered_at > 0
+        assert kernel.stats().l7_hosts == reference.stats().l7_hosts == ({"shop.example": 1} if l7 else {})
+        for label in (c2s, s2c):
+            assert kernel.switching.watch[label] == reference.switching.watch[label]
+        assert core.offload.stats()["measuring"] == 0 and core.offload.stats()["records"] >= 1
+        core.offload.poll()  # the kernel's frames are counted as the reference counted them
+        for label in (c2s, s2c):
+            assert kernel.switching.traffic(label) == reference.switching.traffic(label)
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_a_half_open_deadline_sees_the_answer_the_kernel_recorded(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SYN-ACK only the kernel saw still counts when the session's half-open deadline comes before any poll:
+    the session ends half-open without its server charged for not answering, as in userspace, while a session
+    nobody answered charges it."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, timeouts=Timeouts(tcp_start=1.0))
+    kernel = core.balancer
+    try:
+        labels = []
+        for sport in (40000, 40001):
+            now = loop.clock()
+            frame = ether(PORT_MAC[0], client_mac(0), ipv4(client_addr(0), VIP, IPPROTO_TCP,
+                          tcp_segment(client_addr(0), VIP, sport, 80, SYN)))  # fmt: skip
+            ((_, syn),) = core.receive_batch([(0, frame)], now)
+            assert reference.receive(0, frame, now) == [(_, syn)]
+            labels.append(label_of(syn))
+        answered = kernel.sessions.by_c2s(labels[0])
+        assert answered is not None
+        c0 = client_addr(0)
+        synack = from_server(labels[0] + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, SYN | ACK)),
+                             port=answered.server.config.port_id, mac=answered.server.mac)  # fmt: skip
+        time.sleep(0.002)
+        reference.receive(answered.server.config.port_id, synack, loop.clock())
+        with entered(lb):
+            assert core.offload.run(synack, answered.server.config.port_id).retval == bpf.XDP_REDIRECT
+        later = loop.clock() + 2.0
+        kernel.on_timer(later)  # the balancer's own timers, no poll before them
+        reference.on_timer(later)
+        for b in (kernel, reference):
+            assert b.sessions.ended == {"half_open_timeout": 2}
+            assert {s.config.name: s.failures for s in b.pool.servers} == {
+                s.config.name: s.failures for s in reference.pool.servers
+            }
+        unanswered = {s.config.name for s in kernel.pool.servers if s.failures}
+        assert len(unanswered) == 1 and answered.server.config.name not in unanswered
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_a_udp_flows_first_reply_is_timed_in_the_kernel_and_folded_at_the_poll(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UDP session's reply is forwarded and timed by the program; the daemon's poll (no frame of the session
+    reaches the balancer) makes of it what the userspace path makes of the reply: ESTABLISHED, a response time,
+    a passive-health success, nothing more watched."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch)
+    kernel = core.balancer
+    try:
+        now = loop.clock()
+        query = client_udp(sport=40000)
+        ((_, first),) = core.receive_batch([(0, query)], now)
+        assert reference.receive(0, query, now) == [(_, first)]
+        c2s = label_of(first)
+        session = kernel.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        c0 = client_addr(0)
+        answer = from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_UDP, udp_datagram(VIP, c0, 53, 40000, b"answer")),
+                             port=port, mac=mac)  # fmt: skip
+        time.sleep(0.002)
+        ((_, sent),) = reference.receive(port, answer, loop.clock())
+        with entered(lb):
+            run = core.offload.run(answer, port)
+        assert run.retval == bpf.XDP_REDIRECT and run.data == sent
+        assert session.state is SessionState.START and kernel.frames_in == 1  # not yet folded
+        core.offload.poll()
+        theirs = reference.sessions.by_c2s(c2s)
+        assert theirs is not None
+        assert session.state is theirs.state is SessionState.ESTABLISHED and not session.rt_pending
+        assert session.server.rt_ewma is not None and session.server.answered_at > 0
+        assert kernel.switching.watch[c2s + 1] == reference.switching.watch[c2s + 1] == 0
+        assert kernel.frames_in == 1 and core.offload.stats()["measuring"] == 0
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_an_established_session_the_kernel_saw_is_not_evicted_as_half_open(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for one half-open session: a session whose handshake only the kernel saw complete is not the oldest
+    half-open one when the next SYN comes (its record is read first), as in userspace; an unanswered one is."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, half_open_share=1e-9)
+    kernel = core.balancer
+    c0 = client_addr(0)
+    try:
+
+        def syn(sport: int) -> int:
+            now = loop.clock()
+            frame = ether(PORT_MAC[0], client_mac(0),
+                          ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, SYN)))  # fmt: skip
+            ((_, sent),) = core.receive_batch([(0, frame)], now)
+            assert reference.receive(0, frame, now) == [(_, sent)]
+            return label_of(sent)
+
+        c2s = syn(40000)
+        session = kernel.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        synack = from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, SYN | ACK)),
+                             port=port, mac=mac)  # fmt: skip
+        time.sleep(0.002)
+        for p, frame in ((port, synack), (0, from_client(c2s, v4_tcp(ACK)))):
+            reference.receive(p, frame, loop.clock())
+            with entered(lb):
+                assert core.offload.run(frame, p).retval == bpf.XDP_REDIRECT
+        syn(40001)  # the first session is established: nobody to evict
+        syn(40002)  # the second never was: evicted
+        for b in (kernel, reference):
+            assert b.sessions.ended == {"half_open_evicted": 1} and b.live == 2
+        assert session.state is SessionState.ESTABLISHED
+    finally:
+        core.close()

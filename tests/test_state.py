@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -733,6 +734,60 @@ def test_flow_bound_entries_and_the_syn_buckets_are_adopted_as_they_are(
         assert {SYN_BUCKET.unpack_from(raw, at)[0] for at in range(0, len(raw), SYN_BUCKET.size)} == {
             syn_share(2000, os.cpu_count() or 1)
         }
+    finally:
+        remove_pins(pins, lb, offload)
+        close(second if "second" in locals() else first)
+
+
+@needs_kernel
+def test_a_handshake_the_kernel_saw_while_no_daemon_ran_is_folded_by_the_next(
+    topo: tuple[str, str],  # noqa: F811
+    obj: bytes,  # noqa: F811
+    state_dir: Path,
+) -> None:
+    """A new session's labels are in the kept map from its SYN on, measured there: the SYN-ACK and the client's ACK
+    that the pinned program forwards while no daemon runs are recorded in its entry, which the next daemon keeps
+    and folds at its first poll: the adopted session is established, not left to its half-open deadline."""
+    import socket
+
+    from helpers import PORT_MAC, SYN, VIP, client_addr, client_mac, ether, ipv4, tcp_segment
+    from mplslb.offload import bpf
+    from mplslb.sessions import SessionState
+    from mplslb.wire.ip import IPPROTO_TCP
+    from test_offload import from_client, from_server, label_of, v4_tcp
+
+    lb, _ = topo
+    pins = PIN_ROOT / f"m{os.getpid() % 100000}"
+    first = build(state_dir, now=time.monotonic())
+    offload = offload_in(lb, first, obj, pins=pins, measured=lambda c2s, r: first.measured(c2s, *r))
+    try:
+        ((_, sent),) = first.receive(0, ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN)), time.monotonic())
+        offload.sync()
+        c2s = label_of(sent)
+        session = first.sessions.by_c2s(c2s)
+        assert session is not None and offload.lookup(c2s) is not None and offload.lookup(c2s + 1) is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        offload.close(keep=True)
+        close(first)
+        c0 = client_addr(0)
+        synack = from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, SYN | ACK)),
+                             port=port, mac=mac)  # fmt: skip
+        prog = bpf.obj_get(str(pins / "prog"))
+        try:
+            with entered(lb):
+                for at, frame in ((port, synack), (0, from_client(c2s, v4_tcp(ACK)))):
+                    run = bpf.prog_test_run(prog, frame, ingress_ifindex=socket.if_nametoindex(f"p{at}"))
+                    assert run.retval == bpf.XDP_REDIRECT
+        finally:
+            os.close(prog)
+        second = build(state_dir, now=time.monotonic())
+        offload = offload_in(lb, second, obj, pins=pins, measured=lambda c2s, r: second.measured(c2s, *r))
+        assert offload.adopted and offload.lookup(c2s) is not None
+        adopted = second.sessions.by_c2s(c2s)
+        assert adopted is not None and adopted.state is SessionState.START
+        offload.poll()
+        assert adopted.state is SessionState.ESTABLISHED and adopted.server.answered_at > 0
+        assert adopted.server.rt_ewma is None  # answered before the adopted session's wait began: no time taken
     finally:
         remove_pins(pins, lb, offload)
         close(second if "second" in locals() else first)

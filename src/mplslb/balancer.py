@@ -71,7 +71,7 @@ from mplslb.switching import (
     switch_frame,
 )
 from mplslb.switching.block import count_rows
-from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_FLAGS_UNKNOWN
+from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP
@@ -88,6 +88,8 @@ TIMER_GRANULARITY = 0.05
 _TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
 _HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
 _ACK_FIELD = struct.Struct("!I")
+#: Half-open sessions whose kernel record is read before one is evicted, at most per new session.
+_EVICTION_CHECKS = 64
 
 
 class BlockResult(NamedTuple):
@@ -220,6 +222,10 @@ class Balancer:
         )  # fmt: skip
         #: Told of every change of a server's MAC (found, moved, lost); the driver logs it, the core never does.
         self.on_mac: Callable[[MacChange], None] | None = None
+        #: Set by a driver whose kernel offload records sessions' response-time measurements in its map
+        #: (:mod:`mplslb.offload.xdp`): called with a session whose measurement is under way before anything else
+        #: about it is decided, so that what the kernel saw first reaches the table first (:meth:`measured`).
+        self.refresh: Callable[[Session], None] | None = None
         for server in self.pool.servers:
             self._find(server)
 
@@ -385,6 +391,7 @@ class Balancer:
         session = self.sessions.lookup(key)
         pure_syn = key.proto == IPPROTO_TCP and (a.tcp_flags & (SYN | ACK | RST | FIN)) == SYN
         if session is not None:  # claim 2: an existing session's packet goes to its server
+            self._refresh(session)
             # The binding its labels have: the client's port and MAC (a SYN reusing the flow of an ENDING session
             # goes on it too, so nobody else's SYN can end it).
             if port != session.client_port or frame[_SRC_MAC] != session.client_mac:
@@ -421,7 +428,7 @@ class Balancer:
         tcp = a.key.proto == IPPROTO_TCP
         # Half-open sessions' share used up: the oldest makes room, once this SYN is admitted (a refused SYN evicts
         # nobody).
-        oldest = self.sessions.oldest_half_open() if tcp and self.sessions.half_open >= self.max_half_open else None
+        oldest = self._oldest_half_open() if tcp and self.sessions.half_open >= self.max_half_open else None
         active = self.live - (oldest is not None)
         refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
@@ -484,8 +491,11 @@ class Balancer:
             in_port=port,
             peer=client_mac,
             peer_ip=key.src,
-            # until the client's ACK completes the handshake
-            watch=end_watch | v6 | (WATCH_ALL if tcp and watched else 0),
+            # until the client's ACK completes the handshake (and the request is seen, for L7 analysis)
+            watch=end_watch
+            | v6
+            | (WATCH_ALL if tcp and watched else 0)
+            | (WATCH_REQUEST if self.analyzer.l7 and watched else 0),
             now=c2s_seen,
             dst_ip=key.dst,
             ports=(key.sport, key.dport),
@@ -518,6 +528,7 @@ class Balancer:
         if session is None:
             self._drop("unlabelled_from_server")
             return
+        self._refresh(session)
         server = session.server
         if server.config.port_id != port or bytes(frame[_SRC_MAC]) != server.mac:
             self._drop("server_wrong_source")
@@ -531,6 +542,7 @@ class Balancer:
             session = self.sessions.by_c2s(pair_of(event.label))
             if session is None or session.state in FINAL_STATES:
                 continue
+            self._refresh(session)
             from_client = event.label & 1 == 1
             flags, a = event.tcp_flags, None
             if flags & TCP_FLAGS_UNKNOWN:  # IPv6 extension headers hid them from the fast path: read the frame
@@ -552,18 +564,20 @@ class Balancer:
 
     def _measure(self, session: Session, event: FastEvent, from_client: bool, a: Analysis | None) -> None:
         """Time the server's responses from the session's own frames (the session table keeps the measurement)."""
+        flags, payload = (a.tcp_flags, a.payload_len) if a is not None else (-1, 0)
+        self._observe(session, from_client, flags, payload, event.now, a)
+
+    def _observe(
+        self, session: Session, from_client: bool, tcp_flags: int, payload_len: int, now: float, a: Analysis | None
+    ) -> None:
         seen = self.sessions.observe(
-            session,
-            from_client=from_client,
-            tcp_flags=a.tcp_flags if a is not None else -1,
-            payload_len=a.payload_len if a is not None else 0,
-            now=event.now,
+            session, from_client=from_client, tcp_flags=tcp_flags, payload_len=payload_len, now=now
         )
         server = session.server
         if seen.response_time is not None:
             self.pool.record_response_time(server, seen.response_time)
         if seen.server_replied:
-            self.pool.record_success(server, event.now)
+            self.pool.record_success(server, now)
         if seen.request_seen and a is not None:
             self._learn_l7(session, a)
         if seen.done:
@@ -571,11 +585,68 @@ class Balancer:
         if seen.request_seen or seen.done or seen.handshake_done:
             self._handshake_done(session)
 
+    def measured(self, c2s: int, answer: float, ack: float, request: float, response: float, over: bool) -> bool:
+        """What a fast path outside the apparatus (the kernel offload) recorded of a session's watched frames, as
+        times on the balancer's clock (0: not seen): the server's first answer, the client's latest pure ACK, the
+        first request, the first response byte after it, and whether the measurement's budget is spent. Each is
+        observed as the frame that carried it would have been (:meth:`SessionTable.observe`), in the order they
+        came; what the table already had (from frames that reached this path) is not observed twice. An answer
+        timed before the session's start (a start set again after the answer, as a daemon adopting its sessions
+        does) moves the session on without a sample.
+
+        Under ``WATCH_REQUEST`` the request itself comes up to this path (L7 analysis reads it): until it has,
+        the request and the response are left for later, and False says the record should be handed over
+        again."""
+        session = self.sessions.by_c2s(c2s)
+        if session is None or session.state in FINAL_STATES:
+            return True
+        started = session.started
+        flags = ACK if session.proto == IPPROTO_TCP else -1
+        if answer and session.state is SessionState.START:
+            if answer > started:
+                self._observe(session, False, SYN | ACK if flags > 0 else -1, 0, answer, None)
+            else:
+                self.sessions.apply(session, SessionEvent.SYN_ACK if flags > 0 else SessionEvent.SERVER_REPLY, started)
+                self.pool.record_success(session.server, started)
+        if flags > 0 and ack > answer and session.state is SessionState.ANSWERED:
+            self._observe(session, True, ACK, 0, ack, None)
+        if request and not session.request_at:
+            if self.switching.watch[c2s] & WATCH_REQUEST and session.rt_pending:
+                return False  # its frame is on its way here
+            self._observe(session, True, flags, 1, request, None)
+        if response > session.request_at > 0 and response >= request and session.rt_pending:
+            self._observe(session, False, flags, 1, response, None)
+        if over and session.rt_pending and session.state not in FINAL_STATES:
+            self.sessions.stop_measuring(session)
+            self.switching.clear_watch(session.s2c, WATCH_ALL)
+            self._handshake_done(session)
+        return True
+
+    def _refresh(self, session: Session) -> None:
+        """Have the driver hand over what its kernel recorded of ``session``, while its measurement is on."""
+        if self.refresh is not None and (
+            self.switching.watch[session.c2s] & WATCH_ALL or self.switching.watch[session.s2c] & WATCH_ALL
+        ):
+            self.refresh(session)
+
+    def _oldest_half_open(self) -> Session | None:
+        """The half-open session to evict: the oldest, once what the kernel recorded of it says it still is."""
+        for _ in range(_EVICTION_CHECKS):
+            oldest = self.sessions.oldest_half_open()
+            if oldest is None or self.refresh is None:
+                return oldest
+            self._refresh(oldest)
+            if oldest.state in HALF_OPEN_STATES:
+                return oldest
+            if self.sessions.half_open < self.max_half_open:
+                return None
+        return self.sessions.oldest_half_open()
+
     def _handshake_done(self, session: Session) -> None:
         """Stop watching the client's frames once nothing more is wanted of them: the handshake is complete and
         the request seen (or the measurement over)."""
         if session.state not in HALF_OPEN_STATES and (session.request_at or not session.rt_pending):
-            self.switching.clear_watch(session.c2s, WATCH_ALL)
+            self.switching.clear_watch(session.c2s, WATCH_ALL | WATCH_REQUEST)
 
     def _session_ended(self, session: Session) -> None:
         """A session began to end (ENDING) or ended: it no longer counts for its server (its labels may linger)."""
@@ -605,6 +676,7 @@ class Balancer:
         for session in self.sessions.due(now):
             if self.sessions.by_c2s(session.c2s) != session:
                 continue  # finished earlier in this round (its server went down with another session's timeout)
+            self._refresh(session)
             state = session.state
             if state in FINAL_STATES:
                 self._finish(session, now)

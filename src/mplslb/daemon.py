@@ -35,10 +35,11 @@ heard, ``synced`` (false until the peers' dumps are in: announce the node to the
 replicas, and the sync's counters; ``event=cluster_synced`` is logged when it becomes true.
 
 With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
-:class:`~mplslb.offload.driver.OffloadedBalancer`: established sessions' labels are installed in an XDP program on
-the Ethernet ports and their frames are switched by the kernel; see :mod:`mplslb.offload.xdp`. Without
-kept state nothing of it outlives the daemon: the program is held by BPF links that close with the process, and a
-leftover attached another way under the program's name is removed at start.
+:class:`~mplslb.offload.driver.OffloadedBalancer`: sessions' labels are installed in an XDP program on the
+Ethernet ports from their first frame on, their frames are switched by the kernel, which records what the
+response-time measurement wants; see :mod:`mplslb.offload.xdp`. Without kept state nothing of it outlives the
+daemon: the program is held by BPF links that close with the process, and a leftover attached another way under
+the program's name is removed at start.
 
 With ``[state] persist = true`` (``dir``, ``instance``) or ``--state-dir``, the sessions, labels and label switching
 entries live in a mapped file that the next daemon adopts (:mod:`mplslb.state`; ``--fresh`` starts clean), and on

@@ -654,6 +654,10 @@ class SessionTable:
                 self.rt_budget[pair] = 0
         return Observation(sample, replied, request, self.rt_budget[pair] <= 0, handshake)
 
+    def stop_measuring(self, session: Session) -> None:
+        """End the response-time measurement without a sample (its watched frames were spent elsewhere)."""
+        self.rt_budget[session.pair] = 0
+
     def request_seen(self, session: Session, now: float) -> bool:
         """The client sent request bytes; True when they are the session's first (the request is timed from
         here)."""

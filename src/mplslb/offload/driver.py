@@ -15,6 +15,12 @@ Theory of operation
   then costs at most 1/POLL_BUDGET of the loop's time); idle timeouts are seconds to minutes;
 * a timer of its own, every :data:`SYNC_INTERVAL`, applies changes made elsewhere in the loop (control commands,
   health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
+
+A new session's first round trips are measured in the kernel too (:mod:`mplslb.offload.xdp`, ``measured``): its
+labels enter the map with its SYN, and only the SYN reaches the balancer (and, with L7 analysis, the first
+request; FIN and RST as ever). What the program recorded reaches the session table at each poll, and, for one
+session, whenever anything else is about to be decided about it (:attr:`Balancer.refresh`: a frame of it reaching
+the balancer, its half-open deadline, its eviction), so the table never decides on less than the kernel saw.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import numpy as np
 from mplslb.balancer import Balancer, BlockResult
 from mplslb.config import PortConfig
 from mplslb.drivers.loop import Frames, Loop, Timer
-from mplslb.offload.xdp import XdpOffload
+from mplslb.offload.xdp import Record, XdpOffload
+from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
 POLL_INTERVAL = 1.0
@@ -65,10 +72,12 @@ class OffloadedBalancer:
             mode=mode,
             clock=loop.clock,
             syn_rate=syn_rate,
+            measured=self._measured,
             pins=pins,
             fresh=fresh,
         )
         self.offload.open()
+        balancer.refresh = self._refresh
         self._polled = loop.clock()
         self._poll_cost = 0.0  # seconds the last poll took
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
@@ -96,6 +105,12 @@ class OffloadedBalancer:
         self.offload.sync()
         return out
 
+    def _measured(self, c2s: int, record: Record) -> bool:
+        return self.balancer.measured(c2s, *record)
+
+    def _refresh(self, session: Session) -> None:
+        self.offload.fold(session.c2s)
+
     def _poll(self, now: float) -> None:
         self._polled = now
         started = time.perf_counter()
@@ -116,4 +131,5 @@ class OffloadedBalancer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.balancer.refresh = None
         self.offload.close(keep=keep)

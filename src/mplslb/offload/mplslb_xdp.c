@@ -5,9 +5,11 @@
  * One hash map, label -> entry, mirrors the rows of mplslb.switching.LabelSwitchingTable that may be switched
  * in the kernel. For a frame whose top label stack entry names an entry, and only when every check the userspace
  * fast path makes passes (ingress port, source MAC, IP source of the bottom-of-stack entry, bottom of stack,
- * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet
- * addresses (next hop, output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in
- * the entry and redirects it to the output port. Everything else is XDP_PASS: the daemon's packet socket gets it
+ * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame
+ * is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet addresses (next hop,
+ * output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in the entry and
+ * redirects it to the output port. While a session's response time is measured (F_RT), the frames that tell it
+ * are recorded in its C2S entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
  *
@@ -26,6 +28,98 @@ struct map_ref labels SEC("maps");
 struct map_ref syn_buckets SEC("maps"); /* per CPU, one struct syn_bucket */
 
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
+
+/*
+ * F_RT: a session's response time is being measured, and the frames that tell it are recorded here instead of
+ * going up to the session manager. The record is the C2S entry's (an S2C frame finds it under label - 1), and it
+ * follows mplslb.sessions.SessionTable.observe frame by frame: each watched frame spends one of `rt_left`; the
+ * server's first answer (TCP: a SYN-ACK; else any frame), the client's first payload (the request) and the
+ * server's first payload after it (the response) are timed once; the client's pure ACK is timed whatever the
+ * budget, the latest kept (one after the answer completes the handshake). The daemon folds the record into the
+ * session table at its polls and before it handles any other frame of the session. A frame this cannot read as
+ * one TCP or UDP packet under its IP header (a later fragment, an ICMP error, lengths that disagree) goes up, as
+ * does, with F_L7, the request (L7 analysis reads it), after being timed. Returns XDP_PASS or XDP_REDIRECT.
+ */
+static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, __u8 *ip, __u8 *end)
+{
+	__u32 l4, total;
+	__u8 proto;
+	if (e->flags & F_V6) {
+		if (ip + IPV6_HLEN > end)
+			return XDP_PASS;
+		proto = ip[IPV6_NEXT_HEADER];
+		l4 = IPV6_HLEN;
+		total = IPV6_HLEN + ((ip[IPV6_PAYLOAD_LEN] << 8) | ip[IPV6_PAYLOAD_LEN + 1]);
+	} else {
+		if (ip + IPV4_HLEN > end)
+			return XDP_PASS;
+		if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK)
+			return XDP_PASS;
+		proto = ip[IPV4_PROTO];
+		l4 = (ip[0] & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+		total = (ip[IPV4_TOTAL_LEN] << 8) | ip[IPV4_TOTAL_LEN + 1];
+	}
+	if ((__u64)(end - ip) < total || l4 > total)
+		return XDP_PASS;
+	__u8 *l4p = ip + l4;
+	__u32 payload;
+	__u8 flags = 0;
+	int segment = proto == IPPROTO_TCP;
+	if (segment) {
+		if (l4p + TCP_HLEN > end)
+			return XDP_PASS;
+		__u32 doff = (l4p[TCP_DOFF] >> DATA_OFFSET_SHIFT) * DATA_OFFSET_UNIT;
+		if (doff < TCP_HLEN || l4 + doff > total)
+			return XDP_PASS;
+		payload = total - l4 - doff;
+		flags = l4p[TCP_FLAGS];
+	} else if (proto == IPPROTO_UDP) {
+		if (l4p + UDP_HLEN > end)
+			return XDP_PASS;
+		__u32 length = (l4p[UDP_LEN] << 8) | l4p[UDP_LEN + 1];
+		if (length < UDP_HLEN || l4 + length > total)
+			return XDP_PASS;
+		payload = length - UDP_HLEN;
+	} else {
+		return XDP_PASS;
+	}
+	__u64 now = bpf_ktime_get_ns();
+	if ((label & 1) == (C2S_MIN & 1)) {
+		if (segment && (flags & TCP_PURE_ACK_MASK) == TCP_ACK)
+			e->ack_ns = now;
+		if (e->rt_left) {
+			if (payload && !e->request_ns) {
+				e->request_ns = now;
+				if (e->flags & F_L7)
+					return XDP_PASS; /* the session manager reads it (and spends its own budget on it) */
+			}
+			e->rt_left -= 1;
+		}
+		if (e->answer_ns && e->ack_ns > e->answer_ns && (e->request_ns || !e->rt_left))
+			e->flags &= ~F_RT; /* nothing more is wanted of the client's frames */
+		return XDP_REDIRECT;
+	}
+	__u32 c2s = label - 1;
+	struct entry *c = bpf_map_lookup_elem(&labels, &c2s);
+	if (!c)
+		return XDP_PASS; /* the record's entry is not in the kernel: the session manager watches */
+	if (c->rt_left) {
+		c->rt_left -= 1;
+		if (!c->answer_ns) {
+			if (!(e->flags & F_TCP_END) || (segment && (flags & TCP_SYN_ACK) == TCP_SYN_ACK)) {
+				c->answer_ns = now;
+				if (!(e->flags & F_TCP_END))
+					c->rt_left = 0; /* a UDP (or other) flow's first reply times its request: done */
+			}
+		} else if (payload && c->request_ns && !c->response_ns) {
+			c->response_ns = now;
+			c->rt_left = 0;
+		}
+	}
+	if (!c->rt_left)
+		e->flags &= ~F_RT;
+	return XDP_REDIRECT;
+}
 
 /*
  * An unlabelled TCP SYN (no ACK) costs the slow path a session's setup: this CPU's token bucket lets `rate` of
@@ -183,6 +277,8 @@ flow_done:
 			return XDP_PASS;
 	}
 forward:
+	if ((e->flags & F_RT) && measure(e, label, ip, end) != XDP_REDIRECT)
+		return XDP_PASS;
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
 	e->last_ns = bpf_ktime_get_ns();

@@ -16,10 +16,21 @@ userspace path forwards, reports, or drops and counts it as it does without the 
 What goes into the map (:meth:`XdpOffload.sync`): the offload is a :class:`~mplslb.switching.table.Mirror` of
 the table, told of each install, withdrawal and watch change as it happens; it notes the label, and ``sync`` writes
 or deletes the noted labels' map entries (batched, ``BPF_MAP_UPDATE_BATCH`` / ``BPF_MAP_DELETE_BATCH``) from what
-the table then holds. A label enters the map only while its ``watch`` bits do not ask for every frame
-(``WATCH_ALL``: the session manager is timing the server's first answers from the session's own frames and needs to
-see them); such labels wait, and enter the map at the first ``sync`` after the balancer clears ``WATCH_ALL``.
-Labels bound to a port without XDP (an MPLS-in-UDP port) stay in userspace.
+the table then holds. Labels bound to a port without XDP (an MPLS-in-UDP port) stay in userspace. A label whose
+``watch`` bits ask for every frame (``WATCH_ALL``: the session manager is timing the server's first answers from
+the session's own frames) is handled one of two ways:
+
+* without a ``measured`` handler it waits in userspace, and enters the map at the first ``sync`` after the balancer
+  clears ``WATCH_ALL``: every frame of a new session's first round trips reaches the session manager;
+* with one (the daemon's :class:`~mplslb.offload.driver.OffloadedBalancer`), it enters the map at once, flagged
+  ``F_RT``, and the program records what the measurement wants in the session's C2S entry (the server's first
+  answer, the client's pure ACK, the request, the first response byte, the budget left; ``mplslb_xdp.c`` says
+  how, frame by frame as :meth:`~mplslb.sessions.SessionTable.observe`) instead of passing the frames up. The
+  records are read back with the counters at every :meth:`poll`, and for one session on demand (:meth:`fold`,
+  one map lookup), and handed to ``measured(c2s, record)`` with the kernel's times on the table's clock (again at
+  the next read while it answers False). The program clears ``F_RT`` itself once a direction has nothing more to
+  tell, so a watch cleared in the table needs no map write. With ``WATCH_REQUEST`` (L7 analysis) the C2S entry
+  passes the first request up too.
 
 Activity (:meth:`XdpOffload.poll`): the program counts packets and bytes per entry and stores the time of the last
 frame (``bpf_ktime_get_ns``, CLOCK_MONOTONIC, the clock of ``time.monotonic``). ``poll`` reads the whole map with
@@ -75,15 +86,19 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
+from mplslb.labels import C2S_MIN
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
+from mplslb.sessions import WATCH_BUDGET
 from mplslb.state import fingerprint
 from mplslb.switching.layout import (
     F_FLOW,
+    F_L7,
+    F_RT,
     F_TCP_END,
     F_V6,
     KERNEL_ENTRY,
@@ -94,6 +109,7 @@ from mplslb.switching.layout import (
     SYN_BUCKET_FIELDS,
     SYN_RATE_MAX,
     WATCH_ALL,
+    WATCH_REQUEST,
     WATCH_TCP_END,
     struct_offsets,
 )
@@ -101,7 +117,7 @@ from mplslb.switching.table import LabelSwitchingTable, flow_parts
 
 #: The fingerprint of the maps' entries (their fields and flags): the maps' pins carry it in their names, so a kept
 #: map is adopted only by a program that reads and writes its entries the same way.
-LAYOUT_FP: Final = fingerprint([KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, F_V6, F_TCP_END, F_FLOW])[:12]
+LAYOUT_FP: Final = fingerprint([KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7])[:12]
 MAP_PIN: Final = f"map_{LAYOUT_FP}"
 SYN_PIN: Final = f"syn_{LAYOUT_FP}"
 PROG_NAME = "mplslb_xdp"
@@ -123,10 +139,42 @@ COUNTERS = np.dtype(
      "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns")],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
+#: A C2S entry's measurement record (F_RT), as numpy reads it from a batch of entries.
+_RECORD_FIELDS = ("rt_left", "answer_ns", "ack_ns", "request_ns", "response_ns")
+RECORD = np.dtype(
+    {"names": list(_RECORD_FIELDS), "formats": ["<u4", "<u8", "<u8", "<u8", "<u8"],
+     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in _RECORD_FIELDS],
+     "itemsize": KERNEL_ENTRY.size}
+)  # fmt: skip
+_RECORD = struct.Struct("=I4xQQQQ")  # the same fields, from one entry
+_RECORD_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["rt_left"]
+_FLAGS_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["flags"]
 COUNTERS_SIZE = KERNEL_ENTRY.size - struct_offsets(KERNEL_ENTRY_FIELDS)["packets"]
 _KEY = struct.Struct("=I")
 log = logging.getLogger("mplslb.offload")
 BATCH_MIN = 4  # fewer writes than this go one by one
+
+
+def _unmeasured(entry: bytes) -> bytes:
+    """An entry's fixed fields without ``F_RT``, which the program clears by itself."""
+    flags = entry[_FLAGS_AT] & ~F_RT
+    return entry[:_FLAGS_AT] + bytes((flags,)) + entry[_FLAGS_AT + 1 :]
+
+
+class Record(NamedTuple):
+    """What the program recorded of a session's first frames (F_RT), its times on the table's clock (0.0: not
+    seen): the server's first answer, the client's latest pure ACK, the request, the first response byte, and
+    whether the measurement's budget is spent (or its last answer recorded)."""
+
+    answer: float
+    ack: float
+    request: float
+    response: float
+    over: bool
+
+
+def is_c2s(label: int) -> bool:
+    return label & 1 == C2S_MIN & 1
 
 
 def ensure_bpffs(pins: Path) -> None:
@@ -206,8 +254,11 @@ class XdpOffload:
         pins: Path | None = None,
         fresh: bool = False,
         syn_rate: int = 0,
+        measured: Callable[[int, Record], bool] | None = None,
     ) -> None:
-        """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all)."""
+        """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
+        ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
+        module docstring)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
@@ -238,6 +289,11 @@ class XdpOffload:
         self._kbytes = np.zeros(LABEL_SPACE, dtype=np.uint64)
         self._noted: list[int] = []  # labels changed in the table since the last sync, in order
         self._waiting: set[int] = set()  # installed, waiting for WATCH_ALL to clear
+        self.measured = measured
+        # C2S labels whose session is measured in the kernel, and the last record ``measured`` took for each
+        self._measuring: dict[int, tuple[int, ...]] = {}
+        self._measured = np.zeros(LABEL_SPACE, dtype=np.bool_)  # the same labels, for a batch read's rows
+        self.records = 0  # records handed to ``measured``
         self.entries = 0
         self.writes = 0
         self.deletes = 0
@@ -412,12 +468,18 @@ class XdpOffload:
         fixed = KERNEL_ENTRY.size - COUNTERS_SIZE
         fix: set[int] = set()
         kept: list[int] = []
+        measure = self.measured is not None
         for i, label in enumerate(labels.tolist()):
             self._in_kernel[label] = 1
             entry = values[i * KERNEL_ENTRY.size : i * KERNEL_ENTRY.size + fixed]
-            fits = table.valid[label] and self._offloadable(label) and not table.watch[label] & WATCH_ALL
-            if fits and entry == self._entry(label)[:fixed]:
+            watched = table.watch[label] & WATCH_ALL
+            fits = table.valid[label] and self._offloadable(label) and (measure or not watched)
+            if fits and _unmeasured(entry) == _unmeasured(self._entry(label)[:fixed]):
                 kept.append(i)
+                if watched:  # its session's measurement went on in the kernel: folded at the next poll
+                    c2s = label if is_c2s(label) else label - 1
+                    self._measuring.setdefault(c2s, ())
+                    self._measured[c2s] = True
             else:
                 fix.add(label)
         self.entries = count
@@ -535,6 +597,8 @@ class XdpOffload:
         self._in_kernel[:] = 0
         self._noted.clear()
         self._waiting.clear()
+        self._measuring.clear()
+        self._measured[:] = False
         self.entries = 0
 
     def __enter__(self) -> XdpOffload:
@@ -549,9 +613,12 @@ class XdpOffload:
         self._noted.append(label)
 
     def withdrawn(self, label: int) -> None:
+        self._forget(label)  # the session is over: its record tells nothing more
         self._noted.append(label)
 
     def watch_changed(self, label: int) -> None:
+        if self.measured is not None and self._in_kernel[label]:
+            return  # measured in the kernel: the program drops F_RT itself (and a cleared WATCH_ALL needs no write)
         self._noted.append(label)
 
     def sync(self) -> int:
@@ -567,13 +634,22 @@ class XdpOffload:
         labels = list(labels)
         self._fold_entries(labels)
         valid, watch, in_kernel, waiting = self.table.valid, self.table.watch, self._in_kernel, self._waiting
+        measure = self.measured is not None
         writes: list[int] = []
         deletes: list[int] = []
         for label in labels:
+            if label in self._measuring and in_kernel[label]:
+                self.fold(label)  # rewritten (a neighbour's new MAC) mid-measurement: take its record first
             self._kpackets[label] = 0
             self._kbytes[label] = 0
             if valid[label] and self._offloadable(label):
-                if watch[label] & WATCH_ALL:
+                if measure and watch[label] & WATCH_ALL:
+                    writes.append(label)
+                    waiting.discard(label)
+                    c2s = label if is_c2s(label) else label - 1
+                    self._measuring.setdefault(c2s, ())
+                    self._measured[c2s] = True
+                elif watch[label] & WATCH_ALL:
                     if in_kernel[label]:
                         deletes.append(label)
                     waiting.add(label)
@@ -593,11 +669,16 @@ class XdpOffload:
         t = self.table
         flow = t.flow[label]
         dst_ip, ports = flow_parts(flow)
+        watch = t.watch[label]
+        measure = self.measured is not None
         flags = (
             (F_V6 if t.v6[label] else 0)
-            | (F_TCP_END if t.watch[label] & WATCH_TCP_END else 0)
+            | (F_TCP_END if watch & WATCH_TCP_END else 0)
             | (F_FLOW if flow else 0)
+            | (F_RT if measure and watch & WATCH_ALL else 0)
+            | (F_L7 if measure and watch & WATCH_REQUEST else 0)
         )
+        budget = WATCH_BUDGET if measure and is_c2s(label) else 0
         peer_ip = t.peer_ip[label]
         return KERNEL_ENTRY.pack(
             self.ifindex[t.out_port[label]],
@@ -609,6 +690,12 @@ class XdpOffload:
             peer_ip,
             dst_ip,
             ports,
+            0,
+            0,
+            0,
+            budget,
+            0,
+            0,
             0,
             0,
             0,
@@ -686,7 +773,10 @@ class XdpOffload:
         self.polls += 1
         if not count:
             return 0
-        return self._fold(np.frombuffer(keys, dtype=np.uint32).astype(np.intp), np.frombuffer(values, dtype=COUNTERS))
+        labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
+        if self._measuring:
+            self._fold_records(labels, values)
+        return self._fold(labels, np.frombuffer(values, dtype=COUNTERS))
 
     def _fold_entries(self, labels: list[int]) -> None:
         """Fold what the kernel forwarded on ``labels``' entries since the last poll into the table before the
@@ -725,6 +815,46 @@ class XdpOffload:
         self.kernel_bytes += int(new_bytes.sum())
         return int(labels.size)
 
+    # -- measurements recorded in the kernel (F_RT) ------------------------------------------------------------
+    def fold(self, c2s: int) -> bool:
+        """Hand ``c2s``'s record to ``measured`` now, if its session is measured in the kernel and the record
+        changed (one map lookup); True if it was handed over."""
+        if self._map is None or c2s not in self._measuring or not self._in_kernel[c2s]:
+            return False
+        raw = self._map.lookup(_KEY.pack(c2s))
+        if raw is None:
+            return False
+        return self._hand_over(c2s, _RECORD.unpack_from(raw, _RECORD_AT), self.clock() - time.monotonic())
+
+    def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
+        """The records of the measured C2S labels in a batch read of the map."""
+        wanted = np.flatnonzero(self._measured[labels])
+        if not wanted.size:
+            return
+        records = np.frombuffer(values, dtype=RECORD)[wanted]
+        offset = self.clock() - time.monotonic()
+        for label, record in zip(labels[wanted].tolist(), records.tolist(), strict=True):
+            self._hand_over(label, record, offset)
+
+    def _hand_over(self, c2s: int, record: tuple[int, ...], offset: float) -> bool:
+        """Give ``measured`` a record that changed; forget the label once its session's measurement is over."""
+        handed = False
+        if record != self._measuring.get(c2s) and (any(record[1:]) or not record[0]) and self.measured is not None:
+            rt_left, *times = record
+            answer, ack, request, response = (t * 1e-9 + offset if t else 0.0 for t in times)
+            self.records += 1
+            if self.measured(c2s, Record(answer, ack, request, response, rt_left == 0)):
+                self._measuring[c2s] = record  # taken: not handed over again unless it changes
+            handed = True
+        watch = self.table.watch
+        if not (watch[c2s] & WATCH_ALL or watch[c2s + 1] & WATCH_ALL):
+            self._forget(c2s)
+        return handed
+
+    def _forget(self, c2s: int) -> None:
+        if self._measuring.pop(c2s, None) is not None:
+            self._measured[c2s] = False
+
     def _fold_shed(self) -> None:
         """Add the SYNs shed since the last poll to the table's drops (the balancer's figures show them)."""
         shed = self.syn_counters()[1]
@@ -735,18 +865,21 @@ class XdpOffload:
 
     @property
     def pending(self) -> int:
-        """Labels installed in the table and waiting for their measurement to end before they enter the map."""
+        """Labels installed in the table and waiting for their measurement to end before they enter the map
+        (without a ``measured`` handler; with one they enter at once)."""
         return len(self._waiting)
 
     def stats(self) -> dict[str, Any]:
-        """Figures for the status: entries in the kernel, labels waiting, writes, deletes, kernel traffic, SYNs
-        let through and shed."""
+        """Figures for the status: entries in the kernel, labels waiting, sessions measured in the kernel and
+        records read back, writes, deletes, kernel traffic, SYNs let through and shed."""
         passed, shed = self.syn_counters()
         return {
             "kind": "kernel",
             "attached": dict(self.attached),
             "entries": self.entries,
             "pending": self.pending,
+            "measuring": len(self._measuring),
+            "records": self.records,
             "writes": self.writes,
             "deletes": self.deletes,
             "polls": self.polls,

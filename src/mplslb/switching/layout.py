@@ -90,6 +90,11 @@ TCP_FLAGS: Final = 13  # the flags octet in the TCP header
 TCP_FIN: Final = int(TCPFlag.FIN)
 TCP_RST: Final = int(TCPFlag.RST)
 TCP_END: Final = TCP_FIN | TCP_RST  # the flags the session manager must see
+TCP_SYN: Final = int(TCPFlag.SYN)
+TCP_ACK: Final = int(TCPFlag.ACK)
+TCP_SYN_ACK: Final = TCP_SYN | TCP_ACK  # a server's answer to a SYN
+#: A client's segment completes the handshake when these flags read TCP_ACK alone (no SYN, no RST).
+TCP_PURE_ACK_MASK: Final = TCP_ACK | TCP_SYN | TCP_RST
 #: Reported instead of the flags when the fast path cannot find them (IPv6 extension headers before TCP): the
 #: session manager reads the frame itself. Above the 8 bits of real flags.
 TCP_FLAGS_UNKNOWN: Final = 0x100
@@ -98,13 +103,20 @@ MAX_TCP_OFFSET: Final = 16384
 #: Covers where an ICMP error's quote may start (at most MAX_TCP_OFFSET + the ICMP header): the kernel datapath
 #: masks the offset with it (and bounds the quote's length by it), below the verifier's largest packet offset.
 QUOTE_MASK: Final = (1 << (MAX_TCP_OFFSET + ICMP_HLEN).bit_length()) - 1
+#: What the kernel datapath's egress program makes readable of a GSO super-packet (segmented after it): its headers,
+#: Ethernet, IP with options or IPv6 with extension headers, TCP with options, which the stack keeps linear anyway.
+GSO_HEADERS: Final = 256
 
 L4_PORTS_LEN: Final = 4  # the source and destination ports, the first octets of TCP and UDP alike
 
 # -- per-label bits --------------------------------------------------------------------------------------------
 WATCH_TCP_END: Final = 0x01  # report frames whose TCP flags carry FIN or RST
 WATCH_ALL: Final = 0x02  # report every frame (a response-time measurement is under way)
-WATCH_BITS: Final = WATCH_TCP_END | WATCH_ALL
+#: On a C2S label: the session's first request must reach the session manager itself (L7 analysis reads it). The
+#: userspace paths report every frame under WATCH_ALL anyway; the kernel offload, which records a measurement in
+#: its map instead of reporting it, passes that one frame up.
+WATCH_REQUEST: Final = 0x08
+WATCH_BITS: Final = WATCH_TCP_END | WATCH_ALL | WATCH_REQUEST
 #: Passed with ``watch`` to :meth:`LabelSwitchingTable.install`: the payload under the label is IPv6 (the IP
 #: source is at IPV6_SRC, and the TCP flags are read only when TCP follows the fixed header). Kept in its own
 #: array, not in ``watch``.
@@ -115,10 +127,16 @@ IPV6_PAYLOAD: Final = 0x04
 F_V6: Final = 0x01  # the payload under the label is IPv6 (peer IP at IPV6_SRC; TCP flags only right after the header)
 F_TCP_END: Final = 0x02  # TCP session: FIN and RST go up to the session manager
 F_FLOW: Final = 0x04  # the session's flow is bound: IP destination ``dst_ip`` and, in TCP and UDP, ``ports``
+#: The session's response time is being measured: the program records its first answers in the C2S entry's
+#: ``rt_left`` .. ``response_ns`` (an S2C frame finds it as label - 1) and clears the flag once nothing more is
+#: wanted of this direction (see mplslb.offload.xdp).
+F_RT: Final = 0x08
+F_L7: Final = 0x10  # C2S: the session's first request goes up to the session manager (WATCH_REQUEST)
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
 #: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The last three fields are the
-#: counters the kernel keeps: frames forwarded, their bytes as received, CLOCK_MONOTONIC ns of the last one.
+#: counters the kernel keeps: frames forwarded, their bytes as received, CLOCK_MONOTONIC ns of the last one. The
+#: fields after them are a C2S entry's measurement record (F_RT), written by the program and read by the daemon.
 KERNEL_ENTRY_FIELDS: Final = (
     ("out_ifindex", "__u32", "I", 0),
     ("in_ifindex", "__u32", "I", 0),
@@ -132,6 +150,12 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("packets", "__u64", "Q", 0),
     ("bytes", "__u64", "Q", 0),
     ("last_ns", "__u64", "Q", 0),
+    ("rt_left", "__u32", "I", 0),  # watched frames the measurement may still take (WATCH_BUDGET at install)
+    ("rt_pad", "__u32", "I", 0),
+    ("answer_ns", "__u64", "Q", 0),  # the server's first answer (TCP: its SYN-ACK), CLOCK_MONOTONIC ns
+    ("ack_ns", "__u64", "Q", 0),  # the client's latest pure ACK (the one after answer_ns completes the handshake)
+    ("request_ns", "__u64", "Q", 0),  # the client's first payload (the request)
+    ("response_ns", "__u64", "Q", 0),  # the server's first payload after the request
 )
 Fields = tuple[tuple[str, str, str, int], ...]
 
@@ -241,6 +265,7 @@ SKB_FIELDS: Final = (
 ENDPOINT_TRAFFIC: Final = (
     "from_wire",  # a labelled frame popped and handed to the host
     "from_host",  # a packet of a known flow labelled for the wire
+    "from_host_gso",  # of from_host: a super-packet labelled whole, segmented by the stack after the push
     "from_host_unlabelled",  # client: a flow's first packet, sent unlabelled
     "passed",  # not the datapath's: ARP, ND, unlabelled frames, traffic not from or to a virtual IP
 )
@@ -273,7 +298,6 @@ ENDPOINT_COUNTERS: Final = (
     "icmp_quote_truncated",
     "not_from_vip",
     "unsupported_protocol",
-    "gso_packet",
     "room_failed",
     "fallback_unlabelled",  # client: a flow unheard for fallback_ms sent unlabelled again (the label died?)
 )
@@ -309,8 +333,8 @@ C_CONSTANTS: Final = (
     "LABEL_SPACE", "RESERVED_LABEL_MAX",
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
-    "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET",
-    "WATCH_TCP_END", "WATCH_ALL", "F_V6", "F_TCP_END", "F_FLOW",
+    "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET", "TCP_SYN", "TCP_ACK", "TCP_SYN_ACK",
+    "TCP_PURE_ACK_MASK", "WATCH_TCP_END", "WATCH_ALL", "WATCH_REQUEST", "F_V6", "F_TCP_END", "F_FLOW", "F_RT", "F_L7",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
     "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
@@ -319,7 +343,7 @@ C_CONSTANTS: Final = (
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
     "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORTS_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6",
     "ENDPOINT_TTL", "NS_PER_MS", "NS_PER_S", "ICMP_HLEN", "ICMP_DEST_UNREACH", "ICMP_SOURCE_QUENCH", "ICMP_REDIRECT",
-    "ICMP_TIME_EXCEEDED", "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTE_MASK",
+    "ICMP_TIME_EXCEEDED", "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTE_MASK", "GSO_HEADERS",
 )  # fmt: skip
 
 
@@ -390,6 +414,8 @@ __all__ = [
     "FRAGMENT_HLEN",
     "FRAG_OFFSET_MASK",
     "F_FLOW",
+    "F_L7",
+    "F_RT",
     "F_TCP_END",
     "F_V6",
     "ICMP6_INFO_MIN",
@@ -450,12 +476,16 @@ __all__ = [
     "SYN_BUCKET_FIELDS",
     "SYN_RATE_MAX",
     "S_BIT",
+    "TCP_ACK",
     "TCP_END",
     "TCP_FIN",
     "TCP_FLAGS",
     "TCP_FLAGS_UNKNOWN",
     "TCP_HLEN",
+    "TCP_PURE_ACK_MASK",
     "TCP_RST",
+    "TCP_SYN",
+    "TCP_SYN_ACK",
     "TTL_MASK",
     "UDP_HLEN",
     "VIP_KEY",
@@ -464,6 +494,7 @@ __all__ = [
     "VLAN_TYPE",
     "WATCH_ALL",
     "WATCH_BITS",
+    "WATCH_REQUEST",
     "WATCH_TCP_END",
     "Fields",
     "c_header",
