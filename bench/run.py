@@ -5,7 +5,8 @@ same run, their ratio (figure / reference), the target and whether it is met. Wr
     .venv/bin/python bench/run.py --quick         # a smoke run: small tables, short runs
     .venv/bin/python bench/run.py --only single,batch
 
-Sections, in the order they run: the engine (claim, single, new, batch, scale, memory: bench/engine.py), the wire
+Sections, in the order they run: the engine (claim, single, new, batch, scale, memory: bench/engine.py), the cost of
+session sync between cluster nodes (cluster: bench/cluster_sim.py), the wire
 benchmarks (wire: every bench/wire_*.py, written by another hand, each run as a subprocess with --json, and --quick
 when it takes it, when root and namespaces are available), the end-to-end comparison with HAProxy (e2e:
 bench/e2e.py) and the py-spy profiles of the hot paths (profile: bench/pyspy.py, summaries in bench/profiles/). A
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine
 from common import BENCH, ROOT, Row, at_least, command_for, load_average, machine, skipped
 
-SECTIONS = (*engine.SECTIONS, "wire", "e2e", "profile")
+SECTIONS = (*engine.SECTIONS, "cluster", "wire", "e2e", "profile")
 #: Rough seconds each section takes in a full run on the 2-core reference machine (quick runs take far less); a
 #: section is started only if this much of the budget is left.
 ESTIMATE = {
@@ -38,6 +39,7 @@ ESTIMATE = {
     "batch": 20,
     "scale": 60,
     "memory": 70,
+    "cluster": 40,
     "wire": 230,
     "e2e": 400,
     "profile": 45,
@@ -379,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         engine_rows, engine_durations = engine.run_sections(engine_sections, args.quick, log=log)
         rows += engine_rows
         durations |= engine_durations
+    if "cluster" in chosen and fits("cluster"):
+        import cluster_sim
+
+        t0 = time.monotonic()
+        log("cluster: costs of session sync ...")
+        rows += cluster_sim.rows(args.quick)
+        durations["cluster"] = time.monotonic() - t0
     if "wire" in chosen and fits("wire"):
         t0 = time.monotonic()
         scale = 0.25 if args.quick else 1.0

@@ -59,7 +59,7 @@ from mplslb.config import (
     server_claims,
 )
 from mplslb.drivers.mplsudp import pseudo_mac
-from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
+from mplslb.labels import LabelManager, LabelStats, pair_of
 from mplslb.neighbors import announcement, answer
 from mplslb.resolver import MacChange, Resolver
 from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
@@ -208,9 +208,10 @@ class Balancer:
             c2s_max=config.c2s_max,
             store=store,
         )
-        self.labels = LabelManager(
-            quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max, store=store
-        )
+        # A cluster node allocates from its own slice of the label space; its tables span every node's slices, for
+        # the sessions its peers replicate to it (mplslb.cluster).
+        own = config.cluster.slice() if config.cluster is not None else (config.c2s_min, config.c2s_max)
+        self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=own[0], c2s_max=own[1], store=store)
         #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
         self.max_half_open = max(1, int(self.sessions.rows * config.half_open_share))
         #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
@@ -489,34 +490,49 @@ class Balancer:
         if a.payload_len and self.sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
-        v6 = IPV6_PAYLOAD if a.ip_version == 6 else 0
+        self.install_labels(session, now)
+        self._to_server(session, frame, a, now, out)
+
+    def install_labels(
+        self, session: Session, now: float, *, watched: bool = True, seen: tuple[float, float] | None = None
+    ) -> None:
+        """Install a session's two labels, bound to where their frames may come from: the client's port, MAC and
+        flow for C2S, the server's port, MAC and the VIP for S2C. ``watched``: its frames report to the session
+        manager for the response-time measurement and the handshake (a new session); otherwise TCP's FIN and RST
+        only (a session replicated from a peer, whose labels were last seen at ``seen``, C2S and S2C)."""
+        c2s_seen, s2c_seen = seen or (now, now)
+        key, server, port, client_mac = session.key, session.server, session.client_port, session.client_mac
+        tcp = key.proto == IPPROTO_TCP
+        v6 = IPV6_PAYLOAD if session.ip_version == 6 else 0
         end_watch = WATCH_TCP_END if tcp else 0
         self.switching.install(
-            c2s,
+            session.c2s,
             out_port=server.config.port_id,
             next_hop=server.mac,
             in_port=port,
             peer=client_mac,
-            peer_ip=a.key.src,
+            peer_ip=key.src,
             # until the client's ACK completes the handshake (and the request is seen, for L7 analysis)
-            watch=end_watch | v6 | (WATCH_ALL if tcp else 0) | (WATCH_REQUEST if self.analyzer.l7 else 0),
-            now=now,
-            dst_ip=a.key.dst,
-            ports=(a.key.sport, a.key.dport),
+            watch=end_watch
+            | v6
+            | (WATCH_ALL if tcp and watched else 0)
+            | (WATCH_REQUEST if self.analyzer.l7 and watched else 0),
+            now=c2s_seen,
+            dst_ip=key.dst,
+            ports=(key.sport, key.dport),
         )
         self.switching.install(
-            s2c_of(c2s),
+            session.s2c,
             out_port=port,
             next_hop=client_mac,
             in_port=server.config.port_id,
             peer=server.mac,
-            peer_ip=a.key.dst,
-            watch=end_watch | v6 | WATCH_ALL,
-            now=now,
-            dst_ip=a.key.src,
-            ports=(a.key.dport, a.key.sport),
+            peer_ip=key.dst,
+            watch=end_watch | v6 | (WATCH_ALL if watched else 0),
+            now=s2c_seen,
+            dst_ip=key.src,
+            ports=(key.dport, key.sport),
         )
-        self._to_server(session, frame, a, now, out)
 
     def _learn_l7(self, session: Session, a: Analysis) -> None:
         if a.http is not None:
@@ -719,7 +735,7 @@ class Balancer:
             if last + idle > now:
                 self.sessions.arm(session, last + idle)
                 continue
-            if half_open and state is SessionState.START:
+            if half_open and state is SessionState.START and self.labels.in_use(session.c2s):  # not a replica
                 self._server_failed(session.server, DownReason.NO_REPLY, now)
                 if session.state in FINAL_STATES:
                     continue  # interrupted (and finished) when its server went down
@@ -734,7 +750,8 @@ class Balancer:
         self._ended_traffic.setdefault(session.server.config.name, Traffic()).add(self.switching, session)
         self.switching.withdraw(session.c2s)
         self.switching.withdraw(session.s2c)
-        self.labels.withdraw(session.c2s, now)
+        if self.labels.in_use(session.c2s):  # not a peer's session replicated here (mplslb.cluster)
+            self.labels.withdraw(session.c2s, now)
         self.sessions.remove(session)
 
     # -- server configuration and state (the control plane) ------------------------------------------------------

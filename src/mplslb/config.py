@@ -119,6 +119,8 @@ class BalancerConfig:
     rt_limit: float = 0.0
     l7: bool = True
     neighbors: ResolverTimers = field(default_factory=ResolverTimers)  # resolving servers configured without mac
+    #: One node of several behind ECMP (``[cluster]``, see :mod:`mplslb.cluster`); None: a single balancer.
+    cluster: ClusterConfig | None = None
 
     def __post_init__(self) -> None:
         ids = [p.port_id for p in self.ports]
@@ -524,7 +526,116 @@ def balancer_config_from_section(
         rt_limit=rt_limit,
         l7=l7,
         neighbors=neighbors,
+        cluster=read_cluster(top.section("cluster"), c2s_min, c2s_max),
     )
+
+
+# -- several balancers behind ECMP: [cluster] ---------------------------------------------------------------------
+#: The most nodes a cluster's label space is divided between.
+MAX_NODES = 64
+#: The smallest shared secret ``[cluster] key_file`` may hold (bytes).
+KEY_MIN = 16
+DEFAULT_SYNC_PORT = 6640
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: this node's place among ``nodes`` balancers and the peers it keeps its sessions in step with.
+
+    ``node`` (1..``nodes``) takes its label pairs only from its own slice of ``labels.c2s_min..c2s_max``
+    (:meth:`slice`), so nodes never hand out the same pair and a label's owner is computable from it
+    (:meth:`owner_of`). ``peers`` are the other nodes' sync addresses; ``sync_address``/``sync_port`` where this
+    node listens. ``key`` (read from ``key_file``) authenticates every sync datagram (HMAC-SHA256); without it,
+    only the peers' source addresses are checked. ``flush`` is how long a session change may wait to be batched,
+    ``keepalive`` how often this node sends a hello and refreshes at its peers the sessions whose frames pass here
+    (an ENDING session at every round, any other when its peers' word is older than ``refresh``),
+    ``peer_timeout`` when a silent peer counts as down, ``join_timeout`` how long a starting node waits for its
+    peers' dumps before it calls itself synced without the silent ones."""
+
+    node: int
+    nodes: int
+    peers: tuple[tuple[str, int], ...] = ()
+    sync_address: str = "0.0.0.0"
+    sync_port: int = DEFAULT_SYNC_PORT
+    key_file: str = ""
+    key: bytes = field(default=b"", repr=False, compare=False)
+    flush: float = 0.005
+    keepalive: float = 1.0
+    refresh: float = 10.0
+    peer_timeout: float = 3.0
+    join_timeout: float = 3.0
+    c2s_min: int = C2S_MIN
+    c2s_max: int = C2S_MAX
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise ValueError(f"nodes must be within 1..{MAX_NODES}, got {self.nodes}")
+        if not 1 <= self.node <= self.nodes:
+            raise ValueError(f"node must be within 1..nodes ({self.nodes}), got {self.node}")
+        if self.pairs_per_node < 1:
+            raise ValueError(f"labels.c2s_min..c2s_max holds fewer pairs than the {self.nodes} nodes")
+
+    @property
+    def pairs_per_node(self) -> int:
+        return ((self.c2s_max - self.c2s_min) // 2 + 1) // self.nodes
+
+    def slice(self, node: int | None = None) -> tuple[int, int]:
+        """(first, last) C2S label of ``node``'s slice (this node's by default): equal slices in node order."""
+        index = (self.node if node is None else node) - 1
+        per = self.pairs_per_node
+        first = self.c2s_min + 2 * per * index
+        return first, first + 2 * (per - 1)
+
+    def owner_of(self, label: int) -> int:
+        """The node whose slice holds ``label`` (either member of a pair); 0 for a label in no slice."""
+        index = ((label - 1 if label & 1 == 0 else label) - self.c2s_min) // 2 // self.pairs_per_node
+        return index + 1 if 0 <= index < self.nodes and label >= self.c2s_min else 0
+
+
+def _peer(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected 'address:port', got {text!r}")
+    return str(ipaddress.ip_address(host.strip("[]"))), int(port)
+
+
+def read_cluster(sec: Section, c2s_min: int, c2s_max: int) -> ClusterConfig | None:
+    """The ``[cluster]`` table (None when absent): bad keys and values name the key."""
+    if not sec.table:
+        return None
+    node = sec.require("node", int)
+    nodes = sec.require("nodes", int)
+    if not 1 <= nodes <= MAX_NODES:
+        raise sec.error("nodes", f"must be within 1..{MAX_NODES}, got {nodes}")
+    if not 1 <= node <= nodes:
+        raise sec.error("node", f"must be within 1..nodes ({nodes}), got {node}")
+    if ((c2s_max - c2s_min) // 2 + 1) // nodes < 1:
+        raise sec.error("nodes", f"labels.c2s_min..c2s_max holds fewer label pairs than {nodes} nodes")
+    peers = tuple(sec.convert("peers", text, _peer) for text in sec.items("peers", str, []))
+    if len(set(peers)) != len(peers):
+        raise sec.error("peers", "a peer is listed twice")
+    address = sec.get("sync_address", str, "0.0.0.0")
+    sec.convert("sync_address", address, ipaddress.ip_address)
+    port = sec.number("sync_port", int, DEFAULT_SYNC_PORT, minimum=1)
+    if port > 65535:
+        raise sec.error("sync_port", f"must be <= 65535, got {port}")
+    key_file = sec.get("key_file", str, "")
+    key = b""
+    if key_file:
+        try:
+            key = Path(key_file).read_bytes().strip()
+        except OSError as exc:
+            raise sec.error("key_file", f"cannot read {key_file!r}: {exc.strerror or exc}") from None
+        if len(key) < KEY_MIN:
+            raise sec.error("key_file", f"{key_file!r} holds {len(key)} bytes; a key has at least {KEY_MIN}")
+    timers = {name: sec.number(name, float, getattr(ClusterConfig, name), minimum=0.001)
+              for name in ("flush", "keepalive", "refresh", "peer_timeout", "join_timeout")}  # fmt: skip
+    cluster = sec.build(
+        "node", ClusterConfig, node=node, nodes=nodes, peers=peers, sync_address=address, sync_port=port,
+        key_file=key_file, key=key, c2s_min=c2s_min, c2s_max=c2s_max, **timers,
+    )  # fmt: skip
+    sec.done()
+    return cluster
 
 
 # -- reload: what differs between the running configuration and a new one --------------------------------------
@@ -543,7 +654,8 @@ LIVE_SETTINGS = {
 }
 #: Settings that cannot change while the balancer runs (field -> key): the label space is carved up by live sessions,
 #: and the quarantine ring relies on one constant delay.
-FIXED_SETTINGS = {"c2s_min": "labels.c2s_min", "c2s_max": "labels.c2s_max", "label_quarantine": "labels.quarantine"}
+FIXED_SETTINGS = {"c2s_min": "labels.c2s_min", "c2s_max": "labels.c2s_max", "label_quarantine": "labels.quarantine",
+                  "cluster": "cluster"}  # fmt: skip
 _PORT_KEYS = {"port_id": "id", "line_card": "line_card", "number": "number", "mac": "mac", "role": "role",
               "name": "name", "interface": "interface", "kind": "kind", "address": "address"}  # fmt: skip
 _VIP_KEYS = {"address": "address", "tcp_ports": "tcp", "udp_ports": "udp"}

@@ -28,6 +28,12 @@ The configuration is the balancer's TOML (:func:`mplslb.config.balancer_config_f
 ``metrics`` as ``"addr:port"`` or ``""`` for none: the HTTP endpoint of the metrics and the status page). Bad keys
 or values are rejected at load naming the key.
 
+With a ``[cluster]`` table the daemon is one node of several behind ECMP (:mod:`mplslb.cluster`): it allocates
+labels from its own slice, and a UDP socket (:mod:`mplslb.drivers.cluster`) keeps its sessions in step with its
+peers'. The status (control socket, ``/status.json``) has a ``cluster`` object: node, peers with when each was last
+heard, ``synced`` (false until the peers' dumps are in: announce the node to the router only once it is true),
+replicas, and the sync's counters; ``event=cluster_synced`` is logged when it becomes true.
+
 With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
 :class:`~mplslb.offload.driver.OffloadedBalancer`: sessions' labels are installed in an XDP program on the
 Ethernet ports from their first frame on, their frames are switched by the kernel, which records what the
@@ -58,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
 from mplslb.balancing.servers import Server, ServerConfig
+from mplslb.cluster import ClusterSync
 from mplslb.config import (
     FIXED_REASON,
     BalancerConfig,
@@ -74,6 +81,7 @@ from mplslb.control.history import StatusHistory
 from mplslb.control.server import ControlServer, balancer_commands, follow_pool
 from mplslb.control.tables import RateTracker, snapshot
 from mplslb.drivers.afpacket import open_port
+from mplslb.drivers.cluster import ClusterLink
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
@@ -329,10 +337,12 @@ class Daemon:
             raise
         # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
         self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
+        self.cluster = self._open_cluster()
         self.announce()
         self.rates = RateTracker()
         self.socket_counts: dict[str, dict[str, int]] = {}
         self._refused_logged: dict[str, int] = {}  # admission's refusals already logged, by reason
+        self._synced_logged = False
         self.latest: dict[str, Any] | None = None
         # The status page's history; (snapshot, history points) published together for the HTTP thread.
         self.history = StatusHistory()
@@ -367,6 +377,31 @@ class Daemon:
             )
         self._second_tick()
 
+    def _open_cluster(self) -> ClusterLink | None:
+        """The session sync with the peers (``[cluster]``), or None for a single balancer; a sync address that
+        cannot be bound stops the start, naming it."""
+        cluster = self.config.balancer.cluster
+        if cluster is None:
+            return None
+        try:
+            link = ClusterLink(ClusterSync(self.balancer, cluster, self.loop.clock()), self.loop)
+        except OSError as exc:
+            self.driver.close()
+            for port in self.ports.values():
+                port.close()  # type: ignore[attr-defined]
+            if self.offloaded is not None:
+                self.offloaded.close()
+            self.changes.undo()
+            self._unlock()
+            where = f"{cluster.sync_address}:{cluster.sync_port}"
+            raise StartError(f"cluster sync: cannot bind {where}: {exc.strerror or exc}") from None
+        log.info(
+            "event=cluster node=%d nodes=%d peers=%d sync=%s authenticated=%s",
+            cluster.node, cluster.nodes, len(cluster.peers), value(f"{cluster.sync_address}:{cluster.sync_port}"),
+            bool(cluster.key),
+        )  # fmt: skip
+        return link
+
     def announce(self) -> None:
         """Tell the client side the VIPs are here (gratuitous ARP, unsolicited neighbour advertisements)."""
         frames = self.balancer.announcements()
@@ -387,6 +422,8 @@ class Daemon:
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
+        if self.cluster is not None:
+            snap["cluster"] = self.cluster.sync.status(self.loop.clock()) | {"socket_errors": dict(self.cluster.errors)}
         return snap
 
     def _read_socket_counts(self) -> None:
@@ -427,6 +464,9 @@ class Daemon:
         now = self.loop.clock()
         self._read_socket_counts()
         self._log_refusals()
+        if self.cluster is not None and self.cluster.sync.synced and not self._synced_logged:
+            self._synced_logged = True
+            log.info("event=cluster_synced replicas=%d", self.cluster.sync.replicas())
         if self.checker is not None:
             follow_pool(self.checker, self.balancer, now)  # servers added, and retired ones that have left
             reconcile(self.balancer, self.checker, now)
@@ -497,6 +537,8 @@ class Daemon:
             self.probes.close()
         self.control.close()
         self.driver.close()
+        if self.cluster is not None:
+            self.cluster.close()
         keep = self.store is not None  # a next daemon adopts the state: the kernel goes on switching meanwhile
         if self.offloaded is not None:  # detach from every port, or leave the program pinned and attached
             self.offloaded.close(keep=keep)

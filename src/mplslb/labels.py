@@ -239,6 +239,29 @@ class LabelManager:
         self._in_use_count -= 1
         self._withdrawn_total += 1
 
+    def claim(self, labels: list[int]) -> list[int]:
+        """Take the free pairs ``labels`` (C2S labels of this manager) as in use without allocating them: the
+        sessions a restarted node finds its peers carrying on its own labels. Returns the labels taken; a pair in
+        use or quarantined is left as it is. One pass over the free ring per call, so claim in batches."""
+        taken = []
+        for c2s in labels:
+            if self.c2s_min <= c2s <= self.c2s_max and c2s & 1 == 1:
+                index = (c2s - self._base) >> 1
+                if self._state[index] == _FREE:
+                    self._state[index] = _IN_USE
+                    taken.append(c2s)
+        if taken:
+            capacity, head, count = self._capacity, self._free_head, self._free_count
+            ring = np.frombuffer(self._free, dtype=np.uint32)
+            order = ring[(head + np.arange(count)) % capacity]
+            state = np.frombuffer(self._state, dtype=np.uint8)
+            kept = order[state[(order.astype(np.int64) - self._base) >> 1] == _FREE]
+            ring[: kept.size] = kept
+            self._free_head, self._free_count = 0, int(kept.size)
+            self._in_use_count += len(taken)
+            self._peak = max(self._peak, self._in_use_count)
+        return taken
+
     # -- timers ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:

@@ -305,6 +305,8 @@ class Observation(NamedTuple):
 
 _STATES: tuple[SessionState, ...] = (SessionState.START, *SessionState)  # code 0 is a free row (never read)
 _CODE = {state: code for code, state in enumerate(_STATES) if code}
+#: Each state's code in :attr:`SessionTable.state` (0 is a free row), for readers of the arrays.
+STATE_CODES: dict[SessionState, int] = dict(_CODE)
 _FREE = 0
 _START, _ESTABLISHED = _CODE[SessionState.START], _CODE[SessionState.ESTABLISHED]
 _ANSWERED, _ENDING = _CODE[SessionState.ANSWERED], _CODE[SessionState.ENDING]
@@ -398,6 +400,9 @@ class SessionTable:
         # (row, its SYN's time) of TCP sessions in the order they opened; entries of rows no longer half-open
         # are skipped when met (and swept when they outnumber the live ones).
         self._half_open_fifo: deque[tuple[int, float]] = deque()
+        #: Told of every session opened (event None) and every change of state, with the event (not of the row's
+        #: removal): a cluster node sends these to its peers (:mod:`mplslb.cluster`).
+        self.on_change: Callable[[Session, SessionEvent | None], None] | None = None
 
     # -- rows -------------------------------------------------------------------------------------------------------
     def state_counts(self) -> dict[str, int]:
@@ -476,6 +481,8 @@ class SessionTable:
         if key.proto == IPPROTO_TCP:
             self.half_open += 1
             self._queue_half_open(pair, now)
+        if self.on_change is not None:
+            self.on_change(session, None)
         return session
 
     def _queue_half_open(self, pair: int, started: float) -> None:
@@ -564,7 +571,36 @@ class SessionTable:
                 if self.on_revive is not None:
                     self.on_revive(session)
             self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
+        if new is not old and self.on_change is not None:
+            self.on_change(session, event)
         return new
+
+    def assume(self, session: Session, new: SessionState, now: float) -> bool:
+        """Put a live session in the live state ``new`` as a peer reports it (a replica follows the transitions
+        seen where its frames pass, which may skip states): the counts, the ENDING linger and the revival are kept
+        as :meth:`apply` keeps them. A report that would take a session back to a half-open state is stale and
+        ignored. Returns whether the state changed; :attr:`on_change` is not told."""
+        pair = session.pair
+        old = _STATES[self.state[pair]]
+        if new is old or self.state[pair] in _FINAL_CODES or new in FINAL_STATES:
+            return False
+        if new in HALF_OPEN_STATES and (old not in HALF_OPEN_STATES or new is SessionState.START):
+            return False
+        self.state[pair] = _CODE[new]
+        if old in HALF_OPEN_STATES and new not in HALF_OPEN_STATES and self.proto[pair] == IPPROTO_TCP:
+            self.half_open -= 1
+        if new is SessionState.ENDING:
+            self.ending_at[pair] = now
+            self.arm(session, now + self.timeouts.closed_linger)
+            self._counted_off(session)
+            return True
+        if old is SessionState.ENDING:
+            self.live += 1
+            if self.on_revive is not None:
+                self.on_revive(session)
+        if new not in HALF_OPEN_STATES:
+            self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
+        return True
 
     def _counted_off(self, session: Session) -> None:
         self.live -= 1

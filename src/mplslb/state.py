@@ -140,7 +140,9 @@ def boot_id() -> str:
 def config_identity(config: BalancerConfig) -> dict[str, Any]:
     """What must be the same for a new daemon to adopt the state: rows name ports by id and labels by number, and a
     label's entry is bound to ports, MACs and addresses. Servers are not in it (they are mapped by name)."""
+    cluster = config.cluster  # a cluster node's labels are its own slice: the node and the slices are the state's
     return {
+        **({"cluster": [cluster.node, cluster.nodes]} if cluster is not None else {}),
         "labels": [config.c2s_min, config.c2s_max],
         "ports": [
             [p.port_id, p.role, p.kind, p.interface, p.mac.hex(), p.line_card, p.number, p.address.hex()]
@@ -434,13 +436,18 @@ def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
     rows = np.flatnonzero(np.frombuffer(sessions.state, dtype=np.uint8))
     c2s_min = sessions.c2s_min
     valid = switching.arrays().valid
-    pairs = labels.capacity
+    pairs = sessions.rows
     all_c2s = c2s_min + 2 * np.arange(pairs)
-    lstate = np.frombuffer(labels.pair_states, dtype=np.uint8)
+    # The label manager's pairs are the table's rows from ``first`` on: all of them, or a cluster node's own slice
+    # (the other rows hold its peers' sessions, whose pairs are theirs: mplslb.cluster).
+    first = (labels.c2s_min - c2s_min) // 2
+    own = np.zeros(pairs, dtype=bool)
+    own[first : first + labels.capacity] = True
+    in_use = np.zeros(pairs, dtype=bool)
+    in_use[first : first + labels.capacity] = np.frombuffer(labels.pair_states, dtype=np.uint8) == labels.IN_USE
     occupied = np.zeros(pairs, dtype=bool)
     occupied[rows] = True
     installed = (valid[all_c2s] != 0) | (valid[all_c2s + 1] != 0)
-    in_use = lstate == labels.IN_USE
     # Pairs with anything of a session but no row: labels without a row, a pair allocated and never used.
     orphans = np.flatnonzero(~occupied & (installed | in_use))
     for pair in orphans.tolist():
@@ -455,7 +462,7 @@ def adopt(balancer: Balancer, store: StateStore, now: float) -> AdoptReport:
             why = "server_gone"
         elif sessions.state[pair] in final_codes:
             why = "ended"
-        elif not in_use[pair] or not _bindings_agree(balancer, pair, server):
+        elif (own[pair] and not in_use[pair]) or not _bindings_agree(balancer, pair, server):
             why = "torn_session"
         if why:
             _clean(balancer, pair, now)
@@ -529,7 +536,8 @@ def _clean(balancer: Balancer, pair: int, now: float) -> None:
     c2s = sessions.c2s_min + 2 * pair
     switching.withdraw(c2s)
     switching.withdraw(c2s + 1)
-    labels.quarantine_pair(c2s, now)
+    if labels.c2s_min <= c2s <= labels.c2s_max:  # not a peer's pair (mplslb.cluster)
+        labels.quarantine_pair(c2s, now)
     sessions.drop_row(pair)
 
 

@@ -112,6 +112,26 @@ class SnapshotCollector:
         yield vip_active
 
         yield from self._servers(snap["servers"])
+        if snap.get("cluster"):
+            yield from self._cluster(snap["cluster"])
+
+    @staticmethod
+    def _cluster(cluster: Mapping[str, Any]) -> Iterator[Metric]:
+        """A cluster node's sync (see mplslb.cluster)."""
+        yield _gauge("mplslb_cluster_synced", "1 once this node has its peers' sessions (announce it then).",
+                     1 if cluster["synced"] else 0)  # fmt: skip
+        yield _gauge("mplslb_cluster_replicas", "Sessions held here on labels of other nodes.", cluster["replicas"])
+        peers = {p["address"]: 1 if p["alive"] else 0 for p in cluster["peers"]}
+        yield _by_label("gauge", "mplslb_cluster_peer_alive", "1 while a peer is heard.", "peer", peers)
+        sent, received = cluster["sent"], cluster["received"]
+        yield _counter("mplslb_cluster_sync_datagrams_sent_total", "Sync datagrams sent.", sent["datagrams"])
+        yield _counter("mplslb_cluster_sync_records_sent_total", "Sync records sent.", sent["records"])
+        yield _counter("mplslb_cluster_sync_datagrams_received_total", "Sync datagrams received.",
+                       received["datagrams"])  # fmt: skip
+        yield _by_label("counter", "mplslb_cluster_sync_applied_total", "Sync records applied, by what they did.",
+                        "what", cluster["applied"])  # fmt: skip
+        yield _by_label("counter", "mplslb_cluster_sync_drops_total", "Sync datagrams or records dropped, by reason.",
+                        "reason", cluster["drops"])  # fmt: skip
 
     @staticmethod
     def _servers(rows: list[Mapping[str, Any]]) -> Iterator[Metric]:

@@ -255,6 +255,34 @@ def snapshot(
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
+def cluster_tables(cluster: Mapping[str, Any] | None) -> list[Table]:
+    """The node's place in its cluster and its peers (none for a single balancer)."""
+    if cluster is None:
+        return []
+    first, end = cluster["labels"]
+    title = (
+        f"Cluster: node {cluster['node']} of {cluster['nodes']}, labels {first}..{end}, "
+        f"{'synced' if cluster['synced'] else 'NOT SYNCED'}, {cluster['replicas']} replicas"
+    )
+    peers = _table(title, "peer", "node", "state", "last heard s", "synced", "restarts")
+    for peer in cluster["peers"]:
+        heard = peer["last_heard"]
+        _add(
+            peers,
+            peer["address"],
+            str(peer["node"] or "-"),
+            "alive" if peer["alive"] else "silent",
+            "-" if heard is None else f"{heard:.1f}",
+            "yes" if peer["synced"] else "no",
+            str(peer["restarts"]),
+        )
+    sync = _table("Session sync", "what", "count")
+    for group in ("sent", "received", "applied", "drops"):
+        for name, count in sorted(cluster[group].items()):
+            _add(sync, f"{group} {name}", str(count))
+    return [peers, sync]
+
+
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=Text(title), title_justify="left", title_style="bold")
     for i, column in enumerate(columns):
@@ -367,6 +395,8 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
             "-" if srate is None else _si(srate["bytes_out_per_s"]),
         )
     tables.append(traffic)
+
+    tables += cluster_tables(snap.get("cluster"))
 
     check = snap.get("health")
     if check is not None:
