@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
-from mplslb.balancing.servers import Server, ServerConfig
+from mplslb.balancing.servers import Server, ServerConfig, ServerStatus
+from mplslb.bgp import BEAT_INTERVAL, BgpConfig, BgpSpeaker, read_bgp
 from mplslb.config import (
     FIXED_REASON,
     BalancerConfig,
@@ -105,6 +106,7 @@ class DaemonConfig:
     ring: bool
     offload: str = "none"  # "none" or "kernel"
     offload_syn_rate: int = 0  # unlabelled TCP SYNs a second the kernel offload passes up (0: all)
+    bgp: BgpConfig | None = None  # [bgp]: announce the VIPs to routers while healthy (mplslb.bgp)
 
 
 def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
@@ -145,13 +147,16 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     offload = read_offload(top)
     syn_rate = read_offload_syn_rate(top, offload)
     balancer = balancer_config_from_section(top)
+    service = [str(ipaddress.ip_address(a)) for a in (*(v.address for v in balancer.vips), *(
+        p.address for p in balancer.ports if p.kind == "mpls_udp"))]  # fmt: skip
+    bgp = read_bgp(top, service)
     top.done()
     for index, port_config in enumerate(balancer.ports):
         if need_interfaces and port_config.kind == "ethernet" and not port_config.interface:
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
-    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, syn_rate)
+    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, syn_rate, bgp)
 
 
 def _log_server(server: Server) -> None:
@@ -325,6 +330,29 @@ class Daemon:
                 config.metrics[1], config.metrics[0], lambda: self.latest, page=lambda: self.published
             )
         self._second_tick()
+        self.speaker: BgpSpeaker | None = None
+        if config.bgp is not None:
+            try:
+                self.speaker = BgpSpeaker(config.bgp)
+            except BaseException:
+                self.close()
+                raise
+            self._bgp_tick()
+
+    def node_health(self) -> tuple[bool, str]:
+        """Whether this node should be announced to the routers, else why not (the loop being alive is implied:
+        this runs in it)."""
+        if not any(s.status == ServerStatus.UP for s in self.balancer.pool.servers):
+            return False, "no_server_up"
+        cluster = getattr(self, "cluster", None)  # session sync to the other nodes, when clustering is on
+        if cluster is not None and not getattr(cluster, "synced", True):
+            return False, "not_synced"
+        return True, ""
+
+    def _bgp_tick(self) -> None:
+        assert self.speaker is not None
+        self.speaker.beat(*self.node_health())
+        self.loop.call_later(BEAT_INTERVAL, self._bgp_tick)
 
     def announce(self) -> None:
         """Tell the client side the VIPs are here (gratuitous ARP, unsolicited neighbour advertisements)."""
@@ -346,6 +374,9 @@ class Daemon:
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
+        speaker = getattr(self, "speaker", None)
+        if speaker is not None:
+            snap["bgp"] = speaker.status()
         return snap
 
     def _read_socket_counts(self) -> None:
@@ -425,6 +456,7 @@ class Daemon:
                 ("control.metrics", running.metrics, new.metrics),
                 ("ring", running.ring, new.ring),
                 ("offload", running.offload, new.offload),
+                ("bgp", running.bgp, new.bgp),
             ):
                 if was != now:
                     raise ConfigError(str(path), key, FIXED_REASON)
@@ -442,6 +474,10 @@ class Daemon:
 
     def close(self) -> None:
         notify("STOPPING=1")
+        speaker = getattr(self, "speaker", None)
+        if speaker is not None:  # the routers stop sending here before the datapath closes
+            speaker.close()
+            self.speaker = None
         if self.metrics is not None:
             self.metrics.close()
         if self.probes is not None:
