@@ -160,6 +160,7 @@ def _bfd_block(interval: float, multiplier: int) -> list[str]:
 
 
 _HEADER = [
+    "log stderr all;",
     "timeformat protocol iso long;",
     "timeformat base iso long;",
     "timeformat route iso long;",
@@ -186,6 +187,7 @@ def bird_config(config: BgpConfig) -> str:
             f"  local as {config.local_as};",
             f"  neighbor {neighbor} as {config.neighbor_as};",
             f"  hold time {config.hold_time}; keepalive time {config.keepalive_time}; connect retry time 1;",
+            "  error wait time 1, 5;",
             f"  bfd {'on' if config.bfd else 'off'};",
         ]
         if family in families:
@@ -214,6 +216,7 @@ def router_bird_config(
             f"  local as {local_as};",
             f"  neighbor {address} as {asn};",
             f"  hold time {hold_time}; keepalive time 1; connect retry time 1;",
+            "  error wait time 1, 5;",
             "  bfd on;",
             "  ipv4 { import all; export none; };",
             "}",
