@@ -110,7 +110,10 @@ def read_bgp(top: Section, default_announce: Iterable[str]) -> BgpConfig | None:
         if not 1 <= number <= AS_MAX:
             raise sec.error(key, f"an AS number is within 1..{AS_MAX}, got {number}")
     router_id = sec.require("router_id", str)
-    sec.convert("router_id", router_id, ipaddress.IPv4Address)
+    try:
+        ipaddress.IPv4Address(router_id)
+    except ValueError as exc:
+        raise sec.error("router_id", f"a router id is written as an IPv4 address: {exc}") from None
     neighbors = sec.items("neighbors", str, [])
     if not neighbors:
         raise sec.error("neighbors", "at least one neighbour address is needed")
