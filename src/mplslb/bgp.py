@@ -393,7 +393,7 @@ class BgpSpeaker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._applied: bool | None = None  # what BIRD was last told; None: unknown (not told since it started)
-        self._status: dict[str, Any] = {"announcing": False, "speaker": "starting", "peers": []}
+        self._status: dict[str, Any] = {"announcing": False, "speaker": "starting", "pid": None, "peers": []}
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "bird.conf"
         conf.write_text(bird_config(config))
@@ -412,6 +412,7 @@ class BgpSpeaker:
                 self._argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=_die_with_parent
             )
         self._applied = None
+        self._status = {**self._status, "pid": self.proc.pid}
         log.info("event=bgp_speaker_started pid=%d socket=%s", self.proc.pid, value(self.socket_path))
 
     # -- the daemon's loop side --------------------------------------------------------------------------------
@@ -457,6 +458,7 @@ class BgpSpeaker:
                     control = BirdControl(self.socket_path)
                 if want != self._applied:
                     self._apply(control, want, reason)
+                    next_status = 0.0  # show the change at once
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + STATUS_INTERVAL
                     self._status = self._read_status(control, want, reason)

@@ -441,11 +441,18 @@ class Lab:
         self._mplslb(key, self.node_ns(i), "balancer", "--config", str(config))
         self._wait_ready([key])
 
-    def stop_node(self, i: int, sig: int = signal.SIGTERM) -> None:
-        """Send ``sig`` to node ``i``'s daemon and wait for it to exit (its BIRD follows it)."""
+    def stop_node(self, i: int, sig: int = signal.SIGTERM, *, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Send ``sig`` to node ``i``'s daemon and (with ``wait``) wait for it to exit; its BIRD follows it."""
         proc = self.procs[self.node_key(i)]
         proc.send_signal(sig)
-        proc.wait(STOP_TIMEOUT)
+        if wait:
+            proc.wait(STOP_TIMEOUT)
+        return proc
+
+    def mend_node_link(self, i: int) -> None:
+        """Undo :meth:`cut_node_link`."""
+        nft = shutil.which("nft") or "/usr/sbin/nft"
+        self.run_in(self.node_ns(i), [nft, "delete", "table", "inet", "cut"], check=True)
 
     def cut_node_link(self, i: int) -> None:
         """Drop everything in and out of node ``i`` (nftables in its namespace): its link is dead, its carrier
