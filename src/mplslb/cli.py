@@ -582,6 +582,7 @@ def _lab_options(fn: Any) -> Any:
                 show_default=True,
                 help="Balancer nodes; more than one: behind a BGP/ECMP router (BIRD), both transports udp.",
             ),
+            click.option("--cluster", is_flag=True, help="With --nodes: the nodes sync their sessions ([cluster])."),
             click.option("--algorithm", default="round_robin", show_default=True),
             click.option("--weights", default="", help="Comma-separated weights, one per server."),
             click.option("--offload", type=click.Choice(["none", "kernel"]), default="none", show_default=True),

@@ -345,7 +345,7 @@ class Daemon:
         if not any(s.status == ServerStatus.UP for s in self.balancer.pool.servers):
             return False, "no_server_up"
         cluster = getattr(self, "cluster", None)  # session sync to the other nodes, when clustering is on
-        if cluster is not None and not getattr(cluster, "synced", True):
+        if cluster is not None and not cluster.sync.synced:
             return False, "not_synced"
         return True, ""
 

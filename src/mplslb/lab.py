@@ -67,6 +67,7 @@ READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 ROUTER_AS = 65000
 NODE_AS = 65001
+SYNC_PORT = 6640  # the nodes' session sync ([cluster])
 BFD_INTERVAL = 0.1  # seconds: a node whose link dies leaves the router's ECMP set after 3 of them
 
 
@@ -710,8 +711,9 @@ class Lab:
                 f'state_dir = "{self.dir / f"n{node + 1}.bgp"}"',
             ]
         if spec.nodes > 1 and spec.cluster:
-            peers = ", ".join(f'"{self.node_addr(k)}"' for k in range(spec.nodes) if k != node)
-            lines += ["", "[cluster]", f"node = {node}", f"nodes = {spec.nodes}", f"peers = [{peers}]"]
+            peers = ", ".join(f'"{self.node_addr(k)}:{SYNC_PORT}"' for k in range(spec.nodes) if k != node)
+            lines += ["", "[cluster]", f"node = {node + 1}", f"nodes = {spec.nodes}", f"peers = [{peers}]"]
+            lines += [f'sync_address = "{self.node_addr(node)}"', f"sync_port = {SYNC_PORT}"]
         return "\n".join(lines) + "\n"
 
     # -- using the lab -----------------------------------------------------------------------------------------
