@@ -32,6 +32,10 @@ WARM_UP = 0.2  # share of the run before growth is measured
 SETTLE = 30.0  # seconds the sessions may take to end after the load, at most
 
 
+EVENTS = ("event=server_", "event=refusing")  # what explains interrupted and refused sessions
+MAX_EVENTS = 40
+
+
 def missing_requirements() -> str:
     if os.geteuid() != 0:
         return "needs root (network namespaces, veth pairs, packet sockets)"
@@ -61,6 +65,7 @@ class Result:
     sessions_started: int = 0
     after: dict[str, Any] = field(default_factory=dict)
     settled_in: float | None = None
+    events: list[str] = field(default_factory=list)  # the balancer's server status changes and refusals
 
     def growth(self) -> dict[str, tuple[int, int, int, float]]:
         """Per process: (RSS after the warm-up, peak after it, last, growth from the first to the last) in KiB."""
@@ -100,8 +105,12 @@ class Result:
         settled = "never" if self.settled_in is None else f"{self.settled_in:.1f} s after the load"
         rows.append(
             f"after the load: {sessions.get('active')} live sessions, {labels.get('in_use')} labels in use "
-            f"(zero {settled}); sessions ended {sessions.get('ended')}; refused {sessions.get('refused')}"
+            f"(zero {settled}); sessions ended {sessions.get('ended')}; refused {sessions.get('refused')}; "
+            f"live by state {sessions.get('by_state')}"
         )
+        if self.events:
+            rows.append(f"the balancer's server changes and refusals ({len(self.events)} lines):")
+            rows += [f"  {line}" for line in self.events[:MAX_EVENTS]]
         return rows
 
 
@@ -137,6 +146,7 @@ def soak(duration: float, *, sample: float = 5.0, connections: int = 8, name: st
                 result.settled_in = time.monotonic() - load_ended
                 break
         result.sessions_started = int(result.after.get("sessions", {}).get("started", 0))
+        result.events = [line for line in lab.log("balancer").splitlines() if any(e in line for e in EVENTS)]
         return result
     finally:
         problems = lab.down()

@@ -6,6 +6,7 @@ curl) with an attacker namespace on the bridge the clients share with the balanc
 * Frames with forged labels never reach a server.
 * A spoofed SYN flood does not take a server down, the client's requests still succeed, and the half-open
   sessions it leaves (and their labels) are gone within the half-open timeout.
+* With the kernel offload and ``offload_syn_rate``, the same flood is shed in the XDP program beyond the rate.
 
 Frames are built with :mod:`mplslb.wire` and sent from a packet socket opened in the attacker's namespace; what
 reaches the servers is read from packet sockets on the switch's ports towards them. Every loop is bounded in
@@ -26,6 +27,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,13 +281,42 @@ def test_forged_labels_never_reach_a_server(lab: Lab, tmp_path: Path) -> None:
 
 
 # -- c) spoofed SYN flood ------------------------------------------------------------------------------------------
-def test_spoofed_syn_flood_takes_no_server_down_and_its_half_open_sessions_go(lab: Lab) -> None:
+@dataclass
+class Flood:
+    """What a spoofed SYN flood did: the status before, at its end and once its half-open sessions should be gone,
+    the client's request results while it ran, and the SYNs sent in how many seconds."""
+
+    before: dict[str, Any]
+    during: dict[str, Any]
+    after: dict[str, Any]
+    results: list[str]
+    sent: int
+    seconds: float
+
+    def report(self) -> str:
+        before, during, after = self.before, self.during, self.after
+        ok = sum(1 for r in self.results if r)
+        return (
+            f"flood: {self.sent} spoofed SYNs in {self.seconds:.1f} s = {self.sent / self.seconds:,.0f}/s offered; "
+            f"sessions started {during['sessions']['started'] - before['sessions']['started']}, "
+            f"peak {during['sessions']['peak']}, labels in use at the end of the flood {during['labels']['in_use']}; "
+            f"ended {delta(after['sessions']['ended'], before['sessions']['ended'])}, "
+            f"refused {delta(after['sessions']['refused'], before['sessions']['refused'])}, "
+            f"drops {delta(after['drops'], before['drops'])}; "
+            f"client: {ok}/{len(self.results)} requests answered; after: {after['sessions']['active']} sessions, "
+            f"{after['labels']['in_use']} labels in use; "
+            f"servers {[(s['name'], s['status'], s['down_reason']) for s in after['servers']]}"
+        )
+
+
+def syn_flood(lab: Lab) -> Flood:
+    """FLOOD_RATE spoofed SYNs a second for FLOOD_SECONDS from the attacker, each from its own address and port
+    (every one a new session), while client 0 makes requests one connection each."""
     all_up(lab)
     rng = random.Random(13)
     attacker_mac = mac_from_str(lab.attacker_mac(0))
     lb_mac = mac_from_str("02:4c:00:00:00:00")
     vip = ip4(VIP4)
-    # One frame per SYN, each from its own spoofed address and port: every one is a new session.
     total = int(FLOOD_RATE * FLOOD_SECONDS)
     pool = [
         tcp_frame(
@@ -334,23 +365,57 @@ def test_spoofed_syn_flood_takes_no_server_down_and_its_half_open_sessions_go(la
     after = status(lab)
     while time.monotonic() < deadline and (after["sessions"]["active"] or after["labels"]["in_use"]):
         after = status(lab)
+    return Flood(before, during, after, results, sent, flood_seconds)
 
-    ended = delta(after["sessions"]["ended"], before["sessions"]["ended"])
 
+def test_spoofed_syn_flood_takes_no_server_down_and_its_half_open_sessions_go(lab: Lab) -> None:
+    flood = syn_flood(lab)
+    print(flood.report())
+    during, after, results = flood.during, flood.after, flood.results
     ok = sum(1 for r in results if r)
-    print(
-        f"flood: {sent} spoofed SYNs in {flood_seconds:.1f} s = {sent / flood_seconds:,.0f}/s offered; "
-        f"sessions started {during['sessions']['started'] - before['sessions']['started']}, "
-        f"peak {during['sessions']['peak']}, labels in use at the end of the flood {during['labels']['in_use']}; "
-        f"ended {ended}, refused {delta(after['sessions']['refused'], before['sessions']['refused'])}, "
-        f"drops {delta(after['drops'], before['drops'])}; "
-        f"client: {ok}/{len(results)} requests answered; after: {after['sessions']['active']} sessions, "
-        f"{after['labels']['in_use']} labels in use; "
-        f"servers {[(s['name'], s['status'], s['down_reason']) for s in after['servers']]}"
-    )
     assert all(s["status"] == "up" for s in during["servers"] + after["servers"]), "a server was marked down"
+    ended = delta(after["sessions"]["ended"], flood.before["sessions"]["ended"])
     assert ended.get("server_down", 0) == 0, "a server was marked down during the flood (its sessions interrupted)"
     assert len(results) >= 20 and ok >= 0.99 * len(results), f"{len(results) - ok} of {len(results)} requests failed"
     assert after["sessions"]["active"] == 0 and after["labels"]["in_use"] == 0, (
         "half-open sessions or their labels outlived the half-open timeout"
     )
+
+
+SHED_RATE = 1_000  # the offload lab's offload_syn_rate: a tenth of the flood
+
+
+@pytest.fixture(scope="module")
+def shedding_lab() -> Iterator[Lab]:
+    """The attack lab with the XDP offload shedding unlabelled SYNs beyond SHED_RATE a second."""
+    spec = LabSpec(name=lab_name("shd"), clients=1, servers=2, attackers=1, offload="kernel",
+                   offload_syn_rate=SHED_RATE)  # fmt: skip
+    the_lab = Lab(spec, root=ROOT)
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        assert the_lab.down() == []
+
+
+def test_kernel_offload_sheds_a_syn_flood_beyond_its_rate(shedding_lab: Lab) -> None:
+    """The same flood at ten times ``offload_syn_rate``: the XDP program drops the excess before userspace
+    (``syn_shed``), the daemon starts sessions for at most the rate (per CPU bucket, rounded up, plus its burst),
+    no server goes down, and once the flood stops every request succeeds and nothing half-open is left."""
+    lab = shedding_lab
+    flood = syn_flood(lab)
+    print(flood.report())
+    before, during, after = flood.before, flood.during, flood.after
+    shed = delta(after["drops"], before["drops"]).get("syn_shed", 0)
+    started = during["sessions"]["started"] - before["sessions"]["started"]
+    cpus = os.cpu_count() or 1
+    # Each CPU's bucket holds its share of the rate (rounded up) and as much burst.
+    allowed = (SHED_RATE + cpus) * (flood.seconds + 1 + SNAPSHOT) + (SHED_RATE + cpus) + len(flood.results)
+    assert shed > 0, "no SYN was shed in the kernel"
+    accounted = shed + started
+    assert accounted >= flood.sent * 0.9, f"SYNs unaccounted for: {flood.sent} sent, {shed} shed, {started} started"
+    assert started <= allowed, f"{started} sessions started at a rate of {SHED_RATE}/s over {flood.seconds:.1f} s"
+    assert all(s["status"] == "up" for s in during["servers"] + after["servers"]), "a server was marked down"
+    assert after["sessions"]["active"] == 0 and after["labels"]["in_use"] == 0
+    # The flood over, the client's SYNs all pass again.
+    assert all(lab.curl(0, 10)), "requests failed after the flood"

@@ -595,6 +595,32 @@ def test_map_follows_the_table(topo: tuple[str, str], obj: bytes) -> None:
     assert all(xdp_state_in(lb, ifindex)[1] == 0 for ifindex in offload.ifindex.values())
 
 
+@needs_kernel
+def test_counters_survive_an_entry_rewritten_or_taken_back_between_polls(topo: tuple[str, str], obj: bytes) -> None:
+    """A label's entry rewritten (its next hop moved) or taken back to userspace (watched again) between two
+    polls: what the kernel forwarded on the old entry still reaches the table, once."""
+    lb, _ = topo
+    balancer = standard_balancer()
+    sw = balancer.switching
+    sw.install(A, **INSTALLS[A])
+    offload = offload_in(lb, balancer, obj)
+    frame = from_client(A, v4_tcp(ACK, b"x"))
+    try:
+        with entered(lb):
+            assert [offload.run(frame, 0).retval for _ in range(3)] == [bpf.XDP_REDIRECT] * 3
+            sw.repoint(A, next_hop=S2.mac)
+            assert offload.sync() == 1 and offload.lookup(A) is not None
+            assert [offload.run(frame, 0).retval for _ in range(2)] == [bpf.XDP_REDIRECT] * 2
+            sw.set_watch(A, sw.watch[A] | WATCH_ALL)
+            assert offload.sync() == 1 and offload.lookup(A) is None
+        assert sw.packets[A] == 5 and sw.bytes[A] == 5 * len(frame)
+        offload.poll()
+        offload.poll()
+        assert sw.packets[A] == 5  # folded once
+    finally:
+        offload.close()
+
+
 def xdp_state_in(ns: str, ifindex: int) -> tuple[str, int]:
     with entered(ns):
         return xdp_state(ifindex)

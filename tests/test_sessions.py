@@ -154,6 +154,19 @@ def test_a_full_tcp_close(server: Server) -> None:
     assert len(table) == 0 and table.lookup(s.key) is None and table.by_c2s(s.c2s) is None
 
 
+def test_state_counts_follow_the_sessions(server: Server) -> None:
+    table = SessionTable(TIMEOUTS)
+    assert table.state_counts() == {}
+    a, b, c = (make(table, server, n) for n in range(3))
+    table.apply(b, E.SYN_ACK, 0.1)
+    table.apply(c, E.SYN_ACK, 0.1)
+    table.apply(c, E.CLIENT_ACK, 0.2)
+    assert table.state_counts() == {"start": 1, "answered": 1, "established": 1}
+    table.apply(c, E.CLIENT_FIN, 0.3)
+    table.remove(a)
+    assert table.state_counts() == {"answered": 1, "closing_client": 1}
+
+
 def test_a_close_followed_by_traffic_is_not_believed(server: Server) -> None:
     ended: list[Session] = []
     revived: list[Session] = []
@@ -167,6 +180,21 @@ def test_a_close_followed_by_traffic_is_not_believed(server: Server) -> None:
     assert table.revived == 1 and table.live == 1 and s.deadline == 912.0 and revived == [s]
     table.apply(s, E.IDLE_TIMEOUT, 913.0)
     assert ended == [s, s] and table.live == 0  # counted on again when revived, off again at its end
+
+
+@pytest.mark.parametrize("event", [E.CLIENT_FIN, E.SERVER_FIN, E.CLIENT_RST, E.SERVER_RST])
+def test_a_repeated_close_starts_the_linger_again(server: Server, event: SessionEvent) -> None:
+    """A FIN retransmitted late in the linger (its ACK then comes from the other side) or an RST answering a late
+    segment: both directions carry frames after the grace, yet the session is closing, not going on."""
+    table = SessionTable(TIMEOUTS)
+    s = make(table, server)
+    for e in PATH[S.ESTABLISHED]:
+        table.apply(s, e, 0.0)
+    table.apply(s, E.SERVER_FIN, 9.0)
+    assert table.apply(s, E.CLIENT_FIN, 10.0) is S.ENDING and s.deadline == 12.0
+    assert table.apply(s, event, 11.5) is S.ENDING and s.deadline == 13.5
+    assert table.apply(s, E.SERVER_REPLY, 11.6) is S.ENDING and s.deadline == 13.5  # not a close: no restart
+    assert table.linger_over(s, 11.6, 13.5) is S.CLOSED and table.revived == 0
 
 
 @pytest.mark.parametrize(("event", "reason"), [(E.IDLE_TIMEOUT, "idle_timeout"), (E.SERVER_DOWN, "server_down")])
@@ -196,9 +224,9 @@ def test_tcp_end_ends_after_a_fin_from_each_side_whatever_the_order(server: Serv
     table.tcp_end(s, ACK, from_client=second, now=1.7)  # no FIN or RST: nothing
     table.tcp_end(s, FIN | ACK, from_client=second, now=2.0)
     assert s.state is S.ENDING and ended == [s] and table.live == 0  # counted off; the linger decides the rest
-    table.tcp_end(s, RST, from_client=second, now=3.0)  # ending: the close event stays the first one
-    assert s.deadline == 4.0
-    assert table.linger_over(s, 2.0, 4.0) is S.CLOSED and ended == [s] and table.live == 0  # counted off once
+    table.tcp_end(s, RST, from_client=second, now=3.0)  # ending: a repeated close starts the linger again
+    assert s.deadline == 5.0
+    assert table.linger_over(s, 3.0, 5.0) is S.CLOSED and ended == [s] and table.live == 0  # counted off once
 
 
 def test_tcp_end_on_rst_ends_after_the_linger(server: Server) -> None:

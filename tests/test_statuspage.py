@@ -585,3 +585,8 @@ def test_the_lab_balancers_page_shows_its_servers_and_a_drain_without_reload(lab
             n: "up" for n in names if n != drained
         }
         assert driver.execute_script("return document.querySelectorAll('#chart-servers polyline').length") > 0
+    # A reload, as systemd's ExecReload asks it (SIGHUP) or the CLI: RELOADING=1 with its time, then READY=1.
+    assert the_lab.command(cmd="reload")["ok"] is True
+    reloading = notifications.recv(4096).decode().split("\n")
+    assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC="), reloading
+    assert notifications.recv(4096) == b"READY=1"

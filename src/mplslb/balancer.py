@@ -145,6 +145,7 @@ class BalancerStats:
     sessions_started: int
     sessions_peak: int
     sessions_ended: dict[str, int]
+    sessions_by_state: dict[str, int]
     refused: dict[str, int]
     drops: dict[str, int]
     labels: LabelStats
@@ -889,6 +890,7 @@ class Balancer:
             sessions_started=self.sessions.started,
             sessions_peak=self.sessions.peak,
             sessions_ended=dict(self.sessions.ended),
+            sessions_by_state=self.sessions.state_counts(),
             refused={str(k): v for k, v in self.admission.refused.items() if v},
             drops=drops,
             labels=self.labels.stats(),

@@ -74,7 +74,7 @@ from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
 from mplslb.resolver import MacChange
-from mplslb.sdnotify import notify
+from mplslb.sdnotify import notify, reloading_message
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
 log = logging.getLogger("mplslb.balancer")
@@ -443,10 +443,18 @@ class Daemon:
     def reload(self) -> dict[str, Any]:
         """Re-read :attr:`config_path` and apply what changed (:meth:`Balancer.reconfigure`); a file that does not
         load, or changes what cannot change while running, is refused with its file, key and reason, and the
-        daemon keeps its configuration. Logs one line either way; returns the control reply."""
+        daemon keeps its configuration. Logs one line either way; returns the control reply. The service manager
+        is told (``RELOADING=1``, then ``READY=1`` once the reload is over, applied or refused)."""
         path = self.config_path
         if path is None:
             return {"error": "reload: the daemon was not started from a configuration file"}
+        notify(reloading_message())
+        try:
+            return self._reload(path)
+        finally:
+            notify("READY=1")
+
+    def _reload(self, path: Path) -> dict[str, Any]:
         try:
             new = load_daemon_config(path)
             running = self.config

@@ -93,6 +93,7 @@ class LabSpec:
     attackers: int = 0  # hosts on the clients' segment with an address and no agent (a1, a2, ...)
     servers_by_ip: bool = False  # the balancer is given the servers' addresses only and resolves their MACs
     server_transport: str = "ethernet"  # "udp": servers behind a router, reached as MPLS-in-UDP
+    offload_syn_rate: int = 0  # unlabelled SYNs a second the kernel offload passes up (0: all)
     nodes: int = 1  # balancer nodes; more than one: behind a BGP/ECMP router, both transports udp
     #: Write each node's ``[cluster]`` table (node, nodes, peers): for a daemon that has session sync.
     cluster: bool = False
@@ -110,6 +111,8 @@ class LabSpec:
             raise ValueError("server_transport must be ethernet or udp")
         if self.server_transport == "udp" and self.offload != "none":
             raise ValueError("the kernel offload switches between ethernet ports: not with server_transport udp")
+        if self.offload_syn_rate and self.offload != "kernel":
+            raise ValueError("offload_syn_rate sheds SYNs in the kernel offload: needs offload kernel")
         if not 1 <= self.clients <= 50 or not 1 <= self.servers <= 50:
             raise ValueError("clients and servers must be within 1..50")
         if not 0 <= self.attackers <= 9 or (self.attackers and self.transport != "ethernet"):
@@ -628,7 +631,10 @@ class Lab:
         """The balancer's configuration; with several nodes, node ``node``'s (its control socket, ``[bgp]``)."""
         spec = self.spec
         udp = spec.transport == "udp"
-        lines = [f'algorithm = "{spec.algorithm}"', f'offload = "{spec.offload}"', ""]
+        lines = [f'algorithm = "{spec.algorithm}"', f'offload = "{spec.offload}"']
+        if spec.offload_syn_rate:
+            lines.append(f"offload_syn_rate = {spec.offload_syn_rate}")
+        lines.append("")
         lines += [
             "[[ports]]",
             "id = 0",

@@ -378,6 +378,11 @@ class SessionTable:
         self._half_open_fifo: deque[tuple[int, float]] = deque()
 
     # -- rows -------------------------------------------------------------------------------------------------------
+    def state_counts(self) -> dict[str, int]:
+        """Live sessions by state (lower-case state names; one pass over the state column)."""
+        counts = np.bincount(self._np_state, minlength=len(_STATES))
+        return {_STATES[code].name.lower(): int(n) for code, n in enumerate(counts.tolist()) if code and n}
+
     def __len__(self) -> int:
         return self._count
 
@@ -517,6 +522,12 @@ class SessionTable:
                 self.ending_at[pair] = now
                 self.arm(session, now + self.timeouts.closed_linger)
                 self._counted_off(session)
+            elif event in _ENDS:
+                # A close repeated (a FIN retransmitted, an RST answering late data) is more evidence of the close,
+                # not of life: the linger starts again from it, so the exchange it causes both ways (the FIN and
+                # its ACK) is not taken for the session going on.
+                self.ending_at[pair] = now
+                self.arm(session, now + self.timeouts.closed_linger)
         elif new is not old and new not in HALF_OPEN_STATES:  # a half-open session keeps its SYN's deadline
             if event is SessionEvent.REVIVE:
                 self.revived += 1

@@ -210,6 +210,7 @@ def snapshot(
             "started": stats.sessions_started,
             "peak": stats.sessions_peak,
             "ended": dict(sorted(stats.sessions_ended.items())),
+            "by_state": stats.sessions_by_state,
             "refused": dict(sorted(stats.refused.items())),
         },
         "drops": dict(sorted(stats.drops.items())),

@@ -320,6 +320,8 @@ class XdpOffload:
 
     def _mirror(self, labels: Iterable[int]) -> int:
         """Make the map agree with the table for ``labels`` (distinct)."""
+        labels = list(labels)
+        self._fold_entries(labels)
         valid, watch, in_kernel, waiting = self.table.valid, self.table.watch, self._in_kernel, self._waiting
         writes: list[int] = []
         deletes: list[int] = []
@@ -440,8 +442,29 @@ class XdpOffload:
         self.polls += 1
         if not count:
             return 0
-        labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
-        counters = np.frombuffer(values, dtype=COUNTERS)
+        return self._fold(np.frombuffer(keys, dtype=np.uint32).astype(np.intp), np.frombuffer(values, dtype=COUNTERS))
+
+    def _fold_entries(self, labels: list[int]) -> None:
+        """Fold what the kernel forwarded on ``labels``' entries since the last poll into the table before the
+        entries are rewritten or taken back to userspace (a rewritten entry's counters start again from zero, a
+        deleted one's are gone). Only labels still installed: a withdrawn label's session is over. One lookup per
+        such label (a watch or next hop changed: rare)."""
+        assert self._map is not None
+        found: list[int] = []
+        values: list[bytes] = []
+        valid = self.table.valid
+        for label in labels:
+            if self._in_kernel[label] and valid[label]:
+                value = self._map.lookup(_KEY.pack(label))
+                if value is not None:
+                    found.append(label)
+                    values.append(value)
+        if found:
+            self._fold(np.array(found, dtype=np.intp), np.frombuffer(b"".join(values), dtype=COUNTERS))
+
+    def _fold(self, labels: np.ndarray, counters: np.ndarray) -> int:
+        """Add the counters read from ``labels``' entries beyond what was already added; returns how many labels
+        had new frames."""
         packets, octets, last_ns = counters["packets"], counters["bytes"], counters["last_ns"]
         live = self._in_kernel[labels] != 0  # an entry deleted since the read is not counted
         moved = live & (packets > self._kpackets[labels])
