@@ -398,7 +398,10 @@ class BgpSpeaker:
         conf = self.dir / "bird.conf"
         conf.write_text(bird_config(config))
         bird = shutil.which(config.bird) or config.bird
-        check = subprocess.run([bird, "-p", "-c", str(conf)], capture_output=True, text=True, check=False)
+        try:
+            check = subprocess.run([bird, "-p", "-c", str(conf)], capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise RuntimeError(f"cannot run {bird!r} (BIRD 2, Debian package bird2): {exc.strerror or exc}") from None
         if check.returncode != 0:
             raise RuntimeError(f"BIRD refuses its configuration {conf}: {check.stderr.strip() or check.stdout}")
         self._argv = [bird, "-f", "-c", str(conf), "-s", self.socket_path]
@@ -486,7 +489,7 @@ class BgpSpeaker:
         protocols = parse_protocols(control.command("show protocols"))
         now = parse_server_time(control.command("show status"))
         peers = self.config.peer_names()
-        exported = {name: parse_routes(control.command(f"show route export {name}")) for name in peers}
+        exported = {name: self._exported(control, name) for name in peers}
         return {
             "speaker": "running",
             "pid": self.proc.pid if self.proc is not None else None,
@@ -499,6 +502,14 @@ class BgpSpeaker:
             "bfd": self.config.bfd,
             "peers": peer_rows(protocols, peers, exported, now),
         }
+
+    @staticmethod
+    def _exported(control: BirdControl, peer: str) -> list[str]:
+        """What BIRD sends ``peer``; nothing while its session is down (BIRD answers "No valid tables")."""
+        try:
+            return parse_routes(control.command(f"show route export {peer}"))
+        except BirdError:
+            return []
 
     def close(self) -> None:
         """Withdraw everything, then stop BIRD (its sessions close with a Cease, so the routers withdraw too)."""

@@ -334,8 +334,10 @@ class Daemon:
         if config.bgp is not None:
             try:
                 self.speaker = BgpSpeaker(config.bgp)
-            except BaseException:
+            except BaseException as exc:
                 self.close()
+                if isinstance(exc, (OSError, RuntimeError)):
+                    raise StartError(f"bgp: cannot start the speaker: {exc}") from None
                 raise
             self._bgp_tick()
 
