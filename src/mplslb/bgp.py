@@ -392,7 +392,7 @@ class BgpSpeaker:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._applied: bool | None = None  # what BIRD was last told; None: unknown (not told since it started)
+        self._applied = False  # whether BIRD announces (its configuration starts with nothing announced)
         self._status: dict[str, Any] = {"announcing": False, "speaker": "starting", "pid": None, "peers": []}
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "bird.conf"
@@ -414,7 +414,7 @@ class BgpSpeaker:
             self.proc = subprocess.Popen(
                 self._argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=_die_with_parent
             )
-        self._applied = None
+        self._applied = False  # its configuration starts every announcement disabled
         self._status = {**self._status, "pid": self.proc.pid}
         log.info("event=bgp_speaker_started pid=%d socket=%s", self.proc.pid, value(self.socket_path))
 
