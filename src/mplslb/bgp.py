@@ -87,7 +87,7 @@ class BgpConfig:
     keepalive_time: int = 1
     loop_timeout: float = 2.0
     bird: str = "bird"
-    state_dir: str = ""  # BIRD's configuration, control socket and log; "" for /run/mplslb/bgp-<pid>
+    state_dir: str = ""  # BIRD's configuration and control socket; "" for /run/mplslb/bgp-<pid>, removed at exit
 
     def families(self) -> set[int]:
         return {ipaddress.ip_network(p).version for p in self.announce}
@@ -386,6 +386,7 @@ class BgpSpeaker:
     def __init__(self, config: BgpConfig) -> None:
         self.config = config
         self.dir = Path(config.state_dir or f"/run/mplslb/bgp-{os.getpid()}")
+        self._own_dir = not config.state_dir and not self.dir.exists()  # removed at close
         self.socket_path = str(self.dir / "bird.ctl")
         self.proc: subprocess.Popen[bytes] | None = None
         self._wanted = _Wanted()
@@ -410,10 +411,8 @@ class BgpSpeaker:
         self._thread.start()
 
     def _start_bird(self) -> None:
-        with open(self.dir / "bird.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                self._argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=_die_with_parent
-            )
+        # BIRD's log lines go to the daemon's stderr (journald, the lab's log file).
+        self.proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self._applied = False  # its configuration starts every announcement disabled
         self._status = {**self._status, "pid": self.proc.pid}
         log.info("event=bgp_speaker_started pid=%d socket=%s", self.proc.pid, value(self.socket_path))
@@ -517,16 +516,23 @@ class BgpSpeaker:
         self._wake.set()
         self._thread.join(STOP_TIMEOUT)
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
         try:
-            control = BirdControl(self.socket_path, timeout=1.0)
+            if proc is not None and proc.poll() is None:
+                self._stop_bird(proc)
+        finally:
+            if self._own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_bird(self, proc: subprocess.Popen[bytes]) -> None:
+        if self._applied:
             try:
-                self._apply(control, False, "stopping")
-            finally:
-                control.close()
-        except (OSError, ConnectionError, BirdError) as exc:
-            log.warning("event=bgp_withdraw_failed reason=%s", value(str(exc)))
+                control = BirdControl(self.socket_path, timeout=1.0)
+                try:
+                    self._apply(control, False, "stopping")
+                finally:
+                    control.close()
+            except (OSError, ConnectionError, BirdError) as exc:
+                log.warning("event=bgp_withdraw_failed reason=%s", value(str(exc)))
         proc.terminate()
         try:
             proc.wait(STOP_TIMEOUT)
