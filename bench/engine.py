@@ -123,6 +123,10 @@ def check_sessions(balancer: Balancer, flows: range) -> None:
             raise RuntimeError(f"flow {flow}: C2S label still fully watched ({watch:#x})")
 
 
+#: ``--state-dir``: the world's balancer takes its arrays from a state store there.
+STATE_DIR: Path | None = None
+
+
 class World:
     """One balancer with ``plan.sessions`` live TCP sessions (steady state) and ``plan.udp_sessions`` UDP ones,
     shared by the claim, single, batch and new sections; fresh flows are handed out in order."""
@@ -131,6 +135,10 @@ class World:
         self.plan = plan
         self.rng = np.random.default_rng(seed)
         self.balancer = Balancer(make_config())
+        if STATE_DIR is not None:  # the tables' arrays in a mapped file (mplslb.state) instead of the heap
+            from mplslb.state import open_balancer
+
+            self.balancer = open_balancer(make_config(), STATE_DIR, now=0.0, fresh=True)[0]
         t0 = time.perf_counter()
         self.tcp = range(0, plan.sessions)
         open_sessions(self.balancer, self.tcp)
@@ -826,7 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=PAIRS, help=argparse.SUPPRESS)
     parser.add_argument("--profile-target", choices=("single", "new", "new-block", "block"), help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=8.0, help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", type=Path, help="keep the world's tables in a state store there (mplslb.state)")
     args = parser.parse_args(argv)
+    global STATE_DIR
+    STATE_DIR = args.state_dir
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.sessions)))
         return 0

@@ -59,6 +59,7 @@ from mplslb.labels import LabelManager, LabelStats, pair_of, s2c_of
 from mplslb.neighbors import announcement, answer
 from mplslb.resolver import MacChange, Resolver
 from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
+from mplslb.state import HEAP, Allocator
 from mplslb.switching import (
     DROPPED,
     IPV6_PAYLOAD,
@@ -158,7 +159,8 @@ class BalancerStats:
 class Balancer:
     """The server load balancing apparatus (claim 1), sans I/O: the five units and their timers, wired."""
 
-    def __init__(self, config: BalancerConfig) -> None:
+    def __init__(self, config: BalancerConfig, *, store: Allocator = HEAP) -> None:
+        """``store``: where the tables take their arrays (:mod:`mplslb.state`; by default the heap)."""
         self.config = config
         self.ports: dict[int, PortConfig] = {p.port_id: p for p in config.ports}
         self.vips: dict[bytes, VirtualService] = {v.address: v for v in config.vips}
@@ -178,7 +180,9 @@ class Balancer:
             refuse_with=config.refuse_with,
         )
         self.switching = LabelSwitchingTable(
-            {p.port_id: p.mac for p in config.ports}, {p.port_id: (p.line_card, p.number) for p in config.ports}
+            {p.port_id: p.mac for p in config.ports},
+            {p.port_id: (p.line_card, p.number) for p in config.ports},
+            store=store,
         )
         self.sessions = SessionTable(
             config.timeouts,
@@ -186,8 +190,11 @@ class Balancer:
             on_revive=self._session_revived,
             c2s_min=config.c2s_min,
             c2s_max=config.c2s_max,
+            store=store,
         )
-        self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max)
+        self.labels = LabelManager(
+            quarantine=config.label_quarantine, c2s_min=config.c2s_min, c2s_max=config.c2s_max, store=store
+        )
         #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
         self.max_half_open = max(1, int(self.sessions.rows * config.half_open_share))
         #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
@@ -795,6 +802,16 @@ class Balancer:
             self.pool.set_mac(config.name, pseudo_mac(config.address))
         else:
             self.resolver.add(config.name, config.address, config.port_id, 0.0)  # the first probe is due at once
+
+    def recall_macs(self, macs: Mapping[str, bytes], now: float) -> None:
+        """Servers' MACs as a previous process knew them (adopted sessions' labels hold them): a server still being
+        resolved takes its MAC at once while the resolver confirms it (:meth:`Resolver.recall`)."""
+        changes = [
+            MacChange(name, b"", mac)
+            for name, mac in macs.items()
+            if name in self.pool and self.resolver.recall(name, mac, now)
+        ]
+        self._macs_changed(changes)
 
     def _from_neighbor(self, port: int, frame: bytes | memoryview, now: float) -> bool:
         """An ARP or neighbour discovery frame from a server port goes to the resolver; True if it was one."""

@@ -232,8 +232,15 @@ def check_config(config_path: Path) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_NETNS
 @_READY
-def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
-    """The balancer daemon on real interfaces (root). Stops cleanly on SIGTERM/SIGINT."""
+@click.option(
+    "--state-dir",
+    default="",
+    help="Keep the sessions, labels and kernel offload here across restarts (as [state] persist = true does).",
+)
+@click.option("--fresh", is_flag=True, help="With kept state: start clean instead of adopting it.")
+def balancer(config_path: Path, netns: str | None, ready_file: str, state_dir: str, fresh: bool) -> None:
+    """The balancer daemon on real interfaces (root). Stops cleanly on SIGTERM/SIGINT; with kept state a new
+    daemon adopts the established sessions."""
     from mplslb.daemon import StartError, load_daemon_config, run_daemon
 
     try:
@@ -245,7 +252,7 @@ def balancer(config_path: Path, netns: str | None, ready_file: str) -> None:
     from mplslb.offload.xdp import OffloadError
 
     try:
-        sys.exit(run_daemon(config_path, ready_file=ready_file))
+        sys.exit(run_daemon(config_path, ready_file=ready_file, state_dir=state_dir, fresh=fresh))
     except OffloadError as exc:
         raise click.ClickException(f"kernel offload: {exc}") from None
     except StartError as exc:

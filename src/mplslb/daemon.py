@@ -30,9 +30,13 @@ or values are rejected at load naming the key.
 
 With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
 :class:`~mplslb.offload.driver.OffloadedBalancer`: established sessions' labels are installed in an XDP program on
-the Ethernet ports and their frames are switched by the kernel; see :mod:`mplslb.offload.xdp`. Nothing of it
-outlives the daemon: the program is held by BPF links that close with the process, and a leftover attached
-another way under the program's name is removed at start.
+the Ethernet ports and their frames are switched by the kernel; see :mod:`mplslb.offload.xdp`. Without
+kept state nothing of it outlives the daemon: the program is held by BPF links that close with the process, and a
+leftover attached another way under the program's name is removed at start.
+
+With ``[state] persist = true`` (``dir``, ``instance``) or ``--state-dir``, the sessions, labels and label switching
+entries live in a mapped file that the next daemon adopts (:mod:`mplslb.state`; ``--fresh`` starts clean), and on
+stop the daemon leaves the offload's pinned program attached and the VIPs' blackhole routes in place.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ import fcntl
 import ipaddress
 import logging
 import os
+import re
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,6 +81,7 @@ from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
 from mplslb.resolver import MacChange
 from mplslb.sdnotify import notify, reloading_message
+from mplslb.state import StateError, StateStore, default_dir, open_balancer
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
 log = logging.getLogger("mplslb.balancer")
@@ -106,6 +113,8 @@ class DaemonConfig:
     ring: bool
     offload: str = "none"  # "none" or "kernel"
     offload_syn_rate: int = 0  # unlabelled TCP SYNs a second the kernel offload passes up (0: all)
+    state_dir: str = ""  # "": nothing outlives the daemon; else where its state does (mplslb.state)
+    instance: str = ""  # names the state directory's and the kernel offload's pins by default
     bgp: BgpConfig | None = None  # [bgp]: announce the VIPs to routers while healthy (mplslb.bgp)
 
 
@@ -146,6 +155,17 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     ring = top.get("ring", bool, False)
     offload = read_offload(top)
     syn_rate = read_offload_syn_rate(top, offload)
+    ssec = top.section("state")
+    persist = ssec.get("persist", bool, False)
+    instance = ssec.get("instance", str, Path(path).stem)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", instance):
+        raise ssec.error("instance", f"1-64 letters, digits, '_', '.', '-' (a directory name), got {instance!r}")
+    state_dir = ssec.get("dir", str, "")
+    if persist and not state_dir:
+        state_dir = str(default_dir(instance))
+    if state_dir and not persist and "persist" in ssec.table:
+        raise ssec.error("dir", "set with persist = false")
+    ssec.done()
     balancer = balancer_config_from_section(top)
     service = [str(ipaddress.ip_address(a)) for a in (*(v.address for v in balancer.vips), *(
         p.address for p in balancer.ports if p.kind == "mpls_udp"))]  # fmt: skip
@@ -156,7 +176,9 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
-    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, syn_rate, bgp)
+    return DaemonConfig(
+        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp
+    )  # fmt: skip
 
 
 def _log_server(server: Server) -> None:
@@ -259,11 +281,21 @@ def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool) ->
 class Daemon:
     """The balancer daemon's parts, in one loop."""
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, *, fresh: bool = False) -> None:
+        """``fresh``: with a state directory, start clean instead of adopting what a previous daemon left."""
         self.config = config
         self.loop = Loop()
         clock = self.loop.clock
-        self.balancer = Balancer(config.balancer)
+        self.store: StateStore | None = None
+        if config.state_dir:
+            try:
+                self.balancer, self.store, _ = open_balancer(
+                    config.balancer, Path(config.state_dir), now=clock(), fresh=fresh
+                )
+            except StateError as exc:
+                raise StartError(str(exc)) from None
+        else:
+            self.balancer = Balancer(config.balancer)
         self.balancer.pool.on_status = _log_server
         self.balancer.on_mac = _log_mac
         bc = config.balancer
@@ -273,25 +305,33 @@ class Daemon:
         )  # fmt: skip
         # The kernel offload: the driver talks to the balancer through the offload, which mirrors its
         # label switching table into the kernel after each batch and before its timers.
-        self.locks = lock_interfaces(config.balancer)
+        try:
+            self.locks = lock_interfaces(config.balancer)
+        except BaseException:
+            self._close_store()
+            raise
         self.offloaded: OffloadedBalancer | None = None
         if config.offload == "kernel":
             from mplslb.offload.driver import OffloadedBalancer
 
             try:
-                self.offloaded = OffloadedBalancer(self.balancer, self.loop, syn_rate=config.offload_syn_rate)
+                self.offloaded = OffloadedBalancer(
+                    self.balancer, self.loop, syn_rate=config.offload_syn_rate, pins=self._pins(), fresh=fresh
+                )
             except BaseException:
                 self._unlock()
+                self._close_store()
                 raise
         self.changes = HostChanges()
         try:
             setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
             self.ports = open_ports(config.balancer, ring=config.ring)
-        except BaseException:  # nothing of a daemon that could not start stays behind
+        except BaseException:  # nothing of a daemon that could not start stays behind (but its kept state)
             self.changes.undo()
             self._unlock()
             if self.offloaded is not None:
-                self.offloaded.close()
+                self.offloaded.close(keep=self.store is not None)
+            self._close_store()
             raise
         # Block mode: receive-ring blocks switched in place by the numpy fast path (Balancer.receive_block).
         self.driver = BalancerDriver(self.offloaded or self.balancer, self.ports, self.loop, block=config.ring)
@@ -315,7 +355,9 @@ class Daemon:
                 clock=clock,
             )
             self.loop.add_reader(self.probes.fileno(), self.probes.on_ready)
-            self._health_tick()
+            # The first probes go out once the loop runs to read their answers: a slow start (adopting a kept
+            # state under load) must not pass for servers that do not answer.
+            self.loop.call_at(clock(), self._health_tick)
         self.control = ControlServer(
             config.control_socket,
             self._snapshot,
@@ -494,13 +536,28 @@ class Daemon:
             self.probes.close()
         self.control.close()
         self.driver.close()
-        if self.offloaded is not None:  # detach from every port
-            self.offloaded.close()
+        keep = self.store is not None  # a next daemon adopts the state: the kernel goes on switching meanwhile
+        if self.offloaded is not None:  # detach from every port, or leave the program pinned and attached
+            self.offloaded.close(keep=keep)
         for port in self.ports.values():
             port.close()  # type: ignore[attr-defined]
         self.loop.close()
-        self.changes.undo()
+        if not keep:  # with kept state the VIPs' blackhole routes stay too: the host stays silent meanwhile
+            self.changes.undo()
         self._unlock()
+        self._close_store()
+
+    def _pins(self) -> Path | None:
+        """Where the kernel offload pins its program, map and links when the state is kept."""
+        if self.store is None:
+            return None
+        from mplslb.offload.xdp import PIN_ROOT
+
+        return PIN_ROOT / self.config.instance
+
+    def _close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     def _unlock(self) -> None:
         for fd in self.locks:
@@ -508,9 +565,13 @@ class Daemon:
         self.locks = []
 
 
-def run_daemon(config_path: str | Path, *, ready_file: str = "") -> int:
+def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str = "", fresh: bool = False) -> int:
+    """Run the daemon until SIGTERM/SIGINT. ``state_dir`` keeps its state there (overrides ``[state]``);
+    ``fresh`` starts clean instead of adopting what a previous daemon left."""
     config = load_daemon_config(config_path)
-    daemon = Daemon(config)
+    if state_dir:
+        config = replace(config, state_dir=state_dir)
+    daemon = Daemon(config, fresh=fresh)
     stop = threading.Event()
 
     def handle(_signum: int, _frame: object) -> None:
@@ -530,5 +591,8 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "") -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        log.info("event=stopping kept_state=%s", daemon.store is not None)
+        started = time.monotonic()
         daemon.close()
+        log.info("event=stopped seconds=%.3f", time.monotonic() - started)
     return 0

@@ -35,8 +35,11 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
+import numpy as np
+
+from mplslb.state import HEAP, Allocator
 from mplslb.wire.mpls import LABEL_SPACE
 
 __all__ = [
@@ -138,13 +141,19 @@ class LabelManager:
         "_q_labels",
         "_q_release",
         "_quarantine",
+        "_release",
         "_state",
         "_withdrawn_total",
         "c2s_max",
         "c2s_min",
     )
 
-    def __init__(self, *, quarantine: float = 60.0, c2s_min: int = C2S_MIN, c2s_max: int = C2S_MAX) -> None:
+    #: A pair's state byte while it is allocated (:attr:`pair_states`).
+    IN_USE: Final = _IN_USE
+
+    def __init__(
+        self, *, quarantine: float = 60.0, c2s_min: int = C2S_MIN, c2s_max: int = C2S_MAX, store: Allocator = HEAP
+    ) -> None:
         if not (math.isfinite(quarantine) and quarantine >= 0):
             raise ValueError(f"quarantine must be a finite number of seconds >= 0, got {quarantine!r}")
         for what, bound in (("c2s_min", c2s_min), ("c2s_max", c2s_max)):
@@ -168,7 +177,10 @@ class LabelManager:
         self._q_head = 0
         self._q_count = 0
         self._last_release = -math.inf
-        self._state = bytearray(capacity)
+        # Per pair, from ``store`` (see :mod:`mplslb.state`): its state, and when it leaves (left) quarantine. The
+        # rings are derived from them and rebuilt by :meth:`restore`.
+        self._state = store.array("labels.state", "B", capacity)
+        self._release = store.array("labels.release", "d", capacity)
         self._in_use_count = 0
         self._peak = 0
         self._allocated_total = 0
@@ -222,6 +234,7 @@ class LabelManager:
         self._q_labels[tail] = c2s
         self._q_release[tail] = release
         self._q_count += 1
+        self._release[index] = release  # before the state byte: a quarantined pair always has its time
         self._state[index] = _QUARANTINED
         self._in_use_count -= 1
         self._withdrawn_total += 1
@@ -259,6 +272,41 @@ class LabelManager:
         self._q_head, self._q_count = head, count
         self._free_count += released
         return released
+
+    # -- a manager adopted from a previous process (mplslb.state) ------------------------------------------------
+
+    @property
+    def pair_states(self) -> Any:
+        """The per-pair state bytes (read-only use: adoption's consistency check)."""
+        return self._state
+
+    def quarantine_pair(self, c2s: int, now: float) -> None:
+        """Before :meth:`restore`: put pair ``c2s`` in quarantine from ``now`` unless it is there already (the
+        arrays only; adoption's repairs)."""
+        index = (c2s - self._base) >> 1
+        if self._state[index] != _QUARANTINED:
+            self._release[index] = now + self._quarantine
+            self._state[index] = _QUARANTINED
+
+    def restore(self) -> None:
+        """Rebuild the rings from the per-pair states and release times after adopting them: quarantined pairs in
+        release order, free pairs behind each other in the order they were released (never used first)."""
+        state = np.frombuffer(self._state, dtype=np.uint8)
+        release = np.frombuffer(self._release, dtype=np.float64)
+        labels = self._base + 2 * np.arange(self._capacity, dtype=np.int64)
+        quarantined = np.flatnonzero(state == _QUARANTINED)
+        quarantined = quarantined[np.argsort(release[quarantined], kind="stable")]
+        free = np.flatnonzero(state == _FREE)
+        free = free[np.argsort(release[free], kind="stable")]
+        q_count, free_count = int(quarantined.size), int(free.size)
+        np.frombuffer(self._q_labels, dtype=np.uint32)[:q_count] = labels[quarantined]
+        np.frombuffer(self._q_release, dtype=np.float64)[:q_count] = release[quarantined]
+        np.frombuffer(self._free, dtype=np.uint32)[:free_count] = labels[free]
+        self._q_head, self._q_count = 0, q_count
+        self._free_head, self._free_count = 0, free_count
+        self._last_release = float(release[quarantined].max()) if q_count else -math.inf
+        self._in_use_count = int(np.count_nonzero(state == _IN_USE))
+        self._peak = max(self._peak, self._in_use_count)
 
     # -- queries ---------------------------------------------------------------------------------
 

@@ -164,6 +164,19 @@ class Resolver:
             neighbor.backoff = self.timers.retry_min
             self._schedule(neighbor, now)
 
+    def recall(self, name: str, mac: bytes, now: float) -> bool:
+        """Server ``name``'s MAC as a previous process knew it (a kept state's labels hold it): used at once as
+        STALE, confirmed by probes from ``now`` (dropped if none is answered). False if ``name`` is not being
+        resolved or already has a MAC."""
+        neighbor = self.neighbors.get(name)
+        if neighbor is None or neighbor.mac or len(mac) != 6:
+            return False
+        neighbor.mac = bytes(mac)
+        neighbor.state = NeighborState.STALE
+        neighbor.probes_sent = 0
+        self._schedule(neighbor, now)
+        return True
+
     # -- frames ----------------------------------------------------------------------------------------------------
     def receive(self, port_id: int, frame: bytes | memoryview, now: float) -> list[MacChange] | None:
         """Take an ARP or neighbour discovery frame that arrived on server port ``port_id``; returns the MAC

@@ -65,6 +65,7 @@ import numpy as np
 
 from mplslb.flow import FlowKey
 from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.state import HEAP, Allocator
 from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.tcp import TCPFlag
@@ -332,6 +333,7 @@ class SessionTable:
         *,
         c2s_min: int = C2S_MIN,
         c2s_max: int = C2S_MAX,
+        store: Allocator = HEAP,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.on_end = on_end
@@ -340,22 +342,27 @@ class SessionTable:
         rows = (c2s_max - c2s_min) // 2 + 1
         self.rows = rows
         self._servers: dict[int, Server] = {}  # every server a row has named, by its (never reused) index
-        self.state = bytearray(rows)
-        self.proto = bytearray(rows)
-        self.ip_version = bytearray(rows)
-        self.rt_budget = bytearray(rows)
-        self.end_reason = bytearray(rows)
-        self.final_state = bytearray(rows)  # the final state a session ended in (its row may be free again)
-        self.client_port = array("i", [0]) * rows
-        self.server = array("I", [0]) * rows
-        self.start_time = array("d", [0.0]) * rows
-        self.request_at = array("d", [0.0]) * rows
-        self.end_time = array("d", [0.0]) * rows
-        self.ending_at = array("d", [0.0]) * rows  # when the RST or second FIN that made the session ENDING came
-        self.deadline = array("d", [0.0]) * rows
+        self._store = store
+        # The rows' fields: from ``store`` (see :mod:`mplslb.state`), so they may outlive the process.
+        self.state = store.array("sessions.state", "B", rows)
+        self.proto = store.array("sessions.proto", "B", rows)
+        self.ip_version = store.array("sessions.ip_version", "B", rows)
+        self.rt_budget = store.array("sessions.rt_budget", "B", rows)
+        self.end_reason = store.array("sessions.end_reason", "B", rows)
+        # The final state a session ended in (its row may be free again).
+        self.final_state = store.array("sessions.final_state", "B", rows)
+        self.client_port = store.array("sessions.client_port", "i", rows)
+        self.server = store.array("sessions.server", "I", rows)
+        self.start_time = store.array("sessions.start_time", "d", rows)
+        self.request_at = store.array("sessions.request_at", "d", rows)
+        self.end_time = store.array("sessions.end_time", "d", rows)
+        # When the RST or second FIN that made the session ENDING came.
+        self.ending_at = store.array("sessions.ending_at", "d", rows)
+        self.deadline = store.array("sessions.deadline", "d", rows)
+        self.keys = store.array("sessions.keys", "B", KEY_SIZE * rows)
+        self.client_mac = store.array("sessions.client_mac", "B", ETH_ALEN * rows)
+        # The key index is derived from the keys (and from the process's hash seed): never kept, rebuilt.
         self.home = array("i", [0]) * rows  # the hash slot each row's key hashes to
-        self.keys = bytearray(KEY_SIZE * rows)
-        self.client_mac = bytearray(ETH_ALEN * rows)
         slots = 1 << max(4, (2 * rows - 1).bit_length())
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
@@ -426,35 +433,41 @@ class SessionTable:
         slot, found = self._slot_of(packed)
         if found != _EMPTY:
             raise ValueError(f"session {key} already in the table")
+        if server.index not in self._servers:
+            self._store.remember(f"server.{server.index}", server.config.name)
+            self._servers[server.index] = server
         self._slots[slot] = pair
         self.home[pair] = hash(packed) & self._mask
+        # Every field first, the state byte last: a row is valid only once complete (see mplslb.state).
         self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size] = packed
-        self.state[pair] = _START
         self.proto[pair] = key.proto
         self.ip_version[pair] = ip_version
         self.rt_budget[pair] = WATCH_BUDGET
         self.end_reason[pair] = 0
         self.client_port[pair] = client_port
         self.server[pair] = server.index
-        self._servers[server.index] = server
         self.client_mac[pair * ETH_ALEN : pair * ETH_ALEN + ETH_ALEN] = client_mac
         self.start_time[pair] = now
         self.request_at[pair] = 0.0
         self.end_time[pair] = 0.0
         self.ending_at[pair] = 0.0
-        if key.proto == IPPROTO_TCP:
-            self.half_open += 1
-            fifo = self._half_open_fifo
-            fifo.append((pair, now))
-            if len(fifo) > 2 * self.half_open + 64:
-                self._half_open_fifo = deque(entry for entry in fifo if self._is_half_open(*entry))
         self._count += 1
         self.started += 1
         self.live += 1
         self.peak = max(self.peak, self._count)
         session = Session(self, pair)
         self.arm(session, now + self.timeouts.idle(key.proto, SessionState.START))
+        self.state[pair] = _START
+        if key.proto == IPPROTO_TCP:
+            self.half_open += 1
+            self._queue_half_open(pair, now)
         return session
+
+    def _queue_half_open(self, pair: int, started: float) -> None:
+        fifo = self._half_open_fifo
+        fifo.append((pair, started))
+        if len(fifo) > 2 * self.half_open + 64:
+            self._half_open_fifo = deque(entry for entry in fifo if self._is_half_open(*entry))
 
     def _is_half_open(self, pair: int, started: float) -> bool:
         return self.state[pair] in _HALF_OPEN_CODES and self.start_time[pair] == started
@@ -507,6 +520,8 @@ class SessionTable:
         new = TRANSITIONS.get((old, event))
         if new is None or self.state[pair] == _FREE:
             raise InvalidTransition(f"{event} not allowed in state {old} ({session!r})")
+        if new is SessionState.ENDING and old is not SessionState.ENDING:
+            self.ending_at[pair] = now  # before the state byte: an ENDING row always has its close's time
         self.state[pair] = _CODE[new]
         if old in HALF_OPEN_STATES and new not in HALF_OPEN_STATES and self.proto[pair] == IPPROTO_TCP:
             self.half_open -= 1
@@ -519,7 +534,6 @@ class SessionTable:
                 self._counted_off(session)
         elif new is SessionState.ENDING:
             if old is not SessionState.ENDING:
-                self.ending_at[pair] = now
                 self.arm(session, now + self.timeouts.closed_linger)
                 self._counted_off(session)
             elif event in _ENDS:
@@ -643,6 +657,56 @@ class SessionTable:
                 slots[hole] = row
                 hole = probe
         slots[hole] = _EMPTY
+
+    # -- a table adopted from a previous process (mplslb.state) ---------------------------------------------------
+    def final_codes(self) -> frozenset[int]:
+        """The state bytes of final (closed, interrupted) rows."""
+        return _FINAL_CODES
+
+    def drop_row(self, pair: int) -> None:
+        """Free ``pair``'s row as it lies in the arrays, before :meth:`restore` (adoption's repairs)."""
+        self.state[pair] = _FREE
+
+    def restore(self, servers: dict[int, Server], now: float) -> list[int]:
+        """Rebuild what is derived from the rows after adopting them: the key index, the counts, the half-open
+        sessions' queue (oldest first) and the deadlines. ``servers`` names the servers the rows' indices refer to.
+
+        A half-open TCP session's wait starts again at ``now`` (its answer, or the client's ACK, may have passed
+        while no daemon watched); an ENDING session lingers until its close's time plus ``closed_linger``. Returns
+        the live rows (neither final nor ENDING)."""
+        state = np.frombuffer(self.state, dtype=np.uint8)
+        rows = np.flatnonzero(state).tolist()
+        self._servers.update(servers)
+        slots, mask = self._slots, self._mask
+        for pair in rows:
+            packed = bytes(self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size])
+            slot, found = self._slot_of(packed)
+            if found != _EMPTY:
+                raise ValueError(f"rows {found} and {pair} hold the same flow key")
+            slots[slot] = pair
+            self.home[pair] = hash(packed) & mask
+        live = [pair for pair in rows if state[pair] not in _FINAL_CODES and state[pair] != _ENDING]
+        half_open = [pair for pair in live if state[pair] in _HALF_OPEN_CODES and self.proto[pair] == IPPROTO_TCP]
+        half_open.sort(key=lambda pair: (self.start_time[pair], pair))  # the order they opened in
+        self._half_open_fifo = deque()
+        self.half_open = len(half_open)
+        self._count = len(rows)
+        self.live = len(live)
+        self.peak = max(self.peak, self._count)
+        deadlines = self._np_deadline[np.asarray(rows, dtype=np.intp)]
+        self._next = float(deadlines.min()) if deadlines.size else math.inf
+        linger = self.timeouts.closed_linger
+        for pair in rows:
+            if state[pair] == _ENDING:
+                if not 0 < self.ending_at[pair] <= now:
+                    self.ending_at[pair] = now
+                self.arm(Session(self, pair), self.ending_at[pair] + linger)
+        wait = now + self.timeouts.tcp_start
+        for pair in half_open:
+            self.start_time[pair] = now
+            self.arm(Session(self, pair), wait)
+            self._queue_half_open(pair, now)
+        return live
 
     # -- deadlines --------------------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:

@@ -30,6 +30,8 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -37,6 +39,7 @@ BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
@@ -320,19 +323,72 @@ def link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0) ->
     return bpf(BPF_LINK_CREATE, _attr("=IIII", prog_fd, ifindex, attach_type, flags), f"attaching to ifindex {ifindex}")
 
 
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Make the link ``link_fd`` run ``prog_fd`` instead of its program, atomically (an upgrade in place)."""
+    bpf(BPF_LINK_UPDATE, _attr("=III", link_fd, prog_fd, 0), "replacing a link's program")
+
+
 class ProgInfo(NamedTuple):
     prog_type: int
     prog_id: int
     name: str
+    tag: bytes = b""  # the kernel's hash of the instructions (map references left out)
+
+
+def _info(fd: int, what: str) -> bytes:
+    info = ctypes.create_string_buffer(256)
+    attr = _attr("=IIQ", fd, len(info), _addr(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading {what} info")
+    return info.raw
 
 
 def prog_info(fd: int) -> ProgInfo:
-    info = ctypes.create_string_buffer(256)
-    attr = _attr("=IIQ", fd, len(info), _addr(info))
-    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "reading program info")
+    info = _info(fd, "program")
     prog_type, prog_id = struct.unpack_from("=II", info, 0)
-    name = info.raw[64:80].split(b"\0")[0].decode(errors="replace")
-    return ProgInfo(prog_type, prog_id, name)
+    name = info[64:80].split(b"\0")[0].decode(errors="replace")
+    return ProgInfo(prog_type, prog_id, name, info[8:16])
+
+
+class MapInfo(NamedTuple):
+    map_type: int
+    map_id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _info(fd, "map")
+    name = info[24:40].split(b"\0")[0].decode(errors="replace")
+    map_type, map_id, key_size, value_size, max_entries, flags = struct.unpack_from("=IIIIII", info, 0)
+    return MapInfo(map_type, map_id, key_size, value_size, max_entries, flags, name)
+
+
+class LinkInfo(NamedTuple):
+    link_type: int
+    link_id: int
+    prog_id: int
+    ifindex: int  # of an XDP link; 0 once its device is gone
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = _info(fd, "link")
+    link_type, link_id, prog_id = struct.unpack_from("=III", info, 0)
+    return LinkInfo(link_type, link_id, prog_id, struct.unpack_from("=I", info, 16)[0])
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin a map, program or link at ``path`` in a bpffs: it lives on after every fd to it is closed."""
+    raw = ctypes.create_string_buffer(path.encode())
+    bpf(BPF_OBJ_PIN, _attr("=QII", _addr(raw), fd, 0), f"pinning at {path}")
+
+
+def obj_get(path: str) -> int:
+    """A new fd to the object pinned at ``path``."""
+    raw = ctypes.create_string_buffer(path.encode())
+    return bpf(BPF_OBJ_GET, _attr("=QII", _addr(raw), 0, 0), f"opening pinned {path}")
 
 
 def prog_fd_by_id(prog_id: int) -> int:
@@ -371,12 +427,19 @@ def prog_test_run_skb(prog_fd: int, frame: bytes) -> TestRun:
 __all__ = [
     "BpfError",
     "ElfProgram",
+    "LinkInfo",
     "Map",
+    "MapInfo",
     "ProgInfo",
     "TestRun",
     "link_create",
+    "link_info",
+    "link_update",
     "load_program",
     "map_create",
+    "map_info",
+    "obj_get",
+    "obj_pin",
     "prog_fd_by_id",
     "prog_info",
     "prog_load",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +44,19 @@ def offload_interfaces(ports: Iterable[PortConfig]) -> dict[int, str]:
 class OffloadedBalancer:
     """The balancer as the driver sees it, with its label switching table mirrored into the kernel."""
 
-    def __init__(self, balancer: Balancer, loop: Loop, *, mode: str = "auto", syn_rate: int = 0) -> None:
+    def __init__(
+        self,
+        balancer: Balancer,
+        loop: Loop,
+        *,
+        mode: str = "auto",
+        syn_rate: int = 0,
+        pins: Path | None = None,
+        fresh: bool = False,
+    ) -> None:
+        """``syn_rate``: unlabelled TCP SYNs a second the program passes up (0: all). ``pins``: keep the program,
+        its maps and its links pinned there (bpffs) so they outlive the daemon, and adopt what a previous daemon
+        pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`)."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -52,6 +65,8 @@ class OffloadedBalancer:
             mode=mode,
             clock=loop.clock,
             syn_rate=syn_rate,
+            pins=pins,
+            fresh=fresh,
         )
         self.offload.open()
         self._polled = loop.clock()
@@ -95,9 +110,10 @@ class OffloadedBalancer:
             self.offload.sync()
         self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
 
-    def close(self) -> None:
-        """Stop the timer, fold the last counters in and detach everything from the kernel."""
+    def close(self, *, keep: bool = False) -> None:
+        """Stop the timer, fold the last counters in and detach everything from the kernel; with ``keep``, leave
+        the pinned program attached and switching for the next daemon."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.offload.close()
+        self.offload.close(keep=keep)

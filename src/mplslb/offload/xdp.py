@@ -43,6 +43,19 @@ lock, and no cache line shared between CPUs in the middle of a flood; the total 
 rounding). The cost: SYNs that all arrive on one CPU (one receive queue) get that CPU's share only. Labelled
 frames, SYNs with ACK and every other frame never meet the bucket.
 
+Pins (a daemon that keeps its state, :mod:`mplslb.state`): the label map, the SYN map, the program and each link
+are pinned under ``pins`` (``/sys/fs/bpf/mplslb/<instance>/``, bpffs mounted there if nothing is), the links last,
+so the program stays attached and switching while no daemon runs (``close(keep=True)``). The maps' pins are named
+after :data:`LAYOUT_FP`, the fingerprint of their entries' layout and flags, so a map written by a build with
+another layout is never adopted. The next :meth:`XdpOffload.open` adopts them when the maps' layout, types and
+sizes, each link's interface and program all fit (the SYN buckets keep their tokens and counters and take this
+daemon's rate); a program built differently is loaded over the kept maps and swapped in on every port at once
+(``BPF_LINK_UPDATE``). The map is then reconciled with the table: every entry's counters are taken as counted; an
+entry equal to what the table would write stays, its last frame's time folded in; every other label is written
+or deleted. With ``fresh``, or pins that do not fit (logged
+as one ``key=value`` line), everything pinned is removed, which lets the old program go, and the program is
+loaded afresh.
+
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
 program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
@@ -53,19 +66,22 @@ a driver refuses native).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import logging
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
+from mplslb.state import fingerprint
 from mplslb.switching.layout import (
     F_FLOW,
     F_TCP_END,
@@ -73,7 +89,9 @@ from mplslb.switching.layout import (
     KERNEL_ENTRY,
     KERNEL_ENTRY_FIELDS,
     LABEL_SPACE,
+    NS_PER_S,
     SYN_BUCKET,
+    SYN_BUCKET_FIELDS,
     SYN_RATE_MAX,
     WATCH_ALL,
     WATCH_TCP_END,
@@ -81,6 +99,11 @@ from mplslb.switching.layout import (
 )
 from mplslb.switching.table import LabelSwitchingTable, flow_parts
 
+#: The fingerprint of the maps' entries (their fields and flags): the maps' pins carry it in their names, so a kept
+#: map is adopted only by a program that reads and writes its entries the same way.
+LAYOUT_FP: Final = fingerprint([KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, F_V6, F_TCP_END, F_FLOW])[:12]
+MAP_PIN: Final = f"map_{LAYOUT_FP}"
+SYN_PIN: Final = f"syn_{LAYOUT_FP}"
 PROG_NAME = "mplslb_xdp"
 MAP_NAME = "mplslb_labels"
 MAP_SYMBOL = "labels"
@@ -89,6 +112,10 @@ SYN_MAP_SYMBOL = "syn_buckets"
 SHED = "syn_shed"  # the drop reason of a SYN shed by the kernel
 SECTION = "xdp"
 MODES = ("auto", "native", "generic")
+BPFFS = Path("/sys/fs/bpf")
+#: Where a daemon that keeps its state pins the program, its map and its links, one directory per instance.
+PIN_ROOT = BPFFS / "mplslb"
+UNPIN_WAIT = 1.0  # seconds for unpinned links to let go of the ports, at most
 
 #: The counters of a map entry the program keeps, as numpy reads them from a batch of entries.
 COUNTERS = np.dtype(
@@ -96,8 +123,36 @@ COUNTERS = np.dtype(
      "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in ("packets", "bytes", "last_ns")],
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
+COUNTERS_SIZE = KERNEL_ENTRY.size - struct_offsets(KERNEL_ENTRY_FIELDS)["packets"]
 _KEY = struct.Struct("=I")
+log = logging.getLogger("mplslb.offload")
 BATCH_MIN = 4  # fewer writes than this go one by one
+
+
+def ensure_bpffs(pins: Path) -> None:
+    """Make ``pins`` (under /sys/fs/bpf) usable: mount the BPF filesystem there if nothing is mounted yet, as
+    systemd does at boot, and create the directory."""
+    mounted = any(
+        line.split()[1:3] == [str(BPFFS), "bpf"] for line in Path("/proc/self/mounts").read_text().splitlines()
+    )
+    if not mounted:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, b"mode=0700") != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mounting the BPF filesystem at {BPFFS}: {os.strerror(err)}")
+    pins.mkdir(parents=True, exist_ok=True)
+
+
+def xdp_mode(ifindex: int) -> str:
+    """How the XDP program on an interface is attached: "native", "generic" or "?"."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        link = ipr.get_links(ifindex)[0]
+    xdp = link.get_attr("IFLA_XDP")
+    attached = (xdp.get_attr("IFLA_XDP_ATTACHED") if xdp is not None else None) or 0
+    # pyroute2 names the XDP_ATTACHED_* values (or leaves the number)
+    return {1: "native", 2: "generic", "xdp": "native", "xdpdrv": "native", "xdpgeneric": "generic"}.get(attached, "?")
 
 
 class OffloadError(RuntimeError):
@@ -148,6 +203,8 @@ class XdpOffload:
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = LABEL_SPACE,
         obj: bytes | None = None,
+        pins: Path | None = None,
+        fresh: bool = False,
         syn_rate: int = 0,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all)."""
@@ -163,6 +220,10 @@ class XdpOffload:
         self.clock = clock
         self.max_entries = max_entries
         self._obj = obj
+        self.pins = pins
+        self.fresh = fresh
+        self.adopted = False  # the program, map and links were a previous daemon's
+        self.upgraded = False  # ... and the program was replaced by this build's
         self.ifindex: dict[int, int] = {}  # port id -> ifindex
         self.attached: dict[str, str] = {}  # interface -> "native" or "generic"
         self._links: list[int] = []
@@ -187,7 +248,8 @@ class XdpOffload:
 
     # -- setting up and tearing down ---------------------------------------------------------------------------
     def open(self) -> None:
-        """Build and load the program, create the map, attach to every port, and mirror what is installed."""
+        """Build and load the program, create the map, attach to every port, and mirror what is installed. With
+        pins: adopt what a previous daemon pinned there when it fits (else remove it first), and pin."""
         try:
             obj = self._obj if self._obj is not None else build_object()
         except BuildError as exc:
@@ -197,6 +259,32 @@ class XdpOffload:
         try:
             for port_id, ifname in self.interfaces.items():
                 self.ifindex[port_id] = socket.if_nametoindex(ifname)
+        except OSError as exc:
+            raise OffloadError(f"kernel offload: {exc}") from None
+        if self.pins is not None:
+            try:
+                ensure_bpffs(self.pins)
+            except OSError as exc:
+                raise OffloadError(f"kernel offload: cannot use bpffs at {self.pins}: {exc}") from None
+            if not self.fresh:
+                why = self._adopt(obj)
+                if not why:
+                    self.table.add_mirror(self)
+                    try:
+                        self._reconcile()
+                        self._set_syn_rate(keep=True)
+                    except OSError as exc:
+                        why = f"reason=reconcile_failed error={str(exc).replace(' ', '_')}"
+                        self.close()  # lets the adopted objects go: loaded afresh below
+                    else:
+                        self.adopted = True
+                        log.info("event=offload_adopted pins=%s entries=%d upgraded=%s", self.pins, self.entries,
+                                 self.upgraded)  # fmt: skip
+                        return
+                if why != "reason=no_pins":
+                    log.warning("event=offload_not_adopted %s pins=%s", why, self.pins)
+            self._unpin()
+        try:
             self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries,
                                        flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
             self._open_syn_map()
@@ -207,11 +295,147 @@ class XdpOffload:
             native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
             for port_id, ifindex in self.ifindex.items():
                 self._attach(self.interfaces[port_id], ifindex, native=native)
+            if self.pins is not None:
+                self._pin()
         except (OSError, ValueError) as exc:
             self.close()
             raise OffloadError(f"kernel offload: {exc}") from None
         self.table.add_mirror(self)
         self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
+
+    # -- pins: what outlives the daemon ----------------------------------------------------------------------------
+    def _pin_path(self, what: str) -> str:
+        assert self.pins is not None
+        return str(self.pins / what)
+
+    def _pin(self) -> None:
+        """Pin the maps, the program and each link (the link last: until then a killed daemon leaves nothing)."""
+        assert self._map is not None and self._syn is not None
+        bpf.obj_pin(self._map.fd, self._pin_path(MAP_PIN))
+        bpf.obj_pin(self._syn.fd, self._pin_path(SYN_PIN))
+        bpf.obj_pin(self._prog, self._pin_path("prog"))
+        for ifname, fd in zip(self.interfaces.values(), self._links, strict=True):
+            bpf.obj_pin(fd, self._pin_path(f"link_{ifname}"))
+
+    def _unpin(self, *, wait: bool = True) -> None:
+        """Remove what is pinned: its program detaches from the ports once nothing holds it (``wait`` for it)."""
+        if self.pins is None or not self.pins.is_dir():
+            return
+        for entry in self.pins.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        deadline = time.monotonic() + (UNPIN_WAIT if wait else 0.0)
+        while time.monotonic() < deadline and any(xdp_state(i)[1] for i in self.ifindex.values()):
+            time.sleep(0.01)  # the links are freed as their last reference goes
+
+    def _adopt(self, obj: bytes) -> str:
+        """Take over the pinned map, program and links when they fit this daemon (``""``), else say why."""
+        fds: list[int] = []
+        try:
+            why = self._adopt_fds(obj, fds)
+        except OSError as exc:
+            why = f"reason=adopt_failed error={str(exc).replace(' ', '_')}"
+        if why:
+            for fd in fds:
+                os.close(fd)
+        return why
+
+    def _adopt_fds(self, obj: bytes, fds: list[int]) -> str:
+        try:
+            prog = bpf.obj_get(self._pin_path("prog"))
+            fds.append(prog)
+        except OSError:
+            return "reason=no_pins"
+        try:
+            map_fd = bpf.obj_get(self._pin_path(MAP_PIN))
+            fds.append(map_fd)
+            syn_fd = bpf.obj_get(self._pin_path(SYN_PIN))
+            fds.append(syn_fd)
+        except OSError:
+            return "reason=map_layout_changed"  # pinned by a build whose maps' layout differs (or torn)
+        info = bpf.map_info(map_fd)
+        want = (bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries)
+        if (info.map_type, info.key_size, info.value_size, info.max_entries) != want:
+            return "reason=map_layout_changed"
+        info = bpf.map_info(syn_fd)
+        if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
+            bpf.BPF_MAP_TYPE_PERCPU_ARRAY,
+            _KEY.size,
+            SYN_BUCKET.size,
+            1,
+        ):
+            return "reason=map_layout_changed"
+        old = bpf.prog_info(prog)
+        links: list[int] = []
+        for port_id, ifname in self.interfaces.items():
+            try:
+                fd = bpf.obj_get(self._pin_path(f"link_{ifname}"))
+            except OSError:
+                return f"reason=link_missing interface={ifname}"
+            fds.append(fd)
+            links.append(fd)
+            link = bpf.link_info(fd)
+            if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
+                return f"reason=link_detached interface={ifname}"
+        maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd}
+        new = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
+        fds.append(new)
+        if bpf.prog_info(new).tag == old.tag:
+            fds.remove(new)
+            os.close(new)
+        else:  # another build of the program over the same map: swap it in on every port at once
+            for fd in links:
+                bpf.link_update(fd, new)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._pin_path("prog"))
+            bpf.obj_pin(new, self._pin_path("prog"))
+            fds.remove(prog)
+            os.close(prog)
+            prog = new
+            self.upgraded = True
+        self._map = bpf.Map(map_fd, _KEY.size, KERNEL_ENTRY.size, MAP_NAME)
+        self._cpus = possible_cpus()
+        self._syn = bpf.Map(syn_fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
+        self._prog = prog
+        self._links = links
+        for ifname, ifindex in zip(self.interfaces.values(), self.ifindex.values(), strict=True):
+            self.attached[ifname] = xdp_mode(ifindex)
+        return ""
+
+    def _reconcile(self) -> None:
+        """Make the adopted map agree with the (adopted) table: entries that match it stay, with their counters
+        taken as already counted and their last-seen times folded in; the others are written or deleted."""
+        assert self._map is not None
+        keys, values, count = self._map.lookup_batch()
+        table = self.table
+        labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
+        fixed = KERNEL_ENTRY.size - COUNTERS_SIZE
+        fix: set[int] = set()
+        kept: list[int] = []
+        for i, label in enumerate(labels.tolist()):
+            self._in_kernel[label] = 1
+            entry = values[i * KERNEL_ENTRY.size : i * KERNEL_ENTRY.size + fixed]
+            fits = table.valid[label] and self._offloadable(label) and not table.watch[label] & WATCH_ALL
+            if fits and entry == self._entry(label)[:fixed]:
+                kept.append(i)
+            else:
+                fix.add(label)
+        self.entries = count
+        # Every entry's counters are taken as counted: a kept entry's were the previous daemon's to fold, and a
+        # stale one's (folded before it is rewritten) belong to no adopted binding.
+        everything = np.frombuffer(values, dtype=COUNTERS)[: labels.size]
+        self._kpackets[labels] = everything["packets"]
+        self._kbytes[labels] = everything["bytes"]
+        if kept:
+            at = np.asarray(kept, dtype=np.intp)
+            counters = everything[at]
+            kept_labels = labels[at]
+            offset = self.clock() - time.monotonic()
+            zero = np.zeros(at.size, dtype=np.uint64)
+            table.fold_counters(kept_labels, zero, zero, counters["last_ns"].astype(np.float64) * 1e-9 + offset)
+        valid = np.flatnonzero(table.arrays().valid)
+        fix.update(valid[self._in_kernel[valid] == 0].tolist())
+        self._mirror(sorted(fix))
 
     def _open_syn_map(self) -> None:
         """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
@@ -219,8 +443,25 @@ class XdpOffload:
         self._cpus = possible_cpus()
         fd = bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, SYN_BUCKET.size, 1, name=SYN_MAP_NAME)
         self._syn = bpf.Map(fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
+        self._set_syn_rate(keep=False)
+
+    def _set_syn_rate(self, *, keep: bool) -> None:
+        """Give every CPU's bucket its share of :attr:`syn_rate`. ``keep``: an adopted map's buckets keep their
+        tokens and counters (the SYNs they shed before are not this daemon's drops); a SYN the kernel counts while
+        this write is under way may go uncounted."""
+        assert self._syn is not None
         share = syn_share(self.syn_rate, os.cpu_count() or 1)
-        self._syn.update(_KEY.pack(0), SYN_BUCKET.pack(share, 0, 0, 0, 0) * self._cpus)
+        key = _KEY.pack(0)
+        old = (self._syn.lookup(key) or b"") if keep else b""
+        buckets = []
+        for cpu in range(self._cpus):
+            if len(old) >= (cpu + 1) * SYN_BUCKET.size:
+                _, last_ns, credit, passed, shed = SYN_BUCKET.unpack_from(old, cpu * SYN_BUCKET.size)
+                buckets.append(SYN_BUCKET.pack(share, last_ns, min(credit, share * NS_PER_S), passed, shed))
+            else:
+                buckets.append(SYN_BUCKET.pack(share, 0, 0, 0, 0))
+        self._syn.update(key, b"".join(buckets))
+        self._shed_folded = self.syn_counters()[1]
 
     def syn_counters(self) -> tuple[int, int]:
         """(passed, shed): unlabelled TCP SYNs the program let through and dropped, over all CPUs."""
@@ -252,7 +493,7 @@ class XdpOffload:
                 why = f" ({errors[-1]})" if errors else ""
                 raise OffloadError(
                     f"{ifname}: {PROG_NAME} (id {prog_id}) is held by a live BPF link: is another mplslb balancer "
-                    f"running on this port?{why}"
+                    f"running on this port, or one that kept its state pinned under {PIN_ROOT}?{why}"
                 )
         return kind
 
@@ -268,8 +509,9 @@ class XdpOffload:
         self._links.append(bpf.link_create(self._prog, ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE))
         self.attached[ifname] = "generic"
 
-    def close(self) -> None:
-        """Fold the last counters in, detach from every port and free the map (idempotent)."""
+    def close(self, *, keep: bool = False) -> None:
+        """Fold the last counters in, detach from every port and free the map (idempotent). With ``keep`` (and
+        pins), leave the pinned program attached and its map switching for the next daemon."""
         if self._map is not None and self._links:
             with contextlib.suppress(OSError):
                 self.poll()
@@ -287,6 +529,8 @@ class XdpOffload:
         if self._syn is not None:
             self._syn.close()
             self._syn = None
+        if not keep:
+            self._unpin()
         self.table.remove_mirror(self)
         self._in_kernel[:] = 0
         self._noted.clear()

@@ -27,11 +27,11 @@ order, as they happen.
 
 from __future__ import annotations
 
-from array import array
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from mplslb.state import HEAP, Allocator, Column
 from mplslb.switching.layout import (
     ENTRY,
     ETH_ALEN,
@@ -52,8 +52,15 @@ from mplslb.wire.mpls import TC_SHIFT
 MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 #: Distinct byte strings kept shared between labels (see :meth:`LabelSwitchingTable._intern`).
 INTERN_LIMIT = 1 << 16
+#: The longest peer IP (IPv6).
+PEER_IP_MAX = 16
 #: The drop reason of a frame outside its label's session flow.
 WRONG_FLOW = "label_wrong_flow"
+
+
+def flow_key(src: bytes, dst: bytes, ports: tuple[int, int]) -> bytes:
+    """A label's flow key (see :func:`flow_parts`): its packets' IP source and destination and their two ports."""
+    return bytes(src) + bytes(dst) + ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
 
 
 def flow_parts(key: bytes) -> tuple[bytes, bytes]:
@@ -63,6 +70,18 @@ def flow_parts(key: bytes) -> tuple[bytes, bytes]:
         return b"", b""
     size = (len(key) - L4_PORTS_LEN) // 2
     return key[size : 2 * size], key[2 * size :]
+
+
+class Kept(NamedTuple):
+    """The per-label byte strings in fixed-width columns of a persistent store (:mod:`mplslb.state`), what
+    :meth:`LabelSwitchingTable.restore` rebuilds them from; IP addresses are ``peer_ip_len`` octets long."""
+
+    next_hop: Column
+    peer: Column
+    peer_ip: Column
+    peer_ip_len: Column
+    dst_ip: Column  # of a bound label (``bound``), as long as its peer IP
+    ports: Column  # of a bound label: source and destination port as on the wire
 
 
 class SwitchEntry(NamedTuple):
@@ -124,32 +143,44 @@ class LabelSwitchingTable:
     The arrays are public for reading; nothing outside :mod:`mplslb.switching` writes them.
     """
 
-    def __init__(self, port_macs: dict[int, bytes], port_places: dict[int, tuple[int, int]]) -> None:
-        """``port_macs`` maps a port id to its MAC address; ``port_places`` to its (line card, port number)."""
+    def __init__(
+        self, port_macs: dict[int, bytes], port_places: dict[int, tuple[int, int]], *, store: Allocator = HEAP
+    ) -> None:
+        """``port_macs`` maps a port id to its MAC address; ``port_places`` to its (line card, port number). The
+        per-label arrays come from ``store`` (see :mod:`mplslb.state`)."""
         self._port_macs = dict(port_macs)
         self._port_places = dict(port_places)
-        self.valid = bytearray(LABEL_SPACE)
-        self.watch = bytearray(LABEL_SPACE)
-        self.v6 = bytearray(LABEL_SPACE)
-        self.out_port = array("i", [-1]) * LABEL_SPACE
-        self.in_port = array("i", [-1]) * LABEL_SPACE
-        self.packets = array("Q", [0]) * LABEL_SPACE
-        self.bytes = array("Q", [0]) * LABEL_SPACE
-        self.last_seen = array("d", [0.0]) * LABEL_SPACE
+        self.valid = store.array("switching.valid", "B", LABEL_SPACE)
+        self.watch = store.array("switching.watch", "B", LABEL_SPACE)
+        self.v6 = store.array("switching.v6", "B", LABEL_SPACE)
+        self.out_port = store.array("switching.out_port", "i", LABEL_SPACE, -1)
+        self.in_port = store.array("switching.in_port", "i", LABEL_SPACE, -1)
+        self.packets = store.array("switching.packets", "Q", LABEL_SPACE)
+        self.bytes = store.array("switching.bytes", "Q", LABEL_SPACE)
+        self.last_seen = store.array("switching.last_seen", "d", LABEL_SPACE)
         # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
         self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
-        # The flow binding (see the module docstring): the same facts as a tuple for the one-frame path and as
-        # arrays for the block path and the kernel offload.
         # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
         # unbound; ``bound`` says the same for the block path.
         self.flow: list[bytes] = [b""] * LABEL_SPACE
-        self.bound = bytearray(LABEL_SPACE)
+        self.bound = store.array("switching.bound", "B", LABEL_SPACE)
+        # A persistent store also keeps the byte strings above in fixed-width columns, to rebuild them from.
+        self._kept: Kept | None = None
+        if store.persistent:
+            self._kept = Kept(
+                store.array("switching.next_hop", "B", ETH_ALEN * LABEL_SPACE),
+                store.array("switching.peer", "B", ETH_ALEN * LABEL_SPACE),
+                store.array("switching.peer_ip", "B", PEER_IP_MAX * LABEL_SPACE),
+                store.array("switching.peer_ip_len", "B", LABEL_SPACE),
+                store.array("switching.dst_ip", "B", PEER_IP_MAX * LABEL_SPACE),
+                store.array("switching.ports", "B", L4_PORTS_LEN * LABEL_SPACE),
+            )
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
         #: table (the block path's) can tell whether it still stands.
-        self.generation = array("I", [0]) * LABEL_SPACE
+        self.generation = store.array("switching.generation", "I", LABEL_SPACE)
         self.version = 0
         self.drops: dict[str, int] = {}
         self.mirrors: list[Mirror] = []
@@ -187,10 +218,13 @@ class LabelSwitchingTable:
             raise ValueError(f"unknown port in install: out {out_port}, in {in_port}")
         if len(next_hop) != ETH_ALEN or len(peer) != ETH_ALEN:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+        if len(peer_ip) > PEER_IP_MAX:
+            raise ValueError("peer_ip must be an IPv4 or IPv6 address")
         flow = self._flow(watch, peer_ip, dst_ip, ports)
-        if not self.valid[label]:
+        if self.valid[label]:
+            self.valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
+        else:
             self.installed += 1
-        self.valid[label] = 1
         self.watch[label] = watch & WATCH_BITS
         self.v6[label] = 1 if watch & IPV6_PAYLOAD else 0
         self.out_port[label] = out_port
@@ -206,6 +240,16 @@ class LabelSwitchingTable:
         self.bytes[label] = 0
         self.last_seen[label] = now
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+        if self._kept is not None:
+            kept = self._kept
+            kept.next_hop[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
+            kept.peer[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
+            kept.peer_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(peer_ip)] = peer_ip
+            kept.peer_ip_len[label] = len(peer_ip)
+            if flow:
+                kept.dst_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(dst_ip)] = dst_ip
+                kept.ports[label * L4_PORTS_LEN : (label + 1) * L4_PORTS_LEN] = flow[-L4_PORTS_LEN:]
+        self.valid[label] = 1  # last: the entry is complete
         self.version += 1
         for mirror in self.mirrors:
             mirror.installed(label)
@@ -230,6 +274,36 @@ class LabelSwitchingTable:
             for mirror in self.mirrors:
                 mirror.withdrawn(label)
 
+    def restore(self) -> None:
+        """Rebuild the byte strings (rewrite, peer, peer IP, flow binding) and the count of the installed labels
+        after adopting the arrays from a persistent store (:mod:`mplslb.state`)."""
+        if self._kept is None:
+            raise ValueError("restore needs a persistent store")
+        kept = self._kept
+        labels = np.flatnonzero(self.arrays().valid)
+        for label in labels.tolist():
+            port = self.out_port[label]
+            if port not in self._port_macs or self.in_port[label] not in self._port_macs:
+                self.withdraw(label)  # bound to a port this table does not have: never forwarded
+                continue
+            at = label * ETH_ALEN
+            self.rewrite[label] = self._intern(bytes(kept.next_hop[at : at + ETH_ALEN]) + self._port_macs[port])
+            self.peer[label] = self._intern(bytes(kept.peer[at : at + ETH_ALEN]))
+            at, size = label * PEER_IP_MAX, kept.peer_ip_len[label]
+            self.peer_ip[label] = self._intern(bytes(kept.peer_ip[at : at + size]))
+            if self.bound[label]:
+                at_ports = label * L4_PORTS_LEN
+                self.flow[label] = (
+                    self.peer_ip[label]
+                    + bytes(kept.dst_ip[at : at + size])
+                    + bytes(kept.ports[at_ports : at_ports + L4_PORTS_LEN])
+                )
+        self.installed = int(np.count_nonzero(self.arrays().valid))
+
+    def next_hop_of(self, label: int) -> bytes:
+        """The next hop MAC of an installed ``label``."""
+        return self.rewrite[label][:ETH_ALEN]
+
     def repoint(self, label: int, *, next_hop: bytes | None = None, peer: bytes | None = None) -> None:
         """An installed ``label``'s neighbour moved to another MAC: its frames now go to ``next_hop`` and/or are
         taken from ``peer``. Port, watch bits and counters stay; mirrors are told as for a reinstall."""
@@ -238,10 +312,18 @@ class LabelSwitchingTable:
         for mac in (next_hop, peer):
             if mac is not None and len(mac) != ETH_ALEN:
                 raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+        kept = self._kept
+        if kept is not None:
+            self.valid[label] = 0  # invalid while its fields change (see mplslb.state)
         if next_hop is not None:
             self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[self.out_port[label]])
+            if kept is not None:
+                kept.next_hop[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
         if peer is not None:
             self.peer[label] = self._intern(bytes(peer))
+            if kept is not None:
+                kept.peer[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
+        self.valid[label] = 1
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
         self.version += 1
         for mirror in self.mirrors:
@@ -278,7 +360,7 @@ class LabelSwitchingTable:
             raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
         if not all(0 <= port <= 0xFFFF for port in ports) or len(ports) != 2:
             raise ValueError(f"ports {ports} are not two ports of 0-65535")
-        return bytes(peer_ip) + bytes(dst_ip) + ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
+        return flow_key(peer_ip, dst_ip, ports)
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,

@@ -1,0 +1,181 @@
+"""Restarting the balancer daemon with kept state (``[state] persist = true``) loses no session: in the lab, a
+rate-limited 20 MB download and wrk's keep-alive connections run across a SIGTERM + start and across a SIGKILL +
+start, without and with the kernel offload (root; slow).
+
+The download's bytes are checked (sha256), wrk must report no connect, read or write error (its timeouts are
+printed: a request in flight during the restart may wait for TCP's retransmission), and a new connection works
+right after the new daemon is ready (the number of tries and the time are printed, not asserted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mplslb.lab import VIP4, Lab, LabSpec
+from mplslb.offload.xdp import PIN_ROOT
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, veth, packet sockets and bpf(2)"),
+    pytest.mark.skipif(
+        any(shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists() for t in ("nginx", "curl", "wrk")),
+        reason="nginx, curl and wrk are needed (make test installs them)",
+    ),
+]
+
+ROOT = Path("/run/mplslb-test-labs")
+SIZE = 20 * 1024 * 1024
+RATE = "2M"  # bytes per second: the download lasts about 10 s, across the restart
+WRK_AFTER = 3.0  # seconds wrk goes on after the new daemon is ready (then it is stopped with SIGINT and reports)
+WRK_MAX = 60  # its duration if never stopped
+#: wrk with one connection per thread: each thread reports when its connection last got a response (epoch seconds),
+#: so a connection the restart broke (it would hang: no error, only timeouts) shows as one that stopped before.
+WRK_SCRIPT = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body) last = os.time() end
+function done(summary, latency, requests)
+  for i, thread in ipairs(threads) do io.write(string.format("last_response %d %d\\n", i, thread:get("last") or 0)) end
+end
+"""
+RESTART_AFTER = 2.0  # seconds into the transfers
+NEW_CURL_TRIES = 20
+STOP_TIMEOUT = 20.0
+
+
+class PersistentLab(Lab):
+    """The lab with the balancer's state kept in the lab's directory (and its pins under the lab's name)."""
+
+    def balancer_toml(self) -> str:
+        return super().balancer_toml() + (
+            f'\n[state]\npersist = true\ndir = "{self.dir / "state"}"\ninstance = "{self.spec.name}"\n'
+        )
+
+    def restart_balancer(self, sig: signal.Signals) -> float:
+        """Stop the daemon with ``sig``, start a new one; returns when it is ready (monotonic time)."""
+        proc = self.procs["balancer"]
+        proc.send_signal(sig)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the daemon did not stop on {sig.name}: {self.log('balancer')[-3000:]}") from None
+        shutil.copy(self.dir / "balancer.log", self.dir / f"balancer-{proc.pid}.log")
+        self.previous_log = self.log("balancer")
+        (self.dir / "balancer.ready").unlink(missing_ok=True)
+        self._start_balancer()
+        return time.monotonic()
+
+
+def unpin(name: str) -> None:
+    pins = PIN_ROOT / name
+    if pins.is_dir():
+        for entry in pins.iterdir():
+            entry.unlink()
+        pins.rmdir()
+
+
+@pytest.fixture(scope="module", params=["none", "kernel"])
+def lab(request: pytest.FixtureRequest) -> Iterator[PersistentLab]:
+    offload = request.param
+    if offload == "kernel" and shutil.which("clang") is None:
+        pytest.skip("clang is needed to build the XDP program")
+    name = f"r{'k' if offload == 'kernel' else 'n'}{os.getpid() % 100000}"
+    the_lab = PersistentLab(LabSpec(name=name, clients=2, servers=2, offload=offload), root=ROOT)
+    try:
+        the_lab.up()
+        blob = os.urandom(SIZE)
+        for j in range(the_lab.spec.servers):
+            (the_lab.dir / the_lab.server_name(j) / "www" / "big.bin").write_bytes(blob)
+        the_lab.digest = hashlib.sha256(blob).hexdigest()  # type: ignore[attr-defined]
+        yield the_lab
+    finally:
+        problems = the_lab.down()
+        unpin(name)
+        assert problems == []
+
+
+def in_ns(lab: Lab, ns: str, argv: list[str], out: Path) -> subprocess.Popen[bytes]:
+    with open(out, "wb") as log:
+        return subprocess.Popen(["nsenter", f"--net=/var/run/netns/{ns}", "--", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> None:
+    target = lab.dir / "download.bin"
+    target.unlink(missing_ok=True)
+    script = lab.dir / "last.lua"
+    script.write_text(WRK_SCRIPT)
+    curl = in_ns(
+        lab,
+        lab.client_ns(0),
+        ["curl", "-s", "-S", "--limit-rate", RATE, "--max-time", "60", "-o", str(target), "-w", "%{http_code}",
+         f"http://{VIP4}/big.bin"],
+        lab.dir / "curl.out",
+    )  # fmt: skip
+    wrk = in_ns(
+        lab,
+        lab.client_ns(1),
+        ["wrk", "-t4", "-c4", f"-d{WRK_MAX}s", "--timeout", "5s", "-s", str(script), f"http://{VIP4}/"],
+        lab.dir / "wrk.out",
+    )
+    try:
+        time.sleep(RESTART_AFTER)
+        assert curl.poll() is None and wrk.poll() is None, "the transfers ended before the restart"
+        stopped = time.monotonic()
+        ready = lab.restart_balancer(sig)
+        ready_wall = int(time.time())
+        tries, first_ok = 0, None
+        while tries < NEW_CURL_TRIES and first_ok is None:
+            tries += 1
+            if lab.curl(0, 1, timeout=10)[0]:
+                first_ok = time.monotonic()
+        assert first_ok is not None, f"no new connection worked in {tries} tries: {lab.log('balancer')[-2000:]}"
+        time.sleep(max(0.0, ready + WRK_AFTER - time.monotonic()))
+        wrk.send_signal(signal.SIGINT)  # nsenter exec'd wrk: this is wrk, which stops and reports
+        wrk.wait(30)
+        curl.wait(70)
+    finally:
+        for proc in (curl, wrk):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = lab.log("balancer")
+    stop = re.search(r"event=stopped seconds=([\d.]+)", lab.previous_log)  # SIGTERM: the old daemon's close
+    adopted = re.search(r"event=state_adopted sessions=(\d+) live=(\d+)[^\n]*", log)
+    wrk_out = (lab.dir / "wrk.out").read_text()
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", wrk_out)
+    requests = re.search(r"(\d+) requests in", wrk_out)
+    print(
+        f"\n{lab.spec.offload} {sig.name}: close took {stop.group(1) + ' s' if stop else '-'}, "
+        f"stopped -> ready {ready - stopped:.2f} s; new connection after "
+        f"{tries} tries, {first_ok - ready:.2f} s after ready; adopted {adopted.group(0) if adopted else None}; "
+        f"wrk {requests.group(1) if requests else '?'} requests, "
+        f"socket errors (connect, read, write, timeout) {socket_errors.groups() if socket_errors else 'none'}"
+    )
+    assert adopted is not None, log[-3000:]
+    if lab.spec.offload == "kernel":  # the program, its map and links were taken over, not loaded afresh
+        assert "event=offload_adopted" in log, log[-3000:]
+    assert int(adopted.group(2)) >= 5, f"the download's and wrk's sessions were live at the restart: {log[-3000:]}"
+    assert (lab.dir / "curl.out").read_text().strip() == "200", (lab.dir / "curl.out").read_text()
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == lab.digest  # type: ignore[attr-defined]
+    assert requests is not None and int(requests.group(1)) > 0, wrk_out
+    last = [int(t) for t in re.findall(r"^last_response \d+ (\d+)$", wrk_out, re.MULTILINE)]
+    assert len(last) == 4 and min(last) >= ready_wall, f"a connection stopped at the restart: {last}, {ready_wall}"
+    if socket_errors is not None:
+        connect, read, write, _timeouts = (int(g) for g in socket_errors.groups())
+        assert (connect, read, write) == (0, 0, 0), wrk_out
+    assert "Non-2xx" not in wrk_out, wrk_out
