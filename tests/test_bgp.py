@@ -223,3 +223,25 @@ def test_status_rows_say_which_neighbours_are_established_for_how_long_and_what_
     assert "10.0.0.100/32, 10.80.0.1/32" in shown
     console.print(bgp_table({**bgp, "announcing": False, "reason": "no_server_up", "peers": [down]}))
     assert "withdrawn (no_server_up)" in console.export_text()
+
+
+def test_metrics_say_whether_the_node_announces_and_which_sessions_are_up() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from helpers import standard_balancer
+    from mplslb.control.metrics import SnapshotCollector
+    from mplslb.control.tables import snapshot
+
+    rows = peer_rows(
+        parse_protocols(reply_lines(SHOW_PROTOCOLS)),
+        {"up1": "10.99.0.1", "up2": "10.99.0.9"},
+        {},
+        parse_server_time(reply_lines(SHOW_STATUS)),
+    )
+    snap = {**snapshot(standard_balancer(), now=0.0), "bgp": {"announcing": True, "peers": rows}}
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: snap))
+    text = generate_latest(registry).decode()
+    assert "mplslb_bgp_announcing 1.0" in text
+    assert 'mplslb_bgp_peer_established{neighbor="10.99.0.1"} 1.0' in text
+    assert 'mplslb_bgp_peer_established{neighbor="10.99.0.9"} 0.0' in text
