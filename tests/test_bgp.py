@@ -10,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
+from helpers import standard_balancer
 from mplslb.bgp import (
     BgpConfig,
     BirdError,
@@ -26,7 +28,8 @@ from mplslb.bgp import (
     router_bird_config,
 )
 from mplslb.config import ConfigError, Section, load_toml
-from mplslb.control.tables import bgp_table
+from mplslb.control.metrics import SnapshotCollector
+from mplslb.control.tables import bgp_table, snapshot
 
 # Replies read from BIRD 2.0.12's control socket (a node speaker with one established neighbour, then one whose
 # neighbour went away), byte for byte.
@@ -226,12 +229,6 @@ def test_status_rows_say_which_neighbours_are_established_for_how_long_and_what_
 
 
 def test_metrics_say_whether_the_node_announces_and_which_sessions_are_up() -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from helpers import standard_balancer
-    from mplslb.control.metrics import SnapshotCollector
-    from mplslb.control.tables import snapshot
-
     rows = peer_rows(
         parse_protocols(reply_lines(SHOW_PROTOCOLS)),
         {"up1": "10.99.0.1", "up2": "10.99.0.9"},
