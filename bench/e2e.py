@@ -258,7 +258,7 @@ def lab_variants() -> list[tuple[str, str, dict[str, Any]]]:
     fields = getattr(LabSpec, "__dataclass_fields__", {})
     if "datapath" in fields:
         # The TUN lab first: the references are measured in the first lab, and the kernel datapath changes the
-        # servers' interfaces (one segment per packet, no checksum offload), which would handicap them.
+        # servers' interfaces (no checksum offload, so no segmentation offload), which would handicap them.
         return [
             ("tun", "TUN agents", {"datapath": "tun"}),
             ("kernel", "kernel endpoints", {"datapath": "kernel"}),

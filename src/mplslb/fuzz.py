@@ -535,6 +535,7 @@ class Paths:
         assert k is not None
         offload = k.offload
         b = k.balancer
+        redirected: list[int] = []
         for i, (port, frame) in enumerate(frames):
             offload.sync()
             run = None
@@ -550,6 +551,7 @@ class Paths:
                 entry = offload.lookup(label)
                 got = [(k.port_of.get(entry[0], -1) if entry else -1, run.data)]
                 k.redirected += 1
+                redirected.append(label)
             elif run is not None and run.retval != bpf.XDP_PASS:
                 raise Mismatch(f"{where} frame {i}: XDP verdict {run.retval}, neither redirect nor pass: {frame.hex()}")
             else:
@@ -565,6 +567,13 @@ class Paths:
                     f"{frame.hex()}"
                 )
         offload.poll()
+        # The program stamps frames with the kernel's real clock, mapped to the table's clock at the poll; the
+        # campaign's clock stands still through a chunk, so every frame of it was seen at ``now``, which the
+        # other paths recorded (a slow chunk would otherwise age the kernel's frames by its real duration).
+        if redirected:
+            last_seen = b.switching.arrays().last_seen
+            labels = np.array(redirected, dtype=np.intp)
+            last_seen[labels] = np.maximum(last_seen[labels], now)
 
     @staticmethod
     def _same(

@@ -198,8 +198,8 @@ FAKE_GATEWAY = {4: "169.254.77.1", 6: "fe80::4d:1"}
 #: Route MTU of virtual-IP traffic in the kernel datapath: the label takes 4 bytes of the wire's 1500, and TCP's
 #: MSS follows the route MTU on both ends.
 KERNEL_ROUTE_MTU = 1496
-#: One segment per skb on the wire interface: the egress program pushes the label before the stack segments a
-#: GSO super-packet, and segmenting a labelled super-packet fails (the drop the veth counts as tx_dropped).
+#: One segment per skb on the wire interface, only where the interface would still offload TCP segmentation with
+#: its TX checksumming off: a labelled super-packet must be segmented by the stack, after the egress program.
 GSO_MAX_SEGS = 1
 
 
@@ -231,29 +231,39 @@ def _set_gso_segs(index: int, segs: int) -> None:
 
 
 def prepare_wire(interface: str, changes: HostChanges) -> None:
-    """What the wire interface needs under the kernel datapath: no GSO super-packets, no partial checksums (a frame
-    the balancer reads through a packet socket and sends on must carry its final checksum)."""
-    set_gso_max_segs(changes, interface, GSO_MAX_SEGS)
+    """What the wire interface needs under the kernel datapath: no partial checksums (a frame the balancer reads
+    through a packet socket and sends on must carry its final checksum), and so no segmentation offload: the stack
+    segments a super-packet after the egress program has labelled it whole (each segment carries the label; the
+    kernel drops TCP and UDP segmentation offload with TX checksumming). Should the interface keep TCP segmentation
+    offload all the same, the stack is held to one segment per skb instead."""
     if set_tx_checksum(interface, False):
         changes.add(f"tx checksumming of {interface}", lambda: set_tx_checksum(interface, True))
+    if _ethtool_value(interface, ETHTOOL_GTSO):
+        set_gso_max_segs(changes, interface, GSO_MAX_SEGS)
 
 
-def set_tx_checksum(interface: str, on: bool) -> bool:
-    """Turn TX checksum offload of ``interface`` on or off (ETHTOOL_STXCSUM); returns whether it changed."""
+# <linux/ethtool.h>: the legacy get/set commands of one value (struct ethtool_value)
+SIOCETHTOOL, ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM, ETHTOOL_GTSO = 0x8946, 0x16, 0x17, 0x1E
+
+
+def _ethtool_value(interface: str, cmd: int, value: int | None = None) -> int:
+    """Run the ethtool command ``cmd`` on ``interface`` with ``value`` (a get: None); returns the value after it."""
     import array
     import fcntl
     import struct
 
-    SIOCETHTOOL, ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM = 0x8946, 0x16, 0x17
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        value = array.array("I", [ETHTOOL_GTXCSUM, 0])
-        addr, _ = value.buffer_info()
-        ifreq = struct.pack("16sP", interface.encode(), addr)
-        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
-        if bool(value[1]) == on:
-            return False
-        value[0], value[1] = ETHTOOL_STXCSUM, int(on)
-        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+        buf = array.array("I", [cmd, 0 if value is None else value])
+        addr, _ = buf.buffer_info()
+        fcntl.ioctl(s.fileno(), SIOCETHTOOL, struct.pack("16sP", interface.encode(), addr))
+        return buf[1]
+
+
+def set_tx_checksum(interface: str, on: bool) -> bool:
+    """Turn TX checksum offload of ``interface`` on or off (ETHTOOL_STXCSUM); returns whether it changed."""
+    if bool(_ethtool_value(interface, ETHTOOL_GTXCSUM)) == on:
+        return False
+    _ethtool_value(interface, ETHTOOL_STXCSUM, int(on))
     return True
 
 

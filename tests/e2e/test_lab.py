@@ -436,6 +436,15 @@ def test_bulk_downloads_cross_the_datapath_intact(lab: Lab, v6: bool) -> None:
         (lab.dir / lab.server_name(j) / "www" / "bulk.bin").write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
     url = "http://[fd00::100]/bulk.bin" if v6 else f"http://{VIP4}/bulk.bin"
+    servers = [lab.server_name(j) for j in range(lab.spec.servers)]
+    before = lab.agent_status()
     for _ in range(lab.spec.servers):
         done = lab.run_in(lab.client_ns(0), ["sh", "-c", f"curl -sS -m 120 {url} | sha256sum"], timeout=150)
         assert done.stdout.split()[:1] == [want], done.stderr
+    after = lab.agent_status()
+    # The servers labelled super-packets whole and the stack segmented them after the push: each segment arrived.
+    assert all(gso_labelled(after, s) > gso_labelled(before, s) for s in servers), (before, after)
+
+
+def gso_labelled(agents: dict, name: str) -> int:  # type: ignore[type-arg]
+    return int(agents[name]["traffic"].get("from_host_gso", 0))

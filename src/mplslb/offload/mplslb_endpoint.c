@@ -29,7 +29,6 @@
 #define XDP_DROP 1
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
-#define BPF_ADJ_ROOM_MAC 1
 #define OK EP_COUNTERS /* analyze(): no reason to drop */
 
 struct map_ref flows SEC("maps");    /* LRU hash: struct flow_key -> struct flow */
@@ -41,7 +40,7 @@ struct map_ref scratch SEC("maps");  /* per-CPU array of one __u64: where an ICM
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
-static long (*bpf_skb_adjust_room)(struct __sk_buff *skb, int len_diff, __u32 mode, __u64 flags) = (void *)50;
+static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len, __u64 flags) = (void *)43;
 
 INLINE void count(__u32 what)
 {
@@ -188,15 +187,16 @@ INLINE int is_icmp_error(__u32 proto, __u32 type)
 }
 
 /* The flow key and TCP flags of the IP packet at ip, as mplslb.analyzer.PacketAnalyzer.analyze_ip reads them
- * (without layer 7, without TCP options); returns OK or the reason to drop the packet. An ICMP error sets
+ * (without layer 7, without TCP options); returns OK or the reason to drop the packet. avail: the packet's length
+ * from ip (dend - ip, but for a super-packet whose headers alone are readable: its whole length). An ICMP error sets
  * *quote (where its quote starts, from ip) and *quote_len: the caller reads the quote with analyze_quoted, from
  * pointers taken afresh, so the verifier meets one state there instead of one per path through this function. */
-INLINE __u32 analyze(__u8 *ip, __u8 *dend, struct flow_key *key, int *tcp_flags, __u32 *quote, __u32 *quote_len)
+INLINE __u32 analyze(__u8 *ip, __u8 *dend, __u32 avail, struct flow_key *key, int *tcp_flags, __u32 *quote,
+		     __u32 *quote_len)
 {
 	if (ip + 1 > dend)
 		return EP_IP_TRUNCATED;
 	__u32 version = ip[0] >> IP_VERSION_SHIFT;
-	__u32 avail = dend - ip;
 	__u32 l4, end, proto;
 	if (version == FAMILY_V4) {
 		if (ip + IPV4_HLEN > dend)
@@ -345,7 +345,7 @@ INLINE int from_wire(struct xdp_md *ctx, int serving)
 	struct flow_key key = {}, reply = {};
 	int tcp_flags = -1;
 	__u32 quote = 0, quote_len = 0;
-	__u32 why = analyze(data + ETH_HLEN, end, &key, &tcp_flags, &quote, &quote_len);
+	__u32 why = analyze(data + ETH_HLEN, end, end - data - ETH_HLEN, &key, &tcp_flags, &quote, &quote_len);
 	int icmp = quote != 0;
 	if (why == OK && icmp) {
 		data = (__u8 *)(long)ctx->data;
@@ -390,17 +390,20 @@ INLINE int from_wire(struct xdp_md *ctx, int serving)
 	return XDP_PASS;
 }
 
-/* Put the label in front of the packet and address the frame: dst, src, MPLS ethertype, one bottom entry. */
+/* Put the label in front of the packet and address the frame: dst, src, MPLS ethertype, one bottom entry.
+ *
+ * The frame grows at its head (bpf_skb_change_head) and all 18 bytes up to the network header are written anew:
+ * the entry then belongs to the link-layer header, the network header stays on the IP header and a super-packet's
+ * GSO state is untouched, so the stack can segment a labelled super-packet after this program, copying the 18
+ * bytes into every segment (the wire interface offloads no segmentation: its TX checksumming is off). Growing the
+ * room at the MAC (bpf_skb_adjust_room) instead would point the network header at the entry and mark the skb
+ * dodgy, and segmenting it fails. */
 INLINE int push(struct __sk_buff *skb, __u32 label, const __u8 *dst, const struct endpoint_config *cfg)
 {
 	__u8 to[ETH_ALEN];
 	__builtin_memcpy(to, dst, ETH_ALEN); /* dst may live in the frame's own flow entry: copy before the move */
-	if (skb->gso_segs > 1) {
-		/* a super-packet would be segmented after this program; the segmenter cannot split a labelled frame */
-		count(EP_GSO_PACKET);
-		return TC_ACT_SHOT;
-	}
-	if (bpf_skb_adjust_room(skb, LSE_LEN, BPF_ADJ_ROOM_MAC, 0)) {
+	int gso = skb->gso_segs > 1;
+	if (bpf_skb_change_head(skb, LSE_LEN, 0)) {
 		count(EP_ROOM_FAILED);
 		return TC_ACT_SHOT;
 	}
@@ -419,14 +422,20 @@ INLINE int push(struct __sk_buff *skb, __u32 label, const __u8 *dst, const struc
 	data[LSE_AT + 1] = (entry >> 16) & 0xff;
 	data[LSE_AT + 2] = (entry >> 8) & 0xff;
 	data[LSE_AT + 3] = entry & 0xff;
+	if (gso)
+		count(EP_FROM_HOST_GSO);
 	return TC_ACT_OK;
 }
 
 /* A packet the host sends: label it if it is the datapath's; server when serving, else client. */
 INLINE int from_host(struct __sk_buff *skb, int serving)
 {
-	/* The stack hands over TCP payload in page fragments: make the whole packet readable, as the codecs read it. */
-	if (skb->data_end - skb->data < skb->len && bpf_skb_pull_data(skb, skb->len)) {
+	/* The stack hands over TCP payload in page fragments: make the whole packet readable, as the codecs read it;
+	 * of a super-packet (segmented after this program, see push) only the headers, its length checked whole. */
+	__u32 len = skb->len;
+	if (skb->gso_segs > 1 && len > GSO_HEADERS)
+		len = GSO_HEADERS;
+	if (skb->data_end - skb->data < len && bpf_skb_pull_data(skb, len)) {
 		count(EP_ROOM_FAILED);
 		return TC_ACT_SHOT;
 	}
@@ -462,7 +471,7 @@ INLINE int from_host(struct __sk_buff *skb, int serving)
 	struct flow_key key = {}, quoted = {};
 	int tcp_flags = -1;
 	__u32 quote = 0, quote_len = 0;
-	__u32 why = analyze(ip, end, &key, &tcp_flags, &quote, &quote_len);
+	__u32 why = analyze(ip, end, skb->len - ETH_HLEN, &key, &tcp_flags, &quote, &quote_len);
 	int icmp = quote != 0;
 	if (why == OK && icmp) {
 		data = (__u8 *)(long)skb->data;

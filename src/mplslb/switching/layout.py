@@ -98,6 +98,9 @@ MAX_TCP_OFFSET: Final = 16384
 #: Covers where an ICMP error's quote may start (at most MAX_TCP_OFFSET + the ICMP header): the kernel datapath
 #: masks the offset with it (and bounds the quote's length by it), below the verifier's largest packet offset.
 QUOTE_MASK: Final = (1 << (MAX_TCP_OFFSET + ICMP_HLEN).bit_length()) - 1
+#: What the kernel datapath's egress program makes readable of a GSO super-packet (segmented after it): its headers,
+#: Ethernet, IP with options or IPv6 with extension headers, TCP with options, which the stack keeps linear anyway.
+GSO_HEADERS: Final = 256
 
 L4_PORTS_LEN: Final = 4  # the source and destination ports, the first octets of TCP and UDP alike
 
@@ -241,6 +244,7 @@ SKB_FIELDS: Final = (
 ENDPOINT_TRAFFIC: Final = (
     "from_wire",  # a labelled frame popped and handed to the host
     "from_host",  # a packet of a known flow labelled for the wire
+    "from_host_gso",  # of from_host: a super-packet labelled whole, segmented by the stack after the push
     "from_host_unlabelled",  # client: a flow's first packet, sent unlabelled
     "passed",  # not the datapath's: ARP, ND, unlabelled frames, traffic not from or to a virtual IP
 )
@@ -273,7 +277,6 @@ ENDPOINT_COUNTERS: Final = (
     "icmp_quote_truncated",
     "not_from_vip",
     "unsupported_protocol",
-    "gso_packet",
     "room_failed",
     "fallback_unlabelled",  # client: a flow unheard for fallback_ms sent unlabelled again (the label died?)
 )
@@ -319,7 +322,7 @@ C_CONSTANTS: Final = (
     "TCP_HLEN", "DATA_OFFSET_MIN", "DATA_OFFSET_SHIFT", "DATA_OFFSET_UNIT", "UDP_HLEN", "UDP_LEN",
     "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORTS_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6",
     "ENDPOINT_TTL", "NS_PER_MS", "NS_PER_S", "ICMP_HLEN", "ICMP_DEST_UNREACH", "ICMP_SOURCE_QUENCH", "ICMP_REDIRECT",
-    "ICMP_TIME_EXCEEDED", "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTE_MASK",
+    "ICMP_TIME_EXCEEDED", "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTE_MASK", "GSO_HEADERS",
 )  # fmt: skip
 
 
