@@ -3,20 +3,27 @@ BIRD 2 with multipath routes hashed on the UDP ports, three nodes whose daemons 
 MPLS-in-UDP service addresses by BGP (with BFD) while healthy, stock nginx servers and curl clients behind the
 router.
 
+A second lab's nodes sync their sessions (``[cluster]``): downloads and keep-alive connections in flight when the
+node they went through is killed or cut off carry on through the nodes the router sends their frames to next; the
+count of sessions lost is printed and asserted to be 0. (The first lab does not sync: a session whose two
+directions reached two nodes would fail there, so it also proves the per-session entropy.)
+
 Each test leaves the three nodes announced as it found them. The withdrawal times are printed (``-s``), never
-asserted. Sessions that survive a node leaving need session state shared between the nodes, which these tests do
-not cover.
+asserted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +192,105 @@ def test_nodes_with_no_server_up_withdraw_and_announce_again_when_one_is_back(th
             lab.start_nginx(j)
     lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
     assert all(body.startswith("server s") for body in lab.curl(0, 5))
+
+
+# -- nodes that sync their sessions ------------------------------------------------------------------------------
+DOWNLOADS = 8
+CONTENT = random.Random(11).randbytes(4_000_000)  # big.bin on every server
+SHA256 = hashlib.sha256(CONTENT).hexdigest()
+RATE = "400k"  # curl --limit-rate: each download lasts about 10 s, well past the node's departure
+
+
+@pytest.fixture(scope="module")
+def clustered_lab() -> Iterator[Lab]:
+    pytest.importorskip("mplslb.cluster", reason="needs the nodes' session sync ([cluster], mplslb.cluster)")
+    spec = LabSpec(name=f"cf{os.getpid() % 100000}", nodes=NODES, clients=1, servers=2, transport="udp",
+                   server_transport="udp", cluster=True)  # fmt: skip
+    the_lab = Lab(spec, root=ROOT)
+    try:
+        the_lab.up()
+        for j in range(spec.servers):
+            (the_lab.dir / the_lab.server_name(j) / "www" / "big.bin").write_bytes(CONTENT)
+        yield the_lab
+    finally:
+        pids = dict(the_lab.state.pids)
+        assert the_lab.down() == []
+        assert not the_lab.dir.exists()
+        assert not [pid for pid in pids.values() if pid_alive(pid)]
+
+
+@pytest.fixture
+def clustered(clustered_lab: Lab) -> Lab:
+    """The nodes syncing their sessions, every one announced and synced (as each test leaves it)."""
+    lab = clustered_lab
+    for prefix in SERVICE:
+        lab.wait_next_hops(prefix, NODES, REJOIN_WAIT)
+    wait_for(lambda: all(node_status(lab, i)["cluster"]["synced"] for i in range(NODES)), REJOIN_WAIT, "synced")
+    return lab
+
+
+def frames_in(lab: Lab, i: int) -> int:
+    return int(node_status(lab, i)["frames"]["in"])
+
+
+def first_success(lab: Lab, timeout: float) -> float:
+    """Seconds until a new session succeeds (one curl after another, each bounded)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        done = lab.run_in(lab.client_ns(0), ["curl", "-s", "--max-time", "1", "-o", "/dev/null", "-w", "%{http_code}",
+                                             "-H", "Connection: close", f"http://{VIP4}/"], timeout=10)  # fmt: skip
+        if done.stdout == "200":
+            return time.monotonic() - start
+    raise AssertionError(f"no new session succeeded within {timeout} s")
+
+
+@pytest.mark.parametrize("how", ["sigkill", "link_cut"])
+def test_established_sessions_carry_on_when_their_node_leaves(clustered: Lab, how: str, tmp_path: Path) -> None:
+    lab, node = clustered, 1
+    outs = [tmp_path / f"{k}.bin" for k in range(DOWNLOADS)]
+    argv = ["curl", "-s", "--max-time", "60", "--limit-rate", RATE, "-w", "%{http_code}", f"http://{VIP4}/big.bin"]
+    downloads = [
+        subprocess.Popen(
+            ["nsenter", f"--net=/var/run/netns/{lab.client_ns(0)}", "--", *argv, "-o", str(out)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for out in outs
+    ]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            wrk = pool.submit(lab.wrk, 0, seconds=12, connections=8)
+            wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in outs), 20.0, "every download started")
+            before = frames_in(lab, node)
+            time.sleep(1.1)  # the daemons refresh their snapshot every second
+            carried = frames_in(lab, node) - before
+            if how == "sigkill":
+                lab.stop_node(node, signal.SIGKILL, wait=False)
+            else:
+                lab.cut_node_link(node)
+            left = lab.wait_next_hops(VIP4, NODES - 1, WITHDRAW_WAIT)
+            new = first_success(lab, 30.0)
+            figures = wrk.result(timeout=60)
+        codes = [proc.communicate(timeout=90)[0] for proc in downloads]
+        lost = sum(1 for code, out in zip(codes, outs, strict=True)
+                   if code != "200" or hashlib.sha256(out.read_bytes()).hexdigest() != SHA256)  # fmt: skip
+        print(
+            f"\n{how}: node n{node + 1} ({carried} frames in its last second) left the ECMP set after "
+            f"{left * 1000:.0f} ms; "
+            f"a new session succeeded {new:.2f} s later; downloads lost {lost} of {DOWNLOADS}; "
+            f"wrk {figures.get('requests', 0):.0f} requests, {figures['socket_errors']:.0f} socket errors, "
+            f"{figures['non_2xx']:.0f} non-2xx"
+        )
+        assert lost == 0, codes
+        assert figures["socket_errors"] == 0 and figures["non_2xx"] == 0 and figures.get("requests", 0) > 0
+    finally:
+        for proc in downloads:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if how == "sigkill":
+            lab.start_node(node)
+            lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+        else:
+            lab.mend_node_link(node)
+            lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
