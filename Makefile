@@ -17,10 +17,11 @@ demo: $(STAMP)
 
 # Debian packages the tests use (tshark reads our packets; nginx, curl and wrk are the stock programs of the
 # lab; clang builds the kernel offload's XDP program; netsniff-ng's trafgen and nftables serve the wire
-# benchmarks; chromium and its driver run the status page's browser test); installed only when one is missing.
-DEBS := tshark nginx-light curl wrk clang netsniff-ng nftables chromium chromium-driver
+# benchmarks; chromium and its driver run the status page's browser test; bird2 is the BGP speaker of the balancer
+# nodes and the ECMP router of the several-node lab); installed only when one is missing.
+DEBS := tshark nginx-light curl wrk clang netsniff-ng nftables chromium chromium-driver bird2
 debs:
-	@missing=""; for tool in tshark nginx curl wrk nsenter clang trafgen nft chromium chromedriver; do command -v $$tool >/dev/null 2>&1 || \
+	@missing=""; for tool in tshark nginx curl wrk nsenter clang trafgen nft chromium chromedriver bird birdc; do command -v $$tool >/dev/null 2>&1 || \
 	  [ -x /usr/sbin/$$tool ] || missing=yes; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) util-linux >/dev/null; fi

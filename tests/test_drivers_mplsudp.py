@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import VIP, VIP6, client_addr, ether, ip_packet, labelled, udp_datagram
+from helpers import VIP, VIP6, client_addr, ether, ip_packet, labelled, tcp_segment, udp_datagram
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import ServerConfig
 from mplslb.config import BalancerConfig, PortConfig, VirtualService
@@ -24,11 +24,12 @@ from mplslb.drivers.mplsudp import (
     decapsulate,
     encapsulate,
     entropy_index,
+    flow_hash,
     pseudo_mac,
 )
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
-from mplslb.wire.ip import IPPROTO_UDP
+from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.mpls import pack_entry, stack_of
 
 PORT_MAC = bytes.fromhex("02b000000000")
@@ -142,17 +143,51 @@ def test_decapsulate_never_raises(payload):
     assert (frame is None) == (sum(drops.values()) == 1)
 
 
-def test_entropy_keeps_a_label_on_one_socket_and_spreads_labels():
-    picks = {label: entropy_index(stack_of([label]) + query(), 16) for label in range(17, 17 + 128, 2)}
-    assert all(entropy_index(stack_of([label]) + b"other", 16) == i for label, i in picks.items())
+def flow(sport: int, *, reverse: bool = False, v6: bool = False) -> bytes:
+    """A TCP segment of the flow client:sport <-> VIP:80, in either direction."""
+    client, vip = (client_addr(v6=True), VIP6) if v6 else (client_addr(), VIP)
+    if reverse:
+        return ip_packet(vip, client, IPPROTO_TCP, tcp_segment(vip, client, 80, sport, 0x12))
+    return ip_packet(client, vip, IPPROTO_TCP, tcp_segment(client, vip, sport, 80, 0x02))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_entropy_is_per_session_alike_in_both_directions_under_any_labels(v6):
+    for sport in range(40000, 40064):
+        out = entropy_index(pack_entry(2 if v6 else 0, 0, True, 64) + flow(sport, v6=v6), 16)
+        assert entropy_index(stack_of([1001]) + flow(sport, v6=v6), 16) == out
+        assert entropy_index(stack_of([2002]) + flow(sport, reverse=True, v6=v6), 16) == out
+        assert entropy_index(stack_of([3003, 17]) + flow(sport, reverse=True, v6=v6), 16) == out
+        assert flow_hash(stack_of([5]) + flow(sport, v6=v6)) == flow_hash(
+            stack_of([6]) + flow(sport, reverse=True, v6=v6)
+        )
+    spread = {entropy_index(stack_of([1001]) + flow(sport, v6=v6), 16) for sport in range(40000, 40064)}
+    assert len(spread) >= 12  # sessions spread over the pool
+
+
+def test_entropy_without_an_ip_packet_follows_the_top_label():
+    picks = {label: entropy_index(stack_of([label]) + b"other", 16) for label in range(17, 17 + 128, 2)}
+    assert all(entropy_index(stack_of([label]) + b"\x00junk", 16) == i for label, i in picks.items())
     assert all(0 <= i < 16 for i in picks.values())
     assert len(set(picks.values())) >= 12
+    assert flow_hash(stack_of([17]) + b"other") is None and flow_hash(pack_entry(17, 0, False, 64)) is None
 
 
-def test_entropy_of_unlabelled_packets_follows_their_addresses():
+def test_entropy_of_a_fragment_or_icmp_follows_the_addresses():
     a = pack_entry(0, 0, True, 64) + query(payload=b"one")
     b = pack_entry(0, 0, True, 64) + query(payload=b"two")
     assert entropy_index(a, 16) == entropy_index(b, 16)
+    fragment = bytearray(query())
+    fragment[6] = 0x20  # more fragments: the ports are not hashed
+    other_port = bytearray(ip_packet(client_addr(), VIP, IPPROTO_UDP, udp_datagram(client_addr(), VIP, 41, 53)))
+    other_port[6] = 0x20
+    assert flow_hash(stack_of([9]) + bytes(fragment)) == flow_hash(stack_of([9]) + bytes(other_port))
+
+
+@given(st.binary(max_size=80))
+def test_entropy_never_raises(payload):
+    payload = pack_entry(1001, 0, True, 64) + payload
+    assert 0 <= entropy_index(payload, 16) < 16
 
 
 # -- real sockets on loopback ---------------------------------------------------------------------------------
@@ -239,23 +274,32 @@ def test_agent_link_hears_only_its_balancer(pair):
     assert link.drops == {"udp_unknown_source": 1}
 
 
-def test_source_port_is_entropy_from_the_dynamic_range_stable_per_label():
-    with udp_socket("127.0.0.3") as sink, MplsUdpPort(PORT_MAC, address="127.0.0.1", port=0) as port:
-        port.remote_port = sink.getsockname()[1]
-        peer_mac = port.add_peer("127.0.0.3")
-        assert all(ENTROPY_PORT_MIN <= p <= ENTROPY_PORT_MAX for p in port.source_ports)
-        assert len(set(port.source_ports)) == 16
-        labels = list(range(17, 17 + 64, 2))
-        for label in labels * 2:
-            port.send(labelled(peer_mac, PORT_MAC, label, query()))
+def test_source_port_is_canonical_and_alike_for_both_directions_of_a_session():
+    with (
+        udp_socket("127.0.0.3") as sink,
+        MplsUdpPort(PORT_MAC, address="127.0.0.1", port=0) as port,
+        MplsUdpPort(HOST_MAC, address="127.0.0.2", port=0) as other,
+    ):
+        port.remote_port = other.remote_port = sink.getsockname()[1]
+        peer_mac, other_peer = port.add_peer("127.0.0.3"), other.add_peer("127.0.0.3")
+        for sender in (port, other):
+            assert all(ENTROPY_PORT_MIN <= p <= ENTROPY_PORT_MAX for p in sender.source_ports)
+            assert len(set(sender.source_ports)) == 16
+        both = port.symmetric and other.symmetric  # a canonical port may be held by another process here
+        sports = range(40000, 40032)
+        for sport in sports:
+            port.send(labelled(peer_mac, PORT_MAC, 1001 + sport, flow(sport)))
+            other.send(labelled(other_peer, HOST_MAC, 7001 + sport, flow(sport, reverse=True)))
         ports_of: dict[int, set[int]] = {}
-        for _ in labels * 2:
-            data, (_, sport) = sink.recvfrom(2048)
-            ports_of.setdefault(int.from_bytes(data[:3], "big") >> 4, set()).add(sport)
-    assert set(ports_of) == set(labels)
-    assert all(len(p) == 1 for p in ports_of.values())  # one label, one source port
-    assert len(set().union(*ports_of.values())) >= 8  # labels spread over the pool
-    assert all(ENTROPY_PORT_MIN <= next(iter(p)) <= ENTROPY_PORT_MAX for p in ports_of.values())
+        for _ in range(2 * len(sports)):
+            data, (_, source_port) = sink.recvfrom(2048)
+            inner = data[4:]
+            client_port = int.from_bytes(inner[20:22] if inner[12:16] == client_addr() else inner[22:24], "big")
+            ports_of.setdefault(client_port, set()).add(source_port)
+    assert set(ports_of) == set(sports)
+    if both:
+        assert all(len(p) == 1 for p in ports_of.values())  # one session, one source port, both directions
+    assert len(set().union(*ports_of.values())) >= 8  # sessions spread over the pool
 
 
 def ipv6_loopback() -> bool:

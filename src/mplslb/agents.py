@@ -200,6 +200,8 @@ class Agent:
                 )
                 self.wire = link
                 gateway = link.balancer_mac
+                if not link.symmetric:  # a canonical source port was taken: some sessions' entropy differs
+                    log.warning("event=entropy_ports_not_canonical ports=%s", value(link.source_ports))
             else:
                 self.wire = open_port(config.interface, accept={ETH_P_MPLS_UC}, host_only=True)
                 gateway = config.gateway_mac

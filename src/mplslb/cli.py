@@ -583,6 +583,13 @@ def _lab_options(fn: Any) -> Any:
                 help="udp: the servers behind a router, reached as MPLS-in-UDP.",
             ),
             click.option("--servers-by-ip", is_flag=True, help="Name the servers by address only: MACs resolved."),
+            click.option(
+                "--nodes",
+                default=1,
+                show_default=True,
+                help="Balancer nodes; more than one: behind a BGP/ECMP router (BIRD), both transports udp.",
+            ),
+            click.option("--cluster", is_flag=True, help="With --nodes: the nodes sync their sessions ([cluster])."),
             click.option("--algorithm", default="round_robin", show_default=True),
             click.option("--weights", default="", help="Comma-separated weights, one per server."),
             click.option("--offload", type=click.Choice(["none", "kernel"]), default="none", show_default=True),
@@ -603,6 +610,8 @@ def _lab(**kw: Any) -> Any:
     from mplslb.lab import Lab, LabSpec
 
     weights = tuple(int(w) for w in kw.pop("weights").split(",") if w.strip())
+    if kw.get("nodes", 1) > 1:  # several nodes sit behind a router: MPLS-in-UDP on both sides
+        kw["transport"] = kw["server_transport"] = "udp"
     try:
         return Lab(LabSpec(weights=weights, **kw))
     except ValueError as exc:

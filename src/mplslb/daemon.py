@@ -63,7 +63,8 @@ from typing import TYPE_CHECKING, Any
 
 from mplslb.balancer import Balancer
 from mplslb.balancing.health_policy import apply_result, reconcile
-from mplslb.balancing.servers import Server, ServerConfig
+from mplslb.balancing.servers import Server, ServerConfig, ServerStatus
+from mplslb.bgp import BEAT_INTERVAL, BgpConfig, BgpSpeaker, read_bgp
 from mplslb.cluster import ClusterSync
 from mplslb.config import (
     FIXED_REASON,
@@ -123,6 +124,7 @@ class DaemonConfig:
     offload_syn_rate: int = 0  # unlabelled TCP SYNs a second the kernel offload passes up (0: all)
     state_dir: str = ""  # "": nothing outlives the daemon; else where its state does (mplslb.state)
     instance: str = ""  # names the state directory's and the kernel offload's pins by default
+    bgp: BgpConfig | None = None  # [bgp]: announce the VIPs to routers while healthy (mplslb.bgp)
 
 
 def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
@@ -174,13 +176,18 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
         raise ssec.error("dir", "set with persist = false")
     ssec.done()
     balancer = balancer_config_from_section(top)
+    service = [str(ipaddress.ip_address(a)) for a in (*(v.address for v in balancer.vips), *(
+        p.address for p in balancer.ports if p.kind == "mpls_udp"))]  # fmt: skip
+    bgp = read_bgp(top, service)
     top.done()
     for index, port_config in enumerate(balancer.ports):
         if need_interfaces and port_config.kind == "ethernet" and not port_config.interface:
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
-    return DaemonConfig(balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance)
+    return DaemonConfig(
+        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp
+    )  # fmt: skip
 
 
 def _log_server(server: Server) -> None:
@@ -376,6 +383,30 @@ class Daemon:
                 config.metrics[1], config.metrics[0], lambda: self.latest, page=lambda: self.published
             )
         self._second_tick()
+        self.speaker: BgpSpeaker | None = None
+        if config.bgp is not None:
+            try:
+                self.speaker = BgpSpeaker(config.bgp)
+            except BaseException as exc:
+                self.close()
+                if isinstance(exc, (OSError, RuntimeError)):
+                    raise StartError(f"bgp: cannot start the speaker: {exc}") from None
+                raise
+            self._bgp_tick()
+
+    def node_health(self) -> tuple[bool, str]:
+        """Whether this node should be announced to the routers, else why not (the loop being alive is implied:
+        this runs in it)."""
+        if not any(s.status == ServerStatus.UP for s in self.balancer.pool.servers):
+            return False, "no_server_up"
+        if self.cluster is not None and not self.cluster.sync.synced:  # clustering: the peers' sessions are in
+            return False, "not_synced"
+        return True, ""
+
+    def _bgp_tick(self) -> None:
+        assert self.speaker is not None
+        self.speaker.beat(*self.node_health())
+        self.loop.call_later(BEAT_INTERVAL, self._bgp_tick)
 
     def _open_cluster(self) -> ClusterLink | None:
         """The session sync with the peers (``[cluster]``), or None for a single balancer; a sync address that
@@ -422,6 +453,9 @@ class Daemon:
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
+        speaker = getattr(self, "speaker", None)
+        if speaker is not None:
+            snap["bgp"] = speaker.status()
         if self.cluster is not None:
             snap["cluster"] = self.cluster.sync.status(self.loop.clock()) | {"socket_errors": dict(self.cluster.errors)}
         return snap
@@ -514,6 +548,7 @@ class Daemon:
                 ("control.metrics", running.metrics, new.metrics),
                 ("ring", running.ring, new.ring),
                 ("offload", running.offload, new.offload),
+                ("bgp", running.bgp, new.bgp),
             ):
                 if was != now:
                     raise ConfigError(str(path), key, FIXED_REASON)
@@ -531,6 +566,10 @@ class Daemon:
 
     def close(self) -> None:
         notify("STOPPING=1")
+        speaker = getattr(self, "speaker", None)
+        if speaker is not None:  # the routers stop sending here before the datapath closes
+            speaker.close()
+            self.speaker = None
         if self.metrics is not None:
             self.metrics.close()
         if self.probes is not None:

@@ -20,6 +20,16 @@ subnet of their own, and the balancer reaches them as MPLS-in-UDP through one se
 
     [balancer] lc1p0 10.81.0.1 -- 10.81.0.2 rs 10.82.0.1 -- bs0 -- s1, s2, ... (10.82.0.11, ...)
 
+With ``nodes = N`` (N > 1, both transports ``udp``) the balancer is N nodes ``n1..nN`` behind one router ``rt``
+running BIRD 2, which learns by BGP (with BFD) the VIPs and the nodes' MPLS-in-UDP service addresses (10.80.0.1
+toward the clients, 10.81.0.1 toward the servers, on every node's loopback: anycast) from each healthy node's
+speaker (``[bgp]``, :mod:`mplslb.bgp`) and installs them as multipath routes, hashed on the UDP ports and protocol
+only (``fib_multipath_hash_policy`` 3): the entropy source port of a session's frames, alike in both directions,
+picks its node. Clients and servers both sit behind the router::
+
+    clients -- brc -- 10.79.0.1 [rt] 10.82.0.1 -- bs0 -- servers
+                          10.90.i.1 -- 10.90.i.2 [ni]   (one link per node, BGP AS 65000 <-> AS 65001)
+
 With ``servers_by_ip`` the balancer's configuration names the servers by IP address only and the balancer resolves
 their MACs (ARP); :meth:`Lab.move_server` gives a server a new MAC, as a replaced interface would.
 
@@ -55,6 +65,13 @@ VIP4 = "10.0.0.100"
 VIP6 = "fd00::100"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+ROUTER_AS = 65000
+NODE_AS = 65001
+SYNC_PORT = 6640  # the nodes' session sync ([cluster])
+#: BFD every 0.1 s, a session down after 5 missed: a node whose link dies leaves the router's ECMP set after about
+#: 0.5 s (3 missed would be 0.3 s, but flaps on a loaded 2-core machine).
+BFD_INTERVAL = 0.1
+BFD_MULTIPLIER = 5
 
 
 def _mac(kind: int, index: int) -> str:
@@ -80,6 +97,9 @@ class LabSpec:
     servers_by_ip: bool = False  # the balancer is given the servers' addresses only and resolves their MACs
     server_transport: str = "ethernet"  # "udp": servers behind a router, reached as MPLS-in-UDP
     offload_syn_rate: int = 0  # unlabelled SYNs a second the kernel offload passes up (0: all)
+    nodes: int = 1  # balancer nodes; more than one: behind a BGP/ECMP router, both transports udp
+    #: Write each node's ``[cluster]`` table (node, nodes, peers): for a daemon that has session sync.
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if self.datapath not in ("kernel", "tun", "auto"):
@@ -102,6 +122,10 @@ class LabSpec:
             raise ValueError("attackers must be within 0..9, on the ethernet transport")
         if self.weights and len(self.weights) != self.servers:
             raise ValueError("give one weight per server")
+        if not 1 <= self.nodes <= 8:
+            raise ValueError("nodes must be within 1..8")
+        if self.nodes > 1 and (self.transport, self.server_transport, self.offload) != ("udp", "udp", "none"):
+            raise ValueError("several nodes sit behind a router: transport and server_transport udp, no offload")
 
 
 @dataclass
@@ -170,7 +194,25 @@ class Lab:
 
     @property
     def control_socket(self) -> str:
-        return str(self.dir / "lb.sock")
+        return str(self.dir / "lb.sock") if self.spec.nodes == 1 else self.node_socket(0)
+
+    # -- several nodes behind the router -----------------------------------------------------------------------
+    def node_ns(self, i: int) -> str:
+        return self.ns(f"n{i + 1}")
+
+    def node_key(self, i: int) -> str:
+        return f"balancer-n{i + 1}"
+
+    def node_socket(self, i: int) -> str:
+        return str(self.dir / f"n{i + 1}.sock")
+
+    def node_addr(self, i: int) -> str:
+        """Node ``i``'s address on its link to the router (the router is ``10.90.<i+1>.1``)."""
+        return f"10.90.{i + 1}.2"
+
+    @property
+    def router_socket(self) -> str:
+        return str(self.dir / "rt.ctl")
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def up(self) -> None:
@@ -179,9 +221,17 @@ class Lab:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
         try:
-            self._build_network()
-            self._start_servers()
-            self._start_balancer()
+            if self.spec.nodes > 1:
+                self._build_routed_nodes()
+                self._start_servers()
+                self._start_router()
+                for i in range(self.spec.nodes):
+                    self.start_node(i)
+                self.wait_next_hops(VIP4, self.spec.nodes, READY_TIMEOUT)
+            else:
+                self._build_network()
+                self._start_servers()
+                self._start_balancer()
             self._start_clients()
         except BaseException:
             self.down()
@@ -336,6 +386,112 @@ class Lab:
             ports.append(f"s{j + 1}")
         self._bridge(sw, "bs0", ports)
 
+    def _build_routed_nodes(self) -> None:
+        """Clients, servers and the nodes around router ``rt`` (see the module's drawing)."""
+        spec = self.spec
+        sw, rt = self.ns("sw"), self.ns("rt")
+        nodes = [self.node_ns(i) for i in range(spec.nodes)]
+        clients = [self.client_ns(i) for i in range(spec.clients)]
+        servers = [self.server_ns(j) for j in range(spec.servers)]
+        for name in (sw, rt, *nodes, *clients, *servers):
+            self._create_ns(name)
+        self._veth(sw, "rt0", rt, "eth0", _mac(0x72, 0))
+        self._addr(rt, "eth0", "10.79.0.1/24")
+        self._veth(sw, "rt1", rt, "eth1", _mac(0x72, 1))
+        self._addr(rt, "eth1", "10.82.0.1/24")
+        self._sysctl(rt, "ipv4/ip_forward", "1")
+        self._sysctl(rt, "ipv4/fib_multipath_hash_policy", "3")  # custom: the fields below only
+        self._sysctl(rt, "ipv4/fib_multipath_hash_fields", "0x0034")  # IP protocol, source and destination ports
+        for i, node in enumerate(nodes):
+            with NetNS(rt) as ns:
+                ns.link("add", ifname=f"n{i + 1}", kind="veth", peer={"ifname": "lc0p0", "net_ns_fd": node})
+                ns.link("set", index=ns.link_lookup(ifname=f"n{i + 1}")[0], address=_mac(0x72, 0x10 + i), state="up")
+            with NetNS(node) as ns:
+                ns.link("set", index=ns.link_lookup(ifname="lc0p0")[0], address=_mac(0x4C, 0x20 + i), state="up")
+            self._addr(rt, f"n{i + 1}", f"10.90.{i + 1}.1/24")
+            self._addr(node, "lc0p0", f"{self.node_addr(i)}/24")
+            self._addr(node, "lo", "10.80.0.1/32", "10.81.0.1/32")  # the service addresses: every node's
+            with NetNS(node) as ns:
+                ns.route("add", dst="0.0.0.0/0", gateway=f"10.90.{i + 1}.1")
+        ports = ["rt0"]
+        for i, client in enumerate(clients):
+            self._veth(sw, f"c{i + 1}", client, "eth0", _mac(0xC1, i + 1))
+            self._addr(client, "eth0", f"{self.client_addr(i)}/24", f"{self.client_addr(i, True)}/64")
+            with NetNS(client) as ns:
+                ns.route("add", dst="10.80.0.0/24", gateway="10.79.0.1")
+            ports.append(f"c{i + 1}")
+        self._bridge(sw, "brc", ports)
+        ports = ["rt1"]
+        for j, server in enumerate(servers):
+            self._veth(sw, f"s{j + 1}", server, "eth0", self.server_mac(j))
+            self._addr(server, "eth0", f"{self.server_addr(j)}/24")
+            with NetNS(server) as ns:  # the service address and the nodes' health checks
+                ns.route("add", dst="0.0.0.0/0", gateway="10.82.0.1")
+            ports.append(f"s{j + 1}")
+        self._bridge(sw, "bs0", ports)
+
+    def _start_router(self) -> None:
+        from mplslb.bgp import router_bird_config
+
+        neighbors = [(self.node_addr(i), NODE_AS) for i in range(self.spec.nodes)]
+        conf = self.dir / "rt.bird.conf"
+        conf.write_text(
+            router_bird_config(
+                "10.79.0.1", ROUTER_AS, neighbors, bfd_interval=BFD_INTERVAL, bfd_multiplier=BFD_MULTIPLIER
+            )
+        )
+        bird = shutil.which("bird") or "/usr/sbin/bird"
+        self._spawn("bird-rt", [bird, "-f", "-c", str(conf), "-s", self.router_socket], ns=self.ns("rt"))
+
+    def start_node(self, i: int) -> None:
+        """Start (or restart) node ``i``'s balancer daemon, which starts its BGP speaker."""
+        key = self.node_key(i)
+        config = self.dir / f"n{i + 1}.toml"
+        config.write_text(self.balancer_toml(node=i))
+        (self.dir / f"{key}.ready").unlink(missing_ok=True)
+        self._mplslb(key, self.node_ns(i), "balancer", "--config", str(config))
+        self._wait_ready([key])
+
+    def stop_node(self, i: int, sig: int = signal.SIGTERM, *, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Send ``sig`` to node ``i``'s daemon and (with ``wait``) wait for it to exit; its BIRD follows it."""
+        proc = self.procs[self.node_key(i)]
+        proc.send_signal(sig)
+        if wait:
+            proc.wait(STOP_TIMEOUT)
+        return proc
+
+    def mend_node_link(self, i: int) -> None:
+        """Undo :meth:`cut_node_link`."""
+        nft = shutil.which("nft") or "/usr/sbin/nft"
+        self.run_in(self.node_ns(i), [nft, "delete", "table", "inet", "cut"], check=True)
+
+    def cut_node_link(self, i: int) -> None:
+        """Drop everything in and out of node ``i`` (nftables in its namespace): its link is dead, its carrier
+        still up, so only BFD or the BGP hold time can tell the router."""
+        rules = (
+            "table inet cut {\n chain in { type filter hook input priority -300; policy drop; }\n"
+            " chain out { type filter hook output priority -300; policy drop; }\n}\n"
+        )
+        nft = shutil.which("nft") or "/usr/sbin/nft"
+        self.run_in(self.node_ns(i), [nft, "-f", "-"], check=True, input=rules)
+
+    def next_hops(self, prefix: str) -> list[str]:
+        """The router's next hops for ``prefix`` (its kernel's route), sorted."""
+        done = self.run_in(self.ns("rt"), ["ip", "-j", "route", "show", "exact", prefix], timeout=10.0)
+        hops: list[str] = []
+        for route in json.loads(done.stdout or "[]"):
+            hops += [route["gateway"]] if "gateway" in route else [h["gateway"] for h in route.get("nexthops", [])]
+        return sorted(hops)
+
+    def wait_next_hops(self, prefix: str, count: int, timeout: float) -> float:
+        """Wait until the router has ``count`` next hops for ``prefix``; returns how long that took (seconds)."""
+        start = time.monotonic()
+        while len(self.next_hops(prefix)) != count:
+            if time.monotonic() - start > timeout:
+                raise LabError(f"router: {self.next_hops(prefix)} for {prefix} after {timeout} s, wanted {count}")
+            time.sleep(0.02)
+        return time.monotonic() - start
+
     # -- processes ---------------------------------------------------------------------------------------------
     def _spawn(self, key: str, argv: list[str], *, ns: str | None = None) -> subprocess.Popen[bytes]:
         if ns is not None:
@@ -478,7 +634,8 @@ class Lab:
             keys.append(key)
         self._wait_ready(keys)
 
-    def balancer_toml(self) -> str:
+    def balancer_toml(self, node: int = 0) -> str:
+        """The balancer's configuration; with several nodes, node ``node``'s (its control socket, ``[bgp]``)."""
         spec = self.spec
         udp = spec.transport == "udp"
         lines = [f'algorithm = "{spec.algorithm}"', f'offload = "{spec.offload}"']
@@ -551,14 +708,31 @@ class Lab:
             f"fall = {spec.fall}",
             "",
             "[control]",
-            f'socket = "{self.control_socket}"',
+            f'socket = "{self.control_socket if spec.nodes == 1 else self.node_socket(node)}"',
             'metrics = "127.0.0.1:9108"',
         ]
+        if spec.nodes > 1:
+            lines += [
+                "",
+                "[bgp]",
+                f"local_as = {NODE_AS}",
+                f'router_id = "{self.node_addr(node)}"',
+                f'neighbors = ["10.90.{node + 1}.1"]',
+                f"neighbor_as = {ROUTER_AS}",
+                "bfd = true",
+                f"bfd_interval = {BFD_INTERVAL}",
+                f"bfd_multiplier = {BFD_MULTIPLIER}",
+                f'state_dir = "{self.dir / f"n{node + 1}.bgp"}"',
+            ]
+        if spec.nodes > 1 and spec.cluster:
+            peers = ", ".join(f'"{self.node_addr(k)}:{SYNC_PORT}"' for k in range(spec.nodes) if k != node)
+            lines += ["", "[cluster]", f"node = {node + 1}", f"nodes = {spec.nodes}", f"peers = [{peers}]"]
+            lines += [f'sync_address = "{self.node_addr(node)}"', f"sync_port = {SYNC_PORT}"]
         return "\n".join(lines) + "\n"
 
     # -- using the lab -----------------------------------------------------------------------------------------
     def run_in(
-        self, ns: str, argv: list[str], *, timeout: float = 60.0, check: bool = False
+        self, ns: str, argv: list[str], *, timeout: float = 60.0, check: bool = False, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside namespace ``ns`` (bounded in time)."""
         return subprocess.run(
@@ -567,6 +741,7 @@ class Lab:
             text=True,
             timeout=timeout,
             check=check,
+            input=input,
         )
 
     def curl(self, client: int, count: int, *, v6: bool = False, timeout: float = 120.0) -> list[str]:

@@ -112,6 +112,18 @@ class SnapshotCollector:
         yield vip_active
 
         yield from self._servers(snap["servers"])
+        bgp = snap.get("bgp")
+        if bgp is not None:
+            yield _gauge(
+                "mplslb_bgp_announcing", "1 while the node announces its prefixes by BGP.", float(bgp["announcing"])
+            )
+            yield _by_label(
+                "gauge",
+                "mplslb_bgp_peer_established",
+                "1 while the BGP session with a neighbour is established.",
+                "neighbor",
+                {peer["neighbor"]: float(peer["established"]) for peer in bgp.get("peers", [])},
+            )
         if snap.get("cluster"):
             yield from self._cluster(snap["cluster"])
 

@@ -255,6 +255,29 @@ def snapshot(
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
+def bgp_table(bgp: Mapping[str, Any]) -> Table:
+    """The node's BGP neighbours (session state, uptime) and what each is sent (:mod:`mplslb.bgp`)."""
+    if bgp.get("announcing"):
+        doing = "announcing"
+    else:
+        doing = f"withdrawn ({bgp['reason']})" if bgp.get("reason") else "withdrawn"
+    title = (
+        f"BGP (AS {bgp.get('local_as', '?')}, router id {bgp.get('router_id', '?')}, speaker {bgp['speaker']}, {doing})"
+    )
+    table = _table(title, "neighbor", "session", "state", "uptime", "announced")
+    for peer in bgp.get("peers", []):
+        uptime = peer.get("uptime_s")
+        _add(
+            table,
+            peer["neighbor"],
+            peer["name"],
+            peer["info"] or peer["state"],
+            "-" if uptime is None or not peer["established"] else f"{uptime:.0f}s",
+            ", ".join(peer["announced"]) or "-",
+        )
+    return table
+
+
 def cluster_tables(cluster: Mapping[str, Any] | None) -> list[Table]:
     """The node's place in its cluster and its peers (none for a single balancer)."""
     if cluster is None:
@@ -424,6 +447,10 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
                 "-" if h["last_rtt_ms"] is None else f"{h['last_rtt_ms']:.1f}",
             )
         tables.append(hc)
+
+    bgp = snap.get("bgp")
+    if bgp is not None:
+        tables.append(bgp_table(bgp))
 
     paths = _table("Packets at the balancer", "path", "frames", "share", "per second")
     fast, slow = frames["fast_path"], frames["slow_path"]

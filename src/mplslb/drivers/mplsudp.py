@@ -12,9 +12,15 @@ A session's first packet carries no session label yet. Across routed IP it trave
 Explicit NULL entry (label 0 or 2, S=1), and is shown to the core as the unlabelled IP frame it stands for; an
 unlabelled IP frame from the core is sent the same way.
 
-The UDP source port carries flow entropy (RFC 7510 section 3): frames leave from a pool of sockets bound to ports
-in 49152-65535, picked by a hash of the top label (of the IP addresses for Explicit NULL), so one direction of a
-session always keeps one source port and the network's ECMP keeps it on one path.
+The UDP source port carries flow entropy (RFC 7510 section 3), per session rather than per label direction: frames
+leave from a pool of sockets bound to the pool's canonical ports ``ENTROPY_PORT_BASE + i`` (above Linux's ephemeral
+range, inside RFC 7510's 49152-65535), socket ``i`` picked by a symmetric hash of the inner packet's flow (the
+protocol and the two address/port ends in sorted order, under whatever labels; :func:`flow_hash`). A session's
+client-to-VIP frames and its server-to-client frames, labelled or not, are one flow read in two directions, so every
+sender (client agent, server agent, balancer) with the canonical pool sends them from the same UDP source port; a
+router hashing only on ports and protocol then sends both directions of a session to one balancer node while its
+ECMP set is stable. A canonical port already taken falls back to a random one in the range (:attr:`symmetric`
+says whether the pool is canonical). A payload with no IP packet under its labels is hashed by its top label.
 
 Malformed datagrams and frames that cannot be sent are counted in ``drops`` under a named reason, never raised.
 """
@@ -37,8 +43,10 @@ from mplslb.wire.ethernet import ETH_ALEN, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, 
 from mplslb.wire.mpls import (
     ENTRY,
     LABEL_SHIFT,
+    MAX_STACK_DEPTH,
     MPLS_ENTRY_LEN,
     MPLS_UDP_PORT,
+    S_BIT,
     ReservedLabel,
     pack_entry,
     parse_stack,
@@ -47,6 +55,9 @@ from mplslb.wire.mpls import (
 
 ENTROPY_PORT_MIN = 49152  # RFC 7510 section 3: the dynamic/private range
 ENTROPY_PORT_MAX = 65535
+#: The pool's canonical source ports start here: above Linux's default ephemeral range (32768-60999), so every
+#: sender's socket ``i`` has the same port and a flow leaves every sender from the same port.
+ENTROPY_PORT_BASE = 61440
 DEFAULT_POOL_SIZE = 16
 DEFAULT_TTL = 64
 DEFAULT_MAX_PEERS = 65536
@@ -61,8 +72,7 @@ _MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 _NULL_FOR_VERSION = {4: ReservedLabel.IPV4_EXPLICIT_NULL, 6: ReservedLabel.IPV6_EXPLICIT_NULL}
 _VERSION_FOR_NULL = {int(v): k for k, v in _NULL_FOR_VERSION.items()}
 _NULL_FOR_ETHERTYPE = {ETH_P_IP: ReservedLabel.IPV4_EXPLICIT_NULL, ETH_P_IPV6: ReservedLabel.IPV6_EXPLICIT_NULL}
-# Where the addresses sit in the IP header after an Explicit NULL entry: the flow entropy of an unlabelled packet.
-_ADDRESSES = {4: slice(MPLS_ENTRY_LEN + 12, MPLS_ENTRY_LEN + 20), 6: slice(MPLS_ENTRY_LEN + 8, MPLS_ENTRY_LEN + 40)}
+_PORTED = frozenset({6, 17, 132, 136})  # TCP, UDP, SCTP, UDP-Lite: the two ports lead their header
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
@@ -123,12 +133,50 @@ def _decapsulate(
     return None
 
 
+def flow_hash(payload: bytes | memoryview) -> int | None:
+    """A symmetric 32-bit hash of the flow of the IP packet under ``payload``'s label stack: the protocol and the two
+    (address, port) ends in sorted order (the addresses only for a fragment or a protocol without ports), so a flow
+    and its reverse hash alike. None when no IPv4 or IPv6 packet sits under the stack."""
+    end = 0
+    n = len(payload)
+    for _ in range(MAX_STACK_DEPTH):
+        if end + MPLS_ENTRY_LEN > n:
+            return None
+        entry = ENTRY.unpack_from(payload, end)[0]
+        end += MPLS_ENTRY_LEN
+        if entry & S_BIT:
+            break
+    else:
+        return None
+    if end >= n:
+        return None
+    version = payload[end] >> 4
+    if version == 4 and n >= end + 20:
+        header = (payload[end] & 0x0F) * 4
+        proto = payload[end + 9]
+        src, dst = bytes(payload[end + 12 : end + 16]), bytes(payload[end + 16 : end + 20])
+        fragment = int.from_bytes(payload[end + 6 : end + 8], "big") & 0x3FFF
+        ports_at = end + header if not fragment and header >= 20 else -1
+    elif version == 6 and n >= end + 40:
+        proto = payload[end + 6]
+        src, dst = bytes(payload[end + 8 : end + 24]), bytes(payload[end + 24 : end + 40])
+        ports_at = end + 40
+    else:
+        return None
+    if proto in _PORTED and ports_at >= 0 and n >= ports_at + 4:
+        src += bytes(payload[ports_at : ports_at + 2])
+        dst += bytes(payload[ports_at + 2 : ports_at + 4])
+    low, high = (src, dst) if src <= dst else (dst, src)
+    return zlib.crc32(high, zlib.crc32(low + bytes((proto,))))
+
+
 def entropy_index(payload: bytes | memoryview, pool_size: int) -> int:
-    """Which of ``pool_size`` source sockets carries ``payload``: by its top label, or by the IP addresses under an
-    Explicit NULL entry, so one flow direction keeps one UDP source port."""
-    label = ENTRY.unpack_from(payload)[0] >> LABEL_SHIFT
-    version = _VERSION_FOR_NULL.get(label)
-    key = zlib.crc32(payload[_ADDRESSES[version]]) if version is not None else label
+    """Which of ``pool_size`` source sockets carries ``payload``: by the symmetric hash of its inner flow
+    (:func:`flow_hash`), or by its top label when it carries no IP packet, so a session keeps one UDP source port
+    in both directions."""
+    key = flow_hash(payload)
+    if key is None:
+        key = ENTRY.unpack_from(payload)[0] >> LABEL_SHIFT
     return ((key * _HASH_MULTIPLIER) & 0xFFFFFFFF) * pool_size >> 32
 
 
@@ -185,7 +233,7 @@ class MplsUdpPort:
         try:
             with entered(netns):
                 self._sock = self._socket((address, port), dual_stack=address == "::")
-                self._pool = [self._pool_socket(address, low, high) for _ in range(pool_size)]
+                self._pool = [self._pool_socket(address, ENTROPY_PORT_BASE + i, low, high) for i in range(pool_size)]
         except BaseException:
             self.close()
             raise
@@ -202,11 +250,13 @@ class MplsUdpPort:
         sock.setblocking(False)
         return sock
 
-    def _pool_socket(self, address: str, low: int, high: int) -> socket.socket:
+    def _pool_socket(self, address: str, canonical: int, low: int, high: int) -> socket.socket:
+        """Pool socket bound to its ``canonical`` port, or to a random port in ``low..high`` if that one is taken."""
         rng = random.Random()
-        for _ in range(_BIND_ATTEMPTS):
+        for attempt in range(_BIND_ATTEMPTS):
+            port = canonical if attempt == 0 and low <= canonical <= high else rng.randint(low, high)
             try:
-                sock = self._socket((address, rng.randint(low, high)), dual_stack=address == "::")
+                sock = self._socket((address, port), dual_stack=address == "::")
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise
@@ -214,6 +264,12 @@ class MplsUdpPort:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _POOL_RCVBUF)
             return sock
         raise OSError(errno.EADDRINUSE, f"no free UDP source port in {low}-{high} after {_BIND_ATTEMPTS} tries")
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether every pool socket has its canonical port, so a flow leaves here from the port every other
+        canonical sender uses for it."""
+        return self.source_ports == [ENTROPY_PORT_BASE + i for i in range(len(self._pool))]
 
     @property
     def source_ports(self) -> list[int]:

@@ -1,0 +1,296 @@
+"""Several balancer nodes behind a router (root): ``Lab(LabSpec(nodes=3))`` builds a router namespace running stock
+BIRD 2 with multipath routes hashed on the UDP ports, three nodes whose daemons announce the VIP and the
+MPLS-in-UDP service addresses by BGP (with BFD) while healthy, stock nginx servers and curl clients behind the
+router.
+
+A second lab's nodes sync their sessions (``[cluster]``): downloads and keep-alive connections in flight when the
+node they went through is killed or cut off carry on through the nodes the router sends their frames to next; the
+count of sessions lost is printed and asserted to be 0. (The first lab does not sync: a session whose two
+directions reached two nodes would fail there, so it also proves the per-session entropy.)
+
+Each test leaves the three nodes announced as it found them. The withdrawal times are printed (``-s``), never
+asserted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mplslb.control.client import request
+from mplslb.lab import VIP4, Lab, LabSpec
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, veth, TUN and packet sockets"),
+    pytest.mark.skipif(
+        any(
+            shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
+            for t in ("nginx", "curl", "nsenter", "bird", "nft")
+        ),
+        reason="nginx, curl, nsenter, bird (bird2) and nft are needed (make test installs them)",
+    ),
+]
+
+ROOT = Path("/run/mplslb-test-labs")
+NODES = 3
+SERVICE = (VIP4, "10.80.0.1", "10.81.0.1")  # what every healthy node announces
+WITHDRAW_WAIT = 15.0  # seconds a withdrawal may take before the test gives up (about 1 s expected)
+REJOIN_WAIT = 30.0
+
+
+def node_status(lab: Lab, i: int) -> dict[str, Any]:
+    status: dict[str, Any] = request(lab.node_socket(i), {"cmd": "status"})["status"]
+    return status
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    the_lab = Lab(
+        LabSpec(name=f"cl{os.getpid() % 100000}", nodes=NODES, clients=1, servers=2, transport="udp",
+                server_transport="udp"),
+        root=ROOT,
+    )  # fmt: skip
+    speakers: list[int] = []
+    try:
+        the_lab.up()
+        yield the_lab
+        speakers = [node_status(the_lab, i)["bgp"]["pid"] for i in range(NODES)]
+    finally:
+        pids = dict(the_lab.state.pids)
+        problems = the_lab.down()
+        assert problems == []
+        from pyroute2 import netns
+
+        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
+        assert not the_lab.dir.exists()
+        assert not [pid for pid in [*pids.values(), *speakers] if pid_alive(pid)]
+
+
+@pytest.fixture
+def three(lab: Lab) -> Lab:
+    """The lab with every node announced (as each test leaves it)."""
+    for prefix in SERVICE:
+        lab.wait_next_hops(prefix, NODES, REJOIN_WAIT)
+    return lab
+
+
+def sessions_by_node(lab: Lab) -> list[int]:
+    time.sleep(1.1)  # the daemons refresh their snapshot every second
+    return [node_status(lab, i)["sessions"]["started"] for i in range(NODES)]
+
+
+def rejoin(lab: Lab, i: int) -> float:
+    lab.start_node(i)
+    return lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+
+
+def test_the_router_has_a_next_hop_per_node_and_sessions_spread_over_the_nodes(three: Lab) -> None:
+    lab = three
+    hops = [lab.node_addr(i) for i in range(NODES)]
+    assert all(lab.next_hops(prefix) == hops for prefix in SERVICE)
+    policy = lab.run_in(lab.ns("rt"), ["sysctl", "-n", "net.ipv4.fib_multipath_hash_policy"]).stdout.strip()
+    assert policy == "3"
+    before = sessions_by_node(lab)
+    bodies = lab.curl(0, 30)
+    assert all(body.startswith("server s") for body in bodies), bodies
+    carried = [after - was for after, was in zip(sessions_by_node(lab), before, strict=True)]
+    print(f"\n30 sessions through the router, by node: {carried}")
+    # Each session's two directions reach one node (its server's replies carry the client's entropy port), so
+    # every request is answered; the sessions' ports spread them over the nodes.
+    assert sum(carried) == 30
+    assert sum(1 for n in carried if n) >= 2
+
+
+def test_status_shows_the_established_neighbour_and_what_is_announced(three: Lab) -> None:
+    lab = three
+    wait_for(lambda: node_status(lab, 1)["bgp"]["peers"][0]["announced"], 5.0, "the status's BGP rows")
+    bgp = node_status(lab, 1)["bgp"]
+    assert bgp["announcing"] and bgp["healthy"] and bgp["speaker"] == "running"
+    (peer,) = bgp["peers"]
+    assert peer["neighbor"] == "10.90.2.1" and peer["established"] and peer["state"] == "Established"
+    assert sorted(peer["announced"]) == sorted(f"{p}/32" for p in SERVICE)
+    shown = subprocess.run(
+        [sys.executable, "-m", "mplslb", "status", "--socket", lab.node_socket(1)],
+        capture_output=True, text=True, timeout=30, check=True, env={**os.environ, "COLUMNS": "200"},
+    ).stdout  # fmt: skip
+    assert "BGP (AS 65001, router id 10.90.2.2, speaker running, announcing)" in shown
+    assert "10.90.2.1" in shown and "Established" in shown and "10.0.0.100/32" in shown
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_or_killed_node_is_withdrawn_and_new_sessions_take_the_others(three: Lab, sig: int) -> None:
+    lab, node = three, 2
+    speaker = node_status(lab, node)["bgp"]["pid"]
+    start = time.monotonic()
+    proc = lab.stop_node(node, sig, wait=False)
+    took = lab.wait_next_hops(VIP4, NODES - 1, WITHDRAW_WAIT)
+    print(f"\n{signal.Signals(sig).name}: node n{node + 1} left the router's ECMP set after {took * 1000:.0f} ms")
+    try:
+        proc.wait(10)
+        assert lab.node_addr(node) not in lab.next_hops(VIP4)
+        assert lab.wait_next_hops("10.80.0.1", NODES - 1, WITHDRAW_WAIT) < WITHDRAW_WAIT
+        wait_for(lambda: not pid_alive(speaker), 10.0, "the node's BIRD to follow its daemon")
+        print(f"its BIRD (pid {speaker}) gone {(time.monotonic() - start) * 1000:.0f} ms after the signal")
+        assert all(body.startswith("server s") for body in lab.curl(0, 10))
+    finally:
+        print(f"rejoined in {rejoin(lab, node):.1f} s after its daemon started again")
+
+
+def test_a_node_whose_link_is_cut_is_taken_out_by_bfd(three: Lab) -> None:
+    lab, node = three, 0
+    lab.cut_node_link(node)
+    try:
+        took = lab.wait_next_hops(VIP4, NODES - 1, WITHDRAW_WAIT)
+        print(f"\nlink cut: node n{node + 1} left the router's ECMP set after {took * 1000:.0f} ms (BFD)")
+        assert lab.node_addr(node) not in lab.next_hops(VIP4)
+        assert all(body.startswith("server s") for body in lab.curl(0, 10))
+    finally:
+        lab.mend_node_link(node)
+    print(f"link mended: back after {lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT):.1f} s")
+
+
+def test_nodes_with_no_server_up_withdraw_and_announce_again_when_one_is_back(three: Lab) -> None:
+    lab = three
+    for j in range(lab.spec.servers):
+        lab.kill_nginx(j)
+    try:
+        took = lab.wait_next_hops(VIP4, 0, WITHDRAW_WAIT)
+        print(f"\nevery server down: every node withdrawn after {took:.1f} s (health checks: fall 2, every 0.5 s)")
+        for i in range(NODES):
+            wait_for(lambda i=i: node_status(lab, i)["bgp"].get("reason") == "no_server_up", 5.0, "the reason")
+    finally:
+        for j in range(lab.spec.servers):
+            lab.start_nginx(j)
+    lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+    assert all(body.startswith("server s") for body in lab.curl(0, 5))
+
+
+# -- nodes that sync their sessions ------------------------------------------------------------------------------
+DOWNLOADS = 8
+CONTENT = random.Random(11).randbytes(4_000_000)  # big.bin on every server
+SHA256 = hashlib.sha256(CONTENT).hexdigest()
+RATE = "400k"  # curl --limit-rate: each download lasts about 10 s, well past the node's departure
+
+
+@pytest.fixture(scope="module")
+def clustered_lab() -> Iterator[Lab]:
+    pytest.importorskip("mplslb.cluster", reason="needs the nodes' session sync ([cluster], mplslb.cluster)")
+    spec = LabSpec(name=f"cf{os.getpid() % 100000}", nodes=NODES, clients=1, servers=2, transport="udp",
+                   server_transport="udp", cluster=True)  # fmt: skip
+    the_lab = Lab(spec, root=ROOT)
+    try:
+        the_lab.up()
+        for j in range(spec.servers):
+            (the_lab.dir / the_lab.server_name(j) / "www" / "big.bin").write_bytes(CONTENT)
+        yield the_lab
+    finally:
+        pids = dict(the_lab.state.pids)
+        assert the_lab.down() == []
+        assert not the_lab.dir.exists()
+        assert not [pid for pid in pids.values() if pid_alive(pid)]
+
+
+@pytest.fixture
+def clustered(clustered_lab: Lab) -> Lab:
+    """The nodes syncing their sessions, every one announced and synced (as each test leaves it)."""
+    lab = clustered_lab
+    for prefix in SERVICE:
+        lab.wait_next_hops(prefix, NODES, REJOIN_WAIT)
+    wait_for(lambda: all(node_status(lab, i)["cluster"]["synced"] for i in range(NODES)), REJOIN_WAIT, "synced")
+    return lab
+
+
+def frames_in(lab: Lab, i: int) -> int:
+    return int(node_status(lab, i)["frames"]["in"])
+
+
+def first_success(lab: Lab, timeout: float) -> float:
+    """Seconds until a new session succeeds (one curl after another, each bounded)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        done = lab.run_in(lab.client_ns(0), ["curl", "-s", "--max-time", "1", "-o", "/dev/null", "-w", "%{http_code}",
+                                             "-H", "Connection: close", f"http://{VIP4}/"], timeout=10)  # fmt: skip
+        if done.stdout == "200":
+            return time.monotonic() - start
+    raise AssertionError(f"no new session succeeded within {timeout} s")
+
+
+@pytest.mark.parametrize("how", ["sigkill", "link_cut"])
+def test_established_sessions_carry_on_when_their_node_leaves(clustered: Lab, how: str, tmp_path: Path) -> None:
+    lab, node = clustered, 1
+    outs = [tmp_path / f"{k}.bin" for k in range(DOWNLOADS)]
+    argv = ["curl", "-s", "--max-time", "60", "--limit-rate", RATE, "-w", "%{http_code}", f"http://{VIP4}/big.bin"]
+    downloads = [
+        subprocess.Popen(
+            ["nsenter", f"--net=/var/run/netns/{lab.client_ns(0)}", "--", *argv, "-o", str(out)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for out in outs
+    ]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            wrk = pool.submit(lab.wrk, 0, seconds=12, connections=8)
+            wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in outs), 20.0, "every download started")
+            before = frames_in(lab, node)
+            time.sleep(1.1)  # the daemons refresh their snapshot every second
+            carried = frames_in(lab, node) - before
+            if how == "sigkill":
+                lab.stop_node(node, signal.SIGKILL, wait=False)
+            else:
+                lab.cut_node_link(node)
+            left = lab.wait_next_hops(VIP4, NODES - 1, WITHDRAW_WAIT)
+            new = first_success(lab, 30.0)
+            figures = wrk.result(timeout=60)
+        codes = [proc.communicate(timeout=90)[0] for proc in downloads]
+        lost = sum(1 for code, out in zip(codes, outs, strict=True)
+                   if code != "200" or hashlib.sha256(out.read_bytes()).hexdigest() != SHA256)  # fmt: skip
+        print(
+            f"\n{how}: node n{node + 1} ({carried} frames in its last second) left the ECMP set after "
+            f"{left * 1000:.0f} ms; "
+            f"a new session succeeded {new:.2f} s later; downloads lost {lost} of {DOWNLOADS}; "
+            f"wrk {figures.get('requests', 0):.0f} requests, {figures['socket_errors']:.0f} socket errors, "
+            f"{figures['non_2xx']:.0f} non-2xx"
+        )
+        assert lost == 0, codes
+        assert figures["socket_errors"] == 0 and figures["non_2xx"] == 0 and figures.get("requests", 0) > 0
+    finally:
+        for proc in downloads:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if how == "sigkill":
+            lab.start_node(node)
+            lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+        else:
+            lab.mend_node_link(node)
+            lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
