@@ -452,6 +452,26 @@ def frames_only() -> list[Call]:
     return [c for c in recording()[1] if c.port >= 0]
 
 
+#: The smallest daemon configuration with interfaces: one client port, one server port, one VIP (tests of
+#: top-level keys and sections append or prepend theirs).
+DAEMON_TOML = """
+[[ports]]
+id = 0
+role = "client"
+mac = "02:b0:00:00:00:00"
+interface = "lc0p0"
+
+[[ports]]
+id = 1
+role = "server"
+mac = "02:b0:00:00:00:01"
+interface = "lc1p0"
+
+[[vip]]
+address = "10.0.0.100"
+"""
+
+
 mutation = st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(0, 1600), st.integers(0, 255))
 #: Mutations aimed at what the fast paths read: the label entry, the IP header (options included) and the first
 #: bytes of TCP or UDP (ports, TCP flags).

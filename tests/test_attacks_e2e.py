@@ -280,7 +280,20 @@ def http_get(sock: socket.socket) -> bytes:
     return body
 
 
-def forged_rsts_on_an_idle_keep_alive_connection(lab: Lab, cport: int) -> None:
+@dataclass
+class RstOutcome:
+    """What the balancer made of forged RSTs on an idle keep-alive connection, then of the RST with the right
+    sequence number."""
+
+    forged_not_believed: dict[str, int]  # counted while the wrong-seq RSTs were judged
+    forged_ended: dict[str, int]  # sessions ended meanwhile (by reason)
+    reply_after: bytes  # the next request's answer on the same connection, after the linger
+    right_ended: dict[str, int]  # sessions ended after the right-seq RST
+    right_not_believed: dict[str, int]
+    active_after: int  # live sessions once the right-seq RST's linger is over
+
+
+def forged_rsts_on_an_idle_keep_alive_connection(lab: Lab, cport: int) -> RstOutcome:
     all_up(lab)
     client = 0
     client_mac = mac_from_str(f"02:c1:00:00:00:{client + 1:02x}")
@@ -322,10 +335,9 @@ def forged_rsts_on_an_idle_keep_alive_connection(lab: Lab, cport: int) -> None:
         time.sleep(3 * LINGER)  # idle well past the linger
         after = status(lab)
         not_believed = delta(after["sessions"]["not_believed"], before["sessions"]["not_believed"])
+        forged_ended = delta(after["sessions"]["ended"], before["sessions"]["ended"])
         print(f"label {label}, server's last ack {server_ack}: forged seqs {wrong}; not believed {not_believed}")
-        assert not_believed == {"rst_out_of_window": 2}, "the forged RSTs did not reach the balancer, or were believed"
-        assert delta(after["sessions"]["ended"], before["sessions"]["ended"]) == {}
-        assert http_get(sock).startswith(b"server "), "the idle connection did not survive the forged RSTs"
+        reply_after = http_get(sock)
         # The right sequence number: believed (and accepted by the server's stack); nothing follows, so the
         # session closes at the linger's end.
         label, server_ack = wire()
@@ -335,22 +347,34 @@ def forged_rsts_on_an_idle_keep_alive_connection(lab: Lab, cport: int) -> None:
         after = status(lab)
         while time.monotonic() < deadline and after["sessions"]["ended"] == before["sessions"]["ended"]:
             after = status(lab)  # ENDING (no longer active) until the linger's end, then closed
-        ended = delta(after["sessions"]["ended"], before["sessions"]["ended"])
-        print(
-            f"right seq {server_ack}: ended {ended}, not believed "
-            f"{delta(after['sessions']['not_believed'], before['sessions']['not_believed'])}"
+        right_ended = delta(after["sessions"]["ended"], before["sessions"]["ended"])
+        right_not_believed = delta(after["sessions"]["not_believed"], before["sessions"]["not_believed"])
+        print(f"right seq {server_ack}: ended {right_ended}, not believed {right_not_believed}")
+        return RstOutcome(
+            not_believed, forged_ended, reply_after, right_ended, right_not_believed, after["sessions"]["active"]
         )
-        assert ended == {"closed": 1} and after["sessions"]["active"] == 0, (
-            "the RST with the right seq was not believed"
-        )
-        assert delta(after["sessions"]["not_believed"], before["sessions"]["not_believed"]) == {}
     finally:
         sock.close()
         sniffer.stop()
 
 
+def check_rst_outcome(outcome: RstOutcome) -> None:
+    """Wrong-seq RSTs counted, not believed, the connection alive after the linger; the right one closes it."""
+    assert outcome.forged_not_believed == {"rst_out_of_window": 2}, (
+        "the forged RSTs did not reach the balancer, or were believed"
+    )
+    assert outcome.forged_ended == {}, "a session ended after the forged RSTs"
+    assert outcome.reply_after.startswith(b"server "), "the idle connection did not survive the forged RSTs"
+    assert outcome.right_ended == {"closed": 1} and outcome.active_after == 0, (
+        "the RST with the right seq was not believed"
+    )
+    assert outcome.right_not_believed == {}
+
+
 def test_forged_rsts_with_a_wrong_seq_do_not_close_an_idle_keep_alive_connection(lab: Lab) -> None:
-    forged_rsts_on_an_idle_keep_alive_connection(lab, 45333)
+    outcome = forged_rsts_on_an_idle_keep_alive_connection(lab, 45333)
+    check_rst_outcome(outcome)
+    assert outcome.forged_not_believed["rst_out_of_window"] == 2  # one unlabelled, one labelled
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +396,7 @@ def test_forged_rsts_with_a_wrong_seq_do_not_close_an_idle_keep_alive_connection
     """The same with the kernel offload: the idle session's labels are in the kernel, which keeps the server's
     last acknowledgment number; the RSTs come up to userspace and are judged against it."""
     assert status(kernel_lab)["offload"]["kind"] == "kernel"
-    forged_rsts_on_an_idle_keep_alive_connection(kernel_lab, 45334)
+    check_rst_outcome(forged_rsts_on_an_idle_keep_alive_connection(kernel_lab, 45334))
 
 
 # -- b) forged labels ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pyroute2 import IPRoute, netns
 
 from helpers import (
     ACK,
+    DAEMON_TOML,
     FIN,
     PORT_MAC,
     PSH,
@@ -351,22 +352,7 @@ def test_offload_syn_rate_is_validated() -> None:
 def test_daemon_config_reads_offload(tmp_path: Path) -> None:
     from mplslb.daemon import load_daemon_config
 
-    body = """
-[[ports]]
-id = 0
-role = "client"
-mac = "02:b0:00:00:00:00"
-interface = "lc0p0"
-
-[[ports]]
-id = 1
-role = "server"
-mac = "02:b0:00:00:00:01"
-interface = "lc1p0"
-
-[[vip]]
-address = "10.0.0.100"
-"""
+    body = DAEMON_TOML
     path = tmp_path / "lb.toml"
     path.write_text(body)
     assert load_daemon_config(path).offload == "none"

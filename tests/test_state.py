@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import PORT_MAC, SERVERS, client_tcp, labelled, reply_tcp_packet, standard_config
+from helpers import DAEMON_TOML, PORT_MAC, SERVERS, client_tcp, labelled, reply_tcp_packet, standard_config
 from mplslb import labels as labels_module
 from mplslb import sessions as sessions_module
 from mplslb import state as state_module
@@ -335,22 +335,7 @@ def test_a_server_moved_to_another_mac_loses_its_sessions(state_dir: Path) -> No
     close(second)
 
 
-LB_TOML = """
-[[ports]]
-id = 0
-role = "client"
-mac = "02:b0:00:00:00:00"
-interface = "lc0p0"
-
-[[ports]]
-id = 1
-role = "server"
-mac = "02:b0:00:00:00:01"
-interface = "lc1p0"
-
-[[vip]]
-address = "10.0.0.100"
-"""
+LB_TOML = DAEMON_TOML
 
 
 def test_the_daemon_keeps_state_when_asked(tmp_path: Path) -> None:
