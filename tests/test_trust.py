@@ -283,19 +283,33 @@ def test_a_servers_rst_is_judged_by_the_clients_last_ack(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_closing_fin_with_a_wrong_seq_changes_nothing_and_a_first_fin_is_not_judged(path: str) -> None:
+def test_a_closing_fin_with_a_wrong_seq_changes_nothing_and_a_client_first_fin_is_judged_too(path: str) -> None:
     """After the server's FIN (CLOSING_SERVER), the client's FIN would end the session: a forged one far from the
-    server's last ACK is counted and changes nothing; the real one closes. A first FIN ends nothing and is taken
-    as it comes (a half-close)."""
+    server's last ACK is counted and changes nothing; the real one closes. A client's first FIN ends nothing but
+    would cut the session's idle life to tcp_closing: a forged one is counted and changes nothing, the real one
+    half-closes. A server's first FIN (from its own port and MAC) is taken as it comes."""
     net = Net(make_config(timeouts=TIMEOUTS))
     b = net.balancer
-    name, c2s = established(net)
+    name, c2s = established(net)  # the server's last ACK: 101
     src = client_addr(0)
     session = b.sessions.by_c2s(c2s)
     assert session is not None
     first = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, FIN | ACK, seq=1 << 31, ack=501))
     take(b, path, [(0, first)], net.now)
-    assert session.state is SessionState.CLOSING_CLIENT and b.sessions.not_believed == {}
+    assert session.state is SessionState.ESTABLISHED and b.sessions.not_believed == {"fin_out_of_window": 1}
+    unlabelled = ether(PORT_MAC[0], client_mac(0), tcp(src, VIP, 40000, 80, FIN | ACK, seq=101 + 3 * WINDOW))
+    take(b, path, [(0, unlabelled)], net.now)
+    assert session.state is SessionState.ESTABLISHED and b.sessions.not_believed == {"fin_out_of_window": 2}
+    real_first = labelled(PORT_MAC[0], client_mac(0), c2s, tcp(src, VIP, 40000, 80, FIN | ACK, seq=101, ack=501))
+    take(b, path, [(0, real_first)], net.now)
+    assert session.state is SessionState.CLOSING_CLIENT
+    net1 = Net(make_config(timeouts=TIMEOUTS))
+    name, c2s = established(net1)
+    session = net1.balancer.sessions.by_c2s(c2s)
+    assert session is not None
+    far_fin = net1.from_server(name, tcp(VIP, src, 80, 40000, FIN | ACK, seq=501 + 5 * WINDOW, ack=101))
+    net1.deliver_to_client(0, far_fin)
+    assert session.state is SessionState.CLOSING_SERVER and net1.balancer.sessions.not_believed == {}
     net2 = Net(make_config(timeouts=TIMEOUTS))
     b = net2.balancer
     name, c2s = established(net2)

@@ -32,8 +32,9 @@ request -> first response byte, within a budget of watched frames) is :meth:`Ses
 makes the START -> ANSWERED -> ESTABLISHED transitions.
 
 Trust: no frame ends a session on its own word. Anyone on a client's segment can forge a client's frame, labelled or
-not, but cannot see the server's, so does not know where the sequence numbers are. An RST, or the FIN that would end
-an open session (and any RST or FIN that would start an ENDING one's linger again), is first judged by its sequence
+not, but cannot see the server's, so does not know where the sequence numbers are. An RST, the FIN that would end
+an open session, the client's first FIN (which would cut an idle keep-alive session's life to ``tcp_closing``), and
+any RST or FIN that would start an ENDING session's linger again, is first judged by its sequence
 number (:meth:`SessionTable.closes` says which segments are; the balancer judges them with the switching table's
 record of each label's last acknowledgment number): one further than ``rst_window`` from the last acknowledgment
 number the other end sent is not believed, is counted in :attr:`SessionTable.not_believed` (``rst_out_of_window``,
@@ -627,8 +628,10 @@ class SessionTable:
 
     def closes(self, session: Session, flags: int, *, from_client: bool) -> bool:
         """Would a TCP segment with ``flags`` from one side make the open ``session`` ENDING (an RST, or the FIN of
-        one side when the other has sent its own), or start an ENDING session's linger again (any RST or FIN)?
-        These are the segments judged by their sequence number."""
+        one side when the other has sent its own), start an ENDING session's linger again (any RST or FIN), or, for
+        the client's first FIN, shorten an established session's idle timeout to ``tcp_closing``? These are the
+        segments judged by their sequence number. A server's first FIN is not: it comes in on the server's own port
+        from the server's MAC, where nobody on a client's segment can send."""
         state = self.state[session.pair]
         if state == _ENDING:
             return bool(flags & (_RST | _FIN))
@@ -636,7 +639,9 @@ class SessionTable:
             return False
         if flags & _RST:
             return True
-        return bool(flags & _FIN) and state == (_CLOSING_SERVER if from_client else _CLOSING_CLIENT)
+        if not flags & _FIN:
+            return False
+        return state in (_ESTABLISHED, _CLOSING_SERVER) if from_client else state == _CLOSING_CLIENT
 
     def disbelieve(self, flags: int) -> None:
         """Count an RST or closing FIN (``flags``) whose sequence number was not believed; nothing else changes."""
