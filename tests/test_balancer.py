@@ -5,7 +5,22 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import SERVER_PORTS, VIP, VIP6, Net, client_addr, handshake, ipv6, label_of, mac, make_config, tcp, udp
+from helpers import (
+    PORT_MAC,
+    SERVER_PORTS,
+    VIP,
+    VIP6,
+    Net,
+    client_addr,
+    ether,
+    handshake,
+    ipv6,
+    label_of,
+    mac,
+    make_config,
+    tcp,
+    udp,
+)
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import ServerConfig
 from mplslb.endpoint import ClientEndpoint
@@ -134,10 +149,10 @@ def test_response_time_is_measured_from_syn_to_synack_and_request_to_first_byte(
     assert net.balancer.switching.watch[session.c2s] == net.balancer.switching.watch[session.s2c] == 1
 
 
-def test_a_syn_on_the_port_of_an_ending_session_goes_on_it_and_revives_it() -> None:
-    """The client reuses the flow of a session it reset: the SYN goes to the same server on the same labels (nobody
-    can end a session by sending a SYN of its flow), and the traffic both ways after the RST (the SYN and the
-    server's answer) revives the session."""
+def test_a_syn_on_the_port_of_an_ending_session_ends_it_and_opens_a_new_session() -> None:
+    """The client reuses the flow of a session it reset (its port came back while the close lingered): that session
+    ends at once ("reused") and the SYN opens a new one on new labels, balanced as any other. Another MAC's SYN on
+    the flow changes nothing."""
     net = Net(make_config(timeouts=Timeouts(closed_linger=4.0)))
     b = net.balancer
     name, c2s = handshake(net, sport=500)
@@ -145,14 +160,18 @@ def test_a_syn_on_the_port_of_an_ending_session_goes_on_it_and_revives_it() -> N
     net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 500, 80, RST, seq=101)))
     old = b.sessions.by_c2s(c2s)
     assert old is not None and old.state is SessionState.ENDING
-    net.now = 3.0  # after the grace (half the linger)
+    key = old.key
+    intruder = ether(PORT_MAC[0], mac(0xEE, 1), tcp(src, VIP, 500, 80, SYN, seq=5000))
+    assert b.receive(0, intruder, net.now) == [] and b.drops == {"session_wrong_source": 1}
+    assert old.state is SessionState.ENDING
+    net.now = 1.0
     net.client(0).flows.clear()  # a new connection: the endpoint sends its SYN unlabelled
     out = net.from_client(0, tcp(src, VIP, 500, 80, SYN, seq=9000))
-    assert label_of(out[0][1]) == c2s and [n for n, _ in net.deliver_to_servers(out)] == [name]
-    net.from_server(name, tcp(VIP, src, 80, 500, SYN | ACK, seq=7000, ack=9001))  # the server's answer
-    b.on_timer(4.0)
-    assert old.state is SessionState.ESTABLISHED and b.sessions.revived == 1
-    assert b.sessions.started == 1 and b.live == 1
+    new_c2s = label_of(out[0][1])
+    assert new_c2s != c2s and b.sessions.by_c2s(c2s) is None and b.labels.is_quarantined(c2s)
+    assert b.stats().sessions_ended == {"reused": 1} and b.sessions.started == 2 and b.live == 1
+    new = b.sessions.by_c2s(new_c2s)
+    assert new is not None and new.state is SessionState.START and new.key == key
 
 
 def test_a_server_added_at_run_time_takes_new_sessions_and_only_on_a_server_port() -> None:

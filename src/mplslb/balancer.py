@@ -413,10 +413,17 @@ class Balancer:
         pure_syn = key.proto == IPPROTO_TCP and (a.tcp_flags & (SYN | ACK | RST | FIN)) == SYN
         if session is not None:  # claim 2: an existing session's packet goes to its server
             self._refresh(session)
-            # The binding its labels have: the client's port and MAC (a SYN reusing the flow of an ENDING session
-            # goes on it too, so nobody else's SYN can end it).
+            # The binding its labels have: the client's port and MAC (nobody else's SYN can end or take it).
             if port != session.client_port or frame[_SRC_MAC] != session.client_mac:
                 self._drop("session_wrong_source")
+                return
+            if pure_syn and session.state is SessionState.ENDING:
+                # A new connection on the flow of one that closed (its client port came back while the close
+                # lingered): the closed one ends now and the new one is balanced as any other, with its own labels,
+                # as IPVS's conn_reuse_mode does. Its late frames meet a quarantined label.
+                self.sessions.apply(session, SessionEvent.QUIET, now, "reused")
+                self._finish(session, now)
+                self._new_session(port, frame, a, now, out)
                 return
             if a.payload_len and self.sessions.request_seen(session, now):
                 self._learn_l7(session, a)

@@ -17,7 +17,8 @@ reports from the fast path). The lifecycle is a transition table, in the manner 
     CLOSING_CLIENT  SERVER_FIN      -> ENDING           both sides sent FIN
     CLOSING_SERVER  CLIENT_FIN      -> ENDING
     (open)          CLIENT_RST, SERVER_RST -> ENDING
-    ENDING          QUIET           -> CLOSED           the linger passed with no traffic after the close
+    ENDING          QUIET           -> CLOSED           the linger passed with no traffic after the close, or
+                                                        the client opened a new connection on the flow ("reused")
     ENDING          REVIVE          -> ESTABLISHED      traffic went on: the RST/FIN was not believed
     (half-open)     EVICTED         -> CLOSED           the oldest half-open session made room for a new SYN
     (live)          IDLE_TIMEOUT    -> CLOSED           per protocol and per state
