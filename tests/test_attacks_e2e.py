@@ -331,6 +331,8 @@ def forged_rsts_on_an_idle_keep_alive_connection(lab: Lab, cport: int) -> RstOut
         send([
             tcp_frame(lb_mac, client_mac, src, vip, cport, 80, RST, seq=wrong[0]),
             tcp_frame(lb_mac, client_mac, src, vip, cport, 80, RST, seq=wrong[1], label=label),
+            tcp_frame(lb_mac, client_mac, src, vip, cport, 80, FIN | ACK, seq=wrong[0]),
+            tcp_frame(lb_mac, client_mac, src, vip, cport, 80, FIN | ACK, seq=wrong[1], label=label),
         ])  # fmt: skip
         time.sleep(3 * LINGER)  # idle well past the linger
         after = status(lab)
@@ -359,9 +361,9 @@ def forged_rsts_on_an_idle_keep_alive_connection(lab: Lab, cport: int) -> RstOut
 
 
 def check_rst_outcome(outcome: RstOutcome) -> None:
-    """Wrong-seq RSTs counted, not believed, the connection alive after the linger; the right one closes it."""
-    assert outcome.forged_not_believed == {"rst_out_of_window": 2}, (
-        "the forged RSTs did not reach the balancer, or were believed"
+    """Wrong-seq RSTs and FINs counted, not believed, the connection alive after the linger; the right RST closes it."""
+    assert outcome.forged_not_believed == {"rst_out_of_window": 2, "fin_out_of_window": 2}, (
+        "the forged RSTs and FINs did not reach the balancer, or were believed"
     )
     assert outcome.forged_ended == {}, "a session ended after the forged RSTs"
     assert outcome.reply_after.startswith(b"server "), "the idle connection did not survive the forged RSTs"
@@ -371,10 +373,10 @@ def check_rst_outcome(outcome: RstOutcome) -> None:
     assert outcome.right_not_believed == {}
 
 
-def test_forged_rsts_with_a_wrong_seq_do_not_close_an_idle_keep_alive_connection(lab: Lab) -> None:
+def test_forged_rsts_and_fins_with_a_wrong_seq_do_not_close_an_idle_keep_alive_connection(lab: Lab) -> None:
     outcome = forged_rsts_on_an_idle_keep_alive_connection(lab, 45333)
     check_rst_outcome(outcome)
-    assert outcome.forged_not_believed["rst_out_of_window"] == 2  # one unlabelled, one labelled
+    assert outcome.forged_not_believed["fin_out_of_window"] == 2  # one unlabelled, one labelled
 
 
 @pytest.fixture(scope="module")
@@ -392,9 +394,9 @@ def kernel_lab() -> Iterator[Lab]:
         assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
 
 
-def test_forged_rsts_with_a_wrong_seq_do_not_close_an_idle_keep_alive_connection_in_the_kernel(kernel_lab: Lab) -> None:
+def test_forged_rsts_and_fins_with_a_wrong_seq_do_not_close_an_idle_connection_in_the_kernel(kernel_lab: Lab) -> None:
     """The same with the kernel offload: the idle session's labels are in the kernel, which keeps the server's
-    last acknowledgment number; the RSTs come up to userspace and are judged against it."""
+    last acknowledgment number; the RSTs and FINs come up to userspace and are judged against it."""
     assert status(kernel_lab)["offload"]["kind"] == "kernel"
     check_rst_outcome(forged_rsts_on_an_idle_keep_alive_connection(kernel_lab, 45334))
 
