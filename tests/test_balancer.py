@@ -155,7 +155,7 @@ def test_a_syn_on_the_port_of_an_ending_session_ends_it_and_opens_a_new_session(
     the flow changes nothing."""
     net = Net(make_config(timeouts=Timeouts(closed_linger=4.0)))
     b = net.balancer
-    name, c2s = handshake(net, sport=500)
+    _, c2s = handshake(net, sport=500)
     src = client_addr(0)
     net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 500, 80, RST, seq=101)))
     old = b.sessions.by_c2s(c2s)
