@@ -81,6 +81,12 @@ def _drops(b: Balancer) -> dict[str, int]:
     return b.stats().drops
 
 
+def _tally(b: Balancer) -> tuple[int, int]:
+    """(frames dropped, new sessions refused) so far: the sums of what :meth:`Balancer.stats` reports, read off the
+    counters it is made from (it builds the whole status, too dear once per frame over the real captures)."""
+    return sum(b.drops.values()) + sum(b.switching.drops.values()), sum(b.admission.refused.values())
+
+
 def feed(b: Balancer, port: int, frame: bytes, now: float = NOW) -> tuple[list[tuple[int, bytes]], dict[str, int]]:
     """Receive one frame; return the output and how the drop counters moved."""
     before = _drops(b)
@@ -645,19 +651,17 @@ ALL_PORTS = (*CLIENT_PORTS, *SERVER_PORTS, 9)
 def check_frame(b: Balancer, port: int, frame: bytes, now: float, refuse_with: RefuseWith) -> None:
     """Feed one frame and check the invariant: exactly one output frame, or exactly one drop counted, or (when
     refusals are silent) exactly one refusal counted; what goes toward a server carries its installed C2S label."""
-    drops_before = sum(_drops(b).values())
-    refused_before = sum(b.stats().refused.values())
+    drops_before, refused_before = _tally(b)
     out_before = b.frames_out
     out = b.receive(port, frame, now)
-    dropped = sum(_drops(b).values()) - drops_before
-    refused = sum(b.stats().refused.values()) - refused_before
+    drops_after, refused_after = _tally(b)
+    dropped, refused = drops_after - drops_before, refused_after - refused_before
     silent = refused if refuse_with is RefuseWith.DROP else 0
     assert len(out) + dropped + silent == 1, (out, dropped, refused)
     assert b.frames_out - out_before == len(out)
     # Every frame took one way: unknown port, dropped by the switching table, fast path or slow path.
-    stats = b.stats()
-    unrouted = stats.drops.get("unknown_port", 0) + sum(b.switching.drops.values())
-    assert stats.frames_in == stats.fast_path + stats.slow_path + unrouted
+    unrouted = b.drops.get("unknown_port", 0) + sum(b.switching.drops.values())
+    assert b.frames_in == b.fast_path + b.slow_path + unrouted
     for out_port, data in out:
         if out_port in SERVER_PORTS:
             label, _ttl, _ = top_label(data)
