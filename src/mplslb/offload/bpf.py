@@ -66,8 +66,12 @@ OBJ_NAME_LEN = 16
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351, "i686": 357}
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+#: This machine's bpf(2) number (None: unknown architecture).
+_NR_BPF = _SYS_BPF.get(platform.machine())
+_syscall = _libc.syscall
 
 ATTR_SIZE = 128  # large enough for every command used here; the kernel zero-checks the bytes it does not know
+_U64 = struct.Struct("=Q")
 LOG_SIZE = 1 << 20
 
 
@@ -86,13 +90,11 @@ def available() -> bool:
 
 def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     """Run one bpf(2) command on a packed ``union bpf_attr``; returns the kernel's non-negative result."""
-    number = _SYS_BPF.get(platform.machine())
-    if number is None:
+    if _NR_BPF is None:
         raise BpfError(38, f"{what}: bpf(2) on {platform.machine()}")  # ENOSYS
-    result = int(_libc.syscall(number, cmd, ctypes.byref(attr), len(attr)))
+    result: int = _syscall(_NR_BPF, cmd, ctypes.byref(attr), len(attr))
     if result < 0:
-        err = ctypes.get_errno()
-        raise BpfError(err, what)
+        raise BpfError(ctypes.get_errno(), what)
     return result
 
 
@@ -124,39 +126,44 @@ class Map:
         # One attr buffer reused by update/delete/lookup: key and value pointers never change.
         self._elem = _attr("=IIQQQ", fd, 0, ctypes.addressof(self._key), ctypes.addressof(self._value), 0)
         self._del = _attr("=IIQ", fd, 0, ctypes.addressof(self._key))  # nothing may follow the key for a delete
+        self._elem_ref, self._del_ref = ctypes.byref(self._elem), ctypes.byref(self._del)
 
     @classmethod
     def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int, name: str) -> Map:
         return cls(map_create(map_type, key_size, value_size, max_entries, flags=flags, name=name), key_size,
                    value_size, name)  # fmt: skip
 
+    # The element commands run per session on the daemon's path: the syscall is made directly on the reused attr
+    # (no message built unless it fails) and a missing key is told by the result, not an exception.
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         ctypes.memmove(self._key, key, self.key_size)
         ctypes.memmove(self._value, value, self.value_size)
-        struct.pack_into("=Q", self._elem, 24, flags)
-        bpf(BPF_MAP_UPDATE_ELEM, self._elem, f"updating {self.name}")
+        _U64.pack_into(self._elem, 24, flags)
+        if _syscall(_NR_BPF, BPF_MAP_UPDATE_ELEM, self._elem_ref, ATTR_SIZE) < 0:
+            self._failed(f"updating {self.name}")
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False when it was not there."""
         ctypes.memmove(self._key, key, self.key_size)
-        try:
-            bpf(BPF_MAP_DELETE_ELEM, self._del, f"deleting from {self.name}")
-        except BpfError as exc:
-            if exc.errno == 2:  # ENOENT
-                return False
-            raise
+        if _syscall(_NR_BPF, BPF_MAP_DELETE_ELEM, self._del_ref, ATTR_SIZE) < 0:
+            return self._failed(f"deleting from {self.name}", missing_ok=True)
         return True
 
     def lookup(self, key: bytes) -> bytes | None:
         ctypes.memmove(self._key, key, self.key_size)
-        struct.pack_into("=Q", self._elem, 24, 0)  # no flags (an update may have left its own)
-        try:
-            bpf(BPF_MAP_LOOKUP_ELEM, self._elem, f"looking up in {self.name}")
-        except BpfError as exc:
-            if exc.errno == 2:
-                return None
-            raise
+        _U64.pack_into(self._elem, 24, 0)  # no flags (an update may have left its own)
+        if _syscall(_NR_BPF, BPF_MAP_LOOKUP_ELEM, self._elem_ref, ATTR_SIZE) < 0:
+            self._failed(f"looking up in {self.name}", missing_ok=True)
+            return None
         return self._value.raw
+
+    @staticmethod
+    def _failed(what: str, *, missing_ok: bool = False) -> bool:
+        """An element command failed: False when the key was missing and ``missing_ok``, otherwise raises."""
+        err = ctypes.get_errno()  # (a map exists only where bpf(2) has a number: it made or opened the map)
+        if missing_ok and err == 2:  # ENOENT
+            return False
+        raise BpfError(err, what)
 
     def update_batch(self, keys: bytes, values: bytes, count: int) -> int:
         """Update ``count`` elements (keys and values packed back to back) in one call; returns how many were
