@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from mplslb.wire.checksum import internet_checksum, pseudo_header_sum
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import (
     ETH_P_IP,
@@ -191,3 +192,29 @@ def _dissect_ip(buf: bytes | memoryview, pos: int, version: int, verify_checksum
             icmp = parse_icmp(buf, start, end, v6=version == IP_VERSION_6)
             return _IPView(ip, proto, icmp, ip.src, ip.dst, 0, 0, icmp.payload_offset, end)
     return _IPView(ip, proto, None, ip.src, ip.dst, 0, 0, start, end)
+
+
+#: Where the checksum lies in a TCP and in a UDP header.
+_L4_CHECKSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}
+
+
+def complete_l4_checksum(buf: bytes | memoryview) -> bytes | None:
+    """``buf`` (an Ethernet frame, labelled or not) with its TCP or UDP checksum computed in full: for a frame a
+    packet socket took with a partial one (``TP_STATUS_CSUMNOTREADY``: its sender left the sum to an offload, and
+    only the pseudo-header's is in place), which must leave again with its final checksum. None when the frame does
+    not dissect to one whole TCP segment or UDP datagram under IP (no other kind of frame has a partial checksum)."""
+    try:
+        d = dissect(buf, verify_checksum=False)
+    except WireError:
+        return None
+    at = _L4_CHECKSUM_AT.get(d.proto)
+    if d.udp_mpls or d.ip is None or at is None or d.l4 is None:
+        return None
+    start, end = d.ip.payload_offset, d.ip.end
+    out = bytearray(buf)
+    out[start + at : start + at + 2] = b"\0\0"
+    total = internet_checksum(out[start:end], pseudo_header_sum(d.src, d.dst, d.proto, end - start))
+    if d.proto == IPPROTO_UDP and total == 0:
+        total = 0xFFFF  # a computed zero is sent as all ones (zero means "no checksum")
+    _U16.pack_into(out, start + at, total)
+    return bytes(out)
