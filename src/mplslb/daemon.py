@@ -213,8 +213,8 @@ def _check_gso_ports(source: str, ports: tuple[PortConfig, ...], *, need_interfa
         except OSError as exc:
             raise ConfigError(source, "offload_gso", f"ports[{index}].interface {port.interface!r}: {exc}") from None
         if kind != "veth":
-            raise ConfigError(source, "offload_gso", f"needs veth ports (super-packets go to the output port's "
-                              f"peer): ports[{index}].interface {port.interface!r} is {kind or 'not a veth'}")  # fmt: skip
+            what = f"ports[{index}].interface {port.interface!r} is {kind or 'not a veth'}"
+            raise ConfigError(source, "offload_gso", f"needs veth ports (a veth peer takes super-packets): {what}")
 
 
 def _log_server(server: Server) -> None:

@@ -4,10 +4,9 @@ Each source (``mplslb_xdp.c``, ``mplslb_endpoint.c`` beside this file) includes 
 from :mod:`mplslb.switching.layout` (every frame offset, bit and bound, and the structs the maps hold), so the
 kernel programs and the userspace fast paths read frames with the same numbers, and ``mplslb_bpf.h`` beside them
 (the BPF interface they share). clang alone is needed (Debian: ``clang``); no kernel headers, no libbpf. The
-object is cached as ``<source>-<digest>.o`` where the digest covers the source, the headers, the flags (with a variant's ``-D``
-macros) and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else
-``$XDG_CACHE_HOME/mplslb``, else ``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent
-daemons never read half a file.
+object is cached as ``<source>-<digest>.o`` where the digest covers the source, the headers, the flags (with a
+variant's ``-D`` macros) and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else ``$XDG_CACHE_HOME/mplslb``, else
+``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent daemons never read half a file.
 """
 
 from __future__ import annotations

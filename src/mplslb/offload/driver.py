@@ -64,7 +64,8 @@ class OffloadedBalancer:
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program passes up (0: all). ``pins``: keep the program,
         its maps and its links pinned there (bpffs) so they outlive the daemon, and adopt what a previous daemon
-        pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`). ``gso``: switch super-packets too (tc ingress)."""
+        pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`). ``gso``: switch super-packets too (tc
+        ingress)."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(

@@ -107,11 +107,11 @@ from mplslb.offload.build import BuildError, build_object
 from mplslb.sessions import WATCH_BUDGET
 from mplslb.state import fingerprint
 from mplslb.switching.layout import (
+    ETH_HLEN,
     F_FLOW,
     F_L7,
     F_RT,
     F_TCP_END,
-    ETH_HLEN,
     F_V6,
     GSO_COUNTERS,
     GSO_TRAFFIC,
