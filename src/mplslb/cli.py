@@ -255,6 +255,8 @@ def balancer(config_path: Path, netns: str | None, ready_file: str, state_dir: s
         sys.exit(run_daemon(config_path, ready_file=ready_file, state_dir=state_dir, fresh=fresh))
     except OffloadError as exc:
         raise click.ClickException(f"kernel offload: {exc}") from None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     except StartError as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
 

@@ -200,7 +200,8 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
 
 def _check_gso_ports(source: str, ports: tuple[PortConfig, ...], *, need_interfaces: bool) -> None:
     """``offload_gso`` hands a super-packet to the output port's veth peer: every port must be an ethernet port on
-    a veth (its interface looked up here when ``need_interfaces``)."""
+    a veth (with ``need_interfaces``, each interface this namespace has is looked up: the daemon loads its
+    configuration again inside its own namespace, where a missing one is then reported by its port)."""
     for index, port in enumerate(ports):
         if port.kind != "ethernet":
             raise ConfigError(source, "offload_gso", f"needs ethernet ports on veths: ports[{index}] is {port.kind}")
@@ -210,8 +211,8 @@ def _check_gso_ports(source: str, ports: tuple[PortConfig, ...], *, need_interfa
 
         try:
             kind = xdp_state(socket.if_nametoindex(port.interface))[0]
-        except OSError as exc:
-            raise ConfigError(source, "offload_gso", f"ports[{index}].interface {port.interface!r}: {exc}") from None
+        except OSError:
+            continue  # not in this namespace (yet)
         if kind != "veth":
             what = f"ports[{index}].interface {port.interface!r} is {kind or 'not a veth'}"
             raise ConfigError(source, "offload_gso", f"needs veth ports (a veth peer takes super-packets): {what}")
@@ -642,6 +643,9 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
     ``fresh`` starts clean instead of adopting what a previous daemon left."""
     config = load_daemon_config(config_path)
     if state_dir:
+        if config.offload_gso:
+            raise ConfigError(str(config_path), "offload_gso", "super-packets are not kept across daemons: not with "
+                              "--state-dir")  # fmt: skip
         config = replace(config, state_dir=state_dir)
     daemon = Daemon(config, fresh=fresh)
     stop = threading.Event()
