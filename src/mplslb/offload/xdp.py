@@ -1028,13 +1028,14 @@ class XdpOffload:
             raise ValueError("the offload is not open")
         return bpf.prog_test_run(self._prog, frame, ingress_ifindex=self.ifindex[port_id])
 
-    def run_tc(self, frame: bytes) -> bpf.TestRun:
-        """Run the tc program (``gso``) once on ``frame`` (``BPF_PROG_TEST_RUN``; tests): the verdict and the frame
-        as the program left it. The test run gives the skb no ingress port: only entries whose ``in_ifindex`` is 0
-        match (the caller writes such an entry to test the switch itself)."""
+    def run_tc(self, frame: bytes, port_id: int) -> bpf.TestRun:
+        """Run the tc program (``gso``) once on ``frame`` as if it came in on ``port_id`` (``BPF_PROG_TEST_RUN``;
+        tests): the verdict (``TC_ACT_REDIRECT``, ``TC_ACT_OK`` or ``TC_ACT_SHOT``) and the frame as the program left
+        it. Counts like real traffic. An 802.1Q tag stays in a test run's frame (the receive path would have taken it
+        off before tc): such a frame reads as unlabelled here."""
         if self._tc < 0:
             raise ValueError("the offload is not open with gso")
-        return bpf.prog_test_run_skb(self._tc, frame)
+        return bpf.prog_test_run_skb(self._tc, frame, ingress_ifindex=self.ifindex[port_id])
 
     def lookup(self, label: int) -> tuple[int, ...] | None:
         """The map's entry for ``label`` as :data:`~mplslb.switching.layout.KERNEL_ENTRY` fields (tests,
