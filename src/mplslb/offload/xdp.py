@@ -78,6 +78,17 @@ or deleted. With ``fresh``, or pins that do not fit (logged
 as one ``key=value`` line), everything pinned is removed, which lets the old program go, and the program is
 loaded afresh.
 
+Super-packets (``gso``, the daemon's ``offload_gso``): on veth ports GRO and a sender's GSO deliver frames of many
+segments in one skb. The XDP program cannot forward one (a redirect checks the output's MTU and drops it) and the
+daemon's packet sockets could not send one on. With ``gso`` the object is built with ``-DGSO_FRAME_MAX`` (the
+smallest port MTU with the Ethernet header and one label entry, :attr:`XdpOffload.frame_max`): the XDP program
+passes longer frames, the daemon's sockets leave them out (:func:`~mplslb.drivers.socket_filter.length_cap`), and a
+tc program from the same object, attached to every port's ingress with tcx links, switches the labelled ones with
+the same function the XDP program runs and hands them to the output port's veth peer (``bpf_redirect_peer``),
+GSO state untouched. What the switch would pass up it drops, counted by reason (:meth:`gso_counters`, folded
+into the table's drops at each poll); a FIN it clears first and switches the rest (docs/architecture.md says why).
+Every port must be a veth; nothing is pinned (no ``pins`` with ``gso``).
+
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
 program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
@@ -294,7 +305,7 @@ class XdpOffload:
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
         ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
-        module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" above)."""
+        module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
