@@ -479,11 +479,15 @@ class Daemon:
         )
 
     def _with_offload(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """The kernel offload's figures under ``"offload"`` when it is on, and each port's socket counters
-        under ``"ports"``."""
+        """The kernel offload's figures under ``"offload"`` when it is on, each port's socket counters under
+        ``"ports"``, and the frames the ports themselves dropped (e.g. ``csum_partial_unreadable``) among the drops."""
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
+        drops = snap["drops"] = dict(snap["drops"])
+        for port in getattr(self, "ports", {}).values():
+            for reason, count in getattr(port, "drops", {}).items():
+                drops[reason] = drops.get(reason, 0) + count
         speaker = getattr(self, "speaker", None)
         if speaker is not None:
             snap["bgp"] = speaker.status()

@@ -383,8 +383,6 @@ int mplslb_xdp(struct xdp_md *ctx)
  * sender sends the FIN again alone, a short frame the XDP program passes up as ever. An RST, and every frame the
  * switch would pass up for another reason, is dropped and counted by reason (gso_counters, GSO_COUNTERS' order).
  */
-#define TC_ACT_REDIRECT 7
-
 struct map_ref gso_counters SEC("maps"); /* per CPU, one __u64 per name of GSO_COUNTERS */
 
 static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to, __u64 flags) = (void *)11;
