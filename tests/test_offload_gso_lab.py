@@ -89,7 +89,7 @@ def test_every_session_ends_on_its_fin_with_super_packets(lab: Lab, served: str)
     """Downloads that close the connection after the response (the server's FIN may ride on its last super-packet,
     whose FIN the tc program clears and the server sends again alone): each hashes the same, and every session ends
     and leaves the kernel, as the FINs reached the session manager."""
-    before = status(lab)
+    before, csum_errors = status(lab), tcp_csum_errors(lab)
     url = f"http://{VIP4}/bulk.bin"
     for _ in range(CLOSES):
         done = lab.run_in(
@@ -103,3 +103,13 @@ def test_every_session_ends_on_its_fin_with_super_packets(lab: Lab, served: str)
     assert after["sessions"]["active"] == 0 and after["offload"]["entries"] == 0, after["sessions"]
     assert after["sessions"]["started"] - before["sessions"]["started"] == CLOSES
     assert after["offload"]["gso"]["gso_tcp_end"] == 0
+    # the servers' FINs the daemon read and sent on carried partial checksums: it finished them
+    assert tcp_csum_errors(lab) == csum_errors
+    assert "csum_partial_unreadable" not in after["drops"]
+
+
+def tcp_csum_errors(lab: Lab) -> int:
+    """The client's TCP segments dropped for a bad checksum (InCsumErrors of /proc/net/snmp, its namespace)."""
+    lines = [line.split() for line in lab.run_in(lab.client_ns(0), ["cat", "/proc/net/snmp"]).stdout.splitlines()]
+    names, values = (line for line in lines if line[0] == "Tcp:")
+    return int(values[names.index("InCsumErrors")])
