@@ -13,6 +13,8 @@
  * entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
+ * The checks and the rewrite are one function, label_switch(), which the XDP entry point runs on every frame and,
+ * built with -DGSO_FRAME_MAX (offload_gso), a tc ingress entry point on super-packets (see mplslb_tc below).
  *
  * No kernel or libbpf headers: built with `clang -O2 -target bpf -c`, a generated header, mplslb_layout.h,
  * which holds every frame offset, bit and bound and struct entry, made from mplslb.switching.layout (the layout the
