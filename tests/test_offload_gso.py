@@ -126,7 +126,7 @@ def test_length_cap_drops_longer_frames_first_and_keeps_the_program() -> None:
 
 def _partial(frame: bytes) -> bytes:
     """``frame`` with its TCP or UDP checksum replaced by what a sender leaving it to an offload puts there."""
-    d = dissect(frame, verify_checksum=False)
+    d = dissect(frame, verify_checksum=False, follow_udp=False)
     assert d.ip is not None
     at = d.ip.payload_offset + (TCP_CHECK_AT if d.proto == IPPROTO_TCP else 6)
     return frame[:at] + b"\x12\x34" + frame[at + 2 :]
@@ -146,6 +146,13 @@ def test_a_partial_checksum_is_finished_as_the_sender_would(payload: bytes, v6: 
     assert d.ip is not None
     segment = done[d.ip.payload_offset : d.ip.end]
     assert (udp_checksum_ok if udp else tcp_checksum_ok)(src, dst, segment)
+
+
+def test_mpls_in_udp_has_its_outer_checksum_finished() -> None:
+    inner = labelled(PORT_MAC[2], client_mac(0), 101, v4_tcp(ACK, b"data"))[ETH_HLEN:]
+    datagram = udp_datagram(client_addr(0), VIP, 49152, 6635, inner)
+    frame = ether(PORT_MAC[0], client_mac(0), ipv4(client_addr(0), VIP, IPPROTO_UDP, datagram))
+    assert complete_l4_checksum(_partial(frame)) == frame
 
 
 def test_a_frame_with_no_whole_segment_is_not_finished() -> None:
