@@ -841,9 +841,20 @@ class Lab:
         return bodies[:count]
 
     def wrk(
-        self, client: int, *, seconds: int = 3, connections: int = 8, headers: tuple[str, ...] = ()
+        self,
+        client: int,
+        *,
+        seconds: int = 3,
+        connections: int = 8,
+        headers: tuple[str, ...] = (),
+        timeout: float | None = None,
     ) -> dict[str, float]:
+        """wrk from client ``client``: its figures (``socket_errors`` the sum of the ``connect_errors``,
+        ``read_errors``, ``write_errors`` and ``timeouts``: requests unanswered after ``timeout`` s, wrk's 2 s by
+        default)."""
         extra = [arg for header in headers for arg in ("-H", header)]
+        if timeout is not None:
+            extra += ["--timeout", f"{timeout:g}s"]
         out = self.run_in(
             self.client_ns(client),
             ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, f"http://{VIP4}/"],
@@ -859,7 +870,10 @@ class Lab:
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         figures["non_2xx"] = float(errors.group(1)) if errors else 0.0
         sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-        figures["socket_errors"] = float(sum(int(g) for g in sock.groups())) if sock else 0.0
+        counts = [int(g) for g in sock.groups()] if sock else [0, 0, 0, 0]
+        for name, count in zip(("connect_errors", "read_errors", "write_errors", "timeouts"), counts, strict=True):
+            figures[name] = float(count)
+        figures["socket_errors"] = float(sum(counts))
         for pct in ("50", "99"):
             match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.MULTILINE)
             if match:

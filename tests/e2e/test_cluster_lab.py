@@ -206,6 +206,9 @@ SHA256 = hashlib.sha256(CONTENT).hexdigest()
 #: 5 MB/s together), well past the node change.
 RATE = min(250_000, DOWNLOAD_BYTES * 2 // 25)
 WRK_SECONDS = 12
+#: A request unanswered this long counts as a wrk socket error (a frame lost with a node waits for TCP's retransmission,
+#: longer on a loaded machine: wrk's default, 2 s, is not about sessions lost).
+WRK_TIMEOUT = 10.0
 SLICES = NODES + 1  # the label space cut for a fourth node from the start ([cluster] nodes)
 
 
@@ -272,7 +275,7 @@ class Load:
             for out in self.outs
         ]
         self.pool = ThreadPoolExecutor(1)
-        self.wrk = self.pool.submit(lab.wrk, 0, seconds=WRK_SECONDS, connections=8)
+        self.wrk = self.pool.submit(lab.wrk, 0, seconds=WRK_SECONDS, connections=8, timeout=WRK_TIMEOUT)
         wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in self.outs), 20.0, "every download started")
 
     def finish(self) -> tuple[int, list[str], dict[str, float]]:
@@ -291,10 +294,14 @@ class Load:
         self.pool.shutdown(wait=True)
 
 
+SOCKET_ERRORS = ("connect_errors", "read_errors", "write_errors", "timeouts")
+
+
 def shown(lost: int, figures: dict[str, float]) -> str:
     return (
         f"sessions lost {lost} of {DOWNLOADS} downloads of {DOWNLOAD_BYTES / 1e6:g} MB; wrk "
-        f"{figures.get('requests', 0):.0f} requests, {figures['socket_errors']:.0f} socket errors, "
+        f"{figures.get('requests', 0):.0f} requests, {figures['socket_errors']:.0f} socket errors "
+        f"({', '.join(f'{k} {figures[k]:.0f}' for k in SOCKET_ERRORS)}), "
         f"{figures['non_2xx']:.0f} non-2xx"
     )
 
@@ -360,6 +367,13 @@ def test_a_fourth_node_joins_under_load_and_takes_new_sessions(clustered: Lab, t
         for i in range(NODES):  # the others took the new node as a peer by a reload
             peers = node_status(lab, i)["cluster"]["peers"]
             assert f"{lab.node_addr(added)}:6640" in [p["address"] for p in peers]
+        status = subprocess.run(
+            [sys.executable, "-m", "mplslb", "status", "--socket", lab.node_socket(added)],
+            capture_output=True, text=True, timeout=30, check=True, env={**os.environ, "COLUMNS": "200"},
+        ).stdout  # fmt: skip
+        assert f"Cluster: node {added + 1} of {SLICES}" in status and "NOT SYNCED" not in status
+        assert all(f"{lab.node_addr(i)}:6640" in status for i in range(NODES)) and "alive" in status
+        assert f"BGP (AS 65001, router id {lab.node_addr(added)}" in status and "10.0.0.100/32" in status
     finally:
         load.close()
         if added is not None:
