@@ -53,6 +53,7 @@ class Step:
     cpu_per_session_us: dict[int, float]  # per node (index): its CPU per session it opened
     cpu_per_frame_us: dict[int, float]  # per node: its CPU per frame it received
     cpu_share: dict[int, float]  # per node: share of a core during the keep-alive run
+    client_share: float  # the client agent's share of a core during the keep-alive run
     requests_per_s: float  # wrk's requests/s on keep-alive connections
     errors: float  # wrk's socket errors and non-2xx, both runs
 
@@ -65,10 +66,10 @@ def _status(lab: Any, i: int) -> dict[str, Any]:
 
 
 def _counters(lab: Any) -> dict[int, tuple[int, int, int]]:
-    """Per node: (CPU ticks of its daemon, label pairs it allocated, frames in). The status is refreshed every
-    second: wait for a fresh one."""
+    """Per node: (CPU ticks of its daemon, label pairs it allocated, frames in), and at -1 the client agent's CPU
+    ticks. The status is refreshed every second: wait for a fresh one."""
     time.sleep(1.1)
-    out = {}
+    out = {-1: (_ticks(lab.state.pids["agent-c1"]), 0, 0)}
     for i in lab.members:
         status = _status(lab, i)
         pid = lab.state.pids[lab.node_key(i)]
@@ -92,6 +93,7 @@ def measure_step(lab: Any, seconds: int) -> Step:
         per_frame[i] = ticks / hz / received * 1e6 if received else float("nan")
         share[i] = ticks / hz / (seconds + 1.1)
         frames += received
+    client = (after[-1][0] - middle[-1][0]) / hz / (seconds + 1.1)
     return Step(
         nodes=len(lab.members),
         sessions_per_s=closing.get("requests_per_s", 0.0),
@@ -99,6 +101,7 @@ def measure_step(lab: Any, seconds: int) -> Step:
         cpu_per_session_us=per_session,
         cpu_per_frame_us=per_frame,
         cpu_share=share,
+        client_share=client,
         requests_per_s=keeping.get("requests_per_s", 0.0),
         errors=sum(f["socket_errors"] + f["non_2xx"] for f in (closing, keeping)),
     )
@@ -149,9 +152,10 @@ def rows(quick: bool) -> list[Row]:
             f"{_mean(one.cpu_per_session_us):.0f}); 2 cores shared with the agents and nginx; {step.errors:.0f} "
             "wrk errors"
         )
+        frames_share = f"; the client agent {step.client_share:.0%} of a core"
         frames_note = (
             f"CPU per frame per node {_mean(step.cpu_per_frame_us):.1f} µs "
-            f"(1 node: {_mean(one.cpu_per_frame_us):.1f}); {step.requests_per_s:,.0f} requests/s"
+            f"(1 node: {_mean(one.cpu_per_frame_us):.1f}); {step.requests_per_s:,.0f} requests/s{frames_share}"
         )
         out.append(
             Row(
@@ -183,14 +187,14 @@ def rows(quick: bool) -> list[Row]:
 def markdown(steps: list[Step], took: float, quick: bool) -> str:
     lines = [
         "| nodes | new sessions/s | CPU µs per session, per node | frames/s | CPU µs per frame, per node | "
-        "share of a core per node (keep-alive run) | wrk errors |",
-        "|---:|---:|---|---:|---|---|---:|",
+        "share of a core per node (keep-alive run) | client agent's share | wrk errors |",
+        "|---:|---:|---|---:|---|---|---:|---:|",
     ]
     for s in steps:
         per = lambda values, fmt: ", ".join(f"n{i + 1} {v:{fmt}}" for i, v in sorted(values.items()))  # noqa: E731
         lines.append(
             f"| {s.nodes} | {s.sessions_per_s:,.0f} | {per(s.cpu_per_session_us, '.0f')} | {s.frames_per_s:,.0f} | "
-            f"{per(s.cpu_per_frame_us, '.1f')} | {per(s.cpu_share, '.0%')} | {s.errors:.0f} |"
+            f"{per(s.cpu_per_frame_us, '.1f')} | {per(s.cpu_share, '.0%')} | {s.client_share:.0%} | {s.errors:.0f} |"
         )
     lines += ["", f"({took:.0f} s; `{COMMAND}{' --quick' if quick else ''}`)"]
     return "\n".join(lines)
