@@ -30,6 +30,12 @@ picks its node. Clients and servers both sit behind the router::
     clients -- brc -- 10.79.0.1 [rt] 10.82.0.1 -- bs0 -- servers
                           10.90.i.1 -- 10.90.i.2 [ni]   (one link per node, BGP AS 65000 <-> AS 65001)
 
+With ``cluster`` the nodes sync their sessions (``[cluster]``, :mod:`mplslb.cluster`); ``slices`` cuts the label space
+for more nodes than start (``[cluster] nodes``), so that :meth:`Lab.add_node` can add one under load: its namespace
+and link, the router's neighbours (``birdc configure``) and the other nodes' peers (a reload) changed, its daemon
+started; :meth:`Lab.remove_node` takes one away the same way. ``node_state`` gives each node a kept state file
+(``[state]``), which a node restarted adopts.
+
 With ``servers_by_ip`` the balancer's configuration names the servers by IP address only and the balancer resolves
 their MACs (ARP); :meth:`Lab.move_server` gives a server a new MAC, as a replaced interface would.
 
