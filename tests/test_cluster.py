@@ -700,3 +700,25 @@ def test_a_state_file_of_another_node_is_not_adopted(tmp_path: Path) -> None:
     _, store, report = open_balancer(make_config(cluster=cluster(2)), tmp_path, now=2.0)
     store.close()
     assert report is None
+
+
+def test_the_labs_node_configurations_leave_a_slice_for_a_node_added_later(tmp_path: Path) -> None:
+    from mplslb.daemon import load_daemon_config
+    from mplslb.lab import Lab, LabSpec
+
+    spec = LabSpec(nodes=3, transport="udp", server_transport="udp", cluster=True, slices=4, node_state=True)
+    lab = Lab(spec, root=tmp_path)
+    path = tmp_path / "n1.toml"
+    path.write_text(lab.balancer_toml(node=0))
+    config = load_daemon_config(path, need_interfaces=False)
+    cluster = config.balancer.cluster
+    assert cluster is not None and (cluster.node, cluster.nodes) == (1, 4)
+    assert cluster.peers == (("10.90.2.2", 6640), ("10.90.3.2", 6640))
+    assert config.state_dir == str(lab.dir / "n1.state")
+    lab.members.append(3)  # what add_node does before it reloads the others
+    path.write_text(lab.balancer_toml(node=0))
+    grown = load_daemon_config(path, need_interfaces=False).balancer.cluster
+    assert grown is not None and grown.peers[-1] == ("10.90.4.2", 6640)
+    for bad in ({"slices": 2}, {"slices": 9}, {"cluster": False, "slices": 4}):
+        with pytest.raises(ValueError, match="slices"):
+            LabSpec(**{**vars(spec), "node_state": False, **bad})  # type: ignore[arg-type]
