@@ -288,6 +288,21 @@ def read_offload_syn_rate(top: Section, offload: str) -> int:
     return rate
 
 
+def read_offload_gso(top: Section, offload: str, *, ring: bool) -> bool:
+    """The top-level ``offload_gso`` key: the kernel offload also switches super-packets (frames of many segments
+    that GRO or a sender's GSO make on veth ports) in a tc program, whole (false, the default: they reach no
+    one). Only with ``offload = "kernel"`` and plain packet sockets (the daemon finishes the partial checksums such
+    senders leave on the frames it reads, which a ring does not say); the ports must be veths (checked where the
+    interfaces are known) and nothing may be kept across daemons (``[state]``: checked by the caller)."""
+    gso = top.get("offload_gso", bool, False)
+    if gso and offload != "kernel":
+        raise top.error("offload_gso", 'switches super-packets in the kernel offload: needs offload = "kernel"')
+    if gso and ring:
+        raise top.error("offload_gso", "needs plain packet sockets (ring = false): a ring does not tell partial "
+                        "checksums")  # fmt: skip
+    return gso
+
+
 def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
     source = str(path)
     try:
