@@ -500,7 +500,7 @@ class Lab:
             if key not in self.procs or self.procs[key].poll() is not None:
                 continue
             (self.dir / f"n{i + 1}.toml").write_text(self.balancer_toml(node=i))
-            reply = request(self.node_socket(i), {"cmd": "reload"})
+            reply = request(self.node_socket(i), {"cmd": "reload"}, timeout=LAB_CONTROL_TIMEOUT)
             if not reply.get("ok"):
                 raise LabError(f"node n{i + 1}: reload: {reply}")
 
