@@ -32,7 +32,8 @@ With a ``[cluster]`` table the daemon is one node of several behind ECMP (:mod:`
 labels from its own slice, and a UDP socket (:mod:`mplslb.drivers.cluster`) keeps its sessions in step with its
 peers'. The status (control socket, ``/status.json``) has a ``cluster`` object: node, peers with when each was last
 heard, ``synced`` (false until the peers' dumps are in: announce the node to the router only once it is true),
-replicas, and the sync's counters; ``event=cluster_synced`` is logged when it becomes true.
+replicas, and the sync's counters; ``event=cluster_synced`` is logged when it becomes true. A reload takes a new
+``[cluster] peers`` (nodes joining or leaving); the rest of the table cannot change while the daemon runs.
 
 With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
 :class:`~mplslb.offload.driver.OffloadedBalancer`: sessions' labels are installed in an XDP program on the
@@ -594,6 +595,9 @@ class Daemon:
             )
             return {"error": f"reload refused: {exc}", "file": exc.source, "key": exc.key, "reason": exc.reason}
         self.config = replace(self.config, balancer=self.balancer.config)
+        cluster = self.balancer.config.cluster
+        if self.cluster is not None and cluster is not None and cluster.peers != self.cluster.sync.config.peers:
+            self.cluster.sync.set_peers(cluster.peers)
         if self.checker is not None:
             follow_pool(self.checker, self.balancer, self.loop.clock())
         log.info("event=reload_ok file=%s changed=%s", value(path), value(",".join(changes) or "-"))
