@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from mplslb.control.server import ControlServer
 from mplslb.drivers.afpacket import open_port
 from mplslb.drivers.loop import EndpointDriver, Loop, Port
-from mplslb.drivers.mplsudp import MplsUdpEndpointLink
+from mplslb.drivers.mplsudp import MplsUdpEndpointLink, overhead
 from mplslb.drivers.tun import TunDevice
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, Endpoint, ServerEndpoint
 from mplslb.hostsetup import (
@@ -45,7 +45,8 @@ EXPIRY_INTERVAL = 5.0
 #: How often an agent closes control connections that outlived their timeout (seconds).
 CONTROL_TICK = 1.0
 
-#: The wire carries a 4-byte label in front of each packet: the TUN's MTU leaves room for it.
+#: The wire carries a 4-byte label in front of each packet: the TUN's MTU leaves room for it (over MPLS-in-UDP, room
+#: for the outer IP and UDP headers too: :func:`mplslb.drivers.mplsudp.overhead`).
 LABEL_OVERHEAD = 4
 WIRE_MTU = 1500
 
@@ -63,7 +64,8 @@ class AgentConfig:
     flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
     #: Client: a flow that heard nothing back for this long sends unlabelled again (its label may have died).
     fallback: float = 2.0
-    mtu: int = WIRE_MTU - LABEL_OVERHEAD
+    #: The TUN's MTU (TCP's MSS follows it on both ends); 0: the wire's less what the transport adds (:meth:`tun_mtu`).
+    mtu: int = 0
     ready_file: str = ""
     #: The agent's control socket (``mplslb status --socket`` reads its counters); "" for none.
     control_socket: str = ""
@@ -88,6 +90,14 @@ class AgentConfig:
             raise ValueError("--super-packets is for a server agent on the kernel datapath over Ethernet")
         if self.role == "client" and not self.balancer and len(self.gateway_mac) != 6:
             raise ValueError("a client agent needs --gateway-mac (Ethernet) or --balancer (MPLS-in-UDP)")
+
+    def tun_mtu(self) -> int:
+        """The TUN's MTU: ``mtu``, or the wire's less the label (over Ethernet) or less the label, UDP and outer IP
+        headers (MPLS-in-UDP; the outer family is the local address's, as the link's socket's), so a packet of that
+        size is carried whole, never as IP fragments."""
+        if self.mtu:
+            return self.mtu
+        return WIRE_MTU - (overhead(self.udp_local) if self.balancer else LABEL_OVERHEAD)
 
 
 def choose_datapath(config: AgentConfig) -> str:
@@ -197,7 +207,7 @@ class Agent:
         self.wire: Port
         self.control: ControlServer | None = None
         try:
-            self.tun.configure(up=True, mtu=config.mtu)
+            self.tun.configure(up=True, mtu=config.tun_mtu())
             mac = interface_mac(config.interface)
             vip_bytes = [ipaddress.ip_address(v).packed for v in config.vips]
             if config.balancer:

@@ -40,6 +40,8 @@ from typing import Self
 from mplslb.drivers.netns import entered
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, parse_ethernet
+from mplslb.wire.ipv4 import IPV4_HLEN
+from mplslb.wire.ipv6 import IPV6_HLEN
 from mplslb.wire.mpls import (
     ENTRY,
     LABEL_SHIFT,
@@ -52,6 +54,7 @@ from mplslb.wire.mpls import (
     parse_stack,
     payload_version,
 )
+from mplslb.wire.udp import UDP_HLEN
 
 ENTROPY_PORT_MIN = 49152  # RFC 7510 section 3: the dynamic/private range
 ENTROPY_PORT_MAX = 65535
@@ -83,6 +86,15 @@ def pseudo_mac(addr: bytes) -> bytes:
         raise ValueError(f"an IP address is 4 or 16 bytes, got {len(addr)}")
     digest = hashlib.blake2b(addr, digest_size=ETH_ALEN - 1, person=_PSEUDO_MAC_PERSON).digest()
     return bytes((PSEUDO_MAC_FIRST,)) + digest
+
+
+def overhead(address: str) -> int:
+    """Bytes the encapsulation adds to an IP packet sent from local ``address``: the outer IP header (IPv4 or IPv6,
+    as ``address`` is, like the sockets), the UDP header and one label entry. A packet longer than the path MTU less
+    this leaves as IP fragments, and a router that balances by ports (ECMP) sends the fragments, which have none, to
+    another node than the session's."""
+    outer = IPV6_HLEN if ipaddress.ip_address(address).version == 6 else IPV4_HLEN
+    return outer + UDP_HLEN + MPLS_ENTRY_LEN
 
 
 def encapsulate(frame: bytes | memoryview, ttl: int = DEFAULT_TTL) -> bytes | None:
