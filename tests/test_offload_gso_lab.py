@@ -110,6 +110,4 @@ def test_every_session_ends_on_its_fin_with_super_packets(lab: Lab, served: str)
 
 def tcp_csum_errors(lab: Lab) -> int:
     """The client's TCP segments dropped for a bad checksum (InCsumErrors of /proc/net/snmp, its namespace)."""
-    lines = [line.split() for line in lab.run_in(lab.client_ns(0), ["cat", "/proc/net/snmp"]).stdout.splitlines()]
-    names, values = (line for line in lines if line[0] == "Tcp:")
-    return int(values[names.index("InCsumErrors")])
+    return lab.snmp(lab.client_ns(0), "Tcp")["InCsumErrors"]

@@ -842,6 +842,12 @@ class Lab:
             input=input,
         )
 
+    def snmp(self, ns: str, group: str) -> dict[str, int]:
+        """Namespace ``ns``'s counters of ``group`` ("Ip", "Tcp", "Udp", ...) in ``/proc/net/snmp``."""
+        lines = [line.split() for line in self.run_in(ns, ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()]
+        names, values = (line[1:] for line in lines if line[0] == f"{group}:")
+        return dict(zip(names, map(int, values), strict=True))
+
     def curl(self, client: int, count: int, *, v6: bool = False, timeout: float = 120.0) -> list[str]:
         """``count`` sequential HTTP requests from client ``client``, each on its own connection (one session
         each); returns each response body's first line, or "" for a failed request."""

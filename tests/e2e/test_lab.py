@@ -411,6 +411,29 @@ def test_curl_to_nginx_over_mpls_in_udp_across_a_router(udp_lab: Lab) -> None:
     assert sum(agents[s]["traffic"].get("from_wire", 0) for s in ("s1", "s2", "s3")) >= 300
 
 
+UDP_BULK = 16 * 1024 * 1024  # thousands of full-size segments, a few seconds through the udp lab
+
+
+def test_a_single_unlimited_download_over_mpls_in_udp_is_carried_in_whole_datagrams(udp_lab: Lab) -> None:
+    """The agents' TUN MTU leaves room for the outer IP and UDP headers and the label, so TCP's MSS keeps every
+    datagram within the wire's MTU: nothing is fragmented (fragments carry no ports, and a router balancing nodes
+    by ports sends them to another node than the session's, where the download stalls)."""
+    import hashlib
+
+    data = os.urandom(UDP_BULK)
+    for j in range(udp_lab.spec.servers):
+        (udp_lab.dir / udp_lab.server_name(j) / "www" / "bulk.bin").write_bytes(data)
+    where = (udp_lab.lb, udp_lab.client_ns(0))
+    before = [udp_lab.snmp(ns, "Ip") for ns in where]
+    done = udp_lab.run_in(udp_lab.client_ns(0), ["sh", "-c", f"curl -sS -m 60 http://{VIP4}/bulk.bin | sha256sum"],
+                          timeout=90)  # fmt: skip
+    after = [udp_lab.snmp(ns, "Ip") for ns in where]
+    assert done.stdout.split()[:1] == [hashlib.sha256(data).hexdigest()], done.stderr
+    fragmented = {f"{ns} {name}": a[name] - b[name] for ns, b, a in zip(where, before, after, strict=True)
+                  for name in ("FragCreates", "ReasmReqds") if a[name] != b[name]}  # fmt: skip
+    assert fragmented == {}
+
+
 def test_a_lab_that_fails_half_way_up_is_torn_down(monkeypatch: pytest.MonkeyPatch) -> None:
     the_lab = Lab(LabSpec(name=lab_name("f"), clients=1, servers=1), root=ROOT)
 
