@@ -209,6 +209,8 @@ WRK_SECONDS = 12
 #: A request unanswered this long counts as a wrk socket error (a frame lost with a node waits for TCP's retransmission,
 #: longer on a loaded machine: wrk's default, 2 s, is not about sessions lost).
 WRK_TIMEOUT = 10.0
+#: Unlimited downloads one after the other (their sessions spread over the nodes by their ports).
+SINGLE_DOWNLOADS = 3
 SLICES = NODES + 1  # the label space cut for a fourth node from the start ([cluster] nodes)
 
 
@@ -318,6 +320,25 @@ def shown(lost: int, figures: dict[str, float]) -> str:
         f"({', '.join(f'{k} {figures[k]:.0f}' for k in SOCKET_ERRORS)}), "
         f"{figures['non_2xx']:.0f} non-2xx"
     )
+
+
+def test_single_unlimited_downloads_through_the_nodes_arrive_whole(clustered: Lab, tmp_path: Path) -> None:
+    """Full-size segments at full speed, one session at a time (each from its own port, so over the nodes): every
+    datagram is carried whole, none fragmented (the router would send a fragment, which has no ports, to another node
+    than its session's) and every download hashes right."""
+    lab = clustered
+    where = [lab.node_ns(i) for i in lab.members]
+    before = [lab.snmp(ns, "Ip")["ReasmReqds"] for ns in where]
+    out = tmp_path / "big.bin"
+    argv = ["curl", "-sS", "--max-time", "30", "-o", str(out), "-w", "%{http_code}", f"http://{VIP4}/big.bin"]
+    hashed = []
+    for _ in range(SINGLE_DOWNLOADS):
+        out.unlink(missing_ok=True)
+        done = lab.run_in(lab.client_ns(0), argv, timeout=45)
+        hashed.append(done.stdout == "200" and hashlib.sha256(out.read_bytes()).hexdigest() == SHA256)
+    reassembled = [lab.snmp(ns, "Ip")["ReasmReqds"] - b for ns, b in zip(where, before, strict=True)]
+    assert hashed == [True] * SINGLE_DOWNLOADS
+    assert reassembled == [0] * len(where)
 
 
 @pytest.mark.parametrize("how", ["sigkill", "link_cut"])
