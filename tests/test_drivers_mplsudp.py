@@ -25,6 +25,7 @@ from mplslb.drivers.mplsudp import (
     encapsulate,
     entropy_index,
     flow_hash,
+    overhead,
     pseudo_mac,
 )
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
@@ -190,6 +191,22 @@ def test_entropy_never_raises(payload):
     assert 0 <= entropy_index(payload, 16) < 16
 
 
+def test_overhead_is_the_outer_ip_and_udp_headers_and_a_label():
+    assert overhead("10.80.0.1") == 20 + 8 + 4
+    assert overhead("0.0.0.0") == 32
+    assert overhead("2001:db8::1") == 40 + 8 + 4
+
+
+def test_an_agent_over_mpls_in_udp_leaves_its_tun_room_for_the_encapsulation():
+    from mplslb.agents import AgentConfig
+
+    common = {"role": "client", "interface": "eth0", "vips": ("10.0.0.100",)}
+    assert AgentConfig(**common, gateway_mac=HOST_MAC).tun_mtu() == 1500 - 4
+    assert AgentConfig(**common, balancer="10.80.0.1").tun_mtu() == 1500 - 32
+    assert AgentConfig(**common, balancer="fd80::1", udp_local="fd79::2").tun_mtu() == 1500 - 52
+    assert AgentConfig(**common, balancer="10.80.0.1", mtu=1400).tun_mtu() == 1400
+
+
 # -- real sockets on loopback ---------------------------------------------------------------------------------
 def udp_socket(address: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -261,6 +278,21 @@ def test_malformed_datagrams_are_counted_not_raised(pair):
         (good,) = wait_frames(port)
     assert good[14:] == pack_entry(1001, 0, True, 64) + query()
     assert port.drops == {"udp_empty": 1, "mpls_truncated": 1, "mpls_no_bottom": 1}
+
+
+def test_datagrams_the_full_receive_buffer_lost_are_counted(pair):
+    port, _ = pair
+    port._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a few datagrams at most
+    sent = 200
+    datagram = pack_entry(1001, 0, True, 64) + query(payload=bytes(1000))
+    with udp_socket("127.0.0.3") as raw:
+        for _ in range(sent):
+            raw.sendto(datagram, ("127.0.0.1", port.port))
+        got = len(port.recv_burst(sent))
+        raw.sendto(datagram, ("127.0.0.1", port.port))  # queued after the losses: it carries their count
+        got += len(wait_frames(port))
+    assert got < sent
+    assert port.drops == {"udp_receive_buffer_full": sent + 1 - got}
 
 
 def test_agent_link_hears_only_its_balancer(pair):

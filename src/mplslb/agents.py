@@ -251,7 +251,11 @@ class Agent:
         return dict(self.endpoint.counters)
 
     def drops(self) -> dict[str, int]:
-        return dict(self.endpoint.drops)
+        """The endpoint's drops and its wire's (MPLS-in-UDP: malformed or unknown datagrams, a full receive buffer)."""
+        out = dict(self.endpoint.drops)
+        for reason, count in getattr(self.wire, "drops", {}).items():
+            out[reason] = out.get(reason, 0) + count
+        return out
 
     def flows(self) -> int:
         return len(self.endpoint.flows)

@@ -33,6 +33,7 @@ import hashlib
 import ipaddress
 import random
 import socket
+import sys
 import zlib
 from collections.abc import Iterable
 from typing import Self
@@ -69,6 +70,10 @@ _PSEUDO_MAC_PERSON = b"mplslb-pseudomac"
 _BIND_ATTEMPTS = 64  # per pool socket
 _POOL_RCVBUF = 4096  # nothing is expected on the pool's sockets
 MAX_DATAGRAM = 1 << 16
+#: With SO_RXQ_OVFL each datagram read carries the socket's count of datagrams the kernel dropped because the
+#: receive buffer was full (``asm-generic/socket.h``; the socket module does not name it).
+SO_RXQ_OVFL = 40
+_OVFL_ANCILLARY = socket.CMSG_SPACE(4)
 _HASH_MULTIPLIER = 0x9E3779B1  # Fibonacci hashing spreads consecutive labels over the pool
 _ETHERTYPE = {4: ETH_P_IP.to_bytes(2, "big"), 6: ETH_P_IPV6.to_bytes(2, "big")}
 _MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
@@ -250,6 +255,8 @@ class MplsUdpPort:
             self.close()
             raise
         self.port: int = self._sock.getsockname()[1]
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        self._kernel_dropped = 0  # the receive socket's overflow count last read
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
 
@@ -316,15 +323,17 @@ class MplsUdpPort:
     def recv_burst(self, max_frames: int = 64) -> list[bytes]:
         """Up to ``max_frames`` datagrams already queued, as Ethernet frames for the core; never blocks."""
         frames: list[bytes] = []
-        recvfrom_into, view, drops = self._sock.recvfrom_into, self._view, self.drops
+        recvmsg_into, view, drops, bufs = self._sock.recvmsg_into, self._view, self.drops, [self._buf]
         for _ in range(max_frames):
             try:
-                n, source = recvfrom_into(self._buf)
+                n, ancillary, _flags, source = recvmsg_into(bufs, _OVFL_ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._drop(f"recv_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
                 break
+            if ancillary:
+                self._overflowed(ancillary)
             peer = self._by_host.get(source[0]) or self._learn(source[0])
             if peer is None:
                 continue
@@ -332,6 +341,16 @@ class MplsUdpPort:
             if frame is not None:
                 frames.append(frame)
         return frames
+
+    def _overflowed(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        """Count under ``udp_receive_buffer_full`` the datagrams the kernel dropped since the last one read."""
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                total = int.from_bytes(data[:4], sys.byteorder)
+                lost = (total - self._kernel_dropped) & 0xFFFFFFFF
+                self._kernel_dropped = total
+                if lost:
+                    self.drops["udp_receive_buffer_full"] = self.drops.get("udp_receive_buffer_full", 0) + lost
 
     def _learn(self, host: str) -> tuple[bytes, bytes] | None:
         packed = _packed(host.partition("%")[0])
