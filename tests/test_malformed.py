@@ -58,7 +58,7 @@ from helpers import (
     tcp_segment,
     udp_datagram,
 )
-from mplslb.analyzer import PacketAnalyzer
+from mplslb.analyzer import Analysis, PacketAnalyzer
 from mplslb.balancer import Balancer
 from mplslb.balancing.admission import RefuseWith
 from mplslb.wire.errors import WireError
@@ -775,6 +775,13 @@ def _ipv4_frames() -> list[bytes]:
         ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_ICMP, icmp4(3, 3, 0, b"x" * 28))),
         ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_GRE, b"\x00" * 24)),
     ]
+    syn, query = client_tcp(SYN), client_udp()
+    frames += (
+        [  # lengths that cut the TCP or UDP header short, or overrun the IP packet, the checksum right
+            fix_ipv4_checksum(syn[:16] + struct.pack("!H", length) + syn[18:], 14) for length in (19, 20, 32, 39)
+        ]
+        + [query[:38] + struct.pack("!H", length) + query[40:] for length in (0, 7, 8, len(query) - 34 + 1)]
+    )
     return [f + pad for f in frames for pad in (b"", b"\x00" * 6)]
 
 
@@ -789,9 +796,9 @@ def _ipv4_frames() -> list[bytes]:
 def test_plain_ipv4_reading_agrees_with_the_general_one(
     index: int, mutations: list[tuple[str, int, int]], checksum: bool, l7: bool
 ) -> None:
-    """Every untagged IPv4 frame analyses as the general path (``analyze_ip`` on its IP packet) reads it: the same
-    :class:`Analysis`, or the same drop reason; with the header checksum fixed after the mutations, the plain
-    reading's own checks are the ones met."""
+    """Every untagged IPv4 frame (and its IP packet given to ``analyze_ip``) analyses as the general path reads the
+    same frame with a VLAN tag: the same :class:`Analysis` but for the offsets, or the same drop reason; with the
+    header checksum fixed after the mutations, the plain reading's own checks are the ones met."""
     frames = _ipv4_frames()
     frame = mutate(frames[index % len(frames)], mutations)
     if checksum and len(frame) >= 34 and frame[14] >> 4 == 4:
@@ -799,10 +806,13 @@ def test_plain_ipv4_reading_agrees_with_the_general_one(
     analyzer = PacketAnalyzer(l7=l7)
     if len(frame) <= 14 or frame[12:14] != struct.pack("!H", ETH_P_IP) or frame[14] >> 4 != 4:
         return  # not read as IPv4 by either (a mutation that wraps past the end may land on the ethertype)
-    plain = _analysis_or_reason(lambda: analyzer.analyze(frame))
-    general = _analysis_or_reason(lambda: analyzer.analyze_ip(frame, 14))
-    assert plain == general
-    assert _analysis_or_reason(lambda: analyzer.analyze(memoryview(frame))) == plain
+    # A VLAN tag before the ethertype sends the same packet down the general path, 4 bytes further on.
+    general = _analysis_or_reason(lambda: analyzer.analyze(frame[:12] + b"\x81\x00\x00\x05" + frame[12:]))
+    if isinstance(general, Analysis):
+        general = general._replace(ip_offset=14, ip_end=general.ip_end - 4, l4_offset=general.l4_offset - 4)
+    for read in (analyzer.analyze, lambda f: analyzer.analyze_ip(f, 14)):
+        assert _analysis_or_reason(lambda read=read: read(frame)) == general
+        assert _analysis_or_reason(lambda read=read: read(memoryview(frame))) == general
 
 
 # -- real captures ---------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ Claim 2 splits the unit in three:
   knows a label's next hop puts a real MPLS label stack entry (RFC 3032, claim 15) between the Ethernet header and
   the IP packet, trimming any Ethernet padding, and counts the frame for the label.
 
-The commonest frame, an untagged IPv4 packet without options carrying TCP without options or UDP, is read in a
-few struct unpacks (:meth:`PacketAnalyzer._plain`); any frame that is not exactly that, or that fails one of its
-checks, takes the general path, which gives the reason it is dropped. Both give the same :class:`Analysis`.
+The commonest packet, IPv4 without options carrying TCP without options or UDP (in an untagged frame, or at a
+given offset for :meth:`PacketAnalyzer.analyze_ip`), is read in a few struct unpacks
+(:meth:`PacketAnalyzer._plain`); any packet that is not exactly that, or that fails one of its checks, takes the
+general path, which gives the reason it is dropped. Both give the same :class:`Analysis`.
 
 Non-first IP fragments carry no ports; they are dropped as ``ip_fragment`` (the session's first fragment would have
 to be reassembled to know it, which a label switch does not do).
@@ -73,7 +74,7 @@ class PacketAnalyzer:
     def analyze(self, frame: bytes | memoryview) -> Analysis:
         """Analyse an unlabelled Ethernet frame. Raises a :class:`WireError` naming why it cannot be used."""
         if len(frame) >= _PLAIN_MIN and frame[_ETH_TYPE_AT] == _IPV4_HI and frame[_ETH_TYPE_AT + 1] == _IPV4_LO:
-            plain = self._plain(frame)
+            plain = self._plain(frame, ETH_HLEN)
             if plain is not None:
                 return plain
         eth = parse_ethernet(frame)
@@ -83,46 +84,48 @@ class PacketAnalyzer:
             return self._ip(frame, eth.payload_offset, 6)
         raise AnalysisError("unsupported_ethertype", f"ethertype {eth.ethertype:#06x}")
 
-    def _plain(self, frame: bytes | memoryview) -> Analysis | None:
-        """The analysis of an untagged IPv4 frame whose header has no options, is whole and checks, of a first (or
+    def _plain(self, frame: bytes | memoryview, ip: int) -> Analysis | None:
+        """The analysis of an IPv4 packet at ``ip`` whose header has no options, is whole and checks, of a first (or
         only) fragment, carrying TCP without options or UDP, with its header whole and its length right; None for
         any other (for the general path, which says why it is dropped if it is)."""
-        vihl, tos, total_length, flags_frag, ttl, proto, src, dst = _PLAIN_IPV4.unpack_from(frame, ETH_HLEN)
-        end = ETH_HLEN + total_length
+        vihl, tos, total_length, flags_frag, ttl, proto, src, dst = _PLAIN_IPV4.unpack_from(frame, ip)
+        l4 = ip + IPV4_HLEN
+        end = ip + total_length
         if (
             vihl != _PLAIN_VIHL
             or end > len(frame)
             or flags_frag & FRAG_OFFSET_MASK
-            or int.from_bytes(frame[ETH_HLEN:_L4_AT], "big") % _ONES  # the header's checksum (see wire.checksum)
+            or int.from_bytes(frame[ip:l4], "big") % _ONES  # the header's checksum (see mplslb.wire.checksum)
         ):
             return None
         if proto == IPPROTO_TCP:
-            if end - _L4_AT < TCP_HLEN:  # also a total length shorter than the IP header
+            if end - l4 < TCP_HLEN:  # also a total length shorter than the IP header
                 return None
-            sport, dport, seq, doff = _PLAIN_TCP.unpack_from(frame, _L4_AT)
+            sport, dport, seq, doff, flags = _PLAIN_TCP.unpack_from(frame, l4)
             if doff >> 4 != _TCP_PLAIN_DOFF:
                 return None
-            flags = frame[_TCP_FLAGS_AT]
-            payload = end - _TCP_PAYLOAD_AT
-            http = self._http(frame, _TCP_PAYLOAD_AT, end) if payload > 0 and self.l7 else None
+            payload = end - l4 - TCP_HLEN
+            http = self._http(frame, l4 + TCP_HLEN, end) if payload > 0 and self.l7 else None
         elif proto == IPPROTO_UDP:
-            if end - _L4_AT < UDP_HLEN:
-                return None
-            sport, dport, length = _PLAIN_UDP.unpack_from(frame, _L4_AT)
-            if length < UDP_HLEN or length > end - _L4_AT:
+            sport, dport, length = _PLAIN_UDP.unpack_from(frame, l4)
+            if length < UDP_HLEN or length > end - l4:  # also a datagram shorter than its header
                 return None
             flags, seq, payload = -1, 0, length - UDP_HLEN
-            http = self._http(frame, _UDP_PAYLOAD_AT, _L4_AT + length) if payload > 0 and self.l7 else None
+            http = self._http(frame, l4 + UDP_HLEN, l4 + length) if payload > 0 and self.l7 else None
         else:
             return None
         # tuple.__new__ as the NamedTuples' own constructors do, without their Python-level call.
         key = _new(FlowKey, (proto, src, sport, dst, dport))
-        return _new(Analysis, (key, 4, ETH_HLEN, end, _L4_AT, flags, seq, payload, ttl, tos, http, False))
+        return _new(Analysis, (key, 4, ip, end, l4, flags, seq, payload, ttl, tos, http, False))
 
     def analyze_ip(self, packet: bytes | memoryview, offset: int = 0) -> Analysis:
         """Analyse an IP packet that starts at ``offset`` (the version nibble decides v4 or v6)."""
         if len(packet) <= offset:
             raise AnalysisError("ip_truncated", "no IP header")
+        if offset >= 0 and packet[offset] == _PLAIN_VIHL and len(packet) - offset >= _PLAIN_MIN - ETH_HLEN:
+            plain = self._plain(packet, offset)
+            if plain is not None:
+                return plain
         version = packet[offset] >> 4
         if version not in (4, 6):
             raise AnalysisError("ip_bad_version", f"version {version}")
@@ -192,18 +195,14 @@ class PacketAnalyzer:
 _ETH_TYPE_AT = 12
 _IPV4_HI, _IPV4_LO = ETH_P_IP.to_bytes(2, "big")
 _PLAIN_VIHL = 0x45  # version 4, a header of 5 words: no options
-_L4_AT = ETH_HLEN + IPV4_HLEN
-_PLAIN_MIN = _L4_AT + UDP_HLEN
+_PLAIN_MIN = ETH_HLEN + IPV4_HLEN + UDP_HLEN  # the shortest frame the plain reading takes
 _TCP_PLAIN_DOFF = TCP_HLEN // 4
-_TCP_FLAGS_AT = _L4_AT + 13
-_TCP_PAYLOAD_AT = _L4_AT + TCP_HLEN
-_UDP_PAYLOAD_AT = _L4_AT + UDP_HLEN
 #: An IPv4 header's sum of 16-bit words is its value as a big-endian integer modulo 0xFFFF (mplslb.wire.checksum):
 #: 0 when the header checks (an all-zero header, whose sum is 0 too, is not version 4).
 _ONES = 0xFFFF
 #: version and IHL, TOS, total length, flags and fragment offset, TTL, protocol, source, destination.
 _PLAIN_IPV4 = struct.Struct("!BBH2xHBB2x4s4s")
-_PLAIN_TCP = struct.Struct("!HHI4xB")  # ports, sequence number, data offset (the flags byte follows)
+_PLAIN_TCP = struct.Struct("!HHI4xBB")  # ports, sequence number, data offset, flags
 _PLAIN_UDP = struct.Struct("!HHH")
 _new = tuple.__new__
 
