@@ -59,6 +59,7 @@ from mplslb.config import (
     server_claims,
 )
 from mplslb.drivers.mplsudp import pseudo_mac
+from mplslb.flow import FlowKey
 from mplslb.labels import LabelManager, LabelStats, pair_of
 from mplslb.neighbors import announcement, answer
 from mplslb.resolver import MacChange, Resolver
@@ -400,7 +401,7 @@ class Balancer:
             if session is None:
                 self._drop("icmp_no_session")
                 return
-            self._to_server(session, frame, a, now, out)
+            self._to_server(session.c2s, frame, a, now, out)
             return
         vip = self.vips.get(key.dst)
         if vip is None:
@@ -427,7 +428,7 @@ class Balancer:
                 return
             if a.payload_len and self.sessions.request_seen(session, now):
                 self._learn_l7(session, a)
-            self._to_server(session, frame, a, now, out)
+            self._to_server(session.c2s, frame, a, now, out)
             if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
                 if self.sessions.client_ack(session, a.tcp_flags, now):
                     self._handshake_done(session)
@@ -491,14 +492,15 @@ class Balancer:
                 out.append((port, refused))
             return
         client_mac = bytes(frame[_SRC_MAC])
+        key = a.key
         session = self.sessions.open(
-            a.key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
+            key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
         )
         if a.payload_len and self.sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
-        self.install_labels(session, now)
-        self._to_server(session, frame, a, now, out)
+        self._install_labels(c2s, key, server, port, client_mac, a.ip_version, True, now, now)
+        self._to_server(c2s, frame, a, now, out)
 
     def install_labels(
         self, session: Session, now: float, *, watched: bool = True, seen: tuple[float, float] | None = None
@@ -508,37 +510,57 @@ class Balancer:
         manager for the response-time measurement and the handshake (a new session); otherwise TCP's FIN and RST
         only (a session replicated from a peer, whose labels were last seen at ``seen``, C2S and S2C)."""
         c2s_seen, s2c_seen = seen or (now, now)
-        key, server, port, client_mac = session.key, session.server, session.client_port, session.client_mac
-        tcp = key.proto == IPPROTO_TCP
-        v6 = IPV6_PAYLOAD if session.ip_version == 6 else 0
+        self._install_labels(
+            session.c2s, session.key, session.server, session.client_port, session.client_mac,
+            session.ip_version, watched, c2s_seen, s2c_seen,
+        )  # fmt: skip
+
+    def _install_labels(
+        self,
+        c2s: int,
+        key: FlowKey,
+        server: Server,
+        port: int,
+        client_mac: bytes,
+        ip_version: int,
+        watched: bool,
+        c2s_seen: float,
+        s2c_seen: float,
+    ) -> None:
+        """:meth:`install_labels` with the session's fields at hand (a new session's, before its row is read)."""
+        proto, src, sport, dst, dport = key
+        tcp = proto == IPPROTO_TCP
+        v6 = IPV6_PAYLOAD if ip_version == 6 else 0
         end_watch = WATCH_TCP_END if tcp else 0
-        self.switching.install(
-            session.c2s,
-            out_port=server.config.port_id,
+        server_port = server.config.port_id
+        install = self.switching.install
+        install(
+            c2s,
+            out_port=server_port,
             next_hop=server.mac,
             in_port=port,
             peer=client_mac,
-            peer_ip=key.src,
+            peer_ip=src,
             # until the client's ACK completes the handshake (and the request is seen, for L7 analysis)
             watch=end_watch
             | v6
             | (WATCH_ALL if tcp and watched else 0)
             | (WATCH_REQUEST if self.analyzer.l7 and watched else 0),
             now=c2s_seen,
-            dst_ip=key.dst,
-            ports=(key.sport, key.dport),
+            dst_ip=dst,
+            ports=(sport, dport),
         )
-        self.switching.install(
-            session.s2c,
+        install(
+            c2s + 1,
             out_port=port,
             next_hop=client_mac,
-            in_port=server.config.port_id,
+            in_port=server_port,
             peer=server.mac,
-            peer_ip=key.dst,
+            peer_ip=dst,
             watch=end_watch | v6 | (WATCH_ALL if watched else 0),
             now=s2c_seen,
-            dst_ip=key.src,
-            ports=(key.dport, key.sport),
+            dst_ip=src,
+            ports=(dport, sport),
         )
 
     def _learn_l7(self, session: Session, a: Analysis) -> None:
@@ -546,9 +568,10 @@ class Balancer:
             host = a.http.host or "(no host)"
             self.l7_hosts[host] = self.l7_hosts.get(host, 0) + 1
 
-    def _to_server(self, session: Session, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
+    def _to_server(self, c2s: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
+        """Send a client's frame to its session's server under the session's C2S label."""
         tc = a.tos >> _TOS_TO_TC
-        self.switching.send(session.c2s, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, tc=tc, ack=_ack(frame, a))
+        self.switching.send(c2s, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, tc=tc, ack=_ack(frame, a))
 
     def _from_server(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         # A server's unlabelled reply (or its ICMP error about a client's datagram) still finds its session.
