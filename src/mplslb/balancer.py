@@ -455,15 +455,16 @@ class Balancer:
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
         tcp = a.key.proto == IPPROTO_TCP
+        sessions = self.sessions
         # Half-open sessions' share used up: the oldest makes room, once this SYN is admitted (a refused SYN evicts
         # nobody).
-        oldest = self._oldest_half_open() if tcp and self.sessions.half_open >= self.max_half_open else None
-        active = self.live - (oldest is not None)
+        oldest = self._oldest_half_open() if tcp and sessions.half_open >= self.max_half_open else None
+        active = sessions.live - (oldest is not None)
         refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
         if refusal is None:
             if oldest is not None:
-                self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
+                sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
                 self._finish(oldest, now)
             server = self.algorithm.choose(self.pool, a.key, now)
             if server is None:
@@ -493,10 +494,10 @@ class Balancer:
             return
         client_mac = bytes(frame[_SRC_MAC])
         key = a.key
-        session = self.sessions.open(
+        session = sessions.open(
             key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
         )
-        if a.payload_len and self.sessions.request_seen(session, now):
+        if a.payload_len and sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
         self._install_labels(c2s, key, server, port, client_mac, a.ip_version, True, now, now)

@@ -258,7 +258,18 @@ class LabelSwitchingTable:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
         if len(peer_ip) > PEER_IP_MAX:
             raise ValueError("peer_ip must be an IPv4 or IPv6 address")
-        flow = self._flow(watch, peer_ip, dst_ip, ports)
+        peer_ip = bytes(peer_ip)
+        if ports is None:
+            if dst_ip:
+                raise ValueError("a flow binding needs the session's ports")
+            flow = b""
+        else:
+            size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
+            if len(peer_ip) != size or len(dst_ip) != size:
+                raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
+            if len(ports) != 2 or not (0 <= ports[0] <= _PORT_MAX and 0 <= ports[1] <= _PORT_MAX):
+                raise ValueError(f"ports {ports} are not two ports of 0-65535")
+            flow = peer_ip + bytes(dst_ip) + _PORTS.pack(*ports)
         valid = self.valid
         if valid[label]:
             valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
@@ -279,7 +290,6 @@ class LabelSwitchingTable:
         self.rewrite[label] = intern(rewrite, rewrite)
         peer = bytes(peer)
         self.peer[label] = intern(peer, peer)
-        peer_ip = bytes(peer_ip)
         self.peer_ip[label] = intern(peer_ip, peer_ip)
         self.flow[label] = flow
         self.bound[label] = 1 if flow else 0
@@ -398,19 +408,6 @@ class LabelSwitchingTable:
     def remove_mirror(self, mirror: Mirror) -> None:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
-
-    def _flow(self, watch: int, peer_ip: bytes, dst_ip: bytes, ports: tuple[int, int] | None) -> bytes:
-        """The flow binding :meth:`install` was given, checked."""
-        if ports is None:
-            if dst_ip:
-                raise ValueError("a flow binding needs the session's ports")
-            return b""
-        size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
-        if len(peer_ip) != size or len(dst_ip) != size:
-            raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
-        if len(ports) != 2 or not (0 <= ports[0] <= _PORT_MAX and 0 <= ports[1] <= _PORT_MAX):
-            raise ValueError(f"ports {ports} are not two ports of 0-65535")
-        return bytes(peer_ip) + bytes(dst_ip) + _PORTS.pack(*ports)
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
