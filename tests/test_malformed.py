@@ -813,6 +813,8 @@ def test_plain_ipv4_reading_agrees_with_the_general_one(
     for read in (analyzer.analyze, lambda f: analyzer.analyze_ip(f, 14)):
         assert _analysis_or_reason(lambda read=read: read(frame)) == general
         assert _analysis_or_reason(lambda read=read: read(memoryview(frame))) == general
+    without_l7 = general._replace(http=None) if isinstance(general, Analysis) else general
+    assert _analysis_or_reason(lambda: analyzer.analyze_ip(frame, 14, l7=False)) == without_l7
 
 
 # -- real captures ---------------------------------------------------------------------------------------------

@@ -74,17 +74,17 @@ class PacketAnalyzer:
     def analyze(self, frame: bytes | memoryview) -> Analysis:
         """Analyse an unlabelled Ethernet frame. Raises a :class:`WireError` naming why it cannot be used."""
         if len(frame) >= _PLAIN_MIN and frame[_ETH_TYPE_AT] == _IPV4_HI and frame[_ETH_TYPE_AT + 1] == _IPV4_LO:
-            plain = self._plain(frame, ETH_HLEN)
+            plain = self._plain(frame, ETH_HLEN, self.l7)
             if plain is not None:
                 return plain
         eth = parse_ethernet(frame)
         if eth.ethertype == ETH_P_IP:
-            return self._ip(frame, eth.payload_offset, 4)
+            return self._ip(frame, eth.payload_offset, 4, l7=self.l7)
         if eth.ethertype == ETH_P_IPV6:
-            return self._ip(frame, eth.payload_offset, 6)
+            return self._ip(frame, eth.payload_offset, 6, l7=self.l7)
         raise AnalysisError("unsupported_ethertype", f"ethertype {eth.ethertype:#06x}")
 
-    def _plain(self, frame: bytes | memoryview, ip: int) -> Analysis | None:
+    def _plain(self, frame: bytes | memoryview, ip: int, l7: bool) -> Analysis | None:
         """The analysis of an IPv4 packet at ``ip`` whose header has no options, is whole and checks, of a first (or
         only) fragment, carrying TCP without options or UDP, with its header whole and its length right; None for
         any other (for the general path, which says why it is dropped if it is)."""
@@ -105,33 +105,37 @@ class PacketAnalyzer:
             if doff >> 4 != _TCP_PLAIN_DOFF:
                 return None
             payload = end - l4 - TCP_HLEN
-            http = self._http(frame, l4 + TCP_HLEN, end) if payload > 0 and self.l7 else None
+            http = _http(frame, l4 + TCP_HLEN, end) if payload > 0 and l7 else None
         elif proto == IPPROTO_UDP:
             sport, dport, length = _PLAIN_UDP.unpack_from(frame, l4)
             if length < UDP_HLEN or length > end - l4:  # also a datagram shorter than its header
                 return None
             flags, seq, payload = -1, 0, length - UDP_HLEN
-            http = self._http(frame, l4 + UDP_HLEN, l4 + length) if payload > 0 and self.l7 else None
+            http = _http(frame, l4 + UDP_HLEN, l4 + length) if payload > 0 and l7 else None
         else:
             return None
         # tuple.__new__ as the NamedTuples' own constructors do, without their Python-level call.
         key = _new(FlowKey, (proto, src, sport, dst, dport))
         return _new(Analysis, (key, 4, ip, end, l4, flags, seq, payload, ttl, tos, http, False))
 
-    def analyze_ip(self, packet: bytes | memoryview, offset: int = 0) -> Analysis:
-        """Analyse an IP packet that starts at ``offset`` (the version nibble decides v4 or v6)."""
+    def analyze_ip(self, packet: bytes | memoryview, offset: int = 0, *, l7: bool = True) -> Analysis:
+        """Analyse an IP packet that starts at ``offset`` (the version nibble decides v4 or v6); ``l7`` False
+        leaves the payload unread (``http`` None) whatever the analyzer's setting."""
         if len(packet) <= offset:
             raise AnalysisError("ip_truncated", "no IP header")
         if offset >= 0 and packet[offset] == _PLAIN_VIHL and len(packet) - offset >= _PLAIN_MIN - ETH_HLEN:
-            plain = self._plain(packet, offset)
+            plain = self._plain(packet, offset, l7 and self.l7)
             if plain is not None:
                 return plain
         version = packet[offset] >> 4
         if version not in (4, 6):
             raise AnalysisError("ip_bad_version", f"version {version}")
-        return self._ip(packet, offset, version)
+        return self._ip(packet, offset, version, l7=l7 and self.l7)
 
-    def _ip(self, frame: bytes | memoryview, offset: int, version: int, quoted: bool = False) -> Analysis:
+    def _ip(
+        self, frame: bytes | memoryview, offset: int, version: int, quoted: bool = False, *, l7: bool = False
+    ) -> Analysis:
+        """The general path; ``l7``: read an HTTP request in the payload."""
         ip: IPv4 | IPv6
         if version == 4:
             ip = parse_ipv4(frame, offset, verify_checksum=not quoted, allow_truncated=quoted)
@@ -153,7 +157,7 @@ class PacketAnalyzer:
                     ttl, tos, None, True,
                 )  # fmt: skip
             payload = end - tcp.payload_offset
-            http = self._http(frame, tcp.payload_offset, end) if payload > 0 else None
+            http = _http(frame, tcp.payload_offset, end) if payload > 0 and l7 else None
             key = FlowKey(proto, ip.src, tcp.sport, ip.dst, tcp.dport)
             return Analysis(key, version, offset, end, start, tcp.flags, tcp.seq, payload, ttl, tos, http, False)
         if proto == IPPROTO_UDP:
@@ -163,7 +167,7 @@ class PacketAnalyzer:
                 return Analysis(key, version, offset, end, start, -1, 0, 0, ttl, tos, None, True)
             udp = parse_udp(frame, start, end)
             payload = udp.end - udp.payload_offset
-            http = self._http(frame, udp.payload_offset, udp.end) if payload > 0 else None
+            http = _http(frame, udp.payload_offset, udp.end) if payload > 0 and l7 else None
             key = FlowKey(proto, ip.src, udp.sport, ip.dst, udp.dport)
             return Analysis(key, version, offset, end, start, -1, 0, payload, ttl, tos, http, False)
         if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and not quoted:
@@ -183,14 +187,6 @@ class PacketAnalyzer:
             raise AnalysisError("icmp_quote_truncated", f"quoted version {version}")
         return self._ip(memoryview(frame)[:end], offset, version, quoted=True)
 
-    def _http(self, frame: bytes | memoryview, start: int, end: int) -> HttpRequest | None:
-        if not self.l7:
-            return None
-        try:
-            return peek_request(memoryview(frame)[start:end])
-        except HTTPError:
-            return None
-
 
 _ETH_TYPE_AT = 12
 _IPV4_HI, _IPV4_LO = ETH_P_IP.to_bytes(2, "big")
@@ -205,6 +201,14 @@ _PLAIN_IPV4 = struct.Struct("!BBH2xHBB2x4s4s")
 _PLAIN_TCP = struct.Struct("!HHI4xBB")  # ports, sequence number, data offset, flags
 _PLAIN_UDP = struct.Struct("!HHH")
 _new = tuple.__new__
+
+
+def _http(frame: bytes | memoryview, start: int, end: int) -> HttpRequest | None:
+    try:
+        return peek_request(memoryview(frame)[start:end])
+    except HTTPError:
+        return None
+
 
 _PORTS_SEQ = struct.Struct("!HHI")
 _PORTS = struct.Struct("!HH")

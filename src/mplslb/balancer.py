@@ -60,7 +60,7 @@ from mplslb.config import (
 )
 from mplslb.drivers.mplsudp import pseudo_mac
 from mplslb.flow import FlowKey
-from mplslb.labels import LabelManager, LabelStats, pair_of
+from mplslb.labels import LabelManager, LabelStats
 from mplslb.neighbors import announcement, answer
 from mplslb.resolver import MacChange, Resolver
 from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
@@ -590,12 +590,15 @@ class Balancer:
     # -- reports from the fast path ------------------------------------------------------------------------------
     def _handle_events(self) -> None:
         events, self._events = self._events, []
+        sessions = self.sessions
         for event in events:
-            session = self.sessions.by_c2s(pair_of(event.label))
+            label = event.label
+            session = sessions.by_c2s((label - 1) | 1)  # the pair's C2S label, odd (labels.pair_of)
             if session is None or session.state in FINAL_STATES:
                 continue
-            self._refresh(session)
-            from_client = event.label & 1 == 1
+            if self.refresh is not None:
+                self._refresh(session)
+            from_client = label & 1 == 1
             flags, a = event.tcp_flags, None
             if flags & TCP_FLAGS_UNKNOWN:  # IPv6 extension headers hid them from the fast path: read the frame
                 a = self._analyze_report(event)
@@ -603,15 +606,19 @@ class Balancer:
             if flags & RST:
                 if not from_client and session.state is SessionState.START:
                     self._server_failed(session.server, DownReason.REFUSED, event.now)
-            elif self.switching.watch[event.label] & WATCH_ALL:
-                self._measure(session, event, from_client, a or self._analyze_report(event))
-            if session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
-                if self.sessions.closes(session, flags, from_client=from_client):
+            elif self.switching.watch[label] & WATCH_ALL:
+                # Time the server's responses from the session's own frames (the session table keeps the measurement).
+                a = a or self._analyze_report(event)
+                tcp_flags, payload = (a.tcp_flags, a.payload_len) if a is not None else (-1, 0)
+                self._observe(session, from_client, tcp_flags, payload, event.now, a)
+            # Only an RST or a FIN can close (SessionTable.closes, tcp_end: nothing to do for any other segment).
+            if flags & (FIN | RST) and session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
+                if sessions.closes(session, flags, from_client=from_client):
                     a = a or self._analyze_report(event)
                     seq = a.tcp_seq if a is not None and a.tcp_flags >= 0 else None
                     if not self._believed(session, flags, from_client, seq):
                         continue
-                self.sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
+                sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
 
     def _believed(self, session: Session, flags: int, from_client: bool, seq: int | None) -> bool:
         """May this RST or FIN (``flags``, sequence number ``seq``, None when unreadable) change the session's state?
@@ -626,15 +633,11 @@ class Balancer:
         return False
 
     def _analyze_report(self, event: FastEvent) -> Analysis | None:
+        """A reported frame's analysis; a server's frame is read without L7 (only a client's request is)."""
         try:
-            return self.analyzer.analyze_ip(event.frame, event.ip_offset)
+            return self.analyzer.analyze_ip(event.frame, event.ip_offset, l7=event.label & 1 == 1)
         except WireError:
             return None
-
-    def _measure(self, session: Session, event: FastEvent, from_client: bool, a: Analysis | None) -> None:
-        """Time the server's responses from the session's own frames (the session table keeps the measurement)."""
-        flags, payload = (a.tcp_flags, a.payload_len) if a is not None else (-1, 0)
-        self._observe(session, from_client, flags, payload, event.now, a)
 
     def _observe(
         self, session: Session, from_client: bool, tcp_flags: int, payload_len: int, now: float, a: Analysis | None

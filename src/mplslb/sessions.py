@@ -305,6 +305,7 @@ class Observation(NamedTuple):
     handshake_done: bool = False  # the client's ACK completed the TCP handshake (ANSWERED -> ESTABLISHED)
 
 
+_new = tuple.__new__  # a NamedTuple's own constructor, without its Python-level call
 _STATES: tuple[SessionState, ...] = (SessionState.START, *SessionState)  # code 0 is a free row (never read)
 _CODE = {state: code for code, state in enumerate(_STATES) if code}
 #: Each state's code in :attr:`SessionTable.state` (0 is a free row), for readers of the arrays.
@@ -681,7 +682,7 @@ class SessionTable:
         pair = session.pair
         handshake = from_client and self.client_ack(session, tcp_flags, now)
         if self.rt_budget[pair] <= 0 or self.state[pair] in _FINAL_CODES:
-            return Observation(None, False, False, True, handshake)
+            return _new(Observation, (None, False, False, True, handshake))
         self.rt_budget[pair] -= 1
         sample: float | None = None
         replied = request = False
@@ -698,7 +699,7 @@ class SessionTable:
             elif self.request_at[pair]:
                 sample = now - self.request_at[pair]
                 self.rt_budget[pair] = 0
-        return Observation(sample, replied, request, self.rt_budget[pair] <= 0, handshake)
+        return _new(Observation, (sample, replied, request, self.rt_budget[pair] <= 0, handshake))
 
     def stop_measuring(self, session: Session) -> None:
         """End the response-time measurement without a sample (its watched frames were spent elsewhere)."""
