@@ -358,18 +358,20 @@ class Balancer:
 
     def _receive(self, port: int, frame: bytes | memoryview, now: float, out: Frames) -> None:
         self.frames_in += 1
-        before = len(out)
         role = self.ports.get(port)
         if role is None:
             self._drop("unknown_port")
             return
         # The session label inspecting unit (claim 2): a labelled frame is switched on its label alone (claim 9).
         result = switch_frame(self.switching.hot, port, frame, now, out, self._events)
-        if result >= 0:
+        if result >= 0:  # one frame out; the reports that follow send nothing
             self.fast_path += 1
+            self.frames_out += 1
             if self._events:
                 self._handle_events()
-        elif result != DROPPED:
+            return
+        before = len(out)
+        if result != DROPPED:
             self.slow_path += 1
             if role.role == "client":
                 reply = answer(frame, self.vips, role.mac)  # ARP / neighbour solicitation for a VIP
