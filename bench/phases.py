@@ -13,6 +13,8 @@ response time). Per phase and per frame:
 
 Run ``PYTHONPATH=<checkout>/src python bench/phases.py [--sessions N] [--rounds R] [--json]``; any checkout's
 ``src`` can be measured with this script (it uses ``Balancer`` and the frame builders of ``bench/`` only).
+``--upto PHASE`` feeds the phases up to PHASE once and exits: under ``valgrind --tool=callgrind`` the difference
+between two such runs, divided by the sessions, is a phase's instructions per frame.
 """
 
 from __future__ import annotations
@@ -137,7 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=2_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--upto",
+        choices=("none", *PHASES),
+        help="only feed the phases up to this one (none: only build the frames and the balancer), once, untimed: "
+        "for instruction counts under valgrind, each phase's the difference between two such runs",
+    )
     args = parser.parse_args(argv)
+    if args.upto is not None:
+        frames = phase_frames(args.sessions)
+        b = fresh()
+        for name, part in zip(PHASES, frames, strict=True):
+            if args.upto == "none":
+                break
+            feed(b, part, NOW)
+            if name == args.upto:
+                break
+        return 0
     result = measure(args.sessions, args.rounds)
     if args.json:
         print(json.dumps(result))
