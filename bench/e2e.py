@@ -17,6 +17,10 @@ The share of a core that each lab process (balancer, agents, nginx) used during 
 ``python bench/e2e.py [--quick] [--json] [--profile]`` (``--profile``: py-spy samples the balancer daemon, the
 client agent and a server agent during one extra wrk run; summaries in bench/profiles/e2e-*.txt).
 
+``python bench/e2e.py --bulk [--variant KEY] [--rounds N] [--bulk-seconds S]`` measures only bulk transfer, of
+one variant (default ``kernel+xdp+gso``), against HAProxy and no balancer in the same lab: N rounds of 1 and 16
+parallel curl downloads of a sparse 1 GiB file, each cut at S seconds, and the medians.
+
 ``python bench/e2e.py --close [--variant KEY] [--rounds N] [--profile]`` measures only the ``Connection: close``
 rows, of one variant (default ``kernel+xdp``), without the references: N rounds of wrk at -c16 and -c64, each
 with the frames that reached the balancer daemon (its ``frames.in``) per session started in it, read from its
@@ -269,11 +273,15 @@ def lab_variants() -> list[tuple[str, str, dict[str, Any]]]:
     if "datapath" in fields:
         # The TUN lab first: the references are measured in the first lab, and the kernel datapath changes the
         # servers' interfaces (no checksum offload, so no segmentation offload), which would handicap them.
-        return [
+        found = [
             ("tun", "TUN agents", {"datapath": "tun"}),
             ("kernel", "kernel endpoints", {"datapath": "kernel"}),
             ("kernel+xdp", "kernel endpoints, offload = kernel", {"datapath": "kernel", "offload": "kernel"}),
         ]
+        if "offload_gso" in fields:  # super-packets whole through the balancer's offload
+            gso = {"datapath": "kernel", "offload": "kernel", "offload_gso": True}
+            found.append(("kernel+xdp+gso", "kernel endpoints, offload = kernel, offload_gso", gso))
+        return found
     return [("tun", "TUN agents", {}), ("tun+xdp", "TUN agents, offload = kernel", {"offload": "kernel"})]
 
 
@@ -545,6 +553,65 @@ def close_only(
     return found
 
 
+def bulk_only(
+    key: str, *, rounds: int, seconds: float, log: Any = print
+) -> dict[str, Any]:  # fmt: skip
+    """Bulk transfer through one lab variant against HAProxy (TCP mode) and no balancer, on the same namespaces and
+    nginx servers: ``rounds`` rounds, each 1 and 16 parallel downloads of the big file (cut at ``seconds``) through
+    mplslb, then through HAProxy and straight to one server with the balancer paused. Every run and the medians."""
+    from mplslb.lab import VIP4, Lab, LabSpec
+
+    fields = next(f for k, _, f in lab_variants() if k == key)
+    servers = 3
+    lab = Lab(LabSpec(name=f"bb{os.getpid() % 10**5}", clients=1, servers=servers, **fields), root=LAB_ROOT)
+    urls = {"mplslb": f"http://{VIP4}/", "haproxy": f"http://10.77.0.1:{HAPROXY_PORT}/"}
+    runs: list[dict[str, Any]] = []
+    haproxy: subprocess.Popen[bytes] | None = None
+    paused = False
+    try:
+        lab.up()
+        set_sysctls(lab, [lab.client_ns(0), lab.lb])
+        make_bulk_files(lab, servers)
+        wait_until(lambda: http_ok(lab, 0, urls["mplslb"]), 30, "the VIP to answer through the balancer")
+        haproxy = start_haproxy(lab, servers)
+        wait_until(lambda: http_ok(lab, 0, urls["haproxy"]), 15, "HAProxy to answer")
+        urls["direct"] = route_direct(lab)
+        wait_until(lambda: http_ok(lab, 0, urls["direct"]), 15, "the server to answer")
+        procs = lab_processes(lab) | {"haproxy": [haproxy.pid, *_children(haproxy.pid)]}
+        daemon = lab.state.pids["balancer"]
+        for round_ in range(rounds):
+            for what in ("mplslb", "haproxy", "direct"):
+                if what != "mplslb" and not paused:
+                    os.kill(daemon, signal.SIGSTOP)  # the references run with the balancer paused
+                    paused = True
+                for streams in (1, BULK_STREAMS):
+                    figures = bulk(lab, urls[what], streams=streams, seconds=seconds, procs=procs)
+                    runs.append({"round": round_, "path": what, "streams": streams} | figures)
+                    log(f"e2e bulk {key} round {round_}: {what} x{streams}: {figures['mb_per_s']:,.1f} MB/s")
+            os.kill(daemon, signal.SIGCONT)
+            paused = False
+        offload = lab.status()["status"].get("offload", {})
+        log(f"e2e bulk: the offload's super-packet counters: {offload.get('gso')}")
+    finally:
+        if haproxy is not None:
+            stop(haproxy)
+        if paused:
+            os.kill(lab.state.pids["balancer"], signal.SIGCONT)
+        problems = lab.down()
+        if problems:
+            log(f"e2e: lab down: {problems}")
+    medians: dict[str, float] = {}
+    for what in ("mplslb", "haproxy", "direct"):
+        for streams in (1, BULK_STREAMS):
+            got = [r["mb_per_s"] for r in runs if r["path"] == what and r["streams"] == streams]
+            if got:
+                medians[f"{what}_x{streams}"] = statistics.median(got)
+    ratios = {f"x{n}": medians[f"mplslb_x{n}"] / medians[f"haproxy_x{n}"] for n in (1, BULK_STREAMS)
+              if medians.get(f"haproxy_x{n}")}  # fmt: skip
+    return {"variant": key, "rounds": rounds, "seconds": seconds, "medians_mb_per_s": medians,
+            "vs_haproxy": ratios, "runs": runs}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wrk via the mplslb agents and balancer vs HAProxy")
     parser.add_argument("--quick", action="store_true")
@@ -552,8 +619,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the balancer daemon during one extra run")
     parser.add_argument("--close", action="store_true", help="only the Connection: close rows of one variant")
     parser.add_argument("--variant", default="kernel+xdp", help="with --close: the lab variant (default kernel+xdp)")
-    parser.add_argument("--rounds", type=int, default=3, help="with --close: wrk runs per connection count")
+    parser.add_argument("--rounds", type=int, default=3, help="with --close or --bulk: rounds")
+    parser.add_argument("--bulk", action="store_true", help="only bulk transfer, one variant against the references")
+    parser.add_argument("--bulk-seconds", type=float, default=8.0, help="with --bulk: each download's length (s)")
     args = parser.parse_args(argv)
+    if args.bulk:
+        reason = missing_requirements()
+        if reason:
+            print(f"skipped: {reason}", file=sys.stderr)
+            return 1
+        key = args.variant if args.variant != "kernel+xdp" else "kernel+xdp+gso"
+        found = bulk_only(key, rounds=args.rounds, seconds=args.bulk_seconds, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(found, indent=1) if args.json else json.dumps({k: v for k, v in found.items() if k != "runs"}))
+        return 0
     if args.close:
         reason = missing_requirements()
         if reason:

@@ -6,7 +6,8 @@ same run, their ratio (figure / reference), the target and whether it is met. Wr
     .venv/bin/python bench/run.py --only single,batch
 
 Sections, in the order they run: the engine (claim, single, new, batch, scale, memory: bench/engine.py), the cost of
-session sync between cluster nodes (cluster: bench/cluster_sim.py), the wire
+session sync between cluster nodes (cluster: bench/cluster_sim.py), 1, 2 and 3 real nodes behind the BIRD ECMP
+router in namespaces (cluster_lab: bench/cluster_lab.py, when root), the wire
 benchmarks (wire: every bench/wire_*.py, written by another hand, each run as a subprocess with --json, and --quick
 when it takes it, when root and namespaces are available), the end-to-end comparison with HAProxy (e2e:
 bench/e2e.py) and the py-spy profiles of the hot paths (profile: bench/pyspy.py, summaries in bench/profiles/). A
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine
 from common import BENCH, ROOT, Row, at_least, command_for, load_average, machine, skipped
 
-SECTIONS = (*engine.SECTIONS, "cluster", "wire", "e2e", "profile")
+SECTIONS = (*engine.SECTIONS, "cluster", "cluster_lab", "wire", "e2e", "profile")
 #: Rough seconds each section takes in a full run on the 2-core reference machine (quick runs take far less); a
 #: section is started only if this much of the budget is left.
 ESTIMATE = {
@@ -40,6 +41,7 @@ ESTIMATE = {
     "scale": 60,
     "memory": 70,
     "cluster": 40,
+    "cluster_lab": 70,
     "wire": 230,
     "e2e": 400,
     "profile": 45,
@@ -388,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         log("cluster: costs of session sync ...")
         rows += cluster_sim.rows(args.quick)
         durations["cluster"] = time.monotonic() - t0
+    if "cluster_lab" in chosen and fits("cluster_lab"):
+        import cluster_lab
+
+        t0 = time.monotonic()
+        log("cluster_lab: 3, 2 and 1 nodes in namespaces ...")
+        rows += cluster_lab.rows(args.quick)
+        durations["cluster_lab"] = time.monotonic() - t0
     if "wire" in chosen and fits("wire"):
         t0 = time.monotonic()
         scale = 0.25 if args.quick else 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -533,6 +534,61 @@ def test_the_cluster_table_cannot_change_while_running() -> None:
     diff = diff_configs(running, make_config(cluster=cluster(1, nodes=3)))
     assert [key for key, _ in diff.refused] == ["cluster"]
     assert not diff_configs(running, make_config(cluster=cluster(1))).refused
+    assert [key for key, _ in diff_configs(running, make_config(cluster=cluster(1, key=b"o" * 32))).refused] == [
+        "cluster"
+    ]
+
+
+def test_the_peers_can_change_while_running() -> None:
+    from mplslb.config import diff_configs
+
+    running = make_config(cluster=cluster(1, nodes=3))
+    grown = make_config(cluster=replace(cluster(1, nodes=3), peers=(ADDRESSES[2], ADDRESSES[3], ("10.9.0.4", 6640))))
+    diff = diff_configs(running, grown)
+    assert not diff.refused and diff.settings["cluster"] == grown.cluster
+    assert diff.changes == ("cluster.peers:[10.9.0.2:6640,10.9.0.3:6640]->[10.9.0.2:6640,10.9.0.3:6640,10.9.0.4:6640]",)
+    balancer = Balancer(running)
+    assert balancer.reconfigure(grown) == diff.changes and balancer.config.cluster == grown.cluster
+
+
+def pair_of_three() -> tuple[Net, dict[int, ClusterSync]]:
+    """Nodes 1 and 2 of a cluster cut in three slices, each with the other as its one peer, synced."""
+    syncs = {}
+    balancers = {}
+    for n in (1, 2):
+        config = replace(cluster(n, nodes=3), peers=(ADDRESSES[3 - n],))
+        balancers[n] = Balancer(make_config(cluster=config))
+        syncs[n] = ClusterSync(balancers[n], config, 0.0)
+    exchange(syncs, 0.0)
+    net = Net(balancers[1].config)
+    net.balancer = balancers[1]
+    return net, syncs
+
+
+@pytest.mark.parametrize("first", ["joining_node", "reload"])
+def test_a_node_added_to_the_peers_by_a_reload_gets_every_session(first: str) -> None:
+    net, syncs = pair_of_three()
+    labels = {open_session(net, sport)[1] for sport in range(40000, 40005)}
+    exchange(syncs, 0.0)
+    third, sync = node(3, nodes=3, join_timeout=2.0)
+    if first == "joining_node":  # node 3 starts first: its hellos are dropped until the others know it
+        syncs[3] = sync
+        exchange(syncs, 0.0)
+        assert syncs[1].drops == {"unknown_peer": 1} and not sync.synced
+    else:  # the others know it first; it starts late and has waited out its join timeout alone
+        for now in (0.0, 3.0):
+            sync.poll(now)
+        assert sync.synced and not third.live_sessions()
+    for n in (1, 2):
+        syncs[n].set_peers([ADDRESSES[m] for m in (1, 2, 3) if m != n])
+        assert list(syncs[n].peers) == [ADDRESSES[m] for m in (1, 2, 3) if m != n]
+    syncs[3] = sync
+    for now in (3.0, 4.0):  # (node 3's next hello is due at 4 s)
+        exchange(syncs, now)
+    assert sync.synced and {s.c2s for s in third.live_sessions()} == labels
+    assert sync.replicas() == len(labels) and third.labels.in_use_count == 0
+    syncs[1].set_peers([ADDRESSES[2]])  # node 3 leaves again
+    assert list(syncs[1].peers) == [ADDRESSES[2]] and syncs[1].config.peers == (ADDRESSES[2],)
 
 
 def test_a_peers_list_naming_this_node_too_is_taken_without_it() -> None:
@@ -644,3 +700,25 @@ def test_a_state_file_of_another_node_is_not_adopted(tmp_path: Path) -> None:
     _, store, report = open_balancer(make_config(cluster=cluster(2)), tmp_path, now=2.0)
     store.close()
     assert report is None
+
+
+def test_the_labs_node_configurations_leave_a_slice_for_a_node_added_later(tmp_path: Path) -> None:
+    from mplslb.daemon import load_daemon_config
+    from mplslb.lab import Lab, LabSpec
+
+    spec = LabSpec(nodes=3, transport="udp", server_transport="udp", cluster=True, slices=4, node_state=True)
+    lab = Lab(spec, root=tmp_path)
+    path = tmp_path / "n1.toml"
+    path.write_text(lab.balancer_toml(node=0))
+    config = load_daemon_config(path, need_interfaces=False)
+    cluster = config.balancer.cluster
+    assert cluster is not None and (cluster.node, cluster.nodes) == (1, 4)
+    assert cluster.peers == (("10.90.2.2", 6640), ("10.90.3.2", 6640))
+    assert config.state_dir == str(lab.dir / "n1.state")
+    lab.members.append(3)  # what add_node does before it reloads the others
+    path.write_text(lab.balancer_toml(node=0))
+    grown = load_daemon_config(path, need_interfaces=False).balancer.cluster
+    assert grown is not None and grown.peers[-1] == ("10.90.4.2", 6640)
+    for bad in ({"slices": 2}, {"slices": 9}, {"cluster": False, "slices": 4}):
+        with pytest.raises(ValueError, match="slices"):
+            LabSpec(**{**vars(spec), "node_state": False, **bad})  # type: ignore[arg-type]

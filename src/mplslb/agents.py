@@ -70,6 +70,9 @@ class AgentConfig:
     #: Serve the agent's Prometheus ``/metrics`` on (address, port); None for none.
     metrics: tuple[str, int] | None = None
     datapath: str = "auto"  # "kernel": BPF programs on the wire interface; "tun": packets through this process
+    #: Server, kernel datapath: labelled super-packets leave whole (TX checksumming on), for a balancer whose kernel
+    #: offload switches them (``offload_gso``); without it they are segmented before they leave.
+    super_packets: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class AgentConfig:
             raise ValueError("at least one --vip is needed")
         for vip in self.vips:
             ipaddress.ip_address(vip)
+        if self.super_packets and (self.role != "server" or self.datapath == "tun" or self.balancer):
+            raise ValueError("--super-packets is for a server agent on the kernel datapath over Ethernet")
         if self.role == "client" and not self.balancer and len(self.gateway_mac) != 6:
             raise ValueError("a client agent needs --gateway-mac (Ethernet) or --balancer (MPLS-in-UDP)")
 
@@ -128,7 +133,8 @@ class KernelAgent:
                                          flow_timeout=config.flow_timeout,
                                          fallback=config.fallback if config.role == "client" else 0.0)  # fmt: skip
             if config.role == "server":
-                setup_server_kernel(config.interface, list(config.vips), self.changes)
+                setup_server_kernel(config.interface, list(config.vips), self.changes,
+                                    super_packets=config.super_packets)  # fmt: skip
             else:
                 setup_client_kernel(config.interface, list(config.vips), config.gateway_mac, self.changes)
             self.kernel.attach(config.interface)

@@ -44,7 +44,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,15 +207,18 @@ def router_bird_config(
     bfd_interval: float = 0.1,
     bfd_multiplier: int = 3,
     hold_time: int = 3,
+    names: Sequence[str] = (),
 ) -> str:
     """An ECMP router's BIRD configuration: BGP (with BFD) to each ``(address, AS)`` neighbour, every route they
-    announce imported, and equal routes merged into one multipath kernel route (``merge paths``)."""
+    announce imported, and equal routes merged into one multipath kernel route (``merge paths``). ``names`` names
+    the neighbours' protocols (``node1``, ``node2``... by default): a reconfiguration keeps a protocol whose name
+    and settings stay, and its session with it."""
     lines = [f"router id {router_id};", *_HEADER]
     lines += ["protocol kernel {", "  ipv4 { import none; export all; };", "  merge paths on;", "}"]
     lines += _bfd_block(bfd_interval, bfd_multiplier)
     for i, (address, asn) in enumerate(neighbors):
         lines += [
-            f"protocol bgp node{i + 1} {{",
+            f"protocol bgp {names[i] if names else f'node{i + 1}'} {{",
             f"  local as {local_as};",
             f"  neighbor {address} as {asn};",
             f"  hold time {hold_time}; keepalive time 1; connect retry time 1;",

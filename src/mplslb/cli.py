@@ -255,6 +255,8 @@ def balancer(config_path: Path, netns: str | None, ready_file: str, state_dir: s
         sys.exit(run_daemon(config_path, ready_file=ready_file, state_dir=state_dir, fresh=fresh))
     except OffloadError as exc:
         raise click.ClickException(f"kernel offload: {exc}") from None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     except StartError as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
 
@@ -321,6 +323,11 @@ def _agent_options(fn: Any) -> Any:
                 "auto: kernel where BPF and clang allow it.",
             ),
             click.option(
+                "--super-packets",
+                is_flag=True,
+                help="Server, kernel datapath: labelled super-packets leave whole, for a balancer with offload_gso.",
+            ),
+            click.option(
                 "--control",
                 "control_socket",
                 default=None,
@@ -374,6 +381,7 @@ def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
             ),
             metrics=_address_port(kw["metrics"]) if kw["metrics"] else None,
             datapath=kw["datapath"],
+            super_packets=kw["super_packets"],
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -593,6 +601,12 @@ def _lab_options(fn: Any) -> Any:
             click.option("--algorithm", default="round_robin", show_default=True),
             click.option("--weights", default="", help="Comma-separated weights, one per server."),
             click.option("--offload", type=click.Choice(["none", "kernel"]), default="none", show_default=True),
+            click.option(
+                "--offload-gso",
+                is_flag=True,
+                help="With --offload kernel: super-packets through the balancer whole (offload_gso; servers' agents "
+                "with --super-packets).",
+            ),
             click.option(
                 "--datapath",
                 type=click.Choice(["kernel", "tun", "auto"]),

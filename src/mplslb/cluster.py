@@ -40,6 +40,12 @@ node by BGP only once it is synced (``mplslb status``: ``cluster.synced``). A re
 sessions in the dumps: their labels are claimed in its label manager (:meth:`~mplslb.labels.LabelManager.claim`),
 so it does not hand them out again.
 
+**Peers changed by a reload**: ``[cluster] peers`` is the one key of the table a running node takes from a new
+configuration (:meth:`ClusterSync.set_peers`); ``node`` and ``nodes`` cannot change, so a cluster meant to grow is
+configured with ``nodes`` (its label slices) at the size it may reach, and a node added later takes a slice nobody
+has used. A peer gone is forgotten; a new one is sent a full dump as soon as it is first heard from, so it has every
+session whether it joined before or after this node learnt of it.
+
 **The wire format** (version 1), big-endian::
 
     header  magic "MLSC" | version u8 | kind u8 | node u8 | flags u8 | epoch u32 | seq u32 | count u16   (18 bytes)
@@ -68,7 +74,7 @@ import hmac
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -268,6 +274,7 @@ class Peer:
     dumping: bool = False
     dumped_at: float | None = None  # when this node last finished a dump to it
     restarts: int = 0
+    joined: bool = False  # added by a reload (:meth:`ClusterSync.set_peers`): dumped to once it is heard from
 
     def alive(self, now: float, timeout: float) -> bool:
         return self.last_heard is not None and now - self.last_heard <= timeout
@@ -299,6 +306,20 @@ class ClusterSync:
         balancer.sessions.on_change = self._changed
 
     # -- changes here --------------------------------------------------------------------------------------------
+    def set_peers(self, peers: Iterable[tuple[str, int]]) -> None:
+        """Take a new peers list (a reload of ``[cluster] peers``): peers gone are forgotten, and each new one is
+        sent every live session this node holds as soon as it is first heard from (unless it asks for a dump
+        itself first), so a node that joined before this one knew of it misses none of them."""
+        own = (self.config.sync_address, self.config.sync_port)
+        wanted = [address for address in dict.fromkeys(peers) if address != own]
+        self.peers = {a: self.peers.get(a) or Peer(a, joined=True) for a in wanted}
+        self.config = replace(self.config, peers=tuple(wanted))
+
+    def _dump_to(self, peer: Peer) -> None:
+        rows, _ = self.balancer.sessions.occupied()
+        peer.dump_queue = [int(c2s) for c2s in self.balancer.sessions.c2s_min + 2 * rows]
+        peer.dumping, peer.dumped_at, peer.joined = True, None, False
+
     def _changed(self, session: Session, event: SessionEvent | None) -> None:
         # A revival is each node's own reading of the activity it knows (see the module docstring), as a close is.
         if not self._applying and event is not SessionEvent.REVIVE:
@@ -430,13 +451,13 @@ class ClusterSync:
             peer.restarts += 1
             peer.synced, peer.dumped_at = False, None
         peer.node, peer.epoch, peer.seq, peer.last_heard = message.node, message.epoch, message.seq, now
+        if peer.joined and not peer.dumping and not message.flags & FLAG_WANT_DUMP:
+            self._dump_to(peer)
         if message.kind == KIND_HELLO:
             peer.synced = bool(message.flags & FLAG_SYNCED)
             recent = peer.dumped_at is not None and now - peer.dumped_at < 2 * self.config.keepalive
             if message.flags & FLAG_WANT_DUMP and not peer.dumping and not recent:  # (a hello sent before it was done)
-                rows, _ = self.balancer.sessions.occupied()
-                peer.dump_queue = [int(c2s) for c2s in self.balancer.sessions.c2s_min + 2 * rows]
-                peer.dumping, peer.dumped_at = True, None
+                self._dump_to(peer)
         elif message.kind == KIND_DUMP_DONE:
             peer.dump_done = True
         else:

@@ -10,7 +10,7 @@ import ipaddress
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -286,6 +286,21 @@ def read_offload_syn_rate(top: Section, offload: str) -> int:
     if rate and offload != "kernel":
         raise top.error("offload_syn_rate", 'sheds SYNs in the kernel offload: needs offload = "kernel"')
     return rate
+
+
+def read_offload_gso(top: Section, offload: str, *, ring: bool) -> bool:
+    """The top-level ``offload_gso`` key: the kernel offload also switches super-packets (frames of many segments
+    that GRO or a sender's GSO make on veth ports) in a tc program, whole (false, the default: they reach no
+    one). Only with ``offload = "kernel"`` and plain packet sockets (the daemon finishes the partial checksums such
+    senders leave on the frames it reads, which a ring does not say); the ports must be veths (checked where the
+    interfaces are known) and nothing may be kept across daemons (``[state]``: checked by the caller)."""
+    gso = top.get("offload_gso", bool, False)
+    if gso and offload != "kernel":
+        raise top.error("offload_gso", 'switches super-packets in the kernel offload: needs offload = "kernel"')
+    if gso and ring:
+        raise top.error("offload_gso", "needs plain packet sockets (ring = false): a ring does not tell partial "
+                        "checksums")  # fmt: skip
+    return gso
 
 
 def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
@@ -654,8 +669,10 @@ LIVE_SETTINGS = {
 }
 #: Settings that cannot change while the balancer runs (field -> key): the label space is carved up by live sessions,
 #: and the quarantine ring relies on one constant delay.
-FIXED_SETTINGS = {"c2s_min": "labels.c2s_min", "c2s_max": "labels.c2s_max", "label_quarantine": "labels.quarantine",
-                  "cluster": "cluster"}  # fmt: skip
+FIXED_SETTINGS = {"c2s_min": "labels.c2s_min", "c2s_max": "labels.c2s_max", "label_quarantine": "labels.quarantine"}
+#: The one key of ``[cluster]`` a running node takes from a new configuration: the rest of the table is fixed (its
+#: label slice is carved up by live sessions).
+CLUSTER_LIVE = "peers"
 _PORT_KEYS = {"port_id": "id", "line_card": "line_card", "number": "number", "mac": "mac", "role": "role",
               "name": "name", "interface": "interface", "kind": "kind", "address": "address"}  # fmt: skip
 _VIP_KEYS = {"address": "address", "tcp_ports": "tcp", "udp_ports": "udp"}
@@ -718,6 +735,15 @@ def diff_configs(old: BalancerConfig, new: BalancerConfig) -> ConfigDiff:
             fixed += _fields_diff(f"{key}[{i}]", a, b, names)
     fixed += [(key, getattr(old, name), getattr(new, name)) for name, key in FIXED_SETTINGS.items()
               if getattr(old, name) != getattr(new, name)]  # fmt: skip
+    settings: dict[str, Any] = {}
+    if old.cluster != new.cluster or (old.cluster and new.cluster and old.cluster.key != new.cluster.key):
+        a, b = old.cluster, new.cluster
+        if a is None or b is None or replace(b, peers=a.peers) != a or a.key != b.key:  # (``key`` compares not)
+            fixed.append(("cluster", a, b))
+        else:
+            settings["cluster"] = b
+            shown = ("[" + ",".join(f"{host}:{port}" for host, port in c.peers) + "]" for c in (a, b))
+            changes.append("cluster.{}:{}->{}".format(CLUSTER_LIVE, *shown))
     for key, a, b in fixed:
         refused.append((key, f"{show_value(a)} -> {show_value(b)}: {FIXED_REASON}"))
     running = {s.name: s for s in old.servers}
@@ -739,7 +765,6 @@ def diff_configs(old: BalancerConfig, new: BalancerConfig) -> ConfigDiff:
             changes += [f"{key}:{a}->{b}" for key, a, b in kept]
     removed = tuple(s.name for s in old.servers if s.name not in wanted)
     changes += [f"servers.{name}:removed" for name in removed]
-    settings: dict[str, Any] = {}
     for name, key in LIVE_SETTINGS.items():
         a, b = getattr(old, name), getattr(new, name)
         if a != b:

@@ -32,7 +32,8 @@ With a ``[cluster]`` table the daemon is one node of several behind ECMP (:mod:`
 labels from its own slice, and a UDP socket (:mod:`mplslb.drivers.cluster`) keeps its sessions in step with its
 peers'. The status (control socket, ``/status.json``) has a ``cluster`` object: node, peers with when each was last
 heard, ``synced`` (false until the peers' dumps are in: announce the node to the router only once it is true),
-replicas, and the sync's counters; ``event=cluster_synced`` is logged when it becomes true.
+replicas, and the sync's counters; ``event=cluster_synced`` is logged when it becomes true. A reload takes a new
+``[cluster] peers`` (nodes joining or leaving); the rest of the table cannot change while the daemon runs.
 
 With ``offload = "kernel"`` (top level; default ``"none"``) the driver talks to an
 :class:`~mplslb.offload.driver.OffloadedBalancer`: sessions' labels are installed in an XDP program on the
@@ -54,6 +55,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -75,6 +77,7 @@ from mplslb.config import (
     balancer_config_from_section,
     load_toml,
     read_offload,
+    read_offload_gso,
     read_offload_syn_rate,
 )
 from mplslb.control.client import DEFAULT_SOCKET
@@ -125,6 +128,7 @@ class DaemonConfig:
     state_dir: str = ""  # "": nothing outlives the daemon; else where its state does (mplslb.state)
     instance: str = ""  # names the state directory's and the kernel offload's pins by default
     bgp: BgpConfig | None = None  # [bgp]: announce the VIPs to routers while healthy (mplslb.bgp)
+    offload_gso: bool = False  # the kernel offload switches super-packets too (tc ingress, veth ports)
 
 
 def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
@@ -164,6 +168,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     ring = top.get("ring", bool, False)
     offload = read_offload(top)
     syn_rate = read_offload_syn_rate(top, offload)
+    gso = read_offload_gso(top, offload, ring=ring)
     ssec = top.section("state")
     persist = ssec.get("persist", bool, False)
     instance = ssec.get("instance", str, Path(path).stem)
@@ -175,6 +180,8 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     if state_dir and not persist and "persist" in ssec.table:
         raise ssec.error("dir", "set with persist = false")
     ssec.done()
+    if gso and state_dir:
+        raise top.error("offload_gso", "super-packets are not kept across daemons: not with [state] persist")
     balancer = balancer_config_from_section(top)
     service = [str(ipaddress.ip_address(a)) for a in (*(v.address for v in balancer.vips), *(
         p.address for p in balancer.ports if p.kind == "mpls_udp"))]  # fmt: skip
@@ -185,9 +192,31 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
             raise ConfigError(source, f"ports[{index}].interface", "an ethernet port needs an interface")
     if offload == "kernel" and not any(p.kind == "ethernet" for p in balancer.ports):
         raise ConfigError(source, "offload", "the kernel offload switches between ethernet ports; there is none")
+    if gso:
+        _check_gso_ports(source, balancer.ports, need_interfaces=need_interfaces)
     return DaemonConfig(
-        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp
+        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp, gso
     )  # fmt: skip
+
+
+def _check_gso_ports(source: str, ports: tuple[PortConfig, ...], *, need_interfaces: bool) -> None:
+    """``offload_gso`` hands a super-packet to the output port's veth peer: every port must be an ethernet port on
+    a veth (with ``need_interfaces``, each interface this namespace has is looked up: the daemon loads its
+    configuration again inside its own namespace, where a missing one is then reported by its port)."""
+    for index, port in enumerate(ports):
+        if port.kind != "ethernet":
+            raise ConfigError(source, "offload_gso", f"needs ethernet ports on veths: ports[{index}] is {port.kind}")
+        if not need_interfaces:
+            continue
+        from mplslb.offload.xdp import xdp_state
+
+        try:
+            kind = xdp_state(socket.if_nametoindex(port.interface))[0]
+        except OSError:
+            continue  # not in this namespace (yet)
+        if kind != "veth":
+            what = f"ports[{index}].interface {port.interface!r} is {kind or 'not a veth'}"
+            raise ConfigError(source, "offload_gso", f"needs veth ports (a veth peer takes super-packets): {what}")
 
 
 def _log_server(server: Server) -> None:
@@ -252,13 +281,14 @@ def server_side_ethertypes(servers: list[ServerConfig]) -> frozenset[int]:
     )
 
 
-def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
-    """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it."""
+def open_ports(config: BalancerConfig, *, ring: bool, max_len: int | None = None) -> dict[int, Port]:
+    """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it.
+    ``max_len``: the ethernet ports' sockets leave longer frames out (the kernel offload's super-packets)."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
             try:
-                ports[port.port_id] = _open(port, config.servers, ring=ring)
+                ports[port.port_id] = _open(port, config.servers, ring=ring, max_len=max_len)
             except OSError as exc:
                 if port.kind == "ethernet":
                     where = f"interface {port.interface!r}"
@@ -274,7 +304,7 @@ def open_ports(config: BalancerConfig, *, ring: bool) -> dict[int, Port]:
     return ports
 
 
-def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool) -> Port:
+def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool, max_len: int | None = None) -> Port:
     here = [server for server in servers if server.port_id == port.port_id]
     if port.kind == "mpls_udp":
         address = str(ipaddress.ip_address(port.address))
@@ -284,7 +314,7 @@ def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool) ->
     accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else server_side_ethertypes(here)
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
-    return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True)
+    return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len)
 
 
 class Daemon:
@@ -325,8 +355,9 @@ class Daemon:
 
             try:
                 self.offloaded = OffloadedBalancer(
-                    self.balancer, self.loop, syn_rate=config.offload_syn_rate, pins=self._pins(), fresh=fresh
-                )
+                    self.balancer, self.loop, syn_rate=config.offload_syn_rate, pins=self._pins(), fresh=fresh,
+                    gso=config.offload_gso,
+                )  # fmt: skip
             except BaseException:
                 self._unlock()
                 self._close_store()
@@ -334,7 +365,8 @@ class Daemon:
         self.changes = HostChanges()
         try:
             setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
-            self.ports = open_ports(config.balancer, ring=config.ring)
+            frame_max = self.offloaded.offload.frame_max if self.offloaded is not None else 0
+            self.ports = open_ports(config.balancer, ring=config.ring, max_len=frame_max or None)
         except BaseException:  # nothing of a daemon that could not start stays behind (but its kept state)
             self.changes.undo()
             self._unlock()
@@ -448,11 +480,15 @@ class Daemon:
         )
 
     def _with_offload(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """The kernel offload's figures under ``"offload"`` when it is on, and each port's socket counters
-        under ``"ports"``."""
+        """The kernel offload's figures under ``"offload"`` when it is on, each port's socket counters under
+        ``"ports"``, and the frames the ports themselves dropped (e.g. ``csum_partial_unreadable``) among the drops."""
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
+        drops = snap["drops"] = dict(snap["drops"])
+        for port in getattr(self, "ports", {}).values():
+            for reason, count in getattr(port, "drops", {}).items():
+                drops[reason] = drops.get(reason, 0) + count
         speaker = getattr(self, "speaker", None)
         if speaker is not None:
             snap["bgp"] = speaker.status()
@@ -559,6 +595,9 @@ class Daemon:
             )
             return {"error": f"reload refused: {exc}", "file": exc.source, "key": exc.key, "reason": exc.reason}
         self.config = replace(self.config, balancer=self.balancer.config)
+        cluster = self.balancer.config.cluster
+        if self.cluster is not None and cluster is not None and cluster.peers != self.cluster.sync.config.peers:
+            self.cluster.sync.set_peers(cluster.peers)
         if self.checker is not None:
             follow_pool(self.checker, self.balancer, self.loop.clock())
         log.info("event=reload_ok file=%s changed=%s", value(path), value(",".join(changes) or "-"))
@@ -612,6 +651,9 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
     ``fresh`` starts clean instead of adopting what a previous daemon left."""
     config = load_daemon_config(config_path)
     if state_dir:
+        if config.offload_gso:
+            raise ConfigError(str(config_path), "offload_gso", "super-packets are not kept across daemons: not with "
+                              "--state-dir")  # fmt: skip
         config = replace(config, state_dir=state_dir)
     daemon = Daemon(config, fresh=fresh)
     stop = threading.Event()

@@ -230,12 +230,21 @@ def _set_gso_segs(index: int, segs: int) -> None:
         ipr.link("set", index=index, gso_max_segs=segs)
 
 
-def prepare_wire(interface: str, changes: HostChanges) -> None:
+def prepare_wire(interface: str, changes: HostChanges, *, super_packets: bool = False) -> None:
     """What the wire interface needs under the kernel datapath: no partial checksums (a frame the balancer reads
     through a packet socket and sends on must carry its final checksum), and so no segmentation offload: the stack
     segments a super-packet after the egress program has labelled it whole (each segment carries the label; the
     kernel drops TCP and UDP segmentation offload with TX checksumming). Should the interface keep TCP segmentation
-    offload all the same, the stack is held to one segment per skb instead."""
+    offload all the same, the stack is held to one segment per skb instead.
+
+    With ``super_packets`` (a balancer whose kernel offload takes them, ``offload_gso``) it is the other way round:
+    TX checksumming on, so the interface offers segmentation offload and a labelled super-packet leaves whole, to be
+    segmented, if at all, past the balancer; the balancer's daemon finishes the partial checksums of the frames it
+    reads itself."""
+    if super_packets:
+        if set_tx_checksum(interface, True):
+            changes.add(f"tx checksumming of {interface}", lambda: set_tx_checksum(interface, False))
+        return
     if set_tx_checksum(interface, False):
         changes.add(f"tx checksumming of {interface}", lambda: set_tx_checksum(interface, True))
     if _ethtool_value(interface, ETHTOOL_GTSO):
@@ -267,7 +276,7 @@ def set_tx_checksum(interface: str, on: bool) -> bool:
     return True
 
 
-def setup_server_kernel(interface: str, vips: list[str], changes: HostChanges) -> None:
+def setup_server_kernel(interface: str, vips: list[str], changes: HostChanges, *, super_packets: bool = False) -> None:
     """VIPs on lo; replies from a VIP routed out of ``interface`` (route MTU for the label) to a fake gateway whose
     MAC the egress program replaces with the flow's balancer port."""
     own_mac = interface_mac(interface).hex(":")
@@ -283,7 +292,7 @@ def setup_server_kernel(interface: str, vips: list[str], changes: HostChanges) -
             changes.add(f"default route table {POLICY_TABLE}", _call(route_del, default, wire, family))
         _rules_from_vips(ipr, vips, changes)
     set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
-    prepare_wire(interface, changes)
+    prepare_wire(interface, changes, super_packets=super_packets)
 
 
 def setup_client_kernel(interface: str, vips: list[str], gateway_mac: bytes, changes: HostChanges) -> None:

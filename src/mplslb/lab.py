@@ -30,6 +30,12 @@ picks its node. Clients and servers both sit behind the router::
     clients -- brc -- 10.79.0.1 [rt] 10.82.0.1 -- bs0 -- servers
                           10.90.i.1 -- 10.90.i.2 [ni]   (one link per node, BGP AS 65000 <-> AS 65001)
 
+With ``cluster`` the nodes sync their sessions (``[cluster]``, :mod:`mplslb.cluster`); ``slices`` cuts the label space
+for more nodes than start (``[cluster] nodes``), so that :meth:`Lab.add_node` can add one under load: its namespace
+and link, the router's neighbours (``birdc configure``) and the other nodes' peers (a reload) changed, its daemon
+started; :meth:`Lab.remove_node` takes one away the same way. ``node_state`` gives each node a kept state file
+(``[state]``), which a node restarted adopts.
+
 With ``servers_by_ip`` the balancer's configuration names the servers by IP address only and the balancer resolves
 their MACs (ARP); :meth:`Lab.move_server` gives a server a new MAC, as a replaced interface would.
 
@@ -65,6 +71,7 @@ VIP4 = "10.0.0.100"
 VIP6 = "fd00::100"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+LAB_CONTROL_TIMEOUT = 10.0  # the lab's questions to its daemons, which may be busy under a flood
 ROUTER_AS = 65000
 NODE_AS = 65001
 SYNC_PORT = 6640  # the nodes' session sync ([cluster])
@@ -97,9 +104,16 @@ class LabSpec:
     servers_by_ip: bool = False  # the balancer is given the servers' addresses only and resolves their MACs
     server_transport: str = "ethernet"  # "udp": servers behind a router, reached as MPLS-in-UDP
     offload_syn_rate: int = 0  # unlabelled SYNs a second the kernel offload passes up (0: all)
+    #: The kernel offload switches super-packets too (``offload_gso``); the servers' agents send them whole.
+    offload_gso: bool = False
     nodes: int = 1  # balancer nodes; more than one: behind a BGP/ECMP router, both transports udp
     #: Write each node's ``[cluster]`` table (node, nodes, peers): for a daemon that has session sync.
     cluster: bool = False
+    #: The label slices of ``[cluster]`` (its ``nodes``): the most nodes the cluster may grow to with
+    #: :meth:`Lab.add_node` (0: as many as ``nodes``).
+    slices: int = 0
+    #: Give each node a kept state file (``[state]``): a node restarted adopts its sessions.
+    node_state: bool = False
 
     def __post_init__(self) -> None:
         if self.datapath not in ("kernel", "tun", "auto"):
@@ -116,6 +130,9 @@ class LabSpec:
             raise ValueError("the kernel offload switches between ethernet ports: not with server_transport udp")
         if self.offload_syn_rate and self.offload != "kernel":
             raise ValueError("offload_syn_rate sheds SYNs in the kernel offload: needs offload kernel")
+        if self.offload_gso and (self.offload != "kernel" or self.datapath != "kernel"):
+            raise ValueError("offload_gso switches super-packets in the kernel offload: needs offload kernel and the "
+                             "kernel datapath (its servers send them)")  # fmt: skip
         if not 1 <= self.clients <= 50 or not 1 <= self.servers <= 50:
             raise ValueError("clients and servers must be within 1..50")
         if not 0 <= self.attackers <= 9 or (self.attackers and self.transport != "ethernet"):
@@ -126,6 +143,14 @@ class LabSpec:
             raise ValueError("nodes must be within 1..8")
         if self.nodes > 1 and (self.transport, self.server_transport, self.offload) != ("udp", "udp", "none"):
             raise ValueError("several nodes sit behind a router: transport and server_transport udp, no offload")
+        if self.slices and not (self.cluster and self.nodes <= self.slices <= 8):
+            raise ValueError("slices: for a cluster (cluster = true), within nodes..8")
+        if self.node_state and self.nodes < 2:
+            raise ValueError("node_state: for several nodes")
+
+    @property
+    def label_slices(self) -> int:
+        return self.slices or self.nodes
 
 
 @dataclass
@@ -146,6 +171,8 @@ class Lab:
         self.dir = root / spec.name
         self.state = LabState()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: The nodes in the lab (indices; :meth:`add_node` and :meth:`remove_node` change it).
+        self.members = list(range(spec.nodes)) if spec.nodes > 1 else []
 
     # -- names and addresses ---------------------------------------------------------------------------------
     def ns(self, role: str) -> str:
@@ -225,9 +252,9 @@ class Lab:
                 self._build_routed_nodes()
                 self._start_servers()
                 self._start_router()
-                for i in range(self.spec.nodes):
+                for i in self.members:
                     self.start_node(i)
-                self.wait_next_hops(VIP4, self.spec.nodes, READY_TIMEOUT)
+                self.wait_next_hops(VIP4, len(self.members), READY_TIMEOUT)
             else:
                 self._build_network()
                 self._start_servers()
@@ -390,10 +417,9 @@ class Lab:
         """Clients, servers and the nodes around router ``rt`` (see the module's drawing)."""
         spec = self.spec
         sw, rt = self.ns("sw"), self.ns("rt")
-        nodes = [self.node_ns(i) for i in range(spec.nodes)]
         clients = [self.client_ns(i) for i in range(spec.clients)]
         servers = [self.server_ns(j) for j in range(spec.servers)]
-        for name in (sw, rt, *nodes, *clients, *servers):
+        for name in (sw, rt, *clients, *servers):
             self._create_ns(name)
         self._veth(sw, "rt0", rt, "eth0", _mac(0x72, 0))
         self._addr(rt, "eth0", "10.79.0.1/24")
@@ -402,17 +428,8 @@ class Lab:
         self._sysctl(rt, "ipv4/ip_forward", "1")
         self._sysctl(rt, "ipv4/fib_multipath_hash_policy", "3")  # custom: the fields below only
         self._sysctl(rt, "ipv4/fib_multipath_hash_fields", "0x0034")  # IP protocol, source and destination ports
-        for i, node in enumerate(nodes):
-            with NetNS(rt) as ns:
-                ns.link("add", ifname=f"n{i + 1}", kind="veth", peer={"ifname": "lc0p0", "net_ns_fd": node})
-                ns.link("set", index=ns.link_lookup(ifname=f"n{i + 1}")[0], address=_mac(0x72, 0x10 + i), state="up")
-            with NetNS(node) as ns:
-                ns.link("set", index=ns.link_lookup(ifname="lc0p0")[0], address=_mac(0x4C, 0x20 + i), state="up")
-            self._addr(rt, f"n{i + 1}", f"10.90.{i + 1}.1/24")
-            self._addr(node, "lc0p0", f"{self.node_addr(i)}/24")
-            self._addr(node, "lo", "10.80.0.1/32", "10.81.0.1/32")  # the service addresses: every node's
-            with NetNS(node) as ns:
-                ns.route("add", dst="0.0.0.0/0", gateway=f"10.90.{i + 1}.1")
+        for i in range(spec.nodes):
+            self._node_link(i)
         ports = ["rt0"]
         for i, client in enumerate(clients):
             self._veth(sw, f"c{i + 1}", client, "eth0", _mac(0xC1, i + 1))
@@ -430,18 +447,93 @@ class Lab:
             ports.append(f"s{j + 1}")
         self._bridge(sw, "bs0", ports)
 
-    def _start_router(self) -> None:
-        from mplslb.bgp import router_bird_config
+    def _node_link(self, i: int) -> None:
+        """Node ``i``'s namespace and its link to the router (``10.90.<i+1>.0/24``)."""
+        rt, node = self.ns("rt"), self.node_ns(i)
+        self._create_ns(node)
+        with NetNS(rt) as ns:
+            ns.link("add", ifname=f"n{i + 1}", kind="veth", peer={"ifname": "lc0p0", "net_ns_fd": node})
+            ns.link("set", index=ns.link_lookup(ifname=f"n{i + 1}")[0], address=_mac(0x72, 0x10 + i), state="up")
+        with NetNS(node) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lc0p0")[0], address=_mac(0x4C, 0x20 + i), state="up")
+        self._addr(rt, f"n{i + 1}", f"10.90.{i + 1}.1/24")
+        self._addr(node, "lc0p0", f"{self.node_addr(i)}/24")
+        self._addr(node, "lo", "10.80.0.1/32", "10.81.0.1/32")  # the service addresses: every node's
+        with NetNS(node) as ns:
+            ns.route("add", dst="0.0.0.0/0", gateway=f"10.90.{i + 1}.1")
 
-        neighbors = [(self.node_addr(i), NODE_AS) for i in range(self.spec.nodes)]
-        conf = self.dir / "rt.bird.conf"
-        conf.write_text(
-            router_bird_config(
-                "10.79.0.1", ROUTER_AS, neighbors, bfd_interval=BFD_INTERVAL, bfd_multiplier=BFD_MULTIPLIER
-            )
-        )
+    def _start_router(self) -> None:
+        conf = self._write_router_config()
         bird = shutil.which("bird") or "/usr/sbin/bird"
         self._spawn("bird-rt", [bird, "-f", "-c", str(conf), "-s", self.router_socket], ns=self.ns("rt"))
+
+    def _write_router_config(self) -> Path:
+        from mplslb.bgp import router_bird_config
+
+        # One protocol per node index (node<i+1>): a node added or removed leaves the others' sessions alone.
+        neighbors = [(self.node_addr(i), NODE_AS) for i in self.members]
+        names = [f"node{i + 1}" for i in self.members]
+        conf = self.dir / "rt.bird.conf"
+        text = router_bird_config(
+            "10.79.0.1", ROUTER_AS, neighbors, bfd_interval=BFD_INTERVAL, bfd_multiplier=BFD_MULTIPLIER, names=names
+        )
+        conf.write_text(text)
+        return conf
+
+    def _configure_router(self) -> None:
+        """Give the running router's BIRD the current nodes (``birdc configure``)."""
+        self._write_router_config()
+        birdc = shutil.which("birdc") or "/usr/sbin/birdc"
+        done = subprocess.run(
+            [birdc, "-s", self.router_socket, "configure"], capture_output=True, text=True, timeout=30
+        )
+        # "Reconfiguration in progress" when a protocol removed is still shutting down
+        if done.returncode != 0 or not re.search(r"Reconfigured|Reconfiguration in progress", done.stdout):
+            raise LabError(f"router: birdc configure: {done.stdout.strip()} {done.stderr.strip()}")
+
+    def _reload_peers(self) -> None:
+        """Rewrite every running node's configuration for the current nodes and reload it (its ``[cluster] peers``)."""
+        from mplslb.control.client import request
+
+        for i in self.members:
+            key = self.node_key(i)
+            if key not in self.procs or self.procs[key].poll() is not None:
+                continue
+            (self.dir / f"n{i + 1}.toml").write_text(self.balancer_toml(node=i))
+            reply = request(self.node_socket(i), {"cmd": "reload"}, timeout=LAB_CONTROL_TIMEOUT)
+            if not reply.get("ok"):
+                raise LabError(f"node n{i + 1}: reload: {reply}")
+
+    def add_node(self) -> int:
+        """A new node (the first index free): its namespace and link, the other nodes' peers and the router's
+        neighbours reloaded to include it, its daemon started; returns its index. It announces itself once synced
+        (wait with :meth:`wait_next_hops`)."""
+        free = [i for i in range(self.spec.label_slices if self.spec.cluster else 8) if i not in self.members]
+        if not self.members or not free:
+            raise LabError("add_node: not a lab of several nodes, or every label slice is taken ([cluster] nodes)")
+        i = free[0]
+        self._node_link(i)
+        self.members.append(i)
+        self._reload_peers()
+        self._configure_router()
+        self.start_node(i)
+        return i
+
+    def remove_node(self, i: int) -> None:
+        """Stop node ``i`` (SIGTERM: it withdraws its routes), take it out of the router's neighbours and the other
+        nodes' peers, and delete its namespace."""
+        key = self.node_key(i)
+        if key in self.procs:
+            _stop_pid(self.state.pids[key], self.procs[key])
+            del self.procs[key], self.state.pids[key]
+        self.members.remove(i)
+        self._configure_router()
+        self._reload_peers()
+        name = self.node_ns(i)
+        if name in netns.listnetns():
+            netns.remove(name)
+        self.state.namespaces.remove(name)
+        self._save_state()
 
     def start_node(self, i: int) -> None:
         """Start (or restart) node ``i``'s balancer daemon, which starts its BGP speaker."""
@@ -591,6 +683,8 @@ class Lab:
         # A udp lab runs every agent on tun (the servers too, when only the clients' side is routed).
         datapath = self._datapath(True if udp else None)
         args = ["agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6, "--datapath", datapath]
+        if self.spec.offload_gso:
+            args.append("--super-packets")
         if udp:
             args += ["--balancer", "10.81.0.1", "--udp-local", self.server_addr(j)]
         (self.dir / f"{key}.ready").unlink(missing_ok=True)
@@ -641,6 +735,8 @@ class Lab:
         lines = [f'algorithm = "{spec.algorithm}"', f'offload = "{spec.offload}"']
         if spec.offload_syn_rate:
             lines.append(f"offload_syn_rate = {spec.offload_syn_rate}")
+        if spec.offload_gso:
+            lines.append("offload_gso = true")
         lines.append("")
         lines += [
             "[[ports]]",
@@ -725,9 +821,11 @@ class Lab:
                 f'state_dir = "{self.dir / f"n{node + 1}.bgp"}"',
             ]
         if spec.nodes > 1 and spec.cluster:
-            peers = ", ".join(f'"{self.node_addr(k)}:{SYNC_PORT}"' for k in range(spec.nodes) if k != node)
-            lines += ["", "[cluster]", f"node = {node + 1}", f"nodes = {spec.nodes}", f"peers = [{peers}]"]
+            peers = ", ".join(f'"{self.node_addr(k)}:{SYNC_PORT}"' for k in self.members if k != node)
+            lines += ["", "[cluster]", f"node = {node + 1}", f"nodes = {spec.label_slices}", f"peers = [{peers}]"]
             lines += [f'sync_address = "{self.node_addr(node)}"', f"sync_port = {SYNC_PORT}"]
+        if spec.node_state:
+            lines += ["", "[state]", "persist = true", f'dir = "{self.dir / f"n{node + 1}.state"}"']
         return "\n".join(lines) + "\n"
 
     # -- using the lab -----------------------------------------------------------------------------------------
@@ -759,9 +857,20 @@ class Lab:
         return bodies[:count]
 
     def wrk(
-        self, client: int, *, seconds: int = 3, connections: int = 8, headers: tuple[str, ...] = ()
+        self,
+        client: int,
+        *,
+        seconds: int = 3,
+        connections: int = 8,
+        headers: tuple[str, ...] = (),
+        timeout: float | None = None,
     ) -> dict[str, float]:
+        """wrk from client ``client``: its figures (``socket_errors`` the sum of the ``connect_errors``,
+        ``read_errors``, ``write_errors`` and ``timeouts``: requests unanswered after ``timeout`` s, wrk's 2 s by
+        default)."""
         extra = [arg for header in headers for arg in ("-H", header)]
+        if timeout is not None:
+            extra += ["--timeout", f"{timeout:g}s"]
         out = self.run_in(
             self.client_ns(client),
             ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, f"http://{VIP4}/"],
@@ -777,7 +886,10 @@ class Lab:
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         figures["non_2xx"] = float(errors.group(1)) if errors else 0.0
         sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-        figures["socket_errors"] = float(sum(int(g) for g in sock.groups())) if sock else 0.0
+        counts = [int(g) for g in sock.groups()] if sock else [0, 0, 0, 0]
+        for name, count in zip(("connect_errors", "read_errors", "write_errors", "timeouts"), counts, strict=True):
+            figures[name] = float(count)
+        figures["socket_errors"] = float(sum(counts))
         for pct in ("50", "99"):
             match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.MULTILINE)
             if match:
@@ -786,14 +898,13 @@ class Lab:
         return figures
 
     def status(self) -> dict[str, Any]:
-        from mplslb.control.client import request
-
-        return request(self.control_socket, {"cmd": "status"})
+        return self.command(cmd="status")
 
     def command(self, **req: Any) -> dict[str, Any]:
+        """Ask the balancer's daemon; a daemon busy under a flood on a small machine gets more than the CLI's 2 s."""
         from mplslb.control.client import request
 
-        return request(self.control_socket, req)
+        return request(self.control_socket, req, timeout=LAB_CONTROL_TIMEOUT)
 
     def kill_nginx(self, j: int) -> None:
         key = f"nginx-{self.server_name(j)}"

@@ -195,17 +195,28 @@ def test_nodes_with_no_server_up_withdraw_and_announce_again_when_one_is_back(th
 
 
 # -- nodes that sync their sessions ------------------------------------------------------------------------------
-DOWNLOADS = 8
-CONTENT = random.Random(11).randbytes(4_000_000)  # big.bin on every server
+DOWNLOADS = 20
+#: Each download's size: 2 MB by default, so that the four tests under load fit ``make test`` (the lab carries
+#: about 6 MB/s on the 2-core reference machine, 20 x 20 MB took over a minute a test);
+#: MPLSLB_CLUSTER_DOWNLOAD_MB=20 for the full size.
+DOWNLOAD_BYTES = int(float(os.environ.get("MPLSLB_CLUSTER_DOWNLOAD_MB", "2")) * 1_000_000)
+CONTENT = random.Random(11).randbytes(DOWNLOAD_BYTES)  # big.bin on every server
 SHA256 = hashlib.sha256(CONTENT).hexdigest()
-RATE = "400k"  # curl --limit-rate: each download lasts about 10 s, well past the node's departure
+#: curl --limit-rate (bytes/s): each download lasts about 12 s (longer at the full size, the 20 of them at most
+#: 5 MB/s together), well past the node change.
+RATE = min(250_000, DOWNLOAD_BYTES * 2 // 25)
+WRK_SECONDS = 12
+#: A request unanswered this long counts as a wrk socket error (a frame lost with a node waits for TCP's retransmission,
+#: longer on a loaded machine: wrk's default, 2 s, is not about sessions lost).
+WRK_TIMEOUT = 10.0
+SLICES = NODES + 1  # the label space cut for a fourth node from the start ([cluster] nodes)
 
 
 @pytest.fixture(scope="module")
 def clustered_lab() -> Iterator[Lab]:
     pytest.importorskip("mplslb.cluster", reason="needs the nodes' session sync ([cluster], mplslb.cluster)")
     spec = LabSpec(name=f"cf{os.getpid() % 100000}", nodes=NODES, clients=1, servers=2, transport="udp",
-                   server_transport="udp", cluster=True)  # fmt: skip
+                   server_transport="udp", cluster=True, slices=SLICES, node_state=True)  # fmt: skip
     the_lab = Lab(spec, root=ROOT)
     try:
         the_lab.up()
@@ -223,9 +234,10 @@ def clustered_lab() -> Iterator[Lab]:
 def clustered(clustered_lab: Lab) -> Lab:
     """The nodes syncing their sessions, every one announced and synced (as each test leaves it)."""
     lab = clustered_lab
+    assert lab.members == list(range(NODES))
     for prefix in SERVICE:
         lab.wait_next_hops(prefix, NODES, REJOIN_WAIT)
-    wait_for(lambda: all(node_status(lab, i)["cluster"]["synced"] for i in range(NODES)), REJOIN_WAIT, "synced")
+    wait_for(lambda: all(node_status(lab, i)["cluster"]["synced"] for i in lab.members), REJOIN_WAIT, "synced")
     return lab
 
 
@@ -244,53 +256,174 @@ def first_success(lab: Lab, timeout: float) -> float:
     raise AssertionError(f"no new session succeeded within {timeout} s")
 
 
+class Load:
+    """wrk's keep-alive connections and DOWNLOADS rate-limited downloads from client c1, running while a test changes
+    the nodes; :meth:`finish` waits for them (bounded) and says how many downloads were lost."""
+
+    def __init__(self, lab: Lab, tmp: Path, *, wrk_seconds: int = WRK_SECONDS) -> None:
+        self.outs = [tmp / f"{k}.bin" for k in range(DOWNLOADS)]
+        limit = DOWNLOAD_BYTES / RATE * 3 + 90
+        argv = ["curl", "-s", "--max-time", f"{limit:.0f}", "--limit-rate", str(RATE), "-w", "%{http_code}",
+                f"http://{VIP4}/big.bin"]  # fmt: skip
+        self.limit = limit
+        self.downloads = [
+            subprocess.Popen(
+                ["nsenter", f"--net=/var/run/netns/{lab.client_ns(0)}", "--", *argv, "-o", str(out)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for out in self.outs
+        ]
+        self.pool = ThreadPoolExecutor(1)
+        self.wrk_seconds = wrk_seconds
+        self.wrk = self.pool.submit(lab.wrk, 0, seconds=wrk_seconds, connections=8, timeout=WRK_TIMEOUT)
+        wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in self.outs), 20.0, "every download started")
+
+    def finish(self) -> tuple[int, list[str], dict[str, float]]:
+        """(downloads lost: not complete or not the right sha256, curl's codes, wrk's figures)."""
+        figures = self.wrk.result(timeout=self.wrk_seconds + 60)
+        codes = [proc.communicate(timeout=self.limit + 30)[0] for proc in self.downloads]
+        lost = sum(1 for code, out in zip(codes, self.outs, strict=True)
+                   if code != "200" or hashlib.sha256(out.read_bytes()).hexdigest() != SHA256)  # fmt: skip
+        return lost, codes, figures
+
+    def pause(self) -> None:
+        """Stop the downloads (SIGSTOP): their connections stay open, idle, so they outlast a slow node change."""
+        for proc in self.downloads:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for proc in self.downloads:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        for proc in self.downloads:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.pool.shutdown(wait=True)
+
+
+SOCKET_ERRORS = ("connect_errors", "read_errors", "write_errors", "timeouts")
+
+
+def shown(lost: int, figures: dict[str, float]) -> str:
+    return (
+        f"sessions lost {lost} of {DOWNLOADS} downloads of {DOWNLOAD_BYTES / 1e6:g} MB; wrk "
+        f"{figures.get('requests', 0):.0f} requests, {figures['socket_errors']:.0f} socket errors "
+        f"({', '.join(f'{k} {figures[k]:.0f}' for k in SOCKET_ERRORS)}), "
+        f"{figures['non_2xx']:.0f} non-2xx"
+    )
+
+
 @pytest.mark.parametrize("how", ["sigkill", "link_cut"])
 def test_established_sessions_carry_on_when_their_node_leaves(clustered: Lab, how: str, tmp_path: Path) -> None:
     lab, node = clustered, 1
-    outs = [tmp_path / f"{k}.bin" for k in range(DOWNLOADS)]
-    argv = ["curl", "-s", "--max-time", "60", "--limit-rate", RATE, "-w", "%{http_code}", f"http://{VIP4}/big.bin"]
-    downloads = [
-        subprocess.Popen(
-            ["nsenter", f"--net=/var/run/netns/{lab.client_ns(0)}", "--", *argv, "-o", str(out)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for out in outs
-    ]
+    load = Load(lab, tmp_path)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            wrk = pool.submit(lab.wrk, 0, seconds=12, connections=8)
-            wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in outs), 20.0, "every download started")
-            before = frames_in(lab, node)
-            time.sleep(1.1)  # the daemons refresh their snapshot every second
-            carried = frames_in(lab, node) - before
-            if how == "sigkill":
-                lab.stop_node(node, signal.SIGKILL, wait=False)
-            else:
-                lab.cut_node_link(node)
-            left = lab.wait_next_hops(VIP4, NODES - 1, WITHDRAW_WAIT)
-            new = first_success(lab, 30.0)
-            figures = wrk.result(timeout=60)
-        codes = [proc.communicate(timeout=90)[0] for proc in downloads]
-        lost = sum(1 for code, out in zip(codes, outs, strict=True)
-                   if code != "200" or hashlib.sha256(out.read_bytes()).hexdigest() != SHA256)  # fmt: skip
+        before = frames_in(lab, node)
+        time.sleep(1.1)  # the daemons refresh their snapshot every second
+        carried = frames_in(lab, node) - before
+        if how == "sigkill":
+            lab.stop_node(node, signal.SIGKILL, wait=False)
+        else:
+            lab.cut_node_link(node)
+        left = lab.wait_next_hops(VIP4, NODES - 1, WITHDRAW_WAIT)
+        new = first_success(lab, 30.0)
+        lost, codes, figures = load.finish()
         print(
             f"\n{how}: node n{node + 1} ({carried} frames in its last second) left the ECMP set after "
-            f"{left * 1000:.0f} ms; "
-            f"a new session succeeded {new:.2f} s later; downloads lost {lost} of {DOWNLOADS}; "
-            f"wrk {figures.get('requests', 0):.0f} requests, {figures['socket_errors']:.0f} socket errors, "
-            f"{figures['non_2xx']:.0f} non-2xx"
+            f"{left * 1000:.0f} ms; a new session succeeded {new:.2f} s later; {shown(lost, figures)}"
         )
         assert lost == 0, codes
         assert figures["socket_errors"] == 0 and figures["non_2xx"] == 0 and figures.get("requests", 0) > 0
     finally:
-        for proc in downloads:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        load.close()
         if how == "sigkill":
             lab.start_node(node)
-            lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
         else:
             lab.mend_node_link(node)
-            lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+        lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+
+
+def allocated(lab: Lab) -> dict[int, int]:
+    """Label pairs each node has handed out (its own new sessions; replicas are not counted)."""
+    time.sleep(1.1)  # the daemons refresh their snapshot every second
+    return {i: int(node_status(lab, i)["labels"]["allocated_total"]) for i in lab.members}
+
+
+def test_a_fourth_node_joins_under_load_and_takes_new_sessions(clustered: Lab, tmp_path: Path) -> None:
+    lab = clustered
+    load = Load(lab, tmp_path)
+    added = None
+    try:
+        added = lab.add_node()
+        joined = lab.wait_next_hops(VIP4, NODES + 1, REJOIN_WAIT)
+        cluster = node_status(lab, added)["cluster"]
+        assert cluster["synced"] and cluster["node"] == added + 1 and cluster["nodes"] == SLICES
+        assert {p["address"] for p in cluster["peers"]} == {f"{lab.node_addr(i)}:6640" for i in range(NODES)}
+        before = allocated(lab)
+        bodies = lab.curl(0, 40)
+        spread = {i: n - before[i] for i, n in allocated(lab).items()}
+        lost, codes, figures = load.finish()
+        print(
+            f"\nnode n{added + 1} joined the ECMP set {joined:.1f} s after its daemon started, with "
+            f"{cluster['replicas']} replicas; 40 new sessions by node {spread}; {shown(lost, figures)}"
+        )
+        assert all(body.startswith("server s") for body in bodies), bodies
+        assert sum(spread.values()) == 40 and all(spread[i] > 0 for i in lab.members) and len(spread) == NODES + 1
+        assert lost == 0, codes
+        assert figures["socket_errors"] == 0 and figures["non_2xx"] == 0 and figures.get("requests", 0) > 0
+        for i in range(NODES):  # the others took the new node as a peer by a reload
+            peers = node_status(lab, i)["cluster"]["peers"]
+            assert f"{lab.node_addr(added)}:6640" in [p["address"] for p in peers]
+        status = subprocess.run(
+            [sys.executable, "-m", "mplslb", "status", "--socket", lab.node_socket(added)],
+            capture_output=True, text=True, timeout=30, check=True, env={**os.environ, "COLUMNS": "200"},
+        ).stdout  # fmt: skip
+        assert f"Cluster: node {added + 1} of {SLICES}" in status and "NOT SYNCED" not in status
+        assert all(f"{lab.node_addr(i)}:6640" in status for i in range(NODES)) and "alive" in status
+        assert f"BGP (AS 65001, router id {lab.node_addr(added)}" in status and "10.0.0.100/32" in status
+    finally:
+        load.close()
+        if added is not None:
+            lab.remove_node(added)
+        lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+
+
+def test_a_restarted_node_adopts_its_kept_state_and_rejoins_under_load(clustered: Lab, tmp_path: Path) -> None:
+    lab, node = clustered, 2
+    # wrk runs through the restart; the downloads are paused across it (a restart under load takes longer than
+    # they last) and go on through the three nodes once it is back.
+    load = Load(lab, tmp_path, wrk_seconds=25)
+    try:
+        load.pause()
+        lab.stop_node(node, signal.SIGTERM)
+        lab.wait_next_hops(VIP4, NODES - 1, WITHDRAW_WAIT)
+        lab.start_node(node)
+        back = lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)
+        load.resume()
+        adopted = [line for line in lab.log(lab.node_key(node)).splitlines() if "event=state_adopted" in line]
+        before = frames_in(lab, node)
+        bodies = lab.curl(0, 20)
+        time.sleep(1.1)  # the daemons refresh their snapshot every second
+        carried = frames_in(lab, node) - before
+        lost, codes, figures = load.finish()
+        print(
+            f"\nnode n{node + 1} restarted: {adopted[0] if adopted else '?'}; back in the ECMP set {back:.1f} s after "
+            f"its daemon started, {carried} frames through it in the next second; {shown(lost, figures)}"
+        )
+        assert adopted and "sessions=0 " not in adopted[0]
+        assert all(body.startswith("server s") for body in bodies), bodies
+        assert node_status(lab, node)["cluster"]["synced"] and carried > 0
+        assert lost == 0, codes
+        assert figures["socket_errors"] == 0 and figures["non_2xx"] == 0 and figures.get("requests", 0) > 0
+    finally:
+        load.close()
+        if lab.procs[lab.node_key(node)].poll() is not None:
+            lab.start_node(node)
+        lab.wait_next_hops(VIP4, NODES, REJOIN_WAIT)

@@ -50,6 +50,7 @@ from mplslb.drivers.netns import entered
 from mplslb.drivers.socket_filter import PACKET_OUTGOING
 from mplslb.drivers.txring import PACKET_VERSION, SOL_PACKET, TPACKET_ALIGNMENT, TxRing
 from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021Q
+from mplslb.wire.frame import complete_l4_checksum
 
 # <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>
 ETH_P_ALL = 0x0003
@@ -64,6 +65,7 @@ SO_RCVBUFFORCE = 33
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
+TP_STATUS_CSUMNOTREADY = 1 << 3  # a partial checksum: the sender's stack left the sum to an offload
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 
@@ -148,10 +150,12 @@ class _PacketSocket:
         ring: bool,
         tx_ring: bool = False,
         host_only: bool = False,
+        max_len: int | None = None,
     ) -> None:
         self.ifname = ifname
         self.accept = frozenset(accept) if accept is not None else None
         self.host_only = host_only
+        self.max_len = max_len
         self.drops: dict[str, int] = {}
         self.tx: TxRing | None = None  # the transmit ring when opened with tx_ring
         with entered(netns):  # the socket, the interface name and its index all belong to that namespace
@@ -174,7 +178,11 @@ class _PacketSocket:
     def _configure(self, sock: socket.socket, ifname: str, *, promisc: bool, ring: bool) -> None:
         """Filter, options and ring, then the bind; nothing is received before the filter is on."""
         program = socket_filter.bpf_program(self.accept)
-        socket_filter.attach_filter(sock, socket_filter.host_only(program) if self.host_only else program)
+        if self.host_only:
+            program = socket_filter.host_only(program)
+        if self.max_len is not None:
+            program = socket_filter.length_cap(program, self.max_len)
+        socket_filter.attach_filter(sock, program)
         try:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError as exc:  # before Linux 4.20: the filter alone drops our own frames
@@ -330,10 +338,12 @@ class PacketPort(_PacketSocket):
         rcvbuf: int | None = None,
         tx_ring: bool = False,
         host_only: bool = False,
+        max_len: int | None = None,
     ) -> None:
         super().__init__(
-            ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring, host_only=host_only
-        )
+            ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring, host_only=host_only,
+            max_len=max_len,
+        )  # fmt: skip
         if rcvbuf is not None:
             try:  # root may go past net.core.rmem_max
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
@@ -367,7 +377,15 @@ class PacketPort(_PacketSocket):
                     status, _, _, _, _, tci, tpid = _AUXDATA.unpack_from(data)
                     if status & TP_STATUS_VLAN_VALID:
                         frame = restore(frame, status, tci, tpid)
-            frames.append(frame)
+                    if status & TP_STATUS_CSUMNOTREADY:
+                        # its sender left the checksum to an offload: finished here, as it must leave
+                        completed = complete_l4_checksum(frame)
+                        if completed is None:
+                            self._drop("csum_partial_unreadable")
+                            break
+                        frame = completed
+            else:
+                frames.append(frame)
         return frames
 
 
@@ -652,10 +670,15 @@ def open_port(
     netns: str | None = None,
     tx_ring: bool = False,
     host_only: bool = False,
+    max_len: int | None = None,
 ) -> PacketPort | RingPort:
     """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
     adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`; ``host_only`` leaves out frames
-    addressed to other hosts (see :func:`~mplslb.drivers.socket_filter.host_only`)."""
+    addressed to other hosts (see :func:`~mplslb.drivers.socket_filter.host_only`); ``max_len`` (plain sockets
+    only) leaves out frames longer than that (see :func:`~mplslb.drivers.socket_filter.length_cap`)."""
     if ring:
+        if max_len is not None:
+            raise ValueError("max_len is for plain packet sockets (a ring reads partial checksums unfinished)")
         return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only)
-    return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only)
+    return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
+                      max_len=max_len)  # fmt: skip

@@ -10,7 +10,9 @@ A program is a list of instructions ``(code, jt, jf, k)``. :func:`bpf_program` l
 load of ``skb->pkt_type``) and drops ``PACKET_OUTGOING`` (our own frames coming back to a packet socket); then, when
 ``accept`` names ethertypes, it keeps a frame whose ethertype, at offset 12 or at 16 after one VLAN tag still in the
 frame, is one of them, and drops the rest. :func:`host_only` inserts a second test on the packet type, so frames
-addressed to other hosts (``PACKET_OTHERHOST``) are dropped too.
+addressed to other hosts (``PACKET_OTHERHOST``) are dropped too. :func:`length_cap` puts a test of the frame's
+whole length in front: with the kernel offload's ``offload_gso`` a longer frame (a super-packet) is the tc
+program's, and the socket must not take it (nor could it send it on).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ SO_ATTACH_FILTER = 26
 # Classic BPF opcodes and the ancillary offset that loads skb->pkt_type (<linux/filter.h>).
 BPF_LD_W_ABS = 0x20
 BPF_LD_H_ABS = 0x28
+BPF_LD_W_LEN = 0x80  # A = the frame's length (skb->len, from the link-layer header on)
+BPF_JGT_K = 0x25
 BPF_JEQ_K = 0x15
 BPF_RET_K = 0x06
 SKF_AD_OFF = -0x1000
@@ -91,6 +95,14 @@ def host_only(program: list[Instruction]) -> list[Instruction]:
     drop = 2 + jt  # absolute index of the drop before the insertion
     check_other = (BPF_JEQ_K, (drop + 1) - 2 - 1, 0, PACKET_OTHERHOST)  # A still holds the packet type
     return [program[0], (code, jt + 1, jf, k), check_other, *program[2:]]
+
+
+def length_cap(program: list[Instruction], max_len: int) -> list[Instruction]:
+    """``program`` preceded by a test that drops frames longer than ``max_len`` octets (their whole length, not
+    what is in the skb's linear part). Every jump of ``program`` is relative, so nothing in it moves."""
+    if not 0 < max_len <= _U32_MASK:
+        raise ValueError(f"max_len must be within 1..{_U32_MASK}, got {max_len}")
+    return [(BPF_LD_W_LEN, 0, 0, 0), (BPF_JGT_K, 0, 1, max_len), (BPF_RET_K, 0, 0, BPF_DROP), *program]
 
 
 def attach_filter(sock: socket.socket, program: list[Instruction]) -> None:

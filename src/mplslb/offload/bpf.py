@@ -52,6 +52,7 @@ BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
 BPF_F_NO_PREALLOC = 1
 BPF_ANY = 0
 BPF_EXIST = 2  # update only an element that exists
@@ -422,12 +423,21 @@ def prog_test_run(prog_fd: int, frame: bytes, *, ingress_ifindex: int = 0) -> Te
     return TestRun(retval, dout.raw[:size_out])
 
 
-def prog_test_run_skb(prog_fd: int, frame: bytes) -> TestRun:
+#: Where ``ingress_ifindex`` lies in ``struct __sk_buff``: a test run's context up to and with it (the fields before
+#: it must be zero, the kernel takes it as the skb's input interface).
+_SKB_INGRESS_IFINDEX_AT = 36
+
+
+def prog_test_run_skb(prog_fd: int, frame: bytes, *, ingress_ifindex: int = 0) -> TestRun:
     """Run a SCHED_CLS program once on ``frame`` (an Ethernet frame the kernel wraps in an skb, as on a tc hook);
-    returns its verdict and the frame after it (grown or shrunk as the program made it)."""
+    returns its verdict and the frame after it (grown or shrunk as the program made it). ``ingress_ifindex`` is
+    what the program reads as ``skb->ingress_ifindex``."""
     din = ctypes.create_string_buffer(frame, len(frame))
     dout = ctypes.create_string_buffer(len(frame) + 256)
-    attr = _attr("=IIIIQQII", prog_fd, 0, len(frame), len(dout), _addr(din), _addr(dout), 1, 0)
+    ctx = ctypes.create_string_buffer(_SKB_INGRESS_IFINDEX_AT + 4)
+    struct.pack_into("=I", ctx, _SKB_INGRESS_IFINDEX_AT, ingress_ifindex)
+    attr = _attr("=IIIIQQIIIIQQ", prog_fd, 0, len(frame), len(dout), _addr(din), _addr(dout), 1, 0,
+                 len(ctx) if ingress_ifindex else 0, 0, _addr(ctx) if ingress_ifindex else 0, 0)  # fmt: skip
     bpf(BPF_PROG_TEST_RUN, attr, "running the program on a frame")
     retval, _, size_out = struct.unpack_from("=III", attr, 4)
     return TestRun(retval, dout.raw[:size_out])

@@ -4,10 +4,9 @@ Each source (``mplslb_xdp.c``, ``mplslb_endpoint.c`` beside this file) includes 
 from :mod:`mplslb.switching.layout` (every frame offset, bit and bound, and the structs the maps hold), so the
 kernel programs and the userspace fast paths read frames with the same numbers, and ``mplslb_bpf.h`` beside them
 (the BPF interface they share). clang alone is needed (Debian: ``clang``); no kernel headers, no libbpf. The
-object is cached as ``<source>-<digest>.o`` where the digest covers the source, the headers, the flags and the
-compiler's path, in ``$MPLSLB_CACHE_DIR``, else
-``$XDG_CACHE_HOME/mplslb``, else ``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent
-daemons never read half a file.
+object is cached as ``<source>-<digest>.o`` where the digest covers the source, the headers, the flags (with a
+variant's ``-D`` macros) and the compiler's path, in ``$MPLSLB_CACHE_DIR``, else ``$XDG_CACHE_HOME/mplslb``, else
+``~/.cache/mplslb``; it is written to a temporary name and renamed, so concurrent daemons never read half a file.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from mplslb.switching.layout import c_header
@@ -54,8 +54,15 @@ def cache_dir() -> Path:
     return Path(base) / "mplslb"
 
 
-def build_object(source: Path = SOURCE, *, clang: str | None = None, directory: Path | None = None) -> bytes:
-    """The compiled object of ``source``: from the cache, or compiled now and cached."""
+def build_object(
+    source: Path = SOURCE,
+    *,
+    clang: str | None = None,
+    directory: Path | None = None,
+    defines: Mapping[str, int] | None = None,
+) -> bytes:
+    """The compiled object of ``source``: from the cache, or compiled now and cached. ``defines``: ``-D`` macros
+    (a variant of the program, cached apart)."""
     try:
         text = source.read_bytes()
     except OSError as exc:
@@ -63,7 +70,8 @@ def build_object(source: Path = SOURCE, *, clang: str | None = None, directory: 
     compiler = clang or find_clang()
     header = c_header().encode()
     shared = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))
-    parts = [text, header, shared, " ".join(CFLAGS).encode(), compiler.encode()]
+    flags = (*CFLAGS, *(f"-D{name}={value}" for name, value in sorted((defines or {}).items())))
+    parts = [text, header, shared, " ".join(flags).encode(), compiler.encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
     where = directory or cache_dir()
     target = where / f"{source.stem}-{digest}.o"
@@ -81,7 +89,7 @@ def build_object(source: Path = SOURCE, *, clang: str | None = None, directory: 
     try:
         with tempfile.TemporaryDirectory(prefix="mplslb-layout") as include:
             Path(include, LAYOUT_HEADER).write_bytes(header)
-            command = [compiler, *CFLAGS, "-I", include, str(source), "-o", tmp]
+            command = [compiler, *flags, "-I", include, str(source), "-o", tmp]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
             except (OSError, subprocess.TimeoutExpired) as exc:

@@ -60,10 +60,12 @@ class OffloadedBalancer:
         syn_rate: int = 0,
         pins: Path | None = None,
         fresh: bool = False,
+        gso: bool = False,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program passes up (0: all). ``pins``: keep the program,
         its maps and its links pinned there (bpffs) so they outlive the daemon, and adopt what a previous daemon
-        pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`)."""
+        pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`). ``gso``: switch super-packets too (tc
+        ingress)."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -75,6 +77,7 @@ class OffloadedBalancer:
             measured=self._measured,
             pins=pins,
             fresh=fresh,
+            gso=gso,
         )
         self.offload.open()
         balancer.refresh = self._refresh

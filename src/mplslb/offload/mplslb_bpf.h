@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (MIT OR GPL-2.0) */
 /*
  * What mplslb's BPF programs share of the kernel's BPF interface, written out so no kernel or libbpf header is
- * needed: the section attribute, the XDP context, the map reference the loader patches, and the helpers every
+ * needed: the section attribute, the XDP context and the tc verdicts, the map reference the loader patches, and the helpers every
  * program calls (by their number in the kernel's helper table). Frame layout lives in mplslb_layout.h.
  */
 #ifndef MPLSLB_BPF_H
@@ -11,6 +11,8 @@
 
 #define XDP_DROP 1
 #define XDP_PASS 2
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
 
 struct xdp_md {
 	__u32 data;
@@ -28,6 +30,7 @@ struct map_ref {
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
+static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
 
 #endif

@@ -27,8 +27,6 @@
 #define INLINE static inline __attribute__((always_inline))
 
 #define XDP_DROP 1
-#define TC_ACT_OK 0
-#define TC_ACT_SHOT 2
 #define OK EP_COUNTERS /* analyze(): no reason to drop */
 
 struct map_ref flows SEC("maps");    /* LRU hash: struct flow_key -> struct flow */
@@ -39,7 +37,6 @@ struct map_ref scratch SEC("maps");  /* per-CPU array of one __u64: where an ICM
 
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
-static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len, __u64 flags) = (void *)43;
 
 INLINE void count(__u32 what)

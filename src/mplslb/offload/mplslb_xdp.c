@@ -13,6 +13,8 @@
  * entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
+ * The checks and the rewrite are one function, label_switch(), which the XDP entry point runs on every frame and,
+ * built with -DGSO_FRAME_MAX (offload_gso), a tc ingress entry point on super-packets (see mplslb_tc below).
  *
  * No kernel or libbpf headers: built with `clang -O2 -target bpf -c`, a generated header, mplslb_layout.h,
  * which holds every frame offset, bit and bound and struct entry, made from mplslb.switching.layout (the layout the
@@ -167,12 +169,33 @@ static __attribute__((always_inline)) int syn_gate(__u8 *ip, __u8 *end, __u16 et
 	return XDP_DROP;
 }
 
-SEC("xdp")
-int mplslb_xdp(struct xdp_md *ctx)
+/*
+ * A frame as the label switch below sees it, whichever hook it came through: its readable octets [data, end), its
+ * whole length (a super-packet's goes past end), the port it came in on. The switch fills in the rest: for a frame
+ * it switches, the entry and where the label stack entry sits; for one it passes up, how far it got (`why`, the
+ * tc program's drop reason) and, for a TCP FIN or RST, the TCP header's offset.
+ */
+struct frame {
+	__u8 *data;
+	__u8 *end;
+	__u64 len;
+	__u32 ingress_ifindex;
+	__u32 why;
+	__u32 off;
+	__u32 tcp;
+	struct entry *e;
+};
+
+/*
+ * The label switch, shared by the XDP and the tc entry points: XDP_REDIRECT when every check passed (the entry
+ * counted, the TTL decremented; the caller drops a VLAN tag, writes the addresses and redirects to
+ * fr->e->out_ifindex), XDP_PASS when the session manager must see the frame, XDP_DROP for a shed SYN.
+ */
+static __attribute__((always_inline)) int label_switch(struct frame *fr)
 {
-	__u8 *data = (__u8 *)(long)ctx->data;
-	__u8 *end = (__u8 *)(long)ctx->data_end;
-	__u64 len = end - data;
+	__u8 *data = fr->data;
+	__u8 *end = fr->end;
+	__u64 len = fr->len;
 	__u32 off = LSE_AT;
 
 	if (data + LABELLED_MIN > end)
@@ -186,6 +209,7 @@ int mplslb_xdp(struct xdp_md *ctx)
 	}
 	if (ethertype != ETH_P_MPLS_UC)
 		return syn_gate(data + off, end, ethertype);
+	fr->why = GSO_UNKNOWN_LABEL;
 	__u8 *lse = data + off;
 	if (lse + LSE_LEN > end)
 		return XDP_PASS;
@@ -194,7 +218,9 @@ int mplslb_xdp(struct xdp_md *ctx)
 	struct entry *e = bpf_map_lookup_elem(&labels, &label);
 	if (!e)
 		return XDP_PASS;
-	if (e->in_ifindex != ctx->ingress_ifindex)
+	fr->e = e;
+	fr->why = GSO_CHECK_FAILED;
+	if (e->in_ifindex != fr->ingress_ifindex)
 		return XDP_PASS;
 	for (int i = 0; i < ETH_ALEN; i++)
 		if (data[ETH_SRC + i] != e->peer[i])
@@ -254,8 +280,10 @@ int mplslb_xdp(struct xdp_md *ctx)
 		}
 	}
 flow_done:
+	fr->why = GSO_TTL_EXPIRED;
 	if ((stack_entry & MPLS_TTL_MASK) <= 1)
 		return XDP_PASS;
+	fr->why = GSO_WATCHED;
 	__u64 ack = 0;
 	if (e->flags & F_TCP_END) {
 		__u32 tcp;
@@ -286,6 +314,8 @@ flow_done:
 				ack = ACK_KNOWN | ((__u64)th[TCP_ACK_AT] << 24) | ((__u64)th[TCP_ACK_AT + 1] << 16) |
 				      ((__u64)th[TCP_ACK_AT + 2] << 8) | th[TCP_ACK_AT + 3];
 			if (f & TCP_END) {
+				fr->why = GSO_TCP_END;
+				fr->tcp = off + LSE_LEN + tcp;
 				/* userspace forwards it (every check passed) and records the same number: the entry
 				 * keeps the label's last one either way */
 				if (ack)
@@ -302,9 +332,28 @@ forward:
 	e->last_ns = bpf_ktime_get_ns();
 	if (ack)
 		e->ack = ack;
-	__u32 out = e->out_ifindex;
 	lse[LSE_TTL] -= 1; /* TTL > 1 here: the decrement stays in the TTL octet */
-	if (off != LSE_AT) {
+	fr->off = off;
+	return XDP_REDIRECT;
+}
+
+SEC("xdp")
+int mplslb_xdp(struct xdp_md *ctx)
+{
+	__u8 *data = (__u8 *)(long)ctx->data;
+	__u8 *end = (__u8 *)(long)ctx->data_end;
+#ifdef GSO_FRAME_MAX
+	/* longer than one segment: a super-packet (GRO, or GSO from a veth), which a redirect from here would drop
+	 * (longer than the output's MTU); it goes on to the tc program */
+	if (end - data > GSO_FRAME_MAX)
+		return XDP_PASS;
+#endif
+	struct frame fr = {data, end, end - data, ctx->ingress_ifindex, GSO_PASSED_UNLABELLED, LSE_AT, 0, 0};
+	int verdict = label_switch(&fr);
+	if (verdict != XDP_REDIRECT)
+		return verdict;
+	struct entry *e = fr.e;
+	if (fr.off != LSE_AT) {
 		/* userspace forwards a tagged frame untagged: drop the tag's octets in front of the MAC addresses */
 		if (bpf_xdp_adjust_head(ctx, VLAN_HLEN))
 			return XDP_PASS;
@@ -316,7 +365,101 @@ forward:
 		data[ETH_TYPE + 1] = ETH_P_MPLS_UC & 0xff;
 	}
 	__builtin_memcpy(data + ETH_DST, e->rewrite, ETH_ADDRS);
-	return bpf_redirect(out, 0);
+	return bpf_redirect(e->out_ifindex, 0);
 }
+
+#ifdef GSO_FRAME_MAX
+/*
+ * offload_gso: super-packets. On a veth, GRO and the sender's GSO deliver frames of many segments in one skb; the
+ * XDP program above cannot redirect one (the redirect checks the output's MTU and drops it) and the daemon's packet
+ * sockets do not take one (their filter stops at GSO_FRAME_MAX: a packet socket could not send it on either). They
+ * meet this program at tc ingress instead, which runs the same label switch on the skb's headers and hands the skb,
+ * its GSO state untouched, straight to the output port's peer (bpf_redirect_peer: another round of receive in the
+ * peer's namespace, so the far end's XDP still sees it, which a plain redirect would skip), to be segmented, if at
+ * all, where it leaves the last host. Shorter frames (the daemon's) and unlabelled ones (the host's) are left alone.
+ *
+ * Two things the session manager learns from frames are kept: a session's response time under measurement (F_RT)
+ * is recorded from the whole packet, pulled into the skb's linear part first (a session's first frames only); and
+ * a FIN, which must reach the session manager and which no packet socket can take on a super-packet, is cleared
+ * from it (the segment's checksum follows): the data goes on, the receiver acknowledges it without the FIN, and the
+ * sender sends the FIN again alone, a short frame the XDP program passes up as ever. An RST, and every frame the
+ * switch would pass up for another reason, is dropped and counted by reason (gso_counters, GSO_COUNTERS' order).
+ */
+struct map_ref gso_counters SEC("maps"); /* per CPU, one __u64 per name of GSO_COUNTERS */
+
+static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to, __u64 flags) = (void *)11;
+static long (*bpf_skb_vlan_pop)(struct __sk_buff *skb) = (void *)19;
+static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
+
+static __attribute__((always_inline)) void gso_count(__u32 what)
+{
+	__u64 *n = bpf_map_lookup_elem(&gso_counters, &what);
+	if (n)
+		*n += 1;
+}
+
+/* Clear the FIN of the TCP header at `tcp` (not an RST's); 1 when done. The checksum follows the flags (a partial
+ * one, as every super-packet's, covers only the pseudo-header and stays). */
+static __attribute__((always_inline)) int clear_fin(struct __sk_buff *skb, struct frame *fr)
+{
+	if (fr->tcp > MAX_TCP_OFFSET)
+		return 0;
+	__u8 *th = fr->data + fr->tcp;
+	if (th + TCP_CHECK_AT + 2 > fr->end || (th[TCP_FLAGS] & TCP_END) != TCP_FIN)
+		return 0;
+	__u16 old, new;
+	__builtin_memcpy(&old, th + TCP_DOFF, 2); /* the 16-bit word of the data offset and the flags */
+	th[TCP_FLAGS] &= ~TCP_FIN;
+	__builtin_memcpy(&new, th + TCP_DOFF, 2);
+	return !bpf_l4_csum_replace(skb, fr->tcp + TCP_CHECK_AT, old, new, sizeof(new));
+}
+
+SEC("tc")
+int mplslb_tc(struct __sk_buff *skb)
+{
+	if (skb->len <= GSO_FRAME_MAX)
+		return TC_ACT_OK; /* the daemon's packet socket has it */
+	__u8 *data = (__u8 *)(long)skb->data;
+	__u8 *end = (__u8 *)(long)skb->data_end;
+	if (data + ETH_HLEN > end || data[ETH_TYPE] != ETH_P_MPLS_UC >> 8 || data[ETH_TYPE + 1] != (ETH_P_MPLS_UC & 0xff)) {
+		gso_count(GSO_PASSED_UNLABELLED);
+		return TC_ACT_OK; /* the host's own traffic */
+	}
+	/* the kernel took a tag off into the skb before this hook; userspace forwards a tagged frame untagged */
+	if (skb->vlan_present && bpf_skb_vlan_pop(skb)) {
+		gso_count(GSO_VLAN_POP_FAILED);
+		return TC_ACT_SHOT;
+	}
+	struct frame fr = {0};
+	int verdict = XDP_PASS, whole = 0, cleared = 0;
+	for (int round = 0; round < 3; round++) {
+		if (bpf_skb_pull_data(skb, whole ? skb->len : GSO_HEADERS)) {
+			gso_count(GSO_PULL_FAILED);
+			return TC_ACT_SHOT;
+		}
+		fr = (struct frame){(__u8 *)(long)skb->data, (__u8 *)(long)skb->data_end, skb->len, skb->ingress_ifindex,
+				    GSO_UNKNOWN_LABEL, LSE_AT, 0, 0};
+		verdict = label_switch(&fr);
+		if (verdict == XDP_REDIRECT)
+			break;
+		if (fr.why == GSO_TCP_END && !cleared && clear_fin(skb, &fr))
+			cleared = 1; /* and switched again, a segment without FIN */
+		else if (fr.why == GSO_WATCHED && !whole && fr.e && (fr.e->flags & F_RT))
+			whole = 1; /* and switched again, the whole packet readable for the measurement */
+		else
+			break;
+	}
+	if (verdict != XDP_REDIRECT || !fr.e) {
+		gso_count(fr.why);
+		return TC_ACT_SHOT;
+	}
+	__builtin_memcpy(fr.data + ETH_DST, fr.e->rewrite, ETH_ADDRS);
+	__u32 out = fr.e->out_ifindex;
+	gso_count(GSO_FORWARDED);
+	if (cleared)
+		gso_count(GSO_FIN_CLEARED);
+	return bpf_redirect_peer(out, 0);
+}
+#endif
 
 char _license[] SEC("license") = "Dual MIT/GPL";

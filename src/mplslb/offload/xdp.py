@@ -78,6 +78,17 @@ or deleted. With ``fresh``, or pins that do not fit (logged
 as one ``key=value`` line), everything pinned is removed, which lets the old program go, and the program is
 loaded afresh.
 
+Super-packets (``gso``, the daemon's ``offload_gso``): on veth ports GRO and a sender's GSO deliver frames of many
+segments in one skb. The XDP program cannot forward one (a redirect checks the output's MTU and drops it) and the
+daemon's packet sockets could not send one on. With ``gso`` the object is built with ``-DGSO_FRAME_MAX`` (the
+smallest port MTU with the Ethernet header and one label entry, :attr:`XdpOffload.frame_max`): the XDP program
+passes longer frames, the daemon's sockets leave them out (:func:`~mplslb.drivers.socket_filter.length_cap`), and a
+tc program from the same object, attached to every port's ingress with tcx links, switches the labelled ones with
+the same function the XDP program runs and hands them to the output port's veth peer (``bpf_redirect_peer``),
+GSO state untouched. What the switch would pass up it drops, counted by reason (:meth:`gso_counters`, folded
+into the table's drops at each poll); a FIN it clears first and switches the rest (docs/architecture.md says why).
+Every port must be a veth; nothing is pinned (no ``pins`` with ``gso``).
+
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
 program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
@@ -107,14 +118,18 @@ from mplslb.offload.build import BuildError, build_object
 from mplslb.sessions import WATCH_BUDGET
 from mplslb.state import fingerprint
 from mplslb.switching.layout import (
+    ETH_HLEN,
     F_FLOW,
     F_L7,
     F_RT,
     F_TCP_END,
     F_V6,
+    GSO_COUNTERS,
+    GSO_TRAFFIC,
     KERNEL_ENTRY,
     KERNEL_ENTRY_FIELDS,
     LABEL_SPACE,
+    LSE_LEN,
     NS_PER_S,
     SYN_BUCKET,
     SYN_BUCKET_FIELDS,
@@ -138,6 +153,13 @@ SYN_MAP_NAME = "mplslb_syn"
 SYN_MAP_SYMBOL = "syn_buckets"
 SHED = "syn_shed"  # the drop reason of a SYN shed by the kernel
 SECTION = "xdp"
+TC_SECTION = "tc"
+TC_PROG_NAME = "mplslb_tc"
+GSO_MAP_NAME = "mplslb_gso"
+GSO_MAP_SYMBOL = "gso_counters"
+#: The macro that builds the XDP program's super-packet variant (and the tc program): the longest frame of one
+#: segment, which both programs and the daemon's socket filter take as the bound.
+GSO_DEFINE = "GSO_FRAME_MAX"
 MODES = ("auto", "native", "generic")
 BPFFS = Path("/sys/fs/bpf")
 #: Where a daemon that keeps its state pins the program, its map and its links, one directory per instance.
@@ -227,6 +249,16 @@ def possible_cpus() -> int:
     return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
 
 
+def gso_frame_max(ifindexes: Iterable[int]) -> int:
+    """The longest frame one segment makes on the interfaces ``ifindexes`` of this namespace (the smallest MTU, with
+    the Ethernet header and one label stack entry): a longer labelled frame is a super-packet."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        mtu = min(int(ipr.get_links(index)[0].get_attr("IFLA_MTU")) for index in ifindexes)
+    return mtu + ETH_HLEN + LSE_LEN
+
+
 def syn_share(rate: int, cpus: int) -> int:
     """Each CPU's share of ``rate`` SYNs a second (rounded up; 0: no limit)."""
     return -(-rate // max(cpus, 1))
@@ -269,16 +301,19 @@ class XdpOffload:
         fresh: bool = False,
         syn_rate: int = 0,
         measured: Callable[[int, Record], bool] | None = None,
+        gso: bool = False,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
         ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
-        module docstring)."""
+        module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
             raise ValueError(f"syn_rate must be 0-{SYN_RATE_MAX}, got {syn_rate}")
         if not interfaces:
             raise ValueError("the kernel offload needs at least one Ethernet port")
+        if gso and pins is not None:
+            raise ValueError("super-packets (gso) are not kept across daemons: no pins with gso")
         self.table = table
         self.interfaces = dict(interfaces)
         self.mode = mode
@@ -315,22 +350,32 @@ class XdpOffload:
         self.kernel_packets = 0
         self.kernel_bytes = 0
         self.errors: dict[str, int] = {}  # refused map updates, by errno name
+        self.gso = gso
+        self.frame_max = 0  # gso: the longest frame of one segment (longer ones are the tc program's)
+        self._gso_map: bpf.Map | None = None
+        self._tc = -1
+        self._gso_folded: dict[str, int] = {}  # the tc program's drops already added to the table's drops
 
     # -- setting up and tearing down ---------------------------------------------------------------------------
     def open(self) -> None:
         """Build and load the program, create the map, attach to every port, and mirror what is installed. With
         pins: adopt what a previous daemon pinned there when it fits (else remove it first), and pin."""
-        try:
-            obj = self._obj if self._obj is not None else build_object()
-        except BuildError as exc:
-            raise OffloadError(str(exc)) from None
         if not bpf.available():
             raise OffloadError("bpf(2) is not known on this architecture")
         try:
             for port_id, ifname in self.interfaces.items():
                 self.ifindex[port_id] = socket.if_nametoindex(ifname)
+            if self.gso:
+                self.frame_max = gso_frame_max(self.ifindex.values())
         except OSError as exc:
             raise OffloadError(f"kernel offload: {exc}") from None
+        try:
+            if self._obj is not None:
+                obj = self._obj
+            else:
+                obj = build_object(defines={GSO_DEFINE: self.frame_max} if self.gso else None)
+        except BuildError as exc:
+            raise OffloadError(str(exc)) from None
         if self.pins is not None:
             try:
                 ensure_bpffs(self.pins)
@@ -365,6 +410,8 @@ class XdpOffload:
             native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
             for port_id, ifindex in self.ifindex.items():
                 self._attach(self.interfaces[port_id], ifindex, native=native)
+            if self.gso:
+                self._open_gso(obj, maps, kinds)
             if self.pins is not None:
                 self._pin()
         except (OSError, ValueError) as exc:
@@ -586,6 +633,44 @@ class XdpOffload:
         self._links.append(bpf.link_create(self._prog, ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE))
         self.attached[ifname] = "generic"
 
+    def _open_gso(self, obj: bytes, maps: dict[str, int], kinds: Mapping[int, str]) -> None:
+        """The tc program on every port's ingress (tcx links, which die with the daemon like the XDP ones) and its
+        counters. Every port must be a veth: the program hands a super-packet to the output port's peer."""
+        others = [self.interfaces[port_id] for port_id, kind in kinds.items() if kind != "veth"]
+        if others:
+            raise OffloadError(f"offload_gso needs veth ports: {', '.join(others)} is not one")
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(GSO_COUNTERS),
+                            name=GSO_MAP_NAME)  # fmt: skip
+        self._gso_map = bpf.Map(fd, _KEY.size, _NATIVE_U64.size * possible_cpus(), GSO_MAP_NAME)
+        self._tc = bpf.load_program(obj, TC_SECTION, maps | {GSO_MAP_SYMBOL: fd},
+                                    prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS, name=TC_PROG_NAME)  # fmt: skip
+        for ifindex in self.ifindex.values():
+            self._links.append(bpf.link_create(self._tc, ifindex, bpf.BPF_TCX_INGRESS))
+
+    def gso_counters(self) -> dict[str, int]:
+        """What the tc program counted (``offload_gso``), by the names of
+        :data:`~mplslb.switching.layout.GSO_COUNTERS`, over all CPUs; empty without it."""
+        if self._gso_map is None:
+            return {}
+        out: dict[str, int] = {}
+        for index, name in enumerate(GSO_COUNTERS):
+            raw = self._gso_map.lookup(_KEY.pack(index)) or b""
+            out[name] = sum(v for (v,) in _NATIVE_U64.iter_unpack(raw))
+        return out
+
+    def _fold_gso(self) -> None:
+        """Add the super-packets the tc program dropped since the last poll to the table's drops, by reason."""
+        if self._gso_map is None:
+            return
+        drops = self.table.drops
+        for name, count in self.gso_counters().items():
+            if name in GSO_TRAFFIC:
+                continue
+            new = count - self._gso_folded.get(name, 0)
+            if new > 0:
+                drops[name] = drops.get(name, 0) + new
+                self._gso_folded[name] = count
+
     def close(self, *, keep: bool = False) -> None:
         """Fold the last counters in, detach from every port and free the map (idempotent). With ``keep`` (and
         pins), leave the pinned program attached and its map switching for the next daemon."""
@@ -600,6 +685,13 @@ class XdpOffload:
         if self._prog >= 0:
             os.close(self._prog)
             self._prog = -1
+        if self._tc >= 0:
+            os.close(self._tc)
+            self._tc = -1
+        if self._gso_map is not None:
+            self._gso_map.close()
+            self._gso_map = None
+        self._gso_folded.clear()
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -790,6 +882,7 @@ class XdpOffload:
             return 0
         self.sync()
         self._fold_shed()
+        self._fold_gso()
         keys, values, count = self._map.lookup_batch()
         self.polls += 1
         if not count:
@@ -937,7 +1030,7 @@ class XdpOffload:
             "syn_rate": self.syn_rate,
             "syn_passed": passed,
             "syn_shed": shed,
-        }
+        } | ({"gso": self.gso_counters(), "gso_frame_max": self.frame_max} if self.gso else {})
 
     def run(self, frame: bytes, port_id: int) -> bpf.TestRun:
         """Run the program once on ``frame`` as if it came in on ``port_id`` (``BPF_PROG_TEST_RUN``; tests): the
@@ -945,6 +1038,15 @@ class XdpOffload:
         if self._prog < 0:
             raise ValueError("the offload is not open")
         return bpf.prog_test_run(self._prog, frame, ingress_ifindex=self.ifindex[port_id])
+
+    def run_tc(self, frame: bytes, port_id: int) -> bpf.TestRun:
+        """Run the tc program (``gso``) once on ``frame`` as if it came in on ``port_id`` (``BPF_PROG_TEST_RUN``;
+        tests): the verdict (``TC_ACT_REDIRECT``, ``TC_ACT_OK`` or ``TC_ACT_SHOT``) and the frame as the program left
+        it. Counts like real traffic. An 802.1Q tag stays in a test run's frame (the receive path would have taken it
+        off before tc): such a frame reads as unlabelled here."""
+        if self._tc < 0:
+            raise ValueError("the offload is not open with gso")
+        return bpf.prog_test_run_skb(self._tc, frame, ingress_ifindex=self.ifindex[port_id])
 
     def lookup(self, label: int) -> tuple[int, ...] | None:
         """The map's entry for ``label`` as :data:`~mplslb.switching.layout.KERNEL_ENTRY` fields (tests,

@@ -96,6 +96,7 @@ TCP_SYN_ACK: Final = TCP_SYN | TCP_ACK  # a server's answer to a SYN
 #: A client's segment completes the handshake when these flags read TCP_ACK alone (no SYN, no RST).
 TCP_PURE_ACK_MASK: Final = TCP_ACK | TCP_SYN | TCP_RST
 TCP_ACK_AT: Final = 8  # the acknowledgment number in the TCP header (4 octets, network order)
+TCP_CHECK_AT: Final = 16  # the checksum in the TCP header
 #: A label's last acknowledgment number as the fast paths record it (``LabelSwitchingTable.acks``, the kernel
 #: entry's ``ack``): this bit over the 32-bit number says one is known; 0 is "none seen yet".
 ACK_KNOWN: Final = 1 << 32
@@ -252,12 +253,15 @@ ENDPOINT_CONFIG_FIELDS: Final = (
     ("ttl", "__u32", "I", 0),
     ("fallback_ms", "__u32", "I", 0),  # client: a flow unheard for this long goes unlabelled again (0: never)
 )
-#: The fields of the kernel's ``struct __sk_buff`` the egress program reads (the BPF context ABI, not the frame).
+#: The fields of the kernel's ``struct __sk_buff`` the tc programs read (the BPF context ABI, not the frame).
 SKB_FIELDS: Final = (
     ("len", "__u32", "I", 0),
     ("skb_before_protocol", "__u32", "s", 3 * 4),
     ("protocol", "__u32", "I", 0),
-    ("skb_before_data", "__u8", "s", 56),
+    ("vlan_present", "__u32", "I", 0),
+    ("skb_before_ingress_ifindex", "__u8", "s", 12),
+    ("ingress_ifindex", "__u32", "I", 0),
+    ("skb_before_data", "__u8", "s", 36),
     ("data", "__u32", "I", 0),
     ("data_end", "__u32", "I", 0),
     ("skb_before_gso_segs", "__u8", "s", 80),
@@ -308,6 +312,21 @@ ENDPOINT_COUNTERS: Final = (
     "fallback_unlabelled",  # client: a flow unheard for fallback_ms sent unlabelled again (the label died?)
 )
 
+#: What the balancer's tc ingress program (``offload_gso``) counts, in this order (an index into its per-CPU
+#: counters map): super-packets it switched, those whose FIN it cleared first, unlabelled ones it left to the host's
+#: stack; every other name is the reason a labelled super-packet was dropped (userspace cannot read one).
+GSO_TRAFFIC: Final = ("gso_forwarded", "gso_fin_cleared", "gso_passed_unlabelled")
+GSO_COUNTERS: Final = (
+    *GSO_TRAFFIC,
+    "gso_unknown_label",  # no entry in the kernel for its label (or no room for a label stack entry)
+    "gso_check_failed",  # ingress port, source MAC or IP, bottom of stack, the session's flow
+    "gso_ttl_expired",  # TTL <= 1
+    "gso_watched",  # the session manager wants the frame (a measurement the kernel cannot record, L7 analysis)
+    "gso_tcp_end",  # an RST, or a FIN whose flag could not be cleared
+    "gso_vlan_pop_failed",
+    "gso_pull_failed",  # the headers (or, under a measurement, the whole packet) could not be made readable
+)
+
 
 SYN_BUCKET: Final = struct.Struct(struct_format(SYN_BUCKET_FIELDS))
 FLOW_KEY: Final = struct.Struct(struct_format(FLOW_KEY_FIELDS))
@@ -351,6 +370,7 @@ C_CONSTANTS: Final = (
     "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORTS_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6",
     "ENDPOINT_TTL", "NS_PER_MS", "NS_PER_S", "ICMP_HLEN", "ICMP_DEST_UNREACH", "ICMP_SOURCE_QUENCH", "ICMP_REDIRECT",
     "ICMP_TIME_EXCEEDED", "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTE_MASK", "GSO_HEADERS",
+    "TCP_CHECK_AT",
 )  # fmt: skip
 
 
@@ -360,6 +380,8 @@ def constants() -> dict[str, int]:
     out = {name: int(values[name]) for name in C_CONSTANTS}
     out.update((counter_constant(name), i) for i, name in enumerate(ENDPOINT_COUNTERS))
     out["EP_COUNTERS"] = len(ENDPOINT_COUNTERS)
+    out.update((name.upper(), i) for i, name in enumerate(GSO_COUNTERS))
+    out["GSO_COUNTERS"] = len(GSO_COUNTERS)
     return out
 
 
@@ -426,6 +448,8 @@ __all__ = [
     "F_RT",
     "F_TCP_END",
     "F_V6",
+    "GSO_COUNTERS",
+    "GSO_TRAFFIC",
     "ICMP6_INFO_MIN",
     "ICMP_DEST_UNREACH",
     "ICMP_HLEN",
@@ -486,6 +510,7 @@ __all__ = [
     "S_BIT",
     "TCP_ACK",
     "TCP_ACK_AT",
+    "TCP_CHECK_AT",
     "TCP_END",
     "TCP_FIN",
     "TCP_FLAGS",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from mplslb.wire.checksum import internet_checksum, pseudo_header_sum
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import (
     ETH_P_IP,
@@ -91,12 +92,14 @@ def dissect(
     *,
     verify_checksum: bool = True,
     orig_len: int | None = None,
+    follow_udp: bool = True,
 ) -> Dissection:
     """Dissect one frame of link type ``linktype`` (a pcap LINKTYPE_* value).
 
     ``verify_checksum`` checks IPv4 header checksums. ``orig_len`` is the frame's length on the wire: when it
     is more than ``len(buf)`` (a capture cut at its snap length) IP lengths beyond the buffer are accepted.
-    Raises WireError subclasses only.
+    ``follow_udp=False`` describes MPLS in UDP as the UDP datagram it is (the outer packet). Raises WireError
+    subclasses only.
     """
     truncated = orig_len is not None and orig_len > len(buf)
     eth, ethertype, pos = _link_layer(buf, linktype)
@@ -109,7 +112,7 @@ def dissect(
         return Dissection(eth, labels, 0, None, NO_PROTO, None, b"", b"", 0, 0, pos, len(buf), False)
     outer = _dissect_ip(buf, pos, version, verify_checksum, truncated)
     udp = outer.l4
-    if isinstance(udp, UDP) and udp.dport == MPLS_UDP_PORT:
+    if isinstance(udp, UDP) and udp.dport == MPLS_UDP_PORT and follow_udp:
         inner_buf = memoryview(buf)[: udp.end]
         # A first fragment or a cut capture holds only the start of the inner packet.
         truncated = truncated or udp.offset + udp.length > udp.end
@@ -191,3 +194,29 @@ def _dissect_ip(buf: bytes | memoryview, pos: int, version: int, verify_checksum
             icmp = parse_icmp(buf, start, end, v6=version == IP_VERSION_6)
             return _IPView(ip, proto, icmp, ip.src, ip.dst, 0, 0, icmp.payload_offset, end)
     return _IPView(ip, proto, None, ip.src, ip.dst, 0, 0, start, end)
+
+
+#: Where the checksum lies in a TCP and in a UDP header.
+_L4_CHECKSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}
+
+
+def complete_l4_checksum(buf: bytes | memoryview) -> bytes | None:
+    """``buf`` (an Ethernet frame, labelled or not) with its TCP or UDP checksum computed in full: for a frame a
+    packet socket took with a partial one (``TP_STATUS_CSUMNOTREADY``: its sender left the sum to an offload, and
+    only the pseudo-header's is in place), which must leave again with its final checksum. None when the frame does
+    not dissect to one whole TCP segment or UDP datagram under IP (no other kind of frame has a partial checksum)."""
+    try:
+        d = dissect(buf, verify_checksum=False, follow_udp=False)  # MPLS in UDP: the outer datagram's checksum
+    except WireError:
+        return None
+    at = _L4_CHECKSUM_AT.get(d.proto)
+    if d.ip is None or at is None or d.l4 is None:
+        return None
+    start, end = d.ip.payload_offset, d.ip.end
+    out = bytearray(buf)
+    out[start + at : start + at + 2] = b"\0\0"
+    total = internet_checksum(out[start:end], pseudo_header_sum(d.src, d.dst, d.proto, end - start))
+    if d.proto == IPPROTO_UDP and total == 0:
+        total = 0xFFFF  # a computed zero is sent as all ones (zero means "no checksum")
+    _U16.pack_into(out, start + at, total)
+    return bytes(out)
