@@ -58,8 +58,10 @@ from helpers import (
     tcp_segment,
     udp_datagram,
 )
+from mplslb.analyzer import Analysis, PacketAnalyzer
 from mplslb.balancer import Balancer
 from mplslb.balancing.admission import RefuseWith
+from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_MC, ETH_P_MPLS_UC
 from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.ipv4 import IP_MF
@@ -743,6 +745,76 @@ def test_mutated_valid_frames_never_raise(
         if i % 7 == 6:
             assert b.on_timer(NOW + 0.01 * i + 20.0) == []
     assert b.stats().frames_in == len(picks) + 3  # and the three session-opening frames
+
+
+# -- the analyzer's plain-IPv4 reading -----------------------------------------------------------------------
+def _analysis_or_reason(read: Callable[[], object]) -> object:
+    try:
+        return read()
+    except WireError as exc:
+        return exc.reason
+
+
+def _ipv4_frames() -> list[bytes]:
+    """Untagged IPv4 frames of every shape the plain reading takes or leaves: TCP with and without payload and
+    options, UDP, IP options, a first and a later fragment, ICMP, another protocol."""
+    src = client_addr(0, False)
+    segment = tcp_segment(src, VIP, 40000, HTTP, PSH | ACK, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    with_mss = tcp_segment(src, VIP, 40000, HTTP, SYN, options=b"\x02\x04\x05\xb4")
+    frames = [
+        client_tcp(SYN),
+        client_tcp(ACK, b"GET /x HTTP/1.1\r\nHost: example\r\n\r\n"),
+        client_tcp(FIN | ACK, b"data"),
+        ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_TCP, with_mss)),
+        client_udp(),
+        client_udp(b""),
+        client_udp(b"GET / HTTP/1.1\r\n\r\n"),
+        ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_TCP, segment, options=b"\x01\x01\x01\x00")),
+        ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_TCP, segment, flags=IP_MF, ttl=3, tos=0xB8)),
+        ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_TCP, segment, frag_offset=3)),
+        ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_ICMP, icmp4(3, 3, 0, b"x" * 28))),
+        ether(PORT_MAC[0], client_mac(0), ipv4(src, VIP, IPPROTO_GRE, b"\x00" * 24)),
+    ]
+    syn, query = client_tcp(SYN), client_udp()
+    frames += (
+        [  # lengths that cut the TCP or UDP header short, or overrun the IP packet, the checksum right
+            fix_ipv4_checksum(syn[:16] + struct.pack("!H", length) + syn[18:], 14) for length in (19, 20, 32, 39)
+        ]
+        + [query[:38] + struct.pack("!H", length) + query[40:] for length in (0, 7, 8, len(query) - 34 + 1)]
+    )
+    return [f + pad for f in frames for pad in (b"", b"\x00" * 6)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    index=st.integers(0, 100),
+    mutations=st.lists(st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(14, 80), st.integers(0, 255)),
+                       max_size=3),
+    checksum=st.booleans(),
+    l7=st.booleans(),
+)  # fmt: skip
+def test_plain_ipv4_reading_agrees_with_the_general_one(
+    index: int, mutations: list[tuple[str, int, int]], checksum: bool, l7: bool
+) -> None:
+    """Every untagged IPv4 frame (and its IP packet given to ``analyze_ip``) analyses as the general path reads the
+    same frame with a VLAN tag: the same :class:`Analysis` but for the offsets, or the same drop reason; with the
+    header checksum fixed after the mutations, the plain reading's own checks are the ones met."""
+    frames = _ipv4_frames()
+    frame = mutate(frames[index % len(frames)], mutations)
+    if checksum and len(frame) >= 34 and frame[14] >> 4 == 4:
+        frame = fix_ipv4_checksum(frame, 14)
+    analyzer = PacketAnalyzer(l7=l7)
+    if len(frame) <= 14 or frame[12:14] != struct.pack("!H", ETH_P_IP) or frame[14] >> 4 != 4:
+        return  # not read as IPv4 by either (a mutation that wraps past the end may land on the ethertype)
+    # A VLAN tag before the ethertype sends the same packet down the general path, 4 bytes further on.
+    general = _analysis_or_reason(lambda: analyzer.analyze(frame[:12] + b"\x81\x00\x00\x05" + frame[12:]))
+    if isinstance(general, Analysis):
+        general = general._replace(ip_offset=14, ip_end=general.ip_end - 4, l4_offset=general.l4_offset - 4)
+    for read in (analyzer.analyze, lambda f: analyzer.analyze_ip(f, 14)):
+        assert _analysis_or_reason(lambda read=read: read(frame)) == general
+        assert _analysis_or_reason(lambda read=read: read(memoryview(frame))) == general
+    without_l7 = general._replace(http=None) if isinstance(general, Analysis) else general
+    assert _analysis_or_reason(lambda: analyzer.analyze_ip(frame, 14, l7=False)) == without_l7
 
 
 # -- real captures ---------------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ Claim 2 splits the unit in three:
   knows a label's next hop puts a real MPLS label stack entry (RFC 3032, claim 15) between the Ethernet header and
   the IP packet, trimming any Ethernet padding, and counts the frame for the label.
 
+The commonest packet, IPv4 without options carrying TCP without options or UDP (in an untagged frame, or at a
+given offset for :meth:`PacketAnalyzer.analyze_ip`), is read in a few struct unpacks
+(:meth:`PacketAnalyzer._plain`); any packet that is not exactly that, or that fails one of its checks, takes the
+general path, which gives the reason it is dropped. Both give the same :class:`Analysis`.
+
 Non-first IP fragments carry no ports; they are dropped as ``ip_fragment`` (the session's first fragment would have
 to be reassembled to know it, which a label switch does not do).
 """
@@ -29,14 +34,14 @@ from typing import NamedTuple
 
 from mplslb.flow import FlowKey
 from mplslb.wire.errors import WireError
-from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, parse_ethernet
+from mplslb.wire.ethernet import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, parse_ethernet
 from mplslb.wire.http import HTTPError, HttpRequest, peek_request
 from mplslb.wire.icmp import parse_icmp
 from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
-from mplslb.wire.ipv4 import IPv4, ipv4_is_fragment, parse_ipv4
+from mplslb.wire.ipv4 import FRAG_OFFSET_MASK, IPV4_HLEN, IPv4, ipv4_is_fragment, parse_ipv4
 from mplslb.wire.ipv6 import IPv6, parse_ipv6
-from mplslb.wire.tcp import parse_tcp
-from mplslb.wire.udp import parse_udp
+from mplslb.wire.tcp import TCP_HLEN, parse_tcp
+from mplslb.wire.udp import UDP_HLEN, parse_udp
 
 
 class AnalysisError(WireError):
@@ -68,23 +73,69 @@ class PacketAnalyzer:
 
     def analyze(self, frame: bytes | memoryview) -> Analysis:
         """Analyse an unlabelled Ethernet frame. Raises a :class:`WireError` naming why it cannot be used."""
+        if len(frame) >= _PLAIN_MIN and frame[_ETH_TYPE_AT] == _IPV4_HI and frame[_ETH_TYPE_AT + 1] == _IPV4_LO:
+            plain = self._plain(frame, ETH_HLEN, self.l7)
+            if plain is not None:
+                return plain
         eth = parse_ethernet(frame)
         if eth.ethertype == ETH_P_IP:
-            return self._ip(frame, eth.payload_offset, 4)
+            return self._ip(frame, eth.payload_offset, 4, l7=self.l7)
         if eth.ethertype == ETH_P_IPV6:
-            return self._ip(frame, eth.payload_offset, 6)
+            return self._ip(frame, eth.payload_offset, 6, l7=self.l7)
         raise AnalysisError("unsupported_ethertype", f"ethertype {eth.ethertype:#06x}")
 
-    def analyze_ip(self, packet: bytes | memoryview, offset: int = 0) -> Analysis:
-        """Analyse an IP packet that starts at ``offset`` (the version nibble decides v4 or v6)."""
+    def _plain(self, frame: bytes | memoryview, ip: int, l7: bool) -> Analysis | None:
+        """The analysis of an IPv4 packet at ``ip`` whose header has no options, is whole and checks, of a first (or
+        only) fragment, carrying TCP without options or UDP, with its header whole and its length right; None for
+        any other (for the general path, which says why it is dropped if it is)."""
+        vihl, tos, total_length, flags_frag, ttl, proto, src, dst = _PLAIN_IPV4.unpack_from(frame, ip)
+        l4 = ip + IPV4_HLEN
+        end = ip + total_length
+        if (
+            vihl != _PLAIN_VIHL
+            or end > len(frame)
+            or flags_frag & FRAG_OFFSET_MASK
+            or int.from_bytes(frame[ip:l4], "big") % _ONES  # the header's checksum (see mplslb.wire.checksum)
+        ):
+            return None
+        if proto == IPPROTO_TCP:
+            if end - l4 < TCP_HLEN:  # also a total length shorter than the IP header
+                return None
+            sport, dport, seq, doff, flags = _PLAIN_TCP.unpack_from(frame, l4)
+            if doff >> 4 != _TCP_PLAIN_DOFF:
+                return None
+            payload = end - l4 - TCP_HLEN
+            http = _http(frame, l4 + TCP_HLEN, end) if payload > 0 and l7 else None
+        elif proto == IPPROTO_UDP:
+            sport, dport, length = _PLAIN_UDP.unpack_from(frame, l4)
+            if length < UDP_HLEN or length > end - l4:  # also a datagram shorter than its header
+                return None
+            flags, seq, payload = -1, 0, length - UDP_HLEN
+            http = _http(frame, l4 + UDP_HLEN, l4 + length) if payload > 0 and l7 else None
+        else:
+            return None
+        # tuple.__new__ as the NamedTuples' own constructors do, without their Python-level call.
+        key = _new(FlowKey, (proto, src, sport, dst, dport))
+        return _new(Analysis, (key, 4, ip, end, l4, flags, seq, payload, ttl, tos, http, False))
+
+    def analyze_ip(self, packet: bytes | memoryview, offset: int = 0, *, l7: bool = True) -> Analysis:
+        """Analyse an IP packet that starts at ``offset`` (the version nibble decides v4 or v6); ``l7`` False
+        leaves the payload unread (``http`` None) whatever the analyzer's setting."""
         if len(packet) <= offset:
             raise AnalysisError("ip_truncated", "no IP header")
+        if offset >= 0 and packet[offset] == _PLAIN_VIHL and len(packet) - offset >= _PLAIN_MIN - ETH_HLEN:
+            plain = self._plain(packet, offset, l7 and self.l7)
+            if plain is not None:
+                return plain
         version = packet[offset] >> 4
         if version not in (4, 6):
             raise AnalysisError("ip_bad_version", f"version {version}")
-        return self._ip(packet, offset, version)
+        return self._ip(packet, offset, version, l7=l7 and self.l7)
 
-    def _ip(self, frame: bytes | memoryview, offset: int, version: int, quoted: bool = False) -> Analysis:
+    def _ip(
+        self, frame: bytes | memoryview, offset: int, version: int, quoted: bool = False, *, l7: bool = False
+    ) -> Analysis:
+        """The general path; ``l7``: read an HTTP request in the payload."""
         ip: IPv4 | IPv6
         if version == 4:
             ip = parse_ipv4(frame, offset, verify_checksum=not quoted, allow_truncated=quoted)
@@ -106,7 +157,7 @@ class PacketAnalyzer:
                     ttl, tos, None, True,
                 )  # fmt: skip
             payload = end - tcp.payload_offset
-            http = self._http(frame, tcp.payload_offset, end) if payload > 0 else None
+            http = _http(frame, tcp.payload_offset, end) if payload > 0 and l7 else None
             key = FlowKey(proto, ip.src, tcp.sport, ip.dst, tcp.dport)
             return Analysis(key, version, offset, end, start, tcp.flags, tcp.seq, payload, ttl, tos, http, False)
         if proto == IPPROTO_UDP:
@@ -116,7 +167,7 @@ class PacketAnalyzer:
                 return Analysis(key, version, offset, end, start, -1, 0, 0, ttl, tos, None, True)
             udp = parse_udp(frame, start, end)
             payload = udp.end - udp.payload_offset
-            http = self._http(frame, udp.payload_offset, udp.end) if payload > 0 else None
+            http = _http(frame, udp.payload_offset, udp.end) if payload > 0 and l7 else None
             key = FlowKey(proto, ip.src, udp.sport, ip.dst, udp.dport)
             return Analysis(key, version, offset, end, start, -1, 0, payload, ttl, tos, http, False)
         if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and not quoted:
@@ -136,13 +187,27 @@ class PacketAnalyzer:
             raise AnalysisError("icmp_quote_truncated", f"quoted version {version}")
         return self._ip(memoryview(frame)[:end], offset, version, quoted=True)
 
-    def _http(self, frame: bytes | memoryview, start: int, end: int) -> HttpRequest | None:
-        if not self.l7:
-            return None
-        try:
-            return peek_request(memoryview(frame)[start:end])
-        except HTTPError:
-            return None
+
+_ETH_TYPE_AT = 12
+_IPV4_HI, _IPV4_LO = ETH_P_IP.to_bytes(2, "big")
+_PLAIN_VIHL = 0x45  # version 4, a header of 5 words: no options
+_PLAIN_MIN = ETH_HLEN + IPV4_HLEN + UDP_HLEN  # the shortest frame the plain reading takes
+_TCP_PLAIN_DOFF = TCP_HLEN // 4
+#: An IPv4 header's sum of 16-bit words is its value as a big-endian integer modulo 0xFFFF (mplslb.wire.checksum):
+#: 0 when the header checks (an all-zero header, whose sum is 0 too, is not version 4).
+_ONES = 0xFFFF
+#: version and IHL, TOS, total length, flags and fragment offset, TTL, protocol, source, destination.
+_PLAIN_IPV4 = struct.Struct("!BBH2xHBB2x4s4s")
+_PLAIN_TCP = struct.Struct("!HHI4xBB")  # ports, sequence number, data offset, flags
+_PLAIN_UDP = struct.Struct("!HHH")
+_new = tuple.__new__
+
+
+def _http(frame: bytes | memoryview, start: int, end: int) -> HttpRequest | None:
+    try:
+        return peek_request(memoryview(frame)[start:end])
+    except HTTPError:
+        return None
 
 
 _PORTS_SEQ = struct.Struct("!HHI")

@@ -59,7 +59,8 @@ from mplslb.config import (
     server_claims,
 )
 from mplslb.drivers.mplsudp import pseudo_mac
-from mplslb.labels import LabelManager, LabelStats, pair_of
+from mplslb.flow import FlowKey
+from mplslb.labels import LabelManager, LabelStats
 from mplslb.neighbors import announcement, answer
 from mplslb.resolver import MacChange, Resolver
 from mplslb.sessions import FINAL_STATES, HALF_OPEN_STATES, Session, SessionEvent, SessionState, SessionTable
@@ -357,18 +358,20 @@ class Balancer:
 
     def _receive(self, port: int, frame: bytes | memoryview, now: float, out: Frames) -> None:
         self.frames_in += 1
-        before = len(out)
         role = self.ports.get(port)
         if role is None:
             self._drop("unknown_port")
             return
         # The session label inspecting unit (claim 2): a labelled frame is switched on its label alone (claim 9).
         result = switch_frame(self.switching.hot, port, frame, now, out, self._events)
-        if result >= 0:
+        if result >= 0:  # one frame out; the reports that follow send nothing
             self.fast_path += 1
+            self.frames_out += 1
             if self._events:
                 self._handle_events()
-        elif result != DROPPED:
+            return
+        before = len(out)
+        if result != DROPPED:
             self.slow_path += 1
             if role.role == "client":
                 reply = answer(frame, self.vips, role.mac)  # ARP / neighbour solicitation for a VIP
@@ -400,7 +403,7 @@ class Balancer:
             if session is None:
                 self._drop("icmp_no_session")
                 return
-            self._to_server(session, frame, a, now, out)
+            self._to_server(session.c2s, frame, a, now, out)
             return
         vip = self.vips.get(key.dst)
         if vip is None:
@@ -427,7 +430,7 @@ class Balancer:
                 return
             if a.payload_len and self.sessions.request_seen(session, now):
                 self._learn_l7(session, a)
-            self._to_server(session, frame, a, now, out)
+            self._to_server(session.c2s, frame, a, now, out)
             if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
                 if self.sessions.client_ack(session, a.tcp_flags, now):
                     self._handshake_done(session)
@@ -454,15 +457,16 @@ class Balancer:
     def _new_session(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         """Claims 4, 7, 8, 11: admission, a server, a label pair, both labels installed, the frame sent on."""
         tcp = a.key.proto == IPPROTO_TCP
+        sessions = self.sessions
         # Half-open sessions' share used up: the oldest makes room, once this SYN is admitted (a refused SYN evicts
         # nobody).
-        oldest = self._oldest_half_open() if tcp and self.sessions.half_open >= self.max_half_open else None
-        active = self.live - (oldest is not None)
+        oldest = self._oldest_half_open() if tcp and sessions.half_open >= self.max_half_open else None
+        active = sessions.live - (oldest is not None)
         refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
         server: Server | None = None
         if refusal is None:
             if oldest is not None:
-                self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
+                sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
                 self._finish(oldest, now)
             server = self.algorithm.choose(self.pool, a.key, now)
             if server is None:
@@ -491,14 +495,15 @@ class Balancer:
                 out.append((port, refused))
             return
         client_mac = bytes(frame[_SRC_MAC])
-        session = self.sessions.open(
-            a.key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
+        key = a.key
+        session = sessions.open(
+            key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
         )
-        if a.payload_len and self.sessions.request_seen(session, now):
+        if a.payload_len and sessions.request_seen(session, now):
             self._learn_l7(session, a)
         self.pool.session_started(server)
-        self.install_labels(session, now)
-        self._to_server(session, frame, a, now, out)
+        self._install_labels(c2s, key, server, port, client_mac, a.ip_version, True, now, now)
+        self._to_server(c2s, frame, a, now, out)
 
     def install_labels(
         self, session: Session, now: float, *, watched: bool = True, seen: tuple[float, float] | None = None
@@ -508,37 +513,57 @@ class Balancer:
         manager for the response-time measurement and the handshake (a new session); otherwise TCP's FIN and RST
         only (a session replicated from a peer, whose labels were last seen at ``seen``, C2S and S2C)."""
         c2s_seen, s2c_seen = seen or (now, now)
-        key, server, port, client_mac = session.key, session.server, session.client_port, session.client_mac
-        tcp = key.proto == IPPROTO_TCP
-        v6 = IPV6_PAYLOAD if session.ip_version == 6 else 0
+        self._install_labels(
+            session.c2s, session.key, session.server, session.client_port, session.client_mac,
+            session.ip_version, watched, c2s_seen, s2c_seen,
+        )  # fmt: skip
+
+    def _install_labels(
+        self,
+        c2s: int,
+        key: FlowKey,
+        server: Server,
+        port: int,
+        client_mac: bytes,
+        ip_version: int,
+        watched: bool,
+        c2s_seen: float,
+        s2c_seen: float,
+    ) -> None:
+        """:meth:`install_labels` with the session's fields at hand (a new session's, before its row is read)."""
+        proto, src, sport, dst, dport = key
+        tcp = proto == IPPROTO_TCP
+        v6 = IPV6_PAYLOAD if ip_version == 6 else 0
         end_watch = WATCH_TCP_END if tcp else 0
-        self.switching.install(
-            session.c2s,
-            out_port=server.config.port_id,
+        server_port = server.config.port_id
+        install = self.switching.install
+        install(
+            c2s,
+            out_port=server_port,
             next_hop=server.mac,
             in_port=port,
             peer=client_mac,
-            peer_ip=key.src,
+            peer_ip=src,
             # until the client's ACK completes the handshake (and the request is seen, for L7 analysis)
             watch=end_watch
             | v6
             | (WATCH_ALL if tcp and watched else 0)
             | (WATCH_REQUEST if self.analyzer.l7 and watched else 0),
             now=c2s_seen,
-            dst_ip=key.dst,
-            ports=(key.sport, key.dport),
+            dst_ip=dst,
+            ports=(sport, dport),
         )
-        self.switching.install(
-            session.s2c,
+        install(
+            c2s + 1,
             out_port=port,
             next_hop=client_mac,
-            in_port=server.config.port_id,
+            in_port=server_port,
             peer=server.mac,
-            peer_ip=key.dst,
+            peer_ip=dst,
             watch=end_watch | v6 | (WATCH_ALL if watched else 0),
             now=s2c_seen,
-            dst_ip=key.src,
-            ports=(key.dport, key.sport),
+            dst_ip=src,
+            ports=(dport, sport),
         )
 
     def _learn_l7(self, session: Session, a: Analysis) -> None:
@@ -546,9 +571,10 @@ class Balancer:
             host = a.http.host or "(no host)"
             self.l7_hosts[host] = self.l7_hosts.get(host, 0) + 1
 
-    def _to_server(self, session: Session, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
+    def _to_server(self, c2s: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
+        """Send a client's frame to its session's server under the session's C2S label."""
         tc = a.tos >> _TOS_TO_TC
-        self.switching.send(session.c2s, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, tc=tc, ack=_ack(frame, a))
+        self.switching.send(c2s, frame, a.ip_offset, a.ip_end, now, out, ttl=a.ttl, tc=tc, ack=_ack(frame, a))
 
     def _from_server(self, port: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
         # A server's unlabelled reply (or its ICMP error about a client's datagram) still finds its session.
@@ -566,12 +592,15 @@ class Balancer:
     # -- reports from the fast path ------------------------------------------------------------------------------
     def _handle_events(self) -> None:
         events, self._events = self._events, []
+        sessions = self.sessions
         for event in events:
-            session = self.sessions.by_c2s(pair_of(event.label))
+            label = event.label
+            session = sessions.by_c2s((label - 1) | 1)  # the pair's C2S label, odd (labels.pair_of)
             if session is None or session.state in FINAL_STATES:
                 continue
-            self._refresh(session)
-            from_client = event.label & 1 == 1
+            if self.refresh is not None:
+                self._refresh(session)
+            from_client = label & 1 == 1
             flags, a = event.tcp_flags, None
             if flags & TCP_FLAGS_UNKNOWN:  # IPv6 extension headers hid them from the fast path: read the frame
                 a = self._analyze_report(event)
@@ -579,15 +608,19 @@ class Balancer:
             if flags & RST:
                 if not from_client and session.state is SessionState.START:
                     self._server_failed(session.server, DownReason.REFUSED, event.now)
-            elif self.switching.watch[event.label] & WATCH_ALL:
-                self._measure(session, event, from_client, a or self._analyze_report(event))
-            if session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
-                if self.sessions.closes(session, flags, from_client=from_client):
+            elif self.switching.watch[label] & WATCH_ALL:
+                # Time the server's responses from the session's own frames (the session table keeps the measurement).
+                a = a or self._analyze_report(event)
+                tcp_flags, payload = (a.tcp_flags, a.payload_len) if a is not None else (-1, 0)
+                self._observe(session, from_client, tcp_flags, payload, event.now, a)
+            # Only an RST or a FIN can close (SessionTable.closes, tcp_end: nothing to do for any other segment).
+            if flags & (FIN | RST) and session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
+                if sessions.closes(session, flags, from_client=from_client):
                     a = a or self._analyze_report(event)
                     seq = a.tcp_seq if a is not None and a.tcp_flags >= 0 else None
                     if not self._believed(session, flags, from_client, seq):
                         continue
-                self.sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
+                sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
 
     def _believed(self, session: Session, flags: int, from_client: bool, seq: int | None) -> bool:
         """May this RST or FIN (``flags``, sequence number ``seq``, None when unreadable) change the session's state?
@@ -602,15 +635,11 @@ class Balancer:
         return False
 
     def _analyze_report(self, event: FastEvent) -> Analysis | None:
+        """A reported frame's analysis; a server's frame is read without L7 (only a client's request is)."""
         try:
-            return self.analyzer.analyze_ip(event.frame, event.ip_offset)
+            return self.analyzer.analyze_ip(event.frame, event.ip_offset, l7=event.label & 1 == 1)
         except WireError:
             return None
-
-    def _measure(self, session: Session, event: FastEvent, from_client: bool, a: Analysis | None) -> None:
-        """Time the server's responses from the session's own frames (the session table keeps the measurement)."""
-        flags, payload = (a.tcp_flags, a.payload_len) if a is not None else (-1, 0)
-        self._observe(session, from_client, flags, payload, event.now, a)
 
     def _observe(
         self, session: Session, from_client: bool, tcp_flags: int, payload_len: int, now: float, a: Analysis | None

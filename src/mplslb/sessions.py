@@ -305,6 +305,7 @@ class Observation(NamedTuple):
     handshake_done: bool = False  # the client's ACK completed the TCP handshake (ANSWERED -> ESTABLISHED)
 
 
+_new = tuple.__new__  # a NamedTuple's own constructor, without its Python-level call
 _STATES: tuple[SessionState, ...] = (SessionState.START, *SessionState)  # code 0 is a free row (never read)
 _CODE = {state: code for code, state in enumerate(_STATES) if code}
 #: Each state's code in :attr:`SessionTable.state` (0 is a free row), for readers of the arrays.
@@ -384,6 +385,8 @@ class SessionTable:
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
         self._keys = memoryview(self.keys)
+        #: The last key :meth:`lookup` was given, packed: a new session's key is looked up just before it opens.
+        self._looked_up: tuple[FlowKey | None, bytes] = (None, b"")
         self._np_state = np.frombuffer(self.state, dtype=np.uint8)
         self._np_deadline = np.frombuffer(self.deadline, dtype=np.float64)
         self._np_server = np.frombuffer(self.server, dtype=np.uint32)
@@ -451,7 +454,10 @@ class SessionTable:
             raise ValueError(f"label {c2s} is not a C2S label of this table")
         if self.state[pair] != _FREE:
             raise ValueError(f"label {c2s} already in the table")
-        packed = _KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
+        proto = key.proto
+        looked, packed = self._looked_up
+        if looked is not key:  # the key's lookup (an unlabelled frame's, just before) packed it already
+            packed = _KEY.pack(proto, len(key.src), key.sport, key.dport, key.src, key.dst)
         slot, found = self._slot_of(packed)
         if found != _EMPTY:
             raise ValueError(f"session {key} already in the table")
@@ -462,7 +468,7 @@ class SessionTable:
         self.home[pair] = hash(packed) & self._mask
         # Every field first, the state byte last: a row is valid only once complete (see mplslb.state).
         self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size] = packed
-        self.proto[pair] = key.proto
+        self.proto[pair] = proto
         self.ip_version[pair] = ip_version
         self.rt_budget[pair] = WATCH_BUDGET
         self.end_reason[pair] = 0
@@ -473,14 +479,15 @@ class SessionTable:
         self.request_at[pair] = 0.0
         self.end_time[pair] = 0.0
         self.ending_at[pair] = 0.0
-        self._count += 1
+        count = self._count = self._count + 1
         self.started += 1
         self.live += 1
-        self.peak = max(self.peak, self._count)
+        if count > self.peak:
+            self.peak = count
         session = Session(self, pair)
-        self.arm(session, now + self.timeouts.idle(key.proto, SessionState.START))
+        self.arm(session, now + self.timeouts.idle(proto, SessionState.START))
         self.state[pair] = _START
-        if key.proto == IPPROTO_TCP:
+        if proto == IPPROTO_TCP:
             self.half_open += 1
             self._queue_half_open(pair, now)
         if self.on_change is not None:
@@ -508,6 +515,7 @@ class SessionTable:
 
     def lookup(self, key: FlowKey) -> Session | None:
         packed = _KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
+        self._looked_up = (key, packed)
         row = self._slot_of(packed)[1]
         return None if row == _EMPTY else Session(self, row)
 
@@ -674,7 +682,7 @@ class SessionTable:
         pair = session.pair
         handshake = from_client and self.client_ack(session, tcp_flags, now)
         if self.rt_budget[pair] <= 0 or self.state[pair] in _FINAL_CODES:
-            return Observation(None, False, False, True, handshake)
+            return _new(Observation, (None, False, False, True, handshake))
         self.rt_budget[pair] -= 1
         sample: float | None = None
         replied = request = False
@@ -691,7 +699,7 @@ class SessionTable:
             elif self.request_at[pair]:
                 sample = now - self.request_at[pair]
                 self.rt_budget[pair] = 0
-        return Observation(sample, replied, request, self.rt_budget[pair] <= 0, handshake)
+        return _new(Observation, (sample, replied, request, self.rt_budget[pair] <= 0, handshake))
 
     def stop_measuring(self, session: Session) -> None:
         """End the response-time measurement without a sample (its watched frames were spent elsewhere)."""

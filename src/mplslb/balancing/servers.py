@@ -182,11 +182,15 @@ class Server:
 
     @property
     def eligible(self) -> bool:
-        """True if the server may take a new session now."""
-        return (
-            self.status is ServerStatus.UP and self.weight > 0 and self.mac != b"" and not self.full
-            and not self.overloaded
-        )  # fmt: skip
+        """True if the server may take a new session now: in service, not :attr:`full`, not :attr:`overloaded`
+        (both read here without their own calls: this is asked of every server for every new session)."""
+        if self.status is not ServerStatus.UP or self.weight <= 0 or not self.mac:
+            return False
+        limit = self.config.max_sessions
+        if limit != 0 and self.active >= limit:
+            return False
+        rt = self.rt_ewma
+        return not (self._rt_limit > 0 and rt is not None and rt > self._rt_limit)
 
     def __repr__(self) -> str:
         return (

@@ -106,6 +106,7 @@ DROPPED = -2
 _unpack_entry = ENTRY.unpack_from
 _pack_entry = ENTRY.pack
 _join = b"".join
+_new = tuple.__new__  # a NamedTuple's own constructor, without its Python-level call
 _VLAN_LSE_AT = LSE_AT + VLAN_HLEN
 _ETH_SRC_END = ETH_SRC + 6
 _REPORTED = TCP_END | TCP_FLAGS_UNKNOWN
@@ -248,7 +249,7 @@ def switch_frame(
                 ):
                     acks[label] = ACK_KNOWN | _unpack_ack(frame, at - _ACK_BEFORE_FLAGS)[0]
         if watch & WATCH_ALL or flags & _REPORTED:
-            events.append(FastEvent(label, frame, ip, flags, now))
+            events.append(_new(FastEvent, (label, frame, ip, flags, now)))
     return out_port
 
 

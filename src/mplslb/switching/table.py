@@ -39,6 +39,7 @@ order, as they happen.
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -71,11 +72,15 @@ PEER_IP_MAX = 16
 #: The drop reason of a frame outside its label's session flow.
 WRONG_FLOW = "label_wrong_flow"
 _SEQ_MASK = (1 << 32) - 1
+_PORTS = struct.Struct("!HH")
+_PORT_MAX = 0xFFFF
+#: Byte strings :meth:`LabelSwitchingTable.install` interns per label (rewrite, peer, peer IP).
+_INTERNED_PER_LABEL = 3
 
 
 def flow_key(src: bytes, dst: bytes, ports: tuple[int, int]) -> bytes:
     """A label's flow key (see :func:`flow_parts`): its packets' IP source and destination and their two ports."""
-    return bytes(src) + bytes(dst) + ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big")
+    return bytes(src) + bytes(dst) + _PORTS.pack(*ports)
 
 
 def flow_parts(key: bytes) -> tuple[bytes, bytes]:
@@ -244,17 +249,30 @@ class LabelSwitchingTable:
 
         The flow binding of a session label: its packets go from ``peer_ip`` to ``dst_ip`` and, when TCP or UDP,
         from port ``ports[0]`` to ``ports[1]`` (the session's flow as this direction carries it)."""
+        port_macs = self._port_macs
         if not RESERVED_LABEL_MAX < label < LABEL_SPACE:
             raise ValueError(f"label {label} is outside the usable label space")
-        if out_port not in self._port_macs or in_port not in self._port_macs:
+        if out_port not in port_macs or in_port not in port_macs:
             raise ValueError(f"unknown port in install: out {out_port}, in {in_port}")
         if len(next_hop) != ETH_ALEN or len(peer) != ETH_ALEN:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
         if len(peer_ip) > PEER_IP_MAX:
             raise ValueError("peer_ip must be an IPv4 or IPv6 address")
-        flow = self._flow(watch, peer_ip, dst_ip, ports)
-        if self.valid[label]:
-            self.valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
+        peer_ip = bytes(peer_ip)
+        if ports is None:
+            if dst_ip:
+                raise ValueError("a flow binding needs the session's ports")
+            flow = b""
+        else:
+            size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
+            if len(peer_ip) != size or len(dst_ip) != size:
+                raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
+            if len(ports) != 2 or not (0 <= ports[0] <= _PORT_MAX and 0 <= ports[1] <= _PORT_MAX):
+                raise ValueError(f"ports {ports} are not two ports of 0-65535")
+            flow = peer_ip + bytes(dst_ip) + _PORTS.pack(*ports)
+        valid = self.valid
+        if valid[label]:
+            valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
         else:
             self.installed += 1
         self.watch[label] = watch & WATCH_BITS
@@ -262,17 +280,25 @@ class LabelSwitchingTable:
         self.out_port[label] = out_port
         self.in_port[label] = in_port
         # Many labels share these values (one rewrite per next hop and port, a router's MAC for all its clients,
-        # the VIP as every S2C label's source): keep one object of each, about 100 bytes less per session.
-        self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[out_port])
-        self.peer[label] = self._intern(bytes(peer))
-        self.peer_ip[label] = self._intern(bytes(peer_ip))
+        # the VIP as every S2C label's source): keep one object of each, about 100 bytes less per session. The
+        # pool is bounded (cleared when it could fill: sharing is an economy, never a requirement).
+        pool = self._interned
+        if len(pool) > INTERN_LIMIT - _INTERNED_PER_LABEL:
+            pool.clear()
+        intern = pool.setdefault
+        rewrite = bytes(next_hop) + port_macs[out_port]
+        self.rewrite[label] = intern(rewrite, rewrite)
+        peer = bytes(peer)
+        self.peer[label] = intern(peer, peer)
+        self.peer_ip[label] = intern(peer_ip, peer_ip)
         self.flow[label] = flow
         self.bound[label] = 1 if flow else 0
         self.packets[label] = 0
         self.bytes[label] = 0
         self.last_seen[label] = now
         self.acks[label] = 0
-        self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+        generation = self.generation
+        generation[label] = (generation[label] + 1) & 0xFFFFFFFF
         if self._kept is not None:
             kept = self._kept
             kept.next_hop[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
@@ -282,10 +308,11 @@ class LabelSwitchingTable:
             if flow:
                 kept.dst_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(dst_ip)] = dst_ip
                 kept.ports[label * L4_PORTS_LEN : (label + 1) * L4_PORTS_LEN] = flow[-L4_PORTS_LEN:]
-        self.valid[label] = 1  # last: the entry is complete
+        valid[label] = 1  # last: the entry is complete
         self.version += 1
-        for mirror in self.mirrors:
-            mirror.installed(label)
+        if self.mirrors:
+            for mirror in self.mirrors:
+                mirror.installed(label)
 
     def withdraw(self, label: int) -> None:
         """Remove ``label`` from the table: later frames with it are dropped as ``label_unknown``."""
@@ -381,19 +408,6 @@ class LabelSwitchingTable:
     def remove_mirror(self, mirror: Mirror) -> None:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
-
-    def _flow(self, watch: int, peer_ip: bytes, dst_ip: bytes, ports: tuple[int, int] | None) -> bytes:
-        """The flow binding :meth:`install` was given, checked."""
-        if ports is None:
-            if dst_ip:
-                raise ValueError("a flow binding needs the session's ports")
-            return b""
-        size = IPV6_ADDR_LEN if watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
-        if len(peer_ip) != size or len(dst_ip) != size:
-            raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
-        if not all(0 <= port <= 0xFFFF for port in ports) or len(ports) != 2:
-            raise ValueError(f"ports {ports} are not two ports of 0-65535")
-        return flow_key(peer_ip, dst_ip, ports)
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
