@@ -64,6 +64,16 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def wait_until(predicate: Any, timeout: float) -> bool:
+    """Whether ``predicate`` held within ``timeout`` seconds (for the caller to assert)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -384,8 +394,10 @@ def test_a_fourth_node_joins_under_load_and_takes_new_sessions(clustered: Lab, t
     try:
         added = lab.add_node()
         joined = lab.wait_next_hops(VIP4, NODES + 1, REJOIN_WAIT)
+        # it announced itself once synced; its status snapshot, refreshed every second, may not say so yet
+        synced = wait_until(lambda: node_status(lab, added)["cluster"]["synced"], 3.0)
         cluster = node_status(lab, added)["cluster"]
-        assert cluster["synced"] and cluster["node"] == added + 1 and cluster["nodes"] == SLICES
+        assert synced and cluster["node"] == added + 1 and cluster["nodes"] == SLICES
         assert {p["address"] for p in cluster["peers"]} == {f"{lab.node_addr(i)}:6640" for i in range(NODES)}
         before = allocated(lab)
         bodies = lab.curl(0, 40)
