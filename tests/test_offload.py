@@ -619,6 +619,39 @@ def test_counters_survive_an_entry_rewritten_or_taken_back_between_polls(topo: t
         offload.close()
 
 
+@needs_kernel
+def test_a_label_reused_before_the_next_sync_starts_with_no_ack_in_the_kernel(
+    topo: tuple[str, str], obj: bytes
+) -> None:
+    """A label withdrawn and installed again for another session before the next sync (its session ended and the
+    label went to the next one in the same batch): the kernel's entry is the ended session's, so neither its
+    acknowledgment number nor its counters are folded into the new session's, in the table or in the rewritten
+    entry; until the sync the table's own number (none) judges the new session's RSTs and FINs."""
+    lb, _ = topo
+    balancer = standard_balancer()
+    sw = balancer.switching
+    sw.install(A, **INSTALLS[A])
+    offload = offload_in(lb, balancer, obj)
+    try:
+        with entered(lb):
+            c0 = client_addr(0)
+            frame = from_client(A, ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, 40000, 80, ACK, b"x", ack=777)))
+            assert [offload.run(frame, 0).retval for _ in range(2)] == [bpf.XDP_REDIRECT] * 2
+        assert offload.ack(A) == sw.last_ack(A) == ACK_KNOWN | 777
+        sw.withdraw(A)
+        sw.install(A, **INSTALLS[A] | {"peer": client_mac(4)})
+        assert sw.last_ack(A) == 0 and sw.in_window(A, 12345, 0)  # nothing to judge the new session by yet
+        assert offload.sync() == 1
+        entry = offload.lookup(A)
+        assert entry is not None and entry[3] == client_mac(4)
+        assert offload.ack(A) == 0 and sw.last_ack(A) == 0
+        assert sw.packets[A] == 0 and sw.bytes[A] == 0  # the ended session's frames are not the new one's
+        offload.poll()
+        assert sw.packets[A] == 0 and sw.acks[A] == 0
+    finally:
+        offload.close()
+
+
 def xdp_state_in(ns: str, ifindex: int) -> tuple[str, int]:
     with entered(ns):
         return xdp_state(ifindex)
@@ -1183,6 +1216,56 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         core.offload.poll()  # the kernel's frames are counted as the reference counted them
         for label in (c2s, s2c):
             assert kernel.switching.traffic(label) == reference.switching.traffic(label)
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With L7 analysis a measured session's first request goes up (its Host is read there): the program records its
+    acknowledgment number before passing it, as userspace records it when it forwards it, so the server's RST
+    is judged by it as without the offload."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
+    c0 = client_addr(0)
+    far = 0x8000_0000  # the request's acknowledgment number, far from the handshake's (0)
+    try:
+
+        def both(port: int, frame: bytes, verdict: int) -> None:
+            now = loop.clock()
+            expected = reference.receive(port, frame, now)
+            with entered(lb):
+                run = core.offload.run(frame, port)
+            assert run.retval == verdict
+            if verdict == bpf.XDP_PASS:
+                assert core.receive_batch([(port, frame)], now) == expected
+            else:
+                assert [run.data] == [sent for _, sent in expected]
+
+        syn = ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN))
+        ((_, first),) = core.receive_batch([(0, syn)], loop.clock())
+        assert reference.receive(0, syn, loop.clock()) == [(_, first)]
+        c2s = label_of(first)
+        session = core.balancer.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+
+        def server(flags: int, **kw: int) -> bytes:
+            return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, flags, **kw)),
+                               port=port, mac=mac)  # fmt: skip
+
+        both(port, server(SYN | ACK, ack=1001), bpf.XDP_REDIRECT)
+        both(0, from_client(c2s, v4_tcp(ACK)), bpf.XDP_REDIRECT)
+        request = tcp_segment(c0, VIP, 40000, 80, ACK | PSH, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", ack=far)
+        both(0, from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, request)), bpf.XDP_PASS)
+        assert core.offload.ack(c2s) == reference.switching.acks[c2s] == ACK_KNOWN | far
+        both(port, server(RST, seq=far), bpf.XDP_PASS)  # within the window of the request's number: believed
+        ours, theirs = core.balancer.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+        assert ours is not None and theirs is not None
+        assert ours.state is theirs.state is SessionState.ENDING
+        assert core.balancer.sessions.not_believed == reference.sessions.not_believed == {}
     finally:
         core.close()
 
