@@ -9,6 +9,7 @@ configuration tests.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -61,7 +62,7 @@ from helpers import (
     udp_datagram,
 )
 from mplslb.balancer import Balancer
-from mplslb.config import ConfigError, Section, read_offload, read_offload_syn_rate
+from mplslb.config import BalancerConfig, ConfigError, Section, read_offload, read_offload_syn_rate
 from mplslb.drivers.afpacket import PacketPort
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
@@ -102,13 +103,18 @@ has_clang = shutil.which("clang") is not None or bool(os.environ.get("MPLSLB_CLA
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: What a test of the program needs: root (bpf(2), namespaces, veth pairs) and clang (it is built from source).
+KERNEL_MARKS = (
+    pytest.mark.root,
+    pytest.mark.skipif(not is_root, reason="needs root: bpf(2), namespaces, veth pairs"),
+    pytest.mark.skipif(not has_clang, reason="needs clang to build the XDP program (make debs installs it)"),
+)
+
+
 def needs_kernel(test: F) -> F:
-    """Root (bpf(2), namespaces, veth pairs) and clang (the program is built from source)."""
-    test = pytest.mark.root(test)
-    test = pytest.mark.skipif(not is_root, reason="needs root: bpf(2), namespaces, veth pairs")(test)
-    return pytest.mark.skipif(not has_clang, reason="needs clang to build the XDP program (make debs installs it)")(
-        test
-    )
+    for mark in KERNEL_MARKS:
+        test = mark(test)
+    return test
 
 
 S1, S2 = SERVERS[0], SERVERS[1]
@@ -401,6 +407,13 @@ def _quiet(name: str) -> None:
 def topo() -> Iterator[tuple[str, str]]:
     """Namespace ``lb`` with interfaces p0..p3 (the balancer's ports, with the standard layout's MACs), each a veth
     whose peer e0..e3 is in namespace ``peer``. Yields (lb, peer)."""
+    with veth_namespaces() as names:
+        yield names
+
+
+@contextlib.contextmanager
+def veth_namespaces() -> Iterator[tuple[str, str]]:
+    """The namespaces of :func:`topo`, for tests that set them up themselves; removed on the way out."""
     tag = f"mlbo{os.getpid() % 100000}x{next(_serial)}"
     lb, peer = f"{tag}l", f"{tag}e"
     created: list[str] = []
@@ -1130,14 +1143,18 @@ def label_of_or_none(frame: bytes) -> int | None:
     return label_of(frame) if frame[at : at + 2] == b"\x88\x47" and len(frame) >= at + 6 else None
 
 
+def on_veths(config: BalancerConfig) -> BalancerConfig:
+    """``config`` with each port on the interface of :func:`veth_namespaces` named after its id."""
+    return replace(config, ports=tuple(replace(p, interface=f"p{p.port_id}") for p in config.ports))
+
+
 def _measured_pair(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
 ) -> tuple[OffloadedBalancer, Balancer, Loop]:
     """The daemon's wrapper over a balancer on p0..p3 (the kernel measures new sessions) and a reference balancer
     of the same configuration without it."""
     monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
-    ports = tuple(replace(p, interface=f"p{p.port_id}") for p in standard_config().ports)
-    config = standard_config(ports=ports, **overrides)
+    config = on_veths(standard_config(**overrides))
     loop = Loop()
     with entered(lb):
         core = OffloadedBalancer(Balancer(config), loop)
