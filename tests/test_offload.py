@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pyroute2 import IPRoute, netns
 
@@ -78,6 +78,7 @@ from mplslb.switching.layout import (
     IP_AT,
     IPV4_FRAG_AT,
     IPV4_PLAIN,
+    IPV4_PROTO,
     IPV6_NEXT_HEADER,
     LSE_AT,
 )
@@ -885,8 +886,9 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
     addresses, ports, protocol, IHL, label entry; frames of earlier sessions whose labels were since reused
     among them). Every frame the program redirects or the block path switches, the one-frame path forwards to the
     same port with the same bytes; every frame the one-frame path forwards, the block path switches and the
-    program redirects, but for the documented exceptions (an 802.1Q tag, IPv6 extension headers under a
-    flow-bound label, a label kept out of the kernel, a frame the session manager must see)."""
+    program redirects, but for the documented exceptions (an 802.1Q tag, IPv6 extension headers or a packet
+    without ports (another protocol, a later fragment) under a flow-bound label, a label kept out of the kernel, a
+    frame the session manager must see)."""
     lb, _ = topo
     config, calls = recording()
     balancer = Balancer(config)
@@ -926,9 +928,11 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
                 plain = True
             elif table.v6[label]:
                 plain = frame[IP_AT + IPV6_NEXT_HEADER] in (IPPROTO_TCP, IPPROTO_UDP)
-            else:  # a later fragment carries no ports: the block path leaves it to the one-frame path
+            else:  # a later fragment or another protocol carries no ports: left to the one-frame path (when the
+                # octets where the ports would be differ from the flow's), which forwards it on its addresses
                 later = int.from_bytes(frame[IP_AT + IPV4_FRAG_AT : IP_AT + IPV4_FRAG_AT + 2]) & FRAG_OFFSET_MASK
-                plain = frame[IP_AT] == IPV4_PLAIN and not later
+                ported = frame[IP_AT + IPV4_PROTO] in (IPPROTO_TCP, IPPROTO_UDP)
+                plain = frame[IP_AT] == IPV4_PLAIN and ported and not later
             assert verdict.switched[0] or tagged or not plain  # the block path takes plain packets of the flow
             assert run.retval == bpf.XDP_REDIRECT or offload.lookup(label) is None or events or extended
 
@@ -936,6 +940,7 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(which=st.integers(0, 1 << 16), muts=st.lists(header_mutation, min_size=1, max_size=3))
+    @example(which=1, muts=[("flip", 38, 0), ("flip", 85, 0)])
     def mutated(now: float, which: int, muts: list[tuple[str, int, int]]) -> None:
         port, frame = recorded[which % len(recorded)]
         three_ways(port, mutate(frame, muts), now)
