@@ -700,9 +700,7 @@ class TrustMachine(RuleBasedStateMachine):
 
     config = TRUST_CONFIG
 
-    @initialize(
-        opened=st.lists(st.tuples(CLIENTS, st.sampled_from(SPORTS), st.sampled_from(ACKS)), min_size=1, max_size=3)
-    )
+    @initialize(opened=st.lists(OPENED, min_size=1, max_size=3))
     def setup(self, opened: list[tuple[int, int, int]]) -> None:
         """The balancers, the endpoints and the first sessions (whatever rules an example leaves out)."""
         self.make_balancers()
