@@ -65,6 +65,7 @@ VIP4 = "10.0.0.100"
 VIP6 = "fd00::100"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+LAB_CONTROL_TIMEOUT = 10.0  # the lab's questions to its daemons, which may be busy under a flood
 ROUTER_AS = 65000
 NODE_AS = 65001
 SYNC_PORT = 6640  # the nodes' session sync ([cluster])
@@ -786,14 +787,13 @@ class Lab:
         return figures
 
     def status(self) -> dict[str, Any]:
-        from mplslb.control.client import request
-
-        return request(self.control_socket, {"cmd": "status"})
+        return self.command(cmd="status")
 
     def command(self, **req: Any) -> dict[str, Any]:
+        """Ask the balancer's daemon; a daemon busy under a flood on a small machine gets more than the CLI's 2 s."""
         from mplslb.control.client import request
 
-        return request(self.control_socket, req)
+        return request(self.control_socket, req, timeout=LAB_CONTROL_TIMEOUT)
 
     def kill_nginx(self, j: int) -> None:
         key = f"nginx-{self.server_name(j)}"
