@@ -9,6 +9,7 @@ configuration tests.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pyroute2 import IPRoute, netns
 
@@ -61,7 +62,7 @@ from helpers import (
     udp_datagram,
 )
 from mplslb.balancer import Balancer
-from mplslb.config import ConfigError, Section, read_offload, read_offload_syn_rate
+from mplslb.config import BalancerConfig, ConfigError, Section, read_offload, read_offload_syn_rate
 from mplslb.drivers.afpacket import PacketPort
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
@@ -77,6 +78,7 @@ from mplslb.switching.layout import (
     IP_AT,
     IPV4_FRAG_AT,
     IPV4_PLAIN,
+    IPV4_PROTO,
     IPV6_NEXT_HEADER,
     LSE_AT,
 )
@@ -102,13 +104,18 @@ has_clang = shutil.which("clang") is not None or bool(os.environ.get("MPLSLB_CLA
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: What a test of the program needs: root (bpf(2), namespaces, veth pairs) and clang (it is built from source).
+KERNEL_MARKS = (
+    pytest.mark.root,
+    pytest.mark.skipif(not is_root, reason="needs root: bpf(2), namespaces, veth pairs"),
+    pytest.mark.skipif(not has_clang, reason="needs clang to build the XDP program (make debs installs it)"),
+)
+
+
 def needs_kernel(test: F) -> F:
-    """Root (bpf(2), namespaces, veth pairs) and clang (the program is built from source)."""
-    test = pytest.mark.root(test)
-    test = pytest.mark.skipif(not is_root, reason="needs root: bpf(2), namespaces, veth pairs")(test)
-    return pytest.mark.skipif(not has_clang, reason="needs clang to build the XDP program (make debs installs it)")(
-        test
-    )
+    for mark in KERNEL_MARKS:
+        test = mark(test)
+    return test
 
 
 S1, S2 = SERVERS[0], SERVERS[1]
@@ -401,6 +408,13 @@ def _quiet(name: str) -> None:
 def topo() -> Iterator[tuple[str, str]]:
     """Namespace ``lb`` with interfaces p0..p3 (the balancer's ports, with the standard layout's MACs), each a veth
     whose peer e0..e3 is in namespace ``peer``. Yields (lb, peer)."""
+    with veth_namespaces() as names:
+        yield names
+
+
+@contextlib.contextmanager
+def veth_namespaces() -> Iterator[tuple[str, str]]:
+    """The namespaces of :func:`topo`, for tests that set them up themselves; removed on the way out."""
     tag = f"mlbo{os.getpid() % 100000}x{next(_serial)}"
     lb, peer = f"{tag}l", f"{tag}e"
     created: list[str] = []
@@ -615,6 +629,39 @@ def test_counters_survive_an_entry_rewritten_or_taken_back_between_polls(topo: t
         offload.poll()
         offload.poll()
         assert sw.packets[A] == 5  # folded once
+    finally:
+        offload.close()
+
+
+@needs_kernel
+def test_a_label_reused_before_the_next_sync_starts_with_no_ack_in_the_kernel(
+    topo: tuple[str, str], obj: bytes
+) -> None:
+    """A label withdrawn and installed again for another session before the next sync (its session ended and the
+    label went to the next one in the same batch): the kernel's entry is the ended session's, so neither its
+    acknowledgment number nor its counters are folded into the new session's, in the table or in the rewritten
+    entry; until the sync the table's own number (none) judges the new session's RSTs and FINs."""
+    lb, _ = topo
+    balancer = standard_balancer()
+    sw = balancer.switching
+    sw.install(A, **INSTALLS[A])
+    offload = offload_in(lb, balancer, obj)
+    try:
+        with entered(lb):
+            c0 = client_addr(0)
+            frame = from_client(A, ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, 40000, 80, ACK, b"x", ack=777)))
+            assert [offload.run(frame, 0).retval for _ in range(2)] == [bpf.XDP_REDIRECT] * 2
+        assert offload.ack(A) == sw.last_ack(A) == ACK_KNOWN | 777
+        sw.withdraw(A)
+        sw.install(A, **INSTALLS[A] | {"peer": client_mac(4)})
+        assert sw.last_ack(A) == 0 and sw.in_window(A, 12345, 0)  # nothing to judge the new session by yet
+        assert offload.sync() == 1
+        entry = offload.lookup(A)
+        assert entry is not None and entry[3] == client_mac(4)
+        assert offload.ack(A) == 0 and sw.last_ack(A) == 0
+        assert sw.packets[A] == 0 and sw.bytes[A] == 0  # the ended session's frames are not the new one's
+        offload.poll()
+        assert sw.packets[A] == 0 and sw.acks[A] == 0
     finally:
         offload.close()
 
@@ -839,8 +886,9 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
     addresses, ports, protocol, IHL, label entry; frames of earlier sessions whose labels were since reused
     among them). Every frame the program redirects or the block path switches, the one-frame path forwards to the
     same port with the same bytes; every frame the one-frame path forwards, the block path switches and the
-    program redirects, but for the documented exceptions (an 802.1Q tag, IPv6 extension headers under a
-    flow-bound label, a label kept out of the kernel, a frame the session manager must see)."""
+    program redirects, but for the documented exceptions (an 802.1Q tag, IPv6 extension headers or a packet
+    without ports (another protocol, a later fragment) under a flow-bound label, a label kept out of the kernel, a
+    frame the session manager must see)."""
     lb, _ = topo
     config, calls = recording()
     balancer = Balancer(config)
@@ -880,9 +928,11 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
                 plain = True
             elif table.v6[label]:
                 plain = frame[IP_AT + IPV6_NEXT_HEADER] in (IPPROTO_TCP, IPPROTO_UDP)
-            else:  # a later fragment carries no ports: the block path leaves it to the one-frame path
+            else:  # a later fragment or another protocol carries no ports: left to the one-frame path (when the
+                # octets where the ports would be differ from the flow's), which forwards it on its addresses
                 later = int.from_bytes(frame[IP_AT + IPV4_FRAG_AT : IP_AT + IPV4_FRAG_AT + 2]) & FRAG_OFFSET_MASK
-                plain = frame[IP_AT] == IPV4_PLAIN and not later
+                ported = frame[IP_AT + IPV4_PROTO] in (IPPROTO_TCP, IPPROTO_UDP)
+                plain = frame[IP_AT] == IPV4_PLAIN and ported and not later
             assert verdict.switched[0] or tagged or not plain  # the block path takes plain packets of the flow
             assert run.retval == bpf.XDP_REDIRECT or offload.lookup(label) is None or events or extended
 
@@ -890,6 +940,7 @@ def test_recorded_and_mutated_frames_agree_across_the_three_paths(topo: tuple[st
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(which=st.integers(0, 1 << 16), muts=st.lists(header_mutation, min_size=1, max_size=3))
+    @example(which=1, muts=[("flip", 38, 0), ("flip", 85, 0)])
     def mutated(now: float, which: int, muts: list[tuple[str, int, int]]) -> None:
         port, frame = recorded[which % len(recorded)]
         three_ways(port, mutate(frame, muts), now)
@@ -1097,14 +1148,18 @@ def label_of_or_none(frame: bytes) -> int | None:
     return label_of(frame) if frame[at : at + 2] == b"\x88\x47" and len(frame) >= at + 6 else None
 
 
+def on_veths(config: BalancerConfig) -> BalancerConfig:
+    """``config`` with each port on the interface of :func:`veth_namespaces` named after its id."""
+    return replace(config, ports=tuple(replace(p, interface=f"p{p.port_id}") for p in config.ports))
+
+
 def _measured_pair(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
 ) -> tuple[OffloadedBalancer, Balancer, Loop]:
     """The daemon's wrapper over a balancer on p0..p3 (the kernel measures new sessions) and a reference balancer
     of the same configuration without it."""
     monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
-    ports = tuple(replace(p, interface=f"p{p.port_id}") for p in standard_config().ports)
-    config = standard_config(ports=ports, **overrides)
+    config = on_veths(standard_config(**overrides))
     loop = Loop()
     with entered(lb):
         core = OffloadedBalancer(Balancer(config), loop)
@@ -1183,6 +1238,56 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         core.offload.poll()  # the kernel's frames are counted as the reference counted them
         for label in (c2s, s2c):
             assert kernel.switching.traffic(label) == reference.switching.traffic(label)
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With L7 analysis a measured session's first request goes up (its Host is read there): the program records its
+    acknowledgment number before passing it, as userspace records it when it forwards it, so the server's RST
+    is judged by it as without the offload."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
+    c0 = client_addr(0)
+    far = 0x8000_0000  # the request's acknowledgment number, far from the handshake's (0)
+    try:
+
+        def both(port: int, frame: bytes, verdict: int) -> None:
+            now = loop.clock()
+            expected = reference.receive(port, frame, now)
+            with entered(lb):
+                run = core.offload.run(frame, port)
+            assert run.retval == verdict
+            if verdict == bpf.XDP_PASS:
+                assert core.receive_batch([(port, frame)], now) == expected
+            else:
+                assert [run.data] == [sent for _, sent in expected]
+
+        syn = ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN))
+        ((_, first),) = core.receive_batch([(0, syn)], loop.clock())
+        assert reference.receive(0, syn, loop.clock()) == [(_, first)]
+        c2s = label_of(first)
+        session = core.balancer.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+
+        def server(flags: int, **kw: int) -> bytes:
+            return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, flags, **kw)),
+                               port=port, mac=mac)  # fmt: skip
+
+        both(port, server(SYN | ACK, ack=1001), bpf.XDP_REDIRECT)
+        both(0, from_client(c2s, v4_tcp(ACK)), bpf.XDP_REDIRECT)
+        request = tcp_segment(c0, VIP, 40000, 80, ACK | PSH, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", ack=far)
+        both(0, from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, request)), bpf.XDP_PASS)
+        assert core.offload.ack(c2s) == reference.switching.acks[c2s] == ACK_KNOWN | far
+        both(port, server(RST, seq=far), bpf.XDP_PASS)  # within the window of the request's number: believed
+        ours, theirs = core.balancer.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+        assert ours is not None and theirs is not None
+        assert ours.state is theirs.state is SessionState.ENDING
+        assert core.balancer.sessions.not_believed == reference.sessions.not_believed == {}
     finally:
         core.close()
 

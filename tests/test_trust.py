@@ -1,18 +1,27 @@
 """What a forger on a client's Ethernet segment cannot do to the sessions of others: end them, enter them, fill the
 table with half-open sessions, take a server down with unanswered SYNs, or get a late frame into a reused label's
 new session. The last part is a stateful property test over the balancer core, run through the one-frame, batch
-and block paths."""
+and block paths, and through the kernel offload's XDP program (root and clang) with the balancer behind it."""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from helpers import (
     ACK,
@@ -41,13 +50,18 @@ from mplslb.balancer import Balancer, Frames
 from mplslb.balancing.admission import Refusal
 from mplslb.balancing.servers import ServerStatus
 from mplslb.config import BalancerConfig, ConfigError, Section, balancer_config_from_section
+from mplslb.drivers.loop import Loop
+from mplslb.drivers.netns import entered
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, ServerEndpoint
 from mplslb.flow import FlowKey
+from mplslb.offload import bpf
+from mplslb.offload.driver import OffloadedBalancer
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.switching import WATCH_ALL, LabelSwitchingTable
-from mplslb.switching.layout import ACK_KNOWN
+from mplslb.switching.layout import ACK_KNOWN, ETH_P_MPLS_UC, ETH_TYPE, LSE_AT
 from mplslb.wire.mpls import ENTRY
 from test_block import listed
+from test_offload import KERNEL_MARKS, needs_kernel, on_veths, veth_namespaces
 
 ATTACKER = mac(0xEE, 1)  # another host on client 0's segment (port 0)
 LINGER = 2.0
@@ -640,12 +654,15 @@ TRUST_CONFIG = make_config(
     fail_threshold=1000,  # server health is not what this machine is about
 )
 CLIENT_COUNT = 3
+CLIENTS = st.integers(0, CLIENT_COUNT - 1)
 SPORTS = (40000, 40001, 40002)
 SERVER_FLAGS = (SYN | ACK, PSH | ACK, FIN | ACK, RST | ACK)
 CLIENT_FLAGS = (SYN, ACK, PSH | ACK, FIN | ACK, RST)
 #: Acknowledgment numbers the endpoints send, and sequence numbers forgers pick: near the other end's and far.
 ACKS = (101, 501, 0x8000_0101)
 FORGED_SEQS = (101, 500, 0x8000_0100, 0xFFFF_0000)
+#: A session the machine opens first: (client, source port, the acknowledgment number of its server's answer).
+OPENED = st.tuples(CLIENTS, st.sampled_from(SPORTS), st.sampled_from(ACKS))
 _ANALYZER = PacketAnalyzer(l7=False)
 
 
@@ -654,6 +671,14 @@ class Sent:
     port: int
     frame: bytes
     at: float
+    flow: FlowKey  # the flow of the session it belongs to, as the client sends it
+
+
+def session_flow(frame: bytes) -> FlowKey:
+    """The flow a frame of the machine's (labelled or not) belongs to, as the client sends it."""
+    mpls = frame[ETH_TYPE : ETH_TYPE + 2] == ETH_P_MPLS_UC.to_bytes(2, "big")
+    key = _ANALYZER.analyze_ip(frame, LSE_AT + (ENTRY.size if mpls else 0)).key
+    return key if key.dport == 80 else key.reversed()
 
 
 @dataclass
@@ -670,12 +695,15 @@ class World:
 
 class TrustMachine(RuleBasedStateMachine):
     """Sessions open, talk, close, reset (really and forged), time out and come back on reused labels, with late
-    frames replayed; three balancers take the same frames (one by one, as a batch, as a block) and must agree, and
-    every frame a balancer forwards must carry the flow of the session its label names."""
+    frames replayed, recent and stale; three balancers take the same frames (one by one, as a batch, as a block) and
+    must agree, and every frame a balancer forwards must carry the flow of the session its label names."""
 
-    @initialize()
-    def setup(self) -> None:
-        self.one, self.batch, self.block = (Balancer(TRUST_CONFIG) for _ in range(3))
+    config = TRUST_CONFIG
+
+    @initialize(opened=st.lists(OPENED, min_size=1, max_size=3))
+    def setup(self, opened: list[tuple[int, int, int]]) -> None:
+        """The balancers, the endpoints and the first sessions (whatever rules an example leaves out)."""
+        self.make_balancers()
         self.world = World()
         for i in range(CLIENT_COUNT):
             port = CLIENT_PORTS[i % 2]
@@ -685,6 +713,11 @@ class TrustMachine(RuleBasedStateMachine):
         for s in TRUST_CONFIG.servers:
             self.world.servers[s.name] = ServerEndpoint(mac=s.mac, vips=[VIP], flow_timeout=QUARANTINE)
         self.server_of_mac = {s.mac: s for s in TRUST_CONFIG.servers}
+        for i, sport, ack in opened:
+            self.establish(i, sport, ack)
+
+    def make_balancers(self) -> None:
+        self.one, self.batch, self.block = (Balancer(self.config) for _ in range(3))
 
     # -- sending ---------------------------------------------------------------------------------------------------
     def sessions(self, b: Balancer) -> dict[int, tuple[FlowKey, int, bytes]]:
@@ -695,17 +728,22 @@ class TrustMachine(RuleBasedStateMachine):
             return
         now = self.world.now
         before = self.sessions(self.one)
+        expected = self.through_the_paths(frames, now)
+        after = self.sessions(self.one)
+        for port, frame in expected:
+            self.check_delivery(port, frame, before, after)
+        self.world.history += [Sent(port, frame, now, session_flow(frame)) for port, frame in frames]
+        self.deliver(expected)
+
+    def through_the_paths(self, frames: list[tuple[int, bytes]], now: float) -> Frames:
+        """``frames`` through every path; what they forward, which must be what the one-frame path forwards."""
         expected: Frames = []
         for port, frame in frames:
             expected += self.one.receive(port, frame, now)
         assert self.batch.receive_batch(frames, now) == expected
         buf, starts, lengths, ports = pack(frames)
         assert listed(self.block.receive_block(buf, starts, lengths, ports, now), buf, starts, lengths) == expected
-        after = self.sessions(self.one)
-        for port, frame in expected:
-            self.check_delivery(port, frame, before, after)
-        self.world.history += [Sent(port, frame, now) for port, frame in frames]
-        self.deliver(expected)
+        return expected
 
     def check_delivery(self, port: int, frame: bytes, before: dict, after: dict) -> None:  # type: ignore[type-arg]
         label = label_of(frame)
@@ -738,14 +776,14 @@ class TrustMachine(RuleBasedStateMachine):
                     client.from_wire(frame, now)
 
     # -- rules -----------------------------------------------------------------------------------------------------
-    @rule(i=st.integers(0, CLIENT_COUNT - 1), sport=st.sampled_from(SPORTS))
+    @rule(i=CLIENTS, sport=st.sampled_from(SPORTS))
     def connect(self, i: int, sport: int) -> None:
         key = FlowKey(6, client_addr(i), sport, VIP, 80)
         if (i, key) not in self.world.client_flows:
             self.world.client_flows.append((i, key))
         self.client_sends(i, key, SYN)
 
-    @rule(i=st.integers(0, CLIENT_COUNT - 1), sport=st.sampled_from(SPORTS), ack=st.sampled_from(ACKS))
+    @rule(i=CLIENTS, sport=st.sampled_from(SPORTS), ack=st.sampled_from(ACKS))
     def establish(self, i: int, sport: int, ack: int) -> None:
         """A whole handshake, and the server's first answer acknowledging ``ack``: an open session to judge RSTs
         and FINs on."""
@@ -790,19 +828,19 @@ class TrustMachine(RuleBasedStateMachine):
             self.send([sent])
 
     @precondition(lambda self: self.world.client_flows and self.world.server_flows)
-    @rule(ks=st.lists(st.tuples(st.booleans(), st.integers(0, 50)), min_size=2, max_size=8))
-    def burst(self, ks: list[tuple[bool, int]]) -> None:
+    @rule(ks=st.lists(st.tuples(st.booleans(), st.integers(0, 50), st.sampled_from(ACKS)), min_size=2, max_size=8))
+    def burst(self, ks: list[tuple[bool, int, int]]) -> None:
         """Data both ways on several flows at once: one batch, one block."""
         frames = []
-        for from_client, k in ks:
+        for from_client, k, ack in ks:
             if from_client:
                 i, key = self.world.client_flows[k % len(self.world.client_flows)]
-                packet = tcp(key.src, key.dst, key.sport, 80, PSH | ACK, seq=101, ack=501, payload=b"more")
+                packet = tcp(key.src, key.dst, key.sport, 80, PSH | ACK, seq=101, ack=ack, payload=b"more")
                 frame = self.world.clients[i].from_host(packet, self.world.now)
                 if frame is not None:
                     frames.append((CLIENT_PORTS[i % 2], frame))
             else:
-                sent = self.server_frame(k, PSH | ACK)
+                sent = self.server_frame(k, PSH | ACK, ack)
                 if sent is not None:
                     frames.append(sent)
         self.send(frames)
@@ -838,16 +876,31 @@ class TrustMachine(RuleBasedStateMachine):
             late = recent[k % len(recent)]
             self.send([(late.port, late.frame)])
 
-    @rule(dt=st.sampled_from([0.3, 0.6, 1.1, 2.5, 4.0]))
+    @precondition(lambda self: self.world.history)
+    @rule(k=st.integers(0, 200))
+    def replay_stale(self, k: int) -> None:
+        """A late copy of a frame of a session that has ended, however long ago (its labels may serve another
+        session by now)."""
+        live = {s.key for s in self.one.live_sessions()}
+        stale = [s for s in self.world.history if s.flow not in live]
+        if stale:
+            late = stale[k % len(stale)]
+            self.send([(late.port, late.frame)])
+
+    # Times are multiples of 1/8 s: sums exact, so every path sees the same deadlines come at the same step.
+    @rule(dt=st.sampled_from([0.25, 0.625, 1.125, 2.5, 4.0]))
     def advance(self, dt: float) -> None:
         now = self.world.now = self.world.now + dt
-        for b in (self.one, self.batch, self.block):
-            b.on_timer(now)
+        self.timers(now)
         for endpoint in (*self.world.clients.values(), *self.world.servers.values()):
             endpoint.on_timer(now)  # type: ignore[attr-defined]
 
+    def timers(self, now: float) -> None:
+        for b in (self.one, self.batch, self.block):
+            b.on_timer(now)
+
     @invariant()
-    def the_three_paths_agree(self) -> None:
+    def the_paths_agree(self) -> None:
         if not hasattr(self, "one"):
             return
         a, b, c = (x.stats() for x in (self.one, self.batch, self.block))
@@ -878,8 +931,249 @@ class S2CCrossDelivery(AssertionError):
     """A server's frame reached the client of another session."""
 
 
+class TrustMachineWithoutL7(TrustMachine):
+    config = replace(TRUST_CONFIG, l7=False)
+
+
 TestNoFrameReachesAnotherSession = TrustMachine.TestCase
 TestNoFrameReachesAnotherSession.settings = TRUST_SETTINGS
+TestNoFrameReachesAnotherSessionWithoutL7 = TrustMachineWithoutL7.TestCase
+TestNoFrameReachesAnotherSessionWithoutL7.settings = TRUST_SETTINGS
+
+
+def through_the_kernel(
+    core: OffloadedBalancer, lb: str, frames: list[tuple[int, bytes]], now: float, seen: Counter[int] | None = None
+) -> Frames:
+    """``frames`` as the daemon takes them with the kernel offload, one after the other: each through the XDP
+    program first (``BPF_PROG_TEST_RUN`` on the ports in namespace ``lb``); a frame it redirects leaves as the
+    program left it, by the port of its label's entry, and one it passes up goes to the balancer (untouched).
+    ``seen`` counts the program's verdicts."""
+    port_of = {ifindex: port for port, ifindex in core.offload.ifindex.items()}
+    out: Frames = []
+    for port, frame in frames:
+        with entered(lb):
+            run = core.offload.run(frame, port)
+        if seen is not None:
+            seen[run.retval] += 1
+        if run.retval == bpf.XDP_REDIRECT:
+            label = label_of(frame)
+            entry = core.offload.lookup(label) if label is not None else None
+            assert entry is not None
+            out.append((port_of[entry[0]], run.data))
+        else:
+            assert run.retval == bpf.XDP_PASS and run.data == frame
+            out += core.receive_batch([(port, frame)], now)
+    return out
+
+
+class KernelTrustMachine(TrustMachine):
+    """The machine with the daemon's kernel offload (:class:`OffloadedBalancer`, on veth ports in namespace ``lb``):
+    every frame goes through the XDP program first, and what it passes up to the balancer; what leaves must be what
+    the one-frame path forwards, frame for frame, and the sessions, drops, closes not believed and each label's
+    last acknowledgment number (read where the session manager reads it: the kernel's entry while the label is
+    there) must be the one-frame path's. The kernel's times are the machine's: its clock stands still between two
+    advances, and the kernel's counters and records are polled at the end of each period (before the timers, as
+    the daemon polls), so they land in the period they happened in."""
+
+    def __init__(self, lb: str, config: BalancerConfig, seen: Counter[int]) -> None:
+        super().__init__()
+        self.lb = lb
+        self.config = config
+        self.seen = seen
+        self.kernel_now = World.now
+
+    def make_balancers(self) -> None:
+        self.one = Balancer(self.config)
+        with entered(self.lb):
+            self.core = OffloadedBalancer(Balancer(self.config), Loop(clock=lambda: self.kernel_now))
+        self.polled = True
+
+    def teardown(self) -> None:
+        if hasattr(self, "core"):
+            self.core.close()
+
+    def through_the_paths(self, frames: list[tuple[int, bytes]], now: float) -> Frames:
+        expected: Frames = []
+        for sent in frames:
+            if self.may_evict(sent[1]):
+                self.core.offload.poll()
+            want = self.one.receive(*sent, now)
+            assert through_the_kernel(self.core, self.lb, [sent], now, self.seen) == want
+            expected += want
+        self.polled = False
+        return expected
+
+    def may_evict(self, frame: bytes) -> bool:
+        """Is ``frame`` a new session's SYN with the half-open sessions' share used up? The balancer counts a
+        session as half-open until what the kernel recorded of its handshake is folded in (at a poll, or when
+        anything is decided about that session): a younger session whose handshake only the kernel saw may make
+        the SYN evict the oldest half-open one early, up to a poll interval. The machine polls first."""
+        b = self.core.balancer
+        if frame[ETH_TYPE : ETH_TYPE + 2] == ETH_P_MPLS_UC.to_bytes(2, "big"):
+            return False
+        return _ANALYZER.analyze(frame).tcp_flags == SYN and b.sessions.half_open >= b.max_half_open
+
+    def timers(self, now: float) -> None:
+        self.core.offload.poll()  # the period that ends, at its time
+        self.kernel_now = now
+        self.core.on_timer(now)
+        self.one.on_timer(now)
+        self.polled = True
+
+    @invariant()
+    def the_paths_agree(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        ours, theirs = self.core.balancer, self.one
+        a, b = ours.stats(), theirs.stats()
+        assert (a.sessions_active, a.sessions_ended, a.drops, a.labels, a.not_believed) == (
+            b.sessions_active,
+            b.sessions_ended,
+            b.drops,
+            b.labels,
+            b.not_believed,
+        )
+        offload, table = self.core.offload, ours.switching
+        for label in np.flatnonzero(theirs.switching.arrays().valid).tolist():
+            kept = offload.ack(label)
+            assert (table.acks[label] if kept is None else kept) == theirs.switching.acks[label], label
+        if self.polled:  # what only the kernel saw of a session's handshake is folded in by now
+            states = [[(s.c2s, s.state) for s in b.live_sessions()] for b in (ours, theirs)]
+            assert states[0] == states[1]
+        assert ours.sessions.half_open <= ours.max_half_open
+
+
+#: Examples of the kernel machine: a few, always the same, in ``make test``; a campaign sets more (random ones).
+KERNEL_EXAMPLES = int(os.environ.get("MPLSLB_TRUST_KERNEL_EXAMPLES", "0"))
+
+
+@pytest.fixture(scope="module")
+def veths() -> Iterator[str]:
+    """The balancer's namespace with the ports p0..p3 (veth pairs), for the kernel path's tests."""
+    with veth_namespaces() as (lb, _):
+        yield lb
+
+
+@pytest.fixture
+def kernel(veths: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The namespace of the ports the offload attaches to; the program is built once, in a directory of the run."""
+    monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "xdp"))
+    return veths
+
+
+@needs_kernel
+@pytest.mark.parametrize("l7", [True, False], ids=["l7", "no-l7"])
+def test_no_frame_reaches_another_session_through_the_kernel(kernel: str, l7: bool) -> None:
+    """The machine through the kernel offload, with L7 analysis (the first request goes up) and without; a few
+    examples, always the same (MPLSLB_TRUST_KERNEL_EXAMPLES=200: a campaign of random ones)."""
+    config = on_veths(replace(TRUST_CONFIG, l7=l7))
+    seen: Counter[int] = Counter()
+    run_state_machine_as_test(
+        lambda: KernelTrustMachine(kernel, config, seen),
+        settings=settings(
+            TRUST_SETTINGS, max_examples=KERNEL_EXAMPLES or 5, derandomize=not KERNEL_EXAMPLES, database=None
+        ),
+    )
+    assert seen[bpf.XDP_REDIRECT] >= 10 and seen[bpf.XDP_PASS] >= 10, seen  # both ways, often
+
+
+# -- 5b: a label pair reused at once ------------------------------------------------------------------------------
+REUSE_CONFIG = make_config(
+    n_servers=1,
+    c2s_min=17,
+    c2s_max=17,  # one label pair
+    label_quarantine=0.0,  # no quarantine: the pair goes to the next session at once
+    endpoint_flow_timeout=0.0,
+)
+
+
+class Way:
+    """One of the ways frames go through a balancer of ``config``: the three userspace paths, and the kernel's
+    (the daemon's offload on veth ports in namespace ``lb``, its clock the one given to :meth:`take`)."""
+
+    def __init__(self, path: str, config: BalancerConfig, lb: str = "") -> None:
+        self.path, self.lb, self.now = path, lb, 0.0
+        self.core: OffloadedBalancer | None = None
+        if path == "kernel":
+            with entered(lb):
+                self.core = OffloadedBalancer(Balancer(on_veths(config)), Loop(clock=lambda: self.now))
+            self.balancer = self.core.balancer
+        else:
+            self.balancer = Balancer(config)
+
+    def take(self, frames: list[tuple[int, bytes]], now: float) -> Frames:
+        self.now = now
+        if self.core is None:
+            return take(self.balancer, self.path, frames, now)
+        return through_the_kernel(self.core, self.lb, frames, now)
+
+    def traffic(self, label: int) -> tuple[int, int]:
+        if self.core is not None:
+            self.core.offload.poll()
+        return self.balancer.switching.traffic(label)
+
+
+@pytest.fixture(params=[*PATHS, pytest.param("kernel", marks=KERNEL_MARKS)])
+def way(request: pytest.FixtureRequest) -> Iterator[Way]:
+    path = request.param
+    made = Way(path, REUSE_CONFIG, request.getfixturevalue("kernel") if path == "kernel" else "")
+    yield made
+    if made.core is not None:
+        made.core.close()
+
+
+class TestALabelPairReusedAtOnce:
+    """A session's labels withdrawn and given to the next session at once (no quarantine, one label pair): its
+    server taken down and up again by the operator, and the next SYN takes the pair before anything else happens
+    (before the kernel offload's next sync too). In every path, the kernel's included, nothing of the ended session
+    reaches the new one: neither its late frames, nor its acknowledgment numbers, nor its counters."""
+
+    @pytest.mark.parametrize("same_client", [False, True], ids=["other-client", "same-client"])
+    def test_nothing_of_the_ended_session_reaches_the_new_one(self, way: Way, same_client: bool) -> None:
+        server = REUSE_CONFIG.servers[0]
+        old, new = client_addr(0), client_addr(0 if same_client else 1)
+        new_port = 0 if same_client else 1
+
+        def from_client(i: int, label: int | None, packet: bytes) -> tuple[int, bytes]:
+            port = CLIENT_PORTS[i % 2]
+            if label is None:
+                return port, ether(PORT_MAC[port], client_mac(i), packet)
+            return port, labelled(PORT_MAC[port], client_mac(i), label, packet)
+
+        def from_server(label: int, packet: bytes) -> tuple[int, bytes]:
+            return server.port_id, labelled(PORT_MAC[server.port_id], server.mac, label, packet)
+
+        ((_, syn),) = way.take([from_client(0, None, tcp(old, VIP, 40000, 80, SYN, seq=100))], 1.0)
+        c2s = label_of(syn)
+        assert c2s == 17
+        old_answer = from_server(c2s + 1, tcp(VIP, old, 80, 40000, SYN | ACK, seq=500, ack=101))
+        old_ack = from_client(0, c2s, tcp(old, VIP, 40000, 80, ACK, seq=101, ack=501))
+        assert [port for port, _ in way.take([old_answer, old_ack], 1.0)] == [0, server.port_id]
+        b = way.balancer
+        assert (b.switching.last_ack(c2s), b.switching.last_ack(c2s + 1)) == (ACK_KNOWN | 501, ACK_KNOWN | 101)
+        b.mark_down(server.name, 2.0)  # the operator's commands: the session is interrupted, its labels withdrawn
+        b.mark_up(server.name)
+        new_syn = from_client(new_port, None, tcp(new, VIP, 40001, 80, SYN, seq=7000))
+        ((_, syn),) = way.take([new_syn], 2.0)
+        assert label_of(syn) == c2s and b.stats().sessions_ended == {"server_down": 1}
+        assert b.switching.last_ack(c2s) == b.switching.last_ack(c2s + 1) == 0  # nothing to judge by yet
+        assert way.traffic(c2s) == (1, len(new_syn[1])) and way.traffic(c2s + 1) == (0, 0)
+        # The ended session's late frames, both ways, reach nobody; the new session's answer reaches its client.
+        assert way.take([old_answer, old_ack], 2.0) == []
+        wrong = {"label_wrong_flow": 2} if same_client else {"label_wrong_flow": 1, "label_wrong_ingress": 1}
+        assert b.stats().drops == wrong
+        answer = from_server(c2s + 1, tcp(VIP, new, 80, 40001, SYN | ACK, seq=900, ack=7001))
+        ((port, frame),) = way.take([answer], 2.0)
+        assert port == new_port and frame[:6] == client_mac(new_port)
+        assert b.switching.last_ack(c2s + 1) == ACK_KNOWN | 7001
+        assert way.traffic(c2s + 1) == (1, len(answer[1]))
+        # The new session's client completes the handshake; an RST at the number its server expects is believed.
+        done = from_client(new_port, c2s, tcp(new, VIP, 40001, 80, ACK, seq=7001, ack=901))
+        assert len(way.take([done], 2.0)) == 1
+        rst = from_client(new_port, c2s, tcp(new, VIP, 40001, 80, RST, seq=7001))
+        assert len(way.take([rst], 2.0)) == 1
+        session = b.sessions.by_c2s(c2s)
+        assert session is not None and session.state is SessionState.ENDING and b.sessions.not_believed == {}
 
 
 # -- 4: the clients of a server that went down are reset -----------------------------------------------------------

@@ -704,7 +704,10 @@ class Balancer:
             self.refresh(session)
 
     def _oldest_half_open(self) -> Session | None:
-        """The half-open session to evict: the oldest, once what the kernel recorded of it says it still is."""
+        """The half-open session to evict: the oldest, once what the kernel recorded of it says it still is. The
+        count that calls for an eviction is not refreshed: a younger session whose handshake only the kernel saw
+        since the last poll still counts as half-open, so the bound may evict the oldest half-open session up to a
+        poll interval early (refreshing every half-open session per SYN would cost a flood one map lookup each)."""
         for _ in range(_EVICTION_CHECKS):
             oldest = self.sessions.oldest_half_open()
             if oldest is None or self.refresh is None:

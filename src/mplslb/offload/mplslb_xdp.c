@@ -325,8 +325,12 @@ flow_done:
 		}
 	}
 forward:
-	if ((e->flags & F_RT) && measure(e, label, ip, end) != XDP_REDIRECT)
+	if ((e->flags & F_RT) && measure(e, label, ip, end) != XDP_REDIRECT) {
+		/* userspace forwards it and records the same number, as for a FIN above */
+		if (ack)
+			e->ack = ack;
 		return XDP_PASS;
+	}
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
 	e->last_ns = bpf_ktime_get_ns();

@@ -39,16 +39,17 @@ last-seen times (:meth:`~mplslb.switching.table.LabelSwitchingTable.fold_counter
 per-server figures and the status see the kernel's traffic. The daemon polls once a second and before the
 balancer's timers run.
 
-Acknowledgment numbers: the program records each TCP segment's acknowledgment number in its entry (a FIN's too,
-before passing it up), as the userspace paths record it in the table's ``acks``. An entry starts with the table's
-number, and what the slow path sends on a label in the kernel is written through to its entry
-(:meth:`XdpOffload.record_ack`; a lookup and an update, racing only with the kernel's own frames of that label,
-whose counts could be lost then: the slow path sends on a session's label only when an endpoint fell back to
-unlabelled frames after a silence). So while a label is in the kernel its entry holds the last frame's number,
-whichever path forwarded it: the offload is the table's :class:`~mplslb.switching.table.AckStore`, and when the
-session manager judges an RST or FIN it reads the entry of the label it needs (:meth:`XdpOffload.ack`, one map
-lookup; FIN and RST frames always come up to userspace). ``poll``, and the fold before an entry is written again
-or deleted, copy the entries' numbers into the table.
+Acknowledgment numbers: the program records each TCP segment's acknowledgment number in its entry (a FIN's too, and
+a measured session's frame's it passes up, before passing it up: userspace forwards it and records the same), as the
+userspace paths record it in the table's ``acks``. An entry starts with the table's number (0 for a label
+reinstalled since the last sync: the entry still there is the ended session's, never folded back), and what the slow
+path sends on a label in the kernel is written through to its entry (:meth:`XdpOffload.record_ack`; a lookup and an
+update, racing only with the kernel's own frames of that label, whose counts could be lost then: the slow path sends
+on a session's label only when an endpoint fell back to unlabelled frames after a silence). So while a label is in
+the kernel its entry holds the last frame's number, whichever path forwarded it: the offload is the table's
+:class:`~mplslb.switching.table.AckStore`, and when the session manager judges an RST or FIN it reads the entry of
+the label it needs (:meth:`XdpOffload.ack`, one map lookup; FIN and RST frames always come up to userspace).
+``poll``, and the fold before an entry is written again or deleted, copy the entries' numbers into the table.
 
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
@@ -337,6 +338,8 @@ class XdpOffload:
         self._kpackets = np.zeros(LABEL_SPACE, dtype=np.uint64)  # kernel counters already added to the table
         self._kbytes = np.zeros(LABEL_SPACE, dtype=np.uint64)
         self._noted: list[int] = []  # labels changed in the table since the last sync, in order
+        # labels withdrawn since the last sync: their entries are an ended session's, even if reinstalled since
+        self._withdrawn: set[int] = set()
         self._waiting: set[int] = set()  # installed, waiting for WATCH_ALL to clear
         self.measured = measured
         # C2S labels whose session is measured in the kernel, and the last record ``measured`` took for each
@@ -705,6 +708,7 @@ class XdpOffload:
             self.table.ack_stores.remove(self)
         self._in_kernel[:] = 0
         self._noted.clear()
+        self._withdrawn.clear()
         self._waiting.clear()
         self._measuring.clear()
         self._measured[:] = False
@@ -724,6 +728,7 @@ class XdpOffload:
     def withdrawn(self, label: int) -> None:
         self._forget(label)  # the session is over: its record tells nothing more
         self._noted.append(label)
+        self._withdrawn.add(label)
 
     def watch_changed(self, label: int) -> None:
         if self.measured is not None and self._in_kernel[label]:
@@ -736,7 +741,10 @@ class XdpOffload:
         if self._map is None or not self._noted:
             return 0
         noted, self._noted = self._noted, []
-        return self._mirror(dict.fromkeys(noted))
+        try:
+            return self._mirror(dict.fromkeys(noted))
+        finally:
+            self._withdrawn.clear()
 
     def _mirror(self, labels: Iterable[int], *, fold: bool = True) -> int:
         """Make the map agree with the table for ``labels`` (distinct); ``fold``: what their entries hold first
@@ -895,14 +903,15 @@ class XdpOffload:
     def _fold_entries(self, labels: list[int]) -> None:
         """Fold what the kernel forwarded on ``labels``' entries since the last poll into the table before the
         entries are rewritten or taken back to userspace (a rewritten entry's counters start again from zero, a
-        deleted one's are gone). Only labels still installed: a withdrawn label's session is over. One lookup per
-        such label (a watch or next hop changed: rare)."""
+        deleted one's are gone). Only labels installed all along since the last sync: a withdrawn label's session
+        is over, and the entry of one reinstalled since is the ended session's (its acknowledgment number and
+        counters are not the new session's). One lookup per such label (a watch or next hop changed: rare)."""
         assert self._map is not None
         found: list[int] = []
         values: list[bytes] = []
-        valid = self.table.valid
+        valid, withdrawn = self.table.valid, self._withdrawn
         for label in labels:
-            if self._in_kernel[label] and valid[label]:
+            if self._in_kernel[label] and valid[label] and label not in withdrawn:
                 value = self._map.lookup(_KEY.pack(label))
                 if value is not None:
                     found.append(label)
@@ -978,8 +987,8 @@ class XdpOffload:
     def ack(self, label: int) -> int | None:
         """``ACK_KNOWN | `` the last acknowledgment number of ``label`` (0: none) if it is in the kernel, else None
         (the table's :class:`~mplslb.switching.table.AckStore`)."""
-        if self._map is None or not self._in_kernel[label]:
-            return None
+        if self._map is None or not self._in_kernel[label] or label in self._withdrawn:
+            return None  # a label reinstalled since the last sync: its entry is still the ended session's
         raw = self._map.lookup(_KEY.pack(label))
         return None if raw is None else int(_NATIVE_U64.unpack_from(raw, _ACK_AT)[0])
 
