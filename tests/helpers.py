@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import random
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,11 @@ from mplslb.wire.tcp import TCPFlag, build_tcp
 from mplslb.wire.udp import build_udp
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pyroute2 import IPRoute
+
+    from mplslb.lab import Lab, LabSpec
 
 
 # == frames and addresses ==============================================================================================
@@ -510,3 +515,22 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@contextlib.contextmanager
+def running_lab(spec: LabSpec, root: Path) -> Iterator[Lab]:
+    """A lab up for the ``with`` block, then down; raises if taking it down reported a problem or left any of its
+    namespaces."""
+    from pyroute2 import netns
+
+    from mplslb.lab import Lab
+
+    lab = Lab(spec, root=root)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        problems = lab.down()
+        left = [ns for ns in netns.listnetns() if ns.startswith(spec.name + "-")]
+        if problems or left:
+            raise AssertionError(f"lab {spec.name} taken down with problems {problems}, namespaces left {left}")

@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from helpers import running_lab
 from mplslb.drivers.netns import entered
 from mplslb.lab import VIP4, Lab, LabSpec
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet, mac_from_str
@@ -383,15 +384,10 @@ def test_forged_rsts_and_fins_with_a_wrong_seq_do_not_close_an_idle_keep_alive_c
 def kernel_lab() -> Iterator[Lab]:
     if shutil.which("clang") is None:
         pytest.skip("clang is needed to build the XDP program")
-    from pyroute2 import netns
 
-    the_lab = Lab(LabSpec(name=lab_name("atx"), clients=1, servers=1, attackers=1, offload="kernel"), root=ROOT)
-    try:
-        the_lab.up()
+    spec = LabSpec(name=lab_name("atx"), clients=1, servers=1, attackers=1, offload="kernel")
+    with running_lab(spec, ROOT) as the_lab:
         yield the_lab
-    finally:
-        assert the_lab.down() == []
-        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
 
 
 def test_forged_rsts_and_fins_with_a_wrong_seq_do_not_close_an_idle_connection_in_the_kernel(kernel_lab: Lab) -> None:
@@ -550,12 +546,8 @@ def shedding_lab() -> Iterator[Lab]:
     """The attack lab with the XDP offload shedding unlabelled SYNs beyond SHED_RATE a second."""
     spec = LabSpec(name=lab_name("shd"), clients=1, servers=2, attackers=1, offload="kernel",
                    offload_syn_rate=SHED_RATE)  # fmt: skip
-    the_lab = Lab(spec, root=ROOT)
-    try:
-        the_lab.up()
+    with running_lab(spec, ROOT) as the_lab:
         yield the_lab
-    finally:
-        assert the_lab.down() == []
 
 
 def test_kernel_offload_sheds_a_syn_flood_beyond_its_rate(shedding_lab: Lab) -> None:

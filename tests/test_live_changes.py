@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ACK, RST, SYN, VIP, Net, client_addr, handshake, ip, label_of, mac, make_config, tcp
+from helpers import ACK, RST, SYN, VIP, Net, client_addr, handshake, ip, label_of, mac, make_config, running_lab, tcp
 from mplslb.balancing.servers import ServerConfig, ServerStatus
 from mplslb.config import ConfigError, PortConfig, diff_configs
 from mplslb.endpoint import ServerEndpoint
@@ -319,19 +319,11 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    the_lab = Lab(LabSpec(name=f"v{os.getpid() % 100000}"), root=LAB_ROOT)
-    try:
-        the_lab.up()
+    with running_lab(LabSpec(name=f"v{os.getpid() % 100000}"), LAB_ROOT) as the_lab:
         for j in range(the_lab.spec.servers):
             name = the_lab.server_name(j)
             (the_lab.dir / name / "www" / "big").write_text(f"server {name}\n" + "x" * BIG)
         yield the_lab
-    finally:
-        problems = the_lab.down()
-        assert problems == []
-        from pyroute2 import netns
-
-        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
 
 
 def cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from helpers import running_lab
 from mplslb.lab import VIP4, Lab, LabSpec
 
 pytestmark = [
@@ -37,16 +38,8 @@ CLOSES = 6  # downloads with Connection: close (the server's FIN after a burst o
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    the_lab = Lab(LabSpec(name=f"g{os.getpid() % 100000}", offload="kernel", offload_gso=True), root=ROOT)
-    try:
-        the_lab.up()
+    with running_lab(LabSpec(name=f"g{os.getpid() % 100000}", offload="kernel", offload_gso=True), ROOT) as the_lab:
         yield the_lab
-    finally:
-        problems = the_lab.down()
-        assert problems == []
-        from pyroute2 import netns
-
-        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
 
 
 def status(lab: Lab) -> dict[str, Any]:

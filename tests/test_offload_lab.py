@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from helpers import running_lab
 from mplslb.lab import Lab, LabSpec, split
 
 pytestmark = [
@@ -42,16 +43,8 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    the_lab = Lab(LabSpec(name=f"o{os.getpid() % 100000}", offload="kernel"), root=ROOT)
-    try:
-        the_lab.up()
+    with running_lab(LabSpec(name=f"o{os.getpid() % 100000}", offload="kernel"), ROOT) as the_lab:
         yield the_lab
-    finally:
-        problems = the_lab.down()
-        assert problems == []
-        from pyroute2 import netns
-
-        assert [ns for ns in netns.listnetns() if ns.startswith(the_lab.spec.name + "-")] == []
 
 
 def status(lab: Lab) -> dict[str, Any]:
