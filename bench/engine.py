@@ -120,6 +120,11 @@ def open_sessions(balancer: Balancer, flows: range, *, proto: int = IPPROTO_TCP,
 def syn_acks(balancer: Balancer, flows: range) -> Frames:
     """Each flow's server answering its SYN: a SYN-ACK under the session's S2C label, from the server's MAC on its
     port (the client's ACK after it, with the request, completes the handshake)."""
+    return server_frames(balancer, flows, seq=5000, ack=1001, flags=SYN | ACK)
+
+
+def server_frames(balancer: Balancer, flows: range, *, seq: int, ack: int, flags: int, payload: bytes = b"") -> Frames:
+    """Each flow's server sending one TCP segment under the session's S2C label, from its MAC on its port."""
     frames: Frames = []
     for flow in flows:
         session = balancer.sessions.by_c2s(c2s_of_flow(flow))
@@ -127,7 +132,7 @@ def syn_acks(balancer: Balancer, flows: range) -> Frames:
             raise RuntimeError(f"flow {flow}: no session after its SYN")
         server = session.server.config
         client, sport = client_ip(flow), sport_of(flow)
-        segment = build_tcp(VIP, client, 80, sport, seq=5000, ack=1001, flags=SYN | ACK)
+        segment = build_tcp(VIP, client, 80, sport, seq=seq, ack=ack, flags=flags, payload=payload)
         frame = (
             build_ethernet(port_mac(server.port_id), server.mac, ETH_P_MPLS_UC)
             + pack_entry(session.s2c, 0, True, 64)

@@ -30,14 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import Frames, feed, open_sessions, syn_acks
-from frames import ACK, PSH, SYN, VIP, build, c2s_of_flow, client_ip, make_config, port_mac, sport_of
+from engine import Frames, feed, open_sessions, server_frames, syn_acks
+from frames import ACK, PSH, SYN, build, make_config
 from mplslb.balancer import Balancer
-from mplslb.wire.ethernet import ETH_P_MPLS_UC, build_ethernet
-from mplslb.wire.ip import IPPROTO_TCP
-from mplslb.wire.ipv4 import build_ipv4
-from mplslb.wire.mpls import pack_entry
-from mplslb.wire.tcp import build_tcp
 
 PHASES = ("SYN", "SYN-ACK", "ACK + request", "first response byte")
 LIVE = 1_000
@@ -47,22 +42,7 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 def responses(balancer: Balancer, flows: range) -> Frames:
     """Each flow's server sending its first response bytes under the session's S2C label."""
-    frames: Frames = []
-    for flow in flows:
-        session = balancer.sessions.by_c2s(c2s_of_flow(flow))
-        if session is None:
-            raise RuntimeError(f"flow {flow}: no session")
-        server = session.server.config
-        client = client_ip(flow)
-        segment = build_tcp(VIP, client, 80, sport_of(flow), seq=5001, ack=1025, flags=ACK | PSH, payload=RESPONSE)
-        frame = (
-            build_ethernet(port_mac(server.port_id), server.mac, ETH_P_MPLS_UC)
-            + pack_entry(session.s2c, 0, True, 64)
-            + build_ipv4(VIP, client, IPPROTO_TCP, len(segment))
-            + segment
-        )
-        frames.append((server.port_id, frame))
-    return frames
+    return server_frames(balancer, flows, seq=5001, ack=1025, flags=ACK | PSH, payload=RESPONSE)
 
 
 def phase_frames(sessions: int) -> list[Frames]:
