@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit debs bench fuzz soak study clean
+.PHONY: demo test lint typecheck unit debs bench fuzz soak cluster study clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,13 @@ fuzz: $(STAMP) debs
 DURATION ?= 300
 soak: $(STAMP) debs
 	$(BIN)/python bench/soak.py --duration $(DURATION)
+
+# The several-node lab's node changes (a node killed, its links cut, a fourth node joining, a node restarted) with
+# twenty rate-limited downloads of MB megabytes each (20 by default; `make test` runs them at 2 MB to stay short):
+# about 100 s a test on the 2-core reference machine.
+MB ?= 20
+cluster: $(STAMP) debs
+	MPLSLB_CLUSTER_DOWNLOAD_MB=$(MB) $(BIN)/pytest -q -s tests/e2e/test_cluster_lab.py
 
 # How well does it balance? Simulates every algorithm over a grid of scenarios (about 6 minutes on the 2-core
 # reference machine) and writes docs/study.md with its figures in docs/study/.

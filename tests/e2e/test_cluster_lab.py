@@ -208,7 +208,7 @@ def test_nodes_with_no_server_up_withdraw_and_announce_again_when_one_is_back(th
 DOWNLOADS = 20
 #: Each download's size: 2 MB by default, so that the four tests under load fit ``make test`` (the lab carries
 #: about 6 MB/s on the 2-core reference machine, 20 x 20 MB took over a minute a test);
-#: MPLSLB_CLUSTER_DOWNLOAD_MB=20 for the full size.
+#: MPLSLB_CLUSTER_DOWNLOAD_MB=20 (`make cluster`) for the full size.
 DOWNLOAD_BYTES = int(float(os.environ.get("MPLSLB_CLUSTER_DOWNLOAD_MB", "2")) * 1_000_000)
 CONTENT = random.Random(11).randbytes(DOWNLOAD_BYTES)  # big.bin on every server
 SHA256 = hashlib.sha256(CONTENT).hexdigest()
