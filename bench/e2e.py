@@ -165,6 +165,13 @@ def cpu_snapshot(procs: dict[str, list[int]]) -> dict[str, int]:
     return {key: sum(_ticks(pid) for pid in pids) for key, pids in procs.items()}
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (every CPU, /proc/stat: all but idle and iowait), softirq
+    included: where a veth's receive work and the kernel's forwarding run, which no process is billed for."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_share(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, float]:
     """Share of one core each process used between two snapshots."""
     hz = os.sysconf("SC_CLK_TCK")
@@ -316,16 +323,17 @@ def bulk(lab: Any, url: str, *, streams: int, seconds: float, procs: dict[str, l
     """``streams`` parallel downloads of the big file (each cut at ``seconds``): MB/s in all, bytes, CPU seconds."""
     curl = f"curl -s -o /dev/null --max-time {seconds} -w '%{{size_download}}\\n' {url}{BULK_FILE}"
     script = " & ".join([curl] * streams) + " & wait"
-    before, t0 = cpu_snapshot(procs), time.monotonic()
+    before, busy, t0 = cpu_snapshot(procs), machine_busy(), time.monotonic()
     out = lab.run_in(lab.client_ns(0), ["sh", "-c", script], timeout=seconds + 30).stdout
     elapsed = time.monotonic() - t0
-    after = cpu_snapshot(procs)
+    after, busy = cpu_snapshot(procs), machine_busy() - busy
     moved = sum(float(x) for x in out.split() if x.strip().replace(".", "", 1).isdigit())
     hz = os.sysconf("SC_CLK_TCK")
     cpu = {k: (after[k] - before.get(k, 0)) / hz for k in after}
-    return {"mb_per_s": moved / 1e6 / elapsed, "bytes": moved, "seconds": elapsed, "cpu_s": sum(cpu.values())} | {
-        f"cpu_s_{k}": v for k, v in cpu.items()
-    }
+    per_gb = busy / (moved / 1e9) if moved else float("nan")
+    figures = {"mb_per_s": moved / 1e6 / elapsed, "bytes": moved, "seconds": elapsed, "cpu_s": sum(cpu.values()),
+               "machine_cpu_s": busy, "machine_cpu_s_per_gb": per_gb}  # fmt: skip
+    return figures | {f"cpu_s_{k}": v for k, v in cpu.items()}
 
 
 Cell = tuple[dict[str, float], list[dict[str, float]], dict[str, float]]
@@ -493,11 +501,14 @@ def e2e_rows(
                 continue
             d_b = bulks.get("direct", {}).get(streams, {})
 
-            def per_gb(b: dict[str, float]) -> float:
-                return b["cpu_s"] / (b["bytes"] / 1e9) if b.get("bytes") else 0.0
+            def per_gb(b: dict[str, float]) -> str:
+                """CPU seconds per GB: the lab's processes (and HAProxy's), then the whole machine's."""
+                if not b.get("bytes"):
+                    return "-"
+                return f"{b['cpu_s'] / (b['bytes'] / 1e9):.2f}/{b.get('machine_cpu_s_per_gb', float('nan')):.2f}"
 
-            note = (f"{streams} x GET of a 1 GiB file, cut at {mine_b['seconds']:.0f} s; CPU s per GB: mplslb "
-                    f"{per_gb(mine_b):.2f}, HAProxy {per_gb(ref_b):.2f}, no balancer {per_gb(d_b) if d_b else 0:.2f}; "
+            note = (f"{streams} x GET of a 1 GiB file, cut at {mine_b['seconds']:.0f} s; CPU s per GB (processes/"
+                    f"machine): mplslb {per_gb(mine_b)}, HAProxy {per_gb(ref_b)}, no balancer {per_gb(d_b)}; "
                     f"no balancer {d_b.get('mb_per_s', 0):,.0f} MB/s")  # fmt: skip
             row = Row("e2e", f"bulk {streams} stream{'s' if streams > 1 else ''} MB/s, {what}", mine_b["mb_per_s"],
                       "MB/s", "HAProxy (TCP mode), same nginx", ref_b["mb_per_s"], target="ratio >= 1.0",
@@ -601,15 +612,17 @@ def bulk_only(
         if problems:
             log(f"e2e: lab down: {problems}")
     medians: dict[str, float] = {}
+    cpu_per_gb: dict[str, float] = {}
     for what in ("mplslb", "haproxy", "direct"):
         for streams in (1, BULK_STREAMS):
-            got = [r["mb_per_s"] for r in runs if r["path"] == what and r["streams"] == streams]
+            got = [r for r in runs if r["path"] == what and r["streams"] == streams]
             if got:
-                medians[f"{what}_x{streams}"] = statistics.median(got)
+                medians[f"{what}_x{streams}"] = statistics.median(r["mb_per_s"] for r in got)
+                cpu_per_gb[f"{what}_x{streams}"] = statistics.median(r["machine_cpu_s_per_gb"] for r in got)
     ratios = {f"x{n}": medians[f"mplslb_x{n}"] / medians[f"haproxy_x{n}"] for n in (1, BULK_STREAMS)
               if medians.get(f"haproxy_x{n}")}  # fmt: skip
     return {"variant": key, "rounds": rounds, "seconds": seconds, "medians_mb_per_s": medians,
-            "vs_haproxy": ratios, "runs": runs}  # fmt: skip
+            "medians_machine_cpu_s_per_gb": cpu_per_gb, "vs_haproxy": ratios, "runs": runs}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
