@@ -90,6 +90,22 @@ def test_offload_gso_key_is_validated() -> None:
         read_offload_gso(Section("lb.toml", "", {"offload_gso": "yes"}), "kernel", ring=False)
 
 
+def test_the_daemon_names_the_datapath_of_established_sessions(tmp_path: Path) -> None:
+    from mplslb.daemon import load_daemon_config
+
+    path = tmp_path / "lb.toml"
+    named = {}
+    for top in ("", "ring = true\n", 'offload = "kernel"\n', 'offload = "kernel"\noffload_gso = true\n'):
+        path.write_text(top + DAEMON_TOML)
+        named[top] = load_daemon_config(path, need_interfaces=False).datapath
+    assert list(named.values()) == [
+        "userspace (packet sockets)",
+        "userspace (TPACKET rings, block path)",
+        "kernel (XDP)",
+        "kernel (XDP, tc for super-packets)",
+    ]
+
+
 def test_daemon_config_rejects_offload_gso_where_it_cannot_work(tmp_path: Path) -> None:
     from mplslb.daemon import load_daemon_config
 

@@ -61,7 +61,7 @@ def test_super_packets_cross_the_balancer_whole_and_intact(lab: Lab, served: str
     """One download per server over IPv4 and over IPv6: each hashes the same, the tc program switched the servers'
     super-packets (none dropped), and the daemon read nothing longer than one segment."""
     first = status(lab)
-    assert first["offload"]["gso_frame_max"] == 1500 + 18
+    assert first["offload"]["gso_frame_max"] == 1500 + 18 and first["datapath"] == "kernel (XDP, tc for super-packets)"
     for url in (f"http://{VIP4}/bulk.bin", "http://[fd00::100]/bulk.bin"):
         for _ in range(lab.spec.servers):
             done = lab.run_in(lab.client_ns(0), ["sh", "-c", f"curl -sS -m 60 {url} | sha256sum"], timeout=90)

@@ -130,6 +130,13 @@ class DaemonConfig:
     bgp: BgpConfig | None = None  # [bgp]: announce the VIPs to routers while healthy (mplslb.bgp)
     offload_gso: bool = False  # the kernel offload switches super-packets too (tc ingress, veth ports)
 
+    @property
+    def datapath(self) -> str:
+        """What switches an established session's frames: the kernel (XDP; tc for super-packets) or this process."""
+        if self.offload == "kernel":
+            return "kernel (XDP, tc for super-packets)" if self.offload_gso else "kernel (XDP)"
+        return "userspace (TPACKET rings, block path)" if self.ring else "userspace (packet sockets)"
+
 
 def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> DaemonConfig:
     source, data = load_toml(path)
@@ -339,8 +346,9 @@ class Daemon:
         self.balancer.on_mac = _log_mac
         bc = config.balancer
         log.info(
-            "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s",
+            "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s datapath=%s",
             len(bc.ports), len(bc.vips), len(bc.servers), bc.algorithm, config.offload, config.ring,
+            value(config.datapath),
         )  # fmt: skip
         # The kernel offload: the driver talks to the balancer through the offload, which mirrors its
         # label switching table into the kernel after each batch and before its timers.
@@ -480,8 +488,10 @@ class Daemon:
         )
 
     def _with_offload(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """The kernel offload's figures under ``"offload"`` when it is on, each port's socket counters under
-        ``"ports"``, and the frames the ports themselves dropped (e.g. ``csum_partial_unreadable``) among the drops."""
+        """The datapath in use, the kernel offload's figures under ``"offload"`` when it is on, each port's socket
+        counters under ``"ports"``, and the frames the ports themselves dropped (e.g. ``csum_partial_unreadable``)
+        among the drops."""
+        snap["datapath"] = self.config.datapath
         if self.offloaded is not None:
             snap["offload"] = self.offloaded.offload.stats()
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
