@@ -429,13 +429,7 @@ def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list
             log(f"e2e: {what}: failed: {exc!r}")
             failures[key] = f"lab run failed: {exc!r}"[:300]
         finally:
-            if haproxy is not None:
-                stop(haproxy)
-            if paused:
-                os.kill(lab.state.pids["balancer"], signal.SIGCONT)
-            problems = lab.down()
-            if problems:
-                log(f"e2e: lab down: {problems}")
+            tear_down(lab, haproxy, paused=paused, log=log)
     return e2e_rows(variants, ours, refs, bulks, failures, extra, cmd)
 
 
@@ -564,6 +558,17 @@ def close_only(
     return found
 
 
+def tear_down(lab: Any, haproxy: subprocess.Popen[bytes] | None, *, paused: bool, log: Any) -> None:
+    """Stop HAProxy, let a paused balancer daemon go on (so it can stop), take the lab down; say what it left."""
+    if haproxy is not None:
+        stop(haproxy)
+    if paused:
+        os.kill(lab.state.pids["balancer"], signal.SIGCONT)
+    problems = lab.down()
+    if problems:
+        log(f"e2e: lab down: {problems}")
+
+
 def bulk_only(
     key: str, *, rounds: int, seconds: float, log: Any = print
 ) -> dict[str, Any]:  # fmt: skip
@@ -604,13 +609,7 @@ def bulk_only(
         offload = lab.status()["status"].get("offload", {})
         log(f"e2e bulk: the offload's super-packet counters: {offload.get('gso')}")
     finally:
-        if haproxy is not None:
-            stop(haproxy)
-        if paused:
-            os.kill(lab.state.pids["balancer"], signal.SIGCONT)
-        problems = lab.down()
-        if problems:
-            log(f"e2e: lab down: {problems}")
+        tear_down(lab, haproxy, paused=paused, log=log)
     medians: dict[str, float] = {}
     cpu_per_gb: dict[str, float] = {}
     for what in ("mplslb", "haproxy", "direct"):
