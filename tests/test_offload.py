@@ -382,7 +382,7 @@ def test_object_builds_once_and_names_its_map(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("mplslb_xdp-*.o")]
     assert build_object(directory=tmp_path) == first
     prog = bpf.read_elf_program(first, "xdp")
-    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels", "syn_buckets"}
+    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels", "syn_buckets", "requests"}
     assert "GPL" in prog.license
 
 
@@ -1172,9 +1172,9 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
     topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, l7: bool, v6: bool
 ) -> None:
     """With the daemon's wrapper, a new TCP session's labels enter the kernel with its SYN: the SYN-ACK, the
-    client's ACK and the first response byte are forwarded by the program (the request too without L7 analysis)
-    and never reach the balancer, yet once a FIN reaches it the session, its server's response time and passive
-    health, the L7 figures and the watches are what the userspace path makes of the same frames."""
+    client's ACK, the request (copied for L7 analysis) and the first response byte are forwarded by the program and
+    never reach the balancer, yet once a FIN reaches it the session, its server's response time and passive health,
+    the L7 figures and the watches are what the userspace path makes of the same frames."""
     lb, _ = topo
     core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=l7)
     kernel = core.balancer
@@ -1221,9 +1221,10 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         in_kernel(port, reply(SYN | ACK), bpf.XDP_REDIRECT)
         in_kernel(0, from_client(c2s, to_vip(ACK)), bpf.XDP_REDIRECT)
         request = from_client(c2s, to_vip(ACK | PSH, b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n"))
-        in_kernel(0, request, bpf.XDP_PASS if l7 else bpf.XDP_REDIRECT)
+        in_kernel(0, request, bpf.XDP_REDIRECT)
         in_kernel(port, reply(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n"), bpf.XDP_REDIRECT)
-        assert kernel.frames_in == 1 + l7  # the SYN (and the request, for its Host)
+        assert kernel.frames_in == 1  # the SYN only
+        assert kernel.stats().l7_hosts == {}  # the request's copy waits in the kernel for the next fold
         in_kernel(port, reply(FIN | ACK), bpf.XDP_PASS)  # goes up: the record is folded before it is handled
         ours, theirs = kernel.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
         assert ours is not None and theirs is not None
@@ -1235,6 +1236,7 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         for label in (c2s, s2c):
             assert kernel.switching.watch[label] == reference.switching.watch[label]
         assert core.offload.stats()["measuring"] == 0 and core.offload.stats()["records"] >= 1
+        assert core.offload.stats()["copies"] == l7
         core.offload.poll()  # the kernel's frames are counted as the reference counted them
         for label in (c2s, s2c):
             assert kernel.switching.traffic(label) == reference.switching.traffic(label)

@@ -65,6 +65,12 @@ class Analysis(NamedTuple):
     icmp_error: bool  # True: ``key`` is the quoted datagram's, as its sender sent it
 
 
+#: The Host a request is counted under when it is read from a truncated copy of its first octets (the kernel
+#: offload's, :meth:`PacketAnalyzer.read_copy`) that ends before its request line does, or before any Host header
+#: among its complete lines: the whole request may have had one.
+TRUNCATED_HOST = "(truncated)"
+
+
 class PacketAnalyzer:
     """The packet contents analyzing unit: layers 3 to 7 of an unlabelled frame."""
 
@@ -117,6 +123,21 @@ class PacketAnalyzer:
         # tuple.__new__ as the NamedTuples' own constructors do, without their Python-level call.
         key = _new(FlowKey, (proto, src, sport, dst, dport))
         return _new(Analysis, (key, 4, ip, end, l4, flags, seq, payload, ttl, tos, http, False))
+
+    def read_copy(self, copy: bytes, length: int) -> HttpRequest | None:
+        """The HTTP request read from ``copy``, the first octets of a request's payload of ``length`` octets, as
+        from the request's frame when its request line and Host fit in the copy. When the copy is truncated and
+        ends before the request line does, or holds no Host header among its complete lines, the request is
+        counted under :data:`TRUNCATED_HOST` instead (the request line: as read, or empty when it did not fit); a
+        truncated copy of a request whose headers ended without a Host is counted there too."""
+        if not self.l7:
+            return None
+        truncated = len(copy) < length
+        try:
+            http = peek_request(copy)
+        except HTTPError as exc:
+            return HttpRequest("", "", "", TRUNCATED_HOST) if truncated and exc.reason == "http_incomplete" else None
+        return http._replace(host=TRUNCATED_HOST) if truncated and http.host is None else http
 
     def analyze_ip(self, packet: bytes | memoryview, offset: int = 0, *, l7: bool = True) -> Analysis:
         """Analyse an IP packet that starts at ``offset`` (the version nibble decides v4 or v6); ``l7`` False

@@ -79,6 +79,7 @@ from mplslb.switching.block import count_rows
 from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_ACK_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN
+from mplslb.wire.http import HttpRequest
 from mplslb.wire.ip import IPPROTO_TCP
 from mplslb.wire.tcp import TCPFlag
 
@@ -429,7 +430,7 @@ class Balancer:
                 self._new_session(port, frame, a, now, out)
                 return
             if a.payload_len and self.sessions.request_seen(session, now):
-                self._learn_l7(session, a)
+                self._learn_l7(a.http)
             self._to_server(session.c2s, frame, a, now, out)
             if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
                 if self.sessions.client_ack(session, a.tcp_flags, now):
@@ -500,7 +501,7 @@ class Balancer:
             key, c2s, server, client_port=port, client_mac=client_mac, ip_version=a.ip_version, now=now
         )
         if a.payload_len and sessions.request_seen(session, now):
-            self._learn_l7(session, a)
+            self._learn_l7(a.http)
         self.pool.session_started(server)
         self._install_labels(c2s, key, server, port, client_mac, a.ip_version, True, now, now)
         self._to_server(c2s, frame, a, now, out)
@@ -566,9 +567,10 @@ class Balancer:
             ports=(dport, sport),
         )
 
-    def _learn_l7(self, session: Session, a: Analysis) -> None:
-        if a.http is not None:
-            host = a.http.host or "(no host)"
+    def _learn_l7(self, http: HttpRequest | None) -> None:
+        """Count a session's first request by its Host (L7 analysis)."""
+        if http is not None:
+            host = http.host or "(no host)"
             self.l7_hosts[host] = self.l7_hosts.get(host, 0) + 1
 
     def _to_server(self, c2s: int, frame: bytes | memoryview, a: Analysis, now: float, out: Frames) -> None:
@@ -612,7 +614,7 @@ class Balancer:
                 # Time the server's responses from the session's own frames (the session table keeps the measurement).
                 a = a or self._analyze_report(event)
                 tcp_flags, payload = (a.tcp_flags, a.payload_len) if a is not None else (-1, 0)
-                self._observe(session, from_client, tcp_flags, payload, event.now, a)
+                self._observe(session, from_client, tcp_flags, payload, event.now, a.http if a is not None else None)
             # Only an RST or a FIN can close (SessionTable.closes, tcp_end: nothing to do for any other segment).
             if flags & (FIN | RST) and session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
                 if sessions.closes(session, flags, from_client=from_client):
@@ -642,7 +644,13 @@ class Balancer:
             return None
 
     def _observe(
-        self, session: Session, from_client: bool, tcp_flags: int, payload_len: int, now: float, a: Analysis | None
+        self,
+        session: Session,
+        from_client: bool,
+        tcp_flags: int,
+        payload_len: int,
+        now: float,
+        http: HttpRequest | None,
     ) -> None:
         seen = self.sessions.observe(
             session, from_client=from_client, tcp_flags=tcp_flags, payload_len=payload_len, now=now
@@ -652,14 +660,24 @@ class Balancer:
             self.pool.record_response_time(server, seen.response_time)
         if seen.server_replied:
             self.pool.record_success(server, now)
-        if seen.request_seen and a is not None:
-            self._learn_l7(session, a)
+        if seen.request_seen:
+            self._learn_l7(http)
         if seen.done:
             self.switching.clear_watch(session.s2c, WATCH_ALL)
         if seen.request_seen or seen.done or seen.handshake_done:
             self._handshake_done(session)
 
-    def measured(self, c2s: int, answer: float, ack: float, request: float, response: float, over: bool) -> bool:
+    def measured(
+        self,
+        c2s: int,
+        answer: float,
+        ack: float,
+        request: float,
+        response: float,
+        over: bool,
+        copy: bytes | None = None,
+        length: int = 0,
+    ) -> bool:
         """What a fast path outside the apparatus (the kernel offload) recorded of a session's watched frames, as
         times on the balancer's clock (0: not seen): the server's first answer, the client's latest pure ACK, the
         first request, the first response byte after it, and whether the measurement's budget is spent. Each is
@@ -668,9 +686,10 @@ class Balancer:
         timed before the session's start (a start set again after the answer, as a daemon adopting its sessions
         does) moves the session on without a sample.
 
-        Under ``WATCH_REQUEST`` the request itself comes up to this path (L7 analysis reads it): until it has,
-        the request and the response are left for later, and False says the record should be handed over
-        again."""
+        Under ``WATCH_REQUEST`` L7 analysis reads the request: from ``copy``, the first octets of its payload (of
+        ``length`` octets) the fast path copied (:meth:`PacketAnalyzer.read_copy`), or, without one, from the
+        request's frame, which then comes up to this path itself: until it has, the request and the response are
+        left for later, and False says the record should be handed over again."""
         session = self.sessions.by_c2s(c2s)
         if session is None or session.state in FINAL_STATES:
             return True
@@ -685,9 +704,12 @@ class Balancer:
         if flags > 0 and ack > answer and session.state is SessionState.ANSWERED:
             self._observe(session, True, ACK, 0, ack, None)
         if request and not session.request_at:
+            http = None
             if self.switching.watch[c2s] & WATCH_REQUEST and session.rt_pending:
-                return False  # its frame is on its way here
-            self._observe(session, True, flags, 1, request, None)
+                if copy is None:
+                    return False  # its frame is on its way here
+                http = self.analyzer.read_copy(copy, length)
+            self._observe(session, True, flags, 1, request, http)
         if response > session.request_at > 0 and response >= request and session.rt_pending:
             self._observe(session, False, flags, 1, response, None)
         if over and session.rt_pending and session.state not in FINAL_STATES:

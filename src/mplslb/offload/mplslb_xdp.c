@@ -29,8 +29,49 @@
 
 struct map_ref labels SEC("maps");
 struct map_ref syn_buckets SEC("maps"); /* per CPU, one struct syn_bucket */
+struct map_ref requests SEC("maps");    /* C2S label -> struct request, the slot of its first request (F_L7) */
 
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
+
+/*
+ * F_L7: a session's first request, switched here, is copied into its label's slot of the request map (the daemon
+ * created it with the entry, and reads it with the record): measure() finds the slot and notes where the payload
+ * is, and the entry point, once the frame is switched, copies its first REQUEST_COPY octets (a truncated copy when
+ * the request is longer) and its length there, and then records the request's time, which tells the daemon the
+ * copy is in place. Done there, outside the label switch, the copy's loop is walked by the verifier once per entry
+ * point, not once per way through the switch.
+ */
+struct request_copy {
+	struct request *slot; /* the slot, or 0: nothing to copy */
+	__u8 *body;           /* the request's payload */
+	__u32 payload;        /* its length */
+	__u64 now;            /* its time, for the record */
+};
+
+static __attribute__((always_inline)) void copy_request(struct request_copy *cp, struct entry *e, __u8 *end)
+{
+	struct request *r = cp->slot;
+	if (!r)
+		return;
+	__u8 *body = cp->body;
+	__u32 payload = cp->payload, copied = 0;
+	/* eight octets at a time, then the rest one by one: few rounds for the verifier to walk */
+	for (__u32 i = 0; i < REQUEST_COPY / 8; i++) {
+		if (copied + 8 > payload || body + copied + 8 > end)
+			break;
+		*(__u64 *)(r->data + copied) = *(__u64 *)(body + copied);
+		copied += 8;
+	}
+	for (__u32 i = 0; i < 7; i++) {
+		if (copied >= REQUEST_COPY || copied >= payload || body + copied + 1 > end)
+			break;
+		r->data[copied] = body[copied];
+		copied += 1;
+	}
+	r->len = payload;
+	r->copied = copied; /* a copy awaits */
+	e->request_ns = cp->now;
+}
 
 /*
  * F_RT: a session's response time is being measured, and the frames that tell it are recorded here instead of
@@ -41,9 +82,11 @@ static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
  * budget, the latest kept (one after the answer completes the handshake). The daemon folds the record into the
  * session table at its polls and before it handles any other frame of the session. A frame this cannot read as
  * one TCP or UDP packet under its IP header (a later fragment, an ICMP error, lengths that disagree) goes up, as
- * does, with F_L7, the request (L7 analysis reads it), after being timed. Returns XDP_PASS or XDP_REDIRECT.
+ * does, with F_L7, the request of a label without a request slot (L7 analysis reads it), after being timed; with
+ * one, the request is noted in `cp` for copy_request and forwarded. Returns XDP_PASS or XDP_REDIRECT.
  */
-static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, __u8 *ip, __u8 *end)
+static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, __u8 *ip, __u8 *end,
+						  struct request_copy *cp)
 {
 	__u32 l4, total;
 	__u8 proto;
@@ -65,6 +108,7 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 	if ((__u64)(end - ip) < total || l4 > total)
 		return XDP_PASS;
 	__u8 *l4p = ip + l4;
+	__u8 *body;
 	__u32 payload;
 	__u8 flags = 0;
 	int segment = proto == IPPROTO_TCP;
@@ -75,6 +119,7 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 		if (doff < TCP_HLEN || l4 + doff > total)
 			return XDP_PASS;
 		payload = total - l4 - doff;
+		body = l4p + doff;
 		flags = l4p[TCP_FLAGS];
 	} else if (proto == IPPROTO_UDP) {
 		if (l4p + UDP_HLEN > end)
@@ -83,6 +128,7 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 		if (length < UDP_HLEN || l4 + length > total)
 			return XDP_PASS;
 		payload = length - UDP_HLEN;
+		body = l4p + UDP_HLEN;
 	} else {
 		return XDP_PASS;
 	}
@@ -92,13 +138,21 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 			e->ack_ns = now;
 		if (e->rt_left) {
 			if (payload && !e->request_ns) {
-				e->request_ns = now;
 				if (e->flags & F_L7)
-					return XDP_PASS; /* the session manager reads it (and spends its own budget on it) */
+					cp->slot = bpf_map_lookup_elem(&requests, &label);
+				if (!cp->slot) {
+					e->request_ns = now;
+					if (e->flags & F_L7)
+						return XDP_PASS; /* the session manager reads it (and spends its own budget) */
+				} else {
+					cp->body = body; /* copied, and timed, by copy_request once the frame is switched */
+					cp->payload = payload;
+					cp->now = now;
+				}
 			}
 			e->rt_left -= 1;
 		}
-		if (e->answer_ns && e->ack_ns > e->answer_ns && (e->request_ns || !e->rt_left))
+		if (e->answer_ns && e->ack_ns > e->answer_ns && (e->request_ns || cp->slot || !e->rt_left))
 			e->flags &= ~F_RT; /* nothing more is wanted of the client's frames */
 		return XDP_REDIRECT;
 	}
@@ -184,6 +238,7 @@ struct frame {
 	__u32 off;
 	__u32 tcp;
 	struct entry *e;
+	struct request_copy copy; /* F_L7: a request to copy once the frame is switched */
 };
 
 /*
@@ -325,7 +380,7 @@ flow_done:
 		}
 	}
 forward:
-	if ((e->flags & F_RT) && measure(e, label, ip, end) != XDP_REDIRECT) {
+	if ((e->flags & F_RT) && measure(e, label, ip, end, &fr->copy) != XDP_REDIRECT) {
 		/* userspace forwards it and records the same number, as for a FIN above */
 		if (ack)
 			e->ack = ack;
@@ -357,6 +412,7 @@ int mplslb_xdp(struct xdp_md *ctx)
 	if (verdict != XDP_REDIRECT)
 		return verdict;
 	struct entry *e = fr.e;
+	copy_request(&fr.copy, e, end);
 	if (fr.off != LSE_AT) {
 		/* userspace forwards a tagged frame untagged: drop the tag's octets in front of the MAC addresses */
 		if (bpf_xdp_adjust_head(ctx, VLAN_HLEN))
@@ -457,6 +513,7 @@ int mplslb_tc(struct __sk_buff *skb)
 		gso_count(fr.why);
 		return TC_ACT_SHOT;
 	}
+	copy_request(&fr.copy, fr.e, fr.end);
 	__builtin_memcpy(fr.data + ETH_DST, fr.e->rewrite, ETH_ADDRS);
 	__u32 out = fr.e->out_ifindex;
 	gso_count(GSO_FORWARDED);

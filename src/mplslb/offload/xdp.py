@@ -30,7 +30,14 @@ the session's own frames) is handled one of two ways:
   one map lookup), and handed to ``measured(c2s, record)`` with the kernel's times on the table's clock (again at
   the next read while it answers False). The program clears ``F_RT`` itself once a direction has nothing more to
   tell, so a watch cleared in the table needs no map write. With ``WATCH_REQUEST`` (L7 analysis) the C2S entry
-  passes the first request up too.
+  is flagged ``F_L7`` and gets a slot in a second map, the request map (C2S label -> a
+  :data:`~mplslb.switching.layout.REQUEST` slot; a hash map without preallocation, as large as the label map, so
+  only the sessions under measurement hold a slot): the program copies the session's first request's first
+  :data:`~mplslb.switching.layout.REQUEST_COPY` octets and its length there before it records the request's time,
+  and forwards the request. The slot is read with the record that first carries the request's time and handed to
+  ``measured`` with it (:attr:`Record.copy`), then deleted; the balancer reads it with the analyzer that reads a
+  request frame. A label without a slot (the slot's write refused) has its request passed up instead, as the
+  session manager then expects.
 
 Activity (:meth:`XdpOffload.poll`): the program counts packets and bytes per entry and stores the time of the last
 frame (``bpf_ktime_get_ns``, CLOCK_MONOTONIC, the clock of ``time.monotonic``). ``poll`` reads the whole map with
@@ -132,6 +139,8 @@ from mplslb.switching.layout import (
     LABEL_SPACE,
     LSE_LEN,
     NS_PER_S,
+    REQUEST,
+    REQUEST_FIELDS,
     SYN_BUCKET,
     SYN_BUCKET_FIELDS,
     SYN_RATE_MAX,
@@ -144,14 +153,19 @@ from mplslb.switching.table import LabelSwitchingTable, flow_parts
 
 #: The fingerprint of the maps' entries (their fields and flags): the maps' pins carry it in their names, so a kept
 #: map is adopted only by a program that reads and writes its entries the same way.
-LAYOUT_FP: Final = fingerprint([KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7])[:12]
+LAYOUT_FP: Final = fingerprint(
+    [KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, REQUEST_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7]
+)[:12]
 MAP_PIN: Final = f"map_{LAYOUT_FP}"
 SYN_PIN: Final = f"syn_{LAYOUT_FP}"
+REQUEST_PIN: Final = f"req_{LAYOUT_FP}"
 PROG_NAME = "mplslb_xdp"
 MAP_NAME = "mplslb_labels"
 MAP_SYMBOL = "labels"
 SYN_MAP_NAME = "mplslb_syn"
 SYN_MAP_SYMBOL = "syn_buckets"
+REQUEST_MAP_NAME = "mplslb_requests"
+REQUEST_MAP_SYMBOL = "requests"
 SHED = "syn_shed"  # the drop reason of a SYN shed by the kernel
 SECTION = "xdp"
 TC_SECTION = "tc"
@@ -208,6 +222,10 @@ class Record(NamedTuple):
     request: float
     response: float
     over: bool
+    #: With ``request`` under F_L7: the request's first octets the program copied (its first
+    #: :data:`~mplslb.switching.layout.REQUEST_COPY` at most), None when the request went up instead.
+    copy: bytes | None = None
+    length: int = 0  # the request's whole payload length (more than len(copy): the copy is truncated)
 
 
 def is_c2s(label: int) -> bool:
@@ -332,6 +350,9 @@ class XdpOffload:
         self._map: bpf.Map | None = None
         self.syn_rate = syn_rate
         self._syn: bpf.Map | None = None
+        self._requests: bpf.Map | None = None
+        self._slots = np.zeros(LABEL_SPACE, dtype=np.bool_)  # C2S labels with a slot in the request map
+        self.copies = 0  # requests' copies handed to ``measured``
         self._cpus = 0
         self._shed_folded = 0  # SYNs shed already added to the table's drops
         self._in_kernel = np.zeros(LABEL_SPACE, dtype=np.uint8)
@@ -406,8 +427,10 @@ class XdpOffload:
             self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries,
                                        flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
             self._open_syn_map()
+            self._requests = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, REQUEST.size, self.max_entries,
+                                            flags=bpf.BPF_F_NO_PREALLOC, name=REQUEST_MAP_NAME)  # fmt: skip
             assert self._syn is not None
-            maps = {MAP_SYMBOL: self._map.fd, SYN_MAP_SYMBOL: self._syn.fd}
+            maps = {MAP_SYMBOL: self._map.fd, SYN_MAP_SYMBOL: self._syn.fd, REQUEST_MAP_SYMBOL: self._requests.fd}
             self._prog = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
             kinds = {port_id: self._clear_stale(ifindex) for port_id, ifindex in self.ifindex.items()}
             native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
@@ -431,9 +454,10 @@ class XdpOffload:
 
     def _pin(self) -> None:
         """Pin the maps, the program and each link (the link last: until then a killed daemon leaves nothing)."""
-        assert self._map is not None and self._syn is not None
+        assert self._map is not None and self._syn is not None and self._requests is not None
         bpf.obj_pin(self._map.fd, self._pin_path(MAP_PIN))
         bpf.obj_pin(self._syn.fd, self._pin_path(SYN_PIN))
+        bpf.obj_pin(self._requests.fd, self._pin_path(REQUEST_PIN))
         bpf.obj_pin(self._prog, self._pin_path("prog"))
         for ifname, fd in zip(self.interfaces.values(), self._links, strict=True):
             bpf.obj_pin(fd, self._pin_path(f"link_{ifname}"))
@@ -472,6 +496,8 @@ class XdpOffload:
             fds.append(map_fd)
             syn_fd = bpf.obj_get(self._pin_path(SYN_PIN))
             fds.append(syn_fd)
+            request_fd = bpf.obj_get(self._pin_path(REQUEST_PIN))
+            fds.append(request_fd)
         except OSError:
             return "reason=map_layout_changed"  # pinned by a build whose maps' layout differs (or torn)
         info = bpf.map_info(map_fd)
@@ -486,6 +512,14 @@ class XdpOffload:
             1,
         ):
             return "reason=map_layout_changed"
+        info = bpf.map_info(request_fd)
+        if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
+            bpf.BPF_MAP_TYPE_HASH,
+            _KEY.size,
+            REQUEST.size,
+            self.max_entries,
+        ):
+            return "reason=map_layout_changed"
         old = bpf.prog_info(prog)
         links: list[int] = []
         for port_id, ifname in self.interfaces.items():
@@ -498,7 +532,7 @@ class XdpOffload:
             link = bpf.link_info(fd)
             if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
                 return f"reason=link_detached interface={ifname}"
-        maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd}
+        maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd, REQUEST_MAP_SYMBOL: request_fd}
         new = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
         fds.append(new)
         if bpf.prog_info(new).tag == old.tag:
@@ -517,6 +551,7 @@ class XdpOffload:
         self._map = bpf.Map(map_fd, _KEY.size, KERNEL_ENTRY.size, MAP_NAME)
         self._cpus = possible_cpus()
         self._syn = bpf.Map(syn_fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
+        self._requests = bpf.Map(request_fd, _KEY.size, REQUEST.size, REQUEST_MAP_NAME)
         self._prog = prog
         self._links = links
         for ifname, ifindex in zip(self.interfaces.values(), self.ifindex.values(), strict=True):
@@ -526,7 +561,9 @@ class XdpOffload:
     def _reconcile(self) -> None:
         """Make the adopted map agree with the (adopted) table: entries that match it stay, with their counters
         taken as already counted and their last-seen times folded in; the others are written or deleted."""
-        assert self._map is not None
+        assert self._map is not None and self._requests is not None
+        slots, _, _ = self._requests.lookup_batch()
+        self._slots[np.frombuffer(slots, dtype=np.uint32).astype(np.intp)] = True
         keys, values, count = self._map.lookup_batch()
         table = self.table
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
@@ -701,6 +738,10 @@ class XdpOffload:
         if self._syn is not None:
             self._syn.close()
             self._syn = None
+        if self._requests is not None:
+            self._requests.close()
+            self._requests = None
+        self._slots[:] = False
         if not keep:
             self._unpin()
         self.table.remove_mirror(self)
@@ -826,11 +867,38 @@ class XdpOffload:
         name = errno.errorcode.get(exc.errno or 0, "error").lower()
         self.errors[name] = self.errors.get(name, 0) + 1
 
+    def _open_slots(self, labels: list[int]) -> None:
+        """Give the C2S labels among ``labels`` whose entries will be flagged ``F_L7`` an empty request slot (before
+        the entries are written); a slot the kernel refuses is counted, and that label's request goes up."""
+        if self._requests is None or self.measured is None:
+            return
+        watch, slots = self.table.watch, self._slots
+        wanted = WATCH_ALL | WATCH_REQUEST
+        new = [label for label in labels if is_c2s(label) and watch[label] & wanted == wanted and not slots[label]]
+        empty = bytes(REQUEST.size)
+        for label in new:
+            try:
+                self._requests.update(_KEY.pack(label), empty)
+            except OSError as exc:
+                self._error(exc)
+            else:
+                slots[label] = True
+
+    def _drop_slot(self, label: int) -> None:
+        """Delete ``label``'s request slot, if it has one."""
+        if self._slots[label] and self._requests is not None:
+            self._slots[label] = False
+            try:
+                self._requests.delete(_KEY.pack(label))
+            except OSError as exc:
+                self._error(exc)
+
     def _write(self, labels: list[int]) -> int:
         """Write ``labels``' entries; one the kernel refuses (no memory) stays in userspace and is counted."""
         assert self._map is not None
         if not labels:
             return 0
+        self._open_slots(labels)
         failed: set[int] = set()
         if len(labels) >= BATCH_MIN:
             keys = struct.pack(f"={len(labels)}I", *labels)
@@ -877,6 +945,7 @@ class XdpOffload:
             self._error(exc)
         for label in labels:
             self._in_kernel[label] = 0
+            self._drop_slot(label)
         self.entries -= len(labels)
         self.deletes += len(labels)
         return len(labels)
@@ -966,18 +1035,34 @@ class XdpOffload:
         if record != self._measuring.get(c2s) and (any(record[1:]) or not record[0]) and self.measured is not None:
             rt_left, *times = record
             answer, ack, request, response = (t * 1e-9 + offset if t else 0.0 for t in times)
+            copy, length = self._copy(c2s) if request else (None, 0)
             self.records += 1
-            if self.measured(c2s, Record(answer, ack, request, response, rt_left == 0)):
+            if self.measured(c2s, Record(answer, ack, request, response, rt_left == 0, copy, length)):
                 self._measuring[c2s] = record  # taken: not handed over again unless it changes
+                if copy is not None:
+                    self.copies += 1
+                    self._drop_slot(c2s)
             handed = True
         watch = self.table.watch
         if not (watch[c2s] & WATCH_ALL or watch[c2s + 1] & WATCH_ALL):
             self._forget(c2s)
         return handed
 
+    def _copy(self, c2s: int) -> tuple[bytes | None, int]:
+        """The request copy awaiting in ``c2s``'s slot and the request's length; (None, 0) when none awaits (no
+        slot, or the request went up)."""
+        if not self._slots[c2s] or self._requests is None:
+            return None, 0
+        raw = self._requests.lookup(_KEY.pack(c2s))
+        if raw is None:
+            return None, 0
+        copied, length, data = REQUEST.unpack(raw)
+        return (data[:copied], length) if copied else (None, 0)
+
     def _forget(self, c2s: int) -> None:
         if self._measuring.pop(c2s, None) is not None:
             self._measured[c2s] = False
+        self._drop_slot(c2s)
 
     # -- acknowledgment numbers kept in the kernel ------------------------------------------------------------
     def _fold_acks(self, labels: np.ndarray, kernel: np.ndarray) -> None:
@@ -1030,6 +1115,7 @@ class XdpOffload:
             "pending": self.pending,
             "measuring": len(self._measuring),
             "records": self.records,
+            "copies": self.copies,
             "writes": self.writes,
             "deletes": self.deletes,
             "polls": self.polls,

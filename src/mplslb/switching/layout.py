@@ -136,7 +136,10 @@ F_FLOW: Final = 0x04  # the session's flow is bound: IP destination ``dst_ip`` a
 #: ``rt_left`` .. ``response_ns`` (an S2C frame finds it as label - 1) and clears the flag once nothing more is
 #: wanted of this direction (see mplslb.offload.xdp).
 F_RT: Final = 0x08
-F_L7: Final = 0x10  # C2S: the session's first request goes up to the session manager (WATCH_REQUEST)
+#: C2S: the session's first request is wanted by the session manager (WATCH_REQUEST, L7 analysis): the program
+#: copies its first REQUEST_COPY octets into the label's slot of the request map, or passes the frame up when the
+#: label has no slot there.
+F_L7: Final = 0x10
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
 #: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The four fields after the
@@ -211,6 +214,18 @@ ENDPOINT_TTL: Final = 64  # the TTL of the entry the endpoints push, as mplslb.e
 
 #: ``struct syn_bucket``, the one element of the balancer program's per-CPU SYN map: a token bucket for the
 #: unlabelled TCP SYNs (no ACK) this CPU hands to the slow path, and what it did with them.
+#: How many octets of a session's first request (its payload, from the first) the kernel offload copies for the L7
+#: analysis: the request line and Host of a request that fits are read as from the whole frame.
+REQUEST_COPY: Final = 256
+#: ``struct request``, a slot of the kernel offload's request map (C2S label -> slot, F_L7): the first octets of the
+#: session's first request and its whole payload length, ``copied`` nonzero once the program filled it (a copy
+#: awaits the daemon).
+REQUEST_FIELDS: Final = (
+    ("copied", "__u32", "I", 0),  # octets copied into ``data`` (0: no request yet)
+    ("len", "__u32", "I", 0),  # the request's payload length (more than ``copied``: the copy is truncated)
+    ("data", "__u8", "s", REQUEST_COPY),
+)
+
 SYN_BUCKET_FIELDS: Final = (
     ("rate", "__u64", "Q", 0),  # SYNs per second this CPU lets through, also its burst (0: no limit)
     ("last_ns", "__u64", "Q", 0),  # CLOCK_MONOTONIC ns of the last SYN seen
@@ -329,6 +344,7 @@ GSO_COUNTERS: Final = (
 
 
 SYN_BUCKET: Final = struct.Struct(struct_format(SYN_BUCKET_FIELDS))
+REQUEST: Final = struct.Struct(struct_format(REQUEST_FIELDS))
 FLOW_KEY: Final = struct.Struct(struct_format(FLOW_KEY_FIELDS))
 FLOW: Final = struct.Struct(struct_format(FLOW_FIELDS))
 VIP_KEY: Final = struct.Struct(struct_format(VIP_KEY_FIELDS))
@@ -337,6 +353,7 @@ ENDPOINT_CONFIG: Final = struct.Struct(struct_format(ENDPOINT_CONFIG_FIELDS))
 C_STRUCTS: Final = {
     "entry": KERNEL_ENTRY_FIELDS,
     "syn_bucket": SYN_BUCKET_FIELDS,
+    "request": REQUEST_FIELDS,
     "flow_key": FLOW_KEY_FIELDS,
     "flow": FLOW_FIELDS,
     "vip_key": VIP_KEY_FIELDS,
@@ -360,7 +377,7 @@ C_CONSTANTS: Final = (
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET", "TCP_SYN", "TCP_ACK", "TCP_SYN_ACK",
     "TCP_PURE_ACK_MASK", "TCP_ACK_AT", "ACK_KNOWN", "WATCH_TCP_END", "WATCH_ALL", "WATCH_REQUEST", "F_V6", "F_TCP_END",
-    "F_FLOW", "F_RT", "F_L7",
+    "F_FLOW", "F_RT", "F_L7", "REQUEST_COPY",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
     "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
@@ -501,6 +518,9 @@ __all__ = [
     "NS_PER_MS",
     "NS_PER_S",
     "QUOTE_MASK",
+    "REQUEST",
+    "REQUEST_COPY",
+    "REQUEST_FIELDS",
     "RESERVED_LABEL_MAX",
     "S2C_MAX",
     "S2C_MIN",
