@@ -61,6 +61,7 @@ from helpers import (
     tcp_segment,
     udp_datagram,
 )
+from mplslb.analyzer import TRUNCATED_HOST
 from mplslb.balancer import Balancer
 from mplslb.config import BalancerConfig, ConfigError, Section, read_offload, read_offload_syn_rate
 from mplslb.drivers.afpacket import PacketPort
@@ -81,6 +82,7 @@ from mplslb.switching.layout import (
     IPV4_PROTO,
     IPV6_NEXT_HEADER,
     LSE_AT,
+    REQUEST_COPY,
 )
 from mplslb.wire.ip import (
     IPPROTO_DSTOPTS,
@@ -1248,9 +1250,10 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
 def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
     topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With L7 analysis a measured session's first request goes up (its Host is read there): the program records its
-    acknowledgment number before passing it, as userspace records it when it forwards it, so the server's RST
-    is judged by it as without the offload."""
+    """With L7 analysis, a measured session whose C2S label has no request slot (its write refused) has its first
+    request go up (its Host is read there): the program records its acknowledgment number before passing it, as
+    userspace records it when it forwards it, so the server's RST is judged by it as without the offload, and the
+    Host is counted from the frame."""
     lb, _ = topo
     core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
     c0 = client_addr(0)
@@ -1275,6 +1278,7 @@ def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
         session = core.balancer.sessions.by_c2s(c2s)
         assert session is not None
         port, mac = session.server.config.port_id, session.server.mac
+        core.offload._drop_slot(c2s)  # as if the kernel had refused the slot
 
         def server(flags: int, **kw: int) -> bytes:
             return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, flags, **kw)),
@@ -1290,6 +1294,107 @@ def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
         assert ours is not None and theirs is not None
         assert ours.state is theirs.state is SessionState.ENDING
         assert core.balancer.sessions.not_believed == reference.sessions.not_believed == {}
+        assert core.balancer.l7_hosts == reference.l7_hosts == {"a": 1}
+        assert core.offload.stats()["copies"] == 0
+    finally:
+        core.close()
+
+
+def _close_mode_session(
+    core: OffloadedBalancer, reference: Balancer, loop: Loop, lb: str, sport: int, request: bytes
+) -> list[int]:
+    """One session as a ``Connection: close`` client and server make it, each frame through the program first
+    (what it passes up to the daemon's balancer) and through the reference's one-frame path, the frames that leave
+    compared: handshake, request, response, the server's FIN, the client's FIN and ACK, the server's last ACK.
+    Returns the program's verdicts."""
+    c0 = client_addr(0)
+    verdicts: list[int] = []
+
+    def both(port: int, frame: bytes) -> None:
+        now = loop.clock()
+        expected = reference.receive(port, frame, now)
+        with entered(lb):
+            run = core.offload.run(frame, port)
+        verdicts.append(run.retval)
+        if run.retval == bpf.XDP_REDIRECT:
+            assert [run.data] == [sent for _, sent in expected]
+        else:
+            assert run.data == frame and core.receive_batch([(port, frame)], now) == expected
+
+    def client(flags: int, payload: bytes = b"", **kw: int) -> bytes:
+        return ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, flags, payload, **kw))
+
+    syn = ether(PORT_MAC[0], client_mac(0), client(SYN))
+    ((out, first),) = core.receive_batch([(0, syn)], loop.clock())
+    verdicts.append(bpf.XDP_PASS)  # unlabelled: the daemon's
+    assert reference.receive(0, syn, loop.clock()) == [(out, first)]
+    c2s = label_of(first)
+    session = core.balancer.sessions.by_c2s(c2s)
+    assert session is not None
+    port, mac = session.server.config.port_id, session.server.mac
+
+    def server(flags: int, payload: bytes = b"") -> bytes:
+        segment = tcp_segment(VIP, c0, 80, sport, flags, payload, ack=1 + len(request))
+        return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, segment), port=port, mac=mac)
+
+    time.sleep(0.001)  # the kernel's clock moves past the SYN's
+    both(port, server(SYN | ACK))
+    both(0, from_client(c2s, client(ACK)))
+    both(0, from_client(c2s, client(ACK | PSH, request)))
+    both(port, server(ACK | PSH, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"))
+    both(port, server(FIN | ACK))
+    both(0, from_client(c2s, client(FIN | ACK)))
+    both(port, server(ACK))
+    return verdicts
+
+
+@needs_kernel
+def test_a_close_mode_session_sends_only_its_syn_and_fins_up_with_l7(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With L7 analysis on, a ``Connection: close`` session costs the daemon its SYN and its two FINs: the request
+    is copied in the kernel and forwarded there, and the Host counts, the sessions and the server's response time
+    are the one-frame path's, for a request that fits the copy and one longer than it whose Host is within it."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
+    kernel = core.balancer
+    short = b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"
+    long = b"GET /big HTTP/1.1\r\nHost: big.example\r\nCookie: " + b"c" * (2 * REQUEST_COPY) + b"\r\n\r\n"
+    try:
+        verdicts = _close_mode_session(core, reference, loop, lb, 40000, short)
+        verdicts += _close_mode_session(core, reference, loop, lb, 40001, long)
+        assert verdicts.count(bpf.XDP_PASS) == kernel.frames_in == 2 * 3  # the SYN, the server's FIN, the client's
+        core.offload.poll()
+        assert kernel.l7_hosts == reference.l7_hosts == {"shop.example": 1, "big.example": 1}
+        assert core.offload.stats()["copies"] == 2
+        ours, theirs = kernel.stats(), reference.stats()
+        assert (ours.sessions_active, ours.sessions_ended) == (theirs.sessions_active, theirs.sessions_ended)
+        assert [s.state for s in kernel.live_sessions()] == [s.state for s in reference.live_sessions()]
+        assert [s.rt_ewma is not None for s in kernel.pool] == [s.rt_ewma is not None for s in reference.pool]
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_a_host_past_the_kernels_copy_is_counted_as_truncated(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose Host header (or request line) ends past the first REQUEST_COPY octets the kernel copies is
+    counted under TRUNCATED_HOST, not under no host and not left out; the session and its measurement are the
+    one-frame path's, which reads the whole frame and counts the Host."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
+    late_host = b"GET / HTTP/1.1\r\nCookie: " + b"c" * REQUEST_COPY + b"\r\nHost: late.example\r\n\r\n"
+    long_line = b"GET /" + b"p" * REQUEST_COPY + b" HTTP/1.1\r\nHost: path.example\r\n\r\n"
+    try:
+        _close_mode_session(core, reference, loop, lb, 40000, late_host)
+        _close_mode_session(core, reference, loop, lb, 40001, long_line)
+        core.offload.poll()
+        assert core.balancer.l7_hosts == {TRUNCATED_HOST: 2}
+        assert reference.l7_hosts == {"late.example": 1, "path.example": 1}
+        assert core.balancer.frames_in == 2 * 3
+        ours, theirs = core.balancer.stats(), reference.stats()
+        assert (ours.sessions_active, ours.sessions_ended) == (theirs.sessions_active, theirs.sessions_ended)
     finally:
         core.close()
 

@@ -47,7 +47,7 @@ from mplslb.drivers import socket_filter
 from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.build import build_object
-from mplslb.offload.xdp import GSO_DEFINE, MAP_SYMBOL, SYN_MAP_SYMBOL, XdpOffload
+from mplslb.offload.xdp import GSO_DEFINE, MAP_SYMBOL, REQUEST_MAP_SYMBOL, SYN_MAP_SYMBOL, XdpOffload
 from mplslb.switching import WATCH_ALL, FastEvent, switch_frame
 from mplslb.switching.layout import ETH_HLEN, GSO_COUNTERS, IP_AT, LSE_AT, LSE_LEN, TCP_CHECK_AT, TCP_FLAGS
 from mplslb.wire.checksum import internet_checksum, pseudo_header_sum
@@ -195,7 +195,11 @@ class Programs:
         with entered(lb):
             self.offload = XdpOffload(balancer.switching, {i: f"p{i}" for i in PORTS}, obj=gso_obj, gso=True)
             self.offload.open()
-            maps = {MAP_SYMBOL: self.offload._map.fd, SYN_MAP_SYMBOL: self.offload._syn.fd}  # type: ignore[union-attr]
+            maps = {
+                MAP_SYMBOL: self.offload._map.fd,  # type: ignore[union-attr]
+                SYN_MAP_SYMBOL: self.offload._syn.fd,  # type: ignore[union-attr]
+                REQUEST_MAP_SYMBOL: self.offload._requests.fd,  # type: ignore[union-attr]
+            }
             self.plain = bpf.load_program(obj, "xdp", maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name="plain_xdp")
 
     def xdp(self, frame: bytes, port: int) -> bpf.TestRun:

@@ -612,7 +612,7 @@ def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
 
 # -- the kernel offload's pins -------------------------------------------------------------------------------------
 from mplslb.drivers.netns import entered  # noqa: E402
-from mplslb.offload.xdp import MAP_PIN, PIN_ROOT, SYN_PIN, XdpOffload  # noqa: E402
+from mplslb.offload.xdp import MAP_PIN, PIN_ROOT, REQUEST_PIN, SYN_PIN, XdpOffload  # noqa: E402
 from test_offload import INSTALLS, A, B, C, E, needs_kernel, obj, offload_in, topo, xdp_state_in  # noqa: E402, F401
 
 
@@ -639,7 +639,7 @@ def test_pinned_offload_outlives_its_daemon_and_is_adopted(topo: tuple[str, str]
         prog_ids = {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()}
         offload.close(keep=True)  # the daemon goes: its program stays attached, its map filled
         assert {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} == prog_ids and 0 not in prog_ids
-        assert {p.name for p in pins.iterdir()} == {MAP_PIN, SYN_PIN, "prog", *(f"link_p{i}" for i in range(4))}
+        assert {p.name for p in pins.iterdir()} == {MAP_PIN, SYN_PIN, REQUEST_PIN, "prog", *(f"link_p{i}" for i in range(4))}
         # The next daemon's table (as adopted): A as it was, B rebound, C new, E gone.
         second = Balancer(CONFIG)
         second.switching.install(A, **INSTALLS[A])
