@@ -639,7 +639,8 @@ def test_pinned_offload_outlives_its_daemon_and_is_adopted(topo: tuple[str, str]
         prog_ids = {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()}
         offload.close(keep=True)  # the daemon goes: its program stays attached, its map filled
         assert {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} == prog_ids and 0 not in prog_ids
-        assert {p.name for p in pins.iterdir()} == {MAP_PIN, SYN_PIN, REQUEST_PIN, "prog", *(f"link_p{i}" for i in range(4))}
+        links = {f"link_p{i}" for i in range(4)}
+        assert {p.name for p in pins.iterdir()} == {MAP_PIN, SYN_PIN, REQUEST_PIN, "prog", *links}
         # The next daemon's table (as adopted): A as it was, B rebound, C new, E gone.
         second = Balancer(CONFIG)
         second.switching.install(A, **INSTALLS[A])
@@ -753,10 +754,11 @@ def test_a_handshake_the_kernel_saw_while_no_daemon_ran_is_folded_by_the_next(
 ) -> None:
     """A new session's labels are in the kept map from its SYN on, measured there: the SYN-ACK and the client's ACK
     that the pinned program forwards while no daemon runs are recorded in its entry, which the next daemon keeps
-    and folds at its first poll: the adopted session is established, not left to its half-open deadline."""
+    and folds at its first poll: the adopted session is established, not left to its half-open deadline. Its
+    request, copied into its kept request slot meanwhile, is read then too (its Host counted)."""
     import socket
 
-    from helpers import PORT_MAC, SYN, VIP, client_addr, client_mac, ether, ipv4, tcp_segment
+    from helpers import PORT_MAC, PSH, SYN, VIP, client_addr, client_mac, ether, ipv4, tcp_segment
     from mplslb.offload import bpf
     from mplslb.sessions import SessionState
     from mplslb.wire.ip import IPPROTO_TCP
@@ -778,10 +780,11 @@ def test_a_handshake_the_kernel_saw_while_no_daemon_ran_is_folded_by_the_next(
         c0 = client_addr(0)
         synack = from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, tcp_segment(VIP, c0, 80, 40000, SYN | ACK)),
                              port=port, mac=mac)  # fmt: skip
+        request = from_client(c2s, v4_tcp(ACK | PSH, b"GET / HTTP/1.1\r\nHost: kept.example\r\n\r\n"))
         prog = bpf.obj_get(str(pins / "prog"))
         try:
             with entered(lb):
-                for at, frame in ((port, synack), (0, from_client(c2s, v4_tcp(ACK)))):
+                for at, frame in ((port, synack), (0, from_client(c2s, v4_tcp(ACK))), (0, request)):
                     run = bpf.prog_test_run(prog, frame, ingress_ifindex=socket.if_nametoindex(f"p{at}"))
                     assert run.retval == bpf.XDP_REDIRECT
         finally:
@@ -793,6 +796,7 @@ def test_a_handshake_the_kernel_saw_while_no_daemon_ran_is_folded_by_the_next(
         assert adopted is not None and adopted.state is SessionState.START
         offload.poll()
         assert adopted.state is SessionState.ESTABLISHED and adopted.server.answered_at > 0
+        assert second.l7_hosts == {"kept.example": 1} and adopted.request_at > 0
         assert adopted.server.rt_ewma is None  # answered before the adopted session's wait began: no time taken
     finally:
         remove_pins(pins, lb, offload)
