@@ -36,40 +36,37 @@ static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
 /*
  * F_L7: a session's first request, switched here, is copied into its label's slot of the request map (the daemon
  * created it with the entry, and reads it with the record): measure() finds the slot and notes where the payload
- * is, and the entry point, once the frame is switched, copies its first REQUEST_COPY octets (a truncated copy when
- * the request is longer) and its length there, and then records the request's time, which tells the daemon the
- * copy is in place. Done there, outside the label switch, the copy's loop is walked by the verifier once per entry
- * point, not once per way through the switch.
+ * is, and the entry point, once the frame is switched, has the kernel copy its first REQUEST_COPY octets (a
+ * truncated copy when the request is longer) there (bpf_xdp_load_bytes, bpf_skb_load_bytes: no loop for the
+ * verifier to walk on every way through the switch), with its length, and then records the request's time, which
+ * tells the daemon the copy is in place.
  */
 struct request_copy {
 	struct request *slot; /* the slot, or 0: nothing to copy */
-	__u8 *body;           /* the request's payload */
+	__u32 at;             /* where the request's payload starts, from the IP header */
 	__u32 payload;        /* its length */
 	__u64 now;            /* its time, for the record */
 };
 
-static __attribute__((always_inline)) void copy_request(struct request_copy *cp, struct entry *e, __u8 *end)
+static long (*bpf_xdp_load_bytes)(struct xdp_md *ctx, __u32 offset, void *buf, __u32 len) = (void *)189;
+
+/* How many octets of the request to copy (1 to REQUEST_COPY), and from where in the frame (its IP header at
+ * `ip_at`); 0: none. */
+static __attribute__((always_inline)) __u32 copy_length(struct request_copy *cp, __u32 ip_at, __u32 *from)
 {
-	struct request *r = cp->slot;
-	if (!r)
-		return;
-	__u8 *body = cp->body;
-	__u32 payload = cp->payload, copied = 0;
-	/* eight octets at a time, then the rest one by one: few rounds for the verifier to walk */
-	for (__u32 i = 0; i < REQUEST_COPY / 8; i++) {
-		if (copied + 8 > payload || body + copied + 8 > end)
-			break;
-		*(__u64 *)(r->data + copied) = *(__u64 *)(body + copied);
-		copied += 8;
-	}
-	for (__u32 i = 0; i < 7; i++) {
-		if (copied >= REQUEST_COPY || copied >= payload || body + copied + 1 > end)
-			break;
-		r->data[copied] = body[copied];
-		copied += 1;
-	}
-	r->len = payload;
-	r->copied = copied; /* a copy awaits */
+	__u32 n = cp->payload;
+	if (n > REQUEST_COPY)
+		n = REQUEST_COPY;
+	*from = ip_at + cp->at;
+	return n;
+}
+
+/* The copy is in place (`copied` octets; 0: the kernel could not copy them, and the slot says so): the request's
+ * length, then its time into the record. */
+static __attribute__((always_inline)) void request_copied(struct request_copy *cp, struct entry *e, long copied)
+{
+	cp->slot->len = cp->payload;
+	cp->slot->copied = copied;
 	e->request_ns = cp->now;
 }
 
@@ -108,7 +105,7 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 	if ((__u64)(end - ip) < total || l4 > total)
 		return XDP_PASS;
 	__u8 *l4p = ip + l4;
-	__u8 *body;
+	__u32 at; /* where the payload starts, from the IP header */
 	__u32 payload;
 	__u8 flags = 0;
 	int segment = proto == IPPROTO_TCP;
@@ -119,7 +116,7 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 		if (doff < TCP_HLEN || l4 + doff > total)
 			return XDP_PASS;
 		payload = total - l4 - doff;
-		body = l4p + doff;
+		at = l4 + doff;
 		flags = l4p[TCP_FLAGS];
 	} else if (proto == IPPROTO_UDP) {
 		if (l4p + UDP_HLEN > end)
@@ -128,7 +125,7 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 		if (length < UDP_HLEN || l4 + length > total)
 			return XDP_PASS;
 		payload = length - UDP_HLEN;
-		body = l4p + UDP_HLEN;
+		at = l4 + UDP_HLEN;
 	} else {
 		return XDP_PASS;
 	}
@@ -145,7 +142,7 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 					if (e->flags & F_L7)
 						return XDP_PASS; /* the session manager reads it (and spends its own budget) */
 				} else {
-					cp->body = body; /* copied, and timed, by copy_request once the frame is switched */
+					cp->at = at; /* copied, and timed, by the entry point once the frame is switched */
 					cp->payload = payload;
 					cp->now = now;
 				}
@@ -412,7 +409,11 @@ int mplslb_xdp(struct xdp_md *ctx)
 	if (verdict != XDP_REDIRECT)
 		return verdict;
 	struct entry *e = fr.e;
-	copy_request(&fr.copy, e, end);
+	if (fr.copy.slot) {
+		__u32 from, n = copy_length(&fr.copy, fr.off + LSE_LEN, &from);
+		int done = n && n <= REQUEST_COPY && !bpf_xdp_load_bytes(ctx, from, fr.copy.slot->data, n);
+		request_copied(&fr.copy, e, done ? n : 0);
+	}
 	if (fr.off != LSE_AT) {
 		/* userspace forwards a tagged frame untagged: drop the tag's octets in front of the MAC addresses */
 		if (bpf_xdp_adjust_head(ctx, VLAN_HLEN))
@@ -450,6 +451,7 @@ struct map_ref gso_counters SEC("maps"); /* per CPU, one __u64 per name of GSO_C
 static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to, __u64 flags) = (void *)11;
 static long (*bpf_skb_vlan_pop)(struct __sk_buff *skb) = (void *)19;
 static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
+static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)26;
 
 static __attribute__((always_inline)) void gso_count(__u32 what)
 {
@@ -513,7 +515,11 @@ int mplslb_tc(struct __sk_buff *skb)
 		gso_count(fr.why);
 		return TC_ACT_SHOT;
 	}
-	copy_request(&fr.copy, fr.e, fr.end);
+	if (fr.copy.slot) {
+		__u32 from, n = copy_length(&fr.copy, fr.off + LSE_LEN, &from);
+		int done = n && n <= REQUEST_COPY && !bpf_skb_load_bytes(skb, from, fr.copy.slot->data, n);
+		request_copied(&fr.copy, fr.e, done ? n : 0);
+	}
 	__builtin_memcpy(fr.data + ETH_DST, fr.e->rewrite, ETH_ADDRS);
 	__u32 out = fr.e->out_ifindex;
 	gso_count(GSO_FORWARDED);
