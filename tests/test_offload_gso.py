@@ -49,7 +49,17 @@ from mplslb.offload import bpf
 from mplslb.offload.build import build_object
 from mplslb.offload.xdp import GSO_DEFINE, MAP_SYMBOL, REQUEST_MAP_SYMBOL, SYN_MAP_SYMBOL, XdpOffload
 from mplslb.switching import WATCH_ALL, FastEvent, switch_frame
-from mplslb.switching.layout import ETH_HLEN, GSO_COUNTERS, IP_AT, LSE_AT, LSE_LEN, TCP_CHECK_AT, TCP_FLAGS
+from mplslb.switching.layout import (
+    ETH_HLEN,
+    GSO_COUNTERS,
+    IP_AT,
+    LSE_AT,
+    LSE_LEN,
+    REQUEST_COPY,
+    TCP_CHECK_AT,
+    TCP_FLAGS,
+    WATCH_REQUEST,
+)
 from mplslb.wire.checksum import internet_checksum, pseudo_header_sum
 from mplslb.wire.frame import complete_l4_checksum, dissect
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -393,17 +403,20 @@ def test_recorded_and_mutated_super_packets_agree_across_the_three_paths(
 
 
 @needs_kernel
+@pytest.mark.parametrize("l7", [False, True], ids=["no-l7", "l7"])
 def test_a_measured_sessions_super_packet_is_measured_from_the_whole_packet(
     topo: tuple[str, str],  # noqa: F811
     obj: bytes,  # noqa: F811
     gso_obj: bytes,
+    l7: bool,
 ) -> None:
     """Under a response-time measurement (F_RT) a server's first answer may be a super-packet: the tc program pulls
-    it whole, records it and switches it, as the XDP program does with a short one."""
+    it whole, records it and switches it, as the XDP program does with a short one; with L7 analysis (F_L7) it
+    copies the request's first octets into the label's request slot first."""
     balancer = standard_balancer()
 
     balancer.switching.install(A, out_port=2, next_hop=PORT_MAC[2], in_port=0, peer=client_mac(0),
-                               peer_ip=client_addr(0), watch=WATCH_ALL)  # fmt: skip
+                               peer_ip=client_addr(0), watch=WATCH_ALL | (WATCH_REQUEST if l7 else 0))  # fmt: skip
     records: list[Any] = []
     with entered(topo[0]):
         offload = XdpOffload(balancer.switching, {i: f"p{i}" for i in PORTS}, obj=gso_obj, gso=True,
@@ -419,6 +432,7 @@ def test_a_measured_sessions_super_packet_is_measured_from_the_whole_packet(
         assert entry is not None
         offload.poll()
         assert records and records[-1][0] == A and records[-1][1].request > 0.0
+        assert (records[-1][1].copy, records[-1][1].length) == ((BIG[:REQUEST_COPY], len(BIG)) if l7 else (None, 0))
         assert offload.gso_counters()["gso_forwarded"] == 1
     finally:
         offload.close()
