@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mplslb.analyzer import TRUNCATED_HOST, PacketAnalyzer
+from mplslb.switching.layout import REQUEST_COPY
 from mplslb.wire.http import MAX_REQUEST_LINE, HTTPError, HttpRequest, peek_request
 
 
@@ -119,3 +121,33 @@ def test_round_trip_and_every_prefix(method: str, target: str, version: str, hos
             peek_request(prefix)
     else:
         assert peek_request(prefix)[:3] == (method, target, version)
+
+
+@given(
+    targets,
+    st.one_of(st.none(), hosts),
+    st.integers(0, 400),
+    st.integers(0, 400),
+)
+def test_a_copy_of_a_requests_first_octets_reads_as_the_request_or_as_truncated(
+    target: str, host: str | None, padding: int, body: int
+) -> None:
+    """The analyzer's reading of the kernel's copy of a request (its first REQUEST_COPY octets): the whole
+    request's reading when its request line and Host fit the copy, else the named outcome TRUNCATED_HOST, never
+    "no Host" for a request that has one."""
+    head = f"GET /{target} HTTP/1.1\r\nX-Pad: {'p' * padding}\r\n" + (f"Host: {host}\r\n" if host else "") + "\r\n"
+    payload = head.encode("latin-1") + b"b" * body
+    analyzer = PacketAnalyzer()
+    whole = peek_request(payload)
+    read = analyzer.read_copy(payload[:REQUEST_COPY], len(payload))
+    host_end = payload.index(b"\r\n\r\n") + 2 if host else payload.index(b"\r\n") + 2
+    if len(payload) <= REQUEST_COPY or (host and host_end <= REQUEST_COPY):
+        assert read == whole
+    else:
+        assert read is not None and read.host == TRUNCATED_HOST
+    assert PacketAnalyzer(l7=False).read_copy(payload[:REQUEST_COPY], len(payload)) is None
+
+
+def test_a_copy_the_kernel_could_not_make_is_counted_as_truncated() -> None:
+    assert PacketAnalyzer().read_copy(b"", 40) == HttpRequest("", "", "", TRUNCATED_HOST)
+    assert PacketAnalyzer().read_copy(b"SSH-2.0-x\r\n" + b"x" * 300, 600) is None  # no request, whole or cut

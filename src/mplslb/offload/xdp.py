@@ -1050,14 +1050,15 @@ class XdpOffload:
 
     def _copy(self, c2s: int) -> tuple[bytes | None, int]:
         """The request copy awaiting in ``c2s``'s slot and the request's length; (None, 0) when none awaits (no
-        slot, or the request went up)."""
+        slot, or the request went up). A request the kernel timed and forwarded but could not copy (its length
+        set, nothing copied) gives an empty copy: read as truncated."""
         if not self._slots[c2s] or self._requests is None:
             return None, 0
         raw = self._requests.lookup(_KEY.pack(c2s))
         if raw is None:
             return None, 0
         copied, length, data = REQUEST.unpack(raw)
-        return (data[:copied], length) if copied else (None, 0)
+        return (data[:copied], length) if length else (None, 0)
 
     def _forget(self, c2s: int) -> None:
         if self._measuring.pop(c2s, None) is not None:

@@ -218,11 +218,11 @@ ENDPOINT_TTL: Final = 64  # the TTL of the entry the endpoints push, as mplslb.e
 #: analysis: the request line and Host of a request that fits are read as from the whole frame.
 REQUEST_COPY: Final = 256
 #: ``struct request``, a slot of the kernel offload's request map (C2S label -> slot, F_L7): the first octets of the
-#: session's first request and its whole payload length, ``copied`` nonzero once the program filled it (a copy
-#: awaits the daemon).
+#: session's first request and its whole payload length, ``len`` nonzero once the program filled it (a copy
+#: awaits the daemon; an empty one if the kernel could not copy).
 REQUEST_FIELDS: Final = (
-    ("copied", "__u32", "I", 0),  # octets copied into ``data`` (0: no request yet)
-    ("len", "__u32", "I", 0),  # the request's payload length (more than ``copied``: the copy is truncated)
+    ("copied", "__u32", "I", 0),  # octets copied into ``data``
+    ("len", "__u32", "I", 0),  # the request's payload length (0: no request yet; more than ``copied``: truncated)
     ("data", "__u8", "s", REQUEST_COPY),
 )
 
