@@ -17,10 +17,11 @@ Theory of operation
   health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
 
 A new session's first round trips are measured in the kernel too (:mod:`mplslb.offload.xdp`, ``measured``): its
-labels enter the map with its SYN, and only the SYN reaches the balancer (and, with L7 analysis, the first
-request; FIN and RST as ever). What the program recorded reaches the session table at each poll, and, for one
-session, whenever anything else is about to be decided about it (:attr:`Balancer.refresh`: a frame of it reaching
-the balancer, its half-open deadline, its eviction), so the table never decides on less than the kernel saw.
+labels enter the map with its SYN, and only the SYN reaches the balancer (FIN and RST as ever; with L7 analysis
+the first request's first octets are copied in the kernel and read at the fold). What the program recorded
+reaches the session table at each poll, and, for one session, whenever anything else is about to be decided about
+it (:attr:`Balancer.refresh`: a frame of it reaching the balancer, its half-open deadline, its eviction), so the
+table never decides on less than the kernel saw.
 """
 
 from __future__ import annotations

@@ -117,9 +117,9 @@ L4_PORTS_LEN: Final = 4  # the source and destination ports, the first octets of
 # -- per-label bits --------------------------------------------------------------------------------------------
 WATCH_TCP_END: Final = 0x01  # report frames whose TCP flags carry FIN or RST
 WATCH_ALL: Final = 0x02  # report every frame (a response-time measurement is under way)
-#: On a C2S label: the session's first request must reach the session manager itself (L7 analysis reads it). The
-#: userspace paths report every frame under WATCH_ALL anyway; the kernel offload, which records a measurement in
-#: its map instead of reporting it, passes that one frame up.
+#: On a C2S label: the session manager reads the session's first request (L7 analysis). The userspace paths report
+#: every frame under WATCH_ALL anyway; the kernel offload, which records a measurement in its map instead of
+#: reporting it, copies the request's first REQUEST_COPY octets for it (F_L7), or passes that one frame up.
 WATCH_REQUEST: Final = 0x08
 WATCH_BITS: Final = WATCH_TCP_END | WATCH_ALL | WATCH_REQUEST
 #: Passed with ``watch`` to :meth:`LabelSwitchingTable.install`: the payload under the label is IPv6 (the IP
