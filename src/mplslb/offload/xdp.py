@@ -600,6 +600,8 @@ class XdpOffload:
         valid = np.flatnonzero(table.arrays().valid)
         fix.update(valid[self._in_kernel[valid] == 0].tolist())
         self._mirror(sorted(fix), fold=False)  # a stale entry's counters and ACK are no adopted binding's
+        for label in np.flatnonzero(self._slots & ~self._measured).tolist():
+            self._drop_slot(label)  # no kept session's measurement: an ended one's copy
 
     def _open_syn_map(self) -> None:
         """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
