@@ -80,7 +80,8 @@ static __attribute__((always_inline)) void request_copied(struct request_copy *c
  * session table at its polls and before it handles any other frame of the session. A frame this cannot read as
  * one TCP or UDP packet under its IP header (a later fragment, an ICMP error, lengths that disagree) goes up, as
  * does, with F_L7, the request of a label without a request slot (L7 analysis reads it), after being timed; with
- * one, the request is noted in `cp` for copy_request and forwarded. Returns XDP_PASS or XDP_REDIRECT.
+ * one, the request is noted in `cp` for the entry point to copy and time, and forwarded. Returns XDP_PASS or
+ * XDP_REDIRECT.
  */
 static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, __u8 *ip, __u8 *end,
 						  struct request_copy *cp)
