@@ -1172,9 +1172,10 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
     topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, l7: bool, v6: bool
 ) -> None:
     """With the daemon's wrapper, a new TCP session's labels enter the kernel with its SYN: the SYN-ACK, the
-    client's ACK and the first response byte are forwarded by the program (the request too without L7 analysis)
-    and never reach the balancer, yet once a FIN reaches it the session, its server's response time and passive
-    health, the L7 figures and the watches are what the userspace path makes of the same frames."""
+    client's ACK, the first response byte and both FINs are forwarded by the program (the request too without L7
+    analysis) and never reach the balancer, yet once the kernel's records are folded the session, its server's
+    response time and passive health, the L7 figures, the watches and the close are what the userspace path makes
+    of the same frames."""
     lb, _ = topo
     core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=l7)
     kernel = core.balancer
@@ -1224,7 +1225,9 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         in_kernel(0, request, bpf.XDP_PASS if l7 else bpf.XDP_REDIRECT)
         in_kernel(port, reply(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n"), bpf.XDP_REDIRECT)
         assert kernel.frames_in == 1 + l7  # the SYN (and the request, for its Host)
-        in_kernel(port, reply(FIN | ACK), bpf.XDP_PASS)  # goes up: the record is folded before it is handled
+        in_kernel(port, reply(FIN | ACK), bpf.XDP_REDIRECT)  # taken in the kernel too (F_FIN)
+        assert kernel.frames_in == 1 + l7
+        core.offload.poll()  # the measurement's record is folded first, then the FIN's
         ours, theirs = kernel.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
         assert ours is not None and theirs is not None
         assert (ours.state, ours.rt_pending, bool(ours.request_at)) == (theirs.state, theirs.rt_pending, True)
@@ -1235,7 +1238,15 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         for label in (c2s, s2c):
             assert kernel.switching.watch[label] == reference.switching.watch[label]
         assert core.offload.stats()["measuring"] == 0 and core.offload.stats()["records"] >= 1
+        # the client's FIN (judged by the server's last ACK, as the kernel saw it) and its last ACK: the whole
+        # session reached the balancer as its SYN (and request)
+        in_kernel(0, from_client(c2s, to_vip(FIN | ACK)), bpf.XDP_REDIRECT)
+        in_kernel(port, reply(ACK), bpf.XDP_REDIRECT)
+        assert kernel.frames_in == 1 + l7
         core.offload.poll()  # the kernel's frames are counted as the reference counted them
+        assert ours.state is theirs.state is SessionState.ENDING
+        assert kernel.sessions.not_believed == reference.sessions.not_believed == {}
+        assert core.offload.stats()["fins"] == 2
         for label in (c2s, s2c):
             assert kernel.switching.traffic(label) == reference.switching.traffic(label)
     finally:

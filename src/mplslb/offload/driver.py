@@ -18,9 +18,10 @@ Theory of operation
 
 A new session's first round trips are measured in the kernel too (:mod:`mplslb.offload.xdp`, ``measured``): its
 labels enter the map with its SYN, and only the SYN reaches the balancer (and, with L7 analysis, the first
-request; FIN and RST as ever). What the program recorded reaches the session table at each poll, and, for one
-session, whenever anything else is about to be decided about it (:attr:`Balancer.refresh`: a frame of it reaching
-the balancer, its half-open deadline, its eviction), so the table never decides on less than the kernel saw.
+request; RST as ever). Its FINs are taken in the kernel too (``ended``, :meth:`Balancer.ended`: the first under
+each label, once the measurement is over). What the program recorded reaches the session table at each poll, and,
+for one session, whenever anything else is about to be decided about it (:attr:`Balancer.refresh`: a frame of it
+reaching the balancer, its deadline, its eviction), so the table never decides on less than the kernel saw.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from mplslb.balancer import Balancer, BlockResult
 from mplslb.config import PortConfig
 from mplslb.drivers.loop import Frames, Loop, Timer
-from mplslb.offload.xdp import Record, XdpOffload
+from mplslb.offload.xdp import Fin, Record, XdpOffload
 from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
@@ -75,6 +76,7 @@ class OffloadedBalancer:
             clock=loop.clock,
             syn_rate=syn_rate,
             measured=self._measured,
+            ended=self._ended,
             pins=pins,
             fresh=fresh,
             gso=gso,
@@ -110,6 +112,9 @@ class OffloadedBalancer:
 
     def _measured(self, c2s: int, record: Record) -> bool:
         return self.balancer.measured(c2s, *record)
+
+    def _ended(self, label: int, fin: Fin) -> None:
+        self.balancer.ended(label, *fin)
 
     def _refresh(self, session: Session) -> None:
         self.offload.fold(session.c2s)

@@ -120,6 +120,7 @@ from mplslb.sessions import WATCH_BUDGET
 from mplslb.state import fingerprint
 from mplslb.switching.layout import (
     ETH_HLEN,
+    F_FIN,
     F_FLOW,
     F_L7,
     F_RT,
@@ -144,7 +145,9 @@ from mplslb.switching.table import LabelSwitchingTable, flow_parts
 
 #: The fingerprint of the maps' entries (their fields and flags): the maps' pins carry it in their names, so a kept
 #: map is adopted only by a program that reads and writes its entries the same way.
-LAYOUT_FP: Final = fingerprint([KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7])[:12]
+LAYOUT_FP: Final = fingerprint([KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7, F_FIN])[
+    :12
+]
 MAP_PIN: Final = f"map_{LAYOUT_FP}"
 SYN_PIN: Final = f"syn_{LAYOUT_FP}"
 PROG_NAME = "mplslb_xdp"
@@ -182,6 +185,15 @@ RECORD = np.dtype(
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
 _RECORD = struct.Struct("=I4xQQQQ")  # the same fields, from one entry
+#: A label's FIN record (F_FIN), as numpy reads it from a batch of entries.
+_FIN_FIELDS = ("fin_seq", "fin_taken", "fin_ack", "fin_ns")
+FIN_RECORD = np.dtype(
+    {"names": list(_FIN_FIELDS), "formats": ["<u4", "<u4", "<u8", "<u8"],
+     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in _FIN_FIELDS],
+     "itemsize": KERNEL_ENTRY.size}
+)  # fmt: skip
+_FIN = struct.Struct("=IIQQ")  # the same fields, from one entry
+_FIN_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["fin_seq"]
 _RECORD_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["rt_left"]
 _FLAGS_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["flags"]
 _ACK_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["ack"]
@@ -196,6 +208,16 @@ def _unmeasured(entry: bytes) -> bytes:
     """An entry's fixed fields without ``F_RT``, which the program clears by itself."""
     flags = entry[_FLAGS_AT] & ~F_RT
     return entry[:_FLAGS_AT] + bytes((flags,)) + entry[_FLAGS_AT + 1 :]
+
+
+class Fin(NamedTuple):
+    """A FIN the program forwarded under a label and recorded (F_FIN): its sequence number, ``ACK_KNOWN |`` the
+    last acknowledgment number of the session's other label as it passed (0: none), and its time on the table's
+    clock."""
+
+    seq: int
+    ack: int
+    at: float
 
 
 class Record(NamedTuple):
@@ -303,10 +325,13 @@ class XdpOffload:
         syn_rate: int = 0,
         measured: Callable[[int, Record], bool] | None = None,
         gso: bool = False,
+        ended: Callable[[int, Fin], None] | None = None,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
         ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
-        module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there)."""
+        module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there). ``ended``:
+        given, a TCP session's first FIN under each label is taken in the kernel and handed to it (see "FINs" in
+        the module docstring)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
@@ -346,6 +371,10 @@ class XdpOffload:
         self._measuring: dict[int, tuple[int, ...]] = {}
         self._measured = np.zeros(LABEL_SPACE, dtype=np.bool_)  # the same labels, for a batch read's rows
         self.records = 0  # records handed to ``measured``
+        self.ended = ended
+        self._fin_folded = np.zeros(LABEL_SPACE, dtype=np.uint8)  # the entry's FIN record was handed to ``ended``
+        self.fins = 0  # FIN records handed to ``ended``
+        self._read_at = clock()  # the table's clock at the last read of the whole map
         self.entries = 0
         self.writes = 0
         self.deletes = 0
@@ -712,6 +741,7 @@ class XdpOffload:
         self._waiting.clear()
         self._measuring.clear()
         self._measured[:] = False
+        self._fin_folded[:] = 0
         self.entries = 0
 
     def __enter__(self) -> XdpOffload:
@@ -796,6 +826,7 @@ class XdpOffload:
             | (F_FLOW if flow else 0)
             | (F_RT if measure and watch & WATCH_ALL else 0)
             | (F_L7 if measure and watch & WATCH_REQUEST else 0)
+            | (F_FIN if self.ended is not None and watch & WATCH_TCP_END else 0)
         )
         budget = WATCH_BUDGET if measure and is_c2s(label) else 0
         peer_ip = t.peer_ip[label]
@@ -815,11 +846,7 @@ class XdpOffload:
             0,
             ack,
             budget,
-            0,
-            0,
-            0,
-            0,
-            0,
+            *(0,) * 9,
         )
 
     def _error(self, exc: OSError) -> None:
@@ -860,6 +887,7 @@ class XdpOffload:
             self._in_kernel[label] = 1
             self._kpackets[label] = 0
             self._kbytes[label] = 0
+            self._fin_folded[label] = 0  # a new entry: no FIN taken yet
         self.writes += len(labels)
         return len(labels)
 
@@ -877,6 +905,7 @@ class XdpOffload:
             self._error(exc)
         for label in labels:
             self._in_kernel[label] = 0
+            self._fin_folded[label] = 0
         self.entries -= len(labels)
         self.deletes += len(labels)
         return len(labels)
@@ -898,6 +927,9 @@ class XdpOffload:
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
         if self._measuring:
             self._fold_records(labels, values)
+        if self.ended is not None:
+            self._fold_fins(labels, values, force=False)
+        self._read_at = self.clock()
         return self._fold(labels, np.frombuffer(values, dtype=COUNTERS))
 
     def _fold_entries(self, labels: list[int]) -> None:
@@ -917,7 +949,10 @@ class XdpOffload:
                     found.append(label)
                     values.append(value)
         if found:
-            self._fold(np.array(found, dtype=np.intp), np.frombuffer(b"".join(values), dtype=COUNTERS))
+            at = np.array(found, dtype=np.intp)
+            if self.ended is not None:  # the entry written again starts without a FIN taken: its record first
+                self._fold_fins(at, b"".join(values), force=True)
+            self._fold(at, np.frombuffer(b"".join(values), dtype=COUNTERS))
 
     def _fold(self, labels: np.ndarray, counters: np.ndarray) -> int:
         """Add the counters read from ``labels``' entries beyond what was already added; returns how many labels
@@ -942,13 +977,67 @@ class XdpOffload:
     # -- measurements recorded in the kernel (F_RT) ------------------------------------------------------------
     def fold(self, c2s: int) -> bool:
         """Hand ``c2s``'s record to ``measured`` now, if its session is measured in the kernel and the record
-        changed (one map lookup); True if it was handed over."""
-        if self._map is None or c2s not in self._measuring or not self._in_kernel[c2s]:
+        changed (one map lookup), then the FINs the kernel took under either label of the session and not yet
+        handed to ``ended`` (one lookup per label in the kernel whose FIN is not handed over yet); True if the
+        measurement record was handed over."""
+        if self._map is None:
             return False
-        raw = self._map.lookup(_KEY.pack(c2s))
-        if raw is None:
-            return False
-        return self._hand_over(c2s, _RECORD.unpack_from(raw, _RECORD_AT), self.clock() - time.monotonic())
+        handed = False
+        if c2s in self._measuring and self._in_kernel[c2s]:
+            raw = self._map.lookup(_KEY.pack(c2s))
+            if raw is not None:
+                handed = self._hand_over(c2s, _RECORD.unpack_from(raw, _RECORD_AT), self.clock() - time.monotonic())
+        if self.ended is not None and c2s not in self._measuring:
+            found: list[int] = []
+            values: list[bytes] = []
+            for label in (c2s, c2s + 1):
+                if self._in_kernel[label] and not self._fin_folded[label] and label not in self._withdrawn:
+                    value = self._map.lookup(_KEY.pack(label))
+                    if value is not None:
+                        found.append(label)
+                        values.append(value)
+            if found:
+                self._fold_fins(np.array(found, dtype=np.intp), b"".join(values), force=False)
+        return handed
+
+    def fold_fins(self) -> int:
+        """Hand every FIN the kernel took and not yet handed over to ``ended`` now, each session's measurement
+        record first (one read of the whole map; tests compare the session table with the one-frame path's after
+        it). Returns how many were handed over."""
+        if self._map is None or self.ended is None:
+            return 0
+        keys, values, count = self._map.lookup_batch()
+        if not count:
+            return 0
+        labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
+        fins = np.frombuffer(values, dtype=FIN_RECORD)["fin_taken"]
+        pending = labels[(fins != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)]
+        before = self.fins
+        for c2s in sorted({label if is_c2s(label) else label - 1 for label in pending.tolist()}):
+            self.fold(c2s)
+        return self.fins - before
+
+    def _fold_fins(self, labels: np.ndarray, values: bytes, *, force: bool) -> None:
+        """Hand the FIN records of ``labels`` (their entries read into ``values``) not handed over yet to ``ended``,
+        in the order the kernel took them. A session whose measurement the table has not taken whole yet (its
+        record was not taken: the first request is still on its way up) keeps its FINs for a later read, so
+        they are not applied before what came before them, unless ``force`` (its entry is about to be written
+        again). A FIN is dated no earlier than the last read of the whole map, which would have handed it over."""
+        assert self.ended is not None
+        fins = np.frombuffer(values, dtype=FIN_RECORD)[: labels.size]
+        new = (fins["fin_taken"] != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)
+        if not new.any():
+            return
+        labels, fins = labels[new], fins[new]
+        order = np.argsort(fins["fin_ns"], kind="stable")
+        offset = self.clock() - time.monotonic()
+        for label, (seq, _, ack, ns) in zip(labels[order].tolist(), fins[order].tolist(), strict=True):
+            c2s = label if is_c2s(label) else label - 1
+            if not force and c2s in self._measuring:
+                continue
+            self._fin_folded[label] = 1
+            self.fins += 1
+            self.ended(label, Fin(seq, ack, max(ns * 1e-9 + offset, self._read_at)))
 
     def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
         """The records of the measured C2S labels in a batch read of the map."""
@@ -1030,6 +1119,7 @@ class XdpOffload:
             "pending": self.pending,
             "measuring": len(self._measuring),
             "records": self.records,
+            "fins": self.fins,
             "writes": self.writes,
             "deletes": self.deletes,
             "polls": self.polls,
