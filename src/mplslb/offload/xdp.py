@@ -7,8 +7,8 @@ One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Eth
 hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace
 fast path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, the session's
 flow, TTL > 1; an IPv6 packet with extension headers under a flow-bound label goes up: the userspace path walks
-them); a frame that passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses
-of the label's row, its TTL decremented and an 802.1Q tag dropped, exactly as
+them); a frame that passes them all and is not a TCP FIN or RST of a TCP session (but a FIN it records, "FINs"
+below) leaves with the Ethernet addresses of the label's row, its TTL decremented and an 802.1Q tag dropped, exactly as
 :func:`~mplslb.switching.scalar.switch_frame` builds it. The program is built from the same layout as the userspace
 paths (:mod:`mplslb.switching.layout`). Everything else is ``XDP_PASS``: the daemon's packet socket gets it and the
 userspace path forwards, reports, or drops and counts it as it does without the offload.
@@ -47,9 +47,29 @@ path sends on a label in the kernel is written through to its entry (:meth:`XdpO
 update, racing only with the kernel's own frames of that label, whose counts could be lost then: the slow path sends
 on a session's label only when an endpoint fell back to unlabelled frames after a silence). So while a label is in
 the kernel its entry holds the last frame's number, whichever path forwarded it: the offload is the table's
-:class:`~mplslb.switching.table.AckStore`, and when the session manager judges an RST or FIN it reads the entry of
-the label it needs (:meth:`XdpOffload.ack`, one map lookup; FIN and RST frames always come up to userspace).
+:class:`~mplslb.switching.table.AckStore`, and when the session manager judges an RST or FIN that came up it reads
+the entry of the label it needs (:meth:`XdpOffload.ack`, one map lookup; a FIN the kernel takes carries that number
+in its record, below).
 ``poll``, and the fold before an entry is written again or deleted, copy the entries' numbers into the table.
+
+FINs (``ended``, the daemon's :meth:`~mplslb.balancer.Balancer.ended`): with an ``ended`` handler a TCP session's
+labels enter the map flagged ``F_FIN``, and the program forwards the first FIN (RST clear) under each label instead
+of passing it up, recording in the label's entry its sequence number, the other label's last acknowledgment number as
+the FIN passed (the number the session manager judges a closing FIN by) and the time. It does so only once
+neither entry of the session has ``F_RT`` (the session manager watches none of its frames, so a FIN is judged and
+applied, nothing else), and only for a FIN it reads as the analyzer would (one TCP segment, lengths agreeing, IPv4
+without options and with a right header checksum, TCP options none or Linux's timestamps); any other FIN, and the
+second one under a label (a retransmission, a forger's or the real one after a forged one), goes up as before. The
+records are read at every :meth:`poll` and, for one session, by :meth:`fold` (the driver's refresh, before anything
+else about the session is decided: a frame of it reaching the daemon, its deadline), and handed to ``ended(label,
+Fin)`` in the order the kernel took them, each session's measurement record first; a session whose record the table
+has not taken whole (its first request is still on its way up) keeps its FINs until it has, so nothing is applied
+before what came before it. A FIN is dated by the kernel, never before the last read of the whole map. One FIN per
+label and entry: an entry written again (a neighbour's new MAC) has its record folded first and starts empty, so a
+retransmission after it is taken again, which the session table takes as it would the retransmission coming up.
+With kept state, an adopted entry's record is folded at the first poll whether or not the previous daemon had folded
+it: a FIN applied twice changes nothing but an ENDING session's linger (started again from it) and, for one not
+believed, the count. Two CPUs taking FINs under the same label at the same instant would keep one record.
 
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
