@@ -782,6 +782,8 @@ class Balancer:
             if state in FINAL_STATES:
                 self._finish(session, now)
                 continue
+            if session.deadline > now:
+                continue  # what the kernel saw of it (a FIN) moved it on and armed it again
             last = self.switching.last_active(session.c2s, session.s2c)
             if state is SessionState.ENDING:
                 # Revived only if both directions went on after the close: a session whose RST or FIN was forged
