@@ -6,8 +6,7 @@
  * in the kernel. For a frame whose top label stack entry names an entry, and only when every check the userspace
  * fast path makes passes (ingress port, source MAC, IP source of the bottom-of-stack entry, bottom of stack,
  * the session's flow: the client's port and, on S2C labels, its address as the destination, TTL > 1) and the frame
- * is not a TCP FIN or RST the session manager must see (a FIN it records for the daemon, F_FIN, take_fin() below, is
- * forwarded), the program rewrites the Ethernet addresses (next hop,
+ * is not a TCP FIN or RST the session manager must see, the program rewrites the Ethernet addresses (next hop,
  * output port), decrements the TTL, drops an 802.1Q tag as userspace does, counts the frame in the entry (with a
  * TCP segment's acknowledgment number, as userspace records it; a FIN's too, which goes up) and redirects it to the
  * output port. While a session's response time is measured (F_RT), the frames that tell it are recorded in its C2S
@@ -16,6 +15,7 @@
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
  * The checks and the rewrite are one function, label_switch(), which the XDP entry point runs on every frame and,
  * built with -DGSO_FRAME_MAX (offload_gso), a tc ingress entry point on super-packets (see mplslb_tc below).
+ * A TCP session's FIN the program can record for the daemon (F_FIN, take_fin() below) is forwarded too.
  *
  * No kernel or libbpf headers: built with `clang -O2 -target bpf -c`, a generated header, mplslb_layout.h,
  * which holds every frame offset, bit and bound and struct entry, made from mplslb.switching.layout (the layout the
@@ -130,14 +130,14 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 
 /*
  * F_FIN: the FIN of a TCP session (RST clear) under `label` (entry `e`), every check passed, arriving in the frame
- * as one TCP segment the session manager would read whole (IPv4 without options, its header checksum
- * right, no fragment past the first; IPv6 with TCP right after the fixed header; the lengths agreeing; no TCP
- * options but Linux's timestamps: mplslb.analyzer reads all these), is recorded in the label's entry and forwarded, instead of going
- * up: its sequence number, the other label's last acknowledgment number as it passes (the session manager judges a
- * closing FIN by it: an S2C label is its C2S label + 1), and the time. Only the first FIN under the label, and only
- * once neither entry of the session has F_RT (the session manager is not watching the session's frames): a second
- * FIN, and any FIN the program cannot take, goes up as ever (the daemon folds the record first). Returns 1 when
- * recorded (the caller forwards the frame), else 0 (it goes up).
+ * as one TCP segment the session manager would read whole (IPv4 without options, its header checksum right, no
+ * fragment past the first; IPv6 with TCP right after the fixed header; the lengths agreeing; no TCP options but
+ * Linux's timestamps: mplslb.analyzer reads all these), is recorded in the label's entry and forwarded instead of
+ * going up: its sequence number, the other label's last acknowledgment number as it passes (the session manager
+ * judges a closing FIN by it; an S2C label is its C2S label + 1), and the time. Only the first FIN under the label,
+ * and only once neither entry of the session has F_RT (the session manager watches none of the session's frames):
+ * a second FIN, and any FIN the program cannot take, goes up as ever (the daemon folds the record first). Returns 1
+ * when recorded (the caller forwards the frame), else 0 (it goes up).
  */
 static __attribute__((always_inline)) int take_fin(struct entry *e, __u32 label, __u8 *ip, __u8 *end)
 {
@@ -455,10 +455,10 @@ int mplslb_xdp(struct xdp_md *ctx)
  *
  * Two things the session manager learns from frames are kept: a session's response time under measurement (F_RT)
  * is recorded from the whole packet, pulled into the skb's linear part first (a session's first frames only); and
- * a FIN, which must reach the session manager (or be recorded as one segment's, take_fin: never a super-packet's, whose
- * header's sequence number is its first segment's) and which no packet socket can take on a super-packet, is cleared
+ * a FIN, which must reach the session manager (or be recorded, take_fin: never a super-packet's, whose header's
+ * sequence number is its first segment's) and which no packet socket can take on a super-packet, is cleared
  * from it (the segment's checksum follows): the data goes on, the receiver acknowledges it without the FIN, and the
- * sender sends the FIN again alone, a short frame the XDP program passes up as ever. An RST, and every frame the
+ * sender sends the FIN again alone, a short frame the XDP program records or passes up. An RST, and every frame the
  * switch would pass up for another reason, is dropped and counted by reason (gso_counters, GSO_COUNTERS' order).
  */
 struct map_ref gso_counters SEC("maps"); /* per CPU, one __u64 per name of GSO_COUNTERS */
