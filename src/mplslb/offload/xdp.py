@@ -971,6 +971,10 @@ class XdpOffload:
         if found:
             at = np.array(found, dtype=np.intp)
             if self.ended is not None:  # the entry written again starts without a FIN taken: its record first
+                for label in found:
+                    c2s = label if is_c2s(label) else label - 1
+                    if c2s in self._measuring:
+                        self.fold(c2s)  # the session's measurement before its FINs
                 self._fold_fins(at, b"".join(values), force=True)
             self._fold(at, np.frombuffer(b"".join(values), dtype=COUNTERS))
 
