@@ -1206,9 +1206,10 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
     topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, l7: bool, v6: bool
 ) -> None:
     """With the daemon's wrapper, a new TCP session's labels enter the kernel with its SYN: the SYN-ACK, the
-    client's ACK, the request (copied for L7 analysis) and the first response byte are forwarded by the program and
-    never reach the balancer, yet once a FIN reaches it the session, its server's response time and passive health,
-    the L7 figures and the watches are what the userspace path makes of the same frames."""
+    client's ACK, the request (copied for L7 analysis), the first response byte and both FINs are forwarded by the
+    program and never reach the balancer, yet once the kernel's records are folded the session, its server's
+    response time and passive health, the L7 figures, the watches and the close are what the userspace path makes
+    of the same frames."""
     lb, _ = topo
     core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=l7)
     kernel = core.balancer
@@ -1259,7 +1260,9 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
         in_kernel(port, reply(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n"), bpf.XDP_REDIRECT)
         assert kernel.frames_in == 1  # the SYN only
         assert kernel.stats().l7_hosts == {}  # the request's copy waits in the kernel for the next fold
-        in_kernel(port, reply(FIN | ACK), bpf.XDP_PASS)  # goes up: the record is folded before it is handled
+        in_kernel(port, reply(FIN | ACK), bpf.XDP_REDIRECT)  # taken in the kernel too (F_FIN)
+        assert kernel.frames_in == 1
+        core.offload.poll()  # the measurement's record is folded first (the request's copy read), then the FIN's
         ours, theirs = kernel.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
         assert ours is not None and theirs is not None
         assert (ours.state, ours.rt_pending, bool(ours.request_at)) == (theirs.state, theirs.rt_pending, True)
@@ -1271,7 +1274,15 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
             assert kernel.switching.watch[label] == reference.switching.watch[label]
         assert core.offload.stats()["measuring"] == 0 and core.offload.stats()["records"] >= 1
         assert core.offload.stats()["copies"] == l7
+        # the client's FIN (judged by the server's last ACK, as the kernel saw it) and its last ACK: the whole
+        # session reached the balancer as its SYN
+        in_kernel(0, from_client(c2s, to_vip(FIN | ACK)), bpf.XDP_REDIRECT)
+        in_kernel(port, reply(ACK), bpf.XDP_REDIRECT)
+        assert kernel.frames_in == 1
         core.offload.poll()  # the kernel's frames are counted as the reference counted them
+        assert ours.state is theirs.state is SessionState.ENDING
+        assert kernel.sessions.not_believed == reference.sessions.not_believed == {}
+        assert core.offload.stats()["fins"] == 2
         for label in (c2s, s2c):
             assert kernel.switching.traffic(label) == reference.switching.traffic(label)
     finally:
@@ -1381,12 +1392,13 @@ def _close_mode_session(
 
 
 @needs_kernel
-def test_a_close_mode_session_sends_only_its_syn_and_fins_up_with_l7(
+def test_a_close_mode_session_sends_only_its_syn_up_with_l7(
     topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With L7 analysis on, a ``Connection: close`` session costs the daemon its SYN and its two FINs: the request
-    is copied in the kernel and forwarded there, and the Host counts, the sessions and the server's response time
-    are the one-frame path's, for a request that fits the copy and one longer than it whose Host is within it."""
+    """With L7 analysis on, a ``Connection: close`` session costs the daemon its SYN: the request is copied in the
+    kernel and forwarded there, the FINs are recorded there, and once folded the Host counts, the sessions and the
+    server's response time are the one-frame path's, for a request that fits the copy and one longer than it whose
+    Host is within it."""
     lb, _ = topo
     core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
     kernel = core.balancer
@@ -1395,7 +1407,7 @@ def test_a_close_mode_session_sends_only_its_syn_and_fins_up_with_l7(
     try:
         verdicts = _close_mode_session(core, reference, loop, lb, 40000, short)
         verdicts += _close_mode_session(core, reference, loop, lb, 40001, long)
-        assert verdicts.count(bpf.XDP_PASS) == kernel.frames_in == 2 * 3  # the SYN, the server's FIN, the client's
+        assert verdicts.count(bpf.XDP_PASS) == kernel.frames_in == 2 * 1  # the SYN
         core.offload.poll()
         assert kernel.l7_hosts == reference.l7_hosts == {"shop.example": 1, "big.example": 1}
         assert core.offload.stats()["copies"] == 2
@@ -1424,9 +1436,94 @@ def test_a_host_past_the_kernels_copy_is_counted_as_truncated(
         core.offload.poll()
         assert core.balancer.l7_hosts == {TRUNCATED_HOST: 2}
         assert reference.l7_hosts == {"late.example": 1, "path.example": 1}
-        assert core.balancer.frames_in == 2 * 3
+        assert core.balancer.frames_in == 2 * 1  # the SYN
         ours, theirs = core.balancer.stats(), reference.stats()
         assert (ours.sessions_active, ours.sessions_ended) == (theirs.sessions_active, theirs.sessions_ended)
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_fins_taken_in_the_kernel_are_judged_and_applied_as_in_userspace(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a session's measurement is over, the first FIN under each label is forwarded by the program and
+    recorded with the other end's last ACK as it passed: a client's FIN far from the server's last ACK is not
+    believed, as in userspace, even when the server's ACKs moved near it before the record was folded; a second FIN
+    under the label goes up and is judged there, after the first is folded in; a FIN the program cannot read as the
+    analyzer would (TCP options other than timestamps; a wrong IPv4 header checksum) goes up."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=False)
+    c0 = client_addr(0)
+    kernel = core.balancer
+    try:
+
+        def both(port: int, frame: bytes, verdict: int) -> None:
+            now = loop.clock()
+            expected = reference.receive(port, frame, now)
+            with entered(lb):
+                run = core.offload.run(frame, port)
+            assert run.retval == verdict
+            if verdict == bpf.XDP_PASS:
+                assert core.receive_batch([(port, frame)], now) == expected
+            else:
+                assert [run.data] == [sent for _, sent in expected]
+
+        def open_session(sport: int) -> tuple[int, int, bytes]:
+            syn = ether(PORT_MAC[0], client_mac(0), ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, SYN)))
+            ((_, first),) = core.receive_batch([(0, syn)], loop.clock())
+            assert reference.receive(0, syn, loop.clock()) == [(_, first)]
+            c2s = label_of(first)
+            session = kernel.sessions.by_c2s(c2s)
+            assert session is not None
+            return c2s, session.server.config.port_id, session.server.mac
+
+        def client(c2s: int, sport: int, flags: int, payload: bytes = b"", **kw: Any) -> bytes:
+            return from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, flags, payload, **kw)))
+
+        def server(c2s: int, sport: int, at: tuple[int, bytes], flags: int, payload: bytes = b"", **kw: Any) -> bytes:
+            segment = tcp_segment(VIP, c0, 80, sport, flags, payload, **kw)
+            return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, segment), port=at[0], mac=at[1])
+
+        def established(sport: int) -> tuple[int, tuple[int, bytes]]:
+            """A session whose measurement is over in the kernel (handshake, request, response)."""
+            c2s, port, mac = open_session(sport)
+            time.sleep(0.002)
+            both(port, server(c2s, sport, (port, mac), SYN | ACK, ack=1001), bpf.XDP_REDIRECT)
+            both(0, client(c2s, sport, ACK, seq=1001, ack=5001), bpf.XDP_REDIRECT)
+            both(0, client(c2s, sport, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n", seq=1001, ack=5001), bpf.XDP_REDIRECT)
+            both(port, server(c2s, sport, (port, mac), ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n", seq=5001, ack=1020),
+                 bpf.XDP_REDIRECT)  # fmt: skip
+            return c2s, (port, mac)
+
+        c2s, at = established(40000)
+        far = 0x8000_0000
+        both(0, client(c2s, 40000, FIN | ACK, seq=far, ack=5020), bpf.XDP_REDIRECT)  # forged: far from 1020
+        # the server's ACKs move on (to where the client's next FIN is) before the daemon folds the first FIN in,
+        # which is judged by the ACK the server had sent when it passed
+        both(at[0], server(c2s, 40000, at, ACK, seq=5020, ack=far + 1), bpf.XDP_REDIRECT)
+        both(0, client(c2s, 40000, FIN | ACK, seq=far + 1, ack=5020), bpf.XDP_PASS)  # a second FIN: up, believed
+        ours, theirs = kernel.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+        assert ours is not None and theirs is not None
+        assert kernel.sessions.not_believed == reference.sessions.not_believed == {"fin_out_of_window": 1}
+        assert core.offload.stats()["fins"] == 1  # folded before the second FIN was handled
+        assert ours.state is theirs.state is SessionState.CLOSING_CLIENT
+        both(at[0], server(c2s, 40000, at, FIN | ACK, seq=5020, ack=far + 2), bpf.XDP_REDIRECT)
+        core.offload.poll()
+        assert ours.state is theirs.state is SessionState.ENDING
+        assert kernel.sessions.not_believed == reference.sessions.not_believed
+
+        c2s, at = established(40001)
+        sack = bytes([1, 1, 5, 10]) + bytes(8)  # NOP, NOP, SACK of one block: options the program does not read
+        both(0, client(c2s, 40001, FIN | ACK, seq=1020, ack=5020, options=sack), bpf.XDP_PASS)
+        bad = bytearray(server(c2s, 40001, at, FIN | ACK, seq=5020, ack=1021))
+        bad[IP_AT + 10] ^= 0xFF  # the IPv4 header checksum: the analyzer reads no sequence number in it
+        both(at[0], bytes(bad), bpf.XDP_PASS)
+        ours, theirs = kernel.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+        assert ours is not None and theirs is not None
+        assert ours.state is theirs.state
+        assert kernel.sessions.not_believed == reference.sessions.not_believed
+        assert kernel.frames_in == 2 + 1 + 2  # two SYNs, the second FIN, the two FINs the program could not read
     finally:
         core.close()
 

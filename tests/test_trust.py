@@ -785,8 +785,9 @@ class TrustMachine(RuleBasedStateMachine):
 
     @rule(i=CLIENTS, sport=st.sampled_from(SPORTS), ack=st.sampled_from(ACKS))
     def establish(self, i: int, sport: int, ack: int) -> None:
-        """A whole handshake, and the server's first answer acknowledging ``ack``: an open session to judge RSTs
-        and FINs on."""
+        """A whole handshake, the client's request and the server's first answer acknowledging ``ack``: an open
+        session to judge RSTs and FINs on, its response time measured (with the offload, its FINs are the
+        kernel's to take)."""
         self.connect(i, sport)
         key = FlowKey(6, client_addr(i), sport, VIP, 80)
         k = next((k for k, (_, flow) in enumerate(self.world.server_flows) if flow == key), None)
@@ -798,6 +799,7 @@ class TrustMachine(RuleBasedStateMachine):
                 self.send([sent])
             if flags & SYN:
                 self.client_sends(i, key, ACK, 501)
+                self.client_sends(i, key, PSH | ACK, 501)  # the request, which the server's answer times
 
     def client_sends(self, i: int, key: FlowKey, flags: int, ack: int = 500) -> None:
         payload = b"GET / HTTP/1.1\r\n\r\n" if flags & PSH else b""
@@ -971,9 +973,10 @@ class KernelTrustMachine(TrustMachine):
     every frame goes through the XDP program first, and what it passes up to the balancer; what leaves must be what
     the one-frame path forwards, frame for frame, and the sessions, drops, closes not believed and each label's
     last acknowledgment number (read where the session manager reads it: the kernel's entry while the label is
-    there) must be the one-frame path's. The kernel's times are the machine's: its clock stands still between two
-    advances, and the kernel's counters and records are polled at the end of each period (before the timers, as
-    the daemon polls), so they land in the period they happened in."""
+    there) must be the one-frame path's, once the FINs the kernel took are folded in (as the daemon folds them
+    before it decides anything about their sessions). The kernel's times are the machine's: its clock stands still
+    between two advances, and the kernel's counters and records are polled at the end of each period (before the
+    timers, as the daemon polls), so they land in the period they happened in."""
 
     def __init__(self, lb: str, config: BalancerConfig, seen: Counter[int]) -> None:
         super().__init__()
@@ -991,6 +994,7 @@ class KernelTrustMachine(TrustMachine):
     def teardown(self) -> None:
         if hasattr(self, "core"):
             self.core.close()
+            self.seen[FINS_TAKEN] += self.core.offload.fins
 
     def through_the_paths(self, frames: list[tuple[int, bytes]], now: float) -> Frames:
         expected: Frames = []
@@ -1024,6 +1028,7 @@ class KernelTrustMachine(TrustMachine):
     def the_paths_agree(self) -> None:
         if not hasattr(self, "core"):
             return
+        self.core.offload.fold_fins()  # each session's measurement record before its FINs
         ours, theirs = self.core.balancer, self.one
         a, b = ours.stats(), theirs.stats()
         assert (a.sessions_active, a.sessions_ended, a.drops, a.labels, a.not_believed) == (
@@ -1044,6 +1049,8 @@ class KernelTrustMachine(TrustMachine):
         assert ours.sessions.half_open <= ours.max_half_open
 
 
+#: The key of ``seen`` that counts the FINs the kernel took (and the machine folded in).
+FINS_TAKEN = -1
 #: Examples of the kernel machine: a few, always the same, in ``make test``; a campaign sets more (random ones).
 KERNEL_EXAMPLES = int(os.environ.get("MPLSLB_TRUST_KERNEL_EXAMPLES", "0"))
 
@@ -1077,6 +1084,7 @@ def test_no_frame_reaches_another_session_through_the_kernel(kernel: str, l7: bo
         ),
     )
     assert seen[bpf.XDP_REDIRECT] >= 10 and seen[bpf.XDP_PASS] >= 10, seen  # both ways, often
+    assert seen[FINS_TAKEN] >= 1, seen  # FINs taken in the kernel, and folded in
 
 
 # -- 5b: a label pair reused at once ------------------------------------------------------------------------------

@@ -238,9 +238,10 @@ class Balancer:
         )  # fmt: skip
         #: Told of every change of a server's MAC (found, moved, lost); the driver logs it, the core never does.
         self.on_mac: Callable[[MacChange], None] | None = None
-        #: Set by a driver whose kernel offload records sessions' response-time measurements in its map
-        #: (:mod:`mplslb.offload.xdp`): called with a session whose measurement is under way before anything else
-        #: about it is decided, so that what the kernel saw first reaches the table first (:meth:`measured`).
+        #: Set by a driver whose kernel offload records sessions' response-time measurements and FINs in its map
+        #: (:mod:`mplslb.offload.xdp`): called with a session whose measurement is under way, or a TCP session,
+        #: before anything else about it is decided, so that what the kernel saw first reaches the table first
+        #: (:meth:`measured`, :meth:`ended`).
         self.refresh: Callable[[Session], None] | None = None
         for server in self.pool.servers:
             self._find(server)
@@ -435,8 +436,8 @@ class Balancer:
             if key.proto == IPPROTO_TCP and a.tcp_flags > 0:
                 if self.sessions.client_ack(session, a.tcp_flags, now):
                     self._handshake_done(session)
-                if a.tcp_flags & (FIN | RST) and self._believed(session, a.tcp_flags, True, a.tcp_seq):
-                    self.sessions.tcp_end(session, a.tcp_flags, from_client=True, now=now)
+                if a.tcp_flags & (FIN | RST):
+                    self._tcp_end(session, a.tcp_flags, True, a.tcp_seq, now)
             return
         if key.proto == IPPROTO_TCP and not pure_syn:
             self._drop("tcp_no_session")
@@ -617,21 +618,41 @@ class Balancer:
                 self._observe(session, from_client, tcp_flags, payload, event.now, a.http if a is not None else None)
             # Only an RST or a FIN can close (SessionTable.closes, tcp_end: nothing to do for any other segment).
             if flags & (FIN | RST) and session.state not in FINAL_STATES and session.proto == IPPROTO_TCP:
-                if sessions.closes(session, flags, from_client=from_client):
+                seq = None
+                if sessions.closes(session, flags, from_client=from_client):  # judged: its sequence number is read
                     a = a or self._analyze_report(event)
                     seq = a.tcp_seq if a is not None and a.tcp_flags >= 0 else None
-                    if not self._believed(session, flags, from_client, seq):
-                        continue
-                sessions.tcp_end(session, flags, from_client=from_client, now=event.now)
+                self._tcp_end(session, flags, from_client, seq, event.now)
 
-    def _believed(self, session: Session, flags: int, from_client: bool, seq: int | None) -> bool:
+    def ended(self, label: int, seq: int, ack: int, now: float) -> None:
+        """A FIN that a fast path outside the apparatus (the kernel offload) forwarded under ``label`` at ``now``,
+        with sequence number ``seq``, when the last acknowledgment number of the session's other label was ``ack``
+        (``ACK_KNOWN |`` the number, 0: none): judged and applied as the same FIN reported by the fast path is, by
+        that number. The fast path takes a FIN only while neither label is watched (nothing to observe), and the
+        driver hands it over before anything later about the session is decided (:attr:`refresh`)."""
+        session = self.sessions.by_c2s((label - 1) | 1)  # the pair's C2S label, odd (labels.pair_of)
+        if session is None or session.state in FINAL_STATES or session.proto != IPPROTO_TCP:
+            return
+        self._tcp_end(session, FIN, label & 1 == 1, seq, now, ack)
+
+    def _tcp_end(
+        self, session: Session, flags: int, from_client: bool, seq: int | None, now: float, ack: int | None = None
+    ) -> None:
+        """An RST or FIN (``flags``) of a TCP session from one side: judged (:meth:`_believed`), then applied."""
+        if self._believed(session, flags, from_client, seq, ack):
+            self.sessions.tcp_end(session, flags, from_client=from_client, now=now)
+
+    def _believed(
+        self, session: Session, flags: int, from_client: bool, seq: int | None, ack: int | None = None
+    ) -> bool:
         """May this RST or FIN (``flags``, sequence number ``seq``, None when unreadable) change the session's state?
         Only one that would not end it, or one within ``rst_window`` of the last acknowledgment number the other
-        end sent, or any before the other end has acknowledged anything; any other is counted and changes nothing."""
+        end sent (``ack`` when given, as it was when the segment passed, else the switching table's), or any before
+        the other end has acknowledged anything; any other is counted and changes nothing."""
         if not self.sessions.closes(session, flags, from_client=from_client):
             return True
         acks = session.s2c if from_client else session.c2s
-        if self.switching.in_window(acks, seq, self.config.rst_window):
+        if self.switching.in_window(acks, seq, self.config.rst_window, ack):
             return True
         self.sessions.disbelieve(flags)
         return False
@@ -719,9 +740,12 @@ class Balancer:
         return True
 
     def _refresh(self, session: Session) -> None:
-        """Have the driver hand over what its kernel recorded of ``session``, while its measurement is on."""
+        """Have the driver hand over what its kernel recorded of ``session``: its measurement while it is on, and a
+        TCP session's FINs."""
         if self.refresh is not None and (
-            self.switching.watch[session.c2s] & WATCH_ALL or self.switching.watch[session.s2c] & WATCH_ALL
+            session.proto == IPPROTO_TCP
+            or self.switching.watch[session.c2s] & WATCH_ALL
+            or self.switching.watch[session.s2c] & WATCH_ALL
         ):
             self.refresh(session)
 
@@ -780,6 +804,8 @@ class Balancer:
             if state in FINAL_STATES:
                 self._finish(session, now)
                 continue
+            if session.deadline > now:
+                continue  # what the kernel saw of it (a FIN) moved it on and armed it again
             last = self.switching.last_active(session.c2s, session.s2c)
             if state is SessionState.ENDING:
                 # Revived only if both directions went on after the close: a session whose RST or FIN was forged

@@ -17,11 +17,12 @@ Theory of operation
   health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
 
 A new session's first round trips are measured in the kernel too (:mod:`mplslb.offload.xdp`, ``measured``): its
-labels enter the map with its SYN, and only the SYN reaches the balancer (FIN and RST as ever; with L7 analysis
-the first request's first octets are copied in the kernel and read at the fold). What the program recorded
-reaches the session table at each poll, and, for one session, whenever anything else is about to be decided about
-it (:attr:`Balancer.refresh`: a frame of it reaching the balancer, its half-open deadline, its eviction), so the
-table never decides on less than the kernel saw.
+labels enter the map with its SYN, and only the SYN reaches the balancer (RST as ever; with L7 analysis the first
+request's first octets are copied in the kernel and read at the fold). Its FINs are taken in the kernel too
+(``ended``, :meth:`Balancer.ended`: the first under each label, once the measurement is over). What the program
+recorded reaches the session table at each poll, and, for one session, whenever anything else is about to be decided
+about it (:attr:`Balancer.refresh`: a frame of it reaching the balancer, its deadline, its eviction), so the table
+never decides on less than the kernel saw.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from mplslb.balancer import Balancer, BlockResult
 from mplslb.config import PortConfig
 from mplslb.drivers.loop import Frames, Loop, Timer
-from mplslb.offload.xdp import Record, XdpOffload
+from mplslb.offload.xdp import Fin, Record, XdpOffload
 from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
@@ -76,6 +77,7 @@ class OffloadedBalancer:
             clock=loop.clock,
             syn_rate=syn_rate,
             measured=self._measured,
+            ended=self._ended,
             pins=pins,
             fresh=fresh,
             gso=gso,
@@ -111,6 +113,9 @@ class OffloadedBalancer:
 
     def _measured(self, c2s: int, record: Record) -> bool:
         return self.balancer.measured(c2s, *record)
+
+    def _ended(self, label: int, fin: Fin) -> None:
+        self.balancer.ended(label, *fin)
 
     def _refresh(self, session: Session) -> None:
         self.offload.fold(session.c2s)

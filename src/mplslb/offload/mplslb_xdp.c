@@ -15,6 +15,7 @@
  * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
  * The checks and the rewrite are one function, label_switch(), which the XDP entry point runs on every frame and,
  * built with -DGSO_FRAME_MAX (offload_gso), a tc ingress entry point on super-packets (see mplslb_tc below).
+ * A TCP session's FIN the program can record for the daemon (F_FIN, take_fin() below) is forwarded too.
  *
  * No kernel or libbpf headers: built with `clang -O2 -target bpf -c`, a generated header, mplslb_layout.h,
  * which holds every frame offset, bit and bound and struct entry, made from mplslb.switching.layout (the layout the
@@ -140,8 +141,11 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 					cp->slot = bpf_map_lookup_elem(&requests, &label);
 				if (!cp->slot) {
 					e->request_ns = now;
-					if (e->flags & F_L7)
+					if (e->flags & F_L7) {
+						if (e->answer_ns && e->ack_ns > e->answer_ns)
+							e->flags &= ~F_RT; /* as below: the session manager stops watching there too */
 						return XDP_PASS; /* the session manager reads it (and spends its own budget) */
+					}
 				} else {
 					cp->at = at; /* copied, and timed, by the entry point once the frame is switched */
 					cp->payload = payload;
@@ -174,6 +178,69 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 	if (!c->rt_left)
 		e->flags &= ~F_RT;
 	return XDP_REDIRECT;
+}
+
+/*
+ * F_FIN: the FIN of a TCP session (RST clear) under `label` (entry `e`), every check passed, arriving in the frame
+ * as one TCP segment the session manager would read whole (IPv4 without options, its header checksum right, no
+ * fragment past the first; IPv6 with TCP right after the fixed header; the lengths agreeing; no TCP options but
+ * Linux's timestamps: mplslb.analyzer reads all these), is recorded in the label's entry and forwarded instead of
+ * going up: its sequence number, the other label's last acknowledgment number as it passes (the session manager
+ * judges a closing FIN by it; an S2C label is its C2S label + 1), and the time. Only the first FIN under the label,
+ * and only once neither entry of the session has F_RT (the session manager watches none of the session's frames):
+ * a second FIN, and any FIN the program cannot take, goes up as ever (the daemon folds the record first). Returns 1
+ * when recorded (the caller forwards the frame), else 0 (it goes up).
+ */
+static __attribute__((always_inline)) int take_fin(struct entry *e, __u32 label, __u8 *ip, __u8 *end)
+{
+	if (e->fin_taken || (e->flags & F_RT))
+		return 0;
+	__u32 total, l4;
+	if (e->flags & F_V6) {
+		if (ip + IPV6_HLEN > end || (ip[0] >> IP_VERSION_SHIFT) != IP_VERSION_6)
+			return 0;
+		total = IPV6_HLEN + ((ip[IPV6_PAYLOAD_LEN] << 8) | ip[IPV6_PAYLOAD_LEN + 1]);
+		l4 = IPV6_HLEN; /* the caller found TCP there */
+	} else {
+		if (ip + IPV4_HLEN > end || ip[0] != IPV4_PLAIN || ip[IPV4_PROTO] != IPPROTO_TCP)
+			return 0;
+		if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK)
+			return 0;
+		__u32 sum = 0;
+		for (int i = 0; i < IPV4_HLEN; i += 2)
+			sum += (ip[i] << 8) | ip[i + 1];
+		sum = (sum & CHECKSUM_OK) + (sum >> 16);
+		sum = (sum & CHECKSUM_OK) + (sum >> 16);
+		if (sum != CHECKSUM_OK)
+			return 0;
+		total = (ip[IPV4_TOTAL_LEN] << 8) | ip[IPV4_TOTAL_LEN + 1];
+		l4 = IPV4_HLEN;
+	}
+	__u8 *th = ip + l4;
+	if ((__u64)(end - ip) < total || l4 + TCP_HLEN > total || th + TCP_HLEN > end)
+		return 0;
+	__u32 doff = (th[TCP_DOFF] >> DATA_OFFSET_SHIFT) * DATA_OFFSET_UNIT;
+	if (doff < TCP_HLEN || l4 + doff > total)
+		return 0;
+	/* no options, or the timestamps alone as Linux sends them (NOP, NOP, TS): well formed as mplslb.wire.tcp reads
+	 * them; any other options go up */
+	if (doff != TCP_HLEN) {
+		if (doff != TCP_HLEN + TCP_TS_ALIGNED_LEN || th + TCP_HLEN + OPTION_HLEN + OPTION_HLEN > end)
+			return 0;
+		if (th[TCP_HLEN] != TCPOPT_NOP || th[TCP_HLEN + 1] != TCPOPT_NOP || th[TCP_HLEN + 2] != TCPOPT_TIMESTAMP ||
+		    th[TCP_HLEN + 3] != TCPOLEN_TIMESTAMP)
+			return 0;
+	}
+	__u32 other = (label & 1) == (C2S_MIN & 1) ? label + 1 : label - 1;
+	struct entry *o = bpf_map_lookup_elem(&labels, &other);
+	if (!o || (o->flags & F_RT))
+		return 0;
+	e->fin_seq = ((__u32)th[TCP_SEQ_AT] << 24) | ((__u32)th[TCP_SEQ_AT + 1] << 16) | ((__u32)th[TCP_SEQ_AT + 2] << 8) |
+		     th[TCP_SEQ_AT + 3];
+	e->fin_ack = o->ack;
+	e->fin_ns = bpf_ktime_get_ns();
+	e->fin_taken = 1; /* last: a record the daemon reads with fin_taken set is whole */
+	return 1;
 }
 
 /*
@@ -236,6 +303,7 @@ struct frame {
 	__u32 off;
 	__u32 tcp;
 	struct entry *e;
+	__u32 take_fin; /* the XDP entry point: a FIN may be recorded and forwarded (take_fin) */
 	struct request_copy copy; /* F_L7: a request to copy once the frame is switched */
 };
 
@@ -373,6 +441,9 @@ flow_done:
 				 * keeps the label's last one either way */
 				if (ack)
 					e->ack = ack;
+				if (fr->take_fin && (f & TCP_END) == TCP_FIN && (e->flags & F_FIN) &&
+				    take_fin(e, label, ip, end))
+					goto forward; /* F_RT is clear: nothing to measure */
 				return XDP_PASS;
 			}
 		}
@@ -405,7 +476,7 @@ int mplslb_xdp(struct xdp_md *ctx)
 	if (end - data > GSO_FRAME_MAX)
 		return XDP_PASS;
 #endif
-	struct frame fr = {data, end, end - data, ctx->ingress_ifindex, GSO_PASSED_UNLABELLED, LSE_AT, 0, 0};
+	struct frame fr = {data, end, end - data, ctx->ingress_ifindex, GSO_PASSED_UNLABELLED, LSE_AT, 0, 0, 1};
 	int verdict = label_switch(&fr);
 	if (verdict != XDP_REDIRECT)
 		return verdict;
@@ -442,9 +513,10 @@ int mplslb_xdp(struct xdp_md *ctx)
  *
  * Two things the session manager learns from frames are kept: a session's response time under measurement (F_RT)
  * is recorded from the whole packet, pulled into the skb's linear part first (a session's first frames only); and
- * a FIN, which must reach the session manager and which no packet socket can take on a super-packet, is cleared
+ * a FIN, which must reach the session manager (or be recorded, take_fin: never a super-packet's, whose header's
+ * sequence number is its first segment's) and which no packet socket can take on a super-packet, is cleared
  * from it (the segment's checksum follows): the data goes on, the receiver acknowledges it without the FIN, and the
- * sender sends the FIN again alone, a short frame the XDP program passes up as ever. An RST, and every frame the
+ * sender sends the FIN again alone, a short frame the XDP program records or passes up. An RST, and every frame the
  * switch would pass up for another reason, is dropped and counted by reason (gso_counters, GSO_COUNTERS' order).
  */
 struct map_ref gso_counters SEC("maps"); /* per CPU, one __u64 per name of GSO_COUNTERS */

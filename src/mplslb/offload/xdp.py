@@ -7,8 +7,8 @@ One XDP program (``mplslb_xdp.c``) is attached, through a BPF link, to every Eth
 hash map (label -> ``struct entry``) holds the labels it may switch. The program makes every check the userspace
 fast path makes (ingress port, source MAC, IP source of a bottom-of-stack entry, bottom of stack, the session's
 flow, TTL > 1; an IPv6 packet with extension headers under a flow-bound label goes up: the userspace path walks
-them); a frame that passes them all and is not a TCP FIN or RST of a TCP session leaves with the Ethernet addresses
-of the label's row, its TTL decremented and an 802.1Q tag dropped, exactly as
+them); a frame that passes them all and is not a TCP FIN or RST of a TCP session (but a FIN it records, "FINs"
+below) leaves with the Ethernet addresses of the label's row, its TTL decremented and an 802.1Q tag dropped, exactly as
 :func:`~mplslb.switching.scalar.switch_frame` builds it. The program is built from the same layout as the userspace
 paths (:mod:`mplslb.switching.layout`). Everything else is ``XDP_PASS``: the daemon's packet socket gets it and the
 userspace path forwards, reports, or drops and counts it as it does without the offload.
@@ -54,9 +54,29 @@ path sends on a label in the kernel is written through to its entry (:meth:`XdpO
 update, racing only with the kernel's own frames of that label, whose counts could be lost then: the slow path sends
 on a session's label only when an endpoint fell back to unlabelled frames after a silence). So while a label is in
 the kernel its entry holds the last frame's number, whichever path forwarded it: the offload is the table's
-:class:`~mplslb.switching.table.AckStore`, and when the session manager judges an RST or FIN it reads the entry of
-the label it needs (:meth:`XdpOffload.ack`, one map lookup; FIN and RST frames always come up to userspace).
+:class:`~mplslb.switching.table.AckStore`, and when the session manager judges an RST or FIN that came up it reads
+the entry of the label it needs (:meth:`XdpOffload.ack`, one map lookup; a FIN the kernel takes carries that number
+in its record, below).
 ``poll``, and the fold before an entry is written again or deleted, copy the entries' numbers into the table.
+
+FINs (``ended``, the daemon's :meth:`~mplslb.balancer.Balancer.ended`): with an ``ended`` handler a TCP session's
+labels enter the map flagged ``F_FIN``, and the program forwards the first FIN (RST clear) under each label instead
+of passing it up, recording in the label's entry its sequence number, the other label's last acknowledgment number as
+the FIN passed (the number the session manager judges a closing FIN by) and the time. It does so only once
+neither entry of the session has ``F_RT`` (the session manager watches none of its frames, so a FIN is judged and
+applied, nothing else), and only for a FIN it reads as the analyzer would (one TCP segment, lengths agreeing, IPv4
+without options and with a right header checksum, TCP options none or Linux's timestamps); any other FIN, and the
+second one under a label (a retransmission, a forger's or the real one after a forged one), goes up as before. The
+records are read at every :meth:`poll` and, for one session, by :meth:`fold` (the driver's refresh, before anything
+else about the session is decided: a frame of it reaching the daemon, its deadline), and handed to ``ended(label,
+Fin)`` in the order the kernel took them, each session's measurement record first; a session whose record the table
+has not taken whole (its first request is still on its way up) keeps its FINs until it has, so nothing is applied
+before what came before it. A FIN is dated by the kernel, never before the last read of the whole map. One FIN per
+label and entry: an entry written again (a neighbour's new MAC) has its record folded first and starts empty, so a
+retransmission after it is taken again, which the session table takes as it would the retransmission coming up.
+With kept state, an adopted entry's record is folded at the first poll whether or not the previous daemon had folded
+it: a FIN applied twice changes nothing but an ENDING session's linger (started again from it) and, for one not
+believed, the count. Two CPUs taking FINs under the same label at the same instant would keep one record.
 
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
@@ -127,6 +147,7 @@ from mplslb.sessions import WATCH_BUDGET
 from mplslb.state import fingerprint
 from mplslb.switching.layout import (
     ETH_HLEN,
+    F_FIN,
     F_FLOW,
     F_L7,
     F_RT,
@@ -154,7 +175,7 @@ from mplslb.switching.table import LabelSwitchingTable, flow_parts
 #: The fingerprint of the maps' entries (their fields and flags): the maps' pins carry it in their names, so a kept
 #: map is adopted only by a program that reads and writes its entries the same way.
 LAYOUT_FP: Final = fingerprint(
-    [KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, REQUEST_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7]
+    [KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, REQUEST_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7, F_FIN]
 )[:12]
 MAP_PIN: Final = f"map_{LAYOUT_FP}"
 SYN_PIN: Final = f"syn_{LAYOUT_FP}"
@@ -196,6 +217,15 @@ RECORD = np.dtype(
      "itemsize": KERNEL_ENTRY.size}
 )  # fmt: skip
 _RECORD = struct.Struct("=I4xQQQQ")  # the same fields, from one entry
+#: A label's FIN record (F_FIN), as numpy reads it from a batch of entries.
+_FIN_FIELDS = ("fin_seq", "fin_taken", "fin_ack", "fin_ns")
+FIN_RECORD = np.dtype(
+    {"names": list(_FIN_FIELDS), "formats": ["<u4", "<u4", "<u8", "<u8"],
+     "offsets": [struct_offsets(KERNEL_ENTRY_FIELDS)[name] for name in _FIN_FIELDS],
+     "itemsize": KERNEL_ENTRY.size}
+)  # fmt: skip
+_FIN = struct.Struct("=IIQQ")  # the same fields, from one entry
+_FIN_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["fin_seq"]
 _RECORD_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["rt_left"]
 _FLAGS_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["flags"]
 _ACK_AT = struct_offsets(KERNEL_ENTRY_FIELDS)["ack"]
@@ -210,6 +240,16 @@ def _unmeasured(entry: bytes) -> bytes:
     """An entry's fixed fields without ``F_RT``, which the program clears by itself."""
     flags = entry[_FLAGS_AT] & ~F_RT
     return entry[:_FLAGS_AT] + bytes((flags,)) + entry[_FLAGS_AT + 1 :]
+
+
+class Fin(NamedTuple):
+    """A FIN the program forwarded under a label and recorded (F_FIN): its sequence number, ``ACK_KNOWN |`` the
+    last acknowledgment number of the session's other label as it passed (0: none), and its time on the table's
+    clock."""
+
+    seq: int
+    ack: int
+    at: float
 
 
 class Record(NamedTuple):
@@ -321,10 +361,13 @@ class XdpOffload:
         syn_rate: int = 0,
         measured: Callable[[int, Record], bool] | None = None,
         gso: bool = False,
+        ended: Callable[[int, Fin], None] | None = None,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
         ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
-        module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there)."""
+        module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there). ``ended``:
+        given, a TCP session's first FIN under each label is taken in the kernel and handed to it (see "FINs" in
+        the module docstring)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
@@ -367,6 +410,10 @@ class XdpOffload:
         self._measuring: dict[int, tuple[int, ...]] = {}
         self._measured = np.zeros(LABEL_SPACE, dtype=np.bool_)  # the same labels, for a batch read's rows
         self.records = 0  # records handed to ``measured``
+        self.ended = ended
+        self._fin_folded = np.zeros(LABEL_SPACE, dtype=np.uint8)  # the entry's FIN record was handed to ``ended``
+        self.fins = 0  # FIN records handed to ``ended``
+        self._read_at = clock()  # the table's clock at the last read of the whole map
         self.entries = 0
         self.writes = 0
         self.deletes = 0
@@ -755,6 +802,7 @@ class XdpOffload:
         self._waiting.clear()
         self._measuring.clear()
         self._measured[:] = False
+        self._fin_folded[:] = 0
         self.entries = 0
 
     def __enter__(self) -> XdpOffload:
@@ -839,6 +887,7 @@ class XdpOffload:
             | (F_FLOW if flow else 0)
             | (F_RT if measure and watch & WATCH_ALL else 0)
             | (F_L7 if measure and watch & WATCH_REQUEST else 0)
+            | (F_FIN if self.ended is not None and watch & WATCH_TCP_END else 0)
         )
         budget = WATCH_BUDGET if measure and is_c2s(label) else 0
         peer_ip = t.peer_ip[label]
@@ -858,11 +907,7 @@ class XdpOffload:
             0,
             ack,
             budget,
-            0,
-            0,
-            0,
-            0,
-            0,
+            *(0,) * 9,
         )
 
     def _error(self, exc: OSError) -> None:
@@ -930,6 +975,7 @@ class XdpOffload:
             self._in_kernel[label] = 1
             self._kpackets[label] = 0
             self._kbytes[label] = 0
+            self._fin_folded[label] = 0  # a new entry: no FIN taken yet
         self.writes += len(labels)
         return len(labels)
 
@@ -948,6 +994,7 @@ class XdpOffload:
         for label in labels:
             self._in_kernel[label] = 0
             self._drop_slot(label)
+            self._fin_folded[label] = 0
         self.entries -= len(labels)
         self.deletes += len(labels)
         return len(labels)
@@ -969,6 +1016,9 @@ class XdpOffload:
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
         if self._measuring:
             self._fold_records(labels, values)
+        if self.ended is not None:
+            self._fold_fins(labels, values, force=False)
+        self._read_at = self.clock()
         return self._fold(labels, np.frombuffer(values, dtype=COUNTERS))
 
     def _fold_entries(self, labels: list[int]) -> None:
@@ -988,7 +1038,14 @@ class XdpOffload:
                     found.append(label)
                     values.append(value)
         if found:
-            self._fold(np.array(found, dtype=np.intp), np.frombuffer(b"".join(values), dtype=COUNTERS))
+            at = np.array(found, dtype=np.intp)
+            if self.ended is not None:  # the entry written again starts without a FIN taken: its record first
+                for label in found:
+                    c2s = label if is_c2s(label) else label - 1
+                    if c2s in self._measuring:
+                        self.fold(c2s)  # the session's measurement before its FINs
+                self._fold_fins(at, b"".join(values), force=True)
+            self._fold(at, np.frombuffer(b"".join(values), dtype=COUNTERS))
 
     def _fold(self, labels: np.ndarray, counters: np.ndarray) -> int:
         """Add the counters read from ``labels``' entries beyond what was already added; returns how many labels
@@ -1013,13 +1070,67 @@ class XdpOffload:
     # -- measurements recorded in the kernel (F_RT) ------------------------------------------------------------
     def fold(self, c2s: int) -> bool:
         """Hand ``c2s``'s record to ``measured`` now, if its session is measured in the kernel and the record
-        changed (one map lookup); True if it was handed over."""
-        if self._map is None or c2s not in self._measuring or not self._in_kernel[c2s]:
+        changed (one map lookup), then the FINs the kernel took under either label of the session and not yet
+        handed to ``ended`` (one lookup per label in the kernel whose FIN is not handed over yet); True if the
+        measurement record was handed over."""
+        if self._map is None:
             return False
-        raw = self._map.lookup(_KEY.pack(c2s))
-        if raw is None:
-            return False
-        return self._hand_over(c2s, _RECORD.unpack_from(raw, _RECORD_AT), self.clock() - time.monotonic())
+        handed = False
+        if c2s in self._measuring and self._in_kernel[c2s]:
+            raw = self._map.lookup(_KEY.pack(c2s))
+            if raw is not None:
+                handed = self._hand_over(c2s, _RECORD.unpack_from(raw, _RECORD_AT), self.clock() - time.monotonic())
+        if self.ended is not None and c2s not in self._measuring:
+            found: list[int] = []
+            values: list[bytes] = []
+            for label in (c2s, c2s + 1):
+                if self._in_kernel[label] and not self._fin_folded[label] and label not in self._withdrawn:
+                    value = self._map.lookup(_KEY.pack(label))
+                    if value is not None:
+                        found.append(label)
+                        values.append(value)
+            if found:
+                self._fold_fins(np.array(found, dtype=np.intp), b"".join(values), force=False)
+        return handed
+
+    def fold_fins(self) -> int:
+        """Hand every FIN the kernel took and not yet handed over to ``ended`` now, each session's measurement
+        record first (one read of the whole map; tests compare the session table with the one-frame path's after
+        it). Returns how many were handed over."""
+        if self._map is None or self.ended is None:
+            return 0
+        keys, values, count = self._map.lookup_batch()
+        if not count:
+            return 0
+        labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
+        fins = np.frombuffer(values, dtype=FIN_RECORD)["fin_taken"]
+        pending = labels[(fins != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)]
+        before = self.fins
+        for c2s in sorted({label if is_c2s(label) else label - 1 for label in pending.tolist()}):
+            self.fold(c2s)
+        return self.fins - before
+
+    def _fold_fins(self, labels: np.ndarray, values: bytes, *, force: bool) -> None:
+        """Hand the FIN records of ``labels`` (their entries read into ``values``) not handed over yet to ``ended``,
+        in the order the kernel took them. A session whose measurement the table has not taken whole yet (its
+        record was not taken: the first request is still on its way up) keeps its FINs for a later read, so
+        they are not applied before what came before them, unless ``force`` (its entry is about to be written
+        again). A FIN is dated no earlier than the last read of the whole map, which would have handed it over."""
+        assert self.ended is not None
+        fins = np.frombuffer(values, dtype=FIN_RECORD)[: labels.size]
+        new = (fins["fin_taken"] != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)
+        if not new.any():
+            return
+        labels, fins = labels[new], fins[new]
+        order = np.argsort(fins["fin_ns"], kind="stable")
+        offset = self.clock() - time.monotonic()
+        for label, (seq, _, ack, ns) in zip(labels[order].tolist(), fins[order].tolist(), strict=True):
+            c2s = label if is_c2s(label) else label - 1
+            if not force and c2s in self._measuring:
+                continue
+            self._fin_folded[label] = 1
+            self.fins += 1
+            self.ended(label, Fin(seq, ack, max(ns * 1e-9 + offset, self._read_at)))
 
     def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
         """The records of the measured C2S labels in a batch read of the map."""
@@ -1119,6 +1230,7 @@ class XdpOffload:
             "measuring": len(self._measuring),
             "records": self.records,
             "copies": self.copies,
+            "fins": self.fins,
             "writes": self.writes,
             "deletes": self.deletes,
             "polls": self.polls,

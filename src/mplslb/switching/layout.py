@@ -35,6 +35,7 @@ from mplslb.wire.icmp import (
 )
 from mplslb.wire.ip import (
     IP_VERSION_4,
+    IP_VERSION_6,
     IPPROTO_AH,
     IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT,
@@ -57,7 +58,16 @@ from mplslb.wire.mpls import (
     S_BIT,
     TTL_MASK,
 )
-from mplslb.wire.tcp import DATA_OFFSET_MIN, DATA_OFFSET_SHIFT, DATA_OFFSET_UNIT, TCP_HLEN, TCPFlag
+from mplslb.wire.tcp import (
+    DATA_OFFSET_MIN,
+    DATA_OFFSET_SHIFT,
+    DATA_OFFSET_UNIT,
+    OPTION_HLEN,
+    TCP_HLEN,
+    TCPOPT_NOP,
+    TCPOPT_TIMESTAMP,
+    TCPFlag,
+)
 from mplslb.wire.udp import UDP_HLEN
 
 # -- Ethernet --------------------------------------------------------------------------------------------------
@@ -95,7 +105,13 @@ TCP_ACK: Final = int(TCPFlag.ACK)
 TCP_SYN_ACK: Final = TCP_SYN | TCP_ACK  # a server's answer to a SYN
 #: A client's segment completes the handshake when these flags read TCP_ACK alone (no SYN, no RST).
 TCP_PURE_ACK_MASK: Final = TCP_ACK | TCP_SYN | TCP_RST
+TCP_SEQ_AT: Final = 4  # the sequence number in the TCP header (4 octets, network order)
 TCP_ACK_AT: Final = 8  # the acknowledgment number in the TCP header (4 octets, network order)
+#: The 16-bit one's complement sum of an IPv4 header whose checksum is right (also the mask of one 16-bit word).
+CHECKSUM_OK: Final = 0xFFFF
+#: The timestamps option (RFC 7323, kind TCPOPT_TIMESTAMP) is this long; Linux sends it after two NOPs.
+TCPOLEN_TIMESTAMP: Final = 10
+TCP_TS_ALIGNED_LEN: Final = 2 + TCPOLEN_TIMESTAMP  # the options' octets, the two NOPs included
 TCP_CHECK_AT: Final = 16  # the checksum in the TCP header
 #: A label's last acknowledgment number as the fast paths record it (``LabelSwitchingTable.acks``, the kernel
 #: entry's ``ack``): this bit over the 32-bit number says one is known; 0 is "none seen yet".
@@ -140,12 +156,17 @@ F_RT: Final = 0x08
 #: copies its first REQUEST_COPY octets into the label's slot of the request map, or passes the frame up when the
 #: label has no slot there.
 F_L7: Final = 0x10
+#: TCP session: the first FIN under the label (RST clear), once neither of the session's entries has ``F_RT``, is
+#: forwarded and recorded in the entry (``fin_seq`` .. ``fin_ns``) instead of going up; the daemon folds the record
+#: into the session table (see mplslb.offload.xdp). A later FIN under the label goes up as before.
+F_FIN: Final = 0x20
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
 #: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The four fields after the
 #: addresses are what the kernel keeps: frames forwarded, their bytes as received, CLOCK_MONOTONIC ns of the last
 #: one, and the last acknowledgment number of a TCP session's label (as ``LabelSwitchingTable.acks``). The fields
-#: after them are a C2S entry's measurement record (F_RT), written by the program and read by the daemon.
+#: after them are a C2S entry's measurement record (F_RT), written by the program and read by the daemon, and the
+#: last four the label's FIN record (F_FIN), likewise.
 KERNEL_ENTRY_FIELDS: Final = (
     ("out_ifindex", "__u32", "I", 0),
     ("in_ifindex", "__u32", "I", 0),
@@ -166,6 +187,10 @@ KERNEL_ENTRY_FIELDS: Final = (
     ("ack_ns", "__u64", "Q", 0),  # the client's latest pure ACK (the one after answer_ns completes the handshake)
     ("request_ns", "__u64", "Q", 0),  # the client's first payload (the request)
     ("response_ns", "__u64", "Q", 0),  # the server's first payload after the request
+    ("fin_seq", "__u32", "I", 0),  # F_FIN: the sequence number of the FIN the program took under the label
+    ("fin_taken", "__u32", "I", 0),  # F_FIN: 1 once it took one (a later FIN goes up)
+    ("fin_ack", "__u64", "Q", 0),  # ACK_KNOWN | the other label's last acknowledgment number as the FIN passed
+    ("fin_ns", "__u64", "Q", 0),  # F_FIN: CLOCK_MONOTONIC ns of the FIN
 )
 Fields = tuple[tuple[str, str, str, int], ...]
 
@@ -376,8 +401,10 @@ C_CONSTANTS: Final = (
     "IPV4_IHL_MASK", "IPV4_IHL_UNIT", "IPV4_SRC", "IPV4_DST", "IPV4_ADDR_LEN", "IPV6_SRC", "IPV6_DST",
     "IPV6_ADDR_LEN", "IPV6_NEXT_HEADER", "IPV6_HLEN", "IPPROTO_TCP", "IPPROTO_UDP",
     "TCP_FLAGS", "TCP_FIN", "TCP_RST", "TCP_END", "MAX_TCP_OFFSET", "TCP_SYN", "TCP_ACK", "TCP_SYN_ACK",
-    "TCP_PURE_ACK_MASK", "TCP_ACK_AT", "ACK_KNOWN", "WATCH_TCP_END", "WATCH_ALL", "WATCH_REQUEST", "F_V6", "F_TCP_END",
-    "F_FLOW", "F_RT", "F_L7", "REQUEST_COPY",
+    "TCP_PURE_ACK_MASK", "TCP_SEQ_AT", "TCP_ACK_AT", "ACK_KNOWN", "WATCH_TCP_END", "WATCH_ALL", "WATCH_REQUEST",
+    "F_V6", "F_TCP_END",
+    "F_FLOW", "F_RT", "F_L7", "F_FIN", "REQUEST_COPY", "IP_VERSION_4", "IP_VERSION_6", "IPV4_PLAIN", "TCPOPT_TIMESTAMP",
+    "TCPOLEN_TIMESTAMP", "TCP_TS_ALIGNED_LEN", "TCPOPT_NOP", "OPTION_HLEN", "CHECKSUM_OK",
     "C2S_MIN", "C2S_MAX", "S2C_MIN", "S2C_MAX", "MAX_STACK_DEPTH",
     "IP_VERSION_SHIFT", "IPV4_HLEN", "IHL_MIN", "IPV4_FRAG_AT", "FRAG_OFFSET_MASK", "IPV4_PROTO", "IPV4_TOTAL_LEN",
     "IPV6_PAYLOAD_LEN", "IPV6_FRAG_OFFSET_SHIFT", "IPV6_EXT_MAX",
@@ -433,6 +460,7 @@ __all__ = [
     "AH_UNIT",
     "C2S_MAX",
     "C2S_MIN",
+    "CHECKSUM_OK",
     "C_CONSTANTS",
     "C_STRUCTS",
     "DATA_OFFSET_MIN",
@@ -460,6 +488,7 @@ __all__ = [
     "FLOW_KEY_FIELDS",
     "FRAGMENT_HLEN",
     "FRAG_OFFSET_MASK",
+    "F_FIN",
     "F_FLOW",
     "F_L7",
     "F_RT",
@@ -499,6 +528,8 @@ __all__ = [
     "IPV6_PAYLOAD",
     "IPV6_SRC",
     "IP_AT",
+    "IP_VERSION_4",
+    "IP_VERSION_6",
     "KERNEL_ENTRY",
     "KERNEL_ENTRY_FIELDS",
     "L4_DPORT",
@@ -517,6 +548,7 @@ __all__ = [
     "MPLS_TTL_MASK",
     "NS_PER_MS",
     "NS_PER_S",
+    "OPTION_HLEN",
     "QUOTE_MASK",
     "REQUEST",
     "REQUEST_COPY",
@@ -528,6 +560,9 @@ __all__ = [
     "SYN_BUCKET_FIELDS",
     "SYN_RATE_MAX",
     "S_BIT",
+    "TCPOLEN_TIMESTAMP",
+    "TCPOPT_NOP",
+    "TCPOPT_TIMESTAMP",
     "TCP_ACK",
     "TCP_ACK_AT",
     "TCP_CHECK_AT",
@@ -538,8 +573,10 @@ __all__ = [
     "TCP_HLEN",
     "TCP_PURE_ACK_MASK",
     "TCP_RST",
+    "TCP_SEQ_AT",
     "TCP_SYN",
     "TCP_SYN_ACK",
+    "TCP_TS_ALIGNED_LEN",
     "TTL_MASK",
     "UDP_HLEN",
     "VIP_KEY",

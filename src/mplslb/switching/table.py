@@ -464,11 +464,13 @@ class LabelSwitchingTable:
                 return ack
         return self.acks[label]
 
-    def in_window(self, label: int, seq: int | None, window: int) -> bool:
+    def in_window(self, label: int, seq: int | None, window: int, ack: int | None = None) -> bool:
         """Could a TCP segment with sequence number ``seq`` (None: unreadable) have been sent to the end whose
-        acknowledgments travel on ``label``: is it within ``window`` of the last one, either way? True when no
-        acknowledgment is known yet (nothing to judge by)."""
-        ack = self.last_ack(label)
+        acknowledgments travel on ``label``: is it within ``window`` of the last one, either way (``ack``, as
+        :meth:`last_ack` gives it, when the caller knows which one that was)? True when no acknowledgment is known
+        yet (nothing to judge by)."""
+        if ack is None:
+            ack = self.last_ack(label)
         if not ack:
             return True
         if seq is None:
