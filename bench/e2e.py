@@ -21,12 +21,16 @@ client agent and a server agent during one extra wrk run; summaries in bench/pro
 one variant (default ``kernel+xdp+gso``), against HAProxy and no balancer in the same lab: N rounds of 1 and 16
 parallel curl downloads of a sparse 1 GiB file, each cut at S seconds, and the medians.
 
-``python bench/e2e.py --close [--variant KEY] [--rounds N] [--profile]`` measures only the ``Connection: close``
-rows, of one variant (default ``kernel+xdp``), without the references: N rounds of wrk at -c16 and -c64, each
-with the frames that reached the balancer daemon (its ``frames.in``) per session started in it, read from its
-status, and the daemon's CPU time per session (all of it, and its user time alone: its system time includes the
-kernel's delivery of the frames it sends into the lab's namespaces). Run it with another checkout's ``src`` on
-PYTHONPATH to compare two versions of the balancer on the same machine.
+``python bench/e2e.py --close [--variant KEY] [--rounds N] [--steer MODES] [--profile]`` measures only the
+``Connection: close`` rows, of one variant (default ``kernel+xdp``), against HAProxy and no balancer in the same lab
+(the daemon paused while they run): N rounds of wrk at -c16 and -c64 on each path. Each run reports the whole
+machine's busy CPU per request (/proc/stat, softirq included, other work on the machine too: its load average is
+recorded), each process's CPU per request (the lab's, HAProxy's, wrk's), each CPU's busy share, and for mplslb the
+frames that reached the balancer daemon (its ``frames.in``) per session started in it and the daemon's CPU time per
+session (all of it, and its user time alone: its system time includes the kernel's delivery of the frames it sends
+into the lab's namespaces). ``--steer none,rps,pin`` interleaves the placements of STEERING in every round, applied
+to every path alike (the whole grid takes one). Run it with another checkout's ``src`` on PYTHONPATH to compare two
+versions of the balancer on the same machine.
 """
 
 from __future__ import annotations
@@ -515,7 +519,7 @@ def e2e_rows(
                 continue
             ref = ref_cell[0]
             errors = mine.get("non_2xx", 0) + mine.get("socket_errors", 0)
-            note = (f"wrk -t1 -c{conns} -d{extra['seconds']}s, median of {len(runs)}; "
+            note = (f"wrk -t1 -c{conns} -d{extra['seconds']}s, median of {len(runs)}, steering {extra['steering']}; "
                     f"p50 {mine.get('p50_ms', 0):.2f} ms (HAProxy {ref.get('p50_ms', 0):.2f}); errors {errors:.0f}; "
                     f"CPU us/request: {_busy(cpu)}; CPUs busy: {_shares(mine)}")  # fmt: skip
             target = 1.5 if mode == "keep-alive" else 1.0
