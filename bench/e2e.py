@@ -585,7 +585,12 @@ def close_run(
     figures |= {"connections": connections, "machine_cpu_us_per_request": busy * us, **shares,
                 "cpu_us_wrk": (kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime) * us}  # fmt: skip
     figures |= {f"cpu_us_{k}": (after[k] - before.get(k, 0)) / hz * us for k in after}
-    figures["load1"] = os.getloadavg()[0]  # other work on the machine counts in the machine's figures
+    # Other work on the machine counts in the machine's figures: the load average, and the busy time billed to no
+    # process measured here (other processes', and softirq run in no measured process's context).
+    figures["load1"] = os.getloadavg()[0]
+    figures["machine_unbilled_us_per_request"] = figures["machine_cpu_us_per_request"] - sum(
+        v for k, v in figures.items() if k.startswith("cpu_us_")
+    )
     if daemon:
         now = lab.status()["status"]
         ticks, user = _ticks(daemon) - ticks, _ticks(daemon, user_only=True) - user
