@@ -14,7 +14,9 @@ Root and clang are needed; nothing here touches an interface.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
 import struct
 import time
@@ -75,7 +77,8 @@ def fresh(k: object) -> None:
 
 
 def c2s_packets() -> list[bytes]:
-    """Client-to-server packets of IPv4 and IPv6, TCP and UDP, one with IPv6 extension headers."""
+    """Client-to-server packets of IPv4 and IPv6, TCP and UDP, one with IPv6 extension headers, two with IPv4
+    options (a short header and the longest)."""
     c4, c6 = client_addr(0), client_addr(1, v6=True)
     dst_opts = bytes([IPPROTO_TCP, 0]) + bytes(6)
     return [
@@ -85,6 +88,8 @@ def c2s_packets() -> list[bytes]:
         ipv6(c6, VIP6, IPPROTO_TCP, tcp_segment(c6, VIP6, 40002, 80, ACK, b"x" * 100)),
         ipv6(c6, VIP6, IPPROTO_UDP, udp(c6, VIP6, 40003, 53, b"q6")),
         ipv6(c6, VIP6, IPPROTO_DSTOPTS, tcp_segment(c6, VIP6, 40004, 80, ACK), ext=dst_opts),
+        ipv4(c4, VIP, IPPROTO_TCP, tcp_segment(c4, VIP, 40005, 80, ACK, b"opt"), options=bytes([1, 1, 1, 0])),
+        ipv4(c4, VIP, IPPROTO_UDP, udp(c4, VIP, 40006, 53, b"opt"), options=bytes([1] * 39 + [0])),
     ]
 
 
@@ -395,5 +400,40 @@ def test_a_client_flow_unheard_for_the_fallback_goes_unlabelled_again_in_both_en
         assert got.retval == bpf.TC_ACT_OK and got.data == plain
         assert ep.counters.get("fallback_unlabelled") == 1 and k.counts()["fallback_unlabelled"] == 1
         assert ep.flows == {} and k_flows(k) == {}
+    finally:
+        k.close()
+
+
+#: The verifier's limit on instructions processed per program load (kernel/bpf/verifier.c, BPF_COMPLEXITY_LIMIT_INSNS).
+VERIFIER_LIMIT = 1_000_000
+BPF_LOG_STATS = 4
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_each_program_verifies_well_within_the_kernel_limit(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier walks every path of a program; a loop whose exits each carry what it narrowed multiplies the
+    walk of everything after it. Each program must stay within a fifth of the limit: room for the next feature, and
+    an agent's start is not spent verifying (the ingress programs processed 696k of the 1M before)."""
+    from mplslb.offload.endpoint import KernelEndpoint
+
+    real = bpf.bpf
+    processed: dict[str, int] = {}
+
+    def with_stats(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+        if cmd != bpf.BPF_PROG_LOAD:
+            return real(cmd, attr, what)
+        log = ctypes.create_string_buffer(1 << 16)
+        struct.pack_into("=IIQ", attr, 24, BPF_LOG_STATS, len(log), ctypes.addressof(log))
+        fd = real(cmd, attr, what)
+        found = re.search(r"processed (\d+) insns", log.value.decode())
+        assert found, log.value.decode()
+        processed[what] = int(found.group(1))
+        return fd
+
+    monkeypatch.setattr(bpf, "bpf", with_stats)
+    k = KernelEndpoint(role, mac=HOST, vips=[VIP, VIP6], gateway_mac=LB)
+    try:
+        assert len(processed) == 2  # the ingress and the egress program
+        assert all(n <= VERIFIER_LIMIT // 5 for n in processed.values()), processed
     finally:
         k.close()

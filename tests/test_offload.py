@@ -10,6 +10,7 @@ configuration tests.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import select
@@ -697,6 +698,37 @@ def _netlink_attach(ifname: str, fd: int) -> None:
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=ifname)[0]
         ipr.link("set", index=index, xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", bpf.XDP_FLAGS_SKB_MODE]]})
+
+
+@needs_kernel
+def test_a_load_the_kernel_answers_with_eagain_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier answers EAGAIN when a signal comes while it runs (a profiler's or debugger's stop): the load is
+    tried again, as libbpf does, and any other refusal, or EAGAIN every time, is an error at once."""
+    real = bpf.bpf
+    calls: list[int] = []
+    fail = {"errno": errno.EAGAIN, "times": bpf.PROG_LOAD_ATTEMPTS - 1}
+
+    def flaky(cmd: int, attr: Any, what: str) -> int:
+        if cmd == bpf.BPF_PROG_LOAD:
+            calls.append(cmd)
+            if len(calls) <= fail["times"]:
+                raise bpf.BpfError(fail["errno"], what)
+        return real(cmd, attr, what)
+
+    monkeypatch.setattr(bpf, "bpf", flaky)
+    fd = _trivial_xdp("mplslb_eagain")
+    os.close(fd)
+    assert len(calls) == bpf.PROG_LOAD_ATTEMPTS
+    calls.clear()
+    fail["times"] = 2 * bpf.PROG_LOAD_ATTEMPTS  # EAGAIN every time (the log-on load too)
+    with pytest.raises(bpf.BpfError) as raised:
+        _trivial_xdp("mplslb_eagain")
+    assert raised.value.errno == errno.EAGAIN and len(calls) == 2 * bpf.PROG_LOAD_ATTEMPTS
+    calls.clear()
+    fail["errno"] = errno.EPERM
+    with pytest.raises(bpf.BpfError) as raised:
+        _trivial_xdp("mplslb_eagain")
+    assert raised.value.errno == errno.EPERM and len(calls) == 2  # without the log, then with it
 
 
 @needs_kernel

@@ -934,14 +934,22 @@ def _stop_pid(pid: int, proc: subprocess.Popen[bytes] | None) -> str:
         return ""
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _exited(pid):
             return ""
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     return "did not stop on SIGTERM; killed"
+
+
+def _exited(pid: int) -> bool:
+    """Has ``pid`` exited? A process whose parent is gone is reaped by init, which may take its time: an exited
+    one waiting to be reaped (a zombie) has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rindex(")") + 2 :].startswith("Z")
 
 
 def _nginx_conf(home: Path) -> str:

@@ -18,6 +18,7 @@ That is all a program without BTF, globals or subprograms needs, and it keeps li
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -30,6 +31,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
+PROG_LOAD_ATTEMPTS = 5  # libbpf's number
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
@@ -299,14 +301,26 @@ def prog_load(prog_type: int, insns: bytes, *, license_text: str, name: str, exp
     attr = _attr("=IIQQIIQII16sII", prog_type, len(insns) // 8, _addr(ibuf), _addr(lbuf), 0, 0, 0, 0, 0, raw_name,
                  0, expected_attach_type)  # fmt: skip
     try:
-        return bpf(BPF_PROG_LOAD, attr, f"loading program {name}")
+        return _prog_load(attr, name)
     except BpfError as exc:
         # Load again with the verifier's log on: the first attempt without it is the fast path.
         struct.pack_into("=IIQ", attr, 24, 1, LOG_SIZE, _addr(log))
         try:
-            return bpf(BPF_PROG_LOAD, attr, f"loading program {name}")
+            return _prog_load(attr, name)
         except BpfError:
             raise BpfError(exc.errno or 0, f"loading program {name}", log.value.decode(errors="replace")) from None
+
+
+def _prog_load(attr: ctypes.Array[ctypes.c_char], name: str) -> int:
+    """BPF_PROG_LOAD, again when the kernel says EAGAIN (a signal came while the verifier ran: a debugger's or
+    profiler's stop is one), as libbpf does, up to :data:`PROG_LOAD_ATTEMPTS` times."""
+    for _ in range(PROG_LOAD_ATTEMPTS - 1):
+        try:
+            return bpf(BPF_PROG_LOAD, attr, f"loading program {name}")
+        except BpfError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+    return bpf(BPF_PROG_LOAD, attr, f"loading program {name}")
 
 
 def load_program(

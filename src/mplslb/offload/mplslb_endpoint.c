@@ -68,6 +68,19 @@ INLINE int is_vip(const __u8 *addr, __u32 family)
 	return bpf_map_lookup_elem(&vips, &k) != 0;
 }
 
+/* v as a number the verifier knows nothing of, by way of the per-CPU scratch map: a loop's exits leave as many
+ * states as it has iterations (each knowing a different range of what the loop narrowed), and everything after the
+ * loop would be verified once per exit; after this they meet in one. The caller bounds the result again. */
+INLINE __u32 forget(__u32 v)
+{
+	__u32 zero = 0;
+	volatile __u32 *slot = bpf_map_lookup_elem(&scratch, &zero);
+	if (!slot)
+		return v;
+	slot[0] = v;
+	return slot[0];
+}
+
 /* Walk the IPv6 extension headers of the packet at ip (its fixed header readable) up to end (bytes from ip), as
  * mplslb.wire.ipv6.parse_ipv6 does, at most IPV6_EXT_MAX of them; *proto and *pos (from ip): the upper layer. */
 INLINE __u32 walk_ext(__u8 *ip, __u8 *dend, __u32 end, __u32 *proto_out, __u32 *pos_out)
@@ -156,6 +169,7 @@ INLINE __u32 analyze_quoted(__u8 *ip, __u8 *dend, __u32 at, __u32 qlen, struct f
 		__u32 why = walk_ext(q, dend, end, &proto, &l4);
 		if (why != OK)
 			return why;
+		l4 = forget(l4) & QUOTE_MASK; /* as in analyze() */
 		key->family = FAMILY_V6;
 		__builtin_memcpy(key->src, q + IPV6_SRC, IPV6_ADDR_LEN);
 		__builtin_memcpy(key->dst, q + IPV6_DST, IPV6_ADDR_LEN);
@@ -219,6 +233,7 @@ INLINE __u32 analyze(__u8 *ip, __u8 *dend, __u32 avail, struct flow_key *key, in
 		sum = (sum & ((1 << 16) - 1)) + (sum >> 16);
 		if (sum != (1 << 16) - 1)
 			return EP_IPV4_BAD_CHECKSUM;
+		hlen = forget(hlen) & (IPV4_IHL_MASK * IPV4_IHL_UNIT); /* 20 to 60, as checked above */
 		if (be16(ip + IPV4_FRAG_AT) & FRAG_OFFSET_MASK)
 			return EP_IP_FRAGMENT;
 		proto = ip[IPV4_PROTO];
@@ -235,6 +250,7 @@ INLINE __u32 analyze(__u8 *ip, __u8 *dend, __u32 avail, struct flow_key *key, in
 		__u32 why = walk_ext(ip, dend, end, &proto, &l4);
 		if (why != OK)
 			return why;
+		l4 = forget(l4) & QUOTE_MASK; /* at most MAX_TCP_OFFSET and one extension header past it */
 		key->family = FAMILY_V6;
 		__builtin_memcpy(key->src, ip + IPV6_SRC, IPV6_ADDR_LEN);
 		__builtin_memcpy(key->dst, ip + IPV6_DST, IPV6_ADDR_LEN);
