@@ -21,20 +21,26 @@ client agent and a server agent during one extra wrk run; summaries in bench/pro
 one variant (default ``kernel+xdp+gso``), against HAProxy and no balancer in the same lab: N rounds of 1 and 16
 parallel curl downloads of a sparse 1 GiB file, each cut at S seconds, and the medians.
 
-``python bench/e2e.py --close [--variant KEY] [--rounds N] [--profile]`` measures only the ``Connection: close``
-rows, of one variant (default ``kernel+xdp``), without the references: N rounds of wrk at -c16 and -c64, each
-with the frames that reached the balancer daemon (its ``frames.in``) per session started in it, read from its
-status, and the daemon's CPU time per session (all of it, and its user time alone: its system time includes the
-kernel's delivery of the frames it sends into the lab's namespaces). Run it with another checkout's ``src`` on
-PYTHONPATH to compare two versions of the balancer on the same machine.
+``python bench/e2e.py --close [--variant KEY] [--rounds N] [--steer MODES] [--profile]`` measures only the
+``Connection: close`` rows, of one variant (default ``kernel+xdp``), against HAProxy and no balancer in the same lab
+(the daemon paused while they run): N rounds of wrk at -c16 and -c64 on each path. Each run reports the whole
+machine's busy CPU per request (/proc/stat, softirq included, other work on the machine too: its load average is
+recorded), each process's CPU per request (the lab's, HAProxy's, wrk's), each CPU's busy share, and for mplslb the
+frames that reached the balancer daemon (its ``frames.in``) per session started in it and the daemon's CPU time per
+session (all of it, and its user time alone: its system time includes the kernel's delivery of the frames it sends
+into the lab's namespaces). ``--steer none,rps,pin`` interleaves the placements of STEERING in every round, applied
+to every path alike (the whole grid takes one). Run it with another checkout's ``src`` on PYTHONPATH to compare two
+versions of the balancer on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -48,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH, Row, at_least, at_most, command_for, skipped
+from wire_offload import cpu_ticks, steer
 
 HAPROXY_PORT = 8080
 LAB_ROOT = Path("/run/mplslb-bench")
@@ -165,6 +172,12 @@ def cpu_snapshot(procs: dict[str, list[int]]) -> dict[str, int]:
     return {key: sum(_ticks(pid) for pid in pids) for key, pids in procs.items()}
 
 
+def cpu_busy_shares(before: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """Each CPU's busy share since ``before`` (``cpu_ticks()``): ``cpu0_busy`` ... (0..1)."""
+    return {f"cpu{c}_busy": (busy - before[c][0]) / max(total - before[c][1], 1)
+            for c, (busy, total) in cpu_ticks().items() if c in before}  # fmt: skip
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent busy (every CPU, /proc/stat: all but idle and iowait), softirq
     included: where a veth's receive work and the kernel's forwarding run, which no process is billed for."""
@@ -176,6 +189,35 @@ def cpu_share(before: dict[str, int], after: dict[str, int], seconds: float) -> 
     """Share of one core each process used between two snapshots."""
     hz = os.sysconf("SC_CLK_TCK")
     return {key: (after[key] - before.get(key, 0)) / hz / seconds for key in after}
+
+
+#: Where the lab's receive work runs, for every path alike (mplslb, HAProxy, no balancer). ``none``: the kernel's
+#: default, a veth's peer processes a frame in its sender's context, on the sender's CPU (the balancer's send()
+#: carries the receiving namespace's stack); ``rps``: Receive Packet Steering by flow hash over every CPU, on every
+#: interface of the lab; ``pin``: the balancing process (the daemon, or HAProxy) pinned to CPU 0 and the switch's
+#: ports facing the balancer steered to the other CPUs, so what the balancer sends is processed there.
+STEERING = ("none", "rps", "pin")
+
+
+def lab_ports(lab: Any) -> dict[str, list[str]]:
+    """Every interface of the lab that has a receive queue, by namespace (not loopback, not bridges)."""
+    script = ('for d in /sys/class/net/*; do n=${d##*/}; if [ "$n" != lo ] && [ ! -e "$d/bridge" ] && '
+              '[ -e "$d/queues/rx-0/rps_cpus" ]; then echo "$n"; fi; done')  # fmt: skip
+    return {ns: subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", script], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.split() for ns in lab.state.namespaces}  # fmt: skip
+
+
+def set_steering(lab: Any, mode: str, ports: dict[str, list[str]], pids: list[int]) -> None:
+    """Apply one of STEERING to the lab's interfaces (``ports``) and the balancing processes ``pids``."""
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
+    for ns, names in ports.items():
+        for name in names:
+            facing = ns == lab.ns("sw") and name.startswith("lb")  # the switch's ports to the balancer
+            steer(ns, name, cpus if mode == "rps" else cpus[1:] if mode == "pin" and facing else None)
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+            with contextlib.suppress(OSError):  # a thread gone meanwhile
+                os.sched_setaffinity(int(task.name), {cpus[0]} if mode == "pin" else set(cpus))
 
 
 def measure(
@@ -354,17 +396,18 @@ def measure_grid(
                 return grid
             run_wrk(lab, 0, url, seconds=1, connections=conns, header=header)  # warm-up
             runs: list[dict[str, float]] = []
-            before = cpu_snapshot(procs)
+            before, busy, ticks = cpu_snapshot(procs), machine_busy(), cpu_ticks()
             for _ in range(repeats):
                 runs.append(run_wrk(lab, 0, url, seconds=seconds, connections=conns, header=header))
-            after = cpu_snapshot(procs)
+            after, busy = cpu_snapshot(procs), machine_busy() - busy
             served = sum(r.get("requests", 0.0) for r in runs) or 1.0
             cpu = {k: (after[k] - before.get(k, 0)) / hz / served * 1e6 for k in after}  # us per request
-            grid[(mode, conns)] = (median_runs(runs), runs, cpu)
+            cpu["whole machine"] = busy / served * 1e6
+            grid[(mode, conns)] = (median_runs(runs) | cpu_busy_shares(ticks), runs, cpu)
     return grid
 
 
-def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list[Row]:
+def run(quick: bool = False, *, profile: bool = False, steering: str = "none", log: Any = print) -> list[Row]:
     cmd = command_for("e2e", quick)
     reason = missing_requirements()
     variants = lab_variants()
@@ -381,7 +424,7 @@ def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list
     ours: dict[str, dict[tuple[str, int], Cell]] = {}
     refs: dict[str, dict[tuple[str, int], Cell]] = {}
     bulks: dict[str, dict[int, dict[str, float]]] = {}
-    extra: dict[str, Any] = {"seconds": seconds, "repeats": repeats}
+    extra: dict[str, Any] = {"seconds": seconds, "repeats": repeats, "steering": steering}
     failures: dict[str, str] = {}
     for index, (key, what, fields) in enumerate(variants):
         first = index == 0
@@ -392,6 +435,8 @@ def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list
             t0 = time.monotonic()
             lab.up()
             set_sysctls(lab, [lab.client_ns(0), lab.lb])
+            ports = lab_ports(lab)
+            set_steering(lab, steering, ports, [lab.state.pids["balancer"]])
             make_bulk_files(lab, servers)
             wait_until(lambda lab=lab: http_ok(lab, 0, mplslb_url), 30, "the VIP to answer through the balancer")
             log(f"e2e: lab ({what}) up in {time.monotonic() - t0:.1f} s; wrk through mplslb ...")
@@ -410,6 +455,7 @@ def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list
                 haproxy = start_haproxy(lab, servers)
                 wait_until(lambda lab=lab: http_ok(lab, 0, haproxy_url), 15, "HAProxy to answer")
                 hp = {"haproxy": [haproxy.pid, *_children(haproxy.pid)]}
+                set_steering(lab, steering, ports, hp["haproxy"])
                 refs["haproxy"] = measure_grid(
                     lab, haproxy_url, seconds=seconds, repeats=repeats, connections=connections,
                     deadline=deadline + 60, extra_procs=hp,
@@ -431,6 +477,10 @@ def run(quick: bool = False, *, profile: bool = False, log: Any = print) -> list
         finally:
             tear_down(lab, haproxy, paused=paused, log=log)
     return e2e_rows(variants, ours, refs, bulks, failures, extra, cmd)
+
+
+def _shares(figures: dict[str, float]) -> str:
+    return " / ".join(f"{v:.0%}" for k, v in sorted(figures.items()) if re.fullmatch(r"cpu\d+_busy", k))
 
 
 def _busy(cpu: dict[str, float]) -> str:
@@ -469,9 +519,9 @@ def e2e_rows(
                 continue
             ref = ref_cell[0]
             errors = mine.get("non_2xx", 0) + mine.get("socket_errors", 0)
-            note = (f"wrk -t1 -c{conns} -d{extra['seconds']}s, median of {len(runs)}; "
+            note = (f"wrk -t1 -c{conns} -d{extra['seconds']}s, median of {len(runs)}, steering {extra['steering']}; "
                     f"p50 {mine.get('p50_ms', 0):.2f} ms (HAProxy {ref.get('p50_ms', 0):.2f}); errors {errors:.0f}; "
-                    f"CPU us/request: {_busy(cpu)}")  # fmt: skip
+                    f"CPU us/request: {_busy(cpu)}; CPUs busy: {_shares(mine)}")  # fmt: skip
             target = 1.5 if mode == "keep-alive" else 1.0
             row = Row("e2e", f"e2e {mode} -c{conns} requests/s, {what}", mine.get("requests_per_s"), "requests/s",
                       "HAProxy (TCP mode), same nginx", ref.get("requests_per_s"), target=f"ratio >= {target}",
@@ -513,49 +563,120 @@ def e2e_rows(
     return rows
 
 
+def close_run(
+    lab: Any, url: str, *, seconds: int, connections: int, procs: dict[str, list[int]], daemon: int | None
+) -> dict[str, float]:
+    """One wrk ``Connection: close`` run: its figures; per request, the whole machine's busy CPU (softirq included)
+    and each process's (the lab's, HAProxy's, wrk's); each CPU's busy share of the run; with ``daemon`` (the
+    balancer daemon, running), the frames that reached it and its CPU time per session started."""
+    hz, header = os.sysconf("SC_CLK_TCK"), dict(MODES)["close"]
+    status = lab.status()["status"] if daemon else {}
+    ticks, user = (_ticks(daemon), _ticks(daemon, user_only=True)) if daemon else (0, 0)
+    kids0, before, busy, per_cpu = (
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+        cpu_snapshot(procs),
+        machine_busy(),
+        cpu_ticks(),
+    )
+    figures = run_wrk(lab, 0, url, seconds=seconds, connections=connections, header=header)
+    busy, shares, after = machine_busy() - busy, cpu_busy_shares(per_cpu), cpu_snapshot(procs)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk (and its nsenter), waited for
+    us = 1e6 / (figures.get("requests") or 1.0)
+    figures |= {"connections": connections, "machine_cpu_us_per_request": busy * us, **shares,
+                "cpu_us_wrk": (kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime) * us}  # fmt: skip
+    figures |= {f"cpu_us_{k}": (after[k] - before.get(k, 0)) / hz * us for k in after}
+    # Other work on the machine counts in the machine's figures: the load average, and the busy time billed to no
+    # process measured here (other processes', and softirq run in no measured process's context).
+    figures["load1"] = os.getloadavg()[0]
+    figures["machine_unbilled_us_per_request"] = figures["machine_cpu_us_per_request"] - sum(
+        v for k, v in figures.items() if k.startswith("cpu_us_")
+    )
+    if daemon:
+        now = lab.status()["status"]
+        ticks, user = _ticks(daemon) - ticks, _ticks(daemon, user_only=True) - user
+        started = now["sessions"]["started"] - status["sessions"]["started"] or 1
+        per_session = 1e6 / hz / started
+        figures |= {"sessions": started, "frames_per_session": (now["frames"]["in"] - status["frames"]["in"]) / started,
+                    "balancer_cpu_us_per_session": ticks * per_session,
+                    "balancer_user_us_per_session": user * per_session}  # fmt: skip
+    return figures
+
+
+CLOSE_PATHS = ("mplslb", "haproxy", "direct")
+
+
 def close_only(
-    key: str, *, rounds: int, seconds: int, profile: bool = False, log: Any = print
-) -> list[dict[str, float]]:
-    """wrk ``Connection: close`` at -c16 and -c64 through one lab variant, ``rounds`` times each (interleaved):
-    requests/s, p99, and the frames the balancer daemon handled per session started during the run."""
+    key: str, *, rounds: int, seconds: int, steering: tuple[str, ...] = ("none",),
+    paths: tuple[str, ...] = CLOSE_PATHS, profile: bool = False, log: Any = print,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """wrk ``Connection: close`` at -c16 and -c64 through one lab variant and, on the same namespaces and nginx
+    servers, through HAProxy and with no balancer (the daemon paused meanwhile): ``rounds`` rounds, each every
+    steering of ``steering`` (STEERING) applied to every path alike, interleaved. Every run (close_run's figures,
+    with its round, steering and path)."""
     from mplslb.lab import VIP4, Lab, LabSpec
 
     fields = next(f for k, _, f in lab_variants() if k == key)
-    lab = Lab(LabSpec(name=f"bc{os.getpid() % 10**5}", clients=1, servers=3, **fields), root=LAB_ROOT)
-    url = f"http://{VIP4}/"
-    header = dict(MODES)["close"]
-    found: list[dict[str, float]] = []
+    servers = 3
+    lab = Lab(LabSpec(name=f"bc{os.getpid() % 10**5}", clients=1, servers=servers, **fields), root=LAB_ROOT)
+    urls = {"mplslb": f"http://{VIP4}/", "haproxy": f"http://10.77.0.1:{HAPROXY_PORT}/"}
+    found: list[dict[str, Any]] = []
+    haproxy: subprocess.Popen[bytes] | None = None
+    paused = False
     try:
         lab.up()
         set_sysctls(lab, [lab.client_ns(0), lab.lb])
-        wait_until(lambda: http_ok(lab, 0, url), 30, "the VIP to answer through the balancer")
-        run_wrk(lab, 0, url, seconds=1, connections=16, header=header)  # warm-up
+        wait_until(lambda: http_ok(lab, 0, urls["mplslb"]), 30, "the VIP to answer through the balancer")
+        procs = lab_processes(lab)
         daemon = lab.state.pids["balancer"]
+        if "haproxy" in paths:
+            haproxy = start_haproxy(lab, servers)
+            wait_until(lambda: http_ok(lab, 0, urls["haproxy"]), 15, "HAProxy to answer")
+            procs["haproxy"] = [haproxy.pid, *_children(haproxy.pid)]
+        if "direct" in paths:
+            urls["direct"] = route_direct(lab)
+            wait_until(lambda: http_ok(lab, 0, urls["direct"]), 15, "the server to answer")
+        ports = lab_ports(lab)
+        for path in paths:  # warm-up: sessions, caches, server workers
+            run_wrk(lab, 0, urls[path], seconds=1, connections=16, header=dict(MODES)["close"])
         for round_ in range(rounds):
-            for conns in (16, 64):
-                before, ticks, user = lab.status()["status"], _ticks(daemon), _ticks(daemon, user_only=True)
-                figures = run_wrk(lab, 0, url, seconds=seconds, connections=conns, header=header)
-                after = lab.status()["status"]
-                ticks, user = _ticks(daemon) - ticks, _ticks(daemon, user_only=True) - user
-                started = after["sessions"]["started"] - before["sessions"]["started"] or 1
-                frames = after["frames"]["in"] - before["frames"]["in"]
-                per_session = 1e6 / os.sysconf("SC_CLK_TCK") / started
-                figures |= {"round": round_, "connections": conns, "sessions": started,
-                            "frames_per_session": frames / started, "balancer_cpu_us_per_session": ticks * per_session,
-                            "balancer_user_us_per_session": user * per_session}  # fmt: skip
-                log(f"e2e close {key} -c{conns} round {round_}: {figures.get('requests_per_s', 0):,.0f} requests/s, "
-                    f"p99 {figures.get('p99_ms', 0):.1f} ms, {figures['frames_per_session']:.2f} frames to the daemon "
-                    f"and {ticks * per_session:.0f} us of its CPU ({user * per_session:.0f} us in user space) per "
-                    "session")  # fmt: skip
-                found.append(figures)
+            for mode in steering:
+                set_steering(lab, mode, ports, [daemon, *procs.get("haproxy", [])])
+                for path in paths:
+                    if path != "mplslb" and not paused:
+                        os.kill(daemon, signal.SIGSTOP)  # the references run with the balancer paused
+                        paused = True
+                    for conns in (16, 64):
+                        figures = close_run(lab, urls[path], seconds=seconds, connections=conns, procs=procs,
+                                            daemon=daemon if path == "mplslb" else None)  # fmt: skip
+                        log(f"e2e close {key} round {round_} {mode} {path} -c{conns}: "
+                            f"{figures.get('requests_per_s', 0):,.0f} requests/s, p99 {figures.get('p99_ms', 0):.1f} "
+                            f"ms; CPU us/request: machine {figures['machine_cpu_us_per_request']:.0f}, "
+                            + ", ".join(f"{k[7:]} {v:.0f}" for k, v in sorted(figures.items(), key=lambda kv: -kv[1])
+                                        if k.startswith("cpu_us_") and v >= 1)
+                            + f"; CPUs busy {_shares(figures)}")  # fmt: skip
+                        found.append({"round": round_, "steering": mode, "path": path} | figures)
+                if paused:
+                    os.kill(daemon, signal.SIGCONT)
+                    paused = False
+        set_steering(lab, "none", ports, [daemon])
         if profile:
-            where = profile_lab(lab, url, seconds=4, connections=64, header=header, tag=f"-close-{key}")
+            where = profile_lab(lab, urls["mplslb"], seconds=4, connections=64, header=dict(MODES)["close"],
+                                tag=f"-close-{key}")  # fmt: skip
             log(f"e2e: profiles: {where}")
     finally:
-        problems = lab.down()
-        if problems:
-            log(f"e2e: lab down: {problems}")
+        tear_down(lab, haproxy, paused=paused, log=log)
     return found
+
+
+def close_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The median of every figure per steering, path and connection count, in the order first run."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["steering"], r["path"], r["connections"]), []).append(r)
+    return [{"steering": s, "path": p, "connections": c, "runs": len(got)}
+            | {k: round(v, 3) for k, v in median_runs([{k: v for k, v in r.items() if isinstance(v, float)}
+                                                      for r in got]).items()}
+            for (s, p, c), got in groups.items()]  # fmt: skip
 
 
 def tear_down(lab: Any, haproxy: subprocess.Popen[bytes] | None, *, paused: bool, log: Any) -> None:
@@ -634,7 +755,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="with --close or --bulk: rounds")
     parser.add_argument("--bulk", action="store_true", help="only bulk transfer, one variant against the references")
     parser.add_argument("--bulk-seconds", type=float, default=8.0, help="with --bulk: each download's length (s)")
+    parser.add_argument(
+        "--steer",
+        default="none",
+        help=f"where the lab's receive work runs, one of {STEERING} "
+        "(every path alike); with --close a comma-separated list, interleaved in every round",
+    )
     args = parser.parse_args(argv)
+    steering = tuple(args.steer.split(","))
+    if not steering or set(steering) - set(STEERING) or (len(steering) > 1 and not args.close):
+        parser.error(f"--steer: one of {STEERING} (with --close, several separated by commas)")
     if args.bulk:
         reason = missing_requirements()
         if reason:
@@ -649,11 +779,12 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             print(f"skipped: {reason}", file=sys.stderr)
             return 1
-        runs = close_only(args.variant, rounds=args.rounds, seconds=3, profile=args.profile,
+        runs = close_only(args.variant, rounds=args.rounds, seconds=3, steering=steering, profile=args.profile,
                           log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-        print(json.dumps(runs, indent=1) if args.json else "\n".join(map(str, runs)))
+        medians = close_medians(runs)
+        print(json.dumps({"runs": runs, "medians": medians}, indent=1) if args.json else "\n".join(map(str, medians)))
         return 0
-    rows = run(args.quick, profile=args.profile, log=lambda m: print(m, file=sys.stderr))
+    rows = run(args.quick, profile=args.profile, steering=steering[0], log=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:

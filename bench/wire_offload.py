@@ -488,9 +488,10 @@ def run_daemon(bed: Testbed, offload: str, n: int, args: argparse.Namespace, wor
 
 
 # -- paced: equal offered loads, CPU per forwarded frame ------------------------------------------------------------
-def steer(ns: str, ifname: str, cpu: int | None) -> None:
-    """RPS: hand every frame ``ifname`` receives to ``cpu``'s backlog (None: back to the sender's CPU)."""
-    mask = "0" if cpu is None else f"{1 << cpu:x}"
+def steer(ns: str, ifname: str, cpu: int | tuple[int, ...] | None) -> None:
+    """RPS: hand every frame ``ifname`` receives to ``cpu``'s backlog, or spread them by flow over the CPUs of a
+    tuple (None or an empty tuple: back to the sender's CPU)."""
+    mask = f"{sum(1 << c for c in ((cpu,) if isinstance(cpu, int) else cpu or ())):x}"
     path = f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus"  # sysfs as the namespace sees it: ip netns exec
     subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f"echo {mask} > {path}"], check=True, timeout=WAIT)
 
