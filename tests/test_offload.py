@@ -71,7 +71,7 @@ from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
-from mplslb.offload.xdp import PROG_NAME, OffloadError, XdpOffload, syn_share, xdp_state
+from mplslb.offload.xdp import BATCH_MIN, PROG_NAME, OffloadError, XdpOffload, syn_share, xdp_state
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
 from mplslb.switching.layout import (
@@ -1415,6 +1415,41 @@ def test_a_close_mode_session_sends_only_its_syn_up_with_l7(
         assert (ours.sessions_active, ours.sessions_ended) == (theirs.sessions_active, theirs.sessions_ended)
         assert [s.state for s in kernel.live_sessions()] == [s.state for s in reference.live_sessions()]
         assert [s.rt_ewma is not None for s in kernel.pool] == [s.rt_ewma is not None for s in reference.pool]
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_request_slots_are_dropped_and_opened_many_at_a_time(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies one poll takes have their request slots deleted together at its end, and SYNs read in one burst
+    get theirs in one write: no slot is left once its copy is taken, every new session has one, and the Hosts
+    counted are the one-frame path's."""
+    lb, _ = topo
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
+    requests = core.offload._requests
+    assert requests is not None
+    n = BATCH_MIN + 1
+    c0 = client_addr(0)
+    try:
+        for i in range(n):
+            request = f"GET / HTTP/1.1\r\nHost: h{i}.example\r\nConnection: close\r\n\r\n".encode()
+            _close_mode_session(core, reference, loop, lb, 40000 + i, request)
+        assert requests.lookup_batch()[2] == n  # each copy waits in its slot for the poll
+        core.offload.poll()
+        assert core.offload.stats()["copies"] == n
+        assert requests.lookup_batch()[2] == 0
+        assert core.balancer.l7_hosts == reference.l7_hosts == {f"h{i}.example": 1 for i in range(n)}
+        syns = [(0, ether(PORT_MAC[0], client_mac(0), ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, 41000 + i, 80,
+                                                                                               SYN))))
+                for i in range(n)]  # fmt: skip
+        out = core.receive_batch(syns, loop.clock())
+        labels = sorted(label_of(frame) for _, frame in out)
+        assert len(labels) == n
+        keys, _, count = requests.lookup_batch()
+        assert count == n and sorted(struct.unpack(f"={n}I", keys)) == labels
+        assert all(core.offload._slots[label] for label in labels)
     finally:
         core.close()
 

@@ -395,6 +395,7 @@ class XdpOffload:
         self._syn: bpf.Map | None = None
         self._requests: bpf.Map | None = None
         self._slots = np.zeros(LABEL_SPACE, dtype=np.bool_)  # C2S labels with a slot in the request map
+        self._dropping: list[int] | None = None  # while a poll hands records over: slots to delete at its end
         self.copies = 0  # requests' copies handed to ``measured``
         self._cpus = 0
         self._shed_folded = 0  # SYNs shed already added to the table's drops
@@ -923,6 +924,14 @@ class XdpOffload:
         wanted = WATCH_ALL | WATCH_REQUEST
         new = [label for label in labels if is_c2s(label) and watch[label] & wanted == wanted and not slots[label]]
         empty = bytes(REQUEST.size)
+        if len(new) >= BATCH_MIN:
+            try:
+                self._requests.update_batch(struct.pack(f"={len(new)}I", *new), empty * len(new), len(new))
+            except OSError:
+                pass  # how far the batch went is unknown: write each one again (an empty slot written twice is one)
+            else:
+                slots[new] = True
+                return
         for label in new:
             try:
                 self._requests.update(_KEY.pack(label), empty)
@@ -932,9 +941,12 @@ class XdpOffload:
                 slots[label] = True
 
     def _drop_slot(self, label: int) -> None:
-        """Delete ``label``'s request slot, if it has one."""
+        """Delete ``label``'s request slot, if it has one (during a poll's hand-over, with the others at its end)."""
         if self._slots[label] and self._requests is not None:
             self._slots[label] = False
+            if self._dropping is not None:
+                self._dropping.append(label)
+                return
             try:
                 self._requests.delete(_KEY.pack(label))
             except OSError as exc:
@@ -1139,8 +1151,29 @@ class XdpOffload:
             return
         records = np.frombuffer(values, dtype=RECORD)[wanted]
         offset = self.clock() - time.monotonic()
-        for label, record in zip(labels[wanted].tolist(), records.tolist(), strict=True):
-            self._hand_over(label, record, offset)
+        self._dropping = []
+        try:
+            for label, record in zip(labels[wanted].tolist(), records.tolist(), strict=True):
+                self._hand_over(label, record, offset)
+        finally:
+            dropping, self._dropping = self._dropping, None
+            self._drop_slots([label for label in dropping if not self._slots[label]])  # not given a slot again since
+
+    def _drop_slots(self, labels: list[int]) -> None:
+        """Delete the request slots of ``labels`` (marked slotless already), in one call from :data:`BATCH_MIN` on."""
+        if not labels or self._requests is None:
+            return
+        if len(labels) >= BATCH_MIN:
+            try:
+                self._requests.delete_batch(struct.pack(f"={len(labels)}I", *labels), len(labels))
+            except OSError as exc:
+                self._error(exc)
+            return
+        for label in labels:
+            try:
+                self._requests.delete(_KEY.pack(label))
+            except OSError as exc:
+                self._error(exc)
 
     def _hand_over(self, c2s: int, record: tuple[int, ...], offset: float) -> bool:
         """Give ``measured`` a record that changed; forget the label once its session's measurement is over."""
