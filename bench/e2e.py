@@ -272,7 +272,7 @@ def profile_lab(
         wrk = " ".join(("wrk", f"-c{connections}", *header))
         title = f"{key} under {wrk} through mplslb (py-spy record --pid, 200 Hz, {seconds} s)"
         path = out / f"e2e{tag}-{key}.txt"
-        path.write_text(summarize(raw.read_text(), title=title, idle=True))
+        path.write_text(summarize(raw.read_text(), title=title, idle=True, inclusive_top=60))
         shutil.rmtree(raw.parent, ignore_errors=True)
         found[key] = str(path.relative_to(BENCH.parent))
     return found

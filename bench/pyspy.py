@@ -52,10 +52,13 @@ def _source(where: str) -> str:
     return ""
 
 
-def summarize(raw: str, *, title: str, within: str = "", top: int = 15, idle: bool = False) -> str:
+def summarize(
+    raw: str, *, title: str, within: str = "", top: int = 15, idle: bool = False, inclusive_top: int = 0
+) -> str:
     """A text summary of py-spy's collapsed stacks. ``within``: keep only samples whose stack has a frame of that
     function name (the workload loop), so set-up time does not count. ``idle``: samples waiting in a selector's
-    ``select`` (an event loop with nothing to do) are counted apart, and the tables show the busy samples."""
+    ``select`` (an event loop with nothing to do) are counted apart, and the tables show the busy samples.
+    ``inclusive_top``: rows of the inclusive table (``top`` when 0)."""
     self_funcs: Counter[str] = Counter()
     self_lines: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -92,9 +95,9 @@ def summarize(raw: str, *, title: str, within: str = "", top: int = 15, idle: bo
     if not total:
         return "\n".join([*out, "(no samples)"]) + "\n"
 
-    def table(header: str, counts: Counter[str], source: bool = False) -> None:
+    def table(header: str, counts: Counter[str], source: bool = False, rows: int = top) -> None:
         out.append(header)
-        for name, count in counts.most_common(top):
+        for name, count in counts.most_common(rows):
             out.append(f"  {100 * count / total:5.1f}%  {name}")
             text = _source(name) if source else ""
             if text:
@@ -103,7 +106,7 @@ def summarize(raw: str, *, title: str, within: str = "", top: int = 15, idle: bo
 
     table("self time by function (innermost Python frame; C calls count in their caller):", self_funcs)
     table("self time by line:", self_lines, source=True)
-    table("inclusive time of mplslb functions:", inclusive)
+    table("inclusive time of mplslb functions:", inclusive, rows=inclusive_top or top)
     return "\n".join(out)
 
 
