@@ -1455,6 +1455,51 @@ def test_request_slots_are_dropped_and_opened_many_at_a_time(
 
 
 @needs_kernel
+def test_a_slot_refused_after_a_failed_batch_is_left_out_of_the_map(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst's batch write of request slots that fails (how far it went unknown) is written again one by one; a
+    slot the kernel then refuses is counted and deleted, so a label counted without a slot has none in the map (its
+    request goes up, as the balancer expects), and the others have theirs."""
+    lb, _ = topo
+    core, _, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
+    requests = core.offload._requests
+    assert requests is not None
+    n = BATCH_MIN + 1
+    c0 = client_addr(0)
+    real_update = requests.update
+    refused: list[bytes] = []
+
+    def half_batch(keys: bytes, values: bytes, count: int) -> int:
+        real_update(keys[:4], values[: len(values) // count])  # the first went in before the failure
+        raise bpf.BpfError(errno.ENOMEM, "batch update (test)")
+
+    def update(key: bytes, value: bytes, flags: int = bpf.BPF_ANY) -> None:
+        if not refused:
+            refused.append(key)
+            raise bpf.BpfError(errno.ENOMEM, "update (test)")
+        real_update(key, value, flags)
+
+    monkeypatch.setattr(requests, "update_batch", half_batch)
+    monkeypatch.setattr(requests, "update", update)
+    try:
+        syns = [(0, ether(PORT_MAC[0], client_mac(0), ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, 42000 + i, 80,
+                                                                                               SYN))))
+                for i in range(n)]  # fmt: skip
+        out = core.receive_batch(syns, loop.clock())
+        labels = sorted(label_of(frame) for _, frame in out)
+        (first,) = struct.unpack("=I", refused[0])  # the one the failed batch had written
+        others = [label for label in labels if label != first]
+        assert len(others) == n - 1
+        keys, _, count = requests.lookup_batch()
+        assert sorted(struct.unpack(f"={count}I", keys)) == others
+        assert not core.offload._slots[first] and all(core.offload._slots[label] for label in others)
+        assert core.offload.stats()["errors"] == {"enomem": 1}
+    finally:
+        core.close()
+
+
+@needs_kernel
 def test_a_host_past_the_kernels_copy_is_counted_as_truncated(
     topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

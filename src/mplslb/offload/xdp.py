@@ -925,7 +925,8 @@ class XdpOffload:
         wanted = WATCH_ALL | WATCH_REQUEST
         new = [label for label in labels if is_c2s(label) and watch[label] & wanted == wanted and not slots[label]]
         empty = bytes(REQUEST.size)
-        if len(new) >= BATCH_MIN:
+        batched = len(new) >= BATCH_MIN
+        if batched:
             try:
                 self._requests.update_batch(struct.pack(f"={len(new)}I", *new), empty * len(new), len(new))
             except OSError:
@@ -938,6 +939,9 @@ class XdpOffload:
                 self._requests.update(_KEY.pack(label), empty)
             except OSError as exc:
                 self._error(exc)
+                if batched:  # the batch may have written it: a label counted slotless must have none
+                    with contextlib.suppress(OSError):
+                        self._requests.delete(_KEY.pack(label))
             else:
                 slots[label] = True
 
