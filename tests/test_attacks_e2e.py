@@ -392,7 +392,8 @@ def kernel_lab() -> Iterator[Lab]:
 
 def test_forged_rsts_and_fins_with_a_wrong_seq_do_not_close_an_idle_connection_in_the_kernel(kernel_lab: Lab) -> None:
     """The same with the kernel offload: the idle session's labels are in the kernel, which keeps the server's
-    last acknowledgment number; the RSTs and FINs come up to userspace and are judged against it."""
+    last acknowledgment number; the RSTs come up to userspace and are judged against it, and the first FIN under a
+    label is recorded by the kernel with that number as it passed and judged against it when the daemon folds it."""
     assert status(kernel_lab)["offload"]["kind"] == "kernel"
     check_rst_outcome(forged_rsts_on_an_idle_keep_alive_connection(kernel_lab, 45334))
 
