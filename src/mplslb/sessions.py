@@ -335,14 +335,14 @@ class SessionTable:
     The row of a session is its label pair's index, ``(c2s - c2s_min) / 2``: finding a session by label is an index.
     Every field is a preallocated array over all pairs (state, protocol, server, client port and MAC, times,
     the measurement's budget, the flow key packed in 40 bytes), written once when the table is made, so a live
-    session adds no memory and no Python object but its deadline's heap entry (below). Finding a session by flow
-    key (an unlabelled frame) is an open-addressing hash table of row numbers with linear probing (twice as many
-    slots as rows), whose deletions shift the following entries back (no tombstones to clean). Idle deadlines
-    are an array too, and every arming also goes into a heap of (deadline, row): :meth:`due` pops the entries
-    whose time has come and keeps those still the row's deadline (an entry is stale once its row is re-armed or
-    freed), so finding the due sessions costs O(log n) per arming, not a pass over every row (a timer firing for
-    one lingering session would read the whole table). Stale entries are dropped as they reach the top, and the
-    heap is rebuilt from the rows once stale ones outnumber the live sessions (:data:`HEAP_SLACK`).
+    session adds no memory and no Python object. Finding a session by flow key (an unlabelled frame) is an
+    open-addressing hash table of row numbers with linear probing (twice as many slots as rows), whose deletions
+    shift the following entries back (no tombstones to clean). Idle deadlines are an array too, and every arming
+    also goes into a heap of (deadline, row): :meth:`due` pops the entries whose time has come and keeps those
+    still the row's deadline (an entry is stale once its row is re-armed or freed), so finding the due sessions
+    costs O(log n) per arming, not a pass over every row (a timer firing for one lingering session would read
+    the whole table). Stale entries are dropped as they reach the top, and the heap is rebuilt from the rows
+    once stale ones outnumber the live sessions (:data:`HEAP_SLACK`).
 
     ``on_end`` is called when a session stops counting as live: when it becomes ENDING (most ENDING sessions are
     over: they count for neither the global limit nor their server's load) or reaches a final state from any
