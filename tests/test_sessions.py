@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mplslb.sessions as sessions_module
 from helpers import ACK, FIN, RST, SERVERS, SYN, client_tcp, ip, standard_balancer
 from mplslb.balancing.servers import Server, ServerPool
 from mplslb.flow import FlowKey
@@ -455,29 +454,6 @@ def test_ties_come_out_in_label_order(server: Server) -> None:
     for s in reversed(sessions):
         table.arm(s, 7.0)
     assert table.due(7.0) == sessions
-
-
-def test_a_reused_row_armed_alike_is_due_once(server: Server) -> None:
-    table = SessionTable(TIMEOUTS)
-    s = make(table, server)  # deadline 10
-    table.apply(s, E.EVICTED, 0.0)
-    table.remove(s)
-    again = make(table, server)  # the same row, the same deadline: two heap entries, one session
-    assert again.pair == s.pair
-    assert table.due(10.0) == [again]
-
-
-def test_stale_deadlines_do_not_pile_up(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Re-arming leaves stale heap entries behind; past the slack the heap is rebuilt from the rows, and what is
-    due stays the same."""
-    monkeypatch.setattr(sessions_module, "HEAP_SLACK", 8)
-    table = SessionTable(TIMEOUTS)
-    sessions = [make(table, server, i) for i in range(4)]
-    for step in range(200):
-        table.arm(sessions[step % 4], 20.0 + step)
-    assert len(table._heap) <= 2 * 4 + 8 + 1
-    assert table.due(216.0) == sessions[:1]  # the last arming of each: 216, 217, 218, 219
-    assert table.due(219.0) == sessions
 
 
 @settings(max_examples=150, deadline=None)

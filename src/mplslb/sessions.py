@@ -61,7 +61,6 @@ really been idle or is re-armed. The cost is O(log n) per session per timeout pe
 
 from __future__ import annotations
 
-import heapq
 import math
 import struct
 from array import array
@@ -148,9 +147,6 @@ TRANSITIONS: dict[tuple[SessionState, SessionEvent], SessionState] = {
 }
 FINAL_STATES = frozenset({S.CLOSED, S.INTERRUPTED})
 del S, E
-
-#: Stale entries the deadline heap may hold beyond twice the sessions before it is rebuilt from the rows.
-HEAP_SLACK = 4096
 
 _SYN_ACK = int(TCPFlag.SYN | TCPFlag.ACK)
 _SYN = int(TCPFlag.SYN)
@@ -337,12 +333,9 @@ class SessionTable:
     the measurement's budget, the flow key packed in 40 bytes), written once when the table is made, so a live
     session adds no memory and no Python object. Finding a session by flow key (an unlabelled frame) is an
     open-addressing hash table of row numbers with linear probing (twice as many slots as rows), whose deletions
-    shift the following entries back (no tombstones to clean). Idle deadlines are an array too, and every arming
-    also goes into a heap of (deadline, row): :meth:`due` pops the entries whose time has come and keeps those
-    still the row's deadline (an entry is stale once its row is re-armed or freed), so finding the due sessions
-    costs O(log n) per arming, not a pass over every row (a timer firing for one lingering session would read
-    the whole table). Stale entries are dropped as they reach the top, and the heap is rebuilt from the rows
-    once stale ones outnumber the live sessions (:data:`HEAP_SLACK`).
+    shift the following entries back (no tombstones to clean). Idle deadlines are an array too: the table
+    remembers the earliest deadline armed, and :meth:`due` finds the rows whose time has come with one vectorised
+    pass, so arming costs nothing per frame and the driver decides how often to look.
 
     ``on_end`` is called when a session stops counting as live: when it becomes ENDING (most ENDING sessions are
     over: they count for neither the global limit nor their server's load) or reaches a final state from any
@@ -400,8 +393,6 @@ class SessionTable:
         self.reasons: list[str] = [""]
         self._reason_code: dict[str, int] = {"": 0}
         self._next = math.inf
-        self._heap: list[tuple[float, int]] = []  # (deadline, row) of every arming, stale ones included
-        self._fired: list[tuple[float, int]] = []  # the entries the last due() gave: due again unless re-armed
         self._count = 0
         self.started = 0  # sessions ever opened
         self.ended: dict[str, int] = {}  # sessions taken out of the table, by end reason
@@ -549,21 +540,9 @@ class SessionTable:
         return [Session(self, int(pair)) for pair in rows]
 
     def arm(self, session: Session, deadline: float) -> None:
-        pair = session.pair
-        self.deadline[pair] = deadline
-        heap = self._heap
-        heapq.heappush(heap, (deadline, pair))
-        if len(heap) > 2 * self._count + HEAP_SLACK:
-            self._rebuild_heap()
+        self.deadline[session.pair] = deadline
         if deadline < self._next:
             self._next = deadline
-
-    def _rebuild_heap(self) -> None:
-        """The heap again from the occupied rows' deadlines alone (its stale entries gone)."""
-        rows = np.flatnonzero(self._np_state != _FREE)
-        self._heap = list(zip(self._np_deadline[rows].tolist(), rows.tolist(), strict=True))
-        heapq.heapify(self._heap)
-        self._fired = []
 
     # -- the lifecycle ----------------------------------------------------------------------------------------------
     def apply(self, session: Session, event: SessionEvent, now: float, reason: str = "") -> SessionState:
@@ -801,8 +780,8 @@ class SessionTable:
         self._count = len(rows)
         self.live = len(live)
         self.peak = max(self.peak, self._count)
-        self._rebuild_heap()
-        self._next = self._heap[0][0] if self._heap else math.inf
+        deadlines = self._np_deadline[np.asarray(rows, dtype=np.intp)]
+        self._next = float(deadlines.min()) if deadlines.size else math.inf
         linger = self.timeouts.closed_linger
         for pair in rows:
             if state[pair] == _ENDING:
@@ -821,22 +800,15 @@ class SessionTable:
         return None if self._count == 0 or self._next == math.inf else self._next
 
     def due(self, now: float) -> list[Session]:
-        """Sessions whose deadline has come, earliest first (ties by row). The rest set the next deadline; one
-        given here and neither re-armed nor removed is given again at the next call that finds work."""
+        """Sessions whose deadline has come, earliest first. The rest set the next deadline."""
         if self._count == 0 or now < self._next:
             return []
-        heap, state, deadline = self._heap, self.state, self.deadline
-        for entry in self._fired:
-            heapq.heappush(heap, entry)
-        fired: list[tuple[float, int]] = []
-        rows: dict[int, None] = {}  # an entry may be there twice (a row armed twice with the same deadline)
-        while heap and heap[0][0] <= now:
-            when, pair = heapq.heappop(heap)
-            if state[pair] != _FREE and deadline[pair] == when and pair not in rows:
-                rows[pair] = None
-                fired.append((when, pair))
-        self._fired = fired
-        while heap and (state[heap[0][1]] == _FREE or deadline[heap[0][1]] != heap[0][0]):
-            heapq.heappop(heap)  # stale: the next deadline is a live row's
-        self._next = heap[0][0] if heap else math.inf
-        return [Session(self, pair) for pair in rows]
+        occupied = self._np_state != _FREE
+        deadline = self._np_deadline
+        due_mask = occupied & (deadline <= now)
+        rows = np.flatnonzero(due_mask)
+        later = deadline[occupied & ~due_mask]
+        self._next = float(later.min()) if later.size else math.inf
+        if rows.size > 1:
+            rows = rows[np.argsort(deadline[rows], kind="stable")]
+        return [Session(self, int(pair)) for pair in rows]
