@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mplslb.sessions as sessions_module
 from helpers import ACK, FIN, RST, SERVERS, SYN, client_tcp, ip, standard_balancer
 from mplslb.balancing.servers import Server, ServerPool
 from mplslb.flow import FlowKey
+from mplslb.labels import C2S_MIN
 from mplslb.sessions import (
     FINAL_STATES,
     TRANSITIONS,
@@ -504,3 +506,50 @@ def test_server_failing_while_several_sessions_are_due() -> None:
     stats = b.stats()
     assert stats.sessions_active == 0 and stats.servers[0].status == "down"
     assert stats.labels.in_use_count == 0 and sum(stats.sessions_ended.values()) == 5
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["arm", "free", "due"]), st.integers(0, 40 * 1024 - 1), st.integers(0, 400)),
+        max_size=200,
+    ),
+    st.booleans(),
+)
+def test_due_finds_what_a_pass_over_every_row_finds(ops: list[tuple[str, int, int]], spread: bool) -> None:
+    """The deadlines are read by blocks of rows: whatever is armed, re-armed or freed, a timer run returns exactly
+    the rows a pass over every row returns (occupied, deadline come; earliest first, ties by row), and the next
+    deadline is never later than the earliest one not yet due. Each row returned is armed again or freed, as the
+    balancer's timer does."""
+    rows = 40 * 1024  # 40 blocks: a run with most of them due takes the one pass over every row
+    table = SessionTable(TIMEOUTS, c2s_max=C2S_MIN + 2 * (rows - 1))
+    occupied: dict[int, float] = {}
+    live = sessions_module._CODE[S.ESTABLISHED]
+    for op, row, t in ops:
+        pair = row if spread else row % 3000
+        if op == "arm":
+            if pair not in occupied:
+                table.state[pair] = live
+                table._count += 1
+            occupied[pair] = float(t)
+            table.arm(Session(table, pair), float(t))
+        elif op == "free" and pair in occupied:
+            table.state[pair] = 0
+            table._count -= 1
+            del occupied[pair]
+        elif op == "due":
+            now = float(t)
+            expected = sorted((d, p) for p, d in occupied.items() if d <= now)
+            returned = [session.pair for session in table.due(now)]
+            assert returned == [p for _, p in expected]
+            for p in returned:
+                if p % 2:
+                    table.state[p] = 0
+                    table._count -= 1
+                    del occupied[p]
+                else:
+                    occupied[p] = now + 1 + p % 7
+                    table.arm(Session(table, p), occupied[p])
+            nxt = table.next_deadline()
+            assert not occupied or (nxt is not None and nxt <= min(occupied.values()))
+    assert [s.pair for s in table.due(1e9)] == [p for _, p in sorted((d, p) for p, d in occupied.items())]

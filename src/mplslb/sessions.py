@@ -54,9 +54,10 @@ CLOSED and INTERRUPTED are final, and a final session's labels are withdrawn at 
 ENDING). An event the table does not list for a state raises :class:`InvalidTransition` and leaves the session
 unchanged: the balancer only feeds events it has decoded, so this is a programming error, not bad input.
 
-Idle timeouts are lazy (as IPVS does): each live session has one deadline in a heap; when it fires, the session's
+Idle timeouts are lazy (as IPVS does): each live session has one deadline in an array; when it fires, the session's
 last activity (the later of its two labels' last-seen times, kept by the switching unit) decides whether it has
-really been idle or is re-armed. The cost is O(log n) per session per timeout period, not per frame.
+really been idle or is re-armed. A timer run reads only the blocks of rows whose lower bound of deadlines has
+come: nothing is paid per frame, nor any memory per session.
 """
 
 from __future__ import annotations
@@ -321,6 +322,11 @@ _HALF_OPEN_CODES = frozenset(_CODE[state] for state in HALF_OPEN_STATES)
 _KEY = struct.Struct("!BBHH16s16s")
 KEY_SIZE = 40
 _EMPTY = -1
+#: Deadlines are found by block: each block of 2**_BLOCK_SHIFT rows keeps a lower bound of its rows' deadlines, so
+#: a timer run reads only the blocks whose bound has come (a fixed 4 KiB for the whole label space, nothing per
+#: session). Past _FULL_PASS_BLOCKS blocks due, one pass over every row is cheaper than a pass per block.
+_BLOCK_SHIFT = 10
+_FULL_PASS_BLOCKS = 32
 
 
 class SessionTable:
@@ -390,6 +396,9 @@ class SessionTable:
         self._np_state = np.frombuffer(self.state, dtype=np.uint8)
         self._np_deadline = np.frombuffer(self.deadline, dtype=np.float64)
         self._np_server = np.frombuffer(self.server, dtype=np.uint32)
+        # A lower bound of the deadlines armed in each block of rows (see _BLOCK_SHIFT); derived, never kept.
+        self._block_min = array("d", [math.inf]) * ((rows >> _BLOCK_SHIFT) + 1)
+        self._np_block_min = np.frombuffer(self._block_min, dtype=np.float64)
         self.reasons: list[str] = [""]
         self._reason_code: dict[str, int] = {"": 0}
         self._next = math.inf
@@ -540,7 +549,11 @@ class SessionTable:
         return [Session(self, int(pair)) for pair in rows]
 
     def arm(self, session: Session, deadline: float) -> None:
-        self.deadline[session.pair] = deadline
+        pair = session.pair
+        self.deadline[pair] = deadline
+        block = pair >> _BLOCK_SHIFT
+        if deadline < self._block_min[block]:
+            self._block_min[block] = deadline
         if deadline < self._next:
             self._next = deadline
 
@@ -780,8 +793,11 @@ class SessionTable:
         self._count = len(rows)
         self.live = len(live)
         self.peak = max(self.peak, self._count)
-        deadlines = self._np_deadline[np.asarray(rows, dtype=np.intp)]
+        at = np.asarray(rows, dtype=np.intp)
+        deadlines = self._np_deadline[at]
         self._next = float(deadlines.min()) if deadlines.size else math.inf
+        self._np_block_min[:] = math.inf
+        np.minimum.at(self._np_block_min, at >> _BLOCK_SHIFT, deadlines)
         linger = self.timeouts.closed_linger
         for pair in rows:
             if state[pair] == _ENDING:
@@ -800,15 +816,32 @@ class SessionTable:
         return None if self._count == 0 or self._next == math.inf else self._next
 
     def due(self, now: float) -> list[Session]:
-        """Sessions whose deadline has come, earliest first. The rest set the next deadline."""
+        """Sessions whose deadline has come, earliest first. The rest set the next deadline. Only the blocks of rows
+        whose lower bound has come are read, and their bounds made exact (the rows not yet due)."""
         if self._count == 0 or now < self._next:
             return []
-        occupied = self._np_state != _FREE
-        deadline = self._np_deadline
-        due_mask = occupied & (deadline <= now)
-        rows = np.flatnonzero(due_mask)
-        later = deadline[occupied & ~due_mask]
-        self._next = float(later.min()) if later.size else math.inf
+        bounds = self._np_block_min
+        blocks = np.flatnonzero(bounds <= now)
+        deadline, state = self._np_deadline, self._np_state
+        if blocks.size > _FULL_PASS_BLOCKS:
+            spans = [(0, self.rows)]
+        else:
+            spans = [(int(b) << _BLOCK_SHIFT, min((int(b) + 1) << _BLOCK_SHIFT, self.rows)) for b in blocks]
+        found = []
+        size = 1 << _BLOCK_SHIFT
+        for lo, hi in spans:
+            occupied = state[lo:hi] != _FREE
+            times = deadline[lo:hi]
+            due_mask = occupied & (times <= now)
+            found.append(np.flatnonzero(due_mask) + lo)
+            # the rows not due bound their block again; a due row not armed again is found again next time
+            later = np.where(occupied & ~due_mask, times, math.inf)
+            if hi - lo <= size:
+                bounds[lo >> _BLOCK_SHIFT] = later.min()
+            else:
+                bounds[: (hi + size - 1) >> _BLOCK_SHIFT] = np.minimum.reduceat(later, np.arange(0, hi - lo, size))
+        self._next = float(bounds.min())
+        rows = np.concatenate(found) if len(found) > 1 else found[0] if found else np.empty(0, dtype=np.intp)
         if rows.size > 1:
             rows = rows[np.argsort(deadline[rows], kind="stable")]
         return [Session(self, int(pair)) for pair in rows]
