@@ -605,6 +605,16 @@ def close_run(
 CLOSE_PATHS = ("mplslb", "haproxy", "direct")
 
 
+def reference_lab(key: str, prefix: str, servers: int) -> tuple[Any, dict[str, str]]:
+    """One lab of variant ``key`` (one client, ``servers`` nginx servers; not yet up) named ``prefix`` and this
+    process's pid, and the URLs of the VIP and of HAProxy's frontend in it."""
+    from mplslb.lab import VIP4, Lab, LabSpec
+
+    fields = next(f for k, _, f in lab_variants() if k == key)
+    lab = Lab(LabSpec(name=f"{prefix}{os.getpid() % 10**5}", clients=1, servers=servers, **fields), root=LAB_ROOT)
+    return lab, {"mplslb": f"http://{VIP4}/", "haproxy": f"http://10.77.0.1:{HAPROXY_PORT}/"}
+
+
 def close_only(
     key: str, *, rounds: int, seconds: int, steering: tuple[str, ...] = ("none",),
     paths: tuple[str, ...] = CLOSE_PATHS, profile: bool = False, log: Any = print,
@@ -613,12 +623,8 @@ def close_only(
     servers, through HAProxy and with no balancer (the daemon paused meanwhile): ``rounds`` rounds, each every
     steering of ``steering`` (STEERING) applied to every path alike, interleaved. Every run (close_run's figures,
     with its round, steering and path)."""
-    from mplslb.lab import VIP4, Lab, LabSpec
-
-    fields = next(f for k, _, f in lab_variants() if k == key)
     servers = 3
-    lab = Lab(LabSpec(name=f"bc{os.getpid() % 10**5}", clients=1, servers=servers, **fields), root=LAB_ROOT)
-    urls = {"mplslb": f"http://{VIP4}/", "haproxy": f"http://10.77.0.1:{HAPROXY_PORT}/"}
+    lab, urls = reference_lab(key, "bc", servers)
     found: list[dict[str, Any]] = []
     haproxy: subprocess.Popen[bytes] | None = None
     paused = False
@@ -696,12 +702,8 @@ def bulk_only(
     """Bulk transfer through one lab variant against HAProxy (TCP mode) and no balancer, on the same namespaces and
     nginx servers: ``rounds`` rounds, each 1 and 16 parallel downloads of the big file (cut at ``seconds``) through
     mplslb, then through HAProxy and straight to one server with the balancer paused. Every run and the medians."""
-    from mplslb.lab import VIP4, Lab, LabSpec
-
-    fields = next(f for k, _, f in lab_variants() if k == key)
     servers = 3
-    lab = Lab(LabSpec(name=f"bb{os.getpid() % 10**5}", clients=1, servers=servers, **fields), root=LAB_ROOT)
-    urls = {"mplslb": f"http://{VIP4}/", "haproxy": f"http://10.77.0.1:{HAPROXY_PORT}/"}
+    lab, urls = reference_lab(key, "bb", servers)
     runs: list[dict[str, Any]] = []
     haproxy: subprocess.Popen[bytes] | None = None
     paused = False

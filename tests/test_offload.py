@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import select
@@ -1302,17 +1303,7 @@ def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
     c0 = client_addr(0)
     far = 0x8000_0000  # the request's acknowledgment number, far from the handshake's (0)
     try:
-
-        def both(port: int, frame: bytes, verdict: int) -> None:
-            now = loop.clock()
-            expected = reference.receive(port, frame, now)
-            with entered(lb):
-                run = core.offload.run(frame, port)
-            assert run.retval == verdict
-            if verdict == bpf.XDP_PASS:
-                assert core.receive_batch([(port, frame)], now) == expected
-            else:
-                assert [run.data] == [sent for _, sent in expected]
+        both = functools.partial(_through_both, core, reference, loop, lb)
 
         syn = ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN))
         ((_, first),) = core.receive_batch([(0, syn)], loop.clock())
@@ -1341,6 +1332,22 @@ def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
         assert core.offload.stats()["copies"] == 0
     finally:
         core.close()
+
+
+def _through_both(
+    core: OffloadedBalancer, reference: Balancer, loop: Any, lb: str, port: int, frame: bytes, verdict: int
+) -> None:
+    """``frame`` through the XDP program (which must give ``verdict``) and, passed up, the daemon's balancer, against
+    the userspace balancer ``reference``: the same frames leave."""
+    now = loop.clock()
+    expected = reference.receive(port, frame, now)
+    with entered(lb):
+        run = core.offload.run(frame, port)
+    assert run.retval == verdict
+    if verdict == bpf.XDP_PASS:
+        assert core.receive_batch([(port, frame)], now) == expected
+    else:
+        assert [run.data] == [sent for _, sent in expected]
 
 
 def _close_mode_session(
@@ -1537,17 +1544,7 @@ def test_fins_taken_in_the_kernel_are_judged_and_applied_as_in_userspace(
     c0 = client_addr(0)
     kernel = core.balancer
     try:
-
-        def both(port: int, frame: bytes, verdict: int) -> None:
-            now = loop.clock()
-            expected = reference.receive(port, frame, now)
-            with entered(lb):
-                run = core.offload.run(frame, port)
-            assert run.retval == verdict
-            if verdict == bpf.XDP_PASS:
-                assert core.receive_batch([(port, frame)], now) == expected
-            else:
-                assert [run.data] == [sent for _, sent in expected]
+        both = functools.partial(_through_both, core, reference, loop, lb)
 
         def open_session(sport: int) -> tuple[int, int, bytes]:
             syn = ether(PORT_MAC[0], client_mac(0), ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, SYN)))
