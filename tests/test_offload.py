@@ -1222,16 +1222,7 @@ def test_a_new_session_is_measured_in_the_kernel_as_in_userspace(
             assert out == reference.receive(port, frame, now)
             return out
 
-        def in_kernel(port: int, frame: bytes, verdict: int) -> None:
-            now = loop.clock()
-            expected = reference.receive(port, frame, now)
-            with entered(lb):
-                run = core.offload.run(frame, port)
-            assert run.retval == verdict
-            if verdict == bpf.XDP_REDIRECT:
-                assert [run.data] == [sent for _, sent in expected]
-            else:
-                assert run.data == frame and core.receive_batch([(port, frame)], now) == expected
+        in_kernel = functools.partial(_through_both, core, reference, loop, lb)
 
         client, vip = client_addr(0, v6=v6), VIP6 if v6 else VIP
 
@@ -1337,15 +1328,15 @@ def test_the_kernel_records_the_ack_of_a_first_request_it_passes_up(
 def _through_both(
     core: OffloadedBalancer, reference: Balancer, loop: Any, lb: str, port: int, frame: bytes, verdict: int
 ) -> None:
-    """``frame`` through the XDP program (which must give ``verdict``) and, passed up, the daemon's balancer, against
-    the userspace balancer ``reference``: the same frames leave."""
+    """``frame`` through the XDP program (which must give ``verdict``) and, passed up untouched, the daemon's
+    balancer, against the userspace balancer ``reference``: the same frames leave."""
     now = loop.clock()
     expected = reference.receive(port, frame, now)
     with entered(lb):
         run = core.offload.run(frame, port)
     assert run.retval == verdict
     if verdict == bpf.XDP_PASS:
-        assert core.receive_batch([(port, frame)], now) == expected
+        assert run.data == frame and core.receive_batch([(port, frame)], now) == expected
     else:
         assert [run.data] == [sent for _, sent in expected]
 

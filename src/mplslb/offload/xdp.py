@@ -951,11 +951,8 @@ class XdpOffload:
             self._slots[label] = False
             if self._dropping is not None:
                 self._dropping.append(label)
-                return
-            try:
-                self._requests.delete(_KEY.pack(label))
-            except OSError as exc:
-                self._error(exc)
+            else:
+                self._drop_slots([label])
 
     def _write(self, labels: list[int]) -> int:
         """Write ``labels``' entries; one the kernel refuses (no memory) stays in userspace and is counted."""
