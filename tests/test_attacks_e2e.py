@@ -60,7 +60,10 @@ ROOT = Path("/run/mplslb-test-labs")
 ETH_P_ALL = 0x0003
 SYN, ACK, FIN, RST, PSH = (int(f) for f in (TCPFlag.SYN, TCPFlag.ACK, TCPFlag.FIN, TCPFlag.RST, TCPFlag.PSH))
 FILE_SIZE = 3 * 1024 * 1024
-RATE = "100k"  # curl --limit-rate: the download lasts about 30 s, well past the attack
+#: While an attack runs, the test reads curl's output at about this many bytes/s (curl, its socket and the
+#: connection's window wait on it, as with ``--limit-rate``): the download cannot end before the attack has, and
+#: then goes on at full speed.
+HELD_RATE = 100_000
 HALF_OPEN = 2.0  # the lab's tcp_start timeout
 LINGER = 1.0  # the lab's closed_linger
 SNAPSHOT = 1.1  # the daemon refreshes the status snapshot every second
@@ -181,30 +184,56 @@ def label_and_port(frame: bytes) -> tuple[int, int] | None:
     return int.from_bytes(frame[14:17], "big") >> 4, int.from_bytes(frame[tcp : tcp + 2], "big")
 
 
-def start_download(lab: Lab, client: int, port: int, out: Path) -> subprocess.Popen[bytes]:
-    argv = ["curl", "-s", "-g", "--max-time", "60", "--connect-timeout", "5", "--limit-rate", RATE,
-            "--local-port", str(port), "-o", str(out), "-w", "%{http_code}", f"http://{VIP4}/big.bin"]  # fmt: skip
-    return subprocess.Popen(
-        ["nsenter", f"--net=/var/run/netns/{lab.client_ns(client)}", "--", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+class Download:
+    """curl fetching big.bin from a client into a pipe the test reads, held to about HELD_RATE until
+    :meth:`release` (the connection carrying data all the while), then read to its end; bounded in time."""
 
+    CHUNK = 8192
 
-def wait_download(proc: subprocess.Popen[bytes], out: Path) -> tuple[str, str]:
-    """("<curl's exit status> <HTTP status>", sha256 of what it wrote)."""
-    try:
-        code = proc.communicate(timeout=90)[0].decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else ""
-    return f"{proc.returncode} {code}", digest
+    def __init__(self, lab: Lab, client: int, port: int) -> None:
+        argv = ["curl", "-s", "-g", "--max-time", "60", "--connect-timeout", "5", "--local-port", str(port),
+                "-o", "-", "-w", "%{stderr}%{http_code}", f"http://{VIP4}/big.bin"]  # fmt: skip
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/var/run/netns/{lab.client_ns(client)}", "--", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.received = 0
+        self._sha = hashlib.sha256()
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(self.CHUNK):
+            self._sha.update(chunk)
+            self.received += len(chunk)
+            if not self._released.is_set():
+                self._released.wait(len(chunk) / HELD_RATE)
+
+    def in_flight(self) -> bool:
+        """curl still running and most of the file still to come: the server still sending."""
+        return self.proc.poll() is None and self.received < FILE_SIZE // 2
+
+    def release(self) -> tuple[str, str]:
+        """Read the rest: ("<curl's exit status> <HTTP status>", sha256 of what curl wrote)."""
+        self._released.set()
+        try:
+            self._thread.join(90)  # curl's --max-time ends it before
+            self.proc.wait(10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            self._thread.join(5)
+        assert self.proc.stderr is not None
+        code = self.proc.stderr.read().decode(errors="replace")
+        return f"{self.proc.returncode} {code}", self._sha.hexdigest()
 
 
 # -- a) spoofed RST and FIN ----------------------------------------------------------------------------------------
-def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab, tmp_path: Path) -> None:
+def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab) -> None:
     all_up(lab)
     rng = random.Random(11)
     client, cport = 0, 45111
@@ -214,8 +243,7 @@ def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab, tmp_path: Path) -> 
     src, vip = ip4(lab.client_addr(client)), ip4(VIP4)
     # The session's C2S label, read off the switch port of the client (as a host able to see the segment would).
     sniffer = Sniffer(lab, f"c{client + 1}", lambda f: f[6:12] == client_mac and label_and_port(f) is not None)
-    out = tmp_path / "big.bin"
-    proc = start_download(lab, client, cport, out)
+    download = Download(lab, client, cport)
     try:
         deadline = time.monotonic() + 10
         label = None
@@ -235,13 +263,13 @@ def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab, tmp_path: Path) -> 
         for frame in forged:
             sock.send(frame)
             time.sleep(0.3)
-    ended_early = proc.poll() is not None
-    code, digest = wait_download(proc, out)
+    ended_early = not download.in_flight()
+    code, digest = download.release()
     assert not ended_early, f"the download ended before the attack did (curl: {code}): the test proves nothing"
     after = status(lab)
-    size = out.stat().st_size if out.exists() else 0
     print(
-        f"label {label}; {len(forged)} forged frames sent; curl (exit, http): {code}; {size} of {FILE_SIZE} B; "
+        f"label {label}; {len(forged)} forged frames sent; curl (exit, http): {code}; {download.received} of "
+        f"{FILE_SIZE} B; "
         f"sessions ended meanwhile {delta(after['sessions']['ended'], before['sessions']['ended'])}, "
         f"drops {delta(after['drops'], before['drops'])}"
     )
@@ -399,7 +427,7 @@ def test_forged_rsts_and_fins_with_a_wrong_seq_do_not_close_an_idle_connection_i
 
 
 # -- b) forged labels ----------------------------------------------------------------------------------------------
-def test_forged_labels_never_reach_a_server(lab: Lab, tmp_path: Path) -> None:
+def test_forged_labels_never_reach_a_server(lab: Lab) -> None:
     all_up(lab)
     rng = random.Random(12)
     marker = b"FORGED-LABEL-%d" % rng.randrange(1 << 30)
@@ -408,8 +436,7 @@ def test_forged_labels_never_reach_a_server(lab: Lab, tmp_path: Path) -> None:
     lb_mac = mac_from_str("02:4c:00:00:00:00")
     src, vip = ip4(lab.attacker_addr(0)), ip4(VIP4)
     # A live session to aim at, and the servers' switch ports watched for the marker.
-    out = tmp_path / "big.bin"
-    proc = start_download(lab, 1, 45222, out)
+    download = Download(lab, 1, 45222)
     sniffers = [Sniffer(lab, f"s{j + 1}", lambda f: marker in f) for j in range(lab.spec.servers)]
     sent = 0
     try:
@@ -427,13 +454,15 @@ def test_forged_labels_never_reach_a_server(lab: Lab, tmp_path: Path) -> None:
         time.sleep(1.0)
     finally:
         reached = [f for s in sniffers for f in s.stop()]
-    code, digest = wait_download(proc, out)
+    in_flight = download.in_flight()
+    code, digest = download.release()
     after = status(lab)
     dropped = delta(after["drops"], before["drops"])
     print(f"{sent} forged frames; reached a server: {len(reached)}; balancer drops meanwhile: {dropped}")
     assert reached == [], f"{len(reached)} forged frames reached a server"
     # They did reach the balancer: its drop counters grew by (about: a loaded machine may lose a few before) as many.
     assert sum(dropped.values()) >= 0.9 * sent, "the forged frames did not reach the balancer"
+    assert in_flight, f"the download ended before the forged frames did (curl: {code}): it was not aimed at"
     assert code == "0 200" and digest == SHA256
 
 
