@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import ipaddress
 import random
 import struct
+import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -534,3 +537,53 @@ def running_lab(spec: LabSpec, root: Path) -> Iterator[Lab]:
         left = [ns for ns in netns.listnetns() if ns.startswith(spec.name + "-")]
         if problems or left:
             raise AssertionError(f"lab {spec.name} taken down with problems {problems}, namespaces left {left}")
+
+
+class HeldDownload:
+    """curl fetching ``url`` in namespace ``ns`` into a pipe the test reads, held to about ``rate`` bytes/s until
+    :meth:`release` (curl, its socket and the connection's window wait on the test, as with ``--limit-rate``, so
+    the connection carries data all the while and cannot end before), then read to its end at full speed; curl's
+    ``--max-time`` bounds it."""
+
+    CHUNK = 8192
+
+    def __init__(self, ns: str, url: str, *, rate: int, size: int, max_time: float = 60.0,
+                 curl_args: Sequence[str] = ()) -> None:  # fmt: skip
+        argv = ["curl", "-s", "-S", "--max-time", f"{max_time:g}", *curl_args, "-o", "-", "-w", "%{stderr}%{http_code}",
+                url]  # fmt: skip
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/var/run/netns/{ns}", "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.rate, self.size, self.max_time = rate, size, max_time
+        self.received = 0
+        self._sha = hashlib.sha256()
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(self.CHUNK):
+            self._sha.update(chunk)
+            self.received += len(chunk)
+            if not self._released.is_set():
+                self._released.wait(len(chunk) / self.rate)
+
+    def in_flight(self) -> bool:
+        """curl still running and most of the file still to come: the server still sending."""
+        return self.proc.poll() is None and self.received < self.size // 2
+
+    def release(self) -> tuple[str, str]:
+        """Read the rest: ("<curl's exit status> <HTTP status, or curl's error>", sha256 of what curl wrote)."""
+        self._released.set()
+        try:
+            self._thread.join(self.max_time + 30)
+            self.proc.wait(10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            self._thread.join(5)
+        assert self.proc.stderr is not None
+        code = self.proc.stderr.read().decode(errors="replace").strip()
+        return f"{self.proc.returncode} {code}", self._sha.hexdigest()

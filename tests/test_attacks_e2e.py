@@ -28,7 +28,6 @@ import select
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from helpers import running_lab
+from helpers import HeldDownload, running_lab
 from mplslb.drivers.netns import entered
 from mplslb.lab import VIP4, Lab, LabSpec
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet, mac_from_str
@@ -184,52 +183,10 @@ def label_and_port(frame: bytes) -> tuple[int, int] | None:
     return int.from_bytes(frame[14:17], "big") >> 4, int.from_bytes(frame[tcp : tcp + 2], "big")
 
 
-class Download:
-    """curl fetching big.bin from a client into a pipe the test reads, held to about HELD_RATE until
-    :meth:`release` (the connection carrying data all the while), then read to its end; bounded in time."""
-
-    CHUNK = 8192
-
-    def __init__(self, lab: Lab, client: int, port: int) -> None:
-        argv = ["curl", "-s", "-g", "--max-time", "60", "--connect-timeout", "5", "--local-port", str(port),
-                "-o", "-", "-w", "%{stderr}%{http_code}", f"http://{VIP4}/big.bin"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            ["nsenter", f"--net=/var/run/netns/{lab.client_ns(client)}", "--", *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.received = 0
-        self._sha = hashlib.sha256()
-        self._released = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(self.CHUNK):
-            self._sha.update(chunk)
-            self.received += len(chunk)
-            if not self._released.is_set():
-                self._released.wait(len(chunk) / HELD_RATE)
-
-    def in_flight(self) -> bool:
-        """curl still running and most of the file still to come: the server still sending."""
-        return self.proc.poll() is None and self.received < FILE_SIZE // 2
-
-    def release(self) -> tuple[str, str]:
-        """Read the rest: ("<curl's exit status> <HTTP status>", sha256 of what curl wrote)."""
-        self._released.set()
-        try:
-            self._thread.join(90)  # curl's --max-time ends it before
-            self.proc.wait(10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
-            self._thread.join(5)
-        assert self.proc.stderr is not None
-        code = self.proc.stderr.read().decode(errors="replace")
-        return f"{self.proc.returncode} {code}", self._sha.hexdigest()
+def start_download(lab: Lab, client: int, port: int) -> HeldDownload:
+    """big.bin from client ``client``'s port ``port``, held to HELD_RATE until released."""
+    return HeldDownload(lab.client_ns(client), f"http://{VIP4}/big.bin", rate=HELD_RATE, size=FILE_SIZE,
+                        curl_args=["-g", "--connect-timeout", "5", "--local-port", str(port)])  # fmt: skip
 
 
 # -- a) spoofed RST and FIN ----------------------------------------------------------------------------------------
@@ -243,7 +200,7 @@ def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab) -> None:
     src, vip = ip4(lab.client_addr(client)), ip4(VIP4)
     # The session's C2S label, read off the switch port of the client (as a host able to see the segment would).
     sniffer = Sniffer(lab, f"c{client + 1}", lambda f: f[6:12] == client_mac and label_and_port(f) is not None)
-    download = Download(lab, client, cport)
+    download = start_download(lab, client, cport)
     try:
         deadline = time.monotonic() + 10
         label = None
@@ -436,7 +393,7 @@ def test_forged_labels_never_reach_a_server(lab: Lab) -> None:
     lb_mac = mac_from_str("02:4c:00:00:00:00")
     src, vip = ip4(lab.attacker_addr(0)), ip4(VIP4)
     # A live session to aim at, and the servers' switch ports watched for the marker.
-    download = Download(lab, 1, 45222)
+    download = start_download(lab, 1, 45222)
     sniffers = [Sniffer(lab, f"s{j + 1}", lambda f: marker in f) for j in range(lab.spec.servers)]
     sent = 0
     try:
