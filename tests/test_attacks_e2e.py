@@ -98,8 +98,15 @@ def lab() -> Iterator[Lab]:
 
 # -- helpers -------------------------------------------------------------------------------------------------------
 def status(lab: Lab) -> dict[str, Any]:
-    time.sleep(SNAPSHOT)
-    return lab.status()["status"]  # type: ignore[no-any-return]
+    """A status snapshot the daemon took after this call (it takes one every second)."""
+    first = lab.status()["status"]["time"]
+    deadline = time.monotonic() + 5 * SNAPSHOT
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        fresh: dict[str, Any] = lab.status()["status"]
+        if fresh["time"] != first:
+            return fresh
+    raise AssertionError(f"no new status snapshot within {5 * SNAPSHOT} s")
 
 
 def all_up(lab: Lab, timeout: float = 20.0) -> None:
