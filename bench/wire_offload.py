@@ -61,8 +61,11 @@ PACED_RATES = (100_000, 200_000, 300_000)
 PACED_RATES_QUICK = (100_000, 200_000)
 #: A paced window whose offered rate is further than this from the asked one says so (``pacing_held`` false).
 PACING_TOLERANCE = 0.03
-#: The paced paths, in the order they run (each at every rate); the daemons pinned on FORWARD_CPU.
-PACED_PATHS = ("kernel_ipv4", "nft", "xdp_generic", "daemon_none", "daemon_sockets", "daemon_kernel")
+#: The paced paths, in the order they run (each at every rate); the daemons pinned on FORWARD_CPU. The last is the
+#: ring daemon with its port's receive softirq moved to the generator's CPU (RPS): the daemon then has its CPU to
+#: itself, which no other path gets, so it is told apart from the like-for-like rows.
+PACED_PATHS = ("kernel_ipv4", "nft", "xdp_generic", "daemon_none", "daemon_sockets", "daemon_kernel",
+               "daemon_none_rx_on_gen")  # fmt: skip
 
 
 def mac(text: str) -> bytes:
@@ -254,32 +257,39 @@ def net_rx_softirqs() -> list[int]:
     return []
 
 
-def process_ticks(pid: int) -> int:
-    """User and system ticks of every thread of ``pid`` so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
+def group_ticks(pgid: int) -> int:
+    """User and system ticks so far of every live process in process group ``pgid`` (this script starts each tool
+    in a session of its own, so the group is the tool and whatever it execs or forks: ``ip netns exec`` forks)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total
 
 
 def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: list[str],
           rate: int | None = None, watch: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """trafgen at full speed (or paced at ``rate`` frames/s); offered and forwarded frames per second over
     ``seconds`` after ``warmup``, each CPU's busy share of the window, the NET_RX softirqs each CPU ran, and the CPU
-    share of trafgen and of the processes in ``watch`` (name: pid)."""
+    share of trafgen and of the process groups in ``watch`` (name: group id)."""
     command = trafgen_command(bed.gen, config, rate)
     commands.append(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    pids = {"trafgen": process.pid, **(watch or {})}  # ip netns exec and taskset exec trafgen: one pid
+    groups = {"trafgen": process.pid, **(watch or {})}
     hz = os.sysconf("SC_CLK_TCK")
     try:
         time.sleep(warmup)
         g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
-        s0, p0 = net_rx_softirqs(), {name: process_ticks(pid) for name, pid in pids.items()}
+        s0, p0 = net_rx_softirqs(), {name: group_ticks(pgid) for name, pgid in groups.items()}
         time.sleep(seconds)
         g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
-        s1, p1 = net_rx_softirqs(), {name: process_ticks(pid) for name, pid in pids.items()}
+        s1, p1 = net_rx_softirqs(), {name: group_ticks(pgid) for name, pgid in groups.items()}
     finally:
         stop_group(process)
     dt = t1 - t0
@@ -290,7 +300,7 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     out = {"offered_pps": round(offered), "forwarded_pps": round(forwarded), "ratio": round(forwarded / offered, 4),
            "cpu_busy": {str(cpu): round(share, 4) for cpu, share in sorted(busy.items())},
            "net_rx_softirqs_per_s": softirqs,
-           "process_cpu": {name: round((p1[name] - p0[name]) / hz / dt, 4) for name in pids}}  # fmt: skip
+           "process_cpu": {name: round((p1[name] - p0[name]) / hz / dt, 4) for name in groups}}  # fmt: skip
     if rate:
         out["asked_pps"] = rate
         out["pacing_held"] = pacing_held(rate, offered)
@@ -579,26 +589,34 @@ def sink_drops(bed: Testbed, on: bool) -> None:
     nft(bed.sink, script)
 
 
-#: ``return XDP_DROP``: BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT.
-XDP_DROP_PROGRAM = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+#: ``r0 = verdict; exit`` (BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT).
+def verdict_program(verdict: int) -> bytes:
+    return struct.pack("<BBhi", 0xB7, 0, 0, verdict) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 
 @contextlib.contextmanager
-def xdp_drop(ns: str, ifname: str) -> Iterator[None]:
-    """Drop every frame ``ifname`` receives at its (generic) XDP hook for as long as the block runs, the port up: the
-    generator then runs exactly as when a path forwards, and the receiving CPU only takes each frame off its backlog
-    and drops it. The program's link is closed on the way out, which detaches it."""
+def dropping(ns: str, ifname: str, hook: str = "tc") -> Iterator[None]:
+    """Drop every frame ``ifname`` receives for as long as the block runs, the port up, with a two-instruction BPF
+    program at its tc ingress hook (``hook="tc"``, tcx: after the backlog and the packet taps, nothing copied) or
+    its generic XDP hook (``"xdp"``: generic XDP first makes room in front of each frame, a cost of its own). The
+    generator then runs exactly as when a path forwards. The program's link is closed on the way out, which
+    detaches it."""
     from pyroute2 import IPRoute
 
     from mplslb.drivers.netns import entered
     from mplslb.offload import bpf
 
-    prog = bpf.prog_load(bpf.BPF_PROG_TYPE_XDP, XDP_DROP_PROGRAM, license_text="GPL", name="mlbwo_drop",
-                         expected_attach_type=bpf.BPF_XDP)  # fmt: skip
+    if hook == "xdp":
+        prog = bpf.prog_load(bpf.BPF_PROG_TYPE_XDP, verdict_program(bpf.XDP_DROP), license_text="GPL",
+                             name="mlbwo_drop", expected_attach_type=bpf.BPF_XDP)  # fmt: skip
+        attach, flags = bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE
+    else:
+        prog = bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, verdict_program(bpf.TC_ACT_SHOT), license_text="GPL",
+                             name="mlbwo_drop", expected_attach_type=bpf.BPF_TCX_INGRESS)  # fmt: skip
+        attach, flags = bpf.BPF_TCX_INGRESS, 0
     try:
         with entered(ns), IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=ifname)[0]
-            link = bpf.link_create(prog, index, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE)
+            link = bpf.link_create(prog, ipr.link_lookup(ifname=ifname)[0], attach, flags)
     finally:
         os.close(prog)  # the link holds the program
     try:
@@ -607,7 +625,7 @@ def xdp_drop(ns: str, ifname: str) -> Iterator[None]:
         os.close(link)
 
 
-def placement() -> dict[str, str]:
+def placement(hook: str = "tc") -> dict[str, str]:
     """Where each part of a paced run runs, the same for every path."""
     return {
         "generator": f"trafgen pinned on CPU {GEN_CPU} (taskset); its transmit to g0 runs in its own system calls",
@@ -615,8 +633,10 @@ def placement() -> dict[str, str]:
         f"nftables chain, generic XDP and the packet sockets' receive run in that CPU's softirq; the daemons are "
         f"pinned there (taskset)",
         "sink": f"CPU {FORWARD_CPU}: RPS steers k0's receive (the ingress drop after its counters) there",
-        "baseline": "generator_only: lc0p0 up with an XDP program that drops every frame (generic, on the same "
-        "CPU as the forwarding), at the same rates",
+        "baseline": f"generator_only: lc0p0 up, every frame dropped at its {hook} hook by a BPF program, on CPU "
+        f"{FORWARD_CPU}, at the same rates",
+        "daemon_none_rx_on_gen": f"the exception: lc0p0's receive steered to CPU {GEN_CPU} (with the generator), the "
+        f"ring daemon alone on CPU {FORWARD_CPU}",
     }
 
 
@@ -660,6 +680,12 @@ def paced_path(bed: Testbed, obj: bytes, path: str, n: int, rates: tuple[int, ..
     if path in ("daemon_none", "daemon_kernel", "daemon_sockets"):
         offload = "kernel" if path == "daemon_kernel" else "none"
         return paced_daemon(bed, offload, path != "daemon_sockets", n, rates, args, work, commands)
+    if path == "daemon_none_rx_on_gen":
+        steer(bed.lb, "lc0p0", GEN_CPU)
+        try:
+            return paced_daemon(bed, "none", True, n, rates, args, work, commands)
+        finally:
+            steer(bed.lb, "lc0p0", FORWARD_CPU)
     raise ValueError(f"no paced path {path!r}")
 
 
@@ -682,17 +708,17 @@ def cpu_per_frame(figures: dict[str, Any], base: dict[str, Any], forward_cpu: in
 def run_paced(bed: Testbed, obj: bytes, n: int, rates: tuple[int, ...], args: argparse.Namespace, work: Path,
               commands: list[str], paths: tuple[str, ...] = PACED_PATHS) -> dict[str, Any]:  # fmt: skip
     """Every path at the same paced offered loads with the same placement (:func:`placement`), and the generator
-    with every frame dropped at the balancer's port (:func:`xdp_drop`) as the baseline; per path and rate, offered,
+    with every frame dropped at the balancer's port (:func:`dropping`) as the baseline; per path and rate, offered,
     forwarded, loss and CPU per forwarded frame (:func:`cpu_per_frame`). A path that fails is reported with its
     error; the others still run."""
     out: dict[str, Any] = {"rates": list(rates), "gen_cpu": GEN_CPU, "forward_cpu": FORWARD_CPU,
-                           "placement": placement(), "seconds": args.seconds}  # fmt: skip
+                           "placement": placement(args.baseline_hook), "seconds": args.seconds}  # fmt: skip
     steer(bed.lb, "lc0p0", FORWARD_CPU)
     steer(bed.sink, "k0", FORWARD_CPU)
     sink_drops(bed, True)
     try:
         ip_config = trafgen_config([ipv4_frame(SPORT0 + i) for i in range(n)], work / "ip.cfg")
-        with xdp_drop(bed.lb, "lc0p0"):
+        with dropping(bed.lb, "lc0p0", args.baseline_hook):
             out["generator_only"] = paced_rates(bed, ip_config, rates, args, commands)
         for path in paths:
             try:
@@ -825,7 +851,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], help="a section to skip (may repeat): kernel_ipv4, "
                         "nft, xdp_generic, xdp_native, daemon_none, daemon_kernel, paced, install, or one paced path: "
                         "paced_kernel_ipv4, paced_nft, paced_xdp_generic, paced_daemon_none, paced_daemon_sockets, "
-                        "paced_daemon_kernel")  # fmt: skip
+                        "paced_daemon_kernel, paced_daemon_none_rx_on_gen")  # fmt: skip
+    parser.add_argument(
+        "--baseline-hook",
+        choices=("tc", "xdp"),
+        default="tc",
+        help="where the paced baseline drops each frame at the balancer's port (default tc)",
+    )
     parser.add_argument(
         "--paced-rate",
         dest="paced_rates",

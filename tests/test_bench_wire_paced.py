@@ -88,9 +88,10 @@ def rps_mask(ns: str, ifname: str) -> int:
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, veth pairs, bpf(2)")
-def test_the_baseline_drops_at_the_port_it_keeps_up_and_leaves_nothing_attached(bed: wo.Testbed) -> None:
-    with wo.xdp_drop(bed.lb, "lc0p0"):
-        assert xdp_attached(bed.lb, "lc0p0") == "generic"
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_the_baseline_drops_at_the_port_it_keeps_up_and_leaves_nothing_attached(bed: wo.Testbed, hook: str) -> None:
+    with wo.dropping(bed.lb, "lc0p0", hook):
+        assert xdp_attached(bed.lb, "lc0p0") == ("generic" if hook == "xdp" else "?")
         bed.wait_up(bed.lb, ["lc0p0"])  # raises unless the port is up
         received, forwarded = send_and_count(bed)
         assert received >= FRAMES  # received at the port (and its counters), then dropped
@@ -112,3 +113,4 @@ def test_the_placement_steers_both_receiving_ports_to_the_forwarding_cpu(bed: wo
         assert rps_mask(ns, ifname) == 0
     assert wo.GEN_CPU != wo.FORWARD_CPU
     assert f"CPU {wo.FORWARD_CPU}" in wo.placement()["forwarding"]
+    assert "tc hook" in wo.placement("tc")["baseline"]
