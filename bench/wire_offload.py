@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 TRAFGEN = shutil.which("trafgen") or "/usr/sbin/trafgen"
 NFT = shutil.which("nft") or "/usr/sbin/nft"
 WAIT = 10.0
+DRAIN = 0.2  # after trafgen stops: long enough for every frame in flight (a ring, a backlog) to arrive
 GEN_MAC, LB0_MAC, LB1_MAC, SINK_MAC = "02:c0:00:00:00:01", "02:b0:00:00:00:00", "02:b0:00:00:00:01", "02:5e:00:00:00:01"
 CLIENT_IP, VIP, SINK_IP = "10.1.0.2", "10.0.0.100", "10.2.0.2"
 SPORT0 = 20000
@@ -276,13 +277,16 @@ def group_ticks(pgid: int) -> int:
 def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: list[str],
           rate: int | None = None, watch: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """trafgen at full speed (or paced at ``rate`` frames/s); offered and forwarded frames per second over
-    ``seconds`` after ``warmup``, each CPU's busy share of the window, the NET_RX softirqs each CPU ran, and the CPU
+    ``seconds`` after ``warmup``; the share of the whole run's frames (trafgen's start to the end of the frames in
+    flight) that never reached the sink (``run_loss``: the window's two counters are read one after the other, so
+    its ratio can pass 1); each CPU's busy share of the window, the NET_RX softirqs each CPU ran, and the CPU
     share of trafgen and of the process groups in ``watch`` (name: group id)."""
     command = trafgen_command(bed.gen, config, rate)
     commands.append(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     groups = {"trafgen": process.pid, **(watch or {})}
     hz = os.sysconf("SC_CLK_TCK")
+    g_start, k_start = stats(bed.gen, "g0"), stats(bed.sink, "k0")
     try:
         time.sleep(warmup)
         g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
@@ -292,6 +296,10 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
         s1, p1 = net_rx_softirqs(), {name: group_ticks(pgid) for name, pgid in groups.items()}
     finally:
         stop_group(process)
+    time.sleep(DRAIN)
+    g_end, k_end = stats(bed.gen, "g0"), stats(bed.sink, "k0")
+    sent = g_end["tx_packets"] + g_end["tx_dropped"] - g_start["tx_packets"] - g_start["tx_dropped"]
+    arrived = k_end["rx_packets"] - k_start["rx_packets"]
     dt = t1 - t0
     offered = (g1["tx_packets"] + g1["tx_dropped"] - g0["tx_packets"] - g0["tx_dropped"]) / dt
     forwarded = (k1["rx_packets"] - k0["rx_packets"]) / dt
@@ -301,6 +309,7 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
            "cpu_busy": {str(cpu): round(share, 4) for cpu, share in sorted(busy.items())},
            "net_rx_softirqs_per_s": softirqs,
            "process_cpu": {name: round((p1[name] - p0[name]) / hz / dt, 4) for name in groups}}  # fmt: skip
+    out["run_loss"] = round(1 - arrived / sent, 4) if sent else None
     if rate:
         out["asked_pps"] = rate
         out["pacing_held"] = pacing_held(rate, offered)
@@ -498,6 +507,7 @@ port = 1
 socket = "{work / f"lb-{name}.sock"}"
 """)
     ready = work / f"lb-{name}.ready"
+    ready.unlink(missing_ok=True)  # left by an earlier daemon of the same name
     command = [sys.executable, "-m", "mplslb", "balancer", "--config", str(config), "--netns", bed.lb,
                "--ready-file", str(ready)]  # fmt: skip
     commands.append(" ".join(command))
@@ -698,7 +708,7 @@ def cpu_per_frame(figures: dict[str, Any], base: dict[str, Any], forward_cpu: in
     busy = figures["cpu_busy"]
     above = sum(max(0.0, share - base["cpu_busy"].get(cpu, 0.0)) for cpu, share in busy.items())
     return {
-        "loss": round(1 - figures["ratio"], 4),
+        "loss": figures["run_loss"] if figures.get("run_loss") is not None else round(1 - figures["ratio"], 4),
         "cpu_us_per_frame": round(above * 1e6 / frames, 3) if frames else None,
         "forward_cpu_us_per_frame": round(busy.get(str(forward_cpu), 0.0) * 1e6 / frames, 3) if frames else None,
         "baseline_pacing_held": base.get("pacing_held"),
