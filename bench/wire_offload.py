@@ -722,7 +722,8 @@ def run_paced(bed: Testbed, obj: bytes, n: int, rates: tuple[int, ...], args: ar
     forwarded, loss and CPU per forwarded frame (:func:`cpu_per_frame`). A path that fails is reported with its
     error; the others still run."""
     out: dict[str, Any] = {"rates": list(rates), "gen_cpu": GEN_CPU, "forward_cpu": FORWARD_CPU,
-                           "placement": placement(args.baseline_hook), "seconds": args.seconds}  # fmt: skip
+                           "placement": placement(args.baseline_hook), "seconds": args.seconds,
+                           "loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}  # fmt: skip
     steer(bed.lb, "lc0p0", FORWARD_CPU)
     steer(bed.sink, "k0", FORWARD_CPU)
     sink_drops(bed, True)
@@ -739,6 +740,7 @@ def run_paced(bed: Testbed, obj: bytes, n: int, rates: tuple[int, ...], args: ar
         sink_drops(bed, False)
         steer(bed.sink, "k0", None)
         steer(bed.lb, "lc0p0", None)
+    out["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]  # other work on the machine counts as busy
     for path in paths:
         for rate, figures in out[path].items() if "error" not in out[path] else ():
             figures.update(cpu_per_frame(figures, out["generator_only"][rate]))
