@@ -258,20 +258,24 @@ def net_rx_softirqs() -> list[int]:
     return []
 
 
-def group_ticks(pgid: int) -> int:
-    """User and system ticks so far of every live process in process group ``pgid`` (this script starts each tool
-    in a session of its own, so the group is the tool and whatever it execs or forks: ``ip netns exec`` forks)."""
-    total = 0
+def group_cpu(pgid: int) -> tuple[int, int]:
+    """Of every live thread in process group ``pgid`` (this script starts each tool in a session of its own, so the
+    group is the tool and whatever it execs or forks: ``ip netns exec`` forks): nanoseconds run on a CPU and
+    nanoseconds waited runnable for one (``/proc/PID/task/TID/schedstat``: the second is what other work on the
+    CPU took from it)."""
+    ran = waited = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for task in (entry / "task").iterdir():
+                run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
+                ran, waited = ran + int(run_ns), waited + int(wait_ns)
         except OSError:
             continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total
+    return ran, waited
 
 
 def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: list[str],
@@ -280,20 +284,20 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     ``seconds`` after ``warmup``; the share of the whole run's frames (trafgen's start to the end of the frames in
     flight) that never reached the sink (``run_loss``: the window's two counters are read one after the other, so
     its ratio can pass 1); each CPU's busy share of the window, the NET_RX softirqs each CPU ran, and the CPU
-    share of trafgen and of the process groups in ``watch`` (name: group id)."""
+    share of trafgen and of the process groups in ``watch`` (name: group id), and the share of the window they
+    waited runnable while other work had their CPU."""
     command = trafgen_command(bed.gen, config, rate)
     commands.append(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     groups = {"trafgen": process.pid, **(watch or {})}
-    hz = os.sysconf("SC_CLK_TCK")
     g_start, k_start = stats(bed.gen, "g0"), stats(bed.sink, "k0")
     try:
         time.sleep(warmup)
         g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
-        s0, p0 = net_rx_softirqs(), {name: group_ticks(pgid) for name, pgid in groups.items()}
+        s0, p0 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}
         time.sleep(seconds)
         g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
-        s1, p1 = net_rx_softirqs(), {name: group_ticks(pgid) for name, pgid in groups.items()}
+        s1, p1 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}
     finally:
         stop_group(process)
     time.sleep(DRAIN)
@@ -308,7 +312,8 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     out = {"offered_pps": round(offered), "forwarded_pps": round(forwarded), "ratio": round(forwarded / offered, 4),
            "cpu_busy": {str(cpu): round(share, 4) for cpu, share in sorted(busy.items())},
            "net_rx_softirqs_per_s": softirqs,
-           "process_cpu": {name: round((p1[name] - p0[name]) / hz / dt, 4) for name in groups}}  # fmt: skip
+           "process_cpu": {name: round((p1[name][0] - p0[name][0]) / 1e9 / dt, 4) for name in groups},
+           "process_waited": {name: round((p1[name][1] - p0[name][1]) / 1e9 / dt, 4) for name in groups}}  # fmt: skip
     out["run_loss"] = round(1 - arrived / sent, 4) if sent else None
     if rate:
         out["asked_pps"] = rate
