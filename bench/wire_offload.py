@@ -238,14 +238,14 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def cpu_ticks() -> dict[int, tuple[int, int]]:
-    """Per CPU: (busy, total) ticks from /proc/stat (busy: everything but idle and iowait)."""
+def cpu_ticks() -> dict[int, tuple[int, int, int]]:
+    """Per CPU: (busy, total, softirq) ticks from /proc/stat (busy: everything but idle and iowait)."""
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         name, *values = line.split()
         if name.startswith("cpu") and name != "cpu":
             ticks = [int(v) for v in values[:8]]
-            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks), ticks[6])
     return out
 
 
@@ -283,7 +283,8 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     """trafgen at full speed (or paced at ``rate`` frames/s); offered and forwarded frames per second over
     ``seconds`` after ``warmup``; the share of the whole run's frames (trafgen's start to the end of the frames in
     flight) that never reached the sink (``run_loss``: the window's two counters are read one after the other, so
-    its ratio can pass 1); each CPU's busy share of the window, the NET_RX softirqs each CPU ran, and the CPU
+    its ratio can pass 1); each CPU's busy share of the window and its softirq share (tick-sampled: this
+    kernel has no IRQ time accounting), the NET_RX softirqs each CPU ran, and the CPU
     share of trafgen and of the process groups in ``watch`` (name: group id), and the share of the window they
     waited runnable while other work had their CPU."""
     command = trafgen_command(bed.gen, config, rate)
@@ -308,9 +309,11 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     offered = (g1["tx_packets"] + g1["tx_dropped"] - g0["tx_packets"] - g0["tx_dropped"]) / dt
     forwarded = (k1["rx_packets"] - k0["rx_packets"]) / dt
     busy = {cpu: (c1[cpu][0] - c0[cpu][0]) / max(1, c1[cpu][1] - c0[cpu][1]) for cpu in c1 if cpu in c0}
+    softirq = {cpu: (c1[cpu][2] - c0[cpu][2]) / max(1, c1[cpu][1] - c0[cpu][1]) for cpu in c1 if cpu in c0}
     softirqs = {str(cpu): round((b - a) / dt) for cpu, (a, b) in enumerate(zip(s0, s1, strict=True))}
     out = {"offered_pps": round(offered), "forwarded_pps": round(forwarded), "ratio": round(forwarded / offered, 4),
            "cpu_busy": {str(cpu): round(share, 4) for cpu, share in sorted(busy.items())},
+           "cpu_softirq": {str(cpu): round(share, 4) for cpu, share in sorted(softirq.items())},
            "net_rx_softirqs_per_s": softirqs,
            "process_cpu": {name: round((p1[name][0] - p0[name][0]) / 1e9 / dt, 4) for name in groups},
            "process_waited": {name: round((p1[name][1] - p0[name][1]) / 1e9 / dt, 4) for name in groups}}  # fmt: skip
