@@ -238,8 +238,13 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def cpu_ticks() -> dict[int, tuple[int, int, int]]:
-    """Per CPU: (busy, total, softirq) ticks from /proc/stat (busy: everything but idle and iowait)."""
+def cpu_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy, total) ticks from /proc/stat (busy: everything but idle and iowait)."""
+    return {cpu: (busy, total) for cpu, (busy, total, _) in cpu_ticks_softirq().items()}
+
+
+def cpu_ticks_softirq() -> dict[int, tuple[int, int, int]]:
+    """Per CPU: (busy, total, softirq) ticks from /proc/stat."""
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         name, *values = line.split()
@@ -294,10 +299,10 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     g_start, k_start = stats(bed.gen, "g0"), stats(bed.sink, "k0")
     try:
         time.sleep(warmup)
-        g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
+        g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks_softirq(), time.monotonic()
         s0, p0 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}
         time.sleep(seconds)
-        g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
+        g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks_softirq(), time.monotonic()
         s1, p1 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}
     finally:
         stop_group(process)
