@@ -285,6 +285,19 @@ def group_cpu(pgid: int) -> tuple[int, int]:
     return ran, waited
 
 
+def ksoftirqd_run_ns() -> dict[str, int]:
+    """Per CPU: nanoseconds its ksoftirqd thread has run (softirq work deferred to a thread, which competes with
+    the tasks on that CPU: the sign of a receive livelock)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (comm := (entry / "comm").read_text().strip()).startswith("ksoftirqd/"):
+                out[comm.split("/")[1]] = int((entry / "schedstat").read_text().split()[0])
+        except OSError:
+            continue
+    return out
+
+
 def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: list[str],
           rate: int | None = None, watch: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """trafgen at full speed (or paced at ``rate`` frames/s); offered and forwarded frames per second over
@@ -293,7 +306,7 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     its ratio can pass 1); each CPU's busy share of the window and its softirq share (tick-sampled: this
     kernel has no IRQ time accounting), the NET_RX softirqs each CPU ran, and the CPU
     share of trafgen and of the process groups in ``watch`` (name: group id), and the share of the window they
-    waited runnable while other work had their CPU."""
+    waited runnable while other work had their CPU, and each CPU's ksoftirqd's share."""
     command = trafgen_command(bed.gen, config, rate)
     commands.append(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -302,10 +315,10 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
     try:
         time.sleep(warmup)
         g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks_softirq(), time.monotonic()
-        s0, p0 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}
+        s0, p0, q0 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}, ksoftirqd_run_ns()
         time.sleep(seconds)
         g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks_softirq(), time.monotonic()
-        s1, p1 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}
+        s1, p1, q1 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}, ksoftirqd_run_ns()
     finally:
         stop_group(process)
     time.sleep(DRAIN)
@@ -323,7 +336,8 @@ def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: l
            "cpu_softirq": {str(cpu): round(share, 4) for cpu, share in sorted(softirq.items())},
            "net_rx_softirqs_per_s": softirqs,
            "process_cpu": {name: round((p1[name][0] - p0[name][0]) / 1e9 / dt, 4) for name in groups},
-           "process_waited": {name: round((p1[name][1] - p0[name][1]) / 1e9 / dt, 4) for name in groups}}  # fmt: skip
+           "process_waited": {name: round((p1[name][1] - p0[name][1]) / 1e9 / dt, 4) for name in groups},
+           "ksoftirqd": {cpu: round((q1[cpu] - q0[cpu]) / 1e9 / dt, 4) for cpu in sorted(q1) if cpu in q0}}  # fmt: skip
     out["run_loss"] = round(1 - arrived / sent, 4) if sent else None
     if rate:
         out["asked_pps"] = rate
@@ -671,6 +685,17 @@ def paced_rates(bed: Testbed, config: Path, rates: tuple[int, ...], args: argpar
     return {str(rate): blast(bed, config, args.seconds, args.warmup, commands, rate=rate) for rate in rates}
 
 
+def port0_counts(work: Path, name: str) -> dict[str, int] | None:
+    """What the daemon's client port's socket received and dropped so far (None: the daemon did not answer)."""
+    from mplslb.control.client import ControlError
+
+    try:
+        counts: dict[str, int] = daemon_status(work, name).get("ports", {}).get("port0", {})
+    except (ControlError, OSError):
+        return None
+    return counts
+
+
 def paced_daemon(bed: Testbed, offload: str, ring: bool, n: int, rates: tuple[int, ...], args: argparse.Namespace,
                  work: Path, commands: list[str]) -> dict[str, Any]:  # fmt: skip
     """A daemon at each paced rate, with its own CPU share, where it is pinned, and what its client port's socket
@@ -679,13 +704,14 @@ def paced_daemon(bed: Testbed, offload: str, ring: bool, n: int, rates: tuple[in
     out: dict[str, Any] = {}
     with daemon_sessions(bed, offload, n, work, commands, ring=ring) as (process, config):
         affinity = sorted(os.sched_getaffinity(process.pid))
-        before = daemon_status(work, name).get("ports", {}).get("port0", {})
+        before = port0_counts(work, name)
         for rate in rates:
             figures = blast(bed, config, args.seconds, args.warmup, commands, rate=rate, watch={"daemon": process.pid})
-            after = daemon_status(work, name).get("ports", {}).get("port0", {})
+            after = port0_counts(work, name)
             figures["daemon_cpus"] = affinity
-            figures["socket"] = {key: after.get(key, 0) - before.get(key, 0)
-                                 for key in ("kernel_received", "kernel_dropped")}  # fmt: skip
+            if before is not None and after is not None:
+                figures["socket"] = {key: after.get(key, 0) - before.get(key, 0)
+                                     for key in ("kernel_received", "kernel_dropped")}  # fmt: skip
             before = after
             out[str(rate)] = figures
     return out
