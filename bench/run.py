@@ -244,7 +244,8 @@ def paced_rows(paced: Any, size: int, command: str) -> list[Row]:
             note = (
                 f"offered {offered:,.0f}/s, forwarded {forwarded:,.0f}/s ({figures.get('loss', 0):.1%} lost); "
                 f"CPU busy {figures.get('cpu_busy')}; kernel lost {reference.get('loss', 0):.1%}; "
-                f"{figures.get('forward_cpu_us_per_frame')} µs/frame on the forwarding CPU in all"
+                f"{figures.get('forward_cpu_us_per_frame')} µs/frame on the forwarding CPU in all, of which softirq "
+                f"{figures.get('forward_softirq_us_per_frame')}, the daemon {figures.get('daemon_us_per_frame')}"
             )
             rows.append(
                 Row(

@@ -24,8 +24,11 @@ FRAMES = 50
 
 def test_cpu_per_frame_is_the_busy_time_above_the_baseline_per_forwarded_frame() -> None:
     base = {"cpu_busy": {"0": 1.0, "1": 0.10}, "pacing_held": True}
-    figures = {"forwarded_pps": 100_000, "ratio": 0.8, "cpu_busy": {"0": 1.0, "1": 0.40}}
+    figures = {"forwarded_pps": 100_000, "ratio": 0.8, "cpu_busy": {"0": 1.0, "1": 0.40},
+               "cpu_softirq": {"0": 0.0, "1": 0.25}, "process_cpu": {"trafgen": 0.3, "daemon": 0.1}}  # fmt: skip
     out = wo.cpu_per_frame(figures, base, forward_cpu=1)
+    assert out["forward_softirq_us_per_frame"] == pytest.approx(2.5)
+    assert out["daemon_us_per_frame"] == pytest.approx(1.0)
     assert out["loss"] == pytest.approx(0.2)  # from the window when the whole run's is not known
     assert wo.cpu_per_frame({**figures, "run_loss": 0.25}, base)["loss"] == 0.25
     assert out["cpu_us_per_frame"] == pytest.approx(3.0)  # 0.30 of a CPU over 100k frames/s
