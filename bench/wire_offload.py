@@ -745,7 +745,8 @@ def cpu_per_frame(figures: dict[str, Any], base: dict[str, Any], forward_cpu: in
     the generator-only window at the same rate (``base``), per frame forwarded; ``forward_cpu_us_per_frame``, the
     forwarding CPU's whole busy time per frame forwarded (taking each frame off the backlog included, and whatever
     else ran there); the two parts that other work on the machine hardly touches: ``forward_softirq_us_per_frame``,
-    the forwarding CPU's softirq time (tick-sampled), and ``daemon_us_per_frame``, the daemon's own run time."""
+    the forwarding CPU's softirq time (tick-sampled), and ``daemon_us_per_frame``, the daemon's own run time, and
+    their sum, ``path_us_per_frame`` (softirq work that interrupts the daemon may count in both)."""
     frames = figures["forwarded_pps"]
     busy = figures["cpu_busy"]
     above = sum(max(0.0, share - base["cpu_busy"].get(cpu, 0.0)) for cpu, share in busy.items())
@@ -757,6 +758,7 @@ def cpu_per_frame(figures: dict[str, Any], base: dict[str, Any], forward_cpu: in
         "forward_cpu_us_per_frame": round(busy.get(str(forward_cpu), 0.0) * 1e6 / frames, 3) if frames else None,
         "forward_softirq_us_per_frame": round(softirq * 1e6 / frames, 3) if frames else None,
         "daemon_us_per_frame": round(daemon * 1e6 / frames, 3) if frames and daemon is not None else None,
+        "path_us_per_frame": round((softirq + (daemon or 0.0)) * 1e6 / frames, 3) if frames else None,
         "baseline_pacing_held": base.get("pacing_held"),
     }
 

@@ -29,6 +29,7 @@ def test_cpu_per_frame_is_the_busy_time_above_the_baseline_per_forwarded_frame()
     out = wo.cpu_per_frame(figures, base, forward_cpu=1)
     assert out["forward_softirq_us_per_frame"] == pytest.approx(2.5)
     assert out["daemon_us_per_frame"] == pytest.approx(1.0)
+    assert out["path_us_per_frame"] == pytest.approx(3.5)
     assert out["loss"] == pytest.approx(0.2)  # from the window when the whole run's is not known
     assert wo.cpu_per_frame({**figures, "run_loss": 0.25}, base)["loss"] == 0.25
     assert out["cpu_us_per_frame"] == pytest.approx(3.0)  # 0.30 of a CPU over 100k frames/s
