@@ -135,6 +135,8 @@ FORWARDERS = {
     "xdp_native": "XDP offload (native)",
     "daemon_none": "daemon, userspace ring",
     "daemon_kernel": 'daemon, offload = "kernel"',
+    "daemon_sockets": "daemon, packet sockets",
+    "daemon_none_rx_on_gen": "daemon, userspace ring, its receive on the generator's CPU",
 }
 INSTALLS = (  # (key, what, reference key, reference)
     ("batched_sessions_per_s", "XDP map install, batched", "per_session_sync_sessions_per_s", "one sync per session"),
@@ -223,27 +225,39 @@ def figure_rows(data: dict[str, Any], command: str) -> list[Row]:
 
 def paced_rows(paced: Any, size: int, command: str) -> list[Row]:
     """Rows from wire_offload.py's paced section: at each equal offered load, CPU time per forwarded frame of each
-    path against the kernel's own IPv4 forwarding on the same core, with what each path lost."""
+    path (the forwarding CPU's softirq time and the daemon's run time, what other work hardly touches) against the
+    kernel's own IPv4 forwarding on the same core, with what each path lost."""
     if not isinstance(paced, dict) or "error" in paced:
         return []
     kernel = paced.get("kernel_ipv4", {})
     rows = []
-    for key in ("kernel_ipv4", "daemon_none", "daemon_kernel"):
-        for rate, figures in (paced.get(key) or {}).items():
+    for key in FORWARDERS:
+        by_rate = paced.get(key)
+        if not isinstance(by_rate, dict):
+            continue
+        if "error" in by_rate:
+            what = f"wire paced: {FORWARDERS[key]}, {size} B, CPU per frame"
+            rows.append(skipped("wire", what, str(by_rate["error"])[:200], command=command))
+            continue
+        for rate, figures in by_rate.items():
             reference = kernel.get(rate, {})
             offered, forwarded = figures.get("offered_pps", 0), figures.get("forwarded_pps", 0)
             note = (
                 f"offered {offered:,.0f}/s, forwarded {forwarded:,.0f}/s ({figures.get('loss', 0):.1%} lost); "
-                f"CPU busy {figures.get('cpu_busy')}; kernel lost {reference.get('loss', 0):.1%}"
+                f"CPU busy {figures.get('cpu_busy')}; kernel lost {reference.get('loss', 0):.1%}; "
+                f"µs/frame: the forwarding CPU's softirq {figures.get('forward_softirq_us_per_frame')}, the daemon "
+                f"{figures.get('daemon_us_per_frame')}; the forwarding CPU in all "
+                f"{figures.get('forward_cpu_us_per_frame')}, both CPUs above the generator-only baseline "
+                f"{figures.get('cpu_us_per_frame')}"
             )
             rows.append(
                 Row(
                     "wire",
                     f"wire paced {int(rate) // 1000}k/s: {FORWARDERS[key]}, {size} B, CPU per frame",
-                    _number(figures.get("cpu_us_per_frame")),
+                    _number(figures.get("path_us_per_frame")),
                     "µs/frame",
                     "kernel IPv4 forwarding, same load, one core (RPS)",
-                    _number(reference.get("cpu_us_per_frame")),
+                    _number(reference.get("path_us_per_frame")),
                     note=note,
                     command=command,
                 )

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 TRAFGEN = shutil.which("trafgen") or "/usr/sbin/trafgen"
 NFT = shutil.which("nft") or "/usr/sbin/nft"
 WAIT = 10.0
+DRAIN = 0.2  # after trafgen stops: long enough for every frame in flight (a ring, a backlog) to arrive
 GEN_MAC, LB0_MAC, LB1_MAC, SINK_MAC = "02:c0:00:00:00:01", "02:b0:00:00:00:00", "02:b0:00:00:00:01", "02:5e:00:00:00:01"
 CLIENT_IP, VIP, SINK_IP = "10.1.0.2", "10.0.0.100", "10.2.0.2"
 SPORT0 = 20000
@@ -57,8 +58,17 @@ FRAME_SIZE = 64  # without the FCS
 #: Paced runs: trafgen on GEN_CPU; everything that forwards on FORWARD_CPU (RPS steers the balancer's ingress port
 #: there, so the kernel's own forwarding and generic XDP run there too, and the daemon is pinned there).
 GEN_CPU, FORWARD_CPU = 0, 1
-PACED_RATES = (100_000, 200_000, 300_000)
-PACED_RATES_QUICK = (100_000, 200_000)
+#: Paced offered rates: at 300k frames/s on the 2-core reference VM trafgen alone takes all of CPU 0 and taking the
+#: frames off CPU 1's backlog (and dropping them at tc ingress) all of CPU 1, so nothing can be told apart there.
+PACED_RATES = (50_000, 100_000, 200_000)
+PACED_RATES_QUICK = (50_000, 100_000)
+#: A paced window whose offered rate is further than this from the asked one says so (``pacing_held`` false).
+PACING_TOLERANCE = 0.03
+#: The paced paths, in the order they run (each at every rate); the daemons pinned on FORWARD_CPU. The last is the
+#: ring daemon with its port's receive softirq moved to the generator's CPU (RPS): the daemon then has its CPU to
+#: itself, which no other path gets, so it is told apart from the like-for-like rows.
+PACED_PATHS = ("kernel_ipv4", "nft", "xdp_generic", "daemon_none", "daemon_sockets", "daemon_kernel",
+               "daemon_none_rx_on_gen")  # fmt: skip
 
 
 def mac(text: str) -> bytes:
@@ -232,35 +242,112 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
 
 def cpu_ticks() -> dict[int, tuple[int, int]]:
     """Per CPU: (busy, total) ticks from /proc/stat (busy: everything but idle and iowait)."""
+    return {cpu: (busy, total) for cpu, (busy, total, _) in cpu_ticks_softirq().items()}
+
+
+def cpu_ticks_softirq() -> dict[int, tuple[int, int, int]]:
+    """Per CPU: (busy, total, softirq) ticks from /proc/stat."""
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         name, *values = line.split()
         if name.startswith("cpu") and name != "cpu":
             ticks = [int(v) for v in values[:8]]
-            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks), ticks[6])
+    return out
+
+
+def net_rx_softirqs() -> list[int]:
+    """Per CPU: NET_RX softirqs run so far (/proc/softirqs): where the receive work went."""
+    for line in Path("/proc/softirqs").read_text().splitlines():
+        name, *values = line.split()
+        if name == "NET_RX:":
+            return [int(v) for v in values]
+    return []
+
+
+def group_cpu(pgid: int) -> tuple[int, int]:
+    """Of every live thread in process group ``pgid`` (this script starts each tool in a session of its own, so the
+    group is the tool and whatever it execs or forks: ``ip netns exec`` forks): nanoseconds run on a CPU and
+    nanoseconds waited runnable for one (``/proc/PID/task/TID/schedstat``: the second is what other work on the
+    CPU took from it)."""
+    ran = waited = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for task in (entry / "task").iterdir():
+                run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
+                ran, waited = ran + int(run_ns), waited + int(wait_ns)
+        except OSError:
+            continue
+    return ran, waited
+
+
+def ksoftirqd_run_ns() -> dict[str, int]:
+    """Per CPU: nanoseconds its ksoftirqd thread has run (softirq work deferred to a thread, which competes with
+    the tasks on that CPU: the sign of a receive livelock)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (comm := (entry / "comm").read_text().strip()).startswith("ksoftirqd/"):
+                out[comm.split("/")[1]] = int((entry / "schedstat").read_text().split()[0])
+        except OSError:
+            continue
     return out
 
 
 def blast(bed: Testbed, config: Path, seconds: float, warmup: float, commands: list[str],
-          rate: int | None = None) -> dict[str, Any]:  # fmt: skip
+          rate: int | None = None, watch: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """trafgen at full speed (or paced at ``rate`` frames/s); offered and forwarded frames per second over
-    ``seconds`` after ``warmup``, and each CPU's busy share of the window."""
+    ``seconds`` after ``warmup``; the share of the whole run's frames (trafgen's start to the end of the frames in
+    flight) that never reached the sink (``run_loss``: the window's two counters are read one after the other, so
+    its ratio can pass 1); each CPU's busy share of the window and its softirq share (tick-sampled: this
+    kernel has no IRQ time accounting), the NET_RX softirqs each CPU ran, and the CPU
+    share of trafgen and of the process groups in ``watch`` (name: group id), and the share of the window they
+    waited runnable while other work had their CPU, and each CPU's ksoftirqd's share."""
     command = trafgen_command(bed.gen, config, rate)
     commands.append(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    groups = {"trafgen": process.pid, **(watch or {})}
+    g_start, k_start = stats(bed.gen, "g0"), stats(bed.sink, "k0")
     try:
         time.sleep(warmup)
-        g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
+        g0, k0, c0, t0 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks_softirq(), time.monotonic()
+        s0, p0, q0 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}, ksoftirqd_run_ns()
         time.sleep(seconds)
-        g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks(), time.monotonic()
+        g1, k1, c1, t1 = stats(bed.gen, "g0"), stats(bed.sink, "k0"), cpu_ticks_softirq(), time.monotonic()
+        s1, p1, q1 = net_rx_softirqs(), {name: group_cpu(pgid) for name, pgid in groups.items()}, ksoftirqd_run_ns()
     finally:
         stop_group(process)
+    time.sleep(DRAIN)
+    g_end, k_end = stats(bed.gen, "g0"), stats(bed.sink, "k0")
+    sent = g_end["tx_packets"] + g_end["tx_dropped"] - g_start["tx_packets"] - g_start["tx_dropped"]
+    arrived = k_end["rx_packets"] - k_start["rx_packets"]
     dt = t1 - t0
     offered = (g1["tx_packets"] + g1["tx_dropped"] - g0["tx_packets"] - g0["tx_dropped"]) / dt
     forwarded = (k1["rx_packets"] - k0["rx_packets"]) / dt
     busy = {cpu: (c1[cpu][0] - c0[cpu][0]) / max(1, c1[cpu][1] - c0[cpu][1]) for cpu in c1 if cpu in c0}
-    return {"offered_pps": round(offered), "forwarded_pps": round(forwarded), "ratio": round(forwarded / offered, 4),
-            "cpu_busy": {str(cpu): round(share, 4) for cpu, share in sorted(busy.items())}}  # fmt: skip
+    softirq = {cpu: (c1[cpu][2] - c0[cpu][2]) / max(1, c1[cpu][1] - c0[cpu][1]) for cpu in c1 if cpu in c0}
+    softirqs = {str(cpu): round((b - a) / dt) for cpu, (a, b) in enumerate(zip(s0, s1, strict=True))}
+    out = {"offered_pps": round(offered), "forwarded_pps": round(forwarded), "ratio": round(forwarded / offered, 4),
+           "cpu_busy": {str(cpu): round(share, 4) for cpu, share in sorted(busy.items())},
+           "cpu_softirq": {str(cpu): round(share, 4) for cpu, share in sorted(softirq.items())},
+           "net_rx_softirqs_per_s": softirqs,
+           "process_cpu": {name: round((p1[name][0] - p0[name][0]) / 1e9 / dt, 4) for name in groups},
+           "process_waited": {name: round((p1[name][1] - p0[name][1]) / 1e9 / dt, 4) for name in groups},
+           "ksoftirqd": {cpu: round((q1[cpu] - q0[cpu]) / 1e9 / dt, 4) for cpu in sorted(q1) if cpu in q0}}  # fmt: skip
+    out["run_loss"] = round(1 - arrived / sent, 4) if sent else None
+    if rate:
+        out["asked_pps"] = rate
+        out["pacing_held"] = pacing_held(rate, offered)
+    return out
+
+
+def pacing_held(asked: int, offered: float, tolerance: float = PACING_TOLERANCE) -> bool:
+    """Whether trafgen offered what it was asked for (within ``tolerance``)."""
+    return abs(offered - asked) <= tolerance * asked
 
 
 # -- the modes -----------------------------------------------------------------------------------------------------
@@ -293,8 +380,10 @@ def direct_labels(balancer: Any, n: int) -> list[int]:
     return labels
 
 
-def run_xdp(bed: Testbed, obj: bytes, mode: str, labels_n: int, args: argparse.Namespace, work: Path,
-            commands: list[str]) -> dict[str, Any]:  # fmt: skip
+@contextlib.contextmanager
+def offload_alone(bed: Testbed, obj: bytes, mode: str, labels_n: int, work: Path) -> Iterator[tuple[Any, Path]]:
+    """The XDP offload alone on the balancer's ports, ``labels_n`` labels installed straight into its table; the
+    offload and the trafgen configuration of frames carrying those labels."""
     from mplslb.drivers.netns import entered
     from mplslb.offload.xdp import XdpOffload
 
@@ -303,18 +392,26 @@ def run_xdp(bed: Testbed, obj: bytes, mode: str, labels_n: int, args: argparse.N
     config = trafgen_config([labelled_frame(lb, SPORT0 + i) for i, lb in enumerate(labels)], work / "mpls.cfg")
     if mode == "native":
         set_gro(bed.sink, "k0", True)
-    with entered(bed.lb):
-        offload = XdpOffload(balancer.switching, {0: "lc0p0", 1: "lc1p0"}, mode=mode, obj=obj)
-        offload.open()
     try:
+        with entered(bed.lb):
+            offload = XdpOffload(balancer.switching, {0: "lc0p0", 1: "lc1p0"}, mode=mode, obj=obj)
+            offload.open()
+        try:
+            yield offload, config
+        finally:
+            offload.close()
+    finally:
+        if mode == "native":
+            set_gro(bed.sink, "k0", False)
+
+
+def run_xdp(bed: Testbed, obj: bytes, mode: str, labels_n: int, args: argparse.Namespace, work: Path,
+            commands: list[str]) -> dict[str, Any]:  # fmt: skip
+    with offload_alone(bed, obj, mode, labels_n, work) as (offload, config):
         result: dict[str, Any] = blast(bed, config, args.seconds, args.warmup, commands)
         offload.poll()
         result["kernel_counted"] = offload.kernel_packets
         result["attached"] = dict(offload.attached)
-    finally:
-        offload.close()
-        if mode == "native":
-            set_gro(bed.sink, "k0", False)
     return result
 
 
@@ -366,31 +463,49 @@ def nft(ns: str, script: str, commands: list[str] | None = None) -> None:
     subprocess.run(command, input=script.encode(), check=True, capture_output=True, timeout=60)
 
 
-def run_nft(bed: Testbed, labels_n: int, args: argparse.Namespace, work: Path, commands: list[str]) -> dict[str, Any]:
-    from mplslb.drivers.afpacket import PacketPort
-
+@contextlib.contextmanager
+def nft_table(bed: Testbed, labels_n: int, work: Path, commands: list[str]) -> Iterator[Path]:
+    """The nftables alternative on the balancer's client port with ``labels_n`` labels; the trafgen configuration
+    of frames carrying those labels. The table is deleted on the way out."""
     table = "mlbwo"
     labels = [17 + 2 * i for i in range(labels_n)]
     config = trafgen_config([labelled_frame(lb, SPORT0 + i) for i, lb in enumerate(labels)], work / "mpls.cfg")
     nft(bed.lb, NFT_RULESET.format(table=table) + nft_elements(table, labels, ttl=True), commands)
-    port = PacketPort("lc0p0", netns=bed.lb, rcvbuf=1 << 20)  # what the daemon's socket would see
     try:
-        port.stats()
-        before = stats(bed.lb, "lc0p0")["rx_packets"]
-        result: dict[str, Any] = blast(bed, config, args.seconds, args.warmup, commands)
-        arrived = stats(bed.lb, "lc0p0")["rx_packets"] - before
-        seen, _ = port.stats()  # frames the socket's filter took (queued, or dropped for want of room)
-        result["share_seen_by_packet_socket"] = round(seen / max(1, arrived), 4)
+        yield config
     finally:
-        port.close()
         nft(bed.lb, f"delete table netdev {table}\n")
+
+
+def run_nft(bed: Testbed, labels_n: int, args: argparse.Namespace, work: Path, commands: list[str]) -> dict[str, Any]:
+    from mplslb.drivers.afpacket import PacketPort
+
+    with nft_table(bed, labels_n, work, commands) as config:
+        port = PacketPort("lc0p0", netns=bed.lb, rcvbuf=1 << 20)  # what the daemon's socket would see
+        try:
+            port.stats()
+            before = stats(bed.lb, "lc0p0")["rx_packets"]
+            result: dict[str, Any] = blast(bed, config, args.seconds, args.warmup, commands)
+            arrived = stats(bed.lb, "lc0p0")["rx_packets"] - before
+            seen, _ = port.stats()  # frames the socket's filter took (queued, or dropped for want of room)
+            result["share_seen_by_packet_socket"] = round(seen / max(1, arrived), 4)
+        finally:
+            port.close()
     return result
 
 
-def start_daemon(bed: Testbed, offload: str, work: Path, commands: list[str]) -> subprocess.Popen[bytes]:
-    config = work / f"lb-{offload}.toml"
+def daemon_name(offload: str, ring: bool) -> str:
+    return f"{offload}{'' if ring else '-sockets'}"
+
+
+def start_daemon(bed: Testbed, offload: str, work: Path, commands: list[str], *,
+                 ring: bool = True) -> subprocess.Popen[bytes]:  # fmt: skip
+    """The balancer daemon in the balancer's namespace, pinned on FORWARD_CPU; ``ring``: TPACKET rings and the
+    block path, or plain packet sockets."""
+    name = daemon_name(offload, ring)
+    config = work / f"lb-{name}.toml"
     config.write_text(f"""offload = "{offload}"
-ring = true
+ring = {str(ring).lower()}
 [[ports]]
 id = 0
 interface = "lc0p0"
@@ -418,22 +533,23 @@ mac = "{SINK_MAC}"
 port = 1
 
 [control]
-socket = "{work / f"lb-{offload}.sock"}"
+socket = "{work / f"lb-{name}.sock"}"
 """)
-    ready = work / f"lb-{offload}.ready"
+    ready = work / f"lb-{name}.ready"
+    ready.unlink(missing_ok=True)  # left by an earlier daemon of the same name
     command = [sys.executable, "-m", "mplslb", "balancer", "--config", str(config), "--netns", bed.lb,
                "--ready-file", str(ready)]  # fmt: skip
     commands.append(" ".join(command))
-    log = open(work / f"lb-{offload}.log", "wb")  # noqa: SIM115 - the child keeps it
+    log = open(work / f"lb-{name}.log", "wb")  # noqa: SIM115 - the child keeps it
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    process = subprocess.Popen(["taskset", "-c", "1", *command], stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(["taskset", "-c", str(FORWARD_CPU), *command], stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True, env=env)  # fmt: skip
     log.close()
     deadline = time.monotonic() + 30
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             stop_group(process)
-            raise RuntimeError(f"the daemon did not start: {(work / f'lb-{offload}.log').read_text()[-2000:]}")
+            raise RuntimeError(f"the daemon did not start: {(work / f'lb-{name}.log').read_text()[-2000:]}")
         time.sleep(0.05)
     return process
 
@@ -462,28 +578,37 @@ def open_sessions(bed: Testbed, n: int) -> list[int]:
     return [labels[i] for i in range(n)]
 
 
-def daemon_status(work: Path, offload: str) -> dict[str, Any]:
+def daemon_status(work: Path, name: str) -> dict[str, Any]:
     from mplslb.control.client import request
 
     time.sleep(1.1)  # the daemon refreshes its snapshot every second
-    reply = request(str(work / f"lb-{offload}.sock"), {"cmd": "status"})
+    reply = request(str(work / f"lb-{name}.sock"), {"cmd": "status"})
     status: dict[str, Any] = reply.get("status", {})
     return status
 
 
-def run_daemon(bed: Testbed, offload: str, n: int, args: argparse.Namespace, work: Path,
-               commands: list[str]) -> dict[str, Any]:  # fmt: skip
-    process = start_daemon(bed, offload, work, commands)
+@contextlib.contextmanager
+def daemon_sessions(bed: Testbed, offload: str, n: int, work: Path, commands: list[str], *,
+                    ring: bool = True) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:  # fmt: skip
+    """A running daemon with ``n`` UDP sessions open; the process and the trafgen configuration of their frames.
+    The daemon is stopped (its process group, by id) on the way out."""
+    process = start_daemon(bed, offload, work, commands, ring=ring)
     try:
         labels = open_sessions(bed, n)
         config = trafgen_config([labelled_frame(lb, SPORT0 + i) for i, lb in enumerate(labels)], work / "mpls.cfg")
+        yield process, config
+    finally:
+        stop_group(process)
+
+
+def run_daemon(bed: Testbed, offload: str, n: int, args: argparse.Namespace, work: Path,
+               commands: list[str]) -> dict[str, Any]:  # fmt: skip
+    with daemon_sessions(bed, offload, n, work, commands) as (_, config):
         result: dict[str, Any] = blast(bed, config, args.seconds, args.warmup, commands)
-        status = daemon_status(work, offload)
+        status = daemon_status(work, daemon_name(offload, True))
         result["daemon_frames_in"] = status.get("frames", {}).get("in")
         if offload == "kernel":
             result["offload"] = status.get("offload")
-    finally:
-        stop_group(process)
     return result
 
 
@@ -503,58 +628,170 @@ def sink_drops(bed: Testbed, on: bool) -> None:
     nft(bed.sink, script)
 
 
+#: ``r0 = verdict; exit`` (BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT).
+def verdict_program(verdict: int) -> bytes:
+    return struct.pack("<BBhi", 0xB7, 0, 0, verdict) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def dropping(ns: str, ifname: str, hook: str = "tc") -> Iterator[None]:
+    """Drop every frame ``ifname`` receives for as long as the block runs, the port up, with a two-instruction BPF
+    program at its tc ingress hook (``hook="tc"``, tcx: after the backlog and the packet taps, nothing copied) or
+    its generic XDP hook (``"xdp"``: generic XDP first makes room in front of each frame, a cost of its own). The
+    generator then runs exactly as when a path forwards. The program's link is closed on the way out, which
+    detaches it."""
+    from pyroute2 import IPRoute
+
+    from mplslb.drivers.netns import entered
+    from mplslb.offload import bpf
+
+    if hook == "xdp":
+        prog = bpf.prog_load(bpf.BPF_PROG_TYPE_XDP, verdict_program(bpf.XDP_DROP), license_text="GPL",
+                             name="mlbwo_drop", expected_attach_type=bpf.BPF_XDP)  # fmt: skip
+        attach, flags = bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE
+    else:
+        prog = bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, verdict_program(bpf.TC_ACT_SHOT), license_text="GPL",
+                             name="mlbwo_drop", expected_attach_type=bpf.BPF_TCX_INGRESS)  # fmt: skip
+        attach, flags = bpf.BPF_TCX_INGRESS, 0
+    try:
+        with entered(ns), IPRoute() as ipr:
+            link = bpf.link_create(prog, ipr.link_lookup(ifname=ifname)[0], attach, flags)
+    finally:
+        os.close(prog)  # the link holds the program
+    try:
+        yield
+    finally:
+        os.close(link)
+
+
+def placement(hook: str = "tc") -> dict[str, str]:
+    """Where each part of a paced run runs, the same for every path."""
+    return {
+        "generator": f"trafgen pinned on CPU {GEN_CPU} (taskset); its transmit to g0 runs in its own system calls",
+        "forwarding": f"CPU {FORWARD_CPU}: RPS steers lc0p0's receive there, so the kernel's IPv4 forwarding, the "
+        f"nftables chain, generic XDP and the packet sockets' receive run in that CPU's softirq; the daemons are "
+        f"pinned there (taskset)",
+        "sink": f"CPU {FORWARD_CPU}: RPS steers k0's receive (the ingress drop after its counters) there",
+        "baseline": f"generator_only: lc0p0 up, every frame dropped at its {hook} hook by a BPF program, on CPU "
+        f"{FORWARD_CPU}, at the same rates",
+        "daemon_none_rx_on_gen": f"the exception: lc0p0's receive steered to CPU {GEN_CPU} (with the generator), the "
+        f"ring daemon alone on CPU {FORWARD_CPU}",
+    }
+
+
 def paced_rates(bed: Testbed, config: Path, rates: tuple[int, ...], args: argparse.Namespace,
                 commands: list[str]) -> dict[str, Any]:  # fmt: skip
     """The same path at each paced rate: offered, forwarded, loss, busy share per CPU."""
     return {str(rate): blast(bed, config, args.seconds, args.warmup, commands, rate=rate) for rate in rates}
 
 
-def run_paced(bed: Testbed, n: int, rates: tuple[int, ...], args: argparse.Namespace, work: Path,
-              commands: list[str]) -> dict[str, Any]:  # fmt: skip
-    """Every path at the same paced offered loads, all forwarding on one CPU, and the generator alone (the
-    balancer's port down: trafgen's own cost) as the baseline; CPU time per forwarded frame is the busy time of
-    both CPUs above that baseline, per frame forwarded."""
-    from pyroute2 import IPRoute
+def port0_counts(work: Path, name: str) -> dict[str, int] | None:
+    """What the daemon's client port's socket received and dropped so far (None: the daemon did not answer)."""
+    from mplslb.control.client import ControlError
 
-    from mplslb.drivers.netns import entered
+    try:
+        counts: dict[str, int] = daemon_status(work, name).get("ports", {}).get("port0", {})
+    except (ControlError, OSError):
+        return None
+    return counts
 
-    out: dict[str, Any] = {"rates": list(rates), "gen_cpu": GEN_CPU, "forward_cpu": FORWARD_CPU}
+
+def paced_daemon(bed: Testbed, offload: str, ring: bool, n: int, rates: tuple[int, ...], args: argparse.Namespace,
+                 work: Path, commands: list[str]) -> dict[str, Any]:  # fmt: skip
+    """A daemon at each paced rate, with its own CPU share, where it is pinned, and what its client port's socket
+    received and dropped for want of room (PACKET_STATISTICS, from the daemon's status) in each window."""
+    name = daemon_name(offload, ring)
+    out: dict[str, Any] = {}
+    with daemon_sessions(bed, offload, n, work, commands, ring=ring) as (process, config):
+        affinity = sorted(os.sched_getaffinity(process.pid))
+        before = port0_counts(work, name)
+        for rate in rates:
+            figures = blast(bed, config, args.seconds, args.warmup, commands, rate=rate, watch={"daemon": process.pid})
+            after = port0_counts(work, name)
+            figures["daemon_cpus"] = affinity
+            if before is not None and after is not None:
+                figures["socket"] = {key: after.get(key, 0) - before.get(key, 0)
+                                     for key in ("kernel_received", "kernel_dropped")}  # fmt: skip
+            before = after
+            out[str(rate)] = figures
+    return out
+
+
+def paced_path(bed: Testbed, obj: bytes, path: str, n: int, rates: tuple[int, ...], args: argparse.Namespace,
+               work: Path, commands: list[str]) -> dict[str, Any]:  # fmt: skip
+    if path == "kernel_ipv4":
+        ip_config = trafgen_config([ipv4_frame(SPORT0 + i) for i in range(n)], work / "ip.cfg")
+        return paced_rates(bed, ip_config, rates, args, commands)
+    if path == "nft":
+        with nft_table(bed, n, work, commands) as config:
+            return paced_rates(bed, config, rates, args, commands)
+    if path == "xdp_generic":
+        with offload_alone(bed, obj, "generic", n, work) as (_, config):
+            return paced_rates(bed, config, rates, args, commands)
+    if path in ("daemon_none", "daemon_kernel", "daemon_sockets"):
+        offload = "kernel" if path == "daemon_kernel" else "none"
+        return paced_daemon(bed, offload, path != "daemon_sockets", n, rates, args, work, commands)
+    if path == "daemon_none_rx_on_gen":
+        steer(bed.lb, "lc0p0", GEN_CPU)
+        try:
+            return paced_daemon(bed, "none", True, n, rates, args, work, commands)
+        finally:
+            steer(bed.lb, "lc0p0", FORWARD_CPU)
+    raise ValueError(f"no paced path {path!r}")
+
+
+def cpu_per_frame(figures: dict[str, Any], base: dict[str, Any], forward_cpu: int = FORWARD_CPU) -> dict[str, Any]:
+    """A paced window's loss and CPU per forwarded frame: ``cpu_us_per_frame``, the busy time of every CPU above
+    the generator-only window at the same rate (``base``), per frame forwarded; ``forward_cpu_us_per_frame``, the
+    forwarding CPU's whole busy time per frame forwarded (taking each frame off the backlog included, and whatever
+    else ran there); the two parts that other work on the machine hardly touches: ``forward_softirq_us_per_frame``,
+    the forwarding CPU's softirq time (tick-sampled), and ``daemon_us_per_frame``, the daemon's own run time, and
+    their sum, ``path_us_per_frame`` (softirq work that interrupts the daemon may count in both)."""
+    frames = figures["forwarded_pps"]
+    busy = figures["cpu_busy"]
+    above = sum(max(0.0, share - base["cpu_busy"].get(cpu, 0.0)) for cpu, share in busy.items())
+    softirq = figures.get("cpu_softirq", {}).get(str(forward_cpu), 0.0)
+    daemon = figures.get("process_cpu", {}).get("daemon")
+    return {
+        "loss": figures["run_loss"] if figures.get("run_loss") is not None else round(1 - figures["ratio"], 4),
+        "cpu_us_per_frame": round(above * 1e6 / frames, 3) if frames else None,
+        "forward_cpu_us_per_frame": round(busy.get(str(forward_cpu), 0.0) * 1e6 / frames, 3) if frames else None,
+        "forward_softirq_us_per_frame": round(softirq * 1e6 / frames, 3) if frames else None,
+        "daemon_us_per_frame": round(daemon * 1e6 / frames, 3) if frames and daemon is not None else None,
+        "path_us_per_frame": round((softirq + (daemon or 0.0)) * 1e6 / frames, 3) if frames else None,
+        "baseline_pacing_held": base.get("pacing_held"),
+    }
+
+
+def run_paced(bed: Testbed, obj: bytes, n: int, rates: tuple[int, ...], args: argparse.Namespace, work: Path,
+              commands: list[str], paths: tuple[str, ...] = PACED_PATHS) -> dict[str, Any]:  # fmt: skip
+    """Every path at the same paced offered loads with the same placement (:func:`placement`), and the generator
+    with every frame dropped at the balancer's port (:func:`dropping`) as the baseline; per path and rate, offered,
+    forwarded, loss and CPU per forwarded frame (:func:`cpu_per_frame`). A path that fails is reported with its
+    error; the others still run."""
+    out: dict[str, Any] = {"rates": list(rates), "gen_cpu": GEN_CPU, "forward_cpu": FORWARD_CPU,
+                           "placement": placement(args.baseline_hook), "seconds": args.seconds,
+                           "loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}  # fmt: skip
     steer(bed.lb, "lc0p0", FORWARD_CPU)
+    steer(bed.sink, "k0", FORWARD_CPU)
     sink_drops(bed, True)
     try:
         ip_config = trafgen_config([ipv4_frame(SPORT0 + i) for i in range(n)], work / "ip.cfg")
-        with entered(bed.lb), IPRoute() as ipr:
-            index = ipr.link_lookup(ifname="lc0p0")[0]
-            ipr.link("set", index=index, state="down")
+        with dropping(bed.lb, "lc0p0", args.baseline_hook):
+            out["generator_only"] = paced_rates(bed, ip_config, rates, args, commands)
+        for path in paths:
             try:
-                out["generator_only"] = paced_rates(bed, ip_config, rates, args, commands)
-            finally:
-                ipr.link("set", index=index, state="up")
-        bed.wait_up(bed.lb, ["lc0p0"])
-        out["kernel_ipv4"] = paced_rates(bed, ip_config, rates, args, commands)
-        for offload in ("none", "kernel"):
-            process = start_daemon(bed, offload, work, commands)
-            try:
-                labels = open_sessions(bed, n)
-                frames = [labelled_frame(label, SPORT0 + i) for i, label in enumerate(labels)]
-                config = trafgen_config(frames, work / "mpls.cfg")
-                out[f"daemon_{offload}"] = paced_rates(bed, config, rates, args, commands)
-            finally:
-                stop_group(process)
+                out[path] = paced_path(bed, obj, path, n, rates, args, work, commands)
+            except Exception as exc:  # one failed path is reported, the others still run
+                out[path] = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         sink_drops(bed, False)
+        steer(bed.sink, "k0", None)
         steer(bed.lb, "lc0p0", None)
-    seconds = args.seconds
-    for path, by_rate in out.items():
-        if path == "generator_only" or not isinstance(by_rate, dict):
-            continue
-        for rate, figures in by_rate.items():
-            base = out["generator_only"][rate]["cpu_busy"]
-            above = sum(max(0.0, share - base.get(cpu, 0.0)) for cpu, share in figures["cpu_busy"].items())
-            frames = figures["forwarded_pps"]
-            figures["loss"] = round(1 - figures["ratio"], 4)
-            figures["cpu_us_per_frame"] = round(above * 1e6 / frames, 3) if frames else None
-            figures["seconds"] = seconds
+    out["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]  # other work on the machine counts as busy
+    for path in paths:
+        for rate, figures in out[path].items() if "error" not in out[path] else ():
+            figures.update(cpu_per_frame(figures, out["generator_only"][rate]))
     return out
 
 
@@ -672,7 +909,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=None, help="sessions in the forwarding runs (default 1000)")
     parser.add_argument("--install-sessions", type=int, default=None, help="sessions in the install runs (10000)")
     parser.add_argument("--skip", action="append", default=[], help="a section to skip (may repeat): kernel_ipv4, "
-                        "nft, xdp_generic, xdp_native, daemon_none, daemon_kernel, paced, install")  # fmt: skip
+                        "nft, xdp_generic, xdp_native, daemon_none, daemon_kernel, paced, install, or one paced path: "
+                        "paced_kernel_ipv4, paced_nft, paced_xdp_generic, paced_daemon_none, paced_daemon_sockets, "
+                        "paced_daemon_kernel, paced_daemon_none_rx_on_gen")  # fmt: skip
+    parser.add_argument(
+        "--baseline-hook",
+        choices=("tc", "xdp"),
+        default="tc",
+        help="where the paced baseline drops each frame at the balancer's port (default tc)",
+    )
+    parser.add_argument(
+        "--paced-rate",
+        dest="paced_rates",
+        type=int,
+        action="append",
+        default=[],
+        help="a paced offered rate in frames/s (may repeat; default 50k, 100k, 200k)",
+    )
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup or (0.5 if args.quick else 1.0)
@@ -723,8 +976,9 @@ def main(argv: list[str] | None = None) -> int:
                     figures["vs_kernel_ipv4"] = round(figures["forwarded_pps"] / reference, 4)
             if "paced" not in args.skip:
                 try:
-                    rates = PACED_RATES_QUICK if args.quick else PACED_RATES
-                    results["paced"] = run_paced(bed, sessions, rates, args, work, commands)
+                    rates = tuple(args.paced_rates) or (PACED_RATES_QUICK if args.quick else PACED_RATES)
+                    paths = tuple(p for p in PACED_PATHS if f"paced_{p}" not in args.skip)
+                    results["paced"] = run_paced(bed, obj, sessions, rates, args, work, commands, paths)
                 except Exception as exc:
                     results["paced"] = {"error": f"{type(exc).__name__}: {exc}"}
             if "install" not in args.skip:
