@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, netns
 
-from helpers import ETH_P_LOCAL_EXP, VIP, client_addr, frames_of, make_config, tcp, wait_until_ready
+from helpers import DAEMON_TOML, ETH_P_LOCAL_EXP, VIP, client_addr, frames_of, make_config, tcp, wait_until_ready
 from mplslb.balancer import Balancer
-from mplslb.drivers.afpacket import PacketPort, RingPort, open_port
+from mplslb.drivers.afpacket import DEFAULT_RETIRE_MS, MAX_RETIRE_MS, PacketPort, RingPort, open_port
 from mplslb.drivers.loop import BalancerDriver, Loop
 from mplslb.drivers.netns import entered
 from mplslb.drivers.socket_filter import BPF_ACCEPT, BPF_DROP, BPF_RET_K, PACKET_OTHERHOST, bpf_program, host_only
@@ -238,6 +238,31 @@ def test_open_port_picks_the_kind(veth):
     with open_port(a, netns=name) as plain, open_port(a, ring=True, accept={ETH_P_MPLS_UC}, netns=name) as ring:
         assert type(plain) is PacketPort and type(ring) is RingPort
         assert ring.accept == frozenset({ETH_P_MPLS_UC}) and plain.accept is None
+
+
+@root
+@needs_root
+def test_open_port_passes_the_retire_timer_to_rings(veth):
+    name, a, _ = veth
+    with open_port(a, ring=True, netns=name) as default, open_port(a, ring=True, netns=name, retire_ms=20) as set_:
+        assert isinstance(default, RingPort) and isinstance(set_, RingPort)
+        assert (default.retire_ms, set_.retire_ms) == (DEFAULT_RETIRE_MS, 20)
+    assert DEFAULT_RETIRE_MS >= 8  # one jiffy (4 ms at HZ=250) hands the block path blocks too small to keep up
+
+
+def test_daemon_config_ring_retire_ms(tmp_path):
+    from mplslb.config import ConfigError
+    from mplslb.daemon import load_daemon_config
+
+    path = tmp_path / "lb.toml"
+    path.write_text("ring = true\n" + DAEMON_TOML)
+    assert load_daemon_config(path, need_interfaces=False).ring_retire_ms == DEFAULT_RETIRE_MS
+    path.write_text("ring = true\nring_retire_ms = 16\n" + DAEMON_TOML)
+    assert load_daemon_config(path, need_interfaces=False).ring_retire_ms == 16
+    for bad in ("0", "-1", str(MAX_RETIRE_MS + 1), '"8"'):
+        path.write_text(f"ring = true\nring_retire_ms = {bad}\n" + DAEMON_TOML)
+        with pytest.raises(ConfigError, match="ring_retire_ms"):
+            load_daemon_config(path, need_interfaces=False)
 
 
 def test_ring_geometry_is_checked():

@@ -84,7 +84,7 @@ from mplslb.control.client import DEFAULT_SOCKET
 from mplslb.control.history import StatusHistory
 from mplslb.control.server import ControlServer, balancer_commands, follow_pool
 from mplslb.control.tables import RateTracker, snapshot
-from mplslb.drivers.afpacket import open_port
+from mplslb.drivers.afpacket import DEFAULT_RETIRE_MS, MAX_RETIRE_MS, open_port
 from mplslb.drivers.cluster import ClusterLink
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
@@ -129,6 +129,7 @@ class DaemonConfig:
     instance: str = ""  # names the state directory's and the kernel offload's pins by default
     bgp: BgpConfig | None = None  # [bgp]: announce the VIPs to routers while healthy (mplslb.bgp)
     offload_gso: bool = False  # the kernel offload switches super-packets too (tc ingress, veth ports)
+    ring_retire_ms: int = DEFAULT_RETIRE_MS  # with ring: how long a receive block stays open before it is handed over
 
     @property
     def datapath(self) -> str:
@@ -173,6 +174,12 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     # a receive block is only handed over when full or when its retire timer fires (a jiffy, up to 4 ms): measured
     # end to end, request/response traffic ran about twice as fast on plain packet sockets. Plain is the default.
     ring = top.get("ring", bool, False)
+    # Each block the daemon takes costs a fixed amount besides its frames, so a short retire timer hands over small
+    # blocks and caps the rate the daemon keeps up with (docs/benchmarks.md, "Wire paths at equal paced loads");
+    # a long one delays the first frame of a quiet block by up to that long.
+    ring_retire_ms = top.get("ring_retire_ms", int, DEFAULT_RETIRE_MS)
+    if not 1 <= ring_retire_ms <= MAX_RETIRE_MS:
+        raise top.error("ring_retire_ms", f"milliseconds from 1 to {MAX_RETIRE_MS}, got {ring_retire_ms}")
     offload = read_offload(top)
     syn_rate = read_offload_syn_rate(top, offload)
     gso = read_offload_gso(top, offload, ring=ring)
@@ -202,7 +209,8 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     if gso:
         _check_gso_ports(source, balancer.ports, need_interfaces=need_interfaces)
     return DaemonConfig(
-        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp, gso
+        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp, gso,
+        ring_retire_ms,
     )  # fmt: skip
 
 
@@ -288,14 +296,17 @@ def server_side_ethertypes(servers: list[ServerConfig]) -> frozenset[int]:
     )
 
 
-def open_ports(config: BalancerConfig, *, ring: bool, max_len: int | None = None) -> dict[int, Port]:
+def open_ports(
+    config: BalancerConfig, *, ring: bool, max_len: int | None = None, retire_ms: int = DEFAULT_RETIRE_MS
+) -> dict[int, Port]:
     """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it.
-    ``max_len``: the ethernet ports' sockets leave longer frames out (the kernel offload's super-packets)."""
+    ``max_len``: the ethernet ports' sockets leave longer frames out (the kernel offload's super-packets);
+    ``retire_ms``: with ``ring``, the receive rings' block retire timer."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
             try:
-                ports[port.port_id] = _open(port, config.servers, ring=ring, max_len=max_len)
+                ports[port.port_id] = _open(port, config.servers, ring=ring, max_len=max_len, retire_ms=retire_ms)
             except OSError as exc:
                 if port.kind == "ethernet":
                     where = f"interface {port.interface!r}"
@@ -311,7 +322,14 @@ def open_ports(config: BalancerConfig, *, ring: bool, max_len: int | None = None
     return ports
 
 
-def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool, max_len: int | None = None) -> Port:
+def _open(
+    port: PortConfig,
+    servers: tuple[ServerConfig, ...],
+    *,
+    ring: bool,
+    max_len: int | None = None,
+    retire_ms: int = DEFAULT_RETIRE_MS,
+) -> Port:
     here = [server for server in servers if server.port_id == port.port_id]
     if port.kind == "mpls_udp":
         address = str(ipaddress.ip_address(port.address))
@@ -321,7 +339,9 @@ def _open(port: PortConfig, servers: tuple[ServerConfig, ...], *, ring: bool, ma
     accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else server_side_ethertypes(here)
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
-    return open_port(port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len)
+    return open_port(
+        port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len, retire_ms=retire_ms
+    )
 
 
 class Daemon:
@@ -374,7 +394,9 @@ class Daemon:
         try:
             setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
             frame_max = self.offloaded.offload.frame_max if self.offloaded is not None else 0
-            self.ports = open_ports(config.balancer, ring=config.ring, max_len=frame_max or None)
+            self.ports = open_ports(
+                config.balancer, ring=config.ring, max_len=frame_max or None, retire_ms=config.ring_retire_ms
+            )
         except BaseException:  # nothing of a daemon that could not start stays behind (but its kept state)
             self.changes.undo()
             self._unlock()
@@ -593,6 +615,7 @@ class Daemon:
                 ("control.socket", running.control_socket, new.control_socket),
                 ("control.metrics", running.metrics, new.metrics),
                 ("ring", running.ring, new.ring),
+                ("ring_retire_ms", running.ring_retire_ms, new.ring_retire_ms),
                 ("offload", running.offload, new.offload),
                 ("bgp", running.bgp, new.bgp),
             ):

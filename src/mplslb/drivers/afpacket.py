@@ -83,7 +83,8 @@ _ADDR_PKTTYPE, _ADDR_MAC = 2, 4  # in a packet socket's address: (ifname, protoc
 DEFAULT_BLOCK_SIZE = 1 << 18
 DEFAULT_BLOCK_NR = 64
 DEFAULT_FRAME_SIZE = 2048
-DEFAULT_RETIRE_MS = 1
+DEFAULT_RETIRE_MS = 8  # see RingPort: 1 ms blocks cost the block path most of its rate at 100k frames/s
+MAX_RETIRE_MS = 1000
 _REQ3 = struct.Struct("=IIIIIII")
 _U32 = struct.Struct("=I")
 BLOCK_STATUS = 8  # tpacket_block_desc: version, offset_to_priv, then hdr.bh1: block_status, num_pkts, ...
@@ -426,6 +427,7 @@ class RingPort(_PacketSocket):
         if frame_size < TPACKET3_HDRLEN or frame_size % TPACKET_ALIGNMENT or block_size % frame_size:
             raise ValueError(f"frame_size must divide block_size and be a multiple of {TPACKET_ALIGNMENT}")
         self._geometry = (block_size, block_nr, frame_size, retire_ms)
+        self.retire_ms = retire_ms
         self._block_size, self._block_nr = block_size, block_nr
         self._ring: mmap.mmap | None = None
         self._block = 0  # the next block to look at
@@ -671,14 +673,17 @@ def open_port(
     tx_ring: bool = False,
     host_only: bool = False,
     max_len: int | None = None,
+    retire_ms: int = DEFAULT_RETIRE_MS,
 ) -> PacketPort | RingPort:
     """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
     adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`; ``host_only`` leaves out frames
     addressed to other hosts (see :func:`~mplslb.drivers.socket_filter.host_only`); ``max_len`` (plain sockets
-    only) leaves out frames longer than that (see :func:`~mplslb.drivers.socket_filter.length_cap`)."""
+    only) leaves out frames longer than that (see :func:`~mplslb.drivers.socket_filter.length_cap`); ``retire_ms``
+    (rings only) is the receive ring's block retire timer (see :class:`RingPort`)."""
     if ring:
         if max_len is not None:
             raise ValueError("max_len is for plain packet sockets (a ring reads partial checksums unfinished)")
-        return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only)
+        return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
+                        retire_ms=retire_ms)  # fmt: skip
     return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
                       max_len=max_len)  # fmt: skip
