@@ -171,8 +171,9 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
         metrics = (addr.strip("[]"), int(port))
     csec.done()
     # Rings (TPACKET_V3 receive, TPACKET_V2 transmit, the zero-copy block path) give the highest frame rates, but
-    # a receive block is only handed over when full or when its retire timer fires (a jiffy, up to 4 ms): measured
-    # end to end, request/response traffic ran about twice as fast on plain packet sockets. Plain is the default.
+    # a receive block is only handed over when full or when its retire timer fires (ring_retire_ms): measured end
+    # to end with a 4 ms timer, request/response traffic ran about twice as fast on plain packet sockets. Plain is
+    # the default.
     ring = top.get("ring", bool, False)
     # Each block the daemon takes costs a fixed amount besides its frames, so a short retire timer hands over small
     # blocks and caps the rate the daemon keeps up with (docs/benchmarks.md, "Wire paths at equal paced loads");
