@@ -175,9 +175,9 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     # to end with a 4 ms timer, request/response traffic ran about twice as fast on plain packet sockets. Plain is
     # the default.
     ring = top.get("ring", bool, False)
-    # Each block the daemon takes costs a fixed amount besides its frames, so a short retire timer hands over small
-    # blocks and caps the rate the daemon keeps up with (docs/benchmarks.md, "Wire paths at equal paced loads");
-    # a long one delays the first frame of a quiet block by up to that long.
+    # The ring holds a fixed number of blocks however full the timer retires them: a short timer makes it hold few
+    # frames, and small blocks cost more per frame (docs/benchmarks.md, "Wire paths at equal paced loads"); a long
+    # one delays the frames of a block that does not fill by up to that long.
     ring_retire_ms = top.get("ring_retire_ms", int, DEFAULT_RETIRE_MS)
     if not 1 <= ring_retire_ms <= MAX_RETIRE_MS:
         raise top.error("ring_retire_ms", f"milliseconds from 1 to {MAX_RETIRE_MS}, got {ring_retire_ms}")

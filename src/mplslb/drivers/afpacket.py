@@ -16,14 +16,18 @@ The kernel moves a received frame's outermost VLAN tag into metadata before the 
 data or the ring's frame header), so the core gets the frame as it was on the wire.
 
 :class:`RingPort` trades latency for fewer system calls: with TPACKET_V3 the kernel hands over whole blocks, when a
-block is full or when its retire timer (``retire_ms``, rounded up to a jiffy) fires. Frames are copied out of the
-ring and each block goes back to the kernel (``block_status = TP_STATUS_KERNEL``) once all its frames are copied.
-Each block handed over costs its reader a fixed amount besides its frames (a wake-up, the numpy calls of the block
-path, a TX flush), so the timer also sets how small blocks get at moderate rates: with one jiffy (4 ms) a paced
-100k frames/s arrived in blocks of 200-400 frames, too small for the daemon to keep up (the ring stayed full and
-the kernel dropped 60-70 %); with two (``DEFAULT_RETIRE_MS``, 8 ms) it kept up. A longer timer delays the frames of
-a block that does not fill by up to that long.
-Sending uses plain ``send()`` on the same socket for both ports.
+block is full or when its retire timer (``retire_ms``) fires. Frames are copied out of the ring and each block goes
+back to the kernel (``block_status = TP_STATUS_KERNEL``) once all its frames are copied. Sending uses plain
+``send()`` on the same socket for both ports.
+
+The ring holds ``block_nr`` blocks however full the timer retires them, so the timer sets how many frames the ring
+can hold, not only the latency: with 1 ms, frames arriving in bursts (nothing for half a second, then 20-30k frames)
+were retired in blocks of 200-300 frames, the 64 blocks held about 16k frames of the 115k the ring's memory has
+room for, and the kernel dropped half of a paced 50k frames/s while the daemon sat idle between bursts; with 8 ms
+(``DEFAULT_RETIRE_MS``) the blocks held 1,100-1,250 frames, at most 35 blocks were in use and nothing was lost
+(docs/benchmarks.md, "Wire paths at equal paced loads"). Fewer, fuller blocks also cost the block path less per
+frame (each block costs a fixed amount: a wake-up, numpy calls, a TX flush). A longer timer delays the frames of a
+block that does not fill by up to that long.
 
 The zero-copy block path
 ------------------------
@@ -88,7 +92,7 @@ _ADDR_PKTTYPE, _ADDR_MAC = 2, 4  # in a packet socket's address: (ifname, protoc
 DEFAULT_BLOCK_SIZE = 1 << 18
 DEFAULT_BLOCK_NR = 64
 DEFAULT_FRAME_SIZE = 2048
-DEFAULT_RETIRE_MS = 8  # two jiffies at HZ=250 (see the module's notes)
+DEFAULT_RETIRE_MS = 8  # see the module's notes: the timer also sets how many frames the ring holds
 MAX_RETIRE_MS = 1000
 _REQ3 = struct.Struct("=IIIIIII")
 _U32 = struct.Struct("=I")
