@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from helpers import (
     DAEMON_TOML,
     FIN,
     PORT_MAC,
+    PSH,
     RST,
     SYN,
     VIP,
@@ -45,9 +47,10 @@ from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.tickets import TICKETS_WANT
+from mplslb.sessions import SessionState
 from mplslb.switching.layout import KERNEL_ENTRY, KERNEL_ENTRY_FIELDS, struct_offsets
 from mplslb.wire.ip import IPPROTO_TCP
-from test_offload import label_of, needs_kernel, on_veths, veth_namespaces
+from test_offload import from_client, from_server, label_of, needs_kernel, on_veths, veth_namespaces
 
 #: An entry's fields the program and the daemon write (what the mirror compares), up to the kernel's counters.
 FIXED = struct_offsets(KERNEL_ENTRY_FIELDS)["packets"]
@@ -63,8 +66,9 @@ def lb() -> Iterator[str]:
         yield name
 
 
-def pair(lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> tuple[OffloadedBalancer,
-                                                                                              Balancer, Loop]:  # fmt: skip
+def pair(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> tuple[OffloadedBalancer, Balancer, Loop]:
     """The daemon's wrapper with tickets over a balancer on p0..p3, and a reference balancer of the same
     configuration."""
     monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
@@ -118,8 +122,9 @@ def taken_as_in_userspace(core: OffloadedBalancer, reference: Balancer, loop: Lo
     c2s = label_of(result.data)
     ours, theirs = core.balancer.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
     assert ours is not None and theirs is not None
-    assert (ours.key, ours.server.name, ours.client_port, ours.client_mac, ours.ip_version, ours.state) == (
-        theirs.key, theirs.server.name, theirs.client_port, theirs.client_mac, theirs.ip_version, theirs.state)  # fmt: skip
+    for field in ("key", "client_port", "client_mac", "ip_version", "state"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.server.name == theirs.server.name
     a, b = core.balancer.switching, reference.switching
     for label in (c2s, c2s + 1):
         for column in ("valid", "out_port", "in_port", "rewrite", "peer", "peer_ip", "flow", "watch", "v6"):
@@ -355,3 +360,53 @@ def test_offload_syn_is_read_and_not_kept_across_daemons(tmp_path: Path) -> None
     path.write_text('offload = "kernel"\noffload_syn = true\n' + DAEMON_TOML + "\n[state]\npersist = true\n")
     with pytest.raises(ConfigError, match="not kept across daemons"):
         load_daemon_config(path)
+
+
+@needs_kernel
+def test_a_session_the_kernel_ran_whole_before_its_ticket_was_folded_closes_as_in_userspace(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``Connection: close`` session whose every frame the kernel switched (handshake, request, response, both
+    FINs) before the daemon folded its ticket (a daemon preempted between its fold and its poll): a poll then hands
+    over nothing of it (its measurement, FINs and counters wait for the session), and once folded it is the userspace
+    path's session, closed by both FINs."""
+    core, reference, loop = pair(lb, tmp_path, monkeypatch, l7=True)
+    try:
+        assert core.desk is not None
+        syn = syn_frame(sport=32000)
+        result = run(core, lb, syn)
+        assert result.retval == bpf.XDP_REDIRECT
+        assert reference.receive(0, syn, loop.clock()) == [(2, result.data)]
+        c2s = label_of(result.data)
+        session = reference.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        c0 = client_addr(0)
+        request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+        def client(flags: int, payload: bytes = b"") -> bytes:
+            packet = ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, 32000, 80, flags, payload))
+            return from_client(c2s, packet)
+
+        def server(flags: int, payload: bytes = b"") -> bytes:
+            segment = tcp_segment(VIP, c0, 80, 32000, flags, payload, ack=1 + len(request))
+            return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, segment), port=port, mac=mac)
+
+        time.sleep(0.001)  # the kernel's clock moves past the SYN's
+        frames = [(port, server(SYN | ACK)), (0, client(ACK)), (0, client(ACK | PSH, request)),
+                  (port, server(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n")), (port, server(FIN | ACK)),
+                  (0, client(FIN | ACK)), (port, server(ACK))]  # fmt: skip
+        for in_port, frame in frames:
+            expected = reference.receive(in_port, frame, loop.clock())
+            assert [run(core, lb, frame, in_port).data] == [sent for _, sent in expected]
+        core.offload.poll()  # before the fold: nothing of the session is handed over
+        assert core.offload.fins == 0 and core.offload.records == 0
+        assert core.desk.fold(loop.clock()) == 1
+        core.offload.poll()
+        ours, theirs = core.balancer.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+        assert ours is not None and theirs is not None
+        assert ours.state is theirs.state is SessionState.ENDING
+        assert core.offload.fins == 2 and core.balancer.l7_hosts == reference.l7_hosts == {"a": 1}
+        assert core.balancer.switching.traffic(c2s) == reference.switching.traffic(c2s)
+    finally:
+        core.close()

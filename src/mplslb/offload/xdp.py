@@ -1349,7 +1349,9 @@ class XdpOffload:
         """Add the counters read from ``labels``' entries beyond what was already added; returns how many labels
         had new frames."""
         packets, octets, last_ns = counters["packets"], counters["bytes"], counters["last_ns"]
-        live = self._in_kernel[labels] != 0  # an entry deleted since the read is not counted
+        # An entry deleted since the read is not counted, nor a taken ticket's before its session is in the table
+        # (its install would reset the count): counted at the next poll.
+        live = (self._in_kernel[labels] != 0) & (self.table.arrays().valid[labels] != 0)
         self._fold_acks(labels[live], counters["ack"][live])
         moved = live & (packets > self._kpackets[labels])
         if not moved.any():
@@ -1402,7 +1404,12 @@ class XdpOffload:
             return 0
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
         fins = np.frombuffer(values, dtype=FIN_RECORD)["fin_taken"]
-        pending = labels[(fins != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)]
+        pending = labels[
+            (fins != 0)
+            & (self._fin_folded[labels] == 0)
+            & (self._in_kernel[labels] != 0)
+            & (self.table.arrays().valid[labels] != 0)
+        ]
         before = self.fins
         for c2s in sorted({label if is_c2s(label) else label - 1 for label in pending.tolist()}):
             self.fold(c2s)
@@ -1416,7 +1423,9 @@ class XdpOffload:
         again). A FIN is dated no earlier than the last read of the whole map, which would have handed it over."""
         assert self.ended is not None
         fins = np.frombuffer(values, dtype=FIN_RECORD)[: labels.size]
+        # a taken ticket's FIN waits for its session to be in the table (tickets: folded before the next read)
         new = (fins["fin_taken"] != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)
+        new &= self.table.arrays().valid[labels] != 0
         if not new.any():
             return
         labels, fins = labels[new], fins[new]
