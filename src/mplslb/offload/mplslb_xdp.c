@@ -12,7 +12,9 @@
  * output port. While a session's response time is measured (F_RT), the frames that tell it are recorded in its C2S
  * entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
- * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
+ * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything;
+ * and, with tickets (offload_syn), a new TCP session's SYN is sent on here under a decision the daemon made ahead
+ * (take_syn below).
  * The checks and the rewrite are one function, label_switch(), which the XDP entry point runs on every frame and,
  * built with -DGSO_FRAME_MAX (offload_gso), a tc ingress entry point on super-packets (see mplslb_tc below).
  * A TCP session's FIN the program can record for the daemon (F_FIN, take_fin() below) is forwarded too.

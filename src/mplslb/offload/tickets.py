@@ -48,9 +48,10 @@ from mplslb.offload.xdp import XdpOffload
 from mplslb.switching.layout import TICKETS_MAX, WATCH_ALL, WATCH_REQUEST, WATCH_TCP_END
 from mplslb.wire.ip import IPPROTO_TCP
 
-#: Tickets kept outstanding (at most TICKETS_MAX, the queue's size): about as many SYNs as arrive between two syncs
-#: at a few thousand new sessions a second, with room.
-TICKETS_WANT = 128
+#: Tickets kept outstanding (at most TICKETS_MAX, the queue's size): the SYNs of a few thousand new sessions a second
+#: while the daemon's loop is held up for tens of milliseconds (a poll handing over many records, the process
+#: preempted); a SYN that finds none goes up. Each counts as a session of its server until taken or revoked.
+TICKETS_WANT = 256
 assert TICKETS_WANT <= TICKETS_MAX
 
 

@@ -117,6 +117,20 @@ GSO state untouched. What the switch would pass up it drops, counted by reason (
 into the table's drops at each poll); a FIN it clears first and switches the rest (docs/architecture.md says why).
 Every port must be a veth; nothing is pinned (no ``pins`` with ``gso``).
 
+Tickets (``tickets``, the daemon's ``offload_syn``; :mod:`mplslb.offload.tickets` decides them): an unlabelled TCP
+SYN on a client port may be taken by the program under a ticket, a new session decided ahead by the daemon, and
+sent to its server as the userspace path sends it. The maps: the ticket queue (``BPF_MAP_TYPE_QUEUE`` of C2S
+labels; :meth:`issue_tickets` writes a ticket's two entries, built by :meth:`ticket_entries` with everything that does
+not depend on the client and flagged ``F_TICKET``, then pushes its label), the taken queue (what the program did
+with each ticket it took: :meth:`take_tickets`, a :class:`Taken` each, whose labels' later install in the table writes
+nothing, their entries being the session's already), the flow map (every live TCP session's flow -> its C2S
+label: written and deleted with the label entries of the sessions made in userspace, inserted by the program for
+the ones it makes; a SYN of a flow in it goes up), the services map ((VIP, TCP port)s, :meth:`set_services`), the
+client ports (:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist
+whatever the setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose
+labels the table does not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once
+its session is there. Nothing of it is pinned: no ``pins`` with ``tickets``.
+
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
 program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
@@ -493,6 +507,7 @@ class XdpOffload:
         self._ticket_maps: dict[str, bpf.Map | bpf.Queue] = {}
         self._flows: dict[int, bytes] = {}  # tickets: C2S label -> its flow's key in the flow map
         self._ticketed: set[int] = set()  # labels a ticket's entries hold, not installed in the table yet
+        self._ticket_templates: dict[tuple[int, bytes, int, int], bytes] = {}  # ticket_entries' results
         self.port_of: dict[int, int] = {}  # ifindex -> port id
         self.flow_errors = 0
 
@@ -1186,7 +1201,12 @@ class XdpOffload:
 
     def ticket_entries(self, c2s: int, server_port: int, server_mac: bytes, c2s_watch: int, s2c_watch: int) -> bytes:
         """A ticket's two entries (C2S, S2C) for a session with a server ``server_mac`` on ``server_port``: what
-        does not depend on the client, flagged F_TICKET (the program fills the rest in when it takes a SYN)."""
+        does not depend on the client, flagged F_TICKET (the program fills the rest in when it takes a SYN): the
+        same for every ticket of the server, so made once."""
+        key = (server_port, server_mac, c2s_watch, s2c_watch)
+        made = self._ticket_templates.get(key)
+        if made is not None:
+            return made
         out = self.ifindex[server_port]
         rewrite = server_mac + self.table.port_mac(server_port)
         c_flags = self._flags(c2s_watch, v6=False, flow=True) | F_TICKET
@@ -1197,6 +1217,9 @@ class XdpOffload:
                               budget, *(0,) * 9)  # fmt: skip
         s = KERNEL_ENTRY.pack(0, out, bytes(12), server_mac, s_flags, 0, empty_ip, empty_ip, empty_ports, 0, 0, 0, 0,
                               0, *(0,) * 9)  # fmt: skip
+        if len(self._ticket_templates) > len(self.ifindex) * 1024:
+            self._ticket_templates.clear()  # servers' MACs come and go: bounded
+        self._ticket_templates[key] = c + s
         return c + s
 
     def issue_tickets(self, tickets: list[tuple[int, bytes]]) -> list[int]:
