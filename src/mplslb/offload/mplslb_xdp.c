@@ -411,7 +411,8 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 		total = IPV6_HLEN + ((ip[IPV6_PAYLOAD_LEN] << 8) | ip[IPV6_PAYLOAD_LEN + 1]);
 		l4 = IPV6_HLEN;
 		ttl = ip[IPV6_HOP_LIMIT_AT];
-		tos = ((ip[0] & 0x0f) << 4) | (ip[1] >> 4);
+		/* the traffic class straddles the version nibble's octet and the next (a __u8 keeps its 8 bits) */
+		tos = (ip[0] << IP_VERSION_SHIFT) | (ip[1] >> IP_VERSION_SHIFT);
 		t.t_family = FAMILY_V6;
 		for (int i = 0; i < IPV6_ADDR_LEN; i++) {
 			t.t_src[i] = ip[IPV6_SRC + i];
