@@ -52,7 +52,10 @@ from mplslb.wire.ip import IPPROTO_TCP
 #: while the daemon's loop is held up for tens of milliseconds (a poll handing over many records, the process
 #: preempted); a SYN that finds none goes up. Each counts as a session of its server until taken or revoked.
 TICKETS_WANT = 256
-assert TICKETS_WANT <= TICKETS_MAX
+#: Tickets are issued in batches of at least this many (while any is outstanding): one map write and this many
+#: queue pushes, rather than a write per SYN taken.
+REFILL_MIN = 32
+assert REFILL_MIN <= TICKETS_WANT <= TICKETS_MAX
 
 
 class TicketDesk:
@@ -110,8 +113,8 @@ class TicketDesk:
         return made
 
     def refill(self, now: float) -> int:
-        """Revoke the tickets if what they were decided on changed, then issue up to :attr:`want`; returns how many
-        were issued."""
+        """Revoke the tickets if what they were decided on changed, then issue up to :attr:`want` (once
+        :data:`REFILL_MIN` are missing, or none is left); returns how many were issued."""
         state = self._state()
         if state != self._epoch:
             if self._services_of is not self.balancer.config.vips:
@@ -119,7 +122,7 @@ class TicketDesk:
             self.revoke_all(now)
             self._epoch = state
         missing = self.want - len(self.outstanding)
-        if missing <= 0:
+        if missing <= 0 or (self.outstanding and missing < min(REFILL_MIN, self.want)):
             return 0
         b = self.balancer
         l7 = b.analyzer.l7
