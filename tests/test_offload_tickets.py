@@ -410,3 +410,33 @@ def test_a_session_the_kernel_ran_whole_before_its_ticket_was_folded_closes_as_i
         assert core.balancer.switching.traffic(c2s) == reference.switching.traffic(c2s)
     finally:
         core.close()
+
+
+@needs_kernel
+def test_a_ticket_taken_for_a_flow_the_daemon_just_opened_is_given_back_and_the_flow_kept(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SYN that went up (no ticket) opens its session in userspace; a copy of it the program takes before the
+    sync enters the session's flow in the map is refused at the fold (its ticket given back), and the flow is the
+    session's again: its next SYN goes up to it instead of taking another ticket."""
+    core, _, loop = pair(lb, tmp_path, monkeypatch)
+    try:
+        assert core.desk is not None
+        core.desk.revoke_all(loop.clock())
+        syn = syn_frame(sport=33000)
+        assert run(core, lb, syn).retval == bpf.XDP_PASS  # no ticket
+        ((_, sent),) = core.balancer.receive(0, syn, loop.clock())  # opened in userspace, not synced yet
+        session = core.balancer.sessions.by_c2s(label_of(sent))
+        assert session is not None
+        core.desk.refill(loop.clock())
+        assert run(core, lb, syn).retval == bpf.XDP_REDIRECT  # its flow is not in the map yet
+        core.offload.sync()
+        assert core.desk.fold(loop.clock()) == 0 and core.desk.refused == 1
+        assert core.balancer.sessions.by_c2s(session.c2s) is not None
+        for _ in range(2):
+            assert run(core, lb, syn).retval == bpf.XDP_PASS  # the session's flow
+            core.receive_batch([(0, syn)], loop.clock())
+        assert core.desk.refused == 1 and core.stats()["tickets"]["syn_flow_live"] == 2
+        assert core.offload.entries == 2 * (len(core.desk.outstanding) + 1)
+    finally:
+        core.close()

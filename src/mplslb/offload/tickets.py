@@ -104,8 +104,13 @@ class TicketDesk:
                 continue
             key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
             if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
+                # the flow is a session's already (its SYN went up, the daemon opened it, and its flow was not in the
+                # map yet when the program took a copy of the SYN): that session keeps the flow
                 self.offload.revoke_tickets([t.c2s])
                 b.release_decided(t.c2s, server, now)
+                existing = b.sessions.lookup(key)
+                if existing is not None:
+                    self.offload.restore_flow(existing.c2s)
                 self.refused += 1
                 continue
             made += 1

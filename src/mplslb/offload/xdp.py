@@ -506,6 +506,7 @@ class XdpOffload:
         self.tickets = tickets
         self._ticket_maps: dict[str, bpf.Map | bpf.Queue] = {}
         self._flows: dict[int, bytes] = {}  # tickets: C2S label -> its flow's key in the flow map
+        self._flow_owner: dict[bytes, int] = {}  # ... and the label each key was last written for
         self._ticketed: set[int] = set()  # labels a ticket's entries hold, not installed in the table yet
         self._ticket_templates: dict[tuple[int, bytes, int, int], bytes] = {}  # ticket_entries' results
         self.port_of: dict[int, int] = {}  # ifindex -> port id
@@ -900,6 +901,7 @@ class XdpOffload:
             m.close()
         self._ticket_maps.clear()
         self._flows.clear()
+        self._flow_owner.clear()
         self._ticketed.clear()
         self._slots[:] = False
         if not keep:
@@ -1140,10 +1142,17 @@ class XdpOffload:
             self.flow_errors += 1
             return
         flows.update(zip(at, keys, strict=True))
+        self._flow_owner.update(zip(keys, at, strict=True))
 
     def _delete_flows(self, labels: Iterable[int]) -> None:
         """Take the flows of ``labels`` (C2S labels of sessions ending) out of the flow map."""
-        keys = [key for label in labels if (key := self._flows.pop(label, None)) is not None]
+        owner = self._flow_owner
+        keys: list[bytes] = []
+        for label in labels:
+            key = self._flows.pop(label, None)
+            if key is not None and owner.get(key) == label:  # not a later session's of the same flow
+                del owner[key]
+                keys.append(key)
         if not keys:
             return
         m = self._ticket_maps["syn_flows"]
@@ -1273,7 +1282,8 @@ class XdpOffload:
             c2s, ifindex, ns, mac, family, _, src, dst, ports, length = TAKEN.unpack(raw)
             size = 16 if family == 6 else 4
             self._ticketed.update((c2s, c2s + 1))
-            self._flows[c2s] = syn_flow_key(src[:size], dst[:size], ports)
+            key = self._flows[c2s] = syn_flow_key(src[:size], dst[:size], ports)
+            self._flow_owner[key] = c2s
             sport, dport = struct.unpack("!HH", ports)
             out.append(Taken(c2s, self.port_of.get(ifindex, -1), ns * 1e-9 + offset, mac, family, src[:size],
                              dst[:size], sport, dport, length))  # fmt: skip
@@ -1304,6 +1314,13 @@ class XdpOffload:
             self._ticketed.discard(c2s)
             self._ticketed.discard(c2s + 1)
         self._delete_tickets(labels)
+
+    def restore_flow(self, c2s: int) -> None:
+        """Enter the flow of the session of ``c2s`` into the flow map again (a ticket taken for the same flow and
+        given back deleted it)."""
+        self._flows.pop(c2s, None)
+        if self._in_kernel[c2s]:
+            self._write_flows([c2s])
 
     def _delete_tickets(self, labels: list[int]) -> None:
         both = [label for c2s in labels for label in (c2s, c2s + 1) if self._in_kernel[label]]
