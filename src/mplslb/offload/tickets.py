@@ -26,7 +26,9 @@ that does not read the flow key, so the daemon decides it ahead:
   its session, and before every sync, poll and timer run): each taken ticket becomes the session
   :meth:`~mplslb.balancer.Balancer._new_session` would have made (:meth:`~mplslb.balancer.Balancer.open_decided`:
   opened at the SYN's kernel time, its labels installed in the table, which writes nothing to the kernel: the
-  entries are the session's already); its measurement and FINs then go on in the kernel as any session's.
+  entries are the session's already); its measurement and FINs then go on in the kernel as any session's. One
+  taken for a flow that is a session's already (its SYN went up and was opened before the sync entered its flow)
+  is given back (``refused``) and the flow entered again for that session.
 * **Revoke** (:meth:`TicketDesk.revoke_all`): when a server's state, MAC or weight, the pool, the algorithm, the
   limits or the services change, every ticket is drained from the queue (the program takes none meanwhile), its
   entries deleted and its decision given back (:meth:`~mplslb.balancer.Balancer.release_decided`: the server's
