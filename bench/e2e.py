@@ -330,6 +330,9 @@ def lab_variants() -> list[tuple[str, str, dict[str, Any]]]:
         if "offload_gso" in fields:  # super-packets whole through the balancer's offload
             gso = {"datapath": "kernel", "offload": "kernel", "offload_gso": True}
             found.append(("kernel+xdp+gso", "kernel endpoints, offload = kernel, offload_gso", gso))
+        if "offload_syn" in fields:  # new sessions' SYNs taken in the kernel under tickets
+            syn = {"datapath": "kernel", "offload": "kernel", "offload_syn": True}
+            found.append(("kernel+xdp+syn", "kernel endpoints, offload = kernel, offload_syn", syn))
         return found
     return [("tun", "TUN agents", {}), ("tun+xdp", "TUN agents, offload = kernel", {"offload": "kernel"})]
 

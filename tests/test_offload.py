@@ -72,7 +72,7 @@ from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
-from mplslb.offload.xdp import BATCH_MIN, PROG_NAME, OffloadError, XdpOffload, syn_share, xdp_state
+from mplslb.offload.xdp import BATCH_MIN, PROG_NAME, TICKET_MAPS, OffloadError, XdpOffload, syn_share, xdp_state
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
 from mplslb.switching.layout import (
@@ -386,7 +386,12 @@ def test_object_builds_once_and_names_its_map(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("mplslb_xdp-*.o")]
     assert build_object(directory=tmp_path) == first
     prog = bpf.read_elf_program(first, "xdp")
-    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {"labels", "syn_buckets", "requests"}
+    assert prog.map_refs and {symbol for _, symbol in prog.map_refs} == {
+        "labels",
+        "syn_buckets",
+        "requests",
+        *TICKET_MAPS,
+    }
     assert "GPL" in prog.license
 
 

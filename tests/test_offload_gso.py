@@ -209,7 +209,7 @@ class Programs:
                 MAP_SYMBOL: self.offload._map.fd,  # type: ignore[union-attr]
                 SYN_MAP_SYMBOL: self.offload._syn.fd,  # type: ignore[union-attr]
                 REQUEST_MAP_SYMBOL: self.offload._requests.fd,  # type: ignore[union-attr]
-            }
+            } | {symbol: m.fd for symbol, m in self.offload._ticket_maps.items()}
             self.plain = bpf.load_program(obj, "xdp", maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name="plain_xdp")
 
     def xdp(self, frame: bytes, port: int) -> bpf.TestRun:

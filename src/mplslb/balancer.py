@@ -91,6 +91,8 @@ _SRC_MAC = slice(ETH_SRC, ETH_SRC + ETH_ALEN)
 #: vectorised pass (1.5 ms for the whole label space here), and idle timeouts are seconds to minutes, so
 #: firing up to this much late changes nothing a client sees.
 TIMER_GRANULARITY = 0.05
+#: The flow key a decision taken before its SYN is made with (algorithms that read it decide nothing then).
+_NO_FLOW = FlowKey(IPPROTO_TCP, b"", 0, b"", 0)
 _TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
 _HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
 _ACK_FIELD = struct.Struct("!I")
@@ -506,6 +508,52 @@ class Balancer:
         self.pool.session_started(server)
         self._install_labels(c2s, key, server, port, client_mac, a.ip_version, True, now, now)
         self._to_server(c2s, frame, a, now, out)
+
+    # -- new TCP sessions decided ahead of their SYN (the kernel offload's tickets, offload_syn) ------------------
+    def pre_decide(self, outstanding: int, now: float) -> tuple[int, Server] | str:
+        """What :meth:`_new_session` decides for a TCP SYN with ``outstanding`` such decisions not yet taken, decided
+        before the SYN comes (admission with the room they leave, a server, a label pair), or why none can be (the
+        reason :meth:`_new_session` would refuse one, or ``half_open`` when the half-open share is used up: a SYN
+        then evicts the oldest, which only this path does). The chosen server counts the session at once, so the
+        next decision sees it; an algorithm that reads the flow key decides nothing (``keyed``)."""
+        if self.algorithm.keyed:
+            return "keyed_algorithm"
+        sessions = self.sessions
+        if sessions.half_open + outstanding >= self.max_half_open:
+            return "half_open"
+        refusal = self.admission.admit(
+            active_sessions=sessions.live + outstanding, labels_free=self.labels.free_at(now), now=now
+        )
+        if refusal is not None:
+            return refusal.value
+        server = self.algorithm.choose(self.pool, _NO_FLOW, now)
+        if server is None:
+            return self.admission.refusal_for_no_server(self.pool).value
+        c2s = self.labels.allocate(now)
+        if c2s is None:
+            return Refusal.LABELS_EXHAUSTED.value
+        self.pool.session_started(server)
+        return c2s, server
+
+    def open_decided(
+        self, c2s: int, server: Server, key: FlowKey, port: int, client_mac: bytes, ip_version: int, now: float
+    ) -> Session | None:
+        """The session a decision of :meth:`pre_decide` became when its SYN (``key`` from ``client_mac`` on
+        ``port`` at ``now``) was sent to ``server`` elsewhere, as :meth:`_new_session` opens one; None when the
+        flow is a session's already (the decision is then to be given back)."""
+        if self.sessions.lookup(key) is not None:
+            return None
+        session = self.sessions.open(
+            key, c2s, server, client_port=port, client_mac=client_mac, ip_version=ip_version, now=now
+        )
+        self._install_labels(c2s, key, server, port, client_mac, ip_version, True, now, now)
+        return session
+
+    def release_decided(self, c2s: int, server: Server, now: float) -> None:
+        """Give back a decision of :meth:`pre_decide` that no SYN took: its server's count, its labels (to
+        quarantine, as an ended session's)."""
+        self.pool.session_withdrawn(server)
+        self.labels.withdraw(c2s, now)
 
     def install_labels(
         self, session: Session, now: float, *, watched: bool = True, seen: tuple[float, float] | None = None

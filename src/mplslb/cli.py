@@ -608,6 +608,11 @@ def _lab_options(fn: Any) -> Any:
                 "with --super-packets).",
             ),
             click.option(
+                "--offload-syn",
+                is_flag=True,
+                help="With --offload kernel: new TCP sessions' SYNs taken in the kernel under tickets (offload_syn).",
+            ),
+            click.option(
                 "--datapath",
                 type=click.Choice(["kernel", "tun", "auto"]),
                 default="kernel",

@@ -303,6 +303,16 @@ def read_offload_gso(top: Section, offload: str, *, ring: bool) -> bool:
     return gso
 
 
+def read_offload_syn(top: Section, offload: str) -> bool:
+    """The top-level ``offload_syn`` key: new TCP sessions' SYNs are taken in the kernel offload under tickets the
+    daemon decides ahead (mplslb.offload.tickets; false, the default: every SYN goes up). Only with ``offload =
+    "kernel"``; nothing may be kept across daemons (``[state]``: checked by the caller)."""
+    syn = top.get("offload_syn", bool, False)
+    if syn and offload != "kernel":
+        raise top.error("offload_syn", 'takes SYNs in the kernel offload: needs offload = "kernel"')
+    return syn
+
+
 def load_toml(path: str | Path) -> tuple[str, dict[str, Any]]:
     source = str(path)
     try:

@@ -78,6 +78,7 @@ from mplslb.config import (
     load_toml,
     read_offload,
     read_offload_gso,
+    read_offload_syn,
     read_offload_syn_rate,
 )
 from mplslb.control.client import DEFAULT_SOCKET
@@ -129,6 +130,7 @@ class DaemonConfig:
     instance: str = ""  # names the state directory's and the kernel offload's pins by default
     bgp: BgpConfig | None = None  # [bgp]: announce the VIPs to routers while healthy (mplslb.bgp)
     offload_gso: bool = False  # the kernel offload switches super-packets too (tc ingress, veth ports)
+    offload_syn: bool = False  # the kernel offload takes new TCP sessions' SYNs under tickets (mplslb.offload.tickets)
     ring_retire_ms: int = DEFAULT_RETIRE_MS  # with ring: how long a receive block stays open before it is handed over
 
     @property
@@ -184,6 +186,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     offload = read_offload(top)
     syn_rate = read_offload_syn_rate(top, offload)
     gso = read_offload_gso(top, offload, ring=ring)
+    syn = read_offload_syn(top, offload)
     ssec = top.section("state")
     persist = ssec.get("persist", bool, False)
     instance = ssec.get("instance", str, Path(path).stem)
@@ -197,6 +200,8 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     ssec.done()
     if gso and state_dir:
         raise top.error("offload_gso", "super-packets are not kept across daemons: not with [state] persist")
+    if syn and state_dir:
+        raise top.error("offload_syn", "tickets are not kept across daemons: not with [state] persist")
     balancer = balancer_config_from_section(top)
     service = [str(ipaddress.ip_address(a)) for a in (*(v.address for v in balancer.vips), *(
         p.address for p in balancer.ports if p.kind == "mpls_udp"))]  # fmt: skip
@@ -210,7 +215,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     if gso:
         _check_gso_ports(source, balancer.ports, need_interfaces=need_interfaces)
     return DaemonConfig(
-        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp, gso,
+        balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp, gso, syn,
         ring_retire_ms,
     )  # fmt: skip
 
@@ -385,7 +390,7 @@ class Daemon:
             try:
                 self.offloaded = OffloadedBalancer(
                     self.balancer, self.loop, syn_rate=config.offload_syn_rate, pins=self._pins(), fresh=fresh,
-                    gso=config.offload_gso,
+                    gso=config.offload_gso, tickets=config.offload_syn,
                 )  # fmt: skip
             except BaseException:
                 self._unlock()
@@ -516,7 +521,7 @@ class Daemon:
         among the drops."""
         snap["datapath"] = self.config.datapath
         if self.offloaded is not None:
-            snap["offload"] = self.offloaded.offload.stats()
+            snap["offload"] = self.offloaded.stats()
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
         drops = snap["drops"] = dict(snap["drops"])
         for port in getattr(self, "ports", {}).values():
@@ -687,6 +692,9 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
     if state_dir:
         if config.offload_gso:
             raise ConfigError(str(config_path), "offload_gso", "super-packets are not kept across daemons: not with "
+                              "--state-dir")  # fmt: skip
+        if config.offload_syn:
+            raise ConfigError(str(config_path), "offload_syn", "tickets are not kept across daemons: not with "
                               "--state-dir")  # fmt: skip
         config = replace(config, state_dir=state_dir)
     daemon = Daemon(config, fresh=fresh)

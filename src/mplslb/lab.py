@@ -106,6 +106,8 @@ class LabSpec:
     offload_syn_rate: int = 0  # unlabelled SYNs a second the kernel offload passes up (0: all)
     #: The kernel offload switches super-packets too (``offload_gso``); the servers' agents send them whole.
     offload_gso: bool = False
+    #: New TCP sessions' SYNs taken in the kernel offload under tickets the daemon decides ahead (``offload_syn``).
+    offload_syn: bool = False
     nodes: int = 1  # balancer nodes; more than one: behind a BGP/ECMP router, both transports udp
     #: Write each node's ``[cluster]`` table (node, nodes, peers): for a daemon that has session sync.
     cluster: bool = False
@@ -128,6 +130,8 @@ class LabSpec:
             raise ValueError("server_transport must be ethernet or udp")
         if self.server_transport == "udp" and self.offload != "none":
             raise ValueError("the kernel offload switches between ethernet ports: not with server_transport udp")
+        if self.offload_syn and self.offload != "kernel":
+            raise ValueError("offload_syn takes SYNs in the kernel offload: needs offload kernel")
         if self.offload_syn_rate and self.offload != "kernel":
             raise ValueError("offload_syn_rate sheds SYNs in the kernel offload: needs offload kernel")
         if self.offload_gso and (self.offload != "kernel" or self.datapath != "kernel"):
@@ -737,6 +741,8 @@ class Lab:
             lines.append(f"offload_syn_rate = {spec.offload_syn_rate}")
         if spec.offload_gso:
             lines.append("offload_gso = true")
+        if spec.offload_syn:
+            lines.append("offload_syn = true")
         lines.append("")
         lines += [
             "[[ports]]",

@@ -78,6 +78,9 @@ class Algorithm(ABC):
     """A load balancing algorithm. Subclasses set ``name`` and implement :meth:`choose`."""
 
     name: ClassVar[str]
+    #: The choice reads the session's flow key: no session can be decided before its first packet comes (the
+    #: kernel offload's tickets, ``offload_syn``, are not issued).
+    keyed: ClassVar[bool] = False
 
     @abstractmethod
     def choose(self, pool: ServerPool, key: FlowKey, now: float) -> Server | None:
@@ -322,6 +325,8 @@ class SourceHash(Algorithm):
     ``maglev`` hashes with weights and with minimal disruption when servers come and go.
     """
 
+    keyed = True
+
     name = "source_hash"
 
     def __init__(self) -> None:
@@ -365,6 +370,8 @@ class Maglev(Algorithm):
     found: the overflow spreads like the table itself. With more in-service servers than slots, the servers
     that get no slot take no sessions (keep ``table_size`` well above 100 x servers).
     """
+
+    keyed = True
 
     name = "maglev"
 

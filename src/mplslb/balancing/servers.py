@@ -402,6 +402,11 @@ class ServerPool:
         if server.leaving and server.active == 0 and self._by_name.get(server.name) is server:
             self.remove(server.name)
 
+    def session_withdrawn(self, server: Server) -> None:
+        """Take back a session counted by :meth:`session_started` that never began (a ticket given back unused)."""
+        server.total -= 1
+        self.session_ended(server)
+
     def session_resumed(self, server: Server) -> None:
         """Count again a session of ``server`` that was counted off as ending but went on."""
         server.active += 1

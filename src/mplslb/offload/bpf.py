@@ -37,6 +37,7 @@ BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
@@ -47,6 +48,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_QUEUE = 22
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_XDP = 6
 BPF_XDP = 37  # enum bpf_attach_type
@@ -233,6 +235,44 @@ class Map:
             ctypes.memmove(in_batch, out_batch, 8)
             first = False
         return b"".join(keys_out), b"".join(values_out), total
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Queue:
+    """A queue map's file descriptor (no keys): push at the back, pop from the front (``BPF_MAP_TYPE_QUEUE``)."""
+
+    def __init__(self, fd: int, value_size: int, name: str) -> None:
+        self.fd, self.value_size, self.name = fd, value_size, name
+        self._value = ctypes.create_string_buffer(value_size)
+        self._attr = _attr("=IIQQQ", fd, 0, 0, ctypes.addressof(self._value), 0)  # no key pointer: a queue has none
+        self._ref = ctypes.byref(self._attr)
+
+    @classmethod
+    def create(cls, value_size: int, max_entries: int, *, name: str) -> Queue:
+        return cls(map_create(BPF_MAP_TYPE_QUEUE, 0, value_size, max_entries, name=name), value_size, name)
+
+    def push(self, value: bytes) -> bool:
+        """Push ``value``; False when the queue is full."""
+        ctypes.memmove(self._value, value, self.value_size)
+        if _syscall(_NR_BPF, BPF_MAP_UPDATE_ELEM, self._ref, ATTR_SIZE) < 0:
+            err = ctypes.get_errno()
+            if err == errno.E2BIG:
+                return False
+            raise BpfError(err, f"pushing to {self.name}")
+        return True
+
+    def pop(self) -> bytes | None:
+        """The value at the front, taken off the queue; None when it is empty."""
+        if _syscall(_NR_BPF, BPF_MAP_LOOKUP_AND_DELETE_ELEM, self._ref, ATTR_SIZE) < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOENT:
+                return None
+            raise BpfError(err, f"popping from {self.name}")
+        return self._value.raw
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -464,6 +504,7 @@ __all__ = [
     "Map",
     "MapInfo",
     "ProgInfo",
+    "Queue",
     "TestRun",
     "link_create",
     "link_info",

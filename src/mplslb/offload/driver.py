@@ -30,12 +30,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mplslb.balancer import Balancer, BlockResult
 from mplslb.config import PortConfig
 from mplslb.drivers.loop import Frames, Loop, Timer
+from mplslb.offload.tickets import TicketDesk
 from mplslb.offload.xdp import Fin, Record, XdpOffload
 from mplslb.sessions import Session
 
@@ -63,11 +65,13 @@ class OffloadedBalancer:
         pins: Path | None = None,
         fresh: bool = False,
         gso: bool = False,
+        tickets: bool = False,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program passes up (0: all). ``pins``: keep the program,
         its maps and its links pinned there (bpffs) so they outlive the daemon, and adopt what a previous daemon
         pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`). ``gso``: switch super-packets too (tc
-        ingress)."""
+        ingress). ``tickets``: new TCP sessions' SYNs taken in the kernel under tickets decided ahead
+        (:mod:`mplslb.offload.tickets`)."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -81,34 +85,55 @@ class OffloadedBalancer:
             pins=pins,
             fresh=fresh,
             gso=gso,
+            tickets=tickets,
         )
         self.offload.open()
+        self.desk: TicketDesk | None = None
+        if tickets:
+            try:
+                self.desk = TicketDesk(balancer, self.offload)
+                self.desk.refill(loop.clock())
+            except BaseException:
+                self.offload.close()
+                raise
         balancer.refresh = self._refresh
         self._polled = loop.clock()
         self._poll_cost = 0.0  # seconds the last poll took
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
 
     def receive_batch(self, frames: Iterable[tuple[int, bytes | memoryview]], now: float) -> Frames:
+        if self.desk is not None:
+            self.desk.fold(now)  # a retransmitted SYN finds its session
         out = self.balancer.receive_batch(frames, now)
         self.offload.sync()
+        if self.desk is not None:
+            self.desk.refill(now)
         return out
 
     def receive_block(
         self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, ports: np.ndarray, now: float
     ) -> BlockResult:
         """The balancer's block path (a driver in block mode), then the same sync as after a batch."""
+        if self.desk is not None:
+            self.desk.fold(now)
         result = self.balancer.receive_block(buf, starts, lengths, ports, now)
         self.offload.sync()
+        if self.desk is not None:
+            self.desk.refill(now)
         return result
 
     def next_deadline(self) -> float | None:
         return self.balancer.next_deadline()
 
     def on_timer(self, now: float) -> Frames:
+        if self.desk is not None:
+            self.desk.fold(now)
         if now - self._polled >= max(TIMER_POLL_MIN, POLL_BUDGET * self._poll_cost):
             self._poll(now)
         out = self.balancer.on_timer(now)
         self.offload.sync()
+        if self.desk is not None:
+            self.desk.refill(now)
         return out
 
     def _measured(self, c2s: int, record: Record) -> bool:
@@ -128,10 +153,14 @@ class OffloadedBalancer:
 
     def _tick(self) -> None:
         now = self.loop.clock()
+        if self.desk is not None:
+            self.desk.fold(now)
         if now - self._polled >= POLL_INTERVAL:
             self._poll(now)
         else:
             self.offload.sync()
+        if self.desk is not None:
+            self.desk.refill(now)
         self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
 
     def close(self, *, keep: bool = False) -> None:
@@ -141,4 +170,12 @@ class OffloadedBalancer:
             self._timer.cancel()
             self._timer = None
         self.balancer.refresh = None
+        if self.desk is not None:
+            self.desk.close(self.loop.clock())
+            self.offload.sync()
+            self.desk = None
         self.offload.close(keep=keep)
+
+    def stats(self) -> dict[str, Any]:
+        """The offload's figures (:meth:`XdpOffload.stats`), with the tickets' (``tickets``) when they are on."""
+        return self.offload.stats() | ({"tickets": self.desk.stats()} if self.desk is not None else {})

@@ -12,7 +12,9 @@
  * output port. While a session's response time is measured (F_RT), the frames that tell it are recorded in its C2S
  * entry on the way (measure() below). Everything else is XDP_PASS: the daemon's packet socket gets it
  * and the userspace path forwards, reports or drops and counts it exactly as without the offload. One exception:
- * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything.
+ * unlabelled TCP SYNs beyond a configured rate are shed here (syn_gate), before they cost the slow path anything;
+ * and, with tickets (offload_syn), a new TCP session's SYN is sent on here under a decision the daemon made ahead
+ * (take_syn below).
  * The checks and the rewrite are one function, label_switch(), which the XDP entry point runs on every frame and,
  * built with -DGSO_FRAME_MAX (offload_gso), a tc ingress entry point on super-packets (see mplslb_tc below).
  * A TCP session's FIN the program can record for the daemon (F_FIN, take_fin() below) is forwarded too.
@@ -31,8 +33,20 @@
 struct map_ref labels SEC("maps");
 struct map_ref syn_buckets SEC("maps"); /* per CPU, one struct syn_bucket */
 struct map_ref requests SEC("maps");    /* C2S label -> struct request, the slot of its first request (F_L7) */
+struct map_ref tickets SEC("maps");      /* queue of C2S labels: the tickets ready to take (offload_syn) */
+struct map_ref taken SEC("maps");        /* queue of struct taken: the tickets taken, for the daemon */
+struct map_ref syn_flows SEC("maps");    /* struct syn_flow -> C2S label: every live TCP session's flow */
+struct map_ref services SEC("maps");     /* struct service_key -> 1: the (VIP, TCP port)s served */
+struct map_ref client_ports SEC("maps"); /* ingress ifindex -> struct syn_port: the client ports */
+struct map_ref ticket_counters SEC("maps"); /* per CPU, one __u64 per name of TICKET_COUNTERS */
 
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
+static long (*bpf_xdp_adjust_tail)(struct xdp_md *ctx, int delta) = (void *)65;
+static long (*bpf_map_push_elem)(void *map, const void *value, __u64 flags) = (void *)87;
+static long (*bpf_map_pop_elem)(void *map, void *value) = (void *)88;
+#define BPF_NOEXIST 1
 
 /*
  * F_L7: a session's first request, switched here, is copied into its label's slot of the request map (the daemon
@@ -289,6 +303,243 @@ static __attribute__((always_inline)) int syn_gate(__u8 *ip, __u8 *end, __u16 et
 }
 
 /*
+ * Tickets (offload_syn): a new TCP session's SYN decided here instead of in the daemon. The daemon keeps label pairs
+ * pre-decided (admission, server, labels: what it would decide for any SYN with an algorithm that does not read the
+ * flow), their entries written with everything that does not depend on the client and flagged F_TICKET (every
+ * frame under them goes up meanwhile), and their C2S labels in the ticket queue. A SYN the daemon would open a
+ * session for and nothing else, read exactly as the analyzer reads it (take_syn), takes one: the client's fields
+ * are filled into both entries, the frame leaves for the ticket's server under the C2S label as the userspace path
+ * would send it, and the daemon learns of it from the taken queue. Anything else goes up untouched.
+ */
+static __attribute__((always_inline)) void ticket_count(__u32 what)
+{
+	__u64 *n = bpf_map_lookup_elem(&ticket_counters, &what);
+	if (n)
+		*n += 1;
+}
+
+/* The client's fields of a SYN taken (`t`, the frame's parts), into the ticket's two entries. */
+static __attribute__((always_inline)) void fill_ticket(struct entry *c, struct entry *s, struct taken *t,
+						       struct syn_port *port)
+{
+	__u8 v6 = t->t_family == FAMILY_V6 ? F_V6 : 0;
+	__u8 len = v6 ? IPV6_ADDR_LEN : IPV4_ADDR_LEN;
+	c->in_ifindex = t->t_ifindex;
+	s->out_ifindex = t->t_ifindex;
+	for (int i = 0; i < ETH_ALEN; i++) {
+		c->peer[i] = t->t_mac[i];
+		s->rewrite[i] = t->t_mac[i];
+		s->rewrite[ETH_ALEN + i] = port->port_mac[i];
+	}
+	c->ip_len = len;
+	s->ip_len = len;
+	for (int i = 0; i < IPV6_ADDR_LEN; i++) {
+		c->peer_ip[i] = t->t_src[i];
+		c->dst_ip[i] = t->t_dst[i];
+		s->peer_ip[i] = t->t_dst[i];
+		s->dst_ip[i] = t->t_src[i];
+	}
+	c->ports[0] = t->t_ports[0];
+	c->ports[1] = t->t_ports[1];
+	c->ports[2] = t->t_ports[2];
+	c->ports[3] = t->t_ports[3];
+	s->ports[0] = t->t_ports[2];
+	s->ports[1] = t->t_ports[3];
+	s->ports[2] = t->t_ports[0];
+	s->ports[3] = t->t_ports[1];
+	c->flags |= v6;
+	s->flags |= v6;
+	c->packets = 1;
+	c->bytes = t->t_len;
+	c->last_ns = t->t_ns;
+}
+
+/*
+ * An unlabelled frame on a client port: XDP_REDIRECT when it is a SYN taken under a ticket (the frame rebuilt as
+ * the labelled one for the server), else XDP_PASS, the frame untouched. Taken only: one 802.1Q tag at most; IPv4
+ * without options, its header checksum right, no fragment (nor a first one), or IPv6 with TCP right after the fixed
+ * header; the IP length within the frame; TCP with SYN among SYN, ACK, RST, FIN, no payload, options that
+ * mplslb.wire.tcp reads (each kind's length whole within the header); to a (VIP, port) of the service map, on a
+ * flow not in the flow map (the program adds it first: a retransmitted SYN of a session goes up to it).
+ */
+static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
+{
+	__u8 *data = (__u8 *)(long)ctx->data;
+	__u8 *end = (__u8 *)(long)ctx->data_end;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct syn_port *port = bpf_map_lookup_elem(&client_ports, &ifindex);
+	if (!port)
+		return XDP_PASS;
+	__u32 off = ETH_HLEN;
+	if (data + ETH_HLEN + VLAN_HLEN > end)
+		return XDP_PASS;
+	__u16 ethertype = (data[ETH_TYPE] << 8) | data[ETH_TYPE + 1];
+	if (ethertype == ETH_P_8021Q) {
+		ethertype = (data[VLAN_TYPE] << 8) | data[VLAN_TYPE + 1];
+		off = ETH_HLEN + VLAN_HLEN;
+	}
+	__u8 *ip = data + off;
+	struct taken t = {0};
+	struct service_key svc = {0};
+	__u32 total, l4;
+	__u8 ttl, tos;
+	if (ethertype == ETH_P_IP) {
+		if (ip + IPV4_HLEN > end || ip[0] != IPV4_PLAIN || ip[IPV4_PROTO] != IPPROTO_TCP)
+			return XDP_PASS;
+		if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & (FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS))
+			return XDP_PASS;
+		__u32 sum = 0;
+		for (int i = 0; i < IPV4_HLEN; i += 2)
+			sum += (ip[i] << 8) | ip[i + 1];
+		sum = (sum & CHECKSUM_OK) + (sum >> 16);
+		sum = (sum & CHECKSUM_OK) + (sum >> 16);
+		if (sum != CHECKSUM_OK)
+			return XDP_PASS;
+		total = (ip[IPV4_TOTAL_LEN] << 8) | ip[IPV4_TOTAL_LEN + 1];
+		l4 = IPV4_HLEN;
+		ttl = ip[IPV4_TTL_AT];
+		tos = ip[IPV4_TOS_AT];
+		t.t_family = FAMILY_V4;
+		for (int i = 0; i < IPV4_ADDR_LEN; i++) {
+			t.t_src[i] = ip[IPV4_SRC + i];
+			t.t_dst[i] = ip[IPV4_DST + i];
+		}
+	} else if (ethertype == ETH_P_IPV6) {
+		if (ip + IPV6_HLEN > end || (ip[0] >> IP_VERSION_SHIFT) != IP_VERSION_6 ||
+		    ip[IPV6_NEXT_HEADER] != IPPROTO_TCP)
+			return XDP_PASS;
+		total = IPV6_HLEN + ((ip[IPV6_PAYLOAD_LEN] << 8) | ip[IPV6_PAYLOAD_LEN + 1]);
+		l4 = IPV6_HLEN;
+		ttl = ip[IPV6_HOP_LIMIT_AT];
+		/* the traffic class straddles the version nibble's octet and the next (a __u8 keeps its 8 bits) */
+		tos = (ip[0] << IP_VERSION_SHIFT) | (ip[1] >> IP_VERSION_SHIFT);
+		t.t_family = FAMILY_V6;
+		for (int i = 0; i < IPV6_ADDR_LEN; i++) {
+			t.t_src[i] = ip[IPV6_SRC + i];
+			t.t_dst[i] = ip[IPV6_DST + i];
+		}
+	} else {
+		return XDP_PASS;
+	}
+	__u8 *th = ip + l4;
+	if ((__u64)(end - ip) < total || l4 + TCP_HLEN > total || th + TCP_HLEN > end)
+		return XDP_PASS;
+	__u32 doff = (th[TCP_DOFF] >> DATA_OFFSET_SHIFT) * DATA_OFFSET_UNIT;
+	if (doff < TCP_HLEN || l4 + doff != total)
+		return XDP_PASS; /* a header longer than the segment, or payload */
+	if ((th[TCP_FLAGS] & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) != TCP_SYN)
+		return XDP_PASS;
+	/* the options, as mplslb.wire.tcp reads them: a kind without its length, or a length out of the header,
+	 * goes up (the analyzer drops it). Copied to the stack and walked octet by octet (`next`: where the next kind
+	 * is), a walk the verifier follows position by position. */
+	__u32 optlen = doff - TCP_HLEN;
+	if (optlen) {
+		__u8 opts[TCP_OPTIONS_MAX + 1] = {0};
+		if (optlen > TCP_OPTIONS_MAX ||
+		    bpf_xdp_load_bytes(ctx, off + l4 + TCP_HLEN, opts, optlen))
+			return XDP_PASS;
+		__u32 next = 0;
+#pragma clang loop unroll(full)
+		for (int i = 0; i < TCP_OPTIONS_MAX; i++) {
+			if (i < optlen && i == next) {
+				if (opts[i] == TCPOPT_EOL) {
+					next = TCP_OPTIONS_MAX + 1;
+				} else if (opts[i] == TCPOPT_NOP) {
+					next = i + 1;
+				} else {
+					if (i + OPTION_HLEN > optlen || opts[i + 1] < OPTION_HLEN || i + opts[i + 1] > optlen)
+						return XDP_PASS;
+					next = i + opts[i + 1];
+				}
+			}
+		}
+	}
+	for (int i = 0; i < L4_PORTS_LEN; i++)
+		t.t_ports[i] = th[i];
+	for (int i = 0; i < IPV6_ADDR_LEN; i++)
+		svc.svc_addr[i] = t.t_dst[i];
+	svc.svc_port[0] = th[L4_DPORT];
+	svc.svc_port[1] = th[L4_DPORT + 1];
+	svc.svc_family = t.t_family;
+	if (!bpf_map_lookup_elem(&services, &svc))
+		return XDP_PASS;
+	struct syn_flow flow = {0};
+	for (int i = 0; i < IPV6_ADDR_LEN; i++) {
+		flow.fl_src[i] = t.t_src[i];
+		flow.fl_dst[i] = t.t_dst[i];
+	}
+	for (int i = 0; i < L4_PORTS_LEN; i++)
+		flow.fl_ports[i] = t.t_ports[i];
+	flow.fl_family = t.t_family;
+	__u32 none = 0;
+	if (bpf_map_update_elem(&syn_flows, &flow, &none, BPF_NOEXIST)) {
+		ticket_count(SYN_FLOW_LIVE);
+		return XDP_PASS;
+	}
+	__u32 c2s;
+	if (bpf_map_pop_elem(&tickets, &c2s)) {
+		bpf_map_delete_elem(&syn_flows, &flow);
+		ticket_count(SYN_NO_TICKET);
+		return XDP_PASS;
+	}
+	__u32 s2c = c2s + 1;
+	struct entry *c = bpf_map_lookup_elem(&labels, &c2s);
+	struct entry *s = bpf_map_lookup_elem(&labels, &s2c);
+	if (!c || !s || !(c->flags & F_TICKET) || !(s->flags & F_TICKET)) {
+		bpf_map_delete_elem(&syn_flows, &flow); /* a ticket revoked meanwhile: the daemon has let it go */
+		ticket_count(SYN_NO_TICKET);
+		return XDP_PASS;
+	}
+	__u64 len = end - data;
+	t.t_c2s = c2s;
+	t.t_ifindex = ifindex;
+	t.t_len = len;
+	t.t_ns = bpf_ktime_get_ns();
+	for (int i = 0; i < ETH_ALEN; i++)
+		t.t_mac[i] = data[ETH_SRC + i];
+	fill_ticket(c, s, &t, port);
+	__u32 *value = bpf_map_lookup_elem(&syn_flows, &flow);
+	if (value)
+		*value = c2s;
+	if (bpf_map_push_elem(&taken, &t, 0)) {
+		/* never (the queue holds as many as there are tickets): the ticket goes back, the SYN goes up */
+		bpf_map_delete_elem(&syn_flows, &flow);
+		bpf_map_push_elem(&tickets, &c2s, 0);
+		ticket_count(SYN_NO_TICKET);
+		return XDP_PASS;
+	}
+	s->flags &= ~F_TICKET;
+	asm volatile("" ::: "memory");
+	c->flags &= ~F_TICKET; /* last: the entries are whole */
+	ticket_count(SYN_TAKEN);
+	/* the frame as Balancer._to_server sends it: the entry's addresses, one label stack entry (the C2S label,
+	 * TC from the TOS, bottom of stack, the IP TTL), the IP packet without a tag or Ethernet padding */
+	__u32 stack_entry = (c2s << LABEL_SHIFT) | ((__u32)(tos >> TOS_TO_TC) << TC_SHIFT) | MPLS_BOS | ttl;
+	__u32 out = c->out_ifindex;
+	__u8 rewrite[ETH_ADDRS];
+	__builtin_memcpy(rewrite, c->rewrite, ETH_ADDRS);
+	if (off == ETH_HLEN && bpf_xdp_adjust_head(ctx, -(int)LSE_LEN))
+		return XDP_DROP; /* taken: the daemon opens the session, the client sends its SYN again */
+	data = (__u8 *)(long)ctx->data;
+	end = (__u8 *)(long)ctx->data_end;
+	__u64 want = IP_AT + total;
+	if ((__u64)(end - data) > want && bpf_xdp_adjust_tail(ctx, -(int)((end - data) - want)))
+		return XDP_DROP;
+	data = (__u8 *)(long)ctx->data;
+	end = (__u8 *)(long)ctx->data_end;
+	if (data + IP_AT > end)
+		return XDP_DROP;
+	__builtin_memcpy(data + ETH_DST, rewrite, ETH_ADDRS);
+	data[ETH_TYPE] = ETH_P_MPLS_UC >> 8;
+	data[ETH_TYPE + 1] = ETH_P_MPLS_UC & 0xff;
+	data[LSE_AT] = stack_entry >> 24;
+	data[LSE_AT + 1] = stack_entry >> 16;
+	data[LSE_AT + 2] = stack_entry >> 8;
+	data[LSE_AT + 3] = stack_entry;
+	return bpf_redirect(out, 0);
+}
+
+/*
  * A frame as the label switch below sees it, whichever hook it came through: its readable octets [data, end), its
  * whole length (a super-packet's goes past end), the port it came in on. The switch fills in the rest: for a frame
  * it switches, the entry and where the label stack entry sits; for one it passes up, how far it got (`why`, the
@@ -341,6 +592,8 @@ static __attribute__((always_inline)) int label_switch(struct frame *fr)
 		return XDP_PASS;
 	fr->e = e;
 	fr->why = GSO_CHECK_FAILED;
+	if (e->flags & F_TICKET)
+		return XDP_PASS; /* a ticket not taken yet: its fields are not the session's */
 	if (e->in_ifindex != fr->ingress_ifindex)
 		return XDP_PASS;
 	for (int i = 0; i < ETH_ALEN; i++)
@@ -478,6 +731,8 @@ int mplslb_xdp(struct xdp_md *ctx)
 #endif
 	struct frame fr = {data, end, end - data, ctx->ingress_ifindex, GSO_PASSED_UNLABELLED, LSE_AT, 0, 0, 1};
 	int verdict = label_switch(&fr);
+	if (verdict == XDP_PASS && fr.why == GSO_PASSED_UNLABELLED)
+		return take_syn(ctx);
 	if (verdict != XDP_REDIRECT)
 		return verdict;
 	struct entry *e = fr.e;

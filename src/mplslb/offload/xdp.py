@@ -117,6 +117,20 @@ GSO state untouched. What the switch would pass up it drops, counted by reason (
 into the table's drops at each poll); a FIN it clears first and switches the rest (docs/architecture.md says why).
 Every port must be a veth; nothing is pinned (no ``pins`` with ``gso``).
 
+Tickets (``tickets``, the daemon's ``offload_syn``; :mod:`mplslb.offload.tickets` decides them): an unlabelled TCP
+SYN on a client port may be taken by the program under a ticket, a new session decided ahead by the daemon, and
+sent to its server as the userspace path sends it. The maps: the ticket queue (``BPF_MAP_TYPE_QUEUE`` of C2S
+labels; :meth:`issue_tickets` writes a ticket's two entries, built by :meth:`ticket_entries` with everything that does
+not depend on the client and flagged ``F_TICKET``, then pushes its label), the taken queue (what the program did
+with each ticket it took: :meth:`take_tickets`, a :class:`Taken` each, whose labels' later install in the table writes
+nothing, their entries being the session's already), the flow map (every live TCP session's flow -> its C2S
+label: written and deleted with the label entries of the sessions made in userspace, inserted by the program for
+the ones it makes; a SYN of a flow in it goes up), the services map ((VIP, TCP port)s, :meth:`set_services`), the
+client ports (:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist
+whatever the setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose
+labels the table does not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once
+its session is there. Nothing of it is pinned: no ``pins`` with ``tickets``.
+
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
 program there), which the balancer cannot see or set from its namespace, and a redirect without it drops the frame
@@ -152,6 +166,7 @@ from mplslb.switching.layout import (
     F_L7,
     F_RT,
     F_TCP_END,
+    F_TICKET,
     F_V6,
     GSO_COUNTERS,
     GSO_TRAFFIC,
@@ -162,9 +177,17 @@ from mplslb.switching.layout import (
     NS_PER_S,
     REQUEST,
     REQUEST_FIELDS,
+    SERVICE_KEY,
     SYN_BUCKET,
     SYN_BUCKET_FIELDS,
+    SYN_FLOW,
+    SYN_FLOW_FIELDS,
+    SYN_PORT,
     SYN_RATE_MAX,
+    TAKEN,
+    TAKEN_FIELDS,
+    TICKET_COUNTERS,
+    TICKETS_MAX,
     WATCH_ALL,
     WATCH_REQUEST,
     WATCH_TCP_END,
@@ -175,7 +198,20 @@ from mplslb.switching.table import LabelSwitchingTable, flow_parts
 #: The fingerprint of the maps' entries (their fields and flags): the maps' pins carry it in their names, so a kept
 #: map is adopted only by a program that reads and writes its entries the same way.
 LAYOUT_FP: Final = fingerprint(
-    [KERNEL_ENTRY_FIELDS, SYN_BUCKET_FIELDS, REQUEST_FIELDS, F_V6, F_TCP_END, F_FLOW, F_RT, F_L7, F_FIN]
+    [
+        KERNEL_ENTRY_FIELDS,
+        SYN_BUCKET_FIELDS,
+        REQUEST_FIELDS,
+        F_V6,
+        F_TCP_END,
+        F_FLOW,
+        F_RT,
+        F_L7,
+        F_FIN,
+        F_TICKET,
+        SYN_FLOW_FIELDS,
+        TAKEN_FIELDS,
+    ]
 )[:12]
 MAP_PIN: Final = f"map_{LAYOUT_FP}"
 SYN_PIN: Final = f"syn_{LAYOUT_FP}"
@@ -193,6 +229,17 @@ TC_SECTION = "tc"
 TC_PROG_NAME = "mplslb_tc"
 GSO_MAP_NAME = "mplslb_gso"
 GSO_MAP_SYMBOL = "gso_counters"
+#: The ticket maps (offload_syn): symbol in the program -> the map's name.
+TICKET_MAPS: Final = {
+    "tickets": "mplslb_tickets",
+    "taken": "mplslb_taken",
+    "syn_flows": "mplslb_flows",
+    "services": "mplslb_services",
+    "client_ports": "mplslb_cports",
+    "ticket_counters": "mplslb_tcount",
+}
+SERVICES_MAX = 4096  # (VIP, TCP port)s in the service map
+CLIENT_PORTS_MAX = 256
 #: The macro that builds the XDP program's super-packet variant (and the tc program): the longest frame of one
 #: segment, which both programs and the daemon's socket filter take as the bound.
 GSO_DEFINE = "GSO_FRAME_MAX"
@@ -250,6 +297,30 @@ class Fin(NamedTuple):
     seq: int
     ack: int
     at: float
+
+
+class Taken(NamedTuple):
+    """A SYN the program took under a ticket (offload_syn): the ticket's C2S label, the port it came in on, its
+    time on the table's clock, the client's MAC, IP version, flow (as the client sent it: source, destination,
+    ports) and the frame's length."""
+
+    c2s: int
+    port_id: int
+    at: float
+    mac: bytes
+    ip_version: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    length: int
+
+
+def syn_flow_key(src: bytes, dst: bytes, ports: bytes) -> bytes:
+    """The flow map's key of a TCP flow as the client sends it (``ports``: source and destination, as on the
+    wire)."""
+    family = 6 if len(src) == 16 else 4
+    return SYN_FLOW.pack(src, dst, ports, family, b"")
 
 
 class Record(NamedTuple):
@@ -362,12 +433,14 @@ class XdpOffload:
         measured: Callable[[int, Record], bool] | None = None,
         gso: bool = False,
         ended: Callable[[int, Fin], None] | None = None,
+        tickets: bool = False,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
         ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
         module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there). ``ended``:
         given, a TCP session's first FIN under each label is taken in the kernel and handed to it (see "FINs" in
-        the module docstring)."""
+        the module docstring). ``tickets``: new TCP sessions' SYNs may be taken in the kernel under tickets (see
+        "Tickets" in the module docstring)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
@@ -376,6 +449,8 @@ class XdpOffload:
             raise ValueError("the kernel offload needs at least one Ethernet port")
         if gso and pins is not None:
             raise ValueError("super-packets (gso) are not kept across daemons: no pins with gso")
+        if tickets and pins is not None:
+            raise ValueError("tickets are not kept across daemons: no pins with tickets")
         self.table = table
         self.interfaces = dict(interfaces)
         self.mode = mode
@@ -428,6 +503,14 @@ class XdpOffload:
         self._gso_map: bpf.Map | None = None
         self._tc = -1
         self._gso_folded: dict[str, int] = {}  # the tc program's drops already added to the table's drops
+        self.tickets = tickets
+        self._ticket_maps: dict[str, bpf.Map | bpf.Queue] = {}
+        self._flows: dict[int, bytes] = {}  # tickets: C2S label -> its flow's key in the flow map
+        self._flow_owner: dict[bytes, int] = {}  # ... and the label each key was last written for
+        self._ticketed: set[int] = set()  # labels a ticket's entries hold, not installed in the table yet
+        self._ticket_templates: dict[tuple[int, bytes, int, int], bytes] = {}  # ticket_entries' results
+        self.port_of: dict[int, int] = {}  # ifindex -> port id
+        self.flow_errors = 0
 
     # -- setting up and tearing down ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -438,6 +521,7 @@ class XdpOffload:
         try:
             for port_id, ifname in self.interfaces.items():
                 self.ifindex[port_id] = socket.if_nametoindex(ifname)
+            self.port_of = {ifindex: port_id for port_id, ifindex in self.ifindex.items()}
             if self.gso:
                 self.frame_max = gso_frame_max(self.ifindex.values())
         except OSError as exc:
@@ -480,6 +564,7 @@ class XdpOffload:
                                             flags=bpf.BPF_F_NO_PREALLOC, name=REQUEST_MAP_NAME)  # fmt: skip
             assert self._syn is not None
             maps = {MAP_SYMBOL: self._map.fd, SYN_MAP_SYMBOL: self._syn.fd, REQUEST_MAP_SYMBOL: self._requests.fd}
+            maps |= self._open_ticket_maps()
             self._prog = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
             kinds = {port_id: self._clear_stale(ifindex) for port_id, ifindex in self.ifindex.items()}
             native = self.mode == "native" or (self.mode == "auto" and "veth" not in kinds.values())
@@ -582,6 +667,7 @@ class XdpOffload:
             if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
                 return f"reason=link_detached interface={ifname}"
         maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd, REQUEST_MAP_SYMBOL: request_fd}
+        maps |= self._open_ticket_maps()
         new = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
         fds.append(new)
         if bpf.prog_info(new).tag == old.tag:
@@ -651,6 +737,25 @@ class XdpOffload:
         self._mirror(sorted(fix), fold=False)  # a stale entry's counters and ACK are no adopted binding's
         for label in np.flatnonzero(self._slots & ~self._measured).tolist():
             self._drop_slot(label)  # no kept session's measurement: an ended one's copy
+
+    def _open_ticket_maps(self) -> dict[str, int]:
+        """The ticket maps (created once, empty: without tickets the program never takes a SYN); symbol -> fd."""
+        if not self._ticket_maps:
+            m = self._ticket_maps
+            m["tickets"] = bpf.Queue.create(_KEY.size, TICKETS_MAX, name=TICKET_MAPS["tickets"])
+            m["taken"] = bpf.Queue.create(TAKEN.size, TICKETS_MAX, name=TICKET_MAPS["taken"])
+            m["syn_flows"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, SYN_FLOW.size, _KEY.size, self.max_entries,
+                                            flags=bpf.BPF_F_NO_PREALLOC, name=TICKET_MAPS["syn_flows"])  # fmt: skip
+            m["services"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, SERVICE_KEY.size, _KEY.size, SERVICES_MAX, flags=0,
+                                           name=TICKET_MAPS["services"])  # fmt: skip
+            m["client_ports"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, SYN_PORT.size, CLIENT_PORTS_MAX,
+                                               flags=0, name=TICKET_MAPS["client_ports"])  # fmt: skip
+            fd = bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(TICKET_COUNTERS),
+                                name=TICKET_MAPS["ticket_counters"])  # fmt: skip
+            m["ticket_counters"] = bpf.Map(
+                fd, _KEY.size, _NATIVE_U64.size * possible_cpus(), TICKET_MAPS["ticket_counters"]
+            )
+        return {symbol: m.fd for symbol, m in self._ticket_maps.items()}
 
     def _open_syn_map(self) -> None:
         """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
@@ -792,6 +897,12 @@ class XdpOffload:
         if self._requests is not None:
             self._requests.close()
             self._requests = None
+        for m in self._ticket_maps.values():
+            m.close()
+        self._ticket_maps.clear()
+        self._flows.clear()
+        self._flow_owner.clear()
+        self._ticketed.clear()
         self._slots[:] = False
         if not keep:
             self._unpin()
@@ -816,6 +927,13 @@ class XdpOffload:
 
     # -- keeping the map in step -------------------------------------------------------------------------------
     def installed(self, label: int) -> None:
+        if label in self._ticketed:  # a ticket taken in the kernel: its entry is the session's already
+            self._ticketed.discard(label)
+            if self.measured is not None and self.table.watch[label] & WATCH_ALL:
+                c2s = label if is_c2s(label) else label - 1
+                self._measuring.setdefault(c2s, ())
+                self._measured[c2s] = True
+            return
         self._noted.append(label)
 
     def withdrawn(self, label: int) -> None:
@@ -877,21 +995,24 @@ class XdpOffload:
     def _offloadable(self, label: int) -> bool:
         return self.table.in_port[label] in self.ifindex and self.table.out_port[label] in self.ifindex
 
-    def _entry(self, label: int) -> bytes:
-        t = self.table
-        flow = t.flow[label]
-        dst_ip, ports = flow_parts(flow)
-        watch = t.watch[label]
+    def _flags(self, watch: int, *, v6: bool, flow: bool) -> int:
+        """An entry's flags for a label with ``watch`` bits."""
         measure = self.measured is not None
-        flags = (
-            (F_V6 if t.v6[label] else 0)
+        return (
+            (F_V6 if v6 else 0)
             | (F_TCP_END if watch & WATCH_TCP_END else 0)
             | (F_FLOW if flow else 0)
             | (F_RT if measure and watch & WATCH_ALL else 0)
             | (F_L7 if measure and watch & WATCH_REQUEST else 0)
             | (F_FIN if self.ended is not None and watch & WATCH_TCP_END else 0)
         )
-        budget = WATCH_BUDGET if measure and is_c2s(label) else 0
+
+    def _entry(self, label: int) -> bytes:
+        t = self.table
+        flow = t.flow[label]
+        dst_ip, ports = flow_parts(flow)
+        flags = self._flags(t.watch[label], v6=bool(t.v6[label]), flow=bool(flow))
+        budget = WATCH_BUDGET if self.measured is not None and is_c2s(label) else 0
         peer_ip = t.peer_ip[label]
         ack = t.acks[label]  # with the kernel's folded in (_fold_entries) when the entry is written again
         return KERNEL_ENTRY.pack(
@@ -991,7 +1112,55 @@ class XdpOffload:
             self._kbytes[label] = 0
             self._fin_folded[label] = 0  # a new entry: no FIN taken yet
         self.writes += len(labels)
+        if self.tickets:
+            self._write_flows(labels)
         return len(labels)
+
+    def _write_flows(self, labels: list[int]) -> None:
+        """Tickets: enter the flows of the TCP sessions whose C2S labels are among ``labels`` into the flow map (a
+        SYN of a live session's flow then goes up to it)."""
+        assert self._map is not None
+        t, flows = self.table, self._flows
+        keys: list[bytes] = []
+        at: list[int] = []
+        for label in labels:
+            flow = t.flow[label]
+            if not is_c2s(label) or not flow or not t.watch[label] & WATCH_TCP_END:
+                continue
+            size = (len(flow) - 4) // 2
+            key = syn_flow_key(flow[:size], flow[size : 2 * size], flow[2 * size :])
+            if flows.get(label) != key:
+                keys.append(key)
+                at.append(label)
+        if not keys:
+            return
+        m = self._ticket_maps["syn_flows"]
+        assert isinstance(m, bpf.Map)
+        try:
+            m.update_batch(b"".join(keys), struct.pack(f"={len(at)}I", *at), len(at))
+        except OSError:
+            self.flow_errors += 1
+            return
+        flows.update(zip(at, keys, strict=True))
+        self._flow_owner.update(zip(keys, at, strict=True))
+
+    def _delete_flows(self, labels: Iterable[int]) -> None:
+        """Take the flows of ``labels`` (C2S labels of sessions ending) out of the flow map."""
+        owner = self._flow_owner
+        keys: list[bytes] = []
+        for label in labels:
+            key = self._flows.pop(label, None)
+            if key is not None and owner.get(key) == label:  # not a later session's of the same flow
+                del owner[key]
+                keys.append(key)
+        if not keys:
+            return
+        m = self._ticket_maps["syn_flows"]
+        assert isinstance(m, bpf.Map)
+        try:
+            m.delete_batch(b"".join(keys), len(keys))
+        except OSError:
+            self.flow_errors += 1
 
     def _delete(self, labels: list[int]) -> int:
         assert self._map is not None
@@ -1011,7 +1180,162 @@ class XdpOffload:
             self._fin_folded[label] = 0
         self.entries -= len(labels)
         self.deletes += len(labels)
+        if self._flows:
+            self._delete_flows(labels)
         return len(labels)
+
+    # -- tickets (offload_syn) -------------------------------------------------------------------------------------
+    def set_client_ports(self, ports: Iterable[int]) -> None:
+        """The client ports (port ids) a SYN may be taken on, with their MACs (all of them replaced)."""
+        m = self._ticket_maps["client_ports"]
+        assert isinstance(m, bpf.Map)
+        keys, _, count = m.lookup_batch()
+        for (ifindex,) in _KEY.iter_unpack(keys[: count * _KEY.size]):
+            m.delete(_KEY.pack(ifindex))
+        for port in ports:
+            if port in self.ifindex:
+                m.update(_KEY.pack(self.ifindex[port]), SYN_PORT.pack(self.table.port_mac(port), 0))
+
+    def set_services(self, services: Iterable[tuple[bytes, int]]) -> None:
+        """The (VIP, TCP port)s whose SYNs may be taken (all of them replaced)."""
+        m = self._ticket_maps["services"]
+        assert isinstance(m, bpf.Map)
+        keys, _, count = m.lookup_batch()
+        size = SERVICE_KEY.size
+        for i in range(count):
+            m.delete(keys[i * size : (i + 1) * size])
+        for address, port in services:
+            m.update(SERVICE_KEY.pack(address, port.to_bytes(2, "big"), 6 if len(address) == 16 else 4, 0),
+                     _KEY.pack(1))  # fmt: skip
+
+    def ticket_entries(self, c2s: int, server_port: int, server_mac: bytes, c2s_watch: int, s2c_watch: int) -> bytes:
+        """A ticket's two entries (C2S, S2C) for a session with a server ``server_mac`` on ``server_port``: what
+        does not depend on the client, flagged F_TICKET (the program fills the rest in when it takes a SYN): the
+        same for every ticket of the server, so made once."""
+        key = (server_port, server_mac, c2s_watch, s2c_watch)
+        made = self._ticket_templates.get(key)
+        if made is not None:
+            return made
+        out = self.ifindex[server_port]
+        rewrite = server_mac + self.table.port_mac(server_port)
+        c_flags = self._flags(c2s_watch, v6=False, flow=True) | F_TICKET
+        s_flags = self._flags(s2c_watch, v6=False, flow=True) | F_TICKET
+        budget = WATCH_BUDGET if self.measured is not None else 0
+        empty_ip, empty_ports = bytes(16), bytes(4)
+        c = KERNEL_ENTRY.pack(out, 0, rewrite, bytes(6), c_flags, 0, empty_ip, empty_ip, empty_ports, 0, 0, 0, 0,
+                              budget, *(0,) * 9)  # fmt: skip
+        s = KERNEL_ENTRY.pack(0, out, bytes(12), server_mac, s_flags, 0, empty_ip, empty_ip, empty_ports, 0, 0, 0, 0,
+                              0, *(0,) * 9)  # fmt: skip
+        if len(self._ticket_templates) > len(self.ifindex) * 1024:
+            self._ticket_templates.clear()  # servers' MACs come and go: bounded
+        self._ticket_templates[key] = c + s
+        return c + s
+
+    def issue_tickets(self, tickets: list[tuple[int, bytes]]) -> list[int]:
+        """Write the entries of ``tickets`` (C2S label, both entries as :meth:`ticket_entries` makes them) and queue
+        their C2S labels for the program; returns the C2S labels issued (a ticket the kernel refused is not)."""
+        if self._map is None or not tickets:
+            return []
+        labels = [label for c2s, _ in tickets for label in (c2s, c2s + 1)]
+        try:
+            self._map.update_batch(struct.pack(f"={len(labels)}I", *labels), b"".join(e for _, e in tickets),
+                                   len(labels))  # fmt: skip
+        except OSError as exc:
+            self._error(exc)
+            self._delete_tickets([c2s for c2s, _ in tickets])
+            return []
+        for label in labels:
+            self._in_kernel[label] = 1
+            self._kpackets[label] = 0
+            self._kbytes[label] = 0
+            self._fin_folded[label] = 0
+        self.entries += len(labels)
+        self.writes += len(labels)
+        l7 = [c2s for c2s, entries in tickets if entries[_FLAGS_AT] & F_L7]
+        if l7 and self._requests is not None:
+            try:
+                self._requests.update_batch(struct.pack(f"={len(l7)}I", *l7), bytes(REQUEST.size) * len(l7), len(l7))
+            except OSError as exc:
+                self._error(exc)  # their requests go up (no slot), as the session manager then expects
+            else:
+                self._slots[l7] = True
+        queue = self._ticket_maps["tickets"]
+        assert isinstance(queue, bpf.Queue)
+        issued: list[int] = []
+        for c2s, _ in tickets:
+            if not queue.push(_KEY.pack(c2s)):
+                break
+            issued.append(c2s)
+        if len(issued) < len(tickets):
+            self._delete_tickets([c2s for c2s, _ in tickets[len(issued) :]])
+        return issued
+
+    def take_tickets(self) -> list[Taken]:
+        """The SYNs the program took under tickets since the last call, in the order it took them. Their labels'
+        entries are the sessions' already: the table's install of them writes nothing."""
+        queue = self._ticket_maps.get("taken")
+        if not isinstance(queue, bpf.Queue):
+            return []
+        out: list[Taken] = []
+        offset = self.clock() - time.monotonic()
+        while (raw := queue.pop()) is not None:
+            c2s, ifindex, ns, mac, family, _, src, dst, ports, length = TAKEN.unpack(raw)
+            size = 16 if family == 6 else 4
+            self._ticketed.update((c2s, c2s + 1))
+            key = self._flows[c2s] = syn_flow_key(src[:size], dst[:size], ports)
+            self._flow_owner[key] = c2s
+            sport, dport = struct.unpack("!HH", ports)
+            out.append(Taken(c2s, self.port_of.get(ifindex, -1), ns * 1e-9 + offset, mac, family, src[:size],
+                             dst[:size], sport, dport, length))  # fmt: skip
+        return out
+
+    def drain_tickets(self) -> list[int]:
+        """Take every ticket out of the program's queue (it takes none of them meanwhile); their C2S labels."""
+        queue = self._ticket_maps.get("tickets")
+        if not isinstance(queue, bpf.Queue):
+            return []
+        out: list[int] = []
+        while (raw := queue.pop()) is not None:
+            out.append(_KEY.unpack(raw[: _KEY.size])[0])
+        return out
+
+    def requeue_tickets(self, labels: list[int]) -> list[int]:
+        """Put tickets drained back in the queue; returns those that found no room."""
+        queue = self._ticket_maps["tickets"]
+        assert isinstance(queue, bpf.Queue)
+        for i, c2s in enumerate(labels):
+            if not queue.push(_KEY.pack(c2s)):
+                return labels[i:]
+        return []
+
+    def revoke_tickets(self, labels: list[int]) -> None:
+        """Delete the entries of tickets (C2S labels) out of the queue, or taken but not made sessions."""
+        for c2s in labels:
+            self._ticketed.discard(c2s)
+            self._ticketed.discard(c2s + 1)
+        self._delete_tickets(labels)
+
+    def restore_flow(self, c2s: int) -> None:
+        """Enter the flow of the session of ``c2s`` into the flow map again (a ticket taken for the same flow and
+        given back deleted it)."""
+        self._flows.pop(c2s, None)
+        if self._in_kernel[c2s]:
+            self._write_flows([c2s])
+
+    def _delete_tickets(self, labels: list[int]) -> None:
+        both = [label for c2s in labels for label in (c2s, c2s + 1) if self._in_kernel[label]]
+        self._delete(both)
+
+    def ticket_counters(self) -> dict[str, int]:
+        """What the program counted of the SYNs it looked at for a ticket, over all CPUs."""
+        m = self._ticket_maps.get("ticket_counters")
+        if not isinstance(m, bpf.Map):
+            return {}
+        out: dict[str, int] = {}
+        for index, name in enumerate(TICKET_COUNTERS):
+            raw = m.lookup(_KEY.pack(index)) or b""
+            out[name] = sum(v for (v,) in _NATIVE_U64.iter_unpack(raw))
+        return out
 
     # -- activity ------------------------------------------------------------------------------------------------
     def poll(self) -> int:
@@ -1065,7 +1389,9 @@ class XdpOffload:
         """Add the counters read from ``labels``' entries beyond what was already added; returns how many labels
         had new frames."""
         packets, octets, last_ns = counters["packets"], counters["bytes"], counters["last_ns"]
-        live = self._in_kernel[labels] != 0  # an entry deleted since the read is not counted
+        # An entry deleted since the read is not counted, nor a taken ticket's before its session is in the table
+        # (its install would reset the count): counted at the next poll.
+        live = (self._in_kernel[labels] != 0) & (self.table.arrays().valid[labels] != 0)
         self._fold_acks(labels[live], counters["ack"][live])
         moved = live & (packets > self._kpackets[labels])
         if not moved.any():
@@ -1118,7 +1444,12 @@ class XdpOffload:
             return 0
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
         fins = np.frombuffer(values, dtype=FIN_RECORD)["fin_taken"]
-        pending = labels[(fins != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)]
+        pending = labels[
+            (fins != 0)
+            & (self._fin_folded[labels] == 0)
+            & (self._in_kernel[labels] != 0)
+            & (self.table.arrays().valid[labels] != 0)
+        ]
         before = self.fins
         for c2s in sorted({label if is_c2s(label) else label - 1 for label in pending.tolist()}):
             self.fold(c2s)
@@ -1132,7 +1463,9 @@ class XdpOffload:
         again). A FIN is dated no earlier than the last read of the whole map, which would have handed it over."""
         assert self.ended is not None
         fins = np.frombuffer(values, dtype=FIN_RECORD)[: labels.size]
+        # a taken ticket's FIN waits for its session to be in the table (tickets: folded before the next read)
         new = (fins["fin_taken"] != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)
+        new &= self.table.arrays().valid[labels] != 0
         if not new.any():
             return
         labels, fins = labels[new], fins[new]
@@ -1271,25 +1604,33 @@ class XdpOffload:
         """Figures for the status: entries in the kernel, labels waiting, sessions measured in the kernel and
         records read back, writes, deletes, kernel traffic, SYNs let through and shed."""
         passed, shed = self.syn_counters()
-        return {
-            "kind": "kernel",
-            "attached": dict(self.attached),
-            "entries": self.entries,
-            "pending": self.pending,
-            "measuring": len(self._measuring),
-            "records": self.records,
-            "copies": self.copies,
-            "fins": self.fins,
-            "writes": self.writes,
-            "deletes": self.deletes,
-            "polls": self.polls,
-            "kernel_packets": self.kernel_packets,
-            "kernel_bytes": self.kernel_bytes,
-            "errors": dict(self.errors),
-            "syn_rate": self.syn_rate,
-            "syn_passed": passed,
-            "syn_shed": shed,
-        } | ({"gso": self.gso_counters(), "gso_frame_max": self.frame_max} if self.gso else {})
+        return (
+            {
+                "kind": "kernel",
+                "attached": dict(self.attached),
+                "entries": self.entries,
+                "pending": self.pending,
+                "measuring": len(self._measuring),
+                "records": self.records,
+                "copies": self.copies,
+                "fins": self.fins,
+                "writes": self.writes,
+                "deletes": self.deletes,
+                "polls": self.polls,
+                "kernel_packets": self.kernel_packets,
+                "kernel_bytes": self.kernel_bytes,
+                "errors": dict(self.errors),
+                "syn_rate": self.syn_rate,
+                "syn_passed": passed,
+                "syn_shed": shed,
+            }
+            | ({"gso": self.gso_counters(), "gso_frame_max": self.frame_max} if self.gso else {})
+            | (
+                {"ticket_syns": self.ticket_counters(), "flows": len(self._flows), "flow_errors": self.flow_errors}
+                if self.tickets
+                else {}
+            )
+        )
 
     def run(self, frame: bytes, port_id: int) -> bpf.TestRun:
         """Run the program once on ``frame`` as if it came in on ``port_id`` (``BPF_PROG_TEST_RUN``; tests): the

@@ -56,6 +56,7 @@ from mplslb.wire.mpls import (
     MPLS_ENTRY_LEN,
     RESERVED_LABEL_MAX,
     S_BIT,
+    TC_SHIFT,
     TTL_MASK,
 )
 from mplslb.wire.tcp import (
@@ -64,6 +65,7 @@ from mplslb.wire.tcp import (
     DATA_OFFSET_UNIT,
     OPTION_HLEN,
     TCP_HLEN,
+    TCPOPT_EOL,
     TCPOPT_NOP,
     TCPOPT_TIMESTAMP,
     TCPFlag,
@@ -160,6 +162,10 @@ F_L7: Final = 0x10
 #: forwarded and recorded in the entry (``fin_seq`` .. ``fin_ns``) instead of going up; the daemon folds the record
 #: into the session table (see mplslb.offload.xdp). A later FIN under the label goes up as before.
 F_FIN: Final = 0x20
+#: A ticket (``offload_syn``): the label pair is pre-decided for a new TCP session whose SYN the program may take
+#: (see mplslb.offload.xdp, "Tickets"); the client's fields are not filled in yet and every frame under the label
+#: goes up (the daemon's table does not hold it: dropped there). The program clears it once it filled them in.
+F_TICKET: Final = 0x40
 
 #: ``struct entry`` of the kernel map, field by field: (name, C type, struct code, array length or 0). The C
 #: declaration and the Python :data:`KERNEL_ENTRY` are both made from this list. The four fields after the
@@ -260,6 +266,61 @@ SYN_BUCKET_FIELDS: Final = (
 )
 #: The most SYNs per second a bucket may be configured with (``rate * NS_PER_S`` must fit 64 bits).
 SYN_RATE_MAX: Final = 1_000_000_000
+
+#: Tickets (``offload_syn``): the most pre-decided label pairs outstanding at once (the ticket queue's size; the
+#: queue of taken tickets is as large, so the program never fails to report one).
+TICKETS_MAX: Final = 512
+#: The IPv4 header's TOS and TTL octets, IPv6's hop limit: the label stack entry a SYN taken in the kernel gets is
+#: built from them as the userspace path builds it (``Balancer._to_server``: TC from the top 3 bits of the TOS).
+IPV4_TOS_AT: Final = 1
+IPV4_TTL_AT: Final = 8
+IPV6_HOP_LIMIT_AT: Final = 7
+TOS_TO_TC: Final = 5
+IPV4_MORE_FRAGMENTS: Final = 0x2000  # the MF bit of the flags and fragment offset field
+TCP_OPTIONS_MAX: Final = 15 * DATA_OFFSET_UNIT - TCP_HLEN  # the most option octets a TCP header holds
+#: ``struct syn_port``, the value of the client port map (ingress ifindex -> the port's MAC): the ports a SYN may be
+#: taken on.
+SYN_PORT_FIELDS: Final = (
+    ("port_mac", "__u8", "s", ETH_ALEN),
+    ("port_pad", "__u16", "H", 0),
+)
+#: ``struct service_key`` of the service map: a (VIP, TCP port) the daemon serves (address left-aligned, the port
+#: as on the wire).
+SERVICE_KEY_FIELDS: Final = (
+    ("svc_addr", "__u8", "s", IPV6_ADDR_LEN),
+    ("svc_port", "__u8", "s", 2),
+    ("svc_family", "__u8", "B", 0),  # FAMILY_V4 or FAMILY_V6
+    ("svc_pad", "__u8", "B", 0),
+)
+#: ``struct syn_flow``, the key of the flow map (a live TCP session's flow as the client sends it -> its C2S label):
+#: the program takes a SYN only for a flow not in it.
+SYN_FLOW_FIELDS: Final = (
+    ("fl_src", "__u8", "s", IPV6_ADDR_LEN),
+    ("fl_dst", "__u8", "s", IPV6_ADDR_LEN),
+    ("fl_ports", "__u8", "s", L4_PORTS_LEN),  # source and destination port as on the wire
+    ("fl_family", "__u8", "B", 0),
+    ("fl_pad", "__u8", "s", 3),
+)
+#: ``struct taken``, what the program reports of a SYN it took under a ticket (the taken queue): the ticket's C2S
+#: label, the port it came in on, its time, and the client's fields it filled into the two entries.
+TAKEN_FIELDS: Final = (
+    ("t_c2s", "__u32", "I", 0),
+    ("t_ifindex", "__u32", "I", 0),
+    ("t_ns", "__u64", "Q", 0),  # CLOCK_MONOTONIC ns of the SYN
+    ("t_mac", "__u8", "s", ETH_ALEN),  # the client's MAC (the frame's source)
+    ("t_family", "__u8", "B", 0),
+    ("t_pad", "__u8", "B", 0),
+    ("t_src", "__u8", "s", IPV6_ADDR_LEN),
+    ("t_dst", "__u8", "s", IPV6_ADDR_LEN),
+    ("t_ports", "__u8", "s", L4_PORTS_LEN),
+    ("t_len", "__u32", "I", 0),  # the frame's length as received (the SYN's bytes, counted in the C2S entry)
+)
+#: What the program counts of the SYNs it looked at for a ticket (a per-CPU array, in this order).
+TICKET_COUNTERS: Final = (
+    "syn_taken",  # taken under a ticket and sent to the ticket's server
+    "syn_no_ticket",  # would have been taken: no ticket left (went up)
+    "syn_flow_live",  # its flow is a live session's (a retransmission, a reused flow: went up)
+)
 
 #: ``struct flow_key`` of the endpoints' flow map: the 5-tuple as the local host sends the flow (ports in host order;
 #: an IPv4 address fills the first 4 octets and the rest stay zero).
@@ -374,6 +435,10 @@ FLOW_KEY: Final = struct.Struct(struct_format(FLOW_KEY_FIELDS))
 FLOW: Final = struct.Struct(struct_format(FLOW_FIELDS))
 VIP_KEY: Final = struct.Struct(struct_format(VIP_KEY_FIELDS))
 ENDPOINT_CONFIG: Final = struct.Struct(struct_format(ENDPOINT_CONFIG_FIELDS))
+SYN_PORT: Final = struct.Struct(struct_format(SYN_PORT_FIELDS))
+SERVICE_KEY: Final = struct.Struct(struct_format(SERVICE_KEY_FIELDS))
+SYN_FLOW: Final = struct.Struct(struct_format(SYN_FLOW_FIELDS))
+TAKEN: Final = struct.Struct(struct_format(TAKEN_FIELDS))
 #: Every struct of the generated header: C name -> fields.
 C_STRUCTS: Final = {
     "entry": KERNEL_ENTRY_FIELDS,
@@ -383,6 +448,10 @@ C_STRUCTS: Final = {
     "flow": FLOW_FIELDS,
     "vip_key": VIP_KEY_FIELDS,
     "endpoint_config": ENDPOINT_CONFIG_FIELDS,
+    "syn_port": SYN_PORT_FIELDS,
+    "service_key": SERVICE_KEY_FIELDS,
+    "syn_flow": SYN_FLOW_FIELDS,
+    "taken": TAKEN_FIELDS,
     "__sk_buff": SKB_FIELDS,
 }
 
@@ -414,7 +483,8 @@ C_CONSTANTS: Final = (
     "TCP_DOFF", "L4_SPORT", "L4_DPORT", "L4_PORTS_LEN", "SYN_ONLY", "SYN_MASK", "FAMILY_V4", "FAMILY_V6",
     "ENDPOINT_TTL", "NS_PER_MS", "NS_PER_S", "ICMP_HLEN", "ICMP_DEST_UNREACH", "ICMP_SOURCE_QUENCH", "ICMP_REDIRECT",
     "ICMP_TIME_EXCEEDED", "ICMP_PARAMETER_PROBLEM", "ICMP6_INFO_MIN", "QUOTE_MASK", "GSO_HEADERS",
-    "TCP_CHECK_AT",
+    "TCP_CHECK_AT", "F_TICKET", "TICKETS_MAX", "IPV4_TOS_AT", "IPV4_TTL_AT", "IPV6_HOP_LIMIT_AT", "TOS_TO_TC",
+    "TC_SHIFT", "TCPOPT_EOL", "IPV4_MORE_FRAGMENTS", "TCP_OPTIONS_MAX",
 )  # fmt: skip
 
 
@@ -426,6 +496,8 @@ def constants() -> dict[str, int]:
     out["EP_COUNTERS"] = len(ENDPOINT_COUNTERS)
     out.update((name.upper(), i) for i, name in enumerate(GSO_COUNTERS))
     out["GSO_COUNTERS"] = len(GSO_COUNTERS)
+    out.update((name.upper(), i) for i, name in enumerate(TICKET_COUNTERS))
+    out["TICKET_COUNTERS"] = len(TICKET_COUNTERS)
     return out
 
 
@@ -493,6 +565,7 @@ __all__ = [
     "F_L7",
     "F_RT",
     "F_TCP_END",
+    "F_TICKET",
     "F_V6",
     "GSO_COUNTERS",
     "GSO_TRAFFIC",
@@ -519,11 +592,15 @@ __all__ = [
     "IPV4_HLEN",
     "IPV4_IHL_MASK",
     "IPV4_IHL_UNIT",
+    "IPV4_MORE_FRAGMENTS",
     "IPV4_PLAIN",
     "IPV4_SRC",
+    "IPV4_TOS_AT",
+    "IPV4_TTL_AT",
     "IPV6_ADDR_LEN",
     "IPV6_DST",
     "IPV6_HLEN",
+    "IPV6_HOP_LIMIT_AT",
     "IPV6_NEXT_HEADER",
     "IPV6_PAYLOAD",
     "IPV6_SRC",
@@ -556,11 +633,20 @@ __all__ = [
     "RESERVED_LABEL_MAX",
     "S2C_MAX",
     "S2C_MIN",
+    "SERVICE_KEY",
+    "SERVICE_KEY_FIELDS",
     "SYN_BUCKET",
     "SYN_BUCKET_FIELDS",
+    "SYN_FLOW",
+    "SYN_FLOW_FIELDS",
+    "SYN_PORT",
+    "SYN_PORT_FIELDS",
     "SYN_RATE_MAX",
     "S_BIT",
+    "TAKEN",
+    "TAKEN_FIELDS",
     "TCPOLEN_TIMESTAMP",
+    "TCPOPT_EOL",
     "TCPOPT_NOP",
     "TCPOPT_TIMESTAMP",
     "TCP_ACK",
@@ -571,12 +657,17 @@ __all__ = [
     "TCP_FLAGS",
     "TCP_FLAGS_UNKNOWN",
     "TCP_HLEN",
+    "TCP_OPTIONS_MAX",
     "TCP_PURE_ACK_MASK",
     "TCP_RST",
     "TCP_SEQ_AT",
     "TCP_SYN",
     "TCP_SYN_ACK",
     "TCP_TS_ALIGNED_LEN",
+    "TC_SHIFT",
+    "TICKETS_MAX",
+    "TICKET_COUNTERS",
+    "TOS_TO_TC",
     "TTL_MASK",
     "UDP_HLEN",
     "VIP_KEY",

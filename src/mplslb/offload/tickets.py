@@ -1,0 +1,187 @@
+"""Tickets (``offload_syn``): new TCP sessions decided ahead of their SYN, so the kernel can send the SYN on.
+
+Theory of operation
+-------------------
+With the kernel offload every frame of an established session is switched in the kernel, and in ``Connection:
+close`` traffic what is left for the daemon is each session's SYN: the slow path (analysis, admission, a server, a
+label pair, both labels installed, the SYN sent on) per session. None of it depends on the client for an algorithm
+that does not read the flow key, so the daemon decides it ahead:
+
+* **Issue** (:meth:`TicketDesk.refill`, at every sync and poll of the driver): up to :data:`TICKETS_WANT` tickets are
+  kept outstanding. Each is what :meth:`~mplslb.balancer.Balancer.pre_decide` decides for a SYN that has not come
+  yet: admission with the room the outstanding tickets leave (each counts as a live, half-open session; the
+  half-open share is never exceeded: a SYN beyond it goes up, where the oldest is evicted), a server (which counts
+  the ticket as one of its sessions at once, so least-connections-like algorithms spread the tickets), a label
+  pair. Its two entries are written into the label map with everything that does not depend on the client
+  (:meth:`XdpOffload.ticket_entries`: the server's port, MACs, flags and measurement budget), flagged
+  ``F_TICKET`` (every frame under them goes up, and the table does not hold them: dropped there), and its C2S label
+  is pushed onto the program's ticket queue. A refusal stops the issue and is counted by reason (``held``);
+  ``source_hash`` and ``maglev`` read the flow key and issue none (their SYNs go up as ever).
+* **Take** (``mplslb_xdp.c``, ``take_syn``): an unlabelled TCP SYN on a client port, read as the analyzer reads it,
+  to a (VIP, port) served, on a flow that is no live session's (the flow map, which holds every live TCP session's
+  flow: kernel-made ones from their SYN, the others from the sync that writes their labels), pops a ticket, fills
+  the client's fields into both entries, clears ``F_TICKET`` and leaves for the server under the C2S label exactly
+  as :meth:`~mplslb.balancer.Balancer._to_server` would send it; what it did goes onto the taken queue.
+* **Fold** (:meth:`TicketDesk.fold`, before every batch of frames the daemon handles, so a retransmitted SYN finds
+  its session, and before every sync, poll and timer run): each taken ticket becomes the session
+  :meth:`~mplslb.balancer.Balancer._new_session` would have made (:meth:`~mplslb.balancer.Balancer.open_decided`:
+  opened at the SYN's kernel time, its labels installed in the table, which writes nothing to the kernel: the
+  entries are the session's already); its measurement and FINs then go on in the kernel as any session's. One
+  taken for a flow that is a session's already (its SYN went up and was opened before the sync entered its flow)
+  is given back (``refused``) and the flow entered again for that session.
+* **Revoke** (:meth:`TicketDesk.revoke_all`): when a server's state, MAC or weight, the pool, the algorithm, the
+  limits or the services change, every ticket is drained from the queue (the program takes none meanwhile), its
+  entries deleted and its decision given back (:meth:`~mplslb.balancer.Balancer.release_decided`: the server's
+  count, the labels to quarantine), and tickets are issued afresh. A ticket the program popped as the queue was
+  drained shows up in the taken queue and is folded at the next call.
+
+Tickets are not kept across daemons (no ``[state] persist`` with ``offload_syn``): they live in the daemon's maps
+only, and a daemon that stops takes its program and maps with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mplslb.balancer import Balancer
+from mplslb.balancing.servers import Server
+from mplslb.flow import FlowKey
+from mplslb.offload.xdp import XdpOffload
+from mplslb.switching.layout import TICKETS_MAX, WATCH_ALL, WATCH_REQUEST, WATCH_TCP_END
+from mplslb.wire.ip import IPPROTO_TCP
+
+#: Tickets kept outstanding (at most TICKETS_MAX, the queue's size): the SYNs of a few thousand new sessions a second
+#: while the daemon's loop is held up for tens of milliseconds (a poll handing over many records, the process
+#: preempted); a SYN that finds none goes up. Each counts as a session of its server until taken or revoked.
+TICKETS_WANT = 256
+#: Tickets are issued in batches of at least this many (while any is outstanding): one map write and this many
+#: queue pushes, rather than a write per SYN taken.
+REFILL_MIN = 32
+assert REFILL_MIN <= TICKETS_WANT <= TICKETS_MAX
+
+
+class TicketDesk:
+    """The tickets of one balancer and its kernel offload (see the module docstring)."""
+
+    def __init__(self, balancer: Balancer, offload: XdpOffload, *, want: int = TICKETS_WANT) -> None:
+        if not 0 < want <= TICKETS_MAX:
+            raise ValueError(f"want must be 1-{TICKETS_MAX}, got {want}")
+        self.balancer = balancer
+        self.offload = offload
+        self.want = want
+        self.outstanding: dict[int, Server] = {}  # C2S label -> the server it was decided for
+        self._epoch: tuple[Any, ...] | None = None
+        self.issued = 0
+        self.taken = 0  # tickets folded into sessions
+        self.revoked = 0
+        self.refused = 0  # taken for a flow that was a session already (given back)
+        self.held: dict[str, int] = {}  # issues stopped, by the reason no ticket could be decided
+        self._services_of: object = None
+        self.set_ports()
+
+    def set_ports(self) -> None:
+        """Tell the program the client ports and the (VIP, TCP port)s it may take SYNs for."""
+        b = self.balancer
+        self.offload.set_client_ports(p.port_id for p in b.config.ports if p.role == "client")
+        self.offload.set_services((v.address, port) for v in b.config.vips for port in v.tcp_ports)
+        self._services_of = b.config.vips
+
+    def _state(self) -> tuple[Any, ...]:
+        """What the outstanding tickets were decided on: when it changes they are revoked."""
+        b = self.balancer
+        a = b.admission
+        servers = tuple((s.name, s.mac, s.in_service, s.weight) for s in b.pool)
+        return (b.pool.version, id(b.algorithm), a.max_sessions, a.max_new_per_second, b.max_half_open,
+                b.analyzer.l7, id(b.config.vips), servers)  # fmt: skip
+
+    def fold(self, now: float) -> int:
+        """Make the tickets the program took into sessions; returns how many."""
+        taken = self.offload.take_tickets()
+        b = self.balancer
+        made = 0
+        for t in taken:
+            server = self.outstanding.pop(t.c2s, None)
+            if server is None or t.port_id < 0:  # not ours (never seen): its entries go
+                self.offload.revoke_tickets([t.c2s])
+                continue
+            key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
+            if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
+                # the flow is a session's already (its SYN went up, the daemon opened it, and its flow was not in the
+                # map yet when the program took a copy of the SYN): that session keeps the flow
+                self.offload.revoke_tickets([t.c2s])
+                b.release_decided(t.c2s, server, now)
+                existing = b.sessions.lookup(key)
+                if existing is not None:
+                    self.offload.restore_flow(existing.c2s)
+                self.refused += 1
+                continue
+            made += 1
+        self.taken += made
+        return made
+
+    def refill(self, now: float) -> int:
+        """Revoke the tickets if what they were decided on changed, then issue up to :attr:`want` (once
+        :data:`REFILL_MIN` are missing, or none is left); returns how many were issued."""
+        state = self._state()
+        if state != self._epoch:
+            if self._services_of is not self.balancer.config.vips:
+                self.set_ports()
+            self.revoke_all(now)
+            self._epoch = state
+        missing = self.want - len(self.outstanding)
+        if missing <= 0 or (self.outstanding and missing < min(REFILL_MIN, self.want)):
+            return 0
+        b = self.balancer
+        l7 = b.analyzer.l7
+        c2s_watch = WATCH_TCP_END | WATCH_ALL | (WATCH_REQUEST if l7 else 0)  # as Balancer._install_labels
+        s2c_watch = WATCH_TCP_END | WATCH_ALL
+        decided: list[tuple[int, Server]] = []
+        entries: list[tuple[int, bytes]] = []
+        for _ in range(missing):
+            decision = b.pre_decide(len(self.outstanding) + len(decided), now)
+            if isinstance(decision, str):
+                self.held[decision] = self.held.get(decision, 0) + 1
+                break
+            c2s, server = decision
+            port = server.config.port_id
+            if port not in self.offload.ifindex or not server.mac:
+                b.release_decided(c2s, server, now)
+                self.held["server_port_not_offloaded"] = self.held.get("server_port_not_offloaded", 0) + 1
+                break
+            decided.append(decision)
+            entries.append((c2s, self.offload.ticket_entries(c2s, port, server.mac, c2s_watch, s2c_watch)))
+        issued = set(self.offload.issue_tickets(entries))
+        for c2s, server in decided:
+            if c2s in issued:
+                self.outstanding[c2s] = server
+            else:
+                b.release_decided(c2s, server, now)
+        self.issued += len(issued)
+        return len(issued)
+
+    def revoke_all(self, now: float) -> int:
+        """Take back every ticket still in the program's queue (the taken ones are folded first); returns how
+        many."""
+        self.fold(now)
+        drained = [c2s for c2s in self.offload.drain_tickets() if c2s in self.outstanding]
+        self.offload.revoke_tickets(drained)
+        for c2s in drained:
+            self.balancer.release_decided(c2s, self.outstanding.pop(c2s), now)
+        self.revoked += len(drained)
+        return len(drained)
+
+    def close(self, now: float) -> None:
+        """Give every ticket back (the daemon stops, or the offload goes)."""
+        self.revoke_all(now)
+
+    def stats(self) -> dict[str, Any]:
+        """Tickets issued, taken, revoked, outstanding, refused; issues held by reason; and what the program
+        counted: SYNs taken, passed up for lack of a ticket, passed up as a live session's."""
+        return {
+            "outstanding": len(self.outstanding),
+            "issued": self.issued,
+            "taken": self.taken,
+            "revoked": self.revoked,
+            "refused": self.refused,
+            "held": dict(self.held),
+        } | self.offload.ticket_counters()

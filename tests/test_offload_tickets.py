@@ -1,0 +1,442 @@
+"""Tickets (``offload_syn``, mplslb.offload.tickets): a new TCP session's SYN taken in the XDP program under a
+decision the daemon made ahead is what the userspace path makes of the same SYN with the same decision: the same
+frame leaves (byte for byte), the same session row, the same label rows, and kernel entries that are what the
+table's mirror would write; every SYN the program does not take goes up untouched and the daemon does what it did
+before. Root and clang are needed for all but the configuration tests.
+
+The reference is a userspace balancer of the same configuration fed only the SYNs the program took: its decisions
+(round robin's next server, the label manager's next pair) are then the tickets', in the order the program takes
+them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import (
+    ACK,
+    DAEMON_TOML,
+    FIN,
+    PORT_MAC,
+    PSH,
+    RST,
+    SYN,
+    VIP,
+    VIP6,
+    client_addr,
+    client_mac,
+    ether,
+    ipv4,
+    ipv6,
+    standard_config,
+    tcp_segment,
+)
+from mplslb.balancer import Balancer
+from mplslb.config import ConfigError, Section, read_offload_syn
+from mplslb.drivers.loop import Loop
+from mplslb.drivers.netns import entered
+from mplslb.offload import bpf
+from mplslb.offload.driver import OffloadedBalancer
+from mplslb.offload.tickets import TICKETS_WANT
+from mplslb.sessions import SessionState
+from mplslb.switching.layout import KERNEL_ENTRY, KERNEL_ENTRY_FIELDS, struct_offsets
+from mplslb.wire.ip import IPPROTO_TCP
+from test_offload import from_client, from_server, label_of, needs_kernel, on_veths, veth_namespaces
+
+#: An entry's fields the program and the daemon write (what the mirror compares), up to the kernel's counters.
+FIXED = struct_offsets(KERNEL_ENTRY_FIELDS)["packets"]
+RT_LEFT = struct_offsets(KERNEL_ENTRY_FIELDS)["rt_left"]
+#: Linux's SYN options: MSS, SACK permitted, timestamps, NOP, window scale.
+LINUX_OPTIONS = bytes([2, 4, 5, 0xB4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7])
+_sports = itertools.count(20000)
+
+
+@pytest.fixture
+def lb() -> Iterator[str]:
+    with veth_namespaces() as (name, _):
+        yield name
+
+
+def pair(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> tuple[OffloadedBalancer, Balancer, Loop]:
+    """The daemon's wrapper with tickets over a balancer on p0..p3, and a reference balancer of the same
+    configuration."""
+    monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
+    config = on_veths(standard_config(**overrides))
+    loop = Loop()
+    with entered(lb):
+        core = OffloadedBalancer(Balancer(config), loop, tickets=True)
+    return core, Balancer(config), loop
+
+
+def syn_frame(
+    *, v6: bool = False, sport: int | None = None, port: int = 0, dport: int = 80, dst: bytes | None = None,
+    options: bytes = LINUX_OPTIONS, vlan: bool = False, pad: int = 0, flags: int = SYN, tos: int = 0,
+) -> bytes:  # fmt: skip
+    src = client_addr(port, v6=v6)
+    vip = dst if dst is not None else (VIP6 if v6 else VIP)
+    segment = tcp_segment(src, vip, next(_sports) if sport is None else sport, dport, flags, options=options)
+    packet = ipv6(src, vip, IPPROTO_TCP, segment) if v6 else ipv4(src, vip, IPPROTO_TCP, segment)
+    if tos:
+        packet = with_tos(packet, tos)
+    return ether(PORT_MAC[port], client_mac(port), packet, vlans=(7,) if vlan else ()) + bytes(pad)
+
+
+def with_tos(packet: bytes, tos: int) -> bytes:
+    """``packet`` (IPv4) with another TOS, its header checksum right."""
+    header = bytearray(packet[:20])
+    header[1] = tos
+    header[10:12] = b"\0\0"
+    total = sum(struct.unpack("!10H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    header[10:12] = struct.pack("!H", ~total & 0xFFFF)
+    return bytes(header) + packet[20:]
+
+
+def run(core: OffloadedBalancer, lb: str, frame: bytes, port: int = 0) -> bpf.TestRun:
+    with entered(lb):
+        return core.offload.run(frame, port)
+
+
+def taken_as_in_userspace(core: OffloadedBalancer, reference: Balancer, loop: Loop, lb: str, frame: bytes,
+                          port: int = 0) -> int:  # fmt: skip
+    """``frame``, a SYN the program must take: the frame it sends is the reference's, and once folded the session
+    row, the label rows and the kernel's entries are what the userspace path makes. Returns the C2S label."""
+    now = loop.clock()
+    result = run(core, lb, frame, port)
+    assert result.retval == bpf.XDP_REDIRECT
+    expected = reference.receive(port, frame, now)
+    assert [result.data] == [sent for _, sent in expected]
+    assert core.desk is not None and core.desk.fold(now) == 1
+    c2s = label_of(result.data)
+    ours, theirs = core.balancer.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+    assert ours is not None and theirs is not None
+    for field in ("key", "client_port", "client_mac", "ip_version", "state"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.server.name == theirs.server.name
+    a, b = core.balancer.switching, reference.switching
+    for label in (c2s, c2s + 1):
+        for column in ("valid", "out_port", "in_port", "rewrite", "peer", "peer_ip", "flow", "watch", "v6"):
+            assert getattr(a, column)[label] == getattr(b, column)[label], (label, column)
+        entry = core.offload.lookup(label)
+        assert entry is not None
+        raw = KERNEL_ENTRY.pack(*entry)
+        written = core.offload._entry(label)
+        assert raw[:FIXED] == written[:FIXED] and raw[RT_LEFT : RT_LEFT + 4] == written[RT_LEFT : RT_LEFT + 4]
+    core.offload.poll()  # the SYN the kernel counted reaches the table's counters
+    assert a.traffic(c2s) == b.traffic(c2s)
+    return c2s
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("v6", "vlan", "pad", "options", "tos"),
+    [
+        (False, False, 0, LINUX_OPTIONS, 0),
+        (True, False, 0, LINUX_OPTIONS, 0),
+        (False, True, 0, LINUX_OPTIONS, 0),
+        (False, False, 12, b"", 0xB8),  # a short SYN padded to the Ethernet minimum, and a TOS for the TC
+        (True, True, 0, bytes([1, 1, 1, 0]), 0),
+        (False, False, 0, bytes([2, 4, 5, 0xB4, 0, 0, 0, 0]), 0),  # EOL and what follows it
+    ],
+)
+def test_a_syn_taken_under_a_ticket_is_what_userspace_makes_of_it(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v6: bool, vlan: bool, pad: int, options: bytes,
+    tos: int,
+) -> None:  # fmt: skip
+    core, reference, loop = pair(lb, tmp_path, monkeypatch)
+    try:
+        assert core.desk is not None and len(core.desk.outstanding) == TICKETS_WANT
+        for client_port in (0, 1, 0):
+            frame = syn_frame(v6=v6, vlan=vlan, pad=pad, options=options, port=client_port, tos=tos)
+            taken_as_in_userspace(core, reference, loop, lb, frame, client_port)
+        stats = core.stats()["tickets"]
+        assert stats["syn_taken"] == stats["taken"] == 3 and core.balancer.frames_in == 0
+        assert [s.active for s in core.balancer.pool] != [s.active for s in reference.pool]  # the tickets' servers
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_mutated_syns_are_taken_identically_or_passed_up_untouched(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mutations of a SYN (options, checksum, fragments, payload, flags, lengths, versions): the program either takes
+    it, sending exactly what the userspace path sends for it, or passes it up byte for byte; the daemon then
+    handles it without failing, as a userspace balancer does (the same number of frames out, the same drops)."""
+    core, reference, loop = pair(lb, tmp_path, monkeypatch)
+    outcomes: dict[int, int] = {}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(
+        v6=st.booleans(),
+        vlan=st.booleans(),
+        at=st.integers(14, 80),
+        value=st.integers(0, 255),
+        mutate=st.booleans(),
+        options=st.sampled_from([b"", LINUX_OPTIONS, bytes([1, 1, 1, 1]), bytes([2, 4, 5]), bytes([8, 1, 0, 0])]),
+        extra=st.sampled_from([b"", b"x", bytes(10)]),
+    )
+    def one(v6: bool, vlan: bool, at: int, value: int, mutate: bool, options: bytes, extra: bytes) -> None:
+        frame = bytearray(syn_frame(v6=v6, vlan=vlan, options=options) + extra)
+        if mutate and at < len(frame):
+            frame[at] = value
+        frame_b = bytes(frame)
+        now = loop.clock()
+        result = run(core, lb, frame_b)
+        outcomes[result.retval] = outcomes.get(result.retval, 0) + 1
+        assert core.desk is not None
+        if result.retval == bpf.XDP_REDIRECT:
+            assert [result.data] == [sent for _, sent in reference.receive(0, frame_b, now)]
+            assert core.desk.fold(now) == 1
+        else:
+            assert result.retval == bpf.XDP_PASS and result.data == frame_b
+            fresh = Balancer(reference.config)
+            theirs = fresh.receive(0, frame_b, now)
+            ours = core.receive_batch([(0, frame_b)], now)
+            assert [p for p, _ in ours] == [p for p, _ in theirs] and core.balancer.drops.keys() >= fresh.drops.keys()
+        core.desk.refill(now)
+
+    try:
+        one()
+        assert outcomes.get(bpf.XDP_REDIRECT, 0) > 10 and outcomes.get(bpf.XDP_PASS, 0) > 10, outcomes
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_a_retransmitted_syn_and_syns_of_no_service_go_up(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SYN of a session live in the flow map (retransmitted: taken in the kernel, or opened in userspace) goes up
+    and reaches its session as in userspace; a SYN to a port or address the balancer does not serve goes up and is
+    dropped as there; a SYN with ACK, RST or FIN goes up."""
+    core, reference, loop = pair(lb, tmp_path, monkeypatch)
+    try:
+        assert core.desk is not None
+        syn = syn_frame(sport=31000)
+        c2s = taken_as_in_userspace(core, reference, loop, lb, syn)
+        for frame in (syn, syn_frame(dport=81), syn_frame(dst=client_addr(5)), syn_frame(flags=SYN | ACK),
+                      syn_frame(flags=SYN | RST), syn_frame(flags=SYN | FIN)):  # fmt: skip
+            result = run(core, lb, frame)
+            assert result.retval == bpf.XDP_PASS and result.data == frame
+            now = loop.clock()
+            assert core.receive_batch([(0, frame)], now) == reference.receive(0, frame, now)
+        assert core.balancer.drops == reference.drops and core.balancer.drops
+        counters = core.stats()["tickets"]
+        assert counters["syn_flow_live"] == 1 and counters["syn_taken"] == 1
+        # A session opened in userspace (its SYN came before any ticket) is in the flow map from its sync on.
+        core.desk.revoke_all(loop.clock())
+        core.desk.want = 1
+        fresh = syn_frame(sport=31001)
+        assert run(core, lb, fresh).retval == bpf.XDP_PASS
+        assert core.stats()["tickets"]["syn_no_ticket"] == 1
+        core.receive_batch([(0, fresh)], loop.clock())  # opened in userspace, then a ticket issued
+        assert len(core.desk.outstanding) == 1
+        assert run(core, lb, fresh).retval == bpf.XDP_PASS  # retransmitted: its session's
+        assert core.stats()["tickets"]["syn_flow_live"] == 2 and len(core.desk.outstanding) == 1
+        # The flow leaves the map with the session's labels.
+        session = core.balancer.sessions.by_c2s(c2s)
+        assert session is not None
+        core.balancer._finish(session, loop.clock())
+        core.offload.sync()
+        assert run(core, lb, syn).retval == bpf.XDP_REDIRECT
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_a_key_based_algorithm_issues_no_tickets(lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    core, reference, loop = pair(lb, tmp_path, monkeypatch, algorithm="source_hash")
+    try:
+        assert core.desk is not None and not core.desk.outstanding
+        assert core.desk.held.get("keyed_algorithm", 0) >= 1
+        frame = syn_frame()
+        result = run(core, lb, frame)
+        assert result.retval == bpf.XDP_PASS and result.data == frame
+        assert core.stats()["tickets"]["syn_no_ticket"] == 1
+        now = loop.clock()
+        assert core.receive_batch([(0, frame)], now) == reference.receive(0, frame, now)
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_tickets_of_a_server_gone_down_are_revoked_and_given_back(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server marked down with tickets outstanding: they are all revoked at the next refill (their entries
+    deleted, their labels quarantined, the server's count given back), and no SYN taken after lands on it."""
+    core, _, loop = pair(lb, tmp_path, monkeypatch, algorithm="least_connections")
+    b = core.balancer
+    try:
+        assert core.desk is not None
+        s1 = b.pool.get("s1")
+        assert s1.active > 0 and any(server is s1 for server in core.desk.outstanding.values())
+        spread = [s.active for s in b.pool]
+        assert max(spread) - min(spread) <= 1  # least connections spreads the reservations
+        b.mark_down("s1", loop.clock())
+        core.desk.refill(loop.clock())
+        assert core.desk.revoked == TICKETS_WANT
+        assert s1.active == 0 and s1.total == 0
+        assert b.labels.quarantined_count == TICKETS_WANT
+        assert all(server is not s1 for server in core.desk.outstanding.values())
+        assert core.offload.entries == 2 * len(core.desk.outstanding)
+        for _ in range(6):
+            assert run(core, lb, syn_frame()).retval == bpf.XDP_REDIRECT
+        assert core.desk.fold(loop.clock()) == 6
+        assert all(s.server is not s1 for s in b.live_sessions()) and len(b.live_sessions()) == 6
+    finally:
+        core.close()
+    assert b.labels.in_use_count == 6  # the tickets given back on close, the sessions' pairs kept
+
+
+@needs_kernel
+def test_tickets_stop_where_admission_would_refuse(lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a global session limit, no more tickets are outstanding than the room it leaves (the stop counted by
+    its reason); past it a SYN goes up and is refused as in userspace. The half-open share likewise."""
+    core, reference, loop = pair(lb, tmp_path, monkeypatch, max_sessions=3)
+    try:
+        assert core.desk is not None and len(core.desk.outstanding) == 3
+        assert core.desk.held.get("global_session_limit", 0) >= 1
+        for _ in range(3):
+            taken_as_in_userspace(core, reference, loop, lb, syn_frame())
+        core.desk.refill(loop.clock())
+        assert not core.desk.outstanding
+        frame = syn_frame()
+        assert run(core, lb, frame).retval == bpf.XDP_PASS
+        now = loop.clock()
+        refused = core.receive_batch([(0, frame)], now)
+        assert refused == reference.receive(0, frame, now) and refused  # the RST
+        assert core.balancer.admission.refused == reference.admission.refused
+    finally:
+        core.close()
+    core, reference, loop = pair(lb, tmp_path, monkeypatch)
+    try:
+        assert core.desk is not None
+        core.balancer.max_half_open = reference.max_half_open = 2
+        core.desk.refill(loop.clock())  # the limits changed: revoked, and issued within them
+        assert len(core.desk.outstanding) == 2 and core.desk.held.get("half_open", 0) >= 1
+        for _ in range(2):  # (the revoked tickets took the reference's first decisions: not compared here)
+            assert run(core, lb, syn_frame()).retval == bpf.XDP_REDIRECT
+        assert core.desk.fold(loop.clock()) == 2
+        core.desk.refill(loop.clock())
+        assert not core.desk.outstanding and core.balancer.sessions.half_open == 2
+        frame = syn_frame()
+        assert run(core, lb, frame).retval == bpf.XDP_PASS
+        core.receive_batch([(0, frame)], loop.clock())  # the oldest half-open session is evicted up there
+        assert core.balancer.sessions.half_open == 2 and core.balancer.sessions.ended.get("half_open_evicted") == 1
+    finally:
+        core.close()
+
+
+def test_offload_syn_is_validated() -> None:
+    assert read_offload_syn(Section("lb.toml", "", {"offload_syn": True}), "kernel") is True
+    assert read_offload_syn(Section("lb.toml", "", {}), "kernel") is False
+    with pytest.raises(ConfigError, match="needs offload") as info:
+        read_offload_syn(Section("lb.toml", "", {"offload_syn": True}), "none")
+    assert info.value.key == "offload_syn"
+
+
+def test_offload_syn_is_read_and_not_kept_across_daemons(tmp_path: Path) -> None:
+    from mplslb.daemon import load_daemon_config
+
+    path = tmp_path / "lb.toml"
+    path.write_text('offload = "kernel"\n' + DAEMON_TOML)
+    assert not load_daemon_config(path).offload_syn
+    path.write_text('offload = "kernel"\noffload_syn = true\n' + DAEMON_TOML)
+    assert load_daemon_config(path).offload_syn
+    path.write_text('offload = "kernel"\noffload_syn = true\n' + DAEMON_TOML + "\n[state]\npersist = true\n")
+    with pytest.raises(ConfigError, match="not kept across daemons"):
+        load_daemon_config(path)
+
+
+@needs_kernel
+def test_a_session_the_kernel_ran_whole_before_its_ticket_was_folded_closes_as_in_userspace(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``Connection: close`` session whose every frame the kernel switched (handshake, request, response, both
+    FINs) before the daemon folded its ticket (a daemon preempted between its fold and its poll): a poll then hands
+    over nothing of it (its measurement, FINs and counters wait for the session), and once folded it is the userspace
+    path's session, closed by both FINs."""
+    core, reference, loop = pair(lb, tmp_path, monkeypatch, l7=True)
+    try:
+        assert core.desk is not None
+        syn = syn_frame(sport=32000)
+        result = run(core, lb, syn)
+        assert result.retval == bpf.XDP_REDIRECT
+        assert reference.receive(0, syn, loop.clock()) == [(2, result.data)]
+        c2s = label_of(result.data)
+        session = reference.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        c0 = client_addr(0)
+        request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+        def client(flags: int, payload: bytes = b"") -> bytes:
+            packet = ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, 32000, 80, flags, payload))
+            return from_client(c2s, packet)
+
+        def server(flags: int, payload: bytes = b"") -> bytes:
+            segment = tcp_segment(VIP, c0, 80, 32000, flags, payload, ack=1 + len(request))
+            return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, segment), port=port, mac=mac)
+
+        time.sleep(0.001)  # the kernel's clock moves past the SYN's
+        frames = [(port, server(SYN | ACK)), (0, client(ACK)), (0, client(ACK | PSH, request)),
+                  (port, server(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n")), (port, server(FIN | ACK)),
+                  (0, client(FIN | ACK)), (port, server(ACK))]  # fmt: skip
+        for in_port, frame in frames:
+            expected = reference.receive(in_port, frame, loop.clock())
+            assert [run(core, lb, frame, in_port).data] == [sent for _, sent in expected]
+        core.offload.poll()  # before the fold: nothing of the session is handed over
+        assert core.offload.fins == 0 and core.offload.records == 0
+        assert core.desk.fold(loop.clock()) == 1
+        core.offload.poll()
+        ours, theirs = core.balancer.sessions.by_c2s(c2s), reference.sessions.by_c2s(c2s)
+        assert ours is not None and theirs is not None
+        assert ours.state is theirs.state is SessionState.ENDING
+        assert core.offload.fins == 2 and core.balancer.l7_hosts == reference.l7_hosts == {"a": 1}
+        assert core.balancer.switching.traffic(c2s) == reference.switching.traffic(c2s)
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_a_ticket_taken_for_a_flow_the_daemon_just_opened_is_given_back_and_the_flow_kept(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SYN that went up (no ticket) opens its session in userspace; a copy of it the program takes before the
+    sync enters the session's flow in the map is refused at the fold (its ticket given back), and the flow is the
+    session's again: its next SYN goes up to it instead of taking another ticket."""
+    core, _, loop = pair(lb, tmp_path, monkeypatch)
+    try:
+        assert core.desk is not None
+        core.desk.revoke_all(loop.clock())
+        syn = syn_frame(sport=33000)
+        assert run(core, lb, syn).retval == bpf.XDP_PASS  # no ticket
+        ((_, sent),) = core.balancer.receive(0, syn, loop.clock())  # opened in userspace, not synced yet
+        session = core.balancer.sessions.by_c2s(label_of(sent))
+        assert session is not None
+        core.desk.refill(loop.clock())
+        assert run(core, lb, syn).retval == bpf.XDP_REDIRECT  # its flow is not in the map yet
+        core.offload.sync()
+        assert core.desk.fold(loop.clock()) == 0 and core.desk.refused == 1
+        assert core.balancer.sessions.by_c2s(session.c2s) is not None
+        for _ in range(2):
+            assert run(core, lb, syn).retval == bpf.XDP_PASS  # the session's flow
+            core.receive_batch([(0, syn)], loop.clock())
+        assert core.desk.refused == 1 and core.stats()["tickets"]["syn_flow_live"] == 2
+        assert core.offload.entries == 2 * (len(core.desk.outstanding) + 1)
+    finally:
+        core.close()
