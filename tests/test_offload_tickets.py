@@ -440,3 +440,27 @@ def test_a_ticket_taken_for_a_flow_the_daemon_just_opened_is_given_back_and_the_
         assert core.offload.entries == 2 * (len(core.desk.outstanding) + 1)
     finally:
         core.close()
+
+
+@needs_kernel
+def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mplslb.control.metrics import SnapshotCollector
+    from mplslb.control.tables import snapshot
+
+    core, reference, loop = pair(lb, tmp_path, monkeypatch)
+    try:
+        assert core.desk is not None
+        taken_as_in_userspace(core, reference, loop, lb, syn_frame(sport=32000))
+        snap = snapshot(core.balancer, now=loop.clock()) | {"offload": core.stats()}
+        metrics = {m.name: m for m in SnapshotCollector(lambda: snap).collect()}
+        tickets = {s.labels["what"]: s.value for s in metrics["mplslb_offload_tickets"].samples}
+        syns = {s.labels["what"]: s.value for s in metrics["mplslb_offload_syn"].samples}
+        outstanding = metrics["mplslb_offload_tickets_outstanding"].samples[0].value
+    finally:
+        core.close()
+    assert tickets["taken"] == 1 and tickets["issued"] == TICKETS_WANT and tickets["revoked"] == 0
+    assert syns == {"syn_taken": 1, "syn_no_ticket": 0, "syn_flow_live": 0}
+    assert outstanding == TICKETS_WANT - 1
+    assert metrics["mplslb_offload_entries"].samples[0].value >= 2

@@ -126,6 +126,44 @@ class SnapshotCollector:
             )
         if snap.get("cluster"):
             yield from self._cluster(snap["cluster"])
+        if snap.get("offload"):
+            yield from self._offload(snap["offload"])
+
+    @staticmethod
+    def _offload(offload: Mapping[str, Any]) -> Iterator[Metric]:
+        """The kernel offload (see mplslb.offload.xdp): what it switched, the SYNs it shed, and with ``offload_syn``
+        the tickets."""
+        yield _gauge("mplslb_offload_entries", "Label entries in the kernel's switching map.", offload["entries"])
+        yield _counter("mplslb_offload_frames_total", "Frames the kernel switched (as of the last poll).",
+                       offload["kernel_packets"])  # fmt: skip
+        yield _counter("mplslb_offload_bytes_total", "Bytes the kernel switched (as of the last poll).",
+                       offload["kernel_bytes"])  # fmt: skip
+        yield _counter("mplslb_offload_syn_shed_total", "Unlabelled TCP SYNs the kernel dropped over offload_syn_rate.",
+                       offload["syn_shed"])  # fmt: skip
+        yield _by_label("counter", "mplslb_offload_errors_total", "Kernel map operations that failed, by what.",
+                        "what", offload["errors"])  # fmt: skip
+        tickets = offload.get("tickets")
+        if tickets is None:
+            return
+        yield _gauge("mplslb_offload_tickets_outstanding", "New sessions decided ahead, waiting for a SYN.",
+                     tickets["outstanding"])  # fmt: skip
+        yield _by_label(
+            "counter",
+            "mplslb_offload_tickets_total",
+            "Tickets (offload_syn) by what became of them: issued, taken (a session), revoked, refused (a flow "
+            "that was a session already).",
+            "what",
+            {k: tickets[k] for k in ("issued", "taken", "revoked", "refused")},
+        )
+        yield _by_label("counter", "mplslb_offload_tickets_held_total", "Ticket issues stopped, by the reason.",
+                        "reason", tickets["held"])  # fmt: skip
+        yield _by_label(
+            "counter",
+            "mplslb_offload_syn_total",
+            "TCP SYNs the kernel looked at for a ticket, by what it did: taken, or passed up (no ticket, a live flow).",
+            "what",
+            {k: v for k, v in tickets.items() if k.startswith("syn_")},
+        )
 
     @staticmethod
     def _cluster(cluster: Mapping[str, Any]) -> Iterator[Metric]:
