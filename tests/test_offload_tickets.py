@@ -413,6 +413,67 @@ def test_a_session_the_kernel_ran_whole_before_its_ticket_was_folded_closes_as_i
 
 
 @needs_kernel
+def test_a_closed_sessions_flow_used_again_takes_a_ticket_and_ends_it_as_in_userspace(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a session is ending (both FINs), its flow leaves the flow map: a new SYN on it (the client's port used
+    again) is taken in the kernel, and the fold ends the old session as a reused flow's and opens the new one, as
+    the userspace path does with the SYN; the same SYN from another MAC is given back and dropped as there
+    (``session_wrong_source``), the old session left as it was and its flow back in the map."""
+    core, reference, loop = pair(lb, tmp_path, monkeypatch)
+    c0, sport = client_addr(0), 34000
+
+    def close(c2s: int) -> None:
+        """Both FINs of the session of ``c2s``, through the program and the reference; then folded and synced."""
+        session = reference.sessions.by_c2s(c2s)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+        segment = lambda flags, ack=0: tcp_segment(c0, VIP, sport, 80, flags, b"", ack=ack)  # noqa: E731
+        reply = lambda flags: tcp_segment(VIP, c0, 80, sport, flags, b"", ack=1)  # noqa: E731
+        for in_port, frame in [
+            (port, from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, reply(SYN | ACK)), port=port, mac=mac)),
+            (0, from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, segment(ACK, 1)))),
+            (port, from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, reply(FIN | ACK)), port=port, mac=mac)),
+            (0, from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, segment(FIN | ACK, 2)))),
+        ]:
+            now = loop.clock()
+            expected = reference.receive(in_port, frame, now)
+            result = run(core, lb, frame, in_port)
+            if result.retval == bpf.XDP_PASS:  # up to the daemon (the measurement, a FIN under it)
+                assert result.data == frame and core.receive_batch([(in_port, frame)], now) == expected
+            else:
+                assert [result.data] == [sent for _, sent in expected]
+        core.offload.poll()
+        ours = core.balancer.sessions.by_c2s(c2s)
+        assert ours is not None and ours.state is SessionState.ENDING
+        core.offload.sync()
+
+    try:
+        assert core.desk is not None
+        syn = syn_frame(sport=sport)
+        first = taken_as_in_userspace(core, reference, loop, lb, syn)
+        assert run(core, lb, syn).retval == bpf.XDP_PASS  # live: its flow is in the map
+        close(first)
+        # The client's port used again: taken, the old session ended as reused, the new one the userspace path's.
+        second = taken_as_in_userspace(core, reference, loop, lb, syn)
+        assert second != first and core.balancer.sessions.by_c2s(first) is None
+        assert reference.sessions.by_c2s(first) is None and core.balancer.drops == reference.drops
+        close(second)
+        # The same SYN from another MAC: taken (the flow is out of the map), given back at the fold, dropped.
+        stranger = ether(PORT_MAC[0], client_mac(7), syn[14:])
+        assert run(core, lb, stranger).retval == bpf.XDP_REDIRECT
+        assert reference.receive(0, stranger, loop.clock()) == []
+        assert core.desk.fold(loop.clock()) == 0 and core.desk.refused == 1
+        assert core.balancer.drops == reference.drops and reference.drops.get("session_wrong_source") == 1
+        ending = core.balancer.sessions.by_c2s(second)
+        assert ending is not None and ending.state is SessionState.ENDING
+        core.offload.sync()
+        assert run(core, lb, syn).retval == bpf.XDP_PASS  # the flow is the ending session's again
+    finally:
+        core.close()
+
+
+@needs_kernel
 def test_a_ticket_taken_for_a_flow_the_daemon_just_opened_is_given_back_and_the_flow_kept(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -540,9 +540,19 @@ class Balancer:
     ) -> Session | None:
         """The session a decision of :meth:`pre_decide` became when its SYN (``key`` from ``client_mac`` on
         ``port`` at ``now``) was sent to ``server`` elsewhere, as :meth:`_new_session` opens one; None when the
-        flow is a session's already (the decision is then to be given back)."""
-        if self.sessions.lookup(key) is not None:
-            return None
+        flow is a live session's (the decision is then to be given back). A session of the flow that is ending
+        (the kernel took the SYN once its flow left the flow map) ends as a reused flow's, as in :meth:`_from_client`
+        for a SYN from its client; one from anywhere else is dropped there (``session_wrong_source``)."""
+        existing = self.sessions.lookup(key)
+        if existing is not None:
+            self._refresh(existing)  # what the kernel recorded of it first
+            if port != existing.client_port or client_mac != existing.client_mac:
+                self._drop("session_wrong_source")
+                return None
+            if existing.state is not SessionState.ENDING:
+                return None
+            self.sessions.apply(existing, SessionEvent.QUIET, now, "reused")
+            self._finish(existing, now)
         session = self.sessions.open(
             key, c2s, server, client_port=port, client_mac=client_mac, ip_version=ip_version, now=now
         )

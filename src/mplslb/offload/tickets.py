@@ -47,6 +47,7 @@ from mplslb.balancer import Balancer
 from mplslb.balancing.servers import Server
 from mplslb.flow import FlowKey
 from mplslb.offload.xdp import XdpOffload
+from mplslb.sessions import Session
 from mplslb.switching.layout import TICKETS_MAX, WATCH_ALL, WATCH_REQUEST, WATCH_TCP_END
 from mplslb.wire.ip import IPPROTO_TCP
 
@@ -78,6 +79,22 @@ class TicketDesk:
         self.held: dict[str, int] = {}  # issues stopped, by the reason no ticket could be decided
         self._services_of: object = None
         self.set_ports()
+        # An ending session's flow leaves the flow map (a SYN on it may take a ticket, and its fold ends the session
+        # as a reused flow's); one that goes on after all has it back.
+        sessions = balancer.sessions
+        ended, revived = sessions.on_end, sessions.on_revive
+
+        def on_end(session: Session) -> None:
+            if ended is not None:
+                ended(session)
+            offload.release_flow(session.c2s)
+
+        def on_revive(session: Session) -> None:
+            if revived is not None:
+                revived(session)
+            offload.restore_flow(session.c2s)
+
+        sessions.on_end, sessions.on_revive = on_end, on_revive
 
     def set_ports(self) -> None:
         """Tell the program the client ports and the (VIP, TCP port)s it may take SYNs for."""
@@ -106,8 +123,9 @@ class TicketDesk:
                 continue
             key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
             if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
-                # the flow is a session's already (its SYN went up, the daemon opened it, and its flow was not in the
-                # map yet when the program took a copy of the SYN): that session keeps the flow
+                # the flow is a live session's (its SYN went up, the daemon opened it, and its flow was not in the
+                # map yet when the program took a copy of the SYN; or it was ending, and went on, or the SYN came
+                # from elsewhere than its client): that session keeps the flow
                 self.offload.revoke_tickets([t.c2s])
                 b.release_decided(t.c2s, server, now)
                 existing = b.sessions.lookup(key)

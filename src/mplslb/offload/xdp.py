@@ -506,6 +506,7 @@ class XdpOffload:
         self.tickets = tickets
         self._ticket_maps: dict[str, bpf.Map | bpf.Queue] = {}
         self._flows: dict[int, bytes] = {}  # tickets: C2S label -> its flow's key in the flow map
+        self._released: list[bytes] = []  # flows of ending sessions, out of the flow map at the next sync
         self._flow_owner: dict[bytes, int] = {}  # ... and the label each key was last written for
         self._ticketed: set[int] = set()  # labels a ticket's entries hold, not installed in the table yet
         self._ticket_templates: dict[tuple[int, bytes, int, int], bytes] = {}  # ticket_entries' results
@@ -902,6 +903,7 @@ class XdpOffload:
         self._ticket_maps.clear()
         self._flows.clear()
         self._flow_owner.clear()
+        self._released.clear()
         self._ticketed.clear()
         self._slots[:] = False
         if not keep:
@@ -949,6 +951,8 @@ class XdpOffload:
     def sync(self) -> int:
         """Write or delete the map entries of the labels changed since the last sync; returns how many map
         elements were written or deleted."""
+        if self._released:
+            self._flush_released()
         if self._map is None or not self._noted:
             return 0
         noted, self._noted = self._noted, []
@@ -1314,6 +1318,30 @@ class XdpOffload:
             self._ticketed.discard(c2s)
             self._ticketed.discard(c2s + 1)
         self._delete_tickets(labels)
+
+    def release_flow(self, c2s: int) -> None:
+        """Take the flow of the session of ``c2s`` out of the flow map at the next sync: the session is ending (both
+        FINs, or an RST) and a new SYN on its flow (the client's port used again) may take a ticket; the fold then
+        ends this session as the userspace path ends a reused flow's (:meth:`~mplslb.balancer.Balancer.open_decided`).
+        Its labels stay until the session is finished."""
+        key = self._flows.pop(c2s, None)
+        if key is not None and self._flow_owner.get(key) == c2s:
+            del self._flow_owner[key]
+            self._released.append(key)
+
+    def _flush_released(self) -> None:
+        keys, self._released = self._released, []
+        m = self._ticket_maps.get("syn_flows")
+        if not isinstance(m, bpf.Map):
+            return
+        keys = [key for key in keys if key not in self._flow_owner]  # not entered again for a later session
+        if not keys:
+            return
+        try:
+            m.delete_batch(b"".join(keys), len(keys))
+        except OSError:  # one was gone already: the rest one by one
+            for key in keys:
+                m.delete(key)
 
     def restore_flow(self, c2s: int) -> None:
         """Enter the flow of the session of ``c2s`` into the flow map again (a ticket taken for the same flow and
