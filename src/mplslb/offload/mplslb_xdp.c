@@ -194,6 +194,17 @@ static __attribute__((always_inline)) int measure(struct entry *e, __u32 label, 
 	return XDP_REDIRECT;
 }
 
+/* The IPv4 header without options at `ip` (IPV4_HLEN octets readable) sums to all ones: its checksum is right. */
+static __attribute__((always_inline)) int ipv4_checksum_ok(__u8 *ip)
+{
+	__u32 sum = 0;
+	for (int i = 0; i < IPV4_HLEN; i += 2)
+		sum += (ip[i] << 8) | ip[i + 1];
+	sum = (sum & CHECKSUM_OK) + (sum >> 16);
+	sum = (sum & CHECKSUM_OK) + (sum >> 16);
+	return sum == CHECKSUM_OK;
+}
+
 /*
  * F_FIN: the FIN of a TCP session (RST clear) under `label` (entry `e`), every check passed, arriving in the frame
  * as one TCP segment the session manager would read whole (IPv4 without options, its header checksum right, no
@@ -220,12 +231,7 @@ static __attribute__((always_inline)) int take_fin(struct entry *e, __u32 label,
 			return 0;
 		if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & FRAG_OFFSET_MASK)
 			return 0;
-		__u32 sum = 0;
-		for (int i = 0; i < IPV4_HLEN; i += 2)
-			sum += (ip[i] << 8) | ip[i + 1];
-		sum = (sum & CHECKSUM_OK) + (sum >> 16);
-		sum = (sum & CHECKSUM_OK) + (sum >> 16);
-		if (sum != CHECKSUM_OK)
+		if (!ipv4_checksum_ok(ip))
 			return 0;
 		total = (ip[IPV4_TOTAL_LEN] << 8) | ip[IPV4_TOTAL_LEN + 1];
 		l4 = IPV4_HLEN;
@@ -388,12 +394,7 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 			return XDP_PASS;
 		if (((ip[IPV4_FRAG_AT] << 8) | ip[IPV4_FRAG_AT + 1]) & (FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS))
 			return XDP_PASS;
-		__u32 sum = 0;
-		for (int i = 0; i < IPV4_HLEN; i += 2)
-			sum += (ip[i] << 8) | ip[i + 1];
-		sum = (sum & CHECKSUM_OK) + (sum >> 16);
-		sum = (sum & CHECKSUM_OK) + (sum >> 16);
-		if (sum != CHECKSUM_OK)
+		if (!ipv4_checksum_ok(ip))
 			return XDP_PASS;
 		total = (ip[IPV4_TOTAL_LEN] << 8) | ip[IPV4_TOTAL_LEN + 1];
 		l4 = IPV4_HLEN;
