@@ -12,6 +12,7 @@ them.
 from __future__ import annotations
 
 import itertools
+import re
 import struct
 import time
 from collections.abc import Iterator
@@ -507,8 +508,10 @@ def test_a_ticket_taken_for_a_flow_the_daemon_just_opened_is_given_back_and_the_
 def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from rich.console import Console
+
     from mplslb.control.metrics import SnapshotCollector
-    from mplslb.control.tables import snapshot
+    from mplslb.control.tables import offload_tables, snapshot
 
     core, reference, loop = pair(lb, tmp_path, monkeypatch)
     try:
@@ -521,6 +524,13 @@ def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
         outstanding = metrics["mplslb_offload_tickets_outstanding"].samples[0].value
     finally:
         core.close()
+    console = Console(width=160, record=True)
+    for table in offload_tables(snap["offload"]):
+        console.print(table)
+    text = console.export_text()
+    assert "Kernel offload (XDP: p0 generic" in text and "Tickets (offload_syn)" in text
+    assert re.search(r"syn taken[\s│]+1\b", text) and re.search(rf"outstanding[\s│]+{TICKETS_WANT - 1}\b", text)
+    assert offload_tables(None) == []
     assert tickets["taken"] == 1 and tickets["issued"] == TICKETS_WANT and tickets["revoked"] == 0
     assert syns == {"syn_taken": 1, "syn_no_ticket": 0, "syn_flow_live": 0}
     assert outstanding == TICKETS_WANT - 1

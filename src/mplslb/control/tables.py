@@ -306,6 +306,32 @@ def cluster_tables(cluster: Mapping[str, Any] | None) -> list[Table]:
     return [peers, sync]
 
 
+def offload_tables(offload: Mapping[str, Any] | None) -> list[Table]:
+    """The kernel offload's figures (:mod:`mplslb.offload.xdp`) and, with ``offload_syn``, its tickets (none without
+    the offload)."""
+    if not offload:
+        return []
+    modes = ", ".join(f"{port} {mode}" for port, mode in sorted(offload["attached"].items())) or "no port"
+    table = _table(f"Kernel offload (XDP: {modes})", "what", "count")
+    for what, key in (("label entries in the kernel", "entries"), ("frames switched in the kernel", "kernel_packets"),
+                      ("bytes switched in the kernel", "kernel_bytes"), ("sessions measuring", "measuring"),
+                      ("FINs taken", "fins"), ("SYNs passed up", "syn_passed"), ("SYNs shed", "syn_shed")):  # fmt: skip
+        _add(table, what, str(offload[key]))
+    for what, count in sorted(offload["errors"].items()):
+        _add(table, f"map errors: {what}", str(count))
+    tables = [table]
+    tickets = offload.get("tickets")
+    if tickets is not None:
+        desk = _table("Tickets (offload_syn)", "what", "count")
+        for key in ("outstanding", "issued", "taken", "revoked", "refused", "syn_taken", "syn_no_ticket",
+                    "syn_flow_live"):  # fmt: skip
+            _add(desk, key.replace("_", " "), str(tickets.get(key, 0)))
+        for reason, count in sorted(tickets["held"].items()):
+            _add(desk, f"issues held: {reason}", str(count))
+        tables.append(desk)
+    return tables
+
+
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=Text(title), title_justify="left", title_style="bold")
     for i, column in enumerate(columns):
@@ -420,6 +446,7 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
     tables.append(traffic)
 
     tables += cluster_tables(snap.get("cluster"))
+    tables += offload_tables(snap.get("offload"))
 
     check = snap.get("health")
     if check is not None:
