@@ -19,7 +19,9 @@ that does not read the flow key, so the daemon decides it ahead:
   ``source_hash`` and ``maglev`` read the flow key and issue none (their SYNs go up as ever).
 * **Take** (``mplslb_xdp.c``, ``take_syn``): an unlabelled TCP SYN on a client port, read as the analyzer reads it,
   to a (VIP, port) served, on a flow that is no live session's (the flow map, which holds every live TCP session's
-  flow: kernel-made ones from their SYN, the others from the sync that writes their labels), pops a ticket, fills
+  flow until it is ending: kernel-made ones from their SYN, the others from the sync that writes their labels; an
+  ending session's flow leaves it, so its client's port used again takes a ticket and the fold ends the ending
+  session as a reused flow's, :meth:`~mplslb.balancer.Balancer.open_decided`), pops a ticket, fills
   the client's fields into both entries, clears ``F_TICKET`` and leaves for the server under the C2S label exactly
   as :meth:`~mplslb.balancer.Balancer._to_server` would send it; what it did goes onto the taken queue.
 * **Fold** (:meth:`TicketDesk.fold`, before every batch of frames the daemon handles, so a retransmitted SYN finds

@@ -125,7 +125,8 @@ not depend on the client and flagged ``F_TICKET``, then pushes its label), the t
 with each ticket it took: :meth:`take_tickets`, a :class:`Taken` each, whose labels' later install in the table writes
 nothing, their entries being the session's already), the flow map (every live TCP session's flow -> its C2S
 label: written and deleted with the label entries of the sessions made in userspace, inserted by the program for
-the ones it makes; a SYN of a flow in it goes up), the services map ((VIP, TCP port)s, :meth:`set_services`), the
+the ones it makes, taken out once the session is ending, :meth:`release_flow`; a SYN of a flow in it goes up), the
+services map ((VIP, TCP port)s, :meth:`set_services`), the
 client ports (:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist
 whatever the setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose
 labels the table does not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once
