@@ -174,8 +174,8 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     csec.done()
     # Rings (TPACKET_V3 receive, TPACKET_V2 transmit, the zero-copy block path) give the highest frame rates, but
     # a receive block is only handed over when full or when its retire timer fires (ring_retire_ms): measured end
-    # to end with a 4 ms timer, request/response traffic ran about twice as fast on plain packet sockets. Plain is
-    # the default.
+    # to end with the 1 ms timer rings then had, request/response traffic ran about twice as fast on plain packet
+    # sockets. Plain is the default.
     ring = top.get("ring", bool, False)
     # The ring holds a fixed number of blocks however full the timer retires them: a short timer makes it hold few
     # frames, and small blocks cost more per frame (docs/benchmarks.md, "Wire paths at equal paced loads"); a long
