@@ -101,39 +101,42 @@ class OffloadedBalancer:
         self._poll_cost = 0.0  # seconds the last poll took
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
 
-    def receive_batch(self, frames: Iterable[tuple[int, bytes | memoryview]], now: float) -> Frames:
+    def _fold_tickets(self, now: float) -> None:
+        """Before the balancer decides anything: the SYNs the kernel took are sessions (a retransmitted one then
+        finds its session)."""
         if self.desk is not None:
-            self.desk.fold(now)  # a retransmitted SYN finds its session
-        out = self.balancer.receive_batch(frames, now)
+            self.desk.fold(now)
+
+    def _sync(self, now: float) -> None:
+        """After it: its installs and withdrawals in the kernel, then tickets issued for the ones taken."""
         self.offload.sync()
         if self.desk is not None:
             self.desk.refill(now)
+
+    def receive_batch(self, frames: Iterable[tuple[int, bytes | memoryview]], now: float) -> Frames:
+        self._fold_tickets(now)
+        out = self.balancer.receive_batch(frames, now)
+        self._sync(now)
         return out
 
     def receive_block(
         self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, ports: np.ndarray, now: float
     ) -> BlockResult:
         """The balancer's block path (a driver in block mode), then the same sync as after a batch."""
-        if self.desk is not None:
-            self.desk.fold(now)
+        self._fold_tickets(now)
         result = self.balancer.receive_block(buf, starts, lengths, ports, now)
-        self.offload.sync()
-        if self.desk is not None:
-            self.desk.refill(now)
+        self._sync(now)
         return result
 
     def next_deadline(self) -> float | None:
         return self.balancer.next_deadline()
 
     def on_timer(self, now: float) -> Frames:
-        if self.desk is not None:
-            self.desk.fold(now)
+        self._fold_tickets(now)
         if now - self._polled >= max(TIMER_POLL_MIN, POLL_BUDGET * self._poll_cost):
             self._poll(now)
         out = self.balancer.on_timer(now)
-        self.offload.sync()
-        if self.desk is not None:
-            self.desk.refill(now)
+        self._sync(now)
         return out
 
     def _measured(self, c2s: int, record: Record) -> bool:
@@ -153,14 +156,10 @@ class OffloadedBalancer:
 
     def _tick(self) -> None:
         now = self.loop.clock()
-        if self.desk is not None:
-            self.desk.fold(now)
+        self._fold_tickets(now)
         if now - self._polled >= POLL_INTERVAL:
             self._poll(now)
-        else:
-            self.offload.sync()
-        if self.desk is not None:
-            self.desk.refill(now)
+        self._sync(now)
         self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
 
     def close(self, *, keep: bool = False) -> None:

@@ -1158,6 +1158,11 @@ class XdpOffload:
             if key is not None and owner.get(key) == label:  # not a later session's of the same flow
                 del owner[key]
                 keys.append(key)
+        self._delete_flow_keys(keys)
+
+    def _delete_flow_keys(self, keys: list[bytes]) -> None:
+        """Delete ``keys`` from the flow map: in one batch, or one by one when the batch stops at one gone already
+        (the program deletes the flows it inserted for SYNs it then did not take)."""
         if not keys:
             return
         m = self._ticket_maps["syn_flows"]
@@ -1165,7 +1170,11 @@ class XdpOffload:
         try:
             m.delete_batch(b"".join(keys), len(keys))
         except OSError:
-            self.flow_errors += 1
+            for key in keys:
+                try:
+                    m.delete(key)  # False when gone
+                except OSError:
+                    self.flow_errors += 1
 
     def _delete(self, labels: list[int]) -> int:
         assert self._map is not None
@@ -1304,15 +1313,6 @@ class XdpOffload:
             out.append(_KEY.unpack(raw[: _KEY.size])[0])
         return out
 
-    def requeue_tickets(self, labels: list[int]) -> list[int]:
-        """Put tickets drained back in the queue; returns those that found no room."""
-        queue = self._ticket_maps["tickets"]
-        assert isinstance(queue, bpf.Queue)
-        for i, c2s in enumerate(labels):
-            if not queue.push(_KEY.pack(c2s)):
-                return labels[i:]
-        return []
-
     def revoke_tickets(self, labels: list[int]) -> None:
         """Delete the entries of tickets (C2S labels) out of the queue, or taken but not made sessions."""
         for c2s in labels:
@@ -1332,17 +1332,8 @@ class XdpOffload:
 
     def _flush_released(self) -> None:
         keys, self._released = self._released, []
-        m = self._ticket_maps.get("syn_flows")
-        if not isinstance(m, bpf.Map):
-            return
-        keys = [key for key in keys if key not in self._flow_owner]  # not entered again for a later session
-        if not keys:
-            return
-        try:
-            m.delete_batch(b"".join(keys), len(keys))
-        except OSError:  # one was gone already: the rest one by one
-            for key in keys:
-                m.delete(key)
+        if "syn_flows" in self._ticket_maps:
+            self._delete_flow_keys([key for key in keys if key not in self._flow_owner])  # not entered again since
 
     def restore_flow(self, c2s: int) -> None:
         """Enter the flow of the session of ``c2s`` into the flow map again (a ticket taken for the same flow and
