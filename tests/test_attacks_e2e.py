@@ -22,12 +22,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import json
 import os
 import random
 import select
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -107,6 +110,12 @@ def status(lab: Lab) -> dict[str, Any]:
         if fresh["time"] != first:
             return fresh
     raise AssertionError(f"no new status snapshot within {5 * SNAPSHOT} s")
+
+
+def table(lab: Lab) -> list[dict[str, Any]]:
+    """The sessions left in the balancer's table (the first 20), to say what a leftover is."""
+    rows: list[dict[str, Any]] = lab.command(cmd="sessions", limit=20)["sessions"]
+    return rows
 
 
 def all_up(lab: Lab, timeout: float = 20.0) -> None:
@@ -228,8 +237,14 @@ def test_spoofed_rst_and_fin_do_not_cut_a_download(lab: Lab) -> None:
             sock.send(frame)
             time.sleep(0.3)
     ended_early = not download.in_flight()
+    listed = subprocess.run([sys.executable, "-m", "mplslb", "sessions", "--socket", lab.control_socket, "--json"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
     code, digest = download.release()
     assert not ended_early, f"the download ended before the attack did (curl: {code}): the test proves nothing"
+    assert listed.returncode == 0, listed.stderr
+    rows = [row for row in json.loads(listed.stdout)["sessions"] if row["c2s"] == label]
+    assert [(r["client"], r["vip"], r["state"]) for r in rows] == [(f"{lab.client_addr(client)}:{cport}", f"{VIP4}:80",
+                                                                    "established")]  # fmt: skip
     after = status(lab)
     print(
         f"label {label}; {len(forged)} forged frames sent; curl (exit, http): {code}; {download.received} of "
@@ -541,7 +556,7 @@ def test_spoofed_syn_flood_takes_no_server_down_and_its_half_open_sessions_go(la
     ended = delta(after["sessions"]["ended"], flood.before["sessions"]["ended"])
     assert ended.get("server_down", 0) == 0, "a server was marked down during the flood (its sessions interrupted)"
     assert len(results) >= 20 and ok >= 0.99 * len(results), f"{len(results) - ok} of {len(results)} requests failed"
-    assert leftovers(after) == (0, 0, 0), "half-open sessions or their labels outlived the half-open timeout"
+    assert leftovers(after) == (0, 0, 0), f"half-open sessions or their labels outlived the timeout: {table(lab)}"
 
 
 SHED_RATE = 1_000  # the offload lab's offload_syn_rate: a tenth of the flood
@@ -574,6 +589,6 @@ def test_kernel_offload_sheds_a_syn_flood_beyond_its_rate(shedding_lab: Lab) -> 
     assert accounted >= flood.sent * 0.9, f"SYNs unaccounted for: {flood.sent} sent, {shed} shed, {started} started"
     assert started <= allowed, f"{started} sessions started at a rate of {SHED_RATE}/s over {flood.seconds:.1f} s"
     assert all(s["status"] == "up" for s in during["servers"] + after["servers"]), "a server was marked down"
-    assert leftovers(after) == (0, 0, 0), "half-open sessions or their labels outlived the half-open timeout"
+    assert leftovers(after) == (0, 0, 0), f"half-open sessions or their labels outlived the timeout: {table(lab)}"
     # The flood over, the client's SYNs all pass again.
     assert all(lab.curl(0, 10)), "requests failed after the flood"

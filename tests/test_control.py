@@ -3,6 +3,7 @@ Prometheus endpoint."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import select
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from helpers import Net, handshake, make_config
+from helpers import VIP, Net, client_addr, handshake, label_of, make_config, tcp
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import DownReason
 from mplslb.control import (
@@ -32,6 +33,7 @@ from mplslb.control import (
 )
 from mplslb.control.metrics import start_metrics_server
 from mplslb.health import HealthCheckConfig, HealthChecker
+from mplslb.wire.tcp import TCPFlag
 
 WALL_LIMIT = 10.0
 
@@ -284,6 +286,30 @@ def test_up_is_refused_while_the_health_check_fails(served: ControlServer, daemo
     assert str(daemon.balancer.pool.get("s2").status) == "down"
 
 
+def test_sessions_over_the_socket_list_the_table_oldest_first(served: ControlServer, daemon: Daemon) -> None:
+    b, net = daemon.balancer, daemon.net
+    daemon.now = 1.0
+    net.now = 0.5
+    later = net.from_client(1, tcp(client_addr(1), VIP, 41000, 80, TCPFlag.SYN, seq=7))  # a half-open one, later
+    late_c2s = label_of(later[0][1])
+    reply = request(served.path, {"cmd": "sessions"})
+    assert reply["ok"] is True and reply["total"] == 2
+    first, second = reply["sessions"]
+    assert (first["c2s"], first["s2c"], first["state"]) == (daemon.c2s, daemon.c2s + 1, "established")
+    vip = f"{ipaddress.ip_address(VIP)}:80"
+    assert first["client"] == f"{ipaddress.ip_address(client_addr(0))}:40000" and first["vip"] == vip
+    assert first["server"] == daemon.session_server and first["c2s_packets"] == 2 and first["s2c_packets"] == 1
+    assert (second["c2s"], second["state"]) == (late_c2s, "start") and second["proto"] == 6
+    assert second["age"] == pytest.approx(0.5) and second["idle"] == pytest.approx(0.5)
+    timeout = b.sessions.timeouts.tcp_start
+    assert second["deadline_in"] == pytest.approx(timeout - 0.5) and second["ending_for"] is None
+    only = request(served.path, {"cmd": "sessions", "state": "start", "limit": 1})
+    assert only["total"] == 1 and [row["c2s"] for row in only["sessions"]] == [late_c2s]
+    assert request(served.path, {"cmd": "sessions", "limit": 0}) == {"ok": True, "total": 2, "sessions": []}
+    other = next(s.name for s in b.pool.servers if s.name not in (daemon.session_server, second["server"]))
+    assert request(served.path, {"cmd": "sessions", "server": other})["total"] == 0
+
+
 @pytest.mark.parametrize(
     ("req", "message"),
     [
@@ -294,6 +320,11 @@ def test_up_is_refused_while_the_health_check_fails(served: ControlServer, daemo
         ({"cmd": "weight", "server": "s1", "weight": -1}, "weight"),
         ({"cmd": "weight", "server": "s1", "weight": "3"}, "weight"),
         ({"cmd": "weight", "server": "s1", "weight": True}, "weight"),
+        ({"cmd": "sessions", "state": "asleep"}, "unknown state 'asleep'"),
+        ({"cmd": "sessions", "server": "s9"}, "no server named 's9'"),
+        ({"cmd": "sessions", "limit": -1}, '"limit"'),
+        ({"cmd": "sessions", "limit": True}, '"limit"'),
+        ({"cmd": "sessions", "limit": 10_001}, '"limit"'),
         ({"server": "s1"}, '"cmd"'),
     ],
 )

@@ -437,6 +437,35 @@ def status(sock: str | None, as_json: bool) -> None:
 _SOCKET = click.option("--socket", "sock", default=None, help="The daemon's control socket.")
 
 
+@main.command()
+@_SOCKET
+@click.option("--state", default=None, help="Only sessions in this state (start, established, ending...).")
+@click.option("--server", default=None, help="Only this server's sessions.")
+@click.option("--limit", type=click.IntRange(0, 10_000), default=100, show_default=True, help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def sessions(sock: str | None, state: str | None, server: str | None, limit: int, as_json: bool) -> None:
+    """The balancer's session table, oldest first (like ipvsadm -Lnc or HAProxy's show sess)."""
+    import json
+
+    req: dict[str, Any] = {"cmd": "sessions", "limit": limit}
+    if state is not None:
+        req["state"] = state
+    if server is not None:
+        req["server"] = server
+    reply = _ask(sock, req)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    table = _table(f"Sessions: {len(reply['sessions'])} of {reply['total']}", "C2S", "client", "VIP", "server",
+                   "state", "age s", "idle s", "deadline s", "packets in/out")  # fmt: skip
+    for row in reply["sessions"]:
+        table.add_row(
+            str(row["c2s"]), row["client"], row["vip"], row["server"], row["state"], f"{row['age']:.1f}",
+            f"{row['idle']:.1f}", f"{row['deadline_in']:.1f}", f"{row['c2s_packets']}/{row['s2c_packets']}",
+        )  # fmt: skip
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
 def _ask(sock: str | None, req: dict[str, Any]) -> dict[str, Any]:
     """Send one control request. A refusal is an error (exit 1) with the daemon's reason."""
     from mplslb.control.client import DEFAULT_SOCKET, ControlError, request

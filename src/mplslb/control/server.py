@@ -17,6 +17,7 @@ connections held at once (``max_clients``; the oldest goes when a new one comes)
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from mplslb.balancing.algorithms import algorithm_names
 from mplslb.balancing.servers import DownReason, Server, ServerStatus
 from mplslb.config import ConfigError, Section, read_server, show_value
+from mplslb.sessions import Session, SessionState
 
 if TYPE_CHECKING:
     from mplslb.balancer import Balancer
@@ -44,7 +46,9 @@ MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 16
 CLIENT_TIMEOUT = 5.0
 RECV_SIZE = 65536
-COMMANDS = ("status", "add", "remove", "drain", "weight", "down", "up", "algorithm", "limit", "reload")
+COMMANDS = ("status", "sessions", "add", "remove", "drain", "weight", "down", "up", "algorithm", "limit", "reload")
+#: The most rows one ``sessions`` request answers.
+MAX_SESSION_ROWS = 10_000
 #: The admission limits the ``limit`` command sets.
 LIMITS = ("max_sessions", "max_new_per_second")
 
@@ -349,6 +353,14 @@ def balancer_commands(
     * ``{"cmd": "algorithm", "name": A, "params": {...}}``: the load-balancing algorithm.
     * ``{"cmd": "limit", "name": "max_sessions" | "max_new_per_second", "value": V}``: an admission limit (0: none).
     * ``{"cmd": "reload"}``: re-read the daemon's configuration file and apply what changed (``reload``).
+
+    The session table (as ``ipvsadm -Lnc`` and HAProxy's ``show sess``):
+
+    * ``{"cmd": "sessions", "state": T, "server": S, "limit": N}``: the sessions in the table (live, or ENDING and
+      lingering), oldest first, at most N (default 100, at most :data:`MAX_SESSION_ROWS`), only those in state T
+      and of server S when given. Replies ``{"ok": true, "total": M, "sessions": [...]}``, M the number that
+      matched; each row gives the labels, the flow, the server, the state, its age, how long since a frame of it
+      passed, when its deadline comes (negative: overdue), how long it has been ENDING, and its traffic.
     """
 
     def command(req: Request) -> Reply:
@@ -365,6 +377,8 @@ def balancer_commands(
             return set_limit(req)
         if cmd == "add":
             return add(req)
+        if cmd == "sessions":
+            return sessions(req)
         name = req.get("server")
         if not isinstance(name, str) or not name:
             return {"error": f'{cmd}: needs a "server" name'}
@@ -463,4 +477,52 @@ def balancer_commands(
         changes = [f"limits.{name}:{before}->{after}"] if after != before else []
         return {"ok": True, "limit": name, "value": after, "changes": changes}
 
+    def sessions(req: Request) -> Reply:
+        state, server, limit = req.get("state"), req.get("server"), req.get("limit", 100)
+        states = [str(s) for s in SessionState]
+        if state is not None and state not in states:
+            return {"error": f"sessions: unknown state {state!r}; states: {', '.join(states)}"}
+        if server is not None and server not in balancer.pool:
+            known = ", ".join(s.name for s in balancer.pool.servers)
+            return {"error": f"sessions: no server named {server!r} (servers: {known or 'none'})"}
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_SESSION_ROWS:
+            return {"error": f'sessions: "limit" must be an integer from 0 to {MAX_SESSION_ROWS}, got {limit!r}'}
+        found = [
+            s
+            for s in balancer.sessions.sessions()
+            if (state is None or str(s.state) == state) and (server is None or s.server.config.name == server)
+        ]
+        found.sort(key=lambda s: (s.started, s.c2s))
+        now = clock()
+        return {"ok": True, "total": len(found), "sessions": [session_row(balancer, s, now) for s in found[:limit]]}
+
     return command
+
+
+def session_row(balancer: Balancer, session: Session, now: float) -> dict[str, Any]:
+    """One session as the ``sessions`` command shows it (times in seconds relative to ``now``)."""
+    key, switching = session.key, balancer.switching
+    c2s, s2c = session.c2s, session.s2c
+    (c2s_packets, c2s_bytes), (s2c_packets, s2c_bytes) = switching.traffic(c2s), switching.traffic(s2c)
+    ending_at = balancer.sessions.ending_at[session.pair]
+    return {
+        "c2s": c2s,
+        "s2c": s2c,
+        "proto": key.proto,
+        "client": f"{_address(key.src)}:{key.sport}",
+        "vip": f"{_address(key.dst)}:{key.dport}",
+        "server": session.server.config.name,
+        "state": str(session.state),
+        "age": now - session.started,
+        "idle": now - switching.last_active(c2s, s2c),
+        "deadline_in": session.deadline - now,
+        "ending_for": now - ending_at if session.state is SessionState.ENDING else None,
+        "c2s_packets": c2s_packets,
+        "c2s_bytes": c2s_bytes,
+        "s2c_packets": s2c_packets,
+        "s2c_bytes": s2c_bytes,
+    }
+
+
+def _address(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
