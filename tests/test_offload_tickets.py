@@ -304,6 +304,44 @@ def test_tickets_of_a_server_gone_down_are_revoked_and_given_back(
 
 
 @needs_kernel
+def test_tickets_of_a_server_over_the_response_time_limit_or_with_a_new_mac_are_revoked(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server whose response time goes over ``max_response_time`` takes no new session: its tickets (all of them,
+    with the rest) are revoked at the next refill and none is issued for it while it stays over; back under, it
+    gets tickets again. A server's MAC changing (resolved anew) revokes them too: the entries hold the old one."""
+    core, _, loop = pair(lb, tmp_path, monkeypatch, algorithm="least_connections", rt_limit=0.5)
+    b = core.balancer
+    try:
+        desk = core.desk
+        assert desk is not None and any(server.name == "s1" for server in desk.outstanding.values())
+        s1 = b.pool.get("s1")
+        b.pool.record_response_time(s1, 2.0)
+        assert s1.overloaded
+        desk.refill(loop.clock())
+        assert desk.revoked == TICKETS_WANT and len(desk.outstanding) == TICKETS_WANT
+        assert all(server is not s1 for server in desk.outstanding.values()) and s1.active == 0
+        desk.refill(loop.clock())
+        assert desk.revoked == TICKETS_WANT  # nothing changed since: nothing revoked
+        while s1.overloaded:  # fast answers bring the estimate back under the limit
+            b.pool.record_response_time(s1, 0.0)
+        desk.refill(loop.clock())
+        assert desk.revoked == 2 * TICKETS_WANT and any(server is s1 for server in desk.outstanding.values())
+        moved = bytes.fromhex("02aa00000001")
+        b.pool.set_mac("s1", moved)
+        desk.refill(loop.clock())
+        assert desk.revoked == 3 * TICKETS_WANT
+        ours = [c2s for c2s, server in desk.outstanding.items() if server is s1]
+        assert ours
+        for c2s in ours:  # the C2S entry's next hop and the S2C entry's bound peer are the new MAC
+            c2s_entry, s2c_entry = core.offload.lookup(c2s), core.offload.lookup(c2s + 1)
+            assert c2s_entry is not None and s2c_entry is not None
+            assert c2s_entry[2][:6] == moved and s2c_entry[3] == moved
+    finally:
+        core.close()
+
+
+@needs_kernel
 def test_tickets_stop_where_admission_would_refuse(lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a global session limit, no more tickets are outstanding than the room it leaves (the stop counted by
     its reason); past it a SYN goes up and is refused as in userspace. The half-open share likewise."""

@@ -36,7 +36,7 @@ Response time is an exponentially weighted moving average of the samples fed in 
 theirs too). Probes matter for an overloaded server: with no new sessions it would otherwise never get a
 fresh sample. Coming back UP from DOWN forgets the old estimate, which described a server that failed.
 
-:attr:`ServerPool.version` grows on every change of membership, status or weight, so algorithms can rebuild
+:attr:`ServerPool.version` grows on every change of membership, status, weight or MAC, so algorithms can rebuild
 derived structures (a Maglev table) lazily. Session counts and overload change per session and do not bump
 it: algorithms read eligibility live.
 
@@ -317,6 +317,11 @@ class ServerPool:
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 
+    @property
+    def rt_limit(self) -> float:
+        """The response time (seconds) above which a server takes no new session; 0: no limit."""
+        return self._rt_limit
+
     # -- administration -----------------------------------------------------------------------------------
 
     def set_weight(self, name: str, weight: int) -> None:
@@ -340,8 +345,8 @@ class ServerPool:
     def set_mac(self, name: str, mac: bytes) -> None:
         """The MAC a server's frames go to now (as resolved; b"": unknown, so it takes no new session)."""
         server = self.get(name)
-        if bool(server.mac) != bool(mac):
-            self.version += 1  # in or out of service
+        if server.mac != mac:
+            self.version += 1  # in or out of service, or where its frames go
         server.mac = mac
 
     def drain(self, name: str) -> bool:

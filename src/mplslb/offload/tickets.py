@@ -32,10 +32,11 @@ that does not read the flow key, so the daemon decides it ahead:
   taken for a flow that is a session's already (its SYN went up and was opened before the sync entered its flow)
   is given back (``refused``) and the flow entered again for that session.
 * **Revoke** (:meth:`TicketDesk.revoke_all`): when a server's state, MAC or weight, the pool, the algorithm, the
-  limits or the services change, every ticket is drained from the queue (the program takes none meanwhile), its
-  entries deleted and its decision given back (:meth:`~mplslb.balancer.Balancer.release_decided`: the server's
-  count, the labels to quarantine), and tickets are issued afresh. A ticket the program popped as the queue was
-  drained shows up in the taken queue and is folded at the next call.
+  limits or the services change, or a server goes over (or back under) the response time limit, every ticket is
+  drained from the queue (the program takes none meanwhile), its entries deleted and its decision given back
+  (:meth:`~mplslb.balancer.Balancer.release_decided`: the server's count, the labels to quarantine), and tickets
+  are issued afresh. A ticket the program popped as the queue was drained shows up in the taken queue and is
+  folded at the next call.
 
 Tickets are not kept across daemons (no ``[state] persist`` with ``offload_syn``): they live in the daemon's maps
 only, and a daemon that stops takes its program and maps with it.
@@ -106,12 +107,15 @@ class TicketDesk:
         self._services_of = b.config.vips
 
     def _state(self) -> tuple[Any, ...]:
-        """What the outstanding tickets were decided on: when it changes they are revoked."""
+        """What the outstanding tickets were decided on: when it changes they are revoked. The pool's version
+        covers its servers' membership, status, weight and MAC; a server's response time overload (which changes
+        per sample, without a version) is read only when a limit is set."""
         b = self.balancer
         a = b.admission
-        servers = tuple((s.name, s.mac, s.in_service, s.weight) for s in b.pool)
-        return (b.pool.version, id(b.algorithm), a.max_sessions, a.max_new_per_second, b.max_half_open,
-                b.analyzer.l7, id(b.config.vips), servers)  # fmt: skip
+        pool = b.pool
+        overloaded = tuple(s.index for s in pool if s.overloaded) if pool.rt_limit > 0 else ()
+        return (pool.version, id(b.algorithm), a.max_sessions, a.max_new_per_second, b.max_half_open,
+                b.analyzer.l7, id(b.config.vips), overloaded)  # fmt: skip
 
     def fold(self, now: float) -> int:
         """Make the tickets the program took into sessions; returns how many."""
