@@ -40,8 +40,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers (the reference machine's two cores): the lab tests mostly wait on their processes, the others compute.
+# Each test file runs whole on one worker, and the files that load the machine one after another (tests/conftest.py).
 unit: $(STAMP) bytecode
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
 
 test: $(STAMP) debs lint typecheck unit
 

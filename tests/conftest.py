@@ -17,6 +17,19 @@ except ImportError:
     sys.path.insert(0, str(_REPO / "src"))
 
 
+#: Test files that load the machine (floods, downloads under node changes, restarts under load): under pytest-xdist
+#: (``make test`` runs two workers) they share one group, so no two of them run at once.
+HEAVY = frozenset({"test_attacks_e2e.py", "test_cluster_lab.py", "test_restart_e2e.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test file is one unit of work for pytest-xdist's ``--dist loadgroup`` (its module fixtures, a lab
+    among them, are made once), and the heavy files are one unit together."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("heavy" if name in HEAVY else str(item.path)))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``shared/data`` beside the checkout (CI clones with ``shared/`` next to the clone); skip if absent."""

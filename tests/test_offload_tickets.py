@@ -549,13 +549,17 @@ def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
     from rich.console import Console
 
     from mplslb.control.metrics import SnapshotCollector
-    from mplslb.control.tables import offload_tables, snapshot
+    from mplslb.control.tables import offload_tables, snapshot, with_offload
 
     core, reference, loop = pair(lb, tmp_path, monkeypatch)
     try:
         assert core.desk is not None
-        taken_as_in_userspace(core, reference, loop, lb, syn_frame(sport=32000))
-        snap = snapshot(core.balancer, now=loop.clock()) | {"offload": core.stats()}
+        c2s = taken_as_in_userspace(core, reference, loop, lb, syn_frame(sport=32000))
+        session = core.balancer.sessions.by_c2s(c2s)
+        assert session is not None
+        held = {s.name: sum(1 for t in core.desk.outstanding.values() if t is s) for s in core.balancer.pool}
+        snap = snapshot(core.balancer, now=loop.clock())
+        with_offload(snap, core.stats())
         metrics = {m.name: m for m in SnapshotCollector(lambda: snap).collect()}
         tickets = {s.labels["what"]: s.value for s in metrics["mplslb_offload_tickets"].samples}
         syns = {s.labels["what"]: s.value for s in metrics["mplslb_offload_syn"].samples}
@@ -569,6 +573,11 @@ def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
     assert "Kernel offload (XDP: p0 generic" in text and "Tickets (offload_syn)" in text
     assert re.search(r"syn taken[\s│]+1\b", text) and re.search(rf"outstanding[\s│]+{TICKETS_WANT - 1}\b", text)
     assert offload_tables(None) == []
+    # a server's tickets are shown apart from its sessions: the one taken is a session of its server
+    rows = {row["name"]: (row["active"], row["total"], row["tickets"]) for row in snap["servers"]}
+    assert rows == {name: (int(name == session.server.name),) * 2 + (count,) for name, count in held.items()}
+    assert sum(held.values()) == TICKETS_WANT - 1
+    assert all(re.search(rf"outstanding for {name}[\s│]+{count}\b", text) for name, count in held.items())
     assert tickets["taken"] == 1 and tickets["issued"] == TICKETS_WANT and tickets["revoked"] == 0
     assert syns == {"syn_taken": 1, "syn_no_ticket": 0, "syn_flow_live": 0}
     assert outstanding == TICKETS_WANT - 1

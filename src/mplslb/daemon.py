@@ -84,7 +84,7 @@ from mplslb.config import (
 from mplslb.control.client import DEFAULT_SOCKET
 from mplslb.control.history import StatusHistory
 from mplslb.control.server import ControlServer, balancer_commands, follow_pool
-from mplslb.control.tables import RateTracker, snapshot
+from mplslb.control.tables import RateTracker, snapshot, with_offload
 from mplslb.drivers.afpacket import DEFAULT_RETIRE_MS, MAX_RETIRE_MS, open_port
 from mplslb.drivers.cluster import ClusterLink
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
@@ -521,7 +521,7 @@ class Daemon:
         among the drops."""
         snap["datapath"] = self.config.datapath
         if self.offloaded is not None:
-            snap["offload"] = self.offloaded.stats()
+            with_offload(snap, self.offloaded.stats())
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
         drops = snap["drops"] = dict(snap["drops"])
         for port in getattr(self, "ports", {}).values():

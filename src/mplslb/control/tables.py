@@ -27,7 +27,16 @@ if TYPE_CHECKING:
     from mplslb.balancer import Balancer, BalancerStats
     from mplslb.health import HealthChecker
 
-__all__ = ["SNAPSHOT_VERSION", "RateTracker", "format_address", "snapshot", "stats_counters", "status_tables"]
+__all__ = [
+    "SNAPSHOT_VERSION",
+    "RateTracker",
+    "format_address",
+    "offload_tables",
+    "snapshot",
+    "stats_counters",
+    "status_tables",
+    "with_offload",
+]
 
 SNAPSHOT_VERSION = 1
 RateKey = tuple[str, ...]
@@ -306,6 +315,20 @@ def cluster_tables(cluster: Mapping[str, Any] | None) -> list[Table]:
     return [peers, sync]
 
 
+def with_offload(snap: dict[str, Any], offload: dict[str, Any]) -> None:
+    """Put the kernel offload's figures (``XdpOffload.stats``) in ``snap`` under ``"offload"``. With tickets, a
+    server counts its outstanding ones among its sessions (so least connections spreads them); the snapshot shows
+    them apart, as its ``tickets``, and its ``active`` and ``total`` sessions without them."""
+    snap["offload"] = offload
+    tickets = offload.get("tickets")
+    if tickets is None:
+        return
+    for row in snap["servers"]:
+        held = row["tickets"] = tickets["by_server"].get(row["name"], 0)
+        row["active"] -= held
+        row["total"] -= held
+
+
 def offload_tables(offload: Mapping[str, Any] | None) -> list[Table]:
     """The kernel offload's figures (:mod:`mplslb.offload.xdp`) and, with ``offload_syn``, its tickets (none without
     the offload)."""
@@ -326,6 +349,8 @@ def offload_tables(offload: Mapping[str, Any] | None) -> list[Table]:
         for key in ("outstanding", "issued", "taken", "revoked", "refused", "syn_taken", "syn_no_ticket",
                     "syn_flow_live"):  # fmt: skip
             _add(desk, key.replace("_", " "), str(tickets.get(key, 0)))
+        for name, count in sorted(tickets.get("by_server", {}).items()):
+            _add(desk, f"outstanding for {name}", str(count))
         for reason, count in sorted(tickets["held"].items()):
             _add(desk, f"issues held: {reason}", str(count))
         tables.append(desk)

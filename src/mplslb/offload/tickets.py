@@ -199,10 +199,15 @@ class TicketDesk:
         self.revoke_all(now)
 
     def stats(self) -> dict[str, Any]:
-        """Tickets issued, taken, revoked, outstanding, refused; issues held by reason; and what the program
-        counted: SYNs taken, passed up for lack of a ticket, passed up as a live session's."""
+        """Tickets issued, taken, revoked, outstanding (and how many of them each server holds), refused; issues
+        held by reason; and what the program counted: SYNs taken, passed up for lack of a ticket, passed up as a live
+        session's."""
+        by_server: dict[str, int] = {}
+        for server in self.outstanding.values():
+            by_server[server.name] = by_server.get(server.name, 0) + 1
         return {
             "outstanding": len(self.outstanding),
+            "by_server": by_server,
             "issued": self.issued,
             "taken": self.taken,
             "revoked": self.revoked,
