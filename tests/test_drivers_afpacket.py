@@ -15,7 +15,15 @@ from pyroute2 import IPRoute, netns
 
 from helpers import DAEMON_TOML, ETH_P_LOCAL_EXP, VIP, client_addr, frames_of, make_config, tcp, wait_until_ready
 from mplslb.balancer import Balancer
-from mplslb.drivers.afpacket import DEFAULT_RETIRE_MS, MAX_RETIRE_MS, PacketPort, RingPort, open_port
+from mplslb.drivers.afpacket import (
+    DEFAULT_RETIRE_MS,
+    DEFAULT_SOCKET_RCVBUF,
+    MAX_RETIRE_MS,
+    MAX_SOCKET_RCVBUF,
+    PacketPort,
+    RingPort,
+    open_port,
+)
 from mplslb.drivers.loop import BalancerDriver, Loop
 from mplslb.drivers.netns import entered
 from mplslb.drivers.socket_filter import BPF_ACCEPT, BPF_DROP, BPF_RET_K, PACKET_OTHERHOST, bpf_program, host_only
@@ -262,6 +270,39 @@ def test_daemon_config_ring_retire_ms(tmp_path):
     for bad in ("0", "-1", str(MAX_RETIRE_MS + 1), '"8"'):
         path.write_text(f"ring = true\nring_retire_ms = {bad}\n" + DAEMON_TOML)
         with pytest.raises(ConfigError, match="ring_retire_ms"):
+            load_daemon_config(path, need_interfaces=False)
+
+
+@root
+@needs_root
+def test_open_port_gives_a_plain_socket_its_receive_buffer(veth):
+    """The kernel doubles a receive buffer it is given (its own accounting) and keeps its default otherwise; a ring
+    takes none."""
+    import socket
+
+    name, a, _ = veth
+    with open_port(a, netns=name) as default, open_port(a, netns=name, rcvbuf=DEFAULT_SOCKET_RCVBUF) as set_:
+        assert isinstance(default, PacketPort) and isinstance(set_, PacketPort)
+        got = set_._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert got == 2 * DEFAULT_SOCKET_RCVBUF  # past net.core.rmem_max: set as root (SO_RCVBUFFORCE)
+        assert default._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < got
+    with pytest.raises(ValueError, match="rcvbuf"):
+        open_port(a, ring=True, netns=name, rcvbuf=1 << 20)
+
+
+def test_daemon_config_socket_rcvbuf(tmp_path):
+    from mplslb.config import ConfigError
+    from mplslb.daemon import load_daemon_config
+
+    path = tmp_path / "lb.toml"
+    path.write_text(DAEMON_TOML)
+    assert load_daemon_config(path, need_interfaces=False).socket_rcvbuf == DEFAULT_SOCKET_RCVBUF
+    path.write_text("socket_rcvbuf = 1048576\n" + DAEMON_TOML)
+    assert load_daemon_config(path, need_interfaces=False).socket_rcvbuf == 1 << 20
+    for bad, why in (("0", "bytes from"), ("1024", "bytes from"), (str(MAX_SOCKET_RCVBUF + 1), "bytes from"),
+                     ('"8M"', "socket_rcvbuf"), ("1048576\nring = true", "plain packet sockets")):  # fmt: skip
+        path.write_text(f"socket_rcvbuf = {bad}\n" + DAEMON_TOML)
+        with pytest.raises(ConfigError, match=why):
             load_daemon_config(path, need_interfaces=False)
 
 

@@ -85,7 +85,14 @@ from mplslb.control.client import DEFAULT_SOCKET
 from mplslb.control.history import StatusHistory
 from mplslb.control.server import ControlServer, balancer_commands, follow_pool
 from mplslb.control.tables import RateTracker, snapshot, with_offload
-from mplslb.drivers.afpacket import DEFAULT_RETIRE_MS, MAX_RETIRE_MS, open_port
+from mplslb.drivers.afpacket import (
+    DEFAULT_RETIRE_MS,
+    DEFAULT_SOCKET_RCVBUF,
+    MAX_RETIRE_MS,
+    MAX_SOCKET_RCVBUF,
+    MIN_SOCKET_RCVBUF,
+    open_port,
+)
 from mplslb.drivers.cluster import ClusterLink
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
@@ -132,6 +139,7 @@ class DaemonConfig:
     offload_gso: bool = False  # the kernel offload switches super-packets too (tc ingress, veth ports)
     offload_syn: bool = False  # the kernel offload takes new TCP sessions' SYNs under tickets (mplslb.offload.tickets)
     ring_retire_ms: int = DEFAULT_RETIRE_MS  # with ring: how long a receive block stays open before it is handed over
+    socket_rcvbuf: int = DEFAULT_SOCKET_RCVBUF  # without ring: each port's packet socket receive buffer, bytes
 
     @property
     def datapath(self) -> str:
@@ -183,6 +191,14 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     ring_retire_ms = top.get("ring_retire_ms", int, DEFAULT_RETIRE_MS)
     if not 1 <= ring_retire_ms <= MAX_RETIRE_MS:
         raise top.error("ring_retire_ms", f"milliseconds from 1 to {MAX_RETIRE_MS}, got {ring_retire_ms}")
+    # A plain packet socket's frames wait in its receive buffer, each costing its truesize: on a veth a 64-byte frame
+    # takes about 4 KiB, so the system's default (208 KiB) holds about a millisecond of 50k frames/s, and any pause
+    # of the loop longer than that drops frames (docs/benchmarks.md, "The packet sockets' receive buffer").
+    socket_rcvbuf = top.get("socket_rcvbuf", int, DEFAULT_SOCKET_RCVBUF)
+    if not MIN_SOCKET_RCVBUF <= socket_rcvbuf <= MAX_SOCKET_RCVBUF:
+        raise top.error("socket_rcvbuf", f"bytes from {MIN_SOCKET_RCVBUF} to {MAX_SOCKET_RCVBUF}, got {socket_rcvbuf}")
+    if ring and "socket_rcvbuf" in top.table:
+        raise top.error("socket_rcvbuf", "for plain packet sockets: a ring (ring = true) holds frames in its blocks")
     offload = read_offload(top)
     syn_rate = read_offload_syn_rate(top, offload)
     gso = read_offload_gso(top, offload, ring=ring)
@@ -216,7 +232,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
         _check_gso_ports(source, balancer.ports, need_interfaces=need_interfaces)
     return DaemonConfig(
         balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp, gso, syn,
-        ring_retire_ms,
+        ring_retire_ms, socket_rcvbuf,
     )  # fmt: skip
 
 
@@ -303,16 +319,24 @@ def server_side_ethertypes(servers: list[ServerConfig]) -> frozenset[int]:
 
 
 def open_ports(
-    config: BalancerConfig, *, ring: bool, max_len: int | None = None, retire_ms: int = DEFAULT_RETIRE_MS
+    config: BalancerConfig,
+    *,
+    ring: bool,
+    max_len: int | None = None,
+    retire_ms: int = DEFAULT_RETIRE_MS,
+    rcvbuf: int | None = None,
 ) -> dict[int, Port]:
     """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it.
     ``max_len``: the ethernet ports' sockets leave longer frames out (the kernel offload's super-packets);
-    ``retire_ms``: with ``ring``, the receive rings' block retire timer."""
+    ``retire_ms``: with ``ring``, the receive rings' block retire timer; ``rcvbuf``: without ``ring``, the ethernet
+    ports' socket receive buffer (bytes)."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
             try:
-                ports[port.port_id] = _open(port, config.servers, ring=ring, max_len=max_len, retire_ms=retire_ms)
+                ports[port.port_id] = _open(
+                    port, config.servers, ring=ring, max_len=max_len, retire_ms=retire_ms, rcvbuf=rcvbuf
+                )
             except OSError as exc:
                 if port.kind == "ethernet":
                     where = f"interface {port.interface!r}"
@@ -335,6 +359,7 @@ def _open(
     ring: bool,
     max_len: int | None = None,
     retire_ms: int = DEFAULT_RETIRE_MS,
+    rcvbuf: int | None = None,
 ) -> Port:
     here = [server for server in servers if server.port_id == port.port_id]
     if port.kind == "mpls_udp":
@@ -346,8 +371,9 @@ def _open(
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
     return open_port(
-        port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len, retire_ms=retire_ms
-    )
+        port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len, retire_ms=retire_ms,
+        rcvbuf=None if ring else rcvbuf,
+    )  # fmt: skip
 
 
 class Daemon:
@@ -401,7 +427,11 @@ class Daemon:
             setup_balancer([str(ipaddress.ip_address(v.address)) for v in config.balancer.vips], self.changes)
             frame_max = self.offloaded.offload.frame_max if self.offloaded is not None else 0
             self.ports = open_ports(
-                config.balancer, ring=config.ring, max_len=frame_max or None, retire_ms=config.ring_retire_ms
+                config.balancer,
+                ring=config.ring,
+                max_len=frame_max or None,
+                retire_ms=config.ring_retire_ms,
+                rcvbuf=config.socket_rcvbuf,
             )
         except BaseException:  # nothing of a daemon that could not start stays behind (but its kept state)
             self.changes.undo()
@@ -622,6 +652,7 @@ class Daemon:
                 ("control.metrics", running.metrics, new.metrics),
                 ("ring", running.ring, new.ring),
                 ("ring_retire_ms", running.ring_retire_ms, new.ring_retire_ms),
+                ("socket_rcvbuf", running.socket_rcvbuf, new.socket_rcvbuf),
                 ("offload", running.offload, new.offload),
                 ("bgp", running.bgp, new.bgp),
             ):

@@ -94,6 +94,11 @@ DEFAULT_BLOCK_NR = 64
 DEFAULT_FRAME_SIZE = 2048
 DEFAULT_RETIRE_MS = 8  # see the module's notes: the timer also sets how many frames the ring holds
 MAX_RETIRE_MS = 1000
+#: A plain packet socket's receive buffer as the daemon opens its ports (bytes; the kernel doubles it for its own
+#: accounting): on a veth each small frame costs about 4 KiB of it, so this holds about 4,000 frames, some 80 ms at
+#: 50k frames/s (the system's default, 208 KiB, about a millisecond). Memory only taken while frames wait.
+DEFAULT_SOCKET_RCVBUF = 8 << 20
+MIN_SOCKET_RCVBUF, MAX_SOCKET_RCVBUF = 64 << 10, 1 << 30
 _REQ3 = struct.Struct("=IIIIIII")
 _U32 = struct.Struct("=I")
 BLOCK_STATUS = 8  # tpacket_block_desc: version, offset_to_priv, then hdr.bh1: block_status, num_pkts, ...
@@ -683,16 +688,20 @@ def open_port(
     host_only: bool = False,
     max_len: int | None = None,
     retire_ms: int = DEFAULT_RETIRE_MS,
+    rcvbuf: int | None = None,
 ) -> PacketPort | RingPort:
     """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
     adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`; ``host_only`` leaves out frames
     addressed to other hosts (see :func:`~mplslb.drivers.socket_filter.host_only`); ``max_len`` (plain sockets
     only) leaves out frames longer than that (see :func:`~mplslb.drivers.socket_filter.length_cap`); ``retire_ms``
-    (rings only) is the receive ring's block retire timer (see :class:`RingPort`)."""
+    (rings only) is the receive ring's block retire timer (see :class:`RingPort`); ``rcvbuf`` (plain sockets only)
+    the socket's receive buffer in bytes (see :class:`PacketPort`; None: the system's default)."""
     if ring:
         if max_len is not None:
             raise ValueError("max_len is for plain packet sockets (a ring reads partial checksums unfinished)")
+        if rcvbuf is not None:
+            raise ValueError("rcvbuf is for plain packet sockets (a ring holds its frames in its blocks)")
         return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
                         retire_ms=retire_ms)  # fmt: skip
     return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
-                      max_len=max_len)  # fmt: skip
+                      max_len=max_len, rcvbuf=rcvbuf)  # fmt: skip
