@@ -543,6 +543,19 @@ class SessionTable:
         rows = np.flatnonzero(self._np_state)
         return rows, self._np_server[rows]
 
+    def oldest(
+        self, limit: int, *, state: SessionState | None = None, server: Server | None = None
+    ) -> tuple[int, list[Session]]:
+        """The sessions in the table (in ``state`` and of ``server`` when given): how many, and the ``limit`` that
+        started first (for a listing: read from the arrays, one Python object per session listed only)."""
+        mask = self._np_state != _FREE if state is None else self._np_state == _CODE[state]
+        if server is not None:
+            mask &= self._np_server == server.index
+        rows = np.flatnonzero(mask)
+        started = np.frombuffer(self.start_time, dtype=np.float64)[rows]
+        first = rows[np.lexsort((rows, started))[:limit]]  # by start, then by row (label order)
+        return int(rows.size), [Session(self, int(pair)) for pair in first]
+
     def of_server(self, server: Server) -> list[Session]:
         """The sessions of ``server`` in the table."""
         rows = np.flatnonzero((self._np_state != _FREE) & (self._np_server == server.index))

@@ -487,14 +487,13 @@ def balancer_commands(
             return {"error": f"sessions: no server named {server!r} (servers: {known or 'none'})"}
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_SESSION_ROWS:
             return {"error": f'sessions: "limit" must be an integer from 0 to {MAX_SESSION_ROWS}, got {limit!r}'}
-        found = [
-            s
-            for s in balancer.sessions.sessions()
-            if (state is None or str(s.state) == state) and (server is None or s.server.config.name == server)
-        ]
-        found.sort(key=lambda s: (s.started, s.c2s))
+        total, found = balancer.sessions.oldest(
+            limit,
+            state=None if state is None else SessionState(state),
+            server=None if server is None else balancer.pool.get(server),
+        )
         now = clock()
-        return {"ok": True, "total": len(found), "sessions": [session_row(balancer, s, now) for s in found[:limit]]}
+        return {"ok": True, "total": total, "sessions": [session_row(balancer, s, now) for s in found]}
 
     return command
 
