@@ -21,9 +21,10 @@ back to the kernel (``block_status = TP_STATUS_KERNEL``) once all its frames are
 ``send()`` on the same socket for both ports.
 
 The ring holds ``block_nr`` blocks however full the timer retires them, so the timer sets how many frames the ring
-can hold, not only the latency: with 1 ms, frames arriving in bursts (nothing for half a second, then 20-30k frames)
-were retired in blocks of 200-300 frames, the 64 blocks held about 16k frames of the 110k the ring's memory has
-room for, and the kernel dropped half of a paced 50k frames/s while the daemon sat idle between bursts; with 8 ms
+can hold, not only the latency: with 1 ms, frames arriving in bursts (nothing for half a second, then 20-30k frames:
+50k frames/s on average, as trafgen's ``--rate`` sends them) were retired in blocks of 200-300 frames, the 64 blocks
+held about 16k frames of the 110k the ring's memory has room for, and the kernel dropped half of them while the
+daemon sat idle between bursts; with 8 ms
 (``DEFAULT_RETIRE_MS``) they held a median of 1,200 (1,724 when full), at most 35 blocks were in use and nothing
 was lost (docs/benchmarks.md, "Wire paths at equal paced loads"). Fewer, fuller blocks also cost the block path
 less per frame (each block costs a fixed amount: a wake-up, numpy calls, a TX flush). A longer timer delays the

@@ -173,7 +173,7 @@ class TicketDesk:
                 self.held["server_port_not_offloaded"] = self.held.get("server_port_not_offloaded", 0) + 1
                 break
             decided.append(decision)
-            entries.append((c2s, self.offload.ticket_entries(c2s, port, server.mac, c2s_watch, s2c_watch)))
+            entries.append((c2s, self.offload.ticket_entries(port, server.mac, c2s_watch, s2c_watch)))
         issued = set(self.offload.issue_tickets(entries))
         for c2s, server in decided:
             if c2s in issued:

@@ -1109,6 +1109,13 @@ class XdpOffload:
                         self._map.delete(_KEY.pack(label))
                     self._in_kernel[label] = 0
                     self.entries -= 1
+        self._written(labels)
+        if self.tickets:
+            self._write_flows(labels)
+        return len(labels)
+
+    def _written(self, labels: list[int]) -> None:
+        """``labels``' entries are in the map now, each written afresh: counted, nothing of them folded yet."""
         for label in labels:
             if not self._in_kernel[label]:
                 self.entries += 1
@@ -1117,9 +1124,6 @@ class XdpOffload:
             self._kbytes[label] = 0
             self._fin_folded[label] = 0  # a new entry: no FIN taken yet
         self.writes += len(labels)
-        if self.tickets:
-            self._write_flows(labels)
-        return len(labels)
 
     def _write_flows(self, labels: list[int]) -> None:
         """Tickets: enter the flows of the TCP sessions whose C2S labels are among ``labels`` into the flow map (a
@@ -1201,28 +1205,28 @@ class XdpOffload:
     # -- tickets (offload_syn) -------------------------------------------------------------------------------------
     def set_client_ports(self, ports: Iterable[int]) -> None:
         """The client ports (port ids) a SYN may be taken on, with their MACs (all of them replaced)."""
-        m = self._ticket_maps["client_ports"]
-        assert isinstance(m, bpf.Map)
-        keys, _, count = m.lookup_batch()
-        for (ifindex,) in _KEY.iter_unpack(keys[: count * _KEY.size]):
-            m.delete(_KEY.pack(ifindex))
-        for port in ports:
-            if port in self.ifindex:
-                m.update(_KEY.pack(self.ifindex[port]), SYN_PORT.pack(self.table.port_mac(port), 0))
+        elements = [(_KEY.pack(self.ifindex[port]), SYN_PORT.pack(self.table.port_mac(port), 0))
+                    for port in ports if port in self.ifindex]  # fmt: skip
+        self._replace_all("client_ports", elements)
 
     def set_services(self, services: Iterable[tuple[bytes, int]]) -> None:
         """The (VIP, TCP port)s whose SYNs may be taken (all of them replaced)."""
-        m = self._ticket_maps["services"]
+        elements = [(SERVICE_KEY.pack(vip, port.to_bytes(2, "big"), 6 if len(vip) == 16 else 4, 0), _KEY.pack(1))
+                    for vip, port in services]  # fmt: skip
+        self._replace_all("services", elements)
+
+    def _replace_all(self, symbol: str, elements: list[tuple[bytes, bytes]]) -> None:
+        """Make the ticket map ``symbol`` hold exactly ``elements`` (key, value)."""
+        m = self._ticket_maps[symbol]
         assert isinstance(m, bpf.Map)
         keys, _, count = m.lookup_batch()
-        size = SERVICE_KEY.size
+        size = m.key_size
         for i in range(count):
             m.delete(keys[i * size : (i + 1) * size])
-        for address, port in services:
-            m.update(SERVICE_KEY.pack(address, port.to_bytes(2, "big"), 6 if len(address) == 16 else 4, 0),
-                     _KEY.pack(1))  # fmt: skip
+        for key, value in elements:
+            m.update(key, value)
 
-    def ticket_entries(self, c2s: int, server_port: int, server_mac: bytes, c2s_watch: int, s2c_watch: int) -> bytes:
+    def ticket_entries(self, server_port: int, server_mac: bytes, c2s_watch: int, s2c_watch: int) -> bytes:
         """A ticket's two entries (C2S, S2C) for a session with a server ``server_mac`` on ``server_port``: what
         does not depend on the client, flagged F_TICKET (the program fills the rest in when it takes a SYN): the
         same for every ticket of the server, so made once."""
@@ -1258,13 +1262,7 @@ class XdpOffload:
             self._error(exc)
             self._delete_tickets([c2s for c2s, _ in tickets])
             return []
-        for label in labels:
-            self._in_kernel[label] = 1
-            self._kpackets[label] = 0
-            self._kbytes[label] = 0
-            self._fin_folded[label] = 0
-        self.entries += len(labels)
-        self.writes += len(labels)
+        self._written(labels)
         l7 = [c2s for c2s, entries in tickets if entries[_FLAGS_AT] & F_L7]
         if l7 and self._requests is not None:
             try:
