@@ -854,11 +854,14 @@ class Lab:
         names, values = (line[1:] for line in lines if line[0] == f"{group}:")
         return dict(zip(names, map(int, values), strict=True))
 
-    def curl(self, client: int, count: int, *, v6: bool = False, timeout: float = 120.0) -> list[str]:
+    def curl(
+        self, client: int, count: int, *, v6: bool = False, timeout: float = 120.0, max_time: float = 5.0
+    ) -> list[str]:
         """``count`` sequential HTTP requests from client ``client``, each on its own connection (one session
-        each); returns each response body's first line, or "" for a failed request."""
+        each) and given ``max_time`` seconds; returns each response body's first line, or "" for a failed
+        request."""
         url = f"http://[{VIP6}]/" if v6 else f"http://{VIP4}/"
-        argv = ["curl", "-s", "-g", "--max-time", "5", "-H", "Connection: close", "-w", "##%{http_code}\\n"]
+        argv = ["curl", "-s", "-g", "--max-time", f"{max_time:g}", "-H", "Connection: close", "-w", "##%{http_code}\\n"]
         argv += [url] * count
         done = self.run_in(self.client_ns(client), argv, timeout=timeout)
         bodies = [
