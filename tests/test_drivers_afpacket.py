@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from mplslb.drivers.afpacket import (
     DEFAULT_SOCKET_RCVBUF,
     MAX_RETIRE_MS,
     MAX_SOCKET_RCVBUF,
+    MMSG_BATCH,
     PacketPort,
     RingPort,
     open_port,
@@ -27,7 +29,10 @@ from mplslb.drivers.afpacket import (
 from mplslb.drivers.loop import BalancerDriver, Loop
 from mplslb.drivers.netns import entered
 from mplslb.drivers.socket_filter import BPF_ACCEPT, BPF_DROP, BPF_RET_K, PACKET_OTHERHOST, bpf_program, host_only
+from mplslb.wire.checksum import internet_checksum, pseudo_header_sum
 from mplslb.wire.ethernet import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
+from mplslb.wire.frame import dissect
+from mplslb.wire.ip import IPPROTO_UDP
 from mplslb.wire.mpls import stack_of
 
 WAIT = 10.0  # seconds any exchange may take, at most
@@ -237,6 +242,57 @@ def test_mac_is_the_interfaces_and_promisc_lasts_while_open(ports, veth, kind):
     assert info.get("IFLA_PROMISCUITY") == 1  # a membership counts here; IFF_PROMISC shows only what users set
     port.close()
     assert link(a).get("IFLA_PROMISCUITY") == 0
+
+
+@root
+@needs_root
+def test_a_plain_socket_burst_spans_several_system_calls_in_order(ports, veth):
+    _, a, b = veth
+    left, right = ports(PacketPort, a), ports(PacketPort, b, rcvbuf=4 << 20)
+    frames = frames_of([64, 1514, 200] * 100, right.mac, left.mac)
+    for frame in frames:
+        left.send(frame)
+    time.sleep(0.05)
+    first = right.recv_burst(3 * MMSG_BATCH + 5)  # more than one recvmmsg takes
+    assert len(first) == 3 * MMSG_BATCH + 5
+    assert first + read_until(right, len(frames) - len(first), [], time.monotonic() + WAIT) == frames
+    assert not right.drops
+
+
+@root
+@needs_root
+def test_a_plain_socket_counts_a_frame_longer_than_its_buffer_as_truncated(ports, veth):
+    _, a, b = veth
+    left, right = ports(PacketPort, a), ports(PacketPort, b, bufsize=128)
+    frames = frames_of([100, 200, 128, 129, 60], right.mac, left.mac)
+    for frame in frames:
+        left.send(frame)
+    got = read_until(right, 3, [], time.monotonic() + WAIT)
+    time.sleep(0.02)
+    assert got + right.recv_burst() == [frames[0], frames[2], frames[4]]
+    assert right.drops == {"truncated": 2}
+
+
+@root
+@needs_root
+def test_a_plain_socket_finishes_the_checksum_its_sender_left_to_an_offload(ports, veth):
+    """A datagram the namespace's own stack sends out of a veth carries a partial checksum (veth offloads it):
+    the port on the other end reads it with the sum completed, as it will leave."""
+    name, a, b = veth
+    right = ports(PacketPort, b)
+    with entered(name), IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=a)[0]
+        ipr.addr("add", index=index, address="10.99.0.1", prefixlen=24)
+        ipr.neigh("add", dst="10.99.0.2", lladdr=":".join(f"{x:02x}" for x in right.mac), ifindex=index, state=0x80)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"partial checksum" * 20, ("10.99.0.2", 4242))
+    got = read_until(right, 1, [], time.monotonic() + WAIT)
+    udp_frames = [f for f in got if dissect(f).proto == IPPROTO_UDP]
+    assert len(udp_frames) == 1, got
+    frame, d = udp_frames[0], dissect(udp_frames[0])
+    assert d.ip is not None and d.dport == 4242 and not right.drops
+    segment = frame[d.ip.payload_offset : d.ip.end]
+    assert internet_checksum(segment, pseudo_header_sum(d.src, d.dst, IPPROTO_UDP, len(segment))) == 0
 
 
 @root
