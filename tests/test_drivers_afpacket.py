@@ -297,6 +297,22 @@ def test_a_plain_socket_finishes_the_checksum_its_sender_left_to_an_offload(port
 
 @root
 @needs_root
+def test_a_plain_socket_sends_a_burst_in_order_counting_each_frame_it_cannot_send(ports, veth):
+    """send_many gathers frames into sendmmsg calls: more than one call's worth arrive in order; a frame longer
+    than the link takes, or than a slot, is counted under its errno's name and the frames after it still go."""
+    _, a, b = veth
+    left, right = ports(PacketPort, a), ports(PacketPort, b, rcvbuf=4 << 20)
+    good = frames_of([64, 1514, 300] * 50, right.mac, left.mac)
+    too_long, beyond_a_slot = good[0] + bytes(2000), good[0] + bytes(70_000)
+    burst = [*good[:70], too_long, *good[70:75], beyond_a_slot, *good[75:]]
+    errors: dict[str, int] = {}
+    assert left.send_many(burst, errors) == len(good)
+    assert errors == {"emsgsize": 2}
+    assert read_until(right, len(good), [], time.monotonic() + WAIT) == good
+
+
+@root
+@needs_root
 def test_open_port_picks_the_kind(veth):
     name, a, _ = veth
     with open_port(a, netns=name) as plain, open_port(a, ring=True, accept={ETH_P_MPLS_UC}, netns=name) as ring:

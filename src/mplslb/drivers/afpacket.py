@@ -53,7 +53,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, Self
+from typing import NamedTuple, Self, cast
 
 import numpy as np
 
@@ -186,6 +186,7 @@ class _PacketSocket:
                 sock.close()
                 raise
         self._sock = sock
+        self._sender = _SendBatch(MMSG_BATCH, DEFAULT_BUFSIZE)
         self.mac: bytes = bytes(sock.getsockname()[_ADDR_MAC][:ETH_ALEN])
         if tx_ring:
             try:
@@ -243,19 +244,11 @@ class _PacketSocket:
         counted into ``errors`` by name, never raised: an errno name for ``send()``; with the ring
         ``tx_ring_full`` (no free slot even after a flush) and ``emsgsize`` (a frame that can never be sent).
         With the TX ring, ``flush=False`` leaves the frames queued for a later :meth:`flush`; without it every
-        frame is one ``send()`` and ``flush`` does not matter."""
+        frame is one message of a ``sendmmsg()`` (:class:`_SendBatch`) and ``flush`` does not matter."""
         sent = 0
         tx = self.tx
         if tx is None:
-            send = self._sock.send
-            for frame in frames:
-                try:
-                    send(frame.data if isinstance(frame, np.ndarray) else frame)
-                except OSError as exc:
-                    _count_into(errors, errno.errorcode.get(exc.errno or 0, "error").lower())
-                else:
-                    sent += 1
-            return sent
+            return self._sender.send(self._sock, frames, errors)
         queue = tx.queue
         for frame in frames:
             try:
@@ -331,6 +324,7 @@ class _PacketSocket:
             self.tx = None
         self._teardown()
         self._sock.close()
+        self._sender.close()
 
     def __enter__(self) -> Self:
         return self
@@ -392,6 +386,96 @@ class PacketPort(_PacketSocket):
         return frames
 
 
+def _mmsg_call(name: str) -> Callable[..., int]:
+    """libc's ``recvmmsg`` or ``sendmmsg`` (fd, struct mmsghdr *, count, flags[, timeout]), errno kept."""
+    call = getattr(ctypes.CDLL(None, use_errno=True), name)
+    call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int] + (
+        [ctypes.c_void_p] if name == "recvmmsg" else []
+    )
+    call.restype = ctypes.c_int
+    return cast(Callable[..., int], call)
+
+
+def _address(buffer: bytearray | mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+class _SendBatch:
+    """Preallocated ``struct mmsghdr`` array for ``sendmmsg(2)``: the frames of one :meth:`send` are copied into
+    slots of one anonymous mapping and go in one system call per ``capacity`` frames, each a datagram of its own
+    (no address: the socket is bound to its interface). A frame that fails (``ENOBUFS``, ``ENETDOWN``...) is
+    counted under its errno's name and the rest still go, as with one ``send()`` each; a frame longer than a slot
+    goes alone through ``send()``."""
+
+    _HDR = struct.Struct("=QI4xQQQQi4xI4x")  # struct mmsghdr on LP64, as _MessageBatch's
+    _IOV = struct.Struct("=QQ")
+    _sendmmsg: Callable[..., int] | None = None
+
+    def __init__(self, capacity: int, slot: int) -> None:
+        if _SendBatch._sendmmsg is None:
+            _SendBatch._sendmmsg = _mmsg_call("sendmmsg")
+        self.capacity, self.slot = capacity, slot
+        self._slots = mmap.mmap(-1, capacity * slot)
+        self._meta = bytearray(capacity * (self._HDR.size + self._IOV.size))
+        base, slots, iovs = _address(self._meta), _address(self._slots), capacity * self._HDR.size
+        self._iov_len_at = iovs // 8 + 1  # the i-th iovec's length: 8-byte word iovs / 8 + 2 * i + 1
+        for i in range(capacity):
+            self._IOV.pack_into(self._meta, iovs + i * self._IOV.size, slots + i * slot, 0)
+            self._HDR.pack_into(self._meta, i * self._HDR.size, 0, 0, base + iovs + i * self._IOV.size, 1, 0, 0, 0, 0)
+        self._address = base
+        self._u64 = memoryview(self._meta).cast("Q")
+        self._view = memoryview(self._slots)
+
+    def send(
+        self, sock: socket.socket, frames: Iterable[bytes | memoryview | np.ndarray], errors: dict[str, int] | None
+    ) -> int:
+        """Send ``frames`` in order on ``sock``; how many went."""
+        sent = n = 0
+        view, u64, slot, lengths = self._view, self._u64, self.slot, self._iov_len_at
+        fd = sock.fileno()
+        for frame in frames:
+            data = frame.data if isinstance(frame, np.ndarray) else frame
+            size = len(data)
+            if size > slot:  # more than a slot holds: after what is queued, alone
+                sent += self._flush(fd, n, errors)
+                n = 0
+                try:
+                    sock.send(data)
+                except OSError as exc:
+                    _count_into(errors, errno.errorcode.get(exc.errno or 0, "error").lower())
+                else:
+                    sent += 1
+                continue
+            at = n * slot
+            view[at : at + size] = data
+            u64[lengths + 2 * n] = size
+            n += 1
+            if n == self.capacity:
+                sent += self._flush(fd, n, errors)
+                n = 0
+        return sent + self._flush(fd, n, errors)
+
+    def _flush(self, fd: int, n: int, errors: dict[str, int] | None) -> int:
+        """Send the first ``n`` queued frames; a frame the kernel refuses is counted and skipped."""
+        call = self._sendmmsg
+        assert call is not None
+        sent = done = 0
+        while done < n:
+            k = call(fd, self._address + done * self._HDR.size, n - done, 0)
+            if k < 0:  # the frame at ``done`` failed: counted, and the ones after it are tried
+                _count_into(errors, errno.errorcode.get(ctypes.get_errno(), "error").lower())
+                done += 1
+            else:
+                sent += k
+                done += k
+        return sent
+
+    def close(self) -> None:
+        self._u64.release()
+        self._view.release()
+        self._slots.close()
+
+
 class _MessageBatch:
     """Preallocated ``struct mmsghdr`` array for ``recvmmsg(2)``: one system call takes up to ``capacity`` frames
     with their addresses and auxiliary data, each into its own ``bufsize`` slot of one anonymous mapping (pages the
@@ -416,16 +500,12 @@ class _MessageBatch:
 
     def __init__(self, capacity: int, bufsize: int) -> None:
         if _MessageBatch._recvmmsg is None:
-            call = ctypes.CDLL(None, use_errno=True).recvmmsg
-            call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-            call.restype = ctypes.c_int
-            _MessageBatch._recvmmsg = call
+            _MessageBatch._recvmmsg = _mmsg_call("recvmmsg")
         self.capacity, self.bufsize = capacity, bufsize
         hdr, iov = self._HDR, self._IOV
         self._slots = mmap.mmap(-1, capacity * bufsize)
         self._meta = bytearray(capacity * (hdr.size + iov.size + self._NAME + self._CTRL))
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self._meta))
-        slots = ctypes.addressof(ctypes.c_char.from_buffer(self._slots))
+        base, slots = _address(self._meta), _address(self._slots)
         iovs, names = capacity * hdr.size, capacity * (hdr.size + iov.size)
         ctrls = names + capacity * self._NAME
         self._name_at, self._ctrl_at = names, ctrls

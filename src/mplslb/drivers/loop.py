@@ -277,8 +277,9 @@ class BalancerDriver(_Counted):
 
     ``block``: read the ports that lend ring blocks with the zero-copy block path (see the module's notes), up to
     ``max_blocks`` blocks per wake-up; it needs a balancer with ``receive_block``, and other ports are read in
-    bursts as usual. Ports with a TX ring (a ``tx`` attribute that is not None) are written with ``send_many``,
-    one flush per port per call of :meth:`write`, in either mode.
+    bursts as usual. Ports that send in bulk (``send_many``, ``send_block`` and ``flush``: the packet ports, through
+    their TX ring or ``sendmmsg``) are written with ``send_many``, one call and one flush per port per call of
+    :meth:`write`, in either mode; other ports frame by frame.
     """
 
     def __init__(
@@ -303,7 +304,6 @@ class BalancerDriver(_Counted):
         #: The ports read block by block, and every port that can send a block's frames in bulk.
         self.block_ports: dict[int, BlockPort] = {}
         self._bulk: dict[int, BulkPort] = {}
-        self._tx_ring: set[int] = set()
         self.blocks_read: dict[int, int] = {}  # per block port: ring blocks taken in block mode
         for port_id, port in self.ports.items():
             if self._receive_block is not None and callable(getattr(port, "recv_block", None)):
@@ -311,8 +311,6 @@ class BalancerDriver(_Counted):
                 self.blocks_read[port_id] = 0
             if all(callable(getattr(port, name, None)) for name in ("send_many", "send_block", "flush")):
                 self._bulk[port_id] = cast(BulkPort, port)
-                if getattr(port, "tx", None) is not None:
-                    self._tx_ring.add(port_id)
         for port_id, port in self.ports.items():
             self.frames_read[port_id] = self.frames_written[port_id] = 0
             loop.add_reader(port.fileno(), functools.partial(self.readable, port_id))
@@ -333,20 +331,20 @@ class BalancerDriver(_Counted):
         self._rearm()
 
     def write(self, out: Frames) -> None:
-        """Send each ``(port id, frame)`` on its port (frames for a port with a TX ring: queued, then one flush)."""
-        rings: dict[int, list[bytes]] | None = None
+        """Send each ``(port id, frame)`` on its port (a bulk port's frames: gathered, then sent in one call)."""
+        bulk: dict[int, list[bytes]] | None = None
         for port_id, frame in out:
             port = self.ports.get(port_id)
             if port is None:
                 self._drop("unknown_port")
-            elif port_id in self._tx_ring:
-                if rings is None:
-                    rings = {}
-                rings.setdefault(port_id, []).append(frame)
+            elif port_id in self._bulk:
+                if bulk is None:
+                    bulk = {}
+                bulk.setdefault(port_id, []).append(frame)
             else:
                 self._send(port, port_id, frame)
-        if rings:
-            for port_id, frames in rings.items():
+        if bulk:
+            for port_id, frames in bulk.items():
                 self._count(self.frames_written, port_id, self._bulk[port_id].send_many(frames, self.send_errors))
 
     # -- block mode ---------------------------------------------------------------------------------------------
