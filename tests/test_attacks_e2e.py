@@ -470,11 +470,22 @@ class Flood:
             f"ended {delta(after['sessions']['ended'], before['sessions']['ended'])}, "
             f"refused {delta(after['sessions']['refused'], before['sessions']['refused'])}, "
             f"drops {delta(after['drops'], before['drops'])}; "
+            f"kernel drops {delta(port_drops(after), port_drops(before))}; "
             f"client: {ok}/{len(self.results)} requests answered while it ran, "
             f"{self.requesting / max(1, len(self.results)):.2f} s each; after: {after['sessions']['active']} sessions "
             f"{after['sessions']['by_state']}, {after['labels']['in_use']} labels in use; "
             f"servers {[(s['name'], s['status'], s['down_reason']) for s in after['servers']]}"
         )
+
+
+def port_drops(status: dict[str, Any]) -> dict[str, int]:
+    """Frames the kernel dropped before the daemon read them, per port, and of them the labelled ones."""
+    out: dict[str, int] = {}
+    for name, counts in status["ports"].items():
+        out[name] = counts["kernel_dropped"]
+        if "labelled_dropped" in counts:
+            out[f"{name} labelled"] = counts["labelled_dropped"]
+    return out
 
 
 def half_open(status: dict[str, Any]) -> int:
@@ -574,6 +585,11 @@ def test_spoofed_syn_flood_takes_no_server_down_and_its_half_open_sessions_go(la
     ended = delta(after["sessions"]["ended"], flood.before["sessions"]["ended"])
     assert ended.get("server_down", 0) == 0, "a server was marked down during the flood (its sessions interrupted)"
     assert len(results) >= 5 and ok >= 0.5 * len(results), f"{len(results) - ok} of {len(results)} requests failed"
+    # The client port reads labelled frames first, from a socket of their own: whatever the flood made the kernel
+    # drop, it was none of the established sessions' frames.
+    lanes = {name: counts["labelled_dropped"] - flood.before["ports"][name].get("labelled_dropped", 0)
+             for name, counts in after["ports"].items() if "labelled_dropped" in counts}  # fmt: skip
+    assert lanes and not any(lanes.values()), f"labelled frames dropped before the daemon read them: {lanes}"
     assert leftovers(after) == (0, 0, 0), f"half-open sessions or their labels outlived the timeout: {table(lab)}"
     assert strangers(lab) == [], "a flood's session outlived the half-open timeout"
     assert all(lab.curl(0, 10)), "requests failed after the flood"

@@ -313,6 +313,45 @@ def test_a_plain_socket_sends_a_burst_in_order_counting_each_frame_it_cannot_sen
 
 @root
 @needs_root
+def test_a_lane_is_read_first_and_keeps_its_frames_when_the_other_socket_overflows(ports, veth):
+    """More unlabelled frames than the port's buffer holds, with labelled ones among them: the labelled frames all
+    wait in the lane and come first, in order; the kernel drops only unlabelled ones; each burst still gives the
+    other socket a quarter of it."""
+    _, a, b = veth
+    left = ports(PacketPort, a)
+    right = ports(PacketPort, b, accept={ETH_P_MPLS_UC, ETH_P_IP}, lane={ETH_P_MPLS_UC}, rcvbuf=1 << 20)
+    labelled = [build_ethernet(right.mac, left.mac, ETH_P_MPLS_UC) + stack_of([1001 + 2 * i]) + bytes(60)
+                for i in range(100)]  # fmt: skip
+    plain = [build_ethernet(right.mac, left.mac, ETH_P_IP) + i.to_bytes(4, "big") + bytes(60) for i in range(5000)]
+    for i, frame in enumerate(plain):
+        left.send(frame)
+        if i % 50 == 0:
+            left.send(labelled[i // 50])
+    time.sleep(0.05)
+    first = right.recv_burst(64)
+    assert first[:48] == labelled[:48]  # the lane's first, the other socket's quarter after them
+    assert first[48:] == plain[:16]
+    got = first + read_until(right, 200, [], time.monotonic() + WAIT)
+    while burst := right.recv_burst(256):
+        got += burst
+    assert [f for f in got if f[12:14] == b"\x88\x47"] == labelled
+    received, dropped = right.stats()
+    assert dropped > 0, "the unlabelled frames fitted: the test did not overflow the socket"
+    assert right.lane_counts == {"received": 100, "dropped": 0}
+    assert received == 100 + 5000 and len(got) == received - dropped  # the kernel counts the dropped as received
+
+
+@root
+@needs_root
+def test_a_lane_must_be_part_of_what_the_port_accepts(veth):
+    name, a, _ = veth
+    for accept, lane in ((None, {ETH_P_MPLS_UC}), ({ETH_P_MPLS_UC}, {ETH_P_MPLS_UC}), ({ETH_P_IP}, {ETH_P_MPLS_UC})):
+        with pytest.raises(ValueError, match="lane must be a part of accept"):
+            PacketPort(a, netns=name, accept=accept, lane=lane)
+
+
+@root
+@needs_root
 def test_open_port_picks_the_kind(veth):
     name, a, _ = veth
     with open_port(a, netns=name) as plain, open_port(a, ring=True, accept={ETH_P_MPLS_UC}, netns=name) as ring:

@@ -113,6 +113,7 @@ if TYPE_CHECKING:
 #: What each side's packet sockets take in; the kernel keeps everything else (health-check replies, its own ARP).
 CLIENT_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP})
 SERVER_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC})
+LABELLED = frozenset({ETH_P_MPLS_UC})
 SNAPSHOT_INTERVAL = 1.0
 
 
@@ -368,12 +369,14 @@ def _open(
         if port.role == "client":
             return MplsUdpPort(port.mac, address=address)
         return MplsUdpPort(port.mac, address=address, peers=[server.address for server in here], learn=False)
-    accept = CLIENT_SIDE_ETHERTYPES if port.role == "client" else server_side_ethertypes(here)
+    client = port.role == "client"
+    accept = CLIENT_SIDE_ETHERTYPES if client else server_side_ethertypes(here)
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
+    # A plain socket's client port reads labelled frames first, from a socket of their own (PacketPort's lane).
     return open_port(
         port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len, retire_ms=retire_ms,
-        rcvbuf=None if ring else rcvbuf,
+        rcvbuf=None if ring else rcvbuf, lane=LABELLED if client and not ring else None,
     )  # fmt: skip
 
 
@@ -581,6 +584,9 @@ class Daemon:
             counts = self.socket_counts.setdefault(name, {"kernel_received": 0, "kernel_dropped": 0})
             counts["kernel_received"] += received
             counts["kernel_dropped"] += dropped
+            lane = getattr(port, "lane_counts", None)
+            if lane is not None and getattr(port, "lane", None) is not None:
+                counts["labelled_received"], counts["labelled_dropped"] = lane["received"], lane["dropped"]
             if dropped:
                 log.warning(
                     "event=kernel_drops port=%s dropped=%d total=%d", value(name), dropped, counts["kernel_dropped"]

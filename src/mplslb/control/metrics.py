@@ -91,6 +91,13 @@ class SnapshotCollector:
             "port",
             {name: counts["kernel_dropped"] for name, counts in ports.items()},
         )
+        yield _by_label(
+            "counter",
+            "mplslb_port_kernel_labelled_drops_total",
+            "Of those, labelled frames (read first, through a socket of their own), by port.",
+            "port",
+            {name: counts["labelled_dropped"] for name, counts in ports.items() if "labelled_dropped" in counts},
+        )
         yield _gauge("mplslb_labels_in_use", "Session label pairs in use.", labels["in_use"])
         yield _gauge("mplslb_labels_free", "Session label pairs free.", labels["free"])
         yield _gauge("mplslb_labels_quarantined", "Withdrawn label pairs waiting before reuse.", labels["quarantined"])

@@ -545,6 +545,8 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
     for port, counts in (snap.get("ports") or {}).items():
         if counts.get("kernel_dropped"):
             _add(drops, f"kernel, before the daemon read them: {port}", str(counts["kernel_dropped"]))
+            if "labelled_dropped" in counts:
+                _add(drops, f"  of them labelled (read first): {port}", str(counts["labelled_dropped"]))
     if not snap["drops"] and not any(c.get("kernel_dropped") for c in (snap.get("ports") or {}).values()):
         _add(drops, "(none)", "0")
     tables.append(drops)

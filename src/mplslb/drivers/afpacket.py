@@ -50,6 +50,7 @@ import ctypes
 import errno
 import mmap
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable, Iterable
@@ -339,7 +340,14 @@ class PacketPort(_PacketSocket):
 
     Frames wait in the socket's receive buffer (``rcvbuf`` bytes of kernel memory, each frame costing its
     ``truesize``, e.g. about 800 bytes for a 64-byte frame); what does not fit is dropped by the kernel and shows
-    in :meth:`stats`."""
+    in :meth:`stats`.
+
+    ``lane`` names ethertypes (a part of ``accept``) taken through a second socket of their own and read first:
+    when more arrives than the reader keeps up with, the kernel drops from the other socket's buffer, not from the
+    lane's. The balancer's client ports put labelled frames (established sessions, cheap to switch) in the lane, so
+    a flood of new-session SYNs (dear, and unlabelled) loses its own frames first. Each burst still gives the other
+    socket a quarter of it at least (of bursts of 4 frames or more), so a flood of labelled frames cannot starve new sessions either. The port's
+    :meth:`fileno` is then an epoll descriptor over both sockets; :attr:`lane_counts` counts the lane's frames."""
 
     def __init__(
         self,
@@ -353,25 +361,73 @@ class PacketPort(_PacketSocket):
         tx_ring: bool = False,
         host_only: bool = False,
         max_len: int | None = None,
+        lane: Iterable[int] | None = None,
     ) -> None:
+        first = frozenset(lane) if lane is not None else frozenset()
+        if first and (accept is None or not first < frozenset(accept)):
+            raise ValueError("lane must be a part of accept, leaving some ethertype to the other socket")
         super().__init__(
-            ifname, accept=accept, promisc=promisc, netns=netns, ring=False, tx_ring=tx_ring, host_only=host_only,
-            max_len=max_len,
+            ifname, accept=frozenset(accept) - first if first and accept is not None else accept, promisc=promisc,
+            netns=netns, ring=False, tx_ring=tx_ring, host_only=host_only, max_len=max_len,
         )  # fmt: skip
+        self._fd = self._sock.fileno()
+        self._batch = _MessageBatch(MMSG_BATCH, bufsize)
+        self._set_rcvbuf(rcvbuf)
+        self.lane: PacketPort | None = None
+        #: The lane's frames and the ones the kernel dropped for want of room, as far as :meth:`stats` has read.
+        self.lane_counts = {"received": 0, "dropped": 0}
+        self._poll: select.epoll | None = None
+        if first:
+            try:
+                self.lane = PacketPort(ifname, accept=first, netns=netns, bufsize=bufsize, rcvbuf=rcvbuf,
+                                       host_only=host_only, max_len=max_len)  # fmt: skip
+                self.lane.drops = self.drops  # one tally of the frames the port refused
+                self._poll = select.epoll()
+                for fd in (self._fd, self.lane.fileno()):
+                    self._poll.register(fd, select.EPOLLIN)
+            except BaseException:
+                self.close()
+                raise
+
+    def _set_rcvbuf(self, rcvbuf: int | None) -> None:
         if rcvbuf is not None:
             try:  # root may go past net.core.rmem_max
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
             except PermissionError:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self._fd = self._sock.fileno()
-        self._batch = _MessageBatch(MMSG_BATCH, bufsize)
+
+    def fileno(self) -> int:
+        return self._fd if self._poll is None else self._poll.fileno()
+
+    def stats(self) -> tuple[int, int]:
+        """(frames, drops) the kernel counted for the port's sockets, the lane's too, since the last call; the
+        lane's part is added to :attr:`lane_counts` as well."""
+        packets, drops = super().stats()
+        if self.lane is not None:
+            lane_packets, lane_drops = self.lane.stats()
+            self.lane_counts["received"] += lane_packets
+            self.lane_counts["dropped"] += lane_drops
+            packets, drops = packets + lane_packets, drops + lane_drops
+        return packets, drops
 
     def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
+        if self._poll is not None:
+            self._poll.close()
+            self._poll = None
         super().close()
         self._batch.close()
 
     def recv_burst(self, max_frames: int = 64) -> list[bytes]:
-        """Up to ``max_frames`` frames already queued, oldest first; never blocks."""
+        """Up to ``max_frames`` frames already queued, oldest first (the lane's first); never blocks."""
+        if self.lane is None:
+            return self._recv(max_frames)
+        frames = self.lane._recv(max_frames - max_frames // 4)
+        return frames + self._recv(max_frames - len(frames))
+
+    def _recv(self, max_frames: int) -> list[bytes]:
         frames: list[bytes] = []
         batch = self._batch
         while len(frames) < max_frames:
@@ -867,13 +923,16 @@ def open_port(
     max_len: int | None = None,
     retire_ms: int = DEFAULT_RETIRE_MS,
     rcvbuf: int | None = None,
+    lane: Iterable[int] | None = None,
 ) -> PacketPort | RingPort:
     """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
     adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`; ``host_only`` leaves out frames
     addressed to other hosts (see :func:`~mplslb.drivers.socket_filter.host_only`); ``max_len`` (plain sockets
     only) leaves out frames longer than that (see :func:`~mplslb.drivers.socket_filter.length_cap`); ``retire_ms``
     (rings only) is the receive ring's block retire timer (see :class:`RingPort`); ``rcvbuf`` (plain sockets only)
-    the socket's receive buffer in bytes (see :class:`PacketPort`; None: the system's default)."""
+    the socket's receive buffer in bytes (see :class:`PacketPort`; None: the system's default); ``lane`` (plain
+    sockets only; a ring takes it as None) the ethertypes read first, through a socket of their own (see
+    :class:`PacketPort`)."""
     if ring:
         if max_len is not None:
             raise ValueError("max_len is for plain packet sockets (a ring reads partial checksums unfinished)")
@@ -882,4 +941,4 @@ def open_port(
         return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
                         retire_ms=retire_ms)  # fmt: skip
     return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
-                      max_len=max_len, rcvbuf=rcvbuf)  # fmt: skip
+                      max_len=max_len, rcvbuf=rcvbuf, lane=lane)  # fmt: skip
