@@ -275,6 +275,29 @@ def test_a_plain_socket_counts_a_frame_longer_than_its_buffer_as_truncated(ports
 
 @root
 @needs_root
+def test_a_long_burst_with_a_tagged_or_a_truncated_frame_reads_each_as_a_short_one_does(ports, veth):
+    """Bursts long enough to be checked with numpy: one holding a frame whose VLAN tag the kernel took off, one a
+    frame too long for its slot, one neither; each read as frame by frame, the tag put back, the long one
+    counted."""
+    _, a, b = veth
+    left, right = ports(PacketPort, a), ports(PacketPort, b, bufsize=128)
+    plain = [build_ethernet(right.mac, left.mac, ETH_P_IP) + i.to_bytes(4, "big") + bytes(60) for i in range(40)]
+    tagged = build_ethernet(right.mac, left.mac, ETH_P_MPLS_UC, [7]) + stack_of([1001]) + bytes(60)
+    long = plain[20] + bytes(100)
+    for burst, expected in (
+        ([*plain[:10], tagged, *plain[10:]], [*plain[:10], tagged, *plain[10:]]),
+        ([*plain[:20], long, *plain[20:]], plain),
+        (plain, plain),
+    ):
+        for frame in burst:
+            left.send(frame)
+        time.sleep(0.05)
+        assert right.recv_burst(64) == expected
+    assert right.drops == {"truncated": 1}
+
+
+@root
+@needs_root
 def test_a_plain_socket_finishes_the_checksum_its_sender_left_to_an_offload(ports, veth):
     """A datagram the namespace's own stack sends out of a veth carries a partial checksum (veth offloads it):
     the port on the other end reads it with the sum completed, as it will leave."""

@@ -84,6 +84,7 @@ TP_STATUS_VLAN_TPID_VALID = 1 << 6
 
 DEFAULT_BUFSIZE = 1 << 16  # a whole GSO frame from veth fits; larger ones are counted as truncated
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: testing an IntFlag costs microseconds
+_VECTOR_MIN = 16  # frames of a recvmmsg from which its write-backs are checked with numpy rather than one by one
 MMSG_BATCH = 64  # frames a plain socket takes in one recvmmsg (each with its own DEFAULT_BUFSIZE slot)
 _AUXDATA = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, vlan_tpid
 _VLAN_TAG = struct.Struct("!HH")  # TPID, TCI
@@ -345,9 +346,10 @@ class PacketPort(_PacketSocket):
     ``lane`` names ethertypes (a part of ``accept``) taken through a second socket of their own and read first:
     when more arrives than the reader keeps up with, the kernel drops from the other socket's buffer, not from the
     lane's. The balancer's client ports put labelled frames (established sessions, cheap to switch) in the lane, so
-    a flood of new-session SYNs (dear, and unlabelled) loses its own frames first. Each burst still gives the other
-    socket a quarter of it at least (of bursts of 4 frames or more), so a flood of labelled frames cannot starve new sessions either. The port's
-    :meth:`fileno` is then an epoll descriptor over both sockets; :attr:`lane_counts` counts the lane's frames."""
+    a flood of new-session SYNs (dear, and unlabelled) loses its own frames first. Each burst of four frames or more
+    still gives the other socket a quarter of it at least, so a flood of labelled frames cannot starve new sessions
+    either. The port's :meth:`fileno` is then an epoll descriptor over both sockets; :attr:`lane_counts` counts the
+    lane's frames."""
 
     def __init__(
         self,
@@ -574,13 +576,32 @@ class _MessageBatch:
         self._u8, self._u32, self._u64 = meta, meta.cast("I"), meta.cast("Q")
         self._view = memoryview(self._slots)
         self._dirty = 0  # entries whose value-result fields the kernel has written since they were reset
+        # The same fields as strided numpy views, for bursts of _VECTOR_MIN frames or more.
+        w32, w64 = np.frombuffer(self._meta, np.uint32), np.frombuffer(self._meta, np.uint64)
+        self._np_namelen, self._np_flags = (
+            w32[self._W_NAMELEN : capacity * 16 : 16],
+            w32[self._W_FLAGS : capacity * 16 : 16],
+        )
+        self._np_len, self._np_controllen = (
+            w32[self._W_LEN : capacity * 16 : 16],
+            w64[self._Q_CONTROLLEN : capacity * 8 : 8],
+        )
+        pkttype = names + self._NAME_PKTTYPE
+        self._np_pkttype = np.frombuffer(self._meta, np.uint8)[pkttype : pkttype + capacity * self._NAME : self._NAME]
+        status = (ctrls + self._CMSG_HDR) // 4  # tpacket_auxdata's first word
+        self._np_status = w32[status : status + capacity * self._CTRL // 4 : self._CTRL // 4]
 
     def receive(self, fd: int, want: int) -> int:
         """How many frames one ``recvmmsg`` took (at most ``want``); 0 when none was waiting."""
-        u32, u64 = self._u32, self._u64
-        for i in range(self._dirty):  # the kernel wrote back the lengths it filled
-            u32[i * 16 + self._W_NAMELEN] = self._NAME
-            u64[i * 8 + self._Q_CONTROLLEN] = self._CTRL
+        dirty = self._dirty  # the kernel wrote back the lengths it filled
+        if dirty >= _VECTOR_MIN:
+            self._np_namelen[:dirty] = self._NAME
+            self._np_controllen[:dirty] = self._CTRL
+        else:
+            u32, u64 = self._u32, self._u64
+            for i in range(dirty):
+                u32[i * 16 + self._W_NAMELEN] = self._NAME
+                u64[i * 8 + self._Q_CONTROLLEN] = self._CTRL
         self._dirty = 0
         call = self._recvmmsg
         assert call is not None
@@ -597,7 +618,18 @@ class _MessageBatch:
         """One ``recvmmsg`` of at most ``want`` frames: each appended to ``frames`` as it was on the wire (its VLAN
         tag put back, a partial checksum finished) or given to ``drop`` with the reason; how many were taken."""
         n = self.receive(fd, want)
-        u8, u32, u64, view, bufsize = self._u8, self._u32, self._u64, self._view, self.bufsize
+        view, bufsize = self._view, self.bufsize
+        if n >= _VECTOR_MIN and not (
+            (self._np_flags[:n] & _MSG_TRUNC).any()
+            or (self._np_pkttype[:n] == PACKET_OUTGOING).any()
+            or (self._np_status[:n] & (TP_STATUS_VLAN_VALID | TP_STATUS_CSUMNOTREADY)).any()
+        ):  # none truncated, none of ours, none tagged or with a partial checksum: each frame as it lies
+            sizes = self._np_len[:n].tolist()
+            frames += [
+                view[at : at + size].tobytes() for at, size in zip(range(0, n * bufsize, bufsize), sizes, strict=True)
+            ]
+            return n
+        u8, u32, u64 = self._u8, self._u32, self._u64
         name_at, ctrl_words, ctrl_size = self._name_at + self._NAME_PKTTYPE, self._ctrl_at // 4, self._CTRL
         aux_len = self._CMSG_HDR + _AUXDATA.size
         for i in range(n):
