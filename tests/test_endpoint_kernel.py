@@ -31,6 +31,7 @@ from mplslb.endpoint import ClientEndpoint, ServerEndpoint
 from mplslb.offload import bpf
 from mplslb.switching.layout import IPV6_EXT_MAX
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
+from mplslb.wire.frame import dissect
 from mplslb.wire.icmp import build_icmp_unreachable
 from mplslb.wire.ip import IPPROTO_DSTOPTS, IPPROTO_TCP, IPPROTO_UDP
 
@@ -134,6 +135,11 @@ def host_frame(packet: bytes) -> bytes:
         if False
         else (GW + HOST + (ETH_P_IPV6 if packet[0] >> 4 == 6 else ETH_P_IP).to_bytes(2, "big") + packet)
     )
+
+
+def labels_of(frame: bytes) -> list[int]:
+    """The labels of an Ethernet frame's MPLS stack."""
+    return [entry.label for entry in dissect(frame).labels]
 
 
 def py_flows(ep: ServerEndpoint | ClientEndpoint) -> dict[object, tuple[int, bytes]]:
@@ -400,6 +406,33 @@ def test_a_client_flow_unheard_for_the_fallback_goes_unlabelled_again_in_both_en
         assert got.retval == bpf.TC_ACT_OK and got.data == plain
         assert ep.counters.get("fallback_unlabelled") == 1 and k.counts()["fallback_unlabelled"] == 1
         assert ep.flows == {} and k_flows(k) == {}
+    finally:
+        k.close()
+
+
+def test_a_labelled_frame_of_a_known_flow_keeps_it_heard_and_a_new_label_replaces_the_old() -> None:
+    """Each labelled frame from the wire refreshes its flow (in place, when label and peer are the ones mapped): a
+    flow heard again within the fallback stays labelled past the first frame's fallback; a frame with another
+    label (a new session on the same ports) replaces the mapping, in the kernel as in the Python endpoint."""
+    from mplslb.offload.endpoint import KernelEndpoint
+
+    k = KernelEndpoint("client", mac=HOST, gateway_mac=LB, vips=[VIP, VIP6], fallback=0.4)
+    try:
+        ep = ClientEndpoint(mac=HOST, gateway_mac=LB, fallback=0.4)
+        c4 = client_addr(0)
+        packet = ipv4(c4, VIP, IPPROTO_UDP, udp(c4, VIP, 40002, 53, b"query"))
+        answer = labelled(HOST, LB, 2002, reply_of(packet))
+        for _ in range(3):  # heard every 0.25 s: never 0.4 s unheard, though 0.75 s pass
+            k.run_ingress(answer)
+            time.sleep(0.25)
+        assert k_flows(k) != {}
+        got = k.run_egress(host_frame(packet))
+        assert got.data[12:14] == b"\x88\x47" and labels_of(got.data) == [2001]
+        assert k.counts().get("fallback_unlabelled", 0) == 0
+        k.run_ingress(labelled(HOST, LB, 2006, reply_of(packet)))
+        ep.from_wire(labelled(HOST, LB, 2006, reply_of(packet)), NOW)
+        assert k_flows(k) == py_flows(ep) and next(iter(py_flows(ep).values()))[0] == 2005
+        assert labels_of(k.run_egress(host_frame(packet)).data) == [2005]
     finally:
         k.close()
 

@@ -35,6 +35,7 @@ PROG_LOAD_ATTEMPTS = 5  # libbpf's number
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
@@ -397,6 +398,8 @@ class ProgInfo(NamedTuple):
     prog_id: int
     name: str
     tag: bytes = b""  # the kernel's hash of the instructions (map references left out)
+    run_time_ns: int = 0  # time spent in the program and its runs, counted while kernel.bpf_stats_enabled is 1
+    run_cnt: int = 0
 
 
 def _info(fd: int, what: str) -> bytes:
@@ -410,7 +413,25 @@ def prog_info(fd: int) -> ProgInfo:
     info = _info(fd, "program")
     prog_type, prog_id = struct.unpack_from("=II", info, 0)
     name = info[64:80].split(b"\0")[0].decode(errors="replace")
-    return ProgInfo(prog_type, prog_id, name, info[8:16])
+    run_time_ns, run_cnt = struct.unpack_from("=QQ", info, _PROG_INFO_RUN_TIME)
+    return ProgInfo(prog_type, prog_id, name, info[8:16], run_time_ns, run_cnt)
+
+
+_PROG_INFO_RUN_TIME = 192  # struct bpf_prog_info: run_time_ns, then run_cnt
+
+
+def prog_ids() -> list[int]:
+    """The ids of every program loaded in the system (``BPF_PROG_GET_NEXT_ID``), in order."""
+    ids: list[int] = []
+    while True:
+        attr = _attr("=II", ids[-1] if ids else 0, 0)
+        try:
+            bpf(BPF_PROG_GET_NEXT_ID, attr, "listing programs")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return ids
+            raise
+        ids.append(struct.unpack_from("=I", attr.raw, 4)[0])
 
 
 class MapInfo(NamedTuple):

@@ -46,6 +46,11 @@ INLINE void count(__u32 what)
 		__sync_fetch_and_add(c, 1);
 }
 
+INLINE int same_mac(const __u8 *a, const __u8 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
+}
+
 INLINE __u32 be16(const __u8 *p)
 {
 	return ((__u32)p[0] << 8) | p[1];
@@ -394,7 +399,15 @@ INLINE int from_wire(struct xdp_md *ctx, int serving)
 		reply = key;
 	else
 		reverse(&key, &reply);
-	bpf_map_update_elem(&flows, &reply, &f, 0);
+	/* A flow already mapped to this label and peer is refreshed in place: an update of an LRU hash allocates a
+	 * new element and swaps it in under the map's lock, several times the cost of the two stores. */
+	struct flow *known = bpf_map_lookup_elem(&flows, &reply);
+	if (known && known->label == f.label && same_mac(known->peer, f.peer)) {
+		known->last_ns = f.last_ns;
+		known->heard_ns = f.heard_ns;
+	} else {
+		bpf_map_update_elem(&flows, &reply, &f, 0);
+	}
 	__builtin_memcpy(data, macs, ETH_ADDRS);
 	__u32 type = key.family == FAMILY_V4 ? ETH_P_IP : ETH_P_IPV6;
 	data[ETH_TYPE] = type >> 8;
