@@ -20,6 +20,7 @@ import re
 import shutil
 import struct
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -435,6 +436,28 @@ def test_a_labelled_frame_of_a_known_flow_keeps_it_heard_and_a_new_label_replace
         assert labels_of(k.run_egress(host_frame(packet)).data) == [2005]
     finally:
         k.close()
+
+
+def test_the_programs_are_listed_with_their_run_statistics(client_pair: object) -> None:
+    """bpf.prog_ids lists the endpoint's programs; their info carries the kernel's run count and time, which grow
+    with each run while kernel.bpf_stats_enabled is on (bench/bpf_cost.py reads them)."""
+    progs = client_pair.progs  # type: ignore[attr-defined]
+    infos = {kind: bpf.prog_info(fd) for kind, fd in progs.items()}
+    assert {info.name for info in infos.values()} == {"mplslb_cli_in", "mplslb_cli_out"}
+    assert {info.prog_id for info in infos.values()} <= set(bpf.prog_ids())
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    previous = stats.read_text().strip()
+    stats.write_text("1")
+    try:
+        before = bpf.prog_info(progs["xdp"])
+        c4 = client_addr(0)
+        packet = ipv4(c4, VIP, IPPROTO_UDP, udp(c4, VIP, 40003, 53, b"query"))
+        for _ in range(3):
+            client_pair.run_ingress(labelled(HOST, LB, 2002, reply_of(packet)))  # type: ignore[attr-defined]
+        after = bpf.prog_info(progs["xdp"])
+    finally:
+        stats.write_text(previous)
+    assert after.run_cnt - before.run_cnt >= 3 and after.run_time_ns > before.run_time_ns
 
 
 #: The verifier's limit on instructions processed per program load (kernel/bpf/verifier.c, BPF_COMPLEXITY_LIMIT_INSNS).

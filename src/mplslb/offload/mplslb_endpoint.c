@@ -48,7 +48,11 @@ INLINE void count(__u32 what)
 
 INLINE int same_mac(const __u8 *a, const __u8 *b)
 {
-	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
+	__u8 diff = 0;
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++)
+		diff |= a[i] ^ b[i];
+	return diff == 0;
 }
 
 INLINE __u32 be16(const __u8 *p)
