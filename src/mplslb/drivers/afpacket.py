@@ -17,8 +17,9 @@ data or the ring's frame header), so the core gets the frame as it was on the wi
 
 :class:`RingPort` trades latency for fewer system calls: with TPACKET_V3 the kernel hands over whole blocks, when a
 block is full or when its retire timer (``retire_ms``) fires. Frames are copied out of the ring and each block goes
-back to the kernel (``block_status = TP_STATUS_KERNEL``) once all its frames are copied. Sending uses plain
-``send()`` on the same socket for both ports.
+back to the kernel (``block_status = TP_STATUS_KERNEL``) once all its frames are copied. :class:`PacketPort` reads
+a burst with one ``recvmmsg`` and both ports send a burst (``send_many``) with one ``sendmmsg`` on the same socket,
+unless they have a TX ring (below); ``send()`` is one frame's ``send()``.
 
 The ring holds ``block_nr`` blocks however full the timer retires them, so the timer sets how many frames the ring
 can hold, not only the latency: with 1 ms, frames arriving in bursts (nothing for half a second, then 20-30k frames:
@@ -539,10 +540,11 @@ class _MessageBatch:
     with their addresses and auxiliary data, each into its own ``bufsize`` slot of one anonymous mapping (pages the
     kernel never writes stay untouched).
 
-    A frame read with ``recvmsg`` cost about 9 µs of the daemon's CPU (the call, its address tuple, its ancillary
-    data list and their parsing); read here, about 3 µs (docs/benchmarks.md, "Reading a plain packet socket").
-    The fields the kernel writes back are read through ``memoryview`` casts, which cost less than numpy for the few
-    frames of a typical burst."""
+    A frame read with ``recvmsg`` cost about 9.6 µs of CPU (the call, its address tuple, its ancillary data list and
+    their parsing); read here in bursts of 64, about 3 µs (``bench/sockets.py``; docs/benchmarks.md, "Plain packet
+    sockets read and written in batches"). The fields the kernel writes back are read through ``memoryview`` casts,
+    which cost less than numpy for the few frames of a light load, and checked with numpy from :data:`_VECTOR_MIN`
+    frames on."""
 
     # struct mmsghdr on LP64: msghdr (name, namelen, iov, iovlen, control, controllen, flags) and msg_len, 64 bytes
     _HDR = struct.Struct("=QI4xQQQQi4xI4x")
