@@ -197,6 +197,31 @@ def test_status_tables_without_health_or_rates() -> None:
     assert "Health checks" not in text and "s1" in text and "(none)" in text
 
 
+def test_the_kernels_drops_at_a_port_show_their_labelled_part_in_status_and_metrics() -> None:
+    """A port whose labelled frames have a socket of their own reports their drops apart, in the status tables and
+    the Prometheus metrics; a port without one shows its total only."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mplslb.control.metrics import SnapshotCollector
+
+    snap = snapshot(Balancer(make_config()), now=0.0)
+    snap["ports"] = {
+        "client0": {"kernel_received": 900, "kernel_dropped": 120, "labelled_received": 300, "labelled_dropped": 0},
+        "server0": {"kernel_received": 500, "kernel_dropped": 7},
+    }
+    text = render(snap)
+    assert "kernel, before the daemon read them: client0" in text and "of them labelled (read first): client0" in text
+    assert (
+        "kernel, before the daemon read them: server0" in text and "of them labelled (read first): server0" not in text
+    )
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: snap))
+    metrics = generate_latest(registry).decode()
+    assert 'mplslb_port_kernel_drops_total{port="client0"} 120.0' in metrics
+    assert 'mplslb_port_kernel_labelled_drops_total{port="client0"} 0.0' in metrics
+    assert 'mplslb_port_kernel_labelled_drops_total{port="server0"}' not in metrics
+
+
 # -- the control socket ---------------------------------------------------------------------------------------------
 def test_status_over_the_socket(served: ControlServer, daemon: Daemon) -> None:
     reply = request(served.path, {"cmd": "status"})
