@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from pyroute2 import IPRoute, netns
 
+from common import Row, command_for, skipped
 from mplslb.drivers.afpacket import PACKET_AUXDATA, TP_STATUS_CSUMNOTREADY, TP_STATUS_VLAN_VALID, PacketPort
 from mplslb.drivers.netns import entered
 from mplslb.drivers.socket_filter import PACKET_OUTGOING
@@ -136,6 +137,26 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         netns.remove(name)
     return {key: {"median_us": round(statistics.median(v), 2), "min_us": round(min(v), 2),
                   "max_us": round(max(v), 2)} for key, v in samples.items()}  # fmt: skip
+
+
+def rows(quick: bool = False) -> list[Row]:
+    """The table's rows (bench/run.py's "sockets" section): reading and writing a burst against one system call a
+    frame, CPU per frame, both in this run."""
+    command = command_for("sockets", quick)
+    if os.geteuid() != 0:
+        return [skipped("sockets", "plain packet socket, per frame", "needs root (a namespace, a veth pair)",
+                        command=command)]  # fmt: skip
+    args = argparse.Namespace(frames=1000 if quick else 5000, burst=64, rounds=2 if quick else 5)
+    found = measure(args)
+    how = f"{args.frames} 64-byte frames on a veth, bursts of {args.burst}, CPU time, median of {args.rounds} rounds"
+    return [
+        Row("sockets", "plain packet socket: a frame read (recv_burst, recvmmsg)",
+            found["recv_burst (recvmmsg)"]["median_us"], "µs CPU", "recvmsg_into a frame, checked (before)",
+            found["recvmsg_into per frame"]["median_us"], note=how, command=command),
+        Row("sockets", "plain packet socket: a frame sent (send_many, sendmmsg)",
+            found["send_many (sendmmsg)"]["median_us"], "µs CPU", "send() a frame",
+            found["send per frame"]["median_us"], note=how, command=command),
+    ]  # fmt: skip
 
 
 def main() -> None:

@@ -27,3 +27,10 @@ def test_every_variant_reads_or_writes_every_frame_and_the_namespace_goes() -> N
                            "send_many (sendmmsg)", "send per frame"}  # fmt: skip
     assert all(figures["median_us"] > 0 for figures in result.values())
     assert not [ns for ns in netns.listnetns() if ns == f"mlbsock{os.getpid()}"]
+
+
+def test_the_run_table_gets_a_read_and_a_send_row_each_with_its_reference() -> None:
+    rows = sockets.rows(quick=True)
+    assert [r.section for r in rows] == ["sockets", "sockets"]
+    assert all(r.figure and r.reference_figure and not r.skipped for r in rows)
+    assert "recvmmsg" in rows[0].benchmark and "sendmmsg" in rows[1].benchmark
