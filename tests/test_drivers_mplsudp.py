@@ -295,6 +295,27 @@ def test_datagrams_the_full_receive_buffer_lost_are_counted(pair):
     assert port.drops == {"udp_receive_buffer_full": sent + 1 - got}
 
 
+def test_a_port_takes_the_receive_buffer_it_is_given_and_keeps_what_would_overflow_the_default():
+    """``rcvbuf`` sizes the receiving socket (the kernel counts twice the value): a burst the system's default
+    buffer loses part of fits in it whole."""
+    sent = 600
+    datagram = pack_entry(1001, 0, True, 64) + query(payload=bytes(1000))
+    got = {}
+    for rcvbuf in (None, 8 << 20):
+        with MplsUdpPort(PORT_MAC, address="127.0.0.1", port=0, rcvbuf=rcvbuf) as port:
+            if rcvbuf is not None:
+                assert port._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * rcvbuf
+            with udp_socket("127.0.0.3") as raw:
+                for _ in range(sent):
+                    raw.sendto(datagram, ("127.0.0.1", port.port))
+                frames = port.recv_burst(2 * sent)
+                raw.sendto(datagram, ("127.0.0.1", port.port))  # carries the count of what was lost before it
+                frames += wait_frames(port)
+            got[rcvbuf] = (len(frames), port.drops.get("udp_receive_buffer_full", 0))
+    assert got[8 << 20] == (sent + 1, 0)
+    assert got[None][1] > 0 and sum(got[None]) == sent + 1, "the default buffer held the burst: the test is void"
+
+
 def test_agent_link_hears_only_its_balancer(pair):
     _, link = pair
     with udp_socket("127.0.0.3") as raw:

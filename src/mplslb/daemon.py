@@ -141,7 +141,7 @@ class DaemonConfig:
     offload_gso: bool = False  # the kernel offload switches super-packets too (tc ingress, veth ports)
     offload_syn: bool = False  # the kernel offload takes new TCP sessions' SYNs under tickets (mplslb.offload.tickets)
     ring_retire_ms: int = DEFAULT_RETIRE_MS  # with ring: how long a receive block stays open before it is handed over
-    socket_rcvbuf: int = DEFAULT_SOCKET_RCVBUF  # without ring: each port's packet socket receive buffer, bytes
+    socket_rcvbuf: int = DEFAULT_SOCKET_RCVBUF  # each packet socket's (without ring) and MPLS-in-UDP socket's, bytes
 
     @property
     def datapath(self) -> str:
@@ -330,8 +330,8 @@ def open_ports(
 ) -> dict[int, Port]:
     """Open every port of ``config``; a port that cannot be opened raises :class:`StartError` naming it.
     ``max_len``: the ethernet ports' sockets leave longer frames out (the kernel offload's super-packets);
-    ``retire_ms``: with ``ring``, the receive rings' block retire timer; ``rcvbuf``: without ``ring``, the ethernet
-    ports' socket receive buffer (bytes)."""
+    ``retire_ms``: with ``ring``, the receive rings' block retire timer; ``rcvbuf``: the receive buffer (bytes) of
+    the ethernet ports' sockets without ``ring``, and of the MPLS-in-UDP ports' sockets."""
     ports: dict[int, Port] = {}
     try:
         for port in config.ports:
@@ -367,8 +367,9 @@ def _open(
     if port.kind == "mpls_udp":
         address = str(ipaddress.ip_address(port.address))
         if port.role == "client":
-            return MplsUdpPort(port.mac, address=address)
-        return MplsUdpPort(port.mac, address=address, peers=[server.address for server in here], learn=False)
+            return MplsUdpPort(port.mac, address=address, rcvbuf=rcvbuf)
+        return MplsUdpPort(port.mac, address=address, peers=[server.address for server in here], learn=False,
+                           rcvbuf=rcvbuf)  # fmt: skip
     client = port.role == "client"
     accept = CLIENT_SIDE_ETHERTYPES if client else server_side_ethertypes(here)
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.

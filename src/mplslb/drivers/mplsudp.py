@@ -69,6 +69,7 @@ PSEUDO_MAC_FIRST = 0x02  # locally administered, unicast
 _PSEUDO_MAC_PERSON = b"mplslb-pseudomac"
 _BIND_ATTEMPTS = 64  # per pool socket
 _POOL_RCVBUF = 4096  # nothing is expected on the pool's sockets
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>
 MAX_DATAGRAM = 1 << 16
 #: With SO_RXQ_OVFL each datagram read carries the socket's count of datagrams the kernel dropped because the
 #: receive buffer was full (``asm-generic/socket.h``; the socket module does not name it).
@@ -211,7 +212,9 @@ class MplsUdpPort:
     Datagrams are received on ``(address, port)``; ``address`` ``"::"`` takes IPv4 and IPv6 on one socket. Peers
     are learned from the datagrams that arrive (at most ``max_peers``), or, with ``learn=False``, only the
     configured ``peers`` are heard. Frames go to ``(peer, remote_port)`` from one of ``pool_size`` sockets bound to
-    source ports in ``entropy_ports``.
+    source ports in ``entropy_ports``. ``rcvbuf``: the receiving socket's buffer in bytes (None: the system's
+    default, about 200 datagrams of a veth's small frames); what does not fit is counted as
+    ``udp_receive_buffer_full``.
     """
 
     def __init__(
@@ -228,6 +231,7 @@ class MplsUdpPort:
         ttl: int = DEFAULT_TTL,
         max_peers: int = DEFAULT_MAX_PEERS,
         netns: str | None = None,
+        rcvbuf: int | None = None,
     ) -> None:
         if len(mac) != ETH_ALEN:
             raise ValueError("mac must be 6 bytes")
@@ -256,6 +260,11 @@ class MplsUdpPort:
             raise
         self.port: int = self._sock.getsockname()[1]
         self._sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        if rcvbuf is not None:
+            try:  # root may go past net.core.rmem_max
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            except PermissionError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self._kernel_dropped = 0  # the receive socket's overflow count last read
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
