@@ -41,9 +41,11 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Two workers (the reference machine's two cores): the lab tests mostly wait on their processes, the others compute.
-# Each test file runs whole on one worker, and the files that load the machine one after another (tests/conftest.py).
+# Each test file runs whole on one worker, and the files that load the machine one after another (tests/conftest.py);
+# the tests marked `alone` (node changes in the several-node lab, timed against BGP) then run by themselves.
 unit: $(STAMP) bytecode
-	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15 -m "not alone"
+	$(BIN)/pytest -q --durations=5 -m alone
 
 test: $(STAMP) debs lint typecheck unit
 

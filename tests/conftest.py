@@ -17,9 +17,10 @@ except ImportError:
     sys.path.insert(0, str(_REPO / "src"))
 
 
-#: Test files that load the machine (floods, downloads under node changes, restarts under load): under pytest-xdist
-#: (``make test`` runs two workers) they share one group, so no two of them run at once.
-HEAVY = frozenset({"test_attacks_e2e.py", "test_cluster_lab.py", "test_restart_e2e.py"})
+#: Test files that load the machine (floods, restarts under load): under pytest-xdist (``make test`` runs two
+#: workers) they share one group, so no two of them run at once. The several-node lab's tests (marked ``alone``)
+#: run after the parallel part, with the machine to themselves.
+HEAVY = frozenset({"test_attacks_e2e.py", "test_restart_e2e.py"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

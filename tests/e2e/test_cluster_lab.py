@@ -34,6 +34,7 @@ from mplslb.lab import VIP4, Lab, LabSpec
 
 pytestmark = [
     pytest.mark.root,
+    pytest.mark.alone,  # node changes under load, timed against BGP and the sync: nothing else may share the CPUs
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, veth, TUN and packet sockets"),
     pytest.mark.skipif(
         any(
