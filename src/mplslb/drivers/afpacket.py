@@ -84,6 +84,9 @@ TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 
 DEFAULT_BUFSIZE = 1 << 16  # a whole GSO frame from veth fits; larger ones are counted as truncated
+# struct mmsghdr on LP64: msghdr (name, namelen, iov, iovlen, control, controllen, flags) and msg_len, 64 bytes;
+# struct iovec: base, len.
+_MMSGHDR, _IOVEC = struct.Struct("=QI4xQQQQi4xI4x"), struct.Struct("=QQ")
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: testing an IntFlag costs microseconds
 _VECTOR_MIN = 16  # frames of a recvmmsg from which its write-backs are checked with numpy rather than one by one
 MMSG_BATCH = 64  # frames a plain socket takes in one recvmmsg (each with its own DEFAULT_BUFSIZE slot)
@@ -124,6 +127,15 @@ _PKT_WALK = struct.Struct("=I8xIIIH6xIH20xB")
 assert _PKT_WALK.size == SLL_PKTTYPE + 1
 _RUN_MIN = 16  # frames at one stride read with numpy rather than one by one (see RingPort._walk)
 _NO_LIMIT = 1 << 62  # recv_block's max_frames when the caller sets none
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> None:
+    """Give ``sock`` a receive buffer of ``size`` bytes (the kernel counts twice that); root may go past
+    ``net.core.rmem_max`` (``SO_RCVBUFFORCE``), others get what that allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def restore_vlan_tag(frame: bytes | memoryview, status: int, tci: int, tpid: int) -> bytes:
@@ -375,7 +387,8 @@ class PacketPort(_PacketSocket):
         )  # fmt: skip
         self._fd = self._sock.fileno()
         self._batch = _MessageBatch(MMSG_BATCH, bufsize)
-        self._set_rcvbuf(rcvbuf)
+        if rcvbuf is not None:
+            set_receive_buffer(self._sock, rcvbuf)
         self.lane: PacketPort | None = None
         #: The lane's frames and the ones the kernel dropped for want of room, as far as :meth:`stats` has read.
         self.lane_counts = {"received": 0, "dropped": 0}
@@ -391,13 +404,6 @@ class PacketPort(_PacketSocket):
             except BaseException:
                 self.close()
                 raise
-
-    def _set_rcvbuf(self, rcvbuf: int | None) -> None:
-        if rcvbuf is not None:
-            try:  # root may go past net.core.rmem_max
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            except PermissionError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
 
     def fileno(self) -> int:
         return self._fd if self._poll is None else self._poll.fileno()
@@ -466,8 +472,7 @@ class _SendBatch:
     counted under its errno's name and the rest still go, as with one ``send()`` each; a frame longer than a slot
     goes alone through ``send()``."""
 
-    _HDR = struct.Struct("=QI4xQQQQi4xI4x")  # struct mmsghdr on LP64, as _MessageBatch's
-    _IOV = struct.Struct("=QQ")
+    _HDR, _IOV = _MMSGHDR, _IOVEC
     _sendmmsg: Callable[..., int] | None = None
 
     def __init__(self, capacity: int, slot: int) -> None:
@@ -546,9 +551,7 @@ class _MessageBatch:
     which cost less than numpy for the few frames of a light load, and checked with numpy from :data:`_VECTOR_MIN`
     frames on."""
 
-    # struct mmsghdr on LP64: msghdr (name, namelen, iov, iovlen, control, controllen, flags) and msg_len, 64 bytes
-    _HDR = struct.Struct("=QI4xQQQQi4xI4x")
-    _IOV = struct.Struct("=QQ")  # struct iovec: base, len
+    _HDR, _IOV = _MMSGHDR, _IOVEC
     _NAME = 20  # struct sockaddr_ll
     _NAME_PKTTYPE = 10
     _CTRL = socket.CMSG_SPACE(_AUXDATA.size)

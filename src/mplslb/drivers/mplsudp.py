@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Iterable
 from typing import Self
 
+from mplslb.drivers.afpacket import set_receive_buffer
 from mplslb.drivers.netns import entered
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, parse_ethernet
@@ -69,7 +70,6 @@ PSEUDO_MAC_FIRST = 0x02  # locally administered, unicast
 _PSEUDO_MAC_PERSON = b"mplslb-pseudomac"
 _BIND_ATTEMPTS = 64  # per pool socket
 _POOL_RCVBUF = 4096  # nothing is expected on the pool's sockets
-SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>
 MAX_DATAGRAM = 1 << 16
 #: With SO_RXQ_OVFL each datagram read carries the socket's count of datagrams the kernel dropped because the
 #: receive buffer was full (``asm-generic/socket.h``; the socket module does not name it).
@@ -261,10 +261,7 @@ class MplsUdpPort:
         self.port: int = self._sock.getsockname()[1]
         self._sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         if rcvbuf is not None:
-            try:  # root may go past net.core.rmem_max
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            except PermissionError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            set_receive_buffer(self._sock, rcvbuf)
         self._kernel_dropped = 0  # the receive socket's overflow count last read
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
