@@ -223,7 +223,7 @@ def measure(batch: int, rounds: int, *, profile: Path | None = None) -> dict[str
 def rows(quick: bool = False) -> list[Row]:
     """The ``close_session`` section of ``make bench``."""
     cmd = command_for("close_session", quick)
-    if os.geteuid() != 0 or shutil.which("clang") is None and not os.environ.get("MPLSLB_CLANG"):
+    if os.geteuid() != 0 or (shutil.which("clang") is None and not os.environ.get("MPLSLB_CLANG")):
         return [skipped("close_session", "daemon CPU per Connection: close session", "needs root and clang",
                         command=cmd)]  # fmt: skip
     figures = measure(1024, 2 if quick else 5)
@@ -252,7 +252,7 @@ def main() -> None:
             print({k: v for k, v in figures.items() if k not in (*PHASES, "total")})
         if where is not None:
             stats = pstats.Stats(str(where), stream=sys.stdout)
-            stats.sort_stats("tottime").print_stats(40)
+            stats.sort_stats("tottime").print_stats(int(os.environ.get("TOP", "40")))
     finally:
         if where is not None:
             shutil.rmtree(where.parent, ignore_errors=True)

@@ -3,7 +3,11 @@ label quarantine, response-time measurement."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from helpers import (
     PORT_MAC,
@@ -239,3 +243,76 @@ def test_a_udp_flow_whose_session_died_recovers_unlabelled_after_the_fallback() 
     net.now = 2.1
     out = net.from_client(0, udp(src, VIP, 7000, 53))
     assert len(net.deliver_to_servers(out)) == 1 and client.counters["fallback_unlabelled"] == 1
+
+
+#: Times around a session that starts at 1.0: equal and out-of-order values come up often.
+_MOMENTS = st.sampled_from([0.0, 0.5, 1.0, 1.001, 1.002, 1.003, 1.004])
+_GET = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+_COPIES = st.sampled_from([None, _GET, b"GET /a HTTP/1.1\r\nHo", b"\x16\x03"])
+
+
+_TWINS: dict[tuple[bool, bool], Net] = {}
+
+
+def _measured_twin(l7: bool, budget: int, whole: bool, record: tuple[object, ...]) -> tuple[object, ...]:
+    """A new session's state after ``measured(record)`` on a balancer with the whole-exchange path allowed or not
+    (each kept across examples: the twins see the same sessions in the same order): what the session table, the
+    watch bits, the server's figures and the L7 counts say."""
+    net = _TWINS.get((l7, whole))
+    if net is None:
+        net = _TWINS[l7, whole] = Net(config=make_config(l7=l7))
+        if not whole:
+            net.balancer.sessions.whole_exchange = lambda *_: None  # type: ignore[method-assign]
+    b = net.balancer
+    net.now += 1.0
+    record = tuple(t + net.now - 1.0 if isinstance(t, float) and t else t for t in record)
+    sport = 1024 + b.sessions.started
+    ((name, _),) = net.deliver_to_servers(net.from_client(0, tcp(client_addr(0), VIP, sport, 80, SYN, seq=1)))
+    session = b.sessions.lookup(FlowKey(6, client_addr(0), sport, VIP, 80))
+    assert session is not None
+    b.sessions.rt_budget[session.pair] = budget
+    done = b.measured(session.c2s, *record)  # type: ignore[arg-type]
+    server = b.pool.get(name)
+    t = b.sessions
+    return (done, session.state, t.deadline[session.pair], t.request_at[session.pair], t.rt_budget[session.pair],
+            t.half_open, t.live, b.next_deadline(), b.switching.watch[session.c2s], b.switching.watch[session.s2c],
+            name, server.rt_ewma, server.rt_samples, server.failures, server.answered_at, dict(b.l7_hosts))  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@example(answer=1.001, ack=1.002, request=1.003, response=1.003, over=False, copy=_GET, l7=True, budget=16)
+@example(answer=1.001, ack=1.002, request=1.003, response=1.004, over=False, copy=None, l7=True, budget=16)
+@example(answer=1.001, ack=1.002, request=1.003, response=1.004, over=True, copy=_GET, l7=False, budget=4)
+@example(answer=1.001, ack=1.002, request=1.003, response=1.004, over=False, copy=_GET, l7=True, budget=3)
+@example(answer=1.0, ack=1.002, request=1.003, response=1.004, over=False, copy=_GET, l7=True, budget=16)
+@example(answer=1.002, ack=1.002, request=1.003, response=1.004, over=False, copy=_GET, l7=True, budget=16)
+@given(answer=_MOMENTS, ack=_MOMENTS, request=_MOMENTS, response=_MOMENTS, over=st.booleans(), copy=_COPIES,
+       l7=st.booleans(), budget=st.sampled_from([0, 1, 3, 4, 16]))  # fmt: skip
+def test_a_whole_exchange_recorded_at_once_leaves_the_session_as_its_four_frames_one_by_one(
+    answer: float, ack: float, request: float, response: float, over: bool, copy: bytes | None, l7: bool, budget: int
+) -> None:
+    """A fast path's record of a new TCP session's SYN-ACK, ACK, request and response, handed over at once, leaves
+    the session, the server's figures and the L7 counts as the frame-by-frame observations do, whatever the times'
+    order, the budget left, L7 analysis and the request's copy."""
+    record = (answer, ack, request, response, over, copy, 64 if copy is None else len(copy))  # times: from 1.0
+    assert _measured_twin(l7, budget, True, record) == _measured_twin(l7, budget, False, record)
+
+
+def test_an_ordinary_exchange_is_folded_in_one_step() -> None:
+    """The common record (every moment in order, the copy there) takes the whole-exchange path."""
+    taken: list[tuple[float, float] | None] = []
+    net = Net(config=make_config(l7=True))
+    net.now = 1.0
+    net.deliver_to_servers(net.from_client(0, tcp(client_addr(0), VIP, 400, 80, SYN, seq=1)))
+    b = net.balancer
+    whole = b.sessions.whole_exchange
+
+    def spied(*args: Any) -> tuple[float, float] | None:
+        taken.append(whole(*args))
+        return taken[-1]
+
+    b.sessions.whole_exchange = spied  # type: ignore[method-assign, assignment]
+    session = b.live_sessions()[0]
+    assert b.measured(session.c2s, 1.001, 1.002, 1.003, 1.004, False, _GET, len(_GET))
+    assert taken and taken[0] is not None and abs(taken[0][1] - 0.001) < 1e-9
+    assert session.state is SessionState.ESTABLISHED and b.l7_hosts == {"shop.example": 1}

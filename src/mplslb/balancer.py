@@ -772,6 +772,9 @@ class Balancer:
         session = self.sessions.by_c2s(c2s)
         if session is None or session.state in FINAL_STATES:
             return True
+        if answer and ack and request and response and self._whole_exchange(session, answer, ack, request, response,
+                                                                             copy, length):  # fmt: skip
+            return True
         started = session.started
         flags = ACK if session.proto == IPPROTO_TCP else -1
         if answer and session.state is SessionState.START:
@@ -795,6 +798,30 @@ class Balancer:
             self.sessions.stop_measuring(session)
             self.switching.clear_watch(session.s2c, WATCH_ALL)
             self._handshake_done(session)
+        return True
+
+    def _whole_exchange(
+        self, session: Session, answer: float, ack: float, request: float, response: float, copy: bytes | None,
+        length: int,
+    ) -> bool:  # fmt: skip
+        """:meth:`measured` for a new TCP session's whole exchange at once (:meth:`SessionTable.whole_exchange`), as
+        the four frames' observations one at a time would leave it; False when it is not one (nothing changed)."""
+        c2s = session.c2s
+        switching = self.switching
+        watch_request = switching.watch[c2s] & WATCH_REQUEST
+        if watch_request and copy is None:
+            return False
+        samples = self.sessions.whole_exchange(session, answer, ack, request, response)
+        if samples is None:
+            return False
+        server, pool = session.server, self.pool
+        pool.record_response_time(server, samples[0])
+        pool.record_success(server, answer)
+        if watch_request and copy is not None:
+            self._learn_l7(self.analyzer.read_copy(copy, length))
+        switching.clear_watch(c2s, WATCH_ALL | WATCH_REQUEST)
+        pool.record_response_time(server, samples[1])
+        switching.clear_watch(c2s + 1, WATCH_ALL)
         return True
 
     def _refresh(self, session: Session) -> None:

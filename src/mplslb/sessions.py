@@ -160,6 +160,8 @@ RST_WINDOW = 65535
 RST_WINDOW_MAX = (1 << 31) - 1
 #: How many watched frames a session may spend on its response-time measurement before watching stops.
 WATCH_BUDGET = 16
+#: The watched frames of a whole exchange (SYN-ACK, ACK, request, response): SessionTable.whole_exchange.
+_WHOLE_EXCHANGE = 4
 
 
 class InvalidTransition(RuntimeError):
@@ -726,6 +728,35 @@ class SessionTable:
                 sample = now - self.request_at[pair]
                 self.rt_budget[pair] = 0
         return _new(Observation, (sample, replied, request, self.rt_budget[pair] <= 0, handshake))
+
+    def whole_exchange(
+        self, session: Session, answer: float, ack: float, request: float, response: float
+    ) -> tuple[float, float] | None:
+        """What :meth:`observe` makes of a TCP session's four watched moments seen at once, in this order: the
+        server's SYN-ACK at ``answer``, the client's ACK at ``ack``, its first request at ``request``, the first
+        response byte at ``response``: the session goes from START through ANSWERED to ESTABLISHED, its request is
+        timed and its measurement is over. Returns the two samples (SYN to SYN-ACK, request to response), or None,
+        changing nothing, unless the session is in START with budget for four frames, no request seen and nobody
+        told of its changes (:attr:`on_change`), and the times are in order (``answer`` after the start, ``ack`` after
+        ``answer``, ``response`` after ``request``)."""
+        pair = session.pair
+        started = self.start_time[pair]
+        if (
+            self.state[pair] != _START
+            or self.proto[pair] != IPPROTO_TCP
+            or self.rt_budget[pair] < _WHOLE_EXCHANGE
+            or self.request_at[pair]
+            or self.on_change is not None
+            or not started < answer < ack
+            or not 0 < request < response
+        ):
+            return None
+        self.state[pair] = _ESTABLISHED  # through ANSWERED, which keeps the SYN's deadline
+        self.half_open -= 1
+        self.arm(session, ack + self.timeouts.tcp_established)
+        self.request_at[pair] = request
+        self.rt_budget[pair] = 0
+        return answer - started, response - request
 
     def stop_measuring(self, session: Session) -> None:
         """End the response-time measurement without a sample (its watched frames were spent elsewhere)."""
