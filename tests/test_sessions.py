@@ -553,3 +553,41 @@ def test_due_finds_what_a_pass_over_every_row_finds(ops: list[tuple[str, int, in
             nxt = table.next_deadline()
             assert not occupied or (nxt is not None and nxt <= min(occupied.values()))
     assert [s.pair for s in table.due(1e9)] == [p for _, p in sorted((d, p) for p, d in occupied.items())]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([TCP, UDP]), st.booleans(), st.sampled_from([80, 53, 443]), st.sampled_from(list(PATH))
+        ),
+        max_size=40,
+    ),
+    st.integers(0, 39),
+)
+def test_sessions_per_service_are_what_a_walk_over_the_table_counts(
+    specs: list[tuple[int, bool, int, SessionState]], removed: int
+) -> None:
+    """The per-service counts read from the arrays (the status page's) are a walk over every session's key and
+    state: final and removed sessions not counted, IPv4 and IPv6 apart, by protocol and destination port."""
+    table = SessionTable(TIMEOUTS)
+    server = Server(SERVERS[0], index=0)
+    opened = []
+    for n, (proto, v6, dport, state) in enumerate(specs):
+        size = 16 if v6 else 4
+        key = FlowKey(proto, bytes([10] * size), 1000 + n, bytes([n % 3 + 1] * size), dport)
+        session = table.open(key, 17 + 2 * n, server, client_port=0, client_mac=b"\x02" * 6, ip_version=6 if v6 else 4,
+                             now=0.0)  # fmt: skip
+        for event in PATH[state] if proto == TCP else ():
+            table.apply(session, event, 0.0)
+        opened.append(session)
+    if removed < len(opened) and opened[removed].state in FINAL_STATES:
+        table.remove(opened[removed])
+    walked: dict[tuple[bytes, int, int], int] = {}
+    for session in table.sessions():
+        if session.state not in FINAL_STATES:
+            k = session.key
+            walked[k.dst, k.proto, k.dport] = walked.get((k.dst, k.proto, k.dport), 0) + 1
+    services = [(bytes([d] * size), proto, port) for d in (1, 2, 3, 4) for size in (4, 16) for proto in (TCP, UDP)
+                for port in (53, 80, 443)]  # fmt: skip
+    assert table.per_service(services) == {service: walked.get(service, 0) for service in services}

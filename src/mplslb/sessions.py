@@ -66,7 +66,7 @@ import math
 import struct
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
@@ -319,10 +319,14 @@ _ANSWERED, _ENDING = _CODE[SessionState.ANSWERED], _CODE[SessionState.ENDING]
 _CLOSING_CLIENT, _CLOSING_SERVER = _CODE[SessionState.CLOSING_CLIENT], _CODE[SessionState.CLOSING_SERVER]
 _OPEN_CODES = frozenset(_CODE[state] for state in OPEN_STATES)
 _FINAL_CODES = frozenset(_CODE[state] for state in FINAL_STATES)
+_FINAL_CODE_LIST = sorted(_FINAL_CODES)
 _HALF_OPEN_CODES = frozenset(_CODE[state] for state in HALF_OPEN_STATES)
 #: A flow key as a row stores it: protocol, address length, ports, source and destination (IPv4 zero-padded).
 _KEY = struct.Struct("!BBHH16s16s")
 KEY_SIZE = 40
+#: Offsets in a packed key (_KEY): protocol, address length, destination port, destination address.
+_KEY_PROTO, _KEY_ALEN, _KEY_DPORT, _KEY_DST = 0, 1, 4, 22
+assert _KEY.size == _KEY_DST + 16
 _EMPTY = -1
 #: Deadlines are found by block: each block of 2**_BLOCK_SHIFT rows keeps a lower bound of its rows' deadlines, so
 #: a timer run reads only the blocks whose bound has come (a fixed 4 KiB for the whole label space, nothing per
@@ -557,6 +561,24 @@ class SessionTable:
         started = np.frombuffer(self.start_time, dtype=np.float64)[rows]
         first = rows[np.lexsort((rows, started))[:limit]]  # by start, then by row (label order)
         return int(rows.size), [Session(self, int(pair)) for pair in first]
+
+    def per_service(self, services: Iterable[tuple[bytes, int, int]]) -> dict[tuple[bytes, int, int], int]:
+        """How many sessions in the table, not in a final state, each of ``services`` (destination address,
+        protocol, destination port, as the clients sent them) has. Read from the arrays, no object per session."""
+        states = self._np_state
+        rows = np.flatnonzero((states != _FREE) & ~np.isin(states, _FINAL_CODE_LIST)) if self._count else None
+        if rows is None or not rows.size:
+            return dict.fromkeys(services, 0)
+        keys = np.frombuffer(self.keys, dtype=np.uint8).reshape(-1, KEY_SIZE)[rows]
+        proto, alen = keys[:, _KEY_PROTO], keys[:, _KEY_ALEN]
+        dport = keys[:, _KEY_DPORT].astype(np.uint16) << 8 | keys[:, _KEY_DPORT + 1]
+        found: dict[tuple[bytes, int, int], int] = {}
+        for service in services:
+            dst, p, port = service
+            mask = (proto == p) & (dport == port) & (alen == len(dst))
+            mask &= np.all(keys[:, _KEY_DST : _KEY_DST + len(dst)] == np.frombuffer(dst, dtype=np.uint8), axis=1)
+            found[service] = int(np.count_nonzero(mask))
+        return found
 
     def of_server(self, server: Server) -> list[Session]:
         """The sessions of ``server`` in the table."""

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from mplslb.sessions import FINAL_STATES
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
 if TYPE_CHECKING:
@@ -128,17 +127,21 @@ def snapshot(
     """Everything ``mplslb status`` and the metrics show, as a JSON-serialisable dict.
 
     ``rates`` is updated from this reading (see :class:`RateTracker`). ``per_vip_sessions`` counts live sessions
-    per virtual service by walking the session table (O(sessions)); turn it off for very large tables.
+    per virtual service from the session table's arrays (O(sessions), in numpy); turn it off for very large tables.
     """
     stats = balancer.stats()
     if rates is not None:
         rates.update(stats_counters(stats), now)
-    per_service: dict[tuple[bytes, int, int], int] = {}
-    if per_vip_sessions:
-        for session in balancer.live_sessions():
-            if session.state not in FINAL_STATES:
-                key = (session.key.dst, session.key.proto, session.key.dport)
-                per_service[key] = per_service.get(key, 0) + 1
+    per_service = (
+        balancer.sessions.per_service(
+            (vip.address, proto, port)
+            for vip in balancer.config.vips
+            for proto, ports in ((IPPROTO_TCP, vip.tcp_ports), (IPPROTO_UDP, vip.udp_ports))
+            for port in ports
+        )
+        if per_vip_sessions
+        else {}
+    )
     vips = []
     for vip in balancer.config.vips:
         services = [
