@@ -891,15 +891,16 @@ class Balancer:
                 continue
             if session.deadline > now:
                 continue  # what the kernel saw of it (a FIN) moved it on and armed it again
-            last = self.switching.last_active(session.c2s, session.s2c)
+            c2s = session.c2s
             if state is SessionState.ENDING:
                 # Revived only if both directions went on after the close: a session whose RST or FIN was forged
                 # goes on both ways (data one way, ACKs the other); a real close's stragglers (a late last ACK, a
                 # retransmitted FIN) come from one side.
-                both = min(self.switching.last_active(session.c2s), self.switching.last_active(session.s2c))
-                if self.sessions.linger_over(session, both, now) in FINAL_STATES:
+                last_seen = self.switching.last_seen
+                if self.sessions.linger_over(session, min(last_seen[c2s], last_seen[c2s + 1]), now) in FINAL_STATES:
                     self._finish(session, now)
                 continue
+            last = self.switching.last_active(c2s, c2s + 1)
             idle = timeouts.idle(session.proto, state)
             half_open = state in HALF_OPEN_STATES and session.proto == IPPROTO_TCP
             if half_open:
@@ -919,7 +920,11 @@ class Balancer:
 
     def _finish(self, session: Session, now: float) -> None:
         """Withdraw a final session's labels (they go to quarantine) and take it out of the table."""
-        self._ended_traffic.setdefault(session.server.config.name, Traffic()).add(self.switching, session)
+        name = session.server.config.name
+        traffic = self._ended_traffic.get(name)
+        if traffic is None:
+            traffic = self._ended_traffic[name] = Traffic()
+        traffic.add(self.switching, session)
         self.switching.withdraw(session.c2s)
         self.switching.withdraw(session.s2c)
         if self.labels.in_use(session.c2s):  # not a peer's session replicated here (mplslb.cluster)

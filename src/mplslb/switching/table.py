@@ -505,7 +505,10 @@ class LabelSwitchingTable:
 
     def last_active(self, *labels: int) -> float:
         """The latest time a frame of any of ``labels`` was switched or sent."""
-        return max(self.last_seen[label] for label in labels)
+        last_seen = self.last_seen
+        if len(labels) == 1:
+            return last_seen[labels[0]]
+        return max([last_seen[label] for label in labels])
 
     def traffic(self, label: int) -> tuple[int, int]:
         """(packets, bytes) switched or sent on ``label`` since it was installed."""
