@@ -258,7 +258,8 @@ class LabelSwitchingTable:
             raise ValueError("next_hop and peer must be 6-byte MAC addresses")
         if len(peer_ip) > PEER_IP_MAX:
             raise ValueError("peer_ip must be an IPv4 or IPv6 address")
-        peer_ip = bytes(peer_ip)
+        if type(peer_ip) is not bytes:
+            peer_ip = bytes(peer_ip)
         if ports is None:
             if dst_ip:
                 raise ValueError("a flow binding needs the session's ports")
@@ -288,7 +289,8 @@ class LabelSwitchingTable:
         intern = pool.setdefault
         rewrite = bytes(next_hop) + port_macs[out_port]
         self.rewrite[label] = intern(rewrite, rewrite)
-        peer = bytes(peer)
+        if type(peer) is not bytes:
+            peer = bytes(peer)
         self.peer[label] = intern(peer, peer)
         self.peer_ip[label] = intern(peer_ip, peer_ip)
         self.flow[label] = flow
@@ -310,9 +312,8 @@ class LabelSwitchingTable:
                 kept.ports[label * L4_PORTS_LEN : (label + 1) * L4_PORTS_LEN] = flow[-L4_PORTS_LEN:]
         valid[label] = 1  # last: the entry is complete
         self.version += 1
-        if self.mirrors:
-            for mirror in self.mirrors:
-                mirror.installed(label)
+        for mirror in self.mirrors:
+            mirror.installed(label)
 
     def withdraw(self, label: int) -> None:
         """Remove ``label`` from the table: later frames with it are dropped as ``label_unknown``."""
