@@ -38,7 +38,7 @@ from mplslb.balancer import Balancer, BlockResult
 from mplslb.config import PortConfig
 from mplslb.drivers.loop import Frames, Loop, Timer
 from mplslb.offload.tickets import TicketDesk
-from mplslb.offload.xdp import Fin, Record, XdpOffload
+from mplslb.offload.xdp import Record, XdpOffload
 from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
@@ -81,7 +81,7 @@ class OffloadedBalancer:
             clock=loop.clock,
             syn_rate=syn_rate,
             measured=self._measured,
-            ended=self._ended,
+            ended=balancer.ended,
             pins=pins,
             fresh=fresh,
             gso=gso,
@@ -141,9 +141,6 @@ class OffloadedBalancer:
 
     def _measured(self, c2s: int, record: Record) -> bool:
         return self.balancer.measured(c2s, *record)
-
-    def _ended(self, label: int, fin: Fin) -> None:
-        self.balancer.ended(label, *fin)
 
     def _refresh(self, session: Session) -> None:
         self.offload.fold(session.c2s)

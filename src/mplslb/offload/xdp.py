@@ -61,22 +61,24 @@ in its record, below).
 
 FINs (``ended``, the daemon's :meth:`~mplslb.balancer.Balancer.ended`): with an ``ended`` handler a TCP session's
 labels enter the map flagged ``F_FIN``, and the program forwards the first FIN (RST clear) under each label instead
-of passing it up, recording in the label's entry its sequence number, the other label's last acknowledgment number as
-the FIN passed (the number the session manager judges a closing FIN by) and the time. It does so only once
+of passing it up, recording in the label's entry its sequence number, the other label's last acknowledgment number
+as the FIN passed (the number the session manager judges a closing FIN by) and the time. It does so only once
 neither entry of the session has ``F_RT`` (the session manager watches none of its frames, so a FIN is judged and
 applied, nothing else), and only for a FIN it reads as the analyzer would (one TCP segment, lengths agreeing, IPv4
 without options and with a right header checksum, TCP options none or Linux's timestamps); any other FIN, and the
 second one under a label (a retransmission, a forger's or the real one after a forged one), goes up as before. The
 records are read at every :meth:`poll` and, for one session, by :meth:`fold` (the driver's refresh, before anything
 else about the session is decided: a frame of it reaching the daemon, its deadline), and handed to ``ended(label,
-Fin)`` in the order the kernel took them, each session's measurement record first; a session whose record the table
-has not taken whole (its first request is still on its way up) keeps its FINs until it has, so nothing is applied
-before what came before it. A FIN is dated by the kernel, never before the last read of the whole map. One FIN per
-label and entry: an entry written again (a neighbour's new MAC) has its record folded first and starts empty, so a
-retransmission after it is taken again, which the session table takes as it would the retransmission coming up.
-With kept state, an adopted entry's record is folded at the first poll whether or not the previous daemon had folded
-it: a FIN applied twice changes nothing but an ENDING session's linger (started again from it) and, for one not
-believed, the count. Two CPUs taking FINs under the same label at the same instant would keep one record.
+seq, ack, at)`` (the FIN's sequence number, ``ACK_KNOWN |`` the last acknowledgment number of the session's other
+label as it passed or 0 for none, and its time on the table's clock) in the order the kernel took them, each
+session's measurement record first; a session whose record the table has not taken whole (its first request is still
+on its way up) keeps its FINs until it has, so nothing is applied before what came before it. A FIN is dated by the
+kernel, never before the last read of the whole map. One FIN per label and entry: an entry written again (a
+neighbour's new MAC) has its record folded first and starts empty, so a retransmission after it is taken again,
+which the session table takes as it would the retransmission coming up. With kept state, an adopted entry's record
+is folded at the first poll whether or not the previous daemon had folded it: a FIN applied twice changes nothing
+but an ENDING session's linger (started again from it) and, for one not believed, the count. Two CPUs taking FINs
+under the same label at the same instant would keep one record.
 
 Attachment: BPF links (``BPF_LINK_CREATE``) hold the program on each interface only as long as the daemon holds
 their file descriptors: a daemon that dies, even by SIGKILL, leaves nothing attached, and the map goes with the
@@ -290,16 +292,6 @@ def _unmeasured(entry: bytes) -> bytes:
     return entry[:_FLAGS_AT] + bytes((flags,)) + entry[_FLAGS_AT + 1 :]
 
 
-class Fin(NamedTuple):
-    """A FIN the program forwarded under a label and recorded (F_FIN): its sequence number, ``ACK_KNOWN |`` the
-    last acknowledgment number of the session's other label as it passed (0: none), and its time on the table's
-    clock."""
-
-    seq: int
-    ack: int
-    at: float
-
-
 class Taken(NamedTuple):
     """A SYN the program took under a ticket (offload_syn): the ticket's C2S label, the port it came in on, its
     time on the table's clock, the client's MAC, IP version, flow (as the client sent it: source, destination,
@@ -433,7 +425,7 @@ class XdpOffload:
         syn_rate: int = 0,
         measured: Callable[[int, Record], bool] | None = None,
         gso: bool = False,
-        ended: Callable[[int, Fin], None] | None = None,
+        ended: Callable[[int, int, int, float], None] | None = None,
         tickets: bool = False,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
@@ -1495,7 +1487,7 @@ class XdpOffload:
                 continue
             self._fin_folded[label] = 1
             self.fins += 1
-            self.ended(label, Fin(seq, ack, max(ns * 1e-9 + offset, self._read_at)))
+            self.ended(label, seq, ack, max(ns * 1e-9 + offset, self._read_at))
 
     def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
         """The records of the measured C2S labels in a batch read of the map."""
@@ -1546,8 +1538,11 @@ class XdpOffload:
         """Give ``measured`` a record that changed; forget the label once its session's measurement is over."""
         handed = False
         if record != self._measuring.get(c2s) and (any(record[1:]) or not record[0]) and self.measured is not None:
-            rt_left, *times = record
-            answer, ack, request, response = (t * 1e-9 + offset if t else 0.0 for t in times)
+            rt_left, answer_ns, ack_ns, request_ns, response_ns = record
+            answer = answer_ns * 1e-9 + offset if answer_ns else 0.0
+            ack = ack_ns * 1e-9 + offset if ack_ns else 0.0
+            request = request_ns * 1e-9 + offset if request_ns else 0.0
+            response = response_ns * 1e-9 + offset if response_ns else 0.0
             copy, length = self._copy(c2s) if request else (None, 0)
             self.records += 1
             if self.measured(c2s, Record(answer, ack, request, response, rt_left == 0, copy, length)):
