@@ -447,3 +447,81 @@ def test_a_label_bound_to_a_flow_takes_only_that_flow(table: LabelSwitchingTable
     assert switch(table, 2, answer)[0] == DROPPED and table.drops["label_wrong_flow"] == 2
     table.withdraw(s2c)
     assert table.flow[s2c] == b"" and table.bound[s2c] == 0
+
+
+class _Noted:
+    """A mirror that notes what it is told, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, int]] = []
+
+    def installed(self, label: int) -> None:
+        self.told.append(("installed", label))
+
+    def withdrawn(self, label: int) -> None:
+        self.told.append(("withdrawn", label))
+
+    def watch_changed(self, label: int) -> None:
+        self.told.append(("watch", label))
+
+
+def _row(t: LabelSwitchingTable, label: int) -> tuple[object, ...]:
+    return (t.valid[label], t.watch[label], t.v6[label], t.out_port[label], t.in_port[label], t.rewrite[label],
+            t.peer[label], t.peer_ip[label], t.flow[label], t.bound[label], t.packets[label], t.bytes[label],
+            t.last_seen[label], t.acks[label], t.generation[label])  # fmt: skip
+
+
+_PAIRED: list[LabelSwitchingTable] = []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([0, 1]),
+    st.sampled_from([2, 3]),
+    st.booleans(),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+    st.sampled_from([0, WATCH_TCP_END, WATCH_TCP_END | WATCH_ALL, WATCH_ALL | 0x08]),
+    st.sampled_from([0, WATCH_TCP_END, WATCH_ALL]),
+    st.booleans(),
+)
+def test_a_pair_installed_at_once_is_its_two_labels_installed_one_by_one(
+    client_port: int, server_port: int, v6: bool, sport: int, dport: int, c2s_watch: int, s2c_watch: int, again: bool
+) -> None:
+    """``install_pair`` leaves both rows, the counts and what the mirrors are told as two ``install`` calls do (over
+    an installed pair too)."""
+    src, dst = (CLIENT6, VIP6) if v6 else (CLIENT, VIP)
+    flag = IPV6_PAYLOAD if v6 else 0
+    if not _PAIRED:
+        _PAIRED.extend(LabelSwitchingTable(PORT_MACS, PLACES) for _ in range(2))  # kept: the twins see the same calls
+    tables = _PAIRED
+    mirrors = [_Noted(), _Noted()]
+    for t, mirror in zip(tables, mirrors, strict=True):
+        t.mirrors[:] = [mirror]
+    for _ in range(2 if again else 1):
+        pair, single = tables
+        pair.install_pair(21, client_port=client_port, client_mac=CLIENT_MAC, server_port=server_port,
+                          server_mac=SERVER_MAC, key=(IPPROTO_TCP, src, sport, dst, dport), c2s_watch=c2s_watch | flag,
+                          s2c_watch=s2c_watch | flag, c2s_seen=1.5, s2c_seen=2.5)  # fmt: skip
+        single.install(21, out_port=server_port, next_hop=SERVER_MAC, in_port=client_port, peer=CLIENT_MAC, peer_ip=src,
+                       watch=c2s_watch | flag, now=1.5, dst_ip=dst, ports=(sport, dport))  # fmt: skip
+        single.install(22, out_port=client_port, next_hop=CLIENT_MAC, in_port=server_port, peer=SERVER_MAC, peer_ip=dst,
+                       watch=s2c_watch | flag, now=2.5, dst_ip=src, ports=(dport, sport))  # fmt: skip
+    assert [_row(tables[0], label) for label in (21, 22)] == [_row(tables[1], label) for label in (21, 22)]
+    assert tables[0].installed == tables[1].installed and tables[0].version == tables[1].version
+    assert mirrors[0].told == mirrors[1].told
+
+
+def test_a_pair_is_checked_as_its_labels_are(table: LabelSwitchingTable) -> None:
+    """A bad port, MAC, address size or pair at the end of the label space is refused before anything is written."""
+    good = {"client_port": 0, "client_mac": CLIENT_MAC, "server_port": 2, "server_mac": SERVER_MAC,
+            "key": (IPPROTO_TCP, CLIENT, 1000, VIP, 80), "c2s_watch": 0, "s2c_watch": 0, "c2s_seen": 0.0,
+            "s2c_seen": 0.0}  # fmt: skip
+    bad_ones: list[tuple[int, dict[str, object]]] = [
+        (LABEL, {"server_port": 9}), (LABEL, {"client_mac": b"\x01"}), (LABEL, {"c2s_watch": IPV6_PAYLOAD}),
+        (LABEL_SPACE - 1, {}), (LABEL, {"key": (IPPROTO_TCP, CLIENT, 70000, VIP, 80)}),
+    ]  # fmt: skip
+    for label, bad in bad_ones:
+        with pytest.raises(ValueError):
+            table.install_pair(label, **(good | bad))  # type: ignore[arg-type]
+        assert not table.valid[label] and not table.valid[(label + 1) % LABEL_SPACE]

@@ -591,39 +591,24 @@ class Balancer:
         s2c_seen: float,
     ) -> None:
         """:meth:`install_labels` with the session's fields at hand (a new session's, before its row is read)."""
-        proto, src, sport, dst, dport = key
-        tcp = proto == IPPROTO_TCP
+        tcp = key.proto == IPPROTO_TCP
         v6 = IPV6_PAYLOAD if ip_version == 6 else 0
         end_watch = WATCH_TCP_END if tcp else 0
-        server_port = server.config.port_id
-        install = self.switching.install
-        install(
+        self.switching.install_pair(
             c2s,
-            out_port=server_port,
-            next_hop=server.mac,
-            in_port=port,
-            peer=client_mac,
-            peer_ip=src,
+            client_port=port,
+            client_mac=client_mac,
+            server_port=server.config.port_id,
+            server_mac=server.mac,
+            key=key,
             # until the client's ACK completes the handshake (and the request is seen, for L7 analysis)
-            watch=end_watch
+            c2s_watch=end_watch
             | v6
             | (WATCH_ALL if tcp and watched else 0)
             | (WATCH_REQUEST if self.analyzer.l7 and watched else 0),
-            now=c2s_seen,
-            dst_ip=dst,
-            ports=(sport, dport),
-        )
-        install(
-            c2s + 1,
-            out_port=port,
-            next_hop=client_mac,
-            in_port=server_port,
-            peer=server.mac,
-            peer_ip=dst,
-            watch=end_watch | v6 | (WATCH_ALL if watched else 0),
-            now=s2c_seen,
-            dst_ip=src,
-            ports=(dport, sport),
+            s2c_watch=end_watch | v6 | (WATCH_ALL if watched else 0),
+            c2s_seen=c2s_seen,
+            s2c_seen=s2c_seen,
         )
 
     def _learn_l7(self, http: HttpRequest | None) -> None:

@@ -271,6 +271,53 @@ class LabelSwitchingTable:
             if len(ports) != 2 or not (0 <= ports[0] <= _PORT_MAX and 0 <= ports[1] <= _PORT_MAX):
                 raise ValueError(f"ports {ports} are not two ports of 0-65535")
             flow = peer_ip + bytes(dst_ip) + _PORTS.pack(*ports)
+        self._put(label, out_port, bytes(next_hop), in_port, peer, peer_ip, watch, now, dst_ip, flow)
+
+    def install_pair(
+        self,
+        c2s: int,
+        *,
+        client_port: int,
+        client_mac: bytes,
+        server_port: int,
+        server_mac: bytes,
+        key: tuple[int, bytes, int, bytes, int],
+        c2s_watch: int,
+        s2c_watch: int,
+        c2s_seen: float,
+        s2c_seen: float,
+    ) -> None:
+        """A session's two labels at once, as :meth:`install` would install them one after the other: C2S ``c2s``
+        from ``client_mac`` on ``client_port`` to ``server_mac`` on ``server_port``, bound to the flow ``key``
+        (protocol, source, source port, destination, destination port, as the client sent it); S2C ``c2s + 1``
+        back, bound to the reverse flow. ``*_watch`` are the labels' watch bits (with ``IPV6_PAYLOAD``), ``*_seen``
+        their last-seen times."""
+        _, src, sport, dst, dport = key
+        port_macs = self._port_macs
+        if not RESERVED_LABEL_MAX < c2s < LABEL_SPACE - 1:
+            raise ValueError(f"label pair {c2s} is outside the usable label space")
+        if client_port not in port_macs or server_port not in port_macs:
+            raise ValueError(f"unknown port in install: out {server_port}, in {client_port}")
+        if len(client_mac) != ETH_ALEN or len(server_mac) != ETH_ALEN:
+            raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+        size = IPV6_ADDR_LEN if c2s_watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
+        if len(src) != size or len(dst) != size or (s2c_watch ^ c2s_watch) & IPV6_PAYLOAD:
+            raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
+        if not (0 <= sport <= _PORT_MAX and 0 <= dport <= _PORT_MAX):
+            raise ValueError(f"ports {(sport, dport)} are not two ports of 0-65535")
+        src, dst = bytes(src), bytes(dst)
+        client_mac, server_mac = bytes(client_mac), bytes(server_mac)
+        pack = _PORTS.pack
+        self._put(c2s, server_port, server_mac, client_port, client_mac, src, c2s_watch, c2s_seen, dst,
+                  src + dst + pack(sport, dport))  # fmt: skip
+        self._put(c2s + 1, client_port, client_mac, server_port, server_mac, dst, s2c_watch, s2c_seen, src,
+                  dst + src + pack(dport, sport))  # fmt: skip
+
+    def _put(
+        self, label: int, out_port: int, next_hop: bytes, in_port: int, peer: bytes, peer_ip: bytes, watch: int,
+        now: float, dst_ip: bytes, flow: bytes,
+    ) -> None:  # fmt: skip
+        """Write a checked entry (:meth:`install`)."""
         valid = self.valid
         if valid[label]:
             valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
@@ -287,7 +334,7 @@ class LabelSwitchingTable:
         if len(pool) > INTERN_LIMIT - _INTERNED_PER_LABEL:
             pool.clear()
         intern = pool.setdefault
-        rewrite = bytes(next_hop) + port_macs[out_port]
+        rewrite = next_hop + self._port_macs[out_port]
         self.rewrite[label] = intern(rewrite, rewrite)
         if type(peer) is not bytes:
             peer = bytes(peer)
