@@ -767,7 +767,7 @@ def test_a_handshake_the_kernel_saw_while_no_daemon_ran_is_folded_by_the_next(
     lb, _ = topo
     pins = PIN_ROOT / f"m{os.getpid() % 100000}"
     first = build(state_dir, now=time.monotonic())
-    offload = offload_in(lb, first, obj, pins=pins, measured=lambda c2s, r: first.measured(c2s, *r))
+    offload = offload_in(lb, first, obj, pins=pins, measured=first.measured)
     try:
         ((_, sent),) = first.receive(0, ether(PORT_MAC[0], client_mac(0), v4_tcp(SYN)), time.monotonic())
         offload.sync()
@@ -790,7 +790,7 @@ def test_a_handshake_the_kernel_saw_while_no_daemon_ran_is_folded_by_the_next(
         finally:
             os.close(prog)
         second = build(state_dir, now=time.monotonic())
-        offload = offload_in(lb, second, obj, pins=pins, measured=lambda c2s, r: second.measured(c2s, *r))
+        offload = offload_in(lb, second, obj, pins=pins, measured=second.measured)
         assert offload.adopted and offload.lookup(c2s) is not None
         adopted = second.sessions.by_c2s(c2s)
         assert adopted is not None and adopted.state is SessionState.START

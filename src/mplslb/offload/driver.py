@@ -38,7 +38,7 @@ from mplslb.balancer import Balancer, BlockResult
 from mplslb.config import PortConfig
 from mplslb.drivers.loop import Frames, Loop, Timer
 from mplslb.offload.tickets import TicketDesk
-from mplslb.offload.xdp import Record, XdpOffload
+from mplslb.offload.xdp import XdpOffload
 from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
@@ -80,7 +80,7 @@ class OffloadedBalancer:
             mode=mode,
             clock=loop.clock,
             syn_rate=syn_rate,
-            measured=self._measured,
+            measured=balancer.measured,
             ended=balancer.ended,
             pins=pins,
             fresh=fresh,
@@ -138,9 +138,6 @@ class OffloadedBalancer:
         out = self.balancer.on_timer(now)
         self._sync(now)
         return out
-
-    def _measured(self, c2s: int, record: Record) -> bool:
-        return self.balancer.measured(c2s, *record)
 
     def _refresh(self, session: Session) -> None:
         self.offload.fold(session.c2s)

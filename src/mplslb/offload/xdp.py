@@ -23,21 +23,21 @@ the session's own frames) is handled one of two ways:
 * without a ``measured`` handler it waits in userspace, and enters the map at the first ``sync`` after the balancer
   clears ``WATCH_ALL``: every frame of a new session's first round trips reaches the session manager;
 * with one (the daemon's :class:`~mplslb.offload.driver.OffloadedBalancer`), it enters the map at once, flagged
-  ``F_RT``, and the program records what the measurement wants in the session's C2S entry (the server's first
-  answer, the client's pure ACK, the request, the first response byte, the budget left; ``mplslb_xdp.c`` says
-  how, frame by frame as :meth:`~mplslb.sessions.SessionTable.observe`) instead of passing the frames up. The
-  records are read back with the counters at every :meth:`poll`, and for one session on demand (:meth:`fold`,
-  one map lookup), and handed to ``measured(c2s, record)`` with the kernel's times on the table's clock (again at
-  the next read while it answers False). The program clears ``F_RT`` itself once a direction has nothing more to
-  tell, so a watch cleared in the table needs no map write. With ``WATCH_REQUEST`` (L7 analysis) the C2S entry
-  is flagged ``F_L7`` and gets a slot in a second map, the request map (C2S label -> a
-  :data:`~mplslb.switching.layout.REQUEST` slot; a hash map without preallocation, as large as the label map, so
-  only the sessions under measurement hold a slot): the program copies the session's first request's first
-  :data:`~mplslb.switching.layout.REQUEST_COPY` octets and its length there before it records the request's time,
-  and forwards the request. The slot is read with the record that first carries the request's time and handed to
-  ``measured`` with it (:attr:`Record.copy`), then deleted; the balancer reads it with the analyzer that reads a
-  request frame. A label without a slot (the slot's write refused) has its request passed up instead, as the
-  session manager then expects.
+  ``F_RT``, and the program records what the measurement wants in the session's C2S entry (the server's first answer,
+  the client's pure ACK, the request, the first response byte, the budget left; ``mplslb_xdp.c`` says how, frame by
+  frame as :meth:`~mplslb.sessions.SessionTable.observe`) instead of passing the frames up. The records are read back
+  with the counters at every :meth:`poll`, and for one session on demand (:meth:`fold`, one map lookup), and handed to
+  ``measured(c2s, answer, ack, request, response, over, copy, length)`` (the arguments of
+  :meth:`~mplslb.balancer.Balancer.measured`) with the kernel's times on the table's clock (again at the next read
+  while it answers False). The program clears ``F_RT`` itself once a direction has nothing more to tell, so a watch
+  cleared in the table needs no map write. With ``WATCH_REQUEST`` (L7 analysis) the C2S entry is flagged ``F_L7`` and
+  gets a slot in a second map, the request map (C2S label -> a :data:`~mplslb.switching.layout.REQUEST` slot; a hash
+  map without preallocation, as large as the label map, so only the sessions under measurement hold a slot): the
+  program copies the session's first request's first :data:`~mplslb.switching.layout.REQUEST_COPY` octets and its
+  length there before it records the request's time, and forwards the request. The slot is read with the record that
+  first carries the request's time and handed to ``measured`` with it (``copy``, beside the request's ``length``),
+  then deleted; the balancer reads it with the analyzer that reads a request frame. A label without a slot (the slot's
+  write refused) has its request passed up instead, as the session manager then expects.
 
 Activity (:meth:`XdpOffload.poll`): the program counts packets and bytes per entry and stores the time of the last
 frame (``bpf_ktime_get_ns``, CLOCK_MONOTONIC, the clock of ``time.monotonic``). ``poll`` reads the whole map with
@@ -316,22 +316,6 @@ def syn_flow_key(src: bytes, dst: bytes, ports: bytes) -> bytes:
     return SYN_FLOW.pack(src, dst, ports, family, b"")
 
 
-class Record(NamedTuple):
-    """What the program recorded of a session's first frames (F_RT), its times on the table's clock (0.0: not
-    seen): the server's first answer, the client's latest pure ACK, the request, the first response byte, and
-    whether the measurement's budget is spent (or its last answer recorded)."""
-
-    answer: float
-    ack: float
-    request: float
-    response: float
-    over: bool
-    #: With ``request`` under F_L7: the request's first octets the program copied (its first
-    #: :data:`~mplslb.switching.layout.REQUEST_COPY` at most), None when the request went up instead.
-    copy: bytes | None = None
-    length: int = 0  # the request's whole payload length (more than len(copy): the copy is truncated)
-
-
 def is_c2s(label: int) -> bool:
     return label & 1 == C2S_MIN & 1
 
@@ -423,7 +407,7 @@ class XdpOffload:
         pins: Path | None = None,
         fresh: bool = False,
         syn_rate: int = 0,
-        measured: Callable[[int, Record], bool] | None = None,
+        measured: Callable[[int, float, float, float, float, bool, bytes | None, int], bool] | None = None,
         gso: bool = False,
         ended: Callable[[int, int, int, float], None] | None = None,
         tickets: bool = False,
@@ -1545,7 +1529,7 @@ class XdpOffload:
             response = response_ns * 1e-9 + offset if response_ns else 0.0
             copy, length = self._copy(c2s) if request else (None, 0)
             self.records += 1
-            if self.measured(c2s, Record(answer, ack, request, response, rt_left == 0, copy, length)):
+            if self.measured(c2s, answer, ack, request, response, rt_left == 0, copy, length):
                 self._measuring[c2s] = record  # taken: not handed over again unless it changes
                 if copy is not None:
                     self.copies += 1
