@@ -8,7 +8,8 @@ same run, their ratio (figure / reference), the target and whether it is met. Wr
 Sections, in the order they run: the engine (claim, single, new, batch, scale, memory: bench/engine.py), the cost of
 session sync between cluster nodes (cluster: bench/cluster_sim.py), 1, 2 and 3 real nodes behind the BIRD ECMP
 router in namespaces (cluster_lab: bench/cluster_lab.py, when root), a plain packet socket's reads and writes in
-bursts against one system call a frame (sockets: bench/sockets.py, when root), the wire
+bursts against one system call a frame (sockets: bench/sockets.py, when root), the daemon's CPU per ``Connection:
+close`` session with tickets against every SYN up to it (close_session: bench/close_session.py, when root), the wire
 benchmarks (wire: every bench/wire_*.py, written by another hand, each run as a subprocess with --json, and --quick
 when it takes it, when root and namespaces are available), the end-to-end comparison with HAProxy (e2e:
 bench/e2e.py) and the py-spy profiles of the hot paths (profile: bench/pyspy.py, summaries in bench/profiles/). A
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine
 from common import BENCH, ROOT, Row, at_least, command_for, load_average, machine, skipped
 
-SECTIONS = (*engine.SECTIONS, "cluster", "cluster_lab", "sockets", "wire", "e2e", "profile")
+SECTIONS = (*engine.SECTIONS, "cluster", "cluster_lab", "sockets", "close_session", "wire", "e2e", "profile")
 #: Rough seconds each section takes in a full run on the 2-core reference machine (quick runs take far less); a
 #: section is started only if this much of the budget is left.
 ESTIMATE = {
@@ -44,6 +45,7 @@ ESTIMATE = {
     "cluster": 40,
     "cluster_lab": 70,
     "sockets": 15,
+    "close_session": 40,
     "wire": 230,
     "e2e": 400,
     "profile": 45,
@@ -420,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         log("sockets: a plain packet socket's reads and writes in bursts and frame by frame ...")
         rows += sockets.rows(args.quick)
         durations["sockets"] = time.monotonic() - t0
+    if "close_session" in chosen and fits("close_session"):
+        import close_session
+
+        t0 = time.monotonic()
+        log("close_session: the daemon's CPU per Connection: close session, with tickets and every SYN up ...")
+        rows += close_session.rows(args.quick)
+        durations["close_session"] = time.monotonic() - t0
     if "wire" in chosen and fits("wire"):
         t0 = time.monotonic()
         scale = 0.25 if args.quick else 1.0
