@@ -449,22 +449,6 @@ def test_a_label_bound_to_a_flow_takes_only_that_flow(table: LabelSwitchingTable
     assert table.flow[s2c] == b"" and table.bound[s2c] == 0
 
 
-class _Noted:
-    """A mirror that notes what it is told, in order."""
-
-    def __init__(self) -> None:
-        self.told: list[tuple[str, int]] = []
-
-    def installed(self, label: int) -> None:
-        self.told.append(("installed", label))
-
-    def withdrawn(self, label: int) -> None:
-        self.told.append(("withdrawn", label))
-
-    def watch_changed(self, label: int) -> None:
-        self.told.append(("watch", label))
-
-
 def _row(t: LabelSwitchingTable, label: int) -> tuple[object, ...]:
     return (t.valid[label], t.watch[label], t.v6[label], t.out_port[label], t.in_port[label], t.rewrite[label],
             t.peer[label], t.peer_ip[label], t.flow[label], t.bound[label], t.packets[label], t.bytes[label],
@@ -495,7 +479,7 @@ def test_a_pair_installed_at_once_is_its_two_labels_installed_one_by_one(
     if not _PAIRED:
         _PAIRED.extend(LabelSwitchingTable(PORT_MACS, PLACES) for _ in range(2))  # kept: the twins see the same calls
     tables = _PAIRED
-    mirrors = [_Noted(), _Noted()]
+    mirrors = [RecordingMirror(), RecordingMirror()]
     for t, mirror in zip(tables, mirrors, strict=True):
         t.mirrors[:] = [mirror]
     for _ in range(2 if again else 1):
