@@ -145,8 +145,15 @@ class OffloadedBalancer:
     def _poll(self, now: float) -> None:
         self._polled = now
         started = time.perf_counter()
-        self.offload.poll()
+        self.offload.poll(between=self._tickets_meanwhile if self.desk is not None else None)
         self._poll_cost = time.perf_counter() - started
+
+    def _tickets_meanwhile(self) -> None:
+        """Between chunks of a poll, which can hold the loop hundreds of milliseconds on a busy machine: the tickets
+        the kernel took meanwhile become sessions and are issued again, so new SYNs keep finding one."""
+        self._fold_tickets(self.loop.clock())
+        assert self.desk is not None
+        self.desk.refill(self.loop.clock())
 
     def _tick(self) -> None:
         now = self.loop.clock()

@@ -7,16 +7,16 @@ close`` traffic what is left for the daemon is each session's SYN: the slow path
 label pair, both labels installed, the SYN sent on) per session. None of it depends on the client for an algorithm
 that does not read the flow key, so the daemon decides it ahead:
 
-* **Issue** (:meth:`TicketDesk.refill`, at every sync and poll of the driver): up to :data:`TICKETS_WANT` tickets are
-  kept outstanding. Each is what :meth:`~mplslb.balancer.Balancer.pre_decide` decides for a SYN that has not come
-  yet: admission with the room the outstanding tickets leave (each counts as a live, half-open session; the
-  half-open share is never exceeded: a SYN beyond it goes up, where the oldest is evicted), a server (which counts
-  the ticket as one of its sessions at once, so least-connections-like algorithms spread the tickets), a label
-  pair. Its two entries are written into the label map with everything that does not depend on the client
-  (:meth:`XdpOffload.ticket_entries`: the server's port, MACs, flags and measurement budget), flagged
-  ``F_TICKET`` (every frame under them goes up, and the table does not hold them: dropped there), and its C2S label
-  is pushed onto the program's ticket queue. A refusal stops the issue and is counted by reason (``held``);
-  ``source_hash`` and ``maglev`` read the flow key and issue none (their SYNs go up as ever).
+* **Issue** (:meth:`TicketDesk.refill`, at every sync and poll of the driver, and between a poll's chunks): up to
+  :data:`TICKETS_WANT` tickets are kept outstanding. Each is what :meth:`~mplslb.balancer.Balancer.pre_decide`
+  decides for a SYN that has not come yet: admission with the room the outstanding tickets leave (each counts as a
+  live, half-open session; the half-open share is never exceeded: a SYN beyond it goes up, where the oldest is
+  evicted), a server (which counts the ticket as one of its sessions at once, so least-connections-like algorithms
+  spread the tickets), a label pair. Its two entries are written into the label map with everything that does not
+  depend on the client (:meth:`XdpOffload.ticket_entries`: the server's port, MACs, flags and measurement budget),
+  flagged ``F_TICKET`` (every frame under them goes up, and the table does not hold them: dropped there), and its
+  C2S label is pushed onto the program's ticket queue. A refusal stops the issue and is counted by reason
+  (``held``); ``source_hash`` and ``maglev`` read the flow key and issue none (their SYNs go up as ever).
 * **Take** (``mplslb_xdp.c``, ``take_syn``): an unlabelled TCP SYN on a client port, read as the analyzer reads it,
   to a (VIP, port) served, on a flow that is no live session's (the flow map, which holds every live TCP session's
   flow until it is ending: kernel-made ones from their SYN, the others from the sync that writes their labels; an
@@ -55,9 +55,11 @@ from mplslb.switching.layout import TICKETS_MAX, WATCH_ALL, WATCH_REQUEST, WATCH
 from mplslb.wire.ip import IPPROTO_TCP
 
 #: Tickets kept outstanding (at most TICKETS_MAX, the queue's size): the SYNs of a few thousand new sessions a second
-#: while the daemon's loop is held up for tens of milliseconds (a poll handing over many records, the process
-#: preempted); a SYN that finds none goes up. Each counts as a session of its server until taken or revoked.
-TICKETS_WANT = 256
+#: while the daemon's loop is held up. Under wrk on the 2-core lab at 3,500 sessions a second the ticket folds came
+#: 25-70 ms apart, and up to 170 ms around a poll (which folds and refills between its chunks: OffloadedBalancer);
+#: 256 tickets ran out every second there. A SYN that finds none goes up, and its client waits for the daemon. Each
+#: ticket counts as a session of its server until taken or revoked.
+TICKETS_WANT = 1024
 #: Tickets are issued in batches of at least this many (while any is outstanding): one map write and this many
 #: queue pushes, rather than a write per SYN taken.
 REFILL_MIN = 32

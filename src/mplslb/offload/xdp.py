@@ -286,6 +286,10 @@ log = logging.getLogger("mplslb.offload")
 BATCH_MIN = 4  # fewer writes than this go one by one
 
 
+#: Records or FINs a poll hands over between two calls of its ``between`` (a few ms of the daemon's time).
+POLL_CHUNK: Final = 256
+
+
 def _unmeasured(entry: bytes) -> bytes:
     """An entry's fixed fields without ``F_RT``, which the program clears by itself."""
     flags = entry[_FLAGS_AT] & ~F_RT
@@ -1332,10 +1336,11 @@ class XdpOffload:
         return out
 
     # -- activity ------------------------------------------------------------------------------------------------
-    def poll(self) -> int:
+    def poll(self, between: Callable[[], object] | None = None) -> int:
         """Add what the kernel forwarded since the last poll to the table's counters and last-seen times; returns
         how many labels had new frames. Applies pending changes first, so no count lands on a label's next
-        session."""
+        session. ``between`` is called after every :data:`POLL_CHUNK` records or FINs handed over (a poll can hand
+        over thousands): the driver takes the tickets the kernel took meanwhile and issues new ones there."""
         if self._map is None:
             return 0
         self.sync()
@@ -1347,9 +1352,9 @@ class XdpOffload:
             return 0
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
         if self._measuring:
-            self._fold_records(labels, values)
+            self._fold_records(labels, values, between)
         if self.ended is not None:
-            self._fold_fins(labels, values, force=False)
+            self._fold_fins(labels, values, force=False, between=between)
         self._read_at = self.clock()
         return self._fold(labels, np.frombuffer(values, dtype=COUNTERS))
 
@@ -1449,7 +1454,9 @@ class XdpOffload:
             self.fold(c2s)
         return self.fins - before
 
-    def _fold_fins(self, labels: np.ndarray, values: bytes, *, force: bool) -> None:
+    def _fold_fins(
+        self, labels: np.ndarray, values: bytes, *, force: bool, between: Callable[[], object] | None = None
+    ) -> None:
         """Hand the FIN records of ``labels`` (their entries read into ``values``) not handed over yet to ``ended``,
         in the order the kernel took them. A session whose measurement the table has not taken whole yet (its
         record was not taken: the first request is still on its way up) keeps its FINs for a later read, so
@@ -1465,16 +1472,19 @@ class XdpOffload:
         labels, fins = labels[new], fins[new]
         order = np.argsort(fins["fin_ns"], kind="stable")
         offset = self.clock() - time.monotonic()
-        for label, (seq, _, ack, ns) in zip(labels[order].tolist(), fins[order].tolist(), strict=True):
+        fin_folded = self._fin_folded
+        for i, (label, (seq, _, ack, ns)) in enumerate(zip(labels[order].tolist(), fins[order].tolist(), strict=True)):
+            if between is not None and i % POLL_CHUNK == POLL_CHUNK - 1:
+                between()
             c2s = label if is_c2s(label) else label - 1
-            if not force and c2s in self._measuring:
-                continue
-            self._fin_folded[label] = 1
+            if fin_folded[label] or (not force and c2s in self._measuring):
+                continue  # handed over meanwhile (a session refreshed in ``between``), or after its measurement
+            fin_folded[label] = 1
             self.fins += 1
             self.ended(label, seq, ack, max(ns * 1e-9 + offset, self._read_at))
 
-    def _fold_records(self, labels: np.ndarray, values: bytes) -> None:
-        """The records of the measured C2S labels in a batch read of the map."""
+    def _fold_records(self, labels: np.ndarray, values: bytes, between: Callable[[], object] | None = None) -> None:
+        """The records of the measured C2S labels in a batch read of the map (``between``: see :meth:`poll`)."""
         wanted = np.flatnonzero(self._measured[labels])
         if not wanted.size:
             return
@@ -1496,7 +1506,9 @@ class XdpOffload:
                     for i, label in enumerate(np.frombuffer(keys, dtype=np.uint32, count=count).tolist())
                 }
         try:
-            for label, record in zip(labels[wanted].tolist(), records.tolist(), strict=True):
+            for i, (label, record) in enumerate(zip(labels[wanted].tolist(), records.tolist(), strict=True)):
+                if between is not None and i % POLL_CHUNK == POLL_CHUNK - 1:
+                    between()
                 self._hand_over(label, record, offset)
         finally:
             dropping, self._dropping, self._read_slots = self._dropping, None, None

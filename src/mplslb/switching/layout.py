@@ -269,7 +269,7 @@ SYN_RATE_MAX: Final = 1_000_000_000
 
 #: Tickets (``offload_syn``): the most pre-decided label pairs outstanding at once (the ticket queue's size; the
 #: queue of taken tickets is as large, so the program never fails to report one).
-TICKETS_MAX: Final = 512
+TICKETS_MAX: Final = 2048
 #: The IPv4 header's TOS and TTL octets, IPv6's hop limit: the label stack entry a SYN taken in the kernel gets is
 #: built from them as the userspace path builds it (``Balancer._to_server``: TC from the top 3 bits of the TOS).
 IPV4_TOS_AT: Final = 1
