@@ -19,6 +19,7 @@ section that would not fit in what is left of the time budget is skipped and say
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -50,6 +51,13 @@ ESTIMATE = {
     "e2e": 400,
     "profile": 45,
 }
+#: The sections run by a bench script's ``rows(quick)``, in order: (section, module, what the log says).
+SCRIPTED = (
+    ("cluster", "cluster_sim", "costs of session sync"),
+    ("cluster_lab", "cluster_lab", "3, 2 and 1 nodes in namespaces"),
+    ("sockets", "sockets", "a plain packet socket's reads and writes in bursts and frame by frame"),
+    ("close_session", "close_session", "the daemon's CPU per Connection: close session, with tickets and every SYN up"),
+)
 WIRE_TIMEOUT = 240.0
 #: Seconds each wire benchmark takes in a full run (their own docs say so), to share the budget among them.
 WIRE_EXPECTED = {"wire_offload.py": 240, "wire_ring.py": 50}
@@ -401,34 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         engine_rows, engine_durations = engine.run_sections(engine_sections, args.quick, log=log)
         rows += engine_rows
         durations |= engine_durations
-    if "cluster" in chosen and fits("cluster"):
-        import cluster_sim
-
-        t0 = time.monotonic()
-        log("cluster: costs of session sync ...")
-        rows += cluster_sim.rows(args.quick)
-        durations["cluster"] = time.monotonic() - t0
-    if "cluster_lab" in chosen and fits("cluster_lab"):
-        import cluster_lab
-
-        t0 = time.monotonic()
-        log("cluster_lab: 3, 2 and 1 nodes in namespaces ...")
-        rows += cluster_lab.rows(args.quick)
-        durations["cluster_lab"] = time.monotonic() - t0
-    if "sockets" in chosen and fits("sockets"):
-        import sockets
-
-        t0 = time.monotonic()
-        log("sockets: a plain packet socket's reads and writes in bursts and frame by frame ...")
-        rows += sockets.rows(args.quick)
-        durations["sockets"] = time.monotonic() - t0
-    if "close_session" in chosen and fits("close_session"):
-        import close_session
-
-        t0 = time.monotonic()
-        log("close_session: the daemon's CPU per Connection: close session, with tickets and every SYN up ...")
-        rows += close_session.rows(args.quick)
-        durations["close_session"] = time.monotonic() - t0
+    for section, module, what in SCRIPTED:
+        if section in chosen and fits(section):
+            t0 = time.monotonic()
+            log(f"{section}: {what} ...")
+            rows += importlib.import_module(module).rows(args.quick)
+            durations[section] = time.monotonic() - t0
     if "wire" in chosen and fits("wire"):
         t0 = time.monotonic()
         scale = 0.25 if args.quick else 1.0

@@ -566,9 +566,7 @@ class SessionTable:
         """How many sessions in the table, not in a final state, each of ``services`` (destination address,
         protocol, destination port, as the clients sent them) has. Read from the arrays, no object per session."""
         states = self._np_state
-        rows = np.flatnonzero((states != _FREE) & ~np.isin(states, _FINAL_CODE_LIST)) if self._count else None
-        if rows is None or not rows.size:
-            return dict.fromkeys(services, 0)
+        rows = np.flatnonzero((states != _FREE) & ~np.isin(states, _FINAL_CODE_LIST))
         keys = np.frombuffer(self.keys, dtype=np.uint8).reshape(-1, KEY_SIZE)[rows]
         proto, alen = keys[:, _KEY_PROTO], keys[:, _KEY_ALEN]
         dport = keys[:, _KEY_DPORT].astype(np.uint16) << 8 | keys[:, _KEY_DPORT + 1]

@@ -554,8 +554,6 @@ class LabelSwitchingTable:
     def last_active(self, *labels: int) -> float:
         """The latest time a frame of any of ``labels`` was switched or sent."""
         last_seen = self.last_seen
-        if len(labels) == 1:
-            return last_seen[labels[0]]
         return max([last_seen[label] for label in labels])
 
     def traffic(self, label: int) -> tuple[int, int]:
