@@ -48,50 +48,114 @@ def test_the_run_table_gets_the_total_against_the_slow_path_and_each_phase(monke
     assert rows[0].met is not None and rows[0].target == "ratio <= 1.0"
 
 
-def test_a_long_poll_folds_and_issues_tickets_between_its_chunks() -> None:
-    """A poll handing over more records and FINs than one chunk takes the tickets the kernel took meanwhile and
-    issues new ones between chunks (the daemon's loop is held while it runs), and leaves every session as one pass
-    would: ending, its measurement and both FINs folded."""
-    sessions = POLL_CHUNK + 40
+def _open(bench: close_session.Bench, sessions: int) -> list[tuple[close_session.Flow, int]]:
+    """``sessions`` sessions whose SYNs the program takes under tickets, folded and synced as the daemon's timer
+    does every 16 SYNs; (flow, C2S label) each."""
+    core = bench.core
+    opened = []
+    for i in range(sessions):
+        flow = bench._flow()
+        taken = bench._run(flow.frame(close_session.SYN, options=close_session.SYN_OPTIONS), flow.port)
+        assert taken.retval == bpf.XDP_REDIRECT
+        opened.append((flow, close_session._label(taken.data)))
+        if i % 16 == 15:
+            core._fold_tickets(bench.loop.clock())
+            core._sync(bench.loop.clock())
+    core._fold_tickets(bench.loop.clock())
+    core._sync(bench.loop.clock())
+    return opened
+
+
+def test_a_poll_hands_over_a_chunk_a_turn_and_folds_the_tickets_taken_meanwhile() -> None:
+    """A poll handing over more records and FINs than one chunk folds the counters at once and the rest a chunk per
+    turn of the daemon's loop; after each, the tickets the kernel took meanwhile are folded and issued again. It
+    leaves every session as one pass would: ending, its measurement and both FINs folded."""
+    sessions = 2 * POLL_CHUNK + 40
     with close_session.namespaces("w") as lb:
         bench = close_session.Bench(lb)
         try:
             core, desk = bench.core, bench.core.desk
             assert desk is not None
-            opened = []
-            for i in range(sessions):
-                flow = bench._flow()
-                taken = bench._run(flow.frame(close_session.SYN, options=close_session.SYN_OPTIONS), flow.port)
-                assert taken.retval == bpf.XDP_REDIRECT
-                opened.append((flow, close_session._label(taken.data)))
-                if i % 16 == 15:
-                    core._fold_tickets(bench.loop.clock())
-                    core._sync(bench.loop.clock())
-            core._fold_tickets(bench.loop.clock())
-            core._sync(bench.loop.clock())
+            opened = _open(bench, sessions)
             for flow, c2s in opened:
                 bench.rest(flow, c2s)
             for _ in range(REFILL_MIN + 8):  # SYNs the kernel takes while the records wait for the poll
                 late = bench._flow()
                 syn = late.frame(close_session.SYN, options=close_session.SYN_OPTIONS)
                 assert bench._run(syn, late.port).retval == bpf.XDP_REDIRECT
-            seen: list[tuple[int, int]] = []
-            meanwhile = core._tickets_meanwhile
-
-            def spied() -> None:
-                meanwhile()
-                seen.append((desk.taken, len(desk.outstanding)))
-
-            core._tickets_meanwhile = spied  # type: ignore[method-assign]
-            taken_before = desk.taken
+            taken_before, packets_before = desk.taken, core.offload.kernel_packets
             core._poll(bench.loop.clock())
-            assert len(seen) >= 2  # the records' chunk and the FINs' chunks
-            assert seen[0] == (
-                taken_before + REFILL_MIN + 8,
-                TICKETS_WANT,
-            )  # the late SYNs folded, tickets issued again
+            assert core.polling and core.offload.records == 0 and core.offload.fins == 0
+            assert core.offload.kernel_packets - packets_before == 8 * sessions  # every frame counted at once
+            core.poll_step()
+            assert core.offload.records == POLL_CHUNK  # one chunk
+            assert (desk.taken, len(desk.outstanding)) == (taken_before + REFILL_MIN + 8, TICKETS_WANT)
+            steps = 1
+            while core.polling:
+                core.poll_step()
+                steps += 1
+            assert steps == -(-3 * sessions // POLL_CHUNK)  # the records, then both FINs of each session
             states = {bench.balancer.sessions.by_c2s(c2s).state for _, c2s in opened}  # type: ignore[union-attr]
             assert states == {SessionState.ENDING}
-            assert core.offload.fins == 2 * sessions and core.offload.records >= sessions
+            assert core.offload.fins == 2 * sessions and core.offload.records == sessions
+        finally:
+            bench.close()
+
+
+def test_a_session_folded_on_its_own_between_steps_keeps_the_newer_record() -> None:
+    """Between two steps of a poll a frame of a session can reach the daemon, which folds the session's newer
+    record first: the older one the poll read is not handed over after it."""
+    with close_session.namespaces("r") as lb:
+        bench = close_session.Bench(lb)
+        try:
+            core, offload = bench.core, bench.core.offload
+            opened = _open(bench, POLL_CHUNK + 8)
+            (flow, c2s), others = opened[-1], opened[:-1]
+            for other in others:
+                bench.rest(*other)
+            frames = bench.frames(flow, c2s)
+            bench._run(*frames[0])  # the server's SYN-ACK only, when the poll reads the map
+            core._poll(bench.loop.clock())
+            for frame in frames[1:3]:  # the client's ACK and request, recorded after the read
+                bench._run(*frame)
+            session = bench.balancer.sessions.by_c2s(c2s)
+            assert session is not None and session.state is SessionState.START
+            records = offload.records
+            bench.balancer._refresh(session)  # what the daemon does when a frame of it comes up
+            assert offload.records == records + 1 and session.state is SessionState.ESTABLISHED
+            while core.polling:
+                core.poll_step()
+            assert offload.records == records + 1 + len(others)  # the older record of the session not again
+            assert session.state is SessionState.ESTABLISHED and session.request_at
+            for frame in frames[3:]:
+                bench._run(*frame)
+            offload.poll()
+            assert session.state is SessionState.ENDING
+        finally:
+            bench.close()
+
+
+def test_a_session_ended_between_steps_is_not_handed_its_fins() -> None:
+    """Sessions that end between two steps of a poll (their server taken down: labels withdrawn) get nothing more
+    from the poll's read; the others get their FINs."""
+    with close_session.namespaces("d") as lb:
+        bench = close_session.Bench(lb)
+        try:
+            core, offload, balancer = bench.core, bench.core.offload, bench.balancer
+            opened = _open(bench, 2 * POLL_CHUNK)
+            for flow, c2s in opened:
+                bench.rest(flow, c2s)
+            core._poll(bench.loop.clock())
+            core.poll_step()
+            server = balancer.sessions.by_c2s(opened[0][1]).server  # type: ignore[union-attr]
+            downed = [c2s for _, c2s in opened if balancer.sessions.by_c2s(c2s).server is server]  # type: ignore[union-attr]
+            assert 0 < len(downed) < len(opened)
+            balancer.mark_down(server.name, bench.loop.clock())
+            core._sync(bench.loop.clock())
+            assert not any(balancer.switching.valid[c2s] for c2s in downed)
+            while core.polling:
+                core.poll_step()
+            assert offload.fins == 2 * (len(opened) - len(downed))
+            assert all(balancer.sessions.by_c2s(c2s) is None for c2s in downed)
         finally:
             bench.close()

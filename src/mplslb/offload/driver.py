@@ -16,6 +16,12 @@ Theory of operation
 * a timer of its own, every :data:`SYNC_INTERVAL`, applies changes made elsewhere in the loop (control commands,
   health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
 
+A poll folds the counters at once; the measurements' records and the FINs it read (a busy second's thousands, a
+few hundred milliseconds of Python) are handed over :data:`~mplslb.offload.xdp.POLL_CHUNK` at a time, one chunk per
+turn of the loop (:meth:`XdpOffload.poll_step`), each followed by the fold of the tickets taken meanwhile and a sync:
+frames that go up meanwhile (a SYN without a ticket, an RST), control commands and health checks wait for a chunk,
+not for the whole poll. The next poll starts once this one is handed over.
+
 A new session's first round trips are measured in the kernel too (:mod:`mplslb.offload.xdp`, ``measured``): its
 labels enter the map with its SYN, and only the SYN reaches the balancer (RST as ever; with L7 analysis the first
 request's first octets are copied in the kernel and read at the fold). Its FINs are taken in the kernel too
@@ -98,8 +104,9 @@ class OffloadedBalancer:
                 raise
         balancer.refresh = self._refresh
         self._polled = loop.clock()
-        self._poll_cost = 0.0  # seconds the last poll took
+        self._poll_cost = 0.0  # seconds the last poll took, its steps included
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
+        self._step: Timer | None = None  # the next step of a poll, in the loop's next turn
 
     def _fold_tickets(self, now: float) -> None:
         """Before the balancer decides anything: the SYNs the kernel took are sessions (a retransmitted one then
@@ -133,7 +140,7 @@ class OffloadedBalancer:
 
     def on_timer(self, now: float) -> Frames:
         self._fold_tickets(now)
-        if now - self._polled >= max(TIMER_POLL_MIN, POLL_BUDGET * self._poll_cost):
+        if self._step is None and now - self._polled >= max(TIMER_POLL_MIN, POLL_BUDGET * self._poll_cost):
             self._poll(now)
         out = self.balancer.on_timer(now)
         self._sync(now)
@@ -143,22 +150,36 @@ class OffloadedBalancer:
         self.offload.fold(session.c2s)
 
     def _poll(self, now: float) -> None:
+        """Start a poll: the counters now, the records and FINs in the loop's next turns (:meth:`poll_step`)."""
         self._polled = now
         started = time.perf_counter()
-        self.offload.poll(between=self._tickets_meanwhile if self.desk is not None else None)
+        self.offload.begin_poll()
         self._poll_cost = time.perf_counter() - started
+        if self.offload.polling:
+            self._step = self.loop.call_at(now, self.poll_step)
 
-    def _tickets_meanwhile(self) -> None:
-        """Between chunks of a poll, which can hold the loop hundreds of milliseconds on a busy machine: the tickets
-        the kernel took meanwhile become sessions and are issued again, so new SYNs keep finding one."""
-        self._fold_tickets(self.loop.clock())
-        assert self.desk is not None
-        self.desk.refill(self.loop.clock())
+    def poll_step(self) -> None:
+        """One chunk of the poll's records and FINs, then what the daemon does after a batch: the tickets taken
+        meanwhile become sessions, the changes reach the kernel, tickets are issued again."""
+        self._step = None
+        now = self.loop.clock()
+        self._fold_tickets(now)
+        started = time.perf_counter()
+        more = self.offload.poll_step()
+        self._poll_cost += time.perf_counter() - started
+        self._sync(now)
+        if more:
+            self._step = self.loop.call_at(now, self.poll_step)
+
+    @property
+    def polling(self) -> bool:
+        """A poll has records or FINs left to hand over."""
+        return self._step is not None
 
     def _tick(self) -> None:
         now = self.loop.clock()
         self._fold_tickets(now)
-        if now - self._polled >= POLL_INTERVAL:
+        if self._step is None and now - self._polled >= POLL_INTERVAL:
             self._poll(now)
         self._sync(now)
         self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
@@ -166,9 +187,10 @@ class OffloadedBalancer:
     def close(self, *, keep: bool = False) -> None:
         """Stop the timer, fold the last counters in and detach everything from the kernel; with ``keep``, leave
         the pinned program attached and switching for the next daemon."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._step):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._step = None
         self.balancer.refresh = None
         if self.desk is not None:
             self.desk.close(self.loop.clock())

@@ -286,8 +286,24 @@ log = logging.getLogger("mplslb.offload")
 BATCH_MIN = 4  # fewer writes than this go one by one
 
 
-#: Records or FINs a poll hands over between two calls of its ``between`` (a few ms of the daemon's time).
-POLL_CHUNK: Final = 256
+#: Records or FINs a poll hands over per :meth:`XdpOffload.poll_step` (a few ms of the daemon's time).
+POLL_CHUNK: Final = 64
+
+
+#: A measured session's record read from the map: (C2S label, its generation at the read, the record).
+RecordRow = tuple[int, int, tuple[int, ...]]
+#: A FIN read from the map: (label, its generation at the read, sequence, acknowledgment, time in ns).
+FinRow = tuple[int, int, int, int, int]
+
+
+class PollWork(NamedTuple):
+    """What a read of the whole map left to hand over (:meth:`XdpOffload.begin_poll`): the measured sessions'
+    records, then the FINs in the order the kernel took them, each with its label's generation at the read."""
+
+    records: list[RecordRow]
+    fins: list[FinRow]
+    slots: dict[int, bytes] | None  # the request slots read in one call, by label (None: one lookup each)
+    read_at: float  # the table's clock at the read
 
 
 def _unmeasured(entry: bytes) -> bytes:
@@ -471,7 +487,10 @@ class XdpOffload:
         self.ended = ended
         self._fin_folded = np.zeros(LABEL_SPACE, dtype=np.uint8)  # the entry's FIN record was handed to ``ended``
         self.fins = 0  # FIN records handed to ``ended``
-        self._read_at = clock()  # the table's clock at the last read of the whole map
+        self._read_at = clock()  # the table's clock at the last read of the whole map whose FINs are all handed over
+        self._work: PollWork | None = None  # what the last read has left to hand over
+        self._done = 0  # how much of it is handed over (records first, then FINs)
+        self._refreshed: set[int] = set()  # C2S labels folded one by one since that read: their rows there are old
         self.entries = 0
         self.writes = 0
         self.deletes = 0
@@ -899,6 +918,8 @@ class XdpOffload:
         self._measuring.clear()
         self._measured[:] = False
         self._fin_folded[:] = 0
+        self._work = None
+        self._refreshed.clear()
         self.entries = 0
 
     def __enter__(self) -> XdpOffload:
@@ -1336,27 +1357,136 @@ class XdpOffload:
         return out
 
     # -- activity ------------------------------------------------------------------------------------------------
-    def poll(self, between: Callable[[], object] | None = None) -> int:
-        """Add what the kernel forwarded since the last poll to the table's counters and last-seen times; returns
-        how many labels had new frames. Applies pending changes first, so no count lands on a label's next
-        session. ``between`` is called after every :data:`POLL_CHUNK` records or FINs handed over (a poll can hand
-        over thousands): the driver takes the tickets the kernel took meanwhile and issues new ones there."""
+    def poll(self) -> int:
+        """Add what the kernel forwarded since the last poll to the table's counters and last-seen times, and hand
+        every record and FIN over (:meth:`begin_poll` and :meth:`poll_step` until done, in one call); returns how
+        many labels had new frames."""
+        moved = self.begin_poll()
+        while self.poll_step():
+            pass
+        return moved
+
+    @property
+    def polling(self) -> bool:
+        """A read of the whole map has records or FINs left to hand over (:meth:`poll_step`)."""
+        return self._work is not None
+
+    def begin_poll(self) -> int:
+        """Read the whole map (after what an unfinished read left is handed over, and pending changes applied, so no
+        count lands on a label's next session): the counters, last-seen times and acknowledgment numbers are folded
+        into the table now; the measured sessions' records and the FINs are kept for :meth:`poll_step`, which hands
+        them over a chunk at a time. A busy second's thousands of them hold the caller's loop hundreds of
+        milliseconds at once; a chunk, a few. Returns how many labels had new frames."""
         if self._map is None:
             return 0
+        while self.poll_step():
+            pass
         self.sync()
         self._fold_shed()
         self._fold_gso()
         keys, values, count = self._map.lookup_batch()
         self.polls += 1
+        read_at = self.clock()
         if not count:
+            self._read_at = read_at
             return 0
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
-        if self._measuring:
-            self._fold_records(labels, values, between)
-        if self.ended is not None:
-            self._fold_fins(labels, values, force=False, between=between)
-        self._read_at = self.clock()
-        return self._fold(labels, np.frombuffer(values, dtype=COUNTERS))
+        generation = np.frombuffer(self.table.generation, dtype=np.uint32)
+        records, slots = self._records_of(labels, values, generation) if self._measuring else ([], None)
+        fins = self._fins_of(labels, values, generation) if self.ended is not None else []
+        moved = self._fold(labels, np.frombuffer(values, dtype=COUNTERS))
+        if records or fins:
+            self._work, self._done = PollWork(records, fins, slots, read_at), 0
+        else:
+            self._read_at = read_at
+        return moved
+
+    def _records_of(
+        self, labels: np.ndarray, values: bytes, generation: np.ndarray
+    ) -> tuple[list[RecordRow], dict[int, bytes] | None]:
+        """The records of the measured C2S labels in a read of the whole map, and the request slots their copies
+        are in, read in one call when they are most of the slots (every slot is a measured label's)."""
+        wanted = np.flatnonzero(self._measured[labels])
+        if not wanted.size:
+            return [], None
+        at = labels[wanted]
+        records = np.frombuffer(values, dtype=RECORD)[wanted]
+        slots: dict[int, bytes] | None = None
+        copies = int(np.count_nonzero((records["request_ns"] != 0) & self._slots[at]))
+        if copies >= BATCH_MIN and 2 * copies >= wanted.size and self._requests is not None:
+            try:
+                keys, raw, count = self._requests.lookup_batch()
+            except OSError as exc:
+                self._error(exc)
+            else:
+                size = REQUEST.size
+                slots = {
+                    label: raw[i * size : (i + 1) * size]
+                    for i, label in enumerate(np.frombuffer(keys, dtype=np.uint32, count=count).tolist())
+                }
+        return list(zip(at.tolist(), generation[at].tolist(), records.tolist(), strict=True)), slots
+
+    def _fins_of(
+        self, labels: np.ndarray, values: bytes, generation: np.ndarray
+    ) -> list[tuple[int, int, int, int, int]]:
+        """The FINs taken in the kernel and not handed over yet in a read of the whole map, in the order taken (a
+        taken ticket's waits for its session to be in the table: the tickets are folded before the next read)."""
+        fins = np.frombuffer(values, dtype=FIN_RECORD)[: labels.size]
+        new = (fins["fin_taken"] != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)
+        new &= self.table.arrays().valid[labels] != 0
+        if not new.any():
+            return []
+        labels, fins = labels[new], fins[new]
+        order = np.argsort(fins["fin_ns"], kind="stable")
+        labels, fins = labels[order], fins[order]
+        return [
+            (label, gen, seq, ack, ns)
+            for label, gen, (seq, _, ack, ns) in zip(
+                labels.tolist(), generation[labels].tolist(), fins.tolist(), strict=True
+            )
+        ]
+
+    def poll_step(self, limit: int = POLL_CHUNK) -> bool:
+        """Hand over up to ``limit`` of the records and FINs the last read of the whole map left; True while more
+        are left. Between two steps anything may happen to a session (its caller's loop runs): a row is handed
+        over only if its label's generation is still the one read (not withdrawn, nor installed for another
+        session since), a record only if its session is still measured and was not folded on its own since (that
+        fold read a newer one), a FIN only if not handed over meanwhile and its session's measurement is over. A
+        FIN is dated no earlier than the read before, which would have handed it over."""
+        work = self._work
+        if work is None:
+            return False
+        records, fins = work.records, work.fins
+        done, end = self._done, min(self._done + limit, len(records) + len(fins))
+        self._done = end
+        generation = self.table.generation
+        offset = self.clock() - time.monotonic()  # the kernel's clock is CLOCK_MONOTONIC
+        self._dropping, self._read_slots = [], work.slots
+        try:
+            for c2s, gen, record in records[done:end]:
+                if generation[c2s] == gen and c2s in self._measuring and c2s not in self._refreshed:
+                    self._hand_over(c2s, record, offset)
+            if end > len(records):
+                valid, in_kernel, fin_folded = self.table.valid, self._in_kernel, self._fin_folded
+                for label, gen, seq, ack, ns in fins[max(done - len(records), 0) : end - len(records)]:
+                    c2s = label if is_c2s(label) else label - 1
+                    if (
+                        fin_folded[label]
+                        or generation[label] != gen
+                        or c2s in self._measuring
+                        or not (valid[label] and in_kernel[label])
+                    ):
+                        continue
+                    self._end(label, seq, ack, ns, offset)
+        finally:
+            dropping, self._dropping, self._read_slots = self._dropping, None, None
+            self._drop_slots([label for label in dropping if not self._slots[label]])  # not given a slot again since
+        if end < len(records) + len(fins):
+            return True
+        self._work = None
+        self._refreshed.clear()
+        self._read_at = work.read_at
+        return False
 
     def _fold_entries(self, labels: list[int]) -> None:
         """Fold what the kernel forwarded on ``labels``' entries since the last poll into the table before the
@@ -1415,6 +1545,8 @@ class XdpOffload:
         if self._map is None:
             return False
         handed = False
+        if self._work is not None:
+            self._refreshed.add(c2s)  # the read being handed over has an older record of it
         if c2s in self._measuring and self._in_kernel[c2s]:
             raw = self._map.lookup(_KEY.pack(c2s))
             if raw is not None:
@@ -1454,65 +1586,25 @@ class XdpOffload:
             self.fold(c2s)
         return self.fins - before
 
-    def _fold_fins(
-        self, labels: np.ndarray, values: bytes, *, force: bool, between: Callable[[], object] | None = None
-    ) -> None:
+    def _fold_fins(self, labels: np.ndarray, values: bytes, *, force: bool) -> None:
         """Hand the FIN records of ``labels`` (their entries read into ``values``) not handed over yet to ``ended``,
         in the order the kernel took them. A session whose measurement the table has not taken whole yet (its
         record was not taken: the first request is still on its way up) keeps its FINs for a later read, so
         they are not applied before what came before them, unless ``force`` (its entry is about to be written
         again). A FIN is dated no earlier than the last read of the whole map, which would have handed it over."""
-        assert self.ended is not None
-        fins = np.frombuffer(values, dtype=FIN_RECORD)[: labels.size]
-        # a taken ticket's FIN waits for its session to be in the table (tickets: folded before the next read)
-        new = (fins["fin_taken"] != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)
-        new &= self.table.arrays().valid[labels] != 0
-        if not new.any():
-            return
-        labels, fins = labels[new], fins[new]
-        order = np.argsort(fins["fin_ns"], kind="stable")
         offset = self.clock() - time.monotonic()
-        fin_folded = self._fin_folded
-        for i, (label, (seq, _, ack, ns)) in enumerate(zip(labels[order].tolist(), fins[order].tolist(), strict=True)):
-            if between is not None and i % POLL_CHUNK == POLL_CHUNK - 1:
-                between()
+        generation = np.frombuffer(self.table.generation, dtype=np.uint32)
+        for label, _, seq, ack, ns in self._fins_of(labels, values, generation):
             c2s = label if is_c2s(label) else label - 1
-            if fin_folded[label] or (not force and c2s in self._measuring):
-                continue  # handed over meanwhile (a session refreshed in ``between``), or after its measurement
-            fin_folded[label] = 1
-            self.fins += 1
-            self.ended(label, seq, ack, max(ns * 1e-9 + offset, self._read_at))
+            if not self._fin_folded[label] and (force or c2s not in self._measuring):
+                self._end(label, seq, ack, ns, offset)  # else handed over already, or wait for the measurement
 
-    def _fold_records(self, labels: np.ndarray, values: bytes, between: Callable[[], object] | None = None) -> None:
-        """The records of the measured C2S labels in a batch read of the map (``between``: see :meth:`poll`)."""
-        wanted = np.flatnonzero(self._measured[labels])
-        if not wanted.size:
-            return
-        records = np.frombuffer(values, dtype=RECORD)[wanted]
-        offset = self.clock() - time.monotonic()
-        self._dropping = []
-        # The copies about to be read, in one read of the request map when they are most of its slots (every
-        # slot is a measured label's), one lookup each otherwise.
-        copies = int(np.count_nonzero((records["request_ns"] != 0) & self._slots[labels[wanted]]))
-        if copies >= BATCH_MIN and 2 * copies >= wanted.size and self._requests is not None:
-            try:
-                keys, slots, count = self._requests.lookup_batch()
-            except OSError as exc:
-                self._error(exc)
-            else:
-                size = REQUEST.size
-                self._read_slots = {
-                    label: slots[i * size : (i + 1) * size]
-                    for i, label in enumerate(np.frombuffer(keys, dtype=np.uint32, count=count).tolist())
-                }
-        try:
-            for i, (label, record) in enumerate(zip(labels[wanted].tolist(), records.tolist(), strict=True)):
-                if between is not None and i % POLL_CHUNK == POLL_CHUNK - 1:
-                    between()
-                self._hand_over(label, record, offset)
-        finally:
-            dropping, self._dropping, self._read_slots = self._dropping, None, None
-            self._drop_slots([label for label in dropping if not self._slots[label]])  # not given a slot again since
+    def _end(self, label: int, seq: int, ack: int, ns: int, offset: float) -> None:
+        """Hand one FIN the kernel took to ``ended``."""
+        assert self.ended is not None
+        self._fin_folded[label] = 1
+        self.fins += 1
+        self.ended(label, seq, ack, max(ns * 1e-9 + offset, self._read_at))
 
     def _drop_slots(self, labels: list[int]) -> None:
         """Delete the request slots of ``labels`` (marked slotless already), in one call from :data:`BATCH_MIN` on."""
