@@ -152,6 +152,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -290,20 +291,26 @@ BATCH_MIN = 4  # fewer writes than this go one by one
 POLL_CHUNK: Final = 64
 
 
-#: A measured session's record read from the map: (C2S label, its generation at the read, the record).
-RecordRow = tuple[int, int, tuple[int, ...]]
-#: A FIN read from the map: (label, its generation at the read, sequence, acknowledgment, time in ns).
-FinRow = tuple[int, int, int, int, int]
-
-
-class PollWork(NamedTuple):
+@dataclass(slots=True)
+class PollWork:
     """What a read of the whole map left to hand over (:meth:`XdpOffload.begin_poll`): the measured sessions'
-    records, then the FINs in the order the kernel took them, each with its label's generation at the read."""
+    records, then the FINs in the order the kernel took them, each with its label's generation at the read (numpy,
+    made into Python values a chunk at a time)."""
 
-    records: list[RecordRow]
-    fins: list[FinRow]
-    slots: dict[int, bytes] | None  # the request slots read in one call, by label (None: one lookup each)
+    record_labels: np.ndarray  # C2S labels
+    record_generations: np.ndarray
+    records: np.ndarray  # RECORD
+    fin_labels: np.ndarray
+    fin_generations: np.ndarray
+    fins: np.ndarray  # FIN_RECORD
     read_at: float  # the table's clock at the read
+    copies: bool  # most of the request slots hold a copy to read: read them all in one call, at the first chunk
+    slots: dict[int, bytes] | None = None  # ... read, by label (None: one lookup each)
+    done: int = 0  # rows handed over (records first, then FINs)
+
+    @property
+    def size(self) -> int:
+        return int(self.record_labels.size + self.fin_labels.size)
 
 
 def _unmeasured(entry: bytes) -> bytes:
@@ -489,7 +496,6 @@ class XdpOffload:
         self.fins = 0  # FIN records handed to ``ended``
         self._read_at = clock()  # the table's clock at the last read of the whole map whose FINs are all handed over
         self._work: PollWork | None = None  # what the last read has left to hand over
-        self._done = 0  # how much of it is handed over (records first, then FINs)
         self._refreshed: set[int] = set()  # C2S labels folded one by one since that read: their rows there are old
         self.entries = 0
         self.writes = 0
@@ -1392,59 +1398,51 @@ class XdpOffload:
             return 0
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
         generation = np.frombuffer(self.table.generation, dtype=np.uint32)
-        records, slots = self._records_of(labels, values, generation) if self._measuring else ([], None)
-        fins = self._fins_of(labels, values, generation) if self.ended is not None else []
+        wanted = np.flatnonzero(self._measured[labels]) if self._measuring else np.zeros(0, dtype=np.intp)
+        records = np.frombuffer(values, dtype=RECORD)[wanted]
+        at = labels[wanted]
+        copies = int(np.count_nonzero((records["request_ns"] != 0) & self._slots[at]))
+        fins = self._fins_of(labels, values) if self.ended is not None else np.zeros(0, dtype=np.intp)
+        work = PollWork(
+            at,
+            generation[at],
+            records,
+            labels[fins],
+            generation[labels[fins]],
+            np.frombuffer(values, dtype=FIN_RECORD)[fins],
+            read_at,
+            copies >= BATCH_MIN and 2 * copies >= wanted.size,
+        )
         moved = self._fold(labels, np.frombuffer(values, dtype=COUNTERS))
-        if records or fins:
-            self._work, self._done = PollWork(records, fins, slots, read_at), 0
+        if work.size:
+            self._work = work
         else:
             self._read_at = read_at
         return moved
 
-    def _records_of(
-        self, labels: np.ndarray, values: bytes, generation: np.ndarray
-    ) -> tuple[list[RecordRow], dict[int, bytes] | None]:
-        """The records of the measured C2S labels in a read of the whole map, and the request slots their copies
-        are in, read in one call when they are most of the slots (every slot is a measured label's)."""
-        wanted = np.flatnonzero(self._measured[labels])
-        if not wanted.size:
-            return [], None
-        at = labels[wanted]
-        records = np.frombuffer(values, dtype=RECORD)[wanted]
-        slots: dict[int, bytes] | None = None
-        copies = int(np.count_nonzero((records["request_ns"] != 0) & self._slots[at]))
-        if copies >= BATCH_MIN and 2 * copies >= wanted.size and self._requests is not None:
-            try:
-                keys, raw, count = self._requests.lookup_batch()
-            except OSError as exc:
-                self._error(exc)
-            else:
-                size = REQUEST.size
-                slots = {
-                    label: raw[i * size : (i + 1) * size]
-                    for i, label in enumerate(np.frombuffer(keys, dtype=np.uint32, count=count).tolist())
-                }
-        return list(zip(at.tolist(), generation[at].tolist(), records.tolist(), strict=True)), slots
-
-    def _fins_of(
-        self, labels: np.ndarray, values: bytes, generation: np.ndarray
-    ) -> list[tuple[int, int, int, int, int]]:
-        """The FINs taken in the kernel and not handed over yet in a read of the whole map, in the order taken (a
-        taken ticket's waits for its session to be in the table: the tickets are folded before the next read)."""
+    def _fins_of(self, labels: np.ndarray, values: bytes) -> np.ndarray:
+        """Where the FINs taken in the kernel and not handed over yet are in a read of ``labels``' entries, in the
+        order taken (a taken ticket's waits for its session to be in the table: the tickets are folded before the
+        next read)."""
         fins = np.frombuffer(values, dtype=FIN_RECORD)[: labels.size]
         new = (fins["fin_taken"] != 0) & (self._fin_folded[labels] == 0) & (self._in_kernel[labels] != 0)
         new &= self.table.arrays().valid[labels] != 0
-        if not new.any():
-            return []
-        labels, fins = labels[new], fins[new]
-        order = np.argsort(fins["fin_ns"], kind="stable")
-        labels, fins = labels[order], fins[order]
-        return [
-            (label, gen, seq, ack, ns)
-            for label, gen, (seq, _, ack, ns) in zip(
-                labels.tolist(), generation[labels].tolist(), fins.tolist(), strict=True
-            )
-        ]
+        at = np.flatnonzero(new)
+        return at[np.argsort(fins["fin_ns"][at], kind="stable")]
+
+    def _read_copies(self) -> dict[int, bytes] | None:
+        """Every request slot, by label, in one read of the request map (None if it fails)."""
+        assert self._requests is not None
+        try:
+            keys, raw, count = self._requests.lookup_batch()
+        except OSError as exc:
+            self._error(exc)
+            return None
+        size = REQUEST.size
+        return {
+            label: raw[i * size : (i + 1) * size]
+            for i, label in enumerate(np.frombuffer(keys, dtype=np.uint32, count=count).tolist())
+        }
 
     def poll_step(self, limit: int = POLL_CHUNK) -> bool:
         """Hand over up to ``limit`` of the records and FINs the last read of the whole map left; True while more
@@ -1456,19 +1454,34 @@ class XdpOffload:
         work = self._work
         if work is None:
             return False
-        records, fins = work.records, work.fins
-        done, end = self._done, min(self._done + limit, len(records) + len(fins))
-        self._done = end
+        done = work.done
+        work.done = end = min(done + limit, work.size)
+        split = work.record_labels.size
         generation = self.table.generation
         offset = self.clock() - time.monotonic()  # the kernel's clock is CLOCK_MONOTONIC
+        if done < split and work.copies and work.slots is None and self._requests is not None:
+            work.slots = self._read_copies()
         self._dropping, self._read_slots = [], work.slots
         try:
-            for c2s, gen, record in records[done:end]:
-                if generation[c2s] == gen and c2s in self._measuring and c2s not in self._refreshed:
-                    self._hand_over(c2s, record, offset)
-            if end > len(records):
+            if done < split:
+                rows = slice(done, min(end, split))
+                for c2s, gen, record in zip(
+                    work.record_labels[rows].tolist(),
+                    work.record_generations[rows].tolist(),
+                    work.records[rows].tolist(),
+                    strict=True,
+                ):
+                    if generation[c2s] == gen and c2s in self._measuring and c2s not in self._refreshed:
+                        self._hand_over(c2s, record, offset)
+            if end > split:
                 valid, in_kernel, fin_folded = self.table.valid, self._in_kernel, self._fin_folded
-                for label, gen, seq, ack, ns in fins[max(done - len(records), 0) : end - len(records)]:
+                rows = slice(max(done - split, 0), end - split)
+                for label, gen, (seq, _, ack, ns) in zip(
+                    work.fin_labels[rows].tolist(),
+                    work.fin_generations[rows].tolist(),
+                    work.fins[rows].tolist(),
+                    strict=True,
+                ):
                     c2s = label if is_c2s(label) else label - 1
                     if (
                         fin_folded[label]
@@ -1481,7 +1494,7 @@ class XdpOffload:
         finally:
             dropping, self._dropping, self._read_slots = self._dropping, None, None
             self._drop_slots([label for label in dropping if not self._slots[label]])  # not given a slot again since
-        if end < len(records) + len(fins):
+        if end < work.size:
             return True
         self._work = None
         self._refreshed.clear()
@@ -1593,8 +1606,9 @@ class XdpOffload:
         they are not applied before what came before them, unless ``force`` (its entry is about to be written
         again). A FIN is dated no earlier than the last read of the whole map, which would have handed it over."""
         offset = self.clock() - time.monotonic()
-        generation = np.frombuffer(self.table.generation, dtype=np.uint32)
-        for label, _, seq, ack, ns in self._fins_of(labels, values, generation):
+        at = self._fins_of(labels, values)
+        fins = np.frombuffer(values, dtype=FIN_RECORD)[at]
+        for label, (seq, _, ack, ns) in zip(labels[at].tolist(), fins.tolist(), strict=True):
             c2s = label if is_c2s(label) else label - 1
             if not self._fin_folded[label] and (force or c2s not in self._measuring):
                 self._end(label, seq, ack, ns, offset)  # else handed over already, or wait for the measurement
