@@ -4,6 +4,7 @@ open."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from helpers import make_config
 from mplslb.config import PortConfig
 from mplslb.daemon import StartError, lock_interfaces, open_ports
+from mplslb.drivers.afpacket import PacketPort
+from mplslb.wire.ethernet import ETH_P_IP
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="packet sockets need root")
 
@@ -58,3 +61,27 @@ def test_admission_refusals_are_logged_once_a_second_with_what_is_new_by_reason(
     line, logged = refusal_line(logged, {"max_sessions": 5, "rate_limited": 1})
     assert line == "event=refusing max_sessions=2"
     assert refusal_line(logged, {"max_sessions": 5, "rate_limited": 1})[0] == ""
+
+
+@needs_root
+def test_a_client_ports_filter_takes_ipv4_to_the_virtual_ips_only() -> None:
+    """The daemon's client ports take IPv4 frames to its IPv4 virtual IPs only (see
+    tests/test_drivers_afpacket.py for the filter at work); with IPv6 virtual IPs only, no IPv4 at all."""
+    config = make_config()
+    client, server = (replace(config.ports[i], interface="lo") for i in (0, 2))
+    servers = tuple(s for s in config.servers if s.port_id == server.port_id)
+    v4 = {vip.address for vip in config.vips if len(vip.address) == 4}
+    assert v4 and len(v4) < len(config.vips)  # an IPv6 one too
+    for vips, ipv4_to, takes_ipv4 in (
+        (config.vips, v4, True),
+        (tuple(vip for vip in config.vips if vip.address not in v4), None, False),
+    ):
+        ports = open_ports(replace(config, ports=(client, server), servers=servers, vips=vips), ring=False)
+        try:
+            port = ports[client.port_id]
+            assert isinstance(port, PacketPort)
+            assert port.ipv4_to == ipv4_to and (ETH_P_IP in (port.accept or ())) is takes_ipv4
+            assert ports[server.port_id].ipv4_to is None  # type: ignore[attr-defined]
+        finally:
+            for opened in ports.values():
+                opened.close()  # type: ignore[attr-defined]

@@ -30,14 +30,24 @@ from mplslb.drivers.loop import BalancerDriver, Loop
 from mplslb.drivers.netns import entered
 from mplslb.drivers.socket_filter import BPF_ACCEPT, BPF_DROP, BPF_RET_K, PACKET_OTHERHOST, bpf_program, host_only
 from mplslb.wire.checksum import internet_checksum, pseudo_header_sum
-from mplslb.wire.ethernet import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
+from mplslb.wire.ethernet import (
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETH_P_MPLS_UC,
+    build_ethernet,
+)
 from mplslb.wire.frame import dissect
 from mplslb.wire.ip import IPPROTO_UDP
+from mplslb.wire.ipv4 import build_ipv4
 from mplslb.wire.mpls import stack_of
 
 WAIT = 10.0  # seconds any exchange may take, at most
 CHUNK = 16  # frames sent between reads, well inside a socket's receive buffer
 _serial = itertools.count()
+OTHER_VIP = bytes((10, 0, 0, 101))
 
 root = pytest.mark.root
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates namespaces, veth pairs, packet sockets")
@@ -485,6 +495,55 @@ def test_host_only_program_drops_other_hosts_frames_first():
         if code == prog[1][0]:
             assert i + 1 + jt < len(prog) and i + 1 + jf < len(prog)
     assert prog[2 + 1 + prog[2][1]] == prog[1 + 1 + prog[1][1]]  # both drop to the same instruction
+
+
+def test_an_ipv4_destination_list_tests_each_address_without_a_tag_and_with_one():
+    accept = {ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP}
+    prog = bpf_program(accept, [VIP, OTHER_VIP])
+    assert prog[-2:] == [(BPF_RET_K, 0, 0, BPF_DROP), (BPF_RET_K, 0, 0, BPF_ACCEPT)]
+    for at, (code, jt, jf, _) in enumerate(prog):
+        if code == 0x15:
+            assert at + 1 + max(jt, jf) < len(prog)
+    tested = [k for code, _, _, k in prog if code == 0x15 and k in (int.from_bytes(VIP), int.from_bytes(OTHER_VIP))]
+    assert sorted(tested) == sorted(2 * [int.from_bytes(VIP), int.from_bytes(OTHER_VIP)])
+    assert len(prog) == len(bpf_program(accept)) + 2 * (1 + 2)
+    for bad in ([], [bytes(16)]):
+        with pytest.raises(ValueError):
+            bpf_program(accept, bad)
+    with pytest.raises(ValueError):
+        bpf_program({ETH_P_MPLS_UC}, [VIP])  # IPv4 is not taken at all
+
+
+@root
+@needs_root
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_port_with_ipv4_destinations_takes_ipv4_frames_to_them_only(ports, veth, kind):
+    """A client port's filter: IPv4 frames to a virtual IP, with or without VLAN tags, and every other ethertype it
+    accepts reach the port; IPv4 frames to another address (the host's own traffic, a flood at it) do not."""
+    _, a, b = veth
+    left = ports(kind, a)
+    right = ports(kind, b, accept={ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP}, ipv4_to=[VIP, OTHER_VIP])
+    host = bytes((10, 99, 0, 1))
+
+    def to(dst: bytes, tags: tuple[int, ...] = ()) -> bytes:
+        packet = build_ipv4(client_addr(0), dst, IPPROTO_UDP, 8) + bytes(8)
+        return build_ethernet(right.mac, left.mac, ETH_P_IP, tags) + packet + bytes(20)
+
+    wanted = [
+        to(VIP),
+        to(OTHER_VIP, (7,)),
+        to(VIP, (100, 200)),
+        build_ethernet(right.mac, left.mac, ETH_P_ARP) + bytes(46),
+        build_ethernet(right.mac, left.mac, ETH_P_IPV6) + bytes(60),
+        build_ethernet(right.mac, left.mac, ETH_P_MPLS_UC) + stack_of([1001]) + bytes(46),
+    ]
+    unwanted = [to(host), to(host, (7,)), to(host, (100, 200))]
+    for frame in (unwanted[0], wanted[0], unwanted[1], *wanted[1:3], unwanted[2], *wanted[3:]):
+        left.send(frame)
+    got = read_until(right, len(wanted), [], time.monotonic() + WAIT)
+    time.sleep(0.05)
+    got += right.recv_burst()
+    assert got == wanted
 
 
 @root

@@ -75,6 +75,7 @@ from mplslb.config import (
     ConfigError,
     PortConfig,
     Section,
+    VirtualService,
     balancer_config_from_section,
     load_toml,
     read_offload,
@@ -97,6 +98,7 @@ from mplslb.drivers.afpacket import (
 from mplslb.drivers.cluster import ClusterLink
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
+from mplslb.drivers.socket_filter import IPV4_LEN
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
@@ -114,6 +116,8 @@ if TYPE_CHECKING:
 CLIENT_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP})
 SERVER_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC})
 LABELLED = frozenset({ETH_P_MPLS_UC})
+#: Up to this many IPv4 virtual IPs, a client port's socket filter takes IPv4 frames to them only; beyond, every one.
+FILTERED_VIPS_MAX = 64
 SNAPSHOT_INTERVAL = 1.0
 
 
@@ -337,8 +341,9 @@ def open_ports(
         for port in config.ports:
             try:
                 ports[port.port_id] = _open(
-                    port, config.servers, ring=ring, max_len=max_len, retire_ms=retire_ms, rcvbuf=rcvbuf
-                )
+                    port, config.servers, ring=ring, max_len=max_len, retire_ms=retire_ms, rcvbuf=rcvbuf,
+                    vips=config.vips,
+                )  # fmt: skip
             except OSError as exc:
                 if port.kind == "ethernet":
                     where = f"interface {port.interface!r}"
@@ -362,6 +367,7 @@ def _open(
     max_len: int | None = None,
     retire_ms: int = DEFAULT_RETIRE_MS,
     rcvbuf: int | None = None,
+    vips: tuple[VirtualService, ...] = (),
 ) -> Port:
     here = [server for server in servers if server.port_id == port.port_id]
     if port.kind == "mpls_udp":
@@ -372,12 +378,17 @@ def _open(
                            rcvbuf=rcvbuf)  # fmt: skip
     client = port.role == "client"
     accept = CLIENT_SIDE_ETHERTYPES if client else server_side_ethertypes(here)
+    # A client port takes the IPv4 frames to its virtual IPs only (the host's own traffic stays in the kernel).
+    to = [vip.address for vip in vips if len(vip.address) == IPV4_LEN] if client else []
+    ipv4_to = to if 0 < len(to) <= FILTERED_VIPS_MAX else None
+    if client and vips and not to:
+        accept -= {ETH_P_IP}
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
     # A plain socket's client port reads labelled frames first, from a socket of their own (PacketPort's lane).
     return open_port(
         port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len, retire_ms=retire_ms,
-        rcvbuf=None if ring else rcvbuf, lane=LABELLED if client and not ring else None,
+        rcvbuf=None if ring else rcvbuf, lane=LABELLED if client and not ring else None, ipv4_to=ipv4_to,
     )  # fmt: skip
 
 
