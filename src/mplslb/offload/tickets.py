@@ -56,9 +56,9 @@ from mplslb.wire.ip import IPPROTO_TCP
 
 #: Tickets kept outstanding (at most TICKETS_MAX, the queue's size): the SYNs of a few thousand new sessions a second
 #: while the daemon's loop is held up. Under wrk on the 2-core lab at 3,500 sessions a second the ticket folds came
-#: 25-70 ms apart, and up to 170 ms around a poll (which folds and refills between its chunks: OffloadedBalancer);
-#: 256 tickets ran out every second there. A SYN that finds none goes up, and its client waits for the daemon. Each
-#: ticket counts as a session of its server until taken or revoked.
+#: 25-70 ms apart, and up to 170 ms around a poll (handed over a chunk a turn since, each chunk followed by a fold
+#: and a refill); 256 tickets ran out every second there. A SYN that finds none goes up, and its client waits for the
+#: daemon. Each ticket counts as a session of its server until taken or revoked.
 TICKETS_WANT = 1024
 #: Tickets are issued in batches of at least this many (while any is outstanding): one map write and this many
 #: queue pushes, rather than a write per SYN taken.
