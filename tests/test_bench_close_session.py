@@ -15,7 +15,7 @@ from pyroute2 import netns
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import close_session
-from mplslb.offload import bpf
+from mplslb.offload import bpf, driver
 from mplslb.offload.tickets import REFILL_MIN, TICKETS_WANT
 from mplslb.offload.xdp import POLL_CHUNK
 from mplslb.sessions import SessionState
@@ -66,11 +66,13 @@ def _open(bench: close_session.Bench, sessions: int) -> list[tuple[close_session
     return opened
 
 
-def test_a_poll_hands_over_a_chunk_a_turn_and_folds_the_tickets_taken_meanwhile() -> None:
-    """A poll handing over more records and FINs than one chunk folds the counters at once and the rest a chunk per
-    turn of the daemon's loop; after each, the tickets the kernel took meanwhile are folded and issued again. It
+def test_a_poll_hands_over_chunks_and_folds_the_tickets_taken_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll handing over more records and FINs than one chunk folds the counters at once and hands the rest over
+    a chunk at a time (here one a step of the daemon's loop), session by session; after each chunk, the tickets the
+    kernel took meanwhile are folded and issued again, and the flows of the sessions it ended leave the flow map. It
     leaves every session as one pass would: ending, its measurement and both FINs folded."""
     sessions = 2 * POLL_CHUNK + 40
+    monkeypatch.setattr(driver, "POLL_STEP", 0.0)  # one chunk a step
     with close_session.namespaces("w") as lb:
         bench = close_session.Bench(lb)
         try:
@@ -87,8 +89,13 @@ def test_a_poll_hands_over_a_chunk_a_turn_and_folds_the_tickets_taken_meanwhile(
             core._poll(bench.loop.clock())
             assert core.polling and core.offload.records == 0 and core.offload.fins == 0
             assert core.offload.kernel_packets - packets_before == 8 * sessions  # every frame counted at once
+            flows = core.offload.stats()["flows"]
             core.poll_step()
-            assert core.offload.records == POLL_CHUNK  # one chunk
+            # one chunk, session by session: a record and its two FINs, each whole session ending, its flow released
+            ending = [c2s for _, c2s in opened if bench.balancer.sessions.by_c2s(c2s).state is SessionState.ENDING]  # type: ignore[union-attr]
+            assert POLL_CHUNK // 3 <= len(ending) <= core.offload.records <= len(ending) + 1 < sessions
+            assert core.offload.fins >= 2 * len(ending)
+            assert core.offload.stats()["flows"] == flows - len(ending) + REFILL_MIN + 8  # the late SYNs' flows in
             assert (desk.taken, len(desk.outstanding)) == (taken_before + REFILL_MIN + 8, TICKETS_WANT)
             steps = 1
             while core.polling:
@@ -102,9 +109,10 @@ def test_a_poll_hands_over_a_chunk_a_turn_and_folds_the_tickets_taken_meanwhile(
             bench.close()
 
 
-def test_a_session_folded_on_its_own_between_steps_keeps_the_newer_record() -> None:
+def test_a_session_folded_on_its_own_between_steps_keeps_the_newer_record(monkeypatch: pytest.MonkeyPatch) -> None:
     """Between two steps of a poll a frame of a session can reach the daemon, which folds the session's newer
     record first: the older one the poll read is not handed over after it."""
+    monkeypatch.setattr(driver, "POLL_STEP", 0.0)  # one chunk a step
     with close_session.namespaces("r") as lb:
         bench = close_session.Bench(lb)
         try:
@@ -135,9 +143,10 @@ def test_a_session_folded_on_its_own_between_steps_keeps_the_newer_record() -> N
             bench.close()
 
 
-def test_a_session_ended_between_steps_is_not_handed_its_fins() -> None:
+def test_a_session_ended_between_steps_is_not_handed_its_fins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sessions that end between two steps of a poll (their server taken down: labels withdrawn) get nothing more
     from the poll's read; the others get their FINs."""
+    monkeypatch.setattr(driver, "POLL_STEP", 0.0)  # one chunk a step
     with close_session.namespaces("d") as lb:
         bench = close_session.Bench(lb)
         try:
@@ -147,9 +156,14 @@ def test_a_session_ended_between_steps_is_not_handed_its_fins() -> None:
                 bench.rest(flow, c2s)
             core._poll(bench.loop.clock())
             core.poll_step()
-            server = balancer.sessions.by_c2s(opened[0][1]).server  # type: ignore[union-attr]
-            downed = [c2s for _, c2s in opened if balancer.sessions.by_c2s(c2s).server is server]  # type: ignore[union-attr]
-            assert 0 < len(downed) < len(opened)
+            server = balancer.sessions.by_c2s(opened[-1][1]).server  # type: ignore[union-attr]
+            downed = [
+                c2s
+                for _, c2s in opened
+                if balancer.sessions.by_c2s(c2s).server is server  # type: ignore[union-attr]
+                and balancer.sessions.by_c2s(c2s).state is not SessionState.ENDING  # type: ignore[union-attr]
+            ]
+            assert 0 < len(downed) < len(opened) and offload.fins
             balancer.mark_down(server.name, bench.loop.clock())
             core._sync(bench.loop.clock())
             assert not any(balancer.switching.valid[c2s] for c2s in downed)

@@ -17,10 +17,13 @@ Theory of operation
   health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
 
 A poll folds the counters at once; the measurements' records and the FINs it read (a busy second's thousands, a
-few hundred milliseconds of Python) are handed over :data:`~mplslb.offload.xdp.POLL_CHUNK` at a time, one chunk per
-turn of the loop (:meth:`XdpOffload.poll_step`), each followed by the fold of the tickets taken meanwhile and a sync:
-frames that go up meanwhile (a SYN without a ticket, an RST), control commands and health checks wait for a chunk,
-not for the whole poll. The next poll starts once this one is handed over.
+few hundred milliseconds of Python) are handed over session by session, a chunk at a time
+(:meth:`XdpOffload.poll_step`), each chunk followed by the fold of the tickets taken meanwhile and a sync (which
+releases the flows of the sessions that ended). Chunks follow each other until something waits to be read (a frame
+going up: a SYN without a ticket, an RST; a control command; a health check's answer) or :data:`POLL_STEP` has
+passed; the loop's next turn goes on with the rest. What waits to be read waits for a chunk, not for the whole poll,
+and a poll with nothing else to do ends as soon as it would in one go. The next poll starts once this one is
+handed over.
 
 A new session's first round trips are measured in the kernel too (:mod:`mplslb.offload.xdp`, ``measured``): its
 labels enter the map with its SYN, and only the SYN reaches the balancer (RST as ever; with L7 analysis the first
@@ -50,6 +53,9 @@ from mplslb.sessions import Session
 SYNC_INTERVAL = 0.005
 POLL_INTERVAL = 1.0
 TIMER_POLL_MIN = 0.05
+#: Seconds a poll hands over records and FINs for at most before the loop's next turn (chunks of POLL_CHUNK, each
+#: followed by the tickets' fold and a sync; it gives way sooner when a frame or a command waits to be read).
+POLL_STEP = 0.05
 POLL_BUDGET = 20.0
 
 
@@ -159,15 +165,21 @@ class OffloadedBalancer:
             self._step = self.loop.call_at(now, self.poll_step)
 
     def poll_step(self) -> None:
-        """One chunk of the poll's records and FINs, then what the daemon does after a batch: the tickets taken
-        meanwhile become sessions, the changes reach the kernel, tickets are issued again."""
+        """Chunks of the poll's records and FINs, each followed by what the daemon does after a batch (the changes
+        reach the kernel, tickets are issued again, the tickets taken meanwhile become sessions), until something
+        waits to be read or :data:`POLL_STEP` has passed."""
         self._step = None
         now = self.loop.clock()
         self._fold_tickets(now)
         started = time.perf_counter()
-        more = self.offload.poll_step()
+        while True:
+            more = self.offload.poll_step()
+            self._sync(now)
+            if not more or time.perf_counter() - started >= POLL_STEP:
+                break
+            now = self.loop.clock()
+            self._fold_tickets(now)
         self._poll_cost += time.perf_counter() - started
-        self._sync(now)
         if more:
             self._step = self.loop.call_at(now, self.poll_step)
 

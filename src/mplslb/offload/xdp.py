@@ -152,7 +152,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -288,14 +288,17 @@ BATCH_MIN = 4  # fewer writes than this go one by one
 
 
 #: Records or FINs a poll hands over per :meth:`XdpOffload.poll_step` (a few ms of the daemon's time).
-POLL_CHUNK: Final = 64
+POLL_CHUNK: Final = 256
 
 
 @dataclass(slots=True)
 class PollWork:
     """What a read of the whole map left to hand over (:meth:`XdpOffload.begin_poll`): the measured sessions'
-    records, then the FINs in the order the kernel took them, each with its label's generation at the read (numpy,
-    made into Python values a chunk at a time)."""
+    records and the FINs, each with its label's generation at the read, in the order they are handed over: session
+    by session (its record, then its FINs in the order the kernel took them), the sessions in the order of their
+    first FIN, so each chunk leaves whole sessions ending, the longest closed first, and their flows released at
+    the sync after it (a client's port used again then takes a ticket instead of going up). Numpy, made into
+    Python values a chunk at a time."""
 
     record_labels: np.ndarray  # C2S labels
     record_generations: np.ndarray
@@ -305,12 +308,24 @@ class PollWork:
     fins: np.ndarray  # FIN_RECORD
     read_at: float  # the table's clock at the read
     copies: bool  # most of the request slots hold a copy to read: read them all in one call, at the first chunk
-    slots: dict[int, bytes] | None = None  # ... read, by label (None: one lookup each)
-    done: int = 0  # rows handed over (records first, then FINs)
+    order: np.ndarray = field(init=False)  # row numbers, the records' first, then the FINs' after them
+    slots: dict[int, bytes] | None = None  # the request slots read in one call, by label (None: one lookup each)
+    done: int = 0  # rows of ``order`` handed over
+
+    def __post_init__(self) -> None:
+        labels = np.concatenate((self.record_labels, self.fin_labels))
+        c2s = labels - (labels & 1 != C2S_MIN & 1)
+        kind = np.concatenate((np.zeros(self.record_labels.size, np.uint8), np.ones(self.fin_labels.size, np.uint8)))
+        ns = np.concatenate((np.zeros(self.record_labels.size, np.uint64), self.fins["fin_ns"].astype(np.uint64)))
+        # Sessions in the order of their first FIN (those without one last): the longest closed end first.
+        sessions, session_of = np.unique(c2s, return_inverse=True)
+        first = np.full(sessions.size, np.iinfo(np.uint64).max, dtype=np.uint64)
+        np.minimum.at(first, session_of[self.record_labels.size :], ns[self.record_labels.size :])
+        self.order = np.lexsort((ns, kind, c2s, first[session_of]))
 
     @property
     def size(self) -> int:
-        return int(self.record_labels.size + self.fin_labels.size)
+        return int(self.order.size)
 
 
 def _unmeasured(entry: bytes) -> bytes:
@@ -1456,41 +1471,45 @@ class XdpOffload:
             return False
         done = work.done
         work.done = end = min(done + limit, work.size)
+        rows = work.order[done:end]
         split = work.record_labels.size
+        is_fin = rows >= split
+        at, fin_at = rows[~is_fin], rows[is_fin] - split
         generation = self.table.generation
         offset = self.clock() - time.monotonic()  # the kernel's clock is CLOCK_MONOTONIC
-        if done < split and work.copies and work.slots is None and self._requests is not None:
+        if at.size and work.copies and work.slots is None and self._requests is not None:
             work.slots = self._read_copies()
+        records = zip(
+            work.record_labels[at].tolist(),
+            work.record_generations[at].tolist(),
+            work.records[at].tolist(),
+            strict=True,
+        )
+        fins = zip(
+            work.fin_labels[fin_at].tolist(),
+            work.fin_generations[fin_at].tolist(),
+            work.fins[fin_at].tolist(),
+            strict=True,
+        )
+        valid, in_kernel, fin_folded = self.table.valid, self._in_kernel, self._fin_folded
         self._dropping, self._read_slots = [], work.slots
         try:
-            if done < split:
-                rows = slice(done, min(end, split))
-                for c2s, gen, record in zip(
-                    work.record_labels[rows].tolist(),
-                    work.record_generations[rows].tolist(),
-                    work.records[rows].tolist(),
-                    strict=True,
-                ):
+            for fin in is_fin.tolist():
+                if not fin:
+                    c2s, gen, record = next(records)
                     if generation[c2s] == gen and c2s in self._measuring and c2s not in self._refreshed:
                         self._hand_over(c2s, record, offset)
-            if end > split:
-                valid, in_kernel, fin_folded = self.table.valid, self._in_kernel, self._fin_folded
-                rows = slice(max(done - split, 0), end - split)
-                for label, gen, (seq, _, ack, ns) in zip(
-                    work.fin_labels[rows].tolist(),
-                    work.fin_generations[rows].tolist(),
-                    work.fins[rows].tolist(),
-                    strict=True,
+                    continue
+                label, gen, (seq, _, ack, ns) = next(fins)
+                c2s = label if is_c2s(label) else label - 1
+                if (
+                    fin_folded[label]
+                    or generation[label] != gen
+                    or c2s in self._measuring
+                    or not (valid[label] and in_kernel[label])
                 ):
-                    c2s = label if is_c2s(label) else label - 1
-                    if (
-                        fin_folded[label]
-                        or generation[label] != gen
-                        or c2s in self._measuring
-                        or not (valid[label] and in_kernel[label])
-                    ):
-                        continue
-                    self._end(label, seq, ack, ns, offset)
+                    continue
+                self._end(label, seq, ack, ns, offset)
         finally:
             dropping, self._dropping, self._read_slots = self._dropping, None, None
             self._drop_slots([label for label in dropping if not self._slots[label]])  # not given a slot again since
