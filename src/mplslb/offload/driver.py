@@ -19,11 +19,12 @@ Theory of operation
 A poll folds the counters at once; the measurements' records and the FINs it read (a busy second's thousands, a
 few hundred milliseconds of Python) are handed over session by session, a chunk at a time
 (:meth:`XdpOffload.poll_step`), each chunk followed by the fold of the tickets taken meanwhile and a sync (which
-releases the flows of the sessions that ended). Chunks follow each other until something waits to be read (a frame
-going up: a SYN without a ticket, an RST; a control command; a health check's answer) or :data:`POLL_STEP` has
-passed; the loop's next turn goes on with the rest. What waits to be read waits for a chunk, not for the whole poll,
-and a poll with nothing else to do ends as soon as it would in one go. The next poll starts once this one is
-handed over.
+releases the flows of the sessions that ended). Chunks follow each other for up to :data:`POLL_STEP`, then the loop
+turns (frames, commands, timers) and its next turn goes on with the rest: what waits to be read (a frame going up:
+a SYN without a ticket, an RST; a control command; a health check's answer) waits for one turn's chunks, not for
+the whole poll. Shorter turns, or giving way whenever something waits to be read, stretch a poll over seconds on a
+nearly saturated daemon (something nearly always waits), and sessions then end late. The next poll starts once
+this one is handed over.
 
 A new session's first round trips are measured in the kernel too (:mod:`mplslb.offload.xdp`, ``measured``): its
 labels enter the map with its SYN, and only the SYN reaches the balancer (RST as ever; with L7 analysis the first
@@ -54,7 +55,7 @@ SYNC_INTERVAL = 0.005
 POLL_INTERVAL = 1.0
 TIMER_POLL_MIN = 0.05
 #: Seconds a poll hands over records and FINs for at most before the loop's next turn (chunks of POLL_CHUNK, each
-#: followed by the tickets' fold and a sync; it gives way sooner when a frame or a command waits to be read).
+#: followed by the tickets' fold and a sync).
 POLL_STEP = 0.05
 POLL_BUDGET = 20.0
 
@@ -166,8 +167,8 @@ class OffloadedBalancer:
 
     def poll_step(self) -> None:
         """Chunks of the poll's records and FINs, each followed by what the daemon does after a batch (the changes
-        reach the kernel, tickets are issued again, the tickets taken meanwhile become sessions), until something
-        waits to be read or :data:`POLL_STEP` has passed."""
+        reach the kernel, tickets are issued again, the tickets taken meanwhile become sessions), until
+        :data:`POLL_STEP` has passed."""
         self._step = None
         now = self.loop.clock()
         self._fold_tickets(now)

@@ -44,7 +44,9 @@ frame (``bpf_ktime_get_ns``, CLOCK_MONOTONIC, the clock of ``time.monotonic``). 
 ``BPF_MAP_LOOKUP_BATCH`` and folds what the kernel forwarded since the last poll into the table's counters and
 last-seen times (:meth:`~mplslb.switching.table.LabelSwitchingTable.fold_counters`), so idle timeouts,
 per-server figures and the status see the kernel's traffic. The daemon polls once a second and before the
-balancer's timers run.
+balancer's timers run, in turns: :meth:`~XdpOffload.begin_poll` reads the map and folds the counters, and
+:meth:`~XdpOffload.poll_step` hands the measurements' records and the FINs over a chunk at a time
+(:class:`PollWork`; :meth:`poll` does both in one call).
 
 Acknowledgment numbers: the program records each TCP segment's acknowledgment number in its entry (a FIN's too, and
 a measured session's frame's it passes up, before passing it up: userspace forwards it and records the same), as the
@@ -308,7 +310,8 @@ class PollWork:
     fins: np.ndarray  # FIN_RECORD
     read_at: float  # the table's clock at the read
     copies: bool  # most of the request slots hold a copy to read: read them all in one call, at the first chunk
-    order: np.ndarray = field(init=False)  # row numbers, the records' first, then the FINs' after them
+    order: np.ndarray = field(init=False)  # the rows in the order handed over: a record by its index, a FIN by
+    # the number of records plus its index
     slots: dict[int, bytes] | None = None  # the request slots read in one call, by label (None: one lookup each)
     done: int = 0  # rows of ``order`` handed over
 
