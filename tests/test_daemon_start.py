@@ -13,7 +13,7 @@ from helpers import make_config
 from mplslb.config import PortConfig
 from mplslb.daemon import StartError, lock_interfaces, open_ports
 from mplslb.drivers.afpacket import PacketPort
-from mplslb.wire.ethernet import ETH_P_IP
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="packet sockets need root")
 
@@ -64,24 +64,25 @@ def test_admission_refusals_are_logged_once_a_second_with_what_is_new_by_reason(
 
 
 @needs_root
-def test_a_client_ports_filter_takes_ipv4_to_the_virtual_ips_only() -> None:
-    """The daemon's client ports take IPv4 frames to its IPv4 virtual IPs only (see
-    tests/test_drivers_afpacket.py for the filter at work); with IPv6 virtual IPs only, no IPv4 at all."""
+def test_a_client_ports_filter_takes_ip_frames_to_the_virtual_ips_only() -> None:
+    """The daemon's client ports take IP frames to its virtual IPs only (see tests/test_drivers_afpacket.py for the
+    filter at work); an IP version without a virtual IP not at all; the server ports are not filtered so."""
     config = make_config()
     client, server = (replace(config.ports[i], interface="lo") for i in (0, 2))
     servers = tuple(s for s in config.servers if s.port_id == server.port_id)
-    v4 = {vip.address for vip in config.vips if len(vip.address) == 4}
-    assert v4 and len(v4) < len(config.vips)  # an IPv6 one too
-    for vips, ipv4_to, takes_ipv4 in (
-        (config.vips, v4, True),
-        (tuple(vip for vip in config.vips if vip.address not in v4), None, False),
-    ):
+    v4 = tuple(vip for vip in config.vips if len(vip.address) == 4)
+    v6 = tuple(vip for vip in config.vips if len(vip.address) == 16)
+    assert v4 and v6
+    for vips in (config.vips, v4, v6):
         ports = open_ports(replace(config, ports=(client, server), servers=servers, vips=vips), ring=False)
         try:
             port = ports[client.port_id]
             assert isinstance(port, PacketPort)
-            assert port.ipv4_to == ipv4_to and (ETH_P_IP in (port.accept or ())) is takes_ipv4
-            assert ports[server.port_id].ipv4_to is None  # type: ignore[attr-defined]
+            assert port.destinations == {vip.address for vip in vips}
+            assert {ETH_P_IP, ETH_P_IPV6} & (port.accept or set()) == {
+                ETH_P_IP if len(vip.address) == 4 else ETH_P_IPV6 for vip in vips
+            }
+            assert ports[server.port_id].destinations is None  # type: ignore[attr-defined]
         finally:
             for opened in ports.values():
                 opened.close()  # type: ignore[attr-defined]

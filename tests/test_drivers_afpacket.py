@@ -14,7 +14,18 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, netns
 
-from helpers import DAEMON_TOML, ETH_P_LOCAL_EXP, VIP, client_addr, frames_of, make_config, tcp, wait_until_ready
+from helpers import (
+    DAEMON_TOML,
+    ETH_P_LOCAL_EXP,
+    VIP,
+    VIP6,
+    client_addr,
+    frames_of,
+    ip,
+    make_config,
+    tcp,
+    wait_until_ready,
+)
 from mplslb.balancer import Balancer
 from mplslb.drivers.afpacket import (
     DEFAULT_RETIRE_MS,
@@ -40,8 +51,9 @@ from mplslb.wire.ethernet import (
     build_ethernet,
 )
 from mplslb.wire.frame import dissect
-from mplslb.wire.ip import IPPROTO_UDP
+from mplslb.wire.ip import IPPROTO_ICMPV6, IPPROTO_UDP
 from mplslb.wire.ipv4 import build_ipv4
+from mplslb.wire.ipv6 import build_ipv6
 from mplslb.wire.mpls import stack_of
 
 WAIT = 10.0  # seconds any exchange may take, at most
@@ -497,48 +509,65 @@ def test_host_only_program_drops_other_hosts_frames_first():
     assert prog[2 + 1 + prog[2][1]] == prog[1 + 1 + prog[1][1]]  # both drop to the same instruction
 
 
-def test_an_ipv4_destination_list_tests_each_address_without_a_tag_and_with_one():
+def test_a_destination_list_tests_each_address_without_a_tag_and_with_one():
     accept = {ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP}
-    prog = bpf_program(accept, [VIP, OTHER_VIP])
+    prog = bpf_program(accept, [VIP, OTHER_VIP, VIP6])
     assert prog[-2:] == [(BPF_RET_K, 0, 0, BPF_DROP), (BPF_RET_K, 0, 0, BPF_ACCEPT)]
     for at, (code, jt, jf, _) in enumerate(prog):
         if code == 0x15:
             assert at + 1 + max(jt, jf) < len(prog)
-    tested = [k for code, _, _, k in prog if code == 0x15 and k in (int.from_bytes(VIP), int.from_bytes(OTHER_VIP))]
-    assert sorted(tested) == sorted(2 * [int.from_bytes(VIP), int.from_bytes(OTHER_VIP)])
-    assert len(prog) == len(bpf_program(accept)) + 2 * (1 + 2)
-    for bad in ([], [bytes(16)]):
+    tests = [k for code, _, _, k in prog if code == 0x15]
+    words = [int.from_bytes(VIP6[i : i + 4]) for i in range(0, 16, 4)]
+    constants = [int.from_bytes(VIP), int.from_bytes(OTHER_VIP), IPPROTO_ICMPV6, *words]
+    for k in constants:
+        assert tests.count(k) == 2 * constants.count(k)  # without a VLAN tag and with one
+    assert len(prog) == len(bpf_program(accept)) + 2 * (1 + 2) + 2 * (2 + 8)
+    for bad in ([], [bytes(15)]):
         with pytest.raises(ValueError):
             bpf_program(accept, bad)
+    for versions, address in (({ETH_P_MPLS_UC, ETH_P_IPV6}, VIP), ({ETH_P_MPLS_UC, ETH_P_IP}, VIP6)):
+        with pytest.raises(ValueError):
+            bpf_program(versions, [address])  # that IP version is not taken at all
     with pytest.raises(ValueError):
-        bpf_program({ETH_P_MPLS_UC}, [VIP])  # IPv4 is not taken at all
+        bpf_program(accept, [bytes(12) + i.to_bytes(4) for i in range(16)])  # too long a program
 
 
 @root
 @needs_root
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_port_with_ipv4_destinations_takes_ipv4_frames_to_them_only(ports, veth, kind):
-    """A client port's filter: IPv4 frames to a virtual IP, with or without VLAN tags, and every other ethertype it
-    accepts reach the port; IPv4 frames to another address (the host's own traffic, a flood at it) do not."""
+def test_a_port_with_destinations_takes_ip_frames_to_them_only(ports, veth, kind):
+    """A client port's filter: IPv4 and IPv6 frames to a virtual IP, with or without VLAN tags, ICMPv6 (neighbour
+    discovery) and every other ethertype it accepts reach the port; IP frames to another address (the host's own
+    traffic, a flood at it) do not."""
     _, a, b = veth
     left = ports(kind, a)
-    right = ports(kind, b, accept={ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP}, ipv4_to=[VIP, OTHER_VIP])
-    host = bytes((10, 99, 0, 1))
+    accept = {ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP}
+    right = ports(kind, b, accept=accept, destinations=[VIP, OTHER_VIP, VIP6])
+    host, host6, solicited = bytes((10, 99, 0, 1)), ip("fd00::99"), ip("ff02::1:ff00:100")
 
-    def to(dst: bytes, tags: tuple[int, ...] = ()) -> bytes:
-        packet = build_ipv4(client_addr(0), dst, IPPROTO_UDP, 8) + bytes(8)
-        return build_ethernet(right.mac, left.mac, ETH_P_IP, tags) + packet + bytes(20)
+    def to(dst: bytes, tags: tuple[int, ...] = (), proto: int = IPPROTO_UDP) -> bytes:
+        if len(dst) == 4:
+            return (
+                build_ethernet(right.mac, left.mac, ETH_P_IP, tags)
+                + build_ipv4(client_addr(0), dst, proto, 8)
+                + bytes(28)
+            )
+        header = build_ipv6(ip("fd00::7"), dst, proto, 8)
+        return build_ethernet(right.mac, left.mac, ETH_P_IPV6, tags) + header + bytes(8)
 
     wanted = [
         to(VIP),
         to(OTHER_VIP, (7,)),
         to(VIP, (100, 200)),
+        to(VIP6),
+        to(VIP6, (7,)),
+        to(solicited, proto=IPPROTO_ICMPV6),
+        to(host6, (7,), proto=IPPROTO_ICMPV6),
         build_ethernet(right.mac, left.mac, ETH_P_ARP) + bytes(46),
-        build_ethernet(right.mac, left.mac, ETH_P_IPV6) + bytes(60),
         build_ethernet(right.mac, left.mac, ETH_P_MPLS_UC) + stack_of([1001]) + bytes(46),
     ]
-    unwanted = [to(host), to(host, (7,)), to(host, (100, 200))]
-    for frame in (unwanted[0], wanted[0], unwanted[1], *wanted[1:3], unwanted[2], *wanted[3:]):
+    unwanted = [to(host), to(host, (7,)), to(host, (100, 200)), to(host6), to(host6, (7,)), to(VIP6[:-1] + b"\x01")]
+    for frame in (*unwanted[:3], *wanted[:3], *unwanted[3:], *wanted[3:]):
         left.send(frame)
     got = read_until(right, len(wanted), [], time.monotonic() + WAIT)
     time.sleep(0.05)

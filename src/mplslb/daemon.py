@@ -98,7 +98,7 @@ from mplslb.drivers.afpacket import (
 from mplslb.drivers.cluster import ClusterLink
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
-from mplslb.drivers.socket_filter import IPV4_LEN
+from mplslb.drivers.socket_filter import IPV4_LEN, IPV6_LEN
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
@@ -116,8 +116,11 @@ if TYPE_CHECKING:
 CLIENT_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP})
 SERVER_SIDE_ETHERTYPES = frozenset({ETH_P_MPLS_UC})
 LABELLED = frozenset({ETH_P_MPLS_UC})
-#: Up to this many IPv4 virtual IPs, a client port's socket filter takes IPv4 frames to them only; beyond, every one.
-FILTERED_VIPS_MAX = 64
+#: Up to this many virtual IPs of an IP version, a client port's socket filter takes that version's frames to them
+#: only (IPv6 also ICMPv6: neighbour discovery); beyond, every one (a classic BPF program jumps 255 instructions
+#: at most, and each IPv6 address costs 16).
+FILTERED_IPV4_MAX = 48
+FILTERED_IPV6_MAX = 6
 SNAPSHOT_INTERVAL = 1.0
 
 
@@ -378,17 +381,22 @@ def _open(
                            rcvbuf=rcvbuf)  # fmt: skip
     client = port.role == "client"
     accept = CLIENT_SIDE_ETHERTYPES if client else server_side_ethertypes(here)
-    # A client port takes the IPv4 frames to its virtual IPs only (the host's own traffic stays in the kernel).
-    to = [vip.address for vip in vips if len(vip.address) == IPV4_LEN] if client else []
-    ipv4_to = to if 0 < len(to) <= FILTERED_VIPS_MAX else None
-    if client and vips and not to:
-        accept -= {ETH_P_IP}
+    # A client port takes the IP frames to its virtual IPs only (the host's own traffic stays in the kernel), an IP
+    # version without virtual IPs not at all.
+    destinations: list[bytes] = []
+    for length, ethertype, most in ((IPV4_LEN, ETH_P_IP, FILTERED_IPV4_MAX), (IPV6_LEN, ETH_P_IPV6, FILTERED_IPV6_MAX)):
+        addresses = [vip.address for vip in vips if len(vip.address) == length] if client else []
+        if client and vips and not addresses:
+            accept -= {ethertype}
+        elif len(addresses) <= most:
+            destinations += addresses
     # With rings, transmit through a TPACKET_V2 TX ring too: one system call per block each way.
     # host_only: a bridge floods unknown unicast, and a frame for another host must not be switched here too.
     # A plain socket's client port reads labelled frames first, from a socket of their own (PacketPort's lane).
     return open_port(
         port.interface, ring=ring, accept=accept, tx_ring=ring, host_only=True, max_len=max_len, retire_ms=retire_ms,
-        rcvbuf=None if ring else rcvbuf, lane=LABELLED if client and not ring else None, ipv4_to=ipv4_to,
+        rcvbuf=None if ring else rcvbuf, lane=LABELLED if client and not ring else None,
+        destinations=destinations or None,
     )  # fmt: skip
 
 

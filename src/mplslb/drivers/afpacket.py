@@ -61,9 +61,9 @@ import numpy as np
 
 from mplslb.drivers import socket_filter
 from mplslb.drivers.netns import entered
-from mplslb.drivers.socket_filter import PACKET_OUTGOING
+from mplslb.drivers.socket_filter import IPV4_LEN, IPV6_LEN, PACKET_OUTGOING
 from mplslb.drivers.txring import PACKET_VERSION, SOL_PACKET, TPACKET_ALIGNMENT, TxRing
-from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021Q, ETH_P_IP
+from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6
 from mplslb.wire.frame import complete_l4_checksum
 
 # <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>
@@ -185,12 +185,12 @@ class _PacketSocket:
         tx_ring: bool = False,
         host_only: bool = False,
         max_len: int | None = None,
-        ipv4_to: Iterable[bytes] | None = None,
+        destinations: Iterable[bytes] | None = None,
     ) -> None:
         self.ifname = ifname
         self.accept = frozenset(accept) if accept is not None else None
         self.host_only = host_only
-        self.ipv4_to = frozenset(ipv4_to) if ipv4_to is not None else None
+        self.destinations = frozenset(destinations) if destinations is not None else None
         self.max_len = max_len
         self.drops: dict[str, int] = {}
         self.tx: TxRing | None = None  # the transmit ring when opened with tx_ring
@@ -214,8 +214,10 @@ class _PacketSocket:
 
     def _configure(self, sock: socket.socket, ifname: str, *, promisc: bool, ring: bool) -> None:
         """Filter, options and ring, then the bind; nothing is received before the filter is on."""
-        ipv4_to = self.ipv4_to if self.accept is not None and ETH_P_IP in self.accept else None
-        program = socket_filter.bpf_program(self.accept, ipv4_to)
+        versions = {IPV4_LEN: ETH_P_IP, IPV6_LEN: ETH_P_IPV6}
+        accept = self.accept or frozenset()
+        to = [a for a in self.destinations or () if versions.get(len(a)) in accept]
+        program = socket_filter.bpf_program(self.accept, to or None)
         if self.host_only:
             program = socket_filter.host_only(program)
         if self.max_len is not None:
@@ -380,14 +382,14 @@ class PacketPort(_PacketSocket):
         host_only: bool = False,
         max_len: int | None = None,
         lane: Iterable[int] | None = None,
-        ipv4_to: Iterable[bytes] | None = None,
+        destinations: Iterable[bytes] | None = None,
     ) -> None:
         first = frozenset(lane) if lane is not None else frozenset()
         if first and (accept is None or not first < frozenset(accept)):
             raise ValueError("lane must be a part of accept, leaving some ethertype to the other socket")
         super().__init__(
             ifname, accept=frozenset(accept) - first if first and accept is not None else accept, promisc=promisc,
-            netns=netns, ring=False, tx_ring=tx_ring, host_only=host_only, max_len=max_len, ipv4_to=ipv4_to,
+            netns=netns, ring=False, tx_ring=tx_ring, host_only=host_only, max_len=max_len, destinations=destinations,
         )  # fmt: skip
         self._fd = self._sock.fileno()
         self._batch = _MessageBatch(MMSG_BATCH, bufsize)
@@ -400,7 +402,7 @@ class PacketPort(_PacketSocket):
         if first:
             try:
                 self.lane = PacketPort(ifname, accept=first, netns=netns, bufsize=bufsize, rcvbuf=rcvbuf,
-                                       host_only=host_only, max_len=max_len, ipv4_to=ipv4_to)  # fmt: skip
+                                       host_only=host_only, max_len=max_len, destinations=destinations)  # fmt: skip
                 self.lane.drops = self.drops  # one tally of the frames the port refused
                 self._poll = select.epoll()
                 for fd in (self._fd, self.lane.fileno()):
@@ -708,7 +710,7 @@ class RingPort(_PacketSocket):
         retire_ms: int = DEFAULT_RETIRE_MS,
         tx_ring: bool = False,
         host_only: bool = False,
-        ipv4_to: Iterable[bytes] | None = None,
+        destinations: Iterable[bytes] | None = None,
     ) -> None:
         if block_size <= 0 or block_size % mmap.PAGESIZE:
             raise ValueError(f"block_size must be a positive multiple of the page size ({mmap.PAGESIZE})")
@@ -730,7 +732,7 @@ class RingPort(_PacketSocket):
         self.bulk_frames = 0
         super().__init__(
             ifname, accept=accept, promisc=promisc, netns=netns, ring=True, tx_ring=tx_ring, host_only=host_only,
-            ipv4_to=ipv4_to,
+            destinations=destinations,
         )  # fmt: skip
 
     def _setup(self, sock: socket.socket) -> None:
@@ -967,7 +969,7 @@ def open_port(
     retire_ms: int = DEFAULT_RETIRE_MS,
     rcvbuf: int | None = None,
     lane: Iterable[int] | None = None,
-    ipv4_to: Iterable[bytes] | None = None,
+    destinations: Iterable[bytes] | None = None,
 ) -> PacketPort | RingPort:
     """An Ethernet port on ``ifname``: a TPACKET_V3 ring when ``ring``, else a plain packet socket; ``tx_ring``
     adds a TPACKET_V2 transmit ring for :meth:`send_many` and :meth:`send_block`; ``host_only`` leaves out frames
@@ -976,7 +978,7 @@ def open_port(
     (rings only) is the receive ring's block retire timer (see :class:`RingPort`); ``rcvbuf`` (plain sockets only)
     the socket's receive buffer in bytes (see :class:`PacketPort`; None: the system's default); ``lane`` (plain
     sockets only; a ring takes it as None) the ethertypes read first, through a socket of their own (see
-    :class:`PacketPort`); ``ipv4_to`` the IPv4 destinations taken in (see
+    :class:`PacketPort`); ``destinations`` the IP destinations taken in (see
     :func:`~mplslb.drivers.socket_filter.bpf_program`; None: every one)."""
     if ring:
         if max_len is not None:
@@ -984,6 +986,6 @@ def open_port(
         if rcvbuf is not None:
             raise ValueError("rcvbuf is for plain packet sockets (a ring holds its frames in its blocks)")
         return RingPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
-                        retire_ms=retire_ms, ipv4_to=ipv4_to)  # fmt: skip
+                        retire_ms=retire_ms, destinations=destinations)  # fmt: skip
     return PacketPort(ifname, accept=accept, promisc=promisc, netns=netns, tx_ring=tx_ring, host_only=host_only,
-                      max_len=max_len, rcvbuf=rcvbuf, lane=lane, ipv4_to=ipv4_to)  # fmt: skip
+                      max_len=max_len, rcvbuf=rcvbuf, lane=lane, destinations=destinations)  # fmt: skip

@@ -9,12 +9,13 @@ Theory of operation
 A program is a list of instructions ``(code, jt, jf, k)``. :func:`bpf_program` loads the packet type (an ancillary
 load of ``skb->pkt_type``) and drops ``PACKET_OUTGOING`` (our own frames coming back to a packet socket); then, when
 ``accept`` names ethertypes, it keeps a frame whose ethertype, at offset 12 or at 16 after one VLAN tag still in the
-frame, is one of them, and drops the rest. Given ``ipv4_to`` too, an IPv4 frame is kept only if its destination
-is one of those addresses: a client port takes its virtual IPs' frames, not the host's own (an SSH session, an
-HAProxy beside the daemon, a flood at the host's address never reach Python). :func:`host_only` inserts a second
-test on the packet type, so frames addressed to other hosts (``PACKET_OTHERHOST``) are dropped too.
-:func:`length_cap` puts a test of the frame's whole length in front: with the kernel offload's ``offload_gso`` a
-longer frame (a super-packet) is the tc program's, and the socket must not take it (nor could it send it on).
+frame, is one of them, and drops the rest. Given destinations (``to``) too, an IP frame is kept only if it goes
+to one of them (an IPv6 one also if it carries ICMPv6: neighbour discovery): a client port takes its virtual IPs'
+frames, not the host's own (an SSH session, an HAProxy beside the daemon, a flood at the host's address never reach
+Python). :func:`host_only` inserts a second test on the packet type, so frames addressed to other hosts
+(``PACKET_OTHERHOST``) are dropped too. :func:`length_cap` puts a test of the frame's whole length in front: with
+the kernel offload's ``offload_gso`` a longer frame (a super-packet) is the tc program's, and the socket must not
+take it (nor could it send it on).
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import ctypes
 import socket
 from collections.abc import Iterable
 
-from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETHERTYPE_MAX, VLAN_TAG_LEN
+from mplslb.wire.ethernet import (
+    ETH_ALEN,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETHERTYPE_MAX,
+    VLAN_TAG_LEN,
+)
+from mplslb.wire.ip import IPPROTO_ICMPV6
 
 Instruction = tuple[int, int, int, int]  # (code, jt, jf, k) of struct sock_filter
 
@@ -48,16 +58,17 @@ _U32_MASK = 0xFFFFFFFF  # k is unsigned: a negative offset is written in two's c
 ETHERTYPE_OFFSET = 2 * ETH_ALEN
 INNER_ETHERTYPE_OFFSET = ETHERTYPE_OFFSET + VLAN_TAG_LEN  # after one VLAN tag still in the frame
 
-# Length of the program with an accept list, which bounds its longest jump: the pkttype load and test, the
-# ethertype load, a test per ethertype, the two VLAN tests, the inner load, a test per ethertype again, drop, keep;
-# with IPv4 destinations, a load and a test per address, once without a VLAN tag and once with.
-_FIXED_INSNS = 8
-_INSNS_PER_TYPE = 2
-_INSNS_PER_ADDRESS = 2
-#: Where an IPv4 packet's destination address is, without a VLAN tag in the frame and with one.
-IPV4_DST_OFFSET = ETHERTYPE_OFFSET + 2 + 16
-INNER_IPV4_DST_OFFSET = IPV4_DST_OFFSET + VLAN_TAG_LEN
+BPF_LD_B_ABS = 0x30  # A = the octet at k
+#: Where the IP header starts, without a VLAN tag in the frame and with one; where its destination address is.
+IP_AT = ETHERTYPE_OFFSET + 2
+INNER_IP_AT = IP_AT + VLAN_TAG_LEN
+IPV4_DST = 16
+IPV6_NEXT_HEADER = 6
+IPV6_DST = 24
 IPV4_LEN = 4
+IPV6_LEN = 16
+_WORD = 4
+_IPV6_WORDS = IPV6_LEN // _WORD
 
 
 class _SockFilter(ctypes.Structure):
@@ -68,50 +79,69 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def bpf_program(accept: Iterable[int] | None, ipv4_to: Iterable[bytes] | None = None) -> list[Instruction]:
+def bpf_program(accept: Iterable[int] | None, to: Iterable[bytes] | None = None) -> list[Instruction]:
     """A classic BPF program ``(code, jt, jf, k)``: drop outgoing frames, then keep those whose ethertype (at
     offset 12, or at 16 after a VLAN tag still in the frame) is in ``accept``; ``None`` keeps every ethertype. With
-    ``ipv4_to`` (4-octet addresses; ``accept`` must name IPv4), an IPv4 frame is kept only if its destination is
-    one of them."""
+    ``to`` (IPv4 and IPv6 addresses, 4 and 16 octets), an IPv4 frame is kept only if its destination is one of the
+    IPv4 ones (when there are any), an IPv6 frame only if it carries ICMPv6 right after its fixed header (neighbour
+    discovery, to multicast addresses) or goes to one of the IPv6 ones (when there are any)."""
     types = sorted(set(accept)) if accept is not None else None
     if types is not None and (not types or any(not 0 <= t <= ETHERTYPE_MAX for t in types)):
         raise ValueError(f"accept must name at least one ethertype, each in 0..0x{ETHERTYPE_MAX:X}")
-    to = sorted({int.from_bytes(a, "big") for a in ipv4_to}) if ipv4_to is not None else []
-    if ipv4_to is not None and (types is None or ETH_P_IP not in types or not to):
-        raise ValueError("ipv4_to needs accept to name IPv4, and at least one address")
-    if ipv4_to is not None and any(len(a) != IPV4_LEN for a in ipv4_to):
-        raise ValueError(f"ipv4_to takes {IPV4_LEN}-octet IPv4 addresses")
-    if types is not None and (
-        _INSNS_PER_TYPE * len(types) + _INSNS_PER_ADDRESS * (len(to) + 1) + _FIXED_INSNS > BPF_MAX_JUMP
-    ):
-        raise ValueError("too many ethertypes or addresses for one classic BPF filter")
+    addresses = list(to) if to is not None else []
+    if to is not None and (not addresses or any(len(a) not in (IPV4_LEN, IPV6_LEN) for a in addresses)):
+        raise ValueError(f"to takes at least one address, each of {IPV4_LEN} or {IPV6_LEN} octets")
+    v4 = sorted({int.from_bytes(a, "big") for a in addresses if len(a) == IPV4_LEN})
+    v6 = sorted({a for a in addresses if len(a) == IPV6_LEN})
+    if (v4 and ETH_P_IP not in (types or ())) or (v6 and ETH_P_IPV6 not in (types or ())):
+        raise ValueError("to needs accept to name the IP versions of its addresses")
     pkttype = (SKF_AD_OFF + SKF_AD_PKTTYPE) & _U32_MASK
     if types is None:
         # 0: A = pkttype; 1: outgoing -> 3 (drop) else 2 (accept)
         return [(BPF_LD_W_ABS, 0, 0, pkttype), (BPF_JEQ_K, 1, 0, PACKET_OUTGOING), (BPF_RET_K, 0, 0, BPF_ACCEPT),
                 (BPF_RET_K, 0, 0, BPF_DROP)]  # fmt: skip
-    n, m = len(types), len(to)
-    # absolute indexes of the targets: the tagged frame's tests, the IPv4 destination's (untagged, tagged), the ends
+    n = len(types)
+    v4_len = 1 + len(v4) if v4 else 0  # the destination's load, a test per address
+    v6_len = 2 + 2 * _IPV6_WORDS * len(v6) if v6 else 0  # the next header's load and test, a load and test per word
+    # absolute indexes of the targets: the tagged frame's tests, the destinations' (untagged, tagged), the ends
     vlan = 5 + n
-    v4 = vlan + n + 1
-    v4_tagged = v4 + (1 + m if m else 0)
-    drop = v4_tagged + (1 + m if m else 0)
+    v4_at = vlan + n + 1
+    v6_at = v4_at + 2 * v4_len
+    drop = v6_at + 2 * v6_len
     keep = drop + 1
+    if keep > BPF_MAX_JUMP:
+        raise ValueError("too many ethertypes or addresses for one classic BPF filter")
 
     def jeq(at: int, k: int, true: int, false: int) -> Instruction:
         return (BPF_JEQ_K, true - at - 1, false - at - 1, k)
 
     def taken(t: int, tagged: bool) -> int:
-        return (v4_tagged if tagged else v4) if m and t == ETH_P_IP else keep
+        if t == ETH_P_IP and v4:
+            return v4_at + (v4_len if tagged else 0)
+        if t == ETH_P_IPV6 and v6:
+            return v6_at + (v6_len if tagged else 0)
+        return keep
 
     prog = [(BPF_LD_W_ABS, 0, 0, pkttype), jeq(1, PACKET_OUTGOING, drop, 2), (BPF_LD_H_ABS, 0, 0, ETHERTYPE_OFFSET)]
     prog += [jeq(3 + i, t, taken(t, False), 4 + i) for i, t in enumerate(types)]
     prog += [jeq(3 + n, ETH_P_8021Q, vlan, 4 + n), jeq(4 + n, ETH_P_8021AD, vlan, drop)]
     prog.append((BPF_LD_H_ABS, 0, 0, INNER_ETHERTYPE_OFFSET))
     prog += [jeq(vlan + 1 + i, t, taken(t, True), vlan + 2 + i if i < n - 1 else drop) for i, t in enumerate(types)]
-    for start, offset in ((v4, IPV4_DST_OFFSET), (v4_tagged, INNER_IPV4_DST_OFFSET)) if m else ():
-        prog.append((BPF_LD_W_ABS, 0, 0, offset))
-        prog += [jeq(start + 1 + j, a, keep, start + 2 + j if j < m - 1 else drop) for j, a in enumerate(to)]
+    for ip in (IP_AT, INNER_IP_AT) if v4 else ():
+        start = len(prog)
+        prog.append((BPF_LD_W_ABS, 0, 0, ip + IPV4_DST))
+        prog += [jeq(start + 1 + j, a, keep, start + 2 + j if j < len(v4) - 1 else drop) for j, a in enumerate(v4)]
+    for ip in (IP_AT, INNER_IP_AT) if v6 else ():
+        start = len(prog)
+        prog += [(BPF_LD_B_ABS, 0, 0, ip + IPV6_NEXT_HEADER), jeq(start + 1, IPPROTO_ICMPV6, keep, start + 2)]
+        for j, address in enumerate(v6):
+            first = start + 2 + 2 * _IPV6_WORDS * j
+            other = first + 2 * _IPV6_WORDS if j < len(v6) - 1 else drop  # the next address's tests
+            for w in range(_IPV6_WORDS):
+                at = first + 2 * w
+                word = int.from_bytes(address[_WORD * w : _WORD * (w + 1)], "big")
+                prog.append((BPF_LD_W_ABS, 0, 0, ip + IPV6_DST + _WORD * w))
+                prog.append(jeq(at + 1, word, keep if w == _IPV6_WORDS - 1 else at + 2, other))
     prog += [(BPF_RET_K, 0, 0, BPF_DROP), (BPF_RET_K, 0, 0, BPF_ACCEPT)]
     assert len(prog) == keep + 1
     return prog
