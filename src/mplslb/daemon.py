@@ -98,13 +98,13 @@ from mplslb.drivers.afpacket import (
 from mplslb.drivers.cluster import ClusterLink
 from mplslb.drivers.loop import BalancerDriver, Loop, Port
 from mplslb.drivers.mplsudp import MplsUdpPort
-from mplslb.drivers.socket_filter import IPV4_LEN, IPV6_LEN
 from mplslb.health import HealthCheckConfig, HealthChecker, HealthProbeDriver
 from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
 from mplslb.resolver import MacChange
 from mplslb.sdnotify import notify, reloading_message
 from mplslb.state import StateError, StateStore, default_dir, open_balancer
+from mplslb.wire.checksum import IPV4_ADDR_LEN, IPV6_ADDR_LEN
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
 log = logging.getLogger("mplslb.balancer")
@@ -384,9 +384,10 @@ def _open(
     # A client port takes the IP frames to its virtual IPs only (the host's own traffic stays in the kernel), an IP
     # version without virtual IPs not at all.
     destinations: list[bytes] = []
-    for length, ethertype, most in ((IPV4_LEN, ETH_P_IP, FILTERED_IPV4_MAX), (IPV6_LEN, ETH_P_IPV6, FILTERED_IPV6_MAX)):
-        addresses = [vip.address for vip in vips if len(vip.address) == length] if client else []
-        if client and vips and not addresses:
+    versions = ((IPV4_ADDR_LEN, ETH_P_IP, FILTERED_IPV4_MAX), (IPV6_ADDR_LEN, ETH_P_IPV6, FILTERED_IPV6_MAX))
+    for length, ethertype, most in versions if client and vips else ():
+        addresses = [vip.address for vip in vips if len(vip.address) == length]
+        if not addresses:
             accept -= {ethertype}
         elif len(addresses) <= most:
             destinations += addresses

@@ -61,8 +61,9 @@ import numpy as np
 
 from mplslb.drivers import socket_filter
 from mplslb.drivers.netns import entered
-from mplslb.drivers.socket_filter import IPV4_LEN, IPV6_LEN, PACKET_OUTGOING
+from mplslb.drivers.socket_filter import PACKET_OUTGOING
 from mplslb.drivers.txring import PACKET_VERSION, SOL_PACKET, TPACKET_ALIGNMENT, TxRing
+from mplslb.wire.checksum import IPV4_ADDR_LEN, IPV6_ADDR_LEN
 from mplslb.wire.ethernet import ETH_ALEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6
 from mplslb.wire.frame import complete_l4_checksum
 
@@ -214,7 +215,7 @@ class _PacketSocket:
 
     def _configure(self, sock: socket.socket, ifname: str, *, promisc: bool, ring: bool) -> None:
         """Filter, options and ring, then the bind; nothing is received before the filter is on."""
-        versions = {IPV4_LEN: ETH_P_IP, IPV6_LEN: ETH_P_IPV6}
+        versions = {IPV4_ADDR_LEN: ETH_P_IP, IPV6_ADDR_LEN: ETH_P_IPV6}
         accept = self.accept or frozenset()
         to = [a for a in self.destinations or () if versions.get(len(a)) in accept]
         program = socket_filter.bpf_program(self.accept, to or None)

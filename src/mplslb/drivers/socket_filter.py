@@ -24,8 +24,11 @@ import ctypes
 import socket
 from collections.abc import Iterable
 
+from mplslb.switching.layout import IPV4_DST, IPV6_DST, IPV6_NEXT_HEADER
+from mplslb.wire.checksum import IPV4_ADDR_LEN, IPV6_ADDR_LEN
 from mplslb.wire.ethernet import (
     ETH_ALEN,
+    ETH_HLEN,
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_IP,
@@ -59,16 +62,11 @@ ETHERTYPE_OFFSET = 2 * ETH_ALEN
 INNER_ETHERTYPE_OFFSET = ETHERTYPE_OFFSET + VLAN_TAG_LEN  # after one VLAN tag still in the frame
 
 BPF_LD_B_ABS = 0x30  # A = the octet at k
-#: Where the IP header starts, without a VLAN tag in the frame and with one; where its destination address is.
-IP_AT = ETHERTYPE_OFFSET + 2
+#: Where the IP header starts, without a VLAN tag in the frame and with one.
+IP_AT = ETH_HLEN
 INNER_IP_AT = IP_AT + VLAN_TAG_LEN
-IPV4_DST = 16
-IPV6_NEXT_HEADER = 6
-IPV6_DST = 24
-IPV4_LEN = 4
-IPV6_LEN = 16
 _WORD = 4
-_IPV6_WORDS = IPV6_LEN // _WORD
+_IPV6_WORDS = IPV6_ADDR_LEN // _WORD
 
 
 class _SockFilter(ctypes.Structure):
@@ -89,10 +87,10 @@ def bpf_program(accept: Iterable[int] | None, to: Iterable[bytes] | None = None)
     if types is not None and (not types or any(not 0 <= t <= ETHERTYPE_MAX for t in types)):
         raise ValueError(f"accept must name at least one ethertype, each in 0..0x{ETHERTYPE_MAX:X}")
     addresses = list(to) if to is not None else []
-    if to is not None and (not addresses or any(len(a) not in (IPV4_LEN, IPV6_LEN) for a in addresses)):
-        raise ValueError(f"to takes at least one address, each of {IPV4_LEN} or {IPV6_LEN} octets")
-    v4 = sorted({int.from_bytes(a, "big") for a in addresses if len(a) == IPV4_LEN})
-    v6 = sorted({a for a in addresses if len(a) == IPV6_LEN})
+    if to is not None and (not addresses or any(len(a) not in (IPV4_ADDR_LEN, IPV6_ADDR_LEN) for a in addresses)):
+        raise ValueError(f"to takes at least one address, each of {IPV4_ADDR_LEN} or {IPV6_ADDR_LEN} octets")
+    v4 = sorted({int.from_bytes(a, "big") for a in addresses if len(a) == IPV4_ADDR_LEN})
+    v6 = sorted({a for a in addresses if len(a) == IPV6_ADDR_LEN})
     if (v4 and ETH_P_IP not in (types or ())) or (v6 and ETH_P_IPV6 not in (types or ())):
         raise ValueError("to needs accept to name the IP versions of its addresses")
     pkttype = (SKF_AD_OFF + SKF_AD_PKTTYPE) & _U32_MASK
