@@ -29,6 +29,7 @@ from mplslb.config import BalancerConfig
 from mplslb.sessions import LIVE_STATES, SessionState
 from mplslb.state import STATE_FILE, StateStore, open_balancer
 from mplslb.switching import table as table_module
+from mplslb.switching.layout import LABEL_SPACE, ROW_SIZE
 from mplslb.switching.table import flow_key
 from mplslb.wire.tcp import TCPFlag
 
@@ -89,8 +90,10 @@ def forward_c2s(balancer: Balancer, c2s: int, *, sport: int = 0) -> tuple[int, b
 def test_without_a_store_the_tables_keep_their_heap_arrays() -> None:
     balancer = Balancer(CONFIG)
     assert isinstance(balancer.sessions.state, bytearray) and isinstance(balancer.sessions.deadline, array)
-    assert isinstance(balancer.switching.valid, bytearray) and isinstance(balancer.switching.out_port, array)
-    assert balancer.switching.out_port[20] == -1
+    assert isinstance(balancer.switching.rows.obj, bytearray)
+    assert balancer.switching.rows.nbytes == ROW_SIZE * LABEL_SPACE
+    assert np.frombuffer(balancer.switching.rows, dtype=np.uint8).ctypes.data % ROW_SIZE == 0  # a line per row
+    assert balancer.switching.out_port[20] == balancer.switching.in_port[20] == -1
     assert balancer.switching._kept is None  # no extra columns off the persistent path
 
 

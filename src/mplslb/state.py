@@ -114,6 +114,25 @@ class Allocator:
     def _array(self, name: str, typecode: str, count: int, fill: float) -> Column:
         raise NotImplementedError
 
+    def records(self, name: str, dtype: np.dtype[Any], count: int, fill: Mapping[str, float]) -> memoryview:
+        """``count`` records of ``dtype`` called ``name``, as one octet view starting at a multiple of the record's
+        size (a power of two up to a page: a record then never straddles a cache line); zeroed when new, and
+        ``fill``'s fields set."""
+        size = dtype.itemsize
+        raw, new = self._array_new(name, "B", size * (count + 1), 0)
+        view = memoryview(raw)
+        start = -np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data % size
+        view = view[start : start + size * count]
+        if new and fill:
+            rows = np.frombuffer(view, dtype=dtype)
+            for field_name, value in fill.items():
+                rows[field_name] = value
+        return view
+
+    def _array_new(self, name: str, typecode: str, count: int, fill: float) -> tuple[Column, bool]:
+        """:meth:`array`, and whether it was made new (zeroed or ``fill``-ed) rather than adopted."""
+        return self._array(name, typecode, count, fill), True
+
     def remember(self, key: str, value: str) -> None:
         """Keep ``key`` -> ``value`` (a server index's name) as long as the arrays, before anything refers to it."""
 
@@ -287,6 +306,11 @@ class StateStore(Allocator):
         if fill:
             np.frombuffer(view, dtype=np.dtype(typecode)).fill(fill)
         return view
+
+    def _array_new(self, name: str, typecode: str, count: int, fill: float) -> tuple[Column, bool]:
+        adopting = self.adopting
+        column = self._array(name, typecode, count, fill)
+        return column, not (adopting and self.adopting)
 
     def _map(self, offset: int, size: int) -> memoryview:
         mapped = mmap.mmap(self._fd, _page_align(size), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,

@@ -145,6 +145,32 @@ WATCH_BITS: Final = WATCH_TCP_END | WATCH_ALL | WATCH_REQUEST
 #: array, not in ``watch``.
 IPV6_PAYLOAD: Final = 0x04
 
+# -- a label's row in the switching table -----------------------------------------------------------------------
+#: What a frame reads and counts of its label (valid, watch bits, IP version, ingress and output ports, peer MAC,
+#: the Ethernet addresses it leaves with, packets, bytes, last seen, last acknowledgment number) lies in one row
+#: of ROW_SIZE octets, one cache line, at ``label << ROW_SHIFT``: a frame at a label unrelated to the last one's
+#: misses the cache once, not once per field. The rows are read through typed views of the same memory, so each
+#: field's offset is given in its own unit. The MACs are kept as the integers their octets spell (big-endian),
+#: so a frame's source MAC is compared and its new Ethernet header packed without a byte string per label.
+ROW_SIZE: Final = 64
+ROW_SHIFT: Final = 6  # label << ROW_SHIFT: the row's first octet
+ROW_WORD_SHIFT: Final = 4  # label << ROW_WORD_SHIFT: its first 32-bit word
+ROW_QUAD_SHIFT: Final = 3  # label << ROW_QUAD_SHIFT: its first 64-bit word
+ROW_VALID: Final = 0  # octet: 1 while the label is installed
+ROW_WATCH: Final = 1  # octet: the watch bits
+ROW_V6: Final = 2  # octet: 1 when the payload under the label is IPv6
+ROW_IN_PORT: Final = 1  # signed 32-bit word: the ingress port id
+ROW_OUT_PORT: Final = 2  # signed 32-bit word: the output port id
+ROW_REWRITE_TAIL: Final = 3  # signed 32-bit word: octets 8-11 of the rewrite (our port's MAC's last four)
+ROW_PACKETS: Final = 2  # 64-bit word: frames switched or sent
+ROW_BYTES: Final = 3  # 64-bit word: their octets
+ROW_LAST_SEEN: Final = 4  # 64-bit float: when the last one was
+ROW_ACKS: Final = 5  # 64-bit word: ACK_KNOWN | the last acknowledgment number, 0 before any
+ROW_PEER: Final = 6  # 64-bit word: the peer MAC the label's frames must come from
+ROW_REWRITE: Final = 7  # 64-bit word: octets 0-7 of the rewrite (the next hop's MAC, our port's MAC's first two)
+#: The whole row, written at once when a label is installed (the valid octet last, on its own).
+ROW: Final = struct.Struct("=BBBxiiiQQdQQQ")
+
 # -- the kernel offload's map entry ----------------------------------------------------------------------------
 #: ``flags`` of a kernel entry.
 F_V6: Final = 0x01  # the payload under the label is IPv6 (peer IP at IPV6_SRC; TCP flags only right after the header)
@@ -631,6 +657,23 @@ __all__ = [
     "REQUEST_COPY",
     "REQUEST_FIELDS",
     "RESERVED_LABEL_MAX",
+    "ROW",
+    "ROW_ACKS",
+    "ROW_BYTES",
+    "ROW_IN_PORT",
+    "ROW_LAST_SEEN",
+    "ROW_OUT_PORT",
+    "ROW_PACKETS",
+    "ROW_PEER",
+    "ROW_QUAD_SHIFT",
+    "ROW_REWRITE",
+    "ROW_REWRITE_TAIL",
+    "ROW_SHIFT",
+    "ROW_SIZE",
+    "ROW_V6",
+    "ROW_VALID",
+    "ROW_WATCH",
+    "ROW_WORD_SHIFT",
     "S2C_MAX",
     "S2C_MIN",
     "SERVICE_KEY",

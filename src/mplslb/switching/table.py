@@ -40,7 +40,7 @@ order, as they happen.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -58,6 +58,23 @@ from mplslb.switching.layout import (
     LABEL_SPACE,
     MPLS_BOS,
     RESERVED_LABEL_MAX,
+    ROW,
+    ROW_ACKS,
+    ROW_BYTES,
+    ROW_IN_PORT,
+    ROW_LAST_SEEN,
+    ROW_OUT_PORT,
+    ROW_PACKETS,
+    ROW_PEER,
+    ROW_QUAD_SHIFT,
+    ROW_REWRITE,
+    ROW_REWRITE_TAIL,
+    ROW_SHIFT,
+    ROW_SIZE,
+    ROW_V6,
+    ROW_VALID,
+    ROW_WATCH,
+    ROW_WORD_SHIFT,
     WATCH_BITS,
     WATCH_TCP_END,
 )
@@ -76,6 +93,19 @@ _PORTS = struct.Struct("!HH")
 _PORT_MAX = 0xFFFF
 #: Byte strings :meth:`LabelSwitchingTable.install` interns per label (rewrite, peer, peer IP).
 _INTERNED_PER_LABEL = 3
+_WORD_SIZE, _QUAD_SIZE = 4, 8
+#: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
+ROW_DTYPE = np.dtype(
+    {
+        "names": ["valid", "watch", "v6", "in_port", "out_port", "packets", "bytes", "last_seen", "acks"],
+        "formats": [np.uint8, np.uint8, np.uint8, np.int32, np.int32, np.uint64, np.uint64, np.float64, np.uint64],
+        "offsets": [ROW_VALID, ROW_WATCH, ROW_V6]
+        + [at * _WORD_SIZE for at in (ROW_IN_PORT, ROW_OUT_PORT)]
+        + [at * _QUAD_SIZE for at in (ROW_PACKETS, ROW_BYTES, ROW_LAST_SEEN, ROW_ACKS)],
+        "itemsize": ROW_SIZE,
+    }
+)
+_T = TypeVar("_T", int, float)
 
 
 def flow_key(src: bytes, dst: bytes, ports: tuple[int, int]) -> bytes:
@@ -170,6 +200,31 @@ class Arrays(NamedTuple):
     acks: np.ndarray
 
 
+def _rewrite_fields(rewrite: bytes) -> tuple[int, int]:
+    """A 12-octet rewrite (next hop MAC, our port's MAC) as the row keeps it: (``ROW_REWRITE``,
+    ``ROW_REWRITE_TAIL``), octets 0-7 and 8-11 as big-endian integers, the second signed (a 32-bit word)."""
+    return int.from_bytes(rewrite[:8], "big"), int.from_bytes(rewrite[8:], "big", signed=True)
+
+
+class RowField(Generic[_T]):
+    """One field of every label's row, indexed by label like an array: for the control plane, readers and tests.
+    The fast paths index the row views themselves (:attr:`LabelSwitchingTable.hot`)."""
+
+    __slots__ = ("_at", "_shift", "_view")
+
+    def __init__(self, view: memoryview[Any], shift: int, at: int) -> None:
+        self._view, self._shift, self._at = view, shift, at
+
+    def __getitem__(self, label: int) -> _T:
+        return self._view[(label << self._shift) + self._at]  # type: ignore[no-any-return]
+
+    def __setitem__(self, label: int, value: _T) -> None:
+        self._view[(label << self._shift) + self._at] = value
+
+    def __len__(self) -> int:
+        return LABEL_SPACE
+
+
 class LabelSwitchingTable:
     """Label -> (line card, output port, next hop) in arrays indexed by label.
 
@@ -183,16 +238,22 @@ class LabelSwitchingTable:
         per-label arrays come from ``store`` (see :mod:`mplslb.state`)."""
         self._port_macs = dict(port_macs)
         self._port_places = dict(port_places)
-        self.valid = store.array("switching.valid", "B", LABEL_SPACE)
-        self.watch = store.array("switching.watch", "B", LABEL_SPACE)
-        self.v6 = store.array("switching.v6", "B", LABEL_SPACE)
-        self.out_port = store.array("switching.out_port", "i", LABEL_SPACE, -1)
-        self.in_port = store.array("switching.in_port", "i", LABEL_SPACE, -1)
-        self.packets = store.array("switching.packets", "Q", LABEL_SPACE)
-        self.bytes = store.array("switching.bytes", "Q", LABEL_SPACE)
-        self.last_seen = store.array("switching.last_seen", "d", LABEL_SPACE)
+        #: One row per label (:data:`~mplslb.switching.layout.ROW_SIZE` octets at ``label << ROW_SHIFT``), and the
+        #: same memory as 32-bit words, 64-bit words and 64-bit floats (see ``ROW_*`` for each field's offset).
+        self.rows = store.records("switching.rows", ROW_DTYPE, LABEL_SPACE, {"in_port": -1, "out_port": -1})
+        self.words = self.rows.cast("i")
+        self.quads = self.rows.cast("Q")
+        self.floats = self.rows.cast("d")
+        self.valid: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_VALID)
+        self.watch: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_WATCH)
+        self.v6: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_V6)
+        self.in_port: RowField[int] = RowField(self.words, ROW_WORD_SHIFT, ROW_IN_PORT)
+        self.out_port: RowField[int] = RowField(self.words, ROW_WORD_SHIFT, ROW_OUT_PORT)
+        self.packets: RowField[int] = RowField(self.quads, ROW_QUAD_SHIFT, ROW_PACKETS)
+        self.bytes: RowField[int] = RowField(self.quads, ROW_QUAD_SHIFT, ROW_BYTES)
+        self.last_seen: RowField[float] = RowField(self.floats, ROW_QUAD_SHIFT, ROW_LAST_SEEN)
         #: ACK_KNOWN | the last acknowledgment number of the label's TCP segments, 0 before any (module docstring).
-        self.acks = store.array("switching.acks", "Q", LABEL_SPACE)
+        self.acks: RowField[int] = RowField(self.quads, ROW_QUAD_SHIFT, ROW_ACKS)
         #: Where else labels' frames are switched and their acknowledgment numbers kept (the kernel offload).
         self.ack_stores: list[AckStore] = []
         # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
@@ -224,10 +285,7 @@ class LabelSwitchingTable:
         self._interned: dict[bytes, bytes] = {}
         self._arrays: Arrays | None = None
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
-        self.hot = (
-            self.valid, self.in_port, self.peer, self.peer_ip, self.v6, self.out_port, self.rewrite, self.packets,
-            self.bytes, self.last_seen, self.watch, self.drops, self.flow, self.acks,
-        )  # fmt: skip
+        self.hot = (self.rows, self.words, self.quads, self.floats, self.peer_ip, self.drops, self.flow)
 
     # -- the control plane -----------------------------------------------------------------------------------------
     def install(
@@ -318,15 +376,20 @@ class LabelSwitchingTable:
         now: float, dst_ip: bytes, flow: bytes,
     ) -> None:  # fmt: skip
         """Write a checked entry (:meth:`install`)."""
-        valid = self.valid
-        if valid[label]:
-            valid[label] = 0  # rebound: invalid while its fields change (see mplslb.state)
+        rows = self.rows
+        at = label << ROW_SHIFT
+        if rows[at]:
+            rows[at] = 0  # rebound: invalid while its fields change (see mplslb.state)
         else:
             self.installed += 1
-        self.watch[label] = watch & WATCH_BITS
-        self.v6[label] = 1 if watch & IPV6_PAYLOAD else 0
-        self.out_port[label] = out_port
-        self.in_port[label] = in_port
+        rewrite = next_hop + self._port_macs[out_port]
+        if type(peer) is not bytes:
+            peer = bytes(peer)
+        # The row at once, still invalid: counters and acknowledgment number start again.
+        v6 = 1 if watch & IPV6_PAYLOAD else 0
+        head, tail = _rewrite_fields(rewrite)
+        ROW.pack_into(rows, at, 0, watch & WATCH_BITS, v6, in_port, out_port, tail, 0, 0, now, 0,
+                      int.from_bytes(peer, "big"), head)  # fmt: skip
         # Many labels share these values (one rewrite per next hop and port, a router's MAC for all its clients,
         # the VIP as every S2C label's source): keep one object of each, about 100 bytes less per session. The
         # pool is bounded (cleared when it could fill: sharing is an economy, never a requirement).
@@ -334,18 +397,11 @@ class LabelSwitchingTable:
         if len(pool) > INTERN_LIMIT - _INTERNED_PER_LABEL:
             pool.clear()
         intern = pool.setdefault
-        rewrite = next_hop + self._port_macs[out_port]
         self.rewrite[label] = intern(rewrite, rewrite)
-        if type(peer) is not bytes:
-            peer = bytes(peer)
         self.peer[label] = intern(peer, peer)
         self.peer_ip[label] = intern(peer_ip, peer_ip)
         self.flow[label] = flow
         self.bound[label] = 1 if flow else 0
-        self.packets[label] = 0
-        self.bytes[label] = 0
-        self.last_seen[label] = now
-        self.acks[label] = 0
         generation = self.generation
         generation[label] = (generation[label] + 1) & 0xFFFFFFFF
         if self._kept is not None:
@@ -357,20 +413,22 @@ class LabelSwitchingTable:
             if flow:
                 kept.dst_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(dst_ip)] = dst_ip
                 kept.ports[label * L4_PORTS_LEN : (label + 1) * L4_PORTS_LEN] = flow[-L4_PORTS_LEN:]
-        valid[label] = 1  # last: the entry is complete
+        rows[at + ROW_VALID] = 1  # last: the entry is complete
         self.version += 1
         for mirror in self.mirrors:
             mirror.installed(label)
 
     def withdraw(self, label: int) -> None:
         """Remove ``label`` from the table: later frames with it are dropped as ``label_unknown``."""
-        was = self.valid[label]
+        rows, at = self.rows, label << ROW_SHIFT
+        was = rows[at + ROW_VALID]
         if was:
             self.installed -= 1
-        self.valid[label] = 0
-        self.watch[label] = 0
-        self.out_port[label] = -1
-        self.in_port[label] = -1
+        rows[at + ROW_VALID] = 0
+        rows[at + ROW_WATCH] = 0
+        words = self.words
+        words[(label << ROW_WORD_SHIFT) + ROW_OUT_PORT] = -1
+        words[(label << ROW_WORD_SHIFT) + ROW_IN_PORT] = -1
         self.rewrite[label] = b""
         self.peer[label] = b""
         self.peer_ip[label] = b""
@@ -397,6 +455,7 @@ class LabelSwitchingTable:
             at = label * ETH_ALEN
             self.rewrite[label] = self._intern(bytes(kept.next_hop[at : at + ETH_ALEN]) + self._port_macs[port])
             self.peer[label] = self._intern(bytes(kept.peer[at : at + ETH_ALEN]))
+            self._row_macs(label)
             at, size = label * PEER_IP_MAX, kept.peer_ip_len[label]
             self.peer_ip[label] = self._intern(bytes(kept.peer_ip[at : at + size]))
             if self.bound[label]:
@@ -431,6 +490,7 @@ class LabelSwitchingTable:
             self.peer[label] = self._intern(bytes(peer))
             if kept is not None:
                 kept.peer[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
+        self._row_macs(label)
         self.valid[label] = 1
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
         self.version += 1
@@ -456,6 +516,14 @@ class LabelSwitchingTable:
     def remove_mirror(self, mirror: Mirror) -> None:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
+
+    def _row_macs(self, label: int) -> None:
+        """Write ``label``'s rewrite and peer MAC into its row (see ``ROW_PEER``)."""
+        head, tail = _rewrite_fields(self.rewrite[label])
+        quad = label << ROW_QUAD_SHIFT
+        self.quads[quad + ROW_REWRITE] = head
+        self.quads[quad + ROW_PEER] = int.from_bytes(self.peer[label], "big")
+        self.words[(label << ROW_WORD_SHIFT) + ROW_REWRITE_TAIL] = tail
 
     def _intern(self, value: bytes) -> bytes:
         """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
@@ -485,12 +553,13 @@ class LabelSwitchingTable:
         segment's acknowledgment number, ACK set and RST clear; -1: none) for a TCP session's label."""
         entry = (label << LABEL_SHIFT) | (tc << TC_SHIFT) | MPLS_BOS | ttl
         labelled = b"".join((self.rewrite[label], MPLS_ETHERTYPE, ENTRY.pack(entry), frame[ip_offset:ip_end]))
-        out.append((self.out_port[label], labelled))
-        self.packets[label] += 1
-        self.bytes[label] += len(frame)
-        self.last_seen[label] = now
-        if ack >= 0 and self.watch[label] & WATCH_TCP_END:
-            self.acks[label] = ACK_KNOWN | ack
+        out.append((self.words[(label << ROW_WORD_SHIFT) + ROW_OUT_PORT], labelled))
+        quads, q = self.quads, label << ROW_QUAD_SHIFT
+        quads[q + ROW_PACKETS] += 1
+        quads[q + ROW_BYTES] += len(frame)
+        self.floats[q + ROW_LAST_SEEN] = now
+        if ack >= 0 and self.rows[(label << ROW_SHIFT) + ROW_WATCH] & WATCH_TCP_END:
+            quads[q + ROW_ACKS] = ACK_KNOWN | ack
             for store in self.ack_stores:
                 store.record_ack(label, ACK_KNOWN | ack)
 
@@ -529,18 +598,19 @@ class LabelSwitchingTable:
     def arrays(self) -> Arrays:
         """Numpy views over the per-label arrays (no copy; made once)."""
         if self._arrays is None:
+            rows = np.frombuffer(self.rows, dtype=ROW_DTYPE)
             self._arrays = Arrays(
-                np.frombuffer(self.valid, dtype=np.uint8),
-                np.frombuffer(self.watch, dtype=np.uint8),
-                np.frombuffer(self.v6, dtype=np.uint8),
-                np.frombuffer(self.out_port, dtype=np.int32),
-                np.frombuffer(self.in_port, dtype=np.int32),
-                np.frombuffer(self.packets, dtype=np.uint64),
-                np.frombuffer(self.bytes, dtype=np.uint64),
-                np.frombuffer(self.last_seen, dtype=np.float64),
+                rows["valid"],
+                rows["watch"],
+                rows["v6"],
+                rows["out_port"],
+                rows["in_port"],
+                rows["packets"],
+                rows["bytes"],
+                rows["last_seen"],
                 np.frombuffer(self.generation, dtype=np.uint32),
                 np.frombuffer(self.bound, dtype=np.uint8),
-                np.frombuffer(self.acks, dtype=np.uint64),
+                rows["acks"],
             )
         return self._arrays
 
@@ -553,8 +623,8 @@ class LabelSwitchingTable:
 
     def last_active(self, *labels: int) -> float:
         """The latest time a frame of any of ``labels`` was switched or sent."""
-        last_seen = self.last_seen
-        return max([last_seen[label] for label in labels])
+        floats = self.floats
+        return max([floats[(label << ROW_QUAD_SHIFT) + ROW_LAST_SEEN] for label in labels])
 
     def traffic(self, label: int) -> tuple[int, int]:
         """(packets, bytes) switched or sent on ``label`` since it was installed."""
