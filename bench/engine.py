@@ -50,7 +50,7 @@ from mplslb.balancer import Balancer
 from mplslb.labels import PAIRS
 from mplslb.switching import LABEL_SPACE, WATCH_ALL
 from mplslb.switching.block import BlockTables
-from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT
+from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SIZE
 from mplslb.wire.ethernet import ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.ipv4 import build_ipv4
@@ -629,7 +629,7 @@ def memory_child(kind: str, n: int) -> dict[str, Any]:
         after = rss_bytes()
         return {"kind": kind, "entries": len(table), "rss_before": before, "rss_after": after}
     start = rss_bytes()
-    b = Balancer(make_config())
+    b = Balancer(make_config(half_open_share=1.0))  # SYNs only: every pair in use, none refused as half-open
     if kind == "mplslb-block":
         ensure_block_tables(b)
     with_tables = rss_bytes()
@@ -680,7 +680,7 @@ def run_memory_child(kind: str, n: int, timeout: float) -> dict[str, Any]:
 def nominal_table_bytes() -> int:
     """The preallocated arrays' nominal size: switching (per label), label manager and session table (per pair),
     and the session table's key index (two slots per pair, rounded up to a power of two)."""
-    per_label = 3 * 1 + 4 + 4 + 2 + 8 + 8 + 8 + 3 * 8  # valid, watch, v6; in/out port; tcp_offset; counters; 3 lists
+    per_label = ROW_SIZE + 1 + 4 + 4 * 8  # the row; bound; generation; rewrite, peer, peer IP and flow lists
     per_pair = 4 + 4 + 8 + 1  # free ring, quarantine ring (label, release), state
     # session rows: 6 one-byte fields, client port and server (4 each), 4 times, key index home, key (40), MAC (6)
     per_session_row = 6 + 4 + 4 + 4 * 8 + 4 + 40 + 6

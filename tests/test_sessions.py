@@ -274,6 +274,21 @@ def test_the_half_open_fifo_stays_bounded_when_nothing_is_evicted(server: Server
     assert table.oldest_half_open() is None
 
 
+def test_the_half_open_queue_keeps_its_order_as_its_front_is_cut_off() -> None:
+    queue = sessions_module._RowQueue()
+    count = 3 * sessions_module._RowQueue.CUT
+    for row in range(count):
+        queue.append(row, row / 2)
+    for row in range(2 * sessions_module._RowQueue.CUT + 1):
+        assert queue.first() == (row, row / 2)
+        queue.pop_first()
+    assert len(queue.rows) < count and len(queue) == count - 2 * sessions_module._RowQueue.CUT - 1  # cut
+    assert queue.first() == (count - len(queue), (count - len(queue)) / 2)
+    odd = queue.kept(lambda row, at: row % 2 == 1)
+    assert odd.head == 0 and list(odd.rows) == [row for row in range(count - len(queue), count) if row % 2]
+    assert list(odd.times) == [row / 2 for row in odd.rows]
+
+
 def test_observe_times_syn_to_syn_ack_then_request_to_first_response_byte(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
     s = make(table, server, now=1.0)

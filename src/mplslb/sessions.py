@@ -65,7 +65,6 @@ from __future__ import annotations
 import math
 import struct
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -335,6 +334,45 @@ _BLOCK_SHIFT = 10
 _FULL_PASS_BLOCKS = 32
 
 
+class _RowQueue:
+    """Rows and a time for each (a TCP session's SYN), first in first out: two growing arrays read from ``head``
+    on, 12 octets an entry and no object per entry."""
+
+    __slots__ = ("head", "rows", "times")
+    #: Consumed entries are cut off the front once there are this many and they are half the arrays.
+    CUT = 4096
+
+    def __init__(self) -> None:
+        self.rows = array("I")
+        self.times = array("d")
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.rows) - self.head
+
+    def append(self, row: int, at: float) -> None:
+        self.rows.append(row)
+        self.times.append(at)
+
+    def first(self) -> tuple[int, float]:
+        return self.rows[self.head], self.times[self.head]
+
+    def pop_first(self) -> None:
+        self.head += 1
+        if self.head >= self.CUT and 2 * self.head >= len(self.rows):
+            del self.rows[: self.head]
+            del self.times[: self.head]
+            self.head = 0
+
+    def kept(self, keep: Callable[[int, float], bool]) -> _RowQueue:
+        """A queue of the entries ``keep`` keeps, in the same order."""
+        queue = _RowQueue()
+        for row, at in zip(self.rows[self.head :], self.times[self.head :], strict=True):
+            if keep(row, at):
+                queue.append(row, at)
+        return queue
+
+
 class SessionTable:
     """The session table: fixed-size records indexed by label pair, found by flow key or by C2S label.
 
@@ -419,7 +457,7 @@ class SessionTable:
         self.not_believed: dict[str, int] = {}
         # (row, its SYN's time) of TCP sessions in the order they opened; entries of rows no longer half-open
         # are skipped when met (and swept when they outnumber the live ones).
-        self._half_open_fifo: deque[tuple[int, float]] = deque()
+        self._half_open_fifo = _RowQueue()
         #: Told of every session opened (event None) and every change of state, with the event (not of the row's
         #: removal): a cluster node sends these to its peers (:mod:`mplslb.cluster`).
         self.on_change: Callable[[Session, SessionEvent | None], None] | None = None
@@ -511,9 +549,9 @@ class SessionTable:
 
     def _queue_half_open(self, pair: int, started: float) -> None:
         fifo = self._half_open_fifo
-        fifo.append((pair, started))
+        fifo.append(pair, started)
         if len(fifo) > 2 * self.half_open + 64:
-            self._half_open_fifo = deque(entry for entry in fifo if self._is_half_open(*entry))
+            self._half_open_fifo = fifo.kept(self._is_half_open)
 
     def _is_half_open(self, pair: int, started: float) -> bool:
         return self.state[pair] in _HALF_OPEN_CODES and self.start_time[pair] == started
@@ -521,11 +559,11 @@ class SessionTable:
     def oldest_half_open(self) -> Session | None:
         """The half-open TCP session that opened first, or None (amortised O(1): stale entries are dropped)."""
         fifo = self._half_open_fifo
-        while fifo:
-            pair, started = fifo[0]
+        while len(fifo):
+            pair, started = fifo.first()
             if self._is_half_open(pair, started):
                 return Session(self, pair)
-            fifo.popleft()
+            fifo.pop_first()
         return None
 
     def lookup(self, key: FlowKey) -> Session | None:
@@ -852,7 +890,7 @@ class SessionTable:
         live = [pair for pair in rows if state[pair] not in _FINAL_CODES and state[pair] != _ENDING]
         half_open = [pair for pair in live if state[pair] in _HALF_OPEN_CODES and self.proto[pair] == IPPROTO_TCP]
         half_open.sort(key=lambda pair: (self.start_time[pair], pair))  # the order they opened in
-        self._half_open_fifo = deque()
+        self._half_open_fifo = _RowQueue()
         self.half_open = len(half_open)
         self._count = len(rows)
         self.live = len(live)

@@ -1,11 +1,14 @@
-"""The label switching table of claim 5: label -> (line card, output port, next hop), in arrays indexed by label.
+"""The label switching table of claim 5: label -> (line card, output port, next hop), in rows indexed by label.
 
 Theory of operation
 -------------------
-The table lives in arrays preallocated over the whole 20-bit label space and indexed by the label, so a lookup is
-an index, never a hash of a header, and the memory a session adds is a few dozen bytes of array slots. It owns
-them: the fast paths in this package read and count through them, and everything outside reads them and changes
-them only through the table's methods:
+The table lives in rows preallocated over the whole 20-bit label space and indexed by the label, so a lookup is
+an index, never a hash of a header, and the memory a session adds is a few dozen bytes. One row per label holds
+what a frame reads and counts, in one cache line (:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the
+``ROW_*`` offsets); the byte strings a frame does not need on the common path (the flow binding, the peer IP,
+and the MACs as bytes for readers) sit in lists beside it, and a few arrays more (``bound``, ``generation``) serve
+the block path and the kernel offload. The table owns them: the fast paths in this package read and count
+through them, and everything outside reads them and changes them only through the table's methods:
 
 * the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
   :meth:`~LabelSwitchingTable.set_watch`, :meth:`~LabelSwitchingTable.repoint` (a neighbour's new MAC);
@@ -39,6 +42,7 @@ order, as they happen.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -200,6 +204,7 @@ class Arrays(NamedTuple):
     acks: np.ndarray
 
 
+@functools.lru_cache(maxsize=1024)  # few distinct values: one per next hop and port
 def _rewrite_fields(rewrite: bytes) -> tuple[int, int]:
     """A 12-octet rewrite (next hop MAC, our port's MAC) as the row keeps it: (``ROW_REWRITE``,
     ``ROW_REWRITE_TAIL``), octets 0-7 and 8-11 as big-endian integers, the second signed (a 32-bit word)."""
@@ -226,7 +231,7 @@ class RowField(Generic[_T]):
 
 
 class LabelSwitchingTable:
-    """Label -> (line card, output port, next hop) in arrays indexed by label.
+    """Label -> (line card, output port, next hop) in rows indexed by label.
 
     The arrays are public for reading; nothing outside :mod:`mplslb.switching` writes them.
     """
