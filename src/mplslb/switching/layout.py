@@ -147,15 +147,16 @@ IPV6_PAYLOAD: Final = 0x04
 
 # -- a label's row in the switching table -----------------------------------------------------------------------
 #: What a frame reads and counts of its label (valid, watch bits, IP version, ingress and output ports, peer MAC,
-#: the Ethernet addresses it leaves with, packets, bytes, last seen, last acknowledgment number) lies in one row
-#: of ROW_SIZE octets, one cache line, at ``label << ROW_SHIFT``: a frame at a label unrelated to the last one's
-#: misses the cache once, not once per field. The rows are read through typed views of the same memory, so each
-#: field's offset is given in its own unit. The MACs are kept as the integers their octets spell (big-endian),
-#: so a frame's source MAC is compared and its new Ethernet header packed without a byte string per label.
-ROW_SIZE: Final = 64
-ROW_SHIFT: Final = 6  # label << ROW_SHIFT: the row's first octet
-ROW_WORD_SHIFT: Final = 4  # label << ROW_WORD_SHIFT: its first 32-bit word
-ROW_QUAD_SHIFT: Final = 3  # label << ROW_QUAD_SHIFT: its first 64-bit word
+#: the Ethernet addresses it leaves with, packets, bytes, last seen, last acknowledgment number, and the flow key
+#: and peer IP it is bound to) lies in one row of ROW_SIZE octets, two cache lines side by side, at
+#: ``label << ROW_SHIFT``: a frame at a label unrelated to the last one's misses the cache for its row, not once
+#: per field, and a live session is no object at all. The rows are read through typed views of the same memory,
+#: so each field's offset is given in its own unit. The MACs are kept as the integers their octets spell
+#: (big-endian), so a frame's source MAC is compared and its new Ethernet header packed without a byte string.
+ROW_SIZE: Final = 128
+ROW_SHIFT: Final = 7  # label << ROW_SHIFT: the row's first octet
+ROW_WORD_SHIFT: Final = 5  # label << ROW_WORD_SHIFT: its first 32-bit word
+ROW_QUAD_SHIFT: Final = 4  # label << ROW_QUAD_SHIFT: its first 64-bit word
 ROW_VALID: Final = 0  # octet: 1 while the label is installed
 ROW_WATCH: Final = 1  # octet: the watch bits
 ROW_V6: Final = 2  # octet: 1 when the payload under the label is IPv6
@@ -168,6 +169,13 @@ ROW_LAST_SEEN: Final = 4  # 64-bit float: when the last one was
 ROW_ACKS: Final = 5  # 64-bit word: ACK_KNOWN | the last acknowledgment number, 0 before any
 ROW_PEER: Final = 6  # 64-bit word: the peer MAC the label's frames must come from
 ROW_REWRITE: Final = 7  # 64-bit word: octets 0-7 of the rewrite (the next hop's MAC, our port's MAC's first two)
+ROW_FLOW: Final = 64  # octets: the flow key (IP source, IP destination, the two ports), FLOW_MAX at most
+ROW_FLOW_LEN: Final = 100  # octet: the flow key's length, 0 when the label is bound to no flow
+ROW_PEER_IP_LEN: Final = 101  # octet: the peer IP's length, 0 when none is bound
+ROW_PEER_IP: Final = 104  # octets: the peer IP the label's frames must come from
+#: The longest flow key (IPv6) and peer IP.
+FLOW_MAX: Final = 36
+PEER_IP_MAX: Final = 16
 #: The whole row, written at once when a label is installed (the valid octet last, on its own).
 ROW: Final = struct.Struct("=BBBxiiiQQdQQQ")
 
@@ -584,6 +592,7 @@ __all__ = [
     "FLOW_FIELDS",
     "FLOW_KEY",
     "FLOW_KEY_FIELDS",
+    "FLOW_MAX",
     "FRAGMENT_HLEN",
     "FRAG_OFFSET_MASK",
     "F_FIN",
@@ -652,6 +661,7 @@ __all__ = [
     "NS_PER_MS",
     "NS_PER_S",
     "OPTION_HLEN",
+    "PEER_IP_MAX",
     "QUOTE_MASK",
     "REQUEST",
     "REQUEST_COPY",
@@ -660,11 +670,15 @@ __all__ = [
     "ROW",
     "ROW_ACKS",
     "ROW_BYTES",
+    "ROW_FLOW",
+    "ROW_FLOW_LEN",
     "ROW_IN_PORT",
     "ROW_LAST_SEEN",
     "ROW_OUT_PORT",
     "ROW_PACKETS",
     "ROW_PEER",
+    "ROW_PEER_IP",
+    "ROW_PEER_IP_LEN",
     "ROW_QUAD_SHIFT",
     "ROW_REWRITE",
     "ROW_REWRITE_TAIL",

@@ -85,11 +85,15 @@ from mplslb.switching.layout import (
     RESERVED_LABEL_MAX,
     ROW_ACKS,
     ROW_BYTES,
+    ROW_FLOW,
+    ROW_FLOW_LEN,
     ROW_IN_PORT,
     ROW_LAST_SEEN,
     ROW_OUT_PORT,
     ROW_PACKETS,
     ROW_PEER,
+    ROW_PEER_IP,
+    ROW_PEER_IP_LEN,
     ROW_QUAD_SHIFT,
     ROW_REWRITE,
     ROW_REWRITE_TAIL,
@@ -196,7 +200,7 @@ def switch_frame(
     in the table's ``drops`` under a named reason). ``hot`` is the table's :attr:`~LabelSwitchingTable.hot`:
     the label's row (one cache line) through its typed views, and the lists of byte strings, unpacked into locals
     here, which spares a dozen attribute lookups per frame."""
-    rows, words, quads, floats, peer_ip_of, drops, flow_of = hot
+    rows, words, quads, floats, drops = hot
     n = len(frame)
     if n < LABELLED_MIN:
         if n < LSE_AT or frame[ETH_TYPE : ETH_TYPE + 2] != MPLS_ETHERTYPE:
@@ -224,20 +228,22 @@ def switch_frame(
     if not entry & MPLS_BOS:
         return _drop(drops, "label_not_bottom")  # session labels are always the only entry
     ip = lse + LSE_LEN
-    key = flow_of[label]
+    bound = rows[row + ROW_FLOW_LEN]
     v6 = rows[row + ROW_V6]
     # A plain packet of the label's flow: IP source, destination and ports in one comparison (the docstring).
-    if not key or (
-        frame[ip + IPV6_SRC : ip + _V6_KEY_END] != key or frame[ip + IPV6_NEXT_HEADER] not in _PORTED
+    if not bound or (
+        frame[ip + IPV6_SRC : ip + _V6_KEY_END] != rows[row + ROW_FLOW : row + ROW_FLOW + bound]
+        or frame[ip + IPV6_NEXT_HEADER] not in _PORTED
         if v6
-        else frame[ip + IPV4_SRC : ip + _V4_KEY_END] != key or frame[ip] != IPV4_PLAIN
+        else frame[ip + IPV4_SRC : ip + _V4_KEY_END] != rows[row + ROW_FLOW : row + ROW_FLOW + bound]
+        or frame[ip] != IPV4_PLAIN
     ):
-        peer_ip = peer_ip_of[label]
-        if peer_ip:
+        size = rows[row + ROW_PEER_IP_LEN]
+        if size:
             at = ip + (IPV6_SRC if v6 else IPV4_SRC)
-            if frame[at : at + len(peer_ip)] != peer_ip:
+            if frame[at : at + size] != rows[row + ROW_PEER_IP : row + ROW_PEER_IP + size]:
                 return _drop(drops, "label_wrong_ingress")
-        if key and not in_flow(frame, ip, v6, key):
+        if bound and not in_flow(frame, ip, v6, bytes(rows[row + ROW_FLOW : row + ROW_FLOW + bound])):
             return _drop(drops, WRONG_FLOW)
     if (entry & MPLS_TTL_MASK) <= 1:
         return _drop(drops, "mpls_ttl_expired")

@@ -54,6 +54,7 @@ from mplslb.switching.layout import (
     ENTRY,
     ETH_ALEN,
     ETH_P_MPLS_UC,
+    FLOW_MAX,
     IPV4_ADDR_LEN,
     IPV6_ADDR_LEN,
     IPV6_PAYLOAD,
@@ -61,15 +62,20 @@ from mplslb.switching.layout import (
     LABEL_SHIFT,
     LABEL_SPACE,
     MPLS_BOS,
+    PEER_IP_MAX,
     RESERVED_LABEL_MAX,
     ROW,
     ROW_ACKS,
     ROW_BYTES,
+    ROW_FLOW,
+    ROW_FLOW_LEN,
     ROW_IN_PORT,
     ROW_LAST_SEEN,
     ROW_OUT_PORT,
     ROW_PACKETS,
     ROW_PEER,
+    ROW_PEER_IP,
+    ROW_PEER_IP_LEN,
     ROW_QUAD_SHIFT,
     ROW_REWRITE,
     ROW_REWRITE_TAIL,
@@ -88,15 +94,13 @@ from mplslb.wire.mpls import TC_SHIFT
 MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
 #: Distinct byte strings kept shared between labels (see :meth:`LabelSwitchingTable._intern`).
 INTERN_LIMIT = 1 << 16
-#: The longest peer IP (IPv6).
-PEER_IP_MAX = 16
 #: The drop reason of a frame outside its label's session flow.
 WRONG_FLOW = "label_wrong_flow"
 _SEQ_MASK = (1 << 32) - 1
 _PORTS = struct.Struct("!HH")
 _PORT_MAX = 0xFFFF
-#: Byte strings :meth:`LabelSwitchingTable.install` interns per label (rewrite, peer, peer IP).
-_INTERNED_PER_LABEL = 3
+#: Byte strings :meth:`LabelSwitchingTable.install` interns per label (rewrite, peer).
+_INTERNED_PER_LABEL = 2
 _WORD_SIZE, _QUAD_SIZE = 4, 8
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
@@ -230,6 +234,32 @@ class RowField(Generic[_T]):
         return LABEL_SPACE
 
 
+class RowBytes:
+    """A byte string of every label's row (its flow key, its peer IP), indexed by label like a list of bytes: for
+    the control plane, readers and tests. The fast paths read the row itself."""
+
+    __slots__ = ("_at", "_length_at", "_most", "_rows")
+
+    def __init__(self, rows: memoryview, at: int, length_at: int, most: int) -> None:
+        self._rows, self._at, self._length_at, self._most = rows, at, length_at, most
+
+    def __getitem__(self, label: int) -> bytes:
+        row = label << ROW_SHIFT
+        start = row + self._at
+        return bytes(self._rows[start : start + self._rows[row + self._length_at]])
+
+    def __setitem__(self, label: int, value: bytes) -> None:
+        if len(value) > self._most:
+            raise ValueError(f"{len(value)} octets do not fit in a row's {self._most}")
+        row = label << ROW_SHIFT
+        start = row + self._at
+        self._rows[start : start + len(value)] = value
+        self._rows[row + self._length_at] = len(value)
+
+    def __len__(self) -> int:
+        return LABEL_SPACE
+
+
 class LabelSwitchingTable:
     """Label -> (line card, output port, next hop) in rows indexed by label.
 
@@ -264,10 +294,10 @@ class LabelSwitchingTable:
         # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
         self.rewrite: list[bytes] = [b""] * LABEL_SPACE
         self.peer: list[bytes] = [b""] * LABEL_SPACE
-        self.peer_ip: list[bytes] = [b""] * LABEL_SPACE
+        self.peer_ip = RowBytes(self.rows, ROW_PEER_IP, ROW_PEER_IP_LEN, PEER_IP_MAX)
         # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
         # unbound; ``bound`` says the same for the block path.
-        self.flow: list[bytes] = [b""] * LABEL_SPACE
+        self.flow = RowBytes(self.rows, ROW_FLOW, ROW_FLOW_LEN, FLOW_MAX)
         self.bound = store.array("switching.bound", "B", LABEL_SPACE)
         # A persistent store also keeps the byte strings above in fixed-width columns, to rebuild them from.
         self._kept: Kept | None = None
@@ -290,7 +320,7 @@ class LabelSwitchingTable:
         self._interned: dict[bytes, bytes] = {}
         self._arrays: Arrays | None = None
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
-        self.hot = (self.rows, self.words, self.quads, self.floats, self.peer_ip, self.drops, self.flow)
+        self.hot = (self.rows, self.words, self.quads, self.floats, self.drops)
 
     # -- the control plane -----------------------------------------------------------------------------------------
     def install(
@@ -404,8 +434,10 @@ class LabelSwitchingTable:
         intern = pool.setdefault
         self.rewrite[label] = intern(rewrite, rewrite)
         self.peer[label] = intern(peer, peer)
-        self.peer_ip[label] = intern(peer_ip, peer_ip)
-        self.flow[label] = flow
+        rows[at + ROW_PEER_IP : at + ROW_PEER_IP + len(peer_ip)] = peer_ip
+        rows[at + ROW_PEER_IP_LEN] = len(peer_ip)
+        rows[at + ROW_FLOW : at + ROW_FLOW + len(flow)] = flow
+        rows[at + ROW_FLOW_LEN] = len(flow)
         self.bound[label] = 1 if flow else 0
         generation = self.generation
         generation[label] = (generation[label] + 1) & 0xFFFFFFFF
@@ -462,7 +494,7 @@ class LabelSwitchingTable:
             self.peer[label] = self._intern(bytes(kept.peer[at : at + ETH_ALEN]))
             self._row_macs(label)
             at, size = label * PEER_IP_MAX, kept.peer_ip_len[label]
-            self.peer_ip[label] = self._intern(bytes(kept.peer_ip[at : at + size]))
+            self.peer_ip[label] = bytes(kept.peer_ip[at : at + size])
             if self.bound[label]:
                 at_ports = label * L4_PORTS_LEN
                 self.flow[label] = (
