@@ -94,7 +94,7 @@ def test_without_a_store_the_tables_keep_their_heap_arrays() -> None:
     assert balancer.switching.rows.nbytes == ROW_SIZE * LABEL_SPACE
     assert np.frombuffer(balancer.switching.rows, dtype=np.uint8).ctypes.data % ROW_SIZE == 0  # a line per row
     assert balancer.switching.out_port[20] == balancer.switching.in_port[20] == -1
-    assert balancer.switching._kept is None  # no extra columns off the persistent path
+    assert not balancer.switching._persistent
 
 
 def test_sessions_labels_and_entries_survive_a_restart(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -26,9 +26,9 @@ interrupted at adoption.
 
 Adoption (:func:`open_balancer`): when the header, the layout and the configuration all agree, the balancer is built
 over the mapped arrays and :func:`adopt` rebuilds what is derived (the flow-key index, the free and quarantine rings
-of the label manager, the per-label byte strings of the switching table with each label's flow binding, the session
-counts, the half-open sessions' queue, the deadlines, the pool's active-session counters; an ENDING session counts
-for no server and lingers until its close's time plus the linger). Otherwise the reason is logged as one
+of the label manager, the switching table's MACs as byte strings, its rows holding the rest, flow bindings too;
+the session counts, the half-open sessions' queue, the deadlines, the pool's active-session counters; an ENDING
+session counts for no server and lingers until its close's time plus the linger). Otherwise the reason is logged as one
 ``key=value`` line, the old files are moved aside (``*.old``) and the daemon starts clean; ``--fresh`` starts clean
 on purpose. :data:`FORMAT_VERSION` changes with what a column's values mean (the session state codes).
 

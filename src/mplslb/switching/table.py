@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-The table lives in rows preallocated over the whole 20-bit label space and indexed by the label, so a lookup is
-an index, never a hash of a header, and the memory a session adds is a few dozen bytes. One row per label holds
-what a frame reads and counts, in one cache line (:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the
-``ROW_*`` offsets); the byte strings a frame does not need on the common path (the flow binding, the peer IP,
-and the MACs as bytes for readers) sit in lists beside it, and a few arrays more (``bound``, ``generation``) serve
-the block path and the kernel offload. The table owns them: the fast paths in this package read and count
-through them, and everything outside reads them and changes them only through the table's methods:
+The table lives in rows preallocated over the whole 20-bit label space and indexed by the label, so a lookup is an
+index, never a hash of a header, and a session adds no object of its own. One row per label holds what a frame reads
+and counts, the flow binding and peer IP included, on two adjacent cache lines
+(:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the ``ROW_*`` offsets); the MACs as byte strings for readers
+and the slow path's sends sit in lists beside it (interned: one object per distinct value), and two arrays more
+(``bound``, ``generation``) serve the block path and the kernel offload. The table owns them: the fast paths in this
+package read and count through them, and everything outside reads them and changes them only through the table's
+methods:
 
 * the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
   :meth:`~LabelSwitchingTable.set_watch`, :meth:`~LabelSwitchingTable.repoint` (a neighbour's new MAC);
@@ -48,7 +49,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
-from mplslb.state import HEAP, Allocator, Column
+from mplslb.state import HEAP, Allocator
 from mplslb.switching.layout import (
     ACK_KNOWN,
     ENTRY,
@@ -102,6 +103,7 @@ _PORT_MAX = 0xFFFF
 #: Byte strings :meth:`LabelSwitchingTable.install` interns per label (rewrite, peer).
 _INTERNED_PER_LABEL = 2
 _WORD_SIZE, _QUAD_SIZE = 4, 8
+_REWRITE_HEAD = _QUAD_SIZE  # the rewrite's octets in ROW_REWRITE; the rest are ROW_REWRITE_TAIL's
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
@@ -128,18 +130,6 @@ def flow_parts(key: bytes) -> tuple[bytes, bytes]:
         return b"", b""
     size = (len(key) - L4_PORTS_LEN) // 2
     return key[size : 2 * size], key[2 * size :]
-
-
-class Kept(NamedTuple):
-    """The per-label byte strings in fixed-width columns of a persistent store (:mod:`mplslb.state`), what
-    :meth:`LabelSwitchingTable.restore` rebuilds them from; IP addresses are ``peer_ip_len`` octets long."""
-
-    next_hop: Column
-    peer: Column
-    peer_ip: Column
-    peer_ip_len: Column
-    dst_ip: Column  # of a bound label (``bound``), as long as its peer IP
-    ports: Column  # of a bound label: source and destination port as on the wire
 
 
 class SwitchEntry(NamedTuple):
@@ -212,7 +202,7 @@ class Arrays(NamedTuple):
 def _rewrite_fields(rewrite: bytes) -> tuple[int, int]:
     """A 12-octet rewrite (next hop MAC, our port's MAC) as the row keeps it: (``ROW_REWRITE``,
     ``ROW_REWRITE_TAIL``), octets 0-7 and 8-11 as big-endian integers, the second signed (a 32-bit word)."""
-    return int.from_bytes(rewrite[:8], "big"), int.from_bytes(rewrite[8:], "big", signed=True)
+    return int.from_bytes(rewrite[:_REWRITE_HEAD], "big"), int.from_bytes(rewrite[_REWRITE_HEAD:], "big", signed=True)
 
 
 class RowField(Generic[_T]):
@@ -299,17 +289,8 @@ class LabelSwitchingTable:
         # unbound; ``bound`` says the same for the block path.
         self.flow = RowBytes(self.rows, ROW_FLOW, ROW_FLOW_LEN, FLOW_MAX)
         self.bound = store.array("switching.bound", "B", LABEL_SPACE)
-        # A persistent store also keeps the byte strings above in fixed-width columns, to rebuild them from.
-        self._kept: Kept | None = None
-        if store.persistent:
-            self._kept = Kept(
-                store.array("switching.next_hop", "B", ETH_ALEN * LABEL_SPACE),
-                store.array("switching.peer", "B", ETH_ALEN * LABEL_SPACE),
-                store.array("switching.peer_ip", "B", PEER_IP_MAX * LABEL_SPACE),
-                store.array("switching.peer_ip_len", "B", LABEL_SPACE),
-                store.array("switching.dst_ip", "B", PEER_IP_MAX * LABEL_SPACE),
-                store.array("switching.ports", "B", L4_PORTS_LEN * LABEL_SPACE),
-            )
+        # In a persistent store the rows outlive the process; the byte strings above are rebuilt from them.
+        self._persistent = store.persistent
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
         #: table (the block path's) can tell whether it still stands.
@@ -364,7 +345,7 @@ class LabelSwitchingTable:
             if len(ports) != 2 or not (0 <= ports[0] <= _PORT_MAX and 0 <= ports[1] <= _PORT_MAX):
                 raise ValueError(f"ports {ports} are not two ports of 0-65535")
             flow = peer_ip + bytes(dst_ip) + _PORTS.pack(*ports)
-        self._put(label, out_port, bytes(next_hop), in_port, peer, peer_ip, watch, now, dst_ip, flow)
+        self._put(label, out_port, bytes(next_hop), in_port, peer, peer_ip, watch, now, flow)
 
     def install_pair(
         self,
@@ -401,14 +382,14 @@ class LabelSwitchingTable:
         src, dst = bytes(src), bytes(dst)
         client_mac, server_mac = bytes(client_mac), bytes(server_mac)
         pack = _PORTS.pack
-        self._put(c2s, server_port, server_mac, client_port, client_mac, src, c2s_watch, c2s_seen, dst,
+        self._put(c2s, server_port, server_mac, client_port, client_mac, src, c2s_watch, c2s_seen,
                   src + dst + pack(sport, dport))  # fmt: skip
-        self._put(c2s + 1, client_port, client_mac, server_port, server_mac, dst, s2c_watch, s2c_seen, src,
+        self._put(c2s + 1, client_port, client_mac, server_port, server_mac, dst, s2c_watch, s2c_seen,
                   dst + src + pack(dport, sport))  # fmt: skip
 
     def _put(
         self, label: int, out_port: int, next_hop: bytes, in_port: int, peer: bytes, peer_ip: bytes, watch: int,
-        now: float, dst_ip: bytes, flow: bytes,
+        now: float, flow: bytes,
     ) -> None:  # fmt: skip
         """Write a checked entry (:meth:`install`)."""
         rows = self.rows
@@ -441,15 +422,6 @@ class LabelSwitchingTable:
         self.bound[label] = 1 if flow else 0
         generation = self.generation
         generation[label] = (generation[label] + 1) & 0xFFFFFFFF
-        if self._kept is not None:
-            kept = self._kept
-            kept.next_hop[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
-            kept.peer[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
-            kept.peer_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(peer_ip)] = peer_ip
-            kept.peer_ip_len[label] = len(peer_ip)
-            if flow:
-                kept.dst_ip[label * PEER_IP_MAX : label * PEER_IP_MAX + len(dst_ip)] = dst_ip
-                kept.ports[label * L4_PORTS_LEN : (label + 1) * L4_PORTS_LEN] = flow[-L4_PORTS_LEN:]
         rows[at + ROW_VALID] = 1  # last: the entry is complete
         self.version += 1
         for mirror in self.mirrors:
@@ -478,30 +450,22 @@ class LabelSwitchingTable:
                 mirror.withdrawn(label)
 
     def restore(self) -> None:
-        """Rebuild the byte strings (rewrite, peer, peer IP, flow binding) and the count of the installed labels
-        after adopting the arrays from a persistent store (:mod:`mplslb.state`)."""
-        if self._kept is None:
+        """Rebuild the MACs as byte strings (rewrite, peer) from the rows, and the count of the installed labels,
+        after adopting the rows from a persistent store (:mod:`mplslb.state`); the rows hold the rest."""
+        if not self._persistent:
             raise ValueError("restore needs a persistent store")
-        kept = self._kept
+        quads = self.quads
         labels = np.flatnonzero(self.arrays().valid)
         for label in labels.tolist():
             port = self.out_port[label]
             if port not in self._port_macs or self.in_port[label] not in self._port_macs:
                 self.withdraw(label)  # bound to a port this table does not have: never forwarded
                 continue
-            at = label * ETH_ALEN
-            self.rewrite[label] = self._intern(bytes(kept.next_hop[at : at + ETH_ALEN]) + self._port_macs[port])
-            self.peer[label] = self._intern(bytes(kept.peer[at : at + ETH_ALEN]))
+            quad = label << ROW_QUAD_SHIFT
+            next_hop = quads[quad + ROW_REWRITE].to_bytes(_REWRITE_HEAD, "big")[:ETH_ALEN]
+            self.rewrite[label] = self._intern(next_hop + self._port_macs[port])
+            self.peer[label] = self._intern(quads[quad + ROW_PEER].to_bytes(ETH_ALEN, "big"))
             self._row_macs(label)
-            at, size = label * PEER_IP_MAX, kept.peer_ip_len[label]
-            self.peer_ip[label] = bytes(kept.peer_ip[at : at + size])
-            if self.bound[label]:
-                at_ports = label * L4_PORTS_LEN
-                self.flow[label] = (
-                    self.peer_ip[label]
-                    + bytes(kept.dst_ip[at : at + size])
-                    + bytes(kept.ports[at_ports : at_ports + L4_PORTS_LEN])
-                )
         self.installed = int(np.count_nonzero(self.arrays().valid))
 
     def next_hop_of(self, label: int) -> bytes:
@@ -516,17 +480,11 @@ class LabelSwitchingTable:
         for mac in (next_hop, peer):
             if mac is not None and len(mac) != ETH_ALEN:
                 raise ValueError("next_hop and peer must be 6-byte MAC addresses")
-        kept = self._kept
-        if kept is not None:
-            self.valid[label] = 0  # invalid while its fields change (see mplslb.state)
+        self.valid[label] = 0  # invalid while its fields change (see mplslb.state)
         if next_hop is not None:
             self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[self.out_port[label]])
-            if kept is not None:
-                kept.next_hop[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = next_hop
         if peer is not None:
             self.peer[label] = self._intern(bytes(peer))
-            if kept is not None:
-                kept.peer[label * ETH_ALEN : label * ETH_ALEN + ETH_ALEN] = peer
         self._row_macs(label)
         self.valid[label] = 1
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
