@@ -25,7 +25,7 @@ from helpers import (
     tcp,
     udp,
 )
-from mplslb.balancer import Balancer
+from mplslb.balancer import TIMER_GRANULARITY, TIMER_SESSIONS, Balancer
 from mplslb.balancing.servers import ServerConfig
 from mplslb.endpoint import ClientEndpoint
 from mplslb.flow import FlowKey
@@ -68,6 +68,37 @@ def test_unlabelled_reply_from_the_sessions_server_gets_the_s2c_label() -> None:
     forged = build_ethernet(bytes.fromhex("02b000000002"), other.mac, ETH_P_IP) + reply
     assert net.balancer.receive(other.port_id, forged, net.now) == []
     assert net.balancer.stats().drops["server_wrong_source"] == 1
+
+
+def test_a_mass_idle_timeout_is_taken_a_bounded_number_of_sessions_per_call() -> None:
+    net = Net(make_config(timeouts=Timeouts(udp=5.0), max_sessions=0))
+    b = net.balancer
+    count = 2 * TIMER_SESSIONS + 100
+    for flow in range(count):  # opened 1 ms apart: they idle out in the order they opened
+        net.now = flow / 1000
+        assert net.from_client(0, udp(client_addr(flow % 200), VIP, 10000 + flow, 53))
+    assert len(b.sessions) == count
+    first_due = 5.0
+    now = count / 1000 + 5.0  # all of them due at once
+    assert b.next_deadline() == first_due
+    ended = 0
+    for call in range(3):
+        b.on_timer(now)
+        ended = b.stats().sessions_ended.get("idle_timeout", 0)
+        assert ended == min(count, (call + 1) * TIMER_SESSIONS)
+        if ended < count:  # the rest wait for the next call, a turn of the loop later
+            assert b.next_deadline() == now + TIMER_GRANULARITY
+            now += TIMER_GRANULARITY
+    assert len(b.sessions) == 0 and b.next_deadline() != now
+    # The oldest went first: what is left after one call is the newest.
+    net2 = Net(make_config(timeouts=Timeouts(udp=5.0), max_sessions=0))
+    labels = []
+    for flow in range(TIMER_SESSIONS + 10):
+        net2.now = flow / 1000
+        labels.append(label_of(net2.from_client(0, udp(client_addr(flow % 200), VIP, 10000 + flow, 53))[0][1]))
+    net2.balancer.on_timer(100.0)
+    left = [flow for flow, c2s in enumerate(labels) if net2.balancer.sessions.by_c2s(c2s) is not None]
+    assert left == list(range(TIMER_SESSIONS, TIMER_SESSIONS + 10))
 
 
 def test_udp_session_ends_on_idle_timeout_and_labels_wait_in_quarantine() -> None:

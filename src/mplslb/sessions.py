@@ -917,9 +917,10 @@ class SessionTable:
     def next_deadline(self) -> float | None:
         return None if self._count == 0 or self._next == math.inf else self._next
 
-    def due(self, now: float) -> list[Session]:
-        """Sessions whose deadline has come, earliest first. The rest set the next deadline. Only the blocks of rows
-        whose lower bound has come are read, and their bounds made exact (the rows not yet due)."""
+    def due(self, now: float, limit: int | None = None) -> list[Session]:
+        """Sessions whose deadline has come, earliest first, at most ``limit`` of them: the rest stay due (their
+        blocks' bounds and the next deadline say so). The rows not due set the next deadline. Only the blocks of
+        rows whose lower bound has come are read, and their bounds made exact."""
         if self._count == 0 or now < self._next:
             return []
         bounds = self._np_block_min
@@ -946,4 +947,8 @@ class SessionTable:
         rows = np.concatenate(found) if len(found) > 1 else found[0] if found else np.empty(0, dtype=np.intp)
         if rows.size > 1:
             rows = rows[np.argsort(deadline[rows], kind="stable")]
-        return [Session(self, int(pair)) for pair in rows]
+        if limit is not None and rows.size > limit:
+            rows, rest = rows[:limit], rows[limit:]
+            np.minimum.at(bounds, rest >> _BLOCK_SHIFT, deadline[rest])
+            self._next = min(self._next, float(deadline[rest[0]]))
+        return [Session(self, int(pair)) for pair in rows.tolist()]
