@@ -12,9 +12,10 @@ sys.path.insert(0, str(BENCH))
 
 from engine import open_sessions  # noqa: E402
 from frames import c2s_of_flow, make_config  # noqa: E402
-from mplslb.balancer import Balancer  # noqa: E402
+from mplslb.balancer import TIMER_SESSIONS, Balancer  # noqa: E402
 from mplslb.sessions import SessionState  # noqa: E402
 from mplslb.wire.ip import IPPROTO_UDP  # noqa: E402
+from timers import mass_idle_out  # noqa: E402
 
 
 def test_the_benchmarks_sessions_reach_the_steady_state() -> None:
@@ -24,3 +25,9 @@ def test_the_benchmarks_sessions_reach_the_steady_state() -> None:
     assert states == {SessionState.ESTABLISHED}
     open_sessions(balancer, range(300, 400), proto=IPPROTO_UDP)
     assert balancer.stats().sessions_active == 400
+
+
+def test_the_mass_idle_out_bench_runs_the_timers_in_bounded_runs_and_its_reference_in_one() -> None:
+    count = 2 * TIMER_SESSIONS + 1
+    assert mass_idle_out(count, unbounded=False)[0] == 3  # it raises if a session is left
+    assert mass_idle_out(count, unbounded=True)[0] == 1
