@@ -188,7 +188,7 @@ def in_flow(frame: bytes | memoryview, ip: int, v6: int, key: bytes) -> bool:
 
 
 def switch_frame(
-    hot: tuple,  # type: ignore[type-arg]  # LabelSwitchingTable.hot: the row views and lists, in one tuple
+    hot: tuple,  # type: ignore[type-arg]  # LabelSwitchingTable.hot: the row views and drops, in one tuple
     port: int,
     frame: bytes | memoryview,
     now: float,
@@ -198,8 +198,8 @@ def switch_frame(
     """Switch one frame that arrived on ``port``: append ``(out_port, frame)`` to ``out`` and return the output
     port, or return :data:`NOT_LABELLED` (untouched: for the packet analyzing unit) or :data:`DROPPED` (counted
     in the table's ``drops`` under a named reason). ``hot`` is the table's :attr:`~LabelSwitchingTable.hot`:
-    the label's row (one cache line) through its typed views, and the lists of byte strings, unpacked into locals
-    here, which spares a dozen attribute lookups per frame."""
+    the typed views of the table's rows (a label's row is two adjacent cache lines) and its drop counters,
+    unpacked into locals here, which spares a dozen attribute lookups per frame."""
     rows, words, quads, floats, drops = hot
     n = len(frame)
     if n < LABELLED_MIN:

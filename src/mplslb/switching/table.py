@@ -6,10 +6,9 @@ The table lives in rows preallocated over the whole 20-bit label space and index
 index, never a hash of a header, and a session adds no object of its own. One row per label holds what a frame reads
 and counts, the flow binding and peer IP included, on two adjacent cache lines
 (:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the ``ROW_*`` offsets); the MACs as byte strings for readers
-and the slow path's sends sit in lists beside it (interned: one object per distinct value), and two arrays more
-(``bound``, ``generation``) serve the block path and the kernel offload. The table owns them: the fast paths in this
-package read and count through them, and everything outside reads them and changes them only through the table's
-methods:
+and the slow path's sends sit in lists beside it (interned: one object per distinct value), and one array more
+(``generation``) serves the block path and the kernel offload. The table owns them: the fast paths in this package
+read and count through them, and everything outside reads them and changes them only through the table's methods:
 
 * the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
   :meth:`~LabelSwitchingTable.set_watch`, :meth:`~LabelSwitchingTable.repoint` (a neighbour's new MAC);
@@ -107,9 +106,9 @@ _REWRITE_HEAD = _QUAD_SIZE  # the rewrite's octets in ROW_REWRITE; the rest are 
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
-        "names": ["valid", "watch", "v6", "in_port", "out_port", "packets", "bytes", "last_seen", "acks"],
-        "formats": [np.uint8, np.uint8, np.uint8, np.int32, np.int32, np.uint64, np.uint64, np.float64, np.uint64],
-        "offsets": [ROW_VALID, ROW_WATCH, ROW_V6]
+        "names": ["valid", "watch", "v6", "flow_len", "in_port", "out_port", "packets", "bytes", "last_seen", "acks"],
+        "formats": [np.uint8] * 4 + [np.int32, np.int32, np.uint64, np.uint64, np.float64, np.uint64],
+        "offsets": [ROW_VALID, ROW_WATCH, ROW_V6, ROW_FLOW_LEN]
         + [at * _WORD_SIZE for at in (ROW_IN_PORT, ROW_OUT_PORT)]
         + [at * _QUAD_SIZE for at in (ROW_PACKETS, ROW_BYTES, ROW_LAST_SEEN, ROW_ACKS)],
         "itemsize": ROW_SIZE,
@@ -133,7 +132,7 @@ def flow_parts(key: bytes) -> tuple[bytes, bytes]:
 
 
 class SwitchEntry(NamedTuple):
-    """One row of the label switching table, for display and tests (the hot path reads the arrays)."""
+    """One row of the label switching table, for display and tests (the hot path reads the rows)."""
 
     label: int
     line_card: int
@@ -286,9 +285,9 @@ class LabelSwitchingTable:
         self.peer: list[bytes] = [b""] * LABEL_SPACE
         self.peer_ip = RowBytes(self.rows, ROW_PEER_IP, ROW_PEER_IP_LEN, PEER_IP_MAX)
         # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
-        # unbound; ``bound`` says the same for the block path.
+        # unbound; ``bound`` (the key's length) says the same for the block path.
         self.flow = RowBytes(self.rows, ROW_FLOW, ROW_FLOW_LEN, FLOW_MAX)
-        self.bound = store.array("switching.bound", "B", LABEL_SPACE)
+        self.bound: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_FLOW_LEN)
         # In a persistent store the rows outlive the process; the byte strings above are rebuilt from them.
         self._persistent = store.persistent
         self.installed = 0
@@ -419,7 +418,6 @@ class LabelSwitchingTable:
         rows[at + ROW_PEER_IP_LEN] = len(peer_ip)
         rows[at + ROW_FLOW : at + ROW_FLOW + len(flow)] = flow
         rows[at + ROW_FLOW_LEN] = len(flow)
-        self.bound[label] = 1 if flow else 0
         generation = self.generation
         generation[label] = (generation[label] + 1) & 0xFFFFFFFF
         rows[at + ROW_VALID] = 1  # last: the entry is complete
@@ -442,7 +440,6 @@ class LabelSwitchingTable:
         self.peer[label] = b""
         self.peer_ip[label] = b""
         self.flow[label] = b""
-        self.bound[label] = 0
         if was:
             self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
             self.version += 1
@@ -604,7 +601,7 @@ class LabelSwitchingTable:
                 rows["bytes"],
                 rows["last_seen"],
                 np.frombuffer(self.generation, dtype=np.uint32),
-                np.frombuffer(self.bound, dtype=np.uint8),
+                rows["flow_len"],
                 rows["acks"],
             )
         return self._arrays
