@@ -49,7 +49,6 @@ from frames import ACK, SYN, VIP, build, c2s_of_flow, client_ip, frame_block, ma
 from mplslb.balancer import Balancer
 from mplslb.labels import PAIRS
 from mplslb.switching import LABEL_SPACE, WATCH_ALL
-from mplslb.switching.block import BlockTables
 from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SIZE
 from mplslb.wire.ethernet import ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -313,7 +312,7 @@ def has_block_path(balancer: Balancer) -> bool:
 
 
 def ensure_block_tables(balancer: Balancer) -> bool:
-    """Make the block path's numpy mirrors exist (they are made on its first use), with one empty block."""
+    """Run the block path once, on an empty block (it makes its views of the table and its scratch array)."""
     if not has_block_path(balancer):
         return False
     empty = np.zeros(0, dtype=np.int64)
@@ -483,69 +482,54 @@ def section_new(world: World) -> list[Row]:
     cmd = command_for("new")
     existing = build(world.live(world.tcp, kn), flags=ACK, payload=b"")
     floor_frames = build(range(PAIRS, PAIRS + kn), flags=SYN)
-    rows: list[Row] = []
-    mirrors = any(isinstance(m, BlockTables) for m in b.switching.mirrors)
-    for with_mirrors in (False, True):
-        if with_mirrors and not mirrors and not ensure_block_tables(b):
-            break
-        if not with_mirrors and mirrors:
-            continue  # the block path already ran on this balancer: its mirrors cannot be taken back
-        batches = [build(world.fresh(kn), flags=SYN) for _ in range(plan.repeats + 1)]
-        it = iter(batches)
-        before = len(b.sessions)
-        timings = time_interleaved(
-            {
-                "new": lambda it=it: feed(b, next(it)),
-                "existing": lambda: feed(b, existing),
-                "floor": lambda: minimal_insert(floor_frames),
-            },
-            repeats=plan.repeats,
-            budget_s=plan.budget_s * 2,
-        )
-        new, old, floor = timings["new"], timings["existing"], timings["floor"]
-        what = "with the block path's numpy mirrors" if with_mirrors else "scalar tables only"
-        note = (
-            f"TCP SYNs of fresh flows, {before:,} -> {len(b.sessions):,} sessions; round_robin; {what} "
-            "(the mirrors exist once receive_block has run, and every install writes them too)"
-        )
-        label = "new sessions/s" + (", block mirrors on" if with_mirrors else "")
-        rows.append(
-            at_least(
-                Row(
-                    "new",
-                    f"{label}",
-                    new.per_second,
-                    "sessions/s",
-                    "existing-session frames/s (slow path)",
-                    old.per_second,
-                    target=">= 100,000 sessions/s",
-                    note=note,
-                    command=cmd,
-                    extra={"ns": new.runs_ns, "existing_ns": old.runs_ns},
-                ),
+    batches = [build(world.fresh(kn), flags=SYN) for _ in range(plan.repeats + 1)]
+    it = iter(batches)
+    before = len(b.sessions)
+    timings = time_interleaved(
+        {
+            "new": lambda: feed(b, next(it)),
+            "existing": lambda: feed(b, existing),
+            "floor": lambda: minimal_insert(floor_frames),
+        },
+        repeats=plan.repeats,
+        budget_s=plan.budget_s * 2,
+    )
+    new, old, floor = timings["new"], timings["existing"], timings["floor"]
+    note = f"TCP SYNs of fresh flows, {before:,} -> {len(b.sessions):,} sessions; round_robin"
+    return [
+        at_least(
+            Row(
+                "new",
+                "new sessions/s",
                 new.per_second,
-                1e5,
-            )
-        )
-        rows.append(
-            at_least(
-                Row(
-                    "new",
-                    f"{label}",
-                    new.per_second,
-                    "sessions/s",
-                    "minimal Python insert (floor)",
-                    floor.per_second,
-                    target=">= 100,000 sessions/s",
-                    note="the floor is what any pure-Python session table costs at least",
-                    command=cmd,
-                    extra={"floor_ns": floor.runs_ns},
-                ),
+                "sessions/s",
+                "existing-session frames/s (slow path)",
+                old.per_second,
+                target=">= 100,000 sessions/s",
+                note=note,
+                command=cmd,
+                extra={"ns": new.runs_ns, "existing_ns": old.runs_ns},
+            ),
+            new.per_second,
+            1e5,
+        ),
+        at_least(
+            Row(
+                "new",
+                "new sessions/s",
                 new.per_second,
-                1e5,
-            )
-        )
-    return rows
+                "sessions/s",
+                "minimal Python insert (floor)",
+                floor.per_second,
+                target=">= 100,000 sessions/s",
+                note="the floor is what any pure-Python session table costs at least",
+                command=cmd,
+                extra={"floor_ns": floor.runs_ns},
+            ),
+            new.per_second,
+            1e5,
+        ),
+    ]
 
 
 def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
@@ -680,7 +664,7 @@ def run_memory_child(kind: str, n: int, timeout: float) -> dict[str, Any]:
 def nominal_table_bytes() -> int:
     """The preallocated arrays' nominal size: switching (per label), label manager and session table (per pair),
     and the session table's key index (two slots per pair, rounded up to a power of two)."""
-    per_label = ROW_SIZE + 1 + 4 + 4 * 8  # the row; bound; generation; rewrite, peer, peer IP and flow lists
+    per_label = ROW_SIZE + 4 + 2 * 8  # the row; generation; the rewrite and peer lists
     per_pair = 4 + 4 + 8 + 1  # free ring, quarantine ring (label, release), state
     # session rows: 6 one-byte fields, client port and server (4 each), 4 times, key index home, key (40), MAC (6)
     per_session_row = 6 + 4 + 4 + 4 * 8 + 4 + 40 + 6
@@ -740,14 +724,14 @@ def section_memory(plan: Plan) -> list[Row]:
             at_most(
                 Row(
                     "memory",
-                    f"memory: added RSS per session, block mirrors{space}",
+                    f"memory: added RSS per session, block path in use{space}",
                     block_added,
                     "bytes/session",
                     "IPVS 128 B/connection (documented)",
                     IPVS_BYTES_PER_CONNECTION,
                     target="<= 64 bytes/session",
-                    note="receive_block's numpy mirrors are calloc'd at first use; installing labels touches "
-                    "their pages, so with the whole label space in use they are all resident",
+                    note="receive_block run once before the sessions open: it reads the table's rows, and keeps "
+                    "nothing per label but a scratch array (8 MiB, fixed)",
                     command=cmd,
                     extra=block,
                 ),
@@ -825,7 +809,7 @@ def hot_loop(work: Callable[[], object], seconds: float) -> None:
 
 def profile_loop(target: str, seconds: float) -> None:
     """The workload py-spy samples (``--profile-target``) for ``seconds``: the one-frame fast path (``single``), new
-    sessions (``new``; ``new-block`` with the block path's mirrors in use) or the block fast path (``block``), on a
+    sessions (``new``) or the block fast path (``block``), on a
     balancer with 10,000 live sessions."""
     plan = Plan.make(True)
     b = Balancer(make_config())
@@ -837,7 +821,7 @@ def profile_loop(target: str, seconds: float) -> None:
     elif target == "block":
         runner = BlockRun(b, build(rng.integers(0, plan.sessions, 4 * 4096), labelled=True), 4096)
         runner.setup()
-        runner.run()  # the first call makes the block path's numpy mirrors: not part of the steady state
+        runner.run()  # the first call makes the block path's views and scratch array: not the steady state
         runner.setup()
 
         def blocks() -> None:
@@ -846,8 +830,6 @@ def profile_loop(target: str, seconds: float) -> None:
 
         hot_loop(blocks, seconds)
     else:
-        if target == "new-block":
-            ensure_block_tables(b)  # every install now writes the block path's mirrors too
         # Fresh flows for the whole run, built before it starts (about 40k sessions a second at most).
         flows = int(min(PAIRS - plan.sessions - 1, seconds * 60_000))
         batches = [build(range(s, min(s + 5_000, plan.sessions + flows)), flags=SYN)
@@ -863,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--memory-child", choices=("mplslb", "mplslb-block", "dict"), help=argparse.SUPPRESS)
     parser.add_argument("--sessions", type=int, default=PAIRS, help=argparse.SUPPRESS)
-    parser.add_argument("--profile-target", choices=("single", "new", "new-block", "block"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile-target", choices=("single", "new", "block"), help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=8.0, help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", type=Path, help="keep the world's tables in a state store there (mplslb.state)")
     args = parser.parse_args(argv)

@@ -28,7 +28,6 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 TARGETS = {
     "single": "one-frame fast path (Balancer.receive on labelled 64 B frames)",
     "new": "new sessions (Balancer.receive on TCP SYNs of fresh flows)",
-    "new-block": "new sessions with the block path in use (its numpy mirrors written at every install)",
     "block": "block fast path (Balancer.receive_block, blocks of 4096 labelled 64 B frames)",
 }
 #: The bench function whose samples count for each target (frame building and set-up do not).

@@ -15,15 +15,15 @@ it under its reason or hands it to the packet analyzing unit. Reports for the se
 labels) are appended in frame order, and the acknowledgment numbers of a TCP session's segments are recorded as the
 one-frame path records them (the last of each label in the block wins, as frame order would have it).
 
-The per-label facts the scalar path keeps as bytes objects (cheapest to join one frame at a time) are needed here
-as fixed-width rows to gather in bulk: :class:`BlockTables` keeps them, a :class:`~mplslb.switching.table.Mirror`
-of the table told of every install. Where every frame starts 2 bytes past a 4-byte boundary (a TPACKET ring,
-which aligns the IP header to 16 bytes) every field sits on a word boundary and a word-wide variant reads and
-writes one word per gather instead of one byte.
+Every per-label fact is gathered from the label's row of the table itself (:class:`BlockTables` holds numpy views
+of the rows, no copy). Where every frame starts 2 bytes past a 4-byte boundary (a TPACKET ring, which aligns the IP
+header to 16 bytes) every field sits on a word boundary and a word-wide variant reads and writes one word per
+gather instead of one byte.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -60,6 +60,13 @@ from mplslb.switching.layout import (
     MPLS_BOS,
     MPLS_TTL_MASK,
     RESERVED_LABEL_MAX,
+    ROW_FLOW,
+    ROW_PEER,
+    ROW_PEER_IP,
+    ROW_PEER_IP_LEN,
+    ROW_REWRITE,
+    ROW_REWRITE_TAIL,
+    ROW_SIZE,
     TCP_ACK,
     TCP_ACK_AT,
     TCP_END,
@@ -69,100 +76,52 @@ from mplslb.switching.layout import (
     WATCH_ALL,
     WATCH_TCP_END,
 )
-from mplslb.switching.table import MPLS_ETHERTYPE, FastEvent, LabelSwitchingTable
+from mplslb.switching.table import FastEvent, LabelSwitchingTable
 
 
 class BlockTables:
-    """Numpy mirrors of the per-label rows the block fast path needs, kept in step by install/withdraw.
+    """The table's rows as numpy views, shaped as the block path gathers from them, and its scratch array.
 
-    The scalar path keeps bytes objects per label (cheapest to join one frame at a time); a block of frames
-    needs the same facts as fixed-width arrays to gather and scatter in bulk. The arrays cost about 115 bytes per
-    label over the whole label space (115 MiB; 28 bytes of it the flow rows), allocated once, only when the block
-    path is first used.
+    Nothing is copied: every field is read from the label's row (see ``ROW_*`` in
+    :mod:`~mplslb.switching.layout`), so an install is seen at once and a session costs the block path no memory of
+    its own. The row keeps the rewrite and the peer MAC as big-endian integers (the one-frame path packs and compares
+    them as such) and the peer IP and flow key as the octets of the wire; the word-wide variant reads the latter as
+    machine words, as it reads the frame.
     """
 
     def __init__(self, table: LabelSwitchingTable) -> None:
-        self.rewrite = np.zeros((LABEL_SPACE, ETH_ADDRS), dtype=np.uint8)
-        self.peer = np.zeros((LABEL_SPACE, ETH_ALEN), dtype=np.uint8)
-        self.peer_ip4 = np.zeros((LABEL_SPACE, IPV4_ADDR_LEN), dtype=np.uint8)
-        self.peer_ip6 = np.zeros((LABEL_SPACE, IPV6_ADDR_LEN), dtype=np.uint8)
-        self.has_peer_ip = np.zeros(LABEL_SPACE, dtype=np.bool_)
-        # A flow-bound label's IP destination and ports, as they follow the IP source in a plain packet.
-        self.flow4 = np.zeros((LABEL_SPACE, _V4_FLOW_LEN), dtype=np.uint8)
-        self.flow6 = np.zeros((LABEL_SPACE, _V6_FLOW_LEN), dtype=np.uint8)
-        # The same rows as machine words, for blocks whose frames start 2 bytes past a 4-byte boundary (as in a
-        # TPACKET ring, where the IP header is 16-byte aligned): then every field sits on a word boundary and is
-        # read or written with one gather per word instead of one per byte.
-        self.rewrite_w = np.zeros((LABEL_SPACE, 3), dtype=np.uint32)  # frame bytes 2..13 (see below)
-        self.rewrite_h = np.zeros(LABEL_SPACE, dtype=np.uint16)  # bytes 0..1
-        self.peer_w = np.zeros(LABEL_SPACE, dtype=np.uint32)  # source MAC bytes 0..3 (frame bytes 6..9)
-        self.peer_h = np.zeros(LABEL_SPACE, dtype=np.uint16)  # source MAC bytes 4..5 (frame bytes 10..11)
-        self.peer_ip4_w = np.zeros(LABEL_SPACE, dtype=np.uint32)
-        self.peer_ip6_w = np.zeros((LABEL_SPACE, 4), dtype=np.uint32)
-        # The table's own arrays, as numpy views: one table, two ways to read it.
-        self.table = table
         arrays = table.arrays()
         self.valid, self.watch, self.v6 = arrays.valid, arrays.watch, arrays.v6
         self.out_port, self.in_port = arrays.out_port, arrays.in_port
         self.packets, self.bytes, self.last_seen = arrays.packets, arrays.bytes, arrays.last_seen
         self.bound, self.acks = arrays.bound, arrays.acks
+        #: The rows as octets, 32-bit words and 64-bit words, one row per label.
+        self.octets = np.frombuffer(table.rows, dtype=np.uint8).reshape(LABEL_SPACE, ROW_SIZE)
+        self.words = self.octets.view(np.uint32)
+        self.quads = self.octets.view(np.uint64)
         self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
-        self._views = tuple(
-            memoryview(a.data).cast("B")
-            for a in (
-                self.rewrite,
-                self.peer,
-                self.has_peer_ip,
-                self.rewrite_h,
-                self.rewrite_w,
-                self.peer_w,
-                self.peer_h,
-                self.peer_ip4,
-                self.peer_ip4_w,
-                self.peer_ip6,
-                self.peer_ip6_w,
-                self.flow4,
-                self.flow6,
-            )
-        )
-        self.flow4_w = self.flow4.view(np.uint32)
-        self.flow6_w = self.flow6.view(np.uint32)
-        for label in np.flatnonzero(self.valid):
-            self.installed(int(label))
 
-    def installed(self, label: int) -> None:
-        """Write one label's rows through byte views of the arrays (numpy item assignment per field costs about
-        5 us a label; slice assignment on memoryviews about 1.5 us)."""
-        rw, pe, has, rh, rww, pw, ph, p4, p4w, p6, p6w, f4, f6 = self._views
-        rewrite, peer, peer_ip = self.table.rewrite[label], self.table.peer[label], self.table.peer_ip[label]
-        key = self.table.flow[label]
-        r = 12 * label
-        rw[r : r + 12] = rewrite
-        # Frame bytes 0..13 are the rewrite (12 bytes) and the ethertype, unchanged, so the words written are
-        # bytes 0..1 (a half word) and 2..13 (three words) with the ethertype carried in the last one.
-        rww[r : r + 10] = rewrite[2:12]
-        rww[r + 10 : r + 12] = MPLS_ETHERTYPE
-        rh[2 * label : 2 * label + 2] = rewrite[0:2]
-        pe[6 * label : 6 * label + 6] = peer
-        pw[4 * label : 4 * label + 4] = peer[0:4]
-        ph[2 * label : 2 * label + 2] = peer[4:6]
-        has[label] = 1 if peer_ip else 0
-        if len(peer_ip) == 4:
-            p4[4 * label : 4 * label + 4] = peer_ip
-            p4w[4 * label : 4 * label + 4] = peer_ip
-        elif len(peer_ip) == 16:
-            p6[16 * label : 16 * label + 16] = peer_ip
-            p6w[16 * label : 16 * label + 16] = peer_ip
-        if len(key) == IPV4_ADDR_LEN + _V4_FLOW_LEN:
-            f4[_V4_FLOW_LEN * label : _V4_FLOW_LEN * (label + 1)] = key[IPV4_ADDR_LEN:]
-        elif key:
-            f6[_V6_FLOW_LEN * label : _V6_FLOW_LEN * (label + 1)] = key[IPV6_ADDR_LEN:]
+    def peer(self, labels: np.ndarray) -> np.ndarray:
+        """The labels' peer MACs as big-endian integers (the MAC's first octet highest)."""
+        peer: np.ndarray = self.quads[labels, ROW_PEER]
+        return peer
 
-    def withdrawn(self, label: int) -> None:
-        self.has_peer_ip[label] = False
+    def has_peer_ip(self, labels: np.ndarray) -> np.ndarray:
+        has: np.ndarray = self.octets[labels, ROW_PEER_IP_LEN] != 0
+        return has
 
-    def watch_changed(self, label: int) -> None:
-        """Nothing to copy: the block path reads the table's own ``watch`` array."""
+    def rewrite(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The labels' rewrites as (octets 0-7, octets 8-11), big-endian integers."""
+        return self.quads[labels, ROW_REWRITE], self.words[labels, ROW_REWRITE_TAIL]
+
+
+_VIEWS: weakref.WeakKeyDictionary[LabelSwitchingTable, BlockTables] = weakref.WeakKeyDictionary()
+# Where the block path finds a label's facts in its row, as octets (and as 32-bit words, /4): the peer IP, and the
+# flow key's IP destination and ports (they follow the IP source in a plain packet, as in the key).
+_PEER_IP4 = slice(ROW_PEER_IP, ROW_PEER_IP + IPV4_ADDR_LEN)
+_PEER_IP6 = slice(ROW_PEER_IP, ROW_PEER_IP + IPV6_ADDR_LEN)
+_PEER_IP_WORD = ROW_PEER_IP // 4
+_PEER_IP6_WORDS = slice(_PEER_IP_WORD, _PEER_IP_WORD + IPV6_ADDR_LEN // 4)
 
 
 _ETH_ADDRS_RANGE = np.arange(ETH_ADDRS, dtype=np.int64)
@@ -174,6 +133,11 @@ _V6_FLOW_LEN = IPV6_ADDR_LEN + L4_PORTS_LEN  # from IPV6_DST, TCP or UDP right a
 _V4_FLOW_RANGE = np.arange(_V4_FLOW_LEN, dtype=np.int64)
 _V6_FLOW_RANGE = np.arange(_V6_FLOW_LEN, dtype=np.int64)
 _V6_FLOW_WORDS = np.arange(_V6_FLOW_LEN // 4, dtype=np.int64)
+_V4_FLOW = slice(ROW_FLOW + IPV4_ADDR_LEN, ROW_FLOW + IPV4_ADDR_LEN + _V4_FLOW_LEN)
+_V6_FLOW = slice(ROW_FLOW + IPV6_ADDR_LEN, ROW_FLOW + IPV6_ADDR_LEN + _V6_FLOW_LEN)
+_V4_FLOW_WORDS = slice(_V4_FLOW.start // 4, _V4_FLOW.stop // 4)
+_V6_FLOW_ROW_WORDS = slice(_V6_FLOW.start // 4, _V6_FLOW.stop // 4)
+_MAC_SHIFT = 8 * (8 - ETH_ALEN)  # a MAC as a big-endian integer, moved up to fill a 64-bit word
 # The block path takes untagged frames (label entry at LSE_AT, packet at IP_AT); tagged ones go one at a time.
 
 
@@ -187,13 +151,16 @@ class BlockVerdict(NamedTuple):
 
 
 def block_tables(table: LabelSwitchingTable) -> BlockTables:
-    """The table's :class:`BlockTables`, made (and registered as a mirror) on first use."""
-    for mirror in table.mirrors:
-        if isinstance(mirror, BlockTables):
-            return mirror
-    rows = BlockTables(table)
-    table.add_mirror(rows)
-    return rows
+    """The table's :class:`BlockTables`, made on first use."""
+    views = _VIEWS.get(table)
+    if views is None:
+        views = _VIEWS[table] = BlockTables(table)
+    return views
+
+
+def _wire(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Big-endian integers as rows of their octets, in wire order (``dtype``: ``">u8"`` or ``">u4"``)."""
+    return values.astype(dtype).view(np.uint8).reshape(len(values), -1)
 
 
 def switch_block(
@@ -246,11 +213,12 @@ def switch_block(
     labels = np.where(mpls, entry >> LABEL_SHIFT, 0).astype(np.int64)
     ok = mpls & (t.valid[labels] != 0) & (labels > RESERVED_LABEL_MAX)
     ok &= t.in_port[labels] == ports
-    ok &= (buf[at[:, None] + _SRC_MAC_RANGE] == t.peer[labels]).all(axis=1)
+    peer = _wire(t.peer(labels) << np.uint64(_MAC_SHIFT), ">u8")[:, :ETH_ALEN]
+    ok &= (buf[at[:, None] + _SRC_MAC_RANGE] == peer).all(axis=1)
     ok &= (entry & MPLS_BOS) != 0
     ok &= (entry & MPLS_TTL_MASK) > 1
     v6 = t.v6[labels] != 0
-    check_ip = ok & t.has_peer_ip[labels]
+    check_ip = ok & t.has_peer_ip(labels)
     if check_ip.any():
         ip4 = check_ip & ~v6 & (lengths >= IP_AT + IPV4_SRC + IPV4_ADDR_LEN)
         ip6 = check_ip & v6 & (lengths >= IP_AT + IPV6_SRC + IPV6_ADDR_LEN)
@@ -258,17 +226,18 @@ def switch_block(
         if ip4.any():
             rows = np.flatnonzero(ip4)
             src = buf[(starts[rows] + IP_AT + IPV4_SRC)[:, None] + _IP4_RANGE]
-            good[rows] = (src == t.peer_ip4[labels[rows]]).all(axis=1)
+            good[rows] = (src == t.octets[labels[rows], _PEER_IP4]).all(axis=1)
         if ip6.any():
             rows = np.flatnonzero(ip6)
             src = buf[(starts[rows] + IP_AT + IPV6_SRC)[:, None] + _IP6_RANGE]
-            good[rows] = (src == t.peer_ip6[labels[rows]]).all(axis=1)
+            good[rows] = (src == t.octets[labels[rows], _PEER_IP6]).all(axis=1)
         ok &= ~check_ip | good
     _check_flow(t, buf, starts, lengths, labels, ok, None)
     rows = np.flatnonzero(ok)
     if len(rows):
         begin = starts[rows]
-        buf[begin[:, None] + _ETH_ADDRS_RANGE] = t.rewrite[labels[rows]]
+        head, tail = t.rewrite(labels[rows])
+        buf[begin[:, None] + _ETH_ADDRS_RANGE] = np.hstack((_wire(head, ">u8"), _wire(tail, ">u4")))
     return _switched(t, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
 
 
@@ -303,7 +272,6 @@ def _switch_aligned_block(
     words from s + 2 (the last one carries the unchanged ethertype).
     """
     n = len(starts)
-    half = buf.view(np.uint16)
     word = buf.view(np.uint32)
     big_half = buf.view(">u2")
     big_word = buf.view(">u4")
@@ -314,34 +282,35 @@ def _switch_aligned_block(
     labels = np.where(mpls, entry >> LABEL_SHIFT, 0).astype(np.int64)
     ok = mpls & (t.valid[labels] != 0) & (labels > RESERVED_LABEL_MAX)
     ok &= t.in_port[labels] == ports
-    ok &= word[(at + ETH_SRC) >> 2] == t.peer_w[labels]
-    ok &= half[(at + ETH_SRC + 4) >> 1] == t.peer_h[labels]
+    peer = t.peer(labels)
+    ok &= big_word[(at + ETH_SRC) >> 2] == peer >> np.uint64(16)
+    ok &= big_half[(at + ETH_SRC + 4) >> 1] == peer & np.uint64(0xFFFF)
     ok &= (entry & MPLS_BOS) != 0
     ok &= (entry & MPLS_TTL_MASK) > 1
     v6 = t.v6[labels] != 0
-    check_ip = ok & t.has_peer_ip[labels]
+    check_ip = ok & t.has_peer_ip(labels)
     if check_ip.any():
         ip4 = check_ip & ~v6 & (lengths >= IP_AT + IPV4_SRC + IPV4_ADDR_LEN)
         good = np.zeros(n, dtype=np.bool_)
-        good[ip4] = word[(starts[ip4] + IP_AT + IPV4_SRC) >> 2] == t.peer_ip4_w[labels[ip4]]
+        good[ip4] = word[(starts[ip4] + IP_AT + IPV4_SRC) >> 2] == t.words[labels[ip4], _PEER_IP_WORD]
         ip6 = check_ip & v6 & (lengths >= IP_AT + IPV6_SRC + IPV6_ADDR_LEN)
         if ip6.any():
             rows6 = np.flatnonzero(ip6)
             first = (starts[rows6] + IP_AT + IPV6_SRC) >> 2
             src = word[first[:, None] + np.arange(4)]
-            good[rows6] = (src == t.peer_ip6_w[labels[rows6]]).all(axis=1)
+            good[rows6] = (src == t.words[labels[rows6], _PEER_IP6_WORDS]).all(axis=1)
         ok &= ~check_ip | good
     _check_flow(t, buf, starts, lengths, labels, ok, word)
     rows = np.flatnonzero(ok)
     if len(rows):
         begin = starts[rows]
-        taken = labels[rows]
-        half[begin >> 1] = t.rewrite_h[taken]
+        head, tail = t.rewrite(labels[rows])
+        tail = tail.astype(np.uint64)
+        big_half[begin >> 1] = head >> np.uint64(48)
         first_word = (begin + 2) >> 2
-        words = t.rewrite_w[taken]
-        word[first_word] = words[:, 0]
-        word[first_word + 1] = words[:, 1]
-        word[first_word + 2] = words[:, 2]
+        big_word[first_word] = (head >> np.uint64(16)) & np.uint64(0xFFFFFFFF)
+        big_word[first_word + 1] = ((head & np.uint64(0xFFFF)) << np.uint64(16)) | (tail >> np.uint64(16))
+        big_word[first_word + 2] = ((tail & np.uint64(0xFFFF)) << np.uint64(16)) | np.uint64(ETH_P_MPLS_UC)
     return _switched(t, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
 
 
@@ -370,17 +339,19 @@ def _check_flow(
         at, lab = ip[four], label[four]
         if word is not None:
             first = (at + IPV4_DST) >> 2
-            same = (word[first] == t.flow4_w[lab, 0]) & (word[first + 1] == t.flow4_w[lab, 1])
+            flow = t.words[lab, _V4_FLOW_WORDS]
+            same = (word[first] == flow[:, 0]) & (word[first + 1] == flow[:, 1])
         else:
-            same = (buf[(at + IPV4_DST)[:, None] + _V4_FLOW_RANGE] == t.flow4[lab]).all(axis=1)
+            same = (buf[(at + IPV4_DST)[:, None] + _V4_FLOW_RANGE] == t.octets[lab, _V4_FLOW]).all(axis=1)
         good[four] = same & (buf[at] == IPV4_PLAIN)
     six = np.flatnonzero(v6 & (end >= ip + IPV6_DST + _V6_FLOW_LEN))
     if six.size:
         at, lab = ip[six], label[six]
         if word is not None:
-            same = (word[((at + IPV6_DST) >> 2)[:, None] + _V6_FLOW_WORDS] == t.flow6_w[lab]).all(axis=1)
+            flow = t.words[lab, _V6_FLOW_ROW_WORDS]
+            same = (word[((at + IPV6_DST) >> 2)[:, None] + _V6_FLOW_WORDS] == flow).all(axis=1)
         else:
-            same = (buf[(at + IPV6_DST)[:, None] + _V6_FLOW_RANGE] == t.flow6[lab]).all(axis=1)
+            same = (buf[(at + IPV6_DST)[:, None] + _V6_FLOW_RANGE] == t.octets[lab, _V6_FLOW]).all(axis=1)
         nh = buf[at + IPV6_NEXT_HEADER]
         good[six] = same & ((nh == IPPROTO_TCP) | (nh == IPPROTO_UDP))
     ok[rows] = good
