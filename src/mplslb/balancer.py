@@ -1129,9 +1129,8 @@ class Balancer:
                 self.on_mac(MacChange(name, old, new))
             if not new:
                 continue  # lost: its sessions keep the last MAC known, a new one moves them
-            rewrite = self.switching.rewrite
             for session in self.sessions.of_server(server):
-                if rewrite[session.c2s][:ETH_ALEN] != new:
+                if self.switching.next_hop_of(session.c2s) != new:
                     self.switching.repoint(session.c2s, next_hop=new)
                     self.switching.repoint(session.s2c, peer=new)
 

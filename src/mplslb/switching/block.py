@@ -61,12 +61,18 @@ from mplslb.switching.layout import (
     MPLS_TTL_MASK,
     RESERVED_LABEL_MAX,
     ROW_FLOW,
+    ROW_FLOW_LEN,
+    ROW_IN_PORT,
+    ROW_OUT_PORT,
     ROW_PEER,
     ROW_PEER_IP,
     ROW_PEER_IP_LEN,
     ROW_REWRITE,
     ROW_REWRITE_TAIL,
     ROW_SIZE,
+    ROW_V6,
+    ROW_VALID,
+    ROW_WATCH,
     TCP_ACK,
     TCP_ACK_AT,
     TCP_END,
@@ -80,39 +86,41 @@ from mplslb.switching.table import FastEvent, LabelSwitchingTable
 
 
 class BlockTables:
-    """The table's rows as numpy views, shaped as the block path gathers from them, and its scratch array.
+    """The table's rows as numpy views, the counters the block path writes, and its scratch array.
 
-    Nothing is copied: every field is read from the label's row (see ``ROW_*`` in
-    :mod:`~mplslb.switching.layout`), so an install is seen at once and a session costs the block path no memory of
-    its own. The row keeps the rewrite and the peer MAC as big-endian integers (the one-frame path packs and compares
-    them as such) and the peer IP and flow key as the octets of the wire; the word-wide variant reads the latter as
-    machine words, as it reads the frame.
+    Nothing is copied ahead: a block gathers its frames' rows when it comes (:meth:`gather`), so an install is seen at
+    once and a session costs the block path no memory of its own.
     """
 
     def __init__(self, table: LabelSwitchingTable) -> None:
         arrays = table.arrays()
-        self.valid, self.watch, self.v6 = arrays.valid, arrays.watch, arrays.v6
-        self.out_port, self.in_port = arrays.out_port, arrays.in_port
-        self.packets, self.bytes, self.last_seen = arrays.packets, arrays.bytes, arrays.last_seen
-        self.bound, self.acks = arrays.bound, arrays.acks
-        #: The rows as octets, 32-bit words and 64-bit words, one row per label.
+        self.packets, self.bytes, self.last_seen, self.acks = (
+            arrays.packets,
+            arrays.bytes,
+            arrays.last_seen,
+            arrays.acks,
+        )
+        #: The rows as octets, one row per label.
         self.octets = np.frombuffer(table.rows, dtype=np.uint8).reshape(LABEL_SPACE, ROW_SIZE)
-        self.words = self.octets.view(np.uint32)
-        self.quads = self.octets.view(np.uint64)
         self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
 
-    def peer(self, labels: np.ndarray) -> np.ndarray:
-        """The labels' peer MACs as big-endian integers (the MAC's first octet highest)."""
-        peer: np.ndarray = self.quads[labels, ROW_PEER]
-        return peer
+    def gather(self, labels: np.ndarray) -> Gathered:
+        """A copy of each label's row, in the order given."""
+        octets = np.take(self.octets, labels, axis=0)
+        return Gathered(octets, octets.view(np.uint32), octets.view(np.int32), octets.view(np.uint64))
 
-    def has_peer_ip(self, labels: np.ndarray) -> np.ndarray:
-        has: np.ndarray = self.octets[labels, ROW_PEER_IP_LEN] != 0
-        return has
 
-    def rewrite(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The labels' rewrites as (octets 0-7, octets 8-11), big-endian integers."""
-        return self.quads[labels, ROW_REWRITE], self.words[labels, ROW_REWRITE_TAIL]
+class Gathered(NamedTuple):
+    """The rows of a block's frames' labels, one per frame, copied from the table in one pass: a frame at a label
+    unrelated to the last one's then misses the cache for its row once, not once per field (the fields are read from
+    the copy). The row keeps the rewrite and the peer MAC as big-endian integers (the one-frame path packs and
+    compares them as such) and the peer IP and flow key as the octets of the wire; the word-wide variant reads the
+    latter as machine words, as it reads the frame."""
+
+    octets: np.ndarray  # (frames, ROW_SIZE) uint8
+    words: np.ndarray  # the same as 32-bit words
+    signed: np.ndarray  # the same as signed 32-bit words (the ports)
+    quads: np.ndarray  # the same as 64-bit words
 
 
 _VIEWS: weakref.WeakKeyDictionary[LabelSwitchingTable, BlockTables] = weakref.WeakKeyDictionary()
@@ -211,14 +219,15 @@ def switch_block(
         | buf[at + LSE_AT + 3]
     )
     labels = np.where(mpls, entry >> LABEL_SHIFT, 0).astype(np.int64)
-    ok = mpls & (t.valid[labels] != 0) & (labels > RESERVED_LABEL_MAX)
-    ok &= t.in_port[labels] == ports
-    peer = _wire(t.peer(labels) << np.uint64(_MAC_SHIFT), ">u8")[:, :ETH_ALEN]
+    r = t.gather(labels)
+    ok = mpls & (r.octets[:, ROW_VALID] != 0) & (labels > RESERVED_LABEL_MAX)
+    ok &= r.signed[:, ROW_IN_PORT] == ports
+    peer = _wire(r.quads[:, ROW_PEER] << np.uint64(_MAC_SHIFT), ">u8")[:, :ETH_ALEN]
     ok &= (buf[at[:, None] + _SRC_MAC_RANGE] == peer).all(axis=1)
     ok &= (entry & MPLS_BOS) != 0
     ok &= (entry & MPLS_TTL_MASK) > 1
-    v6 = t.v6[labels] != 0
-    check_ip = ok & t.has_peer_ip(labels)
+    v6 = r.octets[:, ROW_V6] != 0
+    check_ip = ok & (r.octets[:, ROW_PEER_IP_LEN] != 0)
     if check_ip.any():
         ip4 = check_ip & ~v6 & (lengths >= IP_AT + IPV4_SRC + IPV4_ADDR_LEN)
         ip6 = check_ip & v6 & (lengths >= IP_AT + IPV6_SRC + IPV6_ADDR_LEN)
@@ -226,19 +235,19 @@ def switch_block(
         if ip4.any():
             rows = np.flatnonzero(ip4)
             src = buf[(starts[rows] + IP_AT + IPV4_SRC)[:, None] + _IP4_RANGE]
-            good[rows] = (src == t.octets[labels[rows], _PEER_IP4]).all(axis=1)
+            good[rows] = (src == r.octets[rows, _PEER_IP4]).all(axis=1)
         if ip6.any():
             rows = np.flatnonzero(ip6)
             src = buf[(starts[rows] + IP_AT + IPV6_SRC)[:, None] + _IP6_RANGE]
-            good[rows] = (src == t.octets[labels[rows], _PEER_IP6]).all(axis=1)
+            good[rows] = (src == r.octets[rows, _PEER_IP6]).all(axis=1)
         ok &= ~check_ip | good
-    _check_flow(t, buf, starts, lengths, labels, ok, None)
+    _check_flow(r, buf, starts, lengths, ok, None)
     rows = np.flatnonzero(ok)
     if len(rows):
         begin = starts[rows]
-        head, tail = t.rewrite(labels[rows])
+        head, tail = r.quads[rows, ROW_REWRITE], r.words[rows, ROW_REWRITE_TAIL]
         buf[begin[:, None] + _ETH_ADDRS_RANGE] = np.hstack((_wire(head, ">u8"), _wire(tail, ">u4")))
-    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
+    return _switched(t, r, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
 
 
 def word_aligned(buf: np.ndarray, starts: np.ndarray) -> bool:
@@ -280,78 +289,77 @@ def _switch_aligned_block(
     mpls = long_enough & (big_half[(at + ETH_TYPE) >> 1] == ETH_P_MPLS_UC)
     entry = big_word[(at + LSE_AT) >> 2].astype(np.uint32)
     labels = np.where(mpls, entry >> LABEL_SHIFT, 0).astype(np.int64)
-    ok = mpls & (t.valid[labels] != 0) & (labels > RESERVED_LABEL_MAX)
-    ok &= t.in_port[labels] == ports
-    peer = t.peer(labels)
+    r = t.gather(labels)
+    ok = mpls & (r.octets[:, ROW_VALID] != 0) & (labels > RESERVED_LABEL_MAX)
+    ok &= r.signed[:, ROW_IN_PORT] == ports
+    peer = r.quads[:, ROW_PEER]
     ok &= big_word[(at + ETH_SRC) >> 2] == peer >> np.uint64(16)
     ok &= big_half[(at + ETH_SRC + 4) >> 1] == peer & np.uint64(0xFFFF)
     ok &= (entry & MPLS_BOS) != 0
     ok &= (entry & MPLS_TTL_MASK) > 1
-    v6 = t.v6[labels] != 0
-    check_ip = ok & t.has_peer_ip(labels)
+    v6 = r.octets[:, ROW_V6] != 0
+    check_ip = ok & (r.octets[:, ROW_PEER_IP_LEN] != 0)
     if check_ip.any():
         ip4 = check_ip & ~v6 & (lengths >= IP_AT + IPV4_SRC + IPV4_ADDR_LEN)
         good = np.zeros(n, dtype=np.bool_)
-        good[ip4] = word[(starts[ip4] + IP_AT + IPV4_SRC) >> 2] == t.words[labels[ip4], _PEER_IP_WORD]
+        good[ip4] = word[(starts[ip4] + IP_AT + IPV4_SRC) >> 2] == r.words[ip4, _PEER_IP_WORD]
         ip6 = check_ip & v6 & (lengths >= IP_AT + IPV6_SRC + IPV6_ADDR_LEN)
         if ip6.any():
             rows6 = np.flatnonzero(ip6)
             first = (starts[rows6] + IP_AT + IPV6_SRC) >> 2
             src = word[first[:, None] + np.arange(4)]
-            good[rows6] = (src == t.words[labels[rows6], _PEER_IP6_WORDS]).all(axis=1)
+            good[rows6] = (src == r.words[rows6, _PEER_IP6_WORDS]).all(axis=1)
         ok &= ~check_ip | good
-    _check_flow(t, buf, starts, lengths, labels, ok, word)
+    _check_flow(r, buf, starts, lengths, ok, word)
     rows = np.flatnonzero(ok)
     if len(rows):
         begin = starts[rows]
-        head, tail = t.rewrite(labels[rows])
+        head, tail = r.quads[rows, ROW_REWRITE], r.words[rows, ROW_REWRITE_TAIL]
         tail = tail.astype(np.uint64)
         big_half[begin >> 1] = head >> np.uint64(48)
         first_word = (begin + 2) >> 2
         big_word[first_word] = (head >> np.uint64(16)) & np.uint64(0xFFFFFFFF)
         big_word[first_word + 1] = ((head & np.uint64(0xFFFF)) << np.uint64(16)) | (tail >> np.uint64(16))
         big_word[first_word + 2] = ((tail & np.uint64(0xFFFF)) << np.uint64(16)) | np.uint64(ETH_P_MPLS_UC)
-    return _switched(t, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
+    return _switched(t, r, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
 
 
 def _check_flow(
-    t: BlockTables,
+    r: Gathered,
     buf: np.ndarray,
     starts: np.ndarray,
     lengths: np.ndarray,
-    labels: np.ndarray,
     ok: np.ndarray,
     word: np.ndarray | None,
 ) -> None:
     """Clear ``ok`` for the frames under a flow-bound label that are not plain packets of its flow (the IP source
     is checked with the ingress binding): the one-frame path takes them. ``word``: the buffer's word view, when
     the frames are word-aligned."""
-    rows = np.flatnonzero(ok & (t.bound[labels] != 0))
+    rows = np.flatnonzero(ok & (r.octets[:, ROW_FLOW_LEN] != 0))
     if not rows.size:
         return
-    label = labels[rows]
     ip = starts[rows] + IP_AT
     end = starts[rows] + lengths[rows]
-    v6 = t.v6[label] != 0
+    v6 = r.octets[rows, ROW_V6] != 0
     good = np.zeros(rows.size, dtype=np.bool_)
     four = np.flatnonzero(~v6 & (end >= ip + IPV4_DST + _V4_FLOW_LEN))
     if four.size:
-        at, lab = ip[four], label[four]
+        at, frames = ip[four], rows[four]
         if word is not None:
             first = (at + IPV4_DST) >> 2
-            flow = t.words[lab, _V4_FLOW_WORDS]
+            flow = r.words[frames, _V4_FLOW_WORDS]
             same = (word[first] == flow[:, 0]) & (word[first + 1] == flow[:, 1])
         else:
-            same = (buf[(at + IPV4_DST)[:, None] + _V4_FLOW_RANGE] == t.octets[lab, _V4_FLOW]).all(axis=1)
+            same = (buf[(at + IPV4_DST)[:, None] + _V4_FLOW_RANGE] == r.octets[frames, _V4_FLOW]).all(axis=1)
         good[four] = same & (buf[at] == IPV4_PLAIN)
     six = np.flatnonzero(v6 & (end >= ip + IPV6_DST + _V6_FLOW_LEN))
     if six.size:
-        at, lab = ip[six], label[six]
+        at, frames = ip[six], rows[six]
         if word is not None:
-            flow = t.words[lab, _V6_FLOW_ROW_WORDS]
+            flow = r.words[frames, _V6_FLOW_ROW_WORDS]
             same = (word[((at + IPV6_DST) >> 2)[:, None] + _V6_FLOW_WORDS] == flow).all(axis=1)
         else:
-            same = (buf[(at + IPV6_DST)[:, None] + _V6_FLOW_RANGE] == t.octets[lab, _V6_FLOW]).all(axis=1)
+            same = (buf[(at + IPV6_DST)[:, None] + _V6_FLOW_RANGE] == r.octets[frames, _V6_FLOW]).all(axis=1)
         nh = buf[at + IPV6_NEXT_HEADER]
         good[six] = same & ((nh == IPPROTO_TCP) | (nh == IPPROTO_UDP))
     ok[rows] = good
@@ -359,6 +367,7 @@ def _check_flow(
 
 def _switched(
     t: BlockTables,
+    r: Gathered,
     buf: np.ndarray,
     starts: np.ndarray,
     lengths: np.ndarray,
@@ -376,33 +385,34 @@ def _switched(
     acks = np.zeros(len(starts), dtype=np.uint64)
     if len(rows):
         buf[starts[rows] + LSE_AT + LSE_TTL] -= 1  # the TTL octet of the label entry (checked > 1 above)
-        acks[rows] = _block_acks(t, buf, starts[rows], lengths[rows], taken)
+        watch = r.octets[rows, ROW_WATCH]
+        v6 = r.octets[rows, ROW_V6] != 0
+        acks[rows] = _block_acks(buf, starts[rows], lengths[rows], watch, v6)
         if count:
             _count(t, taken, lengths[rows], now, acks[rows])
-        watch = t.watch[taken]
         watched = np.flatnonzero(watch)
         if len(watched):
             _block_reports(
-                t, buf, starts, lengths, rows[watched], taken[watched], watch[watched], now, events, report_rows
-            )
+                buf, starts, lengths, rows[watched], taken[watched], watch[watched], v6[watched], now, events,
+                report_rows,
+            )  # fmt: skip
     out_port = np.full(len(starts), -1, dtype=np.int32)
-    out_port[rows] = t.out_port[taken]
+    out_port[rows] = r.signed[rows, ROW_OUT_PORT]
     return BlockVerdict(out_port, labels, ok, acks)
 
 
 def _block_acks(
-    t: BlockTables, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, labels: np.ndarray
+    buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, watch: np.ndarray, v6: np.ndarray
 ) -> np.ndarray:
     """Per switched frame, ``ACK_KNOWN | `` the acknowledgment number the one-frame path records for it, or 0: a
     TCP session's label, the TCP flags found where that path peeks (IPv4: protocol TCP, no fragment past the
-    first), ACK set and RST clear."""
+    first), ACK set and RST clear. ``watch``, ``v6``: each frame's label's watch bits and IP version."""
     end = starts + lengths
     ip = starts + IP_AT
     last = end - 1
-    v6 = t.v6[labels] != 0
     v4_offset = (buf[np.minimum(ip, last)] & IPV4_IHL_MASK).astype(np.int64) * IPV4_IHL_UNIT
     flag_at = ip + np.where(v6, IPV6_HLEN, v4_offset) + TCP_FLAGS
-    tcp = ((t.watch[labels] & WATCH_TCP_END) != 0) & (ip < end) & (flag_at < end)
+    tcp = ((watch & WATCH_TCP_END) != 0) & (ip < end) & (flag_at < end)
     flags = buf[np.minimum(flag_at, last)]
     tcp &= (flags & (TCP_ACK | TCP_RST)) == TCP_ACK
     next_header = buf[np.minimum(ip + IPV6_NEXT_HEADER, last)]
@@ -459,13 +469,13 @@ def _count(t: BlockTables, taken: np.ndarray, lengths: np.ndarray, now: float, a
 
 
 def _block_reports(
-    t: BlockTables,
     buf: np.ndarray,
     starts: np.ndarray,
     lengths: np.ndarray,
     rows: np.ndarray,
     labels: np.ndarray,
     watch: np.ndarray,
+    v6: np.ndarray,
     now: float,
     events: list[FastEvent],
     report_rows: list[int] | None = None,
@@ -475,7 +485,6 @@ def _block_reports(
     begin = starts[rows]
     end = begin + lengths[rows]
     ip = begin + IP_AT
-    v6 = t.v6[labels] != 0
     v4_offset = (buf[np.minimum(ip, end - 1)] & IPV4_IHL_MASK).astype(np.int64) * IPV4_IHL_UNIT
     flag_at = ip + np.where(v6, IPV6_HLEN, v4_offset) + TCP_FLAGS
     tcp_end = (watch & WATCH_TCP_END) != 0

@@ -178,6 +178,11 @@ FLOW_MAX: Final = 36
 PEER_IP_MAX: Final = 16
 #: The whole row, written at once when a label is installed (the valid octet last, on its own).
 ROW: Final = struct.Struct("=BBBxiiiQQdQQQ")
+#: A row's rewrite as the octets it stands for: ``ROW_REWRITE`` (octets 0-7), ``ROW_REWRITE_TAIL`` (8-11).
+REWRITE: Final = struct.Struct("!Qi")
+#: The Ethernet header and label stack entry a labelled frame leaves with: the row's rewrite, the MPLS ethertype,
+#: the entry.
+LABELLED_HEAD: Final = struct.Struct("!QiHI")
 
 # -- the kernel offload's map entry ----------------------------------------------------------------------------
 #: ``flags`` of a kernel entry.
@@ -647,6 +652,7 @@ __all__ = [
     "L4_DPORT",
     "L4_PORTS_LEN",
     "L4_SPORT",
+    "LABELLED_HEAD",
     "LABELLED_MIN",
     "LABEL_SHIFT",
     "LABEL_SPACE",
@@ -667,6 +673,7 @@ __all__ = [
     "REQUEST_COPY",
     "REQUEST_FIELDS",
     "RESERVED_LABEL_MAX",
+    "REWRITE",
     "ROW",
     "ROW_ACKS",
     "ROW_BYTES",

@@ -77,6 +77,7 @@ from mplslb.switching.layout import (
     IPV6_SRC,
     L4_PORTS_LEN,
     LABEL_SHIFT,
+    LABELLED_HEAD,
     LABELLED_MIN,
     LSE_AT,
     LSE_LEN,
@@ -124,9 +125,7 @@ _unpack_entry = ENTRY.unpack_from
 #: An untagged frame's first LABELLED_MIN octets as the fast path reads them: source MAC (two octets and four),
 #: ethertype, top label stack entry.
 _unpack_head = struct.Struct("!6xHIHI").unpack_from
-#: The Ethernet header and label stack entry a switched frame leaves with: the row's rewrite (``ROW_REWRITE``,
-#: ``ROW_REWRITE_TAIL``), the MPLS ethertype, the entry.
-_pack_head = struct.Struct("!QiHI").pack
+_pack_head = LABELLED_HEAD.pack
 _join = b"".join
 _new = tuple.__new__  # a NamedTuple's own constructor, without its Python-level call
 _VLAN_LSE_AT = LSE_AT + VLAN_HLEN

@@ -5,10 +5,11 @@ Theory of operation
 The table lives in rows preallocated over the whole 20-bit label space and indexed by the label, so a lookup is an
 index, never a hash of a header, and a session adds no object of its own. One row per label holds what a frame reads
 and counts, the flow binding and peer IP included, on two adjacent cache lines
-(:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the ``ROW_*`` offsets); the MACs as byte strings for readers
-and the slow path's sends sit in lists beside it (interned: one object per distinct value), and one array more
-(``generation``) serves the block path and the kernel offload. The table owns them: the fast paths in this package
-read and count through them, and everything outside reads them and changes them only through the table's methods:
+(:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the ``ROW_*`` offsets); one array more (``generation``)
+serves the kernel offload. Readers see each field indexed by label (:class:`RowField`, :class:`RowBytes`,
+:class:`RowMacs`: the MACs as byte strings, made from the row's integers). The table owns the rows: the fast paths in
+this package read and count through them, and everything outside reads them and changes them only through the
+table's methods:
 
 * the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
   :meth:`~LabelSwitchingTable.set_watch`, :meth:`~LabelSwitchingTable.repoint` (a neighbour's new MAC);
@@ -35,9 +36,8 @@ pair is reused by later sessions, possibly to the same server, whose agent may s
 flow: the flow binding keeps that frame from reaching the new session's client (see
 :mod:`~mplslb.switching.scalar` for the exact rule).
 
-Copies of the rows kept elsewhere (the block path's fixed-width rows, the kernel offload's map, later other
-programs) are :class:`Mirror` objects: the table tells each one every install, withdrawal and watch change, in
-order, as they happen.
+Copies of the rows kept elsewhere (the kernel offload's map, later other programs) are :class:`Mirror` objects:
+the table tells each one every install, withdrawal and watch change, in order, as they happen.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ import numpy as np
 from mplslb.state import HEAP, Allocator
 from mplslb.switching.layout import (
     ACK_KNOWN,
-    ENTRY,
     ETH_ALEN,
     ETH_P_MPLS_UC,
     FLOW_MAX,
@@ -61,9 +60,11 @@ from mplslb.switching.layout import (
     L4_PORTS_LEN,
     LABEL_SHIFT,
     LABEL_SPACE,
+    LABELLED_HEAD,
     MPLS_BOS,
     PEER_IP_MAX,
     RESERVED_LABEL_MAX,
+    REWRITE,
     ROW,
     ROW_ACKS,
     ROW_BYTES,
@@ -92,17 +93,13 @@ from mplslb.wire.mpls import TC_SHIFT
 
 #: The ethertype of a labelled frame, as it lies on the wire.
 MPLS_ETHERTYPE = ETH_P_MPLS_UC.to_bytes(2, "big")
-#: Distinct byte strings kept shared between labels (see :meth:`LabelSwitchingTable._intern`).
-INTERN_LIMIT = 1 << 16
 #: The drop reason of a frame outside its label's session flow.
 WRONG_FLOW = "label_wrong_flow"
 _SEQ_MASK = (1 << 32) - 1
 _PORTS = struct.Struct("!HH")
 _PORT_MAX = 0xFFFF
-#: Byte strings :meth:`LabelSwitchingTable.install` interns per label (rewrite, peer).
-_INTERNED_PER_LABEL = 2
 _WORD_SIZE, _QUAD_SIZE = 4, 8
-_REWRITE_HEAD = _QUAD_SIZE  # the rewrite's octets in ROW_REWRITE; the rest are ROW_REWRITE_TAIL's
+_pack_head = LABELLED_HEAD.pack
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
@@ -198,10 +195,11 @@ class Arrays(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)  # few distinct values: one per next hop and port
-def _rewrite_fields(rewrite: bytes) -> tuple[int, int]:
-    """A 12-octet rewrite (next hop MAC, our port's MAC) as the row keeps it: (``ROW_REWRITE``,
-    ``ROW_REWRITE_TAIL``), octets 0-7 and 8-11 as big-endian integers, the second signed (a 32-bit word)."""
-    return int.from_bytes(rewrite[:_REWRITE_HEAD], "big"), int.from_bytes(rewrite[_REWRITE_HEAD:], "big", signed=True)
+def _rewrite_fields(next_hop: bytes, port_mac: bytes) -> tuple[int, int]:
+    """A rewrite (``next_hop``, then our port's MAC) as the row keeps it: (``ROW_REWRITE``, ``ROW_REWRITE_TAIL``),
+    octets 0-7 and 8-11 as big-endian integers, the second signed (a 32-bit word)."""
+    head: tuple[int, int] = REWRITE.unpack(next_hop + port_mac)
+    return head
 
 
 class RowField(Generic[_T]):
@@ -249,6 +247,30 @@ class RowBytes:
         return LABEL_SPACE
 
 
+class RowMacs:
+    """The MACs of every label's row as byte strings, indexed by label like a list: the rewrite (the next hop's MAC
+    and our port's, 12 octets) or the peer MAC (6), b"" for a label not installed. The row keeps them as
+    big-endian integers (``ROW_REWRITE`` and ``ROW_REWRITE_TAIL``, ``ROW_PEER``): the fast path packs and
+    compares them as such."""
+
+    __slots__ = ("_quads", "_rewrite", "_rows", "_words")
+
+    def __init__(self, rows: memoryview, words: memoryview, quads: memoryview, *, rewrite: bool) -> None:
+        self._rows, self._words, self._quads, self._rewrite = rows, words, quads, rewrite
+
+    def __getitem__(self, label: int) -> bytes:
+        if not self._rows[(label << ROW_SHIFT) + ROW_VALID]:
+            return b""
+        quad = label << ROW_QUAD_SHIFT
+        if self._rewrite:
+            tail = self._words[(label << ROW_WORD_SHIFT) + ROW_REWRITE_TAIL]
+            return REWRITE.pack(self._quads[quad + ROW_REWRITE], tail)
+        return int(self._quads[quad + ROW_PEER]).to_bytes(ETH_ALEN, "big")
+
+    def __len__(self) -> int:
+        return LABEL_SPACE
+
+
 class LabelSwitchingTable:
     """Label -> (line card, output port, next hop) in rows indexed by label.
 
@@ -280,15 +302,15 @@ class LabelSwitchingTable:
         self.acks: RowField[int] = RowField(self.quads, ROW_QUAD_SHIFT, ROW_ACKS)
         #: Where else labels' frames are switched and their acknowledgment numbers kept (the kernel offload).
         self.ack_stores: list[AckStore] = []
-        # 12 bytes (next hop MAC + our port's MAC) written over the frame's Ethernet addresses.
-        self.rewrite: list[bytes] = [b""] * LABEL_SPACE
-        self.peer: list[bytes] = [b""] * LABEL_SPACE
+        #: 12 octets (next hop MAC + our port's MAC) written over the frame's Ethernet addresses; the peer MAC.
+        self.rewrite = RowMacs(self.rows, self.words, self.quads, rewrite=True)
+        self.peer = RowMacs(self.rows, self.words, self.quads, rewrite=False)
         self.peer_ip = RowBytes(self.rows, ROW_PEER_IP, ROW_PEER_IP_LEN, PEER_IP_MAX)
         # The flow binding (see the module docstring) as one key per label (see :func:`flow_parts`), b"" when
         # unbound; ``bound`` (the key's length) says the same for the block path.
         self.flow = RowBytes(self.rows, ROW_FLOW, ROW_FLOW_LEN, FLOW_MAX)
         self.bound: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_FLOW_LEN)
-        # In a persistent store the rows outlive the process; the byte strings above are rebuilt from them.
+        # In a persistent store the rows outlive the process (see :meth:`restore`).
         self._persistent = store.persistent
         self.installed = 0
         #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
@@ -297,7 +319,6 @@ class LabelSwitchingTable:
         self.version = 0
         self.drops: dict[str, int] = {}
         self.mirrors: list[Mirror] = []
-        self._interned: dict[bytes, bytes] = {}
         self._arrays: Arrays | None = None
         #: What the one-frame path reads per frame, in one tuple (see :func:`mplslb.switching.scalar.switch_frame`).
         self.hot = (self.rows, self.words, self.quads, self.floats, self.drops)
@@ -397,23 +418,11 @@ class LabelSwitchingTable:
             rows[at] = 0  # rebound: invalid while its fields change (see mplslb.state)
         else:
             self.installed += 1
-        rewrite = next_hop + self._port_macs[out_port]
-        if type(peer) is not bytes:
-            peer = bytes(peer)
         # The row at once, still invalid: counters and acknowledgment number start again.
         v6 = 1 if watch & IPV6_PAYLOAD else 0
-        head, tail = _rewrite_fields(rewrite)
+        head, tail = _rewrite_fields(next_hop, self._port_macs[out_port])
         ROW.pack_into(rows, at, 0, watch & WATCH_BITS, v6, in_port, out_port, tail, 0, 0, now, 0,
                       int.from_bytes(peer, "big"), head)  # fmt: skip
-        # Many labels share these values (one rewrite per next hop and port, a router's MAC for all its clients,
-        # the VIP as every S2C label's source): keep one object of each, about 100 bytes less per session. The
-        # pool is bounded (cleared when it could fill: sharing is an economy, never a requirement).
-        pool = self._interned
-        if len(pool) > INTERN_LIMIT - _INTERNED_PER_LABEL:
-            pool.clear()
-        intern = pool.setdefault
-        self.rewrite[label] = intern(rewrite, rewrite)
-        self.peer[label] = intern(peer, peer)
         rows[at + ROW_PEER_IP : at + ROW_PEER_IP + len(peer_ip)] = peer_ip
         rows[at + ROW_PEER_IP_LEN] = len(peer_ip)
         rows[at + ROW_FLOW : at + ROW_FLOW + len(flow)] = flow
@@ -436,8 +445,6 @@ class LabelSwitchingTable:
         words = self.words
         words[(label << ROW_WORD_SHIFT) + ROW_OUT_PORT] = -1
         words[(label << ROW_WORD_SHIFT) + ROW_IN_PORT] = -1
-        self.rewrite[label] = b""
-        self.peer[label] = b""
         self.peer_ip[label] = b""
         self.flow[label] = b""
         if was:
@@ -447,22 +454,18 @@ class LabelSwitchingTable:
                 mirror.withdrawn(label)
 
     def restore(self) -> None:
-        """Rebuild the MACs as byte strings (rewrite, peer) from the rows, and the count of the installed labels,
-        after adopting the rows from a persistent store (:mod:`mplslb.state`); the rows hold the rest."""
+        """After adopting the rows from a persistent store (:mod:`mplslb.state`): withdraw the labels bound to a
+        port this table does not have, write each rewrite's second half again from our port's MAC (the port's MAC
+        may have changed with the restart), and count the installed labels; the rows hold the rest."""
         if not self._persistent:
             raise ValueError("restore needs a persistent store")
-        quads = self.quads
         labels = np.flatnonzero(self.arrays().valid)
         for label in labels.tolist():
             port = self.out_port[label]
             if port not in self._port_macs or self.in_port[label] not in self._port_macs:
                 self.withdraw(label)  # bound to a port this table does not have: never forwarded
                 continue
-            quad = label << ROW_QUAD_SHIFT
-            next_hop = quads[quad + ROW_REWRITE].to_bytes(_REWRITE_HEAD, "big")[:ETH_ALEN]
-            self.rewrite[label] = self._intern(next_hop + self._port_macs[port])
-            self.peer[label] = self._intern(quads[quad + ROW_PEER].to_bytes(ETH_ALEN, "big"))
-            self._row_macs(label)
+            self._row_rewrite(label, self.next_hop_of(label))
         self.installed = int(np.count_nonzero(self.arrays().valid))
 
     def next_hop_of(self, label: int) -> bytes:
@@ -479,10 +482,9 @@ class LabelSwitchingTable:
                 raise ValueError("next_hop and peer must be 6-byte MAC addresses")
         self.valid[label] = 0  # invalid while its fields change (see mplslb.state)
         if next_hop is not None:
-            self.rewrite[label] = self._intern(bytes(next_hop) + self._port_macs[self.out_port[label]])
+            self._row_rewrite(label, bytes(next_hop))
         if peer is not None:
-            self.peer[label] = self._intern(bytes(peer))
-        self._row_macs(label)
+            self.quads[(label << ROW_QUAD_SHIFT) + ROW_PEER] = int.from_bytes(peer, "big")
         self.valid[label] = 1
         self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
         self.version += 1
@@ -509,21 +511,11 @@ class LabelSwitchingTable:
         if mirror in self.mirrors:
             self.mirrors.remove(mirror)
 
-    def _row_macs(self, label: int) -> None:
-        """Write ``label``'s rewrite and peer MAC into its row (see ``ROW_PEER``)."""
-        head, tail = _rewrite_fields(self.rewrite[label])
-        quad = label << ROW_QUAD_SHIFT
-        self.quads[quad + ROW_REWRITE] = head
-        self.quads[quad + ROW_PEER] = int.from_bytes(self.peer[label], "big")
+    def _row_rewrite(self, label: int, next_hop: bytes) -> None:
+        """Write ``label``'s rewrite into its row: ``next_hop`` and the MAC of its output port."""
+        head, tail = _rewrite_fields(next_hop, self._port_macs[self.out_port[label]])
+        self.quads[(label << ROW_QUAD_SHIFT) + ROW_REWRITE] = head
         self.words[(label << ROW_WORD_SHIFT) + ROW_REWRITE_TAIL] = tail
-
-    def _intern(self, value: bytes) -> bytes:
-        """One shared object per distinct value; the pool is bounded (cleared when full: sharing is an economy,
-        never a requirement)."""
-        pool = self._interned
-        if len(pool) >= INTERN_LIMIT:
-            pool.clear()
-        return pool.setdefault(value, value)
 
     # -- sending and counting --------------------------------------------------------------------------------------
     def send(
@@ -544,9 +536,10 @@ class LabelSwitchingTable:
         ``ttl``, ``tc``), without any Ethernet padding; count it for the label, and record ``ack`` (a TCP
         segment's acknowledgment number, ACK set and RST clear; -1: none) for a TCP session's label."""
         entry = (label << LABEL_SHIFT) | (tc << TC_SHIFT) | MPLS_BOS | ttl
-        labelled = b"".join((self.rewrite[label], MPLS_ETHERTYPE, ENTRY.pack(entry), frame[ip_offset:ip_end]))
-        out.append((self.words[(label << ROW_WORD_SHIFT) + ROW_OUT_PORT], labelled))
         quads, q = self.quads, label << ROW_QUAD_SHIFT
+        words, w = self.words, label << ROW_WORD_SHIFT
+        head = _pack_head(quads[q + ROW_REWRITE], words[w + ROW_REWRITE_TAIL], ETH_P_MPLS_UC, entry)
+        out.append((words[w + ROW_OUT_PORT], b"".join((head, frame[ip_offset:ip_end]))))
         quads[q + ROW_PACKETS] += 1
         quads[q + ROW_BYTES] += len(frame)
         self.floats[q + ROW_LAST_SEEN] = now
