@@ -509,3 +509,22 @@ def test_a_pair_is_checked_as_its_labels_are(table: LabelSwitchingTable) -> None
         with pytest.raises(ValueError):
             table.install_pair(label, **(good | bad))  # type: ignore[arg-type]
         assert not table.valid[label] and not table.valid[(label + 1) % LABEL_SPACE]
+
+
+def test_block_counters_count_every_frame_of_labels_that_share_a_scratch_slot(table: LabelSwitchingTable) -> None:
+    """The block path finds repeated labels with a scratch slot per label's low bits: labels that share a slot,
+    each repeated, are counted frame for frame all the same."""
+    from mplslb.switching.block import count_rows
+
+    apart = 1 << 16  # labels this far apart share a slot
+    labels = [LABEL, LABEL + apart, LABEL, LABEL + 2 * apart, LABEL + apart, LABEL + apart, LABEL + 2]
+    for label in set(labels):
+        install_c2s(table, label)
+    lengths = [10, 20, 30, 40, 50, 60, 70]
+    count_rows(table, np.array(labels, dtype=np.int64), np.array(lengths), 7.0)
+    expected: dict[int, tuple[int, int]] = {}
+    for label, length in zip(labels, lengths, strict=True):
+        packets, octets = expected.get(label, (0, 0))
+        expected[label] = (packets + 1, octets + length)
+    assert {label: table.traffic(label) for label in set(labels)} == expected
+    assert all(table.last_seen[label] == 7.0 for label in labels)

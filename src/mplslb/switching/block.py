@@ -102,7 +102,7 @@ class BlockTables:
         )
         #: The rows as octets, one row per label.
         self.octets = np.frombuffer(table.rows, dtype=np.uint8).reshape(LABEL_SPACE, ROW_SIZE)
-        self.stamp = np.zeros(LABEL_SPACE, dtype=np.int64)  # scratch for finding repeated labels in a block
+        self.stamp = np.zeros(_STAMP_SLOTS, dtype=np.int32)  # scratch for finding repeated labels in a block
 
     def gather(self, labels: np.ndarray) -> Gathered:
         """A copy of each label's row, in the order given."""
@@ -123,6 +123,9 @@ class Gathered(NamedTuple):
     quads: np.ndarray  # the same as 64-bit words
 
 
+#: Slots of the scratch array that finds repeated labels in a block (see :func:`_count`): small enough to stay in the
+#: cache, as a label-indexed array over the whole label space would not.
+_STAMP_SLOTS = 1 << 16
 _VIEWS: weakref.WeakKeyDictionary[LabelSwitchingTable, BlockTables] = weakref.WeakKeyDictionary()
 # Where the block path finds a label's facts in its row, as octets (and as 32-bit words, /4): the peer IP, and the
 # flow key's IP destination and ports (they follow the IP source in a plain packet, as in the key).
@@ -447,11 +450,15 @@ def _count(t: BlockTables, taken: np.ndarray, lengths: np.ndarray, now: float, a
     A fancy-index add counts a label that repeats within the block once, and ``np.add.at`` is slow (about 100 ns
     an element), so: a stamp picks one occurrence of each label (whichever the scatter kept), those are added
     with plain fancy indexing (their labels are distinct), and only the other occurrences go through ``add.at``.
+    The stamp has a slot per label's low bits, not per label: two labels sharing a slot leave one of them to
+    ``add.at`` too, which counts any occurrence right (all occurrences of one label share its slot, so the picked
+    ones are still distinct).
     """
     stamp = t.stamp
     order = np.arange(len(taken), dtype=np.int64)
-    stamp[taken] = order
-    first = stamp[taken] == order
+    slot = taken & (_STAMP_SLOTS - 1)
+    stamp[slot] = order
+    first = stamp[slot] == order
     sizes = lengths.astype(np.uint64)
     if bool(first.all()):
         t.packets[taken] += np.uint64(1)
