@@ -528,3 +528,22 @@ def test_block_counters_count_every_frame_of_labels_that_share_a_scratch_slot(ta
         expected[label] = (packets + 1, octets + length)
     assert {label: table.traffic(label) for label in set(labels)} == expected
     assert all(table.last_seen[label] == 7.0 for label in labels)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_a_row_read_at_once_says_what_each_field_says(table: LabelSwitchingTable, v6: bool) -> None:
+    """``row`` (what the kernel offload writes its entry from) reads the same values as the fields one by one."""
+    client, vip = (CLIENT6, VIP6) if v6 else (CLIENT, VIP)
+    watch = WATCH_TCP_END | (IPV6_PAYLOAD if v6 else 0)
+    table.install(LABEL, out_port=2, next_hop=SERVER_MAC, in_port=1, peer=CLIENT_MAC, peer_ip=client, watch=watch,
+                  dst_ip=vip, ports=(40000, 80))  # fmt: skip
+    table.install(LABEL + 1, out_port=1, next_hop=OTHER_MAC, in_port=3, peer=SERVER_MAC, watch=watch & ~WATCH_TCP_END)
+    table.acks[LABEL] = 0x1_0000_0123
+    for label in (LABEL, LABEL + 1):
+        t, row = table, table.row(label)
+        assert row == (t.watch[label], t.v6[label], t.in_port[label], t.out_port[label], t.acks[label],
+                       t.rewrite[label], t.peer[label], t.peer_ip[label], t.flow[label])  # fmt: skip
+        assert row.rewrite[6:] == PORT_MACS[row.out_port] and len(row.peer) == 6
+    assert table.row(LABEL).flow == client + vip + struct.pack("!HH", 40000, 80) and table.row(LABEL + 1).flow == b""
+    assert table.row(LABEL).peer_ip == client and table.row(LABEL + 1).peer_ip == b""
+    assert (table.row(LABEL).v6, table.row(LABEL).in_port, table.row(LABEL).peer) == (int(v6), 1, CLIENT_MAC)

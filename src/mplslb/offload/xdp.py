@@ -1038,27 +1038,24 @@ class XdpOffload:
         )
 
     def _entry(self, label: int) -> bytes:
-        t = self.table
-        flow = t.flow[label]
-        dst_ip, ports = flow_parts(flow)
-        flags = self._flags(t.watch[label], v6=bool(t.v6[label]), flow=bool(flow))
+        row = self.table.row(label)  # its ACK with the kernel's folded in (_fold_entries) when written again
+        dst_ip, ports = flow_parts(row.flow)
+        flags = self._flags(row.watch, v6=bool(row.v6), flow=bool(row.flow))
         budget = WATCH_BUDGET if self.measured is not None and is_c2s(label) else 0
-        peer_ip = t.peer_ip[label]
-        ack = t.acks[label]  # with the kernel's folded in (_fold_entries) when the entry is written again
         return KERNEL_ENTRY.pack(
-            self.ifindex[t.out_port[label]],
-            self.ifindex[t.in_port[label]],
-            t.rewrite[label],
-            t.peer[label],
+            self.ifindex[row.out_port],
+            self.ifindex[row.in_port],
+            row.rewrite,
+            row.peer,
             flags,
-            len(peer_ip),
-            peer_ip,
+            len(row.peer_ip),
+            row.peer_ip,
             dst_ip,
             ports,
             0,
             0,
             0,
-            ack,
+            row.acks,
             budget,
             *(0,) * 9,
         )

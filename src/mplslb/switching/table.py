@@ -100,6 +100,7 @@ _PORTS = struct.Struct("!HH")
 _PORT_MAX = 0xFFFF
 _WORD_SIZE, _QUAD_SIZE = 4, 8
 _pack_head = LABELLED_HEAD.pack
+_unpack_row = ROW.unpack_from
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
@@ -141,6 +142,21 @@ class SwitchEntry(NamedTuple):
     packets: int
     bytes: int
     last_seen: float
+
+
+class LabelRow(NamedTuple):
+    """One label's row read at once (:meth:`LabelSwitchingTable.row`): what a copy of it elsewhere (the kernel
+    offload's map entry) is written from."""
+
+    watch: int
+    v6: int
+    in_port: int
+    out_port: int
+    acks: int
+    rewrite: bytes
+    peer: bytes
+    peer_ip: bytes
+    flow: bytes
 
 
 class FastEvent(NamedTuple):
@@ -598,6 +614,17 @@ class LabelSwitchingTable:
                 rows["acks"],
             )
         return self._arrays
+
+    def row(self, label: int) -> LabelRow:
+        """``label``'s row, read at once (one unpack instead of a call per field)."""
+        rows, at = self.rows, label << ROW_SHIFT
+        _, watch, v6, in_port, out_port, tail, _, _, _, acks, peer, head = _unpack_row(rows, at)
+        flow_at, peer_ip_at = at + ROW_FLOW, at + ROW_PEER_IP
+        return LabelRow(
+            watch, v6, in_port, out_port, acks, REWRITE.pack(head, tail), peer.to_bytes(ETH_ALEN, "big"),
+            bytes(rows[peer_ip_at : peer_ip_at + rows[at + ROW_PEER_IP_LEN]]),
+            bytes(rows[flow_at : flow_at + rows[at + ROW_FLOW_LEN]]),
+        )  # fmt: skip
 
     def port_place(self, port_id: int) -> tuple[int, int]:
         """(line card, port number) of a port id."""
