@@ -6,10 +6,11 @@ The table lives in rows preallocated over the whole 20-bit label space and index
 index, never a hash of a header, and a session adds no object of its own. One row per label holds what a frame reads
 and counts, the flow binding and peer IP included, on two adjacent cache lines
 (:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the ``ROW_*`` offsets); one array more (``generation``)
-serves the kernel offload. Readers see each field indexed by label (:class:`RowField`, :class:`RowBytes`,
-:class:`RowMacs`: the MACs as byte strings, made from the row's integers). The table owns the rows: the fast paths in
-this package read and count through them, and everything outside reads them and changes them only through the
-table's methods:
+tells whoever holds a decision made from the table (the block path's caller, the kernel offload) whether it still
+stands. Readers see each field indexed by label (:class:`RowField`, :class:`RowBytes`, :class:`RowMacs`: the MACs
+as byte strings, made from the row's integers) or a whole row at once (:meth:`~LabelSwitchingTable.row`). The table
+owns the rows: the fast paths in this package read and count through them, and everything outside reads them and
+changes them only through the table's methods:
 
 * the control plane: :meth:`~LabelSwitchingTable.install`, :meth:`~LabelSwitchingTable.withdraw`,
   :meth:`~LabelSwitchingTable.set_watch`, :meth:`~LabelSwitchingTable.repoint` (a neighbour's new MAC);
