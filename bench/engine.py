@@ -317,7 +317,7 @@ def has_block_path(balancer: Balancer) -> bool:
 
 
 def ensure_block_tables(balancer: Balancer) -> bool:
-    """Run the block path once, on an empty block (it makes its views of the table and its scratch array)."""
+    """Run the block path once, on an empty block (it makes its views of the table)."""
     if not has_block_path(balancer):
         return False
     empty = np.zeros(0, dtype=np.int64)
@@ -733,7 +733,7 @@ def section_memory(plan: Plan) -> list[Row]:
                     IPVS_BYTES_PER_CONNECTION,
                     target="<= 64 bytes/session",
                     note="receive_block run once before the sessions open: it reads the table's rows, and keeps "
-                    "nothing per label but a scratch array (8 MiB, fixed)",
+                    "nothing per label of its own",
                     command=cmd,
                     extra=block,
                 ),
@@ -823,7 +823,7 @@ def profile_loop(target: str, seconds: float) -> None:
     elif target == "block":
         runner = BlockRun(b, build(rng.integers(0, plan.sessions, 4 * 4096), labelled=True), 4096)
         runner.setup()
-        runner.run()  # the first call makes the block path's views and scratch array: not the steady state
+        runner.run()  # the first call makes the block path's views of the table: not the steady state
         runner.setup()
 
         def blocks() -> None:

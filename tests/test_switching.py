@@ -22,7 +22,7 @@ from mplslb.switching import (
     SwitchEntry,
     switch_frame,
 )
-from mplslb.switching.layout import TCP_FLAGS_UNKNOWN
+from mplslb.switching.layout import ACK_KNOWN, TCP_FLAGS_UNKNOWN
 from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.mpls import pack_entry
@@ -511,23 +511,31 @@ def test_a_pair_is_checked_as_its_labels_are(table: LabelSwitchingTable) -> None
         assert not table.valid[label] and not table.valid[(label + 1) % LABEL_SPACE]
 
 
-def test_block_counters_count_every_frame_of_labels_that_share_a_scratch_slot(table: LabelSwitchingTable) -> None:
-    """The block path finds repeated labels with a scratch slot per label's low bits: labels that share a slot,
-    each repeated, are counted frame for frame all the same."""
+def test_block_counters_count_every_frame_of_repeated_labels(table: LabelSwitchingTable) -> None:
+    """The block path counts a block's frames per label, however its labels repeat and interleave (labels apart by
+    a power of two, too), and records the last acknowledgment number each label's frames carried."""
     from mplslb.switching.block import count_rows
 
-    apart = 1 << 16  # labels this far apart share a slot
+    apart = 1 << 16
     labels = [LABEL, LABEL + apart, LABEL, LABEL + 2 * apart, LABEL + apart, LABEL + apart, LABEL + 2]
     for label in set(labels):
         install_c2s(table, label)
     lengths = [10, 20, 30, 40, 50, 60, 70]
-    count_rows(table, np.array(labels, dtype=np.int64), np.array(lengths), 7.0)
+    acks = [ACK_KNOWN | 5, 0, ACK_KNOWN | 7, 0, ACK_KNOWN | 9, 0, 0]
+    table.acks[LABEL + 2] = ACK_KNOWN | 3  # a frame without one leaves it
+    count_rows(table, np.array(labels, dtype=np.int64), np.array(lengths), 7.0, np.array(acks, dtype=np.uint64))
     expected: dict[int, tuple[int, int]] = {}
     for label, length in zip(labels, lengths, strict=True):
         packets, octets = expected.get(label, (0, 0))
         expected[label] = (packets + 1, octets + length)
     assert {label: table.traffic(label) for label in set(labels)} == expected
     assert all(table.last_seen[label] == 7.0 for label in labels)
+    assert [table.acks[label] & ~ACK_KNOWN for label in (LABEL, LABEL + apart, LABEL + 2 * apart, LABEL + 2)] == [
+        7,
+        9,
+        0,
+        3,
+    ]
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])

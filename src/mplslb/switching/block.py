@@ -86,7 +86,7 @@ from mplslb.switching.table import FastEvent, LabelSwitchingTable
 
 
 class BlockTables:
-    """The table's rows as numpy views, the counters the block path writes, and its scratch array.
+    """The table's rows as numpy views, and the counters the block path writes.
 
     Nothing is copied ahead: a block gathers its frames' rows when it comes (:meth:`gather`), so an install is seen at
     once and a session costs the block path no memory of its own.
@@ -102,7 +102,6 @@ class BlockTables:
         )
         #: The rows as octets, one row per label.
         self.octets = np.frombuffer(table.rows, dtype=np.uint8).reshape(LABEL_SPACE, ROW_SIZE)
-        self.stamp = np.zeros(_STAMP_SLOTS, dtype=np.int32)  # scratch for finding repeated labels in a block
 
     def gather(self, labels: np.ndarray) -> Gathered:
         """A copy of each label's row, in the order given."""
@@ -123,9 +122,6 @@ class Gathered(NamedTuple):
     quads: np.ndarray  # the same as 64-bit words
 
 
-#: Slots of the scratch array that finds repeated labels in a block (see :func:`_count`): small enough to stay in the
-#: cache, as a label-indexed array over the whole label space would not.
-_STAMP_SLOTS = 1 << 16
 _VIEWS: weakref.WeakKeyDictionary[LabelSwitchingTable, BlockTables] = weakref.WeakKeyDictionary()
 # Where the block path finds a label's facts in its row, as octets (and as 32-bit words, /4): the peer IP, and the
 # flow key's IP destination and ports (they follow the IP source in a plain packet, as in the key).
@@ -435,44 +431,26 @@ def _block_acks(
     return out
 
 
-def _record_acks(t: BlockTables, taken: np.ndarray, acks: np.ndarray) -> None:
-    """Record the switched frames' acknowledgment numbers (0: none), the last of each label winning."""
-    has = np.flatnonzero(acks)
-    if has.size:
-        labels = taken[has][::-1]
-        unique, first = np.unique(labels, return_index=True)
-        t.acks[unique] = acks[has][::-1][first]
-
-
 def _count(t: BlockTables, taken: np.ndarray, lengths: np.ndarray, now: float, acks: np.ndarray | None = None) -> None:
-    """Per-label packets, bytes and last-seen for the switched frames, and their acknowledgment numbers.
+    """Per-label packets, bytes and last-seen for the switched frames (``taken``: their labels, in frame order), and
+    their acknowledgment numbers (0: none; the last of each label wins).
 
     A fancy-index add counts a label that repeats within the block once, and ``np.add.at`` is slow (about 100 ns
-    an element), so: a stamp picks one occurrence of each label (whichever the scatter kept), those are added
-    with plain fancy indexing (their labels are distinct), and only the other occurrences go through ``add.at``.
-    The stamp has a slot per label's low bits, not per label: two labels sharing a slot leave one of them to
-    ``add.at`` too, which counts any occurrence right (all occurrences of one label share its slot, so the picked
-    ones are still distinct).
+    an element), so the frames are sorted by label and each label's run is summed first (its last acknowledgment
+    number is the one of its latest frame that has one); the rows are then written once per label, in ascending
+    order, which also touches memory in order.
     """
-    stamp = t.stamp
-    order = np.arange(len(taken), dtype=np.int64)
-    slot = taken & (_STAMP_SLOTS - 1)
-    stamp[slot] = order
-    first = stamp[slot] == order
-    sizes = lengths.astype(np.uint64)
-    if bool(first.all()):
-        t.packets[taken] += np.uint64(1)
-        t.bytes[taken] += sizes
-    else:
-        once = taken[first]
-        t.packets[once] += np.uint64(1)
-        t.bytes[once] += sizes[first]
-        again = ~first
-        np.add.at(t.packets, taken[again], np.uint64(1))
-        np.add.at(t.bytes, taken[again], sizes[again])
-    t.last_seen[taken] = now
+    order = np.argsort(taken)
+    ordered = taken[order]
+    first = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    labels = ordered[first]
+    t.packets[labels] += np.diff(np.append(first, len(ordered))).astype(np.uint64)
+    t.bytes[labels] += np.add.reduceat(lengths[order].astype(np.uint64), first)
+    t.last_seen[labels] = now
     if acks is not None:
-        _record_acks(t, taken, acks)
+        last = np.maximum.reduceat(np.where(acks[order] != 0, order, -1), first)  # the frame, or -1: none
+        has = last >= 0
+        t.acks[labels[has]] = acks[last[has]]
 
 
 def _block_reports(
