@@ -666,7 +666,7 @@ def run_memory_child(kind: str, n: int, timeout: float) -> dict[str, Any]:
 def nominal_table_bytes() -> int:
     """The preallocated arrays' nominal size: switching (per label), label manager and session table (per pair),
     and the session table's key index (two slots per pair, rounded up to a power of two)."""
-    per_label = ROW_SIZE + 4  # the row; generation
+    per_label = ROW_SIZE  # the row (the generation included)
     per_pair = 4 + 4 + 8 + 1  # free ring, quarantine ring (label, release), state
     # session rows: 6 one-byte fields, client port and server (4 each), 4 times, key index home, key (40), MAC (6)
     per_session_row = 6 + 4 + 4 + 4 * 8 + 4 + 40 + 6

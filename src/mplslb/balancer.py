@@ -306,7 +306,7 @@ class Balancer:
         out_port = verdict.out_port.copy()
         labels, acks = verdict.labels, verdict.acks
         generation = self.switching.arrays().generation
-        planned = generation[labels]
+        planned = verdict.generations
         reports: dict[int, list[FastEvent]] = {}
         for row, event in zip(report_rows, events, strict=True):
             reports.setdefault(row, []).append(event)

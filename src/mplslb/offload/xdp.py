@@ -1412,7 +1412,7 @@ class XdpOffload:
             self._read_at = read_at
             return 0
         labels = np.frombuffer(keys, dtype=np.uint32).astype(np.intp)
-        generation = np.frombuffer(self.table.generation, dtype=np.uint32)
+        generation = self.table.arrays().generation
         wanted = np.flatnonzero(self._measured[labels]) if self._measuring else np.zeros(0, dtype=np.intp)
         records = np.frombuffer(values, dtype=RECORD)[wanted]
         at = labels[wanted]

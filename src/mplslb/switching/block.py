@@ -62,6 +62,7 @@ from mplslb.switching.layout import (
     RESERVED_LABEL_MAX,
     ROW_FLOW,
     ROW_FLOW_LEN,
+    ROW_GENERATION,
     ROW_IN_PORT,
     ROW_OUT_PORT,
     ROW_PEER,
@@ -155,6 +156,7 @@ class BlockVerdict(NamedTuple):
     labels: np.ndarray  # per frame: the label read (0 when none)
     switched: np.ndarray  # per frame: True when forwarded by the block path (rewritten in place)
     acks: np.ndarray  # per frame: ACK_KNOWN | the acknowledgment number to record for its label, or 0
+    generations: np.ndarray  # per frame: its label's generation when it was decided (see LabelSwitchingTable)
 
 
 def block_tables(table: LabelSwitchingTable) -> BlockTables:
@@ -204,6 +206,7 @@ def switch_block(
             np.zeros(n, dtype=np.int64),
             np.zeros(n, dtype=np.bool_),
             np.zeros(n, dtype=np.uint64),
+            np.zeros(n, dtype=np.int32),
         )
     if word_aligned(buf, starts):
         return _switch_aligned_block(t, buf, starts, lengths, ports, now, events, count, report_rows)
@@ -397,7 +400,7 @@ def _switched(
             )  # fmt: skip
     out_port = np.full(len(starts), -1, dtype=np.int32)
     out_port[rows] = r.signed[rows, ROW_OUT_PORT]
-    return BlockVerdict(out_port, labels, ok, acks)
+    return BlockVerdict(out_port, labels, ok, acks, r.signed[:, ROW_GENERATION])
 
 
 def _block_acks(

@@ -173,6 +173,10 @@ ROW_FLOW: Final = 64  # octets: the flow key (IP source, IP destination, the two
 ROW_FLOW_LEN: Final = 100  # octet: the flow key's length, 0 when the label is bound to no flow
 ROW_PEER_IP_LEN: Final = 101  # octet: the peer IP's length, 0 when none is bound
 ROW_PEER_IP: Final = 104  # octets: the peer IP the label's frames must come from
+#: 32-bit word: bumped by every install and withdrawal of the label (GENERATION_MASK wide), so whoever holds a
+#: decision made from the row can tell whether it still stands
+ROW_GENERATION: Final = 30
+GENERATION_MASK: Final = 0x7FFFFFFF
 #: The longest flow key (IPv6) and peer IP.
 FLOW_MAX: Final = 36
 PEER_IP_MAX: Final = 16
@@ -607,6 +611,7 @@ __all__ = [
     "F_TCP_END",
     "F_TICKET",
     "F_V6",
+    "GENERATION_MASK",
     "GSO_COUNTERS",
     "GSO_TRAFFIC",
     "ICMP6_INFO_MIN",
@@ -679,6 +684,7 @@ __all__ = [
     "ROW_BYTES",
     "ROW_FLOW",
     "ROW_FLOW_LEN",
+    "ROW_GENERATION",
     "ROW_IN_PORT",
     "ROW_LAST_SEEN",
     "ROW_OUT_PORT",

@@ -5,8 +5,8 @@ Theory of operation
 The table lives in rows preallocated over the whole 20-bit label space and indexed by the label, so a lookup is an
 index, never a hash of a header, and a session adds no object of its own. One row per label holds what a frame reads
 and counts, the flow binding and peer IP included, on two adjacent cache lines
-(:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the ``ROW_*`` offsets); one array more (``generation``)
-tells whoever holds a decision made from the table (the block path's caller, the kernel offload) whether it still
+(:data:`~mplslb.switching.layout.ROW_SIZE` octets: see the ``ROW_*`` offsets), and its ``generation`` too, which tells
+whoever holds a decision made from the table (the block path's caller, the kernel offload) whether it still
 stands. Readers see each field indexed by label (:class:`RowField`, :class:`RowBytes`, :class:`RowMacs`: the MACs
 as byte strings, made from the row's integers) or a whole row at once (:meth:`~LabelSwitchingTable.row`). The table
 owns the rows: the fast paths in this package read and count through them, and everything outside reads them and
@@ -55,6 +55,7 @@ from mplslb.switching.layout import (
     ETH_ALEN,
     ETH_P_MPLS_UC,
     FLOW_MAX,
+    GENERATION_MASK,
     IPV4_ADDR_LEN,
     IPV6_ADDR_LEN,
     IPV6_PAYLOAD,
@@ -71,6 +72,7 @@ from mplslb.switching.layout import (
     ROW_BYTES,
     ROW_FLOW,
     ROW_FLOW_LEN,
+    ROW_GENERATION,
     ROW_IN_PORT,
     ROW_LAST_SEEN,
     ROW_OUT_PORT,
@@ -105,10 +107,13 @@ _unpack_row = ROW.unpack_from
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
-        "names": ["valid", "watch", "v6", "flow_len", "in_port", "out_port", "packets", "bytes", "last_seen", "acks"],
-        "formats": [np.uint8] * 4 + [np.int32, np.int32, np.uint64, np.uint64, np.float64, np.uint64],
+        "names": [
+            *("valid", "watch", "v6", "flow_len", "in_port", "out_port", "generation"),
+            *("packets", "bytes", "last_seen", "acks"),
+        ],
+        "formats": [np.uint8] * 4 + [np.int32] * 3 + [np.uint64, np.uint64, np.float64, np.uint64],
         "offsets": [ROW_VALID, ROW_WATCH, ROW_V6, ROW_FLOW_LEN]
-        + [at * _WORD_SIZE for at in (ROW_IN_PORT, ROW_OUT_PORT)]
+        + [at * _WORD_SIZE for at in (ROW_IN_PORT, ROW_OUT_PORT, ROW_GENERATION)]
         + [at * _QUAD_SIZE for at in (ROW_PACKETS, ROW_BYTES, ROW_LAST_SEEN, ROW_ACKS)],
         "itemsize": ROW_SIZE,
     }
@@ -330,9 +335,9 @@ class LabelSwitchingTable:
         # In a persistent store the rows outlive the process (see :meth:`restore`).
         self._persistent = store.persistent
         self.installed = 0
-        #: Bumped by every install and withdrawal, per label and in all: a caller holding a decision made from the
+        #: Bumped by every install and withdrawal (``version`` in all): a caller holding a decision made from the
         #: table (the block path's) can tell whether it still stands.
-        self.generation = store.array("switching.generation", "I", LABEL_SPACE)
+        self.generation: RowField[int] = RowField(self.words, ROW_WORD_SHIFT, ROW_GENERATION)
         self.version = 0
         self.drops: dict[str, int] = {}
         self.mirrors: list[Mirror] = []
@@ -444,8 +449,8 @@ class LabelSwitchingTable:
         rows[at + ROW_PEER_IP_LEN] = len(peer_ip)
         rows[at + ROW_FLOW : at + ROW_FLOW + len(flow)] = flow
         rows[at + ROW_FLOW_LEN] = len(flow)
-        generation = self.generation
-        generation[label] = (generation[label] + 1) & 0xFFFFFFFF
+        words, generation_at = self.words, (label << ROW_WORD_SHIFT) + ROW_GENERATION
+        words[generation_at] = (words[generation_at] + 1) & GENERATION_MASK
         rows[at + ROW_VALID] = 1  # last: the entry is complete
         self.version += 1
         for mirror in self.mirrors:
@@ -465,7 +470,7 @@ class LabelSwitchingTable:
         self.peer_ip[label] = b""
         self.flow[label] = b""
         if was:
-            self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+            self.generation[label] = (self.generation[label] + 1) & GENERATION_MASK
             self.version += 1
             for mirror in self.mirrors:
                 mirror.withdrawn(label)
@@ -503,7 +508,7 @@ class LabelSwitchingTable:
         if peer is not None:
             self.quads[(label << ROW_QUAD_SHIFT) + ROW_PEER] = int.from_bytes(peer, "big")
         self.valid[label] = 1
-        self.generation[label] = (self.generation[label] + 1) & 0xFFFFFFFF
+        self.generation[label] = (self.generation[label] + 1) & GENERATION_MASK
         self.version += 1
         for mirror in self.mirrors:
             mirror.installed(label)
@@ -610,7 +615,7 @@ class LabelSwitchingTable:
                 rows["packets"],
                 rows["bytes"],
                 rows["last_seen"],
-                np.frombuffer(self.generation, dtype=np.uint32),
+                rows["generation"],
                 rows["flow_len"],
                 rows["acks"],
             )
