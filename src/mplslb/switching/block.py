@@ -18,9 +18,8 @@ one-frame path records them (the last of each label in the block wins, as frame 
 Every per-label fact comes from the label's row of the table itself, copied once per block (:class:`Gathered`: one
 pass over the block's labels, then every field read from the copy); nothing is kept for the block path between
 blocks, so an install costs it nothing. The counters are written back sorted by label (:func:`_count`). Where every
-frame starts 2 bytes past a 4-byte boundary (a TPACKET ring, which aligns the IP
-header to 16 bytes) every field sits on a word boundary and a word-wide variant reads and writes one word per
-gather instead of one byte.
+frame starts 2 bytes past a 4-byte boundary (a TPACKET ring, which aligns the IP header to 16 bytes) every field sits
+on a word boundary and a word-wide variant reads and writes one word per gather instead of one byte.
 """
 
 from __future__ import annotations
