@@ -93,3 +93,16 @@ def test_c_programs_build_from_the_layout(source: Path, tmp_path: Path) -> None:
     assert obj[:4] == b"\x7fELF"
     assert build_object(source, directory=tmp_path) == obj  # cached by a digest that covers the header
     assert len(list(tmp_path.glob("*.o"))) == 1
+
+
+def test_the_switching_row_structs_lie_on_the_row_offsets() -> None:
+    """The structs that write a label's row at once put each field at its ``ROW_*`` offset, inside the row: the
+    numbers and MACs fill the first line, the flow binding the second up to the generation word."""
+    assert layout.ROW.size == layout.ROW_SIZE // 2
+    offsets = [struct.calcsize(layout.ROW.format[: 1 + n]) for n in range(len(layout.ROW.format))]
+    assert 4 * layout.ROW_IN_PORT in offsets and 8 * layout.ROW_PACKETS in offsets and 8 * layout.ROW_REWRITE in offsets
+    binding = layout.ROW_BINDING
+    assert layout.ROW_FLOW + struct.calcsize(f"={layout.FLOW_MAX}s") == layout.ROW_FLOW_LEN
+    assert layout.ROW_FLOW_LEN + 1 == layout.ROW_PEER_IP_LEN
+    assert layout.ROW_FLOW + binding.size - layout.PEER_IP_MAX == layout.ROW_PEER_IP
+    assert layout.ROW_FLOW + binding.size <= 4 * layout.ROW_GENERATION < layout.ROW_SIZE

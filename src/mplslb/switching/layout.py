@@ -182,6 +182,8 @@ FLOW_MAX: Final = 36
 PEER_IP_MAX: Final = 16
 #: The whole row, written at once when a label is installed (the valid octet last, on its own).
 ROW: Final = struct.Struct("=BBBxiiiQQdQQQ")
+#: The row's flow binding at once, from ROW_FLOW: the flow key, its length, the peer IP's length, the peer IP.
+ROW_BINDING: Final = struct.Struct(f"={FLOW_MAX}sBB{ROW_PEER_IP - ROW_PEER_IP_LEN - 1}x{PEER_IP_MAX}s")
 #: A row's rewrite as the octets it stands for: ``ROW_REWRITE`` (octets 0-7), ``ROW_REWRITE_TAIL`` (8-11).
 REWRITE: Final = struct.Struct("!Qi")
 #: The Ethernet header and label stack entry a labelled frame leaves with: the row's rewrite, the MPLS ethertype,
@@ -681,6 +683,7 @@ __all__ = [
     "REWRITE",
     "ROW",
     "ROW_ACKS",
+    "ROW_BINDING",
     "ROW_BYTES",
     "ROW_FLOW",
     "ROW_FLOW_LEN",

@@ -69,6 +69,7 @@ from mplslb.switching.layout import (
     REWRITE,
     ROW,
     ROW_ACKS,
+    ROW_BINDING,
     ROW_BYTES,
     ROW_FLOW,
     ROW_FLOW_LEN,
@@ -104,6 +105,7 @@ _PORT_MAX = 0xFFFF
 _WORD_SIZE, _QUAD_SIZE = 4, 8
 _pack_head = LABELLED_HEAD.pack
 _unpack_row = ROW.unpack_from
+_pack_binding = ROW_BINDING.pack_into
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
@@ -445,10 +447,7 @@ class LabelSwitchingTable:
         head, tail = _rewrite_fields(next_hop, self._port_macs[out_port])
         ROW.pack_into(rows, at, 0, watch & WATCH_BITS, v6, in_port, out_port, tail, 0, 0, now, 0,
                       int.from_bytes(peer, "big"), head)  # fmt: skip
-        rows[at + ROW_PEER_IP : at + ROW_PEER_IP + len(peer_ip)] = peer_ip
-        rows[at + ROW_PEER_IP_LEN] = len(peer_ip)
-        rows[at + ROW_FLOW : at + ROW_FLOW + len(flow)] = flow
-        rows[at + ROW_FLOW_LEN] = len(flow)
+        _pack_binding(rows, at + ROW_FLOW, flow, len(flow), len(peer_ip), peer_ip)
         words, generation_at = self.words, (label << ROW_WORD_SHIFT) + ROW_GENERATION
         words[generation_at] = (words[generation_at] + 1) & GENERATION_MASK
         rows[at + ROW_VALID] = 1  # last: the entry is complete
