@@ -463,13 +463,12 @@ class LabelSwitchingTable:
             self.installed -= 1
         rows[at + ROW_VALID] = 0
         rows[at + ROW_WATCH] = 0
-        words = self.words
-        words[(label << ROW_WORD_SHIFT) + ROW_OUT_PORT] = -1
-        words[(label << ROW_WORD_SHIFT) + ROW_IN_PORT] = -1
-        self.peer_ip[label] = b""
-        self.flow[label] = b""
+        words, word = self.words, label << ROW_WORD_SHIFT
+        words[word + ROW_OUT_PORT] = -1
+        words[word + ROW_IN_PORT] = -1
+        _pack_binding(rows, at + ROW_FLOW, b"", 0, 0, b"")
         if was:
-            self.generation[label] = (self.generation[label] + 1) & GENERATION_MASK
+            words[word + ROW_GENERATION] = (words[word + ROW_GENERATION] + 1) & GENERATION_MASK
             self.version += 1
             for mirror in self.mirrors:
                 mirror.withdrawn(label)
