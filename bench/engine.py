@@ -629,16 +629,6 @@ def memory_child(kind: str, n: int) -> dict[str, Any]:
         del frames
     gc.collect()
     after = rss_bytes()
-    sample = b.sessions.by_c2s(c2s_of_flow(n // 2))
-    parts: dict[str, int] = {}
-    if sample is not None:
-        parts = {
-            "Session (slots)": sys.getsizeof(sample),
-            "FlowKey": sys.getsizeof(sample.key),
-            "FlowKey src bytes": sys.getsizeof(sample.key.src),
-            "client_mac bytes": sys.getsizeof(sample.client_mac),
-            "heap entry tuple": 64,
-        }
     return {
         "kind": kind,
         "sessions": len(b.sessions),
@@ -646,7 +636,6 @@ def memory_child(kind: str, n: int) -> dict[str, Any]:
         "rss_start": start,
         "rss_tables": with_tables,
         "rss_after": after,
-        "object_sizes": parts,
     }
 
 
@@ -686,8 +675,6 @@ def section_memory(plan: Plan) -> list[Row]:
     dict_per = (ref["rss_after"] - ref["rss_before"]) / ref["entries"]
     cmd = command_for("memory")
     space = "" if sessions == PAIRS else f" ({sessions:,} sessions, quick)"
-    parts = ours.get("object_sizes", {})
-    breakdown = ", ".join(f"{k} {v}" for k, v in parts.items())
     rows = [
         at_most(
             Row(
@@ -698,7 +685,8 @@ def section_memory(plan: Plan) -> list[Row]:
                 "IPVS 128 B/connection (documented)",
                 IPVS_BYTES_PER_CONNECTION,
                 target="<= 64 bytes/session",
-                note=f"RSS after opening / before, fresh process; per-session objects (sys.getsizeof): {breakdown}",
+                note="RSS after opening / before, fresh process; a session is rows of preallocated tables (its session "
+                "row, its two labels' rows), no Python object of its own",
                 command=cmd,
                 extra=ours,
             ),

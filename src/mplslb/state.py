@@ -26,11 +26,12 @@ interrupted at adoption.
 
 Adoption (:func:`open_balancer`): when the header, the layout and the configuration all agree, the balancer is built
 over the mapped arrays and :func:`adopt` rebuilds what is derived (the flow-key index, the free and quarantine rings
-of the label manager, the switching table's MACs as byte strings, its rows holding the rest, flow bindings too;
-the session counts, the half-open sessions' queue, the deadlines, the pool's active-session counters; an ENDING
-session counts for no server and lingers until its close's time plus the linger). Otherwise the reason is logged as one
-``key=value`` line, the old files are moved aside (``*.old``) and the daemon starts clean; ``--fresh`` starts clean
-on purpose. :data:`FORMAT_VERSION` changes with what a column's values mean (the session state codes).
+of the label manager, the switching table's count of installed labels, its rows holding the rest, flow bindings and
+MACs too; the session counts, the half-open sessions' queue, the deadlines, the pool's active-session counters; an
+ENDING session counts for no server and lingers until its close's time plus the linger). Otherwise the reason is
+logged as one ``key=value`` line, the old files are moved aside (``*.old``) and the daemon starts clean;
+``--fresh`` starts clean on purpose. :data:`FORMAT_VERSION` changes with what a column's values mean (the session
+state codes).
 
 Crash safety: the tables order their writes so a record becomes valid last and invalid first. A session row's
 state byte is written after all its fields and cleared first when the row is freed; a label's ``valid`` byte

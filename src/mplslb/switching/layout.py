@@ -174,7 +174,7 @@ ROW_FLOW_LEN: Final = 100  # octet: the flow key's length, 0 when the label is b
 ROW_PEER_IP_LEN: Final = 101  # octet: the peer IP's length, 0 when none is bound
 ROW_PEER_IP: Final = 104  # octets: the peer IP the label's frames must come from
 #: 32-bit word: bumped by every install and withdrawal of the label (GENERATION_MASK wide), so whoever holds a
-#: decision made from the row can tell whether it still stands
+#: decision made from the row can tell whether it still stands.
 ROW_GENERATION: Final = 30
 GENERATION_MASK: Final = 0x7FFFFFFF
 #: The longest flow key (IPv6) and peer IP.
