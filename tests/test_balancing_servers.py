@@ -161,6 +161,35 @@ def test_drain_down_and_weight_zero_stop_new_sessions_only() -> None:
     assert [s.name for s in pool.eligible()] == ["a", "b", "c", "d"]
 
 
+@given(
+    st.lists(st.sampled_from(["up", "drain", "down", "weight0", "full"]), min_size=1, max_size=8),
+    st.integers(0, 3),
+    st.integers(-2, 10),
+)
+def test_next_eligible_is_the_first_eligible_after_an_index_round_to_the_start(
+    states: list[str], removed: int, after: int
+) -> None:
+    """``next_eligible(after)`` is the eligible server of lowest index above ``after``, else the eligible one of
+    lowest index (None when none is eligible), also with gaps in the indices left by removed servers."""
+    pool = ServerPool([config(f"s{i}", max_sessions=1) for i in range(len(states))])
+    for i, state in enumerate(states):
+        name = f"s{i}"
+        if state == "drain":
+            pool.drain(name)
+        elif state == "down":
+            pool.mark_down(name, DownReason.ADMIN)
+        elif state == "weight0":
+            pool.set_weight(name, 0)
+        elif state == "full":
+            pool.session_started(pool.get(name))
+    for index in range(1, len(states), 2)[:removed]:
+        pool.remove(f"s{index}")
+    eligible = pool.eligible()
+    above = [server for server in eligible if server.index > after]
+    expected = above[0] if above else (eligible[0] if eligible else None)
+    assert pool.next_eligible(after) is expected
+
+
 def test_set_weight_rejects_negative() -> None:
     with pytest.raises(ValueError, match="weight"):
         pool_of("a").set_weight("a", -1)

@@ -106,3 +106,8 @@ def test_the_switching_row_structs_lie_on_the_row_offsets() -> None:
     assert layout.ROW_FLOW_LEN + 1 == layout.ROW_PEER_IP_LEN
     assert layout.ROW_FLOW + binding.size - layout.PEER_IP_MAX == layout.ROW_PEER_IP
     assert layout.ROW_FLOW + binding.size <= 4 * layout.ROW_GENERATION < layout.ROW_SIZE
+    pair = layout.ROW_PAIR
+    assert pair.size == 2 * layout.ROW_SIZE
+    row = pair.format[1 : 1 + (len(pair.format) - 1) // 2]
+    assert struct.calcsize("=" + row) == layout.ROW_SIZE
+    assert struct.calcsize("=" + layout.ROW.format[1:] + layout.ROW_BINDING.format[1:]) == 4 * layout.ROW_GENERATION

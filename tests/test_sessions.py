@@ -390,6 +390,13 @@ def test_open_refuses_duplicates(server: Server) -> None:
     with pytest.raises(ValueError, match="not a C2S label"):
         table.open(flow(8), 18, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=0.0)
     assert len(table) == 1 and table.started == 1
+    # The slot a lookup found is used by the open that follows it, never by a later one.
+    key = flow(9)
+    assert table.lookup(key) is None
+    table.open(key, 21, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=0.0)
+    with pytest.raises(ValueError, match="already in the table"):
+        table.open(key, 23, server, client_port=0, client_mac=b"\x02" * 6, ip_version=4, now=0.0)
+    assert len(table) == 2 and table.lookup(key) is not None and table.lookup(key).c2s == 21  # type: ignore[union-attr]
 
 
 def test_addresses_of_both_families_round_trip(server: Server) -> None:

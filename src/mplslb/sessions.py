@@ -331,6 +331,7 @@ _EMPTY = -1
 #: a timer run reads only the blocks whose bound has come (a fixed 4 KiB for the whole label space, nothing per
 #: session). Past _FULL_PASS_BLOCKS blocks due, one pass over every row is cheaper than a pass per block.
 _BLOCK_SHIFT = 10
+_NOT_LOOKED_UP: tuple[None, bytes, int, int] = (None, b"", 0, _EMPTY)
 _FULL_PASS_BLOCKS = 32
 
 
@@ -435,8 +436,9 @@ class SessionTable:
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
         self._keys = memoryview(self.keys)
-        #: The last key :meth:`lookup` was given, packed: a new session's key is looked up just before it opens.
-        self._looked_up: tuple[FlowKey | None, bytes] = (None, b"")
+        #: The last key :meth:`lookup` was given, packed, with its slot and row as :meth:`_slot_of` found them: a new
+        #: session's key is looked up just before it opens. Forgotten whenever the key index changes.
+        self._looked_up: tuple[FlowKey | None, bytes, int, int] = _NOT_LOOKED_UP
         self._np_state = np.frombuffer(self.state, dtype=np.uint8)
         self._np_deadline = np.frombuffer(self.deadline, dtype=np.float64)
         self._np_server = np.frombuffer(self.server, dtype=np.uint32)
@@ -508,16 +510,17 @@ class SessionTable:
         if self.state[pair] != _FREE:
             raise ValueError(f"label {c2s} already in the table")
         proto = key.proto
-        looked, packed = self._looked_up
-        if looked is not key:  # the key's lookup (an unlabelled frame's, just before) packed it already
+        looked, packed, slot, found = self._looked_up
+        if looked is not key:  # the key's lookup (an unlabelled frame's, just before) found its slot already
             packed = _KEY.pack(proto, len(key.src), key.sport, key.dport, key.src, key.dst)
-        slot, found = self._slot_of(packed)
+            slot, found = self._slot_of(packed)
         if found != _EMPTY:
             raise ValueError(f"session {key} already in the table")
         if server.index not in self._servers:
             self._store.remember(f"server.{server.index}", server.config.name)
             self._servers[server.index] = server
         self._slots[slot] = pair
+        self._looked_up = _NOT_LOOKED_UP
         self.home[pair] = hash(packed) & self._mask
         # Every field first, the state byte last: a row is valid only once complete (see mplslb.state).
         self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size] = packed
@@ -537,8 +540,13 @@ class SessionTable:
         self.live += 1
         if count > self.peak:
             self.peak = count
+        timeouts = self.timeouts
+        if proto == IPPROTO_TCP:  # Timeouts.idle in START, as arm() arms it
+            deadline = now + timeouts.tcp_start
+        else:
+            deadline = now + (timeouts.udp if proto == IPPROTO_UDP else timeouts.other)
         session = Session(self, pair)
-        self.arm(session, now + self.timeouts.idle(proto, SessionState.START))
+        self.arm(session, deadline)
         self.state[pair] = _START
         if proto == IPPROTO_TCP:
             self.half_open += 1
@@ -549,8 +557,9 @@ class SessionTable:
 
     def _queue_half_open(self, pair: int, started: float) -> None:
         fifo = self._half_open_fifo
-        fifo.append(pair, started)
-        if len(fifo) > 2 * self.half_open + 64:
+        fifo.rows.append(pair)
+        fifo.times.append(started)
+        if len(fifo.rows) - fifo.head > 2 * self.half_open + 64:
             self._half_open_fifo = fifo.kept(self._is_half_open)
 
     def _is_half_open(self, pair: int, started: float) -> bool:
@@ -568,8 +577,8 @@ class SessionTable:
 
     def lookup(self, key: FlowKey) -> Session | None:
         packed = _KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
-        self._looked_up = (key, packed)
-        row = self._slot_of(packed)[1]
+        slot, row = self._slot_of(packed)
+        self._looked_up = (key, packed, slot, row)
         return None if row == _EMPTY else Session(self, row)
 
     def by_c2s(self, c2s: int) -> Session | None:
@@ -843,6 +852,7 @@ class SessionTable:
     def _unhash(self, pair: int) -> None:
         """Take ``pair`` out of the key index, shifting the entries after it back (linear probing's deletion)."""
         slots, mask, home = self._slots, self._mask, self.home
+        self._looked_up = _NOT_LOOKED_UP
         at = home[pair]
         while slots[at] != pair:
             at = (at + 1) & mask
@@ -880,6 +890,7 @@ class SessionTable:
         rows = np.flatnonzero(state).tolist()
         self._servers.update(servers)
         slots, mask = self._slots, self._mask
+        self._looked_up = _NOT_LOOKED_UP
         for pair in rows:
             packed = bytes(self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size])
             slot, found = self._slot_of(packed)

@@ -178,10 +178,8 @@ class RoundRobin(_Rotating):
     name = "round_robin"
 
     def choose(self, pool: ServerPool, key: FlowKey, now: float) -> Server | None:
-        servers = pool.eligible()
-        if not servers:
-            return None
-        return self._chosen(servers[_first_after(servers, self._last)])
+        server = pool.next_eligible(self._last)
+        return None if server is None else self._chosen(server)
 
 
 @register

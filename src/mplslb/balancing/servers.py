@@ -45,12 +45,16 @@ The unit is sans-I/O: nothing here reads a clock or touches the network.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from operator import attrgetter
 
 __all__ = ["DownReason", "Server", "ServerConfig", "ServerPool", "ServerStatus"]
+
+_by_index = attrgetter("index")
 
 
 class ServerStatus(StrEnum):
@@ -307,6 +311,18 @@ class ServerPool:
     def eligible(self) -> list[Server]:
         """The servers that may take a new session now, in stable order."""
         return [server for server in self._servers if server.eligible]
+
+    def next_eligible(self, after: int) -> Server | None:
+        """The first server that may take a new session now, in index order from the first whose index is above
+        ``after`` and round to the start; None when none may. Asks only as many servers as it passes over."""
+        servers = self._servers
+        n = len(servers)
+        start = bisect.bisect_right(servers, after, key=_by_index)
+        for at in range(start, start + n):
+            server = servers[at - n if at >= n else at]
+            if server.eligible:
+                return server
+        return None
 
     def __len__(self) -> int:
         return len(self._servers)

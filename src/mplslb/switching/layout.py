@@ -184,6 +184,9 @@ PEER_IP_MAX: Final = 16
 ROW: Final = struct.Struct("=BBBxiiiQQdQQQ")
 #: The row's flow binding at once, from ROW_FLOW: the flow key, its length, the peer IP's length, the peer IP.
 ROW_BINDING: Final = struct.Struct(f"={FLOW_MAX}sBB{ROW_PEER_IP - ROW_PEER_IP_LEN - 1}x{PEER_IP_MAX}s")
+#: A label pair's two rows (C2S, then S2C), whole, written at once when a session's labels are installed: each
+#: ROW, its flow binding (ROW_BINDING) and its generation word, then the row's last four octets (unused).
+ROW_PAIR: Final = struct.Struct("=" + 2 * (ROW.format[1:] + ROW_BINDING.format[1:] + "I4x"))
 #: A row's rewrite as the octets it stands for: ``ROW_REWRITE`` (octets 0-7), ``ROW_REWRITE_TAIL`` (8-11).
 REWRITE: Final = struct.Struct("!Qi")
 #: The Ethernet header and label stack entry a labelled frame leaves with: the row's rewrite, the MPLS ethertype,
@@ -692,6 +695,7 @@ __all__ = [
     "ROW_LAST_SEEN",
     "ROW_OUT_PORT",
     "ROW_PACKETS",
+    "ROW_PAIR",
     "ROW_PEER",
     "ROW_PEER_IP",
     "ROW_PEER_IP_LEN",

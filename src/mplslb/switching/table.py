@@ -78,6 +78,7 @@ from mplslb.switching.layout import (
     ROW_LAST_SEEN,
     ROW_OUT_PORT,
     ROW_PACKETS,
+    ROW_PAIR,
     ROW_PEER,
     ROW_PEER_IP,
     ROW_PEER_IP_LEN,
@@ -106,6 +107,8 @@ _WORD_SIZE, _QUAD_SIZE = 4, 8
 _pack_head = LABELLED_HEAD.pack
 _unpack_row = ROW.unpack_from
 _pack_binding = ROW_BINDING.pack_into
+_pack_pair = ROW_PAIR.pack_into
+ROW_WORDS = ROW_SIZE // 4  # a row's 32-bit words
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
@@ -424,12 +427,32 @@ class LabelSwitchingTable:
         if not (0 <= sport <= _PORT_MAX and 0 <= dport <= _PORT_MAX):
             raise ValueError(f"ports {(sport, dport)} are not two ports of 0-65535")
         src, dst = bytes(src), bytes(dst)
-        client_mac, server_mac = bytes(client_mac), bytes(server_mac)
-        pack = _PORTS.pack
-        self._put(c2s, server_port, server_mac, client_port, client_mac, src, c2s_watch, c2s_seen,
-                  src + dst + pack(sport, dport))  # fmt: skip
-        self._put(c2s + 1, client_port, client_mac, server_port, server_mac, dst, s2c_watch, s2c_seen,
-                  dst + src + pack(dport, sport))  # fmt: skip
+        rows, words = self.rows, self.words
+        at = c2s << ROW_SHIFT
+        rebound = rows[at] + rows[at + ROW_SIZE]
+        if rebound:  # invalid while their fields change (see mplslb.state)
+            rows[at] = rows[at + ROW_SIZE] = 0
+        self.installed += 2 - rebound
+        # Both rows at once, still invalid: counters and acknowledgment numbers start again, generations go on.
+        generation = (c2s << ROW_WORD_SHIFT) + ROW_GENERATION
+        v6 = 1 if c2s_watch & IPV6_PAYLOAD else 0
+        flow_len = 2 * size + L4_PORTS_LEN
+        to_server, to_server_tail = _rewrite_fields(bytes(server_mac), port_macs[server_port])
+        to_client, to_client_tail = _rewrite_fields(bytes(client_mac), port_macs[client_port])
+        _pack_pair(
+            rows, at,
+            0, c2s_watch & WATCH_BITS, v6, client_port, server_port, to_server_tail, 0, 0, c2s_seen, 0,
+            int.from_bytes(client_mac, "big"), to_server, src + dst + _PORTS.pack(sport, dport), flow_len,
+            size, src, (words[generation] + 1) & GENERATION_MASK,
+            0, s2c_watch & WATCH_BITS, v6, server_port, client_port, to_client_tail, 0, 0, s2c_seen, 0,
+            int.from_bytes(server_mac, "big"), to_client, dst + src + _PORTS.pack(dport, sport), flow_len,
+            size, dst, (words[generation + ROW_WORDS] + 1) & GENERATION_MASK,
+        )  # fmt: skip
+        rows[at + ROW_VALID] = rows[at + ROW_SIZE + ROW_VALID] = 1  # last: the entries are complete
+        self.version += 2
+        for mirror in self.mirrors:
+            mirror.installed(c2s)
+            mirror.installed(c2s + 1)
 
     def _put(
         self, label: int, out_port: int, next_hop: bytes, in_port: int, peer: bytes, peer_ip: bytes, watch: int,
