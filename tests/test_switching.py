@@ -496,6 +496,72 @@ def test_a_pair_installed_at_once_is_its_two_labels_installed_one_by_one(
     assert mirrors[0].told == mirrors[1].told
 
 
+_BLOCKED: list[LabelSwitchingTable] = []
+_MAC = st.binary(min_size=6, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 40), st.sampled_from([0, 1]), st.sampled_from([2, 3]), _MAC, _MAC,
+                  st.binary(min_size=12, max_size=12)),
+        max_size=12, unique_by=lambda pair: pair[0],
+    ),
+    st.sampled_from([WATCH_TCP_END | WATCH_ALL | 0x08, WATCH_TCP_END | WATCH_ALL, 0]),
+    st.sampled_from([WATCH_TCP_END | WATCH_ALL, WATCH_TCP_END]),
+)  # fmt: skip
+def test_many_pairs_installed_at_once_are_each_pair_installed_in_turn(
+    pairs: list[tuple[int, int, int, bytes, bytes, bytes]], c2s_watch: int, s2c_watch: int
+) -> None:
+    """``install_pairs`` leaves every octet of the rows, the count of installed labels and the version as
+    ``install_pair`` called for each pair in turn does (over pairs installed before too: the generations go on)."""
+    if not _BLOCKED:
+        _BLOCKED.extend(LabelSwitchingTable(PORT_MACS, PLACES) for _ in range(2))  # kept: the twins see the same calls
+    block, single = _BLOCKED
+    c2s = [17 + 2 * pair for pair, *_ in pairs]
+    for (_, client_port, server_port, client_mac, server_mac, flow), label in zip(pairs, c2s, strict=True):
+        key = (IPPROTO_TCP, flow[:4], int.from_bytes(flow[8:10], "big"), flow[4:8], int.from_bytes(flow[10:], "big"))
+        single.install_pair(label, client_port=client_port, client_mac=client_mac, server_port=server_port,
+                            server_mac=server_mac, key=key, c2s_watch=c2s_watch, s2c_watch=s2c_watch, c2s_seen=3.5,
+                            s2c_seen=3.5)  # fmt: skip
+    columns = list(zip(*pairs, strict=True)) or [()] * 6
+    block.install_pairs(
+        np.array(c2s, dtype=np.int64),
+        client_ports=np.array(columns[1], dtype=np.int32),
+        client_macs=np.frombuffer(b"".join(columns[3]), dtype=np.uint8).reshape(-1, 6),
+        server_ports=np.array(columns[2], dtype=np.int32),
+        server_macs=np.frombuffer(b"".join(columns[4]), dtype=np.uint8).reshape(-1, 6),
+        flows=np.frombuffer(b"".join(columns[5]), dtype=np.uint8).reshape(-1, 12),
+        c2s_watch=c2s_watch,
+        s2c_watch=s2c_watch,
+        seen=3.5,
+    )
+    span = slice(17 << 7, 100 << 7)
+    assert bytes(block.rows[span]) == bytes(single.rows[span])
+    assert (block.installed, block.version) == (single.installed, single.version)
+
+
+def test_many_pairs_are_checked_before_any_is_written(table: LabelSwitchingTable) -> None:
+    """A bad label, port, shape or IP version in ``install_pairs`` is refused with nothing written."""
+    before = (table.installed, table.version, bytes(table.rows[17 << 7 : 21 << 7]))
+    macs = np.zeros((2, 6), dtype=np.uint8)
+    good = {
+        "client_ports": np.array([0, 1]), "client_macs": macs, "server_ports": np.array([2, 3]),
+        "server_macs": macs, "flows": np.zeros((2, 12), dtype=np.uint8), "c2s_watch": 0, "s2c_watch": 0, "seen": 1.0,
+    }  # fmt: skip
+    for labels, bad, message in [
+        ([17, 17], {}, "twice"),
+        ([17, 18], {}, "twice"),
+        ([1, 19], {}, "outside"),
+        ([17, 19], {"server_ports": np.array([2, 9])}, "unknown port"),
+        ([17, 19], {"flows": np.zeros((2, 36), dtype=np.uint8)}, "12-octet"),
+        ([17, 19], {"c2s_watch": IPV6_PAYLOAD, "s2c_watch": IPV6_PAYLOAD}, "IPv4"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            table.install_pairs(np.array(labels), **(good | bad))  # type: ignore[arg-type]
+    assert (table.installed, table.version, bytes(table.rows[17 << 7 : 21 << 7])) == before
+
+
 def test_a_pair_is_checked_as_its_labels_are(table: LabelSwitchingTable) -> None:
     """A bad port, MAC, address size or pair at the end of the label space is refused before anything is written."""
     good = {"client_port": 0, "client_mac": CLIENT_MAC, "server_port": 2, "server_mac": SERVER_MAC,

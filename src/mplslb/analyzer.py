@@ -32,6 +32,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+import numpy as np
+
 from mplslb.flow import FlowKey
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, parse_ethernet
@@ -40,7 +42,7 @@ from mplslb.wire.icmp import parse_icmp
 from mplslb.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.ipv4 import FRAG_OFFSET_MASK, IPV4_HLEN, IPv4, ipv4_is_fragment, parse_ipv4
 from mplslb.wire.ipv6 import IPv6, parse_ipv6
-from mplslb.wire.tcp import TCP_HLEN, parse_tcp
+from mplslb.wire.tcp import TCP_HLEN, TCPFlag, parse_tcp
 from mplslb.wire.udp import UDP_HLEN, parse_udp
 
 
@@ -123,6 +125,32 @@ class PacketAnalyzer:
         # tuple.__new__ as the NamedTuples' own constructors do, without their Python-level call.
         key = _new(FlowKey, (proto, src, sport, dst, dport))
         return _new(Analysis, (key, 4, ip, end, l4, flags, seq, payload, ttl, tos, http, False))
+
+    def plain_syns(
+        self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, frames: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Of ``frames`` (indices of frames lying in ``buf`` as :meth:`~mplslb.balancer.Balancer.receive_block`
+        takes them), the ones :meth:`analyze` reads on its plain path (an untagged IPv4 packet without options,
+        whole, whose header checks, not a later fragment, carrying TCP without options) as a segment whose flags
+        are SYN without ACK, RST or FIN, with no payload: their indices and their first :data:`SYN_HEAD` octets
+        (a row each), checked all at once."""
+        frames = frames[lengths[frames] >= SYN_HEAD]
+        head = buf[starts[frames, None] + np.arange(SYN_HEAD)]
+        total = head[:, ETH_HLEN + 2].astype(np.int64) << 8 | head[:, ETH_HLEN + 3]
+        words = head[:, ETH_HLEN : ETH_HLEN + IPV4_HLEN].astype(np.int64).reshape(-1, IPV4_HLEN // 2, 2)
+        ok = (
+            (head[:, _ETH_TYPE_AT] == _IPV4_HI)
+            & (head[:, _ETH_TYPE_AT + 1] == _IPV4_LO)
+            & (head[:, ETH_HLEN] == _PLAIN_VIHL)
+            # a TCP header without options and no payload, so the packet is whole (the frame holds SYN_HEAD)
+            & (total == IPV4_HLEN + TCP_HLEN)
+            & ((head[:, ETH_HLEN + 6].astype(np.int64) << 8 | head[:, ETH_HLEN + 7]) & FRAG_OFFSET_MASK == 0)
+            & (head[:, ETH_HLEN + 9] == IPPROTO_TCP)
+            & ((words[:, :, 0] << 8 | words[:, :, 1]).sum(axis=1) % _ONES == 0)  # see _ONES
+            & (head[:, _TCP_AT + 12] >> 4 == _TCP_PLAIN_DOFF)
+            & (head[:, _TCP_AT + 13] & _SYN_MASK == TCPFlag.SYN)
+        )
+        return frames[ok], head[ok]
 
     def read_copy(self, copy: bytes, length: int) -> HttpRequest | None:
         """The HTTP request read from ``copy``, the first octets of a request's payload of ``length`` octets, as
@@ -222,6 +250,11 @@ _PLAIN_IPV4 = struct.Struct("!BBH2xHBB2x4s4s")
 _PLAIN_TCP = struct.Struct("!HHI4xBB")  # ports, sequence number, data offset, flags
 _PLAIN_UDP = struct.Struct("!HHH")
 _new = tuple.__new__
+#: The octets a SYN of a new session is read from: Ethernet, IPv4 without options, TCP without options.
+SYN_HEAD = ETH_HLEN + IPV4_HLEN + TCP_HLEN
+_TCP_AT = ETH_HLEN + IPV4_HLEN
+#: The flags that tell a pure SYN (a new connection) from any other segment: SYN set, the other three clear.
+_SYN_MASK = TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST | TCPFlag.FIN
 
 
 def _http(frame: bytes | memoryview, start: int, end: int) -> HttpRequest | None:

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mplslb.analyzer import Analysis, PacketAnalyzer
+from mplslb.analyzer import SYN_HEAD, Analysis, PacketAnalyzer
 from mplslb.balancing.admission import AdmissionControl, Refusal, RefuseWith, reset_frame, tcp_reset
 from mplslb.balancing.algorithms import make_algorithm
 from mplslb.balancing.servers import DownReason, Server, ServerConfig, ServerPool, ServerStatus
@@ -78,7 +78,7 @@ from mplslb.switching import (
 from mplslb.switching.block import count_rows
 from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_ACK_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
 from mplslb.wire.errors import WireError
-from mplslb.wire.ethernet import ETH_ALEN
+from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN
 from mplslb.wire.http import HttpRequest
 from mplslb.wire.ip import IPPROTO_TCP
 from mplslb.wire.tcp import TCPFlag
@@ -97,8 +97,18 @@ TIMER_GRANULARITY = 0.05
 TIMER_SESSIONS = 2048
 #: The flow key a decision taken before its SYN is made with (algorithms that read it decide nothing then).
 _NO_FLOW = FlowKey(IPPROTO_TCP, b"", 0, b"", 0)
+_new = tuple.__new__  # a NamedTuple's own constructor, without its Python-level call
 _TOS_TO_TC = 5  # the MPLS traffic class takes the IP precedence bits (the top 3 of the TOS octet)
 _HEADER_RANGE = np.arange(IP_AT, dtype=np.int64)
+#: What a SYN of a new session is read from in a block (PacketAnalyzer.plain_syns's rows): the client's MAC, the TOS,
+#: the TTL, the IP source and destination, the two ports.
+_SYN_FIELDS = struct.Struct("!6x6s3xB6xB3x4s4sHH")
+_SYN_IP_END = SYN_HEAD  # such a SYN carries no payload: its IP packet ends with its TCP header
+_SYN_FLOW = slice(ETH_HLEN + 12, ETH_HLEN + 24)  # its IP source and destination, then its two ports
+_SYN_TOS, _SYN_TTL = ETH_HLEN + 1, ETH_HLEN + 8
+_NO_HEADS = np.zeros((0, SYN_HEAD), dtype=np.uint8)
+#: The fewest SYNs in a row of a block taken at once: fewer go frame by frame (the numpy calls cost more).
+SYN_RUN_MIN = 8
 _ACK_FIELD = struct.Struct("!I")
 #: Half-open sessions whose kernel record is read before one is evicted, at most per new session.
 _EVICTION_CHECKS = 64
@@ -319,19 +329,40 @@ class Balancer:
         extra: list[tuple[int, int, bytes]] = []
         out: Frames = []
         done = 0
+        # SYNs of new sessions, read at once: a run of them in a row of actions is opened at once (_open_syns).
+        syn_row, syn_heads = self._syn_rows(buf, starts, lengths, switched)
+        single: set[int] = set()  # SYNs for the one-frame path: the first of a run _open_syns did not take
         while actions:
             i = heapq.heappop(actions)
-            self._count_switched(switched, labels, lengths, acks, done, i + 1, now)
-            done = i + 1
-            if switched[i]:
-                self._events = reports.pop(i, [])
-                if self._events:
-                    self._handle_events()
+            if syn_row[i] >= 0 and i not in single:
+                run = [i]
+                while actions and syn_row[actions[0]] >= 0:
+                    run.append(heapq.heappop(actions))
+                taken = 0
+                if len(run) >= SYN_RUN_MIN:
+                    self._count_switched(switched, labels, lengths, acks, done, i + 1, now)
+                    done = i + 1
+                    taken = self._open_syns(run, syn_heads[syn_row[run]], buf, starts, lengths, ports, now, extra)
+                for j in run[taken:]:
+                    heapq.heappush(actions, j)
+                if taken < len(run):
+                    single.add(run[taken])
+                if not taken:
+                    continue
+                self._count_switched(switched, labels, lengths, acks, done, run[taken - 1] + 1, now)
+                done = run[taken - 1] + 1
             else:
-                start = int(starts[i])
-                self._receive(int(ports[i]), buf[start : start + int(lengths[i])].tobytes(), now, out)
-                extra.extend((i, port, frame) for port, frame in out)
-                out.clear()
+                self._count_switched(switched, labels, lengths, acks, done, i + 1, now)
+                done = i + 1
+                if switched[i]:
+                    self._events = reports.pop(i, [])
+                    if self._events:
+                        self._handle_events()
+                else:
+                    start = int(starts[i])
+                    self._receive(int(ports[i]), buf[start : start + int(lengths[i])].tobytes(), now, out)
+                    extra.extend((i, port, frame) for port, frame in out)
+                    out.clear()
             if self.switching.version != planned_at:
                 planned_at = self.switching.version
                 later = np.flatnonzero(switched[done:]) + done
@@ -351,6 +382,120 @@ class Balancer:
         self.frames_out += taken
         self.fast_path += taken
         return BlockResult(out_port, extra)
+
+    def _syn_rows(
+        self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, switched: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """For each frame of a block, its row in the second array (the first octets of the SYNs of new sessions the
+        block holds, read at once by :meth:`PacketAnalyzer.plain_syns`), or -1. None is read when another unit
+        is told of each session or label as it comes (a cluster's replication, the kernel offload's mirrors)."""
+        rows = np.full(len(starts), -1, dtype=np.int64)
+        if self.sessions.on_change is not None or self.switching.mirrors:
+            return rows, _NO_HEADS
+        frames, heads = self.analyzer.plain_syns(buf, starts, lengths, np.flatnonzero(~switched))
+        rows[frames] = np.arange(len(frames))
+        return rows, heads
+
+    def _open_syns(
+        self,
+        run: list[int],
+        heads: np.ndarray,
+        buf: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        ports: np.ndarray,
+        now: float,
+        extra: list[tuple[int, int, bytes]],
+    ) -> int:
+        """What :meth:`_receive` does with each frame of ``run`` (frames of a block in a row that
+        :meth:`_syn_rows` found to be SYNs; ``heads`` their first octets), in order, for as long as each is a new
+        session's that :meth:`_new_session` would open or refuse with nothing else to do first (its port a
+        client's, its flow new and to a virtual service, no half-open session to evict): the decisions one by
+        one (:meth:`_decide`), the sessions' rows and labels written together (``SessionTable.open_block``,
+        ``LabelSwitchingTable.install_pairs``), then each SYN sent on. Returns how many of the run's first frames
+        it took; the next one is for the one-frame path."""
+        sessions, vips, roles = self.sessions, self.vips, self.ports
+        data = heads.tobytes()
+        unpack = _SYN_FIELDS.unpack_from
+        opened: set[FlowKey] = set()
+        pending: list[tuple[int, int, FlowKey, int, Server]] = []  # (frame, its row in heads, key, C2S, server)
+        taken = 0
+        for at, (i, port) in enumerate(zip(run, ports[run].tolist(), strict=True)):
+            role = roles.get(port)
+            if role is None or role.role != "client":
+                break
+            _, _, _, src, dst, sport, dport = unpack(data, at * SYN_HEAD)
+            vip = vips.get(dst)
+            if vip is None or dport not in vip.tcp_ports:  # VirtualService.serves for TCP
+                break
+            key = _new(FlowKey, (IPPROTO_TCP, src, sport, dst, dport))
+            if key in opened or sessions.lookup(key) is not None:
+                break
+            if sessions.half_open + len(pending) >= self.max_half_open:
+                break
+            decided = self._decide(key, sessions.live + len(pending), now)
+            taken += 1
+            self.frames_in += 1
+            self.slow_path += 1
+            if isinstance(decided, Refusal):
+                self._send_syns(pending, data, lengths, ports, now, extra)
+                pending.clear()
+                start = int(starts[i])
+                frame = buf[start : start + int(lengths[i])].tobytes()
+                out: Frames = []
+                self._refuse(decided, port, frame, self.analyzer.analyze(frame), out)
+                extra.extend((i, port, answer) for port, answer in out)
+                self.frames_out += len(out)
+                continue
+            c2s, server = decided
+            self.pool.session_started(server)
+            opened.add(key)
+            pending.append((i, at, key, c2s, server))
+        self._send_syns(pending, data, lengths, ports, now, extra)
+        return taken
+
+    def _send_syns(
+        self,
+        pending: list[tuple[int, int, FlowKey, int, Server]],
+        data: bytes,
+        lengths: np.ndarray,
+        ports: np.ndarray,
+        now: float,
+        extra: list[tuple[int, int, bytes]],
+    ) -> None:
+        """Open the sessions :meth:`_open_syns` decided, install their labels, and send each SYN to its server."""
+        if not pending:
+            return
+        frames, rows, keys, c2s, servers = (list(column) for column in zip(*pending, strict=True))
+        heads = np.frombuffer(data, dtype=np.uint8).reshape(-1, SYN_HEAD)[rows]
+        client_ports = ports[frames].astype(np.int32)
+        client_macs = heads[:, ETH_SRC : ETH_SRC + ETH_ALEN]
+        self.sessions.open_block(
+            keys, c2s, servers, client_ports=client_ports.tolist(), client_macs=client_macs.tobytes(), ip_version=4,
+            now=now,
+        )  # fmt: skip
+        c2s_watch, s2c_watch = self._watch(True, 4, True)
+        labels = np.array(c2s, dtype=np.int64)
+        server_ports = [server.config.port_id for server in servers]
+        self.switching.install_pairs(
+            labels,
+            client_ports=client_ports,
+            client_macs=client_macs,
+            server_ports=np.array(server_ports, dtype=np.int32),
+            server_macs=np.frombuffer(b"".join(server.mac for server in servers), dtype=np.uint8).reshape(-1, ETH_ALEN),
+            flows=heads[:, _SYN_FLOW],
+            c2s_watch=c2s_watch,
+            s2c_watch=s2c_watch,
+            seen=now,
+        )
+        sent = self.switching.send_many(
+            labels, heads[:, ETH_HLEN:_SYN_IP_END], lengths[frames], now, ttl=heads[:, _SYN_TTL],
+            tc=heads[:, _SYN_TOS] >> _TOS_TO_TC,
+        ).tobytes()  # fmt: skip
+        size = len(sent) // len(pending)
+        for at, (i, port) in enumerate(zip(frames, server_ports, strict=True)):
+            extra.append((i, port, sent[at * size : (at + 1) * size]))
+        self.frames_out += len(pending)
 
     def _count_switched(
         self,
@@ -471,39 +616,11 @@ class Balancer:
         # Half-open sessions' share used up: the oldest makes room, once this SYN is admitted (a refused SYN evicts
         # nobody).
         oldest = self._oldest_half_open() if tcp and sessions.half_open >= self.max_half_open else None
-        active = sessions.live - (oldest is not None)
-        refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
-        server: Server | None = None
-        if refusal is None:
-            if oldest is not None:
-                sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
-                self._finish(oldest, now)
-            server = self.algorithm.choose(self.pool, a.key, now)
-            if server is None:
-                refusal = self.admission.refusal_for_no_server(self.pool)
-        c2s: int | None = None
-        if refusal is None:
-            c2s = self.labels.allocate(now)
-            if c2s is None:
-                refusal = Refusal.LABELS_EXHAUSTED
-        if refusal is not None or server is None or c2s is None:
-            self.admission.count(refusal or Refusal.NO_SERVER)
-            if refusal is Refusal.SERVER_LIMIT:  # charged to the servers whose own limits refused it
-                for full in self.pool:
-                    if full.in_service and not full.eligible:
-                        self.pool.session_refused(full)
-            refused = self.admission.answer(
-                a.key,
-                ip_version=a.ip_version,
-                tcp_seq=a.tcp_seq,
-                payload_len=a.payload_len,
-                datagram=bytes(frame[a.ip_offset : a.ip_end]),
-                client_mac=bytes(frame[_SRC_MAC]),
-                port_mac=self.ports[port].mac,
-            )
-            if refused is not None:
-                out.append((port, refused))
+        decided = self._decide(a.key, sessions.live - (oldest is not None), now, oldest)
+        if isinstance(decided, Refusal):
+            self._refuse(decided, port, frame, a, out)
             return
+        c2s, server = decided
         client_mac = bytes(frame[_SRC_MAC])
         key = a.key
         session = sessions.open(
@@ -514,6 +631,44 @@ class Balancer:
         self.pool.session_started(server)
         self._install_labels(c2s, key, server, port, client_mac, a.ip_version, True, now, now)
         self._to_server(c2s, frame, a, now, out)
+
+    def _decide(
+        self, key: FlowKey, active: int, now: float, oldest: Session | None = None
+    ) -> tuple[int, Server] | Refusal:
+        """Admission with ``active`` live sessions, a server and a label pair for a new session of ``key``, or why
+        it is refused. ``oldest``: the half-open session it evicts once admitted."""
+        refusal = self.admission.admit(active_sessions=active, labels_free=self.labels.free_at(now), now=now)
+        if refusal is not None:
+            return refusal
+        if oldest is not None:
+            self.sessions.apply(oldest, SessionEvent.EVICTED, now, "half_open_evicted")
+            self._finish(oldest, now)
+        server = self.algorithm.choose(self.pool, key, now)
+        if server is None:
+            return self.admission.refusal_for_no_server(self.pool)
+        c2s = self.labels.allocate(now)
+        if c2s is None:
+            return Refusal.LABELS_EXHAUSTED
+        return c2s, server
+
+    def _refuse(self, refusal: Refusal, port: int, frame: bytes | memoryview, a: Analysis, out: Frames) -> None:
+        """Count a refused new session and answer its client as the admission control says."""
+        self.admission.count(refusal)
+        if refusal is Refusal.SERVER_LIMIT:  # charged to the servers whose own limits refused it
+            for full in self.pool:
+                if full.in_service and not full.eligible:
+                    self.pool.session_refused(full)
+        refused = self.admission.answer(
+            a.key,
+            ip_version=a.ip_version,
+            tcp_seq=a.tcp_seq,
+            payload_len=a.payload_len,
+            datagram=bytes(frame[a.ip_offset : a.ip_end]),
+            client_mac=bytes(frame[_SRC_MAC]),
+            port_mac=self.ports[port].mac,
+        )
+        if refused is not None:
+            out.append((port, refused))
 
     # -- new TCP sessions decided ahead of their SYN (the kernel offload's tickets, offload_syn) ------------------
     def pre_decide(self, outstanding: int, now: float) -> tuple[int, Server] | str:
@@ -597,9 +752,7 @@ class Balancer:
         s2c_seen: float,
     ) -> None:
         """:meth:`install_labels` with the session's fields at hand (a new session's, before its row is read)."""
-        tcp = key.proto == IPPROTO_TCP
-        v6 = IPV6_PAYLOAD if ip_version == 6 else 0
-        end_watch = WATCH_TCP_END if tcp else 0
+        c2s_watch, s2c_watch = self._watch(key.proto == IPPROTO_TCP, ip_version, watched)
         self.switching.install_pair(
             c2s,
             client_port=port,
@@ -607,15 +760,21 @@ class Balancer:
             server_port=server.config.port_id,
             server_mac=server.mac,
             key=key,
-            # until the client's ACK completes the handshake (and the request is seen, for L7 analysis)
-            c2s_watch=end_watch
-            | v6
-            | (WATCH_ALL if tcp and watched else 0)
-            | (WATCH_REQUEST if self.analyzer.l7 and watched else 0),
-            s2c_watch=end_watch | v6 | (WATCH_ALL if watched else 0),
+            c2s_watch=c2s_watch,
+            s2c_watch=s2c_watch,
             c2s_seen=c2s_seen,
             s2c_seen=s2c_seen,
         )
+
+    def _watch(self, tcp: bool, ip_version: int, watched: bool) -> tuple[int, int]:
+        """A session's labels' watch bits (C2S, S2C): TCP's FIN and RST, and for a ``watched`` session every frame
+        until the client's ACK completes the handshake (and the request is seen, for L7 analysis)."""
+        v6 = IPV6_PAYLOAD if ip_version == 6 else 0
+        end_watch = WATCH_TCP_END if tcp else 0
+        c2s_watch = end_watch | v6 | (WATCH_ALL if tcp and watched else 0)
+        if self.analyzer.l7 and watched:
+            c2s_watch |= WATCH_REQUEST
+        return c2s_watch, end_watch | v6 | (WATCH_ALL if watched else 0)
 
     def _learn_l7(self, http: HttpRequest | None) -> None:
         """Count a session's first request by its Host (L7 analysis)."""

@@ -65,7 +65,7 @@ from __future__ import annotations
 import math
 import struct
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
@@ -374,6 +374,21 @@ class _RowQueue:
         return queue
 
 
+class _Views(NamedTuple):
+    keys: np.ndarray
+    proto: np.ndarray
+    ip_version: np.ndarray
+    rt_budget: np.ndarray
+    end_reason: np.ndarray
+    client_port: np.ndarray
+    server: np.ndarray
+    client_mac: np.ndarray
+    start_time: np.ndarray
+    request_at: np.ndarray
+    end_time: np.ndarray
+    ending_at: np.ndarray
+
+
 class SessionTable:
     """The session table: fixed-size records indexed by label pair, found by flow key or by C2S label.
 
@@ -442,6 +457,7 @@ class SessionTable:
         self._np_state = np.frombuffer(self.state, dtype=np.uint8)
         self._np_deadline = np.frombuffer(self.deadline, dtype=np.float64)
         self._np_server = np.frombuffer(self.server, dtype=np.uint32)
+        self._np_views: _Views | None = None
         # A lower bound of the deadlines armed in each block of rows (see _BLOCK_SHIFT); derived, never kept.
         self._block_min = array("d", [math.inf]) * ((rows >> _BLOCK_SHIFT) + 1)
         self._np_block_min = np.frombuffer(self._block_min, dtype=np.float64)
@@ -554,6 +570,107 @@ class SessionTable:
         if self.on_change is not None:
             self.on_change(session, None)
         return session
+
+    def open_block(
+        self,
+        keys: Sequence[FlowKey],
+        c2s: Sequence[int],
+        servers: Sequence[Server],
+        *,
+        client_ports: Sequence[int],
+        client_macs: bytes,
+        ip_version: int,
+        now: float,
+    ) -> None:
+        """Start many sessions at once, leaving the table as :meth:`open` called for each in turn leaves it (the
+        ``client_macs`` back to back): the keys' index entries one by one, every other field for all the rows at
+        once with numpy, the state bytes last. Nothing is written unless every session can open. For a table
+        nobody watches (``on_change`` None): it makes no :class:`Session` views."""
+        n = len(keys)
+        if self.on_change is not None:
+            raise RuntimeError("open_block is for a table without on_change")
+        if not (len(c2s) == len(servers) == len(client_ports) == n and len(client_macs) == n * ETH_ALEN):
+            raise ValueError("open_block needs as many labels, servers, ports and MACs as keys")
+        labels = np.array(c2s, dtype=np.int64)
+        rows = (labels - self.c2s_min) >> 1
+        bad = (rows < 0) | (rows >= self.rows) | ((labels & 1) != self.c2s_min & 1)
+        if bad.any():
+            raise ValueError(f"label {labels[bad][0]} is not a C2S label of this table")
+        taken = self._np_state[rows] != _FREE
+        if taken.any():
+            raise ValueError(f"label {labels[taken][0]} already in the table")
+        ordered = np.sort(rows)
+        if (ordered[1:] == ordered[:-1]).any():
+            raise ValueError("open_block got a label twice")
+        pairs = rows.tolist()
+        packed = [_KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst) for key in keys]
+        slots, home, mask = self._slots, self.home, self._mask
+        self._looked_up = _NOT_LOOKED_UP
+        for done, (key, pair, one) in enumerate(zip(keys, pairs, packed, strict=True)):
+            slot, found = self._slot_of(one)
+            if found != _EMPTY:  # taken out again: nothing is written unless every session opens
+                for earlier in pairs[:done]:
+                    self._unhash(earlier)
+                raise ValueError(f"session {key} already in the table")
+            slots[slot] = pair
+            home[pair] = hash(one) & mask
+        for server in servers:
+            if server.index not in self._servers:
+                self._store.remember(f"server.{server.index}", server.config.name)
+                self._servers[server.index] = server
+        v = self._views()
+        v.keys[rows, : _KEY.size] = np.frombuffer(b"".join(packed), dtype=np.uint8).reshape(n, _KEY.size)
+        protos = np.array([key.proto for key in keys], dtype=np.uint8)
+        v.proto[rows] = protos
+        v.ip_version[rows] = ip_version
+        v.rt_budget[rows] = WATCH_BUDGET
+        v.end_reason[rows] = 0
+        v.client_port[rows] = client_ports
+        v.server[rows] = [server.index for server in servers]
+        v.client_mac[rows] = np.frombuffer(client_macs, dtype=np.uint8).reshape(n, ETH_ALEN)
+        v.start_time[rows] = now
+        v.request_at[rows] = v.end_time[rows] = v.ending_at[rows] = 0.0
+        count = self._count = self._count + n
+        self.started += n
+        self.live += n
+        self.peak = max(self.peak, count)
+        timeouts = self.timeouts
+        tcp = protos == IPPROTO_TCP
+        # Timeouts.idle in START, as open() arms it.
+        idle = np.where(tcp, timeouts.tcp_start, np.where(protos == IPPROTO_UDP, timeouts.udp, timeouts.other))
+        deadlines = now + idle
+        self._np_deadline[rows] = deadlines
+        np.minimum.at(self._np_block_min, rows >> _BLOCK_SHIFT, deadlines)
+        self._next = min(self._next, float(deadlines.min()))
+        self._np_state[rows] = _START
+        opened = rows[tcp].tolist()
+        if opened:
+            self.half_open += len(opened)
+            fifo = self._half_open_fifo
+            fifo.rows.extend(opened)
+            fifo.times.extend([now] * len(opened))
+            if len(fifo.rows) - fifo.head > 2 * self.half_open + 64:
+                self._half_open_fifo = fifo.kept(self._is_half_open)
+
+    def _views(self) -> _Views:
+        """Numpy views of the rows' fields that :meth:`open_block` writes (made once)."""
+        if self._np_views is None:
+            rows = self.rows
+            self._np_views = _Views(
+                np.frombuffer(self.keys, dtype=np.uint8).reshape(rows, KEY_SIZE),
+                np.frombuffer(self.proto, dtype=np.uint8),
+                np.frombuffer(self.ip_version, dtype=np.uint8),
+                np.frombuffer(self.rt_budget, dtype=np.uint8),
+                np.frombuffer(self.end_reason, dtype=np.uint8),
+                np.frombuffer(self.client_port, dtype=np.int32),
+                self._np_server,
+                np.frombuffer(self.client_mac, dtype=np.uint8).reshape(rows, ETH_ALEN),
+                np.frombuffer(self.start_time, dtype=np.float64),
+                np.frombuffer(self.request_at, dtype=np.float64),
+                np.frombuffer(self.end_time, dtype=np.float64),
+                np.frombuffer(self.ending_at, dtype=np.float64),
+            )
+        return self._np_views
 
     def _queue_half_open(self, pair: int, started: float) -> None:
         fifo = self._half_open_fifo

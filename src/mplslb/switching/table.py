@@ -104,11 +104,14 @@ _SEQ_MASK = (1 << 32) - 1
 _PORTS = struct.Struct("!HH")
 _PORT_MAX = 0xFFFF
 _WORD_SIZE, _QUAD_SIZE = 4, 8
+_REWRITE_LEN = REWRITE.size  # the two MACs a labelled frame leaves with
 _pack_head = LABELLED_HEAD.pack
 _unpack_row = ROW.unpack_from
 _pack_binding = ROW_BINDING.pack_into
 _pack_pair = ROW_PAIR.pack_into
 ROW_WORDS = ROW_SIZE // 4  # a row's 32-bit words
+#: An IPv4 flow key's octets as the reverse flow's key orders them: destination, source, then the ports swapped.
+_REVERSED_V4 = [4, 5, 6, 7, 0, 1, 2, 3, 10, 11, 8, 9]
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
 ROW_DTYPE = np.dtype(
     {
@@ -317,6 +320,7 @@ class LabelSwitchingTable:
         self.words = self.rows.cast("i")
         self.quads = self.rows.cast("Q")
         self.floats = self.rows.cast("d")
+        self._rows_2d: np.ndarray | None = None
         self.valid: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_VALID)
         self.watch: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_WATCH)
         self.v6: RowField[int] = RowField(self.rows, ROW_SHIFT, ROW_V6)
@@ -454,6 +458,84 @@ class LabelSwitchingTable:
             mirror.installed(c2s)
             mirror.installed(c2s + 1)
 
+    def install_pairs(
+        self,
+        c2s: np.ndarray,
+        *,
+        client_ports: np.ndarray,
+        client_macs: np.ndarray,
+        server_ports: np.ndarray,
+        server_macs: np.ndarray,
+        flows: np.ndarray,
+        c2s_watch: int,
+        s2c_watch: int,
+        seen: float,
+    ) -> None:
+        """Many IPv4 sessions' label pairs at once, leaving the rows, counts and version as :meth:`install_pair`
+        called for each in turn leaves them: C2S ``c2s[i]`` from ``client_macs[i]`` (rows of 6 octets) on
+        ``client_ports[i]`` to ``server_macs[i]`` on ``server_ports[i]``, bound to the flow ``flows[i]`` (12
+        octets as the client sent them: IP source, IP destination, source port, destination port), S2C back; both
+        last seen at ``seen``. Checked for all before anything is written; for a table no mirror watches."""
+        n = len(c2s)
+        if self.mirrors:
+            raise RuntimeError("install_pairs is for a table no mirror watches")
+        c2s = np.asarray(c2s, dtype=np.int64)
+        if n and not (c2s.min() > RESERVED_LABEL_MAX and c2s.max() < LABEL_SPACE - 1):
+            raise ValueError("a label pair is outside the usable label space")
+        labels = np.empty(2 * n, dtype=np.int64)
+        labels[0::2], labels[1::2] = c2s, c2s + 1
+        ordered = np.sort(labels)
+        if (ordered[1:] == ordered[:-1]).any():
+            raise ValueError("install_pairs got a label twice")
+        if client_macs.shape != (n, ETH_ALEN) or server_macs.shape != (n, ETH_ALEN) or flows.shape != (n, 12):
+            raise ValueError("install_pairs needs a 6-octet MAC of each side and a 12-octet IPv4 flow per pair")
+        if (c2s_watch | s2c_watch) & IPV6_PAYLOAD:
+            raise ValueError("install_pairs installs IPv4 sessions only")
+        ports = np.concatenate((client_ports, server_ports)).tolist()
+        unknown = set(ports) - self._port_macs.keys()
+        if unknown:
+            raise ValueError(f"unknown port in install: {sorted(unknown)}")
+        if not n:
+            return
+        rec = np.zeros((2 * n, ROW_SIZE), dtype=np.uint8)
+        words, quads, floats = rec.view(np.int32), rec.view(np.uint64), rec.view(np.float64)
+        rec[:, ROW_WATCH] = np.tile([c2s_watch & WATCH_BITS, s2c_watch & WATCH_BITS], n)
+        words[0::2, ROW_IN_PORT] = words[1::2, ROW_OUT_PORT] = client_ports
+        words[0::2, ROW_OUT_PORT] = words[1::2, ROW_IN_PORT] = server_ports
+        # The rewrite: the next hop's MAC and our port's, big-endian integers as _rewrite_fields makes them.
+        port_macs = self._port_macs
+        rewrite = np.empty((2 * n, 12), dtype=np.uint8)
+        rewrite[0::2, :ETH_ALEN], rewrite[1::2, :ETH_ALEN] = server_macs, client_macs
+        rewrite[:, ETH_ALEN:] = np.frombuffer(b"".join(port_macs[port] for port in words[:, ROW_OUT_PORT].tolist()),
+                                              dtype=np.uint8).reshape(2 * n, ETH_ALEN)  # fmt: skip
+        quads[:, ROW_REWRITE] = rewrite[:, :8].copy().view(">u8")[:, 0]
+        words[:, ROW_REWRITE_TAIL] = rewrite[:, 8:].copy().view(">i4")[:, 0]
+        peer = np.zeros((2 * n, 8), dtype=np.uint8)
+        peer[0::2, 2:], peer[1::2, 2:] = client_macs, server_macs
+        quads[:, ROW_PEER] = peer.view(">u8")[:, 0]
+        floats[:, ROW_LAST_SEEN] = seen
+        flow = ROW_FLOW
+        rec[0::2, flow : flow + 12] = flows
+        rec[1::2, flow : flow + 12] = flows[:, _REVERSED_V4]
+        rec[:, ROW_FLOW_LEN] = 2 * IPV4_ADDR_LEN + L4_PORTS_LEN
+        rec[:, ROW_PEER_IP_LEN] = IPV4_ADDR_LEN
+        rec[0::2, ROW_PEER_IP : ROW_PEER_IP + IPV4_ADDR_LEN] = flows[:, :IPV4_ADDR_LEN]
+        rec[1::2, ROW_PEER_IP : ROW_PEER_IP + IPV4_ADDR_LEN] = flows[:, IPV4_ADDR_LEN : 2 * IPV4_ADDR_LEN]
+        table = self._np_rows()
+        old = table[labels]
+        words[:, ROW_GENERATION] = (old.view(np.int32)[:, ROW_GENERATION] + 1) & GENERATION_MASK
+        self.installed += int(np.count_nonzero(old[:, ROW_VALID] == 0))
+        table[labels, ROW_VALID] = 0  # rebound ones: invalid while their fields change (see mplslb.state)
+        table[labels] = rec  # still invalid: every field first
+        table[labels, ROW_VALID] = 1  # last: the entries are complete
+        self.version += 2 * n
+
+    def _np_rows(self) -> np.ndarray:
+        """The rows as a (label, octet) numpy array (made once)."""
+        if self._rows_2d is None:
+            self._rows_2d = np.frombuffer(self.rows, dtype=np.uint8).reshape(LABEL_SPACE, ROW_SIZE)
+        return self._rows_2d
+
     def _put(
         self, label: int, out_port: int, next_hop: bytes, in_port: int, peer: bytes, peer_ip: bytes, watch: int,
         now: float, flow: bytes,
@@ -590,6 +672,27 @@ class LabelSwitchingTable:
             quads[q + ROW_ACKS] = ACK_KNOWN | ack
             for store in self.ack_stores:
                 store.record_ack(label, ACK_KNOWN | ack)
+
+    def send_many(
+        self, labels: np.ndarray, packets: np.ndarray, lengths: np.ndarray, now: float, *, ttl: np.ndarray,
+        tc: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
+        """:meth:`send` for many IP packets of one length at once (``packets``, a row each, under distinct
+        ``labels``; ``lengths``: the frames they came in, counted), recording no acknowledgment number: the frames
+        to send, a row each, to each label's output port (``out_port``)."""
+        table = self._np_rows()
+        quads, words = table.view(np.uint64), table.view(np.int32)
+        head = np.empty((len(labels), LABELLED_HEAD.size), dtype=np.uint8)
+        # The row keeps the rewrite's octets as big-endian integers (_rewrite_fields): written back as octets.
+        head[:, :_QUAD_SIZE] = quads[labels, ROW_REWRITE].astype(">u8")[:, None].view(np.uint8)
+        head[:, _QUAD_SIZE:_REWRITE_LEN] = words[labels, ROW_REWRITE_TAIL].astype(">i4")[:, None].view(np.uint8)
+        head[:, _REWRITE_LEN : _REWRITE_LEN + 2] = np.frombuffer(MPLS_ETHERTYPE, dtype=np.uint8)
+        entry = (labels.astype(np.uint32) << LABEL_SHIFT) | (tc.astype(np.uint32) << TC_SHIFT) | MPLS_BOS | ttl
+        head[:, _REWRITE_LEN + 2 :] = entry.astype(">u4")[:, None].view(np.uint8)
+        quads[labels, ROW_PACKETS] += 1
+        quads[labels, ROW_BYTES] += lengths.astype(np.uint64)
+        table.view(np.float64)[labels, ROW_LAST_SEEN] = now
+        return np.concatenate((head, packets), axis=1)
 
     def fold_counters(self, labels: np.ndarray, packets: np.ndarray, octets: np.ndarray, seen: np.ndarray) -> None:
         """Add frames forwarded elsewhere (the kernel): per label in ``labels`` (distinct), ``packets`` frames of
