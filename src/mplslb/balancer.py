@@ -108,7 +108,7 @@ _SYN_FLOW = slice(ETH_HLEN + 12, ETH_HLEN + 24)  # its IP source and destination
 _SYN_TOS, _SYN_TTL = ETH_HLEN + 1, ETH_HLEN + 8
 _NO_HEADS = np.zeros((0, SYN_HEAD), dtype=np.uint8)
 #: The fewest SYNs in a row of a block taken at once: fewer go frame by frame (the numpy calls cost more).
-SYN_RUN_MIN = 8
+SYN_RUN_MIN = 12
 _ACK_FIELD = struct.Struct("!I")
 #: Half-open sessions whose kernel record is read before one is evicted, at most per new session.
 _EVICTION_CHECKS = 64
@@ -387,12 +387,14 @@ class Balancer:
         self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, switched: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """For each frame of a block, its row in the second array (the first octets of the SYNs of new sessions the
-        block holds, read at once by :meth:`PacketAnalyzer.plain_syns`), or -1. None is read when another unit
-        is told of each session or label as it comes (a cluster's replication, the kernel offload's mirrors)."""
+        block holds, read at once by :meth:`PacketAnalyzer.plain_syns`), or -1. None is read when the block leaves
+        fewer frames than a run to the one-frame path, or another unit is told of each session or label as it
+        comes (a cluster's replication, the kernel offload's mirrors)."""
         rows = np.full(len(starts), -1, dtype=np.int64)
-        if self.sessions.on_change is not None or self.switching.mirrors:
+        candidates = np.flatnonzero(~switched)
+        if len(candidates) < SYN_RUN_MIN or self.sessions.on_change is not None or self.switching.mirrors:
             return rows, _NO_HEADS
-        frames, heads = self.analyzer.plain_syns(buf, starts, lengths, np.flatnonzero(~switched))
+        frames, heads = self.analyzer.plain_syns(buf, starts, lengths, candidates)
         rows[frames] = np.arange(len(frames))
         return rows, heads
 
