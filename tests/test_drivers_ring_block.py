@@ -569,3 +569,47 @@ def test_driver_forwards_what_balancer_receive_outputs(net, opened, block, tx_ri
     finally:
         driver.close()
         loop.close()
+
+
+@root
+@needs_root
+def test_a_syn_flood_is_opened_in_runs_and_forwarded_as_receive_would(net, opened):
+    """400 SYNs of new flows sent at once reach the receive ring in a few blocks: the driver's balancer opens most
+    of them in runs (``Balancer._open_syns``), and the server side receives, byte for byte and in order, what a
+    twin Balancer fed the same SYNs one by one outputs."""
+    _, (ca, cb), (sa, sb) = net
+    client_port = opened(RingPort, ca)
+    server_port = opened(RingPort, sa)
+    client = opened(PacketPort, cb)
+    server = opened(RingPort, sb)
+    config = wired_config(client_port.mac, server_port.mac, server.mac)
+    balancer, twin = Balancer(config), Balancer(config)
+    taken: list[int] = []
+    open_syns = balancer._open_syns
+
+    def counted(run: list[int], *args: Any) -> int:
+        taken.append(open_syns(run, *args))
+        return taken[-1]
+
+    balancer._open_syns = counted  # type: ignore[method-assign]
+    loop = Loop()
+    driver = BalancerDriver(balancer, {0: client_port, 2: server_port}, loop, block=True)
+    try:
+        head = build_ethernet(client_port.mac, CLIENT_MAC, ETH_P_IP)
+        syns = [head + tcp(client_addr(i % 200), VIP, SPORT + i, 80, 0x02) for i in range(400)]
+        expected = [f for syn in syns for port, f in twin.receive(0, syn, 1.0) if port == 2]
+        assert len(expected) == len(syns)
+        for syn in syns:
+            client.send(syn)
+        got: list[bytes] = []
+        deadline = time.monotonic() + WAIT
+        while len(got) < len(expected) and time.monotonic() < deadline:
+            loop.run_once(0.05)
+            got += server.recv_burst(1024)
+        assert got == expected
+        assert sum(taken) > len(syns) // 2, taken
+        assert len(balancer.sessions) == len(twin.sessions) == len(syns)
+        assert not driver.send_errors and not driver.drops
+    finally:
+        driver.close()
+        loop.close()
