@@ -8,7 +8,9 @@ same run, their ratio (figure / reference), the target and whether it is met. Wr
 Sections, in the order they run: the engine (claim, single, new, batch, scale, memory: bench/engine.py), the cost of
 session sync between cluster nodes (cluster: bench/cluster_sim.py), 1, 2 and 3 real nodes behind the BIRD ECMP
 router in namespaces (cluster_lab: bench/cluster_lab.py, when root), a plain packet socket's reads and writes in
-bursts against one system call a frame (sockets: bench/sockets.py, when root), the daemon's CPU per ``Connection:
+bursts against one system call a frame (sockets: bench/sockets.py, when root), a SYN flood on real ports, the
+daemon's loop with receive rings against packet sockets (syn_flood: bench/syn_flood.py, when root), the daemon's
+CPU per ``Connection:
 close`` session with tickets against every SYN up to it (close_session: bench/close_session.py, when root), the wire
 benchmarks (wire: every bench/wire_*.py, written by another hand, each run as a subprocess with --json, and --quick
 when it takes it, when root and namespaces are available), the end-to-end comparison with HAProxy (e2e:
@@ -33,7 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine
 from common import BENCH, ROOT, Row, at_least, command_for, load_average, machine, skipped
 
-SECTIONS = (*engine.SECTIONS, "cluster", "cluster_lab", "sockets", "close_session", "wire", "e2e", "profile")
+SECTIONS = (
+    *engine.SECTIONS,
+    "cluster",
+    "cluster_lab",
+    "sockets",
+    "syn_flood",
+    "close_session",
+    "wire",
+    "e2e",
+    "profile",
+)
 #: Rough seconds each section takes in a full run on the 2-core reference machine (quick runs take far less); a
 #: section is started only if this much of the budget is left.
 ESTIMATE = {
@@ -46,6 +58,7 @@ ESTIMATE = {
     "cluster": 40,
     "cluster_lab": 70,
     "sockets": 15,
+    "syn_flood": 25,
     "close_session": 40,
     "wire": 230,
     "e2e": 400,
@@ -56,6 +69,7 @@ SCRIPTED = (
     ("cluster", "cluster_sim", "costs of session sync"),
     ("cluster_lab", "cluster_lab", "3, 2 and 1 nodes in namespaces"),
     ("sockets", "sockets", "a plain packet socket's reads and writes in bursts and frame by frame"),
+    ("syn_flood", "syn_flood", "a SYN flood on real ports: the loop's CPU per new session, rings and packet sockets"),
     ("close_session", "close_session", "the daemon's CPU per Connection: close session, with tickets and every SYN up"),
 )
 WIRE_TIMEOUT = 240.0
