@@ -411,9 +411,9 @@ class Balancer:
     ) -> int:
         """What :meth:`_receive` does with each frame of ``run`` (frames of a block in a row that
         :meth:`_syn_rows` found to be SYNs; ``heads`` their first octets), in order, for as long as each is a new
-        session's that :meth:`_new_session` would open or refuse with nothing else to do first (its port a
-        client's, its flow new and to a virtual service, no half-open session to evict): the decisions one by
-        one (:meth:`_decide`), the sessions' rows and labels written together (``SessionTable.open_block``,
+        session's that :meth:`_new_session` would open or refuse (its port a client's, its flow new and to a
+        virtual service; a half-open session evicted to make room only if it is one of the table's): the decisions
+        one by one (:meth:`_decide`), the sessions' rows and labels written together (``SessionTable.open_block``,
         ``LabelSwitchingTable.install_pairs``), then each SYN sent on. Returns how many of the run's first frames
         it took; the next one is for the one-frame path."""
         sessions, vips, roles = self.sessions, self.vips, self.ports
@@ -433,9 +433,14 @@ class Balancer:
             key = _new(FlowKey, (IPPROTO_TCP, src, sport, dst, dport))
             if key in opened or sessions.lookup(key) is not None:
                 break
+            oldest = None
             if sessions.half_open + len(pending) >= self.max_half_open:
-                break
-            decided = self._decide(key, sessions.live + len(pending), now)
+                # The oldest half-open session makes room once this SYN is admitted, as in _new_session: one of the
+                # table's, older than the run's (with none, or with the kernel's records to consult, the run stops).
+                oldest = sessions.oldest_half_open() if self.refresh is None else None
+                if oldest is None:
+                    break
+            decided = self._decide(key, sessions.live + len(pending) - (oldest is not None), now, oldest)
             taken += 1
             self.frames_in += 1
             self.slow_path += 1
