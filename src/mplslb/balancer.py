@@ -292,12 +292,13 @@ class Balancer:
         Frame i is ``buf[starts[i] : starts[i] + lengths[i]]`` (``buf`` a uint8 numpy array), arrived on
         ``ports[i]``. Label-switched frames are checked, rewritten and counted in bulk with numpy, in place in
         ``buf``: send ``buf[start : start + length]`` to ``result.out_port[i]`` when it is not -1. Every other frame
-        (unlabelled, tagged, or a labelled frame to drop) goes through the one-frame path; what it sends is in
-        ``result.extra`` as ``(i, port, frame)``. Listing, for each i in order, the block's frame and then the
-        extras of i gives exactly what :meth:`receive` gives frame by frame: the frames that touch session state
-        (the one-frame path's, and switched ones with reports) run in frame order with the switched frames
-        counted up to each, and a switched frame whose label an earlier frame withdrew or rebound is put back as
-        it came and taken frame by frame.
+        (unlabelled, tagged, or a labelled frame to drop) goes through the one-frame path, but for runs of SYNs of
+        new sessions, opened together (:meth:`_open_syns`); what they send is in ``result.extra`` as ``(i, port,
+        frame)``, in frame order. Listing, for each i in order, the block's frame and then the extras of i gives
+        exactly what :meth:`receive` gives frame by frame: the frames that touch session state (the one-frame
+        path's, the runs', and switched ones with reports) run in frame order with the switched frames counted up
+        to each, and a switched frame whose label an earlier frame withdrew or rebound is put back as it came and
+        taken frame by frame.
         """
         n = len(starts)
         starts = starts.astype(np.int64, copy=False)
@@ -451,7 +452,7 @@ class Balancer:
                 frame = buf[start : start + int(lengths[i])].tobytes()
                 out: Frames = []
                 self._refuse(decided, port, frame, self.analyzer.analyze(frame), out)
-                extra.extend((i, port, answer) for port, answer in out)
+                extra.extend((i, port, sent) for port, sent in out)
                 self.frames_out += len(out)
                 continue
             c2s, server = decided
