@@ -324,26 +324,27 @@ class Balancer:
         # Frames that touch the session state, in frame order: the ones the block path left to the one-frame path
         # and the switched ones with reports. Switched frames are counted up to each of them before it runs, so
         # the table is always as frame-by-frame processing would have it.
-        actions = [int(i) for i in np.flatnonzero(~switched)]
-        actions = sorted(set(actions) | set(reports))
+        unswitched = np.flatnonzero(~switched)
+        actions = sorted(set(unswitched.tolist()) | set(reports))
         heapq.heapify(actions)
         extra: list[tuple[int, int, bytes]] = []
         out: Frames = []
         done = 0
         # SYNs of new sessions, read at once: a run of them in a row of actions is opened at once (_open_syns).
-        syn_row, syn_heads = self._syn_rows(buf, starts, lengths, switched)
+        syn_row, syn_heads = self._syn_rows(buf, starts, lengths, unswitched)
         single: set[int] = set()  # SYNs for the one-frame path: the first of a run _open_syns did not take
         while actions:
             i = heapq.heappop(actions)
-            if syn_row[i] >= 0 and i not in single:
+            if i in syn_row and i not in single:
                 run = [i]
-                while actions and syn_row[actions[0]] >= 0:
+                while actions and actions[0] in syn_row:
                     run.append(heapq.heappop(actions))
                 taken = 0
                 if len(run) >= SYN_RUN_MIN:
                     self._count_switched(switched, labels, lengths, acks, done, i + 1, now)
                     done = i + 1
-                    taken = self._open_syns(run, syn_heads[syn_row[run]], buf, starts, lengths, ports, now, extra)
+                    heads = syn_heads[[syn_row[j] for j in run]]
+                    taken = self._open_syns(run, heads, buf, starts, lengths, ports, now, extra)
                 for j in run[taken:]:
                     heapq.heappush(actions, j)
                 if taken < len(run):
@@ -385,19 +386,16 @@ class Balancer:
         return BlockResult(out_port, extra)
 
     def _syn_rows(
-        self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, switched: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """For each frame of a block, its row in the second array (the first octets of the SYNs of new sessions the
-        block holds, read at once by :meth:`PacketAnalyzer.plain_syns`), or -1. None is read when the block leaves
-        fewer frames than a run to the one-frame path, or another unit is told of each session or label as it
-        comes (a cluster's replication, the kernel offload's mirrors)."""
-        rows = np.full(len(starts), -1, dtype=np.int64)
-        candidates = np.flatnonzero(~switched)
-        if len(candidates) < SYN_RUN_MIN or self.sessions.on_change is not None or self.switching.mirrors:
-            return rows, _NO_HEADS
-        frames, heads = self.analyzer.plain_syns(buf, starts, lengths, candidates)
-        rows[frames] = np.arange(len(frames))
-        return rows, heads
+        self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, unswitched: np.ndarray
+    ) -> tuple[dict[int, int], np.ndarray]:
+        """The SYNs of new sessions among a block's ``unswitched`` frames, read at once by
+        :meth:`PacketAnalyzer.plain_syns`: each one's frame index and its row in the second array, their first
+        octets. None is read when the block leaves fewer frames than a run to the one-frame path, or another unit
+        is told of each session or label as it comes (a cluster's replication, the kernel offload's mirrors)."""
+        if len(unswitched) < SYN_RUN_MIN or self.sessions.on_change is not None or self.switching.mirrors:
+            return {}, _NO_HEADS
+        frames, heads = self.analyzer.plain_syns(buf, starts, lengths, unswitched)
+        return {frame: row for row, frame in enumerate(frames.tolist())}, heads
 
     def _open_syns(
         self,
@@ -429,7 +427,7 @@ class Balancer:
                 break
             _, _, _, src, dst, sport, dport = unpack(data, at * SYN_HEAD)
             vip = vips.get(dst)
-            if vip is None or dport not in vip.tcp_ports:  # VirtualService.serves for TCP
+            if vip is None or not vip.serves(IPPROTO_TCP, dport):
                 break
             key = _new(FlowKey, (IPPROTO_TCP, src, sport, dst, dport))
             if key in opened or sessions.lookup(key) is not None:

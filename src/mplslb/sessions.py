@@ -355,6 +355,11 @@ class _RowQueue:
         self.rows.append(row)
         self.times.append(at)
 
+    def extend(self, rows: list[int], at: float) -> None:
+        """Rows that all started ``at``."""
+        self.rows.extend(rows)
+        self.times.extend([at] * len(rows))
+
     def first(self) -> tuple[int, float]:
         return self.rows[self.head], self.times[self.head]
 
@@ -556,13 +561,8 @@ class SessionTable:
         self.live += 1
         if count > self.peak:
             self.peak = count
-        timeouts = self.timeouts
-        if proto == IPPROTO_TCP:  # Timeouts.idle in START, as arm() arms it
-            deadline = now + timeouts.tcp_start
-        else:
-            deadline = now + (timeouts.udp if proto == IPPROTO_UDP else timeouts.other)
         session = Session(self, pair)
-        self.arm(session, deadline)
+        self.arm(session, now + self.timeouts.idle(proto, SessionState.START))
         self.state[pair] = _START
         if proto == IPPROTO_TCP:
             self.half_open += 1
@@ -634,11 +634,10 @@ class SessionTable:
         self.started += n
         self.live += n
         self.peak = max(self.peak, count)
-        timeouts = self.timeouts
+        proto_list = protos.tolist()
+        idle = {proto: self.timeouts.idle(proto, SessionState.START) for proto in set(proto_list)}
+        deadlines = now + np.array([idle[proto] for proto in proto_list], dtype=np.float64)
         tcp = protos == IPPROTO_TCP
-        # Timeouts.idle in START, as open() arms it.
-        idle = np.where(tcp, timeouts.tcp_start, np.where(protos == IPPROTO_UDP, timeouts.udp, timeouts.other))
-        deadlines = now + idle
         self._np_deadline[rows] = deadlines
         np.minimum.at(self._np_block_min, rows >> _BLOCK_SHIFT, deadlines)
         self._next = min(self._next, float(deadlines.min()))
@@ -647,9 +646,8 @@ class SessionTable:
         if opened:
             self.half_open += len(opened)
             fifo = self._half_open_fifo
-            fifo.rows.extend(opened)
-            fifo.times.extend([now] * len(opened))
-            if len(fifo.rows) - fifo.head > 2 * self.half_open + 64:
+            fifo.extend(opened, now)
+            if len(fifo) > 2 * self.half_open + 64:
                 self._half_open_fifo = fifo.kept(self._is_half_open)
 
     def _views(self) -> _Views:
@@ -674,9 +672,8 @@ class SessionTable:
 
     def _queue_half_open(self, pair: int, started: float) -> None:
         fifo = self._half_open_fifo
-        fifo.rows.append(pair)
-        fifo.times.append(started)
-        if len(fifo.rows) - fifo.head > 2 * self.half_open + 64:
+        fifo.append(pair, started)
+        if len(fifo) > 2 * self.half_open + 64:
             self._half_open_fifo = fifo.kept(self._is_half_open)
 
     def _is_half_open(self, pair: int, started: float) -> bool:

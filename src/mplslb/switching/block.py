@@ -55,7 +55,6 @@ from mplslb.switching.layout import (
     IPV6_SRC,
     L4_PORTS_LEN,
     LABEL_SHIFT,
-    LABEL_SPACE,
     LSE_AT,
     LSE_TTL,
     MPLS_BOS,
@@ -71,7 +70,6 @@ from mplslb.switching.layout import (
     ROW_PEER_IP_LEN,
     ROW_REWRITE,
     ROW_REWRITE_TAIL,
-    ROW_SIZE,
     ROW_V6,
     ROW_VALID,
     ROW_WATCH,
@@ -103,7 +101,7 @@ class BlockTables:
             arrays.acks,
         )
         #: The rows as octets, one row per label.
-        self.octets = np.frombuffer(table.rows, dtype=np.uint8).reshape(LABEL_SPACE, ROW_SIZE)
+        self.octets = table.octets()
 
     def gather(self, labels: np.ndarray) -> Gathered:
         """A copy of each label's row, in the order given."""

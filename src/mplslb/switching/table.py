@@ -109,7 +109,6 @@ _pack_head = LABELLED_HEAD.pack
 _unpack_row = ROW.unpack_from
 _pack_binding = ROW_BINDING.pack_into
 _pack_pair = ROW_PAIR.pack_into
-ROW_WORDS = ROW_SIZE // 4  # a row's 32-bit words
 #: An IPv4 flow key's octets as the reverse flow's key orders them: destination, source, then the ports swapped.
 _REVERSED_V4 = [4, 5, 6, 7, 0, 1, 2, 3, 10, 11, 8, 9]
 #: A label's row (:data:`~mplslb.switching.layout.ROW_SIZE` octets) as numpy sees it.
@@ -450,7 +449,7 @@ class LabelSwitchingTable:
             size, src, (words[generation] + 1) & GENERATION_MASK,
             0, s2c_watch & WATCH_BITS, v6, server_port, client_port, to_client_tail, 0, 0, s2c_seen, 0,
             int.from_bytes(server_mac, "big"), to_client, dst + src + _PORTS.pack(dport, sport), flow_len,
-            size, dst, (words[generation + ROW_WORDS] + 1) & GENERATION_MASK,
+            size, dst, (words[generation + (1 << ROW_WORD_SHIFT)] + 1) & GENERATION_MASK,
         )  # fmt: skip
         rows[at + ROW_VALID] = rows[at + ROW_SIZE + ROW_VALID] = 1  # last: the entries are complete
         self.version += 2
@@ -521,7 +520,7 @@ class LabelSwitchingTable:
         rec[:, ROW_PEER_IP_LEN] = IPV4_ADDR_LEN
         rec[0::2, ROW_PEER_IP : ROW_PEER_IP + IPV4_ADDR_LEN] = flows[:, :IPV4_ADDR_LEN]
         rec[1::2, ROW_PEER_IP : ROW_PEER_IP + IPV4_ADDR_LEN] = flows[:, IPV4_ADDR_LEN : 2 * IPV4_ADDR_LEN]
-        table = self._np_rows()
+        table = self.octets()
         old = table[labels]
         words[:, ROW_GENERATION] = (old.view(np.int32)[:, ROW_GENERATION] + 1) & GENERATION_MASK
         self.installed += int(np.count_nonzero(old[:, ROW_VALID] == 0))
@@ -530,8 +529,8 @@ class LabelSwitchingTable:
         table[labels, ROW_VALID] = 1  # last: the entries are complete
         self.version += 2 * n
 
-    def _np_rows(self) -> np.ndarray:
-        """The rows as a (label, octet) numpy array (made once)."""
+    def octets(self) -> np.ndarray:
+        """The rows as a (label, octet) numpy array (a view, made once)."""
         if self._rows_2d is None:
             self._rows_2d = np.frombuffer(self.rows, dtype=np.uint8).reshape(LABEL_SPACE, ROW_SIZE)
         return self._rows_2d
@@ -680,7 +679,7 @@ class LabelSwitchingTable:
         """:meth:`send` for many IP packets of one length at once (``packets``, a row each, under distinct
         ``labels``; ``lengths``: the frames they came in, counted), recording no acknowledgment number: the frames
         to send, a row each, to each label's output port (``out_port``)."""
-        table = self._np_rows()
+        table = self.octets()
         quads, words = table.view(np.uint64), table.view(np.int32)
         head = np.empty((len(labels), LABELLED_HEAD.size), dtype=np.uint8)
         # The row keeps the rewrite's octets as big-endian integers (_rewrite_fields): written back as octets.
