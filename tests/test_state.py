@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 import sys
@@ -27,7 +28,7 @@ from mplslb import state as state_module
 from mplslb.balancer import Balancer
 from mplslb.config import BalancerConfig
 from mplslb.sessions import LIVE_STATES, SessionState
-from mplslb.state import STATE_FILE, StateStore, open_balancer
+from mplslb.state import HUGE_PAGE, STATE_FILE, StateStore, open_balancer
 from mplslb.switching import table as table_module
 from mplslb.switching.layout import LABEL_SPACE, ROW_SIZE
 from mplslb.switching.table import flow_key
@@ -90,11 +91,48 @@ def forward_c2s(balancer: Balancer, c2s: int, *, sport: int = 0) -> tuple[int, b
 def test_without_a_store_the_tables_keep_their_heap_arrays() -> None:
     balancer = Balancer(CONFIG)
     assert isinstance(balancer.sessions.state, bytearray) and isinstance(balancer.sessions.deadline, array)
-    assert isinstance(balancer.switching.rows.obj, bytearray)
+    assert isinstance(balancer.switching.rows.obj, mmap.mmap)  # an anonymous mapping of its own
     assert balancer.switching.rows.nbytes == ROW_SIZE * LABEL_SPACE
-    assert np.frombuffer(balancer.switching.rows, dtype=np.uint8).ctypes.data % ROW_SIZE == 0  # a line per row
+    assert np.frombuffer(balancer.switching.rows, dtype=np.uint8).ctypes.data % HUGE_PAGE == 0  # whole huge pages
     assert balancer.switching.out_port[20] == balancer.switching.in_port[20] == -1
     assert not balancer.switching._persistent
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The fields of this process's mapping (``/proc/self/smaps``) that holds ``address``."""
+    found: dict[str, str] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            if inside:
+                break
+            inside = low <= address < high
+        elif inside:
+            key, _, value = line.partition(":")
+            found[key] = value.strip()
+    return found
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "never"
+
+
+def _address(buffer: Any) -> int:
+    return int(np.frombuffer(buffer, dtype=np.uint8, count=1).ctypes.data)
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages are disabled in this kernel")
+def test_the_heap_tables_ask_for_huge_pages() -> None:
+    balancer = Balancer(CONFIG)
+    rows = _mapping_of(_address(balancer.switching.rows))
+    assert "hg" in rows["VmFlags"].split()  # MADV_HUGEPAGE, before the rows were touched
+    assert int(rows["AnonHugePages"].split()[0]) * 1024 >= HUGE_PAGE  # and granted
 
 
 def test_sessions_labels_and_entries_survive_a_restart(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
