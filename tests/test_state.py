@@ -9,6 +9,7 @@ import logging
 import mmap
 import os
 import shutil
+import subprocess
 import sys
 import time
 from array import array
@@ -133,6 +134,32 @@ def test_the_heap_tables_ask_for_huge_pages() -> None:
     rows = _mapping_of(_address(balancer.switching.rows))
     assert "hg" in rows["VmFlags"].split()  # MADV_HUGEPAGE, before the rows were touched
     assert int(rows["AnonHugePages"].split()[0]) * 1024 >= HUGE_PAGE  # and granted
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_a_state_directory_on_a_huge_page_tmpfs_puts_the_rows_on_huge_pages(tmp_path: Path) -> None:
+    """On a tmpfs that gives huge pages to the ranges advised so (``huge=advise``), the rows of a new state file
+    start at a huge page's offset and are advised: the persistent rows are on huge pages as the heap's are."""
+    mount = tmp_path / "huge"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=advise,size=512m", "mlbhuge", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if made.returncode:
+        pytest.skip(f"a tmpfs with huge=advise cannot be mounted here: {made.stderr.strip()}")
+    try:
+        balancer = build(mount / "state")
+        rows = _mapping_of(_address(balancer.switching.rows))
+        assert "hg" in rows["VmFlags"].split()
+        assert int(rows["ShmemPmdMapped"].split()[0]) * 1024 >= HUGE_PAGE
+        c2s = open_session(balancer, 40000)
+        close(balancer)
+        del balancer
+        again = build(mount / "state")  # adopted from the same file, rows and all
+        assert again.sessions.by_c2s(c2s) is not None
+        assert "hg" in _mapping_of(_address(again.switching.rows))["VmFlags"].split()
+        close(again)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_sessions_labels_and_entries_survive_a_restart(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,12 +12,13 @@ moment it is made, so it outlives the process however it ends (SIGTERM or SIGKIL
 new daemon that maps the same file finds every row as the old one left it. Adding a field to a table is one more
 ``alloc.array`` line; the store notices the new layout and starts clean.
 
-The file: a header (one 64 KiB area), then each array at a page-aligned offset. The header holds a magic number,
-the format version, and a JSON description: the layout (each array's name, typecode, count and offset, and their
-fingerprint), the configuration fingerprint (what must not change for the rows to mean the same thing: the label
-range, the ports and their interfaces and MACs, the virtual IPs and their ports; see :func:`config_identity`), and
-the boot id. The magic is written last when a file is made and cleared first when it is being rewritten in a way a
-crash could tear (the server renumbering below), so a torn header never passes for a valid one.
+The file: a header (one 64 KiB area), then each array at a page-aligned offset (records of 2 MiB or more at a huge
+page's). The header holds a magic number, the format version, and a JSON description: the layout (each array's name,
+typecode, count and offset, and their fingerprint), the configuration fingerprint (what must not change for the rows
+to mean the same thing: the label range, the ports and their interfaces and MACs, the virtual IPs and their ports;
+see :func:`config_identity`), and the boot id. The magic is written last when a file is made and cleared first when
+it is being rewritten in a way a crash could tear (the server renumbering below), so a torn header never passes for
+a valid one.
 
 Servers are mapped by name: a row names its server by the pool's index, and the store keeps the index -> name table
 in ``servers.json`` (replaced atomically, written before the first row that uses a new index). A new daemon maps
@@ -330,6 +331,23 @@ class StateStore(Allocator):
         if fill:
             np.frombuffer(view, dtype=np.dtype(typecode)).fill(fill)
         return view
+
+    def _record_area(self, name: str, octets: int, size: int) -> tuple[Column, bool, int]:
+        """Records of a huge page or more start at a huge page's offset in a new file, and their mapping is advised
+        ``MADV_HUGEPAGE``: where the state directory's file system gives huge pages to the ranges advised so (a
+        tmpfs mounted ``huge=advise``, or any tmpfs with ``shmem_enabled`` at ``advise``), the rows are on them as
+        the heap's are (:class:`HeapArrays`); a tmpfs mounted ``huge=within_size`` or ``always`` gives them anyway.
+        An adopted file keeps the offsets it has."""
+        if octets < HUGE_PAGE:
+            return super()._record_area(name, octets, size)
+        if not self.adopting and self.made_new:
+            self._end = -(-self._end // HUGE_PAGE) * HUGE_PAGE
+        maps = len(self._maps)
+        area, new, align = super()._record_area(name, octets, size)
+        if len(self._maps) > maps:  # mapped from the file (not heap arrays after a refusal half-way)
+            with contextlib.suppress(AttributeError, OSError):
+                self._maps[-1].madvise(mmap.MADV_HUGEPAGE)
+        return area, new, align
 
     def _array_new(self, name: str, typecode: str, count: int, fill: float) -> tuple[Column, bool]:
         adopting = self.adopting
