@@ -153,9 +153,10 @@ class HeapArrays(Allocator):
     Records of :data:`HUGE_PAGE` octets or more (the switching table's rows: 128 MiB) are an anonymous mapping of
     their own, aligned to :data:`HUGE_PAGE` and advised ``MADV_HUGEPAGE`` before a page of it is touched: where
     transparent huge pages are enabled (``always`` or ``madvise``), a row read at a random label then costs its
-    cache misses and no walk through 4 KiB page tables (64 MiB of rows in use span 16,384 such pages, far more than
-    the TLB holds). Without them the mapping is ordinary pages. The other arrays are read per new session, not per
-    frame, and stay on the heap as they are (huge pages for the flow keys and their index measured no faster)."""
+    cache misses and no walk through 4 KiB page tables (the rows of every label in use span 32,768 such pages, far
+    more than the TLB holds). Without them the mapping is ordinary pages. The other arrays are read per new session,
+    not per frame, and stay on the heap as they are (huge pages for the flow keys and their index measured no
+    faster)."""
 
     def _array(self, name: str, typecode: str, count: int, fill: float) -> Column:
         if typecode == "B" and not fill:
