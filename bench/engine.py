@@ -48,6 +48,7 @@ from common import (
 from frames import ACK, SYN, VIP, build, c2s_of_flow, client_ip, frame_block, make_config, port_mac, sport_of
 from mplslb.balancer import Balancer
 from mplslb.labels import PAIRS
+from mplslb.state import huge_pages_of
 from mplslb.switching import LABEL_SPACE, WATCH_ALL
 from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SIZE
 from mplslb.wire.ethernet import ETH_P_MPLS_UC, build_ethernet
@@ -618,7 +619,11 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
             if key not in timings:
                 continue
             t, ref = timings[key], timings[f"{key}_ref"]
-            note = f"64 B labelled frames; opening the sessions up to this level took {fill_s:.1f} s"
+            huge = huge_pages_of(b.switching.rows) >> 20
+            note = (
+                f"64 B labelled frames; opening the sessions up to this level took {fill_s:.1f} s; "
+                f"{huge} MiB of the label rows on huge pages"
+            )
             if key == "block":
                 note = "receive_block, blocks of 4096, ring layout; " + note
             row = Row(
@@ -631,7 +636,7 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
                 target="ratio <= 1.25 (flat, O(1))",
                 note=note,
                 command=command_for("scale"),
-                extra={"ns": t.runs_ns, "ref_ns": ref.runs_ns, "sessions": len(b.sessions)},
+                extra={"ns": t.runs_ns, "ref_ns": ref.runs_ns, "sessions": len(b.sessions), "rows_huge_mib": huge},
             )
             rows.append(at_most(row, t.median_ns / ref.median_ns, 1.25))
     return rows

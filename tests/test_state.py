@@ -134,6 +134,9 @@ def test_the_heap_tables_ask_for_huge_pages() -> None:
     rows = _mapping_of(_address(balancer.switching.rows))
     assert "hg" in rows["VmFlags"].split()  # MADV_HUGEPAGE, before the rows were touched
     assert int(rows["AnonHugePages"].split()[0]) * 1024 >= HUGE_PAGE  # and granted
+    assert state_module.huge_pages_of(balancer.switching.rows) == int(rows["AnonHugePages"].split()[0]) * 1024
+    if _thp_mode() == "madvise":  # only what is advised gets huge pages: a heap array has ordinary ones
+        assert state_module.huge_pages_of(balancer.sessions.state) == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
@@ -151,6 +154,7 @@ def test_a_state_directory_on_a_huge_page_tmpfs_puts_the_rows_on_huge_pages(tmp_
         rows = _mapping_of(_address(balancer.switching.rows))
         assert "hg" in rows["VmFlags"].split()
         assert int(rows["ShmemPmdMapped"].split()[0]) * 1024 >= HUGE_PAGE
+        assert state_module.huge_pages_of(balancer.switching.rows) == int(rows["ShmemPmdMapped"].split()[0]) * 1024
         c2s = open_session(balancer, 40000)
         close(balancer)
         del balancer

@@ -103,7 +103,7 @@ from mplslb.hostsetup import HostChanges, setup_balancer
 from mplslb.logfmt import value
 from mplslb.resolver import MacChange
 from mplslb.sdnotify import notify, reloading_message
-from mplslb.state import StateError, StateStore, default_dir, open_balancer
+from mplslb.state import StateError, StateStore, default_dir, huge_pages_of, open_balancer
 from mplslb.wire.checksum import IPV4_ADDR_LEN, IPV6_ADDR_LEN
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
@@ -423,9 +423,10 @@ class Daemon:
         self.balancer.on_mac = _log_mac
         bc = config.balancer
         log.info(
-            "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s datapath=%s",
+            "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s datapath=%s "
+            "rows_on_huge_pages_mib=%d",
             len(bc.ports), len(bc.vips), len(bc.servers), bc.algorithm, config.offload, config.ring,
-            value(config.datapath),
+            value(config.datapath), huge_pages_of(self.balancer.switching.rows) >> 20,
         )  # fmt: skip
         # The kernel offload: the driver talks to the balancer through the offload, which mirrors its
         # label switching table into the kernel after each batch and before its timers.

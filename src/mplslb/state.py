@@ -175,6 +175,29 @@ class HeapArrays(Allocator):
 HEAP: Final = HeapArrays()
 
 
+def huge_pages_of(buffer: Column) -> int:
+    """Octets of the mapping that holds ``buffer``'s first octet which are on huge pages (``AnonHugePages``, or
+    ``ShmemPmdMapped`` and ``FilePmdMapped`` for a state file, in ``/proc/self/smaps``); 0 when none are or when it
+    cannot be told."""
+    address = np.frombuffer(buffer, dtype=np.uint8, count=1).ctypes.data
+    inside = False
+    octets = 0
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head, _, rest = line.partition(" ")
+                if not head.endswith(":"):  # a mapping's first line: "low-high perms ..."
+                    if inside:
+                        break
+                    low, _, high = head.partition("-")
+                    inside = int(low, 16) <= address < int(high, 16)
+                elif inside and head in ("AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:"):
+                    octets += int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        return 0
+    return octets
+
+
 def boot_id() -> str:
     try:
         return BOOT_ID.read_text().strip()

@@ -7,6 +7,7 @@ each module checks that nothing it created is left.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -208,6 +209,9 @@ def test_killing_one_nginx_others_take_over_and_other_sessions_survive(lab: Lab)
     )
     log = lab.log("balancer")
     assert "event=config_loaded" in log
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert re.search(r"rows_on_huge_pages_mib=128\b", log)  # every label's switching row on huge pages
     assert f"event=server_down server={victim_name} reason=health_check" in log
     assert f"event=server_up server={victim_name}" in log
 
