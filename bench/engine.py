@@ -467,7 +467,9 @@ def section_batch(world: World) -> list[Row]:
                 setups[name] = runner.setup
             if blockers:
                 runs["receive_block x4096, bytes in/out"] = lambda f=frames: block_list_path(b, f, 4096)
-        timings = time_interleaved(runs, setups=setups, repeats=plan.repeats, budget_s=plan.budget_s * 2)
+        # Three times the repeats of the other sections: a repeat costs some 0.1 s here against the seconds it takes
+        # to open a level's sessions, and the ratio is what the target judges, from medians that drift with the VM.
+        timings = time_interleaved(runs, setups=setups, repeats=3 * plan.repeats, budget_s=plan.budget_s * 2)
         one = timings.pop("one")
         for name, t in timings.items():
             if name.startswith("receive_batch"):

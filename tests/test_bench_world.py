@@ -1,6 +1,7 @@
 """The engine benchmark's world is what its rows assume: a SYN, the server's SYN-ACK and the client's request
 leave every TCP session established with its C2S label out of the watch (the steady state the fast-path rows
-time), and UDP sessions open on their first datagram. Run on a few hundred flows, not timed."""
+time), and UDP sessions open on their first datagram. Run on a few hundred flows, not timed. And the benchmarks'
+turns swap their order every other round."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+from common import time_interleaved  # noqa: E402
 from engine import open_sessions  # noqa: E402
 from frames import c2s_of_flow, make_config  # noqa: E402
 from mplslb.balancer import TIMER_SESSIONS, Balancer  # noqa: E402
@@ -31,3 +33,11 @@ def test_the_mass_idle_out_bench_runs_the_timers_in_bounded_runs_and_its_referen
     count = 2 * TIMER_SESSIONS + 1
     assert mass_idle_out(count, unbounded=False)[0] == 3  # it raises if a session is left
     assert mass_idle_out(count, unbounded=True)[0] == 1
+
+
+def test_workloads_timed_in_turns_swap_their_order_every_other_round() -> None:
+    calls: list[str] = []
+    runs = {name: (lambda name=name: calls.append(name) or 1) for name in "abc"}
+    timings = time_interleaved(runs, repeats=4, warmups=0, budget_s=60.0)
+    assert "".join(calls) == "abccbaabccba"  # no workload always runs right after the same one
+    assert all(len(t.runs_ns) == 4 for t in timings.values())
