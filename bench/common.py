@@ -132,12 +132,12 @@ def time_interleaved(
     budget_s: float = 20.0,
     setups: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, Timing]:
-    """Like :func:`time_per_item` for several workloads at once, run in turns, so a figure and its reference see
-    the same machine: on a shared VM the speed drifts by 10-20 % between seconds, and interleaving keeps that drift
-    out of their ratio. Every other round runs them in the reverse order (a, b, c, c, b, a, a, b, c, ...): a workload
-    that always followed another one (whose frames had taken the caches) paid for it in every round, about 5 % in
-    the scale section, where two runs of the same work measured 1.05 in that order. Medians per workload; at least
-    3 rounds, then bounded by ``budget_s``."""
+    """Like :func:`time_per_item` for several workloads at once, run in turns, so a figure and its reference see the
+    same machine: on a shared VM the speed drifts by 10-20 % between seconds, and interleaving keeps that drift out
+    of their ratio. Every other round runs them in the reverse order (a, b, c, c, b, a, a, b, c, ...): a workload
+    that always followed another one (whose frames had taken the caches) paid for it in every round: in the scale
+    section two runs of the same work measured 1.06 apart in the median that way, 1.04 with the order reversed.
+    Medians per workload; at least 3 rounds, then bounded by ``budget_s``."""
     setups = setups or {}
     deadline = time.perf_counter_ns() + int(budget_s * 1e9)
     for _ in range(warmups):
