@@ -211,7 +211,9 @@ def test_killing_one_nginx_others_take_over_and_other_sessions_survive(lab: Lab)
     assert "event=config_loaded" in log
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
-        assert re.search(r"rows_on_huge_pages_mib=128\b", log)  # every label's switching row on huge pages
+        # the label switching rows on huge pages (all 128 MiB unless the kernel found too few free 2 MiB pages)
+        huge = re.search(r"rows_on_huge_pages_mib=(\d+)\b", log)
+        assert huge is not None and 0 < int(huge.group(1)) <= 128
     assert f"event=server_down server={victim_name} reason=health_check" in log
     assert f"event=server_up server={victim_name}" in log
 
