@@ -538,8 +538,7 @@ class SessionTable:
         if found != _EMPTY:
             raise ValueError(f"session {key} already in the table")
         if server.index not in self._servers:
-            self._store.remember(f"server.{server.index}", server.config.name)
-            self._servers[server.index] = server
+            self._name(server)
         self._slots[slot] = pair
         self._looked_up = _NOT_LOOKED_UP
         self.home[pair] = hash(packed) & self._mask
@@ -616,8 +615,7 @@ class SessionTable:
             home[pair] = hash(one) & mask
         for server in servers:
             if server.index not in self._servers:
-                self._store.remember(f"server.{server.index}", server.config.name)
-                self._servers[server.index] = server
+                self._name(server)
         v = self._views()
         v.keys[rows, : _KEY.size] = np.frombuffer(b"".join(packed), dtype=np.uint8).reshape(n, _KEY.size)
         protos = np.array([key.proto for key in keys], dtype=np.uint8)
@@ -649,6 +647,11 @@ class SessionTable:
             fifo.extend(opened, now)
             if len(fifo) > 2 * self.half_open + 64:
                 self._half_open_fifo = fifo.kept(self._is_half_open)
+
+    def _name(self, server: Server) -> None:
+        """Keep the name of a server no row named before, durably before a row names it (see mplslb.state)."""
+        self._store.remember(f"server.{server.index}", server.config.name)
+        self._servers[server.index] = server
 
     def _views(self) -> _Views:
         """Numpy views of the rows' fields that :meth:`open_block` writes (made once)."""
