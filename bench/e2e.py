@@ -356,12 +356,20 @@ def route_direct(lab: Any) -> str:
     return f"http://{lab.server_addr(0)}/"
 
 
-def make_bulk_files(lab: Any, servers: int) -> None:
-    """A sparse 1 GiB file on every server: nginx reads zeros from the page cache, the network moves the bytes."""
-    for j in range(servers):
-        path = lab.dir / lab.server_name(j) / "www" / BULK_FILE
-        with open(path, "wb") as fh:
-            fh.truncate(BULK_BYTES)
+def make_bulk_files(lab: Any, servers: int, size: int = BULK_BYTES) -> None:
+    """One sparse file of ``size`` bytes in every server's web root (links to one inode) and read once: nginx reads
+    zeros from the page cache and the network moves the bytes. Unread, the first download of each part of it paid
+    the kernel's zeroing of its pages (half the machine's CPU in a profile of one stream), and only that path paid."""
+    paths = [lab.dir / lab.server_name(j) / "www" / BULK_FILE for j in range(servers)]
+    with open(paths[0], "wb") as fh:
+        fh.truncate(size)
+    for path in paths[1:]:
+        path.unlink(missing_ok=True)
+        os.link(paths[0], path)
+    chunk = bytearray(1 << 22)
+    with open(paths[0], "rb", buffering=0) as fh:
+        while fh.readinto(chunk):
+            pass
 
 
 def bulk(lab: Any, url: str, *, streams: int, seconds: float, procs: dict[str, list[int]]) -> dict[str, float]:
@@ -479,7 +487,57 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
             failures[key] = f"lab run failed: {exc!r}"[:300]
         finally:
             tear_down(lab, haproxy, paused=paused, log=log)
-    return e2e_rows(variants, ours, refs, bulks, failures, extra, cmd)
+    rows = e2e_rows(variants, ours, refs, bulks, failures, extra, cmd)
+    turns = next(((key, what) for key, what, _ in variants if key == TURNS_VARIANT), None)
+    if turns is not None:
+        log(f"e2e: keep-alive through mplslb ({turns[1]}), HAProxy and no balancer in one lab, in turns ...")
+        try:
+            found = in_turns(turns[0], modes=("keep-alive",), rounds=1 if quick else 3, seconds=seconds, log=log)
+        except Exception as exc:
+            log(f"e2e: in turns: failed: {exc!r}")
+            rows.append(skipped("e2e", f"e2e keep-alive, {turns[1]}, in turns", f"lab run failed: {exc!r}"[:300],
+                                command=cmd))  # fmt: skip
+        else:
+            rows += turn_rows(found, turns[1], seconds, cmd)
+    return rows
+
+
+#: The variant whose keep-alive is also measured in turns with the references on its own namespaces: the one with
+#: every part of the datapath in the kernel (super-packets too), which keep-alive traffic uses alone.
+TURNS_VARIANT = "kernel+xdp+gso"
+
+
+def turn_rows(runs: list[dict[str, Any]], what: str, seconds: int, cmd: str) -> list[Row]:
+    """The rows of keep-alive measured in turns in one lab (:func:`in_turns`): requests/s against HAProxy's and
+    against no balancer's, and the p99 against HAProxy's, each the median of the rounds."""
+    medians = {(m["path"], m["connections"]): m for m in turn_medians(runs) if m["mode"] == "keep-alive"}
+    rows: list[Row] = []
+    for conns in (16, 64):
+        mine, hp, direct = (medians.get((path, conns)) for path in TURN_PATHS)
+        if mine is None or hp is None or direct is None:
+            continue
+        per_path = [r for r in runs if r["connections"] == conns and r["mode"] == "keep-alive"]
+        note = (f"wrk -t1 -c{conns} -d{seconds}s, median of {mine['runs']} rounds; mplslb, HAProxy and no balancer "
+                f"on the same namespaces and nginx, in turns (the balancer paused for the references); p50 "
+                f"{mine.get('p50_ms', 0):.2f} ms (HAProxy {hp.get('p50_ms', 0):.2f}, no balancer "
+                f"{direct.get('p50_ms', 0):.2f}), no balancer's p99 {direct.get('p99_ms', 0):.2f} ms; machine CPU "
+                f"us/request: mplslb {mine.get('machine_cpu_us_per_request', 0):.0f}, HAProxy "
+                f"{hp.get('machine_cpu_us_per_request', 0):.0f}, no balancer "
+                f"{direct.get('machine_cpu_us_per_request', 0):.0f}")  # fmt: skip
+        name = f"{what}, in turns in one lab"
+        row = Row("e2e", f"e2e keep-alive -c{conns} requests/s, {name}", mine.get("requests_per_s"), "requests/s",
+                  "HAProxy (TCP mode), same lab, in turns", hp.get("requests_per_s"), target="ratio >= 1.5",
+                  note=note, command=cmd, extra={"runs": per_path})  # fmt: skip
+        rows.append(at_least(row, row.ratio, 1.5) if row.ratio is not None else row)
+        row = Row("e2e", f"e2e keep-alive -c{conns} requests/s vs no balancer, {name}", mine.get("requests_per_s"),
+                  "requests/s", "no balancer, same lab, in turns", direct.get("requests_per_s"),
+                  target="ratio >= 0.7", command=cmd)  # fmt: skip
+        rows.append(at_least(row, row.ratio, 0.7) if row.ratio is not None else row)
+        row = Row("e2e", f"e2e keep-alive -c{conns} p99 latency, {name}", mine.get("p99_ms"), "ms",
+                  "same through HAProxy, in turns", hp.get("p99_ms"), target="ratio <= 1.0 (no worse)",
+                  command=cmd)  # fmt: skip
+        rows.append(at_most(row, row.ratio, 1.0) if row.ratio is not None else row)
+    return rows
 
 
 def _shares(figures: dict[str, float]) -> str:
@@ -566,13 +624,14 @@ def e2e_rows(
     return rows
 
 
-def close_run(
-    lab: Any, url: str, *, seconds: int, connections: int, procs: dict[str, list[int]], daemon: int | None
-) -> dict[str, float]:
-    """One wrk ``Connection: close`` run: its figures; per request, the whole machine's busy CPU (softirq included)
-    and each process's (the lab's, HAProxy's, wrk's); each CPU's busy share of the run; with ``daemon`` (the
-    balancer daemon, running), the frames that reached it and its CPU time per session started."""
-    hz, header = os.sysconf("SC_CLK_TCK"), dict(MODES)["close"]
+def turn_run(
+    lab: Any, url: str, *, mode: str, seconds: int, connections: int, procs: dict[str, list[int]],
+    daemon: int | None,
+) -> dict[str, float]:  # fmt: skip
+    """One wrk run of ``mode`` (keep-alive or ``close``, MODES): its figures; per request, the whole machine's busy
+    CPU (softirq included) and each process's (the lab's, HAProxy's, wrk's); each CPU's busy share of the run; with
+    ``daemon`` (the balancer daemon, running), the frames that reached it and its CPU time per session started."""
+    hz, header = os.sysconf("SC_CLK_TCK"), dict(MODES)[mode]
     status = lab.status()["status"] if daemon else {}
     ticks, user = (_ticks(daemon), _ticks(daemon, user_only=True)) if daemon else (0, 0)
     kids0, before, busy, per_cpu = (
@@ -605,7 +664,7 @@ def close_run(
     return figures
 
 
-CLOSE_PATHS = ("mplslb", "haproxy", "direct")
+TURN_PATHS = ("mplslb", "haproxy", "direct")
 
 
 def reference_lab(key: str, prefix: str, servers: int) -> tuple[Any, dict[str, str]]:
@@ -618,14 +677,16 @@ def reference_lab(key: str, prefix: str, servers: int) -> tuple[Any, dict[str, s
     return lab, {"mplslb": f"http://{VIP4}/", "haproxy": f"http://10.77.0.1:{HAPROXY_PORT}/"}
 
 
-def close_only(
-    key: str, *, rounds: int, seconds: int, steering: tuple[str, ...] = ("none",),
-    paths: tuple[str, ...] = CLOSE_PATHS, profile: bool = False, log: Any = print,
+def in_turns(
+    key: str, *, modes: tuple[str, ...] = ("close",), rounds: int, seconds: int,
+    steering: tuple[str, ...] = ("none",), paths: tuple[str, ...] = TURN_PATHS, profile: bool = False,
+    log: Any = print,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """wrk ``Connection: close`` at -c16 and -c64 through one lab variant and, on the same namespaces and nginx
+    """wrk in each of ``modes`` at -c16 and -c64 through one lab variant and, on the same namespaces and nginx
     servers, through HAProxy and with no balancer (the daemon paused meanwhile): ``rounds`` rounds, each every
-    steering of ``steering`` (STEERING) applied to every path alike, interleaved. Every run (close_run's figures,
-    with its round, steering and path)."""
+    steering of ``steering`` (STEERING) applied to every path alike, the paths in turns (their order reversed every
+    other round; the daemon, once let go on, warmed up for a second before it is measured). Every run (turn_run's
+    figures, with its round, steering, path and mode)."""
     servers = 3
     lab, urls = reference_lab(key, "bc", servers)
     found: list[dict[str, Any]] = []
@@ -646,46 +707,55 @@ def close_only(
             wait_until(lambda: http_ok(lab, 0, urls["direct"]), 15, "the server to answer")
         ports = lab_ports(lab)
         for path in paths:  # warm-up: sessions, caches, server workers
-            run_wrk(lab, 0, urls[path], seconds=1, connections=16, header=dict(MODES)["close"])
+            for mode in modes:
+                run_wrk(lab, 0, urls[path], seconds=1, connections=16, header=dict(MODES)[mode])
         for round_ in range(rounds):
-            for mode in steering:
-                set_steering(lab, mode, ports, [daemon, *procs.get("haproxy", [])])
-                for path in paths:
+            for steer in steering:
+                set_steering(lab, steer, ports, [daemon, *procs.get("haproxy", [])])
+                for path in paths if round_ % 2 == 0 else paths[::-1]:
                     if path != "mplslb" and not paused:
                         os.kill(daemon, signal.SIGSTOP)  # the references run with the balancer paused
                         paused = True
-                    for conns in (16, 64):
-                        figures = close_run(lab, urls[path], seconds=seconds, connections=conns, procs=procs,
-                                            daemon=daemon if path == "mplslb" else None)  # fmt: skip
-                        log(f"e2e close {key} round {round_} {mode} {path} -c{conns}: "
-                            f"{figures.get('requests_per_s', 0):,.0f} requests/s, p99 {figures.get('p99_ms', 0):.1f} "
-                            f"ms; CPU us/request: machine {figures['machine_cpu_us_per_request']:.0f}, "
-                            + ", ".join(f"{k[7:]} {v:.0f}" for k, v in sorted(figures.items(), key=lambda kv: -kv[1])
-                                        if k.startswith("cpu_us_") and v >= 1)
-                            + f"; CPUs busy {_shares(figures)}")  # fmt: skip
-                        found.append({"round": round_, "steering": mode, "path": path} | figures)
+                    elif path == "mplslb" and paused:
+                        os.kill(daemon, signal.SIGCONT)
+                        paused = False
+                        for mode in modes:  # what it missed meanwhile (timers, the offload's counters) done first
+                            run_wrk(lab, 0, urls[path], seconds=1, connections=16, header=dict(MODES)[mode])
+                    for mode in modes:
+                        for conns in (16, 64):
+                            figures = turn_run(lab, urls[path], mode=mode, seconds=seconds, connections=conns,
+                                               procs=procs, daemon=daemon if path == "mplslb" else None)  # fmt: skip
+                            log(f"e2e {mode} {key} round {round_} {steer} {path} -c{conns}: "
+                                f"{figures.get('requests_per_s', 0):,.0f} requests/s, p99 "
+                                f"{figures.get('p99_ms', 0):.1f} ms; CPU us/request: machine "
+                                f"{figures['machine_cpu_us_per_request']:.0f}, "
+                                + ", ".join(f"{k[7:]} {v:.0f}" for k, v in sorted(figures.items(),
+                                                                                  key=lambda kv: -kv[1])
+                                            if k.startswith("cpu_us_") and v >= 1)
+                                + f"; CPUs busy {_shares(figures)}")  # fmt: skip
+                            found.append({"round": round_, "steering": steer, "path": path, "mode": mode} | figures)
                 if paused:
                     os.kill(daemon, signal.SIGCONT)
                     paused = False
         set_steering(lab, "none", ports, [daemon])
         if profile:
-            where = profile_lab(lab, urls["mplslb"], seconds=4, connections=64, header=dict(MODES)["close"],
-                                tag=f"-close-{key}")  # fmt: skip
+            where = profile_lab(lab, urls["mplslb"], seconds=4, connections=64, header=dict(MODES)[modes[-1]],
+                                tag=f"-{modes[-1]}-{key}")  # fmt: skip
             log(f"e2e: profiles: {where}")
     finally:
         tear_down(lab, haproxy, paused=paused, log=log)
     return found
 
 
-def close_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The median of every figure per steering, path and connection count, in the order first run."""
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+def turn_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The median of every figure per steering, path, mode and connection count, in the order first run."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["steering"], r["path"], r["connections"]), []).append(r)
-    return [{"steering": s, "path": p, "connections": c, "runs": len(got)}
+        groups.setdefault((r["steering"], r["path"], r["mode"], r["connections"]), []).append(r)
+    return [{"steering": s, "path": p, "mode": m, "connections": c, "runs": len(got)}
             | {k: round(v, 3) for k, v in median_runs([{k: v for k, v in r.items() if isinstance(v, float)}
                                                       for r in got]).items()}
-            for (s, p, c), got in groups.items()]  # fmt: skip
+            for (s, p, m, c), got in groups.items()]  # fmt: skip
 
 
 def tear_down(lab: Any, haproxy: subprocess.Popen[bytes] | None, *, paused: bool, log: Any) -> None:
@@ -755,21 +825,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the balancer daemon during one extra run")
-    parser.add_argument("--close", action="store_true", help="only the Connection: close rows of one variant")
-    parser.add_argument("--variant", default="kernel+xdp", help="with --close: the lab variant (default kernel+xdp)")
-    parser.add_argument("--rounds", type=int, default=3, help="with --close or --bulk: rounds")
+    parser.add_argument("--close", action="store_true", help="only Connection: close, one variant and the references "
+                        "on its namespaces, in turns")  # fmt: skip
+    parser.add_argument("--keep-alive", action="store_true", help="only keep-alive, as --close (with it: both)")
+    parser.add_argument("--variant", default="kernel+xdp", help="with --close, --keep-alive: the lab variant (default "
+                        "kernel+xdp)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="with --close, --keep-alive or --bulk: rounds")
     parser.add_argument("--bulk", action="store_true", help="only bulk transfer, one variant against the references")
     parser.add_argument("--bulk-seconds", type=float, default=8.0, help="with --bulk: each download's length (s)")
     parser.add_argument(
         "--steer",
         default="none",
         help=f"where the lab's receive work runs, one of {STEERING} "
-        "(every path alike); with --close a comma-separated list, interleaved in every round",
+        "(every path alike); with --close or --keep-alive a comma-separated list, interleaved in every round",
     )
     args = parser.parse_args(argv)
     steering = tuple(args.steer.split(","))
-    if not steering or set(steering) - set(STEERING) or (len(steering) > 1 and not args.close):
-        parser.error(f"--steer: one of {STEERING} (with --close, several separated by commas)")
+    modes = tuple(mode for mode, on in (("keep-alive", args.keep_alive), ("close", args.close)) if on)
+    if not steering or set(steering) - set(STEERING) or (len(steering) > 1 and not modes):
+        parser.error(f"--steer: one of {STEERING} (with --close or --keep-alive, several separated by commas)")
     if args.bulk:
         reason = missing_requirements()
         if reason:
@@ -779,14 +853,14 @@ def main(argv: list[str] | None = None) -> int:
         found = bulk_only(key, rounds=args.rounds, seconds=args.bulk_seconds, log=lambda m: print(m, file=sys.stderr))
         print(json.dumps(found, indent=1) if args.json else json.dumps({k: v for k, v in found.items() if k != "runs"}))
         return 0
-    if args.close:
+    if modes:
         reason = missing_requirements()
         if reason:
             print(f"skipped: {reason}", file=sys.stderr)
             return 1
-        runs = close_only(args.variant, rounds=args.rounds, seconds=3, steering=steering, profile=args.profile,
-                          log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-        medians = close_medians(runs)
+        runs = in_turns(args.variant, modes=modes, rounds=args.rounds, seconds=3, steering=steering,
+                        profile=args.profile, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+        medians = turn_medians(runs)
         print(json.dumps({"runs": runs, "medians": medians}, indent=1) if args.json else "\n".join(map(str, medians)))
         return 0
     rows = run(args.quick, profile=args.profile, steering=steering[0], log=lambda m: print(m, file=sys.stderr))
