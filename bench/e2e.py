@@ -488,35 +488,40 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
         finally:
             tear_down(lab, haproxy, paused=paused, log=log)
     rows = e2e_rows(variants, ours, refs, bulks, failures, extra, cmd)
-    turns = next(((key, what) for key, what, _ in variants if key == TURNS_VARIANT), None)
-    if turns is not None:
-        log(f"e2e: keep-alive through mplslb ({turns[1]}), HAProxy and no balancer in one lab, in turns ...")
+    names = {key: what for key, what, _ in variants}
+    for key, mode in TURNS:
+        if key not in names:
+            continue
+        log(f"e2e: {mode} through mplslb ({names[key]}), HAProxy and no balancer in one lab, in turns ...")
         try:
-            found = in_turns(turns[0], modes=("keep-alive",), rounds=1 if quick else 3, seconds=seconds, log=log)
+            found = in_turns(key, modes=(mode,), rounds=1 if quick else 3, seconds=seconds, log=log)
         except Exception as exc:
             log(f"e2e: in turns: failed: {exc!r}")
-            rows.append(skipped("e2e", f"e2e keep-alive, {turns[1]}, in turns", f"lab run failed: {exc!r}"[:300],
+            rows.append(skipped("e2e", f"e2e {mode}, {names[key]}, in turns", f"lab run failed: {exc!r}"[:300],
                                 command=cmd))  # fmt: skip
         else:
-            rows += turn_rows(found, turns[1], seconds, cmd)
+            rows += turn_rows(found, names[key], mode, seconds, cmd)
     return rows
 
 
-#: The variant whose keep-alive is also measured in turns with the references on its own namespaces: the one with
-#: every part of the datapath in the kernel (super-packets too), which keep-alive traffic uses alone.
-TURNS_VARIANT = "kernel+xdp+gso"
+#: The variants also measured in turns with the references on their own namespaces, and in which mode: keep-alive
+#: with every part of the datapath in the kernel (super-packets too), which that traffic uses alone; one connection
+#: per request with the SYNs taken in the kernel under tickets.
+TURNS = (("kernel+xdp+gso", "keep-alive"), ("kernel+xdp+syn", "close"))
 
 
-def turn_rows(runs: list[dict[str, Any]], what: str, seconds: int, cmd: str) -> list[Row]:
-    """The rows of keep-alive measured in turns in one lab (:func:`in_turns`): requests/s against HAProxy's and
-    against no balancer's, and the p99 against HAProxy's, each the median of the rounds."""
-    medians = {(m["path"], m["connections"]): m for m in turn_medians(runs) if m["mode"] == "keep-alive"}
+def turn_rows(runs: list[dict[str, Any]], what: str, mode: str, seconds: int, cmd: str) -> list[Row]:
+    """The rows of ``mode`` measured in turns in one lab (:func:`in_turns`): requests/s against HAProxy's and
+    against no balancer's, and the p99 against HAProxy's, each the median of the rounds (keep-alive's targets on
+    all three, one connection per request's on the first)."""
+    medians = {(m["path"], m["connections"]): m for m in turn_medians(runs) if m["mode"] == mode}
+    keep_alive = mode == "keep-alive"
     rows: list[Row] = []
     for conns in (16, 64):
         mine, hp, direct = (medians.get((path, conns)) for path in TURN_PATHS)
         if mine is None or hp is None or direct is None:
             continue
-        per_path = [r for r in runs if r["connections"] == conns and r["mode"] == "keep-alive"]
+        per_path = [r for r in runs if r["connections"] == conns and r["mode"] == mode]
         note = (f"wrk -t1 -c{conns} -d{seconds}s, median of {mine['runs']} rounds; mplslb, HAProxy and no balancer "
                 f"on the same namespaces and nginx, in turns (the balancer paused for the references); p50 "
                 f"{mine.get('p50_ms', 0):.2f} ms (HAProxy {hp.get('p50_ms', 0):.2f}, no balancer "
@@ -524,19 +529,23 @@ def turn_rows(runs: list[dict[str, Any]], what: str, seconds: int, cmd: str) -> 
                 f"us/request: mplslb {mine.get('machine_cpu_us_per_request', 0):.0f}, HAProxy "
                 f"{hp.get('machine_cpu_us_per_request', 0):.0f}, no balancer "
                 f"{direct.get('machine_cpu_us_per_request', 0):.0f}")  # fmt: skip
+        if not keep_alive:
+            note += (f"; the daemon {mine.get('balancer_cpu_us_per_session', 0):.0f} us of CPU per session, "
+                     f"{mine.get('frames_per_session', 0):.2f} frames per session reach it")  # fmt: skip
         name = f"{what}, in turns in one lab"
-        row = Row("e2e", f"e2e keep-alive -c{conns} requests/s, {name}", mine.get("requests_per_s"), "requests/s",
-                  "HAProxy (TCP mode), same lab, in turns", hp.get("requests_per_s"), target="ratio >= 1.5",
+        target = 1.5 if keep_alive else 1.0
+        row = Row("e2e", f"e2e {mode} -c{conns} requests/s, {name}", mine.get("requests_per_s"), "requests/s",
+                  "HAProxy (TCP mode), same lab, in turns", hp.get("requests_per_s"), target=f"ratio >= {target}",
                   note=note, command=cmd, extra={"runs": per_path})  # fmt: skip
-        rows.append(at_least(row, row.ratio, 1.5) if row.ratio is not None else row)
-        row = Row("e2e", f"e2e keep-alive -c{conns} requests/s vs no balancer, {name}", mine.get("requests_per_s"),
+        rows.append(at_least(row, row.ratio, target) if row.ratio is not None else row)
+        row = Row("e2e", f"e2e {mode} -c{conns} requests/s vs no balancer, {name}", mine.get("requests_per_s"),
                   "requests/s", "no balancer, same lab, in turns", direct.get("requests_per_s"),
-                  target="ratio >= 0.7", command=cmd)  # fmt: skip
-        rows.append(at_least(row, row.ratio, 0.7) if row.ratio is not None else row)
-        row = Row("e2e", f"e2e keep-alive -c{conns} p99 latency, {name}", mine.get("p99_ms"), "ms",
-                  "same through HAProxy, in turns", hp.get("p99_ms"), target="ratio <= 1.0 (no worse)",
-                  command=cmd)  # fmt: skip
-        rows.append(at_most(row, row.ratio, 1.0) if row.ratio is not None else row)
+                  target="ratio >= 0.7" if keep_alive else "-", command=cmd)  # fmt: skip
+        rows.append(at_least(row, row.ratio, 0.7) if keep_alive and row.ratio is not None else row)
+        row = Row("e2e", f"e2e {mode} -c{conns} p99 latency, {name}", mine.get("p99_ms"), "ms",
+                  "same through HAProxy, in turns", hp.get("p99_ms"),
+                  target="ratio <= 1.0 (no worse)" if keep_alive else "-", command=cmd)  # fmt: skip
+        rows.append(at_most(row, row.ratio, 1.0) if keep_alive and row.ratio is not None else row)
     return rows
 
 

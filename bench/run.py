@@ -61,7 +61,7 @@ ESTIMATE = {
     "syn_flood": 25,
     "close_session": 40,
     "wire": 230,
-    "e2e": 400,
+    "e2e": 520,
     "profile": 45,
 }
 #: The sections run by a bench script's ``rows(quick)``, in order: (section, module, what the log says).
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the benchmarks and print one table of figures and references")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small tables, short runs")
     parser.add_argument("--only", default="", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
-    parser.add_argument("--budget", type=float, default=900.0, help="seconds the whole run may take (default 900)")
+    parser.add_argument("--budget", type=float, default=1080.0, help="seconds the whole run may take (default 1080)")
     parser.add_argument("--output", default=str(BENCH / "results.json"), help="where to write the results")
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.only.split(",") if s.strip()) or SECTIONS
