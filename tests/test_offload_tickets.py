@@ -513,73 +513,6 @@ def test_a_closed_sessions_flow_used_again_takes_a_ticket_and_ends_it_as_in_user
 
 
 @needs_kernel
-def test_a_syn_on_the_flow_of_a_session_closed_in_the_kernel_takes_a_ticket_before_any_poll(
-    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A ``Connection: close`` session run whole in the kernel (both FINs taken there), then its client's port used
-    again before the daemon polled: the program takes the new SYN under a ticket, and the fold hands the old
-    session's FINs over, ends it as a reused flow's and opens the new one, as the userspace path does with that SYN.
-    A SYN on a flow with one FIN taken goes up and reaches its session as in userspace."""
-    core, reference, loop = pair(lb, tmp_path, monkeypatch, l7=True)
-    c0 = client_addr(0)
-    request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-
-    def exchange(c2s: int, sport: int, *, client_fin: bool) -> None:
-        """The session of ``c2s`` through the program and the reference: handshake, request, response, the
-        server's FIN, and with ``client_fin`` the client's FIN and the last ACK."""
-        session = reference.sessions.by_c2s(c2s)
-        assert session is not None
-        port, mac = session.server.config.port_id, session.server.mac
-
-        def client(flags: int, payload: bytes = b"") -> bytes:
-            return from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, flags, payload)))
-
-        def server(flags: int, payload: bytes = b"") -> bytes:
-            segment = tcp_segment(VIP, c0, 80, sport, flags, payload, ack=1 + len(request))
-            return from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, segment), port=port, mac=mac)
-
-        time.sleep(0.001)  # the kernel's clock moves past the SYN's
-        frames = [(port, server(SYN | ACK)), (0, client(ACK)), (0, client(ACK | PSH, request)),
-                  (port, server(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n")), (port, server(FIN | ACK))]  # fmt: skip
-        if client_fin:
-            frames += [(0, client(FIN | ACK)), (port, server(ACK))]
-        for in_port, frame in frames:
-            now = loop.clock()
-            expected = reference.receive(in_port, frame, now)
-            result = run(core, lb, frame, in_port)
-            if result.retval == bpf.XDP_PASS:
-                assert result.data == frame and core.receive_batch([(in_port, frame)], now) == expected
-            else:
-                assert [result.data] == [sent for _, sent in expected]
-
-    try:
-        assert core.desk is not None
-        syn = syn_frame(sport=33000)
-        first = taken_as_in_userspace(core, reference, loop, lb, syn)
-        exchange(first, 33000, client_fin=True)
-        assert core.offload.fins == 0  # not polled: the daemon has not seen the close
-        second = taken_as_in_userspace(core, reference, loop, lb, syn)
-        assert second != first and core.offload.fins == 2
-        assert core.balancer.sessions.by_c2s(first) is None and reference.sessions.by_c2s(first) is None
-        assert core.balancer.sessions.ended == reference.sessions.ended and reference.sessions.ended["reused"] == 1
-        assert core.balancer.drops == reference.drops
-        tickets = core.stats()["tickets"]
-        assert tickets["syn_flow_reused"] == 1 and tickets["syn_taken"] == 2 and tickets["syn_flow_live"] == 0
-        # The flow is the new session's now: one FIN taken is no close, and the same SYN goes up to it.
-        exchange(second, 33000, client_fin=False)
-        result = run(core, lb, syn)
-        assert result.retval == bpf.XDP_PASS and result.data == syn
-        now = loop.clock()
-        assert core.receive_batch([(0, syn)], now) == reference.receive(0, syn, now)
-        assert core.stats()["tickets"]["syn_flow_live"] == 1
-        core.offload.poll()
-        ours, theirs = core.balancer.sessions.by_c2s(second), reference.sessions.by_c2s(second)
-        assert ours is not None and theirs is not None and ours.state is theirs.state
-    finally:
-        core.close()
-
-
-@needs_kernel
 def test_a_ticket_taken_for_a_flow_the_daemon_just_opened_is_given_back_and_the_flow_kept(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -646,6 +579,6 @@ def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
     assert sum(held.values()) == TICKETS_WANT - 1
     assert all(re.search(rf"outstanding for {name}[\s│]+{count}\b", text) for name, count in held.items())
     assert tickets["taken"] == 1 and tickets["issued"] == TICKETS_WANT and tickets["revoked"] == 0
-    assert syns == {"syn_taken": 1, "syn_no_ticket": 0, "syn_flow_live": 0, "syn_flow_reused": 0}
+    assert syns == {"syn_taken": 1, "syn_no_ticket": 0, "syn_flow_live": 0}
     assert outstanding == TICKETS_WANT - 1
     assert metrics["mplslb_offload_entries"].samples[0].value >= 2

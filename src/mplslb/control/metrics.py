@@ -167,8 +167,7 @@ class SnapshotCollector:
         yield _by_label(
             "counter",
             "mplslb_offload_syn_total",
-            "TCP SYNs the kernel looked at for a ticket, by what it did: taken (of those, on a flow reused after a "
-            "close seen there), or passed up (no ticket, a live flow).",
+            "TCP SYNs the kernel looked at for a ticket, by what it did: taken, or passed up (no ticket, a live flow).",
             "what",
             {k: v for k, v in tickets.items() if k.startswith("syn_")},
         )

@@ -324,21 +324,6 @@ static __attribute__((always_inline)) void ticket_count(__u32 what)
 		*n += 1;
 }
 
-/*
- * Whether the session of C2S label `c2s` closed here: the program took a FIN under each of its labels (take_fin). A
- * SYN on its flow then opens a new connection (the client's port used again, as after TIME_WAIT) and takes a ticket
- * as a new flow's SYN does; the fold hands the FINs over first and ends the old session as a reused flow's, as the
- * userspace path does with such a SYN (Balancer.open_decided), or gives the ticket back if the old session is not
- * ending (a FIN not believed, the SYN from elsewhere than its client).
- */
-static __attribute__((always_inline)) int closed_here(__u32 c2s)
-{
-	__u32 s2c = c2s + 1;
-	struct entry *c = bpf_map_lookup_elem(&labels, &c2s);
-	struct entry *s = bpf_map_lookup_elem(&labels, &s2c);
-	return c && s && c->fin_taken && s->fin_taken;
-}
-
 /* The client's fields of a SYN taken (`t`, the frame's parts), into the ticket's two entries. */
 static __attribute__((always_inline)) void fill_ticket(struct entry *c, struct entry *s, struct taken *t,
 						       struct syn_port *port)
@@ -488,20 +473,13 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 		flow.fl_ports[i] = t.t_ports[i];
 	flow.fl_family = t.t_family;
 	__u32 none = 0;
-	__u32 closed = 0; /* the C2S label of the session of the flow that closed here, or 0 (a new flow) */
 	if (bpf_map_update_elem(&syn_flows, &flow, &none, BPF_NOEXIST)) {
-		__u32 *live = bpf_map_lookup_elem(&syn_flows, &flow);
-		if (live)
-			closed = *live;
-		if (!closed || !closed_here(closed)) {
-			ticket_count(SYN_FLOW_LIVE);
-			return XDP_PASS;
-		}
+		ticket_count(SYN_FLOW_LIVE);
+		return XDP_PASS;
 	}
 	__u32 c2s;
 	if (bpf_map_pop_elem(&tickets, &c2s)) {
-		if (!closed) /* else the flow stays the closed session's */
-			bpf_map_delete_elem(&syn_flows, &flow);
+		bpf_map_delete_elem(&syn_flows, &flow);
 		ticket_count(SYN_NO_TICKET);
 		return XDP_PASS;
 	}
@@ -509,8 +487,7 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 	struct entry *c = bpf_map_lookup_elem(&labels, &c2s);
 	struct entry *s = bpf_map_lookup_elem(&labels, &s2c);
 	if (!c || !s || !(c->flags & F_TICKET) || !(s->flags & F_TICKET)) {
-		if (!closed) /* a ticket revoked meanwhile: the daemon has let it go */
-			bpf_map_delete_elem(&syn_flows, &flow);
+		bpf_map_delete_elem(&syn_flows, &flow); /* a ticket revoked meanwhile: the daemon has let it go */
 		ticket_count(SYN_NO_TICKET);
 		return XDP_PASS;
 	}
@@ -527,10 +504,7 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 		*value = c2s;
 	if (bpf_map_push_elem(&taken, &t, 0)) {
 		/* never (the queue holds as many as there are tickets): the ticket goes back, the SYN goes up */
-		if (!closed)
-			bpf_map_delete_elem(&syn_flows, &flow);
-		else if (value)
-			*value = closed;
+		bpf_map_delete_elem(&syn_flows, &flow);
 		bpf_map_push_elem(&tickets, &c2s, 0);
 		ticket_count(SYN_NO_TICKET);
 		return XDP_PASS;
@@ -539,8 +513,6 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 	asm volatile("" ::: "memory");
 	c->flags &= ~F_TICKET; /* last: the entries are whole */
 	ticket_count(SYN_TAKEN);
-	if (closed)
-		ticket_count(SYN_FLOW_REUSED);
 	/* the frame as Balancer._to_server sends it: the entry's addresses, one label stack entry (the C2S label,
 	 * TC from the TOS, bottom of stack, the IP TTL), the IP packet without a tag or Ethernet padding */
 	__u32 stack_entry = (c2s << LABEL_SHIFT) | ((__u32)(tos >> TOS_TO_TC) << TC_SHIFT) | MPLS_BOS | ttl;

@@ -367,8 +367,7 @@ TAKEN_FIELDS: Final = (
 TICKET_COUNTERS: Final = (
     "syn_taken",  # taken under a ticket and sent to the ticket's server
     "syn_no_ticket",  # would have been taken: no ticket left (went up)
-    "syn_flow_live",  # its flow is a live session's (a retransmission, a flow reused before its close: went up)
-    "syn_flow_reused",  # of those taken: its flow was a session's that closed here (both FINs taken), ended at the fold
+    "syn_flow_live",  # its flow is a live session's (a retransmission, a reused flow: went up)
 )
 
 #: ``struct flow_key`` of the endpoints' flow map: the 5-tuple as the local host sends the flow (ports in host order;
