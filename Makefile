@@ -50,8 +50,8 @@ unit: $(STAMP) bytecode
 test: $(STAMP) debs lint typecheck unit
 
 # The benchmarks (bench/run.py, one table; figures recorded in docs/benchmarks.md): the lab's packages (debs),
-# haproxy (the end-to-end reference) and py-spy (the profiles), each installed only when missing. About 15 minutes
-# on the 2-core reference machine; bench/run.py keeps itself under its --budget (1,080 s by default).
+# haproxy (the end-to-end reference) and py-spy (the profiles), each installed only when missing. About 12-15
+# minutes on the 2-core reference machine; bench/run.py keeps itself under its --budget (1,080 s by default).
 BENCH_DEBS := haproxy
 bench: $(STAMP) debs bytecode
 	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { apt-get update -qq && \

@@ -70,7 +70,6 @@ def _resident_pages(path: Path) -> tuple[int, int]:
         vec = (ctypes.c_ubyte * pages)()
         assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
         found = sum(v & 1 for v in vec)
-        del address
     return found, pages
 
 
