@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -25,11 +26,12 @@ from helpers import (
     tcp,
     udp,
 )
-from mplslb.balancer import TIMER_GRANULARITY, TIMER_SESSIONS, Balancer
+from mplslb.balancer import TIMER_GRANULARITY, TIMER_SESSIONS, Balancer, WholeSessions
 from mplslb.balancing.servers import ServerConfig
 from mplslb.endpoint import ClientEndpoint
 from mplslb.flow import FlowKey
-from mplslb.sessions import SessionState, Timeouts
+from mplslb.sessions import SessionEvent, SessionState, Timeouts
+from mplslb.switching.layout import ACK_KNOWN, WATCH_ALL
 from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
 from mplslb.wire.icmp import build_icmp_unreachable
 from mplslb.wire.tcp import TCPFlag
@@ -282,7 +284,7 @@ _GET = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n"
 _COPIES = st.sampled_from([None, _GET, b"GET /a HTTP/1.1\r\nHo", b"\x16\x03"])
 
 
-_TWINS: dict[tuple[bool, bool], Net] = {}
+_TWINS: dict[tuple[bool, ...] | tuple[bool, bool, str], Net] = {}
 
 
 def _measured_twin(l7: bool, budget: int, whole: bool, record: tuple[object, ...]) -> tuple[object, ...]:
@@ -347,3 +349,118 @@ def test_an_ordinary_exchange_is_folded_in_one_step() -> None:
     assert b.measured(session.c2s, 1.001, 1.002, 1.003, 1.004, False, _GET, len(_GET))
     assert taken and taken[0] is not None and abs(taken[0][1] - 0.001) < 1e-9
     assert session.state is SessionState.ESTABLISHED and b.l7_hosts == {"shop.example": 1}
+
+
+#: One session of a poll's batch: its record's four times (offsets from its start; 0: not recorded), whether the
+#: measurement is over, the request's copy, which side's FIN came first, each FIN's acknowledgment number as it
+#: passed (None: none known) and how far its sequence number lies from it, and what the session went through before.
+_SessionCase = tuple[tuple[float, float, float, float], bool, bytes | None, bool, int | None, int, int | None, int, str]
+_PLAIN: _SessionCase = ((0.001, 0.002, 0.003, 0.004), True, _GET, False, 1020, 0, 5020, 1, "fresh")
+_OFFSETS = st.sampled_from([0.0, -0.5, 0.001, 0.002, 0.003, 0.004])
+_SESSION_CASES = st.one_of(
+    st.just(_PLAIN),
+    st.tuples(
+        st.one_of(st.just(_PLAIN[0]), st.tuples(_OFFSETS, _OFFSETS, _OFFSETS, _OFFSETS)),
+        st.booleans(),
+        _COPIES,
+        st.booleans(),
+        st.sampled_from([None, 0, 1020, 0xFFFF_FFF0]),
+        st.sampled_from([0, 1, 65535, 65536, -65535, 0x8000_0000]),
+        st.sampled_from([None, 5020]),
+        st.sampled_from([0, 1, 70000]),
+        st.sampled_from(["fresh", "fresh", "budget", "answered", "gone", "udp"]),
+    ),
+)
+
+
+def _whole_twin(l7: bool, cases: list[_SessionCase], batched: bool) -> tuple[object, ...]:
+    """A balancer's sessions, servers and L7 counts after a poll hands over ``cases`` as the offload does: with
+    ``batched``, :meth:`Balancer.closed` first, then what it leaves one call at a time; without, each session's
+    record to ``measured`` and, once its measurement is over, its two FINs to ``ended``. Each twin is kept across
+    examples (they see the same sessions in the same order)."""
+    net = _TWINS.get((l7, batched, "closed"))
+    if net is None:
+        net = _TWINS[l7, batched, "closed"] = Net(config=make_config(l7=l7))
+    b = net.balancer
+    labels = []
+    base = net.now = net.now + 100.0
+    for i, (_, _, _, _, _, _, _, _, before) in enumerate(cases):
+        net.now = base + 1.0 + i / 1000
+        sport = 1024 + b.sessions.started % 60000  # a flow of its own
+        packet = (udp(client_addr(i % 3), VIP, sport, 53) if before == "udp"
+                  else tcp(client_addr(i % 3), VIP, sport, 80, SYN))  # fmt: skip
+        ((_, frame),) = net.from_client(0, packet)
+        c2s = label_of(frame)
+        session = b.sessions.by_c2s(c2s)
+        assert session is not None
+        if before == "budget":
+            b.sessions.rt_budget[session.pair] = 3
+        elif before == "answered":
+            assert b.measured(c2s, session.started + 0.0005, 0.0, 0.0, 0.0, False)
+        elif before == "gone":
+            b.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, net.now)
+            b._finish(session, net.now)
+        labels.append((c2s, net.now))
+    now = base + 2.0
+    rows = []
+    for (c2s, start), case in zip(labels, cases, strict=True):
+        times, over, copy, client_first, ack1, far1, ack2, far2, _ = case
+        moments = tuple(start + t if t else 0.0 for t in times)
+        first, second = (c2s, c2s + 1) if client_first else (c2s + 1, c2s)
+        fins = [(label, (ack or 0) + far, ACK_KNOWN | ack if ack is not None else 0, now + k / 10)
+                for k, (label, ack, far) in enumerate(((first, ack1, far1), (second, ack2, far2)))]  # fmt: skip
+        rows.append((c2s, moments, over, copy, 64 if copy is None else len(copy), fins))
+    taken = 0
+    if batched:
+        taken = b.closed(
+            WholeSessions(
+                np.array([r[0] for r in rows], dtype=np.int64),
+                *(np.array([r[1][k] for r in rows], dtype=np.float64) for k in range(4)),
+                [r[3] for r in rows],
+                [r[4] for r in rows],
+                np.array([r[5][0][0] for r in rows], dtype=np.int64),
+                np.array([r[5][0][1] & 0xFFFF_FFFF for r in rows], dtype=np.int64),
+                np.array([r[5][0][2] for r in rows], dtype=np.int64),
+                np.array([r[5][0][3] for r in rows], dtype=np.float64),
+                np.array([r[5][1][1] & 0xFFFF_FFFF for r in rows], dtype=np.int64),
+                np.array([r[5][1][2] for r in rows], dtype=np.int64),
+                np.array([r[5][1][3] for r in rows], dtype=np.float64),
+            )
+        )
+    watch = b.switching.watch
+    for c2s, moments, over, copy, length, fins in rows[taken:]:
+        if b.measured(c2s, *moments, over, copy, length) and not (watch[c2s] & WATCH_ALL or watch[c2s + 1] & WATCH_ALL):
+            for label, seq, ack, at in fins:
+                b.ended(label, seq & 0xFFFF_FFFF, ack, at)
+    t = b.sessions
+    sessions = [
+        (c2s, t.state[(c2s - t.c2s_min) >> 1], t.deadline[(c2s - t.c2s_min) >> 1], t.ending_at[(c2s - t.c2s_min) >> 1],
+         t.request_at[(c2s - t.c2s_min) >> 1], t.rt_budget[(c2s - t.c2s_min) >> 1], watch[c2s], watch[c2s + 1])
+        for c2s, *_ in rows
+    ]  # fmt: skip
+    servers = [(s.name, s.active, s.total, s.rt_ewma, s.rt_samples, s.failures, s.answered_at) for s in b.pool.servers]
+    due = [s.pair for s in t.due(now + 10.0**6)]
+    figures = (t.live, t.half_open, dict(t.not_believed), b.next_deadline(), due, dict(b.l7_hosts))
+    return taken if batched else None, sessions, servers, figures
+
+
+@settings(max_examples=300, deadline=None)
+@example(l7=True, cases=[_PLAIN] * 3)
+@example(l7=True, cases=[_PLAIN, ((0.002, 0.002, 0.003, 0.004), *_PLAIN[1:]), _PLAIN])
+@example(l7=True, cases=[((0.001, 0.0, 0.003, 0.004), *_PLAIN[1:]), _PLAIN])
+@example(l7=False, cases=[_PLAIN, (_PLAIN[0], True, None, True, None, 0, None, 0, "fresh"), _PLAIN])
+@given(l7=st.booleans(), cases=st.lists(_SESSION_CASES, min_size=1, max_size=6))
+def test_sessions_closed_whole_in_one_call_end_as_their_records_and_fins_one_by_one(
+    l7: bool, cases: list[_SessionCase]
+) -> None:
+    """A poll's sessions handed over whole at once (Balancer.closed: their measurement and both FINs) leave the
+    session table, the watch bits, the servers' figures and counts, the FINs not believed and the L7 counts as the
+    same records and FINs handed over one call at a time, whatever the times' order, the copies, the FINs' order and
+    sequence numbers, and the sessions' states before; a plain close is taken whole."""
+    taken, *batched = _whole_twin(l7, cases, True)
+    _, *one_by_one = _whole_twin(l7, cases, False)
+    assert batched == one_by_one
+    plain = 0
+    while plain < len(cases) and cases[plain] == _PLAIN:
+        plain += 1
+    assert isinstance(taken, int) and taken >= plain

@@ -175,3 +175,105 @@ def test_a_session_ended_between_steps_is_not_handed_its_fins(monkeypatch: pytes
             assert all(balancer.sessions.by_c2s(c2s) is None for c2s in downed)
         finally:
             bench.close()
+
+
+def _forged_fin(flow: close_session.Flow, c2s: int) -> bytes:
+    """The client's FIN with a sequence number far from anything the server acknowledged."""
+    segment = close_session.build_tcp(flow.client, close_session.VIP, flow.sport, 80, seq=0x4000_0000, ack=5001,
+                                      flags=close_session.FIN | close_session.ACK)  # fmt: skip
+    packet = close_session.build_ipv4(flow.client, close_session.VIP, close_session.IPPROTO_TCP, len(segment))
+    return (close_session.build_ethernet(close_session.port_mac(flow.port), flow.mac, close_session.ETH_P_MPLS_UC)
+            + close_session.pack_entry(c2s, 0, True, 64) + packet + segment)  # fmt: skip
+
+
+def _close_some(bench: close_session.Bench, count: int) -> list[int]:
+    """``count`` sessions through the real program, in turn: whole (the server's FIN first), whole with the
+    client's FIN first, one FIN only, no FIN, a forged client's FIN before the server's; then one poll, handed over
+    to its end. Their C2S labels."""
+    opened = _open(bench, count)
+    for i, (flow, c2s) in enumerate(opened):
+        frames = bench.frames(flow, c2s)
+        kind = i % 5
+        if kind == 1:
+            frames[4], frames[5] = frames[5], frames[4]
+        if kind == 4:
+            frames[4], frames[5] = (_forged_fin(flow, c2s), flow.port), frames[4]
+        for frame in frames[: (7, 7, 5, 4, 6)[kind]]:
+            bench._run(*frame)
+    core = bench.core
+    core._poll(bench.loop.clock())
+    while core.polling:
+        core.poll_step()
+    return [c2s for _, c2s in opened]
+
+
+def _outcome(bench: close_session.Bench, labels: list[int]) -> tuple[object, ...]:
+    b = bench.balancer
+    rows = []
+    for c2s in labels:
+        session = b.sessions.by_c2s(c2s)
+        assert session is not None
+        rows.append((session.state, bool(session.request_at), session.rt_pending, b.switching.watch[c2s],
+                     b.switching.watch[c2s + 1]))  # fmt: skip
+    servers = sorted((s.name, s.active, s.total, s.rt_samples, s.failures) for s in b.pool.servers)
+    kernel = bench.core.offload
+    stats = kernel.stats()
+    assert kernel._requests is not None
+    slots = kernel._requests.lookup_batch()[2]  # the request copies' slots left in the kernel
+    offload = {key: stats[key] for key in ("records", "fins", "copies", "measuring")} | {"slots": slots}
+    return rows, servers, offload, b.sessions.live, b.sessions.half_open, dict(b.sessions.not_believed), b.l7_hosts
+
+
+def test_sessions_a_poll_finds_whole_are_handed_over_together_as_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real program, a poll hands the sessions it finds whole (their record and both FINs, either side
+    first) to the balancer together, chunk by chunk, and the others one by one: every session, server figure and
+    count ends as in a daemon that hands everything over one by one, and so do the closes at the linger's end."""
+    monkeypatch.setattr(driver, "POLL_STEP", 0.0)  # one chunk a step: sessions across the chunks' edges
+    count = 2 * POLL_CHUNK // 3 + 40
+    with close_session.namespaces("x") as together_lb, close_session.namespaces("y") as one_by_one_lb:
+        together, one_by_one = close_session.Bench(together_lb), close_session.Bench(one_by_one_lb)
+        try:
+            one_by_one.core.offload.closed = None
+            labels = _close_some(together, count)
+            assert _close_some(one_by_one, count) == labels
+            assert _outcome(together, labels) == _outcome(one_by_one, labels)
+            closed = sum(1 for i in range(count) if i % 5 < 2)
+            whole = together.core.offload.stats()["whole"]  # not those a chunk's edge cut in two
+            assert closed - 2 <= whole <= closed and one_by_one.core.offload.stats()["whole"] == 0
+            states = [together.balancer.sessions.by_c2s(c2s).state for c2s in labels]  # type: ignore[union-attr]
+            assert states[:5] == [SessionState.ENDING] * 2 + [SessionState.CLOSING_SERVER, SessionState.ESTABLISHED,
+                                  SessionState.CLOSING_SERVER]  # fmt: skip
+            assert together.balancer.sessions.not_believed == {"fin_out_of_window": -(-count // 5)}
+            for bench in (together, one_by_one):
+                bench.skew += bench.linger + 0.01
+                while (due := bench.balancer.sessions.next_deadline()) is not None and due <= bench.loop.clock():
+                    bench.balancer.on_timer(bench.loop.clock())
+            assert together.balancer.sessions.ended == one_by_one.balancer.sessions.ended == {"closed": closed}
+        finally:
+            together.close()
+            one_by_one.close()
+
+
+def test_a_whole_session_gets_no_row_whose_label_changed_since_the_read() -> None:
+    """A poll hands no row to a whole session whose label was withdrawn and installed again since the read (its
+    generation moved on), together or one by one: a session whose C2S label moved gets nothing of the read; one whose
+    S2C label moved, its record and the client's FIN only."""
+    with close_session.namespaces("g") as lb:
+        bench = close_session.Bench(lb)
+        try:
+            core = bench.core
+            opened = _open(bench, 12)
+            for flow, c2s in opened:
+                bench.rest(flow, c2s)
+            core._poll(bench.loop.clock())
+            generation = bench.balancer.switching.arrays().generation
+            (_, moved), (_, moved_s2c) = opened[0], opened[1]
+            generation[moved] += 1
+            generation[moved_s2c + 1] += 1
+            while core.polling:
+                core.poll_step()
+            states = [bench.balancer.sessions.by_c2s(c2s).state for _, c2s in opened]  # type: ignore[union-attr]
+            assert states == [SessionState.START, SessionState.CLOSING_CLIENT] + [SessionState.ENDING] * 10
+            assert core.offload.stats()["whole"] == 10
+        finally:
+            bench.close()

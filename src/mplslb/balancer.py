@@ -122,6 +122,29 @@ def _ack(frame: bytes | memoryview, a: Analysis) -> int:
     return int(_ACK_FIELD.unpack_from(frame, a.l4_offset + TCP_ACK_AT)[0])
 
 
+class WholeSessions(NamedTuple):
+    """New TCP sessions a fast path outside the apparatus (the kernel offload) saw from their SYN-ACK to both
+    FINs between two of its reads, in the order it hands them over: per session its C2S label; the four times
+    :meth:`Balancer.measured` takes (on the balancer's clock), the request's copy and length; then its two FINs,
+    the first's label, and for each its sequence number, the other end's last acknowledgment number as the FIN
+    passed (as :meth:`Balancer.ended` takes them) and its time."""
+
+    c2s: np.ndarray  # int64
+    answer: np.ndarray  # float64, and the three below
+    ack: np.ndarray
+    request: np.ndarray
+    response: np.ndarray
+    copies: list[bytes | None]
+    lengths: list[int]
+    first: np.ndarray  # the label whose FIN came first (int64)
+    first_seq: np.ndarray  # int64, and the acknowledgment numbers
+    first_ack: np.ndarray
+    first_at: np.ndarray  # float64
+    second_seq: np.ndarray
+    second_ack: np.ndarray
+    second_at: np.ndarray
+
+
 class BlockResult(NamedTuple):
     """What :meth:`Balancer.receive_block` did: per frame the output port of the rewritten frame (-1: none), and
     the frames the one-frame path produced for the others, as ``(index, port, frame)``."""
@@ -955,6 +978,56 @@ class Balancer:
             self.switching.clear_watch(session.s2c, WATCH_ALL)
             self._handshake_done(session)
         return True
+
+    def closed(self, whole: WholeSessions) -> int:
+        """:meth:`measured` with each session's whole exchange, then :meth:`ended` with its first FIN and its
+        other, for as many of ``whole``'s sessions from the first as are such a plain close: the exchange one
+        :meth:`SessionTable.whole_exchange` takes, the request's copy there if L7 analysis wants it, each FIN
+        believed. Their transitions are made over the session table's arrays at once
+        (:meth:`SessionTable.close_whole`), their samples and L7 figures recorded session by session in order;
+        what they leave is what the calls one at a time leave. Returns how many were taken: the caller hands the
+        rest over one call at a time."""
+        c2s = whole.c2s
+        if not c2s.size:
+            return 0
+        sessions, switching = self.sessions, self.switching
+        pairs = (c2s - sessions.c2s_min) >> 1
+        ok = (c2s & 1) == (sessions.c2s_min & 1)
+        ok &= sessions.whole_exchanges(pairs, whole.answer, whole.ack, whole.request, whole.response)
+        wants = (switching.arrays().watch[c2s] & WATCH_REQUEST) != 0
+        ok &= ~wants | np.fromiter((copy is not None for copy in whole.copies), dtype=np.bool_, count=c2s.size)
+        window = self.config.rst_window
+        # a server's first FIN is not judged (SessionTable.closes); a client's first, and the FIN after the other
+        # side's, are
+        ok &= (whole.first != c2s) | switching.in_windows(whole.first_seq, whole.first_ack, window)
+        ok &= switching.in_windows(whole.second_seq, whole.second_ack, window)
+        taken = int(ok.size) if ok.all() else int(np.argmin(ok))
+        if not taken:
+            return 0
+        pool, analyzer = self.pool, self.analyzer
+        answers, requests = whole.answer[:taken].tolist(), whole.request[:taken].tolist()
+        responses, watch_request = whole.response[:taken].tolist(), wants[:taken].tolist()
+        started = sessions.start_times(pairs[:taken]).tolist()
+        copies, lengths = whole.copies, whole.lengths
+        at = 0
+
+        def each(session: Session) -> None:  # Balancer._whole_exchange's part, in its order
+            nonlocal at
+            i, at = at, at + 1
+            server, answer, label = session.server, answers[i], session.c2s
+            pool.record_response_time(server, answer - started[i])
+            pool.record_success(server, answer)
+            copy = copies[i]
+            if watch_request[i] and copy is not None:
+                self._learn_l7(analyzer.read_copy(copy, lengths[i]))
+            switching.clear_watch(label, WATCH_ALL | WATCH_REQUEST)
+            pool.record_response_time(server, responses[i] - requests[i])
+            switching.clear_watch(label + 1, WATCH_ALL)
+
+        first = whole.first_at[:taken]
+        sessions.close_whole(pairs[:taken], whole.ack[:taken], whole.request[:taken], first, whole.second_at[:taken],
+                             each)  # fmt: skip
+        return taken
 
     def _whole_exchange(
         self, session: Session, answer: float, ack: float, request: float, response: float, copy: bytes | None,

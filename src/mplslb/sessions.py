@@ -942,6 +942,68 @@ class SessionTable:
         self.rt_budget[pair] = 0
         return answer - started, response - request
 
+    def start_times(self, pairs: np.ndarray) -> np.ndarray:
+        """The start times of the sessions in ``pairs``."""
+        times: np.ndarray = self._views().start_time[pairs]
+        return times
+
+    def whole_exchanges(
+        self, pairs: np.ndarray, answer: np.ndarray, ack: np.ndarray, request: np.ndarray, response: np.ndarray
+    ) -> np.ndarray:
+        """Which of ``pairs`` :meth:`whole_exchange` would take with these times (a mask; nothing changes)."""
+        if self.on_change is not None:
+            return np.zeros(pairs.size, dtype=np.bool_)
+        v = self._views()
+        inside = (pairs >= 0) & (pairs < self.rows)
+        at = np.where(inside, pairs, 0)
+        started = v.start_time[at]
+        taken: np.ndarray = (
+            inside
+            & (self._np_state[at] == _START)
+            & (v.proto[at] == IPPROTO_TCP)
+            & (v.rt_budget[at] >= _WHOLE_EXCHANGE)
+            & (v.request_at[at] == 0)
+            & (started < answer)
+            & (answer < ack)
+            & (request > 0)
+            & (request < response)
+        )
+        return taken
+
+    def close_whole(
+        self,
+        pairs: np.ndarray,
+        ack: np.ndarray,
+        request: np.ndarray,
+        first: np.ndarray,
+        second: np.ndarray,
+        each: Callable[[Session], None],
+    ) -> None:
+        """What :meth:`whole_exchange` (the client's ACK at ``ack``, the request at ``request``) and then both sides'
+        FINs (the first at ``first``, the other at ``second``), each believed, make of ``pairs``, which
+        :meth:`whole_exchanges` takes: ESTABLISHED, CLOSING, then ENDING at ``second``, with the deadlines those
+        transitions arm, in one pass over the arrays. Then, session by session in order, ``each`` (the caller's
+        part of its exchange) and its count off (:attr:`on_end`), as the transitions one at a time would have."""
+        v = self._views()
+        n = int(pairs.size)
+        if not n:
+            return
+        self.half_open -= n
+        v.request_at[pairs] = request
+        v.rt_budget[pairs] = 0
+        v.ending_at[pairs] = second
+        self._np_state[pairs] = _ENDING
+        timeouts = self.timeouts
+        ending = second + timeouts.closed_linger
+        self._np_deadline[pairs] = ending
+        armed = np.minimum(np.minimum(ack + timeouts.tcp_established, first + timeouts.tcp_closing), ending)
+        np.minimum.at(self._np_block_min, pairs >> _BLOCK_SHIFT, armed)
+        self._next = min(self._next, float(armed.min()))
+        for pair in pairs.tolist():
+            session = Session(self, pair)
+            each(session)
+            self._counted_off(session)
+
     def stop_measuring(self, session: Session) -> None:
         """End the response-time measurement without a sample (its watched frames were spent elsewhere)."""
         self.rt_budget[session.pair] = 0

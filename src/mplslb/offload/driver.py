@@ -95,6 +95,7 @@ class OffloadedBalancer:
             syn_rate=syn_rate,
             measured=balancer.measured,
             ended=balancer.ended,
+            closed=balancer.closed,
             pins=pins,
             fresh=fresh,
             gso=gso,

@@ -160,6 +160,7 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
+from mplslb.balancer import WholeSessions
 from mplslb.labels import C2S_MIN
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
@@ -456,13 +457,15 @@ class XdpOffload:
         gso: bool = False,
         ended: Callable[[int, int, int, float], None] | None = None,
         tickets: bool = False,
+        closed: Callable[[WholeSessions], int] | None = None,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program lets through to userspace (0: all).
         ``measured``: given, watched labels are measured in the kernel and their records handed to it (see the
         module docstring). ``gso``: super-packets too (the tc program; see "Super-packets" there). ``ended``:
         given, a TCP session's first FIN under each label is taken in the kernel and handed to it (see "FINs" in
         the module docstring). ``tickets``: new TCP sessions' SYNs may be taken in the kernel under tickets (see
-        "Tickets" in the module docstring)."""
+        "Tickets" in the module docstring). ``closed``: with ``measured`` and ``ended``, a poll hands the sessions
+        it finds whole (a record and both FINs) to it together, before the rest one by one."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
@@ -512,6 +515,8 @@ class XdpOffload:
         self.ended = ended
         self._fin_folded = np.zeros(LABEL_SPACE, dtype=np.uint8)  # the entry's FIN record was handed to ``ended``
         self.fins = 0  # FIN records handed to ``ended``
+        self.closed = closed if measured is not None and ended is not None else None
+        self.whole = 0  # sessions handed to ``closed`` whole (their records and FINs counted above too)
         self._read_at = clock()  # the table's clock at the last read of the whole map whose FINs are all handed over
         self._work: PollWork | None = None  # what the last read has left to hand over
         self._refreshed: set[int] = set()  # C2S labels folded one by one since that read: their rows there are old
@@ -1472,13 +1477,45 @@ class XdpOffload:
         done = work.done
         work.done = end = min(done + limit, work.size)
         rows = work.order[done:end]
+        is_fin = rows >= work.record_labels.size
+        records = not is_fin.all()
+        offset = self.clock() - time.monotonic()  # the kernel's clock is CLOCK_MONOTONIC
+        if records and work.copies and work.slots is None and self._requests is not None:
+            work.slots = self._read_copies()
+        self._dropping, self._read_slots = [], work.slots
+        try:
+            if self.closed is not None and records:
+                # whole sessions together, each other session's rows (from its record on) one by one
+                starts = np.flatnonzero(~is_fin).tolist()
+                self._hand_over_rows(work, rows[: starts[0]], offset)  # the FINs of a session the last step began
+                starts.append(rows.size)
+                at = 0
+                while at < len(starts) - 1:
+                    whole = self._hand_over_whole(work, rows[starts[at] :], offset) // 3
+                    if whole:
+                        at += whole
+                        continue
+                    self._hand_over_rows(work, rows[starts[at] : starts[at + 1]], offset)
+                    at += 1
+            else:
+                self._hand_over_rows(work, rows, offset)
+        finally:
+            dropping, self._dropping, self._read_slots = self._dropping, None, None
+            self._drop_slots([label for label in dropping if not self._slots[label]])  # not given a slot again since
+        if end < work.size:
+            return True
+        self._work = None
+        self._refreshed.clear()
+        self._read_at = work.read_at
+        return False
+
+    def _hand_over_rows(self, work: PollWork, rows: np.ndarray, offset: float) -> None:
+        """Hand over ``rows`` of ``work`` one by one, in order (see :meth:`poll_step`)."""
+        if not rows.size:
+            return
         split = work.record_labels.size
         is_fin = rows >= split
         at, fin_at = rows[~is_fin], rows[is_fin] - split
-        generation = self.table.generation
-        offset = self.clock() - time.monotonic()  # the kernel's clock is CLOCK_MONOTONIC
-        if at.size and work.copies and work.slots is None and self._requests is not None:
-            work.slots = self._read_copies()
         records = zip(
             work.record_labels[at].tolist(),
             work.record_generations[at].tolist(),
@@ -1491,34 +1528,111 @@ class XdpOffload:
             work.fins[fin_at].tolist(),
             strict=True,
         )
-        valid, in_kernel, fin_folded = self.table.valid, self._in_kernel, self._fin_folded
-        self._dropping, self._read_slots = [], work.slots
-        try:
-            for fin in is_fin.tolist():
-                if not fin:
-                    c2s, gen, record = next(records)
-                    if generation[c2s] == gen and c2s in self._measuring and c2s not in self._refreshed:
-                        self._hand_over(c2s, record, offset)
-                    continue
-                label, gen, (seq, _, ack, ns) = next(fins)
-                c2s = label if is_c2s(label) else label - 1
-                if (
-                    fin_folded[label]
-                    or generation[label] != gen
-                    or c2s in self._measuring
-                    or not (valid[label] and in_kernel[label])
-                ):
-                    continue
-                self._end(label, seq, ack, ns, offset)
-        finally:
-            dropping, self._dropping, self._read_slots = self._dropping, None, None
-            self._drop_slots([label for label in dropping if not self._slots[label]])  # not given a slot again since
-        if end < work.size:
-            return True
-        self._work = None
-        self._refreshed.clear()
-        self._read_at = work.read_at
-        return False
+        generation, valid = self.table.generation, self.table.valid
+        in_kernel, fin_folded = self._in_kernel, self._fin_folded
+        for fin in is_fin.tolist():
+            if not fin:
+                c2s, gen, record = next(records)
+                if generation[c2s] == gen and c2s in self._measuring and c2s not in self._refreshed:
+                    self._hand_over(c2s, record, offset)
+                continue
+            label, gen, (seq, _, ack, ns) = next(fins)
+            c2s = label if is_c2s(label) else label - 1
+            if (
+                fin_folded[label]
+                or generation[label] != gen
+                or c2s in self._measuring
+                or not (valid[label] and in_kernel[label])
+            ):
+                continue
+            self._end(label, seq, ack, ns, offset)
+
+    def _hand_over_whole(self, work: PollWork, rows: np.ndarray, offset: float) -> int:
+        """Hand ``closed`` the sessions at the head of ``rows`` that are each a record and both labels' FINs, all
+        three to be handed over (the checks :meth:`poll_step` makes of each row), in one call; returns how many of
+        the rows it took (three a session). The rows from the first session it does not take go one by one."""
+        split = work.record_labels.size
+        n = rows.size // 3
+        if not n or rows[1] < split or rows[2] < split:
+            return 0
+        triples = rows[: 3 * n].reshape(n, 3)
+        record_rows, fin_rows = triples[:, 0], triples[:, 1:]
+        shaped = (record_rows < split) & np.all(fin_rows >= split, axis=1)
+        if not shaped[0]:
+            return 0
+        n = int(n if shaped.all() else np.argmin(shaped))
+        record_rows, fin_rows = record_rows[:n], fin_rows[:n] - split
+        c2s = work.record_labels[record_rows].astype(np.int64)
+        fin_labels = work.fin_labels[fin_rows].astype(np.int64)
+        generation = self.table.arrays().generation
+        # the session's two labels, each as read (the C2S label's FIN row is read with its record)
+        ok = self._measured[c2s] & np.all(fin_labels - (fin_labels & 1 != C2S_MIN & 1) == c2s[:, None], axis=1)
+        ok &= fin_labels[:, 0] != fin_labels[:, 1]
+        ok &= np.all(generation[fin_labels] == work.fin_generations[fin_rows], axis=1)
+        ok &= np.all(self._fin_folded[fin_labels] == 0, axis=1)
+        ok &= np.all((self.table.arrays().valid[fin_labels] != 0) & (self._in_kernel[fin_labels] != 0), axis=1)
+        records = work.records[record_rows]
+        ok &= np.all(np.stack([records[name] != 0 for name in _RECORD_FIELDS[1:]]), axis=0)
+        n = int(n if ok.all() else np.argmin(ok))
+        if not n:
+            return 0
+        c2s, fin_labels, records, fins = c2s[:n], fin_labels[:n], records[:n], work.fins[fin_rows[:n]]
+        values = records.tolist()
+        measuring, refreshed = self._measuring, self._refreshed
+        for i, (label, record) in enumerate(zip(c2s.tolist(), values, strict=True)):
+            if label not in measuring or label in refreshed or record == measuring[label]:
+                n = i  # folded on its own since the read, or handed over already: one by one
+                break
+        if not n:
+            return 0
+        c2s, fin_labels, records, fins, values = c2s[:n], fin_labels[:n], records[:n], fins[:n], values[:n]
+        copies: list[bytes | None] = []
+        lengths: list[int] = []
+        for label in c2s.tolist():
+            copy, length = self._copy(label)
+            copies.append(copy)
+            lengths.append(length)
+
+        def at(ns: np.ndarray) -> np.ndarray:
+            return ns.astype(np.float64) * 1e-9 + offset
+
+        fin_at = np.maximum(at(fins["fin_ns"]), self._read_at)
+        assert self.closed is not None
+        taken = self.closed(
+            WholeSessions(
+                c2s,
+                at(records["answer_ns"]),
+                at(records["ack_ns"]),
+                at(records["request_ns"]),
+                at(records["response_ns"]),
+                copies,
+                lengths,
+                fin_labels[:, 0],
+                fins["fin_seq"][:, 0].astype(np.int64),
+                fins["fin_ack"][:, 0].astype(np.int64),
+                fin_at[:, 0],
+                fins["fin_seq"][:, 1].astype(np.int64),
+                fins["fin_ack"][:, 1].astype(np.int64),
+                fin_at[:, 1],
+            )
+        )
+        if not taken:
+            return 0
+        done = c2s[:taken]
+        self.records += taken
+        self.fins += 2 * taken
+        self.copies += sum(copy is not None for copy in copies[:taken])
+        for label in done.tolist():
+            del measuring[label]
+        self._measured[done] = False
+        self._fin_folded[fin_labels[:taken].ravel()] = 1
+        slotted = done[self._slots[done]]
+        if slotted.size and self._requests is not None:
+            self._slots[slotted] = False
+            assert self._dropping is not None
+            self._dropping.extend(slotted.tolist())
+        self.whole += taken
+        return 3 * taken
 
     def _fold_entries(self, labels: list[int]) -> None:
         """Fold what the kernel forwarded on ``labels``' entries since the last poll into the table before the
@@ -1748,6 +1862,7 @@ class XdpOffload:
                 "records": self.records,
                 "copies": self.copies,
                 "fins": self.fins,
+                "whole": self.whole,
                 "writes": self.writes,
                 "deletes": self.deletes,
                 "polls": self.polls,

@@ -711,6 +711,13 @@ class LabelSwitchingTable:
                 return ack
         return self.acks[label]
 
+    @staticmethod
+    def in_windows(seqs: np.ndarray, acks: np.ndarray, window: int) -> np.ndarray:
+        """:meth:`in_window` for segments whose ``acks`` are given (``ACK_KNOWN |`` the number, 0: none), as a
+        mask."""
+        inside: np.ndarray = (acks == 0) | (((seqs - acks + window) & _SEQ_MASK) <= 2 * window)
+        return inside
+
     def in_window(self, label: int, seq: int | None, window: int, ack: int | None = None) -> bool:
         """Could a TCP segment with sequence number ``seq`` (None: unreadable) have been sent to the end whose
         acknowledgments travel on ``label``: is it within ``window`` of the last one, either way (``ack``, as
