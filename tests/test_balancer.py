@@ -3,6 +3,7 @@ label quarantine, response-time measurement."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -464,3 +465,100 @@ def test_sessions_closed_whole_in_one_call_end_as_their_records_and_fins_one_by_
     while plain < len(cases) and cases[plain] == _PLAIN:
         plain += 1
     assert isinstance(taken, int) and taken >= plain
+
+
+class _Recording:
+    """A switching-table mirror that records what it is told, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, int]] = []
+
+    def installed(self, label: int) -> None:
+        self.told.append(("installed", label))
+
+    def withdrawn(self, label: int) -> None:
+        self.told.append(("withdrawn", label))
+
+    def watch_changed(self, label: int) -> None:
+        self.told.append(("watch", label))
+
+
+_TIMER_KINDS = st.sampled_from(
+    ["quiet", "quiet", "quiet", "quiet_later", "revived", "late", "half_open", "udp", "established"]
+)
+
+
+def _timer_twin(kinds: list[str], batched: bool, failing: bool) -> tuple[object, ...]:
+    """A balancer's table, rows, labels, servers and ended traffic after one timer run over sessions of ``kinds``
+    (closes whose linger passed quiet or not, closes not due yet, half-open sessions timing out, UDP flows idling
+    out, established sessions), with the quiet closes judged together or (not ``batched``) one by one; ``failing``:
+    one unanswered SYN takes a server down (its sessions interrupted within the run)."""
+    config = make_config(timeouts=Timeouts(tcp_start=5.0, udp=5.0), max_sessions=0, l7=False)
+    if failing:
+        config = replace(config, fail_threshold=1, passive_window=0.0)
+    net = _TWINS.get((batched, failing, "timer"))
+    if net is None:
+        net = _TWINS[batched, failing, "timer"] = Net(config=config)
+        net.balancer.switching.add_mirror(_Recording())
+        if not batched:
+            net.balancer._quiet = lambda pairs, now: np.zeros(pairs.size, dtype=np.bool_)  # type: ignore[method-assign]
+    b = net.balancer
+    for server in b.pool.servers:  # up again after the last example's failures
+        b.mark_up(server.name)
+    mirror = b.switching.mirrors[0]
+    assert isinstance(mirror, _Recording)
+    mirror.told.clear()
+    base = net.now = net.now + 100.0  # each example's sessions its own, on twins kept across examples
+    rows = b.switching.arrays()
+    first = b.sessions.started
+    for i, kind in enumerate(kinds):
+        net.now = base + 1.0 + i / 1000
+        udp_flow = kind == "udp"
+        sport = 1024 + b.sessions.started % 60000  # a flow of its own
+        packet = udp(client_addr(i % 3), VIP, sport, 53) if udp_flow else tcp(client_addr(i % 3), VIP, sport, 80, SYN)
+        ((_, frame),) = net.from_client(0, packet)
+        c2s = label_of(frame)
+        rows.packets[c2s], rows.bytes[c2s], rows.packets[c2s + 1], rows.bytes[c2s + 1] = i + 1, 100 * i, 2 * i, 7 * i
+        if kind in ("udp", "half_open"):
+            continue
+        start = net.now
+        assert b.measured(c2s, start + 0.001, start + 0.002, start + 0.003, start + 0.004, True)
+        if kind == "established":
+            continue
+        closed = base + {"late": 4.5, "quiet_later": 4.05}.get(kind, 1.5)  # due after the half-open ones, or not
+        b.ended(c2s + 1, 5020, 0, closed)
+        b.ended(c2s, 1020, 0, closed + 0.001)
+        rows.last_seen[c2s] = rows.last_seen[c2s + 1] = closed + (1.6 if kind == "revived" else 0.002)
+    b.on_timer(base + 6.1)
+    t = b.sessions
+    state, end_time = np.frombuffer(t.state, dtype=np.uint8), np.frombuffer(t.end_time, dtype=np.float64)
+    table = [(t.state[p], t.final_state[p], t.end_reason[p], t.end_time[p], t.deadline[p])
+             for p in np.flatnonzero((state != 0) | (end_time > base)).tolist()]  # fmt: skip
+    octets = b.switching.octets()[t.c2s_min : t.c2s_min + 2 * (first + len(kinds)) + 40].tobytes()
+    quarantined = [b.labels.is_quarantined(t.c2s_min + 2 * pair) for pair in range(first, first + len(kinds))]
+    again = (b.labels.stats(), quarantined)
+    servers = [(s.name, s.active, s.total, s.failures, s.status) for s in b.pool.servers]
+    traffic = [(name, vars(traffic)) for name, traffic in b._ended_traffic.items()]
+    figures = (
+        t.live,
+        t.half_open,
+        t.revived,
+        dict(t.ended),
+        b.switching.installed,
+        b.switching.version,
+        b.next_deadline(),
+    )
+    return table, octets, again, servers, traffic, figures, mirror.told
+
+
+@settings(max_examples=60, deadline=None)
+@example(kinds=["udp", "quiet", "quiet", "quiet"], failing=False)  # the servers' first closes not in their order
+@example(kinds=["quiet"] * 5, failing=False)
+@example(kinds=["half_open", "quiet_later", "quiet_later", "quiet_later", "revived", "quiet"], failing=True)
+@given(kinds=st.lists(_TIMER_KINDS, min_size=1, max_size=9), failing=st.booleans())
+def test_closes_whose_linger_passed_quiet_end_together_as_one_by_one(kinds: list[str], failing: bool) -> None:
+    """A timer run ends the closes whose linger passed quiet together (the run of them between other due sessions,
+    judged again after those), and leaves the session table, the label rows, the mirrors' notices in order, the
+    quarantine's order, the servers and the ended traffic as the same run one session at a time, whatever else is
+    due in it: revived closes, half-open and idle timeouts, a server taken down by one of them."""
+    assert _timer_twin(kinds, True, failing) == _timer_twin(kinds, False, failing)

@@ -284,6 +284,9 @@ class Balancer:
         #: before anything else about it is decided, so that what the kernel saw first reaches the table first
         #: (:meth:`measured`, :meth:`ended`).
         self.refresh: Callable[[Session], None] | None = None
+        #: Set with :attr:`refresh`: which of the given sessions' C2S labels :attr:`refresh` would hand nothing
+        #: for (a mask); the others are refreshed one by one before their timers are judged.
+        self.settled: Callable[[np.ndarray], np.ndarray] | None = None
         for server in self.pool.servers:
             self._find(server)
 
@@ -1108,47 +1111,105 @@ class Balancer:
         probes, changes = self.resolver.on_timer(now)
         self._macs_changed(changes)
         self.labels.on_timer(now)
-        timeouts = self.sessions.timeouts
         self._timer_backlog = None
-        for session in self.sessions.due(now, TIMER_SESSIONS):
-            if self.sessions.by_c2s(session.c2s) != session:
-                continue  # finished earlier in this round (its server went down with another session's timeout)
-            self._refresh(session)
-            state = session.state
-            if state in FINAL_STATES:
-                self._finish(session, now)
-                continue
-            if session.deadline > now:
-                continue  # what the kernel saw of it (a FIN) moved it on and armed it again
-            c2s = session.c2s
-            if state is SessionState.ENDING:
-                # Revived only if both directions went on after the close: a session whose RST or FIN was forged
-                # goes on both ways (data one way, ACKs the other); a real close's stragglers (a late last ACK, a
-                # retransmitted FIN) come from one side.
-                last_seen = self.switching.last_seen
-                if self.sessions.linger_over(session, min(last_seen[c2s], last_seen[c2s + 1]), now) in FINAL_STATES:
-                    self._finish(session, now)
-                continue
-            last = self.switching.last_active(c2s, c2s + 1)
-            idle = timeouts.idle(session.proto, state)
-            half_open = state in HALF_OPEN_STATES and session.proto == IPPROTO_TCP
-            if half_open:
-                last = session.started  # no frame keeps a half-open session alive: it has tcp_start from its SYN
-            if last + idle > now:
-                self.sessions.arm(session, last + idle)
-                continue
-            if half_open and state is SessionState.START and self.labels.in_use(session.c2s):  # not a replica
-                self._server_failed(session.server, DownReason.NO_REPLY, now)
-                if session.state in FINAL_STATES:
-                    continue  # interrupted (and finished) when its server went down
-            reason = "half_open_timeout" if half_open else "idle_timeout"
-            self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, reason)
-            self._finish(session, now)
+        sessions = self.sessions
+        due = sessions.due_pairs(now, TIMER_SESSIONS)
+        quiet = self._quiet(due, now).tolist()
+        at = 0
+        while at < due.size:
+            if quiet[at]:  # a run of closes over: closed together, what is still one now (earlier ones ran since)
+                end = at + 1
+                while end < due.size and quiet[end]:
+                    end += 1
+                still = self._quiet(due[at:end], now)
+                taken = int(still.size if still.all() else np.argmin(still))
+                if taken:
+                    self._close_quiet(due[at : at + taken], now)
+                    at += taken
+                    continue
+            self._timer_one(Session(sessions, int(due[at])), now)
+            at += 1
         pending = self.sessions.next_deadline()
         if pending is not None and pending <= now:  # more were due than one call takes (TIMER_SESSIONS)
             self._timer_backlog = now + TIMER_GRANULARITY
         self.frames_out += len(probes)
         return probes
+
+    def _quiet(self, pairs: np.ndarray, now: float) -> np.ndarray:
+        """Which of the due ``pairs`` end now as closes whose linger passed quiet, with nothing for
+        :attr:`refresh` to hand over first (:attr:`settled`)."""
+        sessions, last_seen = self.sessions, self.switching.arrays().last_seen
+        c2s = sessions.c2s_min + 2 * pairs
+        quiet = sessions.quiet_endings(pairs, np.minimum(last_seen[c2s], last_seen[c2s + 1]), now)
+        if self.refresh is not None:
+            quiet &= self.settled(c2s) if self.settled is not None else False
+        return quiet
+
+    def _close_quiet(self, pairs: np.ndarray, now: float) -> None:
+        """What :meth:`_timer_one` does for each of ``pairs``, which :meth:`_quiet` takes (their linger is over:
+        CLOSED, then :meth:`_finish`), each step for all of them at once, in their order."""
+        sessions, switching = self.sessions, self.switching
+        sessions.close_quiet(pairs, now)
+        c2s = sessions.c2s_min + 2 * pairs
+        arrays = switching.arrays()
+        servers = sessions.servers_of(pairs)
+        counts = (arrays.packets[c2s], arrays.bytes[c2s], arrays.packets[c2s + 1], arrays.bytes[c2s + 1])
+        indices, first, where = np.unique(servers, return_index=True, return_inverse=True)
+        for k in np.argsort(first).tolist():
+            name = sessions.server_of(int(indices[k])).config.name
+            traffic = self._ended_traffic.get(name)
+            if traffic is None:
+                traffic = self._ended_traffic[name] = Traffic()
+            mine = where == k
+            packets_in, bytes_in, packets_out, bytes_out = (int(c[mine].sum()) for c in counts)
+            traffic.packets_in += packets_in
+            traffic.bytes_in += bytes_in
+            traffic.packets_out += packets_out
+            traffic.bytes_out += bytes_out
+        switching.withdraw_pairs(c2s)
+        labels = self.labels
+        for label in c2s.tolist():
+            if labels.in_use(label):  # not a peer's session replicated here (mplslb.cluster)
+                labels.withdraw(label, now)
+        for pair in pairs.tolist():
+            sessions.remove(Session(sessions, pair))
+
+    def _timer_one(self, session: Session, now: float) -> None:
+        """One due session: expired, finished, or armed again."""
+        if self.sessions.by_c2s(session.c2s) != session:
+            return  # finished earlier in this round (its server went down with another session's timeout)
+        timeouts = self.sessions.timeouts
+        self._refresh(session)
+        state = session.state
+        if state in FINAL_STATES:
+            self._finish(session, now)
+            return
+        if session.deadline > now:
+            return  # what the kernel saw of it (a FIN) moved it on and armed it again
+        c2s = session.c2s
+        if state is SessionState.ENDING:
+            # Revived only if both directions went on after the close: a session whose RST or FIN was forged
+            # goes on both ways (data one way, ACKs the other); a real close's stragglers (a late last ACK, a
+            # retransmitted FIN) come from one side.
+            last_seen = self.switching.last_seen
+            if self.sessions.linger_over(session, min(last_seen[c2s], last_seen[c2s + 1]), now) in FINAL_STATES:
+                self._finish(session, now)
+            return
+        last = self.switching.last_active(c2s, c2s + 1)
+        idle = timeouts.idle(session.proto, state)
+        half_open = state in HALF_OPEN_STATES and session.proto == IPPROTO_TCP
+        if half_open:
+            last = session.started  # no frame keeps a half-open session alive: it has tcp_start from its SYN
+        if last + idle > now:
+            self.sessions.arm(session, last + idle)
+            return
+        if half_open and state is SessionState.START and self.labels.in_use(session.c2s):  # not a replica
+            self._server_failed(session.server, DownReason.NO_REPLY, now)
+            if session.state in FINAL_STATES:
+                return  # interrupted (and finished) when its server went down
+        reason = "half_open_timeout" if half_open else "idle_timeout"
+        self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, reason)
+        self._finish(session, now)
 
     def _finish(self, session: Session, now: float) -> None:
         """Withdraw a final session's labels (they go to quarantine) and take it out of the table."""

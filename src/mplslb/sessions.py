@@ -315,6 +315,7 @@ STATE_CODES: dict[SessionState, int] = dict(_CODE)
 _FREE = 0
 _START, _ESTABLISHED = _CODE[SessionState.START], _CODE[SessionState.ESTABLISHED]
 _ANSWERED, _ENDING = _CODE[SessionState.ANSWERED], _CODE[SessionState.ENDING]
+_CLOSED = _CODE[SessionState.CLOSED]
 _CLOSING_CLIENT, _CLOSING_SERVER = _CODE[SessionState.CLOSING_CLIENT], _CODE[SessionState.CLOSING_SERVER]
 _OPEN_CODES = frozenset(_CODE[state] for state in OPEN_STATES)
 _FINAL_CODES = frozenset(_CODE[state] for state in FINAL_STATES)
@@ -708,6 +709,11 @@ class SessionTable:
         """Every session in the table (live, or final and lingering), in label order."""
         return [Session(self, int(pair)) for pair in np.flatnonzero(self._np_state)]
 
+    def servers_of(self, pairs: np.ndarray) -> np.ndarray:
+        """The indices of the servers of the sessions in ``pairs``."""
+        servers: np.ndarray = self._np_server[pairs]
+        return servers
+
     def occupied(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows in use and their servers' indices, as arrays (for figures over the whole table)."""
         rows = np.flatnonzero(self._np_state)
@@ -875,6 +881,25 @@ class SessionTable:
             return False
         self.apply(session, SessionEvent.CLIENT_ACK, now)
         return True
+
+    def quiet_endings(self, pairs: np.ndarray, last_active: np.ndarray, now: float) -> np.ndarray:
+        """Which of ``pairs`` :meth:`linger_over` would close now (a mask; nothing changes): ENDING, due, nothing of
+        them passed after half the linger (``last_active``: their labels' last-seen times), nobody told of changes."""
+        if self.on_change is not None:
+            return np.zeros(pairs.size, dtype=np.bool_)
+        grace = self._views().ending_at[pairs] + self.timeouts.closed_linger / 2
+        quiet: np.ndarray = (self._np_state[pairs] == _ENDING) & (self._np_deadline[pairs] <= now)
+        quiet &= last_active <= grace
+        return quiet
+
+    def close_quiet(self, pairs: np.ndarray, now: float) -> None:
+        """:meth:`linger_over` for ``pairs``, which :meth:`quiet_endings` takes: CLOSED at ``now``, in one pass."""
+        v = self._views()
+        v.end_time[pairs] = now
+        np.frombuffer(self.final_state, dtype=np.uint8)[pairs] = _CLOSED
+        v.end_reason[pairs] = self._reason("closed")
+        v.rt_budget[pairs] = 0
+        self._np_state[pairs] = _CLOSED
 
     def linger_over(self, session: Session, last_active: float, now: float) -> SessionState:
         """An ENDING session's linger expired: CLOSED if nothing of it passed more than half the linger after the
@@ -1108,11 +1133,15 @@ class SessionTable:
         return None if self._count == 0 or self._next == math.inf else self._next
 
     def due(self, now: float, limit: int | None = None) -> list[Session]:
-        """Sessions whose deadline has come, earliest first, at most ``limit`` of them: the rest stay due (their
-        blocks' bounds and the next deadline say so). The rows not due set the next deadline. Only the blocks of
-        rows whose lower bound has come are read, and their bounds made exact."""
+        """Sessions whose deadline has come, earliest first, at most ``limit`` of them (:meth:`due_pairs`)."""
+        return [Session(self, pair) for pair in self.due_pairs(now, limit).tolist()]
+
+    def due_pairs(self, now: float, limit: int | None = None) -> np.ndarray:
+        """The rows of the sessions whose deadline has come, earliest first, at most ``limit`` of them: the rest
+        stay due (their blocks' bounds and the next deadline say so). The rows not due set the next deadline. Only
+        the blocks of rows whose lower bound has come are read, and their bounds made exact."""
         if self._count == 0 or now < self._next:
-            return []
+            return np.empty(0, dtype=np.intp)
         bounds = self._np_block_min
         blocks = np.flatnonzero(bounds <= now)
         deadline, state = self._np_deadline, self._np_state
@@ -1141,4 +1170,4 @@ class SessionTable:
             rows, rest = rows[:limit], rows[limit:]
             np.minimum.at(bounds, rest >> _BLOCK_SHIFT, deadline[rest])
             self._next = min(self._next, float(deadline[rest[0]]))
-        return [Session(self, int(pair)) for pair in rows.tolist()]
+        return rows

@@ -111,6 +111,7 @@ class OffloadedBalancer:
                 self.offload.close()
                 raise
         balancer.refresh = self._refresh
+        balancer.settled = self.offload.settled
         self._polled = loop.clock()
         self._poll_cost = 0.0  # seconds the last poll took, its steps included
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
@@ -206,6 +207,7 @@ class OffloadedBalancer:
                 timer.cancel()
         self._timer = self._step = None
         self.balancer.refresh = None
+        self.balancer.settled = None
         if self.desk is not None:
             self.desk.close(self.loop.clock())
             self.offload.sync()

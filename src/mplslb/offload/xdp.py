@@ -1710,6 +1710,17 @@ class XdpOffload:
                 self._fold_fins(np.array(found, dtype=np.intp), b"".join(values), force=False)
         return handed
 
+    def settled(self, c2s: np.ndarray) -> np.ndarray:
+        """Which of the ``c2s`` labels' sessions :meth:`fold` would hand nothing over for (a mask): not measured,
+        and no FIN left in either label's entry that was not handed over."""
+        if self._map is None:
+            return np.ones(c2s.size, dtype=np.bool_)
+        in_kernel, folded = self._in_kernel, self._fin_folded
+        done: np.ndarray = ~self._measured[c2s]
+        for labels in (c2s, c2s + 1):
+            done &= (in_kernel[labels] == 0) | (folded[labels] != 0)
+        return done
+
     def fold_fins(self) -> int:
         """Hand every FIN the kernel took and not yet handed over to ``ended`` now, each session's measurement
         record first (one read of the whole map; tests compare the session table with the one-frame path's after

@@ -577,6 +577,28 @@ class LabelSwitchingTable:
             for mirror in self.mirrors:
                 mirror.withdrawn(label)
 
+    def withdraw_pairs(self, c2s: np.ndarray) -> None:
+        """:meth:`withdraw` for both labels of each pair in ``c2s``, in that order, the rows written at once."""
+        labels = np.empty(2 * c2s.size, dtype=np.intp)
+        labels[0::2], labels[1::2] = c2s, c2s + 1
+        octets = self.octets()
+        words = octets.view(np.int32)
+        was = octets[labels, ROW_VALID] != 0
+        octets[labels, ROW_VALID] = 0
+        octets[labels, ROW_WATCH] = 0
+        words[labels, ROW_OUT_PORT] = -1
+        words[labels, ROW_IN_PORT] = -1
+        octets[labels, ROW_FLOW : ROW_FLOW + ROW_BINDING.size] = 0
+        withdrawn = labels[was]
+        words[withdrawn, ROW_GENERATION] = (words[withdrawn, ROW_GENERATION] + 1) & GENERATION_MASK
+        count = int(withdrawn.size)
+        self.installed -= count
+        self.version += count
+        if self.mirrors:
+            for label in withdrawn.tolist():
+                for mirror in self.mirrors:
+                    mirror.withdrawn(label)
+
     def restore(self) -> None:
         """After adopting the rows from a persistent store (:mod:`mplslb.state`): withdraw the labels bound to a
         port this table does not have, write each rewrite's second half again from our port's MAC (the port's MAC
