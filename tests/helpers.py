@@ -587,3 +587,19 @@ class HeldDownload:
         assert self.proc.stderr is not None
         code = self.proc.stderr.read().decode(errors="replace").strip()
         return f"{self.proc.returncode} {code}", self._sha.hexdigest()
+
+
+class RecordingMirror:
+    """A switching-table mirror that writes down what the table tells it, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, int]] = []
+
+    def installed(self, label: int) -> None:
+        self.told.append(("installed", label))
+
+    def withdrawn(self, label: int) -> None:
+        self.told.append(("withdrawn", label))
+
+    def watch_changed(self, label: int) -> None:
+        self.told.append(("watch", label))

@@ -17,6 +17,7 @@ from helpers import (
     VIP,
     VIP6,
     Net,
+    RecordingMirror,
     client_addr,
     ether,
     handshake,
@@ -467,22 +468,6 @@ def test_sessions_closed_whole_in_one_call_end_as_their_records_and_fins_one_by_
     assert isinstance(taken, int) and taken >= plain
 
 
-class _Recording:
-    """A switching-table mirror that records what it is told, in order."""
-
-    def __init__(self) -> None:
-        self.told: list[tuple[str, int]] = []
-
-    def installed(self, label: int) -> None:
-        self.told.append(("installed", label))
-
-    def withdrawn(self, label: int) -> None:
-        self.told.append(("withdrawn", label))
-
-    def watch_changed(self, label: int) -> None:
-        self.told.append(("watch", label))
-
-
 _TIMER_KINDS = st.sampled_from(
     ["quiet", "quiet", "quiet", "quiet_later", "revived", "late", "half_open", "udp", "established"]
 )
@@ -499,14 +484,14 @@ def _timer_twin(kinds: list[str], batched: bool, failing: bool) -> tuple[object,
     net = _TWINS.get((batched, failing, "timer"))
     if net is None:
         net = _TWINS[batched, failing, "timer"] = Net(config=config)
-        net.balancer.switching.add_mirror(_Recording())
+        net.balancer.switching.add_mirror(RecordingMirror())
         if not batched:
             net.balancer._quiet = lambda pairs, now: np.zeros(pairs.size, dtype=np.bool_)  # type: ignore[method-assign]
     b = net.balancer
     for server in b.pool.servers:  # up again after the last example's failures
         b.mark_up(server.name)
     mirror = b.switching.mirrors[0]
-    assert isinstance(mirror, _Recording)
+    assert isinstance(mirror, RecordingMirror)
     mirror.told.clear()
     base = net.now = net.now + 100.0  # each example's sessions its own, on twins kept across examples
     rows = b.switching.arrays()

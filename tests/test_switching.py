@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import ACK, FIN, PSH, RST, SYN, ip, ipv4, ipv6, labelled, mac, tcp_segment
+from helpers import ACK, FIN, PSH, RST, SYN, RecordingMirror, ip, ipv4, ipv6, labelled, mac, tcp_segment
 from mplslb.switching import (
     DROPPED,
     IPV6_PAYLOAD,
@@ -355,22 +355,6 @@ def test_flags_beyond_the_frame_are_not_reported(table: LabelSwitchingTable) -> 
     assert result == 2 and len(out) == 1 and events == []
     bare = labelled(PORT_MACS[0], CLIENT_MAC, LABEL, b"")  # nothing at all under the label
     assert switch(table, 0, bare)[0] == 2
-
-
-class RecordingMirror:
-    """A mirror that writes down what the table tells it."""
-
-    def __init__(self) -> None:
-        self.told: list[tuple[str, int]] = []
-
-    def installed(self, label: int) -> None:
-        self.told.append(("installed", label))
-
-    def withdrawn(self, label: int) -> None:
-        self.told.append(("withdrawn", label))
-
-    def watch_changed(self, label: int) -> None:
-        self.told.append(("watch", label))
 
 
 def test_mirrors_are_told_every_install_withdrawal_and_watch_change_in_order(table: LabelSwitchingTable) -> None:
