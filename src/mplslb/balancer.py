@@ -287,6 +287,9 @@ class Balancer:
         #: Set with :attr:`refresh`: which of the given sessions' C2S labels :attr:`refresh` would hand nothing
         #: for (a mask); the others are refreshed one by one before their timers are judged.
         self.settled: Callable[[np.ndarray], np.ndarray] | None = None
+        #: Set with :attr:`refresh`: fold what the kernel counted on a pair's two labels since its last poll into
+        #: the switching table now (given the C2S label), before the pair's session is judged idle.
+        self.recount: Callable[[int], None] | None = None
         for server in self.pool.servers:
             self._find(server)
 
@@ -1203,6 +1206,12 @@ class Balancer:
         if last + idle > now:
             self.sessions.arm(session, last + idle)
             return
+        if not half_open and self.recount is not None:  # idle by the table: what the kernel counted since first
+            self.recount(c2s)
+            last = self.switching.last_active(c2s, c2s + 1)
+            if last + idle > now:
+                self.sessions.arm(session, last + idle)
+                return
         if half_open and state is SessionState.START and self.labels.in_use(session.c2s):  # not a replica
             self._server_failed(session.server, DownReason.NO_REPLY, now)
             if session.state in FINAL_STATES:

@@ -12,7 +12,9 @@ Theory of operation
   so an idle timeout never fires for a session whose frames the kernel has been forwarding. A poll reads the whole
   map (about 1 ms per 4,000 entries), so timers firing close together share one: the counters may be
   :data:`TIMER_POLL_MIN` old, or :data:`POLL_BUDGET` times the last poll's duration for a very large map (a poll
-  then costs at most 1/POLL_BUDGET of the loop's time); idle timeouts are seconds to minutes;
+  then costs at most 1/POLL_BUDGET of the loop's time); idle timeouts are seconds to minutes. A session the
+  table then finds idle is judged again on its two labels' kernel counters, read for it alone
+  (:meth:`XdpOffload.recount`), so a poll put off under load expires no session the kernel forwarded for;
 * a timer of its own, every :data:`SYNC_INTERVAL`, applies changes made elsewhere in the loop (control commands,
   health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
 
@@ -112,6 +114,7 @@ class OffloadedBalancer:
                 raise
         balancer.refresh = self._refresh
         balancer.settled = self.offload.settled
+        balancer.recount = self.offload.recount
         self._polled = loop.clock()
         self._poll_cost = 0.0  # seconds the last poll took, its steps included
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
@@ -208,6 +211,7 @@ class OffloadedBalancer:
         self._timer = self._step = None
         self.balancer.refresh = None
         self.balancer.settled = None
+        self.balancer.recount = None
         if self.desk is not None:
             self.desk.close(self.loop.clock())
             self.offload.sync()

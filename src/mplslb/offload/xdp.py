@@ -1710,6 +1710,23 @@ class XdpOffload:
                 self._fold_fins(np.array(found, dtype=np.intp), b"".join(values), force=False)
         return handed
 
+    def recount(self, c2s: int) -> None:
+        """Fold what the kernel counted on ``c2s``'s pair since the last poll into the table now (one lookup per
+        label in the kernel): a session about to be judged idle is judged on its frames up to now, not up to the
+        last poll, which the loop may have put off under load."""
+        if self._map is None:
+            return
+        found: list[int] = []
+        values: list[bytes] = []
+        for label in (c2s, c2s + 1):
+            if self._in_kernel[label] and label not in self._withdrawn:
+                value = self._map.lookup(_KEY.pack(label))
+                if value is not None:
+                    found.append(label)
+                    values.append(value)
+        if found:
+            self._fold(np.array(found, dtype=np.intp), np.frombuffer(b"".join(values), dtype=COUNTERS))
+
     def settled(self, c2s: np.ndarray) -> np.ndarray:
         """Which of the ``c2s`` labels' sessions :meth:`fold` would hand nothing over for (a mask): not measured,
         and no FIN left in either label's entry that was not handed over."""
