@@ -163,12 +163,13 @@ class Traffic:
     bytes_out: int = 0
 
     def add(self, table: LabelSwitchingTable, session: Session) -> None:
-        packets, octets = table.traffic(session.c2s)
-        self.packets_in += packets
-        self.bytes_in += octets
-        packets, octets = table.traffic(session.s2c)
-        self.packets_out += packets
-        self.bytes_out += octets
+        self.count(*table.traffic(session.c2s), *table.traffic(session.s2c))
+
+    def count(self, packets_in: int, bytes_in: int, packets_out: int, bytes_out: int) -> None:
+        self.packets_in += packets_in
+        self.bytes_in += bytes_in
+        self.packets_out += packets_out
+        self.bytes_out += bytes_out
 
 
 @dataclass(frozen=True)
@@ -1158,17 +1159,9 @@ class Balancer:
         servers = sessions.servers_of(pairs)
         counts = (arrays.packets[c2s], arrays.bytes[c2s], arrays.packets[c2s + 1], arrays.bytes[c2s + 1])
         indices, first, where = np.unique(servers, return_index=True, return_inverse=True)
-        for k in np.argsort(first).tolist():
-            name = sessions.server_of(int(indices[k])).config.name
-            traffic = self._ended_traffic.get(name)
-            if traffic is None:
-                traffic = self._ended_traffic[name] = Traffic()
+        for k in np.argsort(first).tolist():  # each server's sums, the servers in the order _finish meets them
             mine = where == k
-            packets_in, bytes_in, packets_out, bytes_out = (int(c[mine].sum()) for c in counts)
-            traffic.packets_in += packets_in
-            traffic.bytes_in += bytes_in
-            traffic.packets_out += packets_out
-            traffic.bytes_out += bytes_out
+            self._ended(sessions.server_of(int(indices[k]))).count(*(int(c[mine].sum()) for c in counts))
         switching.withdraw_pairs(c2s)
         labels = self.labels
         for label in c2s.tolist():
@@ -1220,13 +1213,17 @@ class Balancer:
         self.sessions.apply(session, SessionEvent.IDLE_TIMEOUT, now, reason)
         self._finish(session, now)
 
-    def _finish(self, session: Session, now: float) -> None:
-        """Withdraw a final session's labels (they go to quarantine) and take it out of the table."""
-        name = session.server.config.name
+    def _ended(self, server: Server) -> Traffic:
+        """The traffic of ``server``'s ended sessions (made at its first)."""
+        name = server.config.name
         traffic = self._ended_traffic.get(name)
         if traffic is None:
             traffic = self._ended_traffic[name] = Traffic()
-        traffic.add(self.switching, session)
+        return traffic
+
+    def _finish(self, session: Session, now: float) -> None:
+        """Withdraw a final session's labels (they go to quarantine) and take it out of the table."""
+        self._ended(session.server).add(self.switching, session)
         self.switching.withdraw(session.c2s)
         self.switching.withdraw(session.s2c)
         if self.labels.in_use(session.c2s):  # not a peer's session replicated here (mplslb.cluster)
