@@ -186,10 +186,10 @@ def _forged_fin(flow: close_session.Flow, c2s: int) -> bytes:
             + close_session.pack_entry(c2s, 0, True, 64) + packet + segment)  # fmt: skip
 
 
-def _close_some(bench: close_session.Bench, count: int) -> list[int]:
+def _close_some(bench: close_session.Bench, count: int, *, poll: bool = True) -> list[int]:
     """``count`` sessions through the real program, in turn: whole (the server's FIN first), whole with the
-    client's FIN first, one FIN only, no FIN, a forged client's FIN before the server's; then one poll, handed over
-    to its end. Their C2S labels."""
+    client's FIN first, one FIN only, no FIN, a forged client's FIN before the server's; then (``poll``) one poll,
+    handed over to its end. Their C2S labels."""
     opened = _open(bench, count)
     for i, (flow, c2s) in enumerate(opened):
         frames = bench.frames(flow, c2s)
@@ -201,6 +201,8 @@ def _close_some(bench: close_session.Bench, count: int) -> list[int]:
         for frame in frames[: (7, 7, 5, 4, 6)[kind]]:
             bench._run(*frame)
     core = bench.core
+    if not poll:
+        return [c2s for _, c2s in opened]
     core._poll(bench.loop.clock())
     while core.polling:
         core.poll_step()
@@ -252,6 +254,51 @@ def test_sessions_a_poll_finds_whole_are_handed_over_together_as_one_by_one(monk
         finally:
             together.close()
             one_by_one.close()
+
+
+def test_a_timer_run_with_many_sessions_due_hands_a_poll_over_first_as_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timer run that finds many sessions due whose records and FINs no poll has handed over yet (the daemon's
+    polls behind under load) has the driver read the map once and hand it over, whole sessions together, before it
+    judges them, instead of reading each session's entries on its own: every session, server figure and count ends
+    as in a daemon that refreshes them one by one."""
+    monkeypatch.setattr(driver, "POLL_STEP", 0.0)  # one chunk a step: the catch-up goes through every step at once
+    count = POLL_CHUNK + 5  # more rows than a step hands over; many more sessions than CATCH_UP_MIN
+    with close_session.namespaces("c") as caught_lb, close_session.namespaces("o") as each_lb:
+        caught, each = close_session.Bench(caught_lb), close_session.Bench(each_lb)
+        try:
+            each.balancer.catch_up = None
+            outcomes, folds = [], []
+            for bench in (caught, each):
+                labels = _close_some(bench, count, poll=False)
+                offload, fold, folded = bench.core.offload, bench.core.offload.fold, []
+                monkeypatch.setattr(
+                    offload, "fold", lambda c2s, fold=fold, folded=folded: folded.append(c2s) or fold(c2s)
+                )
+                bench.skew += bench.balancer.sessions.timeouts.tcp_start + 0.01  # every session's START is over
+                bench.balancer.on_timer(bench.loop.clock())
+                b = bench.balancer
+                states = [getattr(b.sessions.by_c2s(c2s), "state", None) for c2s in labels]
+                bench.skew += bench.linger + 0.01  # then the closes' linger
+                while (due := b.sessions.next_deadline()) is not None and due <= bench.loop.clock():
+                    b.on_timer(bench.loop.clock())
+                states += [getattr(b.sessions.by_c2s(c2s), "state", None) for c2s in labels]
+                servers = sorted((s.name, s.active, s.total, s.rt_samples, s.failures) for s in b.pool.servers)
+                counts = {key: offload.stats()[key] for key in ("records", "fins", "measuring")}
+                outcomes.append((states, servers, counts, dict(b.sessions.ended), dict(b.sessions.not_believed),
+                                 b.sessions.live, b.sessions.half_open, b.l7_hosts))  # fmt: skip
+                folds.append(len(folded))
+            assert outcomes[0] == outcomes[1]
+            closed = sum(1 for i in range(count) if i % 5 < 2)
+            first = [SessionState.ENDING] * 2 + [SessionState.CLOSING_SERVER, SessionState.ESTABLISHED]
+            assert outcomes[0][3] == {"closed": closed} and outcomes[0][0][:5] == [*first, SessionState.CLOSING_SERVER]
+            assert outcomes[0][0][count : count + 5] == [None, None, *outcomes[0][0][2:5]]
+            assert caught.core.offload.stats()["whole"] >= closed - 2 and each.core.offload.stats()["whole"] == 0
+            assert folds[0] == 0 and folds[1] >= count  # the sessions' own reads: none, or one at least each
+        finally:
+            caught.close()
+            each.close()
 
 
 def test_a_whole_session_gets_no_row_whose_label_changed_since_the_read() -> None:

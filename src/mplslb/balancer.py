@@ -95,6 +95,11 @@ TIMER_GRANULARITY = 0.05
 #: sessions idling out together), the rest wait for the next call, TIMER_GRANULARITY later, and the loop turns
 #: in between.
 TIMER_SESSIONS = 2048
+#: When this many of a timer run's due sessions are each to be refreshed from the kernel (:attr:`Balancer.refresh`),
+#: the run asks the driver to read the kernel's whole map and hand it over first (:attr:`Balancer.catch_up`): one read
+#: and the sessions handed over together cost less than their reads one by one (three map lookups each), and a
+#: timer that refreshes session by session under load leaves the driver's polls further behind.
+CATCH_UP_MIN = 32
 #: The flow key a decision taken before its SYN is made with (algorithms that read it decide nothing then).
 _NO_FLOW = FlowKey(IPPROTO_TCP, b"", 0, b"", 0)
 _new = tuple.__new__  # a NamedTuple's own constructor, without its Python-level call
@@ -291,6 +296,10 @@ class Balancer:
         #: Set with :attr:`refresh`: fold what the kernel counted on a pair's two labels since its last poll into
         #: the switching table now (given the C2S label), before the pair's session is judged idle.
         self.recount: Callable[[int], None] | None = None
+        #: Set with :attr:`refresh`: hand over now everything the kernel holds of every session (a poll read and
+        #: handed over whole), given the time; called by :meth:`on_timer` before :data:`CATCH_UP_MIN` or more due
+        #: sessions would be refreshed one by one.
+        self.catch_up: Callable[[float], None] | None = None
         for server in self.pool.servers:
             self._find(server)
 
@@ -1118,7 +1127,12 @@ class Balancer:
         self._timer_backlog = None
         sessions = self.sessions
         due = sessions.due_pairs(now, TIMER_SESSIONS)
-        quiet = self._quiet(due, now).tolist()
+        quiet = self._quiet(due, now)
+        if self.catch_up is not None and due.size - int(np.count_nonzero(quiet)) >= CATCH_UP_MIN:
+            self.catch_up(now)  # what the kernel holds of them, in one read: they moved on, or are due as they are
+            due = sessions.due_pairs(now, TIMER_SESSIONS)
+            quiet = self._quiet(due, now)
+        quiet = quiet.tolist()
         at = 0
         while at < due.size:
             if quiet[at]:  # a run of closes over: closed together, what is still one now (earlier ones ran since)

@@ -115,6 +115,7 @@ class OffloadedBalancer:
         balancer.refresh = self._refresh
         balancer.settled = self.offload.settled
         balancer.recount = self.offload.recount
+        balancer.catch_up = self._catch_up
         self._polled = loop.clock()
         self._poll_cost = 0.0  # seconds the last poll took, its steps included
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
@@ -189,6 +190,31 @@ class OffloadedBalancer:
         if more:
             self._step = self.loop.call_at(now, self.poll_step)
 
+    def _catch_up(self, now: float) -> None:
+        """Many sessions are due and each would be refreshed from the kernel: the poll under way handed over to its
+        end, then, unless one began within :data:`TIMER_POLL_MIN`, a new one read and handed over whole, now (the
+        sessions' timers are then judged on what the kernel saw of them up to now)."""
+        if self._step is not None:
+            self._step.cancel()
+            self._step = None
+            self._poll_to_end(now)
+        if now - self._polled >= TIMER_POLL_MIN:
+            self._poll(now)
+            if self._step is not None:
+                self._step.cancel()
+                self._step = None
+                self._poll_to_end(now)
+
+    def _poll_to_end(self, now: float) -> None:
+        """Every step of the poll under way at once, each followed by what follows a step (:meth:`poll_step`)."""
+        started = time.perf_counter()
+        self._fold_tickets(now)
+        while self.offload.poll_step():
+            self._sync(now)
+            self._fold_tickets(now)
+        self._sync(now)
+        self._poll_cost += time.perf_counter() - started
+
     @property
     def polling(self) -> bool:
         """A poll has records or FINs left to hand over."""
@@ -212,6 +238,7 @@ class OffloadedBalancer:
         self.balancer.refresh = None
         self.balancer.settled = None
         self.balancer.recount = None
+        self.balancer.catch_up = None
         if self.desk is not None:
             self.desk.close(self.loop.clock())
             self.offload.sync()
