@@ -849,6 +849,42 @@ def test_kernel_traffic_keeps_a_session_from_its_idle_timeout(
 
 
 @needs_kernel
+def test_the_wrappers_own_polls_come_every_half_second_or_later_for_a_costly_read(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wrapper's timer reads the whole map every POLL_INTERVAL after the last read, and puts it off, up to
+    POLL_INTERVAL_MAX, while a read costs more than 1/POLL_BUDGET of the interval (a very large map)."""
+    lb, _ = topo
+    monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
+    ports = tuple(replace(p, interface=f"p{p.port_id}") for p in standard_config().ports)
+    now = [100.0]
+    loop = Loop(clock=lambda: now[0])
+    with entered(lb):
+        core = OffloadedBalancer(Balancer(standard_config(ports=ports)), loop)
+    try:
+        offload = core.offload
+
+        def polled_at(at: float) -> bool:
+            """The wrapper's timer at ``at``: whether it read the map."""
+            now[0] = at
+            before = offload.polls
+            core._tick()
+            return offload.polls > before
+
+        assert polled_at(100.0 + driver.POLL_INTERVAL)
+        read = core._read_cost  # this small map's read: far below 1/POLL_BUDGET of the interval
+        assert read * driver.POLL_BUDGET < driver.POLL_INTERVAL
+        start = now[0]
+        assert not polled_at(start + driver.POLL_INTERVAL - 0.01) and polled_at(start + driver.POLL_INTERVAL)
+        for cost, due in ((0.035, 0.7), (0.2, driver.POLL_INTERVAL_MAX)):  # as a costly read would have taken
+            core._read_cost = cost
+            start = now[0]
+            assert not polled_at(start + due - 0.01) and polled_at(start + due)
+    finally:
+        core.close()
+
+
+@needs_kernel
 def test_flow_binding_agrees_across_the_three_paths(topo: tuple[str, str], obj: bytes) -> None:
     """Frames that differ from a session's own only in the inner destination address or a port (and the cases
     that carry no port: ICMP errors, later fragments; IP options, IPv6 extension headers): the one-frame path

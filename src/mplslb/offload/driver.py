@@ -16,7 +16,8 @@ Theory of operation
   table then finds idle is judged again on its two labels' kernel counters, read for it alone
   (:meth:`XdpOffload.recount`), so a poll put off under load expires no session the kernel forwarded for;
 * a timer of its own, every :data:`SYNC_INTERVAL`, applies changes made elsewhere in the loop (control commands,
-  health checks that take a server down) and, every :data:`POLL_INTERVAL`, polls the counters for the status.
+  health checks that take a server down) and, every :data:`POLL_INTERVAL` (up to :data:`POLL_INTERVAL_MAX` for
+  a very large map), polls the counters for the status and hands over the records and FINs.
 
 A poll folds the counters at once; the measurements' records and the FINs it read (a busy second's thousands, a
 few hundred milliseconds of Python) are handed over session by session, a chunk at a time
@@ -54,7 +55,13 @@ from mplslb.offload.xdp import XdpOffload
 from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
-POLL_INTERVAL = 1.0
+#: Seconds between two reads of the kernel's whole map (the counters, records and FINs handed over), stretched up
+#: to POLL_INTERVAL_MAX while a read costs more than 1/POLL_BUDGET of that (a very large map). A client that closed
+#: first uses its port again as soon as its TIME_WAIT socket may be reused (``tcp_tw_reuse``: a second later on
+#: Linux, ``tcp_tw_reuse_delay``); a close's FINs are handed over before that, so that the session is ENDING and its
+#: flow out of the flow map, and the new SYN takes a ticket in the kernel instead of going up to the daemon.
+POLL_INTERVAL = 0.5
+POLL_INTERVAL_MAX = 1.0
 TIMER_POLL_MIN = 0.05
 #: Seconds a poll hands over records and FINs for at most before the loop's next turn (chunks of POLL_CHUNK, each
 #: followed by the tickets' fold and a sync).
@@ -118,6 +125,7 @@ class OffloadedBalancer:
         balancer.catch_up = self._catch_up
         self._polled = loop.clock()
         self._poll_cost = 0.0  # seconds the last poll took, its steps included
+        self._read_cost = 0.0  # ... its read of the map alone
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
         self._step: Timer | None = None  # the next step of a poll, in the loop's next turn
 
@@ -167,7 +175,7 @@ class OffloadedBalancer:
         self._polled = now
         started = time.perf_counter()
         self.offload.begin_poll()
-        self._poll_cost = time.perf_counter() - started
+        self._poll_cost = self._read_cost = time.perf_counter() - started
         if self.offload.polling:
             self._step = self.loop.call_at(now, self.poll_step)
 
@@ -223,7 +231,8 @@ class OffloadedBalancer:
     def _tick(self) -> None:
         now = self.loop.clock()
         self._fold_tickets(now)
-        if self._step is None and now - self._polled >= POLL_INTERVAL:
+        interval = max(POLL_INTERVAL, min(POLL_INTERVAL_MAX, POLL_BUDGET * self._read_cost))
+        if self._step is None and now - self._polled >= interval:
             self._poll(now)
         self._sync(now)
         self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
