@@ -40,6 +40,7 @@ never decides on less than the kernel saw.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -184,19 +185,22 @@ class OffloadedBalancer:
         reach the kernel, tickets are issued again, the tickets taken meanwhile become sessions), until
         :data:`POLL_STEP` has passed."""
         self._step = None
-        now = self.loop.clock()
-        self._fold_tickets(now)
+        if self._steps(POLL_STEP):
+            self._step = self.loop.call_at(self.loop.clock(), self.poll_step)
+
+    def _steps(self, budget: float) -> bool:
+        """Steps of the poll under way, each after the fold of the tickets taken meanwhile and followed by a sync,
+        until it is handed over or ``budget`` seconds have passed; True while more are left."""
         started = time.perf_counter()
         while True:
-            more = self.offload.poll_step()
-            self._sync(now)
-            if not more or time.perf_counter() - started >= POLL_STEP:
-                break
             now = self.loop.clock()
             self._fold_tickets(now)
+            more = self.offload.poll_step()
+            self._sync(now)
+            if not more or time.perf_counter() - started >= budget:
+                break
         self._poll_cost += time.perf_counter() - started
-        if more:
-            self._step = self.loop.call_at(now, self.poll_step)
+        return more
 
     def _catch_up(self, now: float) -> None:
         """Many sessions are due and each would be refreshed from the kernel: the poll under way handed over to its
@@ -205,23 +209,13 @@ class OffloadedBalancer:
         if self._step is not None:
             self._step.cancel()
             self._step = None
-            self._poll_to_end(now)
+            self._steps(math.inf)
         if now - self._polled >= TIMER_POLL_MIN:
             self._poll(now)
             if self._step is not None:
                 self._step.cancel()
                 self._step = None
-                self._poll_to_end(now)
-
-    def _poll_to_end(self, now: float) -> None:
-        """Every step of the poll under way at once, each followed by what follows a step (:meth:`poll_step`)."""
-        started = time.perf_counter()
-        self._fold_tickets(now)
-        while self.offload.poll_step():
-            self._sync(now)
-            self._fold_tickets(now)
-        self._sync(now)
-        self._poll_cost += time.perf_counter() - started
+                self._steps(math.inf)
 
     @property
     def polling(self) -> bool:
