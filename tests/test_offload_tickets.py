@@ -15,7 +15,7 @@ import itertools
 import re
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.driver import OffloadedBalancer
-from mplslb.offload.tickets import TICKETS_WANT
+from mplslb.offload.tickets import TICKETS_WANT, TicketDesk
+from mplslb.offload.xdp import Taken
 from mplslb.sessions import SessionState
 from mplslb.switching.layout import KERNEL_ENTRY, KERNEL_ENTRY_FIELDS, struct_offsets
 from mplslb.wire.ip import IPPROTO_TCP
@@ -399,6 +400,55 @@ def test_offload_syn_is_read_and_not_kept_across_daemons(tmp_path: Path) -> None
     path.write_text('offload = "kernel"\noffload_syn = true\n' + DAEMON_TOML + "\n[state]\npersist = true\n")
     with pytest.raises(ConfigError, match="not kept across daemons"):
         load_daemon_config(path)
+
+
+class _Taking:
+    """The parts of the kernel offload a ticket desk's fold uses, the SYNs taken given by the test."""
+
+    def __init__(self) -> None:
+        self.taken: list[Taken] = []
+        self.revoked: list[int] = []
+
+    def set_client_ports(self, ports: Iterable[int]) -> None:
+        list(ports)
+
+    def set_services(self, services: Iterable[tuple[bytes, int]]) -> None:
+        list(services)
+
+    def take_tickets(self) -> list[Taken]:
+        taken, self.taken = self.taken, []
+        return taken
+
+    def revoke_tickets(self, labels: list[int]) -> None:
+        self.revoked.extend(labels)
+
+    def release_flow(self, c2s: int) -> None:
+        pass
+
+
+def test_a_ticket_taken_for_a_server_whose_mac_was_lost_since_is_given_back() -> None:
+    """A ticket taken after its server's MAC was lost (the resolver lost it; the kernel had sent the SYN by the MAC
+    known when the ticket was issued) is given back at the fold: its labels withdrawn, its server's count released,
+    counted refused; no session is opened whose labels name no MAC, and the other tickets of the fold are made."""
+    b = Balancer(standard_config())
+    taking = _Taking()
+    desk = TicketDesk(b, taking)  # type: ignore[arg-type]
+    now = 100.0
+    decisions = []
+    for _ in range(2):
+        decision = b.pre_decide(len(desk.outstanding), now)
+        assert not isinstance(decision, str)
+        desk.outstanding[decision[0]] = decision[1]
+        decisions.append(decision)
+    (lost, server), (kept, other) = decisions
+    assert server is not other and server.active == other.active == 1
+    b.pool.set_mac(server.name, b"")
+    taking.taken = [Taken(c2s, 0, now + 0.001, client_mac(0), 4, client_addr(0), VIP, 40000 + i, 80, 74)
+                    for i, c2s in enumerate((lost, kept))]  # fmt: skip
+    assert desk.fold(now + 0.01) == 1
+    assert taking.revoked == [lost] and desk.refused == 1 and desk.taken == 1
+    assert b.sessions.by_c2s(lost) is None and b.labels.is_quarantined(lost)
+    assert server.active == 0 and other.active == 1 and b.sessions.by_c2s(kept) is not None
 
 
 @needs_kernel

@@ -80,7 +80,7 @@ class TicketDesk:
         self.issued = 0
         self.taken = 0  # tickets folded into sessions
         self.revoked = 0
-        self.refused = 0  # taken for a flow that was a session already (given back)
+        self.refused = 0  # taken and given back: its flow a session's already, or its server's MAC lost since
         self.held: dict[str, int] = {}  # issues stopped, by the reason no ticket could be decided
         self._services_of: object = None
         self.set_ports()
@@ -128,6 +128,11 @@ class TicketDesk:
             server = self.outstanding.pop(t.c2s, None)
             if server is None or t.port_id < 0:  # not ours (never seen): its entries go
                 self.offload.revoke_tickets([t.c2s])
+                continue
+            if not server.mac:  # lost since the ticket was issued: no label can name it (the client sends again)
+                self.offload.revoke_tickets([t.c2s])
+                b.release_decided(t.c2s, server, now)
+                self.refused += 1
                 continue
             key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
             if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
