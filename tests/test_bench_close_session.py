@@ -256,22 +256,26 @@ def test_sessions_a_poll_finds_whole_are_handed_over_together_as_one_by_one(monk
             one_by_one.close()
 
 
+@pytest.mark.parametrize("costly_poll", [False, True])
 def test_a_timer_run_with_many_sessions_due_hands_a_poll_over_first_as_one_by_one(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, costly_poll: bool
 ) -> None:
     """A timer run that finds many sessions due whose records and FINs no poll has handed over yet (the daemon's
     polls behind under load) has the driver read the map once and hand it over, whole sessions together, before it
-    judges them, instead of reading each session's entries on its own: every session, server figure and count ends
-    as in a daemon that refreshes them one by one."""
+    judges them, instead of reading each session's entries on its own, unless the last poll cost more than their
+    refreshes would: every session, server figure and count ends as in a daemon that refreshes them one by one."""
     monkeypatch.setattr(driver, "POLL_STEP", 0.0)  # one chunk a step: the catch-up goes through every step at once
     count = POLL_CHUNK + 5  # more rows than a step hands over; many more sessions than CATCH_UP_MIN
     with close_session.namespaces("c") as caught_lb, close_session.namespaces("o") as each_lb:
         caught, each = close_session.Bench(caught_lb), close_session.Bench(each_lb)
         try:
             each.balancer.catch_up = None
+            if costly_poll:
+                caught.core._poll_cost = 3600.0
             outcomes, folds = [], []
             for bench in (caught, each):
                 labels = _close_some(bench, count, poll=False)
+                labels += [c2s for _, c2s in _open(bench, 8)]  # their SYNs only: nothing in the kernel moves them on
                 offload, fold, folded = bench.core.offload, bench.core.offload.fold, []
                 monkeypatch.setattr(
                     offload, "fold", lambda c2s, fold=fold, folded=folded: folded.append(c2s) or fold(c2s)
@@ -292,10 +296,15 @@ def test_a_timer_run_with_many_sessions_due_hands_a_poll_over_first_as_one_by_on
             assert outcomes[0] == outcomes[1]
             closed = sum(1 for i in range(count) if i % 5 < 2)
             first = [SessionState.ENDING] * 2 + [SessionState.CLOSING_SERVER, SessionState.ESTABLISHED]
-            assert outcomes[0][3] == {"closed": closed} and outcomes[0][0][:5] == [*first, SessionState.CLOSING_SERVER]
-            assert outcomes[0][0][count : count + 5] == [None, None, *outcomes[0][0][2:5]]
-            assert caught.core.offload.stats()["whole"] >= closed - 2 and each.core.offload.stats()["whole"] == 0
-            assert folds[0] == 0 and folds[1] >= count  # the sessions' own reads: none, or one at least each
+            assert outcomes[0][3] == {"closed": closed, "half_open_timeout": 8}
+            assert outcomes[0][0][:5] == [*first, SessionState.CLOSING_SERVER]
+            assert outcomes[0][0][count : count + 8] == [None] * 8  # the half-open ones timed out at once
+            assert outcomes[0][0][count + 8 : count + 13] == [None, None, *outcomes[0][0][2:5]]
+            assert each.core.offload.stats()["whole"] == 0 and folds[1] >= count + 8
+            if costly_poll:  # refreshed one by one too
+                assert caught.core.offload.stats()["whole"] == 0 and folds[0] == folds[1]
+            else:  # the sessions' own reads: only the half-open ones still due after the catch-up's
+                assert caught.core.offload.stats()["whole"] >= closed - 2 and folds[0] == 8
         finally:
             caught.close()
             each.close()

@@ -297,9 +297,10 @@ class Balancer:
         #: the switching table now (given the C2S label), before the pair's session is judged idle.
         self.recount: Callable[[int], None] | None = None
         #: Set with :attr:`refresh`: hand over now everything the kernel holds of every session (a poll read and
-        #: handed over whole), given the time; called by :meth:`on_timer` before :data:`CATCH_UP_MIN` or more due
-        #: sessions would be refreshed one by one.
-        self.catch_up: Callable[[float], None] | None = None
+        #: handed over whole) if that costs less than refreshing the given number of sessions one by one, given the
+        #: time and that number; called by :meth:`on_timer` before :data:`CATCH_UP_MIN` or more due sessions would
+        #: be refreshed one by one.
+        self.catch_up: Callable[[float, int], None] | None = None
         for server in self.pool.servers:
             self._find(server)
 
@@ -1128,8 +1129,10 @@ class Balancer:
         sessions = self.sessions
         due = sessions.due_pairs(now, TIMER_SESSIONS)
         quiet = self._quiet(due, now)
-        if self.catch_up is not None and due.size - int(np.count_nonzero(quiet)) >= CATCH_UP_MIN:
-            self.catch_up(now)  # what the kernel holds of them, in one read: they moved on, or are due as they are
+        refreshed = due.size - int(np.count_nonzero(quiet))
+        if self.catch_up is not None and refreshed >= CATCH_UP_MIN:
+            sessions.still_due(due)  # found again below unless the kernel's news moved them on
+            self.catch_up(now, refreshed)  # what the kernel holds of them, in one read: they moved on, or are due
             due = sessions.due_pairs(now, TIMER_SESSIONS)
             quiet = self._quiet(due, now)
         quiet = quiet.tolist()

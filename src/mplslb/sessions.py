@@ -1136,6 +1136,14 @@ class SessionTable:
         """Sessions whose deadline has come, earliest first, at most ``limit`` of them (:meth:`due_pairs`)."""
         return [Session(self, pair) for pair in self.due_pairs(now, limit).tolist()]
 
+    def still_due(self, pairs: np.ndarray) -> None:
+        """Rows :meth:`due_pairs` gave that the caller did not handle after all: the next call finds those still due
+        (their blocks' bounds and the next deadline take their deadlines back)."""
+        if pairs.size:
+            deadline = self._np_deadline[pairs]
+            np.minimum.at(self._np_block_min, pairs >> _BLOCK_SHIFT, deadline)
+            self._next = min(self._next, float(deadline.min()))
+
     def due_pairs(self, now: float, limit: int | None = None) -> np.ndarray:
         """The rows of the sessions whose deadline has come, earliest first, at most ``limit`` of them: the rest
         stay due (their blocks' bounds and the next deadline say so). The rows not due set the next deadline. Only
@@ -1168,6 +1176,5 @@ class SessionTable:
             rows = rows[np.argsort(deadline[rows], kind="stable")]
         if limit is not None and rows.size > limit:
             rows, rest = rows[:limit], rows[limit:]
-            np.minimum.at(bounds, rest >> _BLOCK_SHIFT, deadline[rest])
-            self._next = min(self._next, float(deadline[rest[0]]))
+            self.still_due(rest)
         return rows

@@ -68,6 +68,8 @@ TIMER_POLL_MIN = 0.05
 #: followed by the tickets' fold and a sync).
 POLL_STEP = 0.05
 POLL_BUDGET = 20.0
+#: The weight of each session's refresh in the moving average of their cost (:meth:`OffloadedBalancer._catch_up`).
+REFRESH_WEIGHT = 0.05
 
 
 def offload_interfaces(ports: Iterable[PortConfig]) -> dict[int, str]:
@@ -127,6 +129,7 @@ class OffloadedBalancer:
         self._polled = loop.clock()
         self._poll_cost = 0.0  # seconds the last poll took, its steps included
         self._read_cost = 0.0  # ... its read of the map alone
+        self._refresh_cost = 0.0  # seconds a session's own refresh takes (a moving average)
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
         self._step: Timer | None = None  # the next step of a poll, in the loop's next turn
 
@@ -169,7 +172,9 @@ class OffloadedBalancer:
         return out
 
     def _refresh(self, session: Session) -> None:
+        started = time.perf_counter()
         self.offload.fold(session.c2s)
+        self._refresh_cost += (time.perf_counter() - started - self._refresh_cost) * REFRESH_WEIGHT
 
     def _poll(self, now: float) -> None:
         """Start a poll: the counters now, the records and FINs in the loop's next turns (:meth:`poll_step`)."""
@@ -202,10 +207,14 @@ class OffloadedBalancer:
         self._poll_cost += time.perf_counter() - started
         return more
 
-    def _catch_up(self, now: float) -> None:
-        """Many sessions are due and each would be refreshed from the kernel: the poll under way handed over to its
-        end, then, unless one began within :data:`TIMER_POLL_MIN`, a new one read and handed over whole, now (the
+    def _catch_up(self, now: float, count: int) -> None:
+        """``count`` sessions are due and each would be refreshed from the kernel: unless that costs less than the
+        last poll did (sessions with nothing new in the kernel, a SYN flood's half-open ones, cost a few
+        microseconds each; one whose record and FINs wait there, tens), the poll under way handed over to its end,
+        then, unless one began within :data:`TIMER_POLL_MIN`, a new one read and handed over whole, now (the
         sessions' timers are then judged on what the kernel saw of them up to now)."""
+        if count * self._refresh_cost < self._poll_cost:
+            return
         if self._step is not None:
             self._step.cancel()
             self._step = None
