@@ -298,9 +298,9 @@ class Balancer:
         self.recount: Callable[[int], None] | None = None
         #: Set with :attr:`refresh`: hand over now everything the kernel holds of every session (a poll read and
         #: handed over whole) if that costs less than refreshing the given number of sessions one by one, given the
-        #: time and that number; called by :meth:`on_timer` before :data:`CATCH_UP_MIN` or more due sessions would
-        #: be refreshed one by one.
-        self.catch_up: Callable[[float, int], None] | None = None
+        #: time and that number; True if it did. Called by :meth:`on_timer` before :data:`CATCH_UP_MIN` or more
+        #: due sessions would be refreshed one by one.
+        self.catch_up: Callable[[float, int], bool] | None = None
         for server in self.pool.servers:
             self._find(server)
 
@@ -1130,9 +1130,9 @@ class Balancer:
         due = sessions.due_pairs(now, TIMER_SESSIONS)
         quiet = self._quiet(due, now)
         refreshed = due.size - int(np.count_nonzero(quiet))
-        if self.catch_up is not None and refreshed >= CATCH_UP_MIN:
-            sessions.still_due(due)  # found again below unless the kernel's news moved them on
-            self.catch_up(now, refreshed)  # what the kernel holds of them, in one read: they moved on, or are due
+        if self.catch_up is not None and refreshed >= CATCH_UP_MIN and self.catch_up(now, refreshed):
+            # what the kernel held of them was handed over in one read: those it did not move on are due still
+            sessions.still_due(due)
             due = sessions.due_pairs(now, TIMER_SESSIONS)
             quiet = self._quiet(due, now)
         quiet = quiet.tolist()

@@ -207,24 +207,26 @@ class OffloadedBalancer:
         self._poll_cost += time.perf_counter() - started
         return more
 
-    def _catch_up(self, now: float, count: int) -> None:
+    def _catch_up(self, now: float, count: int) -> bool:
         """``count`` sessions are due and each would be refreshed from the kernel: unless that costs less than the
         last poll did (sessions with nothing new in the kernel, a SYN flood's half-open ones, cost a few
         microseconds each; one whose record and FINs wait there, tens), the poll under way handed over to its end,
         then, unless one began within :data:`TIMER_POLL_MIN`, a new one read and handed over whole, now (the
-        sessions' timers are then judged on what the kernel saw of them up to now)."""
+        sessions' timers are then judged on what the kernel saw of them up to now). True if it caught up."""
         if count * self._refresh_cost < self._poll_cost:
-            return
+            return False
+        self._poll_to_end()
+        if now - self._polled >= TIMER_POLL_MIN:
+            self._poll(now)
+            self._poll_to_end()
+        return True
+
+    def _poll_to_end(self) -> None:
+        """Hand the poll under way over to its end now, rather than in the loop's next turns."""
         if self._step is not None:
             self._step.cancel()
             self._step = None
             self._steps(math.inf)
-        if now - self._polled >= TIMER_POLL_MIN:
-            self._poll(now)
-            if self._step is not None:
-                self._step.cancel()
-                self._step = None
-                self._steps(math.inf)
 
     @property
     def polling(self) -> bool:

@@ -1698,17 +1698,24 @@ class XdpOffload:
             if raw is not None:
                 handed = self._hand_over(c2s, _RECORD.unpack_from(raw, _RECORD_AT), self.clock() - time.monotonic())
         if self.ended is not None and c2s not in self._measuring:
-            found: list[int] = []
-            values: list[bytes] = []
-            for label in (c2s, c2s + 1):
-                if self._in_kernel[label] and not self._fin_folded[label] and label not in self._withdrawn:
-                    value = self._map.lookup(_KEY.pack(label))
-                    if value is not None:
-                        found.append(label)
-                        values.append(value)
+            found, values = self._entries([label for label in (c2s, c2s + 1) if not self._fin_folded[label]])
             if found:
-                self._fold_fins(np.array(found, dtype=np.intp), b"".join(values), force=False)
+                self._fold_fins(np.array(found, dtype=np.intp), values, force=False)
         return handed
+
+    def _entries(self, labels: list[int]) -> tuple[list[int], bytes]:
+        """The kernel's entries of those of ``labels`` that are in it and not withdrawn (one lookup each): the
+        labels found, and their values back to back."""
+        assert self._map is not None
+        found: list[int] = []
+        values: list[bytes] = []
+        for label in labels:
+            if self._in_kernel[label] and label not in self._withdrawn:
+                value = self._map.lookup(_KEY.pack(label))
+                if value is not None:
+                    found.append(label)
+                    values.append(value)
+        return found, b"".join(values)
 
     def recount(self, c2s: int) -> None:
         """Fold what the kernel counted on ``c2s``'s pair since the last poll into the table now (one lookup per
@@ -1716,16 +1723,9 @@ class XdpOffload:
         last poll, which the loop may have put off under load."""
         if self._map is None:
             return
-        found: list[int] = []
-        values: list[bytes] = []
-        for label in (c2s, c2s + 1):
-            if self._in_kernel[label] and label not in self._withdrawn:
-                value = self._map.lookup(_KEY.pack(label))
-                if value is not None:
-                    found.append(label)
-                    values.append(value)
+        found, values = self._entries([c2s, c2s + 1])
         if found:
-            self._fold(np.array(found, dtype=np.intp), np.frombuffer(b"".join(values), dtype=COUNTERS))
+            self._fold(np.array(found, dtype=np.intp), np.frombuffer(values, dtype=COUNTERS))
 
     def settled(self, c2s: np.ndarray) -> np.ndarray:
         """Which of the ``c2s`` labels' sessions :meth:`fold` would hand nothing over for (a mask): not measured,
