@@ -3,7 +3,8 @@
 block), with the kernel forwarding the same frames (tc mirred redirect) as the reference.
 
 Testbed, in a throwaway namespace: ``gen -- ca [balancer] sa -- sink``, two veth pairs. trafgen (netsniff-ng) on
-CPU 0 sends labelled 64-byte frames of ``--sessions`` open sessions round robin into ``ca`` as fast as it can; the
+CPU 0 sends labelled 64-byte frames of ``--sessions`` open sessions (each past its handshake: the client's SYN and
+the server's SYN-ACK went through the driver first) round robin into ``ca`` as fast as it can; the
 driver (this process, on CPU 1) reads ``ca`` through a TPACKET_V3 ring and sends the switched frames out of ``sa``.
 The figure is what arrives at ``sink`` (its rx_packets counter) per second over ``--seconds`` after a
 ``--warmup``; what the balancer could not take is dropped at its receive ring and shows as ``rx_drops``. The
@@ -113,31 +114,57 @@ def make_balancer(ca_mac: bytes, sa_mac: bytes, sink_mac: bytes) -> Any:
     return Balancer(config)
 
 
-def client_packet(sport: int, flags: int, seq: int = 1000) -> bytes:
+def client_packet(sport: int, flags: int, seq: int = 1000, ack: int = 0) -> bytes:
     from mplslb.wire.ip import IPPROTO_TCP
     from mplslb.wire.ipv4 import build_ipv4
     from mplslb.wire.tcp import build_tcp
 
     src = bytes((10, 1, 0, 1))
-    segment = build_tcp(src, VIP, sport, 80, seq=seq, ack=1 if flags & 0x10 else 0, flags=flags)
+    segment = build_tcp(src, VIP, sport, 80, seq=seq, ack=ack, flags=flags)
     return build_ipv4(src, VIP, IPPROTO_TCP, len(segment)) + segment
 
 
-def open_sessions(driver: Any, loop: Any, gen_port: Any, sink_port: Any, ca_mac: bytes, n: int) -> list[int]:
-    """Open ``n`` TCP sessions with SYNs through the driver; the C2S labels they got, read off the labelled SYNs."""
-    from mplslb.wire.ethernet import ETH_P_IP, build_ethernet
+def server_packet(dport: int, flags: int) -> bytes:
+    """The server's answer to ``client_packet(dport, SYN)``: from the VIP (direct server return)."""
+    from mplslb.wire.ip import IPPROTO_TCP
+    from mplslb.wire.ipv4 import build_ipv4
+    from mplslb.wire.tcp import build_tcp
+
+    client = bytes((10, 1, 0, 1))
+    segment = build_tcp(VIP, client, 80, dport, seq=5000, ack=1001, flags=flags)
+    return build_ipv4(VIP, client, IPPROTO_TCP, len(segment)) + segment
+
+
+def passed(loop: Any, port: Any, ethertype: bytes, what: str) -> bytes:
+    """The one frame of ``ethertype`` that ``port`` receives while the driver runs, within WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    got: list[bytes] = []
+    while not got and time.monotonic() < deadline:
+        loop.run_once(0.01)
+        got = [f for f in port.recv_burst() if f[12:14] == ethertype]
+    if len(got) != 1:
+        raise RuntimeError(f"{what} did not come through the balancer")
+    return got[0]
+
+
+def open_sessions(driver: Any, loop: Any, gen_port: Any, sink_port: Any, ca_mac: bytes, sa_mac: bytes,
+                  n: int) -> list[int]:  # fmt: skip
+    """Open ``n`` TCP sessions through the driver: each client's SYN, and its server's SYN-ACK under the S2C label
+    (the frames trafgen sends then are the client's ACKs, which complete the handshake: sessions past it, as a
+    deployment's traffic is, not half-open ones, whose every frame the balancer looks at). The C2S labels they got,
+    read off the labelled SYNs."""
+    from mplslb.wire.ethernet import ETH_P_IP, ETH_P_MPLS_UC, build_ethernet
+    from mplslb.wire.mpls import stack_of
 
     labels: list[int] = []
     for i in range(n):
         gen_port.send(build_ethernet(ca_mac, CLIENT_MAC, ETH_P_IP) + client_packet(41000 + i, 0x02))
-        deadline = time.monotonic() + WAIT
-        got: list[bytes] = []
-        while not got and time.monotonic() < deadline:
-            loop.run_once(0.01)
-            got = [f for f in sink_port.recv_burst() if f[12:14] == b"\x88\x47"]
-        if len(got) != 1:
-            raise RuntimeError(f"session {i}: the SYN did not come through the balancer")
-        labels.append(int.from_bytes(got[0][14:17], "big") >> 4)
+        syn = passed(loop, sink_port, b"\x88\x47", f"session {i}: the SYN")
+        label = int.from_bytes(syn[14:17], "big") >> 4
+        sink_port.send(build_ethernet(sa_mac, sink_port.mac, ETH_P_MPLS_UC) + stack_of([label + 1])
+                       + server_packet(41000 + i, 0x12))  # fmt: skip
+        passed(loop, gen_port, b"\x88\x47", f"session {i}: the SYN-ACK")
+        labels.append(label)
     return labels
 
 
@@ -148,7 +175,8 @@ def trafgen_config(ca_mac: bytes, labels: list[int], size: int) -> str:
 
     packets = []
     for i, label in enumerate(labels):
-        frame = build_ethernet(ca_mac, CLIENT_MAC, ETH_P_MPLS_UC) + stack_of([label]) + client_packet(41000 + i, 0x10)
+        ack = client_packet(41000 + i, 0x10, seq=1001, ack=5001)  # the handshake's last segment, then as often again
+        frame = build_ethernet(ca_mac, CLIENT_MAC, ETH_P_MPLS_UC) + stack_of([label]) + ack
         frame += bytes(max(0, size - len(frame)))
         packets.append("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }")
     return "\n".join(packets) + "\n"
@@ -249,7 +277,7 @@ def run_driver(bed: tuple[str, str, str, str, str], mode: tuple[str, bool, bool]
         opened.append(sink_port)
         balancer = make_balancer(ca_port.mac, sa_port.mac, sink_port.mac)
         driver = BalancerDriver(balancer, {0: ca_port, 2: sa_port}, loop, block=block)
-        labels = open_sessions(driver, loop, gen_port, sink_port, ca_port.mac, args.sessions)
+        labels = open_sessions(driver, loop, gen_port, sink_port, ca_port.mac, sa_port.mac, args.sessions)
         sink_port.close()  # nothing reads the sink during the run: its counter is the figure
         gen_port.close()
         config = workdir / "frames.cfg"
@@ -274,6 +302,7 @@ def run_driver(bed: tuple[str, str, str, str, str], mode: tuple[str, bool, bool]
             "rx_drops": rx_drops,
             "send_errors": dict(driver.send_errors),
             "fast_path": balancer.fast_path,
+            "states": balancer.sessions.state_counts(),
             "blocks": dict(driver.blocks_read),
         }
         return figures

@@ -3,6 +3,7 @@ order, same counters; everything it cannot take goes through the one-frame path.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -65,6 +66,15 @@ def test_the_whole_recording_in_blocks_matches_frame_by_frame(aligned: bool) -> 
     assert [(r.name, r.packets_in, r.bytes_in, r.packets_out, r.bytes_out) for r in a.servers] == [
         (r.name, r.packets_in, r.bytes_in, r.packets_out, r.bytes_out) for r in b.servers
     ]
+    assert_same_label_counters(one, block)
+
+
+def assert_same_label_counters(one: Balancer, block: Balancer) -> None:
+    """Every label's packets, bytes, last frame's time and last acknowledgment number, as the fast path keeps them,
+    are the same after the block path as after frame-by-frame processing."""
+    x, y = one.switching.arrays(), block.switching.arrays()
+    for name in ("packets", "bytes", "last_seen", "acks"):
+        assert np.array_equal(getattr(x, name), getattr(y, name)), name
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -97,6 +107,7 @@ def test_blocks_with_mutated_frames_match_frame_by_frame(
         assert listed(block.receive_block(buf, starts, lengths, ports, now), buf, starts, lengths) == expected
     a, b = one.stats(), block.stats()
     assert (a.frames_in, a.frames_out, a.fast_path, a.drops) == (b.frames_in, b.frames_out, b.fast_path, b.drops)
+    assert_same_label_counters(one, block)
 
 
 def test_a_forged_or_expired_frame_is_left_to_the_one_frame_path() -> None:

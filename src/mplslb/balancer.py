@@ -75,7 +75,7 @@ from mplslb.switching import (
     switch_block,
     switch_frame,
 )
-from mplslb.switching.block import count_rows
+from mplslb.switching.block import count_few, count_rows
 from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_ACK_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN
@@ -114,6 +114,9 @@ _SYN_TOS, _SYN_TTL = ETH_HLEN + 1, ETH_HLEN + 8
 _NO_HEADS = np.zeros((0, SYN_HEAD), dtype=np.uint8)
 #: The fewest SYNs in a row of a block taken at once: fewer go frame by frame (the numpy calls cost more).
 SYN_RUN_MIN = 12
+#: The most frames of a block counted one by one between two of its frames that touch the session state (more are
+#: counted in bulk: see count_few).
+COUNT_FEW = 16
 _ACK_FIELD = struct.Struct("!I")
 #: Half-open sessions whose kernel record is read before one is evicted, at most per new session.
 _EVICTION_CHECKS = 64
@@ -553,6 +556,11 @@ class Balancer:
         end: int,
         now: float,
     ) -> None:
+        if end - begin <= COUNT_FEW:  # the frames between two reports, most often none but the report's own
+            few = [j for j in range(begin, end) if switched[j]]
+            if few:
+                count_few(self.switching, few, labels, lengths, acks, now)
+            return
         rows = np.flatnonzero(switched[begin:end]) + begin
         if rows.size:
             count_rows(self.switching, labels[rows], lengths[rows], now, acks[rows])
