@@ -333,6 +333,10 @@ def lab_variants() -> list[tuple[str, str, dict[str, Any]]]:
         if "offload_syn" in fields:  # new sessions' SYNs taken in the kernel under tickets
             syn = {"datapath": "kernel", "offload": "kernel", "offload_syn": True}
             found.append(("kernel+xdp+syn", "kernel endpoints, offload = kernel, offload_syn", syn))
+            if "offload_gso" in fields:  # the whole datapath in the kernel: both at once
+                whole = {**gso, "offload_syn": True}
+                found.append(("kernel+xdp+gso+syn", "kernel endpoints, offload = kernel, offload_gso, offload_syn",
+                              whole))  # fmt: skip
         return found
     return [("tun", "TUN agents", {}), ("tun+xdp", "TUN agents, offload = kernel", {"offload": "kernel"})]
 
@@ -489,25 +493,27 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
             tear_down(lab, haproxy, paused=paused, log=log)
     rows = e2e_rows(variants, ours, refs, bulks, failures, extra, cmd)
     names = {key: what for key, what, _ in variants}
-    for key, mode in TURNS:
-        if key not in names:
-            continue
-        log(f"e2e: {mode} through mplslb ({names[key]}), HAProxy and no balancer in one lab, in turns ...")
+    turn = next((k for k in TURNS if k in names), None)
+    if turn is not None:
+        log(f"e2e: {' and '.join(TURN_MODES)} through mplslb ({names[turn]}), HAProxy and no balancer in one lab, "
+            "in turns ...")  # fmt: skip
         try:
-            found = in_turns(key, modes=(mode,), rounds=1 if quick else 3, seconds=seconds, log=log)
+            found = in_turns(turn, modes=TURN_MODES, rounds=1 if quick else 3, seconds=seconds, log=log)
         except Exception as exc:
             log(f"e2e: in turns: failed: {exc!r}")
-            rows.append(skipped("e2e", f"e2e {mode}, {names[key]}, in turns", f"lab run failed: {exc!r}"[:300],
-                                command=cmd))  # fmt: skip
+            rows += [skipped("e2e", f"e2e {mode}, {names[turn]}, in turns", f"lab run failed: {exc!r}"[:300],
+                             command=cmd) for mode in TURN_MODES]  # fmt: skip
         else:
-            rows += turn_rows(found, names[key], mode, seconds, cmd)
+            for mode in TURN_MODES:
+                rows += turn_rows(found, names[turn], mode, seconds, cmd)
     return rows
 
 
-#: The variants also measured in turns with the references on their own namespaces, and in which mode: keep-alive
-#: with every part of the datapath in the kernel (super-packets too), which that traffic uses alone; one connection
-#: per request with the SYNs taken in the kernel under tickets.
-TURNS = (("kernel+xdp+gso", "keep-alive"), ("kernel+xdp+syn", "close"))
+#: The variant also measured in turns with the references on its own namespaces, in both modes: the whole datapath
+#: in the kernel (super-packets whole, new sessions' SYNs taken under tickets), one configuration for both kinds of
+#: traffic; the first of these the lab offers.
+TURNS = ("kernel+xdp+gso+syn", "kernel+xdp+gso", "kernel+xdp")
+TURN_MODES = ("keep-alive", "close")
 
 
 def turn_rows(runs: list[dict[str, Any]], what: str, mode: str, seconds: int, cmd: str) -> list[Row]:
