@@ -25,8 +25,9 @@ medians over the rounds (the two daemons in turn within each round) of CPU µs p
 (``bench/e2e.py --close --variant kernel+xdp+syn``) gives the daemon's CPU per session under wrk, where its loop's
 other work (reading frames, status) and the machine's other processes count too.
 
-Run ``PYTHONPATH=<checkout>/src python bench/close_session.py [--batch N] [--rounds R] [--json] [--profile]``
-(``--profile``: cProfile over the timed phases of the daemon with tickets).
+Run ``PYTHONPATH=<checkout>/src python bench/close_session.py [--batch N] [--rounds R] [--chunk C] [--json]
+[--profile]`` (``--chunk``: sessions between two folds, :data:`CHUNK` by default; ``--profile``: cProfile over the
+timed phases of the daemon with tickets).
 """
 
 from __future__ import annotations
@@ -306,12 +307,15 @@ def rows(quick: bool = False) -> list[Row]:
 
 
 def main() -> None:
+    global CHUNK
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=BATCH, help=f"sessions per round (default {BATCH})")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed rounds; the top functions")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help=f"sessions between two folds (default {CHUNK})")
     args = parser.parse_args()
+    CHUNK = args.chunk
     where = Path(tempfile.mkdtemp(prefix="mplslb-close-")) / "profile" if args.profile else None
     try:
         figures = measure(args.batch, args.rounds, profile=where)
