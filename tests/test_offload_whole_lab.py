@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+import test_offload_gso_lab as gso_lab
 from helpers import running_lab
 from mplslb.lab import VIP4, Lab, LabSpec
-from test_offload_gso_lab import tcp_csum_errors
 from test_offload_lab import status, wait_for
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, veth, packet sockets and bpf(2)"),
-    pytest.mark.skipif(
-        any(shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists() for t in ("nginx", "curl", "nsenter")),
-        reason="nginx, curl and nsenter are needed (make test installs them)",
-    ),
-    pytest.mark.skipif(shutil.which("clang") is None, reason="clang is needed to build the BPF programs"),
-]
-
-ROOT = Path("/run/mplslb-test-labs")
+pytestmark = gso_lab.pytestmark  # root, slow, nginx, curl, nsenter and clang, as the offload_gso lab's
+ROOT = gso_lab.ROOT
 BULK = 8 << 20  # octets of the file every server serves
 
 
@@ -47,7 +35,7 @@ def test_tickets_and_super_packets_together(lab: Lab) -> None:
     for j in range(lab.spec.servers):
         (lab.dir / lab.server_name(j) / "www" / "bulk.bin").write_bytes(data)
     served = hashlib.sha256(data).hexdigest()
-    first, csum_errors = status(lab), tcp_csum_errors(lab)
+    first, csum_errors = status(lab), gso_lab.tcp_csum_errors(lab)
     assert first["datapath"] == "kernel (XDP, tc for super-packets)"
     tickets = first["offload"]["tickets"]
     assert tickets["outstanding"] > 0 and first["offload"]["entries"] == 2 * tickets["outstanding"]
@@ -71,7 +59,7 @@ def test_tickets_and_super_packets_together(lab: Lab) -> None:
     # the daemon saw neither the SYNs nor the bulk: a few frames a session at most (the FINs it sends on)
     frames = after["frames"]["in"] - first["frames"]["in"]
     assert frames < 3 * downloads, frames
-    assert tcp_csum_errors(lab) == csum_errors
+    assert gso_lab.tcp_csum_errors(lab) == csum_errors
     wait_for(
         lambda: (s := status(lab))["offload"]["entries"] == 2 * s["offload"]["tickets"]["outstanding"],
         15,
