@@ -506,6 +506,7 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
         else:
             for mode in TURN_MODES:
                 rows += turn_rows(found, names[turn], mode, seconds, cmd)
+            rows += idle_rows(found, names[turn], cmd)
     return rows
 
 
@@ -721,6 +722,7 @@ def in_turns(
             urls["direct"] = route_direct(lab)
             wait_until(lambda: http_ok(lab, 0, urls["direct"]), 15, "the server to answer")
         ports = lab_ports(lab)
+        found.append(idle_cpu(procs, IDLE_SECONDS))
         for path in paths:  # warm-up: sessions, caches, server workers
             for mode in modes:
                 run_wrk(lab, 0, urls[path], seconds=1, connections=16, header=dict(MODES)[mode])
@@ -760,6 +762,35 @@ def in_turns(
     finally:
         tear_down(lab, haproxy, paused=paused, log=log)
     return found
+
+
+#: Seconds the lab's processes are watched with no traffic at all (every balancer up, none paused).
+IDLE_SECONDS = 5.0
+
+
+def idle_cpu(procs: dict[str, list[int]], seconds: float) -> dict[str, Any]:
+    """Each process's CPU over ``seconds`` of no traffic, in % of a core: a record of path and mode "idle"."""
+    hz = os.sysconf("SC_CLK_TCK")
+    before = cpu_snapshot(procs)
+    time.sleep(seconds)
+    after = cpu_snapshot(procs)
+    shares = {f"idle_cpu_pct_{k}": (after[k] - before.get(k, 0)) / hz / seconds * 100 for k in after}
+    return {"round": 0, "steering": "none", "path": "idle", "mode": "idle", "connections": 0, "seconds": seconds,
+            **shares}  # fmt: skip
+
+
+def idle_rows(runs: list[dict[str, Any]], what: str, cmd: str) -> list[Row]:
+    """The balancer daemon's CPU with no traffic against HAProxy's, from :func:`idle_cpu`'s record in ``runs``."""
+    idle = next((r for r in runs if r["mode"] == "idle"), None)
+    if idle is None:
+        return []
+    pct = {k.removeprefix("idle_cpu_pct_"): v for k, v in idle.items() if k.startswith("idle_cpu_pct_")}
+    agents = {k: v for k, v in pct.items() if k.startswith("agent")}
+    note = (f"{idle['seconds']:.0f} s with no traffic, the lab up, HAProxy running beside it; the agents "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(agents.items())) + " % of a core")  # fmt: skip
+    return [Row("e2e", f"e2e idle: the balancer daemon's CPU, {what}", round(pct.get("balancer", 0.0), 2),
+                "% of a core", "HAProxy idle, same lab, same seconds", round(pct.get("haproxy", 0.0), 2),
+                target="-", note=note, command=cmd, extra={"idle": idle})]  # fmt: skip
 
 
 def turn_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

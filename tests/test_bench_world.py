@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 from common import time_interleaved  # noqa: E402
-from e2e import BULK_FILE, make_bulk_files, turn_rows  # noqa: E402
+from e2e import BULK_FILE, idle_cpu, idle_rows, make_bulk_files, turn_rows  # noqa: E402
 from engine import open_sessions  # noqa: E402
 from frames import c2s_of_flow, make_config  # noqa: E402
 from mplslb.balancer import TIMER_SESSIONS, Balancer  # noqa: E402
@@ -116,3 +117,18 @@ def test_runs_in_turns_are_judged_by_the_medians_of_the_rounds() -> None:
     assert (vs_haproxy.target, vs_haproxy.met) == ("ratio >= 1.0", True)
     assert "150 us of CPU per session" in vs_haproxy.note
     assert rows["e2e close -c16 p99 latency, tickets, in turns in one lab"].met is None  # no target on close's p99
+
+
+def test_the_idle_row_sets_the_daemons_cpu_with_no_traffic_against_haproxys() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        record = idle_cpu({"haproxy": [sleeper.pid]}, 0.2)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert (record["mode"], record["path"], record["idle_cpu_pct_haproxy"]) == ("idle", "idle", 0.0)
+    runs = [record | {"idle_cpu_pct_balancer": 1.5, "idle_cpu_pct_agent-c1": 0.3}]
+    (row,) = idle_rows(runs, "the best", "cmd")
+    assert (row.figure, row.reference_figure, row.unit) == (1.5, 0.0, "% of a core")
+    assert "agent-c1 0.3 % of a core" in row.note and "the best" in row.benchmark
+    assert turn_rows(runs, "the best", "keep-alive", 3, "cmd") == [] and idle_rows([], "the best", "cmd") == []

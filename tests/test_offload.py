@@ -69,7 +69,7 @@ from mplslb.config import BalancerConfig, ConfigError, Section, read_offload, re
 from mplslb.drivers.afpacket import PacketPort
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
-from mplslb.offload import bpf, driver
+from mplslb.offload import bpf, driver, xdp
 from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.xdp import BATCH_MIN, PROG_NAME, TICKET_MAPS, OffloadError, XdpOffload, syn_share, xdp_state
@@ -83,6 +83,7 @@ from mplslb.switching.layout import (
     IPV4_PLAIN,
     IPV4_PROTO,
     IPV6_NEXT_HEADER,
+    KERNEL_ENTRY,
     LSE_AT,
     REQUEST_COPY,
 )
@@ -640,6 +641,48 @@ def test_counters_survive_an_entry_rewritten_or_taken_back_between_polls(topo: t
         assert sw.packets[A] == 5  # folded once
     finally:
         offload.close()
+
+
+@needs_kernel
+def test_a_poll_reads_by_key_what_a_walk_of_the_map_reads(
+    topo: tuple[str, str], obj: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the table holds few labels a poll looks up their entries one by one instead of walking the map: it
+    reads the walk's entries of the labels in the table (a label in the map but no longer in the table, withdrawn
+    and not yet synced, is left out, and a watched one is in neither), and the table's counters come out the
+    same."""
+    lb, _ = topo
+    frames = [(A, from_client(A, v4_tcp(ACK, b"x")))] * 3 + [(E, from_client(E, v4_tcp(ACK), mac=client_mac(2)))] * 2
+    counted: dict[bool, list[tuple[int, int]]] = {}
+    for by_key in (True, False):
+        monkeypatch.setattr(xdp, "READ_BY_KEY_MAX", 64 if by_key else -1)
+        balancer = standard_balancer()
+        sw = balancer.switching
+        install_all(balancer)
+        offload = offload_in(lb, balancer, obj)
+        try:
+            with entered(lb):
+                assert [offload.run(frame, 0).retval for _, frame in frames] == [bpf.XDP_REDIRECT] * len(frames)
+            sw.withdraw(F)  # still in the map until the next sync
+            keys, values, count = offload._read_map()
+            walked, all_values, all_count = offload._map.lookup_batch()  # type: ignore[union-attr]
+            in_table = {
+                label: all_values[i * KERNEL_ENTRY.size : (i + 1) * KERNEL_ENTRY.size]
+                for i, label in enumerate(struct.unpack(f"={all_count}I", walked))
+                if sw.valid[label]
+            }
+            read = {
+                label: values[i * KERNEL_ENTRY.size : (i + 1) * KERNEL_ENTRY.size]
+                for i, label in enumerate(struct.unpack(f"={count}I", keys))
+            }
+            assert read == in_table if by_key else count == all_count
+            assert F in set(struct.unpack(f"={all_count}I", walked)) and W not in read and A in read
+            offload.poll()
+            counted[by_key] = [sw.traffic(label) for label in INSTALLS]
+        finally:
+            offload.close()
+    assert counted[True] == counted[False]
+    assert counted[True][list(INSTALLS).index(A)] == (3, 3 * len(frames[0][1]))
 
 
 @needs_kernel

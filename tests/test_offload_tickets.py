@@ -45,7 +45,7 @@ from mplslb.balancer import Balancer
 from mplslb.config import ConfigError, Section, read_offload_syn
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
-from mplslb.offload import bpf
+from mplslb.offload import bpf, driver
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.tickets import TICKETS_WANT, TicketDesk
 from mplslb.offload.xdp import Taken
@@ -166,6 +166,34 @@ def test_a_syn_taken_under_a_ticket_is_what_userspace_makes_of_it(
         stats = core.stats()["tickets"]
         assert stats["syn_taken"] == stats["taken"] == 3 and core.balancer.frames_in == 0
         assert [s.active for s in core.balancer.pool] != [s.active for s in reference.pool]  # the tickets' servers
+    finally:
+        core.close()
+
+
+@needs_kernel
+def test_an_idle_wrappers_tick_slows_down_until_a_ticket_is_taken_or_a_change_written(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wrapper's tick doubles its interval while it finds nothing to do, up to SYNC_INTERVAL_IDLE, and comes
+    back to SYNC_INTERVAL at the first tick that folds a ticket the kernel took or writes a change to the kernel."""
+    core, _, loop = pair(lb, tmp_path, monkeypatch)
+
+    def tick() -> float:
+        """One tick of the wrapper's timer: the interval to its next."""
+        core._tick()
+        assert core._timer is not None
+        return core._timer.when - loop.clock()
+
+    try:
+        intervals = [round(tick(), 3) for _ in range(6)]
+        assert intervals[-1] == driver.SYNC_INTERVAL_IDLE and intervals == sorted(intervals)
+        assert intervals[0] == 2 * driver.SYNC_INTERVAL
+        assert run(core, lb, syn_frame()).retval == bpf.XDP_REDIRECT  # taken under a ticket
+        assert round(tick(), 3) == driver.SYNC_INTERVAL and len(core.balancer.sessions) == 1
+        assert round(tick(), 3) == 2 * driver.SYNC_INTERVAL
+        (session,) = core.balancer.sessions.sessions()
+        core.balancer.switching.withdraw(session.c2s)  # a change for the kernel
+        assert round(tick(), 3) == driver.SYNC_INTERVAL
     finally:
         core.close()
 

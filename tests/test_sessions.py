@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ from mplslb.sessions import (
     SessionState,
     SessionTable,
     Timeouts,
+    nonzero_bytes,
 )
 
 S, E = SessionState, SessionEvent
@@ -167,6 +169,15 @@ def test_state_counts_follow_the_sessions(server: Server) -> None:
     table.apply(c, E.CLIENT_FIN, 0.3)
     table.remove(a)
     assert table.state_counts() == {"answered": 1, "closing_client": 1}
+
+
+@given(st.integers(0, 70), st.lists(st.tuples(st.integers(0, 69), st.integers(1, 255)), max_size=20))
+def test_nonzero_bytes_finds_what_flatnonzero_finds(size: int, marks: list[tuple[int, int]]) -> None:
+    flags = np.zeros(size, dtype=np.uint8)
+    for at, value in marks:
+        if at < size:
+            flags[at] = value
+    assert nonzero_bytes(flags).tolist() == np.flatnonzero(flags).tolist()
 
 
 def test_a_close_followed_by_traffic_is_not_believed(server: Server) -> None:

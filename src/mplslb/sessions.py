@@ -83,6 +83,17 @@ if TYPE_CHECKING:
     from mplslb.balancing.servers import Server
 
 
+def nonzero_bytes(flags: np.ndarray) -> np.ndarray:
+    """The positions of the nonzero elements of the uint8 array ``flags``, as ``np.flatnonzero`` finds them, but
+    found eight at a time: a few times faster while few are set (the whole array is still read)."""
+    whole = flags.size & ~7
+    words = np.flatnonzero(flags[:whole].view(np.uint64))
+    found: np.ndarray = ((words[:, None] << 3) + np.arange(8))[flags[:whole].reshape(-1, 8)[words] != 0]
+    if whole == flags.size:
+        return found
+    return np.concatenate((found, np.flatnonzero(flags[whole:]) + whole))
+
+
 class SessionState(StrEnum):
     START = "start"
     ANSWERED = "answered"  # the server sent SYN-ACK, the client has not completed the handshake
@@ -489,7 +500,8 @@ class SessionTable:
     # -- rows -------------------------------------------------------------------------------------------------------
     def state_counts(self) -> dict[str, int]:
         """Live sessions by state (lower-case state names; one pass over the state column)."""
-        counts = np.bincount(self._np_state, minlength=len(_STATES))
+        states = self._np_state
+        counts = np.bincount(states[nonzero_bytes(states)], minlength=len(_STATES))
         return {_STATES[code].name.lower(): int(n) for code, n in enumerate(counts.tolist()) if code and n}
 
     def __len__(self) -> int:

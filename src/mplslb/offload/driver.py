@@ -56,6 +56,11 @@ from mplslb.offload.xdp import XdpOffload
 from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
+#: While its ticks find nothing to do (no ticket taken, nothing to write), the wrapper's tick doubles its interval
+#: up to this: an idle daemon wakes a few dozen times a second, not two hundred. The first tick that finds a
+#: ticket taken or a change to write goes back to SYNC_INTERVAL; a burst of new sessions meanwhile is taken in the
+#: kernel under the tickets outstanding.
+SYNC_INTERVAL_IDLE = 0.04
 #: Seconds between two reads of the kernel's whole map (the counters, records and FINs handed over), stretched up
 #: to POLL_INTERVAL_MAX while a read costs more than 1/POLL_BUDGET of that (a very large map). A client that closed
 #: first uses its port again as soon as its TIME_WAIT socket may be reused (``tcp_tw_reuse``: a second later on
@@ -130,20 +135,22 @@ class OffloadedBalancer:
         self._poll_cost = 0.0  # seconds the last poll took, its steps included
         self._read_cost = 0.0  # ... its read of the map alone
         self._refresh_cost = 0.0  # seconds a session's own refresh takes (a moving average)
+        self._tick_interval = SYNC_INTERVAL  # doubled while the ticks find nothing to do (SYNC_INTERVAL_IDLE)
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
         self._step: Timer | None = None  # the next step of a poll, in the loop's next turn
 
-    def _fold_tickets(self, now: float) -> None:
+    def _fold_tickets(self, now: float) -> int:
         """Before the balancer decides anything: the SYNs the kernel took are sessions (a retransmitted one then
-        finds its session)."""
-        if self.desk is not None:
-            self.desk.fold(now)
+        finds its session). Returns how many were taken."""
+        return self.desk.fold(now) if self.desk is not None else 0
 
-    def _sync(self, now: float) -> None:
-        """After it: its installs and withdrawals in the kernel, then tickets issued for the ones taken."""
-        self.offload.sync()
+    def _sync(self, now: float) -> int:
+        """After it: its installs and withdrawals in the kernel, then tickets issued for the ones taken. Returns
+        how many map elements and tickets were written."""
+        done = self.offload.sync()
         if self.desk is not None:
-            self.desk.refill(now)
+            done += self.desk.refill(now)
+        return done
 
     def receive_batch(self, frames: Iterable[tuple[int, bytes | memoryview]], now: float) -> Frames:
         self._fold_tickets(now)
@@ -235,12 +242,13 @@ class OffloadedBalancer:
 
     def _tick(self) -> None:
         now = self.loop.clock()
-        self._fold_tickets(now)
+        busy = self._fold_tickets(now)
         interval = max(POLL_INTERVAL, min(POLL_INTERVAL_MAX, POLL_BUDGET * self._read_cost))
         if self._step is None and now - self._polled >= interval:
             self._poll(now)
-        self._sync(now)
-        self._timer = self.loop.call_at(now + SYNC_INTERVAL, self._tick)
+        busy += self._sync(now)
+        self._tick_interval = SYNC_INTERVAL if busy else min(2 * self._tick_interval, SYNC_INTERVAL_IDLE)
+        self._timer = self.loop.call_at(now + self._tick_interval, self._tick)
 
     def close(self, *, keep: bool = False) -> None:
         """Stop the timer, fold the last counters in and detach everything from the kernel; with ``keep``, leave

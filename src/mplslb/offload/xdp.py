@@ -164,7 +164,7 @@ from mplslb.balancer import WholeSessions
 from mplslb.labels import C2S_MIN
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
-from mplslb.sessions import WATCH_BUDGET
+from mplslb.sessions import WATCH_BUDGET, nonzero_bytes
 from mplslb.state import fingerprint
 from mplslb.switching.layout import (
     ETH_HLEN,
@@ -292,6 +292,9 @@ BATCH_MIN = 4  # fewer writes than this go one by one
 
 #: Records or FINs a poll hands over per :meth:`XdpOffload.poll_step` (a few ms of the daemon's time).
 POLL_CHUNK: Final = 256
+#: While the table holds at most this many labels, a poll looks their entries up one by one (a few microseconds
+#: each) instead of walking the map, whose 2^20 buckets take milliseconds however few entries they hold.
+READ_BY_KEY_MAX = 512
 
 
 @dataclass(slots=True)
@@ -1410,7 +1413,7 @@ class XdpOffload:
         self.sync()
         self._fold_shed()
         self._fold_gso()
-        keys, values, count = self._map.lookup_batch()
+        keys, values, count = self._read_map()
         self.polls += 1
         read_at = self.clock()
         if not count:
@@ -1439,6 +1442,28 @@ class XdpOffload:
         else:
             self._read_at = read_at
         return moved
+
+    def _read_map(self) -> tuple[bytes, bytes, int]:
+        """The entries a poll reads (keys, values, count): every entry in the map, or, while the table holds at
+        most :data:`READ_BY_KEY_MAX` labels, the entries of those of them in the kernel, looked up one by one. Both
+        give every entry the poll uses: it folds nothing of a label not in the table (an outstanding ticket's)."""
+        assert self._map is not None
+        installed = self.table.installed
+        if installed > READ_BY_KEY_MAX:
+            return self._map.lookup_batch()
+        if not installed:
+            return b"", b"", 0
+        labels = nonzero_bytes(self._in_kernel)
+        labels = labels[self.table.arrays().valid[labels] != 0]
+        lookup, pack = self._map.lookup, _KEY.pack
+        found: list[int] = []
+        values: list[bytes] = []
+        for label in labels.tolist():
+            value = lookup(pack(label))
+            if value is not None:
+                found.append(label)
+                values.append(value)
+        return struct.pack(f"={len(found)}I", *found), b"".join(values), len(found)
 
     def _fins_of(self, labels: np.ndarray, values: bytes) -> np.ndarray:
         """Where the FINs taken in the kernel and not handed over yet are in a read of ``labels``' entries, in the
