@@ -174,8 +174,9 @@ def test_a_syn_taken_under_a_ticket_is_what_userspace_makes_of_it(
 def test_an_idle_wrappers_tick_slows_down_until_a_ticket_is_taken_or_a_change_written(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The wrapper's tick doubles its interval while it finds nothing to do, up to SYNC_INTERVAL_IDLE, and comes
-    back to SYNC_INTERVAL at the first tick that folds a ticket the kernel took or writes a change to the kernel."""
+    """The wrapper's tick doubles its interval while nothing happens between ticks, up to SYNC_INTERVAL_IDLE, and
+    comes back to SYNC_INTERVAL at the first tick after a ticket the kernel took was folded or a change written to
+    the kernel, by the tick itself or by the daemon's handling of frames in between."""
     core, _, loop = pair(lb, tmp_path, monkeypatch)
 
     def tick() -> float:
@@ -193,6 +194,10 @@ def test_an_idle_wrappers_tick_slows_down_until_a_ticket_is_taken_or_a_change_wr
         assert round(tick(), 3) == 2 * driver.SYNC_INTERVAL
         (session,) = core.balancer.sessions.sessions()
         core.balancer.switching.withdraw(session.c2s)  # a change for the kernel
+        assert round(tick(), 3) == driver.SYNC_INTERVAL
+        assert round(tick(), 3) == 2 * driver.SYNC_INTERVAL
+        assert run(core, lb, syn_frame()).retval == bpf.XDP_REDIRECT
+        assert core.receive_batch([], loop.clock()) == [] and len(core.balancer.sessions) == 2  # folded there
         assert round(tick(), 3) == driver.SYNC_INTERVAL
     finally:
         core.close()

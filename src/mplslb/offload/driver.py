@@ -56,10 +56,10 @@ from mplslb.offload.xdp import XdpOffload
 from mplslb.sessions import Session
 
 SYNC_INTERVAL = 0.005
-#: While its ticks find nothing to do (no ticket taken, nothing to write), the wrapper's tick doubles its interval
-#: up to this: an idle daemon wakes a few dozen times a second, not two hundred. The first tick that finds a
-#: ticket taken or a change to write goes back to SYNC_INTERVAL; a burst of new sessions meanwhile is taken in the
-#: kernel under the tickets outstanding.
+#: While nothing happens between its ticks (no ticket taken, no entry written or deleted, by the tick or by
+#: anything else the daemon ran), the wrapper's tick doubles its interval up to this: an idle daemon wakes a few
+#: dozen times a second, not two hundred. The first tick after a ticket was taken or an entry changed goes back to
+#: SYNC_INTERVAL; a burst of new sessions meanwhile is taken in the kernel under the tickets outstanding.
 SYNC_INTERVAL_IDLE = 0.04
 #: Seconds between two reads of the kernel's whole map (the counters, records and FINs handed over), stretched up
 #: to POLL_INTERVAL_MAX while a read costs more than 1/POLL_BUDGET of that (a very large map). A client that closed
@@ -135,22 +135,27 @@ class OffloadedBalancer:
         self._poll_cost = 0.0  # seconds the last poll took, its steps included
         self._read_cost = 0.0  # ... its read of the map alone
         self._refresh_cost = 0.0  # seconds a session's own refresh takes (a moving average)
-        self._tick_interval = SYNC_INTERVAL  # doubled while the ticks find nothing to do (SYNC_INTERVAL_IDLE)
+        self._tick_interval = SYNC_INTERVAL  # doubled while nothing happens between ticks (SYNC_INTERVAL_IDLE)
+        self._last_activity = self._activity()
         self._timer: Timer | None = loop.call_at(self._polled + SYNC_INTERVAL, self._tick)
         self._step: Timer | None = None  # the next step of a poll, in the loop's next turn
 
-    def _fold_tickets(self, now: float) -> int:
+    def _fold_tickets(self, now: float) -> None:
         """Before the balancer decides anything: the SYNs the kernel took are sessions (a retransmitted one then
-        finds its session). Returns how many were taken."""
-        return self.desk.fold(now) if self.desk is not None else 0
-
-    def _sync(self, now: float) -> int:
-        """After it: its installs and withdrawals in the kernel, then tickets issued for the ones taken. Returns
-        how many map elements and tickets were written."""
-        done = self.offload.sync()
+        finds its session)."""
         if self.desk is not None:
-            done += self.desk.refill(now)
-        return done
+            self.desk.fold(now)
+
+    def _sync(self, now: float) -> None:
+        """After it: its installs and withdrawals in the kernel, then tickets issued for the ones taken."""
+        self.offload.sync()
+        if self.desk is not None:
+            self.desk.refill(now)
+
+    def _activity(self) -> int:
+        """A count that moves whenever a ticket is taken or an entry written or deleted in the kernel."""
+        o = self.offload
+        return o.writes + o.deletes + (self.desk.taken + self.desk.refused if self.desk is not None else 0)
 
     def receive_batch(self, frames: Iterable[tuple[int, bytes | memoryview]], now: float) -> Frames:
         self._fold_tickets(now)
@@ -242,12 +247,14 @@ class OffloadedBalancer:
 
     def _tick(self) -> None:
         now = self.loop.clock()
-        busy = self._fold_tickets(now)
+        self._fold_tickets(now)
         interval = max(POLL_INTERVAL, min(POLL_INTERVAL_MAX, POLL_BUDGET * self._read_cost))
         if self._step is None and now - self._polled >= interval:
             self._poll(now)
-        busy += self._sync(now)
-        self._tick_interval = SYNC_INTERVAL if busy else min(2 * self._tick_interval, SYNC_INTERVAL_IDLE)
+        self._sync(now)
+        activity, self._last_activity = self._last_activity, self._activity()
+        idle = activity == self._last_activity
+        self._tick_interval = min(2 * self._tick_interval, SYNC_INTERVAL_IDLE) if idle else SYNC_INTERVAL
         self._timer = self.loop.call_at(now + self._tick_interval, self._tick)
 
     def close(self, *, keep: bool = False) -> None:
