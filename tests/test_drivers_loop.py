@@ -227,6 +227,27 @@ def test_stop_from_a_signal_handler(loop):
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_a_timer_added_from_a_signal_handler_runs_once_it_wakes_the_loop(loop):
+    """As the daemon's SIGHUP handler does: a timer for now, then ``wake``; the loop runs it at its next turn, not
+    once its wait would have ended."""
+    loop.max_wait = 30.0
+    ran: list[float] = []
+
+    def handler(signum: int, frame: object) -> None:
+        loop.call_at(loop.clock(), lambda: (ran.append(time.monotonic()), loop.stop()))
+        loop.wake()
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        start = time.monotonic()
+        loop.run(until=start + BOUND)
+        assert len(ran) == 1 and ran[0] - start < 1.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_stop_before_run_makes_the_next_run_return_at_once(loop):
     loop.stop()
     start = time.monotonic()

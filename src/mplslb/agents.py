@@ -329,11 +329,9 @@ def make_agent(config: AgentConfig) -> Agent | KernelAgent:
 def run_agent(config: AgentConfig, *, on_ready: Callable[[Agent | KernelAgent], None] | None = None) -> int:
     """Run an agent until SIGTERM or SIGINT; returns a process exit status."""
     agent = make_agent(config)
-    stop = threading.Event()
 
     def handle(_signum: int, _frame: object) -> None:
-        stop.set()
-        agent.stop()
+        agent.stop()  # wakes the loop (its wake-up pipe): no need to look at an event every STOP_POLL
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics = None
@@ -347,7 +345,7 @@ def run_agent(config: AgentConfig, *, on_ready: Callable[[Agent | KernelAgent], 
             on_ready(agent)
         log.info("event=started role=%s datapath=%s interface=%s control=%s", config.role, agent.datapath,
                  value(config.interface), value(config.control_socket))  # fmt: skip
-        agent.run(stop)
+        agent.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

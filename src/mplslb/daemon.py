@@ -764,14 +764,13 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
                               "--state-dir")  # fmt: skip
         config = replace(config, state_dir=state_dir)
     daemon = Daemon(config, fresh=fresh)
-    stop = threading.Event()
 
     def handle(_signum: int, _frame: object) -> None:
-        stop.set()
-        daemon.loop.stop()
+        daemon.loop.stop()  # wakes the loop (its wake-up pipe): no need to look at an event every STOP_POLL
 
     def hangup(_signum: int, _frame: object) -> None:  # reload at the loop's next turn, not inside a frame's work
         daemon.loop.call_at(daemon.loop.clock(), daemon.reload)
+        daemon.loop.wake()
 
     daemon.config_path = Path(config_path)
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -779,7 +778,7 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
     try:
         if ready_file:
             Path(ready_file).write_text("ready\n")
-        daemon.run(stop)
+        daemon.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -719,7 +719,7 @@ class SessionTable:
 
     def sessions(self) -> list[Session]:
         """Every session in the table (live, or final and lingering), in label order."""
-        return [Session(self, int(pair)) for pair in np.flatnonzero(self._np_state)]
+        return [Session(self, int(pair)) for pair in nonzero_bytes(self._np_state).tolist()]
 
     def servers_of(self, pairs: np.ndarray) -> np.ndarray:
         """The indices of the servers of the sessions in ``pairs``."""
@@ -728,7 +728,7 @@ class SessionTable:
 
     def occupied(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows in use and their servers' indices, as arrays (for figures over the whole table)."""
-        rows = np.flatnonzero(self._np_state)
+        rows = nonzero_bytes(self._np_state)
         return rows, self._np_server[rows]
 
     def oldest(
@@ -748,7 +748,8 @@ class SessionTable:
         """How many sessions in the table, not in a final state, each of ``services`` (destination address,
         protocol, destination port, as the clients sent them) has. Read from the arrays, no object per session."""
         states = self._np_state
-        rows = np.flatnonzero((states != _FREE) & ~np.isin(states, _FINAL_CODE_LIST))
+        rows = nonzero_bytes(states)  # the rows in use (a few of many, mostly), then those not final
+        rows = rows[~np.isin(states[rows], _FINAL_CODE_LIST)]
         keys = np.frombuffer(self.keys, dtype=np.uint8).reshape(-1, KEY_SIZE)[rows]
         proto, alen = keys[:, _KEY_PROTO], keys[:, _KEY_ALEN]
         dport = keys[:, _KEY_DPORT].astype(np.uint16) << 8 | keys[:, _KEY_DPORT + 1]

@@ -163,6 +163,11 @@ class Loop:
     def stop(self) -> None:
         """Make :meth:`run` return; safe from a signal handler or another thread."""
         self._stopping = True
+        self.wake()
+
+    def wake(self) -> None:
+        """End the selector's wait now (safe from a signal handler or another thread): a timer added there runs at
+        the loop's next turn, not once the wait would have ended."""
         with contextlib.suppress(OSError):  # the pipe is full (a wake-up is pending anyway) or the loop is closed
             os.write(self._wake_w, b"\0")
 
