@@ -77,12 +77,14 @@ def missing_requirements() -> str:
 
 
 def run_wrk(
-    lab: Any, client: int, url: str, *, seconds: int, connections: int, header: tuple[str, ...] = ()
-) -> dict[str, float]:
-    """wrk from a client namespace (one thread); the figures it prints, parsed as Lab.wrk does."""
+    lab: Any, client: int, url: str, *, seconds: int, connections: int, header: tuple[str, ...] = (),
+    after: tuple[str, ...] = (),
+) -> dict[str, float]:  # fmt: skip
+    """wrk from a client namespace (one thread); the figures it prints, parsed as Lab.wrk does. ``after``: its
+    arguments after the URL (a script's)."""
     out = lab.run_in(
         lab.client_ns(client),
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *header, url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *header, url, *after],
         timeout=seconds + 30,
     ).stdout
     figures: dict[str, float] = {}
@@ -305,6 +307,20 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 #: wrk's two ways of using connections: keep-alive (every request on the 16 or 64 open connections) and one
 #: connection per request (``Connection: close``: a new session, a new pair of labels, for every request).
 MODES = (("keep-alive", ()), ("close", ("-H", "Connection: close")))
+#: The paced keep-alive load, measured in turns only (bench/paced.lua): each connection waits this many
+#: milliseconds per 16 connections after every response, so -c16 and -c64 offer about 12-16k requests a second,
+#: below every path's saturation, and the latencies are compared at about the same load.
+PACED_SCRIPT = Path(__file__).resolve().parent / "paced.lua"
+PACED_DELAY_PER_16 = 1
+
+
+def wrk_args(mode: str, connections: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """wrk's arguments for ``mode`` (one of MODES, or "paced"), before the URL and after it."""
+    if mode == "paced":
+        return ("-s", str(PACED_SCRIPT)), ("--", str(max(1, connections // 16) * PACED_DELAY_PER_16))
+    return dict(MODES)[mode], ()
+
+
 #: Sysctls set in the client and balancer namespaces for every variant alike: without them one connection per
 #: request exhausts the client's ports within a second and every variant, the references too, collapses.
 CLOSE_SYSCTLS = (("ipv4/ip_local_port_range", "1024 65535"), ("ipv4/tcp_tw_reuse", "1"))
@@ -514,13 +530,15 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
 #: in the kernel (super-packets whole, new sessions' SYNs taken under tickets), one configuration for both kinds of
 #: traffic; the first of these the lab offers.
 TURNS = ("kernel+xdp+gso+syn", "kernel+xdp+gso", "kernel+xdp")
-TURN_MODES = ("keep-alive", "close")
+TURN_MODES = ("keep-alive", "paced", "close")
 
 
 def turn_rows(runs: list[dict[str, Any]], what: str, mode: str, seconds: int, cmd: str) -> list[Row]:
     """The rows of ``mode`` measured in turns in one lab (:func:`in_turns`): requests/s against HAProxy's and
     against no balancer's, and the p99 against HAProxy's, each the median of the rounds (keep-alive's targets on
     all three, one connection per request's on the first)."""
+    if mode == "paced":
+        return paced_rows(runs, what, seconds, cmd)
     medians = {(m["path"], m["connections"]): m for m in turn_medians(runs) if m["mode"] == mode}
     keep_alive = mode == "keep-alive"
     rows: list[Row] = []
@@ -553,6 +571,31 @@ def turn_rows(runs: list[dict[str, Any]], what: str, mode: str, seconds: int, cm
                   "same through HAProxy, in turns", hp.get("p99_ms"),
                   target="ratio <= 1.0 (no worse)" if keep_alive else "-", command=cmd)  # fmt: skip
         rows.append(at_most(row, row.ratio, 1.0) if keep_alive and row.ratio is not None else row)
+    return rows
+
+
+def paced_rows(runs: list[dict[str, Any]], what: str, seconds: int, cmd: str) -> list[Row]:
+    """The paced keep-alive runs' rows (:func:`in_turns` with mode "paced"): each path's p99 at about the same
+    offered load, mplslb's against HAProxy's, the medians of the rounds; the loads each path took in the note."""
+    medians = {(m["path"], m["connections"]): m for m in turn_medians(runs) if m["mode"] == "paced"}
+    rows: list[Row] = []
+    for conns in (16, 64):
+        mine, hp, direct = (medians.get((path, conns)) for path in TURN_PATHS)
+        if mine is None or hp is None or direct is None:
+            continue
+        (_, after) = wrk_args("paced", conns)
+        note = (f"wrk -t1 -c{conns} -d{seconds}s -s bench/paced.lua -- {after[-1]} (each connection waits "
+                f"{after[-1]} ms after each response), median of {mine['runs']} rounds in turns: requests/s mplslb "
+                f"{mine.get('requests_per_s', 0):,.0f}, HAProxy {hp.get('requests_per_s', 0):,.0f}, no balancer "
+                f"{direct.get('requests_per_s', 0):,.0f}; p50 {mine.get('p50_ms', 0):.2f} ms (HAProxy "
+                f"{hp.get('p50_ms', 0):.2f}, no balancer {direct.get('p50_ms', 0):.2f}), no balancer's p99 "
+                f"{direct.get('p99_ms', 0):.2f} ms; machine CPU us/request: mplslb "
+                f"{mine.get('machine_cpu_us_per_request', 0):.0f}, HAProxy "
+                f"{hp.get('machine_cpu_us_per_request', 0):.0f}")  # fmt: skip
+        per_path = [r for r in runs if r["connections"] == conns and r["mode"] == "paced"]
+        rows.append(Row("e2e", f"e2e keep-alive -c{conns} p99 latency at a paced load, {what}, in turns in one lab",
+                        mine.get("p99_ms"), "ms", "same through HAProxy at the same pacing, in turns",
+                        hp.get("p99_ms"), target="-", note=note, command=cmd, extra={"runs": per_path}))  # fmt: skip
     return rows
 
 
@@ -644,10 +687,11 @@ def turn_run(
     lab: Any, url: str, *, mode: str, seconds: int, connections: int, procs: dict[str, list[int]],
     daemon: int | None,
 ) -> dict[str, float]:  # fmt: skip
-    """One wrk run of ``mode`` (keep-alive or ``close``, MODES): its figures; per request, the whole machine's busy
-    CPU (softirq included) and each process's (the lab's, HAProxy's, wrk's); each CPU's busy share of the run; with
-    ``daemon`` (the balancer daemon, running), the frames that reached it and its CPU time per session started."""
-    hz, header = os.sysconf("SC_CLK_TCK"), dict(MODES)[mode]
+    """One wrk run of ``mode`` (keep-alive, ``close`` or paced: :func:`wrk_args`): its figures; per request, the
+    whole machine's busy CPU (softirq included) and each process's (the lab's, HAProxy's, wrk's); each CPU's busy
+    share of the run; with ``daemon`` (the balancer daemon, running), the frames that reached it and its CPU time
+    per session started."""
+    hz, (header, after) = os.sysconf("SC_CLK_TCK"), wrk_args(mode, connections)
     status = lab.status()["status"] if daemon else {}
     ticks, user = (_ticks(daemon), _ticks(daemon, user_only=True)) if daemon else (0, 0)
     kids0, before, busy, per_cpu = (
@@ -656,13 +700,13 @@ def turn_run(
         machine_busy(),
         cpu_ticks(),
     )
-    figures = run_wrk(lab, 0, url, seconds=seconds, connections=connections, header=header)
-    busy, shares, after = machine_busy() - busy, cpu_busy_shares(per_cpu), cpu_snapshot(procs)
+    figures = run_wrk(lab, 0, url, seconds=seconds, connections=connections, header=header, after=after)
+    busy, shares, then = machine_busy() - busy, cpu_busy_shares(per_cpu), cpu_snapshot(procs)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk (and its nsenter), waited for
     us = 1e6 / (figures.get("requests") or 1.0)
     figures |= {"connections": connections, "machine_cpu_us_per_request": busy * us, **shares,
                 "cpu_us_wrk": (kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime) * us}  # fmt: skip
-    figures |= {f"cpu_us_{k}": (after[k] - before.get(k, 0)) / hz * us for k in after}
+    figures |= {f"cpu_us_{k}": (then[k] - before.get(k, 0)) / hz * us for k in then}
     # Other work on the machine counts in the machine's figures: the load average, and the busy time billed to no
     # process measured here (other processes', and softirq run in no measured process's context).
     figures["load1"] = os.getloadavg()[0]
@@ -725,7 +769,15 @@ def in_turns(
         found.append(idle_cpu(procs, IDLE_SECONDS))
         for path in paths:  # warm-up: sessions, caches, server workers
             for mode in modes:
-                run_wrk(lab, 0, urls[path], seconds=1, connections=16, header=dict(MODES)[mode])
+                run_wrk(
+                    lab,
+                    0,
+                    urls[path],
+                    seconds=1,
+                    connections=16,
+                    header=wrk_args(mode, 16)[0],
+                    after=wrk_args(mode, 16)[1],
+                )
         for round_ in range(rounds):
             for steer in steering:
                 set_steering(lab, steer, ports, [daemon, *procs.get("haproxy", [])])
@@ -737,7 +789,15 @@ def in_turns(
                         os.kill(daemon, signal.SIGCONT)
                         paused = False
                         for mode in modes:  # what it missed meanwhile (timers, the offload's counters) done first
-                            run_wrk(lab, 0, urls[path], seconds=1, connections=16, header=dict(MODES)[mode])
+                            run_wrk(
+                                lab,
+                                0,
+                                urls[path],
+                                seconds=1,
+                                connections=16,
+                                header=wrk_args(mode, 16)[0],
+                                after=wrk_args(mode, 16)[1],
+                            )
                     for mode in modes:
                         for conns in (16, 64):
                             figures = turn_run(lab, urls[path], mode=mode, seconds=seconds, connections=conns,
@@ -756,7 +816,7 @@ def in_turns(
                     paused = False
         set_steering(lab, "none", ports, [daemon])
         if profile:
-            where = profile_lab(lab, urls["mplslb"], seconds=4, connections=64, header=dict(MODES)[modes[-1]],
+            where = profile_lab(lab, urls["mplslb"], seconds=4, connections=64, header=wrk_args(modes[-1], 64)[0],
                                 tag=f"-{modes[-1]}-{key}")  # fmt: skip
             log(f"e2e: profiles: {where}")
     finally:
@@ -874,6 +934,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--close", action="store_true", help="only Connection: close, one variant and the references "
                         "on its namespaces, in turns")  # fmt: skip
     parser.add_argument("--keep-alive", action="store_true", help="only keep-alive, as --close (with it: both)")
+    parser.add_argument("--paced", action="store_true", help="only keep-alive at a paced load (bench/paced.lua), as "
+                        "--close (with it, --keep-alive: those too)")  # fmt: skip
     parser.add_argument("--variant", default="kernel+xdp", help="with --close, --keep-alive: the lab variant (default "
                         "kernel+xdp)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="with --close, --keep-alive or --bulk: rounds")
@@ -887,7 +949,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     steering = tuple(args.steer.split(","))
-    modes = tuple(mode for mode, on in (("keep-alive", args.keep_alive), ("close", args.close)) if on)
+    modes = tuple(mode for mode, on in (("keep-alive", args.keep_alive), ("paced", args.paced), ("close", args.close))
+                  if on)  # fmt: skip
     if not steering or set(steering) - set(STEERING) or (len(steering) > 1 and not modes):
         parser.error(f"--steer: one of {STEERING} (with --close or --keep-alive, several separated by commas)")
     if args.bulk:

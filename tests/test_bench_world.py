@@ -19,7 +19,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 from common import time_interleaved  # noqa: E402
-from e2e import BULK_FILE, idle_cpu, idle_rows, make_bulk_files, turn_rows  # noqa: E402
+from e2e import BULK_FILE, PACED_SCRIPT, idle_cpu, idle_rows, make_bulk_files, turn_rows, wrk_args  # noqa: E402
 from engine import open_sessions  # noqa: E402
 from frames import c2s_of_flow, make_config  # noqa: E402
 from mplslb.balancer import TIMER_SESSIONS, Balancer  # noqa: E402
@@ -132,3 +132,18 @@ def test_the_idle_row_sets_the_daemons_cpu_with_no_traffic_against_haproxys() ->
     assert (row.figure, row.reference_figure, row.unit) == (1.5, 0.0, "% of a core")
     assert "agent-c1 0.3 % of a core" in row.note and "the best" in row.benchmark
     assert turn_rows(runs, "the best", "keep-alive", 3, "cmd") == [] and idle_rows([], "the best", "cmd") == []
+
+
+def test_paced_runs_give_each_paths_p99_at_about_the_same_load() -> None:
+    assert wrk_args("paced", 16) == (("-s", str(PACED_SCRIPT)), ("--", "1"))
+    assert wrk_args("paced", 64)[1] == ("--", "4") and wrk_args("close", 64) == (("-H", "Connection: close"), ())
+    assert PACED_SCRIPT.exists() and "function delay()" in PACED_SCRIPT.read_text()
+    figures = {"mplslb": (14_000, 0.9), "haproxy": (13_000, 1.4), "direct": (14_500, 0.5)}
+    runs = [{"round": r, "steering": "none", "path": path, "mode": "paced", "connections": 16,
+             "requests_per_s": float(rps) + r, "p99_ms": p99, "p50_ms": 0.2, "machine_cpu_us_per_request": 30.0}
+            for path, (rps, p99) in figures.items() for r in range(3)]  # fmt: skip
+    (row,) = turn_rows(runs, "the best", "paced", 3, "cmd")
+    assert row.benchmark == "e2e keep-alive -c16 p99 latency at a paced load, the best, in turns in one lab"
+    assert (row.figure, row.reference_figure, row.target) == (0.9, 1.4, "-")
+    assert "-s bench/paced.lua -- 1" in row.note and "mplslb 14,001" in row.note and "HAProxy 13,001" in row.note
+    assert turn_rows(runs, "the best", "keep-alive", 3, "cmd") == []
