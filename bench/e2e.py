@@ -30,7 +30,10 @@ frames that reached the balancer daemon (its ``frames.in``) per session started 
 session (all of it, and its user time alone: its system time includes the kernel's delivery of the frames it sends
 into the lab's namespaces). ``--steer none,rps,pin`` interleaves the placements of STEERING in every round, applied
 to every path alike (the whole grid takes one). Run it with another checkout's ``src`` on PYTHONPATH to compare two
-versions of the balancer on the same machine.
+versions of the balancer on the same machine. ``--keep-alive`` and ``--paced`` (keep-alive at a paced load,
+bench/paced.lua: about the same offered load on every path, to compare latencies below saturation) do the same
+for their modes, alone or together with ``--close``. Before its rounds each such run measures every process's CPU
+for IDLE_SECONDS with no traffic.
 """
 
 from __future__ import annotations
@@ -727,6 +730,13 @@ def turn_run(
 TURN_PATHS = ("mplslb", "haproxy", "direct")
 
 
+def warm_up(lab: Any, url: str, modes: tuple[str, ...]) -> None:
+    """One second of wrk -c16 to ``url`` in each of ``modes``, not measured."""
+    for mode in modes:
+        header, after = wrk_args(mode, 16)
+        run_wrk(lab, 0, url, seconds=1, connections=16, header=header, after=after)
+
+
 def reference_lab(key: str, prefix: str, servers: int) -> tuple[Any, dict[str, str]]:
     """One lab of variant ``key`` (one client, ``servers`` nginx servers; not yet up) named ``prefix`` and this
     process's pid, and the URLs of the VIP and of HAProxy's frontend in it."""
@@ -768,16 +778,7 @@ def in_turns(
         ports = lab_ports(lab)
         found.append(idle_cpu(procs, IDLE_SECONDS))
         for path in paths:  # warm-up: sessions, caches, server workers
-            for mode in modes:
-                run_wrk(
-                    lab,
-                    0,
-                    urls[path],
-                    seconds=1,
-                    connections=16,
-                    header=wrk_args(mode, 16)[0],
-                    after=wrk_args(mode, 16)[1],
-                )
+            warm_up(lab, urls[path], modes)
         for round_ in range(rounds):
             for steer in steering:
                 set_steering(lab, steer, ports, [daemon, *procs.get("haproxy", [])])
@@ -788,16 +789,7 @@ def in_turns(
                     elif path == "mplslb" and paused:
                         os.kill(daemon, signal.SIGCONT)
                         paused = False
-                        for mode in modes:  # what it missed meanwhile (timers, the offload's counters) done first
-                            run_wrk(
-                                lab,
-                                0,
-                                urls[path],
-                                seconds=1,
-                                connections=16,
-                                header=wrk_args(mode, 16)[0],
-                                after=wrk_args(mode, 16)[1],
-                            )
+                        warm_up(lab, urls[path], modes)  # what it missed meanwhile (timers, counters) done first
                     for mode in modes:
                         for conns in (16, 64):
                             figures = turn_run(lab, urls[path], mode=mode, seconds=seconds, connections=conns,
