@@ -311,8 +311,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 #: connection per request (``Connection: close``: a new session, a new pair of labels, for every request).
 MODES = (("keep-alive", ()), ("close", ("-H", "Connection: close")))
 #: The paced keep-alive load, measured in turns only (bench/paced.lua): each connection waits this many
-#: milliseconds per 16 connections after every response, so -c16 and -c64 offer about 12-16k requests a second,
-#: below every path's saturation, and the latencies are compared at about the same load.
+#: milliseconds per 16 connections after every response, so -c16 and -c64 offer about 10-13k requests a second
+#: (measured), below every path's saturation, and the latencies are compared at about the same load.
 PACED_SCRIPT = Path(__file__).resolve().parent / "paced.lua"
 PACED_DELAY_PER_16 = 1
 
@@ -539,7 +539,7 @@ TURN_MODES = ("keep-alive", "paced", "close")
 def turn_rows(runs: list[dict[str, Any]], what: str, mode: str, seconds: int, cmd: str) -> list[Row]:
     """The rows of ``mode`` measured in turns in one lab (:func:`in_turns`): requests/s against HAProxy's and
     against no balancer's, and the p99 against HAProxy's, each the median of the rounds (keep-alive's targets on
-    all three, one connection per request's on the first)."""
+    all three, one connection per request's on the first); the paced mode's are :func:`paced_rows`."""
     if mode == "paced":
         return paced_rows(runs, what, seconds, cmd)
     medians = {(m["path"], m["connections"]): m for m in turn_medians(runs) if m["mode"] == mode}
@@ -928,9 +928,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-alive", action="store_true", help="only keep-alive, as --close (with it: both)")
     parser.add_argument("--paced", action="store_true", help="only keep-alive at a paced load (bench/paced.lua), as "
                         "--close (with it, --keep-alive: those too)")  # fmt: skip
-    parser.add_argument("--variant", default="kernel+xdp", help="with --close, --keep-alive: the lab variant (default "
-                        "kernel+xdp)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=3, help="with --close, --keep-alive or --bulk: rounds")
+    parser.add_argument("--variant", default="kernel+xdp", help="with --close, --keep-alive, --paced: the lab variant "
+                        "(default kernel+xdp)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="with --close, --keep-alive, --paced or --bulk: rounds")
     parser.add_argument("--bulk", action="store_true", help="only bulk transfer, one variant against the references")
     parser.add_argument("--bulk-seconds", type=float, default=8.0, help="with --bulk: each download's length (s)")
     parser.add_argument(

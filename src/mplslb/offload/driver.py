@@ -252,8 +252,8 @@ class OffloadedBalancer:
         if self._step is None and now - self._polled >= interval:
             self._poll(now)
         self._sync(now)
-        activity, self._last_activity = self._last_activity, self._activity()
-        idle = activity == self._last_activity
+        activity = self._activity()
+        idle, self._last_activity = activity == self._last_activity, activity
         self._tick_interval = min(2 * self._tick_interval, SYNC_INTERVAL_IDLE) if idle else SYNC_INTERVAL
         self._timer = self.loop.call_at(now + self._tick_interval, self._tick)
 
