@@ -50,8 +50,10 @@ kernel program make the same checks in the same order, and tests compare the thr
 
 from __future__ import annotations
 
+import os
 import struct
 
+from mplslb.switching import layout
 from mplslb.switching.layout import (
     ACK_KNOWN,
     ENTRY,
@@ -281,4 +283,61 @@ def switch_frame(
     return out_port
 
 
-__all__ = ["DROPPED", "NOT_LABELLED", "in_flow", "switch_frame"]
+#: The reference one-frame path, in Python: the native one (below) must do exactly what it does, frame for frame.
+switch_frame_py = switch_frame
+
+
+def _bind_native() -> str:
+    """Put the C build of :func:`switch_frame` (``mplslb.switching._fast``, made at install from ``_fast.c``) in
+    its place, bound to this module's numbers and reference; return which path is in use, ``"native"`` or
+    ``"python"`` (and why). ``MPLSLB_FAST_PATH=python`` keeps the reference."""
+    global switch_frame
+    if os.environ.get("MPLSLB_FAST_PATH", "native") == "python":
+        return "python (MPLSLB_FAST_PATH=python)"
+    try:
+        from mplslb.switching import _fast
+    except ImportError as exc:
+        return f"python (no native build: {exc})"
+    _fast.bind(switch_frame_py, FastEvent, native_numbers(), NATIVE_REASONS)
+    switch_frame = _fast.switch_frame  # type: ignore[assignment]  # the same parameters, positional only
+    return "native"
+
+
+#: The layout's numbers the native path reads, by their names in :mod:`~mplslb.switching.layout`.
+_NATIVE_LAYOUT = """
+    LABELLED_MIN LSE_AT LSE_LEN ETH_P_MPLS_UC ETH_P_8021Q LABEL_SHIFT RESERVED_LABEL_MAX ROW_SIZE ROW_SHIFT
+    ROW_WORD_SHIFT ROW_QUAD_SHIFT ROW_VALID ROW_WATCH ROW_V6 ROW_IN_PORT ROW_OUT_PORT ROW_REWRITE_TAIL ROW_PACKETS
+    ROW_BYTES ROW_LAST_SEEN ROW_ACKS ROW_PEER ROW_REWRITE ROW_FLOW ROW_FLOW_LEN ROW_PEER_IP ROW_PEER_IP_LEN MPLS_BOS
+    MPLS_TTL_MASK IPV4_SRC IPV4_PLAIN IPV4_PROTO IPV4_FRAG_AT IPV4_IHL_MASK IPV4_IHL_UNIT IPV6_SRC IPV6_NEXT_HEADER
+    IPV6_HLEN IPPROTO_TCP IPPROTO_UDP TCP_FLAGS TCP_ACK TCP_FLAGS_UNKNOWN WATCH_TCP_END WATCH_ALL ACK_KNOWN
+""".split()  # noqa: SIM905
+
+
+def native_numbers() -> dict[str, int]:
+    """Every number the native path reads, by the name it gives it: the layout's, and this module's own."""
+    numbers = {name: int(getattr(layout, name)) for name in _NATIVE_LAYOUT}
+    numbers.update(
+        V4_KEY_END=_V4_KEY_END,
+        V6_KEY_END=_V6_KEY_END,
+        FRAG_HI=_FRAG_HI,
+        FRAG_LO=_FRAG_LO,
+        ACK_RST=_ACK_RST,
+        ACK_BEFORE_FLAGS=_ACK_BEFORE_FLAGS,
+        REPORTED=_REPORTED,
+    )
+    return numbers
+
+
+#: The drops the native path counts itself (the others it leaves to the reference), by the name it gives each.
+NATIVE_REASONS = {
+    "reserved": "mpls_reserved_label",
+    "unknown": "label_unknown",
+    "ingress": "label_wrong_ingress",
+    "not_bottom": "label_not_bottom",
+    "ttl": "mpls_ttl_expired",
+}
+
+#: Which one-frame path :func:`switch_frame` is: ``"native"``, or ``"python"`` with the reason.
+FAST_PATH = _bind_native()
+
+__all__ = ["DROPPED", "FAST_PATH", "NOT_LABELLED", "in_flow", "switch_frame", "switch_frame_py"]

@@ -1,0 +1,364 @@
+/* The one-frame fast path in C: switch_frame() of mplslb.switching.scalar, the same checks in the same order.
+ *
+ * mplslb.switching.scalar.switch_frame (Python) is the reference: its docstring says what a frame must pass, and a
+ * differential test (tests/test_fast_native.py) feeds both the same frames and tables and compares what they send,
+ * drop, count and report. This file handles what nearly every frame is (untagged, a plain packet of the label's
+ * flow, or a label bound to no flow); for anything else (an 802.1Q tag, a frame too short to hold a label, a
+ * packet that is not plain under a label bound to a flow: IPv4 options, IPv6 extension headers, fragments, ICMP
+ * errors) it calls the reference before touching any state, so those frames take exactly the reference's path.
+ *
+ * No number is written here: bind() takes every offset, bit and bound from mplslb.switching.layout, the drop
+ * reasons from the reference, and the report type (FastEvent). A label's row is read through the table's rows
+ * view (hot[0]), as the reference reads it, and its 32- and 64-bit fields in the machine's byte order, as its
+ * typed views do.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NOT_LABELLED (-1)
+#define DROPPED (-2)
+
+static PyObject *reference;  /* mplslb.switching.scalar.switch_frame_py */
+static PyObject *fast_event; /* mplslb.switching.table.FastEvent */
+static PyObject *reason_reserved, *reason_unknown, *reason_ingress, *reason_not_bottom, *reason_ttl;
+
+/* The layout's numbers, set by bind(). */
+static long LABELLED_MIN, LSE_AT, LSE_LEN, ETH_P_MPLS_UC, ETH_P_8021Q, LABEL_SHIFT, RESERVED_LABEL_MAX, ROW_SHIFT,
+    ROW_SIZE, ROW_WORD_SHIFT, ROW_QUAD_SHIFT, ROW_VALID, ROW_WATCH, ROW_V6, ROW_IN_PORT, ROW_OUT_PORT,
+    ROW_REWRITE_TAIL, ROW_PACKETS, ROW_BYTES, ROW_LAST_SEEN, ROW_ACKS, ROW_PEER, ROW_REWRITE, ROW_FLOW,
+    ROW_FLOW_LEN, MPLS_BOS, MPLS_TTL_MASK, IPV4_SRC, V4_KEY_END, IPV4_PLAIN, IPV4_PROTO, IPV4_FRAG_AT,
+    IPV4_IHL_MASK, IPV4_IHL_UNIT, FRAG_HI, FRAG_LO, IPV6_SRC, V6_KEY_END, IPV6_NEXT_HEADER, IPV6_HLEN,
+    IPPROTO_TCP, IPPROTO_UDP, TCP_FLAGS, TCP_ACK, ACK_RST, ACK_BEFORE_FLAGS, TCP_FLAGS_UNKNOWN, REPORTED,
+    WATCH_TCP_END, WATCH_ALL, PEER_IP_LEN_AT, PEER_IP_AT;
+static unsigned long long ACK_KNOWN;
+static int bound_ok = 0;
+
+static const struct {
+    const char *name;
+    long *value;
+} NUMBERS[] = {
+    {"LABELLED_MIN", &LABELLED_MIN}, {"LSE_AT", &LSE_AT}, {"LSE_LEN", &LSE_LEN},
+    {"ETH_P_MPLS_UC", &ETH_P_MPLS_UC}, {"ETH_P_8021Q", &ETH_P_8021Q}, {"LABEL_SHIFT", &LABEL_SHIFT},
+    {"RESERVED_LABEL_MAX", &RESERVED_LABEL_MAX}, {"ROW_SHIFT", &ROW_SHIFT}, {"ROW_SIZE", &ROW_SIZE},
+    {"ROW_WORD_SHIFT", &ROW_WORD_SHIFT}, {"ROW_QUAD_SHIFT", &ROW_QUAD_SHIFT}, {"ROW_VALID", &ROW_VALID},
+    {"ROW_WATCH", &ROW_WATCH}, {"ROW_V6", &ROW_V6}, {"ROW_IN_PORT", &ROW_IN_PORT},
+    {"ROW_OUT_PORT", &ROW_OUT_PORT}, {"ROW_REWRITE_TAIL", &ROW_REWRITE_TAIL}, {"ROW_PACKETS", &ROW_PACKETS},
+    {"ROW_BYTES", &ROW_BYTES}, {"ROW_LAST_SEEN", &ROW_LAST_SEEN}, {"ROW_ACKS", &ROW_ACKS},
+    {"ROW_PEER", &ROW_PEER}, {"ROW_REWRITE", &ROW_REWRITE}, {"ROW_FLOW", &ROW_FLOW},
+    {"ROW_FLOW_LEN", &ROW_FLOW_LEN}, {"MPLS_BOS", &MPLS_BOS}, {"MPLS_TTL_MASK", &MPLS_TTL_MASK},
+    {"IPV4_SRC", &IPV4_SRC}, {"V4_KEY_END", &V4_KEY_END}, {"IPV4_PLAIN", &IPV4_PLAIN},
+    {"IPV4_PROTO", &IPV4_PROTO}, {"IPV4_FRAG_AT", &IPV4_FRAG_AT}, {"IPV4_IHL_MASK", &IPV4_IHL_MASK},
+    {"IPV4_IHL_UNIT", &IPV4_IHL_UNIT}, {"FRAG_HI", &FRAG_HI}, {"FRAG_LO", &FRAG_LO}, {"IPV6_SRC", &IPV6_SRC},
+    {"V6_KEY_END", &V6_KEY_END}, {"IPV6_NEXT_HEADER", &IPV6_NEXT_HEADER}, {"IPV6_HLEN", &IPV6_HLEN},
+    {"IPPROTO_TCP", &IPPROTO_TCP}, {"IPPROTO_UDP", &IPPROTO_UDP}, {"TCP_FLAGS", &TCP_FLAGS},
+    {"TCP_ACK", &TCP_ACK}, {"ACK_RST", &ACK_RST}, {"ACK_BEFORE_FLAGS", &ACK_BEFORE_FLAGS},
+    {"TCP_FLAGS_UNKNOWN", &TCP_FLAGS_UNKNOWN}, {"REPORTED", &REPORTED}, {"WATCH_TCP_END", &WATCH_TCP_END},
+    {"WATCH_ALL", &WATCH_ALL}, {"ROW_PEER_IP_LEN", &PEER_IP_LEN_AT}, {"ROW_PEER_IP", &PEER_IP_AT},
+};
+
+static inline uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline void put_be32(unsigned char *p, uint32_t v) {
+    p[0] = v >> 24;
+    p[1] = v >> 16;
+    p[2] = v >> 8;
+    p[3] = v;
+}
+
+static inline int32_t row_word(const unsigned char *row, long index) {
+    int32_t v;
+    memcpy(&v, row + 4 * index, 4);
+    return v;
+}
+
+static inline uint64_t row_quad(const unsigned char *row, long index) {
+    uint64_t v;
+    memcpy(&v, row + 8 * index, 8);
+    return v;
+}
+
+static int count_drop(PyObject *drops, PyObject *reason) {
+    PyObject *old = PyDict_GetItemWithError(drops, reason);
+    PyObject *value;
+    if (old == NULL) {
+        if (PyErr_Occurred()) return -1;
+        value = PyLong_FromLong(1);
+    } else {
+        long count = PyLong_AsLong(old);
+        if (count == -1 && PyErr_Occurred()) return -1;
+        value = PyLong_FromLong(count + 1);
+    }
+    if (value == NULL) return -1;
+    int rc = PyDict_SetItem(drops, reason, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* switch_frame(hot, port, frame, now, out, events) -> int: see mplslb.switching.scalar.switch_frame. */
+static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "switch_frame takes 6 arguments");
+        return NULL;
+    }
+    if (!bound_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
+        return NULL;
+    }
+    PyObject *hot = args[0], *port_obj = args[1], *frame = args[2], *now_obj = args[3], *out = args[4],
+             *events = args[5];
+    if (!PyTuple_CheckExact(hot) || PyTuple_GET_SIZE(hot) != 5 || !PyLong_CheckExact(port_obj) ||
+        !PyList_CheckExact(out) || !PyList_CheckExact(events) || !PyDict_CheckExact(PyTuple_GET_ITEM(hot, 4)))
+        return PyObject_Vectorcall(reference, args, nargs, NULL);
+    int overflow = 0;
+    long long port = PyLong_AsLongLongAndOverflow(port_obj, &overflow);
+    if (overflow) return PyObject_Vectorcall(reference, args, nargs, NULL);
+
+    /* The frame's octets: a bytes object's own, or any contiguous buffer's. */
+    Py_buffer fview, rview;
+    const unsigned char *f;
+    Py_ssize_t n;
+    int fheld = 0;
+    if (PyBytes_CheckExact(frame)) {
+        f = (const unsigned char *)PyBytes_AS_STRING(frame);
+        n = PyBytes_GET_SIZE(frame);
+    } else {
+        if (PyObject_GetBuffer(frame, &fview, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            return PyObject_Vectorcall(reference, args, nargs, NULL);
+        }
+        fheld = 1;
+        f = fview.buf;
+        n = fview.len;
+    }
+    PyObject *result = NULL;
+    int rheld = 0;
+    if (n < LABELLED_MIN) goto reference_path; /* untagged and too short, or a tag: the reference decides */
+    unsigned ethertype = ((unsigned)f[LSE_AT - 2] << 8) | f[LSE_AT - 1];
+    if (ethertype == (unsigned)ETH_P_8021Q) goto reference_path;
+    if (ethertype != (unsigned)ETH_P_MPLS_UC) {
+        result = PyLong_FromLong(NOT_LABELLED);
+        goto done;
+    }
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, 0), &rview, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        goto reference_path;
+    }
+    rheld = 1;
+    PyObject *drops = PyTuple_GET_ITEM(hot, 4);
+    uint32_t entry = be32(f + LSE_AT);
+    long label = entry >> LABEL_SHIFT;
+    if (((Py_ssize_t)label + 1) << ROW_SHIFT > rview.len) goto reference_path;
+    unsigned char *row = (unsigned char *)rview.buf + ((Py_ssize_t)label << ROW_SHIFT);
+    PyObject *reason = NULL;
+    if (!row[ROW_VALID]) {
+        reason = label <= RESERVED_LABEL_MAX ? reason_reserved : reason_unknown;
+        goto drop;
+    }
+    uint64_t src_mac = ((uint64_t)f[6] << 40) | ((uint64_t)f[7] << 32) | be32(f + 8);
+    if ((long long)row_word(row, ROW_IN_PORT) != port || row_quad(row, ROW_PEER) != src_mac) {
+        reason = reason_ingress;
+        goto drop;
+    }
+    if (!(entry & MPLS_BOS)) {
+        reason = reason_not_bottom;
+        goto drop;
+    }
+    Py_ssize_t ip = LSE_AT + LSE_LEN;
+    long bound = row[ROW_FLOW_LEN];
+    int v6 = row[ROW_V6];
+    if (bound) {
+        /* A plain packet of the label's flow: the octets from the IP source to the ports are the flow's key (a
+         * frame too short to hold them all compares as its shorter slice does in the reference). */
+        Py_ssize_t from = ip + (v6 ? IPV6_SRC : IPV4_SRC), to = ip + (v6 ? V6_KEY_END : V4_KEY_END);
+        if (to > n) to = n;
+        Py_ssize_t have = to > from ? to - from : 0;
+        int plain = have == bound && memcmp(f + from, row + ROW_FLOW, bound) == 0;
+        if (plain) {
+            if (v6) {
+                unsigned next = f[ip + IPV6_NEXT_HEADER];
+                plain = next == (unsigned)IPPROTO_TCP || next == (unsigned)IPPROTO_UDP;
+            } else {
+                plain = f[ip] == (unsigned)IPV4_PLAIN;
+            }
+        }
+        if (!plain) goto reference_path; /* the rule for the others: the reference's in_flow */
+    } else {
+        long size = row[PEER_IP_LEN_AT];
+        if (size) {
+            Py_ssize_t at = ip + (v6 ? IPV6_SRC : IPV4_SRC);
+            Py_ssize_t to = at + size < n ? at + size : n;
+            Py_ssize_t have = to > at ? to - at : 0;
+            if (have != size || memcmp(f + at, row + PEER_IP_AT, size) != 0) {
+                reason = reason_ingress;
+                goto drop;
+            }
+        }
+    }
+    if ((entry & MPLS_TTL_MASK) <= 1) {
+        reason = reason_ttl;
+        goto drop;
+    }
+    long out_port = row_word(row, ROW_OUT_PORT);
+    /* The frame as it leaves: the row's rewrite (12 octets), the MPLS ethertype, the entry with its TTL lowered,
+     * then the packet unchanged. */
+    PyObject *sent = PyBytes_FromStringAndSize(NULL, LSE_AT + LSE_LEN + (n - ip));
+    if (sent == NULL) goto done;
+    unsigned char *s = (unsigned char *)PyBytes_AS_STRING(sent);
+    uint64_t rewrite = row_quad(row, ROW_REWRITE);
+    for (int i = 0; i < 8; i++) s[i] = rewrite >> (56 - 8 * i);
+    put_be32(s + 8, (uint32_t)row_word(row, ROW_REWRITE_TAIL));
+    s[LSE_AT - 2] = ETH_P_MPLS_UC >> 8;
+    s[LSE_AT - 1] = ETH_P_MPLS_UC & 0xFF;
+    put_be32(s + LSE_AT, entry - 1);
+    memcpy(s + LSE_AT + LSE_LEN, f + ip, n - ip);
+    PyObject *port_out = PyLong_FromLong(out_port);
+    if (port_out == NULL) {
+        Py_DECREF(sent);
+        goto done;
+    }
+    PyObject *pair = PyTuple_Pack(2, port_out, sent);
+    Py_DECREF(sent);
+    if (pair == NULL || PyList_Append(out, pair) < 0) {
+        Py_XDECREF(pair);
+        Py_DECREF(port_out);
+        goto done;
+    }
+    Py_DECREF(pair);
+    double now = PyFloat_AsDouble(now_obj);
+    if (now == -1.0 && PyErr_Occurred()) {
+        Py_DECREF(port_out);
+        goto done;
+    }
+    uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)n;
+    memcpy(row + 8 * ROW_PACKETS, &packets, 8);
+    memcpy(row + 8 * ROW_BYTES, &octets, 8);
+    memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+    unsigned watch = row[ROW_WATCH];
+    if (watch) {
+        long flags = 0;
+        if ((watch & WATCH_TCP_END) && ip < n) {
+            Py_ssize_t at;
+            if (v6) {
+                at = ip + IPV6_HLEN + TCP_FLAGS;
+                if (ip + IPV6_NEXT_HEADER < n && f[ip + IPV6_NEXT_HEADER] != (unsigned)IPPROTO_TCP) {
+                    at = n;
+                    flags = TCP_FLAGS_UNKNOWN;
+                }
+            } else {
+                at = ip + (f[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT + TCP_FLAGS;
+            }
+            if (at < n) {
+                flags = f[at];
+                /* A TCP segment's acknowledgment number: not an RST's, nor another protocol's octets in an IPv4
+                 * packet under a TCP session's label. */
+                if ((flags & ACK_RST) == TCP_ACK &&
+                    (v6 || (f[ip + IPV4_PROTO] == (unsigned)IPPROTO_TCP &&
+                            !((f[ip + IPV4_FRAG_AT] & FRAG_HI) || (f[ip + IPV4_FRAG_AT + 1] & FRAG_LO))))) {
+                    uint64_t ack = ACK_KNOWN | be32(f + at - ACK_BEFORE_FLAGS);
+                    memcpy(row + 8 * ROW_ACKS, &ack, 8);
+                }
+            }
+        }
+        if ((watch & WATCH_ALL) || (flags & REPORTED)) {
+            PyObject *fields = Py_BuildValue("(lOnlO)", label, frame, ip, flags, now_obj);
+            if (fields == NULL) {
+                Py_DECREF(port_out);
+                goto done;
+            }
+            PyObject *wrapped = PyTuple_Pack(1, fields);
+            Py_DECREF(fields);
+            if (wrapped == NULL) {
+                Py_DECREF(port_out);
+                goto done;
+            }
+            PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)fast_event, wrapped, NULL);
+            Py_DECREF(wrapped);
+            if (event == NULL || PyList_Append(events, event) < 0) {
+                Py_XDECREF(event);
+                Py_DECREF(port_out);
+                goto done;
+            }
+            Py_DECREF(event);
+        }
+    }
+    result = port_out;
+    goto done;
+
+drop:
+    if (count_drop(drops, reason) == 0) result = PyLong_FromLong(DROPPED);
+    goto done;
+
+reference_path:
+    if (rheld) PyBuffer_Release(&rview);
+    if (fheld) PyBuffer_Release(&fview);
+    return PyObject_Vectorcall(reference, args, nargs, NULL);
+
+done:
+    if (rheld) PyBuffer_Release(&rview);
+    if (fheld) PyBuffer_Release(&fview);
+    return result;
+}
+
+/* bind(reference, FastEvent, numbers, reasons): the reference path, the report type, the layout's numbers (a dict
+ * name -> int) and the drop reasons (a dict: reserved, unknown, ingress, not_bottom, ttl -> the reason's name). */
+static PyObject *bind(PyObject *self, PyObject *args) {
+    PyObject *ref, *event_type, *numbers, *reasons;
+    if (!PyArg_ParseTuple(args, "OOO!O!", &ref, &event_type, &PyDict_Type, &numbers, &PyDict_Type, &reasons))
+        return NULL;
+    if (!PyCallable_Check(ref) || !PyType_Check(event_type) ||
+        !PyType_IsSubtype((PyTypeObject *)event_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "bind(reference, FastEvent, numbers, reasons): wrong types");
+        return NULL;
+    }
+    /* Everything read and checked before anything is set: a refused bind leaves the last one in place. */
+    enum { COUNT = sizeof NUMBERS / sizeof NUMBERS[0] };
+    long values[COUNT];
+    for (size_t i = 0; i < COUNT; i++) {
+        PyObject *v = PyDict_GetItemString(numbers, NUMBERS[i].name);
+        if (v == NULL) return PyErr_Format(PyExc_KeyError, "bind: no number %s", NUMBERS[i].name);
+        values[i] = PyLong_AsLong(v);
+        if (values[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    PyObject *known = PyDict_GetItemString(numbers, "ACK_KNOWN");
+    if (known == NULL) return PyErr_Format(PyExc_KeyError, "bind: no number ACK_KNOWN");
+    unsigned long long ack_known = PyLong_AsUnsignedLongLong(known);
+    if (PyErr_Occurred()) return NULL;
+    static const char *names[] = {"reserved", "unknown", "ingress", "not_bottom", "ttl"};
+    PyObject **slots[] = {&reason_reserved, &reason_unknown, &reason_ingress, &reason_not_bottom, &reason_ttl};
+    PyObject *named[5];
+    for (size_t i = 0; i < 5; i++) {
+        named[i] = PyDict_GetItemString(reasons, names[i]);
+        if (named[i] == NULL || !PyUnicode_Check(named[i]))
+            return PyErr_Format(PyExc_KeyError, "bind: no reason %s", names[i]);
+    }
+    for (size_t i = 0; i < COUNT; i++) *NUMBERS[i].value = values[i];
+    ACK_KNOWN = ack_known;
+    for (size_t i = 0; i < 5; i++) {
+        Py_INCREF(named[i]);
+        Py_XSETREF(*slots[i], named[i]);
+    }
+    Py_INCREF(ref);
+    Py_XSETREF(reference, ref);
+    Py_INCREF(event_type);
+    Py_XSETREF(fast_event, event_type);
+    bound_ok = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"switch_frame", (PyCFunction)(void (*)(void))switch_frame, METH_FASTCALL,
+     "switch_frame(hot, port, frame, now, out, events) -> int: mplslb.switching.scalar.switch_frame in C."},
+    {"bind", bind, METH_VARARGS, "bind(reference, FastEvent, numbers, reasons): set the layout and the reference."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "mplslb.switching._fast", "The one-frame fast path in C (see mplslb.switching.scalar).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fast(void) { return PyModule_Create(&module); }

@@ -1,0 +1,372 @@
+"""The one-frame fast path's native build (``mplslb.switching._fast``) against its reference in Python.
+
+For every frame both are given the same table and arguments: what they return, send and report, the label's row
+after them (counters, last seen, acknowledgment number) and the drop counts must be the same, byte for byte. The
+frames: a recorded run's (real sessions, their watch bits and flow bindings as the balancer installs them) with
+hypothesis' mutations of their headers, frames built over a table with every kind of install (IPv4 and IPv6, flow
+bound or not, peer IP or not, watch bits), and the real captures of shared/data (their labels installed as they
+arrived). Then whole balancers: the same feed through the native path and through the reference gives the same
+frames out and the same figures.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    frames_only,
+    header_mutation,
+    ip,
+    ipv4,
+    ipv6,
+    labelled,
+    mac,
+    mutate,
+    mutation,
+    recording,
+    tcp_segment,
+    udp_datagram,
+)
+from mplslb import balancer as balancer_module
+from mplslb.balancer import Balancer
+from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, LabelSwitchingTable, scalar
+from mplslb.switching.layout import ETH_P_8021Q, LABEL_SHIFT, LSE_AT, ROW_SHIFT, ROW_SIZE, VLAN_HLEN
+from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.pcap import read_pcap
+
+try:
+    from mplslb.switching import _fast
+except ImportError:  # pragma: no cover - the first test says why
+    _fast = None  # type: ignore[assignment]
+
+Out = list[tuple[int, bytes]]
+
+PORT_MACS = {0: mac(0xB0, 0), 1: mac(0xB0, 1), 2: mac(0xB1, 0), 3: mac(0xB1, 1)}
+PLACES = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
+CLIENT_MAC, SERVER_MAC = mac(0xC0, 1), mac(0x5E, 1)
+CLIENT, VIP, OTHER = ip("10.1.0.1"), ip("10.0.0.100"), ip("10.1.0.9")
+CLIENT6, VIP6 = ip("fd00:1::1"), ip("fd00::100")
+
+
+def native() -> object:
+    if _fast is None:
+        pytest.fail(f"the native fast path is not built: {scalar.FAST_PATH}")
+    return _fast.switch_frame
+
+
+def test_the_native_fast_path_is_built_and_in_use() -> None:
+    """The package is installed with its C part (setup.py), and the balancer switches with it."""
+    if os.environ.get("MPLSLB_FAST_PATH") == "python":
+        pytest.skip("MPLSLB_FAST_PATH=python keeps the reference path")
+    assert scalar.FAST_PATH == "native"
+    assert balancer_module.switch_frame is native()
+
+
+def labels_in(frame: bytes) -> set[int]:
+    """The labels whose rows a frame may touch: its top entry's, untagged or after one 802.1Q tag."""
+    found = set()
+    for at in (LSE_AT, LSE_AT + VLAN_HLEN):
+        if len(frame) >= at + 4:
+            found.add(struct.unpack_from("!I", frame, at)[0] >> LABEL_SHIFT)
+    return found
+
+
+def both_ways(table: LabelSwitchingTable, port: int, frame: bytes | memoryview, now: float) -> int:
+    """Switch ``frame`` with the reference, put the table back as it was, switch it natively; assert the two did
+    the same (result, frames out, reports, the rows they touched, the drops). The table keeps the native
+    path's changes."""
+    rows = table.rows
+    spans = [(label << ROW_SHIFT, (label << ROW_SHIFT) + ROW_SIZE) for label in labels_in(bytes(frame))]
+    before = [bytes(rows[a:b]) for a, b in spans]
+    drops = dict(table.drops)
+    out_ref: Out = []
+    events_ref: list[FastEvent] = []
+    ref = scalar.switch_frame_py(table.hot, port, frame, now, out_ref, events_ref)
+    after_ref = [bytes(rows[a:b]) for a, b in spans]
+    drops_ref = dict(table.drops)
+    for (a, b), row in zip(spans, before, strict=True):
+        rows[a:b] = row
+    table.drops.clear()
+    table.drops.update(drops)
+    out: Out = []
+    events: list[FastEvent] = []
+    got = native()(table.hot, port, frame, now, out, events)  # type: ignore[operator]
+    assert got == ref
+    assert out == out_ref and all(type(f) is bytes for _, f in out)
+    assert events == events_ref and all(type(e) is FastEvent and e.frame is frame for e in events)
+    assert [bytes(rows[a:b]) for a, b in spans] == after_ref
+    assert table.drops == drops_ref
+    return got
+
+
+# -- a recorded run, its frames mutated ----------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cut=st.integers(200, 900),
+    mutations=st.lists(st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3), max_size=12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_recorded_runs_frames_and_their_mutations_switch_alike(
+    cut: int, mutations: list[list[tuple[str, int, int]]], seed: int
+) -> None:
+    """Each labelled frame of the recording, and mutated copies of some, tried both ways on the balancer's own
+    table just before the balancer takes the frame (so the rows are a live run's: watch bits, flow bindings,
+    measurements under way)."""
+    config, _ = recording()
+    b = Balancer(config)
+    pick = random.Random(seed)
+    for c in frames_only()[:cut]:
+        if c.frame[12:14] in (b"\x88\x47", b"\x81\x00"):
+            both_ways(b.switching, c.port, c.frame, c.now)
+            for muts in pick.sample(mutations, min(len(mutations), 2)):
+                both_ways(b.switching, c.port, mutate(c.frame, muts), c.now)
+        b.receive(c.port, c.frame, c.now)
+
+
+# -- a table with every kind of install ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def table() -> LabelSwitchingTable:
+    """Labels 1001-1010, each installed its own way (see INSTALLS)."""
+    t = LabelSwitchingTable(PORT_MACS, PLACES)
+    for label, kw in INSTALLS.items():
+        values: dict[str, object] = {"out_port": 2, "next_hop": SERVER_MAC, "in_port": 0, "peer": CLIENT_MAC}
+        values.update(kw)
+        t.install(label, **values)  # type: ignore[arg-type]
+    return t
+
+
+INSTALLS: dict[int, dict[str, object]] = {
+    1001: {},  # no flow, no peer IP, no watch
+    1002: {"peer_ip": CLIENT, "watch": WATCH_TCP_END},
+    1003: {"peer_ip": CLIENT, "dst_ip": VIP, "ports": (40000, 80), "watch": WATCH_TCP_END},
+    1004: {"peer_ip": CLIENT, "dst_ip": VIP, "ports": (40000, 80), "watch": WATCH_TCP_END | WATCH_ALL},
+    1005: {"peer_ip": CLIENT6, "dst_ip": VIP6, "ports": (40000, 80), "watch": WATCH_TCP_END | IPV6_PAYLOAD},
+    1006: {"peer_ip": CLIENT6, "watch": WATCH_ALL | IPV6_PAYLOAD},
+    1007: {"peer_ip": CLIENT, "dst_ip": VIP, "ports": (5353, 53)},
+    1008: {"in_port": 1, "peer": SERVER_MAC, "out_port": 0, "next_hop": CLIENT_MAC, "watch": WATCH_ALL},
+    1010: {"peer_ip": CLIENT, "dst_ip": VIP, "ports": (40000, 80), "watch": WATCH_ALL},
+}
+
+packets = st.one_of(
+    st.builds(
+        lambda flags, payload, ack, sport, src, options: ipv4(
+            src, VIP, IPPROTO_TCP, tcp_segment(src, VIP, sport, 80, flags, payload, ack=ack), options=options
+        ),
+        st.sampled_from([ACK, SYN, FIN | ACK, RST, RST | ACK, 0, ACK | 0x08]),
+        st.binary(max_size=40),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([40000, 40001]),
+        st.sampled_from([CLIENT, OTHER]),
+        st.sampled_from([b"", b"\x01\x01\x01\x00"]),
+    ),
+    st.builds(
+        lambda flags, sport, src: ipv6(src, VIP6, IPPROTO_TCP, tcp_segment(src, VIP6, sport, 80, flags, b"x")),
+        st.sampled_from([ACK, FIN | ACK, RST]),
+        st.sampled_from([40000, 40001]),
+        st.sampled_from([CLIENT6, ip("fd00:1::2")]),
+    ),
+    st.builds(
+        lambda sport: ipv4(CLIENT, VIP, IPPROTO_UDP, udp_datagram(CLIENT, VIP, sport, 53, b"query")),
+        st.sampled_from([5353, 5354]),
+    ),
+    st.builds(lambda body: ipv6(CLIENT6, VIP6, IPPROTO_UDP, body), st.binary(max_size=30)),
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    label=st.sampled_from([*INSTALLS, 1009, 3, 1 << 19]),
+    packet=packets,
+    port=st.sampled_from([0, 1, 2, -5, 1 << 40]),
+    source=st.sampled_from([CLIENT_MAC, SERVER_MAC]),
+    ttl=st.sampled_from([0, 1, 2, 64, 255]),
+    bottom=st.booleans(),
+    vlans=st.sampled_from([(), (7,)]),
+    muts=st.lists(st.one_of(mutation, header_mutation), max_size=2),
+    view=st.booleans(),
+    now=st.sampled_from([7.5, 0.0, 12]),
+)
+def test_built_frames_switch_alike_under_every_kind_of_install(
+    table: LabelSwitchingTable,
+    label: int,
+    packet: bytes,
+    port: int,
+    source: bytes,
+    ttl: int,
+    bottom: bool,
+    vlans: tuple[int, ...],
+    muts: list[tuple[str, int, int]],
+    view: bool,
+    now: float,
+) -> None:
+    frame = mutate(labelled(PORT_MACS[port % 4], source, label, packet, ttl=ttl, s=bottom, vlans=vlans), muts)
+    both_ways(table, port, memoryview(frame) if view else frame, now)
+
+
+def test_each_labels_own_frame_cut_anywhere_switches_alike(table: LabelSwitchingTable) -> None:
+    """Every installed label's own kind of frame, whole and cut at every length (the flow key half there, the
+    TCP flags or the acknowledgment number just past the end, ...)."""
+    frames = {
+        1001: ipv4(CLIENT, VIP, 99, b"anything"),
+        1002: ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, ACK, ack=77)),
+        1003: ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, FIN | ACK, ack=78)),
+        1004: ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, ACK, b"request", ack=79)),
+        1005: ipv6(CLIENT6, VIP6, IPPROTO_TCP, tcp_segment(CLIENT6, VIP6, 40000, 80, ACK, ack=80)),
+        1006: ipv6(CLIENT6, VIP6, IPPROTO_UDP, udp_datagram(CLIENT6, VIP6, 40000, 80, b"x")),
+        1007: ipv4(CLIENT, VIP, IPPROTO_UDP, udp_datagram(CLIENT, VIP, 5353, 53, b"query")),
+        1010: ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, RST)),
+    }
+    for label, packet in frames.items():
+        whole = labelled(PORT_MACS[0], CLIENT_MAC, label, packet)
+        assert both_ways(table, 0, whole, 2.0) == 2
+        for n in range(len(whole)):
+            both_ways(table, 0, whole[:n], 2.0)
+
+
+def test_the_plain_frames_never_reach_the_reference(table: LabelSwitchingTable) -> None:
+    """What nearly every frame is (untagged, a plain packet of the label's flow, or a label bound to no flow; a
+    drop of the native path's reasons; an unlabelled frame) is taken in C: the reference is not called."""
+    called: list[int] = []
+
+    def counting(*args: object) -> int:
+        called.append(1)
+        return scalar.switch_frame_py(*args)  # type: ignore[arg-type]
+
+    ack = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, ACK, b"x"))
+    fin = ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, FIN | ACK))
+    rst6 = ipv6(CLIENT6, VIP6, IPPROTO_TCP, tcp_segment(CLIENT6, VIP6, 40000, 80, RST))
+    frames = [
+        labelled(PORT_MACS[0], CLIENT_MAC, 1003, ack),
+        labelled(PORT_MACS[0], CLIENT_MAC, 1004, fin),
+        labelled(PORT_MACS[0], CLIENT_MAC, 1005, rst6),
+        labelled(PORT_MACS[0], CLIENT_MAC, 1001, ipv4(OTHER, VIP, 99, b"anything")),
+        labelled(PORT_MACS[0], CLIENT_MAC, 1002, ipv4(OTHER, VIP, IPPROTO_UDP, b"12345678")),  # wrong peer IP
+        labelled(PORT_MACS[0], CLIENT_MAC, 1009, b"\x45" + bytes(40)),  # not installed
+        labelled(PORT_MACS[0], CLIENT_MAC, 1001, ipv4(CLIENT, VIP, 99, b""), ttl=1),
+        labelled(PORT_MACS[0], SERVER_MAC, 1001, ipv4(CLIENT, VIP, 99, b"")),  # wrong peer MAC
+        PORT_MACS[0] + CLIENT_MAC + b"\x08\x00" + ipv4(CLIENT, VIP, IPPROTO_UDP, b"12345678"),  # unlabelled
+    ]
+    _fast.bind(counting, FastEvent, scalar.native_numbers(), scalar.NATIVE_REASONS)
+    try:
+        results = [both_ways(table, 0, frame, 1.0) for frame in frames]
+    finally:
+        _fast.bind(scalar.switch_frame_py, FastEvent, scalar.native_numbers(), scalar.NATIVE_REASONS)
+    assert results == [2, 2, 2, 2, -2, -2, -2, -2, -1]
+    assert called == []  # (both_ways calls the reference itself, not through the binding)
+    tagged = labelled(PORT_MACS[0], CLIENT_MAC, 1001, ipv4(CLIENT, VIP, 99, b""), vlans=(7,))
+    assert tagged[12:14] == struct.pack("!H", ETH_P_8021Q)
+    _fast.bind(counting, FastEvent, scalar.native_numbers(), scalar.NATIVE_REASONS)
+    try:
+        native()(table.hot, 0, tagged, 1.0, [], [])  # type: ignore[operator]
+    finally:
+        _fast.bind(scalar.switch_frame_py, FastEvent, scalar.native_numbers(), scalar.NATIVE_REASONS)
+    assert called == [1]  # a tag: the reference's
+
+
+def test_bind_refuses_what_it_cannot_use() -> None:
+    native()
+    numbers = scalar.native_numbers()
+    del numbers["ROW_FLOW"]
+    with pytest.raises(KeyError, match="ROW_FLOW"):
+        _fast.bind(scalar.switch_frame_py, FastEvent, numbers, scalar.NATIVE_REASONS)
+    with pytest.raises(KeyError, match="unknown"):
+        _fast.bind(scalar.switch_frame_py, FastEvent, scalar.native_numbers(), {"reserved": "x"})
+    with pytest.raises(TypeError):
+        _fast.bind(scalar.switch_frame_py, dict, scalar.native_numbers(), scalar.NATIVE_REASONS)
+    with pytest.raises(TypeError):
+        _fast.switch_frame(1, 2)  # type: ignore[call-arg]
+    _fast.bind(scalar.switch_frame_py, FastEvent, scalar.native_numbers(), scalar.NATIVE_REASONS)
+
+
+# -- real captures -------------------------------------------------------------------------------------------------
+def captured(shared_data: Path) -> Iterator[bytes]:
+    for folder in ("pcap/mpls", "pcap/mpls-edge", "pcap/plain"):
+        for path in sorted((shared_data / folder).glob("*.pcap*")):
+            for record in read_pcap(path):
+                yield record.data
+
+
+def test_real_captures_switch_alike_with_their_labels_installed(shared_data: Path) -> None:
+    """Every frame of the captures of shared/data, twice: as it is, on a table where the first frame seen with
+    each label installed that label bound to its source MAC (and every second one to its IP source too), then
+    on the same table with the label withdrawn."""
+    t = LabelSwitchingTable(PORT_MACS, PLACES)
+    seen = forwarded = 0
+    installed: set[int] = set()
+    for frame in captured(shared_data):
+        seen += 1
+        if frame[12:14] == b"\x88\x47" and len(frame) >= 18:
+            label = struct.unpack_from("!I", frame, 14)[0] >> LABEL_SHIFT
+            if label > 15 and label not in installed:
+                installed.add(label)
+                peer_ip = frame[18 + 12 : 18 + 16] if len(installed) % 2 and frame[18] >> 4 == 4 else b""
+                t.install(
+                    label,
+                    out_port=2,
+                    next_hop=SERVER_MAC,
+                    in_port=0,
+                    peer=frame[6:12],
+                    peer_ip=peer_ip,
+                    watch=WATCH_TCP_END,
+                )
+        forwarded += both_ways(t, 0, frame, 3.0) >= 0
+    for label in installed:
+        t.withdraw(label)
+    for frame in captured(shared_data):
+        both_ways(t, 0, frame, 4.0)
+    assert seen > 10_000 and len(installed) >= 5 and forwarded > 100, (seen, installed, forwarded)
+
+
+# -- whole balancers -------------------------------------------------------------------------------------------------
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mutations=st.lists(
+        st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
+        max_size=30,
+    )
+)
+def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
+    mutations: list[tuple[int, list[tuple[str, int, int]]]],
+) -> None:
+    """A recorded run with mutated frames among its own, through a balancer switching natively and through one
+    switching with the reference: the same frames out, call by call, and the same figures."""
+    config, calls = recording()
+    feed = [(c.port, c.frame, c.now) for c in calls]
+    for where, muts in mutations:
+        port, frame, now = feed[where % len(feed)]
+        if port >= 0:
+            feed.insert(where % len(feed), (port, mutate(frame, muts), now))
+
+    def run(switch: object) -> tuple[list[list[tuple[int, bytes]]], object, dict[str, np.ndarray]]:
+        saved = balancer_module.switch_frame
+        balancer_module.switch_frame = switch  # type: ignore[assignment]
+        try:
+            b = Balancer(config)
+            sent = [b.receive(p, f, now) if p >= 0 else b.on_timer(now) for p, f, now in feed]
+            arrays = b.switching.arrays()
+            counters = {name: getattr(arrays, name).copy() for name in ("packets", "bytes", "last_seen", "acks")}
+            s = b.stats()
+            return sent, (s.frames_in, s.frames_out, s.fast_path, s.slow_path, s.drops, s.sessions_ended), counters
+        finally:
+            balancer_module.switch_frame = saved
+
+    sent, figures, counters = run(native())
+    sent_ref, figures_ref, counters_ref = run(scalar.switch_frame_py)
+    assert sent == sent_ref
+    assert figures == figures_ref
+    for name, values in counters.items():
+        assert np.array_equal(values, counters_ref[name]), name
