@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit debs bytecode bench fuzz soak cluster study clean
 
-$(STAMP): pyproject.toml
+# The install builds the one compiled part (setup.py: the one-frame fast path in C), so its source is a prerequisite.
+$(STAMP): pyproject.toml setup.py src/mplslb/switching/_fast.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

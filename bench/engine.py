@@ -49,7 +49,7 @@ from frames import ACK, SYN, VIP, build, c2s_of_flow, client_ip, frame_block, ma
 from mplslb.balancer import Balancer
 from mplslb.labels import PAIRS
 from mplslb.state import huge_pages_of
-from mplslb.switching import LABEL_SPACE, WATCH_ALL
+from mplslb.switching import LABEL_SPACE, WATCH_ALL, FastEvent, scalar
 from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SIZE
 from mplslb.wire.ethernet import ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -96,6 +96,22 @@ def feed(balancer: Balancer, frames: Frames, now: float = NOW) -> int:
     for port, frame in frames:
         receive(port, frame, now)
     return len(frames)
+
+
+def switch_alone(balancer: Balancer, switch: Callable[..., int]) -> Callable[[Frames], int]:
+    """``switch`` (a one-frame path: the native one or the Python reference) on the balancer's table, frame by
+    frame, without the balancer around it; the reports it makes are dropped after each run."""
+    hot = balancer.switching.hot
+    events: list[FastEvent] = []
+
+    def run(frames: Frames) -> int:
+        out: list[tuple[int, bytes]] = []
+        for port, frame in frames:
+            switch(hot, port, frame, NOW, out, events)
+        events.clear()
+        return len(frames)
+
+    return run
 
 
 def feed_blocks(balancer: Balancer, blocks: list[Block], now: float = NOW) -> int:
@@ -431,6 +447,27 @@ def section_single(world: World) -> list[Row]:
         )
         rows.append(at_least(row, ours.per_second, 1e6))
         world.single[size] = ours
+        native, python = switch_alone(b, scalar.switch_frame), switch_alone(b, scalar.switch_frame_py)
+        alone = time_interleaved(
+            {"in use": lambda f=frames, run=native: run(f), "python": lambda f=frames, run=python: run(f)},
+            repeats=plan.repeats,
+            budget_s=plan.budget_s,
+        )
+        used, reference_py = alone["in use"], alone["python"]
+        rows.append(
+            Row(
+                "single",
+                f"one-frame switch_frame alone, {size} B ({scalar.FAST_PATH.split()[0]})",
+                used.median_ns,
+                "ns/frame",
+                "the same in Python (switch_frame_py)",
+                reference_py.median_ns,
+                note=f"the one-frame path in use: {scalar.FAST_PATH}; the same frames and table, in turns; "
+                f"{reference_py.median_ns / used.median_ns:.2f}x cheaper",
+                command=command_for("single"),
+                extra={"ns": used.runs_ns, "python_ns": reference_py.runs_ns, "fast_path": scalar.FAST_PATH},
+            )
+        )
     return rows
 
 

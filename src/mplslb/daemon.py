@@ -104,6 +104,7 @@ from mplslb.logfmt import value
 from mplslb.resolver import MacChange
 from mplslb.sdnotify import notify, reloading_message
 from mplslb.state import StateError, StateStore, default_dir, huge_pages_of, open_balancer
+from mplslb.switching.scalar import FAST_PATH
 from mplslb.wire.checksum import IPV4_ADDR_LEN, IPV6_ADDR_LEN
 from mplslb.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC
 
@@ -424,9 +425,9 @@ class Daemon:
         bc = config.balancer
         log.info(
             "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s datapath=%s "
-            "rows_on_huge_pages_mib=%d",
+            "fast_path=%s rows_on_huge_pages_mib=%d",
             len(bc.ports), len(bc.vips), len(bc.servers), bc.algorithm, config.offload, config.ring,
-            value(config.datapath), huge_pages_of(self.balancer.switching.rows) >> 20,
+            value(config.datapath), value(FAST_PATH), huge_pages_of(self.balancer.switching.rows) >> 20,
         )  # fmt: skip
         # The kernel offload: the driver talks to the balancer through the offload, which mirrors its
         # label switching table into the kernel after each batch and before its timers.
@@ -572,10 +573,11 @@ class Daemon:
         )
 
     def _with_offload(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """The datapath in use, the kernel offload's figures under ``"offload"`` when it is on, each port's socket
-        counters under ``"ports"``, and the frames the ports themselves dropped (e.g. ``csum_partial_unreadable``)
-        among the drops."""
+        """The datapath in use, the one-frame fast path's build (``native``, or ``python`` and why), the kernel
+        offload's figures under ``"offload"`` when it is on, each port's socket counters under ``"ports"``, and the
+        frames the ports themselves dropped (e.g. ``csum_partial_unreadable``) among the drops."""
         snap["datapath"] = self.config.datapath
+        snap["fast_path"] = FAST_PATH
         if self.offloaded is not None:
             with_offload(snap, self.offloaded.stats())
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}
