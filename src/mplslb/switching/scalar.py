@@ -50,6 +50,7 @@ kernel program make the same checks in the same order, and tests compare the thr
 
 from __future__ import annotations
 
+import importlib
 import os
 import struct
 
@@ -295,11 +296,11 @@ def _bind_native() -> str:
     if os.environ.get("MPLSLB_FAST_PATH", "native") == "python":
         return "python (MPLSLB_FAST_PATH=python)"
     try:
-        from mplslb.switching import _fast
-    except ImportError as exc:
+        _fast = importlib.import_module("mplslb.switching._fast")
+    except ImportError as exc:  # not built (no C compiler at install), or built for another Python
         return f"python (no native build: {exc})"
     _fast.bind(switch_frame_py, FastEvent, native_numbers(), NATIVE_REASONS)
-    switch_frame = _fast.switch_frame  # type: ignore[assignment]  # the same parameters, positional only
+    switch_frame = _fast.switch_frame  # the same parameters, positional only (_fast.pyi)
     return "native"
 
 
