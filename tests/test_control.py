@@ -195,6 +195,8 @@ def test_status_tables_without_health_or_rates() -> None:
     assert snap["health"] is None and snap["rates"] is None
     text = render(snap)
     assert "Health checks" not in text and "s1" in text and "(none)" in text
+    assert "one-frame path" not in text  # a balancer's own snapshot; the daemon's says which path it runs
+    assert "Packets at the balancer (one-frame path: native)" in render({**snap, "fast_path_build": "native"})
 
 
 def test_the_kernels_drops_at_a_port_show_their_labelled_part_in_status_and_metrics() -> None:

@@ -708,7 +708,11 @@ def lab_run(requests: int, wrk_seconds: int, **kw: Any) -> None:
         the_lab.up()
         paths = the_lab.datapaths()
         console.print("agents' datapath: " + ", ".join(f"{name} {path}" for name, path in sorted(paths.items())))
-        console.print(f"balancer's datapath: {the_lab.status()['status'].get('datapath', '?')}")
+        status = the_lab.status()["status"]
+        console.print(
+            f"balancer's datapath: {status.get('datapath', '?')}; "
+            f"its one-frame path: {status.get('fast_path_build', '?')}"
+        )
         per_client = max(1, requests // the_lab.spec.clients)
         bodies: list[str] = []
         for client in range(the_lab.spec.clients):

@@ -425,7 +425,7 @@ class Daemon:
         bc = config.balancer
         log.info(
             "event=config_loaded ports=%d vips=%d servers=%d algorithm=%s offload=%s ring=%s datapath=%s "
-            "fast_path=%s rows_on_huge_pages_mib=%d",
+            "fast_path_build=%s rows_on_huge_pages_mib=%d",
             len(bc.ports), len(bc.vips), len(bc.servers), bc.algorithm, config.offload, config.ring,
             value(config.datapath), value(FAST_PATH), huge_pages_of(self.balancer.switching.rows) >> 20,
         )  # fmt: skip
@@ -577,7 +577,7 @@ class Daemon:
         offload's figures under ``"offload"`` when it is on, each port's socket counters under ``"ports"``, and the
         frames the ports themselves dropped (e.g. ``csum_partial_unreadable``) among the drops."""
         snap["datapath"] = self.config.datapath
-        snap["fast_path"] = FAST_PATH
+        snap["fast_path_build"] = FAST_PATH
         if self.offloaded is not None:
             with_offload(snap, self.offloaded.stats())
         snap["ports"] = {name: dict(counts) for name, counts in self.socket_counts.items()}

@@ -209,7 +209,7 @@ def test_killing_one_nginx_others_take_over_and_other_sessions_survive(lab: Lab)
     )
     log = lab.log("balancer")
     assert "event=config_loaded" in log
-    assert "fast_path=native" in log  # the one-frame path's C build, installed with the package
+    assert "fast_path_build=native" in log  # the one-frame path's C build, installed with the package
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         # the label switching rows on huge pages (all 128 MiB unless the kernel found too few free 2 MiB pages)

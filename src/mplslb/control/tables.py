@@ -507,7 +507,9 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
     if bgp is not None:
         tables.append(bgp_table(bgp))
 
-    paths = _table("Packets at the balancer", "path", "frames", "share", "per second")
+    build = snap.get("fast_path_build")  # the daemon's: which one-frame path switches (native or python)
+    title = "Packets at the balancer" + (f" (one-frame path: {build})" if build else "")
+    paths = _table(title, "path", "frames", "share", "per second")
     fast, slow = frames["fast_path"], frames["slow_path"]
     for name, key, count in (
         ("fast path (label switched)", "fast_path", fast),
