@@ -36,6 +36,7 @@ from helpers import (
     mac,
     mutate,
     mutation,
+    pack,
     recording,
     tcp_segment,
     udp_datagram,
@@ -43,6 +44,7 @@ from helpers import (
 from mplslb import balancer as balancer_module
 from mplslb.balancer import Balancer
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, LabelSwitchingTable, scalar
+from mplslb.switching import block as block_module
 from mplslb.switching.layout import ETH_P_8021Q, LABEL_SHIFT, LSE_AT, ROW_SHIFT, ROW_SIZE, VLAN_HLEN
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.pcap import read_pcap
@@ -370,3 +372,122 @@ def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
     assert figures == figures_ref
     for name, values in counters.items():
         assert np.array_equal(values, counters_ref[name]), name
+
+
+# -- the block path ------------------------------------------------------------------------------------------------
+def rows_of(table: LabelSwitchingTable, labels: set[int]) -> dict[int, bytes]:
+    return {label: bytes(table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT]) for label in labels}
+
+
+def blocks_both_ways(
+    table: LabelSwitchingTable, frames: list[tuple[int, bytes]], now: float, *, aligned: bool, count: bool
+) -> None:
+    """One block switched by numpy (the reference) and, on the table put back as it was and a fresh copy of the
+    block, in C: the same verdict, buffer, reports, report rows, rows and drops."""
+    buf, starts, lengths, ports = pack(frames, aligned=aligned)
+    touched = {struct.unpack_from("!I", f, LSE_AT)[0] >> LABEL_SHIFT for _, f in frames if len(f) >= LSE_AT + 4}
+    touched.add(0)
+    before = rows_of(table, touched)
+    runs = []
+    for switch in (block_module.switch_block_np, block_module.switch_block):
+        for label, row in before.items():
+            table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT] = row
+        copy = buf.copy()
+        events: list[FastEvent] = []
+        report_rows: list[int] = []
+        verdict = switch(table, copy, starts, lengths, ports, now, events, count=count, report_rows=report_rows)
+        runs.append((verdict, copy, events, report_rows, rows_of(table, touched)))
+    (v_np, buf_np, ev_np, rr_np, rows_np), (v_c, buf_c, ev_c, rr_c, rows_c) = runs
+    for name, a, b in zip(v_np._fields, v_np, v_c, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert np.array_equal(buf_np, buf_c)
+    assert ev_np == ev_c and all(type(e) is FastEvent and type(e.frame) is bytes for e in ev_c)
+    assert rr_np == rr_c
+    assert rows_np == rows_c
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cut=st.integers(100, 900),
+    block_size=st.integers(1, 200),
+    mutations=st.lists(
+        st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
+        max_size=20,
+    ),
+    aligned=st.booleans(),
+    count=st.booleans(),
+)
+def test_a_recorded_runs_blocks_switch_alike_in_c_and_numpy(
+    cut: int, block_size: int, mutations: list[tuple[int, list[tuple[str, int, int]]]], aligned: bool, count: bool
+) -> None:
+    """A recorded run's frames in blocks, mutated frames among them, each block tried both ways on the balancer's
+    live table before the balancer takes it (through ``receive_block``, in C)."""
+    config, _ = recording()
+    feed = [(c.port, c.frame, c.now) for c in frames_only()[:cut]]
+    for where, muts in mutations:
+        port, frame, now = feed[where % len(feed)]
+        feed.insert(where % len(feed), (port, mutate(frame, muts), now))
+    b = Balancer(config)
+    for start in range(0, len(feed), block_size):
+        chunk = feed[start : start + block_size]
+        now = chunk[-1][2]
+        frames = [(p, f) for p, f, _ in chunk]
+        blocks_both_ways(b.switching, frames, now, aligned=aligned, count=count)
+        buf, starts, lengths, ports = pack(frames, aligned=aligned)
+        b.receive_block(buf, starts, lengths, ports, now)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    picks=st.lists(
+        st.tuples(
+            st.sampled_from([*INSTALLS, 1009, 3]),
+            packets,
+            st.sampled_from([0, 1, 2]),
+            st.sampled_from([CLIENT_MAC, SERVER_MAC]),
+            st.sampled_from([1, 2, 64]),
+            st.booleans(),
+            st.lists(st.one_of(mutation, header_mutation), max_size=2),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    aligned=st.booleans(),
+    count=st.booleans(),
+)
+def test_built_blocks_switch_alike_in_c_and_numpy(
+    table: LabelSwitchingTable,
+    picks: list[tuple[int, bytes, int, bytes, int, bool, list[tuple[str, int, int]]]],
+    aligned: bool,
+    count: bool,
+) -> None:
+    frames = [
+        (port, mutate(labelled(PORT_MACS[port], source, label, packet, ttl=ttl, s=bottom), muts))
+        for label, packet, port, source, ttl, bottom, muts in picks
+    ]
+    blocks_both_ways(table, frames, 9.0, aligned=aligned, count=count)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    counted=st.lists(
+        st.tuples(
+            st.sampled_from([*INSTALLS, 1009]), st.integers(0, 9000), st.sampled_from([0, 0, 1 << 32, (1 << 32) | 77])
+        ),
+        max_size=60,
+    ),
+    with_acks=st.booleans(),
+)
+def test_rows_count_alike_in_c_and_numpy(
+    table: LabelSwitchingTable, counted: list[tuple[int, int, int]], with_acks: bool
+) -> None:
+    labels = np.array([c[0] for c in counted], dtype=np.int64)
+    lengths = np.array([c[1] for c in counted], dtype=np.int64)
+    acks = np.array([c[2] for c in counted], dtype=np.uint64) if with_acks else None
+    before = rows_of(table, {*INSTALLS, 1009})
+    block_module.count_rows_np(table, labels, lengths, 3.5, acks)
+    after_np = rows_of(table, set(before))
+    for label, row in before.items():
+        table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT] = row
+    block_module.count_rows(table, labels, lengths, 3.5, acks)
+    assert rows_of(table, set(before)) == after_np

@@ -1,16 +1,21 @@
-/* The one-frame fast path in C: switch_frame() of mplslb.switching.scalar, the same checks in the same order.
+/* The fast paths in C: switch_frame() of mplslb.switching.scalar, and switch_block() and count_rows() of
+ * mplslb.switching.block, the same checks in the same order as their references.
  *
- * mplslb.switching.scalar.switch_frame (Python) is the reference: its docstring says what a frame must pass, and a
- * differential test (tests/test_fast_native.py) feeds both the same frames and tables and compares what they send,
- * drop, count and report. This file handles what nearly every frame is (untagged, a plain packet of the label's
- * flow, or a label bound to no flow); for anything else (an 802.1Q tag, a frame too short to hold a label, a
- * packet that is not plain under a label bound to a flow: IPv4 options, IPv6 extension headers, fragments, ICMP
- * errors) it calls the reference before touching any state, so those frames take exactly the reference's path.
+ * mplslb.switching.scalar.switch_frame_py (Python) and mplslb.switching.block.switch_block_np and count_rows_np
+ * (numpy) are the references: their docstrings say what a frame must pass, and tests/test_fast_native.py feeds
+ * both builds the same frames and tables and compares what they send, drop, count and report.
+ *
+ * switch_frame handles what nearly every frame is (untagged, a plain packet of the label's flow, or a label bound
+ * to no flow); for anything else (an 802.1Q tag, a frame too short to hold a label, a packet that is not plain
+ * under a label bound to a flow: IPv4 options, IPv6 extension headers, fragments, ICMP errors) it calls the
+ * reference before touching any state, so those frames take exactly the reference's path. switch_block takes the
+ * frames the block path takes and leaves the others untouched, as its reference does; it goes through the block
+ * frame by frame, asking for the row of a frame a few places on while it switches this one.
  *
  * No number is written here: bind() takes every offset, bit and bound from mplslb.switching.layout, the drop
  * reasons from the reference, and the report type (FastEvent). A label's row is read through the table's rows
- * view (hot[0]), as the reference reads it, and its 32- and 64-bit fields in the machine's byte order, as its
- * typed views do.
+ * view (hot[0], LabelSwitchingTable.rows), as the references read it, and its 32- and 64-bit fields in the
+ * machine's byte order, as their typed views do.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,7 +36,8 @@ static long LABELLED_MIN, LSE_AT, LSE_LEN, ETH_P_MPLS_UC, ETH_P_8021Q, LABEL_SHI
     ROW_FLOW_LEN, MPLS_BOS, MPLS_TTL_MASK, IPV4_SRC, V4_KEY_END, IPV4_PLAIN, IPV4_PROTO, IPV4_FRAG_AT,
     IPV4_IHL_MASK, IPV4_IHL_UNIT, FRAG_HI, FRAG_LO, IPV6_SRC, V6_KEY_END, IPV6_NEXT_HEADER, IPV6_HLEN,
     IPPROTO_TCP, IPPROTO_UDP, TCP_FLAGS, TCP_ACK, ACK_RST, ACK_BEFORE_FLAGS, TCP_FLAGS_UNKNOWN, REPORTED,
-    WATCH_TCP_END, WATCH_ALL, PEER_IP_LEN_AT, PEER_IP_AT;
+    WATCH_TCP_END, WATCH_ALL, PEER_IP_LEN_AT, PEER_IP_AT, ETH_SRC, ETH_TYPE, IPV4_DST, IPV6_DST, IPV4_ADDR_LEN,
+    IPV6_ADDR_LEN, L4_PORTS_LEN, ROW_GENERATION, LSE_TTL;
 static unsigned long long ACK_KNOWN;
 static int bound_ok = 0;
 
@@ -56,6 +62,9 @@ static const struct {
     {"TCP_ACK", &TCP_ACK}, {"ACK_RST", &ACK_RST}, {"ACK_BEFORE_FLAGS", &ACK_BEFORE_FLAGS},
     {"TCP_FLAGS_UNKNOWN", &TCP_FLAGS_UNKNOWN}, {"REPORTED", &REPORTED}, {"WATCH_TCP_END", &WATCH_TCP_END},
     {"WATCH_ALL", &WATCH_ALL}, {"ROW_PEER_IP_LEN", &PEER_IP_LEN_AT}, {"ROW_PEER_IP", &PEER_IP_AT},
+    {"ETH_SRC", &ETH_SRC}, {"ETH_TYPE", &ETH_TYPE}, {"IPV4_DST", &IPV4_DST},
+    {"IPV6_DST", &IPV6_DST}, {"IPV4_ADDR_LEN", &IPV4_ADDR_LEN}, {"IPV6_ADDR_LEN", &IPV6_ADDR_LEN},
+    {"L4_PORTS_LEN", &L4_PORTS_LEN}, {"ROW_GENERATION", &ROW_GENERATION}, {"LSE_TTL", &LSE_TTL},
 };
 
 static inline uint32_t be32(const unsigned char *p) {
@@ -79,6 +88,11 @@ static inline uint64_t row_quad(const unsigned char *row, long index) {
     uint64_t v;
     memcpy(&v, row + 8 * index, 8);
     return v;
+}
+
+/* A frame's source MAC as the big-endian integer its octets spell (as the row keeps the peer's). */
+static inline uint64_t source_mac(const unsigned char *f) {
+    return ((uint64_t)f[ETH_SRC] << 40) | ((uint64_t)f[ETH_SRC + 1] << 32) | be32(f + ETH_SRC + 2);
 }
 
 static int count_drop(PyObject *drops, PyObject *reason) {
@@ -137,7 +151,7 @@ static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
     PyObject *result = NULL;
     int rheld = 0;
     if (n < LABELLED_MIN) goto reference_path; /* untagged and too short, or a tag: the reference decides */
-    unsigned ethertype = ((unsigned)f[LSE_AT - 2] << 8) | f[LSE_AT - 1];
+    unsigned ethertype = ((unsigned)f[ETH_TYPE] << 8) | f[ETH_TYPE + 1];
     if (ethertype == (unsigned)ETH_P_8021Q) goto reference_path;
     if (ethertype != (unsigned)ETH_P_MPLS_UC) {
         result = PyLong_FromLong(NOT_LABELLED);
@@ -158,7 +172,7 @@ static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
         reason = label <= RESERVED_LABEL_MAX ? reason_reserved : reason_unknown;
         goto drop;
     }
-    uint64_t src_mac = ((uint64_t)f[6] << 40) | ((uint64_t)f[7] << 32) | be32(f + 8);
+    uint64_t src_mac = source_mac(f);
     if ((long long)row_word(row, ROW_IN_PORT) != port || row_quad(row, ROW_PEER) != src_mac) {
         reason = reason_ingress;
         goto drop;
@@ -211,8 +225,8 @@ static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
     uint64_t rewrite = row_quad(row, ROW_REWRITE);
     for (int i = 0; i < 8; i++) s[i] = rewrite >> (56 - 8 * i);
     put_be32(s + 8, (uint32_t)row_word(row, ROW_REWRITE_TAIL));
-    s[LSE_AT - 2] = ETH_P_MPLS_UC >> 8;
-    s[LSE_AT - 1] = ETH_P_MPLS_UC & 0xFF;
+    s[ETH_TYPE] = ETH_P_MPLS_UC >> 8;
+    s[ETH_TYPE + 1] = ETH_P_MPLS_UC & 0xFF;
     put_be32(s + LSE_AT, entry - 1);
     memcpy(s + LSE_AT + LSE_LEN, f + ip, n - ip);
     PyObject *port_out = PyLong_FromLong(out_port);
@@ -349,9 +363,258 @@ static PyObject *bind(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- the block path ------------------------------------------------------------------------------------------------
+ * switch_block(rows, buf, starts, lengths, ports, now, events, report_rows, count, out_port, labels, switched, acks,
+ * generations): mplslb.switching.block.switch_block_np's checks, rewrite, acknowledgment numbers, counts and
+ * reports, one frame after the other. Each frame is decided on its label's row as the block found it (counting
+ * changes no field a check reads), so doing them in order is doing them at once. The caller (block.switch_block)
+ * gives contiguous arrays of the right types: buf uint8 (writable), starts, lengths, ports int64, and the verdict's
+ * arrays to fill: out_port int32, labels int64, switched bool, acks uint64, generations int32. */
+/* A block's frames are at labels unrelated to each other, so each one's row is a cache miss once the table is
+ * larger than the cache: the row of the frame PREFETCH_AHEAD places on is asked for (both of its lines, to be
+ * written) while this one is switched, so that several misses are under way at once instead of one per frame. */
+#define PREFETCH_AHEAD 8
+
+static inline void prefetch_row(const unsigned char *row) {
+    __builtin_prefetch(row, 1, 3);
+    __builtin_prefetch(row + 64, 1, 3);
+}
+
+static int get_array(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t n, int writable,
+                     const char *what) {
+    if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (view->itemsize != itemsize || (n >= 0 && view->len != n * itemsize)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "switch_block: %s has the wrong size or item size", what);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "switch_block takes 14 arguments");
+        return NULL;
+    }
+    if (!bound_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
+        return NULL;
+    }
+    PyObject *now_obj = args[5], *events = args[6], *report_rows = args[7];
+    if (!PyList_Check(events) || (report_rows != Py_None && !PyList_Check(report_rows))) {
+        PyErr_SetString(PyExc_TypeError, "switch_block: events and report_rows must be lists");
+        return NULL;
+    }
+    int count = PyObject_IsTrue(args[8]);
+    if (count < 0) return NULL;
+    double now = PyFloat_AsDouble(now_obj);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+    Py_buffer v[12];
+    int held = 0;
+    PyObject *result = NULL;
+    if (get_array(args[0], &v[0], 1, -1, 1, "rows") < 0) goto done;
+    held++;
+    if (get_array(args[1], &v[1], 1, -1, 1, "buf") < 0) goto done;
+    held++;
+    if (get_array(args[2], &v[2], 8, -1, 0, "starts") < 0) goto done;
+    held++;
+    Py_ssize_t n = v[2].len / 8;
+    static const struct {
+        int arg;
+        Py_ssize_t size;
+        int writable;
+        const char *what;
+    } rest[] = {{3, 8, 0, "lengths"}, {4, 8, 0, "ports"},  {9, 4, 1, "out_port"},   {10, 8, 1, "labels"},
+                {11, 1, 1, "switched"}, {12, 8, 1, "acks"}, {13, 4, 1, "generations"}};
+    for (size_t k = 0; k < sizeof rest / sizeof rest[0]; k++) {
+        if (get_array(args[rest[k].arg], &v[held], rest[k].size, n, rest[k].writable, rest[k].what) < 0) goto done;
+        held++;
+    }
+    unsigned char *rows = v[0].buf, *buf = v[1].buf;
+    Py_ssize_t nrows = v[0].len >> ROW_SHIFT, size = v[1].len;
+    const int64_t *starts = v[2].buf, *lengths = v[3].buf, *ports = v[4].buf;
+    int32_t *out_port = v[5].buf, *generations = v[9].buf;
+    int64_t *labels = v[6].buf;
+    unsigned char *switched = v[7].buf;
+    uint64_t *acks = v[8].buf;
+    int any_long = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (starts[i] < 0 || lengths[i] < 0 || starts[i] + lengths[i] > size) {
+            PyErr_Format(PyExc_ValueError, "switch_block: frame %zd lies outside the buffer", i);
+            goto done;
+        }
+        any_long |= lengths[i] >= LSE_AT + LSE_LEN;
+    }
+    Py_ssize_t ipo = LSE_AT + LSE_LEN; /* the packet under the entry of an untagged frame */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n && lengths[i + PREFETCH_AHEAD] >= ipo) {
+            long ahead = be32(buf + starts[i + PREFETCH_AHEAD] + LSE_AT) >> LABEL_SHIFT;
+            if (ahead < nrows) prefetch_row(rows + ((Py_ssize_t)ahead << ROW_SHIFT));
+        }
+        unsigned char *f = buf + starts[i];
+        Py_ssize_t len = lengths[i];
+        out_port[i] = -1;
+        switched[i] = 0;
+        acks[i] = 0;
+        long label = 0;
+        uint32_t entry = 0;
+        int mpls = len >= ipo && (((unsigned)f[ETH_TYPE] << 8) | f[ETH_TYPE + 1]) == (unsigned)ETH_P_MPLS_UC;
+        if (mpls) {
+            entry = be32(f + LSE_AT);
+            label = entry >> LABEL_SHIFT;
+        }
+        labels[i] = label;
+        if (label >= nrows) { /* a table of fewer rows than labels: not one of ours */
+            generations[i] = 0;
+            continue;
+        }
+        unsigned char *row = rows + ((Py_ssize_t)label << ROW_SHIFT);
+        generations[i] = any_long ? row_word(row, ROW_GENERATION) : 0;
+        if (!mpls || !row[ROW_VALID] || label <= RESERVED_LABEL_MAX || (long long)row_word(row, ROW_IN_PORT) != ports[i])
+            continue;
+        if (row_quad(row, ROW_PEER) != source_mac(f) || !(entry & MPLS_BOS) || (entry & MPLS_TTL_MASK) <= 1) continue;
+        int v6 = row[ROW_V6] != 0;
+        Py_ssize_t end = len; /* offsets below are from the frame's start */
+        if (row[PEER_IP_LEN_AT]) {
+            Py_ssize_t at = ipo + (v6 ? IPV6_SRC : IPV4_SRC), width = v6 ? IPV6_ADDR_LEN : IPV4_ADDR_LEN;
+            if (at + width > end || memcmp(f + at, row + PEER_IP_AT, width) != 0) continue;
+        }
+        if (row[ROW_FLOW_LEN]) {
+            if (v6) {
+                /* the destination and the ports, as they follow the source in the flow's key */
+                Py_ssize_t at = ipo + IPV6_DST, width = IPV6_ADDR_LEN + L4_PORTS_LEN;
+                if (at + width > end || memcmp(f + at, row + ROW_FLOW + IPV6_ADDR_LEN, width) != 0) continue;
+                unsigned next = f[ipo + IPV6_NEXT_HEADER];
+                if (next != (unsigned)IPPROTO_TCP && next != (unsigned)IPPROTO_UDP) continue;
+            } else {
+                Py_ssize_t at = ipo + IPV4_DST, width = IPV4_ADDR_LEN + L4_PORTS_LEN;
+                if (at + width > end || memcmp(f + at, row + ROW_FLOW + IPV4_ADDR_LEN, width) != 0 ||
+                    f[ipo] != (unsigned)IPV4_PLAIN)
+                    continue;
+            }
+        }
+        /* Taken: rewritten in place (the Ethernet addresses, the TTL), its acknowledgment number, counted, reported. */
+        switched[i] = 1;
+        out_port[i] = row_word(row, ROW_OUT_PORT);
+        uint64_t rewrite = row_quad(row, ROW_REWRITE);
+        for (int k = 0; k < 8; k++) f[k] = rewrite >> (56 - 8 * k);
+        put_be32(f + 8, (uint32_t)row_word(row, ROW_REWRITE_TAIL));
+        f[LSE_AT + LSE_TTL] -= 1;
+        unsigned watch = row[ROW_WATCH];
+        Py_ssize_t ip = ipo;
+        if ((watch & WATCH_TCP_END) && ip < end) {
+            Py_ssize_t flag_at = ip + (v6 ? IPV6_HLEN : (f[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT) + TCP_FLAGS;
+            if (flag_at < end && (f[flag_at] & ACK_RST) == TCP_ACK &&
+                (v6 ? f[ip + IPV6_NEXT_HEADER] == (unsigned)IPPROTO_TCP
+                    : f[ip + IPV4_PROTO] == (unsigned)IPPROTO_TCP &&
+                          !((f[ip + IPV4_FRAG_AT] & FRAG_HI) || (f[ip + IPV4_FRAG_AT + 1] & FRAG_LO))))
+                acks[i] = ACK_KNOWN | be32(f + flag_at - ACK_BEFORE_FLAGS);
+        }
+        if (count) {
+            uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)len;
+            memcpy(row + 8 * ROW_PACKETS, &packets, 8);
+            memcpy(row + 8 * ROW_BYTES, &octets, 8);
+            memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+            if (acks[i]) memcpy(row + 8 * ROW_ACKS, &acks[i], 8);
+        }
+        if (watch) {
+            long flags = 0;
+            if (watch & WATCH_TCP_END) {
+                if (v6 && ip + IPV6_NEXT_HEADER < end && f[ip + IPV6_NEXT_HEADER] != (unsigned)IPPROTO_TCP) {
+                    flags = TCP_FLAGS_UNKNOWN;
+                } else if (ip < end) {
+                    Py_ssize_t flag_at = ip + (v6 ? IPV6_HLEN : (f[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT) + TCP_FLAGS;
+                    if (flag_at < end) flags = f[flag_at];
+                }
+            }
+            if ((watch & WATCH_ALL) || (flags & REPORTED)) {
+                PyObject *copy = PyBytes_FromStringAndSize((const char *)f, len);
+                if (copy == NULL) goto done;
+                PyObject *fields = Py_BuildValue("(lNnlO)", label, copy, ip, flags, now_obj);
+                if (fields == NULL) goto done;
+                PyObject *wrapped = PyTuple_Pack(1, fields);
+                Py_DECREF(fields);
+                if (wrapped == NULL) goto done;
+                PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)fast_event, wrapped, NULL);
+                Py_DECREF(wrapped);
+                if (event == NULL) goto done;
+                int rc = PyList_Append(events, event);
+                Py_DECREF(event);
+                if (rc < 0) goto done;
+                if (report_rows != Py_None) {
+                    PyObject *index = PyLong_FromSsize_t(i);
+                    if (index == NULL) goto done;
+                    rc = PyList_Append(report_rows, index);
+                    Py_DECREF(index);
+                    if (rc < 0) goto done;
+                }
+            }
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&v[k]);
+    return result;
+}
+
+/* count_rows(rows, labels, lengths, acks, now): per switched frame, in order, its label's packets, bytes, last seen
+ * and (when not 0) acknowledgment number: mplslb.switching.block.count_rows. labels and lengths int64, acks uint64
+ * (or None), contiguous. */
+static PyObject *count_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "count_rows takes 5 arguments");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[4]);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+    Py_buffer v[4];
+    int held = 0;
+    PyObject *result = NULL;
+    if (get_array(args[0], &v[0], 1, -1, 1, "rows") < 0) goto done;
+    held++;
+    if (get_array(args[1], &v[1], 8, -1, 0, "labels") < 0) goto done;
+    held++;
+    Py_ssize_t n = v[1].len / 8;
+    if (get_array(args[2], &v[2], 8, n, 0, "lengths") < 0) goto done;
+    held++;
+    const uint64_t *acks = NULL;
+    if (args[3] != Py_None) {
+        if (get_array(args[3], &v[3], 8, n, 0, "acks") < 0) goto done;
+        held++;
+        acks = v[3].buf;
+    }
+    unsigned char *rows = v[0].buf;
+    Py_ssize_t nrows = v[0].len >> ROW_SHIFT;
+    const int64_t *labels = v[1].buf, *lengths = v[2].buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (labels[i] < 0 || labels[i] >= nrows) {
+            PyErr_Format(PyExc_IndexError, "count_rows: label %lld has no row", (long long)labels[i]);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) prefetch_row(rows + (labels[i + PREFETCH_AHEAD] << ROW_SHIFT));
+        unsigned char *row = rows + (labels[i] << ROW_SHIFT);
+        uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)lengths[i];
+        memcpy(row + 8 * ROW_PACKETS, &packets, 8);
+        memcpy(row + 8 * ROW_BYTES, &octets, 8);
+        memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+        if (acks != NULL && acks[i]) memcpy(row + 8 * ROW_ACKS, &acks[i], 8);
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&v[k]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"switch_frame", (PyCFunction)(void (*)(void))switch_frame, METH_FASTCALL,
      "switch_frame(hot, port, frame, now, out, events) -> int: mplslb.switching.scalar.switch_frame in C."},
+    {"switch_block", (PyCFunction)(void (*)(void))switch_block, METH_FASTCALL,
+     "switch_block(rows, buf, starts, lengths, ports, now, events, report_rows, count, out_port, labels, switched, "
+     "acks, generations): mplslb.switching.block.switch_block_np in C, filling the verdict's arrays."},
+    {"count_rows", (PyCFunction)(void (*)(void))count_rows, METH_FASTCALL,
+     "count_rows(rows, labels, lengths, acks, now): mplslb.switching.block.count_rows in C."},
     {"bind", bind, METH_VARARGS, "bind(reference, FastEvent, numbers, reasons): set the layout and the reference."},
     {NULL, NULL, 0, NULL},
 };

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mplslb.switching import scalar
 from mplslb.switching.layout import (
     ACK_KNOWN,
     ETH_ADDRS,
@@ -172,6 +173,43 @@ def _wire(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def switch_block(
+    table: LabelSwitchingTable,
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    ports: np.ndarray,
+    now: float,
+    events: list[FastEvent],
+    *,
+    count: bool = True,
+    report_rows: list[int] | None = None,
+) -> BlockVerdict:
+    """Switch every frame of a block that the fast path can take, rewriting it in place in ``buf``: what
+    :func:`switch_block_np` says, done in C by the native build when it is in use
+    (:data:`~mplslb.switching.scalar.FAST_PATH`) and ``buf`` is a writable, contiguous uint8 array, frame by frame;
+    by :func:`switch_block_np`, the reference, otherwise. Both give the same verdict, buffer, counts and reports
+    (``tests/test_fast_native.py``)."""
+    native = scalar.native
+    if native is None or not (
+        buf.dtype == np.uint8 and buf.ndim == 1 and buf.flags.c_contiguous and buf.flags.writeable
+    ):
+        return switch_block_np(table, buf, starts, lengths, ports, now, events, count=count, report_rows=report_rows)
+    n = len(starts)
+    verdict = BlockVerdict(
+        np.empty(n, dtype=np.int32),
+        np.empty(n, dtype=np.int64),
+        np.empty(n, dtype=np.bool_),
+        np.empty(n, dtype=np.uint64),
+        np.empty(n, dtype=np.int32),
+    )
+    native.switch_block(
+        table.rows, buf, np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64),
+        np.ascontiguousarray(ports, dtype=np.int64), now, events, report_rows, count, *verdict,
+    )  # fmt: skip
+    return verdict
+
+
+def switch_block_np(
     table: LabelSwitchingTable,
     buf: np.ndarray,
     starts: np.ndarray,
@@ -510,7 +548,25 @@ def count_rows(
     table: LabelSwitchingTable, labels: np.ndarray, lengths: np.ndarray, now: float, acks: np.ndarray | None = None
 ) -> None:
     """Count switched frames (their ``labels`` and ``lengths``) in the table: packets, bytes, last seen, and record
-    their acknowledgment numbers (``acks``, :attr:`BlockVerdict.acks`)."""
+    their acknowledgment numbers (``acks``, :attr:`BlockVerdict.acks`): in C, frame by frame, with the native
+    build; by :func:`count_rows_np`, the reference, otherwise."""
+    native = scalar.native
+    if native is None:
+        count_rows_np(table, labels, lengths, now, acks)
+    elif len(labels):
+        native.count_rows(
+            table.rows,
+            np.ascontiguousarray(labels, dtype=np.int64),
+            np.ascontiguousarray(lengths, dtype=np.int64),
+            None if acks is None else np.ascontiguousarray(acks, dtype=np.uint64),
+            now,
+        )
+
+
+def count_rows_np(
+    table: LabelSwitchingTable, labels: np.ndarray, lengths: np.ndarray, now: float, acks: np.ndarray | None = None
+) -> None:
+    """:func:`count_rows` with numpy: the labels sorted, each label's run summed and written once (:func:`_count`)."""
     if len(labels):
         labels = labels.astype(np.int64, copy=False)
         _count(block_tables(table), labels, lengths.astype(np.int64, copy=False), now, acks)

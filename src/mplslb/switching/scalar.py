@@ -53,6 +53,7 @@ from __future__ import annotations
 import importlib
 import os
 import struct
+from types import ModuleType
 
 from mplslb.switching import layout
 from mplslb.switching.layout import (
@@ -288,11 +289,16 @@ def switch_frame(
 switch_frame_py = switch_frame
 
 
+#: The native build (``mplslb.switching._fast``) when it is in use, else None: the block path
+#: (:mod:`~mplslb.switching.block`) takes its ``switch_block`` and ``count_rows`` from it too.
+native: ModuleType | None = None
+
+
 def _bind_native() -> str:
     """Put the C build of :func:`switch_frame` (``mplslb.switching._fast``, made at install from ``_fast.c``) in
     its place, bound to this module's numbers and reference; return which path is in use, ``"native"`` or
     ``"python"`` (and why). ``MPLSLB_FAST_PATH=python`` keeps the reference."""
-    global switch_frame
+    global switch_frame, native
     if os.environ.get("MPLSLB_FAST_PATH", "native") == "python":
         return "python (MPLSLB_FAST_PATH=python)"
     try:
@@ -301,6 +307,7 @@ def _bind_native() -> str:
         return f"python (no native build: {exc})"
     _fast.bind(switch_frame_py, FastEvent, native_numbers(), NATIVE_REASONS)
     switch_frame = _fast.switch_frame  # the same parameters, positional only (_fast.pyi)
+    native = _fast
     return "native"
 
 
@@ -310,7 +317,8 @@ _NATIVE_LAYOUT = """
     ROW_WORD_SHIFT ROW_QUAD_SHIFT ROW_VALID ROW_WATCH ROW_V6 ROW_IN_PORT ROW_OUT_PORT ROW_REWRITE_TAIL ROW_PACKETS
     ROW_BYTES ROW_LAST_SEEN ROW_ACKS ROW_PEER ROW_REWRITE ROW_FLOW ROW_FLOW_LEN ROW_PEER_IP ROW_PEER_IP_LEN MPLS_BOS
     MPLS_TTL_MASK IPV4_SRC IPV4_PLAIN IPV4_PROTO IPV4_FRAG_AT IPV4_IHL_MASK IPV4_IHL_UNIT IPV6_SRC IPV6_NEXT_HEADER
-    IPV6_HLEN IPPROTO_TCP IPPROTO_UDP TCP_FLAGS TCP_ACK TCP_FLAGS_UNKNOWN WATCH_TCP_END WATCH_ALL ACK_KNOWN
+    IPV6_HLEN IPPROTO_TCP IPPROTO_UDP TCP_FLAGS TCP_ACK TCP_FLAGS_UNKNOWN WATCH_TCP_END WATCH_ALL ACK_KNOWN ETH_SRC
+    ETH_TYPE IPV4_DST IPV6_DST IPV4_ADDR_LEN IPV6_ADDR_LEN L4_PORTS_LEN ROW_GENERATION LSE_TTL
 """.split()  # noqa: SIM905
 
 
