@@ -488,6 +488,26 @@ header_mutation = st.tuples(
 )
 
 
+#: Mutated copies to insert into a recorded feed: (where, the mutations), for :func:`with_mutated`.
+feed_mutations = st.lists(
+    st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
+    max_size=20,
+)
+
+
+def with_mutated(
+    feed: list[tuple[int, bytes, float]], mutations: Sequence[tuple[int, Sequence[tuple[str, int, int]]]]
+) -> list[tuple[int, bytes, float]]:
+    """``feed`` (port, frame, time) with a mutated copy of a frame inserted before it for each of ``mutations``
+    (where, modulo the feed's length; the frame's mutations), a timer's entry (port -1) never mutated."""
+    feed = list(feed)
+    for where, muts in mutations:
+        port, frame, now = feed[where % len(feed)]
+        if port >= 0:
+            feed.insert(where % len(feed), (port, mutate(frame, muts), now))
+    return feed
+
+
 # == namespaces and sockets ============================================================================================
 ETH_P_LOCAL_EXP = 0x88B5  # IEEE 802 local experimental ethertype: nothing in the kernel answers it
 LINK_WAIT = 10.0  # seconds links may take to come up, at most

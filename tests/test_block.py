@@ -16,18 +16,17 @@ from helpers import (
     VIP,
     Net,
     client_addr,
+    feed_mutations,
     frames_only,
     handshake,
-    header_mutation,
     label_of,
     listed,
     make_config,
-    mutate,
-    mutation,
     pack,
     recording,
     reused_label_pair,
     tcp,
+    with_mutated,
 )
 from mplslb.balancer import Balancer, Frames
 from mplslb.switching.block import word_aligned
@@ -81,10 +80,7 @@ def assert_same_label_counters(one: Balancer, block: Balancer) -> None:
 @given(
     cut=st.integers(100, 900),
     block_size=st.integers(1, 200),
-    mutations=st.lists(
-        st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
-        max_size=20,
-    ),
+    mutations=feed_mutations,
     aligned=st.booleans(),
 )
 def test_blocks_with_mutated_frames_match_frame_by_frame(
@@ -92,10 +88,7 @@ def test_blocks_with_mutated_frames_match_frame_by_frame(
 ) -> None:
     config, _ = recording()
     calls = frames_only()[:cut]
-    feed = [(c.port, c.frame, c.now) for c in calls]
-    for where, muts in mutations:
-        port, frame, now = feed[where % len(feed)]
-        feed.insert(where % len(feed), (port, mutate(frame, muts), now))
+    feed = with_mutated([(c.port, c.frame, c.now) for c in calls], mutations)
     one, block = Balancer(config), Balancer(config)
     for start in range(0, len(feed), block_size):
         chunk = feed[start : start + block_size]

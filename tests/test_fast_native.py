@@ -27,6 +27,7 @@ from helpers import (
     FIN,
     RST,
     SYN,
+    feed_mutations,
     frames_only,
     header_mutation,
     ip,
@@ -40,6 +41,7 @@ from helpers import (
     recording,
     tcp_segment,
     udp_datagram,
+    with_mutated,
 )
 from mplslb import balancer as balancer_module
 from mplslb.balancer import Balancer
@@ -336,10 +338,7 @@ def test_real_captures_switch_alike_with_their_labels_installed(shared_data: Pat
 # -- whole balancers -------------------------------------------------------------------------------------------------
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    mutations=st.lists(
-        st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
-        max_size=30,
-    )
+    mutations=feed_mutations,
 )
 def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
     mutations: list[tuple[int, list[tuple[str, int, int]]]],
@@ -347,11 +346,7 @@ def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
     """A recorded run with mutated frames among its own, through a balancer switching natively and through one
     switching with the reference: the same frames out, call by call, and the same figures."""
     config, calls = recording()
-    feed = [(c.port, c.frame, c.now) for c in calls]
-    for where, muts in mutations:
-        port, frame, now = feed[where % len(feed)]
-        if port >= 0:
-            feed.insert(where % len(feed), (port, mutate(frame, muts), now))
+    feed = with_mutated([(c.port, c.frame, c.now) for c in calls], mutations)
 
     def run(switch: object) -> tuple[list[list[tuple[int, bytes]]], object, dict[str, np.ndarray]]:
         saved = balancer_module.switch_frame
@@ -410,10 +405,7 @@ def blocks_both_ways(
 @given(
     cut=st.integers(100, 900),
     block_size=st.integers(1, 200),
-    mutations=st.lists(
-        st.tuples(st.integers(0, 10_000), st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3)),
-        max_size=20,
-    ),
+    mutations=feed_mutations,
     aligned=st.booleans(),
     count=st.booleans(),
 )
@@ -423,10 +415,7 @@ def test_a_recorded_runs_blocks_switch_alike_in_c_and_numpy(
     """A recorded run's frames in blocks, mutated frames among them, each block tried both ways on the balancer's
     live table before the balancer takes it (through ``receive_block``, in C)."""
     config, _ = recording()
-    feed = [(c.port, c.frame, c.now) for c in frames_only()[:cut]]
-    for where, muts in mutations:
-        port, frame, now = feed[where % len(feed)]
-        feed.insert(where % len(feed), (port, mutate(frame, muts), now))
+    feed = with_mutated([(c.port, c.frame, c.now) for c in frames_only()[:cut]], mutations)
     b = Balancer(config)
     for start in range(0, len(feed), block_size):
         chunk = feed[start : start + block_size]

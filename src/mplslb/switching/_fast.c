@@ -95,6 +95,22 @@ static inline uint64_t source_mac(const unsigned char *f) {
     return ((uint64_t)f[ETH_SRC] << 40) | ((uint64_t)f[ETH_SRC + 1] << 32) | be32(f + ETH_SRC + 2);
 }
 
+/* Append FastEvent(label, frame, ip, flags, now) to events, built as the NamedTuple's own constructor builds it;
+ * takes the reference to frame. */
+static int report(PyObject *events, long label, PyObject *frame, Py_ssize_t ip, long flags, PyObject *now) {
+    PyObject *fields = Py_BuildValue("(lNnlO)", label, frame, ip, flags, now);
+    if (fields == NULL) return -1;
+    PyObject *wrapped = PyTuple_Pack(1, fields);
+    Py_DECREF(fields);
+    if (wrapped == NULL) return -1;
+    PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)fast_event, wrapped, NULL);
+    Py_DECREF(wrapped);
+    if (event == NULL) return -1;
+    int rc = PyList_Append(events, event);
+    Py_DECREF(event);
+    return rc;
+}
+
 static int count_drop(PyObject *drops, PyObject *reason) {
     PyObject *old = PyDict_GetItemWithError(drops, reason);
     PyObject *value;
@@ -278,25 +294,11 @@ static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
             }
         }
         if ((watch & WATCH_ALL) || (flags & REPORTED)) {
-            PyObject *fields = Py_BuildValue("(lOnlO)", label, frame, ip, flags, now_obj);
-            if (fields == NULL) {
+            Py_INCREF(frame);
+            if (report(events, label, frame, ip, flags, now_obj) < 0) {
                 Py_DECREF(port_out);
                 goto done;
             }
-            PyObject *wrapped = PyTuple_Pack(1, fields);
-            Py_DECREF(fields);
-            if (wrapped == NULL) {
-                Py_DECREF(port_out);
-                goto done;
-            }
-            PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)fast_event, wrapped, NULL);
-            Py_DECREF(wrapped);
-            if (event == NULL || PyList_Append(events, event) < 0) {
-                Py_XDECREF(event);
-                Py_DECREF(port_out);
-                goto done;
-            }
-            Py_DECREF(event);
         }
     }
     result = port_out;
@@ -529,22 +531,11 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
             }
             if ((watch & WATCH_ALL) || (flags & REPORTED)) {
                 PyObject *copy = PyBytes_FromStringAndSize((const char *)f, len);
-                if (copy == NULL) goto done;
-                PyObject *fields = Py_BuildValue("(lNnlO)", label, copy, ip, flags, now_obj);
-                if (fields == NULL) goto done;
-                PyObject *wrapped = PyTuple_Pack(1, fields);
-                Py_DECREF(fields);
-                if (wrapped == NULL) goto done;
-                PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)fast_event, wrapped, NULL);
-                Py_DECREF(wrapped);
-                if (event == NULL) goto done;
-                int rc = PyList_Append(events, event);
-                Py_DECREF(event);
-                if (rc < 0) goto done;
+                if (copy == NULL || report(events, label, copy, ip, flags, now_obj) < 0) goto done;
                 if (report_rows != Py_None) {
                     PyObject *index = PyLong_FromSsize_t(i);
                     if (index == NULL) goto done;
-                    rc = PyList_Append(report_rows, index);
+                    int rc = PyList_Append(report_rows, index);
                     Py_DECREF(index);
                     if (rc < 0) goto done;
                 }
