@@ -5,7 +5,9 @@
 * :mod:`~mplslb.switching.table`: the label switching table (label -> line card, output port, next hop), which
   owns its arrays, sends on a label and tells its mirrors of every change;
 * :mod:`~mplslb.switching.scalar`: the one-frame fast path, :func:`switch_frame`;
-* :mod:`~mplslb.switching.block`: the block fast path, :func:`switch_block`, numpy over a ring block.
+* :mod:`~mplslb.switching.block`: the block fast path, :func:`switch_block`, over a ring block;
+* ``_fast.c``: both fast paths in C, built at install; the Python and numpy versions above are their references,
+  and run where it could not be built (``scalar.FAST_PATH`` says which).
 """
 
 from mplslb.switching.block import BlockVerdict, switch_block

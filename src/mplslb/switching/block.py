@@ -1,4 +1,5 @@
-"""The block fast path: a whole block of frames lying in one buffer, switched in bulk with numpy.
+"""The block fast path: a whole block of frames lying in one buffer, switched in bulk with numpy
+(:func:`switch_block_np`, the reference), or in C by the native build (:func:`switch_block`).
 
 Theory of operation
 -------------------
