@@ -47,7 +47,7 @@ from mplslb import balancer as balancer_module
 from mplslb.balancer import Balancer
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, LabelSwitchingTable, scalar
 from mplslb.switching import block as block_module
-from mplslb.switching.layout import ETH_P_8021Q, LABEL_SHIFT, LSE_AT, ROW_SHIFT, ROW_SIZE, VLAN_HLEN
+from mplslb.switching.layout import ETH_P_8021Q, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SHIFT, ROW_SIZE, VLAN_HLEN
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.pcap import read_pcap
 
@@ -390,9 +390,16 @@ def blocks_both_ways(
         copy = buf.copy()
         events: list[FastEvent] = []
         report_rows: list[int] = []
-        verdict = switch(table, copy, starts, lengths, ports, now, events, count=count, report_rows=report_rows)
-        runs.append((verdict, copy, events, report_rows, rows_of(table, touched)))
-    (v_np, buf_np, ev_np, rr_np, rows_np), (v_c, buf_c, ev_c, rr_c, rows_c) = runs
+        saved = np.full((len(frames), IP_AT), 0xEE, dtype=np.uint8)
+        verdict = switch(
+            table, copy, starts, lengths, ports, now, events, count=count, report_rows=report_rows, saved=saved
+        )
+        runs.append((verdict, copy, events, report_rows, rows_of(table, touched), saved))
+    (v_np, buf_np, ev_np, rr_np, rows_np, saved_np), (v_c, buf_c, ev_c, rr_c, rows_c, saved_c) = runs
+    assert np.array_equal(saved_np, saved_c)
+    switched = np.flatnonzero(v_c.switched)
+    for i in switched.tolist():  # each switched frame's header as it came
+        assert saved_c[i].tobytes() == buf[int(starts[i]) : int(starts[i]) + IP_AT].tobytes()
     for name, a, b in zip(v_np._fields, v_np, v_c, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b), name
     assert np.array_equal(buf_np, buf_c)

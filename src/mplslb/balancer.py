@@ -348,13 +348,12 @@ class Balancer:
         lengths = lengths.astype(np.int64, copy=False)
         # What the bulk rewrite changes in a frame (addresses, TTL), kept to undo it for a frame whose label an
         # earlier frame of the block withdrew or rebound (see below).
-        headers = np.flatnonzero(lengths >= IP_AT)
-        saved = buf[starts[headers, None] + _HEADER_RANGE] if headers.size else None
+        saved = np.empty((n, IP_AT), dtype=np.uint8)  # each switched frame's header as it came (the switch fills it)
         planned_at = self.switching.version
         events: list[FastEvent] = []
         report_rows: list[int] = []
         verdict = switch_block(
-            self.switching, buf, starts, lengths, ports, now, events, count=False, report_rows=report_rows
+            self.switching, buf, starts, lengths, ports, now, events, count=False, report_rows=report_rows, saved=saved
         )
         switched = verdict.switched.copy()
         out_port = verdict.out_port.copy()
@@ -413,9 +412,7 @@ class Balancer:
                 later = np.flatnonzero(switched[done:]) + done
                 stale = later[generation[labels[later]] != planned[later]]
                 for j in stale.tolist():  # its label changed under it: undo the switch, take it frame by frame
-                    assert saved is not None
-                    at = int(np.searchsorted(headers, j))
-                    buf[int(starts[j]) + _HEADER_RANGE] = saved[at]
+                    buf[int(starts[j]) + _HEADER_RANGE] = saved[j]
                     switched[j] = False
                     out_port[j] = -1
                     reports.pop(j, None)

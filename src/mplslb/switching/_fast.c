@@ -367,7 +367,7 @@ static PyObject *bind(PyObject *self, PyObject *args) {
 
 /* -- the block path ------------------------------------------------------------------------------------------------
  * switch_block(rows, buf, starts, lengths, ports, now, events, report_rows, count, out_port, labels, switched, acks,
- * generations): mplslb.switching.block.switch_block_np's checks, rewrite, acknowledgment numbers, counts and
+ * generations, saved): mplslb.switching.block.switch_block_np's checks, rewrite, acknowledgment numbers, counts and
  * reports, one frame after the other. Each frame is decided on its label's row as the block found it (counting
  * changes no field a check reads), so doing them in order is doing them at once. The caller (block.switch_block)
  * gives contiguous arrays of the right types: buf uint8 (writable), starts, lengths, ports int64, and the verdict's
@@ -394,8 +394,8 @@ static int get_array(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ssi
 }
 
 static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "switch_block takes 14 arguments");
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "switch_block takes 15 arguments");
         return NULL;
     }
     if (!bound_ok) {
@@ -411,7 +411,7 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
     if (count < 0) return NULL;
     double now = PyFloat_AsDouble(now_obj);
     if (now == -1.0 && PyErr_Occurred()) return NULL;
-    Py_buffer v[12];
+    Py_buffer v[13];
     int held = 0;
     PyObject *result = NULL;
     if (get_array(args[0], &v[0], 1, -1, 1, "rows") < 0) goto done;
@@ -430,6 +430,12 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
                 {11, 1, 1, "switched"}, {12, 8, 1, "acks"}, {13, 4, 1, "generations"}};
     for (size_t k = 0; k < sizeof rest / sizeof rest[0]; k++) {
         if (get_array(args[rest[k].arg], &v[held], rest[k].size, n, rest[k].writable, rest[k].what) < 0) goto done;
+        held++;
+    }
+    unsigned char *saved = NULL; /* (n, IP_AT): each switched frame's first octets as they came */
+    if (args[14] != Py_None) {
+        if (get_array(args[14], &v[held], 1, n * (LSE_AT + LSE_LEN), 1, "saved") < 0) goto done;
+        saved = v[held].buf;
         held++;
     }
     unsigned char *rows = v[0].buf, *buf = v[1].buf;
@@ -498,6 +504,7 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
         /* Taken: rewritten in place (the Ethernet addresses, the TTL), its acknowledgment number, counted, reported. */
         switched[i] = 1;
         out_port[i] = row_word(row, ROW_OUT_PORT);
+        if (saved != NULL) memcpy(saved + i * ipo, f, ipo);
         uint64_t rewrite = row_quad(row, ROW_REWRITE);
         for (int k = 0; k < 8; k++) f[k] = rewrite >> (56 - 8 * k);
         put_be32(f + 8, (uint32_t)row_word(row, ROW_REWRITE_TAIL));
@@ -603,7 +610,7 @@ static PyMethodDef methods[] = {
      "switch_frame(hot, port, frame, now, out, events) -> int: mplslb.switching.scalar.switch_frame in C."},
     {"switch_block", (PyCFunction)(void (*)(void))switch_block, METH_FASTCALL,
      "switch_block(rows, buf, starts, lengths, ports, now, events, report_rows, count, out_port, labels, switched, "
-     "acks, generations): mplslb.switching.block.switch_block_np in C, filling the verdict's arrays."},
+     "acks, generations, saved): mplslb.switching.block.switch_block_np in C, filling the verdict's arrays."},
     {"count_rows", (PyCFunction)(void (*)(void))count_rows, METH_FASTCALL,
      "count_rows(rows, labels, lengths, acks, now): mplslb.switching.block.count_rows in C."},
     {"bind", bind, METH_VARARGS, "bind(reference, FastEvent, numbers, reasons): set the layout and the reference."},

@@ -134,6 +134,7 @@ _PEER_IP6_WORDS = slice(_PEER_IP_WORD, _PEER_IP_WORD + IPV6_ADDR_LEN // 4)
 
 
 _ETH_ADDRS_RANGE = np.arange(ETH_ADDRS, dtype=np.int64)
+_SAVED_RANGE = np.arange(IP_AT, dtype=np.int64)  # what a rewrite may change: the Ethernet header and the entry
 _SRC_MAC_RANGE = np.arange(ETH_SRC, ETH_SRC + ETH_ALEN, dtype=np.int64)
 _IP4_RANGE = np.arange(IPV4_ADDR_LEN, dtype=np.int64)
 _IP6_RANGE = np.arange(IPV6_ADDR_LEN, dtype=np.int64)
@@ -184,6 +185,7 @@ def switch_block(
     *,
     count: bool = True,
     report_rows: list[int] | None = None,
+    saved: np.ndarray | None = None,
 ) -> BlockVerdict:
     """Switch every frame of a block that the fast path can take, rewriting it in place in ``buf``: what
     :func:`switch_block_np` says, done in C by the native build when it is in use
@@ -194,7 +196,9 @@ def switch_block(
     if native is None or not (
         buf.dtype == np.uint8 and buf.ndim == 1 and buf.flags.c_contiguous and buf.flags.writeable
     ):
-        return switch_block_np(table, buf, starts, lengths, ports, now, events, count=count, report_rows=report_rows)
+        return switch_block_np(
+            table, buf, starts, lengths, ports, now, events, count=count, report_rows=report_rows, saved=saved
+        )
     n = len(starts)
     verdict = BlockVerdict(
         np.empty(n, dtype=np.int32),
@@ -205,7 +209,7 @@ def switch_block(
     )
     native.switch_block(
         table.rows, buf, np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64),
-        np.ascontiguousarray(ports, dtype=np.int64), now, events, report_rows, count, *verdict,
+        np.ascontiguousarray(ports, dtype=np.int64), now, events, report_rows, count, *verdict, saved,
     )  # fmt: skip
     return verdict
 
@@ -221,6 +225,7 @@ def switch_block_np(
     *,
     count: bool = True,
     report_rows: list[int] | None = None,
+    saved: np.ndarray | None = None,
 ) -> BlockVerdict:
     """Switch every frame of a block that the fast path can take, in bulk, rewriting it in place in ``buf``.
 
@@ -232,7 +237,9 @@ def switch_block_np(
     is left untouched for the one-at-a-time path, which drops it under its reason or analyses it. Reports for the
     session manager (FIN/RST, watched labels) are appended to ``events`` in frame order (and each one's frame
     index to ``report_rows`` when given). ``count=False`` leaves the per-label counters to the caller
-    (:func:`count_rows`), which counts frames in order with what else it does to the table.
+    (:func:`count_rows`), which counts frames in order with what else it does to the table. ``saved``, an
+    (n, IP_AT) uint8 array, gets the first IP_AT octets of each frame switched as they were before the rewrite
+    (to put a frame back as it came); its other rows are left as they were.
     """
     t = block_tables(table)
     n = len(starts)
@@ -247,7 +254,7 @@ def switch_block_np(
             np.zeros(n, dtype=np.int32),
         )
     if word_aligned(buf, starts):
-        return _switch_aligned_block(t, buf, starts, lengths, ports, now, events, count, report_rows)
+        return _switch_aligned_block(t, buf, starts, lengths, ports, now, events, count, report_rows, saved)
     long_enough = lengths >= IP_AT
     at = np.where(long_enough, starts, starts[np.argmax(long_enough)])  # short frames read a long one's bytes
     ethertype = (buf[at + ETH_TYPE].astype(np.uint32) << 8) | buf[at + ETH_TYPE + 1]
@@ -286,6 +293,8 @@ def switch_block_np(
     if len(rows):
         begin = starts[rows]
         head, tail = r.quads[rows, ROW_REWRITE], r.words[rows, ROW_REWRITE_TAIL]
+        if saved is not None:
+            saved[rows] = buf[begin[:, None] + _SAVED_RANGE]
         buf[begin[:, None] + _ETH_ADDRS_RANGE] = np.hstack((_wire(head, ">u8"), _wire(tail, ">u4")))
     return _switched(t, r, buf, starts, lengths, rows, labels, ok, now, events, count, report_rows)
 
@@ -312,6 +321,7 @@ def _switch_aligned_block(
     events: list[FastEvent],
     count: bool,
     report_rows: list[int] | None,
+    saved: np.ndarray | None,
 ) -> BlockVerdict:
     """:func:`switch_block` for word-aligned frames: the same checks and rewrite, one gather or scatter per word.
 
@@ -356,6 +366,8 @@ def _switch_aligned_block(
         begin = starts[rows]
         head, tail = r.quads[rows, ROW_REWRITE], r.words[rows, ROW_REWRITE_TAIL]
         tail = tail.astype(np.uint64)
+        if saved is not None:
+            saved[rows] = buf[begin[:, None] + _SAVED_RANGE]
         big_half[begin >> 1] = head >> np.uint64(48)
         first_word = (begin + 2) >> 2
         big_word[first_word] = (head >> np.uint64(16)) & np.uint64(0xFFFFFFFF)
