@@ -180,10 +180,12 @@ def test_an_idle_wrappers_tick_slows_down_until_a_ticket_is_taken_or_a_change_wr
     core, _, loop = pair(lb, tmp_path, monkeypatch)
 
     def tick() -> float:
-        """One tick of the wrapper's timer: the interval to its next."""
+        """One tick of the wrapper's timer: the interval it chose to its next (the timer is set that far from the
+        tick's own clock reading; measured from a later reading, a slow tick would shorten it)."""
+        before = loop.clock()
         core._tick()
-        assert core._timer is not None
-        return core._timer.when - loop.clock()
+        assert core._timer is not None and core._timer.when >= before + core._tick_interval
+        return core._tick_interval
 
     try:
         intervals = [round(tick(), 3) for _ in range(6)]
