@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from mplslb.balancer import Balancer
 from mplslb.labels import PAIRS
 from mplslb.state import huge_pages_of
 from mplslb.switching import LABEL_SPACE, WATCH_ALL, FastEvent, scalar
+from mplslb.switching.block import count_rows
 from mplslb.switching.layout import ENTRY, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SIZE
 from mplslb.wire.ethernet import ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
@@ -86,6 +89,8 @@ class Plan:
 
 
 # -- driving the balancer ----------------------------------------------------------------------------------------
+#: Dependent reads per run of bench/row_latency.c.
+READS = 2_000_000
 #: SYNs per block in the new-session figures of the block path.
 SYN_BLOCK = 256
 
@@ -664,6 +669,9 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
     opened = 0
     small = plan.scale_levels[0]
     block_count = 8 * 4096 if not plan.quick else 4096
+    latency = RowLatency.build()
+    if isinstance(latency, str):
+        rows.append(skipped("scale", "scale: one row after another", latency, command=command_for("scale")))
     for level in plan.scale_levels:
         t0 = time.perf_counter()
         open_sessions(b, range(opened, level))
@@ -677,6 +685,11 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
             "one": lambda f=spread: feed(b, f),
             "one_ref": lambda f=few: feed(b, f),
         }
+        # The rows' own cost: count_rows over the labels of block_count frames (a read and write of each one's row, the
+        # rows asked for ahead as the block path does, nothing else): what the memory adds from 1,000 sessions to
+        # this level when no other work stands between two rows, the floor under the block path's ratio.
+        for key, span in (("rows", level), ("rows_ref", small)):
+            runs[key] = touch_rows(b, row_labels(rng, span, block_count))
         setups: dict[str, Callable[[], object]] = {}
         blockers: dict[str, BlockRun] = {}
         if has_block_path(b):
@@ -698,7 +711,7 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
         # to open a level's sessions, and the ratio is what the target judges, from medians that drift with the VM.
         timings = time_interleaved(runs, setups=setups, repeats=3 * plan.repeats, budget_s=plan.budget_s * 2)
         huge = huge_pages_of(b.switching.rows) >> 20
-        for key, what in (("one", "one-frame path"), ("block", "block path")):
+        for key, what in (("one", "one-frame path"), ("block", "block path"), ("rows", "rows alone")):
             if key not in timings:
                 continue
             t, ref = timings[key], timings[f"{key}_ref"]
@@ -708,6 +721,11 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
             )
             if key == "block":
                 note = "receive_block, blocks of 4096, ring layout; " + note
+            elif key == "rows":
+                note = (
+                    "count_rows (C) over the labels of as many frames as the block path's: one read and write of "
+                    "each frame's row, asked for ahead, no other work; the memory's own growth, no target; " + note
+                )
             row = Row(
                 "scale",
                 f"scale: {what} at {level:,} sessions{space}",
@@ -715,13 +733,86 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
                 "ns/frame",
                 f"same path at {small:,} sessions (same table, in turns)",
                 ref.median_ns,
-                target="ratio <= 1.25 (flat, O(1))",
+                target="none: the floor under the paths' ratios" if key == "rows" else "ratio <= 1.25 (flat, O(1))",
                 note=note,
                 command=command_for("scale"),
                 extra={"ns": t.runs_ns, "ref_ns": ref.runs_ns, "sessions": len(b.sessions), "rows_huge_mib": huge},
             )
-            rows.append(at_most(row, t.median_ns / ref.median_ns, 1.25))
+            rows.append(row if key == "rows" else at_most(row, t.median_ns / ref.median_ns, 1.25))
+        if not isinstance(latency, str):
+            rows.append(latency.row(level, small, space, plan.repeats))
+    if not isinstance(latency, str):
+        latency.remove()
     return rows
+
+
+@dataclass(frozen=True)
+class RowLatency:
+    """``bench/row_latency.c``, built for this run: rows of ROW_SIZE octets read one after another, each read's
+    address taken from the row before it, so no two are under way at once."""
+
+    program: Path
+
+    @classmethod
+    def build(cls) -> RowLatency | str:
+        """The program compiled into a fresh directory, or why it could not be."""
+        source = Path(__file__).with_name("row_latency.c")
+        program = Path(tempfile.mkdtemp(prefix="mplslb-row-latency-")) / "row_latency"
+        try:
+            subprocess.run(["cc", "-O2", "-o", str(program), str(source)], check=True, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"no C compiler to build {source.name}: {exc!r}"
+        return cls(program)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.program.parent, ignore_errors=True)
+
+    def ns_per_read(self, rows: int, seed: int) -> float:
+        done = subprocess.run(
+            [str(self.program), str(rows), str(READS), str(seed)], check=True, capture_output=True, timeout=120
+        )
+        return float(json.loads(done.stdout)["ns_per_read"])
+
+    def row(self, level: int, small: int, space: str, repeats: int) -> Row:
+        """The reads over as many rows as the labels of ``level`` sessions (two a session), in turns with the same
+        over ``small`` sessions' rows."""
+        runs: dict[int, list[float]] = {level: [], small: []}
+        for round_ in range(repeats):
+            for sessions in (level, small) if round_ % 2 == 0 else (small, level):
+                runs[sessions].append(self.ns_per_read(2 * sessions, seed=round_ + 1))
+        figure, reference = float(np.median(runs[level])), float(np.median(runs[small]))
+        return Row(
+            "scale",
+            f"scale: one row after another at {level:,} sessions{space}",
+            figure,
+            "ns/read",
+            f"same at {small:,} sessions (in turns)",
+            reference,
+            target="none: the floor under the one-frame path's ratio",
+            note=(
+                f"bench/row_latency.c: {READS:,} dependent reads of 128-octet rows in one random cycle through "
+                f"{2 * level:,} rows (the span of {level:,} sessions' labels), on huge pages where granted: what a "
+                "frame's row costs when no other row is under way, as for a frame the one-frame path takes alone"
+            ),
+            command=command_for("scale"),
+            extra={"ns": runs[level], "ref_ns": runs[small]},
+        )
+
+
+def row_labels(rng: np.random.Generator, span: int, n: int) -> np.ndarray:
+    """The C2S labels of ``n`` flows drawn at random among the first ``span``."""
+    return np.array([c2s_of_flow(int(f)) for f in rng.integers(0, span, n)], dtype=np.int64)
+
+
+def touch_rows(balancer: Balancer, labels: np.ndarray) -> Callable[[], int]:
+    """A run that counts one 64-octet frame at each label, in one call of ``count_rows``."""
+    lengths = np.full(len(labels), 64, dtype=np.int64)
+
+    def run() -> int:
+        count_rows(balancer.switching, labels, lengths, NOW)
+        return len(labels)
+
+    return run
 
 
 # -- memory ----------------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from mplslb import balancer as balancer_module
 from mplslb.balancer import Balancer
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, LabelSwitchingTable, scalar
 from mplslb.switching import block as block_module
+from mplslb.switching.block import Count, lead_of
 from mplslb.switching.layout import ETH_P_8021Q, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SHIFT, ROW_SIZE, VLAN_HLEN
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.pcap import read_pcap
@@ -57,6 +58,7 @@ except ImportError:  # pragma: no cover - the first test says why
     _fast = None  # type: ignore[assignment]
 
 Out = list[tuple[int, bytes]]
+COUNTS: list[Count] = [False, True, "lead"]
 
 PORT_MACS = {0: mac(0xB0, 0), 1: mac(0xB0, 1), 2: mac(0xB1, 0), 3: mac(0xB1, 1)}
 PLACES = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
@@ -389,7 +391,7 @@ def rows_of(table: LabelSwitchingTable, labels: set[int]) -> dict[int, bytes]:
 
 
 def blocks_both_ways(
-    table: LabelSwitchingTable, frames: list[tuple[int, bytes]], now: float, *, aligned: bool, count: bool
+    table: LabelSwitchingTable, frames: list[tuple[int, bytes]], now: float, *, aligned: bool, count: Count
 ) -> tuple[tuple[object, ...], tuple[object, ...]]:
     """One block switched by numpy (the reference) and, on the table put back as it was and a fresh copy of the
     block, in C; what each did, the reference's first: the verdict (each array's type and octets), the buffer, the
@@ -424,10 +426,10 @@ def blocks_both_ways(
     block_size=st.integers(1, 200),
     mutations=feed_mutations,
     aligned=st.booleans(),
-    count=st.booleans(),
+    count=st.sampled_from(COUNTS),
 )
 def test_a_recorded_runs_blocks_switch_alike_in_c_and_numpy(
-    cut: int, block_size: int, mutations: list[tuple[int, list[tuple[str, int, int]]]], aligned: bool, count: bool
+    cut: int, block_size: int, mutations: list[tuple[int, list[tuple[str, int, int]]]], aligned: bool, count: Count
 ) -> None:
     """A recorded run's frames in blocks, mutated frames among them, each block tried both ways on the balancer's
     live table before the balancer takes it (through ``receive_block``, in C)."""
@@ -444,36 +446,65 @@ def test_a_recorded_runs_blocks_switch_alike_in_c_and_numpy(
         b.receive_block(buf, starts, lengths, ports, now)
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    picks=st.lists(
-        st.tuples(
-            st.sampled_from([*INSTALLS, 1009, 3]),
-            packets,
-            st.sampled_from([0, 1, 2]),
-            st.sampled_from([CLIENT_MAC, SERVER_MAC]),
-            st.sampled_from([1, 2, 64]),
-            st.booleans(),
-            st.lists(st.one_of(mutation, header_mutation), max_size=2),
-        ),
-        min_size=1,
-        max_size=40,
+Pick = tuple[int, bytes, int, bytes, int, bool, list[tuple[str, int, int]]]
+#: A block of frames built at the table's labels (and two others), from either MAC, on any port, mutated or not.
+built_blocks = st.lists(
+    st.tuples(
+        st.sampled_from([*INSTALLS, 1009, 3]),
+        packets,
+        st.sampled_from([0, 1, 2]),
+        st.sampled_from([CLIENT_MAC, SERVER_MAC]),
+        st.sampled_from([1, 2, 64]),
+        st.booleans(),
+        st.lists(st.one_of(mutation, header_mutation), max_size=2),
     ),
-    aligned=st.booleans(),
-    count=st.booleans(),
+    min_size=1,
+    max_size=40,
 )
-def test_built_blocks_switch_alike_in_c_and_numpy(
-    table: LabelSwitchingTable,
-    picks: list[tuple[int, bytes, int, bytes, int, bool, list[tuple[str, int, int]]]],
-    aligned: bool,
-    count: bool,
-) -> None:
-    frames = [
+
+
+def built(picks: list[Pick]) -> list[tuple[int, bytes]]:
+    return [
         (port, mutate(labelled(PORT_MACS[port], source, label, packet, ttl=ttl, s=bottom), muts))
         for label, packet, port, source, ttl, bottom, muts in picks
     ]
-    reference, got = blocks_both_ways(table, frames, 9.0, aligned=aligned, count=count)
+
+
+@settings(max_examples=200, deadline=None)
+@given(picks=built_blocks, aligned=st.booleans(), count=st.sampled_from(COUNTS))
+def test_built_blocks_switch_alike_in_c_and_numpy(
+    table: LabelSwitchingTable, picks: list[Pick], aligned: bool, count: Count
+) -> None:
+    reference, got = blocks_both_ways(table, built(picks), 9.0, aligned=aligned, count=count)
     assert got == reference  # verdict, buffer, reports, report rows, rows, saved headers
+
+
+@settings(max_examples=100, deadline=None)
+@given(picks=built_blocks, aligned=st.booleans())
+def test_the_lead_counted_by_the_switch_is_what_count_rows_counts_of_it(
+    table: LabelSwitchingTable, picks: list[Pick], aligned: bool
+) -> None:
+    """``count="lead"`` leaves the rows as switching with ``count=False`` and then counting the lead's frames
+    (the switched ones before the first frame not switched or reported) with ``count_rows``: in C and in numpy."""
+    frames = built(picks)
+    buf, starts, lengths, ports = pack(frames, aligned=aligned)
+    touched = {label for label, *_ in picks} | {0}
+    before = rows_of(table, touched)
+    for switch in (block_module.switch_block_np, block_module.switch_block):
+        after = []
+        for count in ("lead", False):
+            for label, row in before.items():
+                table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT] = row
+            report_rows: list[int] = []
+            verdict = switch(table, buf.copy(), starts, lengths, ports, 9.0, [], count=count, report_rows=report_rows)
+            lead = lead_of(verdict.switched, report_rows)
+            assert verdict.switched[:lead].all() and not set(report_rows) & set(range(lead))
+            assert lead == len(frames) or not verdict.switched[lead] or lead in report_rows
+            if count is False and lead:
+                block_module.count_rows(table, verdict.labels[:lead], lengths[:lead], 9.0, verdict.acks[:lead])
+            after.append(rows_of(table, touched))
+        assert after[0] == after[1], switch.__name__
+        assert after[0] != before or not lead  # a lead is counted
 
 
 @settings(max_examples=100, deadline=None)

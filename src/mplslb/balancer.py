@@ -75,7 +75,7 @@ from mplslb.switching import (
     switch_block,
     switch_frame,
 )
-from mplslb.switching.block import count_few, count_rows
+from mplslb.switching.block import count_few, count_rows, lead_of
 from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_ACK_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN
@@ -352,9 +352,12 @@ class Balancer:
         planned_at = self.switching.version
         events: list[FastEvent] = []
         report_rows: list[int] = []
+        # The switch counts the block's lead itself (the frames before the first one that touches the session state,
+        # while their rows are in the cache); the others are counted below, in order with what touches the state.
         verdict = switch_block(
-            self.switching, buf, starts, lengths, ports, now, events, count=False, report_rows=report_rows, saved=saved
+            self.switching, buf, starts, lengths, ports, now, events, count="lead", report_rows=report_rows, saved=saved
         )
+        done = lead_of(verdict.switched, report_rows)
         switched = verdict.switched.copy()
         out_port = verdict.out_port.copy()
         labels, acks = verdict.labels, verdict.acks
@@ -371,7 +374,6 @@ class Balancer:
         heapq.heapify(actions)
         extra: list[tuple[int, int, bytes]] = []
         out: Frames = []
-        done = 0
         # SYNs of new sessions, read at once: a run of them in a row of actions is opened at once (_open_syns).
         syn_row, syn_heads = self._syn_rows(buf, starts, lengths, unswitched)
         single: set[int] = set()  # SYNs for the one-frame path: the first of a run _open_syns did not take

@@ -373,9 +373,17 @@ static PyObject *bind(PyObject *self, PyObject *args) {
  * gives contiguous arrays of the right types: buf uint8 (writable), starts, lengths, ports int64, and the verdict's
  * arrays to fill: out_port int32, labels int64, switched bool, acks uint64, generations int32. */
 /* A block's frames are at labels unrelated to each other, so each one's row is a cache miss once the table is
- * larger than the cache: the row of the frame PREFETCH_AHEAD places on is asked for (both of its lines, to be
- * written) while this one is switched, so that several misses are under way at once instead of one per frame. */
+ * larger than the cache: the row of the frame some places on is asked for (both of its lines, to be written) while
+ * this one is switched, so that several misses are under way at once instead of one per frame. How far ahead is
+ * the row's latency over the time a frame takes: PREFETCH_AHEAD frames of count_rows, SWITCH_AHEAD of the switch
+ * (which reads the labels of the whole block first, so that asking for a row waits for no frame's octets). */
 #define PREFETCH_AHEAD 8
+#define SWITCH_AHEAD 16
+
+/* switch_block's count argument: count no frame (the caller counts them with count_rows), every switched frame, or
+ * the lead: the switched frames before the block's first frame that is not switched or is reported, the ones that
+ * frame-by-frame processing counts before anything else touches the table (block.lead_of). */
+enum { COUNT_NONE = 0, COUNT_ALL = 1, COUNT_LEAD = 2 };
 
 static inline void prefetch_row(const unsigned char *row) {
     __builtin_prefetch(row, 1, 3);
@@ -407,8 +415,12 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "switch_block: events and report_rows must be lists");
         return NULL;
     }
-    int count = PyObject_IsTrue(args[8]);
-    if (count < 0) return NULL;
+    long count = PyLong_AsLong(args[8]);
+    if (count == -1 && PyErr_Occurred()) return NULL;
+    if (count != COUNT_NONE && count != COUNT_ALL && count != COUNT_LEAD) {
+        PyErr_SetString(PyExc_ValueError, "switch_block: count must be 0 (none), 1 (all) or 2 (the lead)");
+        return NULL;
+    }
     double now = PyFloat_AsDouble(now_obj);
     if (now == -1.0 && PyErr_Occurred()) return NULL;
     Py_buffer v[13];
@@ -454,24 +466,26 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
         any_long |= lengths[i] >= LSE_AT + LSE_LEN;
     }
     Py_ssize_t ipo = LSE_AT + LSE_LEN; /* the packet under the entry of an untagged frame */
+    for (Py_ssize_t i = 0; i < n; i++) { /* each frame's label (0 when it has none): the rows to ask for */
+        const unsigned char *f = buf + starts[i];
+        int mpls = lengths[i] >= ipo && (((unsigned)f[ETH_TYPE] << 8) | f[ETH_TYPE + 1]) == (unsigned)ETH_P_MPLS_UC;
+        labels[i] = mpls ? (int64_t)(be32(f + LSE_AT) >> LABEL_SHIFT) : 0;
+    }
+    for (Py_ssize_t i = 0; i < n && i < SWITCH_AHEAD; i++)
+        if (labels[i] < nrows) prefetch_row(rows + ((Py_ssize_t)labels[i] << ROW_SHIFT));
+    int lead = count == COUNT_LEAD; /* still in the block's lead: every frame so far switched and not reported */
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (i + PREFETCH_AHEAD < n && lengths[i + PREFETCH_AHEAD] >= ipo) {
-            long ahead = be32(buf + starts[i + PREFETCH_AHEAD] + LSE_AT) >> LABEL_SHIFT;
-            if (ahead < nrows) prefetch_row(rows + ((Py_ssize_t)ahead << ROW_SHIFT));
-        }
+        if (i + SWITCH_AHEAD < n && labels[i + SWITCH_AHEAD] < nrows)
+            prefetch_row(rows + ((Py_ssize_t)labels[i + SWITCH_AHEAD] << ROW_SHIFT));
+        if (lead && i > 0 && !switched[i - 1]) lead = 0;
         unsigned char *f = buf + starts[i];
         Py_ssize_t len = lengths[i];
         out_port[i] = -1;
         switched[i] = 0;
         acks[i] = 0;
-        long label = 0;
-        uint32_t entry = 0;
-        int mpls = len >= ipo && (((unsigned)f[ETH_TYPE] << 8) | f[ETH_TYPE + 1]) == (unsigned)ETH_P_MPLS_UC;
-        if (mpls) {
-            entry = be32(f + LSE_AT);
-            label = entry >> LABEL_SHIFT;
-        }
-        labels[i] = label;
+        long label = (long)labels[i];
+        int mpls = label != 0;
+        uint32_t entry = mpls ? be32(f + LSE_AT) : 0;
         if (label >= nrows) { /* a table of fewer rows than labels: not one of ours */
             generations[i] = 0;
             continue;
@@ -519,33 +533,36 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
                           !((f[ip + IPV4_FRAG_AT] & FRAG_HI) || (f[ip + IPV4_FRAG_AT + 1] & FRAG_LO))))
                 acks[i] = ACK_KNOWN | be32(f + flag_at - ACK_BEFORE_FLAGS);
         }
-        if (count) {
+        /* The TCP flags a watched label's frame is reported for. */
+        long flags = 0;
+        if (watch & WATCH_TCP_END) {
+            if (v6 && ip + IPV6_NEXT_HEADER < end && f[ip + IPV6_NEXT_HEADER] != (unsigned)IPPROTO_TCP) {
+                flags = TCP_FLAGS_UNKNOWN;
+            } else if (ip < end) {
+                Py_ssize_t flag_at = ip + (v6 ? IPV6_HLEN : (f[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT) + TCP_FLAGS;
+                if (flag_at < end) flags = f[flag_at];
+            }
+        }
+        int reported = (watch & WATCH_ALL) || (flags & REPORTED);
+        /* A reported frame ends the lead before it is counted: frame by frame, its report is handled once the
+         * frames before it are counted, and it is counted then, with the frames that follow it. */
+        if (reported) lead = 0;
+        if (count == COUNT_ALL || lead) {
             uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)len;
             memcpy(row + 8 * ROW_PACKETS, &packets, 8);
             memcpy(row + 8 * ROW_BYTES, &octets, 8);
             memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
             if (acks[i]) memcpy(row + 8 * ROW_ACKS, &acks[i], 8);
         }
-        if (watch) {
-            long flags = 0;
-            if (watch & WATCH_TCP_END) {
-                if (v6 && ip + IPV6_NEXT_HEADER < end && f[ip + IPV6_NEXT_HEADER] != (unsigned)IPPROTO_TCP) {
-                    flags = TCP_FLAGS_UNKNOWN;
-                } else if (ip < end) {
-                    Py_ssize_t flag_at = ip + (v6 ? IPV6_HLEN : (f[ip] & IPV4_IHL_MASK) * IPV4_IHL_UNIT) + TCP_FLAGS;
-                    if (flag_at < end) flags = f[flag_at];
-                }
-            }
-            if ((watch & WATCH_ALL) || (flags & REPORTED)) {
-                PyObject *copy = PyBytes_FromStringAndSize((const char *)f, len);
-                if (copy == NULL || report(events, label, copy, ip, flags, now_obj) < 0) goto done;
-                if (report_rows != Py_None) {
-                    PyObject *index = PyLong_FromSsize_t(i);
-                    if (index == NULL) goto done;
-                    int rc = PyList_Append(report_rows, index);
-                    Py_DECREF(index);
-                    if (rc < 0) goto done;
-                }
+        if (reported) {
+            PyObject *copy = PyBytes_FromStringAndSize((const char *)f, len);
+            if (copy == NULL || report(events, label, copy, ip, flags, now_obj) < 0) goto done;
+            if (report_rows != Py_None) {
+                PyObject *index = PyLong_FromSsize_t(i);
+                if (index == NULL) goto done;
+                int rc = PyList_Append(report_rows, index);
+                Py_DECREF(index);
+                if (rc < 0) goto done;
             }
         }
     }

@@ -26,7 +26,7 @@ on a word boundary and a word-wide variant reads and writes one word per gather 
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -151,6 +151,12 @@ _MAC_SHIFT = 8 * (8 - ETH_ALEN)  # a MAC as a big-endian integer, moved up to fi
 # The block path takes untagged frames (label entry at LSE_AT, packet at IP_AT); tagged ones go one at a time.
 
 
+#: What :func:`switch_block` counts: every switched frame (True), none (False: the caller counts them with
+#: :func:`count_rows`), or the block's lead (:func:`lead_of`).
+Count = bool | Literal["lead"]
+_NATIVE_COUNT = {False: 0, True: 1, "lead": 2}
+
+
 class BlockVerdict(NamedTuple):
     """What :func:`switch_block` did with each frame of a block."""
 
@@ -183,7 +189,7 @@ def switch_block(
     now: float,
     events: list[FastEvent],
     *,
-    count: bool = True,
+    count: Count = True,
     report_rows: list[int] | None = None,
     saved: np.ndarray | None = None,
 ) -> BlockVerdict:
@@ -209,7 +215,7 @@ def switch_block(
     )
     native.switch_block(
         table.rows, buf, np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64),
-        np.ascontiguousarray(ports, dtype=np.int64), now, events, report_rows, count, *verdict, saved,
+        np.ascontiguousarray(ports, dtype=np.int64), now, events, report_rows, _NATIVE_COUNT[count], *verdict, saved,
     )  # fmt: skip
     return verdict
 
@@ -223,7 +229,7 @@ def switch_block_np(
     now: float,
     events: list[FastEvent],
     *,
-    count: bool = True,
+    count: Count = True,
     report_rows: list[int] | None = None,
     saved: np.ndarray | None = None,
 ) -> BlockVerdict:
@@ -237,7 +243,8 @@ def switch_block_np(
     is left untouched for the one-at-a-time path, which drops it under its reason or analyses it. Reports for the
     session manager (FIN/RST, watched labels) are appended to ``events`` in frame order (and each one's frame
     index to ``report_rows`` when given). ``count=False`` leaves the per-label counters to the caller
-    (:func:`count_rows`), which counts frames in order with what else it does to the table. ``saved``, an
+    (:func:`count_rows`), which counts frames in order with what else it does to the table; ``count="lead"`` counts
+    the block's lead (:func:`lead_of`) and leaves the others to the caller. ``saved``, an
     (n, IP_AT) uint8 array, gets the first IP_AT octets of each frame switched as they were before the rewrite
     (to put a frame back as it came); its other rows are left as they were.
     """
@@ -319,7 +326,7 @@ def _switch_aligned_block(
     ports: np.ndarray,
     now: float,
     events: list[FastEvent],
-    count: bool,
+    count: Count,
     report_rows: list[int] | None,
     saved: np.ndarray | None,
 ) -> BlockVerdict:
@@ -428,7 +435,7 @@ def _switched(
     ok: np.ndarray,
     now: float,
     events: list[FastEvent],
-    count: bool,
+    count: Count,
     report_rows: list[int] | None,
 ) -> BlockVerdict:
     """What both block variants do once the switched frames (``rows``) have their addresses rewritten: the TTL,
@@ -440,17 +447,33 @@ def _switched(
         watch = r.octets[rows, ROW_WATCH]
         v6 = r.octets[rows, ROW_V6] != 0
         acks[rows] = _block_acks(buf, starts[rows], lengths[rows], watch, v6)
-        if count:
-            _count(t, taken, lengths[rows], now, acks[rows])
+        reported: list[int] = []
         watched = np.flatnonzero(watch)
         if len(watched):
             _block_reports(
                 buf, starts, lengths, rows[watched], taken[watched], watch[watched], v6[watched], now, events,
-                report_rows,
+                reported,
             )  # fmt: skip
+            if report_rows is not None:
+                report_rows.extend(reported)
+        if count == "lead":
+            lead = rows[rows < lead_of(ok, reported)]
+            if len(lead):
+                _count(t, labels[lead], lengths[lead], now, acks[lead])
+        elif count:
+            _count(t, taken, lengths[rows], now, acks[rows])
     out_port = np.full(len(starts), -1, dtype=np.int32)
     out_port[rows] = r.signed[rows, ROW_OUT_PORT]
     return BlockVerdict(out_port, labels, ok, acks, r.signed[:, ROW_GENERATION])
+
+
+def lead_of(switched: np.ndarray, report_rows: list[int]) -> int:
+    """A block's lead: how many of its first frames are switched and not reported (``switched`` and
+    ``report_rows`` as :func:`switch_block` leaves them). Frame by frame, these are counted before any frame touches
+    the session state, so the switch may count them itself (``count="lead"``)."""
+    unswitched = np.flatnonzero(~switched)
+    lead = int(unswitched[0]) if unswitched.size else len(switched)
+    return min(lead, min(report_rows)) if report_rows else lead
 
 
 def _block_acks(
