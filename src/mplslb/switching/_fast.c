@@ -390,6 +390,18 @@ static inline void prefetch_row(const unsigned char *row) {
     __builtin_prefetch(row + 64, 1, 3);
 }
 
+/* The first octets of a frame (its header, label entry and the IP and TCP headers the switch reads), to be written. */
+static inline void prefetch_frame(const unsigned char *f) {
+    __builtin_prefetch(f, 1, 3);
+    __builtin_prefetch(f + 63, 1, 3);
+}
+
+/* The label of an untagged MPLS frame of len octets at f, 0 for any other frame. */
+static inline int64_t label_at(const unsigned char *f, Py_ssize_t len) {
+    if (len < LSE_AT + LSE_LEN || (((unsigned)f[ETH_TYPE] << 8) | f[ETH_TYPE + 1]) != (unsigned)ETH_P_MPLS_UC) return 0;
+    return (int64_t)(be32(f + LSE_AT) >> LABEL_SHIFT);
+}
+
 static int get_array(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t n, int writable,
                      const char *what) {
     if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return -1;
@@ -466,17 +478,22 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
         any_long |= lengths[i] >= LSE_AT + LSE_LEN;
     }
     Py_ssize_t ipo = LSE_AT + LSE_LEN; /* the packet under the entry of an untagged frame */
-    for (Py_ssize_t i = 0; i < n; i++) { /* each frame's label (0 when it has none): the rows to ask for */
-        const unsigned char *f = buf + starts[i];
-        int mpls = lengths[i] >= ipo && (((unsigned)f[ETH_TYPE] << 8) | f[ETH_TYPE + 1]) == (unsigned)ETH_P_MPLS_UC;
-        labels[i] = mpls ? (int64_t)(be32(f + LSE_AT) >> LABEL_SHIFT) : 0;
-    }
-    for (Py_ssize_t i = 0; i < n && i < SWITCH_AHEAD; i++)
+    /* Two steps ahead of the frame being switched: the octets of the frame 2 * SWITCH_AHEAD places on are asked
+     * for, and the label of the one SWITCH_AHEAD places on is read (from octets asked for earlier) and its row asked
+     * for. */
+    for (Py_ssize_t i = 0; i < n && i < 2 * SWITCH_AHEAD; i++) prefetch_frame(buf + starts[i]);
+    for (Py_ssize_t i = 0; i < n && i < SWITCH_AHEAD; i++) {
+        labels[i] = label_at(buf + starts[i], lengths[i]);
         if (labels[i] < nrows) prefetch_row(rows + ((Py_ssize_t)labels[i] << ROW_SHIFT));
+    }
     int lead = count == COUNT_LEAD; /* still in the block's lead: every frame so far switched and not reported */
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (i + SWITCH_AHEAD < n && labels[i + SWITCH_AHEAD] < nrows)
-            prefetch_row(rows + ((Py_ssize_t)labels[i + SWITCH_AHEAD] << ROW_SHIFT));
+        if (i + 2 * SWITCH_AHEAD < n) prefetch_frame(buf + starts[i + 2 * SWITCH_AHEAD]);
+        if (i + SWITCH_AHEAD < n) {
+            Py_ssize_t k = i + SWITCH_AHEAD;
+            labels[k] = label_at(buf + starts[k], lengths[k]);
+            if (labels[k] < nrows) prefetch_row(rows + ((Py_ssize_t)labels[k] << ROW_SHIFT));
+        }
         if (lead && i > 0 && !switched[i - 1]) lead = 0;
         unsigned char *f = buf + starts[i];
         Py_ssize_t len = lengths[i];
