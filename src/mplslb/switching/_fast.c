@@ -376,7 +376,8 @@ static PyObject *bind(PyObject *self, PyObject *args) {
  * larger than the cache: the row of the frame some places on is asked for (both of its lines, to be written) while
  * this one is switched, so that several misses are under way at once instead of one per frame. How far ahead is
  * the row's latency over the time a frame takes: PREFETCH_AHEAD frames of count_rows, SWITCH_AHEAD of the switch
- * (which reads the labels of the whole block first, so that asking for a row waits for no frame's octets). */
+ * (which asks for a frame's own octets SWITCH_AHEAD frames before it reads its label there, so that asking for the
+ * row waits for no miss of its own). */
 #define PREFETCH_AHEAD 8
 #define SWITCH_AHEAD 16
 
