@@ -470,6 +470,30 @@ def built(picks: list[Pick]) -> list[tuple[int, bytes]]:
     ]
 
 
+def bound_to(label: int) -> tuple[int, bytes]:
+    """An installed label's port and peer MAC: where its frames are switched from."""
+    port, peer = INSTALLS[label].get("in_port", 0), INSTALLS[label].get("peer", CLIENT_MAC)
+    assert isinstance(port, int) and isinstance(peer, bytes)
+    return port, peer
+
+
+#: Blocks of frames at the table's labels from the port and MAC each is bound to, mostly whole: runs of switched
+#: frames, and among them frames reported for their watch bits (WATCH_ALL, or FIN and RST under WATCH_TCP_END).
+switched_blocks = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(INSTALLS)),
+        packets,
+        st.one_of(st.just([]), st.just([]), st.just([]), st.lists(st.one_of(mutation, header_mutation), max_size=1)),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+def switched_built(picks: list[tuple[int, bytes, list[tuple[str, int, int]]]]) -> list[Pick]:
+    return [(label, packet, *bound_to(label), 64, True, muts) for label, packet, muts in picks]
+
+
 @settings(max_examples=200, deadline=None)
 @given(picks=built_blocks, aligned=st.booleans(), count=st.sampled_from(COUNTS))
 def test_built_blocks_switch_alike_in_c_and_numpy(
@@ -479,8 +503,8 @@ def test_built_blocks_switch_alike_in_c_and_numpy(
     assert got == reference  # verdict, buffer, reports, report rows, rows, saved headers
 
 
-@settings(max_examples=100, deadline=None)
-@given(picks=built_blocks, aligned=st.booleans())
+@settings(max_examples=150, deadline=None)
+@given(picks=st.one_of(built_blocks, switched_blocks.map(switched_built)), aligned=st.booleans())
 def test_the_lead_counted_by_the_switch_is_what_count_rows_counts_of_it(
     table: LabelSwitchingTable, picks: list[Pick], aligned: bool
 ) -> None:
