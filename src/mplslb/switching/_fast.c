@@ -379,7 +379,7 @@ static PyObject *bind(PyObject *self, PyObject *args) {
  * (which asks for a frame's own octets SWITCH_AHEAD frames before it reads its label there, so that asking for the
  * row waits for no miss of its own). */
 #define PREFETCH_AHEAD 8
-#define SWITCH_AHEAD 16
+#define SWITCH_AHEAD 12
 
 /* switch_block's count argument: count no frame (the caller counts them with count_rows), every switched frame, or
  * the lead: the switched frames before the block's first frame that is not switched or is reported, the ones that
