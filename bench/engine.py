@@ -662,7 +662,10 @@ def section_scale(plan: Plan, seed: int = 11) -> list[Row]:
     src has it) over random sessions among all those live, measured in turns with the same path over random
     sessions among the first 1,000 only: the reference is the cost at 1,000 sessions, taken on the same table at
     the same moment, so the machine's drift stays out of the ratio (the arrays are preallocated: what a frame
-    costs depends on how many sessions the frames spread over, not on how full the table is)."""
+    costs depends on how many sessions the frames spread over, not on how full the table is). Beside them, with no
+    target: ``switch_frame`` alone on the same frames (where the one-frame path's growth lies), the rows alone
+    (``count_rows`` over the block path's labels) and one row read after another (``bench/row_latency.c``): the
+    floors under the paths' ratios."""
     rng = np.random.default_rng(seed)
     b = Balancer(make_config())
     rows: list[Row] = []
