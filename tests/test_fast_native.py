@@ -16,6 +16,7 @@ import random
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -47,8 +48,18 @@ from mplslb import balancer as balancer_module
 from mplslb.balancer import Balancer
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, LabelSwitchingTable, scalar
 from mplslb.switching import block as block_module
+from mplslb.switching import table as table_module
 from mplslb.switching.block import Count, lead_of
-from mplslb.switching.layout import ETH_P_8021Q, IP_AT, LABEL_SHIFT, LSE_AT, ROW_SHIFT, ROW_SIZE, VLAN_HLEN
+from mplslb.switching.layout import (
+    ETH_P_8021Q,
+    IP_AT,
+    LABEL_SHIFT,
+    LSE_AT,
+    RESERVED_LABEL_MAX,
+    ROW_SHIFT,
+    ROW_SIZE,
+    VLAN_HLEN,
+)
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.pcap import read_pcap
 
@@ -359,30 +370,37 @@ def test_real_captures_switch_alike_with_their_labels_installed(shared_data: Pat
 def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
     mutations: list[tuple[int, list[tuple[str, int, int]]]],
 ) -> None:
-    """A recorded run with mutated frames among its own, through a balancer switching natively and through one
-    switching with the reference: the same frames out, call by call, and the same figures."""
+    """A recorded run with mutated frames among its own, through a balancer switching, writing its sessions' rows
+    and sending its slow path's frames natively and through one doing all three with the references: the same
+    frames out, call by call, the same figures and the same rows (every field of every label ever installed:
+    counters, bindings, generations)."""
     config, calls = recording()
     feed = with_mutated([(c.port, c.frame, c.now) for c in calls], mutations)
 
-    def run(switch: object) -> tuple[list[list[tuple[int, bytes]]], object, dict[str, np.ndarray]]:
+    Run = tuple[list[list[tuple[int, bytes]]], object, dict[int, bytes]]
+
+    def run(switch: object, writers: ModuleType | None) -> Run:
         saved = balancer_module.switch_frame
         balancer_module.switch_frame = switch  # type: ignore[assignment]
+        table_module.use_native(writers)
         try:
             b = Balancer(config)
             sent = [b.receive(p, f, now) if p >= 0 else b.on_timer(now) for p, f, now in feed]
-            arrays = b.switching.arrays()
-            counters = {name: getattr(arrays, name).copy() for name in ("packets", "bytes", "last_seen", "acks")}
+            grid = np.frombuffer(b.switching.rows, dtype=np.uint8).reshape(-1, ROW_SIZE)
+            rows = {int(label): grid[label].tobytes() for label in np.flatnonzero(grid.any(axis=1))}
             s = b.stats()
-            return sent, (s.frames_in, s.frames_out, s.fast_path, s.slow_path, s.drops, s.sessions_ended), counters
+            return sent, (s.frames_in, s.frames_out, s.fast_path, s.slow_path, s.drops, s.sessions_ended), rows
         finally:
             balancer_module.switch_frame = saved
+            table_module.use_native(scalar.native)
 
-    sent, figures, counters = run(native())
-    sent_ref, figures_ref, counters_ref = run(scalar.switch_frame_py)
+    sent, figures, rows = run(native(), _fast)
+    sent_ref, figures_ref, rows_ref = run(scalar.switch_frame_py, None)
     assert sent == sent_ref
     assert figures == figures_ref
-    for name, values in counters.items():
-        assert np.array_equal(values, counters_ref[name]), name
+    assert rows.keys() == rows_ref.keys() and len(rows) >= 2
+    for label, row in rows.items():
+        assert row == rows_ref[label], label
 
 
 # -- the block path ------------------------------------------------------------------------------------------------
@@ -554,3 +572,113 @@ def test_rows_count_alike_in_c_and_numpy(
         table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT] = row
     block_module.count_rows(table, labels, lengths, 3.5, acks)
     assert rows_of(table, set(before)) == after_np
+
+
+# -- a session's two rows --------------------------------------------------------------------------------------------
+PAIR_ROWS = 64  # a small table's worth of rows: the pair writers take any rows buffer
+addresses = st.one_of(st.binary(min_size=4, max_size=4), st.binary(min_size=16, max_size=16), st.binary(max_size=17))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    before=st.binary(min_size=2 * ROW_SIZE, max_size=2 * ROW_SIZE),
+    valid=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+    c2s=st.integers(RESERVED_LABEL_MAX + 1, PAIR_ROWS - 2),
+    ports=st.tuples(st.sampled_from(sorted(PORT_MACS)), st.sampled_from(sorted(PORT_MACS))),
+    macs=st.tuples(st.binary(min_size=6, max_size=6), st.one_of(st.binary(min_size=6, max_size=6), st.binary())),
+    key=st.tuples(
+        st.sampled_from([IPPROTO_TCP, IPPROTO_UDP]),
+        addresses,
+        st.integers(-1, 0x10000),
+        addresses,
+        st.one_of(st.integers(0, 0xFFFF), st.just(0x10000)),
+    ),
+    watch=st.tuples(st.integers(0, 0xFF), st.integers(0, 0xFF)),
+    seen=st.tuples(st.floats(allow_nan=False), st.floats(0, 1e9)),
+)
+def test_a_sessions_two_rows_are_written_alike_in_c_and_python(
+    before: bytes,
+    valid: tuple[int, int],
+    c2s: int,
+    ports: tuple[int, int],
+    macs: tuple[bytes, bytes],
+    key: tuple[int, bytes, int, bytes, int],
+    watch: tuple[int, int],
+    seen: tuple[float, float],
+) -> None:
+    """The native pair writer and its reference (``table.write_pair_py``), from the same rows (whatever they held:
+    counters, generations near their wrap, either label installed or not) and the same session: the same two rows,
+    octet for octet, and the same answer, or the same error with nothing written. The generated sessions are the
+    ones a balancer installs, IPv4 and IPv6, and ones it never would (an address of the wrong length, a port out
+    of range, a MAC of the wrong length, watch bits of two IP versions)."""
+    native()
+    results = []
+    for write in (table_module.write_pair_py, _fast.install_pair):
+        rows = bytearray(PAIR_ROWS * ROW_SIZE)
+        at = c2s << ROW_SHIFT
+        rows[at : at + 2 * ROW_SIZE] = before
+        rows[at], rows[at + ROW_SIZE] = valid
+        view = memoryview(rows)
+        args = (view, c2s, *ports, *macs, PORT_MACS[ports[0]], PORT_MACS[ports[1]], key, *watch, *seen)
+        try:
+            outcome: object = write(*args)
+        except ValueError as exc:
+            outcome = str(exc)
+        results.append((outcome, bytes(rows)))
+    assert results[1] == results[0]
+    written = isinstance(results[0][0], int)
+    assert (
+        written
+        or results[0][1][at : at + 2 * ROW_SIZE]
+        == bytes([valid[0]]) + before[1:ROW_SIZE] + bytes([valid[1]]) + before[ROW_SIZE + 1 :]
+    )
+    assert not written or results[0][0] == sum(valid)
+
+
+def test_the_balancer_writes_its_sessions_rows_and_sends_natively() -> None:
+    """Where the native build is in use, every session's rows are written and every slow-path frame sent by it (and
+    by the references under ``MPLSLB_FAST_PATH=python``)."""
+    if os.environ.get("MPLSLB_FAST_PATH") == "python":
+        assert (table_module._write_pair, table_module._send) == (table_module.write_pair_py, table_module.send_py)
+    else:
+        native()
+        assert (table_module._write_pair, table_module._send) == (_fast.install_pair, _fast.send)
+
+
+# -- a packet sent under its session's label ----------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(
+    label=st.sampled_from([*INSTALLS, 1009]),
+    frame=st.binary(max_size=200),
+    span=st.tuples(st.integers(-30, 220), st.integers(-30, 220)),
+    ttl=st.integers(0, 255),
+    tc=st.integers(0, 7),
+    ack=st.one_of(st.just(-1), st.integers(0, 0xFFFFFFFF)),
+    as_view=st.booleans(),
+)
+def test_a_packet_is_sent_under_its_label_alike_in_c_and_python(
+    table: LabelSwitchingTable,
+    label: int,
+    frame: bytes,
+    span: tuple[int, int],
+    ttl: int,
+    tc: int,
+    ack: int,
+    as_view: bool,
+) -> None:
+    """The native ``send`` and its reference (``table.send_py``) on the same row (every kind of install, and a
+    label installed by none): the same frame out to the same port, the same counters, last seen and acknowledgment
+    number in the row, and the same answer; any part of the frame, as bytes or a view."""
+    native()
+    before = rows_of(table, {label})
+    results = []
+    for send in (table_module.send_py, _fast.send):
+        for at, row in before.items():
+            table.rows[at << ROW_SHIFT : (at + 1) << ROW_SHIFT] = row
+        out: Out = []
+        given_frame = memoryview(frame) if as_view else frame
+        recorded = send(table.hot, label, given_frame, *span, 6.5, out, ttl, tc, ack)
+        assert all(type(f) is bytes for _, f in out)
+        results.append((recorded, out, rows_of(table, {label})))
+    assert results[1] == results[0]
+    assert results[0][2] != before  # counted

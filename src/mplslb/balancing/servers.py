@@ -50,11 +50,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from operator import attrgetter
 
 __all__ = ["DownReason", "Server", "ServerConfig", "ServerPool", "ServerStatus"]
-
-_by_index = attrgetter("index")
 
 
 class ServerStatus(StrEnum):
@@ -236,6 +233,7 @@ class ServerPool:
         self.version = 0
         # Kept in index order (indices only grow), which is the order algorithms rotate in.
         self._servers: list[Server] = []
+        self._indices: list[int] = []  # each server's index, in the same order: what next_eligible bisects
         self._by_name: dict[str, Server] = {}
         self._next_index = 0
         #: Told of every change of a server's status (the driver logs it); the core itself never logs.
@@ -253,6 +251,7 @@ class ServerPool:
         # Indices are never reused, so an index seen in a session record never names a different server.
         self._next_index += 1
         self._servers.append(server)
+        self._indices.append(server.index)
         self._by_name[config.name] = server
         self.version += 1
         return server
@@ -261,7 +260,8 @@ class ServerPool:
         """Remove a server from the pool; it is marked DOWN (its live sessions may still end on it)."""
         server = self.get(name)
         del self._by_name[name]
-        self._servers.remove(server)
+        at = self._servers.index(server)
+        del self._servers[at], self._indices[at]
         if server.status is not ServerStatus.DOWN:
             server.status = ServerStatus.DOWN
             server.down_reason = DownReason.REMOVED
@@ -317,7 +317,7 @@ class ServerPool:
         ``after`` and round to the start; None when none may. Asks only as many servers as it passes over."""
         servers = self._servers
         n = len(servers)
-        start = bisect.bisect_right(servers, after, key=_by_index)
+        start = bisect.bisect_right(self._indices, after)
         for at in range(start, start + n):
             server = servers[at - n if at >= n else at]
             if server.eligible:

@@ -37,7 +37,7 @@ static long LABELLED_MIN, LSE_AT, LSE_LEN, ETH_P_MPLS_UC, ETH_P_8021Q, LABEL_SHI
     IPV4_IHL_MASK, IPV4_IHL_UNIT, FRAG_HI, FRAG_LO, IPV6_SRC, V6_KEY_END, IPV6_NEXT_HEADER, IPV6_HLEN,
     IPPROTO_TCP, IPPROTO_UDP, TCP_FLAGS, TCP_ACK, ACK_RST, ACK_BEFORE_FLAGS, TCP_FLAGS_UNKNOWN, REPORTED,
     WATCH_TCP_END, WATCH_ALL, PEER_IP_LEN_AT, PEER_IP_AT, ETH_SRC, ETH_TYPE, IPV4_DST, IPV6_DST, IPV4_ADDR_LEN,
-    IPV6_ADDR_LEN, L4_PORTS_LEN, ROW_GENERATION, LSE_TTL;
+    IPV6_ADDR_LEN, L4_PORTS_LEN, ROW_GENERATION, LSE_TTL, LABEL_SPACE, WATCH_BITS, IPV6_PAYLOAD, GENERATION_MASK, TC_SHIFT;
 static unsigned long long ACK_KNOWN;
 static int bound_ok = 0;
 
@@ -65,6 +65,8 @@ static const struct {
     {"ETH_SRC", &ETH_SRC}, {"ETH_TYPE", &ETH_TYPE}, {"IPV4_DST", &IPV4_DST},
     {"IPV6_DST", &IPV6_DST}, {"IPV4_ADDR_LEN", &IPV4_ADDR_LEN}, {"IPV6_ADDR_LEN", &IPV6_ADDR_LEN},
     {"L4_PORTS_LEN", &L4_PORTS_LEN}, {"ROW_GENERATION", &ROW_GENERATION}, {"LSE_TTL", &LSE_TTL},
+    {"LABEL_SPACE", &LABEL_SPACE}, {"WATCH_BITS", &WATCH_BITS}, {"IPV6_PAYLOAD", &IPV6_PAYLOAD},
+    {"GENERATION_MASK", &GENERATION_MASK}, {"TC_SHIFT", &TC_SHIFT},
 };
 
 static inline uint32_t be32(const unsigned char *p) {
@@ -126,6 +128,22 @@ static int count_drop(PyObject *drops, PyObject *reason) {
     int rc = PyDict_SetItem(drops, reason, value);
     Py_DECREF(value);
     return rc;
+}
+
+/* The frame a label's packet leaves with: the row's rewrite (12 octets), the MPLS ethertype, the label stack entry,
+ * then the packet's len octets unchanged. */
+static PyObject *labelled_frame(const unsigned char *row, uint32_t entry, const unsigned char *packet, Py_ssize_t len) {
+    PyObject *sent = PyBytes_FromStringAndSize(NULL, LSE_AT + LSE_LEN + len);
+    if (sent == NULL) return NULL;
+    unsigned char *s = (unsigned char *)PyBytes_AS_STRING(sent);
+    uint64_t rewrite = row_quad(row, ROW_REWRITE);
+    for (int i = 0; i < 8; i++) s[i] = rewrite >> (56 - 8 * i);
+    put_be32(s + 8, (uint32_t)row_word(row, ROW_REWRITE_TAIL));
+    s[ETH_TYPE] = ETH_P_MPLS_UC >> 8;
+    s[ETH_TYPE + 1] = ETH_P_MPLS_UC & 0xFF;
+    put_be32(s + LSE_AT, entry);
+    memcpy(s + LSE_AT + LSE_LEN, packet, len);
+    return sent;
 }
 
 /* switch_frame(hot, port, frame, now, out, events) -> int: see mplslb.switching.scalar.switch_frame. */
@@ -235,16 +253,8 @@ static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
     long out_port = row_word(row, ROW_OUT_PORT);
     /* The frame as it leaves: the row's rewrite (12 octets), the MPLS ethertype, the entry with its TTL lowered,
      * then the packet unchanged. */
-    PyObject *sent = PyBytes_FromStringAndSize(NULL, LSE_AT + LSE_LEN + (n - ip));
+    PyObject *sent = labelled_frame(row, entry - 1, f + ip, n - ip);
     if (sent == NULL) goto done;
-    unsigned char *s = (unsigned char *)PyBytes_AS_STRING(sent);
-    uint64_t rewrite = row_quad(row, ROW_REWRITE);
-    for (int i = 0; i < 8; i++) s[i] = rewrite >> (56 - 8 * i);
-    put_be32(s + 8, (uint32_t)row_word(row, ROW_REWRITE_TAIL));
-    s[ETH_TYPE] = ETH_P_MPLS_UC >> 8;
-    s[ETH_TYPE + 1] = ETH_P_MPLS_UC & 0xFF;
-    put_be32(s + LSE_AT, entry - 1);
-    memcpy(s + LSE_AT + LSE_LEN, f + ip, n - ip);
     PyObject *port_out = PyLong_FromLong(out_port);
     if (port_out == NULL) {
         Py_DECREF(sent);
@@ -640,6 +650,197 @@ done:
     return result;
 }
 
+/* -- a session's two labels ----------------------------------------------------------------------------------------
+ * install_pair(rows, c2s, client_port, server_port, client_mac, server_mac, client_port_mac, server_port_mac, key,
+ * c2s_watch, s2c_watch, c2s_seen, s2c_seen) -> int: mplslb.switching.table.write_pair_py in C, the same checks in
+ * the same order and the same two rows, octet for octet; returns how many of the two labels were installed
+ * before. The caller has checked the label and the ports (LabelSwitchingTable.install_pair). */
+
+/* A contiguous buffer's octets, held in view; -1 with an exception set when obj has none. */
+static int octets_of(PyObject *obj, Py_buffer *view) { return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE); }
+
+static inline uint64_t be_bytes(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int k = 0; k < n; k++) v = (v << 8) | p[k];
+    return v;
+}
+
+/* One label's row (see ROW_PAIR): every field, its flow binding and its generation word; valid stays 0. */
+static void write_row(unsigned char *row, long watch, int v6, int32_t in_port, int32_t out_port,
+                      const unsigned char *peer_mac, const unsigned char *next_hop, const unsigned char *port_mac,
+                      double seen, const unsigned char *ip_src, const unsigned char *ip_dst, Py_ssize_t size,
+                      unsigned sport, unsigned dport) {
+    int32_t generation = row_word(row, ROW_GENERATION);
+    generation = (int32_t)(((uint32_t)generation + 1) & (uint32_t)GENERATION_MASK);
+    memset(row, 0, (size_t)ROW_SIZE);
+    row[ROW_WATCH] = (unsigned char)(watch & WATCH_BITS);
+    row[ROW_V6] = (unsigned char)v6;
+    int32_t tail = (int32_t)be32(port_mac + 2);
+    memcpy(row + 4 * ROW_IN_PORT, &in_port, 4);
+    memcpy(row + 4 * ROW_OUT_PORT, &out_port, 4);
+    memcpy(row + 4 * ROW_REWRITE_TAIL, &tail, 4);
+    memcpy(row + 8 * ROW_LAST_SEEN, &seen, 8);
+    uint64_t peer = be_bytes(peer_mac, 6), rewrite = (be_bytes(next_hop, 6) << 16) | be_bytes(port_mac, 2);
+    memcpy(row + 8 * ROW_PEER, &peer, 8);
+    memcpy(row + 8 * ROW_REWRITE, &rewrite, 8);
+    unsigned char *flow = row + ROW_FLOW;
+    memcpy(flow, ip_src, (size_t)size);
+    memcpy(flow + size, ip_dst, (size_t)size);
+    flow[2 * size] = (unsigned char)(sport >> 8);
+    flow[2 * size + 1] = (unsigned char)sport;
+    flow[2 * size + 2] = (unsigned char)(dport >> 8);
+    flow[2 * size + 3] = (unsigned char)dport;
+    row[ROW_FLOW_LEN] = (unsigned char)(2 * size + L4_PORTS_LEN);
+    row[PEER_IP_LEN_AT] = (unsigned char)size;
+    memcpy(row + PEER_IP_AT, ip_src, (size_t)size);
+    memcpy(row + 4 * ROW_GENERATION, &generation, 4);
+}
+
+static PyObject *install_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "install_pair takes 13 arguments");
+        return NULL;
+    }
+    if (!bound_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
+        return NULL;
+    }
+    PyObject *key = args[8];
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 5) {
+        PyErr_SetString(PyExc_TypeError, "install_pair: key must be a 5-tuple");
+        return NULL;
+    }
+    long c2s = PyLong_AsLong(args[1]);
+    if (c2s == -1 && PyErr_Occurred()) return NULL;
+    long ports[2], watch[2], l4[2];
+    double seen[2];
+    for (int k = 0; k < 2; k++) {
+        ports[k] = PyLong_AsLong(args[2 + k]);
+        watch[k] = PyLong_AsLong(args[9 + k]);
+        seen[k] = PyFloat_AsDouble(args[11 + k]);
+        l4[k] = PyLong_AsLong(PyTuple_GET_ITEM(key, 2 + 2 * k));
+    }
+    if (PyErr_Occurred()) return NULL;
+    if (!(RESERVED_LABEL_MAX < c2s && c2s < LABEL_SPACE - 1)) {
+        return PyErr_Format(PyExc_ValueError, "label pair %ld is outside the usable label space", c2s);
+    }
+    for (int k = 0; k < 2; k++) {
+        if (ports[k] < INT32_MIN || ports[k] > INT32_MAX) {
+            return PyErr_Format(PyExc_ValueError, "install_pair: port id %ld is not a 32-bit integer", ports[k]);
+        }
+    }
+    /* rows, the two peers' MACs, our two ports' MACs, the flow's source and destination */
+    Py_buffer v[7];
+    PyObject *objs[7] = {args[0], args[4], args[5], args[6], args[7], PyTuple_GET_ITEM(key, 1), PyTuple_GET_ITEM(key, 3)};
+    int held = 0;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(objs[0], &v[0], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+    held++;
+    for (; held < 7; held++) {
+        if (octets_of(objs[held], &v[held]) < 0) goto done;
+    }
+    if (v[1].len != 6 || v[2].len != 6) {
+        PyErr_SetString(PyExc_ValueError, "next_hop and peer must be 6-byte MAC addresses");
+        goto done;
+    }
+    if (v[3].len != 6 || v[4].len != 6) {
+        PyErr_SetString(PyExc_ValueError, "install_pair: a port's MAC address must be 6 octets");
+        goto done;
+    }
+    Py_ssize_t size = (watch[0] & IPV6_PAYLOAD) ? IPV6_ADDR_LEN : IPV4_ADDR_LEN;
+    if (v[5].len != size || v[6].len != size || ((watch[1] ^ watch[0]) & IPV6_PAYLOAD)) {
+        PyErr_SetString(PyExc_ValueError, "a flow binding needs peer_ip and dst_ip, of the label's IP version");
+        goto done;
+    }
+    if (!(0 <= l4[0] && l4[0] <= 0xFFFF && 0 <= l4[1] && l4[1] <= 0xFFFF)) {
+        PyErr_Format(PyExc_ValueError, "ports (%ld, %ld) are not two ports of 0-65535", l4[0], l4[1]);
+        goto done;
+    }
+    if (v[0].len < (Py_ssize_t)(c2s + 2) << ROW_SHIFT) {
+        PyErr_SetString(PyExc_ValueError, "install_pair: rows has no row for the label pair");
+        goto done;
+    }
+    unsigned char *c2s_row = (unsigned char *)v[0].buf + ((Py_ssize_t)c2s << ROW_SHIFT), *s2c_row = c2s_row + ROW_SIZE;
+    const unsigned char *client_mac = v[1].buf, *server_mac = v[2].buf, *client_port_mac = v[3].buf,
+                        *server_port_mac = v[4].buf, *src = v[5].buf, *dst = v[6].buf;
+    long rebound = c2s_row[ROW_VALID] + s2c_row[ROW_VALID];
+    /* Invalid while their fields change, valid last (see mplslb.state). */
+    __atomic_store_n(c2s_row + ROW_VALID, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(s2c_row + ROW_VALID, 0, __ATOMIC_RELEASE);
+    int v6 = size == IPV6_ADDR_LEN;
+    write_row(c2s_row, watch[0], v6, (int32_t)ports[0], (int32_t)ports[1], client_mac, server_mac, server_port_mac,
+              seen[0], src, dst, size, (unsigned)l4[0], (unsigned)l4[1]);
+    write_row(s2c_row, watch[1], v6, (int32_t)ports[1], (int32_t)ports[0], server_mac, client_mac, client_port_mac,
+              seen[1], dst, src, size, (unsigned)l4[1], (unsigned)l4[0]);
+    __atomic_store_n(c2s_row + ROW_VALID, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(s2c_row + ROW_VALID, 1, __ATOMIC_RELEASE);
+    result = PyLong_FromLong(rebound);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&v[k]);
+    return result;
+}
+
+/* -- a packet sent under its session's label -----------------------------------------------------------------------
+ * send(hot, label, frame, ip_offset, ip_end, now, out, ttl, tc, ack) -> bool: mplslb.switching.table.send_py in C:
+ * frame[ip_offset:ip_end] appended to out under one label stack entry, as (the label's output port, the frame), and
+ * counted for the label; True when ack (not -1) was recorded as the label's last acknowledgment number. */
+static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "send takes 10 arguments");
+        return NULL;
+    }
+    if (!bound_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
+        return NULL;
+    }
+    PyObject *hot = args[0], *out = args[6];
+    if (!PyTuple_Check(hot) || PyTuple_GET_SIZE(hot) < 1 || !PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "send: hot must be the table's hot tuple and out a list");
+        return NULL;
+    }
+    long label = PyLong_AsLong(args[1]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]), stop = PyLong_AsSsize_t(args[4]);
+    double now = PyFloat_AsDouble(args[5]);
+    long ttl = PyLong_AsLong(args[7]), tc = PyLong_AsLong(args[8]);
+    long long ack = PyLong_AsLongLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer rview, fview;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, 0), &rview, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(args[2], &fview, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&rview);
+        return NULL;
+    }
+    if (label < 0 || (Py_ssize_t)(label + 1) << ROW_SHIFT > rview.len) {
+        PyErr_Format(PyExc_IndexError, "send: label %ld has no row", label);
+        goto done;
+    }
+    unsigned char *row = (unsigned char *)rview.buf + ((Py_ssize_t)label << ROW_SHIFT);
+    Py_ssize_t length = PySlice_AdjustIndices(fview.len, &start, &stop, 1);
+    uint32_t entry = ((uint32_t)label << LABEL_SHIFT) | ((uint32_t)tc << TC_SHIFT) | (uint32_t)MPLS_BOS | (uint32_t)ttl;
+    PyObject *sent = labelled_frame(row, entry, (const unsigned char *)fview.buf + start, length);
+    if (sent == NULL) goto done;
+    PyObject *item = Py_BuildValue("(lN)", (long)row_word(row, ROW_OUT_PORT), sent);
+    if (item == NULL) goto done;
+    int rc = PyList_Append(out, item);
+    Py_DECREF(item);
+    if (rc < 0) goto done;
+    uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)fview.len;
+    memcpy(row + 8 * ROW_PACKETS, &packets, 8);
+    memcpy(row + 8 * ROW_BYTES, &octets, 8);
+    memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+    int recorded = ack >= 0 && (row[ROW_WATCH] & WATCH_TCP_END);
+    if (recorded) {
+        uint64_t known = ACK_KNOWN | (uint64_t)ack;
+        memcpy(row + 8 * ROW_ACKS, &known, 8);
+    }
+    result = PyBool_FromLong(recorded);
+done:
+    PyBuffer_Release(&fview);
+    PyBuffer_Release(&rview);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"switch_frame", (PyCFunction)(void (*)(void))switch_frame, METH_FASTCALL,
      "switch_frame(hot, port, frame, now, out, events) -> int: mplslb.switching.scalar.switch_frame in C."},
@@ -648,6 +849,12 @@ static PyMethodDef methods[] = {
      "acks, generations, saved): mplslb.switching.block.switch_block_np in C, filling the verdict's arrays."},
     {"count_rows", (PyCFunction)(void (*)(void))count_rows, METH_FASTCALL,
      "count_rows(rows, labels, lengths, acks, now): mplslb.switching.block.count_rows in C."},
+    {"install_pair", (PyCFunction)(void (*)(void))install_pair, METH_FASTCALL,
+     "install_pair(rows, c2s, client_port, server_port, client_mac, server_mac, client_port_mac, server_port_mac, "
+     "key, c2s_watch, s2c_watch, c2s_seen, s2c_seen) -> int: mplslb.switching.table.write_pair_py in C."},
+    {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL,
+     "send(hot, label, frame, ip_offset, ip_end, now, out, ttl, tc, ack) -> bool: mplslb.switching.table.send_py "
+     "in C."},
     {"bind", bind, METH_VARARGS, "bind(reference, FastEvent, numbers, reasons): set the layout and the reference."},
     {NULL, NULL, 0, NULL},
 };

@@ -12,6 +12,35 @@ def switch_frame(
     events: list[FastEvent],
     /,
 ) -> int: ...
+def install_pair(
+    rows: memoryview,
+    c2s: int,
+    client_port: int,
+    server_port: int,
+    client_mac: bytes,
+    server_mac: bytes,
+    client_port_mac: bytes,
+    server_port_mac: bytes,
+    key: tuple[int, bytes, int, bytes, int],
+    c2s_watch: int,
+    s2c_watch: int,
+    c2s_seen: float,
+    s2c_seen: float,
+    /,
+) -> int: ...
+def send(
+    hot: tuple[Any, ...],
+    label: int,
+    frame: bytes | memoryview,
+    ip_offset: int,
+    ip_end: int,
+    now: float,
+    out: list[tuple[int, bytes]],
+    ttl: int,
+    tc: int,
+    ack: int,
+    /,
+) -> bool: ...
 def bind(
     reference: Callable[..., int],
     event_type: type[tuple[Any, ...]],

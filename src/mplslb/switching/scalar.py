@@ -117,7 +117,7 @@ from mplslb.switching.layout import (
     WATCH_ALL,
     WATCH_TCP_END,
 )
-from mplslb.switching.table import MPLS_ETHERTYPE, WRONG_FLOW, FastEvent
+from mplslb.switching.table import MPLS_ETHERTYPE, WRONG_FLOW, FastEvent, use_native
 from mplslb.wire.errors import WireError
 from mplslb.wire.ipv6 import EXTENSION_HEADERS, parse_ipv6
 
@@ -307,6 +307,7 @@ def _bind_native() -> str:
         return f"python (no native build: {exc})"
     _fast.bind(switch_frame_py, FastEvent, native_numbers(), NATIVE_REASONS)
     switch_frame = _fast.switch_frame  # the same parameters, positional only (_fast.pyi)
+    use_native(_fast)  # the table's writers too
     native = _fast
     return "native"
 
@@ -318,7 +319,8 @@ _NATIVE_LAYOUT = """
     ROW_BYTES ROW_LAST_SEEN ROW_ACKS ROW_PEER ROW_REWRITE ROW_FLOW ROW_FLOW_LEN ROW_PEER_IP ROW_PEER_IP_LEN MPLS_BOS
     MPLS_TTL_MASK IPV4_SRC IPV4_PLAIN IPV4_PROTO IPV4_FRAG_AT IPV4_IHL_MASK IPV4_IHL_UNIT IPV6_SRC IPV6_NEXT_HEADER
     IPV6_HLEN IPPROTO_TCP IPPROTO_UDP TCP_FLAGS TCP_ACK TCP_FLAGS_UNKNOWN WATCH_TCP_END WATCH_ALL ACK_KNOWN ETH_SRC
-    ETH_TYPE IPV4_DST IPV6_DST IPV4_ADDR_LEN IPV6_ADDR_LEN L4_PORTS_LEN ROW_GENERATION LSE_TTL
+    ETH_TYPE IPV4_DST IPV6_DST IPV4_ADDR_LEN IPV6_ADDR_LEN L4_PORTS_LEN ROW_GENERATION LSE_TTL LABEL_SPACE WATCH_BITS
+    IPV6_PAYLOAD GENERATION_MASK TC_SHIFT
 """.split()  # noqa: SIM905
 
 

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
@@ -229,6 +231,107 @@ def _rewrite_fields(next_hop: bytes, port_mac: bytes) -> tuple[int, int]:
     octets 0-7 and 8-11 as big-endian integers, the second signed (a 32-bit word)."""
     head: tuple[int, int] = REWRITE.unpack(next_hop + port_mac)
     return head
+
+
+_GENERATION_WORD = struct.Struct("=i")
+
+
+def write_pair_py(
+    rows: memoryview,
+    c2s: int,
+    client_port: int,
+    server_port: int,
+    client_mac: bytes,
+    server_mac: bytes,
+    client_port_mac: bytes,
+    server_port_mac: bytes,
+    key: tuple[int, bytes, int, bytes, int],
+    c2s_watch: int,
+    s2c_watch: int,
+    c2s_seen: float,
+    s2c_seen: float,
+) -> int:
+    """Write a session's two rows in ``rows`` (the table's): C2S ``c2s`` from ``client_mac`` on ``client_port`` to
+    ``server_mac`` on ``server_port``, bound to the flow ``key`` (protocol, source, source port, destination,
+    destination port, as the client sent it), and S2C ``c2s + 1`` back, bound to the reverse flow; ``*_port_mac``
+    are our ports' MACs, ``*_watch`` the labels' watch bits (with ``IPV6_PAYLOAD``), ``*_seen`` their last-seen
+    times. Counters and acknowledgment numbers start again, generations go on; each row is invalid while its fields
+    change and valid last. Returns how many of the two labels were installed before. The caller checks the label and
+    the ports (:meth:`LabelSwitchingTable.install_pair`). The reference: the native build (``_fast.install_pair``)
+    does exactly this, octet for octet, and is used where it is built."""
+    _, src, sport, dst, dport = key
+    if len(client_mac) != ETH_ALEN or len(server_mac) != ETH_ALEN:
+        raise ValueError("next_hop and peer must be 6-byte MAC addresses")
+    size = IPV6_ADDR_LEN if c2s_watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
+    if len(src) != size or len(dst) != size or (s2c_watch ^ c2s_watch) & IPV6_PAYLOAD:
+        raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
+    if not (0 <= sport <= _PORT_MAX and 0 <= dport <= _PORT_MAX):
+        raise ValueError(f"ports {(sport, dport)} are not two ports of 0-65535")
+    src, dst = bytes(src), bytes(dst)
+    at = c2s << ROW_SHIFT
+    rebound: int = rows[at] + rows[at + ROW_SIZE]
+    if rebound:  # invalid while their fields change (see mplslb.state)
+        rows[at] = rows[at + ROW_SIZE] = 0
+    # Both rows at once, still invalid: counters and acknowledgment numbers start again, generations go on.
+    generation = at + 4 * ROW_GENERATION
+    v6 = 1 if c2s_watch & IPV6_PAYLOAD else 0
+    flow_len = 2 * size + L4_PORTS_LEN
+    to_server, to_server_tail = _rewrite_fields(bytes(server_mac), server_port_mac)
+    to_client, to_client_tail = _rewrite_fields(bytes(client_mac), client_port_mac)
+    _pack_pair(
+        rows, at,
+        0, c2s_watch & WATCH_BITS, v6, client_port, server_port, to_server_tail, 0, 0, c2s_seen, 0,
+        int.from_bytes(client_mac, "big"), to_server, src + dst + _PORTS.pack(sport, dport), flow_len,
+        size, src, (_GENERATION_WORD.unpack_from(rows, generation)[0] + 1) & GENERATION_MASK,
+        0, s2c_watch & WATCH_BITS, v6, server_port, client_port, to_client_tail, 0, 0, s2c_seen, 0,
+        int.from_bytes(server_mac, "big"), to_client, dst + src + _PORTS.pack(dport, sport), flow_len,
+        size, dst, (_GENERATION_WORD.unpack_from(rows, generation + ROW_SIZE)[0] + 1) & GENERATION_MASK,
+    )  # fmt: skip
+    rows[at + ROW_VALID] = rows[at + ROW_SIZE + ROW_VALID] = 1  # last: the entries are complete
+    return rebound
+
+
+def send_py(
+    hot: tuple[Any, ...],
+    label: int,
+    frame: bytes | memoryview,
+    ip_offset: int,
+    ip_end: int,
+    now: float,
+    out: list[tuple[int, bytes]],
+    ttl: int,
+    tc: int,
+    ack: int,
+) -> bool:
+    """:meth:`LabelSwitchingTable.send` on the table's rows (``hot``, :attr:`LabelSwitchingTable.hot`): the packet
+    appended to ``out`` with its output port and counted for ``label``, ``ack`` recorded in the label's row when
+    its session is TCP's; True when it was. The reference: the native build (``_fast.send``) does exactly this and
+    is used where it is built."""
+    rows, words, quads, floats, _ = hot
+    entry = (label << LABEL_SHIFT) | (tc << TC_SHIFT) | MPLS_BOS | ttl
+    q, w = label << ROW_QUAD_SHIFT, label << ROW_WORD_SHIFT
+    head = _pack_head(quads[q + ROW_REWRITE], words[w + ROW_REWRITE_TAIL], ETH_P_MPLS_UC, entry)
+    out.append((words[w + ROW_OUT_PORT], b"".join((head, frame[ip_offset:ip_end]))))
+    quads[q + ROW_PACKETS] += 1
+    quads[q + ROW_BYTES] += len(frame)
+    floats[q + ROW_LAST_SEEN] = now
+    if ack >= 0 and rows[(label << ROW_SHIFT) + ROW_WATCH] & WATCH_TCP_END:
+        quads[q + ROW_ACKS] = ACK_KNOWN | ack
+        return True
+    return False
+
+
+#: What writes a session's two rows and sends a packet under its label: the references above, or their native
+#: builds once :mod:`~mplslb.switching.scalar` has bound them (:func:`use_native`).
+_write_pair: Callable[..., int] = write_pair_py
+_send: Callable[..., bool] = send_py
+
+
+def use_native(native: ModuleType | None) -> None:
+    """Write sessions' rows and send packets under their labels with the native module ``native``'s
+    ``install_pair`` and ``send``, or with the references again (None)."""
+    global _write_pair, _send
+    _write_pair, _send = (write_pair_py, send_py) if native is None else (native.install_pair, native.send)
 
 
 class RowField(Generic[_T]):
@@ -416,42 +519,16 @@ class LabelSwitchingTable:
         (protocol, source, source port, destination, destination port, as the client sent it); S2C ``c2s + 1``
         back, bound to the reverse flow. ``*_watch`` are the labels' watch bits (with ``IPV6_PAYLOAD``), ``*_seen``
         their last-seen times."""
-        _, src, sport, dst, dport = key
         port_macs = self._port_macs
         if not RESERVED_LABEL_MAX < c2s < LABEL_SPACE - 1:
             raise ValueError(f"label pair {c2s} is outside the usable label space")
         if client_port not in port_macs or server_port not in port_macs:
             raise ValueError(f"unknown port in install: out {server_port}, in {client_port}")
-        if len(client_mac) != ETH_ALEN or len(server_mac) != ETH_ALEN:
-            raise ValueError("next_hop and peer must be 6-byte MAC addresses")
-        size = IPV6_ADDR_LEN if c2s_watch & IPV6_PAYLOAD else IPV4_ADDR_LEN
-        if len(src) != size or len(dst) != size or (s2c_watch ^ c2s_watch) & IPV6_PAYLOAD:
-            raise ValueError("a flow binding needs peer_ip and dst_ip, of the label's IP version")
-        if not (0 <= sport <= _PORT_MAX and 0 <= dport <= _PORT_MAX):
-            raise ValueError(f"ports {(sport, dport)} are not two ports of 0-65535")
-        src, dst = bytes(src), bytes(dst)
-        rows, words = self.rows, self.words
-        at = c2s << ROW_SHIFT
-        rebound = rows[at] + rows[at + ROW_SIZE]
-        if rebound:  # invalid while their fields change (see mplslb.state)
-            rows[at] = rows[at + ROW_SIZE] = 0
-        self.installed += 2 - rebound
-        # Both rows at once, still invalid: counters and acknowledgment numbers start again, generations go on.
-        generation = (c2s << ROW_WORD_SHIFT) + ROW_GENERATION
-        v6 = 1 if c2s_watch & IPV6_PAYLOAD else 0
-        flow_len = 2 * size + L4_PORTS_LEN
-        to_server, to_server_tail = _rewrite_fields(bytes(server_mac), port_macs[server_port])
-        to_client, to_client_tail = _rewrite_fields(bytes(client_mac), port_macs[client_port])
-        _pack_pair(
-            rows, at,
-            0, c2s_watch & WATCH_BITS, v6, client_port, server_port, to_server_tail, 0, 0, c2s_seen, 0,
-            int.from_bytes(client_mac, "big"), to_server, src + dst + _PORTS.pack(sport, dport), flow_len,
-            size, src, (words[generation] + 1) & GENERATION_MASK,
-            0, s2c_watch & WATCH_BITS, v6, server_port, client_port, to_client_tail, 0, 0, s2c_seen, 0,
-            int.from_bytes(server_mac, "big"), to_client, dst + src + _PORTS.pack(dport, sport), flow_len,
-            size, dst, (words[generation + (1 << ROW_WORD_SHIFT)] + 1) & GENERATION_MASK,
+        rebound = _write_pair(
+            self.rows, c2s, client_port, server_port, client_mac, server_mac, port_macs[client_port],
+            port_macs[server_port], key, c2s_watch, s2c_watch, c2s_seen, s2c_seen,
         )  # fmt: skip
-        rows[at + ROW_VALID] = rows[at + ROW_SIZE + ROW_VALID] = 1  # last: the entries are complete
+        self.installed += 2 - rebound
         self.version += 2
         for mirror in self.mirrors:
             mirror.installed(c2s)
@@ -681,16 +758,7 @@ class LabelSwitchingTable:
         ``label``'s session by the label's port, to its next hop, under one label stack entry (bottom of stack,
         ``ttl``, ``tc``), without any Ethernet padding; count it for the label, and record ``ack`` (a TCP
         segment's acknowledgment number, ACK set and RST clear; -1: none) for a TCP session's label."""
-        entry = (label << LABEL_SHIFT) | (tc << TC_SHIFT) | MPLS_BOS | ttl
-        quads, q = self.quads, label << ROW_QUAD_SHIFT
-        words, w = self.words, label << ROW_WORD_SHIFT
-        head = _pack_head(quads[q + ROW_REWRITE], words[w + ROW_REWRITE_TAIL], ETH_P_MPLS_UC, entry)
-        out.append((words[w + ROW_OUT_PORT], b"".join((head, frame[ip_offset:ip_end]))))
-        quads[q + ROW_PACKETS] += 1
-        quads[q + ROW_BYTES] += len(frame)
-        self.floats[q + ROW_LAST_SEEN] = now
-        if ack >= 0 and self.rows[(label << ROW_SHIFT) + ROW_WATCH] & WATCH_TCP_END:
-            quads[q + ROW_ACKS] = ACK_KNOWN | ack
+        if _send(self.hot, label, frame, ip_offset, ip_end, now, out, ttl, tc, ack):
             for store in self.ack_stores:
                 store.record_ack(label, ACK_KNOWN | ack)
 
