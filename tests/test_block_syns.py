@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import listed, pack
-from mplslb.analyzer import PacketAnalyzer
+from mplslb.analyzer import PacketAnalyzer, plain_ipv4_py
 from mplslb.balancer import SYN_RUN_MIN, Balancer, Frames
 from mplslb.balancing.admission import RefuseWith
 from mplslb.config import BalancerConfig
@@ -240,7 +240,7 @@ def test_the_block_reads_a_syn_of_a_new_session_exactly_where_the_one_frame_anal
     analyzer = PacketAnalyzer()
     plain = None
     if len(frame) >= 42 and frame[12:14] == b"\x08\x00":
-        plain = analyzer._plain(bytes(frame), 14, False)
+        plain = plain_ipv4_py(bytes(frame), 14, False)
     expected = (
         plain is not None
         and plain.key.proto == IPPROTO_TCP

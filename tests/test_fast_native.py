@@ -29,6 +29,7 @@ from helpers import (
     RST,
     SYN,
     feed_mutations,
+    fix_ipv4_checksum,
     frames_only,
     header_mutation,
     ip,
@@ -44,8 +45,11 @@ from helpers import (
     udp_datagram,
     with_mutated,
 )
+from mplslb import analyzer as analyzer_module
 from mplslb import balancer as balancer_module
+from mplslb.analyzer import Analysis
 from mplslb.balancer import Balancer
+from mplslb.flow import FlowKey
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, LabelSwitchingTable, scalar
 from mplslb.switching import block as block_module
 from mplslb.switching import table as table_module
@@ -78,9 +82,16 @@ CLIENT, VIP, OTHER = ip("10.1.0.1"), ip("10.0.0.100"), ip("10.1.0.9")
 CLIENT6, VIP6 = ip("fd00:1::1"), ip("fd00::100")
 
 
+BOUND_HERE: list[bool] = []
+
+
 def native() -> object:
     if _fast is None:
         pytest.fail(f"the native fast path is not built: {scalar.FAST_PATH}")
+    if scalar.native is None and not BOUND_HERE:  # MPLSLB_FAST_PATH=python: bound once to be compared, not used
+        _fast.bind(scalar.switch_frame_py, FastEvent, scalar.native_numbers(), scalar.NATIVE_REASONS)
+        _fast.bind_analyzer(FlowKey, Analysis, analyzer_module._http, analyzer_module.NATIVE_NUMBERS)
+        BOUND_HERE.append(True)
     return _fast.switch_frame
 
 
@@ -682,3 +693,91 @@ def test_a_packet_is_sent_under_its_label_alike_in_c_and_python(
         results.append((recorded, out, rows_of(table, {label})))
     assert results[1] == results[0]
     assert results[0][2] != before  # counted
+
+
+# -- the analyzer's plain reading ----------------------------------------------------------------------------------
+def plain_packets() -> list[bytes]:
+    """IPv4 packets the plain reading takes (TCP with and without payload, an HTTP request, UDP, UDP carrying a
+    request) and leaves (TCP options, IP options, a later fragment, ICMP)."""
+    request = b"GET /a HTTP/1.1\r\nHost: plain\r\n\r\n"
+    return [
+        ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40000, 80, SYN)),
+        ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40001, 80, ACK, request, seq=0xFFFFFFF0), tos=0xB8),
+        ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40002, 80, FIN | ACK, b"x" * 300), ttl=1),
+        ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40003, 80, SYN, options=b"\x02\x04\x05\xb4")),
+        ipv4(CLIENT, VIP, IPPROTO_UDP, udp_datagram(CLIENT, VIP, 5353, 53, b"query")),
+        ipv4(CLIENT, VIP, IPPROTO_UDP, udp_datagram(CLIENT, VIP, 5353, 80, b"GET / HTTP/1.0\r\n\r\n")),
+        ipv4(CLIENT, VIP, IPPROTO_UDP, udp_datagram(CLIENT, VIP, 1, 2)),
+        ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40004, 80, ACK), options=b"\x01\x01\x01\x00"),
+        ipv4(CLIENT, VIP, IPPROTO_TCP, tcp_segment(CLIENT, VIP, 40005, 80, ACK, b"y" * 40), frag_offset=2),
+        ipv4(CLIENT, VIP, 1, b"\x08\x00" + bytes(30)),
+    ]
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    index=st.integers(0, 9),
+    head=st.sampled_from([0, 14, 3]),
+    mutations=st.lists(st.tuples(st.sampled_from(["flip", "cut", "set"]), st.integers(0, 60), st.integers(0, 255)),
+                       max_size=3),
+    checksum=st.booleans(),
+    tail=st.binary(max_size=8),
+    l7=st.booleans(),
+    as_view=st.booleans(),
+)  # fmt: skip
+def test_plain_ipv4_reads_alike_in_c_and_python(
+    index: int,
+    head: int,
+    mutations: list[tuple[str, int, int]],
+    checksum: bool,
+    tail: bytes,
+    l7: bool,
+    as_view: bool,
+) -> None:
+    """The native plain reading and its reference (``analyzer.plain_ipv4_py``) on the same octets at the same
+    offset: the same :class:`Analysis` (a FlowKey of bytes addresses, the same request read) or both None; packets
+    the reading takes and leaves, mutated (the header checksum made right again or not), with octets after them."""
+    native()
+    packet = mutate(plain_packets()[index], mutations)
+    if checksum and len(packet) >= 20 and packet[0] >> 4 == 4:
+        packet = fix_ipv4_checksum(packet)
+    frame = bytes(range(head)) + packet + tail
+    if len(frame) < head + 28:
+        return  # the callers read no shorter packet this way
+    given_frame = memoryview(frame) if as_view else frame
+    reference = analyzer_module.plain_ipv4_py(given_frame, head, l7)
+    got = _fast.plain_ipv4(given_frame, head, l7)
+    assert got == reference
+    if got is not None:
+        assert type(got) is Analysis and type(got.key) is FlowKey
+        assert type(got.key.src) is bytes and type(got.key.dst) is bytes
+        assert [type(v) for v in got[1:]] == [type(v) for v in reference[1:]]
+
+
+def test_plain_ipv4_refuses_what_it_cannot_read() -> None:
+    native()
+    with pytest.raises(ValueError, match="no IPv4 and UDP header"):
+        _fast.plain_ipv4(bytes(30), 14, True)
+    with pytest.raises(ValueError, match="no IPv4 and UDP header"):
+        _fast.plain_ipv4(bytes(60), -1, True)
+    with pytest.raises(TypeError):
+        _fast.plain_ipv4(bytes(60), 14)  # type: ignore[call-arg]
+
+
+def test_the_analyzer_reads_plain_packets_natively() -> None:
+    """Where the native build is in use, the analyzer's plain reading is its (and the reference under
+    ``MPLSLB_FAST_PATH=python``)."""
+    if os.environ.get("MPLSLB_FAST_PATH") == "python":
+        assert analyzer_module._read_plain is analyzer_module.plain_ipv4_py
+    else:
+        native()
+        assert (analyzer_module.PLAIN_READER, analyzer_module._read_plain) == ("native", _fast.plain_ipv4)
+
+
+def test_plain_ipv4_takes_the_plain_packets_and_leaves_the_others() -> None:
+    native()
+    for l7 in (True, False):
+        read = [_fast.plain_ipv4(bytes(14) + packet, 14, l7) for packet in plain_packets()]
+        assert [a is not None for a in read] == [True, True, True, False, True, True, True, False, False, False]
+        assert read == [analyzer_module.plain_ipv4_py(bytes(14) + p, 14, l7) for p in plain_packets()]
+        assert (read[1].http is not None) is l7 and read[1].tcp_seq == 0xFFFFFFF0 and read[1].tos == 0xB8

@@ -19,9 +19,9 @@ Claim 2 splits the unit in three:
   the IP packet, trimming any Ethernet padding, and counts the frame for the label.
 
 The commonest packet, IPv4 without options carrying TCP without options or UDP (in an untagged frame, or at a
-given offset for :meth:`PacketAnalyzer.analyze_ip`), is read in a few struct unpacks
-(:meth:`PacketAnalyzer._plain`); any packet that is not exactly that, or that fails one of its checks, takes the
-general path, which gives the reason it is dropped. Both give the same :class:`Analysis`.
+given offset for :meth:`PacketAnalyzer.analyze_ip`), is read at once (:func:`plain_ipv4_py`, in C where
+the switching unit's native build is in use); any packet that is not exactly that, or that fails one of its checks,
+takes the general path, which gives the reason it is dropped. Both give the same :class:`Analysis`.
 
 Non-first IP fragments carry no ports; they are dropped as ``ip_fragment`` (the session's first fragment would have
 to be reassembled to know it, which a label switch does not do).
@@ -30,11 +30,14 @@ to be reassembled to know it, which a label switch does not do).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 
 from mplslb.flow import FlowKey
+from mplslb.switching import scalar
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, parse_ethernet
 from mplslb.wire.http import HTTPError, HttpRequest, peek_request
@@ -82,7 +85,7 @@ class PacketAnalyzer:
     def analyze(self, frame: bytes | memoryview) -> Analysis:
         """Analyse an unlabelled Ethernet frame. Raises a :class:`WireError` naming why it cannot be used."""
         if len(frame) >= _PLAIN_MIN and frame[_ETH_TYPE_AT] == _IPV4_HI and frame[_ETH_TYPE_AT + 1] == _IPV4_LO:
-            plain = self._plain(frame, ETH_HLEN, self.l7)
+            plain = _read_plain(frame, ETH_HLEN, self.l7)
             if plain is not None:
                 return plain
         eth = parse_ethernet(frame)
@@ -91,40 +94,6 @@ class PacketAnalyzer:
         if eth.ethertype == ETH_P_IPV6:
             return self._ip(frame, eth.payload_offset, 6, l7=self.l7)
         raise AnalysisError("unsupported_ethertype", f"ethertype {eth.ethertype:#06x}")
-
-    def _plain(self, frame: bytes | memoryview, ip: int, l7: bool) -> Analysis | None:
-        """The analysis of an IPv4 packet at ``ip`` whose header has no options, is whole and checks, of a first (or
-        only) fragment, carrying TCP without options or UDP, with its header whole and its length right; None for
-        any other (for the general path, which says why it is dropped if it is)."""
-        vihl, tos, total_length, flags_frag, ttl, proto, src, dst = _PLAIN_IPV4.unpack_from(frame, ip)
-        l4 = ip + IPV4_HLEN
-        end = ip + total_length
-        if (
-            vihl != _PLAIN_VIHL
-            or end > len(frame)
-            or flags_frag & FRAG_OFFSET_MASK
-            or int.from_bytes(frame[ip:l4], "big") % _ONES  # the header's checksum (see mplslb.wire.checksum)
-        ):
-            return None
-        if proto == IPPROTO_TCP:
-            if end - l4 < TCP_HLEN:  # also a total length shorter than the IP header
-                return None
-            sport, dport, seq, doff, flags = _PLAIN_TCP.unpack_from(frame, l4)
-            if doff >> 4 != _TCP_PLAIN_DOFF:
-                return None
-            payload = end - l4 - TCP_HLEN
-            http = _http(frame, l4 + TCP_HLEN, end) if payload > 0 and l7 else None
-        elif proto == IPPROTO_UDP:
-            sport, dport, length = _PLAIN_UDP.unpack_from(frame, l4)
-            if length < UDP_HLEN or length > end - l4:  # also a datagram shorter than its header
-                return None
-            flags, seq, payload = -1, 0, length - UDP_HLEN
-            http = _http(frame, l4 + UDP_HLEN, l4 + length) if payload > 0 and l7 else None
-        else:
-            return None
-        # tuple.__new__ as the NamedTuples' own constructors do, without their Python-level call.
-        key = _new(FlowKey, (proto, src, sport, dst, dport))
-        return _new(Analysis, (key, 4, ip, end, l4, flags, seq, payload, ttl, tos, http, False))
 
     def plain_syns(
         self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, frames: np.ndarray
@@ -173,7 +142,7 @@ class PacketAnalyzer:
         if len(packet) <= offset:
             raise AnalysisError("ip_truncated", "no IP header")
         if offset >= 0 and packet[offset] == _PLAIN_VIHL and len(packet) - offset >= _PLAIN_MIN - ETH_HLEN:
-            plain = self._plain(packet, offset, l7 and self.l7)
+            plain = _read_plain(packet, offset, l7 and self.l7)
             if plain is not None:
                 return plain
         version = packet[offset] >> 4
@@ -276,3 +245,66 @@ def _quoted_ports(frame: bytes | memoryview, start: int, end: int) -> tuple[int,
         sport, dport = _PORTS.unpack_from(frame, start)
         return sport, dport, 0
     raise AnalysisError("icmp_quote_truncated", "quoted datagram too short for ports")
+
+
+def plain_ipv4_py(frame: bytes | memoryview, ip: int, l7: bool) -> Analysis | None:
+    """The analysis of an IPv4 packet at ``ip`` whose header has no options, is whole and checks, of a first (or
+    only) fragment, carrying TCP without options or UDP, with its header whole and its length right; None for
+    any other (for the general path, which says why it is dropped if it is). ``frame`` holds at least an IPv4
+    header and a UDP header from ``ip`` on. The reference: the native build (``_fast.plain_ipv4``) does exactly this
+    and is used where it is built (:data:`PLAIN_READER`)."""
+    vihl, tos, total_length, flags_frag, ttl, proto, src, dst = _PLAIN_IPV4.unpack_from(frame, ip)
+    l4 = ip + IPV4_HLEN
+    end = ip + total_length
+    if (
+        vihl != _PLAIN_VIHL
+        or end > len(frame)
+        or flags_frag & FRAG_OFFSET_MASK
+        or int.from_bytes(frame[ip:l4], "big") % _ONES  # the header's checksum (see mplslb.wire.checksum)
+    ):
+        return None
+    if proto == IPPROTO_TCP:
+        if end - l4 < TCP_HLEN:  # also a total length shorter than the IP header
+            return None
+        sport, dport, seq, doff, flags = _PLAIN_TCP.unpack_from(frame, l4)
+        if doff >> 4 != _TCP_PLAIN_DOFF:
+            return None
+        payload = end - l4 - TCP_HLEN
+        http = _http(frame, l4 + TCP_HLEN, end) if payload > 0 and l7 else None
+    elif proto == IPPROTO_UDP:
+        sport, dport, length = _PLAIN_UDP.unpack_from(frame, l4)
+        if length < UDP_HLEN or length > end - l4:  # also a datagram shorter than its header
+            return None
+        flags, seq, payload = -1, 0, length - UDP_HLEN
+        http = _http(frame, l4 + UDP_HLEN, l4 + length) if payload > 0 and l7 else None
+    else:
+        return None
+    # tuple.__new__ as the NamedTuples' own constructors do, without their Python-level call.
+    key = _new(FlowKey, (proto, src, sport, dst, dport))
+    return _new(Analysis, (key, 4, ip, end, l4, flags, seq, payload, ttl, tos, http, False))
+
+
+#: The numbers the native plain reading reads, by the names it gives them.
+NATIVE_NUMBERS = {
+    "IPV4_HLEN": IPV4_HLEN, "TCP_HLEN": TCP_HLEN, "UDP_HLEN": UDP_HLEN, "PLAIN_VIHL": _PLAIN_VIHL,
+    "FRAG_OFFSET_MASK": FRAG_OFFSET_MASK, "TCP_PLAIN_DOFF": _TCP_PLAIN_DOFF, "ONES": _ONES,
+    "IPPROTO_TCP": IPPROTO_TCP, "IPPROTO_UDP": IPPROTO_UDP,
+}  # fmt: skip
+
+
+def use_native(native: ModuleType | None) -> str:
+    """Read plain IPv4 packets with the native module ``native``'s ``plain_ipv4``, bound to this module's types,
+    HTTP reader and numbers, or with :func:`plain_ipv4_py` again (None); return which reader is in use."""
+    global _read_plain
+    if native is None:
+        _read_plain = plain_ipv4_py
+        return "python"
+    native.bind_analyzer(FlowKey, Analysis, _http, NATIVE_NUMBERS)
+    _read_plain = native.plain_ipv4
+    return "native"
+
+
+_read_plain: Callable[[bytes | memoryview, int, bool], Analysis | None] = plain_ipv4_py
+#: Which plain reading :meth:`PacketAnalyzer.analyze` uses: ``"native"`` where the switching unit's native build is
+#: in use (:data:`mplslb.switching.scalar.FAST_PATH`), else ``"python"``.
+PLAIN_READER = use_native(scalar.native)

@@ -841,6 +841,148 @@ done:
     return result;
 }
 
+/* -- the analyzer's plain reading ----------------------------------------------------------------------------------
+ * plain_ipv4(frame, ip, l7) -> Analysis | None: mplslb.analyzer.plain_ipv4_py in C, the same checks in the same
+ * order and the same Analysis (its flow key a FlowKey, its HTTP request read by the analyzer's own reader); the
+ * caller has checked that the frame holds an IPv4 header and a UDP header's worth at ip. bind_analyzer() gives
+ * the types, the reader and the numbers. */
+static PyObject *flow_key_type, *analysis_type, *http_reader;
+static long A_IPV4_HLEN, A_TCP_HLEN, A_UDP_HLEN, A_PLAIN_VIHL, A_FRAG_OFFSET_MASK, A_TCP_PLAIN_DOFF, A_ONES,
+    A_IPPROTO_TCP, A_IPPROTO_UDP;
+static int analyzer_bound = 0;
+
+static const struct {
+    const char *name;
+    long *value;
+} ANALYZER_NUMBERS[] = {
+    {"IPV4_HLEN", &A_IPV4_HLEN}, {"TCP_HLEN", &A_TCP_HLEN}, {"UDP_HLEN", &A_UDP_HLEN},
+    {"PLAIN_VIHL", &A_PLAIN_VIHL}, {"FRAG_OFFSET_MASK", &A_FRAG_OFFSET_MASK},
+    {"TCP_PLAIN_DOFF", &A_TCP_PLAIN_DOFF}, {"ONES", &A_ONES}, {"IPPROTO_TCP", &A_IPPROTO_TCP},
+    {"IPPROTO_UDP", &A_IPPROTO_UDP},
+};
+
+static PyObject *bind_analyzer(PyObject *self, PyObject *args) {
+    PyObject *key_type, *result_type, *reader, *numbers;
+    if (!PyArg_ParseTuple(args, "OOOO!", &key_type, &result_type, &reader, &PyDict_Type, &numbers)) return NULL;
+    if (!PyType_Check(key_type) || !PyType_IsSubtype((PyTypeObject *)key_type, &PyTuple_Type) ||
+        !PyType_Check(result_type) || !PyType_IsSubtype((PyTypeObject *)result_type, &PyTuple_Type) ||
+        !PyCallable_Check(reader)) {
+        PyErr_SetString(PyExc_TypeError, "bind_analyzer(FlowKey, Analysis, http_reader, numbers): wrong types");
+        return NULL;
+    }
+    enum { COUNT = sizeof ANALYZER_NUMBERS / sizeof ANALYZER_NUMBERS[0] };
+    long values[COUNT];
+    for (size_t i = 0; i < COUNT; i++) {
+        PyObject *v = PyDict_GetItemString(numbers, ANALYZER_NUMBERS[i].name);
+        if (v == NULL) return PyErr_Format(PyExc_KeyError, "bind_analyzer: no number %s", ANALYZER_NUMBERS[i].name);
+        values[i] = PyLong_AsLong(v);
+        if (values[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    for (size_t i = 0; i < COUNT; i++) *ANALYZER_NUMBERS[i].value = values[i];
+    Py_INCREF(key_type);
+    Py_XSETREF(flow_key_type, key_type);
+    Py_INCREF(result_type);
+    Py_XSETREF(analysis_type, result_type);
+    Py_INCREF(reader);
+    Py_XSETREF(http_reader, reader);
+    analyzer_bound = 1;
+    Py_RETURN_NONE;
+}
+
+/* tuple.__new__(type, fields), as a NamedTuple's own constructor makes it; takes the reference to fields. */
+static PyObject *named(PyObject *type, PyObject *fields) {
+    if (fields == NULL) return NULL;
+    PyObject *wrapped = PyTuple_Pack(1, fields);
+    Py_DECREF(fields);
+    if (wrapped == NULL) return NULL;
+    PyObject *made = PyTuple_Type.tp_new((PyTypeObject *)type, wrapped, NULL);
+    Py_DECREF(wrapped);
+    return made;
+}
+
+static PyObject *plain_ipv4(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "plain_ipv4 takes 3 arguments");
+        return NULL;
+    }
+    if (!analyzer_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind_analyzer() was not called");
+        return NULL;
+    }
+    Py_ssize_t ip = PyLong_AsSsize_t(args[1]);
+    int l7 = PyObject_IsTrue(args[2]);
+    if ((ip == -1 && PyErr_Occurred()) || l7 < 0) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *f = view.buf;
+    Py_ssize_t n = view.len;
+    PyObject *result = NULL;
+    if (ip < 0 || n - ip < A_IPV4_HLEN + A_UDP_HLEN) {
+        PyErr_SetString(PyExc_ValueError, "plain_ipv4: no IPv4 and UDP header's worth of octets at ip");
+        goto done;
+    }
+    const unsigned char *h = f + ip;
+    Py_ssize_t l4 = ip + A_IPV4_HLEN, end = ip + (((Py_ssize_t)h[2] << 8) | h[3]);
+    unsigned long sum = 0;
+    for (int k = 0; k < A_IPV4_HLEN; k += 2) sum += ((unsigned long)h[k] << 8) | h[k + 1];
+    if (h[0] != A_PLAIN_VIHL || end > n || ((((long)h[6] << 8) | h[7]) & A_FRAG_OFFSET_MASK) || sum % A_ONES) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    long proto = h[9], flags, sport = ((long)f[l4] << 8) | f[l4 + 1], dport = ((long)f[l4 + 2] << 8) | f[l4 + 3];
+    unsigned long seq;
+    Py_ssize_t payload, start;
+    if (proto == A_IPPROTO_TCP) {
+        if (end - l4 < A_TCP_HLEN || f[l4 + 12] >> 4 != A_TCP_PLAIN_DOFF) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        seq = be32(f + l4 + 4);
+        flags = f[l4 + 13];
+        payload = end - l4 - A_TCP_HLEN;
+        start = l4 + A_TCP_HLEN;
+    } else if (proto == A_IPPROTO_UDP) {
+        Py_ssize_t length = ((Py_ssize_t)f[l4 + 4] << 8) | f[l4 + 5];
+        if (length < A_UDP_HLEN || length > end - l4) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        flags = -1;
+        seq = 0;
+        payload = length - A_UDP_HLEN;
+        start = l4 + A_UDP_HLEN;
+    } else {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *http;
+    if (payload > 0 && l7) {
+        PyObject *call[3] = {args[0], PyLong_FromSsize_t(start), PyLong_FromSsize_t(start + payload)};
+        if (call[1] == NULL || call[2] == NULL) {
+            Py_XDECREF(call[1]);
+            Py_XDECREF(call[2]);
+            goto done;
+        }
+        http = PyObject_Vectorcall(http_reader, call, 3, NULL);
+        Py_DECREF(call[1]);
+        Py_DECREF(call[2]);
+        if (http == NULL) goto done;
+    } else {
+        http = Py_NewRef(Py_None);
+    }
+    PyObject *key = named(flow_key_type, Py_BuildValue("(ly#ly#l)", proto, (const char *)h + 12, (Py_ssize_t)4, sport,
+                                                       (const char *)h + 16, (Py_ssize_t)4, dport));
+    if (key == NULL) {
+        Py_DECREF(http);
+        goto done;
+    }
+    result = named(analysis_type, Py_BuildValue("(NinnnlknBBNO)", key, 4, ip, end, l4, flags, seq, payload, h[8], h[1],
+                                                http, Py_False));
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"switch_frame", (PyCFunction)(void (*)(void))switch_frame, METH_FASTCALL,
      "switch_frame(hot, port, frame, now, out, events) -> int: mplslb.switching.scalar.switch_frame in C."},
@@ -855,6 +997,10 @@ static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL,
      "send(hot, label, frame, ip_offset, ip_end, now, out, ttl, tc, ack) -> bool: mplslb.switching.table.send_py "
      "in C."},
+    {"plain_ipv4", (PyCFunction)(void (*)(void))plain_ipv4, METH_FASTCALL,
+     "plain_ipv4(frame, ip, l7) -> Analysis | None: mplslb.analyzer.plain_ipv4_py in C."},
+    {"bind_analyzer", bind_analyzer, METH_VARARGS,
+     "bind_analyzer(FlowKey, Analysis, http_reader, numbers): the analyzer's types, reader and numbers."},
     {"bind", bind, METH_VARARGS, "bind(reference, FastEvent, numbers, reasons): set the layout and the reference."},
     {NULL, NULL, 0, NULL},
 };

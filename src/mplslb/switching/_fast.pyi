@@ -48,3 +48,11 @@ def bind(
     reasons: dict[str, str],
     /,
 ) -> None: ...
+def plain_ipv4(frame: bytes | memoryview, ip: int, l7: bool, /) -> Any: ...
+def bind_analyzer(
+    flow_key: type[tuple[Any, ...]],
+    analysis: type[tuple[Any, ...]],
+    http_reader: Callable[..., Any],
+    numbers: dict[str, int],
+    /,
+) -> None: ...
