@@ -381,10 +381,10 @@ def test_real_captures_switch_alike_with_their_labels_installed(shared_data: Pat
 def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
     mutations: list[tuple[int, list[tuple[str, int, int]]]],
 ) -> None:
-    """A recorded run with mutated frames among its own, through a balancer switching, writing its sessions' rows
-    and sending its slow path's frames natively and through one doing all three with the references: the same
-    frames out, call by call, the same figures and the same rows (every field of every label ever installed:
-    counters, bindings, generations)."""
+    """A recorded run with mutated frames among its own, through a balancer switching, reading plain packets,
+    writing its sessions' rows and sending its slow path's frames natively and through one doing all four with the
+    references: the same frames out, call by call, the same figures and the same rows (every field of every label
+    ever installed: counters, bindings, generations)."""
     config, calls = recording()
     feed = with_mutated([(c.port, c.frame, c.now) for c in calls], mutations)
 
@@ -394,6 +394,7 @@ def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
         saved = balancer_module.switch_frame
         balancer_module.switch_frame = switch  # type: ignore[assignment]
         table_module.use_native(writers)
+        analyzer_module.use_native(writers)
         try:
             b = Balancer(config)
             sent = [b.receive(p, f, now) if p >= 0 else b.on_timer(now) for p, f, now in feed]
@@ -404,6 +405,7 @@ def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
         finally:
             balancer_module.switch_frame = saved
             table_module.use_native(scalar.native)
+            analyzer_module.use_native(scalar.native)
 
     sent, figures, rows = run(native(), _fast)
     sent_ref, figures_ref, rows_ref = run(scalar.switch_frame_py, None)
