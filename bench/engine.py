@@ -1042,8 +1042,9 @@ def profile_loop(target: str, seconds: float) -> None:
 
         hot_loop(blocks, seconds)
     else:
-        # Fresh flows for the whole run, built before it starts (about 40k sessions a second at most).
-        flows = int(min(PAIRS - plan.sessions - 1, seconds * 60_000))
+        # Fresh flows for the whole run, built before it starts (about 120k sessions a second at most; beyond them,
+        # or the labels, the loop would spin on nothing).
+        flows = int(min(PAIRS - plan.sessions - 1, seconds * 150_000))
         batches = [build(range(s, min(s + 5_000, plan.sessions + flows)), flags=SYN)
                    for s in range(plan.sessions, plan.sessions + flows, 5_000)]  # fmt: skip
         it = iter(batches)
