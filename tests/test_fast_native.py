@@ -783,3 +783,23 @@ def test_plain_ipv4_takes_the_plain_packets_and_leaves_the_others() -> None:
         assert [a is not None for a in read] == [True, True, True, False, True, True, True, False, False, False]
         assert read == [analyzer_module.plain_ipv4_py(bytes(14) + p, 14, l7) for p in plain_packets()]
         assert (read[1].http is not None) is l7 and read[1].tcp_seq == 0xFFFFFFF0 and read[1].tos == 0xB8
+
+
+def test_the_pair_writer_and_send_refuse_what_they_cannot_use(table: LabelSwitchingTable) -> None:
+    """A wrongly typed argument raises TypeError before anything is written; a label past the rows is refused."""
+    native()
+    before = rows_of(table, {1001, 1002})
+    key = (IPPROTO_TCP, CLIENT, "port", VIP, 80)
+    with pytest.raises(TypeError):
+        _fast.install_pair(
+            table.rows, 1001, 0, 2, CLIENT_MAC, SERVER_MAC, PORT_MACS[0], PORT_MACS[2], key, 0, 0, 1.0, 1.0
+        )
+    with pytest.raises(TypeError, match="5-tuple"):
+        _fast.install_pair(
+            table.rows, 1001, 0, 2, CLIENT_MAC, SERVER_MAC, PORT_MACS[0], PORT_MACS[2], (), 0, 0, 1.0, 1.0
+        )
+    with pytest.raises(TypeError):
+        _fast.send(table.hot, 1001, bytes(60), 14, 60, "now", [], 64, 0, -1)  # type: ignore[arg-type]
+    with pytest.raises(IndexError, match="no row"):
+        _fast.send(table.hot, 1 << 20, bytes(60), 14, 60, 1.0, [], 64, 0, -1)
+    assert rows_of(table, {1001, 1002}) == before

@@ -97,6 +97,14 @@ static inline uint64_t source_mac(const unsigned char *f) {
     return ((uint64_t)f[ETH_SRC] << 40) | ((uint64_t)f[ETH_SRC + 1] << 32) | be32(f + ETH_SRC + 2);
 }
 
+/* An argument converted to a C number, the function left at once when it cannot be (each conversion checked before
+ * the next one runs). */
+#define CONVERTED(var, conversion)             \
+    do {                                       \
+        (var) = (conversion);                  \
+        if (PyErr_Occurred()) return NULL;     \
+    } while (0)
+
 /* Append FastEvent(label, frame, ip, flags, now) to events, built as the NamedTuple's own constructor builds it;
  * takes the reference to frame. */
 static int report(PyObject *events, long label, PyObject *frame, Py_ssize_t ip, long flags, PyObject *now) {
@@ -715,12 +723,11 @@ static PyObject *install_pair(PyObject *self, PyObject *const *args, Py_ssize_t 
     long ports[2], watch[2], l4[2];
     double seen[2];
     for (int k = 0; k < 2; k++) {
-        ports[k] = PyLong_AsLong(args[2 + k]);
-        watch[k] = PyLong_AsLong(args[9 + k]);
-        seen[k] = PyFloat_AsDouble(args[11 + k]);
-        l4[k] = PyLong_AsLong(PyTuple_GET_ITEM(key, 2 + 2 * k));
+        CONVERTED(ports[k], PyLong_AsLong(args[2 + k]));
+        CONVERTED(watch[k], PyLong_AsLong(args[9 + k]));
+        CONVERTED(seen[k], PyFloat_AsDouble(args[11 + k]));
+        CONVERTED(l4[k], PyLong_AsLong(PyTuple_GET_ITEM(key, 2 + 2 * k)));
     }
-    if (PyErr_Occurred()) return NULL;
     if (!(RESERVED_LABEL_MAX < c2s && c2s < LABEL_SPACE - 1)) {
         return PyErr_Format(PyExc_ValueError, "label pair %ld is outside the usable label space", c2s);
     }
@@ -798,12 +805,17 @@ static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "send: hot must be the table's hot tuple and out a list");
         return NULL;
     }
-    long label = PyLong_AsLong(args[1]);
-    Py_ssize_t start = PyLong_AsSsize_t(args[3]), stop = PyLong_AsSsize_t(args[4]);
-    double now = PyFloat_AsDouble(args[5]);
-    long ttl = PyLong_AsLong(args[7]), tc = PyLong_AsLong(args[8]);
-    long long ack = PyLong_AsLongLong(args[9]);
-    if (PyErr_Occurred()) return NULL;
+    long label, ttl, tc;
+    Py_ssize_t start, stop;
+    double now;
+    long long ack;
+    CONVERTED(label, PyLong_AsLong(args[1]));
+    CONVERTED(start, PyLong_AsSsize_t(args[3]));
+    CONVERTED(stop, PyLong_AsSsize_t(args[4]));
+    CONVERTED(now, PyFloat_AsDouble(args[5]));
+    CONVERTED(ttl, PyLong_AsLong(args[7]));
+    CONVERTED(tc, PyLong_AsLong(args[8]));
+    CONVERTED(ack, PyLong_AsLongLong(args[9]));
     Py_buffer rview, fview;
     if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, 0), &rview, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
     PyObject *result = NULL;
