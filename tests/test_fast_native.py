@@ -552,7 +552,7 @@ def test_the_lead_counted_by_the_switch_is_what_count_rows_counts_of_it(
                 table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT] = row
             report_rows: list[int] = []
             verdict = switch(table, buf.copy(), starts, lengths, ports, 9.0, [], count=count, report_rows=report_rows)
-            lead = lead_of(verdict.switched, report_rows)
+            lead = lead_of(np.flatnonzero(~verdict.switched), len(frames), report_rows)
             assert verdict.switched[:lead].all() and not set(report_rows) & set(range(lead))
             assert lead == len(frames) or not verdict.switched[lead] or lead in report_rows
             if count is False and lead:

@@ -357,7 +357,8 @@ class Balancer:
         verdict = switch_block(
             self.switching, buf, starts, lengths, ports, now, events, count="lead", report_rows=report_rows, saved=saved
         )
-        done = lead_of(verdict.switched, report_rows)
+        unswitched = np.flatnonzero(~verdict.switched)
+        done = lead_of(unswitched, n, report_rows)
         switched = verdict.switched.copy()
         out_port = verdict.out_port.copy()
         labels, acks = verdict.labels, verdict.acks
@@ -369,7 +370,6 @@ class Balancer:
         # Frames that touch the session state, in frame order: the ones the block path left to the one-frame path
         # and the switched ones with reports. Switched frames are counted up to each of them before it runs, so
         # the table is always as frame-by-frame processing would have it.
-        unswitched = np.flatnonzero(~switched)
         actions = sorted(set(unswitched.tolist()) | set(reports))
         heapq.heapify(actions)
         extra: list[tuple[int, int, bytes]] = []

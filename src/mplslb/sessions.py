@@ -575,10 +575,7 @@ class SessionTable:
         if count > self.peak:
             self.peak = count
         session = Session(self, pair)
-        timeouts = self.timeouts  # a TCP session's first idle time is tcp_start (Timeouts.idle, without a call)
-        self.arm(
-            session, now + (timeouts.tcp_start if proto == IPPROTO_TCP else timeouts.idle(proto, SessionState.START))
-        )
+        self.arm(session, now + self.timeouts.idle(proto, SessionState.START))
         self.state[pair] = _START
         if proto == IPPROTO_TCP:
             self.half_open += 1
@@ -693,7 +690,7 @@ class SessionTable:
     def _queue_half_open(self, pair: int, started: float) -> None:
         fifo = self._half_open_fifo
         fifo.append(pair, started)
-        if len(fifo.rows) - fifo.head > 2 * self.half_open + 64:  # len(fifo), without a call
+        if len(fifo) > 2 * self.half_open + 64:
             self._half_open_fifo = fifo.kept(self._is_half_open)
 
     def _is_half_open(self, pair: int, started: float) -> bool:

@@ -37,7 +37,7 @@ static long LABELLED_MIN, LSE_AT, LSE_LEN, ETH_P_MPLS_UC, ETH_P_8021Q, LABEL_SHI
     IPV4_IHL_MASK, IPV4_IHL_UNIT, FRAG_HI, FRAG_LO, IPV6_SRC, V6_KEY_END, IPV6_NEXT_HEADER, IPV6_HLEN,
     IPPROTO_TCP, IPPROTO_UDP, TCP_FLAGS, TCP_ACK, ACK_RST, ACK_BEFORE_FLAGS, TCP_FLAGS_UNKNOWN, REPORTED,
     WATCH_TCP_END, WATCH_ALL, PEER_IP_LEN_AT, PEER_IP_AT, ETH_SRC, ETH_TYPE, IPV4_DST, IPV6_DST, IPV4_ADDR_LEN,
-    IPV6_ADDR_LEN, L4_PORTS_LEN, ROW_GENERATION, LSE_TTL, LABEL_SPACE, WATCH_BITS, IPV6_PAYLOAD, GENERATION_MASK, TC_SHIFT;
+    IPV6_ADDR_LEN, L4_PORTS_LEN, ROW_GENERATION, LSE_TTL, WATCH_BITS, IPV6_PAYLOAD, GENERATION_MASK, TC_SHIFT;
 static unsigned long long ACK_KNOWN;
 static int bound_ok = 0;
 
@@ -65,7 +65,7 @@ static const struct {
     {"ETH_SRC", &ETH_SRC}, {"ETH_TYPE", &ETH_TYPE}, {"IPV4_DST", &IPV4_DST},
     {"IPV6_DST", &IPV6_DST}, {"IPV4_ADDR_LEN", &IPV4_ADDR_LEN}, {"IPV6_ADDR_LEN", &IPV6_ADDR_LEN},
     {"L4_PORTS_LEN", &L4_PORTS_LEN}, {"ROW_GENERATION", &ROW_GENERATION}, {"LSE_TTL", &LSE_TTL},
-    {"LABEL_SPACE", &LABEL_SPACE}, {"WATCH_BITS", &WATCH_BITS}, {"IPV6_PAYLOAD", &IPV6_PAYLOAD},
+    {"WATCH_BITS", &WATCH_BITS}, {"IPV6_PAYLOAD", &IPV6_PAYLOAD},
     {"GENERATION_MASK", &GENERATION_MASK}, {"TC_SHIFT", &TC_SHIFT},
 };
 
@@ -95,6 +95,20 @@ static inline uint64_t row_quad(const unsigned char *row, long index) {
 /* A frame's source MAC as the big-endian integer its octets spell (as the row keeps the peer's). */
 static inline uint64_t source_mac(const unsigned char *f) {
     return ((uint64_t)f[ETH_SRC] << 40) | ((uint64_t)f[ETH_SRC + 1] << 32) | be32(f + ETH_SRC + 2);
+}
+
+/* 0 when a function that takes want arguments, called with nargs, may run: its numbers bound (bound, set by
+ * binder); -1 with TypeError or RuntimeError set. */
+static int may_run(const char *name, Py_ssize_t nargs, Py_ssize_t want, int bound, const char *binder) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, want);
+        return -1;
+    }
+    if (!bound) {
+        PyErr_Format(PyExc_RuntimeError, "mplslb.switching._fast: %s() was not called", binder);
+        return -1;
+    }
+    return 0;
 }
 
 /* An argument converted to a C number, the function left at once when it cannot be (each conversion checked before
@@ -156,14 +170,7 @@ static PyObject *labelled_frame(const unsigned char *row, uint32_t entry, const 
 
 /* switch_frame(hot, port, frame, now, out, events) -> int: see mplslb.switching.scalar.switch_frame. */
 static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "switch_frame takes 6 arguments");
-        return NULL;
-    }
-    if (!bound_ok) {
-        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
-        return NULL;
-    }
+    if (may_run("switch_frame", nargs, 6, bound_ok, "bind") < 0) return NULL;
     PyObject *hot = args[0], *port_obj = args[1], *frame = args[2], *now_obj = args[3], *out = args[4],
              *events = args[5];
     if (!PyTuple_CheckExact(hot) || PyTuple_GET_SIZE(hot) != 5 || !PyLong_CheckExact(port_obj) ||
@@ -433,14 +440,7 @@ static int get_array(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ssi
 }
 
 static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "switch_block takes 15 arguments");
-        return NULL;
-    }
-    if (!bound_ok) {
-        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
-        return NULL;
-    }
+    if (may_run("switch_block", nargs, 15, bound_ok, "bind") < 0) return NULL;
     PyObject *now_obj = args[5], *events = args[6], *report_rows = args[7];
     if (!PyList_Check(events) || (report_rows != Py_None && !PyList_Check(report_rows))) {
         PyErr_SetString(PyExc_TypeError, "switch_block: events and report_rows must be lists");
@@ -612,10 +612,7 @@ done:
  * and (when not 0) acknowledgment number: mplslb.switching.block.count_rows. labels and lengths int64, acks uint64
  * (or None), contiguous. */
 static PyObject *count_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "count_rows takes 5 arguments");
-        return NULL;
-    }
+    if (may_run("count_rows", nargs, 5, bound_ok, "bind") < 0) return NULL;
     double now = PyFloat_AsDouble(args[4]);
     if (now == -1.0 && PyErr_Occurred()) return NULL;
     Py_buffer v[4];
@@ -705,14 +702,7 @@ static void write_row(unsigned char *row, long watch, int v6, int32_t in_port, i
 }
 
 static PyObject *install_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "install_pair takes 13 arguments");
-        return NULL;
-    }
-    if (!bound_ok) {
-        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
-        return NULL;
-    }
+    if (may_run("install_pair", nargs, 13, bound_ok, "bind") < 0) return NULL;
     PyObject *key = args[8];
     if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 5) {
         PyErr_SetString(PyExc_TypeError, "install_pair: key must be a 5-tuple");
@@ -727,9 +717,6 @@ static PyObject *install_pair(PyObject *self, PyObject *const *args, Py_ssize_t 
         CONVERTED(watch[k], PyLong_AsLong(args[9 + k]));
         CONVERTED(seen[k], PyFloat_AsDouble(args[11 + k]));
         CONVERTED(l4[k], PyLong_AsLong(PyTuple_GET_ITEM(key, 2 + 2 * k)));
-    }
-    if (!(RESERVED_LABEL_MAX < c2s && c2s < LABEL_SPACE - 1)) {
-        return PyErr_Format(PyExc_ValueError, "label pair %ld is outside the usable label space", c2s);
     }
     for (int k = 0; k < 2; k++) {
         if (ports[k] < INT32_MIN || ports[k] > INT32_MAX) {
@@ -763,7 +750,7 @@ static PyObject *install_pair(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_Format(PyExc_ValueError, "ports (%ld, %ld) are not two ports of 0-65535", l4[0], l4[1]);
         goto done;
     }
-    if (v[0].len < (Py_ssize_t)(c2s + 2) << ROW_SHIFT) {
+    if (c2s < 0 || v[0].len < (Py_ssize_t)(c2s + 2) << ROW_SHIFT) {
         PyErr_SetString(PyExc_ValueError, "install_pair: rows has no row for the label pair");
         goto done;
     }
@@ -792,14 +779,7 @@ done:
  * frame[ip_offset:ip_end] appended to out under one label stack entry, as (the label's output port, the frame), and
  * counted for the label; True when ack (not -1) was recorded as the label's last acknowledgment number. */
 static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "send takes 10 arguments");
-        return NULL;
-    }
-    if (!bound_ok) {
-        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind() was not called");
-        return NULL;
-    }
+    if (may_run("send", nargs, 10, bound_ok, "bind") < 0) return NULL;
     PyObject *hot = args[0], *out = args[6];
     if (!PyTuple_Check(hot) || PyTuple_GET_SIZE(hot) < 1 || !PyList_Check(out)) {
         PyErr_SetString(PyExc_TypeError, "send: hot must be the table's hot tuple and out a list");
@@ -913,14 +893,7 @@ static PyObject *named(PyObject *type, PyObject *fields) {
 }
 
 static PyObject *plain_ipv4(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "plain_ipv4 takes 3 arguments");
-        return NULL;
-    }
-    if (!analyzer_bound) {
-        PyErr_SetString(PyExc_RuntimeError, "mplslb.switching._fast: bind_analyzer() was not called");
-        return NULL;
-    }
+    if (may_run("plain_ipv4", nargs, 3, analyzer_bound, "bind_analyzer") < 0) return NULL;
     Py_ssize_t ip = PyLong_AsSsize_t(args[1]);
     int l7 = PyObject_IsTrue(args[2]);
     if ((ip == -1 && PyErr_Occurred()) || l7 < 0) return NULL;

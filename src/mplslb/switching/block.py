@@ -457,7 +457,7 @@ def _switched(
             if report_rows is not None:
                 report_rows.extend(reported)
         if count == "lead":
-            lead = rows[rows < lead_of(ok, reported)]
+            lead = rows[rows < lead_of(np.flatnonzero(~ok), len(ok), reported)]
             if len(lead):
                 _count(t, labels[lead], lengths[lead], now, acks[lead])
         elif count:
@@ -467,12 +467,12 @@ def _switched(
     return BlockVerdict(out_port, labels, ok, acks, r.signed[:, ROW_GENERATION])
 
 
-def lead_of(switched: np.ndarray, report_rows: list[int]) -> int:
-    """A block's lead: how many of its first frames are switched and not reported (``switched`` and
-    ``report_rows`` as :func:`switch_block` leaves them). Frame by frame, these are counted before any frame touches
-    the session state, so the switch may count them itself (``count="lead"``)."""
-    unswitched = np.flatnonzero(~switched)
-    lead = int(unswitched[0]) if unswitched.size else len(switched)
+def lead_of(unswitched: np.ndarray, n: int, report_rows: list[int]) -> int:
+    """A block's lead: how many of its ``n`` first frames are switched and not reported (``unswitched``, the
+    indices of the frames not switched, and ``report_rows`` as :func:`switch_block` leaves them). Frame by frame,
+    these are counted before any frame touches the session state, so the switch may count them itself
+    (``count="lead"``)."""
+    lead = int(unswitched[0]) if unswitched.size else n
     return min(lead, min(report_rows)) if report_rows else lead
 
 
