@@ -11,9 +11,11 @@ frames out and the same figures.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import struct
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -47,9 +49,11 @@ from helpers import (
 )
 from mplslb import analyzer as analyzer_module
 from mplslb import balancer as balancer_module
+from mplslb import sessions as sessions_module
 from mplslb.analyzer import Analysis
 from mplslb.balancer import Balancer
 from mplslb.flow import FlowKey
+from mplslb.sessions import ROW_COLUMNS
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, LabelSwitchingTable, scalar
 from mplslb.switching import block as block_module
 from mplslb.switching import table as table_module
@@ -382,9 +386,9 @@ def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
     mutations: list[tuple[int, list[tuple[str, int, int]]]],
 ) -> None:
     """A recorded run with mutated frames among its own, through a balancer switching, reading plain packets,
-    writing its sessions' rows and sending its slow path's frames natively and through one doing all four with the
-    references: the same frames out, call by call, the same figures and the same rows (every field of every label
-    ever installed: counters, bindings, generations)."""
+    writing its sessions' label rows and session rows and sending its slow path's frames natively and through one
+    doing all five with the references: the same frames out, call by call, the same figures and the same rows
+    (every field of every label ever installed: counters, bindings, generations; every session row's octets)."""
     config, calls = recording()
     feed = with_mutated([(c.port, c.frame, c.now) for c in calls], mutations)
 
@@ -395,17 +399,23 @@ def test_a_balancer_sends_the_same_frames_and_figures_on_either_path(
         balancer_module.switch_frame = switch  # type: ignore[assignment]
         table_module.use_native(writers)
         analyzer_module.use_native(writers)
+        sessions_module.use_native(writers)
         try:
             b = Balancer(config)
             sent = [b.receive(p, f, now) if p >= 0 else b.on_timer(now) for p, f, now in feed]
             grid = np.frombuffer(b.switching.rows, dtype=np.uint8).reshape(-1, ROW_SIZE)
             rows = {int(label): grid[label].tobytes() for label in np.flatnonzero(grid.any(axis=1))}
             s = b.stats()
-            return sent, (s.frames_in, s.frames_out, s.fast_path, s.slow_path, s.drops, s.sessions_ended), rows
+            session_rows = tuple(
+                hashlib.sha256(getattr(b.sessions, name)).digest() for name in (*ROW_COLUMNS, "state", "deadline")
+            )
+            figures = (s.frames_in, s.frames_out, s.fast_path, s.slow_path, s.drops, s.sessions_ended, session_rows)
+            return sent, figures, rows
         finally:
             balancer_module.switch_frame = saved
             table_module.use_native(scalar.native)
             analyzer_module.use_native(scalar.native)
+            sessions_module.use_native(scalar.native)
 
     sent, figures, rows = run(native(), _fast)
     sent_ref, figures_ref, rows_ref = run(scalar.switch_frame_py, None)
@@ -653,9 +663,11 @@ def test_the_balancer_writes_its_sessions_rows_and_sends_natively() -> None:
     by the references under ``MPLSLB_FAST_PATH=python``)."""
     if os.environ.get("MPLSLB_FAST_PATH") == "python":
         assert (table_module._write_pair, table_module._send) == (table_module.write_pair_py, table_module.send_py)
+        assert (sessions_module._open_row, sessions_module.ROW_WRITER) == (sessions_module.open_row_py, "python")
     else:
         native()
         assert (table_module._write_pair, table_module._send) == (_fast.install_pair, _fast.send)
+        assert (sessions_module._open_row, sessions_module.ROW_WRITER) == (_fast.open_row, "native")
 
 
 # -- a packet sent under its session's label ----------------------------------------------------------------------
@@ -803,3 +815,114 @@ def test_the_pair_writer_and_send_refuse_what_they_cannot_use(table: LabelSwitch
     with pytest.raises(IndexError, match="no row"):
         _fast.send(table.hot, 1 << 20, bytes(60), 14, 60, 1.0, [], 64, 0, -1)
     assert rows_of(table, {1001, 1002}) == before
+
+
+# -- a new session's row in the session table ---------------------------------------------------------------------
+SESSION_ROWS, SESSION_SLOTS = 8, 16
+
+
+def session_columns(fill: bytes) -> tuple[list[bytearray | array[int] | array[float]], tuple[memoryview, ...]]:
+    """Columns shaped as a session table of SESSION_ROWS rows keeps them (sessions.ROW_COLUMNS), their octets taken
+    from ``fill`` over and over, and the memoryviews the row writers are given."""
+    octets = {"B": 1, "i": 4, "I": 4, "d": 8}
+    rows = SESSION_ROWS
+    shapes = [("B", 40 * rows)] + [("B", rows)] * 4 + [("i", rows), ("I", rows), ("B", 6 * rows)]
+    shapes += [("d", rows)] * 4 + [("i", rows), ("i", SESSION_SLOTS)]
+    made: list[bytearray | array[int] | array[float]] = []
+    for code, items in shapes:
+        size = octets[code] * items
+        raw = (fill * (size // len(fill) + 1))[:size] if fill else bytes(size)
+        made.append(bytearray(raw) if code == "B" else array(code, raw))
+    return made, tuple(memoryview(column) for column in made)
+
+
+#: The ranges of open_row's numbers (protocol, IP version, watch budget, client port, server index).
+NUMBER_RANGES = ((0, 0xFF), (0, 0xFF), (0, 0xFF), (-(1 << 31), (1 << 31) - 1), (0, (1 << 32) - 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    fill=st.binary(max_size=64),
+    pair=st.integers(0, SESSION_ROWS - 1),
+    slot=st.integers(0, SESSION_SLOTS - 1),
+    packed=st.one_of(st.binary(min_size=38, max_size=38), st.binary(max_size=40)),
+    numbers=st.tuples(
+        *(st.one_of(st.integers(low, high), st.sampled_from([low, high])) for low, high in NUMBER_RANGES)
+    ),
+    client_mac=st.binary(min_size=6, max_size=6),
+    now=st.floats(allow_nan=False),
+    broken=st.sampled_from([None, None, None, "pair", "slot", "packed", "mac", 0, 1, 2, 3, 4]),
+    past=st.booleans(),
+)
+def test_a_sessions_row_is_opened_alike_in_c_and_python(
+    fill: bytes,
+    pair: int,
+    slot: int,
+    packed: bytes,
+    numbers: tuple[int, ...],
+    client_mac: bytes,
+    now: float,
+    broken: str | int | None,
+    past: bool,
+) -> None:
+    """The native row writer and its reference (``sessions.open_row_py``), from the same columns (whatever they
+    held) and the same session: the same octets in every column, or the same error with nothing written. The
+    sessions are whole, or have one thing a table never opens (``broken``, just below its range or just past it):
+    a row or slot out of range, a key too long, a MAC of the wrong length, a number out of its column's range."""
+    if broken == "pair":
+        pair = SESSION_ROWS if past else -1
+    elif broken == "slot":
+        slot = SESSION_SLOTS if past else -1
+    elif broken == "packed":
+        packed = packed.ljust(41 + past, b"\x01")
+    elif broken == "mac":
+        client_mac = client_mac[: 5 + 2 * past].ljust(5 + 2 * past, b"\x02")
+    elif isinstance(broken, int):
+        low, high = NUMBER_RANGES[broken]
+        numbers = (*numbers[:broken], high + 1 if past else low - 1, *numbers[broken + 1 :])
+    native()
+    results = []
+    for write in (sessions_module.open_row_py, _fast.open_row):
+        made, columns = session_columns(fill)
+        try:
+            outcome: object = write(columns, pair, slot, packed, *numbers, client_mac, now)
+        except (IndexError, ValueError) as exc:
+            outcome = (type(exc), str(exc))
+        results.append((outcome, [bytes(column) for column in made]))
+    assert results[1] == results[0]
+    if results[0][0] is not None:
+        assert results[0][1] == [bytes(column) for column in session_columns(fill)[0]]
+    else:
+        key = results[0][1][0]
+        assert key[pair * 40 : pair * 40 + len(packed)] == packed
+        assert array("i", results[0][1][13])[slot] == pair
+        assert array("i", results[0][1][12])[pair] == hash(packed) & (SESSION_SLOTS - 1)
+
+
+def test_the_row_writer_refuses_what_it_cannot_use() -> None:
+    """Columns that are not a table's (a view of other items, a read-only or released view, a short column, an
+    index whose size is not a power of two) and wrongly typed arguments raise before anything is written."""
+    native()
+    made, columns = session_columns(b"\x5a")
+    before = [bytes(column) for column in made]
+    args = (1, 2, bytes(38), IPPROTO_TCP, 4, 16, 1234, 3, CLIENT_MAC, 1.5)
+    _fast.open_row(columns, *args)  # the columns as they are: written
+    assert [bytes(column) for column in made] != before
+    made, columns = session_columns(b"\x5a")
+    released = memoryview(bytearray(SESSION_ROWS))
+    released.release()
+    wrong: list[tuple[tuple[memoryview, ...], type[Exception], str]] = [
+        (columns[:-1], TypeError, "tuple of 14"),
+        ((*columns[:5], memoryview(array("q", [0] * SESSION_ROWS)), *columns[6:]), TypeError, "column 5"),
+        ((*columns[:1], memoryview(bytes(SESSION_ROWS)), *columns[2:]), TypeError, "column 1"),
+        ((*columns[:2], released, *columns[3:]), TypeError, "column 2"),
+        ((*columns[:8], memoryview(array("d", [0.0] * 3)), *columns[9:]), ValueError, "column 8"),
+        ((*columns[:13], memoryview(array("i", [0] * 12))), ValueError, "power of two"),
+    ]
+    for bad, error, message in wrong:
+        with pytest.raises(error, match=message):
+            _fast.open_row(bad, *args)
+    for at, value in ((0, 1.0), (2, bytearray(38)), (3, "6"), (8, 1.5), (9, "now")):
+        with pytest.raises(TypeError):
+            _fast.open_row(columns, *args[:at], value, *args[at + 1 :])
+    assert [bytes(column) for column in made] == before

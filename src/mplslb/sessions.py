@@ -68,13 +68,15 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, NamedTuple
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from mplslb.flow import FlowKey
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.state import HEAP, Allocator
+from mplslb.switching import scalar
 from mplslb.wire.ethernet import ETH_ALEN
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.tcp import TCPFlag
@@ -347,6 +349,59 @@ _NOT_LOOKED_UP: tuple[None, bytes, int, int] = (None, b"", 0, _EMPTY)
 _FULL_PASS_BLOCKS = 32
 
 
+#: The memoryviews :func:`open_row_py` writes a new row through, in this order (:attr:`SessionTable._row_columns`).
+ROW_COLUMNS = ("keys", "proto", "ip_version", "rt_budget", "end_reason", "client_port", "server", "client_mac",
+               "start_time", "request_at", "end_time", "ending_at", "home", "_slots")  # fmt: skip
+
+
+def open_row_py(
+    columns: tuple[memoryview[Any], ...], pair: int, slot: int, packed: bytes, proto: int, ip_version: int, budget: int,
+    client_port: int, server: int, mac: bytes, now: float, /,
+) -> None:  # fmt: skip
+    """Write a new session's row ``pair`` through ``columns`` (ROW_COLUMNS), all but its state byte: the key
+    ``packed`` at the start of its row's key, its protocol, IP version, watch budget, client port, server index,
+    client MAC and start time; no end reason, no request, no end yet. Then the key index: the row's home slot (the
+    key's hash) and ``slot`` naming the row. Every check comes first, so a row refused is a row not written. The
+    native build's ``open_row`` does the same (``mplslb.switching._fast``)."""
+    keys, protos, versions, budgets, reasons, ports, servers, macs, starts, requests, ends, endings, home, slots = (
+        columns
+    )
+    rows = len(protos)
+    if not 0 <= pair < rows:
+        raise IndexError(f"row {pair} is not one of the table's {rows}")
+    if not 0 <= slot < len(slots):
+        raise IndexError(f"slot {slot} is not one of the index's {len(slots)}")
+    if type(packed) is not bytes:
+        raise TypeError(f"a packed key is bytes, not {type(packed).__name__}")
+    key_size, mac_size = len(keys) // rows, len(macs) // rows
+    if len(packed) > key_size:
+        raise ValueError(f"a key of {len(packed)} octets does not fit a row's {key_size}")
+    if len(mac) != mac_size:
+        raise ValueError(f"a MAC of {len(mac)} octets, not {mac_size}")
+    for name, value, low, high in (
+        ("proto", proto, 0, 0xFF),
+        ("ip_version", ip_version, 0, 0xFF),
+        ("budget", budget, 0, 0xFF),
+        ("client_port", client_port, -(1 << 31), (1 << 31) - 1),
+        ("server", server, 0, (1 << 32) - 1),
+    ):
+        if not low <= value <= high:
+            raise ValueError(f"{name} {value} is out of its column's range")
+    at = pair * key_size
+    keys[at : at + len(packed)] = packed
+    protos[pair] = proto
+    versions[pair] = ip_version
+    budgets[pair] = budget
+    reasons[pair] = 0
+    ports[pair] = client_port
+    servers[pair] = server
+    macs[pair * mac_size : (pair + 1) * mac_size] = mac
+    starts[pair] = now
+    requests[pair] = ends[pair] = endings[pair] = 0.0
+    home[pair] = hash(packed) & (len(slots) - 1)
+    slots[slot] = pair
+
+
 class _RowQueue:
     """Rows and a time for each (a TCP session's SYN), first in first out: two growing arrays read from ``head``
     on, 12 octets an entry and no object per entry."""
@@ -363,9 +418,11 @@ class _RowQueue:
     def __len__(self) -> int:
         return len(self.rows) - self.head
 
-    def append(self, row: int, at: float) -> None:
+    def append(self, row: int, at: float) -> int:
+        """Queue ``row``, started ``at``; returns the queue's length."""
         self.rows.append(row)
         self.times.append(at)
+        return len(self.rows) - self.head
 
     def extend(self, rows: list[int], at: float) -> None:
         """Rows that all started ``at``."""
@@ -468,7 +525,7 @@ class SessionTable:
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
         self._keys = memoryview(self.keys)
-        self._client_macs = memoryview(self.client_mac)  # the same octets: a view's slices are written faster
+        self._row_columns = tuple(memoryview(getattr(self, name)) for name in ROW_COLUMNS)
         #: The last key :meth:`lookup` was given, packed, with its slot and row as :meth:`_slot_of` found them: a new
         #: session's key is looked up just before it opens. Forgotten whenever the key index changes.
         self._looked_up: tuple[FlowKey | None, bytes, int, int] = _NOT_LOOKED_UP
@@ -553,22 +610,10 @@ class SessionTable:
             raise ValueError(f"session {key} already in the table")
         if server.index not in self._servers:
             self._name(server)
-        self._slots[slot] = pair
         self._looked_up = _NOT_LOOKED_UP
-        self.home[pair] = hash(packed) & self._mask
         # Every field first, the state byte last: a row is valid only once complete (see mplslb.state).
-        self._keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size] = packed
-        self.proto[pair] = proto
-        self.ip_version[pair] = ip_version
-        self.rt_budget[pair] = WATCH_BUDGET
-        self.end_reason[pair] = 0
-        self.client_port[pair] = client_port
-        self.server[pair] = server.index
-        self._client_macs[pair * ETH_ALEN : pair * ETH_ALEN + ETH_ALEN] = client_mac
-        self.start_time[pair] = now
-        self.request_at[pair] = 0.0
-        self.end_time[pair] = 0.0
-        self.ending_at[pair] = 0.0
+        _open_row(self._row_columns, pair, slot, packed, proto, ip_version, WATCH_BUDGET, client_port, server.index,
+                  client_mac, now)  # fmt: skip
         count = self._count = self._count + 1
         self.started += 1
         self.live += 1
@@ -689,8 +734,7 @@ class SessionTable:
 
     def _queue_half_open(self, pair: int, started: float) -> None:
         fifo = self._half_open_fifo
-        fifo.append(pair, started)
-        if len(fifo) > 2 * self.half_open + 64:
+        if fifo.append(pair, started) > 2 * self.half_open + 64:
             self._half_open_fifo = fifo.kept(self._is_half_open)
 
     def _is_half_open(self, pair: int, started: float) -> bool:
@@ -1192,3 +1236,17 @@ class SessionTable:
             rows, rest = rows[:limit], rows[limit:]
             self.still_due(rest)
         return rows
+
+
+def use_native(native: ModuleType | None) -> str:
+    """Write new sessions' rows with the native module ``native``'s ``open_row``, or with :func:`open_row_py`
+    again (None); return which writer is in use."""
+    global _open_row
+    _open_row = open_row_py if native is None else native.open_row
+    return "python" if native is None else "native"
+
+
+_open_row: Callable[..., None] = open_row_py
+#: Which row writer :meth:`SessionTable.open` uses: ``"native"`` where the switching unit's native build is in use
+#: (:data:`mplslb.switching.scalar.FAST_PATH`), else ``"python"``.
+ROW_WRITER = use_native(scalar.native)

@@ -968,6 +968,129 @@ done:
     return result;
 }
 
+/* open_row(columns, pair, slot, packed, proto, ip_version, budget, client_port, server, mac, now) -> None:
+ * mplslb.sessions.open_row_py in C, the same checks in the same order and the same octets written. The columns are
+ * the session table's memoryviews (mplslb.sessions.ROW_COLUMNS), each read without a new export: a memoryview
+ * not released holds its buffer. */
+#define ROW_COLUMN_COUNT 14
+static const char ROW_COLUMN_FORMATS[ROW_COLUMN_COUNT + 1] = "BBBBBiIBddddii";
+
+static PyObject *open_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (may_run("open_row", nargs, 11, 1, "") < 0) return NULL;
+    PyObject *columns = args[0];
+    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != ROW_COLUMN_COUNT) {
+        PyErr_Format(PyExc_TypeError, "open_row: the columns are a tuple of %d memoryviews", ROW_COLUMN_COUNT);
+        return NULL;
+    }
+    unsigned char *col[ROW_COLUMN_COUNT];
+    Py_ssize_t items[ROW_COLUMN_COUNT];
+    for (int i = 0; i < ROW_COLUMN_COUNT; i++) {
+        PyObject *c = PyTuple_GET_ITEM(columns, i);
+        if (!PyMemoryView_Check(c) || (((PyMemoryViewObject *)c)->flags & _Py_MEMORYVIEW_RELEASED)) {
+            PyErr_Format(PyExc_TypeError, "open_row: column %d is not a memoryview in use", i);
+            return NULL;
+        }
+        Py_buffer *b = PyMemoryView_GET_BUFFER(c);
+        const char *format = b->format == NULL ? "B" : b->format;
+        size_t flen = strlen(format);
+        if (b->readonly || b->ndim != 1 || !PyBuffer_IsContiguous(b, 'C') || flen == 0 ||
+            format[flen - 1] != ROW_COLUMN_FORMATS[i] || (flen == 2 && format[0] != '@') || flen > 2) {
+            PyErr_Format(PyExc_TypeError, "open_row: column %d is not a writable one-dimensional view of '%c'", i,
+                         ROW_COLUMN_FORMATS[i]);
+            return NULL;
+        }
+        col[i] = (unsigned char *)b->buf;
+        items[i] = b->len / b->itemsize;
+    }
+    Py_ssize_t rows = items[1];
+    for (int i = 0; i < ROW_COLUMN_COUNT - 1; i++) {
+        int octets = i == 0 || i == 7; /* the keys and the MACs: rows of octets */
+        if (rows == 0 || (octets ? items[i] % rows : items[i] != rows)) {
+            PyErr_Format(PyExc_ValueError, "open_row: column %d does not have the table's %zd rows", i, rows);
+            return NULL;
+        }
+    }
+    Py_ssize_t nslots = items[ROW_COLUMN_COUNT - 1];
+    if (nslots == 0 || (nslots & (nslots - 1))) {
+        PyErr_SetString(PyExc_ValueError, "open_row: the index's slots are not a power of two");
+        return NULL;
+    }
+    Py_ssize_t pair, slot;
+    long proto, version, budget;
+    long long port, server;
+    double now;
+    CONVERTED(pair, PyLong_AsSsize_t(args[1]));
+    CONVERTED(slot, PyLong_AsSsize_t(args[2]));
+    if (pair < 0 || pair >= rows) {
+        PyErr_Format(PyExc_IndexError, "row %zd is not one of the table's %zd", pair, rows);
+        return NULL;
+    }
+    if (slot < 0 || slot >= nslots) {
+        PyErr_Format(PyExc_IndexError, "slot %zd is not one of the index's %zd", slot, nslots);
+        return NULL;
+    }
+    PyObject *packed = args[3];
+    if (!PyBytes_CheckExact(packed)) {
+        PyErr_Format(PyExc_TypeError, "a packed key is bytes, not %s", Py_TYPE(packed)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t key_size = items[0] / rows, mac_size = items[7] / rows, key_len = PyBytes_GET_SIZE(packed);
+    if (key_len > key_size) {
+        PyErr_Format(PyExc_ValueError, "a key of %zd octets does not fit a row's %zd", key_len, key_size);
+        return NULL;
+    }
+    Py_buffer mac;
+    if (octets_of(args[9], &mac) < 0) return NULL;
+    if (mac.len != mac_size) {
+        PyErr_Format(PyExc_ValueError, "a MAC of %zd octets, not %zd", mac.len, mac_size);
+        goto fail;
+    }
+#define OPEN_ROW_NUMBER(var, conversion)       \
+    do {                                       \
+        (var) = (conversion);                  \
+        if (PyErr_Occurred()) goto fail;       \
+    } while (0)
+    OPEN_ROW_NUMBER(proto, PyLong_AsLong(args[4]));
+    OPEN_ROW_NUMBER(version, PyLong_AsLong(args[5]));
+    OPEN_ROW_NUMBER(budget, PyLong_AsLong(args[6]));
+    OPEN_ROW_NUMBER(port, PyLong_AsLongLong(args[7]));
+    OPEN_ROW_NUMBER(server, PyLong_AsLongLong(args[8]));
+    OPEN_ROW_NUMBER(now, PyFloat_AsDouble(args[10]));
+#undef OPEN_ROW_NUMBER
+    {
+        const struct { const char *name; long long value, low, high; } ranges[] = {
+            {"proto", proto, 0, 0xFF}, {"ip_version", version, 0, 0xFF}, {"budget", budget, 0, 0xFF},
+            {"client_port", port, INT32_MIN, INT32_MAX}, {"server", server, 0, UINT32_MAX},
+        };
+        for (size_t k = 0; k < sizeof ranges / sizeof ranges[0]; k++) {
+            if (ranges[k].value < ranges[k].low || ranges[k].value > ranges[k].high) {
+                PyErr_Format(PyExc_ValueError, "%s %lld is out of its column's range", ranges[k].name,
+                             ranges[k].value);
+                goto fail;
+            }
+        }
+    }
+    Py_hash_t hash = PyObject_Hash(packed);
+    if (hash == -1 && PyErr_Occurred()) goto fail;
+    memcpy(col[0] + pair * key_size, PyBytes_AS_STRING(packed), key_len);
+    col[1][pair] = (unsigned char)proto;
+    col[2][pair] = (unsigned char)version;
+    col[3][pair] = (unsigned char)budget;
+    col[4][pair] = 0;
+    ((int32_t *)col[5])[pair] = (int32_t)port;
+    ((uint32_t *)col[6])[pair] = (uint32_t)server;
+    memcpy(col[7] + pair * mac_size, mac.buf, mac_size);
+    ((double *)col[8])[pair] = now;
+    ((double *)col[9])[pair] = ((double *)col[10])[pair] = ((double *)col[11])[pair] = 0.0;
+    ((int32_t *)col[12])[pair] = (int32_t)(hash & (nslots - 1));
+    ((int32_t *)col[13])[slot] = (int32_t)pair;
+    PyBuffer_Release(&mac);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&mac);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"switch_frame", (PyCFunction)(void (*)(void))switch_frame, METH_FASTCALL,
      "switch_frame(hot, port, frame, now, out, events) -> int: mplslb.switching.scalar.switch_frame in C."},
@@ -982,6 +1105,9 @@ static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL,
      "send(hot, label, frame, ip_offset, ip_end, now, out, ttl, tc, ack) -> bool: mplslb.switching.table.send_py "
      "in C."},
+    {"open_row", (PyCFunction)(void (*)(void))open_row, METH_FASTCALL,
+     "open_row(columns, pair, slot, packed, proto, ip_version, budget, client_port, server, mac, now): "
+     "mplslb.sessions.open_row_py in C."},
     {"plain_ipv4", (PyCFunction)(void (*)(void))plain_ipv4, METH_FASTCALL,
      "plain_ipv4(frame, ip, l7) -> Analysis | None: mplslb.analyzer.plain_ipv4_py in C."},
     {"bind_analyzer", bind_analyzer, METH_VARARGS,

@@ -48,6 +48,20 @@ def bind(
     reasons: dict[str, str],
     /,
 ) -> None: ...
+def open_row(
+    columns: tuple[memoryview[Any], ...],
+    pair: int,
+    slot: int,
+    packed: bytes,
+    proto: int,
+    ip_version: int,
+    budget: int,
+    client_port: int,
+    server: int,
+    mac: bytes,
+    now: float,
+    /,
+) -> None: ...
 def plain_ipv4(frame: bytes | memoryview, ip: int, l7: bool, /) -> Any: ...
 def bind_analyzer(
     flow_key: type[tuple[Any, ...]],
