@@ -524,8 +524,8 @@ class SessionTable:
         slots = 1 << max(4, (2 * rows - 1).bit_length())
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
-        self._keys = memoryview(self.keys)
         self._row_columns = tuple(memoryview(getattr(self, name)) for name in ROW_COLUMNS)
+        self._keys = self._row_columns[0]
         #: The last key :meth:`lookup` was given, packed, with its slot and row as :meth:`_slot_of` found them: a new
         #: session's key is looked up just before it opens. Forgotten whenever the key index changes.
         self._looked_up: tuple[FlowKey | None, bytes, int, int] = _NOT_LOOKED_UP

@@ -969,7 +969,8 @@ done:
 }
 
 /* open_row(columns, pair, slot, packed, proto, ip_version, budget, client_port, server, mac, now) -> None:
- * mplslb.sessions.open_row_py in C, the same checks in the same order and the same octets written. The columns are
+ * mplslb.sessions.open_row_py in C, the same checks in the same order (a number of the wrong type refused before the
+ * MAC's length is checked) and the same octets written. The columns are
  * the session table's memoryviews (mplslb.sessions.ROW_COLUMNS), each read without a new export: a memoryview
  * not released holds its buffer. */
 #define ROW_COLUMN_COUNT 14
@@ -1039,24 +1040,18 @@ static PyObject *open_row(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_Format(PyExc_ValueError, "a key of %zd octets does not fit a row's %zd", key_len, key_size);
         return NULL;
     }
+    CONVERTED(proto, PyLong_AsLong(args[4]));
+    CONVERTED(version, PyLong_AsLong(args[5]));
+    CONVERTED(budget, PyLong_AsLong(args[6]));
+    CONVERTED(port, PyLong_AsLongLong(args[7]));
+    CONVERTED(server, PyLong_AsLongLong(args[8]));
+    CONVERTED(now, PyFloat_AsDouble(args[10]));
     Py_buffer mac;
     if (octets_of(args[9], &mac) < 0) return NULL;
     if (mac.len != mac_size) {
         PyErr_Format(PyExc_ValueError, "a MAC of %zd octets, not %zd", mac.len, mac_size);
         goto fail;
     }
-#define OPEN_ROW_NUMBER(var, conversion)       \
-    do {                                       \
-        (var) = (conversion);                  \
-        if (PyErr_Occurred()) goto fail;       \
-    } while (0)
-    OPEN_ROW_NUMBER(proto, PyLong_AsLong(args[4]));
-    OPEN_ROW_NUMBER(version, PyLong_AsLong(args[5]));
-    OPEN_ROW_NUMBER(budget, PyLong_AsLong(args[6]));
-    OPEN_ROW_NUMBER(port, PyLong_AsLongLong(args[7]));
-    OPEN_ROW_NUMBER(server, PyLong_AsLongLong(args[8]));
-    OPEN_ROW_NUMBER(now, PyFloat_AsDouble(args[10]));
-#undef OPEN_ROW_NUMBER
     {
         const struct { const char *name; long long value, low, high; } ranges[] = {
             {"proto", proto, 0, 0xFF}, {"ip_version", version, 0, 0xFF}, {"budget", budget, 0, 0xFF},
