@@ -664,10 +664,12 @@ def test_the_balancer_writes_its_sessions_rows_and_sends_natively() -> None:
     if os.environ.get("MPLSLB_FAST_PATH") == "python":
         assert (table_module._write_pair, table_module._send) == (table_module.write_pair_py, table_module.send_py)
         assert (sessions_module._open_row, sessions_module.ROW_WRITER) == (sessions_module.open_row_py, "python")
+        assert sessions_module._find_slot is sessions_module.find_slot_py
     else:
         native()
         assert (table_module._write_pair, table_module._send) == (_fast.install_pair, _fast.send)
         assert (sessions_module._open_row, sessions_module.ROW_WRITER) == (_fast.open_row, "native")
+        assert sessions_module._find_slot is _fast.find_slot
 
 
 # -- a packet sent under its session's label ----------------------------------------------------------------------
@@ -925,4 +927,72 @@ def test_the_row_writer_refuses_what_it_cannot_use() -> None:
     for at, value in ((0, 1.0), (2, bytearray(38)), (3, "6"), (8, 1.5), (9, "now")):
         with pytest.raises(TypeError):
             _fast.open_row(columns, *args[:at], value, *args[at + 1 :])
+    assert [bytes(column) for column in made] == before
+
+
+# -- a key found in the session table's key index -----------------------------------------------------------------
+@settings(max_examples=500, deadline=None)
+@given(
+    fill=st.binary(max_size=64),
+    index=st.lists(st.integers(-2, SESSION_ROWS), min_size=SESSION_SLOTS, max_size=SESSION_SLOTS),
+    keys=st.lists(st.binary(min_size=38, max_size=40), min_size=SESSION_ROWS, max_size=SESSION_ROWS),
+    sought=st.one_of(st.tuples(st.integers(0, SESSION_ROWS - 1), st.integers(38, 41)), st.binary(max_size=41)),
+    full=st.booleans(),
+)
+def test_a_key_is_found_alike_in_c_and_python(
+    fill: bytes, index: list[int], keys: list[bytes], sought: tuple[int, int] | bytes, full: bool
+) -> None:
+    """The native key finder and its reference (``sessions.find_slot_py``), over any key index (slots empty, naming
+    a row, naming no row of the table: -2 or one past the last) and any keys, seeking a row's first 38 to 41 octets
+    (41: the row and the next row's first octet, longer than a row's key) or any octets: the same slot and row, or
+    the same error (an index with no empty slot that does not hold the key); nothing written."""
+    native()
+    made, columns = session_columns(fill)
+    for row, key in enumerate(keys):
+        made[0][row * 40 : row * 40 + len(key)] = key
+    if full:
+        index = [SESSION_ROWS if row == -1 else row for row in index]
+    made[-1][:] = array("i", index)
+    before = [bytes(column) for column in made]
+    packed = before[0][sought[0] * 40 :][: sought[1]] if isinstance(sought, tuple) else sought
+    outcomes: list[object] = []
+    for find in (sessions_module.find_slot_py, _fast.find_slot):
+        try:
+            outcomes.append(find(columns, packed))
+        except RuntimeError as exc:
+            outcomes.append((type(exc), str(exc)))
+    assert outcomes[1] == outcomes[0]
+    assert [bytes(column) for column in made] == before
+    stored = [before[0][row * 40 : (row + 1) * 40] for row in range(SESSION_ROWS)]
+    if isinstance(outcomes[0], tuple) and isinstance(outcomes[0][0], int):
+        slot, row = outcomes[0]
+        assert index[slot] == row
+        assert row == -1 or stored[row].startswith(packed)
+        at = hash(packed) & (SESSION_SLOTS - 1)  # every slot probed before it holds another row or none of the table
+        while at != slot:
+            assert index[at] != -1 and not (0 <= index[at] < SESSION_ROWS and stored[index[at]].startswith(packed))
+            at = (at + 1) & (SESSION_SLOTS - 1)
+    else:
+        assert -1 not in index
+
+
+def test_the_key_finder_refuses_what_it_cannot_use() -> None:
+    """Columns that are not a table's and a key that is not bytes raise, and nothing is written."""
+    native()
+    made, columns = session_columns(b"\x5a")
+    made[-1][:] = array("i", [-1] * SESSION_SLOTS)
+    before = [bytes(column) for column in made]
+    released = memoryview(array("i", [-1] * SESSION_SLOTS))
+    released.release()
+    wrong: list[tuple[tuple[memoryview, ...], object, type[Exception], str]] = [
+        (columns[:-1], bytes(38), TypeError, "tuple of 14"),
+        ((memoryview(array("q", [0] * SESSION_ROWS)), *columns[1:]), bytes(38), TypeError, "column 0"),
+        ((*columns[:13], released), bytes(38), TypeError, "column 13"),
+        ((*columns[:13], memoryview(array("i", [-1] * 12))), bytes(38), ValueError, "power of two"),
+        (columns, bytearray(38), TypeError, "bytes"),
+    ]
+    for bad, packed, error, message in wrong:
+        with pytest.raises(error, match=message):
+            _fast.find_slot(bad, packed)
+    assert _fast.find_slot(columns, bytes(38)) == (hash(bytes(38)) & (SESSION_SLOTS - 1), -1)
     assert [bytes(column) for column in made] == before

@@ -140,6 +140,20 @@ def test_final_states_accept_no_event(server: Server) -> None:
                 table.apply(session, event, 1.0)
 
 
+def test_new_sessions_are_armed_with_the_timeouts_the_table_has_now(server: Server) -> None:
+    """A session opens with its protocol's idle timeout for START (TCP's half-open life, UDP's, any other
+    protocol's), from the timeouts the table has when it opens: timeouts set later (a reload) arm the sessions
+    opened after them, and leave the armed ones alone."""
+    table = SessionTable(TIMEOUTS)
+    opened = [make(table, server, n, proto=proto, now=1.0) for n, proto in enumerate((TCP, UDP, 47))]
+    assert [s.deadline for s in opened] == [11.0, 301.0, 61.0]
+    table.timeouts = Timeouts(tcp_start=3.0, udp=7.0, other=5.0)
+    later = [make(table, server, n + 3, proto=proto, now=2.0) for n, proto in enumerate((TCP, UDP, 47))]
+    assert [s.deadline for s in later] == [5.0, 9.0, 7.0]
+    assert [s.deadline for s in opened] == [11.0, 301.0, 61.0]
+    assert table.timeouts.tcp_start == 3.0
+
+
 def test_a_full_tcp_close(server: Server) -> None:
     table = SessionTable(TIMEOUTS)
     s = make(table, server)

@@ -581,19 +581,18 @@ class Balancer:
         before = len(out)
         if result != DROPPED:
             self.slow_path += 1
-            if role.role == "client":
-                reply = answer(frame, self.vips, role.mac)  # ARP / neighbour solicitation for a VIP
-                if reply is not None:
-                    self.neighbor_replies += 1
-                    out.append((port, reply))
-                    self.frames_out += 1
-                    return
-            elif self._from_neighbor(port, frame, now):
-                return
             try:
                 analysis = self.analyzer.analyze(frame)
-            except WireError as exc:
-                self._drop(exc.reason)
+            except WireError as exc:  # no packet of a flow: it may be a neighbour's (ARP, neighbour discovery)
+                if role.role == "client":
+                    reply = answer(frame, self.vips, role.mac)  # a question about a VIP
+                    if reply is not None:
+                        self.neighbor_replies += 1
+                        out.append((port, reply))
+                    else:
+                        self._drop(exc.reason)
+                elif not self._from_neighbor(port, frame, now):
+                    self._drop(exc.reason)
             else:
                 if role.role == "client":
                     self._from_client(port, frame, analysis, now, out)

@@ -402,6 +402,29 @@ def open_row_py(
     slots[slot] = pair
 
 
+def find_slot_py(columns: tuple[memoryview[Any], ...], packed: bytes, /) -> tuple[int, int]:
+    """Where the key index (the last of ``columns``, ROW_COLUMNS) keeps the key ``packed``: from the key's hash on,
+    the first slot that is empty or names a row of the table whose key (the first column) starts with ``packed``;
+    that slot and its row (-1: empty, the slot a new row of the key takes). The native build's ``find_slot`` does the
+    same (``mplslb.switching._fast``)."""
+    keys, rows, slots = columns[0], len(columns[1]), columns[-1]
+    if type(packed) is not bytes:
+        raise TypeError(f"a packed key is bytes, not {type(packed).__name__}")
+    nslots = len(slots)
+    if nslots == 0 or nslots & (nslots - 1):
+        raise ValueError("find_slot: the index's slots are not a power of two")
+    mask, key_size, key_len = nslots - 1, len(keys) // rows if rows else 0, len(packed)
+    at = hash(packed) & mask
+    for _ in range(nslots):
+        row = slots[at]
+        if row == _EMPTY:
+            return at, row
+        if 0 <= row < rows and key_len <= key_size and keys[row * key_size : row * key_size + key_len] == packed:
+            return at, row
+        at = (at + 1) & mask
+    raise RuntimeError("find_slot: the key index has no empty slot")
+
+
 class _RowQueue:
     """Rows and a time for each (a TCP session's SYN), first in first out: two growing arrays read from ``head``
     on, 12 octets an entry and no object per entry."""
@@ -525,7 +548,6 @@ class SessionTable:
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
         self._row_columns = tuple(memoryview(getattr(self, name)) for name in ROW_COLUMNS)
-        self._keys = self._row_columns[0]
         #: The last key :meth:`lookup` was given, packed, with its slot and row as :meth:`_slot_of` found them: a new
         #: session's key is looked up just before it opens. Forgotten whenever the key index changes.
         self._looked_up: tuple[FlowKey | None, bytes, int, int] = _NOT_LOOKED_UP
@@ -555,6 +577,17 @@ class SessionTable:
         #: removal): a cluster node sends these to its peers (:mod:`mplslb.cluster`).
         self.on_change: Callable[[Session, SessionEvent | None], None] | None = None
 
+    @property
+    def timeouts(self) -> Timeouts:
+        """The idle timeouts deadlines are armed with from now on."""
+        return self._timeouts
+
+    @timeouts.setter
+    def timeouts(self, timeouts: Timeouts) -> None:
+        self._timeouts = timeouts
+        # A new session's idle timeout (its first state's), by protocol number.
+        self._opening = [timeouts.idle(proto, SessionState.START) for proto in range(256)]
+
     # -- rows -------------------------------------------------------------------------------------------------------
     def state_counts(self) -> dict[str, int]:
         """Live sessions by state (lower-case state names; one pass over the state column)."""
@@ -574,15 +607,7 @@ class SessionTable:
 
     def _slot_of(self, packed: bytes) -> tuple[int, int]:
         """(slot holding ``packed``'s row or the empty slot where it would go, that row or -1)."""
-        mask, slots, keys = self._mask, self._slots, self._keys
-        at = hash(packed) & mask
-        while True:
-            row = slots[at]
-            if row == _EMPTY:
-                return at, _EMPTY
-            if keys[row * KEY_SIZE : row * KEY_SIZE + _KEY.size] == packed:
-                return at, row
-            at = (at + 1) & mask
+        return _find_slot(self._row_columns, packed)
 
     def open(
         self,
@@ -620,11 +645,13 @@ class SessionTable:
         if count > self.peak:
             self.peak = count
         session = Session(self, pair)
-        self.arm(session, now + self.timeouts.idle(proto, SessionState.START))
+        self._arm(pair, now + self._opening[proto])
         self.state[pair] = _START
         if proto == IPPROTO_TCP:
             self.half_open += 1
-            self._queue_half_open(pair, now)
+            fifo = self._half_open_fifo
+            if fifo.append(pair, now) > 2 * self.half_open + 64:
+                self._half_open_fifo = fifo.kept(self._is_half_open)
         if self.on_change is not None:
             self.on_change(session, None)
         return session
@@ -692,8 +719,7 @@ class SessionTable:
         self.live += n
         self.peak = max(self.peak, count)
         proto_list = protos.tolist()
-        idle = {proto: self.timeouts.idle(proto, SessionState.START) for proto in set(proto_list)}
-        deadlines = now + np.array([idle[proto] for proto in proto_list], dtype=np.float64)
+        deadlines = now + np.array([self._opening[proto] for proto in proto_list], dtype=np.float64)
         tcp = protos == IPPROTO_TCP
         self._np_deadline[rows] = deadlines
         np.minimum.at(self._np_block_min, rows >> _BLOCK_SHIFT, deadlines)
@@ -732,11 +758,6 @@ class SessionTable:
             )
         return self._np_views
 
-    def _queue_half_open(self, pair: int, started: float) -> None:
-        fifo = self._half_open_fifo
-        if fifo.append(pair, started) > 2 * self.half_open + 64:
-            self._half_open_fifo = fifo.kept(self._is_half_open)
-
     def _is_half_open(self, pair: int, started: float) -> bool:
         return self.state[pair] in _HALF_OPEN_CODES and self.start_time[pair] == started
 
@@ -752,7 +773,7 @@ class SessionTable:
 
     def lookup(self, key: FlowKey) -> Session | None:
         packed = _KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
-        slot, row = self._slot_of(packed)
+        slot, row = _find_slot(self._row_columns, packed)
         self._looked_up = (key, packed, slot, row)
         return None if row == _EMPTY else Session(self, row)
 
@@ -812,7 +833,10 @@ class SessionTable:
         return [Session(self, int(pair)) for pair in rows]
 
     def arm(self, session: Session, deadline: float) -> None:
-        pair = session.pair
+        """Make ``deadline`` the session's (its idle timeout, checked when it comes)."""
+        self._arm(session.pair, deadline)
+
+    def _arm(self, pair: int, deadline: float) -> None:
         self.deadline[pair] = deadline
         block = pair >> _BLOCK_SHIFT
         if deadline < self._block_min[block]:
@@ -842,21 +866,21 @@ class SessionTable:
                 self._counted_off(session)
         elif new is SessionState.ENDING:
             if old is not SessionState.ENDING:
-                self.arm(session, now + self.timeouts.closed_linger)
+                self._arm(pair, now + self._timeouts.closed_linger)
                 self._counted_off(session)
             elif event in _ENDS:
                 # A close repeated (a FIN retransmitted, an RST answering late data) is more evidence of the close,
                 # not of life: the linger starts again from it, so the exchange it causes both ways (the FIN and
                 # its ACK) is not taken for the session going on.
                 self.ending_at[pair] = now
-                self.arm(session, now + self.timeouts.closed_linger)
+                self._arm(pair, now + self._timeouts.closed_linger)
         elif new is not old and new not in HALF_OPEN_STATES:  # a half-open session keeps its SYN's deadline
             if event is SessionEvent.REVIVE:
                 self.revived += 1
                 self.live += 1
                 if self.on_revive is not None:
                     self.on_revive(session)
-            self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
+            self._arm(pair, now + self._timeouts.idle(self.proto[pair], new))
         if new is not old and self.on_change is not None:
             self.on_change(session, event)
         return new
@@ -877,7 +901,7 @@ class SessionTable:
             self.half_open -= 1
         if new is SessionState.ENDING:
             self.ending_at[pair] = now
-            self.arm(session, now + self.timeouts.closed_linger)
+            self._arm(pair, now + self._timeouts.closed_linger)
             self._counted_off(session)
             return True
         if old is SessionState.ENDING:
@@ -885,7 +909,7 @@ class SessionTable:
             if self.on_revive is not None:
                 self.on_revive(session)
         if new not in HALF_OPEN_STATES:
-            self.arm(session, now + self.timeouts.idle(self.proto[pair], new))
+            self._arm(pair, now + self._timeouts.idle(self.proto[pair], new))
         return True
 
     def _counted_off(self, session: Session) -> None:
@@ -945,7 +969,7 @@ class SessionTable:
         them passed after half the linger (``last_active``: their labels' last-seen times), nobody told of changes."""
         if self.on_change is not None:
             return np.zeros(pairs.size, dtype=np.bool_)
-        grace = self._views().ending_at[pairs] + self.timeouts.closed_linger / 2
+        grace = self._views().ending_at[pairs] + self._timeouts.closed_linger / 2
         quiet: np.ndarray = (self._np_state[pairs] == _ENDING) & (self._np_deadline[pairs] <= now)
         quiet &= last_active <= grace
         return quiet
@@ -962,7 +986,7 @@ class SessionTable:
     def linger_over(self, session: Session, last_active: float, now: float) -> SessionState:
         """An ENDING session's linger expired: CLOSED if nothing of it passed more than half the linger after the
         close event (``last_active``: its labels' last-seen time), otherwise revived."""
-        grace = self.ending_at[session.pair] + self.timeouts.closed_linger / 2
+        grace = self.ending_at[session.pair] + self._timeouts.closed_linger / 2
         if last_active > grace:
             return self.apply(session, SessionEvent.REVIVE, now)
         return self.apply(session, SessionEvent.QUIET, now, "closed")
@@ -1020,7 +1044,7 @@ class SessionTable:
             return None
         self.state[pair] = _ESTABLISHED  # through ANSWERED, which keeps the SYN's deadline
         self.half_open -= 1
-        self.arm(session, ack + self.timeouts.tcp_established)
+        self._arm(pair, ack + self._timeouts.tcp_established)
         self.request_at[pair] = request
         self.rt_budget[pair] = 0
         return answer - started, response - request
@@ -1076,7 +1100,7 @@ class SessionTable:
         v.rt_budget[pairs] = 0
         v.ending_at[pairs] = second
         self._np_state[pairs] = _ENDING
-        timeouts = self.timeouts
+        timeouts = self._timeouts
         ending = second + timeouts.closed_linger
         self._np_deadline[pairs] = ending
         armed = np.minimum(np.minimum(ack + timeouts.tcp_established, first + timeouts.tcp_closing), ending)
@@ -1173,17 +1197,17 @@ class SessionTable:
         self._next = float(deadlines.min()) if deadlines.size else math.inf
         self._np_block_min[:] = math.inf
         np.minimum.at(self._np_block_min, at >> _BLOCK_SHIFT, deadlines)
-        linger = self.timeouts.closed_linger
+        linger = self._timeouts.closed_linger
         for pair in rows:
             if state[pair] == _ENDING:
                 if not 0 < self.ending_at[pair] <= now:
                     self.ending_at[pair] = now
-                self.arm(Session(self, pair), self.ending_at[pair] + linger)
-        wait = now + self.timeouts.tcp_start
+                self._arm(pair, self.ending_at[pair] + linger)
+        wait = now + self._timeouts.tcp_start
         for pair in half_open:
             self.start_time[pair] = now
-            self.arm(Session(self, pair), wait)
-            self._queue_half_open(pair, now)
+            self._arm(pair, wait)
+        self._half_open_fifo.extend(half_open, now)
         return live
 
     # -- deadlines --------------------------------------------------------------------------------------------------
@@ -1239,14 +1263,16 @@ class SessionTable:
 
 
 def use_native(native: ModuleType | None) -> str:
-    """Write new sessions' rows with the native module ``native``'s ``open_row``, or with :func:`open_row_py`
-    again (None); return which writer is in use."""
-    global _open_row
+    """Write new sessions' rows and find keys in the key index with the native module ``native``'s ``open_row``
+    and ``find_slot``, or with :func:`open_row_py` and :func:`find_slot_py` again (None); return which are in use."""
+    global _open_row, _find_slot
     _open_row = open_row_py if native is None else native.open_row
+    _find_slot = find_slot_py if native is None else native.find_slot
     return "python" if native is None else "native"
 
 
 _open_row: Callable[..., None] = open_row_py
-#: Which row writer :meth:`SessionTable.open` uses: ``"native"`` where the switching unit's native build is in use
-#: (:data:`mplslb.switching.scalar.FAST_PATH`), else ``"python"``.
+_find_slot: Callable[[tuple[memoryview[Any], ...], bytes], tuple[int, int]] = find_slot_py
+#: Which row writer and key finder :meth:`SessionTable.open` and :meth:`SessionTable.lookup` use: ``"native"`` where
+#: the switching unit's native build is in use (:data:`mplslb.switching.scalar.FAST_PATH`), else ``"python"``.
 ROW_WRITER = use_native(scalar.native)

@@ -179,7 +179,9 @@ class RoundRobin(_Rotating):
 
     def choose(self, pool: ServerPool, key: FlowKey, now: float) -> Server | None:
         server = pool.next_eligible(self._last)
-        return None if server is None else self._chosen(server)
+        if server is not None:
+            self._last = server.index
+        return server
 
 
 @register

@@ -119,16 +119,27 @@ static int may_run(const char *name, Py_ssize_t nargs, Py_ssize_t want, int boun
         if (PyErr_Occurred()) return NULL;     \
     } while (0)
 
-/* Append FastEvent(label, frame, ip, flags, now) to events, built as the NamedTuple's own constructor builds it;
- * takes the reference to frame. */
+/* A NamedTuple of type with the n fields items, made as its own constructor (tuple.__new__(type, fields)) makes it:
+ * allocated by the type and filled in order. Takes the references to the items; NULL with every item released when
+ * one of them is NULL (its conversion failed) or the allocation fails. */
+static PyObject *named(PyObject *type, Py_ssize_t n, PyObject **items) {
+    PyObject *made = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (items[i] == NULL) goto failed;
+    made = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, n);
+    if (made == NULL) goto failed;
+    for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(made, i, items[i]);
+    return made;
+failed:
+    for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(items[i]);
+    return NULL;
+}
+
+/* Append FastEvent(label, frame, ip, flags, now) to events; takes the reference to frame. */
 static int report(PyObject *events, long label, PyObject *frame, Py_ssize_t ip, long flags, PyObject *now) {
-    PyObject *fields = Py_BuildValue("(lNnlO)", label, frame, ip, flags, now);
-    if (fields == NULL) return -1;
-    PyObject *wrapped = PyTuple_Pack(1, fields);
-    Py_DECREF(fields);
-    if (wrapped == NULL) return -1;
-    PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)fast_event, wrapped, NULL);
-    Py_DECREF(wrapped);
+    PyObject *fields[5] = {PyLong_FromLong(label), frame, PyLong_FromSsize_t(ip), PyLong_FromLong(flags),
+                           Py_NewRef(now)};
+    PyObject *event = named(fast_event, 5, fields);
     if (event == NULL) return -1;
     int rc = PyList_Append(events, event);
     Py_DECREF(event);
@@ -812,8 +823,15 @@ static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint32_t entry = ((uint32_t)label << LABEL_SHIFT) | ((uint32_t)tc << TC_SHIFT) | (uint32_t)MPLS_BOS | (uint32_t)ttl;
     PyObject *sent = labelled_frame(row, entry, (const unsigned char *)fview.buf + start, length);
     if (sent == NULL) goto done;
-    PyObject *item = Py_BuildValue("(lN)", (long)row_word(row, ROW_OUT_PORT), sent);
-    if (item == NULL) goto done;
+    PyObject *out_port = PyLong_FromLong((long)row_word(row, ROW_OUT_PORT)), *item = PyTuple_New(2);
+    if (out_port == NULL || item == NULL) {
+        Py_XDECREF(out_port);
+        Py_XDECREF(item);
+        Py_DECREF(sent);
+        goto done;
+    }
+    PyTuple_SET_ITEM(item, 0, out_port);
+    PyTuple_SET_ITEM(item, 1, sent);
     int rc = PyList_Append(out, item);
     Py_DECREF(item);
     if (rc < 0) goto done;
@@ -881,17 +899,6 @@ static PyObject *bind_analyzer(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* tuple.__new__(type, fields), as a NamedTuple's own constructor makes it; takes the reference to fields. */
-static PyObject *named(PyObject *type, PyObject *fields) {
-    if (fields == NULL) return NULL;
-    PyObject *wrapped = PyTuple_Pack(1, fields);
-    Py_DECREF(fields);
-    if (wrapped == NULL) return NULL;
-    PyObject *made = PyTuple_Type.tp_new((PyTypeObject *)type, wrapped, NULL);
-    Py_DECREF(wrapped);
-    return made;
-}
-
 static PyObject *plain_ipv4(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (may_run("plain_ipv4", nargs, 3, analyzer_bound, "bind_analyzer") < 0) return NULL;
     Py_ssize_t ip = PyLong_AsSsize_t(args[1]);
@@ -955,67 +962,122 @@ static PyObject *plain_ipv4(PyObject *self, PyObject *const *args, Py_ssize_t na
     } else {
         http = Py_NewRef(Py_None);
     }
-    PyObject *key = named(flow_key_type, Py_BuildValue("(ly#ly#l)", proto, (const char *)h + 12, (Py_ssize_t)4, sport,
-                                                       (const char *)h + 16, (Py_ssize_t)4, dport));
-    if (key == NULL) {
-        Py_DECREF(http);
-        goto done;
-    }
-    result = named(analysis_type, Py_BuildValue("(NinnnlknBBNO)", key, 4, ip, end, l4, flags, seq, payload, h[8], h[1],
-                                                http, Py_False));
+    PyObject *key_fields[5] = {PyLong_FromLong(proto), PyBytes_FromStringAndSize((const char *)h + 12, 4),
+                               PyLong_FromLong(sport), PyBytes_FromStringAndSize((const char *)h + 16, 4),
+                               PyLong_FromLong(dport)};
+    PyObject *fields[12] = {named(flow_key_type, 5, key_fields), PyLong_FromLong(4), PyLong_FromSsize_t(ip),
+                            PyLong_FromSsize_t(end), PyLong_FromSsize_t(l4), PyLong_FromLong(flags),
+                            PyLong_FromUnsignedLong(seq), PyLong_FromSsize_t(payload), PyLong_FromLong(h[8]),
+                            PyLong_FromLong(h[1]), http, Py_NewRef(Py_False)};
+    result = named(analysis_type, 12, fields);
 done:
     PyBuffer_Release(&view);
     return result;
 }
 
-/* open_row(columns, pair, slot, packed, proto, ip_version, budget, client_port, server, mac, now) -> None:
- * mplslb.sessions.open_row_py in C, the same checks in the same order (a number of the wrong type refused before the
- * MAC's length is checked) and the same octets written. The columns are
- * the session table's memoryviews (mplslb.sessions.ROW_COLUMNS), each read without a new export: a memoryview
- * not released holds its buffer. */
+/* The session table's columns (mplslb.sessions.ROW_COLUMNS): a tuple of its memoryviews, each read without a new
+ * export (a memoryview not released holds its buffer). */
 #define ROW_COLUMN_COUNT 14
+#define KEYS_COLUMN 0
+#define MACS_COLUMN 7
+#define SLOTS_COLUMN (ROW_COLUMN_COUNT - 1)
 static const char ROW_COLUMN_FORMATS[ROW_COLUMN_COUNT + 1] = "BBBBBiIBddddii";
 
-static PyObject *open_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (may_run("open_row", nargs, 11, 1, "") < 0) return NULL;
-    PyObject *columns = args[0];
+/* Column i of columns as a C array: its start and its number of items; -1 with TypeError set when columns is not a
+ * tuple of the table's columns or column i not a writable one-dimensional view of its format. */
+static int row_column(const char *who, PyObject *columns, int i, unsigned char **buf, Py_ssize_t *items) {
     if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != ROW_COLUMN_COUNT) {
-        PyErr_Format(PyExc_TypeError, "open_row: the columns are a tuple of %d memoryviews", ROW_COLUMN_COUNT);
+        PyErr_Format(PyExc_TypeError, "%s: the columns are a tuple of %d memoryviews", who, ROW_COLUMN_COUNT);
+        return -1;
+    }
+    PyObject *c = PyTuple_GET_ITEM(columns, i);
+    if (!PyMemoryView_Check(c) || (((PyMemoryViewObject *)c)->flags & _Py_MEMORYVIEW_RELEASED)) {
+        PyErr_Format(PyExc_TypeError, "%s: column %d is not a memoryview in use", who, i);
+        return -1;
+    }
+    Py_buffer *b = PyMemoryView_GET_BUFFER(c);
+    const char *format = b->format == NULL ? "B" : b->format[0] == '@' ? b->format + 1 : b->format;
+    int contiguous = (b->strides == NULL || b->strides[0] == b->itemsize) && b->suboffsets == NULL;
+    if (b->readonly || b->ndim != 1 || !contiguous || format[0] != ROW_COLUMN_FORMATS[i] || format[1] != '\0') {
+        PyErr_Format(PyExc_TypeError, "%s: column %d is not a writable one-dimensional view of '%c'", who, i,
+                     ROW_COLUMN_FORMATS[i]);
+        return -1;
+    }
+    *buf = (unsigned char *)b->buf;
+    *items = b->len / b->itemsize;
+    return 0;
+}
+
+/* The number of the index's slots, checked to be a power of two; -1 with ValueError set when it is not. */
+static Py_ssize_t index_slots(const char *who, Py_ssize_t nslots) {
+    if (nslots == 0 || (nslots & (nslots - 1))) {
+        PyErr_Format(PyExc_ValueError, "%s: the index's slots are not a power of two", who);
+        return -1;
+    }
+    return nslots;
+}
+
+/* find_slot(columns, packed) -> (slot, row): mplslb.sessions.find_slot_py in C, the same probes in the same order:
+ * from the key's hash on, the first slot that is empty (row -1) or names a row of the table whose key starts with
+ * packed. */
+static PyObject *find_slot(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (may_run("find_slot", nargs, 2, 1, "") < 0) return NULL;
+    unsigned char *keys, *protos, *slot_column;
+    Py_ssize_t key_items, rows, nslots;
+    if (row_column("find_slot", args[0], KEYS_COLUMN, &keys, &key_items) < 0 ||
+        row_column("find_slot", args[0], 1, &protos, &rows) < 0 ||
+        row_column("find_slot", args[0], SLOTS_COLUMN, &slot_column, &nslots) < 0 ||
+        index_slots("find_slot", nslots) < 0)
+        return NULL;
+    PyObject *packed = args[1];
+    if (!PyBytes_CheckExact(packed)) {
+        PyErr_Format(PyExc_TypeError, "a packed key is bytes, not %s", Py_TYPE(packed)->tp_name);
         return NULL;
     }
+    Py_hash_t hash = PyObject_Hash(packed);
+    if (hash == -1 && PyErr_Occurred()) return NULL;
+    const int32_t *slots = (const int32_t *)slot_column;
+    Py_ssize_t key_size = rows ? key_items / rows : 0, key_len = PyBytes_GET_SIZE(packed);
+    size_t mask = (size_t)nslots - 1, at = (size_t)hash & mask;
+    for (Py_ssize_t probes = 0; probes < nslots; probes++, at = (at + 1) & mask) {
+        int32_t row = slots[at];
+        if (row == -1 || (row >= 0 && row < rows && key_len <= key_size &&
+                          memcmp(keys + (Py_ssize_t)row * key_size, PyBytes_AS_STRING(packed), key_len) == 0)) {
+            PyObject *found = PyTuple_New(2), *where = PyLong_FromSize_t(at), *which = PyLong_FromLong(row);
+            if (found == NULL || where == NULL || which == NULL) {
+                Py_XDECREF(found);
+                Py_XDECREF(where);
+                Py_XDECREF(which);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(found, 0, where);
+            PyTuple_SET_ITEM(found, 1, which);
+            return found;
+        }
+    }
+    PyErr_SetString(PyExc_RuntimeError, "find_slot: the key index has no empty slot");
+    return NULL;
+}
+
+/* open_row(columns, pair, slot, packed, proto, ip_version, budget, client_port, server, mac, now) -> None:
+ * mplslb.sessions.open_row_py in C, the same checks in the same order (a number of the wrong type refused before the
+ * MAC's length is checked) and the same octets written. */
+static PyObject *open_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (may_run("open_row", nargs, 11, 1, "") < 0) return NULL;
     unsigned char *col[ROW_COLUMN_COUNT];
     Py_ssize_t items[ROW_COLUMN_COUNT];
-    for (int i = 0; i < ROW_COLUMN_COUNT; i++) {
-        PyObject *c = PyTuple_GET_ITEM(columns, i);
-        if (!PyMemoryView_Check(c) || (((PyMemoryViewObject *)c)->flags & _Py_MEMORYVIEW_RELEASED)) {
-            PyErr_Format(PyExc_TypeError, "open_row: column %d is not a memoryview in use", i);
-            return NULL;
-        }
-        Py_buffer *b = PyMemoryView_GET_BUFFER(c);
-        const char *format = b->format == NULL ? "B" : b->format;
-        size_t flen = strlen(format);
-        if (b->readonly || b->ndim != 1 || !PyBuffer_IsContiguous(b, 'C') || flen == 0 ||
-            format[flen - 1] != ROW_COLUMN_FORMATS[i] || (flen == 2 && format[0] != '@') || flen > 2) {
-            PyErr_Format(PyExc_TypeError, "open_row: column %d is not a writable one-dimensional view of '%c'", i,
-                         ROW_COLUMN_FORMATS[i]);
-            return NULL;
-        }
-        col[i] = (unsigned char *)b->buf;
-        items[i] = b->len / b->itemsize;
-    }
+    for (int i = 0; i < ROW_COLUMN_COUNT; i++)
+        if (row_column("open_row", args[0], i, &col[i], &items[i]) < 0) return NULL;
     Py_ssize_t rows = items[1];
     for (int i = 0; i < ROW_COLUMN_COUNT - 1; i++) {
-        int octets = i == 0 || i == 7; /* the keys and the MACs: rows of octets */
+        int octets = i == KEYS_COLUMN || i == MACS_COLUMN; /* rows of octets */
         if (rows == 0 || (octets ? items[i] % rows : items[i] != rows)) {
             PyErr_Format(PyExc_ValueError, "open_row: column %d does not have the table's %zd rows", i, rows);
             return NULL;
         }
     }
-    Py_ssize_t nslots = items[ROW_COLUMN_COUNT - 1];
-    if (nslots == 0 || (nslots & (nslots - 1))) {
-        PyErr_SetString(PyExc_ValueError, "open_row: the index's slots are not a power of two");
-        return NULL;
-    }
+    Py_ssize_t nslots = index_slots("open_row", items[SLOTS_COLUMN]);
+    if (nslots < 0) return NULL;
     Py_ssize_t pair, slot;
     long proto, version, budget;
     long long port, server;
@@ -1035,7 +1097,7 @@ static PyObject *open_row(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_Format(PyExc_TypeError, "a packed key is bytes, not %s", Py_TYPE(packed)->tp_name);
         return NULL;
     }
-    Py_ssize_t key_size = items[0] / rows, mac_size = items[7] / rows, key_len = PyBytes_GET_SIZE(packed);
+    Py_ssize_t key_size = items[KEYS_COLUMN] / rows, mac_size = items[MACS_COLUMN] / rows, key_len = PyBytes_GET_SIZE(packed);
     if (key_len > key_size) {
         PyErr_Format(PyExc_ValueError, "a key of %zd octets does not fit a row's %zd", key_len, key_size);
         return NULL;
@@ -1067,18 +1129,18 @@ static PyObject *open_row(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     Py_hash_t hash = PyObject_Hash(packed);
     if (hash == -1 && PyErr_Occurred()) goto fail;
-    memcpy(col[0] + pair * key_size, PyBytes_AS_STRING(packed), key_len);
+    memcpy(col[KEYS_COLUMN] + pair * key_size, PyBytes_AS_STRING(packed), key_len);
     col[1][pair] = (unsigned char)proto;
     col[2][pair] = (unsigned char)version;
     col[3][pair] = (unsigned char)budget;
     col[4][pair] = 0;
     ((int32_t *)col[5])[pair] = (int32_t)port;
     ((uint32_t *)col[6])[pair] = (uint32_t)server;
-    memcpy(col[7] + pair * mac_size, mac.buf, mac_size);
+    memcpy(col[MACS_COLUMN] + pair * mac_size, mac.buf, mac_size);
     ((double *)col[8])[pair] = now;
     ((double *)col[9])[pair] = ((double *)col[10])[pair] = ((double *)col[11])[pair] = 0.0;
     ((int32_t *)col[12])[pair] = (int32_t)(hash & (nslots - 1));
-    ((int32_t *)col[13])[slot] = (int32_t)pair;
+    ((int32_t *)col[SLOTS_COLUMN])[slot] = (int32_t)pair;
     PyBuffer_Release(&mac);
     Py_RETURN_NONE;
 fail:
@@ -1100,6 +1162,8 @@ static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL,
      "send(hot, label, frame, ip_offset, ip_end, now, out, ttl, tc, ack) -> bool: mplslb.switching.table.send_py "
      "in C."},
+    {"find_slot", (PyCFunction)(void (*)(void))find_slot, METH_FASTCALL,
+     "find_slot(columns, packed) -> (slot, row): mplslb.sessions.find_slot_py in C."},
     {"open_row", (PyCFunction)(void (*)(void))open_row, METH_FASTCALL,
      "open_row(columns, pair, slot, packed, proto, ip_version, budget, client_port, server, mac, now): "
      "mplslb.sessions.open_row_py in C."},
