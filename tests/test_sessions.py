@@ -638,3 +638,26 @@ def test_sessions_per_service_are_what_a_walk_over_the_table_counts(
     services = [(bytes([d] * size), proto, port) for d in (1, 2, 3, 4) for size in (4, 16) for proto in (TCP, UDP)
                 for port in (53, 80, 443)]  # fmt: skip
     assert table.per_service(services) == {service: walked.get(service, 0) for service in services}
+
+
+def test_a_block_opens_a_flow_whose_old_row_a_new_flow_of_the_block_took(server: Server) -> None:
+    """A flow's session ended and its row went to a new flow opened in a block, the new key landing on the old
+    flow's probe path; the old flow comes back later in the same block: it opens too (the block's keys are compared
+    with what the rows hold for it, not with what a free row held last), and both are found."""
+    table = SessionTable(TIMEOUTS, c2s_min=17, c2s_max=17 + 2 * 7)  # 8 rows, 16 slots
+
+    def home(key: FlowKey) -> int:
+        packed = sessions_module._KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst)
+        return hash(packed) & 15
+
+    old = flow(0)
+    new = next(flow(n) for n in range(1, 10_000) if home(flow(n)) == home(old))
+    ended = make(table, server)
+    table.apply(ended, E.IDLE_TIMEOUT, 1.0)
+    table.remove(ended)
+    table.open_block(
+        [new, old], [17, 19], [server, server], client_ports=[0, 0], client_macs=b"\x02" * 12, ip_version=4, now=2.0
+    )
+    found = (table.lookup(new), table.lookup(old))
+    assert found[0] is not None and found[1] is not None
+    assert (found[0].c2s, found[1].c2s, len(table)) == (17, 19, 2)

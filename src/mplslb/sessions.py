@@ -548,8 +548,8 @@ class SessionTable:
         self._mask = slots - 1
         self._slots = array("i", [_EMPTY]) * slots
         self._row_columns = tuple(memoryview(getattr(self, name)) for name in ROW_COLUMNS)
-        #: The last key :meth:`lookup` was given, packed, with its slot and row as :meth:`_slot_of` found them: a new
-        #: session's key is looked up just before it opens. Forgotten whenever the key index changes.
+        #: The last key :meth:`lookup` was given, packed, with its slot and row as :func:`find_slot_py` finds them: a
+        #: new session's key is looked up just before it opens. Forgotten whenever the key index changes.
         self._looked_up: tuple[FlowKey | None, bytes, int, int] = _NOT_LOOKED_UP
         self._np_state = np.frombuffer(self.state, dtype=np.uint8)
         self._np_deadline = np.frombuffer(self.deadline, dtype=np.float64)
@@ -605,10 +605,6 @@ class SessionTable:
         proto, alen, sport, dport, src, dst = _KEY.unpack_from(self.keys, pair * KEY_SIZE)
         return FlowKey(proto, src[:alen], sport, dst[:alen], dport)
 
-    def _slot_of(self, packed: bytes) -> tuple[int, int]:
-        """(slot holding ``packed``'s row or the empty slot where it would go, that row or -1)."""
-        return _find_slot(self._row_columns, packed)
-
     def open(
         self,
         key: FlowKey,
@@ -630,7 +626,7 @@ class SessionTable:
         looked, packed, slot, found = self._looked_up
         if looked is not key:  # the key's lookup (an unlabelled frame's, just before) found its slot already
             packed = _KEY.pack(proto, len(key.src), key.sport, key.dport, key.src, key.dst)
-            slot, found = self._slot_of(packed)
+            slot, found = _find_slot(self._row_columns, packed)
         if found != _EMPTY:
             raise ValueError(f"session {key} already in the table")
         if server.index not in self._servers:
@@ -668,9 +664,10 @@ class SessionTable:
         now: float,
     ) -> None:
         """Start many sessions at once, leaving the table as :meth:`open` called for each in turn leaves it (the
-        ``client_macs`` back to back): the keys' index entries one by one, every other field for all the rows at
-        once with numpy, the state bytes last. Nothing is written unless every session can open. For a table
-        nobody watches (``on_change`` None): it makes no :class:`Session` views."""
+        ``client_macs`` back to back): the keys and their index entries one by one, every other field for all the
+        rows at once with numpy, the state bytes last. Nothing is written unless every session can open (but keys
+        in rows still free, which nothing reads). For a table nobody watches (``on_change`` None): it makes no
+        :class:`Session` views."""
         n = len(keys)
         if self.on_change is not None:
             raise RuntimeError("open_block is for a table without on_change")
@@ -689,21 +686,24 @@ class SessionTable:
             raise ValueError("open_block got a label twice")
         pairs = rows.tolist()
         packed = [_KEY.pack(key.proto, len(key.src), key.sport, key.dport, key.src, key.dst) for key in keys]
-        slots, home, mask = self._slots, self.home, self._mask
+        slots, home, mask, columns = self._slots, self.home, self._mask, self._row_columns
+        stored = columns[0]
         self._looked_up = _NOT_LOOKED_UP
         for done, (key, pair, one) in enumerate(zip(keys, pairs, packed, strict=True)):
-            slot, found = self._slot_of(one)
+            slot, found = _find_slot(columns, one)
             if found != _EMPTY:  # taken out again: nothing is written unless every session opens
                 for earlier in pairs[:done]:
                     self._unhash(earlier)
                 raise ValueError(f"session {key} already in the table")
+            # The key in its row before the index names the row: a later key of the block probing past this slot
+            # compares with this key, not with the key the free row held last.
+            stored[pair * KEY_SIZE : pair * KEY_SIZE + len(one)] = one
             slots[slot] = pair
             home[pair] = hash(one) & mask
         for server in servers:
             if server.index not in self._servers:
                 self._name(server)
         v = self._views()
-        v.keys[rows, : _KEY.size] = np.frombuffer(b"".join(packed), dtype=np.uint8).reshape(n, _KEY.size)
         protos = np.array([key.proto for key in keys], dtype=np.uint8)
         v.proto[rows] = protos
         v.ip_version[rows] = ip_version
@@ -1179,7 +1179,7 @@ class SessionTable:
         self._looked_up = _NOT_LOOKED_UP
         for pair in rows:
             packed = bytes(self.keys[pair * KEY_SIZE : pair * KEY_SIZE + _KEY.size])
-            slot, found = self._slot_of(packed)
+            slot, found = _find_slot(self._row_columns, packed)
             if found != _EMPTY:
                 raise ValueError(f"rows {found} and {pair} hold the same flow key")
             slots[slot] = pair
