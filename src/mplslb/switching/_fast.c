@@ -135,6 +135,20 @@ failed:
     return NULL;
 }
 
+/* The tuple (first, second); takes the references to both. NULL with both released when either is NULL (its making
+ * failed) or the tuple cannot be made. */
+static PyObject *pair_of(PyObject *first, PyObject *second) {
+    PyObject *pair = first != NULL && second != NULL ? PyTuple_New(2) : NULL;
+    if (pair == NULL) {
+        Py_XDECREF(first);
+        Py_XDECREF(second);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, first);
+    PyTuple_SET_ITEM(pair, 1, second);
+    return pair;
+}
+
 /* Append FastEvent(label, frame, ip, flags, now) to events; takes the reference to frame. */
 static int report(PyObject *events, long label, PyObject *frame, Py_ssize_t ip, long flags, PyObject *now) {
     PyObject *fields[5] = {PyLong_FromLong(label), frame, PyLong_FromSsize_t(ip), PyLong_FromLong(flags),
@@ -823,15 +837,8 @@ static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint32_t entry = ((uint32_t)label << LABEL_SHIFT) | ((uint32_t)tc << TC_SHIFT) | (uint32_t)MPLS_BOS | (uint32_t)ttl;
     PyObject *sent = labelled_frame(row, entry, (const unsigned char *)fview.buf + start, length);
     if (sent == NULL) goto done;
-    PyObject *out_port = PyLong_FromLong((long)row_word(row, ROW_OUT_PORT)), *item = PyTuple_New(2);
-    if (out_port == NULL || item == NULL) {
-        Py_XDECREF(out_port);
-        Py_XDECREF(item);
-        Py_DECREF(sent);
-        goto done;
-    }
-    PyTuple_SET_ITEM(item, 0, out_port);
-    PyTuple_SET_ITEM(item, 1, sent);
+    PyObject *item = pair_of(PyLong_FromLong((long)row_word(row, ROW_OUT_PORT)), sent);
+    if (item == NULL) goto done;
     int rc = PyList_Append(out, item);
     Py_DECREF(item);
     if (rc < 0) goto done;
@@ -1043,16 +1050,7 @@ static PyObject *find_slot(PyObject *self, PyObject *const *args, Py_ssize_t nar
         int32_t row = slots[at];
         if (row == -1 || (row >= 0 && row < rows && key_len <= key_size &&
                           memcmp(keys + (Py_ssize_t)row * key_size, PyBytes_AS_STRING(packed), key_len) == 0)) {
-            PyObject *found = PyTuple_New(2), *where = PyLong_FromSize_t(at), *which = PyLong_FromLong(row);
-            if (found == NULL || where == NULL || which == NULL) {
-                Py_XDECREF(found);
-                Py_XDECREF(where);
-                Py_XDECREF(which);
-                return NULL;
-            }
-            PyTuple_SET_ITEM(found, 0, where);
-            PyTuple_SET_ITEM(found, 1, which);
-            return found;
+            return pair_of(PyLong_FromSize_t(at), PyLong_FromLong(row));
         }
     }
     PyErr_SetString(PyExc_RuntimeError, "find_slot: the key index has no empty slot");
