@@ -1095,7 +1095,8 @@ static PyObject *open_row(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_Format(PyExc_TypeError, "a packed key is bytes, not %s", Py_TYPE(packed)->tp_name);
         return NULL;
     }
-    Py_ssize_t key_size = items[KEYS_COLUMN] / rows, mac_size = items[MACS_COLUMN] / rows, key_len = PyBytes_GET_SIZE(packed);
+    Py_ssize_t key_size = items[KEYS_COLUMN] / rows, mac_size = items[MACS_COLUMN] / rows;
+    Py_ssize_t key_len = PyBytes_GET_SIZE(packed);
     if (key_len > key_size) {
         PyErr_Format(PyExc_ValueError, "a key of %zd octets does not fit a row's %zd", key_len, key_size);
         return NULL;
