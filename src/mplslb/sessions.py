@@ -645,9 +645,7 @@ class SessionTable:
         self.state[pair] = _START
         if proto == IPPROTO_TCP:
             self.half_open += 1
-            fifo = self._half_open_fifo
-            if fifo.append(pair, now) > 2 * self.half_open + 64:
-                self._half_open_fifo = fifo.kept(self._is_half_open)
+            self._queue_half_open(pair, now)
         if self.on_change is not None:
             self.on_change(session, None)
         return session
@@ -757,6 +755,11 @@ class SessionTable:
                 np.frombuffer(self.ending_at, dtype=np.float64),
             )
         return self._np_views
+
+    def _queue_half_open(self, pair: int, started: float) -> None:
+        fifo = self._half_open_fifo
+        if fifo.append(pair, started) > 2 * self.half_open + 64:
+            self._half_open_fifo = fifo.kept(self._is_half_open)
 
     def _is_half_open(self, pair: int, started: float) -> bool:
         return self.state[pair] in _HALF_OPEN_CODES and self.start_time[pair] == started

@@ -48,6 +48,7 @@ def bind(
     reasons: dict[str, str],
     /,
 ) -> None: ...
+def find_slot(columns: tuple[memoryview[Any], ...], packed: bytes, /) -> tuple[int, int]: ...
 def open_row(
     columns: tuple[memoryview[Any], ...],
     pair: int,
