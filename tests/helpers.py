@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypothesis import strategies as st
@@ -42,12 +43,11 @@ from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.ipv4 import IP_DF, build_ipv4
 from mplslb.wire.ipv6 import build_ipv6
 from mplslb.wire.mpls import pack_entry, parse_stack
+from mplslb.wire.pcap import read_pcap
 from mplslb.wire.tcp import TCPFlag, build_tcp
 from mplslb.wire.udp import build_udp
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from pyroute2 import IPRoute
 
     from mplslb.lab import Lab, LabSpec
@@ -454,6 +454,14 @@ def recording() -> tuple[BalancerConfig, tuple[Call, ...]]:
         Balancer.on_timer = on_timer  # type: ignore[method-assign]
     assert report.stats.frames_in == sum(1 for c in calls if c.port >= 0)
     return balancer_config_for(SIM), tuple(calls)
+
+
+def captured(shared_data: Path) -> Iterator[bytes]:
+    """Every frame of the real captures of shared/data, capture by capture (MPLS, its edge cases, plain)."""
+    for folder in ("pcap/mpls", "pcap/mpls-edge", "pcap/plain"):
+        for path in sorted((shared_data / folder).glob("*.pcap*")):
+            for record in read_pcap(path):
+                yield record.data
 
 
 def frames_only() -> list[Call]:

@@ -26,7 +26,25 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import ACK, PSH, SYN, VIP, VIP6, client_addr, ether, ipv4, ipv6, labelled, mutate, mutation, tcp_segment
+from helpers import (
+    ACK,
+    PSH,
+    SYN,
+    VIP,
+    VIP6,
+    captured,
+    client_addr,
+    ether,
+    fix_ipv4_checksum,
+    header_mutation,
+    ipv4,
+    ipv6,
+    labelled,
+    mutate,
+    mutation,
+    recording,
+    tcp_segment,
+)
 from helpers import udp_datagram as udp
 from mplslb.endpoint import ClientEndpoint, ServerEndpoint
 from mplslb.offload import bpf
@@ -157,31 +175,33 @@ def new_drops(k: object) -> set[str]:
 
 
 # -- ingress ---------------------------------------------------------------------------------------------------------
-def check_ingress(k: object, ep: ServerEndpoint | ClientEndpoint, frame: bytes) -> None:
-    """One frame through both; the outcome must be the same, or one of the documented differences."""
+def check_ingress(k: object, ep: ServerEndpoint | ClientEndpoint, frame: bytes) -> bytes | None:
+    """One frame through both; the outcome must be the same, or one of the documented differences. Returns the
+    packet the Python endpoint passed up (None: it dropped the frame)."""
     k.reset_counters()  # type: ignore[attr-defined]
     before = dict(ep.drops)
     expected = ep.from_wire(frame, NOW)
     if len(frame) < 14:
-        return  # no device hands the kernel a frame shorter than an Ethernet header (the test run refuses one)
+        return expected  # no device hands the kernel a frame shorter than an Ethernet header (the test run refuses one)
     got = k.run_ingress(frame)  # type: ignore[attr-defined]
     reason = {r for r, n in ep.drops.items() if n != before.get(r, 0)}
     labelled_frame = len(frame) >= 14 and int.from_bytes(frame[12:14], "big") == ETH_P_MPLS_UC
     if not labelled_frame:
         # The kernel leaves every unlabelled frame to the host's stack, untouched.
         assert got.retval == bpf.XDP_PASS and got.data == frame
-        return
+        return expected
     if expected is not None:
         assert got.retval == bpf.XDP_PASS, k.counts()  # type: ignore[attr-defined]
         version = expected[0] >> 4
         assert got.data[:12] == frame[:12]
         assert int.from_bytes(got.data[12:14], "big") == (ETH_P_IPV6 if version == 6 else ETH_P_IP)
         assert got.data[14:] == expected
-        return
+        return expected
     if reason & NOT_IN_KERNEL:
-        return  # left to the host's stack
+        return expected  # left to the host's stack
     assert got.retval == 1, (reason, k.counts())  # type: ignore[attr-defined]  # XDP_DROP
     assert new_drops(k) == reason or (new_drops(k) == {"ipv6_ext_too_many"})
+    return expected
 
 
 def test_server_ingress_pops_and_learns_as_the_python_endpoint(server_pair: object) -> None:
@@ -295,7 +315,9 @@ def test_icmp_errors_on_mutated_frames(server_pair: object, client_pair: object,
 
 
 # -- egress ----------------------------------------------------------------------------------------------------------
-def check_egress(k: object, ep: ServerEndpoint | ClientEndpoint, packet: bytes) -> None:
+def check_egress(k: object, ep: ServerEndpoint | ClientEndpoint, packet: bytes) -> bytes | None:
+    """One packet from the host through both; the outcome must be the same, or one of the documented differences.
+    Returns the frame the Python endpoint sent (None: it dropped the packet)."""
     before = dict(ep.drops)
     expected = ep.from_host(packet, NOW)
     frame = host_frame(packet)
@@ -306,18 +328,19 @@ def check_egress(k: object, ep: ServerEndpoint | ClientEndpoint, packet: bytes) 
     except bpf.BpfError:
         # the test run itself refuses a frame shorter than its ethertype's IP header (no device would send one)
         assert len(packet) < (40 if version == 6 else 20)
-        return
+        return expected
     if not keyed_on_vip(packet, isinstance(ep, ServerEndpoint)):
         # Not the datapath's: the host's own traffic, or a packet whose addresses the kernel cannot read (the
         # host's stack never sends one); it passes.
         assert got.retval == bpf.TC_ACT_OK and got.data == frame
-        return
+        return expected
     if expected is not None:
         assert got.retval == bpf.TC_ACT_OK and got.data == expected, k.counts()  # type: ignore[attr-defined]
-        return
+        return expected
     if reason & NOT_IN_KERNEL:
-        return
+        return expected
     assert got.retval == bpf.TC_ACT_SHOT and new_drops(k) == reason
+    return expected
 
 
 def keyed_on_vip(packet: bytes, serving: bool) -> bool:
@@ -493,3 +516,173 @@ def test_each_program_verifies_well_within_the_kernel_limit(role: str, monkeypat
         assert all(n <= VERIFIER_LIMIT // 5 for n in processed.values()), processed
     finally:
         k.close()
+
+
+# -- recorded runs and real captures ---------------------------------------------------------------------------------
+def packet_of(frame: bytes) -> bytes | None:
+    """The IP packet a frame carries after its Ethernet header, 802.1Q tags and label stack; None when it carries
+    none (another ethertype, or cut before the packet)."""
+    at, ethertype = 14, int.from_bytes(frame[12:14], "big") if len(frame) >= 14 else 0
+    while ethertype == 0x8100 and len(frame) >= at + 4:
+        ethertype, at = int.from_bytes(frame[at + 2 : at + 4], "big"), at + 4
+    if ethertype == ETH_P_MPLS_UC:
+        while len(frame) >= at + 4:
+            bottom, at = frame[at + 2] & 1, at + 4
+            if bottom:
+                break
+        else:
+            return None
+    elif ethertype not in (ETH_P_IP, ETH_P_IPV6):
+        return None
+    return frame[at:] if len(frame) > at and frame[at] >> 4 in (4, 6) else None
+
+
+def _ipv4_header_fixed(buf: bytearray) -> bytes:
+    """An IPv4 header whose addresses were rewritten, its checksum made right again (when its length is readable)."""
+    if 20 <= (buf[0] & 0x0F) * 4 <= len(buf):
+        return fix_ipv4_checksum(buf)
+    return bytes(buf)
+
+
+def readdressed(packet: bytes, *, serving: bool) -> bytes:
+    """``packet`` as the datapath of a role meets it: to the virtual IP of its family (a server's), or from it (a
+    client's); a packet the capture cut short given the length it has (most of the captures' packets are cut to a
+    snap length); the IPv4 header checksum made right again. Too short a packet is left as it is."""
+    buf = bytearray(packet)
+    if packet[0] >> 4 == 4 and len(packet) >= 20:
+        buf[(16 if serving else 12) : (20 if serving else 16)] = VIP
+        if int.from_bytes(packet[2:4], "big") > len(packet):
+            buf[2:4] = len(packet).to_bytes(2, "big")
+        return _ipv4_header_fixed(buf)
+    if packet[0] >> 4 == 6 and len(packet) >= 40:
+        buf[(24 if serving else 8) : (40 if serving else 24)] = VIP6
+        if int.from_bytes(packet[4:6], "big") > len(packet) - 40:
+            buf[4:6] = (len(packet) - 40).to_bytes(2, "big")
+    return bytes(buf)
+
+
+def reversed_packet(packet: bytes) -> bytes | None:
+    """The other side's packet of the same flow: addresses and ports swapped (their checksums stay right), for an
+    IPv4 first fragment or an IPv6 packet without extension headers, of TCP or UDP; None for any other."""
+    buf = bytearray(packet)
+    if packet[0] >> 4 == 4 and len(packet) >= 20:
+        l4 = (packet[0] & 0x0F) * 4
+        later = int.from_bytes(packet[6:8], "big") & 0x1FFF
+        if packet[9] not in (IPPROTO_TCP, IPPROTO_UDP) or later or l4 < 20 or len(packet) < l4 + 4:
+            return None
+        buf[12:16], buf[16:20] = packet[16:20], packet[12:16]
+    elif packet[0] >> 4 == 6 and len(packet) >= 44 and packet[6] in (IPPROTO_TCP, IPPROTO_UDP):
+        l4 = 40
+        buf[8:24], buf[24:40] = packet[24:40], packet[8:24]
+    else:
+        return None
+    buf[l4 : l4 + 2], buf[l4 + 2 : l4 + 4] = packet[l4 + 2 : l4 + 4], packet[l4 : l4 + 2]
+    return _ipv4_header_fixed(buf) if packet[0] >> 4 == 4 else bytes(buf)
+
+
+class Pair:
+    """A role's two datapaths fed alike: the kernel's programs and a Python endpoint. Frames the Python endpoint
+    refuses for a check it leaves to the kernel's host stack (NOT_IN_KERNEL) may teach the kernel a flow the Python
+    endpoint does not know: both then start afresh, so that the flows they learn compare."""
+
+    def __init__(self, k: object, serving: bool) -> None:
+        self.k, self.serving = k, serving
+        self.ep: ServerEndpoint | ClientEndpoint = self._python()
+        self.delivered = self.labelled = self.restarts = 0
+        fresh(k)
+
+    def _python(self) -> ServerEndpoint | ClientEndpoint:
+        return ServerEndpoint(mac=HOST, vips=[VIP, VIP6]) if self.serving else ClientEndpoint(mac=HOST, gateway_mac=LB)
+
+    def _after(self, before: dict[str, int]) -> None:
+        if {r for r, n in self.ep.drops.items() if n != before.get(r, 0)} & NOT_IN_KERNEL:
+            fresh(self.k)
+            self.ep = self._python()
+            self.restarts += 1
+
+    def ingress(self, frame: bytes) -> None:
+        before = dict(self.ep.drops)
+        self.delivered += check_ingress(self.k, self.ep, frame) is not None
+        self._after(before)
+
+    def egress(self, packet: bytes) -> None:
+        before = dict(self.ep.drops)
+        self.k.reset_counters()  # type: ignore[attr-defined]
+        sent = check_egress(self.k, self.ep, packet)
+        self.labelled += sent is not None and sent[12:14] == ETH_P_MPLS_UC.to_bytes(2, "big")
+        self._after(before)
+
+    def same_flows(self) -> bool:
+        return k_flows(self.k) == py_flows(self.ep)
+
+
+def test_a_recorded_run_through_both_datapaths_of_both_roles(server_pair: object, client_pair: object) -> None:
+    """A recorded balancer run (the tests' simulation: sessions of eight clients to three servers, IPv4 and IPv6, TCP
+    and UDP, a server failing and coming back) as its endpoints met it: each frame the balancer sent to a server
+    through a server endpoint's ingress, each it sent to a client through a client endpoint's, and the packet under
+    each frame a server or a client sent the balancer through that role's egress, as its host handed it over. The
+    kernel's programs and the Python endpoint give the same frames, frame by frame, and learn the same flows."""
+    config, calls = recording()
+    roles = {port.port_id: port.role for port in config.ports}
+    pairs = {"server": Pair(server_pair, True), "client": Pair(client_pair, False)}
+    for call in calls:
+        if call.port >= 0:
+            packet = packet_of(call.frame)
+            assert packet is not None  # every frame of the run carries an IP packet
+            pairs[roles[call.port]].egress(packet)
+        for port, frame in call.out:
+            pairs[roles[port]].ingress(frame)
+    for role, pair in pairs.items():
+        assert pair.restarts == 0 and pair.same_flows(), role
+        assert pair.delivered > 300 and pair.labelled > 300, (role, pair.delivered, pair.labelled)
+
+
+def test_real_captures_through_both_datapaths_of_both_roles(
+    shared_data: Path, server_pair: object, client_pair: object
+) -> None:
+    """Every frame of the real captures of shared/data (MPLS of other networks, plain IPv4 and IPv6 of real hosts)
+    through each role's two datapaths: as captured, on ingress; the IP packet it carries made the role's (to the
+    virtual IP for a server, from it for a client) under a label of the role, on ingress; then that packet's
+    reply (addresses and ports swapped) from the host, on egress. The same outcome frame by frame, and the same
+    flows learnt."""
+    pairs = (Pair(server_pair, True), Pair(client_pair, False))
+    for n, frame in enumerate(captured(shared_data)):
+        packet = packet_of(frame)
+        for pair in pairs:
+            pair.ingress(frame)
+            if packet is None:
+                continue
+            mine = readdressed(packet, serving=pair.serving)
+            pair.ingress(labelled(HOST, LB, 1001 + 2 * (n % 4096) + (0 if pair.serving else 1), mine))
+            back = reversed_packet(mine)
+            if back is not None:
+                pair.egress(back)
+    for pair in pairs:
+        assert pair.same_flows(), pair.serving
+        assert pair.delivered > 9_000 and pair.labelled > 9_000, (pair.serving, pair.delivered, pair.labelled)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(which=st.integers(0, 1 << 16), muts=st.lists(st.one_of(mutation, header_mutation), min_size=1, max_size=3))
+def test_mutated_recorded_frames_through_both_datapaths(server_pair: object, client_pair: object, which: int,
+                                                         muts: list[tuple[str, int, int]]) -> None:  # fmt: skip
+    """One frame of the recorded run that an endpoint meets, mutated (anywhere, or where the datapaths read: the
+    label entry, the IP header, the first octets of TCP or UDP), on the ingress of its role after the frame as
+    recorded taught the flow; and the packet the other side of that flow sends back, mutated alike, on egress."""
+    config, calls = recording()
+    roles = {port.port_id: port.role for port in config.ports}
+    met = [(roles[port], frame) for call in calls for port, frame in call.out]
+    role, frame = met[which % len(met)]
+    pair = Pair(server_pair if role == "server" else client_pair, role == "server")
+    pair.ingress(frame)
+    pair.ingress(mutate(frame, muts))
+    assert pair.same_flows() or pair.restarts
+    packet = packet_of(frame)
+    back = reversed_packet(packet) if packet is not None else None
+    if back is None:
+        return
+    pair = Pair(pair.k, pair.serving)
+    pair.ingress(frame)
+    mutated = mutate(back, muts)
+    if mutated and (pair.serving or keyed_on_vip(mutated, False)):  # a client's other packets are not the datapath's
+        pair.egress(mutated)

@@ -16,7 +16,6 @@ import os
 import random
 import struct
 from array import array
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +29,7 @@ from helpers import (
     FIN,
     RST,
     SYN,
+    captured,
     feed_mutations,
     fix_ipv4_checksum,
     frames_only,
@@ -69,7 +69,6 @@ from mplslb.switching.layout import (
     VLAN_HLEN,
 )
 from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
-from mplslb.wire.pcap import read_pcap
 
 try:
     from mplslb.switching import _fast
@@ -339,13 +338,6 @@ def test_bind_refuses_what_it_cannot_use() -> None:
 
 
 # -- real captures -------------------------------------------------------------------------------------------------
-def captured(shared_data: Path) -> Iterator[bytes]:
-    for folder in ("pcap/mpls", "pcap/mpls-edge", "pcap/plain"):
-        for path in sorted((shared_data / folder).glob("*.pcap*")):
-            for record in read_pcap(path):
-                yield record.data
-
-
 def test_real_captures_switch_alike_with_their_labels_installed(shared_data: Path) -> None:
     """Every frame of the captures of shared/data, twice: as it is, on a table where the first frame seen with
     each label installed that label bound to its source MAC (and every second one to its IP source too), then
