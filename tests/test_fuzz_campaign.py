@@ -68,3 +68,44 @@ def test_a_frame_not_accounted_for_is_caught() -> None:
     assert fuzz.accounting_errors(b) == []
     b.frames_in += 1  # a frame that came in and left no trace
     assert len(fuzz.accounting_errors(b)) == 2
+
+
+kernel_endpoints = pytest.mark.skipif(
+    os.geteuid() != 0 or (shutil.which("clang") is None and not os.environ.get("MPLSLB_CLANG")),
+    reason="needs root and clang: the endpoints' programs run in the kernel",
+)
+ENDPOINT_FRAMES = 4_000
+
+
+@kernel_endpoints
+def test_short_endpoint_campaign_both_datapaths_agree() -> None:
+    """The endpoints' campaign (``make fuzz-endpoints``) in a short bounded run: every frame and packet through the
+    kernel's programs and the Python endpoint of its role alike; the frames reached every outcome of both roles."""
+    from mplslb.offload import endpoint_fuzz
+
+    report = endpoint_fuzz.campaign(ENDPOINT_FRAMES, seed=5)
+    assert report.frames == ENDPOINT_FRAMES and report.epochs == 2
+    for role in ("server", "client"):
+        assert report.delivered[role] > 100 and report.labelled[role] > 20, report.lines()
+        assert len(report.drops[role]) > 10, report.drops[role]
+    assert {"not_c2s_label", "no_session_label", "not_for_vip"} <= set(report.drops["server"])
+    assert {"not_s2c_label", "mpls_truncated", "ipv4_bad_checksum"} <= set(report.drops["client"])
+    assert "differences 0" in report.lines()
+
+
+@kernel_endpoints
+def test_an_endpoint_datapath_that_differs_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python endpoint whose labelled replies carry a TTL one lower than the kernel's: the campaign stops at the
+    first such frame, naming the seed, the frame and the role."""
+    from mplslb.endpoint import ServerEndpoint
+    from mplslb.offload import endpoint_fuzz
+
+    original = ServerEndpoint.from_host
+
+    def lowered(self: ServerEndpoint, packet: bytes | memoryview, now: float) -> bytes | None:
+        frame = original(self, packet, now)
+        return None if frame is None else frame[:17] + bytes([(frame[17] - 1) & 0xFF]) + frame[18:]
+
+    monkeypatch.setattr(ServerEndpoint, "from_host", lowered)
+    with pytest.raises(fuzz.Mismatch, match=r"seed 5, frame \d+, server egress"):
+        endpoint_fuzz.campaign(ENDPOINT_FRAMES, seed=5)
