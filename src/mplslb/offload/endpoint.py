@@ -18,9 +18,10 @@ The maps (created here, their fds patched into the programs):
 * ``config``: this host's MAC, the balancer's MAC (client), the TTL of the pushed entry.
 * ``counters``: one ``__u64`` per name of :data:`~mplslb.switching.layout.ENDPOINT_COUNTERS`.
 
-What the kernel cannot do the way the Python endpoint does (ICMP errors, TCP option checks, more than
+What the kernel cannot do the way the Python endpoint does (TCP option checks, more than
 :data:`~mplslb.switching.layout.IPV6_EXT_MAX` IPv6 extension headers, 802.1Q tags) is listed in
-docs/architecture.md and asserted by tests/test_endpoint_kernel.py.
+docs/architecture.md; :mod:`mplslb.offload.endpoint_fuzz` compares the two frame by frame (tests/test_endpoint_kernel.py
+and ``make fuzz-endpoints``).
 """
 
 from __future__ import annotations
@@ -199,11 +200,13 @@ class KernelEndpoint:
         return sum(self.flows.delete(k) for k in stale)
 
     def counts(self) -> dict[str, int]:
-        """Every counter by name (frames through and drops by reason)."""
-        out = {}
-        for i, name in enumerate(ENDPOINT_COUNTERS):
-            raw = self.counters.lookup(_U32.pack(i))
-            out[name] = _U64.unpack(raw)[0] if raw else 0
+        """Every counter by name (frames through and drops by reason), read in one call."""
+        keys, values, count = self.counters.lookup_batch(chunk=len(ENDPOINT_COUNTERS))
+        out = dict.fromkeys(ENDPOINT_COUNTERS, 0)
+        for i in range(count):
+            index = _U32.unpack_from(keys, i * _U32.size)[0]
+            if index < len(ENDPOINT_COUNTERS):
+                out[ENDPOINT_COUNTERS[index]] = _U64.unpack_from(values, i * _U64.size)[0]
         return out
 
     def reset_counters(self) -> None:
