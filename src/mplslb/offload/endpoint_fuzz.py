@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from mplslb.endpoint import ClientEndpoint, Flow, ServerEndpoint
 from mplslb.flow import FlowKey
@@ -51,11 +52,11 @@ from mplslb.fuzz import SHARED_DATA, Mismatch, capture_frames, mutate
 from mplslb.labels import C2S_MAX, C2S_MIN
 from mplslb.offload import bpf
 from mplslb.offload.endpoint import KernelEndpoint
-from mplslb.switching.layout import ENDPOINT_TRAFFIC
+from mplslb.switching.layout import ENDPOINT_TRAFFIC, IPV6_EXT_MAX
 from mplslb.wire.checksum import internet_checksum
 from mplslb.wire.ethernet import ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
 from mplslb.wire.icmp import build_icmp_unreachable
-from mplslb.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ip import IPPROTO_DSTOPTS, IPPROTO_TCP, IPPROTO_UDP
 from mplslb.wire.ipv4 import build_ipv4
 from mplslb.wire.ipv6 import build_ipv6
 from mplslb.wire.mpls import pack_entry
@@ -74,6 +75,7 @@ VIP6 = bytes.fromhex("fd000000000000000000000000000100")
 NOW = 100.0  # the Python endpoints' clock (the kernel's is its own: no flow ages within a campaign's epoch)
 EPOCH = 2048  # frames between two fresh starts of both roles
 IPV4_HLEN, IPV6_HLEN = 20, 40
+_MPLS = ETH_P_MPLS_UC.to_bytes(2, "big")
 
 
 def host_frame(packet: bytes) -> bytes:
@@ -100,41 +102,53 @@ def _reasons(ep: ServerEndpoint | ClientEndpoint, before: dict[str, int]) -> set
     return {r for r, n in ep.drops.items() if n != before.get(r, 0)}
 
 
-def compare_ingress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, frame: bytes) -> bytes | None:
-    """One frame from the wire through both datapaths; raises :class:`Mismatch` unless the outcome is the same (or
-    one of the documented differences). Returns the packet the Python endpoint handed up (None: it dropped it)."""
-    before = dict(ep.drops)
+class Outcome(NamedTuple):
+    """What one frame or packet gave: what the Python endpoint passed on (None: it dropped it) and, where the two
+    datapaths differed as documented, how: ``not_in_kernel`` (the Python endpoint dropped it for a check the kernel
+    leaves to the host's stack, and the kernel passed it on), ``ipv6_ext_too_many`` (the kernel stopped at the
+    extension header limit); empty when they agreed."""
+
+    python: bytes | None
+    difference: str = ""
+
+
+def compare_ingress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, frame: bytes) -> Outcome:
+    """One frame from the wire through both datapaths; raises :class:`Mismatch` unless the outcome is the same or
+    one of the documented differences."""
+    before, counted = dict(ep.drops), k.counts()
     expected = ep.from_wire(frame, NOW)
-    counted = k.counts() if expected is None else {}  # the kernel's counters before its run, for a drop's reason
     if len(frame) < 14:
-        return expected  # no device hands the kernel a frame shorter than an Ethernet header (the test run refuses)
+        return Outcome(
+            expected
+        )  # no device hands the kernel a frame shorter than an Ethernet header (nor the test run)
     got = k.run_ingress(frame)
     reason = _reasons(ep, before)
     if int.from_bytes(frame[12:14], "big") != ETH_P_MPLS_UC:
         if got.retval != bpf.XDP_PASS or got.data != frame:
             raise Mismatch(f"ingress: an unlabelled frame not passed untouched (verdict {got.retval})")
-        return expected
+        return Outcome(expected)
+    dropped = _new_drops(k, counted)
+    if got.retval == bpf.XDP_DROP and dropped == {"ipv6_ext_too_many"} and not reason & NOT_IN_KERNEL:
+        return Outcome(expected, "ipv6_ext_too_many")
     if expected is not None:
         ethertype = ETH_P_IPV6 if expected[0] >> 4 == 6 else ETH_P_IP
         if (got.retval, got.data[:12], got.data[12:14], got.data[14:]) != (
             bpf.XDP_PASS, frame[:12], ethertype.to_bytes(2, "big"), expected
         ):  # fmt: skip
             raise Mismatch(f"ingress: the kernel gave verdict {got.retval}, {got.data.hex()}; Python {expected.hex()}")
-        return expected
+        return Outcome(expected)
     if reason & NOT_IN_KERNEL:
-        return expected  # left to the host's stack
-    dropped = _new_drops(k, counted)
-    if got.retval != bpf.XDP_DROP or (dropped != reason and dropped != {"ipv6_ext_too_many"}):
+        return Outcome(expected, "not_in_kernel")  # left to the host's stack
+    if got.retval != bpf.XDP_DROP or dropped != reason:
         raise Mismatch(f"ingress: Python dropped it ({sorted(reason)}), the kernel gave {got.retval} {sorted(dropped)}")
-    return expected
+    return Outcome(expected)
 
 
-def compare_egress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, packet: bytes) -> bytes | None:
+def compare_egress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, packet: bytes) -> Outcome:
     """One IP packet from the host through both datapaths; raises :class:`Mismatch` unless the outcome is the same
-    (or one of the documented differences). Returns the frame the Python endpoint sent (None: it dropped it)."""
-    before = dict(ep.drops)
+    or one of the documented differences."""
+    before, counted = dict(ep.drops), k.counts()
     expected = ep.from_host(packet, NOW)
-    counted = k.counts() if expected is None else {}
     frame = host_frame(packet)
     reason = _reasons(ep, before)
     try:
@@ -143,23 +157,25 @@ def compare_egress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, packe
         # the test run itself refuses a frame shorter than its ethertype's IP header (no device would send one)
         if len(packet) >= (IPV6_HLEN if packet and packet[0] >> 4 == 6 else IPV4_HLEN):
             raise
-        return expected
+        return Outcome(expected)
     if not keyed_on_vip(packet, isinstance(ep, ServerEndpoint)):
         # Not the datapath's: the host's own traffic, or a packet whose addresses the kernel cannot read (the host's
         # stack never sends one); it passes.
         if got.retval != bpf.TC_ACT_OK or got.data != frame:
             raise Mismatch(f"egress: a packet not the datapath's not passed untouched (verdict {got.retval})")
-        return expected
+        return Outcome(expected)
+    dropped = _new_drops(k, counted)
+    if got.retval == bpf.TC_ACT_SHOT and dropped == {"ipv6_ext_too_many"} and not reason & NOT_IN_KERNEL:
+        return Outcome(expected, "ipv6_ext_too_many")
     if expected is not None:
         if got.retval != bpf.TC_ACT_OK or got.data != expected:
             raise Mismatch(f"egress: the kernel gave verdict {got.retval}, {got.data.hex()}; Python {expected.hex()}")
-        return expected
+        return Outcome(expected)
     if reason & NOT_IN_KERNEL:
-        return expected
-    dropped = _new_drops(k, counted)
+        return Outcome(expected, "not_in_kernel")
     if got.retval != bpf.TC_ACT_SHOT or dropped != reason:
         raise Mismatch(f"egress: Python dropped it ({sorted(reason)}), the kernel gave {got.retval} {sorted(dropped)}")
-    return expected
+    return Outcome(expected)
 
 
 class Pair:
@@ -170,6 +186,7 @@ class Pair:
         self.ep: ServerEndpoint | ClientEndpoint = self._python()
         self.delivered = self.labelled = self.adopted = 0
         self.dropped: Counter[str] = Counter()  # the Python endpoint's drops by reason, across fresh starts
+        self.differences: Counter[str] = Counter()  # the documented differences met (Outcome.difference)
         self.k.clear_flows()
 
     def _python(self) -> ServerEndpoint | ClientEndpoint:
@@ -182,10 +199,10 @@ class Pair:
         self.k.clear_flows()
         self.ep = self._python()
 
-    def _after(self, before: dict[str, int]) -> None:
-        reasons = _reasons(self.ep, before)
-        self.dropped.update(reasons)
-        if reasons & NOT_IN_KERNEL:  # the kernel passed it on and may have learnt from it: so does the Python side
+    def _after(self, before: dict[str, int], outcome: Outcome) -> Outcome:
+        self.dropped.update(_reasons(self.ep, before))
+        if outcome.difference:  # the datapaths differed as documented: the Python side takes what the kernel learnt
+            self.differences[outcome.difference] += 1
             kernel, python = self.flows()
             for key in python.keys() - kernel.keys():
                 del self.ep.flows[key]
@@ -193,20 +210,20 @@ class Pair:
                 if python.get(key) != (label, peer):
                     self.ep.flows[key] = Flow(label, peer, NOW)
                     self.adopted += 1
+        return outcome
 
-    def ingress(self, frame: bytes) -> bytes | None:
+    def ingress(self, frame: bytes) -> Outcome:
         before = dict(self.ep.drops)
-        got = compare_ingress(self.k, self.ep, frame)
-        self.delivered += got is not None
-        self._after(before)
-        return got
+        outcome = compare_ingress(self.k, self.ep, frame)
+        self.delivered += outcome.python is not None and not outcome.difference
+        return self._after(before, outcome)
 
-    def egress(self, packet: bytes) -> bytes | None:
+    def egress(self, packet: bytes) -> Outcome:
         before = dict(self.ep.drops)
-        got = compare_egress(self.k, self.ep, packet)
-        self.labelled += got is not None and got[12:14] == ETH_P_MPLS_UC.to_bytes(2, "big")
-        self._after(before)
-        return got
+        outcome = compare_egress(self.k, self.ep, packet)
+        sent = outcome.python
+        self.labelled += sent is not None and not outcome.difference and sent[12:14] == _MPLS
+        return self._after(before, outcome)
 
     def flows(self) -> tuple[dict[FlowKey, tuple[int, bytes]], dict[FlowKey, tuple[int, bytes]]]:
         """The flows each datapath knows (kernel, Python): key -> (label, peer MAC)."""
@@ -304,17 +321,27 @@ def _c2s(rng: random.Random) -> int:
 
 
 def _flow_packet(rng: random.Random, v6: bool, proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """A packet of a flow: TCP (with MSS and timestamp options at times) or UDP; IPv4 with options at times, IPv6
+    with extension headers at times."""
     payload = rng.choice((b"", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", rng.randbytes(rng.randrange(1, 1200))))
     if proto == IPPROTO_TCP:
         flags = rng.choice((TCPFlag.SYN, TCPFlag.ACK, TCPFlag.ACK | TCPFlag.PSH, TCPFlag.FIN | TCPFlag.ACK,
                             TCPFlag.RST))  # fmt: skip
+        options = rng.choice((b"", b"", bytes.fromhex("020405b4"), bytes.fromhex("0101080a0000000100000002")))
         l4 = build_tcp(src, dst, sport, dport, seq=rng.randrange(1 << 32), ack=rng.randrange(1 << 32),
-                       flags=int(flags), payload=payload)  # fmt: skip
+                       flags=int(flags), options=options, payload=payload)  # fmt: skip
     else:
         l4 = build_udp(src, dst, sport, dport, payload)
     if v6:
-        return build_ipv6(src, dst, proto, len(l4), hop_limit=rng.randrange(1, 256)) + l4
-    return build_ipv4(src, dst, proto, len(l4), ttl=rng.randrange(1, 256)) + l4
+        ext = b""
+        for _ in range(rng.choice((0, 0, 0, 1, 2, IPV6_EXT_MAX + 1))):  # destination options, then the next header
+            ext = bytes((IPPROTO_DSTOPTS, 0)) + bytes(6) + ext
+        if ext:
+            ext = ext[:-8] + bytes((proto,)) + ext[-7:]
+        first = IPPROTO_DSTOPTS if ext else proto
+        return build_ipv6(src, dst, first, len(ext) + len(l4), hop_limit=rng.randrange(1, 256)) + ext + l4
+    options = rng.choice((b"", b"", bytes((1, 1, 1, 0)), bytes([1] * 39 + [0])))
+    return build_ipv4(src, dst, proto, len(l4), ttl=rng.randrange(1, 256), options=options) + l4
 
 
 def base_set(rng: random.Random, captures: Sequence[bytes], *, flows: int = 48) -> Base:
@@ -374,6 +401,7 @@ class Report:
     labelled: dict[str, int]
     drops: dict[str, dict[str, int]]
     adopted: int
+    documented: dict[str, int]
     epochs: int
 
     @property
@@ -385,14 +413,15 @@ class Report:
             f"seed {self.seed}: {self.frames:,} frames in {self.seconds:.1f} s = {self.rate:,.0f} frames/s "
             "(each through the kernel's program and the Python endpoint)",
             f"captures: {self.captures}",
-            f"epochs {self.epochs:,}; flows the kernel learnt from a frame whose check it leaves to the host's stack, "
-            f"taken into the Python endpoint: {self.adopted:,}",
+            f"epochs {self.epochs:,}; documented differences: "
+            + (", ".join(f"{k} {v:,}" for k, v in sorted(self.documented.items())) or "none")
+            + f" (flows the kernel learnt or kept there, taken into the Python endpoint: {self.adopted:,})",
         ]
         for role in ("server", "client"):
             out.append(f"{role}: handed up {self.delivered[role]:,}, sent labelled {self.labelled[role]:,}; drops:")
             drops = sorted(self.drops[role].items(), key=lambda kv: -kv[1])
             out += [f"  {reason:<28} {count:>12,}" for reason, count in drops]
-        out.append("differences 0")
+        out.append("other differences 0")
         return out
 
 
@@ -455,5 +484,6 @@ def campaign(
             labelled={"server": pairs[True].labelled, "client": pairs[False].labelled},
             drops={"server": dict(pairs[True].dropped), "client": dict(pairs[False].dropped)},
             adopted=pairs[True].adopted + pairs[False].adopted,
+            documented=dict(pairs[True].differences + pairs[False].differences),
             epochs=epochs,
         )
