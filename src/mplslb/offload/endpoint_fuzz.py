@@ -117,31 +117,18 @@ def compare_ingress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, fram
     one of the documented differences."""
     before, counted = dict(ep.drops), k.counts()
     expected = ep.from_wire(frame, NOW)
-    if len(frame) < 14:
-        return Outcome(
-            expected
-        )  # no device hands the kernel a frame shorter than an Ethernet header (nor the test run)
+    if len(frame) < 14:  # no device hands the kernel a frame shorter than an Ethernet header (nor does the test run)
+        return Outcome(expected)
     got = k.run_ingress(frame)
-    reason = _reasons(ep, before)
     if int.from_bytes(frame[12:14], "big") != ETH_P_MPLS_UC:
         if got.retval != bpf.XDP_PASS or got.data != frame:
             raise Mismatch(f"ingress: an unlabelled frame not passed untouched (verdict {got.retval})")
         return Outcome(expected)
-    dropped = _new_drops(k, counted)
-    if got.retval == bpf.XDP_DROP and dropped == {"ipv6_ext_too_many"} and not reason & NOT_IN_KERNEL:
-        return Outcome(expected, "ipv6_ext_too_many")
+    handed = None  # the frame as the kernel hands the Python endpoint's packet to the stack
     if expected is not None:
-        ethertype = ETH_P_IPV6 if expected[0] >> 4 == 6 else ETH_P_IP
-        if (got.retval, got.data[:12], got.data[12:14], got.data[14:]) != (
-            bpf.XDP_PASS, frame[:12], ethertype.to_bytes(2, "big"), expected
-        ):  # fmt: skip
-            raise Mismatch(f"ingress: the kernel gave verdict {got.retval}, {got.data.hex()}; Python {expected.hex()}")
-        return Outcome(expected)
-    if reason & NOT_IN_KERNEL:
-        return Outcome(expected, "not_in_kernel")  # left to the host's stack
-    if got.retval != bpf.XDP_DROP or dropped != reason:
-        raise Mismatch(f"ingress: Python dropped it ({sorted(reason)}), the kernel gave {got.retval} {sorted(dropped)}")
-    return Outcome(expected)
+        handed = frame[:12] + (ETH_P_IPV6 if expected[0] >> 4 == 6 else ETH_P_IP).to_bytes(2, "big") + expected
+    return _judged("ingress", expected, _reasons(ep, before), _new_drops(k, counted), got, handed,
+                   passed=bpf.XDP_PASS, dropped=bpf.XDP_DROP)  # fmt: skip
 
 
 def compare_egress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, packet: bytes) -> Outcome:
@@ -150,7 +137,6 @@ def compare_egress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, packe
     before, counted = dict(ep.drops), k.counts()
     expected = ep.from_host(packet, NOW)
     frame = host_frame(packet)
-    reason = _reasons(ep, before)
     try:
         got = k.run_egress(frame)
     except bpf.BpfError:
@@ -164,17 +150,28 @@ def compare_egress(k: KernelEndpoint, ep: ServerEndpoint | ClientEndpoint, packe
         if got.retval != bpf.TC_ACT_OK or got.data != frame:
             raise Mismatch(f"egress: a packet not the datapath's not passed untouched (verdict {got.retval})")
         return Outcome(expected)
-    dropped = _new_drops(k, counted)
-    if got.retval == bpf.TC_ACT_SHOT and dropped == {"ipv6_ext_too_many"} and not reason & NOT_IN_KERNEL:
+    return _judged("egress", expected, _reasons(ep, before), _new_drops(k, counted), got, expected,
+                   passed=bpf.TC_ACT_OK, dropped=bpf.TC_ACT_SHOT)  # fmt: skip
+
+
+def _judged(
+    way: str, expected: bytes | None, reason: set[str], counted: set[str], got: bpf.TestRun, want: bytes | None, *,
+    passed: int, dropped: int,
+) -> Outcome:  # fmt: skip
+    """The judgement of both directions once the kernel ran: ``expected`` what the Python endpoint passed on and
+    ``reason`` its drop reasons; ``counted`` the kernel's new drop counts, ``got`` its run and ``want`` the frame it
+    must give when the Python endpoint passed the input on; ``passed`` and ``dropped`` the program's verdicts."""
+    if got.retval == dropped and counted == {"ipv6_ext_too_many"} and not reason & NOT_IN_KERNEL:
         return Outcome(expected, "ipv6_ext_too_many")
     if expected is not None:
-        if got.retval != bpf.TC_ACT_OK or got.data != expected:
-            raise Mismatch(f"egress: the kernel gave verdict {got.retval}, {got.data.hex()}; Python {expected.hex()}")
+        if got.retval != passed or got.data != want:
+            shown = want.hex() if want is not None else ""
+            raise Mismatch(f"{way}: the kernel gave verdict {got.retval}, {got.data.hex()}; Python {shown}")
         return Outcome(expected)
     if reason & NOT_IN_KERNEL:
-        return Outcome(expected, "not_in_kernel")
-    if got.retval != bpf.TC_ACT_SHOT or dropped != reason:
-        raise Mismatch(f"egress: Python dropped it ({sorted(reason)}), the kernel gave {got.retval} {sorted(dropped)}")
+        return Outcome(expected, "not_in_kernel")  # left to the host's stack
+    if got.retval != dropped or counted != reason:
+        raise Mismatch(f"{way}: Python dropped it ({sorted(reason)}), the kernel gave {got.retval} {sorted(counted)}")
     return Outcome(expected)
 
 
