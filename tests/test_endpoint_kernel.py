@@ -513,3 +513,25 @@ def test_mutated_recorded_frames_through_both_datapaths(server_pair: object, cli
     mutated = mutate(back, muts)
     if mutated and (pair.serving or keyed_on_vip(mutated, False)):  # a client's other packets are not the datapath's
         pair.egress(mutated)
+
+
+def test_flows_idle_for_the_timeout_are_forgotten_and_the_others_kept() -> None:
+    """The agent's expiry (KernelEndpoint.expire, on the flow map's own CLOCK_MONOTONIC times): a flow idle for
+    ``flow_timeout`` goes, one used since stays, and a scan that finds none idle long enough deletes nothing."""
+    from mplslb.offload.endpoint import KernelEndpoint
+
+    k = KernelEndpoint("server", mac=HOST, vips=[VIP, VIP6], flow_timeout=2.0)
+    try:
+        frames = [labelled(HOST, LB, 1001 + 2 * i, packet) for i, packet in enumerate(c2s_packets()[2:5])]
+        for frame in frames:
+            assert k.run_ingress(frame).retval == bpf.XDP_PASS
+        learnt = time.monotonic()
+        assert k.flow_count() == len(k.flow_table()) == 3
+        assert k.expire(learnt + 1.5) == 0 and k.flow_count() == 3  # idle 1.5 s of 2
+        time.sleep(0.3)
+        k.run_ingress(frames[0])  # the first flow used again
+        assert k.expire(learnt + 2.1) == 2  # the other two idle for more than 2 s by then
+        assert [label for label, _, _ in k.flow_table().values()] == [1002]
+        assert k.expire(time.monotonic() + 2.1) == 1 and k.flow_count() == 0
+    finally:
+        k.close()

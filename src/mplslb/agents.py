@@ -181,7 +181,7 @@ class KernelAgent:
         return {name: n for name, n in self.counts().items() if n and name not in ENDPOINT_TRAFFIC}
 
     def flows(self) -> int:
-        return len(self.kernel.flow_table()) if self.kernel is not None else 0
+        return self.kernel.flow_count() if self.kernel is not None else 0
 
     def close(self) -> list[str]:
         if self.control is not None:
