@@ -25,14 +25,14 @@ Where the kernel legitimately differs (docs/architecture.md lists it):
 * the IPv6 extension header walk stops after ``IPV6_EXT_MAX`` headers (``ipv6_ext_too_many``).
 
 The campaign (:func:`campaign`, ``make fuzz-endpoints``): from the seed, flows of both families and both transports
-give base frames (a client's labelled packets as a server meets them, a server's as a client meets them, ICMP errors
-about them each way, the host packets of each side) and the real captures of shared/data give more (as captured,
-and made the role's: to or from the virtual IP, under a label of the role). Each frame sent is a base frame clean or
-mutated (:func:`mplslb.fuzz.mutate`: cut, bits flipped, octets set, anywhere or where the datapaths read), on the
-ingress or egress of one role. Every :data:`EPOCH` frames both roles start afresh, after checking that the two
-datapaths learnt the same flows, from a new base set whose frames each role first meets once, clean, on ingress
-(its flows learnt, so that its hosts' packets meet known flows too). The first difference raises
-:class:`~mplslb.fuzz.Mismatch` naming the seed, the frame number and the frame.
+give base frames (a client's labelled packets as a server meets them, a server's as a client meets them, under one
+label or a deeper stack, ICMP errors about them each way, the host packets of each side) and the real captures of
+shared/data give more (as captured, and made the role's: to or from the virtual IP, under a label of the role). Each
+frame sent is a base frame clean or mutated (:func:`mplslb.fuzz.mutate`: cut, bits flipped, octets set, anywhere or
+where the datapaths read), on the ingress or egress of one role. Every :data:`EPOCH` frames both roles start afresh,
+after checking that the two datapaths learnt the same flows, from a new base set whose frames each role first meets
+once, clean, on ingress (its flows learnt, so that its hosts' packets meet known flows too). The first difference
+raises :class:`~mplslb.fuzz.Mismatch` naming the seed, the frame number and the frame.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from mplslb.wire.ip import (
 )
 from mplslb.wire.ipv4 import build_ipv4
 from mplslb.wire.ipv6 import build_ipv6
-from mplslb.wire.mpls import pack_entry
+from mplslb.wire.mpls import MAX_STACK_DEPTH, pack_entry
 from mplslb.wire.tcp import TCPFlag, build_tcp
 from mplslb.wire.udp import build_udp
 
@@ -362,6 +362,18 @@ def _c2s(rng: random.Random) -> int:
     return C2S_MIN + 2 * rng.randrange((C2S_MAX - C2S_MIN) // 2 + 1)
 
 
+def _stack(rng: random.Random, label: int) -> bytes:
+    """A label stack with ``label`` on top: alone most of the time, else with entries below it (a service or entropy
+    label), now and then one entry more than the stack may have, without a bottom."""
+    pick = rng.random()
+    if pick < 0.85:
+        return pack_entry(label, 0, True, 64)
+    depth = rng.randint(2, 4) if pick < 0.97 else MAX_STACK_DEPTH + 1
+    below = [pack_entry(rng.randrange(16, 1 << 20), rng.randrange(8), i == depth - 2 and depth <= MAX_STACK_DEPTH)
+             for i in range(depth - 1)]  # fmt: skip
+    return pack_entry(label, 0, False, 64) + b"".join(below)
+
+
 def _flow_packet(rng: random.Random, v6: bool, proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
     """A packet of a flow: TCP (with MSS and timestamp options at times) or UDP; IPv4 with options at times, IPv6
     with extension headers at times."""
@@ -397,15 +409,15 @@ def base_set(rng: random.Random, captures: Sequence[bytes], *, flows: int = 48) 
         c2s = _c2s(rng)
         to_server = _flow_packet(rng, v6, proto, client, vip, sport, dport)
         to_client = _flow_packet(rng, v6, proto, vip, client, dport, sport)
-        base.ingress[True].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + pack_entry(c2s, 0, True, 64) + to_server)
-        base.ingress[False].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + pack_entry(c2s + 1, 0, True, 64)
+        base.ingress[True].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + _stack(rng, c2s) + to_server)
+        base.ingress[False].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + _stack(rng, c2s + 1)
                                    + to_client)  # fmt: skip
         base.egress[True].append(to_client)  # the server's host answers
         base.egress[False].append(to_server)  # the client's host sends
         if rng.random() < 0.25:  # ICMP errors about the flow: a router's on the client's side, the other host's
             router = _client(rng, v6)
             error = build_icmp_unreachable(router, vip, to_client[: rng.randrange(28, 120)], code=4 if not v6 else 0)
-            base.ingress[True].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + pack_entry(c2s, 0, True, 64) + error)
+            base.ingress[True].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + _stack(rng, c2s) + error)
             base.egress[True].append(build_icmp_unreachable(vip, client, to_server[:120], code=3))
             base.egress[False].append(build_icmp_unreachable(client, vip, to_client[:120], code=3))
     for frame in rng.sample(list(captures), min(len(captures), 64)):
@@ -415,7 +427,7 @@ def base_set(rng: random.Random, captures: Sequence[bytes], *, flows: int = 48) 
             if packet is not None:
                 mine = readdressed(packet, serving=serving)
                 label = _c2s(rng) + (0 if serving else 1)
-                base.ingress[serving].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + pack_entry(label, 0, True, 64)
+                base.ingress[serving].append(build_ethernet(HOST, LB, ETH_P_MPLS_UC) + _stack(rng, label)
                                              + mine)  # fmt: skip
                 back = reversed_packet(mine)
                 if back is not None:
