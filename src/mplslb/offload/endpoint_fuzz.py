@@ -19,9 +19,9 @@ Where the kernel legitimately differs (docs/architecture.md lists it):
 * frames that are not the datapath's pass untouched: unlabelled frames on ingress; on egress a server's packets not
   from a virtual IP and a client's not to one (the Python agent, which only sees what is labelled or routed into its
   TUN, counts them);
-* checks the kernel leaves to the host's stack (:data:`NOT_IN_KERNEL`): the frame passes, and the kernel may learn
-  a flow from it that the Python endpoint does not; a :class:`Pair` then has the Python endpoint take what the
-  kernel learnt, so the flows they learn keep comparing;
+* checks the kernel leaves to the host's stack or makes under another name (:data:`NOT_IN_KERNEL`): the frame may
+  pass, and the kernel may learn a flow from it that the Python endpoint does not; a :class:`Pair` then has the
+  Python endpoint take what the kernel learnt, so the flows they learn keep comparing;
 * the IPv6 extension header walk stops after ``IPV6_EXT_MAX`` headers (``ipv6_ext_too_many``).
 
 The campaign (:func:`campaign`, ``make fuzz-endpoints``): from the seed, flows of both families and both transports
@@ -54,25 +54,28 @@ from mplslb.offload import bpf
 from mplslb.offload.endpoint import KernelEndpoint
 from mplslb.switching.layout import ENDPOINT_TRAFFIC, IPV6_EXT_MAX
 from mplslb.wire.checksum import internet_checksum
-from mplslb.wire.ethernet import ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet
-from mplslb.wire.icmp import build_icmp_unreachable
-from mplslb.wire.ip import (
-    IPPROTO_AH,
-    IPPROTO_DSTOPTS,
-    IPPROTO_FRAGMENT,
-    IPPROTO_HOPOPTS,
-    IPPROTO_ICMPV6,
-    IPPROTO_ROUTING,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
+from mplslb.wire.errors import WireError
+from mplslb.wire.ethernet import ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, build_ethernet, parse_ethernet
+from mplslb.wire.icmp import ICMP6_INFO_MIN, ICMP_HLEN, build_icmp_unreachable
+from mplslb.wire.ip import IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from mplslb.wire.ipv4 import IPV4_HLEN, build_ipv4
+from mplslb.wire.ipv6 import (
+    AH_LEN_BIAS,
+    AH_UNIT,
+    EXT_MIN_LEN,
+    EXT_UNIT,
+    EXTENSION_HEADERS,
+    FRAG_OFFSET_SHIFT,
+    FRAGMENT_HLEN,
+    IPV6_HLEN,
+    build_ipv6,
 )
-from mplslb.wire.ipv4 import build_ipv4
-from mplslb.wire.ipv6 import build_ipv6
-from mplslb.wire.mpls import MAX_STACK_DEPTH, pack_entry
+from mplslb.wire.mpls import MAX_STACK_DEPTH, pack_entry, parse_stack
 from mplslb.wire.tcp import TCPFlag, build_tcp
 from mplslb.wire.udp import build_udp
 
-#: Reasons the Python endpoint drops under for checks the kernel leaves to the host's stack.
+#: Reasons the Python endpoint drops under for checks the kernel leaves to the host's stack (TCP options) or makes
+#: under another name (an IP version that does not fit).
 NOT_IN_KERNEL = frozenset({"tcp_bad_option", "ipv4_bad_version", "ipv6_bad_version"})
 #: Counters of frames that went through, not drops.
 THROUGH = frozenset(ENDPOINT_TRAFFIC)
@@ -83,8 +86,6 @@ VIP4 = bytes((10, 0, 0, 100))
 VIP6 = bytes.fromhex("fd000000000000000000000000000100")
 NOW = 100.0  # the Python endpoints' clock (the kernel's is its own: no flow ages within a campaign's epoch)
 EPOCH = 2048  # frames between two fresh starts of both roles
-IPV4_HLEN, IPV6_HLEN = 20, 40
-ICMPV6_INFO_MIN = 128  # ICMPv6 types below are errors, which quote a datagram
 _MPLS = ETH_P_MPLS_UC.to_bytes(2, "big")
 
 
@@ -93,14 +94,14 @@ def host_frame(packet: bytes) -> bytes:
     return GW + HOST + (ETH_P_IPV6 if packet and packet[0] >> 4 == 6 else ETH_P_IP).to_bytes(2, "big") + packet
 
 
-def keyed_on_vip(packet: bytes, serving: bool, vips: tuple[bytes, bytes] = (VIP4, VIP6)) -> bool:
+def keyed_on_vip(packet: bytes, serving: bool) -> bool:
     """Whether the address the egress program keys on (a server's: the source; a client's: the destination) is a
     virtual IP: only such packets are the datapath's."""
     version = packet[0] >> 4 if packet else 0
     if version == 4 and len(packet) >= IPV4_HLEN:
-        return (packet[12:16] if serving else packet[16:20]) == vips[0]
+        return (packet[12:16] if serving else packet[16:20]) == VIP4
     if version == 6 and len(packet) >= IPV6_HLEN:
-        return (packet[8:24] if serving else packet[24:40]) == vips[1]
+        return (packet[8:24] if serving else packet[24:40]) == VIP6
     return False
 
 
@@ -114,8 +115,8 @@ def _reasons(ep: ServerEndpoint | ClientEndpoint, before: dict[str, int]) -> set
 
 class Outcome(NamedTuple):
     """What one frame or packet gave: what the Python endpoint passed on (None: it dropped it) and, where the two
-    datapaths differed as documented, how: ``not_in_kernel`` (the Python endpoint dropped it for a check the kernel
-    leaves to the host's stack, and the kernel passed it on), ``ipv6_ext_too_many`` (the kernel stopped at the
+    datapaths differed as documented, how: ``not_in_kernel`` (the Python endpoint dropped it under a reason of
+    :data:`NOT_IN_KERNEL`), ``ipv6_ext_too_many`` (the kernel stopped at the
     extension header limit); empty when they agreed."""
 
     python: bytes | None
@@ -181,7 +182,7 @@ def _judged(
             raise Mismatch(f"{way}: the kernel gave verdict {got.retval}, {got.data.hex()}; Python {shown}")
         return Outcome(expected)
     if reason & NOT_IN_KERNEL:
-        return Outcome(expected, "not_in_kernel")  # left to the host's stack
+        return Outcome(expected, "not_in_kernel")
     if got.retval != dropped or counted != reason:
         raise Mismatch(f"{way}: Python dropped it ({sorted(reason)}), the kernel gave {got.retval} {sorted(counted)}")
     return Outcome(expected)
@@ -244,54 +245,49 @@ class Pair:
         return kernel == python
 
 
-_EXTENSIONS = frozenset({IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_DSTOPTS, IPPROTO_AH})
-
-
 def beyond_ext_limit(packet: bytes) -> bool:
     """Whether the kernel's walk of an IPv6 packet's extension headers (``walk_ext`` in mplslb_endpoint.c) stops at
     its bound: ``IPV6_EXT_MAX`` of them whole, and another after them; the datagram an ICMPv6 error quotes is
-    walked too."""
+    walked too. (``mplslb.wire.ipv6.parse_ipv6`` walks on without a bound and checks every header it meets.)"""
     for _ in range(2):  # the packet, then the one its ICMPv6 error quotes
         if len(packet) < IPV6_HLEN or packet[0] >> 4 != 6:
             return False
         proto, pos = packet[6], IPV6_HLEN
         for _ in range(IPV6_EXT_MAX):
-            if proto not in _EXTENSIONS:
+            if proto not in EXTENSION_HEADERS:
                 break
-            if len(packet) < pos + 8:
+            if len(packet) < pos + EXT_MIN_LEN:
                 return False
             if proto == IPPROTO_FRAGMENT:
-                if int.from_bytes(packet[pos + 2 : pos + 4], "big") >> 3:
+                if int.from_bytes(packet[pos + 2 : pos + 4], "big") >> FRAG_OFFSET_SHIFT:
                     return False  # a later fragment: the walk ends there
-                proto, pos = packet[pos], pos + 8
+                proto, pos = packet[pos], pos + FRAGMENT_HLEN
                 continue
-            size = (packet[pos + 1] + 2) * 4 if proto == IPPROTO_AH else (packet[pos + 1] + 1) * 8
+            length = packet[pos + 1]
+            size = (length + AH_LEN_BIAS) * AH_UNIT if proto == IPPROTO_AH else (length + 1) * EXT_UNIT
             if len(packet) - pos < size:
                 return False
             proto, pos = packet[pos], pos + size
-        if proto in _EXTENSIONS:
+        if proto in EXTENSION_HEADERS:
             return True
-        if proto != IPPROTO_ICMPV6 or len(packet) < pos + 8 or packet[pos] >= ICMPV6_INFO_MIN:
+        if proto != IPPROTO_ICMPV6 or len(packet) < pos + ICMP_HLEN or packet[pos] >= ICMP6_INFO_MIN:
             return False
-        packet = packet[pos + 8 :]
+        packet = packet[pos + ICMP_HLEN :]  # the quote
     return False
 
 
 # -- packets made the role's ---------------------------------------------------------------------------------------
 def packet_of(frame: bytes) -> bytes | None:
     """The IP packet a frame carries after its Ethernet header, 802.1Q tags and label stack; None when it carries
-    none (another ethertype, or cut before the packet)."""
-    at, ethertype = 14, int.from_bytes(frame[12:14], "big") if len(frame) >= 14 else 0
-    while ethertype == ETH_P_8021Q and len(frame) >= at + 4:
-        ethertype, at = int.from_bytes(frame[at + 2 : at + 4], "big"), at + 4
-    if ethertype == ETH_P_MPLS_UC:
-        while len(frame) >= at + 4:
-            bottom, at = frame[at + 2] & 1, at + 4
-            if bottom:
-                break
-        else:
+    none (another ethertype, or a header or stack that does not decode)."""
+    try:
+        eth = parse_ethernet(frame)
+        at = eth.payload_offset
+        if eth.ethertype == ETH_P_MPLS_UC:
+            _, at = parse_stack(frame, at)
+        elif eth.ethertype not in (ETH_P_IP, ETH_P_IPV6):
             return None
-    elif ethertype not in (ETH_P_IP, ETH_P_IPV6):
+    except WireError:
         return None
     return frame[at:] if len(frame) > at and frame[at] >> 4 in (4, 6) else None
 
