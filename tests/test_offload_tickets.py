@@ -50,7 +50,7 @@ from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.tickets import TICKETS_WANT, TicketDesk
 from mplslb.offload.xdp import Taken
 from mplslb.sessions import SessionState
-from mplslb.switching.layout import KERNEL_ENTRY, KERNEL_ENTRY_FIELDS, struct_offsets
+from mplslb.switching.layout import KERNEL_ENTRY, KERNEL_ENTRY_FIELDS, TAKEN, struct_offsets
 from mplslb.wire.ip import IPPROTO_TCP
 from test_offload import from_client, from_server, label_of, needs_kernel, on_veths, veth_namespaces
 
@@ -166,6 +166,45 @@ def test_a_syn_taken_under_a_ticket_is_what_userspace_makes_of_it(
         stats = core.stats()["tickets"]
         assert stats["syn_taken"] == stats["taken"] == 3 and core.balancer.frames_in == 0
         assert [s.active for s in core.balancer.pool] != [s.active for s in reference.pool]  # the tickets' servers
+    finally:
+        core.close()
+
+
+@needs_kernel
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "queue"])
+def test_more_syns_than_the_taken_ring_holds_are_read_whole_and_in_order(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ring: bool
+) -> None:
+    """The program's records of the tickets it took, over more folds and more records in all than the taken ring
+    holds (so they wrap around its end, one of them across it), are read whole and in the order taken; the same
+    from the queue the program is built with on machines whose loads may be reordered."""
+    monkeypatch.setattr(bpf, "ORDERED_LOADS", ring)
+    core, _, loop = pair(lb, tmp_path, monkeypatch)
+    try:
+        desk = core.desk
+        taken_map = core.offload._ticket_maps["taken"]
+        assert desk is not None and isinstance(taken_map, bpf.RingBuffer if ring else bpf.Queue)
+        record = (TAKEN.size + bpf.RINGBUF_HDR_SIZE + 7) & ~7
+        rounds = 4
+        if ring:
+            assert taken_map.size % record and rounds * TICKETS_WANT * record > taken_map.size
+        for _ in range(rounds):
+            assert len(desk.outstanding) == TICKETS_WANT
+            expected: list[tuple[int, int, int, bytes]] = []
+            for i in range(TICKETS_WANT):
+                port, sport, v6 = i % 2, next(_sports), i % 3 == 0
+                result = run(core, lb, syn_frame(v6=v6, sport=sport, port=port), port)
+                assert result.retval == bpf.XDP_REDIRECT
+                expected.append((label_of(result.data), port, sport, client_addr(port, v6=v6)))
+            taken = core.offload.take_tickets()
+            assert [(t.c2s, t.port_id, t.sport, t.src) for t in taken] == expected
+            assert all(t.dport == 80 and t.dst in (VIP, VIP6) for t in taken)
+            assert core.offload.take_tickets() == []
+            now = loop.clock()
+            for t in taken:
+                core.balancer.release_decided(t.c2s, desk.outstanding.pop(t.c2s), now)
+            core.offload.revoke_tickets([t.c2s for t in taken])
+            assert desk.refill(now) == TICKETS_WANT
     finally:
         core.close()
 

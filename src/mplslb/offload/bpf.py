@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-Only the commands the kernel offload needs are wrapped: creating a map, updating, deleting and looking up its
-elements one by one and in batches, loading a program, attaching it to an interface with a BPF link, reading an
-object's info, and running a program on a frame (``BPF_PROG_TEST_RUN``, for tests). Every ``union bpf_attr`` is
-packed with :mod:`struct` into a zeroed buffer whose size is passed to the kernel, so fields this module does not
-set are zero, as the kernel requires. Errors raise :class:`BpfError` (an ``OSError`` with the errno and, for a
-program the verifier refused, the verifier's log).
+Only the commands the kernel offload needs are wrapped: creating a map, updating, deleting and looking up its elements
+one by one and in batches, reading a ring buffer map in place (:class:`RingBuffer`), loading a program, attaching it to
+an interface with a BPF link, reading an object's info, and running a program on a frame (``BPF_PROG_TEST_RUN``, for
+tests). Every ``union bpf_attr`` is packed with :mod:`struct` into a zeroed buffer whose size is passed to the kernel,
+so fields this module does not set are zero, as the kernel requires. Errors raise :class:`BpfError` (an ``OSError`` with
+the errno and, for a program the verifier refused, the verifier's log).
 
 The loader (:func:`load_program`) reads the ELF object clang writes for ``-target bpf``: the program's section, its
 relocations and the symbol table. Maps are not described in the object: the caller creates them and passes their
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import platform
 import struct
@@ -50,6 +51,7 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_QUEUE = 22
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_XDP = 6
 BPF_XDP = 37  # enum bpf_attach_type
@@ -78,6 +80,12 @@ _syscall = _libc.syscall
 
 ATTR_SIZE = 128  # large enough for every command used here; the kernel zero-checks the bytes it does not know
 _U64 = struct.Struct("=Q")
+_U32 = struct.Struct("=I")
+#: Machines whose loads are not reordered with other loads, nor stores with other stores (x86's total store order,
+#: s390's): a plain load there reads what a release store published, as an acquiring load would.
+ORDERED_MACHINES = frozenset({"x86_64", "i686", "s390x"})
+#: A ring buffer map can be read in place here (:class:`RingBuffer`).
+ORDERED_LOADS = platform.machine() in ORDERED_MACHINES
 LOG_SIZE = 1 << 20
 
 
@@ -275,8 +283,91 @@ class Queue:
             raise BpfError(err, f"popping from {self.name}")
         return self._value.raw
 
+    def take_all(self) -> list[bytes]:
+        """Every value in the queue, front first, taken off it (one system call each, and one that finds it
+        empty)."""
+        out: list[bytes] = []
+        while (value := self.pop()) is not None:
+            out.append(value)
+        return out
+
     def close(self) -> None:
         if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+#: A ring buffer record's header: its length, with these two bits, then its page offset (unused here).
+RINGBUF_BUSY = 1 << 31  # reserved by a program, not committed yet
+RINGBUF_DISCARD = 1 << 30  # discarded by the program: skipped
+RINGBUF_HDR_SIZE = 8
+
+
+def ring_size(record: int, records: int) -> int:
+    """The smallest size a ring buffer map takes (a power of two, at least a page) that holds ``records`` records
+    of ``record`` octets, each with its header, 8-aligned: more than they take, as the kernel refuses a record
+    that would fill the ring to its last octet."""
+    need = records * ((record + RINGBUF_HDR_SIZE + 7) & ~7)
+    return max(mmap.PAGESIZE, 1 << need.bit_length())
+
+
+class RingBuffer:
+    """A ring buffer map (``BPF_MAP_TYPE_RINGBUF``) a program writes records into (``bpf_ringbuf_output``), read
+    in place through ``mmap``: no system call per record, nor for finding it empty.
+
+    The kernel maps a consumer page (the position read up to, written here), then a producer page (the position
+    written up to) and the data twice over, so a record that wraps reads as one slice. A program publishes a
+    record by clearing its header's busy bit, and the producer position, with release stores; they are read here
+    with plain loads, which is only right where loads are kept in order (:data:`ORDERED_LOADS`): elsewhere the
+    caller uses a :class:`Queue`.
+    """
+
+    def __init__(self, fd: int, size: int, name: str) -> None:
+        self.fd, self.size, self.name = fd, size, name
+        page = mmap.PAGESIZE
+        try:
+            self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+            self._producer = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except OSError as exc:
+            raise BpfError(exc.errno or 0, f"mapping ring buffer {name}") from None
+        self._data = page  # where the data starts in the producer's mapping
+        self._mask = size - 1
+
+    @classmethod
+    def create(cls, size: int, *, name: str) -> RingBuffer:
+        """A new ring buffer of ``size`` octets (a power of two, a multiple of the page size: :func:`ring_size`)."""
+        fd = map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, size, name=name)
+        try:
+            return cls(fd, size, name)
+        except BpfError:
+            os.close(fd)
+            raise
+
+    def take_all(self) -> list[bytes]:
+        """Every record committed since the last call, oldest first; the space they held is given back to the
+        program. Stops at the first record still reserved (the rest follow at the next call)."""
+        consumer, producer = self._consumer, self._producer
+        (at,) = _U64.unpack_from(consumer, 0)
+        (end,) = _U64.unpack_from(producer, 0)
+        if at == end:
+            return []
+        out: list[bytes] = []
+        data, mask = self._data, self._mask
+        while at < end:
+            start = data + (at & mask)
+            (length,) = _U32.unpack_from(producer, start)
+            if length & RINGBUF_BUSY:
+                break
+            if not length & RINGBUF_DISCARD:
+                out.append(producer[start + RINGBUF_HDR_SIZE : start + RINGBUF_HDR_SIZE + length])
+            at += ((length & ~RINGBUF_DISCARD) + RINGBUF_HDR_SIZE + 7) & ~7
+        _U64.pack_into(consumer, 0, at)
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._consumer.close()
+            self._producer.close()
             os.close(self.fd)
             self.fd = -1
 

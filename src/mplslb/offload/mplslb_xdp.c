@@ -34,7 +34,7 @@ struct map_ref labels SEC("maps");
 struct map_ref syn_buckets SEC("maps"); /* per CPU, one struct syn_bucket */
 struct map_ref requests SEC("maps");    /* C2S label -> struct request, the slot of its first request (F_L7) */
 struct map_ref tickets SEC("maps");      /* queue of C2S labels: the tickets ready to take (offload_syn) */
-struct map_ref taken SEC("maps");        /* queue of struct taken: the tickets taken, for the daemon */
+struct map_ref taken SEC("maps");        /* ring buffer (queue with TAKEN_QUEUE) of struct taken: the tickets taken, for the daemon */
 struct map_ref syn_flows SEC("maps");    /* struct syn_flow -> C2S label: every live TCP session's flow */
 struct map_ref services SEC("maps");     /* struct service_key -> 1: the (VIP, TCP port)s served */
 struct map_ref client_ports SEC("maps"); /* ingress ifindex -> struct syn_port: the client ports */
@@ -46,6 +46,13 @@ static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static long (*bpf_xdp_adjust_tail)(struct xdp_md *ctx, int delta) = (void *)65;
 static long (*bpf_map_push_elem)(void *map, const void *value, __u64 flags) = (void *)87;
 static long (*bpf_map_pop_elem)(void *map, void *value) = (void *)88;
+#ifdef TAKEN_QUEUE
+#define taken_out(t) bpf_map_push_elem(&taken, (t), 0)
+#else
+static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
+#define BPF_RB_NO_WAKEUP 1 /* the daemon reads the ring when it folds, it does not wait on it */
+#define taken_out(t) bpf_ringbuf_output(&taken, (t), sizeof(*(t)), BPF_RB_NO_WAKEUP)
+#endif
 #define BPF_NOEXIST 1
 
 /*
@@ -315,7 +322,7 @@ static __attribute__((always_inline)) int syn_gate(__u8 *ip, __u8 *end, __u16 et
  * frame under them goes up meanwhile), and their C2S labels in the ticket queue. A SYN the daemon would open a
  * session for and nothing else, read exactly as the analyzer reads it (take_syn), takes one: the client's fields
  * are filled into both entries, the frame leaves for the ticket's server under the C2S label as the userspace path
- * would send it, and the daemon learns of it from the taken queue. Anything else goes up untouched.
+ * would send it, and the daemon learns of it from the taken ring. Anything else goes up untouched.
  */
 static __attribute__((always_inline)) void ticket_count(__u32 what)
 {
@@ -502,8 +509,8 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 	__u32 *value = bpf_map_lookup_elem(&syn_flows, &flow);
 	if (value)
 		*value = c2s;
-	if (bpf_map_push_elem(&taken, &t, 0)) {
-		/* never (the queue holds as many as there are tickets): the ticket goes back, the SYN goes up */
+	if (taken_out(&t)) {
+		/* never (the ring holds as many records as there are tickets): the ticket goes back, the SYN goes up */
 		bpf_map_delete_elem(&syn_flows, &flow);
 		bpf_map_push_elem(&tickets, &c2s, 0);
 		ticket_count(SYN_NO_TICKET);

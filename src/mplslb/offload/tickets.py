@@ -23,7 +23,7 @@ that does not read the flow key, so the daemon decides it ahead:
   ending session's flow leaves it, so its client's port used again takes a ticket and the fold ends the ending
   session as a reused flow's, :meth:`~mplslb.balancer.Balancer.open_decided`), pops a ticket, fills
   the client's fields into both entries, clears ``F_TICKET`` and leaves for the server under the C2S label exactly
-  as :meth:`~mplslb.balancer.Balancer._to_server` would send it; what it did goes onto the taken queue.
+  as :meth:`~mplslb.balancer.Balancer._to_server` would send it; what it did goes into the taken ring.
 * **Fold** (:meth:`TicketDesk.fold`, before every batch of frames the daemon handles, so a retransmitted SYN finds
   its session, and before every sync, poll and timer run): each taken ticket becomes the session
   :meth:`~mplslb.balancer.Balancer._new_session` would have made (:meth:`~mplslb.balancer.Balancer.open_decided`:
@@ -35,7 +35,7 @@ that does not read the flow key, so the daemon decides it ahead:
   limits or the services change, or a server goes over (or back under) the response time limit, every ticket is
   drained from the queue (the program takes none meanwhile), its entries deleted and its decision given back
   (:meth:`~mplslb.balancer.Balancer.release_decided`: the server's count, the labels to quarantine), and tickets
-  are issued afresh. A ticket the program popped as the queue was drained shows up in the taken queue and is
+  are issued afresh. A ticket the program popped as the queue was drained shows up in the taken ring and is
   folded at the next call.
 
 Tickets are not kept across daemons (no ``[state] persist`` with ``offload_syn``): they live in the daemon's maps

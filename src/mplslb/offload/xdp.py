@@ -121,20 +121,21 @@ GSO state untouched. What the switch would pass up it drops, counted by reason (
 into the table's drops at each poll); a FIN it clears first and switches the rest (docs/architecture.md says why).
 Every port must be a veth; nothing is pinned (no ``pins`` with ``gso``).
 
-Tickets (``tickets``, the daemon's ``offload_syn``; :mod:`mplslb.offload.tickets` decides them): an unlabelled TCP
-SYN on a client port may be taken by the program under a ticket, a new session decided ahead by the daemon, and
-sent to its server as the userspace path sends it. The maps: the ticket queue (``BPF_MAP_TYPE_QUEUE`` of C2S
-labels; :meth:`issue_tickets` writes a ticket's two entries, built by :meth:`ticket_entries` with everything that does
-not depend on the client and flagged ``F_TICKET``, then pushes its label), the taken queue (what the program did
-with each ticket it took: :meth:`take_tickets`, a :class:`Taken` each, whose labels' later install in the table writes
-nothing, their entries being the session's already), the flow map (every live TCP session's flow -> its C2S
-label: written and deleted with the label entries of the sessions made in userspace, inserted by the program for
-the ones it makes, taken out once the session is ending, :meth:`release_flow`; a SYN of a flow in it goes up), the
-services map ((VIP, TCP port)s, :meth:`set_services`), the
-client ports (:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist
-whatever the setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose
-labels the table does not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once
-its session is there. Nothing of it is pinned: no ``pins`` with ``tickets``.
+Tickets (``tickets``, the daemon's ``offload_syn``; :mod:`mplslb.offload.tickets` decides them): an unlabelled TCP SYN
+on a client port may be taken by the program under a ticket, a new session decided ahead by the daemon, and sent to its
+server as the userspace path sends it. The maps: the ticket queue (``BPF_MAP_TYPE_QUEUE`` of C2S labels;
+:meth:`issue_tickets` writes a ticket's two entries, built by :meth:`ticket_entries` with everything that does not
+depend on the client and flagged ``F_TICKET``, then pushes its label), the taken ring (what the program did with each
+ticket it took: :meth:`take_tickets`, a :class:`Taken` each, whose labels' later install in the table writes nothing,
+their entries being the session's already; a ``BPF_MAP_TYPE_RINGBUF`` read in place, without a system call, or a queue
+built with ``TAKEN_QUEUE`` on machines whose loads may be reordered, :data:`bpf.ORDERED_LOADS`), the flow map (every
+live TCP session's flow -> its C2S label: written and deleted with the label entries of the sessions made in userspace,
+inserted by the program for the ones it makes, taken out once the session is ending, :meth:`release_flow`; a SYN of a
+flow in it goes up), the services map ((VIP, TCP port)s, :meth:`set_services`), the client ports
+(:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist whatever the
+setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose labels the table does
+not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once its session is there.
+Nothing of it is pinned: no ``pins`` with ``tickets``.
 
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
@@ -250,6 +251,8 @@ CLIENT_PORTS_MAX = 256
 #: The macro that builds the XDP program's super-packet variant (and the tc program): the longest frame of one
 #: segment, which both programs and the daemon's socket filter take as the bound.
 GSO_DEFINE = "GSO_FRAME_MAX"
+#: The macro that builds the program with the taken tickets on a queue map rather than a ring buffer.
+TAKEN_QUEUE_DEFINE = "TAKEN_QUEUE"
 MODES = ("auto", "native", "generic")
 BPFFS = Path("/sys/fs/bpf")
 #: Where a daemon that keeps its state pins the program, its map and its links, one directory per instance.
@@ -536,7 +539,7 @@ class XdpOffload:
         self._tc = -1
         self._gso_folded: dict[str, int] = {}  # the tc program's drops already added to the table's drops
         self.tickets = tickets
-        self._ticket_maps: dict[str, bpf.Map | bpf.Queue] = {}
+        self._ticket_maps: dict[str, bpf.Map | bpf.Queue | bpf.RingBuffer] = {}
         self._flows: dict[int, bytes] = {}  # tickets: C2S label -> its flow's key in the flow map
         self._released: list[bytes] = []  # flows of ending sessions, out of the flow map at the next sync
         self._flow_owner: dict[bytes, int] = {}  # ... and the label each key was last written for
@@ -560,10 +563,7 @@ class XdpOffload:
         except OSError as exc:
             raise OffloadError(f"kernel offload: {exc}") from None
         try:
-            if self._obj is not None:
-                obj = self._obj
-            else:
-                obj = build_object(defines={GSO_DEFINE: self.frame_max} if self.gso else None)
+            obj = self._obj if self._obj is not None else build_object(defines=self.defines())
         except BuildError as exc:
             raise OffloadError(str(exc)) from None
         if self.pins is not None:
@@ -613,6 +613,14 @@ class XdpOffload:
         self.table.add_mirror(self)
         self.table.ack_stores.append(self)
         self._mirror(int(label) for label in np.flatnonzero(self.table.arrays().valid))
+
+    def defines(self) -> dict[str, int]:
+        """The ``-D`` macros of the program this offload loads: the super-packets' bound with ``gso``, the taken
+        tickets on a queue where a ring buffer cannot be read in place."""
+        out = {GSO_DEFINE: self.frame_max} if self.gso else {}
+        if not bpf.ORDERED_LOADS:
+            out[TAKEN_QUEUE_DEFINE] = 1
+        return out
 
     # -- pins: what outlives the daemon ----------------------------------------------------------------------------
     def _pin_path(self, what: str) -> str:
@@ -776,7 +784,11 @@ class XdpOffload:
         if not self._ticket_maps:
             m = self._ticket_maps
             m["tickets"] = bpf.Queue.create(_KEY.size, TICKETS_MAX, name=TICKET_MAPS["tickets"])
-            m["taken"] = bpf.Queue.create(TAKEN.size, TICKETS_MAX, name=TICKET_MAPS["taken"])
+            if bpf.ORDERED_LOADS:
+                size = bpf.ring_size(TAKEN.size, TICKETS_MAX)
+                m["taken"] = bpf.RingBuffer.create(size, name=TICKET_MAPS["taken"])
+            else:
+                m["taken"] = bpf.Queue.create(TAKEN.size, TICKETS_MAX, name=TICKET_MAPS["taken"])
             m["syn_flows"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, SYN_FLOW.size, _KEY.size, self.max_entries,
                                             flags=bpf.BPF_F_NO_PREALLOC, name=TICKET_MAPS["syn_flows"])  # fmt: skip
             m["services"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, SERVICE_KEY.size, _KEY.size, SERVICES_MAX, flags=0,
@@ -1315,12 +1327,15 @@ class XdpOffload:
     def take_tickets(self) -> list[Taken]:
         """The SYNs the program took under tickets since the last call, in the order it took them. Their labels'
         entries are the sessions' already: the table's install of them writes nothing."""
-        queue = self._ticket_maps.get("taken")
-        if not isinstance(queue, bpf.Queue):
+        taken = self._ticket_maps.get("taken")
+        if not isinstance(taken, bpf.RingBuffer | bpf.Queue):
+            return []
+        records = taken.take_all()
+        if not records:
             return []
         out: list[Taken] = []
         offset = self.clock() - time.monotonic()
-        while (raw := queue.pop()) is not None:
+        for raw in records:
             c2s, ifindex, ns, mac, family, _, src, dst, ports, length = TAKEN.unpack(raw)
             size = 16 if family == 6 else 4
             self._ticketed.update((c2s, c2s + 1))
@@ -1336,10 +1351,7 @@ class XdpOffload:
         queue = self._ticket_maps.get("tickets")
         if not isinstance(queue, bpf.Queue):
             return []
-        out: list[int] = []
-        while (raw := queue.pop()) is not None:
-            out.append(_KEY.unpack(raw[: _KEY.size])[0])
-        return out
+        return [_KEY.unpack_from(raw)[0] for raw in queue.take_all()]
 
     def revoke_tickets(self, labels: list[int]) -> None:
         """Delete the entries of tickets (C2S labels) out of the queue, or taken but not made sessions."""
