@@ -20,6 +20,9 @@ last ACK. The daemon does what its loop does for them, each phase timed in threa
 * ``finish``, once a batch: the timers once the sessions' close linger is over: each is closed and its labels
   withdrawn (:meth:`Balancer.on_timer`; the clock is moved past the linger, the kernel's times with it).
 
+Besides, once a round: ``idle_fold_us``, a fold that finds nothing taken (what the daemon's loop pays before every
+batch of frames, sync and timer run between SYNs), CPU µs per call over :data:`IDLE_FOLDS` calls.
+
 A batch (3,000 by default) is what one of the lab daemon's polls, once a second, finds under wrk. The figures are
 medians over the rounds (the two daemons in turn within each round) of CPU µs per session; the end-to-end run
 (``bench/e2e.py --close --variant kernel+xdp+syn``) gives the daemon's CPU per session under wrk, where its loop's
@@ -75,6 +78,8 @@ PORTS = (*CLIENT_PORTS, *SERVER_PORTS)
 BATCH = 3000
 #: Sessions between two folds and syncs: what the daemon's 5 ms sync timer finds at about 3,000 sessions a second.
 CHUNK = 16
+#: Folds that find nothing, timed once a round.
+IDLE_FOLDS = 1000
 
 
 @contextlib.contextmanager
@@ -183,12 +188,13 @@ class Bench:
             (from_server(ACK), out),
         ]
 
-    def round(self, batch: int) -> tuple[int, dict[str, float], float]:
+    def round(self, batch: int) -> tuple[int, dict[str, float], float, float]:
         """``batch`` sessions through the kernel and the daemon: (sessions run, CPU seconds per phase). Every
         :data:`CHUNK` sessions, as at the daemon's sync timer: their SYNs (taken in the kernel, or read by the daemon
         without tickets), the ``start`` phase (the fold of the taken tickets, or the daemon's slow path for the SYNs,
         each followed by its sync), the rest of their frames; one poll and one timer run follow the batch. The third
-        value is the longest the poll held the loop at once, in CPU seconds."""
+        value is the longest the poll held the loop at once, in CPU seconds; the fourth the CPU seconds of a fold
+        that finds nothing taken."""
         spent = dict.fromkeys(PHASES, 0.0)
         core = self.core
         ran = 0
@@ -233,7 +239,11 @@ class Bench:
         while (due := self.balancer.sessions.next_deadline()) is not None and due <= self.loop.clock():
             timed("finish", self.balancer.on_timer)  # more ended than one timer run takes (TIMER_SESSIONS)
         timed("sync", core._sync)
-        return ran, spent, hold
+        started = time.thread_time()
+        for _ in range(IDLE_FOLDS):
+            core._fold_tickets(self.loop.clock())
+        idle = (time.thread_time() - started) / IDLE_FOLDS
+        return ran, spent, hold, idle
 
 
 def _label(frame: bytes) -> int:
@@ -246,6 +256,7 @@ def _figures(per_round: list[dict[str, float]]) -> dict[str, Any]:
     figures["total"] = round(statistics.median(sum(r[k] for k in PHASES) for r in per_round), 1)
     figures["sessions"] = int(sum(r["sessions"] for r in per_round))
     figures["poll_hold_ms"] = round(statistics.median(r["poll_hold_ms"] for r in per_round), 1)
+    figures["idle_fold_us"] = round(statistics.median(r["idle_fold_us"] for r in per_round), 2)
     return figures
 
 
@@ -261,10 +272,10 @@ def measure(batch: int, rounds: int, *, profile: Path | None = None) -> dict[str
             profiler = benches["offload_syn"].profiler = cProfile.Profile() if profile else None
             for _ in range(rounds):
                 for key, bench in benches.items():
-                    ran, spent, hold = bench.round(batch)
+                    ran, spent, hold, idle = bench.round(batch)
                     per_round[key].append(
                         {k: v * 1e6 / max(ran, 1) for k, v in spent.items()}
-                        | {"sessions": ran, "poll_hold_ms": hold * 1e3}
+                        | {"sessions": ran, "poll_hold_ms": hold * 1e3, "idle_fold_us": idle * 1e6}
                     )
             figures: dict[str, Any] = {key: _figures(runs) for key, runs in per_round.items()}
             desk = benches["offload_syn"].core.desk
@@ -323,8 +334,8 @@ def main() -> None:
             print(json.dumps(figures))
         else:
             print(f"{'µs per session':16} {'offload_syn':>12} {'SYN up':>12}")
-            for key in (*PHASES, "total", "poll_hold_ms"):
-                print(f"{key:16} {figures['offload_syn'][key]:12.1f} {figures['syn_up'][key]:12.1f}")
+            for key in (*PHASES, "total", "poll_hold_ms", "idle_fold_us"):
+                print(f"{key:16} {figures['offload_syn'][key]:12.2f} {figures['syn_up'][key]:12.2f}")
             print({k: v for k, v in figures.items() if k not in ("offload_syn", "syn_up")})
         if where is not None:
             stats = pstats.Stats(str(where), stream=sys.stdout)

@@ -36,6 +36,7 @@ def test_both_ways_close_every_session_and_only_the_slow_path_reads_the_syns(mon
         assert figures["ended"][key] == {"closed": 96}  # the warm-up round's and the measured round's
         assert figures["live_after"][key] == 0
         assert all(figures[key][phase] > 0 for phase in close_session.PHASES)
+    assert figures["offload_syn"]["idle_fold_us"] > 0  # a fold that finds nothing, timed
     assert figures["syn_frames_up"] == {"offload_syn": 0, "syn_up": 96}
     assert figures["tickets"]["taken"] == 96 and figures["tickets"]["syn_no_ticket"] == 0
     ours = {f"mlbcs{os.getpid() % 100000}{mode}{side}" for mode in "ts" for side in "le"}
