@@ -525,6 +525,26 @@ def test_mutated_recorded_frames_through_both_datapaths(server_pair: object, cli
         pair.egress(mutated)
 
 
+def test_clearing_the_flows_forgets_every_one_and_the_next_packet_is_learnt_afresh() -> None:
+    """KernelEndpoint.clear_flows (the differential tests' and the campaign's fresh start): every flow goes in one
+    call, and the next labelled packet of a flow is learnt under its new label."""
+    from mplslb.offload.endpoint import KernelEndpoint
+
+    k = KernelEndpoint("server", mac=HOST, vips=[VIP, VIP6])
+    try:
+        packets = c2s_packets()
+        for i, packet in enumerate(packets):
+            assert k.run_ingress(labelled(HOST, LB, 1001 + 2 * i, packet)).retval == bpf.XDP_PASS
+        assert k.flow_count() == len(packets) - 1  # the first two are one flow's
+        k.clear_flows()
+        assert k.flow_count() == 0 and k.flow_table() == {}
+        k.clear_flows()  # nothing to clear
+        assert k.run_ingress(labelled(HOST, LB, 4001, packets[0])).retval == bpf.XDP_PASS
+        assert [label for label, _, _ in k.flow_table().values()] == [4002]
+    finally:
+        k.close()
+
+
 def test_flows_idle_for_the_timeout_are_forgotten_and_the_others_kept() -> None:
     """The agent's expiry (KernelEndpoint.expire, on the flow map's own CLOCK_MONOTONIC times): a flow idle for
     ``flow_timeout`` goes, one used since stays, and a scan that finds none idle long enough deletes nothing."""
