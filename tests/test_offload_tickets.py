@@ -463,7 +463,7 @@ def test_offload_syn_is_validated() -> None:
     assert info.value.key == "offload_syn"
 
 
-def test_offload_syn_is_read_and_not_kept_across_daemons(tmp_path: Path) -> None:
+def test_offload_syn_is_read_and_goes_with_kept_state(tmp_path: Path) -> None:
     from mplslb.daemon import load_daemon_config
 
     path = tmp_path / "lb.toml"
@@ -472,7 +472,10 @@ def test_offload_syn_is_read_and_not_kept_across_daemons(tmp_path: Path) -> None
     path.write_text('offload = "kernel"\noffload_syn = true\n' + DAEMON_TOML)
     assert load_daemon_config(path).offload_syn
     path.write_text('offload = "kernel"\noffload_syn = true\n' + DAEMON_TOML + "\n[state]\npersist = true\n")
-    with pytest.raises(ConfigError, match="not kept across daemons"):
+    config = load_daemon_config(path)
+    assert config.offload_syn and config.state_dir
+    path.write_text("offload_syn = true\n" + DAEMON_TOML)
+    with pytest.raises(ConfigError, match="needs offload"):
         load_daemon_config(path)
 
 

@@ -1,6 +1,7 @@
 """Restarting the balancer daemon with kept state (``[state] persist = true``) loses no session: in the lab, a
 rate-limited 20 MB download and wrk's keep-alive connections run across a SIGTERM + start and across a SIGKILL +
-start, without and with the kernel offload (root; slow).
+start, without and with the kernel offload, and with the offload taking new sessions' SYNs under tickets (root;
+slow).
 
 The download's bytes are checked (sha256), wrk must report no connect, read or write error (its timeouts are
 printed: a request in flight during the restart may wait for TCP's retransmission), and a new connection works
@@ -87,13 +88,14 @@ def unpin(name: str) -> None:
         pins.rmdir()
 
 
-@pytest.fixture(scope="module", params=["none", "kernel"])
+@pytest.fixture(scope="module", params=["none", "kernel", "kernel+syn"])
 def lab(request: pytest.FixtureRequest) -> Iterator[PersistentLab]:
-    offload = request.param
+    offload, _, syn = request.param.partition("+")
     if offload == "kernel" and shutil.which("clang") is None:
         pytest.skip("clang is needed to build the XDP program")
-    name = f"r{'k' if offload == 'kernel' else 'n'}{os.getpid() % 100000}"
-    the_lab = PersistentLab(LabSpec(name=name, clients=2, servers=2, offload=offload), root=ROOT)
+    name = f"r{'s' if syn else 'k' if offload == 'kernel' else 'n'}{os.getpid() % 100000}"
+    spec = LabSpec(name=name, clients=2, servers=2, offload=offload, offload_syn=bool(syn))
+    the_lab = PersistentLab(spec, root=ROOT)
     try:
         the_lab.up()
         blob = os.urandom(SIZE)
@@ -160,7 +162,8 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", wrk_out)
     requests = re.search(r"(\d+) requests in", wrk_out)
     print(
-        f"\n{lab.spec.offload} {sig.name}: close took {stop.group(1) + ' s' if stop else '-'}, "
+        f"\n{lab.spec.offload}{' offload_syn' * lab.spec.offload_syn} {sig.name}: "
+        f"close took {stop.group(1) + ' s' if stop else '-'}, "
         f"stopped -> ready {ready - stopped:.2f} s; new connection after "
         f"{tries} tries, {first_ok - ready:.2f} s after ready; adopted {adopted.group(0) if adopted else None}; "
         f"wrk {requests.group(1) if requests else '?'} requests, "

@@ -684,7 +684,7 @@ def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
 
 # -- the kernel offload's pins -------------------------------------------------------------------------------------
 from mplslb.drivers.netns import entered  # noqa: E402
-from mplslb.offload.xdp import MAP_PIN, PIN_ROOT, REQUEST_PIN, SYN_PIN, XdpOffload  # noqa: E402
+from mplslb.offload.xdp import MAP_PIN, PIN_ROOT, REQUEST_PIN, SYN_PIN, TICKET_PINS, XdpOffload  # noqa: E402
 from test_offload import INSTALLS, A, B, C, E, needs_kernel, obj, offload_in, topo, xdp_state_in  # noqa: E402, F401
 
 
@@ -712,7 +712,8 @@ def test_pinned_offload_outlives_its_daemon_and_is_adopted(topo: tuple[str, str]
         offload.close(keep=True)  # the daemon goes: its program stays attached, its map filled
         assert {xdp_state_in(lb, i)[1] for i in offload.ifindex.values()} == prog_ids and 0 not in prog_ids
         links = {f"link_p{i}" for i in range(4)}
-        assert {p.name for p in pins.iterdir()} == {MAP_PIN, SYN_PIN, REQUEST_PIN, "prog", *links}
+        kept_maps = {MAP_PIN, SYN_PIN, REQUEST_PIN, *TICKET_PINS.values()}
+        assert {p.name for p in pins.iterdir()} == {*kept_maps, "prog", *links}
         # The next daemon's table (as adopted): A as it was, B rebound, C new, E gone.
         second = Balancer(CONFIG)
         second.switching.install(A, **INSTALLS[A])
@@ -873,3 +874,95 @@ def test_a_handshake_the_kernel_saw_while_no_daemon_ran_is_folded_by_the_next(
     finally:
         remove_pins(pins, lb, offload)
         close(second if "second" in locals() else first)
+
+
+@needs_kernel
+def test_the_ticket_maps_are_kept_and_the_kept_sessions_flows_entered_again(
+    topo: tuple[str, str],  # noqa: F811
+    state_dir: Path,
+) -> None:
+    """With kept state and tickets (offload_syn) the ticket maps are pinned with the program. A daemon killed with
+    tickets out and a SYN taken but not folded leaves the next one none of them: its first SYN takes one of the new
+    tickets. A daemon that stops gives its tickets back, so the kept program takes no SYN while no daemon runs (each
+    goes up); the session a taken ticket made is kept. The next daemon adopts the maps: the kept session's flow is
+    in the flow map again (its SYN, sent again, goes up to it rather than taking a ticket), and the tickets it
+    issues are the ones the kept program takes, their records read from the kept ring."""
+    import socket
+
+    from helpers import SYN as SYN_FLAG
+    from helpers import VIP, client_addr, client_mac, ether, ipv4, tcp_segment
+    from mplslb.drivers.loop import Loop
+    from mplslb.offload import bpf
+    from mplslb.offload.driver import OffloadedBalancer
+    from mplslb.wire.ip import IPPROTO_TCP
+    from test_offload import label_of, on_veths
+
+    lb, _ = topo
+    config = on_veths(standard_config(c2s_min=17, c2s_max=17 + 2 * 4095))  # tickets both times, past a quarantine
+    pins = PIN_ROOT / f"k{os.getpid() % 100000}"
+    c0 = client_addr(0)
+
+    def syn(sport: int) -> bytes:
+        return ether(PORT_MAC[0], client_mac(0), ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, SYN_FLAG)))
+
+    def started(balancer: Balancer) -> OffloadedBalancer:
+        with entered(lb):
+            return OffloadedBalancer(balancer, Loop(), pins=pins, tickets=True)
+
+    def through(core: OffloadedBalancer, frame: bytes) -> bpf.TestRun:
+        with entered(lb):
+            return core.offload.run(frame, 0)
+
+    first = build(state_dir, config, now=time.monotonic())
+    second: Balancer | None = None
+    core = started(first)
+    try:
+        # A daemon killed with its tickets out and a SYN taken but not folded: the next one starts with none of them.
+        assert core.desk is not None and core.desk.outstanding
+        stale = label_of(through(core, syn(40999)).data)
+        core.offload.close(keep=True)  # no TicketDesk.close: as a kill leaves it
+        close(first)
+        first = build(state_dir, config, now=time.monotonic())
+        core = started(first)
+        assert core.offload.adopted and core.desk is not None and core.desk.outstanding
+        assert first.sessions.by_c2s(stale) is None and stale not in core.offload._flows
+        assert core.offload.lookup(stale) is None and core.offload.lookup(stale + 1) is None
+        # Stopped as the daemon stops: its tickets given back first.
+        taken = through(core, syn(41000))
+        assert taken.retval == bpf.XDP_REDIRECT
+        c2s = label_of(taken.data)
+        assert core.desk.fold(time.monotonic()) == 1 and first.sessions.by_c2s(c2s) is not None
+        core.close(keep=True)
+        close(first)
+        assert set(TICKET_PINS.values()) <= {p.name for p in pins.iterdir()}
+        prog = bpf.obj_get(str(pins / "prog"))
+        try:
+            with entered(lb):
+                idle = bpf.prog_test_run(prog, syn(41001), ingress_ifindex=socket.if_nametoindex("p0"))
+        finally:
+            os.close(prog)
+        assert idle.retval == bpf.XDP_PASS  # every ticket given back: no daemon, no SYN taken
+
+        second = build(state_dir, config, now=time.monotonic())
+        core = started(second)
+        assert core.offload.adopted and core.desk is not None and core.desk.outstanding
+        kept = second.sessions.by_c2s(c2s)
+        assert kept is not None and kept.key.sport == 41000
+        before = core.offload.ticket_counters()
+        assert through(core, syn(41000)).retval == bpf.XDP_PASS  # the kept session's flow: up to it
+        after = core.offload.ticket_counters()
+        assert after["syn_flow_live"] == before["syn_flow_live"] + 1 and after["syn_taken"] == before["syn_taken"]
+        fresh = through(core, syn(41002))
+        assert fresh.retval == bpf.XDP_REDIRECT
+        made = label_of(fresh.data)
+        assert made in core.desk.outstanding and core.desk.fold(time.monotonic()) == 1
+        session = second.sessions.by_c2s(made)
+        assert made != c2s and session is not None and session.key.sport == 41002
+    finally:
+        with entered(lb):
+            core.close()
+        if pins.is_dir():
+            for entry in pins.iterdir():
+                entry.unlink()
+            pins.rmdir()
+        close(second if second is not None else first)

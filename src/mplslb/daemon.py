@@ -226,8 +226,6 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     ssec.done()
     if gso and state_dir:
         raise top.error("offload_gso", "super-packets are not kept across daemons: not with [state] persist")
-    if syn and state_dir:
-        raise top.error("offload_syn", "tickets are not kept across daemons: not with [state] persist")
     balancer = balancer_config_from_section(top)
     service = [str(ipaddress.ip_address(a)) for a in (*(v.address for v in balancer.vips), *(
         p.address for p in balancer.ports if p.kind == "mpls_udp"))]  # fmt: skip
@@ -760,9 +758,6 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
     if state_dir:
         if config.offload_gso:
             raise ConfigError(str(config_path), "offload_gso", "super-packets are not kept across daemons: not with "
-                              "--state-dir")  # fmt: skip
-        if config.offload_syn:
-            raise ConfigError(str(config_path), "offload_syn", "tickets are not kept across daemons: not with "
                               "--state-dir")  # fmt: skip
         config = replace(config, state_dir=state_dir)
     daemon = Daemon(config, fresh=fresh)

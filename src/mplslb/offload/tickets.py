@@ -38,8 +38,12 @@ that does not read the flow key, so the daemon decides it ahead:
   are issued afresh. A ticket the program popped as the queue was drained shows up in the taken ring and is
   folded at the next call.
 
-Tickets are not kept across daemons (no ``[state] persist`` with ``offload_syn``): they live in the daemon's maps
-only, and a daemon that stops takes its program and maps with it.
+Across daemons (``[state] persist``): a daemon that stops gives every ticket back (:meth:`TicketDesk.close`: the
+taken ones folded into sessions, which its state keeps like any other, the rest revoked), so while no daemon runs the
+program takes no SYN and each goes up, as to a daemon without tickets. The ticket maps are pinned with the program;
+the next daemon adopts them, empties what a killed daemon left in them (tickets, taken records: the entries of both
+are no kept session's, and go with the map's reconcile), enters its kept sessions' flows into the flow map afresh
+and issues new tickets (:meth:`XdpOffload._settle_tickets`).
 """
 
 from __future__ import annotations

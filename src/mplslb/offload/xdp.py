@@ -97,18 +97,17 @@ lock, and no cache line shared between CPUs in the middle of a flood; the total 
 rounding). The cost: SYNs that all arrive on one CPU (one receive queue) get that CPU's share only. Labelled
 frames, SYNs with ACK and every other frame never meet the bucket.
 
-Pins (a daemon that keeps its state, :mod:`mplslb.state`): the label map, the SYN map, the program and each link
-are pinned under ``pins`` (``/sys/fs/bpf/mplslb/<instance>/``, bpffs mounted there if nothing is), the links last,
-so the program stays attached and switching while no daemon runs (``close(keep=True)``). The maps' pins are named
-after :data:`LAYOUT_FP`, the fingerprint of their entries' layout and flags, so a map written by a build with
-another layout is never adopted. The next :meth:`XdpOffload.open` adopts them when the maps' layout, types and
-sizes, each link's interface and program all fit (the SYN buckets keep their tokens and counters and take this
-daemon's rate); a program built differently is loaded over the kept maps and swapped in on every port at once
-(``BPF_LINK_UPDATE``). The map is then reconciled with the table: every entry's counters are taken as counted; an
-entry equal to what the table would write stays, its last frame's time folded in; every other label is written
-or deleted. With ``fresh``, or pins that do not fit (logged
-as one ``key=value`` line), everything pinned is removed, which lets the old program go, and the program is
-loaded afresh.
+Pins (a daemon that keeps its state, :mod:`mplslb.state`): the label map, the SYN map, the request map, the ticket maps,
+the program and each link are pinned under ``pins`` (``/sys/fs/bpf/mplslb/<instance>/``, bpffs mounted there if nothing
+is), the links last, so the program stays attached and switching while no daemon runs (``close(keep=True)``). The maps'
+pins are named after :data:`LAYOUT_FP`, the fingerprint of their entries' layout and flags, so a map written by a build
+with another layout is never adopted. The next :meth:`XdpOffload.open` adopts them when the maps' layout, types and
+sizes, each link's interface and program all fit (the SYN buckets keep their tokens and counters and take this daemon's
+rate); a program built differently is loaded over the kept maps and swapped in on every port at once
+(``BPF_LINK_UPDATE``). The map is then reconciled with the table: every entry's counters are taken as counted; an entry
+equal to what the table would write stays, its last frame's time folded in; every other label is written or deleted.
+With ``fresh``, or pins that do not fit (logged as one ``key=value`` line), everything pinned is removed, which lets the
+old program go, and the program is loaded afresh.
 
 Super-packets (``gso``, the daemon's ``offload_gso``): on veth ports GRO and a sender's GSO deliver frames of many
 segments in one skb. The XDP program cannot forward one (a redirect checks the output's MTU and drops it) and the
@@ -135,7 +134,8 @@ flow in it goes up), the services map ((VIP, TCP port)s, :meth:`set_services`), 
 (:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist whatever the
 setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose labels the table does
 not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once its session is there.
-Nothing of it is pinned: no ``pins`` with ``tickets``.
+With ``pins`` the ticket maps are pinned and adopted with the others (:mod:`mplslb.offload.tickets` says how the
+tickets themselves are handed over).
 
 Modes: ``generic`` (XDP in the kernel's skb path) works on every device and can redirect to every device.
 ``native`` runs in the driver; redirecting into a veth then needs NAPI on the veth's peer (GRO on, or an XDP
@@ -246,6 +246,8 @@ TICKET_MAPS: Final = {
     "client_ports": "mplslb_cports",
     "ticket_counters": "mplslb_tcount",
 }
+#: The ticket maps' pins: symbol -> name, after the layout's fingerprint as the other maps'.
+TICKET_PINS: Final = {symbol: f"{symbol}_{LAYOUT_FP}" for symbol in TICKET_MAPS}
 SERVICES_MAX = 4096  # (VIP, TCP port)s in the service map
 CLIENT_PORTS_MAX = 256
 #: The macro that builds the XDP program's super-packet variant (and the tc program): the longest frame of one
@@ -480,8 +482,6 @@ class XdpOffload:
             raise ValueError("the kernel offload needs at least one Ethernet port")
         if gso and pins is not None:
             raise ValueError("super-packets (gso) are not kept across daemons: no pins with gso")
-        if tickets and pins is not None:
-            raise ValueError("tickets are not kept across daemons: no pins with tickets")
         self.table = table
         self.interfaces = dict(interfaces)
         self.mode = mode
@@ -577,6 +577,7 @@ class XdpOffload:
                     self.table.add_mirror(self)
                     try:
                         self._reconcile()
+                        self._settle_tickets()
                         self._set_syn_rate(keep=True)
                     except OSError as exc:
                         why = f"reason=reconcile_failed error={str(exc).replace(' ', '_')}"
@@ -633,6 +634,8 @@ class XdpOffload:
         bpf.obj_pin(self._map.fd, self._pin_path(MAP_PIN))
         bpf.obj_pin(self._syn.fd, self._pin_path(SYN_PIN))
         bpf.obj_pin(self._requests.fd, self._pin_path(REQUEST_PIN))
+        for symbol, m in self._ticket_maps.items():
+            bpf.obj_pin(m.fd, self._pin_path(TICKET_PINS[symbol]))
         bpf.obj_pin(self._prog, self._pin_path("prog"))
         for ifname, fd in zip(self.interfaces.values(), self._links, strict=True):
             bpf.obj_pin(fd, self._pin_path(f"link_{ifname}"))
@@ -658,6 +661,9 @@ class XdpOffload:
         if why:
             for fd in fds:
                 os.close(fd)
+            for m in self._ticket_maps.values():
+                m.close()
+            self._ticket_maps.clear()
         return why
 
     def _adopt_fds(self, obj: bytes, fds: list[int]) -> str:
@@ -695,6 +701,9 @@ class XdpOffload:
             self.max_entries,
         ):
             return "reason=map_layout_changed"
+        why, ticket_fds = self._adopt_ticket_maps(fds)
+        if why:
+            return why
         old = bpf.prog_info(prog)
         links: list[int] = []
         for port_id, ifname in self.interfaces.items():
@@ -707,8 +716,7 @@ class XdpOffload:
             link = bpf.link_info(fd)
             if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
                 return f"reason=link_detached interface={ifname}"
-        maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd, REQUEST_MAP_SYMBOL: request_fd}
-        maps |= self._open_ticket_maps()
+        maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd, REQUEST_MAP_SYMBOL: request_fd} | ticket_fds
         new = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
         fds.append(new)
         if bpf.prog_info(new).tag == old.tag:
@@ -728,6 +736,9 @@ class XdpOffload:
         self._cpus = possible_cpus()
         self._syn = bpf.Map(syn_fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
         self._requests = bpf.Map(request_fd, _KEY.size, REQUEST.size, REQUEST_MAP_NAME)
+        for symbol, fd in ticket_fds.items():
+            self._ticket_maps[symbol] = self._ticket_map(symbol, fd)
+            fds.remove(fd)  # its map's now
         self._prog = prog
         self._links = links
         for ifname, ifindex in zip(self.interfaces.values(), self.ifindex.values(), strict=True):
@@ -779,28 +790,82 @@ class XdpOffload:
         for label in np.flatnonzero(self._slots & ~self._measured).tolist():
             self._drop_slot(label)  # no kept session's measurement: an ended one's copy
 
+    def _ticket_specs(self) -> dict[str, tuple[int, int, int, int, int]]:
+        """Each ticket map's (type, key size, value size, entries, flags), as created and as an adopted one must
+        be."""
+        taken = (
+            (bpf.BPF_MAP_TYPE_RINGBUF, 0, 0, bpf.ring_size(TAKEN.size, TICKETS_MAX), 0)
+            if bpf.ORDERED_LOADS
+            else (bpf.BPF_MAP_TYPE_QUEUE, 0, TAKEN.size, TICKETS_MAX, 0)
+        )
+        return {
+            "tickets": (bpf.BPF_MAP_TYPE_QUEUE, 0, _KEY.size, TICKETS_MAX, 0),
+            "taken": taken,
+            "syn_flows": (bpf.BPF_MAP_TYPE_HASH, SYN_FLOW.size, _KEY.size, self.max_entries, bpf.BPF_F_NO_PREALLOC),
+            "services": (bpf.BPF_MAP_TYPE_HASH, SERVICE_KEY.size, _KEY.size, SERVICES_MAX, 0),
+            "client_ports": (bpf.BPF_MAP_TYPE_HASH, _KEY.size, SYN_PORT.size, CLIENT_PORTS_MAX, 0),
+            "ticket_counters": (bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(TICKET_COUNTERS), 0),
+        }
+
+    def _ticket_map(self, symbol: str, fd: int) -> bpf.Map | bpf.Queue | bpf.RingBuffer:
+        """The ticket map ``symbol`` over its file descriptor (which it then owns)."""
+        map_type, key_size, value_size, entries, _ = self._ticket_specs()[symbol]
+        name = TICKET_MAPS[symbol]
+        if map_type == bpf.BPF_MAP_TYPE_RINGBUF:
+            return bpf.RingBuffer(fd, entries, name)
+        if map_type == bpf.BPF_MAP_TYPE_QUEUE:
+            return bpf.Queue(fd, value_size, name)
+        if map_type == bpf.BPF_MAP_TYPE_PERCPU_ARRAY:  # the kernel reads and writes every possible CPU's value
+            return bpf.Map(fd, key_size, value_size * possible_cpus(), name)
+        return bpf.Map(fd, key_size, value_size, name)
+
     def _open_ticket_maps(self) -> dict[str, int]:
-        """The ticket maps (created once, empty: without tickets the program never takes a SYN); symbol -> fd."""
+        """The ticket maps (created once, empty: without tickets the program never takes a SYN; or adopted with the
+        pins); symbol -> fd."""
         if not self._ticket_maps:
-            m = self._ticket_maps
-            m["tickets"] = bpf.Queue.create(_KEY.size, TICKETS_MAX, name=TICKET_MAPS["tickets"])
-            if bpf.ORDERED_LOADS:
-                size = bpf.ring_size(TAKEN.size, TICKETS_MAX)
-                m["taken"] = bpf.RingBuffer.create(size, name=TICKET_MAPS["taken"])
-            else:
-                m["taken"] = bpf.Queue.create(TAKEN.size, TICKETS_MAX, name=TICKET_MAPS["taken"])
-            m["syn_flows"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, SYN_FLOW.size, _KEY.size, self.max_entries,
-                                            flags=bpf.BPF_F_NO_PREALLOC, name=TICKET_MAPS["syn_flows"])  # fmt: skip
-            m["services"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, SERVICE_KEY.size, _KEY.size, SERVICES_MAX, flags=0,
-                                           name=TICKET_MAPS["services"])  # fmt: skip
-            m["client_ports"] = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, SYN_PORT.size, CLIENT_PORTS_MAX,
-                                               flags=0, name=TICKET_MAPS["client_ports"])  # fmt: skip
-            fd = bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(TICKET_COUNTERS),
-                                name=TICKET_MAPS["ticket_counters"])  # fmt: skip
-            m["ticket_counters"] = bpf.Map(
-                fd, _KEY.size, _NATIVE_U64.size * possible_cpus(), TICKET_MAPS["ticket_counters"]
-            )
+            for symbol, (map_type, key_size, value_size, entries, flags) in self._ticket_specs().items():
+                fd = bpf.map_create(map_type, key_size, value_size, entries, flags=flags, name=TICKET_MAPS[symbol])
+                try:
+                    self._ticket_maps[symbol] = self._ticket_map(symbol, fd)
+                except OSError:
+                    os.close(fd)
+                    raise
         return {symbol: m.fd for symbol, m in self._ticket_maps.items()}
+
+    def _adopt_ticket_maps(self, fds: list[int]) -> tuple[str, dict[str, int]]:
+        """The pinned ticket maps' file descriptors by symbol, each added to ``fds``; or why they do not fit."""
+        out: dict[str, int] = {}
+        for symbol, (map_type, key_size, value_size, entries, _) in self._ticket_specs().items():
+            try:
+                fd = bpf.obj_get(self._pin_path(TICKET_PINS[symbol]))
+            except OSError:
+                return "reason=map_layout_changed", {}  # pinned by a build without it (or torn)
+            fds.append(fd)
+            info = bpf.map_info(fd)
+            if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
+                map_type, key_size, value_size, entries,
+            ):  # fmt: skip
+                return "reason=map_layout_changed", {}
+            out[symbol] = fd
+        return "", out
+
+    def _settle_tickets(self) -> None:
+        """After an adoption: nothing of the previous daemon's tickets is left (it gave them back as it stopped,
+        unless it was killed): the queue and the taken records are emptied, the flow map is cleared and holds the
+        adopted sessions' flows again."""
+        for symbol in ("tickets", "taken"):
+            queue = self._ticket_maps[symbol]
+            assert isinstance(queue, bpf.Queue | bpf.RingBuffer)
+            queue.take_all()  # a taken one's entries are no adopted session's: the reconcile deleted them
+        flows = self._ticket_maps["syn_flows"]
+        assert isinstance(flows, bpf.Map)
+        keys, _, count = flows.lookup_batch()
+        if count:
+            flows.delete_batch(keys[: count * SYN_FLOW.size], count)
+        self._flows.clear()
+        self._flow_owner.clear()
+        if self.tickets:
+            self._write_flows([int(label) for label in np.flatnonzero(self._in_kernel)])
 
     def _open_syn_map(self) -> None:
         """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
