@@ -47,7 +47,15 @@ from mplslb.drivers import socket_filter
 from mplslb.drivers.netns import entered
 from mplslb.offload import bpf
 from mplslb.offload.build import build_object
-from mplslb.offload.xdp import GSO_DEFINE, MAP_SYMBOL, REQUEST_MAP_SYMBOL, SYN_MAP_SYMBOL, XdpOffload
+from mplslb.offload.xdp import (
+    GSO_DEFINE,
+    GSO_PIN,
+    MAP_SYMBOL,
+    PIN_ROOT,
+    REQUEST_MAP_SYMBOL,
+    SYN_MAP_SYMBOL,
+    XdpOffload,
+)
 from mplslb.switching import WATCH_ALL, FastEvent, switch_frame
 from mplslb.switching.layout import (
     ETH_HLEN,
@@ -127,8 +135,8 @@ def test_daemon_config_rejects_offload_gso_where_it_cannot_work(tmp_path: Path) 
     with pytest.raises(ConfigError, match="ring"):
         load_daemon_config(path, need_interfaces=False)
     path.write_text(gso + DAEMON_TOML + "\n[state]\npersist = true\n")
-    with pytest.raises(ConfigError, match=r"offload_gso.*\[state\]"):
-        load_daemon_config(path, need_interfaces=False)
+    kept = load_daemon_config(path, need_interfaces=False)
+    assert kept.offload_gso and kept.state_dir  # the tc program and its links are pinned with the rest
     path.write_text("offload_gso = true\n" + DAEMON_TOML)
     with pytest.raises(ConfigError, match="offload_gso"):
         load_daemon_config(path, need_interfaces=False)
@@ -436,3 +444,82 @@ def test_a_measured_sessions_super_packet_is_measured_from_the_whole_packet(
         assert offload.gso_counters()["gso_forwarded"] == 1
     finally:
         offload.close()
+
+
+@needs_kernel
+def test_the_super_packets_program_is_kept_across_daemons(
+    topo: tuple[str, str],  # noqa: F811
+    obj: bytes,  # noqa: F811
+    gso_obj: bytes,
+) -> None:
+    """With pins the tc program, its counters and its tcx links are pinned with the rest: while no daemon runs the
+    kept program goes on switching super-packets; the next daemon with ``gso`` adopts it all (what it counted so far
+    taken as the previous daemon's, not folded again); one without ``gso`` does not adopt it: the pins are let go,
+    the tc program with them, and everything is loaded afresh."""
+    import socket
+    import time
+
+    lb, _ = topo
+    pins = PIN_ROOT / f"g{os.getpid() % 100000}"
+    forwarded = next((port, frame) for _, port, frame, outcome in GSO_CASES if outcome == "redirect")
+    dropped = next((port, frame) for _, port, frame, outcome in GSO_CASES if outcome == "gso_check_failed")
+
+    def opened(balancer: Balancer, program: bytes, *, gso: bool) -> XdpOffload:
+        with entered(lb):
+            offload = XdpOffload(balancer.switching, {i: f"p{i}" for i in PORTS}, obj=program, gso=gso, pins=pins)
+            offload.open()
+        return offload
+
+    def tc(offload: XdpOffload, port: int, frame: bytes) -> bpf.TestRun:
+        with entered(lb):
+            return offload.run_tc(frame, port)
+
+    balancers = [standard_balancer() for _ in range(3)]
+    for balancer in balancers:
+        install_all(balancer)
+    offload = opened(balancers[0], gso_obj, gso=True)
+    try:
+        switched = tc(offload, *forwarded)
+        assert switched.retval == bpf.TC_ACT_REDIRECT and tc(offload, *dropped).retval == bpf.TC_ACT_SHOT
+        offload.poll()
+        assert balancers[0].switching.drops.get("gso_check_failed") == 1
+        tc_id = bpf.prog_info(offload._tc).prog_id
+        offload.close(keep=True)
+        names = {p.name for p in pins.iterdir()}
+        assert {GSO_PIN, "tc_prog", *(f"tclink_p{i}" for i in PORTS)} <= names
+        kept = bpf.obj_get(str(pins / "tc_prog"))
+        try:
+            with entered(lb):
+                port, frame = forwarded
+                alone = bpf.prog_test_run_skb(kept, frame, ingress_ifindex=socket.if_nametoindex(f"p{port}"))
+        finally:
+            os.close(kept)
+        assert alone.retval == bpf.TC_ACT_REDIRECT and alone.data == switched.data  # no daemon: still switching
+
+        offload = opened(balancers[1], gso_obj, gso=True)
+        assert offload.adopted and bpf.prog_info(offload._tc).prog_id == tc_id
+        assert tc(offload, *forwarded).data == switched.data
+        assert offload.gso_counters()["gso_forwarded"] == 3 and offload.gso_counters()["gso_check_failed"] == 1
+        offload.poll()
+        assert "gso_check_failed" not in balancers[1].switching.drops  # the previous daemon's, folded by it
+        offload.close(keep=True)
+
+        offload = opened(balancers[2], obj, gso=False)
+        assert not offload.adopted and offload._tc < 0
+        assert not any(p.name.startswith("tclink_") for p in pins.iterdir())
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                os.close(bpf.prog_fd_by_id(tc_id))
+            except OSError:
+                break  # gone: nothing holds the kept tc program any more
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the kept tc program is still loaded")
+    finally:
+        with entered(lb):
+            offload.close()
+        if pins.is_dir():
+            for entry in pins.iterdir():
+                entry.unlink()
+            pins.rmdir()

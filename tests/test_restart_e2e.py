@@ -1,7 +1,7 @@
 """Restarting the balancer daemon with kept state (``[state] persist = true``) loses no session: in the lab, a
 rate-limited 20 MB download and wrk's keep-alive connections run across a SIGTERM + start and across a SIGKILL +
-start, without and with the kernel offload, and with the offload taking new sessions' SYNs under tickets (root;
-slow).
+start, without and with the kernel offload, and with the whole datapath in the kernel (super-packets switched by
+the tc program, new sessions' SYNs taken under tickets; root; slow).
 
 The download's bytes are checked (sha256), wrk must report no connect, read or write error (its timeouts are
 printed: a request in flight during the restart may wait for TCP's retransmission), and a new connection works
@@ -88,13 +88,14 @@ def unpin(name: str) -> None:
         pins.rmdir()
 
 
-@pytest.fixture(scope="module", params=["none", "kernel", "kernel+syn"])
+@pytest.fixture(scope="module", params=["none", "kernel", "kernel+gso+syn"])
 def lab(request: pytest.FixtureRequest) -> Iterator[PersistentLab]:
-    offload, _, syn = request.param.partition("+")
+    offload, *keys = request.param.split("+")
     if offload == "kernel" and shutil.which("clang") is None:
         pytest.skip("clang is needed to build the XDP program")
-    name = f"r{'s' if syn else 'k' if offload == 'kernel' else 'n'}{os.getpid() % 100000}"
-    spec = LabSpec(name=name, clients=2, servers=2, offload=offload, offload_syn=bool(syn))
+    name = f"r{'a' if keys else 'k' if offload == 'kernel' else 'n'}{os.getpid() % 100000}"
+    spec = LabSpec(name=name, clients=2, servers=2, offload=offload, offload_gso="gso" in keys,
+                   offload_syn="syn" in keys)  # fmt: skip
     the_lab = PersistentLab(spec, root=ROOT)
     try:
         the_lab.up()
@@ -162,7 +163,8 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", wrk_out)
     requests = re.search(r"(\d+) requests in", wrk_out)
     print(
-        f"\n{lab.spec.offload}{' offload_syn' * lab.spec.offload_syn} {sig.name}: "
+        f"\n{lab.spec.offload}{' offload_gso' * lab.spec.offload_gso}{' offload_syn' * lab.spec.offload_syn} "
+        f"{sig.name}: "
         f"close took {stop.group(1) + ' s' if stop else '-'}, "
         f"stopped -> ready {ready - stopped:.2f} s; new connection after "
         f"{tries} tries, {first_ok - ready:.2f} s after ready; adopted {adopted.group(0) if adopted else None}; "

@@ -224,8 +224,6 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     if state_dir and not persist and "persist" in ssec.table:
         raise ssec.error("dir", "set with persist = false")
     ssec.done()
-    if gso and state_dir:
-        raise top.error("offload_gso", "super-packets are not kept across daemons: not with [state] persist")
     balancer = balancer_config_from_section(top)
     service = [str(ipaddress.ip_address(a)) for a in (*(v.address for v in balancer.vips), *(
         p.address for p in balancer.ports if p.kind == "mpls_udp"))]  # fmt: skip
@@ -756,9 +754,6 @@ def run_daemon(config_path: str | Path, *, ready_file: str = "", state_dir: str 
     ``fresh`` starts clean instead of adopting what a previous daemon left."""
     config = load_daemon_config(config_path)
     if state_dir:
-        if config.offload_gso:
-            raise ConfigError(str(config_path), "offload_gso", "super-packets are not kept across daemons: not with "
-                              "--state-dir")  # fmt: skip
         config = replace(config, state_dir=state_dir)
     daemon = Daemon(config, fresh=fresh)
 

@@ -118,7 +118,8 @@ tc program from the same object, attached to every port's ingress with tcx links
 the same function the XDP program runs and hands them to the output port's veth peer (``bpf_redirect_peer``),
 GSO state untouched. What the switch would pass up it drops, counted by reason (:meth:`gso_counters`, folded
 into the table's drops at each poll); a FIN it clears first and switches the rest (docs/architecture.md says why).
-Every port must be a veth; nothing is pinned (no ``pins`` with ``gso``).
+Every port must be a veth. With ``pins`` the tc program, its counters and its tcx links are pinned and adopted as
+the XDP ones are (:meth:`_adopt_gso`).
 
 Tickets (``tickets``, the daemon's ``offload_syn``; :mod:`mplslb.offload.tickets` decides them): an unlabelled TCP SYN
 on a client port may be taken by the program under a ticket, a new session decided ahead by the daemon, and sent to its
@@ -246,6 +247,8 @@ TICKET_MAPS: Final = {
     "client_ports": "mplslb_cports",
     "ticket_counters": "mplslb_tcount",
 }
+#: The super-packets' counters' pin (gso), after the fingerprint too.
+GSO_PIN: Final = f"gso_{LAYOUT_FP}"
 #: The ticket maps' pins: symbol -> name, after the layout's fingerprint as the other maps'.
 TICKET_PINS: Final = {symbol: f"{symbol}_{LAYOUT_FP}" for symbol in TICKET_MAPS}
 SERVICES_MAX = 4096  # (VIP, TCP port)s in the service map
@@ -480,8 +483,6 @@ class XdpOffload:
             raise ValueError(f"syn_rate must be 0-{SYN_RATE_MAX}, got {syn_rate}")
         if not interfaces:
             raise ValueError("the kernel offload needs at least one Ethernet port")
-        if gso and pins is not None:
-            raise ValueError("super-packets (gso) are not kept across daemons: no pins with gso")
         self.table = table
         self.interfaces = dict(interfaces)
         self.mode = mode
@@ -537,6 +538,7 @@ class XdpOffload:
         self.frame_max = 0  # gso: the longest frame of one segment (longer ones are the tc program's)
         self._gso_map: bpf.Map | None = None
         self._tc = -1
+        self._tc_links: list[int] = []  # gso: the tc program's tcx link on every port
         self._gso_folded: dict[str, int] = {}  # the tc program's drops already added to the table's drops
         self.tickets = tickets
         self._ticket_maps: dict[str, bpf.Map | bpf.Queue | bpf.RingBuffer] = {}
@@ -637,6 +639,11 @@ class XdpOffload:
         for symbol, m in self._ticket_maps.items():
             bpf.obj_pin(m.fd, self._pin_path(TICKET_PINS[symbol]))
         bpf.obj_pin(self._prog, self._pin_path("prog"))
+        if self._gso_map is not None:
+            bpf.obj_pin(self._gso_map.fd, self._pin_path(GSO_PIN))
+            bpf.obj_pin(self._tc, self._pin_path("tc_prog"))
+            for ifname, fd in zip(self.interfaces.values(), self._tc_links, strict=True):
+                bpf.obj_pin(fd, self._pin_path(f"tclink_{ifname}"))
         for ifname, fd in zip(self.interfaces.values(), self._links, strict=True):
             bpf.obj_pin(fd, self._pin_path(f"link_{ifname}"))
 
@@ -732,6 +739,9 @@ class XdpOffload:
             os.close(prog)
             prog = new
             self.upgraded = True
+        why, tc, gso_fd, tc_links = self._adopt_gso(obj, maps, fds)
+        if why:
+            return why
         self._map = bpf.Map(map_fd, _KEY.size, KERNEL_ENTRY.size, MAP_NAME)
         self._cpus = possible_cpus()
         self._syn = bpf.Map(syn_fd, _KEY.size, SYN_BUCKET.size * self._cpus, SYN_MAP_NAME)
@@ -739,11 +749,67 @@ class XdpOffload:
         for symbol, fd in ticket_fds.items():
             self._ticket_maps[symbol] = self._ticket_map(symbol, fd)
             fds.remove(fd)  # its map's now
+        if gso_fd >= 0:
+            self._gso_map = bpf.Map(gso_fd, _KEY.size, _NATIVE_U64.size * possible_cpus(), GSO_MAP_NAME)
+            self._tc, self._tc_links = tc, tc_links
+            for fd in (gso_fd, tc, *tc_links):
+                fds.remove(fd)
+            self._gso_folded = self.gso_counters()  # what it counted before: the previous daemon's to fold
         self._prog = prog
         self._links = links
         for ifname, ifindex in zip(self.interfaces.values(), self.ifindex.values(), strict=True):
             self.attached[ifname] = xdp_mode(ifindex)
         return ""
+
+    def _adopt_gso(self, obj: bytes, maps: dict[str, int], fds: list[int]) -> tuple[str, int, int, list[int]]:
+        """The pinned tc program, its counters' map and its links when they fit (``gso``): (why not, or ``""``;
+        the program, the map, the links; -1 and none without ``gso``). A program built differently is swapped in
+        on every port as the XDP one is. Pins of a daemon that ran with ``gso`` do not fit one without, nor the
+        other way round."""
+        pinned = any(os.path.lexists(self._pin_path(f"tclink_{ifname}")) for ifname in self.interfaces.values())
+        if not self.gso:
+            return ("reason=gso_changed" if pinned else ""), -1, -1, []
+        try:
+            tc = bpf.obj_get(self._pin_path("tc_prog"))
+            fds.append(tc)
+            gso_fd = bpf.obj_get(self._pin_path(GSO_PIN))
+            fds.append(gso_fd)
+        except OSError:
+            return "reason=gso_changed", -1, -1, []
+        info = bpf.map_info(gso_fd)
+        if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
+            bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(GSO_COUNTERS),
+        ):  # fmt: skip
+            return "reason=map_layout_changed", -1, -1, []
+        old = bpf.prog_info(tc)
+        links: list[int] = []
+        for port_id, ifname in self.interfaces.items():
+            try:
+                fd = bpf.obj_get(self._pin_path(f"tclink_{ifname}"))
+            except OSError:
+                return f"reason=link_missing interface={ifname}", -1, -1, []
+            fds.append(fd)
+            links.append(fd)
+            link = bpf.link_info(fd)
+            if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
+                return f"reason=link_detached interface={ifname}", -1, -1, []
+        new = bpf.load_program(obj, TC_SECTION, maps | {GSO_MAP_SYMBOL: gso_fd},
+                               prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS, name=TC_PROG_NAME)  # fmt: skip
+        fds.append(new)
+        if bpf.prog_info(new).tag == old.tag:
+            fds.remove(new)
+            os.close(new)
+        else:
+            for fd in links:
+                bpf.link_update(fd, new)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._pin_path("tc_prog"))
+            bpf.obj_pin(new, self._pin_path("tc_prog"))
+            fds.remove(tc)
+            os.close(tc)
+            tc = new
+            self.upgraded = True
+        return "", tc, gso_fd, links
 
     def _reconcile(self) -> None:
         """Make the adopted map agree with the (adopted) table: entries that match it stay, with their counters
@@ -940,7 +1006,7 @@ class XdpOffload:
         self.attached[ifname] = "generic"
 
     def _open_gso(self, obj: bytes, maps: dict[str, int], kinds: Mapping[int, str]) -> None:
-        """The tc program on every port's ingress (tcx links, which die with the daemon like the XDP ones) and its
+        """The tc program on every port's ingress (tcx links, pinned with the XDP ones when the state is kept) and its
         counters. Every port must be a veth: the program hands a super-packet to the output port's peer."""
         others = [self.interfaces[port_id] for port_id, kind in kinds.items() if kind != "veth"]
         if others:
@@ -951,7 +1017,7 @@ class XdpOffload:
         self._tc = bpf.load_program(obj, TC_SECTION, maps | {GSO_MAP_SYMBOL: fd},
                                     prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS, name=TC_PROG_NAME)  # fmt: skip
         for ifindex in self.ifindex.values():
-            self._links.append(bpf.link_create(self._tc, ifindex, bpf.BPF_TCX_INGRESS))
+            self._tc_links.append(bpf.link_create(self._tc, ifindex, bpf.BPF_TCX_INGRESS))
 
     def gso_counters(self) -> dict[str, int]:
         """What the tc program counted (``offload_gso``), by the names of
@@ -983,10 +1049,11 @@ class XdpOffload:
         if self._map is not None and self._links:
             with contextlib.suppress(OSError):
                 self.poll()
-        for fd in self._links:
+        for fd in (*self._links, *self._tc_links):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._links.clear()
+        self._tc_links.clear()
         self.attached.clear()
         if self._prog >= 0:
             os.close(self._prog)
