@@ -565,3 +565,67 @@ def test_flows_idle_for_the_timeout_are_forgotten_and_the_others_kept() -> None:
         assert k.expire(time.monotonic() + 2.1) == 1 and k.flow_count() == 0
     finally:
         k.close()
+
+
+def test_a_kept_datapath_stays_attached_and_the_next_endpoint_takes_it_over() -> None:
+    """With pins (the agent's --keep): an endpoint that closes keeping them leaves its programs attached and its
+    flows in place (the kept egress program goes on labelling a known flow's replies); the next endpoint of the same
+    role on the same interface takes over the maps, the programs and the links (flows and counters go on, the same
+    program stays attached, its own VIPs written in). One of another role does not fit: the pins are let go and it
+    starts afresh; closed without keeping, nothing stays pinned or attached."""
+    import socket
+
+    from mplslb.drivers.netns import entered
+    from mplslb.offload.endpoint import KernelEndpoint
+    from test_offload import veth_namespaces, xdp_state_in
+
+    pins = Path("/sys/fs/bpf/mplslb") / f"agent-t{os.getpid() % 100000}"
+    every = c2s_packets()
+    packets = [every[0], every[2], every[6]]  # three IPv4 flows
+    with veth_namespaces() as (lb, _):
+        with entered(lb):
+            ifindex = socket.if_nametoindex("p0")
+
+        def endpoint(role: str, vips: list[bytes]) -> KernelEndpoint:
+            with entered(lb):
+                made = KernelEndpoint(role, mac=HOST, gateway_mac=LB, vips=vips, pins=pins)
+                made.attach("p0")
+            return made
+
+        k = endpoint("server", [VIP])
+        try:
+            assert not k.adopted and pins.is_dir()
+            for i, packet in enumerate(packets):
+                assert k.run_ingress(labelled(HOST, LB, 1001 + 2 * i, packet)).retval == bpf.XDP_PASS
+            flows, counts = {key: value[:2] for key, value in k.flow_table().items()}, k.counts()
+            _, prog_id = xdp_state_in(lb, ifindex)
+            assert len(flows) == 3 and prog_id
+            with entered(lb):
+                k.close(keep=True)
+            assert xdp_state_in(lb, ifindex)[1] == prog_id  # still attached, no endpoint running
+            kept_tc = bpf.obj_get(str(pins / "prog_tc"))
+            try:
+                reply = bpf.prog_test_run_skb(kept_tc, host_frame(reply_of(packets[0])))
+            finally:
+                os.close(kept_tc)
+            assert reply.retval == bpf.TC_ACT_OK and labels_of(reply.data) == [1002]
+
+            k = endpoint("server", [VIP, VIP6])  # the next agent, with one more VIP
+            kept = {key: value[:2] for key, value in k.flow_table().items()}  # (label, peer MAC): the times went on
+            assert k.adopted and kept == flows and xdp_state_in(lb, ifindex)[1] == prog_id
+            after = k.counts()
+            assert after["from_wire"] == counts["from_wire"] == 3 and after["from_host"] == counts["from_host"] + 1
+            v6 = every[3]  # an IPv6 flow, whose VIP only the new endpoint serves
+            assert k.run_ingress(labelled(HOST, LB, 1007, v6)).retval == bpf.XDP_PASS
+            assert labels_of(k.run_egress(host_frame(reply_of(v6))).data) == [1008]
+            with entered(lb):
+                k.close(keep=True)
+
+            k = endpoint("client", [VIP])
+            assert not k.adopted and k.flow_count() == 0 and xdp_state_in(lb, ifindex)[1] not in (0, prog_id)
+            with entered(lb):
+                k.close()
+            assert not pins.exists() and xdp_state_in(lb, ifindex)[1] == 0
+        finally:
+            with entered(lb):
+                k.close()

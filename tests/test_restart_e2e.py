@@ -184,3 +184,73 @@ def test_sessions_survive_a_restart(lab: PersistentLab, sig: signal.Signals) -> 
         connect, read, write, _timeouts = (int(g) for g in socket_errors.groups())
         assert (connect, read, write) == (0, 0, 0), wrk_out
     assert "Non-2xx" not in wrk_out, wrk_out
+
+
+@pytest.fixture(scope="module")
+def keep_lab() -> Iterator[Lab]:
+    if shutil.which("clang") is None:
+        pytest.skip("clang is needed to build the kernel datapath")
+    name = f"rg{os.getpid() % 100000}"
+    the_lab = Lab(LabSpec(name=name, clients=2, servers=2, offload="kernel", agent_keep=True), root=ROOT)
+    try:
+        the_lab.up()
+        blob = os.urandom(SIZE)
+        for j in range(the_lab.spec.servers):
+            (the_lab.dir / the_lab.server_name(j) / "www" / "big.bin").write_bytes(blob)
+        the_lab.digest = hashlib.sha256(blob).hexdigest()  # type: ignore[attr-defined]
+        yield the_lab
+    finally:
+        namespaces = list(the_lab.state.namespaces)
+        problems = the_lab.down()
+        assert problems == []
+        assert not any((PIN_ROOT.parent / f"agent-{role}-{ns}-eth0").exists() for ns in namespaces
+                       for role in ("server", "client"))  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_agents_that_keep_their_kernel_datapath_restart_under_traffic(keep_lab: Lab, sig: signal.Signals) -> None:
+    """Every agent (both servers', both clients') restarted one after the other with ``--keep`` while a download and
+    wrk's keep-alive connections run: each new agent takes its kept datapath over (its flows, so the replies of the
+    sessions already open go on being labelled while it restarts), the download comes whole and no connection
+    breaks."""
+    lab = keep_lab
+    target = lab.dir / "download.bin"
+    target.unlink(missing_ok=True)
+    script = lab.dir / "last.lua"
+    script.write_text(WRK_SCRIPT)
+    curl = in_ns(lab, lab.client_ns(0), ["curl", "-s", "-S", "--limit-rate", RATE, "--max-time", "60", "-o",
+                                         str(target), "-w", "%{http_code}", f"http://{VIP4}/big.bin"],
+                 lab.dir / "curl.out")  # fmt: skip
+    wrk = in_ns(lab, lab.client_ns(1), ["wrk", "-t4", "-c4", f"-d{WRK_MAX}s", "--timeout", "5s", "-s", str(script),
+                                        f"http://{VIP4}/"], lab.dir / "wrk.out")  # fmt: skip
+    keys = [f"agent-{lab.server_name(j)}" for j in range(lab.spec.servers)] + ["agent-c1", "agent-c2"]
+    try:
+        time.sleep(RESTART_AFTER)
+        assert curl.poll() is None and wrk.poll() is None, "the transfers ended before the restarts"
+        for key in keys:
+            lab.restart_agent(key, sig)
+        restarted = int(time.time())
+        assert lab.curl(0, 1, timeout=10)[0], "a new connection after the restarts"
+        time.sleep(WRK_AFTER)
+        wrk.send_signal(signal.SIGINT)
+        wrk.wait(30)
+        curl.wait(70)
+    finally:
+        for proc in (curl, wrk):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for key in keys:
+        log = (lab.dir / f"{key}.log").read_text()
+        assert "kept=taken_over" in log and "event=datapath_adopted" in log, log[-2000:]
+    wrk_out = (lab.dir / "wrk.out").read_text()
+    print(f"\nagents {sig.name}: wrk {wrk_out.strip().splitlines()[-8:]}")
+    assert (lab.dir / "curl.out").read_text().strip() == "200", (lab.dir / "curl.out").read_text()
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == lab.digest  # type: ignore[attr-defined]
+    last = [int(t) for t in re.findall(r"^last_response \d+ (\d+)$", wrk_out, re.MULTILINE)]
+    assert len(last) == 4 and min(last) >= restarted, f"a connection stopped at the restarts: {last}, {restarted}"
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", wrk_out)
+    if socket_errors is not None:
+        connect, read, write, _timeouts = (int(g) for g in socket_errors.groups())
+        assert (connect, read, write) == (0, 0, 0), wrk_out
+    assert "Non-2xx" not in wrk_out, wrk_out

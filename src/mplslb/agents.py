@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from mplslb.wire.ethernet import ETH_P_MPLS_UC
 
 log = logging.getLogger("mplslb.agent")
 DATAPATHS = ("auto", "kernel", "tun")
+#: Where kept datapaths are pinned (bpffs), one directory each.
+KEPT_PIN_ROOT = Path("/sys/fs/bpf/mplslb")
 #: How often the kernel datapath's agent looks for idle flows, at most (seconds).
 EXPIRY_INTERVAL = 5.0
 
@@ -75,6 +78,12 @@ class AgentConfig:
     #: Server, kernel datapath: labelled super-packets leave whole (TX checksumming on), for a balancer whose kernel
     #: offload switches them (``offload_gso``); without it they are segmented before they leave.
     super_packets: bool = False
+    #: Kernel datapath: the name the agent's kept datapath goes by (its pins under ``/sys/fs/bpf/mplslb/``, its host
+    #: changes in ``/run/mplslb/<kept>.host.json``); "" for none. One per role, namespace and interface.
+    kept: str = ""
+    #: Kernel datapath: on exit, leave the programs attached with their flows and the host as set up, for the next
+    #: agent of the same name, which takes them over (without it, an agent lets a kept datapath go as it starts).
+    keep: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +99,24 @@ class AgentConfig:
             raise ValueError("--super-packets is for a server agent on the kernel datapath over Ethernet")
         if self.role == "client" and not self.balancer and len(self.gateway_mac) != 6:
             raise ValueError("a client agent needs --gateway-mac (Ethernet) or --balancer (MPLS-in-UDP)")
+        if self.keep and (self.datapath == "tun" or self.balancer or not self.kept):
+            raise ValueError("--keep is for the kernel datapath over Ethernet")
+
+    def host_file(self) -> Path:
+        """Where the kept datapath's host changes are written (``kept``)."""
+        from mplslb.control.client import RUN_DIR
+
+        return Path(RUN_DIR) / f"{self.kept}.host.json"
+
+    def pins(self) -> Path:
+        """Where the kept datapath's maps, programs and links are pinned (``kept``)."""
+        return KEPT_PIN_ROOT / self.kept
+
+    def about(self) -> dict[str, Any]:
+        """What the host changes of a kept datapath were made for: another agent takes them over only if it is the
+        same."""
+        return {"role": self.role, "interface": self.interface, "vips": sorted(self.vips),
+                "gateway_mac": self.gateway_mac.hex(), "super_packets": self.super_packets}  # fmt: skip
 
     def tun_mtu(self) -> int:
         """The TUN's MTU: ``mtu``, or the wire's less the label (over Ethernet) or less the label, UDP and outer IP
@@ -130,29 +157,68 @@ class KernelAgent:
     datapath = "kernel"
 
     def __init__(self, config: AgentConfig) -> None:
-        from mplslb.offload.endpoint import KernelEndpoint
+        from mplslb.offload.endpoint import KernelEndpoint, unpin
 
         self.config = config
         self.changes = HostChanges()
         self.loop = Loop()
         self.kernel: KernelEndpoint | None = None
         self.control: ControlServer | None = None
+        self.kept = False  # took over a kept datapath and its host
         try:
             mac = interface_mac(config.interface)
+            ifindex = socket.if_nametoindex(config.interface)
             self.kernel = KernelEndpoint(config.role, mac=mac, vips=config.vips, gateway_mac=config.gateway_mac,
                                          flow_timeout=config.flow_timeout,
-                                         fallback=config.fallback if config.role == "client" else 0.0)  # fmt: skip
-            if config.role == "server":
-                setup_server_kernel(config.interface, list(config.vips), self.changes,
-                                    super_packets=config.super_packets)  # fmt: skip
-            else:
-                setup_client_kernel(config.interface, list(config.vips), config.gateway_mac, self.changes)
-            self.kernel.attach(config.interface)
-            log.info("event=datapath datapath=kernel interface=%s role=%s", value(config.interface), config.role)
+                                         fallback=config.fallback if config.role == "client" else 0.0,
+                                         pins=config.pins() if config.keep else None)  # fmt: skip
+            leftover = self._leftover(ifindex)
+            if leftover is not None and config.keep:
+                self.kernel.attach(config.interface)  # takes the kept datapath over when it fits
+                if self.kernel.adopted:
+                    self.changes, leftover, self.kept = leftover, None, True
+            if leftover is not None:  # a kept host this agent does not take over: put back as it was
+                failed = leftover.undo()
+                if failed:
+                    log.warning("event=kept_host_undone failed=%s", value("; ".join(failed)))
+            if config.kept and not config.keep:
+                unpin(config.pins(), ifindex)  # a kept datapath this agent does not take over: detached
+            if not self.kept:
+                if config.role == "server":
+                    setup_server_kernel(config.interface, list(config.vips), self.changes,
+                                        super_packets=config.super_packets)  # fmt: skip
+                else:
+                    setup_client_kernel(config.interface, list(config.vips), config.gateway_mac, self.changes)
+            if config.keep:
+                self.changes.save(config.host_file(), **config.about())  # before the pins: a kill leaves both
+            elif config.kept:
+                config.host_file().unlink(missing_ok=True)
+            if not self.kernel.attached:
+                self.kernel.attach(config.interface)
+            log.info("event=datapath datapath=kernel interface=%s role=%s kept=%s", value(config.interface),
+                     config.role, "taken_over" if self.kept else "yes" if config.keep else "no")  # fmt: skip
             self.control = _serve_control(self, self.loop)
         except BaseException:
             self.close()
             raise
+
+    def _leftover(self, ifindex: int) -> HostChanges | None:
+        """The host changes a kept datapath of this agent's name left, if any: taken over when they were made for
+        the same agent (:meth:`AgentConfig.about`), else undone."""
+        config = self.config
+        if not config.kept or not config.host_file().exists():
+            return None
+        try:
+            changes, about = HostChanges.load(config.host_file())
+        except ValueError as exc:
+            log.warning("event=kept_host_unreadable reason=%s", value(str(exc)))
+            return None
+        if config.keep and about != config.about():
+            from mplslb.offload.endpoint import unpin
+
+            log.warning("event=kept_host_not_taken reason=config_changed file=%s", value(str(config.host_file())))
+            unpin(config.pins(), ifindex)  # nor its datapath: let go, attached afresh
+        return changes
 
     def run(self, stop: threading.Event | None = None) -> None:
         if self.config.ready_file:
@@ -184,13 +250,19 @@ class KernelAgent:
         return self.kernel.flow_count() if self.kernel is not None else 0
 
     def close(self) -> list[str]:
+        """Detach and put the host back; with ``keep``, leave both for the next agent."""
         if self.control is not None:
             self.control.close()
             self.control = None
+        keep = self.config.keep and self.kernel is not None and self.kernel.attached != ""
         if self.kernel is not None:
-            self.kernel.close()
+            self.kernel.close(keep=keep)
             self.kernel = None
         self.loop.close()
+        if keep:
+            return []
+        if self.config.keep:
+            self.config.host_file().unlink(missing_ok=True)
         return self.changes.undo()
 
 

@@ -328,6 +328,13 @@ def _agent_options(fn: Any) -> Any:
                 help="Server, kernel datapath: labelled super-packets leave whole, for a balancer with offload_gso.",
             ),
             click.option(
+                "--keep",
+                is_flag=True,
+                help="Kernel datapath: on exit leave the programs attached (their flows go on being labelled) and "
+                "the host as set up, for the next agent on this interface, which takes them over (pinned under "
+                "/sys/fs/bpf/mplslb/). Without it, an agent lets a kept datapath go as it starts.",
+            ),
+            click.option(
                 "--control",
                 "control_socket",
                 default=None,
@@ -352,11 +359,16 @@ def _address_port(text: str) -> tuple[str, int]:
     return addr.strip("[]"), int(port)
 
 
+def agent_name(role: str, interface: str, netns: str | None) -> str:
+    """An agent's name: one per role, namespace and interface, so agents never share a socket or a kept datapath."""
+    return f"agent-{role}-{netns + '-' if netns else ''}{interface}"
+
+
 def agent_socket(role: str, interface: str, netns: str | None) -> str:
-    """An agent's default control socket: one per role, namespace and interface, so agents never share one."""
+    """An agent's default control socket (:func:`agent_name`)."""
     from mplslb.control.client import RUN_DIR
 
-    return f"{RUN_DIR}/agent-{role}-{netns + '-' if netns else ''}{interface}.sock"
+    return f"{RUN_DIR}/{agent_name(role, interface, netns)}.sock"
 
 
 def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
@@ -382,6 +394,8 @@ def _run_agent(role: str, gateway_mac: str, **kw: Any) -> None:
             metrics=_address_port(kw["metrics"]) if kw["metrics"] else None,
             datapath=kw["datapath"],
             super_packets=kw["super_packets"],
+            kept=agent_name(role, kw["interface"], kw["netns"]),
+            keep=kw["keep"],
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -14,16 +14,22 @@ The balancer's own host gets blackhole routes for the virtual IPs (:func:`setup_
 the daemon's, read from its packet sockets, and the host's stack must stay silent about them.
 
 Every change is recorded in a :class:`HostChanges` and undone in reverse order by :meth:`HostChanges.undo`, which
-never raises (an agent stopping on a signal must leave the host as it found it).
+never raises (an agent stopping on a signal must leave the host as it found it). Each record is data (what, the name
+of the step that undoes it, its arguments), so an agent that leaves its host set up for the next one
+(``--keep``) writes the records to a file (:meth:`HostChanges.save`) and the next agent takes them over
+(:meth:`HostChanges.load`), to undo them when it is the one that puts the host back.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import socket
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 
@@ -42,24 +48,50 @@ def _host_len(address: str) -> int:
 
 
 class HostChanges:
-    """A log of changes made to the host, undone in reverse order."""
+    """A log of changes made to the host, undone in reverse order: each a step of :data:`UNDO_STEPS` by name, with
+    its arguments (plain values, so the log can be written to a file and taken over)."""
 
     def __init__(self) -> None:
-        self._undo: list[tuple[str, Callable[[], object]]] = []
+        self._undo: list[tuple[str, str, list[Any]]] = []
 
-    def add(self, what: str, undo: Callable[[], object]) -> None:
-        self._undo.append((what, undo))
+    def add(self, what: str, step: str, *args: Any) -> None:
+        if step not in UNDO_STEPS:
+            raise ValueError(f"no undo step named {step!r}")
+        self._undo.append((what, step, list(args)))
+
+    def __len__(self) -> int:
+        return len(self._undo)
 
     def undo(self) -> list[str]:
         """Undo everything; returns what could not be undone (already gone is fine)."""
         failed = []
         while self._undo:
-            what, undo = self._undo.pop()
+            what, step, args = self._undo.pop()
             try:
-                undo()
+                UNDO_STEPS[step](*args)
             except Exception as exc:  # cleanup goes on whatever one step says
                 failed.append(f"{what}: {exc}")
         return failed
+
+    def save(self, path: Path, **about: Any) -> None:
+        """Write the log (and ``about``: what it was made for) to ``path``, atomically; the log stays here."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"about": about, "undo": self._undo}))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[HostChanges, dict[str, Any]]:
+        """The log :meth:`save` wrote and what it was made for; ``ValueError`` when it cannot be read as one."""
+        try:
+            data = json.loads(path.read_text())
+            changes = cls()
+            for what, step, args in data["undo"]:
+                changes.add(str(what), str(step), *args)
+            about = dict(data["about"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a log of host changes ({exc})") from None
+        return changes, about
 
 
 def set_sysctl(changes: HostChanges, path: str, value: str) -> None:
@@ -69,7 +101,11 @@ def set_sysctl(changes: HostChanges, path: str, value: str) -> None:
     if old == value:
         return
     target.write_text(value)
-    changes.add(f"sysctl {path}", lambda: target.write_text(old))
+    changes.add(f"sysctl {path}", "sysctl", path, old)
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    (_SYSCTL / path).write_text(value)
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
@@ -105,7 +141,7 @@ def _vips_on_lo(ipr: IPRoute, lo: int, vips: list[str], changes: HostChanges) ->
         family, plen = _family(vip), _host_len(vip)
         flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
         ipr.addr("add", index=lo, address=vip, prefixlen=plen, flags=flags)
-        changes.add(f"address {vip} on lo", _call(ipr_addr_del, lo, vip, plen))
+        changes.add(f"address {vip} on lo", "address", lo, vip, plen)
 
 
 def _rules_from_vips(ipr: IPRoute, vips: list[str], changes: HostChanges) -> None:
@@ -113,7 +149,7 @@ def _rules_from_vips(ipr: IPRoute, vips: list[str], changes: HostChanges) -> Non
     for vip in vips:
         family, plen = _family(vip), _host_len(vip)
         ipr.rule("add", family=family, src=vip, src_len=plen, table=POLICY_TABLE, priority=POLICY_PRIORITY)
-        changes.add(f"rule from {vip}", _call(rule_del, vip, plen, family))
+        changes.add(f"rule from {vip}", "rule", vip, plen, family)
 
 
 def setup_server(tun: str, vips: list[str], changes: HostChanges) -> None:
@@ -125,7 +161,7 @@ def setup_server(tun: str, vips: list[str], changes: HostChanges) -> None:
         for family in sorted({_family(v) for v in vips}):
             default = "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"
             ipr.route("add", dst=default, oif=tun_index, table=POLICY_TABLE, family=family)
-            changes.add(f"default route table {POLICY_TABLE}", _call(route_del, default, tun_index, family))
+            changes.add(f"default route table {POLICY_TABLE}", "route", default, tun_index, family)
         _rules_from_vips(ipr, vips, changes)
     set_sysctl(changes, f"ipv4/conf/{tun}/rp_filter", "0")
 
@@ -142,7 +178,7 @@ def setup_client(tun: str, interface: str, vips: list[str], changes: HostChanges
             if source is None:
                 raise OSError(f"{interface} has no IPv{version} address to send to {vip} from")
             ipr.route("add", dst=f"{vip}/{plen}", oif=tun_index, prefsrc=source, family=family)
-            changes.add(f"route to {vip}", _call(route_del, f"{vip}/{plen}", tun_index, family, None))
+            changes.add(f"route to {vip}", "route", f"{vip}/{plen}", tun_index, family, None)
     set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
     set_sysctl(changes, f"ipv4/conf/{tun}/rp_filter", "0")
 
@@ -160,16 +196,12 @@ def setup_balancer(vips: list[str], changes: HostChanges) -> None:
                 if "exists" not in str(exc).lower() and getattr(exc, "code", None) != 17:
                     raise
                 continue
-            changes.add(f"blackhole {vip}", _call(blackhole_del, f"{vip}/{plen}", family))
+            changes.add(f"blackhole {vip}", "blackhole", f"{vip}/{plen}", family)
 
 
 def blackhole_del(dst: str, family: int) -> None:
     with IPRoute() as ipr, suppress(Exception):
         ipr.route("del", dst=dst, type="blackhole", family=family)
-
-
-def _call(fn: Callable[..., object], *args: object) -> Callable[[], object]:
-    return lambda: fn(*args)
 
 
 def ipr_addr_del(index: int, address: str, prefixlen: int) -> None:
@@ -206,7 +238,7 @@ GSO_MAX_SEGS = 1
 def _neigh_add(ipr: IPRoute, index: int, gateway: str, mac: str, changes: HostChanges) -> None:
     family = _family(gateway)
     ipr.neigh("replace", dst=gateway, lladdr=mac, ifindex=index, state=0x80, family=family)  # NUD_PERMANENT
-    changes.add(f"neighbour {gateway}", _call(neigh_del, index, gateway, family))
+    changes.add(f"neighbour {gateway}", "neighbour", index, gateway, family)
 
 
 def neigh_del(index: int, gateway: str, family: int) -> None:
@@ -222,7 +254,7 @@ def set_gso_max_segs(changes: HostChanges, interface: str, segs: int) -> None:
         if old == segs:
             return
         ipr.link("set", index=index, gso_max_segs=segs)
-    changes.add(f"gso_max_segs of {interface}", _call(_set_gso_segs, index, old))
+    changes.add(f"gso_max_segs of {interface}", "gso_max_segs", index, old)
 
 
 def _set_gso_segs(index: int, segs: int) -> None:
@@ -243,10 +275,10 @@ def prepare_wire(interface: str, changes: HostChanges, *, super_packets: bool = 
     reads itself."""
     if super_packets:
         if set_tx_checksum(interface, True):
-            changes.add(f"tx checksumming of {interface}", lambda: set_tx_checksum(interface, False))
+            changes.add(f"tx checksumming of {interface}", "tx_checksum", interface, False)
         return
     if set_tx_checksum(interface, False):
-        changes.add(f"tx checksumming of {interface}", lambda: set_tx_checksum(interface, True))
+        changes.add(f"tx checksumming of {interface}", "tx_checksum", interface, True)
     if _ethtool_value(interface, ETHTOOL_GTSO):
         set_gso_max_segs(changes, interface, GSO_MAX_SEGS)
 
@@ -289,7 +321,7 @@ def setup_server_kernel(interface: str, vips: list[str], changes: HostChanges, *
             default = "::/0" if version == 6 else "0.0.0.0/0"
             ipr.route("add", dst=default, gateway=gateway, oif=wire, table=POLICY_TABLE, family=family,
                       flags=0x4, metrics={"mtu": KERNEL_ROUTE_MTU})  # fmt: skip  # RTNH_F_ONLINK
-            changes.add(f"default route table {POLICY_TABLE}", _call(route_del, default, wire, family))
+            changes.add(f"default route table {POLICY_TABLE}", "route", default, wire, family)
         _rules_from_vips(ipr, vips, changes)
     set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
     prepare_wire(interface, changes, super_packets=super_packets)
@@ -311,6 +343,19 @@ def setup_client_kernel(interface: str, vips: list[str], gateway_mac: bytes, cha
                 raise OSError(f"{interface} has no IPv{version} address to send to {vip} from")
             ipr.route("add", dst=f"{vip}/{plen}", gateway=FAKE_GATEWAY[version], oif=wire, prefsrc=source,
                       family=family, flags=0x4, metrics={"mtu": KERNEL_ROUTE_MTU})  # fmt: skip
-            changes.add(f"route to {vip}", _call(route_del, f"{vip}/{plen}", wire, family, None))
+            changes.add(f"route to {vip}", "route", f"{vip}/{plen}", wire, family, None)
     set_sysctl(changes, f"ipv4/conf/{interface}/rp_filter", "2")
     prepare_wire(interface, changes)
+
+
+#: The steps that undo a change, by the name :meth:`HostChanges.add` records.
+UNDO_STEPS: dict[str, Callable[..., object]] = {
+    "sysctl": _write_sysctl,
+    "address": ipr_addr_del,
+    "rule": rule_del,
+    "route": route_del,
+    "blackhole": blackhole_del,
+    "neighbour": neigh_del,
+    "gso_max_segs": _set_gso_segs,
+    "tx_checksum": set_tx_checksum,
+}

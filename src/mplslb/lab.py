@@ -108,6 +108,8 @@ class LabSpec:
     offload_gso: bool = False
     #: New TCP sessions' SYNs taken in the kernel offload under tickets the daemon decides ahead (``offload_syn``).
     offload_syn: bool = False
+    #: The agents on the kernel datapath keep it across a restart (``--keep``): :meth:`Lab.restart_agent`.
+    agent_keep: bool = False
     nodes: int = 1  # balancer nodes; more than one: behind a BGP/ECMP router, both transports udp
     #: Write each node's ``[cluster]`` table (node, nodes, peers): for a daemon that has session sync.
     cluster: bool = False
@@ -276,6 +278,8 @@ class Lab:
             problem = _stop_pid(pid, self.procs.get(key))
             if problem:
                 problems.append(f"{key}: {problem}")
+        if self.spec.agent_keep:
+            self._let_kept_go(state.namespaces)
         for name in reversed(state.namespaces):
             try:
                 if name in netns.listnetns():
@@ -287,6 +291,19 @@ class Lab:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.dir)
         return problems
+
+    @staticmethod
+    def _let_kept_go(namespaces: list[str]) -> None:
+        """What kept agents left outside their namespaces: their pins (bpffs) and host files."""
+        from mplslb.agents import AgentConfig
+        from mplslb.offload.endpoint import unpin
+
+        for ns_name in namespaces:
+            for role in ("server", "client"):
+                kept = AgentConfig(role=role, interface="eth0", vips=(VIP4,), gateway_mac=bytes(6),
+                                   kept=f"agent-{role}-{ns_name}-eth0")  # fmt: skip
+                unpin(kept.pins())
+                kept.host_file().unlink(missing_ok=True)
 
     def _save_state(self) -> None:
         (self.dir / "state.json").write_text(json.dumps(asdict(self.state)))
@@ -689,6 +706,8 @@ class Lab:
         args = ["agent", "server", "--interface", "eth0", "--vip", VIP4, "--vip", VIP6, "--datapath", datapath]
         if self.spec.offload_gso:
             args.append("--super-packets")
+        if self.spec.agent_keep and datapath == "kernel":
+            args.append("--keep")
         if udp:
             args += ["--balancer", "10.81.0.1", "--udp-local", self.server_addr(j)]
         (self.dir / f"{key}.ready").unlink(missing_ok=True)
@@ -707,6 +726,22 @@ class Lab:
             ns.link("set", index=ns.link_lookup(ifname="eth0")[0], address=mac)
         self._wait_ready([self._start_server_agent(j)])
 
+    def restart_agent(self, key: str, sig: int = signal.SIGTERM) -> None:
+        """Stop agent ``key`` (``agent-s1``, ``agent-c1``...) with ``sig`` and start it again as it was started;
+        returns once it is ready."""
+        proc = self.procs[key]
+        argv = list(proc.args)  # type: ignore[arg-type]
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        (self.dir / f"{key}.ready").unlink(missing_ok=True)
+        shutil.copy(self.dir / f"{key}.log", self.dir / f"{key}-{proc.pid}.log")
+        self._spawn(key, [str(a) for a in argv])
+        self._wait_ready([key])
+
     def restart_balancer(self) -> None:
         """Stop the balancer daemon and start it again with the same configuration."""
         _stop_pid(self.state.pids["balancer"], self.procs.get("balancer"))
@@ -724,6 +759,8 @@ class Lab:
         for i in range(self.spec.clients):
             key = f"agent-c{i + 1}"
             args = ["agent", "client", "--interface", "eth0", "--vip", VIP4, "--datapath", self._datapath()]
+            if self.spec.agent_keep and self._datapath() == "kernel":
+                args.append("--keep")
             if self.spec.transport == "udp":
                 args += ["--balancer", "10.80.0.1", "--udp-local", self.client_addr(i)]
             else:

@@ -7,7 +7,13 @@ Theory of operation
 the wire interface with BPF links: generic XDP on ingress (``xdp/server`` or ``xdp/client``: take the label stack
 off, remember the flow, hand the IP packet to the host's stack) and tcx egress (``tc/server`` or ``tc/client``: push
 the flow's label and address the frame to the balancer). The links, the programs and the maps live as long as this
-object's file descriptors: an agent that dies, even by SIGKILL, leaves nothing attached.
+object's file descriptors: an agent that dies, even by SIGKILL, leaves nothing attached. Unless they are pinned
+(``pins``, the agent's ``--keep``): then the maps, the programs and the links are pinned there as they are attached,
+so they stay attached and go on labelling while no agent runs, and the next :meth:`KernelEndpoint.attach` with the
+same pins takes them over when they fit (the maps' layout, named by :data:`ENDPOINT_FP`, sizes and types; the links
+on the same interface, running the pinned programs): the flows and counters go on, this agent's VIPs and addresses
+are written into the kept maps, and a program built otherwise is swapped in through the links. Pins that do not fit
+are let go and everything is attached afresh.
 
 The maps (created here, their fds patched into the programs):
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -41,8 +48,10 @@ from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
 from mplslb.flow import FlowKey
 from mplslb.offload import bpf
 from mplslb.offload.build import BuildError, build_object
+from mplslb.state import fingerprint
 from mplslb.switching.layout import (
     ENDPOINT_CONFIG,
+    ENDPOINT_CONFIG_FIELDS,
     ENDPOINT_COUNTERS,
     ENDPOINT_TTL,
     FAMILY_V4,
@@ -50,9 +59,11 @@ from mplslb.switching.layout import (
     FLOW,
     FLOW_FIELDS,
     FLOW_KEY,
+    FLOW_KEY_FIELDS,
     IPV4_ADDR_LEN,
     IPV6_ADDR_LEN,
     VIP_KEY,
+    VIP_KEY_FIELDS,
     struct_offsets,
 )
 
@@ -61,9 +72,44 @@ ROLES = ("server", "client")
 MAX_FLOWS = 65536
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
+log = logging.getLogger("mplslb.agent")
+#: The fingerprint of what the maps hold: their pins carry it, so a kept map is taken over only by a build that reads
+#: and writes it the same way.
+_LAYOUT = [FLOW_KEY_FIELDS, FLOW_FIELDS, VIP_KEY_FIELDS, ENDPOINT_CONFIG_FIELDS, ENDPOINT_COUNTERS]
+ENDPOINT_FP = fingerprint(_LAYOUT)[:12]
+#: The maps, by their symbol in the programs, in the order :class:`KernelEndpoint` makes them.
+MAP_SYMBOLS = ("flows", "vips", "config", "counters", "scratch")
 #: A flow's last use, as numpy reads it from a batch of the flow map's values.
 _LAST_USE = np.dtype({"names": ["last_ns"], "formats": ["=u8"], "offsets": [struct_offsets(FLOW_FIELDS)["last_ns"]],
                       "itemsize": FLOW.size})  # fmt: skip
+
+
+#: How long a let-go datapath's XDP program may take to leave its interface, at most (seconds).
+UNPIN_WAIT = 1.0
+
+
+def xdp_prog_id(ifindex: int) -> int:
+    """The id of the XDP program attached to an interface of this namespace, or 0."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        xdp = ipr.get_links(ifindex)[0].get_attr("IFLA_XDP")
+    return int((xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None) or 0)
+
+
+def unpin(pins: Path, ifindex: int = 0) -> None:
+    """Remove what is pinned at ``pins`` (what it holds goes once nothing else does); with ``ifindex``, wait for the
+    XDP program it held there to leave it (:data:`UNPIN_WAIT` at most)."""
+    if not pins.is_dir():
+        return
+    for entry in pins.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+    with contextlib.suppress(OSError):
+        pins.rmdir()
+    deadline = time.monotonic() + UNPIN_WAIT
+    while ifindex and time.monotonic() < deadline and xdp_prog_id(ifindex):
+        time.sleep(0.01)
 
 
 class KernelDatapathError(RuntimeError):
@@ -103,7 +149,10 @@ class KernelEndpoint:
         ttl: int = ENDPOINT_TTL,
         max_flows: int = MAX_FLOWS,
         fallback: float = 0.0,
+        pins: Path | None = None,
     ) -> None:
+        """``pins``: pin the maps, programs and links there when attached, and take over what a previous endpoint
+        pinned there (see the module docstring)."""
         if role not in ROLES:
             raise ValueError("role must be server or client")
         if len(mac) != 6 or (role == "client" and len(gateway_mac) != 6):
@@ -114,8 +163,10 @@ class KernelEndpoint:
         self.attached: str = ""
         self.progs: dict[str, int] = {}
         self.maps: list[bpf.Map] = []
+        self.pins = pins
+        self.adopted = False
         try:
-            obj = build_object(SOURCE)
+            self._obj = build_object(SOURCE)
         except BuildError as exc:
             raise KernelDatapathError(str(exc)) from None
         try:
@@ -134,14 +185,23 @@ class KernelEndpoint:
             self.config.update(_U32.pack(0), ENDPOINT_CONFIG.pack(mac, gateway_mac or bytes(6), ttl, fallback_ms))
             fds = {"flows": self.flows.fd, "vips": self.vips.fd, "config": self.config.fd,
                    "counters": self.counters.fd, "scratch": self.scratch.fd}  # fmt: skip
-            short = "srv" if role == "server" else "cli"
-            self.progs["xdp"] = bpf.load_program(obj, f"xdp/{role}", fds, prog_type=bpf.BPF_PROG_TYPE_XDP,
-                                                 name=f"mplslb_{short}_in")  # fmt: skip
-            self.progs["tc"] = bpf.load_program(obj, f"tc/{role}", fds, prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS,
-                                                name=f"mplslb_{short}_out")  # fmt: skip
+            self.progs = self._load(fds)
         except (OSError, ValueError) as exc:
             self.close()
             raise KernelDatapathError(f"kernel datapath: {exc}") from None
+
+    def _load(self, fds: dict[str, int]) -> dict[str, int]:
+        """Both programs of the role over the maps ``fds``: {"xdp": fd, "tc": fd}."""
+        short = "srv" if self.role == "server" else "cli"
+        progs = {"xdp": bpf.load_program(self._obj, f"xdp/{self.role}", fds, prog_type=bpf.BPF_PROG_TYPE_XDP,
+                                         name=f"mplslb_{short}_in")}  # fmt: skip
+        try:
+            progs["tc"] = bpf.load_program(self._obj, f"tc/{self.role}", fds, prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS,
+                                           name=f"mplslb_{short}_out")  # fmt: skip
+        except OSError:
+            os.close(progs["xdp"])
+            raise
+        return progs
 
     def _map(self, kind: int, key_size: int, value_size: int, entries: int, name: str) -> bpf.Map:
         m = bpf.Map.create(kind, key_size, value_size, entries, flags=0, name=name)
@@ -149,15 +209,120 @@ class KernelEndpoint:
         return m
 
     def attach(self, interface: str) -> None:
-        """Attach both programs to ``interface`` (generic XDP ingress, tcx egress) with BPF links."""
+        """Attach both programs to ``interface`` (generic XDP ingress, tcx egress) with BPF links; with ``pins``,
+        take over what is pinned there when it fits, else pin what is attached."""
         try:
             ifindex = socket.if_nametoindex(interface)
+            if self.pins is not None:
+                why = self._adopt(ifindex)
+                if not why:
+                    self.adopted = True
+                    self.attached = interface
+                    log.info("event=datapath_adopted interface=%s pins=%s flows=%d", interface, self.pins,
+                             self.flow_count())  # fmt: skip
+                    return
+                if why != "reason=no_pins":
+                    log.warning("event=datapath_not_adopted %s pins=%s", why, self.pins)
+                unpin(self.pins, ifindex)
             self.links.append(bpf.link_create(self.progs["xdp"], ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE))
             self.links.append(bpf.link_create(self.progs["tc"], ifindex, bpf.BPF_TCX_EGRESS))
+            if self.pins is not None:
+                self._pin()
         except OSError as exc:
             self.detach()
             raise KernelDatapathError(f"attaching the kernel datapath to {interface}: {exc}") from None
         self.attached = interface
+
+    def _pin_path(self, what: str) -> str:
+        assert self.pins is not None
+        return str(self.pins / what)
+
+    def _pin(self) -> None:
+        """Pin the maps, the programs, then the links (last: until then a killed agent leaves nothing attached)."""
+        assert self.pins is not None
+        self.pins.mkdir(parents=True, exist_ok=True)
+        for symbol, m in zip(MAP_SYMBOLS, self.maps, strict=True):
+            bpf.obj_pin(m.fd, self._pin_path(f"{symbol}_{ENDPOINT_FP}"))
+        for name, fd in self.progs.items():
+            bpf.obj_pin(fd, self._pin_path(f"prog_{name}"))
+        for name, fd in zip(("xdp", "tc"), self.links, strict=True):
+            bpf.obj_pin(fd, self._pin_path(f"link_{name}"))
+
+    def _adopt(self, ifindex: int) -> str:
+        """Take over the pinned maps, programs and links when they fit (``""``), else say why."""
+        fds: list[int] = []
+        try:
+            why = self._adopt_fds(ifindex, fds)
+        except OSError as exc:
+            why = f"reason=adopt_failed error={str(exc).replace(' ', '_')}"
+        if why:
+            for fd in fds:
+                os.close(fd)
+        return why
+
+    def _adopt_fds(self, ifindex: int, fds: list[int]) -> str:
+        try:
+            old = {name: bpf.obj_get(self._pin_path(f"prog_{name}")) for name in ("xdp", "tc")}
+        except OSError:
+            return "reason=no_pins"
+        fds.extend(old.values())
+        kept: dict[str, int] = {}
+        for symbol, ours in zip(MAP_SYMBOLS, self.maps, strict=True):
+            try:
+                fd = bpf.obj_get(self._pin_path(f"{symbol}_{ENDPOINT_FP}"))
+            except OSError:
+                return "reason=map_layout_changed"
+            fds.append(fd)
+            kept[symbol] = fd
+            theirs, want = bpf.map_info(fd), bpf.map_info(ours.fd)
+            if (theirs.map_type, theirs.key_size, theirs.value_size, theirs.max_entries) != (
+                want.map_type, want.key_size, want.value_size, want.max_entries,
+            ):  # fmt: skip
+                return "reason=map_layout_changed"
+        links: list[int] = []
+        for name in ("xdp", "tc"):
+            try:
+                fd = bpf.obj_get(self._pin_path(f"link_{name}"))
+            except OSError:
+                return f"reason=link_missing link={name}"
+            fds.append(fd)
+            links.append(fd)
+            info = bpf.link_info(fd)
+            if info.ifindex != ifindex or info.prog_id != bpf.prog_info(old[name]).prog_id:
+                return f"reason=link_detached link={name}"
+        if bpf.prog_info(old["xdp"]).name != bpf.prog_info(self.progs["xdp"]).name:
+            return "reason=role_changed"
+        new = self._load(kept)
+        fds.extend(new.values())
+        for link, name in zip(links, ("xdp", "tc"), strict=True):
+            if bpf.prog_info(new[name]).tag != bpf.prog_info(old[name]).tag:  # built otherwise: swapped in
+                bpf.link_update(link, new[name])
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._pin_path(f"prog_{name}"))
+                bpf.obj_pin(new[name], self._pin_path(f"prog_{name}"))
+        # this endpoint's settings into the kept maps, then the kept maps and programs are this object's
+        kept_maps = [bpf.Map(kept[symbol], m.key_size, m.value_size, m.name) for symbol, m in zip(MAP_SYMBOLS,
+                     self.maps, strict=True)]  # fmt: skip
+        vips, config = kept_maps[1], kept_maps[2]
+        keys, _, count = vips.lookup_batch()
+        if count:
+            vips.delete_batch(keys[: count * VIP_KEY.size], count)
+        ours_vips, _, ours_count = self.vips.lookup_batch()
+        for i in range(ours_count):
+            vips.update(ours_vips[i * VIP_KEY.size : (i + 1) * VIP_KEY.size], _U32.pack(1))
+        config.update(_U32.pack(0), self.config.lookup(_U32.pack(0)) or b"")
+        for m in self.maps:
+            m.close()
+        for fd in self.progs.values():
+            os.close(fd)
+        for name in ("xdp", "tc"):
+            os.close(old[name])
+        self.maps = kept_maps
+        self.flows, self.vips, self.config, self.counters, self.scratch = kept_maps
+        self.progs = new
+        self.links = links
+        fds.clear()  # every descriptor is this object's now
+        return ""
 
     def detach(self) -> None:
         for fd in self.links:
@@ -166,8 +331,11 @@ class KernelEndpoint:
         self.links.clear()
         self.attached = ""
 
-    def close(self) -> None:
-        """Detach, unload, free the maps (idempotent)."""
+    def close(self, *, keep: bool = False) -> None:
+        """Detach, unload, free the maps (idempotent). With ``keep`` (and pins), what is pinned stays attached and
+        labelling for the next endpoint; without it, the pins go too."""
+        if not keep and self.pins is not None:
+            unpin(self.pins)
         self.detach()
         for fd in self.progs.values():
             with contextlib.suppress(OSError):

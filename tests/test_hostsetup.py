@@ -1,0 +1,73 @@
+"""The host changes an agent makes (mplslb.hostsetup): recorded as data, so a log written by one agent that keeps
+its datapath (``--keep``) and read by the next undoes exactly what the first did, in a real namespace (root)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute, netns
+
+from mplslb.drivers.netns import entered
+from mplslb.hostsetup import POLICY_TABLE, HostChanges, setup_server_kernel
+
+VIP4, VIP6 = "10.99.0.10", "fd00:99::10"
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    name = f"mlbhs{os.getpid() % 100000}"
+    netns.create(name)
+    try:
+        with entered(name), IPRoute() as ipr:
+            ipr.link("add", ifname="w0", kind="veth", peer={"ifname": "w1"})
+            for ifname in ("lo", "w0", "w1"):
+                ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
+        yield name
+    finally:
+        netns.remove(name)
+
+
+def host_state() -> tuple[set[str], int, int, str]:
+    """The addresses on lo, the rules to the policy table, its routes, w0's rp_filter."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        addresses = {m.get_attr("IFA_ADDRESS") for m in ipr.get_addr(index=lo)}
+        rules = sum(
+            1 for family in (2, 10) for r in ipr.get_rules(family=family) if r.get_attr("FRA_TABLE") == POLICY_TABLE
+        )
+        routes = sum(len(ipr.get_routes(family=family, table=POLICY_TABLE)) for family in (2, 10))
+    return addresses, rules, routes, Path("/proc/sys/net/ipv4/conf/w0/rp_filter").read_text().strip()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a namespace")
+def test_a_saved_log_taken_over_undoes_what_the_first_agent_did(namespace: str, tmp_path: Path) -> None:
+    log = tmp_path / "agent.host.json"
+    with entered(namespace):
+        before = host_state()
+        first = HostChanges()
+        setup_server_kernel("w0", [VIP4, VIP6], first)
+        during = host_state()
+        assert {VIP4, VIP6} <= during[0] and during[1] == 2 and during[2] == 2 and during[3] == "2"
+        first.save(log, role="server", vips=[VIP4, VIP6])
+        del first  # the agent exits keeping the host as it is
+        assert host_state() == during
+        taken, about = HostChanges.load(log)
+        assert about == {"role": "server", "vips": [VIP4, VIP6]} and len(taken) > 0
+        assert taken.undo() == []
+        assert host_state() == before
+
+
+def test_a_log_that_is_not_one_is_refused_with_its_file(tmp_path: Path) -> None:
+    log = tmp_path / "agent.host.json"
+    log.write_text("{not json")
+    with pytest.raises(ValueError, match=str(log)):
+        HostChanges.load(log)
+    log.write_text('{"about": {}, "undo": [["address", "format_disk", []]]}')
+    with pytest.raises(ValueError, match="format_disk"):
+        HostChanges.load(log)
+    with pytest.raises(ValueError, match="no undo step"):
+        HostChanges().add("something", "format_disk")
