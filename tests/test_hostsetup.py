@@ -71,3 +71,25 @@ def test_a_log_that_is_not_one_is_refused_with_its_file(tmp_path: Path) -> None:
         HostChanges.load(log)
     with pytest.raises(ValueError, match="no undo step"):
         HostChanges().add("something", "format_disk")
+
+
+def test_keep_is_for_the_kernel_datapath_over_ethernet(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from mplslb import agents
+    from mplslb.agents import AgentConfig, choose_datapath
+    from mplslb.offload import endpoint
+
+    common: dict[str, object] = {"role": "server", "interface": "eth0", "vips": ("10.0.0.100",), "keep": True}
+    with pytest.raises(ValueError, match="--keep"):
+        AgentConfig(**common, datapath="tun", kept="agent-server-eth0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--keep"):
+        AgentConfig(**common, balancer="10.80.0.1", kept="agent-server-eth0")  # type: ignore[arg-type]
+    kept = AgentConfig(**common, kept="agent-server-ns1-eth0")  # type: ignore[arg-type]
+    assert kept.pins() == agents.KEPT_PIN_ROOT / "agent-server-ns1-eth0"
+    assert kept.host_file().name == "agent-server-ns1-eth0.host.json"
+    monkeypatch.setattr(endpoint, "unavailable_reason", lambda: "no clang")
+    caplog.set_level(logging.WARNING, "mplslb")
+    assert choose_datapath(kept) == "tun" and "event=keep_ignored" in caplog.text

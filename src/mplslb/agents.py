@@ -147,6 +147,8 @@ def choose_datapath(config: AgentConfig) -> str:
     if config.datapath == "kernel":
         raise RuntimeError(f"datapath kernel is not available here: {why}")
     log.warning("event=datapath_unavailable datapath=kernel using=tun reason=%s", value(why))
+    if config.keep:
+        log.warning("event=keep_ignored reason=%s", value("the tun datapath is this process: nothing outlives it"))
     return "tun"
 
 
