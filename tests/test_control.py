@@ -552,3 +552,4 @@ def test_agent_metrics_and_status_tables_show_its_counters() -> None:
         console.print(table)
     out = console.export_text()
     assert "Agent (server)" in out and "mpls_truncated" in out and "from_wire" in out
+    assert snap["agent"]["kept"] == "no" and "kept across restarts" in out

@@ -230,6 +230,8 @@ def test_agents_that_keep_their_kernel_datapath_restart_under_traffic(keep_lab: 
         for key in keys:
             lab.restart_agent(key, sig)
         restarted = int(time.time())
+        kept = {name: status.get("kept") for name, status in lab.agent_status().items()}
+        assert kept == dict.fromkeys(("c1", "c2", lab.server_name(0), lab.server_name(1)), "taken over"), kept
         assert lab.curl(0, 1, timeout=10)[0], "a new connection after the restarts"
         time.sleep(WRK_AFTER)
         wrk.send_signal(signal.SIGINT)

@@ -369,12 +369,21 @@ def agent_snapshot(agent: RunningAgent) -> dict[str, Any]:
             "role": config.role,
             "interface": config.interface,
             "datapath": agent.datapath,
+            "kept": _kept(agent),
             "vips": list(config.vips),
             "flows": agent.flows(),
             "traffic": agent.traffic(),
             "drops": agent.drops(),
         }
     }
+
+
+def _kept(agent: RunningAgent) -> str:
+    """Whether the agent keeps its datapath across a restart: "taken over" (from the agent before it), "yes" or
+    "no"."""
+    if getattr(agent, "kept", False):
+        return "taken over"
+    return "yes" if agent.config.keep and agent.datapath == "kernel" else "no"
 
 
 def _serve_control(agent: RunningAgent, loop: Loop) -> ControlServer | None:

@@ -564,6 +564,7 @@ def agent_tables(snap: Mapping[str, Any]) -> list[Table]:
     about = _table(f"Agent ({agent['role']})", "what", "value")
     _add(about, "interface", agent["interface"])
     _add(about, "datapath", agent["datapath"])
+    _add(about, "kept across restarts", agent.get("kept", "no"))
     _add(about, "virtual IPs", ", ".join(agent["vips"]))
     _add(about, "flows", str(agent["flows"]))
     traffic = _table("Traffic", "what", "frames")
