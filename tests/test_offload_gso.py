@@ -459,6 +459,8 @@ def test_the_super_packets_program_is_kept_across_daemons(
     import socket
     import time
 
+    from mplslb.offload.endpoint import unpin
+
     lb, _ = topo
     pins = PIN_ROOT / f"g{os.getpid() % 100000}"
     forwarded = next((port, frame) for _, port, frame, outcome in GSO_CASES if outcome == "redirect")
@@ -519,7 +521,4 @@ def test_the_super_packets_program_is_kept_across_daemons(
     finally:
         with entered(lb):
             offload.close()
-        if pins.is_dir():
-            for entry in pins.iterdir():
-                entry.unlink()
-            pins.rmdir()
+        unpin(pins)

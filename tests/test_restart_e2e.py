@@ -88,6 +88,15 @@ def unpin(name: str) -> None:
         pins.rmdir()
 
 
+def up_with_a_big_file(lab: Lab) -> None:
+    """Start ``lab`` with the same random file of :data:`SIZE` on every server (its digest kept as ``lab.digest``)."""
+    lab.up()
+    blob = os.urandom(SIZE)
+    for j in range(lab.spec.servers):
+        (lab.dir / lab.server_name(j) / "www" / "big.bin").write_bytes(blob)
+    lab.digest = hashlib.sha256(blob).hexdigest()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="module", params=["none", "kernel", "kernel+gso+syn"])
 def lab(request: pytest.FixtureRequest) -> Iterator[PersistentLab]:
     offload, *keys = request.param.split("+")
@@ -98,11 +107,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[PersistentLab]:
                    offload_syn="syn" in keys)  # fmt: skip
     the_lab = PersistentLab(spec, root=ROOT)
     try:
-        the_lab.up()
-        blob = os.urandom(SIZE)
-        for j in range(the_lab.spec.servers):
-            (the_lab.dir / the_lab.server_name(j) / "www" / "big.bin").write_bytes(blob)
-        the_lab.digest = hashlib.sha256(blob).hexdigest()  # type: ignore[attr-defined]
+        up_with_a_big_file(the_lab)
         yield the_lab
     finally:
         problems = the_lab.down()
@@ -193,11 +198,7 @@ def keep_lab() -> Iterator[Lab]:
     name = f"rg{os.getpid() % 100000}"
     the_lab = Lab(LabSpec(name=name, clients=2, servers=2, offload="kernel", agent_keep=True), root=ROOT)
     try:
-        the_lab.up()
-        blob = os.urandom(SIZE)
-        for j in range(the_lab.spec.servers):
-            (the_lab.dir / the_lab.server_name(j) / "www" / "big.bin").write_bytes(blob)
-        the_lab.digest = hashlib.sha256(blob).hexdigest()  # type: ignore[attr-defined]
+        up_with_a_big_file(the_lab)
         yield the_lab
     finally:
         namespaces = list(the_lab.state.namespaces)

@@ -894,6 +894,7 @@ def test_the_ticket_maps_are_kept_and_the_kept_sessions_flows_entered_again(
     from mplslb.drivers.loop import Loop
     from mplslb.offload import bpf
     from mplslb.offload.driver import OffloadedBalancer
+    from mplslb.offload.endpoint import unpin
     from mplslb.wire.ip import IPPROTO_TCP
     from test_offload import label_of, on_veths
 
@@ -961,8 +962,5 @@ def test_the_ticket_maps_are_kept_and_the_kept_sessions_flows_entered_again(
     finally:
         with entered(lb):
             core.close()
-        if pins.is_dir():
-            for entry in pins.iterdir():
-                entry.unlink()
-            pins.rmdir()
+        unpin(pins)
         close(second if second is not None else first)
