@@ -70,9 +70,10 @@ from mplslb.drivers.afpacket import PacketPort
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
 from mplslb.offload import bpf, driver, xdp
+from mplslb.offload.bpf import xdp_state
 from mplslb.offload.build import build_object
 from mplslb.offload.driver import OffloadedBalancer
-from mplslb.offload.xdp import BATCH_MIN, PROG_NAME, TICKET_MAPS, OffloadError, XdpOffload, syn_share, xdp_state
+from mplslb.offload.xdp import BATCH_MIN, PROG_NAME, TICKET_MAPS, OffloadError, XdpOffload, syn_share
 from mplslb.sessions import SessionState, Timeouts
 from mplslb.switching import IPV6_PAYLOAD, WATCH_ALL, WATCH_TCP_END, FastEvent, switch_block, switch_frame
 from mplslb.switching.layout import (

@@ -459,7 +459,7 @@ def test_the_super_packets_program_is_kept_across_daemons(
     import socket
     import time
 
-    from mplslb.offload.endpoint import unpin
+    from mplslb.offload.bpf import unpin
 
     lb, _ = topo
     pins = PIN_ROOT / f"g{os.getpid() % 100000}"

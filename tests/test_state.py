@@ -893,8 +893,8 @@ def test_the_ticket_maps_are_kept_and_the_kept_sessions_flows_entered_again(
     from helpers import VIP, client_addr, client_mac, ether, ipv4, tcp_segment
     from mplslb.drivers.loop import Loop
     from mplslb.offload import bpf
+    from mplslb.offload.bpf import unpin
     from mplslb.offload.driver import OffloadedBalancer
-    from mplslb.offload.endpoint import unpin
     from mplslb.wire.ip import IPPROTO_TCP
     from test_offload import label_of, on_veths
 

@@ -159,7 +159,8 @@ class KernelAgent:
     datapath = "kernel"
 
     def __init__(self, config: AgentConfig) -> None:
-        from mplslb.offload.endpoint import KernelEndpoint, unpin
+        from mplslb.offload import bpf
+        from mplslb.offload.endpoint import KernelEndpoint
 
         self.config = config
         self.changes = HostChanges()
@@ -184,7 +185,7 @@ class KernelAgent:
                 if failed:
                     log.warning("event=kept_host_undone failed=%s", value("; ".join(failed)))
             if config.kept and not config.keep:
-                unpin(config.pins(), ifindex)  # a kept datapath this agent does not take over: detached
+                bpf.unpin(config.pins(), [ifindex])  # a kept datapath this agent does not take over: detached
             if not self.kept:
                 if config.role == "server":
                     setup_server_kernel(config.interface, list(config.vips), self.changes,
@@ -216,10 +217,10 @@ class KernelAgent:
             log.warning("event=kept_host_unreadable reason=%s", value(str(exc)))
             return None
         if config.keep and about != config.about():
-            from mplslb.offload.endpoint import unpin
+            from mplslb.offload import bpf
 
             log.warning("event=kept_host_not_taken reason=config_changed file=%s", value(str(config.host_file())))
-            unpin(config.pins(), ifindex)  # nor its datapath: let go, attached afresh
+            bpf.unpin(config.pins(), [ifindex])  # nor its datapath: let go, attached afresh
         return changes
 
     def run(self, stop: threading.Event | None = None) -> None:

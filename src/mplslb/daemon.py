@@ -251,7 +251,7 @@ def _check_gso_ports(source: str, ports: tuple[PortConfig, ...], *, need_interfa
             raise ConfigError(source, "offload_gso", f"needs ethernet ports on veths: ports[{index}] is {port.kind}")
         if not need_interfaces:
             continue
-        from mplslb.offload.xdp import xdp_state
+        from mplslb.offload.bpf import xdp_state
 
         try:
             kind = xdp_state(socket.if_nametoindex(port.interface))[0]

@@ -296,7 +296,7 @@ class Lab:
     def _let_kept_go(namespaces: list[str]) -> None:
         """What kept agents left outside their namespaces: their pins (bpffs) and host files."""
         from mplslb.agents import AgentConfig
-        from mplslb.offload.endpoint import unpin
+        from mplslb.offload.bpf import unpin
 
         for ns_name in namespaces:
             for role in ("server", "client"):

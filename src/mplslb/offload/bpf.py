@@ -17,13 +17,16 @@ That is all a program without BTF, globals or subprograms needs, and it keeps li
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 import platform
 import struct
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 # enum bpf_cmd (<linux/bpf.h>)
@@ -244,6 +247,11 @@ class Map:
             ctypes.memmove(in_batch, out_batch, 8)
             first = False
         return b"".join(keys_out), b"".join(values_out), total
+
+    def clear(self) -> int:
+        """Delete every element, read in batches and deleted in one call; returns how many there were."""
+        keys, _, count = self.lookup_batch()
+        return self.delete_batch(keys[: count * self.key_size], count) if count else 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -535,6 +543,14 @@ class MapInfo(NamedTuple):
     name: str
 
 
+def map_fits(fd: int, map_type: int, key_size: int, value_size: int, max_entries: int) -> bool:
+    """Whether the map ``fd`` (a pinned one, say) has this type, key and value sizes and number of entries."""
+    info = map_info(fd)
+    return (info.map_type, info.key_size, info.value_size, info.max_entries) == (
+        map_type, key_size, value_size, max_entries,
+    )  # fmt: skip
+
+
 def map_info(fd: int) -> MapInfo:
     info = _info(fd, "map")
     name = info[24:40].split(b"\0")[0].decode(errors="replace")
@@ -633,3 +649,39 @@ __all__ = [
     "prog_test_run_skb",
     "read_elf_program",
 ]
+
+
+# -- pins ----------------------------------------------------------------------------------------------------------
+#: How long the XDP programs a removed pin held may take to leave their interfaces, at most (seconds).
+UNPIN_WAIT = 1.0
+
+
+def xdp_state(ifindex: int) -> tuple[str, int]:
+    """(link kind, id of the attached XDP program or 0) of an interface in this namespace."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        link = ipr.get_links(ifindex)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+    xdp = link.get_attr("IFLA_XDP")
+    prog_id = (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None) or 0
+    return kind, int(prog_id)
+
+
+def unpin(pins: Path, ifindexes: Iterable[int] = (), *, keep_dir: bool = False) -> None:
+    """Remove everything pinned in the directory ``pins`` (and the directory, unless ``keep_dir``): what it held goes
+    once nothing else holds it. Then wait, :data:`UNPIN_WAIT` at most, for the interfaces ``ifindexes`` to have no
+    XDP program left (the links are freed as their last reference goes)."""
+    if not pins.is_dir():
+        return
+    for entry in pins.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+    if not keep_dir:
+        with contextlib.suppress(OSError):
+            pins.rmdir()
+    ports = list(ifindexes)
+    deadline = time.monotonic() + UNPIN_WAIT
+    while ports and time.monotonic() < deadline and any(xdp_state(i)[1] for i in ports):
+        time.sleep(0.01)

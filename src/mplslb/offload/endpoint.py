@@ -84,34 +84,6 @@ _LAST_USE = np.dtype({"names": ["last_ns"], "formats": ["=u8"], "offsets": [stru
                       "itemsize": FLOW.size})  # fmt: skip
 
 
-#: How long a let-go datapath's XDP program may take to leave its interface, at most (seconds).
-UNPIN_WAIT = 1.0
-
-
-def xdp_prog_id(ifindex: int) -> int:
-    """The id of the XDP program attached to an interface of this namespace, or 0."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        xdp = ipr.get_links(ifindex)[0].get_attr("IFLA_XDP")
-    return int((xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None) or 0)
-
-
-def unpin(pins: Path, ifindex: int = 0) -> None:
-    """Remove what is pinned at ``pins`` (what it holds goes once nothing else does); with ``ifindex``, wait for the
-    XDP program it held there to leave it (:data:`UNPIN_WAIT` at most)."""
-    if not pins.is_dir():
-        return
-    for entry in pins.iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            entry.unlink()
-    with contextlib.suppress(OSError):
-        pins.rmdir()
-    deadline = time.monotonic() + UNPIN_WAIT
-    while ifindex and time.monotonic() < deadline and xdp_prog_id(ifindex):
-        time.sleep(0.01)
-
-
 class KernelDatapathError(RuntimeError):
     """The kernel datapath cannot be set up here (no clang, no bpf(2), a refused program...)."""
 
@@ -183,21 +155,25 @@ class KernelEndpoint:
                 self.vips.update(VIP_KEY.pack(packed.ljust(IPV6_ADDR_LEN, b"\0"), family), _U32.pack(1))
             fallback_ms = round(fallback * 1000)
             self.config.update(_U32.pack(0), ENDPOINT_CONFIG.pack(mac, gateway_mac or bytes(6), ttl, fallback_ms))
-            fds = {"flows": self.flows.fd, "vips": self.vips.fd, "config": self.config.fd,
-                   "counters": self.counters.fd, "scratch": self.scratch.fd}  # fmt: skip
-            self.progs = self._load(fds)
+            if pins is None or not (pins / "prog_xdp").exists():  # else loaded over the kept maps, if they fit
+                self.progs = self._load(self._map_fds())
         except (OSError, ValueError) as exc:
             self.close()
             raise KernelDatapathError(f"kernel datapath: {exc}") from None
 
+    def _map_fds(self) -> dict[str, int]:
+        return {symbol: m.fd for symbol, m in zip(MAP_SYMBOLS, self.maps, strict=True)}
+
+    def _prog_name(self, way: str) -> str:
+        return f"mplslb_{'srv' if self.role == 'server' else 'cli'}_{way}"
+
     def _load(self, fds: dict[str, int]) -> dict[str, int]:
         """Both programs of the role over the maps ``fds``: {"xdp": fd, "tc": fd}."""
-        short = "srv" if self.role == "server" else "cli"
         progs = {"xdp": bpf.load_program(self._obj, f"xdp/{self.role}", fds, prog_type=bpf.BPF_PROG_TYPE_XDP,
-                                         name=f"mplslb_{short}_in")}  # fmt: skip
+                                         name=self._prog_name("in"))}  # fmt: skip
         try:
             progs["tc"] = bpf.load_program(self._obj, f"tc/{self.role}", fds, prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS,
-                                           name=f"mplslb_{short}_out")  # fmt: skip
+                                           name=self._prog_name("out"))  # fmt: skip
         except OSError:
             os.close(progs["xdp"])
             raise
@@ -223,7 +199,9 @@ class KernelEndpoint:
                     return
                 if why != "reason=no_pins":
                     log.warning("event=datapath_not_adopted %s pins=%s", why, self.pins)
-                unpin(self.pins, ifindex)
+                bpf.unpin(self.pins, [ifindex])
+            if not self.progs:
+                self.progs = self._load(self._map_fds())
             self.links.append(bpf.link_create(self.progs["xdp"], ifindex, bpf.BPF_XDP, bpf.XDP_FLAGS_SKB_MODE))
             self.links.append(bpf.link_create(self.progs["tc"], ifindex, bpf.BPF_TCX_EGRESS))
             if self.pins is not None:
@@ -274,10 +252,8 @@ class KernelEndpoint:
                 return "reason=map_layout_changed"
             fds.append(fd)
             kept[symbol] = fd
-            theirs, want = bpf.map_info(fd), bpf.map_info(ours.fd)
-            if (theirs.map_type, theirs.key_size, theirs.value_size, theirs.max_entries) != (
-                want.map_type, want.key_size, want.value_size, want.max_entries,
-            ):  # fmt: skip
+            want = bpf.map_info(ours.fd)
+            if not bpf.map_fits(fd, want.map_type, want.key_size, want.value_size, want.max_entries):
                 return "reason=map_layout_changed"
         links: list[int] = []
         for name in ("xdp", "tc"):
@@ -290,7 +266,7 @@ class KernelEndpoint:
             info = bpf.link_info(fd)
             if info.ifindex != ifindex or info.prog_id != bpf.prog_info(old[name]).prog_id:
                 return f"reason=link_detached link={name}"
-        if bpf.prog_info(old["xdp"]).name != bpf.prog_info(self.progs["xdp"]).name:
+        if bpf.prog_info(old["xdp"]).name != self._prog_name("in"):
             return "reason=role_changed"
         new = self._load(kept)
         fds.extend(new.values())
@@ -304,9 +280,7 @@ class KernelEndpoint:
         kept_maps = [bpf.Map(kept[symbol], m.key_size, m.value_size, m.name) for symbol, m in zip(MAP_SYMBOLS,
                      self.maps, strict=True)]  # fmt: skip
         vips, config = kept_maps[1], kept_maps[2]
-        keys, _, count = vips.lookup_batch()
-        if count:
-            vips.delete_batch(keys[: count * VIP_KEY.size], count)
+        vips.clear()
         ours_vips, _, ours_count = self.vips.lookup_batch()
         for i in range(ours_count):
             vips.update(ours_vips[i * VIP_KEY.size : (i + 1) * VIP_KEY.size], _U32.pack(1))
@@ -335,7 +309,7 @@ class KernelEndpoint:
         """Detach, unload, free the maps (idempotent). With ``keep`` (and pins), what is pinned stays attached and
         labelling for the next endpoint; without it, the pins go too."""
         if not keep and self.pins is not None:
-            unpin(self.pins)
+            bpf.unpin(self.pins)
         self.detach()
         for fd in self.progs.values():
             with contextlib.suppress(OSError):
@@ -396,9 +370,7 @@ class KernelEndpoint:
 
     def clear_flows(self) -> None:
         """Forget every flow: the keys as read, deleted in one call."""
-        keys, _, count = self.flows.lookup_batch()
-        if count:
-            self.flows.delete_batch(keys[: count * FLOW_KEY.size], count)
+        self.flows.clear()
 
     def run_ingress(self, frame: bytes) -> bpf.TestRun:
         """The ingress program on one frame (``BPF_PROG_TEST_RUN``), maps and counters as on the wire."""

@@ -165,6 +165,7 @@ import numpy as np
 from mplslb.balancer import WholeSessions
 from mplslb.labels import C2S_MIN
 from mplslb.offload import bpf
+from mplslb.offload.bpf import xdp_state
 from mplslb.offload.build import BuildError, build_object
 from mplslb.sessions import WATCH_BUDGET, nonzero_bytes
 from mplslb.state import fingerprint
@@ -262,7 +263,6 @@ MODES = ("auto", "native", "generic")
 BPFFS = Path("/sys/fs/bpf")
 #: Where a daemon that keeps its state pins the program, its map and its links, one directory per instance.
 PIN_ROOT = BPFFS / "mplslb"
-UNPIN_WAIT = 1.0  # seconds for unpinned links to let go of the ports, at most
 
 #: What the program keeps in a map entry (counters, last acknowledgment number), as numpy reads them from a batch
 #: of entries.
@@ -428,19 +428,6 @@ def syn_share(rate: int, cpus: int) -> int:
     return -(-rate // max(cpus, 1))
 
 
-def xdp_state(ifindex: int) -> tuple[str, int]:
-    """(link kind, id of the attached XDP program or 0) of an interface in this namespace."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        link = ipr.get_links(ifindex)[0]
-    info = link.get_attr("IFLA_LINKINFO")
-    kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
-    xdp = link.get_attr("IFLA_XDP")
-    prog_id = (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None) or 0
-    return kind, int(prog_id)
-
-
 def _netlink_detach(ifindex: int, flags: int) -> None:
     from pyroute2 import IPRoute
 
@@ -578,8 +565,8 @@ class XdpOffload:
                 if not why:
                     self.table.add_mirror(self)
                     try:
-                        self._reconcile()
                         self._settle_tickets()
+                        self._reconcile()
                         self._set_syn_rate(keep=True)
                     except OSError as exc:
                         why = f"reason=reconcile_failed error={str(exc).replace(' ', '_')}"
@@ -649,14 +636,8 @@ class XdpOffload:
 
     def _unpin(self, *, wait: bool = True) -> None:
         """Remove what is pinned: its program detaches from the ports once nothing holds it (``wait`` for it)."""
-        if self.pins is None or not self.pins.is_dir():
-            return
-        for entry in self.pins.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                entry.unlink()
-        deadline = time.monotonic() + (UNPIN_WAIT if wait else 0.0)
-        while time.monotonic() < deadline and any(xdp_state(i)[1] for i in self.ifindex.values()):
-            time.sleep(0.01)  # the links are freed as their last reference goes
+        if self.pins is not None:
+            bpf.unpin(self.pins, self.ifindex.values() if wait else (), keep_dir=True)
 
     def _adopt(self, obj: bytes) -> str:
         """Take over the pinned map, program and links when they fit this daemon (``""``), else say why."""
@@ -688,57 +669,22 @@ class XdpOffload:
             fds.append(request_fd)
         except OSError:
             return "reason=map_layout_changed"  # pinned by a build whose maps' layout differs (or torn)
-        info = bpf.map_info(map_fd)
-        want = (bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries)
-        if (info.map_type, info.key_size, info.value_size, info.max_entries) != want:
-            return "reason=map_layout_changed"
-        info = bpf.map_info(syn_fd)
-        if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
-            bpf.BPF_MAP_TYPE_PERCPU_ARRAY,
-            _KEY.size,
-            SYN_BUCKET.size,
-            1,
-        ):
-            return "reason=map_layout_changed"
-        info = bpf.map_info(request_fd)
-        if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
-            bpf.BPF_MAP_TYPE_HASH,
-            _KEY.size,
-            REQUEST.size,
-            self.max_entries,
+        if not (
+            bpf.map_fits(map_fd, bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries)
+            and bpf.map_fits(syn_fd, bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, SYN_BUCKET.size, 1)
+            and bpf.map_fits(request_fd, bpf.BPF_MAP_TYPE_HASH, _KEY.size, REQUEST.size, self.max_entries)
         ):
             return "reason=map_layout_changed"
         why, ticket_fds = self._adopt_ticket_maps(fds)
         if why:
             return why
-        old = bpf.prog_info(prog)
-        links: list[int] = []
-        for port_id, ifname in self.interfaces.items():
-            try:
-                fd = bpf.obj_get(self._pin_path(f"link_{ifname}"))
-            except OSError:
-                return f"reason=link_missing interface={ifname}"
-            fds.append(fd)
-            links.append(fd)
-            link = bpf.link_info(fd)
-            if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
-                return f"reason=link_detached interface={ifname}"
+        why, links = self._adopt_links("link_", prog, fds)
+        if why:
+            return why
         maps = {MAP_SYMBOL: map_fd, SYN_MAP_SYMBOL: syn_fd, REQUEST_MAP_SYMBOL: request_fd} | ticket_fds
         new = bpf.load_program(obj, SECTION, maps, prog_type=bpf.BPF_PROG_TYPE_XDP, name=PROG_NAME)
         fds.append(new)
-        if bpf.prog_info(new).tag == old.tag:
-            fds.remove(new)
-            os.close(new)
-        else:  # another build of the program over the same map: swap it in on every port at once
-            for fd in links:
-                bpf.link_update(fd, new)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._pin_path("prog"))
-            bpf.obj_pin(new, self._pin_path("prog"))
-            fds.remove(prog)
-            os.close(prog)
-            prog = new
-            self.upgraded = True
+        prog = self._swap_in(prog, new, links, "prog", fds)
         why, tc, gso_fd, tc_links = self._adopt_gso(obj, maps, fds)
         if why:
             return why
@@ -776,40 +722,50 @@ class XdpOffload:
             fds.append(gso_fd)
         except OSError:
             return "reason=gso_changed", -1, -1, []
-        info = bpf.map_info(gso_fd)
-        if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
-            bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(GSO_COUNTERS),
-        ):  # fmt: skip
+        if not bpf.map_fits(gso_fd, bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(GSO_COUNTERS)):
             return "reason=map_layout_changed", -1, -1, []
-        old = bpf.prog_info(tc)
-        links: list[int] = []
-        for port_id, ifname in self.interfaces.items():
-            try:
-                fd = bpf.obj_get(self._pin_path(f"tclink_{ifname}"))
-            except OSError:
-                return f"reason=link_missing interface={ifname}", -1, -1, []
-            fds.append(fd)
-            links.append(fd)
-            link = bpf.link_info(fd)
-            if link.ifindex != self.ifindex[port_id] or link.prog_id != old.prog_id:
-                return f"reason=link_detached interface={ifname}", -1, -1, []
+        why, links = self._adopt_links("tclink_", tc, fds)
+        if why:
+            return why, -1, -1, []
         new = bpf.load_program(obj, TC_SECTION, maps | {GSO_MAP_SYMBOL: gso_fd},
                                prog_type=bpf.BPF_PROG_TYPE_SCHED_CLS, name=TC_PROG_NAME)  # fmt: skip
         fds.append(new)
-        if bpf.prog_info(new).tag == old.tag:
+        return "", self._swap_in(tc, new, links, "tc_prog", fds), gso_fd, links
+
+    def _adopt_links(self, prefix: str, prog: int, fds: list[int]) -> tuple[str, list[int]]:
+        """The pinned links ``<prefix><interface>`` of every port, each added to ``fds``, when each is on its port and
+        runs ``prog``; else why not."""
+        prog_id = bpf.prog_info(prog).prog_id
+        links: list[int] = []
+        for port_id, ifname in self.interfaces.items():
+            try:
+                fd = bpf.obj_get(self._pin_path(f"{prefix}{ifname}"))
+            except OSError:
+                return f"reason=link_missing interface={ifname}", []
+            fds.append(fd)
+            links.append(fd)
+            link = bpf.link_info(fd)
+            if link.ifindex != self.ifindex[port_id] or link.prog_id != prog_id:
+                return f"reason=link_detached interface={ifname}", []
+        return "", links
+
+    def _swap_in(self, old: int, new: int, links: list[int], pin: str, fds: list[int]) -> int:
+        """The program to keep of the pinned ``old`` and ``new``, both in ``fds``: ``old`` when ``new`` is the same
+        build (``new`` closed); else ``new``, swapped in on every port at once through ``links`` and pinned as
+        ``pin`` in its place (``old`` closed)."""
+        if bpf.prog_info(new).tag == bpf.prog_info(old).tag:
             fds.remove(new)
             os.close(new)
-        else:
-            for fd in links:
-                bpf.link_update(fd, new)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._pin_path("tc_prog"))
-            bpf.obj_pin(new, self._pin_path("tc_prog"))
-            fds.remove(tc)
-            os.close(tc)
-            tc = new
-            self.upgraded = True
-        return "", tc, gso_fd, links
+            return old
+        for fd in links:
+            bpf.link_update(fd, new)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._pin_path(pin))
+        bpf.obj_pin(new, self._pin_path(pin))
+        fds.remove(old)
+        os.close(old)
+        self.upgraded = True
+        return new
 
     def _reconcile(self) -> None:
         """Make the adopted map agree with the (adopted) table: entries that match it stay, with their counters
@@ -850,6 +806,8 @@ class XdpOffload:
             offset = self.clock() - time.monotonic()
             zero = np.zeros(at.size, dtype=np.uint64)
             table.fold_counters(kept_labels, zero, zero, counters["last_ns"].astype(np.float64) * 1e-9 + offset)
+            if self.tickets:  # a rewritten label's flow goes in with its entry (_write)
+                self._write_flows(kept_labels.tolist())
         valid = np.flatnonzero(table.arrays().valid)
         fix.update(valid[self._in_kernel[valid] == 0].tolist())
         self._mirror(sorted(fix), fold=False)  # a stale entry's counters and ACK are no adopted binding's
@@ -907,31 +865,25 @@ class XdpOffload:
             except OSError:
                 return "reason=map_layout_changed", {}  # pinned by a build without it (or torn)
             fds.append(fd)
-            info = bpf.map_info(fd)
-            if (info.map_type, info.key_size, info.value_size, info.max_entries) != (
-                map_type, key_size, value_size, entries,
-            ):  # fmt: skip
+            if not bpf.map_fits(fd, map_type, key_size, value_size, entries):
                 return "reason=map_layout_changed", {}
             out[symbol] = fd
         return "", out
 
     def _settle_tickets(self) -> None:
-        """After an adoption: nothing of the previous daemon's tickets is left (it gave them back as it stopped,
-        unless it was killed): the queue and the taken records are emptied, the flow map is cleared and holds the
-        adopted sessions' flows again."""
+        """Before an adoption's reconcile: nothing of the previous daemon's tickets is left (it gave them back as it
+        stopped, unless it was killed): the queue, the taken records and the flow map are emptied. The reconcile
+        then enters the adopted sessions' flows with their labels' entries (a taken ticket's entries are no adopted
+        session's: it deletes them)."""
         for symbol in ("tickets", "taken"):
             queue = self._ticket_maps[symbol]
             assert isinstance(queue, bpf.Queue | bpf.RingBuffer)
-            queue.take_all()  # a taken one's entries are no adopted session's: the reconcile deleted them
+            queue.take_all()
         flows = self._ticket_maps["syn_flows"]
         assert isinstance(flows, bpf.Map)
-        keys, _, count = flows.lookup_batch()
-        if count:
-            flows.delete_batch(keys[: count * SYN_FLOW.size], count)
+        flows.clear()
         self._flows.clear()
         self._flow_owner.clear()
-        if self.tickets:
-            self._write_flows([int(label) for label in np.flatnonzero(self._in_kernel)])
 
     def _open_syn_map(self) -> None:
         """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
