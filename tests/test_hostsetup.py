@@ -4,6 +4,7 @@ its datapath (``--keep``) and read by the next undoes exactly what the first did
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,9 +79,9 @@ def test_keep_is_for_the_kernel_datapath_over_ethernet(
 ) -> None:
     import logging
 
-    from mplslb import agents
     from mplslb.agents import AgentConfig, choose_datapath
     from mplslb.offload import endpoint
+    from mplslb.offload.bpf import PIN_ROOT
 
     common: dict[str, object] = {"role": "server", "interface": "eth0", "vips": ("10.0.0.100",), "keep": True}
     with pytest.raises(ValueError, match="--keep"):
@@ -88,8 +89,43 @@ def test_keep_is_for_the_kernel_datapath_over_ethernet(
     with pytest.raises(ValueError, match="--keep"):
         AgentConfig(**common, balancer="10.80.0.1", kept="agent-server-eth0")  # type: ignore[arg-type]
     kept = AgentConfig(**common, kept="agent-server-ns1-eth0")  # type: ignore[arg-type]
-    assert kept.pins() == agents.KEPT_PIN_ROOT / "agent-server-ns1-eth0"
+    assert kept.pins() == PIN_ROOT / "agent-server-ns1-eth0"
     assert kept.host_file().name == "agent-server-ns1-eth0.host.json"
     monkeypatch.setattr(endpoint, "unavailable_reason", lambda: "no clang")
     caplog.set_level(logging.WARNING, "mplslb")
     assert choose_datapath(kept) == "tun" and "event=keep_ignored" in caplog.text
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a namespace")
+def test_a_tun_agent_lets_a_kept_kernel_datapath_go(namespace: str, tmp_path: Path) -> None:
+    """A server agent on the kernel datapath with ``--keep`` exits leaving its programs attached, its pins and its
+    host log; an agent of the same name on the tun datapath puts all of it back before it starts (the kept XDP
+    program would otherwise take the labelled frames before the TUN agent), and leaves the host as it found it."""
+    from mplslb.agents import Agent, AgentConfig, KernelAgent
+    from mplslb.offload import bpf
+    from mplslb.offload.endpoint import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(f"the kernel datapath is not available here: {unavailable_reason()}")
+    common: dict[str, object] = {
+        "role": "server",
+        "interface": "w0",
+        "vips": (VIP4, VIP6),
+        "kept": f"agent-server-{namespace}-w0",
+    }
+    kernel_config = AgentConfig(**common, datapath="kernel", keep=True)  # type: ignore[arg-type]
+    with entered(namespace):
+        before = host_state()
+        ifindex = socket.if_nametoindex("w0")
+        first = KernelAgent(kernel_config)
+        assert first.close() == []  # kept: nothing put back
+        assert bpf.xdp_state(ifindex)[1] != 0 and kernel_config.pins().is_dir() and kernel_config.host_file().exists()
+        assert host_state() != before
+        tun = Agent(AgentConfig(**common, datapath="tun"))  # type: ignore[arg-type]
+        try:
+            assert bpf.xdp_state(ifindex)[1] == 0, "the kept XDP program is still attached"
+            assert not kernel_config.pins().exists() and not kernel_config.host_file().exists()
+        finally:
+            assert tun.close() == []
+        assert host_state() == before

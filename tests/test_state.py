@@ -684,7 +684,8 @@ def test_names_are_written_before_a_row_refers_to_them(state_dir: Path) -> None:
 
 # -- the kernel offload's pins -------------------------------------------------------------------------------------
 from mplslb.drivers.netns import entered  # noqa: E402
-from mplslb.offload.xdp import MAP_PIN, PIN_ROOT, REQUEST_PIN, SYN_PIN, TICKET_PINS, XdpOffload  # noqa: E402
+from mplslb.offload.bpf import PIN_ROOT  # noqa: E402
+from mplslb.offload.xdp import MAP_PIN, REQUEST_PIN, SYN_PIN, TICKET_PINS, XdpOffload  # noqa: E402
 from test_offload import INSTALLS, A, B, C, E, needs_kernel, obj, offload_in, topo, xdp_state_in  # noqa: E402, F401
 
 

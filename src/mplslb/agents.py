@@ -40,8 +40,6 @@ from mplslb.wire.ethernet import ETH_P_MPLS_UC
 
 log = logging.getLogger("mplslb.agent")
 DATAPATHS = ("auto", "kernel", "tun")
-#: Where kept datapaths are pinned (bpffs), one directory each.
-KEPT_PIN_ROOT = Path("/sys/fs/bpf/mplslb")
 #: How often the kernel datapath's agent looks for idle flows, at most (seconds).
 EXPIRY_INTERVAL = 5.0
 
@@ -110,7 +108,9 @@ class AgentConfig:
 
     def pins(self) -> Path:
         """Where the kept datapath's maps, programs and links are pinned (``kept``)."""
-        return KEPT_PIN_ROOT / self.kept
+        from mplslb.offload.bpf import PIN_ROOT
+
+        return PIN_ROOT / self.kept
 
     def about(self) -> dict[str, Any]:
         """What the host changes of a kept datapath were made for: another agent takes them over only if it is the
@@ -152,6 +152,40 @@ def choose_datapath(config: AgentConfig) -> str:
     return "tun"
 
 
+def kept_host(config: AgentConfig) -> tuple[HostChanges, dict[str, Any]] | None:
+    """The host changes a kept kernel datapath of this agent's name left, and what they were made for
+    (:meth:`AgentConfig.about`); None when there are none (or they cannot be read, said in the log)."""
+    if not config.kept or not config.host_file().exists():
+        return None
+    try:
+        return HostChanges.load(config.host_file())
+    except ValueError as exc:
+        log.warning("event=kept_host_unreadable reason=%s", value(str(exc)))
+        return None
+
+
+def _undo_kept_host(changes: HostChanges) -> None:
+    failed = changes.undo()
+    if failed:
+        log.warning("event=kept_host_undone failed=%s", value("; ".join(failed)))
+
+
+def let_kept_go(config: AgentConfig) -> None:
+    """Put back what a kept kernel datapath of this agent's name left, for an agent that runs another datapath: its
+    host changes undone, its pins removed (its programs detached as their links go)."""
+    if not config.kept:
+        return
+    from mplslb.offload import bpf
+
+    leftover = kept_host(config)
+    if leftover is not None:
+        _undo_kept_host(leftover[0])
+        config.host_file().unlink(missing_ok=True)
+    if config.pins().is_dir():
+        log.warning("event=kept_datapath_let_go pins=%s", value(str(config.pins())))
+        bpf.unpin(config.pins(), [socket.if_nametoindex(config.interface)])
+
+
 class KernelAgent:
     """An agent whose labels are handled by BPF programs on the wire interface: this process only loads them,
     changes the host, expires idle flows and keeps the counters. ``close()`` detaches and puts the host back."""
@@ -175,15 +209,16 @@ class KernelAgent:
                                          flow_timeout=config.flow_timeout,
                                          fallback=config.fallback if config.role == "client" else 0.0,
                                          pins=config.pins() if config.keep else None)  # fmt: skip
-            leftover = self._leftover(ifindex)
-            if leftover is not None and config.keep:
+            leftover = kept_host(config)
+            if leftover is not None and config.keep and leftover[1] != config.about():
+                log.warning("event=kept_host_not_taken reason=config_changed file=%s", value(str(config.host_file())))
+                bpf.unpin(config.pins(), [ifindex])  # nor its datapath: let go, attached afresh
+            elif leftover is not None and config.keep:
                 self.kernel.attach(config.interface)  # takes the kept datapath over when it fits
                 if self.kernel.adopted:
-                    self.changes, leftover, self.kept = leftover, None, True
+                    self.changes, leftover, self.kept = leftover[0], None, True
             if leftover is not None:  # a kept host this agent does not take over: put back as it was
-                failed = leftover.undo()
-                if failed:
-                    log.warning("event=kept_host_undone failed=%s", value("; ".join(failed)))
+                _undo_kept_host(leftover[0])
             if config.kept and not config.keep:
                 bpf.unpin(config.pins(), [ifindex])  # a kept datapath this agent does not take over: detached
             if not self.kept:
@@ -204,24 +239,6 @@ class KernelAgent:
         except BaseException:
             self.close()
             raise
-
-    def _leftover(self, ifindex: int) -> HostChanges | None:
-        """The host changes a kept datapath of this agent's name left, if any: taken over when they were made for
-        the same agent (:meth:`AgentConfig.about`), else undone."""
-        config = self.config
-        if not config.kept or not config.host_file().exists():
-            return None
-        try:
-            changes, about = HostChanges.load(config.host_file())
-        except ValueError as exc:
-            log.warning("event=kept_host_unreadable reason=%s", value(str(exc)))
-            return None
-        if config.keep and about != config.about():
-            from mplslb.offload import bpf
-
-            log.warning("event=kept_host_not_taken reason=config_changed file=%s", value(str(config.host_file())))
-            bpf.unpin(config.pins(), [ifindex])  # nor its datapath: let go, attached afresh
-        return changes
 
     def run(self, stop: threading.Event | None = None) -> None:
         if self.config.ready_file:
@@ -282,6 +299,7 @@ class Agent:
         self.wire: Port
         self.control: ControlServer | None = None
         try:
+            let_kept_go(config)  # a kernel datapath kept on the interface would take the labelled frames first
             self.tun.configure(up=True, mtu=config.tun_mtu())
             mac = interface_mac(config.interface)
             vip_bytes = [ipaddress.ip_address(v).packed for v in config.vips]

@@ -735,7 +735,7 @@ class Daemon:
         """Where the kernel offload pins its program, map and links when the state is kept."""
         if self.store is None:
             return None
-        from mplslb.offload.xdp import PIN_ROOT
+        from mplslb.offload.bpf import PIN_ROOT
 
         return PIN_ROOT / self.config.instance
 

@@ -656,6 +656,26 @@ __all__ = [
 UNPIN_WAIT = 1.0
 
 
+#: The BPF filesystem, and where mplslb pins what outlives its processes: one directory per daemon instance
+#: (its program, maps and links) and per kept agent datapath.
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "mplslb"
+
+
+def ensure_bpffs(pins: Path) -> None:
+    """Make ``pins`` (under /sys/fs/bpf) usable: mount the BPF filesystem there if nothing is mounted yet, as
+    systemd does at boot, and create the directory."""
+    mounted = any(
+        line.split()[1:3] == [str(BPFFS), "bpf"] for line in Path("/proc/self/mounts").read_text().splitlines()
+    )
+    if not mounted:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, b"mode=0700") != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mounting the BPF filesystem at {BPFFS}: {os.strerror(err)}")
+    pins.mkdir(parents=True, exist_ok=True)
+
+
 def xdp_state(ifindex: int) -> tuple[str, int]:
     """(link kind, id of the attached XDP program or 0) of an interface in this namespace."""
     from pyroute2 import IPRoute

@@ -218,7 +218,7 @@ class KernelEndpoint:
     def _pin(self) -> None:
         """Pin the maps, the programs, then the links (last: until then a killed agent leaves nothing attached)."""
         assert self.pins is not None
-        self.pins.mkdir(parents=True, exist_ok=True)
+        bpf.ensure_bpffs(self.pins)
         for symbol, m in zip(MAP_SYMBOLS, self.maps, strict=True):
             bpf.obj_pin(m.fd, self._pin_path(f"{symbol}_{ENDPOINT_FP}"))
         for name, fd in self.progs.items():

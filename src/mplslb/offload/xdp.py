@@ -148,7 +148,6 @@ a driver refuses native).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -165,7 +164,7 @@ import numpy as np
 from mplslb.balancer import WholeSessions
 from mplslb.labels import C2S_MIN
 from mplslb.offload import bpf
-from mplslb.offload.bpf import xdp_state
+from mplslb.offload.bpf import PIN_ROOT, ensure_bpffs, xdp_state
 from mplslb.offload.build import BuildError, build_object
 from mplslb.sessions import WATCH_BUDGET, nonzero_bytes
 from mplslb.state import fingerprint
@@ -260,9 +259,6 @@ GSO_DEFINE = "GSO_FRAME_MAX"
 #: The macro that builds the program with the taken tickets on a queue map rather than a ring buffer.
 TAKEN_QUEUE_DEFINE = "TAKEN_QUEUE"
 MODES = ("auto", "native", "generic")
-BPFFS = Path("/sys/fs/bpf")
-#: Where a daemon that keeps its state pins the program, its map and its links, one directory per instance.
-PIN_ROOT = BPFFS / "mplslb"
 
 #: What the program keeps in a map entry (counters, last acknowledgment number), as numpy reads them from a batch
 #: of entries.
@@ -375,20 +371,6 @@ def syn_flow_key(src: bytes, dst: bytes, ports: bytes) -> bytes:
 
 def is_c2s(label: int) -> bool:
     return label & 1 == C2S_MIN & 1
-
-
-def ensure_bpffs(pins: Path) -> None:
-    """Make ``pins`` (under /sys/fs/bpf) usable: mount the BPF filesystem there if nothing is mounted yet, as
-    systemd does at boot, and create the directory."""
-    mounted = any(
-        line.split()[1:3] == [str(BPFFS), "bpf"] for line in Path("/proc/self/mounts").read_text().splitlines()
-    )
-    if not mounted:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, b"mode=0700") != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mounting the BPF filesystem at {BPFFS}: {os.strerror(err)}")
-    pins.mkdir(parents=True, exist_ok=True)
 
 
 def xdp_mode(ifindex: int) -> str:
