@@ -629,3 +629,22 @@ def test_a_kept_datapath_stays_attached_and_the_next_endpoint_takes_it_over() ->
         finally:
             with entered(lb):
                 k.close()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to count on")
+def test_frames_counted_on_every_cpu_are_summed(server_pair: object) -> None:
+    """Each CPU counts in its own slot of the counters map: frames taken on different CPUs are all in the counts,
+    and a reset clears every CPU's."""
+    fresh(server_pair)
+    packets = c2s_packets()
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    before = os.sched_getaffinity(0)
+    try:
+        for i, cpu in enumerate(cpus * 3):
+            os.sched_setaffinity(0, {cpu})
+            assert server_pair.run_ingress(labelled(HOST, LB, 1001 + 2 * i, packets[2])).retval == bpf.XDP_PASS  # type: ignore[attr-defined]
+    finally:
+        os.sched_setaffinity(0, before)
+    assert server_pair.counts()["from_wire"] == 6  # type: ignore[attr-defined]
+    fresh(server_pair)
+    assert not any(server_pair.counts().values())  # type: ignore[attr-defined]

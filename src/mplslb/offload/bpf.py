@@ -676,6 +676,12 @@ def ensure_bpffs(pins: Path) -> None:
     pins.mkdir(parents=True, exist_ok=True)
 
 
+def possible_cpus() -> int:
+    """How many CPUs a per-CPU map has a value for (the kernel's possible CPUs)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
 def xdp_state(ifindex: int) -> tuple[str, int]:
     """(link kind, id of the attached XDP program or 0) of an interface in this namespace."""
     from pyroute2 import IPRoute

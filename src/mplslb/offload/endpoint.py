@@ -22,7 +22,8 @@ The maps (created here, their fds patched into the programs):
   :meth:`expire` forgets flows idle for ``flow_timeout`` as :meth:`mplslb.endpoint.Endpoint.on_timer` does.
 * ``vips``: the virtual IPs (server: replies from them are labelled; client: packets to them are).
 * ``config``: this host's MAC, the balancer's MAC (client), the TTL of the pushed entry.
-* ``counters``: one ``__u64`` per name of :data:`~mplslb.switching.layout.ENDPOINT_COUNTERS`.
+* ``counters``: per CPU, one ``__u64`` per name of :data:`~mplslb.switching.layout.ENDPOINT_COUNTERS` (summed when
+  read).
 
 What the kernel cannot do the way the Python endpoint does (TCP option checks, more than
 :data:`~mplslb.switching.layout.IPV6_EXT_MAX` IPv6 extension headers, 802.1Q tags) is listed in
@@ -145,7 +146,7 @@ class KernelEndpoint:
             self.flows = self._map(bpf.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY.size, FLOW.size, max_flows, "mplslb_flows")
             self.vips = self._map(bpf.BPF_MAP_TYPE_HASH, VIP_KEY.size, _U32.size, 64, "mplslb_vips")
             self.config = self._map(bpf.BPF_MAP_TYPE_ARRAY, _U32.size, ENDPOINT_CONFIG.size, 1, "mplslb_epcfg")
-            self.counters = self._map(bpf.BPF_MAP_TYPE_ARRAY, _U32.size, _U64.size, len(ENDPOINT_COUNTERS),
+            self.counters = self._map(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _U32.size, _U64.size, len(ENDPOINT_COUNTERS),
                                       "mplslb_epcount")  # fmt: skip
             # where an ICMP error's quote lies, passed through memory the verifier cannot see into (see the C)
             self.scratch = self._map(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _U32.size, _U64.size, 1, "mplslb_epscr")
@@ -180,7 +181,11 @@ class KernelEndpoint:
         return progs
 
     def _map(self, kind: int, key_size: int, value_size: int, entries: int, name: str) -> bpf.Map:
-        m = bpf.Map.create(kind, key_size, value_size, entries, flags=0, name=name)
+        """A new map; a per-CPU one is read and written with a value for every possible CPU, each ``value_size``
+        (a multiple of 8 here)."""
+        fd = bpf.map_create(kind, key_size, value_size, entries, name=name)
+        cpus = bpf.possible_cpus() if kind == bpf.BPF_MAP_TYPE_PERCPU_ARRAY else 1
+        m = bpf.Map(fd, key_size, value_size * cpus, name)
         self.maps.append(m)
         return m
 
@@ -357,16 +362,19 @@ class KernelEndpoint:
     def counts(self) -> dict[str, int]:
         """Every counter by name (frames through and drops by reason), read in one call."""
         keys, values, count = self.counters.lookup_batch(chunk=len(ENDPOINT_COUNTERS))
+        totals = np.frombuffer(values, dtype="=u8", count=count * self.counters.value_size // _U64.size)
+        totals = totals.reshape(count, -1).sum(axis=1, dtype=np.uint64)  # each CPU's count, summed
         out = dict.fromkeys(ENDPOINT_COUNTERS, 0)
         for i in range(count):
             index = _U32.unpack_from(keys, i * _U32.size)[0]
             if index < len(ENDPOINT_COUNTERS):
-                out[ENDPOINT_COUNTERS[index]] = _U64.unpack_from(values, i * _U64.size)[0]
+                out[ENDPOINT_COUNTERS[index]] = int(totals[i])
         return out
 
     def reset_counters(self) -> None:
+        zero = bytes(self.counters.value_size)  # every CPU's
         for i in range(len(ENDPOINT_COUNTERS)):
-            self.counters.update(_U32.pack(i), _U64.pack(0))
+            self.counters.update(_U32.pack(i), zero)
 
     def clear_flows(self) -> None:
         """Forget every flow: the keys as read, deleted in one call."""

@@ -164,7 +164,7 @@ import numpy as np
 from mplslb.balancer import WholeSessions
 from mplslb.labels import C2S_MIN
 from mplslb.offload import bpf
-from mplslb.offload.bpf import PIN_ROOT, ensure_bpffs, xdp_state
+from mplslb.offload.bpf import PIN_ROOT, ensure_bpffs, possible_cpus, xdp_state
 from mplslb.offload.build import BuildError, build_object
 from mplslb.sessions import WATCH_BUDGET, nonzero_bytes
 from mplslb.state import fingerprint
@@ -387,12 +387,6 @@ def xdp_mode(ifindex: int) -> str:
 
 class OffloadError(RuntimeError):
     """The kernel offload cannot be set up (no clang, no bpf(2), a port with another XDP program, ...)."""
-
-
-def possible_cpus() -> int:
-    """How many CPUs a per-CPU map has a value for (the kernel's possible CPUs)."""
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
 
 
 def gso_frame_max(ifindexes: Iterable[int]) -> int:
