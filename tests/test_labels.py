@@ -22,6 +22,7 @@ from mplslb.labels import (
     pair_of,
     s2c_of,
 )
+from mplslb.state import Column, HeapArrays
 
 # -- pair arithmetic ----------------------------------------------------------------------------------------
 
@@ -136,6 +137,41 @@ def test_zero_quarantine_frees_at_once_but_still_behind_other_free_pairs() -> No
     manager.withdraw(17, now=0.0)
     assert manager.allocate(0.0) == 19
     assert manager.allocate(0.0) == 17
+
+
+class _KeptArrays(HeapArrays):
+    """Arrays that outlive their manager, as a kept state's do: a manager made again over them finds them."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, Column] = {}
+
+    def _array(self, name: str, typecode: str, count: int, fill: float) -> Column:
+        if name not in self.made:
+            self.made[name] = super()._array(name, typecode, count, fill)
+        return self.made[name]
+
+
+def test_a_pair_given_back_is_free_at_once_behind_the_other_free_pairs() -> None:
+    """A pair no frame carried (a decision made ahead and not taken) skips the quarantine: free at once, at the tail
+    of the free ring, and free again in the state a restarted manager is rebuilt from."""
+    store = _KeptArrays()
+    manager = LabelManager(quarantine=60.0, c2s_min=17, c2s_max=23, store=store)  # 4 pairs
+    assert [manager.allocate(0.0) for _ in range(2)] == [17, 19]
+    manager.give_back(17, 1.0)
+    assert not manager.in_use(17) and not manager.is_quarantined(17)
+    assert (manager.in_use_count, manager.quarantined_count, manager.free_count) == (1, 0, 3)
+    assert manager.next_deadline() is None  # nothing waits out a quarantine
+    with pytest.raises(ValueError, match="not in use"):
+        manager.give_back(17, 2.0)
+    with pytest.raises(ValueError, match="not a C2S label"):
+        manager.give_back(20, 2.0)
+    assert [manager.allocate(2.0) for _ in range(3)] == [21, 23, 17]
+    assert manager.allocate(2.0) is None
+    manager.give_back(21, 3.0)
+    adopted = LabelManager(quarantine=60.0, c2s_min=17, c2s_max=23, store=store)
+    adopted.restore()
+    assert (adopted.in_use_count, adopted.quarantined_count, adopted.free_count) == (3, 0, 1)
+    assert adopted.allocate(3.0) == 21
 
 
 @pytest.mark.parametrize("label", [18, 16, 15, 10**7, 21])

@@ -353,7 +353,8 @@ def test_tickets_of_a_server_gone_down_are_revoked_and_given_back(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server marked down with tickets outstanding: they are all revoked at the next refill (their entries
-    deleted, their labels quarantined, the server's count given back), and no SYN taken after lands on it."""
+    deleted, the server's count given back, and their labels, which no frame carried, free again without a
+    quarantine), and no SYN taken after lands on it."""
     core, _, loop = pair(lb, tmp_path, monkeypatch, algorithm="least_connections")
     b = core.balancer
     try:
@@ -362,11 +363,15 @@ def test_tickets_of_a_server_gone_down_are_revoked_and_given_back(
         assert s1.active > 0 and any(server is s1 for server in core.desk.outstanding.values())
         spread = [s.active for s in b.pool]
         assert max(spread) - min(spread) <= 1  # least connections spreads the reservations
+        revoked = set(core.desk.outstanding)
         b.mark_down("s1", loop.clock())
         core.desk.refill(loop.clock())
         assert core.desk.revoked == TICKETS_WANT
         assert s1.active == 0 and s1.total == 0
-        assert b.labels.quarantined_count == TICKETS_WANT
+        assert b.labels.quarantined_count == 0 and b.labels.in_use_count == TICKETS_WANT
+        assert b.labels.free_count == b.labels.capacity - TICKETS_WANT
+        given_back = revoked - set(core.desk.outstanding)
+        assert given_back and not any(b.labels.in_use(c2s) or b.labels.is_quarantined(c2s) for c2s in given_back)
         assert all(server is not s1 for server in core.desk.outstanding.values())
         assert core.offload.entries == 2 * len(core.desk.outstanding)
         for _ in range(6):

@@ -772,11 +772,16 @@ class Balancer:
         self._install_labels(c2s, key, server, port, client_mac, ip_version, True, now, now)
         return session
 
-    def release_decided(self, c2s: int, server: Server, now: float) -> None:
-        """Give back a decision of :meth:`pre_decide` that no SYN took: its server's count, its labels (to
-        quarantine, as an ended session's)."""
+    def release_decided(self, c2s: int, server: Server, now: float, *, carried: bool = True) -> None:
+        """Give back a decision of :meth:`pre_decide` that no session was opened on: its server's count, its labels
+        (to quarantine, as an ended session's, when a frame may have carried them: a SYN was taken under them;
+        straight back to the free ones when none can have: they never reached the kernel, or were drained from its
+        queue untaken)."""
         self.pool.session_withdrawn(server)
-        self.labels.withdraw(c2s, now)
+        if carried:
+            self.labels.withdraw(c2s, now)
+        else:
+            self.labels.give_back(c2s, now)
 
     def install_labels(
         self, session: Session, now: float, *, watched: bool = True, seen: tuple[float, float] | None = None

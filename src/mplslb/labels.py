@@ -212,12 +212,9 @@ class LabelManager:
         self._allocated_total += 1
         return label
 
-    def withdraw(self, c2s: int, now: float) -> None:
-        """End the use of the pair ``c2s``: it is quarantined until ``now + quarantine``, then becomes free.
-
-        Raises ValueError if ``c2s`` is not the C2S label of a pair currently in use (a double withdraw,
-        an S2C label, or a label this manager never handed out).
-        """
+    def _in_use(self, c2s: int) -> int:
+        """The index of the pair ``c2s``, which must be in use (else ValueError: a double withdraw, an S2C label, or a
+        label this manager never handed out)."""
         if not (self.c2s_min <= c2s <= self.c2s_max and c2s & 1 == 1):
             raise ValueError(
                 f"label {c2s} is not a C2S label of this manager (odd in [{self.c2s_min}, {self.c2s_max}])"
@@ -225,6 +222,15 @@ class LabelManager:
         index = (c2s - self._base) >> 1
         if self._state[index] != _IN_USE:
             raise ValueError(f"label pair {c2s}/{c2s + 1} is not in use")
+        return index
+
+    def withdraw(self, c2s: int, now: float) -> None:
+        """End the use of the pair ``c2s``: it is quarantined until ``now + quarantine``, then becomes free.
+
+        Raises ValueError if ``c2s`` is not the C2S label of a pair currently in use (a double withdraw,
+        an S2C label, or a label this manager never handed out).
+        """
+        index = self._in_use(c2s)
         # Keep the ring sorted even if the caller's clock steps back: releasing late is safe, early is not.
         release = max(now + self._quarantine, self._last_release)
         self._last_release = release
@@ -238,6 +244,20 @@ class LabelManager:
         self._state[index] = _QUARANTINED
         self._in_use_count -= 1
         self._withdrawn_total += 1
+
+    def give_back(self, c2s: int, now: float) -> None:
+        """End the use of the pair ``c2s`` that no frame can have carried (taken for a decision made ahead, which
+        no SYN took): it goes straight to the tail of the free ring, without the quarantine that keeps an ended
+        session's late frames from reaching the pair's next session. Raises ValueError as :meth:`withdraw` does."""
+        index = self._in_use(c2s)
+        tail = self._free_head + self._free_count
+        if tail >= self._capacity:
+            tail -= self._capacity
+        self._free[tail] = c2s
+        self._free_count += 1
+        self._release[index] = now  # its place among the free pairs when the rings are rebuilt (restore)
+        self._state[index] = _FREE
+        self._in_use_count -= 1
 
     def claim(self, labels: list[int]) -> list[int]:
         """Take the free pairs ``labels`` (C2S labels of this manager) as in use without allocating them: the

@@ -34,9 +34,9 @@ that does not read the flow key, so the daemon decides it ahead:
 * **Revoke** (:meth:`TicketDesk.revoke_all`): when a server's state, MAC or weight, the pool, the algorithm, the
   limits or the services change, or a server goes over (or back under) the response time limit, every ticket is
   drained from the queue (the program takes none meanwhile), its entries deleted and its decision given back
-  (:meth:`~mplslb.balancer.Balancer.release_decided`: the server's count, the labels to quarantine), and tickets
-  are issued afresh. A ticket the program popped as the queue was drained shows up in the taken ring and is
-  folded at the next call.
+  (:meth:`~mplslb.balancer.Balancer.release_decided`: the server's count, and the labels, which no frame can have
+  carried, straight back to the free ones), and tickets are issued afresh. A ticket the program popped as the
+  queue was drained shows up in the taken ring and is folded at the next call.
 
 Across daemons (``[state] persist``): a daemon that stops gives every ticket back (:meth:`TicketDesk.close`: the
 taken ones folded into sessions, which its state keeps like any other, the rest revoked), so while no daemon runs the
@@ -180,7 +180,7 @@ class TicketDesk:
             c2s, server = decision
             port = server.config.port_id
             if port not in self.offload.ifindex or not server.mac:
-                b.release_decided(c2s, server, now)
+                b.release_decided(c2s, server, now, carried=False)  # never in the kernel
                 self.held["server_port_not_offloaded"] = self.held.get("server_port_not_offloaded", 0) + 1
                 break
             decided.append(decision)
@@ -190,7 +190,7 @@ class TicketDesk:
             if c2s in issued:
                 self.outstanding[c2s] = server
             else:
-                b.release_decided(c2s, server, now)
+                b.release_decided(c2s, server, now, carried=False)  # never queued: no SYN could take it
         self.issued += len(issued)
         return len(issued)
 
@@ -200,8 +200,8 @@ class TicketDesk:
         self.fold(now)
         drained = [c2s for c2s in self.offload.drain_tickets() if c2s in self.outstanding]
         self.offload.revoke_tickets(drained)
-        for c2s in drained:
-            self.balancer.release_decided(c2s, self.outstanding.pop(c2s), now)
+        for c2s in drained:  # never taken: no frame carried their labels
+            self.balancer.release_decided(c2s, self.outstanding.pop(c2s), now, carried=False)
         self.revoked += len(drained)
         return len(drained)
 
