@@ -4,7 +4,10 @@ its datapath (``--keep``) and read by the next undoes exactly what the first did
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +132,29 @@ def test_a_tun_agent_lets_a_kept_kernel_datapath_go(namespace: str, tmp_path: Pa
         finally:
             assert tun.close() == []
         assert host_state() == before
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_the_first_to_pin_mounts_the_bpf_filesystem_where_nothing_is_mounted() -> None:
+    """A host where nothing mounted the BPF filesystem (a server host runs no daemon): the first agent or daemon to pin
+    mounts it. Run in a mount namespace of its own with /sys/fs/bpf unmounted there, so the host's stays."""
+    script = (
+        "from mplslb.offload.bpf import BPFFS, ensure_bpffs\n"
+        "def mounted():\n"
+        "    return any(line.split()[1:3] == [str(BPFFS), 'bpf'] for line in open('/proc/self/mounts'))\n"
+        "assert not mounted(), 'still mounted'\n"
+        "ensure_bpffs(BPFFS / 'mplslb' / 'probe')\n"
+        "assert mounted() and (BPFFS / 'mplslb' / 'probe').is_dir()\n"
+        "print('mounted')\n"
+    )
+    unmount = (
+        'while grep -q " /sys/fs/bpf bpf " /proc/self/mounts; do umount /sys/fs/bpf || exit 3; done; exec "$0" -c "$1"'
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", unmount, sys.executable, script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "mounted", done.stderr
