@@ -174,6 +174,20 @@ def test_a_pair_given_back_is_free_at_once_behind_the_other_free_pairs() -> None
     assert adopted.allocate(3.0) == 21
 
 
+def test_untaken_pairs_leave_the_quarantine_and_nothing_else_moves() -> None:
+    """release_untaken frees the quarantined pairs it is given, behind the free ones, and leaves alone a pair in use,
+    a free one, an S2C label and a label outside the range."""
+    manager = LabelManager(quarantine=60.0, c2s_min=17, c2s_max=25)  # 5 pairs
+    assert [manager.allocate(0.0) for _ in range(4)] == [17, 19, 21, 23]
+    for c2s in (17, 19):
+        manager.withdraw(c2s, 1.0)
+    assert manager.release_untaken([17, 21, 25, 20, 99], 2.0) == 1
+    assert not manager.is_quarantined(17) and not manager.in_use(17) and manager.is_quarantined(19)
+    assert manager.in_use(21) and (manager.in_use_count, manager.quarantined_count, manager.free_count) == (2, 1, 2)
+    assert [manager.allocate(3.0), manager.allocate(3.0), manager.allocate(3.0)] == [25, 17, None]
+    assert manager.release_untaken([], 4.0) == 0
+
+
 @pytest.mark.parametrize("label", [18, 16, 15, 10**7, 21])
 def test_withdrawing_a_label_not_in_use_raises_and_changes_nothing(label: int) -> None:
     manager = LabelManager(c2s_min=17, c2s_max=21)

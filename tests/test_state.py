@@ -922,6 +922,7 @@ def test_the_ticket_maps_are_kept_and_the_kept_sessions_flows_entered_again(
         # A daemon killed with its tickets out and a SYN taken but not folded: the next one starts with none of them.
         assert core.desk is not None and core.desk.outstanding
         stale = label_of(through(core, syn(40999)).data)
+        queued = set(core.desk.outstanding) - {stale}
         core.offload.close(keep=True)  # no TicketDesk.close: as a kill leaves it
         close(first)
         first = build(state_dir, config, now=time.monotonic())
@@ -929,6 +930,10 @@ def test_the_ticket_maps_are_kept_and_the_kept_sessions_flows_entered_again(
         assert core.offload.adopted and core.desk is not None and core.desk.outstanding
         assert first.sessions.by_c2s(stale) is None and stale not in core.offload._flows
         assert core.offload.lookup(stale) is None and core.offload.lookup(stale + 1) is None
+        # The taken ticket's pair waits out a quarantine (its SYN went out); the ones left in the queue do not.
+        assert set(core.offload.untaken) == queued and first.labels.is_quarantined(stale)
+        assert first.labels.quarantined_count == 1 and not any(first.labels.is_quarantined(c) for c in queued)
+        assert all(core.offload.lookup(c) is None for c in queued - set(core.desk.outstanding))
         # Stopped as the daemon stops: its tickets given back first.
         taken = through(core, syn(41000))
         assert taken.retval == bpf.XDP_REDIRECT

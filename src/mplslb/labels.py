@@ -351,6 +351,23 @@ class LabelManager:
         self._in_use_count = int(np.count_nonzero(state == _IN_USE))
         self._peak = max(self._peak, self._in_use_count)
 
+    def release_untaken(self, labels: list[int], now: float) -> int:
+        """After :meth:`restore`: free at once, behind the other free pairs, the quarantined pairs among ``labels``
+        that no frame can have carried (the tickets a killed process left in the kernel's queue untaken, which the
+        adoption put in quarantine as pairs allocated and never used before the queue could be read). Returns how
+        many; the rings are rebuilt when any is."""
+        freed = 0
+        for c2s in labels:
+            if self.c2s_min <= c2s <= self.c2s_max and c2s & 1 == 1:
+                index = (c2s - self._base) >> 1
+                if self._state[index] == _QUARANTINED:
+                    self._release[index] = now  # its place among the free pairs: the last released
+                    self._state[index] = _FREE
+                    freed += 1
+        if freed:
+            self.restore()
+        return freed
+
     # -- queries ---------------------------------------------------------------------------------
 
     def in_use(self, label: int) -> bool:

@@ -119,6 +119,8 @@ class OffloadedBalancer:
             tickets=tickets,
         )
         self.offload.open()
+        if self.offload.untaken:  # a killed daemon's tickets no SYN took: their pairs need no quarantine
+            balancer.labels.release_untaken(self.offload.untaken, loop.clock())
         self.desk: TicketDesk | None = None
         if tickets:
             try:

@@ -42,8 +42,9 @@ Across daemons (``[state] persist``): a daemon that stops gives every ticket bac
 taken ones folded into sessions, which its state keeps like any other, the rest revoked), so while no daemon runs the
 program takes no SYN and each goes up, as to a daemon without tickets. The ticket maps are pinned with the program;
 the next daemon adopts them, empties what a killed daemon left in them (tickets, taken records: the entries of both
-are no kept session's, and go with the map's reconcile), enters its kept sessions' flows into the flow map afresh
-and issues new tickets (:meth:`XdpOffload._settle_tickets`).
+are no kept session's, and go with the map's reconcile; the pairs of the tickets no SYN took are free again at once,
+the taken ones' wait out the quarantine), enters its kept sessions' flows into the flow map afresh and issues new
+tickets (:meth:`XdpOffload._settle_tickets`).
 """
 
 from __future__ import annotations

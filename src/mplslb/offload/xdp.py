@@ -455,6 +455,8 @@ class XdpOffload:
         self.pins = pins
         self.fresh = fresh
         self.adopted = False  # the program, map and links were a previous daemon's
+        #: An adoption's: the C2S labels of the tickets a killed daemon left in the queue, which no SYN took.
+        self.untaken: list[int] = []
         self.upgraded = False  # ... and the program was replaced by this build's
         self.ifindex: dict[int, int] = {}  # port id -> ifindex
         self.attached: dict[str, str] = {}  # interface -> "native" or "generic"
@@ -549,8 +551,8 @@ class XdpOffload:
                         self.close()  # lets the adopted objects go: loaded afresh below
                     else:
                         self.adopted = True
-                        log.info("event=offload_adopted pins=%s entries=%d upgraded=%s", self.pins, self.entries,
-                                 self.upgraded)  # fmt: skip
+                        log.info("event=offload_adopted pins=%s entries=%d upgraded=%s untaken_tickets=%d", self.pins,
+                                 self.entries, self.upgraded, len(self.untaken))  # fmt: skip
                         return
                 if why != "reason=no_pins":
                     log.warning("event=offload_not_adopted %s pins=%s", why, self.pins)
@@ -849,12 +851,13 @@ class XdpOffload:
     def _settle_tickets(self) -> None:
         """Before an adoption's reconcile: nothing of the previous daemon's tickets is left (it gave them back as it
         stopped, unless it was killed): the queue, the taken records and the flow map are emptied. The reconcile
-        then enters the adopted sessions' flows with their labels' entries (a taken ticket's entries are no adopted
-        session's: it deletes them)."""
-        for symbol in ("tickets", "taken"):
-            queue = self._ticket_maps[symbol]
-            assert isinstance(queue, bpf.Queue | bpf.RingBuffer)
-            queue.take_all()
+        then enters the adopted sessions' flows with their labels' entries (a ticket's entries are no adopted
+        session's: it deletes them). The tickets drained from the queue are kept in :attr:`untaken`: no SYN took
+        them, so their label pairs need no quarantine."""
+        self.untaken = self.drain_tickets()
+        taken = self._ticket_maps["taken"]
+        assert isinstance(taken, bpf.Queue | bpf.RingBuffer)
+        taken.take_all()
         flows = self._ticket_maps["syn_flows"]
         assert isinstance(flows, bpf.Map)
         flows.clear()
