@@ -160,6 +160,7 @@ def test_a_pair_given_back_is_free_at_once_behind_the_other_free_pairs() -> None
     manager.give_back(17, 1.0)
     assert not manager.in_use(17) and not manager.is_quarantined(17)
     assert (manager.in_use_count, manager.quarantined_count, manager.free_count) == (1, 0, 3)
+    assert manager.allocated_total - manager.withdrawn_total == manager.in_use_count
     assert manager.next_deadline() is None  # nothing waits out a quarantine
     with pytest.raises(ValueError, match="not in use"):
         manager.give_back(17, 2.0)

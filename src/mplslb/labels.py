@@ -258,6 +258,7 @@ class LabelManager:
         self._release[index] = now  # its place among the free pairs when the rings are rebuilt (restore)
         self._state[index] = _FREE
         self._in_use_count -= 1
+        self._withdrawn_total += 1
 
     def claim(self, labels: list[int]) -> list[int]:
         """Take the free pairs ``labels`` (C2S labels of this manager) as in use without allocating them: the
@@ -426,7 +427,7 @@ class LabelManager:
 
     @property
     def withdrawn_total(self) -> int:
-        """Pairs withdrawn since creation."""
+        """Pairs withdrawn since creation (quarantined, or given back when no frame can have carried them)."""
         return self._withdrawn_total
 
     @property
