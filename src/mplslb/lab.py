@@ -71,6 +71,9 @@ VIP4 = "10.0.0.100"
 VIP6 = "fd00::100"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+#: How long a process killed (SIGKILL) may take to go: only the kernel holds it then (closing its BPF links and
+#: sockets waits for the RTNL lock and RCU grace periods, which other namespaces' teardown can hold for seconds).
+KILL_WAIT = 30.0
 LAB_CONTROL_TIMEOUT = 10.0  # the lab's questions to its daemons, which may be busy under a flood
 ROUTER_AS = 65000
 NODE_AS = 65001
@@ -972,7 +975,10 @@ def _stop_pid(pid: int, proc: subprocess.Popen[bytes] | None) -> str:
                 proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(STOP_TIMEOUT)
+                try:
+                    proc.wait(KILL_WAIT)
+                except subprocess.TimeoutExpired:
+                    return f"pid {proc.pid} still there {KILL_WAIT:g} s after SIGKILL"
         return ""
     try:  # a lab brought up by another command: we only have its pid
         os.kill(pid, signal.SIGTERM)
