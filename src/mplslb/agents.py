@@ -171,8 +171,9 @@ def _undo_kept_host(changes: HostChanges) -> None:
 
 
 def let_kept_go(config: AgentConfig) -> None:
-    """Put back what a kept kernel datapath of this agent's name left, for an agent that runs another datapath: its
-    host changes undone, its pins removed (its programs detached as their links go)."""
+    """Put back what a kept kernel datapath of this agent's name left, for an agent that does not take it over (it
+    runs another datapath, has no ``--keep`` or another configuration): its host changes undone, its pins removed
+    (its programs detached as their links go)."""
     if not config.kept:
         return
     from mplslb.offload import bpf
@@ -180,7 +181,7 @@ def let_kept_go(config: AgentConfig) -> None:
     leftover = kept_host(config)
     if leftover is not None:
         _undo_kept_host(leftover[0])
-        config.host_file().unlink(missing_ok=True)
+    config.host_file().unlink(missing_ok=True)  # read or not, nobody's now
     if config.pins().is_dir():
         log.warning("event=kept_datapath_let_go pins=%s", value(str(config.pins())))
         bpf.unpin(config.pins(), [socket.if_nametoindex(config.interface)])
@@ -193,7 +194,6 @@ class KernelAgent:
     datapath = "kernel"
 
     def __init__(self, config: AgentConfig) -> None:
-        from mplslb.offload import bpf
         from mplslb.offload.endpoint import KernelEndpoint
 
         self.config = config
@@ -204,23 +204,22 @@ class KernelAgent:
         self.kept = False  # took over a kept datapath and its host
         try:
             mac = interface_mac(config.interface)
-            ifindex = socket.if_nametoindex(config.interface)
             self.kernel = KernelEndpoint(config.role, mac=mac, vips=config.vips, gateway_mac=config.gateway_mac,
                                          flow_timeout=config.flow_timeout,
                                          fallback=config.fallback if config.role == "client" else 0.0,
                                          pins=config.pins() if config.keep else None)  # fmt: skip
-            leftover = kept_host(config)
-            if leftover is not None and config.keep and leftover[1] != config.about():
+            leftover = kept_host(config) if config.keep else None
+            if leftover is not None and leftover[1] != config.about():
                 log.warning("event=kept_host_not_taken reason=config_changed file=%s", value(str(config.host_file())))
-                bpf.unpin(config.pins(), [ifindex])  # nor its datapath: let go, attached afresh
-            elif leftover is not None and config.keep:
+                leftover = None
+            if leftover is not None:
                 self.kernel.attach(config.interface)  # takes the kept datapath over when it fits
                 if self.kernel.adopted:
-                    self.changes, leftover, self.kept = leftover[0], None, True
-            if leftover is not None:  # a kept host this agent does not take over: put back as it was
-                _undo_kept_host(leftover[0])
-            if config.kept and not config.keep:
-                bpf.unpin(config.pins(), [ifindex])  # a kept datapath this agent does not take over: detached
+                    self.changes, self.kept = leftover[0], True
+                else:  # a kept host whose datapath did not fit (attach let it go): put back as it was
+                    _undo_kept_host(leftover[0])
+            else:  # a kept datapath of this name that is not taken over: let go, set up afresh
+                let_kept_go(config)
             if not self.kept:
                 if config.role == "server":
                     setup_server_kernel(config.interface, list(config.vips), self.changes,
@@ -229,8 +228,6 @@ class KernelAgent:
                     setup_client_kernel(config.interface, list(config.vips), config.gateway_mac, self.changes)
             if config.keep:
                 self.changes.save(config.host_file(), **config.about())  # before the pins: a kill leaves both
-            elif config.kept:
-                config.host_file().unlink(missing_ok=True)
             if not self.kernel.attached:
                 self.kernel.attach(config.interface)
             log.info("event=datapath datapath=kernel interface=%s role=%s kept=%s", value(config.interface),

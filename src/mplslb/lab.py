@@ -71,8 +71,8 @@ VIP4 = "10.0.0.100"
 VIP6 = "fd00::100"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
-#: How long a process killed (SIGKILL) may take to go: only the kernel holds it then (closing its BPF links and
-#: sockets waits for the RTNL lock and RCU grace periods, which other namespaces' teardown can hold for seconds).
+#: How long a process killed (SIGKILL) may take to go: only the kernel holds it then (closing its sockets and BPF
+#: links waits for RCU grace periods and the RTNL lock, which a loaded machine or other namespaces' teardown stretch).
 KILL_WAIT = 30.0
 LAB_CONTROL_TIMEOUT = 10.0  # the lab's questions to its daemons, which may be busy under a flood
 ROUTER_AS = 65000

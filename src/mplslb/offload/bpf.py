@@ -147,8 +147,12 @@ class Map:
 
     @classmethod
     def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int, name: str) -> Map:
-        return cls(map_create(map_type, key_size, value_size, max_entries, flags=flags, name=name), key_size,
-                   value_size, name)  # fmt: skip
+        """A new map. A per-CPU array's elements are read and written with a value for every possible CPU, each
+        ``value_size`` rounded up to 8 octets, as the kernel lays them out."""
+        fd = map_create(map_type, key_size, value_size, max_entries, flags=flags, name=name)
+        if map_type == BPF_MAP_TYPE_PERCPU_ARRAY:
+            value_size = -(-value_size // 8) * 8 * possible_cpus()
+        return cls(fd, key_size, value_size, name)
 
     # The element commands run per session on the daemon's path: the syscall is made directly on the reused attr
     # (no message built unless it fails) and a missing key is told by the result, not an exception.

@@ -181,11 +181,7 @@ class KernelEndpoint:
         return progs
 
     def _map(self, kind: int, key_size: int, value_size: int, entries: int, name: str) -> bpf.Map:
-        """A new map; a per-CPU one is read and written with a value for every possible CPU, each ``value_size``
-        (a multiple of 8 here)."""
-        fd = bpf.map_create(kind, key_size, value_size, entries, name=name)
-        cpus = bpf.possible_cpus() if kind == bpf.BPF_MAP_TYPE_PERCPU_ARRAY else 1
-        m = bpf.Map(fd, key_size, value_size * cpus, name)
+        m = bpf.Map.create(kind, key_size, value_size, entries, flags=0, name=name)
         self.maps.append(m)
         return m
 
