@@ -48,7 +48,7 @@ from mplslb.drivers.netns import entered
 from mplslb.offload import bpf, driver
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.tickets import TICKETS_WANT, TicketDesk
-from mplslb.offload.xdp import Taken
+from mplslb.offload.xdp import Taken, syn_flow_key
 from mplslb.sessions import SessionState
 from mplslb.switching.layout import KERNEL_ENTRY, KERNEL_ENTRY_FIELDS, TAKEN, struct_offsets
 from mplslb.wire.ip import IPPROTO_TCP
@@ -640,6 +640,87 @@ def test_a_closed_sessions_flow_used_again_takes_a_ticket_and_ends_it_as_in_user
         assert ending is not None and ending.state is SessionState.ENDING
         core.offload.sync()
         assert run(core, lb, syn).retval == bpf.XDP_PASS  # the flow is the ending session's again
+    finally:
+        core.close()
+
+
+@needs_kernel
+@pytest.mark.parametrize("fold_first", [True, False], ids=["folded-then-polled", "polled-then-folded"])
+def test_a_flow_the_kernel_saw_close_takes_a_ticket_and_its_old_session_ends_as_in_userspace(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fold_first: bool
+) -> None:
+    """A ``Connection: close`` session run whole in the kernel (handshake, request, response, both FINs), and its
+    client's port used again before a poll handed the close over: the program takes the new SYN under a ticket at
+    once, where it went up to the daemon before (a SYN after one FIN only, or from another MAC, still goes up). A
+    fold before the poll holds the ticket until a poll has handed the old session over whole; either way the old
+    session then ends as a reused flow's and the new one opens, as the userspace path does with the same frames, and
+    the flow map holds the flow for the new session (the old session's release leaves it alone)."""
+    core, reference, loop = pair(lb, tmp_path, monkeypatch, l7=True)
+    sport, c0 = 35000 + fold_first, client_addr(0)
+    request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    try:
+        assert core.desk is not None
+        syn = syn_frame(sport=sport)
+        first = taken_as_in_userspace(core, reference, loop, lb, syn)
+        session = reference.sessions.by_c2s(first)
+        assert session is not None
+        port, mac = session.server.config.port_id, session.server.mac
+
+        def client(flags: int, payload: bytes = b"") -> bytes:
+            packet = ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, flags, payload))
+            return from_client(first, packet)
+
+        def server(flags: int, payload: bytes = b"") -> bytes:
+            segment = tcp_segment(VIP, c0, 80, sport, flags, payload, ack=1 + len(request))
+            return from_server(first + 1, ipv4(VIP, c0, IPPROTO_TCP, segment), port=port, mac=mac)
+
+        time.sleep(0.001)  # the kernel's clock moves past the SYN's
+        frames = [(port, server(SYN | ACK)), (0, client(ACK)), (0, client(ACK | PSH, request)),
+                  (port, server(ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n")), (port, server(FIN | ACK)),
+                  (0, client(FIN | ACK)), (port, server(ACK))]  # fmt: skip
+        for i, (in_port, frame) in enumerate(frames):
+            expected = reference.receive(in_port, frame, loop.clock())
+            assert [run(core, lb, frame, in_port).data] == [sent for _, sent in expected]
+            if i == 4:  # the server's FIN alone: the session is not closed yet
+                assert run(core, lb, syn).retval == bpf.XDP_PASS
+        stranger = ether(PORT_MAC[0], client_mac(7), syn[14:])
+        assert run(core, lb, stranger).retval == bpf.XDP_PASS
+        assert core.offload.ticket_counters()["syn_flow_live"] == 2
+        old = core.balancer.sessions.by_c2s(first)
+        assert old is not None and old.state is not SessionState.ENDING  # nothing of the close handed over yet
+
+        time.sleep(0.001)
+        now = loop.clock()
+        result = run(core, lb, syn)
+        assert result.retval == bpf.XDP_REDIRECT
+        expected = reference.receive(0, syn, now)
+        assert [result.data] == [sent for _, sent in expected]
+        second = label_of(result.data)
+        assert second != first
+        flows = core.offload._ticket_maps["syn_flows"]
+        assert isinstance(flows, bpf.Map)
+        key = syn_flow_key(c0, VIP, struct.pack("!HH", sport, 80))
+        if fold_first:
+            assert core.desk.fold(loop.clock()) == 0 and core.stats()["tickets"]["waiting"] == 1
+            assert core.desk.fold(loop.clock()) == 0  # tried again once a poll is handed over, not before
+            assert core.balancer.sessions.by_c2s(first) is not None
+        core.offload.poll()
+        assert core.offload.whole == 1
+        core.offload.sync()  # the old session's flow released: the program's entry for the new one stays
+        assert flows.lookup(key) == struct.pack("=I", second)
+        assert core.desk.fold(loop.clock()) == 1 and core.stats()["tickets"]["waiting"] == 0
+        assert core.offload.whole == 1 and core.desk.refused == 0
+        assert core.balancer.sessions.by_c2s(first) is None and reference.sessions.by_c2s(first) is None
+        ours, theirs = core.balancer.sessions.by_c2s(second), reference.sessions.by_c2s(second)
+        assert ours is not None and theirs is not None
+        for field in ("key", "client_port", "client_mac", "ip_version", "state"):
+            assert getattr(ours, field) == getattr(theirs, field), field
+        assert ours.server.name == theirs.server.name
+        assert core.balancer.sessions.ended == reference.sessions.ended and reference.sessions.ended["reused"] == 1
+        assert core.balancer.drops == reference.drops and core.balancer.l7_hosts == reference.l7_hosts == {"a": 1}
+        core.offload.sync()
+        assert flows.lookup(key) == struct.pack("=I", second)
+        assert run(core, lb, syn).retval == bpf.XDP_PASS  # the new session's flow, live
     finally:
         core.close()
 

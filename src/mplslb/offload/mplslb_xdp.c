@@ -368,12 +368,34 @@ static __attribute__((always_inline)) void fill_ticket(struct entry *c, struct e
 }
 
 /*
+ * A SYN on a flow still in the flow map whose session (C2S label `c2s`) the kernel saw close: both labels' FINs
+ * taken here (take_fin()), the SYN from the session's client (its bound MAC, on its port). That is the client's
+ * port used again before the daemon's poll took the flow out of the map; the SYN may take a ticket, the flow's
+ * value becomes the new session's, and the fold ends the old session as a reused flow's, as the userspace path
+ * does with such a SYN. Any other SYN on a flow in the map goes up.
+ */
+static __attribute__((always_inline)) int flow_closed(__u32 c2s, __u8 *mac, __u32 ifindex)
+{
+	__u32 s2c = c2s + 1;
+	struct entry *c = bpf_map_lookup_elem(&labels, &c2s);
+	struct entry *s = bpf_map_lookup_elem(&labels, &s2c);
+	if (!c || !s || !c->fin_taken || !s->fin_taken || ((c->flags | s->flags) & F_TICKET) ||
+	    c->in_ifindex != ifindex)
+		return 0;
+	for (int i = 0; i < ETH_ALEN; i++)
+		if (c->peer[i] != mac[i])
+			return 0;
+	return 1;
+}
+
+/*
  * An unlabelled frame on a client port: XDP_REDIRECT when it is a SYN taken under a ticket (the frame rebuilt as
  * the labelled one for the server), else XDP_PASS, the frame untouched. Taken only: one 802.1Q tag at most; IPv4
  * without options, its header checksum right, no fragment (nor a first one), or IPv6 with TCP right after the fixed
  * header; the IP length within the frame; TCP with SYN among SYN, ACK, RST, FIN, no payload, options that
  * mplslb.wire.tcp reads (each kind's length whole within the header); to a (VIP, port) of the service map, on a
- * flow not in the flow map (the program adds it first: a retransmitted SYN of a session goes up to it).
+ * flow not in the flow map (the program adds it first: a retransmitted SYN of a session goes up to it), or on the
+ * flow of a session closed in the kernel (flow_closed()).
  */
 static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 {
@@ -480,13 +502,19 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 		flow.fl_ports[i] = t.t_ports[i];
 	flow.fl_family = t.t_family;
 	__u32 none = 0;
+	__u32 closed = 0; /* the C2S label of the closed session whose flow this is: its entry stays in the flow map */
 	if (bpf_map_update_elem(&syn_flows, &flow, &none, BPF_NOEXIST)) {
-		ticket_count(SYN_FLOW_LIVE);
-		return XDP_PASS;
+		__u32 *live = bpf_map_lookup_elem(&syn_flows, &flow);
+		if (!live || !*live || !flow_closed(*live, data + ETH_SRC, ifindex)) {
+			ticket_count(SYN_FLOW_LIVE);
+			return XDP_PASS;
+		}
+		closed = *live;
 	}
 	__u32 c2s;
 	if (bpf_map_pop_elem(&tickets, &c2s)) {
-		bpf_map_delete_elem(&syn_flows, &flow);
+		if (!closed)
+			bpf_map_delete_elem(&syn_flows, &flow);
 		ticket_count(SYN_NO_TICKET);
 		return XDP_PASS;
 	}
@@ -494,7 +522,8 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 	struct entry *c = bpf_map_lookup_elem(&labels, &c2s);
 	struct entry *s = bpf_map_lookup_elem(&labels, &s2c);
 	if (!c || !s || !(c->flags & F_TICKET) || !(s->flags & F_TICKET)) {
-		bpf_map_delete_elem(&syn_flows, &flow); /* a ticket revoked meanwhile: the daemon has let it go */
+		if (!closed) /* a ticket revoked meanwhile: the daemon has let it go */
+			bpf_map_delete_elem(&syn_flows, &flow);
 		ticket_count(SYN_NO_TICKET);
 		return XDP_PASS;
 	}
@@ -511,7 +540,12 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 		*value = c2s;
 	if (taken_out(&t)) {
 		/* never (the ring holds as many records as there are tickets): the ticket goes back, the SYN goes up */
-		bpf_map_delete_elem(&syn_flows, &flow);
+		if (closed) {
+			if (value)
+				*value = closed;
+		} else {
+			bpf_map_delete_elem(&syn_flows, &flow);
+		}
 		bpf_map_push_elem(&tickets, &c2s, 0);
 		ticket_count(SYN_NO_TICKET);
 		return XDP_PASS;

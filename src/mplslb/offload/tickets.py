@@ -54,8 +54,8 @@ from typing import Any
 from mplslb.balancer import Balancer
 from mplslb.balancing.servers import Server
 from mplslb.flow import FlowKey
-from mplslb.offload.xdp import XdpOffload
-from mplslb.sessions import Session
+from mplslb.offload.xdp import Taken, XdpOffload
+from mplslb.sessions import Session, SessionState
 from mplslb.switching.layout import TICKETS_MAX, WATCH_ALL, WATCH_REQUEST, WATCH_TCP_END
 from mplslb.wire.ip import IPPROTO_TCP
 
@@ -87,6 +87,9 @@ class TicketDesk:
         self.revoked = 0
         self.refused = 0  # taken and given back: its flow a session's already, or its server's MAC lost since
         self.held: dict[str, int] = {}  # issues stopped, by the reason no ticket could be decided
+        self._waiting: list[tuple[Taken, Server]] = []  # taken, folded once a poll hands their flow's old session over
+        self._closed: set[int] = set()  # ... those of them whose old session the kernel saw close (looked up once)
+        self._waited_at = 0.0  # the offload's handed_over_at when they were last tried
         self._services_of: object = None
         self.set_ports()
         # An ending session's flow leaves the flow map (a SYN on it may take a ticket, and its fold ends the session
@@ -124,12 +127,18 @@ class TicketDesk:
         return (pool.version, id(b.algorithm), a.max_sessions, a.max_new_per_second, b.max_half_open,
                 b.analyzer.l7, id(b.config.vips), overloaded)  # fmt: skip
 
-    def fold(self, now: float) -> int:
-        """Make the tickets the program took into sessions; returns how many."""
-        taken = self.offload.take_tickets()
+    def fold(self, now: float, *, wait: bool = True) -> int:
+        """Make the tickets the program took into sessions; returns how many. With ``wait``, one taken for the flow
+        of a session the kernel saw close and the daemon has not yet (:meth:`_waits`) is made once a poll has handed
+        that session over; without, now."""
         b = self.balancer
         made = 0
-        for t in taken:
+        if self._waiting and (not wait or self.offload.handed_over_at != self._waited_at):
+            self._waited_at = self.offload.handed_over_at  # nothing to try again before the next poll is handed over
+            waiting, self._waiting = self._waiting, []
+            for t, decided in waiting:
+                made += self._open(t, decided, now, wait=wait)
+        for t in self.offload.take_tickets():
             server = self.outstanding.pop(t.c2s, None)
             if server is None or t.port_id < 0:  # not ours (never seen): its entries go
                 self.offload.revoke_tickets([t.c2s])
@@ -139,21 +148,47 @@ class TicketDesk:
                 b.release_decided(t.c2s, server, now)
                 self.refused += 1
                 continue
-            key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
-            if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
-                # the flow is a live session's (its SYN went up, the daemon opened it, and its flow was not in the
-                # map yet when the program took a copy of the SYN; or it was ending, and went on, or the SYN came
-                # from elsewhere than its client): that session keeps the flow
-                self.offload.revoke_tickets([t.c2s])
-                b.release_decided(t.c2s, server, now)
-                existing = b.sessions.lookup(key)
-                if existing is not None:
-                    self.offload.restore_flow(existing.c2s)
-                self.refused += 1
-                continue
-            made += 1
+            made += self._open(t, server, now, wait=wait)
         self.taken += made
         return made
+
+    def _open(self, t: Taken, server: Server, now: float, *, wait: bool) -> int:
+        """The session of taken ticket ``t`` opened (1), given back (0), or left waiting (0)."""
+        b = self.balancer
+        key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
+        if wait and self._waits(t, key):
+            self._waiting.append((t, server))
+            return 0
+        self._closed.discard(t.c2s)
+        if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
+            # the flow is a live session's (its SYN went up, the daemon opened it, and its flow was not in the
+            # map yet when the program took a copy of the SYN; or it was ending, and went on, or the SYN came
+            # from elsewhere than its client): that session keeps the flow
+            self.offload.revoke_tickets([t.c2s])
+            b.release_decided(t.c2s, server, now)
+            existing = b.sessions.lookup(key)
+            if existing is not None:
+                self.offload.restore_flow(existing.c2s)
+            self.refused += 1
+            return 0
+        return 1
+
+    def _waits(self, t: Taken, key: FlowKey) -> bool:
+        """Whether ``t`` waits for a poll: its flow is a session's that is not ending in the table, no poll read
+        since the SYN has been handed over, and the kernel took both of the session's FINs (the program takes a SYN
+        on a live session's flow only then, :meth:`XdpOffload.closed_in_kernel`; the first time only, looked up).
+        The poll hands the old session over with the others, whole (its record, both FINs), where the fold would end
+        it on its own with three map lookups and its record and FINs handed over one at a time; the new session's
+        frames meanwhile are switched under its entries, which polls leave alone until it is in the table."""
+        existing = self.balancer.sessions.lookup(key)
+        if existing is None or existing.state is SessionState.ENDING or self.offload.handed_over_at >= t.at:
+            return False
+        if t.c2s in self._closed:
+            return True
+        if not self.offload.closed_in_kernel(existing.c2s):
+            return False
+        self._closed.add(t.c2s)
+        return True
 
     def refill(self, now: float) -> int:
         """Revoke the tickets if what they were decided on changed, then issue up to :attr:`want` (once
@@ -207,7 +242,9 @@ class TicketDesk:
         return len(drained)
 
     def close(self, now: float) -> None:
-        """Give every ticket back (the daemon stops, or the offload goes)."""
+        """Give every ticket back (the daemon stops, or the offload goes): the taken ones made sessions now, the waiting
+        ones too."""
+        self.fold(now, wait=False)
         self.revoke_all(now)
 
     def stats(self) -> dict[str, Any]:
@@ -225,4 +262,5 @@ class TicketDesk:
             "revoked": self.revoked,
             "refused": self.refused,
             "held": dict(self.held),
+            "waiting": len(self._waiting),
         } | self.offload.ticket_counters()

@@ -508,7 +508,7 @@ class XdpOffload:
         self.tickets = tickets
         self._ticket_maps: dict[str, bpf.Map | bpf.Queue | bpf.RingBuffer] = {}
         self._flows: dict[int, bytes] = {}  # tickets: C2S label -> its flow's key in the flow map
-        self._released: list[bytes] = []  # flows of ending sessions, out of the flow map at the next sync
+        self._released: list[tuple[bytes, int]] = []  # flows of ending sessions (key, C2S label), out at the next sync
         self._flow_owner: dict[bytes, int] = {}  # ... and the label each key was last written for
         self._ticketed: set[int] = set()  # labels a ticket's entries hold, not installed in the table yet
         self._ticket_templates: dict[tuple[int, bytes, int, int], bytes] = {}  # ticket_entries' results
@@ -1431,12 +1431,48 @@ class XdpOffload:
         key = self._flows.pop(c2s, None)
         if key is not None and self._flow_owner.get(key) == c2s:
             del self._flow_owner[key]
-            self._released.append(key)
+            self._released.append((key, c2s))
 
     def _flush_released(self) -> None:
-        keys, self._released = self._released, []
-        if "syn_flows" in self._ticket_maps:
-            self._delete_flow_keys([key for key in keys if key not in self._flow_owner])  # not entered again since
+        """Delete the released flows that are still their sessions' in the flow map: not entered again since (by the
+        daemon, or by a ticket folded since), nor taken over by the program for a new session (a SYN on the flow of a
+        session it saw close may take a ticket before the daemon folds it: the flow is the new session's then)."""
+        released, self._released = self._released, []
+        m = self._ticket_maps.get("syn_flows")
+        if not isinstance(m, bpf.Map):
+            return
+        keys: list[bytes] = []
+        for key, c2s in released:
+            if key in self._flow_owner:
+                continue
+            try:
+                value = m.lookup(key)
+            except OSError:
+                self.flow_errors += 1
+                continue
+            if value is not None and _KEY.unpack(value)[0] == c2s:
+                keys.append(key)
+        self._delete_flow_keys(keys)
+
+    @property
+    def handed_over_at(self) -> float:
+        """The table's time of the last read of the whole map whose records and FINs are all handed over."""
+        return self._read_at
+
+    def closed_in_kernel(self, c2s: int) -> bool:
+        """Both labels of the session of ``c2s`` have a FIN taken in the kernel (their entries' FIN records): the
+        program then takes a SYN from its client on its flow under a ticket (``flow_closed`` in mplslb_xdp.c)."""
+        if self._map is None:
+            return False
+        for label in (c2s, c2s + 1):
+            try:
+                raw = self._map.lookup(_KEY.pack(label))
+            except OSError as exc:
+                self._error(exc)
+                return False
+            if raw is None or not _FIN.unpack_from(raw, _FIN_AT)[1]:
+                return False
+        return True
 
     def restore_flow(self, c2s: int) -> None:
         """Enter the flow of the session of ``c2s`` into the flow map again (a ticket taken for the same flow and
