@@ -45,7 +45,8 @@ from mplslb.balancer import Balancer
 from mplslb.config import ConfigError, Section, read_offload_syn
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
-from mplslb.offload import bpf, driver
+from mplslb.flow import FlowKey
+from mplslb.offload import bpf, driver, tickets
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.tickets import TICKETS_WANT, TicketDesk
 from mplslb.offload.xdp import Taken, syn_flow_key
@@ -490,6 +491,11 @@ class _Taking:
     def __init__(self) -> None:
         self.taken: list[Taken] = []
         self.revoked: list[int] = []
+        # what the waiting tickets use: the last poll handed over, and which sessions the kernel saw close
+        self.handed_over_at = 0.0
+        self.closed: set[int] = set()
+        self.looked_up = 0
+        self.restored: list[int] = []
 
     def set_client_ports(self, ports: Iterable[int]) -> None:
         list(ports)
@@ -506,6 +512,61 @@ class _Taking:
 
     def release_flow(self, c2s: int) -> None:
         pass
+
+    def closed_in_kernel(self, c2s: int) -> bool:
+        self.looked_up += 1
+        return c2s in self.closed
+
+    def restore_flow(self, c2s: int) -> None:
+        self.restored.append(c2s)
+
+    def ticket_counters(self) -> dict[str, int]:
+        return {}
+
+
+def test_tickets_for_flows_the_kernel_saw_close_wait_for_a_poll_and_are_then_tried_a_chunk_a_fold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tickets taken for the flows of sessions the kernel saw close and the table has not (no poll handed the close
+    over yet) wait: each old session looked up in the kernel once, none tried again until a poll is handed over, then
+    :data:`tickets.WAIT_CHUNK` a fold (here: the old sessions did not end after all, so each is given back and its
+    flow restored to the old session); the daemon's last fold makes them all at once. A ticket whose flow's session
+    the kernel did not see close does not wait."""
+    monkeypatch.setattr(tickets, "WAIT_CHUNK", 2)
+    b = Balancer(standard_config())
+    taking = _Taking()
+    desk = TicketDesk(b, taking)  # type: ignore[arg-type]
+    now = 100.0
+
+    def decide() -> tuple[int, Any]:
+        decision = b.pre_decide(len(desk.outstanding), now)
+        assert not isinstance(decision, str)
+        return decision
+
+    def key(i: int) -> FlowKey:
+        return FlowKey(IPPROTO_TCP, client_addr(0), 41000 + i, VIP, 80)
+
+    old = []
+    for i in range(6):
+        c2s, server = decide()
+        assert b.open_decided(c2s, server, key(i), 0, client_mac(0), 4, now) is not None
+        old.append(c2s)
+    taking.closed = set(old[:5])
+    new = []
+    for i in range(6):
+        c2s, server = decide()
+        desk.outstanding[c2s] = server
+        new.append(c2s)
+        taking.taken.append(Taken(c2s, 0, now + 1, client_mac(0), 4, client_addr(0), VIP, 41000 + i, 80, 74))
+    assert desk.fold(now + 1.01) == 0 and desk.stats()["waiting"] == 5 and taking.looked_up == 6
+    assert desk.refused == 1 and taking.restored == [old[5]]  # not closed in the kernel: tried at once, given back
+    assert desk.fold(now + 1.02) == 0 and desk.stats()["waiting"] == 5 and taking.looked_up == 6
+    taking.handed_over_at = now + 1.5  # a poll read after the SYNs handed over: the old sessions did not end
+    for refused in (3, 5):
+        assert desk.fold(now + 1.6) == 0 and desk.refused == refused and taking.looked_up == 6
+    assert desk.fold(now + 1.7, wait=False) == 0 and desk.refused == 6 and desk.stats()["waiting"] == 0
+    assert taking.restored == old[5:] + old[:5] and taking.revoked == new[5:] + new[:5]
+    assert all(b.sessions.by_c2s(c2s) is not None for c2s in old)
 
 
 def test_a_ticket_taken_for_a_server_whose_mac_was_lost_since_is_given_back() -> None:

@@ -21,16 +21,25 @@ that does not read the flow key, so the daemon decides it ahead:
   to a (VIP, port) served, on a flow that is no live session's (the flow map, which holds every live TCP session's
   flow until it is ending: kernel-made ones from their SYN, the others from the sync that writes their labels; an
   ending session's flow leaves it, so its client's port used again takes a ticket and the fold ends the ending
-  session as a reused flow's, :meth:`~mplslb.balancer.Balancer.open_decided`), pops a ticket, fills
-  the client's fields into both entries, clears ``F_TICKET`` and leaves for the server under the C2S label exactly
-  as :meth:`~mplslb.balancer.Balancer._to_server` would send it; what it did goes into the taken ring.
+  session as a reused flow's, :meth:`~mplslb.balancer.Balancer.open_decided`), or on the flow of a session the
+  kernel saw close (both labels' FINs taken there, the SYN from the session's client: ``flow_closed``; the flow's
+  entry becomes the new session's), pops a ticket, fills the client's fields into both entries, clears ``F_TICKET``
+  and leaves for the server under the C2S label exactly as :meth:`~mplslb.balancer.Balancer._to_server` would send
+  it; what it did goes into the taken ring.
 * **Fold** (:meth:`TicketDesk.fold`, before every batch of frames the daemon handles, so a retransmitted SYN finds
   its session, and before every sync, poll and timer run): each taken ticket becomes the session
   :meth:`~mplslb.balancer.Balancer._new_session` would have made (:meth:`~mplslb.balancer.Balancer.open_decided`:
   opened at the SYN's kernel time, its labels installed in the table, which writes nothing to the kernel: the
   entries are the session's already); its measurement and FINs then go on in the kernel as any session's. One
   taken for a flow that is a session's already (its SYN went up and was opened before the sync entered its flow)
-  is given back (``refused``) and the flow entered again for that session.
+  is given back (``refused``) and the flow entered again for that session. One taken for the flow of a session the
+  kernel saw close while no poll has handed the close over yet (a client that uses its port again within a poll
+  interval) waits (``waiting``): the next poll hands the old session over with the others, whole, and the fold
+  after it ends the old session as a reused flow's and opens the new one. Made at once, it would cost the old
+  session's three map lookups and a hand-over of its own, and under ``wrk -c64`` such folds left the polls behind
+  until most sessions were handed over one at a time. A released flow leaves the flow map only while the map still
+  holds it for its session (:meth:`XdpOffload.release_flow`): the program may have given it to the new session
+  before the fold read its ticket.
 * **Revoke** (:meth:`TicketDesk.revoke_all`): when a server's state, MAC or weight, the pool, the algorithm, the
   limits or the services change, or a server goes over (or back under) the response time limit, every ticket is
   drained from the queue (the program takes none meanwhile), its entries deleted and its decision given back
@@ -63,8 +72,14 @@ from mplslb.wire.ip import IPPROTO_TCP
 #: while the daemon's loop is held up. Under wrk on the 2-core lab at 3,500 sessions a second the ticket folds came
 #: 25-70 ms apart, and up to 170 ms around a poll (handed over a chunk a turn since, each chunk followed by a fold
 #: and a refill); 256 tickets ran out every second there. A SYN that finds none goes up, and its client waits for the
-#: daemon. Each ticket counts as a session of its server until taken or revoked.
-TICKETS_WANT = 1024
+#: daemon. Each ticket counts as a session of its server until taken or revoked. At 18,000 sessions a second (wrk
+#: -c64 on the faster lab VM) 1,024 lasted 57 ms, and a loop held longer (a map read, a poll's step) sent all 64
+#: clients' next SYNs up at once, twice or three times in 3 s; the queue's whole size lasts twice that.
+TICKETS_WANT = TICKETS_MAX
+#: Tickets waiting for a poll (their flow's old session closed in the kernel) tried at most this many a fold once
+#: the poll is handed over: a busy second's thousands, made sessions at once, held the loop 60-95 ms, longer than
+#: the outstanding tickets last under wrk -c64.
+WAIT_CHUNK = 256
 #: Tickets are issued in batches of at least this many (while any is outstanding): one map write and this many
 #: queue pushes, rather than a write per SYN taken.
 REFILL_MIN = 32
@@ -87,9 +102,11 @@ class TicketDesk:
         self.revoked = 0
         self.refused = 0  # taken and given back: its flow a session's already, or its server's MAC lost since
         self.held: dict[str, int] = {}  # issues stopped, by the reason no ticket could be decided
-        self._waiting: list[tuple[Taken, Server]] = []  # taken, folded once a poll hands their flow's old session over
-        self._closed: set[int] = set()  # ... those of them whose old session the kernel saw close (looked up once)
-        self._waited_at = 0.0  # the offload's handed_over_at when they were last tried
+        # taken, made sessions once a poll hands their flow's old session over: waiting for it, and due to be tried
+        self._waiting: list[tuple[Taken, Server]] = []
+        self._due: list[tuple[Taken, Server]] = []
+        self._closed: set[int] = set()  # ... those whose old session the kernel saw close (looked up once)
+        self._waited_at = 0.0  # the offload's handed_over_at when the waiting ones became due
         self._services_of: object = None
         self.set_ports()
         # An ending session's flow leaves the flow map (a SYN on it may take a ticket, and its fold ends the session
@@ -133,10 +150,14 @@ class TicketDesk:
         that session over; without, now."""
         b = self.balancer
         made = 0
-        if self._waiting and (not wait or self.offload.handed_over_at != self._waited_at):
-            self._waited_at = self.offload.handed_over_at  # nothing to try again before the next poll is handed over
-            waiting, self._waiting = self._waiting, []
-            for t, decided in waiting:
+        if not wait or self.offload.handed_over_at != self._waited_at:  # a poll handed over since: all may go
+            self._waited_at = self.offload.handed_over_at
+            self._due += self._waiting
+            self._waiting = []
+        if self._due:  # up to WAIT_CHUNK a fold (without ``wait``, all); those that still wait, for the next poll
+            chunk = self._due[: WAIT_CHUNK if wait else len(self._due)]
+            del self._due[: len(chunk)]
+            for t, decided in chunk:
                 made += self._open(t, decided, now, wait=wait)
         for t in self.offload.take_tickets():
             server = self.outstanding.pop(t.c2s, None)
@@ -262,5 +283,5 @@ class TicketDesk:
             "revoked": self.revoked,
             "refused": self.refused,
             "held": dict(self.held),
-            "waiting": len(self._waiting),
+            "waiting": len(self._waiting) + len(self._due),
         } | self.offload.ticket_counters()

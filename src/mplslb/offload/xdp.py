@@ -131,7 +131,8 @@ their entries being the session's already; a ``BPF_MAP_TYPE_RINGBUF`` read in pl
 built with ``TAKEN_QUEUE`` on machines whose loads may be reordered, :data:`bpf.ORDERED_LOADS`), the flow map (every
 live TCP session's flow -> its C2S label: written and deleted with the label entries of the sessions made in userspace,
 inserted by the program for the ones it makes, taken out once the session is ending, :meth:`release_flow`; a SYN of a
-flow in it goes up), the services map ((VIP, TCP port)s, :meth:`set_services`), the client ports
+flow in it goes up, unless the program saw that session close: both its FINs taken here, the SYN from its client,
+:meth:`closed_in_kernel`), the services map ((VIP, TCP port)s, :meth:`set_services`), the client ports
 (:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist whatever the
 setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose labels the table does
 not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once its session is there.
@@ -1427,7 +1428,10 @@ class XdpOffload:
         """Take the flow of the session of ``c2s`` out of the flow map at the next sync: the session is ending (both
         FINs, or an RST) and a new SYN on its flow (the client's port used again) may take a ticket; the fold then
         ends this session as the userspace path ends a reused flow's (:meth:`~mplslb.balancer.Balancer.open_decided`).
-        Its labels stay until the session is finished."""
+        Its labels stay until the session is finished. The sync deletes the flow only if the map still holds it for
+        this session: a lookup first, then the deletes in one batch (a SYN the program takes on the flow in the
+        microseconds between the two loses its flow, and a copy of it sent again would take a ticket of its own,
+        given back at the fold)."""
         key = self._flows.pop(c2s, None)
         if key is not None and self._flow_owner.get(key) == c2s:
             del self._flow_owner[key]
