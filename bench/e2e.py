@@ -517,7 +517,9 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
         log(f"e2e: {' and '.join(TURN_MODES)} through mplslb ({names[turn]}), HAProxy and no balancer in one lab, "
             "in turns ...")  # fmt: skip
         try:
-            found = in_turns(turn, modes=TURN_MODES, rounds=1 if quick else 3, seconds=seconds, log=log)
+            found = in_turns(turn, modes=TURN_MODES, rounds=1 if quick else 3, seconds=seconds,
+                             connects=shutil.which("dumpcap") is not None and shutil.which("tshark") is not None,
+                             log=log)  # fmt: skip
         except Exception as exc:
             log(f"e2e: in turns: failed: {exc!r}")
             rows += [skipped("e2e", f"e2e {mode}, {names[turn]}, in turns", f"lab run failed: {exc!r}"[:300],
@@ -525,6 +527,7 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
         else:
             for mode in TURN_MODES:
                 rows += turn_rows(found, names[turn], mode, seconds, cmd)
+            rows += connect_rows(found, names[turn], seconds, cmd)
             rows += idle_rows(found, names[turn], cmd)
     return rows
 
@@ -750,13 +753,14 @@ def reference_lab(key: str, prefix: str, servers: int) -> tuple[Any, dict[str, s
 def in_turns(
     key: str, *, modes: tuple[str, ...] = ("close",), rounds: int, seconds: int,
     steering: tuple[str, ...] = ("none",), paths: tuple[str, ...] = TURN_PATHS, profile: bool = False,
-    log: Any = print,
+    connects: bool = False, log: Any = print,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """wrk in each of ``modes`` at -c16 and -c64 through one lab variant and, on the same namespaces and nginx
     servers, through HAProxy and with no balancer (the daemon paused meanwhile): ``rounds`` rounds, each every
     steering of ``steering`` (STEERING) applied to every path alike, the paths in turns (their order reversed every
-    other round; the daemon, once let go on, warmed up for a second before it is measured). Every run (turn_run's
-    figures, with its round, steering, path and mode)."""
+    other round; the daemon, once let go on, warmed up for a second before it is measured). With ``connects``, then
+    one ``Connection: close`` run per path and count with the connects timed (:func:`connect_times`, mode
+    "connect"). Every run (turn_run's figures, with its round, steering, path and mode)."""
     servers = 3
     lab, urls = reference_lab(key, "bc", servers)
     found: list[dict[str, Any]] = []
@@ -807,6 +811,26 @@ def in_turns(
                     os.kill(daemon, signal.SIGCONT)
                     paused = False
         set_steering(lab, "none", ports, [daemon])
+        for path in paths if connects else ():
+            if path != "mplslb" and not paused:
+                os.kill(daemon, signal.SIGSTOP)
+                paused = True
+            elif path == "mplslb" and paused:
+                os.kill(daemon, signal.SIGCONT)
+                paused = False
+            if path == "mplslb":
+                time.sleep(CONNECT_SETTLE)  # what a paused daemon missed (timers, polls) done before the warm-up
+            warm_up(lab, urls[path], ("close",))
+            for conns in (16, 64):
+                figures = connect_times(lab, urls[path], seconds=seconds, connections=conns, procs=procs,
+                                        daemon=daemon if path == "mplslb" else None)  # fmt: skip
+                log(f"e2e connect {key} {path} -c{conns}: {figures.get('requests_per_s', 0):,.0f} requests/s, "
+                    f"connect mean {figures['connect_mean_ms']:.3f} ms, p99.9 {figures['connect_p999_ms']:.2f} ms, "
+                    f"{figures['connects_slow']:.0f} over {CONNECT_SLOW_MS:g} ms")  # fmt: skip
+                found.append({"round": rounds, "steering": "none", "path": path, "mode": "connect"} | figures)
+        if paused:
+            os.kill(daemon, signal.SIGCONT)
+            paused = False
         if profile:
             where = profile_lab(lab, urls["mplslb"], seconds=4, connections=64, header=wrk_args(modes[-1], 64)[0],
                                 tag=f"-{modes[-1]}-{key}")  # fmt: skip
@@ -814,6 +838,109 @@ def in_turns(
     finally:
         tear_down(lab, haproxy, paused=paused, log=log)
     return found
+
+
+#: A connect that waited longer than this for its SYN-ACK counts as slow in :func:`connect_times` (the kernel's
+#: path answers in tens of microseconds; a SYN that went up to the daemon waits for its loop).
+CONNECT_SLOW_MS = 2.0
+#: Seconds a daemon let go on after the references is left alone before its connects are timed: the timers and
+#: polls of the sessions it stopped among take its first second (in a run right after a pause, 44 SYNs in 50,000
+#: found no ticket and waited up to 198 ms).
+CONNECT_SETTLE = 2.0
+#: The capture filter of :func:`connect_times`: a SYN or SYN-ACK, labelled or not.
+SYN_FILTER = "tcp[13] & 2 != 0 or (mpls and tcp[13] & 2 != 0)"
+
+
+def connect_times(
+    lab: Any, url: str, *, seconds: int, connections: int, procs: dict[str, list[int]], daemon: int | None
+) -> dict[str, float]:
+    """One wrk ``Connection: close`` run (:func:`turn_run`) with the client's SYNs and SYN-ACKs captured on its port
+    (dumpcap, a kernel filter on the SYN flag, read back with tshark): how long each connect waited for its SYN-ACK
+    at the client (wrk's latency starts once it is connected, so its p50 and p99 leave this out), in ms: mean, p50,
+    p99, p99.9, the longest; how many waited over :data:`CONNECT_SLOW_MS` and the share of the connections' time
+    they spent waiting; SYNs sent again, and SYNs never answered. With ``daemon``: the SYNs the program passed up to
+    it in the run, for lack of a ticket and as a live session's."""
+    where = Path(tempfile.mkdtemp(prefix="mplslb-connect-"))
+    pcap = where / "syns.pcap"
+    cap = subprocess.Popen(["ip", "netns", "exec", lab.client_ns(0), "dumpcap", "-q", "-i", "eth0", "-s", "128",
+                            "-w", str(pcap), "-f", SYN_FILTER], stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not pcap.exists() and time.monotonic() < deadline:  # dumpcap writes the file's header once capturing
+            time.sleep(0.05)
+        time.sleep(0.2)
+        before = lab.status()["status"]["offload"].get("ticket_syns", {}) if daemon else {}
+        figures = turn_run(lab, url, mode="close", seconds=seconds, connections=connections, procs=procs,
+                           daemon=daemon)  # fmt: skip
+        after = lab.status()["status"]["offload"].get("ticket_syns", {}) if daemon else {}
+        time.sleep(0.2)
+    finally:
+        cap.send_signal(signal.SIGINT)
+        try:
+            cap.wait(10)
+        except subprocess.TimeoutExpired:
+            cap.kill()
+            cap.wait(10)
+    try:
+        out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.time_epoch", "-e", "tcp.srcport",
+                              "-e", "tcp.dstport", "-e", "tcp.flags.ack", "-e", "tcp.seq_raw"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    sent: dict[tuple[str, str], tuple[float, str]] = {}
+    waits: list[float] = []
+    again = 0
+    for line in out.splitlines():
+        at, sport, dport, ack, seq = line.split("\t")
+        if ack in ("0", "False"):  # the client's SYN
+            if sent.get((sport, dport), (0.0, ""))[1] == seq:
+                again += 1
+            else:
+                sent[(sport, dport)] = (float(at), seq)
+        elif (dport, sport) in sent:
+            waits.append(float(at) - sent.pop((dport, sport))[0])
+    ms = sorted(w * 1e3 for w in waits) or [0.0]
+    slow = [w for w in ms if w > CONNECT_SLOW_MS]
+    spent = connections * seconds * 1e3
+    out_figures = {"connects": float(len(waits)), "connect_mean_ms": statistics.fmean(ms),
+                   "connect_p50_ms": ms[len(ms) // 2], "connect_p99_ms": ms[min(len(ms) - 1, len(ms) * 99 // 100)],
+                   "connect_p999_ms": ms[min(len(ms) - 1, len(ms) * 999 // 1000)], "connect_max_ms": ms[-1],
+                   "connects_slow": float(len(slow)), "connect_slow_share": sum(slow) / spent,
+                   "syns_sent_again": float(again), "syns_unanswered": float(len(sent))}  # fmt: skip
+    for name in ("syn_flow_live", "syn_no_ticket"):
+        if name in after:
+            out_figures[f"{name}_up"] = float(after[name] - before.get(name, 0))
+    return figures | out_figures
+
+
+def connect_rows(runs: list[dict[str, Any]], what: str, seconds: int, cmd: str) -> list[Row]:
+    """The connect-time runs' rows (:func:`in_turns` with ``connects``): mplslb's mean wait for a SYN-ACK against
+    HAProxy's, with the tail and the slow connects' share in the note."""
+    medians = {(m["path"], m["connections"]): m for m in turn_medians(runs) if m["mode"] == "connect"}
+    rows: list[Row] = []
+    for conns in (16, 64):
+        mine, hp, direct = (medians.get((path, conns)) for path in TURN_PATHS)
+        if mine is None or hp is None:
+            continue
+
+        def tail(m: dict[str, Any]) -> str:
+            return (f"p50/p99/p99.9/max {m.get('connect_p50_ms', 0):.3f}/{m.get('connect_p99_ms', 0):.3f}/"
+                    f"{m.get('connect_p999_ms', 0):.2f}/{m.get('connect_max_ms', 0):.1f} ms, "
+                    f"{m.get('connects_slow', 0):.0f} over {CONNECT_SLOW_MS:g} ms ("
+                    f"{m.get('connect_slow_share', 0):.1%} of the connections' time)")  # fmt: skip
+
+        note = (f"wrk -t1 -c{conns} -d{seconds}s -H 'Connection: close', the client's SYNs and SYN-ACKs captured, "
+                f"{mine['runs']} run(s) each: mplslb {tail(mine)}, SYNs up to the daemon "
+                f"{mine.get('syn_no_ticket_up', 0):.0f} without a ticket and {mine.get('syn_flow_live_up', 0):.0f} "
+                f"as a live flow's, {mine.get('requests_per_s', 0):,.0f} requests/s; HAProxy {tail(hp)}, "
+                f"{hp.get('requests_per_s', 0):,.0f} requests/s"
+                + (f"; no balancer {tail(direct)}" if direct else ""))  # fmt: skip
+        per_path = [r for r in runs if r["connections"] == conns and r["mode"] == "connect"]
+        rows.append(Row("e2e", f"e2e close -c{conns} connect time (SYN to SYN-ACK at the client), mean, {what}, "
+                        "in turns in one lab", mine.get("connect_mean_ms"), "ms", "same through HAProxy",
+                        hp.get("connect_mean_ms"), target="-", note=note, command=cmd,
+                        extra={"runs": per_path}))  # fmt: skip
+    return rows
 
 
 #: Seconds the lab's processes are watched with no traffic at all (every balancer up, none paused).
@@ -931,6 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="kernel+xdp", help="with --close, --keep-alive, --paced: the lab variant "
                         "(default kernel+xdp)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="with --close, --keep-alive, --paced or --bulk: rounds")
+    parser.add_argument("--connects", action="store_true", help="with --close: then one run per path and count "
+                        "with the client's connects timed from a capture")  # fmt: skip
     parser.add_argument("--bulk", action="store_true", help="only bulk transfer, one variant against the references")
     parser.add_argument("--bulk-seconds", type=float, default=8.0, help="with --bulk: each download's length (s)")
     parser.add_argument(
@@ -960,7 +1089,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {reason}", file=sys.stderr)
             return 1
         runs = in_turns(args.variant, modes=modes, rounds=args.rounds, seconds=3, steering=steering,
-                        profile=args.profile, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+                        profile=args.profile, connects=args.connects and args.close,
+                        log=lambda m: print(m, file=sys.stderr))  # fmt: skip
         medians = turn_medians(runs)
         print(json.dumps({"runs": runs, "medians": medians}, indent=1) if args.json else "\n".join(map(str, medians)))
         return 0
