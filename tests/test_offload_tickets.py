@@ -838,6 +838,7 @@ def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
         tickets = {s.labels["what"]: s.value for s in metrics["mplslb_offload_tickets"].samples}
         syns = {s.labels["what"]: s.value for s in metrics["mplslb_offload_syn"].samples}
         outstanding = metrics["mplslb_offload_tickets_outstanding"].samples[0].value
+        waiting = metrics["mplslb_offload_tickets_waiting"].samples[0].value
     finally:
         core.close()
     console = Console(width=160, record=True)
@@ -846,6 +847,7 @@ def test_the_tickets_and_the_kernels_syns_are_in_the_prometheus_metrics(
     text = console.export_text()
     assert "Kernel offload (XDP: p0 generic" in text and "Tickets (offload_syn)" in text
     assert re.search(r"syn taken[\s│]+1\b", text) and re.search(rf"outstanding[\s│]+{TICKETS_WANT - 1}\b", text)
+    assert waiting == 0 and re.search(r"waiting[\s│]+0\b", text)
     assert offload_tables(None) == []
     # a server's tickets are shown apart from its sessions: the one taken is a session of its server
     rows = {row["name"]: (row["active"], row["total"], row["tickets"]) for row in snap["servers"]}

@@ -154,6 +154,8 @@ class SnapshotCollector:
             return
         yield _gauge("mplslb_offload_tickets_outstanding", "New sessions decided ahead, waiting for a SYN.",
                      tickets["outstanding"])  # fmt: skip
+        yield _gauge("mplslb_offload_tickets_waiting", "Tickets taken on the flow of a session the kernel saw close, "
+                     "made sessions once a poll hands that session over.", tickets.get("waiting", 0))  # fmt: skip
         yield _by_label(
             "counter",
             "mplslb_offload_tickets_total",

@@ -349,7 +349,7 @@ def offload_tables(offload: Mapping[str, Any] | None) -> list[Table]:
     tickets = offload.get("tickets")
     if tickets is not None:
         desk = _table("Tickets (offload_syn)", "what", "count")
-        for key in ("outstanding", "issued", "taken", "revoked", "refused", "syn_taken", "syn_no_ticket",
+        for key in ("outstanding", "waiting", "issued", "taken", "revoked", "refused", "syn_taken", "syn_no_ticket",
                     "syn_flow_live"):  # fmt: skip
             _add(desk, key.replace("_", " "), str(tickets.get(key, 0)))
         for name, count in sorted(tickets.get("by_server", {}).items()):
