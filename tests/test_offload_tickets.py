@@ -523,6 +523,17 @@ class _Taking:
     def ticket_counters(self) -> dict[str, int]:
         return {}
 
+    ifindex = {port: 10 + port for port in range(4)}
+
+    def ticket_entries(self, port: int, mac: bytes, c2s_watch: int, s2c_watch: int) -> bytes:
+        return b""
+
+    def issue_tickets(self, tickets: list[tuple[int, bytes]]) -> list[int]:
+        return [c2s for c2s, _ in tickets]
+
+    def drain_tickets(self) -> list[int]:
+        return []
+
 
 def test_tickets_for_flows_the_kernel_saw_close_wait_for_a_poll_and_are_then_tried_a_chunk_a_fold(
     monkeypatch: pytest.MonkeyPatch,
@@ -561,11 +572,14 @@ def test_tickets_for_flows_the_kernel_saw_close_wait_for_a_poll_and_are_then_tri
     assert desk.fold(now + 1.01) == 0 and desk.stats()["waiting"] == 5 and taking.looked_up == 6
     assert desk.refused == 1 and taking.restored == [old[5]]  # not closed in the kernel: tried at once, given back
     assert desk.fold(now + 1.02) == 0 and desk.stats()["waiting"] == 5 and taking.looked_up == 6
+    monkeypatch.setattr(tickets, "TICKETS_BUDGET", 8)  # outstanding and waiting together
+    assert desk.refill(now + 1.03) == 3 and len(desk.outstanding) == 3
+    revoked = len(taking.revoked)
     taking.handed_over_at = now + 1.5  # a poll read after the SYNs handed over: the old sessions did not end
     for refused in (3, 5):
         assert desk.fold(now + 1.6) == 0 and desk.refused == refused and taking.looked_up == 6
     assert desk.fold(now + 1.7, wait=False) == 0 and desk.refused == 6 and desk.stats()["waiting"] == 0
-    assert taking.restored == old[5:] + old[:5] and taking.revoked == new[5:] + new[:5]
+    assert taking.restored == old[5:] + old[:5] and taking.revoked[:1] + taking.revoked[revoked:] == new[5:] + new[:5]
     assert all(b.sessions.by_c2s(c2s) is not None for c2s in old)
 
 
