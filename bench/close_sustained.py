@@ -1,0 +1,89 @@
+"""``Connection: close`` through mplslb without a pause: wrk runs back to back in one lab, -c16 and -c64 in turns, and
+after each run what the daemon did in it. The end-to-end benchmark's runs are 3 s each with the references' turns
+and warm-ups between them; a daemon at its limit can keep up there and fall behind here, and here the label space
+(524,279 pairs, each held for ``label_quarantine`` after its session) runs out once the rate stays above 524,279 /
+quarantine sessions a second.
+
+One lab (one client, three nginx servers, the whole datapath in the kernel: kernel endpoints, the XDP offload,
+``offload_gso`` and ``offload_syn``), ``--runs`` wrk runs of ``--seconds`` each. Per run: requests/s, the daemon's
+CPU per session, its polls and the sessions they handed over whole, the tickets waiting for a poll at the end, the
+SYNs that went up (no ticket, a live flow's), the tickets given back, and the label pairs free and in quarantine at
+the end.
+
+Run ``PYTHONPATH=<checkout>/src python bench/close_sustained.py [--runs N] [--seconds S] [--json]`` (root, nginx,
+wrk, clang).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import e2e
+
+
+def run(runs: int, seconds: int, log: Any = print) -> list[dict[str, Any]]:
+    """``runs`` back-to-back wrk runs (-c16, -c64, ...) through one lab: each run's figures."""
+    lab, urls = e2e.reference_lab("kernel+xdp+gso+syn", "cs", 3)
+    found: list[dict[str, Any]] = []
+    try:
+        lab.up()
+        e2e.set_sysctls(lab, [lab.client_ns(0), lab.lb])
+        e2e.wait_until(lambda: e2e.http_ok(lab, 0, urls["mplslb"]), 30, "the VIP to answer through the balancer")
+        procs = e2e.lab_processes(lab)
+        daemon = lab.state.pids["balancer"]
+        for i in range(runs):
+            conns = 16 if i % 2 == 0 else 64
+            before = lab.status()["status"]
+            figures = e2e.turn_run(lab, urls["mplslb"], mode="close", seconds=seconds, connections=conns,
+                                   procs=procs, daemon=daemon)  # fmt: skip
+            after = lab.status()["status"]
+            t0, t1 = before["offload"]["tickets"], after["offload"]["tickets"]
+            row = {
+                "run": i,
+                "connections": conns,
+                "requests_per_s": figures.get("requests_per_s", 0.0),
+                "daemon_cpu_us_per_session": figures.get("balancer_cpu_us_per_session", 0.0),
+                "polls": after["offload"]["polls"] - before["offload"]["polls"],
+                "whole": after["offload"]["whole"] - before["offload"]["whole"],
+                "waiting": t1.get("waiting", 0),
+                "syn_no_ticket": t1["syn_no_ticket"] - t0["syn_no_ticket"],
+                "syn_flow_live": t1["syn_flow_live"] - t0["syn_flow_live"],
+                "refused": t1["refused"] - t0["refused"],
+                "labels_free": after["labels"]["free"],
+                "labels_quarantined": after["labels"]["quarantined"],
+            }
+            found.append(row)
+            log(f"{i} -c{conns}: {row['requests_per_s']:,.0f} requests/s, daemon "
+                f"{row['daemon_cpu_us_per_session']:.0f} us/session, polls {row['polls']}, whole {row['whole']}, "
+                f"waiting {row['waiting']}, SYNs up {row['syn_no_ticket']} (no ticket) {row['syn_flow_live']} "
+                f"(live flow), refused {row['refused']}, pairs free {row['labels_free']:,} quarantined "
+                f"{row['labels_quarantined']:,}")  # fmt: skip
+    finally:
+        lab.down()
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=8, help="wrk runs back to back (default 8)")
+    parser.add_argument("--seconds", type=int, default=3, help="each run's length (default 3)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    reason = e2e.missing_requirements()
+    if reason:
+        print(f"skipped: {reason}", file=sys.stderr)
+        return 1
+    rows = run(args.runs, args.seconds, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
