@@ -1468,15 +1468,12 @@ class XdpOffload:
         program then takes a SYN from its client on its flow under a ticket (``flow_closed`` in mplslb_xdp.c)."""
         if self._map is None:
             return False
-        for label in (c2s, c2s + 1):
-            try:
-                raw = self._map.lookup(_KEY.pack(label))
-            except OSError as exc:
-                self._error(exc)
-                return False
-            if raw is None or not _FIN.unpack_from(raw, _FIN_AT)[1]:
-                return False
-        return True
+        try:
+            found, values = self._entries([c2s, c2s + 1])
+        except OSError as exc:
+            self._error(exc)
+            return False
+        return len(found) == 2 and bool(np.all(np.frombuffer(values, dtype=FIN_RECORD)["fin_taken"]))
 
     def restore_flow(self, c2s: int) -> None:
         """Enter the flow of the session of ``c2s`` into the flow map again (a ticket taken for the same flow and
