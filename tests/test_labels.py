@@ -263,9 +263,15 @@ SMALL_MAX = 17 + 2 * 40  # 41 pairs: small enough that sequences run out of labe
 class LabelLifecycle(RuleBasedStateMachine):
     """Sessions open, close, time passes, timers fire; a reference model predicts every allocation."""
 
+    #: A pair waits at least this long when none is free (:attr:`LabelManager.quarantine_min`).
+    quarantine_min = QUARANTINE
+
     def __init__(self) -> None:
         super().__init__()
-        self.manager = LabelManager(quarantine=QUARANTINE, c2s_min=SMALL_MIN, c2s_max=SMALL_MAX)
+        self.manager = LabelManager(
+            quarantine=QUARANTINE, quarantine_min=self.quarantine_min, c2s_min=SMALL_MIN, c2s_max=SMALL_MAX
+        )
+        self.early = 0
         self.now = 0.0
         self.live: set[int] = set()
         self.withdrawn_at: dict[int, float] = {}
@@ -288,15 +294,25 @@ class LabelLifecycle(RuleBasedStateMachine):
     def _open_one(self) -> None:
         label = self.manager.allocate(self.now)
         self._model_release()
+        early = False
+        if not self.model_free and self.model_quarantine:
+            release = self.model_quarantine[0][1]
+            if release - QUARANTINE + self.quarantine_min <= self.now:  # none free: the longest waiting, early
+                self.model_free.append(self.model_quarantine.popleft()[0])
+                early = True
         assert label == (self.model_free.popleft() if self.model_free else None)
         if label is None:
             return
+        self.early += early
+        assert self.manager.reused_early == self.early
         assert is_c2s(label) and SMALL_MIN <= label <= SMALL_MAX
         assert s2c_of(label) % 2 == 0 and is_s2c(s2c_of(label))
         assert label not in self.live, "two live sessions share a label"
         withdrawn = self.withdrawn_at.get(label)
         if withdrawn is not None:
-            assert self.now >= withdrawn + QUARANTINE, "label reused inside its quarantine"
+            assert self.now >= withdrawn + (self.quarantine_min if early else QUARANTINE), (
+                "reused inside its quarantine"
+            )
         self.live.add(label)
 
     @precondition(lambda self: bool(self.live))
@@ -352,3 +368,55 @@ class LabelLifecycle(RuleBasedStateMachine):
 
 LabelLifecycle.TestCase.settings = settings(max_examples=100, stateful_step_count=80, deadline=None)
 test_label_lifecycle = LabelLifecycle.TestCase
+
+
+class LabelLifecycleReusingEarly(LabelLifecycle):
+    """The same with a shorter minimum: a pair is reused before its quarantine's end only when none is free, the
+    one that has waited longest, and only once it has waited the minimum."""
+
+    quarantine_min = 2.0
+
+
+LabelLifecycleReusingEarly.TestCase.settings = settings(max_examples=100, stateful_step_count=80, deadline=None)
+test_label_lifecycle_reusing_early = LabelLifecycleReusingEarly.TestCase
+
+
+def test_a_pair_is_reused_early_only_when_none_is_free_and_after_the_minimum() -> None:
+    manager = LabelManager(quarantine=60.0, quarantine_min=5.0, c2s_min=17, c2s_max=21)  # 3 pairs
+    assert [manager.allocate(0.0) for _ in range(2)] == [17, 19]
+    manager.withdraw(17, now=1.0)
+    manager.withdraw(19, now=2.0)
+    assert manager.allocate(10.0) == 21  # a free pair first: the quarantined ones wait on
+    assert manager.free_at(5.9) == 0 and manager.allocate(5.9) is None  # 17 has waited 4.9 s
+    assert (manager.exhausted, manager.reused_early) == (1, 0)
+    assert manager.free_at(6.0) == 1 and manager.is_quarantined(19)  # 17 released early, 19 still held
+    assert manager.allocate(6.0) == 17 and manager.allocate(6.5) is None
+    assert manager.allocate(7.0) == 19
+    assert manager.stats().reused_early == manager.reused_early == 2
+    assert manager.next_deadline() is None and manager.in_use_count == 3
+
+
+def test_the_quarantines_minimum_defaults_to_the_whole_quarantine_and_is_bounded_by_it() -> None:
+    manager = LabelManager(quarantine=5.0, c2s_min=17, c2s_max=17)
+    assert manager.quarantine_min == 5.0
+    manager.allocate(0.0)
+    manager.withdraw(17, now=0.0)
+    assert manager.allocate(4.999) is None and manager.allocate(5.0) == 17 and manager.reused_early == 0
+    manager.quarantine_min = 0.0
+    assert manager.quarantine_min == 0.0
+    for bad in (5.001, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="quarantine_min"):
+            manager.quarantine_min = bad
+    assert manager.quarantine_min == 0.0
+
+
+def test_a_pair_reused_early_keeps_its_place_when_the_rings_are_rebuilt() -> None:
+    manager = LabelManager(quarantine=60.0, quarantine_min=1.0, c2s_min=17, c2s_max=19)
+    manager.allocate(0.0)
+    manager.allocate(0.0)
+    manager.withdraw(17, now=0.0)
+    manager.withdraw(19, now=0.5)
+    assert manager.free_at(1.0) == 1  # 17, early
+    manager.restore()
+    assert (manager.free_count, manager.quarantined_count, manager.next_deadline()) == (1, 1, 60.5)
+    assert manager.allocate(1.0) == 17 and manager.allocate(1.4) is None and manager.allocate(1.5) == 19

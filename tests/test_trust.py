@@ -54,6 +54,7 @@ from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT, ClientEndpoint, ServerEndpoint
 from mplslb.flow import FlowKey
+from mplslb.labels import QUARANTINE_MIN
 from mplslb.offload import bpf
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.sessions import SessionState, Timeouts
@@ -641,6 +642,51 @@ def test_a_server_that_keeps_sending_on_a_withdrawn_label_does_not_reach_the_lab
     assert net.from_server("s1", stale) == []  # not switched to client 1
 
 
+def test_a_pair_reused_before_its_quarantine_is_over_takes_none_of_its_old_sessions_late_frames() -> None:
+    """No pair free: the one quarantined longest goes to the next session once it has waited the quarantine's
+    minimum, though both endpoints still hold it for the old flow (their flow timeout, the full quarantine, is far
+    off). The old flow's late frames, both ways, reach nobody (the labels' flow binding); the new session's pass."""
+    config = make_config(n_servers=1, c2s_min=17, c2s_max=17, label_quarantine=60.0, endpoint_flow_timeout=60.0,
+                         label_quarantine_min=2.0, timeouts=Timeouts(closed_linger=1.0))  # fmt: skip
+    net = Net(config)
+    b = net.balancer
+    _, old = established(net)
+    src, other = client_addr(0), client_addr(1)
+    net.deliver_to_servers(net.from_client(0, tcp(src, VIP, 40000, 80, RST | ACK, seq=101, ack=501)))
+    b.on_timer(1.0)
+    assert b.sessions.by_c2s(old) is None and b.labels.is_quarantined(old)  # withdrawn at 1 s
+    net.now = 2.5
+    net.from_client(1, tcp(other, VIP, 40001, 80, SYN, seq=100))  # 1.5 s into the quarantine: refused
+    assert b.stats().refused == {"labels_exhausted": 1} and b.labels.reused_early == 0
+    net.now = 3.0
+    _, reused = handshake(net, 1, sport=40001)
+    assert reused == old and b.labels.reused_early == 1
+    late_c2s = tcp(src, VIP, 40000, 80, PSH | ACK, seq=101, ack=501, payload=b"late")
+    assert net.from_client(0, late_c2s) == []  # client 0's endpoint still sends the old flow on the pair's C2S label
+    late_s2c = tcp(VIP, src, 80, 40000, PSH | ACK, seq=501, ack=101, payload=b"late")
+    assert net.from_server("s1", late_s2c) == []  # and the server's on its S2C label
+    assert b.stats().drops.get("label_wrong_flow", 0) + b.stats().drops.get("label_wrong_ingress", 0) == 2
+    reply = net.from_server("s1", tcp(VIP, other, 80, 40001, PSH | ACK, seq=501, ack=101, payload=b"ok"))
+    assert len(net.deliver_to_client(1, reply)) == 1
+
+
+def test_the_quarantines_minimum_is_checked_at_load_and_taken_live() -> None:
+    base = make_config()
+    top = Section("lb.toml", "", {"labels": {"quarantine": 60.0, "quarantine_min": 61.0}})
+    with pytest.raises(ConfigError) as info:
+        balancer_config_from_section(top, default_ports=base.ports, default_vips=base.vips)
+    assert (info.value.source, info.value.key) == ("lb.toml", "labels.quarantine_min")
+    assert "must not exceed quarantine (60 s)" in info.value.reason
+    loaded = balancer_config_from_section(
+        Section("lb.toml", "", {"labels": {"quarantine": 60.0}}), default_ports=base.ports, default_vips=base.vips
+    )
+    assert loaded.label_quarantine_min == QUARANTINE_MIN
+    b = Balancer(base)
+    assert b.labels.quarantine_min == QUARANTINE_MIN
+    assert "labels.quarantine_min:5.0->1.0" in b.reconfigure(replace(base, label_quarantine_min=1.0))
+    assert b.labels.quarantine_min == 1.0
+
+
 # -- 5: no frame of one session ever reaches another's endpoint ---------------------------------------------------
 QUARANTINE = 3.0  # = the endpoints' flow timeout: the shortest the configuration accepts
 TRUST_CONFIG = make_config(
@@ -937,6 +983,33 @@ class TrustMachineWithoutL7(TrustMachine):
     config = replace(TRUST_CONFIG, l7=False)
 
 
+class TrustMachineReusingEarly(TrustMachine):
+    """The machine with a pair reused as soon as none is free (a quarantine of no minimum): the endpoints go on
+    sending the labels their flows learned, which by then may name other sessions."""
+
+    config = replace(TRUST_CONFIG, label_quarantine_min=0.0)
+    reused = 0  # pairs reused early, over every example
+
+    def teardown(self) -> None:
+        if hasattr(self, "one"):
+            TrustMachineReusingEarly.reused += self.one.labels.reused_early
+
+
+def test_no_frame_reaches_another_session_on_pairs_reused_early() -> None:
+    """A few examples, always the same (``MPLSLB_TRUST_EXAMPLES`` more, at random); pairs are reused early in
+    them."""
+    TrustMachineReusingEarly.reused = 0
+    run_state_machine_as_test(
+        TrustMachineReusingEarly,
+        settings=settings(
+            TRUST_SETTINGS,
+            max_examples=int(os.environ.get("MPLSLB_TRUST_EXAMPLES", "4")),
+            derandomize="MPLSLB_TRUST_EXAMPLES" not in os.environ,
+        ),
+    )
+    assert TrustMachineReusingEarly.reused >= 1
+
+
 TestNoFrameReachesAnotherSession = TrustMachine.TestCase
 TestNoFrameReachesAnotherSession.settings = TRUST_SETTINGS
 TestNoFrameReachesAnotherSessionWithoutL7 = TrustMachineWithoutL7.TestCase
@@ -995,6 +1068,7 @@ class KernelTrustMachine(TrustMachine):
         if hasattr(self, "core"):
             self.core.close()
             self.seen[FINS_TAKEN] += self.core.offload.fins
+            self.seen[REUSED_EARLY] += self.core.balancer.labels.reused_early
 
     def through_the_paths(self, frames: list[tuple[int, bytes]], now: float) -> Frames:
         expected: Frames = []
@@ -1051,6 +1125,7 @@ class KernelTrustMachine(TrustMachine):
 
 #: The key of ``seen`` that counts the FINs the kernel took (and the machine folded in).
 FINS_TAKEN = -1
+REUSED_EARLY = -2  # pairs reused before their quarantine's end, in the kernel's balancer
 #: Examples of the kernel machine: a few, always the same, in ``make test``; a campaign sets more (random ones).
 KERNEL_EXAMPLES = int(os.environ.get("MPLSLB_TRUST_KERNEL_EXAMPLES", "0"))
 
@@ -1070,12 +1145,13 @@ def kernel(veths: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
 
 
 @needs_kernel
-@pytest.mark.parametrize("l7", [True, False], ids=["l7", "no-l7"])
-def test_no_frame_reaches_another_session_through_the_kernel(kernel: str, l7: bool) -> None:
+@pytest.mark.parametrize(("l7", "quarantine_min"), [(True, QUARANTINE), (False, QUARANTINE), (True, 0.0)],
+                         ids=["l7", "no-l7", "l7-reused-early"])  # fmt: skip
+def test_no_frame_reaches_another_session_through_the_kernel(kernel: str, l7: bool, quarantine_min: float) -> None:
     """The machine through the kernel offload, with L7 analysis (the first request copied in the kernel, its Host
     counted at the fold) and without; a few examples, always the same (MPLSLB_TRUST_KERNEL_EXAMPLES=200: a campaign
     of random ones)."""
-    config = on_veths(replace(TRUST_CONFIG, l7=l7))
+    config = on_veths(replace(TRUST_CONFIG, l7=l7, label_quarantine_min=quarantine_min))
     seen: Counter[int] = Counter()
     run_state_machine_as_test(
         lambda: KernelTrustMachine(kernel, config, seen),
@@ -1085,6 +1161,7 @@ def test_no_frame_reaches_another_session_through_the_kernel(kernel: str, l7: bo
     )
     assert seen[bpf.XDP_REDIRECT] >= 10 and seen[bpf.XDP_PASS] >= 10, seen  # both ways, often
     assert seen[FINS_TAKEN] >= 1, seen  # FINs taken in the kernel, and folded in
+    assert (seen[REUSED_EARLY] >= 1) == (quarantine_min < QUARANTINE), seen
 
 
 # -- 5b: a label pair reused at once ------------------------------------------------------------------------------

@@ -261,7 +261,13 @@ class Balancer:
         # A cluster node allocates from its own slice of the label space; its tables span every node's slices, for
         # the sessions its peers replicate to it (mplslb.cluster).
         own = config.cluster.slice() if config.cluster is not None else (config.c2s_min, config.c2s_max)
-        self.labels = LabelManager(quarantine=config.label_quarantine, c2s_min=own[0], c2s_max=own[1], store=store)
+        self.labels = LabelManager(
+            quarantine=config.label_quarantine,
+            quarantine_min=min(config.label_quarantine_min, config.label_quarantine),
+            c2s_min=own[0],
+            c2s_max=own[1],
+            store=store,
+        )
         #: At most this many half-open TCP sessions: a new SYN beyond evicts the oldest.
         self.max_half_open = max(1, int(self.sessions.rows * config.half_open_share))
         #: Set by a driver that runs active health checks: passive health then only suspects a server (counted in
@@ -1400,6 +1406,8 @@ class Balancer:
             self.sessions.timeouts = new.timeouts  # idle deadlines armed from now on
         if "l7" in settings:
             self.analyzer.l7 = new.l7
+        if "label_quarantine_min" in settings:
+            self.labels.quarantine_min = min(new.label_quarantine_min, new.label_quarantine)
         self._sync_config(new)
         return diff.changes
 

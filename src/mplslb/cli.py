@@ -120,6 +120,7 @@ def print_report(report: SimReport, console: Console) -> None:
         ("allocated", labels.allocated_total),
         ("withdrawn", labels.withdrawn_total),
         ("in quarantine", labels.quarantined_count),
+        ("reused before the quarantine's end", labels.reused_early),
         ("free", labels.free_count),
         ("sessions refused for want of labels", stats.refused.get("labels_exhausted", 0) + labels.exhausted),
     ):

@@ -18,7 +18,7 @@ from mplslb.balancing.admission import RefuseWith
 from mplslb.balancing.algorithms import algorithm_names, make_algorithm
 from mplslb.balancing.servers import ServerConfig
 from mplslb.endpoint import ENDPOINT_FLOW_TIMEOUT
-from mplslb.labels import C2S_MAX, C2S_MIN
+from mplslb.labels import C2S_MAX, C2S_MIN, QUARANTINE_MIN
 from mplslb.resolver import ResolverTimers
 from mplslb.sessions import RST_WINDOW, RST_WINDOW_MAX, Timeouts
 from mplslb.switching.layout import SYN_RATE_MAX
@@ -100,6 +100,11 @@ class BalancerConfig:
     #: The longest an endpoint agent may keep using a label after its last frame (the agents' ``flow_timeout``):
     #: ``label_quarantine`` may not be shorter, or a late frame could reach the label's next session.
     endpoint_flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
+    #: When no label pair is free, the one quarantined longest is reused once it has waited this long (seconds; at
+    #: most ``label_quarantine``, which caps it): the labels' flow binding keeps its ended session's late frames
+    #: from its next session, and the quarantine then bounds the rate of new sessions at pairs / this, not pairs /
+    #: ``label_quarantine``.
+    label_quarantine_min: float = QUARANTINE_MIN
     #: The share of the label pairs half-open TCP sessions may hold; a SYN beyond evicts the oldest.
     half_open_share: float = 0.5
     #: An RST, or the FIN that would end a session, is believed only when its sequence number lies within this
@@ -134,6 +139,10 @@ class BalancerConfig:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(algorithm_names())}")
         if self.label_quarantine < self.endpoint_flow_timeout:
             raise ValueError(quarantine_too_short(self.label_quarantine, self.endpoint_flow_timeout))
+        if not (math.isfinite(self.label_quarantine_min) and self.label_quarantine_min >= 0):
+            raise ValueError(
+                f"label_quarantine_min must be a number of seconds >= 0, got {self.label_quarantine_min!r}"
+            )
         if not 0 < self.half_open_share <= 1:
             raise ValueError(f"half_open_share must be in (0, 1], got {self.half_open_share!r}")
         if not 0 <= self.rst_window <= RST_WINDOW_MAX:
@@ -497,6 +506,9 @@ def balancer_config_from_section(
     flow_timeout = lsec.number("endpoint_flow_timeout", float, ENDPOINT_FLOW_TIMEOUT, minimum=0.0)
     if quarantine < flow_timeout:
         raise lsec.error("quarantine", quarantine_too_short(quarantine, flow_timeout))
+    quarantine_min = lsec.number("quarantine_min", float, min(QUARANTINE_MIN, quarantine), minimum=0.0)
+    if quarantine_min > quarantine:
+        raise lsec.error("quarantine_min", f"must not exceed quarantine ({quarantine:g} s), got {quarantine_min:g}")
     c2s_min = lsec.get("c2s_min", int, C2S_MIN)
     c2s_max = lsec.get("c2s_max", int, C2S_MAX)
     for key, value in (("c2s_min", c2s_min), ("c2s_max", c2s_max)):
@@ -538,6 +550,7 @@ def balancer_config_from_section(
         max_new_per_second=rate,
         refuse_with=refuse,
         label_quarantine=quarantine,
+        label_quarantine_min=quarantine_min,
         endpoint_flow_timeout=flow_timeout,
         half_open_share=half_open_share,
         rst_window=rst_window,
@@ -673,6 +686,7 @@ LIVE_SETTINGS = {
     "refuse_with": "limits.refuse_with",
     "rt_limit": "limits.max_response_time",
     "rst_window": "limits.rst_window",
+    "label_quarantine_min": "labels.quarantine_min",
     "fail_threshold": "health.fail_threshold",
     "rt_alpha": "health.rt_alpha",
     "l7": "l7",

@@ -121,6 +121,8 @@ class LabSpec:
     slices: int = 0
     #: Give each node a kept state file (``[state]``): a node restarted adopts its sessions.
     node_state: bool = False
+    #: ``[labels] quarantine_min`` (None: the default): how soon a quarantined pair is reused when none is free.
+    quarantine_min: float | None = None
 
     def __post_init__(self) -> None:
         if self.datapath not in ("kernel", "tun", "auto"):
@@ -834,6 +836,7 @@ class Lab:
             "",
             "[labels]",
             "quarantine = 60.0",
+            *([] if spec.quarantine_min is None else [f"quarantine_min = {spec.quarantine_min!r}"]),
             "",
             "[neighbors]",  # resolving servers named by address: quick, for a lab's tests
             "retrans = 0.5",

@@ -19,6 +19,12 @@ Every pair is in exactly one of three states::
   means such a late packet finds no session rather than somebody else's.
 * The quarantine duration is constant, so release times enter the quarantine ring in non-decreasing
   order and releasing is popping its head while the head has expired: no heap, no scan.
+* The quarantine is the labels' first line, not their only one: every session label is also bound to its
+  session's flow and peer (:mod:`mplslb.switching.scalar`), so a late frame of an ended session is dropped
+  on a reused label too. When no pair is free, the head of the quarantine ring is therefore released early
+  once it has waited ``quarantine_min`` seconds (counted in :attr:`LabelManager.reused_early`): a rate of new
+  sessions above ``pairs / quarantine`` a second shortens the quarantine instead of refusing sessions, down to
+  ``quarantine_min``; only above ``pairs / quarantine_min`` do the pairs run out.
 
 Both rings and the per-pair state byte are preallocated to the capacity of the range, so every operation
 is O(1) (releasing is O(1) per released pair) and the memory is 17 bytes per pair whatever the load. The
@@ -47,6 +53,7 @@ __all__ = [
     "C2S_MIN",
     "LABEL_SPACE",
     "PAIRS",
+    "QUARANTINE_MIN",
     "LabelManager",
     "LabelStats",
     "c2s_of",
@@ -64,6 +71,11 @@ S2C_MIN: Final = C2S_MIN + 1
 S2C_MAX: Final = C2S_MAX + 1
 PAIRS: Final = (C2S_MAX - C2S_MIN) // 2 + 1
 """Number of (C2S, S2C) pairs in one label space: 524,279."""
+
+QUARANTINE_MIN: Final = 5.0
+"""The configuration's default ``quarantine_min`` (seconds): a pair withdrawn this long ago may be reused when no other
+is free. Longer than a closing session's retransmissions take to die out, far shorter than the endpoints' flow
+timeout; at this the pairs last for 104,855 new sessions a second."""
 
 # Per-pair state bytes.
 _FREE: Final = 0
@@ -115,20 +127,23 @@ class LabelStats:
     allocated_total: int
     withdrawn_total: int
     exhausted: int
+    reused_early: int = 0
 
 
 class LabelManager:
     """Allocates C2S/S2C label pairs FIFO and quarantines withdrawn pairs before reusing them.
 
-    ``quarantine`` is how long (seconds) a withdrawn pair waits before it may be allocated again.
-    ``c2s_min`` and ``c2s_max`` narrow the C2S range (both odd, inclusive), e.g. to split the label space
-    between balancers.
+    ``quarantine`` is how long (seconds) a withdrawn pair waits before it may be allocated again while other pairs
+    are free; ``quarantine_min`` (at most ``quarantine``; None: the same, never early) how long it waits at least
+    when none is. ``c2s_min`` and ``c2s_max`` narrow the C2S range (both odd, inclusive), e.g. to split the label
+    space between balancers.
     """
 
     __slots__ = (
         "_allocated_total",
         "_base",
         "_capacity",
+        "_early",
         "_exhausted",
         "_free",
         "_free_count",
@@ -142,6 +157,7 @@ class LabelManager:
         "_q_release",
         "_quarantine",
         "_release",
+        "_reused_early",
         "_state",
         "_withdrawn_total",
         "c2s_max",
@@ -152,7 +168,13 @@ class LabelManager:
     IN_USE: Final = _IN_USE
 
     def __init__(
-        self, *, quarantine: float = 60.0, c2s_min: int = C2S_MIN, c2s_max: int = C2S_MAX, store: Allocator = HEAP
+        self,
+        *,
+        quarantine: float = 60.0,
+        quarantine_min: float | None = None,
+        c2s_min: int = C2S_MIN,
+        c2s_max: int = C2S_MAX,
+        store: Allocator = HEAP,
     ) -> None:
         if not (math.isfinite(quarantine) and quarantine >= 0):
             raise ValueError(f"quarantine must be a finite number of seconds >= 0, got {quarantine!r}")
@@ -164,6 +186,9 @@ class LabelManager:
         self.c2s_min: Final = c2s_min
         self.c2s_max: Final = c2s_max
         self._quarantine = float(quarantine)
+        self._early = 0.0  # how much earlier than its release time a pair may go when none is free
+        self.quarantine_min = quarantine if quarantine_min is None else quarantine_min
+        self._reused_early = 0
         self._base = c2s_min
         capacity = (c2s_max - c2s_min) // 2 + 1
         self._capacity = capacity
@@ -197,7 +222,7 @@ class LabelManager:
         """
         if self._q_count and self._q_release[self._q_head] <= now:
             self.on_timer(now)
-        if self._free_count == 0:
+        if self._free_count == 0 and not self._release_early(now):
             self._exhausted += 1
             return None
         head = self._free_head
@@ -211,6 +236,27 @@ class LabelManager:
             self._peak = self._in_use_count
         self._allocated_total += 1
         return label
+
+    def _release_early(self, now: float) -> bool:
+        """No pair is free: release the head of the quarantine ring if it has waited ``quarantine_min`` (the pair
+        quarantined longest; its session's late frames still fail its next session's flow binding). True if it
+        did."""
+        if not self._q_count or self._q_release[self._q_head] - self._early > now:
+            return False
+        label = self._q_labels[self._q_head]
+        head = self._q_head + 1
+        self._q_head = 0 if head == self._capacity else head
+        self._q_count -= 1
+        tail = self._free_head + self._free_count
+        if tail >= self._capacity:
+            tail -= self._capacity
+        self._free[tail] = label
+        self._free_count += 1
+        index = (label - self._base) >> 1
+        self._release[index] = now  # its place among the free pairs when the rings are rebuilt (restore)
+        self._state[index] = _FREE
+        self._reused_early += 1
+        return True
 
     def _in_use(self, c2s: int) -> int:
         """The index of the pair ``c2s``, which must be in use (else ValueError: a double withdraw, an S2C label, or a
@@ -405,10 +451,32 @@ class LabelManager:
 
     def free_at(self, now: float) -> int:
         """Pairs ready to allocate at ``now``: quarantined pairs whose time has come are released first, so a
-        caller asking before the timer ran sees them."""
+        caller asking before the timer ran sees them, and when none is free, the pair :meth:`allocate` would
+        release early."""
         if self._q_count and self._q_release[self._q_head] <= now:
             self.on_timer(now)
+        if self._free_count == 0:
+            self._release_early(now)
         return self._free_count
+
+    @property
+    def quarantine_min(self) -> float:
+        """Seconds a withdrawn pair waits at least: when no pair is free, the one quarantined longest is released
+        once it has waited this long."""
+        return self._quarantine - self._early
+
+    @quarantine_min.setter
+    def quarantine_min(self, seconds: float) -> None:
+        if not (math.isfinite(seconds) and 0 <= seconds <= self._quarantine):
+            raise ValueError(
+                f"quarantine_min must be a number of seconds in [0, {self._quarantine:g}], got {seconds!r}"
+            )
+        self._early = self._quarantine - float(seconds)
+
+    @property
+    def reused_early(self) -> int:
+        """Pairs released before their quarantine was over, because no other pair was free."""
+        return self._reused_early
 
     @property
     def free_count(self) -> int:
@@ -446,6 +514,7 @@ class LabelManager:
             allocated_total=self._allocated_total,
             withdrawn_total=self._withdrawn_total,
             exhausted=self._exhausted,
+            reused_early=self._reused_early,
         )
 
     def __repr__(self) -> str:

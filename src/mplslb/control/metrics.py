@@ -108,6 +108,11 @@ class SnapshotCollector:
             "Label pair allocations that failed for want of a pair.",
             labels["exhausted"],
         )
+        yield _counter(
+            "mplslb_labels_reused_early_total",
+            "Label pairs reused before their quarantine was over, because no other pair was free.",
+            labels["reused_early"],
+        )
 
         vip_active = GaugeMetricFamily(
             "mplslb_vip_sessions_active", "Live sessions per virtual service.", labels=["vip", "proto", "port"]

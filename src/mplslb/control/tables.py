@@ -236,6 +236,7 @@ def snapshot(
             "allocated_total": labels.allocated_total,
             "withdrawn_total": labels.withdrawn_total,
             "exhausted": labels.exhausted,
+            "reused_early": labels.reused_early,
             "installed": stats.labels_installed,
         },
         "servers": servers,
@@ -530,6 +531,7 @@ def status_tables(snap: Mapping[str, Any]) -> list[Table]:
         ("allocated", "allocated_total"),
         ("withdrawn", "withdrawn_total"),
         ("allocation failed", "exhausted"),
+        ("reused before the quarantine's end", "reused_early"),
         ("labels installed (switching table)", "installed"),
     ):
         _add(lt, name, str(labels[key]))
