@@ -123,6 +123,8 @@ class LabSpec:
     node_state: bool = False
     #: ``[labels] quarantine_min`` (None: the default): how soon a quarantined pair is reused when none is free.
     quarantine_min: float | None = None
+    #: The label pairs the balancer has (``[labels] c2s_min`` and ``c2s_max`` from 17 on; 0: all of them).
+    label_pairs: int = 0
 
     def __post_init__(self) -> None:
         if self.datapath not in ("kernel", "tun", "auto"):
@@ -837,6 +839,7 @@ class Lab:
             "[labels]",
             "quarantine = 60.0",
             *([] if spec.quarantine_min is None else [f"quarantine_min = {spec.quarantine_min!r}"]),
+            *(["c2s_min = 17", f"c2s_max = {17 + 2 * (spec.label_pairs - 1)}"] if spec.label_pairs else []),
             "",
             "[neighbors]",  # resolving servers named by address: quick, for a lab's tests
             "retrans = 0.5",
