@@ -98,7 +98,9 @@ class BalancerConfig:
     refuse_with: RefuseWith = RefuseWith.RST
     label_quarantine: float = 60.0
     #: The longest an endpoint agent may keep using a label after its last frame (the agents' ``flow_timeout``):
-    #: ``label_quarantine`` may not be shorter, or a late frame could reach the label's next session.
+    #: ``label_quarantine`` may not be shorter, so that while other pairs are free no pair an endpoint may still
+    #: send goes to another session (when none is, ``label_quarantine_min`` decides, and the flow binding keeps
+    #: the endpoint's late frames from the next session).
     endpoint_flow_timeout: float = ENDPOINT_FLOW_TIMEOUT
     #: When no label pair is free, the one quarantined longest is reused once it has waited this long (seconds; at
     #: most ``label_quarantine``, which caps it): the labels' flow binding keeps its ended session's late frames

@@ -47,7 +47,8 @@ class Flow:
 
 #: How long an endpoint keeps an idle flow's label (the agents' default ``flow_timeout``). The balancer's label
 #: quarantine must be at least this long (``labels.endpoint_flow_timeout``), so a label an endpoint may still send
-#: is never reused for another session.
+#: is not reused for another session while other pairs are free (when none is, the labels' flow binding keeps the
+#: endpoint's late frames from the next session).
 ENDPOINT_FLOW_TIMEOUT = 60.0
 
 
