@@ -74,8 +74,8 @@ PAIRS: Final = (C2S_MAX - C2S_MIN) // 2 + 1
 
 QUARANTINE_MIN: Final = 5.0
 """The configuration's default ``quarantine_min`` (seconds): a pair withdrawn this long ago may be reused when no other
-is free. Longer than a closing session's retransmissions take to die out, far shorter than the endpoints' flow
-timeout; at this the pairs last for 104,855 new sessions a second."""
+is free. A margin for the frames still on their way when a session ends (its later frames meet the flow binding),
+far shorter than the endpoints' flow timeout; at this the pairs last for 104,855 new sessions a second."""
 
 # Per-pair state bytes.
 _FREE: Final = 0
