@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,7 @@ import e2e
 def run(runs: int, seconds: int, log: Any = print, quarantine_min: float | None = None) -> list[dict[str, Any]]:
     """``runs`` back-to-back wrk runs (-c16, -c64, ...) through one lab (``[labels] quarantine_min`` as given, or
     the default): each run's figures."""
-    lab, urls = e2e.reference_lab("kernel+xdp+gso+syn", "cs", 3)
-    lab.spec = replace(lab.spec, quarantine_min=quarantine_min)
+    lab, urls = e2e.reference_lab("kernel+xdp+gso+syn", "cs", 3, quarantine_min=quarantine_min)
     found: list[dict[str, Any]] = []
     try:
         lab.up()

@@ -740,13 +740,14 @@ def warm_up(lab: Any, url: str, modes: tuple[str, ...]) -> None:
         run_wrk(lab, 0, url, seconds=1, connections=16, header=header, after=after)
 
 
-def reference_lab(key: str, prefix: str, servers: int) -> tuple[Any, dict[str, str]]:
-    """One lab of variant ``key`` (one client, ``servers`` nginx servers; not yet up) named ``prefix`` and this
-    process's pid, and the URLs of the VIP and of HAProxy's frontend in it."""
+def reference_lab(key: str, prefix: str, servers: int, **spec: Any) -> tuple[Any, dict[str, str]]:
+    """One lab of variant ``key`` (one client, ``servers`` nginx servers; not yet up; ``spec``: more fields of its
+    LabSpec) named ``prefix`` and this process's pid, and the URLs of the VIP and of HAProxy's frontend in it."""
     from mplslb.lab import VIP4, Lab, LabSpec
 
     fields = next(f for k, _, f in lab_variants() if k == key)
-    lab = Lab(LabSpec(name=f"{prefix}{os.getpid() % 10**5}", clients=1, servers=servers, **fields), root=LAB_ROOT)
+    name = f"{prefix}{os.getpid() % 10**5}"
+    lab = Lab(LabSpec(name=name, clients=1, servers=servers, **fields, **spec), root=LAB_ROOT)
     return lab, {"mplslb": f"http://{VIP4}/", "haproxy": f"http://10.77.0.1:{HAPROXY_PORT}/"}
 
 

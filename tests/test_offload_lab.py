@@ -95,8 +95,8 @@ def test_keep_alive_traffic_is_switched_by_the_kernel(lab: Lab) -> None:
 def test_label_pairs_are_reused_before_their_quarantines_end_when_none_is_free() -> None:
     """24 label pairs, each quarantined for 60 s while others are free and reusable after half a second when none
     is: 72 sessions one after the other, about five a second, all complete through the kernel offload, the pairs
-    gone round three times (a pair then comes back in about two and a half seconds: its FIN polled, the close's
-    linger, the minimum; so about half the pairs are in use or waiting at a time), none refused for want of one."""
+    gone round three times (a pair comes back no sooner than its FIN is polled, the close's linger of 1 s has passed
+    and then the minimum; at this pace that leaves room), none refused for want of one."""
     spec = LabSpec(name=f"r{os.getpid() % 100000}", offload="kernel", label_pairs=24, quarantine_min=0.5)
     with running_lab(spec, ROOT) as lab:
         failed = 0

@@ -217,12 +217,10 @@ class LabelManager:
     def allocate(self, now: float) -> int | None:
         """Take the least recently used free pair and return its C2S label (the S2C label is C2S + 1).
 
-        Quarantined pairs whose time has come are released first. Returns ``None`` when every pair is in
-        use or quarantined; that is counted in :attr:`exhausted` and never raises.
+        Quarantined pairs whose time has come are released first (:meth:`free_at`). Returns ``None`` when every
+        pair is in use or quarantined; that is counted in :attr:`exhausted` and never raises.
         """
-        if self._q_count and self._q_release[self._q_head] <= now:
-            self.on_timer(now)
-        if self._free_count == 0 and not self._release_early(now):
+        if self.free_at(now) == 0:
             self._exhausted += 1
             return None
         head = self._free_head
@@ -247,16 +245,19 @@ class LabelManager:
         head = self._q_head + 1
         self._q_head = 0 if head == self._capacity else head
         self._q_count -= 1
+        self._to_free_tail(label, (label - self._base) >> 1, now)
+        self._reused_early += 1
+        return True
+
+    def _to_free_tail(self, c2s: int, index: int, now: float) -> None:
+        """Put pair ``c2s`` (at ``index``) at the tail of the free ring, freed at ``now``."""
         tail = self._free_head + self._free_count
         if tail >= self._capacity:
             tail -= self._capacity
-        self._free[tail] = label
+        self._free[tail] = c2s
         self._free_count += 1
-        index = (label - self._base) >> 1
         self._release[index] = now  # its place among the free pairs when the rings are rebuilt (restore)
         self._state[index] = _FREE
-        self._reused_early += 1
-        return True
 
     def _in_use(self, c2s: int) -> int:
         """The index of the pair ``c2s``, which must be in use (else ValueError: a double withdraw, an S2C label, or a
@@ -295,14 +296,7 @@ class LabelManager:
         """End the use of the pair ``c2s`` that no frame can have carried (taken for a decision made ahead, which
         no SYN took): it goes straight to the tail of the free ring, without the quarantine that keeps an ended
         session's late frames from reaching the pair's next session. Raises ValueError as :meth:`withdraw` does."""
-        index = self._in_use(c2s)
-        tail = self._free_head + self._free_count
-        if tail >= self._capacity:
-            tail -= self._capacity
-        self._free[tail] = c2s
-        self._free_count += 1
-        self._release[index] = now  # its place among the free pairs when the rings are rebuilt (restore)
-        self._state[index] = _FREE
+        self._to_free_tail(c2s, self._in_use(c2s), now)
         self._in_use_count -= 1
         self._withdrawn_total += 1
 
