@@ -1602,6 +1602,39 @@ def test_a_slot_refused_after_a_failed_batch_is_left_out_of_the_map(
 
 
 @needs_kernel
+def test_sessions_beyond_the_request_maps_slots_have_their_requests_go_up(
+    topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request map is preallocated and bounded: once its slots are all waiting for a poll, a new session's slot
+    is refused (counted, ``e2big``) and its request goes up, where its Host is read from the frame; the Hosts
+    counted are the one-frame path's either way, and the poll that takes the copies frees their slots for the next
+    sessions."""
+    lb, _ = topo
+    monkeypatch.setattr(xdp, "REQUEST_SLOTS", 4)
+    core, reference, loop = _measured_pair(lb, tmp_path, monkeypatch, l7=True)
+    requests = core.offload._requests
+    assert requests is not None and core.offload.request_slots == 4
+    try:
+        passed = []
+        for i in range(6):
+            request = f"GET / HTTP/1.1\r\nHost: h{i}.example\r\nConnection: close\r\n\r\n".encode()
+            passed.append(_close_mode_session(core, reference, loop, lb, 40000 + i, request).count(bpf.XDP_PASS))
+        assert passed == [1, 1, 1, 1, 2, 2]  # the SYN, and the request of a session without a slot
+        assert requests.lookup_batch()[2] == 4
+        assert core.offload.stats()["errors"] == {"e2big": 2}
+        core.offload.poll()
+        assert core.offload.stats()["copies"] == 4 and requests.lookup_batch()[2] == 0
+        assert core.balancer.l7_hosts == reference.l7_hosts == {f"h{i}.example": 1 for i in range(6)}
+        request = b"GET / HTTP/1.1\r\nHost: again.example\r\nConnection: close\r\n\r\n"
+        assert _close_mode_session(core, reference, loop, lb, 40010, request).count(bpf.XDP_PASS) == 1
+        core.offload.poll()
+        assert core.balancer.l7_hosts == reference.l7_hosts
+        assert core.offload.stats()["errors"] == {"e2big": 2}
+    finally:
+        core.close()
+
+
+@needs_kernel
 def test_a_host_past_the_kernels_copy_is_counted_as_truncated(
     topo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

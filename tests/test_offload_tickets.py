@@ -46,7 +46,7 @@ from mplslb.config import ConfigError, Section, read_offload_syn
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
 from mplslb.flow import FlowKey
-from mplslb.offload import bpf, driver, tickets
+from mplslb.offload import bpf, driver, tickets, xdp
 from mplslb.offload.driver import OffloadedBalancer
 from mplslb.offload.tickets import TICKETS_WANT, TicketDesk
 from mplslb.offload.xdp import Taken, syn_flow_key
@@ -491,10 +491,8 @@ class _Taking:
     def __init__(self) -> None:
         self.taken: list[Taken] = []
         self.revoked: list[int] = []
-        # what the waiting tickets use: the last poll handed over, and which sessions the kernel saw close
+        # what the waiting tickets use: the last poll handed over
         self.handed_over_at = 0.0
-        self.closed: set[int] = set()
-        self.looked_up = 0
         self.restored: list[int] = []
 
     def set_client_ports(self, ports: Iterable[int]) -> None:
@@ -512,10 +510,6 @@ class _Taking:
 
     def release_flow(self, c2s: int) -> None:
         pass
-
-    def closed_in_kernel(self, c2s: int) -> bool:
-        self.looked_up += 1
-        return c2s in self.closed
 
     def restore_flow(self, c2s: int) -> None:
         self.restored.append(c2s)
@@ -539,7 +533,7 @@ def test_tickets_for_flows_the_kernel_saw_close_wait_for_a_poll_and_are_then_tri
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Tickets taken for the flows of sessions the kernel saw close and the table has not (no poll handed the close
-    over yet) wait: each old session looked up in the kernel once, none tried again until a poll is handed over, then
+    over yet: the program says so of each SYN it took) wait, none tried again until a poll is handed over, then
     :data:`tickets.WAIT_CHUNK` a fold (here: the old sessions did not end after all, so each is given back and its
     flow restored to the old session); the daemon's last fold makes them all at once. A ticket whose flow's session
     the kernel did not see close does not wait."""
@@ -562,22 +556,22 @@ def test_tickets_for_flows_the_kernel_saw_close_wait_for_a_poll_and_are_then_tri
         c2s, server = decide()
         assert b.open_decided(c2s, server, key(i), 0, client_mac(0), 4, now) is not None
         old.append(c2s)
-    taking.closed = set(old[:5])
     new = []
     for i in range(6):
         c2s, server = decide()
         desk.outstanding[c2s] = server
         new.append(c2s)
-        taking.taken.append(Taken(c2s, 0, now + 1, client_mac(0), 4, client_addr(0), VIP, 41000 + i, 80, 74))
-    assert desk.fold(now + 1.01) == 0 and desk.stats()["waiting"] == 5 and taking.looked_up == 6
+        closed = i < 5  # the program saw the first five flows' sessions close
+        taking.taken.append(Taken(c2s, 0, now + 1, client_mac(0), 4, client_addr(0), VIP, 41000 + i, 80, 74, closed))
+    assert desk.fold(now + 1.01) == 0 and desk.stats()["waiting"] == 5
     assert desk.refused == 1 and taking.restored == [old[5]]  # not closed in the kernel: tried at once, given back
-    assert desk.fold(now + 1.02) == 0 and desk.stats()["waiting"] == 5 and taking.looked_up == 6
+    assert desk.fold(now + 1.02) == 0 and desk.stats()["waiting"] == 5
     monkeypatch.setattr(tickets, "TICKETS_BUDGET", 8)  # outstanding and waiting together
     assert desk.refill(now + 1.03) == 3 and len(desk.outstanding) == 3
     revoked = len(taking.revoked)
     taking.handed_over_at = now + 1.5  # a poll read after the SYNs handed over: the old sessions did not end
     for refused in (3, 5):
-        assert desk.fold(now + 1.6) == 0 and desk.refused == refused and taking.looked_up == 6
+        assert desk.fold(now + 1.6) == 0 and desk.refused == refused
     assert desk.fold(now + 1.7, wait=False) == 0 and desk.refused == 6 and desk.stats()["waiting"] == 0
     assert taking.restored == old[5:] + old[:5] and taking.revoked[:1] + taking.revoked[revoked:] == new[5:] + new[:5]
     assert all(b.sessions.by_c2s(c2s) is not None for c2s in old)
@@ -659,6 +653,59 @@ def test_a_session_the_kernel_ran_whole_before_its_ticket_was_folded_closes_as_i
 
 
 @needs_kernel
+def test_tickets_beyond_the_request_maps_slots_have_their_requests_go_up(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tickets are issued whether or not the bounded request map has a slot for each: those it refuses are counted
+    (``e2big``) and hold no slot, and their sessions' requests go up, where the Host is read from the frame, while
+    the tickets that got one have their requests copied in the kernel. The Hosts counted are the one-frame path's."""
+    monkeypatch.setattr(xdp, "REQUEST_SLOTS", 4)
+    core, reference, loop = pair(lb, tmp_path, monkeypatch, l7=True)
+    requests = core.offload._requests
+    try:
+        assert core.desk is not None and requests is not None
+        assert len(core.desk.outstanding) == TICKETS_WANT and requests.lookup_batch()[2] == 4
+        assert core.offload.stats()["errors"] == {"e2big": TICKETS_WANT - 4}
+        c0 = client_addr(0)
+        verdicts = []
+        for i in range(6):
+            sport = 34000 + i
+            syn = syn_frame(sport=sport)
+            result = run(core, lb, syn)
+            assert result.retval == bpf.XDP_REDIRECT
+            assert [sent for _, sent in reference.receive(0, syn, loop.clock())] == [result.data]
+            assert core.desk.fold(loop.clock()) == 1
+            c2s = label_of(result.data)
+            session = reference.sessions.by_c2s(c2s)
+            assert session is not None
+            port, mac = session.server.config.port_id, session.server.mac
+            request = f"GET / HTTP/1.1\r\nHost: h{i}.example\r\nConnection: close\r\n\r\n".encode()
+
+            answer = tcp_segment(VIP, c0, 80, sport, SYN | ACK, ack=1 + len(request))
+            frames = [
+                (port, from_server(c2s + 1, ipv4(VIP, c0, IPPROTO_TCP, answer), port=port, mac=mac)),
+                (0, from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, ACK)))),
+                (0, from_client(c2s, ipv4(c0, VIP, IPPROTO_TCP, tcp_segment(c0, VIP, sport, 80, ACK | PSH, request)))),
+            ]
+            time.sleep(0.001)  # the kernel's clock moves past the SYN's
+            for in_port, frame in frames:
+                now = loop.clock()
+                expected = reference.receive(in_port, frame, now)
+                result = run(core, lb, frame, in_port)
+                if result.retval == bpf.XDP_REDIRECT:
+                    assert [result.data] == [sent for _, sent in expected]
+                else:
+                    assert result.data == frame and core.receive_batch([(in_port, frame)], now) == expected
+            verdicts.append(result.retval)
+        assert verdicts == [bpf.XDP_REDIRECT] * 4 + [bpf.XDP_PASS] * 2
+        core.offload.poll()
+        assert core.offload.stats()["copies"] == 4
+        assert core.balancer.l7_hosts == reference.l7_hosts == {f"h{i}.example": 1 for i in range(6)}
+    finally:
+        core.close()
+
+
+@needs_kernel
 def test_a_closed_sessions_flow_used_again_takes_a_ticket_and_ends_it_as_in_userspace(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -729,7 +776,8 @@ def test_a_flow_the_kernel_saw_close_takes_a_ticket_and_its_old_session_ends_as_
     once, where it went up to the daemon before (a SYN after one FIN only, or from another MAC, still goes up). A
     fold before the poll holds the ticket until a poll has handed the old session over whole; either way the old
     session then ends as a reused flow's and the new one opens, as the userspace path does with the same frames, and
-    the flow map holds the flow for the new session (the old session's release leaves it alone)."""
+    the flow map holds the flow for the new session: the old session's release leaves it alone once the ticket was
+    read, and a release synced before that deletes it and the read enters it again."""
     core, reference, loop = pair(lb, tmp_path, monkeypatch, l7=True)
     sport, c0 = 35000 + fold_first, client_addr(0)
     request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
@@ -781,10 +829,13 @@ def test_a_flow_the_kernel_saw_close_takes_a_ticket_and_its_old_session_ends_as_
             assert core.balancer.sessions.by_c2s(first) is not None
         core.offload.poll()
         assert core.offload.whole == 1
-        core.offload.sync()  # the old session's flow released: the program's entry for the new one stays
-        assert flows.lookup(key) == struct.pack("=I", second)
+        core.offload.sync()  # the old session's flow released
+        assert flows.lookup(key) == (struct.pack("=I", second) if fold_first else None)
+        if not fold_first:  # a copy of the new SYN sent again meanwhile takes a ticket too, given back at the fold
+            assert run(core, lb, syn).retval == bpf.XDP_REDIRECT
         assert core.desk.fold(loop.clock()) == 1 and core.stats()["tickets"]["waiting"] == 0
-        assert core.offload.whole == 1 and core.desk.refused == 0
+        assert flows.lookup(key) == struct.pack("=I", second)
+        assert core.offload.whole == 1 and core.desk.refused == (0 if fold_first else 1)
         assert core.balancer.sessions.by_c2s(first) is None and reference.sessions.by_c2s(first) is None
         ours, theirs = core.balancer.sessions.by_c2s(second), reference.sessions.by_c2s(second)
         assert ours is not None and theirs is not None

@@ -535,6 +535,7 @@ static __attribute__((always_inline)) int take_syn(struct xdp_md *ctx)
 	for (int i = 0; i < ETH_ALEN; i++)
 		t.t_mac[i] = data[ETH_SRC + i];
 	fill_ticket(c, s, &t, port);
+	t.t_closed = closed != 0;
 	__u32 *value = bpf_map_lookup_elem(&syn_flows, &flow);
 	if (value)
 		*value = c2s;

@@ -163,7 +163,7 @@ class TicketDesk:
             chunk = self._due[: WAIT_CHUNK if wait else len(self._due)]
             del self._due[: len(chunk)]
             for t, decided in chunk:
-                made += self._open(t, decided, now, wait=wait, closed=True)
+                made += self._open(t, decided, now, wait=wait)
         for t in self.offload.take_tickets():
             server = self.outstanding.pop(t.c2s, None)
             if server is None or t.port_id < 0:  # not ours (never seen): its entries go
@@ -178,12 +178,11 @@ class TicketDesk:
         self.taken += made
         return made
 
-    def _open(self, t: Taken, server: Server, now: float, *, wait: bool, closed: bool = False) -> int:
-        """The session of taken ticket ``t`` opened (1), given back (0), or left waiting (0); ``closed``: it waited
-        before (its flow's old session was seen closed in the kernel then)."""
+    def _open(self, t: Taken, server: Server, now: float, *, wait: bool) -> int:
+        """The session of taken ticket ``t`` opened (1), given back (0), or left waiting (0)."""
         b = self.balancer
         key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
-        if wait and self._waits(t, key, closed=closed):
+        if wait and self._waits(t, key):
             self._waiting.append((t, server))
             return 0
         if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
@@ -199,18 +198,17 @@ class TicketDesk:
             return 0
         return 1
 
-    def _waits(self, t: Taken, key: FlowKey, *, closed: bool) -> bool:
+    def _waits(self, t: Taken, key: FlowKey) -> bool:
         """Whether ``t`` waits for a poll: its flow is a session's that is not ending in the table, no poll read
-        since the SYN has been handed over, and the kernel took both of the session's FINs (the program takes a SYN
-        on a live session's flow only then, :meth:`XdpOffload.closed_in_kernel`; looked up unless ``closed``, a
-        ticket that waited before).
+        since the SYN has been handed over, and the program took the SYN on the flow of a session whose FINs it both
+        took (``t.closed``: the program takes a SYN on a live session's flow only then).
         The poll hands the old session over with the others, whole (its record, both FINs), where the fold would end
         it on its own with three map lookups and its record and FINs handed over one at a time; the new session's
         frames meanwhile are switched under its entries, which polls leave alone until it is in the table."""
-        existing = self.balancer.sessions.lookup(key)
-        if existing is None or existing.state is SessionState.ENDING or self.offload.handed_over_at >= t.at:
+        if not t.closed or self.offload.handed_over_at >= t.at:
             return False
-        return closed or self.offload.closed_in_kernel(existing.c2s)
+        existing = self.balancer.sessions.lookup(key)
+        return existing is not None and existing.state is not SessionState.ENDING
 
     def refill(self, now: float) -> int:
         """Revoke the tickets if what they were decided on changed, then issue up to :attr:`want` (once

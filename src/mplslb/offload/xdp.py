@@ -31,8 +31,8 @@ the session's own frames) is handled one of two ways:
   :meth:`~mplslb.balancer.Balancer.measured`) with the kernel's times on the table's clock (again at the next read
   while it answers False). The program clears ``F_RT`` itself once a direction has nothing more to tell, so a watch
   cleared in the table needs no map write. With ``WATCH_REQUEST`` (L7 analysis) the C2S entry is flagged ``F_L7`` and
-  gets a slot in a second map, the request map (C2S label -> a :data:`~mplslb.switching.layout.REQUEST` slot; a hash
-  map without preallocation, as large as the label map, so only the sessions under measurement hold a slot): the
+  gets a slot in a second map, the request map (C2S label -> a :data:`~mplslb.switching.layout.REQUEST` slot; a
+  preallocated hash map of :data:`REQUEST_SLOTS`, held by the sessions under measurement only): the
   program copies the session's first request's first :data:`~mplslb.switching.layout.REQUEST_COPY` octets and its
   length there before it records the request's time, and forwards the request. The slot is read with the record that
   first carries the request's time and handed to ``measured`` with it (``copy``, beside the request's ``length``),
@@ -132,7 +132,7 @@ built with ``TAKEN_QUEUE`` on machines whose loads may be reordered, :data:`bpf.
 live TCP session's flow -> its C2S label: written and deleted with the label entries of the sessions made in userspace,
 inserted by the program for the ones it makes, taken out once the session is ending, :meth:`release_flow`; a SYN of a
 flow in it goes up, unless the program saw that session close: both its FINs taken here, the SYN from its client,
-:meth:`closed_in_kernel`), the services map ((VIP, TCP port)s, :meth:`set_services`), the client ports
+``Taken.closed``), the services map ((VIP, TCP port)s, :meth:`set_services`), the client ports
 (:meth:`set_client_ports`) and the program's per-CPU counters (:meth:`ticket_counters`). The maps exist whatever the
 setting (empty without it: the program never takes a SYN then). A poll leaves alone entries whose labels the table does
 not hold (a taken ticket not yet folded): its FINs, measurement and counters are folded once its session is there.
@@ -300,6 +300,13 @@ POLL_CHUNK: Final = 256
 #: While the table holds at most this many labels, a poll looks their entries up one by one (a few microseconds
 #: each) instead of walking the map, whose 2^20 buckets take milliseconds however few entries they hold.
 READ_BY_KEY_MAX = 512
+#: Request slots (``F_L7``) the request map holds at once, preallocated (about 320 bytes each in the kernel: 21 MB):
+#: a slot lives from its session's SYN (or ticket) to the poll that takes its copy, so at 15,000 new sessions a
+#: second about 30,000 are in use. A map without preallocation allocates each slot as it is written and frees it
+#: at its delete: 1.4-1.9 µs an element in the daemon's batch writes under a close load, against 0.3 preallocated
+#: (0.6-0.9 µs and 0.1 for the deletes), and a whole read walks 2^20 buckets instead of 2^16. A slot the full map
+#: refuses is counted (``e2big``) and that session's request goes up, as for any slot refused.
+REQUEST_SLOTS: Final = 1 << 16
 
 
 @dataclass(slots=True)
@@ -349,7 +356,8 @@ def _unmeasured(entry: bytes) -> bytes:
 class Taken(NamedTuple):
     """A SYN the program took under a ticket (offload_syn): the ticket's C2S label, the port it came in on, its
     time on the table's clock, the client's MAC, IP version, flow (as the client sent it: source, destination,
-    ports) and the frame's length."""
+    ports), the frame's length, and whether its flow was a session's the program saw close (both of its FINs taken
+    there: ``flow_closed`` in mplslb_xdp.c)."""
 
     c2s: int
     port_id: int
@@ -361,6 +369,7 @@ class Taken(NamedTuple):
     sport: int
     dport: int
     length: int
+    closed: bool = False
 
 
 def syn_flow_key(src: bytes, dst: bytes, ports: bytes) -> bytes:
@@ -452,6 +461,7 @@ class XdpOffload:
         self.mode = mode
         self.clock = clock
         self.max_entries = max_entries
+        self.request_slots = min(max_entries, REQUEST_SLOTS)
         self._obj = obj
         self.pins = pins
         self.fresh = fresh
@@ -511,6 +521,7 @@ class XdpOffload:
         self._flows: dict[int, bytes] = {}  # tickets: C2S label -> its flow's key in the flow map
         self._released: list[tuple[bytes, int]] = []  # flows of ending sessions (key, C2S label), out at the next sync
         self._flow_owner: dict[bytes, int] = {}  # ... and the label each key was last written for
+        self._unowned: set[bytes] = set()  # released flows deleted since the taken ring was last read
         self._ticketed: set[int] = set()  # labels a ticket's entries hold, not installed in the table yet
         self._ticket_templates: dict[tuple[int, bytes, int, int], bytes] = {}  # ticket_entries' results
         self.port_of: dict[int, int] = {}  # ifindex -> port id
@@ -562,8 +573,8 @@ class XdpOffload:
             self._map = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries,
                                        flags=bpf.BPF_F_NO_PREALLOC, name=MAP_NAME)  # fmt: skip
             self._open_syn_map()
-            self._requests = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, REQUEST.size, self.max_entries,
-                                            flags=bpf.BPF_F_NO_PREALLOC, name=REQUEST_MAP_NAME)  # fmt: skip
+            self._requests = bpf.Map.create(bpf.BPF_MAP_TYPE_HASH, _KEY.size, REQUEST.size, self.request_slots,
+                                            flags=0, name=REQUEST_MAP_NAME)  # fmt: skip
             assert self._syn is not None
             maps = {MAP_SYMBOL: self._map.fd, SYN_MAP_SYMBOL: self._syn.fd, REQUEST_MAP_SYMBOL: self._requests.fd}
             maps |= self._open_ticket_maps()
@@ -651,7 +662,7 @@ class XdpOffload:
         if not (
             bpf.map_fits(map_fd, bpf.BPF_MAP_TYPE_HASH, _KEY.size, KERNEL_ENTRY.size, self.max_entries)
             and bpf.map_fits(syn_fd, bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, SYN_BUCKET.size, 1)
-            and bpf.map_fits(request_fd, bpf.BPF_MAP_TYPE_HASH, _KEY.size, REQUEST.size, self.max_entries)
+            and bpf.map_fits(request_fd, bpf.BPF_MAP_TYPE_HASH, _KEY.size, REQUEST.size, self.request_slots)
         ):
             return "reason=map_layout_changed"
         why, ticket_fds = self._adopt_ticket_maps(fds)
@@ -864,6 +875,7 @@ class XdpOffload:
         flows.clear()
         self._flows.clear()
         self._flow_owner.clear()
+        self._unowned.clear()
 
     def _open_syn_map(self) -> None:
         """The per-CPU SYN buckets, each holding its share of the rate. The kernel reads and writes a per-CPU
@@ -1011,6 +1023,7 @@ class XdpOffload:
         self._ticket_maps.clear()
         self._flows.clear()
         self._flow_owner.clear()
+        self._unowned.clear()
         self._released.clear()
         self._ticketed.clear()
         self._slots[:] = False
@@ -1155,18 +1168,27 @@ class XdpOffload:
             return
         watch, slots = self.table.watch, self._slots
         wanted = WATCH_ALL | WATCH_REQUEST
-        new = [label for label in labels if is_c2s(label) and watch[label] & wanted == wanted and not slots[label]]
+        self._write_slots(
+            [label for label in labels if is_c2s(label) and watch[label] & wanted == wanted and not slots[label]]
+        )
+
+    def _write_slots(self, labels: list[int]) -> None:
+        """Write an empty request slot for each of ``labels`` (C2S labels without one), in one call from
+        :data:`BATCH_MIN` on; a slot the kernel refuses (the map full: ``e2big``) is counted, and that label's
+        request goes up."""
+        assert self._requests is not None
+        slots = self._slots
         empty = bytes(REQUEST.size)
-        batched = len(new) >= BATCH_MIN
+        batched = len(labels) >= BATCH_MIN
         if batched:
             try:
-                self._requests.update_batch(struct.pack(f"={len(new)}I", *new), empty * len(new), len(new))
+                self._requests.update_batch(struct.pack(f"={len(labels)}I", *labels), empty * len(labels), len(labels))
             except OSError:
                 pass  # how far the batch went is unknown: write each one again (an empty slot written twice is one)
             else:
-                slots[new] = True
+                slots[labels] = True
                 return
-        for label in new:
+        for label in labels:
             try:
                 self._requests.update(_KEY.pack(label), empty)
             except OSError as exc:
@@ -1247,17 +1269,21 @@ class XdpOffload:
             if flows.get(label) != key:
                 keys.append(key)
                 at.append(label)
-        if not keys:
-            return
+        if keys and self._put_flows(keys, at):
+            flows.update(zip(at, keys, strict=True))
+            self._flow_owner.update(zip(keys, at, strict=True))
+
+    def _put_flows(self, keys: list[bytes], labels: list[int]) -> bool:
+        """Write ``keys`` into the flow map, each for the C2S label at its place in ``labels``; False (counted) if
+        the kernel refused."""
         m = self._ticket_maps["syn_flows"]
         assert isinstance(m, bpf.Map)
         try:
-            m.update_batch(b"".join(keys), struct.pack(f"={len(at)}I", *at), len(at))
+            m.update_batch(b"".join(keys), struct.pack(f"={len(labels)}I", *labels), len(labels))
         except OSError:
             self.flow_errors += 1
-            return
-        flows.update(zip(at, keys, strict=True))
-        self._flow_owner.update(zip(keys, at, strict=True))
+            return False
+        return True
 
     def _delete_flows(self, labels: Iterable[int]) -> None:
         """Take the flows of ``labels`` (C2S labels of sessions ending) out of the flow map."""
@@ -1371,12 +1397,7 @@ class XdpOffload:
         self._written(labels)
         l7 = [c2s for c2s, entries in tickets if entries[_FLAGS_AT] & F_L7]
         if l7 and self._requests is not None:
-            try:
-                self._requests.update_batch(struct.pack(f"={len(l7)}I", *l7), bytes(REQUEST.size) * len(l7), len(l7))
-            except OSError as exc:
-                self._error(exc)  # their requests go up (no slot), as the session manager then expects
-            else:
-                self._slots[l7] = True
+            self._write_slots(l7)  # a label left without one has its request go up, as the session manager expects
         queue = self._ticket_maps["tickets"]
         assert isinstance(queue, bpf.Queue)
         issued: list[int] = []
@@ -1395,19 +1416,25 @@ class XdpOffload:
         if not isinstance(taken, bpf.RingBuffer | bpf.Queue):
             return []
         records = taken.take_all()
+        unowned, self._unowned = self._unowned, set()
         if not records:
             return []
         out: list[Taken] = []
+        again: list[int] = []
         offset = self.clock() - time.monotonic()
         for raw in records:
-            c2s, ifindex, ns, mac, family, _, src, dst, ports, length = TAKEN.unpack(raw)
+            c2s, ifindex, ns, mac, family, closed, src, dst, ports, length = TAKEN.unpack(raw)
             size = 16 if family == 6 else 4
             self._ticketed.update((c2s, c2s + 1))
             key = self._flows[c2s] = syn_flow_key(src[:size], dst[:size], ports)
             self._flow_owner[key] = c2s
+            if key in unowned:  # taken on a released flow the last sync deleted after the program gave it to c2s
+                again.append(c2s)
             sport, dport = struct.unpack("!HH", ports)
             out.append(Taken(c2s, self.port_of.get(ifindex, -1), ns * 1e-9 + offset, mac, family, src[:size],
-                             dst[:size], sport, dport, length))  # fmt: skip
+                             dst[:size], sport, dport, length, bool(closed)))  # fmt: skip
+        if again:
+            self._put_flows([self._flows[c2s] for c2s in again], again)
         return out
 
     def drain_tickets(self) -> list[int]:
@@ -1428,52 +1455,31 @@ class XdpOffload:
         """Take the flow of the session of ``c2s`` out of the flow map at the next sync: the session is ending (both
         FINs, or an RST) and a new SYN on its flow (the client's port used again) may take a ticket; the fold then
         ends this session as the userspace path ends a reused flow's (:meth:`~mplslb.balancer.Balancer.open_decided`).
-        Its labels stay until the session is finished. The sync deletes the flow only if the map still holds it for
-        this session: a lookup first, then the deletes in one batch (a SYN the program takes on the flow in the
-        microseconds between the two loses its flow, and a copy of it sent again would take a ticket of its own,
-        given back at the fold)."""
+        Its labels stay until the session is finished; the sync deletes the flow (:meth:`_flush_released`)."""
         key = self._flows.pop(c2s, None)
         if key is not None and self._flow_owner.get(key) == c2s:
             del self._flow_owner[key]
             self._released.append((key, c2s))
 
     def _flush_released(self) -> None:
-        """Delete the released flows that are still their sessions' in the flow map: not entered again since (by the
-        daemon, or by a ticket folded since), nor taken over by the program for a new session (a SYN on the flow of a
-        session it saw close may take a ticket before the daemon folds it: the flow is the new session's then)."""
+        """Delete the released flows that are not entered again since (by the daemon, or by a ticket folded since),
+        in one batch. The program may have given one to a new session since the last read of the taken ring (a SYN
+        on the flow of a session it saw close takes a ticket, and the flow's value becomes the new session's): the
+        next read finds that ticket on a flow deleted here and enters the flow again for it (:meth:`take_tickets`).
+        Until then a copy of the new session's SYN sent again would take a ticket of its own, given back at the
+        fold, where the session's flow is entered again."""
         released, self._released = self._released, []
-        m = self._ticket_maps.get("syn_flows")
-        if not isinstance(m, bpf.Map):
+        if not isinstance(self._ticket_maps.get("syn_flows"), bpf.Map):
             return
-        keys: list[bytes] = []
-        for key, c2s in released:
-            if key in self._flow_owner:
-                continue
-            try:
-                value = m.lookup(key)
-            except OSError:
-                self.flow_errors += 1
-                continue
-            if value is not None and _KEY.unpack(value)[0] == c2s:
-                keys.append(key)
+        owner = self._flow_owner
+        keys = list(dict.fromkeys(key for key, _ in released if key not in owner))
         self._delete_flow_keys(keys)
+        self._unowned.update(keys)
 
     @property
     def handed_over_at(self) -> float:
         """The table's time of the last read of the whole map whose records and FINs are all handed over."""
         return self._read_at
-
-    def closed_in_kernel(self, c2s: int) -> bool:
-        """Both labels of the session of ``c2s`` have a FIN taken in the kernel (their entries' FIN records): the
-        program then takes a SYN from its client on its flow under a ticket (``flow_closed`` in mplslb_xdp.c)."""
-        if self._map is None:
-            return False
-        try:
-            found, values = self._entries([c2s, c2s + 1])
-        except OSError as exc:
-            self._error(exc)
-            return False
-        return len(found) == 2 and bool(np.all(np.frombuffer(values, dtype=FIN_RECORD)["fin_taken"]))
 
     def restore_flow(self, c2s: int) -> None:
         """Enter the flow of the session of ``c2s`` into the flow map again (a ticket taken for the same flow and

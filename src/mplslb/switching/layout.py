@@ -357,7 +357,7 @@ TAKEN_FIELDS: Final = (
     ("t_ns", "__u64", "Q", 0),  # CLOCK_MONOTONIC ns of the SYN
     ("t_mac", "__u8", "s", ETH_ALEN),  # the client's MAC (the frame's source)
     ("t_family", "__u8", "B", 0),
-    ("t_pad", "__u8", "B", 0),
+    ("t_closed", "__u8", "B", 0),  # 1: taken on the flow of a session the program saw close (flow_closed)
     ("t_src", "__u8", "s", IPV6_ADDR_LEN),
     ("t_dst", "__u8", "s", IPV6_ADDR_LEN),
     ("t_ports", "__u8", "s", L4_PORTS_LEN),
