@@ -83,6 +83,16 @@ _syscall = _libc.syscall
 
 ATTR_SIZE = 128  # large enough for every command used here; the kernel zero-checks the bytes it does not know
 _U64 = struct.Struct("=Q")
+#: A batch command's attr: in and out batch positions, keys, values, count, map fd (then elem and map flags, 0).
+_BATCH = struct.Struct("=QQQQII")
+
+
+def _bytes_at(data: bytes) -> int:
+    """The address of ``data``'s octets, for a command that only reads them (no copy; ``data`` must outlive the
+    call)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
 _U32 = struct.Struct("=I")
 #: Machines whose loads are not reordered with other loads, nor stores with other stores (x86's total store order,
 #: s390's): a plain load there reads what a release store published, as an acquiring load would.
@@ -144,6 +154,7 @@ class Map:
         self._elem = _attr("=IIQQQ", fd, 0, ctypes.addressof(self._key), ctypes.addressof(self._value), 0)
         self._del = _attr("=IIQ", fd, 0, ctypes.addressof(self._key))  # nothing may follow the key for a delete
         self._elem_ref, self._del_ref = ctypes.byref(self._elem), ctypes.byref(self._del)
+        self._batch = ctypes.create_string_buffer(ATTR_SIZE)  # the batch commands' attr, filled for each call
 
     @classmethod
     def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int, name: str) -> Map:
@@ -191,9 +202,7 @@ class Map:
         done (all of them, or an error is raised naming how far it got)."""
         if count == 0:
             return 0
-        kbuf = ctypes.create_string_buffer(keys, len(keys))
-        vbuf = ctypes.create_string_buffer(values, len(values))
-        attr = _attr("=QQQQII", 0, 0, _addr(kbuf), _addr(vbuf), count, self.fd)
+        attr = self._batch_attr(_bytes_at(keys), _bytes_at(values), count)
         try:
             bpf(BPF_MAP_UPDATE_BATCH, attr, f"batch update of {self.name}")
         except BpfError as exc:
@@ -206,8 +215,7 @@ class Map:
         deleted one by one. Returns how many were there."""
         if count == 0:
             return 0
-        kbuf = ctypes.create_string_buffer(keys, len(keys))
-        attr = _attr("=QQQQII", 0, 0, _addr(kbuf), 0, count, self.fd)
+        attr = self._batch_attr(_bytes_at(keys), 0, count)
         try:
             bpf(BPF_MAP_DELETE_BATCH, attr, f"batch delete from {self.name}")
         except BpfError as exc:
@@ -220,6 +228,12 @@ class Map:
                 deleted += self.delete(keys[i * size : (i + 1) * size])
             return deleted
         return count
+
+    def _batch_attr(self, keys: int, values: int, count: int) -> ctypes.Array[ctypes.c_char]:
+        """The reused attr of a batch command on this map, from its start (no in or out batch position)."""
+        attr = self._batch
+        _BATCH.pack_into(attr, 0, 0, 0, keys, values, count, self.fd)
+        return attr
 
     def lookup_batch(self, chunk: int = 4096) -> tuple[bytes, bytes, int]:
         """Every element: (keys, values, count), packed back to back, read ``chunk`` elements per call."""
@@ -243,8 +257,8 @@ class Map:
                 done = True
             count = struct.unpack_from("=I", attr, 32)[0]
             if count:
-                keys_out.append(kbuf.raw[: count * self.key_size])
-                values_out.append(vbuf.raw[: count * self.value_size])
+                keys_out.append(ctypes.string_at(kbuf, count * self.key_size))
+                values_out.append(ctypes.string_at(vbuf, count * self.value_size))
                 total += count
             if done:
                 break
