@@ -356,6 +356,9 @@ def lab_variants() -> list[tuple[str, str, dict[str, Any]]]:
                 whole = {**gso, "offload_syn": True}
                 found.append(("kernel+xdp+gso+syn", "kernel endpoints, offload = kernel, offload_gso, offload_syn",
                               whole))  # fmt: skip
+                if "offload_prealloc" in fields:  # and the label map preallocated
+                    found.append(("kernel+xdp+gso+syn+prealloc", "kernel endpoints, offload = kernel, offload_gso, "
+                                  "offload_syn, offload_prealloc", {**whole, "offload_prealloc": True}))  # fmt: skip
         return found
     return [("tun", "TUN agents", {}), ("tun+xdp", "TUN agents, offload = kernel", {"offload": "kernel"})]
 

@@ -42,7 +42,7 @@ from helpers import (
     tcp_segment,
 )
 from mplslb.balancer import Balancer
-from mplslb.config import ConfigError, Section, read_offload_syn
+from mplslb.config import ConfigError, Section, read_offload_prealloc, read_offload_syn
 from mplslb.drivers.loop import Loop
 from mplslb.drivers.netns import entered
 from mplslb.flow import FlowKey
@@ -483,6 +483,56 @@ def test_offload_syn_is_read_and_goes_with_kept_state(tmp_path: Path) -> None:
     path.write_text("offload_syn = true\n" + DAEMON_TOML)
     with pytest.raises(ConfigError, match="needs offload"):
         load_daemon_config(path)
+
+
+def test_offload_prealloc_is_read_and_validated(tmp_path: Path) -> None:
+    from mplslb.daemon import load_daemon_config
+
+    assert read_offload_prealloc(Section("lb.toml", "", {"offload_prealloc": True}), "kernel") is True
+    assert read_offload_prealloc(Section("lb.toml", "", {}), "kernel") is False
+    with pytest.raises(ConfigError, match="needs offload") as info:
+        read_offload_prealloc(Section("lb.toml", "", {"offload_prealloc": True}), "none")
+    assert info.value.key == "offload_prealloc"
+    path = tmp_path / "lb.toml"
+    path.write_text('offload = "kernel"\n' + DAEMON_TOML)
+    assert not load_daemon_config(path).offload_prealloc
+    path.write_text('offload = "kernel"\noffload_prealloc = true\n' + DAEMON_TOML)
+    assert load_daemon_config(path).offload_prealloc
+    path.write_text('offload = "kernel"\noffload_prealloc = 1\n' + DAEMON_TOML)
+    with pytest.raises(ConfigError, match="offload_prealloc"):
+        load_daemon_config(path)
+
+
+@needs_kernel
+def test_a_preallocated_label_map_holds_the_whole_range_and_takes_syns_as_the_other(
+    lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``prealloc`` the label map is made whole, an element for each label of the balancer's range (a map
+    without preallocation otherwise), and the tickets in it are taken as in the other: the frames, sessions and
+    entries are the userspace path's."""
+    monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
+    config = on_veths(standard_config())
+    loop = Loop()
+    with entered(lb):
+        core = OffloadedBalancer(Balancer(config), loop, tickets=True, prealloc=True)
+    reference = Balancer(config)
+    try:
+        assert core.offload._map is not None
+        info = bpf.map_info(core.offload._map.fd)
+        labels = core.balancer.labels
+        assert info.flags == 0 and info.max_entries == labels.c2s_max + 2 - labels.c2s_min
+        for client_port in (0, 1, 0):
+            taken_as_in_userspace(core, reference, loop, lb, syn_frame(port=client_port), client_port)
+        assert core.stats()["tickets"]["syn_taken"] == 3
+    finally:
+        core.close()
+    with entered(lb):
+        other = OffloadedBalancer(Balancer(config), loop, tickets=True)
+    try:
+        assert other.offload._map is not None
+        assert bpf.map_info(other.offload._map.fd).flags == bpf.BPF_F_NO_PREALLOC
+    finally:
+        other.close()
 
 
 class _Taking:

@@ -80,6 +80,7 @@ from mplslb.config import (
     load_toml,
     read_offload,
     read_offload_gso,
+    read_offload_prealloc,
     read_offload_syn,
     read_offload_syn_rate,
 )
@@ -150,6 +151,7 @@ class DaemonConfig:
     offload_syn: bool = False  # the kernel offload takes new TCP sessions' SYNs under tickets (mplslb.offload.tickets)
     ring_retire_ms: int = DEFAULT_RETIRE_MS  # with ring: how long a receive block stays open before it is handed over
     socket_rcvbuf: int = DEFAULT_SOCKET_RCVBUF  # each packet socket's (without ring) and MPLS-in-UDP socket's, bytes
+    offload_prealloc: bool = False  # the kernel offload's label map preallocated for the whole label range
 
     @property
     def datapath(self) -> str:
@@ -213,6 +215,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
     syn_rate = read_offload_syn_rate(top, offload)
     gso = read_offload_gso(top, offload, ring=ring)
     syn = read_offload_syn(top, offload)
+    prealloc = read_offload_prealloc(top, offload)
     ssec = top.section("state")
     persist = ssec.get("persist", bool, False)
     instance = ssec.get("instance", str, Path(path).stem)
@@ -238,7 +241,7 @@ def load_daemon_config(path: str | Path, *, need_interfaces: bool = True) -> Dae
         _check_gso_ports(source, balancer.ports, need_interfaces=need_interfaces)
     return DaemonConfig(
         balancer, health, control_socket, metrics, ring, offload, syn_rate, state_dir, instance, bgp, gso, syn,
-        ring_retire_ms, socket_rcvbuf,
+        ring_retire_ms, socket_rcvbuf, prealloc,
     )  # fmt: skip
 
 
@@ -439,7 +442,7 @@ class Daemon:
             try:
                 self.offloaded = OffloadedBalancer(
                     self.balancer, self.loop, syn_rate=config.offload_syn_rate, pins=self._pins(), fresh=fresh,
-                    gso=config.offload_gso, tickets=config.offload_syn,
+                    gso=config.offload_gso, tickets=config.offload_syn, prealloc=config.offload_prealloc,
                 )  # fmt: skip
             except BaseException:
                 self._unlock()

@@ -111,6 +111,8 @@ class LabSpec:
     offload_gso: bool = False
     #: New TCP sessions' SYNs taken in the kernel offload under tickets the daemon decides ahead (``offload_syn``).
     offload_syn: bool = False
+    #: The kernel offload's label map preallocated for the whole label range (``offload_prealloc``).
+    offload_prealloc: bool = False
     #: The agents on the kernel datapath keep it across a restart (``--keep``): :meth:`Lab.restart_agent`.
     agent_keep: bool = False
     nodes: int = 1  # balancer nodes; more than one: behind a BGP/ECMP router, both transports udp
@@ -143,6 +145,8 @@ class LabSpec:
             raise ValueError("offload_syn takes SYNs in the kernel offload: needs offload kernel")
         if self.offload_syn_rate and self.offload != "kernel":
             raise ValueError("offload_syn_rate sheds SYNs in the kernel offload: needs offload kernel")
+        if self.offload_prealloc and self.offload != "kernel":
+            raise ValueError("offload_prealloc preallocates the kernel offload's label map: needs offload kernel")
         if self.offload_gso and (self.offload != "kernel" or self.datapath != "kernel"):
             raise ValueError("offload_gso switches super-packets in the kernel offload: needs offload kernel and the "
                              "kernel datapath (its servers send them)")  # fmt: skip
@@ -787,6 +791,8 @@ class Lab:
             lines.append("offload_gso = true")
         if spec.offload_syn:
             lines.append("offload_syn = true")
+        if spec.offload_prealloc:
+            lines.append("offload_prealloc = true")
         lines.append("")
         lines += [
             "[[ports]]",

@@ -54,6 +54,7 @@ from mplslb.drivers.loop import Frames, Loop, Timer
 from mplslb.offload.tickets import TicketDesk
 from mplslb.offload.xdp import XdpOffload
 from mplslb.sessions import Session
+from mplslb.switching.layout import LABEL_SPACE
 
 SYNC_INTERVAL = 0.005
 #: While nothing happens between its ticks (no ticket taken, no entry written or deleted, by the tick or by
@@ -96,12 +97,14 @@ class OffloadedBalancer:
         fresh: bool = False,
         gso: bool = False,
         tickets: bool = False,
+        prealloc: bool = False,
     ) -> None:
         """``syn_rate``: unlabelled TCP SYNs a second the program passes up (0: all). ``pins``: keep the program,
         its maps and its links pinned there (bpffs) so they outlive the daemon, and adopt what a previous daemon
         pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`). ``gso``: switch super-packets too (tc
         ingress). ``tickets``: new TCP sessions' SYNs taken in the kernel under tickets decided ahead
-        (:mod:`mplslb.offload.tickets`)."""
+        (:mod:`mplslb.offload.tickets`). ``prealloc``: the label map preallocated, an element for each label of the
+        balancer's range."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -117,6 +120,8 @@ class OffloadedBalancer:
             fresh=fresh,
             gso=gso,
             tickets=tickets,
+            prealloc=prealloc,
+            max_entries=balancer.labels.c2s_max + 2 - balancer.labels.c2s_min if prealloc else LABEL_SPACE,
         )
         self.offload.open()
         if self.offload.untaken:  # a killed daemon's tickets no SYN took: their pairs need no quarantine
