@@ -536,9 +536,9 @@ def run(quick: bool = False, *, profile: bool = False, steering: str = "none", l
 
 
 #: The variant also measured in turns with the references on its own namespaces, in both modes: the whole datapath
-#: in the kernel (super-packets whole, new sessions' SYNs taken under tickets), one configuration for both kinds of
-#: traffic; the first of these the lab offers.
-TURNS = ("kernel+xdp+gso+syn", "kernel+xdp+gso", "kernel+xdp")
+#: in the kernel (super-packets whole, new sessions' SYNs taken under tickets, the label map preallocated), one
+#: configuration for both kinds of traffic; the first of these the lab offers.
+TURNS = ("kernel+xdp+gso+syn+prealloc", "kernel+xdp+gso+syn", "kernel+xdp+gso", "kernel+xdp")
 TURN_MODES = ("keep-alive", "paced", "close")
 
 
