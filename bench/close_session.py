@@ -29,8 +29,10 @@ medians over the rounds (the two daemons in turn within each round) of CPU µs p
 other work (reading frames, status) and the machine's other processes count too.
 
 Run ``PYTHONPATH=<checkout>/src python bench/close_session.py [--batch N] [--rounds R] [--chunk C] [--json]
-[--profile]`` (``--chunk``: sessions between two folds, :data:`CHUNK` by default; ``--profile``: cProfile over the
-timed phases of the daemon with tickets).
+[--profile] [--prealloc] [--map-calls]`` (``--chunk``: sessions between two folds, :data:`CHUNK` by default;
+``--profile``: cProfile over the timed phases of the daemon with tickets; ``--prealloc``: both daemons with the label
+map preallocated, ``offload_prealloc``; ``--map-calls``: each map command's calls, elements and CPU time in the
+command, both daemons and every round together).
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class Bench:
     """One daemon wrapper, with tickets or without (every SYN then up to the daemon), on a clock that the
     ``finish`` phase moves past the close linger."""
 
-    def __init__(self, lb: str, *, tickets: bool = True) -> None:
+    def __init__(self, lb: str, *, tickets: bool = True, prealloc: bool = False) -> None:
         config = make_config()
         config = replace(config, ports=tuple(replace(p, interface=f"p{p.port_id}") for p in config.ports))
         self.lb = lb
@@ -140,7 +142,7 @@ class Bench:
         self.loop = Loop(clock=lambda: time.monotonic() + self.skew)
         self.balancer = Balancer(config)
         with entered(lb):
-            self.core = OffloadedBalancer(self.balancer, self.loop, tickets=tickets)
+            self.core = OffloadedBalancer(self.balancer, self.loop, tickets=tickets, prealloc=prealloc)
         self.linger = self.balancer.sessions.timeouts.closed_linger
         self.flows = 0
         self.profiler: cProfile.Profile | None = None  # the timed phases only
@@ -260,11 +262,58 @@ def _figures(per_round: list[dict[str, float]]) -> dict[str, Any]:
     return figures
 
 
-def measure(batch: int, rounds: int, *, profile: Path | None = None) -> dict[str, Any]:
+#: The map commands :func:`map_calls` counts: the class, and each method with where its element count is (the
+#: positional argument's index; None: one element a call).
+MAP_COMMANDS: dict[type, dict[str, int | None]] = {
+    bpf.Map: {"update_batch": 2, "delete_batch": 1, "lookup_batch": None, "lookup": None, "update": None,
+              "delete": None},
+    bpf.Queue: {"push": None, "pop": None, "take_all": None},
+    bpf.RingBuffer: {"take_all": None},
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def map_calls() -> Iterator[dict[tuple[str, str], list[float]]]:
+    """Count every map command made meanwhile (``MAP_COMMANDS``): (map name, command) -> [calls, elements, thread
+    CPU seconds in the command]."""
+    counted: dict[tuple[str, str], list[float]] = {}
+    saved: list[tuple[type, str, Any]] = []
+
+    def wrapped(kind: type, name: str, at: int | None) -> Callable[..., Any]:
+        real = getattr(kind, name)
+
+        @functools.wraps(real)
+        def call(self: Any, *args: Any, **kw: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return real(self, *args, **kw)
+            finally:
+                spent = time.thread_time() - t
+                figure = counted.setdefault((self.name, name), [0, 0, 0.0])
+                figure[0] += 1
+                figure[1] += args[at] if at is not None and len(args) > at else 1
+                figure[2] += spent
+
+        return call
+
+    for kind, commands in MAP_COMMANDS.items():
+        for name, at in commands.items():
+            saved.append((kind, name, getattr(kind, name)))
+            setattr(kind, name, wrapped(kind, name, at))
+    try:
+        yield counted
+    finally:
+        for kind, name, real in saved:
+            setattr(kind, name, real)
+
+
+def measure(batch: int, rounds: int, *, profile: Path | None = None, prealloc: bool = False) -> dict[str, Any]:
     """Medians over ``rounds`` of CPU µs per session in each phase and in all, with tickets (``offload_syn``) and,
-    in turn within each round, without (each SYN up to the daemon's slow path), after one warm-up round each."""
+    in turn within each round, without (each SYN up to the daemon's slow path), after one warm-up round each;
+    ``prealloc``: both with the label map preallocated."""
     with namespaces("t") as lb_tickets, namespaces("s") as lb_slow:
-        benches = {"offload_syn": Bench(lb_tickets), "syn_up": Bench(lb_slow, tickets=False)}
+        benches = {"offload_syn": Bench(lb_tickets, prealloc=prealloc),
+                   "syn_up": Bench(lb_slow, tickets=False, prealloc=prealloc)}  # fmt: skip
         try:
             per_round: dict[str, list[dict[str, float]]] = {key: [] for key in benches}
             for bench in benches.values():
@@ -325,11 +374,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed rounds; the top functions")
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"sessions between two folds (default {CHUNK})")
+    parser.add_argument("--prealloc", action="store_true", help="both daemons with the label map preallocated")
+    parser.add_argument("--map-calls", action="store_true", help="count each map command (both daemons, all rounds)")
     args = parser.parse_args()
     CHUNK = args.chunk
     where = Path(tempfile.mkdtemp(prefix="mplslb-close-")) / "profile" if args.profile else None
     try:
-        figures = measure(args.batch, args.rounds, profile=where)
+        with map_calls() if args.map_calls else contextlib.nullcontext({}) as counted:
+            figures = measure(args.batch, args.rounds, profile=where, prealloc=args.prealloc)
         if args.json:
             print(json.dumps(figures))
         else:
@@ -337,6 +389,11 @@ def main() -> None:
             for key in (*PHASES, "total", "poll_hold_ms", "idle_fold_us"):
                 print(f"{key:16} {figures['offload_syn'][key]:12.2f} {figures['syn_up'][key]:12.2f}")
             print({k: v for k, v in figures.items() if k not in ("offload_syn", "syn_up")})
+        if counted:
+            print(f"{'map command':36} {'calls':>8} {'elements':>9} {'ms':>8} {'µs a call':>10} {'µs an element':>14}")
+            for (name, command), (calls, elements, spent) in sorted(counted.items(), key=lambda kv: -kv[1][2]):
+                print(f"{name + ' ' + command:36} {calls:8.0f} {elements:9.0f} {spent * 1e3:8.1f} "
+                      f"{spent / calls * 1e6:10.1f} {spent / max(elements, 1) * 1e6:14.2f}")  # fmt: skip
         if where is not None:
             stats = pstats.Stats(str(where), stream=sys.stdout)
             stats.sort_stats("tottime").print_stats(int(os.environ.get("TOP", "40")))

@@ -507,9 +507,9 @@ def test_offload_prealloc_is_read_and_validated(tmp_path: Path) -> None:
 def test_a_preallocated_label_map_holds_the_whole_range_and_takes_syns_as_the_other(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With ``prealloc`` the label map is made whole, an element for each label of the balancer's range (a map
-    without preallocation otherwise), and the tickets in it are taken as in the other: the frames, sessions and
-    entries are the userspace path's."""
+    """With ``prealloc`` the label map is made whole, an element for each label of the balancer's range, and the
+    flow map an element for each pair (maps without preallocation otherwise), and the tickets in them are taken as
+    in the others: the frames, sessions and entries are the userspace path's."""
     monkeypatch.setenv("MPLSLB_CACHE_DIR", str(tmp_path))
     config = on_veths(standard_config())
     loop = Loop()
@@ -521,6 +521,8 @@ def test_a_preallocated_label_map_holds_the_whole_range_and_takes_syns_as_the_ot
         info = bpf.map_info(core.offload._map.fd)
         labels = core.balancer.labels
         assert info.flags == 0 and info.max_entries == labels.c2s_max + 2 - labels.c2s_min
+        flows = bpf.map_info(core.offload._ticket_maps["syn_flows"].fd)  # a flow for each pair, and room
+        assert flows.flags == 0 and flows.max_entries == (labels.c2s_max + 2 - labels.c2s_min) // 2 + TICKETS_WANT
         for client_port in (0, 1, 0):
             taken_as_in_userspace(core, reference, loop, lb, syn_frame(port=client_port), client_port)
         assert core.stats()["tickets"]["syn_taken"] == 3
@@ -531,6 +533,7 @@ def test_a_preallocated_label_map_holds_the_whole_range_and_takes_syns_as_the_ot
     try:
         assert other.offload._map is not None
         assert bpf.map_info(other.offload._map.fd).flags == bpf.BPF_F_NO_PREALLOC
+        assert bpf.map_info(other.offload._ticket_maps["syn_flows"].fd).flags == bpf.BPF_F_NO_PREALLOC
     finally:
         other.close()
 

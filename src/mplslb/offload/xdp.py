@@ -452,7 +452,8 @@ class XdpOffload:
         "Tickets" in the module docstring). ``closed``: with ``measured`` and ``ended``, a poll hands the sessions
         it finds whole (a record and both FINs) to it together, before the rest one by one. ``prealloc``: the label
         map's ``max_entries`` elements are allocated when it is made, not as entries are written (writes and deletes
-        then cost the kernel no allocation and free: a few µs less of the daemon's time per session)."""
+        then cost the kernel no allocation and free: a few µs less of the daemon's time per session), and the flow
+        map's, one for each label pair."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= syn_rate <= SYN_RATE_MAX:
@@ -821,7 +822,11 @@ class XdpOffload:
         return {
             "tickets": (bpf.BPF_MAP_TYPE_QUEUE, 0, _KEY.size, TICKETS_MAX, 0),
             "taken": taken,
-            "syn_flows": (bpf.BPF_MAP_TYPE_HASH, SYN_FLOW.size, _KEY.size, self.max_entries, bpf.BPF_F_NO_PREALLOC),
+            # preallocated with the label map: a flow for each pair (every live TCP session's), and room for the
+            # SYNs the program enters while it looks for a ticket
+            "syn_flows": (bpf.BPF_MAP_TYPE_HASH, SYN_FLOW.size, _KEY.size, self.max_entries // 2 + TICKETS_MAX, 0)
+            if self.prealloc
+            else (bpf.BPF_MAP_TYPE_HASH, SYN_FLOW.size, _KEY.size, self.max_entries, bpf.BPF_F_NO_PREALLOC),
             "services": (bpf.BPF_MAP_TYPE_HASH, SERVICE_KEY.size, _KEY.size, SERVICES_MAX, 0),
             "client_ports": (bpf.BPF_MAP_TYPE_HASH, _KEY.size, SYN_PORT.size, CLIENT_PORTS_MAX, 0),
             "ticket_counters": (bpf.BPF_MAP_TYPE_PERCPU_ARRAY, _KEY.size, _NATIVE_U64.size, len(TICKET_COUNTERS), 0),
