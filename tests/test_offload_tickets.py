@@ -503,6 +503,21 @@ def test_offload_prealloc_is_read_and_validated(tmp_path: Path) -> None:
         load_daemon_config(path)
 
 
+def test_the_labs_offload_prealloc_reaches_the_daemons_configuration(tmp_path: Path) -> None:
+    from mplslb.daemon import load_daemon_config
+    from mplslb.lab import Lab, LabSpec
+
+    spec = LabSpec(offload="kernel", offload_syn=True, offload_prealloc=True)
+    path = tmp_path / "lb.toml"
+    path.write_text(Lab(spec, root=tmp_path).balancer_toml())
+    config = load_daemon_config(path, need_interfaces=False)
+    assert config.offload_prealloc and config.offload_syn
+    path.write_text(Lab(LabSpec(offload="kernel"), root=tmp_path).balancer_toml())
+    assert not load_daemon_config(path, need_interfaces=False).offload_prealloc
+    with pytest.raises(ValueError, match="offload_prealloc"):
+        LabSpec(offload_prealloc=True)
+
+
 @needs_kernel
 def test_a_preallocated_label_map_holds_the_whole_range_and_takes_syns_as_the_other(
     lb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

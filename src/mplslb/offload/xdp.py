@@ -303,9 +303,10 @@ READ_BY_KEY_MAX = 512
 #: Request slots (``F_L7``) the request map holds at once, preallocated (about 320 bytes each in the kernel: 21 MB):
 #: a slot lives from its session's SYN (or ticket) to the poll that takes its copy, so at 15,000 new sessions a
 #: second about 30,000 are in use. A map without preallocation allocates each slot as it is written and frees it
-#: at its delete: 1.4-1.9 µs an element in the daemon's batch writes under a close load, against 0.3 preallocated
-#: (0.6-0.9 µs and 0.1 for the deletes), and a whole read walks 2^20 buckets instead of 2^16. A slot the full map
-#: refuses is counted (``e2big``) and that session's request goes up, as for any slot refused.
+#: at its delete: 1.9 µs an element in the daemon's batch writes under a close load, against 0.7-0.8 preallocated
+#: (1.4 and 0.4 for the deletes; ``bench/close_session.py --map-calls``), and a whole read walks 2^20 buckets instead
+#: of 2^16. A slot the full map refuses is counted (``e2big``) and that session's request goes up, as for any slot
+#: refused.
 REQUEST_SLOTS: Final = 1 << 16
 
 
