@@ -37,9 +37,11 @@ that does not read the flow key, so the daemon decides it ahead:
   interval) waits (``waiting``): the next poll hands the old session over with the others, whole, and the fold
   after it ends the old session as a reused flow's and opens the new one. Made at once, it would cost the old
   session's three map lookups and a hand-over of its own, and under ``wrk -c64`` such folds left the polls behind
-  until most sessions were handed over one at a time. A released flow leaves the flow map only while the map still
-  holds it for its session (:meth:`XdpOffload.release_flow`): the program may have given it to the new session
-  before the fold read its ticket.
+  until most sessions were handed over one at a time. The program says in the taken record that it took the SYN
+  on such a flow (``Taken.closed``), so the fold reads nothing of the kernel to tell. A released flow is deleted
+  from the flow map at the next sync (:meth:`XdpOffload.release_flow`) unless a ticket folded since took it over;
+  the program may have given it to the new session after the fold, and the next read of the taken ring then enters
+  it again for that session.
 * **Revoke** (:meth:`TicketDesk.revoke_all`): when a server's state, MAC or weight, the pool, the algorithm, the
   limits or the services change, or a server goes over (or back under) the response time limit, every ticket is
   drained from the queue (the program takes none meanwhile), its entries deleted and its decision given back
