@@ -645,6 +645,31 @@ def test_tickets_for_flows_the_kernel_saw_close_wait_for_a_poll_and_are_then_tri
     assert all(b.sessions.by_c2s(c2s) is not None for c2s in old)
 
 
+def test_a_ticket_whose_flows_old_session_came_after_the_last_polls_read_waits_for_the_next_poll() -> None:
+    """Both SYNs of a reused flow taken while the loop was held, the old session's and the new one's, and folded
+    after a poll's read: that poll, handed over, said nothing of the old session (not in the table when it read),
+    so the new ticket waits for a poll that reads after its first fold, and only then is it tried."""
+    b = Balancer(standard_config())
+    taking = _Taking()
+    desk = TicketDesk(b, taking)  # type: ignore[arg-type]
+    now = 100.0
+    key = FlowKey(IPPROTO_TCP, client_addr(0), 41000, VIP, 80)
+    decision = b.pre_decide(0, now)
+    assert not isinstance(decision, str)
+    old, server = decision
+    assert b.open_decided(old, server, key, 0, client_mac(0), 4, now + 0.5) is not None  # folded after the read
+    decision = b.pre_decide(0, now)
+    assert not isinstance(decision, str)
+    desk.outstanding[decision[0]] = decision[1]
+    taking.handed_over_at = now + 0.4  # a poll read after both SYNs (now + 0.1, + 0.3), before their fold
+    taking.taken = [Taken(decision[0], 0, now + 0.3, client_mac(0), 4, client_addr(0), VIP, 41000, 80, 74, True)]
+    assert desk.fold(now + 0.5) == 0 and desk.stats()["waiting"] == 1 and desk.refused == 0
+    assert desk.fold(now + 0.6) == 0 and desk.stats()["waiting"] == 1  # no poll since
+    taking.handed_over_at = now + 0.7  # a poll read after the first fold: the old session was in the table
+    assert desk.fold(now + 0.8) == 0 and desk.stats()["waiting"] == 0
+    assert desk.refused == 1 and taking.restored == [old]  # tried: here the old session went on, and keeps its flow
+
+
 def test_a_ticket_taken_for_a_server_whose_mac_was_lost_since_is_given_back() -> None:
     """A ticket taken after its server's MAC was lost (the resolver lost it; the kernel had sent the SYN by the MAC
     known when the ticket was issued) is given back at the fold: its labels withdrawn, its server's count released,

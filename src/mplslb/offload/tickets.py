@@ -111,8 +111,9 @@ class TicketDesk:
         self.refused = 0  # taken and given back: its flow a session's already, or its server's MAC lost since
         self.held: dict[str, int] = {}  # issues stopped, by the reason no ticket could be decided
         # taken, made sessions once a poll hands their flow's old session over: waiting for it, and due to be tried
-        self._waiting: list[tuple[Taken, Server]] = []
-        self._due: list[tuple[Taken, Server]] = []
+        # (each with the table's time it first waited: the poll that hands its flow's old session over reads later)
+        self._waiting: list[tuple[Taken, Server, float]] = []
+        self._due: list[tuple[Taken, Server, float]] = []
         self._waited_at = 0.0  # the offload's handed_over_at when the waiting ones became due
         self._services_of: object = None
         self.set_ports()
@@ -164,8 +165,8 @@ class TicketDesk:
         if self._due:  # up to WAIT_CHUNK a fold (without ``wait``, all); those that still wait, for the next poll
             chunk = self._due[: WAIT_CHUNK if wait else len(self._due)]
             del self._due[: len(chunk)]
-            for t, decided in chunk:
-                made += self._open(t, decided, now, wait=wait)
+            for t, decided, since in chunk:
+                made += self._open(t, decided, now, wait=wait, since=since)
         for t in self.offload.take_tickets():
             server = self.outstanding.pop(t.c2s, None)
             if server is None or t.port_id < 0:  # not ours (never seen): its entries go
@@ -180,12 +181,14 @@ class TicketDesk:
         self.taken += made
         return made
 
-    def _open(self, t: Taken, server: Server, now: float, *, wait: bool) -> int:
-        """The session of taken ticket ``t`` opened (1), given back (0), or left waiting (0)."""
+    def _open(self, t: Taken, server: Server, now: float, *, wait: bool, since: float | None = None) -> int:
+        """The session of taken ticket ``t`` opened (1), given back (0), or left waiting (0); ``since``: when it
+        first waited (None: now, its first try)."""
         b = self.balancer
         key = FlowKey(IPPROTO_TCP, t.src, t.sport, t.dst, t.dport)
-        if wait and self._waits(t, key):
-            self._waiting.append((t, server))
+        since = now if since is None else since
+        if wait and self._waits(t, key, since):
+            self._waiting.append((t, server, since))
             return 0
         if b.open_decided(t.c2s, server, key, t.port_id, t.mac, t.ip_version, t.at) is None:
             # the flow is a live session's (its SYN went up, the daemon opened it, and its flow was not in the
@@ -200,14 +203,18 @@ class TicketDesk:
             return 0
         return 1
 
-    def _waits(self, t: Taken, key: FlowKey) -> bool:
+    def _waits(self, t: Taken, key: FlowKey, since: float) -> bool:
         """Whether ``t`` waits for a poll: its flow is a session's that is not ending in the table, no poll read
-        since the SYN has been handed over, and the program took the SYN on the flow of a session whose FINs it both
-        took (``t.closed``: the program takes a SYN on a live session's flow only then).
+        since the SYN and since ``t`` first waited (``since``) has been handed over, and the program took the SYN on
+        the flow of a session whose FINs it both took (``t.closed``: the program takes a SYN on a live session's
+        flow only then).
         The poll hands the old session over with the others, whole (its record, both FINs), where the fold would end
         it on its own with three map lookups and its record and FINs handed over one at a time; the new session's
-        frames meanwhile are switched under its entries, which polls leave alone until it is in the table."""
-        if not t.closed or self.offload.handed_over_at >= t.at:
+        frames meanwhile are switched under its entries, which polls leave alone until it is in the table. A poll
+        that read before ``t`` first waited may have read before the old session was in the table (both tickets
+        taken while the loop was held, and folded after the read): it left that session alone, and ``t`` waits for
+        the next."""
+        if not t.closed or self.offload.handed_over_at >= max(t.at, since):
             return False
         existing = self.balancer.sessions.lookup(key)
         return existing is not None and existing.state is not SessionState.ENDING
