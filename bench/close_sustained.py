@@ -70,6 +70,9 @@ def run(runs: int, seconds: int, log: Any = print, quarantine_min: float | None 
                 "labels_exhausted": after["sessions"]["refused"].get("labels_exhausted", 0)
                 - before["sessions"]["refused"].get("labels_exhausted", 0),
                 "reused_early": after["labels"]["reused_early"] - before["labels"]["reused_early"],
+                # request slots the full request map refused (those sessions' requests went up)
+                "slots_refused": after["offload"]["errors"].get("e2big", 0)
+                - before["offload"]["errors"].get("e2big", 0),
                 "labels_free": after["labels"]["free"],
                 "labels_quarantined": after["labels"]["quarantined"],
             }
@@ -80,7 +83,8 @@ def run(runs: int, seconds: int, log: Any = print, quarantine_min: float | None 
                 f"waiting {row['waiting']}, SYNs up {row['syn_no_ticket']} (no ticket) {row['syn_flow_live']} "
                 f"(live flow), tickets refused {row['refused']}, sessions refused for want of labels "
                 f"{row['labels_exhausted']:,}, pairs reused early {row['reused_early']:,}, free "
-                f"{row['labels_free']:,}, quarantined {row['labels_quarantined']:,}")  # fmt: skip
+                f"{row['labels_free']:,}, quarantined {row['labels_quarantined']:,}, request slots refused "
+                f"{row['slots_refused']:,}")  # fmt: skip
     finally:
         lab.down()
     return found

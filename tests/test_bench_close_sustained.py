@@ -40,5 +40,5 @@ def test_runs_back_to_back_report_requests_and_label_pairs(monkeypatch: pytest.M
     assert [r["wrk_ran"] for r in rows] == [True, True, False] and "wrk refused at its start" in said[2]
     assert all(r["requests_per_s"] > 0 and r["polls"] >= 0 for r in rows[:2]) and rows[2]["requests_per_s"] == 0
     for row in rows:  # far from running out: no pair reused early, none refused
-        assert row["labels_exhausted"] == 0 and row["reused_early"] == 0, row
+        assert row["labels_exhausted"] == 0 and row["reused_early"] == 0 and row["slots_refused"] == 0, row
         assert row["labels_free"] > 0 and row["labels_free"] + row["labels_quarantined"] <= 524_279, row
