@@ -31,8 +31,8 @@ other work (reading frames, status) and the machine's other processes count too.
 Run ``PYTHONPATH=<checkout>/src python bench/close_session.py [--batch N] [--rounds R] [--chunk C] [--json]
 [--profile] [--prealloc] [--map-calls]`` (``--chunk``: sessions between two folds, :data:`CHUNK` by default;
 ``--profile``: cProfile over the timed phases of the daemon with tickets; ``--prealloc``: both daemons with the label
-map preallocated, ``offload_prealloc``; ``--map-calls``: each map command's calls, elements and CPU time in the
-command, both daemons and every round together).
+and flow maps preallocated, ``offload_prealloc``; ``--map-calls``: each map command's calls, elements and CPU time in
+the command, both daemons and every round together).
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def map_calls() -> Iterator[dict[tuple[str, str], list[float]]]:
 def measure(batch: int, rounds: int, *, profile: Path | None = None, prealloc: bool = False) -> dict[str, Any]:
     """Medians over ``rounds`` of CPU µs per session in each phase and in all, with tickets (``offload_syn``) and,
     in turn within each round, without (each SYN up to the daemon's slow path), after one warm-up round each;
-    ``prealloc``: both with the label map preallocated."""
+    ``prealloc``: both with the label and flow maps preallocated."""
     with namespaces("t") as lb_tickets, namespaces("s") as lb_slow:
         benches = {"offload_syn": Bench(lb_tickets, prealloc=prealloc),
                    "syn_up": Bench(lb_slow, tickets=False, prealloc=prealloc)}  # fmt: skip
@@ -374,7 +374,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed rounds; the top functions")
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"sessions between two folds (default {CHUNK})")
-    parser.add_argument("--prealloc", action="store_true", help="both daemons with the label map preallocated")
+    parser.add_argument(
+        "--prealloc", action="store_true", help="both daemons with the label and flow maps preallocated"
+    )
     parser.add_argument("--map-calls", action="store_true", help="count each map command (both daemons, all rounds)")
     args = parser.parse_args()
     CHUNK = args.chunk

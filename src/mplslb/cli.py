@@ -659,7 +659,7 @@ def _lab_options(fn: Any) -> Any:
             click.option(
                 "--offload-prealloc",
                 is_flag=True,
-                help="With --offload kernel: the label and flow maps preallocated, about 276 MB of kernel memory "
+                help="With --offload kernel: the label and flow maps preallocated, 296 MiB of kernel memory "
                 "(offload_prealloc).",
             ),
             click.option(

@@ -326,8 +326,8 @@ def read_offload_syn(top: Section, offload: str) -> bool:
 
 def read_offload_prealloc(top: Section, offload: str) -> bool:
     """The top-level ``offload_prealloc`` key: the kernel offload's label map preallocated, an element for every
-    label of the balancer's range (about 216 bytes each in the kernel: 226 MB for the whole range), and its flow map,
-    one for every pair (about 50 MB), so the kernel allocates and frees none as sessions' entries are written and
+    label of the balancer's range (232 bytes each in the kernel: 232 MiB for the whole range), and its flow map,
+    one for every pair (64 MiB), so the kernel allocates and frees none as sessions' entries are written and
     deleted (false, the default: each on demand). Only with ``offload = "kernel"``."""
     prealloc = top.get("offload_prealloc", bool, False)
     if prealloc and offload != "kernel":

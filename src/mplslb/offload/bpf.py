@@ -85,14 +85,6 @@ ATTR_SIZE = 128  # large enough for every command used here; the kernel zero-che
 _U64 = struct.Struct("=Q")
 #: A batch command's attr: in and out batch positions, keys, values, count, map fd (then elem and map flags, 0).
 _BATCH = struct.Struct("=QQQQII")
-
-
-def _bytes_at(data: bytes) -> int:
-    """The address of ``data``'s octets, for a command that only reads them (no copy; ``data`` must outlive the
-    call)."""
-    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
-
-
 _U32 = struct.Struct("=I")
 #: Machines whose loads are not reordered with other loads, nor stores with other stores (x86's total store order,
 #: s390's): a plain load there reads what a release store published, as an acquiring load would.
@@ -133,6 +125,12 @@ def _attr(fmt: str, *values: int | bytes, size: int = ATTR_SIZE) -> ctypes.Array
 
 def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
     return 0 if buf is None else ctypes.addressof(buf)
+
+
+def _bytes_at(data: bytes) -> int:
+    """The address of ``data``'s octets, for a command that only reads them (no copy; ``data`` must outlive the
+    call)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
 # -- maps ----------------------------------------------------------------------------------------------------------

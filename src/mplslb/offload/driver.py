@@ -104,7 +104,7 @@ class OffloadedBalancer:
         pinned there unless ``fresh`` (see :mod:`mplslb.offload.xdp`). ``gso``: switch super-packets too (tc
         ingress). ``tickets``: new TCP sessions' SYNs taken in the kernel under tickets decided ahead
         (:mod:`mplslb.offload.tickets`). ``prealloc``: the label map preallocated, an element for each label of the
-        balancer's range."""
+        balancer's range (and the flow map, one for each pair)."""
         self.balancer = balancer
         self.loop = loop
         self.offload = XdpOffload(
@@ -121,7 +121,7 @@ class OffloadedBalancer:
             gso=gso,
             tickets=tickets,
             prealloc=prealloc,
-            max_entries=balancer.labels.c2s_max + 2 - balancer.labels.c2s_min if prealloc else LABEL_SPACE,
+            max_entries=2 * balancer.labels.capacity if prealloc else LABEL_SPACE,
         )
         self.offload.open()
         if self.offload.untaken:  # a killed daemon's tickets no SYN took: their pairs need no quarantine

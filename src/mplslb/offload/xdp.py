@@ -300,7 +300,7 @@ POLL_CHUNK: Final = 256
 #: While the table holds at most this many labels, a poll looks their entries up one by one (a few microseconds
 #: each) instead of walking the map, whose 2^20 buckets take milliseconds however few entries they hold.
 READ_BY_KEY_MAX = 512
-#: Request slots (``F_L7``) the request map holds at once, preallocated (about 320 bytes each in the kernel: 21 MB):
+#: Request slots (``F_L7``) the request map holds at once, preallocated (336 bytes each in the kernel: 21 MiB):
 #: a slot lives from its session's SYN (or ticket) to the poll that takes its copy, so at 15,000 new sessions a
 #: second about 30,000 are in use. A map without preallocation allocates each slot as it is written and frees it
 #: at its delete: 1.9 µs an element in the daemon's batch writes under a close load, against 0.7-0.8 preallocated
