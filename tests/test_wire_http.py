@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mplslb.analyzer import TRUNCATED_HOST, PacketAnalyzer
@@ -151,3 +153,55 @@ def test_a_copy_of_a_requests_first_octets_reads_as_the_request_or_as_truncated(
 def test_a_copy_the_kernel_could_not_make_is_counted_as_truncated() -> None:
     assert PacketAnalyzer().read_copy(b"", 40) == HttpRequest("", "", "", TRUNCATED_HOST)
     assert PacketAnalyzer().read_copy(b"SSH-2.0-x\r\n" + b"x" * 300, 600) is None  # no request, whole or cut
+
+
+# A line-by-line reading of a request's start, the plainest statement of what peek_request reads (it searches with
+# two patterns instead): the request line, then the complete header lines one at a time up to the blank one.
+_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[0-9])")
+
+
+def read_by_lines(payload: bytes) -> HttpRequest | str:
+    head = payload[: MAX_REQUEST_LINE + 2]
+    eol = head.find(b"\n", 0, MAX_REQUEST_LINE + 1)
+    if eol < 0:
+        try:
+            peek_request(payload)
+        except HTTPError as exc:  # the partial line's reading is peek_request's own, unchanged
+            return exc.reason
+        raise AssertionError("a request line without its end was read")
+    match = _LINE.fullmatch(head[:eol].rstrip(b"\r"))
+    if match is None:
+        return "http_not_request"
+    host = None
+    lines = payload[eol + 1 :].split(b"\n")
+    for line in lines[:-1]:  # the last piece has no line end yet (or is empty)
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"host":
+            host = value.strip(b" \t").decode("latin-1")
+            break
+    method, target, version = (part.decode("latin-1") for part in match.groups())
+    return HttpRequest(method, target, version, host)
+
+
+PIECES = (
+    *(b"GET", b"POST", b"get", b" ", b"/", b"/a?b", b"HTTP/1.1", b"HTTP/1.", b"HTTP/2.0", b"\r", b"\n", b"\r\n"),
+    *(b"Host", b"host", b"HOST", b"hOsT", b":", b": ", b"\t", b"a.example", b"X-H: v", b"Host :", b" Host:"),
+    *(b"\x00", b"\xe9", b"\xff", b"\x80"),
+)
+pieces = st.sampled_from(PIECES)
+
+
+@given(st.one_of(st.lists(pieces, max_size=40).map(b"".join), st.binary(max_size=300)), st.booleans())
+@example(b"GET / HTTP/1.1\r\r\nHost: a\r \r\n\r\n", False)
+@example(b"GET / HTTP/1.1\nX: y\n\r\r\nHost: b\n", True)
+@example(b"GET / HTTP/1.1\r\nhost:\r\n", False)
+def test_a_request_reads_as_line_by_line(payload: bytes, view: bool) -> None:
+    """peek_request gives what the line-by-line reading gives, request or error, for bytes and for a view."""
+    try:
+        read: HttpRequest | str = peek_request(memoryview(payload) if view else payload)
+    except HTTPError as exc:
+        read = exc.reason
+    assert read == read_by_lines(payload)

@@ -16,15 +16,18 @@ CRLF = b"\r\n"
 LF = b"\n"
 CR = b"\r"
 
-# method SP request-target SP HTTP-version; the method is upper-case letters only (all registered ones are).
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,%d}) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[0-9])" % MAX_METHOD_LEN)
+# method SP request-target SP HTTP-version; the method is upper-case letters only (all registered ones are). The
+# CRs before the line's LF are not the line's.
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,%d}) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[0-9])\r*" % MAX_METHOD_LEN)
 # What a request line can start with before its end has arrived.
 _PARTIAL_VERSION = rb"H(?:T(?:T(?:P(?:/(?:1(?:\.[0-9]?)?)?)?)?)?)?"
 _PARTIAL_LINE = re.compile(
     rb"[A-Z]{0,%d}|[A-Z]{1,%d} (?:[\x21-\x7e\x80-\xff]+(?: (?:%s)?)?)?"
     % (MAX_METHOD_LEN, MAX_METHOD_LEN, _PARTIAL_VERSION)
 )
-_HOST = b"host"
+# From a line's end: the next complete line when it is empty (CRs only: the headers' end) or a Host header (the
+# field name is what comes before the first colon, in any case), its value up to the line's end.
+_HOST_LINE = re.compile(rb"\n(?:\r*\n|[Hh][Oo][Ss][Tt]:([^\n]*)\n)")
 
 
 class HTTPError(WireError):
@@ -45,27 +48,23 @@ def peek_request(payload: bytes | memoryview) -> HttpRequest:
     shorter than 8 KiB and so far looks like a request line), ``http_not_request`` otherwise. Lines may end in
     CRLF or a bare LF (RFC 9112 section 2.2). Header lines after the request line need not all have arrived.
     """
-    head = bytes(payload[: MAX_REQUEST_LINE + len(CRLF)])
-    eol = head.find(LF, 0, MAX_REQUEST_LINE + 1)
+    data = payload if type(payload) is bytes else bytes(payload)
+    eol = data.find(LF, 0, MAX_REQUEST_LINE + 1)
     if eol < 0:
+        head = data[: MAX_REQUEST_LINE + len(CRLF)]
         if len(head) >= MAX_REQUEST_LINE or _PARTIAL_LINE.fullmatch(head.rstrip(CR)) is None:
             raise HTTPError("http_not_request", "no HTTP/1.x request line")
         raise HTTPError("http_incomplete", f"request line not ended after {len(head)} bytes")
-    match = _REQUEST_LINE.fullmatch(head[:eol].rstrip(CR))
+    match = _REQUEST_LINE.fullmatch(data, 0, eol)
     if match is None:
         raise HTTPError("http_not_request", "no HTTP/1.x request line")
-    method, target, version = (part.decode("latin-1") for part in match.groups())
-    return HttpRequest(method, target, version, _find_host(bytes(payload[eol + 1 :])))
-
-
-def _find_host(headers: bytes) -> str | None:
-    """The first Host header's value among the complete lines before the blank line ending the headers."""
-    lines = headers.split(LF)
-    for line in lines[:-1]:  # the last piece has no line end yet (or is empty)
-        line = line.rstrip(CR)
-        if not line:
-            break
-        name, colon, value = line.partition(b":")
-        if colon and name.lower() == _HOST:
-            return value.strip(b" \t").decode("latin-1")
-    return None
+    method, target, version = match.groups()
+    # The first Host header among the complete lines before the blank line that ends the headers.
+    line = _HOST_LINE.search(data, eol)
+    value = None if line is None else line[1]
+    return HttpRequest(
+        method.decode("latin-1"),
+        target.decode("latin-1"),
+        version.decode("latin-1"),
+        None if value is None else value.rstrip(CR).strip(b" \t").decode("latin-1"),
+    )
