@@ -589,6 +589,44 @@ def test_rows_count_alike_in_c_and_numpy(
     assert rows_of(table, set(before)) == after_np
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.sampled_from([*INSTALLS, 1009]),
+            st.integers(0, 9000),
+            st.sampled_from([0, 0, 1 << 32, (1 << 32) | 77]),
+        ),
+        max_size=60,
+    ),
+    span=st.tuples(st.integers(0, 60), st.integers(0, 60)),
+)
+def test_a_blocks_switched_frames_count_alike_in_c_and_python(
+    table: LabelSwitchingTable, frames: list[tuple[bool, int, int, int]], span: tuple[int, int]
+) -> None:
+    """The block path's counter of the switched frames among some of a block's frames, between the frames that touch
+    the session state: the same rows in C and in Python (one by one for a few frames, in bulk for more), and the
+    frames outside the span or not switched counted by neither."""
+    begin, end = sorted(min(x, len(frames)) for x in span)
+    switched = np.array([f[0] for f in frames], dtype=np.bool_)
+    labels = np.array([f[1] for f in frames], dtype=np.int64)
+    lengths = np.array([f[2] for f in frames], dtype=np.int64)
+    acks = np.array([f[3] for f in frames], dtype=np.uint64)
+    before = rows_of(table, {*INSTALLS, 1009})
+    block_module.count_switched_py(table, switched, labels, lengths, acks, begin, end, 3.5)
+    after_py = rows_of(table, set(before))
+    for label, row in before.items():
+        table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT] = row
+    block_module.switched_counter(table, switched, labels, lengths, acks)(begin, end, 3.5)
+    assert rows_of(table, set(before)) == after_py
+    rows = np.flatnonzero(switched[begin:end]) + begin
+    for label, row in before.items():
+        table.rows[label << ROW_SHIFT : (label + 1) << ROW_SHIFT] = row
+    block_module.count_rows_np(table, labels[rows], lengths[rows], 3.5, acks[rows])
+    assert rows_of(table, set(before)) == after_py
+
+
 # -- a session's two rows --------------------------------------------------------------------------------------------
 PAIR_ROWS = 64  # a small table's worth of rows: the pair writers take any rows buffer
 addresses = st.one_of(st.binary(min_size=4, max_size=4), st.binary(min_size=16, max_size=16), st.binary(max_size=17))

@@ -75,7 +75,7 @@ from mplslb.switching import (
     switch_block,
     switch_frame,
 )
-from mplslb.switching.block import count_few, count_rows, lead_of
+from mplslb.switching.block import lead_of, switched_counter
 from mplslb.switching.layout import ETH_SRC, IP_AT, TCP_ACK_AT, TCP_FLAGS_UNKNOWN, WATCH_REQUEST
 from mplslb.wire.errors import WireError
 from mplslb.wire.ethernet import ETH_ALEN, ETH_HLEN
@@ -114,9 +114,6 @@ _SYN_TOS, _SYN_TTL = ETH_HLEN + 1, ETH_HLEN + 8
 _NO_HEADS = np.zeros((0, SYN_HEAD), dtype=np.uint8)
 #: The fewest SYNs in a row of a block taken at once: fewer go frame by frame (the numpy calls cost more).
 SYN_RUN_MIN = 12
-#: The most frames of a block counted one by one between two of its frames that touch the session state (more are
-#: counted in bulk: see count_few).
-COUNT_FEW = 16
 _ACK_FIELD = struct.Struct("!I")
 #: Half-open sessions whose kernel record is read before one is evicted, at most per new session.
 _EVICTION_CHECKS = 64
@@ -350,8 +347,8 @@ class Balancer:
         taken frame by frame.
         """
         n = len(starts)
-        starts = starts.astype(np.int64, copy=False)
-        lengths = lengths.astype(np.int64, copy=False)
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         # What the bulk rewrite changes in a frame (addresses, TTL), kept to undo it for a frame whose label an
         # earlier frame of the block withdrew or rebound (see below).
         saved = np.empty((n, IP_AT), dtype=np.uint8)  # each switched frame's header as it came (the switch fills it)
@@ -367,7 +364,8 @@ class Balancer:
         done = lead_of(unswitched, n, report_rows)
         switched = verdict.switched.copy()
         out_port = verdict.out_port.copy()
-        labels, acks = verdict.labels, verdict.acks
+        labels, acks = np.ascontiguousarray(verdict.labels, np.int64), np.ascontiguousarray(verdict.acks, np.uint64)
+        count = switched_counter(self.switching, switched, labels, lengths, acks)
         generation = self.switching.arrays().generation
         planned = verdict.generations
         reports: dict[int, list[FastEvent]] = {}
@@ -391,7 +389,7 @@ class Balancer:
                     run.append(heapq.heappop(actions))
                 taken = 0
                 if len(run) >= SYN_RUN_MIN:
-                    self._count_switched(switched, labels, lengths, acks, done, i + 1, now)
+                    count(done, i + 1, now)
                     done = i + 1
                     heads = syn_heads[[syn_row[j] for j in run]]
                     taken = self._open_syns(run, heads, buf, starts, lengths, ports, now, extra)
@@ -401,15 +399,15 @@ class Balancer:
                     single.add(run[taken])
                 if not taken:
                     continue
-                self._count_switched(switched, labels, lengths, acks, done, run[taken - 1] + 1, now)
+                count(done, run[taken - 1] + 1, now)
                 done = run[taken - 1] + 1
             else:
-                self._count_switched(switched, labels, lengths, acks, done, i + 1, now)
+                count(done, i + 1, now)
                 done = i + 1
-                if switched[i]:
-                    self._events = reports.pop(i, [])
-                    if self._events:
-                        self._handle_events()
+                reported = reports.pop(i, None)  # the frames to act on are the unswitched and the reported ones
+                if reported is not None:
+                    self._events = reported
+                    self._handle_events()
                 else:
                     start = int(starts[i])
                     self._receive(int(ports[i]), buf[start : start + int(lengths[i])].tobytes(), now, out)
@@ -426,7 +424,7 @@ class Balancer:
                     reports.pop(j, None)
                     if j not in actions:
                         heapq.heappush(actions, j)
-        self._count_switched(switched, labels, lengths, acks, done, n, now)
+        count(done, n, now)
         taken = int(switched.sum())
         self.frames_in += taken
         self.frames_out += taken
@@ -550,25 +548,6 @@ class Balancer:
         for at, (i, port) in enumerate(zip(frames, server_ports, strict=True)):
             extra.append((i, port, sent[at * size : (at + 1) * size]))
         self.frames_out += len(pending)
-
-    def _count_switched(
-        self,
-        switched: np.ndarray,
-        labels: np.ndarray,
-        lengths: np.ndarray,
-        acks: np.ndarray,
-        begin: int,
-        end: int,
-        now: float,
-    ) -> None:
-        if end - begin <= COUNT_FEW:  # the frames between two reports, most often none but the report's own
-            few = [j for j in range(begin, end) if switched[j]]
-            if few:
-                count_few(self.switching, few, labels, lengths, acks, now)
-            return
-        rows = np.flatnonzero(switched[begin:end]) + begin
-        if rows.size:
-            count_rows(self.switching, labels[rows], lengths[rows], now, acks[rows])
 
     def _receive(self, port: int, frame: bytes | memoryview, now: float, out: Frames) -> None:
         self.frames_in += 1

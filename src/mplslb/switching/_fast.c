@@ -1,8 +1,8 @@
-/* The fast paths in C: switch_frame() of mplslb.switching.scalar, and switch_block() and count_rows() of
- * mplslb.switching.block, the same checks in the same order as their references.
+/* The fast paths in C: switch_frame() of mplslb.switching.scalar, and switch_block(), count_rows() and
+ * count_switched() of mplslb.switching.block, the same checks in the same order as their references.
  *
- * mplslb.switching.scalar.switch_frame_py (Python) and mplslb.switching.block.switch_block_np and count_rows_np
- * (numpy) are the references: their docstrings say what a frame must pass, and tests/test_fast_native.py feeds
+ * mplslb.switching.scalar.switch_frame_py (Python), mplslb.switching.block.switch_block_np and count_rows_np
+ * (numpy) and count_switched_py are the references: their docstrings say what a frame must pass, and tests/test_fast_native.py feeds
  * both builds the same frames and tables and compares what they send, drop, count and report.
  *
  * switch_frame handles what nearly every frame is (untagged, a plain packet of the label's flow, or a label bound
@@ -680,6 +680,64 @@ done:
     return result;
 }
 
+/* count_switched(rows, switched, labels, lengths, acks, begin, end, now): count_rows for the switched frames of a
+ * block among begin..end-1, in order: mplslb.switching.block.count_switched. switched bool, labels and lengths
+ * int64, acks uint64, contiguous, of one length. */
+static PyObject *count_switched(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (may_run("count_switched", nargs, 8, bound_ok, "bind") < 0) return NULL;
+    Py_ssize_t begin, end;
+    double now;
+    CONVERTED(begin, PyLong_AsSsize_t(args[5]));
+    CONVERTED(end, PyLong_AsSsize_t(args[6]));
+    CONVERTED(now, PyFloat_AsDouble(args[7]));
+    Py_buffer v[5];
+    int held = 0;
+    PyObject *result = NULL;
+    if (get_array(args[0], &v[0], 1, -1, 1, "rows") < 0) goto done;
+    held++;
+    if (get_array(args[1], &v[1], 1, -1, 0, "switched") < 0) goto done;
+    held++;
+    Py_ssize_t n = v[1].len;
+    static const struct {
+        int arg;
+        const char *what;
+    } rest[] = {{2, "labels"}, {3, "lengths"}, {4, "acks"}};
+    for (size_t k = 0; k < sizeof rest / sizeof rest[0]; k++) {
+        if (get_array(args[rest[k].arg], &v[held], 8, n, 0, rest[k].what) < 0) goto done;
+        held++;
+    }
+    if (begin < 0 || end > n || begin > end) {
+        PyErr_Format(PyExc_IndexError, "count_switched: frames %zd to %zd of a block of %zd", begin, end, n);
+        goto done;
+    }
+    unsigned char *rows = v[0].buf;
+    Py_ssize_t nrows = v[0].len >> ROW_SHIFT;
+    const unsigned char *switched = v[1].buf;
+    const int64_t *labels = v[2].buf, *lengths = v[3].buf;
+    const uint64_t *acks = v[4].buf;
+    for (Py_ssize_t i = begin; i < end; i++) {
+        if (switched[i] && (labels[i] < 0 || labels[i] >= nrows)) {
+            PyErr_Format(PyExc_IndexError, "count_switched: label %lld has no row", (long long)labels[i]);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = begin; i < end; i++) {
+        if (i + PREFETCH_AHEAD < end && switched[i + PREFETCH_AHEAD])
+            prefetch_row(rows + (labels[i + PREFETCH_AHEAD] << ROW_SHIFT));
+        if (!switched[i]) continue;
+        unsigned char *row = rows + (labels[i] << ROW_SHIFT);
+        uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)lengths[i];
+        memcpy(row + 8 * ROW_PACKETS, &packets, 8);
+        memcpy(row + 8 * ROW_BYTES, &octets, 8);
+        memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+        if (acks[i]) memcpy(row + 8 * ROW_ACKS, &acks[i], 8);
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&v[k]);
+    return result;
+}
+
 /* -- a session's two labels ----------------------------------------------------------------------------------------
  * install_pair(rows, c2s, client_port, server_port, client_mac, server_mac, client_port_mac, server_port_mac, key,
  * c2s_watch, s2c_watch, c2s_seen, s2c_seen) -> int: mplslb.switching.table.write_pair_py in C, the same checks in
@@ -1155,6 +1213,9 @@ static PyMethodDef methods[] = {
      "acks, generations, saved): mplslb.switching.block.switch_block_np in C, filling the verdict's arrays."},
     {"count_rows", (PyCFunction)(void (*)(void))count_rows, METH_FASTCALL,
      "count_rows(rows, labels, lengths, acks, now): mplslb.switching.block.count_rows in C."},
+    {"count_switched", (PyCFunction)(void (*)(void))count_switched, METH_FASTCALL,
+     "count_switched(rows, switched, labels, lengths, acks, begin, end, now): mplslb.switching.block.count_switched "
+     "in C."},
     {"install_pair", (PyCFunction)(void (*)(void))install_pair, METH_FASTCALL,
      "install_pair(rows, c2s, client_port, server_port, client_mac, server_mac, client_port_mac, server_port_mac, "
      "key, c2s_watch, s2c_watch, c2s_seen, s2c_seen) -> int: mplslb.switching.table.write_pair_py in C."},

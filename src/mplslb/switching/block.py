@@ -25,7 +25,9 @@ on a word boundary and a word-wide variant reads and writes one word per gather 
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -562,15 +564,47 @@ def _block_reports(
             report_rows.append(int(rows[k]))
 
 
-def count_few(
-    table: LabelSwitchingTable, rows: list[int], labels: np.ndarray, lengths: np.ndarray, acks: np.ndarray, now: float
+#: The most frames :func:`count_switched_py` counts one by one between two frames of a block that touch the session
+#: state (more are counted in bulk by :func:`count_rows_np`, whose fixed cost, a sort and reductions, is some 20
+#: µs: a block paying it for each frame between two reports would pay it per frame).
+COUNT_FEW = 16
+
+
+def switched_counter(
+    table: LabelSwitchingTable, switched: np.ndarray, labels: np.ndarray, lengths: np.ndarray, acks: np.ndarray
+) -> Callable[[int, int, float], None]:
+    """A counter of a block's switched frames (``switched``, ``labels``, ``lengths`` and ``acks`` as
+    :class:`BlockVerdict` has them, contiguous; ``switched`` may change between calls): called with ``begin``,
+    ``end`` and ``now``, it counts the switched frames among ``begin`` to ``end - 1``, in order, as
+    :func:`count_rows` counts frames: in C with the native build, by :func:`count_switched_py`, the reference,
+    otherwise."""
+    native = scalar.native
+    if native is None:
+        return functools.partial(count_switched_py, table, switched, labels, lengths, acks)
+    return functools.partial(native.count_switched, table.rows, switched, labels, lengths, acks)
+
+
+def count_switched_py(
+    table: LabelSwitchingTable,
+    switched: np.ndarray,
+    labels: np.ndarray,
+    lengths: np.ndarray,
+    acks: np.ndarray,
+    begin: int,
+    end: int,
+    now: float,
 ) -> None:
-    """What :func:`count_rows` does for a few switched frames (``rows`` of the block's ``labels``, ``lengths`` and
-    ``acks``), one by one: the bulk count's fixed cost (a sort, reductions) is some 20 µs, which a block paying it
-    for each frame between two reports would pay per frame."""
+    """The count of :func:`switched_counter` in Python: up to :data:`COUNT_FEW` frames one by one, more in bulk."""
+    if end - begin > COUNT_FEW:
+        rows = np.flatnonzero(switched[begin:end]) + begin
+        if rows.size:
+            count_rows_np(table, labels[rows], lengths[rows], now, acks[rows])
+        return
     t = block_tables(table)
     packets, octets, last_seen, last_ack = t.packets, t.bytes, t.last_seen, t.acks
-    for j in rows:
+    for j in range(begin, end):
+        if not switched[j]:
+            continue
         label = int(labels[j])
         packets[label] += 1
         octets[label] += int(lengths[j])
