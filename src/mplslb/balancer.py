@@ -368,14 +368,11 @@ class Balancer:
         count = switched_counter(self.switching, switched, labels, lengths, acks)
         generation = self.switching.arrays().generation
         planned = verdict.generations
-        reports: dict[int, list[FastEvent]] = {}
-        for row, event in zip(report_rows, events, strict=True):
-            reports.setdefault(row, []).append(event)
+        reports = dict(zip(report_rows, events, strict=True))  # a reported frame's one report, in frame order
         # Frames that touch the session state, in frame order: the ones the block path left to the one-frame path
         # and the switched ones with reports. Switched frames are counted up to each of them before it runs, so
         # the table is always as frame-by-frame processing would have it.
-        actions = sorted(set(unswitched.tolist()) | set(reports))
-        heapq.heapify(actions)
+        actions = sorted(unswitched.tolist() + report_rows)  # two ascending runs of distinct frames: a heap
         extra: list[tuple[int, int, bytes]] = []
         out: Frames = []
         # SYNs of new sessions, read at once: a run of them in a row of actions is opened at once (_open_syns).
@@ -406,7 +403,7 @@ class Balancer:
                 done = i + 1
                 reported = reports.pop(i, None)  # the frames to act on are the unswitched and the reported ones
                 if reported is not None:
-                    self._events = reported
+                    self._events = [reported]
                     self._handle_events()
                 else:
                     start = int(starts[i])
