@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +44,8 @@ from mplslb.cluster import (
 )
 from mplslb.config import ClusterConfig, ConfigError, balancer_config_from_section, read_cluster
 from mplslb.config import Section as ConfigSection
+from mplslb.drivers.cluster import ClusterLink
+from mplslb.drivers.loop import Loop
 from mplslb.flow import FlowKey
 from mplslb.labels import C2S_MAX, C2S_MIN, LabelManager
 from mplslb.sessions import SessionState
@@ -722,3 +726,40 @@ def test_the_labs_node_configurations_leave_a_slice_for_a_node_added_later(tmp_p
     for bad in ({"slices": 2}, {"slices": 9}, {"cluster": False, "slices": 4}):
         with pytest.raises(ValueError, match="slices"):
             LabSpec(**{**vars(spec), "node_state": False, **bad})  # type: ignore[arg-type]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_node_that_stops_sends_its_last_changes_before_its_socket_closes() -> None:
+    """Real UDP sockets on loopback: a session opened on node 1 after its last flush reaches node 2 as node 1's link
+    closes (a daemon's stop), so node 2 carries it while node 1 is away."""
+    ports = {1: free_udp_port(), 2: free_udp_port()}
+    loops, links, balancers = {}, {}, {}
+    for n, other in ((1, 2), (2, 1)):
+        config = ClusterConfig(node=n, nodes=2, peers=(("127.0.0.1", ports[other]),), key=KEY,
+                               sync_address="127.0.0.1", sync_port=ports[n])  # fmt: skip
+        balancers[n] = Balancer(make_config(cluster=config))
+        loops[n] = Loop(clock=lambda: 0.0)
+        links[n] = ClusterLink(ClusterSync(balancers[n], config, 0.0), loops[n])  # its first flush: hellos
+    try:
+        net = Net(balancers[1].config)
+        net.balancer = balancers[1]
+        _, c2s = open_session(net)  # after node 1's last flush: its change is pending
+        assert balancers[2].sessions.by_c2s(c2s) is None
+        links[1].close()
+        for _ in range(50):  # the datagrams are on loopback already; bounded
+            links[2].readable()
+            if balancers[2].sessions.by_c2s(c2s) is not None:
+                break
+            time.sleep(0.01)
+        replica = balancers[2].sessions.by_c2s(c2s)
+        assert replica is not None and replica.state is SessionState.ESTABLISHED
+        assert links[1].errors == {} and not links[2].sync.drops
+    finally:
+        for n in (1, 2):
+            links[n].close()
+            loops[n].close()

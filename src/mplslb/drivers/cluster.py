@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 :class:`ClusterLink` binds ``[cluster] sync_address:sync_port``, hands every datagram it reads to the sans-I/O
-:class:`~mplslb.cluster.ClusterSync` with the sender's address, and every ``flush`` seconds sends what
-:meth:`~mplslb.cluster.ClusterSync.poll` returns. Reads are bounded per wake-up so frames are never starved; send
-errors (a peer down: ECONNREFUSED, ENETUNREACH; a full queue: ENOBUFS) are counted by errno name, never raised.
+:class:`~mplslb.cluster.ClusterSync` with the sender's address, and every ``flush`` seconds, and once more as it closes,
+sends what :meth:`~mplslb.cluster.ClusterSync.poll` returns. Reads are bounded per wake-up so frames are never
+starved; send errors (a peer down: ECONNREFUSED, ENETUNREACH; a full queue: ENOBUFS) are counted by errno name, never
+raised.
 """
 
 from __future__ import annotations
@@ -63,20 +64,28 @@ class ClusterLink:
 
     def _tick(self) -> None:
         now = self.loop.clock()
+        self._send(now)
+        self._timer = self.loop.call_at(now + self.sync.config.flush, self._tick)
+
+    def _send(self, now: float) -> None:
         for address, datagram in self.sync.poll(now):
             try:
                 self.sock.sendto(datagram, address)
             except OSError as exc:
                 self._count(exc)
-        self._timer = self.loop.call_at(now + self.sync.config.flush, self._tick)
 
     def _count(self, exc: OSError) -> None:
         name = errno.errorcode.get(exc.errno or 0, "OSError")
         self.errors[name] = self.errors.get(name, 0) + 1
 
     def close(self) -> None:
+        """Send what changed since the last flush (sessions opened, changed or ending in it: the peers carry them
+        while this node is away), then close the socket."""
+        if self.sock.fileno() < 0:
+            return
         if self._timer is not None:
             self._timer.cancel()
+        self._send(self.loop.clock())
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.loop.remove_reader(self.sock)
         self.sock.close()
