@@ -411,7 +411,14 @@ def test_a_fourth_node_joins_under_load_and_takes_new_sessions(clustered: Lab, t
         assert {p["address"] for p in cluster["peers"]} == {f"{lab.node_addr(i)}:6640" for i in range(NODES)}
         before = allocated(lab)
         bodies = lab.curl(0, 40)
-        spread = {i: n - before[i] for i, n in allocated(lab).items()}
+        # A busy daemon refreshes its snapshot later than every second: read until the 40 are in (or the time is up).
+        spread: dict[int, int] = {}
+
+        def counted() -> bool:
+            spread.update({i: n - before[i] for i, n in allocated(lab).items()})
+            return sum(spread.values()) >= 40
+
+        wait_until(counted, 6.0)
         lost, codes, figures = load.finish()
         print(
             f"\nnode n{added + 1} joined the ECMP set {joined:.1f} s after its daemon started, with "

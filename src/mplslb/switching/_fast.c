@@ -92,6 +92,15 @@ static inline uint64_t row_quad(const unsigned char *row, long index) {
     return v;
 }
 
+/* A frame of len octets counted in its label's row at now, with its acknowledgment number when that is not 0. */
+static inline void count_in_row(unsigned char *row, uint64_t len, double now, uint64_t ack) {
+    uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + len;
+    memcpy(row + 8 * ROW_PACKETS, &packets, 8);
+    memcpy(row + 8 * ROW_BYTES, &octets, 8);
+    memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+    if (ack) memcpy(row + 8 * ROW_ACKS, &ack, 8);
+}
+
 /* A frame's source MAC as the big-endian integer its octets spell (as the row keeps the peer's). */
 static inline uint64_t source_mac(const unsigned char *f) {
     return ((uint64_t)f[ETH_SRC] << 40) | ((uint64_t)f[ETH_SRC + 1] << 32) | be32(f + ETH_SRC + 2);
@@ -313,10 +322,7 @@ static PyObject *switch_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
         Py_DECREF(port_out);
         goto done;
     }
-    uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)n;
-    memcpy(row + 8 * ROW_PACKETS, &packets, 8);
-    memcpy(row + 8 * ROW_BYTES, &octets, 8);
-    memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+    count_in_row(row, (uint64_t)n, now, 0);
     unsigned watch = row[ROW_WATCH];
     if (watch) {
         long flags = 0;
@@ -609,11 +615,7 @@ static PyObject *switch_block(PyObject *self, PyObject *const *args, Py_ssize_t 
          * frames before it are counted, and it is counted then, with the frames that follow it. */
         if (reported) lead = 0;
         if (count == COUNT_ALL || lead) {
-            uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)len;
-            memcpy(row + 8 * ROW_PACKETS, &packets, 8);
-            memcpy(row + 8 * ROW_BYTES, &octets, 8);
-            memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
-            if (acks[i]) memcpy(row + 8 * ROW_ACKS, &acks[i], 8);
+            count_in_row(row, (uint64_t)len, now, acks[i]);
         }
         if (reported) {
             PyObject *copy = PyBytes_FromStringAndSize((const char *)f, len);
@@ -668,11 +670,7 @@ static PyObject *count_rows(PyObject *self, PyObject *const *args, Py_ssize_t na
     for (Py_ssize_t i = 0; i < n; i++) {
         if (i + PREFETCH_AHEAD < n) prefetch_row(rows + (labels[i + PREFETCH_AHEAD] << ROW_SHIFT));
         unsigned char *row = rows + (labels[i] << ROW_SHIFT);
-        uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)lengths[i];
-        memcpy(row + 8 * ROW_PACKETS, &packets, 8);
-        memcpy(row + 8 * ROW_BYTES, &octets, 8);
-        memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
-        if (acks != NULL && acks[i]) memcpy(row + 8 * ROW_ACKS, &acks[i], 8);
+        count_in_row(row, (uint64_t)lengths[i], now, acks != NULL ? acks[i] : 0);
     }
     result = Py_NewRef(Py_None);
 done:
@@ -726,11 +724,7 @@ static PyObject *count_switched(PyObject *self, PyObject *const *args, Py_ssize_
             prefetch_row(rows + (labels[i + PREFETCH_AHEAD] << ROW_SHIFT));
         if (!switched[i]) continue;
         unsigned char *row = rows + (labels[i] << ROW_SHIFT);
-        uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)lengths[i];
-        memcpy(row + 8 * ROW_PACKETS, &packets, 8);
-        memcpy(row + 8 * ROW_BYTES, &octets, 8);
-        memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
-        if (acks[i]) memcpy(row + 8 * ROW_ACKS, &acks[i], 8);
+        count_in_row(row, (uint64_t)lengths[i], now, acks[i]);
     }
     result = Py_NewRef(Py_None);
 done:
@@ -900,10 +894,7 @@ static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int rc = PyList_Append(out, item);
     Py_DECREF(item);
     if (rc < 0) goto done;
-    uint64_t packets = row_quad(row, ROW_PACKETS) + 1, octets = row_quad(row, ROW_BYTES) + (uint64_t)fview.len;
-    memcpy(row + 8 * ROW_PACKETS, &packets, 8);
-    memcpy(row + 8 * ROW_BYTES, &octets, 8);
-    memcpy(row + 8 * ROW_LAST_SEEN, &now, 8);
+    count_in_row(row, (uint64_t)fview.len, now, 0);
     int recorded = ack >= 0 && (row[ROW_WATCH] & WATCH_TCP_END);
     if (recorded) {
         uint64_t known = ACK_KNOWN | (uint64_t)ack;
