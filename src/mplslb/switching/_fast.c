@@ -1,9 +1,11 @@
 /* The fast paths in C: switch_frame() of mplslb.switching.scalar, and switch_block(), count_rows() and
- * count_switched() of mplslb.switching.block, the same checks in the same order as their references.
+ * count_switched() (the counter of switched_counter) of mplslb.switching.block, the same checks in the same order as
+ * their references.
  *
  * mplslb.switching.scalar.switch_frame_py (Python), mplslb.switching.block.switch_block_np and count_rows_np
- * (numpy) and count_switched_py are the references: their docstrings say what a frame must pass, and tests/test_fast_native.py feeds
- * both builds the same frames and tables and compares what they send, drop, count and report.
+ * (numpy) and count_switched_py are the references: their docstrings say what a frame must pass, and
+ * tests/test_fast_native.py feeds both builds the same frames and tables and compares what they send, drop, count
+ * and report.
  *
  * switch_frame handles what nearly every frame is (untagged, a plain packet of the label's flow, or a label bound
  * to no flow); for anything else (an 802.1Q tag, a frame too short to hold a label, a packet that is not plain
@@ -679,8 +681,8 @@ done:
 }
 
 /* count_switched(rows, switched, labels, lengths, acks, begin, end, now): count_rows for the switched frames of a
- * block among begin..end-1, in order: mplslb.switching.block.count_switched. switched bool, labels and lengths
- * int64, acks uint64, contiguous, of one length. */
+ * block among begin..end-1, in order: the counter mplslb.switching.block.switched_counter makes. switched bool,
+ * labels and lengths int64, acks uint64, contiguous, of one length. */
 static PyObject *count_switched(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (may_run("count_switched", nargs, 8, bound_ok, "bind") < 0) return NULL;
     Py_ssize_t begin, end;
@@ -1205,8 +1207,8 @@ static PyMethodDef methods[] = {
     {"count_rows", (PyCFunction)(void (*)(void))count_rows, METH_FASTCALL,
      "count_rows(rows, labels, lengths, acks, now): mplslb.switching.block.count_rows in C."},
     {"count_switched", (PyCFunction)(void (*)(void))count_switched, METH_FASTCALL,
-     "count_switched(rows, switched, labels, lengths, acks, begin, end, now): mplslb.switching.block.count_switched "
-     "in C."},
+     "count_switched(rows, switched, labels, lengths, acks, begin, end, now): the count of "
+     "mplslb.switching.block.switched_counter in C."},
     {"install_pair", (PyCFunction)(void (*)(void))install_pair, METH_FASTCALL,
      "install_pair(rows, c2s, client_port, server_port, client_mac, server_mac, client_port_mac, server_port_mac, "
      "key, c2s_watch, s2c_watch, c2s_seen, s2c_seen) -> int: mplslb.switching.table.write_pair_py in C."},
